@@ -1,0 +1,92 @@
+//! The one error type of the `vmm` crate. Every variant names what failed and, where a path or a
+//! size is involved, which one, so that an operator reading a single log line knows what to fix.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no VM to run: the command line describes none (missing --kernel?)")]
+    NoVmConfig,
+    #[error("no kernel given (--kernel)")]
+    NoKernel,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (12 required)")]
+    KvmApiVersion(i32),
+    #[error("the host KVM lacks a required capability: {0}")]
+    KvmCapabilityMissing(&'static str),
+    #[error("KVM {operation} failed: {source}")]
+    Kvm {
+        operation: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {vcpu}: KVM {operation} failed: {source}")]
+    VcpuKvm {
+        vcpu: u8,
+        operation: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("invalid memory configuration: {0}")]
+    MemoryConfig(String),
+    #[error("guest memory file {path}: {operation} failed: {source}")]
+    MemoryFile {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest memory: mapping {size:#x} bytes failed: {reason}")]
+    MemoryMap { size: u64, reason: String },
+    #[error("guest memory layout: {0}")]
+    MemoryLayout(String),
+    #[error("{vcpus} vCPUs requested, this host's KVM supports at most {max}")]
+    TooManyVcpus { vcpus: u8, max: usize },
+    #[error("loading the kernel {path}: {reason}")]
+    KernelLoad { path: PathBuf, reason: String },
+    #[error("setting up the boot registers: {0}")]
+    BootRegisters(String),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("serial output {path}: {source}")]
+    SerialOutput {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path}: {source}")]
+    DiskImage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot spawn the {thread} thread: {source}")]
+    ThreadSpawn {
+        thread: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the vCPU kick signal handler failed: {0}")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {vcpu} did not park within {timeout_ms} ms")]
+    PauseTimeout { vcpu: u8, timeout_ms: u64 },
+    #[error("operation not valid while the VM is {0}")]
+    InvalidVmState(&'static str),
+    #[error("vCPU {vcpu} failed: {reason}")]
+    VcpuFailed { vcpu: u8, reason: String },
+    #[error("VM state: {0}")]
+    State(String),
+    #[error("event fd {operation}: {source}")]
+    EventFd {
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control loop epoll {operation}: {source}")]
+    Epoll {
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
