@@ -1,1 +1,20 @@
-//! placeholder
+//! Emulated devices of NV-Hypervisor: a 16550 serial port, the i8042 reset line, and virtio-blk
+//! over a virtio-mmio (version 2) transport.
+//!
+//! The crate knows nothing of KVM. The VMM routes vCPU exits into a [`Bus`], wires each
+//! [`InterruptLine`] to an irqfd, and registers the virtio queue-notify eventfds as ioeventfds.
+//! Every device exposes versioned serde state so a power-fail save can capture it and an in-place
+//! recovery can rebuild it (see `docs/devices.md`).
+
+mod bus;
+mod error;
+mod i8042;
+mod interrupt;
+mod serial;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice};
+pub use error::{Error, Result};
+pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};
+pub use interrupt::{EventFdInterrupt, InterruptLine};
+pub use serial::{SerialDevice, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN, SERIAL_STATE_VERSION};

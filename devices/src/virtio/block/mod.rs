@@ -1,0 +1,211 @@
+//! virtio-blk on a raw image file.
+
+mod counters;
+mod disk;
+mod request;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use log::{error, warn};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use self::counters::BlockCounters;
+use self::disk::RawDisk;
+use self::request::Completion;
+use super::io_thread::{IoThread, QueueWorker};
+use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use crate::{Error, Result};
+
+/// virtio-blk's logical sector size; capacity and request sectors count in these units.
+pub const SECTOR_SIZE: u64 = 512;
+/// Maximum size of the single request queue.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+
+/// Size of `struct virtio_blk_config` up to and including the fields a virtio 1.x driver may
+/// read without negotiating further features; only `capacity` (offset 0) is meaningful here.
+const CONFIG_SPACE_LEN: usize = 64;
+
+/// A virtio-blk device. Requests are served by an I/O thread started at activation.
+pub struct Block {
+    disk: Arc<RawDisk>,
+    config_space: [u8; CONFIG_SPACE_LEN],
+    counters: Arc<BlockCounters>,
+    io_thread: Option<IoThread>,
+}
+
+impl Block {
+    /// Opens the raw image at `path`. A `readonly` disk is opened read-only, offers
+    /// VIRTIO_BLK_F_RO, and answers writes with IOERR.
+    pub fn open(path: &Path, readonly: bool) -> Result<Self> {
+        let disk = RawDisk::open(path, readonly)?;
+        let mut config_space = [0u8; CONFIG_SPACE_LEN];
+        config_space[..8].copy_from_slice(&disk.capacity_sectors().to_le_bytes());
+        Ok(Self {
+            disk: Arc::new(disk),
+            config_space,
+            counters: Arc::default(),
+            io_thread: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity_sectors()
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[BLOCK_QUEUE_SIZE]
+    }
+
+    fn available_features(&self) -> u64 {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if self.disk.readonly() {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start < CONFIG_SPACE_LEN {
+            let n = data.len().min(CONFIG_SPACE_LEN - start);
+            data[..n].copy_from_slice(&self.config_space[start..start + n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Nothing we offer makes a field writable (no WCE, no CONFIG_WCE).
+        warn!(
+            "virtio-blk: ignoring {}-byte write to read-only config at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
+        if self.io_thread.is_some() {
+            return Err(Error::AlreadyActivated);
+        }
+        let queue = ctx
+            .queues
+            .first()
+            .cloned()
+            .ok_or(Error::QueueNotUsable(0))?;
+        {
+            let q = queue.lock().map_err(|_| Error::IoThreadGone)?;
+            if !q.is_valid(&ctx.mem) {
+                return Err(Error::QueueNotUsable(0));
+            }
+        }
+        let worker = BlockWorker {
+            mem: ctx.mem,
+            queue,
+            disk: self.disk.clone(),
+            interrupt: ctx.interrupt,
+            counters: self.counters.clone(),
+        };
+        self.io_thread = Some(IoThread::spawn(
+            "virtio-blk-io",
+            worker,
+            ctx.queue_evts,
+            ctx.start_paused,
+        )?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping the handle stops and joins the thread after the request in progress.
+        self.io_thread = None;
+    }
+
+    fn pause(&mut self) -> Result<()> {
+        match &mut self.io_thread {
+            Some(io) => io.pause(),
+            None => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        match &mut self.io_thread {
+            Some(io) => io.resume(),
+            None => Ok(()),
+        }
+    }
+
+    fn flush_backend(&mut self) -> Result<()> {
+        if self.disk.readonly() {
+            return Ok(());
+        }
+        self.disk.flush().map_err(Error::DiskFlush)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        self.counters.snapshot()
+    }
+}
+
+/// The I/O thread's view of the device.
+struct BlockWorker {
+    mem: GuestMemoryMmap,
+    queue: Arc<Mutex<Queue>>,
+    disk: Arc<RawDisk>,
+    interrupt: Arc<VirtioInterrupt>,
+    counters: Arc<BlockCounters>,
+}
+
+impl QueueWorker for BlockWorker {
+    fn process_queues(&mut self, pause_requested: &AtomicBool) {
+        let mut completed = 0usize;
+        while !pause_requested.load(std::sync::atomic::Ordering::SeqCst) {
+            // The queue lock is held only to pop and to publish, never across disk I/O, so the
+            // transport's register reads on the vCPU thread do not wait for the disk.
+            let Ok(mut queue) = self.queue.lock() else {
+                error!("virtio-blk: queue lock poisoned; stopping service");
+                return;
+            };
+            let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
+                break;
+            };
+            drop(queue);
+            let head = chain.head_index();
+            let used_len = match request::serve(chain, &self.mem, &self.disk, &self.counters) {
+                Completion::Done { used_len, .. } => used_len,
+                Completion::Dropped => 0,
+            };
+            let Ok(mut queue) = self.queue.lock() else {
+                error!("virtio-blk: queue lock poisoned; stopping service");
+                return;
+            };
+            match queue.add_used(&self.mem, head, used_len) {
+                Ok(()) => completed += 1,
+                Err(e) => error!("virtio-blk: cannot publish used entry for head {head}: {e}"),
+            }
+        }
+        if completed > 0 {
+            let notify = match self.queue.lock() {
+                Ok(mut queue) => queue.needs_notification(&self.mem).unwrap_or(true),
+                Err(_) => true,
+            };
+            if notify {
+                if let Err(e) = self.interrupt.signal_used_queue() {
+                    error!("virtio-blk: cannot raise the interrupt: {e}");
+                }
+            }
+        }
+    }
+}

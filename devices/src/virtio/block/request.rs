@@ -1,0 +1,253 @@
+//! Parsing and serving one virtio-blk request (virtio 1.x, "Block Device").
+//!
+//! A request is a descriptor chain: a 16-byte driver-readable header (type, reserved, sector),
+//! data buffers, and a 1-byte device-writable status. Everything in it is guest-controlled, so
+//! each field is checked before use; a fault is answered with a status, never a panic.
+
+use std::io;
+
+use log::warn;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+use super::counters::BlockCounters;
+use super::disk::RawDisk;
+use super::SECTOR_SIZE;
+
+const HEADER_LEN: u32 = 16;
+/// Bounce buffer size between guest memory and the file; bounds host memory per request however
+/// large the guest's buffers claim to be.
+const CHUNK: usize = 64 * 1024;
+
+/// Why a request failed; logged, then answered with IOERR.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    #[error("header descriptor missing, too short or device-writable")]
+    BadHeader,
+    #[error("data descriptor has the wrong direction for the request type")]
+    DataDirection,
+    #[error("data length {0} is not a multiple of the sector size")]
+    UnalignedLength(u64),
+    #[error("sectors {sector}..+{sectors} are beyond the disk's {capacity} sectors")]
+    OutOfRange {
+        sector: u64,
+        sectors: u64,
+        capacity: u64,
+    },
+    #[error("buffer {addr:#x}+{len:#x} is not in guest memory")]
+    BadBuffer { addr: u64, len: u32 },
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("disk I/O failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("guest memory access failed: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// The outcome to put on the used ring.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Status written; `used_len` bytes (data plus the status byte) were written to the guest.
+    Done { status: u8, used_len: u32 },
+    /// No usable status descriptor: nothing can be reported, the chain is returned with length 0.
+    Dropped,
+}
+
+/// Serves the request in `chain` against `disk`.
+pub(crate) fn serve(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    disk: &RawDisk,
+    counters: &BlockCounters,
+) -> Completion {
+    let head = chain.head_index();
+    // A chain cannot be longer than the queue (the iterator's TTL), so this is bounded.
+    let descriptors: Vec<Descriptor> = chain.collect();
+    let Some(status_desc) = descriptors.last().filter(|d| {
+        descriptors.len() >= 2
+            && d.is_write_only()
+            && d.len() >= 1
+            && mem.check_range(d.addr(), 1, Permissions::Write)
+    }) else {
+        warn!("virtio-blk: chain at head {head} has no usable status descriptor; dropped");
+        return Completion::Dropped;
+    };
+    let body = &descriptors[..descriptors.len() - 1];
+    let (status, data_len) = match execute(body, mem, disk, counters) {
+        Ok(Outcome::Served(written)) => (VIRTIO_BLK_S_OK, written),
+        Ok(Outcome::Unsupported(kind)) => {
+            warn!("virtio-blk: unsupported request type {kind}");
+            (VIRTIO_BLK_S_UNSUPP, 0)
+        }
+        Err(e) => {
+            warn!("virtio-blk: request at head {head} failed: {e}");
+            (VIRTIO_BLK_S_IOERR, 0)
+        }
+    };
+    let status = status as u8;
+    if let Err(e) = mem.write_obj(status, status_desc.addr()) {
+        // Checked above; only a concurrent memory hot-unplug could get here.
+        warn!("virtio-blk: cannot write status of head {head}: {e}");
+        return Completion::Dropped;
+    }
+    Completion::Done {
+        status,
+        used_len: data_len + 1,
+    }
+}
+
+enum Outcome {
+    /// Served; this many bytes were written into guest buffers.
+    Served(u32),
+    Unsupported(u32),
+}
+
+fn execute(
+    body: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    disk: &RawDisk,
+    counters: &BlockCounters,
+) -> Result<Outcome, RequestError> {
+    let (header, data) = body.split_first().ok_or(RequestError::BadHeader)?;
+    if header.is_write_only() || header.len() < HEADER_LEN {
+        return Err(RequestError::BadHeader);
+    }
+    let mut raw_header = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut raw_header, header.addr())?;
+    let kind = u32::from_le_bytes([raw_header[0], raw_header[1], raw_header[2], raw_header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&raw_header[8..]);
+    let sector = u64::from_le_bytes(sector_bytes);
+
+    for d in data {
+        let access = if d.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if !mem.check_range(d.addr(), d.len() as usize, access) {
+            return Err(RequestError::BadBuffer {
+                addr: d.addr().0,
+                len: d.len(),
+            });
+        }
+    }
+    let data_len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+    // `check_range` above guarantees `addr + len` does not wrap for every data buffer, so the
+    // `unchecked_add`s in the copy loops stay inside it.
+
+    match kind {
+        VIRTIO_BLK_T_IN => {
+            check_transfer(data, true, sector, data_len, disk)?;
+            let mut offset = sector * SECTOR_SIZE;
+            for d in data {
+                copy_disk_to_guest(disk, offset, mem, d.addr(), d.len())?;
+                offset += u64::from(d.len());
+            }
+            counters.record_read(data_len);
+            // data_len fits in u32: the queue's iterator stops a chain at 4 GiB.
+            Ok(Outcome::Served(data_len as u32))
+        }
+        VIRTIO_BLK_T_OUT => {
+            if disk.readonly() {
+                return Err(RequestError::ReadOnly);
+            }
+            check_transfer(data, false, sector, data_len, disk)?;
+            let mut offset = sector * SECTOR_SIZE;
+            for d in data {
+                copy_guest_to_disk(mem, d.addr(), d.len(), disk, offset)?;
+                offset += u64::from(d.len());
+            }
+            counters.record_write(data_len);
+            Ok(Outcome::Served(0))
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            disk.flush()?;
+            Ok(Outcome::Served(0))
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            if data.iter().any(|d| !d.is_write_only()) {
+                return Err(RequestError::DataDirection);
+            }
+            let mut remaining: &[u8] = disk.id();
+            let mut written = 0u32;
+            for d in data {
+                let n = remaining.len().min(d.len() as usize);
+                mem.write_slice(&remaining[..n], d.addr())?;
+                remaining = &remaining[n..];
+                written += n as u32;
+            }
+            Ok(Outcome::Served(written))
+        }
+        other => Ok(Outcome::Unsupported(other)),
+    }
+}
+
+/// Direction, alignment and range checks common to reads and writes.
+fn check_transfer(
+    data: &[Descriptor],
+    device_writes: bool,
+    sector: u64,
+    data_len: u64,
+    disk: &RawDisk,
+) -> Result<(), RequestError> {
+    if data.iter().any(|d| d.is_write_only() != device_writes) {
+        return Err(RequestError::DataDirection);
+    }
+    if !data_len.is_multiple_of(SECTOR_SIZE) {
+        return Err(RequestError::UnalignedLength(data_len));
+    }
+    let sectors = data_len / SECTOR_SIZE;
+    let capacity = disk.capacity_sectors();
+    match sector.checked_add(sectors) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            sectors,
+            capacity,
+        }),
+    }
+}
+
+fn copy_disk_to_guest(
+    disk: &RawDisk,
+    mut offset: u64,
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+) -> Result<(), RequestError> {
+    let mut buf = vec![0u8; CHUNK.min(len as usize)];
+    let mut done = 0usize;
+    while done < len as usize {
+        let n = buf.len().min(len as usize - done);
+        disk.read_at(&mut buf[..n], offset)?;
+        mem.write_slice(&buf[..n], addr.unchecked_add(done as u64))?;
+        done += n;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn copy_guest_to_disk(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+    disk: &RawDisk,
+    mut offset: u64,
+) -> Result<(), RequestError> {
+    let mut buf = vec![0u8; CHUNK.min(len as usize)];
+    let mut done = 0usize;
+    while done < len as usize {
+        let n = buf.len().min(len as usize - done);
+        mem.read_slice(&mut buf[..n], addr.unchecked_add(done as u64))?;
+        disk.write_at(&buf[..n], offset)?;
+        done += n;
+        offset += n as u64;
+    }
+    Ok(())
+}

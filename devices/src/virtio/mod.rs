@@ -1,0 +1,134 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x, split virtqueues).
+
+mod block;
+mod io_thread;
+mod mmio;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{InterruptLine, Result};
+
+pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
+pub use mmio::{
+    MmioTransport, MmioTransportState, QueueSnapshot, MMIO_STATE_VERSION, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+};
+
+/// Device status bits (virtio 1.x, "Device Status Field").
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bits of the virtio-mmio `InterruptStatus` register.
+pub mod interrupt_status {
+    pub const USED_BUFFER: u32 = 1;
+    pub const CONFIG_CHANGE: u32 = 2;
+}
+
+/// The device's half of the transport's interrupt: the status register the driver reads and
+/// acknowledges, and the line that raises the interrupt. Shared between the transport (vCPU
+/// thread) and the device's I/O thread.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    line: Arc<dyn InterruptLine>,
+}
+
+impl VirtioInterrupt {
+    pub(crate) fn new(line: Arc<dyn InterruptLine>, status: u32) -> Self {
+        Self {
+            status: AtomicU32::new(status),
+            line,
+        }
+    }
+
+    /// Tells the driver that used buffers were added.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.signal(interrupt_status::USED_BUFFER)
+    }
+
+    /// Tells the driver that the configuration space (or the device status) changed.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.signal(interrupt_status::CONFIG_CHANGE)
+    }
+
+    fn signal(&self, bits: u32) -> io::Result<()> {
+        // Set the status before raising the line so the driver's handler sees why it was called.
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.line.trigger()
+    }
+
+    pub(crate) fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub(crate) fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    pub(crate) fn retrigger(&self) -> io::Result<()> {
+        self.line.trigger()
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK (or when a saved, running device is rebuilt).
+pub struct ActivationContext {
+    /// Guest memory the rings and buffers live in.
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// The device's queues, shared with the transport, which reads their state on save.
+    pub queues: Vec<Arc<Mutex<Queue>>>,
+    /// One notify eventfd per queue; the guest's `QueueNotify` writes land here (through an
+    /// ioeventfd or through the bus).
+    pub queue_evts: Vec<EventFd>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// Rebuilt from saved state: start quiescent and wait for `resume()`.
+    pub start_paused: bool,
+}
+
+/// A virtio device behind a transport.
+///
+/// Lifecycle: configured by the driver through the transport, `activate`d at DRIVER_OK, then
+/// `pause`d/`resume`d around a save, `reset` when the driver writes 0 to the status.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 for block).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn available_features(&self) -> u64;
+    /// Reads device configuration space at `offset`; bytes beyond its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; read-only fields ignore the write.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving the queues.
+    fn activate(&mut self, ctx: ActivationContext) -> Result<()>;
+    /// Stops serving and forgets the activation; the device can be activated again.
+    fn reset(&mut self);
+    /// Returns once no request is popped but uncompleted and no new one will be popped.
+    fn pause(&mut self) -> Result<()>;
+    /// Serves again, including requests posted while paused.
+    fn resume(&mut self) -> Result<()>;
+    /// Makes completed writes durable on the backend.
+    fn flush_backend(&mut self) -> Result<()>;
+    /// Per-device counters for `vm.counters`.
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
+}
