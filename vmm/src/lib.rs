@@ -3,6 +3,9 @@
 
 pub mod config;
 mod error;
+pub mod event_monitor;
+pub mod option_parser;
+pub mod seccomp_filters;
 
 pub use error::Error;
 
