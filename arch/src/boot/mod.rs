@@ -1,0 +1,183 @@
+//! Kernel loading: detects the image kind and hands it to the matching boot protocol.
+//!
+//! - ELF `vmlinux` with a Xen PVH note -> [`pvh`]: entered in 32-bit protected mode at the
+//!   note's entry with `hvm_start_info` in EBX (what upstream cloud-hypervisor does for ELF).
+//! - bzImage -> [`bzimage`]: entered at its 64-bit entry with the zero page in RSI.
+//!
+//! Guest memory may have been partly written when an error is returned; the VM must not be
+//! started then.
+
+mod bzimage;
+mod initramfs;
+mod pvh;
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
+
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START};
+use crate::{write_guest, Error};
+
+/// How the boot vCPU must be entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// Xen PVH: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh,
+    /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
+    LinuxBoot64,
+}
+
+/// Where and how to start the kernel that [`load_kernel`] put into guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootEntry {
+    pub protocol: BootProtocol,
+    /// First instruction to execute.
+    pub entry: GuestAddress,
+    /// `hvm_start_info` (PVH) or zero page (LinuxBoot64).
+    pub boot_info: GuestAddress,
+}
+
+/// Bytes of the image read up front to tell ELF from bzImage: the ELF header, or the bzImage
+/// setup header up to and including `cmdline_size` at 0x238.
+const HEADER_WINDOW: usize = 0x240;
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+
+/// Loads `kernel` (ELF with a PVH note, or bzImage) and optionally `initramfs` into `mem`,
+/// writes the command line and the boot protocol's structures, and returns the entry point.
+///
+/// Guest RAM must start at address 0 and cover at least the first MiB (boot structures live
+/// there; kernels are loaded from 1 MiB up).
+pub fn load_kernel<M, K>(
+    mem: &M,
+    kernel: &mut K,
+    cmdline: &str,
+    initramfs: Option<&mut File>,
+) -> Result<BootEntry, Error>
+where
+    M: GuestMemoryBackend,
+    K: Read + Seek + ReadVolatile,
+{
+    check_boot_area(mem)?;
+    check_cmdline(cmdline, CMDLINE_MAX_SIZE - 1)?;
+
+    let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
+    let ram_size = total_ram(mem);
+    if image_size > ram_size {
+        return Err(Error::KernelLargerThanRam {
+            image: image_size,
+            ram: ram_size,
+        });
+    }
+    kernel.rewind().map_err(Error::ReadKernel)?;
+    let mut header = [0u8; HEADER_WINDOW];
+    let header_len = read_up_to(kernel, &mut header).map_err(Error::ReadKernel)?;
+    let header = &header[..header_len];
+
+    if header.starts_with(ELF_MAGIC) {
+        pvh::load(mem, kernel, header, cmdline, initramfs)
+    } else if header.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
+        bzimage::load(mem, kernel, header, cmdline, initramfs)
+    } else {
+        Err(Error::NotAKernel)
+    }
+}
+
+/// Reads into `buf` until it is full or the input ends; returns the number of bytes read.
+fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn total_ram<M: GuestMemoryBackend>(mem: &M) -> u64 {
+    mem.iter().map(|region| region.len()).sum()
+}
+
+/// End (exclusive) of the RAM region that starts at address 0: the highest place below 4 GiB
+/// where a 32-bit boot protocol can put things.
+fn low_ram_end<M: GuestMemoryBackend>(mem: &M) -> u64 {
+    mem.find_region(GuestAddress(0))
+        .map_or(0, |region| region.start_addr().0 + region.len())
+}
+
+fn check_boot_area<M: GuestMemoryBackend>(mem: &M) -> Result<(), Error> {
+    if low_ram_end(mem) < HIGH_RAM_START.0 {
+        return Err(Error::RamTooSmall {
+            needed: HIGH_RAM_START.0,
+        });
+    }
+    Ok(())
+}
+
+/// `max` excludes the terminating NUL, as the bzImage `cmdline_size` field does.
+fn check_cmdline(cmdline: &str, max: usize) -> Result<(), Error> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(Error::CmdlineHasNul);
+    }
+    if cmdline.len() > max {
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Writes the NUL-terminated command line at [`CMDLINE_START`].
+fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &str) -> Result<(), Error> {
+    let mut bytes = Vec::with_capacity(cmdline.len() + 1);
+    bytes.extend_from_slice(cmdline.as_bytes());
+    bytes.push(0);
+    write_guest(mem, CMDLINE_START, &bytes, "kernel command line")
+}
+
+/// Checks that `[start, end)`, where the loader put the kernel (including its zero-filled
+/// tail), is RAM above the boot structures.
+fn check_kernel_placement<M: GuestMemoryBackend>(
+    mem: &M,
+    start: GuestAddress,
+    end: u64,
+) -> Result<(), Error> {
+    let outside = || Error::KernelOutsideRam {
+        start: start.0,
+        end,
+    };
+    if start < HIGH_RAM_START || end <= start.0 {
+        return Err(outside());
+    }
+    let region = mem.find_region(start).ok_or_else(outside)?;
+    if end - 1 > region.last_addr().raw_value() {
+        return Err(outside());
+    }
+    Ok(())
+}
+
+/// Little-endian field readers; callers check `buf` is long enough.
+fn le_u16(buf: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes([buf[offset], buf[offset + 1]])
+}
+
+fn le_u32(buf: &[u8], offset: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&buf[offset..offset + 4]);
+    u32::from_le_bytes(bytes)
+}
+
+fn le_u64(buf: &[u8], offset: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[offset..offset + 8]);
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests;
