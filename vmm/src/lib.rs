@@ -1,17 +1,38 @@
 //! The NV-Hypervisor VMM library, built on the rust-vmm crates. It knows nothing of the NV region
 //! layout: it reaches NV only through the `nv-extension` coordinator and its host trait.
 
+pub mod api;
+mod boot_cpu;
 pub mod config;
+pub mod device_manager;
 mod error;
 pub mod event_monitor;
+pub mod events;
+pub mod memory;
 pub mod option_parser;
 pub mod seccomp_filters;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+#[allow(clippy::module_inception)]
+pub mod vmm;
 
 pub use error::Error;
+pub use state::VmState;
+pub use vm::{Vm, VmRunState};
+pub use vmm::{Vmm, VmmExit};
 
 /// Runs one VMM process as the command line asked and returns its exit code: 0 when the VM ended
 /// cleanly, 1 when it failed to start or failed while running.
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
-    let _vm_config = launch.vm.ok_or(Error::NoVmConfig)?;
-    Err(Error::InvalidVmState("not yet bootable"))
+    let config = launch.vm.ok_or(Error::NoVmConfig)?;
+    let mut vmm = Vmm::new()?;
+    vmm.boot_vm(&config)?;
+    // Phase 2: the API server (launch.api_socket) and --restore hook in here.
+    let exit = vmm.control_loop()?;
+    match &exit {
+        VmmExit::VcpuFailed(reason) => log::error!("VM stopped: {reason}"),
+        other => log::info!("VM ended: {other:?}"),
+    }
+    Ok(exit.exit_code())
 }

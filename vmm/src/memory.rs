@@ -1,0 +1,467 @@
+//! Guest RAM: where its bytes come from (anonymous memory, a file, a DAX device, or a file handed
+//! to us by the NV extension) and how they are laid out in guest-physical space.
+//!
+//! The guest sees one contiguous amount of RAM, split around the 32-bit device hole by
+//! `arch::layout::ram_regions`. The backings (the `--memory size=` part first, then each
+//! `--memory-zone` in command-line order) fill that layout in order, so one backing may straddle
+//! the hole and then becomes two mappings at consecutive offsets of the same file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::config::MemoryConfig;
+use crate::Error;
+
+/// Guest RAM is mapped in pages of this size; every size and offset must be a multiple of it.
+const PAGE_SIZE: u64 = 4096;
+
+/// One source of guest RAM bytes, in the order it fills guest-physical space.
+#[derive(Debug)]
+enum Backing {
+    Anonymous {
+        size: u64,
+        shared: bool,
+        prefault: bool,
+    },
+    File {
+        file: File,
+        path: PathBuf,
+        /// Where the guest's bytes start inside the file.
+        offset: u64,
+        size: u64,
+        shared: bool,
+        prefault: bool,
+    },
+}
+
+impl Backing {
+    fn size(&self) -> u64 {
+        match self {
+            Backing::Anonymous { size, .. } | Backing::File { size, .. } => *size,
+        }
+    }
+}
+
+/// Builds guest RAM as `config` describes it: `size` bytes of anonymous memory followed by each
+/// zone (anonymous, or mapped from its `file`).
+pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap, Error> {
+    if config.hugepages || config.zones.iter().flatten().any(|zone| zone.hugepages) {
+        return Err(Error::MemoryConfig(
+            "hugepages=on is not supported by this VMM".to_string(),
+        ));
+    }
+    let mut backings = Vec::new();
+    if config.size > 0 {
+        backings.push(Backing::Anonymous {
+            size: config.size,
+            shared: config.shared,
+            prefault: config.prefault,
+        });
+    }
+    for zone in config.zones.iter().flatten() {
+        if zone.size == 0 {
+            return Err(Error::MemoryConfig(format!(
+                "memory zone {}: size must not be 0",
+                zone.id
+            )));
+        }
+        match &zone.file {
+            None => backings.push(Backing::Anonymous {
+                size: zone.size,
+                shared: zone.shared,
+                prefault: zone.prefault,
+            }),
+            Some(path) => {
+                let (file, path) = open_zone_file(Path::new(path), zone.size)?;
+                backings.push(Backing::File {
+                    file,
+                    path,
+                    offset: 0,
+                    size: zone.size,
+                    shared: zone.shared,
+                    prefault: zone.prefault,
+                });
+            }
+        }
+    }
+    map_backings(backings)
+}
+
+/// Builds guest RAM from `size` bytes of `file` starting at `offset`, mapped shared. This is how NV
+/// memory arrives: the NV extension owns the region layout and hands over only (file, offset, size).
+pub fn guest_memory_from_file(
+    file: File,
+    path: &Path,
+    offset: u64,
+    size: u64,
+) -> Result<GuestMemoryMmap, Error> {
+    if !offset.is_multiple_of(PAGE_SIZE) {
+        return Err(Error::MemoryConfig(format!(
+            "{}: offset {offset:#x} is not a multiple of the page size",
+            path.display()
+        )));
+    }
+    map_backings(vec![Backing::File {
+        file,
+        path: path.to_path_buf(),
+        offset,
+        size,
+        shared: true,
+        prefault: false,
+    }])
+}
+
+/// Opens a zone's backing file and makes sure it holds at least `size` bytes: a regular file that
+/// is smaller is grown (sparse), a larger one is used as is, a devdax device must already be large
+/// enough and `size` must respect its mapping alignment.
+fn open_zone_file(path: &Path, size: u64) -> Result<(File, PathBuf), Error> {
+    let file_error = |operation: &'static str| {
+        let path = path.to_path_buf();
+        move |source| Error::MemoryFile {
+            path,
+            operation,
+            source,
+        }
+    };
+    let is_char_device = std::fs::metadata(path)
+        .map(|metadata| metadata.file_type().is_char_device())
+        .unwrap_or(false);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!is_char_device)
+        .truncate(false)
+        .open(path)
+        .map_err(file_error("open"))?;
+    let metadata = file.metadata().map_err(file_error("stat"))?;
+    if metadata.file_type().is_char_device() {
+        let device = DaxDevice::probe(path, metadata.rdev())?;
+        if size > device.size {
+            return Err(Error::MemoryConfig(format!(
+                "{}: zone size {size:#x} exceeds the device size {:#x}",
+                path.display(),
+                device.size
+            )));
+        }
+        if !size.is_multiple_of(device.alignment) {
+            return Err(Error::MemoryConfig(format!(
+                "{}: zone size {size:#x} is not a multiple of the device alignment {:#x}",
+                path.display(),
+                device.alignment
+            )));
+        }
+    } else if metadata.is_file() {
+        if metadata.len() < size {
+            file.set_len(size).map_err(file_error("grow"))?;
+        }
+    } else {
+        return Err(Error::MemoryConfig(format!(
+            "{}: not a regular file or a devdax device",
+            path.display()
+        )));
+    }
+    Ok((file, path.to_path_buf()))
+}
+
+/// What sysfs says about a `/dev/daxX.Y` character device.
+struct DaxDevice {
+    size: u64,
+    /// Mappings of the device must be aligned to (and sized in multiples of) this.
+    alignment: u64,
+}
+
+impl DaxDevice {
+    fn probe(path: &Path, rdev: u64) -> Result<DaxDevice, Error> {
+        let sysfs = PathBuf::from(format!(
+            "/sys/dev/char/{}:{}",
+            libc::major(rdev),
+            libc::minor(rdev)
+        ));
+        let read_number = |name: &str| -> Result<u64, Error> {
+            let candidates = [sysfs.join(name), sysfs.join("device").join(name)];
+            for candidate in &candidates {
+                if let Ok(text) = std::fs::read_to_string(candidate) {
+                    let text = text.trim();
+                    let parsed = match text.strip_prefix("0x") {
+                        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                        None => text.parse().ok(),
+                    };
+                    if let Some(value) = parsed {
+                        return Ok(value);
+                    }
+                }
+            }
+            Err(Error::MemoryConfig(format!(
+                "{}: character device without a readable devdax '{name}' in {} \
+                 (only devdax character devices can back guest memory)",
+                path.display(),
+                sysfs.display()
+            )))
+        };
+        let size = read_number("size")?;
+        let alignment = read_number("align")?;
+        if alignment == 0 || !alignment.is_power_of_two() {
+            return Err(Error::MemoryConfig(format!(
+                "{}: unusable devdax alignment {alignment:#x}",
+                path.display()
+            )));
+        }
+        Ok(DaxDevice { size, alignment })
+    }
+}
+
+/// Splits the backings over the guest-physical RAM layout and maps each piece.
+fn map_backings(backings: Vec<Backing>) -> Result<GuestMemoryMmap, Error> {
+    let total: u64 = backings.iter().map(Backing::size).sum();
+    if total == 0 {
+        return Err(Error::MemoryConfig("guest RAM size is 0".to_string()));
+    }
+    if let Some(bad) = backings.iter().find(|b| !b.size().is_multiple_of(PAGE_SIZE)) {
+        return Err(Error::MemoryConfig(format!(
+            "memory size {:#x} is not a multiple of 4 KiB",
+            bad.size()
+        )));
+    }
+    let layout = arch::layout::ram_regions(total);
+    let mut regions = Vec::new();
+    let mut backing_iter = backings.iter();
+    let mut current = backing_iter.next();
+    let mut used_of_current = 0u64;
+    for (region_start, region_size) in layout {
+        let mut placed = 0u64;
+        while placed < region_size {
+            let Some(backing) = current else {
+                return Err(Error::MemoryLayout(format!(
+                    "layout of {total:#x} bytes asks for more RAM than the backings provide"
+                )));
+            };
+            let chunk = (backing.size() - used_of_current).min(region_size - placed);
+            let guest_address = GuestAddress(region_start.0 + placed);
+            regions.push(map_piece(backing, used_of_current, chunk, guest_address)?);
+            placed += chunk;
+            used_of_current += chunk;
+            if used_of_current == backing.size() {
+                current = backing_iter.next();
+                used_of_current = 0;
+            }
+        }
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| Error::MemoryLayout(format!("building the guest memory map: {e}")))
+}
+
+/// Maps `size` bytes of `backing` starting `offset_in_backing` bytes into it, at `guest_address`.
+fn map_piece(
+    backing: &Backing,
+    offset_in_backing: u64,
+    size: u64,
+    guest_address: GuestAddress,
+) -> Result<GuestRegionMmap, Error> {
+    let map_error = |reason: String| Error::MemoryMap { size, reason };
+    let length = usize::try_from(size).map_err(|_| map_error("size exceeds usize".into()))?;
+    let (flags, file_offset, prefault) = match backing {
+        Backing::Anonymous {
+            shared, prefault, ..
+        } => {
+            let sharing = if *shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            // NORESERVE: guest RAM is committed page by page as the guest touches it.
+            (
+                sharing | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                None,
+                *prefault,
+            )
+        }
+        Backing::File {
+            file,
+            path,
+            offset,
+            shared,
+            prefault,
+            ..
+        } => {
+            let clone = file.try_clone().map_err(|source| Error::MemoryFile {
+                path: path.clone(),
+                operation: "dup",
+                source,
+            })?;
+            let sharing = if *shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            (
+                sharing | libc::MAP_NORESERVE,
+                Some(FileOffset::new(clone, offset + offset_in_backing)),
+                *prefault,
+            )
+        }
+    };
+    let flags = if prefault {
+        flags | libc::MAP_POPULATE
+    } else {
+        flags
+    };
+    let mut builder = MmapRegionBuilder::new(length)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags);
+    if let Some(file_offset) = file_offset {
+        builder = builder.with_file_offset(file_offset);
+    }
+    let mapping = builder.build().map_err(|e| {
+        let what = match backing {
+            Backing::File { path, .. } => {
+                format!("{} at guest {guest_address:#x?}", path.display())
+            }
+            Backing::Anonymous { .. } => {
+                format!("anonymous memory at guest {:#x}", guest_address.0)
+            }
+        };
+        map_error(format!("{what}: {e}"))
+    })?;
+    GuestRegionMmap::new(mapping, guest_address).ok_or_else(|| {
+        Error::MemoryLayout(format!(
+            "region at {:#x} of {size:#x} bytes overflows the address space",
+            guest_address.0
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MemoryZoneConfig;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    fn zone(id: &str, size: u64, file: Option<&Path>) -> MemoryZoneConfig {
+        MemoryZoneConfig {
+            id: id.to_string(),
+            size,
+            file: file.map(|p| p.display().to_string()),
+            shared: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn anonymous_memory_is_one_region_below_the_hole() {
+        let config = MemoryConfig {
+            size: 8 << 20,
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        assert_eq!(memory.num_regions(), 1);
+        let region = memory.iter().next().unwrap();
+        assert_eq!(region.start_addr(), GuestAddress(0));
+        assert_eq!(region.len(), 8 << 20);
+    }
+
+    #[test]
+    fn smaller_file_is_grown_and_guest_writes_reach_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        std::fs::write(&path, b"x").unwrap();
+        let config = MemoryConfig {
+            size: 0,
+            zones: Some(vec![zone("mem0", 4 << 20, Some(&path))]),
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        drop(memory);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x1000..0x1004], &0xdead_beef_u32.to_le_bytes());
+    }
+
+    #[test]
+    fn larger_file_is_used_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let file = File::create(&path).unwrap();
+        file.set_len(16 << 20).unwrap();
+        let config = MemoryConfig {
+            size: 0,
+            zones: Some(vec![zone("mem0", 4 << 20, Some(&path))]),
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        assert_eq!(memory.iter().map(|r| r.len()).sum::<u64>(), 4 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+    }
+
+    #[test]
+    fn anonymous_part_comes_first_then_the_zone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let config = MemoryConfig {
+            size: 2 << 20,
+            zones: Some(vec![zone("mem0", 2 << 20, Some(&path))]),
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        memory.write_obj(0x55_u8, GuestAddress(2 << 20)).unwrap();
+        drop(memory);
+        assert_eq!(std::fs::read(&path).unwrap()[0], 0x55);
+    }
+
+    #[test]
+    fn external_backing_starts_at_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        let file = File::create_new(&path).unwrap();
+        file.set_len(8 << 20).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let memory = guest_memory_from_file(file, &path, 2 << 20, 4 << 20).unwrap();
+        memory.write_obj(0xa5_u8, GuestAddress(0)).unwrap();
+        drop(memory);
+        assert_eq!(std::fs::read(&path).unwrap()[2 << 20], 0xa5);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_a_message() {
+        let config = MemoryConfig {
+            size: 4097,
+            ..Default::default()
+        };
+        let error = guest_memory_from_config(&config).unwrap_err();
+        assert!(error.to_string().contains("4 KiB"), "{error}");
+        let config = MemoryConfig {
+            size: 0,
+            ..Default::default()
+        };
+        assert!(guest_memory_from_config(&config).is_err());
+    }
+
+    #[test]
+    fn unopenable_file_names_the_path() {
+        let config = MemoryConfig {
+            size: 0,
+            zones: Some(vec![zone(
+                "mem0",
+                4 << 20,
+                Some(Path::new("/nonexistent-dir/ram")),
+            )]),
+            ..Default::default()
+        };
+        let error = guest_memory_from_config(&config).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent-dir/ram"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,460 @@
+//! vCPUs: one thread each, running KVM_RUN and dispatching its exits, parked and woken by the
+//! control loop (pause/resume) through a shared run control.
+//!
+//! Pausing: the control loop sets the request to `Pause` and sends each vCPU thread the kick
+//! signal (a real-time signal with a no-op-ish handler). The handler sets `immediate_exit` in the
+//! thread's `kvm_run`, so whether the thread is inside KVM_RUN (interrupted with EINTR) or about to
+//! enter it (KVM returns EINTR at once), the next KVM_RUN returns EINTR. A thread parks only after
+//! such an EINTR return: KVM_RUN completes a pending port-I/O or MMIO read into the guest's
+//! registers before it honours `immediate_exit`, so a parked vCPU never has half-done I/O and
+//! its registers can be saved as they are.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::events::VmEvents;
+use crate::Error;
+
+/// How long `pause` waits for every vCPU to leave KVM_RUN before it gives up.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// KVM system event types (`KVM_SYSTEM_EVENT_*` in the KVM API).
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick signal handler. Null outside vCPU threads.
+    static KVM_RUN_OF_THIS_THREAD: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick_signal(
+    _signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    let run = KVM_RUN_OF_THIS_THREAD.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is set by the vCPU thread to its own `kvm_run` mapping, which lives
+        // as long as the VcpuFd the thread holds, and is reset to null before the thread ends. A
+        // one-byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick signal handler, once per process.
+pub fn install_kick_signal_handler() -> Result<(), Error> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick_signal)
+            .map_err(Error::SignalHandler);
+    });
+    result
+}
+
+/// Where vCPU threads send the port I/O and MMIO accesses the guest makes (the device buses).
+pub trait IoHandler: Send + Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, address: u64, data: &mut [u8]);
+    fn mmio_write(&self, address: u64, data: &[u8]);
+}
+
+/// One KVM vCPU. Its fd is behind a mutex: the vCPU thread holds it for each KVM_RUN, the control
+/// loop for reading and writing state while the vCPU is parked.
+#[derive(Debug)]
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` with its CPUID: the host's supported set with this vCPU's APIC ID.
+    pub fn new(kvm: &Kvm, vm_fd: &VmFd, id: u8, vcpu_count: u8) -> Result<Vcpu, Error> {
+        let kvm_error = |operation| {
+            move |source| Error::VcpuKvm {
+                vcpu: id,
+                operation,
+                source,
+            }
+        };
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_error("KVM_CREATE_VCPU"))?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        set_apic_id(&mut cpuid, id, vcpu_count);
+        fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_once(&mut self, io: &dyn IoHandler) -> RunOutcome {
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    io.pio_read(port, data);
+                    RunOutcome::Continue
+                }
+                VcpuExit::IoOut(port, data) => {
+                    io.pio_write(port, data);
+                    RunOutcome::Continue
+                }
+                VcpuExit::MmioRead(address, data) => {
+                    io.mmio_read(address, data);
+                    RunOutcome::Continue
+                }
+                VcpuExit::MmioWrite(address, data) => {
+                    io.mmio_write(address, data);
+                    RunOutcome::Continue
+                }
+                // With the in-kernel LAPIC, KVM handles HLT itself; seeing it here means the guest
+                // halted with nothing that could wake it: treat it as a power-off.
+                VcpuExit::Hlt => RunOutcome::Stop(StopReason::Shutdown("HLT exit".into())),
+                // A triple fault. Real hardware resets; so does upstream.
+                VcpuExit::Shutdown => {
+                    RunOutcome::Stop(StopReason::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into()))
+                }
+                VcpuExit::SystemEvent(kind, data) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        RunOutcome::Stop(StopReason::Shutdown("system event SHUTDOWN".into()))
+                    }
+                    KVM_SYSTEM_EVENT_RESET => {
+                        RunOutcome::Stop(StopReason::Reset("system event RESET".into()))
+                    }
+                    KVM_SYSTEM_EVENT_CRASH => RunOutcome::Stop(StopReason::Failed(format!(
+                        "guest crashed (system event CRASH, data {data:x?})"
+                    ))),
+                    other => RunOutcome::Stop(StopReason::Failed(format!(
+                        "unknown system event {other} (data {data:x?})"
+                    ))),
+                },
+                VcpuExit::InternalError => {
+                    // SAFETY: KVM_EXIT_INTERNAL_ERROR tells us `internal` is the valid union member.
+                    let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                    let data_count = (internal.ndata as usize).min(internal.data.len());
+                    RunOutcome::Stop(StopReason::Failed(format!(
+                        "KVM internal error, suberror {} ({}), data {:x?}{}",
+                        internal.suberror,
+                        internal_error_name(internal.suberror),
+                        &internal.data[..data_count],
+                        self.describe_rip()
+                    )))
+                }
+                VcpuExit::FailEntry(reason, cpu) => RunOutcome::Stop(StopReason::Failed(format!(
+                    "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}{}",
+                    self.describe_rip()
+                ))),
+                VcpuExit::Intr => RunOutcome::Interrupted,
+                other => {
+                    let exit = format!("{other:?}");
+                    RunOutcome::Stop(StopReason::Failed(format!(
+                        "unhandled exit {exit}{}",
+                        self.describe_rip()
+                    )))
+                }
+            },
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                RunOutcome::Interrupted
+            }
+            Err(error) => RunOutcome::Stop(StopReason::Failed(format!("KVM_RUN failed: {error}"))),
+        }
+    }
+
+    /// The guest's instruction pointer, for error messages.
+    fn describe_rip(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(regs) => format!(" at rip {:#x}", regs.rip),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+        _ => "unknown suberror",
+    }
+}
+
+/// Puts `apic_id` where the guest reads its own APIC ID: CPUID.1 EBX[31:24] and the x2APIC ID in
+/// EDX of the topology leaves 0xB and 0x1F. Also states the logical processor count in leaf 1.
+fn set_apic_id(cpuid: &mut CpuId, apic_id: u8, vcpu_count: u8) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x0000_ffff)
+                    | (u32::from(apic_id) << 24)
+                    | (u32::from(vcpu_count) << 16);
+            }
+            0xb | 0x1f => entry.edx = u32::from(apic_id),
+            _ => {}
+        }
+    }
+}
+
+enum RunOutcome {
+    Continue,
+    /// KVM_RUN returned EINTR: a kick (pause/stop) or a stray signal.
+    Interrupted,
+    Stop(StopReason),
+}
+
+enum StopReason {
+    Shutdown(String),
+    Reset(String),
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct RunState {
+    request: Request,
+    /// vCPU threads currently not running guest code (parked, or stopped after a terminal exit).
+    parked: usize,
+}
+
+/// What the control loop asks of the vCPU threads, and how many of them have complied.
+#[derive(Debug)]
+struct RunControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl RunControl {
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Parks the calling vCPU thread while a pause is requested; returns what to do next
+    /// (`Run` or `Stop`).
+    fn wait_while_paused(&self) -> Request {
+        let mut state = self.lock();
+        if state.request == Request::Pause {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.request == Request::Pause {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            state.parked -= 1;
+        }
+        state.request
+    }
+
+    /// A vCPU that cannot run any more waits here, counted as parked, until the VM is torn down.
+    fn park_until_stop(&self) {
+        let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.request != Request::Stop {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+/// The vCPUs of one VM and their threads.
+pub struct VcpuManager {
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<RunControl>,
+}
+
+impl VcpuManager {
+    /// Creates `count` vCPUs. Their threads start with `start_paused`.
+    pub fn new(kvm: &Kvm, vm_fd: &VmFd, count: u8) -> Result<VcpuManager, Error> {
+        let max = kvm.get_max_vcpus();
+        if count == 0 || usize::from(count) > max {
+            return Err(Error::TooManyVcpus { vcpus: count, max });
+        }
+        let vcpus = (0..count)
+            .map(|id| Vcpu::new(kvm, vm_fd, id, count).map(|v| Arc::new(Mutex::new(v))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VcpuManager {
+            vcpus,
+            threads: Vec::new(),
+            control: Arc::new(RunControl {
+                state: Mutex::new(RunState {
+                    request: Request::Pause,
+                    parked: 0,
+                }),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Locks vCPU `index` for reading or writing its state. Only meaningful while paused.
+    pub fn lock_vcpu(&self, index: usize) -> MutexGuard<'_, Vcpu> {
+        self.vcpus[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Spawns one thread per vCPU; they stay parked until `resume`.
+    pub fn start_paused(
+        &mut self,
+        io: Arc<dyn IoHandler>,
+        events: Arc<VmEvents>,
+    ) -> Result<(), Error> {
+        install_kick_signal_handler()?;
+        for vcpu in &self.vcpus {
+            let id = vcpu
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .id;
+            let vcpu = Arc::clone(vcpu);
+            let control = Arc::clone(&self.control);
+            let io = Arc::clone(&io);
+            let events = Arc::clone(&events);
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_thread(vcpu, control, io, events))
+                .map_err(|source| Error::ThreadSpawn {
+                    thread: format!("vcpu{id}"),
+                    source,
+                })?;
+            self.threads.push(thread);
+        }
+        self.wait_for_parked(self.threads.len())
+    }
+
+    /// Kicks every vCPU out of KVM_RUN and waits until all are parked.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.control.lock().request = Request::Pause;
+        self.kick_all();
+        self.wait_for_parked(self.threads.len())
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn resume(&self) {
+        self.control.lock().request = Request::Run;
+        self.control.changed.notify_all();
+    }
+
+    /// Stops and joins every vCPU thread. Idempotent.
+    pub fn stop(&mut self) {
+        self.control.lock().request = Request::Stop;
+        self.control.changed.notify_all();
+        self.kick_all();
+        for thread in self.threads.drain(..) {
+            let name = thread.thread().name().unwrap_or("vcpu").to_string();
+            if thread.join().is_err() {
+                log::error!("{name} thread panicked");
+            }
+        }
+    }
+
+    fn kick_all(&self) {
+        for thread in &self.threads {
+            if let Err(e) = thread.kill(kick_signal()) {
+                // The thread has already ended (e.g. after a terminal exit): nothing to kick.
+                log::debug!("kicking {:?}: {e}", thread.thread().name());
+            }
+        }
+    }
+
+    fn wait_for_parked(&self, expected: usize) -> Result<(), Error> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = self.control.lock();
+        while state.parked < expected {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::PauseTimeout {
+                    vcpu: u8::try_from(state.parked).unwrap_or(u8::MAX),
+                    timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
+                });
+            }
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VcpuManager {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn vcpu_thread(
+    vcpu: Arc<Mutex<Vcpu>>,
+    control: Arc<RunControl>,
+    io: Arc<dyn IoHandler>,
+    events: Arc<VmEvents>,
+) {
+    let id = {
+        let mut guard = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        let run: *mut kvm_run = guard.fd.get_kvm_run();
+        KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(run));
+        guard.id
+    };
+    // Seccomp call point for ThreadKind::Vcpu (seccomp_filters.rs), once VmmLaunch carries the
+    // --seccomp mode: it must run here, after the kvm_run pointer is set and before KVM_RUN.
+
+    let mut next = control.wait_while_paused();
+    while next == Request::Run {
+        let outcome = vcpu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_once(io.as_ref());
+        match outcome {
+            RunOutcome::Continue => {}
+            RunOutcome::Interrupted => next = control.wait_while_paused(),
+            RunOutcome::Stop(reason) => {
+                match reason {
+                    StopReason::Shutdown(why) => {
+                        log::info!("vCPU {id}: guest power-off ({why})");
+                        events.signal_shutdown();
+                    }
+                    StopReason::Reset(why) => {
+                        log::info!("vCPU {id}: guest reset ({why})");
+                        events.signal_reset();
+                    }
+                    StopReason::Failed(why) => events.signal_vcpu_failure(id, why),
+                }
+                control.park_until_stop();
+                break;
+            }
+        }
+    }
+    KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
+}

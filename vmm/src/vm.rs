@@ -1,0 +1,292 @@
+//! One KVM virtual machine: its fd, memory slots, in-kernel interrupt controllers, vCPUs and
+//! devices, and the transitions between created, running, paused and shut down.
+//!
+//! A `Vm` is built with its vCPU threads already spawned and parked. From there it either boots
+//! (`boot`: load the kernel, program the boot vCPU, resume) or takes a saved state
+//! (`restore_state` in state.rs, then `resume`), which is how a VM continues over memory that
+//! outlived the previous VMM process.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+use crate::events::VmEvents;
+use crate::vcpu::VcpuManager;
+use crate::Error;
+
+/// Addresses KVM needs for its real-mode emulation helpers on Intel hosts: three pages of TSS and
+/// one identity-map page. They sit in the 32-bit device hole, below the virtio-mmio window's end
+/// and clear of every device the platform contract places there.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// The VM's lifecycle state, with upstream's names (`vm.info` reports them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRunState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+impl VmRunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmRunState::Created => "Created",
+            VmRunState::Running => "Running",
+            VmRunState::Paused => "Paused",
+            VmRunState::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// Optional KVM features, asked for once per VM; state save/restore uses a part only when its
+/// capability is present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmCapabilities {
+    pub xsave: bool,
+    pub xcrs: bool,
+    pub vcpu_events: bool,
+    pub debug_regs: bool,
+    pub adjust_clock: bool,
+    /// Recorded for the docs and logs only: we never save nested state (this host reports 0).
+    pub nested_state: bool,
+}
+
+impl KvmCapabilities {
+    fn probe(kvm: &Kvm) -> KvmCapabilities {
+        KvmCapabilities {
+            xsave: kvm.check_extension(Cap::Xsave),
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            vcpu_events: kvm.check_extension(Cap::VcpuEvents),
+            debug_regs: kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS)) > 0,
+            adjust_clock: kvm.check_extension(Cap::AdjustClock),
+            nested_state: kvm.check_extension_int(Cap::NestedState) > 0,
+        }
+    }
+}
+
+pub struct Vm {
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) vcpus: VcpuManager,
+    pub(crate) devices: Arc<DeviceManager>,
+    pub(crate) capabilities: KvmCapabilities,
+    /// The MSRs saved and restored per vCPU: KVM's save list, minus those GET_MSRS refuses here.
+    pub(crate) msr_indices: Vec<u32>,
+    pub(crate) config: VmConfig,
+    pub(crate) run_state: VmRunState,
+    /// Last field: dropped after the vCPUs and the VM fd, so no guest access outlives the mapping.
+    pub(crate) memory: GuestMemoryMmap,
+}
+
+fn kvm_error(operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { operation, source }
+}
+
+impl Vm {
+    /// Creates the VM over `memory` with the devices and vCPUs `config` describes. The vCPU
+    /// threads are spawned and parked: next call `boot`, or `restore_state` then `resume`.
+    pub fn new(
+        config: &VmConfig,
+        memory: GuestMemoryMmap,
+        events: Arc<VmEvents>,
+    ) -> Result<Vm, Error> {
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let api_version = kvm.get_api_version();
+        if api_version != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(Error::KvmApiVersion(api_version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmCapabilityMissing(name));
+            }
+        }
+        let capabilities = KvmCapabilities::probe(&kvm);
+        log::debug!("KVM capabilities: {capabilities:?}");
+
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        // The irqchip must exist before any vCPU so each vCPU gets an in-kernel LAPIC.
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
+        let pit_config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit_config)
+            .map_err(kvm_error("KVM_CREATE_PIT2"))?;
+        register_memory_slots(&kvm, &vm_fd, &memory)?;
+
+        let devices = Arc::new(DeviceManager::new(&vm_fd, config, &events, &memory)?);
+        let mut vcpus = VcpuManager::new(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
+        let msr_indices = {
+            let vcpu = vcpus.lock_vcpu(0);
+            crate::state::supported_msr_indices(&kvm, &vcpu)?
+        };
+        vcpus.start_paused(devices.clone(), events.clone())?;
+
+        Ok(Vm {
+            vm_fd,
+            memory,
+            vcpus,
+            devices,
+            capabilities,
+            msr_indices,
+            config: config.clone(),
+            run_state: VmRunState::Created,
+        })
+    }
+
+    pub fn run_state(&self) -> VmRunState {
+        self.run_state
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn capabilities(&self) -> KvmCapabilities {
+        self.capabilities
+    }
+
+    /// Loads the kernel with the command line (plus the virtio-mmio announcements), programs the
+    /// boot vCPU and starts running. The other vCPUs wait for the guest's INIT/SIPI.
+    pub fn boot(&mut self) -> Result<(), Error> {
+        if self.run_state != VmRunState::Created {
+            return Err(Error::InvalidVmState(self.run_state.name()));
+        }
+        let kernel_path = self
+            .config
+            .payload
+            .kernel
+            .as_deref()
+            .ok_or(Error::NoKernel)?;
+        let kernel_error = |reason: String| Error::KernelLoad {
+            path: PathBuf::from(kernel_path),
+            reason,
+        };
+        let mut kernel = File::open(kernel_path).map_err(|e| kernel_error(e.to_string()))?;
+        let mut initramfs = match self.config.payload.initramfs.as_deref() {
+            Some(path) => Some(File::open(path).map_err(|e| Error::KernelLoad {
+                path: PathBuf::from(path),
+                reason: format!("initramfs: {e}"),
+            })?),
+            None => None,
+        };
+        let cmdline = self.kernel_cmdline();
+        let entry = arch::load_kernel(&self.memory, &mut kernel, &cmdline, initramfs.as_mut())
+            .map_err(|e| kernel_error(e.to_string()))?;
+        log::info!(
+            "kernel {kernel_path} loaded: {:?} entry at {:#x}",
+            entry.protocol,
+            entry.entry.0
+        );
+        for index in 0..self.vcpus.count() {
+            crate::boot_cpu::wire_local_interrupt_pins(&self.vcpus.lock_vcpu(index))?;
+        }
+        crate::boot_cpu::program_boot_vcpu(&self.vcpus.lock_vcpu(0), &self.memory, &entry)?;
+        self.vcpus.resume();
+        self.run_state = VmRunState::Running;
+        Ok(())
+    }
+
+    /// The command line the guest gets: the configured one, then one `virtio_mmio.device=` token
+    /// per virtio-mmio device (as Linux expects them without ACPI or a device tree).
+    pub fn kernel_cmdline(&self) -> String {
+        let mut cmdline = self.config.payload.cmdline.clone().unwrap_or_default();
+        for token in self.devices.cmdline_tokens() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(token);
+        }
+        cmdline
+    }
+
+    /// Stops every vCPU outside KVM_RUN. The devices' I/O threads keep completing requests
+    /// already queued; the power-fail path drains them separately.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if self.run_state != VmRunState::Running {
+            return Err(Error::InvalidVmState(self.run_state.name()));
+        }
+        self.vcpus.pause()?;
+        self.run_state = VmRunState::Paused;
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), Error> {
+        // `Created` is accepted so a freshly built VM that took a saved state can start.
+        if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
+            return Err(Error::InvalidVmState(self.run_state.name()));
+        }
+        self.vcpus.resume();
+        self.run_state = VmRunState::Running;
+        Ok(())
+    }
+
+    /// Stops the vCPU threads for good. Guest memory stays mapped until the `Vm` is dropped.
+    pub fn shutdown(&mut self) {
+        self.vcpus.stop();
+        self.devices.shutdown();
+        self.run_state = VmRunState::Shutdown;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.run_state != VmRunState::Shutdown {
+            self.shutdown();
+        }
+    }
+}
+
+/// Gives KVM one memory slot per guest RAM mapping.
+fn register_memory_slots(kvm: &Kvm, vm_fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
+    let max_slots = kvm.get_nr_memslots();
+    if memory.num_regions() > max_slots {
+        return Err(Error::MemoryLayout(format!(
+            "{} RAM mappings exceed KVM's {max_slots} memory slots",
+            memory.num_regions()
+        )));
+    }
+    for (slot, region) in memory.iter().enumerate() {
+        let slot_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the slot covers exactly one live mapping owned by `memory`. The `Vm` stops its
+        // vCPU threads in `drop` and declares `memory` as its last field, so the mapping outlives
+        // every vCPU that could access it through this slot.
+        unsafe { vm_fd.set_user_memory_region(slot_region) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}

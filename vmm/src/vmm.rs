@@ -1,0 +1,248 @@
+//! The VMM control loop: one thread that owns the VM and reacts to everything that can end or
+//! change it: the guest's power-off and reset requests, vCPU failures, SIGTERM/SIGINT, and (phase
+//! 2) API requests and the power-fail signal. Everything arrives as a readable fd in one epoll.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::config::VmConfig;
+use crate::events::VmEvents;
+use crate::memory::guest_memory_from_config;
+use crate::vm::Vm;
+use crate::Error;
+
+/// Exit code of a VMM whose VM ended cleanly (guest power-off, SIGTERM/SIGINT).
+pub const EXIT_CLEAN: i32 = 0;
+/// Exit code of a VMM whose VM failed to start or failed while running.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// epoll tokens: which fd became readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ControlEvent {
+    GuestShutdown = 1,
+    GuestReset = 2,
+    VcpuFailed = 3,
+    TerminationSignal = 4,
+    // Phase 2 adds here: ApiRequest (the API channel's EventFd) and PowerFail (SIGPWR).
+}
+
+impl ControlEvent {
+    fn from_token(token: u64) -> Option<ControlEvent> {
+        [
+            ControlEvent::GuestShutdown,
+            ControlEvent::GuestReset,
+            ControlEvent::VcpuFailed,
+            ControlEvent::TerminationSignal,
+        ]
+        .into_iter()
+        .find(|event| *event as u64 == token)
+    }
+}
+
+/// The EventFd that SIGTERM/SIGINT write to; -1 until `Vmm::new` installs the handlers.
+static TERMINATION_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn handle_termination_signal(
+    _signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    let fd = TERMINATION_EVENT_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte buffer and `fd` is an
+        // eventfd that stays open for the life of the process once published.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// What ended the control loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    GuestShutdown,
+    TerminationSignal,
+    VcpuFailed(String),
+}
+
+impl VmmExit {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmExit::GuestShutdown | VmmExit::TerminationSignal => EXIT_CLEAN,
+            VmmExit::VcpuFailed(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+pub struct Vmm {
+    epoll_fd: RawFd,
+    events: Arc<VmEvents>,
+    termination: EventFd,
+    vm: Option<Vm>,
+}
+
+impl Vmm {
+    pub fn new() -> Result<Vmm, Error> {
+        let epoll_fd = epoll::create(true).map_err(|source| Error::Epoll {
+            operation: "create",
+            source,
+        })?;
+        let mut vmm = Vmm {
+            epoll_fd,
+            events: Arc::new(VmEvents::new()?),
+            termination: EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                operation: "create",
+                source,
+            })?,
+            vm: None,
+        };
+        vmm.install_termination_handlers()?;
+        let events = Arc::clone(&vmm.events);
+        vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
+        vmm.watch(events.reset.as_raw_fd(), ControlEvent::GuestReset)?;
+        vmm.watch(events.vcpu_failed.as_raw_fd(), ControlEvent::VcpuFailed)?;
+        vmm.watch(vmm.termination.as_raw_fd(), ControlEvent::TerminationSignal)?;
+        Ok(vmm)
+    }
+
+    fn install_termination_handlers(&mut self) -> Result<(), Error> {
+        // The handler needs an fd that never closes: give it a duplicate that lives forever, so
+        // a later Vmm (tests create several) cannot leave it pointing at a reused fd number.
+        let forever = self
+            .termination
+            .try_clone()
+            .map_err(|source| Error::EventFd {
+                operation: "clone (termination)",
+                source,
+            })?;
+        let previous = TERMINATION_EVENT_FD.swap(forever.as_raw_fd(), Ordering::SeqCst);
+        std::mem::forget(forever);
+        if previous < 0 {
+            for signal in [libc::SIGTERM, libc::SIGINT] {
+                register_signal_handler(signal, handle_termination_signal)
+                    .map_err(Error::SignalHandler)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn watch(&self, fd: RawFd, event: ControlEvent) -> Result<(), Error> {
+        epoll::ctl(
+            self.epoll_fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, event as u64),
+        )
+        .map_err(|source| Error::Epoll {
+            operation: "add",
+            source,
+        })
+    }
+
+    /// Builds guest memory and the VM from `config`, then boots it.
+    pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
+        let memory = guest_memory_from_config(&config.memory)?;
+        let mut vm = Vm::new(config, memory, Arc::clone(&self.events))?;
+        vm.boot()?;
+        log::info!("VM booted with {} vCPU(s)", config.cpus.boot_vcpus);
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    pub fn vm(&mut self) -> Option<&mut Vm> {
+        self.vm.as_mut()
+    }
+
+    /// Upstream reboots on a guest reset; so do we: the VM is torn down and built again from the
+    /// same config. File-backed RAM keeps its contents (the guest cold-boots over it), anonymous
+    /// RAM starts zeroed.
+    fn reboot(&mut self) -> Result<(), Error> {
+        let config = match self.vm.take() {
+            Some(mut vm) => {
+                vm.shutdown();
+                vm.config().clone()
+            }
+            None => return Ok(()),
+        };
+        // Drain reset/shutdown notifications the old VM may have left behind.
+        let _ = self.events.reset.read();
+        let _ = self.events.shutdown.read();
+        self.boot_vm(&config)
+    }
+
+    /// Runs until the VM ends; returns why.
+    pub fn control_loop(&mut self) -> Result<VmmExit, Error> {
+        let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
+        loop {
+            let count = match epoll::wait(self.epoll_fd, -1, &mut ready) {
+                Ok(count) => count,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::Epoll {
+                        operation: "wait",
+                        source,
+                    })
+                }
+            };
+            for event in &ready[..count] {
+                let token = event.data;
+                let Some(kind) = ControlEvent::from_token(token) else {
+                    log::warn!("control loop: unknown epoll token {token}");
+                    continue;
+                };
+                if let Some(exit) = self.handle(kind)? {
+                    self.shutdown_vm();
+                    return Ok(exit);
+                }
+            }
+        }
+    }
+
+    /// Handles one readable fd; returns `Some` when the VMM must end.
+    fn handle(&mut self, kind: ControlEvent) -> Result<Option<VmmExit>, Error> {
+        match kind {
+            ControlEvent::GuestShutdown => {
+                let _ = self.events.shutdown.read();
+                log::info!("guest powered off");
+                Ok(Some(VmmExit::GuestShutdown))
+            }
+            ControlEvent::GuestReset => {
+                let _ = self.events.reset.read();
+                log::info!("guest requested a reset: rebooting the VM");
+                self.reboot()?;
+                Ok(None)
+            }
+            ControlEvent::VcpuFailed => {
+                let _ = self.events.vcpu_failed.read();
+                let reasons: Vec<String> = self
+                    .events
+                    .take_failures()
+                    .into_iter()
+                    .map(|f| format!("vCPU {}: {}", f.vcpu, f.reason))
+                    .collect();
+                Ok(Some(VmmExit::VcpuFailed(reasons.join("; "))))
+            }
+            ControlEvent::TerminationSignal => {
+                let _ = self.termination.read();
+                log::info!("SIGTERM/SIGINT: shutting the VM down");
+                Ok(Some(VmmExit::TerminationSignal))
+            }
+        }
+    }
+
+    fn shutdown_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown_vm();
+        let _ = epoll::close(self.epoll_fd);
+    }
+}
