@@ -1,0 +1,330 @@
+//! HTTP/1.1 framing on one connection: reading requests (parsed by `httparse`) under size and time
+//! limits, and writing responses. It knows nothing of the API's routes.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// Most header lines one request may carry.
+const MAX_HEADERS: usize = 32;
+
+/// A request read off the connection.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    /// The path without its query.
+    pub path: String,
+    pub query: Option<String>,
+    pub body: Vec<u8>,
+    /// Whether the client wants the connection kept after the answer.
+    pub keep_alive: bool,
+}
+
+/// Why no request could be read. Each maps to a status the server answers before closing.
+#[derive(Debug, thiserror::Error)]
+pub enum FramingError {
+    #[error("malformed HTTP request: {0}")]
+    Malformed(String),
+    #[error("request headers exceed {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("request body of {length} bytes exceeds the limit of {limit} bytes")]
+    BodyTooLarge { length: usize, limit: usize },
+    #[error("unsupported transfer encoding {0:?}: send a Content-Length body")]
+    UnsupportedTransferEncoding(String),
+    #[error("request not received within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed in the middle of a request")]
+    Truncated,
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl FramingError {
+    /// The status to answer with, or `None` when nothing can or should be written.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FramingError::Malformed(_) => Some(400),
+            FramingError::HeadersTooLarge(_) => Some(431),
+            FramingError::BodyTooLarge { .. } => Some(413),
+            FramingError::UnsupportedTransferEncoding(_) => Some(501),
+            FramingError::Timeout(_) => Some(408),
+            FramingError::Truncated | FramingError::Io(_) => None,
+        }
+    }
+}
+
+/// A response to write.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// `(content type, bytes)`; `None` for 204 and other body-less answers.
+    pub body: Option<(&'static str, Vec<u8>)>,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Response {
+            status,
+            body: Some(("application/json", body)),
+            allow: None,
+            close: false,
+        }
+    }
+
+    pub fn no_content() -> Self {
+        Response {
+            status: 204,
+            body: None,
+            allow: None,
+            close: false,
+        }
+    }
+
+    pub fn error(status: u16, message: &str) -> Self {
+        Response {
+            status,
+            body: Some(("text/plain", message.as_bytes().to_vec())),
+            allow: None,
+            close: false,
+        }
+    }
+}
+
+/// Size and time limits of request reading.
+#[derive(Clone, Copy, Debug)]
+pub struct FramingLimits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    /// From the first wait for a request to its last byte; also the idle keep-alive timeout.
+    pub request_timeout: Duration,
+}
+
+/// One client connection with its read buffer (which may hold the start of a pipelined request).
+pub struct Connection {
+    stream: UnixStream,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream) -> Self {
+        Connection {
+            stream,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Reads the next request. `Ok(None)`: the client closed, or stayed idle past the timeout,
+    /// between requests.
+    pub fn read_request(
+        &mut self,
+        limits: &FramingLimits,
+    ) -> Result<Option<Request>, FramingError> {
+        let deadline = Instant::now() + limits.request_timeout;
+        let (header_length, body_length, mut request) = loop {
+            if let Some(parsed) = self.parse_head(limits)? {
+                break parsed;
+            }
+            if self.buffer.len() > limits.max_header_bytes {
+                return Err(FramingError::HeadersTooLarge(limits.max_header_bytes));
+            }
+            if !self.fill(deadline, limits.request_timeout)? {
+                return if self.buffer.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FramingError::Truncated)
+                };
+            }
+        };
+        while self.buffer.len() < header_length + body_length {
+            if !self.fill(deadline, limits.request_timeout)? {
+                return Err(FramingError::Truncated);
+            }
+        }
+        request
+            .body
+            .extend_from_slice(&self.buffer[header_length..header_length + body_length]);
+        self.buffer.drain(..header_length + body_length);
+        Ok(Some(request))
+    }
+
+    /// Parses the request head if the buffer holds all of it. Returns the head's length, the
+    /// declared Content-Length and the request without its body.
+    fn parse_head(
+        &mut self,
+        limits: &FramingLimits,
+    ) -> Result<Option<(usize, usize, Request)>, FramingError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let header_length = match parsed.parse(&self.buffer) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(FramingError::Malformed(format!(
+                    "more than {MAX_HEADERS} header lines"
+                )))
+            }
+            Err(error) => return Err(FramingError::Malformed(error.to_string())),
+        };
+        if header_length > limits.max_header_bytes {
+            return Err(FramingError::HeadersTooLarge(limits.max_header_bytes));
+        }
+        let method = parsed.method.unwrap_or_default().to_owned();
+        let target = parsed.path.unwrap_or_default();
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
+            None => (target.to_owned(), None),
+        };
+        // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 closes unless asked.
+        let mut keep_alive = parsed.version == Some(1);
+        let mut content_length = 0usize;
+        let mut expects_continue = false;
+        for header in parsed.headers.iter() {
+            let value = std::str::from_utf8(header.value)
+                .map_err(|_| {
+                    FramingError::Malformed(format!("header {} is not UTF-8", header.name))
+                })?
+                .trim();
+            if header.name.eq_ignore_ascii_case("content-length") {
+                content_length = value.parse().map_err(|_| {
+                    FramingError::Malformed(format!("bad Content-Length {value:?}"))
+                })?;
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding")
+                && !value.eq_ignore_ascii_case("identity")
+            {
+                return Err(FramingError::UnsupportedTransferEncoding(value.to_owned()));
+            } else if header.name.eq_ignore_ascii_case("connection") {
+                if value.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if value.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            } else if header.name.eq_ignore_ascii_case("expect")
+                && value.eq_ignore_ascii_case("100-continue")
+            {
+                expects_continue = true;
+            }
+        }
+        if content_length > limits.max_body_bytes {
+            return Err(FramingError::BodyTooLarge {
+                length: content_length,
+                limit: limits.max_body_bytes,
+            });
+        }
+        // curl sends `Expect: 100-continue` for bodies over 1 KiB and waits a second for it.
+        let body_pending = self.buffer.len() < header_length + content_length;
+        if expects_continue && body_pending {
+            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        Ok(Some((
+            header_length,
+            content_length,
+            Request {
+                method,
+                path,
+                query,
+                body: Vec::with_capacity(content_length),
+                keep_alive,
+            },
+        )))
+    }
+
+    /// Reads more bytes into the buffer before `deadline`. `Ok(false)` on end of stream, or on
+    /// timeout while nothing of a request has arrived (an idle keep-alive connection).
+    fn fill(&mut self, deadline: Instant, timeout: Duration) -> Result<bool, FramingError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return self.timed_out(timeout);
+        }
+        self.stream.set_read_timeout(Some(remaining))?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(count) => {
+                    self.buffer.extend_from_slice(&chunk[..count]);
+                    return Ok(true);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return self.timed_out(timeout)
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn timed_out(&self, timeout: Duration) -> Result<bool, FramingError> {
+        if self.buffer.is_empty() {
+            Ok(false)
+        } else {
+            Err(FramingError::Timeout(timeout))
+        }
+    }
+
+    /// Writes one response; the caller closes the connection afterwards if `response.close`.
+    pub fn write_response(
+        &mut self,
+        response: &Response,
+        write_timeout: Duration,
+    ) -> io::Result<()> {
+        // A client that stops reading must not wedge this thread either.
+        self.stream.set_write_timeout(Some(write_timeout))?;
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nServer: NV-Hypervisor\r\n",
+            response.status,
+            reason_phrase(response.status)
+        );
+        if let Some(allow) = response.allow {
+            head.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        if response.close {
+            head.push_str("Connection: close\r\n");
+        }
+        let body: &[u8] = match &response.body {
+            Some((content_type, bytes)) => {
+                head.push_str(&format!("Content-Type: {content_type}\r\n"));
+                bytes
+            }
+            None => &[],
+        };
+        // RFC 9110: a 204 carries no Content-Length.
+        if response.status != 204 {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut message = head.into_bytes();
+        message.extend_from_slice(body);
+        self.stream.write_all(&message)?;
+        self.stream.flush()
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}

@@ -1,0 +1,322 @@
+//! The REST API: the contract between the HTTP server thread and the VMM control loop.
+//!
+//! The server (its own thread, see [`server`]) turns each HTTP request into an [`ApiRequest`],
+//! sends it to the control loop as an [`ApiMessage`] over a channel, writes the `wake` eventfd so
+//! the control loop's epoll notices, and blocks until the control loop answers on `reply`. The
+//! control loop answers every message exactly once with an [`ApiResponse`]:
+//! `Ok(Some(body))` becomes `200` with the JSON body, `Ok(None)` becomes `204`, and
+//! `Err(ApiError { status, message })` becomes `status` with `message` as a plain-text body.
+//!
+//! Paths, methods and bodies follow `docs/openapi.yaml` (the upstream cloud-hypervisor v53 spec
+//! extended with the NV endpoints); `docs/api.md` explains the differences from upstream.
+
+mod http;
+mod routes;
+mod server;
+mod socket;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ApiSocketConfig, RestoreConfig, VmConfig};
+
+pub use routes::{Route, RouteAction, ROUTES};
+pub use server::ServerLimits;
+
+/// One operation asked of the control loop.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// `GET /vmm.ping`: answer with a [`VmmPingResponse`].
+    VmmPing,
+    /// `PUT /vmm.shutdown`: answer `Ok(None)`, then stop the VMM process.
+    VmmShutdown,
+    /// `PUT /vm.create`.
+    VmCreate(Box<VmConfig>),
+    /// `PUT /vm.boot`.
+    VmBoot,
+    /// `PUT /vm.delete`.
+    VmDelete,
+    /// `GET /vm.info`: answer with a [`VmInfoResponse`].
+    VmInfo,
+    /// `GET /vm.counters`: answer with a [`VmCounters`].
+    VmCounters,
+    /// `PUT /vm.pause`.
+    VmPause,
+    /// `PUT /vm.resume`.
+    VmResume,
+    /// `PUT /vm.shutdown`.
+    VmShutdown,
+    /// `PUT /vm.reboot`.
+    VmReboot,
+    /// `PUT /vm.power-button`.
+    VmPowerButton,
+    /// `PUT /vm.snapshot`: copy-based snapshot in upstream's directory layout.
+    VmSnapshot(VmSnapshotConfig),
+    /// `PUT /vm.restore`: copy-based restore from a snapshot directory.
+    VmRestore(RestoreConfig),
+    /// `GET /vm.nv-status`: answer with an [`NvStatus`].
+    NvStatus,
+    /// `PUT /vm.power-fail`: run the power-fail save now. Answer `Ok(None)` once the state is
+    /// committed, *before* the VMM exits, so the client learns the save completed.
+    NvPowerFail,
+    /// `PUT /vm.nv-suspend`: planned suspend (same save path, clean exit). Answer as for
+    /// [`ApiRequest::NvPowerFail`].
+    NvSuspend,
+    /// `PUT /vm.nv-recover`: recover a VM from a region into this (empty) VMM.
+    NvRecover(NvRecoverConfig),
+    /// `GET /vmm.nv-regions?region=PATH`: answer with an [`NvRegionListing`].
+    NvRegions(NvRegionsQuery),
+}
+
+/// An error answer: HTTP status and the text the client sees as the body.
+///
+/// Statuses the control loop should use, as upstream's spec describes them: 400 for a request that
+/// is well-formed JSON but not a valid configuration, 404 when the VM is not created (or, for
+/// `vm.restore`/`vm.create`, when one already is), 405 when the VM is in the wrong state for the
+/// operation, 409 for a conflicting device, 500 when the operation itself failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request body is not an acceptable configuration.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: the VM the operation needs does not exist (upstream's "not created").
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 405: the VM exists but is in the wrong state for the operation (upstream's "not booted",
+    /// "not paused").
+    pub fn wrong_state(message: impl Into<String>) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 500: the operation was attempted and failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+
+    /// 501: the operation exists upstream but this VMM does not implement it.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(501, message)
+    }
+}
+
+/// What the control loop answers: `Some(body)` -> 200 with JSON, `None` -> 204.
+pub type ApiResponse = Result<Option<serde_json::Value>, ApiError>;
+
+/// One request in flight to the control loop. The control loop must send exactly one answer on
+/// `reply`; dropping it unanswered makes the client see a 500.
+#[derive(Debug)]
+pub struct ApiMessage {
+    pub request: ApiRequest,
+    pub reply: Sender<ApiResponse>,
+}
+
+/// Errors setting up the API socket or its thread. Errors of individual requests are
+/// [`ApiError`]s and never stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("API socket {path}: another process is already serving on it")]
+    SocketInUse { path: String },
+    #[error("API socket {path}: the path exists and is not a socket; refusing to replace it")]
+    NotASocket { path: String },
+    #[error("API socket {path}: {action}: {source}")]
+    SocketPath {
+        path: String,
+        action: &'static str,
+        source: std::io::Error,
+    },
+    #[error("API socket fd={fd}: {reason}")]
+    InheritedFd { fd: i32, reason: String },
+    #[error("cannot start the API server thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Starts the HTTP server on its own thread, serving `socket` until the process exits.
+///
+/// `path=`: the socket is created owner-only (0600); a stale socket file (nobody listening) is
+/// replaced, a live one is refused with [`ApiServerError::SocketInUse`]. `fd=N`: an inherited,
+/// already listening Unix stream socket, owned by the server from then on.
+pub fn start_http_server(
+    socket: ApiSocketConfig,
+    to_vmm: Sender<ApiMessage>,
+    wake: EventFd,
+) -> Result<JoinHandle<()>, ApiServerError> {
+    start_http_server_with_limits(socket, to_vmm, wake, ServerLimits::default())
+}
+
+/// [`start_http_server`] with explicit size and time limits (tests use short timeouts).
+pub fn start_http_server_with_limits(
+    socket: ApiSocketConfig,
+    to_vmm: Sender<ApiMessage>,
+    wake: EventFd,
+    limits: ServerLimits,
+) -> Result<JoinHandle<()>, ApiServerError> {
+    let listener = socket::listen(&socket)?;
+    server::spawn(listener, to_vmm, wake, limits)
+}
+
+/// Body of `PUT /vm.snapshot` (upstream's `VmSnapshotConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    /// `file:///dir`: the directory receives `config.json`, `state.json` and `memory-ranges`.
+    pub destination_url: String,
+}
+
+/// Body of `PUT /vm.nv-recover`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvRecoverConfig {
+    /// Path of the NV region (file, DAX file or devdax device).
+    pub region: String,
+    /// Name of the VM inside the region.
+    pub vm: String,
+}
+
+/// Query of `GET /vmm.nv-regions?region=PATH`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvRegionsQuery {
+    pub region: String,
+}
+
+/// Body of `GET /vmm.ping` (upstream's `VmmPingResponse`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    pub build_version: String,
+    pub version: String,
+    pub pid: i64,
+    pub features: Vec<String>,
+}
+
+/// Upstream's `VmState`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Shutdown,
+    Paused,
+    BreakPoint,
+}
+
+/// Body of `GET /vm.info` (upstream's `VmInfo`; `device_tree` is not reported).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfoResponse {
+    pub config: VmConfig,
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_actual_size: Option<u64>,
+}
+
+/// Body of `GET /vm.counters`: device id -> counter name -> value (upstream's `VmCounters`).
+pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Why a persistent VM last stopped, as recorded in its region's VM table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NvShutdownKind {
+    /// Running now (or died without any save: see `Unsafe`).
+    Running,
+    /// Stopped by a power-fail save that committed.
+    PowerFail,
+    /// Stopped by a planned suspend that committed.
+    Suspend,
+    /// Shut down cleanly by the guest or the operator; cold boot next time.
+    Clean,
+    /// Died without a completed save: state incomplete, cold boot only.
+    Unsafe,
+    /// Never run since it was created in the region.
+    Never,
+}
+
+/// How the region makes stores durable (the nv-extension persistence backend in use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NvPersistenceMode {
+    /// Plain file mapping, `msync(MS_SYNC)`.
+    Msync,
+    /// DAX file mapped `MAP_SYNC`, cache-line write-back + `sfence`.
+    DaxMapSync,
+    /// `/dev/daxX.Y` device, cache-line write-back + `sfence`.
+    Devdax,
+}
+
+/// Duration of one phase of the last save.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvPhaseTiming {
+    /// Phase name, e.g. `pause`, `drain-block`, `sync-disks`, `persist-memory`, `save-state`,
+    /// `commit`.
+    pub phase: String,
+    pub duration_us: u64,
+}
+
+/// The last power-fail or suspend save of this VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvLastSave {
+    /// Sequence number the save committed.
+    pub sequence: u64,
+    /// `PowerFail` or `Suspend`.
+    pub kind: NvShutdownKind,
+    pub total_us: u64,
+    pub deadline_overrun: bool,
+    pub phases: Vec<NvPhaseTiming>,
+}
+
+/// Body of `GET /vm.nv-status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvStatus {
+    pub region: String,
+    pub persistence_mode: NvPersistenceMode,
+    pub vm: String,
+    /// Sequence of the newest committed state, if any save ever committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_save_sequence: Option<u64>,
+    /// How the VM ended last time (before this run), from the VM table.
+    pub shutdown_kind: NvShutdownKind,
+    pub deadline_ms: u64,
+    /// Timings of the last save this process or a previous one performed, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_save: Option<NvLastSave>,
+}
+
+/// One VM of a region in `GET /vmm.nv-regions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvRegionVm {
+    pub name: String,
+    pub uuid: String,
+    pub memory_size: u64,
+    pub shutdown_kind: NvShutdownKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_save_sequence: Option<u64>,
+    /// True when a committed state can be resumed in place (`recover=on`).
+    pub resumable: bool,
+}
+
+/// Body of `GET /vmm.nv-regions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvRegionListing {
+    pub region: String,
+    pub persistence_mode: NvPersistenceMode,
+    pub size: u64,
+    pub vms: Vec<NvRegionVm>,
+}

@@ -1,0 +1,306 @@
+//! The route table: which `/api/v1/<op>` paths exist, with which method, and how a request's
+//! body or query becomes an [`ApiRequest`]. Every path of the upstream v53 spec is listed, with
+//! upstream's method, so that an operation we do not implement is answered 501 rather than 404.
+
+use serde::de::DeserializeOwned;
+
+use super::{ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, VmSnapshotConfig};
+use crate::config::{RestoreConfig, VmConfig};
+
+/// The prefix every API path carries.
+pub const API_PREFIX: &str = "/api/v1/";
+
+/// The two methods the API uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpMethod {
+    Get,
+    Put,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Put => "PUT",
+        }
+    }
+}
+
+/// What a route does once its method matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteAction {
+    VmmPing,
+    VmmShutdown,
+    VmCreate,
+    VmBoot,
+    VmDelete,
+    VmInfo,
+    VmCounters,
+    VmPause,
+    VmResume,
+    VmShutdown,
+    VmReboot,
+    VmPowerButton,
+    VmSnapshot,
+    VmRestore,
+    NvStatus,
+    NvPowerFail,
+    NvSuspend,
+    NvRecover,
+    NvRegions,
+    /// An upstream operation this VMM does not implement: answered 501.
+    NotImplemented,
+}
+
+/// One API path: `op` is the part after `/api/v1/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub op: &'static str,
+    pub method: HttpMethod,
+    pub action: RouteAction,
+    /// True for our NV additions (not in the upstream spec).
+    pub nv_extension: bool,
+}
+
+const fn upstream(op: &'static str, method: HttpMethod, action: RouteAction) -> Route {
+    Route {
+        op,
+        method,
+        action,
+        nv_extension: false,
+    }
+}
+
+const fn nv(op: &'static str, method: HttpMethod, action: RouteAction) -> Route {
+    Route {
+        op,
+        method,
+        action,
+        nv_extension: true,
+    }
+}
+
+use HttpMethod::{Get, Put};
+use RouteAction as A;
+
+/// Every path we answer. Upstream's are in the order of its spec.
+pub const ROUTES: &[Route] = &[
+    upstream("vmm.ping", Get, A::VmmPing),
+    upstream("vmm.shutdown", Put, A::VmmShutdown),
+    upstream("vm.info", Get, A::VmInfo),
+    upstream("vm.counters", Get, A::VmCounters),
+    upstream("vm.create", Put, A::VmCreate),
+    upstream("vm.delete", Put, A::VmDelete),
+    upstream("vm.boot", Put, A::VmBoot),
+    upstream("vm.pause", Put, A::VmPause),
+    upstream("vm.resume", Put, A::VmResume),
+    upstream("vm.shutdown", Put, A::VmShutdown),
+    upstream("vm.reboot", Put, A::VmReboot),
+    upstream("vm.power-button", Put, A::VmPowerButton),
+    upstream("vm.resize", Put, A::NotImplemented),
+    upstream("vm.resize-disk", Put, A::NotImplemented),
+    upstream("vm.resize-zone", Put, A::NotImplemented),
+    upstream("vm.add-device", Put, A::NotImplemented),
+    upstream("vm.remove-device", Put, A::NotImplemented),
+    upstream("vm.add-disk", Put, A::NotImplemented),
+    upstream("vm.add-fs", Put, A::NotImplemented),
+    upstream("vm.add-generic-vhost-user", Put, A::NotImplemented),
+    upstream("vm.add-pmem", Put, A::NotImplemented),
+    upstream("vm.add-net", Put, A::NotImplemented),
+    upstream("vm.add-vsock", Put, A::NotImplemented),
+    upstream("vm.add-vdpa", Put, A::NotImplemented),
+    upstream("vm.add-user-device", Put, A::NotImplemented),
+    upstream("vm.snapshot", Put, A::VmSnapshot),
+    upstream("vm.coredump", Put, A::NotImplemented),
+    upstream("vm.nmi", Put, A::NotImplemented),
+    upstream("vm.restore", Put, A::VmRestore),
+    upstream("vm.receive-migration", Put, A::NotImplemented),
+    upstream("vm.send-migration", Put, A::NotImplemented),
+    nv("vm.nv-status", Get, A::NvStatus),
+    nv("vm.power-fail", Put, A::NvPowerFail),
+    nv("vm.nv-suspend", Put, A::NvSuspend),
+    nv("vm.nv-recover", Put, A::NvRecover),
+    nv("vmm.nv-regions", Get, A::NvRegions),
+];
+
+/// The route for a request path (without its query), if any.
+pub fn find_route(path: &str) -> Option<&'static Route> {
+    let op = path.strip_prefix(API_PREFIX)?;
+    ROUTES.iter().find(|route| route.op == op)
+}
+
+/// Builds the control loop's request for a matched route from the request body and query.
+/// Body-less operations ignore any body, as upstream does.
+pub fn build_request(
+    route: &Route,
+    body: &[u8],
+    query: Option<&str>,
+) -> Result<ApiRequest, ApiError> {
+    let request = match route.action {
+        A::VmmPing => ApiRequest::VmmPing,
+        A::VmmShutdown => ApiRequest::VmmShutdown,
+        A::VmCreate => ApiRequest::VmCreate(Box::new(parse_body::<VmConfig>(route, body)?)),
+        A::VmBoot => ApiRequest::VmBoot,
+        A::VmDelete => ApiRequest::VmDelete,
+        A::VmInfo => ApiRequest::VmInfo,
+        A::VmCounters => ApiRequest::VmCounters,
+        A::VmPause => ApiRequest::VmPause,
+        A::VmResume => ApiRequest::VmResume,
+        A::VmShutdown => ApiRequest::VmShutdown,
+        A::VmReboot => ApiRequest::VmReboot,
+        A::VmPowerButton => ApiRequest::VmPowerButton,
+        A::VmSnapshot => {
+            let config = parse_body::<VmSnapshotConfig>(route, body)?;
+            if config.destination_url.is_empty() {
+                return Err(ApiError::bad_request(
+                    "vm.snapshot: destination_url must not be empty",
+                ));
+            }
+            ApiRequest::VmSnapshot(config)
+        }
+        A::VmRestore => {
+            let config = parse_body::<RestoreConfig>(route, body)?;
+            if config.source_url.is_empty() {
+                return Err(ApiError::bad_request(
+                    "vm.restore: source_url must not be empty",
+                ));
+            }
+            ApiRequest::VmRestore(config)
+        }
+        A::NvStatus => ApiRequest::NvStatus,
+        A::NvPowerFail => ApiRequest::NvPowerFail,
+        A::NvSuspend => ApiRequest::NvSuspend,
+        A::NvRecover => {
+            let config = parse_body::<NvRecoverConfig>(route, body)?;
+            if config.region.is_empty() || config.vm.is_empty() {
+                return Err(ApiError::bad_request(
+                    "vm.nv-recover: region and vm must both be non-empty",
+                ));
+            }
+            ApiRequest::NvRecover(config)
+        }
+        A::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
+        A::NotImplemented => {
+            return Err(ApiError::not_implemented(format!(
+                "{} is not implemented by this VMM (NV-Hypervisor); see docs/api.md",
+                route.op
+            )))
+        }
+    };
+    Ok(request)
+}
+
+fn parse_body<T: DeserializeOwned>(route: &Route, body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(format!(
+            "{}: a JSON request body is required",
+            route.op
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::bad_request(format!("{}: invalid JSON body: {error}", route.op)))
+}
+
+/// `region=PATH` from the query string, percent-decoded (`+` is not a space here: paths may hold
+/// one, and clients encode spaces as `%20`).
+fn parse_regions_query(query: Option<&str>) -> Result<NvRegionsQuery, ApiError> {
+    let mut region = None;
+    for pair in query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "region" {
+            return Err(ApiError::bad_request(format!(
+                "vmm.nv-regions: unknown query parameter {key:?} (only region=PATH)"
+            )));
+        }
+        let decoded = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| ApiError::bad_request("vmm.nv-regions: region is not valid UTF-8"))?;
+        region = Some(decoded.into_owned());
+    }
+    match region {
+        Some(region) if !region.is_empty() => Ok(NvRegionsQuery { region }),
+        _ => Err(ApiError::bad_request(
+            "vmm.nv-regions: the query parameter region=PATH is required",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_is_listed_once() {
+        for (index, route) in ROUTES.iter().enumerate() {
+            assert!(
+                ROUTES[index + 1..].iter().all(|other| other.op != route.op),
+                "{} listed twice",
+                route.op
+            );
+        }
+    }
+
+    #[test]
+    fn paths_need_the_prefix() {
+        assert!(find_route("/api/v1/vm.boot").is_some());
+        assert!(find_route("/vm.boot").is_none());
+        assert!(find_route("/api/v1/vm.boot/").is_none());
+        assert!(find_route("/api/v2/vm.boot").is_none());
+    }
+
+    #[test]
+    fn regions_query_is_decoded() {
+        let query = parse_regions_query(Some("region=%2Ftmp%2Fmy%20region+x")).unwrap();
+        assert_eq!(query.region, "/tmp/my region+x");
+        assert_eq!(parse_regions_query(None).unwrap_err().status, 400);
+        assert_eq!(
+            parse_regions_query(Some("region=")).unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            parse_regions_query(Some("region=/a&foo=1"))
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            parse_regions_query(Some("region=%FF")).unwrap_err().status,
+            400
+        );
+    }
+
+    #[test]
+    fn bodies_are_required_and_checked() {
+        let create = find_route("/api/v1/vm.create").unwrap();
+        assert_eq!(build_request(create, b"", None).unwrap_err().status, 400);
+        assert_eq!(build_request(create, b"{", None).unwrap_err().status, 400);
+        assert!(matches!(
+            build_request(create, br#"{"payload":{"kernel":"/k"}}"#, None),
+            Ok(ApiRequest::VmCreate(config)) if config.payload.kernel.as_deref() == Some("/k")
+        ));
+        let recover = find_route("/api/v1/vm.nv-recover").unwrap();
+        assert_eq!(
+            build_request(recover, br#"{"region":"/r"}"#, None)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            build_request(recover, br#"{"region":"/r","vm":""}"#, None)
+                .unwrap_err()
+                .status,
+            400
+        );
+        let boot = find_route("/api/v1/vm.boot").unwrap();
+        assert!(matches!(
+            build_request(boot, b"ignored", None),
+            Ok(ApiRequest::VmBoot)
+        ));
+        let resize = find_route("/api/v1/vm.resize").unwrap();
+        assert_eq!(build_request(resize, b"{}", None).unwrap_err().status, 501);
+    }
+}
