@@ -1,0 +1,365 @@
+//! A minimal virtio-mmio driver for the tests: it talks to the transport only through the bus and
+//! builds split-ring descriptor chains in a `GuestMemoryMmap`, the way a guest driver does.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::virtio::{
+    status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use devices::{Bus, EventFdInterrupt, InterruptLine};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub const MEM_SIZE: usize = 4 << 20;
+pub const QUEUE_SIZE: u16 = 256;
+pub const DESC_TABLE: u64 = 0x1000;
+pub const AVAIL_RING: u64 = 0x2000;
+pub const USED_RING: u64 = 0x3000;
+const BUFFERS: u64 = 0x10000;
+/// Buffers of a driver continuing after a restore, clear of those posted before it.
+const BUFFERS_AFTER_RESTORE: u64 = 0x20_0000;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const VERSION_1: u64 = 1 << 32;
+pub const BLK_F_RO: u64 = 1 << 5;
+pub const BLK_F_FLUSH: u64 = 1 << 9;
+
+// Register offsets, from the virtio 1.x "MMIO Device Register Layout".
+pub const MAGIC: u64 = 0x00;
+pub const VERSION: u64 = 0x04;
+pub const DEVICE_ID: u64 = 0x08;
+pub const DEVICE_FEATURES: u64 = 0x10;
+pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+pub const DRIVER_FEATURES: u64 = 0x20;
+pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+pub const QUEUE_SEL: u64 = 0x30;
+pub const QUEUE_NUM_MAX: u64 = 0x34;
+pub const QUEUE_NUM: u64 = 0x38;
+pub const QUEUE_READY: u64 = 0x44;
+pub const QUEUE_NOTIFY: u64 = 0x50;
+pub const INTERRUPT_STATUS: u64 = 0x60;
+pub const INTERRUPT_ACK: u64 = 0x64;
+pub const STATUS: u64 = 0x70;
+pub const QUEUE_DESC_LOW: u64 = 0x80;
+pub const QUEUE_DESC_HIGH: u64 = 0x84;
+pub const QUEUE_DRIVER_LOW: u64 = 0x90;
+pub const QUEUE_DRIVER_HIGH: u64 = 0x94;
+pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
+pub const QUEUE_DEVICE_HIGH: u64 = 0xa4;
+pub const CONFIG_GENERATION: u64 = 0xfc;
+pub const CONFIG: u64 = 0x100;
+
+/// One descriptor of a chain being built: (guest address, length, device-writable).
+pub type Buffer = (u64, u32, bool);
+
+/// A posted request: its head descriptor and where its status byte and data live.
+#[derive(Clone, Debug)]
+pub struct Posted {
+    pub head: u16,
+    pub status_addr: u64,
+    pub data_addr: u64,
+}
+
+pub struct TestDriver {
+    pub mem: GuestMemoryMmap,
+    pub bus: Bus,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub irq: Arc<EventFdInterrupt>,
+    next_desc: u16,
+    avail_idx: u16,
+    next_buffer: u64,
+}
+
+pub fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+pub fn open_block(path: &Path, readonly: bool) -> Box<Block> {
+    Box::new(Block::open(path, readonly).unwrap())
+}
+
+impl TestDriver {
+    /// A driver for a fresh transport over `block`.
+    pub fn new(mem: GuestMemoryMmap, block: Box<Block>) -> Self {
+        let irq = Arc::new(EventFdInterrupt::new().unwrap());
+        let line: Arc<dyn InterruptLine> = irq.clone();
+        let transport = MmioTransport::new(block, mem.clone(), line).unwrap();
+        Self::around(mem, transport, irq, (0, 0), BUFFERS)
+    }
+
+    /// A driver continuing on a transport rebuilt from `state` (the guest's ring positions are in
+    /// guest memory; the driver's own bookkeeping is passed in as a guest would keep it in RAM).
+    pub fn restored(
+        mem: GuestMemoryMmap,
+        block: Box<Block>,
+        state: &MmioTransportState,
+        next_desc: u16,
+        avail_idx: u16,
+    ) -> Self {
+        let irq = Arc::new(EventFdInterrupt::new().unwrap());
+        let line: Arc<dyn InterruptLine> = irq.clone();
+        let transport = MmioTransport::restore(block, mem.clone(), line, state).unwrap();
+        Self::around(
+            mem,
+            transport,
+            irq,
+            (next_desc, avail_idx),
+            BUFFERS_AFTER_RESTORE,
+        )
+    }
+
+    fn around(
+        mem: GuestMemoryMmap,
+        transport: MmioTransport,
+        irq: Arc<EventFdInterrupt>,
+        (next_desc, avail_idx): (u16, u16),
+        buffers: u64,
+    ) -> Self {
+        let transport = Arc::new(Mutex::new(transport));
+        let mut bus = Bus::new();
+        bus.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())
+            .unwrap();
+        Self {
+            mem,
+            bus,
+            transport,
+            irq,
+            next_desc,
+            avail_idx,
+            next_buffer: buffers,
+        }
+    }
+
+    pub fn read32(&self, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        self.bus.read(VIRTIO_MMIO_BASE + offset, &mut data).unwrap();
+        u32::from_le_bytes(data)
+    }
+
+    pub fn write32(&self, offset: u64, value: u32) {
+        self.bus
+            .write(VIRTIO_MMIO_BASE + offset, &value.to_le_bytes())
+            .unwrap();
+    }
+
+    pub fn config_u64(&self, offset: u64) -> u64 {
+        let mut data = [0u8; 8];
+        self.bus
+            .read(VIRTIO_MMIO_BASE + CONFIG + offset, &mut data)
+            .unwrap();
+        u64::from_le_bytes(data)
+    }
+
+    pub fn device_features(&self) -> u64 {
+        self.write32(DEVICE_FEATURES_SEL, 0);
+        let low = self.read32(DEVICE_FEATURES);
+        self.write32(DEVICE_FEATURES_SEL, 1);
+        let high = self.read32(DEVICE_FEATURES);
+        (u64::from(high) << 32) | u64::from(low)
+    }
+
+    pub fn write_driver_features(&self, features: u64) {
+        self.write32(DRIVER_FEATURES_SEL, 0);
+        self.write32(DRIVER_FEATURES, features as u32);
+        self.write32(DRIVER_FEATURES_SEL, 1);
+        self.write32(DRIVER_FEATURES, (features >> 32) as u32);
+    }
+
+    /// The virtio 1.x driver initialisation sequence ("Device Initialization"), up to and
+    /// including DRIVER_OK. Returns the final status register.
+    pub fn initialise(&self, features: u64) -> u32 {
+        self.write32(STATUS, 0);
+        self.write32(STATUS, status::ACKNOWLEDGE);
+        self.write32(STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        self.write_driver_features(features);
+        let with_features = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        self.write32(STATUS, with_features);
+        assert_eq!(self.read32(STATUS), with_features, "features refused");
+        self.setup_queue();
+        self.write32(STATUS, with_features | status::DRIVER_OK);
+        self.read32(STATUS)
+    }
+
+    pub fn setup_queue(&self) {
+        self.write32(QUEUE_SEL, 0);
+        assert_eq!(self.read32(QUEUE_READY), 0);
+        assert_eq!(self.read32(QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
+        self.write32(QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write32(QUEUE_DESC_LOW, DESC_TABLE as u32);
+        self.write32(QUEUE_DESC_HIGH, 0);
+        self.write32(QUEUE_DRIVER_LOW, AVAIL_RING as u32);
+        self.write32(QUEUE_DRIVER_HIGH, 0);
+        self.write32(QUEUE_DEVICE_LOW, USED_RING as u32);
+        self.write32(QUEUE_DEVICE_HIGH, 0);
+        self.write32(QUEUE_READY, 1);
+        assert_eq!(self.read32(QUEUE_READY), 1);
+    }
+
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let addr = self.next_buffer;
+        self.next_buffer += len.div_ceil(0x1000) * 0x1000;
+        assert!(
+            self.next_buffer < MEM_SIZE as u64,
+            "test ran out of buffer space"
+        );
+        addr
+    }
+
+    /// Writes a chain of `buffers` into the descriptor table and puts its head on the avail
+    /// ring, without notifying. Returns the head index.
+    pub fn post_chain(&mut self, buffers: &[Buffer]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let index = (self.next_desc + i as u16) % QUEUE_SIZE;
+            let last = i + 1 == buffers.len();
+            let mut flags = if writable { VIRTQ_DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            let next = if last { 0 } else { (index + 1) % QUEUE_SIZE };
+            self.write_descriptor(index, addr, len, flags, next);
+        }
+        self.next_desc = (self.next_desc + buffers.len() as u16) % QUEUE_SIZE;
+        self.post_head(head);
+        head
+    }
+
+    pub fn write_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let base = GuestAddress(DESC_TABLE + u64::from(index) * 16);
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&raw, base).unwrap();
+    }
+
+    /// Puts `head` on the avail ring and publishes the new avail index.
+    pub fn post_head(&mut self, head: u16) {
+        let slot = AVAIL_RING + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL_RING + 2))
+            .unwrap();
+    }
+
+    /// What a driver does after a device reset before reusing its ring memory: zero it and start
+    /// its indices over.
+    pub fn forget_rings(&mut self) {
+        let zeros = vec![0u8; (USED_RING + 0x1000 - DESC_TABLE) as usize];
+        self.mem
+            .write_slice(&zeros, GuestAddress(DESC_TABLE))
+            .unwrap();
+        self.next_desc = 0;
+        self.avail_idx = 0;
+    }
+
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
+    }
+
+    /// Posts a block request: header, data of `data_len` bytes (filled from `payload` for OUT),
+    /// status byte.
+    pub fn post_block_request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data_len: u32,
+        payload: Option<&[u8]>,
+    ) -> Posted {
+        let header = self.alloc(16);
+        let mut raw = [0u8; 16];
+        raw[..4].copy_from_slice(&kind.to_le_bytes());
+        raw[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&raw, GuestAddress(header)).unwrap();
+        let status_addr = self.alloc(1);
+        self.mem
+            .write_obj(0xffu8, GuestAddress(status_addr))
+            .unwrap();
+        let mut buffers = vec![(header, 16, false)];
+        let data_addr = if data_len > 0 {
+            let data = self.alloc(u64::from(data_len));
+            if let Some(bytes) = payload {
+                self.mem.write_slice(bytes, GuestAddress(data)).unwrap();
+            }
+            buffers.push((data, data_len, kind != T_OUT));
+            data
+        } else {
+            0
+        };
+        buffers.push((status_addr, 1, true));
+        let head = self.post_chain(&buffers);
+        Posted {
+            head,
+            status_addr,
+            data_addr,
+        }
+    }
+
+    /// The guest's notify, through the MMIO register (as a trapped MMIO write would arrive).
+    pub fn notify(&self) {
+        self.write32(QUEUE_NOTIFY, 0);
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        u16::from_le(self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap())
+    }
+
+    /// Used-ring element `i` (modulo the ring size): (descriptor head id, length written).
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let addr = USED_RING + 4 + u64::from(i % QUEUE_SIZE) * 8;
+        let id: u32 = self.mem.read_obj(GuestAddress(addr)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        (u32::from_le(id), u32::from_le(len))
+    }
+
+    /// Waits until the device has published `count` used entries in total.
+    pub fn wait_used(&self, count: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx() != count {
+            assert!(
+                Instant::now() < deadline,
+                "device published {} used entries, expected {count}",
+                self.used_idx()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn status_byte(&self, posted: &Posted) -> u8 {
+        self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap()
+    }
+
+    pub fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+}
+
+/// A recognisable sector payload: every byte depends on the sector number and position.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(131).wrapping_add(i as u64 * 7) % 251) as u8)
+        .collect()
+}
