@@ -135,21 +135,22 @@ fn get_id_returns_a_stable_twenty_byte_id() {
 fn bad_requests_get_an_error_status_and_the_device_keeps_serving() {
     let image = disk();
     let mut driver = running(&image, false);
-    let mut expected = Vec::new();
-    // Past the end, and straddling the end.
-    expected.push((driver.post_block_request(T_IN, SECTORS, 512, None), S_IOERR));
-    expected.push((
-        driver.post_block_request(T_OUT, SECTORS - 1, 1024, Some(&[1; 1024])),
-        S_IOERR,
-    ));
-    expected.push((
-        driver.post_block_request(T_IN, u64::MAX, 512, None),
-        S_IOERR,
-    ));
-    // Not a whole number of sectors.
-    expected.push((driver.post_block_request(T_IN, 0, 100, None), S_IOERR));
-    // Unknown request type.
-    expected.push((driver.post_block_request(0x4242, 0, 0, None), S_UNSUPP));
+    let mut expected = vec![
+        // Past the end, straddling the end, and a sector number that overflows.
+        (driver.post_block_request(T_IN, SECTORS, 512, None), S_IOERR),
+        (
+            driver.post_block_request(T_OUT, SECTORS - 1, 1024, Some(&[1; 1024])),
+            S_IOERR,
+        ),
+        (
+            driver.post_block_request(T_IN, u64::MAX, 512, None),
+            S_IOERR,
+        ),
+        // Not a whole number of sectors.
+        (driver.post_block_request(T_IN, 0, 100, None), S_IOERR),
+        // Unknown request type.
+        (driver.post_block_request(0x4242, 0, 0, None), S_UNSUPP),
+    ];
     // Wrong data direction: IN data marked device-readable.
     let header = driver.alloc(16);
     let data = driver.alloc(512);
