@@ -1,1 +1,31 @@
-//! placeholder
+//! NV regions for VMs whose RAM lives in non-volatile memory.
+//!
+//! A region (a file, a DAX file or a devdax device) holds many VMs: their
+//! guest RAM extents, their config, and a double-buffered area for the
+//! volatile state saved when the host loses power. This crate owns the
+//! on-media format and the commit protocol; it knows nothing of KVM and
+//! reaches a VMM only through [`coordinator::NvHost`].
+//!
+//! Entry points: [`Region::open`], [`Region::claim_vm`], [`VmHandle::recover`],
+//! [`coordinator::save_vm`]. Format: `docs/nv-format.md`; protocol:
+//! `docs/commit-protocol.md`.
+
+pub mod allocator;
+pub mod coordinator;
+pub mod error;
+pub mod fault_injection;
+pub mod identity;
+mod le_bytes;
+pub mod persistence;
+pub mod region;
+pub mod state_slots;
+pub mod superblock;
+pub mod vm_table;
+
+pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
+pub use error::{Error, HostError, Result};
+pub use identity::Uuid;
+pub use persistence::PersistenceMode;
+pub use region::{MemoryBacking, OpenOptions, RecoveredVm, Region, VmHandle, VmSummary};
+pub use superblock::ShutdownMarker;
+pub use vm_table::{RunKind, RunRecord, ShutdownKind};

@@ -1,0 +1,342 @@
+//! The power-fail coordinator: one walk from "power is failing" to "state committed".
+//!
+//! Phases, in order: pause vCPUs, quiesce devices, persist guest memory, save
+//! the VMM's volatile state, commit it. Nothing reaches the region until the
+//! commit, so a failure in any earlier phase leaves the last committed state
+//! (and the VM's "running" record) exactly as they were.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+pub use crate::error::HostError;
+use crate::error::{Error, Result};
+use crate::fault_injection::{self, FaultPoint};
+use crate::region::VmHandle;
+use crate::vm_table::ShutdownKind;
+
+/// The crate's only door to a VMM.
+pub trait NvHost {
+    /// Stop every vCPU; returns when none runs guest code.
+    fn pause_vcpus(&mut self) -> std::result::Result<(), HostError>;
+    /// Finish or rewind in-flight device I/O and fdatasync disk backends.
+    fn quiesce_devices(&mut self) -> std::result::Result<(), HostError>;
+    /// Host virtual ranges of guest RAM (for cache write-back in DAX mode).
+    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)>;
+    /// The VMM's volatile state (vCPUs, irqchip, clock, devices), versioned and opaque here.
+    fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError>;
+}
+
+/// A phase of the save, numbered as `NV_FAULT_AFTER_PHASE` counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavePhase {
+    PauseVcpus = 1,
+    QuiesceDevices = 2,
+    PersistMemory = 3,
+    SaveState = 4,
+    Commit = 5,
+}
+
+impl SavePhase {
+    pub const ALL: [SavePhase; 5] = [
+        SavePhase::PauseVcpus,
+        SavePhase::QuiesceDevices,
+        SavePhase::PersistMemory,
+        SavePhase::SaveState,
+        SavePhase::Commit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SavePhase::PauseVcpus => "pause-vcpus",
+            SavePhase::QuiesceDevices => "quiesce-devices",
+            SavePhase::PersistMemory => "persist-memory",
+            SavePhase::SaveState => "save-state",
+            SavePhase::Commit => "commit",
+        }
+    }
+}
+
+impl fmt::Display for SavePhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a completed save did and how long each phase took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveReport {
+    pub kind: ShutdownKind,
+    /// Sequence number of the committed state.
+    pub seq: u64,
+    pub state_bytes: usize,
+    /// Every phase in order with its duration.
+    pub phases: Vec<(SavePhase, Duration)>,
+    pub total: Duration,
+    pub deadline: Duration,
+    pub deadline_overrun: bool,
+}
+
+impl SaveReport {
+    pub fn phase(&self, phase: SavePhase) -> Option<Duration> {
+        self.phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, d)| *d)
+    }
+}
+
+/// Saves a running VM in place: after `Ok`, `handle.recover()` returns this state.
+///
+/// The guest stays paused afterwards; the caller stops the VMM (power fail)
+/// or exits cleanly (planned suspend). On `Err` the previous committed state
+/// is intact and the VM is still recorded as running, so a later death is
+/// reported as an unsafe shutdown rather than resumed from older state.
+pub fn save_vm(
+    handle: &mut VmHandle,
+    host: &mut dyn NvHost,
+    kind: ShutdownKind,
+    deadline: Duration,
+) -> Result<SaveReport> {
+    fault_injection::check_configuration()?;
+    let vm = handle.name().to_string();
+    log::info!(
+        "VM {vm:?}: {kind} save started (deadline {} ms)",
+        deadline.as_millis()
+    );
+    let started = Instant::now();
+    let mut phases = Vec::with_capacity(SavePhase::ALL.len());
+    let mut state = Vec::new();
+    let mut seq = 0;
+    for phase in SavePhase::ALL {
+        let phase_started = Instant::now();
+        let outcome = match phase {
+            SavePhase::PauseVcpus => host.pause_vcpus().map_err(|e| host_step(phase, e)),
+            SavePhase::QuiesceDevices => host.quiesce_devices().map_err(|e| host_step(phase, e)),
+            SavePhase::PersistMemory => handle.persist_guest_memory(&host.guest_memory_ranges()),
+            SavePhase::SaveState => host
+                .save_state()
+                .map(|s| state = s)
+                .map_err(|e| host_step(phase, e)),
+            SavePhase::Commit => handle.commit_state(&state, kind).map(|s| seq = s),
+        };
+        let took = phase_started.elapsed();
+        if let Err(e) = outcome {
+            log::error!(
+                "VM {vm:?}: {kind} save failed in phase {} {phase} after {} us: {e}",
+                phase as u8,
+                took.as_micros()
+            );
+            return Err(e);
+        }
+        log::info!(
+            "VM {vm:?}: phase {} {phase} took {} us",
+            phase as u8,
+            took.as_micros()
+        );
+        phases.push((phase, took));
+        fault_injection::reached(FaultPoint::AfterPhase(phase as u8));
+    }
+    let total = started.elapsed();
+    let deadline_overrun = total > deadline;
+    if deadline_overrun {
+        log::warn!(
+            "VM {vm:?}: {kind} save took {} us, over the {} us deadline",
+            total.as_micros(),
+            deadline.as_micros()
+        );
+    }
+    log::info!(
+        "VM {vm:?}: {kind} save committed seq {seq} ({} state bytes) in {} us",
+        state.len(),
+        total.as_micros()
+    );
+    Ok(SaveReport {
+        kind,
+        seq,
+        state_bytes: state.len(),
+        phases,
+        total,
+        deadline,
+        deadline_overrun,
+    })
+}
+
+fn host_step(phase: SavePhase, source: HostError) -> Error {
+    Error::HostStep {
+        phase: phase.name(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::memory::MemoryBackend;
+    use crate::region::{OpenOptions, Region};
+    use crate::vm_table::RunKind;
+    use std::path::Path;
+
+    /// Records the calls it gets; can be told to fail one step.
+    #[derive(Default)]
+    struct MockHost {
+        calls: Vec<&'static str>,
+        fail: Option<&'static str>,
+        state: Vec<u8>,
+        memory: Vec<u8>,
+        delay: Duration,
+    }
+
+    impl MockHost {
+        fn step(&mut self, name: &'static str) -> std::result::Result<(), HostError> {
+            self.calls.push(name);
+            std::thread::sleep(self.delay);
+            if self.fail == Some(name) {
+                return Err(format!("{name} exploded").into());
+            }
+            Ok(())
+        }
+    }
+
+    impl NvHost for MockHost {
+        fn pause_vcpus(&mut self) -> std::result::Result<(), HostError> {
+            self.step("pause")
+        }
+        fn quiesce_devices(&mut self) -> std::result::Result<(), HostError> {
+            self.step("quiesce")
+        }
+        fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
+            vec![(self.memory.as_ptr(), self.memory.len())]
+        }
+        fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError> {
+            self.step("save_state")?;
+            Ok(self.state.clone())
+        }
+    }
+
+    fn small_region() -> Region {
+        let options = OpenOptions {
+            format: true,
+            extent_alignment: 4096,
+            state_slot_len: 8192,
+            table_copy_len: 8192,
+            ..OpenOptions::default()
+        };
+        Region::open_store(
+            Box::new(MemoryBackend::default()),
+            Path::new("mem"),
+            &options,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn phases_run_in_order_and_the_report_matches_the_commit() {
+        let region = small_region();
+        region.create_vm("vm", 16384, b"cfg").unwrap();
+        let mut handle = region.claim_vm("vm").unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let mut host = MockHost {
+            state: b"registers".to_vec(),
+            memory: vec![0; 4096],
+            ..MockHost::default()
+        };
+        let report = save_vm(
+            &mut handle,
+            &mut host,
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(host.calls, ["pause", "quiesce", "save_state"]);
+        assert_eq!(
+            report.phases.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            SavePhase::ALL
+        );
+        assert_eq!(report.seq, 1);
+        assert_eq!(report.state_bytes, 9);
+        assert!(!report.deadline_overrun);
+        assert!(report.total >= report.phases.iter().map(|(_, d)| *d).sum());
+        let recovered = handle.recover().unwrap();
+        assert_eq!(recovered.state_blob, b"registers");
+        assert_eq!(recovered.seq, 1);
+        assert_eq!(recovered.shutdown_kind, ShutdownKind::PowerFail);
+    }
+
+    #[test]
+    fn deadline_overrun_is_reported() {
+        let region = small_region();
+        region.create_vm("vm", 4096, b"").unwrap();
+        let mut handle = region.claim_vm("vm").unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let mut host = MockHost {
+            delay: Duration::from_millis(2),
+            ..MockHost::default()
+        };
+        let report = save_vm(
+            &mut handle,
+            &mut host,
+            ShutdownKind::PlannedSuspend,
+            Duration::from_millis(1),
+        )
+        .unwrap();
+        assert!(report.deadline_overrun);
+        assert!(report.phase(SavePhase::PauseVcpus).unwrap() >= Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_failing_host_step_keeps_the_previous_state_and_is_reported() {
+        for failing in ["pause", "quiesce", "save_state"] {
+            let region = small_region();
+            region.create_vm("vm", 4096, b"").unwrap();
+            let mut handle = region.claim_vm("vm").unwrap();
+            handle.begin_run(RunKind::ColdBoot).unwrap();
+            let mut host = MockHost {
+                state: b"first".to_vec(),
+                ..MockHost::default()
+            };
+            save_vm(
+                &mut handle,
+                &mut host,
+                ShutdownKind::PowerFail,
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            handle.begin_run(RunKind::Resume).unwrap();
+            host.state = b"second".to_vec();
+            host.fail = Some(failing);
+            host.calls.clear();
+            let err = save_vm(
+                &mut handle,
+                &mut host,
+                ShutdownKind::PowerFail,
+                Duration::from_secs(1),
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::HostStep { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&format!("{failing} exploded")),
+                "{err}"
+            );
+            assert_eq!(
+                host.calls.last(),
+                Some(&failing),
+                "no step after the failing one"
+            );
+            // Still running: a death now is an unsafe shutdown, never a resume of "first".
+            assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+            let slot = handle.region().list_vms().unwrap()[0].clone();
+            assert_eq!(slot.last_save_seq, Some(1));
+            // The committed state is intact: a retry that succeeds commits seq 2.
+            host.fail = None;
+            let report = save_vm(
+                &mut handle,
+                &mut host,
+                ShutdownKind::PowerFail,
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            assert_eq!(report.seq, 2);
+            assert_eq!(handle.recover().unwrap().state_blob, b"second");
+        }
+    }
+}

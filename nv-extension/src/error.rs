@@ -1,0 +1,91 @@
+//! The crate's single error type.
+
+use std::path::PathBuf;
+
+/// Error returned by a host-trait method; opaque to this crate.
+pub type HostError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything that can go wrong in an NV region.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: not an NV region ({reason}); pass format=on to format it (destroys its contents)"
+    )]
+    NotARegion { path: PathBuf, reason: String },
+    #[error(
+        "NV region format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedFormatVersion { found: u32, supported: u32 },
+    #[error("NV region superblock is corrupt: {0}")]
+    CorruptSuperblock(String),
+    #[error(
+        "NV region is truncated: superblock says {expected} bytes, the backing store has {actual}"
+    )]
+    Truncated { expected: u64, actual: u64 },
+    #[error("NV region VM table is corrupt: {0}")]
+    CorruptVmTable(String),
+    #[error("no VM named {0:?} in the NV region")]
+    VmNotFound(String),
+    #[error("a VM named {0:?} already exists in the NV region")]
+    VmExists(String),
+    #[error("invalid VM name {name:?}: {reason}")]
+    InvalidVmName { name: String, reason: &'static str },
+    #[error("invalid size {size}: {reason}")]
+    InvalidSize { size: u64, reason: &'static str },
+    #[error(
+        "NV region is full: {requested} bytes needed, largest free extent is {largest_free} bytes"
+    )]
+    OutOfSpace { requested: u64, largest_free: u64 },
+    #[error("NV region VM table is full: {needed} bytes needed, a table copy holds {capacity}")]
+    VmTableFull { needed: u64, capacity: u64 },
+    #[error("VM {vm:?} is owned by a running process (pid {pid})")]
+    OwnedByLiveProcess { vm: String, pid: u32 },
+    #[error("this handle no longer owns VM {0:?} (another process took it over)")]
+    OwnershipLost(String),
+    #[error("unsafe shutdown — state incomplete, cold boot only")]
+    UnsafeShutdown,
+    #[error("VM {0:?} has no saved state to recover (it was never run or was powered off)")]
+    NothingToRecover(String),
+    #[error("VM state of {len} bytes does not fit a state slot of {capacity} bytes")]
+    StateTooLarge { len: u64, capacity: u64 },
+    #[error("{operation} needs a file-backed NV region")]
+    NoFileBacking { operation: &'static str },
+    #[error("the NV region cannot grow ({0})")]
+    CannotGrow(&'static str),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("power-fail save: host step '{phase}' failed: {source}")]
+    HostStep {
+        phase: &'static str,
+        #[source]
+        source: HostError,
+    },
+    #[error(
+        "NV_FAULT_AFTER_PHASE={0:?} is not a fault point (1..5, commit-payload, commit-header)"
+    )]
+    InvalidFaultPoint(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps the current `errno` with what was being done.
+    pub(crate) fn last_os(context: impl Into<String>) -> Self {
+        Self::io(context, std::io::Error::last_os_error())
+    }
+}

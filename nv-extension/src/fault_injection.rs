@@ -1,0 +1,83 @@
+//! Test-only fault points for power failures inside a save.
+//!
+//! `NV_FAULT_AFTER_PHASE` is read once, at first use. When it names a point,
+//! the process calls `abort()` right there: no destructor runs and nothing
+//! more reaches the region, which is what a power cut looks like to the
+//! medium (for plain files the page cache survives, as it would on an NVDIMM).
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+pub const ENV_VAR: &str = "NV_FAULT_AFTER_PHASE";
+
+/// A place in the save where a fault can be injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// After phase K of the coordinator (1 pause .. 5 commit).
+    AfterPhase(u8),
+    /// Inside the commit: state payload durable, slot header not yet written.
+    CommitPayload,
+    /// Inside the commit: slot header durable, "saved at seq N" record not yet written.
+    CommitHeader,
+}
+
+impl FaultPoint {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.trim() {
+            "commit-payload" => Ok(FaultPoint::CommitPayload),
+            "commit-header" => Ok(FaultPoint::CommitHeader),
+            other => match other.parse::<u8>() {
+                Ok(k @ 1..=5) => Ok(FaultPoint::AfterPhase(k)),
+                _ => Err(Error::InvalidFaultPoint(text.to_string())),
+            },
+        }
+    }
+}
+
+fn configured() -> &'static std::result::Result<Option<FaultPoint>, String> {
+    static CONFIGURED: OnceLock<std::result::Result<Option<FaultPoint>, String>> = OnceLock::new();
+    CONFIGURED.get_or_init(|| match std::env::var(ENV_VAR) {
+        Ok(text) if !text.is_empty() => FaultPoint::parse(&text).map(Some).map_err(|_| text),
+        _ => Ok(None),
+    })
+}
+
+/// Checks the environment once: a misspelt fault point must fail the test, not be ignored.
+pub fn check_configuration() -> Result<()> {
+    match configured() {
+        Ok(_) => Ok(()),
+        Err(text) => Err(Error::InvalidFaultPoint(text.clone())),
+    }
+}
+
+/// Aborts the process if `point` is the configured fault point.
+pub(crate) fn reached(point: FaultPoint) {
+    if let Ok(Some(configured)) = configured() {
+        if *configured == point {
+            log::error!("{ENV_VAR}: injecting a power failure at {point:?}");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_documented_point_and_rejects_others() {
+        assert_eq!(FaultPoint::parse("3").unwrap(), FaultPoint::AfterPhase(3));
+        assert_eq!(
+            FaultPoint::parse("commit-payload").unwrap(),
+            FaultPoint::CommitPayload
+        );
+        assert_eq!(
+            FaultPoint::parse("commit-header").unwrap(),
+            FaultPoint::CommitHeader
+        );
+        for bad in ["0", "6", "x", "-1"] {
+            assert!(FaultPoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Regions in a regular file: plain (msync) or on a DAX filesystem (MAP_SYNC).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::cache_flush;
+use super::mapping::{flock, SharedMapping, MAP_SHARED_VALIDATE, MAP_SYNC};
+use super::{Persistence, PersistenceMode};
+use crate::error::{Error, Result};
+
+/// A regular file mapped shared; DAX when the filesystem accepts `MAP_SYNC`.
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    mapping: SharedMapping,
+    mode: PersistenceMode,
+}
+
+impl FileBackend {
+    /// Maps the whole of an open regular file.
+    ///
+    /// `MAP_SYNC` is tried first; a filesystem that refuses it (EOPNOTSUPP, or
+    /// EINVAL from kernels without MAP_SHARED_VALIDATE) gets a plain shared
+    /// mapping made durable by msync instead, and the fallback is logged.
+    pub fn open(file: File, path: &Path) -> Result<Self> {
+        let len = file_len(&file, path)?;
+        let (mapping, mode) = map(&file, path, len, None)?;
+        Ok(FileBackend {
+            file,
+            path: path.to_path_buf(),
+            mapping,
+            mode,
+        })
+    }
+
+    /// Like [`FileBackend::open`] but never tries `MAP_SYNC` (tests the fallback path).
+    pub fn open_plain(file: File, path: &Path) -> Result<Self> {
+        let len = file_len(&file, path)?;
+        let (mapping, mode) = map(&file, path, len, Some(PersistenceMode::PlainFile))?;
+        Ok(FileBackend {
+            file,
+            path: path.to_path_buf(),
+            mapping,
+            mode,
+        })
+    }
+
+    fn remap(&mut self, len: u64) -> Result<()> {
+        // Keep the mode chosen at open: a DAX file stays MAP_SYNC.
+        let (mapping, _) = map(&self.file, &self.path, len, Some(self.mode))?;
+        self.mapping = mapping;
+        Ok(())
+    }
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))
+}
+
+fn map(
+    file: &File,
+    path: &Path,
+    len: u64,
+    forced: Option<PersistenceMode>,
+) -> Result<(SharedMapping, PersistenceMode)> {
+    let len = usize::try_from(len)
+        .map_err(|_| Error::CannotGrow("file larger than the address space"))?;
+    if forced != Some(PersistenceMode::PlainFile) && len > 0 {
+        match SharedMapping::new(file, len, MAP_SHARED_VALIDATE | MAP_SYNC, 0) {
+            Ok(mapping) => return Ok((mapping, PersistenceMode::DaxFile)),
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                if forced == Some(PersistenceMode::DaxFile) {
+                    return Err(Error::io(
+                        format!("MAP_SYNC remap of {}", path.display()),
+                        err,
+                    ));
+                }
+                log::info!(
+                    "{}: filesystem refuses MAP_SYNC ({err}); using msync persistence",
+                    path.display()
+                );
+            }
+            Err(err) => return Err(Error::io(format!("mmap {}", path.display()), err)),
+        }
+    }
+    let mapping = SharedMapping::new(file, len, libc::MAP_SHARED, 0)
+        .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+    Ok((mapping, PersistenceMode::PlainFile))
+}
+
+impl Persistence for FileBackend {
+    fn mode(&self) -> PersistenceMode {
+        self.mode
+    }
+    fn len(&self) -> u64 {
+        self.mapping.len() as u64
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.mapping.read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.mapping.write(offset, data)
+    }
+    fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
+        match self.mode {
+            PersistenceMode::DaxFile => {
+                let (addr, span) = self.mapping.page_span(offset, len)?;
+                // SAFETY: the span lies inside our live mapping (checked by page_span).
+                unsafe { cache_flush::write_back(addr, span) }
+            }
+            _ => self.mapping.msync(offset, len),
+        }
+    }
+    fn grow(&mut self, new_len: u64) -> Result<()> {
+        if new_len <= self.len() {
+            return Ok(());
+        }
+        let current = file_len(&self.file, &self.path)?;
+        if current < new_len {
+            self.file.set_len(new_len).map_err(|e| {
+                Error::io(
+                    format!("growing {} to {new_len} bytes", self.path.display()),
+                    e,
+                )
+            })?;
+            // The new size is metadata: make it durable before anything is placed there.
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", self.path.display()), e))?;
+        }
+        self.remap(new_len)
+    }
+    fn refresh(&mut self) -> Result<()> {
+        let current = file_len(&self.file, &self.path)?;
+        if current > self.len() {
+            self.remap(current)?;
+        }
+        Ok(())
+    }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+    fn lock_metadata(&self) -> Result<()> {
+        flock(&self.file, libc::LOCK_EX)
+    }
+    fn unlock_metadata(&self) {
+        if let Err(err) = flock(&self.file, libc::LOCK_UN) {
+            log::warn!("{}: {err}", self.path.display());
+        }
+    }
+}
+
+impl std::fmt::Debug for FileBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FileBackend({}, fd {}, {:?})",
+            self.path.display(),
+            self.file.as_raw_fd(),
+            self.mode
+        )
+    }
+}

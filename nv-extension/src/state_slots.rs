@@ -1,0 +1,200 @@
+//! The double-buffered state area of a VM: two slots, each a header and a payload.
+//!
+//! A save writes the payload into the slot that does not hold the newest
+//! valid state, persists it, then writes that slot's header (sequence,
+//! length, payload checksum, header checksum, owning VM's UUID) and persists
+//! it. Until the header is durable the other slot still holds the previous
+//! state untouched, so a save cut at any point leaves at least that one.
+
+use crate::error::{Error, Result};
+use crate::fault_injection::{self, FaultPoint};
+use crate::identity::Uuid;
+use crate::le_bytes::{get_array, get_u32, get_u64, put_u32, put_u64};
+use crate::persistence::{read_vec, Persistence};
+use crate::vm_table::Extent;
+
+pub const MAGIC: [u8; 8] = *b"NVSTSLOT";
+pub const HEADER_LEN: usize = 64;
+pub const SLOT_FORMAT: u32 = 1;
+
+const S_MAGIC: usize = 0;
+const S_SEQ: usize = 8;
+const S_PAYLOAD_LEN: usize = 16;
+const S_PAYLOAD_CRC: usize = 24;
+const S_FORMAT: usize = 28;
+const S_VM_UUID: usize = 32;
+const S_CRC: usize = 60;
+
+/// A slot whose header and payload both check out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidSlot {
+    pub index: usize,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Where a VM's two slots are.
+#[derive(Clone, Copy, Debug)]
+pub struct StateArea {
+    pub vm_uuid: Uuid,
+    pub area: Extent,
+}
+
+impl StateArea {
+    pub fn slot_len(&self) -> u64 {
+        self.area.len / 2
+    }
+
+    pub fn payload_capacity(&self) -> u64 {
+        self.slot_len().saturating_sub(HEADER_LEN as u64)
+    }
+
+    fn slot_offset(&self, index: usize) -> u64 {
+        self.area.offset + index as u64 * self.slot_len()
+    }
+
+    /// Reads slot `index`; `None` if it is empty, torn, corrupt or another VM's.
+    pub fn read_slot(&self, store: &dyn Persistence, index: usize) -> Result<Option<ValidSlot>> {
+        let offset = self.slot_offset(index);
+        let header = read_vec(store, offset, HEADER_LEN)?;
+        if header[S_MAGIC..S_MAGIC + 8] != MAGIC
+            || crc32c::crc32c(&header[..S_CRC]) != get_u32(&header, S_CRC)
+            || get_u32(&header, S_FORMAT) != SLOT_FORMAT
+            || get_array::<16>(&header, S_VM_UUID) != self.vm_uuid.0
+        {
+            return Ok(None);
+        }
+        let len = get_u64(&header, S_PAYLOAD_LEN);
+        if len > self.payload_capacity() {
+            return Ok(None);
+        }
+        let payload = read_vec(store, offset + HEADER_LEN as u64, len as usize)?;
+        if crc32c::crc32c(&payload) != get_u32(&header, S_PAYLOAD_CRC) {
+            return Ok(None);
+        }
+        Ok(Some(ValidSlot {
+            index,
+            seq: get_u64(&header, S_SEQ),
+            payload,
+        }))
+    }
+
+    /// The valid slot with the highest sequence.
+    pub fn newest(&self, store: &dyn Persistence) -> Result<Option<ValidSlot>> {
+        let a = self.read_slot(store, 0)?;
+        let b = self.read_slot(store, 1)?;
+        Ok(match (a, b) {
+            (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Commits `payload` as sequence `seq` into the slot not holding `newest`.
+    pub fn write(
+        &self,
+        store: &mut dyn Persistence,
+        newest: Option<&ValidSlot>,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<()> {
+        if payload.len() as u64 > self.payload_capacity() {
+            return Err(Error::StateTooLarge {
+                len: payload.len() as u64,
+                capacity: self.payload_capacity(),
+            });
+        }
+        let index = newest.map_or(0, |slot| 1 - slot.index);
+        let offset = self.slot_offset(index);
+        // The old header of this slot may survive next to a half-written new
+        // payload: its payload checksum then fails (or the bytes are the old
+        // state, which is what it describes), and the run record never points
+        // at an older sequence, so no stale slot can be resumed.
+        store.write(offset + HEADER_LEN as u64, payload)?;
+        store.persist(offset + HEADER_LEN as u64, payload.len() as u64)?;
+        fault_injection::reached(FaultPoint::CommitPayload);
+
+        let mut header = [0u8; HEADER_LEN];
+        header[S_MAGIC..S_MAGIC + 8].copy_from_slice(&MAGIC);
+        put_u64(&mut header, S_SEQ, seq);
+        put_u64(&mut header, S_PAYLOAD_LEN, payload.len() as u64);
+        put_u32(&mut header, S_PAYLOAD_CRC, crc32c::crc32c(payload));
+        put_u32(&mut header, S_FORMAT, SLOT_FORMAT);
+        header[S_VM_UUID..S_VM_UUID + 16].copy_from_slice(&self.vm_uuid.0);
+        let crc = crc32c::crc32c(&header[..S_CRC]);
+        put_u32(&mut header, S_CRC, crc);
+        store.write(offset, &header)?;
+        store.persist(offset, HEADER_LEN as u64)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::memory::MemoryBackend;
+
+    fn area() -> (MemoryBackend, StateArea) {
+        let store = MemoryBackend::new(vec![0; 3 * 4096]);
+        let area = StateArea {
+            vm_uuid: Uuid([5; 16]),
+            area: Extent {
+                offset: 4096,
+                len: 8192,
+            },
+        };
+        (store, area)
+    }
+
+    #[test]
+    fn saves_alternate_slots_and_newest_wins() {
+        let (mut store, area) = area();
+        assert_eq!(area.newest(&store).unwrap(), None);
+        area.write(&mut store, None, 1, b"first").unwrap();
+        let newest = area.newest(&store).unwrap().unwrap();
+        assert_eq!(
+            (newest.index, newest.seq, newest.payload.as_slice()),
+            (0, 1, &b"first"[..])
+        );
+        area.write(&mut store, Some(&newest), 2, b"second").unwrap();
+        let newest = area.newest(&store).unwrap().unwrap();
+        assert_eq!((newest.index, newest.seq), (1, 2));
+        area.write(&mut store, Some(&newest), 3, b"third").unwrap();
+        let newest = area.newest(&store).unwrap().unwrap();
+        assert_eq!(
+            (newest.index, newest.seq, newest.payload.as_slice()),
+            (0, 3, &b"third"[..])
+        );
+        assert_eq!(
+            area.read_slot(&store, 1).unwrap().unwrap().payload,
+            b"second"
+        );
+    }
+
+    #[test]
+    fn damaged_payload_or_foreign_uuid_invalidates_a_slot() {
+        let (mut store, area) = area();
+        area.write(&mut store, None, 1, b"payload").unwrap();
+        store.bytes[4096 + HEADER_LEN + 2] ^= 0x40;
+        assert_eq!(area.read_slot(&store, 0).unwrap(), None);
+        store.bytes[4096 + HEADER_LEN + 2] ^= 0x40;
+        assert!(area.read_slot(&store, 0).unwrap().is_some());
+        let other_vm = StateArea {
+            vm_uuid: Uuid([6; 16]),
+            ..area
+        };
+        assert_eq!(other_vm.read_slot(&store, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_state_is_refused() {
+        let (mut store, area) = area();
+        let big = vec![1u8; 4096];
+        assert!(matches!(
+            area.write(&mut store, None, 1, &big),
+            Err(Error::StateTooLarge {
+                len: 4096,
+                capacity: 4032
+            })
+        ));
+    }
+}

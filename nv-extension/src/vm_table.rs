@@ -1,0 +1,460 @@
+//! The VM table: every VM of the region, its extents, run record, owner and config.
+//!
+//! The table is small and rewritten whole on every change, into the copy not
+//! holding the current generation: body first, persisted, then the header
+//! (generation + 1, body length and checksum), persisted. A reader takes the
+//! valid copy with the highest generation, so create, delete, config updates,
+//! claims and run records are each atomic.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::identity::{OwnerRecord, Uuid};
+use crate::le_bytes::{get_array, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+
+pub const MAGIC: [u8; 8] = *b"NVVMTABL";
+pub const HEADER_LEN: usize = 64;
+pub const ENTRY_FIXED_LEN: usize = 192;
+pub const MAX_NAME_LEN: usize = 64;
+
+const H_MAGIC: usize = 0;
+const H_GENERATION: usize = 8;
+const H_BODY_LEN: usize = 16;
+const H_ENTRY_COUNT: usize = 24;
+const H_BODY_CRC: usize = 28;
+const H_CRC: usize = 60;
+
+const E_NAME_LEN: usize = 0;
+const E_CONFIG_LEN: usize = 4;
+const E_NAME: usize = 8;
+const E_UUID: usize = 72;
+const E_MEMORY_OFFSET: usize = 88;
+const E_MEMORY_LEN: usize = 96;
+const E_STATE_OFFSET: usize = 104;
+const E_STATE_LEN: usize = 112;
+const E_RECORD_KIND: usize = 120;
+const E_RECORD_DETAIL: usize = 124;
+const E_RECORD_SEQ: usize = 128;
+const E_OWNER_BOOT_ID: usize = 136;
+const E_OWNER_PID: usize = 152;
+const E_OWNER_START_TIME: usize = 160;
+const E_OWNER_NONCE: usize = 168;
+const E_MEMORY_SIZE: usize = 176;
+
+/// A byte range of the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// What ended a VM's last run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownKind {
+    /// Saved inside the host's power-failure warning window.
+    PowerFail,
+    /// Saved on purpose for host maintenance (suspend in place, resume after reboot).
+    PlannedSuspend,
+}
+
+impl ShutdownKind {
+    fn code(self) -> u32 {
+        match self {
+            ShutdownKind::PowerFail => 1,
+            ShutdownKind::PlannedSuspend => 2,
+        }
+    }
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(ShutdownKind::PowerFail),
+            2 => Some(ShutdownKind::PlannedSuspend),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ShutdownKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ShutdownKind::PowerFail => "power-fail",
+            ShutdownKind::PlannedSuspend => "planned-suspend",
+        })
+    }
+}
+
+/// How a run started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    ColdBoot,
+    Resume,
+}
+
+impl RunKind {
+    fn code(self) -> u32 {
+        match self {
+            RunKind::ColdBoot => 1,
+            RunKind::Resume => 2,
+        }
+    }
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(RunKind::ColdBoot),
+            2 => Some(RunKind::Resume),
+            _ => None,
+        }
+    }
+}
+
+/// The per-VM running/saved record that makes a torn save unresumable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunRecord {
+    /// Never run.
+    Created,
+    /// Guest code may be changing its memory; the last completed save had `since_seq` (0: none).
+    Running { since_seq: u64, kind: RunKind },
+    /// A complete save with sequence `seq` matches the memory as it is.
+    Saved { seq: u64, kind: ShutdownKind },
+    /// Stopped on purpose without a save (guest power-off); next start is a cold boot.
+    PoweredOff { after_seq: u64 },
+}
+
+impl RunRecord {
+    /// Highest save sequence this record knows of.
+    pub fn last_seq(&self) -> u64 {
+        match *self {
+            RunRecord::Created => 0,
+            RunRecord::Running { since_seq, .. } => since_seq,
+            RunRecord::Saved { seq, .. } => seq,
+            RunRecord::PoweredOff { after_seq } => after_seq,
+        }
+    }
+
+    fn encode(&self) -> (u32, u32, u64) {
+        match *self {
+            RunRecord::Created => (0, 0, 0),
+            RunRecord::Running { since_seq, kind } => (1, kind.code(), since_seq),
+            RunRecord::Saved { seq, kind } => (2, kind.code(), seq),
+            RunRecord::PoweredOff { after_seq } => (3, 0, after_seq),
+        }
+    }
+
+    fn decode(kind: u32, detail: u32, seq: u64) -> Option<Self> {
+        Some(match kind {
+            0 => RunRecord::Created,
+            1 => RunRecord::Running {
+                since_seq: seq,
+                kind: RunKind::from_code(detail)?,
+            },
+            2 => RunRecord::Saved {
+                seq,
+                kind: ShutdownKind::from_code(detail)?,
+            },
+            3 => RunRecord::PoweredOff { after_seq: seq },
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for RunRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunRecord::Created => write!(f, "created"),
+            RunRecord::Running { since_seq, .. } => write!(f, "running since seq {since_seq}"),
+            RunRecord::Saved { seq, kind } => write!(f, "saved at seq {seq} ({kind})"),
+            RunRecord::PoweredOff { .. } => write!(f, "powered off"),
+        }
+    }
+}
+
+/// One VM of the region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmEntry {
+    pub name: String,
+    pub uuid: Uuid,
+    /// Guest RAM size as requested; `memory.len` is that rounded up to the extent alignment.
+    pub memory_size: u64,
+    pub memory: Extent,
+    /// Both state slots, each `state.len / 2` bytes.
+    pub state: Extent,
+    pub record: RunRecord,
+    pub owner: OwnerRecord,
+    pub config: Vec<u8>,
+}
+
+impl VmEntry {
+    pub fn encoded_len(&self) -> usize {
+        ENTRY_FIXED_LEN + padded(self.config.len())
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + self.encoded_len(), 0);
+        let buf = &mut out[start..];
+        put_u16(buf, E_NAME_LEN, self.name.len() as u16);
+        put_u32(buf, E_CONFIG_LEN, self.config.len() as u32);
+        buf[E_NAME..E_NAME + self.name.len()].copy_from_slice(self.name.as_bytes());
+        buf[E_UUID..E_UUID + 16].copy_from_slice(&self.uuid.0);
+        put_u64(buf, E_MEMORY_OFFSET, self.memory.offset);
+        put_u64(buf, E_MEMORY_LEN, self.memory.len);
+        put_u64(buf, E_MEMORY_SIZE, self.memory_size);
+        put_u64(buf, E_STATE_OFFSET, self.state.offset);
+        put_u64(buf, E_STATE_LEN, self.state.len);
+        let (kind, detail, seq) = self.record.encode();
+        put_u32(buf, E_RECORD_KIND, kind);
+        put_u32(buf, E_RECORD_DETAIL, detail);
+        put_u64(buf, E_RECORD_SEQ, seq);
+        buf[E_OWNER_BOOT_ID..E_OWNER_BOOT_ID + 16].copy_from_slice(&self.owner.boot_id);
+        put_u32(buf, E_OWNER_PID, self.owner.pid);
+        put_u64(buf, E_OWNER_START_TIME, self.owner.start_time);
+        put_u64(buf, E_OWNER_NONCE, self.owner.nonce);
+        buf[ENTRY_FIXED_LEN..ENTRY_FIXED_LEN + self.config.len()].copy_from_slice(&self.config);
+    }
+
+    /// Decodes the entry at the start of `buf`; returns it and its encoded length.
+    fn decode(buf: &[u8]) -> Result<(VmEntry, usize)> {
+        let bad = |what: &str| Error::CorruptVmTable(what.to_string());
+        if buf.len() < ENTRY_FIXED_LEN {
+            return Err(bad("entry truncated"));
+        }
+        let name_len = get_u16(buf, E_NAME_LEN) as usize;
+        let config_len = get_u32(buf, E_CONFIG_LEN) as usize;
+        if name_len == 0 || name_len > MAX_NAME_LEN {
+            return Err(bad("entry name length out of range"));
+        }
+        let total = ENTRY_FIXED_LEN
+            .checked_add(padded(config_len))
+            .filter(|t| *t <= buf.len())
+            .ok_or_else(|| bad("entry config runs past the table"))?;
+        let name = std::str::from_utf8(&buf[E_NAME..E_NAME + name_len])
+            .map_err(|_| bad("entry name is not UTF-8"))?
+            .to_string();
+        let record = RunRecord::decode(
+            get_u32(buf, E_RECORD_KIND),
+            get_u32(buf, E_RECORD_DETAIL),
+            get_u64(buf, E_RECORD_SEQ),
+        )
+        .ok_or_else(|| bad("unknown run record"))?;
+        let entry = VmEntry {
+            name,
+            uuid: Uuid(get_array(buf, E_UUID)),
+            memory_size: get_u64(buf, E_MEMORY_SIZE),
+            memory: Extent {
+                offset: get_u64(buf, E_MEMORY_OFFSET),
+                len: get_u64(buf, E_MEMORY_LEN),
+            },
+            state: Extent {
+                offset: get_u64(buf, E_STATE_OFFSET),
+                len: get_u64(buf, E_STATE_LEN),
+            },
+            record,
+            owner: OwnerRecord {
+                boot_id: get_array(buf, E_OWNER_BOOT_ID),
+                pid: get_u32(buf, E_OWNER_PID),
+                start_time: get_u64(buf, E_OWNER_START_TIME),
+                nonce: get_u64(buf, E_OWNER_NONCE),
+            },
+            config: buf[ENTRY_FIXED_LEN..ENTRY_FIXED_LEN + config_len].to_vec(),
+        };
+        Ok((entry, total))
+    }
+}
+
+fn padded(len: usize) -> usize {
+    len.div_ceil(8) * 8
+}
+
+/// Checks a VM name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with '.' or '-'.
+pub fn validate_name(name: &str) -> Result<()> {
+    let invalid = |reason| {
+        Err(Error::InvalidVmName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return invalid("must be 1 to 64 bytes long");
+    }
+    if name.starts_with(['.', '-']) {
+        return invalid("must not start with '.' or '-'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return invalid("may only contain letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// A decoded table copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmTable {
+    pub generation: u64,
+    pub entries: Vec<VmEntry>,
+}
+
+impl VmTable {
+    pub fn find(&self, name: &str) -> Option<&VmEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    pub fn find_mut(&mut self, name: &str) -> Option<&mut VmEntry> {
+        self.entries.iter_mut().find(|e| e.name == name)
+    }
+
+    /// The body (all entries, back to back).
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.entries.iter().map(VmEntry::encoded_len).sum());
+        for entry in &self.entries {
+            entry.encode_into(&mut body);
+        }
+        body
+    }
+
+    /// The header for a body, carrying this table's generation.
+    pub fn encode_header(&self, body: &[u8]) -> [u8; HEADER_LEN] {
+        let mut header = [0u8; HEADER_LEN];
+        header[H_MAGIC..H_MAGIC + 8].copy_from_slice(&MAGIC);
+        put_u64(&mut header, H_GENERATION, self.generation);
+        put_u64(&mut header, H_BODY_LEN, body.len() as u64);
+        put_u32(&mut header, H_ENTRY_COUNT, self.entries.len() as u32);
+        put_u32(&mut header, H_BODY_CRC, crc32c::crc32c(body));
+        let crc = crc32c::crc32c(&header[..H_CRC]);
+        put_u32(&mut header, H_CRC, crc);
+        header
+    }
+
+    /// Validates a copy's header; returns (generation, body length, entry count, body crc).
+    pub fn decode_header(
+        header: &[u8; HEADER_LEN],
+        copy_len: u64,
+    ) -> Result<(u64, usize, usize, u32)> {
+        let bad = |what: &str| Error::CorruptVmTable(what.to_string());
+        if header[H_MAGIC..H_MAGIC + 8] != MAGIC {
+            return Err(bad("no table magic"));
+        }
+        if crc32c::crc32c(&header[..H_CRC]) != get_u32(header, H_CRC) {
+            return Err(bad("header checksum mismatch"));
+        }
+        let body_len = get_u64(header, H_BODY_LEN);
+        if body_len > copy_len.saturating_sub(HEADER_LEN as u64) {
+            return Err(bad("body longer than the table copy"));
+        }
+        Ok((
+            get_u64(header, H_GENERATION),
+            body_len as usize,
+            get_u32(header, H_ENTRY_COUNT) as usize,
+            get_u32(header, H_BODY_CRC),
+        ))
+    }
+
+    /// Decodes a body whose checksum was already verified.
+    pub fn decode_body(generation: u64, body: &[u8], entry_count: usize) -> Result<VmTable> {
+        let mut entries = Vec::new();
+        let mut at = 0;
+        while at < body.len() {
+            let (entry, len) = VmEntry::decode(&body[at..])?;
+            if entries.iter().any(|e: &VmEntry| e.name == entry.name) {
+                return Err(Error::CorruptVmTable(format!(
+                    "duplicate VM name {:?}",
+                    entry.name
+                )));
+            }
+            entries.push(entry);
+            at += len;
+        }
+        if entries.len() != entry_count {
+            return Err(Error::CorruptVmTable("entry count mismatch".into()));
+        }
+        Ok(VmTable {
+            generation,
+            entries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, config: &[u8]) -> VmEntry {
+        VmEntry {
+            name: name.into(),
+            uuid: Uuid([3; 16]),
+            memory_size: 1 << 21,
+            memory: Extent {
+                offset: 1 << 21,
+                len: 1 << 21,
+            },
+            state: Extent {
+                offset: 2 << 21,
+                len: 8192,
+            },
+            record: RunRecord::Saved {
+                seq: 5,
+                kind: ShutdownKind::PlannedSuspend,
+            },
+            owner: OwnerRecord {
+                boot_id: [1; 16],
+                pid: 42,
+                start_time: 99,
+                nonce: 7,
+            },
+            config: config.to_vec(),
+        }
+    }
+
+    #[test]
+    fn table_round_trips_through_header_and_body() {
+        let table = VmTable {
+            generation: 3,
+            entries: vec![entry("a", b"{\"x\":1}"), entry("vm-2", b"")],
+        };
+        let body = table.encode_body();
+        assert_eq!(body.len(), 2 * ENTRY_FIXED_LEN + 8);
+        let header = table.encode_header(&body);
+        let (generation, len, count, crc) = VmTable::decode_header(&header, 4096).unwrap();
+        assert_eq!((generation, len, count), (3, body.len(), 2));
+        assert_eq!(crc, crc32c::crc32c(&body));
+        assert_eq!(
+            VmTable::decode_body(generation, &body, count).unwrap(),
+            table
+        );
+    }
+
+    #[test]
+    fn corrupt_headers_and_bodies_are_rejected() {
+        let table = VmTable {
+            generation: 1,
+            entries: vec![entry("a", b"cfg")],
+        };
+        let body = table.encode_body();
+        let mut header = table.encode_header(&body);
+        assert!(
+            VmTable::decode_header(&header, 64).is_err(),
+            "body cannot fit"
+        );
+        header[9] ^= 1;
+        assert!(VmTable::decode_header(&header, 4096).is_err());
+        let mut bad_record = body.clone();
+        put_u32(&mut bad_record, E_RECORD_KIND, 9);
+        assert!(VmTable::decode_body(1, &bad_record, 1).is_err());
+        let mut long_config = body;
+        put_u32(&mut long_config, E_CONFIG_LEN, 1 << 30);
+        assert!(VmTable::decode_body(1, &long_config, 1).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("vm-1.test_a").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
