@@ -46,6 +46,8 @@ pub enum Error {
     },
     #[error("virtio queue {0} is not ready or its rings are outside guest memory")]
     QueueNotUsable(usize),
+    #[error("a virtio queue's lock is poisoned (a thread panicked while holding it)")]
+    QueueLockPoisoned,
     #[error("the device state can only be taken while the device is paused")]
     NotPaused,
     #[error("the device is already activated")]

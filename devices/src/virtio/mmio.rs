@@ -500,7 +500,25 @@ impl MmioTransport {
 }
 
 fn lock_queue(q: &Mutex<Queue>) -> Result<MutexGuard<'_, Queue>> {
-    q.lock().map_err(|_| Error::IoThreadGone)
+    q.lock().map_err(|_| Error::QueueLockPoisoned)
+}
+
+/// Guest-physical base and GSI of virtio-mmio slot `index`, per the platform layout.
+pub fn virtio_mmio_slot(index: u32) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
+        VIRTIO_MMIO_FIRST_GSI + index,
+    )
+}
+
+/// The kernel command-line token announcing slot `index` to Linux, e.g.
+/// `virtio_mmio.device=4K@0xd0000000:5`.
+pub fn kernel_cmdline_token(index: u32) -> String {
+    let (base, gsi) = virtio_mmio_slot(index);
+    format!(
+        "virtio_mmio.device={}K@{base:#x}:{gsi}",
+        VIRTIO_MMIO_SIZE / 1024
+    )
 }
 
 impl BusDevice for MmioTransport {
@@ -538,5 +556,24 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_platform_layout() {
+        assert_eq!(virtio_mmio_slot(0), (0xd000_0000, 5));
+        assert_eq!(virtio_mmio_slot(3), (0xd000_3000, 8));
+        assert_eq!(
+            kernel_cmdline_token(0),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(
+            kernel_cmdline_token(1),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
     }
 }

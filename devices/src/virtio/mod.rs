@@ -17,8 +17,8 @@ use crate::{InterruptLine, Result};
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
 pub use mmio::{
-    MmioTransport, MmioTransportState, QueueSnapshot, MMIO_STATE_VERSION, VIRTIO_MMIO_BASE,
-    VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, QueueSnapshot,
+    MMIO_STATE_VERSION, VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
 
 /// Device status bits (virtio 1.x, "Device Status Field").

@@ -107,7 +107,7 @@ impl VirtioDevice for Block {
             .cloned()
             .ok_or(Error::QueueNotUsable(0))?;
         {
-            let q = queue.lock().map_err(|_| Error::IoThreadGone)?;
+            let q = queue.lock().map_err(|_| Error::QueueLockPoisoned)?;
             if !q.is_valid(&ctx.mem) {
                 return Err(Error::QueueNotUsable(0));
             }

@@ -1,0 +1,268 @@
+//! The power-fail path: pause with requests posted, save, rebuild a new device from the state over
+//! the same guest memory and disk, resume, and every request completes exactly once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+use devices::virtio::{MmioTransportState, MMIO_STATE_VERSION};
+use devices::Error;
+
+const SECTORS: u64 = 4096;
+/// 8 KiB per write so the I/O thread is still busy when the pause lands.
+const WRITE_LEN: u32 = 8192;
+const SECTORS_PER_WRITE: u64 = WRITE_LEN as u64 / 512;
+
+fn disk() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(SECTORS * 512).unwrap();
+    file
+}
+
+fn running(image: &tempfile::NamedTempFile) -> TestDriver {
+    let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
+    driver.initialise(VERSION_1 | BLK_F_FLUSH);
+    driver
+}
+
+fn post_write(driver: &mut TestDriver, n: u64) -> Posted {
+    let payload = pattern(n, WRITE_LEN as usize);
+    driver.post_block_request(T_OUT, n * SECTORS_PER_WRITE, WRITE_LEN, Some(&payload))
+}
+
+/// What the power-fail save does with the device: pause, flush, state, through serde.
+fn save(driver: &TestDriver) -> MmioTransportState {
+    let mut transport = driver.transport.lock().unwrap();
+    transport.pause().unwrap();
+    transport.flush_backend().unwrap();
+    let state = transport.state().unwrap();
+    let json = serde_json::to_vec(&state).unwrap();
+    serde_json::from_slice(&json).unwrap()
+}
+
+#[test]
+fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
+    let image = disk();
+    let mut driver = running(&image);
+    let mut posted = Vec::new();
+    for n in 0..32 {
+        posted.push(post_write(&mut driver, n));
+    }
+    driver.notify();
+    // Pause while the I/O thread is working through the batch.
+    let state = save(&driver);
+    let queue = state.queues[0];
+    assert_eq!(
+        queue.next_avail, queue.next_used,
+        "no request popped but uncompleted at the save"
+    );
+    assert_eq!(
+        driver.used_idx(),
+        queue.next_used,
+        "every popped request is on the used ring in guest memory"
+    );
+    let done_before = queue.next_used;
+    eprintln!("pause landed after {done_before} of 32 requests");
+    // The guest keeps posting until its vCPUs stop; these notifies die with the old VMM.
+    for n in 32..48 {
+        posted.push(post_write(&mut driver, n));
+    }
+    driver.notify();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        driver.used_idx(),
+        done_before,
+        "nothing served while paused"
+    );
+
+    // Power failure: the VMM is gone. Guest memory (NV) and the disk file survive.
+    let mem = driver.mem.clone();
+    let (next_desc, avail_idx) = (driver.next_desc(), driver.avail_idx());
+    drop(driver);
+    assert_eq!(
+        u16::from_le(
+            vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(USED_RING + 2)).unwrap()
+        ),
+        done_before,
+        "dropping the paused device completed nothing"
+    );
+
+    let driver = TestDriver::restored(
+        mem,
+        open_block(image.path(), false),
+        &state,
+        next_desc,
+        avail_idx,
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        driver.used_idx(),
+        done_before,
+        "restored device waits for resume"
+    );
+    driver.transport.lock().unwrap().resume().unwrap();
+    // No notify after the restore: the device must find the posted requests by itself.
+    driver.wait_used(48);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(driver.used_idx(), 48, "no request completed twice");
+
+    let heads: BTreeSet<u32> = (0..48).map(|i| driver.used_elem(i).0).collect();
+    let expected: BTreeSet<u32> = posted.iter().map(|p| u32::from(p.head)).collect();
+    assert_eq!(heads, expected, "each posted request on the used ring once");
+    for (n, p) in posted.iter().enumerate() {
+        assert_eq!(driver.status_byte(p), S_OK, "request {n}");
+        let mut on_disk = vec![0u8; WRITE_LEN as usize];
+        image
+            .as_file()
+            .read_exact_at(&mut on_disk, n as u64 * u64::from(WRITE_LEN))
+            .unwrap();
+        assert_eq!(
+            on_disk,
+            pattern(n as u64, WRITE_LEN as usize),
+            "data of request {n}"
+        );
+    }
+    assert!(
+        driver.irq.eventfd().read().unwrap() >= 1,
+        "guest interrupted"
+    );
+    assert_eq!(
+        driver.transport.lock().unwrap().counters()["write_ops"],
+        u64::from(48 - done_before),
+        "the new device served exactly the rest"
+    );
+}
+
+#[test]
+fn pause_and_resume_in_place_serve_what_was_posted_meanwhile() {
+    let image = disk();
+    let mut driver = running(&image);
+    driver.transport.lock().unwrap().pause().unwrap();
+    let p = post_write(&mut driver, 1);
+    driver.notify();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(driver.used_idx(), 0);
+    driver.transport.lock().unwrap().resume().unwrap();
+    driver.wait_used(1);
+    assert_eq!(driver.status_byte(&p), S_OK);
+}
+
+#[test]
+fn state_is_refused_while_the_device_runs() {
+    let image = disk();
+    let driver = running(&image);
+    assert!(matches!(
+        driver.transport.lock().unwrap().state(),
+        Err(Error::NotPaused)
+    ));
+}
+
+#[test]
+fn a_pending_interrupt_is_raised_again_after_restore() {
+    let image = disk();
+    let mut driver = running(&image);
+    let p = post_write(&mut driver, 0);
+    driver.notify();
+    driver.wait_used(1);
+    assert_eq!(driver.status_byte(&p), S_OK);
+    // The guest has not handled the interrupt yet when the power fails.
+    let state = save(&driver);
+    assert_eq!(state.interrupt_status & 1, 1);
+    let mem = driver.mem.clone();
+    let (next_desc, avail_idx) = (driver.next_desc(), driver.avail_idx());
+    drop(driver);
+
+    let driver = TestDriver::restored(
+        mem,
+        open_block(image.path(), false),
+        &state,
+        next_desc,
+        avail_idx,
+    );
+    assert!(driver.irq.eventfd().read().is_err(), "not before resume");
+    driver.transport.lock().unwrap().resume().unwrap();
+    assert_eq!(driver.irq.eventfd().read().unwrap(), 1);
+    assert_eq!(driver.read32(INTERRUPT_STATUS), 1);
+    driver.write32(INTERRUPT_ACK, 1);
+    assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
+    let image = disk();
+    let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
+    driver.write32(STATUS, 1 | 2);
+    driver.write_driver_features(VERSION_1);
+    driver.write32(STATUS, 1 | 2 | 8);
+    driver.setup_queue();
+    let state = save(&driver);
+    assert!(!state.activated);
+    let mem = driver.mem.clone();
+    drop(driver);
+
+    let mut driver = TestDriver::restored(mem, open_block(image.path(), false), &state, 0, 0);
+    driver.transport.lock().unwrap().resume().unwrap();
+    assert_eq!(driver.read32(QUEUE_READY), 1);
+    driver.write32(STATUS, 1 | 2 | 8 | 4);
+    assert_eq!(driver.read32(STATUS), 1 | 2 | 8 | 4);
+    let p = driver.post_block_request(T_IN, 0, 512, None);
+    driver.notify();
+    driver.wait_used(1);
+    assert_eq!(driver.status_byte(&p), S_OK);
+}
+
+#[test]
+fn foreign_or_inconsistent_states_are_refused() {
+    let image = disk();
+    let driver = running(&image);
+    let good = save(&driver);
+    let mem = driver.mem.clone();
+    drop(driver);
+    let line = || -> std::sync::Arc<dyn devices::InterruptLine> {
+        std::sync::Arc::new(devices::EventFdInterrupt::new().unwrap())
+    };
+    let restore = |state: &MmioTransportState| {
+        devices::virtio::MmioTransport::restore(
+            open_block(image.path(), false),
+            mem.clone(),
+            line(),
+            state,
+        )
+        .err()
+    };
+
+    let mut state = good.clone();
+    state.version = MMIO_STATE_VERSION + 1;
+    assert!(matches!(restore(&state), Some(Error::StateVersion { .. })));
+    let mut state = good.clone();
+    state.device_type = 1;
+    assert!(matches!(
+        restore(&state),
+        Some(Error::DeviceTypeMismatch { .. })
+    ));
+    let mut state = good.clone();
+    state.queues.push(state.queues[0]);
+    assert!(matches!(
+        restore(&state),
+        Some(Error::QueueCountMismatch { .. })
+    ));
+    let mut state = good.clone();
+    state.queues[0].size = 512; // beyond the device's maximum
+    assert!(matches!(
+        restore(&state),
+        Some(Error::QueueState { index: 0, .. })
+    ));
+    let mut state = good.clone();
+    state.queues[0].used_ring = 0x3001; // misaligned ring
+    assert!(matches!(
+        restore(&state),
+        Some(Error::QueueState { index: 0, .. })
+    ));
+    let mut state = good.clone();
+    state.queues[0].avail_ring = 0x7fff_0000; // outside guest memory
+    assert!(matches!(restore(&state), Some(Error::QueueNotUsable(0))));
+    assert!(restore(&good).is_none(), "the unmodified state restores");
+}
