@@ -23,7 +23,8 @@ const SETUP_VERSION: usize = 0x206;
 const SETUP_INITRD_ADDR_MAX: usize = 0x22C;
 const SETUP_XLOADFLAGS: usize = 0x236;
 const SETUP_CMDLINE_SIZE: usize = 0x238;
-const SETUP_HEADER_END: usize = 0x23C;
+const SETUP_INIT_SIZE: usize = 0x260;
+const SETUP_HEADER_END: usize = 0x264;
 
 /// Protocol 2.12 introduced `xloadflags`, which is how a kernel says it has a 64-bit entry.
 const MIN_PROTOCOL_VERSION: u16 = 0x020C;
@@ -64,7 +65,12 @@ where
 
     let loaded =
         BzImage::load(mem, None, kernel, Some(HIGH_RAM_START)).map_err(Error::LoadBzImage)?;
-    check_kernel_placement(mem, loaded.kernel_load, loaded.kernel_end)?;
+    // The kernel decompresses in place and needs `init_size` bytes from its load address
+    // (protocol 2.10+, which 2.12 implies); that whole range must be RAM and stay clear of the
+    // initramfs.
+    let init_end = loaded.kernel_load.0 + u64::from(le_u32(header, SETUP_INIT_SIZE));
+    let kernel_end = loaded.kernel_end.max(init_end);
+    check_kernel_placement(mem, loaded.kernel_load, kernel_end)?;
     // The loader only returns `None` for ELF images.
     let mut setup_header = loaded.setup_header.ok_or(Error::NotAKernel)?;
 
@@ -75,7 +81,7 @@ where
             Some(load_initramfs(
                 mem,
                 file,
-                loaded.kernel_end,
+                kernel_end,
                 limit.min(low_ram_end(mem)),
             )?)
         }

@@ -16,7 +16,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START};
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, MIN_RAM_SIZE};
 use crate::{write_guest, Error};
 
 /// How the boot vCPU must be entered.
@@ -39,8 +39,8 @@ pub struct BootEntry {
 }
 
 /// Bytes of the image read up front to tell ELF from bzImage: the ELF header, or the bzImage
-/// setup header up to and including `cmdline_size` at 0x238.
-const HEADER_WINDOW: usize = 0x240;
+/// setup header up to and including `init_size` at 0x260.
+const HEADER_WINDOW: usize = 0x280;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
 const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
@@ -111,9 +111,9 @@ fn low_ram_end<M: GuestMemoryBackend>(mem: &M) -> u64 {
 }
 
 fn check_boot_area<M: GuestMemoryBackend>(mem: &M) -> Result<(), Error> {
-    if low_ram_end(mem) < HIGH_RAM_START.0 {
+    if low_ram_end(mem) < MIN_RAM_SIZE {
         return Err(Error::RamTooSmall {
-            needed: HIGH_RAM_START.0,
+            needed: MIN_RAM_SIZE,
         });
     }
     Ok(())

@@ -9,13 +9,12 @@ use linux_loader::loader::{elf::PvhBootCapability, Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
-use super::{check_cmdline, check_kernel_placement, low_ram_end, write_cmdline};
+use super::{check_kernel_placement, low_ram_end, write_cmdline};
 use super::{le_u16, le_u32, le_u64};
 use super::{BootEntry, BootProtocol};
 use crate::e820::{e820_map, E820Entry};
 use crate::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_MEMMAP, PVH_MEMMAP_MAX_ENTRIES,
-    PVH_MODLIST, PVH_START_INFO,
+    CMDLINE_START, HIGH_RAM_START, PVH_MEMMAP, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST, PVH_START_INFO,
 };
 use crate::{write_guest, Error};
 
@@ -63,7 +62,6 @@ where
     M: GuestMemoryBackend,
     K: Read + Seek + ReadVolatile,
 {
-    check_cmdline(cmdline, CMDLINE_MAX_SIZE - 1)?;
     let segments = read_load_segments(kernel, header)?;
     for segment in &segments {
         check_kernel_placement(mem, segment.paddr, segment.paddr.0 + segment.memsz)?;

@@ -523,6 +523,24 @@ fn bzimage_cmdline_is_limited_by_the_kernels_cmdline_size() {
     ));
 }
 
+#[test]
+fn bzimage_whose_init_size_exceeds_ram_is_refused() {
+    // Loaded at 1 MiB, the kernel needs init_size = 8 MiB up to 9 MiB; RAM ends at 8 MiB.
+    let mem = memory(8 * MIB);
+    let result = load(&mem, &bzimage(&BzSpec::default()), "");
+    assert!(
+        matches!(
+            result,
+            Err(Error::KernelOutsideRam {
+                start: 0x10_0000,
+                end: 0x90_0000
+            })
+        ),
+        "{result:?}"
+    );
+    assert!(load(&memory(10 * MIB), &bzimage(&BzSpec::default()), "").is_ok());
+}
+
 // ---------------------------------------------------------------- common input errors
 
 #[test]
