@@ -1,7 +1,7 @@
 //! The raw disk image behind a virtio-blk device: positioned reads and writes, fdatasync.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -28,23 +28,26 @@ impl RawDisk {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .read(true)
             .write(!readonly)
             .open(path)
             .map_err(open_error)?;
         let metadata = file.metadata().map_err(open_error)?;
-        if !metadata.len().is_multiple_of(SECTOR_SIZE) {
+        // Seeking to the end sizes regular files and block devices alike (a block device's
+        // metadata length is 0). Later I/O is positioned, so the file offset left here is unused.
+        let size = file.seek(SeekFrom::End(0)).map_err(open_error)?;
+        if !size.is_multiple_of(SECTOR_SIZE) {
             warn!(
                 "disk image {} is {} bytes, not a multiple of {SECTOR_SIZE}: the tail is not visible to the guest",
                 path.display(),
-                metadata.len()
+                size
             );
         }
         Ok(Self {
             file,
             readonly,
-            capacity_sectors: metadata.len() / SECTOR_SIZE,
+            capacity_sectors: size / SECTOR_SIZE,
             id: disk_id(metadata.dev(), metadata.ino()),
         })
     }
@@ -83,4 +86,32 @@ fn disk_id(dev: u64, ino: u64) -> [u8; DISK_ID_LEN] {
     let len = text.len().min(DISK_ID_LEN);
     id[..len].copy_from_slice(&text.as_bytes()[..len]);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_rounds_down_to_whole_sectors() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(3 * SECTOR_SIZE + 100).unwrap();
+        let disk = RawDisk::open(image.path(), false).unwrap();
+        assert_eq!(disk.capacity_sectors(), 3);
+        assert!(!disk.readonly());
+        assert_eq!(
+            disk.id(),
+            RawDisk::open(image.path(), true).unwrap().id(),
+            "the ID is a property of the file, not of the open"
+        );
+    }
+
+    #[test]
+    fn a_missing_image_is_a_typed_error_naming_it() {
+        let err = RawDisk::open(Path::new("/nonexistent/disk.img"), false)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::DiskOpen { .. }));
+        assert!(err.to_string().contains("/nonexistent/disk.img"));
+    }
 }
