@@ -205,6 +205,10 @@ fn handle(request: &Request, link: &ControlLoopLink) -> Response {
             Err(error) => Response::error(500, &format!("cannot encode the answer: {error}")),
         },
         Ok(None) => Response::no_content(),
-        Err(error) => Response::error(error.status, &error.message),
+        // A status outside 4xx/5xx from the control loop is a bug there; still answer an error.
+        Err(error) if (400..600).contains(&error.status) => {
+            Response::error(error.status, &error.message)
+        }
+        Err(error) => Response::error(500, &error.message),
     }
 }

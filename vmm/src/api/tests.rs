@@ -895,3 +895,27 @@ fn inherited_fd_that_is_not_a_listening_socket_is_refused() {
         );
     }
 }
+
+#[test]
+fn error_with_a_success_status_is_answered_as_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
+    let wake = EventFd::new(0).unwrap();
+    let fake_wake = wake.try_clone().unwrap();
+    thread::spawn(move || {
+        while fake_wake.read().is_ok() {
+            while let Ok(message) = from_api.try_recv() {
+                let _ = message.reply.send(Err(ApiError::new(200, "confused")));
+            }
+        }
+    });
+    start_http_server(
+        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
+        to_vmm,
+        wake,
+    )
+    .unwrap();
+    let reply = Client::connect(&socket).call("PUT", "vm.boot", None);
+    assert_eq!((reply.status, reply.text().as_str()), (500, "confused"));
+}
