@@ -65,6 +65,7 @@ fn bzimage(code: &[u8]) -> Vec<u8> {
     let setup_size = 5 * 512;
     let mut image = vec![0u8; setup_size + 0x1000];
     image[0x1F1] = 4; // setup_sects
+    put(&mut image, 0x1F4, &(0x1000u32 / 16).to_le_bytes()); // syssize
     put(&mut image, 0x1FE, &0xAA55u16.to_le_bytes());
     put(&mut image, 0x202, b"HdrS");
     put(&mut image, 0x206, &0x020Fu16.to_le_bytes());

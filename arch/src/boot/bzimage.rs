@@ -3,7 +3,7 @@
 //! carries the image's own setup header, amended by the loader, plus the e820 map.
 
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, SeekFrom};
 
 use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, E820_MAX_ENTRIES_ZEROPAGE, LOADED_HIGH,
@@ -19,6 +19,8 @@ use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE_S
 use crate::{write_guest, Error};
 
 // Setup header fields, as offsets into the image file (and into the zero page).
+const SETUP_SECTS: usize = 0x1F1;
+const SETUP_SYSSIZE: usize = 0x1F4;
 const SETUP_VERSION: usize = 0x206;
 const SETUP_INITRD_ADDR_MAX: usize = 0x22C;
 const SETUP_XLOADFLAGS: usize = 0x236;
@@ -60,6 +62,7 @@ where
     if le_u16(header, SETUP_XLOADFLAGS) & XLF_KERNEL_64 == 0 {
         return Err(Error::No64BitEntry);
     }
+    check_image_complete(kernel, header)?;
     let kernel_cmdline_max = le_u32(header, SETUP_CMDLINE_SIZE) as usize;
     check_cmdline(cmdline, kernel_cmdline_max.min(CMDLINE_MAX_SIZE - 1))?;
 
@@ -107,6 +110,23 @@ where
         entry: GuestAddress(loaded.kernel_load.0 + STARTUP_64_OFFSET),
         boot_info: ZERO_PAGE_START,
     })
+}
+
+/// The protected-mode kernel follows the setup sectors and is `syssize` 16-byte paragraphs
+/// long; an image that ends earlier is truncated (linux-loader would load the short rest).
+fn check_image_complete<K: Seek>(kernel: &mut K, header: &[u8]) -> Result<(), Error> {
+    let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
+    // setup_sects == 0 means 4, for compatibility with ancient images.
+    let setup_sectors = match header[SETUP_SECTS] {
+        0 => 4,
+        sectors => u64::from(sectors),
+    };
+    let setup_size = (setup_sectors + 1) * 512;
+    let protected_mode_size = (u64::from(le_u32(header, SETUP_SYSSIZE)) * 16).max(1);
+    if image_size < setup_size + protected_mode_size {
+        return Err(Error::KernelTruncated { size: image_size });
+    }
+    Ok(())
 }
 
 /// Records the initramfs, or clears the fields copied from the image when there is none.

@@ -176,6 +176,11 @@ const BZ_INIT_SIZE: u32 = 0x80_0000;
 fn bzimage(spec: &BzSpec) -> Vec<u8> {
     let mut image = vec![0u8; BZ_SETUP_SIZE + BZ_PAYLOAD_SIZE];
     image[0x1F1] = BZ_SETUP_SECTS;
+    put(
+        &mut image,
+        0x1F4,
+        &(BZ_PAYLOAD_SIZE as u32 / 16).to_le_bytes(),
+    ); // syssize
     put(&mut image, 0x1FE, &0xAA55u16.to_le_bytes());
     put(&mut image, 0x200, &[0xEB, 0x66]); // jump over the header
     put(&mut image, 0x202, b"HdrS");
@@ -495,12 +500,14 @@ fn bzimage_header_problems_are_typed_errors() {
         load(&mem, &bzimage(&not_high), ""),
         Err(Error::LoadBzImage(_))
     ));
-    // The setup sectors claim more than the file holds.
+    // The file ends inside the setup sectors, at their end, or inside the protected-mode part.
     let image = bzimage(&BzSpec::default());
-    assert!(matches!(
-        load(&mem, &image[..BZ_SETUP_SIZE - 1], ""),
-        Err(Error::LoadBzImage(_))
-    ));
+    for cut in [BZ_SETUP_SIZE - 1, BZ_SETUP_SIZE, image.len() - 1] {
+        assert!(
+            matches!(load(&mem, &image[..cut], ""), Err(Error::KernelTruncated { size }) if size == cut as u64),
+            "cut at {cut:#x}"
+        );
+    }
     // Cut inside the setup header itself.
     assert!(matches!(
         load(&mem, &image[..0x220], ""),
@@ -621,4 +628,61 @@ fn initramfs_that_does_not_fit_is_refused() {
         ),
         "{result:?}"
     );
+}
+
+// ---------------------------------------------------------------- robustness
+
+mod corrupted_images {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Overwrites bytes of `image` within its first `window` bytes (the headers, where the
+    /// loader's decisions are made) and loads the result: any outcome but a panic is fine, and
+    /// a success must still describe an entry inside RAM.
+    fn load_corrupted(image: &[u8], window: usize, edits: &[(usize, u8)]) -> Result<(), String> {
+        let mut image = image.to_vec();
+        for &(position, value) in edits {
+            let position = position % window.min(image.len());
+            image[position] = value;
+        }
+        let mem = memory(16 * MIB);
+        if let Ok(entry) = load(&mem, &image, "console=ttyS0") {
+            if entry.entry.0 < MIB || entry.entry.0 >= 16 * MIB {
+                return Err(format!("entry {:#x} outside RAM", entry.entry.0));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn corrupted_elf_never_panics(
+            edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..16)
+        ) {
+            // Headers, program headers and the note all sit in the first 256 bytes.
+            let image = elf_image(&ElfSpec::default());
+            prop_assert_eq!(load_corrupted(&image, 256, &edits), Ok(()));
+        }
+
+        #[test]
+        fn corrupted_bzimage_never_panics(
+            edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..16)
+        ) {
+            // Offsets 0x1F1..0x280 hold the setup header.
+            let image = bzimage(&BzSpec::default());
+            let shifted: Vec<(usize, u8)> =
+                edits.iter().map(|&(position, value)| (0x1F1 + position % 0x8F, value)).collect();
+            prop_assert_eq!(load_corrupted(&image, 0x280, &shifted), Ok(()));
+        }
+
+        #[test]
+        fn truncated_images_never_panic(cut in 0usize..0x1200, bz in any::<bool>()) {
+            let image = if bz { bzimage(&BzSpec::default()) } else { elf_image(&ElfSpec::default()) };
+            let mem = memory(16 * MIB);
+            let result = load(&mem, &image[..cut.min(image.len())], "");
+            prop_assert!(result.is_err() || cut >= image.len());
+        }
+    }
 }
