@@ -1,1 +1,292 @@
-fn main() {}
+//! `cloud-hypervisor`: the command line of a drop-in cloud-hypervisor v53, plus `--nv`.
+//!
+//! Exit codes are upstream's: 2 for a usage error (unknown option, missing value: clap reports
+//! it), 1 for a value that cannot be used or a VMM that fails to start, otherwise what the VMM
+//! returns. Every failure is one line on stderr that names the option at fault.
+
+mod logger;
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{ArgAction, Parser};
+use vmm::config::{
+    ApiSocketConfig, EventMonitorConfig, RestoreConfig, SeccompMode, VmConfig, VmOptionStrings,
+    VmmLaunch,
+};
+use vmm::event_monitor;
+
+/// Shown by `--version`: ours, and what we stand in for.
+const VERSION: &str = concat!(
+    "v",
+    env!("CARGO_PKG_VERSION"),
+    " (NV-Hypervisor: persistent VMs on non-volatile memory; drop-in for cloud-hypervisor v53)"
+);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cloud-hypervisor",
+    version = VERSION,
+    about = "NV-Hypervisor: cloud-hypervisor v53 compatible VMM whose VMs survive host power \
+             failures in place (RAM in non-volatile memory)"
+)]
+struct Cli {
+    /// Kernel to boot: ELF with a PVH note, or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<String>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "CMDLINE")]
+    cmdline: Option<String>,
+
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<String>,
+
+    /// boot=<boot_vcpus>[,max=<max_vcpus>]
+    #[arg(long, value_name = "boot=N,max=M")]
+    cpus: Option<String>,
+
+    /// size=<guest_memory_size>[,shared=on|off][,hugepages=on|off][,prefault=on|off]
+    #[arg(long, value_name = "size=SIZE,...")]
+    memory: Option<String>,
+
+    /// id=<id>,size=<size>[,file=<path>][,shared=on|off][,hugepages=on|off][,prefault=on|off]
+    #[arg(long = "memory-zone", value_name = "id=ID,size=SIZE,...", num_args = 1.., action = ArgAction::Append)]
+    memory_zone: Vec<String>,
+
+    /// path=<disk_image_path>[,readonly=on|off][,direct=on|off][,id=<id>]
+    #[arg(long, value_name = "path=PATH,...", num_args = 1.., action = ArgAction::Append)]
+    disk: Vec<String>,
+
+    /// off|null|pty|tty|file=<path>
+    #[arg(long, value_name = "MODE")]
+    serial: Option<String>,
+
+    /// off|null|pty|tty|file=<path>
+    #[arg(long, value_name = "MODE")]
+    console: Option<String>,
+
+    /// path=<socket_path>|fd=<fd>|<socket_path>: the REST API socket.
+    #[arg(long = "api-socket", value_name = "path=PATH|fd=N")]
+    api_socket: Option<String>,
+
+    /// path=<event_file>|fd=<fd>: JSON events of the VMM and the VM.
+    #[arg(long = "event-monitor", value_name = "path=PATH|fd=N")]
+    event_monitor: Option<String>,
+
+    /// source_url=file:///<dir>[,resume=true][,prefault=on][,memory_restore_mode=copy|ondemand]
+    #[arg(long, value_name = "source_url=URL,...", conflicts_with_all = ["kernel", "nv"])]
+    restore: Option<String>,
+
+    /// region=<path>,vm=<name>[,create=on][,recover=on][,force-cold=on][,format=on]
+    /// [,region_size=<size>][,deadline_ms=<ms>]: keep the VM in a non-volatile region.
+    #[arg(long, value_name = "region=PATH,vm=NAME,...")]
+    nv: Option<String>,
+
+    /// Log to this file instead of stderr.
+    #[arg(long = "log-file", value_name = "PATH")]
+    log_file: Option<PathBuf>,
+
+    /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', action = ArgAction::Count)]
+    verbose: u8,
+
+    /// Seccomp filtering: true (default) kills on a forbidden call, log only logs it, false disables.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = ["true", "false", "log"])]
+    seccomp: String,
+}
+
+/// Checks a file the VMM will read before anything starts, so the message names the option.
+fn check_readable_file(option: &str, path: &str) -> anyhow::Result<()> {
+    let metadata = std::fs::metadata(path).with_context(|| format!("--{option} {path}"))?;
+    if !metadata.is_file() {
+        return Err(anyhow!("--{option} {path}: not a regular file"));
+    }
+    File::open(path).with_context(|| format!("--{option} {path}"))?;
+    Ok(())
+}
+
+/// Turns the command line into what `vmm::run` takes. Pure apart from reading file metadata.
+fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
+    let options = VmOptionStrings {
+        kernel: cli.kernel.as_deref(),
+        cmdline: cli.cmdline.as_deref(),
+        initramfs: cli.initramfs.as_deref(),
+        cpus: cli.cpus.as_deref(),
+        memory: cli.memory.as_deref(),
+        memory_zones: cli.memory_zone.iter().map(String::as_str).collect(),
+        disks: cli.disk.iter().map(String::as_str).collect(),
+        serial: cli.serial.as_deref(),
+        console: cli.console.as_deref(),
+        nv: cli.nv.as_deref(),
+    };
+    let vm = VmConfig::from_options(&options)?;
+    if let Some(kernel) = &cli.kernel {
+        check_readable_file("kernel", kernel)?;
+    }
+    if let Some(initramfs) = &cli.initramfs {
+        check_readable_file("initramfs", initramfs)?;
+    }
+    let seccomp = SeccompMode::from_cli(&cli.seccomp)
+        .ok_or_else(|| anyhow!("--seccomp: invalid value \"{}\"", cli.seccomp))?;
+    Ok(VmmLaunch {
+        vm,
+        api_socket: cli
+            .api_socket
+            .as_deref()
+            .map(ApiSocketConfig::parse)
+            .transpose()?,
+        event_monitor: cli
+            .event_monitor
+            .as_deref()
+            .map(EventMonitorConfig::parse)
+            .transpose()?,
+        restore: cli
+            .restore
+            .as_deref()
+            .map(RestoreConfig::parse)
+            .transpose()?,
+        seccomp,
+    })
+}
+
+fn open_log_file(path: &PathBuf) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("--log-file {}", path.display()))
+}
+
+/// Everything after argument parsing; `Err` is a failure to start (exit code 1).
+fn start(cli: Cli) -> anyhow::Result<i32> {
+    let log_file = cli.log_file.as_ref().map(open_log_file).transpose()?;
+    logger::Logger::install(log_file, logger::level_for_verbosity(cli.verbose))
+        .context("installing the logger")?;
+
+    let launch = build_launch(&cli)?;
+    if let Some(monitor) = &launch.event_monitor {
+        event_monitor::set_monitor(monitor, launch.seccomp)?;
+    }
+    event_monitor::emit("vmm", "starting", &[]);
+    log::info!("cloud-hypervisor {VERSION} starting");
+
+    let result = vmm::run(launch);
+    event_monitor::emit("vmm", "shutdown", &[]);
+    event_monitor::flush();
+    log::logger().flush();
+    Ok(result?)
+}
+
+fn main() -> ExitCode {
+    // Usage errors, --help and --version: clap prints and exits (2, 0, 0).
+    let cli = Cli::parse();
+    match start(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(error) => {
+            // `{:#}` joins the context chain on one line: "--kernel /x: No such file ...".
+            eprintln!("cloud-hypervisor: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(arguments: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cloud-hypervisor").chain(arguments.iter().copied()))
+    }
+
+    #[test]
+    fn upstream_style_command_line_builds_a_launch() {
+        let kernel = tempfile::NamedTempFile::new().unwrap();
+        let kernel_path = kernel.path().to_str().unwrap();
+        let parsed = cli(&[
+            "--kernel",
+            kernel_path,
+            "--cmdline",
+            "console=ttyS0",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=0",
+            "--memory-zone",
+            "id=mem0,size=64M,file=/tmp/ram,shared=on",
+            "--disk",
+            "path=/a.img",
+            "path=/b.img,readonly=on",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+            "--api-socket",
+            "/tmp/ch.sock",
+            "--seccomp",
+            "log",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(parsed.verbose, 2);
+        let launch = build_launch(&parsed).unwrap();
+        let vm = launch.vm.unwrap();
+        assert_eq!(vm.cpus.boot_vcpus, 2);
+        assert_eq!(vm.disks.unwrap().len(), 2);
+        assert_eq!(vm.memory.total_size(), 64 << 20);
+        assert_eq!(
+            launch.api_socket,
+            Some(ApiSocketConfig::Path("/tmp/ch.sock".to_owned()))
+        );
+        assert_eq!(launch.seccomp, SeccompMode::Log);
+    }
+
+    #[test]
+    fn repeated_flags_accumulate() {
+        let parsed = cli(&[
+            "--disk",
+            "path=/a",
+            "--disk",
+            "path=/b",
+            "--seccomp",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(parsed.disk, ["path=/a", "path=/b"]);
+        assert_eq!(
+            build_launch(&parsed).unwrap().seccomp,
+            SeccompMode::Disabled
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_clap_errors() {
+        assert!(cli(&["--frobnicate"]).is_err());
+        assert!(cli(&["--seccomp", "maybe"]).is_err());
+        assert!(cli(&["--kernel"]).is_err());
+        assert!(cli(&["--restore", "source_url=file:///s", "--kernel", "/k"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let message = |arguments: &[&str]| {
+            format!("{:#}", build_launch(&cli(arguments).unwrap()).unwrap_err())
+        };
+        let missing = message(&["--kernel", "/nonexistent/vmlinux"]);
+        assert!(
+            missing.starts_with("--kernel /nonexistent/vmlinux"),
+            "{missing}"
+        );
+        let directory = message(&["--kernel", "/"]);
+        assert!(directory.contains("not a regular file"), "{directory}");
+        let size = message(&["--kernel", "/k", "--memory", "size=12Q"]);
+        assert!(size.starts_with("--memory"), "{size}");
+        let monitor = message(&["--event-monitor", "/tmp/x"]);
+        assert!(monitor.starts_with("--event-monitor"), "{monitor}");
+    }
+}

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::EventMonitorConfig;
+use crate::config::{EventMonitorConfig, SeccompMode};
+use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 
 /// How long `flush` waits for the writer thread before giving up (a stuck pipe reader must not
 /// keep the VMM from exiting).
@@ -74,12 +75,17 @@ pub struct EventMonitor {
 }
 
 impl EventMonitor {
-    /// Starts writing events to `file` from a thread of its own.
-    pub fn new(mut file: File) -> Result<Self, EventMonitorError> {
+    /// Starts writing events to `file` from a thread of its own, confined by `seccomp`.
+    pub fn new(mut file: File, seccomp: SeccompMode) -> Result<Self, EventMonitorError> {
         let (sender, receiver) = mpsc::channel::<Message>();
         thread::Builder::new()
             .name("event-monitor".to_owned())
             .spawn(move || {
+                if let Err(error) = apply_filter_for_mode(ThreadKind::EventMonitor, seccomp) {
+                    // Writing unconfined is not an option the operator chose: drop the events.
+                    log::error!("event monitor disabled: {error}");
+                    return;
+                }
                 let mut broken = false;
                 for message in receiver {
                     match message {
@@ -112,7 +118,10 @@ impl EventMonitor {
 
     /// Opens what `--event-monitor` names: a file (created or truncated, as upstream does) or an
     /// inherited file descriptor.
-    pub fn open(config: &EventMonitorConfig) -> Result<Self, EventMonitorError> {
+    pub fn open(
+        config: &EventMonitorConfig,
+        seccomp: SeccompMode,
+    ) -> Result<Self, EventMonitorError> {
         let file = match config {
             EventMonitorConfig::Path(path) => OpenOptions::new()
                 .write(true)
@@ -135,7 +144,7 @@ impl EventMonitor {
                 unsafe { File::from_raw_fd(*fd) }
             }
         };
-        Self::new(file)
+        Self::new(file, seccomp)
     }
 
     /// Queues one event. Never blocks on I/O, never fails: an event that cannot be written is lost
@@ -177,11 +186,14 @@ impl EventMonitor {
 static MONITOR: OnceLock<EventMonitor> = OnceLock::new();
 
 /// Opens the process-wide monitor. Called once, by the binary, before any VMM thread starts.
-pub fn set_monitor(config: &EventMonitorConfig) -> Result<(), EventMonitorError> {
+pub fn set_monitor(
+    config: &EventMonitorConfig,
+    seccomp: SeccompMode,
+) -> Result<(), EventMonitorError> {
     if MONITOR.get().is_some() {
         return Err(EventMonitorError::AlreadySet);
     }
-    let monitor = EventMonitor::open(config)?;
+    let monitor = EventMonitor::open(config, seccomp)?;
     MONITOR
         .set(monitor)
         .map_err(|_| EventMonitorError::AlreadySet)
@@ -281,8 +293,11 @@ mod tests {
     fn writes_upstream_shaped_events_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events");
-        let monitor =
-            EventMonitor::open(&EventMonitorConfig::Path(path.display().to_string())).unwrap();
+        let monitor = EventMonitor::open(
+            &EventMonitorConfig::Path(path.display().to_string()),
+            SeccompMode::Enforce,
+        )
+        .unwrap();
         monitor.emit("vmm", "starting", &[]);
         monitor.emit("vm", "booted", &[("id", "0")]);
         monitor.flush();
@@ -307,8 +322,11 @@ mod tests {
     fn events_from_many_threads_are_all_written_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events");
-        let monitor =
-            EventMonitor::open(&EventMonitorConfig::Path(path.display().to_string())).unwrap();
+        let monitor = EventMonitor::open(
+            &EventMonitorConfig::Path(path.display().to_string()),
+            SeccompMode::Enforce,
+        )
+        .unwrap();
         thread::scope(|scope| {
             for thread_index in 0..4 {
                 let monitor = &monitor;
@@ -327,18 +345,19 @@ mod tests {
     #[test]
     fn rejects_bad_targets() {
         assert!(matches!(
-            EventMonitor::open(&EventMonitorConfig::Path(
-                "/nonexistent-dir/events".to_owned()
-            )),
+            EventMonitor::open(
+                &EventMonitorConfig::Path("/nonexistent-dir/events".to_owned()),
+                SeccompMode::Disabled
+            ),
             Err(EventMonitorError::Open { .. })
         ));
         assert!(matches!(
-            EventMonitor::open(&EventMonitorConfig::Fd(987_654)),
+            EventMonitor::open(&EventMonitorConfig::Fd(987_654), SeccompMode::Disabled),
             Err(EventMonitorError::BadFd { fd: 987_654 })
         ));
         // Standard streams are not ours to take over and close.
         assert!(matches!(
-            EventMonitor::open(&EventMonitorConfig::Fd(1)),
+            EventMonitor::open(&EventMonitorConfig::Fd(1), SeccompMode::Disabled),
             Err(EventMonitorError::BadFd { fd: 1 })
         ));
     }
@@ -349,7 +368,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events");
         let fd = File::create(&path).unwrap().into_raw_fd();
-        let monitor = EventMonitor::open(&EventMonitorConfig::Fd(fd)).unwrap();
+        let monitor =
+            EventMonitor::open(&EventMonitorConfig::Fd(fd), SeccompMode::Enforce).unwrap();
         monitor.emit("vmm", "starting", &[]);
         monitor.flush();
         assert_eq!(read_events(&path).len(), 1);
@@ -363,9 +383,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events");
         let config = EventMonitorConfig::Path(path.display().to_string());
-        set_monitor(&config).unwrap();
+        set_monitor(&config, SeccompMode::Enforce).unwrap();
         assert!(matches!(
-            set_monitor(&config),
+            set_monitor(&config, SeccompMode::Enforce),
             Err(EventMonitorError::AlreadySet)
         ));
         nv::power_fail_started("web-1", "api", Duration::from_millis(50));

@@ -1,0 +1,267 @@
+//! The `cloud-hypervisor` command line as an operator meets it: exit codes (2 for usage errors, 1
+//! for bad values and failures to start, as upstream), one clear stderr line naming the option,
+//! never a panic.
+//!
+//! The binary lives in another crate of the workspace, so `CARGO_BIN_EXE_*` does not exist here.
+//! The first test to need it runs `cargo build -p cloud-hypervisor` (same profile as this test
+//! build) and uses `<target dir>/<profile>/cloud-hypervisor`; that keeps the binary in step with
+//! the sources. `CLOUD_HYPERVISOR_BIN=/path` skips the build and tests that binary instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Nothing here should take long; a hang is a failure, not a stuck CI job.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CLOUD_HYPERVISOR_BIN") {
+            return PathBuf::from(path);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("integration-tests lives inside the workspace");
+        let release = !cfg!(debug_assertions);
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(workspace)
+            .args(["build", "--quiet", "-p", "cloud-hypervisor"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "cargo build -p cloud-hypervisor failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        target
+            .join(if release { "release" } else { "debug" })
+            .join("cloud-hypervisor")
+    })
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(arguments: &[&str]) -> Run {
+    let mut child = Command::new(binary())
+        .args(arguments)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning cloud-hypervisor");
+    let started = Instant::now();
+    while child
+        .try_wait()
+        .expect("waiting for cloud-hypervisor")
+        .is_none()
+    {
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            panic!("cloud-hypervisor {arguments:?} still running after {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("collecting output");
+    let run = Run {
+        code: status
+            .code()
+            .unwrap_or_else(|| panic!("cloud-hypervisor {arguments:?} killed: {status}")),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "cloud-hypervisor {arguments:?} panicked:\n{}",
+        run.stderr
+    );
+    run
+}
+
+/// A failure to start: exit 1 and exactly one stderr line that contains every `needle`.
+fn assert_start_failure(arguments: &[&str], needles: &[&str]) {
+    let run = run(arguments);
+    assert_eq!(run.code, 1, "{arguments:?}: stderr:\n{}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{arguments:?}: stderr:\n{}", run.stderr);
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "{arguments:?}: {needle:?} missing from {:?}",
+            lines[0]
+        );
+    }
+}
+
+fn existing_file(dir: &tempfile::TempDir, name: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, b"").unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let run = run(&["--frobnicate", "on"]);
+    assert_eq!(run.code, 2, "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("--frobnicate"), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+}
+
+#[test]
+fn missing_value_and_bad_choice_are_usage_errors() {
+    assert_eq!(run(&["--kernel"]).code, 2);
+    let seccomp = run(&["--seccomp", "maybe"]);
+    assert_eq!(seccomp.code, 2);
+    assert!(seccomp.stderr.contains("maybe"), "{}", seccomp.stderr);
+}
+
+#[test]
+fn bad_size_names_the_option_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = existing_file(&dir, "kernel");
+    assert_start_failure(
+        &["--kernel", &kernel, "--memory", "size=12Q"],
+        &["--memory", "12Q", "size"],
+    );
+    assert_start_failure(
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "size=0",
+            "--memory-zone",
+            "id=mem0,size=1.5G,file=/tmp/x,shared=on",
+        ],
+        &["--memory-zone", "1.5G"],
+    );
+}
+
+#[test]
+fn missing_kernel_file_fails_to_start() {
+    assert_start_failure(
+        &["--kernel", "/nonexistent/vmlinux", "--memory", "size=64M"],
+        &["--kernel", "/nonexistent/vmlinux", "No such file"],
+    );
+}
+
+#[test]
+fn bad_keys_and_values_name_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = existing_file(&dir, "kernel");
+    assert_start_failure(
+        &["--kernel", &kernel, "--cpus", "boot=0"],
+        &["--cpus", "boot"],
+    );
+    assert_start_failure(
+        &["--kernel", &kernel, "--disk", "path=/a.img,colour=red"],
+        &["--disk", "colour"],
+    );
+    assert_start_failure(
+        &["--kernel", &kernel, "--serial", "loud"],
+        &["--serial", "loud"],
+    );
+    assert_start_failure(
+        &["--kernel", &kernel, "--nv", "region=/r"],
+        &["--nv", "vm="],
+    );
+    assert_start_failure(
+        &["--event-monitor", "/tmp/events", "--kernel", &kernel],
+        &["--event-monitor"],
+    );
+    assert_start_failure(
+        &["--kernel", &kernel, "--log-file", "/nonexistent/dir/log"],
+        &["--log-file", "/nonexistent/dir/log"],
+    );
+}
+
+#[test]
+fn version_names_us_and_upstream() {
+    let run = run(&["--version"]);
+    assert_eq!(run.code, 0);
+    let expected = concat!("cloud-hypervisor v", env!("CARGO_PKG_VERSION"));
+    assert!(run.stdout.starts_with(expected), "{}", run.stdout);
+    assert!(run.stdout.contains("NV-Hypervisor"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("cloud-hypervisor v53"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn help_lists_the_options() {
+    let run = run(&["--help"]);
+    assert_eq!(run.code, 0);
+    for option in [
+        "--kernel",
+        "--cmdline",
+        "--cpus",
+        "--memory ",
+        "--memory-zone",
+        "--disk",
+        "--serial",
+        "--console",
+        "--api-socket",
+        "--event-monitor",
+        "--restore",
+        "--nv",
+        "--log-file",
+        "-v",
+        "--seccomp",
+        "--version",
+    ] {
+        assert!(
+            run.stdout.contains(option),
+            "{option} missing:\n{}",
+            run.stdout
+        );
+    }
+}
+
+/// The monitor opens before the VMM starts and is flushed on the way out, even when the VM cannot
+/// start (an empty file is no kernel): `vmm starting` then `vmm shutdown`, upstream's shape.
+#[test]
+fn event_monitor_records_start_and_shutdown_even_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = existing_file(&dir, "empty-kernel");
+    let events = dir.path().join("events");
+    let monitor = format!("path={}", events.display());
+    let run = run(&[
+        "--kernel",
+        &kernel,
+        "--memory",
+        "size=16M",
+        "--console",
+        "off",
+        "--event-monitor",
+        &monitor,
+    ]);
+    assert_eq!(run.code, 1, "an empty kernel must not boot: {}", run.stderr);
+    let text = std::fs::read_to_string(&events).unwrap();
+    let parsed: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let first = &parsed[0];
+    assert_eq!(
+        (first["source"].as_str(), first["event"].as_str()),
+        (Some("vmm"), Some("starting"))
+    );
+    assert!(first["timestamp"]["nanos"].is_u64());
+    let last = parsed.last().unwrap();
+    assert_eq!(
+        (last["source"].as_str(), last["event"].as_str()),
+        (Some("vmm"), Some("shutdown"))
+    );
+}
