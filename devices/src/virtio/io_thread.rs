@@ -120,6 +120,9 @@ impl IoThread {
         if self.paused {
             return Ok(());
         }
+        // An earlier pause that timed out may have been acknowledged late; that stale
+        // acknowledgement must not satisfy this pause.
+        while self.paused_acks.try_recv().is_ok() {}
         self.pause_requested.store(true, Ordering::SeqCst);
         self.send(Command::Pause)?;
         match self.paused_acks.recv_timeout(PAUSE_TIMEOUT) {
