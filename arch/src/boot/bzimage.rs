@@ -12,7 +12,8 @@ use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
-use super::{check_cmdline, check_kernel_placement, le_u16, le_u32, low_ram_end, write_cmdline};
+use super::{check_cmdline, check_kernel_placement, low_ram_end, write_cmdline};
+use super::{le_u16, le_u32, le_u64};
 use super::{BootEntry, BootProtocol};
 use crate::e820::e820_map;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE_START};
@@ -23,8 +24,11 @@ const SETUP_SECTS: usize = 0x1F1;
 const SETUP_SYSSIZE: usize = 0x1F4;
 const SETUP_VERSION: usize = 0x206;
 const SETUP_INITRD_ADDR_MAX: usize = 0x22C;
+const SETUP_KERNEL_ALIGNMENT: usize = 0x230;
+const SETUP_RELOCATABLE_KERNEL: usize = 0x234;
 const SETUP_XLOADFLAGS: usize = 0x236;
 const SETUP_CMDLINE_SIZE: usize = 0x238;
+const SETUP_PREF_ADDRESS: usize = 0x258;
 const SETUP_INIT_SIZE: usize = 0x260;
 const SETUP_HEADER_END: usize = 0x264;
 
@@ -68,10 +72,14 @@ where
 
     let loaded =
         BzImage::load(mem, None, kernel, Some(HIGH_RAM_START)).map_err(Error::LoadBzImage)?;
-    // The kernel decompresses in place and needs `init_size` bytes from its load address
-    // (protocol 2.10+, which 2.12 implies); that whole range must be RAM and stay clear of the
-    // initramfs.
-    let init_end = loaded.kernel_load.0 + u64::from(le_u32(header, SETUP_INIT_SIZE));
+    // The kernel decompresses itself to its runtime address and needs `init_size` bytes there
+    // before it reads the memory map; that range must be RAM and stay clear of the initramfs.
+    let init_end = runtime_start(header, loaded.kernel_load.0)
+        .checked_add(u64::from(le_u32(header, SETUP_INIT_SIZE)))
+        .ok_or(Error::KernelOutsideRam {
+            start: loaded.kernel_load.0,
+            end: u64::MAX,
+        })?;
     let kernel_end = loaded.kernel_end.max(init_end);
     check_kernel_placement(mem, loaded.kernel_load, kernel_end)?;
     // The loader only returns `None` for ELF images.
@@ -110,6 +118,27 @@ where
         entry: GuestAddress(loaded.kernel_load.0 + STARTUP_64_OFFSET),
         boot_info: ZERO_PAGE_START,
     })
+}
+
+/// Where the decompressed kernel will run (boot.rst, `pref_address` and `init_size`): a
+/// relocatable kernel moves to its load address rounded up to `kernel_alignment`, but never
+/// below its preferred address; a fixed one runs at the preferred address.
+fn runtime_start(header: &[u8], load_address: u64) -> u64 {
+    let preferred = le_u64(header, SETUP_PREF_ADDRESS);
+    if header[SETUP_RELOCATABLE_KERNEL] == 0 {
+        return if preferred == 0 {
+            load_address
+        } else {
+            preferred
+        };
+    }
+    let alignment = u64::from(le_u32(header, SETUP_KERNEL_ALIGNMENT));
+    let aligned = if alignment.is_power_of_two() {
+        load_address.next_multiple_of(alignment)
+    } else {
+        load_address
+    };
+    aligned.max(preferred)
 }
 
 /// The protected-mode kernel follows the setup sectors and is `syssize` 16-byte paragraphs
@@ -157,4 +186,42 @@ fn set_e820<M: GuestMemoryBackend>(params: &mut boot_params, mem: &M) -> Result<
     params.e820_table = table;
     params.e820_entries = map.len() as u8;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(relocatable: u8, alignment: u32, preferred: u64) -> Vec<u8> {
+        let mut header = vec![0u8; SETUP_HEADER_END];
+        header[SETUP_RELOCATABLE_KERNEL] = relocatable;
+        header[SETUP_KERNEL_ALIGNMENT..SETUP_KERNEL_ALIGNMENT + 4]
+            .copy_from_slice(&alignment.to_le_bytes());
+        header[SETUP_PREF_ADDRESS..SETUP_PREF_ADDRESS + 8]
+            .copy_from_slice(&preferred.to_le_bytes());
+        header
+    }
+
+    #[test]
+    fn runtime_address_follows_boot_rst() {
+        const MIB: u64 = 1 << 20;
+        // Relocatable: load address aligned up, but not below the preferred address.
+        assert_eq!(runtime_start(&header(1, 0x20_0000, 0), MIB), 2 * MIB);
+        assert_eq!(
+            runtime_start(&header(1, 0x20_0000, 16 * MIB), MIB),
+            16 * MIB
+        );
+        assert_eq!(
+            runtime_start(&header(1, 0x20_0000, MIB), 33 * MIB),
+            34 * MIB
+        );
+        // A nonsensical alignment is ignored rather than trusted.
+        assert_eq!(runtime_start(&header(1, 3, 0), MIB + 1), MIB + 1);
+        // Not relocatable: the preferred address, or the load address without one.
+        assert_eq!(
+            runtime_start(&header(0, 0x20_0000, 16 * MIB), MIB),
+            16 * MIB
+        );
+        assert_eq!(runtime_start(&header(0, 0, 0), MIB), MIB);
+    }
 }

@@ -170,6 +170,8 @@ const BZ_SETUP_SECTS: u8 = 4;
 const BZ_SETUP_SIZE: usize = (BZ_SETUP_SECTS as usize + 1) * 512;
 const BZ_PAYLOAD_SIZE: usize = 0x3000;
 const BZ_INIT_SIZE: u32 = 0x80_0000;
+/// Where the kernel runs after decompression (the usual CONFIG_PHYSICAL_START, 16 MiB).
+const BZ_PREF_ADDRESS: u64 = 0x100_0000;
 
 /// A bzImage: boot sector + 4 setup sectors with a setup header, then the "protected-mode
 /// kernel" (a pattern).
@@ -193,6 +195,7 @@ fn bzimage(spec: &BzSpec) -> Vec<u8> {
     image[0x234] = 1; // relocatable_kernel
     put(&mut image, 0x236, &spec.xloadflags.to_le_bytes());
     put(&mut image, 0x238, &spec.cmdline_size.to_le_bytes());
+    put(&mut image, 0x258, &BZ_PREF_ADDRESS.to_le_bytes());
     put(&mut image, 0x260, &BZ_INIT_SIZE.to_le_bytes());
     put(&mut image, BZ_SETUP_SIZE, &pattern(BZ_PAYLOAD_SIZE, 0xC3));
     image
@@ -532,20 +535,53 @@ fn bzimage_cmdline_is_limited_by_the_kernels_cmdline_size() {
 
 #[test]
 fn bzimage_whose_init_size_exceeds_ram_is_refused() {
-    // Loaded at 1 MiB, the kernel needs init_size = 8 MiB up to 9 MiB; RAM ends at 8 MiB.
-    let mem = memory(8 * MIB);
+    // Loaded at 1 MiB, the kernel runs from pref_address (16 MiB) and needs init_size = 8 MiB
+    // there, up to 24 MiB.
+    let mem = memory(20 * MIB);
     let result = load(&mem, &bzimage(&BzSpec::default()), "");
     assert!(
         matches!(
             result,
             Err(Error::KernelOutsideRam {
                 start: 0x10_0000,
-                end: 0x90_0000
+                end: 0x180_0000
             })
         ),
         "{result:?}"
     );
-    assert!(load(&memory(10 * MIB), &bzimage(&BzSpec::default()), "").is_ok());
+    assert!(load(&memory(24 * MIB), &bzimage(&BzSpec::default()), "").is_ok());
+}
+
+#[test]
+fn bzimage_initramfs_stays_above_the_decompressed_kernel() {
+    // 26 MiB of RAM: the kernel needs [16 MiB, 24 MiB); 3 MiB of initramfs must not go there.
+    let mem = memory(26 * MIB);
+    let mut initrd_file = file_with(&vec![0u8; 3 * MIB as usize]);
+    let result = load_kernel(
+        &mem,
+        &mut Cursor::new(bzimage(&BzSpec::default())),
+        "",
+        Some(&mut initrd_file),
+    );
+    assert!(
+        matches!(
+            result,
+            Err(Error::InitramfsTooLarge {
+                kernel_end: 0x180_0000,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    let mut initrd_file = file_with(&vec![0u8; 2 * MIB as usize]);
+    load_kernel(
+        &mem,
+        &mut Cursor::new(bzimage(&BzSpec::default())),
+        "",
+        Some(&mut initrd_file),
+    )
+    .unwrap();
+    assert_eq!(u32_at(&mem, 0x8000 + 0x218), 24 * MIB as u32);
 }
 
 // ---------------------------------------------------------------- common input errors
@@ -645,9 +681,9 @@ mod corrupted_images {
             let position = position % window.min(image.len());
             image[position] = value;
         }
-        let mem = memory(16 * MIB);
+        let mem = memory(32 * MIB);
         if let Ok(entry) = load(&mem, &image, "console=ttyS0") {
-            if entry.entry.0 < MIB || entry.entry.0 >= 16 * MIB {
+            if entry.entry.0 < MIB || entry.entry.0 >= 32 * MIB {
                 return Err(format!("entry {:#x} outside RAM", entry.entry.0));
             }
         }
@@ -680,7 +716,7 @@ mod corrupted_images {
         #[test]
         fn truncated_images_never_panic(cut in 0usize..0x1200, bz in any::<bool>()) {
             let image = if bz { bzimage(&BzSpec::default()) } else { elf_image(&ElfSpec::default()) };
-            let mem = memory(16 * MIB);
+            let mem = memory(32 * MIB);
             let result = load(&mem, &image[..cut.min(image.len())], "");
             prop_assert!(result.is_err() || cut >= image.len());
         }
