@@ -19,8 +19,9 @@ mod socket;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -176,6 +177,20 @@ pub fn start_http_server_with_limits(
 ) -> Result<JoinHandle<()>, ApiServerError> {
     let listener = socket::listen(&socket)?;
     server::spawn(listener, to_vmm, wake, limits)
+}
+
+/// For the control loop, just before the VMM process exits (after answering `vmm.shutdown`, or
+/// after a power-fail or suspend save): answers every request still queued with 503 ("the VMM is
+/// shutting down") and waits up to `timeout` until every answer, including the one just sent for
+/// the request that ends the VMM, has been written to its client. Returns false on timeout.
+pub fn finish_pending_requests(from_api: &Receiver<ApiMessage>, timeout: Duration) -> bool {
+    while let Ok(message) = from_api.try_recv() {
+        // The client may be gone already; nothing to do about it then.
+        let _ = message
+            .reply
+            .send(Err(ApiError::new(503, "the VMM is shutting down")));
+    }
+    server::wait_for_answers_written(timeout)
 }
 
 /// Body of `PUT /vm.snapshot` (upstream's `VmSnapshotConfig`).

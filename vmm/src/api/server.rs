@@ -5,9 +5,9 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -147,6 +147,56 @@ fn refuse_busy(stream: UnixStream, limits: &ServerLimits) {
     let _ = connection.write_response(&response, limits.write_timeout);
 }
 
+/// Requests read but whose answers are not yet on the wire, across the process's API servers.
+/// The VMM exits right after answering `vmm.shutdown` or a power-fail save; counting lets it wait
+/// until those answers reach the client instead of dying with them in a connection thread.
+static UNWRITTEN_ANSWERS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// Counts one request from being read until its answer is written (or the write failed).
+struct UnwrittenAnswer;
+
+impl UnwrittenAnswer {
+    fn new() -> Self {
+        let (count, _) = &UNWRITTEN_ANSWERS;
+        *count
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+        UnwrittenAnswer
+    }
+}
+
+impl Drop for UnwrittenAnswer {
+    fn drop(&mut self) {
+        let (count, written) = &UNWRITTEN_ANSWERS;
+        let mut count = count
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *count = count.saturating_sub(1);
+        written.notify_all();
+    }
+}
+
+/// Waits until every request read so far has had its answer written, or `timeout` passed.
+/// Returns true when none is left.
+pub(super) fn wait_for_answers_written(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let (count, written) = &UNWRITTEN_ANSWERS;
+    let mut count = count
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    while *count > 0 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return false;
+        }
+        count = written
+            .wait_timeout(count, remaining)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0;
+    }
+    true
+}
+
 fn serve_connection(mut connection: Connection, link: &ControlLoopLink, limits: &ServerLimits) {
     let framing = FramingLimits {
         max_header_bytes: limits.max_header_bytes,
@@ -167,13 +217,12 @@ fn serve_connection(mut connection: Connection, link: &ControlLoopLink, limits: 
                 return;
             }
         };
+        let unwritten = UnwrittenAnswer::new();
         let mut response = handle(&request, link);
         response.close = response.close || !request.keep_alive;
-        if connection
-            .write_response(&response, limits.write_timeout)
-            .is_err()
-            || response.close
-        {
+        let written = connection.write_response(&response, limits.write_timeout);
+        drop(unwritten);
+        if written.is_err() || response.close {
             return;
         }
     }
