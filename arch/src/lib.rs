@@ -42,8 +42,8 @@ pub enum Error {
     BootProtocolTooOld { version: u16 },
     #[error("bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set in xloadflags)")]
     No64BitEntry,
-    #[error("kernel image ({image} bytes) is larger than guest RAM ({ram} bytes)")]
-    KernelLargerThanRam { image: u64, ram: u64 },
+    #[error("kernel needs {needed} bytes of guest RAM, the guest has {ram}")]
+    KernelLargerThanRam { needed: u64, ram: u64 },
     #[error("kernel occupies [{start:#x}, {end:#x}), which is not entirely guest RAM")]
     KernelOutsideRam { start: u64, end: u64 },
     #[error("guest RAM must cover [0, {needed:#x}) for the boot structures")]

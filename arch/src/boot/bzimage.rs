@@ -12,8 +12,9 @@ use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
-use super::{check_cmdline, check_kernel_placement, low_ram_end, write_cmdline};
+use super::{check_cmdline, check_fits_in_ram, check_kernel_placement};
 use super::{le_u16, le_u32, le_u64};
+use super::{low_ram_end, write_cmdline};
 use super::{BootEntry, BootProtocol};
 use crate::e820::e820_map;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE_START};
@@ -66,7 +67,8 @@ where
     if le_u16(header, SETUP_XLOADFLAGS) & XLF_KERNEL_64 == 0 {
         return Err(Error::No64BitEntry);
     }
-    check_image_complete(kernel, header)?;
+    let protected_mode_size = check_image_complete(kernel, header)?;
+    check_fits_in_ram(mem, protected_mode_size)?;
     let kernel_cmdline_max = le_u32(header, SETUP_CMDLINE_SIZE) as usize;
     check_cmdline(cmdline, kernel_cmdline_max.min(CMDLINE_MAX_SIZE - 1))?;
 
@@ -143,7 +145,8 @@ fn runtime_start(header: &[u8], load_address: u64) -> u64 {
 
 /// The protected-mode kernel follows the setup sectors and is `syssize` 16-byte paragraphs
 /// long; an image that ends earlier is truncated (linux-loader would load the short rest).
-fn check_image_complete<K: Seek>(kernel: &mut K, header: &[u8]) -> Result<(), Error> {
+/// Returns the size of what will be loaded: everything after the setup sectors.
+fn check_image_complete<K: Seek>(kernel: &mut K, header: &[u8]) -> Result<u64, Error> {
     let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
     // setup_sects == 0 means 4, for compatibility with ancient images.
     let setup_sectors = match header[SETUP_SECTS] {
@@ -155,7 +158,7 @@ fn check_image_complete<K: Seek>(kernel: &mut K, header: &[u8]) -> Result<(), Er
     if image_size < setup_size + protected_mode_size {
         return Err(Error::KernelTruncated { size: image_size });
     }
-    Ok(())
+    Ok(image_size - setup_size)
 }
 
 /// Records the initramfs, or clears the fields copied from the image when there is none.

@@ -12,7 +12,7 @@ mod initramfs;
 mod pvh;
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek};
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 
@@ -63,14 +63,6 @@ where
     check_boot_area(mem)?;
     check_cmdline(cmdline, CMDLINE_MAX_SIZE - 1)?;
 
-    let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
-    let ram_size = total_ram(mem);
-    if image_size > ram_size {
-        return Err(Error::KernelLargerThanRam {
-            image: image_size,
-            ram: ram_size,
-        });
-    }
     kernel.rewind().map_err(Error::ReadKernel)?;
     let mut header = [0u8; HEADER_WINDOW];
     let header_len = read_up_to(kernel, &mut header).map_err(Error::ReadKernel)?;
@@ -99,8 +91,14 @@ fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn total_ram<M: GuestMemoryBackend>(mem: &M) -> u64 {
-    mem.iter().map(|region| region.len()).sum()
+/// Refuses a kernel that needs `needed` bytes of RAM when the guest has less in total: a
+/// clearer message than the placement error that would follow.
+fn check_fits_in_ram<M: GuestMemoryBackend>(mem: &M, needed: u64) -> Result<(), Error> {
+    let ram: u64 = mem.iter().map(|region| region.len()).sum();
+    if needed > ram {
+        return Err(Error::KernelLargerThanRam { needed, ram });
+    }
+    Ok(())
 }
 
 /// End (exclusive) of the RAM region that starts at address 0: the highest place below 4 GiB

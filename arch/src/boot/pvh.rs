@@ -9,7 +9,7 @@ use linux_loader::loader::{elf::PvhBootCapability, Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
-use super::{check_kernel_placement, low_ram_end, write_cmdline};
+use super::{check_fits_in_ram, check_kernel_placement, low_ram_end, write_cmdline};
 use super::{le_u16, le_u32, le_u64};
 use super::{BootEntry, BootProtocol};
 use crate::e820::{e820_map, E820Entry};
@@ -63,6 +63,11 @@ where
     K: Read + Seek + ReadVolatile,
 {
     let segments = read_load_segments(kernel, header)?;
+    // Only the loaded segments count: a vmlinux with debug info is far larger than its image.
+    let loaded_size = segments
+        .iter()
+        .fold(0u64, |total, segment| total.saturating_add(segment.memsz));
+    check_fits_in_ram(mem, loaded_size)?;
     for segment in &segments {
         check_kernel_placement(mem, segment.paddr, segment.paddr.0 + segment.memsz)?;
     }

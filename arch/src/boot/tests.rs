@@ -599,15 +599,37 @@ fn not_a_kernel_is_refused() {
 #[test]
 fn kernel_larger_than_ram_is_refused() {
     let mem = memory(2 * MIB);
-    let mut image = elf_image(&ElfSpec::default());
-    image.resize(3 * MIB as usize, 0);
+    // ELF: what counts is the memory the segments need.
+    let spec = ElfSpec {
+        load_memsz: 3 * MIB,
+        ..Default::default()
+    };
     assert!(matches!(
-        load(&mem, &image, ""),
+        load(&mem, &elf_image(&spec), ""),
         Err(Error::KernelLargerThanRam {
-            image: 0x30_0000,
+            needed: 0x30_0000,
             ram: 0x20_0000
         })
     ));
+    // bzImage: everything after the setup sectors is loaded.
+    let mut image = bzimage(&BzSpec::default());
+    image.resize(BZ_SETUP_SIZE + 3 * MIB as usize, 0);
+    assert!(matches!(
+        load(&mem, &image, ""),
+        Err(Error::KernelLargerThanRam {
+            needed: 0x30_0000,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn elf_file_larger_than_ram_loads_if_its_segments_fit() {
+    // Like a vmlinux with debug info: the file is bigger than RAM, the loaded part is not.
+    let mem = memory(2 * MIB);
+    let mut image = elf_image(&ElfSpec::default());
+    image.resize(3 * MIB as usize, 0xEE);
+    assert_eq!(load(&mem, &image, "").unwrap().protocol, BootProtocol::Pvh);
 }
 
 #[test]
