@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ApiSocketConfig, RestoreConfig, VmConfig};
 
-pub use routes::{Route, RouteAction, ROUTES};
+pub use routes::{HttpMethod, Route, RouteAction, API_PREFIX, ROUTES};
 pub use server::ServerLimits;
 
 /// One operation asked of the control loop.
