@@ -195,3 +195,58 @@ fn every_schema_in_our_spec_compiles() {
             .unwrap_or_else(|error| panic!("schema {name} does not compile: {error}"));
     }
 }
+
+/// Collects every `$ref` string in `value`.
+fn collect_refs<'a>(value: &'a Value, refs: &mut Vec<&'a str>) {
+    match value {
+        Value::Object(map) => {
+            for (key, item) in map {
+                match (key.as_str(), item) {
+                    ("$ref", Value::String(target)) => refs.push(target),
+                    _ => collect_refs(item, refs),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_refs(item, refs)),
+        _ => {}
+    }
+}
+
+#[test]
+fn spec_is_structurally_sound_openapi_3_0() {
+    let spec = spec();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.0"));
+    assert!(spec["info"]["title"].is_string() && spec["info"]["version"].is_string());
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        assert!(path.starts_with('/'), "{path}");
+        for (method, operation) in item.as_object().unwrap() {
+            assert!(["get", "put"].contains(&method.as_str()), "{method} {path}");
+            let responses = operation["responses"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{method} {path} has no responses"));
+            for (status, response) in responses {
+                assert!(
+                    status.len() == 3 && status.parse::<u16>().is_ok(),
+                    "{method} {path}: status {status}"
+                );
+                assert!(
+                    response["description"].is_string(),
+                    "{method} {path} {status}"
+                );
+            }
+        }
+    }
+    // Every reference points at a schema that exists.
+    let mut refs = Vec::new();
+    collect_refs(spec, &mut refs);
+    assert!(refs.len() > 80, "only {} references found", refs.len());
+    for target in refs {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("reference {target} is not to a component schema"));
+        assert!(
+            spec["components"]["schemas"].get(name).is_some(),
+            "dangling reference {target}"
+        );
+    }
+}
