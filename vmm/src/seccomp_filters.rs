@@ -434,6 +434,50 @@ mod tests {
         .unwrap();
     }
 
+    /// The trap path end to end, in a forked child so that the test process survives: the
+    /// forbidden call must end the child with exit code 1 and a stderr line naming the call.
+    #[test]
+    fn trap_mode_names_the_forbidden_call_and_exits() {
+        // Built before fork: the child of a multi-threaded process must not allocate.
+        let program = build_filter(ThreadKind::EventMonitor, SeccompAction::Trap).unwrap();
+        let mut pipe_fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array we own.
+        assert_eq!(unsafe { libc::pipe(pipe_fds.as_mut_ptr()) }, 0);
+        let [read_end, write_end] = pipe_fds;
+        // SAFETY: the child only makes async-signal-safe calls (dup2, sigaction, prctl, seccomp,
+        // socket, write, _exit) before it exits.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            // SAFETY: plain descriptor and process calls in the forked child, see above.
+            unsafe {
+                libc::dup2(write_end, libc::STDERR_FILENO);
+                install_sigsys_reporter();
+                if seccompiler::apply_filter(&program).is_err() {
+                    libc::_exit(3);
+                }
+                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end so that reading sees end of file.
+        unsafe { libc::close(write_end) };
+        let mut status = 0;
+        // SAFETY: waiting for the child we just forked.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        // SAFETY: `read_end` is ours; the File closes it.
+        let mut stderr =
+            unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(read_end) };
+        let mut message = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut message).unwrap();
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 1, "{message}");
+        assert!(
+            message.contains(&format!("forbidden system call {}", libc::SYS_socket)),
+            "{message}"
+        );
+    }
+
     #[test]
     fn decimal_formatting() {
         let mut buffer = [b' '; 10];
