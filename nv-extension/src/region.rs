@@ -257,12 +257,8 @@ fn format(store: &mut dyn Persistence, options: &OpenOptions) -> Result<Superblo
         // An existing device or file keeps its size; a new file starts with the metadata only.
         None => (store.len() & !(align - 1)).max(data_start),
     };
-    store.grow(region_size)?;
     if store.len() < region_size {
-        return Err(Error::Truncated {
-            expected: region_size,
-            actual: store.len(),
-        });
+        store.grow(region_size)?;
     }
     let sb = Superblock {
         generation: 1,
@@ -492,6 +488,11 @@ impl Region {
 
     pub fn vm(&self, name: &str) -> Result<VmSummary> {
         self.transact(|_, table| Ok((summary(find(table, name)?), false)))
+    }
+
+    /// A VM's stored config, readable without owning the VM (listings, status).
+    pub fn config_blob(&self, name: &str) -> Result<Vec<u8>> {
+        self.transact(|_, table| Ok((find(table, name)?.config.clone(), false)))
     }
 
     /// Adds a VM with `memory_size` bytes of guest RAM (a multiple of 4 KiB).

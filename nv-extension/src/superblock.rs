@@ -146,7 +146,9 @@ impl Superblock {
         if self.table_copy_len < crate::vm_table::HEADER_LEN as u64 {
             return bad("VM table copy too small");
         }
-        if !self.data_start.is_multiple_of(self.extent_alignment) || self.data_start > self.region_size {
+        if !self.data_start.is_multiple_of(self.extent_alignment)
+            || self.data_start > self.region_size
+        {
             return bad("data area misplaced");
         }
         if self.state_slot_len < 2 * crate::state_slots::HEADER_LEN as u64
