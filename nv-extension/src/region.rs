@@ -770,17 +770,32 @@ impl VmHandle {
     }
 
     /// Records "running since seq N" durably; call before any guest code runs.
+    ///
+    /// Once that record is durable, the slot holding state N is destroyed as
+    /// well: guest memory is about to move on, so state N must never be
+    /// resumed again, even if media damage to the newest VM-table copy rolls
+    /// the table back to the copy that still said "saved at seq N".
     pub fn begin_run(&self, kind: RunKind) -> Result<()> {
-        self.transact_owned(|shared, entry| {
+        let (since_seq, _) = self.transact_owned(|shared, entry| {
             // Region marker first: a running VM always implies a dirty region.
             Region::update_superblock(shared, |sb| {
                 sb.shutdown_marker = ShutdownMarker::VmsRunning
             })?;
-            entry.record = RunRecord::Running {
-                since_seq: entry.record.last_seq(),
-                kind,
-            };
-            Ok(((), true))
+            let since_seq = entry.record.last_seq();
+            entry.record = RunRecord::Running { since_seq, kind };
+            Ok((since_seq, true))
+        })?;
+        if since_seq == 0 {
+            return Ok(());
+        }
+        self.transact_owned(|shared, entry| {
+            let area = state_area(entry);
+            if let Some(slot) = area.newest(shared.store.as_ref())? {
+                if slot.seq == since_seq {
+                    area.invalidate(shared.store.as_mut(), slot.index)?;
+                }
+            }
+            Ok(((), false))
         })
         .map(|_| ())
     }

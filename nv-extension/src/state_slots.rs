@@ -89,6 +89,13 @@ impl StateArea {
         })
     }
 
+    /// Destroys slot `index`'s header so its state can never be taken again.
+    pub fn invalidate(&self, store: &mut dyn Persistence, index: usize) -> Result<()> {
+        let offset = self.slot_offset(index);
+        store.write(offset, &[0u8; HEADER_LEN])?;
+        store.persist(offset, HEADER_LEN as u64)
+    }
+
     /// Commits `payload` as sequence `seq` into the slot not holding `newest`.
     pub fn write(
         &self,

@@ -69,7 +69,7 @@ fn missing_path_is_created_as_a_plain_file_region_and_grows_with_vms() {
 }
 
 #[test]
-fn fixed_size_region_reports_out_of_space_with_the_largest_gap() {
+fn region_size_option_sets_the_starting_size_of_a_growable_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fixed.nv");
     let options = OpenOptions {
