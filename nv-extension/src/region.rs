@@ -622,15 +622,12 @@ impl Region {
 
     /// What `VmHandle::recover` would return, without claiming the VM (status listings).
     pub fn inspect_recovery(&self, name: &str) -> Result<RecoveredVm> {
-        let shared = self.lock();
-        shared.store.lock_metadata()?;
-        let result = (|| {
-            let sb = read_superblock(shared.store.as_ref())?.ok_or(Error::UnsafeShutdown)?;
-            let table = read_table(shared.store.as_ref(), &sb)?;
-            recoverable_state(shared.store.as_ref(), find(&table, name)?)
-        })();
-        shared.store.unlock_metadata();
-        result
+        self.transact(|shared, table| {
+            Ok((
+                recoverable_state(shared.store.as_ref(), find(table, name)?)?,
+                false,
+            ))
+        })
     }
 }
 
@@ -813,19 +810,11 @@ impl VmHandle {
 
     /// The last complete save, if the VM's record says it ended with one.
     pub fn recover(&self) -> Result<RecoveredVm> {
-        let shared = self.region.lock();
-        shared.store.lock_metadata()?;
-        let result = (|| {
-            let sb = read_superblock(shared.store.as_ref())?.ok_or(Error::UnsafeShutdown)?;
-            let table = read_table(shared.store.as_ref(), &sb)?;
-            let entry = find(&table, &self.name)?;
-            if entry.owner != self.claim {
-                return Err(Error::OwnershipLost(self.name.clone()));
-            }
-            recoverable_state(shared.store.as_ref(), entry)
-        })();
-        shared.store.unlock_metadata();
-        result
+        Ok(self
+            .transact_owned(|shared, entry| {
+                Ok((recoverable_state(shared.store.as_ref(), entry)?, false))
+            })?
+            .0)
     }
 
     /// Makes guest memory durable: msync of the extent, or cache write-back on DAX.
@@ -865,34 +854,23 @@ impl VmHandle {
         Ok(seq)
     }
 
+    /// Sets the region's clean marker once no VM is recorded as running.
     fn mark_clean_if_idle(&self, table: &VmTable) -> Result<()> {
-        if table
-            .entries
-            .iter()
-            .any(|e| matches!(e.record, RunRecord::Running { .. }))
-        {
+        let running = |t: &VmTable| {
+            t.entries
+                .iter()
+                .any(|e| matches!(e.record, RunRecord::Running { .. }))
+        };
+        if running(table) {
             return Ok(());
         }
-        let mut shared = self.region.lock();
-        shared.store.lock_metadata()?;
         // Re-check under the lock: another process may have started a VM since.
-        let result = (|| {
-            let sb = read_superblock(shared.store.as_ref())?.ok_or(Error::UnsafeShutdown)?;
-            shared.superblock = sb;
-            let current = read_table(shared.store.as_ref(), &shared.superblock)?;
-            if current
-                .entries
-                .iter()
-                .all(|e| !matches!(e.record, RunRecord::Running { .. }))
-            {
-                Region::update_superblock(&mut shared, |sb| {
-                    sb.shutdown_marker = ShutdownMarker::Clean
-                })?;
+        self.region.transact(|shared, current| {
+            if !running(current) {
+                Region::update_superblock(shared, |sb| sb.shutdown_marker = ShutdownMarker::Clean)?;
             }
-            Ok(())
-        })();
-        shared.store.unlock_metadata();
-        result
+            Ok(((), false))
+        })
     }
 }
 
@@ -933,3 +911,10 @@ impl std::fmt::Debug for Region {
         )
     }
 }
+
+/// The VMM moves handles between its control and vCPU threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Region>();
+    assert_send_sync::<VmHandle>();
+};

@@ -498,7 +498,7 @@ fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
         for variant in 0..VARIANTS_PER_CUT {
             tally.cuts += 1;
             let image = pending.crash_image(&durable, &mut rng, variant);
-            if cut < trace.format_end || (cut == trace.format_end && trace.checkpoints[0].0 > cut) {
+            if cut < trace.format_end {
                 // Interrupted format: refusing is fine, panicking or accepting garbage is not.
                 match Region::open_store(
                     Box::new(MemoryBackend::new(image)),
