@@ -1,0 +1,45 @@
+/*
+ * Polling virtio-blk driver over virtio-mmio version 2 (virtio 1.x, split
+ * virtqueue), run entirely in ring 3 with interrupts off: completions are
+ * found by watching the used ring. Guest-physical equals guest-virtual
+ * (identity map), so buffers are handed to the device by their address.
+ */
+#ifndef GUEST_VIRTIO_BLK_H
+#define GUEST_VIRTIO_BLK_H
+
+#include <stdint.h>
+
+#define VIRTIO_BLK_SECTOR_SIZE 512
+/* Requests per batch; each takes three descriptors. */
+#define VIRTIO_BLK_MAX_BATCH 16
+
+enum virtio_blk_op {
+	VIRTIO_BLK_OP_READ = 0,
+	VIRTIO_BLK_OP_WRITE = 1,
+};
+
+struct virtio_blk_io {
+	enum virtio_blk_op op;
+	uint64_t sector;
+	void *buffer;
+	uint32_t length; /* multiple of 512 */
+};
+
+struct virtio_blk;
+
+/* Probes the announced virtio-mmio devices for the first block device and
+ * brings it up (VERSION_1 + FLUSH negotiated). Returns 0 or sets *error. */
+struct virtio_blk *virtio_blk_open(const char **error);
+uint64_t virtio_blk_capacity_sectors(const struct virtio_blk *disk);
+int virtio_blk_readonly(const struct virtio_blk *disk);
+/* Largest batch virtio_blk_submit accepts (queue size permitting). */
+int virtio_blk_max_batch(const struct virtio_blk *disk);
+
+/* Runs `count` requests concurrently (one notification) and waits for all.
+ * Returns 0, or -1 with *error set. */
+int virtio_blk_submit(struct virtio_blk *disk, const struct virtio_blk_io *ios,
+		      int count, const char **error);
+/* VIRTIO_BLK_T_FLUSH: everything completed before is durable on return. */
+int virtio_blk_flush(struct virtio_blk *disk, const char **error);
+
+#endif
