@@ -440,7 +440,10 @@ impl Region {
             let mut table = read_table(shared.store.as_ref(), &shared.superblock)?;
             let (value, changed) = change(&mut shared, &mut table)?;
             if changed {
-                table.generation += 1;
+                table.generation = table
+                    .generation
+                    .checked_add(1)
+                    .ok_or_else(|| Error::CorruptVmTable("generation exhausted".into()))?;
                 let sb = shared.superblock.clone();
                 write_table(shared.store.as_mut(), &sb, &table)?;
             }
@@ -456,7 +459,10 @@ impl Region {
         if sb == shared.superblock {
             return Ok(());
         }
-        sb.generation += 1;
+        sb.generation = sb
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| Error::CorruptSuperblock("generation exhausted".into()))?;
         write_superblock(shared.store.as_mut(), &sb)?;
         shared.superblock = sb;
         Ok(())
@@ -536,7 +542,7 @@ impl Region {
                 if let Err(e) = shared.store.grow(needed) {
                     log::debug!("cannot grow region: {e}");
                     return Err(Error::OutOfSpace {
-                        requested: memory_len + state_len,
+                        requested: memory_len.saturating_add(state_len),
                         largest_free: allocator::largest_free(
                             table,
                             sb.data_start,
@@ -844,7 +850,10 @@ impl VmHandle {
                 .record
                 .last_seq()
                 .max(newest.as_ref().map_or(0, |s| s.seq))
-                + 1;
+                .checked_add(1)
+                .ok_or_else(|| {
+                    Error::CorruptVmTable(format!("VM {:?}: save sequence exhausted", entry.name))
+                })?;
             area.write(shared.store.as_mut(), newest.as_ref(), seq, state_blob)?;
             fault_injection::reached(FaultPoint::CommitHeader);
             entry.record = RunRecord::Saved { seq, kind };

@@ -56,6 +56,10 @@ impl Persistence for MemoryBackend {
     fn grow(&mut self, new_len: u64) -> Result<()> {
         let new_len = usize::try_from(new_len).map_err(|_| Error::CannotGrow("size too large"))?;
         if new_len > self.bytes.len() {
+            // An absurd size from a damaged image must fail, not abort the process.
+            self.bytes
+                .try_reserve_exact(new_len - self.bytes.len())
+                .map_err(|_| Error::CannotGrow("out of memory"))?;
             self.bytes.resize(new_len, 0);
         }
         Ok(())
