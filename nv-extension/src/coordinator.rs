@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 pub use crate::error::HostError;
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
-use crate::region::VmHandle;
+use crate::vm_handle::VmHandle;
 use crate::vm_table::ShutdownKind;
 
 /// The crate's only door to a VMM.

@@ -1,0 +1,287 @@
+//! A claimed VM: guest memory backing, run records, saves and recovery.
+
+use std::fs::File;
+
+use crate::error::{Error, Result};
+use crate::fault_injection::{self, FaultPoint};
+use crate::identity::{OwnerRecord, Uuid};
+use crate::persistence::{cache_flush, Persistence, PersistenceMode};
+use crate::region::{find_mut, Region, Shared};
+use crate::state_slots::StateArea;
+use crate::superblock::ShutdownMarker;
+use crate::vm_table::{Extent, RunKind, RunRecord, ShutdownKind, VmEntry, VmTable};
+
+/// Where the VMM maps guest RAM from.
+#[derive(Debug)]
+pub struct MemoryBacking {
+    /// A duplicate of the region's descriptor; map it `MAP_SHARED` (and `MAP_SYNC` when `dax`).
+    pub file: File,
+    pub offset: u64,
+    pub size: u64,
+    pub dax: bool,
+}
+
+/// What recovery hands back to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredVm {
+    pub config_blob: Vec<u8>,
+    pub state_blob: Vec<u8>,
+    pub seq: u64,
+    pub shutdown_kind: ShutdownKind,
+}
+
+fn state_area(entry: &VmEntry) -> StateArea {
+    StateArea {
+        vm_uuid: entry.uuid,
+        area: entry.state,
+    }
+}
+
+/// The resumable state of a VM: only a complete save that the run record vouches for.
+pub(crate) fn recoverable_state(store: &dyn Persistence, entry: &VmEntry) -> Result<RecoveredVm> {
+    let (seq, kind) = match entry.record {
+        RunRecord::Saved { seq, kind } => (seq, kind),
+        RunRecord::Running { .. } => return Err(Error::UnsafeShutdown),
+        RunRecord::Created | RunRecord::PoweredOff { .. } => {
+            return Err(Error::NothingToRecover(entry.name.clone()))
+        }
+    };
+    match state_area(entry).newest(store)? {
+        Some(slot) if slot.seq == seq => Ok(RecoveredVm {
+            config_blob: entry.config.clone(),
+            state_blob: slot.payload,
+            seq,
+            shutdown_kind: kind,
+        }),
+        // The record says saved but the slot is gone or newer: trust neither.
+        _ => Err(Error::UnsafeShutdown),
+    }
+}
+
+/// Exclusive use of one VM of a region by this process.
+pub struct VmHandle {
+    region: Region,
+    name: String,
+    uuid: Uuid,
+    claim: OwnerRecord,
+    memory_size: u64,
+    memory: Extent,
+}
+
+impl VmHandle {
+    /// A handle for `entry`, whose owner record `claim` has just been committed.
+    pub(crate) fn new(region: Region, entry: &VmEntry, claim: OwnerRecord) -> Self {
+        VmHandle {
+            region,
+            name: entry.name.clone(),
+            uuid: entry.uuid,
+            claim,
+            memory_size: entry.memory_size,
+            memory: entry.memory,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    pub fn memory_size(&self) -> u64 {
+        self.memory_size
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub fn persistence_mode(&self) -> PersistenceMode {
+        self.region.persistence_mode()
+    }
+
+    /// Runs `change` on this VM's entry, after checking this handle still owns it.
+    fn transact_owned<T>(
+        &self,
+        change: impl FnOnce(&mut Shared, &mut VmEntry) -> Result<(T, bool)>,
+    ) -> Result<(T, VmTable)> {
+        self.region.transact(|shared, table| {
+            let entry = find_mut(table, &self.name)?;
+            if entry.owner != self.claim {
+                return Err(Error::OwnershipLost(self.name.clone()));
+            }
+            let (value, changed) = change(shared, entry)?;
+            Ok(((value, table.clone()), changed))
+        })
+    }
+
+    /// The file, offset and size the VMM maps guest RAM from.
+    pub fn memory_backing(&self) -> Result<MemoryBacking> {
+        let shared = self.region.lock();
+        let file = shared
+            .store
+            .file()
+            .ok_or(Error::NoFileBacking {
+                operation: "mapping guest memory",
+            })?
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the region descriptor", e))?;
+        Ok(MemoryBacking {
+            file,
+            offset: self.memory.offset,
+            size: self.memory_size,
+            dax: shared.store.mode().is_dax(),
+        })
+    }
+
+    pub fn config_blob(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .transact_owned(|_, entry| Ok((entry.config.clone(), false)))?
+            .0)
+    }
+
+    pub fn set_config_blob(&self, config_blob: &[u8]) -> Result<()> {
+        self.transact_owned(|_, entry| {
+            entry.config = config_blob.to_vec();
+            Ok(((), true))
+        })
+        .map(|_| ())
+    }
+
+    /// Records "running since seq N" durably; call before any guest code runs.
+    ///
+    /// Once that record is durable, the slot holding state N is destroyed as
+    /// well: guest memory is about to move on, so state N must never be
+    /// resumed again, even if media damage to the newest VM-table copy rolls
+    /// the table back to the copy that still said "saved at seq N".
+    pub fn begin_run(&self, kind: RunKind) -> Result<()> {
+        let (since_seq, _) = self.transact_owned(|shared, entry| {
+            // Region marker first: a running VM always implies a dirty region.
+            Region::update_superblock(shared, |sb| {
+                sb.shutdown_marker = ShutdownMarker::VmsRunning
+            })?;
+            let since_seq = entry.record.last_seq();
+            entry.record = RunRecord::Running { since_seq, kind };
+            Ok((since_seq, true))
+        })?;
+        if since_seq == 0 {
+            return Ok(());
+        }
+        self.transact_owned(|shared, entry| {
+            let area = state_area(entry);
+            if let Some(slot) = area.newest(shared.store.as_ref())? {
+                if slot.seq == since_seq {
+                    area.invalidate(shared.store.as_mut(), slot.index)?;
+                }
+            }
+            Ok(((), false))
+        })
+        .map(|_| ())
+    }
+
+    /// Records that the guest stopped without a save (powered off); the next start is cold.
+    pub fn mark_powered_off(&self) -> Result<()> {
+        let ((), table) = self.transact_owned(|_, entry| {
+            entry.record = RunRecord::PoweredOff {
+                after_seq: entry.record.last_seq(),
+            };
+            Ok(((), true))
+        })?;
+        self.mark_clean_if_idle(&table)
+    }
+
+    /// The last complete save, if the VM's record says it ended with one.
+    pub fn recover(&self) -> Result<RecoveredVm> {
+        Ok(self
+            .transact_owned(|shared, entry| {
+                Ok((recoverable_state(shared.store.as_ref(), entry)?, false))
+            })?
+            .0)
+    }
+
+    /// Makes guest memory durable: msync of the extent, or cache write-back on DAX.
+    ///
+    /// `host_ranges` are the VMM's own mappings of guest RAM; on DAX they are
+    /// flushed directly (the lines are in this CPU's caches under those
+    /// addresses). Without them the region's own mapping of the extent is used.
+    pub fn persist_guest_memory(&self, host_ranges: &[(*const u8, usize)]) -> Result<()> {
+        let mut shared = self.region.lock();
+        if shared.store.mode().is_dax() && !host_ranges.is_empty() {
+            for &(start, len) in host_ranges {
+                // SAFETY: the host trait promises these are live mappings of guest
+                // RAM for the duration of the save (vCPUs are paused, nothing unmaps).
+                unsafe { cache_flush::write_back(start, len)? };
+            }
+            return Ok(());
+        }
+        shared.store.persist(self.memory.offset, self.memory_size)
+    }
+
+    /// Commits a saved state: payload, slot header, then "saved at seq N". Returns N.
+    pub fn commit_state(&self, state_blob: &[u8], kind: ShutdownKind) -> Result<u64> {
+        let (seq, table) = self.transact_owned(|shared, entry| {
+            let area = state_area(entry);
+            let newest = area.newest(shared.store.as_ref())?;
+            let seq = entry
+                .record
+                .last_seq()
+                .max(newest.as_ref().map_or(0, |s| s.seq))
+                .checked_add(1)
+                .ok_or_else(|| {
+                    Error::CorruptVmTable(format!("VM {:?}: save sequence exhausted", entry.name))
+                })?;
+            area.write(shared.store.as_mut(), newest.as_ref(), seq, state_blob)?;
+            fault_injection::reached(FaultPoint::CommitHeader);
+            entry.record = RunRecord::Saved { seq, kind };
+            Ok((seq, true))
+        })?;
+        self.mark_clean_if_idle(&table)?;
+        Ok(seq)
+    }
+
+    /// Sets the region's clean marker once no VM is recorded as running.
+    fn mark_clean_if_idle(&self, table: &VmTable) -> Result<()> {
+        let running = |t: &VmTable| {
+            t.entries
+                .iter()
+                .any(|e| matches!(e.record, RunRecord::Running { .. }))
+        };
+        if running(table) {
+            return Ok(());
+        }
+        // Re-check under the lock: another process may have started a VM since.
+        self.region.transact(|shared, current| {
+            if !running(current) {
+                Region::update_superblock(shared, |sb| sb.shutdown_marker = ShutdownMarker::Clean)?;
+            }
+            Ok(((), false))
+        })
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        let claim = self.claim;
+        let released = self
+            .region
+            .transact(|_, table| match table.find_mut(&self.name) {
+                Some(entry) if entry.owner == claim => {
+                    entry.owner = OwnerRecord::default();
+                    Ok(((), true))
+                }
+                _ => Ok(((), false)),
+            });
+        if let Err(e) = released {
+            // The record stays; it is stale as soon as this process exits.
+            log::warn!("VM {:?}: could not clear the owner record: {e}", self.name);
+        }
+        claim.release();
+    }
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VmHandle({:?}, {})", self.name, self.uuid)
+    }
+}
