@@ -44,6 +44,8 @@ pub enum Error {
     OutOfSpace { requested: u64, largest_free: u64 },
     #[error("NV region VM table is full: {needed} bytes needed, a table copy holds {capacity}")]
     VmTableFull { needed: u64, capacity: u64 },
+    #[error("VM {0:?} has a saved state that matches its memory; recover or cold-boot it before resizing")]
+    ResizeWouldDiscardState(String),
     #[error("VM {vm:?} is owned by a running process (pid {pid})")]
     OwnedByLiveProcess { vm: String, pid: u32 },
     #[error("this handle no longer owns VM {0:?} (another process took it over)")]

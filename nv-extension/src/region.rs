@@ -300,44 +300,15 @@ impl Region {
             if table.find(name).is_some() {
                 return Err(Error::VmExists(name.to_string()));
             }
-            let sb = shared.superblock.clone();
+            let align = shared.superblock.extent_alignment;
             let too_big = Error::InvalidSize {
                 size: memory_size,
                 reason: "guest memory too large",
             };
-            let memory_len = align_up(memory_size, sb.extent_alignment).ok_or(too_big)?;
+            let memory_len = align_up(memory_size, align).ok_or(too_big)?;
             let state_len =
-                align_up(2 * sb.state_slot_len, sb.extent_alignment).unwrap_or(u64::MAX);
-            let lengths = [memory_len, state_len];
-            let (offsets, needed) = allocator::place(
-                table,
-                sb.data_start,
-                sb.region_size,
-                sb.extent_alignment,
-                &lengths,
-            )
-            .ok_or(Error::OutOfSpace {
-                requested: memory_len,
-                largest_free: 0,
-            })?;
-            if needed > sb.region_size {
-                // Grow the store first, then record the new size: a crash in
-                // between leaves unused bytes at the end, never a table entry
-                // pointing past the region.
-                if let Err(e) = shared.store.grow(needed) {
-                    log::debug!("cannot grow region: {e}");
-                    return Err(Error::OutOfSpace {
-                        requested: memory_len.saturating_add(state_len),
-                        largest_free: allocator::largest_free(
-                            table,
-                            sb.data_start,
-                            sb.region_size,
-                            sb.extent_alignment,
-                        ),
-                    });
-                }
-                Self::update_superblock(shared, |sb| sb.region_size = needed)?;
-            }
+                align_up(2 * shared.superblock.state_slot_len, align).unwrap_or(u64::MAX);
+            let offsets = Self::allocate(shared, table, &[memory_len, state_len])?;
             let entry = VmEntry {
                 name: name.to_string(),
                 uuid,
@@ -357,6 +328,93 @@ impl Region {
             let result = summary(&entry);
             table.entries.push(entry);
             Ok((result, true))
+        })
+    }
+
+    /// Places extents of the given lengths, growing the store if it can and must.
+    fn allocate(shared: &mut Shared, table: &VmTable, lengths: &[u64]) -> Result<Vec<u64>> {
+        let sb = shared.superblock.clone();
+        let requested = lengths
+            .iter()
+            .fold(0u64, |sum, len| sum.saturating_add(*len));
+        let out_of_space = |table: &VmTable| Error::OutOfSpace {
+            requested,
+            largest_free: allocator::largest_free(
+                table,
+                sb.data_start,
+                sb.region_size,
+                sb.extent_alignment,
+            ),
+        };
+        let (offsets, needed) = allocator::place(
+            table,
+            sb.data_start,
+            sb.region_size,
+            sb.extent_alignment,
+            lengths,
+        )
+        .ok_or_else(|| out_of_space(table))?;
+        if needed > sb.region_size {
+            // Grow the store first, then record the new size: a crash in
+            // between leaves unused bytes at the end, never a table entry
+            // pointing past the region.
+            if let Err(e) = shared.store.grow(needed) {
+                log::debug!("cannot grow region: {e}");
+                return Err(out_of_space(table));
+            }
+            Self::update_superblock(shared, |sb| sb.region_size = needed)?;
+        }
+        Ok(offsets)
+    }
+
+    /// Changes a VM's guest memory size (a multiple of 4 KiB).
+    ///
+    /// The memory may move to a new extent and is not copied, so only a VM
+    /// that will cold-boot next may be resized: one with a resumable saved
+    /// state is refused, as is one owned by a live process.
+    pub fn resize_vm(&self, name: &str, memory_size: u64) -> Result<VmSummary> {
+        if memory_size == 0 || !memory_size.is_multiple_of(4096) {
+            return Err(Error::InvalidSize {
+                size: memory_size,
+                reason: "guest memory must be a non-zero multiple of 4096 bytes",
+            });
+        }
+        self.transact(|shared, table| {
+            let entry = find(table, name)?;
+            if entry.owner.is_live() {
+                return Err(Error::OwnedByLiveProcess {
+                    vm: name.to_string(),
+                    pid: entry.owner.pid,
+                });
+            }
+            if matches!(entry.record, RunRecord::Saved { .. }) {
+                return Err(Error::ResizeWouldDiscardState(name.to_string()));
+            }
+            let align = shared.superblock.extent_alignment;
+            let memory_len = align_up(memory_size, align).ok_or(Error::InvalidSize {
+                size: memory_size,
+                reason: "guest memory too large",
+            })?;
+            let memory = if memory_len <= entry.memory.len {
+                // Shrink in place; the tail becomes free space.
+                Extent {
+                    offset: entry.memory.offset,
+                    len: memory_len,
+                }
+            } else {
+                // Place as if the old extent were already free (it may be reused in place).
+                let mut without = table.clone();
+                find_mut(&mut without, name)?.memory.len = 0;
+                let offsets = Self::allocate(shared, &without, &[memory_len])?;
+                Extent {
+                    offset: offsets[0],
+                    len: memory_len,
+                }
+            };
+            let entry = find_mut(table, name)?;
+            entry.memory = memory;
+            entry.memory_size = memory_size;
+            Ok((summary(entry), true))
         })
     }
 

@@ -1,7 +1,7 @@
 //! Crash-injection harness (the pmemcheck/pmreorder model).
 //!
 //! A recording backend logs every store and every persist while random
-//! create / claim / run / save / config / power-off / delete operations drive
+//! create / claim / run / save / config / power-off / resize / delete operations drive
 //! a region. Then the log is cut after every event, and each cut is turned
 //! into several crash images: everything persisted before the cut is on the
 //! medium; of the stores not yet persisted, each 8-byte word independently
@@ -158,7 +158,7 @@ fn options() -> OpenOptions {
 /// A recorded run: the event log and, per completed operation, where it ended and the model after it.
 struct Trace {
     initial_len: usize,
-    /// Creates refused because a fixed-size store was full.
+    /// Creates and resizes refused because a fixed-size store was full.
     out_of_space: u64,
     events: Vec<Event>,
     /// (events logged when the operation finished, committed model after it)
@@ -192,7 +192,7 @@ fn record(seed: u64) -> Trace {
 
     for _ in 0..OPS_PER_SCENARIO {
         let name = NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
-        match rng.below(9) {
+        match rng.below(10) {
             0 | 1 => {
                 let memory_size = (1 + rng.below(3)) * PAGE;
                 let config = rng.blob(0, 40);
@@ -274,6 +274,19 @@ fn record(seed: u64) -> Trace {
                         handle.mark_powered_off().expect("power off");
                         model.get_mut(handle.name()).unwrap().recovery = Recovery::Nothing;
                     }
+                }
+            }
+            8 => {
+                let memory_size = (1 + rng.below(4)) * PAGE;
+                match region.resize_vm(&name, memory_size) {
+                    Ok(_) => model.get_mut(&name).unwrap().memory_size = memory_size,
+                    Err(Error::VmNotFound(_)) => assert!(!model.contains_key(&name)),
+                    Err(Error::OwnedByLiveProcess { .. }) => assert!(handles.contains_key(&name)),
+                    Err(Error::ResizeWouldDiscardState(_)) => {
+                        assert!(matches!(model[&name].recovery, Recovery::State { .. }))
+                    }
+                    Err(Error::OutOfSpace { .. }) => out_of_space += 1,
+                    Err(e) => panic!("{seed}: resize failed: {e}"),
                 }
             }
             _ => {
@@ -562,7 +575,7 @@ fn main() {
     }
     println!(
         "crash injection: {} cuts, {} violations ({SCENARIOS} scenarios, {events} recorded events, \
-         {} refused mid-format, {} re-saved after the crash, {out_of_space} creates refused for space, {:.1} s)",
+         {} refused mid-format, {} re-saved after the crash, {out_of_space} allocations refused for space, {:.1} s)",
         tally.cuts,
         tally.violations,
         tally.refused_before_format,

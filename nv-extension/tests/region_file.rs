@@ -69,6 +69,80 @@ fn missing_path_is_created_as_a_plain_file_region_and_grows_with_vms() {
 }
 
 #[test]
+fn resize_moves_or_shrinks_memory_but_never_discards_a_resumable_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resize.nv");
+    let region = Region::open(&path, &create_options()).unwrap();
+    region.create_vm("a", 2 * MIB, b"").unwrap();
+    region.create_vm("b", 2 * MIB, b"").unwrap();
+    let before = region
+        .claim_vm("a")
+        .unwrap()
+        .memory_backing()
+        .unwrap()
+        .offset;
+    // "a" is boxed in by "b": growing it moves it to the end of the region.
+    assert_eq!(region.resize_vm("a", 6 * MIB).unwrap().memory_size, 6 * MIB);
+    let moved = region.claim_vm("a").unwrap().memory_backing().unwrap();
+    assert_ne!(moved.offset, before);
+    assert_eq!(moved.size, 6 * MIB);
+    // Shrinking stays in place.
+    region.resize_vm("a", 4 * MIB).unwrap();
+    assert_eq!(
+        region
+            .claim_vm("a")
+            .unwrap()
+            .memory_backing()
+            .unwrap()
+            .offset,
+        moved.offset
+    );
+    // A live owner or a resumable saved state refuses the resize.
+    let mut handle = region.claim_vm("a").unwrap();
+    assert!(matches!(
+        region.resize_vm("a", 2 * MIB),
+        Err(Error::OwnedByLiveProcess { .. })
+    ));
+    handle.begin_run(RunKind::ColdBoot).unwrap();
+    save_vm(
+        &mut handle,
+        &mut FixedHost(b"s".to_vec()),
+        ShutdownKind::PlannedSuspend,
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    drop(handle);
+    let err = region.resize_vm("a", 2 * MIB).unwrap_err();
+    assert!(matches!(err, Error::ResizeWouldDiscardState(_)), "{err}");
+    assert_eq!(region.vm("a").unwrap().memory_size, 4 * MIB);
+    assert!(matches!(
+        region.resize_vm("a", 4097),
+        Err(Error::InvalidSize { .. })
+    ));
+}
+
+#[test]
+fn two_region_instances_see_each_others_changes() {
+    // Two VMMs on one region: each open is its own descriptor and mapping.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.nv");
+    let first = Region::open(&path, &create_options()).unwrap();
+    let second = open_existing(&path).unwrap();
+    first.create_vm("one", 4 * MIB, b"1").unwrap();
+    // The file grew behind the second instance's mapping; it remaps and sees the VM.
+    assert_eq!(second.vm("one").unwrap().memory_size, 4 * MIB);
+    second.create_vm("two", 8 * MIB, b"2").unwrap();
+    assert_eq!(first.list_vms().unwrap().len(), 2);
+    let handle = second.claim_vm("two").unwrap();
+    assert!(matches!(
+        first.claim_vm("two"),
+        Err(Error::OwnedByLiveProcess { .. })
+    ));
+    assert_eq!(handle.memory_backing().unwrap().size, 8 * MIB);
+    assert_eq!(first.config_blob("two").unwrap(), b"2");
+}
+
+#[test]
 fn region_size_option_sets_the_starting_size_of_a_growable_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fixed.nv");
