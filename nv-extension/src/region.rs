@@ -210,6 +210,15 @@ impl Region {
         &self,
         change: impl FnOnce(&mut Shared, &mut VmTable) -> Result<(T, bool)>,
     ) -> Result<T> {
+        self.transact_then(change, |_, _| Ok(()))
+    }
+
+    /// Like [`Region::transact`], then runs `after_commit` still under the lock.
+    fn transact_then<T>(
+        &self,
+        change: impl FnOnce(&mut Shared, &mut VmTable) -> Result<(T, bool)>,
+        after_commit: impl FnOnce(&mut Shared, &T) -> Result<()>,
+    ) -> Result<T> {
         let mut shared = self.lock();
         shared.store.lock_metadata()?;
         let result = (|| {
@@ -229,6 +238,7 @@ impl Region {
                 let sb = shared.superblock.clone();
                 write_table(shared.store.as_mut(), &sb, &table)?;
             }
+            after_commit(&mut shared, &value)?;
             Ok(value)
         })();
         shared.store.unlock_metadata();
@@ -419,18 +429,36 @@ impl Region {
     }
 
     /// Removes a VM; refused while a live process owns it.
+    ///
+    /// Once the table no longer names them, the VM's extents are discarded
+    /// (hole-punched in a file) while the lock still keeps other processes
+    /// from reusing them: the space returns to the filesystem and the next VM
+    /// placed there does not start on this guest's data.
     pub fn delete_vm(&self, name: &str) -> Result<()> {
-        self.transact(|_, table| {
-            let entry = find(table, name)?;
-            if entry.owner.is_live() {
-                return Err(Error::OwnedByLiveProcess {
-                    vm: name.to_string(),
-                    pid: entry.owner.pid,
-                });
-            }
-            table.entries.retain(|e| e.name != name);
-            Ok(((), true))
-        })
+        self.transact_then(
+            |_, table| {
+                let entry = find(table, name)?;
+                if entry.owner.is_live() {
+                    return Err(Error::OwnedByLiveProcess {
+                        vm: name.to_string(),
+                        pid: entry.owner.pid,
+                    });
+                }
+                let freed = [entry.memory, entry.state];
+                table.entries.retain(|e| e.name != name);
+                Ok((freed, true))
+            },
+            |shared, freed| {
+                for extent in freed {
+                    if let Err(e) = shared.store.discard(extent.offset, extent.len) {
+                        // The delete is committed; unreclaimed space is only a cost.
+                        log::warn!("VM {name:?} deleted, but its space was not discarded: {e}");
+                    }
+                }
+                Ok(())
+            },
+        )
+        .map(|_| ())
     }
 
     /// Takes ownership of a VM; refused while another live process (or handle) owns it.

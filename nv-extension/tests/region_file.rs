@@ -276,6 +276,41 @@ fn guest_memory_mapped_by_the_vmm_is_the_region_extent() {
 }
 
 #[test]
+fn deleting_a_vm_gives_its_space_back_to_the_filesystem() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("punch.nv");
+    let region = Region::open(&path, &create_options()).unwrap();
+    region.create_vm("big", 8 * MIB, b"").unwrap();
+    let handle = region.claim_vm("big").unwrap();
+    let backing = handle.memory_backing().unwrap();
+    // Fill the guest memory so the file really allocates it.
+    let fill = vec![0xa5u8; backing.size as usize];
+    use std::os::unix::fs::FileExt;
+    backing.file.write_all_at(&fill, backing.offset).unwrap();
+    backing.file.sync_all().unwrap();
+    drop(handle);
+    let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(allocated >= 8 * MIB, "allocated {allocated}");
+    region.delete_vm("big").unwrap();
+    let after = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(
+        after + 8 * MIB <= allocated,
+        "before {allocated}, after {after}"
+    );
+    // A VM created in the same place starts on zeros, not on the old guest's data.
+    region.create_vm("next", 8 * MIB, b"").unwrap();
+    let handle = region.claim_vm("next").unwrap();
+    let backing = handle.memory_backing().unwrap();
+    let mut page = vec![1u8; 4096];
+    backing
+        .file
+        .read_exact_at(&mut page, backing.offset)
+        .unwrap();
+    assert!(page.iter().all(|b| *b == 0));
+}
+
+#[test]
 fn tmpfs_refuses_map_sync_and_falls_back_to_msync() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let region = Region::open(dir.path().join("r.nv"), &create_options()).unwrap();

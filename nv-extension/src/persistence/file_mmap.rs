@@ -34,18 +34,6 @@ impl FileBackend {
         })
     }
 
-    /// Like [`FileBackend::open`] but never tries `MAP_SYNC` (tests the fallback path).
-    pub fn open_plain(file: File, path: &Path) -> Result<Self> {
-        let len = file_len(&file, path)?;
-        let (mapping, mode) = map(&file, path, len, Some(PersistenceMode::PlainFile))?;
-        Ok(FileBackend {
-            file,
-            path: path.to_path_buf(),
-            mapping,
-            mode,
-        })
-    }
-
     fn remap(&mut self, len: u64) -> Result<()> {
         // Keep the mode chosen at open: a DAX file stays MAP_SYNC.
         let (mapping, _) = map(&self.file, &self.path, len, Some(self.mode))?;
@@ -137,6 +125,32 @@ impl Persistence for FileBackend {
                 .map_err(|e| Error::io(format!("fsync {}", self.path.display()), e))?;
         }
         self.remap(new_len)
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(());
+        };
+        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file length alone.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(()); // the filesystem cannot punch holes: the space stays allocated
+            }
+            return Err(Error::io(
+                format!("punching a hole in {}", self.path.display()),
+                err,
+            ));
+        }
+        Ok(())
     }
     fn refresh(&mut self) -> Result<()> {
         let current = file_len(&self.file, &self.path)?;

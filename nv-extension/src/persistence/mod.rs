@@ -62,6 +62,11 @@ pub trait Persistence: Send {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
     /// Makes every store to `[offset, offset + len)` durable and ordered before later stores.
     fn persist(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Gives the bytes of a freed extent back (reads as zero afterwards where
+    /// supported); a no-op where the medium cannot.
+    fn discard(&mut self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// Grows the store to `new_len` bytes (durably), or refuses.
     fn grow(&mut self, new_len: u64) -> Result<()>;
     /// Maps more of the store if another process has grown it.
