@@ -75,6 +75,27 @@ pub(crate) struct Shared {
     pub(crate) superblock: Superblock,
 }
 
+impl VmSummary {
+    /// One word for listings: what the VM is doing, or what its next start must be.
+    pub fn status(&self) -> &'static str {
+        match self.state {
+            RunRecord::Created => "created",
+            RunRecord::Running { .. } if self.owner_pid.is_some() => "running",
+            // Recorded as running, but its process is gone: it died without a save.
+            RunRecord::Running { .. } => "unsafe-shutdown",
+            RunRecord::Saved {
+                kind: ShutdownKind::PowerFail,
+                ..
+            } => "saved-on-power-fail",
+            RunRecord::Saved {
+                kind: ShutdownKind::PlannedSuspend,
+                ..
+            } => "suspended",
+            RunRecord::PoweredOff { .. } => "powered-off",
+        }
+    }
+}
+
 /// An open NV region; cheap to clone, shared by its VM handles.
 #[derive(Clone)]
 pub struct Region {

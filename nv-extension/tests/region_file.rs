@@ -341,6 +341,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
     let path = dir.path().join("cycle.nv");
     let region = Region::open(&path, &create_options()).unwrap();
     region.create_vm("vm", 2 * MIB, b"config-1").unwrap();
+    assert_eq!(region.vm("vm").unwrap().status(), "created");
     let mut handle = region.claim_vm("vm").unwrap();
     assert!(matches!(handle.recover(), Err(Error::NothingToRecover(_))));
     assert_eq!(handle.config_blob().unwrap(), b"config-1");
@@ -351,6 +352,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
         err.to_string(),
         "unsafe shutdown — state incomplete, cold boot only"
     );
+    assert_eq!(region.vm("vm").unwrap().status(), "running");
     let report = save_vm(
         &mut handle,
         &mut FixedHost(b"state-1".to_vec()),
@@ -358,6 +360,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
         Duration::from_millis(50),
     )
     .unwrap();
+    assert_eq!(region.vm("vm").unwrap().status(), "saved-on-power-fail");
     assert_eq!(report.seq, 1);
     assert_eq!(region.shutdown_marker(), ShutdownMarker::Clean);
     drop(handle);
@@ -390,8 +393,10 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
     assert_eq!(recovered.state_blob, b"state-2");
     assert_eq!(recovered.config_blob, b"config-2");
     assert_eq!(recovered.shutdown_kind, ShutdownKind::PlannedSuspend);
+    assert_eq!(region.vm("vm").unwrap().status(), "suspended");
     handle.begin_run(RunKind::Resume).unwrap();
     handle.mark_powered_off().unwrap();
+    assert_eq!(region.vm("vm").unwrap().status(), "powered-off");
     assert!(matches!(handle.recover(), Err(Error::NothingToRecover(_))));
     assert_eq!(region.shutdown_marker(), ShutdownMarker::Clean);
 }
@@ -531,6 +536,16 @@ fn power_failure_inside_a_save_never_yields_a_torn_resume() {
         );
         assert!(!String::from_utf8_lossy(&output.stdout).contains("save returned"));
 
+        let expected_status = if point == "5" {
+            "saved-on-power-fail"
+        } else {
+            "unsafe-shutdown"
+        };
+        assert_eq!(
+            region.vm("vm").unwrap().status(),
+            expected_status,
+            "fault point {point}"
+        );
         let handle = region.claim_vm("vm").unwrap();
         match point {
             "5" => {
