@@ -465,6 +465,43 @@ mod tests {
         assert!(error.to_string().contains("/nonexistent/bin/gcc"));
     }
 
+    /// The guests' time base must survive a TSC that jumps backwards (host reboot after
+    /// a power failure) or forwards (restore), and a zero `tsc_khz=`. Its C code is
+    /// compiled for the host against a scripted TSC and run here.
+    #[test]
+    fn guest_clock_survives_tsc_jumps_and_a_zero_rate() {
+        let source = guest_source_dir();
+        let output = tempfile::tempdir().unwrap();
+        let binary = output.path().join("clock_test");
+        let compiled = Command::new(GuestBuilder::from_environment().compiler)
+            .args([
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-DGUEST_CLOCK_HOST_TEST",
+                "-I",
+            ])
+            .arg(&source)
+            .arg(source.join("host_tests").join("clock_test.c"))
+            .arg(source.join("clock.c"))
+            .arg("-o")
+            .arg(&binary)
+            .output()
+            .unwrap();
+        assert!(
+            compiled.status.success(),
+            "{}",
+            String::from_utf8_lossy(&compiled.stderr)
+        );
+        let run = Command::new(&binary).output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+
     #[test]
     fn pvh_entry_point_rejects_malformed_images_without_panicking() {
         assert_eq!(pvh_entry_point(b""), None);
