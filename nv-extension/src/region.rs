@@ -118,12 +118,15 @@ fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence
             file
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && options.create_if_missing => {
+            // Created empty; whoever takes the region lock first formats it (the
+            // other sees the superblock once it holds the lock).
             created = true;
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| Error::io(format!("creating NV region {}", path.display()), e))?
@@ -171,7 +174,10 @@ impl Region {
         options: &OpenOptions,
     ) -> Result<Region> {
         store.lock_metadata()?;
-        let result = Self::load_or_format(store.as_mut(), path, options);
+        // Another process may have formatted or grown the store since we mapped it.
+        let result = store
+            .refresh()
+            .and_then(|()| Self::load_or_format(store.as_mut(), path, options));
         store.unlock_metadata();
         let superblock = result?;
         let mode = store.mode();

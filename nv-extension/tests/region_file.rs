@@ -143,6 +143,28 @@ fn two_region_instances_see_each_others_changes() {
 }
 
 #[test]
+fn concurrent_creators_of_one_region_path_format_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("race.nv");
+    let openers: Vec<_> = (0..4)
+        .map(|i| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let region = Region::open(&path, &create_options()).unwrap();
+                region.create_vm(&format!("vm{i}"), 2 * MIB, b"").unwrap();
+                region.uuid()
+            })
+        })
+        .collect();
+    let uuids: Vec<_> = openers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        uuids.windows(2).all(|w| w[0] == w[1]),
+        "formatted more than once: {uuids:?}"
+    );
+    assert_eq!(open_existing(&path).unwrap().list_vms().unwrap().len(), 4);
+}
+
+#[test]
 fn region_size_option_sets_the_starting_size_of_a_growable_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fixed.nv");
