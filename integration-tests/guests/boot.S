@@ -137,7 +137,9 @@ service_entry:
 	pushq %r10
 	pushq %r11
 	movq %rax, %rdi
+	subq $8, %rsp		/* 5-word frame + 8 saved: realign for the call */
 	call kernel_service
+	addq $8, %rsp
 	popq %r11
 	popq %r10
 	popq %r9

@@ -14,6 +14,10 @@
 #define I8042_RESET 0xfe
 #define MAX_RAM_RANGES 128
 #define LARGE_PAGE (2 * MIB)
+#define GIB (1ull << 30)
+/* The boot stub maps the low 4 GiB always and RAM above only up to here;
+ * RAM beyond it is left out of the map so nothing faults on it. */
+#define MAPPED_LIMIT ((4ull + HIGH_GIB_MAX) * GIB)
 
 extern char __bss_start[], __bss_end[], __image_end[];
 
@@ -106,17 +110,25 @@ static void load_memory_map(const struct hvm_start_info *start_info)
 		console_write("guest: start_info has no memory map\n");
 		return;
 	}
+	uint64_t map_bytes = (uint64_t)start_info->memmap_entries * sizeof(struct hvm_memmap_entry);
+	if (start_info->memmap_paddr + map_bytes > 4 * GIB) {
+		/* Only the low 4 GiB are mapped for sure at this point. */
+		console_write("guest: start_info memory map above 4 GiB ignored\n");
+		return;
+	}
 	const struct hvm_memmap_entry *map =
 		(const struct hvm_memmap_entry *)start_info->memmap_paddr;
 	for (uint32_t i = 0; i < start_info->memmap_entries; i++) {
-		if (map[i].type != HVM_MEMMAP_TYPE_RAM || !map[i].size)
+		uint64_t start = map[i].addr;
+		uint64_t end = map[i].addr + map[i].size;
+		if (map[i].type != HVM_MEMMAP_TYPE_RAM || end <= start || start >= MAPPED_LIMIT)
 			continue;
 		if (ram_range_count == MAX_RAM_RANGES) {
 			console_write("guest: memory map too long, rest ignored\n");
 			break;
 		}
-		ram_ranges[ram_range_count].start = map[i].addr;
-		ram_ranges[ram_range_count].end = map[i].addr + map[i].size;
+		ram_ranges[ram_range_count].start = start;
+		ram_ranges[ram_range_count].end = end < MAPPED_LIMIT ? end : MAPPED_LIMIT;
 		ram_range_count++;
 	}
 }
@@ -142,7 +154,11 @@ void user_entry(const struct hvm_start_info *start_info)
 		guest_stop();
 	}
 	load_memory_map(start_info);
-	params_init((const char *)start_info->cmdline_paddr);
+	uint64_t cmdline = start_info->cmdline_paddr;
+	if (cmdline && cmdline < 4 * GIB)
+		params_init((const char *)cmdline);
+	else
+		params_init(0);
 	clock_init();
 	/* Opt-in: on the nested PVM host `int $n` from ring 3 raises #UD (its
 	 * instruction emulator lacks protected-mode software interrupts), so

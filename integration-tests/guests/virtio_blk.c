@@ -105,6 +105,9 @@ struct virtio_blk {
 	uint16_t next_avail;
 	uint16_t next_used;
 	int max_batch;
+	/* Set after a failed or timed-out batch: the device may still own the
+	 * descriptors, so the queue is not reused. */
+	int broken;
 	struct virtq_desc descriptors[QUEUE_SIZE_LIMIT] __attribute__((aligned(16)));
 	struct virtq_avail avail __attribute__((aligned(16)));
 	struct virtq_used used __attribute__((aligned(16)));
@@ -164,6 +167,8 @@ static uint64_t read_capacity(struct virtio_blk *disk)
 static int negotiate(struct virtio_blk *disk, const char **error)
 {
 	reg_write(disk, REG_STATUS, 0);
+	if (reg_read(disk, REG_STATUS) != 0)
+		return fail(disk, "device did not reset", error);
 	reg_write(disk, REG_STATUS, STATUS_ACKNOWLEDGE);
 	reg_write(disk, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
 
@@ -310,6 +315,7 @@ static int run_batch(struct virtio_blk *disk, int count, const char **error)
 	while (*(volatile uint16_t *)&disk->used.index != target) {
 		cpu_relax();
 		if (stopwatch_poll_ms(&watch) > REQUEST_TIMEOUT_MS) {
+			disk->broken = 1;
 			*error = "request timed out";
 			return -1;
 		}
@@ -318,6 +324,7 @@ static int run_batch(struct virtio_blk *disk, int count, const char **error)
 	disk->next_used = target;
 	for (int i = 0; i < count; i++) {
 		if (disk->slots[i].status != REQUEST_STATUS_OK) {
+			disk->broken = 1;
 			*error = disk->slots[i].status == 2 ? "request unsupported by device"
 							    : "device reported an I/O error";
 			return -1;
@@ -329,6 +336,10 @@ static int run_batch(struct virtio_blk *disk, int count, const char **error)
 int virtio_blk_submit(struct virtio_blk *disk, const struct virtio_blk_io *ios, int count,
 		      const char **error)
 {
+	if (disk->broken) {
+		*error = "disk unusable after an earlier error";
+		return -1;
+	}
 	if (count < 1 || count > disk->max_batch) {
 		*error = "batch size out of range";
 		return -1;
@@ -357,6 +368,10 @@ int virtio_blk_submit(struct virtio_blk *disk, const struct virtio_blk_io *ios, 
 
 int virtio_blk_flush(struct virtio_blk *disk, const char **error)
 {
+	if (disk->broken) {
+		*error = "disk unusable after an earlier error";
+		return -1;
+	}
 	build_request(disk, 0, REQUEST_FLUSH, 0, 0, 0);
 	return run_batch(disk, 1, error);
 }

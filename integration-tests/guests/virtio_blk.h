@@ -36,7 +36,8 @@ int virtio_blk_readonly(const struct virtio_blk *disk);
 int virtio_blk_max_batch(const struct virtio_blk *disk);
 
 /* Runs `count` requests concurrently (one notification) and waits for all.
- * Returns 0, or -1 with *error set. */
+ * Returns 0, or -1 with *error set; after an I/O error or a timeout every
+ * later call fails too (the device may still own the descriptors). */
 int virtio_blk_submit(struct virtio_blk *disk, const struct virtio_blk_io *ios,
 		      int count, const char **error);
 /* VIRTIO_BLK_T_FLUSH: everything completed before is durable on return. */
