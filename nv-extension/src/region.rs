@@ -401,6 +401,9 @@ impl Region {
             }
             Self::update_superblock(shared, |sb| sb.region_size = needed)?;
         }
+        for (offset, len) in offsets.iter().zip(lengths) {
+            shared.store.reserve(*offset, *len)?;
+        }
         Ok(offsets)
     }
 

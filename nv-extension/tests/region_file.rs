@@ -230,8 +230,12 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
     region.create_vm("vm", 4 * MIB, b"").unwrap();
     let size = region.size();
     drop(region);
+    let survivor = open_existing(&path).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.set_len(size - 4096).unwrap();
+    // An open region notices instead of faulting on the lost tail.
+    let err = survivor.list_vms().unwrap_err();
+    assert!(matches!(err, Error::Truncated { .. }), "{err}");
     let err = open_existing(&path).unwrap_err();
     assert!(
         matches!(err, Error::Truncated { expected, .. } if expected == size),
@@ -298,15 +302,17 @@ fn guest_memory_mapped_by_the_vmm_is_the_region_extent() {
 }
 
 #[test]
-fn deleting_a_vm_gives_its_space_back_to_the_filesystem() {
+fn creating_reserves_and_deleting_returns_a_vms_space() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("punch.nv");
     let region = Region::open(&path, &create_options()).unwrap();
     region.create_vm("big", 8 * MIB, b"").unwrap();
+    // Creation reserves the blocks, so a full disk fails here and not as a SIGBUS in the guest.
+    assert!(std::fs::metadata(&path).unwrap().blocks() * 512 >= 8 * MIB);
     let handle = region.claim_vm("big").unwrap();
     let backing = handle.memory_backing().unwrap();
-    // Fill the guest memory so the file really allocates it.
+    // Fill the guest memory as a guest would.
     let fill = vec![0xa5u8; backing.size as usize];
     use std::os::unix::fs::FileExt;
     backing.file.write_all_at(&fill, backing.offset).unwrap();

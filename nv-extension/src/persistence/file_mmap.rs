@@ -126,6 +126,37 @@ impl Persistence for FileBackend {
         }
         self.remap(new_len)
     }
+    fn reserve(&mut self, offset: u64, len: u64) -> Result<()> {
+        // A sparse file that runs out of space faults (SIGBUS) on the guest's
+        // first touch; allocating now turns that into an error at create time.
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(Error::CannotGrow("extent beyond the file offset range"));
+        };
+        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file length alone.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(()); // e.g. some network filesystems: stays sparse
+            }
+            return Err(Error::io(
+                format!(
+                    "reserving {len} bytes at {offset:#x} in {}",
+                    self.path.display()
+                ),
+                err,
+            ));
+        }
+        Ok(())
+    }
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
@@ -154,6 +185,13 @@ impl Persistence for FileBackend {
     }
     fn refresh(&mut self) -> Result<()> {
         let current = file_len(&self.file, &self.path)?;
+        if current < self.len() {
+            // Someone truncated the region under us; touching the lost tail would SIGBUS.
+            return Err(Error::Truncated {
+                expected: self.len(),
+                actual: current,
+            });
+        }
         if current > self.len() {
             self.remap(current)?;
         }

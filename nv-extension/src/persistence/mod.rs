@@ -62,6 +62,12 @@ pub trait Persistence: Send {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
     /// Makes every store to `[offset, offset + len)` durable and ordered before later stores.
     fn persist(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Allocates backing storage for an extent so that first touches of it
+    /// (through any mapping) cannot fail for lack of space; a no-op where the
+    /// medium is fully backed already.
+    fn reserve(&mut self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// Gives the bytes of a freed extent back (reads as zero afterwards where
     /// supported); a no-op where the medium cannot.
     fn discard(&mut self, _offset: u64, _len: u64) -> Result<()> {
