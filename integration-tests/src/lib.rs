@@ -1,2 +1,3 @@
 //! placeholder
 pub mod guests;
+pub mod harness;

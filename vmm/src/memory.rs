@@ -221,7 +221,10 @@ fn map_backings(backings: Vec<Backing>) -> Result<GuestMemoryMmap, Error> {
     if total == 0 {
         return Err(Error::MemoryConfig("guest RAM size is 0".to_string()));
     }
-    if let Some(bad) = backings.iter().find(|b| !b.size().is_multiple_of(PAGE_SIZE)) {
+    if let Some(bad) = backings
+        .iter()
+        .find(|b| !b.size().is_multiple_of(PAGE_SIZE))
+    {
         return Err(Error::MemoryConfig(format!(
             "memory size {:#x} is not a multiple of 4 KiB",
             bad.size()

@@ -15,7 +15,7 @@ use crate::memory::guest_memory_from_config;
 use crate::vm::Vm;
 use crate::Error;
 
-/// Exit code of a VMM whose VM ended cleanly (guest power-off, SIGTERM/SIGINT).
+/// Exit code of a VMM whose VM ended cleanly (guest power-off or reset, SIGTERM/SIGINT).
 pub const EXIT_CLEAN: i32 = 0;
 /// Exit code of a VMM whose VM failed to start or failed while running.
 pub const EXIT_FAILURE: i32 = 1;
@@ -64,6 +64,7 @@ extern "C" fn handle_termination_signal(
 #[derive(Debug, PartialEq, Eq)]
 pub enum VmmExit {
     GuestShutdown,
+    GuestReset,
     TerminationSignal,
     VcpuFailed(String),
 }
@@ -71,7 +72,7 @@ pub enum VmmExit {
 impl VmmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmmExit::GuestShutdown | VmmExit::TerminationSignal => EXIT_CLEAN,
+            VmmExit::GuestShutdown | VmmExit::GuestReset | VmmExit::TerminationSignal => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
         }
     }
@@ -156,23 +157,6 @@ impl Vmm {
         self.vm.as_mut()
     }
 
-    /// Upstream reboots on a guest reset; so do we: the VM is torn down and built again from the
-    /// same config. File-backed RAM keeps its contents (the guest cold-boots over it), anonymous
-    /// RAM starts zeroed.
-    fn reboot(&mut self) -> Result<(), Error> {
-        let config = match self.vm.take() {
-            Some(mut vm) => {
-                vm.shutdown();
-                vm.config().clone()
-            }
-            None => return Ok(()),
-        };
-        // Drain reset/shutdown notifications the old VM may have left behind.
-        let _ = self.events.reset.read();
-        let _ = self.events.shutdown.read();
-        self.boot_vm(&config)
-    }
-
     /// Runs until the VM ends; returns why.
     pub fn control_loop(&mut self) -> Result<VmmExit, Error> {
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
@@ -211,9 +195,11 @@ impl Vmm {
             }
             ControlEvent::GuestReset => {
                 let _ = self.events.reset.read();
-                log::info!("guest requested a reset: rebooting the VM");
-                self.reboot()?;
-                Ok(None)
+                // Upstream reboots here. We end the VMM instead: a cold boot over persistent RAM
+                // would silently replace a recoverable guest, so restarting is left to whoever
+                // runs us (see docs/vmm.md).
+                log::info!("guest requested a reset: ending the VMM");
+                Ok(Some(VmmExit::GuestReset))
             }
             ControlEvent::VcpuFailed => {
                 let _ = self.events.vcpu_failed.read();

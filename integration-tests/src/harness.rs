@@ -1,0 +1,141 @@
+//! Helpers shared by the KVM end-to-end tests: the /dev/kvm gate, waiting on a guest's serial
+//! log, and parsing the counter guest's progress lines.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Set to `1` to let KVM tests skip on a machine without `/dev/kvm` (they print that they did).
+pub const SKIP_KVM_ENV: &str = "NV_SKIP_KVM";
+
+/// Returns `true` when the KVM tests can run. Without `/dev/kvm` this panics, failing the test
+/// loudly, unless `NV_SKIP_KVM=1` is set: then it prints a skip notice and returns `false`.
+pub fn kvm_available(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if usable {
+        return true;
+    }
+    if std::env::var(SKIP_KVM_ENV).as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: /dev/kvm is not usable and {SKIP_KVM_ENV}=1 is set");
+        return false;
+    }
+    panic!(
+        "{test}: /dev/kvm is missing or not accessible; KVM tests never skip silently \
+         (set {SKIP_KVM_ENV}=1 to skip them explicitly)"
+    );
+}
+
+/// Reads the serial log at `path` (empty while it does not exist yet).
+pub fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls the serial log until `done` accepts its contents or `timeout` passes. Returns the last
+/// contents read and whether `done` accepted them.
+pub fn wait_for_log(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> (String, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = read_log(path);
+        if done(&log) {
+            return (log, true);
+        }
+        if Instant::now() >= deadline {
+            return (log, false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One progress line of the counter guest: `counter=<n> sum=<hex> ok`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterLine {
+    pub counter: u64,
+    pub sum: String,
+    pub ok: bool,
+}
+
+/// The counter guest's progress lines in `log`, in order. Lines of other shapes are skipped; a
+/// torn last line (still being written) is ignored.
+pub fn counter_lines(log: &str) -> Vec<CounterLine> {
+    let complete = match log.rfind('\n') {
+        Some(end) => &log[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let counter = words.next()?.strip_prefix("counter=")?.parse().ok()?;
+            let sum = words.next()?.strip_prefix("sum=")?.to_string();
+            let ok = words.next() == Some("ok");
+            Some(CounterLine { counter, sum, ok })
+        })
+        .collect()
+}
+
+/// Asserts that the counter guest's lines in `log` are all `ok` and strictly increasing.
+pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
+    let lines = counter_lines(log);
+    assert!(
+        lines.len() >= at_least,
+        "expected at least {at_least} counter lines, got {}:\n{log}",
+        lines.len()
+    );
+    for pair in lines.windows(2) {
+        assert!(
+            pair[1].counter > pair[0].counter,
+            "counter went from {} to {}:\n{log}",
+            pair[0].counter,
+            pair[1].counter
+        );
+    }
+    assert!(
+        lines.iter().all(|line| line.ok),
+        "a checksum line is not ok:\n{log}"
+    );
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_counter_lines_and_ignores_the_rest() {
+        let log =
+            "counter: boot\ncounter=4096 sum=0x1f ok\nnoise\ncounter=8192 sum=0x2a ok\ncounter=9";
+        let lines = counter_lines(log);
+        assert_eq!(
+            lines,
+            vec![
+                CounterLine {
+                    counter: 4096,
+                    sum: "0x1f".into(),
+                    ok: true
+                },
+                CounterLine {
+                    counter: 8192,
+                    sum: "0x2a".into(),
+                    ok: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "counter went from")]
+    fn a_counter_going_backwards_fails() {
+        assert_counter_advances("counter=5 sum=0x1 ok\ncounter=3 sum=0x1 ok\n", 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "not ok")]
+    fn a_mismatch_fails() {
+        assert_counter_advances("counter=5 sum=0x1 ok\ncounter=7 sum=0x1 bad\n", 2);
+    }
+}
