@@ -550,18 +550,54 @@ fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
     }
 }
 
-fn main() {
-    // `cargo test -- --list` and filters come through here too; only run on a plain invocation
-    // or when the filter names this harness.
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// Whether libtest-style arguments select the one test this harness is.
+fn selected_by(args: Vec<String>) -> bool {
+    const NAME: &str = "crash_injection";
+    const TAKES_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--skip",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+    ];
     if args.iter().any(|a| a == "--list") {
-        println!("crash_injection: test");
-        return;
+        println!("{NAME}: test");
+        return false;
     }
-    if let Some(filter) = args.iter().find(|a| !a.starts_with('-')) {
-        if !"crash_injection".contains(filter.as_str()) {
-            return;
+    if args.iter().any(|a| a == "--ignored") {
+        return false; // this harness is not an ignored test
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let mut filters = Vec::new();
+    let mut skips = Vec::new();
+    let mut iter = args.iter().peekable();
+    while let Some(arg) = iter.next() {
+        if TAKES_VALUE.contains(&arg.as_str()) {
+            if let Some(value) = iter.next() {
+                if arg == "--skip" {
+                    skips.push(value.clone());
+                }
+            }
+        } else if !arg.starts_with('-') {
+            filters.push(arg.clone());
         }
+    }
+    let matches = |pattern: &String| {
+        if exact {
+            NAME == pattern
+        } else {
+            NAME.contains(pattern.as_str())
+        }
+    };
+    (filters.is_empty() || filters.iter().any(matches)) && !skips.iter().any(matches)
+}
+
+fn main() {
+    // `cargo test` passes libtest's arguments here too: honour --list, --ignored and name
+    // filters the way libtest would, so `cargo test -p nv-extension some_other_test` skips us.
+    if !selected_by(std::env::args().skip(1).collect()) {
+        return;
     }
     let started = Instant::now();
     let mut tally = Tally::default();
