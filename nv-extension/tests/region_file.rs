@@ -450,6 +450,19 @@ fn spawn_child(test: &str, region: &Path, extra_env: &[(&str, &str)]) -> std::pr
     for (key, value) in extra_env {
         command.env(key, value);
     }
+    // Injected power failures abort(): no core dumps for them.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        command.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
     command.spawn().unwrap()
 }
 
