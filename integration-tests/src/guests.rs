@@ -294,6 +294,120 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), GuestBuildError>
     })
 }
 
+/// Size of one `blkcheck` block on the disk.
+pub const BLKCHECK_BLOCK_SIZE: usize = 4096;
+const BLKCHECK_MAGIC: u64 = 0x4b48_434b_4c42_564e; // "NVBLKCHK"
+const BLKCHECK_PATTERN_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+const BLKCHECK_HEADER_WORDS: usize = 4;
+
+/// A disk written by `blkcheck` that does not hold what the guest promised.
+#[derive(Debug)]
+pub enum BlkcheckDiskError {
+    /// The disk file could not be read.
+    Io { path: PathBuf, source: io::Error },
+    /// The disk is shorter than `blocks` x 4 KiB.
+    TooSmall { bytes: u64, blocks: u64 },
+    /// Block `index` is not the block the guest wrote (or an older one).
+    BadBlock { index: u64, why: String },
+}
+
+impl fmt::Display for BlkcheckDiskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { path, source } => write!(f, "reading {}: {source}", path.display()),
+            Self::TooSmall { bytes, blocks } => {
+                write!(
+                    f,
+                    "disk has {bytes} bytes, blkcheck wrote {blocks} blocks of 4 KiB"
+                )
+            }
+            Self::BadBlock { index, why } => write!(f, "blkcheck block {index}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for BlkcheckDiskError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            Self::TooSmall { .. } | Self::BadBlock { .. } => None,
+        }
+    }
+}
+
+/// The bytes `blkcheck blocks=<blocks>` writes as block `index` in `round` (both from 0);
+/// the format is described in `guests/README.md`.
+pub fn blkcheck_block(blocks: u64, round: u64, index: u64) -> Vec<u8> {
+    let seq = round * blocks + index + 1;
+    let mut bytes = Vec::with_capacity(BLKCHECK_BLOCK_SIZE);
+    for word in [BLKCHECK_MAGIC, seq, index, round] {
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    for k in BLKCHECK_HEADER_WORDS as u64..(BLKCHECK_BLOCK_SIZE / 8) as u64 {
+        let word = seq.wrapping_mul(BLKCHECK_PATTERN_MULTIPLIER) ^ k;
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    bytes
+}
+
+/// Checks a disk after `blkcheck blocks=<blocks>` printed `blkcheck: completed seq=<S>`
+/// (after `done ok`, S is `rounds * blocks`): every block written with a seq <= S must be
+/// on the disk intact, or replaced by a later round's intact block for the same index.
+pub fn verify_blkcheck_disk(
+    disk: &Path,
+    blocks: u64,
+    completed_seq: u64,
+) -> Result<(), BlkcheckDiskError> {
+    let bytes = fs::read(disk).map_err(|source| BlkcheckDiskError::Io {
+        path: disk.to_path_buf(),
+        source,
+    })?;
+    verify_blkcheck_bytes(&bytes, blocks, completed_seq)
+}
+
+fn verify_blkcheck_bytes(
+    disk: &[u8],
+    blocks: u64,
+    completed_seq: u64,
+) -> Result<(), BlkcheckDiskError> {
+    let too_small = || BlkcheckDiskError::TooSmall {
+        bytes: disk.len() as u64,
+        blocks,
+    };
+    let needed = blocks
+        .checked_mul(BLKCHECK_BLOCK_SIZE as u64)
+        .ok_or_else(too_small)?;
+    if (disk.len() as u64) < needed || blocks == 0 {
+        return Err(too_small());
+    }
+    for (index, block) in (0..blocks).zip(disk.chunks_exact(BLKCHECK_BLOCK_SIZE)) {
+        let bad = |why: String| BlkcheckDiskError::BadBlock { index, why };
+        // The newest seq <= completed_seq written at this index, if any.
+        let Some(required_round) = completed_seq.checked_sub(index + 1).map(|s| s / blocks) else {
+            continue;
+        };
+        let word = |n: usize| read_u64(block, n * 8).unwrap_or_default();
+        if word(0) != BLKCHECK_MAGIC {
+            return Err(bad(format!("no blkcheck header (word 0 = {:#x})", word(0))));
+        }
+        let round = word(3);
+        if word(2) != index {
+            return Err(bad(format!("holds block index {}", word(2))));
+        }
+        if round < required_round {
+            return Err(bad(format!(
+                "holds round {round}, but round {required_round} was reported complete"
+            )));
+        }
+        if block != blkcheck_block(blocks, round, index).as_slice() {
+            return Err(bad(format!(
+                "round {round} content differs from its pattern"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The 32-bit PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`) of a little-endian ELF64
 /// image, found the way a VMM finds it: in the notes of its PT_NOTE segments. `None` if
 /// the image is not such an ELF, is truncated, or has no such note.
@@ -500,6 +614,68 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&run.stderr)
         );
+    }
+
+    fn blkcheck_disk(blocks: u64, rounds_per_index: &[u64]) -> Vec<u8> {
+        (0..blocks)
+            .flat_map(|index| blkcheck_block(blocks, rounds_per_index[index as usize], index))
+            .collect()
+    }
+
+    #[test]
+    fn blkcheck_block_follows_the_documented_layout() {
+        let block = blkcheck_block(256, 1, 3);
+        assert_eq!(block.len(), BLKCHECK_BLOCK_SIZE);
+        assert_eq!(&block[0..8], b"NVBLKCHK");
+        assert_eq!(read_u64(&block, 8), Some(256 + 3 + 1));
+        assert_eq!(read_u64(&block, 16), Some(3));
+        assert_eq!(read_u64(&block, 24), Some(1));
+        assert_eq!(
+            read_u64(&block, 4 * 8),
+            Some(260u64.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 4)
+        );
+    }
+
+    #[test]
+    fn blkcheck_verification_accepts_finished_and_partial_runs() {
+        let done = blkcheck_disk(4, &[1, 1, 1, 1]);
+        verify_blkcheck_bytes(&done, 4, 8).unwrap();
+        // Interrupted in round 1 after seq 6 was reported: indices 0, 1 are in round 1,
+        // 2 and 3 may still hold round 0 (and the disk may be larger than the run).
+        let mut partial = blkcheck_disk(4, &[1, 1, 0, 0]);
+        partial.extend_from_slice(&[0; BLKCHECK_BLOCK_SIZE]);
+        verify_blkcheck_bytes(&partial, 4, 6).unwrap();
+        // Nothing reported yet: any content is acceptable.
+        verify_blkcheck_bytes(&[0; 4 * BLKCHECK_BLOCK_SIZE], 4, 0).unwrap();
+    }
+
+    #[test]
+    fn blkcheck_verification_finds_lost_stale_and_corrupt_blocks() {
+        let stale = blkcheck_disk(4, &[1, 0, 1, 1]);
+        let error = verify_blkcheck_bytes(&stale, 4, 8).unwrap_err();
+        assert!(
+            matches!(error, BlkcheckDiskError::BadBlock { index: 1, .. }),
+            "{error}"
+        );
+
+        let mut corrupt = blkcheck_disk(4, &[0, 0, 0, 0]);
+        corrupt[2 * BLKCHECK_BLOCK_SIZE + 100] ^= 1;
+        let error = verify_blkcheck_bytes(&corrupt, 4, 4).unwrap_err();
+        assert!(
+            matches!(error, BlkcheckDiskError::BadBlock { index: 2, .. }),
+            "{error}"
+        );
+
+        let mut lost = blkcheck_disk(4, &[0, 0, 0, 0]);
+        lost[3 * BLKCHECK_BLOCK_SIZE..].fill(0);
+        assert!(verify_blkcheck_bytes(&lost, 4, 4).is_err());
+        assert!(verify_blkcheck_bytes(&lost, 4, 3).is_ok());
+
+        assert!(matches!(
+            verify_blkcheck_bytes(&lost[..100], 4, 4),
+            Err(BlkcheckDiskError::TooSmall { .. })
+        ));
+        assert!(verify_blkcheck_bytes(&lost, u64::MAX, 4).is_err());
     }
 
     #[test]
