@@ -10,8 +10,8 @@ use integration_tests::harness::{
     assert_counter_advances, counter_lines, kvm_available, read_log, wait_for_log,
 };
 use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, MemoryZoneConfig, PayloadConfig,
-    VmConfig,
+    ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
+    PayloadConfig, VmConfig,
 };
 use vmm::events::VmEvents;
 use vmm::memory::guest_memory_from_config;
@@ -118,14 +118,9 @@ fn counter_guest_runs_on_anonymous_memory() {
     counter_runs_on(|_| anonymous_memory());
 }
 
-#[test]
-fn guest_reset_ends_the_vmm_with_exit_code_zero() {
-    if !kvm_available("guest_reset_ends_the_vmm_with_exit_code_zero") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("serial.log");
-    let config = config(&guest("counter"), "stop_after=2", anonymous_memory(), &log);
+/// Runs `config` through `vmm::run` (the binary's entry point) until the guest resets; returns
+/// the exit code and the serial log.
+fn run_until_reset(config: VmConfig, log: &Path) -> (i32, String) {
     let launch = vmm::config::VmmLaunch {
         vm: Some(config),
         ..Default::default()
@@ -135,10 +130,64 @@ fn guest_reset_ends_the_vmm_with_exit_code_zero() {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || sender.send(vmm::run(launch)));
     let result = receiver.recv_timeout(BOOT_TIMEOUT);
-    let text = read_log(&log);
+    let text = read_log(log);
     let code = result
         .unwrap_or_else(|_| panic!("the VMM did not end after the guest's reset:\n{text}"))
-        .expect("run");
+        .unwrap_or_else(|e| panic!("vmm::run failed: {e}\n{text}"));
+    (code, text)
+}
+
+#[test]
+fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
+    if !kvm_available("blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify") {
+        return;
+    }
+    const BLOCKS: u64 = 64;
+    const ROUNDS: u64 = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(BLOCKS * 4096)
+        .unwrap();
+    let mut config = config(
+        &guest("blkcheck"),
+        &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
+        anonymous_memory(),
+        &log,
+    );
+    config.disks = Some(vec![DiskConfig {
+        path: Some(disk.display().to_string()),
+        ..Default::default()
+    }]);
+    let (code, text) = run_until_reset(config, &log);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("blkcheck: done ok"), "{text}");
+
+    // From the host: the guest's promise holds, and the disk holds exactly the last round.
+    integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, BLOCKS * ROUNDS)
+        .unwrap_or_else(|e| panic!("disk verification: {e}"));
+    let bytes = std::fs::read(&disk).unwrap();
+    for index in 0..BLOCKS {
+        let expected = integration_tests::guests::blkcheck_block(BLOCKS, ROUNDS - 1, index);
+        let at = (index * 4096) as usize;
+        assert!(
+            bytes[at..at + 4096] == expected[..],
+            "block {index} does not hold the last round's data"
+        );
+    }
+}
+
+#[test]
+fn guest_reset_ends_the_vmm_with_exit_code_zero() {
+    if !kvm_available("guest_reset_ends_the_vmm_with_exit_code_zero") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let config = config(&guest("counter"), "stop_after=2", anonymous_memory(), &log);
+    let (code, text) = run_until_reset(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("counter: done"), "{text}");
     assert_counter_advances(&text, 2);

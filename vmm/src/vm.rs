@@ -235,6 +235,8 @@ impl Vm {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
         self.vcpus.pause()?;
+        // After the vCPUs, so no new request is posted while the disks drain theirs.
+        self.devices.pause()?;
         self.run_state = VmRunState::Paused;
         Ok(())
     }
@@ -244,9 +246,15 @@ impl Vm {
         if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
+        self.devices.resume()?;
         self.vcpus.resume();
         self.run_state = VmRunState::Running;
         Ok(())
+    }
+
+    /// Makes every completed disk write durable (the power-fail path calls this while paused).
+    pub fn flush_disks(&self) -> Result<(), Error> {
+        self.devices.flush_disks()
     }
 
     /// Stops the vCPU threads for good. Guest memory stays mapped until the `Vm` is dropped.
