@@ -3,10 +3,12 @@
 //! (`key=value,key=value`).
 //!
 //! Field names and defaults follow `docs/openapi.yaml` (the upstream v53 spec extended with NV).
-//! Options we do not implement are accepted by serde only where ignoring them is harmless; anything
-//! else is refused with a clear error rather than silently dropped.
+//! On the command line, keys upstream has and we do not implement are refused by name
+//! (`ConfigError::UnsupportedKey`); in JSON bodies `upstream_fields` does the same before serde.
 
 use serde::{Deserialize, Serialize};
+
+use crate::option_parser::{KeyKind, OptionSpec, ParsedOption};
 
 /// What to boot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,8 +280,6 @@ pub enum ConfigError {
     },
 }
 
-use crate::option_parser::{KeyKind, OptionSpec, ParsedOption};
-
 /// Guest RAM is mapped in whole pages; a size that is not a multiple of this is refused up front
 /// instead of failing later inside KVM.
 const GUEST_PAGE_SIZE: u64 = 4096;
@@ -307,6 +307,7 @@ const CPUS_SPEC: OptionSpec = OptionSpec {
         ("affinity", KeyKind::Unsupported),
         ("features", KeyKind::Unsupported),
         ("nested", KeyKind::Unsupported),
+        ("core_scheduling", KeyKind::Unsupported),
     ],
 };
 
@@ -350,6 +351,7 @@ const MEMORY_SPEC: OptionSpec = OptionSpec {
         ("hotplug_size", KeyKind::Unsupported),
         ("hotplugged_size", KeyKind::Unsupported),
         ("thp", KeyKind::Unsupported),
+        ("reserve", KeyKind::Unsupported),
     ],
 };
 
@@ -413,6 +415,8 @@ const MEMORY_ZONE_SPEC: OptionSpec = OptionSpec {
         ("host_numa_node", KeyKind::Unsupported),
         ("hotplug_size", KeyKind::Unsupported),
         ("hotplugged_size", KeyKind::Unsupported),
+        ("mergeable", KeyKind::Unsupported),
+        ("reserve", KeyKind::Unsupported),
     ],
 };
 
@@ -481,6 +485,7 @@ const DISK_SPEC: OptionSpec = OptionSpec {
         ("sparse", KeyKind::Unsupported),
         ("queue_affinity", KeyKind::Unsupported),
         ("backing_files", KeyKind::Unsupported),
+        ("lock_granularity", KeyKind::Unsupported),
     ],
 };
 

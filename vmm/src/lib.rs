@@ -12,6 +12,7 @@ pub mod memory;
 pub mod option_parser;
 pub mod seccomp_filters;
 pub mod state;
+pub mod upstream_fields;
 pub mod vcpu;
 pub mod vm;
 #[allow(clippy::module_inception)]
