@@ -28,6 +28,7 @@
 #define DEFAULT_PUT_PERCENT 10
 #define REPORT_PERIOD_MS 100
 #define OPS_PER_TIME_CHECK 1024
+#define REPLAY_PROGRESS_MS 1000
 
 #define BLOCK_SIZE 4096
 #define SECTORS_PER_BLOCK (BLOCK_SIZE / VIRTIO_BLK_SECTOR_SIZE)
@@ -194,7 +195,9 @@ static int64_t log_replay(struct log_state *log, struct hash_table *table, uint6
 {
 	const char *error = 0;
 	uint64_t replayed = 0;
+	struct ticker progress;
 
+	ticker_start(&progress, REPLAY_PROGRESS_MS);
 	for (uint64_t block = 1; block < log->capacity_blocks; block += LOG_BUFFER_BLOCKS) {
 		uint64_t blocks = log->capacity_blocks - block;
 		if (blocks > LOG_BUFFER_BLOCKS)
@@ -202,6 +205,11 @@ static int64_t log_replay(struct log_state *log, struct hash_table *table, uint6
 		if (log_io(log, VIRTIO_BLK_OP_READ, block, log_buffer, blocks, &error)) {
 			log_failure("reading the log", error);
 			return -1;
+		}
+		if (ticker_due(&progress)) {
+			console_write("kvstore: replaying, ");
+			console_write_dec(replayed);
+			console_write(" records so far\n");
 		}
 		const struct log_record *records = (const struct log_record *)log_buffer;
 		for (uint64_t i = 0; i < blocks * RECORDS_PER_BLOCK; i++) {
