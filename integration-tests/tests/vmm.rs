@@ -198,6 +198,27 @@ fn save_and_restore_across_two_vm_instances_continues_the_guest() {
     if !kvm_available("save_and_restore_across_two_vm_instances_continues_the_guest") {
         return;
     }
+    counter_survives_save_and_restore(1);
+}
+
+/// The application processor stays in wait-for-SIPI (the guests use only the boot vCPU); its
+/// mp_state and LAPIC must come back as they were, and the boot vCPU continue.
+#[test]
+fn save_and_restore_with_two_vcpus_continues_the_guest() {
+    if !kvm_available("save_and_restore_with_two_vcpus_continues_the_guest") {
+        return;
+    }
+    counter_survives_save_and_restore(2);
+}
+
+fn counter_survives_save_and_restore(vcpus: u8) {
+    let with_vcpus = |mut config: VmConfig| {
+        config.cpus = CpusConfig {
+            boot_vcpus: vcpus,
+            max_vcpus: vcpus,
+        };
+        config
+    };
     let dir = tempfile::tempdir().unwrap();
     let ram = dir.path().join("ram");
     let first_log = dir.path().join("first.log");
@@ -206,13 +227,18 @@ fn save_and_restore_across_two_vm_instances_continues_the_guest() {
 
     // First VMM instance: boot, let the counter run, pause, save, tear down.
     let saved_json = {
-        let mut vm = create_vm(&config(&kernel, "", file_memory(&ram), &first_log));
+        let mut vm = create_vm(&with_vcpus(config(
+            &kernel,
+            "",
+            file_memory(&ram),
+            &first_log,
+        )));
         vm.boot().expect("boot");
         wait_for_counter_lines(&first_log, 3);
         vm.pause().expect("pause");
         assert_eq!(vm.run_state(), VmRunState::Paused);
         let state = vm.save_state().expect("save state");
-        assert_eq!(state.vcpus.len(), 1);
+        assert_eq!(state.vcpus.len(), usize::from(vcpus));
         vm.shutdown();
         // Through JSON, as the state will travel to NV or a snapshot directory.
         serde_json::to_string(&state).expect("serialize state")
@@ -222,7 +248,12 @@ fn save_and_restore_across_two_vm_instances_continues_the_guest() {
 
     // Second instance over the same memory file: restore and resume.
     let state: VmState = serde_json::from_str(&saved_json).expect("deserialize state");
-    let mut vm = create_vm(&config(&kernel, "", file_memory(&ram), &second_log));
+    let mut vm = create_vm(&with_vcpus(config(
+        &kernel,
+        "",
+        file_memory(&ram),
+        &second_log,
+    )));
     vm.restore_state(&state).expect("restore state");
     vm.resume().expect("resume");
     let text = wait_for_counter_lines(&second_log, 3);
@@ -237,5 +268,123 @@ fn save_and_restore_across_two_vm_instances_continues_the_guest() {
         after[0].counter > last_before,
         "counter restarted: {} after the restore, {last_before} before:\n{text}",
         after[0].counter
+    );
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm_available("pause_stops_the_guest_and_resume_continues_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut vm = create_vm(&config(&guest("counter"), "", anonymous_memory(), &log));
+    vm.boot().expect("boot");
+    wait_for_counter_lines(&log, 2);
+    vm.pause().expect("pause");
+    let lines_when_paused = counter_lines(&read_log(&log)).len();
+    // Several report periods (100 ms each): a running guest would print meanwhile.
+    std::thread::sleep(Duration::from_millis(400));
+    let lines_after_pause = counter_lines(&read_log(&log)).len();
+    assert_eq!(
+        lines_when_paused, lines_after_pause,
+        "the guest printed while paused"
+    );
+    assert!(vm.pause().is_err(), "pausing a paused VM must be refused");
+    vm.resume().expect("resume");
+    let text = wait_for_counter_lines(&log, lines_when_paused + 2);
+    vm.shutdown();
+    assert_counter_advances(&text, lines_when_paused + 2);
+}
+
+/// A disk with requests in progress is paused (in-flight requests drained), saved, and rebuilt
+/// in a second VM instance whose guest finishes its work and verifies every block.
+#[test]
+fn blkcheck_continues_after_save_and_restore() {
+    if !kvm_available("blkcheck_continues_after_save_and_restore") {
+        return;
+    }
+    const BLOCKS: u64 = 256;
+    const ROUNDS: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let ram = dir.path().join("ram");
+    let disk = dir.path().join("disk.img");
+    let first_log = dir.path().join("first.log");
+    let second_log = dir.path().join("second.log");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(BLOCKS * 4096)
+        .unwrap();
+    let config_for = |log: &Path| {
+        let mut config = config(
+            &guest("blkcheck"),
+            &format!("blocks={BLOCKS} rounds={ROUNDS}"),
+            file_memory(&ram),
+            log,
+        );
+        config.disks = Some(vec![DiskConfig {
+            path: Some(disk.display().to_string()),
+            ..Default::default()
+        }]);
+        config
+    };
+
+    let state = {
+        let mut vm = create_vm(&config_for(&first_log));
+        vm.boot().expect("boot");
+        let (text, started) = wait_for_log(&first_log, BOOT_TIMEOUT, |text| {
+            text.contains("completed seq=") || guest_gave_up(text)
+        });
+        assert!(started && !guest_gave_up(&text), "{text}");
+        vm.pause().expect("pause");
+        let state = vm.save_state().expect("save state");
+        vm.shutdown();
+        state
+    };
+    let first = read_log(&first_log);
+    assert!(
+        !first.contains("done ok"),
+        "the guest finished before the save; the test needs more rounds:\n{first}"
+    );
+    assert_eq!(state.devices.disks.len(), 1);
+
+    let mut vm = create_vm(&config_for(&second_log));
+    vm.restore_state(&state).expect("restore state");
+    vm.resume().expect("resume");
+    let (text, done) = wait_for_log(&second_log, BOOT_TIMEOUT, |text| {
+        text.contains("blkcheck: done ok") || guest_gave_up(text)
+    });
+    vm.shutdown();
+    assert!(
+        done && text.contains("blkcheck: done ok"),
+        "{first}---\n{text}"
+    );
+    assert!(
+        !text.contains("blkcheck: disk"),
+        "the guest started over:\n{text}"
+    );
+    integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, BLOCKS * ROUNDS)
+        .unwrap_or_else(|e| panic!("disk verification: {e}"));
+}
+
+#[test]
+fn a_missing_or_bogus_kernel_is_a_clear_error() {
+    if !kvm_available("a_missing_or_bogus_kernel_is_a_clear_error") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let missing = dir.path().join("no-such-kernel");
+    let mut vm = create_vm(&config(&missing, "", anonymous_memory(), &log));
+    let error = vm.boot().unwrap_err().to_string();
+    assert!(error.contains("no-such-kernel"), "{error}");
+
+    let bogus = dir.path().join("bogus-kernel");
+    std::fs::write(&bogus, vec![0x5a_u8; 4096]).unwrap();
+    let mut vm = create_vm(&config(&bogus, "", anonymous_memory(), &log));
+    let error = vm.boot().unwrap_err().to_string();
+    assert!(
+        error.contains("bogus-kernel") && error.contains("not a kernel"),
+        "{error}"
     );
 }
