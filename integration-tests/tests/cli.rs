@@ -6,14 +6,24 @@
 //! The first test to need it runs `cargo build -p cloud-hypervisor` (same profile as this test
 //! build) and uses `<target dir>/<profile>/cloud-hypervisor`; that keeps the binary in step with
 //! the sources. `CLOUD_HYPERVISOR_BIN=/path` skips the build and tests that binary instead.
+//!
+//! The last tests boot the counter test guest on KVM through the command line, with the default
+//! `--seccomp true`, so every filter the VMM installs is exercised on a running guest.
 
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use integration_tests::harness::{
+    assert_counter_advances, counter_lines, kvm_available, wait_for_log,
+};
+
 /// Nothing here should take long; a hang is a failure, not a stuck CI job.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Boot is emulated ring-0 code here: a generous bound for the guest's first lines.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
@@ -34,9 +44,11 @@ fn binary() -> &'static Path {
         }
         let status = build.status().expect("running cargo build");
         assert!(status.success(), "cargo build -p cloud-hypervisor failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
+        // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo runs.
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => workspace.join(dir),
+            _ => workspace.join("target"),
+        };
         target
             .join(if release { "release" } else { "debug" })
             .join("cloud-hypervisor")
@@ -264,4 +276,133 @@ fn event_monitor_records_start_and_shutdown_even_on_failure() {
         (last["source"].as_str(), last["event"].as_str()),
         (Some("vmm"), Some("shutdown"))
     );
+}
+
+/// Starts the binary with piped stdout/stderr, for a VM that runs until told to stop.
+fn spawn(arguments: &[&str]) -> Child {
+    Command::new(binary())
+        .args(arguments)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning cloud-hypervisor")
+}
+
+/// Sends SIGTERM and collects the exit code and stderr; kills after `RUN_TIMEOUT`.
+fn terminate(mut child: Child) -> (i32, String) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: signalling the child we spawned and have not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let started = Instant::now();
+    while child.try_wait().expect("waiting").is_none() {
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            panic!("cloud-hypervisor ignored SIGTERM for {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("collecting output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let code = output
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("cloud-hypervisor killed: {}\n{stderr}", output.status));
+    (code, stderr)
+}
+
+fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("events file is not a JSON stream: {e}\n{text}"))
+}
+
+/// Boots the counter guest from the command line with `memory_arguments`, waits for it to
+/// report progress, stops it with SIGTERM and checks the serial log and the event stream.
+fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
+    let kernel = integration_tests::guests::guest_image("counter")
+        .unwrap_or_else(|e| panic!("building the counter guest: {e}"));
+    let serial_log = dir.path().join("serial.log");
+    let events = dir.path().join("events");
+    let serial = format!("file={}", serial_log.display());
+    let monitor = format!("path={}", events.display());
+    let mut arguments = vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "",
+        "--serial",
+        &serial,
+        "--console",
+        "off",
+        "--event-monitor",
+        &monitor,
+    ];
+    arguments.extend_from_slice(memory_arguments);
+    let child = spawn(&arguments);
+    let (text, progressed) = wait_for_log(&serial_log, BOOT_TIMEOUT, |text| {
+        counter_lines(text).len() >= 3 || text.contains("FAIL")
+    });
+    let (code, stderr) = terminate(child);
+    assert!(
+        progressed,
+        "no counter progress; serial:\n{text}\nstderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("seccomp"), "seccomp trap:\n{stderr}");
+    assert_eq!(code, 0, "SIGTERM is a clean stop; stderr:\n{stderr}");
+    assert_counter_advances(&text, 3);
+
+    let events = read_events(&events);
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["source"].as_str().unwrap_or("?"),
+                e["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("vmm:starting"),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("vmm:shutdown"),
+        "{names:?}"
+    );
+}
+
+/// Issue 3's first "done when": the counter guest on a shared file, from the command line.
+#[test]
+fn counter_guest_runs_from_the_command_line_on_a_shared_file() {
+    if !kvm_available("counter_guest_runs_from_the_command_line_on_a_shared_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let zone = format!(
+        "id=mem0,size=64M,file={},shared=on",
+        dir.path().join("ram").display()
+    );
+    counter_guest_runs_with(&["--memory", "size=0", "--memory-zone", &zone], &dir);
+    let ram = std::fs::metadata(dir.path().join("ram")).unwrap();
+    assert_eq!(
+        ram.len(),
+        64 << 20,
+        "the RAM file is grown to the zone size"
+    );
+}
+
+/// The same on anonymous memory.
+#[test]
+fn counter_guest_runs_from_the_command_line_on_anonymous_memory() {
+    if !kvm_available("counter_guest_runs_from_the_command_line_on_anonymous_memory") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    counter_guest_runs_with(&["--memory", "size=64M"], &dir);
 }
