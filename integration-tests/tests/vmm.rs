@@ -118,9 +118,9 @@ fn counter_guest_runs_on_anonymous_memory() {
     counter_runs_on(|_| anonymous_memory());
 }
 
-/// Runs `config` through `vmm::run` (the binary's entry point) until the guest resets; returns
-/// the exit code and the serial log.
-fn run_until_reset(config: VmConfig, log: &Path) -> (i32, String) {
+/// Runs `config` through `vmm::run` (the binary's entry point) until the VM ends; returns the
+/// exit code and the serial log.
+fn run_to_end(config: VmConfig, log: &Path) -> (i32, String) {
     let launch = vmm::config::VmmLaunch {
         vm: Some(config),
         ..Default::default()
@@ -132,7 +132,7 @@ fn run_until_reset(config: VmConfig, log: &Path) -> (i32, String) {
     let result = receiver.recv_timeout(BOOT_TIMEOUT);
     let text = read_log(log);
     let code = result
-        .unwrap_or_else(|_| panic!("the VMM did not end after the guest's reset:\n{text}"))
+        .unwrap_or_else(|_| panic!("the VMM did not end:\n{text}"))
         .unwrap_or_else(|e| panic!("vmm::run failed: {e}\n{text}"));
     (code, text)
 }
@@ -161,7 +161,7 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
         path: Some(disk.display().to_string()),
         ..Default::default()
     }]);
-    let (code, text) = run_until_reset(config, &log);
+    let (code, text) = run_to_end(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("blkcheck: done ok"), "{text}");
 
@@ -187,7 +187,7 @@ fn guest_reset_ends_the_vmm_with_exit_code_zero() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let config = config(&guest("counter"), "stop_after=2", anonymous_memory(), &log);
-    let (code, text) = run_until_reset(config, &log);
+    let (code, text) = run_to_end(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("counter: done"), "{text}");
     assert_counter_advances(&text, 2);
@@ -387,4 +387,102 @@ fn a_missing_or_bogus_kernel_is_a_clear_error() {
         error.contains("bogus-kernel") && error.contains("not a kernel"),
         "{error}"
     );
+}
+
+/// A minimal PVH kernel: one loadable segment at 1 MiB holding `code` (entered in 32-bit protected
+/// mode, paging off) and the Xen PVH entry note pointing at it.
+fn tiny_pvh_kernel(path: &Path, code: &[u8]) {
+    const ENTRY: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    const EHDR_SIZE: u16 = 64;
+    const PHDR_SIZE: u16 = 56;
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let mut note = Vec::new();
+    for word in [4u32, 4, XEN_ELFNOTE_PHYS32_ENTRY] {
+        note.extend_from_slice(&word.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(ENTRY as u32).to_le_bytes());
+    let note_offset = u64::from(EHDR_SIZE + 2 * PHDR_SIZE);
+
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // 64-bit, little-endian
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&ENTRY.to_le_bytes());
+    elf.extend_from_slice(&u64::from(EHDR_SIZE).to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [EHDR_SIZE, PHDR_SIZE, 2, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    let mut program_header = |kind: u32, flags: u32, offset: u64, address: u64, size: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&flags.to_le_bytes());
+        for value in [offset, address, address, size, size, 0x1000] {
+            elf.extend_from_slice(&value.to_le_bytes());
+        }
+    };
+    program_header(1, 5, CODE_OFFSET, ENTRY, code.len() as u64); // PT_LOAD, R+X
+    program_header(4, 4, note_offset, 0, note.len() as u64); // PT_NOTE
+    elf.extend_from_slice(&note);
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    std::fs::write(path, elf).unwrap();
+}
+
+/// Ring-0 code is emulated on this host and its emulator lacks AES-NI: `aesenc` at the entry
+/// point is a KVM internal error (emulation failure). The VMM must report it with its suberror,
+/// stop the VM and end with exit code 1 rather than hang.
+#[test]
+fn a_kvm_internal_error_stops_the_vm_with_exit_code_one() {
+    if !kvm_available("a_kvm_internal_error_stops_the_vm_with_exit_code_one") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("aesenc");
+    // aesenc %xmm1, %xmm0 ; jmp .
+    tiny_pvh_kernel(&kernel, &[0x66, 0x0f, 0x38, 0xdc, 0xc1, 0xeb, 0xfe]);
+    let log = dir.path().join("serial.log");
+    let config = config(&kernel, "", anonymous_memory(), &log);
+
+    let events = Arc::new(VmEvents::new().unwrap());
+    let memory = guest_memory_from_config(&config.memory).unwrap();
+    let mut vm = Vm::new(&config, memory, events.clone()).unwrap();
+    vm.boot().unwrap();
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let failures = loop {
+        let failures = events.take_failures();
+        if !failures.is_empty() || std::time::Instant::now() > deadline {
+            break failures;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    vm.shutdown();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].reason.contains("internal error, suberror 1")
+            && failures[0].reason.contains("rip 0x100000"),
+        "{failures:?}"
+    );
+
+    let (code, _) = run_to_end(config, &log);
+    assert_eq!(code, 1);
+}
+
+/// `ud2` with no IDT is a triple fault: real hardware resets, and so does the guest here, which
+/// ends the VMM cleanly.
+#[test]
+fn a_triple_fault_is_a_guest_reset() {
+    if !kvm_available("a_triple_fault_is_a_guest_reset") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("ud2");
+    tiny_pvh_kernel(&kernel, &[0x0f, 0x0b]);
+    let log = dir.path().join("serial.log");
+    let (code, _) = run_to_end(config(&kernel, "", anonymous_memory(), &log), &log);
+    assert_eq!(code, 0);
 }
