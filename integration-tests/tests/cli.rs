@@ -180,6 +180,10 @@ fn bad_keys_and_values_name_the_option() {
         &["--disk", "colour"],
     );
     assert_start_failure(
+        &["--kernel", &kernel, "--memory-zone", "id=mem0,size=64M"],
+        &["--memory-zone", "size=0"],
+    );
+    assert_start_failure(
         &["--kernel", &kernel, "--serial", "loud"],
         &["--serial", "loud"],
     );

@@ -392,6 +392,9 @@ impl MemoryConfig {
             }
             memory.zones = Some(zones);
         }
+        if memory.zones.is_some() && memory.size != 0 {
+            return Err(zones_need_size_zero());
+        }
         if memory.size == 0 && memory.zones.is_none() {
             return Err(ConfigError::Invalid {
                 option: "memory",
@@ -399,6 +402,16 @@ impl MemoryConfig {
             });
         }
         Ok(memory)
+    }
+}
+
+/// Upstream: `--memory-zone` "must be used with `--memory size=0`, clearly indicating that the
+/// memory will be described through advanced parameters".
+fn zones_need_size_zero() -> ConfigError {
+    ConfigError::Invalid {
+        option: "memory-zone",
+        reason: "zones need --memory size=0: all guest RAM is then described by the zones"
+            .to_owned(),
     }
 }
 
@@ -855,6 +868,15 @@ impl VmConfig {
                 ),
             });
         }
+        if self
+            .memory
+            .zones
+            .as_ref()
+            .is_some_and(|zones| !zones.is_empty())
+            && self.memory.size != 0
+        {
+            return Err(zones_need_size_zero());
+        }
         if self.memory.total_size() == 0 {
             return Err(ConfigError::Invalid {
                 option: "memory",
@@ -1005,6 +1027,15 @@ mod tests {
             MemoryConfig::parse(Some("size=0"), &["id=a,size=4K", "id=a,size=4K"]),
             "id",
         );
+        for memory in [Some("size=64M"), None] {
+            assert!(matches!(
+                MemoryConfig::parse(memory, &["id=a,size=4K"]),
+                Err(ConfigError::Invalid {
+                    option: "memory-zone",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
