@@ -214,6 +214,51 @@ pub fn flush() {
     }
 }
 
+/// The VM lifecycle events upstream emits with source `vm`, so that call sites cannot misspell them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    Booting,
+    Booted,
+    Pausing,
+    Paused,
+    Resuming,
+    Resumed,
+    Snapshotting,
+    Snapshotted,
+    Restoring,
+    Restored,
+    Rebooting,
+    Rebooted,
+    Shutdown,
+    Deleted,
+}
+
+impl VmEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmEvent::Booting => "booting",
+            VmEvent::Booted => "booted",
+            VmEvent::Pausing => "pausing",
+            VmEvent::Paused => "paused",
+            VmEvent::Resuming => "resuming",
+            VmEvent::Resumed => "resumed",
+            VmEvent::Snapshotting => "snapshotting",
+            VmEvent::Snapshotted => "snapshotted",
+            VmEvent::Restoring => "restoring",
+            VmEvent::Restored => "restored",
+            VmEvent::Rebooting => "rebooting",
+            VmEvent::Rebooted => "rebooted",
+            VmEvent::Shutdown => "shutdown",
+            VmEvent::Deleted => "deleted",
+        }
+    }
+}
+
+/// Emits a `vm` lifecycle event (no properties, as upstream).
+pub fn emit_vm(event: VmEvent) {
+    emit("vm", event.name(), &[]);
+}
+
 /// The NV events (source `nv`), with the property names tools can rely on. Times are integer
 /// microseconds in decimal strings, since upstream's properties are strings.
 pub mod nv {
@@ -388,13 +433,19 @@ mod tests {
             set_monitor(&config, SeccompMode::Enforce),
             Err(EventMonitorError::AlreadySet)
         ));
+        emit_vm(VmEvent::Paused);
         nv::power_fail_started("web-1", "api", Duration::from_millis(50));
         nv::phase_done("pause", Duration::from_micros(1234));
         nv::committed("web-1", 7, Duration::from_millis(3));
         nv::recovered("web-1", 7, Duration::from_millis(2));
         flush();
 
-        let events = read_events(&path);
+        let mut events = read_events(&path);
+        let paused = events.remove(0);
+        assert_eq!(
+            (&paused["source"], &paused["event"]),
+            (&"vm".into(), &"paused".into())
+        );
         let names: Vec<_> = events.iter().map(|e| e["event"].clone()).collect();
         assert_eq!(
             names,
