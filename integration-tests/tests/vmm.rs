@@ -11,7 +11,7 @@ use integration_tests::harness::{
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
-    PayloadConfig, VmConfig,
+    PayloadConfig, SeccompMode, VmConfig,
 };
 use vmm::events::VmEvents;
 use vmm::memory::guest_memory_from_config;
@@ -74,7 +74,13 @@ fn anonymous_memory() -> MemoryConfig {
 /// Creates a VM for `config` over freshly mapped memory, with its vCPU threads parked.
 fn create_vm(config: &VmConfig) -> Vm {
     let memory = guest_memory_from_config(&config.memory).expect("guest memory");
-    Vm::new(config, memory, Arc::new(VmEvents::new().unwrap())).expect("create VM")
+    Vm::new(
+        config,
+        memory,
+        Arc::new(VmEvents::new().unwrap()),
+        SeccompMode::Enforce,
+    )
+    .expect("create VM")
 }
 
 /// The guests print these when they stop for good; waiting longer is pointless.
@@ -450,7 +456,7 @@ fn a_kvm_internal_error_stops_the_vm_with_exit_code_one() {
 
     let events = Arc::new(VmEvents::new().unwrap());
     let memory = guest_memory_from_config(&config.memory).unwrap();
-    let mut vm = Vm::new(&config, memory, events.clone()).unwrap();
+    let mut vm = Vm::new(&config, memory, events.clone(), SeccompMode::Enforce).unwrap();
     vm.boot().unwrap();
     let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
     let failures = loop {

@@ -14,9 +14,9 @@ use devices::virtio::{
 };
 use devices::{Bus, EventFdInterrupt, I8042Device, SerialDevice, SerialState};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::events::VmEvents;
@@ -205,9 +205,11 @@ impl DeviceManager {
     /// Puts a virtio-blk disk on the next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on
     /// its QueueNotify register (so a notify wakes the disk's I/O thread without a vCPU exit).
     fn add_virtio_block(&mut self, disk: &crate::config::DiskConfig) -> Result<(), Error> {
-        let path = PathBuf::from(disk.path.as_deref().ok_or_else(|| {
-            Error::Device("--disk without path=".to_string())
-        })?);
+        let path = PathBuf::from(
+            disk.path
+                .as_deref()
+                .ok_or_else(|| Error::Device("--disk without path=".to_string()))?,
+        );
         let index = u32::try_from(self.disks.len())
             .map_err(|_| Error::Device("too many disks".to_string()))?;
         let (base, gsi) = virtio_mmio_slot(index);
@@ -308,9 +310,10 @@ impl DeviceManager {
             .disks
             .iter()
             .map(|disk| {
-                let transport = disk.lock().state().map_err(|e| {
-                    Error::State(format!("disk {}: {e}", disk.path.display()))
-                })?;
+                let transport = disk
+                    .lock()
+                    .state()
+                    .map_err(|e| Error::State(format!("disk {}: {e}", disk.path.display())))?;
                 Ok(BlockState {
                     path: disk.path.clone(),
                     transport,
@@ -363,7 +366,11 @@ impl DeviceManager {
 
     /// Rebuilds a disk's transport from saved state. The rebuilt transport has new queue-notify
     /// eventfds, so the ioeventfds move over to them; it stays paused until `resume`.
-    fn restore_disk(&self, disk: &VirtioBlockSlot, saved: &MmioTransportState) -> Result<(), Error> {
+    fn restore_disk(
+        &self,
+        disk: &VirtioBlockSlot,
+        saved: &MmioTransportState,
+    ) -> Result<(), Error> {
         let block = open_block(&disk.path, disk.readonly)?;
         let restored = MmioTransport::restore(
             Box::new(block),

@@ -75,6 +75,8 @@ pub enum Error {
     InvalidVmState(&'static str),
     #[error("vCPU {vcpu} failed: {reason}")]
     VcpuFailed { vcpu: u8, reason: String },
+    #[error("seccomp: {0}")]
+    Seccomp(String),
     #[error("VM state: {0}")]
     State(String),
     #[error("event fd {operation}: {source}")]

@@ -27,7 +27,7 @@ pub use vmm::{Vmm, VmmExit};
 /// cleanly, 1 when it failed to start or failed while running.
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
     let config = launch.vm.ok_or(Error::NoVmConfig)?;
-    let mut vmm = Vmm::new()?;
+    let mut vmm = Vmm::new(launch.seccomp)?;
     vmm.boot_vm(&config)?;
     // Phase 2: the API server (launch.api_socket) and --restore hook in here.
     let exit = vmm.control_loop()?;

@@ -18,7 +18,9 @@ use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::config::SeccompMode;
 use crate::events::VmEvents;
+use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 use crate::Error;
 
 /// How long `pause` waits for every vCPU to leave KVM_RUN before it gives up.
@@ -329,6 +331,7 @@ impl VcpuManager {
         &mut self,
         io: Arc<dyn IoHandler>,
         events: Arc<VmEvents>,
+        seccomp: SeccompMode,
     ) -> Result<(), Error> {
         install_kick_signal_handler()?;
         for vcpu in &self.vcpus {
@@ -342,7 +345,7 @@ impl VcpuManager {
             let events = Arc::clone(&events);
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, control, io, events))
+                .spawn(move || vcpu_thread(vcpu, control, io, events, seccomp))
                 .map_err(|source| Error::ThreadSpawn {
                     thread: format!("vcpu{id}"),
                     source,
@@ -420,6 +423,7 @@ fn vcpu_thread(
     control: Arc<RunControl>,
     io: Arc<dyn IoHandler>,
     events: Arc<VmEvents>,
+    seccomp: SeccompMode,
 ) {
     let id = {
         let mut guard = vcpu.lock().unwrap_or_else(|p| p.into_inner());
@@ -427,8 +431,13 @@ fn vcpu_thread(
         KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(run));
         guard.id
     };
-    // Seccomp call point for ThreadKind::Vcpu (seccomp_filters.rs), once VmmLaunch carries the
-    // --seccomp mode: it must run here, after the kvm_run pointer is set and before KVM_RUN.
+    // Before the first KVM_RUN, so guest-triggered exits are only ever served under the filter.
+    if let Err(e) = apply_filter_for_mode(ThreadKind::Vcpu, seccomp) {
+        events.signal_vcpu_failure(id, format!("installing the seccomp filter: {e}"));
+        control.park_until_stop();
+        KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
+        return;
+    }
 
     let mut next = control.wait_while_paused();
     while next == Request::Run {

@@ -14,7 +14,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::config::VmConfig;
+use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::events::VmEvents;
 use crate::vcpu::VcpuManager;
@@ -91,11 +91,13 @@ fn kvm_error(operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error
 
 impl Vm {
     /// Creates the VM over `memory` with the devices and vCPUs `config` describes. The vCPU
-    /// threads are spawned and parked: next call `boot`, or `restore_state` then `resume`.
+    /// threads are spawned and parked (each under the vCPU seccomp filter of `seccomp`): next call
+    /// `boot`, or `restore_state` then `resume`.
     pub fn new(
         config: &VmConfig,
         memory: GuestMemoryMmap,
         events: Arc<VmEvents>,
+        seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let api_version = kvm.get_api_version();
@@ -144,7 +146,7 @@ impl Vm {
             let vcpu = vcpus.lock_vcpu(0);
             crate::state::supported_msr_indices(&kvm, &vcpu)?
         };
-        vcpus.start_paused(devices.clone(), events.clone())?;
+        vcpus.start_paused(devices.clone(), events.clone(), seccomp)?;
 
         Ok(Vm {
             vm_fd,

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::register_signal_handler;
 
-use crate::config::VmConfig;
+use crate::config::{SeccompMode, VmConfig};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
+use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 use crate::vm::Vm;
 use crate::Error;
 
@@ -80,19 +81,23 @@ impl VmmExit {
 
 pub struct Vmm {
     epoll_fd: RawFd,
+    seccomp: SeccompMode,
     events: Arc<VmEvents>,
     termination: EventFd,
     vm: Option<Vm>,
 }
 
 impl Vmm {
-    pub fn new() -> Result<Vmm, Error> {
+    /// `seccomp` is applied to every thread the VMM runs: the control loop's own thread when the
+    /// loop starts, each vCPU thread when it starts.
+    pub fn new(seccomp: SeccompMode) -> Result<Vmm, Error> {
         let epoll_fd = epoll::create(true).map_err(|source| Error::Epoll {
             operation: "create",
             source,
         })?;
         let mut vmm = Vmm {
             epoll_fd,
+            seccomp,
             events: Arc::new(VmEvents::new()?),
             termination: EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
                 operation: "create",
@@ -146,7 +151,7 @@ impl Vmm {
     /// Builds guest memory and the VM from `config`, then boots it.
     pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
         let memory = guest_memory_from_config(&config.memory)?;
-        let mut vm = Vm::new(config, memory, Arc::clone(&self.events))?;
+        let mut vm = Vm::new(config, memory, Arc::clone(&self.events), self.seccomp)?;
         vm.boot()?;
         log::info!("VM booted with {} vCPU(s)", config.cpus.boot_vcpus);
         self.vm = Some(vm);
@@ -159,6 +164,9 @@ impl Vmm {
 
     /// Runs until the VM ends; returns why.
     pub fn control_loop(&mut self) -> Result<VmmExit, Error> {
+        // Threads spawned from here on (vCPUs of a later VM) inherit this filter too.
+        apply_filter_for_mode(ThreadKind::Vmm, self.seccomp)
+            .map_err(|e| Error::Seccomp(e.to_string()))?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
         loop {
             let count = match epoll::wait(self.epoll_fd, -1, &mut ready) {
