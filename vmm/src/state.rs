@@ -28,7 +28,7 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
@@ -104,7 +104,8 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     pub fpu: FpuState,
-    /// The legacy 4 KiB xsave area (KVM_CAP_XSAVE).
+    /// The xsave area in 32-bit words (KVM_CAP_XSAVE): the legacy 4 KiB, more where
+    /// KVM_CAP_XSAVE2 reports a larger area.
     pub xsave: Option<Vec<u32>>,
     /// KVM_CAP_XCRS.
     pub xcrs: Option<kvm_xcrs>,
@@ -188,6 +189,59 @@ fn read_msrs(vcpu: &Vcpu, indices: &[u32]) -> Result<Vec<MsrValue>, Error> {
             data: entry.data,
         })
         .collect())
+}
+
+/// 32-bit words of the legacy `kvm_xsave` area.
+const LEGACY_XSAVE_WORDS: usize = 1024;
+
+/// The vCPU's xsave area as 32-bit words: the legacy 4 KiB, or the larger area KVM_CAP_XSAVE2
+/// reported (the words past 4 KiB follow the legacy region).
+fn save_xsave(vcpu: &Vcpu, xsave_size: usize) -> Result<Vec<u32>, Error> {
+    let words = xsave_size.div_ceil(4);
+    if words <= LEGACY_XSAVE_WORDS {
+        let area = vcpu
+            .fd
+            .get_xsave()
+            .map_err(vcpu_error(vcpu.id, "KVM_GET_XSAVE"))?;
+        return Ok(area.region.to_vec());
+    }
+    let mut area = Xsave::new(words - LEGACY_XSAVE_WORDS)
+        .map_err(|e| Error::State(format!("xsave buffer of {xsave_size} bytes: {e:?}")))?;
+    // SAFETY: `area` holds the legacy region plus enough trailing words for the KVM_CAP_XSAVE2
+    // size, which is fixed because the VMM never enables dynamic xstate features.
+    unsafe { vcpu.fd.get_xsave2(&mut area) }.map_err(vcpu_error(vcpu.id, "KVM_GET_XSAVE2"))?;
+    let mut saved = area.as_fam_struct_ref().xsave.region.to_vec();
+    saved.extend_from_slice(area.as_slice());
+    Ok(saved)
+}
+
+fn restore_xsave(vcpu: &Vcpu, xsave_size: usize, words: &[u32]) -> Result<(), Error> {
+    let id = vcpu.id;
+    let host_words = xsave_size.div_ceil(4);
+    if words.len() < LEGACY_XSAVE_WORDS || words.len() > host_words.max(LEGACY_XSAVE_WORDS) {
+        return Err(Error::State(format!(
+            "vCPU {id}: xsave area of {} words does not fit this host's {host_words}",
+            words.len()
+        )));
+    }
+    let (legacy, extended) = words.split_at(LEGACY_XSAVE_WORDS);
+    if host_words <= LEGACY_XSAVE_WORDS {
+        let mut area = kvm_xsave::default();
+        area.region.copy_from_slice(legacy);
+        // SAFETY: `area` is a complete legacy `kvm_xsave` and the host's xsave size is at most
+        // its 4 KiB, so KVM_SET_XSAVE reads nothing past it.
+        return unsafe { vcpu.fd.set_xsave(&area) }.map_err(vcpu_error(id, "KVM_SET_XSAVE"));
+    }
+    let mut area = Xsave::new(host_words - LEGACY_XSAVE_WORDS)
+        .map_err(|e| Error::State(format!("xsave buffer of {xsave_size} bytes: {e:?}")))?;
+    // SAFETY: the FAM struct is only written through its own accessors, within its length.
+    unsafe { area.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(legacy);
+    area.as_mut_slice()[..extended.len()].copy_from_slice(extended);
+    // SAFETY: `area` is sized for the host's KVM_CAP_XSAVE2 size, all KVM_SET_XSAVE reads.
+    unsafe { vcpu.fd.set_xsave2(&area) }.map_err(vcpu_error(id, "KVM_SET_XSAVE2"))
 }
 
 fn vcpu_error(vcpu: u8, operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -296,8 +350,7 @@ impl Vm {
         let fd = &vcpu.fd;
         let caps = self.capabilities;
         let xsave = if caps.xsave {
-            let area = fd.get_xsave().map_err(vcpu_error(id, "KVM_GET_XSAVE"))?;
-            Some(area.region.to_vec())
+            Some(save_xsave(&vcpu, caps.xsave_size)?)
         } else {
             None
         };
@@ -369,23 +422,11 @@ impl Vm {
             }
             fd.set_xcrs(xcrs).map_err(vcpu_error(id, "KVM_SET_XCRS"))?;
         }
-        if let Some(region) = &state.xsave {
+        if let Some(words) = &state.xsave {
             if !caps.xsave {
                 return Err(missing("an xsave area", "KVM_CAP_XSAVE"));
             }
-            let mut area = kvm_xsave::default();
-            if region.len() != area.region.len() {
-                return Err(Error::State(format!(
-                    "vCPU {id}: xsave area of {} words, expected {}",
-                    region.len(),
-                    area.region.len()
-                )));
-            }
-            area.region.copy_from_slice(region);
-            // SAFETY: `area` is a complete legacy `kvm_xsave` (4 KiB); KVM_SET_XSAVE reads exactly
-            // that struct. Only a larger KVM_CAP_XSAVE2 area would need the FAM-sized variant, and
-            // we never save one.
-            unsafe { fd.set_xsave(&area) }.map_err(vcpu_error(id, "KVM_SET_XSAVE"))?;
+            restore_xsave(&vcpu, caps.xsave_size, words)?;
         }
         if let Some(debug_regs) = &state.debug_regs {
             if caps.debug_regs {

@@ -51,6 +51,9 @@ impl VmRunState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvmCapabilities {
     pub xsave: bool,
+    /// Bytes of the vCPU xsave area (KVM_CAP_XSAVE2; the legacy 4 KiB when the host does not
+    /// report more). Larger areas (AMX hosts) go through KVM_GET/SET_XSAVE2-sized buffers.
+    pub xsave_size: usize,
     pub xcrs: bool,
     pub vcpu_events: bool,
     pub debug_regs: bool,
@@ -60,9 +63,13 @@ pub struct KvmCapabilities {
 }
 
 impl KvmCapabilities {
-    fn probe(kvm: &Kvm) -> KvmCapabilities {
+    fn probe(kvm: &Kvm, vm_fd: &VmFd) -> KvmCapabilities {
+        let legacy_xsave_size = std::mem::size_of::<kvm_bindings::kvm_xsave>();
         KvmCapabilities {
             xsave: kvm.check_extension(Cap::Xsave),
+            xsave_size: usize::try_from(vm_fd.check_extension_int(Cap::Xsave2))
+                .unwrap_or(0)
+                .max(legacy_xsave_size),
             xcrs: kvm.check_extension(Cap::Xcrs),
             vcpu_events: kvm.check_extension(Cap::VcpuEvents),
             debug_regs: kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS)) > 0,
@@ -117,10 +124,9 @@ impl Vm {
                 return Err(Error::KvmCapabilityMissing(name));
             }
         }
-        let capabilities = KvmCapabilities::probe(&kvm);
-        log::debug!("KVM capabilities: {capabilities:?}");
-
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
+        let capabilities = KvmCapabilities::probe(&kvm, &vm_fd);
+        log::debug!("KVM capabilities: {capabilities:?}");
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
