@@ -91,4 +91,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An NV region operation failed. The cause is part of the message and deliberately not a
+    /// `#[source]`: the CLI prints the chain, and "unsafe shutdown — state incomplete" must read
+    /// once.
+    #[error("{context}: {error}")]
+    Nv {
+        context: String,
+        error: nv_extension::Error,
+    },
+    #[error("--nv region={region},vm={vm}: {reason}")]
+    NvSetup {
+        region: String,
+        vm: String,
+        reason: String,
+    },
 }

@@ -9,6 +9,7 @@ mod error;
 pub mod event_monitor;
 pub mod events;
 pub mod memory;
+pub mod nv;
 pub mod option_parser;
 pub mod seccomp_filters;
 pub mod state;
