@@ -337,12 +337,19 @@ fn blkcheck_continues_after_save_and_restore() {
 
     let state = {
         let mut vm = create_vm(&config_for(&first_log));
+        assert_eq!(vm.memory_actual_size(), GUEST_RAM);
         vm.boot().expect("boot");
         let (text, started) = wait_for_log(&first_log, BOOT_TIMEOUT, |text| {
             text.contains("completed seq=") || guest_gave_up(text)
         });
         assert!(started && !guest_gave_up(&text), "{text}");
         vm.pause().expect("pause");
+        let counters = vm.counters();
+        let disk = counters.get("_disk0").expect("counters of _disk0");
+        assert!(
+            disk["write_ops"] > 0 && disk["write_bytes"] > 0,
+            "the guest has written: {counters:?}"
+        );
         let state = vm.save_state().expect("save state");
         vm.shutdown();
         state

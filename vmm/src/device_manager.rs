@@ -3,6 +3,7 @@
 //! contract's addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach
 //! the devices through the `IoHandler` this module implements.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,8 @@ const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 struct VirtioBlockSlot {
     transport: Arc<Mutex<MmioTransport>>,
     interrupt: Arc<EventFdInterrupt>,
+    /// The disk's `id=`, or upstream's default `_disk<N>`: the key of its counters.
+    id: String,
     /// What the disk was opened from, to open it again when restoring.
     path: PathBuf,
     readonly: bool,
@@ -127,8 +130,9 @@ impl DeviceManager {
         if config.console.mode != ConsoleOutputMode::Off
             && config.console.mode != ConsoleOutputMode::Null
         {
-            // Upstream's --console is a virtio-console; we offer none, so say so once.
-            log::info!(
+            // Upstream's --console is a virtio-console; we offer none. Its default is tty, so this
+            // is only worth a debug line.
+            log::debug!(
                 "--console {:?}: no virtio-console device in this VMM; use --serial",
                 config.console.mode
             );
@@ -243,6 +247,7 @@ impl DeviceManager {
         self.disks.push(VirtioBlockSlot {
             transport,
             interrupt,
+            id: disk.id.clone().unwrap_or_else(|| format!("_disk{index}")),
             path,
             readonly: disk.readonly,
             base,
@@ -279,6 +284,23 @@ impl DeviceManager {
             })?;
         }
         Ok(())
+    }
+
+    /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
+    /// from 0 in each VMM process (a restored disk counts anew).
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.disks
+            .iter()
+            .map(|disk| {
+                let counters = disk
+                    .lock()
+                    .counters()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect();
+                (disk.id.clone(), counters)
+            })
+            .collect()
     }
 
     /// The `virtio_mmio.device=` tokens to append to the guest's kernel command line.

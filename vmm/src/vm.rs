@@ -6,6 +6,7 @@
 //! (`restore_state` in state.rs, then `resume`), which is how a VM continues over memory that
 //! outlived the previous VMM process.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -176,6 +177,16 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Bytes of guest RAM actually mapped (`vm.info`'s `memory_actual_size`).
+    pub fn memory_actual_size(&self) -> u64 {
+        self.memory.iter().map(|region| region.len()).sum()
+    }
+
+    /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value.
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.devices.counters()
     }
 
     pub fn capabilities(&self) -> KvmCapabilities {
