@@ -99,6 +99,8 @@ pub enum Error {
         context: String,
         error: nv_extension::Error,
     },
+    #[error("no VM in NV memory runs in this VMM")]
+    NoNvVm,
     #[error("--nv region={region},vm={vm}: {reason}")]
     NvSetup {
         region: String,

@@ -6,12 +6,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use nv_extension::{SaveReport, ShutdownKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::config::{SeccompMode, VmConfig};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
+use crate::nv::{self, NvVm};
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 use crate::vm::Vm;
 use crate::Error;
@@ -28,7 +30,9 @@ enum ControlEvent {
     GuestReset = 2,
     VcpuFailed = 3,
     TerminationSignal = 4,
-    // Phase 2 adds here: ApiRequest (the API channel's EventFd) and PowerFail (SIGPWR).
+    /// SIGPWR: the host is running on battery; save the NV VM now.
+    PowerFailSignal = 5,
+    // Phase 2 adds here: ApiRequest (the API channel's EventFd).
 }
 
 impl ControlEvent {
@@ -38,6 +42,7 @@ impl ControlEvent {
             ControlEvent::GuestReset,
             ControlEvent::VcpuFailed,
             ControlEvent::TerminationSignal,
+            ControlEvent::PowerFailSignal,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -68,6 +73,9 @@ pub enum VmmExit {
     GuestReset,
     TerminationSignal,
     VcpuFailed(String),
+    /// The NV VM's state was saved in place (power fail or planned suspend); it waits for
+    /// `recover=on`.
+    NvSaved(ShutdownKind),
 }
 
 impl VmmExit {
@@ -75,6 +83,7 @@ impl VmmExit {
         match self {
             VmmExit::GuestShutdown | VmmExit::GuestReset | VmmExit::TerminationSignal => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
+            VmmExit::NvSaved(kind) => nv::exit_code_after_save(*kind),
         }
     }
 }
@@ -84,7 +93,10 @@ pub struct Vmm {
     seccomp: SeccompMode,
     events: Arc<VmEvents>,
     termination: EventFd,
+    power_fail_signal: EventFd,
     vm: Option<Vm>,
+    /// Set while `vm` runs in an NV region.
+    nv: Option<NvVm>,
 }
 
 impl Vmm {
@@ -103,7 +115,9 @@ impl Vmm {
                 operation: "create",
                 source,
             })?,
+            power_fail_signal: nv::install_power_fail_signal()?,
             vm: None,
+            nv: None,
         };
         vmm.install_termination_handlers()?;
         let events = Arc::clone(&vmm.events);
@@ -111,6 +125,10 @@ impl Vmm {
         vmm.watch(events.reset.as_raw_fd(), ControlEvent::GuestReset)?;
         vmm.watch(events.vcpu_failed.as_raw_fd(), ControlEvent::VcpuFailed)?;
         vmm.watch(vmm.termination.as_raw_fd(), ControlEvent::TerminationSignal)?;
+        vmm.watch(
+            vmm.power_fail_signal.as_raw_fd(),
+            ControlEvent::PowerFailSignal,
+        )?;
         Ok(vmm)
     }
 
@@ -150,12 +168,37 @@ impl Vmm {
 
     /// Builds guest memory and the VM from `config`, then boots it.
     pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
+        if config.nv.is_some() {
+            return self.start_nv_vm(nv::prepare(config)?);
+        }
         let memory = guest_memory_from_config(&config.memory)?;
         let mut vm = Vm::new(config, memory, Arc::clone(&self.events), self.seccomp)?;
         vm.boot()?;
         log::info!("VM booted with {} vCPU(s)", config.cpus.boot_vcpus);
         self.vm = Some(vm);
         Ok(())
+    }
+
+    /// Runs a VM over its NV memory: cold boot, or resume in place (`recover=on`, `vm.nv-recover`).
+    pub fn start_nv_vm(&mut self, prepared: nv::PreparedVm) -> Result<(), Error> {
+        let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
+        self.vm = Some(vm);
+        self.nv = Some(nv);
+        Ok(())
+    }
+
+    /// The NV VM this VMM runs, if any (`vm.nv-status`).
+    pub fn nv_vm(&self) -> Option<&NvVm> {
+        self.nv.as_ref()
+    }
+
+    /// Saves the NV VM in place (SIGPWR, `vm.power-fail`, `vm.nv-suspend`). After `Ok` the VMM
+    /// must end with `VmmExit::NvSaved(kind)`; after `Err` the VM keeps running.
+    pub fn nv_save(&mut self, kind: ShutdownKind, trigger: &str) -> Result<SaveReport, Error> {
+        match (self.nv.as_mut(), self.vm.as_mut()) {
+            (Some(nv_vm), Some(vm)) => nv::save(nv_vm, vm, kind, trigger),
+            _ => Err(Error::NoNvVm),
+        }
     }
 
     pub fn vm(&mut self) -> Option<&mut Vm> {
@@ -187,6 +230,7 @@ impl Vmm {
                 };
                 if let Some(exit) = self.handle(kind)? {
                     self.shutdown_vm();
+                    self.end_nv_run(&exit);
                     return Ok(exit);
                 }
             }
@@ -224,12 +268,37 @@ impl Vmm {
                 log::info!("SIGTERM/SIGINT: shutting the VM down");
                 Ok(Some(VmmExit::TerminationSignal))
             }
+            ControlEvent::PowerFailSignal => {
+                let _ = self.power_fail_signal.read();
+                log::warn!("SIGPWR: host power is failing, saving the VM in place");
+                match self.nv_save(ShutdownKind::PowerFail, "signal") {
+                    Ok(_) => Ok(Some(VmmExit::NvSaved(ShutdownKind::PowerFail))),
+                    Err(e) => {
+                        log::error!("SIGPWR: the save failed, the VM keeps running: {e}");
+                        Ok(None)
+                    }
+                }
+            }
         }
     }
 
     fn shutdown_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
+        }
+    }
+
+    /// Records how the NV VM's run ended (after its vCPUs stopped) and releases it. A clean end
+    /// makes the next start a cold boot; a vCPU failure stays "running" in the region, so
+    /// recovery refuses it as an unsafe shutdown rather than resuming a broken guest.
+    fn end_nv_run(&mut self, exit: &VmmExit) {
+        if let Some(nv_vm) = self.nv.take() {
+            match exit {
+                VmmExit::GuestShutdown | VmmExit::GuestReset | VmmExit::TerminationSignal => {
+                    nv_vm.mark_powered_off()
+                }
+                VmmExit::VcpuFailed(_) | VmmExit::NvSaved(_) => {}
+            }
         }
     }
 }
