@@ -17,6 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::DeviceManager;
+use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
 use crate::vcpu::VcpuManager;
 use crate::Error;
@@ -199,6 +200,7 @@ impl Vm {
         if self.run_state != VmRunState::Created {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
+        emit_vm(VmEvent::Booting);
         let kernel_path = self
             .config
             .payload
@@ -231,6 +233,7 @@ impl Vm {
         crate::boot_cpu::program_boot_vcpu(&self.vcpus.lock_vcpu(0), &self.memory, &entry)?;
         self.vcpus.resume();
         self.run_state = VmRunState::Running;
+        emit_vm(VmEvent::Booted);
         Ok(())
     }
 
@@ -253,10 +256,12 @@ impl Vm {
         if self.run_state != VmRunState::Running {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
+        emit_vm(VmEvent::Pausing);
         self.vcpus.pause()?;
         // After the vCPUs, so no new request is posted while the disks drain theirs.
         self.devices.pause()?;
         self.run_state = VmRunState::Paused;
+        emit_vm(VmEvent::Paused);
         Ok(())
     }
 
@@ -265,9 +270,11 @@ impl Vm {
         if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
+        emit_vm(VmEvent::Resuming);
         self.devices.resume()?;
         self.vcpus.resume();
         self.run_state = VmRunState::Running;
+        emit_vm(VmEvent::Resumed);
         Ok(())
     }
 
@@ -281,6 +288,7 @@ impl Vm {
         self.vcpus.stop();
         self.devices.shutdown();
         self.run_state = VmRunState::Shutdown;
+        emit_vm(VmEvent::Shutdown);
     }
 }
 
