@@ -135,6 +135,8 @@ const VMM: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_msync,
+    // NV regions: the cross-process metadata lock of nv-extension (saves, claims, recovery).
+    libc::SYS_flock,
     libc::SYS_mkdirat,
     libc::SYS_unlinkat,
     libc::SYS_renameat,
