@@ -185,15 +185,11 @@ impl DaxDevice {
         let read_number = |name: &str| -> Result<u64, Error> {
             let candidates = [sysfs.join(name), sysfs.join("device").join(name)];
             for candidate in &candidates {
-                if let Ok(text) = std::fs::read_to_string(candidate) {
-                    let text = text.trim();
-                    let parsed = match text.strip_prefix("0x") {
-                        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-                        None => text.parse().ok(),
-                    };
-                    if let Some(value) = parsed {
-                        return Ok(value);
-                    }
+                if let Some(value) = std::fs::read_to_string(candidate)
+                    .ok()
+                    .and_then(|text| parse_sysfs_number(&text))
+                {
+                    return Ok(value);
                 }
             }
             Err(Error::MemoryConfig(format!(
@@ -212,6 +208,15 @@ impl DaxDevice {
             )));
         }
         Ok(DaxDevice { size, alignment })
+    }
+}
+
+/// A sysfs attribute holding one number, decimal or `0x` hex, with a trailing newline.
+fn parse_sysfs_number(text: &str) -> Option<u64> {
+    let text = text.trim();
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
     }
 }
 
@@ -433,6 +438,43 @@ mod tests {
         memory.write_obj(0xa5_u8, GuestAddress(0)).unwrap();
         drop(memory);
         assert_eq!(std::fs::read(&path).unwrap()[2 << 20], 0xa5);
+    }
+
+    #[test]
+    fn sysfs_numbers_parse_in_decimal_and_hex() {
+        assert_eq!(parse_sysfs_number("2097152\n"), Some(2 << 20));
+        assert_eq!(parse_sysfs_number("0x200000\n"), Some(2 << 20));
+        assert_eq!(parse_sysfs_number("lots\n"), None);
+        assert_eq!(parse_sysfs_number(""), None);
+    }
+
+    #[test]
+    fn a_file_straddling_the_device_hole_maps_at_consecutive_offsets() {
+        // 4 GiB of sparse file: 3 GiB below the hole, 1 GiB above 4 GiB. Nothing is touched
+        // except two bytes, so the test costs no real memory.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let config = MemoryConfig {
+            size: 0,
+            zones: Some(vec![zone("mem0", 4 << 30, Some(&path))]),
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        let regions: Vec<_> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+        memory
+            .write_obj(0x11_u8, GuestAddress((3 << 30) - 1))
+            .unwrap();
+        memory.write_obj(0x22_u8, GuestAddress(4 << 30)).unwrap();
+        drop(memory);
+        let file = File::open(&path).unwrap();
+        let mut bytes = [0u8; 2];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, (3 << 30) - 1).unwrap();
+        assert_eq!(
+            bytes,
+            [0x11, 0x22],
+            "guest 3G-1 and 4G are adjacent file bytes"
+        );
     }
 
     #[test]

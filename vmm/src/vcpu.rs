@@ -467,3 +467,39 @@ fn vcpu_thread(
     }
     KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn apic_id_lands_in_the_leaves_the_guest_reads() {
+        let entry = |function: u32, ebx: u32, edx: u32| kvm_cpuid_entry2 {
+            function,
+            ebx,
+            edx,
+            ..Default::default()
+        };
+        let mut cpuid = CpuId::from_entries(&[
+            entry(1, 0xffff_1234, 0),
+            entry(0xb, 0, 0x77),
+            entry(0x1f, 0, 0x77),
+            entry(7, 0xabcd, 0x55),
+        ])
+        .unwrap();
+        set_apic_id(&mut cpuid, 3, 4);
+        let entries = cpuid.as_slice();
+        assert_eq!(
+            entries[0].ebx, 0x0304_1234,
+            "APIC ID, CPU count, low bits kept"
+        );
+        assert_eq!(entries[1].edx, 3);
+        assert_eq!(entries[2].edx, 3);
+        assert_eq!(
+            (entries[3].ebx, entries[3].edx),
+            (0xabcd, 0x55),
+            "other leaves untouched"
+        );
+    }
+}

@@ -258,16 +258,19 @@ impl Vm {
         }
         emit_vm(VmEvent::Pausing);
         self.vcpus.pause()?;
+        // The vCPUs are parked from here on: even if a disk fails to pause, `resume` must be able
+        // to start them again.
+        self.run_state = VmRunState::Paused;
         // After the vCPUs, so no new request is posted while the disks drain theirs.
         self.devices.pause()?;
-        self.run_state = VmRunState::Paused;
         emit_vm(VmEvent::Paused);
         Ok(())
     }
 
     pub fn resume(&mut self) -> Result<(), Error> {
-        // `Created` is accepted so a freshly built VM that took a saved state can start.
-        if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
+        // A freshly built VM that took a saved state is `Paused` (see `restore_state`); a
+        // `Created` one has no registers worth running and must `boot`.
+        if self.run_state != VmRunState::Paused {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
         emit_vm(VmEvent::Resuming);
