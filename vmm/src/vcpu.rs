@@ -362,6 +362,20 @@ impl VcpuManager {
         self.wait_for_parked(self.threads.len())
     }
 
+    /// Tells a kvmclock guest that its vCPUs were stopped by the host (KVM_KVMCLOCK_CTRL), so
+    /// its watchdogs do not mistake the pause for a soft lockup. Guests that have not set up
+    /// kvmclock (EINVAL) need no notice.
+    pub fn notify_guest_clock_paused(&self) {
+        for index in 0..self.vcpus.len() {
+            let vcpu = self.lock_vcpu(index);
+            if let Err(e) = vcpu.fd.kvmclock_ctrl() {
+                if e.errno() != libc::EINVAL {
+                    log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", vcpu.id);
+                }
+            }
+        }
+    }
+
     /// Lets the parked vCPUs run again.
     pub fn resume(&self) {
         self.control.lock().request = Request::Run;

@@ -258,6 +258,7 @@ impl Vm {
         }
         emit_vm(VmEvent::Pausing);
         self.vcpus.pause()?;
+        self.vcpus.notify_guest_clock_paused();
         // The vCPUs are parked from here on: even if a disk fails to pause, `resume` must be able
         // to start them again.
         self.run_state = VmRunState::Paused;
