@@ -499,3 +499,42 @@ fn a_triple_fault_is_a_guest_reset() {
     let (code, _) = run_to_end(config(&kernel, "", anonymous_memory(), &log), &log);
     assert_eq!(code, 0);
 }
+
+/// A state from another format version, or for another vCPU count, is refused with a message
+/// rather than half applied.
+#[test]
+fn a_mismatched_state_is_refused() {
+    if !kvm_available("a_mismatched_state_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let kernel = guest("counter");
+    let one_vcpu = config(&kernel, "", anonymous_memory(), &log);
+    let mut vm = create_vm(&one_vcpu);
+    vm.boot().expect("boot");
+    wait_for_counter_lines(&log, 1);
+    assert!(
+        vm.save_state().is_err(),
+        "a running VM's state is not one instant and must be refused"
+    );
+    vm.pause().expect("pause");
+    let state = vm.save_state().expect("save state");
+    vm.shutdown();
+
+    let mut future = state.clone();
+    future.version += 1;
+    let mut vm = create_vm(&one_vcpu);
+    let error = vm.restore_state(&future).unwrap_err().to_string();
+    assert!(error.contains("version"), "{error}");
+
+    let mut two_vcpus = one_vcpu.clone();
+    two_vcpus.cpus = CpusConfig {
+        boot_vcpus: 2,
+        max_vcpus: 2,
+    };
+    let mut vm = create_vm(&two_vcpus);
+    let error = vm.restore_state(&state).unwrap_err().to_string();
+    assert!(error.contains("1 vCPUs"), "{error}");
+    assert!(vm.resume().is_err(), "a VM that took no state must not run");
+}
