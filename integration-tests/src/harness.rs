@@ -10,21 +10,31 @@ pub const SKIP_KVM_ENV: &str = "NV_SKIP_KVM";
 /// Returns `true` when the KVM tests can run. Without `/dev/kvm` this panics, failing the test
 /// loudly, unless `NV_SKIP_KVM=1` is set: then it prints a skip notice and returns `false`.
 pub fn kvm_available(test: &str) -> bool {
+    let skip_requested = std::env::var(SKIP_KVM_ENV).as_deref() == Ok("1");
+    kvm_gate(Path::new("/dev/kvm"), skip_requested, test)
+}
+
+/// `kvm_available` with its inputs explicit, so the gate itself can be tested.
+fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
+        .open(device)
         .is_ok();
     if usable {
         return true;
     }
-    if std::env::var(SKIP_KVM_ENV).as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: /dev/kvm is not usable and {SKIP_KVM_ENV}=1 is set");
+    if skip_requested {
+        eprintln!(
+            "SKIPPED {test}: {} is not usable and {SKIP_KVM_ENV}=1 is set",
+            device.display()
+        );
         return false;
     }
     panic!(
-        "{test}: /dev/kvm is missing or not accessible; KVM tests never skip silently \
-         (set {SKIP_KVM_ENV}=1 to skip them explicitly)"
+        "{test}: {} is missing or not accessible; KVM tests never skip silently \
+         (set {SKIP_KVM_ENV}=1 to skip them explicitly)",
+        device.display()
     );
 }
 
@@ -104,6 +114,17 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "never skip silently")]
+    fn a_missing_kvm_device_fails_the_test() {
+        kvm_gate(Path::new("/nonexistent/kvm"), false, "gate");
+    }
+
+    #[test]
+    fn a_missing_kvm_device_skips_only_when_asked() {
+        assert!(!kvm_gate(Path::new("/nonexistent/kvm"), true, "gate"));
+    }
 
     #[test]
     fn parses_counter_lines_and_ignores_the_rest() {
