@@ -69,8 +69,12 @@ pub enum Error {
     },
     #[error("installing the vCPU kick signal handler failed: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
-    #[error("vCPU {vcpu} did not park within {timeout_ms} ms")]
-    PauseTimeout { vcpu: u8, timeout_ms: u64 },
+    #[error("only {parked} of {total} vCPUs parked within {timeout_ms} ms")]
+    PauseTimeout {
+        parked: usize,
+        total: usize,
+        timeout_ms: u64,
+    },
     #[error("operation not valid while the VM is {0}")]
     InvalidVmState(&'static str),
     #[error("vCPU {vcpu} failed: {reason}")]

@@ -411,7 +411,8 @@ impl VcpuManager {
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::PauseTimeout {
-                    vcpu: u8::try_from(state.parked).unwrap_or(u8::MAX),
+                    parked: state.parked,
+                    total: expected,
                     timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
                 });
             }
