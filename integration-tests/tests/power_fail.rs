@@ -1,0 +1,680 @@
+//! Power failure and in-place recovery, end to end: the `cloud-hypervisor` binary runs the test
+//! guests on an NV region (under /dev/shm when it exists), gets SIGPWR or an API call, saves,
+//! exits, and a new process recovers the VM in place. Real KVM; never skipped silently.
+//!
+//! The binary is built on first use (same profile as this test build), as in `cli.rs`;
+//! `CLOUD_HYPERVISOR_BIN=/path` tests that binary instead.
+
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use integration_tests::harness::{assert_counter_advances, counter_lines, kvm_available, read_log};
+
+/// Exit code of a VMM after a committed power-fail save (vmm::nv::EXIT_POWER_FAIL_SAVED).
+const EXIT_POWER_FAIL_SAVED: i32 = 75;
+/// Guest RAM of the quick runs: small, so the region costs little to create.
+const SMALL_RAM: &str = "32M";
+/// Generous bound for a guest to print a line or a VMM to exit (boot is ring-0 emulated here).
+const TIMEOUT: Duration = Duration::from_secs(30);
+const UNSAFE_SHUTDOWN: &str = "unsafe shutdown — state incomplete";
+
+fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CLOUD_HYPERVISOR_BIN") {
+            return PathBuf::from(path);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("integration-tests lives inside the workspace");
+        let release = !cfg!(debug_assertions);
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(workspace)
+            .args(["build", "--quiet", "-p", "cloud-hypervisor"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "cargo build -p cloud-hypervisor failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        target
+            .join(if release { "release" } else { "debug" })
+            .join("cloud-hypervisor")
+    })
+}
+
+fn guest(name: &str) -> PathBuf {
+    integration_tests::guests::guest_image(name)
+        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
+}
+
+/// A scratch directory for regions and logs: on tmpfs when there is one (regions stand in for
+/// NV memory there), else the system temp dir.
+fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
+    } else {
+        tempfile::tempdir().expect("tempdir")
+    }
+}
+
+/// One VMM process with its serial log and stderr captured to files.
+struct VmmProcess {
+    child: Child,
+    serial: PathBuf,
+    stderr: PathBuf,
+}
+
+impl VmmProcess {
+    fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
+        let serial = dir.join(format!("{label}.serial"));
+        let stderr = dir.join(format!("{label}.stderr"));
+        let mut command = Command::new(binary());
+        command
+            .args(arguments)
+            .args([
+                "--serial".to_string(),
+                format!("file={}", serial.display()),
+                "--console".to_string(),
+                "off".to_string(),
+                "-v".to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).expect("stderr file"));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawning cloud-hypervisor");
+        VmmProcess {
+            child,
+            serial,
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which we have not reaped yet (its pid is still ours).
+        let result = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(result, 0, "kill({}, {signal})", self.pid());
+    }
+
+    fn serial_log(&self) -> String {
+        read_log(&self.serial)
+    }
+
+    fn stderr_log(&self) -> String {
+        read_log(&self.stderr)
+    }
+
+    /// Waits until the serial log satisfies `done`; fails (and kills the VMM) on a timeout or if
+    /// the VMM exits first.
+    fn wait_serial(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let log = self.serial_log();
+            if done(&log) {
+                return log;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "VMM exited ({status}) before {what}\nserial:\n{log}\nstderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "timed out waiting for {what}\nserial:\n{log}\nstderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the process to exit; SIGKILLs it and fails after `TIMEOUT`.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!("VMM did not exit\nstderr:\n{}", self.stderr_log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL and reap: whatever is left of a VMM the test is done with.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn nv_option(region: &Path, vm: &str, extra: &str) -> String {
+    format!("region={},vm={vm}{extra}", region.display())
+}
+
+/// `cloud-hypervisor` arguments for a cold boot of `kernel` on a new VM of `region`.
+fn boot_arguments(kernel: &Path, cmdline: &str, ram: &str, region: &Path, vm: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        cmdline.into(),
+        "--memory".into(),
+        format!("size={ram}"),
+        "--nv".into(),
+        nv_option(region, vm, ",create=on"),
+    ]
+}
+
+fn recover_arguments(region: &Path, vm: &str, extra: &str) -> Vec<String> {
+    vec![
+        "--nv".into(),
+        nv_option(region, vm, &format!(",recover=on{extra}")),
+    ]
+}
+
+fn has_counter_line(log: &str) -> bool {
+    !counter_lines(log).is_empty()
+}
+
+fn last_counter(log: &str) -> Option<u64> {
+    counter_lines(log).last().map(|line| line.counter)
+}
+
+/// Sends SIGPWR and expects the "state saved, powered off" exit.
+fn power_fail(vmm: &mut VmmProcess) {
+    vmm.signal(libc::SIGPWR);
+    let status = vmm.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_POWER_FAIL_SAVED),
+        "power-fail exit ({status})\nstderr:\n{}",
+        vmm.stderr_log()
+    );
+    let stderr = vmm.stderr_log();
+    assert!(
+        stderr.contains("power-fail save committed"),
+        "no save report:\n{stderr}"
+    );
+}
+
+/// Asserts that `after` (a recovered run's serial log) continues `before` in place.
+fn assert_continues(before: &str, after: &str) {
+    assert!(
+        !after.contains("counter: boot"),
+        "the guest booted again instead of continuing:\n{after}"
+    );
+    let first_after = counter_lines(after)
+        .first()
+        .map(|line| line.counter)
+        .expect("a counter line after recovery");
+    if let Some(last_before) = last_counter(before) {
+        assert!(
+            first_after > last_before,
+            "counter restarted: {last_before} before the power failure, {first_after} after"
+        );
+    }
+    assert_counter_advances(after, 1);
+}
+
+#[test]
+fn counter_survives_three_power_failures_in_a_row() {
+    if !kvm_available("counter_survives_three_power_failures_in_a_row") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let events = dir.path().join("events.json");
+    let mut arguments = boot_arguments(&guest("counter"), "area_mb=2", SMALL_RAM, &region, "c");
+    arguments.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "run0", &arguments, &[]);
+    let mut before = vmm.wait_serial("two counter lines", |log| counter_lines(log).len() >= 2);
+    assert!(before.starts_with("counter: boot"), "{before}");
+    power_fail(&mut vmm);
+    before = vmm.serial_log();
+    let event_text = read_log(&events);
+    for event in ["power-fail-started", "phase-done", "committed"] {
+        assert!(
+            event_text.contains(&format!("\"{event}\"")),
+            "no {event} event:\n{event_text}"
+        );
+    }
+
+    for failure in 1..=3 {
+        let label = format!("run{failure}");
+        let mut vmm = VmmProcess::spawn(
+            dir.path(),
+            &label,
+            &recover_arguments(&region, "c", ""),
+            &[],
+        );
+        let after = vmm.wait_serial("two counter lines after recovery", |log| {
+            counter_lines(log).len() >= 2
+        });
+        assert_continues(&before, &after);
+        power_fail(&mut vmm);
+        before = vmm.serial_log();
+        assert_counter_advances(&before, 2);
+    }
+
+    // A clean end (SIGTERM) is recorded as powered off: nothing to recover afterwards.
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "run4",
+        &recover_arguments(&region, "c", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line", has_counter_line);
+    assert_continues(&before, &after);
+    vmm.signal(libc::SIGTERM);
+    assert_eq!(vmm.wait_exit().code(), Some(0));
+    let mut refused = VmmProcess::spawn(
+        dir.path(),
+        "run5",
+        &recover_arguments(&region, "c", ""),
+        &[],
+    );
+    assert_eq!(refused.wait_exit().code(), Some(1));
+    assert!(
+        refused.stderr_log().contains("no saved state"),
+        "{}",
+        refused.stderr_log()
+    );
+}
+
+/// `VmRSS` of a process in bytes.
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// `rchar` (bytes read through read-like calls, cache hits included) and `read_bytes` (bytes
+/// fetched from storage) of a process.
+fn read_counters(pid: i32) -> (u64, u64) {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("proc io");
+    let field = |name: &str| -> u64 {
+        io.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/PID/io:\n{io}"))
+    };
+    (field("rchar:"), field("read_bytes:"))
+}
+
+#[test]
+fn recovery_maps_memory_in_place_without_reading_it() {
+    if !kvm_available("recovery_maps_memory_in_place_without_reading_it") {
+        return;
+    }
+    const RAM: u64 = 512 << 20;
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let arguments = boot_arguments(&guest("counter"), "area_mb=1", "512M", &region, "big");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+    let before = vmm.serial_log();
+
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "recovered",
+        &recover_arguments(&region, "big", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    let (rchar, read_bytes) = read_counters(vmm.pid());
+    let rss = rss_bytes(vmm.pid());
+    assert_continues(&before, &after);
+    println!(
+        "after in-place recovery of {} MiB: rchar {} KiB, read_bytes {} KiB, RSS {} MiB",
+        RAM >> 20,
+        rchar >> 10,
+        read_bytes >> 10,
+        rss >> 20
+    );
+    // A copy-based restore reads (and makes resident) all 512 MiB.
+    assert!(rchar < RAM / 32, "read {rchar} bytes during recovery");
+    assert!(
+        read_bytes < RAM / 32,
+        "{read_bytes} bytes came from storage"
+    );
+    assert!(rss < RAM / 4, "RSS {rss} bytes right after recovery");
+}
+
+/// Highest `completed seq=` the blkcheck guest printed in `log`.
+fn last_completed_seq(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|line| line.strip_prefix("blkcheck: completed seq="))
+        .filter_map(|seq| seq.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
+    if !kvm_available("disk_requests_in_flight_at_the_power_failure_complete_after_recovery") {
+        return;
+    }
+    const BLOCKS: u64 = 256;
+    const ROUNDS: u64 = 200;
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let disk = dir.path().join("disk.img");
+    File::create(&disk)
+        .and_then(|file| file.set_len(BLOCKS * 4096))
+        .expect("disk image");
+    let mut arguments = boot_arguments(
+        &guest("blkcheck"),
+        &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
+        SMALL_RAM,
+        &region,
+        "blk",
+    );
+    arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    // Mid-run: the guest keeps 16 requests posted at a time, so the signal lands amid I/O.
+    vmm.wait_serial("blkcheck progress", |log| {
+        last_completed_seq(log) >= 10 * BLOCKS
+    });
+    power_fail(&mut vmm);
+    let before = vmm.serial_log();
+    assert!(!before.contains("FAIL"), "{before}");
+    let completed = last_completed_seq(&before);
+    assert!(
+        completed < ROUNDS * BLOCKS,
+        "the guest finished before the power failure"
+    );
+    // What the guest saw completed is on the disk before any recovery touches it.
+    integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, completed).unwrap_or_else(|e| {
+        panic!("disk after the power failure (completed seq={completed}): {e}")
+    });
+
+    let mut arguments = recover_arguments(&region, "blk", "");
+    arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let after = vmm.wait_serial("blkcheck to finish", |log| {
+        log.contains("blkcheck: done") || log.contains("FAIL")
+    });
+    assert!(after.contains("blkcheck: done ok"), "{after}");
+    assert!(
+        !after.contains("blkcheck: disk"),
+        "the guest restarted:\n{after}"
+    );
+    let first_after = after
+        .lines()
+        .find_map(|line| line.strip_prefix("blkcheck: completed seq="))
+        .and_then(|seq| seq.trim().parse::<u64>().ok());
+    if let Some(first_after) = first_after {
+        assert!(first_after > completed, "{first_after} after {completed}");
+    }
+    // exit=reset: the guest ends the VM on its own.
+    assert_eq!(vmm.wait_exit().code(), Some(0));
+    integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, ROUNDS * BLOCKS)
+        .unwrap_or_else(|e| panic!("disk after the recovered run: {e}"));
+}
+
+#[test]
+fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
+    if !kvm_available("a_kill_without_warning_is_refused_and_force_cold_boots_again") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    vmm.signal(libc::SIGKILL);
+    assert_eq!(vmm.wait_exit().signal(), Some(libc::SIGKILL));
+
+    let mut refused = VmmProcess::spawn(
+        dir.path(),
+        "refused",
+        &recover_arguments(&region, "k", ""),
+        &[],
+    );
+    assert_eq!(refused.wait_exit().code(), Some(1));
+    let stderr = refused.stderr_log();
+    assert!(stderr.contains(UNSAFE_SHUTDOWN), "{stderr}");
+    assert!(refused.serial_log().is_empty(), "a refused VM must not run");
+
+    let mut cold = VmmProcess::spawn(
+        dir.path(),
+        "cold",
+        &recover_arguments(&region, "k", ",force-cold=on"),
+        &[],
+    );
+    let log = cold.wait_serial("a counter line after the cold boot", has_counter_line);
+    assert!(log.starts_with("counter: boot"), "{log}");
+    assert_counter_advances(&log, 1);
+    // The cold-booted run is a normal run again: it saves and recovers.
+    power_fail(&mut cold);
+    let before = cold.serial_log();
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "again",
+        &recover_arguments(&region, "k", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line", has_counter_line);
+    assert_continues(&before, &after);
+}
+
+#[test]
+fn bad_nv_options_fail_with_a_clear_message() {
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let kernel = guest("counter");
+    let run = |label: &str, arguments: Vec<String>| -> String {
+        let mut vmm = VmmProcess::spawn(dir.path(), label, &arguments, &[]);
+        let status = vmm.wait_exit();
+        assert_eq!(status.code(), Some(1), "{label}: {status}");
+        vmm.stderr_log()
+    };
+    let mut without_create = boot_arguments(&kernel, "", SMALL_RAM, &region, "x");
+    without_create[7] = nv_option(&region, "x", "");
+    let stderr = run("missing-region", without_create.clone());
+    assert!(stderr.contains("No such file"), "{stderr}");
+    assert!(!region.exists());
+
+    // Create the region and VM, then ask for it in ways that must be refused.
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "create",
+        &boot_arguments(&kernel, "stop_after=1", SMALL_RAM, &region, "x"),
+        &[],
+    );
+    assert_eq!(vmm.wait_exit().code(), Some(0));
+    let mut other_vm = without_create.clone();
+    other_vm[7] = nv_option(&region, "y", "");
+    let stderr = run("missing-vm", other_vm);
+    assert!(stderr.contains("create=on"), "{stderr}");
+    let stderr = run(
+        "other-size",
+        boot_arguments(&kernel, "", "64M", &region, "x"),
+    );
+    assert!(stderr.contains("32 MiB of RAM in the region"), "{stderr}");
+    let stderr = run("nothing-saved", recover_arguments(&region, "x", ""));
+    assert!(stderr.contains("no saved state"), "{stderr}");
+
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
+    let stderr = run(
+        "garbage",
+        boot_arguments(&kernel, "", SMALL_RAM, &garbage, "x"),
+    );
+    assert!(stderr.contains("format=on"), "{stderr}");
+    assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 1 << 20]);
+}
+
+/// Fault points of `NV_FAULT_AFTER_PHASE` and whether a save that dies there is complete.
+const FAULT_POINTS: [(&str, bool); 7] = [
+    ("1", false),
+    ("2", false),
+    ("3", false),
+    ("4", false),
+    ("commit-payload", false),
+    ("commit-header", false),
+    ("5", true),
+];
+const FAULT_RUNS: usize = 210;
+const FAULT_WORKERS: usize = 4;
+
+/// xorshift64*: reproducible "random" signal timing from a printed seed.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[derive(Default)]
+struct FaultTally {
+    resumed: usize,
+    refused: usize,
+}
+
+/// One run: boot, power failure that dies at `point` inside the save, recovery.
+fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duration) -> bool {
+    let kernel = guest("counter");
+    let region = dir.join(format!("region{run}"));
+    let vm = "f";
+    let arguments = boot_arguments(&kernel, "area_mb=1", "16M", &region, vm);
+    let label = format!("fault{run}");
+    let mut vmm = VmmProcess::spawn(dir, &label, &arguments, &[("NV_FAULT_AFTER_PHASE", point)]);
+    vmm.wait_serial("the guest to start", |log| log.contains("counter: boot"));
+    std::thread::sleep(delay);
+    vmm.signal(libc::SIGPWR);
+    let status = vmm.wait_exit();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "run {run}: the fault at {point} was not hit ({status})\n{}",
+        vmm.stderr_log()
+    );
+    let before = vmm.serial_log();
+    drop(vmm);
+
+    let label = format!("recover{run}");
+    let mut recovered = VmmProcess::spawn(dir, &label, &recover_arguments(&region, vm, ""), &[]);
+    let resumed = if complete {
+        let after = recovered.wait_serial("a counter line after recovery", has_counter_line);
+        assert_continues(&before, &after);
+        true
+    } else {
+        let status = recovered.wait_exit();
+        let stderr = recovered.stderr_log();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "run {run}: a save torn at {point} was not refused\n{stderr}"
+        );
+        assert!(stderr.contains(UNSAFE_SHUTDOWN), "run {run}: {stderr}");
+        assert!(
+            recovered.serial_log().is_empty(),
+            "run {run}: a torn VM ran"
+        );
+        false
+    };
+    drop(recovered);
+    for leftover in [
+        format!("region{run}"),
+        format!("fault{run}.serial"),
+        format!("recover{run}.serial"),
+    ] {
+        let _ = std::fs::remove_file(dir.join(leftover));
+    }
+    resumed
+}
+
+#[test]
+fn power_failures_inside_the_save_never_resume_a_torn_state() {
+    if !kvm_available("power_failures_inside_the_save_never_resume_a_torn_state") {
+        return;
+    }
+    let dir = scratch();
+    guest("counter");
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    println!("fault-injection seed {seed:#x}");
+    let next_run = AtomicUsize::new(0);
+    let tallies: Mutex<Vec<FaultTally>> = Mutex::new(
+        (0..FAULT_POINTS.len())
+            .map(|_| FaultTally::default())
+            .collect(),
+    );
+    std::thread::scope(|scope| {
+        for worker in 0..FAULT_WORKERS {
+            let (dir, next_run, tallies) = (dir.path(), &next_run, &tallies);
+            scope.spawn(move || {
+                let mut random = seed ^ ((worker as u64 + 1) << 32);
+                loop {
+                    let run = next_run.fetch_add(1, Ordering::SeqCst);
+                    if run >= FAULT_RUNS {
+                        break;
+                    }
+                    let point = run % FAULT_POINTS.len();
+                    let (name, complete) = FAULT_POINTS[point];
+                    let delay = Duration::from_millis(next_random(&mut random) % 150);
+                    let resumed = fault_run(dir, run, name, complete, delay);
+                    let mut tallies = tallies.lock().unwrap();
+                    if resumed {
+                        tallies[point].resumed += 1;
+                    } else {
+                        tallies[point].refused += 1;
+                    }
+                }
+            });
+        }
+    });
+    let tallies = tallies.into_inner().unwrap();
+    let mut total = 0;
+    for ((name, _), tally) in FAULT_POINTS.iter().zip(&tallies) {
+        println!(
+            "fault after {name:>14}: {:3} runs, {:3} resumed, {:3} refused",
+            tally.resumed + tally.refused,
+            tally.resumed,
+            tally.refused
+        );
+        total += tally.resumed + tally.refused;
+    }
+    println!("{total} power failures injected inside the save, none resumed a torn state");
+    assert_eq!(total, FAULT_RUNS);
+}
