@@ -311,7 +311,8 @@ fn blkcheck_continues_after_save_and_restore() {
         return;
     }
     const BLOCKS: u64 = 256;
-    const ROUNDS: u64 = 6;
+    // About 25 ms per round here: enough that the save lands mid-run even on a loaded host.
+    const ROUNDS: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
     let ram = dir.path().join("ram");
     let disk = dir.path().join("disk.img");
