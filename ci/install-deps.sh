@@ -6,6 +6,8 @@ need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v make >/dev/null 2>&1 || need+=(make)
+# nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "ci: installing ${need[*]}"

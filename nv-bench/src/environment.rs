@@ -1,0 +1,122 @@
+//! What every measurement needs from the host: the binaries under test, the guest image,
+//! the TSC rate the guest should assume, and scratch directories on tmpfs and on disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{BenchError, Result};
+
+/// Paths of the programs under test.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub cloud_hypervisor: PathBuf,
+    pub ch_remote: PathBuf,
+}
+
+impl Binaries {
+    /// Uses the given paths, or builds `cloud-hypervisor` and `ch-remote` with cargo in the
+    /// profile this program was built in, so the VMM measured matches the sources.
+    pub fn locate(cloud_hypervisor: Option<PathBuf>, ch_remote: Option<PathBuf>) -> Result<Self> {
+        let workspace = workspace_root();
+        let release = !cfg!(debug_assertions);
+        let profile_dir =
+            cargo_target_dir(&workspace).join(if release { "release" } else { "debug" });
+        let build = |package: &str, given: Option<PathBuf>| -> Result<PathBuf> {
+            if let Some(path) = given {
+                return Ok(path);
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut command = Command::new(cargo);
+            command
+                .current_dir(&workspace)
+                .args(["build", "--quiet", "-p", package]);
+            if release {
+                command.arg("--release");
+            }
+            let status = command
+                .status()
+                .map_err(|e| BenchError::io(format!("running cargo build -p {package}"), e))?;
+            if !status.success() {
+                return Err(BenchError::CargoBuild {
+                    package: package.to_string(),
+                    status,
+                });
+            }
+            Ok(profile_dir.join(package))
+        };
+        Ok(Self {
+            cloud_hypervisor: build("cloud-hypervisor", cloud_hypervisor)?,
+            ch_remote: build("ch-remote", ch_remote)?,
+        })
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo_target_dir(workspace: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace.join(dir),
+        _ => workspace.join("target"),
+    }
+}
+
+/// The kvstore guest image, built from `integration-tests/guests/` if out of date.
+pub fn kvstore_image() -> Result<PathBuf> {
+    integration_tests::guests::guest_image("kvstore").map_err(|source| BenchError::GuestBuild {
+        guest: "kvstore".into(),
+        source,
+    })
+}
+
+/// The host TSC rate KVM gives a guest (KVM_GET_TSC_KHZ on a scratch vCPU). The guests pace
+/// their ~100 ms progress lines by it; it is not used for any reported duration.
+pub fn guest_tsc_khz() -> Result<u32> {
+    let kvm = kvm_ioctls::Kvm::new()?;
+    let vm = kvm.create_vm()?;
+    let vcpu = vm.create_vcpu(0)?;
+    Ok(vcpu.get_tsc_khz()?)
+}
+
+/// A scratch directory removed (with everything in it) when dropped.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `<parent>/nv-bench-<pid>-<label>`.
+    pub fn create(parent: &Path, label: &str) -> Result<Self> {
+        let path = parent.join(format!("nv-bench-{}-{label}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .map_err(|e| BenchError::io(format!("clearing {}", path.display()), e))?;
+        }
+        std::fs::create_dir_all(&path)
+            .map_err(|e| BenchError::io(format!("creating {}", path.display()), e))?;
+        Ok(Self { path })
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // Guest RAM files are gigabytes on tmpfs: never leave them behind.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Creates a sparse file of `bytes` (a disk image or an empty log disk).
+pub fn create_sparse_file(path: &Path, bytes: u64) -> Result<()> {
+    let file = std::fs::File::create(path)
+        .map_err(|e| BenchError::io(format!("creating {}", path.display()), e))?;
+    file.set_len(bytes)
+        .map_err(|e| BenchError::io(format!("sizing {}", path.display()), e))
+}

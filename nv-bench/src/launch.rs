@@ -1,0 +1,159 @@
+//! Command lines for the VMM under test, in cloud-hypervisor v53 syntax plus our `--nv`.
+
+use std::path::{Path, PathBuf};
+
+/// Where the guest's RAM lives.
+#[derive(Clone, Debug)]
+pub enum MemoryBacking {
+    /// Private anonymous memory: a commodity VM.
+    Anonymous,
+    /// A shared file mapping (`--memory-zone file=..,shared=on`): the mapping NV regions use.
+    SharedFile(PathBuf),
+    /// An extent of an NV region, created on first use (`--nv region=..,vm=..,create=on`).
+    NvRegion { region: PathBuf, vm: String },
+}
+
+/// The kvstore guest's parameters.
+#[derive(Clone, Debug)]
+pub struct KvstoreGuest {
+    pub image: PathBuf,
+    pub keys: u64,
+    pub ram_bytes: u64,
+    pub tsc_khz: u32,
+    /// The append-only log disk; without one PUTs are not persisted.
+    pub log_disk: Option<PathBuf>,
+}
+
+impl KvstoreGuest {
+    /// Guest RAM for `keys`: the table (32 bytes a key at load factor 1/2) plus 64 MiB for the
+    /// image, the log buffer and the stack, rounded up to 64 MiB.
+    pub fn ram_for_keys(keys: u64) -> u64 {
+        let needed = keys * 32 + (64 << 20);
+        needed.div_ceil(64 << 20) * (64 << 20)
+    }
+}
+
+/// What the VMM is asked to do.
+#[derive(Clone, Debug)]
+pub enum Launch {
+    /// Boot the guest from scratch.
+    Boot {
+        guest: KvstoreGuest,
+        backing: MemoryBacking,
+    },
+    /// Recover an NV VM in place after a power failure.
+    NvRecover { region: PathBuf, vm: String },
+    /// Restore a copy-based snapshot and resume.
+    Restore {
+        snapshot_dir: PathBuf,
+        on_demand: bool,
+    },
+}
+
+/// Command-line arguments for `launch`, with serial output to `serial` and an optional API
+/// socket.
+pub fn arguments(launch: &Launch, serial: &Path, api_socket: Option<&Path>) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |key: &str, value: String| {
+        args.push(key.to_string());
+        args.push(value);
+    };
+    match launch {
+        Launch::Boot { guest, backing } => {
+            push("--kernel", guest.image.display().to_string());
+            push(
+                "--cmdline",
+                format!("keys={} tsc_khz={}", guest.keys, guest.tsc_khz),
+            );
+            push("--cpus", "boot=1".into());
+            let size = guest.ram_bytes;
+            match backing {
+                MemoryBacking::Anonymous => push("--memory", format!("size={size}")),
+                MemoryBacking::SharedFile(path) => {
+                    push("--memory", "size=0".into());
+                    push(
+                        "--memory-zone",
+                        format!("id=mem0,size={size},file={},shared=on", path.display()),
+                    );
+                }
+                MemoryBacking::NvRegion { region, vm } => {
+                    push("--memory", format!("size={size}"));
+                    push(
+                        "--nv",
+                        format!("region={},vm={vm},create=on", region.display()),
+                    );
+                }
+            }
+            if let Some(disk) = &guest.log_disk {
+                push("--disk", format!("path={}", disk.display()));
+            }
+        }
+        Launch::NvRecover { region, vm } => {
+            push(
+                "--nv",
+                format!("region={},vm={vm},recover=on", region.display()),
+            );
+        }
+        Launch::Restore {
+            snapshot_dir,
+            on_demand,
+        } => {
+            let mode = if *on_demand { "ondemand" } else { "copy" };
+            push(
+                "--restore",
+                format!(
+                    "source_url=file://{},resume=true,memory_restore_mode={mode}",
+                    snapshot_dir.display()
+                ),
+            );
+        }
+    }
+    // A restored VM writes to the serial file in its saved config; naming it again would
+    // conflict with --restore, which takes no VM options.
+    if !matches!(launch, Launch::Restore { .. }) {
+        push("--serial", format!("file={}", serial.display()));
+    }
+    if let Some(socket) = api_socket {
+        push("--api-socket", format!("path={}", socket.display()));
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_covers_the_table_with_headroom() {
+        assert_eq!(KvstoreGuest::ram_for_keys(1_000_000), 128 << 20);
+        assert_eq!(KvstoreGuest::ram_for_keys(4_000_000), 192 << 20);
+        assert!(KvstoreGuest::ram_for_keys(4 << 20) >= (4 << 20) * 32 + (64 << 20));
+    }
+
+    #[test]
+    fn nv_boot_uses_the_upstream_syntax_plus_nv() {
+        let guest = KvstoreGuest {
+            image: "/k".into(),
+            keys: 10,
+            ram_bytes: 64 << 20,
+            tsc_khz: 2_000_000,
+            log_disk: Some("/d".into()),
+        };
+        let args = arguments(
+            &Launch::Boot {
+                guest,
+                backing: MemoryBacking::NvRegion {
+                    region: "/r".into(),
+                    vm: "kv".into(),
+                },
+            },
+            Path::new("/s"),
+            None,
+        );
+        let line = args.join(" ");
+        assert!(line.contains("--memory size=67108864"), "{line}");
+        assert!(line.contains("--nv region=/r,vm=kv,create=on"), "{line}");
+        assert!(line.contains("--disk path=/d"), "{line}");
+        assert!(line.contains("--serial file=/s"), "{line}");
+    }
+}

@@ -1,0 +1,225 @@
+//! `nv-bench`: the benchmarks of issue 6, measured side by side in one run on this machine.
+//!
+//! `cargo run --release -p nv-bench -- all` writes CSVs, PNG plots and `summary.txt` (every
+//! printed ratio) to `docs/bench/`; `-- --quick` runs a reduced set for the test suite.
+//! A measurement that cannot be made here is printed as `NOT MEASURED <what>: <why>`.
+
+mod environment;
+mod error;
+mod launch;
+mod measure;
+mod output;
+mod plot;
+mod profile;
+mod running_vm;
+mod save_log;
+mod serial;
+mod stats;
+mod throughput;
+mod vmm_process;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+
+use crate::environment::{guest_tsc_khz, kvstore_image, Binaries, ScratchDir};
+use crate::error::{BenchError, Result};
+use crate::measure::Bench;
+use crate::output::Summary;
+use crate::profile::Profile;
+
+/// Which measurements to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// A, B, C and D.
+    All,
+    /// A and B: power-fail save by phase, recovery to running vs copy restore.
+    Save,
+    /// C: time to recovered service, NV vs copy restore vs cold restart with log replay.
+    Service,
+    /// D: kvstore throughput on NV-backed vs anonymous memory.
+    Overhead,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nv-bench",
+    about = "Power-fail save, in-place recovery vs copy restore vs cold restart, NV overhead"
+)]
+struct Cli {
+    /// What to measure.
+    #[arg(value_enum, default_value = "all")]
+    which: Which,
+
+    /// Reduced sizes and durations (the test suite's run); results go to
+    /// target/nv-bench-quick unless --out is given.
+    #[arg(long)]
+    quick: bool,
+
+    /// Output directory for CSVs, plots and summary.txt (default: docs/bench for a full run).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+
+    /// Scratch directory on tmpfs (NV regions that behave like NVDIMM).
+    #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
+    tmpfs_dir: PathBuf,
+
+    /// Scratch directory on a disk file system (log disks, snapshots, disk-file regions).
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    disk_dir: PathBuf,
+
+    /// The VMM to measure (default: build this workspace's cloud-hypervisor).
+    #[arg(long, value_name = "PATH")]
+    ch_binary: Option<PathBuf>,
+
+    /// The ch-remote to drive it with (default: build this workspace's).
+    #[arg(long, value_name = "PATH")]
+    ch_remote_binary: Option<PathBuf>,
+
+    /// TrueType font for plot labels.
+    #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
+    font: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// One line of `/proc/cpuinfo`'s first `model name`, or "unknown".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn command_output(program: &str, arguments: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(arguments)
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile) {
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .to_string();
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / (1024.0 * 1024.0))
+        })
+        .unwrap_or(f64::NAN);
+    summary.line(format!(
+        "machine: {} CPUs ({}), {:.1} GiB RAM, kernel {}, guest TSC {} kHz",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu_model(),
+        memory_gib,
+        command_output("uname", &["-r"]),
+        tsc_khz
+    ));
+    summary.line(format!(
+        "run: profile {}, commit {}, started {}",
+        profile.name,
+        command_output(
+            "git",
+            &[
+                "-C",
+                &workspace_root().display().to_string(),
+                "rev-parse",
+                "--short",
+                "HEAD"
+            ]
+        ),
+        command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+    ));
+}
+
+/// One measurement section over the shared context.
+type Section = fn(&mut Bench) -> Result<()>;
+
+fn run(cli: Cli) -> Result<()> {
+    let started = Instant::now();
+    let profile = if cli.quick {
+        Profile::quick()
+    } else {
+        Profile::full()
+    };
+    let out_dir = cli.out.clone().unwrap_or_else(|| {
+        if cli.quick {
+            workspace_root().join("target").join("nv-bench-quick")
+        } else {
+            workspace_root().join("docs").join("bench")
+        }
+    });
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| BenchError::io(format!("creating {}", out_dir.display()), e))?;
+    plot::use_font(&cli.font)?;
+    let binaries = Binaries::locate(cli.ch_binary.clone(), cli.ch_remote_binary.clone())?;
+    let tsc_khz = guest_tsc_khz()?;
+    let mut summary = Summary::default();
+    machine_facts(&mut summary, tsc_khz, &profile);
+    let mut bench = Bench {
+        binaries,
+        kvstore_image: kvstore_image()?,
+        tsc_khz,
+        profile,
+        out_dir: out_dir.clone(),
+        tmpfs: ScratchDir::create(&cli.tmpfs_dir, "tmpfs")?,
+        disk: ScratchDir::create(&cli.disk_dir, "disk")?,
+        summary,
+    };
+    let sections: [(Which, Section); 3] = [
+        (Which::Overhead, measure::overhead::run),
+        (Which::Service, measure::service::run),
+        (Which::Save, measure::power_fail::run),
+    ];
+    for (which, section) in sections {
+        if cli.which == Which::All || cli.which == which {
+            let section_started = Instant::now();
+            section(&mut bench)?;
+            bench.summary.line(format!(
+                "({:?} took {:.0} s)",
+                which,
+                section_started.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    bench.summary.line("");
+    bench.summary.line(format!(
+        "nv-bench {} finished in {:.0} s; results in {}",
+        bench.profile.name,
+        started.elapsed().as_secs_f64(),
+        out_dir.display()
+    ));
+    bench.summary.write(&out_dir)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nv-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The four measurements of issue 6, one module each, over a shared [`Bench`] context.
+
+pub mod overhead;
+pub mod power_fail;
+pub mod service;
+pub mod snapshot;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::environment::{Binaries, ScratchDir};
+use crate::error::Result;
+use crate::launch::{KvstoreGuest, Launch, MemoryBacking};
+use crate::output::Summary;
+use crate::profile::Profile;
+use crate::running_vm::RunningVm;
+
+/// Bound for a guest to boot and print `kvstore: serving` (ring-0 boot is emulated here and
+/// the table's first touch costs ~21 us a page: ~22 s for 4 GiB).
+pub const SERVING_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound for one progress line (they come every ~100 ms).
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every measurement uses.
+pub struct Bench {
+    pub binaries: Binaries,
+    pub kvstore_image: PathBuf,
+    pub tsc_khz: u32,
+    pub profile: Profile,
+    pub out_dir: PathBuf,
+    /// Scratch space on tmpfs: NV regions there behave like NVDIMM (they survive the VMM).
+    pub tmpfs: ScratchDir,
+    /// Scratch space on a disk file system: log disks, snapshots, disk-file regions.
+    pub disk: ScratchDir,
+    pub summary: Summary,
+}
+
+impl Bench {
+    /// The kvstore guest with `keys` keys in `ram_bytes` of RAM.
+    pub fn kvstore(&self, keys: u64, ram_bytes: u64, log_disk: Option<PathBuf>) -> KvstoreGuest {
+        KvstoreGuest {
+            image: self.kvstore_image.clone(),
+            keys,
+            ram_bytes,
+            tsc_khz: self.tsc_khz,
+            log_disk,
+        }
+    }
+
+    /// Boots `guest` on `backing` and waits for `kvstore: serving`.
+    pub fn boot_serving(
+        &self,
+        guest: KvstoreGuest,
+        backing: MemoryBacking,
+        tag: &str,
+        api_socket: Option<PathBuf>,
+    ) -> Result<RunningVm> {
+        let serial = self.disk.join(&format!("{tag}.serial"));
+        let output = self.disk.join(&format!("{tag}.vmm"));
+        let launch = Launch::Boot { guest, backing };
+        let mut vm = RunningVm::start(
+            &self.binaries.cloud_hypervisor,
+            &launch,
+            &serial,
+            api_socket.as_deref(),
+            &output,
+        )?;
+        vm.wait_for_lines("kvstore: serving", 1, SERVING_TIMEOUT)?;
+        Ok(vm)
+    }
+}

@@ -1,0 +1,184 @@
+//! D. Overhead of keeping guest RAM in NV: kvstore throughput on an NV region and on a
+//! shared file (both on tmpfs) against anonymous memory, same guest, same machine, with the
+//! repetitions interleaved so that machine drift hits every backing alike.
+
+use std::time::Instant;
+
+use crate::environment::create_sparse_file;
+use crate::error::Result;
+use crate::launch::{KvstoreGuest, MemoryBacking};
+use crate::measure::{Bench, LINE_TIMEOUT};
+use crate::output::CsvTable;
+use crate::plot;
+use crate::profile::keys_label;
+use crate::stats::median;
+use crate::throughput::{mean_rate, ops_samples, samples_since};
+
+/// Log disks are sparse; this bounds what a run can append (the guest stops logging, and
+/// says so, if it ever fills).
+const LOG_DISK_BYTES: u64 = 8 << 30;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backing {
+    Anonymous,
+    SharedFile,
+    NvRegion,
+}
+
+impl Backing {
+    const ALL: [Backing; 3] = [Backing::Anonymous, Backing::SharedFile, Backing::NvRegion];
+
+    fn label(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::SharedFile => "shared-file (tmpfs)",
+            Backing::NvRegion => "nv-region (tmpfs)",
+        }
+    }
+}
+
+pub fn run(bench: &mut Bench) -> Result<()> {
+    bench.summary.line("");
+    bench
+        .summary
+        .line("== D. overhead: kvstore throughput, NV-backed vs anonymous RAM");
+    let mut table = CsvTable::new(&["keys", "backing", "repetition", "ops_per_s", "window_s"]);
+    let mut bars = Vec::new();
+    for &keys in &bench.profile.overhead_keys.clone() {
+        let mut results: Vec<(Backing, Vec<f64>)> =
+            Backing::ALL.iter().map(|&b| (b, Vec::new())).collect();
+        let mut failures: Vec<(Backing, String)> = Vec::new();
+        for repetition in 0..bench.profile.overhead_repetitions {
+            for (backing, rates) in results.iter_mut() {
+                if failures.iter().any(|(failed, _)| failed == backing) {
+                    continue;
+                }
+                match measure_one(bench, keys, *backing, repetition) {
+                    Ok((rate, window)) => {
+                        table.push(vec![
+                            keys.to_string(),
+                            backing.label().into(),
+                            repetition.to_string(),
+                            format!("{rate:.0}"),
+                            format!("{window:.3}"),
+                        ]);
+                        rates.push(rate);
+                    }
+                    Err(error) => failures.push((*backing, error.to_string())),
+                }
+            }
+        }
+        for (backing, why) in &failures {
+            bench.summary.not_measured(
+                &format!("D {} at {} keys", backing.label(), keys_label(keys)),
+                why,
+            );
+        }
+        let anonymous = results
+            .iter()
+            .find(|(b, _)| *b == Backing::Anonymous)
+            .and_then(|(_, rates)| median(rates));
+        for (backing, rates) in &results {
+            let Some(value) = median(rates) else { continue };
+            bars.push((
+                format!("{} {}", keys_label(keys), backing.label()),
+                value / 1e6,
+            ));
+            let ratio = match (backing, anonymous) {
+                (Backing::Anonymous, _) | (_, None) => String::new(),
+                (_, Some(base)) => format!(", ratio vs anonymous = {:.3}x", value / base),
+            };
+            bench.summary.line(format!(
+                "D keys={} {}: median {:.2} Mops/s over {} run(s){ratio}",
+                keys_label(keys),
+                backing.label(),
+                value / 1e6,
+                rates.len()
+            ));
+        }
+    }
+    table.write(&bench.out_dir, "d_overhead.csv")?;
+    if !bars.is_empty() {
+        plot::bar_chart(
+            &bench.out_dir.join("d_overhead.png"),
+            "D. kvstore throughput by RAM backing (median)",
+            "million ops/s",
+            &bars,
+        )?;
+    }
+    Ok(())
+}
+
+/// One run: boot, warm up, then the mean rate over the window from host-stamped lines.
+fn measure_one(
+    bench: &Bench,
+    keys: u64,
+    backing: Backing,
+    repetition: usize,
+) -> Result<(f64, f64)> {
+    let tag = format!("d-{keys}-{repetition}-{backing:?}");
+    // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
+    let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
+    create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
+    let ram = KvstoreGuest::ram_for_keys(keys);
+    let memory = match backing {
+        Backing::Anonymous => MemoryBacking::Anonymous,
+        Backing::SharedFile => MemoryBacking::SharedFile(bench.tmpfs.join(&format!("{tag}.ram"))),
+        Backing::NvRegion => MemoryBacking::NvRegion {
+            region: bench.tmpfs.join(&format!("{tag}.region")),
+            vm: "kv".into(),
+        },
+    };
+    let guest = bench.kvstore(keys, ram, Some(log_disk.clone()));
+    let mut vm = bench.boot_serving(guest, memory.clone(), &tag, None)?;
+    let result = (|| {
+        if let MemoryBacking::NvRegion { region, .. } = &memory {
+            check_region_holds_ram(region, ram)?;
+        }
+        let serving_at = Instant::now();
+        let window_start = serving_at + bench.profile.overhead_warmup;
+        let window_end = window_start + bench.profile.overhead_window;
+        vm.wait_for(
+            "the end of the measured window",
+            LINE_TIMEOUT + bench.profile.overhead_window,
+            |lines| lines.last().is_some_and(|line| line.at >= window_end),
+        )?;
+        let samples = samples_since(&ops_samples(&vm.serial.lines()), window_start);
+        let samples: Vec<_> = samples.into_iter().filter(|s| s.at <= window_end).collect();
+        let rate = mean_rate(&samples).ok_or_else(|| {
+            vm.timeout(
+                "two progress lines in the window",
+                bench.profile.overhead_window,
+            )
+        })?;
+        let window = samples
+            .last()
+            .zip(samples.first())
+            .map(|(last, first)| last.at.duration_since(first.at).as_secs_f64())
+            .unwrap_or(0.0);
+        Ok((rate, window))
+    })();
+    vm.kill();
+    let _ = std::fs::remove_file(&log_disk);
+    if let MemoryBacking::SharedFile(path) | MemoryBacking::NvRegion { region: path, .. } = &memory
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// An NV run must really be on the region: a VMM that ignored `--nv` would measure anonymous
+/// memory under the NV label.
+fn check_region_holds_ram(region: &std::path::Path, ram: u64) -> Result<()> {
+    let length = std::fs::metadata(region).map(|m| m.len()).unwrap_or(0);
+    if length < ram {
+        return Err(crate::error::BenchError::Command {
+            command: format!("--nv region={}", region.display()),
+            detail: format!(
+                "the region file is {length} bytes, less than the guest's {ram} bytes of RAM: \
+                 the VMM did not place the VM in the region"
+            ),
+        });
+    }
+    Ok(())
+}

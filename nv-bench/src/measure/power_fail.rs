@@ -1,0 +1,506 @@
+//! A. Power-fail save time by phase, and B. recovery to running (command start to the guest's
+//! first new serial line), at the RAM sizes of issue 6, with the guest's RAM touched.
+//!
+//! The guest is kvstore with its table filling the RAM (it writes every page before it
+//! serves), no log disk. A: SIGPWR to the VMM; the VMM's own per-phase record of the commit
+//! is read from its output, and the host also times signal to exit. B: NV `recover=on` in
+//! place vs upstream-style copy `vm.snapshot` + `--restore` (and OnDemand where offered).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{BenchError, Result};
+use crate::launch::{Launch, MemoryBacking};
+use crate::measure::service::EXIT_POWER_FAIL_SAVED;
+use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
+use crate::measure::{Bench, LINE_TIMEOUT};
+use crate::output::{seconds, CsvTable};
+use crate::plot::{self, LineChart, Series};
+use crate::profile::size_label;
+use crate::running_vm::RunningVm;
+use crate::save_log::{parse_last_save, SaveTimings};
+use crate::stats::median;
+use crate::throughput::parse_ops;
+
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The image, stack and buffers below the table.
+const NON_TABLE_BYTES: u64 = 64 << 20;
+const PHASES: [&str; 5] = [
+    "pause-vcpus",
+    "quiesce-devices",
+    "persist-memory",
+    "save-state",
+    "commit",
+];
+
+/// Where an NV region lives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RegionKind {
+    /// tmpfs: memory that outlives the process, like an NVDIMM.
+    Tmpfs,
+    /// A file on disk: the save's msync writes the dirty pages.
+    DiskFile,
+}
+
+impl RegionKind {
+    fn label(self) -> &'static str {
+        match self {
+            RegionKind::Tmpfs => "tmpfs",
+            RegionKind::DiskFile => "disk-file",
+        }
+    }
+}
+
+/// What the sizes loop collects for the summary and the plots.
+#[derive(Default)]
+struct Collected {
+    /// (size, kind, saves): VMM-reported totals in ms, in cycle order.
+    saves: Vec<(u64, RegionKind, Vec<f64>)>,
+    /// (size, method label, seconds).
+    recoveries: Vec<(u64, String, Vec<f64>)>,
+}
+
+pub fn run(bench: &mut Bench) -> Result<()> {
+    bench.summary.line("");
+    bench.summary.line(
+        "== A. power-fail save time by phase / B. recovery to running (first new serial line)",
+    );
+    let mut save_table = CsvTable::new(&[
+        "ram_bytes",
+        "region",
+        "cycle",
+        "dirty",
+        "host_signal_to_exit_s",
+        "vmm_total_us",
+        "pause-vcpus_us",
+        "quiesce-devices_us",
+        "persist-memory_us",
+        "save-state_us",
+        "commit_us",
+        "deadline_overrun",
+    ]);
+    let mut recovery_table = CsvTable::new(&["ram_bytes", "method", "cycle", "seconds"]);
+    let mut collected = Collected::default();
+    for &size in &bench.profile.ram_sizes.clone() {
+        for kind in [RegionKind::Tmpfs, RegionKind::DiskFile] {
+            let outcome = nv_cycles(bench, size, kind, &mut save_table, &mut recovery_table);
+            match outcome {
+                Ok((saves, recoveries)) => {
+                    report_saves(bench, size, kind, &saves);
+                    collected.saves.push((
+                        size,
+                        kind,
+                        saves.iter().map(|s| s.total_us as f64 / 1e3).collect(),
+                    ));
+                    collected.recoveries.push((
+                        size,
+                        format!("NV in place ({})", kind.label()),
+                        recoveries,
+                    ));
+                }
+                Err(error) => bench.summary.not_measured(
+                    &format!(
+                        "A/B NV power-fail at {} ({} region)",
+                        size_label(size),
+                        kind.label()
+                    ),
+                    &error.to_string(),
+                ),
+            }
+        }
+        match copy_cycles(bench, size, &mut recovery_table) {
+            Ok(baseline) => {
+                bench.summary.line(format!(
+                    "B {} copy snapshot (pause + vm.snapshot): median {:.1} ms over {}",
+                    size_label(size),
+                    median(&baseline.snapshots).unwrap_or(f64::NAN) * 1e3,
+                    baseline.snapshots.len()
+                ));
+                collected
+                    .recoveries
+                    .push((size, "copy restore".into(), baseline.restores));
+                match baseline.on_demand {
+                    Ok(seconds) => {
+                        collected
+                            .recoveries
+                            .push((size, "OnDemand restore".into(), vec![seconds]))
+                    }
+                    Err(why) => bench
+                        .summary
+                        .not_measured(&format!("B OnDemand restore at {}", size_label(size)), &why),
+                }
+            }
+            Err(error) => bench.summary.not_measured(
+                &format!("B copy snapshot/restore at {}", size_label(size)),
+                &error.to_string(),
+            ),
+        }
+        report_recoveries(bench, size, &collected);
+    }
+    report_flatness(bench, &collected);
+    save_table.write(&bench.out_dir, "a_save.csv")?;
+    recovery_table.write(&bench.out_dir, "b_recovery.csv")?;
+    plot_results(bench, &collected)
+}
+
+/// Boots on an NV region, then `cycles` times: SIGPWR, save, recover in place.
+fn nv_cycles(
+    bench: &Bench,
+    size: u64,
+    kind: RegionKind,
+    save_table: &mut CsvTable,
+    recovery_table: &mut CsvTable,
+) -> Result<(Vec<SaveTimings>, Vec<f64>)> {
+    let tag = format!("ab-{size}-{kind:?}");
+    let dir = match kind {
+        RegionKind::Tmpfs => &bench.tmpfs,
+        RegionKind::DiskFile => &bench.disk,
+    };
+    let region = dir.join(&format!("{tag}.region"));
+    let result = (|| {
+        let keys = (size - NON_TABLE_BYTES) / 32;
+        let guest = bench.kvstore(keys, size, None);
+        let backing = MemoryBacking::NvRegion {
+            region: region.clone(),
+            vm: "kv".into(),
+        };
+        let mut vm = bench.boot_serving(guest, backing, &tag, None)?;
+        vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
+        let mut saves = Vec::new();
+        let mut recoveries = Vec::new();
+        for cycle in 0..bench.profile.power_fail_cycles {
+            let signalled = Instant::now();
+            vm.process.signal(libc::SIGPWR)?;
+            let status = vm.wait_exit("the power-fail save", SAVE_TIMEOUT)?;
+            let host_save = signalled.elapsed();
+            if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
+                return Err(BenchError::UnexpectedExit {
+                    what: "the VMM after SIGPWR".into(),
+                    status,
+                    expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
+                    vmm_tail: vm.process.output_tail(20),
+                });
+            }
+            let output = std::fs::read_to_string(vm.process.output_path()).unwrap_or_default();
+            let timings = parse_last_save(&output).ok_or_else(|| BenchError::NoPhaseTimings {
+                log: vm.process.output_path().to_path_buf(),
+            })?;
+            let phase = |name: &str| {
+                timings
+                    .phases
+                    .iter()
+                    .find(|(phase, _)| phase == name)
+                    .map(|(_, us)| us.to_string())
+                    .unwrap_or_default()
+            };
+            let mut row = vec![
+                size.to_string(),
+                kind.label().into(),
+                cycle.to_string(),
+                if cycle == 0 {
+                    "all RAM (after boot)"
+                } else {
+                    "since recovery"
+                }
+                .into(),
+                seconds(host_save.as_secs_f64()),
+                timings.total_us.to_string(),
+            ];
+            row.extend(PHASES.iter().map(|name| phase(name)));
+            row.push(timings.deadline_overrun.to_string());
+            save_table.push(row);
+            saves.push(timings);
+            drop(vm.kill());
+
+            let serial = bench.disk.join(&format!("{tag}.serial"));
+            vm = RunningVm::start(
+                &bench.binaries.cloud_hypervisor,
+                &Launch::NvRecover {
+                    region: region.clone(),
+                    vm: "kv".into(),
+                },
+                &serial,
+                None,
+                &bench.disk.join(&format!("{tag}.recover{cycle}.vmm")),
+            )?;
+            let recovery = first_line_after_start(&mut vm)?;
+            recovery_table.push(vec![
+                size.to_string(),
+                format!("NV in place ({})", kind.label()),
+                cycle.to_string(),
+                seconds(recovery),
+            ]);
+            recoveries.push(recovery);
+        }
+        drop(vm.kill());
+        Ok((saves, recoveries))
+    })();
+    let _ = std::fs::remove_file(&region);
+    result
+}
+
+/// Seconds from the VMM command's start to the guest's first progress line. Fails if the
+/// guest booted again instead of continuing.
+fn first_line_after_start(vm: &mut RunningVm) -> Result<f64> {
+    let lines = vm.wait_for(
+        "the first serial line after recovery",
+        LINE_TIMEOUT * 4,
+        |lines| !lines.is_empty(),
+    )?;
+    let first = &lines[0];
+    if parse_ops(&first.text).is_none() {
+        return Err(BenchError::GuestFailed {
+            line: format!(
+                "expected the guest to continue with a progress line, got {:?}",
+                first.text
+            ),
+        });
+    }
+    Ok(first.at.duration_since(vm.started()).as_secs_f64())
+}
+
+struct CopyBaseline {
+    snapshots: Vec<f64>,
+    restores: Vec<f64>,
+    on_demand: std::result::Result<f64, String>,
+}
+
+/// Anonymous RAM, then `cycles` times: pause + snapshot, kill, `--restore`; then one
+/// OnDemand restore of the last snapshot.
+fn copy_cycles(bench: &Bench, size: u64, recovery_table: &mut CsvTable) -> Result<CopyBaseline> {
+    let tag = format!("ab-{size}-copy");
+    let snapshot_dir = bench.disk.join(&format!("{tag}.snapshot"));
+    let socket = bench.tmpfs.join(&format!("{tag}.sock"));
+    let result = (|| {
+        let keys = (size - NON_TABLE_BYTES) / 32;
+        let guest = bench.kvstore(keys, size, None);
+        let mut vm =
+            bench.boot_serving(guest, MemoryBacking::Anonymous, &tag, Some(socket.clone()))?;
+        vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
+        let mut snapshots = Vec::new();
+        let mut restores = Vec::new();
+        for cycle in 0..bench.profile.copy_restore_cycles {
+            wait_for_socket(&socket, Duration::from_secs(10))?;
+            let took = pause_and_snapshot(&bench.binaries.ch_remote, &socket, &snapshot_dir)?;
+            snapshots.push(took.as_secs_f64());
+            drop(vm.kill());
+            let _ = std::fs::remove_file(&socket);
+            vm = restore(bench, &tag, &snapshot_dir, Some(&socket), false, cycle)?;
+            let seconds_to_line = first_line_after_start(&mut vm)?;
+            recovery_table.push(vec![
+                size.to_string(),
+                "copy restore".into(),
+                cycle.to_string(),
+                seconds(seconds_to_line),
+            ]);
+            restores.push(seconds_to_line);
+        }
+        drop(vm.kill());
+        let on_demand = restore(bench, &tag, &snapshot_dir, None, true, 0)
+            .and_then(|mut vm| {
+                let took = first_line_after_start(&mut vm);
+                drop(vm.kill());
+                took
+            })
+            .map_err(|e| e.to_string());
+        if let Ok(seconds_to_line) = on_demand {
+            recovery_table.push(vec![
+                size.to_string(),
+                "OnDemand restore".into(),
+                "0".into(),
+                seconds(seconds_to_line),
+            ]);
+        }
+        Ok(CopyBaseline {
+            snapshots,
+            restores,
+            on_demand,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&snapshot_dir);
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+fn restore(
+    bench: &Bench,
+    tag: &str,
+    snapshot_dir: &Path,
+    socket: Option<&Path>,
+    on_demand: bool,
+    cycle: usize,
+) -> Result<RunningVm> {
+    // The restored VM writes to the serial file named in the snapshot's config.
+    let serial: PathBuf = bench.disk.join(&format!("{tag}.serial"));
+    RunningVm::start(
+        &bench.binaries.cloud_hypervisor,
+        &Launch::Restore {
+            snapshot_dir: snapshot_dir.to_path_buf(),
+            on_demand,
+        },
+        &serial,
+        socket,
+        &bench
+            .disk
+            .join(&format!("{tag}.restore{cycle}-{on_demand}.vmm")),
+    )
+}
+
+fn report_saves(bench: &mut Bench, size: u64, kind: RegionKind, saves: &[SaveTimings]) {
+    let totals: Vec<f64> = saves.iter().map(|s| s.total_us as f64 / 1e3).collect();
+    let phase_medians: Vec<String> = PHASES
+        .iter()
+        .map(|name| {
+            let values: Vec<f64> = saves
+                .iter()
+                .filter_map(|s| {
+                    s.phases
+                        .iter()
+                        .find(|(p, _)| p == name)
+                        .map(|(_, us)| *us as f64)
+                })
+                .collect();
+            format!("{name} {:.0} us", median(&values).unwrap_or(f64::NAN))
+        })
+        .collect();
+    bench.summary.line(format!(
+        "A {} {} region: save median {:.3} ms over {} saves (first, all RAM dirty: {:.3} ms); phase medians: {}",
+        size_label(size),
+        kind.label(),
+        median(&totals).unwrap_or(f64::NAN),
+        totals.len(),
+        totals.first().copied().unwrap_or(f64::NAN),
+        phase_medians.join(", ")
+    ));
+}
+
+fn report_recoveries(bench: &mut Bench, size: u64, collected: &Collected) {
+    let median_of = |label: &str| {
+        collected
+            .recoveries
+            .iter()
+            .find(|(s, l, _)| *s == size && l == label)
+            .and_then(|(_, _, values)| median(values))
+    };
+    for (s, label, values) in &collected.recoveries {
+        if *s == size {
+            bench.summary.line(format!(
+                "B {} {label}: command start to first new serial line, median {:.1} ms over {}",
+                size_label(size),
+                median(values).unwrap_or(f64::NAN) * 1e3,
+                values.len()
+            ));
+        }
+    }
+    if let (Some(nv), Some(copy)) = (median_of("NV in place (tmpfs)"), median_of("copy restore")) {
+        bench.summary.line(format!(
+            "B {} RATIO copy restore / NV in place (tmpfs) = {:.1}x",
+            size_label(size),
+            copy / nv
+        ));
+    }
+}
+
+fn report_flatness(bench: &mut Bench, collected: &Collected) {
+    let sizes = &bench.profile.ram_sizes;
+    let (Some(&smallest), Some(&largest)) = (sizes.first(), sizes.last()) else {
+        return;
+    };
+    if smallest == largest {
+        return;
+    }
+    let save_median = |size: u64| {
+        collected
+            .saves
+            .iter()
+            .find(|(s, k, _)| *s == size && *k == RegionKind::Tmpfs)
+            .and_then(|(_, _, v)| median(v))
+    };
+    if let (Some(small), Some(large)) = (save_median(smallest), save_median(largest)) {
+        bench.summary.line(format!(
+            "A RATIO tmpfs save median {} / {} = {:.2}x (flat = 1.0x)",
+            size_label(largest),
+            size_label(smallest),
+            large / small
+        ));
+    }
+    let recovery_median = |size: u64| {
+        collected
+            .recoveries
+            .iter()
+            .find(|(s, l, _)| *s == size && l == "NV in place (tmpfs)")
+            .and_then(|(_, _, v)| median(v))
+    };
+    if let (Some(small), Some(large)) = (recovery_median(smallest), recovery_median(largest)) {
+        bench.summary.line(format!(
+            "B RATIO NV in-place recovery median {} / {} = {:.2}x (flat = 1.0x)",
+            size_label(largest),
+            size_label(smallest),
+            large / small
+        ));
+    }
+}
+
+fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let mut save_series = Vec::new();
+    for kind in [RegionKind::Tmpfs, RegionKind::DiskFile] {
+        let points: Vec<(f64, f64)> = collected
+            .saves
+            .iter()
+            .filter(|(_, k, _)| *k == kind)
+            .filter_map(|(size, _, v)| Some((gib(*size), median(v)?)))
+            .collect();
+        if !points.is_empty() {
+            save_series.push(Series {
+                name: format!("{} region", kind.label()),
+                points,
+            });
+        }
+    }
+    if !save_series.is_empty() {
+        plot::line_chart(
+            &bench.out_dir.join("a_save.png"),
+            &LineChart {
+                title: "A. power-fail save time (median, VMM-reported)",
+                x_label: "guest RAM touched (GiB)",
+                y_label: "milliseconds (log)",
+                log_y: true,
+                markers: true,
+            },
+            &save_series,
+        )?;
+    }
+    let mut labels: Vec<&str> = Vec::new();
+    for (_, label, _) in &collected.recoveries {
+        if !labels.contains(&label.as_str()) {
+            labels.push(label);
+        }
+    }
+    let recovery_series: Vec<Series> = labels
+        .iter()
+        .map(|label| Series {
+            name: label.to_string(),
+            points: collected
+                .recoveries
+                .iter()
+                .filter(|(_, l, _)| l == label)
+                .filter_map(|(size, _, v)| Some((gib(*size), median(v)? * 1e3)))
+                .collect(),
+        })
+        .collect();
+    if !recovery_series.is_empty() {
+        plot::line_chart(
+            &bench.out_dir.join("b_recovery.png"),
+            &LineChart {
+                title: "B. recovery to running: command start to first new serial line (median)",
+                x_label: "guest RAM touched (GiB)",
+                y_label: "milliseconds (log)",
+                log_y: true,
+                markers: true,
+            },
+            &recovery_series,
+        )?;
+    }
+    Ok(())
+}

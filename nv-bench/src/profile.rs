@@ -1,0 +1,107 @@
+//! Sizes, durations and repetitions of a run: the full run (`all`, by hand, under 20 minutes
+//! on a 2-core machine) and the reduced one (`--quick`, in the test suite).
+
+use std::time::Duration;
+
+/// One run's parameters.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub name: &'static str,
+    /// A/B: guest RAM sizes whose memory the guest has touched before the save.
+    pub ram_sizes: Vec<u64>,
+    /// A/B: power-fail + recovery cycles per size and region kind.
+    pub power_fail_cycles: usize,
+    /// B: copy snapshot + restore cycles per size.
+    pub copy_restore_cycles: usize,
+    /// C: key counts.
+    pub service_keys: Vec<u64>,
+    /// C: load before the power failure (the log grows by ~3 bytes an operation meanwhile).
+    pub service_load: Duration,
+    /// C: the pre-failure level is the mean rate over this much time before the failure.
+    pub level_window: Duration,
+    /// C: how long the curve is followed after service is back.
+    pub service_tail: Duration,
+    /// D: key counts.
+    pub overhead_keys: Vec<u64>,
+    /// D: repetitions per backing (interleaved, so drift hits both alike).
+    pub overhead_repetitions: usize,
+    /// D: time after `serving` before the measured window.
+    pub overhead_warmup: Duration,
+    /// D: the measured window.
+    pub overhead_window: Duration,
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+impl Profile {
+    /// The sizes issue 6 names: 256 MiB / 1 GiB / 4 GiB of touched RAM, 1M and 4M keys.
+    pub fn full() -> Self {
+        Self {
+            name: "all",
+            ram_sizes: vec![256 * MIB, GIB, 4 * GIB],
+            power_fail_cycles: 3,
+            copy_restore_cycles: 3,
+            service_keys: vec![1_000_000, 4_000_000],
+            service_load: Duration::from_secs(15),
+            level_window: Duration::from_secs(3),
+            service_tail: Duration::from_secs(2),
+            overhead_keys: vec![1_000_000, 4_000_000],
+            overhead_repetitions: 3,
+            overhead_warmup: Duration::from_secs(1),
+            overhead_window: Duration::from_secs(6),
+        }
+    }
+
+    /// Small enough for the test suite: one small size, short windows, single repetitions.
+    pub fn quick() -> Self {
+        Self {
+            name: "quick",
+            ram_sizes: vec![128 * MIB],
+            power_fail_cycles: 2,
+            copy_restore_cycles: 1,
+            service_keys: vec![100_000],
+            service_load: Duration::from_secs(2),
+            level_window: Duration::from_secs(1),
+            service_tail: Duration::from_millis(500),
+            overhead_keys: vec![100_000],
+            overhead_repetitions: 1,
+            overhead_warmup: Duration::from_millis(300),
+            overhead_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `256 MiB`, `4 GiB`.
+pub fn size_label(bytes: u64) -> String {
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+/// `1M`, `100k`, `4M` keys.
+pub fn keys_label(keys: u64) -> String {
+    if keys >= 1_000_000 && keys.is_multiple_of(1_000_000) {
+        format!("{}M", keys / 1_000_000)
+    } else if keys >= 1_000 && keys.is_multiple_of(1_000) {
+        format!("{}k", keys / 1_000)
+    } else {
+        keys.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert_eq!(size_label(256 * MIB), "256 MiB");
+        assert_eq!(size_label(4 * GIB), "4 GiB");
+        assert_eq!(keys_label(4_000_000), "4M");
+        assert_eq!(keys_label(100_000), "100k");
+        assert_eq!(keys_label(1234), "1234");
+    }
+}

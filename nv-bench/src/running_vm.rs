@@ -1,0 +1,116 @@
+//! A VMM process together with the host-stamped view of its guest's serial output.
+
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use crate::error::{BenchError, Result};
+use crate::launch::{arguments, Launch};
+use crate::serial::{SerialFollower, TimedLine};
+use crate::vmm_process::VmmProcess;
+
+/// Lines by which a test guest says it stopped for good.
+fn is_guest_failure(line: &str) -> bool {
+    line.contains("FAIL") || line.contains("FAULT") || line.contains("MISMATCH")
+}
+
+/// A started VMM and its serial output.
+pub struct RunningVm {
+    pub process: VmmProcess,
+    pub serial: SerialFollower,
+}
+
+impl RunningVm {
+    /// Starts the VMM for `launch`. The serial file is followed from its current end, so a
+    /// VMM that reuses a file only contributes its own lines.
+    pub fn start(
+        binary: &Path,
+        launch: &Launch,
+        serial: &Path,
+        api_socket: Option<&Path>,
+        output: &Path,
+    ) -> Result<Self> {
+        let follower = SerialFollower::from_current_end(serial);
+        let process = VmmProcess::spawn(binary, &arguments(launch, serial, api_socket), output)?;
+        Ok(Self {
+            process,
+            serial: follower,
+        })
+    }
+
+    /// When the VMM command was started.
+    pub fn started(&self) -> Instant {
+        self.process.started
+    }
+
+    /// Waits until `done` accepts the lines seen so far; fails early when the guest reports
+    /// a failure or the VMM exits.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[TimedLine]) -> bool,
+    ) -> Result<Vec<TimedLine>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.serial.lines();
+            if done(&lines) {
+                return Ok(lines);
+            }
+            if let Some(line) = lines.iter().find(|line| is_guest_failure(&line.text)) {
+                return Err(BenchError::GuestFailed {
+                    line: line.text.clone(),
+                });
+            }
+            if let Some(status) = self.process.wait_timeout(Duration::ZERO)? {
+                return Err(BenchError::UnexpectedExit {
+                    what: format!("the VMM (while waiting for {what})"),
+                    status,
+                    expected: "it to keep running".into(),
+                    vmm_tail: self.process.output_tail(20),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout(what, timeout));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits for at least `count` lines containing `needle`.
+    pub fn wait_for_lines(
+        &mut self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<TimedLine>> {
+        self.wait_for(
+            &format!("{count} serial line(s) with {needle:?}"),
+            timeout,
+            |lines| lines.iter().filter(|l| l.text.contains(needle)).count() >= count,
+        )
+    }
+
+    /// Waits up to `timeout` for the VMM to exit on its own.
+    pub fn wait_exit(&mut self, what: &str, timeout: Duration) -> Result<ExitStatus> {
+        self.process
+            .wait_timeout(timeout)?
+            .ok_or_else(|| self.timeout(what, timeout))
+    }
+
+    /// A timeout error carrying the serial and VMM output tails.
+    pub fn timeout(&self, what: &str, timeout: Duration) -> BenchError {
+        BenchError::Timeout {
+            what: what.to_string(),
+            timeout_s: timeout.as_secs_f64(),
+            serial_tail: self.serial.tail_text(10),
+            vmm_tail: self.process.output_tail(20),
+        }
+    }
+
+    /// Ends the VMM with SIGKILL (a host crash with no warning) and returns the serial lines.
+    pub fn kill(mut self) -> Vec<TimedLine> {
+        self.process.kill();
+        self.serial.finish()
+    }
+}

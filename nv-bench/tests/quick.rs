@@ -1,0 +1,128 @@
+//! Runs `nv-bench --quick` end to end on KVM and checks what it produced: every CSV with
+//! rows, the plots, the printed ratios, and that guests continued across recovery. It asserts
+//! behaviour only; the numbers themselves are never compared with a threshold here.
+
+use std::path::Path;
+use std::process::Command;
+
+use integration_tests::harness::kvm_available;
+
+fn csv_rows(dir: &Path, name: &str) -> Vec<Vec<String>> {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
+    text.lines()
+        .skip(1)
+        .map(|line| line.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+fn assert_png(dir: &Path, name: &str) {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
+    assert!(
+        bytes.len() > 1000 && &bytes[1..4] == b"PNG",
+        "{} is not a PNG",
+        path.display()
+    );
+}
+
+#[test]
+fn quick_run_produces_every_measurement() {
+    if !kvm_available("quick_run_produces_every_measurement") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_nv-bench"))
+        .args(["--quick", "--out"])
+        .arg(out.path())
+        .output()
+        .expect("running nv-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "nv-bench --quick failed\n{stdout}\n{stderr}"
+    );
+    let summary = std::fs::read_to_string(out.path().join("summary.txt")).unwrap();
+    assert_eq!(summary, stdout, "summary.txt is what was printed");
+
+    // D: all three backings measured, each with a positive rate.
+    let overhead = csv_rows(out.path(), "d_overhead.csv");
+    for backing in ["anonymous", "shared-file (tmpfs)", "nv-region (tmpfs)"] {
+        let row = overhead
+            .iter()
+            .find(|row| row[1] == backing)
+            .unwrap_or_else(|| panic!("no D row for {backing}:\n{stdout}"));
+        assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
+    }
+    assert_png(out.path(), "d_overhead.png");
+
+    // C: every method came back to service (a row means the 90% level was reached after the
+    // failure), and the curves hold points after the failure for each.
+    let service = csv_rows(out.path(), "c_service.csv");
+    let curves = csv_rows(out.path(), "c_throughput.csv");
+    for method in [
+        "NV in-place recovery",
+        "copy snapshot/restore",
+        "cold restart + log replay",
+    ] {
+        assert!(
+            service.iter().any(|row| row[1] == method),
+            "no C result for {method}:\n{stdout}"
+        );
+        assert!(
+            curves
+                .iter()
+                .any(|row| row[1] == method && row[2].parse::<f64>().unwrap() > 0.0),
+            "no throughput after the failure for {method}"
+        );
+    }
+    let cold = service
+        .iter()
+        .find(|row| row[1] == "cold restart + log replay")
+        .unwrap();
+    assert!(
+        cold[7].parse::<u64>().unwrap() > 0,
+        "the cold restart replayed no log: {cold:?}"
+    );
+    assert_png(out.path(), "c_service_100k.png");
+
+    // A/B: each save has its phases; each recovery continued the guest (nv-bench fails a
+    // recovery whose first line is not a progress line, i.e. a reboot).
+    let saves = csv_rows(out.path(), "a_save.csv");
+    for region in ["tmpfs", "disk-file"] {
+        let rows: Vec<_> = saves.iter().filter(|row| row[1] == region).collect();
+        assert_eq!(rows.len(), 2, "two power-fail saves on {region}:\n{stdout}");
+        for row in rows {
+            assert!(row[5].parse::<u64>().unwrap() > 0, "{row:?}");
+            assert!(row[6..11].iter().all(|phase| !phase.is_empty()), "{row:?}");
+        }
+    }
+    let recoveries = csv_rows(out.path(), "b_recovery.csv");
+    for method in [
+        "NV in place (tmpfs)",
+        "NV in place (disk-file)",
+        "copy restore",
+    ] {
+        assert!(
+            recoveries.iter().any(|row| row[1] == method),
+            "no B result for {method}:\n{stdout}"
+        );
+    }
+    assert_png(out.path(), "a_save.png");
+    assert_png(out.path(), "b_recovery.png");
+
+    for ratio in [
+        "C keys=100k RATIO cold restart + log replay / NV in-place",
+        "C keys=100k RATIO copy snapshot/restore / NV in-place",
+        "B 128 MiB RATIO copy restore / NV in place (tmpfs)",
+        "D keys=100k nv-region (tmpfs): median",
+    ] {
+        assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("NOT MEASURED"),
+        "a measurement was skipped:\n{stdout}"
+    );
+}
