@@ -27,14 +27,22 @@ pub use vmm::{Vmm, VmmExit};
 /// Runs one VMM process as the command line asked and returns its exit code: 0 when the VM ended
 /// cleanly, 1 when it failed to start or failed while running.
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
-    let config = launch.vm.ok_or(Error::NoVmConfig)?;
+    if launch.vm.is_none() && launch.api_socket.is_none() {
+        return Err(Error::NoVmConfig);
+    }
     let mut vmm = Vmm::new(launch.seccomp)?;
-    vmm.boot_vm(&config)?;
-    // Phase 2: the API server (launch.api_socket) and --restore hook in here.
+    // The API first, as upstream does: a VM given on the command line is then visible to it.
+    if let Some(socket) = launch.api_socket {
+        vmm.start_api(socket)?;
+    }
+    if let Some(config) = launch.vm {
+        vmm.boot_vm(&config)?;
+    }
+    // Phase 2: --restore hooks in here.
     let exit = vmm.control_loop()?;
     match &exit {
         VmmExit::VcpuFailed(reason) => log::error!("VM stopped: {reason}"),
-        other => log::info!("VM ended: {other:?}"),
+        other => log::info!("VMM ending: {other:?}"),
     }
     Ok(exit.exit_code())
 }

@@ -2,15 +2,20 @@
 //! change it: the guest's power-off and reset requests, vCPU failures, SIGTERM/SIGINT, and (phase
 //! 2) API requests and the power-fail signal. Everything arrives as a readable fd in one epoll.
 
+mod api_dispatch;
+
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nv_extension::{SaveReport, ShutdownKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::register_signal_handler;
 
-use crate::config::{SeccompMode, VmConfig};
+use crate::api::{self, ApiMessage};
+use crate::config::{ApiSocketConfig, SeccompMode, VmConfig};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
@@ -32,7 +37,8 @@ enum ControlEvent {
     TerminationSignal = 4,
     /// SIGPWR: the host is running on battery; save the NV VM now.
     PowerFailSignal = 5,
-    // Phase 2 adds here: ApiRequest (the API channel's EventFd).
+    /// The API thread queued requests (its wake EventFd).
+    ApiRequest = 6,
 }
 
 impl ControlEvent {
@@ -43,6 +49,7 @@ impl ControlEvent {
             ControlEvent::VcpuFailed,
             ControlEvent::TerminationSignal,
             ControlEvent::PowerFailSignal,
+            ControlEvent::ApiRequest,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -73,6 +80,8 @@ pub enum VmmExit {
     GuestReset,
     TerminationSignal,
     VcpuFailed(String),
+    /// `vmm.shutdown` over the API.
+    VmmShutdown,
     /// The NV VM's state was saved in place (power fail or planned suspend); it waits for
     /// `recover=on`.
     NvSaved(ShutdownKind),
@@ -81,7 +90,10 @@ pub enum VmmExit {
 impl VmmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmmExit::GuestShutdown | VmmExit::GuestReset | VmmExit::TerminationSignal => EXIT_CLEAN,
+            VmmExit::GuestShutdown
+            | VmmExit::GuestReset
+            | VmmExit::TerminationSignal
+            | VmmExit::VmmShutdown => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
             VmmExit::NvSaved(kind) => nv::exit_code_after_save(*kind),
         }
@@ -95,6 +107,10 @@ pub struct Vmm {
     termination: EventFd,
     power_fail_signal: EventFd,
     vm: Option<Vm>,
+    /// The VM's config once one is created (`vm.create`, or the command line), booted or not.
+    vm_config: Option<VmConfig>,
+    /// Requests from the API thread and the EventFd it writes after queueing one.
+    api: Option<(Receiver<ApiMessage>, EventFd)>,
     /// Set while `vm` runs in an NV region.
     nv: Option<NvVm>,
 }
@@ -117,6 +133,8 @@ impl Vmm {
             })?,
             power_fail_signal: nv::install_power_fail_signal()?,
             vm: None,
+            vm_config: None,
+            api: None,
             nv: None,
         };
         vmm.install_termination_handlers()?;
@@ -166,8 +184,28 @@ impl Vmm {
         })
     }
 
+    /// Serves the REST API on `socket`: the HTTP thread queues requests, the control loop answers
+    /// them (see `api_dispatch.rs`).
+    pub fn start_api(&mut self, socket: ApiSocketConfig) -> Result<(), Error> {
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+            operation: "create (API wake)",
+            source,
+        })?;
+        let server_wake = wake.try_clone().map_err(|source| Error::EventFd {
+            operation: "clone (API wake)",
+            source,
+        })?;
+        let (sender, receiver) = channel();
+        api::start_http_server(socket, sender, server_wake)
+            .map_err(|e| Error::Api(e.to_string()))?;
+        self.watch(wake.as_raw_fd(), ControlEvent::ApiRequest)?;
+        self.api = Some((receiver, wake));
+        Ok(())
+    }
+
     /// Builds guest memory and the VM from `config`, then boots it.
     pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
+        self.vm_config = Some(config.clone());
         if config.nv.is_some() {
             return self.start_nv_vm(nv::prepare(config)?);
         }
@@ -229,8 +267,8 @@ impl Vmm {
                     continue;
                 };
                 if let Some(exit) = self.handle(kind)? {
-                    self.shutdown_vm();
-                    self.end_nv_run(&exit);
+                    self.end_vm_run(&exit);
+                    self.finish_api_requests();
                     return Ok(exit);
                 }
             }
@@ -268,6 +306,7 @@ impl Vmm {
                 log::info!("SIGTERM/SIGINT: shutting the VM down");
                 Ok(Some(VmmExit::TerminationSignal))
             }
+            ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
             ControlEvent::PowerFailSignal => {
                 let _ = self.power_fail_signal.read();
                 log::warn!("SIGPWR: host power is failing, saving the VM in place");
@@ -282,6 +321,50 @@ impl Vmm {
         }
     }
 
+    /// Answers every queued API request; returns `Some` when one of them ends the VMM (the rest
+    /// are answered 503).
+    fn answer_api_requests(&mut self) -> Option<VmmExit> {
+        let messages: Vec<ApiMessage> = match &self.api {
+            Some((receiver, wake)) => {
+                let _ = wake.read();
+                receiver.try_iter().collect()
+            }
+            None => return None,
+        };
+        let mut messages = messages.into_iter();
+        for message in messages.by_ref() {
+            log::debug!("API request: {:?}", message.request);
+            let answer = self.answer(message.request);
+            // The client may have gone; the operation is done either way.
+            let _ = message.reply.send(answer.response);
+            if let Some(exit) = answer.exit {
+                for unanswered in messages {
+                    let _ = unanswered
+                        .reply
+                        .send(Err(api::ApiError::new(503, "the VMM is shutting down")));
+                }
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    /// Before the process ends: answers what is still queued and lets the HTTP thread write the
+    /// answers out (bounded wait).
+    fn finish_api_requests(&mut self) {
+        if let Some((receiver, _)) = &self.api {
+            if !api::finish_pending_requests(receiver, Duration::from_secs(1)) {
+                log::warn!("some API answers were not written before the VMM ended");
+            }
+        }
+    }
+
+    /// Stops the VM (if one runs) and records how its NV run ended.
+    fn end_vm_run(&mut self, exit: &VmmExit) {
+        self.shutdown_vm();
+        self.end_nv_run(exit);
+    }
+
     fn shutdown_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
@@ -294,9 +377,10 @@ impl Vmm {
     fn end_nv_run(&mut self, exit: &VmmExit) {
         if let Some(nv_vm) = self.nv.take() {
             match exit {
-                VmmExit::GuestShutdown | VmmExit::GuestReset | VmmExit::TerminationSignal => {
-                    nv_vm.mark_powered_off()
-                }
+                VmmExit::GuestShutdown
+                | VmmExit::GuestReset
+                | VmmExit::TerminationSignal
+                | VmmExit::VmmShutdown => nv_vm.mark_powered_off(),
                 VmmExit::VcpuFailed(_) | VmmExit::NvSaved(_) => {}
             }
         }

@@ -1,0 +1,237 @@
+//! The control loop's answers to REST API requests: each `ApiRequest` the HTTP thread sends is
+//! carried out on the control loop's thread (which owns the VM) and answered exactly once.
+//!
+//! Statuses follow the contract in `api/mod.rs`: 404 when no VM is created (or, for `vm.create`
+//! and `vm.nv-recover`, when one already is), 405 for an operation in the wrong VM state, 400 for
+//! an unusable configuration, 500 when the operation itself failed, 501 for what this VMM does not
+//! implement.
+
+use nv_extension::ShutdownKind;
+
+use crate::api::{
+    ApiError, ApiRequest, ApiResponse, VmInfoResponse, VmState as ApiVmState, VmmPingResponse,
+};
+use crate::nv;
+use crate::vm::VmRunState;
+use crate::Error;
+
+use super::{Vmm, VmmExit};
+
+/// The version `vmm.ping` reports.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What answering one request did: the answer, and whether the VMM must now end.
+pub(super) struct Answer {
+    pub response: ApiResponse,
+    pub exit: Option<VmmExit>,
+}
+
+impl Answer {
+    fn reply(response: ApiResponse) -> Answer {
+        Answer {
+            response,
+            exit: None,
+        }
+    }
+
+    fn done() -> Answer {
+        Answer::reply(Ok(None))
+    }
+
+    fn body<T: serde::Serialize>(value: &T) -> Answer {
+        Answer::reply(
+            serde_json::to_value(value)
+                .map(Some)
+                .map_err(|e| ApiError::internal(format!("encoding the answer: {e}"))),
+        )
+    }
+
+    fn error(error: ApiError) -> Answer {
+        Answer::reply(Err(error))
+    }
+}
+
+/// The HTTP status an operation's failure maps to.
+fn api_error(error: Error) -> ApiError {
+    match error {
+        Error::InvalidVmState(_) => ApiError::wrong_state(error.to_string()),
+        Error::NoVmConfig
+        | Error::NoKernel
+        | Error::MemoryConfig(_)
+        | Error::TooManyVcpus { .. } => ApiError::bad_request(error.to_string()),
+        Error::NoNvVm => ApiError::not_found(error.to_string()),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+fn not_created() -> ApiError {
+    ApiError::not_found("no VM is created")
+}
+
+fn not_booted() -> ApiError {
+    ApiError::wrong_state("the VM is not booted")
+}
+
+impl Vmm {
+    /// Carries out `request` and says what to answer.
+    pub(super) fn answer(&mut self, request: ApiRequest) -> Answer {
+        match request {
+            ApiRequest::VmmPing => Answer::body(&VmmPingResponse {
+                build_version: VERSION.to_string(),
+                version: VERSION.to_string(),
+                pid: i64::from(std::process::id()),
+                features: Vec::new(),
+            }),
+            ApiRequest::VmmShutdown => Answer {
+                response: Ok(None),
+                exit: Some(VmmExit::VmmShutdown),
+            },
+            ApiRequest::VmCreate(config) => {
+                if self.vm_config.is_some() {
+                    return Answer::error(ApiError::not_found("a VM is already created"));
+                }
+                self.vm_config = Some(*config);
+                Answer::done()
+            }
+            ApiRequest::VmBoot => self.api_boot(),
+            ApiRequest::VmDelete => {
+                self.end_vm_run(&VmmExit::TerminationSignal);
+                self.vm_config = None;
+                Answer::done()
+            }
+            ApiRequest::VmInfo => self.api_info(),
+            ApiRequest::VmCounters => match (&self.vm_config, &self.vm) {
+                (None, _) => Answer::error(not_created()),
+                (Some(_), None) => Answer::body(&crate::api::VmCounters::new()),
+                (Some(_), Some(vm)) => Answer::body(&vm.counters()),
+            },
+            ApiRequest::VmPause => self.with_booted_vm(|vm| vm.pause()),
+            ApiRequest::VmResume => self.with_booted_vm(|vm| vm.resume()),
+            ApiRequest::VmShutdown => {
+                if self.vm_config.is_none() {
+                    return Answer::error(not_created());
+                }
+                if self.vm.is_none() {
+                    return Answer::error(not_booted());
+                }
+                // As upstream: the VM stops, its config stays and it can be booted again.
+                self.end_vm_run(&VmmExit::TerminationSignal);
+                Answer::done()
+            }
+            ApiRequest::VmReboot => {
+                if self.vm_config.is_none() {
+                    return Answer::error(not_created());
+                }
+                if self.vm.is_none() {
+                    return Answer::error(not_booted());
+                }
+                self.end_vm_run(&VmmExit::TerminationSignal);
+                self.api_boot()
+            }
+            ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
+                "vm.power-button needs ACPI, which this VMM does not offer",
+            )),
+            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Answer::error(
+                ApiError::not_implemented("copy-based vm.snapshot / vm.restore are not wired yet"),
+            ),
+            ApiRequest::NvStatus => match self.nv.as_ref() {
+                None => Answer::error(ApiError::not_found("this VMM runs no NV VM")),
+                Some(nv_vm) => match nv::status(nv_vm) {
+                    Ok(status) => Answer::body(&status),
+                    Err(e) => Answer::error(api_error(e)),
+                },
+            },
+            ApiRequest::NvPowerFail => self.api_nv_save(ShutdownKind::PowerFail),
+            ApiRequest::NvSuspend => self.api_nv_save(ShutdownKind::PlannedSuspend),
+            ApiRequest::NvRecover(request) => {
+                if self.vm_config.is_some() || self.vm.is_some() {
+                    return Answer::error(ApiError::not_found(
+                        "a VM is already created: vm.nv-recover needs an empty VMM",
+                    ));
+                }
+                let started = nv::prepare_api_recovery(&request).and_then(|prepared| {
+                    let config = prepared.config.clone();
+                    self.start_nv_vm(prepared).map(|()| config)
+                });
+                match started {
+                    Ok(config) => {
+                        self.vm_config = Some(config);
+                        Answer::done()
+                    }
+                    Err(e) => Answer::error(api_error(e)),
+                }
+            }
+            ApiRequest::NvRegions(query) => match nv::region_listing(&query.region) {
+                Ok(listing) => Answer::body(&listing),
+                Err(e) => Answer::error(api_error(e)),
+            },
+        }
+    }
+
+    fn api_boot(&mut self) -> Answer {
+        let Some(config) = self.vm_config.clone() else {
+            return Answer::error(not_created());
+        };
+        if self.vm.is_some() {
+            return Answer::error(ApiError::wrong_state("the VM is already booted"));
+        }
+        match self.boot_vm(&config) {
+            Ok(()) => Answer::done(),
+            Err(e) => Answer::error(api_error(e)),
+        }
+    }
+
+    fn api_info(&self) -> Answer {
+        let Some(config) = self.vm_config.clone() else {
+            return Answer::error(not_created());
+        };
+        let (state, memory_actual_size) = match &self.vm {
+            None => (ApiVmState::Created, None),
+            Some(vm) => {
+                let state = match vm.run_state() {
+                    VmRunState::Created => ApiVmState::Created,
+                    VmRunState::Running => ApiVmState::Running,
+                    VmRunState::Paused => ApiVmState::Paused,
+                    VmRunState::Shutdown => ApiVmState::Shutdown,
+                };
+                (state, Some(vm.memory_actual_size()))
+            }
+        };
+        Answer::body(&VmInfoResponse {
+            config,
+            state,
+            memory_actual_size,
+        })
+    }
+
+    fn with_booted_vm(
+        &mut self,
+        operation: impl FnOnce(&mut crate::Vm) -> Result<(), Error>,
+    ) -> Answer {
+        if self.vm_config.is_none() {
+            return Answer::error(not_created());
+        }
+        match self.vm.as_mut() {
+            None => Answer::error(not_booted()),
+            Some(vm) => match operation(vm) {
+                Ok(()) => Answer::done(),
+                Err(e) => Answer::error(api_error(e)),
+            },
+        }
+    }
+
+    /// `vm.power-fail` / `vm.nv-suspend`: answered once the state is committed, then the VMM
+    /// ends; a failed save is answered with 500 and the VM keeps running.
+    fn api_nv_save(&mut self, kind: ShutdownKind) -> Answer {
+        if self.nv.is_none() {
+            return Answer::error(ApiError::not_found("this VMM runs no NV VM"));
+        }
+        match self.nv_save(kind, "api") {
+            Ok(_) => Answer {
+                response: Ok(None),
+                exit: Some(VmmExit::NvSaved(kind)),
+            },
+            Err(e) => Answer::error(api_error(e)),
+        }
+    }
+}
