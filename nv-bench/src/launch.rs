@@ -50,9 +50,14 @@ pub enum Launch {
     },
 }
 
-/// Command-line arguments for `launch`, with serial output to `serial` and an optional API
-/// socket.
-pub fn arguments(launch: &Launch, serial: &Path, api_socket: Option<&Path>) -> Vec<String> {
+/// Command-line arguments for `launch`, with serial output to `serial`, JSON events to
+/// `events` and an optional API socket.
+pub fn arguments(
+    launch: &Launch,
+    serial: &Path,
+    events: &Path,
+    api_socket: Option<&Path>,
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |key: &str, value: String| {
         args.push(key.to_string());
@@ -113,6 +118,7 @@ pub fn arguments(launch: &Launch, serial: &Path, api_socket: Option<&Path>) -> V
     if !matches!(launch, Launch::Restore { .. }) {
         push("--serial", format!("file={}", serial.display()));
     }
+    push("--event-monitor", format!("path={}", events.display()));
     if let Some(socket) = api_socket {
         push("--api-socket", format!("path={}", socket.display()));
     }
@@ -148,6 +154,7 @@ mod tests {
                 },
             },
             Path::new("/s"),
+            Path::new("/e"),
             None,
         );
         let line = args.join(" ");
@@ -155,5 +162,6 @@ mod tests {
         assert!(line.contains("--nv region=/r,vm=kv,create=on"), "{line}");
         assert!(line.contains("--disk path=/d"), "{line}");
         assert!(line.contains("--serial file=/s"), "{line}");
+        assert!(line.contains("--event-monitor path=/e"), "{line}");
     }
 }

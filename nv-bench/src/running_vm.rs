@@ -18,11 +18,14 @@ fn is_guest_failure(line: &str) -> bool {
 pub struct RunningVm {
     pub process: VmmProcess,
     pub serial: SerialFollower,
+    /// The VMM's JSON event stream (`--event-monitor`), host-stamped line by line like the
+    /// serial output: it tells when the VMM resumed the VM, apart from the guest's pace.
+    pub events: SerialFollower,
 }
 
 impl RunningVm {
     /// Starts the VMM for `launch`. The serial file is followed from its current end, so a
-    /// VMM that reuses a file only contributes its own lines.
+    /// VMM that reuses a file only contributes its own lines. Events go to `<output>.events`.
     pub fn start(
         binary: &Path,
         launch: &Launch,
@@ -30,11 +33,20 @@ impl RunningVm {
         api_socket: Option<&Path>,
         output: &Path,
     ) -> Result<Self> {
+        let events_path = output.with_extension("events");
+        // A fresh file per process: the follower reads it from the start.
+        let _ = std::fs::remove_file(&events_path);
+        let events = SerialFollower::from_current_end(&events_path);
         let follower = SerialFollower::from_current_end(serial);
-        let process = VmmProcess::spawn(binary, &arguments(launch, serial, api_socket), output)?;
+        let process = VmmProcess::spawn(
+            binary,
+            &arguments(launch, serial, &events_path, api_socket),
+            output,
+        )?;
         Ok(Self {
             process,
             serial: follower,
+            events,
         })
     }
 
@@ -106,6 +118,15 @@ impl RunningVm {
             serial_tail: self.serial.tail_text(10),
             vmm_tail: self.process.output_tail(20),
         }
+    }
+
+    /// When the host saw the VMM's first `resumed` VM event, if it has.
+    pub fn resumed_at(&self) -> Option<Instant> {
+        self.events
+            .lines()
+            .iter()
+            .find(|line| line.text.contains("\"event\"") && line.text.contains("\"resumed\""))
+            .map(|line| line.at)
     }
 
     /// Ends the VMM with SIGKILL (a host crash with no warning) and returns the serial lines.
