@@ -640,3 +640,78 @@ fn the_api_drives_a_vm_through_its_lifecycle() {
     assert_eq!(code, 0);
     assert_counter_advances(&read_log(&log), lines_when_paused + 1);
 }
+
+/// Copy-based snapshot (upstream's layout) and restore into a second VM instance: anonymous RAM
+/// is copied to `memory-ranges`, RAM in a shared file is not (the restore maps the file again).
+fn counter_survives_snapshot_and_restore(memory: MemoryConfig, copied_bytes: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot_dir = dir.path().join("snapshot");
+    let url = format!("file://{}", snapshot_dir.display());
+    let first_log = dir.path().join("first.log");
+    let second_log = dir.path().join("second.log");
+    let kernel = guest("counter");
+
+    let mut first = config(&kernel, "", memory, &first_log);
+    let mut vm = create_vm(&first);
+    vm.boot().expect("boot");
+    wait_for_counter_lines(&first_log, 2);
+    assert!(
+        vmm::snapshot::save(&vm, &url).is_err(),
+        "a running VM must not be snapshotted"
+    );
+    vm.pause().expect("pause");
+    vmm::snapshot::save(&vm, &url).expect("snapshot");
+    vm.shutdown();
+    drop(vm);
+    let last_before = counter_lines(&read_log(&first_log))
+        .last()
+        .expect("lines before the snapshot")
+        .counter;
+    let copied = std::fs::metadata(snapshot_dir.join("memory-ranges"))
+        .unwrap()
+        .len();
+    assert_eq!(copied, copied_bytes);
+    assert!(snapshot_dir.join("config.json").exists());
+
+    // The restored VM writes its serial output to a new log: point the stored config there.
+    first.serial.file = Some(second_log.display().to_string());
+    std::fs::write(
+        snapshot_dir.join("config.json"),
+        serde_json::to_string(&first).unwrap(),
+    )
+    .unwrap();
+    let restore = vmm::config::RestoreConfig {
+        source_url: url,
+        resume: true,
+        ..Default::default()
+    };
+    let mut vm = vmm::snapshot::restore(
+        &restore,
+        Arc::new(VmEvents::new().unwrap()),
+        SeccompMode::Enforce,
+    )
+    .expect("restore");
+    assert_eq!(vm.run_state(), VmRunState::Running);
+    let text = wait_for_counter_lines(&second_log, 2);
+    vm.shutdown();
+    assert!(!text.contains("counter: boot"), "{text}");
+    let after = assert_counter_advances(&text, 2);
+    assert!(after[0].counter > last_before, "{text}");
+}
+
+#[test]
+fn snapshot_and_restore_of_anonymous_memory_copies_it() {
+    if !kvm_available("snapshot_and_restore_of_anonymous_memory_copies_it") {
+        return;
+    }
+    counter_survives_snapshot_and_restore(anonymous_memory(), GUEST_RAM);
+}
+
+#[test]
+fn snapshot_and_restore_of_shared_file_memory_copies_nothing() {
+    if !kvm_available("snapshot_and_restore_of_shared_file_memory_copies_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    counter_survives_snapshot_and_restore(file_memory(&dir.path().join("ram")), 0);
+}

@@ -79,6 +79,8 @@ pub enum Error {
     InvalidVmState(&'static str),
     #[error("vCPU {vcpu} failed: {reason}")]
     VcpuFailed { vcpu: u8, reason: String },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("API server: {0}")]
     Api(String),
     #[error("seccomp: {0}")]

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod nv;
 pub mod option_parser;
 pub mod seccomp_filters;
+pub mod snapshot;
 pub mod state;
 pub mod upstream_fields;
 pub mod vcpu;
@@ -27,7 +28,7 @@ pub use vmm::{Vmm, VmmExit};
 /// Runs one VMM process as the command line asked and returns its exit code: 0 when the VM ended
 /// cleanly, 1 when it failed to start or failed while running.
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
-    if launch.vm.is_none() && launch.api_socket.is_none() {
+    if launch.vm.is_none() && launch.api_socket.is_none() && launch.restore.is_none() {
         return Err(Error::NoVmConfig);
     }
     let mut vmm = Vmm::new(launch.seccomp)?;
@@ -38,7 +39,9 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
     if let Some(config) = launch.vm {
         vmm.boot_vm(&config)?;
     }
-    // Phase 2: --restore hooks in here.
+    if let Some(restore) = launch.restore {
+        vmm.restore_vm(&restore)?;
+    }
     let exit = vmm.control_loop()?;
     match &exit {
         VmmExit::VcpuFailed(reason) => log::error!("VM stopped: {reason}"),

@@ -11,6 +11,7 @@ use nv_extension::ShutdownKind;
 use crate::api::{
     ApiError, ApiRequest, ApiResponse, VmInfoResponse, VmState as ApiVmState, VmmPingResponse,
 };
+use crate::event_monitor::{emit_vm, VmEvent};
 use crate::nv;
 use crate::vm::VmRunState;
 use crate::Error;
@@ -60,6 +61,7 @@ fn api_error(error: Error) -> ApiError {
         | Error::MemoryConfig(_)
         | Error::TooManyVcpus { .. } => ApiError::bad_request(error.to_string()),
         Error::NoNvVm => ApiError::not_found(error.to_string()),
+        Error::Snapshot(_) => ApiError::bad_request(error.to_string()),
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -131,9 +133,33 @@ impl Vmm {
             ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
                 "vm.power-button needs ACPI, which this VMM does not offer",
             )),
-            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Answer::error(
-                ApiError::not_implemented("copy-based vm.snapshot / vm.restore are not wired yet"),
-            ),
+            ApiRequest::VmSnapshot(request) => {
+                if self.vm_config.is_none() {
+                    return Answer::error(not_created());
+                }
+                let Some(vm) = self.vm.as_ref() else {
+                    return Answer::error(not_booted());
+                };
+                emit_vm(VmEvent::Snapshotting);
+                match crate::snapshot::save(vm, &request.destination_url) {
+                    Ok(()) => {
+                        emit_vm(VmEvent::Snapshotted);
+                        Answer::done()
+                    }
+                    Err(e) => Answer::error(api_error(e)),
+                }
+            }
+            ApiRequest::VmRestore(request) => {
+                if self.vm_config.is_some() {
+                    return Answer::error(ApiError::not_found(
+                        "a VM is already created: vm.restore needs an empty VMM",
+                    ));
+                }
+                match self.restore_vm(&request) {
+                    Ok(()) => Answer::done(),
+                    Err(e) => Answer::error(api_error(e)),
+                }
+            }
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(ApiError::not_found("this VMM runs no NV VM")),
                 Some(nv_vm) => match nv::status(nv_vm) {
