@@ -26,10 +26,17 @@ pub use vm::{Vm, VmRunState};
 pub use vmm::{Vmm, VmmExit};
 
 /// Runs one VMM process as the command line asked and returns its exit code: 0 when the VM ended
-/// cleanly, 1 when it failed to start or failed while running.
+/// cleanly (guest power-off or reset, SIGTERM/SIGINT, `vmm.shutdown`), 1 when it failed while
+/// running, `nv::exit_code_after_save` after an NV power-fail or suspend save. A failure to start
+/// is an `Err` (the binary exits 1).
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
     if launch.vm.is_none() && launch.api_socket.is_none() && launch.restore.is_none() {
         return Err(Error::NoVmConfig);
+    }
+    if launch.vm.is_some() && launch.restore.is_some() {
+        return Err(Error::Snapshot(
+            "--restore brings its own VM config; do not combine it with --kernel".to_string(),
+        ));
     }
     let mut vmm = Vmm::new(launch.seccomp)?;
     // The API first, as upstream does: a VM given on the command line is then visible to it.
