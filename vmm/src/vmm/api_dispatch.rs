@@ -74,6 +74,17 @@ fn not_booted() -> ApiError {
     ApiError::wrong_state("the VM is not booted")
 }
 
+/// `vm.boot` after `vm.shutdown` and `vm.reboot` start the guest afresh. For an NV VM that means
+/// a cold boot over its extent, even if this run began as a recovery (`recover=on`): the run
+/// just ended cleanly, so there is no saved state to resume.
+fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
+    if let Some(nv) = config.nv.as_mut() {
+        nv.recover = false;
+        nv.force_cold = false;
+    }
+    config
+}
+
 impl Vmm {
     /// Carries out `request` and says what to answer.
     pub(super) fn answer(&mut self, request: ApiRequest) -> Answer {
@@ -201,7 +212,7 @@ impl Vmm {
         if self.vm.is_some() {
             return Answer::error(ApiError::wrong_state("the VM is already booted"));
         }
-        match self.boot_vm(&config) {
+        match self.boot_vm(&cold_boot_config(config)) {
             Ok(()) => Answer::done(),
             Err(e) => Answer::error(api_error(e)),
         }
