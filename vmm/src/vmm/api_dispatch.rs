@@ -74,9 +74,9 @@ fn not_booted() -> ApiError {
     ApiError::wrong_state("the VM is not booted")
 }
 
-/// `vm.boot` after `vm.shutdown` and `vm.reboot` start the guest afresh. For an NV VM that means
-/// a cold boot over its extent, even if this run began as a recovery (`recover=on`): the run
-/// just ended cleanly, so there is no saved state to resume.
+/// After `vm.shutdown` (and within `vm.reboot`) the next boot starts the guest afresh. For an NV
+/// VM that means a cold boot over its extent, even if this run began as a recovery
+/// (`recover=on`): the run just ended cleanly, so there is no saved state to resume.
 fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
     if let Some(nv) = config.nv.as_mut() {
         nv.recover = false;
@@ -128,7 +128,7 @@ impl Vmm {
                     return Answer::error(not_booted());
                 }
                 // As upstream: the VM stops, its config stays and it can be booted again.
-                self.end_vm_run(&VmmExit::TerminationSignal);
+                self.stop_for_cold_boot();
                 Answer::done()
             }
             ApiRequest::VmReboot => {
@@ -138,7 +138,7 @@ impl Vmm {
                 if self.vm.is_none() {
                     return Answer::error(not_booted());
                 }
-                self.end_vm_run(&VmmExit::TerminationSignal);
+                self.stop_for_cold_boot();
                 self.api_boot()
             }
             ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
@@ -205,6 +205,12 @@ impl Vmm {
         }
     }
 
+    /// Stops the running VM cleanly and keeps its config for a cold boot.
+    fn stop_for_cold_boot(&mut self) {
+        self.end_vm_run(&VmmExit::TerminationSignal);
+        self.vm_config = self.vm_config.take().map(cold_boot_config);
+    }
+
     fn api_boot(&mut self) -> Answer {
         let Some(config) = self.vm_config.clone() else {
             return Answer::error(not_created());
@@ -212,7 +218,7 @@ impl Vmm {
         if self.vm.is_some() {
             return Answer::error(ApiError::wrong_state("the VM is already booted"));
         }
-        match self.boot_vm(&cold_boot_config(config)) {
+        match self.boot_vm(&config) {
             Ok(()) => Answer::done(),
             Err(e) => Answer::error(api_error(e)),
         }
