@@ -632,13 +632,27 @@ fn the_api_drives_a_vm_through_its_lifecycle() {
     let (status, body) = api_call(&socket, "GET", "vm.counters", None);
     assert_eq!((status, body.trim()), (200, "{}"), "no disks, no counters");
 
+    assert_counter_advances(&read_log(&log), lines_when_paused + 1);
+
+    // vm.shutdown keeps the config; vm.boot starts the guest afresh (a new serial log).
+    assert_eq!(api_call(&socket, "PUT", "vm.shutdown", None).0, 204);
+    let (_, body) = api_call(&socket, "GET", "vm.info", None);
+    assert!(body.contains("\"Created\""), "{body}");
+    assert_eq!(api_call(&socket, "PUT", "vm.resume", None).0, 405);
+    assert_eq!(api_call(&socket, "PUT", "vm.boot", None).0, 204);
+    let text = wait_for_counter_lines(&log, 1);
+    assert!(text.starts_with("counter: boot"), "{text}");
+    assert_eq!(api_call(&socket, "PUT", "vm.reboot", None).0, 204);
+    wait_for_counter_lines(&log, 1);
+    assert_eq!(api_call(&socket, "PUT", "vm.delete", None).0, 204);
+    assert_eq!(api_call(&socket, "GET", "vm.info", None).0, 404);
+
     assert_eq!(api_call(&socket, "PUT", "vmm.shutdown", None).0, 204);
     let code = receiver
         .recv_timeout(BOOT_TIMEOUT)
         .expect("the VMM did not end after vmm.shutdown")
         .expect("run");
     assert_eq!(code, 0);
-    assert_counter_advances(&read_log(&log), lines_when_paused + 1);
 }
 
 /// Copy-based snapshot (upstream's layout) and restore into a second VM instance: anonymous RAM
