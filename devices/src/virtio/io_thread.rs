@@ -9,7 +9,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -21,6 +21,31 @@ use crate::{Error, Result};
 /// How long `pause()` waits for the request in progress. A backend stuck longer than this is
 /// reported rather than hanging the power-fail save forever.
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs first thing in every I/O thread, before it serves anything; an `Err` stops the thread
+/// and fails the spawn with that message. The VMM uses it to confine the thread with its own
+/// seccomp filter: this crate knows nothing of seccomp.
+pub type IoThreadStartHook = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+
+/// The hook of this process. Global rather than passed down: I/O threads are started deep inside
+/// device activation (on a vCPU thread, when the guest driver sets DRIVER_OK), and the confinement
+/// is a property of the process, not of one device.
+static START_HOOK: RwLock<Option<Arc<IoThreadStartHook>>> = RwLock::new(None);
+
+/// Sets (or, with `None`, clears) the hook every I/O thread started from now on runs first.
+pub fn set_io_thread_start_hook(hook: Option<IoThreadStartHook>) {
+    let mut slot = START_HOOK
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *slot = hook.map(Arc::new);
+}
+
+fn current_start_hook() -> Option<Arc<IoThreadStartHook>> {
+    START_HOOK
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
 
 /// Serves a device's queues.
 pub(crate) trait QueueWorker: Send + 'static {
@@ -65,6 +90,17 @@ impl IoThread {
         queue_evts: Vec<EventFd>,
         start_paused: bool,
     ) -> Result<Self> {
+        Self::spawn_with_hook(name, worker, queue_evts, start_paused, current_start_hook())
+    }
+
+    /// `spawn` with the start hook given explicitly (the process's hook is `current_start_hook`).
+    fn spawn_with_hook<W: QueueWorker>(
+        name: &str,
+        worker: W,
+        queue_evts: Vec<EventFd>,
+        start_paused: bool,
+        hook: Option<Arc<IoThreadStartHook>>,
+    ) -> Result<Self> {
         let control_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let epoll = Epoll(epoll::create(true).map_err(Error::Epoll)?);
         let watch = |fd: i32, token: u64| {
@@ -94,10 +130,29 @@ impl IoThread {
             pause_requested: pause_requested.clone(),
             worker,
         };
+        let (started_tx, started) = mpsc::channel();
         let handle = thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || loop_state.run(start_paused))
+            .spawn(move || {
+                let hook_result = hook.map_or(Ok(()), |hook| hook());
+                let failed = hook_result.is_err();
+                // The spawner waits for this; it cannot be gone.
+                let _ = started_tx.send(hook_result);
+                if !failed {
+                    loop_state.run(start_paused);
+                }
+            })
             .map_err(Error::ThreadSpawn)?;
+        // Report a failed hook to the caller instead of leaving a device without its thread.
+        let hook_result = started.recv().unwrap_or_else(|_| {
+            Err("the I/O thread ended before running its start hook".to_string())
+        });
+        if let Err(reason) = hook_result {
+            let _ = handle.join();
+            return Err(Error::ThreadSpawn(std::io::Error::other(format!(
+                "{name}: start hook failed: {reason}"
+            ))));
+        }
         Ok(Self {
             handle: Some(handle),
             control_evt,
@@ -306,6 +361,72 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "no pass after resume");
             thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn idle_worker(passes: &Arc<AtomicU64>) -> SlowWorker {
+        SlowWorker {
+            passes: passes.clone(),
+            in_pass: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn the_start_hook_runs_on_the_new_thread_before_it_serves() {
+        let ran_on = Arc::new(std::sync::Mutex::new(None));
+        let recorder = Arc::clone(&ran_on);
+        let hook: IoThreadStartHook = Box::new(move || {
+            *recorder.lock().unwrap() = thread::current().name().map(str::to_string);
+            Ok(())
+        });
+        let passes = Arc::new(AtomicU64::new(0));
+        let io = IoThread::spawn_with_hook(
+            "hooked-io",
+            idle_worker(&passes),
+            vec![],
+            true,
+            Some(Arc::new(hook)),
+        )
+        .unwrap();
+        assert_eq!(ran_on.lock().unwrap().as_deref(), Some("hooked-io"));
+        drop(io);
+    }
+
+    #[test]
+    fn a_failing_start_hook_fails_the_spawn_and_nothing_is_served() {
+        let hook: IoThreadStartHook = Box::new(|| Err("no filter for you".to_string()));
+        let passes = Arc::new(AtomicU64::new(0));
+        let error = IoThread::spawn_with_hook(
+            "refused-io",
+            idle_worker(&passes),
+            vec![],
+            false,
+            Some(Arc::new(hook)),
+        )
+        .err()
+        .expect("a failing hook fails the spawn");
+        assert!(error.to_string().contains("no filter for you"), "{error}");
+        assert_eq!(
+            passes.load(Ordering::SeqCst),
+            0,
+            "the refused thread served"
+        );
+    }
+
+    /// The process-wide hook is what `spawn` uses. Only a succeeding hook is installed here:
+    /// other tests of this binary start I/O threads in parallel.
+    #[test]
+    fn the_process_hook_is_picked_up_by_spawn() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&calls);
+        set_io_thread_start_hook(Some(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })));
+        let passes = Arc::new(AtomicU64::new(0));
+        let io = IoThread::spawn("process-hook-io", idle_worker(&passes), vec![], true).unwrap();
+        drop(io);
+        set_io_thread_start_hook(None);
+        assert!(calls.load(Ordering::SeqCst) >= 1);
     }
 
     #[test]
