@@ -82,6 +82,23 @@ pub fn guest_tsc_khz() -> Result<u32> {
     Ok(vcpu.get_tsc_khz()?)
 }
 
+/// The file system type `path` lives on, from /proc/mounts (longest mount-point prefix).
+pub fn file_system_type(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mount_point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(mount_point)
+                .then(|| (mount_point.len(), kind.to_string()))
+        })
+        .max_by_key(|(length, _)| *length)
+        .map(|(_, kind)| kind)
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// A scratch directory removed (with everything in it) when dropped.
 pub struct ScratchDir {
     path: PathBuf,

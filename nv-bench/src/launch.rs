@@ -20,11 +20,23 @@ pub struct KvstoreGuest {
     pub keys: u64,
     pub ram_bytes: u64,
     pub tsc_khz: u32,
+    /// How often the guest prints its progress line, in host milliseconds.
+    pub period_ms: u32,
     /// The append-only log disk; without one PUTs are not persisted.
     pub log_disk: Option<PathBuf>,
 }
 
+/// The guests print "about every 100 ms" of their TSC at the rate `tsc_khz=` tells them.
+const GUEST_PERIOD_MS: u64 = 100;
+
 impl KvstoreGuest {
+    /// The `tsc_khz=` that makes the guest's 100 ms period last `period_ms` on the host: the
+    /// rate scaled down, so fewer ticks make "100 ms". Only the pacing changes; the guest
+    /// never turns TSC ticks into a reported time.
+    pub fn paced_tsc_khz(&self) -> u64 {
+        (u64::from(self.tsc_khz) * u64::from(self.period_ms) / GUEST_PERIOD_MS).max(1)
+    }
+
     /// Guest RAM for `keys`: the table (32 bytes a key at load factor 1/2) plus 64 MiB for the
     /// image, the log buffer and the stack, rounded up to 64 MiB.
     pub fn ram_for_keys(keys: u64) -> u64 {
@@ -68,7 +80,7 @@ pub fn arguments(
             push("--kernel", guest.image.display().to_string());
             push(
                 "--cmdline",
-                format!("keys={} tsc_khz={}", guest.keys, guest.tsc_khz),
+                format!("keys={} tsc_khz={}", guest.keys, guest.paced_tsc_khz()),
             );
             push("--cpus", "boot=1".into());
             let size = guest.ram_bytes;
@@ -143,6 +155,7 @@ mod tests {
             keys: 10,
             ram_bytes: 64 << 20,
             tsc_khz: 2_000_000,
+            period_ms: 10,
             log_disk: Some("/d".into()),
         };
         let args = arguments(
@@ -159,6 +172,10 @@ mod tests {
         );
         let line = args.join(" ");
         assert!(line.contains("--memory size=67108864"), "{line}");
+        assert!(
+            line.contains("tsc_khz=200000 "),
+            "10 ms of a 100 ms period: {line}"
+        );
         assert!(line.contains("--nv region=/r,vm=kv,create=on"), "{line}");
         assert!(line.contains("--disk path=/d"), "{line}");
         assert!(line.contains("--serial file=/s"), "{line}");

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 
-use crate::environment::{guest_tsc_khz, kvstore_image, Binaries, ScratchDir};
+use crate::environment::{file_system_type, guest_tsc_khz, kvstore_image, Binaries, ScratchDir};
 use crate::error::{BenchError, Result};
 use crate::measure::Bench;
 use crate::output::Summary;
@@ -78,6 +78,11 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     ch_remote_binary: Option<PathBuf>,
 
+    /// An extra argument for every VMM command line (repeatable), e.g.
+    /// `--vmm-arg=--seccomp --vmm-arg=false`; printed with the results.
+    #[arg(long = "vmm-arg", value_name = "ARG", allow_hyphen_values = true)]
+    vmm_args: Vec<String>,
+
     /// TrueType font for plot labels.
     #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
     font: PathBuf,
@@ -113,7 +118,7 @@ fn command_output(program: &str, arguments: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile) {
+fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile, cli: &Cli) {
     let memory_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
@@ -134,6 +139,13 @@ fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile) {
         memory_gib,
         command_output("uname", &["-r"]),
         tsc_khz
+    ));
+    summary.line(format!(
+        "scratch: tmpfs directory {} ({}), disk directory {} ({})",
+        cli.tmpfs_dir.display(),
+        file_system_type(&cli.tmpfs_dir),
+        cli.disk_dir.display(),
+        file_system_type(&cli.disk_dir)
     ));
     summary.line(format!(
         "run: profile {}, commit {}, started {}",
@@ -175,7 +187,7 @@ fn run(cli: Cli) -> Result<()> {
     let binaries = Binaries::locate(cli.ch_binary.clone(), cli.ch_remote_binary.clone())?;
     let tsc_khz = guest_tsc_khz()?;
     let mut summary = Summary::default();
-    machine_facts(&mut summary, tsc_khz, &profile);
+    machine_facts(&mut summary, tsc_khz, &profile, &cli);
     let mut bench = Bench {
         binaries,
         kvstore_image: kvstore_image()?,
@@ -185,7 +197,14 @@ fn run(cli: Cli) -> Result<()> {
         tmpfs: ScratchDir::create(&cli.tmpfs_dir, "tmpfs")?,
         disk: ScratchDir::create(&cli.disk_dir, "disk")?,
         summary,
+        vmm_arguments: cli.vmm_args.clone(),
     };
+    if !bench.vmm_arguments.is_empty() {
+        bench.summary.line(format!(
+            "run: every VMM started with the extra arguments {:?}",
+            bench.vmm_arguments
+        ));
+    }
     let sections: [(Which, Section); 3] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),

@@ -26,23 +26,23 @@ pub struct RunningVm {
 impl RunningVm {
     /// Starts the VMM for `launch`. The serial file is followed from its current end, so a
     /// VMM that reuses a file only contributes its own lines. Events go to `<output>.events`.
+    /// `extra_arguments` are appended to every VMM command line (`--vmm-arg`).
     pub fn start(
         binary: &Path,
         launch: &Launch,
         serial: &Path,
         api_socket: Option<&Path>,
         output: &Path,
+        extra_arguments: &[String],
     ) -> Result<Self> {
         let events_path = output.with_extension("events");
         // A fresh file per process: the follower reads it from the start.
         let _ = std::fs::remove_file(&events_path);
         let events = SerialFollower::from_current_end(&events_path);
         let follower = SerialFollower::from_current_end(serial);
-        let process = VmmProcess::spawn(
-            binary,
-            &arguments(launch, serial, &events_path, api_socket),
-            output,
-        )?;
+        let mut all_arguments = arguments(launch, serial, &events_path, api_socket);
+        all_arguments.extend_from_slice(extra_arguments);
+        let process = VmmProcess::spawn(binary, &all_arguments, output)?;
         Ok(Self {
             process,
             serial: follower,

@@ -92,11 +92,11 @@ fn quick_run_produces_every_measurement() {
     // recovery whose first line is not a progress line, i.e. a reboot).
     let saves = csv_rows(out.path(), "a_save.csv");
     for region in ["tmpfs", "disk-file"] {
-        let rows: Vec<_> = saves.iter().filter(|row| row[1] == region).collect();
+        let rows: Vec<_> = saves.iter().filter(|row| row[2] == region).collect();
         assert_eq!(rows.len(), 2, "two power-fail saves on {region}:\n{stdout}");
         for row in rows {
-            assert!(row[5].parse::<u64>().unwrap() > 0, "{row:?}");
-            assert!(row[6..11].iter().all(|phase| !phase.is_empty()), "{row:?}");
+            assert!(row[6].parse::<u64>().unwrap() > 0, "{row:?}");
+            assert!(row[7..12].iter().all(|phase| !phase.is_empty()), "{row:?}");
         }
     }
     let recoveries = csv_rows(out.path(), "b_recovery.csv");
@@ -121,8 +121,15 @@ fn quick_run_produces_every_measurement() {
     ] {
         assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
     }
-    assert!(
-        !stdout.contains("NOT MEASURED"),
-        "a measurement was skipped:\n{stdout}"
-    );
+    // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
+    // allows "OnDemand, or a clear unsupported error").
+    for line in stdout
+        .lines()
+        .filter(|line| line.starts_with("NOT MEASURED"))
+    {
+        assert!(
+            line.contains("OnDemand") && line.contains("not supported"),
+            "a measurement was skipped: {line}\n{stdout}"
+        );
+    }
 }

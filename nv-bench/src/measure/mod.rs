@@ -33,16 +33,26 @@ pub struct Bench {
     /// Scratch space on a disk file system: log disks, snapshots, disk-file regions.
     pub disk: ScratchDir,
     pub summary: Summary,
+    /// Appended to every VMM command line (`--vmm-arg`), e.g. `--seccomp false`.
+    pub vmm_arguments: Vec<String>,
 }
 
 impl Bench {
-    /// The kvstore guest with `keys` keys in `ram_bytes` of RAM.
-    pub fn kvstore(&self, keys: u64, ram_bytes: u64, log_disk: Option<PathBuf>) -> KvstoreGuest {
+    /// The kvstore guest with `keys` keys in `ram_bytes` of RAM, printing a progress line
+    /// every `period_ms`.
+    pub fn kvstore(
+        &self,
+        keys: u64,
+        ram_bytes: u64,
+        period_ms: u32,
+        log_disk: Option<PathBuf>,
+    ) -> KvstoreGuest {
         KvstoreGuest {
             image: self.kvstore_image.clone(),
             keys,
             ram_bytes,
             tsc_khz: self.tsc_khz,
+            period_ms,
             log_disk,
         }
     }
@@ -64,6 +74,7 @@ impl Bench {
             &serial,
             api_socket.as_deref(),
             &output,
+            &self.vmm_arguments,
         )?;
         vm.wait_for_lines("kvstore: serving", 1, SERVING_TIMEOUT)?;
         Ok(vm)

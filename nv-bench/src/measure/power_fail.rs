@@ -23,8 +23,29 @@ use crate::stats::median;
 use crate::throughput::parse_ops;
 
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
-/// The image, stack and buffers below the table.
+/// Progress lines every 10 ms: "first new serial line" then waits at most 10 ms for the
+/// guest's pace, not 100 ms (the guest resumes mid-period with its clock continued).
+const PERIOD_MS: u32 = 10;
+/// Room left for the image, stack and buffers next to the table.
 const NON_TABLE_BYTES: u64 = 64 << 20;
+/// Guest RAM below the 32-bit device hole: the only contiguous RAM the table can use.
+const RAM_BELOW_HOLE: u64 = 0xC000_0000;
+
+/// The bytes of RAM the guest touches in a VM of `ram` bytes: kvstore's table is a power of
+/// two (16-byte slots, load factor 1/2) in contiguous RAM, i.e. below the device hole, with
+/// room for the image. 256 MiB -> 128 MiB, 1 GiB -> 512 MiB, 4 GiB -> 2 GiB.
+pub fn touched_table_bytes(ram: u64) -> u64 {
+    let usable = ram.min(RAM_BELOW_HOLE).saturating_sub(NON_TABLE_BYTES);
+    if usable == 0 {
+        return 0;
+    }
+    1u64 << (63 - usable.leading_zeros())
+}
+
+/// The key count whose table is exactly `table_bytes`.
+fn keys_for_table(table_bytes: u64) -> u64 {
+    (table_bytes / 32).max(1)
+}
 const PHASES: [&str; 5] = [
     "pause-vcpus",
     "quiesce-devices",
@@ -65,8 +86,27 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     bench.summary.line(
         "== A. power-fail save time by phase / B. recovery to running (first new serial line)",
     );
+    let touched: Vec<String> = bench
+        .profile
+        .ram_sizes
+        .iter()
+        .map(|&ram| {
+            format!(
+                "{} RAM -> {} touched",
+                size_label(ram),
+                size_label(touched_table_bytes(ram))
+            )
+        })
+        .collect();
+    bench.summary.line(format!(
+        "A/B guest: kvstore, no log disk, a progress line every {PERIOD_MS} ms; it writes its whole \
+         table before serving. The table is a power of two in contiguous RAM below the 3 GiB \
+         device hole, so: {}",
+        touched.join(", ")
+    ));
     let mut save_table = CsvTable::new(&[
         "ram_bytes",
+        "touched_bytes",
         "region",
         "cycle",
         "dirty",
@@ -164,8 +204,8 @@ fn nv_cycles(
     };
     let region = dir.join(&format!("{tag}.region"));
     let result = (|| {
-        let keys = (size - NON_TABLE_BYTES) / 32;
-        let guest = bench.kvstore(keys, size, None);
+        let keys = keys_for_table(touched_table_bytes(size));
+        let guest = bench.kvstore(keys, size, PERIOD_MS, None);
         let backing = MemoryBacking::NvRegion {
             region: region.clone(),
             vm: "kv".into(),
@@ -201,6 +241,7 @@ fn nv_cycles(
             };
             let mut row = vec![
                 size.to_string(),
+                touched_table_bytes(size).to_string(),
                 kind.label().into(),
                 cycle.to_string(),
                 if cycle == 0 {
@@ -228,6 +269,7 @@ fn nv_cycles(
                 &serial,
                 None,
                 &bench.disk.join(&format!("{tag}.recover{cycle}.vmm")),
+                &bench.vmm_arguments,
             )?;
             let recovery = first_line_after_start(&mut vm)?;
             recovery_table.push(recovery.row(
@@ -244,26 +286,32 @@ fn nv_cycles(
     result
 }
 
-/// Seconds from the VMM command's start to the guest's first progress line, and to the VMM's
-/// `resumed` event if it sent one. Fails if the guest booted again instead of continuing.
+/// Seconds from the VMM command's start to the guest's first new progress line, and to the
+/// VMM's `resumed` event if it sent one. The guest may have been stopped in the middle of a
+/// line; the rest of that line comes first and is not a new line. Fails if the guest booted
+/// again (its boot messages start with `kvstore:`) instead of continuing.
 fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
     let lines = vm.wait_for(
-        "the first serial line after recovery",
+        "the first new progress line after recovery",
         LINE_TIMEOUT * 4,
-        |lines| !lines.is_empty(),
+        |lines| lines.iter().any(|line| parse_ops(&line.text).is_some()),
     )?;
-    let first = &lines[0];
-    if parse_ops(&first.text).is_none() {
+    if let Some(boot) = lines.iter().find(|line| line.text.starts_with("kvstore:")) {
         return Err(BenchError::GuestFailed {
             line: format!(
-                "expected the guest to continue with a progress line, got {:?}",
-                first.text
+                "the guest booted again instead of continuing: {:?}",
+                boot.text
             ),
         });
     }
+    let first = lines
+        .iter()
+        .find(|line| parse_ops(&line.text).is_some())
+        .map(|line| line.at)
+        .unwrap_or_else(Instant::now);
     let since_start = |at: Instant| at.duration_since(vm.started()).as_secs_f64();
     Ok(Recovery {
-        first_line: since_start(first.at),
+        first_line: since_start(first),
         resumed_event: vm.resumed_at().map(since_start),
     })
 }
@@ -303,8 +351,8 @@ fn copy_cycles(bench: &Bench, size: u64, recovery_table: &mut CsvTable) -> Resul
     let snapshot_dir = bench.disk.join(&format!("{tag}.snapshot"));
     let socket = bench.tmpfs.join(&format!("{tag}.sock"));
     let result = (|| {
-        let keys = (size - NON_TABLE_BYTES) / 32;
-        let guest = bench.kvstore(keys, size, None);
+        let keys = keys_for_table(touched_table_bytes(size));
+        let guest = bench.kvstore(keys, size, PERIOD_MS, None);
         let mut vm =
             bench.boot_serving(guest, MemoryBacking::Anonymous, &tag, Some(socket.clone()))?;
         vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
@@ -364,6 +412,7 @@ fn restore(
         &bench
             .disk
             .join(&format!("{tag}.restore{cycle}-{on_demand}.vmm")),
+        &bench.vmm_arguments,
     )
 }
 
@@ -554,4 +603,22 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_the_largest_power_of_two_that_fits_below_the_hole() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(touched_table_bytes(128 * MIB), 64 * MIB);
+        assert_eq!(touched_table_bytes(256 * MIB), 128 * MIB);
+        assert_eq!(touched_table_bytes(1024 * MIB), 512 * MIB);
+        assert_eq!(touched_table_bytes(4096 * MIB), 2048 * MIB);
+        assert_eq!(touched_table_bytes(32 * MIB), 0);
+        // keys=N needs 16 * next_pow2(2N) bytes: exactly the table.
+        let keys = keys_for_table(512 * MIB);
+        assert_eq!(16 * (2 * keys).next_power_of_two(), 512 * MIB);
+    }
 }

@@ -21,6 +21,9 @@ use crate::running_vm::RunningVm;
 use crate::serial::TimedLine;
 use crate::throughput::{mean_rate, ops_samples, rates, samples_since, time_to_service};
 
+/// Progress lines every 50 ms: the resolution of "back in service" (100 ms, the guest's own
+/// pace, would round every method up by up to two periods).
+const PERIOD_MS: u32 = 50;
 /// "Back in service": this fraction of the pre-failure throughput.
 pub const SERVICE_FRACTION: f64 = 0.9;
 /// Bound for service to come back after a failure.
@@ -70,9 +73,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         SERVICE_FRACTION * 100.0
     ));
     bench.summary.line(format!(
-        "C load before the failure: {:.0} s; level = mean over the last {:.0} s",
+        "C load before the failure: {:.0} s; level = mean over the last {:.0} s; a progress line every {PERIOD_MS} ms; log disk in the disk directory",
         bench.profile.service_load.as_secs_f64(),
-        bench.profile.level_window.as_secs_f64()
+        bench.profile.level_window.as_secs_f64(),
     ));
     let mut table = CsvTable::new(&[
         "keys",
@@ -214,6 +217,7 @@ fn measure_with(
     let guest = bench.kvstore(
         keys,
         KvstoreGuest::ram_for_keys(keys),
+        PERIOD_MS,
         Some(log_disk.into()),
     );
     let backing = match method {
@@ -288,6 +292,7 @@ fn measure_with(
         &serial,
         None,
         &bench.disk.join(&format!("{tag}.restart.vmm")),
+        &bench.vmm_arguments,
     )?;
     let restart_at = restarted.started();
     let back = |lines: &[TimedLine]| {
