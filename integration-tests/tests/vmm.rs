@@ -583,10 +583,9 @@ fn the_api_drives_a_vm_through_its_lifecycle() {
         api_socket: Some(vmm::config::ApiSocketConfig::Path(
             socket.display().to_string(),
         )),
-        // Not Enforce yet: a VM booted over the API gets its vCPU threads from the filtered
-        // control loop thread, and the VMM allow list still lacks seccomp(2) for their own
-        // filter (asked of seccomp_filters.rs).
-        seccomp: SeccompMode::Disabled,
+        // Enforce: the vCPU threads of a VM booted over the API start from the filtered
+        // control loop thread and install their own filter under it.
+        seccomp: SeccompMode::Enforce,
         ..Default::default()
     };
     let (sender, receiver) = std::sync::mpsc::channel();

@@ -52,15 +52,18 @@ pub enum ThreadKind {
     BlockIo,
     /// The `--event-monitor` writer.
     EventMonitor,
+    /// Serves the guest RAM page faults of an `OnDemand` restore (userfaultfd).
+    PageFault,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
         ThreadKind::BlockIo,
         ThreadKind::EventMonitor,
+        ThreadKind::PageFault,
     ];
 }
 
@@ -160,6 +163,9 @@ const VMM: &[i64] = &[
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
+    // Threads started from the filtered control loop (vCPUs and I/O threads of a VM booted or
+    // restored over the API, the userfaultfd server) install their own, narrower filter.
+    libc::SYS_seccomp,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_kill,
@@ -199,6 +205,8 @@ const VCPU: &[i64] = &[
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
+    // The block I/O thread installs its own filter first thing (`confine_device_io_threads`).
+    libc::SYS_seccomp,
 ];
 
 /// The API server: accept connections, read requests (with socket timeouts), write answers, hand
@@ -250,6 +258,15 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_epoll_pwait,
 ];
 
+/// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
+/// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_WAKE` from a read-only mapping of `memory-ranges`.
+const PAGE_FAULT: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_ioctl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 /// The event writer only writes (COMMON has `write`) and flushes.
 const EVENT_MONITOR: &[i64] = &[libc::SYS_fsync, libc::SYS_fdatasync];
 
@@ -260,6 +277,7 @@ fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::HttpApi => HTTP_API,
         ThreadKind::BlockIo => BLOCK_IO,
         ThreadKind::EventMonitor => EVENT_MONITOR,
+        ThreadKind::PageFault => PAGE_FAULT,
     };
     COMMON.iter().chain(specific).copied()
 }
@@ -299,6 +317,16 @@ pub fn apply_filter_for_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), 
         Some(action) => apply_filter(kind, action),
         None => Ok(()),
     }
+}
+
+/// Makes every virtio device I/O thread started from now on install the `BlockIo` filter of
+/// `mode` first thing (the devices crate runs the hook; it knows nothing of seccomp). Until then
+/// such a thread only has the filter it inherited from its starter, a vCPU or the control loop.
+pub fn confine_device_io_threads(mode: SeccompMode) {
+    let hook: devices::virtio::IoThreadStartHook = Box::new(move || {
+        apply_filter_for_mode(ThreadKind::BlockIo, mode).map_err(|error| error.to_string())
+    });
+    devices::virtio::set_io_thread_start_hook(Some(hook));
 }
 
 /// Without a handler SIGSYS kills the process silently (or with a bare "Bad system call"); the
@@ -413,6 +441,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::BlockIo,
             ThreadKind::EventMonitor,
+            ThreadKind::PageFault,
         ] {
             for call in allow_list(kind) {
                 assert!(
@@ -433,6 +462,45 @@ mod tests {
                 "BlockIo needs syscall {call}, Vcpu lacks it"
             );
         }
+    }
+
+    /// A thread installs its own filter under the one it inherited, so every starter's list
+    /// needs seccomp(2): the control loop starts vCPU, I/O and page-fault threads, a vCPU starts
+    /// the block I/O thread, the API accept thread starts connection threads (which inherit and
+    /// install nothing).
+    #[test]
+    fn starters_may_install_their_threads_filters() {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+            assert!(
+                allow_list(kind).any(|call| call == libc::SYS_seccomp),
+                "{kind:?} lacks seccomp(2)"
+            );
+        }
+    }
+
+    /// The real stacking, under Errno instead of Trap so the test survives a refusal: a thread
+    /// under the control loop's filter starts a thread that installs the vCPU filter, which in
+    /// turn starts one that installs the block I/O filter.
+    #[test]
+    fn filters_stack_from_the_control_loop_down_to_the_block_io_thread() {
+        let install = |kind| {
+            let program = build_filter(kind, SeccompAction::Errno(1)).unwrap();
+            seccompiler::apply_filter(&program).map_err(|e| format!("{kind:?}: {e}"))
+        };
+        let outcome = std::thread::spawn(move || {
+            install(ThreadKind::Vmm)?;
+            std::thread::spawn(move || {
+                install(ThreadKind::Vcpu)?;
+                std::thread::spawn(move || install(ThreadKind::BlockIo))
+                    .join()
+                    .map_err(|_| "block I/O thread panicked".to_string())?
+            })
+            .join()
+            .map_err(|_| "vCPU thread panicked".to_string())?
+        })
+        .join()
+        .unwrap();
+        assert_eq!(outcome, Ok(()));
     }
 
     #[test]

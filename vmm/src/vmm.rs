@@ -139,6 +139,7 @@ impl Vmm {
             nv: None,
         };
         vmm.install_termination_handlers()?;
+        crate::seccomp_filters::confine_device_io_threads(seccomp);
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
         vmm.watch(events.reset.as_raw_fd(), ControlEvent::GuestReset)?;
@@ -197,7 +198,11 @@ impl Vmm {
             source,
         })?;
         let (sender, receiver) = channel();
-        api::start_http_server(socket, sender, server_wake)
+        let limits = api::ServerLimits {
+            seccomp: self.seccomp,
+            ..Default::default()
+        };
+        api::start_http_server_with_limits(socket, sender, server_wake, limits)
             .map_err(|e| Error::Api(e.to_string()))?;
         self.watch(wake.as_raw_fd(), ControlEvent::ApiRequest)?;
         self.api = Some((receiver, wake));

@@ -153,6 +153,8 @@ pub enum ApiServerError {
     InheritedFd { fd: i32, reason: String },
     #[error("cannot start the API server thread: {0}")]
     Spawn(std::io::Error),
+    #[error("API server thread: {0}")]
+    Seccomp(#[source] crate::seccomp_filters::SeccompError),
 }
 
 /// Starts the HTTP server on its own thread, serving `socket` until the process exits.

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::SeccompMode;
+use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
+
 use super::http::{Connection, FramingLimits, Request, Response};
 use super::routes::{build_request, find_route};
 use super::{ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServerError};
@@ -32,6 +35,8 @@ pub struct ServerLimits {
     pub reply_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// The filter the accept thread installs first thing; its connection threads inherit it.
+    pub seccomp: SeccompMode,
 }
 
 impl Default for ServerLimits {
@@ -43,6 +48,7 @@ impl Default for ServerLimits {
             write_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(600),
             max_connections: 16,
+            seccomp: SeccompMode::default(),
         }
     }
 }
@@ -92,10 +98,27 @@ pub(super) fn spawn(
         wake,
         reply_timeout: limits.reply_timeout,
     });
-    thread::Builder::new()
+    let (confined_tx, confined) = mpsc::channel();
+    let handle = thread::Builder::new()
         .name("http-server".into())
-        .spawn(move || accept_loop(listener, link, limits))
-        .map_err(ApiServerError::Spawn)
+        .spawn(move || {
+            let filter = apply_filter_for_mode(ThreadKind::HttpApi, limits.seccomp);
+            let serve = filter.is_ok();
+            // The spawner waits for this message.
+            let _ = confined_tx.send(filter);
+            // Never serve unconfined: the socket closes with the listener.
+            if serve {
+                accept_loop(listener, link, limits);
+            }
+        })
+        .map_err(ApiServerError::Spawn)?;
+    match confined.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(error)) => Err(ApiServerError::Seccomp(error)),
+        Err(_) => Err(ApiServerError::Spawn(std::io::Error::other(
+            "the API server thread ended before installing its seccomp filter",
+        ))),
+    }
 }
 
 fn accept_loop(listener: UnixListener, link: Arc<ControlLoopLink>, limits: ServerLimits) {

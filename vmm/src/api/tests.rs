@@ -35,6 +35,7 @@ fn test_limits() -> ServerLimits {
         write_timeout: Duration::from_secs(5),
         reply_timeout: Duration::from_secs(10),
         max_connections: 8,
+        seccomp: crate::config::SeccompMode::Enforce,
     }
 }
 
