@@ -94,6 +94,8 @@ impl MemoryConfig {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
+    /// Upstream's spec types `path` as a string: when absent it is left out, never `null`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default)]
     pub readonly: bool,
