@@ -15,6 +15,7 @@ pub mod seccomp_filters;
 pub mod snapshot;
 pub mod state;
 pub mod upstream_fields;
+pub mod userfaultfd;
 pub mod vcpu;
 pub mod vm;
 #[allow(clippy::module_inception)]

@@ -141,6 +141,8 @@ const VMM: &[i64] = &[
     // NV regions: the cross-process metadata lock of nv-extension (saves, claims, recovery).
     libc::SYS_flock,
     libc::SYS_mkdirat,
+    // std's create_dir_all (vm.snapshot's destination directory) calls mkdir, not mkdirat.
+    libc::SYS_mkdir,
     libc::SYS_unlinkat,
     libc::SYS_renameat,
     libc::SYS_renameat2,

@@ -6,16 +6,20 @@
 //! As upstream, RAM that already lives in a shared file is not copied: the restored VM maps the
 //! same file again through its config. This is the baseline NV recovery is measured against; it
 //! is only as safe as the shared file is unchanged since the snapshot.
+//!
+//! Restore reads `memory-ranges` back into fresh anonymous RAM (`Copy`), or with
+//! `memory_restore_mode: OnDemand` registers that RAM with a userfaultfd and lets the VM run at
+//! once, each page filled on its first touch (see `userfaultfd.rs`).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::config::{MemoryRestoreMode, RestoreConfig, SeccompMode, VmConfig};
+use crate::config::{MemoryConfig, MemoryRestoreMode, RestoreConfig, SeccompMode, VmConfig};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::state::VmState;
@@ -116,22 +120,31 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
 }
 
 /// Builds a VM from the snapshot directory of `restore.source_url`: its config, its memory (shared
-/// files mapped again, the rest copied back from `memory-ranges`) and its state. The VM is left
-/// paused unless `restore.resume` is set.
+/// files mapped again, the rest copied back from `memory-ranges`, or with
+/// `memory_restore_mode: OnDemand` filled page by page on first touch) and its state. The VM is
+/// left paused unless `restore.resume` is set.
 pub fn restore(
     restore: &RestoreConfig,
     events: Arc<VmEvents>,
     seccomp: SeccompMode,
 ) -> Result<Vm, Error> {
-    if restore.memory_restore_mode == MemoryRestoreMode::OnDemand {
+    let on_demand = restore.memory_restore_mode == MemoryRestoreMode::OnDemand;
+    if on_demand && restore.prefault {
         return Err(Error::Snapshot(
-            "memory_restore_mode=OnDemand is not supported by this VMM; use Copy".to_string(),
+            "prefault=true contradicts memory_restore_mode=OnDemand (pages are filled on first \
+             touch); use Copy to have every page in place before the VM runs"
+                .to_string(),
         ));
     }
     let dir = snapshot_directory(&restore.source_url)?;
-    let config: VmConfig = read_json(&dir.join(CONFIG_FILE))?;
+    let config = read_config(&dir.join(CONFIG_FILE))?;
     let state: SnapshotState = read_json(&dir.join(STATE_FILE))?;
-    let memory = guest_memory_from_config(&config.memory)?;
+    let memory = if on_demand {
+        // A populated page cannot be filled on demand any more: never prefault lazy RAM.
+        guest_memory_from_config(&without_anonymous_prefault(&config.memory))?
+    } else {
+        guest_memory_from_config(&config.memory)?
+    };
 
     let memory_path = dir.join(MEMORY_FILE);
     let mut memory_file = File::open(&memory_path).map_err(io_error(&memory_path, "opening"))?;
@@ -146,6 +159,8 @@ pub fn restore(
             memory_path.display()
         )));
     }
+    let mut lazy = Vec::new();
+    let mut file_offset = 0u64;
     for range in &state.memory_ranges {
         let length = usize::try_from(range.length)
             .ok()
@@ -156,9 +171,28 @@ pub fn restore(
                     range.gpa, range.length
                 ))
             })?;
-        memory
-            .read_exact_volatile_from(GuestAddress(range.gpa), &mut memory_file, length)
-            .map_err(|e| Error::Snapshot(format!("reading guest RAM at {:#x}: {e}", range.gpa)))?;
+        match lazy_range(&memory, range, file_offset).filter(|_| on_demand) {
+            Some(lazy_range) => lazy.push(lazy_range),
+            None => {
+                // Copy: also for RAM that userfaultfd cannot fill (a private file mapping).
+                memory_file
+                    .seek(SeekFrom::Start(file_offset))
+                    .map_err(io_error(&memory_path, "seeking"))?;
+                memory
+                    .read_exact_volatile_from(GuestAddress(range.gpa), &mut memory_file, length)
+                    .map_err(|e| {
+                        Error::Snapshot(format!("reading guest RAM at {:#x}: {e}", range.gpa))
+                    })?;
+            }
+        }
+        file_offset += range.length;
+    }
+    if !lazy.is_empty() {
+        let lazy_bytes: usize = lazy.iter().map(|range| range.length).sum();
+        // The thread detaches: it ends by itself when the VM's memory is unmapped.
+        crate::userfaultfd::start(lazy, &memory_file, seccomp)
+            .map_err(|e| Error::Snapshot(format!("OnDemand restore: {e}")))?;
+        log::info!("OnDemand restore: {lazy_bytes:#x} bytes of guest RAM filled on first touch");
     }
 
     let mut vm = Vm::new(&config, memory, events, seccomp)?;
@@ -167,6 +201,55 @@ pub fn restore(
         vm.resume()?;
     }
     Ok(vm)
+}
+
+/// The snapshot's `config.json`, held to the same rules as a `vm.create` body: an upstream
+/// member this VMM does not implement is refused by name rather than dropped.
+fn read_config(path: &Path) -> Result<VmConfig, Error> {
+    let raw: serde_json::Value = read_json(path)?;
+    crate::upstream_fields::check_vm_config_fields(&raw)
+        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
+    let config: VmConfig = serde_json::from_value(raw)
+        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
+    config
+        .validate()
+        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
+    Ok(config)
+}
+
+fn without_anonymous_prefault(memory: &MemoryConfig) -> MemoryConfig {
+    let mut memory = memory.clone();
+    memory.prefault = false;
+    for zone in memory.zones.iter_mut().flatten() {
+        if zone.file.is_none() {
+            zone.prefault = false;
+        }
+    }
+    memory
+}
+
+/// The userfaultfd range of a copied `range` whose bytes start at `file_offset` in
+/// `memory-ranges`, when the guest RAM there is anonymous (userfaultfd fills anonymous and
+/// shared-anonymous memory, not private file mappings) and lies within one mapping.
+fn lazy_range(
+    memory: &vm_memory::GuestMemoryMmap,
+    range: &MemoryRange,
+    file_offset: u64,
+) -> Option<crate::userfaultfd::LazyRange> {
+    let region = memory.find_region(GuestAddress(range.gpa))?;
+    if region.file_offset().is_some() {
+        return None;
+    }
+    let offset_in_region = range.gpa - region.start_addr().0;
+    if offset_in_region.checked_add(range.length)? > region.len() {
+        return None;
+    }
+    let host_address = memory.get_host_address(GuestAddress(range.gpa)).ok()?;
+    Some(crate::userfaultfd::LazyRange {
+        host_address: host_address as usize,
+        length: usize::try_from(range.length).ok()?,
+        source_offset: usize::try_from(file_offset).ok()?,
+    })
 }
 
 #[cfg(test)]

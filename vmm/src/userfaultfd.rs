@@ -1,0 +1,672 @@
+//! Lazy guest RAM for `memory_restore_mode: OnDemand`: the restored VM's anonymous RAM is
+//! registered with a userfaultfd and stays empty; the first touch of a page (by a vCPU through
+//! KVM, or by the VMM itself) blocks in the kernel until a fault-serving thread fills it from
+//! `memory-ranges` with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE` for a page of zeros). The restore
+//! itself then reads nothing: the VM runs before its memory is back, paying per page later.
+//!
+//! Faults are served a block of `BLOCK_PAGES` at a time (the block around the faulting page),
+//! which costs one wake-up for the neighbours a guest usually touches next.
+//!
+//! The server thread lives as long as the registered memory: it asks for unmap events
+//! (`UFFD_FEATURE_EVENT_UNMAP`) and ends when every registered range is unmapped, i.e. when the
+//! VM's memory is dropped. It never closes the userfaultfd while memory is still registered:
+//! that would turn every later first touch into a silent zero page.
+//!
+//! The ioctl interface is `linux/userfaultfd.h`; the libc crate does not carry it, so the few
+//! structs and request numbers are spelled out here.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+
+use crate::config::SeccompMode;
+use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
+
+const PAGE_SIZE: usize = 4096;
+/// Pages filled per fault: the faulting page's aligned block of 64 KiB.
+const BLOCK_PAGES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd(2) failed: {0} (the host kernel must have CONFIG_USERFAULTFD)")]
+    Create(#[source] std::io::Error),
+    #[error("UFFDIO_API failed: {0}")]
+    Api(#[source] std::io::Error),
+    #[error("the host userfaultfd lacks {0}")]
+    MissingFeature(&'static str),
+    #[error("UFFDIO_REGISTER of {length:#x} bytes at {address:#x} failed: {source}")]
+    Register {
+        address: usize,
+        length: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lazy range {index} ({length:#x} bytes at source offset {offset:#x}) is not page aligned or lies outside the {source_length:#x}-byte source")]
+    BadRange {
+        index: usize,
+        offset: usize,
+        length: usize,
+        source_length: usize,
+    },
+    #[error("mapping the page source ({length:#x} bytes) failed: {source}")]
+    MapSource {
+        length: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the page-fault thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("page-fault thread: {0}")]
+    Seccomp(String),
+}
+
+/// One range of guest RAM to fill lazily: `length` bytes at host address `host_address`, whose
+/// content is at `source_offset` in the page source file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LazyRange {
+    pub host_address: usize,
+    pub length: usize,
+    pub source_offset: usize,
+}
+
+/// What the server did, reported when it ends (all registered memory unmapped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeReport {
+    pub faults: u64,
+    pub pages_copied: u64,
+    pub pages_zeroed: u64,
+}
+
+// linux/userfaultfd.h
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_TYPE: u64 = 0xAA;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
+const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
+const NR_REGISTER: u64 = 0x00;
+const NR_WAKE: u64 = 0x02;
+const NR_COPY: u64 = 0x03;
+const NR_ZEROPAGE: u64 = 0x04;
+const NR_API: u64 = 0x3F;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffd_msg`: the event byte, padding, then a 24-byte union. For a page fault the union
+/// holds (flags, address, thread id); for an unmap (start, end).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    arg: [u64; 3],
+}
+
+/// `_IOWR(UFFDIO, nr, T)` / `_IOR(UFFDIO, nr, T)` of `asm-generic/ioctl.h`.
+const fn ioctl_request(direction: u64, nr: u64, size: usize) -> u64 {
+    (direction << 30) | ((size as u64) << 16) | (UFFDIO_TYPE << 8) | nr
+}
+const READ_WRITE: u64 = 3;
+const READ: u64 = 2;
+const UFFDIO_API: u64 = ioctl_request(READ_WRITE, NR_API, size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = ioctl_request(READ_WRITE, NR_REGISTER, size_of::<UffdioRegister>());
+const UFFDIO_WAKE: u64 = ioctl_request(READ, NR_WAKE, size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = ioctl_request(READ_WRITE, NR_COPY, size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = ioctl_request(READ_WRITE, NR_ZEROPAGE, size_of::<UffdioZeropage>());
+
+/// Issues one userfaultfd ioctl whose argument is `argument`.
+fn uffd_ioctl<T>(uffd: &OwnedFd, request: u64, argument: &mut T) -> std::io::Result<()> {
+    // SAFETY: `uffd` is an open userfaultfd and `argument` is the live, properly laid out
+    // (`repr(C)`) struct that `request` names; the kernel reads and writes only that struct.
+    let result = unsafe { libc::ioctl(uffd.as_raw_fd(), request as _, argument as *mut T) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A read-only private mapping of the page source (`memory-ranges`): the server copies from it
+/// without a system call per page.
+struct SourceMapping {
+    address: *const u8,
+    length: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; reading it from another thread is
+// fine.
+unsafe impl Send for SourceMapping {}
+
+impl SourceMapping {
+    fn new(file: &File, length: usize) -> Result<Self, UffdError> {
+        if length == 0 {
+            return Ok(SourceMapping {
+                address: std::ptr::null(),
+                length,
+            });
+        }
+        // SAFETY: a fresh read-only private mapping of an open file; the kernel picks the
+        // address, and nothing else refers to it until this value owns it.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(UffdError::MapSource {
+                length,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(SourceMapping {
+            address: address.cast(),
+            length,
+        })
+    }
+
+    /// The page at `offset` (page aligned, inside the mapping: checked when ranges are accepted).
+    fn page(&self, offset: usize) -> &[u8] {
+        debug_assert!(offset + PAGE_SIZE <= self.length);
+        // SAFETY: `offset + PAGE_SIZE <= length` holds for every offset the server computes
+        // (ranges are checked against the source length in `start`), and the mapping lives as
+        // long as `self`.
+        unsafe { std::slice::from_raw_parts(self.address.add(offset), PAGE_SIZE) }
+    }
+}
+
+impl Drop for SourceMapping {
+    fn drop(&mut self) {
+        if self.length > 0 {
+            // SAFETY: unmapping exactly the mapping this value created and still owns.
+            unsafe { libc::munmap(self.address as *mut libc::c_void, self.length) };
+        }
+    }
+}
+
+/// Registers `ranges` (anonymous, private or shared, page-aligned guest RAM that nothing has
+/// touched yet) with a new userfaultfd and starts the thread that fills them from `source` on
+/// first touch. Returns the thread's handle; dropping it detaches the thread, which ends by
+/// itself once every range is unmapped.
+pub fn start(
+    ranges: Vec<LazyRange>,
+    source: &File,
+    seccomp: SeccompMode,
+) -> Result<JoinHandle<ServeReport>, UffdError> {
+    let source_length = source
+        .metadata()
+        .map_err(|e| UffdError::MapSource {
+            length: 0,
+            source: e,
+        })?
+        .len() as usize;
+    for (index, range) in ranges.iter().enumerate() {
+        let aligned = range.host_address % PAGE_SIZE == 0
+            && range.length % PAGE_SIZE == 0
+            && range.source_offset % PAGE_SIZE == 0;
+        let inside = range
+            .source_offset
+            .checked_add(range.length)
+            .is_some_and(|end| end <= source_length);
+        if !aligned || !inside {
+            return Err(UffdError::BadRange {
+                index,
+                offset: range.source_offset,
+                length: range.length,
+                source_length,
+            });
+        }
+    }
+    let source = SourceMapping::new(source, source_length)?;
+    let uffd = create_userfaultfd()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_MISSING_SHMEM,
+        ioctls: 0,
+    };
+    uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
+    if api.features & UFFD_FEATURE_EVENT_UNMAP == 0 {
+        return Err(UffdError::MissingFeature("UFFD_FEATURE_EVENT_UNMAP"));
+    }
+    let mut zeropage_everywhere = true;
+    for range in &ranges {
+        let mut register = UffdioRegister {
+            range: UffdioRange {
+                start: range.host_address as u64,
+                len: range.length as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut register).map_err(|source| {
+            UffdError::Register {
+                address: range.host_address,
+                length: range.length,
+                source,
+            }
+        })?;
+        if register.ioctls & (1 << NR_COPY) == 0 || register.ioctls & (1 << NR_WAKE) == 0 {
+            return Err(UffdError::MissingFeature("UFFDIO_COPY on guest RAM"));
+        }
+        zeropage_everywhere &= register.ioctls & (1 << NR_ZEROPAGE) != 0;
+    }
+    let server = FaultServer {
+        served: ranges
+            .iter()
+            .map(|range| vec![false; range.length / PAGE_SIZE])
+            .collect(),
+        mapped: ranges
+            .iter()
+            .map(|range| (range.host_address, range.host_address + range.length))
+            .collect(),
+        ranges,
+        source,
+        uffd,
+        use_zeropage: zeropage_everywhere,
+        report: ServeReport::default(),
+    };
+    let (confined_tx, confined) = mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("uffd-server".into())
+        .spawn(move || {
+            let filter = apply_filter_for_mode(ThreadKind::PageFault, seccomp);
+            let confined = filter.is_ok();
+            // The starter waits for this message.
+            let _ = confined_tx.send(filter.map_err(|e| e.to_string()));
+            if confined {
+                server.run()
+            } else {
+                // Without its filter the thread must not serve; it must not close the
+                // userfaultfd either while the memory is registered (see the module doc): the
+                // restore fails and drops the memory, which is what ends the registration.
+                server.wait_for_unmap()
+            }
+        })
+        .map_err(UffdError::Spawn)?;
+    match confined.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(reason)) => Err(UffdError::Seccomp(reason)),
+        Err(_) => Err(UffdError::Seccomp(
+            "the thread ended before installing its filter".to_string(),
+        )),
+    }
+}
+
+fn create_userfaultfd() -> Result<OwnedFd, UffdError> {
+    // SAFETY: userfaultfd(2) takes only flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(UffdError::Create(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+struct FaultServer {
+    ranges: Vec<LazyRange>,
+    /// Per range, per page: already filled (a page is filled at most once; the kernel refuses a
+    /// second fill with EEXIST anyway).
+    served: Vec<Vec<bool>>,
+    /// Registered address intervals not yet unmapped; the server ends when none is left.
+    mapped: Vec<(usize, usize)>,
+    source: SourceMapping,
+    uffd: OwnedFd,
+    use_zeropage: bool,
+    report: ServeReport,
+}
+
+impl FaultServer {
+    fn run(mut self) -> ServeReport {
+        let mut messages = [UffdMsg::default(); 16];
+        while !self.mapped.is_empty() {
+            let count = match self.read_messages(&mut messages) {
+                Ok(count) => count,
+                Err(error) => {
+                    // Hanging the guest is better than corrupting it: keep the registration.
+                    log::error!("userfaultfd: reading events failed: {error}; retrying");
+                    thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+            };
+            for message in &messages[..count] {
+                match message.event {
+                    UFFD_EVENT_PAGEFAULT => self.serve_fault(message.arg[1] as usize),
+                    UFFD_EVENT_UNMAP => {
+                        self.forget_unmapped(message.arg[0] as usize, message.arg[1] as usize)
+                    }
+                    other => log::warn!("userfaultfd: unexpected event {other:#x}"),
+                }
+            }
+        }
+        log::info!(
+            "OnDemand restore: memory released after {} faults ({} pages copied, {} zero pages)",
+            self.report.faults,
+            self.report.pages_copied,
+            self.report.pages_zeroed
+        );
+        self.report
+    }
+
+    /// Serves no fault; only waits for the memory to go away (see `start`).
+    fn wait_for_unmap(mut self) -> ServeReport {
+        let mut messages = [UffdMsg::default(); 16];
+        while !self.mapped.is_empty() {
+            if let Ok(count) = self.read_messages(&mut messages) {
+                for message in &messages[..count] {
+                    if message.event == UFFD_EVENT_UNMAP {
+                        self.forget_unmapped(message.arg[0] as usize, message.arg[1] as usize);
+                    }
+                }
+            }
+        }
+        self.report
+    }
+
+    /// Waits for and reads the next batch of events.
+    fn read_messages(&self, messages: &mut [UffdMsg]) -> std::io::Result<usize> {
+        let mut poll = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd, count 1, no timeout.
+            let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+            if ready >= 0 {
+                break;
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+        // SAFETY: reading into a buffer of `messages.len()` plain-data `uffd_msg` structs that
+        // we own; the kernel writes whole messages only.
+        let read = unsafe {
+            libc::read(
+                self.uffd.as_raw_fd(),
+                messages.as_mut_ptr().cast(),
+                std::mem::size_of_val(messages),
+            )
+        };
+        if read < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(error),
+            };
+        }
+        Ok(read as usize / size_of::<UffdMsg>())
+    }
+
+    fn forget_unmapped(&mut self, start: usize, end: usize) {
+        let mut left = Vec::with_capacity(self.mapped.len());
+        for &(from, to) in &self.mapped {
+            if end <= from || to <= start {
+                left.push((from, to));
+                continue;
+            }
+            if from < start {
+                left.push((from, start));
+            }
+            if end < to {
+                left.push((end, to));
+            }
+        }
+        self.mapped = left;
+    }
+
+    /// Fills the block around `address` (every page of it not filled yet), then wakes whoever
+    /// waits on it.
+    fn serve_fault(&mut self, address: usize) {
+        self.report.faults += 1;
+        let Some(index) = self.ranges.iter().position(|range| {
+            address >= range.host_address && address < range.host_address + range.length
+        }) else {
+            log::error!("userfaultfd: fault at {address:#x} outside every restored range");
+            return;
+        };
+        let range = self.ranges[index];
+        let pages = range.length / PAGE_SIZE;
+        let faulting_page = (address - range.host_address) / PAGE_SIZE;
+        let first = faulting_page - faulting_page % BLOCK_PAGES;
+        let last = (first + BLOCK_PAGES).min(pages);
+        for page in first..last {
+            if self.served[index][page] {
+                continue;
+            }
+            let destination = range.host_address + page * PAGE_SIZE;
+            let source = self.source.page(range.source_offset + page * PAGE_SIZE);
+            let zero = self.use_zeropage && source.iter().all(|&byte| byte == 0);
+            let filled = if zero {
+                self.zero_page(destination)
+            } else {
+                self.copy_page(destination, source.as_ptr())
+            };
+            match filled {
+                Ok(()) => {
+                    if zero {
+                        self.report.pages_zeroed += 1;
+                    } else {
+                        self.report.pages_copied += 1;
+                    }
+                    self.served[index][page] = true;
+                }
+                // Present already: filled through another fault message of the same page.
+                Err(error) if error.raw_os_error() == Some(libc::EEXIST) => {
+                    self.served[index][page] = true;
+                }
+                // The range is being unmapped: its unmap event follows.
+                Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => {
+                    log::error!("userfaultfd: filling the page at {destination:#x}: {error}")
+                }
+            }
+        }
+        let mut wake = UffdioRange {
+            start: (range.host_address + first * PAGE_SIZE) as u64,
+            len: ((last - first) * PAGE_SIZE) as u64,
+        };
+        if let Err(error) = uffd_ioctl(&self.uffd, UFFDIO_WAKE, &mut wake) {
+            log::error!("userfaultfd: waking the faulting threads: {error}");
+        }
+    }
+
+    fn copy_page(&self, destination: usize, source: *const u8) -> std::io::Result<()> {
+        let mut copy = UffdioCopy {
+            dst: destination as u64,
+            src: source as u64,
+            len: PAGE_SIZE as u64,
+            mode: UFFDIO_COPY_MODE_DONTWAKE,
+            copy: 0,
+        };
+        uffd_ioctl(&self.uffd, UFFDIO_COPY, &mut copy)
+    }
+
+    fn zero_page(&self, destination: usize) -> std::io::Result<()> {
+        let mut zero = UffdioZeropage {
+            range: UffdioRange {
+                start: destination as u64,
+                len: PAGE_SIZE as u64,
+            },
+            mode: UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+            zeropage: 0,
+        };
+        uffd_ioctl(&self.uffd, UFFDIO_ZEROPAGE, &mut zero)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_header() {
+        // Values from linux/userfaultfd.h as compiled for x86_64.
+        assert_eq!(UFFDIO_API, 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(size_of::<UffdMsg>(), 32);
+    }
+
+    /// Anonymous memory the test owns, unmapped on drop.
+    struct Anonymous {
+        address: *mut u8,
+        length: usize,
+    }
+
+    impl Anonymous {
+        fn new(length: usize) -> Self {
+            // SAFETY: a fresh private anonymous mapping; the kernel picks the address.
+            let address = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    length,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(address, libc::MAP_FAILED);
+            Anonymous {
+                address: address.cast(),
+                length,
+            }
+        }
+    }
+
+    impl Drop for Anonymous {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping this value created.
+            unsafe { libc::munmap(self.address.cast(), self.length) };
+        }
+    }
+
+    /// A source with a distinct byte pattern per page, every third page zero.
+    fn source_file(pages: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let mut bytes = vec![0u8; pages * PAGE_SIZE];
+        for page in 0..pages {
+            if page % 3 != 0 {
+                for (i, byte) in bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    *byte = (page * 7 + i) as u8 | 1;
+                }
+            }
+        }
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&bytes).unwrap();
+        (file, bytes)
+    }
+
+    /// Registered memory reads back the source on first touch (copied and zero pages), a second
+    /// range starts at its own source offset, and the server ends once the memory is unmapped.
+    #[test]
+    fn first_touch_fills_pages_from_the_source_and_unmap_ends_the_server() {
+        let (file, bytes) = source_file(64);
+        let first = Anonymous::new(40 * PAGE_SIZE);
+        let second = Anonymous::new(24 * PAGE_SIZE);
+        let ranges = vec![
+            LazyRange {
+                host_address: first.address as usize,
+                length: first.length,
+                source_offset: 0,
+            },
+            LazyRange {
+                host_address: second.address as usize,
+                length: second.length,
+                source_offset: 40 * PAGE_SIZE,
+            },
+        ];
+        let server = start(ranges, file.as_file(), SeccompMode::Enforce).unwrap();
+        // SAFETY: reading memory we mapped; each first touch blocks until the server fills it.
+        let first_bytes = unsafe { std::slice::from_raw_parts(first.address, first.length) };
+        // SAFETY: as above.
+        let second_bytes = unsafe { std::slice::from_raw_parts(second.address, second.length) };
+        // Touch out of order so blocks are served on demand, not front to back.
+        assert_eq!(
+            &second_bytes[5 * PAGE_SIZE..6 * PAGE_SIZE],
+            &bytes[45 * PAGE_SIZE..46 * PAGE_SIZE]
+        );
+        assert_eq!(first_bytes, &bytes[..40 * PAGE_SIZE]);
+        assert_eq!(second_bytes, &bytes[40 * PAGE_SIZE..]);
+        drop(first);
+        drop(second);
+        let report = server.join().unwrap();
+        assert_eq!(report.pages_copied + report.pages_zeroed, 64, "{report:?}");
+        assert_eq!(report.pages_zeroed, 22, "{report:?}");
+        assert!(report.faults <= 5, "blocks of 16 pages: {report:?}");
+    }
+
+    #[test]
+    fn ranges_outside_the_source_are_refused() {
+        let (file, _) = source_file(4);
+        let memory = Anonymous::new(8 * PAGE_SIZE);
+        let error = start(
+            vec![LazyRange {
+                host_address: memory.address as usize,
+                length: memory.length,
+                source_offset: 0,
+            }],
+            file.as_file(),
+            SeccompMode::Enforce,
+        )
+        .unwrap_err();
+        assert!(matches!(error, UffdError::BadRange { .. }), "{error}");
+    }
+}
