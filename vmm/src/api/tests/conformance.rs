@@ -3,128 +3,58 @@
 //! status the server answers with success must be one the spec lists for the path; and the spec
 //! holds every upstream v53 path and every route of the server, with the same method.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use serde_json::Value;
 
-use serde_json::{json, Value};
+use integration_tests::openapi::{
+    compile_component, component, load_yaml, spec, validate, workspace_file,
+};
 
 use super::super::{VmState, ROUTES};
 use super::Reply;
 
-fn repository_file(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
-}
-
-/// Parses an OpenAPI YAML document into JSON (status keys such as `200:` become strings).
-fn load_yaml(path: &PathBuf) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
-        .unwrap_or_else(|error| panic!("{} is not valid YAML: {error}", path.display()));
-    serde_json::to_value(yaml).expect("YAML maps to JSON")
-}
-
-fn spec() -> &'static Value {
-    static SPEC: OnceLock<Value> = OnceLock::new();
-    SPEC.get_or_init(|| load_yaml(&repository_file("docs/openapi.yaml")))
-}
-
-/// The operation object of `op` (without query) and `method`, if the spec has one.
-fn operation(method: &str, op: &str) -> Option<&'static Value> {
-    let path = format!("/{}", op.split('?').next().unwrap_or(op));
-    spec()["paths"].get(&path)?.get(method.to_ascii_lowercase())
-}
-
-/// Validates `instance` against `schema`, resolving `#/components/...` in the spec. OpenAPI 3.0
-/// schemas are a JSON Schema draft 4 dialect (`$ref` siblings ignored, boolean
-/// `exclusiveMinimum`), so draft 4 it is; OpenAPI-only keywords (`nullable`, `example`) are
-/// ignored by the validator.
-pub fn validate(schema: &Value, instance: &Value) -> Result<(), String> {
-    let mut root = schema.clone();
-    root["components"] = spec()["components"].clone();
-    let validator =
-        jsonschema::draft4::new(&root).map_err(|error| format!("bad schema: {error}"))?;
-    let errors: Vec<String> = validator
-        .iter_errors(instance)
-        .map(|error| format!("{} at {}", error, error.instance_path()))
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
-fn json_schema_of(content_holder: &Value) -> Option<&Value> {
-    content_holder
-        .get("content")?
-        .get("application/json")?
-        .get("schema")
-}
-
-/// Checks one exchange made by the tests. Error answers (4xx/5xx) are plain text and not
-/// described by upstream's spec; what matters for them is the status, which the tests assert.
+/// Checks one exchange made by the tests against the spec (see `integration_tests::openapi`).
 pub fn check_exchange(method: &str, op: &str, request_body: Option<&str>, reply: &Reply) {
-    if !(200..300).contains(&reply.status) {
-        return;
-    }
-    let operation = operation(method, op)
-        .unwrap_or_else(|| panic!("{method} /{op} succeeded but is not in docs/openapi.yaml"));
-    if let (Some(body), Some(schema)) = (
+    if let Err(error) = integration_tests::openapi::check_exchange(
+        method,
+        op,
         request_body,
-        operation.get("requestBody").and_then(json_schema_of),
+        reply.status,
+        &reply.body,
     ) {
-        let instance: Value = serde_json::from_str(body).expect("accepted bodies are JSON");
-        if let Err(error) = validate(schema, &instance) {
-            panic!("request body of {method} /{op} does not match the spec: {error}\n{body}");
-        }
+        panic!("{error}");
     }
-    let status = reply.status.to_string();
-    let response = operation["responses"].get(&status).unwrap_or_else(|| {
-        panic!("{method} /{op} answered {status}, which the spec does not list")
-    });
-    match json_schema_of(response) {
-        Some(schema) => {
-            let instance = reply.json();
-            if let Err(error) = validate(schema, &instance) {
-                panic!("response of {method} /{op} does not match the spec: {error}\n{instance}");
-            }
-        }
-        None => assert!(
-            reply.body.is_empty(),
-            "{method} /{op} answered a body the spec does not describe"
-        ),
-    }
-}
-
-fn component(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
 #[test]
 fn the_validator_rejects_what_the_spec_forbids() {
     // Guards the checks above against passing vacuously (a schema that accepts anything).
-    assert!(validate(&component("VmInfo"), &json!({"state": "Running"})).is_err());
     assert!(validate(
         &component("VmInfo"),
-        &json!({"state": "Bogus", "config": {"payload": {}}})
+        &serde_json::json!({"state": "Running"})
     )
     .is_err());
-    assert!(validate(&component("VmmPingResponse"), &json!({"pid": 1})).is_err());
-    assert!(validate(&component("NvStatus"), &json!({"region": "/r"})).is_err());
+    assert!(validate(
+        &component("VmInfo"),
+        &serde_json::json!({"state": "Bogus", "config": {"payload": {}}})
+    )
+    .is_err());
+    assert!(validate(
+        &component("VmmPingResponse"),
+        &serde_json::json!({"pid": 1})
+    )
+    .is_err());
+    assert!(validate(&component("NvStatus"), &serde_json::json!({"region": "/r"})).is_err());
     assert!(validate(
         &component("NvRecoverConfig"),
-        &json!({"region": "/r", "vm": "a", "extra": 1})
+        &serde_json::json!({"region": "/r", "vm": "a", "extra": 1})
     )
     .is_err());
     assert!(validate(
         &component("VmCounters"),
-        &json!({"disk": {"reads": "many"}})
+        &serde_json::json!({"disk": {"reads": "many"}})
     )
     .is_err());
-    assert!(validate(&component("VmState"), &json!("Paused")).is_ok());
+    assert!(validate(&component("VmState"), &serde_json::json!("Paused")).is_ok());
     for state in [
         VmState::Created,
         VmState::Running,
@@ -139,7 +69,7 @@ fn the_validator_rejects_what_the_spec_forbids() {
 
 #[test]
 fn every_upstream_path_is_in_our_spec_with_its_method() {
-    let upstream_file = repository_file("../shared/reference/cloud-hypervisor-v53-openapi.yaml");
+    let upstream_file = workspace_file("../shared/reference/cloud-hypervisor-v53-openapi.yaml");
     let upstream = load_yaml(&upstream_file);
     let upstream_paths = upstream["paths"].as_object().expect("upstream paths");
     assert!(upstream_paths.len() >= 30, "upstream spec looks truncated");
@@ -189,9 +119,7 @@ fn spec_and_route_table_agree() {
 #[test]
 fn every_schema_in_our_spec_compiles() {
     for (name, _) in spec()["components"]["schemas"].as_object().unwrap() {
-        let mut root = component(name);
-        root["components"] = spec()["components"].clone();
-        jsonschema::draft4::new(&root)
+        compile_component(name)
             .unwrap_or_else(|error| panic!("schema {name} does not compile: {error}"));
     }
 }

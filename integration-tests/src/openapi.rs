@@ -1,0 +1,155 @@
+//! Conformance to `docs/openapi.yaml` (the upstream cloud-hypervisor v53 spec plus our NV
+//! endpoints), shared by every test that talks to the API: the server's own tests in the `vmm`
+//! crate and the end-to-end tests here. A JSON body sent in an accepted request and every JSON
+//! body answered are validated against the schema of their path; a success status must be one
+//! the spec lists for the path.
+//!
+//! OpenAPI 3.0 schemas are a JSON Schema draft 4 dialect (`$ref` siblings ignored, boolean
+//! `exclusiveMinimum`), so they are checked with a draft 4 validator; OpenAPI-only keywords
+//! (`nullable`, `example`) are ignored by it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+
+/// A file of the workspace, by its path relative to the workspace root.
+pub fn workspace_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// Parses an OpenAPI YAML document into JSON (status keys such as `200:` become strings).
+pub fn load_yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+        .unwrap_or_else(|error| panic!("{} is not valid YAML: {error}", path.display()));
+    serde_json::to_value(yaml).expect("YAML maps to JSON")
+}
+
+/// `docs/openapi.yaml`, parsed once.
+pub fn spec() -> &'static Value {
+    static SPEC: OnceLock<Value> = OnceLock::new();
+    SPEC.get_or_init(|| load_yaml(&workspace_file("docs/openapi.yaml")))
+}
+
+/// The operation object of `op` (a query is ignored) and `method`, if the spec has one.
+pub fn operation(method: &str, op: &str) -> Option<&'static Value> {
+    let path = format!("/{}", op.split('?').next().unwrap_or(op));
+    spec()["paths"].get(&path)?.get(method.to_ascii_lowercase())
+}
+
+/// A `$ref` to the component schema `name`.
+pub fn component(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
+    let mut root = schema.clone();
+    root["components"] = spec()["components"].clone();
+    jsonschema::draft4::new(&root).map_err(|error| format!("bad schema: {error}"))
+}
+
+/// Checks that the component schema `name` compiles (its references resolve).
+pub fn compile_component(name: &str) -> Result<(), String> {
+    compile(&component(name)).map(drop)
+}
+
+/// Validates `instance` against `schema`, resolving `#/components/...` in the spec.
+pub fn validate(schema: &Value, instance: &Value) -> Result<(), String> {
+    let validator = compile(schema)?;
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|error| format!("{} at {}", error, error.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+fn json_schema_of(content_holder: &Value) -> Option<&Value> {
+    content_holder
+        .get("content")?
+        .get("application/json")?
+        .get("schema")
+}
+
+/// Checks one exchange: `method /op` with `request_body` answered `status` with
+/// `response_body`. Error answers (4xx/5xx) are plain text, which upstream's spec does not
+/// describe; callers assert their status. For a success, the request body (when the operation
+/// takes one), the status and the response body must all be what the spec says.
+pub fn check_exchange(
+    method: &str,
+    op: &str,
+    request_body: Option<&str>,
+    status: u16,
+    response_body: &[u8],
+) -> Result<(), String> {
+    if !(200..300).contains(&status) {
+        return Ok(());
+    }
+    let operation = operation(method, op)
+        .ok_or_else(|| format!("{method} /{op} succeeded but is not in docs/openapi.yaml"))?;
+    if let (Some(body), Some(schema)) = (
+        request_body,
+        operation.get("requestBody").and_then(json_schema_of),
+    ) {
+        let instance: Value = serde_json::from_str(body)
+            .map_err(|error| format!("{method} /{op} accepted a body that is not JSON: {error}"))?;
+        validate(schema, &instance).map_err(|error| {
+            format!("request body of {method} /{op} does not match the spec: {error}\n{body}")
+        })?;
+    }
+    let response = operation["responses"]
+        .get(status.to_string())
+        .ok_or_else(|| format!("{method} /{op} answered {status}, which the spec does not list"))?;
+    match json_schema_of(response) {
+        Some(schema) => {
+            let instance: Value = serde_json::from_slice(response_body).map_err(|error| {
+                format!("{method} /{op} answered {status} with a body that is not JSON: {error}")
+            })?;
+            validate(schema, &instance).map_err(|error| {
+                format!("response of {method} /{op} does not match the spec: {error}\n{instance}")
+            })
+        }
+        None if response_body.is_empty() => Ok(()),
+        None => Err(format!(
+            "{method} /{op} answered a body the spec does not describe"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_success_must_match_the_spec() {
+        assert!(check_exchange("GET", "vmm.ping", None, 200, br#"{"pid":1}"#).is_err());
+        assert!(check_exchange(
+            "GET",
+            "vmm.ping",
+            None,
+            200,
+            br#"{"build_version":"1","version":"1","pid":1,"features":[]}"#
+        )
+        .is_ok());
+        assert!(check_exchange("PUT", "vm.pause", None, 204, b"").is_ok());
+        assert!(check_exchange("PUT", "vm.pause", None, 204, b"{}").is_err());
+        assert!(check_exchange("PUT", "vm.nosuch", None, 204, b"").is_err());
+        assert!(check_exchange(
+            "PUT",
+            "vm.snapshot",
+            Some(r#"{"destination_url":1}"#),
+            204,
+            b""
+        )
+        .is_err());
+        // Errors are plain text: only their status is the caller's business.
+        assert!(check_exchange("PUT", "vm.pause", None, 405, b"not booted").is_ok());
+    }
+}
