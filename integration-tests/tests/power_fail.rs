@@ -6,6 +6,8 @@
 //! `CLOUD_HYPERVISOR_BIN=/path` tests that binary instead.
 
 use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -677,4 +679,142 @@ fn power_failures_inside_the_save_never_resume_a_torn_state() {
     }
     println!("{total} power failures injected inside the save, none resumed a torn state");
     assert_eq!(total, FAULT_RUNS);
+}
+
+/// One HTTP/1.1 request over the API socket; returns (status, body).
+fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).expect("connecting to the API socket");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the answer");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+#[test]
+fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
+    if !kvm_available("planned_suspend_through_the_api_exits_cleanly_and_resumes") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    let mut arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "s");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let serial = vmm.serial.clone();
+    vmm.wait_serial("a counter line", has_counter_line);
+    wait_for_socket(&socket);
+    let (status, body) = api_request(&socket, "GET", "vm.nv-status", "");
+    assert_eq!(status, 200, "{body}");
+    let nv_status = json(&body);
+    assert_eq!(nv_status["vm"], "s");
+    assert_eq!(nv_status["shutdown_kind"], "Never");
+
+    // The answer arrives once the state is committed, before the VMM exits.
+    let (status, body) = api_request(&socket, "PUT", "vm.nv-suspend", "");
+    assert_eq!(status, 204, "{body}");
+    let exit = vmm.wait_exit();
+    assert_eq!(exit.code(), Some(0), "{}", vmm.stderr_log());
+    let before = vmm.serial_log();
+    drop(vmm);
+
+    // An empty VMM: the region's table says the VM was suspended (not a power failure).
+    let empty = vec![
+        "--api-socket".to_string(),
+        format!("path={}", socket.display()),
+    ];
+    let mut vmm = VmmProcess::spawn(dir.path(), "empty", &empty, &[]);
+    wait_for_socket(&socket);
+    let (status, body) = api_request(
+        &socket,
+        "GET",
+        &format!("vmm.nv-regions?region={}", region.display()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let listing = json(&body);
+    let entry = &listing["vms"][0];
+    assert_eq!(entry["name"], "s", "{listing}");
+    assert_eq!(entry["shutdown_kind"], "Suspend", "{listing}");
+    assert_eq!(entry["resumable"], true, "{listing}");
+
+    let request = format!(r#"{{"region":"{}","vm":"s"}}"#, region.display());
+    let (status, body) = api_request(&socket, "PUT", "vm.nv-recover", &request);
+    assert_eq!(status, 204, "{body}");
+    // The recovered VM writes where its stored config says: the first run's serial file.
+    let deadline = Instant::now() + TIMEOUT;
+    let after = loop {
+        let log = read_log(&serial);
+        if has_counter_line(&log) {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no output after vm.nv-recover:\n{}",
+            vmm.stderr_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_continues(&before, &after);
+    let (status, body) = api_request(&socket, "GET", "vm.nv-status", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["shutdown_kind"], "Suspend");
+
+    let (status, body) = api_request(&socket, "PUT", "vm.power-fail", "");
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(vmm.wait_exit().code(), Some(EXIT_POWER_FAIL_SAVED));
+    let listing = json(&api_listing_after_exit(dir.path(), &socket, &region));
+    assert_eq!(listing["vms"][0]["shutdown_kind"], "PowerFail", "{listing}");
+}
+
+/// `vmm.nv-regions` from a fresh empty VMM (the previous one has exited).
+fn api_listing_after_exit(dir: &Path, socket: &Path, region: &Path) -> String {
+    let empty = vec![
+        "--api-socket".to_string(),
+        format!("path={}", socket.display()),
+    ];
+    let _vmm = VmmProcess::spawn(dir, "lister", &empty, &[]);
+    wait_for_socket(socket);
+    let (status, body) = api_request(
+        socket,
+        "GET",
+        &format!("vmm.nv-regions?region={}", region.display()),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    body
 }
