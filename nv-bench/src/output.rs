@@ -38,6 +38,18 @@ impl CsvTable {
         text
     }
 
+    /// The table as a Markdown table (for `results.md`).
+    pub fn to_markdown(&self) -> String {
+        let escape = |cell: &str| cell.replace('|', "\\|");
+        let mut text = format!("| {} |\n", self.header.join(" | "));
+        text.push_str(&format!("|{}\n", "---|".repeat(self.header.len())));
+        for row in &self.rows {
+            let cells: Vec<String> = row.iter().map(|cell| escape(cell)).collect();
+            text.push_str(&format!("| {} |\n", cells.join(" | ")));
+        }
+        text
+    }
+
     /// Writes the table to `dir/name` and returns the path.
     pub fn write(&self, dir: &Path, name: &str) -> Result<PathBuf> {
         let path = dir.join(name);
@@ -61,10 +73,11 @@ pub fn seconds(value: f64) -> String {
 }
 
 /// The run's printed summary: each line goes to stdout as it is produced and is kept for
-/// `summary.txt`.
+/// `summary.txt`; summary tables go to `results.md`.
 #[derive(Default)]
 pub struct Summary {
     text: String,
+    markdown: String,
 }
 
 impl Summary {
@@ -81,11 +94,19 @@ impl Summary {
         self.line(format!("NOT MEASURED {what}: {}", first_lines.join(" | ")));
     }
 
-    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join("summary.txt");
-        std::fs::write(&path, &self.text)
-            .map_err(|e| BenchError::io(format!("writing {}", path.display()), e))?;
-        Ok(path)
+    /// Records a summary table for `results.md` under `title`.
+    pub fn table(&mut self, title: &str, table: &CsvTable) {
+        let _ = write!(self.markdown, "### {title}\n\n{}\n", table.to_markdown());
+    }
+
+    /// Writes `summary.txt` (the printed lines) and `results.md` (the summary tables).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        for (name, text) in [("summary.txt", &self.text), ("results.md", &self.markdown)] {
+            let path = dir.join(name);
+            std::fs::write(&path, text)
+                .map_err(|e| BenchError::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
     }
 }
 
@@ -99,5 +120,9 @@ mod tests {
         table.push(vec!["1".into(), "x,y".into()]);
         table.push(vec!["say \"hi\"".into(), "2".into()]);
         assert_eq!(table.to_csv(), "a,b\n1,\"x,y\"\n\"say \"\"hi\"\"\",2\n");
+        assert_eq!(
+            table.to_markdown(),
+            "| a | b |\n|---|---|\n| 1 | x,y |\n| say \"hi\" | 2 |\n"
+        );
     }
 }

@@ -54,6 +54,13 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ));
     let mut table = CsvTable::new(&["keys", "backing", "repetition", "ops_per_s", "window_s"]);
     let mut bars = Vec::new();
+    let mut medians = CsvTable::new(&[
+        "keys",
+        "backing",
+        "runs",
+        "median Mops/s",
+        "ratio vs anonymous",
+    ]);
     for &keys in &bench.profile.overhead_keys.clone() {
         let mut results: Vec<(Backing, Vec<f64>)> =
             Backing::ALL.iter().map(|&b| (b, Vec::new())).collect();
@@ -95,9 +102,19 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 value / 1e6,
             ));
             let ratio = match (backing, anonymous) {
-                (Backing::Anonymous, _) | (_, None) => String::new(),
-                (_, Some(base)) => format!(", ratio vs anonymous = {:.3}x", value / base),
+                (Backing::Anonymous, _) | (_, None) => None,
+                (_, Some(base)) => Some(value / base),
             };
+            medians.push(vec![
+                keys_label(keys),
+                backing.label().into(),
+                rates.len().to_string(),
+                format!("{:.2}", value / 1e6),
+                ratio.map(|r| format!("{r:.3}x")).unwrap_or_default(),
+            ]);
+            let ratio = ratio
+                .map(|r| format!(", ratio vs anonymous = {r:.3}x"))
+                .unwrap_or_default();
             bench.summary.line(format!(
                 "D keys={} {}: median {:.2} Mops/s over {} run(s){ratio}",
                 keys_label(keys),
@@ -108,6 +125,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         }
     }
     table.write(&bench.out_dir, "d_overhead.csv")?;
+    bench
+        .summary
+        .table("D. kvstore throughput by RAM backing", &medians);
     if !bars.is_empty() {
         plot::bar_chart(
             &bench.out_dir.join("d_overhead.png"),

@@ -127,12 +127,32 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "to_resumed_event_s",
     ]);
     let mut collected = Collected::default();
+    let mut save_summary = CsvTable::new(&[
+        "RAM",
+        "touched",
+        "region",
+        "saves",
+        "median ms",
+        "first save ms (all RAM dirty)",
+        "pause-vcpus us",
+        "quiesce-devices us",
+        "persist-memory us",
+        "save-state us",
+        "commit us",
+    ]);
+    let mut recovery_summary = CsvTable::new(&[
+        "RAM",
+        "method",
+        "runs",
+        "to first new serial line, median ms",
+        "to resumed event, median ms",
+    ]);
     for &size in &bench.profile.ram_sizes.clone() {
         for kind in [RegionKind::Tmpfs, RegionKind::DiskFile] {
             let outcome = nv_cycles(bench, size, kind, &mut save_table, &mut recovery_table);
             match outcome {
                 Ok((saves, recoveries)) => {
-                    report_saves(bench, size, kind, &saves);
+                    report_saves(bench, size, kind, &saves, &mut save_summary);
                     collected.saves.push((
                         size,
                         kind,
@@ -181,10 +201,17 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 &error.to_string(),
             ),
         }
-        report_recoveries(bench, size, &collected);
+        report_recoveries(bench, size, &collected, &mut recovery_summary);
     }
     report_flatness(bench, &collected);
     save_table.write(&bench.out_dir, "a_save.csv")?;
+    bench
+        .summary
+        .table("A. power-fail save time (VMM-reported)", &save_summary);
+    bench.summary.table(
+        "B. recovery to running (from the command's start)",
+        &recovery_summary,
+    );
     recovery_table.write(&bench.out_dir, "b_recovery.csv")?;
     plot_results(bench, &collected)
 }
@@ -416,9 +443,15 @@ fn restore(
     )
 }
 
-fn report_saves(bench: &mut Bench, size: u64, kind: RegionKind, saves: &[SaveTimings]) {
+fn report_saves(
+    bench: &mut Bench,
+    size: u64,
+    kind: RegionKind,
+    saves: &[SaveTimings],
+    summary_table: &mut CsvTable,
+) {
     let totals: Vec<f64> = saves.iter().map(|s| s.total_us as f64 / 1e3).collect();
-    let phase_medians: Vec<String> = PHASES
+    let phase_values: Vec<f64> = PHASES
         .iter()
         .map(|name| {
             let values: Vec<f64> = saves
@@ -430,9 +463,24 @@ fn report_saves(bench: &mut Bench, size: u64, kind: RegionKind, saves: &[SaveTim
                         .map(|(_, us)| *us as f64)
                 })
                 .collect();
-            format!("{name} {:.0} us", median(&values).unwrap_or(f64::NAN))
+            median(&values).unwrap_or(f64::NAN)
         })
         .collect();
+    let phase_medians: Vec<String> = PHASES
+        .iter()
+        .zip(&phase_values)
+        .map(|(name, value)| format!("{name} {value:.0} us"))
+        .collect();
+    let mut row = vec![
+        size_label(size),
+        size_label(touched_table_bytes(size)),
+        kind.label().into(),
+        totals.len().to_string(),
+        format!("{:.3}", median(&totals).unwrap_or(f64::NAN)),
+        format!("{:.3}", totals.first().copied().unwrap_or(f64::NAN)),
+    ];
+    row.extend(phase_values.iter().map(|value| format!("{value:.0}")));
+    summary_table.push(row);
     bench.summary.line(format!(
         "A {} {} region: save median {:.3} ms over {} saves (first, all RAM dirty: {:.3} ms); phase medians: {}",
         size_label(size),
@@ -467,7 +515,12 @@ fn recoveries_of<'a>(collected: &'a Collected, size: u64, label: &str) -> Option
         .map(|(_, _, values)| values.as_slice())
 }
 
-fn report_recoveries(bench: &mut Bench, size: u64, collected: &Collected) {
+fn report_recoveries(
+    bench: &mut Bench,
+    size: u64,
+    collected: &Collected,
+    summary_table: &mut CsvTable,
+) {
     let milliseconds = |value: Option<f64>| {
         value
             .map(|seconds| format!("{:.1} ms", seconds * 1e3))
@@ -475,6 +528,17 @@ fn report_recoveries(bench: &mut Bench, size: u64, collected: &Collected) {
     };
     for (s, label, values) in &collected.recoveries {
         if *s == size {
+            summary_table.push(vec![
+                size_label(size),
+                label.clone(),
+                values.len().to_string(),
+                first_line_median(values)
+                    .map(|v| format!("{:.1}", v * 1e3))
+                    .unwrap_or_default(),
+                resumed_median(values)
+                    .map(|v| format!("{:.1}", v * 1e3))
+                    .unwrap_or_default(),
+            ]);
             bench.summary.line(format!(
                 "B {} {label}: command start to first new serial line, median {} over {} \
                  (to the VMM's resumed event: {})",

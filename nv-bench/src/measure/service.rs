@@ -185,6 +185,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         }
     }
     table.write(&bench.out_dir, "c_service.csv")?;
+    bench.summary.table(
+        "C. time to recovered service (seconds; >= 90% of the pre-failure level)",
+        &table,
+    );
     curves.write(&bench.out_dir, "c_throughput.csv")?;
     Ok(())
 }
