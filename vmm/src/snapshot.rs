@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::{MemoryConfig, MemoryRestoreMode, RestoreConfig, SeccompMode, VmConfig};
+use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::state::VmState;
@@ -136,6 +137,7 @@ pub fn restore(
                 .to_string(),
         ));
     }
+    emit_vm(VmEvent::Restoring);
     let dir = snapshot_directory(&restore.source_url)?;
     let config = read_config(&dir.join(CONFIG_FILE))?;
     let state: SnapshotState = read_json(&dir.join(STATE_FILE))?;
@@ -197,6 +199,7 @@ pub fn restore(
 
     let mut vm = Vm::new(&config, memory, events, seccomp)?;
     vm.restore_state(&state.vm)?;
+    emit_vm(VmEvent::Restored);
     if restore.resume {
         vm.resume()?;
     }

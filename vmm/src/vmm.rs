@@ -16,7 +16,6 @@ use vmm_sys_util::signal::register_signal_handler;
 
 use crate::api::{self, ApiMessage};
 use crate::config::{ApiSocketConfig, SeccompMode, VmConfig};
-use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
@@ -223,14 +222,13 @@ impl Vmm {
         Ok(())
     }
 
-    /// Builds the VM of a copy-based snapshot (`--restore`, `vm.restore`).
+    /// Builds the VM of a copy-based snapshot (`--restore`, `vm.restore`); `snapshot::restore`
+    /// emits the restoring/restored events (before the resume, as upstream orders them).
     pub fn restore_vm(&mut self, restore: &crate::config::RestoreConfig) -> Result<(), Error> {
-        emit_vm(VmEvent::Restoring);
         let vm = crate::snapshot::restore(restore, Arc::clone(&self.events), self.seccomp)?;
         log::info!("VM restored from {}", restore.source_url);
         self.vm_config = Some(vm.config().clone());
         self.vm = Some(vm);
-        emit_vm(VmEvent::Restored);
         Ok(())
     }
 

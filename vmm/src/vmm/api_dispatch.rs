@@ -109,7 +109,9 @@ impl Vmm {
             ApiRequest::VmBoot => self.api_boot(),
             ApiRequest::VmDelete => {
                 self.end_vm_run(&VmmExit::TerminationSignal);
-                self.vm_config = None;
+                if self.vm_config.take().is_some() {
+                    emit_vm(VmEvent::Deleted);
+                }
                 Answer::done()
             }
             ApiRequest::VmInfo => self.api_info(),
@@ -138,8 +140,13 @@ impl Vmm {
                 if self.vm.is_none() {
                     return Answer::error(not_booted());
                 }
+                emit_vm(VmEvent::Rebooting);
                 self.stop_for_cold_boot();
-                self.api_boot()
+                let answer = self.api_boot();
+                if answer.response.is_ok() {
+                    emit_vm(VmEvent::Rebooted);
+                }
+                answer
             }
             ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
                 "vm.power-button needs ACPI, which this VMM does not offer",
