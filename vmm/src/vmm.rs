@@ -324,6 +324,11 @@ impl Vmm {
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
             ControlEvent::PowerFailSignal => {
                 let _ = self.power_fail_signal.read();
+                if self.nv.is_none() {
+                    // Not an error: a UPS hook signals every VMM, NV or not.
+                    log::warn!("SIGPWR: no VM in NV memory runs here, nothing to save; ignored");
+                    return Ok(None);
+                }
                 log::warn!("SIGPWR: host power is failing, saving the VM in place");
                 match self.nv_save(ShutdownKind::PowerFail, "signal") {
                     Ok(_) => Ok(Some(VmmExit::NvSaved(ShutdownKind::PowerFail))),
