@@ -95,10 +95,8 @@ fn setup_error(nv: &NvConfig, reason: impl Into<String>) -> Error {
 fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error> {
     let backing = handle.memory_backing().map_err(|e| nv_error(nv, e))?;
     if backing.dax {
-        // MAP_SYNC would make page-fault-time metadata durable; our mapping is MAP_SHARED only,
-        // and persist-memory writes the cache lines back before the commit, which covers data.
         log::info!(
-            "NV region {} is DAX: guest RAM is persisted by cache write-back",
+            "NV region {} is DAX: guest RAM mapped MAP_SYNC, persisted by cache write-back",
             nv.region
         );
     }
@@ -107,6 +105,7 @@ fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error
         Path::new(&nv.region),
         backing.offset,
         backing.size,
+        backing.dax,
     )
 }
 
