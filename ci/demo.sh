@@ -18,7 +18,7 @@ fail() { printf 'demo: FAILED: %s\n' "$*" >&2; exit 1; }
 
 step "1. Building cloud-hypervisor (release) and the counter test guest"
 cargo build --release --quiet -p cloud-hypervisor
-vmm="$root/target/release/cloud-hypervisor"
+vmm="${CARGO_TARGET_DIR:-$root/target}/release/cloud-hypervisor"
 
 base=/dev/shm
 [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}
