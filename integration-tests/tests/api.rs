@@ -1,0 +1,865 @@
+//! The REST API end to end on KVM, as an operator meets it: real `cloud-hypervisor` processes
+//! (default `--seccomp true`) driven over their `--api-socket`, both with raw HTTP and through the
+//! built `ch-remote` binary. Every request body sent and every response body received on success
+//! is validated against `docs/openapi.yaml` (`integration_tests::openapi`); every error case is
+//! followed by a `vmm.ping` to show the VMM still serves.
+//!
+//! Covered: every upstream path of the v53 spec (implemented ones through a VM lifecycle,
+//! the others answered 501), the NV endpoints (status, regions, power-fail, nv-recover,
+//! nv-suspend), protocol errors (bad JSON, wrong method, unknown path, garbage), operations in the
+//! wrong VM state, `vm.snapshot` then `vm.restore` into a fresh VMM process for `Copy` and
+//! `OnDemand` (the counter guest continues, no second boot), `--restore` on the command line, and
+//! the upstream lifecycle events in `--event-monitor` files.
+//!
+//! The binaries are built once by the first test that needs them (`cargo build -p
+//! cloud-hypervisor -p ch-remote`, same profile), as `tests/cli.rs` does.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use integration_tests::harness::{
+    assert_counter_advances, counter_lines, kvm_available, read_log, wait_for_log,
+};
+use integration_tests::openapi;
+use serde_json::{json, Value};
+use vmm::api::{RouteAction, ROUTES};
+
+/// Boot is emulated ring-0 code here: a generous bound for a guest's first lines.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound for a VMM process to end once asked to.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Guest RAM of every VM here: small, so first-touch and copy costs stay low.
+const GUEST_RAM: u64 = 64 << 20;
+/// What `vm.power-fail` ends the VMM with (`vmm::nv::EXIT_POWER_FAIL_SAVED`).
+const EXIT_POWER_FAIL_SAVED: i32 = 75;
+
+struct Binaries {
+    cloud_hypervisor: PathBuf,
+    ch_remote: PathBuf,
+}
+
+fn binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("integration-tests lives inside the workspace");
+        let release = !cfg!(debug_assertions);
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "cloud-hypervisor",
+            "-p",
+            "ch-remote",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => workspace.join(dir),
+            _ => workspace.join("target"),
+        };
+        let profile = target.join(if release { "release" } else { "debug" });
+        Binaries {
+            cloud_hypervisor: profile.join("cloud-hypervisor"),
+            ch_remote: profile.join("ch-remote"),
+        }
+    })
+}
+
+fn counter_kernel() -> PathBuf {
+    integration_tests::guests::guest_image("counter")
+        .unwrap_or_else(|e| panic!("building the counter guest: {e}"))
+}
+
+/// One answer over the socket.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON body ({e}): {}", self.body))
+    }
+}
+
+/// What a `ch-remote` run printed and returned.
+#[derive(Debug)]
+struct ChRemoteRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// A `cloud-hypervisor` process with its API socket, event file and stderr in `dir`; killed on
+/// drop if still running.
+struct VmmProcess {
+    child: Child,
+    socket: PathBuf,
+    events: PathBuf,
+    stderr: PathBuf,
+}
+
+impl VmmProcess {
+    fn start(dir: &Path, name: &str, arguments: &[String]) -> VmmProcess {
+        let socket = dir.join(format!("{name}.sock"));
+        let events = dir.join(format!("{name}.events"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = Command::new(&binaries().cloud_hypervisor)
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning cloud-hypervisor");
+        let mut vmm = VmmProcess {
+            child,
+            socket,
+            events,
+            stderr,
+        };
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while UnixStream::connect(&vmm.socket).is_err() {
+            if let Some(status) = vmm.child.try_wait().expect("waiting for cloud-hypervisor") {
+                panic!(
+                    "cloud-hypervisor {arguments:?} ended ({status}) before serving:\n{}",
+                    vmm.stderr_text()
+                );
+            }
+            assert!(Instant::now() < deadline, "the API socket did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vmm
+    }
+
+    fn stderr_text(&self) -> String {
+        read_log(&self.stderr)
+    }
+
+    /// Sends raw bytes and reads the answer (the request must ask for `Connection: close`, or
+    /// be one the server closes after).
+    fn raw(&self, request: &[u8]) -> Reply {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect to the API socket");
+        stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+        stream.write_all(request).expect("send request");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .expect("read the response");
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Reply { status, body }
+    }
+
+    /// One API call; on success its request and response bodies must match the spec.
+    fn call(&self, method: &str, op: &str, body: Option<&str>) -> Reply {
+        let payload = body.unwrap_or("");
+        let request = format!(
+            "{method} /api/v1/{op} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+            payload.len()
+        );
+        let reply = self.raw(request.as_bytes());
+        if let Err(error) =
+            openapi::check_exchange(method, op, body, reply.status, reply.body.as_bytes())
+        {
+            panic!("{error}");
+        }
+        reply
+    }
+
+    /// A call that must fail with `status` and say why; the VMM must still serve afterwards.
+    fn refused(&self, method: &str, op: &str, body: Option<&str>, status: u16) -> String {
+        let reply = self.call(method, op, body);
+        assert_eq!(reply.status, status, "{method} {op}: {}", reply.body);
+        assert!(
+            !reply.body.trim().is_empty(),
+            "{method} {op}: an error answer must carry a message"
+        );
+        self.assert_serving();
+        reply.body
+    }
+
+    fn assert_serving(&self) {
+        let reply = self.call("GET", "vmm.ping", None);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
+    fn ch_remote(&self, arguments: &[&str]) -> ChRemoteRun {
+        ch_remote_on(&self.socket, arguments)
+    }
+
+    /// `ch-remote` for a verb that answers JSON: it must succeed and print a body the spec
+    /// describes for `method /op`.
+    fn ch_remote_json(&self, arguments: &[&str], method: &str, op: &str) -> Value {
+        let run = self.ch_remote(arguments);
+        assert_eq!(run.code, 0, "ch-remote {arguments:?}: {}", run.stderr);
+        if let Err(error) = openapi::check_exchange(method, op, None, 200, run.stdout.as_bytes()) {
+            panic!("ch-remote {arguments:?}: {error}");
+        }
+        serde_json::from_str(&run.stdout).unwrap()
+    }
+
+    /// `ch-remote` for a verb answered 204: exit 0, nothing printed.
+    fn ch_remote_ok(&self, arguments: &[&str]) {
+        let run = self.ch_remote(arguments);
+        assert_eq!(run.code, 0, "ch-remote {arguments:?}: {}", run.stderr);
+        assert_eq!(run.stdout.trim(), "", "ch-remote {arguments:?}");
+    }
+
+    /// `ch-remote` for a verb that must fail: exit 1 and a message on stderr; the VMM must still
+    /// serve afterwards.
+    fn ch_remote_refused(&self, arguments: &[&str]) -> String {
+        let run = self.ch_remote(arguments);
+        assert_eq!(run.code, 1, "ch-remote {arguments:?}: {run:?}");
+        assert!(run.stderr.contains("Error"), "{run:?}");
+        self.assert_serving();
+        run.stderr
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for cloud-hypervisor") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cloud-hypervisor did not end:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vmm.shutdown` over raw HTTP; the process must end with 0.
+    fn shutdown(mut self) -> Vec<String> {
+        assert_eq!(self.call("PUT", "vmm.shutdown", None).status, 204);
+        let code = self.wait_exit();
+        let stderr = self.stderr_text();
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!stderr.contains("seccomp"), "seccomp trap:\n{stderr}");
+        self.event_names()
+    }
+
+    /// `source:event` of every event written so far.
+    fn event_names(&self) -> Vec<String> {
+        let text = read_log(&self.events);
+        serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .map(|event| {
+                let event = event.unwrap_or_else(|e| panic!("bad event stream ({e}):\n{text}"));
+                format!(
+                    "{}:{}",
+                    event["source"].as_str().unwrap_or("?"),
+                    event["event"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ch_remote_on(socket: &Path, arguments: &[&str]) -> ChRemoteRun {
+    let output = Command::new(&binaries().ch_remote)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(arguments)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ch-remote");
+    ChRemoteRun {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Asserts that `expected` occurs in `events` in this order (other events may come between).
+fn assert_events_in_order(events: &[String], expected: &[&str]) {
+    let mut remaining = events.iter();
+    for wanted in expected {
+        assert!(
+            remaining.any(|event| event == wanted),
+            "event {wanted} missing or out of order in {events:?}"
+        );
+    }
+}
+
+/// A `vm.create` body: the counter guest on anonymous RAM, serial to `serial_log`, and
+/// optionally a disk.
+fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
+    let mut config = json!({
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": GUEST_RAM},
+        "payload": {"kernel": counter_kernel().display().to_string(), "cmdline": ""},
+        "serial": {"mode": "File", "file": serial_log.display().to_string()},
+        "console": {"mode": "Off"},
+    });
+    if let Some(disk) = disk {
+        config["disks"] = json!([{"path": disk.display().to_string(), "id": "disk0"}]);
+    }
+    config.to_string()
+}
+
+fn wait_for_counter_lines(log: &Path, count: usize) -> String {
+    let (text, done) = wait_for_log(log, BOOT_TIMEOUT, |text| {
+        counter_lines(text).len() >= count || text.contains("FAIL")
+    });
+    assert!(done, "no {count} counter lines in time:\n{text}");
+    text
+}
+
+fn last_counter(log: &Path) -> u64 {
+    counter_lines(&read_log(log))
+        .last()
+        .unwrap_or_else(|| panic!("no counter line in {}", log.display()))
+        .counter
+}
+
+/// Every upstream path, every implemented operation through a VM's lifecycle, and the error
+/// cases, with raw HTTP; then the events of that lifecycle in order.
+#[test]
+fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
+    if !kvm_available("raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial_log = dir.path().join("serial.log");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|file| file.set_len(1 << 20))
+        .unwrap();
+    let snapshot = format!("file://{}", dir.path().join("snapshot").display());
+    let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
+
+    let ping = vmm.call("GET", "vmm.ping", None).json();
+    assert_eq!(ping["pid"], vmm.child.id());
+
+    // No VM yet: every VM operation is 404, power-button 501.
+    for (method, op) in [
+        ("GET", "vm.info"),
+        ("GET", "vm.counters"),
+        ("PUT", "vm.boot"),
+        ("PUT", "vm.pause"),
+        ("PUT", "vm.resume"),
+        ("PUT", "vm.shutdown"),
+        ("PUT", "vm.reboot"),
+    ] {
+        vmm.refused(method, op, None, 404);
+    }
+    let snapshot_body = json!({ "destination_url": snapshot }).to_string();
+    vmm.refused("PUT", "vm.snapshot", Some(&snapshot_body), 404);
+    vmm.refused("PUT", "vm.power-button", None, 501);
+
+    // Protocol errors.
+    vmm.refused("PUT", "vm.create", Some("{"), 400);
+    vmm.refused("PUT", "vm.create", None, 400);
+    vmm.refused("PUT", "vm.snapshot", Some(r#"{"destination_url": 7}"#), 400);
+    let message = vmm.refused(
+        "PUT",
+        "vm.create",
+        Some(r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#),
+        400,
+    );
+    assert!(message.contains("net"), "{message}");
+    let message = vmm.refused(
+        "PUT",
+        "vm.create",
+        Some(r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#),
+        400,
+    );
+    assert!(message.contains("vCPU"), "{message}");
+    vmm.refused("GET", "vm.boot", None, 405);
+    vmm.refused("PUT", "vmm.ping", None, 405);
+    vmm.refused("GET", "vm.frobnicate", None, 404);
+    let reply = vmm.raw(b"GET /api/v2/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    let reply = vmm.raw(b"HELLO\r\n\r\n");
+    assert!((400..500).contains(&reply.status), "{reply:?}");
+    vmm.assert_serving();
+
+    // Every upstream operation this VMM does not implement: 501 with its name.
+    let unimplemented: Vec<_> = ROUTES
+        .iter()
+        .filter(|route| route.action == RouteAction::NotImplemented)
+        .collect();
+    assert!(unimplemented.len() >= 15, "{unimplemented:?}");
+    for route in unimplemented {
+        let message = vmm.refused(route.method.as_str(), route.op, Some("{}"), 501);
+        assert!(message.contains(route.op), "{message}");
+    }
+
+    // NV operations without an NV VM.
+    vmm.refused("GET", "vm.nv-status", None, 404);
+    vmm.refused("PUT", "vm.power-fail", None, 404);
+    vmm.refused("PUT", "vm.nv-suspend", None, 404);
+    vmm.refused("GET", "vmm.nv-regions", None, 400);
+    let missing_region = dir.path().join("no-region");
+    let reply = vmm.call(
+        "GET",
+        &format!("vmm.nv-regions?region={}", missing_region.display()),
+        None,
+    );
+    assert!(reply.status >= 400, "{reply:?}");
+    assert!(reply.body.contains("no-region"), "{reply:?}");
+    vmm.assert_serving();
+
+    // The lifecycle.
+    let config = counter_config(&serial_log, Some(&disk));
+    assert_eq!(vmm.call("PUT", "vm.create", Some(&config)).status, 204);
+    vmm.refused("PUT", "vm.create", Some(&config), 404);
+    let nv_recover = json!({"region": missing_region.display().to_string(), "vm": "a"});
+    vmm.refused("PUT", "vm.nv-recover", Some(&nv_recover.to_string()), 404);
+    let restore_body = json!({ "source_url": snapshot }).to_string();
+    vmm.refused("PUT", "vm.restore", Some(&restore_body), 404);
+    let info = vmm.call("GET", "vm.info", None).json();
+    assert_eq!(info["state"], "Created");
+    assert_eq!(info["config"]["disks"][0]["id"], "disk0");
+    vmm.refused("PUT", "vm.pause", None, 405);
+    vmm.refused("PUT", "vm.snapshot", Some(&snapshot_body), 405);
+
+    assert_eq!(vmm.call("PUT", "vm.boot", None).status, 204);
+    wait_for_counter_lines(&serial_log, 2);
+    vmm.refused("PUT", "vm.boot", None, 405);
+    vmm.refused("PUT", "vm.resume", None, 405);
+    let info = vmm.call("GET", "vm.info", None).json();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["memory_actual_size"], GUEST_RAM);
+    let counters = vmm.call("GET", "vm.counters", None).json();
+    assert!(counters["disk0"].is_object(), "{counters}");
+    let message = vmm.refused("PUT", "vm.snapshot", Some(&snapshot_body), 405);
+    assert!(message.contains("Running"), "{message}");
+
+    assert_eq!(vmm.call("PUT", "vm.pause", None).status, 204);
+    vmm.refused("PUT", "vm.pause", None, 405);
+    assert_eq!(vmm.call("GET", "vm.info", None).json()["state"], "Paused");
+    let bad_url = json!({"destination_url": "http://host/snap"}).to_string();
+    vmm.refused("PUT", "vm.snapshot", Some(&bad_url), 400);
+    assert_eq!(
+        vmm.call("PUT", "vm.snapshot", Some(&snapshot_body)).status,
+        204
+    );
+    for file in ["config.json", "state.json", "memory-ranges"] {
+        assert!(dir.path().join("snapshot").join(file).exists(), "{file}");
+    }
+    assert_eq!(vmm.call("PUT", "vm.resume", None).status, 204);
+    let lines = counter_lines(&read_log(&serial_log)).len();
+    wait_for_counter_lines(&serial_log, lines + 1);
+
+    assert_eq!(vmm.call("PUT", "vm.reboot", None).status, 204);
+    wait_for_counter_lines(&serial_log, 1);
+    assert_eq!(vmm.call("PUT", "vm.shutdown", None).status, 204);
+    assert_eq!(vmm.call("GET", "vm.info", None).json()["state"], "Created");
+    vmm.refused("PUT", "vm.shutdown", None, 405);
+    vmm.refused("PUT", "vm.resume", None, 405);
+    assert_eq!(vmm.call("PUT", "vm.delete", None).status, 204);
+    vmm.refused("GET", "vm.info", None, 404);
+
+    let events = vmm.shutdown();
+    assert_events_in_order(
+        &events,
+        &[
+            "vmm:starting",
+            "vm:booting",
+            "vm:booted",
+            "vm:pausing",
+            "vm:paused",
+            "vm:snapshotting",
+            "vm:snapshotted",
+            "vm:resuming",
+            "vm:resumed",
+            "vm:rebooting",
+            "vm:shutdown",
+            "vm:booting",
+            "vm:booted",
+            "vm:rebooted",
+            "vm:shutdown",
+            "vm:deleted",
+            "vmm:shutdown",
+        ],
+    );
+}
+
+/// Every upstream `ch-remote` verb against a real VMM, output checked against the spec, errors
+/// on stderr with exit code 1.
+#[test]
+fn ch_remote_drives_every_verb() {
+    if !kvm_available("ch_remote_drives_every_verb") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial_log = dir.path().join("serial.log");
+    let config_path = dir.path().join("vm.json");
+    let config = counter_config(&serial_log, None);
+    std::fs::write(&config_path, &config).unwrap();
+    openapi::check_exchange("PUT", "vm.create", Some(&config), 204, b"").unwrap();
+    let snapshot = format!("file://{}", dir.path().join("snapshot").display());
+    let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
+
+    let ping = vmm.ch_remote_json(&["ping"], "GET", "vmm.ping");
+    assert_eq!(ping["pid"], vmm.child.id());
+    vmm.ch_remote_refused(&["info"]);
+    vmm.ch_remote_refused(&["boot"]);
+    vmm.ch_remote_ok(&["create", config_path.to_str().unwrap()]);
+    vmm.ch_remote_refused(&["create", config_path.to_str().unwrap()]);
+    let info = vmm.ch_remote_json(&["info"], "GET", "vm.info");
+    assert_eq!(info["state"], "Created");
+    vmm.ch_remote_refused(&["pause"]);
+    vmm.ch_remote_ok(&["boot"]);
+    wait_for_counter_lines(&serial_log, 2);
+    assert_eq!(
+        vmm.ch_remote_json(&["info"], "GET", "vm.info")["state"],
+        "Running"
+    );
+    vmm.ch_remote_json(&["counters"], "GET", "vm.counters");
+    vmm.ch_remote_refused(&["resume"]);
+    vmm.ch_remote_refused(&["snapshot", &snapshot]);
+    vmm.ch_remote_ok(&["pause"]);
+    vmm.ch_remote_ok(&["snapshot", &snapshot]);
+    vmm.ch_remote_ok(&["resume"]);
+    let message = vmm.ch_remote_refused(&["power-button"]);
+    assert!(message.contains("ACPI"), "{message}");
+    vmm.ch_remote_ok(&["reboot"]);
+    wait_for_counter_lines(&serial_log, 1);
+
+    // The NV family without an NV VM or region.
+    vmm.ch_remote_refused(&["nv-persist", "status"]);
+    vmm.ch_remote_refused(&["nv-persist", "power-fail"]);
+    vmm.ch_remote_refused(&["nv-persist", "suspend"]);
+    vmm.ch_remote_refused(&[
+        "nv-persist",
+        "recover",
+        "--region",
+        "/nonexistent",
+        "--vm",
+        "a",
+    ]);
+    let message = vmm.ch_remote_refused(&["nv-persist", "list", "--region", "/nonexistent"]);
+    assert!(message.contains("/nonexistent"), "{message}");
+
+    vmm.ch_remote_ok(&["shutdown"]);
+    vmm.ch_remote_ok(&["delete"]);
+    vmm.ch_remote_refused(&["info"]);
+    // Restore into this (now empty) VMM, with upstream's key=value syntax.
+    let message = vmm.ch_remote_refused(&["restore", "source_url=file:///nonexistent-snapshot"]);
+    assert!(message.contains("nonexistent-snapshot"), "{message}");
+    vmm.ch_remote_ok(&["restore", &format!("source_url={snapshot},resume=on")]);
+    assert_eq!(
+        vmm.ch_remote_json(&["info"], "GET", "vm.info")["state"],
+        "Running"
+    );
+
+    // Usage errors never reach the VMM.
+    assert_eq!(vmm.ch_remote(&["frobnicate"]).code, 2);
+    assert_eq!(vmm.ch_remote(&["restore", "resume=on"]).code, 1);
+    let missing = ch_remote_on(&dir.path().join("nobody.sock"), &["ping"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(missing.stderr.contains("nobody.sock"), "{missing:?}");
+
+    let mut vmm = vmm;
+    vmm.ch_remote_ok(&["shutdown-vmm"]);
+    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.stderr_text());
+}
+
+/// Boots the counter guest, pauses and snapshots it over the API, ends that VMM, and restores
+/// the snapshot into a fresh VMM process with `mode`: the counter must continue from where it
+/// was, without booting again. Both processes' event streams must tell the lifecycle in order.
+fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let first_log = dir.path().join("first.log");
+    let second_log = dir.path().join("second.log");
+    let snapshot_dir = dir.path().join("snapshot");
+    let snapshot = format!("file://{}", snapshot_dir.display());
+
+    let first = VmmProcess::start(dir.path(), "first", &[]);
+    let config = counter_config(&first_log, None);
+    assert_eq!(first.call("PUT", "vm.create", Some(&config)).status, 204);
+    assert_eq!(first.call("PUT", "vm.boot", None).status, 204);
+    wait_for_counter_lines(&first_log, 2);
+    assert_eq!(first.call("PUT", "vm.pause", None).status, 204);
+    let snapshot_body = json!({ "destination_url": snapshot }).to_string();
+    assert_eq!(
+        first
+            .call("PUT", "vm.snapshot", Some(&snapshot_body))
+            .status,
+        204
+    );
+    let before = last_counter(&first_log);
+    let first_events = first.shutdown();
+    assert_events_in_order(
+        &first_events,
+        &[
+            "vmm:starting",
+            "vm:booting",
+            "vm:booted",
+            "vm:pausing",
+            "vm:paused",
+            "vm:snapshotting",
+            "vm:snapshotted",
+            "vm:shutdown",
+            "vmm:shutdown",
+        ],
+    );
+    assert_eq!(
+        std::fs::metadata(snapshot_dir.join("memory-ranges"))
+            .unwrap()
+            .len(),
+        GUEST_RAM,
+        "anonymous RAM is copied whole"
+    );
+    point_serial_to(&snapshot_dir, &second_log);
+
+    let second = VmmProcess::start(dir.path(), "second", &[]);
+    if through_ch_remote {
+        second.ch_remote_ok(&[
+            "restore",
+            &format!("source_url={snapshot},resume=on,memory_restore_mode={mode}"),
+        ]);
+    } else {
+        let restore = json!({
+            "source_url": snapshot,
+            "resume": true,
+            "memory_restore_mode": mode,
+        })
+        .to_string();
+        assert_eq!(second.call("PUT", "vm.restore", Some(&restore)).status, 204);
+    }
+    let text = wait_for_counter_lines(&second_log, 3);
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let after = assert_counter_advances(&text, 3);
+    assert!(
+        after[0].counter > before,
+        "the counter restarted: {} after {before}",
+        after[0].counter
+    );
+    let info = second.call("GET", "vm.info", None).json();
+    assert_eq!(info["state"], "Running");
+    // A second restore into the same VMM is refused: it has a VM now.
+    let restore = json!({ "source_url": snapshot }).to_string();
+    second.refused("PUT", "vm.restore", Some(&restore), 404);
+    let second_events = second.shutdown();
+    assert_events_in_order(
+        &second_events,
+        &[
+            "vmm:starting",
+            "vm:restoring",
+            "vm:restored",
+            "vm:resuming",
+            "vm:resumed",
+            "vm:shutdown",
+            "vmm:shutdown",
+        ],
+    );
+    assert!(
+        !second_events.iter().any(|event| event == "vm:booting"),
+        "{second_events:?}"
+    );
+}
+
+/// The restored VM writes its serial output to a log of its own: edit the snapshot's config.
+fn point_serial_to(snapshot_dir: &Path, log: &Path) {
+    let path = snapshot_dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["serial"]["file"] = json!(log.display().to_string());
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn copy_restore_into_a_fresh_vmm_continues_the_guest() {
+    if !kvm_available("copy_restore_into_a_fresh_vmm_continues_the_guest") {
+        return;
+    }
+    snapshot_restores_into_a_fresh_vmm("Copy", true);
+}
+
+#[test]
+fn on_demand_restore_into_a_fresh_vmm_continues_the_guest() {
+    if !kvm_available("on_demand_restore_into_a_fresh_vmm_continues_the_guest") {
+        return;
+    }
+    snapshot_restores_into_a_fresh_vmm("OnDemand", false);
+}
+
+/// `--restore source_url=..,resume=true` on the command line, for both memory restore modes,
+/// and the contradiction `prefault=on` with OnDemand refused at start with exit code 1.
+#[test]
+fn command_line_restore_resumes_the_guest() {
+    if !kvm_available("command_line_restore_resumes_the_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first_log = dir.path().join("first.log");
+    let snapshot_dir = dir.path().join("snapshot");
+    let snapshot = format!("file://{}", snapshot_dir.display());
+    let first = VmmProcess::start(
+        dir.path(),
+        "first",
+        &[
+            "--kernel".into(),
+            counter_kernel().display().to_string(),
+            "--cmdline".into(),
+            String::new(),
+            "--memory".into(),
+            format!("size={}M", GUEST_RAM >> 20),
+            "--serial".into(),
+            format!("file={}", first_log.display()),
+        ],
+    );
+    wait_for_counter_lines(&first_log, 2);
+    first.ch_remote_ok(&["pause"]);
+    first.ch_remote_ok(&["snapshot", &snapshot]);
+    let before = last_counter(&first_log);
+    first.shutdown();
+
+    for mode in ["copy", "ondemand"] {
+        let log = dir.path().join(format!("{mode}.log"));
+        point_serial_to(&snapshot_dir, &log);
+        let restored = VmmProcess::start(
+            dir.path(),
+            mode,
+            &[
+                "--restore".into(),
+                format!("source_url={snapshot},resume=true,memory_restore_mode={mode}"),
+            ],
+        );
+        let text = wait_for_counter_lines(&log, 2);
+        assert!(
+            !text.contains("counter: boot"),
+            "{mode}: booted again:\n{text}"
+        );
+        let after = assert_counter_advances(&text, 2);
+        assert!(after[0].counter > before, "{mode}: {text}");
+        assert_eq!(
+            restored.call("GET", "vm.info", None).json()["state"],
+            "Running"
+        );
+        restored.shutdown();
+    }
+
+    let output = Command::new(&binaries().cloud_hypervisor)
+        .args([
+            "--restore",
+            &format!("source_url={snapshot},prefault=on,memory_restore_mode=ondemand"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("prefault"), "{stderr}");
+}
+
+/// The NV endpoints on an NV VM: status and region listing (raw and `ch-remote nv-persist`),
+/// `vm.power-fail` (answered, then the VMM ends with 75), `vm.nv-recover` into an empty VMM (the
+/// counter continues), `vm.nv-suspend` (clean exit), and the listing afterwards.
+#[test]
+fn nv_endpoints_save_and_recover_over_the_api() {
+    if !kvm_available("nv_endpoints_save_and_recover_over_the_api") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("region");
+    let first_log = dir.path().join("first.log");
+    let mut first = VmmProcess::start(
+        dir.path(),
+        "first",
+        &[
+            "--kernel".into(),
+            counter_kernel().display().to_string(),
+            "--cmdline".into(),
+            String::new(),
+            "--memory".into(),
+            format!("size={}M", GUEST_RAM >> 20),
+            "--serial".into(),
+            format!("file={}", first_log.display()),
+            "--nv".into(),
+            format!("region={},vm=api,create=on", region.display()),
+        ],
+    );
+    wait_for_counter_lines(&first_log, 2);
+    let status = first.call("GET", "vm.nv-status", None).json();
+    assert_eq!(status["vm"], "api");
+    let status = first.ch_remote_json(&["nv-persist", "status"], "GET", "vm.nv-status");
+    assert_eq!(status["vm"], "api");
+    let regions_op = format!("vmm.nv-regions?region={}", region.display());
+    let listing = first.call("GET", &regions_op, None).json();
+    assert_eq!(listing["vms"][0]["name"], "api", "{listing}");
+    first.ch_remote_json(
+        &["nv-persist", "list", "--region", region.to_str().unwrap()],
+        "GET",
+        "vmm.nv-regions",
+    );
+    let recover = json!({"region": region.display().to_string(), "vm": "api"}).to_string();
+    first.refused("PUT", "vm.nv-recover", Some(&recover), 404);
+    assert_eq!(first.call("PUT", "vm.power-fail", None).status, 204);
+    assert_eq!(first.wait_exit(), EXIT_POWER_FAIL_SAVED);
+    let before = last_counter(&first_log);
+    let log_before = read_log(&first_log);
+
+    let mut second = VmmProcess::start(dir.path(), "second", &[]);
+    let listing = second.call("GET", &regions_op, None).json();
+    assert_eq!(listing["vms"][0]["resumable"], true, "{listing}");
+    second.ch_remote_ok(&[
+        "nv-persist",
+        "recover",
+        "--region",
+        region.to_str().unwrap(),
+        "--vm",
+        "api",
+    ]);
+    // The recovered VM keeps the config stored in the region, serial log included; whatever
+    // the log held before may or may not be kept, so only what follows is looked at.
+    let after_recovery = |text: &str| -> String {
+        text.strip_prefix(log_before.as_str())
+            .unwrap_or(text)
+            .to_string()
+    };
+    let (text, resumed) = wait_for_log(&first_log, BOOT_TIMEOUT, |text| {
+        counter_lines(&after_recovery(text)).len() >= 2
+    });
+    let text = after_recovery(&text);
+    assert!(resumed, "no progress after the recovery:\n{text}");
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let lines = assert_counter_advances(&text, 2);
+    assert!(lines[0].counter > before, "{text}");
+    assert_eq!(
+        second.call("GET", "vm.info", None).json()["state"],
+        "Running"
+    );
+    second.ch_remote_ok(&["nv-persist", "suspend"]);
+    assert_eq!(second.wait_exit(), 0, "{}", second.stderr_text());
+
+    let third = VmmProcess::start(dir.path(), "third", &[]);
+    let listing = third.call("GET", &regions_op, None).json();
+    assert_eq!(listing["vms"][0]["shutdown_kind"], "Suspend", "{listing}");
+    third.shutdown();
+}
