@@ -400,22 +400,25 @@ impl NvVm {
 /// The [`NvHost`] over one running [`Vm`]: what the coordinator calls in each phase.
 struct VmHost<'a> {
     vm: &'a mut Vm,
+    /// False when the VM was already paused (`vm.pause`): vCPUs and disks are quiet already.
+    was_running: bool,
 }
 
 impl NvHost for VmHost<'_> {
     fn pause_vcpus(&mut self) -> Result<(), nv_extension::HostError> {
-        if self.vm.run_state == VmRunState::Running {
+        if self.was_running {
             self.vm.vcpus.pause()?;
+            // As `Vm::pause`: parked vCPUs make the VM resumable even if a later phase fails.
+            self.vm.run_state = VmRunState::Paused;
         }
         Ok(())
     }
 
     fn quiesce_devices(&mut self) -> Result<(), nv_extension::HostError> {
-        if self.vm.run_state == VmRunState::Running {
+        if self.was_running {
             // Waits for every request the disks' I/O threads have popped: each one completes
             // (used ring updated) before the state is read, so none is half done.
             self.vm.devices.pause()?;
-            self.vm.run_state = VmRunState::Paused;
         }
         self.vm.devices.flush_disks()?;
         Ok(())
@@ -447,12 +450,12 @@ pub fn save(
     let deadline = Duration::from_millis(nv.config.deadline_ms);
     event_monitor::nv::power_fail_started(&nv.config.vm, trigger, deadline);
     let was_running = vm.run_state == VmRunState::Running;
-    let outcome = nv_extension::save_vm(&mut nv.handle, &mut VmHost { vm }, kind, deadline);
+    let mut host = VmHost { vm, was_running };
+    let outcome = nv_extension::save_vm(&mut nv.handle, &mut host, kind, deadline);
     let report = match outcome {
         Ok(report) => report,
         Err(e) => {
-            if was_running {
-                vm.run_state = VmRunState::Paused;
+            if was_running && vm.run_state == VmRunState::Paused {
                 if let Err(resume) = vm.resume() {
                     log::error!("resuming the VM after the failed save: {resume}");
                 }
