@@ -16,9 +16,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::harness::{assert_counter_advances, counter_lines, kvm_available, read_log};
+// Exit code of a VMM after a committed power-fail save: "state saved, powered off".
+use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
-/// Exit code of a VMM after a committed power-fail save (vmm::nv::EXIT_POWER_FAIL_SAVED).
-const EXIT_POWER_FAIL_SAVED: i32 = 75;
 /// Guest RAM of the quick runs: small, so the region costs little to create.
 const SMALL_RAM: &str = "32M";
 /// Generous bound for a guest to print a line or a VMM to exit (boot is ring-0 emulated here).
