@@ -159,7 +159,19 @@ pub fn build_request(
             ApiRequest::VmSnapshot(config)
         }
         A::VmRestore => {
-            let config = parse_body::<RestoreConfig>(route, body)?;
+            let raw: serde_json::Value = parse_body(route, body)?;
+            // Upstream resizes memory zones on restore; serde would drop the member silently.
+            let zone_updates = raw.get("zone_updates");
+            if zone_updates.is_some_and(|updates| {
+                !(updates.is_null() || updates.as_array().is_some_and(Vec::is_empty))
+            }) {
+                return Err(ApiError::bad_request(
+                    "vm.restore: zone_updates is not supported by this VMM",
+                ));
+            }
+            let config: RestoreConfig = serde_json::from_value(raw).map_err(|error| {
+                ApiError::bad_request(format!("vm.restore: invalid RestoreConfig: {error}"))
+            })?;
             if config.source_url.is_empty() {
                 return Err(ApiError::bad_request(
                     "vm.restore: source_url must not be empty",
@@ -306,6 +318,22 @@ mod tests {
         let error = refused(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":0,"max_vcpus":1}}"#);
         assert_eq!(error.status, 400);
         assert!(error.message.contains("vCPU"), "{}", error.message);
+        let restore = find_route("/api/v1/vm.restore").unwrap();
+        let error = build_request(
+            restore,
+            br#"{"source_url":"file:///s","zone_updates":[{"id":"z","size":1}]}"#,
+            None,
+        )
+        .unwrap_err();
+        assert!(error.message.contains("zone_updates"), "{}", error.message);
+        assert!(matches!(
+            build_request(
+                restore,
+                br#"{"source_url":"file:///s","zone_updates":[]}"#,
+                None
+            ),
+            Ok(ApiRequest::VmRestore(_))
+        ));
         let recover = find_route("/api/v1/vm.nv-recover").unwrap();
         assert_eq!(
             build_request(recover, br#"{"region":"/r"}"#, None)
