@@ -17,6 +17,8 @@ pub struct Profile {
     pub service_keys: Vec<u64>,
     /// C: load before the power failure (the log grows by ~3 bytes an operation meanwhile).
     pub service_load: Duration,
+    /// C: failures per method and key count (interleaved across methods).
+    pub service_repetitions: usize,
     /// C: the pre-failure level is the mean rate over this much time before the failure.
     pub level_window: Duration,
     /// C: how long the curve is followed after service is back.
@@ -43,7 +45,8 @@ impl Profile {
             power_fail_cycles: 3,
             copy_restore_cycles: 3,
             service_keys: vec![1_000_000, 4_000_000],
-            service_load: Duration::from_secs(15),
+            service_load: Duration::from_secs(12),
+            service_repetitions: 3,
             level_window: Duration::from_secs(3),
             service_tail: Duration::from_secs(2),
             overhead_keys: vec![1_000_000, 4_000_000],
@@ -62,6 +65,7 @@ impl Profile {
             copy_restore_cycles: 1,
             service_keys: vec![100_000],
             service_load: Duration::from_secs(2),
+            service_repetitions: 1,
             level_window: Duration::from_secs(1),
             service_tail: Duration::from_millis(500),
             overhead_keys: vec![100_000],

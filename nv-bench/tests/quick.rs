@@ -83,7 +83,7 @@ fn quick_run_produces_every_measurement() {
         .find(|row| row[1] == "cold restart + log replay")
         .unwrap();
     assert!(
-        cold[7].parse::<u64>().unwrap() > 0,
+        cold[8].parse::<u64>().unwrap() > 0,
         "the cold restart replayed no log: {cold:?}"
     );
     assert_png(out.path(), "c_service_100k.png");
