@@ -8,8 +8,10 @@
 //! counter and blkcheck guests (boot, run, disk I/O with flushes, SIGTERM shutdown), and the counter
 //! guest was run with the `Vmm` filter in trap mode. The API server's accept and connection threads
 //! were checked with `strace -f` on the `api::tests` suite (the real server over a Unix socket).
-//! The event writer runs in trap mode in its own unit tests. Not yet exercised, so checked only by
-//! reading: the control loop's snapshot, restore and NV power-fail paths. To find a missing
+//! The event writer runs in trap mode in its own unit tests, the page-fault server in the
+//! `userfaultfd` tests. The API end-to-end tests (`integration-tests/tests/api.rs`) run every
+//! thread in trap mode through boot, pause, snapshot, restore (Copy and OnDemand, from the
+//! command line and over the API), reboot, NV power-fail, recovery and suspend. To find a missing
 //! call: run with `--seccomp log` and read the audit log, or `strace -f`.
 //!
 //! Filters stack: a thread started by a filtered thread keeps its parent's filter and can only
