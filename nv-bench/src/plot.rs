@@ -32,6 +32,26 @@ pub struct LineChart<'a> {
     pub log_y: bool,
     /// Draw a marker at each point (few points) as well as the line.
     pub markers: bool,
+    /// Break a series' line where consecutive points are further apart than this in x (a
+    /// period with no samples, e.g. while a VM is down), instead of bridging the gap.
+    pub max_gap: Option<f64>,
+}
+
+/// Splits `points` (in x order) into runs with no x step larger than `max_gap`.
+fn split_at_gaps(points: &[(f64, f64)], max_gap: Option<f64>) -> Vec<Vec<(f64, f64)>> {
+    let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
+    for &point in points {
+        let continues = match (runs.last().and_then(|run| run.last()), max_gap) {
+            (Some(previous), Some(gap)) => point.0 - previous.0 <= gap,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        match runs.last_mut() {
+            Some(run) if continues => run.push(point),
+            _ => runs.push(vec![point]),
+        }
+    }
+    runs
 }
 
 /// Registers the label font from `path` (once per process; later calls are no-ops).
@@ -123,13 +143,20 @@ fn draw_lines(
                     .copied()
                     .filter(|(_, y)| !chart.log_y || *y > 0.0)
                     .collect();
-                context
-                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?
-                    .label(one.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(3))
-                    });
+                for (run_index, run) in split_at_gaps(&points, chart.max_gap)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let drawn = context
+                        .draw_series(LineSeries::new(run, color.stroke_width(2)))
+                        .map_err(|e| e.to_string())?;
+                    // One legend entry per series, not per unbroken run.
+                    if run_index == 0 {
+                        drawn.label(one.name.as_str()).legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(3))
+                        });
+                    }
+                }
                 if chart.markers {
                     context
                         .draw_series(
@@ -248,6 +275,7 @@ mod tests {
             y_label: "y",
             log_y: true,
             markers: true,
+            max_gap: Some(1.5),
         };
         line_chart(&lines, &chart, &series).unwrap();
         let bars = dir.path().join("bars.png");
@@ -259,6 +287,16 @@ mod tests {
     }
 
     #[test]
+    fn lines_break_only_at_gaps() {
+        let points = [(0.0, 1.0), (0.1, 1.0), (0.2, 1.0), (2.0, 1.0), (2.1, 1.0)];
+        let runs = split_at_gaps(&points, Some(0.5));
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].len(), 3);
+        assert_eq!(split_at_gaps(&points, None).len(), 1);
+        assert!(split_at_gaps(&[], Some(0.5)).is_empty());
+    }
+
+    #[test]
     fn nothing_to_draw_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let chart = LineChart {
@@ -267,6 +305,7 @@ mod tests {
             y_label: "y",
             log_y: false,
             markers: false,
+            max_gap: None,
         };
         assert!(line_chart(&dir.path().join("x.png"), &chart, &[]).is_err());
         assert!(bar_chart(&dir.path().join("y.png"), "t", "y", &[]).is_err());

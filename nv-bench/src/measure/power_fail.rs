@@ -627,10 +627,11 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
             &bench.out_dir.join("a_save.png"),
             &LineChart {
                 title: "A. power-fail save time (median, VMM-reported)",
-                x_label: "guest RAM touched (GiB)",
+                x_label: "guest RAM (GiB)",
                 y_label: "milliseconds (log)",
                 log_y: true,
                 markers: true,
+                max_gap: None,
             },
             &save_series,
         )?;
@@ -658,10 +659,11 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
             &bench.out_dir.join("b_recovery.png"),
             &LineChart {
                 title: "B. recovery to running: command start to first new serial line (median)",
-                x_label: "guest RAM touched (GiB)",
+                x_label: "guest RAM (GiB)",
                 y_label: "milliseconds (log)",
                 log_y: true,
                 markers: true,
+                max_gap: None,
             },
             &recovery_series,
         )?;
