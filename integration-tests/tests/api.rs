@@ -667,6 +667,18 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     // A second restore into the same VMM is refused: it has a VM now.
     let restore = json!({ "source_url": snapshot }).to_string();
     second.refused("PUT", "vm.restore", Some(&restore), 404);
+    // The restored VM snapshots again (after OnDemand this reads pages never touched since the
+    // restore through the fault server), and that snapshot restores too.
+    let again_dir = dir.path().join("again");
+    let again = format!("file://{}", again_dir.display());
+    assert_eq!(second.call("PUT", "vm.pause", None).status, 204);
+    let again_body = json!({ "destination_url": again }).to_string();
+    assert_eq!(
+        second.call("PUT", "vm.snapshot", Some(&again_body)).status,
+        204
+    );
+    let middle = last_counter(&second_log);
+    assert_eq!(second.call("PUT", "vm.resume", None).status, 204);
     let second_events = second.shutdown();
     assert_events_in_order(
         &second_events,
@@ -684,6 +696,22 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
         !second_events.iter().any(|event| event == "vm:booting"),
         "{second_events:?}"
     );
+
+    let third_log = dir.path().join("third.log");
+    point_serial_to(&again_dir, &third_log);
+    let third = VmmProcess::start(
+        dir.path(),
+        "third",
+        &[
+            "--restore".into(),
+            format!("source_url={again},resume=true"),
+        ],
+    );
+    let text = wait_for_counter_lines(&third_log, 2);
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let after = assert_counter_advances(&text, 2);
+    assert!(after[0].counter > middle, "{text}");
+    third.shutdown();
 }
 
 /// The restored VM writes its serial output to a log of its own: edit the snapshot's config.
