@@ -29,7 +29,7 @@ const BLOCK_PAGES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    #[error("userfaultfd(2) failed: {0} (the host kernel must have CONFIG_USERFAULTFD)")]
+    #[error("userfaultfd(2) failed: {0} (needs a kernel with CONFIG_USERFAULTFD, a container seccomp profile that allows the call, and for a VMM without CAP_SYS_PTRACE /proc/sys/vm/unprivileged_userfaultfd=1; memory_restore_mode=Copy needs none of these)")]
     Create(#[source] std::io::Error),
     #[error("UFFDIO_API failed: {0}")]
     Api(#[source] std::io::Error),
