@@ -65,10 +65,11 @@ fn cargo_target_dir(workspace: &Path) -> PathBuf {
     }
 }
 
-/// The kvstore guest image, built from `integration-tests/guests/` if out of date.
-pub fn kvstore_image() -> Result<PathBuf> {
-    integration_tests::guests::guest_image("kvstore").map_err(|source| BenchError::GuestBuild {
-        guest: "kvstore".into(),
+/// A test guest's image (`kvstore`, `counter`), built from `integration-tests/guests/` if out
+/// of date.
+pub fn guest_image(name: &str) -> Result<PathBuf> {
+    integration_tests::guests::guest_image(name).map_err(|source| BenchError::GuestBuild {
+        guest: name.into(),
         source,
     })
 }

@@ -13,11 +13,12 @@ pub enum MemoryBacking {
     NvRegion { region: PathBuf, vm: String },
 }
 
-/// The kvstore guest's parameters.
+/// A test guest (integration-tests/guests) and its parameters.
 #[derive(Clone, Debug)]
-pub struct KvstoreGuest {
+pub struct TestGuest {
     pub image: PathBuf,
-    pub keys: u64,
+    /// Guest-specific command-line parameters, e.g. `keys=1000000`.
+    pub parameters: String,
     pub ram_bytes: u64,
     pub tsc_khz: u32,
     /// How often the guest prints its progress line, in host milliseconds.
@@ -29,7 +30,7 @@ pub struct KvstoreGuest {
 /// The guests print "about every 100 ms" of their TSC at the rate `tsc_khz=` tells them.
 const GUEST_PERIOD_MS: u64 = 100;
 
-impl KvstoreGuest {
+impl TestGuest {
     /// The `tsc_khz=` that makes the guest's 100 ms period last `period_ms` on the host: the
     /// rate scaled down, so fewer ticks make "100 ms". Only the pacing changes; the guest
     /// never turns TSC ticks into a reported time.
@@ -50,7 +51,7 @@ impl KvstoreGuest {
 pub enum Launch {
     /// Boot the guest from scratch.
     Boot {
-        guest: KvstoreGuest,
+        guest: TestGuest,
         backing: MemoryBacking,
     },
     /// Recover an NV VM in place after a power failure.
@@ -80,7 +81,7 @@ pub fn arguments(
             push("--kernel", guest.image.display().to_string());
             push(
                 "--cmdline",
-                format!("keys={} tsc_khz={}", guest.keys, guest.paced_tsc_khz()),
+                format!("{} tsc_khz={}", guest.parameters, guest.paced_tsc_khz()),
             );
             push("--cpus", "boot=1".into());
             let size = guest.ram_bytes;
@@ -143,16 +144,16 @@ mod tests {
 
     #[test]
     fn ram_covers_the_table_with_headroom() {
-        assert_eq!(KvstoreGuest::ram_for_keys(1_000_000), 128 << 20);
-        assert_eq!(KvstoreGuest::ram_for_keys(4_000_000), 192 << 20);
-        assert!(KvstoreGuest::ram_for_keys(4 << 20) >= (4 << 20) * 32 + (64 << 20));
+        assert_eq!(TestGuest::ram_for_keys(1_000_000), 128 << 20);
+        assert_eq!(TestGuest::ram_for_keys(4_000_000), 192 << 20);
+        assert!(TestGuest::ram_for_keys(4 << 20) >= (4 << 20) * 32 + (64 << 20));
     }
 
     #[test]
     fn nv_boot_uses_the_upstream_syntax_plus_nv() {
-        let guest = KvstoreGuest {
+        let guest = TestGuest {
             image: "/k".into(),
-            keys: 10,
+            parameters: "keys=10".into(),
             ram_bytes: 64 << 20,
             tsc_khz: 2_000_000,
             period_ms: 10,

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 
-use crate::environment::{file_system_type, guest_tsc_khz, kvstore_image, Binaries, ScratchDir};
+use crate::environment::{file_system_type, guest_image, guest_tsc_khz, Binaries, ScratchDir};
 use crate::error::{BenchError, Result};
 use crate::measure::Bench;
 use crate::output::Summary;
@@ -33,12 +33,14 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, B, C and D.
+    /// A, B, C, D and E.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
     /// C: time to recovered service, NV vs copy restore vs cold restart with log replay.
     Service,
+    /// E: resuming a state over memory that moved on (upstream shared-memory snapshot vs NV).
+    Stale,
     /// D: kvstore throughput on NV-backed vs anonymous memory.
     Overhead,
 }
@@ -190,7 +192,8 @@ fn run(cli: Cli) -> Result<()> {
     machine_facts(&mut summary, tsc_khz, &profile, &cli);
     let mut bench = Bench {
         binaries,
-        kvstore_image: kvstore_image()?,
+        kvstore_image: guest_image("kvstore")?,
+        counter_image: guest_image("counter")?,
         tsc_khz,
         profile,
         out_dir: out_dir.clone(),
@@ -205,10 +208,11 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 3] = [
+    let sections: [(Which, Section); 4] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
+        (Which::Stale, measure::stale_state::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

@@ -121,6 +121,17 @@ fn quick_run_produces_every_measurement() {
     ] {
         assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
     }
+    // E: the upstream-style restore over newer shared memory is not refused; NV refuses to
+    // resume a VM that died without a save.
+    let stale = csv_rows(out.path(), "e_stale_state.csv");
+    assert_eq!(stale.len(), 2, "{stdout}");
+    assert!(stale[0][1].contains("RESUMED"), "{:?}", stale[0]);
+    assert!(
+        stale[1][1].contains("refused (exit code 1)") && stale[1][1].contains("unsafe shutdown"),
+        "{:?}",
+        stale[1]
+    );
+
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").
     for line in stdout

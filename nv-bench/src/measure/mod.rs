@@ -4,13 +4,14 @@ pub mod overhead;
 pub mod power_fail;
 pub mod service;
 pub mod snapshot;
+pub mod stale_state;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::environment::{Binaries, ScratchDir};
 use crate::error::Result;
-use crate::launch::{KvstoreGuest, Launch, MemoryBacking};
+use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::output::Summary;
 use crate::profile::Profile;
 use crate::running_vm::RunningVm;
@@ -25,6 +26,7 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Bench {
     pub binaries: Binaries,
     pub kvstore_image: PathBuf,
+    pub counter_image: PathBuf,
     pub tsc_khz: u32,
     pub profile: Profile,
     pub out_dir: PathBuf,
@@ -46,10 +48,10 @@ impl Bench {
         ram_bytes: u64,
         period_ms: u32,
         log_disk: Option<PathBuf>,
-    ) -> KvstoreGuest {
-        KvstoreGuest {
+    ) -> TestGuest {
+        TestGuest {
             image: self.kvstore_image.clone(),
-            keys,
+            parameters: format!("keys={keys}"),
             ram_bytes,
             tsc_khz: self.tsc_khz,
             period_ms,
@@ -60,7 +62,7 @@ impl Bench {
     /// Boots `guest` on `backing` and waits for `kvstore: serving`.
     pub fn boot_serving(
         &self,
-        guest: KvstoreGuest,
+        guest: TestGuest,
         backing: MemoryBacking,
         tag: &str,
         api_socket: Option<PathBuf>,

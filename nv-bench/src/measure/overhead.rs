@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::environment::create_sparse_file;
 use crate::error::Result;
-use crate::launch::{KvstoreGuest, MemoryBacking};
+use crate::launch::{MemoryBacking, TestGuest};
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::CsvTable;
 use crate::plot;
@@ -150,7 +150,7 @@ fn measure_one(
     // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
     let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
     create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
-    let ram = KvstoreGuest::ram_for_keys(keys);
+    let ram = TestGuest::ram_for_keys(keys);
     let memory = match backing {
         Backing::Anonymous => MemoryBacking::Anonymous,
         Backing::SharedFile => MemoryBacking::SharedFile(bench.tmpfs.join(&format!("{tag}.ram"))),

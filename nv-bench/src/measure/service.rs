@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::environment::create_sparse_file;
 use crate::error::{BenchError, Result};
-use crate::launch::{KvstoreGuest, Launch, MemoryBacking};
+use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
@@ -283,7 +283,7 @@ fn measure_with(
 ) -> Result<ServiceRun> {
     let guest = bench.kvstore(
         keys,
-        KvstoreGuest::ram_for_keys(keys),
+        TestGuest::ram_for_keys(keys),
         PERIOD_MS,
         Some(log_disk.into()),
     );
