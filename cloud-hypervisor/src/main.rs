@@ -184,6 +184,11 @@ fn start(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a UPS daemon's SIGPWR must wait for the VMM's handler, not kill us.
+    if let Err(error) = vmm::nv::hold_power_fail_signal() {
+        eprintln!("cloud-hypervisor: {error}");
+        return ExitCode::from(1);
+    }
     // Usage errors, --help and --version: clap prints and exits (2, 0, 0).
     let cli = Cli::parse();
     match start(cli) {

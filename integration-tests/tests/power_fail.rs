@@ -313,6 +313,89 @@ fn counter_survives_three_power_failures_in_a_row() {
     );
 }
 
+/// Whether `pid` blocks SIGPWR (the `SigBlk` mask of its main thread); `None` once it is gone.
+fn holds_power_fail_signal(pid: i32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigBlk:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())?;
+    Some(mask & (1 << (libc::SIGPWR - 1)) != 0)
+}
+
+/// A UPS daemon may signal a VMM it has only just started. The binary holds SIGPWR from the
+/// first line of `main` until the VMM's handler is in place, so from then on the signal waits
+/// instead of killing the process (SIGPWR's default action) and the save runs once the VM is up.
+/// Before `main` (the dynamic loader's few hundred microseconds) no process can hold a signal:
+/// a SIGPWR there still kills it, but it has not touched the region yet, so the saved state it
+/// was started to recover stays resumable. Both outcomes are checked; nothing may be lost.
+#[test]
+fn a_power_failure_right_after_start_is_saved_or_harmless() {
+    if !kvm_available("a_power_failure_right_after_start_is_saved_or_harmless") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "early");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut before = vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+
+    // SIGPWR sent the moment spawn returns (the new program is at most in the dynamic loader).
+    let (mut saved, mut died_before_main) = (0, 0);
+    for attempt in 0..3 {
+        let label = format!("immediate{attempt}");
+        let mut vmm = VmmProcess::spawn(
+            dir.path(),
+            &label,
+            &recover_arguments(&region, "early", ""),
+            &[],
+        );
+        vmm.signal(libc::SIGPWR);
+        let status = vmm.wait_exit();
+        match (status.code(), status.signal()) {
+            (Some(EXIT_POWER_FAIL_SAVED), _) => {
+                saved += 1;
+                if !vmm.serial_log().is_empty() {
+                    before = vmm.serial_log();
+                }
+            }
+            (None, Some(libc::SIGPWR)) => {
+                died_before_main += 1;
+                assert_eq!(vmm.stderr_log(), "", "died by SIGPWR after main started");
+            }
+            _ => panic!("attempt {attempt}: {status}\nstderr:\n{}", vmm.stderr_log()),
+        }
+    }
+    eprintln!("SIGPWR at spawn: {saved} saved, {died_before_main} before main (region untouched)");
+
+    // SIGPWR sent as soon as the process holds it: the save must happen, every time.
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "held",
+        &recover_arguments(&region, "early", ""),
+        &[],
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while holds_power_fail_signal(vmm.pid()) == Some(false) {
+        assert!(Instant::now() < deadline, "SIGPWR never held");
+        std::thread::yield_now();
+    }
+    power_fail(&mut vmm);
+    if !vmm.serial_log().is_empty() {
+        before = vmm.serial_log();
+    }
+
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "last",
+        &recover_arguments(&region, "early", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+}
+
 /// `VmRSS` of a process in bytes.
 fn rss_bytes(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

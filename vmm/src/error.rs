@@ -69,6 +69,8 @@ pub enum Error {
     },
     #[error("installing the vCPU kick signal handler failed: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("holding or releasing SIGPWR (power-fail signal) failed: {0}")]
+    PowerFailSignalMask(String),
     #[error("only {parked} of {total} vCPUs parked within {timeout_ms} ms")]
     PauseTimeout {
         parked: usize,

@@ -21,7 +21,7 @@ use nv_extension::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
 
 use crate::api::{
     NvLastSave, NvPersistenceMode, NvPhaseTiming, NvRecoverConfig, NvRegionListing, NvRegionVm,
@@ -597,8 +597,24 @@ extern "C" fn handle_power_fail_signal(
     }
 }
 
+/// Holds SIGPWR pending in the calling thread and every thread it starts later. The binary calls
+/// this first thing in `main`: until [`install_power_fail_signal`] runs, SIGPWR's default action
+/// would kill the process and lose the save, and a UPS daemon may signal a VMM that has only just
+/// been started. A signal that arrives meanwhile waits; the install delivers it.
+pub fn hold_power_fail_signal() -> Result<(), Error> {
+    match block_signal(libc::SIGPWR) {
+        // Already held (e.g. inherited across exec): exactly what is wanted.
+        Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => Ok(()),
+        Err(e) => Err(Error::PowerFailSignalMask(e.to_string())),
+    }
+}
+
 /// Routes SIGPWR (what UPS daemons send when the host runs on battery) to the returned EventFd,
 /// which the control loop watches. Replaces SIGPWR's default action, which would kill the VMM.
+///
+/// Then unblocks SIGPWR in the calling thread (the control loop's): a handler only runs in a
+/// thread that does not block the signal, and one held pending by [`hold_power_fail_signal`] is
+/// delivered right here, into the EventFd, so the control loop saves once the VM is up.
 pub fn install_power_fail_signal() -> Result<EventFd, Error> {
     let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
         operation: "create (power fail)",
@@ -616,6 +632,7 @@ pub fn install_power_fail_signal() -> Result<EventFd, Error> {
         register_signal_handler(libc::SIGPWR, handle_power_fail_signal)
             .map_err(Error::SignalHandler)?;
     }
+    unblock_signal(libc::SIGPWR).map_err(|e| Error::PowerFailSignalMask(e.to_string()))?;
     Ok(event)
 }
 
