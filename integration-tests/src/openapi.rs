@@ -123,9 +123,31 @@ pub fn check_exchange(
     }
 }
 
+/// Checks that an error answer's `status` to `method /op` is one the spec lists for it, so
+/// that what an operator reads in `docs/openapi.yaml` is what the VMM answers.
+pub fn check_error_status(method: &str, op: &str, status: u16) -> Result<(), String> {
+    let operation = operation(method, op)
+        .ok_or_else(|| format!("{method} /{op} is not in docs/openapi.yaml"))?;
+    if operation["responses"].get(status.to_string()).is_some() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{method} /{op} answered {status}, which docs/openapi.yaml does not list for it"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_status_must_be_listed() {
+        assert!(check_error_status("PUT", "vm.nv-recover", 409).is_ok());
+        assert!(check_error_status("PUT", "vm.nv-recover", 418).is_err());
+        assert!(check_error_status("GET", "vmm.nv-regions?region=/r", 404).is_ok());
+        assert!(check_error_status("PUT", "vm.no-such-path", 404).is_err());
+    }
 
     #[test]
     fn a_success_must_match_the_spec() {

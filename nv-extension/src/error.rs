@@ -74,6 +74,57 @@ pub enum Error {
     InvalidFaultPoint(String),
 }
 
+/// What kind of failure an [`Error`] is, so that a caller can answer it (an HTTP status, an exit
+/// code) by its kind rather than by reading the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The region (its path) or the named VM does not exist.
+    NotFound,
+    /// The request is valid but the VM's or region's current state refuses it: recovery of a VM
+    /// with no resumable state (unsafe shutdown, nothing saved), a VM owned by another live
+    /// process, a name already taken, a resize that would discard a saved state.
+    Conflict,
+    /// A value the caller chose cannot be used: a VM name or size, a file that is not a region
+    /// (or of a format version this build does not read), an operation the region's kind lacks.
+    InvalidInput,
+    /// The region or the host failed: I/O, a damaged region, no space left, a failed save step.
+    Internal,
+}
+
+impl Error {
+    /// The kind of this failure. Every variant is listed, so a new one must be classified.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorKind::NotFound
+            }
+            Error::VmNotFound(_) => ErrorKind::NotFound,
+            Error::VmExists(_)
+            | Error::ResizeWouldDiscardState(_)
+            | Error::OwnedByLiveProcess { .. }
+            | Error::OwnershipLost(_)
+            | Error::UnsafeShutdown
+            | Error::NothingToRecover(_) => ErrorKind::Conflict,
+            Error::NotARegion { .. }
+            | Error::UnsupportedFormatVersion { .. }
+            | Error::InvalidVmName { .. }
+            | Error::InvalidSize { .. }
+            | Error::NoFileBacking { .. }
+            | Error::Unsupported(_) => ErrorKind::InvalidInput,
+            Error::Io { .. }
+            | Error::CorruptSuperblock(_)
+            | Error::Truncated { .. }
+            | Error::CorruptVmTable(_)
+            | Error::OutOfSpace { .. }
+            | Error::VmTableFull { .. }
+            | Error::StateTooLarge { .. }
+            | Error::CannotGrow(_)
+            | Error::HostStep { .. }
+            | Error::InvalidFaultPoint(_) => ErrorKind::Internal,
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -89,5 +140,44 @@ impl Error {
     /// Wraps the current `errno` with what was being done.
     pub(crate) fn last_os(context: impl Into<String>) -> Self {
         Self::io(context, std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_and_lookups_are_told_apart_from_failures() {
+        let missing = Error::io(
+            "opening /nope",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        let denied = Error::io(
+            "opening /r",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(denied.kind(), ErrorKind::Internal);
+        assert_eq!(Error::VmNotFound("a".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(Error::UnsafeShutdown.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            Error::NothingToRecover("a".into()).kind(),
+            ErrorKind::Conflict
+        );
+        let owned = Error::OwnedByLiveProcess {
+            vm: "a".into(),
+            pid: 1,
+        };
+        assert_eq!(owned.kind(), ErrorKind::Conflict);
+        let name = Error::InvalidVmName {
+            name: "../a".into(),
+            reason: "bad",
+        };
+        assert_eq!(name.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            Error::CorruptVmTable("x".into()).kind(),
+            ErrorKind::Internal
+        );
     }
 }

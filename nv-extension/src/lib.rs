@@ -26,7 +26,7 @@ pub mod vm_handle;
 pub mod vm_table;
 
 pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
-pub use error::{Error, HostError, Result};
+pub use error::{Error, ErrorKind, HostError, Result};
 pub use identity::Uuid;
 pub use persistence::PersistenceMode;
 pub use region::{OpenOptions, Region, VmSummary};

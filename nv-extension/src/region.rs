@@ -531,13 +531,17 @@ impl Region {
     }
 }
 
+/// The entry of VM `name`. A name no VM can have is refused as such (`InvalidVmName`), so a
+/// caller learns its request was malformed rather than that the VM is missing.
 pub(crate) fn find<'a>(table: &'a VmTable, name: &str) -> Result<&'a VmEntry> {
+    vm_table::validate_name(name)?;
     table
         .find(name)
         .ok_or_else(|| Error::VmNotFound(name.to_string()))
 }
 
 pub(crate) fn find_mut<'a>(table: &'a mut VmTable, name: &str) -> Result<&'a mut VmEntry> {
+    vm_table::validate_name(name)?;
     table
         .find_mut(name)
         .ok_or_else(|| Error::VmNotFound(name.to_string()))

@@ -116,5 +116,75 @@ pub enum Error {
         region: String,
         vm: String,
         reason: String,
+        kind: ErrorKind,
     },
+}
+
+/// What kind of failure an [`Error`] is: what the API answers it with (400, 404, 409, 405, 500),
+/// decided by the variant (and, for NV errors, by `nv_extension::ErrorKind`), never by its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is unusable: a bad value or configuration.
+    InvalidRequest,
+    /// What the request names does not exist (the NV region or VM, the VM to operate on).
+    NotFound,
+    /// The request is valid but the current state refuses it: recovery of a VM with no
+    /// resumable state, a VM owned by another live process, a saved state a cold boot would
+    /// overwrite.
+    Conflict,
+    /// The VM is in the wrong run state for the operation (not booted, not paused, ...).
+    WrongState,
+    /// The operation was attempted and failed.
+    Internal,
+}
+
+impl From<nv_extension::ErrorKind> for ErrorKind {
+    fn from(kind: nv_extension::ErrorKind) -> Self {
+        match kind {
+            nv_extension::ErrorKind::NotFound => ErrorKind::NotFound,
+            nv_extension::ErrorKind::Conflict => ErrorKind::Conflict,
+            nv_extension::ErrorKind::InvalidInput => ErrorKind::InvalidRequest,
+            nv_extension::ErrorKind::Internal => ErrorKind::Internal,
+        }
+    }
+}
+
+impl Error {
+    /// The kind of this failure. Every variant is listed, so a new one must be classified.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidVmState(_) => ErrorKind::WrongState,
+            Error::NoVmConfig
+            | Error::NoKernel
+            | Error::MemoryConfig(_)
+            | Error::TooManyVcpus { .. }
+            | Error::Snapshot(_) => ErrorKind::InvalidRequest,
+            Error::NoNvVm => ErrorKind::NotFound,
+            Error::Nv { error, .. } => error.kind().into(),
+            Error::NvSetup { kind, .. } => *kind,
+            Error::KvmOpen(_)
+            | Error::KvmApiVersion(_)
+            | Error::KvmCapabilityMissing(_)
+            | Error::Kvm { .. }
+            | Error::VcpuKvm { .. }
+            | Error::MemoryFile { .. }
+            | Error::MemoryMap { .. }
+            | Error::MemoryLayout(_)
+            | Error::KernelLoad { .. }
+            | Error::BootRegisters(_)
+            | Error::Device(_)
+            | Error::SerialOutput { .. }
+            | Error::DiskImage { .. }
+            | Error::ThreadSpawn { .. }
+            | Error::SignalHandler(_)
+            | Error::PowerFailSignalMask(_)
+            | Error::PauseTimeout { .. }
+            | Error::VcpuFailed { .. }
+            | Error::Api(_)
+            | Error::Seccomp(_)
+            | Error::State(_)
+            | Error::EventFd { .. }
+            | Error::Epoll { .. } => ErrorKind::Internal,
+        }
+    }
 }

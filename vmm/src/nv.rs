@@ -35,7 +35,7 @@ use crate::events::VmEvents;
 use crate::memory::guest_memory_from_file;
 use crate::state::VmState;
 use crate::vm::{Vm, VmRunState};
-use crate::Error;
+use crate::{Error, ErrorKind};
 
 /// Exit code of a VMM whose VM was saved by a power-fail save: "state saved, powered off".
 /// 75 is `EX_TEMPFAIL` of sysexits.h: the VM is not gone, it waits for `recover=on`.
@@ -83,11 +83,12 @@ fn nv_error(nv: &NvConfig, error: nv_extension::Error) -> Error {
     }
 }
 
-fn setup_error(nv: &NvConfig, reason: impl Into<String>) -> Error {
+fn setup_error(nv: &NvConfig, kind: ErrorKind, reason: impl Into<String>) -> Error {
     Error::NvSetup {
         region: nv.region.clone(),
         vm: nv.vm.clone(),
         reason: reason.into(),
+        kind,
     }
 }
 
@@ -159,6 +160,7 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
     {
         return Err(setup_error(
             nv,
+            ErrorKind::InvalidRequest,
             "--memory-zone file= cannot be combined with --nv: the VM's RAM is its extent of the region",
         ));
     }
@@ -170,13 +172,19 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
         ..OpenOptions::default()
     };
     let region = Region::open(&nv.region, &options).map_err(|e| nv_error(nv, e))?;
-    let stored_config = serde_json::to_vec(config)
-        .map_err(|e| setup_error(nv, format!("serializing the VM config: {e}")))?;
+    let stored_config = serde_json::to_vec(config).map_err(|e| {
+        setup_error(
+            nv,
+            ErrorKind::Internal,
+            format!("serializing the VM config: {e}"),
+        )
+    })?;
     let summary = match region.vm(&nv.vm) {
         Ok(summary) => {
             if summary.memory_size != memory_size {
                 return Err(setup_error(
                     nv,
+                    ErrorKind::Conflict,
                     format!(
                         "the VM has {} MiB of RAM in the region, --memory asks for {} MiB",
                         summary.memory_size >> 20,
@@ -188,6 +196,7 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
             if let Ok(saved) = region.inspect_recovery(&nv.vm) {
                 return Err(setup_error(
                     nv,
+                    ErrorKind::Conflict,
                     format!(
                         "the VM holds a saved state ({}, seq {}): resume it with recover=on, \
                          or discard it with recover=on,force-cold=on",
@@ -211,6 +220,7 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
         Err(nv_extension::Error::VmNotFound(_)) => {
             return Err(setup_error(
                 nv,
+                ErrorKind::NotFound,
                 "no such VM in the region; pass create=on to create it",
             ))
         }
@@ -260,6 +270,7 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
     if nv.create || nv.format {
         return Err(setup_error(
             nv,
+            ErrorKind::InvalidRequest,
             "create=on and format=on do not apply to recover=on",
         ));
     }
@@ -267,15 +278,25 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     let stored_blob = handle.config_blob().map_err(|e| nv_error(nv, e))?;
-    let stored: VmConfig = serde_json::from_slice(&stored_blob)
-        .map_err(|e| setup_error(nv, format!("the stored VM config is unreadable: {e}")))?;
+    let stored: VmConfig = serde_json::from_slice(&stored_blob).map_err(|e| {
+        setup_error(
+            nv,
+            ErrorKind::Internal,
+            format!("the stored VM config is unreadable: {e}"),
+        )
+    })?;
     let config = recovered_config(stored, nv, command_line);
-    config
-        .validate()
-        .map_err(|e| setup_error(nv, format!("the recovered VM config: {e}")))?;
+    config.validate().map_err(|e| {
+        setup_error(
+            nv,
+            ErrorKind::Internal,
+            format!("the recovered VM config: {e}"),
+        )
+    })?;
     if config.memory.total_size() != handle.memory_size() {
         return Err(setup_error(
             nv,
+            ErrorKind::Internal,
             format!(
                 "the stored config asks for {} bytes of RAM, the region holds {}",
                 config.memory.total_size(),
@@ -298,6 +319,7 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
         let state: VmState = serde_json::from_slice(&saved.state_blob).map_err(|e| {
             setup_error(
                 nv,
+                ErrorKind::Internal,
                 format!("saved state seq {} is unreadable: {e}", saved.seq),
             )
         })?;
@@ -695,24 +717,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
         let message = |config: &VmConfig| prepare(config).unwrap_err().to_string();
+        let kind = |config: &VmConfig| prepare(config).unwrap_err().kind();
 
         let mut missing = nv_config(&region);
         missing.create = false;
         let text = message(&vm_config(missing.clone(), 4 << 20));
         assert!(text.contains("No such file"), "{text}");
+        assert_eq!(
+            kind(&vm_config(missing.clone(), 4 << 20)),
+            ErrorKind::NotFound
+        );
         assert!(!region.exists(), "no region is created without create=on");
 
         drop(prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap());
         missing.vm = "other".into();
-        let text = message(&vm_config(missing, 4 << 20));
+        let text = message(&vm_config(missing.clone(), 4 << 20));
         assert!(text.contains("create=on"), "{text}");
+        assert_eq!(kind(&vm_config(missing, 4 << 20)), ErrorKind::NotFound);
         let text = message(&vm_config(nv_config(&region), 8 << 20));
         assert!(text.contains("4 MiB of RAM in the region"), "{text}");
+        assert_eq!(
+            kind(&vm_config(nv_config(&region), 8 << 20)),
+            ErrorKind::Conflict
+        );
 
         let garbage = dir.path().join("garbage");
         std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
         let text = message(&vm_config(nv_config(&garbage), 4 << 20));
         assert!(text.contains("format=on"), "{text}");
+        assert_eq!(
+            kind(&vm_config(nv_config(&garbage), 4 << 20)),
+            ErrorKind::InvalidRequest
+        );
         assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 1 << 20]);
         let mut format = nv_config(&garbage);
         format.format = true;
@@ -730,13 +766,13 @@ mod tests {
         let mut recover = nv_config(&region);
         recover.create = false;
         recover.recover = true;
-        let text = prepare(&vm_config(recover.clone(), 4 << 20))
-            .unwrap_err()
-            .to_string();
+        let refused = prepare(&vm_config(recover.clone(), 4 << 20)).unwrap_err();
+        let text = refused.to_string();
         assert!(
             text.contains("unsafe shutdown — state incomplete"),
             "{text}"
         );
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
         recover.force_cold = true;
         let prepared = prepare(&vm_config(recover, 4 << 20)).unwrap();
         assert!(matches!(prepared.start, NvStart::ColdBoot));

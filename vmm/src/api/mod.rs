@@ -113,6 +113,12 @@ impl ApiError {
         Self::new(405, message)
     }
 
+    /// 409: the request is valid but the current state refuses it (an NV VM that cannot be
+    /// resumed, or that another live process owns).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
     /// 500: the operation was attempted and failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message)

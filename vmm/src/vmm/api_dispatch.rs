@@ -3,8 +3,8 @@
 //!
 //! Statuses follow the contract in `api/mod.rs`: 404 when no VM is created (or, for `vm.create`
 //! and `vm.nv-recover`, when one already is), 405 for an operation in the wrong VM state, 400 for
-//! an unusable configuration, 500 when the operation itself failed, 501 for what this VMM does not
-//! implement.
+//! an unusable configuration, 409 for an NV request the VM's recorded state refuses, 500 when the
+//! operation itself failed, 501 for what this VMM does not implement.
 
 use nv_extension::ShutdownKind;
 
@@ -14,7 +14,7 @@ use crate::api::{
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::nv;
 use crate::vm::VmRunState;
-use crate::Error;
+use crate::{Error, ErrorKind};
 
 use super::{Vmm, VmmExit};
 
@@ -52,17 +52,18 @@ impl Answer {
     }
 }
 
-/// The HTTP status an operation's failure maps to.
+/// The HTTP status an operation's failure maps to, by its kind (see `Error::kind`): 400 for an
+/// unusable request, 404 for a VM or NV region that does not exist, 409 for a request the current
+/// state refuses (recovery of an unsafely shut down or never saved VM, a VM another live process
+/// owns), 405 for the wrong VM state, 500 for an operation that failed.
 fn api_error(error: Error) -> ApiError {
-    match error {
-        Error::InvalidVmState(_) => ApiError::wrong_state(error.to_string()),
-        Error::NoVmConfig
-        | Error::NoKernel
-        | Error::MemoryConfig(_)
-        | Error::TooManyVcpus { .. } => ApiError::bad_request(error.to_string()),
-        Error::NoNvVm => ApiError::not_found(error.to_string()),
-        Error::Snapshot(_) => ApiError::bad_request(error.to_string()),
-        other => ApiError::internal(other.to_string()),
+    let message = error.to_string();
+    match error.kind() {
+        ErrorKind::InvalidRequest => ApiError::bad_request(message),
+        ErrorKind::NotFound => ApiError::not_found(message),
+        ErrorKind::Conflict => ApiError::conflict(message),
+        ErrorKind::WrongState => ApiError::wrong_state(message),
+        ErrorKind::Internal => ApiError::internal(message),
     }
 }
 
