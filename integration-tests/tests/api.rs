@@ -920,6 +920,35 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     let mut second = VmmProcess::start(dir.path(), "second", &[]);
     let listing = second.call("GET", &regions_op, None).json();
     assert_eq!(listing["vms"][0]["resumable"], true, "{listing}");
+    // The save's report outlives the process that saved: the listing and ch-remote show it.
+    let saved = listing["vms"][0]["last_save"].clone();
+    assert_eq!(saved["kind"], "PowerFail", "{listing}");
+    assert_eq!(
+        saved["sequence"], listing["vms"][0]["last_save_sequence"],
+        "{listing}"
+    );
+    assert_eq!(saved["deadline_us"], 50_000, "{listing}");
+    assert_eq!(
+        saved["phases"].as_array().map(Vec::len),
+        Some(5),
+        "{listing}"
+    );
+    let phase_sum: u64 = saved["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|phase| phase["duration_us"].as_u64().unwrap())
+        .sum();
+    assert!(
+        phase_sum <= saved["total_us"].as_u64().unwrap(),
+        "{listing}"
+    );
+    let listed = second.ch_remote_json(
+        &["nv-persist", "list", "--region", region.to_str().unwrap()],
+        "GET",
+        "vmm.nv-regions",
+    );
+    assert_eq!(listed["vms"][0]["last_save"], saved);
     second.ch_remote_ok(&[
         "nv-persist",
         "recover",
@@ -947,12 +976,24 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         second.call("GET", "vm.info", None).json()["state"],
         "Running"
     );
+    // The recovered VM reports the save it was recovered from.
+    let status = second.call("GET", "vm.nv-status", None).json();
+    assert_eq!(status["last_save"], saved, "{status}");
+    assert_eq!(status["shutdown_kind"], "PowerFail", "{status}");
     second.ch_remote_ok(&["nv-persist", "suspend"]);
     assert_eq!(second.wait_exit(), 0, "{}", second.stderr_text());
 
     let third = VmmProcess::start(dir.path(), "third", &[]);
     let listing = third.call("GET", &regions_op, None).json();
     assert_eq!(listing["vms"][0]["shutdown_kind"], "Suspend", "{listing}");
+    assert_eq!(
+        listing["vms"][0]["last_save"]["kind"], "Suspend",
+        "{listing}"
+    );
+    assert!(
+        listing["vms"][0]["last_save"]["sequence"].as_u64() > saved["sequence"].as_u64(),
+        "{listing}"
+    );
     // Resumed once more, then ended without a save: nothing is left to recover (409).
     assert_eq!(
         third.call("PUT", "vm.nv-recover", Some(&recover)).status,

@@ -150,7 +150,7 @@ pub fn save_vm(
         state.len(),
         total.as_micros()
     );
-    Ok(SaveReport {
+    let report = SaveReport {
         kind,
         seq,
         state_bytes: state.len(),
@@ -158,7 +158,15 @@ pub fn save_vm(
         total,
         deadline,
         deadline_overrun,
-    })
+    };
+    // After the commit and outside the timed phases: the state is safe whatever happens here,
+    // and this is only for the operator who looks at the region later.
+    match handle.record_save_report(&report) {
+        Ok(true) => {}
+        Ok(false) => log::info!("VM {vm:?}: the state fills its slot; no room for the save report"),
+        Err(e) => log::warn!("VM {vm:?}: recording the save report failed (the save stands): {e}"),
+    }
+    Ok(report)
 }
 
 fn host_step(phase: SavePhase, source: HostError) -> Error {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::allocator::{self, align_up};
+use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::format::format;
 use crate::identity::{OwnerRecord, Uuid};
@@ -15,8 +16,9 @@ use crate::metadata_io::{read_superblock, read_table, write_superblock, write_ta
 use crate::persistence::devdax::{self, DevDaxBackend};
 use crate::persistence::file_mmap::FileBackend;
 use crate::persistence::{read_vec, Persistence, PersistenceMode};
+use crate::save_report;
 use crate::superblock::{ShutdownMarker, Superblock};
-use crate::vm_handle::{recoverable_state, RecoveredVm, VmHandle};
+use crate::vm_handle::{recoverable_state, state_area, RecoveredVm, VmHandle};
 use crate::vm_table::{self, Extent, RunRecord, ShutdownKind, VmEntry, VmTable};
 
 /// Default extent alignment: huge-page sized, as devdax requires.
@@ -67,6 +69,9 @@ pub struct VmSummary {
     pub last_save_seq: Option<u64>,
     /// Pid of the live process owning the VM, if any.
     pub owner_pid: Option<u32>,
+    /// How the last completed save went, if its report was recorded (durations to the
+    /// microsecond). Kept after the VM resumes, until its next save.
+    pub last_save: Option<SaveReport>,
 }
 
 pub(crate) struct Shared {
@@ -311,11 +316,30 @@ impl Region {
     }
 
     pub fn list_vms(&self) -> Result<Vec<VmSummary>> {
-        self.transact(|_, table| Ok((table.entries.iter().map(summary).collect(), false)))
+        self.transact(|shared, table| {
+            let summaries = table
+                .entries
+                .iter()
+                .map(|entry| summary(shared.store.as_ref(), entry))
+                .collect::<Result<_>>()?;
+            Ok((summaries, false))
+        })
     }
 
     pub fn vm(&self, name: &str) -> Result<VmSummary> {
-        self.transact(|_, table| Ok((summary(find(table, name)?), false)))
+        self.transact(|shared, table| {
+            Ok((summary(shared.store.as_ref(), find(table, name)?)?, false))
+        })
+    }
+
+    /// The report of VM `name`'s last completed save, if it was recorded.
+    pub fn last_save_report(&self, name: &str) -> Result<Option<SaveReport>> {
+        self.transact(|shared, table| {
+            Ok((
+                last_save_report(shared.store.as_ref(), find(table, name)?)?,
+                false,
+            ))
+        })
     }
 
     /// A VM's stored config, readable without owning the VM (listings, status).
@@ -362,7 +386,7 @@ impl Region {
                 owner: OwnerRecord::default(),
                 config: config_blob.to_vec(),
             };
-            let result = summary(&entry);
+            let result = summary(shared.store.as_ref(), &entry)?;
             table.entries.push(entry);
             Ok((result, true))
         })
@@ -454,7 +478,7 @@ impl Region {
             let entry = find_mut(table, name)?;
             entry.memory = memory;
             entry.memory_size = memory_size;
-            Ok((summary(entry), true))
+            Ok((summary(shared.store.as_ref(), entry)?, true))
         })
     }
 
@@ -547,12 +571,17 @@ pub(crate) fn find_mut<'a>(table: &'a mut VmTable, name: &str) -> Result<&'a mut
         .ok_or_else(|| Error::VmNotFound(name.to_string()))
 }
 
-fn summary(entry: &VmEntry) -> VmSummary {
+/// The recorded report of the save the VM's run record names as its last one.
+fn last_save_report(store: &dyn Persistence, entry: &VmEntry) -> Result<Option<SaveReport>> {
+    save_report::read(store, &state_area(entry), entry.record.last_seq())
+}
+
+fn summary(store: &dyn Persistence, entry: &VmEntry) -> Result<VmSummary> {
     let (shutdown_kind, last_save) = match entry.record {
         RunRecord::Saved { seq, kind } => (Some(kind), seq),
         other => (None, other.last_seq()),
     };
-    VmSummary {
+    Ok(VmSummary {
         name: entry.name.clone(),
         uuid: entry.uuid,
         memory_size: entry.memory_size,
@@ -560,7 +589,8 @@ fn summary(entry: &VmEntry) -> VmSummary {
         shutdown_kind,
         last_save_seq: (last_save > 0).then_some(last_save),
         owner_pid: entry.owner.is_live().then_some(entry.owner.pid),
-    }
+        last_save: last_save_report(store, entry)?,
+    })
 }
 
 impl std::fmt::Debug for Region {

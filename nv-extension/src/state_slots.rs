@@ -49,7 +49,7 @@ impl StateArea {
         self.slot_len().saturating_sub(HEADER_LEN as u64)
     }
 
-    fn slot_offset(&self, index: usize) -> u64 {
+    pub(crate) fn slot_offset(&self, index: usize) -> u64 {
         self.area.offset + index as u64 * self.slot_len()
     }
 

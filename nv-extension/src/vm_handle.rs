@@ -2,11 +2,13 @@
 
 use std::fs::File;
 
+use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
 use crate::identity::{OwnerRecord, Uuid};
 use crate::persistence::{cache_flush, Persistence, PersistenceMode};
 use crate::region::{find_mut, Region, Shared};
+use crate::save_report;
 use crate::state_slots::StateArea;
 use crate::superblock::ShutdownMarker;
 use crate::vm_table::{Extent, RunKind, RunRecord, ShutdownKind, VmEntry, VmTable};
@@ -30,7 +32,7 @@ pub struct RecoveredVm {
     pub shutdown_kind: ShutdownKind,
 }
 
-fn state_area(entry: &VmEntry) -> StateArea {
+pub(crate) fn state_area(entry: &VmEntry) -> StateArea {
     StateArea {
         vm_uuid: entry.uuid,
         area: entry.state,
@@ -238,6 +240,34 @@ impl VmHandle {
         })?;
         self.mark_clean_if_idle(&table)?;
         Ok(seq)
+    }
+
+    /// Keeps `report` (of the save just committed) in the region, next to its state, for
+    /// whoever opens the region later. Outside the commit protocol: the save is complete
+    /// whether or not this runs. Returns `false` when the state filled its slot and left no room.
+    pub fn record_save_report(&self, report: &SaveReport) -> Result<bool> {
+        Ok(self
+            .transact_owned(|shared, entry| {
+                let area = state_area(entry);
+                let written = match area.newest(shared.store.as_ref())? {
+                    Some(slot) if slot.seq == report.seq => save_report::write(
+                        shared.store.as_mut(),
+                        &area,
+                        slot.index,
+                        slot.payload.len() as u64,
+                        report,
+                    )?,
+                    // Not the committed save (it cannot be, under the claim): keep nothing.
+                    _ => false,
+                };
+                Ok((written, false))
+            })?
+            .0)
+    }
+
+    /// The report of the VM's last completed save, if it was recorded (see `save_report`).
+    pub fn last_save_report(&self) -> Result<Option<SaveReport>> {
+        self.region.last_save_report(&self.name)
     }
 
     /// Sets the region's clean marker once no VM is recorded as running.

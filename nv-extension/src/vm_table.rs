@@ -64,13 +64,13 @@ pub enum ShutdownKind {
 }
 
 impl ShutdownKind {
-    fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         match self {
             ShutdownKind::PowerFail => 1,
             ShutdownKind::PlannedSuspend => 2,
         }
     }
-    fn from_code(code: u32) -> Option<Self> {
+    pub(crate) fn from_code(code: u32) -> Option<Self> {
         match code {
             1 => Some(ShutdownKind::PowerFail),
             2 => Some(ShutdownKind::PlannedSuspend),

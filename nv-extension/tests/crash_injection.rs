@@ -13,8 +13,10 @@
 //! recovery outcome equal the committed state just before or just after the
 //! interrupted operation (so a recovered state is byte-identical to a
 //! committed one, no committed state is lost, and a torn save is never
-//! resumable); a running VM implies the region's unsafe-shutdown marker; and
-//! the recovered region still accepts a new save.
+//! resumable); a running VM implies the region's unsafe-shutdown marker; a
+//! recorded save report only ever describes the save the VM's record names
+//! (never a torn, older or other VM's save); and the recovered region still
+//! accepts a new save.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use nv_extension::persistence::memory::MemoryBackend;
 use nv_extension::persistence::{Persistence, PersistenceMode};
+use nv_extension::save_report::RECORD_LEN;
 use nv_extension::{
     save_vm, Error, HostError, NvHost, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker,
     VmHandle,
@@ -257,6 +260,15 @@ fn record(seed: u64) -> Trace {
                             Duration::from_secs(1),
                         )
                         .expect("save");
+                        // A state that leaves room in its slot gets its report recorded.
+                        if blob.len() as u64 + 64 + RECORD_LEN as u64 <= SLOT_LEN {
+                            let recorded = region.last_save_report(&name).unwrap();
+                            assert_eq!(
+                                recorded.map(|r| (r.seq, r.kind, r.state_bytes)),
+                                Some((report.seq, kind, blob.len())),
+                                "seed {seed}: save report not recorded"
+                            );
+                        }
                         vm.recovery = Recovery::State {
                             seq: report.seq,
                             blob,
@@ -327,6 +339,33 @@ fn recovery_of(
     }
 }
 
+/// A VM's recorded save report must describe the save its run record names, and, when that
+/// save is the resumable state, that very state.
+fn check_save_report(vm: &nv_extension::VmSummary, recovery: &Recovery) -> Result<(), String> {
+    let Some(report) = &vm.last_save else {
+        return Ok(());
+    };
+    if Some(report.seq) != vm.last_save_seq {
+        return Err(format!(
+            "VM {}: report of save {} but the record names {:?}",
+            vm.name, report.seq, vm.last_save_seq
+        ));
+    }
+    if let Recovery::State { seq, blob } = recovery {
+        if report.seq != *seq
+            || report.state_bytes != blob.len()
+            || Some(report.kind) != vm.shutdown_kind
+        {
+            return Err(format!(
+                "VM {}: report {report:?} does not describe the resumable state {seq} ({} bytes)",
+                vm.name,
+                blob.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn observe_live(region: &Region) -> Model {
     region
         .list_vms()
@@ -334,6 +373,7 @@ fn observe_live(region: &Region) -> Model {
         .into_iter()
         .map(|vm| {
             let recovery = recovery_of(region.inspect_recovery(&vm.name)).unwrap();
+            check_save_report(&vm, &recovery).unwrap();
             (
                 vm.name.clone(),
                 ModelVm {
@@ -354,6 +394,7 @@ fn observe_crashed(region: &Region) -> Result<Model, String> {
             .claim_vm(&vm.name)
             .map_err(|e| format!("claim {}: {e}", vm.name))?;
         let recovery = recovery_of(handle.recover())?;
+        check_save_report(&vm, &recovery)?;
         let config = handle.config_blob().map_err(|e| e.to_string())?;
         model.insert(
             vm.name.clone(),

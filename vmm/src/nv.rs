@@ -543,6 +543,7 @@ fn last_save_body(report: &SaveReport) -> NvLastSave {
             ShutdownKind::PlannedSuspend => NvShutdownKind::Suspend,
         },
         total_us: report.total.as_micros() as u64,
+        deadline_us: Some(report.deadline.as_micros() as u64),
         deadline_overrun: report.deadline_overrun,
         phases: report
             .phases
@@ -555,12 +556,15 @@ fn last_save_body(report: &SaveReport) -> NvLastSave {
     }
 }
 
-/// `GET vm.nv-status` of the VM this VMM runs.
+/// `GET vm.nv-status` of the VM this VMM runs. The last save is the one this process made, or
+/// else the one the region recorded (the save this run recovered from, made by a process that
+/// has exited since).
 pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
     let region = nv.handle.region();
     let summary = region
         .vm(&nv.config.vm)
         .map_err(|e| nv_error(&nv.config, e))?;
+    let last_save = nv.last_save.as_ref().or(summary.last_save.as_ref());
     Ok(NvStatus {
         region: nv.config.region.clone(),
         persistence_mode: persistence_mode(region.persistence_mode()),
@@ -568,7 +572,7 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
         last_save_sequence: summary.last_save_seq,
         shutdown_kind: nv.previous_end,
         deadline_ms: nv.config.deadline_ms,
-        last_save: nv.last_save.as_ref().map(last_save_body),
+        last_save: last_save.map(last_save_body),
     })
 }
 
@@ -597,6 +601,7 @@ pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
                 shutdown_kind: previous_end(summary),
                 last_save_sequence: summary.last_save_seq,
                 resumable: region.inspect_recovery(&summary.name).is_ok(),
+                last_save: summary.last_save.as_ref().map(last_save_body),
             })
             .collect(),
     })

@@ -293,7 +293,8 @@ pub struct NvPhaseTiming {
     pub duration_us: u64,
 }
 
-/// The last power-fail or suspend save of this VM.
+/// The last power-fail or suspend save of this VM, as the saving process recorded it in the
+/// region (so a recovered VM, or a listing, shows it after that process exited).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NvLastSave {
     /// Sequence number the save committed.
@@ -301,6 +302,9 @@ pub struct NvLastSave {
     /// `PowerFail` or `Suspend`.
     pub kind: NvShutdownKind,
     pub total_us: u64,
+    /// The deadline the save ran under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_us: Option<u64>,
     pub deadline_overrun: bool,
     pub phases: Vec<NvPhaseTiming>,
 }
@@ -333,6 +337,9 @@ pub struct NvRegionVm {
     pub last_save_sequence: Option<u64>,
     /// True when a committed state can be resumed in place (`recover=on`).
     pub resumable: bool,
+    /// How the last save went, when the region holds its report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_save: Option<NvLastSave>,
 }
 
 /// Body of `GET /vmm.nv-regions`.

@@ -222,6 +222,7 @@ impl FakeVm {
                     shutdown_kind: NvShutdownKind::PowerFail,
                     last_save_sequence: Some(7),
                     resumable: true,
+                    last_save: fake_nv_status().last_save,
                 }],
             })),
         };
@@ -242,6 +243,7 @@ fn fake_nv_status() -> NvStatus {
             sequence: 3,
             kind: NvShutdownKind::PowerFail,
             total_us: 1800,
+            deadline_us: Some(50_000),
             deadline_overrun: false,
             phases: vec![
                 NvPhaseTiming {

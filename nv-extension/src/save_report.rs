@@ -1,0 +1,212 @@
+//! The record of a VM's last completed save (kind, sequence, per-phase and total durations,
+//! deadline), kept in the region so that whoever opens it later — the recovering VMM, a region
+//! listing — can show how the save went after the process that saved has exited.
+//!
+//! The record is written into the tail of the state slot that holds the save, after the commit:
+//! it is informational and outside the commit protocol. A slot's header and payload never
+//! reach the tail when a record is written (it is skipped when the payload is that large), old
+//! readers never read past `payload_len`, and a record is taken only when its checksum, VM UUID
+//! and sequence match the VM's run record, so a torn, stale or foreign record is never shown.
+//! Because it sits past the 64-byte header, it also outlives the header's invalidation when
+//! the VM resumes: the recovered VM still shows how its last save went.
+
+use std::time::Duration;
+
+use crate::coordinator::{SavePhase, SaveReport};
+use crate::error::Result;
+use crate::le_bytes::{get_array, get_u32, get_u64, put_u32, put_u64};
+use crate::persistence::{read_vec, Persistence};
+use crate::state_slots::{self, StateArea};
+use crate::vm_table::ShutdownKind;
+
+pub const MAGIC: [u8; 8] = *b"NVSAVRPT";
+/// Bytes at the end of a slot that the record takes.
+pub const RECORD_LEN: usize = 128;
+/// Phase durations the record has room for (the coordinator has five phases).
+const MAX_PHASES: usize = 6;
+
+const R_MAGIC: usize = 0;
+const R_SEQ: usize = 8;
+const R_VM_UUID: usize = 16;
+const R_KIND: usize = 32;
+const R_FLAGS: usize = 36;
+const R_DEADLINE_US: usize = 40;
+const R_TOTAL_US: usize = 48;
+const R_STATE_BYTES: usize = 56;
+const R_PHASE_COUNT: usize = 64;
+const R_PHASE_US: usize = 72;
+const R_CRC: usize = 124;
+
+const FLAG_DEADLINE_OVERRUN: u32 = 1;
+
+// Every phase's duration fits between the fixed fields and the checksum.
+const _: () = assert!(SavePhase::ALL.len() <= MAX_PHASES && R_PHASE_US + 8 * MAX_PHASES <= R_CRC);
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn encode(area: &StateArea, report: &SaveReport) -> [u8; RECORD_LEN] {
+    let mut record = [0u8; RECORD_LEN];
+    record[R_MAGIC..R_MAGIC + 8].copy_from_slice(&MAGIC);
+    put_u64(&mut record, R_SEQ, report.seq);
+    record[R_VM_UUID..R_VM_UUID + 16].copy_from_slice(&area.vm_uuid.0);
+    put_u32(&mut record, R_KIND, report.kind.code());
+    let flags = if report.deadline_overrun {
+        FLAG_DEADLINE_OVERRUN
+    } else {
+        0
+    };
+    put_u32(&mut record, R_FLAGS, flags);
+    put_u64(&mut record, R_DEADLINE_US, micros(report.deadline));
+    put_u64(&mut record, R_TOTAL_US, micros(report.total));
+    put_u64(&mut record, R_STATE_BYTES, report.state_bytes as u64);
+    // Durations are stored by phase number (phase 1 first); a report names each phase once.
+    let mut count = 0;
+    for (phase, took) in &report.phases {
+        let index = *phase as usize - 1;
+        put_u64(&mut record, R_PHASE_US + 8 * index, micros(*took));
+        count = count.max(index + 1);
+    }
+    put_u32(&mut record, R_PHASE_COUNT, count as u32);
+    let crc = crc32c::crc32c(&record[..R_CRC]);
+    put_u32(&mut record, R_CRC, crc);
+    record
+}
+
+/// The report in `record` if it is a valid record of `area`'s VM for save `seq`.
+fn decode(area: &StateArea, record: &[u8], seq: u64) -> Option<SaveReport> {
+    if record[R_MAGIC..R_MAGIC + 8] != MAGIC
+        || crc32c::crc32c(&record[..R_CRC]) != get_u32(record, R_CRC)
+        || get_array::<16>(record, R_VM_UUID) != area.vm_uuid.0
+        || get_u64(record, R_SEQ) != seq
+    {
+        return None;
+    }
+    let kind = ShutdownKind::from_code(get_u32(record, R_KIND))?;
+    let count = get_u32(record, R_PHASE_COUNT) as usize;
+    if count > SavePhase::ALL.len() {
+        return None;
+    }
+    let phases = SavePhase::ALL[..count]
+        .iter()
+        .enumerate()
+        .map(|(index, phase)| {
+            let us = get_u64(record, R_PHASE_US + 8 * index);
+            (*phase, Duration::from_micros(us))
+        })
+        .collect();
+    Some(SaveReport {
+        kind,
+        seq,
+        state_bytes: usize::try_from(get_u64(record, R_STATE_BYTES)).ok()?,
+        phases,
+        total: Duration::from_micros(get_u64(record, R_TOTAL_US)),
+        deadline: Duration::from_micros(get_u64(record, R_DEADLINE_US)),
+        deadline_overrun: get_u32(record, R_FLAGS) & FLAG_DEADLINE_OVERRUN != 0,
+    })
+}
+
+fn record_offset(area: &StateArea, index: usize) -> u64 {
+    area.slot_offset(index) + area.slot_len() - RECORD_LEN as u64
+}
+
+/// Whether a record fits behind a payload of `payload_len` bytes in one of `area`'s slots.
+pub fn fits(area: &StateArea, payload_len: u64) -> bool {
+    state_slots::HEADER_LEN as u64 + payload_len + RECORD_LEN as u64 <= area.slot_len()
+}
+
+/// Writes and persists the record of `report` into the tail of slot `index`, which holds the
+/// committed save `report.seq` with a payload of `payload_len` bytes. Returns `false` (writing
+/// nothing) when the payload leaves no room for it.
+pub fn write(
+    store: &mut dyn Persistence,
+    area: &StateArea,
+    index: usize,
+    payload_len: u64,
+    report: &SaveReport,
+) -> Result<bool> {
+    if !fits(area, payload_len) {
+        return Ok(false);
+    }
+    let offset = record_offset(area, index);
+    store.write(offset, &encode(area, report))?;
+    store.persist(offset, RECORD_LEN as u64)?;
+    Ok(true)
+}
+
+/// The report of save `seq` from either slot of `area`, if one was recorded and is intact.
+pub fn read(store: &dyn Persistence, area: &StateArea, seq: u64) -> Result<Option<SaveReport>> {
+    if seq == 0 || area.slot_len() < (state_slots::HEADER_LEN + RECORD_LEN) as u64 {
+        return Ok(None);
+    }
+    for index in 0..2 {
+        let record = read_vec(store, record_offset(area, index), RECORD_LEN)?;
+        if let Some(report) = decode(area, &record, seq) {
+            return Ok(Some(report));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Uuid;
+    use crate::persistence::memory::MemoryBackend;
+    use crate::vm_table::Extent;
+
+    fn area(uuid: u8) -> StateArea {
+        StateArea {
+            vm_uuid: Uuid([uuid; 16]),
+            area: Extent {
+                offset: 4096,
+                len: 8192,
+            },
+        }
+    }
+
+    fn report(seq: u64) -> SaveReport {
+        SaveReport {
+            kind: ShutdownKind::PlannedSuspend,
+            seq,
+            state_bytes: 1234,
+            phases: SavePhase::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, phase)| (*phase, Duration::from_micros(10 * (i as u64 + 1))))
+                .collect(),
+            total: Duration::from_micros(170),
+            deadline: Duration::from_millis(50),
+            deadline_overrun: true,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_and_survives_the_header_invalidation() {
+        let mut store = MemoryBackend::new(vec![0; 3 * 4096]);
+        let area = area(7);
+        area.write(&mut store, None, 3, b"state").unwrap();
+        assert!(write(&mut store, &area, 0, 5, &report(3)).unwrap());
+        assert_eq!(read(&store, &area, 3).unwrap(), Some(report(3)));
+        area.invalidate(&mut store, 0).unwrap();
+        assert_eq!(read(&store, &area, 3).unwrap(), Some(report(3)));
+        // Another save's sequence, another VM, or damage: no report.
+        assert_eq!(read(&store, &area, 4).unwrap(), None);
+        assert_eq!(read(&store, &self::area(8), 3).unwrap(), None);
+        let at = record_offset(&area, 0) as usize + R_TOTAL_US;
+        store.bytes[at] ^= 1;
+        assert_eq!(read(&store, &area, 3).unwrap(), None);
+    }
+
+    #[test]
+    fn a_payload_reaching_the_tail_gets_no_record() {
+        let mut store = MemoryBackend::new(vec![0; 3 * 4096]);
+        let area = area(7);
+        let capacity = area.payload_capacity();
+        assert!(fits(&area, capacity - RECORD_LEN as u64));
+        assert!(!fits(&area, capacity - RECORD_LEN as u64 + 1));
+        assert!(!write(&mut store, &area, 1, capacity, &report(2)).unwrap());
+        assert_eq!(read(&store, &area, 2).unwrap(), None);
+    }
+}
