@@ -1,7 +1,8 @@
-//! Helpers shared by the KVM end-to-end tests: the /dev/kvm gate, waiting on a guest's serial
-//! log, and parsing the counter guest's progress lines.
+//! Helpers shared by the KVM end-to-end tests: the /dev/kvm gate, the test guests' command line,
+//! waiting on a guest's serial log, and parsing the counter guest's progress lines.
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Set to `1` to let KVM tests skip on a machine without `/dev/kvm` (they print that they did).
@@ -36,6 +37,26 @@ fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
          (set {SKIP_KVM_ENV}=1 to skip them explicitly)",
         device.display()
     );
+}
+
+/// The rate the guests' TSC counts at (KVM_GET_TSC_KHZ through `vmm::tsc`), asked once.
+pub fn guest_tsc_khz() -> u32 {
+    static KHZ: OnceLock<u32> = OnceLock::new();
+    *KHZ.get_or_init(|| {
+        vmm::tsc::guest_tsc_khz()
+            .unwrap_or_else(|e| panic!("reading the guest TSC rate for tsc_khz=: {e}"))
+    })
+}
+
+/// A test guest's kernel command line: `parameters` plus `tsc_khz=` with the real TSC rate. The
+/// guests pace themselves by the TSC ("a line about every 100 ms") and assume 2 GHz unless told.
+pub fn guest_cmdline(parameters: &str) -> String {
+    let tsc = format!("tsc_khz={}", guest_tsc_khz());
+    if parameters.trim().is_empty() {
+        tsc
+    } else {
+        format!("{} {tsc}", parameters.trim())
+    }
 }
 
 /// Reads the serial log at `path` (empty while it does not exist yet).
@@ -124,6 +145,20 @@ mod tests {
     #[test]
     fn a_missing_kvm_device_skips_only_when_asked() {
         assert!(!kvm_gate(Path::new("/nonexistent/kvm"), true, "gate"));
+    }
+
+    #[test]
+    fn guest_command_lines_carry_the_real_tsc_rate() {
+        if !kvm_available("guest_command_lines_carry_the_real_tsc_rate") {
+            return;
+        }
+        let khz = guest_tsc_khz();
+        assert!((500_000..10_000_000).contains(&khz), "{khz} kHz");
+        assert_eq!(guest_cmdline(""), format!("tsc_khz={khz}"));
+        assert_eq!(
+            guest_cmdline(" area_mb=2 "),
+            format!("area_mb=2 tsc_khz={khz}")
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, kvm_available, read_log, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
 };
 use integration_tests::openapi;
 use serde_json::{json, Value};
@@ -337,7 +337,7 @@ fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
     let mut config = json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": GUEST_RAM},
-        "payload": {"kernel": counter_kernel().display().to_string(), "cmdline": ""},
+        "payload": {"kernel": counter_kernel().display().to_string(), "cmdline": guest_cmdline("")},
         "serial": {"mode": "File", "file": serial_log.display().to_string()},
         "console": {"mode": "Off"},
     });
@@ -772,7 +772,7 @@ fn command_line_restore_resumes_the_guest() {
             "--kernel".into(),
             counter_kernel().display().to_string(),
             "--cmdline".into(),
-            String::new(),
+            guest_cmdline(""),
             "--memory".into(),
             format!("size={}M", GUEST_RAM >> 20),
             "--serial".into(),
@@ -840,7 +840,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
             "--kernel".into(),
             counter_kernel().display().to_string(),
             "--cmdline".into(),
-            String::new(),
+            guest_cmdline(""),
             "--memory".into(),
             format!("size={}M", GUEST_RAM >> 20),
             "--serial".into(),

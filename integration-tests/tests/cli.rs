@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, kvm_available, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
 };
 
 /// Nothing here should take long; a hang is a failure, not a stuck CI job.
@@ -332,11 +332,12 @@ fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
     let events = dir.path().join("events");
     let serial = format!("file={}", serial_log.display());
     let monitor = format!("path={}", events.display());
+    let cmdline = guest_cmdline("");
     let mut arguments = vec![
         "--kernel",
         kernel.to_str().unwrap(),
         "--cmdline",
-        "",
+        &cmdline,
         "--serial",
         &serial,
         "--console",

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use integration_tests::harness::{assert_counter_advances, counter_lines, kvm_available, read_log};
+use integration_tests::harness::{
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log,
+};
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -186,7 +188,7 @@ fn boot_arguments(kernel: &Path, cmdline: &str, ram: &str, region: &Path, vm: &s
         "--kernel".into(),
         kernel.display().to_string(),
         "--cmdline".into(),
-        cmdline.into(),
+        guest_cmdline(cmdline),
         "--memory".into(),
         format!("size={ram}"),
         "--nv".into(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, kvm_available, read_log, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
@@ -33,7 +33,7 @@ fn config(kernel: &Path, cmdline: &str, memory: MemoryConfig, serial_log: &Path)
         memory,
         payload: PayloadConfig {
             kernel: Some(kernel.display().to_string()),
-            cmdline: Some(cmdline.to_string()),
+            cmdline: Some(guest_cmdline(cmdline)),
             ..Default::default()
         },
         disks: None,

@@ -14,6 +14,7 @@ pub mod option_parser;
 pub mod seccomp_filters;
 pub mod snapshot;
 pub mod state;
+pub mod tsc;
 pub mod upstream_fields;
 pub mod userfaultfd;
 pub mod vcpu;
