@@ -11,16 +11,15 @@
 //! `OnDemand` (the counter guest continues, no second boot), `--restore` on the command line, and
 //! the upstream lifecycle events in `--event-monitor` files.
 //!
-//! The binaries are built once by the first test that needs them (`cargo build -p
-//! cloud-hypervisor -p ch-remote`, same profile), as `tests/cli.rs` does.
+//! The binaries are built once by the first test that needs them (`integration_tests::binaries`).
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use integration_tests::api_client;
+use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
 };
@@ -45,44 +44,6 @@ const NV_OPERATIONS: [&str; 5] = [
     "vm.nv-recover",
     "vmm.nv-regions",
 ];
-
-struct Binaries {
-    cloud_hypervisor: PathBuf,
-    ch_remote: PathBuf,
-}
-
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("integration-tests lives inside the workspace");
-        let release = !cfg!(debug_assertions);
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.current_dir(workspace).args([
-            "build",
-            "--quiet",
-            "-p",
-            "cloud-hypervisor",
-            "-p",
-            "ch-remote",
-        ]);
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build");
-        assert!(status.success(), "cargo build of the binaries failed");
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) if !dir.is_empty() => workspace.join(dir),
-            _ => workspace.join("target"),
-        };
-        let profile = target.join(if release { "release" } else { "debug" });
-        Binaries {
-            cloud_hypervisor: profile.join("cloud-hypervisor"),
-            ch_remote: profile.join("ch-remote"),
-        }
-    })
-}
 
 fn counter_kernel() -> PathBuf {
     integration_tests::guests::guest_image("counter")
@@ -125,7 +86,7 @@ impl VmmProcess {
         let socket = dir.join(format!("{name}.sock"));
         let events = dir.join(format!("{name}.events"));
         let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(&binaries().cloud_hypervisor)
+        let child = Command::new(binaries::cloud_hypervisor())
             .arg("--api-socket")
             .arg(format!("path={}", socket.display()))
             .arg("--event-monitor")
@@ -163,35 +124,19 @@ impl VmmProcess {
     /// Sends raw bytes and reads the answer (the request must ask for `Connection: close`, or
     /// be one the server closes after).
     fn raw(&self, request: &[u8]) -> Reply {
-        let mut stream = UnixStream::connect(&self.socket).expect("connect to the API socket");
-        stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-        stream.write_all(request).expect("send request");
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .expect("read the response");
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
+        let (status, body) = api_client::exchange(&self.socket, request, BOOT_TIMEOUT);
         Reply { status, body }
     }
 
     /// One API call; on success its request and response bodies must match the spec.
     fn call(&self, method: &str, op: &str, body: Option<&str>) -> Reply {
         let payload = body.unwrap_or("");
-        let request = format!(
-            "{method} /api/v1/{op} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-            payload.len()
-        );
-        let reply = self.raw(request.as_bytes());
+        let (status, reply_body) =
+            api_client::request(&self.socket, method, op, payload, BOOT_TIMEOUT);
+        let reply = Reply {
+            status,
+            body: reply_body,
+        };
         if let Err(error) =
             openapi::check_exchange(method, op, body, reply.status, reply.body.as_bytes())
         {
@@ -306,7 +251,7 @@ impl Drop for VmmProcess {
 }
 
 fn ch_remote_on(socket: &Path, arguments: &[&str]) -> ChRemoteRun {
-    let output = Command::new(&binaries().ch_remote)
+    let output = Command::new(binaries::ch_remote())
         .arg("--api-socket")
         .arg(socket)
         .args(arguments)
@@ -810,7 +755,7 @@ fn command_line_restore_resumes_the_guest() {
         restored.shutdown();
     }
 
-    let output = Command::new(&binaries().cloud_hypervisor)
+    let output = Command::new(binaries::cloud_hypervisor())
         .args([
             "--restore",
             &format!("source_url={snapshot},prefault=on,memory_restore_mode=ondemand"),

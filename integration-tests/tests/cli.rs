@@ -2,20 +2,18 @@
 //! for bad values and failures to start, as upstream), one clear stderr line naming the option,
 //! never a panic.
 //!
-//! The binary lives in another crate of the workspace, so `CARGO_BIN_EXE_*` does not exist here.
-//! The first test to need it runs `cargo build -p cloud-hypervisor` (same profile as this test
-//! build) and uses `<target dir>/<profile>/cloud-hypervisor`; that keeps the binary in step with
-//! the sources. `CLOUD_HYPERVISOR_BIN=/path` skips the build and tests that binary instead.
+//! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
+//! tests that binary instead.
 //!
 //! The last tests boot the counter test guest on KVM through the command line, with the default
 //! `--seccomp true`, so every filter the VMM installs is exercised on a running guest.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
 };
@@ -25,36 +23,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Boot is emulated ring-0 code here: a generous bound for the guest's first lines.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CLOUD_HYPERVISOR_BIN") {
-            return PathBuf::from(path);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("integration-tests lives inside the workspace");
-        let release = !cfg!(debug_assertions);
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .current_dir(workspace)
-            .args(["build", "--quiet", "-p", "cloud-hypervisor"]);
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build");
-        assert!(status.success(), "cargo build -p cloud-hypervisor failed");
-        // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo runs.
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) if !dir.is_empty() => workspace.join(dir),
-            _ => workspace.join("target"),
-        };
-        target
-            .join(if release { "release" } else { "debug" })
-            .join("cloud-hypervisor")
-    })
-}
-
 struct Run {
     code: i32,
     stdout: String,
@@ -62,7 +30,7 @@ struct Run {
 }
 
 fn run(arguments: &[&str]) -> Run {
-    let mut child = Command::new(binary())
+    let mut child = Command::new(binaries::cloud_hypervisor())
         .args(arguments)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -284,7 +252,7 @@ fn event_monitor_records_start_and_shutdown_even_on_failure() {
 
 /// Starts the binary with piped stdout/stderr, for a VM that runs until told to stop.
 fn spawn(arguments: &[&str]) -> Child {
-    Command::new(binary())
+    Command::new(binaries::cloud_hypervisor())
         .args(arguments)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -2,19 +2,20 @@
 //! guests on an NV region (under /dev/shm when it exists), gets SIGPWR or an API call, saves,
 //! exits, and a new process recovers the VM in place. Real KVM; never skipped silently.
 //!
-//! The binary is built on first use (same profile as this test build), as in `cli.rs`;
-//! `CLOUD_HYPERVISOR_BIN=/path` tests that binary instead.
+//! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
+//! tests that binary instead.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use integration_tests::api_client;
+use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log,
 };
@@ -26,34 +27,6 @@ const SMALL_RAM: &str = "32M";
 /// Generous bound for a guest to print a line or a VMM to exit (boot is ring-0 emulated here).
 const TIMEOUT: Duration = Duration::from_secs(30);
 const UNSAFE_SHUTDOWN: &str = "unsafe shutdown — state incomplete";
-
-fn binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CLOUD_HYPERVISOR_BIN") {
-            return PathBuf::from(path);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("integration-tests lives inside the workspace");
-        let release = !cfg!(debug_assertions);
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .current_dir(workspace)
-            .args(["build", "--quiet", "-p", "cloud-hypervisor"]);
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build");
-        assert!(status.success(), "cargo build -p cloud-hypervisor failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        target
-            .join(if release { "release" } else { "debug" })
-            .join("cloud-hypervisor")
-    })
-}
 
 fn guest(name: &str) -> PathBuf {
     integration_tests::guests::guest_image(name)
@@ -82,7 +55,7 @@ impl VmmProcess {
     fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
         let serial = dir.join(format!("{label}.serial"));
         let stderr = dir.join(format!("{label}.stderr"));
-        let mut command = Command::new(binary());
+        let mut command = Command::new(binaries::cloud_hypervisor());
         command
             .args(arguments)
             .args([
@@ -768,29 +741,7 @@ fn power_failures_inside_the_save_never_resume_a_torn_state() {
 
 /// One HTTP/1.1 request over the API socket; returns (status, body).
 fn api_request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(socket).expect("connecting to the API socket");
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    write!(
-        stream,
-        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("reading the answer");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+    api_client::request(socket, method, path, body, TIMEOUT)
 }
 
 fn wait_for_socket(socket: &Path) {

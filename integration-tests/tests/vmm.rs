@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use integration_tests::api_client;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
 };
@@ -542,30 +543,7 @@ fn a_mismatched_state_is_refused() {
 
 /// One HTTP/1.1 request over the API socket (`Connection: close`); returns status and body.
 fn api_call(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect API socket");
-    stream
-        .set_read_timeout(Some(BOOT_TIMEOUT))
-        .expect("read timeout");
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+    api_client::request(socket, method, endpoint, body.unwrap_or(""), BOOT_TIMEOUT)
 }
 
 /// The control loop's side of the REST API: an empty VMM takes a VM over `vm.create`, boots,

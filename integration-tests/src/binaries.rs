@@ -1,0 +1,62 @@
+//! The workspace's own binaries, as the end-to-end tests run them.
+//!
+//! They live in other crates of the workspace, so `CARGO_BIN_EXE_*` does not exist here. The
+//! first test to need one runs `cargo build -p cloud-hypervisor -p ch-remote` (the profile of
+//! this test build) and uses `<target dir>/<profile>/<name>`: that keeps the binaries in step
+//! with the sources. `CLOUD_HYPERVISOR_BIN=/path` or `CH_REMOTE_BIN=/path` tests that binary
+//! instead, without a build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `cloud-hypervisor`, or what `CLOUD_HYPERVISOR_BIN` names.
+pub fn cloud_hypervisor() -> PathBuf {
+    given_or_built("CLOUD_HYPERVISOR_BIN", "cloud-hypervisor")
+}
+
+/// `ch-remote`, or what `CH_REMOTE_BIN` names.
+pub fn ch_remote() -> PathBuf {
+    given_or_built("CH_REMOTE_BIN", "ch-remote")
+}
+
+fn given_or_built(variable: &str, name: &str) -> PathBuf {
+    match std::env::var_os(variable) {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => built_profile_dir().join(name),
+    }
+}
+
+/// Builds both binaries once per test process; returns the directory they are in.
+fn built_profile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("integration-tests lives inside the workspace");
+        let release = !cfg!(debug_assertions);
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "cloud-hypervisor",
+            "-p",
+            "ch-remote",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p cloud-hypervisor -p ch-remote failed"
+        );
+        // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => workspace.join(dir),
+            _ => workspace.join("target"),
+        };
+        target.join(if release { "release" } else { "debug" })
+    })
+}
