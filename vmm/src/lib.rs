@@ -12,6 +12,7 @@ pub mod memory;
 pub mod nv;
 pub mod option_parser;
 pub mod seccomp_filters;
+mod signal_events;
 pub mod snapshot;
 pub mod state;
 pub mod tsc;

@@ -9,9 +9,7 @@
 //! -> [`VmHost`] (pause vCPUs, drain and fdatasync disks, `Vm::save_state`) -> region commit.
 //! `docs/recovery.md` explains the sequence, the clock and the exit codes.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +18,8 @@ use nv_extension::{
     VmHandle, VmSummary,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{block_signal, unblock_signal};
 
 use crate::api::{
     NvLastSave, NvPersistenceMode, NvPhaseTiming, NvRecoverConfig, NvRegionListing, NvRegionVm,
@@ -33,6 +31,7 @@ use crate::config::{
 use crate::event_monitor;
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_file;
+use crate::signal_events::route_to_event_fd;
 use crate::state::VmState;
 use crate::vm::{Vm, VmRunState};
 use crate::{Error, ErrorKind};
@@ -607,23 +606,6 @@ pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
     })
 }
 
-/// The EventFd SIGPWR writes to; -1 until [`install_power_fail_signal`] runs.
-static POWER_FAIL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn handle_power_fail_signal(
-    _signal: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
-) {
-    let fd = POWER_FAIL_EVENT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte buffer and `fd` is an
-        // eventfd that stays open for the life of the process once published.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
-
 /// Holds SIGPWR pending in the calling thread and every thread it starts later. The binary calls
 /// this first thing in `main`: until [`install_power_fail_signal`] runs, SIGPWR's default action
 /// would kill the process and lose the save, and a UPS daemon may signal a VMM that has only just
@@ -643,22 +625,7 @@ pub fn hold_power_fail_signal() -> Result<(), Error> {
 /// thread that does not block the signal, and one held pending by [`hold_power_fail_signal`] is
 /// delivered right here, into the EventFd, so the control loop saves once the VM is up.
 pub fn install_power_fail_signal() -> Result<EventFd, Error> {
-    let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
-        operation: "create (power fail)",
-        source,
-    })?;
-    // The handler needs an fd that never closes: give it a duplicate that lives forever, so a
-    // later Vmm (tests create several) cannot leave it pointing at a reused fd number.
-    let forever = event.try_clone().map_err(|source| Error::EventFd {
-        operation: "clone (power fail)",
-        source,
-    })?;
-    let previous = POWER_FAIL_EVENT_FD.swap(forever.as_raw_fd(), Ordering::SeqCst);
-    std::mem::forget(forever);
-    if previous < 0 {
-        register_signal_handler(libc::SIGPWR, handle_power_fail_signal)
-            .map_err(Error::SignalHandler)?;
-    }
+    let event = route_to_event_fd(&[libc::SIGPWR], "power fail")?;
     unblock_signal(libc::SIGPWR).map_err(|e| Error::PowerFailSignalMask(e.to_string()))?;
     Ok(event)
 }

@@ -184,27 +184,14 @@ const VMM: &[i64] = &[
 /// terminal, virtio notifications go out through eventfds, and the pause kick is a signal. When the
 /// guest driver sets DRIVER_OK, the vCPU's MMIO write activates the virtio device, which creates
 /// its eventfds and epoll and starts the block I/O thread right there (seen with strace): that
-/// thread inherits this filter, so every `BLOCK_IO` call is allowed here too.
+/// thread inherits this filter, so a vCPU's allow list is this one plus `BLOCK_IO` (see
+/// `allow_list`).
 const VCPU: &[i64] = &[
     libc::SYS_ioctl,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_pread64,
-    libc::SYS_preadv,
-    libc::SYS_pwrite64,
-    libc::SYS_pwritev,
-    libc::SYS_lseek,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-    libc::SYS_fstat,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
@@ -275,15 +262,19 @@ const PAGE_FAULT: &[i64] = &[
 const EVENT_MONITOR: &[i64] = &[libc::SYS_fsync, libc::SYS_fdatasync];
 
 fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
-    let specific = match kind {
-        ThreadKind::Vmm => VMM,
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::HttpApi => HTTP_API,
-        ThreadKind::BlockIo => BLOCK_IO,
-        ThreadKind::EventMonitor => EVENT_MONITOR,
-        ThreadKind::PageFault => PAGE_FAULT,
+    let specific: &[&[i64]] = match kind {
+        ThreadKind::Vmm => &[VMM],
+        // A vCPU starts block I/O threads, which run under its filter until they install theirs.
+        ThreadKind::Vcpu => &[VCPU, BLOCK_IO],
+        ThreadKind::HttpApi => &[HTTP_API],
+        ThreadKind::BlockIo => &[BLOCK_IO],
+        ThreadKind::EventMonitor => &[EVENT_MONITOR],
+        ThreadKind::PageFault => &[PAGE_FAULT],
     };
-    COMMON.iter().chain(specific).copied()
+    COMMON
+        .iter()
+        .chain(specific.iter().flat_map(|list| list.iter()))
+        .copied()
 }
 
 /// Compiles the filter of `kind` to BPF.

@@ -5,14 +5,12 @@
 mod api_dispatch;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nv_extension::{SaveReport, ShutdownKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::register_signal_handler;
 
 use crate::api::{self, ApiMessage};
 use crate::config::{ApiSocketConfig, SeccompMode, VmConfig};
@@ -20,6 +18,7 @@ use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
+use crate::signal_events::route_to_event_fd;
 use crate::vm::Vm;
 use crate::Error;
 
@@ -53,23 +52,6 @@ impl ControlEvent {
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
-    }
-}
-
-/// The EventFd that SIGTERM/SIGINT write to; -1 until `Vmm::new` installs the handlers.
-static TERMINATION_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn handle_termination_signal(
-    _signal: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
-) {
-    let fd = TERMINATION_EVENT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte buffer and `fd` is an
-        // eventfd that stays open for the life of the process once published.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
     }
 }
 
@@ -123,21 +105,17 @@ impl Vmm {
             operation: "create",
             source,
         })?;
-        let mut vmm = Vmm {
+        let vmm = Vmm {
             epoll_fd,
             seccomp,
             events: Arc::new(VmEvents::new()?),
-            termination: EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
-                operation: "create",
-                source,
-            })?,
+            termination: route_to_event_fd(&[libc::SIGTERM, libc::SIGINT], "termination")?,
             power_fail_signal: nv::install_power_fail_signal()?,
             vm: None,
             vm_config: None,
             api: None,
             nv: None,
         };
-        vmm.install_termination_handlers()?;
         crate::seccomp_filters::confine_device_io_threads(seccomp);
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
@@ -149,27 +127,6 @@ impl Vmm {
             ControlEvent::PowerFailSignal,
         )?;
         Ok(vmm)
-    }
-
-    fn install_termination_handlers(&mut self) -> Result<(), Error> {
-        // The handler needs an fd that never closes: give it a duplicate that lives forever, so
-        // a later Vmm (tests create several) cannot leave it pointing at a reused fd number.
-        let forever = self
-            .termination
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                operation: "clone (termination)",
-                source,
-            })?;
-        let previous = TERMINATION_EVENT_FD.swap(forever.as_raw_fd(), Ordering::SeqCst);
-        std::mem::forget(forever);
-        if previous < 0 {
-            for signal in [libc::SIGTERM, libc::SIGINT] {
-                register_signal_handler(signal, handle_termination_signal)
-                    .map_err(Error::SignalHandler)?;
-            }
-        }
-        Ok(())
     }
 
     fn watch(&self, fd: RawFd, event: ControlEvent) -> Result<(), Error> {

@@ -9,7 +9,6 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::cache_flush;
 use super::mapping::{flock, SharedMapping};
 use super::{Persistence, PersistenceMode};
 use crate::error::{Error, Result};
@@ -109,9 +108,7 @@ impl Persistence for DevDaxBackend {
         self.mapping.write(offset, data)
     }
     fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
-        let (addr, span) = self.mapping.page_span(offset, len)?;
-        // SAFETY: the span lies inside our live mapping (checked by page_span).
-        unsafe { cache_flush::write_back(addr, span) }
+        self.mapping.write_back(offset, len)
     }
     fn grow(&mut self, _new_len: u64) -> Result<()> {
         Err(Error::CannotGrow("a devdax device has a fixed size"))

@@ -4,7 +4,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::cache_flush;
 use super::mapping::{flock, SharedMapping, MAP_SHARED_VALIDATE, MAP_SYNC};
 use super::{Persistence, PersistenceMode};
 use crate::error::{Error, Result};
@@ -99,11 +98,7 @@ impl Persistence for FileBackend {
     }
     fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
         match self.mode {
-            PersistenceMode::DaxFile => {
-                let (addr, span) = self.mapping.page_span(offset, len)?;
-                // SAFETY: the span lies inside our live mapping (checked by page_span).
-                unsafe { cache_flush::write_back(addr, span) }
-            }
+            PersistenceMode::DaxFile => self.mapping.write_back(offset, len),
             _ => self.mapping.msync(offset, len),
         }
     }

@@ -109,6 +109,14 @@ impl SharedMapping {
         Ok((unsafe { self.addr.add(aligned) }, end - aligned))
     }
 
+    /// Cache-line write-back (`clwb`/`clflushopt`/`clflush` + `sfence`) of the pages covering
+    /// the range: how a DAX mapping (file or device) makes stores durable.
+    pub(crate) fn write_back(&self, offset: u64, len: u64) -> Result<()> {
+        let (addr, span) = self.page_span(offset, len)?;
+        // SAFETY: the span lies inside this live mapping (checked by page_span).
+        unsafe { super::cache_flush::write_back(addr, span) }
+    }
+
     /// `msync(MS_SYNC)` over the pages covering the range.
     pub(crate) fn msync(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {

@@ -1,0 +1,88 @@
+//! Signals the control loop reacts to (SIGTERM/SIGINT, SIGPWR) arrive as EventFd wake-ups in its
+//! epoll: the handler only writes the EventFd registered for its signal, which is
+//! async-signal-safe, and everything else happens on the control loop's thread.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::Error;
+
+/// Signal numbers are below 65 on Linux (SIGRTMAX is 64).
+const SIGNAL_SLOTS: usize = 65;
+
+/// The EventFd each signal writes to; -1 until [`route_to_event_fd`] registers one.
+static EVENT_FDS: [AtomicI32; SIGNAL_SLOTS] = [const { AtomicI32::new(-1) }; SIGNAL_SLOTS];
+
+extern "C" fn write_event(
+    signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    let fd = usize::try_from(signal)
+        .ok()
+        .and_then(|index| EVENT_FDS.get(index))
+        .map_or(-1, |slot| slot.load(Ordering::Relaxed));
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte buffer and `fd` is an
+        // eventfd that stays open for the life of the process once published.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// Makes each of `signals` write the returned (non-blocking) EventFd instead of taking its
+/// default action. A later call for the same signal moves it to that call's EventFd (tests build
+/// several VMMs in one process). `what` names the route in errors.
+pub fn route_to_event_fd(signals: &[libc::c_int], what: &str) -> Result<EventFd, Error> {
+    let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+        operation: "create (signal)",
+        source,
+    })?;
+    // The handler needs an fd that never closes: give it a duplicate that lives forever, so a
+    // later route cannot leave it pointing at a reused fd number.
+    let forever = event.try_clone().map_err(|source| Error::EventFd {
+        operation: "clone (signal)",
+        source,
+    })?;
+    for &signal in signals {
+        let slot = usize::try_from(signal)
+            .ok()
+            .and_then(|index| EVENT_FDS.get(index))
+            .ok_or_else(|| Error::SignalHandler(vmm_sys_util::errno::Error::new(libc::EINVAL)))?;
+        let previous = slot.swap(forever.as_raw_fd(), Ordering::SeqCst);
+        if previous < 0 {
+            register_signal_handler(signal, write_event).map_err(|e| {
+                log::error!("routing {what} signal {signal}: {e}");
+                Error::SignalHandler(e)
+            })?;
+        }
+    }
+    std::mem::forget(forever);
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routed_signal_wakes_its_event_fd() {
+        // SIGUSR2 is not used by the VMM; the test process takes it over.
+        let event = route_to_event_fd(&[libc::SIGUSR2], "test").unwrap();
+        assert!(
+            event.read().is_err(),
+            "nothing is pending before the signal"
+        );
+        // SAFETY: raise(3) on the calling thread; SIGUSR2 now has our handler.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR2) }, 0);
+        assert_eq!(event.read().unwrap(), 1);
+        let moved = route_to_event_fd(&[libc::SIGUSR2], "test").unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR2) }, 0);
+        assert_eq!(moved.read().unwrap(), 1);
+        assert!(event.read().is_err(), "the old route is no longer written");
+    }
+}
