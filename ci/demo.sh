@@ -17,8 +17,16 @@ fail() { printf 'demo: FAILED: %s\n' "$*" >&2; exit 1; }
 [ -e /dev/kvm ] || fail "/dev/kvm is missing: this demo runs a real KVM guest"
 
 step "1. Building cloud-hypervisor (release) and the counter test guest"
-cargo build --release --quiet -p cloud-hypervisor
-vmm="${CARGO_TARGET_DIR:-$root/target}/release/cloud-hypervisor"
+cargo build --release --quiet -p cloud-hypervisor -p integration-tests --bin cloud-hypervisor \
+    --bin test-guest
+# A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+vmm="$target/release/cloud-hypervisor"
+# The guest is built by the test harness's own code (integration_tests::guests, the one place
+# its compiler flags live), and told this host's TSC rate, its time base (KVM_GET_TSC_KHZ).
+kernel=$("$target/release/test-guest" image counter) || fail "building the counter guest"
+cmdline=$("$target/release/test-guest" cmdline area_mb=16) || fail "reading the TSC rate"
 
 base=/dev/shm
 [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}
@@ -30,17 +38,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-guests="$root/integration-tests/guests"
-# The same compiler command integration_tests::guests::guest_image uses (see guests/README.md).
-gcc -ffreestanding -nostdlib -static -fno-pic -no-pie -mno-red-zone -mgeneral-regs-only -O2 \
-    -fno-stack-protector -fcf-protection=none -fno-asynchronous-unwind-tables \
-    -fno-unwind-tables -fno-tree-loop-distribute-patterns -Wall -Wextra -Werror \
-    -Wl,--build-id=none -I "$guests" -T "$guests/guest.ld" \
-    "$guests"/boot.S "$guests"/kernel.c "$guests"/console.c "$guests"/params.c \
-    "$guests"/clock.c "$guests"/runtime.c "$guests"/virtio_blk.c "$guests"/counter.c \
-    -o "$work/counter"
 echo "    binary: $vmm"
-echo "    guest:  $work/counter"
+echo "    guest:  $kernel (command line: $cmdline)"
 
 region="$work/region"
 ram=256M
@@ -64,7 +63,7 @@ first_counter() { grep '^counter=' "$1" | head -1 | sed 's/^counter=\([0-9]*\).*
 step "2. Booting the counter guest with $ram of RAM in a new NV region ($region)"
 echo "    $ cloud-hypervisor --kernel counter --memory size=$ram --serial file=serial-1.log \\"
 echo "        --nv region=$region,vm=demo,create=on"
-"$vmm" --kernel "$work/counter" --cmdline "area_mb=16" --memory "size=$ram" \
+"$vmm" --kernel "$kernel" --cmdline "$cmdline" --memory "size=$ram" \
     --serial "file=$work/serial-1.log" --console off \
     --nv "region=$region,vm=demo,create=on" -v --log-file "$work/vmm-1.log" &
 pid=$!

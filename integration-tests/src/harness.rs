@@ -51,7 +51,12 @@ pub fn guest_tsc_khz() -> u32 {
 /// A test guest's kernel command line: `parameters` plus `tsc_khz=` with the real TSC rate. The
 /// guests pace themselves by the TSC ("a line about every 100 ms") and assume 2 GHz unless told.
 pub fn guest_cmdline(parameters: &str) -> String {
-    let tsc = format!("tsc_khz={}", guest_tsc_khz());
+    cmdline_with_tsc(parameters, guest_tsc_khz())
+}
+
+/// `parameters` plus `tsc_khz=tsc_khz`.
+pub fn cmdline_with_tsc(parameters: &str, tsc_khz: u32) -> String {
+    let tsc = format!("tsc_khz={tsc_khz}");
     if parameters.trim().is_empty() {
         tsc
     } else {
