@@ -925,6 +925,10 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     let status = second.call("GET", "vm.nv-status", None).json();
     assert_eq!(status["last_save"], saved, "{status}");
     assert_eq!(status["shutdown_kind"], "PowerFail", "{status}");
+    // Running again (its saved state no longer resumable), the VM still lists that save.
+    let listing = second.call("GET", &regions_op, None).json();
+    assert_eq!(listing["vms"][0]["resumable"], false, "{listing}");
+    assert_eq!(listing["vms"][0]["last_save"], saved, "{listing}");
     second.ch_remote_ok(&["nv-persist", "suspend"]);
     assert_eq!(second.wait_exit(), 0, "{}", second.stderr_text());
 
