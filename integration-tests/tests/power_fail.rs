@@ -6,6 +6,7 @@
 //! tests that binary instead.
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -300,10 +301,12 @@ fn holds_power_fail_signal(pid: i32) -> Option<bool> {
 
 /// A UPS daemon may signal a VMM it has only just started. The binary holds SIGPWR from the
 /// first line of `main` until the VMM's handler is in place, so from then on the signal waits
-/// instead of killing the process (SIGPWR's default action) and the save runs once the VM is up.
-/// Before `main` (the dynamic loader's few hundred microseconds) no process can hold a signal:
-/// a SIGPWR there still kills it, but it has not touched the region yet, so the saved state it
-/// was started to recover stays resumable. Both outcomes are checked; nothing may be lost.
+/// instead of killing the process (SIGPWR's default action) and the save runs once the VM is up:
+/// checked deterministically by holding the VMM between the two (its event-monitor FIFO has no
+/// reader yet). Before `main` (the dynamic loader's few hundred microseconds) no process can
+/// hold a signal: a SIGPWR sent the moment spawn returns lands there and still kills it, but it
+/// has not touched the region yet, so the saved state it was started to recover stays
+/// resumable. Both outcomes are checked; nothing may be lost.
 #[test]
 fn a_power_failure_right_after_start_is_saved_or_harmless() {
     if !kvm_available("a_power_failure_right_after_start_is_saved_or_harmless") {
@@ -344,19 +347,42 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
     }
     eprintln!("SIGPWR at spawn: {saved} saved, {died_before_main} before main (region untouched)");
 
-    // SIGPWR sent as soon as the process holds it: the save must happen, every time.
-    let mut vmm = VmmProcess::spawn(
-        dir.path(),
-        "held",
-        &recover_arguments(&region, "early", ""),
-        &[],
-    );
+    // SIGPWR sent after `main` began and before the VMM's handler exists, every time: the VMM is
+    // held there by its `--event-monitor` FIFO, whose open blocks until a reader comes. The
+    // signal must wait (blocked), then be saved once the VMM is up; unblocked, it would kill.
+    let fifo = dir.path().join("events.fifo");
+    let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let mut arguments = recover_arguments(&region, "early", "");
+    arguments.extend(["--event-monitor".into(), format!("path={}", fifo.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "held", &arguments, &[]);
     let deadline = Instant::now() + TIMEOUT;
-    while holds_power_fail_signal(vmm.pid()) == Some(false) {
-        assert!(Instant::now() < deadline, "SIGPWR never held");
-        std::thread::yield_now();
+    while holds_power_fail_signal(vmm.pid()) != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "SIGPWR not held while the VMM waits for its event monitor:\n{}",
+            vmm.stderr_log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
-    power_fail(&mut vmm);
+    vmm.signal(libc::SIGPWR);
+    // Let the VMM go on: read (and drain) the event FIFO.
+    let reader = std::thread::spawn(move || {
+        let mut events = Vec::new();
+        File::open(&fifo)
+            .and_then(|mut file| file.read_to_end(&mut events))
+            .map(|_| String::from_utf8_lossy(&events).into_owned())
+    });
+    let status = vmm.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_POWER_FAIL_SAVED),
+        "held SIGPWR ({status})\nstderr:\n{}",
+        vmm.stderr_log()
+    );
+    let events = reader.join().unwrap().expect("reading the event FIFO");
+    assert!(events.contains("\"committed\""), "{events}");
     if !vmm.serial_log().is_empty() {
         before = vmm.serial_log();
     }
