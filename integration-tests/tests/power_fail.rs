@@ -289,6 +289,78 @@ fn counter_survives_three_power_failures_in_a_row() {
     );
 }
 
+/// Several persistent VMs share one NV region: two VMMs run side by side on it, both are saved by
+/// a power failure, both come back in place, and a third VMM that tries to take a VM still owned
+/// by a live process is refused without disturbing it.
+#[test]
+fn two_vms_share_one_region_and_both_survive_a_power_failure() {
+    if !kvm_available("two_vms_share_one_region_and_both_survive_a_power_failure") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let counter = guest("counter");
+    let names = ["left", "right"];
+    let mut running: Vec<VmmProcess> = names
+        .iter()
+        .map(|name| {
+            VmmProcess::spawn(
+                dir.path(),
+                &format!("{name}-boot"),
+                &boot_arguments(&counter, "area_mb=2", SMALL_RAM, &region, name),
+                &[],
+            )
+        })
+        .collect();
+    let mut before = Vec::new();
+    for vmm in &mut running {
+        vmm.wait_serial("two counter lines", |log| counter_lines(log).len() >= 2);
+    }
+
+    // The VM "left" belongs to a live VMM: a second one must not run it too.
+    let mut intruder = VmmProcess::spawn(
+        dir.path(),
+        "left-intruder",
+        &recover_arguments(&region, "left", ""),
+        &[],
+    );
+    assert_eq!(
+        intruder.wait_exit().code(),
+        Some(1),
+        "{}",
+        intruder.stderr_log()
+    );
+    assert!(
+        intruder.stderr_log().contains("owned"),
+        "no ownership message:\n{}",
+        intruder.stderr_log()
+    );
+
+    for vmm in &mut running {
+        power_fail(vmm);
+        before.push(vmm.serial_log());
+    }
+    let mut recovered: Vec<VmmProcess> = names
+        .iter()
+        .map(|name| {
+            VmmProcess::spawn(
+                dir.path(),
+                &format!("{name}-recover"),
+                &recover_arguments(&region, name, ""),
+                &[],
+            )
+        })
+        .collect();
+    for (vmm, before) in recovered.iter_mut().zip(&before) {
+        let after = vmm.wait_serial("two counter lines after recovery", |log| {
+            counter_lines(log).len() >= 2
+        });
+        assert_continues(before, &after);
+        vmm.signal(libc::SIGTERM);
+        assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr_log());
+    }
+}
+
 /// Whether `pid` blocks SIGPWR (the `SigBlk` mask of its main thread); `None` once it is gone.
 fn holds_power_fail_signal(pid: i32) -> Option<bool> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
