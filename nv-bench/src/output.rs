@@ -87,6 +87,11 @@ impl Summary {
         let _ = writeln!(self.text, "{}", line.as_ref());
     }
 
+    /// Tells the operator what is running now (stderr; not part of the results).
+    pub fn progress(&self, what: impl AsRef<str>) {
+        eprintln!("nv-bench: {}", what.as_ref());
+    }
+
     /// Prints and records a measurement that could not be made, with the reason.
     pub fn not_measured(&mut self, what: &str, why: &str) {
         // Keep the reason on one line: it may carry multi-line VMM output.

@@ -35,16 +35,26 @@ pub struct LineChart<'a> {
     /// Break a series' line where consecutive points are further apart than this in x (a
     /// period with no samples, e.g. while a VM is down), instead of bridging the gap.
     pub max_gap: Option<f64>,
+    /// Also break every line where it crosses this x (e.g. the failure at t = 0: the points
+    /// before and after come from two different VMMs).
+    pub break_at: Option<f64>,
 }
 
-/// Splits `points` (in x order) into runs with no x step larger than `max_gap`.
-fn split_at_gaps(points: &[(f64, f64)], max_gap: Option<f64>) -> Vec<Vec<(f64, f64)>> {
+/// Splits `points` (in x order) into runs with no x step larger than `max_gap` and none
+/// crossing `break_at`.
+fn split_at_gaps(
+    points: &[(f64, f64)],
+    max_gap: Option<f64>,
+    break_at: Option<f64>,
+) -> Vec<Vec<(f64, f64)>> {
     let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
     for &point in points {
-        let continues = match (runs.last().and_then(|run| run.last()), max_gap) {
-            (Some(previous), Some(gap)) => point.0 - previous.0 <= gap,
-            (Some(_), None) => true,
-            (None, _) => false,
+        let continues = match runs.last().and_then(|run| run.last()) {
+            Some(previous) => {
+                max_gap.is_none_or(|gap| point.0 - previous.0 <= gap)
+                    && break_at.is_none_or(|x| (previous.0 < x) == (point.0 < x))
+            }
+            None => false,
         };
         match runs.last_mut() {
             Some(run) if continues => run.push(point),
@@ -143,7 +153,7 @@ fn draw_lines(
                     .copied()
                     .filter(|(_, y)| !chart.log_y || *y > 0.0)
                     .collect();
-                for (run_index, run) in split_at_gaps(&points, chart.max_gap)
+                for (run_index, run) in split_at_gaps(&points, chart.max_gap, chart.break_at)
                     .into_iter()
                     .enumerate()
                 {
@@ -276,6 +286,7 @@ mod tests {
             log_y: true,
             markers: true,
             max_gap: Some(1.5),
+            break_at: None,
         };
         line_chart(&lines, &chart, &series).unwrap();
         let bars = dir.path().join("bars.png");
@@ -289,11 +300,15 @@ mod tests {
     #[test]
     fn lines_break_only_at_gaps() {
         let points = [(0.0, 1.0), (0.1, 1.0), (0.2, 1.0), (2.0, 1.0), (2.1, 1.0)];
-        let runs = split_at_gaps(&points, Some(0.5));
+        let runs = split_at_gaps(&points, Some(0.5), None);
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].len(), 3);
-        assert_eq!(split_at_gaps(&points, None).len(), 1);
-        assert!(split_at_gaps(&[], Some(0.5)).is_empty());
+        assert_eq!(split_at_gaps(&points, None, None).len(), 1);
+        assert!(split_at_gaps(&[], Some(0.5), None).is_empty());
+        let around_zero = [(-0.1, 1.0), (-0.05, 1.0), (0.02, 1.0), (0.07, 1.0)];
+        let runs = split_at_gaps(&around_zero, Some(0.5), Some(0.0));
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[1], [(0.02, 1.0), (0.07, 1.0)]);
     }
 
     #[test]
@@ -306,6 +321,7 @@ mod tests {
             log_y: false,
             markers: false,
             max_gap: None,
+            break_at: None,
         };
         assert!(line_chart(&dir.path().join("x.png"), &chart, &[]).is_err());
         assert!(bar_chart(&dir.path().join("y.png"), "t", "y", &[]).is_err());

@@ -70,6 +70,12 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 if failures.iter().any(|(failed, _)| failed == backing) {
                     continue;
                 }
+                bench.summary.progress(format!(
+                    "D {} keys, {}, repetition {}",
+                    keys_label(keys),
+                    backing.label(),
+                    repetition + 1
+                ));
                 match measure_one(bench, keys, *backing, repetition) {
                     Ok((rate, window)) => {
                         table.push(vec![

@@ -149,6 +149,12 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ]);
     for &size in &bench.profile.ram_sizes.clone() {
         for kind in [RegionKind::Tmpfs, RegionKind::DiskFile] {
+            bench.summary.progress(format!(
+                "A/B {} on a {} region: boot, then {} power failures and recoveries",
+                size_label(size),
+                kind.label(),
+                bench.profile.power_fail_cycles
+            ));
             let outcome = nv_cycles(bench, size, kind, &mut save_table, &mut recovery_table);
             match outcome {
                 Ok((saves, recoveries)) => {
@@ -174,6 +180,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 ),
             }
         }
+        bench.summary.progress(format!(
+            "B {}: copy snapshot/restore baseline",
+            size_label(size)
+        ));
         match copy_cycles(bench, size, &mut recovery_table) {
             Ok(baseline) => {
                 bench.summary.line(format!(
@@ -632,6 +642,7 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
                 log_y: true,
                 markers: true,
                 max_gap: None,
+                break_at: None,
             },
             &save_series,
         )?;
@@ -664,6 +675,7 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
                 log_y: true,
                 markers: true,
                 max_gap: None,
+                break_at: None,
             },
             &recovery_series,
         )?;

@@ -142,6 +142,12 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 if failed.contains(method) {
                     continue;
                 }
+                bench.summary.progress(format!(
+                    "C {} keys, {}, run {}: load, failure, recovery",
+                    keys_label(keys),
+                    method.label(),
+                    repetition + 1
+                ));
                 let run = match measure_one(bench, keys, *method) {
                     Ok(run) => run,
                     Err(error) => {
@@ -270,6 +276,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                     markers: false,
                     // Four missing periods: the VM is down, not slow.
                     max_gap: Some(4.0 * f64::from(PERIOD_MS) / 1e3),
+                    break_at: Some(0.0),
                 },
                 &series,
             )?;
