@@ -192,9 +192,16 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                     median(&baseline.snapshots).unwrap_or(f64::NAN) * 1e3,
                     baseline.snapshots.len()
                 ));
-                collected
-                    .recoveries
-                    .push((size, "copy restore".into(), baseline.restores));
+                match baseline.restores {
+                    Ok(restores) => {
+                        collected
+                            .recoveries
+                            .push((size, "copy restore".into(), restores))
+                    }
+                    Err(why) => bench
+                        .summary
+                        .not_measured(&format!("B copy restore at {}", size_label(size)), &why),
+                }
                 match baseline.on_demand {
                     Ok(seconds) => {
                         collected
@@ -377,7 +384,7 @@ impl Recovery {
 
 struct CopyBaseline {
     snapshots: Vec<f64>,
-    restores: Vec<Recovery>,
+    restores: std::result::Result<Vec<Recovery>, String>,
     on_demand: std::result::Result<Recovery, String>,
 }
 
@@ -390,23 +397,41 @@ fn copy_cycles(bench: &Bench, size: u64, recovery_table: &mut CsvTable) -> Resul
     let result = (|| {
         let keys = keys_for_table(touched_table_bytes(size));
         let guest = bench.kvstore(keys, size, PERIOD_MS, None);
-        let mut vm =
+        let mut booted =
             bench.boot_serving(guest, MemoryBacking::Anonymous, &tag, Some(socket.clone()))?;
-        vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
+        booted.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
+        let mut running = Some(booted);
         let mut snapshots = Vec::new();
         let mut restores = Vec::new();
+        let mut copy_failure = None;
         for cycle in 0..bench.profile.copy_restore_cycles {
+            let Some(vm) = running.take() else { break };
             wait_for_socket(&socket, Duration::from_secs(10))?;
             let took = pause_and_snapshot(&bench.binaries.ch_remote, &socket, &snapshot_dir)?;
             snapshots.push(took.as_secs_f64());
             drop(vm.kill());
             let _ = std::fs::remove_file(&socket);
-            vm = restore(bench, &tag, &snapshot_dir, Some(&socket), false, cycle)?;
-            let recovery = first_line_after_start(&mut vm)?;
-            recovery_table.push(recovery.row(size, "copy restore", cycle));
-            restores.push(recovery);
+            // A failed copy restore still leaves a good snapshot for the OnDemand one.
+            let restored = restore(bench, &tag, &snapshot_dir, Some(&socket), false, cycle)
+                .and_then(|mut restored| {
+                    let recovery = first_line_after_start(&mut restored)?;
+                    Ok((restored, recovery))
+                });
+            match restored {
+                Ok((restored, recovery)) => {
+                    recovery_table.push(recovery.row(size, "copy restore", cycle));
+                    restores.push(recovery);
+                    running = Some(restored);
+                }
+                Err(error) => {
+                    copy_failure = Some(error.to_string());
+                    break;
+                }
+            }
         }
-        drop(vm.kill());
+        if let Some(vm) = running {
+            drop(vm.kill());
+        }
         let on_demand = restore(bench, &tag, &snapshot_dir, None, true, 0)
             .and_then(|mut vm| {
                 let took = first_line_after_start(&mut vm);
@@ -419,7 +444,10 @@ fn copy_cycles(bench: &Bench, size: u64, recovery_table: &mut CsvTable) -> Resul
         }
         Ok(CopyBaseline {
             snapshots,
-            restores,
+            restores: match copy_failure {
+                Some(why) => Err(why),
+                None => Ok(restores),
+            },
             on_demand,
         })
     })();
