@@ -27,6 +27,17 @@ use crate::state::VmState;
 use crate::vm::Vm;
 use crate::Error;
 
+/// Linux moves at most 0x7fff_f000 bytes in one read(2) or write(2), and vm-memory's exact copies
+/// issue a single call per slice: a RAM range of 2 GiB or more is copied in pieces of this size.
+const COPY_CHUNK: usize = 1 << 30;
+
+/// `(guest address, length)` pieces of at most `COPY_CHUNK` bytes covering `length` bytes at `gpa`.
+fn copy_chunks(gpa: u64, length: usize) -> impl Iterator<Item = (u64, usize)> {
+    (0..length)
+        .step_by(COPY_CHUNK)
+        .map(move |done| (gpa + done as u64, COPY_CHUNK.min(length - done)))
+}
+
 const CONFIG_FILE: &str = "config.json";
 const STATE_FILE: &str = "state.json";
 const MEMORY_FILE: &str = "memory-ranges";
@@ -83,9 +94,11 @@ pub fn save(vm: &Vm, destination_url: &str) -> Result<(), Error> {
     for range in &copied {
         let length = usize::try_from(range.length)
             .map_err(|_| Error::Snapshot(format!("range of {:#x} bytes", range.length)))?;
-        memory
-            .write_all_volatile_to(GuestAddress(range.gpa), &mut memory_file, length)
-            .map_err(|e| Error::Snapshot(format!("writing guest RAM at {:#x}: {e}", range.gpa)))?;
+        for (gpa, chunk) in copy_chunks(range.gpa, length) {
+            memory
+                .write_all_volatile_to(GuestAddress(gpa), &mut memory_file, chunk)
+                .map_err(|e| Error::Snapshot(format!("writing guest RAM at {gpa:#x}: {e}")))?;
+        }
     }
     memory_file
         .sync_all()
@@ -180,11 +193,13 @@ pub fn restore(
                 memory_file
                     .seek(SeekFrom::Start(file_offset))
                     .map_err(io_error(&memory_path, "seeking"))?;
-                memory
-                    .read_exact_volatile_from(GuestAddress(range.gpa), &mut memory_file, length)
-                    .map_err(|e| {
-                        Error::Snapshot(format!("reading guest RAM at {:#x}: {e}", range.gpa))
-                    })?;
+                for (gpa, chunk) in copy_chunks(range.gpa, length) {
+                    memory
+                        .read_exact_volatile_from(GuestAddress(gpa), &mut memory_file, chunk)
+                        .map_err(|e| {
+                            Error::Snapshot(format!("reading guest RAM at {gpa:#x}: {e}"))
+                        })?;
+                }
             }
         }
         file_offset += range.length;
@@ -269,5 +284,23 @@ mod tests {
             let error = snapshot_directory(bad).unwrap_err().to_string();
             assert!(error.contains("file:///"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn large_ranges_are_copied_in_pieces_below_the_syscall_limit() {
+        let three_gib = 3 << 30;
+        let pieces: Vec<(u64, usize)> = copy_chunks(0x1000, three_gib).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (0x1000, 1 << 30),
+                (0x1000 + (1 << 30), 1 << 30),
+                (0x1000 + (2 << 30), 1 << 30)
+            ]
+        );
+        let odd: Vec<(u64, usize)> = copy_chunks(0, (1 << 30) + 4096).collect();
+        assert_eq!(odd, vec![(0, 1 << 30), (1 << 30, 4096)]);
+        assert_eq!(copy_chunks(0, 0).count(), 0);
+        assert!(pieces.iter().all(|&(_, len)| len < 0x7fff_f000));
     }
 }
