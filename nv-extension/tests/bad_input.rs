@@ -8,25 +8,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use nv_extension::persistence::memory::MemoryBackend;
-use nv_extension::{save_vm, Error, HostError, NvHost, OpenOptions, Region, RunKind, ShutdownKind};
+use nv_extension::{save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind};
 use proptest::prelude::*;
 
-struct BlobHost(Vec<u8>);
-
-impl NvHost for BlobHost {
-    fn pause_vcpus(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn quiesce_devices(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
-        Vec::new()
-    }
-    fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
-        Ok(self.0.clone())
-    }
-}
+mod common;
+use common::BlobHost;
 
 /// Everything ever committed for one VM.
 #[derive(Default, Debug)]

@@ -27,9 +27,11 @@ use nv_extension::persistence::memory::MemoryBackend;
 use nv_extension::persistence::{Persistence, PersistenceMode};
 use nv_extension::save_report::RECORD_LEN;
 use nv_extension::{
-    save_vm, Error, HostError, NvHost, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker,
-    VmHandle,
+    save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker, VmHandle,
 };
+
+mod common;
+use common::BlobHost;
 
 const WORD: u64 = 8;
 const LINE: u64 = 64;
@@ -129,24 +131,6 @@ struct ModelVm {
 }
 
 type Model = BTreeMap<String, ModelVm>;
-
-/// Host whose state blob is chosen by the driver.
-struct BlobHost(Vec<u8>);
-
-impl NvHost for BlobHost {
-    fn pause_vcpus(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn quiesce_devices(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
-        Vec::new()
-    }
-    fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
-        Ok(self.0.clone())
-    }
-}
 
 fn options() -> OpenOptions {
     OpenOptions {

@@ -9,9 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nv_extension::{
-    save_vm, Error, HostError, NvHost, OpenOptions, PersistenceMode, Region, RunKind, RunRecord,
-    ShutdownKind, ShutdownMarker,
+    save_vm, Error, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, ShutdownKind,
+    ShutdownMarker,
 };
+
+mod common;
+use common::BlobHost;
 
 const MIB: u64 = 1 << 20;
 
@@ -106,7 +109,7 @@ fn resize_moves_or_shrinks_memory_but_never_discards_a_resumable_state() {
     handle.begin_run(RunKind::ColdBoot).unwrap();
     save_vm(
         &mut handle,
-        &mut FixedHost(b"s".to_vec()),
+        &mut BlobHost(b"s".to_vec()),
         ShutdownKind::PlannedSuspend,
         Duration::from_millis(50),
     )
@@ -345,24 +348,6 @@ fn tmpfs_refuses_map_sync_and_falls_back_to_msync() {
     assert_eq!(region.persistence_mode(), PersistenceMode::PlainFile);
 }
 
-/// Test host that hands out a fixed state.
-struct FixedHost(Vec<u8>);
-
-impl NvHost for FixedHost {
-    fn pause_vcpus(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn quiesce_devices(&mut self) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
-        Vec::new()
-    }
-    fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
-        Ok(self.0.clone())
-    }
-}
-
 #[test]
 fn run_save_recover_cycle_with_running_and_saved_records() {
     let dir = tempfile::tempdir().unwrap();
@@ -383,7 +368,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
     assert_eq!(region.vm("vm").unwrap().status(), "running");
     let report = save_vm(
         &mut handle,
-        &mut FixedHost(b"state-1".to_vec()),
+        &mut BlobHost(b"state-1".to_vec()),
         ShutdownKind::PowerFail,
         Duration::from_millis(50),
     )
@@ -411,7 +396,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
     handle.set_config_blob(b"config-2").unwrap();
     let report = save_vm(
         &mut handle,
-        &mut FixedHost(b"state-2".to_vec()),
+        &mut BlobHost(b"state-2".to_vec()),
         ShutdownKind::PlannedSuspend,
         Duration::from_millis(50),
     )
@@ -537,7 +522,7 @@ fn child_saves_with_fault_point() {
     handle.begin_run(RunKind::Resume).unwrap();
     save_vm(
         &mut handle,
-        &mut FixedHost(b"new state".to_vec()),
+        &mut BlobHost(b"new state".to_vec()),
         ShutdownKind::PowerFail,
         Duration::from_millis(50),
     )
@@ -556,7 +541,7 @@ fn power_failure_inside_a_save_never_yields_a_torn_resume() {
         handle.begin_run(RunKind::ColdBoot).unwrap();
         save_vm(
             &mut handle,
-            &mut FixedHost(b"old state".to_vec()),
+            &mut BlobHost(b"old state".to_vec()),
             ShutdownKind::PowerFail,
             Duration::from_millis(50),
         )
