@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::mapping::{flock, SharedMapping};
+use super::mapping::{flock, unlock_metadata, SharedMapping};
 use super::{Persistence, PersistenceMode};
 use crate::error::{Error, Result};
 
@@ -120,9 +120,7 @@ impl Persistence for DevDaxBackend {
         flock(&self.file, libc::LOCK_EX)
     }
     fn unlock_metadata(&self) {
-        if let Err(err) = flock(&self.file, libc::LOCK_UN) {
-            log::warn!("{}: {err}", self.path.display());
-        }
+        unlock_metadata(&self.file, &self.path);
     }
 }
 

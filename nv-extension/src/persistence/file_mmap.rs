@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::mapping::{flock, SharedMapping, MAP_SHARED_VALIDATE, MAP_SYNC};
+use super::mapping::{flock, unlock_metadata, SharedMapping, MAP_SHARED_VALIDATE, MAP_SYNC};
 use super::{Persistence, PersistenceMode};
 use crate::error::{Error, Result};
 
@@ -199,9 +199,7 @@ impl Persistence for FileBackend {
         flock(&self.file, libc::LOCK_EX)
     }
     fn unlock_metadata(&self) {
-        if let Err(err) = flock(&self.file, libc::LOCK_UN) {
-            log::warn!("{}: {err}", self.path.display());
-        }
+        unlock_metadata(&self.file, &self.path);
     }
 }
 

@@ -197,3 +197,11 @@ pub(crate) fn flock(file: &File, operation: libc::c_int) -> Result<()> {
         }
     }
 }
+
+/// Releases the metadata lock. Nothing can be done about a failure here (the lock also goes
+/// with the descriptor), so it is logged against the region's path.
+pub(crate) fn unlock_metadata(file: &File, path: &std::path::Path) {
+    if let Err(err) = flock(file, libc::LOCK_UN) {
+        log::warn!("{}: {err}", path.display());
+    }
+}
