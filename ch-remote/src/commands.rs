@@ -1,10 +1,16 @@
-//! The command line and how each verb becomes one API call (method, path, body). Pure: no I/O
-//! except reading the `create` config file, so the mapping is unit-tested.
+//! The command line and how each verb becomes one API call (method, path, body). Pure: the only
+//! input besides the arguments is the `create` config, read from a file or from the reader given
+//! for stdin, so the mapping is unit-tested.
+//!
+//! The verbs, their arguments and their bodies are upstream cloud-hypervisor v53's `ch-remote`'s,
+//! so scripts written for upstream work unchanged; `nv-persist ...` is ours.
 
-use std::path::PathBuf;
+use std::io::Read;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
+
+use crate::option_syntax::{self, Syntax, SyntaxError};
 
 /// One request to the API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,7 +18,7 @@ pub struct ApiCall {
     pub method: &'static str,
     /// Path under `/api/v1/`, with its query if any.
     pub op: String,
-    /// JSON body.
+    /// Request body (JSON), sent as it is.
     pub body: Option<String>,
 }
 
@@ -42,87 +48,187 @@ impl ApiCall {
     }
 }
 
-/// A verb that cannot be turned into a request.
+/// A verb whose arguments cannot be turned into a request. The messages are upstream's; the
+/// cause follows as the error's source.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    #[error("cannot read the VM config {path}: {source}")]
-    ReadConfig {
+    #[error("Error parsing {what} syntax")]
+    Syntax {
+        what: &'static str,
+        #[source]
+        source: SyntaxError,
+    },
+    #[error("Error parsing CPU count")]
+    InvalidCpuCount(#[source] std::num::ParseIntError),
+    #[error("Error parsing memory size")]
+    InvalidMemorySize(#[source] SizeError),
+    #[error("Error parsing balloon size")]
+    InvalidBalloonSize(#[source] SizeError),
+    #[error("Error parsing disk size")]
+    InvalidDiskSize(#[source] SizeError),
+    #[error("Error reading from stdin")]
+    ReadingStdin(#[source] std::io::Error),
+    #[error("Error reading from file {path}")]
+    ReadingFile {
         path: String,
+        #[source]
         source: std::io::Error,
     },
-    #[error("the VM config {path} is not valid JSON: {source}")]
-    ConfigJson {
-        path: String,
-        source: serde_json::Error,
-    },
-    #[error("restore option {0:?}: expected key=value")]
-    RestoreSyntax(String),
-    #[error(
-        "restore option {0:?} is not known (source_url, prefault, memory_restore_mode, resume)"
-    )]
-    RestoreUnknownKey(String),
-    #[error("restore option {key}={value}: {expected}")]
-    RestoreValue {
-        key: String,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("restore needs source_url=URL")]
-    RestoreNoSource,
 }
+
+/// A byte size that is not `N`, `NK`, `NM` or `NG`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid size {0:?}: expected bytes, optionally with a K, M or G suffix")]
+pub struct SizeError(String);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "ch-remote",
     version,
-    about = "Remotely control a cloud-hypervisor (NV-Hypervisor) VMM through its API socket"
+    about = "Remotely control a cloud-hypervisor (NV-Hypervisor) VMM through its API socket",
+    arg_required_else_help = true
 )]
 pub struct Cli {
-    /// Path of the VMM's API socket (`--api-socket` of cloud-hypervisor).
+    /// HTTP API socket path (UNIX domain socket).
     #[arg(long = "api-socket", value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Ping the VMM: version, build, pid, features.
-    Ping,
-    /// Information on the VM: state, config, memory size.
-    Info,
-    /// Per-device counters of the VM.
-    Counters,
-    /// Create a VM from a VmConfig JSON file (as `vm.create` takes it).
-    Create {
-        #[arg(value_name = "CONFIG_JSON")]
-        path: PathBuf,
+    /// Add a VFIO device: path=<device_path>[,iommu=on|off][,id=<id>][,pci_segment=<n>]
+    AddDevice {
+        #[arg(value_name = "DEVICE_CONFIG")]
+        config: String,
     },
-    /// Boot the created VM.
+    /// Add a block device: path=<image>[,readonly=on|off][,direct=on|off][,id=<id>]...
+    AddDisk {
+        #[arg(value_name = "DISK_CONFIG")]
+        config: String,
+    },
+    /// Add a virtio-fs device: tag=<tag>,socket=<path>[,num_queues=<n>][,queue_size=<n>]...
+    AddFs {
+        #[arg(value_name = "FS_CONFIG")]
+        config: String,
+    },
+    /// Add a network device: tap=<if>[,mac=<mac>][,ip=<ip>][,mask=<mask>][,num_queues=<n>]...
+    AddNet {
+        #[arg(value_name = "NET_CONFIG")]
+        config: String,
+    },
+    /// Add a persistent memory device: file=<path>[,size=<size>][,discard_writes=on|off]...
+    AddPmem {
+        #[arg(value_name = "PMEM_CONFIG")]
+        config: String,
+    },
+    /// Add a userspace (vfio-user) device: socket=<path>[,id=<id>][,pci_segment=<n>]
+    AddUserDevice {
+        #[arg(value_name = "DEVICE_CONFIG")]
+        config: String,
+    },
+    /// Add a vDPA device: path=<device_path>[,num_queues=<n>][,iommu=on|off][,id=<id>]...
+    AddVdpa {
+        #[arg(value_name = "VDPA_CONFIG")]
+        config: String,
+    },
+    /// Add a vsock device: cid=<cid>,socket=<path>[,iommu=on|off][,id=<id>]...
+    AddVsock {
+        #[arg(value_name = "VSOCK_CONFIG")]
+        config: String,
+    },
+    /// Boot a created VM.
     Boot,
-    /// Pause the VM.
-    Pause,
-    /// Resume the paused VM.
-    Resume,
-    /// Shut the VM down.
-    Shutdown,
-    /// Shut the VMM process down.
-    ShutdownVmm,
-    /// Reboot the VM.
-    Reboot,
-    /// Press the VM's power button.
-    PowerButton,
-    /// Delete the VM.
-    Delete,
-    /// Snapshot the (paused) VM into a directory, e.g. file:///var/snap.
-    Snapshot {
-        #[arg(value_name = "DESTINATION_URL")]
+    /// Write a coredump of the VM to file://<path>.
+    Coredump {
+        #[arg(value_name = "FILE_PATH")]
         destination_url: String,
     },
-    /// Restore a VM: source_url=file:///dir[,prefault=on][,memory_restore_mode=copy|ondemand][,resume=on]
+    /// Counters from the VM.
+    Counters,
+    /// Create a VM from a JSON configuration (a file, or stdin when absent or `-`).
+    Create {
+        #[arg(value_name = "PATH", default_value = "-")]
+        path: String,
+    },
+    /// Delete the VM.
+    Delete,
+    /// Information on the VM.
+    Info,
+    /// Inject an NMI.
+    Nmi,
+    /// Pause the VM.
+    Pause,
+    /// Ping the VMM to check that its API server answers.
+    Ping,
+    /// Press the VM's power button.
+    PowerButton,
+    /// Reboot the VM.
+    Reboot,
+    /// Receive a migration: receiver_url=<unix:PATH|tcp:HOST:PORT>[,tls_dir=<dir>][,memory_mode=precopy|postcopy]
+    ReceiveMigration {
+        #[arg(value_name = "RECEIVE_MIGRATION_CONFIG")]
+        config: String,
+    },
+    /// Remove a device by its id.
+    RemoveDevice {
+        #[arg(value_name = "DEVICE_ID")]
+        id: String,
+    },
+    /// Resize the VM: vCPUs, memory, balloon.
+    Resize {
+        /// New balloon size in bytes (K/M/G suffix).
+        #[arg(long, value_name = "SIZE")]
+        balloon: Option<String>,
+        /// New vCPU count.
+        #[arg(long, value_name = "COUNT")]
+        cpus: Option<String>,
+        /// New memory size in bytes (K/M/G suffix).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+    },
+    /// Resize a disk.
+    ResizeDisk {
+        /// Disk identifier.
+        #[arg(long, visible_alias = "id", value_name = "ID")]
+        disk: String,
+        /// New disk size in bytes (K/M/G suffix).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+    },
+    /// Resize a memory zone.
+    ResizeZone {
+        /// Memory zone identifier.
+        #[arg(long, value_name = "ID")]
+        id: String,
+        /// New zone size in bytes (K/M/G suffix).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+    },
+    /// Restore a VM: source_url=file://<dir>[,prefault=on|off][,memory_restore_mode=copy|ondemand][,resume=on|off]
     Restore {
         #[arg(value_name = "RESTORE_CONFIG")]
         config: String,
+    },
+    /// Resume the paused VM.
+    Resume,
+    /// Send a migration: destination_url=<unix:PATH|tcp:HOST:PORT>[,local=on|off][,downtime_ms=<ms>]...
+    SendMigration {
+        #[arg(value_name = "SEND_MIGRATION_CONFIG")]
+        config: String,
+        /// Send memory without copying (UNIX socket migration); same as local=on.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Shut the VM down.
+    Shutdown,
+    /// Shut the VMM down.
+    ShutdownVmm,
+    /// Snapshot the (paused) VM into a directory: file://<dir>.
+    Snapshot {
+        #[arg(value_name = "DESTINATION_URL")]
+        destination_url: String,
     },
     /// NV persistence: status, power-fail, suspend, recover, list.
     #[command(name = "nv-persist", subcommand)]
@@ -152,39 +258,129 @@ pub enum NvCommand {
 }
 
 impl Command {
-    pub fn to_api_call(&self) -> Result<ApiCall, CommandError> {
+    /// The request for this verb; `stdin` is read only by `create` without a path or with `-`.
+    pub fn to_api_call(&self, stdin: &mut dyn Read) -> Result<ApiCall, CommandError> {
         let call = match self {
-            Command::Ping => ApiCall::get("vmm.ping"),
-            Command::Info => ApiCall::get("vm.info"),
-            Command::Counters => ApiCall::get("vm.counters"),
-            Command::Create { path } => {
-                let shown = path.display().to_string();
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| CommandError::ReadConfig {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                // Checked here so a typo is reported with the file's name, not as the server's 400.
-                let config: Value =
-                    serde_json::from_str(&text).map_err(|source| CommandError::ConfigJson {
-                        path: shown,
-                        source,
-                    })?;
-                ApiCall::put_json("vm.create", config)
+            Command::AddDevice { config } => {
+                add("vm.add-device", "device", &option_syntax::DEVICE, config)?
+            }
+            Command::AddDisk { config } => {
+                add("vm.add-disk", "disk", &option_syntax::DISK, config)?
+            }
+            Command::AddFs { config } => {
+                add("vm.add-fs", "filesystem", &option_syntax::FS, config)?
+            }
+            Command::AddNet { config } => {
+                add("vm.add-net", "network", &option_syntax::NET, config)?
+            }
+            Command::AddPmem { config } => add(
+                "vm.add-pmem",
+                "persistent memory",
+                &option_syntax::PMEM,
+                config,
+            )?,
+            Command::AddUserDevice { config } => add(
+                "vm.add-user-device",
+                "user device",
+                &option_syntax::USER_DEVICE,
+                config,
+            )?,
+            Command::AddVdpa { config } => {
+                add("vm.add-vdpa", "vDPA device", &option_syntax::VDPA, config)?
+            }
+            Command::AddVsock { config } => {
+                add("vm.add-vsock", "vsock", &option_syntax::VSOCK, config)?
             }
             Command::Boot => ApiCall::put("vm.boot"),
+            Command::Coredump { destination_url } => {
+                ApiCall::put_json("vm.coredump", json!({ "destination_url": destination_url }))
+            }
+            Command::Counters => ApiCall::get("vm.counters"),
+            Command::Create { path } => ApiCall {
+                method: "PUT",
+                op: "vm.create".to_owned(),
+                // Sent as read, as upstream does: the VMM reports a config it cannot take.
+                body: Some(read_config(path, stdin)?),
+            },
+            Command::Delete => ApiCall::put("vm.delete"),
+            Command::Info => ApiCall::get("vm.info"),
+            Command::Nmi => ApiCall::put("vm.nmi"),
             Command::Pause => ApiCall::put("vm.pause"),
+            Command::Ping => ApiCall::get("vmm.ping"),
+            Command::PowerButton => ApiCall::put("vm.power-button"),
+            Command::Reboot => ApiCall::put("vm.reboot"),
+            Command::ReceiveMigration { config } => ApiCall::put_json(
+                "vm.receive-migration",
+                Value::Object(parse(
+                    "receive-migration",
+                    &option_syntax::RECEIVE_MIGRATION,
+                    config,
+                )?),
+            ),
+            Command::RemoveDevice { id } => {
+                ApiCall::put_json("vm.remove-device", json!({ "id": id }))
+            }
+            Command::Resize {
+                balloon,
+                cpus,
+                memory,
+            } => {
+                let desired_vcpus = cpus
+                    .as_deref()
+                    .map(|cpus| cpus.trim().parse::<u8>())
+                    .transpose()
+                    .map_err(CommandError::InvalidCpuCount)?;
+                let desired_ram = memory
+                    .as_deref()
+                    .map(byte_size)
+                    .transpose()
+                    .map_err(CommandError::InvalidMemorySize)?;
+                let desired_balloon = balloon
+                    .as_deref()
+                    .map(byte_size)
+                    .transpose()
+                    .map_err(CommandError::InvalidBalloonSize)?;
+                // Upstream sends every member, `null` for the ones not given.
+                ApiCall::put_json(
+                    "vm.resize",
+                    json!({
+                        "desired_vcpus": desired_vcpus,
+                        "desired_ram": desired_ram,
+                        "desired_balloon": desired_balloon,
+                    }),
+                )
+            }
+            Command::ResizeDisk { disk, size } => ApiCall::put_json(
+                "vm.resize-disk",
+                json!({
+                    "id": disk,
+                    "desired_size": byte_size(size).map_err(CommandError::InvalidDiskSize)?,
+                }),
+            ),
+            Command::ResizeZone { id, size } => ApiCall::put_json(
+                "vm.resize-zone",
+                json!({
+                    "id": id,
+                    "desired_ram": byte_size(size).map_err(CommandError::InvalidMemorySize)?,
+                }),
+            ),
+            Command::Restore { config } => ApiCall::put_json(
+                "vm.restore",
+                Value::Object(parse("restore", &option_syntax::RESTORE, config)?),
+            ),
             Command::Resume => ApiCall::put("vm.resume"),
+            Command::SendMigration { config, local } => {
+                let mut body = parse("send-migration", &option_syntax::SEND_MIGRATION, config)?;
+                if *local {
+                    body.insert("local".to_owned(), Value::Bool(true));
+                }
+                body.entry("local").or_insert(Value::Bool(false));
+                ApiCall::put_json("vm.send-migration", Value::Object(body))
+            }
             Command::Shutdown => ApiCall::put("vm.shutdown"),
             Command::ShutdownVmm => ApiCall::put("vmm.shutdown"),
-            Command::Reboot => ApiCall::put("vm.reboot"),
-            Command::PowerButton => ApiCall::put("vm.power-button"),
-            Command::Delete => ApiCall::put("vm.delete"),
             Command::Snapshot { destination_url } => {
                 ApiCall::put_json("vm.snapshot", json!({ "destination_url": destination_url }))
-            }
-            Command::Restore { config } => {
-                ApiCall::put_json("vm.restore", parse_restore_config(config)?)
             }
             Command::NvPersist(command) => match command {
                 NvCommand::Status => ApiCall::get("vm.nv-status"),
@@ -203,6 +399,42 @@ impl Command {
     }
 }
 
+fn parse(
+    what: &'static str,
+    syntax: &Syntax,
+    text: &str,
+) -> Result<Map<String, Value>, CommandError> {
+    syntax
+        .parse(text)
+        .map_err(|source| CommandError::Syntax { what, source })
+}
+
+fn add(op: &str, what: &'static str, syntax: &Syntax, text: &str) -> Result<ApiCall, CommandError> {
+    Ok(ApiCall::put_json(
+        op,
+        Value::Object(parse(what, syntax, text)?),
+    ))
+}
+
+fn byte_size(text: &str) -> Result<u64, SizeError> {
+    option_syntax::parse_byte_size(text).ok_or_else(|| SizeError(text.to_owned()))
+}
+
+fn read_config(path: &str, stdin: &mut dyn Read) -> Result<String, CommandError> {
+    let mut text = String::new();
+    if path == "-" {
+        stdin
+            .read_to_string(&mut text)
+            .map_err(CommandError::ReadingStdin)?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|source| CommandError::ReadingFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(text)
+}
+
 /// Everything but unreserved characters is encoded, `/` included: the server decodes it back.
 const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
@@ -210,63 +442,33 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
     .remove(b'.')
     .remove(b'~');
 
-/// Upstream's restore option string -> the `RestoreConfig` JSON body.
-pub fn parse_restore_config(text: &str) -> Result<Value, CommandError> {
-    let mut body = Map::new();
-    for option in text.split(',').filter(|option| !option.is_empty()) {
-        let (key, value) = option
-            .split_once('=')
-            .ok_or_else(|| CommandError::RestoreSyntax(option.to_owned()))?;
-        let parsed = match key {
-            "source_url" => Value::String(value.to_owned()),
-            "prefault" | "resume" => Value::Bool(parse_toggle(key, value)?),
-            "memory_restore_mode" => Value::String(parse_restore_mode(value)?.to_owned()),
-            _ => return Err(CommandError::RestoreUnknownKey(key.to_owned())),
-        };
-        body.insert(key.to_owned(), parsed);
-    }
-    match body.get("source_url") {
-        Some(Value::String(url)) if !url.is_empty() => Ok(Value::Object(body)),
-        _ => Err(CommandError::RestoreNoSource),
-    }
-}
-
-fn parse_toggle(key: &str, value: &str) -> Result<bool, CommandError> {
-    match value {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        _ => Err(CommandError::RestoreValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            expected: "expected on, off, true or false",
-        }),
-    }
-}
-
-fn parse_restore_mode(value: &str) -> Result<&'static str, CommandError> {
-    match value.to_ascii_lowercase().as_str() {
-        "copy" => Ok("Copy"),
-        "ondemand" => Ok("OnDemand"),
-        _ => Err(CommandError::RestoreValue {
-            key: "memory_restore_mode".to_owned(),
-            value: value.to_owned(),
-            expected: "expected copy or ondemand",
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use clap::error::ErrorKind;
+
     use super::*;
 
-    fn call_for(args: &[&str]) -> ApiCall {
+    fn try_call(args: &[&str], stdin: &str) -> Result<ApiCall, CommandError> {
         let mut argv = vec!["ch-remote", "--api-socket", "/tmp/api.sock"];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv)
             .expect("arguments parse")
             .command
-            .to_api_call()
-            .expect("request builds")
+            .to_api_call(&mut stdin.as_bytes())
+    }
+
+    fn call_for(args: &[&str]) -> ApiCall {
+        try_call(args, "").expect("request builds")
+    }
+
+    fn body_of(call: &ApiCall) -> Value {
+        serde_json::from_str(call.body.as_deref().expect("a body")).expect("JSON body")
+    }
+
+    fn usage_error(args: &[&str]) -> ErrorKind {
+        let mut argv = vec!["ch-remote", "--api-socket", "s"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect_err("usage error").kind()
     }
 
     #[test]
@@ -283,11 +485,329 @@ mod tests {
             ("reboot", "PUT", "vm.reboot"),
             ("power-button", "PUT", "vm.power-button"),
             ("delete", "PUT", "vm.delete"),
+            ("nmi", "PUT", "vm.nmi"),
         ] {
             let call = call_for(&[verb]);
             assert_eq!((call.method, call.op.as_str()), (method, op), "{verb}");
             assert_eq!(call.body, None, "{verb}");
         }
+    }
+
+    #[test]
+    fn add_verbs_send_their_config_as_json() {
+        for (args, op, body) in [
+            (
+                ["add-disk", "path=/img/d.raw,readonly=on,id=d1"],
+                "vm.add-disk",
+                json!({"path": "/img/d.raw", "readonly": true, "id": "d1"}),
+            ),
+            (
+                ["add-net", "tap=tap1,mac=aa:bb:cc:dd:ee:ff,num_queues=2"],
+                "vm.add-net",
+                json!({"tap": "tap1", "mac": "aa:bb:cc:dd:ee:ff", "num_queues": 2}),
+            ),
+            (
+                [
+                    "add-fs",
+                    "tag=share,socket=/run/fs.sock,num_queues=1,queue_size=512",
+                ],
+                "vm.add-fs",
+                json!({"tag": "share", "socket": "/run/fs.sock", "num_queues": 1,
+                       "queue_size": 512}),
+            ),
+            (
+                ["add-pmem", "file=/pmem.img,size=1G,discard_writes=on"],
+                "vm.add-pmem",
+                json!({"file": "/pmem.img", "size": 1u64 << 30, "discard_writes": true}),
+            ),
+            (
+                ["add-vsock", "cid=3,socket=/run/vsock.sock,id=v0"],
+                "vm.add-vsock",
+                json!({"cid": 3, "socket": "/run/vsock.sock", "id": "v0"}),
+            ),
+            (
+                ["add-vdpa", "path=/dev/vhost-vdpa-0,num_queues=2"],
+                "vm.add-vdpa",
+                json!({"path": "/dev/vhost-vdpa-0", "num_queues": 2}),
+            ),
+            (
+                [
+                    "add-device",
+                    "path=/sys/bus/pci/devices/0000:01:00.0/,iommu=on",
+                ],
+                "vm.add-device",
+                json!({"path": "/sys/bus/pci/devices/0000:01:00.0/", "iommu": true}),
+            ),
+            (
+                ["add-user-device", "socket=/run/vfio-user.sock,id=u0"],
+                "vm.add-user-device",
+                json!({"socket": "/run/vfio-user.sock", "id": "u0"}),
+            ),
+        ] {
+            let call = call_for(&args);
+            assert_eq!((call.method, call.op.as_str()), ("PUT", op), "{args:?}");
+            assert_eq!(body_of(&call), body, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn add_verbs_refuse_bad_syntax_before_sending() {
+        for (args, what) in [
+            (["add-disk", "path=/a,nope=1"], "disk"),
+            (["add-net", "mac=zz"], "network"),
+            (["add-fs", "tag=x"], "filesystem"),
+            (["add-pmem", "size=1G"], "persistent memory"),
+            (["add-vsock", "cid=x,socket=/s"], "vsock"),
+            (["add-vdpa", "num_queues=1"], "vDPA device"),
+            (["add-device", "iommu=on"], "device"),
+            (["add-user-device", "id=x"], "user device"),
+        ] {
+            let error = try_call(&args, "").unwrap_err();
+            assert_eq!(error.to_string(), format!("Error parsing {what} syntax"));
+            assert!(
+                std::error::Error::source(&error).is_some(),
+                "{args:?}: the cause follows"
+            );
+        }
+    }
+
+    #[test]
+    fn positional_arguments_are_required() {
+        for verb in [
+            "add-device",
+            "add-disk",
+            "add-fs",
+            "add-net",
+            "add-pmem",
+            "add-user-device",
+            "add-vdpa",
+            "add-vsock",
+            "coredump",
+            "receive-migration",
+            "remove-device",
+            "restore",
+            "send-migration",
+            "snapshot",
+        ] {
+            assert_eq!(
+                usage_error(&[verb]),
+                ErrorKind::MissingRequiredArgument,
+                "{verb}"
+            );
+        }
+        assert_eq!(
+            usage_error(&["resize-zone", "--id", "z"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error(&["resize-disk", "--size", "1G"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(usage_error(&["explode"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(usage_error(&["ping", "extra"]), ErrorKind::UnknownArgument);
+        assert_eq!(usage_error(&["resize", "--cpus"]), ErrorKind::InvalidValue);
+        // No arguments at all: the help, as a usage error (exit 2).
+        assert_eq!(
+            Cli::try_parse_from(["ch-remote"]).unwrap_err().kind(),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+        // --api-socket is checked by main, after parsing (exit 1, as upstream).
+        assert!(Cli::try_parse_from(["ch-remote", "ping"])
+            .unwrap()
+            .api_socket
+            .is_none());
+    }
+
+    #[test]
+    fn resize_family() {
+        let resize = call_for(&["resize", "--cpus", "2", "--memory", "1G"]);
+        assert_eq!((resize.method, resize.op.as_str()), ("PUT", "vm.resize"));
+        assert_eq!(
+            body_of(&resize),
+            json!({"desired_vcpus": 2, "desired_ram": 1u64 << 30, "desired_balloon": null})
+        );
+        assert_eq!(
+            body_of(&call_for(&["resize", "--balloon", "512M"])),
+            json!({"desired_vcpus": null, "desired_ram": null, "desired_balloon": 512u64 << 20})
+        );
+        assert!(matches!(
+            try_call(&["resize", "--cpus", "two"], ""),
+            Err(CommandError::InvalidCpuCount(_))
+        ));
+        assert!(matches!(
+            try_call(&["resize", "--memory", "1X"], ""),
+            Err(CommandError::InvalidMemorySize(_))
+        ));
+        assert!(matches!(
+            try_call(&["resize", "--balloon", "1.5G"], ""),
+            Err(CommandError::InvalidBalloonSize(_))
+        ));
+
+        let zone = call_for(&["resize-zone", "--id", "mem0", "--size", "2G"]);
+        assert_eq!(zone.op, "vm.resize-zone");
+        assert_eq!(
+            body_of(&zone),
+            json!({"id": "mem0", "desired_ram": 2u64 << 30})
+        );
+        assert!(matches!(
+            try_call(&["resize-zone", "--id", "mem0", "--size", "big"], ""),
+            Err(CommandError::InvalidMemorySize(_))
+        ));
+
+        for flag in ["--disk", "--id"] {
+            let disk = call_for(&["resize-disk", flag, "disk0", "--size", "10G"]);
+            assert_eq!(disk.op, "vm.resize-disk");
+            assert_eq!(
+                body_of(&disk),
+                json!({"id": "disk0", "desired_size": 10u64 << 30})
+            );
+        }
+    }
+
+    #[test]
+    fn single_value_verbs() {
+        let remove = call_for(&["remove-device", "_disk0"]);
+        assert_eq!(
+            (remove.method, remove.op.as_str()),
+            ("PUT", "vm.remove-device")
+        );
+        assert_eq!(body_of(&remove), json!({"id": "_disk0"}));
+        let snapshot = call_for(&["snapshot", "file:///var/snap"]);
+        assert_eq!(snapshot.op, "vm.snapshot");
+        assert_eq!(
+            body_of(&snapshot),
+            json!({"destination_url": "file:///var/snap"})
+        );
+        let coredump = call_for(&["coredump", "file:///var/core"]);
+        assert_eq!(
+            (coredump.method, coredump.op.as_str()),
+            ("PUT", "vm.coredump")
+        );
+        assert_eq!(
+            body_of(&coredump),
+            json!({"destination_url": "file:///var/core"})
+        );
+    }
+
+    #[test]
+    fn create_reads_a_file_or_stdin_and_sends_it_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("vm.json");
+        std::fs::write(&config, r#"{"payload": {"kernel": "/k"}}"#).unwrap();
+        let create = call_for(&["create", config.to_str().unwrap()]);
+        assert_eq!((create.method, create.op.as_str()), ("PUT", "vm.create"));
+        assert_eq!(
+            create.body.as_deref(),
+            Some(r#"{"payload": {"kernel": "/k"}}"#)
+        );
+
+        for args in [&["create"][..], &["create", "-"]] {
+            let from_stdin = try_call(args, "{\"cpus\":{}}\n").unwrap();
+            assert_eq!(
+                from_stdin.body.as_deref(),
+                Some("{\"cpus\":{}}\n"),
+                "{args:?}"
+            );
+        }
+        // Not JSON: sent anyway, the VMM's answer tells (as upstream).
+        assert_eq!(
+            try_call(&["create"], "{not json").unwrap().body.as_deref(),
+            Some("{not json")
+        );
+
+        match try_call(&["create", "/nonexistent/vm.json"], "") {
+            Err(error @ CommandError::ReadingFile { .. }) => {
+                assert!(
+                    error.to_string().contains("/nonexistent/vm.json"),
+                    "{error}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn restore_option_string() {
+        assert_eq!(
+            body_of(&call_for(&["restore", "source_url=file:///snap"])),
+            json!({"source_url": "file:///snap"})
+        );
+        let full = call_for(&[
+            "restore",
+            "source_url=file:///snap,prefault=on,memory_restore_mode=ondemand,resume=true",
+        ]);
+        assert_eq!((full.method, full.op.as_str()), ("PUT", "vm.restore"));
+        assert_eq!(
+            body_of(&full),
+            json!({"source_url": "file:///snap", "prefault": true,
+                   "memory_restore_mode": "OnDemand", "resume": true})
+        );
+        for bad in [
+            "prefault=on",
+            "source_url=file:///s,bogus=1",
+            "source_url=file:///s,resume=maybe",
+            "source_url=file:///s,memory_restore_mode=lazy",
+            "source_url",
+        ] {
+            let error = try_call(&["restore", bad], "").unwrap_err();
+            assert_eq!(error.to_string(), "Error parsing restore syntax", "{bad}");
+        }
+    }
+
+    #[test]
+    fn migrations() {
+        let receive = call_for(&["receive-migration", "receiver_url=unix:/tmp/mig.sock"]);
+        assert_eq!(
+            (receive.method, receive.op.as_str()),
+            ("PUT", "vm.receive-migration")
+        );
+        assert_eq!(
+            body_of(&receive),
+            json!({"receiver_url": "unix:/tmp/mig.sock"})
+        );
+        assert_eq!(
+            body_of(&call_for(&[
+                "receive-migration",
+                "receiver_url=tcp:0.0.0.0:6000,tls_dir=/tls,memory_mode=postcopy"
+            ])),
+            json!({"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/tls",
+                   "memory_mode": "Postcopy"})
+        );
+        // The bare URL is refused here, before anything is sent.
+        let bare = try_call(&["receive-migration", "unix:/tmp/mig.sock"], "").unwrap_err();
+        assert_eq!(bare.to_string(), "Error parsing receive-migration syntax");
+
+        let send = call_for(&[
+            "send-migration",
+            "destination_url=unix:/tmp/mig.sock,local=true",
+        ]);
+        assert_eq!(
+            (send.method, send.op.as_str()),
+            ("PUT", "vm.send-migration")
+        );
+        assert_eq!(
+            body_of(&send),
+            json!({"destination_url": "unix:/tmp/mig.sock", "local": true})
+        );
+        assert_eq!(
+            body_of(&call_for(&[
+                "send-migration",
+                "destination_url=tcp:10.0.0.2:6000,downtime_ms=200,timeout_s=60,\
+                 timeout_strategy=ignore,connections=4,memory_mode=precopy"
+            ])),
+            json!({"destination_url": "tcp:10.0.0.2:6000", "local": false,
+                   "downtime_ms": 200, "timeout_s": 60, "timeout_strategy": "Ignore",
+                   "connections": 4, "memory_mode": "Precopy"})
+        );
+        assert_eq!(
+            body_of(&call_for(&[
+                "send-migration",
+                "--local",
+                "destination_url=unix:/s"
+            ]))["local"],
+            json!(true)
+        );
+        assert!(try_call(&["send-migration", "unix:/tmp/mig.sock"], "").is_err());
     }
 
     #[test]
@@ -312,9 +832,14 @@ mod tests {
             "--vm",
             "db",
         ]);
-        assert_eq!(recover.op, "vm.nv-recover");
-        let body: Value = serde_json::from_str(recover.body.as_deref().unwrap()).unwrap();
-        assert_eq!(body, json!({"region": "/dev/dax0.0", "vm": "db"}));
+        assert_eq!(
+            (recover.method, recover.op.as_str()),
+            ("PUT", "vm.nv-recover")
+        );
+        assert_eq!(
+            body_of(&recover),
+            json!({"region": "/dev/dax0.0", "vm": "db"})
+        );
         let list = call_for(&["nv-persist", "list", "--region", "/tmp/my region&x=1"]);
         assert_eq!(list.method, "GET");
         assert_eq!(
@@ -322,98 +847,9 @@ mod tests {
             "vmm.nv-regions?region=%2Ftmp%2Fmy%20region%26x%3D1"
         );
         // Missing flags are usage errors, not requests.
-        let argv = [
-            "ch-remote",
-            "--api-socket",
-            "s",
-            "nv-persist",
-            "recover",
-            "--vm",
-            "a",
-        ];
-        assert!(Cli::try_parse_from(argv).is_err());
-    }
-
-    #[test]
-    fn snapshot_and_create_bodies() {
-        let snapshot = call_for(&["snapshot", "file:///var/snap"]);
         assert_eq!(
-            serde_json::from_str::<Value>(snapshot.body.as_deref().unwrap()).unwrap(),
-            json!({"destination_url": "file:///var/snap"})
+            usage_error(&["nv-persist", "recover", "--vm", "a"]),
+            ErrorKind::MissingRequiredArgument
         );
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("vm.json");
-        std::fs::write(&config, r#"{"payload": {"kernel": "/k"}}"#).unwrap();
-        let create = call_for(&["create", config.to_str().unwrap()]);
-        assert_eq!((create.method, create.op.as_str()), ("PUT", "vm.create"));
-        assert!(create.body.unwrap().contains("/k"));
-
-        std::fs::write(&config, "{not json").unwrap();
-        let cli = Cli::try_parse_from([
-            "ch-remote",
-            "--api-socket",
-            "s",
-            "create",
-            config.to_str().unwrap(),
-        ])
-        .unwrap();
-        let error = cli.command.to_api_call().unwrap_err();
-        assert!(error.to_string().contains("vm.json"), "{error}");
-        let missing = Cli::try_parse_from([
-            "ch-remote",
-            "--api-socket",
-            "s",
-            "create",
-            "/nonexistent.json",
-        ])
-        .unwrap();
-        assert!(matches!(
-            missing.command.to_api_call(),
-            Err(CommandError::ReadConfig { .. })
-        ));
-    }
-
-    #[test]
-    fn restore_option_string() {
-        assert_eq!(
-            parse_restore_config("source_url=file:///snap").unwrap(),
-            json!({"source_url": "file:///snap"})
-        );
-        assert_eq!(
-            parse_restore_config(
-                "source_url=file:///snap,prefault=on,memory_restore_mode=ondemand,resume=true"
-            )
-            .unwrap(),
-            json!({"source_url": "file:///snap", "prefault": true,
-                   "memory_restore_mode": "OnDemand", "resume": true})
-        );
-        assert!(matches!(
-            parse_restore_config("prefault=on"),
-            Err(CommandError::RestoreNoSource)
-        ));
-        assert!(matches!(
-            parse_restore_config("source_url=file:///s,bogus=1"),
-            Err(CommandError::RestoreUnknownKey(_))
-        ));
-        assert!(matches!(
-            parse_restore_config("source_url=file:///s,resume=maybe"),
-            Err(CommandError::RestoreValue { .. })
-        ));
-        assert!(matches!(
-            parse_restore_config("source_url=file:///s,memory_restore_mode=lazy"),
-            Err(CommandError::RestoreValue { .. })
-        ));
-        assert!(matches!(
-            parse_restore_config("source_url"),
-            Err(CommandError::RestoreSyntax(_))
-        ));
-        let call = call_for(&["restore", "source_url=file:///snap,resume=on"]);
-        assert_eq!((call.method, call.op.as_str()), ("PUT", "vm.restore"));
-    }
-
-    #[test]
-    fn api_socket_is_required() {
-        assert!(Cli::try_parse_from(["ch-remote", "ping"]).is_err());
-        assert!(Cli::try_parse_from(["ch-remote", "--api-socket", "s", "explode"]).is_err());
     }
 }

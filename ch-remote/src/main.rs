@@ -1,39 +1,64 @@
 //! `ch-remote`: drives a running VMM through its REST API on a Unix socket, with upstream
-//! cloud-hypervisor's verbs plus the `nv-persist` family. Prints the JSON the API returns; errors
-//! go to stderr with the server's message and exit code 1.
+//! cloud-hypervisor v53's verbs, arguments and output, plus the `nv-persist` family.
+//!
+//! Exit codes as upstream: 0 on success; 1 when the request cannot be built, the socket cannot be
+//! opened or the VMM answers with an error (its messages numbered on stderr); 2 on usage errors.
 
 mod api_client;
 mod commands;
+mod error_report;
+mod option_syntax;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::api_client::ApiClient;
-use crate::commands::Cli;
+use crate::api_client::ClientError;
+use crate::commands::{Cli, CommandError};
+
+/// Why a run failed; printed as a chain of causes, as upstream prints its errors.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Command(CommandError),
+    #[error("http client error")]
+    HttpClient(#[source] ClientError),
+}
 
 fn main() -> ExitCode {
-    // clap exits with 2 on usage errors, as upstream's ch-remote does.
+    // clap exits with 2 on usage errors (and with no arguments at all), as upstream does.
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let Some(socket) = cli.api_socket.as_deref() else {
+        eprintln!(
+            "Please either provide the api-socket option or dbus-service-name and \
+             dbus-object-path options"
+        );
+        return ExitCode::FAILURE;
+    };
+    let call = match cli.command.to_api_call(&mut std::io::stdin().lock()) {
+        Ok(call) => call,
+        Err(error) => return fail(&Failure::Command(error)),
+    };
+    let mut stream = match api_client::connect(socket) {
+        Ok(stream) => stream,
         Err(error) => {
-            eprintln!("Error: {error:#}");
-            ExitCode::FAILURE
+            eprintln!("Error opening HTTP socket {socket}: {error}");
+            return ExitCode::FAILURE;
         }
+    };
+    match api_client::call(&mut stream, &call) {
+        Ok(body) => {
+            // As upstream: the body as the VMM sent it (compact JSON), on one line.
+            if let Some(body) = body {
+                println!("{body}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&Failure::HttpClient(error)),
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
-    let call = cli.command.to_api_call()?;
-    let client = ApiClient::new(&cli.api_socket);
-    let answer = client.call(&call)?;
-    if let Some(body) = answer {
-        // Pretty, like upstream's ch-remote; a body that is not JSON is shown as it came.
-        match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
-            Err(_) => println!("{}", String::from_utf8_lossy(&body)),
-        }
-    }
-    Ok(())
+fn fail(failure: &Failure) -> ExitCode {
+    eprint!("{}", error_report::render(failure));
+    ExitCode::FAILURE
 }
