@@ -13,6 +13,8 @@ use std::num::ParseIntError;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
 use crate::commands::ApiCall;
 
 /// How long to wait for an answer: the VMM may be saving a large VM (snapshot) before it answers.
@@ -62,6 +64,8 @@ impl StatusCode {
 pub enum ClientError {
     #[error("Error writing to or reading from HTTP socket")]
     Socket(#[source] io::Error),
+    #[error("Error sending file descriptors")]
+    SocketSendFds(#[source] io::Error),
     #[error("Error parsing HTTP status code")]
     StatusCodeParsing(#[source] ParseIntError),
     #[error("HTTP output is missing protocol statement")]
@@ -84,12 +88,17 @@ pub fn connect(socket: &str) -> io::Result<UnixStream> {
 
 /// Sends `call` and reads its answer: `Ok(Some(body))` when the answer has a body (printed as it
 /// is), `Ok(None)` when it has none.
-pub fn call(
-    stream: &mut (impl Read + Write),
-    call: &ApiCall,
-) -> Result<Option<String>, ClientError> {
+pub fn call(stream: &mut UnixStream, call: &ApiCall) -> Result<Option<String>, ClientError> {
+    let request = request_bytes(call);
+    let mut sent = 0;
+    if !call.fds.is_empty() {
+        // The descriptors ride on the first bytes of the request, as upstream sends them.
+        sent = stream
+            .send_with_fds(&[&request[..]], &call.fds)
+            .map_err(|error| ClientError::SocketSendFds(io::Error::from(error)))?;
+    }
     stream
-        .write_all(&request_bytes(call))
+        .write_all(&request[sent..])
         .and_then(|()| stream.flush())
         .map_err(ClientError::Socket)?;
     parse_response(stream)
@@ -213,6 +222,7 @@ mod tests {
             method: "PUT",
             op: "vm.snapshot".into(),
             body: Some(r#"{"destination_url":"file:///s"}"#.into()),
+            fds: Vec::new(),
         };
         assert_eq!(
             String::from_utf8(request_bytes(&call)).unwrap(),
@@ -223,6 +233,7 @@ mod tests {
             method: "PUT",
             op: "vm.boot".into(),
             body: None,
+            fds: Vec::new(),
         };
         assert_eq!(
             String::from_utf8(request_bytes(&boot)).unwrap(),
@@ -349,12 +360,58 @@ mod tests {
                 method: "GET",
                 op: "vmm.ping".into(),
                 body: None,
+                fds: Vec::new(),
             },
         )
         .unwrap();
         assert_eq!(body.as_deref(), Some(r#"{"version":"v53"}"#));
         let request = server.join().unwrap();
         assert!(request.starts_with(b"GET /api/v1/vmm.ping HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn descriptors_travel_with_the_request() {
+        use std::os::unix::io::AsRawFd;
+
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let (count, file) = stream.recv_with_fd(&mut head).unwrap();
+            let mut request = head[..count].to_vec();
+            let mut chunk = [0u8; 1024];
+            while !request.ends_with(b"{\"tap\":\"t\"}") {
+                let count = stream.read(&mut chunk).unwrap();
+                assert!(count > 0, "request cut short");
+                request.extend_from_slice(&chunk[..count]);
+            }
+            let mut passed = String::new();
+            file.expect("a descriptor came with the request")
+                .read_to_string(&mut passed)
+                .unwrap();
+            stream.write_all(b"HTTP/1.1 204 \r\n\r\n").unwrap();
+            (request, passed)
+        });
+        let payload = dir.path().join("payload");
+        std::fs::write(&payload, "through SCM_RIGHTS").unwrap();
+        let file = std::fs::File::open(&payload).unwrap();
+        let mut stream = connect(socket.to_str().unwrap()).unwrap();
+        let answer = call(
+            &mut stream,
+            &ApiCall {
+                method: "PUT",
+                op: "vm.add-net".into(),
+                body: Some(r#"{"tap":"t"}"#.into()),
+                fds: vec![file.as_raw_fd()],
+            },
+        )
+        .unwrap();
+        assert!(answer.is_none());
+        let (request, passed) = server.join().unwrap();
+        assert!(request.starts_with(b"PUT /api/v1/vm.add-net HTTP/1.1\r\n"));
+        assert_eq!(passed, "through SCM_RIGHTS");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! so scripts written for upstream work unchanged; `nv-persist ...` is ours.
 
 use std::io::Read;
+use std::os::unix::io::RawFd;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
@@ -20,6 +21,8 @@ pub struct ApiCall {
     pub op: String,
     /// Request body (JSON), sent as it is.
     pub body: Option<String>,
+    /// File descriptors passed with the request (SCM_RIGHTS), as `add-net fd=` does upstream.
+    pub fds: Vec<RawFd>,
 }
 
 impl ApiCall {
@@ -28,6 +31,7 @@ impl ApiCall {
             method: "GET",
             op: op.to_owned(),
             body: None,
+            fds: Vec::new(),
         }
     }
 
@@ -36,6 +40,7 @@ impl ApiCall {
             method: "PUT",
             op: op.to_owned(),
             body: None,
+            fds: Vec::new(),
         }
     }
 
@@ -44,6 +49,7 @@ impl ApiCall {
             method: "PUT",
             op: op.to_owned(),
             body: Some(body.to_string()),
+            fds: Vec::new(),
         }
     }
 }
@@ -271,7 +277,17 @@ impl Command {
                 add("vm.add-fs", "filesystem", &option_syntax::FS, config)?
             }
             Command::AddNet { config } => {
-                add("vm.add-net", "network", &option_syntax::NET, config)?
+                // As upstream: the descriptors leave the body and travel with the request, since
+                // their numbers mean nothing in the VMM's process.
+                let mut body = parse("network", &option_syntax::NET, config)?;
+                let fds = body
+                    .remove("fds")
+                    .and_then(|fds| serde_json::from_value::<Vec<RawFd>>(fds).ok())
+                    .unwrap_or_default();
+                ApiCall {
+                    fds,
+                    ..ApiCall::put_json("vm.add-net", Value::Object(body))
+                }
             }
             Command::AddPmem { config } => add(
                 "vm.add-pmem",
@@ -301,6 +317,7 @@ impl Command {
                 op: "vm.create".to_owned(),
                 // Sent as read, as upstream does: the VMM reports a config it cannot take.
                 body: Some(read_config(path, stdin)?),
+                fds: Vec::new(),
             },
             Command::Delete => ApiCall::put("vm.delete"),
             Command::Info => ApiCall::get("vm.info"),
@@ -548,6 +565,17 @@ mod tests {
             assert_eq!((call.method, call.op.as_str()), ("PUT", op), "{args:?}");
             assert_eq!(body_of(&call), body, "{args:?}");
         }
+    }
+
+    #[test]
+    fn add_net_passes_its_descriptors_beside_the_body() {
+        let call = call_for(&["add-net", "fd=[3,4],mac=12:34:56:78:9a:bc,id=net1"]);
+        assert_eq!(call.fds, vec![3, 4]);
+        assert_eq!(
+            body_of(&call),
+            json!({"mac": "12:34:56:78:9a:bc", "id": "net1"})
+        );
+        assert!(call_for(&["add-net", "tap=tap0"]).fds.is_empty());
     }
 
     #[test]

@@ -28,6 +28,9 @@ enum Kind {
     Ip,
     /// One number of a token bucket of `rate_limiter_config`.
     Bucket(Bucket, BucketPart),
+    /// File descriptors of this process, `N` or `[N,M,...]`: put under the member for the caller
+    /// to take out and pass with SCM_RIGHTS, as upstream's client does.
+    FdList,
     /// Accepted upstream, but needs something this client does not do; refused with the reason.
     Unsupported(&'static str),
 }
@@ -106,9 +109,7 @@ const RESTORE_MODES: &[(&str, &str)] = &[("copy", "Copy"), ("ondemand", "OnDeman
 const MIGRATION_MODES: &[(&str, &str)] = &[("precopy", "Precopy"), ("postcopy", "Postcopy")];
 const TIMEOUT_STRATEGIES: &[(&str, &str)] = &[("cancel", "Cancel"), ("ignore", "Ignore")];
 
-const FD_PASSING: &str =
-    "file descriptors go to the VMM with SCM_RIGHTS, which this client does not send; \
-                          use a tap name or vhost-user socket instead";
+const NET_FDS: &str = "per-device file descriptor lists are not translated by this client";
 
 const RATE_LIMIT_KEYS: [Key; 6] = [
     key("bw_size", Kind::Bucket(Bucket::Bandwidth, BucketPart::Size)),
@@ -181,7 +182,7 @@ pub const NET: Syntax = Syntax {
         renamed("socket", "vhost_socket", Kind::Text),
         key("vhost_mode", Kind::Choice(VHOST_MODES)),
         key("id", Kind::Text),
-        key("fd", Kind::Unsupported(FD_PASSING)),
+        renamed("fd", "fds", Kind::FdList),
         RATE_LIMIT_KEYS[0],
         RATE_LIMIT_KEYS[1],
         RATE_LIMIT_KEYS[2],
@@ -282,7 +283,7 @@ pub const RESTORE: Syntax = Syntax {
         key("prefault", Kind::Toggle),
         key("memory_restore_mode", Kind::Choice(RESTORE_MODES)),
         key("resume", Kind::Toggle),
-        key("net_fds", Kind::Unsupported(FD_PASSING)),
+        key("net_fds", Kind::Unsupported(NET_FDS)),
     ],
     required: &["source_url"],
 };
@@ -361,6 +362,7 @@ impl Syntax {
                         .map_err(|_| invalid("an IP address"))?;
                     Value::String(value.to_owned())
                 }
+                Kind::FdList => json!(parse_fd_list(value).ok_or_else(|| invalid(FDS))?),
                 Kind::Bucket(bucket, part) => {
                     let number = value
                         .parse::<u64>()
@@ -390,6 +392,7 @@ impl Syntax {
 }
 
 const TOGGLE: &str = "on, off, true or false";
+const FDS: &str = "a file descriptor number or a list [N,M,...]";
 const SIZE: &str = "a size in bytes, optionally with a K, M or G suffix";
 
 fn choice_text(words: &[(&str, &str)]) -> &'static str {
@@ -452,6 +455,18 @@ pub fn parse_byte_size(text: &str) -> Option<u64> {
     };
     let number: u64 = digits.parse().ok()?;
     number.checked_mul(1u64 << shift)
+}
+
+/// `3` or `[3,4]`: non-negative descriptor numbers.
+fn parse_fd_list(text: &str) -> Option<Vec<i32>> {
+    let inner = match text.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']')?,
+        None => text,
+    };
+    inner
+        .split(',')
+        .map(|number| number.trim().parse::<i32>().ok().filter(|fd| *fd >= 0))
+        .collect()
 }
 
 fn is_mac(text: &str) -> bool {
@@ -566,8 +581,16 @@ mod tests {
             NET.parse("ip=300.1.1.1"),
             Err(SyntaxError::InvalidValue { .. })
         ));
+        assert_eq!(
+            parsed(&NET, "fd=[3,4],mac=12:34:56:78:9a:bc")["fds"],
+            json!([3, 4])
+        );
+        assert_eq!(parsed(&NET, "fd=7")["fds"], json!([7]));
+        for bad in ["fd=[3,x]", "fd=-1", "fd=[]", "fd=[3"] {
+            assert!(NET.parse(bad).is_err(), "{bad}");
+        }
         assert!(matches!(
-            NET.parse("tap=t,fd=[3,4]"),
+            RESTORE.parse("source_url=file:///s,net_fds=[net0@[3]]"),
             Err(SyntaxError::Unsupported { .. })
         ));
     }
