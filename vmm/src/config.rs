@@ -166,6 +166,9 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    /// `--pvpanic`: the pvpanic device (here its ISA form, port 0x505; see docs/devices.md).
+    #[serde(default)]
+    pub pvpanic: bool,
     /// Not part of upstream's `VmConfig`: set by `--nv` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nv: Option<NvConfig>,
@@ -807,6 +810,7 @@ pub struct VmOptionStrings<'a> {
     pub disks: Vec<&'a str>,
     pub serial: Option<&'a str>,
     pub console: Option<&'a str>,
+    pub pvpanic: bool,
     pub nv: Option<&'a str>,
 }
 
@@ -846,6 +850,7 @@ impl VmConfig {
                 .map(ConsoleConfig::parse_console)
                 .transpose()?
                 .unwrap_or_else(default_console),
+            pvpanic: options.pvpanic,
             nv: options.nv.map(NvConfig::parse).transpose()?,
         };
         config.validate()?;

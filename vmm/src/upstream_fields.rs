@@ -133,6 +133,7 @@ const VM_CONFIG: &[(&str, Rule)] = &[
     ("disks", Rule::HonouredArray(DISK)),
     ("serial", Rule::HonouredObject(CONSOLE)),
     ("console", Rule::HonouredObject(CONSOLE)),
+    ("pvpanic", Rule::Honoured),
     // Ours: not in upstream's schema.
     ("nv", Rule::Honoured),
     ("rng", Rule::Ignored),
@@ -152,7 +153,7 @@ const VM_CONFIG: &[(&str, Rule)] = &[
     ("numa", Rule::OffOnly),
     ("iommu", Rule::OffOnly),
     ("watchdog", Rule::OffOnly),
-    ("pvpanic", Rule::OffOnly),
+
     ("pci_segments", Rule::OffOnly),
     ("tpm", Rule::OffOnly),
     ("landlock_enable", Rule::OffOnly),
