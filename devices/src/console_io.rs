@@ -152,7 +152,8 @@ fn set_non_blocking(file: &File) -> Result<()> {
     // SAFETY: F_GETFL/F_SETFL only read and set the status flags of an fd we own.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
     {
         return Err(Error::Pty {
             operation: "fcntl(O_NONBLOCK)",
@@ -654,7 +655,11 @@ mod tests {
     #[test]
     fn pty_carries_output_out_and_input_into_the_fifo_with_flow_control() {
         let pty = Pty::open().unwrap();
-        assert!(pty.path().starts_with("/dev/pts"), "{}", pty.path().display());
+        assert!(
+            pty.path().starts_with("/dev/pts"),
+            "{}",
+            pty.path().display()
+        );
         let line = Arc::new(EventFdInterrupt::new().unwrap());
         let rx_space = EventFd::new(EFD_NONBLOCK).unwrap();
         let device = Arc::new(Mutex::new(SerialDevice::with_input(

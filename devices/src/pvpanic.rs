@@ -77,7 +77,10 @@ impl BusDevice for PvPanicDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (0, [value]) = (offset, data) else {
-            debug!("pvpanic: ignored a {}-byte write at offset {offset}", data.len());
+            debug!(
+                "pvpanic: ignored a {}-byte write at offset {offset}",
+                data.len()
+            );
             return;
         };
         match PvPanicEvent::from_byte(*value) {

@@ -312,8 +312,7 @@ mod tests {
 
         let line = Arc::new(EventFdInterrupt::new().unwrap());
         let mut restored =
-            SerialDevice::from_state(&back, line, Box::new(SharedOutput::default()), None)
-                .unwrap();
+            SerialDevice::from_state(&back, line, Box::new(SharedOutput::default()), None).unwrap();
         assert_eq!(restored.state().unwrap(), state);
         assert_eq!(read(&mut restored, SCRATCH), 0x42);
         assert_eq!(read(&mut restored, LCR), 0x1b);

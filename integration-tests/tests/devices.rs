@@ -328,7 +328,9 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
     user.file.write_all(b"hello through the pty\n").unwrap();
     user.read_until("echo: hello through the pty\n");
     // More than the UART's 64-byte receive FIFO in one go: nothing is lost or reordered.
-    let long: String = (0..150).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let long: String = (0..150)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     user.file.write_all(format!("{long}\n").as_bytes()).unwrap();
     let text = user.read_until("devcheck: done\n");
     assert!(text.contains(&format!("echo: {long}\n")), "{text}");
@@ -355,9 +357,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
         "off",
     ]));
     let mut first = VmmProcess::spawn(dir.path(), "first", &arguments);
-    let stderr = first.wait_stderr("the serial pty path", |log| {
-        log.contains(SERIAL_PTY_MARKER)
-    });
+    let stderr = first.wait_stderr("the serial pty path", |log| log.contains(SERIAL_PTY_MARKER));
     let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
     let before = user.read_until(" ok\n");
     assert!(before.contains("counter: boot"), "{before}");
@@ -400,9 +400,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
 /// `api_client::request`, which panics on both.
 fn try_request(socket: &Path, method: &str, endpoint: &str) -> Option<(u16, String)> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let request = format!(
         "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     );
@@ -513,6 +511,9 @@ fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
     assert!(lines[0].contains("No space left on device"), "{stderr}");
     // The summary at the end counts what was dropped after the first failure.
     if let Some(summary) = lines.get(1) {
-        assert!(summary.contains("bytes of guest output dropped"), "{summary}");
+        assert!(
+            summary.contains("bytes of guest output dropped"),
+            "{summary}"
+        );
     }
 }

@@ -1079,6 +1079,33 @@ mod tests {
     }
 
     #[test]
+    fn pvpanic_is_off_by_default_on_with_the_flag_and_a_vm_config_member() {
+        let options = VmOptionStrings {
+            kernel: Some("/k"),
+            memory: Some("size=64M"),
+            console: Some("off"),
+            ..Default::default()
+        };
+        let config = VmConfig::from_options(&options).unwrap().unwrap();
+        assert!(!config.pvpanic);
+        // Upstream's vm.info carries every member: ours shows pvpanic too.
+        assert_eq!(serde_json::to_value(&config).unwrap()["pvpanic"], false);
+        let with_flag = VmOptionStrings {
+            pvpanic: true,
+            ..options
+        };
+        let config = VmConfig::from_options(&with_flag).unwrap().unwrap();
+        assert!(config.pvpanic);
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);
+        // Configs written before the member existed (NV regions, snapshots) still parse.
+        let old: VmConfig =
+            serde_json::from_str(r#"{"payload":{"kernel":"/k"},"memory":{"size":1048576}}"#)
+                .unwrap();
+        assert!(!old.pvpanic);
+    }
+
+    #[test]
     fn serial_and_console() {
         for (input, mode) in [
             ("off", ConsoleOutputMode::Off),

@@ -9,11 +9,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
 use devices::virtio::{
     kernel_cmdline_token, virtio_mmio_slot, Block, MmioTransport, MmioTransportState,
     VIRTIO_MMIO_SIZE,
 };
-use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
 use devices::{
     Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent, SerialDevice, SerialState,
 };

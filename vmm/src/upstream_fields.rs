@@ -153,7 +153,6 @@ const VM_CONFIG: &[(&str, Rule)] = &[
     ("numa", Rule::OffOnly),
     ("iommu", Rule::OffOnly),
     ("watchdog", Rule::OffOnly),
-
     ("pci_segments", Rule::OffOnly),
     ("tpm", Rule::OffOnly),
     ("landlock_enable", Rule::OffOnly),
@@ -311,6 +310,7 @@ mod tests {
             disks: vec!["path=/d,readonly=on,id=d0"],
             serial: Some("file=/log"),
             console: Some("off"),
+            pvpanic: true,
             nv: Some("region=/r,vm=a,create=on"),
             ..Default::default()
         })

@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::{InterruptLine, Result};
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
-pub use io_thread::{set_io_thread_start_hook, IoThreadStartHook};
 pub(crate) use io_thread::current_start_hook;
+pub use io_thread::{set_io_thread_start_hook, IoThreadStartHook};
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, QueueSnapshot,
     MMIO_STATE_VERSION, VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
