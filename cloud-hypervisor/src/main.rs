@@ -69,6 +69,10 @@ struct Cli {
     #[arg(long, value_name = "MODE")]
     console: Option<String>,
 
+    /// Enable the pvpanic device (the guest reports its panics to the host).
+    #[arg(long)]
+    pvpanic: bool,
+
     /// path=<socket_path>|fd=<fd>|<socket_path>: the REST API socket.
     #[arg(long = "api-socket", value_name = "path=PATH|fd=N")]
     api_socket: Option<String>,
@@ -122,6 +126,7 @@ fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
         disks: cli.disk.iter().map(String::as_str).collect(),
         serial: cli.serial.as_deref(),
         console: cli.console.as_deref(),
+        pvpanic: cli.pvpanic,
         nv: cli.nv.as_deref(),
     };
     let vm = VmConfig::from_options(&options)?;

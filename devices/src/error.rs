@@ -32,6 +32,12 @@ pub enum Error {
     },
     #[error("serial state is invalid: {0}")]
     SerialState(String),
+    #[error("pseudo-terminal: {operation} failed: {source}")]
+    Pty {
+        operation: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot flush the serial output: {0}")]
     SerialFlush(#[source] io::Error),
     #[error("virtio state is for device type {found}, the device given is type {expected}")]

@@ -1,4 +1,5 @@
-//! Emulated devices of NV-Hypervisor: a 16550 serial port, the i8042 reset line, and virtio-blk
+//! Emulated devices of NV-Hypervisor: a 16550 serial port (with its output files and
+//! pseudo-terminals in `console_io`), the i8042 reset line, the ISA pvpanic port, and virtio-blk
 //! over a virtio-mmio (version 2) transport.
 //!
 //! The crate knows nothing of KVM. The VMM routes vCPU exits into a [`Bus`], wires each
@@ -7,9 +8,11 @@
 //! recovery can rebuild it (see `docs/devices.md`).
 
 mod bus;
+pub mod console_io;
 mod error;
 mod i8042;
 mod interrupt;
+mod pvpanic;
 mod serial;
 pub mod virtio;
 
@@ -17,4 +20,8 @@ pub use bus::{Bus, BusDevice};
 pub use error::{Error, Result};
 pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};
 pub use interrupt::{EventFdInterrupt, InterruptLine};
+pub use pvpanic::{
+    PvPanicDevice, PvPanicEvent, PvPanicHandler, PVPANIC_CRASH_LOADED, PVPANIC_LEN,
+    PVPANIC_PANICKED, PVPANIC_PORT, PVPANIC_SUPPORTED_EVENTS,
+};
 pub use serial::{SerialDevice, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN, SERIAL_STATE_VERSION};

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use log::warn;
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::{NoEvents, SerialState as SuperioSerialState};
+use vm_superio::serial::{SerialEvents, SerialState as SuperioSerialState};
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{BusDevice, Error, InterruptLine, Result};
 
@@ -27,6 +28,23 @@ impl Trigger for SerialInterrupt {
 
     fn trigger(&self) -> io::Result<()> {
         self.0.trigger()
+    }
+}
+
+/// What the UART tells us besides interrupts: that the guest emptied the receive FIFO, so the
+/// input thread (see `console_io::SerialInput`) may queue more host input.
+struct RxSpaceNotifier(Option<EventFd>);
+
+impl SerialEvents for RxSpaceNotifier {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(evt) = &self.0 {
+            if let Err(e) = evt.write(1) {
+                warn!("serial: cannot wake the input thread: {e}");
+            }
+        }
     }
 }
 
@@ -85,23 +103,41 @@ impl From<&SerialState> for SuperioSerialState {
 
 /// The COM1 device as seen on the port I/O bus.
 pub struct SerialDevice {
-    uart: Serial<SerialInterrupt, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<SerialInterrupt, RxSpaceNotifier, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
     /// A UART in its power-on state writing guest output to `out` (a file, stdout, `io::sink()`).
     pub fn new(interrupt: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::new(SerialInterrupt(interrupt), out),
+            uart: Serial::with_events(SerialInterrupt(interrupt), RxSpaceNotifier(None), out),
+        }
+    }
+
+    /// Like `new`, for a UART that also receives host input: `rx_space` is written each time the
+    /// guest empties the receive FIFO.
+    pub fn with_input(
+        interrupt: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+        rx_space: EventFd,
+    ) -> Self {
+        Self {
+            uart: Serial::with_events(
+                SerialInterrupt(interrupt),
+                RxSpaceNotifier(Some(rx_space)),
+                out,
+            ),
         }
     }
 
     /// Rebuilds a UART from saved registers. Raises the interrupt again if the saved registers
     /// say one is pending, since the edge the guest may not have seen is lost across the gap.
+    /// `rx_space` as for [`SerialDevice::with_input`], `None` for a UART without input.
     pub fn from_state(
         state: &SerialState,
         interrupt: Arc<dyn InterruptLine>,
         out: Box<dyn Write + Send>,
+        rx_space: Option<EventFd>,
     ) -> Result<Self> {
         if state.version != SERIAL_STATE_VERSION {
             return Err(Error::StateVersion {
@@ -110,8 +146,13 @@ impl SerialDevice {
                 expected: SERIAL_STATE_VERSION,
             });
         }
-        let uart = Serial::from_state(&state.into(), SerialInterrupt(interrupt), NoEvents, out)
-            .map_err(|e| Error::SerialState(format!("{e:?}")))?;
+        let uart = Serial::from_state(
+            &state.into(),
+            SerialInterrupt(interrupt),
+            RxSpaceNotifier(rx_space),
+            out,
+        )
+        .map_err(|e| Error::SerialState(format!("{e:?}")))?;
         Ok(Self { uart })
     }
 
@@ -120,6 +161,11 @@ impl SerialDevice {
     pub fn state(&mut self) -> Result<SerialState> {
         self.uart.writer_mut().flush().map_err(Error::SerialFlush)?;
         Ok((&self.uart.state()).into())
+    }
+
+    /// How many more bytes the receive FIFO takes.
+    pub fn rx_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
     }
 
     /// Queues host input (e.g. from a tty) for the guest to read; returns how many bytes fit in
@@ -266,7 +312,7 @@ mod tests {
 
         let line = Arc::new(EventFdInterrupt::new().unwrap());
         let mut restored =
-            SerialDevice::from_state(&back, line, Box::new(SharedOutput::default())).unwrap();
+            SerialDevice::from_state(&back, line, Box::new(SharedOutput::default()), None).unwrap();
         assert_eq!(restored.state().unwrap(), state);
         assert_eq!(read(&mut restored, SCRATCH), 0x42);
         assert_eq!(read(&mut restored, LCR), 0x1b);
@@ -281,13 +327,13 @@ mod tests {
         state.version = 99;
         let line: Arc<dyn InterruptLine> = Arc::new(EventFdInterrupt::new().unwrap());
         assert!(matches!(
-            SerialDevice::from_state(&state, line.clone(), Box::new(io::sink())),
+            SerialDevice::from_state(&state, line.clone(), Box::new(io::sink()), None),
             Err(Error::StateVersion { found: 99, .. })
         ));
         state.version = SERIAL_STATE_VERSION;
         state.rx_fifo = vec![0; 4096];
         assert!(matches!(
-            SerialDevice::from_state(&state, line, Box::new(io::sink())),
+            SerialDevice::from_state(&state, line, Box::new(io::sink()), None),
             Err(Error::SerialState(_))
         ));
     }

@@ -47,6 +47,7 @@ fn config(kernel: &Path, cmdline: &str, memory: MemoryConfig, serial_log: &Path)
             mode: ConsoleOutputMode::Off,
             ..Default::default()
         },
+        pvpanic: false,
         nv: None,
     }
 }

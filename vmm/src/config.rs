@@ -166,6 +166,9 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    /// `--pvpanic`: the pvpanic device (here its ISA form, port 0x505; see docs/devices.md).
+    #[serde(default)]
+    pub pvpanic: bool,
     /// Not part of upstream's `VmConfig`: set by `--nv` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nv: Option<NvConfig>,
@@ -807,6 +810,7 @@ pub struct VmOptionStrings<'a> {
     pub disks: Vec<&'a str>,
     pub serial: Option<&'a str>,
     pub console: Option<&'a str>,
+    pub pvpanic: bool,
     pub nv: Option<&'a str>,
 }
 
@@ -846,6 +850,7 @@ impl VmConfig {
                 .map(ConsoleConfig::parse_console)
                 .transpose()?
                 .unwrap_or_else(default_console),
+            pvpanic: options.pvpanic,
             nv: options.nv.map(NvConfig::parse).transpose()?,
         };
         config.validate()?;
@@ -1071,6 +1076,33 @@ mod tests {
             DiskConfig::parse("path=/img,colour=red"),
             Err(ConfigError::UnknownKey { .. })
         ));
+    }
+
+    #[test]
+    fn pvpanic_is_off_by_default_on_with_the_flag_and_a_vm_config_member() {
+        let options = VmOptionStrings {
+            kernel: Some("/k"),
+            memory: Some("size=64M"),
+            console: Some("off"),
+            ..Default::default()
+        };
+        let config = VmConfig::from_options(&options).unwrap().unwrap();
+        assert!(!config.pvpanic);
+        // Upstream's vm.info carries every member: ours shows pvpanic too.
+        assert_eq!(serde_json::to_value(&config).unwrap()["pvpanic"], false);
+        let with_flag = VmOptionStrings {
+            pvpanic: true,
+            ..options
+        };
+        let config = VmConfig::from_options(&with_flag).unwrap().unwrap();
+        assert!(config.pvpanic);
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);
+        // Configs written before the member existed (NV regions, snapshots) still parse.
+        let old: VmConfig =
+            serde_json::from_str(r#"{"payload":{"kernel":"/k"},"memory":{"size":1048576}}"#)
+                .unwrap();
+        assert!(!old.pvpanic);
     }
 
     #[test]

@@ -1,25 +1,28 @@
 //! Builds the VM's devices from its config and wires them to KVM: COM1 on the port-I/O bus with an
-//! irqfd on IRQ 4, the i8042 reset line, and virtio-blk disks on virtio-mmio at the platform
-//! contract's addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach
-//! the devices through the `IoHandler` this module implements.
+//! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
+//! reset line, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
+//! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
+//! through the `IoHandler` this module implements.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
 use devices::virtio::{
     kernel_cmdline_token, virtio_mmio_slot, Block, MmioTransport, MmioTransportState,
     VIRTIO_MMIO_SIZE,
 };
-use devices::{Bus, EventFdInterrupt, I8042Device, SerialDevice, SerialState};
+use devices::{
+    Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent, SerialDevice, SerialState,
+};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::config::{ConsoleConfig, ConsoleOutputMode, VmConfig};
 use crate::events::VmEvents;
 use crate::vcpu::IoHandler;
 use crate::Error;
@@ -50,6 +53,12 @@ struct Com1 {
     device: Arc<Mutex<SerialDevice>>,
     interrupt: Arc<EventFdInterrupt>,
     output: SerialOutput,
+    /// With `--serial pty`: the input thread's wake-up when the guest empties the receive FIFO;
+    /// a restored UART gets a clone.
+    rx_space: Option<EventFd>,
+    /// Declared before `pty`: the input thread stops before the terminal closes.
+    _input: Option<SerialInput>,
+    pty: Option<Pty>,
 }
 
 /// Offset of the QueueNotify register in a virtio-mmio window (virtio 1.x, 4.2.2).
@@ -97,6 +106,9 @@ pub struct DeviceManager {
     pio_bus: Bus,
     mmio_bus: Bus,
     com1: Option<Com1>,
+    /// `--console pty`: opened so its path can be reported as upstream does, though no
+    /// virtio-console device is attached to it yet.
+    console_pty: Option<Pty>,
     disks: Vec<VirtioBlockSlot>,
     /// Kept for re-registering ioeventfds when a restore rebuilds a transport.
     vm_fd: Arc<VmFd>,
@@ -117,6 +129,7 @@ impl DeviceManager {
             pio_bus: Bus::new(),
             mmio_bus: Bus::new(),
             com1: None,
+            console_pty: None,
             disks: Vec::new(),
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
@@ -124,47 +137,118 @@ impl DeviceManager {
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
+        if config.pvpanic {
+            manager.add_pvpanic()?;
+        }
         for disk in config.disks.iter().flatten() {
             manager.add_virtio_block(disk)?;
         }
-        if config.console.mode != ConsoleOutputMode::Off
-            && config.console.mode != ConsoleOutputMode::Null
-        {
-            // Upstream's --console is a virtio-console; we offer none. Its default is tty, so this
-            // is only worth a debug line.
-            log::debug!(
-                "--console {:?}: no virtio-console device in this VMM; use --serial",
-                config.console.mode
-            );
-        }
+        manager.add_console(&config.console)?;
         Ok(manager)
     }
 
+    /// Upstream's `--console` is a virtio-console; this VMM has none yet, so the guest's console
+    /// is COM1 (`--serial`). `--console file=` is checked (the file is created, so a typo in the
+    /// path fails now as upstream's would) and `--console pty` opens a pty whose path `vm.info`
+    /// reports, so tools that look it up keep working; nothing is connected to either.
+    fn add_console(&mut self, console: &ConsoleConfig) -> Result<(), Error> {
+        match console.mode {
+            ConsoleOutputMode::Pty => {
+                let pty = Pty::open().map_err(|e| Error::Device(format!("--console pty: {e}")))?;
+                log::warn!(
+                    "--console pty: {} opened, but no virtio-console device is attached to it \
+                     yet; the guest's console is COM1 (--serial)",
+                    pty.path().display()
+                );
+                self.console_pty = Some(pty);
+            }
+            ConsoleOutputMode::File => {
+                let path = console
+                    .file
+                    .as_ref()
+                    .ok_or_else(|| Error::Device("--console file= without a path".to_string()))?;
+                open_output_file(Path::new(path)).map_err(|source| Error::SerialOutput {
+                    path: PathBuf::from(path),
+                    source,
+                })?;
+                log::info!("--console file={path}: no virtio-console device writes to it yet");
+            }
+            // The default is tty, so only worth a debug line.
+            mode => log::debug!("--console {mode:?}: no virtio-console device in this VMM"),
+        }
+        Ok(())
+    }
+
+    /// The pty paths this VM's devices opened, written into `config` the way upstream reports
+    /// them: in the `file` member of a `Pty` serial or console.
+    pub fn record_pty_paths(&self, config: &mut VmConfig) {
+        if let Some(pty) = self.com1.as_ref().and_then(|com1| com1.pty.as_ref()) {
+            config.serial.file = Some(pty.path().display().to_string());
+        }
+        if let Some(pty) = &self.console_pty {
+            config.console.file = Some(pty.path().display().to_string());
+        }
+    }
+
+    fn add_pvpanic(&mut self) -> Result<(), Error> {
+        let device = PvPanicDevice::new(Box::new(|event: PvPanicEvent| {
+            log::warn!("pvpanic: the guest reported a {} event", event.name());
+            // Upstream's event: source "guest", event "panic", the kind in property "event".
+            crate::event_monitor::emit("guest", "panic", &[("event", event.name())]);
+        }));
+        self.pio_bus
+            .insert(
+                devices::PVPANIC_PORT,
+                devices::PVPANIC_LEN,
+                Arc::new(Mutex::new(device)),
+            )
+            .map_err(|e| Error::Device(format!("pvpanic: {e}")))?;
+        log::info!("pvpanic on I/O port {:#x}", devices::PVPANIC_PORT);
+        Ok(())
+    }
+
     fn add_serial(&mut self, vm_fd: &VmFd, config: &VmConfig) -> Result<(), Error> {
+        let mut pty = None;
+        // Every output is lossy: what cannot be written is dropped and counted, never retried
+        // on the vCPU that wrote it, and reported at most every few seconds.
         let output: Box<dyn Write + Send> = match config.serial.mode {
             ConsoleOutputMode::Off => return Ok(()),
             ConsoleOutputMode::Null => Box::new(io::sink()),
-            ConsoleOutputMode::Tty => Box::new(io::stdout()),
+            ConsoleOutputMode::Tty => Box::new(LossyOutput::new(io::stdout(), "serial output")),
             ConsoleOutputMode::File => {
                 let path =
                     config.serial.file.as_ref().ok_or_else(|| {
                         Error::Device("--serial file= without a path".to_string())
                     })?;
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|source| Error::SerialOutput {
+                let file =
+                    open_output_file(Path::new(path)).map_err(|source| Error::SerialOutput {
                         path: PathBuf::from(path),
                         source,
                     })?;
-                Box::new(file)
+                Box::new(LossyOutput::new(file, format!("serial output {path}")))
             }
-            mode @ (ConsoleOutputMode::Pty | ConsoleOutputMode::Socket) => {
-                return Err(Error::Device(format!(
-                    "--serial {mode:?} is not supported (use off, null, tty or file=)"
-                )))
+            ConsoleOutputMode::Pty => {
+                // A `file` in the config is the pty of an earlier run (upstream reports it
+                // there): a new one is opened every time.
+                let opened =
+                    Pty::open().map_err(|e| Error::Device(format!("--serial pty: {e}")))?;
+                let main = opened
+                    .main()
+                    .map_err(|e| Error::Device(format!("--serial pty: {e}")))?;
+                // The operator needs the path to attach, so it is logged at the default level.
+                log::warn!(
+                    "--serial pty: the guest's serial port is on {}",
+                    opened.path().display()
+                );
+                let what = format!("serial pty {}", opened.path().display());
+                pty = Some(opened);
+                Box::new(LossyOutput::new(main, what))
+            }
+            ConsoleOutputMode::Socket => {
+                return Err(Error::Device(
+                    "--serial socket= is not supported (use off, null, pty, tty or file=)"
+                        .to_string(),
+                ))
             }
         };
         let interrupt = Arc::new(
@@ -177,17 +261,47 @@ impl DeviceManager {
                 source,
             })?;
         let output = SerialOutput(Arc::new(Mutex::new(output)));
-        let device = Arc::new(Mutex::new(SerialDevice::new(
-            interrupt.clone(),
-            Box::new(output.clone()),
-        )));
+        let serial_error = |e: devices::Error| Error::Device(format!("serial: {e}"));
+        let (device, rx_space) = match &pty {
+            None => (
+                SerialDevice::new(interrupt.clone(), Box::new(output.clone())),
+                None,
+            ),
+            Some(_) => {
+                let rx_space = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                    operation: "create (serial input)",
+                    source,
+                })?;
+                let device = SerialDevice::with_input(
+                    interrupt.clone(),
+                    Box::new(output.clone()),
+                    clone_event_fd(&rx_space)?,
+                );
+                (device, Some(rx_space))
+            }
+        };
+        let device = Arc::new(Mutex::new(device));
         self.pio_bus
             .insert(devices::COM1_BASE, devices::COM1_LEN, device.clone())
-            .map_err(|e| Error::Device(format!("serial: {e}")))?;
+            .map_err(serial_error)?;
+        let input = match (&pty, &rx_space) {
+            (Some(pty), Some(rx_space)) => Some(
+                SerialInput::start(
+                    pty.main().map_err(serial_error)?,
+                    device.clone(),
+                    clone_event_fd(rx_space)?,
+                )
+                .map_err(serial_error)?,
+            ),
+            _ => None,
+        };
         self.com1 = Some(Com1 {
             device,
             interrupt,
             output,
+            rx_space,
+            _input: input,
+            pty,
         });
         Ok(())
     }
@@ -349,10 +463,12 @@ impl DeviceManager {
     pub fn restore_state(&self, state: &DevicesState) -> Result<(), Error> {
         match (&self.com1, &state.serial) {
             (Some(com1), Some(saved)) => {
+                let rx_space = com1.rx_space.as_ref().map(clone_event_fd).transpose()?;
                 let restored = SerialDevice::from_state(
                     saved,
                     com1.interrupt.clone(),
                     Box::new(com1.output.clone()),
+                    rx_space,
                 )
                 .map_err(|e| Error::State(format!("serial: {e}")))?;
                 *com1
@@ -408,6 +524,13 @@ impl DeviceManager {
         *transport = restored;
         Ok(())
     }
+}
+
+fn clone_event_fd(evt: &EventFd) -> Result<EventFd, Error> {
+    evt.try_clone().map_err(|source| Error::EventFd {
+        operation: "clone (serial input)",
+        source,
+    })
 }
 
 fn open_block(path: &Path, readonly: bool) -> Result<Block, Error> {

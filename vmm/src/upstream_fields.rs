@@ -133,6 +133,7 @@ const VM_CONFIG: &[(&str, Rule)] = &[
     ("disks", Rule::HonouredArray(DISK)),
     ("serial", Rule::HonouredObject(CONSOLE)),
     ("console", Rule::HonouredObject(CONSOLE)),
+    ("pvpanic", Rule::Honoured),
     // Ours: not in upstream's schema.
     ("nv", Rule::Honoured),
     ("rng", Rule::Ignored),
@@ -152,7 +153,6 @@ const VM_CONFIG: &[(&str, Rule)] = &[
     ("numa", Rule::OffOnly),
     ("iommu", Rule::OffOnly),
     ("watchdog", Rule::OffOnly),
-    ("pvpanic", Rule::OffOnly),
     ("pci_segments", Rule::OffOnly),
     ("tpm", Rule::OffOnly),
     ("landlock_enable", Rule::OffOnly),
@@ -310,6 +310,7 @@ mod tests {
             disks: vec!["path=/d,readonly=on,id=d0"],
             serial: Some("file=/log"),
             console: Some("off"),
+            pvpanic: true,
             nv: Some("region=/r,vm=a,create=on"),
             ..Default::default()
         })

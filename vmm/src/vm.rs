@@ -149,6 +149,9 @@ impl Vm {
         register_memory_slots(&kvm, &vm_fd, &memory)?;
 
         let devices = Arc::new(DeviceManager::new(&vm_fd, config, &events, &memory)?);
+        // `vm.info` shows the ptys the devices opened, as upstream does.
+        let mut config = config.clone();
+        devices.record_pty_paths(&mut config);
         let mut vcpus = VcpuManager::new(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
         let msr_indices = {
             let vcpu = vcpus.lock_vcpu(0);
@@ -163,7 +166,7 @@ impl Vm {
             devices,
             capabilities,
             msr_indices,
-            config: config.clone(),
+            config,
             run_state: VmRunState::Created,
         })
     }

@@ -176,7 +176,23 @@ impl Vmm {
         vm.boot()?;
         log::info!("VM booted with {} vCPU(s)", config.cpus.boot_vcpus);
         self.vm = Some(vm);
+        self.record_pty_paths();
         Ok(())
+    }
+
+    /// Copies the paths of the ptys the VM's devices opened (`--serial pty`, `--console pty`)
+    /// into the config `vm.info` shows, where upstream reports them.
+    pub(crate) fn record_pty_paths(&mut self) {
+        if let (Some(config), Some(vm)) = (self.vm_config.as_mut(), self.vm.as_ref()) {
+            for (kept, running) in [
+                (&mut config.serial, &vm.config().serial),
+                (&mut config.console, &vm.config().console),
+            ] {
+                if kept.mode == crate::config::ConsoleOutputMode::Pty {
+                    kept.file.clone_from(&running.file);
+                }
+            }
+        }
     }
 
     /// Builds the VM of a copy-based snapshot (`--restore`, `vm.restore`); `snapshot::restore`
@@ -194,6 +210,7 @@ impl Vmm {
         let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
         self.vm = Some(vm);
         self.nv = Some(nv);
+        self.record_pty_paths();
         Ok(())
     }
 

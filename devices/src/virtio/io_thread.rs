@@ -40,7 +40,7 @@ pub fn set_io_thread_start_hook(hook: Option<IoThreadStartHook>) {
     *slot = hook.map(Arc::new);
 }
 
-fn current_start_hook() -> Option<Arc<IoThreadStartHook>> {
+pub(crate) fn current_start_hook() -> Option<Arc<IoThreadStartHook>> {
     START_HOOK
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::{InterruptLine, Result};
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
+pub(crate) use io_thread::current_start_hook;
 pub use io_thread::{set_io_thread_start_hook, IoThreadStartHook};
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, QueueSnapshot,

@@ -201,6 +201,7 @@ impl Vmm {
                 match started {
                     Ok(config) => {
                         self.vm_config = Some(config);
+                        self.record_pty_paths();
                         Answer::done()
                     }
                     Err(e) => Answer::error(api_error(e)),

@@ -1,0 +1,90 @@
+/*
+ * devcheck: drives the legacy devices the way a guest driver would, for the
+ * device end-to-end tests.
+ *
+ *   lines=N    prints N numbered lines of output, then goes on
+ *   pvpanic=1  reads the pvpanic port (0x505), prints the supported-events
+ *              bitmap, reports a panic (bit 0) and says so
+ *   echo=N     reads COM1 input (polling the line status register) and
+ *              answers each line with "echo: <line>", N lines, then goes on
+ *   exit=reset ends the VM through the i8042 at the end (else spins)
+ */
+#include "console.h"
+#include "params.h"
+#include "port_io.h"
+#include "runtime.h"
+
+#define COM1_RBR 0x3f8
+#define COM1_LSR 0x3fd
+#define LSR_DATA_READY 0x01
+#define PVPANIC_PORT 0x505
+#define PVPANIC_PANICKED 0x01
+#define LINE_MAX 200
+
+static void print_lines(uint64_t count)
+{
+	for (uint64_t i = 1; i <= count; i++) {
+		console_write("devcheck: line ");
+		console_write_dec(i);
+		console_write(" of ");
+		console_write_dec(count);
+		console_write("\n");
+	}
+}
+
+static void report_panic(void)
+{
+	uint8_t supported = port_in8(PVPANIC_PORT);
+
+	console_write("devcheck: pvpanic supported=0x");
+	console_putc("0123456789abcdef"[supported >> 4]);
+	console_putc("0123456789abcdef"[supported & 0xf]);
+	console_write("\n");
+	if (!(supported & PVPANIC_PANICKED)) {
+		console_write("devcheck: FAIL pvpanic does not offer PANICKED\n");
+		return;
+	}
+	port_out8(PVPANIC_PORT, PVPANIC_PANICKED);
+	console_write("devcheck: panic reported\n");
+}
+
+static char read_byte(void)
+{
+	while (!(port_in8(COM1_LSR) & LSR_DATA_READY))
+		cpu_relax();
+	return (char)port_in8(COM1_RBR);
+}
+
+static void echo_lines(uint64_t count)
+{
+	char line[LINE_MAX + 1];
+
+	console_write("devcheck: echo ready\n");
+	for (uint64_t done = 0; done < count; done++) {
+		unsigned length = 0;
+		for (;;) {
+			char c = read_byte();
+			if (c == '\n' || c == '\r')
+				break;
+			if (length < LINE_MAX)
+				line[length++] = c;
+		}
+		line[length] = 0;
+		console_write("echo: ");
+		console_write(line);
+		console_write("\n");
+	}
+}
+
+void guest_main(void)
+{
+	console_write("devcheck: boot\n");
+	print_lines(param_u64("lines", 0));
+	if (param_u64("pvpanic", 0))
+		report_panic();
+	echo_lines(param_u64("echo", 0));
+	console_write("devcheck: done\n");
+	const char *exit = param_str("exit");
+	if (exit && text_equal(exit, "reset"))
+		guest_reset();
+}

@@ -1,0 +1,519 @@
+//! The legacy devices as upstream cloud-hypervisor users drive them from the command line, end to
+//! end on KVM with the `devcheck` and `counter` test guests: `--serial pty` / `--console pty`
+//! (path in the log and in `vm.info`, output out and input in, a new pty after an NV recovery),
+//! `--pvpanic` (the guest's panic on the event monitor and in the log), and serial outputs that
+//! must never stall the VMM (a FIFO without a reader, `/dev/full`) or leak (created 0600).
+//!
+//! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
+//! tests that binary instead.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::api_client;
+use integration_tests::binaries;
+use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, read_log};
+use vmm::nv::EXIT_POWER_FAIL_SAVED;
+
+/// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn guest(name: &str) -> PathBuf {
+    integration_tests::guests::guest_image(name)
+        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
+}
+
+/// On tmpfs when there is one (NV regions stand in for NV memory there).
+fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
+    } else {
+        tempfile::tempdir().expect("tempdir")
+    }
+}
+
+/// One VMM process, stderr captured to a file.
+struct VmmProcess {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl VmmProcess {
+    fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
+        let stderr = dir.join(format!("{label}.stderr"));
+        let child = Command::new(binaries::cloud_hypervisor())
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning cloud-hypervisor");
+        VmmProcess { child, stderr }
+    }
+
+    fn stderr_log(&self) -> String {
+        read_log(&self.stderr)
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, not reaped yet (its pid is still ours).
+        let result = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(result, 0, "kill({}, {signal})", self.child.id());
+    }
+
+    /// The exit status within `timeout`, or `None` (the process is then killed).
+    fn wait_exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the VMM") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        self.wait_exit_within(TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "the VMM did not exit within {TIMEOUT:?}\nstderr:\n{}",
+                self.stderr_log()
+            )
+        })
+    }
+
+    /// Waits until stderr satisfies `done` and returns it; panics on a timeout or an early exit.
+    fn wait_stderr(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let log = self.stderr_log();
+            if done(&log) {
+                return log;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("VMM exited ({status}) before {what}\nstderr:\n{log}");
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {what}\nstderr:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn strings(arguments: &[&str]) -> Vec<String> {
+    arguments.iter().map(|s| s.to_string()).collect()
+}
+
+fn guest_arguments(name: &str, parameters: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        guest(name).display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(parameters),
+        "--memory".into(),
+        "size=32M".into(),
+    ]
+}
+
+/// The events of an `--event-monitor` file (pretty-printed objects separated by blank lines).
+fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = read_log(path);
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .map(|event| event.expect("an event-monitor object"))
+        .collect()
+}
+
+#[test]
+fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
+    if !kvm_available("pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log") {
+        return;
+    }
+    let dir = scratch();
+    let serial = dir.path().join("serial.log");
+    let events = dir.path().join("events");
+    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
+    arguments.extend(strings(&[
+        "--pvpanic",
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+        "--event-monitor",
+        &format!("path={}", events.display()),
+    ]));
+    let mut vmm = VmmProcess::spawn(dir.path(), "pvpanic", &arguments);
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{stderr}");
+    let output = read_log(&serial);
+    // The guest read the supported-events bitmap: PANICKED and CRASH_LOADED.
+    assert!(
+        output.contains("devcheck: pvpanic supported=0x03"),
+        "{output}"
+    );
+    assert!(output.contains("devcheck: panic reported"), "{output}");
+    // Upstream's event: source "guest", event "panic", the kind in property "event".
+    let panics: Vec<_> = read_events(&events)
+        .into_iter()
+        .filter(|event| event["source"] == "guest")
+        .collect();
+    assert_eq!(panics.len(), 1, "{panics:#?}");
+    assert_eq!(panics[0]["event"], "panic");
+    assert_eq!(panics[0]["properties"]["event"], "panic");
+    assert!(
+        stderr.contains("pvpanic: the guest reported a panic event"),
+        "no log line at the default level:\n{stderr}"
+    );
+    // The serial file the VMM created is readable by its owner only (guest output may hold
+    // secrets).
+    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
+}
+
+#[test]
+fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
+    if !kvm_available("without_pvpanic_the_port_is_unowned_and_nothing_is_reported") {
+        return;
+    }
+    let dir = scratch();
+    let serial = dir.path().join("serial.log");
+    let events = dir.path().join("events");
+    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
+    arguments.extend(strings(&[
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+        "--event-monitor",
+        &format!("path={}", events.display()),
+    ]));
+    let mut vmm = VmmProcess::spawn(dir.path(), "no-pvpanic", &arguments);
+    let status = vmm.wait_exit();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr_log());
+    // An unowned port floats high.
+    let output = read_log(&serial);
+    assert!(
+        output.contains("devcheck: pvpanic supported=0xff"),
+        "{output}"
+    );
+    assert!(read_events(&events)
+        .iter()
+        .all(|event| event["source"] != "guest"));
+    assert!(!vmm.stderr_log().contains("pvpanic"));
+    // Issue 10 hardening: the serial file the VMM created is its owner's only.
+    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
+}
+
+/// The path after `marker` in `log` (up to the next whitespace).
+fn path_after(log: &str, marker: &str) -> Option<PathBuf> {
+    let start = log.find(marker)? + marker.len();
+    log[start..].split_whitespace().next().map(PathBuf::from)
+}
+
+const SERIAL_PTY_MARKER: &str = "the guest's serial port is on ";
+
+/// A user's end of a pty: non-blocking, reads accumulate.
+struct PtyUser {
+    file: File,
+    seen: Vec<u8>,
+}
+
+impl PtyUser {
+    fn open(path: &Path) -> PtyUser {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        PtyUser {
+            file,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until what was seen contains `needle`; returns everything seen.
+    fn read_until(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&self.seen).into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} on the pty; seen:\n{text}"
+            );
+            match self.file.read(&mut buf) {
+                Ok(n) => self.seen.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("reading the pty: {e}; seen:\n{text}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
+    if !kvm_available("serial_pty_carries_output_and_input_and_its_path_is_in_vm_info") {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("api.sock");
+    // No `exit=reset`: when the VMM exits, the terminal hangs up and output not yet read is gone
+    // (docs/devices.md), so the test reads everything before it ends the VMM.
+    let mut arguments = guest_arguments("devcheck", "echo=2");
+    arguments.extend(strings(&[
+        "--serial",
+        "pty",
+        "--console",
+        "pty",
+        "--api-socket",
+        &socket.display().to_string(),
+    ]));
+    let mut vmm = VmmProcess::spawn(dir.path(), "pty", &arguments);
+    // Logged at the default level, so an operator can attach without the API.
+    let stderr = vmm.wait_stderr("the serial pty path", |log| {
+        log.contains(SERIAL_PTY_MARKER) && log.contains("--console pty: ")
+    });
+    let serial_pty = path_after(&stderr, SERIAL_PTY_MARKER).unwrap();
+    let console_pty = path_after(&stderr, "--console pty: ").unwrap();
+    assert!(serial_pty.starts_with("/dev/pts"), "{stderr}");
+    assert_ne!(serial_pty, console_pty);
+
+    // Upstream reports the path in the `file` member of a `Pty` serial / console.
+    let (status, body) = api_client::request(&socket, "GET", "vm.info", "", TIMEOUT);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["config"]["serial"]["mode"], "Pty");
+    assert_eq!(
+        info["config"]["serial"]["file"],
+        serial_pty.display().to_string()
+    );
+    assert_eq!(info["config"]["console"]["mode"], "Pty");
+    assert_eq!(
+        info["config"]["console"]["file"],
+        console_pty.display().to_string()
+    );
+
+    // Attached after the guest started: what it wrote before waits in the terminal.
+    let mut user = PtyUser::open(&serial_pty);
+    user.read_until("devcheck: echo ready\n");
+    user.file.write_all(b"hello through the pty\n").unwrap();
+    user.read_until("echo: hello through the pty\n");
+    // More than the UART's 64-byte receive FIFO in one go: nothing is lost or reordered.
+    let long: String = (0..150)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    user.file.write_all(format!("{long}\n").as_bytes()).unwrap();
+    let text = user.read_until("devcheck: done\n");
+    assert!(text.contains(&format!("echo: {long}\n")), "{text}");
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait_exit();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr_log());
+}
+
+#[test]
+fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
+    if !kvm_available("an_nv_recovery_opens_a_new_serial_pty_and_logs_it") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let nv = |extra: &str| format!("region={},vm=pty-vm{extra}", region.display());
+    let mut arguments = guest_arguments("counter", "area_mb=1");
+    arguments.extend(strings(&[
+        "--nv",
+        &nv(",create=on"),
+        "--serial",
+        "pty",
+        "--console",
+        "off",
+    ]));
+    let mut first = VmmProcess::spawn(dir.path(), "first", &arguments);
+    let stderr = first.wait_stderr("the serial pty path", |log| log.contains(SERIAL_PTY_MARKER));
+    let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
+    let before = user.read_until(" ok\n");
+    assert!(before.contains("counter: boot"), "{before}");
+    first.signal(libc::SIGPWR);
+    let status = first.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_POWER_FAIL_SAVED),
+        "{status}\nstderr:\n{}",
+        first.stderr_log()
+    );
+    drop(user);
+
+    // The stored config says `Pty`: the recovered VM gets a pty of its own and says where.
+    let mut second = VmmProcess::spawn(
+        dir.path(),
+        "second",
+        &strings(&["--nv", &nv(",recover=on")]),
+    );
+    let stderr = second.wait_stderr("the new serial pty path", |log| {
+        log.contains(SERIAL_PTY_MARKER)
+    });
+    let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
+    let after = user.read_until(" ok\n");
+    assert!(
+        !after.contains("counter: boot"),
+        "booted again instead of continuing:\n{after}"
+    );
+    let last_before = counter_lines(&before).last().unwrap().counter;
+    let first_after = counter_lines(&after).first().unwrap().counter;
+    assert!(
+        first_after > last_before,
+        "counter {last_before} before the power failure, {first_after} after"
+    );
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.wait_exit().code(), Some(0));
+}
+
+/// One API request that may find no socket yet or no answer (`None`), unlike
+/// `api_client::request`, which panics on both.
+fn try_request(socket: &Path, method: &str, endpoint: &str) -> Option<(u16, String)> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!(
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Issue 10 item 9: `--serial file=FIFO` with no reader blocked start-up in open(2), and the
+/// VMM ignored SIGTERM while it hung there.
+#[test]
+fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
+    if !kvm_available("a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm") {
+        return;
+    }
+    let dir = scratch();
+    let fifo = dir.path().join("serial.fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c_path` is a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let socket = dir.path().join("api.sock");
+    let mut arguments = guest_arguments("counter", "area_mb=1");
+    arguments.extend(strings(&[
+        "--serial",
+        &format!("file={}", fifo.display()),
+        "--console",
+        "off",
+        "--api-socket",
+        &socket.display().to_string(),
+    ]));
+    let mut vmm = VmmProcess::spawn(dir.path(), "fifo", &arguments);
+    // The VM runs: `vm.info` answers Running (the control loop only answers once start-up is
+    // done).
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some((200, body)) = try_request(&socket, "GET", "vm.info") {
+            let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(info["state"], "Running", "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMM did not finish starting with a FIFO nobody reads\nstderr:\n{}",
+            vmm.stderr_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A reader attaching later gets the guest's output.
+    let mut reader = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while !String::from_utf8_lossy(&seen).contains(" ok\n") {
+        assert!(Instant::now() < deadline, "no guest output on the FIFO");
+        let mut buf = [0u8; 4096];
+        match reader.read(&mut buf) {
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("reading the FIFO: {e}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("counter: boot\n"));
+    drop(reader);
+    vmm.signal(libc::SIGTERM);
+    let status = vmm
+        .wait_exit_within(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("SIGTERM ignored\nstderr:\n{}", vmm.stderr_log()));
+    assert_eq!(
+        (status.code(), status.signal()),
+        (Some(0), None),
+        "stderr:\n{}",
+        vmm.stderr_log()
+    );
+}
+
+/// Issue 10 item 9: `--serial file=/dev/full` logged one warning per byte the guest wrote.
+#[test]
+fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
+    if !kvm_available("serial_output_to_dev_full_is_reported_once_not_per_byte") {
+        return;
+    }
+    let dir = scratch();
+    let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset");
+    arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));
+    let mut vmm = VmmProcess::spawn(dir.path(), "full", &arguments);
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    // The guest wrote about 1000 bytes and still ran to its end.
+    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("/dev/full"))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.len() <= 2,
+        "expected the first failure and at most one summary, got {} lines:\n{stderr}",
+        lines.len()
+    );
+    assert!(lines[0].contains("No space left on device"), "{stderr}");
+    // The summary at the end counts what was dropped after the first failure.
+    if let Some(summary) = lines.get(1) {
+        assert!(
+            summary.contains("bytes of guest output dropped"),
+            "{summary}"
+        );
+    }
+}
