@@ -278,7 +278,9 @@ impl Vmm {
     fn api_boot(&mut self) -> Result<(), ApiError> {
         emit_vm(VmEvent::Booting);
         check_state(Operation::Boot, self.api_state())?;
-        let _reported = hold_back(&[VmEvent::Booting]);
+        // `booting` is reported already; a VM torn down because its boot failed never ran, so
+        // its teardown is no `shutdown` either (upstream reports none).
+        let _reported = hold_back(&[VmEvent::Booting, VmEvent::Shutdown]);
         self.boot_configured_vm(Operation::Boot)
     }
 
