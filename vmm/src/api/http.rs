@@ -61,7 +61,7 @@ pub struct Response {
     pub status: u16,
     /// `(content type, bytes)`; `None` for 204 and other body-less answers.
     pub body: Option<(&'static str, Vec<u8>)>,
-    /// The `Allow` header of a 405.
+    /// The `Allow` header of a wrong-method answer.
     pub allow: Option<&'static str>,
     /// Close the connection after this response.
     pub close: bool,
