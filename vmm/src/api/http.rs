@@ -25,6 +25,8 @@ pub struct Request {
 pub enum FramingError {
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    #[error("conflicting Content-Length headers: {0} and {1}")]
+    ConflictingContentLength(usize, usize),
     #[error("request headers exceed {0} bytes")]
     HeadersTooLarge(usize),
     #[error("request body of {length} bytes exceeds the limit of {limit} bytes")]
@@ -43,7 +45,7 @@ impl FramingError {
     /// The status to answer with, or `None` when nothing can or should be written.
     pub fn status(&self) -> Option<u16> {
         match self {
-            FramingError::Malformed(_) => Some(400),
+            FramingError::Malformed(_) | FramingError::ConflictingContentLength(..) => Some(400),
             FramingError::HeadersTooLarge(_) => Some(431),
             FramingError::BodyTooLarge { .. } => Some(413),
             FramingError::UnsupportedTransferEncoding(_) => Some(501),
@@ -59,7 +61,7 @@ pub struct Response {
     pub status: u16,
     /// `(content type, bytes)`; `None` for 204 and other body-less answers.
     pub body: Option<(&'static str, Vec<u8>)>,
-    /// The `Allow` header of a 405.
+    /// The `Allow` header of a wrong-method answer.
     pub allow: Option<&'static str>,
     /// Close the connection after this response.
     pub close: bool,
@@ -84,13 +86,17 @@ impl Response {
         }
     }
 
-    pub fn error(status: u16, message: &str) -> Self {
-        Response {
-            status,
-            body: Some(("text/plain", message.as_bytes().to_vec())),
-            allow: None,
-            close: false,
-        }
+    /// An error answer: the body is the JSON array of strings upstream's clients parse.
+    pub fn error(status: u16, body: &[String]) -> Self {
+        let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"[]".to_vec());
+        Self::json(status, bytes)
+    }
+
+    /// An error of the HTTP layer: `[phrase]`, or `[phrase, detail]`.
+    pub fn framing_error(status: u16, detail: Option<String>) -> Self {
+        let mut body = vec![status_phrase(status).to_owned()];
+        body.extend(detail);
+        Self::error(status, &body)
     }
 }
 
@@ -99,8 +105,11 @@ impl Response {
 pub struct FramingLimits {
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
-    /// From the first wait for a request to its last byte; also the idle keep-alive timeout.
+    /// From the first wait for a request to its last byte.
     pub request_timeout: Duration,
+    /// How long the connection may stay silent before a request starts; then it is closed
+    /// quietly. Never longer than `request_timeout`.
+    pub idle_timeout: Duration,
 }
 
 /// One client connection with its read buffer (which may hold the start of a pipelined request).
@@ -123,7 +132,9 @@ impl Connection {
         &mut self,
         limits: &FramingLimits,
     ) -> Result<Option<Request>, FramingError> {
-        let deadline = Instant::now() + limits.request_timeout;
+        let started = Instant::now();
+        let deadline = started + limits.request_timeout;
+        let idle_deadline = started + limits.idle_timeout.min(limits.request_timeout);
         let (header_length, body_length, mut request) = loop {
             if let Some(parsed) = self.parse_head(limits)? {
                 break parsed;
@@ -131,7 +142,12 @@ impl Connection {
             if self.buffer.len() > limits.max_header_bytes {
                 return Err(FramingError::HeadersTooLarge(limits.max_header_bytes));
             }
-            if !self.fill(deadline, limits.request_timeout)? {
+            let wait_until = if self.buffer.is_empty() {
+                idle_deadline
+            } else {
+                deadline
+            };
+            if !self.fill(wait_until, limits.request_timeout)? {
                 return if self.buffer.is_empty() {
                     Ok(None)
                 } else {
@@ -180,7 +196,7 @@ impl Connection {
         };
         // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 closes unless asked.
         let mut keep_alive = parsed.version == Some(1);
-        let mut content_length = 0usize;
+        let mut content_length: Option<usize> = None;
         let mut expects_continue = false;
         for header in parsed.headers.iter() {
             let value = std::str::from_utf8(header.value)
@@ -189,9 +205,17 @@ impl Connection {
                 })?
                 .trim();
             if header.name.eq_ignore_ascii_case("content-length") {
-                content_length = value.parse().map_err(|_| {
+                let length: usize = value.parse().map_err(|_| {
                     FramingError::Malformed(format!("bad Content-Length {value:?}"))
                 })?;
+                // RFC 9112 6.3: differing lengths leave the message boundary unknown; refuse at
+                // once instead of waiting for bytes that may never come.
+                match content_length {
+                    Some(earlier) if earlier != length => {
+                        return Err(FramingError::ConflictingContentLength(earlier, length))
+                    }
+                    _ => content_length = Some(length),
+                }
             } else if header.name.eq_ignore_ascii_case("transfer-encoding")
                 && !value.eq_ignore_ascii_case("identity")
             {
@@ -208,6 +232,7 @@ impl Connection {
                 expects_continue = true;
             }
         }
+        let content_length = content_length.unwrap_or(0);
         if content_length > limits.max_body_bytes {
             return Err(FramingError::BodyTooLarge {
                 length: content_length,
@@ -217,7 +242,7 @@ impl Connection {
         // curl sends `Expect: 100-continue` for bodies over 1 KiB and waits a second for it.
         let body_pending = self.buffer.len() < header_length + content_length;
         if expects_continue && body_pending {
-            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            self.stream.write_all(b"HTTP/1.1 100 \r\n\r\n")?;
         }
         Ok(Some((
             header_length,
@@ -278,11 +303,9 @@ impl Connection {
     ) -> io::Result<()> {
         // A client that stops reading must not wedge this thread either.
         self.stream.set_write_timeout(Some(write_timeout))?;
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\nServer: NV-Hypervisor\r\n",
-            response.status,
-            reason_phrase(response.status)
-        );
+        // No reason phrase, as upstream: its ch-remote reads everything between "HTTP/1.1 " and
+        // the line end as the number, so "200 OK" would fail every call.
+        let mut head = format!("HTTP/1.1 {} \r\nServer: NV-Hypervisor\r\n", response.status);
         if let Some(allow) = response.allow {
             head.push_str(&format!("Allow: {allow}\r\n"));
         }
@@ -308,7 +331,8 @@ impl Connection {
     }
 }
 
-fn reason_phrase(status: u16) -> &'static str {
+/// The standard phrase of a status, used as the first element of an HTTP-layer error body.
+pub fn status_phrase(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",

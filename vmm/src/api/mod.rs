@@ -4,13 +4,14 @@
 //! sends it to the control loop as an [`ApiMessage`] over a channel, writes the `wake` eventfd so
 //! the control loop's epoll notices, and blocks until the control loop answers on `reply`. The
 //! control loop answers every message exactly once with an [`ApiResponse`]:
-//! `Ok(Some(body))` becomes `200` with the JSON body, `Ok(None)` becomes `204`, and
-//! `Err(ApiError { status, message })` becomes `status` with `message` as a plain-text body.
+//! `Ok(Some(body))` becomes `200` with the JSON body, `Ok(None)` becomes `204`, and an
+//! [`ApiError`] becomes its status with a JSON array of strings as the body, as upstream answers.
 //!
 //! Paths, methods and bodies follow `docs/openapi.yaml` (the upstream cloud-hypervisor v53 spec
 //! extended with the NV endpoints); `docs/api.md` explains the differences from upstream.
 
 mod http;
+pub mod lifecycle;
 mod routes;
 mod server;
 mod socket;
@@ -29,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ApiSocketConfig, RestoreConfig, VmConfig};
 
 pub use routes::{HttpMethod, Route, RouteAction, API_PREFIX, ROUTES};
+pub use lifecycle::{check_state, Operation, StateRefusal};
 pub use server::ServerLimits;
 
 /// One operation asked of the control loop.
@@ -74,43 +76,82 @@ pub enum ApiRequest {
     NvRecover(NvRecoverConfig),
     /// `GET /vmm.nv-regions?region=PATH`: answer with an [`NvRegionListing`].
     NvRegions(NvRegionsQuery),
+    /// An upstream operation this VMM does not carry out: answer as upstream would for the VM's
+    /// state ([`check_state`]), then with [`lifecycle::not_implemented`].
+    Unimplemented(Operation),
 }
 
-/// An error answer: HTTP status and the text the client sees as the body.
-///
-/// Statuses the control loop should use, as upstream's spec describes them: 400 for a request that
-/// is well-formed JSON but not a valid configuration, 404 when the VM is not created (or, for
-/// `vm.restore`/`vm.create`, when one already is), 405 when the VM is in the wrong state for the
-/// operation, 409 for a conflicting device, 500 when the operation itself failed.
+/// The first element of the body of an error the control loop answered, as upstream names it.
+pub const API_LAYER: &str = "Error from API";
+
+/// An error answer: an HTTP status and the JSON array of strings the client sees as the body,
+/// `[layer, message, causes...]` as upstream cloud-hypervisor writes it: the layer that failed
+/// (`"Error from API"` for the control loop), what failed, then why, outermost cause first.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message} (HTTP {status})")]
+#[error("{} (HTTP {status})", self.body().join(": "))]
 pub struct ApiError {
     pub status: u16,
+    pub layer: &'static str,
+    /// What failed (upstream: "The VM could not boot"). Empty for a bare layer (`["Not Found"]`).
     pub message: String,
+    /// Why it failed, outermost first.
+    pub causes: Vec<String>,
 }
 
 impl ApiError {
+    /// A control-loop error with one message and no cause.
     pub fn new(status: u16, message: impl Into<String>) -> Self {
         ApiError {
             status,
+            layer: API_LAYER,
             message: message.into(),
+            causes: Vec::new(),
         }
     }
 
-    /// 400: the request body is not an acceptable configuration.
+    /// `operation` failed because of `error`: the body lists `error` and its sources.
+    pub fn failed(status: u16, operation: Operation, error: &dyn std::error::Error) -> Self {
+        ApiError {
+            status,
+            layer: API_LAYER,
+            message: operation.failure().to_owned(),
+            causes: cause_chain(error),
+        }
+    }
+
+    /// `operation` is refused by the VM's state (see [`lifecycle::check_state`]).
+    pub fn refused(operation: Operation, refusal: StateRefusal) -> Self {
+        Self::failed(refusal.status(), operation, &refusal)
+    }
+
+    /// An error of the HTTP layer: `["Not Found"]`, `["Bad Request", "<detail>"]`...
+    pub fn http(status: u16, layer: &'static str, detail: Option<String>) -> Self {
+        ApiError {
+            status,
+            layer,
+            message: detail.unwrap_or_default(),
+            causes: Vec::new(),
+        }
+    }
+
+    /// A body that is not the JSON the operation takes: `["Failed to deserialize JSON", "<why>"]`.
+    pub fn deserialize(error: &serde_json::Error) -> Self {
+        Self::http(400, "Failed to deserialize JSON", Some(error.to_string()))
+    }
+
+    /// A request the HTTP layer refuses before it reaches the control loop.
+    pub fn invalid_request(detail: impl Into<String>) -> Self {
+        Self::http(400, "Bad Request", Some(detail.into()))
+    }
+
+    /// 400 from the control loop: the request is not an acceptable configuration.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, message)
     }
 
-    /// 404: the VM the operation needs does not exist (upstream's "not created").
+    /// 404: the VM (or NV region, NV VM) the operation needs does not exist.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(404, message)
-    }
-
-    /// 405: the VM exists but is in the wrong state for the operation (upstream's "not booted",
-    /// "not paused").
-    pub fn wrong_state(message: impl Into<String>) -> Self {
-        Self::new(405, message)
     }
 
     /// 409: the request is valid but the current state refuses it (an NV VM that cannot be
@@ -119,15 +160,36 @@ impl ApiError {
         Self::new(409, message)
     }
 
-    /// 500: the operation was attempted and failed.
+    /// 500: the operation was attempted and failed, or the VM's state refuses it.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message)
     }
 
-    /// 501: the operation exists upstream but this VMM does not implement it.
-    pub fn not_implemented(message: impl Into<String>) -> Self {
-        Self::new(501, message)
+    /// The JSON array of the body.
+    pub fn body(&self) -> Vec<String> {
+        let mut body = vec![self.layer.to_owned()];
+        if !self.message.is_empty() {
+            body.push(self.message.clone());
+        }
+        body.extend(self.causes.iter().cloned());
+        body
     }
+}
+
+/// `error` and its sources as strings, outermost first. Many of our errors already print their
+/// source inside their own message ("disk image /x: No such file"); a source whose text the
+/// previous element already holds is not repeated.
+pub fn cause_chain(error: &dyn std::error::Error) -> Vec<String> {
+    let mut chain: Vec<String> = vec![error.to_string()];
+    let mut next = error.source();
+    while let Some(source) = next {
+        let text = source.to_string();
+        if !chain.last().is_some_and(|previous| previous.contains(&text)) {
+            chain.push(text);
+        }
+        next = source.source();
+    }
+    chain
 }
 
 /// What the control loop answers: `Some(body)` -> 200 with JSON, `None` -> 204.
@@ -147,6 +209,10 @@ pub struct ApiMessage {
 pub enum ApiServerError {
     #[error("API socket {path}: another process is already serving on it")]
     SocketInUse { path: String },
+    #[error(
+        "API socket {path}: the path is {length} bytes long; a Unix socket path holds at most 107"
+    )]
+    PathTooLong { path: String, length: usize },
     #[error("API socket {path}: the path exists and is not a socket; refusing to replace it")]
     NotASocket { path: String },
     #[error("API socket {path}: {action}: {source}")]
@@ -194,11 +260,14 @@ pub fn start_http_server_with_limits(
 pub fn finish_pending_requests(from_api: &Receiver<ApiMessage>, timeout: Duration) -> bool {
     while let Ok(message) = from_api.try_recv() {
         // The client may be gone already; nothing to do about it then.
-        let _ = message
-            .reply
-            .send(Err(ApiError::new(503, "the VMM is shutting down")));
+        let _ = message.reply.send(Err(shutting_down()));
     }
     server::wait_for_answers_written(timeout)
+}
+
+/// The answer to a request still queued when the VMM ends.
+pub fn shutting_down() -> ApiError {
+    ApiError::new(503, "the VMM is shutting down")
 }
 
 /// Body of `PUT /vm.snapshot` (upstream's `VmSnapshotConfig`).

@@ -1,10 +1,11 @@
 //! The route table: which `/api/v1/<op>` paths exist, with which method, and how a request's
 //! body or query becomes an [`ApiRequest`]. Every path of the upstream v53 spec is listed, with
-//! upstream's method, so that an operation we do not implement is answered 501 rather than 404.
+//! upstream's method, so that an operation we do not implement reaches the control loop, which
+//! answers it as upstream would for the VM's state, and 501 once the state allows it.
 
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, VmSnapshotConfig};
+use super::{ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, Operation, VmSnapshotConfig};
 use crate::config::{RestoreConfig, VmConfig};
 
 /// The prefix every API path carries.
@@ -48,8 +49,8 @@ pub enum RouteAction {
     NvSuspend,
     NvRecover,
     NvRegions,
-    /// An upstream operation this VMM does not implement: answered 501.
-    NotImplemented,
+    /// An upstream operation this VMM does not implement (see [`Operation::is_unimplemented`]).
+    NotImplemented(Operation),
 }
 
 /// One API path: `op` is the part after `/api/v1/`.
@@ -97,25 +98,25 @@ pub const ROUTES: &[Route] = &[
     upstream("vm.shutdown", Put, A::VmShutdown),
     upstream("vm.reboot", Put, A::VmReboot),
     upstream("vm.power-button", Put, A::VmPowerButton),
-    upstream("vm.resize", Put, A::NotImplemented),
-    upstream("vm.resize-disk", Put, A::NotImplemented),
-    upstream("vm.resize-zone", Put, A::NotImplemented),
-    upstream("vm.add-device", Put, A::NotImplemented),
-    upstream("vm.remove-device", Put, A::NotImplemented),
-    upstream("vm.add-disk", Put, A::NotImplemented),
-    upstream("vm.add-fs", Put, A::NotImplemented),
-    upstream("vm.add-generic-vhost-user", Put, A::NotImplemented),
-    upstream("vm.add-pmem", Put, A::NotImplemented),
-    upstream("vm.add-net", Put, A::NotImplemented),
-    upstream("vm.add-vsock", Put, A::NotImplemented),
-    upstream("vm.add-vdpa", Put, A::NotImplemented),
-    upstream("vm.add-user-device", Put, A::NotImplemented),
+    upstream("vm.resize", Put, A::NotImplemented(Operation::Resize)),
+    upstream("vm.resize-disk", Put, A::NotImplemented(Operation::ResizeDisk)),
+    upstream("vm.resize-zone", Put, A::NotImplemented(Operation::ResizeZone)),
+    upstream("vm.add-device", Put, A::NotImplemented(Operation::AddDevice)),
+    upstream("vm.remove-device", Put, A::NotImplemented(Operation::RemoveDevice)),
+    upstream("vm.add-disk", Put, A::NotImplemented(Operation::AddDisk)),
+    upstream("vm.add-fs", Put, A::NotImplemented(Operation::AddFs)),
+    upstream("vm.add-generic-vhost-user", Put, A::NotImplemented(Operation::AddGenericVhostUser)),
+    upstream("vm.add-pmem", Put, A::NotImplemented(Operation::AddPmem)),
+    upstream("vm.add-net", Put, A::NotImplemented(Operation::AddNet)),
+    upstream("vm.add-vsock", Put, A::NotImplemented(Operation::AddVsock)),
+    upstream("vm.add-vdpa", Put, A::NotImplemented(Operation::AddVdpa)),
+    upstream("vm.add-user-device", Put, A::NotImplemented(Operation::AddUserDevice)),
     upstream("vm.snapshot", Put, A::VmSnapshot),
-    upstream("vm.coredump", Put, A::NotImplemented),
-    upstream("vm.nmi", Put, A::NotImplemented),
+    upstream("vm.coredump", Put, A::NotImplemented(Operation::Coredump)),
+    upstream("vm.nmi", Put, A::NotImplemented(Operation::Nmi)),
     upstream("vm.restore", Put, A::VmRestore),
-    upstream("vm.receive-migration", Put, A::NotImplemented),
-    upstream("vm.send-migration", Put, A::NotImplemented),
+    upstream("vm.receive-migration", Put, A::NotImplemented(Operation::ReceiveMigration)),
+    upstream("vm.send-migration", Put, A::NotImplemented(Operation::SendMigration)),
     nv("vm.nv-status", Get, A::NvStatus),
     nv("vm.power-fail", Put, A::NvPowerFail),
     nv("vm.nv-suspend", Put, A::NvSuspend),
@@ -152,7 +153,7 @@ pub fn build_request(
         A::VmSnapshot => {
             let config = parse_body::<VmSnapshotConfig>(route, body)?;
             if config.destination_url.is_empty() {
-                return Err(ApiError::bad_request(
+                return Err(ApiError::invalid_request(
                     "vm.snapshot: destination_url must not be empty",
                 ));
             }
@@ -165,15 +166,14 @@ pub fn build_request(
             if zone_updates.is_some_and(|updates| {
                 !(updates.is_null() || updates.as_array().is_some_and(Vec::is_empty))
             }) {
-                return Err(ApiError::bad_request(
+                return Err(ApiError::invalid_request(
                     "vm.restore: zone_updates is not supported by this VMM",
                 ));
             }
-            let config: RestoreConfig = serde_json::from_value(raw).map_err(|error| {
-                ApiError::bad_request(format!("vm.restore: invalid RestoreConfig: {error}"))
-            })?;
+            let config: RestoreConfig =
+                serde_json::from_slice(body).map_err(|error| ApiError::deserialize(&error))?;
             if config.source_url.is_empty() {
-                return Err(ApiError::bad_request(
+                return Err(ApiError::invalid_request(
                     "vm.restore: source_url must not be empty",
                 ));
             }
@@ -185,32 +185,43 @@ pub fn build_request(
         A::NvRecover => {
             let config = parse_body::<NvRecoverConfig>(route, body)?;
             if config.region.is_empty() || config.vm.is_empty() {
-                return Err(ApiError::bad_request(
+                return Err(ApiError::invalid_request(
                     "vm.nv-recover: region and vm must both be non-empty",
                 ));
             }
             ApiRequest::NvRecover(config)
         }
         A::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
-        A::NotImplemented => {
-            return Err(ApiError::not_implemented(format!(
-                "{} is not implemented by this VMM (NV-Hypervisor); see docs/api.md",
-                route.op
-            )))
-        }
+        A::NotImplemented(operation) => ApiRequest::Unimplemented(operation),
     };
     Ok(request)
 }
 
 fn parse_body<T: DeserializeOwned>(route: &Route, body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(format!(
-            "{}: a JSON request body is required",
-            route.op
-        )));
+        return Err(ApiError::http(
+            400,
+            "Bad Request",
+            Some(format!("{}: a JSON request body is required", route.op)),
+        ));
     }
-    serde_json::from_slice(body)
-        .map_err(|error| ApiError::bad_request(format!("{}: invalid JSON body: {error}", route.op)))
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|error| ApiError::deserialize(&error))?;
+    refuse_nul_bytes(&value)?;
+    serde_json::from_slice(body).map_err(|error| ApiError::deserialize(&error))
+}
+
+/// No member of any request holds a NUL byte legitimately; in a path it would only fail later,
+/// deep in a system call, as an internal error.
+fn refuse_nul_bytes(value: &serde_json::Value) -> Result<(), ApiError> {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => Err(ApiError::invalid_request(
+            format!("a string in the request holds a NUL byte: {text:?}"),
+        )),
+        serde_json::Value::Array(items) => items.iter().try_for_each(refuse_nul_bytes),
+        serde_json::Value::Object(members) => members.values().try_for_each(refuse_nul_bytes),
+        _ => Ok(()),
+    }
 }
 
 /// A `vm.create` body: upstream members we do not implement are refused by name (serde alone
@@ -218,13 +229,13 @@ fn parse_body<T: DeserializeOwned>(route: &Route, body: &[u8]) -> Result<T, ApiE
 fn parse_vm_config(route: &Route, body: &[u8]) -> Result<VmConfig, ApiError> {
     let raw: serde_json::Value = parse_body(route, body)?;
     crate::upstream_fields::check_vm_config_fields(&raw)
-        .map_err(|error| ApiError::bad_request(format!("{}: {error}", route.op)))?;
-    let config: VmConfig = serde_json::from_value(raw).map_err(|error| {
-        ApiError::bad_request(format!("{}: invalid VmConfig: {error}", route.op))
-    })?;
+        .map_err(|error| ApiError::invalid_request(format!("{}: {error}", route.op)))?;
+    // From the bytes, not the value: serde's message then says where (line and column).
+    let config: VmConfig =
+        serde_json::from_slice(body).map_err(|error| ApiError::deserialize(&error))?;
     config
         .validate()
-        .map_err(|error| ApiError::bad_request(format!("{}: {error}", route.op)))?;
+        .map_err(|error| ApiError::invalid_request(format!("{}: {error}", route.op)))?;
     Ok(config)
 }
 
@@ -239,18 +250,23 @@ fn parse_regions_query(query: Option<&str>) -> Result<NvRegionsQuery, ApiError> 
     {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key != "region" {
-            return Err(ApiError::bad_request(format!(
+            return Err(ApiError::invalid_request(format!(
                 "vmm.nv-regions: unknown query parameter {key:?} (only region=PATH)"
             )));
         }
         let decoded = percent_encoding::percent_decode_str(value)
             .decode_utf8()
-            .map_err(|_| ApiError::bad_request("vmm.nv-regions: region is not valid UTF-8"))?;
+            .map_err(|_| ApiError::invalid_request("vmm.nv-regions: region is not valid UTF-8"))?;
+        if decoded.contains('\0') {
+            return Err(ApiError::invalid_request(
+                "vmm.nv-regions: region holds a NUL byte",
+            ));
+        }
         region = Some(decoded.into_owned());
     }
     match region {
         Some(region) if !region.is_empty() => Ok(NvRegionsQuery { region }),
-        _ => Err(ApiError::bad_request(
+        _ => Err(ApiError::invalid_request(
             "vmm.nv-regions: the query parameter region=PATH is required",
         )),
     }
@@ -313,6 +329,7 @@ mod tests {
         let error = refused(r#"{"payload":{"kernel":"/k"},"net":[{"tap":"tap0"}]}"#);
         assert_eq!(error.status, 400);
         assert!(error.message.contains("\"net\""), "{}", error.message);
+        assert_eq!(error.body()[0], "Bad Request");
         let error = refused(r#"{"payload":{"kernel":"/k"},"colour":"red"}"#);
         assert!(error.message.contains("colour"), "{}", error.message);
         let error = refused(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":0,"max_vcpus":1}}"#);
@@ -353,6 +370,24 @@ mod tests {
             Ok(ApiRequest::VmBoot)
         ));
         let resize = find_route("/api/v1/vm.resize").unwrap();
-        assert_eq!(build_request(resize, b"{}", None).unwrap_err().status, 501);
+        assert!(matches!(
+            build_request(resize, b"{}", None),
+            Ok(ApiRequest::Unimplemented(Operation::Resize))
+        ));
+        // Upstream's own message for this body, word for word.
+        let error = build_request(create, b"{not json", None).unwrap_err();
+        assert_eq!(
+            error.body(),
+            ["Failed to deserialize JSON", "key must be a string at line 1 column 2"]
+        );
+        // A NUL byte in any member (here a path) is refused here, not deep in a system call.
+        let error = build_request(
+            find_route("/api/v1/vm.snapshot").unwrap(),
+            br#"{"destination_url":"file:///tmp/a\u0000b"}"#,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!((error.status, error.body()[0].as_str()), (400, "Bad Request"));
+        assert_eq!(parse_regions_query(Some("region=%2Fr%00x")).unwrap_err().status, 400);
     }
 }

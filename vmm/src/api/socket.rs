@@ -1,10 +1,16 @@
 //! The listening Unix socket of the API: created at a path (owner-only, stale file replaced, live
 //! one refused) or taken over from an inherited file descriptor.
+//!
+//! Who owns a path is decided by an exclusive `flock` on `<path>.lock`, taken before the socket
+//! file is looked at and held for the life of the process: two VMMs started on one path at once
+//! cannot both decide the socket is stale and replace each other's (checking by connecting and
+//! then renaming over the path is a race). The lock file stays behind on exit: removing it would
+//! let a third VMM lock a fresh file while a second still holds the old one.
 
-use std::fs::{self, DirBuilder, Permissions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::os::unix::io::{FromRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,11 +18,78 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::ApiServerError;
 use crate::config::ApiSocketConfig;
 
-pub(super) fn listen(config: &ApiSocketConfig) -> Result<UnixListener, ApiServerError> {
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its final NUL).
+pub(super) const MAX_SOCKET_PATH: usize = 107;
+
+/// A listening socket and, for one created at a path, the lock that makes the path ours. The
+/// lock must live as long as the socket is served.
+pub(super) struct ApiListener {
+    pub listener: UnixListener,
+    pub _path_lock: Option<File>,
+}
+
+pub(super) fn listen(config: &ApiSocketConfig) -> Result<ApiListener, ApiServerError> {
     match config {
-        ApiSocketConfig::Path(path) => listen_at_path(Path::new(path)),
-        ApiSocketConfig::Fd(fd) => take_inherited(*fd),
+        ApiSocketConfig::Path(path) => {
+            let path = Path::new(path);
+            check_length(path)?;
+            let lock = lock_path(path)?;
+            Ok(ApiListener {
+                listener: listen_at_path(path)?,
+                _path_lock: Some(lock),
+            })
+        }
+        ApiSocketConfig::Fd(fd) => Ok(ApiListener {
+            listener: take_inherited(*fd)?,
+            _path_lock: None,
+        }),
     }
+}
+
+/// A client connects by the path as given; one longer than a socket address holds could be
+/// created (we bind elsewhere and rename) but never reached.
+fn check_length(path: &Path) -> Result<(), ApiServerError> {
+    let length = path.as_os_str().len();
+    if length > MAX_SOCKET_PATH {
+        return Err(ApiServerError::PathTooLong {
+            path: path.display().to_string(),
+            length,
+        });
+    }
+    Ok(())
+}
+
+/// Takes the exclusive lock on `<path>.lock` (created 0600 if missing), without waiting.
+fn lock_path(path: &Path) -> Result<File, ApiServerError> {
+    let shown = path.display().to_string();
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&lock_name)
+        .map_err(|source| ApiServerError::SocketPath {
+            path: shown.clone(),
+            action: "open its lock file",
+            source,
+        })?;
+    // SAFETY: `flock` on an fd this function owns; it only changes the lock state of the file.
+    let result = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result == 0 {
+        return Ok(lock);
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(ApiServerError::SocketInUse { path: shown });
+    }
+    Err(ApiServerError::SocketPath {
+        path: shown,
+        action: "lock its lock file",
+        source: error,
+    })
 }
 
 /// Binds the socket in a private (0700) directory beside `path`, makes it 0600 and renames it
@@ -39,8 +112,9 @@ fn listen_at_path(path: &Path) -> Result<UnixListener, ApiServerError> {
     };
     // Unique per process and per call: two servers of one process (tests) may start together.
     static NEXT_PRIVATE_DIR: AtomicU32 = AtomicU32::new(0);
+    // Short: the socket is bound here, and this path must fit a socket address too.
     let private_dir = parent.join(format!(
-        ".nvh-api-{}-{}",
+        ".nvh{:x}-{}",
         std::process::id(),
         NEXT_PRIVATE_DIR.fetch_add(1, Ordering::Relaxed)
     ));
@@ -49,6 +123,12 @@ fn listen_at_path(path: &Path) -> Result<UnixListener, ApiServerError> {
         .create(&private_dir)
         .map_err(path_error("create a private directory beside it"))?;
     let bound_path = private_dir.join("s");
+    if bound_path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(ApiServerError::PathTooLong {
+            path: bound_path.display().to_string(),
+            length: bound_path.as_os_str().len(),
+        });
+    }
     let result = (|| {
         let listener = UnixListener::bind(&bound_path).map_err(path_error("bind"))?;
         fs::set_permissions(&bound_path, Permissions::from_mode(0o600))
@@ -63,7 +143,8 @@ fn listen_at_path(path: &Path) -> Result<UnixListener, ApiServerError> {
 }
 
 /// Refuses a live socket or a non-socket file at `path`; a socket nobody listens on is stale
-/// (a VMM that died) and may be replaced.
+/// (a VMM that died) and may be replaced. Under the path's lock this only matters for a socket
+/// served by a process that does not take the lock (another program, an older build).
 fn check_existing(path: &Path) -> Result<(), ApiServerError> {
     let shown = path.display().to_string();
     let metadata = match fs::symlink_metadata(path) {

@@ -1,25 +1,41 @@
 //! The control loop's answers to REST API requests: each `ApiRequest` the HTTP thread sends is
 //! carried out on the control loop's thread (which owns the VM) and answered exactly once.
 //!
-//! Statuses follow the contract in `api/mod.rs`: 404 when no VM is created (or, for `vm.create`
-//! and `vm.nv-recover`, when one already is), 405 for an operation in the wrong VM state, 400 for
-//! an unusable configuration, 409 for an NV request the VM's recorded state refuses, 500 when the
-//! operation itself failed, 501 for what this VMM does not implement.
+//! Refusals by the VM's state come from the shared table `api::lifecycle::check_state`
+//! (upstream's statuses and messages: 404 only for a VM that does not exist where upstream says
+//! so, 500 otherwise). Failures of an operation are answered by their kind (`Error::kind`): 400 an
+//! unusable request, 404 an NV region or VM that does not exist, 409 an NV request the VM's
+//! recorded state refuses, 500 a failure; the body is `["Error from API", <operation>, <causes>]`.
 
 use nv_extension::ShutdownKind;
 
+use crate::api::lifecycle::{check_state, not_implemented, Operation, StateRefusal};
 use crate::api::{
     ApiError, ApiRequest, ApiResponse, VmInfoResponse, VmState as ApiVmState, VmmPingResponse,
 };
-use crate::event_monitor::{emit_vm, VmEvent};
+use crate::event_monitor::{emit_vm, hold_back, VmEvent};
 use crate::nv;
 use crate::vm::VmRunState;
 use crate::{Error, ErrorKind};
 
 use super::{Vmm, VmmExit};
 
-/// The version `vmm.ping` reports.
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The upstream release whose API this VMM serves. `vmm.ping` reports it as `version`, because
+/// that is what scripts compare to decide which API they may use.
+const UPSTREAM_VERSION: &str = "53.0.0";
+
+/// `build_version`: upstream puts its `git describe` here; ours names the upstream release, then
+/// this build, so a human sees which VMM answers and a version parser still reads 53.0.0.
+fn build_version() -> String {
+    format!(
+        "v{UPSTREAM_VERSION}-nv-hypervisor-{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// What `vmm.ping` lists in `features`: the hypervisor this build drives (upstream lists its
+/// compile-time features; `kvm` is the only one of them we have).
+const FEATURES: &[&str] = &["kvm"];
 
 /// What answering one request did: the answer, and whether the VMM must now end.
 pub(super) struct Answer {
@@ -50,29 +66,24 @@ impl Answer {
     fn error(error: ApiError) -> Answer {
         Answer::reply(Err(error))
     }
-}
 
-/// The HTTP status an operation's failure maps to, by its kind (see `Error::kind`): 400 for an
-/// unusable request, 404 for a VM or NV region that does not exist, 409 for a request the current
-/// state refuses (recovery of an unsafely shut down or never saved VM, a VM another live process
-/// owns), 405 for the wrong VM state, 500 for an operation that failed.
-fn api_error(error: Error) -> ApiError {
-    let message = error.to_string();
-    match error.kind() {
-        ErrorKind::InvalidRequest => ApiError::bad_request(message),
-        ErrorKind::NotFound => ApiError::not_found(message),
-        ErrorKind::Conflict => ApiError::conflict(message),
-        ErrorKind::WrongState => ApiError::wrong_state(message),
-        ErrorKind::Internal => ApiError::internal(message),
+    fn from(result: Result<(), ApiError>) -> Answer {
+        match result {
+            Ok(()) => Answer::done(),
+            Err(error) => Answer::error(error),
+        }
     }
 }
 
-fn not_created() -> ApiError {
-    ApiError::not_found("no VM is created")
-}
-
-fn not_booted() -> ApiError {
-    ApiError::wrong_state("the VM is not booted")
+/// The answer to `operation` failing with `error`, by the error's kind (see `Error::kind`).
+fn api_error(operation: Operation, error: Error) -> ApiError {
+    let status = match error.kind() {
+        ErrorKind::InvalidRequest => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::Conflict => 409,
+        ErrorKind::WrongState | ErrorKind::Internal => 500,
+    };
+    ApiError::failed(status, operation, &error)
 }
 
 /// After `vm.shutdown` (and within `vm.reboot`) the next boot starts the guest afresh. For an NV
@@ -91,73 +102,90 @@ impl Vmm {
     pub(super) fn answer(&mut self, request: ApiRequest) -> Answer {
         match request {
             ApiRequest::VmmPing => Answer::body(&VmmPingResponse {
-                build_version: VERSION.to_string(),
-                version: VERSION.to_string(),
+                build_version: build_version(),
+                version: UPSTREAM_VERSION.to_string(),
                 pid: i64::from(std::process::id()),
-                features: Vec::new(),
+                features: FEATURES.iter().map(|f| f.to_string()).collect(),
             }),
-            ApiRequest::VmmShutdown => Answer {
-                response: Ok(None),
-                exit: Some(VmmExit::VmmShutdown),
-            },
+            ApiRequest::VmmShutdown => {
+                // As upstream: the VM is deleted first (`vm shutdown`, `vm deleted`), then the
+                // binary reports `vmm shutdown` on its way out.
+                self.delete_vm(&VmmExit::VmmShutdown);
+                Answer {
+                    response: Ok(None),
+                    exit: Some(VmmExit::VmmShutdown),
+                }
+            }
             ApiRequest::VmCreate(config) => {
-                if self.vm_config.is_some() {
-                    return Answer::error(ApiError::not_found("a VM is already created"));
+                if let Err(error) = check_state(Operation::Create, self.api_state()) {
+                    return Answer::error(error);
                 }
                 self.vm_config = Some(*config);
                 Answer::done()
             }
-            ApiRequest::VmBoot => self.api_boot(),
+            ApiRequest::VmBoot => Answer::from(self.api_boot()),
             ApiRequest::VmDelete => {
-                self.end_vm_run(&VmmExit::TerminationSignal);
-                if self.vm_config.take().is_some() {
-                    emit_vm(VmEvent::Deleted);
-                }
+                self.delete_vm(&VmmExit::TerminationSignal);
                 Answer::done()
             }
             ApiRequest::VmInfo => self.api_info(),
-            ApiRequest::VmCounters => match (&self.vm_config, &self.vm) {
-                (None, _) => Answer::error(not_created()),
-                (Some(_), None) => Answer::body(&crate::api::VmCounters::new()),
-                (Some(_), Some(vm)) => Answer::body(&vm.counters()),
-            },
-            ApiRequest::VmPause => self.with_booted_vm(|vm| vm.pause()),
-            ApiRequest::VmResume => self.with_booted_vm(|vm| vm.resume()),
-            ApiRequest::VmShutdown => {
-                if self.vm_config.is_none() {
-                    return Answer::error(not_created());
+            ApiRequest::VmCounters => {
+                if let Err(error) = check_state(Operation::Counters, self.api_state()) {
+                    return Answer::error(error);
                 }
-                if self.vm.is_none() {
-                    return Answer::error(not_booted());
+                match &self.vm {
+                    Some(vm) => Answer::body(&vm.counters()),
+                    None => Answer::body(&crate::api::VmCounters::new()),
+                }
+            }
+            ApiRequest::VmPause => self.with_booted_vm(Operation::Pause, |vm| vm.pause()),
+            ApiRequest::VmResume => self.with_booted_vm(Operation::Resume, |vm| vm.resume()),
+            ApiRequest::VmShutdown => {
+                if let Err(error) = check_state(Operation::Shutdown, self.api_state()) {
+                    return Answer::error(error);
                 }
                 // As upstream: the VM stops, its config stays and it can be booted again.
                 self.stop_for_cold_boot();
                 Answer::done()
             }
             ApiRequest::VmReboot => {
-                if self.vm_config.is_none() {
-                    return Answer::error(not_created());
-                }
-                if self.vm.is_none() {
-                    return Answer::error(not_booted());
-                }
+                // Upstream reports `rebooting` first, even when the reboot then fails, and
+                // nothing of the shutdown and boot inside it.
                 emit_vm(VmEvent::Rebooting);
-                self.stop_for_cold_boot();
-                let answer = self.api_boot();
-                if answer.response.is_ok() {
+                if let Err(error) = check_state(Operation::Reboot, self.api_state()) {
+                    return Answer::error(error);
+                }
+                let rebooted = {
+                    let _inner =
+                        hold_back(&[VmEvent::Shutdown, VmEvent::Booting, VmEvent::Booted]);
+                    self.stop_for_cold_boot();
+                    self.boot_configured_vm(Operation::Reboot)
+                };
+                if rebooted.is_ok() {
                     emit_vm(VmEvent::Rebooted);
                 }
-                answer
+                Answer::from(rebooted)
             }
-            ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
-                "vm.power-button needs ACPI, which this VMM does not offer",
-            )),
+            ApiRequest::VmPowerButton => Answer::error(
+                check_state(Operation::PowerButton, self.api_state())
+                    .err()
+                    .unwrap_or_else(|| not_implemented(Operation::PowerButton)),
+            ),
+            ApiRequest::Unimplemented(operation) => Answer::error(
+                check_state(operation, self.api_state())
+                    .err()
+                    .unwrap_or_else(|| not_implemented(operation)),
+            ),
             ApiRequest::VmSnapshot(request) => {
-                if self.vm_config.is_none() {
-                    return Answer::error(not_created());
+                // Refused by state before anything is touched on disk.
+                if let Err(error) = check_state(Operation::Snapshot, self.api_state()) {
+                    return Answer::error(error);
                 }
                 let Some(vm) = self.vm.as_ref() else {
-                    return Answer::error(not_booted());
+                    return Answer::error(ApiError::refused(
+                        Operation::Snapshot,
+                        StateRefusal::NotRunning,
+                    ));
                 };
                 emit_vm(VmEvent::Snapshotting);
                 match crate::snapshot::save(vm, &request.destination_url) {
@@ -165,33 +193,36 @@ impl Vmm {
                         emit_vm(VmEvent::Snapshotted);
                         Answer::done()
                     }
-                    Err(e) => Answer::error(api_error(e)),
+                    Err(e) => Answer::error(api_error(Operation::Snapshot, e)),
                 }
             }
             ApiRequest::VmRestore(request) => {
-                if self.vm_config.is_some() {
-                    return Answer::error(ApiError::not_found(
-                        "a VM is already created: vm.restore needs an empty VMM",
-                    ));
+                if let Err(error) = check_state(Operation::Restore, self.api_state()) {
+                    return Answer::error(error);
                 }
                 match self.restore_vm(&request) {
                     Ok(()) => Answer::done(),
-                    Err(e) => Answer::error(api_error(e)),
+                    Err(e) => Answer::error(api_error(Operation::Restore, e)),
                 }
             }
             ApiRequest::NvStatus => match self.nv.as_ref() {
-                None => Answer::error(ApiError::not_found("this VMM runs no NV VM")),
+                None => Answer::error(api_error(Operation::NvStatus, Error::NoNvVm)),
                 Some(nv_vm) => match nv::status(nv_vm) {
                     Ok(status) => Answer::body(&status),
-                    Err(e) => Answer::error(api_error(e)),
+                    Err(e) => Answer::error(api_error(Operation::NvStatus, e)),
                 },
             },
-            ApiRequest::NvPowerFail => self.api_nv_save(ShutdownKind::PowerFail),
-            ApiRequest::NvSuspend => self.api_nv_save(ShutdownKind::PlannedSuspend),
+            ApiRequest::NvPowerFail => self.api_nv_save(Operation::NvPowerFail, ShutdownKind::PowerFail),
+            ApiRequest::NvSuspend => {
+                self.api_nv_save(Operation::NvSuspend, ShutdownKind::PlannedSuspend)
+            }
             ApiRequest::NvRecover(request) => {
                 if self.vm_config.is_some() || self.vm.is_some() {
-                    return Answer::error(ApiError::not_found(
-                        "a VM is already created: vm.nv-recover needs an empty VMM",
+                    // Our endpoint, our status: the request is fine, the VMM's state refuses it.
+                    return Answer::error(ApiError::failed(
+                        409,
+                        Operation::NvRecover,
+                        &StateRefusal::AlreadyCreated,
                     ));
                 }
                 let started = nv::prepare_api_recovery(&request).and_then(|prepared| {
@@ -204,13 +235,37 @@ impl Vmm {
                         self.record_pty_paths();
                         Answer::done()
                     }
-                    Err(e) => Answer::error(api_error(e)),
+                    Err(e) => Answer::error(api_error(Operation::NvRecover, e)),
                 }
             }
             ApiRequest::NvRegions(query) => match nv::region_listing(&query.region) {
                 Ok(listing) => Answer::body(&listing),
-                Err(e) => Answer::error(api_error(e)),
+                Err(e) => Answer::error(api_error(Operation::NvRegions, e)),
             },
+        }
+    }
+
+    /// The VM's state as the lifecycle table sees it: `None` without a VM, `Created` for a
+    /// config not booted, else the running VM's state.
+    fn api_state(&self) -> Option<ApiVmState> {
+        match (&self.vm_config, &self.vm) {
+            (_, Some(vm)) => Some(match vm.run_state() {
+                VmRunState::Created => ApiVmState::Created,
+                VmRunState::Running => ApiVmState::Running,
+                VmRunState::Paused => ApiVmState::Paused,
+                VmRunState::Shutdown => ApiVmState::Shutdown,
+            }),
+            (Some(_), None) => Some(ApiVmState::Created),
+            (None, None) => None,
+        }
+    }
+
+    /// `vm.delete` (and the first half of `vmm.shutdown`): stops the VM if it runs (`vm
+    /// shutdown`), forgets its config (`vm deleted`). Deleting nothing succeeds quietly.
+    fn delete_vm(&mut self, exit: &VmmExit) {
+        self.end_vm_run(exit);
+        if self.vm_config.take().is_some() {
+            emit_vm(VmEvent::Deleted);
         }
     }
 
@@ -220,22 +275,32 @@ impl Vmm {
         self.vm_config = self.vm_config.take().map(cold_boot_config);
     }
 
-    fn api_boot(&mut self) -> Answer {
-        let Some(config) = self.vm_config.clone() else {
-            return Answer::error(not_created());
-        };
-        if self.vm.is_some() {
-            return Answer::error(ApiError::wrong_state("the VM is already booted"));
-        }
-        match self.boot_vm(&config) {
-            Ok(()) => Answer::done(),
-            Err(e) => Answer::error(api_error(e)),
-        }
+    /// `vm.boot`: upstream reports `booting` before anything can fail.
+    fn api_boot(&mut self) -> Result<(), ApiError> {
+        emit_vm(VmEvent::Booting);
+        check_state(Operation::Boot, self.api_state())?;
+        // `booting` is reported already; a VM torn down because its boot failed never ran, so
+        // its teardown is no `shutdown` either (upstream reports none).
+        let _reported = hold_back(&[VmEvent::Booting, VmEvent::Shutdown]);
+        self.boot_configured_vm(Operation::Boot)
+    }
+
+    /// Boots the VM of the stored config.
+    fn boot_configured_vm(&mut self, operation: Operation) -> Result<(), ApiError> {
+        let config = self
+            .vm_config
+            .clone()
+            .ok_or_else(|| ApiError::refused(operation, StateRefusal::MissingConfig))?;
+        self.boot_vm(&config)
+            .map_err(|error| api_error(operation, error))
     }
 
     fn api_info(&self) -> Answer {
+        if let Err(error) = check_state(Operation::Info, self.api_state()) {
+            return Answer::error(error);
+        }
         let Some(config) = self.vm_config.clone() else {
-            return Answer::error(not_created());
+            return Answer::error(ApiError::refused(Operation::Info, StateRefusal::NotCreated));
         };
         let (state, memory_actual_size) = match &self.vm {
             None => (ApiVmState::Created, None),
@@ -258,32 +323,33 @@ impl Vmm {
 
     fn with_booted_vm(
         &mut self,
-        operation: impl FnOnce(&mut crate::Vm) -> Result<(), Error>,
+        operation: Operation,
+        action: impl FnOnce(&mut crate::Vm) -> Result<(), Error>,
     ) -> Answer {
-        if self.vm_config.is_none() {
-            return Answer::error(not_created());
+        if let Err(error) = check_state(operation, self.api_state()) {
+            return Answer::error(error);
         }
         match self.vm.as_mut() {
-            None => Answer::error(not_booted()),
-            Some(vm) => match operation(vm) {
+            None => Answer::error(ApiError::refused(operation, StateRefusal::NotRunning)),
+            Some(vm) => match action(vm) {
                 Ok(()) => Answer::done(),
-                Err(e) => Answer::error(api_error(e)),
+                Err(e) => Answer::error(api_error(operation, e)),
             },
         }
     }
 
     /// `vm.power-fail` / `vm.nv-suspend`: answered once the state is committed, then the VMM
     /// ends; a failed save is answered with 500 and the VM keeps running.
-    fn api_nv_save(&mut self, kind: ShutdownKind) -> Answer {
+    fn api_nv_save(&mut self, operation: Operation, kind: ShutdownKind) -> Answer {
         if self.nv.is_none() {
-            return Answer::error(ApiError::not_found("this VMM runs no NV VM"));
+            return Answer::error(api_error(operation, Error::NoNvVm));
         }
         match self.nv_save(kind, "api") {
             Ok(_) => Answer {
                 response: Ok(None),
                 exit: Some(VmmExit::NvSaved(kind)),
             },
-            Err(e) => Answer::error(api_error(e)),
+            Err(e) => Answer::error(api_error(operation, e)),
         }
     }
 }

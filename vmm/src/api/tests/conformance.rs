@@ -5,9 +5,7 @@
 
 use serde_json::Value;
 
-use integration_tests::openapi::{
-    compile_component, component, load_yaml, spec, validate, workspace_file,
-};
+use integration_tests::openapi::{compile_component, component, spec, validate};
 
 use super::super::{VmState, ROUTES};
 use super::Reply;
@@ -67,29 +65,115 @@ fn the_validator_rejects_what_the_spec_forbids() {
     }
 }
 
+/// Upstream v53's interface as data: every path with its methods and the schemas of its request
+/// and success bodies, every schema with its members' names and types. Extracted once from
+/// upstream's spec (facts of the interface, no prose) so a fresh clone can run this test.
+fn upstream_interface() -> Value {
+    serde_json::from_str(include_str!("upstream-interface.json"))
+        .expect("upstream-interface.json is JSON")
+}
+
+/// The type facts of one schema (or member) of our spec, in the form of the data file.
+fn type_facts(schema: &Value) -> Value {
+    if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
+        let name = target.rsplit('/').next().unwrap_or(target);
+        return serde_json::json!({ "ref": name });
+    }
+    let mut facts = serde_json::Map::new();
+    let kind = schema
+        .get("type")
+        .cloned()
+        .or_else(|| schema.get("properties").map(|_| Value::from("object")));
+    if let Some(kind) = kind {
+        facts.insert("type".into(), kind);
+    }
+    if let Some(items) = schema.get("items") {
+        facts.insert("items".into(), type_facts(items));
+    }
+    if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+        facts.insert("values".into(), type_facts(values));
+    }
+    if let Some(values) = schema.get("enum") {
+        facts.insert("enum".into(), values.clone());
+    }
+    Value::Object(facts)
+}
+
+fn body_facts(holder: &Value) -> Option<Value> {
+    holder
+        .get("content")?
+        .get("application/json")?
+        .get("schema")
+        .map(type_facts)
+}
+
 #[test]
-fn every_upstream_path_is_in_our_spec_with_its_method() {
-    let upstream_file = workspace_file("../shared/reference/cloud-hypervisor-v53-openapi.yaml");
-    let upstream = load_yaml(&upstream_file);
+fn every_upstream_path_is_in_our_spec_with_its_method_and_bodies() {
+    let upstream = upstream_interface();
     let upstream_paths = upstream["paths"].as_object().expect("upstream paths");
-    assert!(upstream_paths.len() >= 30, "upstream spec looks truncated");
+    assert_eq!(upstream_paths.len(), 31, "upstream v53 has 31 paths");
     let ours = spec()["paths"].as_object().expect("our paths");
-    for (path, item) in upstream_paths {
+    for (path, methods) in upstream_paths {
         let our_item = ours
             .get(path)
             .unwrap_or_else(|| panic!("upstream path {path} missing from docs/openapi.yaml"));
-        for method in item.as_object().unwrap().keys() {
-            assert!(our_item.get(method).is_some(), "{method} {path} missing");
+        for (method, bodies) in methods.as_object().unwrap() {
+            let operation = our_item
+                .get(method)
+                .unwrap_or_else(|| panic!("{method} {path} missing"));
+            if let Some(request) = bodies.get("request") {
+                let our_request = operation
+                    .get("requestBody")
+                    .and_then(body_facts)
+                    .unwrap_or_else(|| panic!("{method} {path}: no request body"));
+                assert_eq!(&our_request, request, "{method} {path} request body");
+            }
+            if let Some(response) = bodies.get("response") {
+                let our_response = body_facts(&operation["responses"]["200"])
+                    .unwrap_or_else(|| panic!("{method} {path}: no 200 body"));
+                assert_eq!(&our_response, response, "{method} {path} 200 body");
+            }
         }
     }
-    // Upstream's schemas are all kept (ours may only add).
-    let our_schemas = spec()["components"]["schemas"].as_object().unwrap();
-    for name in upstream["components"]["schemas"]
-        .as_object()
-        .unwrap()
-        .keys()
-    {
-        assert!(our_schemas.contains_key(name), "schema {name} missing");
+}
+
+#[test]
+fn every_upstream_schema_is_kept_with_its_members_and_types() {
+    let upstream = upstream_interface();
+    let schemas = upstream["schemas"].as_object().expect("upstream schemas");
+    assert!(schemas.len() >= 57, "upstream v53 has 57 schemas");
+    let ours = spec()["components"]["schemas"].as_object().unwrap();
+    for (name, facts) in schemas {
+        let our = ours
+            .get(name)
+            .unwrap_or_else(|| panic!("schema {name} missing from docs/openapi.yaml"));
+        let our_facts = type_facts(our);
+        for key in ["type", "items", "values", "enum", "ref"] {
+            assert_eq!(our_facts.get(key), facts.get(key), "schema {name}: {key}");
+        }
+        if let Some(members) = facts.get("members").and_then(Value::as_object) {
+            let our_members = our["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("schema {name} has no members"));
+            for (member, member_facts) in members {
+                let our_member = our_members
+                    .get(member)
+                    .unwrap_or_else(|| panic!("schema {name}: member {member} missing"));
+                assert_eq!(&type_facts(our_member), member_facts, "{name}.{member}");
+            }
+        }
+        if let Some(required) = facts.get("required") {
+            let mut ours: Vec<Value> = our["required"].as_array().cloned().unwrap_or_default();
+            ours.sort_by_key(|v| v.to_string());
+            // We may require less than upstream never more: a body upstream's ch-remote sends
+            // must be accepted.
+            for name_required in ours.iter() {
+                assert!(
+                    required.as_array().unwrap().contains(name_required),
+                    "schema {name}: we require {name_required}, upstream does not"
+                );
+            }
+        }
     }
 }
 
