@@ -1,7 +1,7 @@
 //! `cloud-hypervisor`: the command line of a drop-in cloud-hypervisor v53, plus `--nv`.
 //!
-//! Exit codes are upstream's: 2 for a usage error (unknown option, missing value: clap reports
-//! it), 1 for a value that cannot be used or a VMM that fails to start, otherwise what the VMM
+//! Exit codes are upstream's: 2 for a usage error (no arguments, unknown option, missing value:
+//! clap reports it), 1 for a value that cannot be used or a VMM that fails to start, otherwise what the VMM
 //! returns. Every failure is one line on stderr that names the option at fault.
 
 mod logger;
@@ -37,6 +37,10 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     kernel: Option<String>,
 
+    /// Firmware to boot (upstream's; refused: firmware boot is not implemented).
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<String>,
+
     /// Kernel command line.
     #[arg(long, value_name = "CMDLINE")]
     cmdline: Option<String>,
@@ -45,11 +49,13 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     initramfs: Option<String>,
 
-    /// boot=<boot_vcpus>[,max=<max_vcpus>]
+    /// boot=<boot_vcpus>[,max=<max_vcpus>][,topology=..][,kvm_hyperv=on|off][,max_phys_bits=N]
+    /// [,features=..][,nested=on|off][,core_scheduling=vm|vcpu|off][,profile=host]
     #[arg(long, value_name = "boot=N,max=M")]
     cpus: Option<String>,
 
     /// size=<guest_memory_size>[,shared=on|off][,hugepages=on|off][,prefault=on|off]
+    /// [,thp=on|off][,mergeable=on|off][,hotplug_method=..][,hotplug_size=..][,reserve=on|off]
     #[arg(long, value_name = "size=SIZE,...")]
     memory: Option<String>,
 
@@ -57,9 +63,55 @@ struct Cli {
     #[arg(long = "memory-zone", value_name = "id=ID,size=SIZE,...", num_args = 1.., action = ArgAction::Append)]
     memory_zone: Vec<String>,
 
-    /// path=<disk_image_path>[,readonly=on|off][,direct=on|off][,id=<id>]
+    /// path=<disk_image_path>[,readonly=on|off][,direct=on|off][,id=<id>][,num_queues=1]
+    /// [,queue_size=128|256][,sparse=on|off][,image_type=raw]
     #[arg(long, value_name = "path=PATH,...", num_args = 1.., action = ArgAction::Append)]
     disk: Vec<String>,
+
+    /// Upstream's network devices: refused (virtio-net is not implemented yet) unless empty.
+    #[arg(long, value_name = "tap=..,...", num_args = 1.., action = ArgAction::Append)]
+    net: Vec<String>,
+
+    /// src=<entropy_source_path>: accepted at upstream's default src=/dev/urandom only (no
+    /// virtio-rng device).
+    #[arg(long, value_name = "src=PATH")]
+    rng: Option<String>,
+
+    /// num_pci_segments=1[,...]: upstream's platform keys, at values this VMM honours.
+    #[arg(long, value_name = "num_pci_segments=1,...")]
+    platform: Option<String>,
+
+    /// Upstream device options this VMM has no device for: refused by name (exit 1).
+    #[arg(long, value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    fs: Vec<String>,
+    #[arg(long, value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    pmem: Vec<String>,
+    #[arg(long, value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    device: Vec<String>,
+    #[arg(long = "user-device", value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    user_device: Vec<String>,
+    #[arg(long, value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    vdpa: Vec<String>,
+    #[arg(long, value_name = "...")]
+    vsock: Option<String>,
+    #[arg(long, value_name = "...")]
+    balloon: Option<String>,
+    #[arg(long, value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    numa: Vec<String>,
+    #[arg(long, value_name = "...")]
+    tpm: Option<String>,
+    #[arg(long = "generic-vhost-user", value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    generic_vhost_user: Vec<String>,
+    #[arg(long = "rate-limit-group", value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    rate_limit_group: Vec<String>,
+    #[arg(long = "pci-segment", value_name = "...", num_args = 1.., action = ArgAction::Append)]
+    pci_segment: Vec<String>,
+    /// Upstream's watchdog device: refused (none here).
+    #[arg(long)]
+    watchdog: bool,
+    /// off: upstream's port-0xe9 debug console, accepted off only.
+    #[arg(long = "debug-console", value_name = "off")]
+    debug_console: Option<String>,
 
     /// off|null|pty|tty|file=<path>
     #[arg(long, value_name = "MODE")]
@@ -114,19 +166,71 @@ fn check_readable_file(option: &str, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses, by name, an upstream device option this VMM has no device for: silently booting
+/// without the device would be worse than not starting.
+fn refuse_unimplemented_devices(cli: &Cli) -> anyhow::Result<()> {
+    let lists: [(&str, &[String], &str); 9] = [
+        ("fs", &cli.fs, "virtio-fs"),
+        ("pmem", &cli.pmem, "virtio-pmem"),
+        ("device", &cli.device, "VFIO passthrough"),
+        ("user-device", &cli.user_device, "vfio-user devices"),
+        ("vdpa", &cli.vdpa, "vDPA devices"),
+        ("numa", &cli.numa, "guest NUMA nodes"),
+        ("generic-vhost-user", &cli.generic_vhost_user, "vhost-user devices"),
+        ("rate-limit-group", &cli.rate_limit_group, "I/O rate limiting"),
+        ("pci-segment", &cli.pci_segment, "PCI segments (devices are virtio-mmio)"),
+    ];
+    let singles = [
+        ("vsock", &cli.vsock, "virtio-vsock"),
+        ("balloon", &cli.balloon, "virtio-balloon"),
+        ("tpm", &cli.tpm, "TPM emulation"),
+    ];
+    let given = lists
+        .iter()
+        .filter(|(_, values, _)| !values.is_empty())
+        .map(|(option, _, what)| (*option, *what))
+        .chain(
+            singles
+                .iter()
+                .filter(|(_, value, _)| value.is_some())
+                .map(|(option, _, what)| (*option, *what)),
+        )
+        .chain(cli.watchdog.then_some(("watchdog", "a watchdog device")))
+        .next();
+    if let Some((option, what)) = given {
+        return Err(anyhow!(
+            "--{option}: {what} is not implemented by this VMM (see docs/cli.md)"
+        ));
+    }
+    if let Some(mode) = cli.debug_console.as_deref() {
+        if !mode.trim().eq_ignore_ascii_case("off") {
+            return Err(anyhow!(
+                "--debug-console {mode}: the port-0xe9 debug console is not implemented by this \
+                 VMM; only off is accepted"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Turns the command line into what `vmm::run` takes. Pure apart from reading file metadata.
 fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
+    refuse_unimplemented_devices(cli)?;
     let options = VmOptionStrings {
         kernel: cli.kernel.as_deref(),
+        firmware: cli.firmware.as_deref(),
         cmdline: cli.cmdline.as_deref(),
         initramfs: cli.initramfs.as_deref(),
         cpus: cli.cpus.as_deref(),
         memory: cli.memory.as_deref(),
         memory_zones: cli.memory_zone.iter().map(String::as_str).collect(),
         disks: cli.disk.iter().map(String::as_str).collect(),
+        net: cli.net.iter().map(String::as_str).collect(),
+        rng: cli.rng.as_deref(),
         serial: cli.serial.as_deref(),
         console: cli.console.as_deref(),
         pvpanic: cli.pvpanic,
+        platform: cli.platform.as_deref(),
         nv: cli.nv.as_deref(),
     };
     let vm = VmConfig::from_options(&options)?;
@@ -174,6 +278,9 @@ fn start(cli: Cli) -> anyhow::Result<i32> {
     logger::Logger::install(log_file, logger::level_for_verbosity(cli.verbose))
         .context("installing the logger")?;
 
+    // Ask KVM for its vCPU limit now, on the main thread before any seccomp filter: the config
+    // check of a later `vm.create` runs on the API thread, whose filter forbids opening /dev/kvm.
+    let _ = vmm::config::host_vcpu_limit();
     let launch = build_launch(&cli)?;
     if let Some(monitor) = &launch.event_monitor {
         event_monitor::set_monitor(monitor, launch.seccomp)?;
@@ -193,6 +300,12 @@ fn main() -> ExitCode {
     if let Err(error) = vmm::nv::hold_power_fail_signal() {
         eprintln!("cloud-hypervisor: {error}");
         return ExitCode::from(1);
+    }
+    // No arguments at all: upstream prints its usage on stderr and exits 2.
+    if std::env::args_os().len() <= 1 {
+        let usage = <Cli as clap::CommandFactory>::command().render_usage();
+        eprintln!("{usage}\n\nFor more information, try '--help'.");
+        return ExitCode::from(2);
     }
     // Usage errors, --help and --version: clap prints and exits (2, 0, 0).
     let cli = Cli::parse();

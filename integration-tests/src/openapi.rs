@@ -5,8 +5,8 @@
 //! the spec lists for the path.
 //!
 //! OpenAPI 3.0 schemas are a JSON Schema draft 4 dialect (`$ref` siblings ignored, boolean
-//! `exclusiveMinimum`), so they are checked with a draft 4 validator; OpenAPI-only keywords
-//! (`nullable`, `example`) are ignored by it.
+//! `exclusiveMinimum`), so they are checked with a draft 4 validator; `nullable: true` is turned
+//! into its draft 4 form first, other OpenAPI-only keywords (`example`) are ignored.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -49,7 +49,24 @@ pub fn component(name: &str) -> Value {
 fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
     let mut root = schema.clone();
     root["components"] = spec()["components"].clone();
+    allow_nullable(&mut root);
     jsonschema::draft4::new(&root).map_err(|error| format!("bad schema: {error}"))
+}
+
+/// OpenAPI 3.0's `nullable: true` in draft 4 terms: `type: T` becomes `type: [T, "null"]`.
+fn allow_nullable(schema: &mut Value) {
+    match schema {
+        Value::Object(members) => {
+            if members.get("nullable") == Some(&Value::Bool(true)) {
+                if let Some(Value::String(kind)) = members.get("type").cloned() {
+                    members.insert("type".to_owned(), json!([kind, "null"]));
+                }
+            }
+            members.values_mut().for_each(allow_nullable);
+        }
+        Value::Array(items) => items.iter_mut().for_each(allow_nullable),
+        _ => {}
+    }
 }
 
 /// Checks that the component schema `name` compiles (its references resolve).

@@ -64,6 +64,18 @@ struct Com1 {
 /// Offset of the QueueNotify register in a virtio-mmio window (virtio 1.x, 4.2.2).
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 
+/// One device and what it occupies in the guest's address spaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceResources {
+    pub id: String,
+    /// I/O port range: base, length.
+    pub pio: Option<(u64, u64)>,
+    /// MMIO range: base, length.
+    pub mmio: Option<(u64, u64)>,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+}
+
 /// One virtio-blk disk on its virtio-mmio slot.
 struct VirtioBlockSlot {
     transport: Arc<Mutex<MmioTransport>>,
@@ -415,6 +427,27 @@ impl DeviceManager {
                 (disk.id.clone(), counters)
             })
             .collect()
+    }
+
+    /// The devices the guest sees and the resources each occupies (`vm.info`'s device tree):
+    /// COM1 (when `--serial` is not off) and each virtio-mmio disk.
+    pub fn device_resources(&self) -> Vec<DeviceResources> {
+        let serial = self.com1.as_ref().map(|_| DeviceResources {
+            id: "__serial".to_owned(),
+            pio: Some((devices::COM1_BASE, devices::COM1_LEN)),
+            mmio: None,
+            irq: devices::COM1_IRQ,
+        });
+        let disks = self.disks.iter().enumerate().map(|(index, disk)| {
+            let (_, gsi) = virtio_mmio_slot(index as u32);
+            DeviceResources {
+                id: disk.id.clone(),
+                pio: None,
+                mmio: Some((disk.base, VIRTIO_MMIO_SIZE)),
+                irq: gsi,
+            }
+        });
+        serial.into_iter().chain(disks).collect()
     }
 
     /// The `virtio_mmio.device=` tokens to append to the guest's kernel command line.

@@ -27,6 +27,8 @@ enum Backing {
         size: u64,
         shared: bool,
         prefault: bool,
+        /// `madvise(MADV_HUGEPAGE)` (upstream's `thp=on`, for private anonymous RAM only).
+        thp: bool,
     },
     File {
         file: File,
@@ -64,6 +66,7 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
             size: config.size,
             shared: config.shared,
             prefault: config.prefault,
+            thp: config.thp && !config.shared,
         });
     }
     for zone in config.zones.iter().flatten() {
@@ -78,6 +81,7 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
                 size: zone.size,
                 shared: zone.shared,
                 prefault: zone.prefault,
+                thp: config.thp && !zone.shared,
             }),
             Some(path) => {
                 let (file, path) = open_zone_file(Path::new(path), zone.size)?;
@@ -123,6 +127,21 @@ pub fn guest_memory_from_file(
     }])
 }
 
+/// Asks for transparent huge pages on private anonymous guest RAM, as upstream does with `thp=on`:
+/// fewer TLB misses and page faults for the guest. Only advice, so a kernel without THP (or with
+/// it set to `never`) is logged, not refused.
+fn advise_huge_pages(mapping: &vm_memory::mmap::MmapRegion, length: usize) {
+    // SAFETY: the range is exactly the mapping just created and still owned by `mapping`;
+    // MADV_HUGEPAGE only changes how the kernel backs it, never its contents or validity.
+    let result = unsafe { libc::madvise(mapping.as_ptr().cast(), length, libc::MADV_HUGEPAGE) };
+    if result != 0 {
+        log::info!(
+            "madvise(MADV_HUGEPAGE) on {length:#x} bytes of guest RAM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Opens a zone's backing file and makes sure it holds at least `size` bytes: a regular file that
 /// is smaller is grown (sparse), a larger one is used as is, a devdax device must already be large
 /// enough and `size` must respect its mapping alignment.
@@ -135,13 +154,10 @@ fn open_zone_file(path: &Path, size: u64) -> Result<(File, PathBuf), Error> {
             source,
         }
     };
-    let is_char_device = std::fs::metadata(path)
-        .map(|metadata| metadata.file_type().is_char_device())
-        .unwrap_or(false);
+    // As upstream, a missing file is an error: creating one would hide a typo in the path.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(!is_char_device)
         .truncate(false)
         .open(path)
         .map_err(file_error("open"))?;
@@ -345,6 +361,9 @@ fn map_piece(
         };
         map_error(format!("{what}: {e}"))
     })?;
+    if let Backing::Anonymous { thp: true, .. } = backing {
+        advise_huge_pages(&mapping, length);
+    }
     GuestRegionMmap::new(mapping, guest_address).ok_or_else(|| {
         Error::MemoryLayout(format!(
             "region at {:#x} of {size:#x} bytes overflows the address space",
@@ -367,6 +386,64 @@ mod tests {
             shared: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_missing_zone_file_is_an_error_and_is_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing");
+        let config = MemoryConfig {
+            size: 0,
+            zones: Some(vec![zone("mem0", 2 << 20, Some(&path))]),
+            ..Default::default()
+        };
+        let error = guest_memory_from_config(&config).unwrap_err().to_string();
+        assert!(error.contains("missing"), "{error}");
+        assert!(!path.exists(), "the zone file was created");
+    }
+
+    /// The `VmFlags` of the mapping that holds `address`, from `/proc/self/smaps`.
+    fn vm_flags(address: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = (start..end).contains(&address);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_owned();
+                }
+            }
+        }
+        panic!("no mapping holds {address:#x}");
+    }
+
+    #[test]
+    fn thp_advises_private_anonymous_ram_only() {
+        let advised = |thp: bool, shared: bool| {
+            let config = MemoryConfig {
+                size: 4 << 20,
+                thp,
+                shared,
+                ..Default::default()
+            };
+            let memory = guest_memory_from_config(&config).unwrap();
+            let host = memory.get_host_address(GuestAddress(0)).unwrap() as usize;
+            // "hg": VM_HUGEPAGE, set by madvise(MADV_HUGEPAGE).
+            vm_flags(host).split(' ').any(|flag| flag == "hg")
+        };
+        assert!(advised(true, false), "thp=on (the default) must advise");
+        assert!(!advised(false, false), "thp=off must not advise");
+        assert!(!advised(true, true), "shared RAM is never advised");
     }
 
     #[test]
@@ -422,6 +499,7 @@ mod tests {
     fn anonymous_part_comes_first_then_the_zone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ram");
+        File::create(&path).unwrap();
         let config = MemoryConfig {
             size: 2 << 20,
             zones: Some(vec![zone("mem0", 2 << 20, Some(&path))]),
@@ -468,6 +546,7 @@ mod tests {
         // except two bytes, so the test costs no real memory.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ram");
+        File::create(&path).unwrap();
         let config = MemoryConfig {
             size: 0,
             zones: Some(vec![zone("mem0", 4 << 30, Some(&path))]),

@@ -758,6 +758,7 @@ mod tests {
                 mode: ConsoleOutputMode::File,
                 file: Some("/old".into()),
                 socket: None,
+                iommu: false,
             },
             nv: Some(NvConfig {
                 deadline_ms: 200,
@@ -781,6 +782,7 @@ mod tests {
                 mode: ConsoleOutputMode::File,
                 file: Some("/new".into()),
                 socket: None,
+                iommu: false,
             },
             console: default_console(),
             ..VmConfig::default()

@@ -50,7 +50,7 @@ impl OptionSpec {
 #[derive(Debug)]
 pub(crate) struct ParsedOption {
     option: &'static str,
-    /// In the order given; a key given twice keeps its last value, as upstream does.
+    /// In the order given; each key at most once.
     entries: Vec<(String, String)>,
 }
 
@@ -96,10 +96,28 @@ impl ParsedOption {
                         reason: "this word takes no value".to_owned(),
                     })
                 }
+                // `key=` is never "unset": say so here, even for a key nobody reads later.
+                (Some(KeyKind::Value), Some("")) => {
+                    return Err(ConfigError::MissingValue {
+                        option: spec.option,
+                        key: key.to_owned(),
+                    })
+                }
                 (Some(KeyKind::Value), Some(value)) => {
                     entries.push((key.to_owned(), value.to_owned()))
                 }
                 (Some(KeyKind::Flag), None) => entries.push((key.to_owned(), String::new())),
+            }
+            // Upstream keeps the last of a repeated key; a typo such as `size=1G,size=2G`
+            // then silently picks one. Refuse it instead.
+            if entries[..entries.len() - 1]
+                .iter()
+                .any(|(earlier, _)| earlier == key)
+            {
+                return Err(ConfigError::DuplicateKey {
+                    option: spec.option,
+                    key: key.to_owned(),
+                });
             }
         }
         Ok(ParsedOption {
@@ -120,7 +138,6 @@ impl ParsedOption {
     fn raw(&self, key: &str) -> Option<&str> {
         self.entries
             .iter()
-            .rev()
             .find(|(name, _)| name == key)
             .map(|(_, value)| value.as_str())
     }
@@ -169,6 +186,28 @@ impl ParsedOption {
                 .map(Some)
                 .map_err(|reason| self.invalid(key, &value, reason)),
         }
+    }
+
+    /// A list as upstream writes one: `[a,b,c]` (the brackets keep the commas inside one value)
+    /// or a single bare item.
+    pub(crate) fn list(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(value) = self.string(key)? else {
+            return Ok(None);
+        };
+        let inner = match value.strip_prefix('[') {
+            Some(rest) => rest
+                .strip_suffix(']')
+                .ok_or_else(|| self.invalid(key, &value, "expected [item,item,...]"))?,
+            None => value.as_str(),
+        };
+        Ok(Some(
+            inner
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
     }
 
     pub(crate) fn integer<T: FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError> {
@@ -295,9 +334,26 @@ mod tests {
     }
 
     #[test]
-    fn last_value_of_a_repeated_key_wins() {
-        let parsed = ParsedOption::parse(&SPEC, "size=1,size=2").unwrap();
-        assert_eq!(parsed.integer::<u32>("size").unwrap(), Some(2));
+    fn a_repeated_key_is_refused_by_name() {
+        for input in ["size=1,size=2", "size=1,on,size=1", "on,on"] {
+            let error = ParsedOption::parse(&SPEC, input).unwrap_err();
+            assert!(
+                matches!(&error, ConfigError::DuplicateKey { option: "test", .. }),
+                "{input}: {error:?}"
+            );
+        }
+        let message = ParsedOption::parse(&SPEC, "size=1,size=2")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("\"size\""), "{message}");
+    }
+
+    #[test]
+    fn an_empty_value_is_refused_even_for_a_key_never_read() {
+        assert!(matches!(
+            ParsedOption::parse(&SPEC, "size=1,list="),
+            Err(ConfigError::MissingValue { key, .. }) if key == "list"
+        ));
     }
 
     #[test]
@@ -337,9 +393,8 @@ mod tests {
             ParsedOption::parse(&SPEC, "on=1"),
             Err(ConfigError::InvalidValue { .. })
         ));
-        let empty = ParsedOption::parse(&SPEC, "size=").unwrap();
         assert!(matches!(
-            empty.string("size"),
+            ParsedOption::parse(&SPEC, "size="),
             Err(ConfigError::MissingValue { .. })
         ));
     }

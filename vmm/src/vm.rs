@@ -188,6 +188,11 @@ impl Vm {
         self.memory.iter().map(|region| region.len()).sum()
     }
 
+    /// The devices the guest sees, with their resources (`vm.info`'s `device_tree`).
+    pub fn device_resources(&self) -> Vec<crate::device_manager::DeviceResources> {
+        self.devices.device_resources()
+    }
+
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.devices.counters()

@@ -312,13 +312,69 @@ pub enum VmState {
     BreakPoint,
 }
 
-/// Body of `GET /vm.info` (upstream's `VmInfo`; `device_tree` is not reported).
+/// Body of `GET /vm.info` (upstream's `VmInfo`): the whole config with every member filled in,
+/// the state, and, once the VM is booted, its RAM and the devices it really has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfoResponse {
     pub config: VmConfig,
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_actual_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tree: Option<BTreeMap<String, DeviceNode>>,
+}
+
+impl VmInfoResponse {
+    /// `device_tree`: device id -> node, from the devices the VM really has.
+    pub fn device_tree(
+        devices: &[crate::device_manager::DeviceResources],
+    ) -> std::collections::BTreeMap<String, DeviceNode> {
+        devices
+            .iter()
+            .map(|device| {
+                let pio = device.pio.and_then(|(base, size)| {
+                    Some(DeviceResource::PioAddressRange {
+                        base: u16::try_from(base).ok()?,
+                        size: u16::try_from(size).ok()?,
+                    })
+                });
+                let mmio = device
+                    .mmio
+                    .map(|(base, size)| DeviceResource::MmioAddressRange { base, size });
+                let resources = pio
+                    .into_iter()
+                    .chain(mmio)
+                    .chain([DeviceResource::LegacyIrq(device.irq)])
+                    .collect();
+                let node = DeviceNode {
+                    id: device.id.clone(),
+                    resources,
+                    children: Vec::new(),
+                    pci_bdf: None,
+                };
+                (device.id.clone(), node)
+            })
+            .collect()
+    }
+}
+
+/// Upstream's `DeviceNode`: one device of `vm.info`'s `device_tree`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    pub resources: Vec<DeviceResource>,
+    pub children: Vec<String>,
+    /// `null` for every device here: there is no PCI bus (devices are virtio-mmio).
+    pub pci_bdf: Option<String>,
+}
+
+/// Upstream's `Resource`, as serde writes that Rust enum: `{"MmioAddressRange":{"base":..,
+/// "size":..}}`, `{"LegacyIrq":4}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceResource {
+    PioAddressRange { base: u16, size: u16 },
+    MmioAddressRange { base: u64, size: u64 },
+    LegacyIrq(u32),
 }
 
 /// Body of `GET /vm.counters`: device id -> counter name -> value (upstream's `VmCounters`).

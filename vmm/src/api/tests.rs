@@ -145,6 +145,7 @@ impl FakeVm {
                 let config = self.config.clone().unwrap_or_default();
                 Some(serde_json::to_value(VmInfoResponse {
                     memory_actual_size: Some(config.memory.total_size()),
+                    device_tree: None,
                     config,
                     state: self.state.unwrap_or(Created),
                 }))

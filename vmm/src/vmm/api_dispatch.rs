@@ -302,8 +302,8 @@ impl Vmm {
         let Some(config) = self.vm_config.clone() else {
             return Answer::error(ApiError::refused(Operation::Info, StateRefusal::NotCreated));
         };
-        let (state, memory_actual_size) = match &self.vm {
-            None => (ApiVmState::Created, None),
+        let (state, memory_actual_size, device_tree) = match &self.vm {
+            None => (ApiVmState::Created, None, None),
             Some(vm) => {
                 let state = match vm.run_state() {
                     VmRunState::Created => ApiVmState::Created,
@@ -311,13 +311,15 @@ impl Vmm {
                     VmRunState::Paused => ApiVmState::Paused,
                     VmRunState::Shutdown => ApiVmState::Shutdown,
                 };
-                (state, Some(vm.memory_actual_size()))
+                let device_tree = VmInfoResponse::device_tree(&vm.device_resources());
+                (state, Some(vm.memory_actual_size()), Some(device_tree))
             }
         };
         Answer::body(&VmInfoResponse {
             config,
             state,
             memory_actual_size,
+            device_tree,
         })
     }
 
