@@ -487,7 +487,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
         ],
     );
     // Upstream's reboot says nothing of the shutdown and boot inside it.
-    let rebooting = events.iter().position(|e| e == "vm:rebooting").unwrap();
+    let rebooting = events.iter().rposition(|e| e == "vm:rebooting").unwrap();
     assert_eq!(events[rebooting + 1], "vm:rebooted", "{events:?}");
 }
 
