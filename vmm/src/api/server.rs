@@ -213,10 +213,10 @@ impl ConnectionTable {
             .iter()
             .filter(|entry| client.is_some() && entry.client == client)
             .count();
-        if per_client >= limits.max_connections_per_client.max(1) {
-            if !evict_longest_waiting(&mut entries, |entry| entry.client == client) {
-                return None;
-            }
+        if per_client >= limits.max_connections_per_client.max(1)
+            && !evict_longest_waiting(&mut entries, |entry| entry.client == client)
+        {
+            return None;
         }
         if entries.len() >= limits.max_connections.max(1)
             && !evict_longest_waiting(&mut entries, |_| true)
