@@ -38,7 +38,8 @@ impl Answer {
             Some("application/json"),
             "{self:?}"
         );
-        crate::openapi::error_messages(self.body.as_bytes()).unwrap_or_else(|error| panic!("{error}"))
+        crate::openapi::error_messages(self.body.as_bytes())
+            .unwrap_or_else(|error| panic!("{error}"))
     }
 }
 
@@ -137,13 +138,12 @@ mod tests {
 
     #[test]
     fn error_bodies_must_be_arrays_of_strings() {
-        let answer = parse_answer(
-            "HTTP/1.1 404 \r\nContent-Type: application/json\r\n\r\n[\"Not Found\"]",
-        )
-        .unwrap();
+        let answer =
+            parse_answer("HTTP/1.1 404 \r\nContent-Type: application/json\r\n\r\n[\"Not Found\"]")
+                .unwrap();
         assert_eq!(answer.error_messages(), ["Not Found"]);
-        let plain = parse_answer("HTTP/1.1 404 \r\nContent-Type: application/json\r\n\r\nnope")
-            .unwrap();
+        let plain =
+            parse_answer("HTTP/1.1 404 \r\nContent-Type: application/json\r\n\r\nnope").unwrap();
         assert!(std::panic::catch_unwind(|| plain.error_messages()).is_err());
     }
 }

@@ -382,7 +382,9 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
         .collect();
     assert!(unimplemented.len() >= 15, "{unimplemented:?}");
     for (route, operation) in &unimplemented {
-        let expected = check_state(*operation, None).err().map_or(501, |e| e.status);
+        let expected = check_state(*operation, None)
+            .err()
+            .map_or(501, |e| e.status);
         vmm.refused(route.method.as_str(), route.op, Some("{}"), expected);
     }
 
@@ -421,7 +423,10 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     let message = vmm.refused("PUT", "vm.boot", None, 500);
     assert!(message.contains("VM is already created"), "{message}");
     let message = vmm.refused("PUT", "vm.resume", None, 500);
-    assert!(message.contains("InvalidStateTransition(Running, Running)"), "{message}");
+    assert!(
+        message.contains("InvalidStateTransition(Running, Running)"),
+        "{message}"
+    );
     // With a VM running, the unimplemented operations say so (receiving a migration needs an
     // empty VMM, as upstream).
     for (route, operation) in &unimplemented {
@@ -437,7 +442,10 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     let counters = vmm.call("GET", "vm.counters", None).json();
     assert!(counters["disk0"].is_object(), "{counters}");
     let message = vmm.refused("PUT", "vm.snapshot", Some(&snapshot_body), 500);
-    assert!(message.contains("Trying to snapshot while VM is running"), "{message}");
+    assert!(
+        message.contains("Trying to snapshot while VM is running"),
+        "{message}"
+    );
     // Refused before anything was written.
     assert!(!dir.path().join("snapshot").exists());
 
@@ -487,7 +495,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
         ],
     );
     // Upstream's reboot says nothing of the shutdown and boot inside it.
-    let rebooting = events.iter().position(|e| e == "vm:rebooting").unwrap();
+    let rebooting = events.iter().rposition(|e| e == "vm:rebooting").unwrap();
     assert_eq!(events[rebooting + 1], "vm:rebooted", "{events:?}");
 }
 

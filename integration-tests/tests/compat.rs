@@ -114,12 +114,19 @@ fn read_events(path: &Path) -> Vec<Value> {
     assert!(text.ends_with("}\n\n"), "{text:?}");
     let mut events = Vec::new();
     for chunk in text.split("\n\n").filter(|chunk| !chunk.is_empty()) {
-        assert!(chunk.starts_with("{\n  \""), "not pretty-printed: {chunk:?}");
+        assert!(
+            chunk.starts_with("{\n  \""),
+            "not pretty-printed: {chunk:?}"
+        );
         let event: Value = serde_json::from_str(chunk).expect("one JSON object per chunk");
         let object = event.as_object().unwrap();
         let mut keys: Vec<&String> = object.keys().collect();
         keys.sort();
-        assert_eq!(keys, ["event", "properties", "source", "timestamp"], "{chunk}");
+        assert_eq!(
+            keys,
+            ["event", "properties", "source", "timestamp"],
+            "{chunk}"
+        );
         assert!(event["timestamp"]["secs"].is_u64(), "{chunk}");
         assert!(event["timestamp"]["nanos"].is_u64(), "{chunk}");
         events.push(event);
@@ -131,7 +138,13 @@ fn names(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .filter(|e| e["source"] == "vm" || e["source"] == "vmm")
-        .map(|e| format!("{} {}", e["source"].as_str().unwrap(), e["event"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["source"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -187,29 +200,105 @@ fn upstream_status_lines_and_bodies_in_every_state() {
     assert_eq!(ping.header("Content-Type"), Some("application/json"));
     let ping: Value = serde_json::from_str(&ping.body).unwrap();
     assert_eq!(ping["version"], "53.0.0");
-    assert!(ping["build_version"].as_str().unwrap().starts_with("v53.0.0"));
+    assert!(ping["build_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("v53.0.0"));
     assert_eq!(ping["pid"], vmm.child.id());
     let features = ping["features"].as_array().unwrap();
     assert!(features.contains(&json!("kvm")), "{ping}");
 
     // No VM.
     let no_vm: &[(&str, &str, &str, u16, &[&str])] = &[
-        ("GET", "vm.info", "", 404, &["Error from API", "The VM info is not available", "VM is not created"]),
-        ("PUT", "vm.boot", "", 404, &["Error from API", "The VM could not boot", "VM config is missing"]),
-        ("PUT", "vm.pause", "", 500, &["Error from API", "The VM could not be paused", "VM is not running"]),
-        ("PUT", "vm.shutdown", "", 500, &["Error from API", "The VM could not shutdown", "VM is not running"]),
-        ("GET", "vm.counters", "", 500, &["Error from API", "The VM info is not available", "VM is not running"]),
+        (
+            "GET",
+            "vm.info",
+            "",
+            404,
+            &[
+                "Error from API",
+                "The VM info is not available",
+                "VM is not created",
+            ],
+        ),
+        (
+            "PUT",
+            "vm.boot",
+            "",
+            404,
+            &[
+                "Error from API",
+                "The VM could not boot",
+                "VM config is missing",
+            ],
+        ),
+        (
+            "PUT",
+            "vm.pause",
+            "",
+            500,
+            &[
+                "Error from API",
+                "The VM could not be paused",
+                "VM is not running",
+            ],
+        ),
+        (
+            "PUT",
+            "vm.shutdown",
+            "",
+            500,
+            &[
+                "Error from API",
+                "The VM could not shutdown",
+                "VM is not running",
+            ],
+        ),
+        (
+            "GET",
+            "vm.counters",
+            "",
+            500,
+            &[
+                "Error from API",
+                "The VM info is not available",
+                "VM is not running",
+            ],
+        ),
         (
             "PUT",
             "vm.snapshot",
             r#"{"destination_url":"file:///nonexistent/snap"}"#,
             500,
-            &["Error from API", "The VM could not be snapshotted", "VM is not running"],
+            &[
+                "Error from API",
+                "The VM could not be snapshotted",
+                "VM is not running",
+            ],
         ),
-        ("PUT", "vm.resize", r#"{"desired_vcpus":2}"#, 404, &["Error from API", "The VM could not be resized", "VM is not created"]),
+        (
+            "PUT",
+            "vm.resize",
+            r#"{"desired_vcpus":2}"#,
+            404,
+            &[
+                "Error from API",
+                "The VM could not be resized",
+                "VM is not created",
+            ],
+        ),
         ("GET", "vm.boot", "", 400, &["Bad Request"]),
         ("GET", "vm.nosuch", "", 404, &["Not Found"]),
-        ("PUT", "vm.create", "{not json", 400, &["Failed to deserialize JSON", "key must be a string at line 1 column 2"]),
+        (
+            "PUT",
+            "vm.create",
+            "{not json",
+            400,
+            &[
+                "Failed to deserialize JSON",
+                "key must be a string at line 1 column 2",
+            ],
+        ),
     ];
     for (method, op, body, status, messages) in no_vm {
         assert_eq!(
@@ -221,10 +310,21 @@ fn upstream_status_lines_and_bodies_in_every_state() {
     assert_eq!(vmm.call("PUT", "vm.delete", "").status, 204);
 
     // Created, then running.
-    assert_eq!(vmm.call("PUT", "vm.create", &counter_config(dir.path())).status, 204);
+    assert_eq!(
+        vmm.call("PUT", "vm.create", &counter_config(dir.path()))
+            .status,
+        204
+    );
     assert_eq!(
         vmm.error("PUT", "vm.create", &counter_config(dir.path())),
-        (500, strings(&["Error from API", "The VM could not be created", "VM is already created"]))
+        (
+            500,
+            strings(&[
+                "Error from API",
+                "The VM could not be created",
+                "VM is already created"
+            ])
+        )
     );
     assert_eq!(vmm.call("PUT", "vm.boot", "").status, 204);
     assert_eq!(
@@ -240,10 +340,18 @@ fn upstream_status_lines_and_bodies_in_every_state() {
     );
     assert_eq!(
         vmm.error("PUT", "vm.boot", ""),
-        (500, strings(&["Error from API", "The VM could not boot", "VM is already created"]))
+        (
+            500,
+            strings(&[
+                "Error from API",
+                "The VM could not boot",
+                "VM is already created"
+            ])
+        )
     );
     let snapshot_dir = dir.path().join("snap");
-    let snapshot = json!({"destination_url": format!("file://{}", snapshot_dir.display())}).to_string();
+    let snapshot =
+        json!({"destination_url": format!("file://{}", snapshot_dir.display())}).to_string();
     assert_eq!(
         vmm.error("PUT", "vm.snapshot", &snapshot),
         (
@@ -255,7 +363,10 @@ fn upstream_status_lines_and_bodies_in_every_state() {
             ])
         )
     );
-    assert!(!snapshot_dir.exists(), "a refused snapshot created its directory");
+    assert!(
+        !snapshot_dir.exists(),
+        "a refused snapshot created its directory"
+    );
     let counters = vmm.call("GET", "vm.counters", "");
     assert_eq!(counters.status, 200);
     // Operations we do not carry out: a clear error in upstream's form, once the state allows.
@@ -264,7 +375,10 @@ fn upstream_status_lines_and_bodies_in_every_state() {
     assert_eq!(&messages[..2], ["Error from API", "Error triggering NMI"]);
     let (status, messages) = vmm.error("PUT", "vm.power-button", "");
     assert_eq!(status, 501);
-    assert_eq!(&messages[..2], ["Error from API", "Error triggering power button"]);
+    assert_eq!(
+        &messages[..2],
+        ["Error from API", "Error triggering power button"]
+    );
     // Paused: pausing again is upstream's invalid transition.
     assert_eq!(vmm.call("PUT", "vm.pause", "").status, 204);
     assert_eq!(
@@ -293,16 +407,29 @@ fn event_monitor_sequences_match_upstream() {
     std::fs::write(&empty_kernel, b"").unwrap();
     let mut broken: Value = serde_json::from_str(&counter_config(dir.path())).unwrap();
     broken["payload"]["kernel"] = json!(empty_kernel.display().to_string());
-    assert_eq!(vmm.call("PUT", "vm.create", &broken.to_string()).status, 204);
+    assert_eq!(
+        vmm.call("PUT", "vm.create", &broken.to_string()).status,
+        204
+    );
     assert!(vmm.call("PUT", "vm.boot", "").status >= 400);
     assert_eq!(vmm.call("PUT", "vm.delete", "").status, 204);
     let booted_before = names(&read_events_now(&vmm.events));
     assert_eq!(
         booted_before,
-        ["vmm starting", "vm rebooting", "vm booting", "vm booting", "vm deleted"],
+        [
+            "vmm starting",
+            "vm rebooting",
+            "vm booting",
+            "vm booting",
+            "vm deleted"
+        ],
     );
 
-    assert_eq!(vmm.call("PUT", "vm.create", &counter_config(dir.path())).status, 204);
+    assert_eq!(
+        vmm.call("PUT", "vm.create", &counter_config(dir.path()))
+            .status,
+        204
+    );
     assert_eq!(vmm.call("PUT", "vm.boot", "").status, 204);
     let serial = dir.path().join("serial.log");
     let (_, booted) = wait_for_log(&serial, TIMEOUT, |text| text.contains("counter"));
@@ -328,8 +455,12 @@ fn event_monitor_sequences_match_upstream() {
         event["timestamp"]["secs"].as_u64().unwrap() * 1_000_000_000
             + event["timestamp"]["nanos"].as_u64().unwrap()
     };
-    assert!(events.windows(2).all(|pair| nanos(&pair[0]) <= nanos(&pair[1])));
-    assert!(events.iter().all(|e| e["properties"].is_null() || e["properties"].is_object()));
+    assert!(events
+        .windows(2)
+        .all(|pair| nanos(&pair[0]) <= nanos(&pair[1])));
+    assert!(events
+        .iter()
+        .all(|e| e["properties"].is_null() || e["properties"].is_object()));
 }
 
 /// The events written so far (the writer thread may lag a little behind an answer).
@@ -377,7 +508,11 @@ fn http_defects_of_issue_10_stay_fixed() {
         TIMEOUT,
     );
     assert_eq!(answer.status, 400);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Idle and slow clients (more than the server's 16 slots) must not lock others out.
     let mut hogs = Vec::new();
@@ -393,7 +528,11 @@ fn http_defects_of_issue_10_stay_fixed() {
     for _ in 0..5 {
         assert_eq!(vmm.call("GET", "vmm.ping", "").status, 200);
     }
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     drop(hogs);
     vmm.shutdown();
 }
@@ -419,13 +558,19 @@ fn two_vmms_on_one_socket_path_never_both_start() {
             if let Some(status) = second.child.try_wait().unwrap() {
                 break ((second, status), first);
             }
-            assert!(Instant::now() < deadline, "round {round}: both VMMs still run");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: both VMMs still run"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         let (loser, status) = loser;
         assert_eq!(status.code(), Some(1), "round {round}");
         let message = read_log(&loser.stderr);
-        assert!(message.contains("another process is already serving"), "{message}");
+        assert!(
+            message.contains("another process is already serving"),
+            "{message}"
+        );
         winner.wait_serving();
         let ping: Value = serde_json::from_str(&winner.call("GET", "vmm.ping", "").body).unwrap();
         assert_eq!(ping["pid"], winner.child.id(), "round {round}");

@@ -279,7 +279,9 @@ impl Drop for HeldBack {
 /// the shutdown and boot inside it; `vm.boot` reports `booting` before it can fail, so the one
 /// the VM's own boot would write is held back. Guards nest; the control loop is the only caller.
 pub fn hold_back(events: &[VmEvent]) -> HeldBack {
-    let bits = events.iter().fold(0, |bits, event| bits | event_bit(*event));
+    let bits = events
+        .iter()
+        .fold(0, |bits, event| bits | event_bit(*event));
     HeldBack {
         previous: HELD_BACK.fetch_or(bits, Ordering::AcqRel),
     }

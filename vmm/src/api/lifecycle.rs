@@ -198,15 +198,15 @@ pub fn check_state(operation: Operation, state: Option<VmState>) -> Result<(), A
     use VmState::{Paused, Running};
     let booted = matches!(state, Some(Running | Paused));
     let refusal = match operation {
-        Create | Restore | ReceiveMigration if state.is_some() => Some(StateRefusal::AlreadyCreated),
+        Create | Restore | ReceiveMigration if state.is_some() => {
+            Some(StateRefusal::AlreadyCreated)
+        }
         Boot if state.is_none() => Some(StateRefusal::MissingConfig),
         Boot if booted => Some(StateRefusal::AlreadyCreated),
         Info | Resize | ResizeZone if state.is_none() => Some(StateRefusal::NotCreated),
         Reboot if !booted => Some(StateRefusal::NotCreated),
         Pause if state == Some(Paused) => Some(StateRefusal::InvalidTransition(Paused, Paused)),
-        Resume if state == Some(Running) => {
-            Some(StateRefusal::InvalidTransition(Running, Running))
-        }
+        Resume if state == Some(Running) => Some(StateRefusal::InvalidTransition(Running, Running)),
         Snapshot if state == Some(Running) => Some(StateRefusal::SnapshotWhileRunning),
         Counters | Pause | Resume | Shutdown | Snapshot | PowerButton | Nmi | Coredump
         | ResizeDisk | AddDevice | AddUserDevice | AddDisk | AddFs | AddGenericVhostUser
@@ -258,14 +258,22 @@ mod tests {
             answer(Info, None),
             (
                 404,
-                body(&["Error from API", "The VM info is not available", "VM is not created"])
+                body(&[
+                    "Error from API",
+                    "The VM info is not available",
+                    "VM is not created"
+                ])
             )
         );
         assert_eq!(
             answer(Boot, None),
             (
                 404,
-                body(&["Error from API", "The VM could not boot", "VM config is missing"])
+                body(&[
+                    "Error from API",
+                    "The VM could not boot",
+                    "VM config is missing"
+                ])
             )
         );
         assert_eq!(answer(Pause, None).0, 500);
@@ -274,7 +282,11 @@ mod tests {
             answer(Counters, None),
             (
                 500,
-                body(&["Error from API", "The VM info is not available", "VM is not running"])
+                body(&[
+                    "Error from API",
+                    "The VM info is not available",
+                    "VM is not running"
+                ])
             )
         );
         assert_eq!(
@@ -288,7 +300,17 @@ mod tests {
                 ])
             )
         );
-        assert_eq!(answer(Resize, None), (404, body(&["Error from API", "The VM could not be resized", "VM is not created"])));
+        assert_eq!(
+            answer(Resize, None),
+            (
+                404,
+                body(&[
+                    "Error from API",
+                    "The VM could not be resized",
+                    "VM is not created"
+                ])
+            )
+        );
         assert_eq!(answer(Delete, None), (0, vec![]));
         assert_eq!(
             answer(Resume, Some(Running)),
@@ -305,14 +327,22 @@ mod tests {
             answer(Boot, Some(Running)),
             (
                 500,
-                body(&["Error from API", "The VM could not boot", "VM is already created"])
+                body(&[
+                    "Error from API",
+                    "The VM could not boot",
+                    "VM is already created"
+                ])
             )
         );
         assert_eq!(
             answer(Create, Some(Created)),
             (
                 500,
-                body(&["Error from API", "The VM could not be created", "VM is already created"])
+                body(&[
+                    "Error from API",
+                    "The VM could not be created",
+                    "VM is already created"
+                ])
             )
         );
         assert_eq!(

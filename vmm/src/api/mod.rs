@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ApiSocketConfig, RestoreConfig, VmConfig};
 
-pub use routes::{HttpMethod, Route, RouteAction, API_PREFIX, ROUTES};
 pub use lifecycle::{check_state, Operation, StateRefusal};
+pub use routes::{HttpMethod, Route, RouteAction, API_PREFIX, ROUTES};
 pub use server::ServerLimits;
 
 /// One operation asked of the control loop.
@@ -184,7 +184,10 @@ pub fn cause_chain(error: &dyn std::error::Error) -> Vec<String> {
     let mut next = error.source();
     while let Some(source) = next {
         let text = source.to_string();
-        if !chain.last().is_some_and(|previous| previous.contains(&text)) {
+        if !chain
+            .last()
+            .is_some_and(|previous| previous.contains(&text))
+        {
             chain.push(text);
         }
         next = source.source();

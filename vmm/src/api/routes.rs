@@ -99,24 +99,56 @@ pub const ROUTES: &[Route] = &[
     upstream("vm.reboot", Put, A::VmReboot),
     upstream("vm.power-button", Put, A::VmPowerButton),
     upstream("vm.resize", Put, A::NotImplemented(Operation::Resize)),
-    upstream("vm.resize-disk", Put, A::NotImplemented(Operation::ResizeDisk)),
-    upstream("vm.resize-zone", Put, A::NotImplemented(Operation::ResizeZone)),
-    upstream("vm.add-device", Put, A::NotImplemented(Operation::AddDevice)),
-    upstream("vm.remove-device", Put, A::NotImplemented(Operation::RemoveDevice)),
+    upstream(
+        "vm.resize-disk",
+        Put,
+        A::NotImplemented(Operation::ResizeDisk),
+    ),
+    upstream(
+        "vm.resize-zone",
+        Put,
+        A::NotImplemented(Operation::ResizeZone),
+    ),
+    upstream(
+        "vm.add-device",
+        Put,
+        A::NotImplemented(Operation::AddDevice),
+    ),
+    upstream(
+        "vm.remove-device",
+        Put,
+        A::NotImplemented(Operation::RemoveDevice),
+    ),
     upstream("vm.add-disk", Put, A::NotImplemented(Operation::AddDisk)),
     upstream("vm.add-fs", Put, A::NotImplemented(Operation::AddFs)),
-    upstream("vm.add-generic-vhost-user", Put, A::NotImplemented(Operation::AddGenericVhostUser)),
+    upstream(
+        "vm.add-generic-vhost-user",
+        Put,
+        A::NotImplemented(Operation::AddGenericVhostUser),
+    ),
     upstream("vm.add-pmem", Put, A::NotImplemented(Operation::AddPmem)),
     upstream("vm.add-net", Put, A::NotImplemented(Operation::AddNet)),
     upstream("vm.add-vsock", Put, A::NotImplemented(Operation::AddVsock)),
     upstream("vm.add-vdpa", Put, A::NotImplemented(Operation::AddVdpa)),
-    upstream("vm.add-user-device", Put, A::NotImplemented(Operation::AddUserDevice)),
+    upstream(
+        "vm.add-user-device",
+        Put,
+        A::NotImplemented(Operation::AddUserDevice),
+    ),
     upstream("vm.snapshot", Put, A::VmSnapshot),
     upstream("vm.coredump", Put, A::NotImplemented(Operation::Coredump)),
     upstream("vm.nmi", Put, A::NotImplemented(Operation::Nmi)),
     upstream("vm.restore", Put, A::VmRestore),
-    upstream("vm.receive-migration", Put, A::NotImplemented(Operation::ReceiveMigration)),
-    upstream("vm.send-migration", Put, A::NotImplemented(Operation::SendMigration)),
+    upstream(
+        "vm.receive-migration",
+        Put,
+        A::NotImplemented(Operation::ReceiveMigration),
+    ),
+    upstream(
+        "vm.send-migration",
+        Put,
+        A::NotImplemented(Operation::SendMigration),
+    ),
     nv("vm.nv-status", Get, A::NvStatus),
     nv("vm.power-fail", Put, A::NvPowerFail),
     nv("vm.nv-suspend", Put, A::NvSuspend),
@@ -378,7 +410,10 @@ mod tests {
         let error = build_request(create, b"{not json", None).unwrap_err();
         assert_eq!(
             error.body(),
-            ["Failed to deserialize JSON", "key must be a string at line 1 column 2"]
+            [
+                "Failed to deserialize JSON",
+                "key must be a string at line 1 column 2"
+            ]
         );
         // A NUL byte in any member (here a path) is refused here, not deep in a system call.
         let error = build_request(
@@ -387,7 +422,15 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert_eq!((error.status, error.body()[0].as_str()), (400, "Bad Request"));
-        assert_eq!(parse_regions_query(Some("region=%2Fr%00x")).unwrap_err().status, 400);
+        assert_eq!(
+            (error.status, error.body()[0].as_str()),
+            (400, "Bad Request")
+        );
+        assert_eq!(
+            parse_regions_query(Some("region=%2Fr%00x"))
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! sender) holds no claim on its slot: when a new client needs one, the longest-waiting of them
 //! is closed, so idle or slow clients cannot lock the others out of the API.
 
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -213,10 +213,10 @@ impl ConnectionTable {
             .iter()
             .filter(|entry| client.is_some() && entry.client == client)
             .count();
-        if per_client >= limits.max_connections_per_client.max(1) {
-            if !evict_longest_waiting(&mut entries, |entry| entry.client == client) {
-                return None;
-            }
+        if per_client >= limits.max_connections_per_client.max(1)
+            && !evict_longest_waiting(&mut entries, |entry| entry.client == client)
+        {
+            return None;
         }
         if entries.len() >= limits.max_connections.max(1)
             && !evict_longest_waiting(&mut entries, |_| true)

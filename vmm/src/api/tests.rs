@@ -297,8 +297,12 @@ impl Reply {
     /// An error body as upstream's ch-remote reads it: a JSON array of strings.
     fn messages(&self) -> Vec<String> {
         assert_eq!(self.header("Content-Type"), Some("application/json"));
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("error body is not a JSON array of strings: {e}: {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "error body is not a JSON array of strings: {e}: {}",
+                self.text()
+            )
+        })
     }
 }
 
@@ -443,7 +447,11 @@ fn vm_lifecycle_through_every_implemented_route() {
     assert_eq!(reply.status, 404);
     assert_eq!(
         reply.messages(),
-        ["Error from API", "The VM info is not available", "VM is not created"]
+        [
+            "Error from API",
+            "The VM info is not available",
+            "VM is not created"
+        ]
     );
     assert_eq!(
         client
@@ -558,16 +566,31 @@ fn unimplemented_routes_check_state_then_answer_501() {
     assert_eq!(resize.status, 404);
     assert_eq!(
         resize.messages(),
-        ["Error from API", "The VM could not be resized", "VM is not created"]
+        [
+            "Error from API",
+            "The VM could not be resized",
+            "VM is not created"
+        ]
     );
     let nmi = client.call("PUT", "vm.nmi", None);
-    assert_eq!((nmi.status, nmi.messages()[2].as_str()), (500, "VM is not running"));
+    assert_eq!(
+        (nmi.status, nmi.messages()[2].as_str()),
+        (500, "VM is not running")
+    );
     // Receiving a migration needs an empty VMM.
-    assert_eq!(client.call("PUT", "vm.receive-migration", Some("{}")).status, 501);
+    assert_eq!(
+        client
+            .call("PUT", "vm.receive-migration", Some("{}"))
+            .status,
+        501
+    );
     client.call("PUT", "vm.create", Some(&vm_config_json()));
     client.call("PUT", "vm.boot", None);
     let receive = client.call("PUT", "vm.receive-migration", Some("{}"));
-    assert_eq!((receive.status, receive.messages()[2].as_str()), (500, "VM is already created"));
+    assert_eq!(
+        (receive.status, receive.messages()[2].as_str()),
+        (500, "VM is already created")
+    );
     for route in ROUTES {
         let RouteAction::NotImplemented(operation) = route.action else {
             continue;
@@ -630,7 +653,10 @@ fn bad_json_is_400_with_the_parser_message() {
     assert_eq!(reply.status, 400);
     assert_eq!(
         reply.messages(),
-        ["Failed to deserialize JSON", "key must be a string at line 1 column 2"]
+        [
+            "Failed to deserialize JSON",
+            "key must be a string at line 1 column 2"
+        ]
     );
     let reply = client.call(
         "PUT",
@@ -639,7 +665,11 @@ fn bad_json_is_400_with_the_parser_message() {
     );
     assert_eq!(reply.status, 400);
     assert_eq!(reply.messages()[0], "Failed to deserialize JSON");
-    assert!(reply.messages()[1].contains("line 1"), "{:?}", reply.messages());
+    assert!(
+        reply.messages()[1].contains("line 1"),
+        "{:?}",
+        reply.messages()
+    );
     let reply = client.call("PUT", "vm.restore", None);
     assert_eq!(reply.status, 400);
     assert!(reply.messages()[1].contains("required"));
@@ -655,10 +685,16 @@ fn nul_byte_in_a_path_is_400() {
     let server = TestServer::start();
     let mut client = server.connect();
     let reply = client.call("GET", "vmm.nv-regions?region=%2Ftmp%2Fr%00x", None);
-    assert_eq!((reply.status, reply.messages()[0].as_str()), (400, "Bad Request"));
+    assert_eq!(
+        (reply.status, reply.messages()[0].as_str()),
+        (400, "Bad Request")
+    );
     for (op, body) in [
         ("vm.nv-recover", r#"{"region":"/tmp/r\u0000x","vm":"a"}"#),
-        ("vm.snapshot", r#"{"destination_url":"file:///tmp/s\u0000"}"#),
+        (
+            "vm.snapshot",
+            r#"{"destination_url":"file:///tmp/s\u0000"}"#,
+        ),
         ("vm.restore", r#"{"source_url":"file:///tmp/s\u0000"}"#),
     ] {
         let reply = client.call("PUT", op, Some(body));
@@ -683,7 +719,11 @@ fn conflicting_content_lengths_are_400_at_once() {
     let reply = client.read_reply();
     assert_eq!(reply.status, 400);
     assert_eq!(reply.messages()[0], "Bad Request");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     // The same length twice is harmless.
     let mut client = server.connect();
     client.send(b"GET /api/v1/vmm.ping HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n");
@@ -694,10 +734,22 @@ fn conflicting_content_lengths_are_400_at_once() {
 fn status_line_has_no_reason_phrase() {
     let server = TestServer::start();
     for (request, line) in [
-        (&b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n"[..], "HTTP/1.1 200 \r\n"),
-        (b"PUT /api/v1/vm.delete HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 204 \r\n"),
-        (b"GET /api/v1/vm.info HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 404 \r\n"),
-        (b"GET /api/v1/vm.boot HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 400 \r\n"),
+        (
+            &b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            "HTTP/1.1 200 \r\n",
+        ),
+        (
+            b"PUT /api/v1/vm.delete HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 204 \r\n",
+        ),
+        (
+            b"GET /api/v1/vm.info HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 404 \r\n",
+        ),
+        (
+            b"GET /api/v1/vm.boot HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 400 \r\n",
+        ),
     ] {
         let mut client = server.connect();
         client.send(request);
@@ -859,7 +911,11 @@ fn idle_and_slow_clients_do_not_starve_the_api() {
         let reply = server.call("GET", "vmm.ping", None);
         assert_eq!(reply.status, 200);
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -870,7 +926,10 @@ fn a_new_connection_that_sends_nothing_is_closed_early() {
     assert!(silent.try_read_reply().is_none());
     // first_byte_timeout (1 s here), not the whole request timeout.
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_millis(1450), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1450),
+        "{waited:?}"
+    );
 }
 
 #[test]
@@ -924,7 +983,10 @@ fn only_busy_slots_make_a_new_client_wait_503() {
     for client in &mut busy {
         assert_eq!(client.read_reply().status, 204);
     }
-    assert_eq!(Client::connect(&socket).call("PUT", "vm.boot", None).status, 204);
+    assert_eq!(
+        Client::connect(&socket).call("PUT", "vm.boot", None).status,
+        204
+    );
 }
 
 #[test]
@@ -943,7 +1005,10 @@ fn control_loop_gone_is_503_and_server_keeps_serving() {
     for _ in 0..2 {
         let reply = client.call("GET", "vmm.ping", None);
         assert_eq!(reply.status, 503);
-        assert_eq!(reply.messages(), ["Error from API", "the VMM is shutting down"]);
+        assert_eq!(
+            reply.messages(),
+            ["Error from API", "the VMM is shutting down"]
+        );
     }
 }
 
@@ -1141,7 +1206,10 @@ fn shutdown_answer_is_written_and_queued_requests_refused_before_exit() {
     );
     let late = Client::connect(&socket).call("GET", "vmm.ping", None);
     assert_eq!(late.status, 503);
-    assert_eq!(late.messages(), ["Error from API", "the VMM is shutting down"]);
+    assert_eq!(
+        late.messages(),
+        ["Error from API", "the VMM is shutting down"]
+    );
     assert!(finish_result.recv_timeout(Duration::from_secs(10)).unwrap());
 }
 
@@ -1171,7 +1239,12 @@ fn servers_racing_for_one_path_leave_exactly_one_serving() {
         assert!(results
             .iter()
             .any(|r| matches!(r, Err(ApiServerError::SocketInUse { .. }))));
-        assert_eq!(Client::connect(&socket).call("GET", "vmm.ping", None).status, 200);
+        assert_eq!(
+            Client::connect(&socket)
+                .call("GET", "vmm.ping", None)
+                .status,
+            200
+        );
     }
 }
 
@@ -1187,7 +1260,10 @@ fn socket_path_over_107_bytes_is_refused() {
         EventFd::new(0).unwrap(),
     )
     .unwrap_err();
-    assert!(matches!(error, ApiServerError::PathTooLong { .. }), "{error}");
+    assert!(
+        matches!(error, ApiServerError::PathTooLong { .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("107"), "{error}");
     assert!(!long.exists());
 }

@@ -156,8 +156,7 @@ impl Vmm {
                     return Answer::error(error);
                 }
                 let rebooted = {
-                    let _inner =
-                        hold_back(&[VmEvent::Shutdown, VmEvent::Booting, VmEvent::Booted]);
+                    let _inner = hold_back(&[VmEvent::Shutdown, VmEvent::Booting, VmEvent::Booted]);
                     self.stop_for_cold_boot();
                     self.boot_configured_vm(Operation::Reboot)
                 };
@@ -212,7 +211,9 @@ impl Vmm {
                     Err(e) => Answer::error(api_error(Operation::NvStatus, e)),
                 },
             },
-            ApiRequest::NvPowerFail => self.api_nv_save(Operation::NvPowerFail, ShutdownKind::PowerFail),
+            ApiRequest::NvPowerFail => {
+                self.api_nv_save(Operation::NvPowerFail, ShutdownKind::PowerFail)
+            }
             ApiRequest::NvSuspend => {
                 self.api_nv_save(Operation::NvSuspend, ShutdownKind::PlannedSuspend)
             }
