@@ -6,9 +6,15 @@
 //! Reading the port returns the events the device understands; writing an event reports it. The
 //! device has no state worth saving: the supported-events bitmap is a constant.
 
-use log::debug;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
 
 use crate::BusDevice;
+
+/// A guest may write the port in a loop (each write is one cheap exit); the same event is passed
+/// on at most once per this interval, so the log and the event monitor cannot be flooded.
+pub const PVPANIC_REPEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The I/O port of the ISA pvpanic device.
 pub const PVPANIC_PORT: u64 = 0x505;
@@ -24,8 +30,8 @@ pub const PVPANIC_SUPPORTED_EVENTS: u8 = PVPANIC_PANICKED | PVPANIC_CRASH_LOADED
 /// One event a guest wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PvPanicEvent {
-    Panicked,
-    CrashLoaded,
+    Panicked = 0,
+    CrashLoaded = 1,
 }
 
 impl PvPanicEvent {
@@ -56,13 +62,42 @@ pub type PvPanicHandler = Box<dyn Fn(PvPanicEvent) + Send>;
 /// The device on the port-I/O bus.
 pub struct PvPanicDevice {
     on_event: PvPanicHandler,
+    /// When each event (PANICKED, CRASH_LOADED) was last passed on, and how many repeats were
+    /// held back since.
+    last: [Option<Instant>; 2],
+    held_back: [u64; 2],
 }
 
 impl PvPanicDevice {
     /// `on_event` is told each event the guest writes (the VMM logs it and emits it on the event
     /// monitor).
     pub fn new(on_event: PvPanicHandler) -> Self {
-        Self { on_event }
+        Self {
+            on_event,
+            last: [None; 2],
+            held_back: [0; 2],
+        }
+    }
+
+    fn report(&mut self, event: PvPanicEvent, now: Instant) {
+        let slot = event as usize;
+        if let Some(last) = self.last[slot] {
+            if now.saturating_duration_since(last) < PVPANIC_REPEAT_INTERVAL {
+                self.held_back[slot] += 1;
+                return;
+            }
+        }
+        if self.held_back[slot] > 0 {
+            warn!(
+                "pvpanic: {} repeats of the {} event were not reported (at most one per {:?})",
+                self.held_back[slot],
+                event.name(),
+                PVPANIC_REPEAT_INTERVAL
+            );
+            self.held_back[slot] = 0;
+        }
+        self.last[slot] = Some(now);
+        (self.on_event)(event);
     }
 }
 
@@ -84,7 +119,7 @@ impl BusDevice for PvPanicDevice {
             return;
         };
         match PvPanicEvent::from_byte(*value) {
-            Some(event) => (self.on_event)(event),
+            Some(event) => self.report(event, Instant::now()),
             None => debug!("pvpanic: ignored event byte {value:#04x} (no known bit)"),
         }
     }
@@ -118,18 +153,47 @@ mod tests {
         let (mut dev, seen) = device();
         dev.write(0, &[PVPANIC_PANICKED]);
         dev.write(0, &[PVPANIC_CRASH_LOADED]);
-        dev.write(0, &[PVPANIC_PANICKED | PVPANIC_CRASH_LOADED | 0x80]);
-        let seen = seen.lock().unwrap().clone();
         assert_eq!(
-            seen,
+            *seen.lock().unwrap(),
+            [PvPanicEvent::Panicked, PvPanicEvent::CrashLoaded]
+        );
+        // PANICKED wins; unknown bits are ignored.
+        assert_eq!(
+            PvPanicEvent::from_byte(PVPANIC_PANICKED | PVPANIC_CRASH_LOADED | 0x80),
+            Some(PvPanicEvent::Panicked)
+        );
+        assert_eq!(
+            PvPanicEvent::from_byte(PVPANIC_CRASH_LOADED | 0x04),
+            Some(PvPanicEvent::CrashLoaded)
+        );
+        assert_eq!(PvPanicEvent::Panicked.name(), "panic");
+        assert_eq!(PvPanicEvent::CrashLoaded.name(), "crash_loaded");
+    }
+
+    #[test]
+    fn a_guest_writing_in_a_loop_cannot_flood_the_host() {
+        let (mut dev, seen) = device();
+        let start = Instant::now();
+        for i in 0..10_000u64 {
+            dev.report(
+                PvPanicEvent::Panicked,
+                start + Duration::from_micros(i * 50),
+            );
+        }
+        // 0.5 s of writes: one event. Another kind is not held back by the first.
+        dev.report(
+            PvPanicEvent::CrashLoaded,
+            start + Duration::from_millis(600),
+        );
+        dev.report(PvPanicEvent::Panicked, start + Duration::from_millis(1600));
+        assert_eq!(
+            *seen.lock().unwrap(),
             [
                 PvPanicEvent::Panicked,
                 PvPanicEvent::CrashLoaded,
                 PvPanicEvent::Panicked
             ]
         );
-        assert_eq!(PvPanicEvent::Panicked.name(), "panic");
-        assert_eq!(PvPanicEvent::CrashLoaded.name(), "crash_loaded");
     }
 
     #[test]
