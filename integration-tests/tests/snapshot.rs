@@ -89,7 +89,11 @@ impl Vmm {
         } else {
             body.to_string()
         };
-        let (status, answer) = api_client::request(&self.socket, method, op, &body, TIMEOUT);
+        let stderr = self.stderr.clone();
+        let (status, answer) = std::panic::catch_unwind(|| {
+            api_client::request(&self.socket, method, op, &body, TIMEOUT)
+        })
+        .unwrap_or_else(|_| panic!("{method} {op}: no answer; stderr:\n{}", read_log(&stderr)));
         let text = match serde_json::from_str::<Value>(&answer) {
             Ok(Value::Array(items)) => items
                 .iter()
@@ -413,7 +417,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
                 dir.path(),
                 "regs-short",
                 true,
-                regs(json!([1; 10])),
+                regs(json!(vec![1; 10])),
             ),
             "10 bytes",
         ),
