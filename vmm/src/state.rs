@@ -777,7 +777,8 @@ pub(crate) mod tests {
     #[test]
     fn garbage_register_values_are_refused_before_kvm_sees_them() {
         let base = sample_state(1);
-        let mutations: Vec<(&str, Box<dyn Fn(&mut VmState)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut VmState)>;
+        let mutations: Vec<(&str, Mutation)> = vec![
             (
                 "RFLAGS",
                 Box::new(|s| {
