@@ -320,6 +320,8 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     std::fs::File::create(&disk)
         .and_then(|file| file.set_len(1 << 20))
         .unwrap();
+    // As upstream, vm.snapshot writes into an existing directory and never creates it.
+    std::fs::create_dir(dir.path().join("snapshot")).unwrap();
     let snapshot = format!("file://{}", dir.path().join("snapshot").display());
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
@@ -512,6 +514,8 @@ fn ch_remote_drives_every_verb() {
     let config = counter_config(&serial_log, None);
     std::fs::write(&config_path, &config).unwrap();
     openapi::check_exchange("PUT", "vm.create", Some(&config), 204, b"").unwrap();
+    // As upstream, vm.snapshot writes into an existing directory and never creates it.
+    std::fs::create_dir(dir.path().join("snapshot")).unwrap();
     let snapshot = format!("file://{}", dir.path().join("snapshot").display());
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
@@ -588,6 +592,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     let first_log = dir.path().join("first.log");
     let second_log = dir.path().join("second.log");
     let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
     let snapshot = format!("file://{}", snapshot_dir.display());
 
     let first = VmmProcess::start(dir.path(), "first", &[]);
@@ -659,6 +664,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     // The restored VM snapshots again (after OnDemand this reads pages never touched since the
     // restore through the fault server), and that snapshot restores too.
     let again_dir = dir.path().join("again");
+    std::fs::create_dir(&again_dir).unwrap();
     let again = format!("file://{}", again_dir.display());
     assert_eq!(second.call("PUT", "vm.pause", None).status, 204);
     let again_body = json!({ "destination_url": again }).to_string();
@@ -737,6 +743,7 @@ fn command_line_restore_resumes_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let first_log = dir.path().join("first.log");
     let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
     let snapshot = format!("file://{}", snapshot_dir.display());
     let first = VmmProcess::start(
         dir.path(),

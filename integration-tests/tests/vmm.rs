@@ -638,6 +638,7 @@ fn the_api_drives_a_vm_through_its_lifecycle() {
 fn counter_survives_snapshot_and_restore(memory: MemoryConfig, copied_bytes: u64) {
     let dir = tempfile::tempdir().unwrap();
     let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
     let url = format!("file://{}", snapshot_dir.display());
     let first_log = dir.path().join("first.log");
     let second_log = dir.path().join("second.log");

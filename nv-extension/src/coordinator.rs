@@ -74,6 +74,10 @@ pub struct SaveReport {
     pub total: Duration,
     pub deadline: Duration,
     pub deadline_overrun: bool,
+    /// Set when, right after the commit, the region's path no longer named the file the save
+    /// went into (deleted, renamed or replaced while the VM ran): the state is committed in
+    /// that file, which a recovery through the path will not find. Says what happened.
+    pub region_file_changed: Option<String>,
 }
 
 impl SaveReport {
@@ -150,6 +154,19 @@ pub fn save_vm(
         state.len(),
         total.as_micros()
     );
+    // After the commit, off the timed path: the save went into the file this process holds
+    // open, which may be all that is left of the region, but whoever recovers goes through the
+    // path. One fstat + stat.
+    let region_file_changed = match handle.region().check_path() {
+        Ok(()) => None,
+        Err(e) => {
+            log::error!(
+                "VM {vm:?}: saved seq {seq} into a region file its path no longer names: {e}; \
+                 recovery through the path will not find this save"
+            );
+            Some(e.to_string())
+        }
+    };
     let report = SaveReport {
         kind,
         seq,
@@ -158,6 +175,7 @@ pub fn save_vm(
         total,
         deadline,
         deadline_overrun,
+        region_file_changed,
     };
     // After the commit and outside the timed phases: the state is safe whatever happens here,
     // and this is only for the operator who looks at the region later.

@@ -52,6 +52,30 @@ pub enum Error {
     OwnershipLost(String),
     #[error("unsafe shutdown — state incomplete, cold boot only")]
     UnsafeShutdown,
+    /// The run record names a committed save, but the slot that must hold it fails its checks:
+    /// the medium, not the shutdown, is at fault.
+    #[error(
+        "VM {vm:?}: the committed save seq {seq} is unreadable: {detail} (media damage?); \
+         cold boot only"
+    )]
+    DamagedState {
+        vm: String,
+        seq: u64,
+        detail: String,
+    },
+    /// The region's path no longer names the file this process has open (deleted, renamed or
+    /// replaced while the region was in use).
+    #[error("NV region {path}: {detail}")]
+    RegionFileChanged { path: PathBuf, detail: String },
+    /// The path names something that cannot hold a region; nothing was opened.
+    #[error("{path} is {what}: an NV region is a regular file or a devdax character device")]
+    NotARegionFile { path: PathBuf, what: String },
+    /// A write to a region opened read-only (`OpenOptions::read_only`).
+    #[error("NV region {path} is open read-only: {operation} refused")]
+    ReadOnly {
+        path: PathBuf,
+        operation: &'static str,
+    },
     #[error("VM {0:?} has no saved state to recover (it was never run or was powered off)")]
     NothingToRecover(String),
     #[error("VM state of {len} bytes does not fit a state slot of {capacity} bytes")]
@@ -104,17 +128,21 @@ impl Error {
             | Error::OwnedByLiveProcess { .. }
             | Error::OwnershipLost(_)
             | Error::UnsafeShutdown
+            | Error::RegionFileChanged { .. }
             | Error::NothingToRecover(_) => ErrorKind::Conflict,
             Error::NotARegion { .. }
             | Error::UnsupportedFormatVersion { .. }
             | Error::InvalidVmName { .. }
             | Error::InvalidSize { .. }
             | Error::NoFileBacking { .. }
+            | Error::NotARegionFile { .. }
             | Error::Unsupported(_) => ErrorKind::InvalidInput,
             Error::Io { .. }
             | Error::CorruptSuperblock(_)
             | Error::Truncated { .. }
             | Error::CorruptVmTable(_)
+            | Error::DamagedState { .. }
+            | Error::ReadOnly { .. }
             | Error::OutOfSpace { .. }
             | Error::VmTableFull { .. }
             | Error::StateTooLarge { .. }

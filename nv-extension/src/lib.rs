@@ -20,6 +20,7 @@ mod le_bytes;
 mod metadata_io;
 pub mod persistence;
 pub mod region;
+mod region_identity;
 pub mod save_report;
 pub mod state_slots;
 pub mod superblock;

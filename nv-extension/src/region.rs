@@ -4,6 +4,7 @@
 //! re-read superblock and table from the medium (another VMM may have changed
 //! them), apply the change, commit it with the two-copy protocol, unlock.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,6 +17,7 @@ use crate::metadata_io::{read_superblock, read_table, write_superblock, write_ta
 use crate::persistence::devdax::{self, DevDaxBackend};
 use crate::persistence::file_mmap::FileBackend;
 use crate::persistence::{read_vec, Persistence, PersistenceMode};
+use crate::region_identity;
 use crate::save_report;
 use crate::superblock::{ShutdownMarker, Superblock};
 use crate::vm_handle::{recoverable_state, state_area, RecoveredVm, VmHandle};
@@ -37,6 +39,10 @@ pub struct OpenOptions {
     pub format: bool,
     /// Size of a newly formatted region; `None`: just the metadata, grown as VMs are added.
     pub region_size: Option<u64>,
+    /// Open for reading only (listings): the descriptor and the mapping are read-only, and
+    /// every operation that would write is refused (`Error::ReadOnly`). Excludes
+    /// `create_if_missing` and `format`.
+    pub read_only: bool,
     /// Layout parameters used only when formatting.
     pub extent_alignment: u64,
     pub state_slot_len: u64,
@@ -49,6 +55,7 @@ impl Default for OpenOptions {
             create_if_missing: false,
             format: false,
             region_size: None,
+            read_only: false,
             extent_alignment: DEFAULT_EXTENT_ALIGNMENT,
             state_slot_len: DEFAULT_STATE_SLOT_LEN,
             table_copy_len: DEFAULT_TABLE_COPY_LEN,
@@ -107,19 +114,77 @@ pub struct Region {
     shared: Arc<Mutex<Shared>>,
 }
 
-fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence>, bool)> {
-    let created;
-    let file = match std::fs::OpenOptions::new()
+/// What a path names, in words, when it cannot hold a region.
+fn unusable_file_type(file_type: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_file() || file_type.is_char_device() {
+        None
+    } else if file_type.is_dir() {
+        Some("a directory")
+    } else if file_type.is_fifo() {
+        Some("a FIFO")
+    } else if file_type.is_socket() {
+        Some("a socket")
+    } else if file_type.is_block_device() {
+        Some("a block device")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+/// Checks what `path` names before anything opens it: opening a FIFO blocks, opening some
+/// character devices acts on them. A character device must be devdax (its sysfs geometry).
+fn check_file_type(path: &Path, metadata: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if let Some(what) = unusable_file_type(metadata.file_type()) {
+        return Err(Error::NotARegionFile {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        });
+    }
+    if metadata.file_type().is_char_device() {
+        devdax::geometry_of_device(metadata.rdev(), path).map_err(|_| Error::NotARegionFile {
+            path: path.to_path_buf(),
+            what: "a character device that is not device-DAX".to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens the region's file after checking its type, and checks again on the open descriptor
+/// (the path may have changed in between; `O_NONBLOCK` keeps a FIFO swapped in from blocking).
+fn open_checked(path: &Path, options: &OpenOptions, metadata: &std::fs::Metadata) -> Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    check_file_type(path, metadata)?;
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!options.read_only)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-    {
-        Ok(file) => {
-            let empty = file
-                .metadata()
-                .map(|m| m.is_file() && m.len() == 0)
-                .unwrap_or(false);
-            created = empty && options.create_if_missing;
+        .map_err(|e| Error::io(format!("opening NV region {}", path.display()), e))?;
+    let opened = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    if opened.dev() != metadata.dev() || opened.ino() != metadata.ino() {
+        return Err(Error::RegionFileChanged {
+            path: path.to_path_buf(),
+            detail: "the path changed while it was being opened".to_string(),
+        });
+    }
+    Ok(file)
+}
+
+fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence>, bool)> {
+    if options.read_only && (options.create_if_missing || options.format) {
+        return Err(Error::Unsupported(
+            "a region opened read-only cannot be created or formatted".to_string(),
+        ));
+    }
+    let created;
+    let file = match std::fs::metadata(path) {
+        Ok(metadata) => {
+            let file = open_checked(path, options, &metadata)?;
+            created = metadata.is_file() && metadata.len() == 0 && options.create_if_missing;
             file
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && options.create_if_missing => {
@@ -133,6 +198,7 @@ fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(|e| Error::io(format!("creating NV region {}", path.display()), e))?
         }
@@ -143,19 +209,25 @@ fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence
             ))
         }
     };
-    let store: Box<dyn Persistence> = if devdax::is_char_device(path) {
-        Box::new(DevDaxBackend::open(file, path)?)
-    } else {
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
-        if !meta.is_file() {
-            return Err(Error::NotARegion {
+    let writable = !options.read_only;
+    let file_type = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+        .file_type();
+    let store: Box<dyn Persistence> = {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_char_device() {
+            Box::new(DevDaxBackend::open(file, path, writable)?)
+        } else if file_type.is_file() {
+            Box::new(FileBackend::open(file, path, writable)?)
+        } else {
+            return Err(Error::NotARegionFile {
                 path: path.to_path_buf(),
-                reason: "neither a regular file nor a devdax device".into(),
+                what: unusable_file_type(file_type)
+                    .unwrap_or("not a regular file")
+                    .to_string(),
             });
         }
-        Box::new(FileBackend::open(file, path)?)
     };
     Ok((store, created))
 }
@@ -297,6 +369,17 @@ impl Region {
 
     pub fn persistence_mode(&self) -> PersistenceMode {
         self.lock().store.mode()
+    }
+
+    /// `Ok` while the region's path still names the file this region has open; otherwise
+    /// `RegionFileChanged` (deleted, renamed or replaced since it was opened). One `fstat` and
+    /// one `stat`. A region without a file (tests) always passes.
+    pub fn check_path(&self) -> Result<()> {
+        let shared = self.lock();
+        match shared.store.file() {
+            Some(file) => region_identity::check(file, &shared.path),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> PathBuf {

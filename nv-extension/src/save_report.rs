@@ -104,6 +104,8 @@ fn decode(area: &StateArea, record: &[u8], seq: u64) -> Option<SaveReport> {
         total: Duration::from_micros(get_u64(record, R_TOTAL_US)),
         deadline: Duration::from_micros(get_u64(record, R_DEADLINE_US)),
         deadline_overrun: get_u32(record, R_FLAGS) & FLAG_DEADLINE_OVERRUN != 0,
+        // Not recorded: a save into a file the path no longer names is not in this region.
+        region_file_changed: None,
     })
 }
 
@@ -179,6 +181,7 @@ mod tests {
             total: Duration::from_micros(170),
             deadline: Duration::from_millis(50),
             deadline_overrun: true,
+            region_file_changed: None,
         }
     }
 

@@ -33,6 +33,22 @@ pub struct ValidSlot {
     pub payload: Vec<u8>,
 }
 
+/// What one slot holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotCondition {
+    /// No slot header: never written, or invalidated on purpose (`invalidate`).
+    Empty,
+    /// A header of another VM (a deleted VM's leftover).
+    Foreign,
+    /// A header that fails a check: `seq` when the header itself checks out (the payload does
+    /// not), `None` when the header is damaged too.
+    Damaged {
+        seq: Option<u64>,
+        what: &'static str,
+    },
+    Valid(ValidSlot),
+}
+
 /// Where a VM's two slots are.
 #[derive(Clone, Copy, Debug)]
 pub struct StateArea {
@@ -55,26 +71,52 @@ impl StateArea {
 
     /// Reads slot `index`; `None` if it is empty, torn, corrupt or another VM's.
     pub fn read_slot(&self, store: &dyn Persistence, index: usize) -> Result<Option<ValidSlot>> {
+        Ok(match self.inspect_slot(store, index)? {
+            SlotCondition::Valid(slot) => Some(slot),
+            _ => None,
+        })
+    }
+
+    /// What slot `index` holds, telling an empty or foreign slot from a damaged one.
+    pub fn inspect_slot(&self, store: &dyn Persistence, index: usize) -> Result<SlotCondition> {
         let offset = self.slot_offset(index);
         let header = read_vec(store, offset, HEADER_LEN)?;
-        if header[S_MAGIC..S_MAGIC + 8] != MAGIC
-            || crc32c::crc32c(&header[..S_CRC]) != get_u32(&header, S_CRC)
-            || get_u32(&header, S_FORMAT) != SLOT_FORMAT
-            || get_array::<16>(&header, S_VM_UUID) != self.vm_uuid.0
-        {
-            return Ok(None);
+        if header[S_MAGIC..S_MAGIC + 8] != MAGIC {
+            return Ok(SlotCondition::Empty);
+        }
+        if crc32c::crc32c(&header[..S_CRC]) != get_u32(&header, S_CRC) {
+            return Ok(SlotCondition::Damaged {
+                seq: None,
+                what: "header checksum mismatch",
+            });
+        }
+        if get_array::<16>(&header, S_VM_UUID) != self.vm_uuid.0 {
+            return Ok(SlotCondition::Foreign);
+        }
+        let seq = get_u64(&header, S_SEQ);
+        if get_u32(&header, S_FORMAT) != SLOT_FORMAT {
+            return Ok(SlotCondition::Damaged {
+                seq: Some(seq),
+                what: "unknown slot format",
+            });
         }
         let len = get_u64(&header, S_PAYLOAD_LEN);
         if len > self.payload_capacity() {
-            return Ok(None);
+            return Ok(SlotCondition::Damaged {
+                seq: Some(seq),
+                what: "payload length beyond the slot",
+            });
         }
         let payload = read_vec(store, offset + HEADER_LEN as u64, len as usize)?;
         if crc32c::crc32c(&payload) != get_u32(&header, S_PAYLOAD_CRC) {
-            return Ok(None);
+            return Ok(SlotCondition::Damaged {
+                seq: Some(seq),
+                what: "payload checksum mismatch",
+            });
         }
-        Ok(Some(ValidSlot {
+        Ok(SlotCondition::Valid(ValidSlot {
             index,
-            seq: get_u64(&header, S_SEQ),
+            seq,
             payload,
         }))
     }

@@ -9,7 +9,7 @@ use crate::identity::{OwnerRecord, Uuid};
 use crate::persistence::{cache_flush, Persistence, PersistenceMode};
 use crate::region::{find_mut, Region, Shared};
 use crate::save_report;
-use crate::state_slots::StateArea;
+use crate::state_slots::{SlotCondition, StateArea};
 use crate::superblock::ShutdownMarker;
 use crate::vm_table::{Extent, RunKind, RunRecord, ShutdownKind, VmEntry, VmTable};
 
@@ -48,16 +48,52 @@ pub(crate) fn recoverable_state(store: &dyn Persistence, entry: &VmEntry) -> Res
             return Err(Error::NothingToRecover(entry.name.clone()))
         }
     };
-    match state_area(entry).newest(store)? {
+    let area = state_area(entry);
+    match area.newest(store)? {
         Some(slot) if slot.seq == seq => Ok(RecoveredVm {
             config_blob: entry.config.clone(),
             state_blob: slot.payload,
             seq,
             shutdown_kind: kind,
         }),
-        // The record says saved but the slot is gone or newer: trust neither.
-        _ => Err(Error::UnsafeShutdown),
+        // A slot newer than the record: a save that never committed. Trust neither.
+        Some(slot) if slot.seq > seq => Err(Error::UnsafeShutdown),
+        // The commit made slot `seq` durable before the record named it, and nothing touches
+        // that slot until the record says "running" again: whatever is wrong with it now
+        // happened to the medium, and the operator must hear that, not "unsafe shutdown".
+        _ => Err(Error::DamagedState {
+            vm: entry.name.clone(),
+            seq,
+            detail: damaged_slot_detail(store, &area, seq)?,
+        }),
     }
+}
+
+/// Which slot fails and how, for a committed save `seq` that no valid slot holds.
+fn damaged_slot_detail(store: &dyn Persistence, area: &StateArea, seq: u64) -> Result<String> {
+    let conditions = [area.inspect_slot(store, 0)?, area.inspect_slot(store, 1)?];
+    // The slot whose intact header names the save, then any slot with a damaged header.
+    let named = conditions
+        .iter()
+        .enumerate()
+        .find_map(|(index, c)| match c {
+            SlotCondition::Damaged {
+                seq: Some(found),
+                what,
+            } if *found == seq => Some((index, *what)),
+            _ => None,
+        });
+    let damaged_header = conditions
+        .iter()
+        .enumerate()
+        .find_map(|(index, c)| match c {
+            SlotCondition::Damaged { seq: None, what } => Some((index, *what)),
+            _ => None,
+        });
+    Ok(match named.or(damaged_header) {
+        Some((index, what)) => format!("state slot {index}: {what}"),
+        None => "no state slot holds it (slot headers missing or overwritten)".to_string(),
+    })
 }
 
 /// Exclusive use of one VM of a region by this process.
@@ -193,8 +229,11 @@ impl VmHandle {
         self.mark_clean_if_idle(&table)
     }
 
-    /// The last complete save, if the VM's record says it ended with one.
+    /// The last complete save, if the VM's record says it ended with one. Refused when the
+    /// region's path no longer names the file this handle holds: a VM resumed from it would
+    /// save where no later recovery looks.
     pub fn recover(&self) -> Result<RecoveredVm> {
+        self.region.check_path()?;
         Ok(self
             .transact_owned(|shared, entry| {
                 Ok((recoverable_state(shared.store.as_ref(), entry)?, false))

@@ -83,6 +83,25 @@ pub enum Error {
     VcpuFailed { vcpu: u8, reason: String },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// `vm.snapshot` of a VM that is not paused (upstream's words); nothing was written.
+    #[error("Trying to snapshot while VM is running")]
+    SnapshotVmRunning,
+    /// `vm.snapshot` into a path that is not an existing directory (upstream's words; upstream
+    /// does not create it and neither do we).
+    #[error("Destination is not a directory: {0:?}")]
+    SnapshotDestination(PathBuf),
+    /// Writing a snapshot failed; the files this attempt created are removed.
+    #[error("snapshot: {operation} {path}: {source}")]
+    SnapshotIo {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VM state (a snapshot's `state.json`, an NV state slot) that cannot be what a VM was
+    /// in: wrong shape, length or value. Refused before any of it reaches KVM.
+    #[error("invalid VM state: {0}")]
+    InvalidState(String),
     #[error("API server: {0}")]
     Api(String),
     #[error("seccomp: {0}")]
@@ -158,7 +177,9 @@ impl Error {
             | Error::NoKernel
             | Error::MemoryConfig(_)
             | Error::TooManyVcpus { .. }
+            | Error::InvalidState(_)
             | Error::Snapshot(_) => ErrorKind::InvalidRequest,
+            Error::SnapshotVmRunning => ErrorKind::WrongState,
             Error::NoNvVm => ErrorKind::NotFound,
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
@@ -181,6 +202,8 @@ impl Error {
             | Error::PauseTimeout { .. }
             | Error::VcpuFailed { .. }
             | Error::Api(_)
+            | Error::SnapshotDestination(_)
+            | Error::SnapshotIo { .. }
             | Error::Seccomp(_)
             | Error::State(_)
             | Error::EventFd { .. }

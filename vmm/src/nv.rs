@@ -40,6 +40,16 @@ use crate::{Error, ErrorKind};
 /// 75 is `EX_TEMPFAIL` of sysexits.h: the VM is not gone, it waits for `recover=on`.
 pub const EXIT_POWER_FAIL_SAVED: i32 = 75;
 
+/// Exit code of a VMM whose save committed into a region file that its path no longer names
+/// (deleted, renamed or replaced while the VM ran): the state is in that file only, which
+/// `recover=on` through the path will not find. 74 is `EX_IOERR` of sysexits.h.
+pub const EXIT_SAVED_INTO_DETACHED_REGION: i32 = 74;
+
+/// Set once a save of this process went into a detached region file (see
+/// [`EXIT_SAVED_INTO_DETACHED_REGION`]); one VM per process, so one flag.
+static SAVED_INTO_DETACHED_REGION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A VM of an NV region, claimed by this process for as long as the value lives.
 pub struct NvVm {
     handle: VmHandle,
@@ -490,6 +500,17 @@ pub fn save(
     event_monitor::nv::committed(&nv.config.vm, report.seq, report.total);
     // One line at the default log level: the operator's record that the VM is safe.
     log::warn!("{}", describe_save(&nv.config.vm, &report));
+    if let Some(changed) = &report.region_file_changed {
+        SAVED_INTO_DETACHED_REGION.store(true, std::sync::atomic::Ordering::SeqCst);
+        log::error!(
+            "VM {:?}: THE SAVE IS NOT WHERE RECOVERY LOOKS: {changed}. Seq {} is committed only \
+             in the file this process held open; recover=on with region={} will not find it \
+             (exit code {EXIT_SAVED_INTO_DETACHED_REGION})",
+            nv.config.vm,
+            report.seq,
+            nv.config.region
+        );
+    }
     nv.last_save = Some(report.clone());
     Ok(report)
 }
@@ -519,6 +540,9 @@ pub fn describe_save(vm: &str, report: &SaveReport) -> String {
 
 /// The exit code of a VMM whose VM was saved with `kind`.
 pub fn exit_code_after_save(kind: ShutdownKind) -> i32 {
+    if SAVED_INTO_DETACHED_REGION.load(std::sync::atomic::Ordering::SeqCst) {
+        return EXIT_SAVED_INTO_DETACHED_REGION;
+    }
     match kind {
         ShutdownKind::PowerFail => EXIT_POWER_FAIL_SAVED,
         ShutdownKind::PlannedSuspend => crate::vmm::EXIT_CLEAN,
@@ -576,10 +600,15 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
 }
 
 /// `GET vmm.nv-regions?region=PATH`: every VM of a region and how each last ended. Opens the
-/// region read-only in spirit: nothing is created, formatted or claimed.
+/// region read-only, after checking that the path names a regular file or a devdax device:
+/// nothing is created, formatted, claimed or written.
 pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
     let context = || format!("NV region {path}");
-    let region = Region::open(path, &OpenOptions::default()).map_err(|error| Error::Nv {
+    let read_only = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let region = Region::open(path, &read_only).map_err(|error| Error::Nv {
         context: context(),
         error,
     })?;

@@ -101,28 +101,38 @@ pub struct MsrValue {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u8,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub sregs: kvm_sregs,
     pub fpu: FpuState,
     /// The xsave area in 32-bit words (KVM_CAP_XSAVE): the legacy 4 KiB, more where
     /// KVM_CAP_XSAVE2 reports a larger area.
     pub xsave: Option<Vec<u32>>,
     /// KVM_CAP_XCRS.
+    #[serde(deserialize_with = "exact_bytes::exact_option")]
     pub xcrs: Option<kvm_xcrs>,
     /// KVM_CAP_DEBUGREGS.
+    #[serde(deserialize_with = "exact_bytes::exact_option")]
     pub debug_regs: Option<kvm_debugregs>,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub lapic: kvm_lapic_state,
     pub msrs: Vec<MsrValue>,
     /// KVM_CAP_VCPU_EVENTS.
+    #[serde(deserialize_with = "exact_bytes::exact_option")]
     pub vcpu_events: Option<kvm_vcpu_events>,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub mp_state: kvm_mp_state,
 }
 
 /// The in-kernel interrupt controllers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IrqchipState {
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub ioapic: kvm_irqchip,
 }
 
@@ -132,9 +142,210 @@ pub struct VmState {
     pub version: u32,
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub pit: kvm_pit_state2,
+    #[serde(deserialize_with = "exact_bytes::exact")]
     pub clock: kvm_clock_data,
     pub devices: DevicesState,
+}
+
+/// Strict reading of the kvm-bindings structs. Their own serde impl takes a string or a byte
+/// array of any length and zero-pads or truncates it to the struct: a state with `"regs": "x"`
+/// or ten bytes of registers would load. Here a struct must be an array of exactly its size in
+/// bytes, each 0..=255; the bytes then go through the kvm-bindings impl unchanged.
+mod exact_bytes {
+    use serde::de::{DeserializeOwned, Error as _};
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn exact<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        let bytes = Vec::<u8>::deserialize(deserializer)?;
+        let expected = std::mem::size_of::<T>();
+        if bytes.len() != expected {
+            return Err(D::Error::custom(format!(
+                "an array of {} bytes where {expected} are expected",
+                bytes.len()
+            )));
+        }
+        T::deserialize(serde::de::value::BytesDeserializer::<D::Error>::new(&bytes))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(bound(deserialize = "T: DeserializeOwned"))]
+    struct Exact<T>(#[serde(deserialize_with = "exact")] T);
+
+    pub(super) fn exact_option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        Ok(Option::<Exact<T>>::deserialize(deserializer)?.map(|exact| exact.0))
+    }
+}
+
+// Architectural bits the validation below checks (Intel SDM vol. 3, 2.5 and 2.2.1).
+const CR0_PE: u64 = 1;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE, MCOMMIT, INTWB, UAIE, AIBRSE.
+const EFER_DEFINED: u64 = 1
+    | 1 << 8
+    | 1 << 10
+    | 1 << 11
+    | 1 << 12
+    | 1 << 13
+    | 1 << 14
+    | 1 << 15
+    | 1 << 17
+    | 1 << 18
+    | 1 << 20
+    | 1 << 21;
+/// RFLAGS bit 1 reads as one; bits 3, 5, 15 and 22..63 are reserved (zero).
+const RFLAGS_FIXED_ONE: u64 = 1 << 1;
+const RFLAGS_RESERVED: u64 = 1 << 3 | 1 << 5 | 1 << 15 | !((1 << 22) - 1);
+/// IA32_APIC_BASE: bits 0..7 and 9 reserved, the base below bit 52.
+const APIC_BASE_RESERVED: u64 = 0xff | 1 << 9 | !((1 << 52) - 1);
+/// KVM_MP_STATE_RUNNABLE ..= KVM_MP_STATE_SIPI_RECEIVED: the x86 states.
+const MP_STATE_MAX_X86: u32 = 4;
+/// The largest xsave area accepted: 16 times the legacy 4 KiB (AMX needs about 11 KiB).
+const MAX_XSAVE_WORDS: usize = 16 * LEGACY_XSAVE_WORDS;
+
+fn is_canonical(address: u64) -> bool {
+    let top = (address as i64) >> 47;
+    top == 0 || top == -1
+}
+
+impl VmState {
+    /// Checks that the state can be what a VM of `vcpus` vCPUs was in, before any of it
+    /// reaches KVM: version, vCPU count and ids, interrupt controller ids, and the register
+    /// values the CPU would fault on or misread (reserved bits, inconsistent paging modes, a
+    /// non-canonical RIP). Byte lengths are checked when the state is read (see `exact_bytes`).
+    pub fn validate(&self, vcpus: usize) -> Result<(), Error> {
+        let invalid = |reason: String| Err(Error::InvalidState(reason));
+        if self.version != VM_STATE_VERSION {
+            return invalid(format!(
+                "state version {} is not supported (this build reads version {VM_STATE_VERSION})",
+                self.version
+            ));
+        }
+        if self.vcpus.len() != vcpus {
+            return invalid(format!(
+                "the state has {} vCPUs, the VM has {vcpus}",
+                self.vcpus.len()
+            ));
+        }
+        let chips = [
+            (
+                "PIC master",
+                &self.irqchip.pic_master,
+                KVM_IRQCHIP_PIC_MASTER,
+            ),
+            ("PIC slave", &self.irqchip.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            ("IOAPIC", &self.irqchip.ioapic, KVM_IRQCHIP_IOAPIC),
+        ];
+        for (name, chip, id) in chips {
+            if chip.chip_id != id {
+                return invalid(format!(
+                    "the {name} state carries chip id {} instead of {id}",
+                    chip.chip_id
+                ));
+            }
+        }
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            if usize::from(vcpu.id) != index {
+                return invalid(format!("vCPU {index} of the state has id {}", vcpu.id));
+            }
+            vcpu.validate()
+                .map_err(|reason| Error::InvalidState(format!("vCPU {index}: {reason}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl VcpuState {
+    fn validate(&self) -> Result<(), String> {
+        let sregs = &self.sregs;
+        let (cr0, cr4, efer) = (sregs.cr0, sregs.cr4, sregs.efer);
+        if cr0 >> 32 != 0 || (cr0 & CR0_PG != 0 && cr0 & CR0_PE == 0) {
+            return Err(format!(
+                "CR0 {cr0:#x} is not a valid control register value"
+            ));
+        }
+        if cr0 & CR0_NW != 0 && cr0 & CR0_CD == 0 {
+            return Err(format!("CR0 {cr0:#x} sets NW without CD"));
+        }
+        if cr4 >> 32 != 0 {
+            return Err(format!("CR4 {cr4:#x} sets reserved bits"));
+        }
+        if efer & !EFER_DEFINED != 0 {
+            return Err(format!("EFER {efer:#x} sets reserved bits"));
+        }
+        let long_mode = efer & EFER_LMA != 0;
+        let paging = cr0 & CR0_PG != 0;
+        if long_mode != (efer & EFER_LME != 0 && paging) || (long_mode && cr4 & CR4_PAE == 0) {
+            return Err(format!(
+                "inconsistent paging mode: CR0 {cr0:#x}, CR4 {cr4:#x}, EFER {efer:#x}"
+            ));
+        }
+        let code_64 = long_mode && sregs.cs.l != 0;
+        if code_64 && sregs.cs.db != 0 {
+            return Err("CS has both L and D/B set".to_string());
+        }
+        if sregs.apic_base & APIC_BASE_RESERVED != 0 {
+            return Err(format!(
+                "APIC base {:#x} sets reserved bits",
+                sregs.apic_base
+            ));
+        }
+        let regs = &self.regs;
+        if regs.rflags & RFLAGS_FIXED_ONE == 0 || regs.rflags & RFLAGS_RESERVED != 0 {
+            return Err(format!(
+                "RFLAGS {:#x} is not a valid flags value",
+                regs.rflags
+            ));
+        }
+        let rip_ok = if code_64 {
+            is_canonical(regs.rip)
+        } else {
+            regs.rip >> 32 == 0
+        };
+        if !rip_ok {
+            return Err(format!(
+                "RIP {:#x} is not an address in the vCPU's mode",
+                regs.rip
+            ));
+        }
+        if self.fpu.mxcsr >> 16 != 0 {
+            return Err(format!("MXCSR {:#x} sets reserved bits", self.fpu.mxcsr));
+        }
+        if let Some(words) = &self.xsave {
+            if !(LEGACY_XSAVE_WORDS..=MAX_XSAVE_WORDS).contains(&words.len()) {
+                return Err(format!(
+                    "an xsave area of {} words (from {LEGACY_XSAVE_WORDS} to {MAX_XSAVE_WORDS})",
+                    words.len()
+                ));
+            }
+        }
+        if self.mp_state.mp_state > MP_STATE_MAX_X86 {
+            return Err(format!(
+                "MP state {} is not an x86 state",
+                self.mp_state.mp_state
+            ));
+        }
+        let mut indices: Vec<u32> = self.msrs.iter().map(|msr| msr.index).collect();
+        indices.sort_unstable();
+        if let Some(pair) = indices.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(format!("MSR {:#x} is listed twice", pair[0]));
+        }
+        Ok(())
+    }
 }
 
 /// KVM's MSR save list, minus the MSRs this host's GET_MSRS refuses. GET_MSRS stops at the first
@@ -290,19 +501,9 @@ impl Vm {
         if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
-        if state.version != VM_STATE_VERSION {
-            return Err(Error::State(format!(
-                "state version {} is not supported (this build reads version {VM_STATE_VERSION})",
-                state.version
-            )));
-        }
-        if state.vcpus.len() != self.vcpus.count() {
-            return Err(Error::State(format!(
-                "state has {} vCPUs, this VM has {}",
-                state.vcpus.len(),
-                self.vcpus.count()
-            )));
-        }
+        // Everything checkable is checked before the first KVM call: a refused state leaves
+        // nothing half restored.
+        state.validate(self.vcpus.count())?;
         self.vm_fd
             .set_irqchip(&state.irqchip.pic_master)
             .map_err(vm_error("KVM_SET_IRQCHIP (PIC master)"))?;
@@ -467,5 +668,168 @@ impl Vm {
         fd.set_mp_state(state.mp_state)
             .map_err(vcpu_error(id, "KVM_SET_MP_STATE"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A state a VM of `vcpus` vCPUs could be in: 64-bit mode, ring 3, valid values throughout.
+    pub(crate) fn sample_state(vcpus: u8) -> VmState {
+        let vcpu = |id: u8| {
+            let mut sregs = kvm_sregs {
+                cr0: CR0_PE | CR0_PG | 1 << 4,
+                cr4: CR4_PAE,
+                efer: EFER_LME | EFER_LMA,
+                apic_base: 0xfee0_0000 | 1 << 11 | u64::from(id == 0) << 8,
+                ..Default::default()
+            };
+            sregs.cs.l = 1;
+            VcpuState {
+                id,
+                regs: kvm_regs {
+                    rflags: 0x202,
+                    rip: 0x40_1000,
+                    ..Default::default()
+                },
+                sregs,
+                fpu: FpuState::from(&kvm_fpu {
+                    mxcsr: 0x1f80,
+                    ..Default::default()
+                }),
+                xsave: Some(vec![0; LEGACY_XSAVE_WORDS]),
+                xcrs: Some(kvm_xcrs::default()),
+                debug_regs: None,
+                lapic: kvm_lapic_state::default(),
+                msrs: vec![MsrValue {
+                    index: 0x10,
+                    data: 1,
+                }],
+                vcpu_events: Some(kvm_vcpu_events::default()),
+                mp_state: kvm_mp_state::default(),
+            }
+        };
+        let chip = |chip_id| kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        VmState {
+            version: VM_STATE_VERSION,
+            vcpus: (0..vcpus).map(vcpu).collect(),
+            irqchip: IrqchipState {
+                pic_master: chip(KVM_IRQCHIP_PIC_MASTER),
+                pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE),
+                ioapic: chip(KVM_IRQCHIP_IOAPIC),
+            },
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data::default(),
+            devices: DevicesState {
+                serial: None,
+                disks: Vec::new(),
+            },
+        }
+    }
+
+    fn refusal(state: &VmState) -> String {
+        match state.validate(state.vcpus.len()) {
+            Err(e @ Error::InvalidState(_)) => e.to_string(),
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sane_state_round_trips_through_json_and_validates() {
+        let state = sample_state(2);
+        state.validate(2).unwrap();
+        let text = serde_json::to_string(&state).unwrap();
+        let back: VmState = serde_json::from_str(&text).unwrap();
+        back.validate(2).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        let error = state.validate(1).unwrap_err();
+        assert!(error.to_string().contains("2 vCPUs"), "{error}");
+        assert_eq!(error.kind(), crate::ErrorKind::InvalidRequest);
+    }
+
+    #[test]
+    fn kvm_structs_must_be_arrays_of_exactly_their_size() {
+        let mut value = serde_json::to_value(sample_state(1)).unwrap();
+        let regs_len = value["vcpus"][0]["regs"].as_array().unwrap().len();
+        assert_eq!(regs_len, std::mem::size_of::<kvm_regs>());
+        for bad in [
+            serde_json::json!("not registers"),
+            serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+            serde_json::json!(vec![0; regs_len + 1]),
+            serde_json::json!(vec![256; regs_len]),
+        ] {
+            value["vcpus"][0]["regs"] = bad.clone();
+            let parsed = serde_json::from_value::<VmState>(value.clone());
+            assert!(parsed.is_err(), "{bad} accepted as registers");
+        }
+        value["vcpus"][0]["regs"] = serde_json::json!(vec![0; regs_len]);
+        value["vcpus"][0]["xcrs"] = serde_json::json!([1, 2]);
+        assert!(serde_json::from_value::<VmState>(value.clone()).is_err());
+        value["vcpus"][0]["xcrs"] = serde_json::Value::Null;
+        let parsed: VmState = serde_json::from_value(value).unwrap();
+        assert!(parsed.vcpus[0].xcrs.is_none());
+    }
+
+    #[test]
+    fn garbage_register_values_are_refused_before_kvm_sees_them() {
+        let base = sample_state(1);
+        type Mutation = Box<dyn Fn(&mut VmState)>;
+        let mutations: Vec<(&str, Mutation)> = vec![
+            (
+                "RFLAGS",
+                Box::new(|s| {
+                    s.vcpus[0].regs = {
+                        let mut regs = kvm_regs::default();
+                        // SAFETY: kvm_regs is plain integers; every bit pattern is a value.
+                        unsafe { std::ptr::write_bytes(&mut regs, 0xff, 1) };
+                        regs
+                    }
+                }),
+            ),
+            ("CR0", Box::new(|s| s.vcpus[0].sregs.cr0 = CR0_PG)),
+            ("CR0", Box::new(|s| s.vcpus[0].sregs.cr0 |= 1 << 40)),
+            ("CR4", Box::new(|s| s.vcpus[0].sregs.cr4 |= 1 << 33)),
+            ("EFER", Box::new(|s| s.vcpus[0].sregs.efer |= 1 << 40)),
+            ("paging mode", Box::new(|s| s.vcpus[0].sregs.cr4 = 0)),
+            (
+                "paging mode",
+                Box::new(|s| s.vcpus[0].sregs.efer = EFER_LME),
+            ),
+            ("L and D/B", Box::new(|s| s.vcpus[0].sregs.cs.db = 1)),
+            ("APIC base", Box::new(|s| s.vcpus[0].sregs.apic_base |= 1)),
+            ("RFLAGS", Box::new(|s| s.vcpus[0].regs.rflags = 0)),
+            ("RIP", Box::new(|s| s.vcpus[0].regs.rip = 0x8000_0000_0000)),
+            ("MXCSR", Box::new(|s| s.vcpus[0].fpu.mxcsr = 0xffff_ffff)),
+            ("xsave", Box::new(|s| s.vcpus[0].xsave = Some(vec![0; 10]))),
+            ("MP state", Box::new(|s| s.vcpus[0].mp_state.mp_state = 77)),
+            (
+                "listed twice",
+                Box::new(|s| {
+                    let msr = s.vcpus[0].msrs[0];
+                    s.vcpus[0].msrs.push(msr);
+                }),
+            ),
+            ("has id", Box::new(|s| s.vcpus[0].id = 3)),
+            ("chip id", Box::new(|s| s.irqchip.ioapic.chip_id = 0)),
+            ("version", Box::new(|s| s.version = 9)),
+        ];
+        for (expected, mutate) in mutations {
+            let mut state = base.clone();
+            mutate(&mut state);
+            let text = refusal(&state);
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        // 32-bit protected mode without paging: RIP below 4 GiB, no long-mode rules.
+        let mut flat = base.clone();
+        flat.vcpus[0].sregs.cr0 = CR0_PE;
+        flat.vcpus[0].sregs.efer = 0;
+        flat.vcpus[0].sregs.cs.l = 0;
+        flat.validate(1).unwrap();
+        flat.vcpus[0].regs.rip = 1 << 32;
+        assert!(refusal(&flat).contains("RIP"));
     }
 }

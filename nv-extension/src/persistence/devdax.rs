@@ -21,6 +21,7 @@ pub struct DevDaxBackend {
     file: File,
     path: PathBuf,
     mapping: SharedMapping,
+    writable: bool,
 }
 
 /// Size and alignment of a devdax device, read from sysfs.
@@ -44,6 +45,12 @@ pub fn geometry(file: &File, path: &Path) -> Result<DevDaxGeometry> {
         .metadata()
         .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
         .rdev();
+    geometry_of_device(rdev, path)
+}
+
+/// The geometry of character device `rdev` (named `path`), without opening it: a device that
+/// is not devdax has no `size` in sysfs and is refused.
+pub fn geometry_of_device(rdev: u64, path: &Path) -> Result<DevDaxGeometry> {
     let sys = PathBuf::from(format!(
         "/sys/dev/char/{}:{}",
         libc::major(rdev),
@@ -79,17 +86,25 @@ pub fn parse_geometry(sys_dir: &Path) -> std::result::Result<DevDaxGeometry, Str
 }
 
 impl DevDaxBackend {
-    pub fn open(file: File, path: &Path) -> Result<Self> {
+    /// Maps the whole device; read-only unless `writable`.
+    pub fn open(file: File, path: &Path, writable: bool) -> Result<Self> {
         let geometry = geometry(&file, path)?;
         let len = usize::try_from(geometry.size).map_err(|_| {
             Error::Unsupported("devdax device larger than the address space".into())
         })?;
-        let mapping = SharedMapping::new(&file, len, libc::MAP_SHARED, geometry.align as usize)
-            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        let mapping = SharedMapping::new(
+            &file,
+            len,
+            libc::MAP_SHARED,
+            geometry.align as usize,
+            writable,
+        )
+        .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
         Ok(DevDaxBackend {
             file,
             path: path.to_path_buf(),
             mapping,
+            writable,
         })
     }
 }
@@ -105,6 +120,12 @@ impl Persistence for DevDaxBackend {
         self.mapping.read(offset, buf)
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                operation: "write",
+            });
+        }
         self.mapping.write(offset, data)
     }
     fn persist(&mut self, offset: u64, len: u64) -> Result<()> {

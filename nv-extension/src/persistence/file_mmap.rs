@@ -14,6 +14,8 @@ pub struct FileBackend {
     path: PathBuf,
     mapping: SharedMapping,
     mode: PersistenceMode,
+    /// False for a region opened read-only: writes, growth and reservations are refused.
+    writable: bool,
 }
 
 impl FileBackend {
@@ -22,20 +24,34 @@ impl FileBackend {
     /// `MAP_SYNC` is tried first; a filesystem that refuses it (EOPNOTSUPP, or
     /// EINVAL from kernels without MAP_SHARED_VALIDATE) gets a plain shared
     /// mapping made durable by msync instead, and the fallback is logged.
-    pub fn open(file: File, path: &Path) -> Result<Self> {
+    ///
+    /// A read-only backend (`writable` false) maps `PROT_READ` and refuses every change.
+    pub fn open(file: File, path: &Path, writable: bool) -> Result<Self> {
         let len = file_len(&file, path)?;
-        let (mapping, mode) = map(&file, path, len, None)?;
+        let (mapping, mode) = map(&file, path, len, None, writable)?;
         Ok(FileBackend {
             file,
             path: path.to_path_buf(),
             mapping,
             mode,
+            writable,
         })
+    }
+
+    fn refuse_if_read_only(&self, operation: &'static str) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                path: self.path.clone(),
+                operation,
+            })
+        }
     }
 
     fn remap(&mut self, len: u64) -> Result<()> {
         // Keep the mode chosen at open: a DAX file stays MAP_SYNC.
-        let (mapping, _) = map(&self.file, &self.path, len, Some(self.mode))?;
+        let (mapping, _) = map(&self.file, &self.path, len, Some(self.mode), self.writable)?;
         self.mapping = mapping;
         Ok(())
     }
@@ -52,11 +68,12 @@ fn map(
     path: &Path,
     len: u64,
     forced: Option<PersistenceMode>,
+    writable: bool,
 ) -> Result<(SharedMapping, PersistenceMode)> {
     let len = usize::try_from(len)
         .map_err(|_| Error::CannotGrow("file larger than the address space"))?;
     if forced != Some(PersistenceMode::PlainFile) && len > 0 {
-        match SharedMapping::new(file, len, MAP_SHARED_VALIDATE | MAP_SYNC, 0) {
+        match SharedMapping::new(file, len, MAP_SHARED_VALIDATE | MAP_SYNC, 0, writable) {
             Ok(mapping) => return Ok((mapping, PersistenceMode::DaxFile)),
             Err(err)
                 if matches!(
@@ -78,7 +95,7 @@ fn map(
             Err(err) => return Err(Error::io(format!("mmap {}", path.display()), err)),
         }
     }
-    let mapping = SharedMapping::new(file, len, libc::MAP_SHARED, 0)
+    let mapping = SharedMapping::new(file, len, libc::MAP_SHARED, 0, writable)
         .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
     Ok((mapping, PersistenceMode::PlainFile))
 }
@@ -94,6 +111,7 @@ impl Persistence for FileBackend {
         self.mapping.read(offset, buf)
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.refuse_if_read_only("write")?;
         self.mapping.write(offset, data)
     }
     fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -103,6 +121,7 @@ impl Persistence for FileBackend {
         }
     }
     fn grow(&mut self, new_len: u64) -> Result<()> {
+        self.refuse_if_read_only("growing the file")?;
         if new_len <= self.len() {
             return Ok(());
         }
@@ -122,6 +141,7 @@ impl Persistence for FileBackend {
         self.remap(new_len)
     }
     fn reserve(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.refuse_if_read_only("reserving space")?;
         // A sparse file that runs out of space faults (SIGBUS) on the guest's
         // first touch; allocating now turns that into an error at create time.
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
@@ -153,6 +173,7 @@ impl Persistence for FileBackend {
         Ok(())
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.refuse_if_read_only("discarding space")?;
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
             return Ok(());

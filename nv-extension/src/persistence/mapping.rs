@@ -13,6 +13,9 @@ pub(crate) const MAP_SYNC: libc::c_int = 0x80000;
 pub(crate) struct SharedMapping {
     addr: *mut u8,
     len: usize,
+    /// Mapped `PROT_WRITE`: a store into a read-only mapping would be a SIGSEGV, so `write`
+    /// checks this first.
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; access goes
@@ -20,19 +23,27 @@ pub(crate) struct SharedMapping {
 unsafe impl Send for SharedMapping {}
 
 impl SharedMapping {
-    /// Maps `len` bytes of `file` with the given flags, at an address aligned to `align`.
+    /// Maps `len` bytes of `file` with the given flags, at an address aligned to `align`;
+    /// read-only unless `writable` (then every `write` is refused).
     pub(crate) fn new(
         file: &File,
         len: usize,
         flags: libc::c_int,
         align: usize,
+        writable: bool,
     ) -> std::io::Result<Self> {
         if len == 0 {
             return Ok(SharedMapping {
                 addr: std::ptr::null_mut(),
                 len: 0,
+                writable,
             });
         }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         let hint = if align > page_size() {
             reserve_aligned(len, align)?
         } else {
@@ -41,16 +52,7 @@ impl SharedMapping {
         let fixed = if hint.is_null() { 0 } else { libc::MAP_FIXED };
         // SAFETY: maps a file we hold open; with MAP_FIXED the target range is
         // our own fresh reservation, so nothing else is replaced.
-        let addr = unsafe {
-            libc::mmap(
-                hint,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags | fixed,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let addr = unsafe { libc::mmap(hint, len, prot, flags | fixed, file.as_raw_fd(), 0) };
         if addr == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
             if !hint.is_null() {
@@ -62,6 +64,7 @@ impl SharedMapping {
         Ok(SharedMapping {
             addr: addr.cast(),
             len,
+            writable,
         })
     }
 
@@ -93,6 +96,12 @@ impl SharedMapping {
     }
 
     pub(crate) fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::io(
+                format!("writing {} bytes at {offset:#x}", data.len()),
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            ));
+        }
         let start = self.check(offset, data.len())?;
         // SAFETY: the range is inside the mapping (checked) and writable.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.addr.add(start), data.len()) };

@@ -1,0 +1,575 @@
+//! Snapshots and regions never yield a VM that silently runs on garbage, end to end with the
+//! `cloud-hypervisor` binary:
+//! - a snapshot of a VM in NV memory carries its RAM and restores as an ordinary VM that
+//!   continues;
+//! - `vm.snapshot` refuses a running VM and a missing destination before creating anything,
+//!   writes owner-only files, never through a symlink and never over an existing file;
+//! - `vm.restore` refuses a `state.json` that is malformed, tampered with or unchecksummed, and
+//!   resumes nothing;
+//! - a region file deleted under a running VM: the save says so and exits with its own code;
+//! - `vmm.nv-regions` opens a region read-only and refuses a FIFO or a directory at once.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::api_client;
+use integration_tests::binaries;
+use integration_tests::harness::{
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
+};
+use serde_json::{json, Value};
+use vmm::nv::{EXIT_POWER_FAIL_SAVED, EXIT_SAVED_INTO_DETACHED_REGION};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const GUEST_RAM_MIB: u64 = 32;
+
+fn counter_kernel() -> PathBuf {
+    integration_tests::guests::guest_image("counter")
+        .unwrap_or_else(|e| panic!("building the counter guest: {e}"))
+}
+
+/// A scratch directory on tmpfs when there is one (regions stand in for NV memory there).
+fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
+    } else {
+        tempfile::tempdir().expect("tempdir")
+    }
+}
+
+/// A `cloud-hypervisor` process serving its API socket in `dir`; killed on drop.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &str, arguments: &[String]) -> Vmm {
+        let socket = dir.join(format!("{name}.sock"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = Command::new(binaries::cloud_hypervisor())
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning cloud-hypervisor");
+        let mut vmm = Vmm {
+            child,
+            socket,
+            stderr,
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while UnixStream::connect(&vmm.socket).is_err() {
+            if let Some(status) = vmm.child.try_wait().expect("waitpid") {
+                panic!("cloud-hypervisor ended ({status}):\n{}", vmm.stderr_text());
+            }
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vmm
+    }
+
+    fn stderr_text(&self) -> String {
+        read_log(&self.stderr)
+    }
+
+    /// One request; the answer's body decoded (an error body's JSON strings joined by " / ").
+    fn call(&self, method: &str, op: &str, body: &Value) -> (u16, String) {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let stderr = self.stderr.clone();
+        let (status, answer) = std::panic::catch_unwind(|| {
+            api_client::request(&self.socket, method, op, &body, TIMEOUT)
+        })
+        .unwrap_or_else(|_| panic!("{method} {op}: no answer; stderr:\n{}", read_log(&stderr)));
+        let text = match serde_json::from_str::<Value>(&answer) {
+            Ok(Value::Array(items)) => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map_or_else(|| item.to_string(), str::to_string)
+                })
+                .collect::<Vec<_>>()
+                .join(" / "),
+            Ok(Value::String(text)) => text,
+            _ => answer,
+        };
+        (status, text)
+    }
+
+    fn ok(&self, method: &str, op: &str, body: &Value) {
+        let (status, answer) = self.call(method, op, body);
+        assert!(
+            status == 204 || status == 200,
+            "{method} {op}: {status} {answer}"
+        );
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn shutdown(mut self) {
+        self.ok("PUT", "vmm.shutdown", &Value::Null);
+        assert_eq!(self.wait_exit(), 0, "{}", self.stderr_text());
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_counter_lines(log: &Path, count: usize) -> String {
+    let (text, done) = wait_for_log(log, TIMEOUT, |text| {
+        counter_lines(text).len() >= count || text.contains("FAIL")
+    });
+    assert!(done, "no {count} counter lines in time:\n{text}");
+    text
+}
+
+fn last_counter(log: &Path) -> u64 {
+    counter_lines(&read_log(log))
+        .last()
+        .expect("a counter line")
+        .counter
+}
+
+/// Command-line arguments booting the counter guest; in NV memory when `region` is given.
+fn counter_arguments(serial: &Path, region: Option<&Path>) -> Vec<String> {
+    let mut arguments = vec![
+        "--kernel".to_string(),
+        counter_kernel().display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        format!("size={GUEST_RAM_MIB}M"),
+        "--serial".into(),
+        format!("file={}", serial.display()),
+        "--console".into(),
+        "off".into(),
+    ];
+    if let Some(region) = region {
+        arguments.push("--nv".into());
+        arguments.push(format!("region={},vm=snap,create=on", region.display()));
+    }
+    arguments
+}
+
+fn snapshot_body(dir: &Path) -> Value {
+    json!({ "destination_url": format!("file://{}", dir.display()) })
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The restored VM writes its serial output to a log of its own.
+fn point_serial_to(snapshot_dir: &Path, log: &Path) {
+    let path = snapshot_dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["serial"]["file"] = json!(log.display().to_string());
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_continues() {
+    if !kvm_available("a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let first_log = dir.path().join("first.log");
+    let second_log = dir.path().join("second.log");
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+
+    let first = Vmm::start(
+        dir.path(),
+        "first",
+        &counter_arguments(&first_log, Some(&region)),
+    );
+    wait_for_counter_lines(&first_log, 2);
+    first.ok("PUT", "vm.pause", &Value::Null);
+    first.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
+    let before = last_counter(&first_log);
+    first.shutdown();
+
+    assert_eq!(
+        std::fs::metadata(snapshot.join("memory-ranges"))
+            .unwrap()
+            .len(),
+        GUEST_RAM_MIB << 20,
+        "the NV VM's RAM is copied whole"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(snapshot.join("config.json")).unwrap())
+            .unwrap();
+    assert!(
+        config.get("nv").is_none_or(Value::is_null),
+        "the snapshot restores as an ordinary VM: {config}"
+    );
+    point_serial_to(&snapshot, &second_log);
+
+    let second = Vmm::start(dir.path(), "second", &[]);
+    second.ok(
+        "PUT",
+        "vm.restore",
+        &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
+    );
+    let text = wait_for_counter_lines(&second_log, 3);
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let after = assert_counter_advances(&text, 3);
+    assert!(
+        after[0].counter > before,
+        "the guest did not continue: {} after {before}",
+        after[0].counter
+    );
+    second.shutdown();
+}
+
+#[test]
+fn snapshot_refusals_create_nothing_and_files_are_new_owner_only_and_never_followed() {
+    if !kvm_available("snapshot_refusals_create_nothing_and_files_are_new_owner_only") {
+        return;
+    }
+    let dir = scratch();
+    let log = dir.path().join("serial.log");
+    let vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, None));
+    wait_for_counter_lines(&log, 1);
+
+    // Running: refused before anything is created, whatever the destination.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = dir.path().join("missing");
+    for destination in [&empty, &missing] {
+        let (status, body) = vmm.call("PUT", "vm.snapshot", &snapshot_body(destination));
+        assert_ne!(status, 204, "{body}");
+        assert!(
+            body.contains("Trying to snapshot while VM is running"),
+            "{body}"
+        );
+    }
+    assert!(entries(&empty).is_empty(), "{:?}", entries(&empty));
+    assert!(!missing.exists(), "the destination was created");
+
+    vmm.ok("PUT", "vm.pause", &Value::Null);
+    // Paused, destination missing: upstream's message, nothing created.
+    let (status, body) = vmm.call("PUT", "vm.snapshot", &snapshot_body(&missing));
+    assert_eq!(status, 500, "{body}");
+    let expected = format!("Destination is not a directory: \"{}\"", missing.display());
+    assert!(body.contains(&expected), "{body} lacks {expected}");
+    assert!(!missing.exists(), "the destination was created");
+
+    // A symlink planted as config.json: refused, its target untouched, nothing left behind.
+    let trap = dir.path().join("trap");
+    std::fs::create_dir(&trap).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, trap.join("config.json")).unwrap();
+    let (status, body) = vmm.call("PUT", "vm.snapshot", &snapshot_body(&trap));
+    assert_ne!(status, 204, "{body}");
+    assert!(body.contains("config.json"), "{body}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(entries(&trap), vec!["config.json"], "partial files left");
+
+    // A good snapshot: three new files, owner-only.
+    vmm.ok("PUT", "vm.snapshot", &snapshot_body(&empty));
+    assert_eq!(
+        entries(&empty),
+        vec!["config.json", "memory-ranges", "state.json"]
+    );
+    let state_before = std::fs::read(empty.join("state.json")).unwrap();
+    for name in entries(&empty) {
+        let mode = std::fs::metadata(empty.join(&name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+    }
+    // Never over an existing snapshot: refused, the first one intact.
+    let (status, body) = vmm.call("PUT", "vm.snapshot", &snapshot_body(&empty));
+    assert_ne!(status, 204, "{body}");
+    assert_eq!(
+        std::fs::read(empty.join("state.json")).unwrap(),
+        state_before
+    );
+    vmm.ok("PUT", "vm.resume", &Value::Null);
+    vmm.shutdown();
+}
+
+/// CRC-32C (Castagnoli), bit by bit: the test's own, to re-seal a tampered `state.json`.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Copies snapshot `source` to `dir/name` and rewrites its `state.json` with `change` applied to
+/// the content, checksum recomputed (`seal`) or left as it was.
+fn variant(
+    source: &Path,
+    dir: &Path,
+    name: &str,
+    seal: bool,
+    change: impl FnOnce(&mut Value),
+) -> PathBuf {
+    let target = dir.join(name);
+    std::fs::create_dir(&target).unwrap();
+    for file in ["config.json", "memory-ranges", "state.json"] {
+        std::fs::copy(source.join(file), target.join(file)).unwrap();
+    }
+    let mut envelope: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.join("state.json")).unwrap()).unwrap();
+    let mut content = envelope["content"].take();
+    change(&mut content);
+    let content = content.to_string();
+    let crc = if seal {
+        crc32c(content.as_bytes())
+    } else {
+        envelope["crc32c"].as_u64().unwrap() as u32
+    };
+    let text = format!(
+        r#"{{"format":{},"version":{},"crc32c":{crc},"content":{content}}}"#,
+        envelope["format"], envelope["version"]
+    );
+    std::fs::write(target.join("state.json"), text).unwrap();
+    target
+}
+
+#[test]
+fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
+    if !kvm_available("a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes") {
+        return;
+    }
+    let dir = scratch();
+    let log = dir.path().join("serial.log");
+    let snapshot = dir.path().join("good");
+    std::fs::create_dir(&snapshot).unwrap();
+    let vmm = Vmm::start(dir.path(), "first", &counter_arguments(&log, None));
+    wait_for_counter_lines(&log, 2);
+    vmm.ok("PUT", "vm.pause", &Value::Null);
+    vmm.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
+    vmm.shutdown();
+    let restored_log = dir.path().join("restored.log");
+    point_serial_to(&snapshot, &restored_log);
+
+    // The stored checksum covers the content exactly as written.
+    let envelope: Value =
+        serde_json::from_str(&std::fs::read_to_string(snapshot.join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(envelope["version"], 1);
+    assert!(envelope["crc32c"].is_u64(), "{}", envelope["crc32c"]);
+
+    let regs = |value: Value| move |content: &mut Value| content["vm"]["vcpus"][0]["regs"] = value;
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            variant(&snapshot, dir.path(), "regs-string", true, regs(json!("x"))),
+            "invalid type: string",
+        ),
+        (
+            variant(
+                &snapshot,
+                dir.path(),
+                "regs-short",
+                true,
+                regs(json!(vec![1; 10])),
+            ),
+            "10 bytes",
+        ),
+        (
+            variant(&snapshot, dir.path(), "regs-ff", true, |content| {
+                let len = content["vm"]["vcpus"][0]["regs"].as_array().unwrap().len();
+                content["vm"]["vcpus"][0]["regs"] = json!(vec![0xff; len]);
+            }),
+            "invalid VM state",
+        ),
+        (
+            variant(&snapshot, dir.path(), "sregs-ff", true, |content| {
+                let len = content["vm"]["vcpus"][0]["sregs"].as_array().unwrap().len();
+                content["vm"]["vcpus"][0]["sregs"] = json!(vec![0xff; len]);
+            }),
+            "invalid VM state",
+        ),
+        (
+            variant(&snapshot, dir.path(), "two-vcpus", true, |content| {
+                let vcpu = content["vm"]["vcpus"][0].clone();
+                content["vm"]["vcpus"].as_array_mut().unwrap().push(vcpu);
+            }),
+            "vCPUs",
+        ),
+        (
+            variant(&snapshot, dir.path(), "short-ranges", true, |content| {
+                content["memory_ranges"][0]["length"] = json!(4096);
+            }),
+            "memory-ranges",
+        ),
+        (
+            variant(&snapshot, dir.path(), "tampered", false, |content| {
+                content["vm"]["vcpus"][0]["regs"][0] = json!(7);
+            }),
+            "checksum mismatch",
+        ),
+    ];
+    let unsealed = dir.path().join("unsealed");
+    std::fs::create_dir(&unsealed).unwrap();
+    for file in ["config.json", "memory-ranges"] {
+        std::fs::copy(snapshot.join(file), unsealed.join(file)).unwrap();
+    }
+    std::fs::write(unsealed.join("state.json"), envelope["content"].to_string()).unwrap();
+    let mut cases = cases;
+    cases.push((unsealed, "no checksum"));
+
+    let target = Vmm::start(dir.path(), "target", &[]);
+    for (source, expected) in &cases {
+        let body = json!({ "source_url": format!("file://{}", source.display()), "resume": true });
+        let (status, answer) = target.call("PUT", "vm.restore", &body);
+        assert_eq!(status, 400, "{}: {answer}", source.display());
+        assert!(
+            answer.contains(expected),
+            "{}: {answer} lacks {expected:?}",
+            source.display()
+        );
+        // Nothing was created, nothing runs.
+        let (status, answer) = target.call("GET", "vm.info", &Value::Null);
+        assert_eq!(status, 404, "{answer}");
+    }
+    assert!(!restored_log.exists(), "a refused restore ran the guest");
+    // The untouched snapshot restores into the same VMM: the refusals were about the files.
+    target.ok(
+        "PUT",
+        "vm.restore",
+        &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
+    );
+    let text = wait_for_counter_lines(&restored_log, 2);
+    assert!(!text.contains("counter: boot"), "{text}");
+    target.shutdown();
+}
+
+#[test]
+fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
+    if !kvm_available("a_save_into_a_deleted_region_file_exits_with_its_own_code") {
+        return;
+    }
+    assert_ne!(EXIT_SAVED_INTO_DETACHED_REGION, EXIT_POWER_FAIL_SAVED);
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let log = dir.path().join("serial.log");
+    let mut vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, Some(&region)));
+    wait_for_counter_lines(&log, 1);
+    std::fs::remove_file(&region).unwrap();
+    vmm.signal(libc::SIGPWR);
+    let code = vmm.wait_exit();
+    let stderr = vmm.stderr_text();
+    assert_eq!(code, EXIT_SAVED_INTO_DETACHED_REGION, "{stderr}");
+    assert!(
+        stderr.contains("THE SAVE IS NOT WHERE RECOVERY LOOKS"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("deleted while in use"), "{stderr}");
+}
+
+/// Whether `path` was closed after being opened for writing while `action` ran (inotify).
+fn opened_for_writing(path: &Path, action: impl FnOnce()) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: syscalls on a descriptor this function owns and closes; the buffer outlives
+    // the read, and each event is copied out unaligned.
+    unsafe {
+        let fd = libc::inotify_init1(libc::IN_NONBLOCK);
+        assert!(fd >= 0);
+        assert!(libc::inotify_add_watch(fd, name.as_ptr(), libc::IN_CLOSE_WRITE) >= 0);
+        action();
+        let mut buffer = [0u8; 4096];
+        let read = libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len());
+        libc::close(fd);
+        read > 0
+    }
+}
+
+#[test]
+fn nv_regions_opens_read_only_and_refuses_fifos_and_directories_at_once() {
+    let dir = scratch();
+    let region_path = dir.path().join("region");
+    {
+        let options = nv_extension::OpenOptions {
+            create_if_missing: true,
+            ..Default::default()
+        };
+        let region = nv_extension::Region::open(&region_path, &options).unwrap();
+        region.create_vm("listed", 2 << 20, b"{}").unwrap();
+    }
+    let vmm = Vmm::start(dir.path(), "vmm", &[]);
+    let list = |path: &Path| {
+        vmm.call(
+            "GET",
+            &format!("vmm.nv-regions?region={}", path.display()),
+            &Value::Null,
+        )
+    };
+    let mut listing = (0, String::new());
+    let wrote = opened_for_writing(&region_path, || listing = list(&region_path));
+    assert_eq!(listing.0, 200, "{}", listing.1);
+    assert!(listing.1.contains("listed"), "{}", listing.1);
+    assert!(!wrote, "vmm.nv-regions opened the region for writing");
+
+    let fifo = dir.path().join("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo in our own scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let (status, body) = list(&fifo);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("is a FIFO"), "{body}");
+    let (status, body) = list(dir.path());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("is a directory"), "{body}");
+    let missing = dir.path().join("missing");
+    let (status, body) = list(&missing);
+    assert_eq!(status, 404, "{body}");
+    assert!(!missing.exists());
+    vmm.shutdown();
+}
