@@ -444,7 +444,7 @@ fn unusable_values_name_the_key_or_option() {
                 "--nv",
                 "region=/tmp/r,vm=a,create=on,region_size=3M",
             ],
-            &["region_size", "64 MiB", "at least 66 MiB"],
+            &["region_size", "64 MiB", "(68 MiB)"],
         ),
         (&["--cpus", "boot=255"], &["--cpus", "boot=255", "limit of"]),
         (

@@ -2140,21 +2140,30 @@ impl VmConfig {
             return Ok(());
         };
         if let Some(region_size) = nv.region_size {
-            // The region holds the VM's RAM and its two state slots, each rounded up to the
-            // extent alignment, after the region's own metadata.
-            let align = nv_extension::region::DEFAULT_EXTENT_ALIGNMENT;
-            let round_up = |value: u64| value.div_ceil(align).saturating_mul(align);
-            let needed = round_up(self.memory.total_size())
-                .saturating_add(round_up(2 * nv_extension::region::DEFAULT_STATE_SLOT_LEN));
+            // A region made now holds its metadata (superblocks, two VM-table copies), then the
+            // VM's RAM and its two saved-state slots, each rounded up to the extent alignment
+            // (nv-extension's default layout, docs/nv-format.md).
+            use nv_extension::region::{
+                DEFAULT_EXTENT_ALIGNMENT, DEFAULT_STATE_SLOT_LEN, DEFAULT_TABLE_COPY_LEN,
+            };
+            let round_up = |value: u64| {
+                value
+                    .div_ceil(DEFAULT_EXTENT_ALIGNMENT)
+                    .saturating_mul(DEFAULT_EXTENT_ALIGNMENT)
+            };
+            let ram = self.memory.total_size();
+            let needed = round_up(nv_extension::superblock::AREA_LEN + 2 * DEFAULT_TABLE_COPY_LEN)
+                .saturating_add(round_up(ram))
+                .saturating_add(round_up(2 * DEFAULT_STATE_SLOT_LEN));
             if nv.create && region_size < needed {
                 return Err(ConfigError::InvalidValue {
                     option: "nv",
                     key: "region_size".to_owned(),
                     value: region_size.to_string(),
                     reason: format!(
-                        "cannot hold the VM: its {} MiB of RAM and its saved-state slots need at \
-                         least {} MiB, plus the region's metadata",
-                        self.memory.total_size() >> 20,
+                        "cannot hold the VM: its metadata, {} MiB of RAM and saved-state slots \
+                         need at least {needed} bytes ({} MiB)",
+                        ram >> 20,
                         needed.div_ceil(1 << 20)
                     ),
                 });
@@ -2480,8 +2489,35 @@ mod tests {
         );
         let message = error.to_string();
         assert!(message.contains("64 MiB of RAM"), "{message}");
-        assert!(message.contains("at least 66 MiB"), "{message}");
-        assert!(nv("region=/r,vm=a,create=on,region_size=128M").is_ok());
+        assert!(message.contains("(68 MiB)"), "{message}");
+        assert!(nv("region=/r,vm=a,create=on,region_size=67M").is_err());
+        assert!(nv("region=/r,vm=a,create=on,region_size=68M").is_ok());
+    }
+
+    /// The size `validate_nv` demands is exactly what nv-extension lays out: a region of that
+    /// size holds the VM without growing.
+    #[test]
+    fn the_region_size_demanded_is_what_the_region_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        let nv = format!("region={},vm=a,create=on,region_size=68M", path.display());
+        assert!(command_line(VmOptionStrings {
+            memory: Some("size=64M"),
+            nv: Some(&nv),
+            ..Default::default()
+        })
+        .is_ok());
+        let region = nv_extension::Region::open(
+            &path,
+            &nv_extension::OpenOptions {
+                create_if_missing: true,
+                region_size: Some(68 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        region.create_vm("a", 64 << 20, b"{}").unwrap();
+        assert_eq!(region.size(), 68 << 20, "the region had to grow");
     }
 
     /// Issue 10 item 9: `vm.create` accepted sizes `vm.boot` then refused.
