@@ -176,9 +176,21 @@ fn refuse_unimplemented_devices(cli: &Cli) -> anyhow::Result<()> {
         ("user-device", &cli.user_device, "vfio-user devices"),
         ("vdpa", &cli.vdpa, "vDPA devices"),
         ("numa", &cli.numa, "guest NUMA nodes"),
-        ("generic-vhost-user", &cli.generic_vhost_user, "vhost-user devices"),
-        ("rate-limit-group", &cli.rate_limit_group, "I/O rate limiting"),
-        ("pci-segment", &cli.pci_segment, "PCI segments (devices are virtio-mmio)"),
+        (
+            "generic-vhost-user",
+            &cli.generic_vhost_user,
+            "vhost-user devices",
+        ),
+        (
+            "rate-limit-group",
+            &cli.rate_limit_group,
+            "I/O rate limiting",
+        ),
+        (
+            "pci-segment",
+            &cli.pci_segment,
+            "PCI segments (devices are virtio-mmio)",
+        ),
     ];
     let singles = [
         ("vsock", &cli.vsock, "virtio-vsock"),

@@ -41,7 +41,7 @@ fn config(kernel: &Path, cmdline: &str, memory: MemoryConfig, serial_log: &Path)
         serial: ConsoleConfig {
             mode: ConsoleOutputMode::File,
             file: Some(serial_log.display().to_string()),
-            socket: None,
+            ..Default::default()
         },
         console: ConsoleConfig {
             mode: ConsoleOutputMode::Off,
@@ -49,10 +49,18 @@ fn config(kernel: &Path, cmdline: &str, memory: MemoryConfig, serial_log: &Path)
         },
         pvpanic: false,
         nv: None,
+        ..Default::default()
     }
 }
 
 fn file_memory(path: &Path) -> MemoryConfig {
+    // As upstream, a zone file must exist; it is grown to the zone size (content kept).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("creating the RAM file");
     MemoryConfig {
         size: 0,
         zones: Some(vec![MemoryZoneConfig {
@@ -224,6 +232,7 @@ fn counter_survives_save_and_restore(vcpus: u8) {
         config.cpus = CpusConfig {
             boot_vcpus: vcpus,
             max_vcpus: vcpus,
+            ..Default::default()
         };
         config
     };
@@ -535,6 +544,7 @@ fn a_mismatched_state_is_refused() {
     two_vcpus.cpus = CpusConfig {
         boot_vcpus: 2,
         max_vcpus: 2,
+        ..Default::default()
     };
     let mut vm = create_vm(&two_vcpus);
     let error = vm.restore_state(&state).unwrap_err().to_string();

@@ -476,7 +476,7 @@ pub fn default_deadline_ms() -> u64 {
 /// Upstream's `VmConfig`, member for member, plus our `nv`. Members of devices this VMM does not
 /// have (network, vhost-user, VFIO, ...) are kept as the JSON they came in: they pass
 /// [`VmConfig::validate`] only when absent or empty, and print back as given.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     #[serde(default)]
     pub cpus: CpusConfig,
@@ -539,43 +539,6 @@ pub struct VmConfig {
     /// Not part of upstream's `VmConfig`: set by `--nv` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nv: Option<NvConfig>,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            cpus: CpusConfig::default(),
-            memory: MemoryConfig::default(),
-            payload: PayloadConfig::default(),
-            rate_limit_groups: None,
-            disks: None,
-            net: None,
-            rng: RngConfig::default(),
-            balloon: None,
-            fs: None,
-            generic_vhost_user: None,
-            pmem: None,
-            serial: ConsoleConfig::default(),
-            console: ConsoleConfig::default(),
-            pvpanic: false,
-            debug_console: DebugConsoleConfig::default(),
-            devices: None,
-            user_devices: None,
-            vdpa: None,
-            vsock: None,
-            iommu: false,
-            sgx_epc: None,
-            numa: None,
-            watchdog: false,
-            rtc: None,
-            pci_segments: None,
-            platform: None,
-            tpm: None,
-            landlock_enable: false,
-            landlock_rules: None,
-            nv: None,
-        }
-    }
 }
 
 /// Upstream: `--serial` defaults to null, `--console` to tty.
@@ -763,12 +726,14 @@ impl CpusConfig {
         let max_vcpus = parsed.integer::<u8>("max")?.unwrap_or(boot_vcpus);
         let topology = match parsed.string("topology")? {
             None => None,
-            Some(value) => Some(parse_topology(&value).ok_or_else(|| ConfigError::InvalidValue {
-                option: "cpus",
-                key: "topology".to_owned(),
-                value,
-                reason: "expected threads_per_core:cores_per_die:dies_per_package:packages"
-                    .to_owned(),
+            Some(value) => Some(parse_topology(&value).ok_or_else(|| {
+                ConfigError::InvalidValue {
+                    option: "cpus",
+                    key: "topology".to_owned(),
+                    value,
+                    reason: "expected threads_per_core:cores_per_die:dies_per_package:packages"
+                        .to_owned(),
+                }
             })?),
         };
         let mut features = CpuFeatures::default();
@@ -1013,24 +978,23 @@ impl DiskConfig {
     /// `--disk path=..[,readonly=on][,direct=on][,id=..]...`: a raw image behind virtio-blk.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&DISK_SPEC, input)?;
-        let image_type = match parsed.string("image_type")? {
-            None => None,
-            Some(value) => Some(match value.to_ascii_lowercase().as_str() {
-                "raw" => "Raw".to_owned(),
-                "qcow2" => "Qcow2".to_owned(),
-                "vhd" | "fixedvhd" => "FixedVhd".to_owned(),
-                "vhdx" => "Vhdx".to_owned(),
-                _ => value,
-            }),
-        };
-        let lock_granularity = match parsed.string("lock_granularity")? {
-            None => None,
-            Some(value) => Some(match value.to_ascii_lowercase().as_str() {
+        let image_type =
+            parsed
+                .string("image_type")?
+                .map(|value| match value.to_ascii_lowercase().as_str() {
+                    "raw" => "Raw".to_owned(),
+                    "qcow2" => "Qcow2".to_owned(),
+                    "vhd" | "fixedvhd" => "FixedVhd".to_owned(),
+                    "vhdx" => "Vhdx".to_owned(),
+                    _ => value,
+                });
+        let lock_granularity = parsed.string("lock_granularity")?.map(|value| {
+            match value.to_ascii_lowercase().as_str() {
                 "byte-range" | "byterange" => "ByteRange".to_owned(),
                 "full" => "Full".to_owned(),
                 _ => value,
-            }),
-        };
+            }
+        });
         Ok(DiskConfig {
             path: Some(parsed.required_string("path")?),
             readonly: parsed.toggle("readonly")?.unwrap_or(false),
@@ -1113,8 +1077,7 @@ impl PlatformConfig {
                             option: "platform",
                             key: "iommu_segments".to_owned(),
                             value: item,
-                            reason: "expected a list of PCI segment numbers, e.g. [0,1]"
-                                .to_owned(),
+                            reason: "expected a list of PCI segment numbers, e.g. [0,1]".to_owned(),
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?,
@@ -1528,7 +1491,13 @@ impl VmConfig {
     fn validate_cpus(&self) -> Result<(), ConfigError> {
         let cpus = &self.cpus;
         let refuse = |key: &'static str, value: String, reason: &str| {
-            Err(not_supported("cpus", key, format!("cpus.{key}"), value, reason))
+            Err(not_supported(
+                "cpus",
+                key,
+                format!("cpus.{key}"),
+                value,
+                reason,
+            ))
         };
         if cpus.boot_vcpus == 0 {
             return Err(ConfigError::InvalidValue {
@@ -1580,7 +1549,11 @@ impl VmConfig {
             );
         }
         if cpus.kvm_hyperv {
-            return refuse("kvm_hyperv", "on".into(), "Hyper-V enlightenments are not offered");
+            return refuse(
+                "kvm_hyperv",
+                "on".into(),
+                "Hyper-V enlightenments are not offered",
+            );
         }
         if cpus.max_phys_bits != DEFAULT_MAX_PHYS_BITS {
             return refuse(
@@ -1593,7 +1566,11 @@ impl VmConfig {
             return refuse("affinity", "[..]".into(), "vCPU threads are not pinned");
         }
         if cpus.features.amx {
-            return refuse("features", "[amx]".into(), "AMX state is not enabled for guests");
+            return refuse(
+                "features",
+                "[amx]".into(),
+                "AMX state is not enabled for guests",
+            );
         }
         if !cpus.nested {
             return refuse(
@@ -1646,17 +1623,33 @@ impl VmConfig {
             return refuse("mergeable", "on".into(), "guest RAM is not offered to KSM");
         }
         if memory.hotplug_method != HotplugMethod::Acpi && memory.hotplug_size.is_some() {
-            return refuse("hotplug_method", "virtio-mem".into(), "memory hotplug is not implemented");
+            return refuse(
+                "hotplug_method",
+                "virtio-mem".into(),
+                "memory hotplug is not implemented",
+            );
         }
         if let Some(size) = memory.hotplug_size.filter(|size| *size > 0) {
-            return refuse("hotplug_size", size.to_string(), "memory hotplug is not implemented");
+            return refuse(
+                "hotplug_size",
+                size.to_string(),
+                "memory hotplug is not implemented",
+            );
         }
         if let Some(size) = memory.hotplugged_size.filter(|size| *size > 0) {
-            return refuse("hotplugged_size", size.to_string(), "memory hotplug is not implemented");
+            return refuse(
+                "hotplugged_size",
+                size.to_string(),
+                "memory hotplug is not implemented",
+            );
         }
         if memory.hugepages || memory.hugepage_size.is_some() {
             return refuse(
-                if memory.hugepages { "hugepages" } else { "hugepage_size" },
+                if memory.hugepages {
+                    "hugepages"
+                } else {
+                    "hugepage_size"
+                },
                 "on".into(),
                 HUGEPAGES_REASON,
             );
@@ -1700,10 +1693,18 @@ impl VmConfig {
                 return refuse("mergeable", "on".into(), "guest RAM is not offered to KSM");
             }
             if let Some(node) = zone.host_numa_node {
-                return refuse("host_numa_node", node.to_string(), "no NUMA memory policy is applied");
+                return refuse(
+                    "host_numa_node",
+                    node.to_string(),
+                    "no NUMA memory policy is applied",
+                );
             }
             if let Some(size) = zone.hotplug_size.filter(|size| *size > 0) {
-                return refuse("hotplug_size", size.to_string(), "memory hotplug is not implemented");
+                return refuse(
+                    "hotplug_size",
+                    size.to_string(),
+                    "memory hotplug is not implemented",
+                );
             }
             if let Some(size) = zone.hotplugged_size.filter(|size| *size > 0) {
                 return refuse(
@@ -1747,7 +1748,11 @@ impl VmConfig {
             ))
         };
         if let Some(firmware) = &payload.firmware {
-            return refuse("firmware", firmware, "firmware boot is not implemented; use --kernel");
+            return refuse(
+                "firmware",
+                firmware,
+                "firmware boot is not implemented; use --kernel",
+            );
         }
         if let Some(igvm) = &payload.igvm {
             return refuse("igvm", igvm, "IGVM boot is not implemented");
@@ -1816,13 +1821,29 @@ impl VmConfig {
                 ));
             }
             if disk.vhost_user || disk.vhost_socket.is_some() {
-                return refuse("vhost_user", "on".into(), "vhost-user disks are not implemented");
+                return refuse(
+                    "vhost_user",
+                    "on".into(),
+                    "vhost-user disks are not implemented",
+                );
             }
             if let Some(group) = &disk.rate_limit_group {
-                return refuse("rate_limit_group", group.clone(), "I/O rate limiting is not implemented");
+                return refuse(
+                    "rate_limit_group",
+                    group.clone(),
+                    "I/O rate limiting is not implemented",
+                );
             }
-            if disk.rate_limiter_config.as_ref().is_some_and(|v| !is_empty_json(v)) {
-                return refuse("bw_size", "..".into(), "I/O rate limiting is not implemented");
+            if disk
+                .rate_limiter_config
+                .as_ref()
+                .is_some_and(|v| !is_empty_json(v))
+            {
+                return refuse(
+                    "bw_size",
+                    "..".into(),
+                    "I/O rate limiting is not implemented",
+                );
             }
             if disk.pci_segment != 0 {
                 return refuse(
@@ -1832,7 +1853,11 @@ impl VmConfig {
                 );
             }
             if let Some(id) = disk.pci_device_id {
-                return refuse("pci_device_id", id.to_string(), "disks are virtio-mmio devices");
+                return refuse(
+                    "pci_device_id",
+                    id.to_string(),
+                    "disks are virtio-mmio devices",
+                );
             }
             if let Some(serial) = &disk.serial {
                 return refuse(
@@ -1841,15 +1866,31 @@ impl VmConfig {
                     "the guest reads a disk ID derived from the image, not a configured serial",
                 );
             }
-            if disk.queue_affinity.as_ref().is_some_and(|list| !list.is_empty()) {
-                return refuse("queue_affinity", "[..]".into(), "I/O threads are not pinned");
+            if disk
+                .queue_affinity
+                .as_ref()
+                .is_some_and(|list| !list.is_empty())
+            {
+                return refuse(
+                    "queue_affinity",
+                    "[..]".into(),
+                    "I/O threads are not pinned",
+                );
             }
             if disk.backing_files {
-                return refuse("backing_files", "on".into(), "images are raw; there are no backing files");
+                return refuse(
+                    "backing_files",
+                    "on".into(),
+                    "images are raw; there are no backing files",
+                );
             }
             if let Some(image_type) = disk.image_type.as_deref().filter(|t| *t != "Raw") {
                 // A qcow2 image served as raw would show the guest its metadata, and corrupt it.
-                return refuse("image_type", image_type.to_owned(), "only raw images are implemented");
+                return refuse(
+                    "image_type",
+                    image_type.to_owned(),
+                    "only raw images are implemented",
+                );
             }
             if disk.path.is_some() && earlier.iter().any(|other| other.path == disk.path) {
                 return Err(ConfigError::InvalidValue {
@@ -1913,16 +1954,36 @@ impl VmConfig {
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let lists: [(&'static str, &Option<Vec<Value>>, &str); 11] = [
             ("net", &self.net, NO_NETWORKING),
-            ("rate-limit-group", &self.rate_limit_groups, "I/O rate limiting is not implemented"),
+            (
+                "rate-limit-group",
+                &self.rate_limit_groups,
+                "I/O rate limiting is not implemented",
+            ),
             ("fs", &self.fs, "virtio-fs is not implemented"),
-            ("generic-vhost-user", &self.generic_vhost_user, "vhost-user devices are not implemented"),
+            (
+                "generic-vhost-user",
+                &self.generic_vhost_user,
+                "vhost-user devices are not implemented",
+            ),
             ("pmem", &self.pmem, "virtio-pmem is not implemented"),
-            ("device", &self.devices, "VFIO passthrough is not implemented"),
-            ("user-device", &self.user_devices, "vfio-user devices are not implemented"),
+            (
+                "device",
+                &self.devices,
+                "VFIO passthrough is not implemented",
+            ),
+            (
+                "user-device",
+                &self.user_devices,
+                "vfio-user devices are not implemented",
+            ),
             ("vdpa", &self.vdpa, "vDPA devices are not implemented"),
             ("sgx-epc", &self.sgx_epc, "SGX is not implemented"),
             ("numa", &self.numa, "guest NUMA nodes are not implemented"),
-            ("pci-segment", &self.pci_segments, "there is no PCI bus; devices are virtio-mmio"),
+            (
+                "pci-segment",
+                &self.pci_segments,
+                "there is no PCI bus; devices are virtio-mmio",
+            ),
         ];
         for (option, list, reason) in lists {
             if let Some(first) = list.as_deref().and_then(<[Value]>::first) {
@@ -1936,14 +1997,24 @@ impl VmConfig {
             }
         }
         let singles: [(&'static str, &Option<Value>, &str); 4] = [
-            ("balloon", &self.balloon, "virtio-balloon is not implemented"),
+            (
+                "balloon",
+                &self.balloon,
+                "virtio-balloon is not implemented",
+            ),
             ("vsock", &self.vsock, "virtio-vsock is not implemented"),
             ("rtc", &self.rtc, "there is no virtio RTC device"),
             ("tpm", &self.tpm, "TPM emulation is not implemented"),
         ];
         for (option, value, reason) in singles {
             if let Some(value) = value.as_ref().filter(|value| !is_empty_json(value)) {
-                return Err(not_supported(option, "", option.to_owned(), value.to_string(), reason));
+                return Err(not_supported(
+                    option,
+                    "",
+                    option.to_owned(),
+                    value.to_string(),
+                    reason,
+                ));
             }
         }
         if self.rng.src != DEFAULT_RNG_SOURCE || self.rng.iommu {
@@ -1967,7 +2038,13 @@ impl VmConfig {
         ];
         for (option, set, reason) in flags {
             if set {
-                return Err(not_supported(option, "", member_name(option), "on".into(), reason));
+                return Err(not_supported(
+                    option,
+                    "",
+                    member_name(option),
+                    "on".into(),
+                    reason,
+                ));
             }
         }
         Ok(())
@@ -1993,7 +2070,11 @@ impl VmConfig {
                 "there is no PCI bus; only upstream's default 1 is accepted",
             );
         }
-        if platform.iommu_segments.as_ref().is_some_and(|list| !list.is_empty()) {
+        if platform
+            .iommu_segments
+            .as_ref()
+            .is_some_and(|list| !list.is_empty())
+        {
             return refuse("iommu_segments", "[..]".into(), "there is no virtual IOMMU");
         }
         if platform.iommu_address_width_bits != DEFAULT_IOMMU_ADDRESS_WIDTH_BITS {
@@ -2017,20 +2098,44 @@ impl VmConfig {
         ];
         for (key, value) in smbios {
             if let Some(value) = value {
-                return refuse(key, value.clone(), "no SMBIOS tables are written for the guest");
+                return refuse(
+                    key,
+                    value.clone(),
+                    "no SMBIOS tables are written for the guest",
+                );
             }
         }
-        if platform.oem_strings.as_ref().is_some_and(|list| !list.is_empty()) {
-            return refuse("oem_strings", "[..]".into(), "no SMBIOS tables are written for the guest");
+        if platform
+            .oem_strings
+            .as_ref()
+            .is_some_and(|list| !list.is_empty())
+        {
+            return refuse(
+                "oem_strings",
+                "[..]".into(),
+                "no SMBIOS tables are written for the guest",
+            );
         }
         if platform.tdx == Some(true) {
-            return refuse("tdx", "on".into(), "confidential guests are not implemented");
+            return refuse(
+                "tdx",
+                "on".into(),
+                "confidential guests are not implemented",
+            );
         }
         if platform.sev_snp == Some(true) {
-            return refuse("sev_snp", "on".into(), "confidential guests are not implemented");
+            return refuse(
+                "sev_snp",
+                "on".into(),
+                "confidential guests are not implemented",
+            );
         }
         if platform.iommufd {
-            return refuse("iommufd", "on".into(), "VFIO passthrough is not implemented");
+            return refuse(
+                "iommufd",
+                "on".into(),
+                "VFIO passthrough is not implemented",
+            );
         }
         Ok(())
     }
@@ -2040,21 +2145,30 @@ impl VmConfig {
             return Ok(());
         };
         if let Some(region_size) = nv.region_size {
-            // The region holds the VM's RAM and its two state slots, each rounded up to the
-            // extent alignment, after the region's own metadata.
-            let align = nv_extension::region::DEFAULT_EXTENT_ALIGNMENT;
-            let round_up = |value: u64| value.div_ceil(align).saturating_mul(align);
-            let needed = round_up(self.memory.total_size())
-                .saturating_add(round_up(2 * nv_extension::region::DEFAULT_STATE_SLOT_LEN));
+            // A region made now holds its metadata (superblocks, two VM-table copies), then the
+            // VM's RAM and its two saved-state slots, each rounded up to the extent alignment
+            // (nv-extension's default layout, docs/nv-format.md).
+            use nv_extension::region::{
+                DEFAULT_EXTENT_ALIGNMENT, DEFAULT_STATE_SLOT_LEN, DEFAULT_TABLE_COPY_LEN,
+            };
+            let round_up = |value: u64| {
+                value
+                    .div_ceil(DEFAULT_EXTENT_ALIGNMENT)
+                    .saturating_mul(DEFAULT_EXTENT_ALIGNMENT)
+            };
+            let ram = self.memory.total_size();
+            let needed = round_up(nv_extension::superblock::AREA_LEN + 2 * DEFAULT_TABLE_COPY_LEN)
+                .saturating_add(round_up(ram))
+                .saturating_add(round_up(2 * DEFAULT_STATE_SLOT_LEN));
             if nv.create && region_size < needed {
                 return Err(ConfigError::InvalidValue {
                     option: "nv",
                     key: "region_size".to_owned(),
                     value: region_size.to_string(),
                     reason: format!(
-                        "cannot hold the VM: its {} MiB of RAM and its saved-state slots need at \
-                         least {} MiB, plus the region's metadata",
-                        self.memory.total_size() >> 20,
+                        "cannot hold the VM: its metadata, {} MiB of RAM and saved-state slots \
+                         need at least {needed} bytes ({} MiB)",
+                        ram >> 20,
                         needed.div_ceil(1 << 20)
                     ),
                 });
@@ -2253,9 +2367,15 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(matches!(error, ConfigError::Host { option: "cpus", .. }), "{error}");
+        assert!(
+            matches!(error, ConfigError::Host { option: "cpus", .. }),
+            "{error}"
+        );
         let message = error.to_string();
-        assert!(message.contains(&format!("limit of {limit} vCPUs")), "{message}");
+        assert!(
+            message.contains(&format!("limit of {limit} vCPUs")),
+            "{message}"
+        );
         let error = command_line(VmOptionStrings {
             cpus: Some("boot=255"),
             ..Default::default()
@@ -2277,8 +2397,16 @@ mod tests {
         assert!(memory.shared);
         assert!(memory.thp, "thp=on is upstream's default");
         assert!(memory.zones.is_none());
-        assert!(!MemoryConfig::parse(Some("size=64M,thp=off"), &[]).unwrap().thp);
-        assert!(MemoryConfig::parse(Some("size=64M,thp=on"), &[]).unwrap().thp);
+        assert!(
+            !MemoryConfig::parse(Some("size=64M,thp=off"), &[])
+                .unwrap()
+                .thp
+        );
+        assert!(
+            MemoryConfig::parse(Some("size=64M,thp=on"), &[])
+                .unwrap()
+                .thp
+        );
         assert_eq!(MemoryConfig::parse(None, &[]).unwrap().size, 512 << 20);
         assert_invalid_value(MemoryConfig::parse(Some("size=64X"), &[]), "size");
         assert_invalid_value(MemoryConfig::parse(Some("size=1000"), &[]), "size");
@@ -2366,8 +2494,35 @@ mod tests {
         );
         let message = error.to_string();
         assert!(message.contains("64 MiB of RAM"), "{message}");
-        assert!(message.contains("at least 66 MiB"), "{message}");
-        assert!(nv("region=/r,vm=a,create=on,region_size=128M").is_ok());
+        assert!(message.contains("(68 MiB)"), "{message}");
+        assert!(nv("region=/r,vm=a,create=on,region_size=67M").is_err());
+        assert!(nv("region=/r,vm=a,create=on,region_size=68M").is_ok());
+    }
+
+    /// The size `validate_nv` demands is exactly what nv-extension lays out: a region of that
+    /// size holds the VM without growing.
+    #[test]
+    fn the_region_size_demanded_is_what_the_region_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        let nv = format!("region={},vm=a,create=on,region_size=68M", path.display());
+        assert!(command_line(VmOptionStrings {
+            memory: Some("size=64M"),
+            nv: Some(&nv),
+            ..Default::default()
+        })
+        .is_ok());
+        let region = nv_extension::Region::open(
+            &path,
+            &nv_extension::OpenOptions {
+                create_if_missing: true,
+                region_size: Some(68 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        region.create_vm("a", 64 << 20, b"{}").unwrap();
+        assert_eq!(region.size(), 68 << 20, "the region had to grow");
     }
 
     /// Issue 10 item 9: `vm.create` accepted sizes `vm.boot` then refused.
@@ -2499,9 +2654,7 @@ mod tests {
                 "memory": {"size": 67108864},
                 "disks": [serde_json::to_value(&parsed).unwrap()]
             });
-            let from_json = serde_json::from_value::<VmConfig>(json)
-                .unwrap()
-                .validate();
+            let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
             match refused {
                 None => {
                     assert!(from_cli.is_ok(), "{option}: {from_cli:?}");

@@ -165,6 +165,10 @@ fn measure_one(
             vm: "kv".into(),
         },
     };
+    if let MemoryBacking::SharedFile(path) = &memory {
+        // As upstream, `--memory-zone file=` must name an existing file.
+        create_sparse_file(path, 0)?;
+    }
     let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk.clone()));
     let mut vm = bench.boot_serving(guest, memory.clone(), &tag, None)?;
     let result = (|| {

@@ -98,6 +98,8 @@ fn start(
 
 fn shared_memory_snapshot(bench: &Bench) -> Result<String> {
     let ram = bench.tmpfs.join("e.ram");
+    // As upstream, `--memory-zone file=` must name an existing file.
+    crate::environment::create_sparse_file(&ram, 0)?;
     let socket = bench.tmpfs.join("e.sock");
     let snapshot_dir = bench.disk.join("e.snapshot");
     let launch = Launch::Boot {

@@ -363,7 +363,12 @@ mod tests {
         assert!(error.message.contains("\"net\""), "{}", error.message);
         assert_eq!(error.body()[0], "Bad Request");
         // Unknown members are ignored (and logged), as upstream does.
-        assert!(build_request(create, br#"{"payload":{"kernel":"/k"},"colour":"red"}"#, None).is_ok());
+        assert!(build_request(
+            create,
+            br#"{"payload":{"kernel":"/k"},"colour":"red"}"#,
+            None
+        )
+        .is_ok());
         let error = refused(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":0,"max_vcpus":1}}"#);
         assert_eq!(error.status, 400);
         assert!(error.message.contains("vCPU"), "{}", error.message);
