@@ -56,7 +56,7 @@ impl Answer {
 /// unusable request, 404 for a VM or NV region that does not exist, 409 for a request the current
 /// state refuses (recovery of an unsafely shut down or never saved VM, a VM another live process
 /// owns), 405 for the wrong VM state, 500 for an operation that failed.
-fn api_error(error: Error) -> ApiError {
+pub(super) fn api_error(error: Error) -> ApiError {
     let message = error.to_string();
     match error.kind() {
         ErrorKind::InvalidRequest => ApiError::bad_request(message),
@@ -67,18 +67,18 @@ fn api_error(error: Error) -> ApiError {
     }
 }
 
-fn not_created() -> ApiError {
+pub(super) fn not_created() -> ApiError {
     ApiError::not_found("no VM is created")
 }
 
-fn not_booted() -> ApiError {
+pub(super) fn not_booted() -> ApiError {
     ApiError::wrong_state("the VM is not booted")
 }
 
 /// After `vm.shutdown` (and within `vm.reboot`) the next boot starts the guest afresh. For an NV
 /// VM that means a cold boot over its extent, even if this run began as a recovery
 /// (`recover=on`): the run just ended cleanly, so there is no saved state to resume.
-fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
+pub(super) fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
     if let Some(nv) = config.nv.as_mut() {
         nv.recover = false;
         nv.force_cold = false;
@@ -141,6 +141,10 @@ impl Vmm {
                 if self.vm.is_none() {
                     return Answer::error(not_booted());
                 }
+                // Whatever would make the boot fail is refused while the guest still runs.
+                if let Err(e) = self.check_reboot() {
+                    return Answer::error(api_error(e));
+                }
                 emit_vm(VmEvent::Rebooting);
                 self.stop_for_cold_boot();
                 let answer = self.api_boot();
@@ -152,33 +156,11 @@ impl Vmm {
             ApiRequest::VmPowerButton => Answer::error(ApiError::not_implemented(
                 "vm.power-button needs ACPI, which this VMM does not offer",
             )),
-            ApiRequest::VmSnapshot(request) => {
-                if self.vm_config.is_none() {
-                    return Answer::error(not_created());
-                }
-                let Some(vm) = self.vm.as_ref() else {
-                    return Answer::error(not_booted());
-                };
-                emit_vm(VmEvent::Snapshotting);
-                match crate::snapshot::save(vm, &request.destination_url) {
-                    Ok(()) => {
-                        emit_vm(VmEvent::Snapshotted);
-                        Answer::done()
-                    }
-                    Err(e) => Answer::error(api_error(e)),
-                }
-            }
-            ApiRequest::VmRestore(request) => {
-                if self.vm_config.is_some() {
-                    return Answer::error(ApiError::not_found(
-                        "a VM is already created: vm.restore needs an empty VMM",
-                    ));
-                }
-                match self.restore_vm(&request) {
-                    Ok(()) => Answer::done(),
-                    Err(e) => Answer::error(api_error(e)),
-                }
-            }
+            // They wait on files: the control loop hands them to a worker thread before `answer`
+            // (`long_operation.rs`), so they never get here.
+            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Answer::error(
+                ApiError::internal("vm.snapshot and vm.restore run on a worker thread"),
+            ),
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(ApiError::not_found("this VMM runs no NV VM")),
                 Some(nv_vm) => match nv::status(nv_vm) {
