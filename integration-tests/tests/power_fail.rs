@@ -1260,3 +1260,73 @@ fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
     drop(vmm);
     assert_eq!(listed_shutdown_kind(dir.path(), &region, "x"), "GuestReset");
 }
+
+/// Host offset in `image` (an ELF file) of the segment loaded at guest-physical `paddr`, and
+/// its first bytes as they are in guest RAM.
+fn elf_segment_start(image: &[u8], paddr: u64) -> Vec<u8> {
+    let u16_at = |at: usize| u16::from_le_bytes(image[at..at + 2].try_into().unwrap()) as usize;
+    let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    (0..phnum)
+        .map(|index| phoff + index * phentsize)
+        .find(|&header| {
+            u32::from_le_bytes(image[header..header + 4].try_into().unwrap()) == 1
+                && u64_at(header + 0x18) == paddr
+        })
+        .map(|header| {
+            let offset = u64_at(header + 8) as usize;
+            image[offset..offset + 256].to_vec()
+        })
+        .expect("a PT_LOAD segment at the load address")
+}
+
+/// A recovered guest that crashes at once (its code, page tables and IDT wiped in the region
+/// while it was saved, as media damage would) triple-faults: the VMM must not exit 0 as after
+/// a clean power-off. It exits with the guest-reset code, logs the triple fault, and the region
+/// records a triple fault.
+#[test]
+fn a_triple_fault_right_after_recovery_is_reported() {
+    if !kvm_available("a_triple_fault_right_after_recovery_is_reported") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let kernel = guest("counter");
+    let arguments = boot_arguments(&kernel, "area_mb=1", SMALL_RAM, &region, "tf");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+    drop(vmm);
+
+    // Guest RAM is the VM's extent of the region: find the image (loaded at 1 MiB) there and
+    // wipe guest-physical [1 MiB, 2 MiB): code, GDT, IDT, page tables, stacks.
+    let image = std::fs::read(&kernel).unwrap();
+    let code = elf_segment_start(&image, 0x10_0000);
+    let mut bytes = std::fs::read(&region).unwrap();
+    let at = bytes
+        .windows(code.len())
+        .position(|window| window == code.as_slice())
+        .expect("the guest image in the region");
+    bytes[at..at + 0x10_0000].fill(0);
+    std::fs::write(&region, &bytes).unwrap();
+
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "recovered",
+        &recover_arguments(&region, "tf", ""),
+        &[],
+    );
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_GUEST_RESET),
+        "triple fault after recovery ({status})\n{stderr}"
+    );
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    drop(vmm);
+    assert_eq!(
+        listed_shutdown_kind(dir.path(), &region, "tf"),
+        "TripleFault"
+    );
+}
