@@ -834,6 +834,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reboot_is_checked_against_the_running_vm_before_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = dir.path().join("region");
+        let prepared = prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap();
+        let running = &prepared.nv;
+        check_cold_boot(&vm_config(nv_config(&region), 4 << 20), running).unwrap();
+        // What a recovering command line without --memory would have asked for (its default).
+        let refused =
+            check_cold_boot(&vm_config(nv_config(&region), 512 << 20), running).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
+        assert!(
+            refused.to_string().contains("4 MiB of RAM in the region"),
+            "{refused}"
+        );
+        check_cold_boot(&VmConfig::default(), running).unwrap();
+    }
+
+    #[test]
     fn a_vm_that_never_saved_is_not_recovered_unless_cold() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");

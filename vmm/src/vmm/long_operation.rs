@@ -413,3 +413,57 @@ impl Vmm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_reads_saves_and_vmm_shutdown_go_ahead_during_a_long_operation() {
+        for allowed in [
+            ApiRequest::VmmPing,
+            ApiRequest::VmmShutdown,
+            ApiRequest::VmInfo,
+            ApiRequest::VmCounters,
+            ApiRequest::NvStatus,
+            ApiRequest::NvPowerFail,
+            ApiRequest::NvSuspend,
+        ] {
+            assert!(allowed_meanwhile(&allowed), "{}", request_name(&allowed));
+        }
+        for refused in [
+            ApiRequest::VmResume,
+            ApiRequest::VmPause,
+            ApiRequest::VmShutdown,
+            ApiRequest::VmReboot,
+            ApiRequest::VmBoot,
+            ApiRequest::VmDelete,
+        ] {
+            assert!(!allowed_meanwhile(&refused), "{}", request_name(&refused));
+        }
+    }
+
+    #[test]
+    fn an_old_snapshot_is_emptied_before_a_new_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        std::fs::write(dir.path().join("state.json"), "{\"vm\":1}").unwrap();
+        std::fs::write(dir.path().join("memory-ranges"), "ram").unwrap();
+        mark_incomplete(&url).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), b"");
+        assert!(
+            !dir.path().join("config.json").exists(),
+            "nothing is created"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("memory-ranges")).unwrap(),
+            b"ram",
+            "only the files that mark a snapshot complete are touched"
+        );
+        // An unusable URL is snapshot::save's to report.
+        mark_incomplete("relative/dir").unwrap();
+        let missing = dir.path().join("missing");
+        mark_incomplete(&format!("file://{}", missing.display())).unwrap();
+        assert!(!missing.exists());
+    }
+}
