@@ -1147,9 +1147,47 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     );
     let before = vmm.serial_log();
     drop(vmm);
+    let mut arguments = recover_arguments(&region, "f", "");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+
+    // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
+    wait_for_socket(&socket);
+    assert_eq!(api_request(&socket, "PUT", "vm.pause", "").0, 204);
+    let snapshot_socket = socket.clone();
+    let destination = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
+    let snapshot_client = std::thread::spawn(move || {
+        api_client::request(
+            &snapshot_socket,
+            "PUT",
+            "vm.snapshot",
+            &destination,
+            TIMEOUT,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let other = format!(
+        r#"{{"destination_url":"file://{}"}}"#,
+        dir.path().join("other").display()
+    );
+    let (status, body) = api_request(&socket, "PUT", "vm.snapshot", &other);
+    assert_eq!(status, 409, "a second snapshot meanwhile: {body}");
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
+    assert!(
+        stderr.contains("planned-suspend save committed"),
+        "{stderr}"
+    );
+    let _ = snapshot_client.join();
+    let before = vmm.serial_log();
+    drop(vmm);
     let mut vmm = VmmProcess::spawn(
         dir.path(),
-        "recovered",
+        "recovered-again",
         &recover_arguments(&region, "f", ""),
         &[],
     );
