@@ -164,8 +164,11 @@ fn spawn_worker<T: Send + 'static>(
     std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
-            // `work` drops what it borrowed of the VM before the control loop hears of it.
-            let result = work();
+            // `work` drops what it borrowed of the VM before the control loop hears of it (also
+            // when it panics: the unwinding drops it). A panic is answered as a failure rather
+            // than leaving the operation in progress for ever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|_| Err(Error::Snapshot(format!("{name}: the worker panicked"))));
             let _ = sender.send(result);
             if let Err(e) = done.write(1) {
                 log::error!("{name}: cannot wake the control loop: {e}");
