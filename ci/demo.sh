@@ -109,7 +109,7 @@ grep -q 'MISMATCH' "$work/serial-2.log" && fail "the guest's memory checksum fai
 [ "$after" -gt "$before" ] || fail "the counter did not continue"
 echo "    yes: no new boot, the counter went on from $before to $after, memory checksums ok"
 
-step "6. Cleaning up (SIGTERM ends the VM; the region is deleted)"
+step "6. Cleaning up (SIGTERM saves the VM in place and ends the VMM; the region is deleted)"
 kill -TERM "$pid"
 wait "$pid" || true
 echo "    done"

@@ -22,6 +22,9 @@ use integration_tests::harness::{
 };
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
+// Exit code of a VMM whose NV guest reset itself (reboot request or triple fault): the VMM ends
+// instead of rebooting and the region records a guest reset, not a clean power-off.
+use vmm::vmm::EXIT_GUEST_RESET;
 
 /// Guest RAM of the quick runs: small, so the region costs little to create.
 const SMALL_RAM: &str = "32M";
@@ -264,7 +267,7 @@ fn counter_survives_three_power_failures_in_a_row() {
         assert_counter_advances(&before, 2);
     }
 
-    // A clean end (SIGTERM) is recorded as powered off: nothing to recover afterwards.
+    // SIGTERM saves an NV VM in place too (planned suspend, exit 0): it continues afterwards.
     let mut vmm = VmmProcess::spawn(
         dir.path(),
         "run4",
@@ -275,9 +278,22 @@ fn counter_survives_three_power_failures_in_a_row() {
     assert_continues(&before, &after);
     vmm.signal(libc::SIGTERM);
     assert_eq!(vmm.wait_exit().code(), Some(0));
+    let before = vmm.serial_log();
+    let socket = dir.path().join("run5.sock");
+    let mut arguments = recover_arguments(&region, "c", "");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "run5", &arguments, &[]);
+    let after = vmm.wait_serial("a counter line", has_counter_line);
+    assert_continues(&before, &after);
+    // A clean stop (vm.shutdown, then vmm.shutdown) is recorded as powered off: nothing to
+    // recover afterwards.
+    wait_for_socket(&socket);
+    assert_eq!(api_request(&socket, "PUT", "vm.shutdown", "").0, 204);
+    assert_eq!(api_request(&socket, "PUT", "vmm.shutdown", "").0, 204);
+    assert_eq!(vmm.wait_exit().code(), Some(0));
     let mut refused = VmmProcess::spawn(
         dir.path(),
-        "run5",
+        "run6",
         &recover_arguments(&region, "c", ""),
         &[],
     );
@@ -600,8 +616,8 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     if let Some(first_after) = first_after {
         assert!(first_after > completed, "{first_after} after {completed}");
     }
-    // exit=reset: the guest ends the VM on its own.
-    assert_eq!(vmm.wait_exit().code(), Some(0));
+    // exit=reset: the guest ends the VM on its own, which an NV VM reports as a guest reset.
+    assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
     integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, ROUNDS * BLOCKS)
         .unwrap_or_else(|e| panic!("disk after the recovered run: {e}"));
 }
@@ -676,7 +692,7 @@ fn bad_nv_options_fail_with_a_clear_message() {
         &boot_arguments(&kernel, "stop_after=1", SMALL_RAM, &region, "x"),
         &[],
     );
-    assert_eq!(vmm.wait_exit().code(), Some(0));
+    assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
     let mut other_vm = without_create.clone();
     other_vm[7] = nv_option(&region, "y", "");
     let stderr = run("missing-vm", other_vm);
@@ -951,4 +967,404 @@ fn api_listing_after_exit(dir: &Path, socket: &Path, region: &Path) -> String {
     );
     assert_eq!(status, 200, "{body}");
     body
+}
+
+/// `shutdown_kind` of `vm` in the listing of `region`, read by a fresh empty VMM.
+fn listed_shutdown_kind(dir: &Path, region: &Path, vm: &str) -> serde_json::Value {
+    let socket = dir.join("lister.sock");
+    let listing = json(&api_listing_after_exit(dir, &socket, region));
+    let entry = listing["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|entry| entry["name"] == vm))
+        .unwrap_or_else(|| panic!("no VM {vm} in {listing}"))
+        .clone();
+    let _ = std::fs::remove_file(&socket);
+    entry["shutdown_kind"].clone()
+}
+
+/// A host shutdown after a UPS warning sends SIGPWR and then SIGTERM, back to back. The power
+/// failure must win: the VM is saved (exit 75) and recovered, never recorded as powered off.
+/// SIGTERM alone on an NV VM saves it too (planned suspend, exit 0) instead of losing it.
+#[test]
+fn sigterm_right_after_sigpwr_never_loses_the_vm() {
+    if !kvm_available("sigterm_right_after_sigpwr_never_loses_the_vm") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    let mut before;
+    for round in 0..4 {
+        // Both signals pending at once: SIGTERM has the lower number, so the kernel delivers it
+        // first whenever both are queued.
+        vmm.signal(libc::SIGPWR);
+        vmm.signal(libc::SIGTERM);
+        let status = vmm.wait_exit();
+        let stderr = vmm.stderr_log();
+        assert_eq!(
+            status.code(),
+            Some(EXIT_POWER_FAIL_SAVED),
+            "round {round}: SIGPWR + SIGTERM ({status})\nstderr:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("save committed"),
+            "round {round}:\n{stderr}"
+        );
+        before = vmm.serial_log();
+        drop(vmm);
+        assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "PowerFail");
+        vmm = VmmProcess::spawn(
+            dir.path(),
+            &format!("recover{round}"),
+            &recover_arguments(&region, "t", ""),
+            &[],
+        );
+        let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+        assert_continues(&before, &after);
+    }
+
+    // SIGTERM alone: a planned suspend in place, exit 0, and the next recovery resumes.
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
+    assert!(
+        stderr.contains("planned-suspend save committed"),
+        "{stderr}"
+    );
+    before = vmm.serial_log();
+    drop(vmm);
+    assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "Suspend");
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "after-term",
+        &recover_arguments(&region, "t", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+    // SIGINT (Ctrl-C in a terminal) is the same request.
+    vmm.signal(libc::SIGINT);
+    assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr_log());
+    let before = vmm.serial_log();
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "after-int",
+        &recover_arguments(&region, "t", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+}
+
+/// A `vm.snapshot` that blocks (its `memory-ranges` is a FIFO nobody reads) must not hold up the
+/// power-fail save: the snapshot runs off the control loop, SIGPWR is saved at once, requests
+/// that conflict with the snapshot are refused meanwhile, the abandoned snapshot is left
+/// without a complete `state.json` (unrestorable), and the VM recovers.
+#[test]
+fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
+    if !kvm_available("a_blocked_snapshot_does_not_delay_the_power_fail_save") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    let mut arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "f");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    wait_for_socket(&socket);
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    // A stale complete-looking snapshot: the new one must not leave it looking valid.
+    std::fs::write(snapshot.join("state.json"), "{}").unwrap();
+    let fifo = std::ffi::CString::new(
+        snapshot
+            .join("memory-ranges")
+            .as_os_str()
+            .as_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let (status, body) = api_request(&socket, "PUT", "vm.pause", "");
+    assert_eq!(status, 204, "{body}");
+
+    let snapshot_socket = socket.clone();
+    let destination = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
+    let snapshot_client = std::thread::spawn(move || {
+        api_client::request(
+            &snapshot_socket,
+            "PUT",
+            "vm.snapshot",
+            &destination,
+            TIMEOUT,
+        )
+    });
+    // The control loop stays responsive while the snapshot is stuck.
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = api_request(&socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "vm.info during the snapshot: {body}");
+    assert_eq!(json(&body)["state"], "Paused", "{body}");
+    let (status, body) = api_request(&socket, "PUT", "vm.resume", "");
+    assert_eq!(status, 409, "vm.resume during the snapshot: {body}");
+    assert!(body.contains("snapshot"), "{body}");
+
+    let signalled = Instant::now();
+    vmm.signal(libc::SIGPWR);
+    let status = vmm.wait_exit();
+    let took = signalled.elapsed();
+    let stderr = vmm.stderr_log();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_POWER_FAIL_SAVED),
+        "SIGPWR during a blocked snapshot ({status})\n{stderr}"
+    );
+    assert!(stderr.contains("power-fail save committed"), "{stderr}");
+    assert!(
+        !stderr.contains("OVERRUN"),
+        "the save overran its deadline:\n{stderr}"
+    );
+    // Generous for a loaded 2-core machine; before the fix the VMM never got to the signal.
+    assert!(
+        took < Duration::from_secs(3),
+        "the VMM took {took:?} to save and exit"
+    );
+    if let Ok((status, body)) = snapshot_client.join() {
+        assert!(
+            status >= 400,
+            "an abandoned snapshot answered {status}: {body}"
+        );
+    }
+    // Absent or empty: no restore takes it for a snapshot.
+    let state = std::fs::read(snapshot.join("state.json")).unwrap_or_default();
+    assert!(
+        state.is_empty(),
+        "the abandoned snapshot looks complete: state.json holds {} bytes",
+        state.len()
+    );
+    let before = vmm.serial_log();
+    drop(vmm);
+    let mut arguments = recover_arguments(&region, "f", "");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+
+    // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
+    wait_for_socket(&socket);
+    assert_eq!(api_request(&socket, "PUT", "vm.pause", "").0, 204);
+    let snapshot_socket = socket.clone();
+    let destination = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
+    let snapshot_client = std::thread::spawn(move || {
+        api_client::request(
+            &snapshot_socket,
+            "PUT",
+            "vm.snapshot",
+            &destination,
+            TIMEOUT,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let other = format!(
+        r#"{{"destination_url":"file://{}"}}"#,
+        dir.path().join("other").display()
+    );
+    let (status, body) = api_request(&socket, "PUT", "vm.snapshot", &other);
+    assert_eq!(status, 409, "a second snapshot meanwhile: {body}");
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
+    assert!(
+        stderr.contains("planned-suspend save committed"),
+        "{stderr}"
+    );
+    let _ = snapshot_client.join();
+    let before = vmm.serial_log();
+    drop(vmm);
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "recovered-again",
+        &recover_arguments(&region, "f", ""),
+        &[],
+    );
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+}
+
+/// `vm.reboot` of a VM recovered with `recover=on` cold-boots it over its extent with the
+/// config stored in the region (not the recovering command line's defaults). A reboot that
+/// cannot succeed (its kernel is gone) is refused before the running guest is stopped.
+#[test]
+fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
+    if !kvm_available("a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    // The kernel the region's stored config names: a copy the test can remove.
+    let kernel = dir.path().join("counter");
+    std::fs::copy(guest("counter"), &kernel).unwrap();
+    let arguments = boot_arguments(&kernel, "area_mb=1", "64M", &region, "r");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+    let before = vmm.serial_log();
+    drop(vmm);
+
+    let mut arguments = recover_arguments(&region, "r", "");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(&before, &after);
+    wait_for_socket(&socket);
+
+    let (status, body) = api_request(&socket, "PUT", "vm.reboot", "");
+    assert_eq!(status, 204, "vm.reboot of the recovered VM: {body}");
+    vmm.wait_serial("the guest to boot again", |log| {
+        log.contains("counter: boot") && counter_lines(log).len() >= 2
+    });
+    let (status, body) = api_request(&socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["state"], "Running", "{body}");
+    assert_eq!(
+        json(&body)["config"]["memory"]["size"],
+        64 << 20,
+        "the stored config is the VM's config: {body}"
+    );
+
+    // A reboot that cannot work must not stop the guest first.
+    std::fs::remove_file(&kernel).unwrap();
+    let lines_before = counter_lines(&vmm.serial_log()).len();
+    let (status, body) = api_request(&socket, "PUT", "vm.reboot", "");
+    assert!(
+        (400..500).contains(&status),
+        "a reboot without its kernel answered {status}: {body}"
+    );
+    assert!(body.contains("kernel"), "{body}");
+    vmm.wait_serial("the guest to keep running", |log| {
+        counter_lines(log).len() >= lines_before + 2
+    });
+    let (status, body) = api_request(&socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["state"], "Running", "{body}");
+    // And it is still saved by a power failure afterwards.
+    power_fail(&mut vmm);
+}
+
+/// A guest that resets itself after recovery (here: the counter's `stop_after` i8042 reset)
+/// ends the VMM with a non-zero exit code, says so in the log, and the region records a guest
+/// reset instead of a clean power-off.
+#[test]
+fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
+    if !kvm_available("a_guest_reset_after_recovery_is_reported_not_a_clean_power_off") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let arguments = boot_arguments(
+        &guest("counter"),
+        "area_mb=1 stop_after=4",
+        SMALL_RAM,
+        &region,
+        "x",
+    );
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+    let before = vmm.serial_log();
+    assert!(!before.contains("counter: done"), "{before}");
+    drop(vmm);
+
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "recovered",
+        &recover_arguments(&region, "x", ""),
+        &[],
+    );
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert!(vmm.serial_log().contains("counter: done"), "{stderr}");
+    assert_eq!(
+        status.code(),
+        Some(EXIT_GUEST_RESET),
+        "guest reset after recovery ({status})\n{stderr}"
+    );
+    assert!(stderr.contains("guest reset"), "{stderr}");
+    drop(vmm);
+    assert_eq!(listed_shutdown_kind(dir.path(), &region, "x"), "GuestReset");
+}
+
+/// Host offset in `image` (an ELF file) of the segment loaded at guest-physical `paddr`, and
+/// its first bytes as they are in guest RAM.
+fn elf_segment_start(image: &[u8], paddr: u64) -> Vec<u8> {
+    let u16_at = |at: usize| u16::from_le_bytes(image[at..at + 2].try_into().unwrap()) as usize;
+    let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    (0..phnum)
+        .map(|index| phoff + index * phentsize)
+        .find(|&header| {
+            u32::from_le_bytes(image[header..header + 4].try_into().unwrap()) == 1
+                && u64_at(header + 0x18) == paddr
+        })
+        .map(|header| {
+            let offset = u64_at(header + 8) as usize;
+            image[offset..offset + 256].to_vec()
+        })
+        .expect("a PT_LOAD segment at the load address")
+}
+
+/// A recovered guest that crashes at once (its code, page tables and IDT wiped in the region
+/// while it was saved, as media damage would) triple-faults: the VMM must not exit 0 as after
+/// a clean power-off. It exits with the guest-reset code, logs the triple fault, and the region
+/// records a triple fault.
+#[test]
+fn a_triple_fault_right_after_recovery_is_reported() {
+    if !kvm_available("a_triple_fault_right_after_recovery_is_reported") {
+        return;
+    }
+    let dir = scratch();
+    let region = dir.path().join("region");
+    let kernel = guest("counter");
+    let arguments = boot_arguments(&kernel, "area_mb=1", SMALL_RAM, &region, "tf");
+    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    power_fail(&mut vmm);
+    drop(vmm);
+
+    // Guest RAM is the VM's extent of the region: find the image (loaded at 1 MiB) there and
+    // wipe guest-physical [1 MiB, 2 MiB): code, GDT, IDT, page tables, stacks.
+    let image = std::fs::read(&kernel).unwrap();
+    let code = elf_segment_start(&image, 0x10_0000);
+    let mut bytes = std::fs::read(&region).unwrap();
+    let at = bytes
+        .windows(code.len())
+        .position(|window| window == code.as_slice())
+        .expect("the guest image in the region");
+    bytes[at..at + 0x10_0000].fill(0);
+    std::fs::write(&region, &bytes).unwrap();
+
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        "recovered",
+        &recover_arguments(&region, "tf", ""),
+        &[],
+    );
+    let status = vmm.wait_exit();
+    let stderr = vmm.stderr_log();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_GUEST_RESET),
+        "triple fault after recovery ({status})\n{stderr}"
+    );
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    drop(vmm);
+    assert_eq!(
+        listed_shutdown_kind(dir.path(), &region, "tf"),
+        "TripleFault"
+    );
 }

@@ -34,4 +34,4 @@ pub use persistence::PersistenceMode;
 pub use region::{OpenOptions, Region, VmSummary};
 pub use superblock::ShutdownMarker;
 pub use vm_handle::{MemoryBacking, RecoveredVm, VmHandle};
-pub use vm_table::{RunKind, RunRecord, ShutdownKind};
+pub use vm_table::{RunKind, RunRecord, ShutdownKind, StopCause};

@@ -11,7 +11,7 @@ use crate::region::{find_mut, Region, Shared};
 use crate::save_report;
 use crate::state_slots::{SlotCondition, StateArea};
 use crate::superblock::ShutdownMarker;
-use crate::vm_table::{Extent, RunKind, RunRecord, ShutdownKind, VmEntry, VmTable};
+use crate::vm_table::{Extent, RunKind, RunRecord, ShutdownKind, StopCause, VmEntry, VmTable};
 
 /// Where the VMM maps guest RAM from.
 #[derive(Debug)]
@@ -220,9 +220,16 @@ impl VmHandle {
 
     /// Records that the guest stopped without a save (powered off); the next start is cold.
     pub fn mark_powered_off(&self) -> Result<()> {
+        self.mark_stopped(StopCause::PowerOff)
+    }
+
+    /// Records that the VM stopped without a save for `cause` (a clean power-off, a guest reset
+    /// or triple fault the VMM ended on); the next start is cold.
+    pub fn mark_stopped(&self, cause: StopCause) -> Result<()> {
         let ((), table) = self.transact_owned(|_, entry| {
             entry.record = RunRecord::PoweredOff {
                 after_seq: entry.record.last_seq(),
+                cause,
             };
             Ok(((), true))
         })?;

@@ -88,6 +88,47 @@ impl fmt::Display for ShutdownKind {
     }
 }
 
+/// Why a VM stopped without a save (the `record_detail` of a powered-off record). Regions
+/// written before the causes existed hold 0 there, which reads as a clean power-off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// The guest powered off, or the operator stopped the VM (`vm.shutdown`, `vmm.shutdown`).
+    PowerOff,
+    /// The guest asked for a reset (i8042, system event RESET); the VMM ended instead of
+    /// rebooting over persistent RAM.
+    GuestReset,
+    /// The guest triple-faulted (a crash that resets the CPU); the VMM ended.
+    TripleFault,
+}
+
+impl StopCause {
+    fn code(self) -> u32 {
+        match self {
+            StopCause::PowerOff => 0,
+            StopCause::GuestReset => 1,
+            StopCause::TripleFault => 2,
+        }
+    }
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(StopCause::PowerOff),
+            1 => Some(StopCause::GuestReset),
+            2 => Some(StopCause::TripleFault),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StopCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopCause::PowerOff => "power-off",
+            StopCause::GuestReset => "guest reset",
+            StopCause::TripleFault => "guest triple fault",
+        })
+    }
+}
+
 /// How a run started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunKind {
@@ -120,8 +161,9 @@ pub enum RunRecord {
     Running { since_seq: u64, kind: RunKind },
     /// A complete save with sequence `seq` matches the memory as it is.
     Saved { seq: u64, kind: ShutdownKind },
-    /// Stopped on purpose without a save (guest power-off); next start is a cold boot.
-    PoweredOff { after_seq: u64 },
+    /// Stopped without a save (guest power-off, operator stop, guest reset); next start is a
+    /// cold boot. `cause` says which.
+    PoweredOff { after_seq: u64, cause: StopCause },
 }
 
 impl RunRecord {
@@ -131,7 +173,7 @@ impl RunRecord {
             RunRecord::Created => 0,
             RunRecord::Running { since_seq, .. } => since_seq,
             RunRecord::Saved { seq, .. } => seq,
-            RunRecord::PoweredOff { after_seq } => after_seq,
+            RunRecord::PoweredOff { after_seq, .. } => after_seq,
         }
     }
 
@@ -140,7 +182,7 @@ impl RunRecord {
             RunRecord::Created => (0, 0, 0),
             RunRecord::Running { since_seq, kind } => (1, kind.code(), since_seq),
             RunRecord::Saved { seq, kind } => (2, kind.code(), seq),
-            RunRecord::PoweredOff { after_seq } => (3, 0, after_seq),
+            RunRecord::PoweredOff { after_seq, cause } => (3, cause.code(), after_seq),
         }
     }
 
@@ -155,7 +197,10 @@ impl RunRecord {
                 seq,
                 kind: ShutdownKind::from_code(detail)?,
             },
-            3 => RunRecord::PoweredOff { after_seq: seq },
+            3 => RunRecord::PoweredOff {
+                after_seq: seq,
+                cause: StopCause::from_code(detail)?,
+            },
             _ => return None,
         })
     }
@@ -167,7 +212,11 @@ impl fmt::Display for RunRecord {
             RunRecord::Created => write!(f, "created"),
             RunRecord::Running { since_seq, .. } => write!(f, "running since seq {since_seq}"),
             RunRecord::Saved { seq, kind } => write!(f, "saved at seq {seq} ({kind})"),
-            RunRecord::PoweredOff { .. } => write!(f, "powered off"),
+            RunRecord::PoweredOff {
+                cause: StopCause::PowerOff,
+                ..
+            } => write!(f, "powered off"),
+            RunRecord::PoweredOff { cause, .. } => write!(f, "powered off ({cause})"),
         }
     }
 }
@@ -448,6 +497,36 @@ mod tests {
         let mut long_config = body;
         put_u32(&mut long_config, E_CONFIG_LEN, 1 << 30);
         assert!(VmTable::decode_body(1, &long_config, 1).is_err());
+    }
+
+    #[test]
+    fn a_stop_cause_is_kept_and_old_powered_off_records_read_as_a_clean_power_off() {
+        for cause in [
+            StopCause::PowerOff,
+            StopCause::GuestReset,
+            StopCause::TripleFault,
+        ] {
+            let record = RunRecord::PoweredOff {
+                after_seq: 4,
+                cause,
+            };
+            let (kind, detail, seq) = record.encode();
+            assert_eq!(RunRecord::decode(kind, detail, seq), Some(record));
+        }
+        // What every writer before the causes stored for a powered-off VM: detail 0.
+        assert_eq!(
+            RunRecord::decode(3, 0, 7),
+            Some(RunRecord::PoweredOff {
+                after_seq: 7,
+                cause: StopCause::PowerOff
+            })
+        );
+        assert_eq!(RunRecord::decode(3, 9, 7), None, "an unknown cause");
+        let reset = RunRecord::PoweredOff {
+            after_seq: 1,
+            cause: StopCause::GuestReset,
+        };
+        assert_eq!(reset.to_string(), "powered off (guest reset)");
     }
 
     #[test]

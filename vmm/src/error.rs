@@ -128,6 +128,8 @@ pub enum Error {
         context: String,
         error: nv_extension::Error,
     },
+    #[error("the VM would not boot again, so it was left as it is: {0}")]
+    NotBootable(String),
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
     #[error("--nv region={region},vm={vm}: {reason}")]
@@ -181,6 +183,7 @@ impl Error {
             | Error::Snapshot(_) => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
             Error::NoNvVm => ErrorKind::NotFound,
+            Error::NotBootable(_) => ErrorKind::Conflict,
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
             Error::KvmOpen(_)

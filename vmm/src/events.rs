@@ -2,6 +2,7 @@
 //! so the control loop's epoll tells them apart without a shared queue; vCPU failures also leave
 //! their reason here because an EventFd carries only a count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -18,6 +19,8 @@ pub struct VmEvents {
     /// A vCPU hit an exit it cannot continue from; see `take_failures`.
     pub vcpu_failed: EventFd,
     failures: Mutex<Vec<VcpuFailure>>,
+    /// Set with `reset` when the reset was a triple fault (a guest crash), not a request.
+    triple_fault: AtomicBool,
 }
 
 /// One vCPU's reason to stop the VM.
@@ -41,6 +44,7 @@ impl VmEvents {
             reset: new_event_fd()?,
             vcpu_failed: new_event_fd()?,
             failures: Mutex::new(Vec::new()),
+            triple_fault: AtomicBool::new(false),
         })
     }
 
@@ -54,6 +58,17 @@ impl VmEvents {
         if let Err(e) = self.reset.write(1) {
             log::error!("cannot signal the guest's reset to the control loop: {e}");
         }
+    }
+
+    /// The guest triple-faulted: a reset the guest did not ask for (it crashed).
+    pub fn signal_triple_fault(&self) {
+        self.triple_fault.store(true, Ordering::SeqCst);
+        self.signal_reset();
+    }
+
+    /// Whether a reset signalled since the last call was a triple fault.
+    pub fn take_triple_fault(&self) -> bool {
+        self.triple_fault.swap(false, Ordering::SeqCst)
     }
 
     pub fn signal_vcpu_failure(&self, vcpu: u8, reason: String) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nv_extension::{
     NvHost, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, SaveReport, ShutdownKind,
-    VmHandle, VmSummary,
+    StopCause, VmHandle, VmSummary,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -132,7 +132,11 @@ fn previous_end(summary: &VmSummary) -> NvShutdownKind {
             kind: ShutdownKind::PlannedSuspend,
             ..
         } => NvShutdownKind::Suspend,
-        RunRecord::PoweredOff { .. } => NvShutdownKind::Clean,
+        RunRecord::PoweredOff { cause, .. } => match cause {
+            StopCause::PowerOff => NvShutdownKind::Clean,
+            StopCause::GuestReset => NvShutdownKind::GuestReset,
+            StopCause::TripleFault => NvShutdownKind::TripleFault,
+        },
     }
 }
 
@@ -251,6 +255,43 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
         memory,
         start: NvStart::ColdBoot,
     })
+}
+
+/// What a cold boot of `config` over the NV VM running now (`vm.reboot`) would refuse, checked
+/// before that VM is stopped: a file-backed memory zone, or a RAM size other than its extent's.
+pub fn check_cold_boot(config: &VmConfig, running: &NvVm) -> Result<(), Error> {
+    let Some(nv) = config.nv.as_ref() else {
+        return Ok(());
+    };
+    if config
+        .memory
+        .zones
+        .iter()
+        .flatten()
+        .any(|z| z.file.is_some())
+    {
+        return Err(setup_error(
+            nv,
+            ErrorKind::InvalidRequest,
+            "--memory-zone file= cannot be combined with --nv: the VM's RAM is its extent of the region",
+        ));
+    }
+    let memory_size = config.memory.total_size();
+    if nv.region == running.config.region
+        && nv.vm == running.config.vm
+        && memory_size != running.memory_size()
+    {
+        return Err(setup_error(
+            nv,
+            ErrorKind::Conflict,
+            format!(
+                "the VM has {} MiB of RAM in the region, --memory asks for {} MiB",
+                running.memory_size() >> 20,
+                memory_size >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The stored config with what the recovering command line may change: where the serial port
@@ -416,19 +457,32 @@ impl NvVm {
             .map_err(|e| nv_error(&self.config, e))
     }
 
-    /// Records that the VM stopped without a save (guest power-off or reset, SIGTERM): its next
+    /// Records that the VM stopped without a save (guest power-off, `vm.shutdown`): its next
     /// start is a cold boot, and `recover=on` says there is nothing to recover.
     pub fn mark_powered_off(&self) {
-        if let Err(e) = self.handle.mark_powered_off() {
+        self.mark_stopped(StopCause::PowerOff);
+    }
+
+    /// Records that the VM stopped without a save for `cause` (a clean power-off, or a guest
+    /// reset or triple fault the VMM ended on): its next start is a cold boot, and the region's
+    /// listing says which.
+    pub fn mark_stopped(&self, cause: StopCause) {
+        if let Err(e) = self.handle.mark_stopped(cause) {
             log::error!(
-                "VM {:?}: recording the power-off failed, the VM will look unsafely shut down: {e}",
+                "VM {:?}: recording the stop ({cause}) failed, the VM will look unsafely shut \
+                 down: {e}",
                 self.config.vm
             );
         }
     }
+
+    /// Guest RAM of this VM in the region, in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.handle.memory_size()
+    }
 }
 
-/// The [`NvHost`] over one running [`Vm`]: what the coordinator calls in each phase.
+/// The [`NvHost`] over one [`Vm`] this thread may change (pause it if it runs).
 struct VmHost<'a> {
     vm: &'a mut Vm,
     /// False when the VM was already paused (`vm.pause`): vCPUs and disks are quiet already.
@@ -456,17 +510,47 @@ impl NvHost for VmHost<'_> {
     }
 
     fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
-        self.vm
-            .memory
-            .iter()
-            .map(|region| (region.as_ptr() as *const u8, region.len() as usize))
-            .collect()
+        memory_ranges(self.vm)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, nv_extension::HostError> {
         let state = self.vm.save_state()?;
         Ok(serde_json::to_vec(&state)?)
     }
+}
+
+/// The [`NvHost`] over a paused [`Vm`] another thread reads too (a `vm.snapshot` worker): every
+/// phase only reads it, so the power-fail save never waits for that thread.
+struct PausedVmHost<'a> {
+    vm: &'a Vm,
+}
+
+impl NvHost for PausedVmHost<'_> {
+    fn pause_vcpus(&mut self) -> Result<(), nv_extension::HostError> {
+        Ok(())
+    }
+
+    fn quiesce_devices(&mut self) -> Result<(), nv_extension::HostError> {
+        // Paused: the disks took no request since and finished those they had.
+        self.vm.devices.flush_disks()?;
+        Ok(())
+    }
+
+    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
+        memory_ranges(self.vm)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, nv_extension::HostError> {
+        let state = self.vm.save_state()?;
+        Ok(serde_json::to_vec(&state)?)
+    }
+}
+
+fn memory_ranges(vm: &Vm) -> Vec<(*const u8, usize)> {
+    vm.memory
+        .iter()
+        .map(|region| (region.as_ptr() as *const u8, region.len() as usize))
+        .collect()
 }
 
 /// Saves the running VM in place through the coordinator. On success the VM stays paused and
@@ -478,22 +562,44 @@ pub fn save(
     kind: ShutdownKind,
     trigger: &str,
 ) -> Result<SaveReport, Error> {
+    let was_running = vm.run_state == VmRunState::Running;
+    let mut host = VmHost {
+        vm: &mut *vm,
+        was_running,
+    };
+    let outcome = save_through(nv, &mut host, kind, trigger);
+    if outcome.is_err() && was_running && vm.run_state == VmRunState::Paused {
+        if let Err(resume) = vm.resume() {
+            log::error!("resuming the VM after the failed save: {resume}");
+        }
+    }
+    outcome
+}
+
+/// Saves a VM that is paused and shared with a thread reading it (a `vm.snapshot` worker): the
+/// same save as [`save`], through shared access only. A VM that is not paused is refused.
+pub fn save_paused(
+    nv: &mut NvVm,
+    vm: &Vm,
+    kind: ShutdownKind,
+    trigger: &str,
+) -> Result<SaveReport, Error> {
+    if vm.run_state != VmRunState::Paused {
+        return Err(Error::InvalidVmState(vm.run_state.name()));
+    }
+    save_through(nv, &mut PausedVmHost { vm }, kind, trigger)
+}
+
+fn save_through(
+    nv: &mut NvVm,
+    host: &mut dyn NvHost,
+    kind: ShutdownKind,
+    trigger: &str,
+) -> Result<SaveReport, Error> {
     let deadline = Duration::from_millis(nv.config.deadline_ms);
     event_monitor::nv::power_fail_started(&nv.config.vm, trigger, deadline);
-    let was_running = vm.run_state == VmRunState::Running;
-    let mut host = VmHost { vm, was_running };
-    let outcome = nv_extension::save_vm(&mut nv.handle, &mut host, kind, deadline);
-    let report = match outcome {
-        Ok(report) => report,
-        Err(e) => {
-            if was_running && vm.run_state == VmRunState::Paused {
-                if let Err(resume) = vm.resume() {
-                    log::error!("resuming the VM after the failed save: {resume}");
-                }
-            }
-            return Err(nv_error(&nv.config, e));
-        }
-    };
+    let report = nv_extension::save_vm(&mut nv.handle, host, kind, deadline)
+        .map_err(|e| nv_error(&nv.config, e))?;
     for (phase, took) in &report.phases {
         event_monitor::nv::phase_done(phase.name(), *took);
     }
@@ -754,6 +860,24 @@ mod tests {
         let mut format = nv_config(&garbage);
         format.format = true;
         prepare(&vm_config(format, 4 << 20)).unwrap();
+    }
+
+    #[test]
+    fn a_reboot_is_checked_against_the_running_vm_before_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = dir.path().join("region");
+        let prepared = prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap();
+        let running = &prepared.nv;
+        check_cold_boot(&vm_config(nv_config(&region), 4 << 20), running).unwrap();
+        // What a recovering command line without --memory would have asked for (its default).
+        let refused =
+            check_cold_boot(&vm_config(nv_config(&region), 512 << 20), running).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
+        assert!(
+            refused.to_string().contains("4 MiB of RAM in the region"),
+            "{refused}"
+        );
+        check_cold_boot(&VmConfig::default(), running).unwrap();
     }
 
     #[test]

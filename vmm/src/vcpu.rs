@@ -126,10 +126,12 @@ impl Vcpu {
                 // With the in-kernel LAPIC, KVM handles HLT itself; seeing it here means the guest
                 // halted with nothing that could wake it: treat it as a power-off.
                 VcpuExit::Hlt => RunOutcome::Stop(StopReason::Shutdown("HLT exit".into())),
-                // A triple fault. Real hardware resets; so does upstream.
-                VcpuExit::Shutdown => {
-                    RunOutcome::Stop(StopReason::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into()))
-                }
+                // A triple fault. Real hardware resets; so does upstream. It is a guest crash,
+                // told apart from a requested reset (see `VmEvents::signal_triple_fault`).
+                VcpuExit::Shutdown => RunOutcome::Stop(StopReason::TripleFault(format!(
+                    "KVM_EXIT_SHUTDOWN{}",
+                    self.describe_rip()
+                ))),
                 VcpuExit::SystemEvent(kind, data) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => {
                         RunOutcome::Stop(StopReason::Shutdown("system event SHUTDOWN".into()))
@@ -222,6 +224,7 @@ enum RunOutcome {
 enum StopReason {
     Shutdown(String),
     Reset(String),
+    TripleFault(String),
     Failed(String),
 }
 
@@ -472,6 +475,10 @@ fn vcpu_thread(
                     StopReason::Reset(why) => {
                         log::info!("vCPU {id}: guest reset ({why})");
                         events.signal_reset();
+                    }
+                    StopReason::TripleFault(why) => {
+                        log::warn!("vCPU {id}: guest triple fault ({why})");
+                        events.signal_triple_fault();
                     }
                     StopReason::Failed(why) => events.signal_vcpu_failure(id, why),
                 }

@@ -1,15 +1,23 @@
 //! The VMM control loop: one thread that owns the VM and reacts to everything that can end or
-//! change it: the guest's power-off and reset requests, vCPU failures, SIGTERM/SIGINT, and (phase
-//! 2) API requests and the power-fail signal. Everything arrives as a readable fd in one epoll.
+//! change it: the guest's power-off and reset requests, vCPU failures, SIGTERM/SIGINT, API
+//! requests and the power-fail signal. Everything arrives as a readable fd in one epoll, and
+//! nothing on this thread waits on a file it does not own (long requests run on a worker,
+//! `long_operation.rs`), so a power-fail save starts as soon as SIGPWR arrives.
+//!
+//! Signals and an NV VM: a signal the VMM can act on never loses the VM. SIGPWR saves it
+//! (power fail, exit 75); SIGTERM/SIGINT save it too (planned suspend, exit 0) unless SIGPWR is
+//! pending as well, which wins (power fail, exit 75); a signal during a save waits for the save.
 
 mod api_dispatch;
+mod long_operation;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nv_extension::{SaveReport, ShutdownKind};
+use nv_extension::{SaveReport, ShutdownKind, StopCause};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{self, ApiMessage};
@@ -22,10 +30,15 @@ use crate::signal_events::route_to_event_fd;
 use crate::vm::Vm;
 use crate::Error;
 
-/// Exit code of a VMM whose VM ended cleanly (guest power-off or reset, SIGTERM/SIGINT).
+/// Exit code of a VMM whose VM ended cleanly (guest power-off, the reset of a VM not in NV
+/// memory, SIGTERM/SIGINT).
 pub const EXIT_CLEAN: i32 = 0;
 /// Exit code of a VMM whose VM failed to start or failed while running.
 pub const EXIT_FAILURE: i32 = 1;
+/// Exit code of a VMM whose NV guest reset itself (an i8042 or system-event reset request, or a
+/// triple fault): the VMM ends instead of rebooting over persistent RAM, and the region records
+/// a guest reset (next start: cold boot).
+pub const EXIT_GUEST_RESET: i32 = 3;
 
 /// epoll tokens: which fd became readable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +51,8 @@ enum ControlEvent {
     PowerFailSignal = 5,
     /// The API thread queued requests (its wake EventFd).
     ApiRequest = 6,
+    /// A long request's worker finished (`long_operation.rs`).
+    LongOperationDone = 7,
 }
 
 impl ControlEvent {
@@ -49,6 +64,7 @@ impl ControlEvent {
             ControlEvent::TerminationSignal,
             ControlEvent::PowerFailSignal,
             ControlEvent::ApiRequest,
+            ControlEvent::LongOperationDone,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -59,7 +75,11 @@ impl ControlEvent {
 #[derive(Debug, PartialEq, Eq)]
 pub enum VmmExit {
     GuestShutdown,
+    /// The guest of a VM not in NV memory asked for a reset.
     GuestReset,
+    /// The NV VM's guest reset itself (`StopCause::GuestReset`) or any guest triple-faulted
+    /// (`StopCause::TripleFault`): the VMM ends instead of rebooting, and says so.
+    ResetInstead(StopCause),
     TerminationSignal,
     VcpuFailed(String),
     /// `vmm.shutdown` over the API.
@@ -77,6 +97,7 @@ impl VmmExit {
             | VmmExit::TerminationSignal
             | VmmExit::VmmShutdown => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
+            VmmExit::ResetInstead(_) => EXIT_GUEST_RESET,
             VmmExit::NvSaved(kind) => nv::exit_code_after_save(*kind),
         }
     }
@@ -95,6 +116,11 @@ pub struct Vmm {
     api: Option<(Receiver<ApiMessage>, EventFd)>,
     /// Set while `vm` runs in an NV region.
     nv: Option<NvVm>,
+    /// A long request running on a worker thread (`long_operation.rs`); while it writes a
+    /// snapshot, it holds the VM and `vm` is `None`.
+    long_operation: Option<long_operation::LongOperation>,
+    /// Written by a long request's worker when it is done.
+    long_operation_done: EventFd,
 }
 
 impl Vmm {
@@ -115,6 +141,11 @@ impl Vmm {
             vm_config: None,
             api: None,
             nv: None,
+            long_operation: None,
+            long_operation_done: EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                operation: "create (long operation)",
+                source,
+            })?,
         };
         crate::seccomp_filters::confine_device_io_threads(seccomp);
         let events = Arc::clone(&vmm.events);
@@ -125,6 +156,10 @@ impl Vmm {
         vmm.watch(
             vmm.power_fail_signal.as_raw_fd(),
             ControlEvent::PowerFailSignal,
+        )?;
+        vmm.watch(
+            vmm.long_operation_done.as_raw_fd(),
+            ControlEvent::LongOperationDone,
         )?;
         Ok(vmm)
     }
@@ -207,7 +242,11 @@ impl Vmm {
 
     /// Runs a VM over its NV memory: cold boot, or resume in place (`recover=on`, `vm.nv-recover`).
     pub fn start_nv_vm(&mut self, prepared: nv::PreparedVm) -> Result<(), Error> {
+        // The VM's config is what it runs with: for a recovery the one stored in the region (RAM
+        // size, kernel, disks), not the recovering command line's, so a reboot boots that.
+        let config = prepared.config.clone();
         let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
+        self.vm_config = Some(config);
         self.vm = Some(vm);
         self.nv = Some(nv);
         self.record_pty_paths();
@@ -219,13 +258,29 @@ impl Vmm {
         self.nv.as_ref()
     }
 
-    /// Saves the NV VM in place (SIGPWR, `vm.power-fail`, `vm.nv-suspend`). After `Ok` the VMM
-    /// must end with `VmmExit::NvSaved(kind)`; after `Err` the VM keeps running.
+    /// Saves the NV VM in place (SIGPWR, SIGTERM/SIGINT, `vm.power-fail`, `vm.nv-suspend`).
+    /// After `Ok` the VMM must end with `VmmExit::NvSaved(kind)`; after `Err` the VM keeps
+    /// running. A snapshot being written does not hold it up: the save reads the paused VM
+    /// alongside the snapshot worker, which is then abandoned.
     pub fn nv_save(&mut self, kind: ShutdownKind, trigger: &str) -> Result<SaveReport, Error> {
-        match (self.nv.as_mut(), self.vm.as_mut()) {
-            (Some(nv_vm), Some(vm)) => nv::save(nv_vm, vm, kind, trigger),
-            _ => Err(Error::NoNvVm),
+        let Some(nv_vm) = self.nv.as_mut() else {
+            return Err(Error::NoNvVm);
+        };
+        if let Some(vm) = self.vm.as_mut() {
+            return nv::save(nv_vm, vm, kind, trigger);
         }
+        match self.long_operation.as_ref().and_then(|op| op.shared_vm()) {
+            Some(vm) => {
+                log::warn!("saving the VM while vm.snapshot writes it: the snapshot is abandoned");
+                nv::save_paused(nv_vm, vm, kind, trigger)
+            }
+            None => Err(Error::NoNvVm),
+        }
+    }
+
+    /// Whether SIGPWR arrived (and was not acted on yet); consumes it.
+    fn take_power_fail_signal(&self) -> bool {
+        self.power_fail_signal.read().is_ok()
     }
 
     pub fn vm(&mut self) -> Option<&mut Vm> {
@@ -249,13 +304,22 @@ impl Vmm {
                     })
                 }
             };
-            for event in &ready[..count] {
-                let token = event.data;
-                let Some(kind) = ControlEvent::from_token(token) else {
-                    log::warn!("control loop: unknown epoll token {token}");
-                    continue;
-                };
+            let mut kinds: Vec<ControlEvent> = ready[..count]
+                .iter()
+                .filter_map(|event| {
+                    let token = event.data;
+                    let kind = ControlEvent::from_token(token);
+                    if kind.is_none() {
+                        log::warn!("control loop: unknown epoll token {token}");
+                    }
+                    kind
+                })
+                .collect();
+            // SIGPWR first, whatever else became ready with it: nothing may delay the save.
+            kinds.sort_by_key(|kind| *kind != ControlEvent::PowerFailSignal);
+            for kind in kinds {
                 if let Some(exit) = self.handle(kind)? {
+                    self.abandon_long_operation();
                     self.end_vm_run(&exit);
                     self.finish_api_requests();
                     return Ok(exit);
@@ -276,9 +340,38 @@ impl Vmm {
                 let _ = self.events.reset.read();
                 // Upstream reboots here. We end the VMM instead: a cold boot over persistent RAM
                 // would silently replace a recoverable guest, so restarting is left to whoever
-                // runs us (see docs/vmm.md).
-                log::info!("guest requested a reset: ending the VMM");
-                Ok(Some(VmmExit::GuestReset))
+                // runs us (see docs/vmm.md). For an NV VM, and for any triple fault (a guest
+                // crash), the exit code and the region say so rather than "powered off".
+                let cause = if self.events.take_triple_fault() {
+                    StopCause::TripleFault
+                } else {
+                    StopCause::GuestReset
+                };
+                let vm = self.nv.as_ref().map(|nv_vm| nv_vm.name().to_string());
+                match (cause, vm) {
+                    (StopCause::GuestReset, None) => {
+                        log::info!("guest requested a reset: ending the VMM");
+                        Ok(Some(VmmExit::GuestReset))
+                    }
+                    (cause, vm) => {
+                        log::warn!(
+                            "{}: ending the VMM instead of rebooting (exit code \
+                             {EXIT_GUEST_RESET}){}",
+                            match cause {
+                                StopCause::TripleFault => "guest triple fault (the guest crashed)",
+                                _ => "guest reset requested",
+                            },
+                            match vm {
+                                Some(vm) => format!(
+                                    "; VM {vm:?} is recorded as stopped by a {cause}, its next \
+                                     start is a cold boot"
+                                ),
+                                None => String::new(),
+                            }
+                        );
+                        Ok(Some(VmmExit::ResetInstead(cause)))
+                    }
+                }
             }
             ControlEvent::VcpuFailed => {
                 let _ = self.events.vcpu_failed.read();
@@ -292,10 +385,17 @@ impl Vmm {
             }
             ControlEvent::TerminationSignal => {
                 let _ = self.termination.read();
-                log::info!("SIGTERM/SIGINT: shutting the VM down");
-                Ok(Some(VmmExit::TerminationSignal))
+                if self.nv.is_none() {
+                    log::info!("SIGTERM/SIGINT: shutting the VM down");
+                    return Ok(Some(VmmExit::TerminationSignal));
+                }
+                Ok(self.save_on_termination())
             }
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
+            ControlEvent::LongOperationDone => {
+                self.finish_long_operation();
+                Ok(None)
+            }
             ControlEvent::PowerFailSignal => {
                 let _ = self.power_fail_signal.read();
                 if self.nv.is_none() {
@@ -315,6 +415,85 @@ impl Vmm {
         }
     }
 
+    /// What `vm.reboot` checks before it stops the running guest, so that a reboot that cannot
+    /// work leaves the guest running: the config it will cold-boot (for a recovered NV VM, the
+    /// one stored in the region) is valid, its kernel, initramfs and disks can be opened, and an
+    /// NV VM keeps its extent's RAM size. Files are opened non-blocking (a FIFO never waits).
+    fn check_reboot(&self) -> Result<(), Error> {
+        let Some(config) = self.vm_config.clone().map(api_dispatch::cold_boot_config) else {
+            return Ok(());
+        };
+        config
+            .validate()
+            .map_err(|e| Error::NotBootable(e.to_string()))?;
+        let open = |what: &str, path: &str, write: bool| -> Result<(), Error> {
+            let fail = |reason: String| Error::NotBootable(format!("{what} {path}: {reason}"));
+            let metadata = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+            let file_type = metadata.file_type();
+            if !(file_type.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&file_type))
+            {
+                return Err(fail("not a regular file or block device".to_string()));
+            }
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map(drop)
+                .map_err(|e| fail(e.to_string()))
+        };
+        let kernel = config
+            .payload
+            .kernel
+            .as_deref()
+            .ok_or_else(|| Error::NotBootable("the VM's config names no kernel".to_string()))?;
+        open("kernel", kernel, false)?;
+        if let Some(initramfs) = config.payload.initramfs.as_deref() {
+            open("initramfs", initramfs, false)?;
+        }
+        for disk in config.disks.iter().flatten() {
+            if let Some(path) = disk.path.as_deref() {
+                open("disk", path, !disk.readonly)?;
+            }
+        }
+        if let Some(nv_vm) = &self.nv {
+            nv::check_cold_boot(&config, nv_vm)?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM/SIGINT with an NV VM: save it in place rather than lose it. A planned suspend
+    /// (exit 0), unless SIGPWR came too, before or during the save: then the power failure wins
+    /// (exit 75). If the save fails the VM keeps running, as after a failed SIGPWR save: stopping
+    /// it now would lose it (`vm.shutdown` discards it on purpose).
+    fn save_on_termination(&mut self) -> Option<VmmExit> {
+        let power_failing = self.take_power_fail_signal();
+        let kind = if power_failing {
+            log::warn!("SIGTERM/SIGINT with SIGPWR pending: saving the VM for the power failure");
+            ShutdownKind::PowerFail
+        } else {
+            log::warn!("SIGTERM/SIGINT: saving the VM in place (planned suspend) before exiting");
+            ShutdownKind::PlannedSuspend
+        };
+        match self.nv_save(kind, "signal") {
+            Ok(_) if kind == ShutdownKind::PlannedSuspend && self.take_power_fail_signal() => {
+                log::warn!(
+                    "SIGPWR arrived during the planned-suspend save: the VM is saved (recorded \
+                     as planned-suspend); exiting with the power-fail code"
+                );
+                Some(VmmExit::NvSaved(ShutdownKind::PowerFail))
+            }
+            Ok(_) => Some(VmmExit::NvSaved(kind)),
+            Err(e) => {
+                log::error!(
+                    "SIGTERM/SIGINT: the save failed, the VM keeps running (a forced stop now is \
+                     an unsafe shutdown; vm.shutdown discards it cleanly): {e}"
+                );
+                None
+            }
+        }
+    }
+
     /// Answers every queued API request; returns `Some` when one of them ends the VMM (the rest
     /// are answered 503).
     fn answer_api_requests(&mut self) -> Option<VmmExit> {
@@ -326,8 +505,11 @@ impl Vmm {
             None => return None,
         };
         let mut messages = messages.into_iter();
-        for message in messages.by_ref() {
+        while let Some(message) = messages.next() {
             log::debug!("API request: {:?}", message.request);
+            let Some(message) = self.route_long_request(message) else {
+                continue;
+            };
             let answer = self.answer(message.request);
             // The client may have gone; the operation is done either way.
             let _ = message.reply.send(answer.response);
@@ -375,6 +557,7 @@ impl Vmm {
                 | VmmExit::GuestReset
                 | VmmExit::TerminationSignal
                 | VmmExit::VmmShutdown => nv_vm.mark_powered_off(),
+                VmmExit::ResetInstead(cause) => nv_vm.mark_stopped(*cause),
                 VmmExit::VcpuFailed(_) | VmmExit::NvSaved(_) => {}
             }
         }

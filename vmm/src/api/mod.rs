@@ -394,6 +394,10 @@ pub enum NvShutdownKind {
     Suspend,
     /// Shut down cleanly by the guest or the operator; cold boot next time.
     Clean,
+    /// The guest asked for a reset and the VMM ended instead of rebooting; cold boot next time.
+    GuestReset,
+    /// The guest triple-faulted (crashed) and the VMM ended; cold boot next time.
+    TripleFault,
     /// Died without a completed save: state incomplete, cold boot only.
     Unsafe,
     /// Never run since it was created in the region.

@@ -76,7 +76,7 @@ impl Answer {
 }
 
 /// The answer to `operation` failing with `error`, by the error's kind (see `Error::kind`).
-fn api_error(operation: Operation, error: Error) -> ApiError {
+pub(super) fn api_error(operation: Operation, error: Error) -> ApiError {
     let status = match error.kind() {
         ErrorKind::InvalidRequest => 400,
         ErrorKind::NotFound => 404,
@@ -89,7 +89,7 @@ fn api_error(operation: Operation, error: Error) -> ApiError {
 /// After `vm.shutdown` (and within `vm.reboot`) the next boot starts the guest afresh. For an NV
 /// VM that means a cold boot over its extent, even if this run began as a recovery
 /// (`recover=on`): the run just ended cleanly, so there is no saved state to resume.
-fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
+pub(super) fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::config::VmConfig {
     if let Some(nv) = config.nv.as_mut() {
         nv.recover = false;
         nv.force_cold = false;
@@ -155,6 +155,10 @@ impl Vmm {
                 if let Err(error) = check_state(Operation::Reboot, self.api_state()) {
                     return Answer::error(error);
                 }
+                // Whatever would make the boot fail is refused while the guest still runs.
+                if let Err(e) = self.check_reboot() {
+                    return Answer::error(api_error(Operation::Reboot, e));
+                }
                 let rebooted = {
                     let _inner = hold_back(&[VmEvent::Shutdown, VmEvent::Booting, VmEvent::Booted]);
                     self.stop_for_cold_boot();
@@ -175,35 +179,11 @@ impl Vmm {
                     .err()
                     .unwrap_or_else(|| not_implemented(operation)),
             ),
-            ApiRequest::VmSnapshot(request) => {
-                // Refused by state before anything is touched on disk.
-                if let Err(error) = check_state(Operation::Snapshot, self.api_state()) {
-                    return Answer::error(error);
-                }
-                let Some(vm) = self.vm.as_ref() else {
-                    return Answer::error(ApiError::refused(
-                        Operation::Snapshot,
-                        StateRefusal::NotRunning,
-                    ));
-                };
-                emit_vm(VmEvent::Snapshotting);
-                match crate::snapshot::save(vm, &request.destination_url) {
-                    Ok(()) => {
-                        emit_vm(VmEvent::Snapshotted);
-                        Answer::done()
-                    }
-                    Err(e) => Answer::error(api_error(Operation::Snapshot, e)),
-                }
-            }
-            ApiRequest::VmRestore(request) => {
-                if let Err(error) = check_state(Operation::Restore, self.api_state()) {
-                    return Answer::error(error);
-                }
-                match self.restore_vm(&request) {
-                    Ok(()) => Answer::done(),
-                    Err(e) => Answer::error(api_error(Operation::Restore, e)),
-                }
-            }
+            // They wait on files: the control loop hands them to a worker thread before `answer`
+            // (`long_operation.rs`), so they never get here.
+            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Answer::error(
+                ApiError::internal("vm.snapshot and vm.restore run on a worker thread"),
+            ),
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(api_error(Operation::NvStatus, Error::NoNvVm)),
                 Some(nv_vm) => match nv::status(nv_vm) {
@@ -248,7 +228,7 @@ impl Vmm {
 
     /// The VM's state as the lifecycle table sees it: `None` without a VM, `Created` for a
     /// config not booted, else the running VM's state.
-    fn api_state(&self) -> Option<ApiVmState> {
+    pub(super) fn api_state(&self) -> Option<ApiVmState> {
         match (&self.vm_config, &self.vm) {
             (_, Some(vm)) => Some(match vm.run_state() {
                 VmRunState::Created => ApiVmState::Created,
