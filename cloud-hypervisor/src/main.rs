@@ -98,6 +98,15 @@ struct Cli {
     #[arg(long, value_name = "true|false|log", default_value = "true",
           value_parser = ["true", "false", "log"])]
     seccomp: String,
+
+    /// Restrict the VMM to the files its configuration names (Linux Landlock).
+    #[arg(long)]
+    landlock: bool,
+
+    /// path=<path>,access=r|w|rw: more paths the VMM may reach under --landlock (snapshot
+    /// destinations, restore sources, regions given later over the API).
+    #[arg(long = "landlock-rules", value_name = "path=PATH,access=rw", num_args = 1.., action = ArgAction::Append)]
+    landlock_rules: Vec<String>,
 }
 
 /// Checks a file the VMM will read before anything starts, so the message names the option.
@@ -151,6 +160,7 @@ fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
             .map(RestoreConfig::parse)
             .transpose()?,
         seccomp,
+        landlock: vmm::landlock::LandlockSettings::from_cli(cli.landlock, &cli.landlock_rules)?,
     })
 }
 

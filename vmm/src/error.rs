@@ -111,6 +111,8 @@ pub enum Error {
     },
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
+    #[error(transparent)]
+    Landlock(#[from] crate::landlock::LandlockError),
     #[error("--nv region={region},vm={vm}: {reason}")]
     NvSetup {
         region: String,
@@ -184,7 +186,8 @@ impl Error {
             | Error::Seccomp(_)
             | Error::State(_)
             | Error::EventFd { .. }
-            | Error::Epoll { .. } => ErrorKind::Internal,
+            | Error::Epoll { .. }
+            | Error::Landlock(_) => ErrorKind::Internal,
         }
     }
 }
