@@ -288,6 +288,31 @@ mod tests {
     }
 
     #[test]
+    fn landlock_takes_upstreams_rules_and_they_need_it() {
+        let launch = build_launch(
+            &cli(&[
+                "--landlock",
+                "--landlock-rules",
+                "path=/var/snap,access=rw",
+                "path=/srv/img,access=r",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let rules = launch.landlock.unwrap().rules;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1].path, PathBuf::from("/srv/img"));
+        assert_eq!(build_launch(&cli(&[]).unwrap()).unwrap().landlock, None);
+        let message = |arguments: &[&str]| {
+            format!("{:#}", build_launch(&cli(arguments).unwrap()).unwrap_err())
+        };
+        let alone = message(&["--landlock-rules", "path=/x,access=r"]);
+        assert!(alone.contains("without --landlock"), "{alone}");
+        let bad = message(&["--landlock", "--landlock-rules", "path=/x,access=x"]);
+        assert!(bad.starts_with("--landlock-rules"), "{bad}");
+    }
+
+    #[test]
     fn bad_values_name_the_option() {
         let message = |arguments: &[&str]| {
             format!("{:#}", build_launch(&cli(arguments).unwrap()).unwrap_err())
