@@ -234,9 +234,18 @@ impl LandlockPolicy {
     }
 
     /// A file the VMM will create if missing: created now, empty, so that the rule has a target.
-    fn allow_created(&mut self, path: &str) {
+    /// Guest RAM (`private`: a zone file, a region) is created owner-only, as nv-extension
+    /// creates a region.
+    fn allow_created(&mut self, path: &str, private: bool) {
+        use std::os::unix::fs::OpenOptionsExt;
         if !Path::new(path).exists() {
-            if let Err(error) = OpenOptions::new().write(true).create_new(true).open(path) {
+            let mode = if private { 0o600 } else { 0o666 };
+            if let Err(error) = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(path)
+            {
                 // The VM's own open reports the real problem (a missing directory, ...).
                 log::warn!("--landlock: cannot create {path} ahead of the VM: {error}");
             }
@@ -264,19 +273,19 @@ impl LandlockPolicy {
         for console in [&vm.serial, &vm.console] {
             if console.mode == ConsoleOutputMode::File {
                 if let Some(path) = &console.file {
-                    self.allow_created(path);
+                    self.allow_created(path, false);
                 }
             }
         }
         for zone in vm.memory.zones.iter().flatten() {
             if let Some(path) = &zone.file {
-                self.allow_created(path);
+                self.allow_created(path, true);
                 self.allow_dax_sysfs(Path::new(path));
             }
         }
         if let Some(nv) = &vm.nv {
             if nv.create {
-                self.allow_created(&nv.region);
+                self.allow_created(&nv.region, true);
             } else {
                 self.allow(&nv.region, LandlockAccess::READ_WRITE);
             }
@@ -548,6 +557,12 @@ mod tests {
         // is an empty file, which nv-extension formats on `create=on`.
         for created in ["serial.log", "ram", "region"] {
             assert_eq!(std::fs::metadata(at(created)).unwrap().len(), 0, "{created}");
+        }
+        // Guest RAM is owner-only, as nv-extension creates a region.
+        use std::os::unix::fs::PermissionsExt;
+        for private in ["ram", "region"] {
+            let mode = std::fs::metadata(at(private)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{private}: {mode:o}");
         }
         // A disk is never created by the policy: a missing disk stays an error of the VM.
         assert!(!Path::new(&at("rw.img")).exists());
