@@ -165,12 +165,10 @@ pub fn replay(target: &mut dyn Target, inputs: &[Vec<u8>]) -> Vec<Finding> {
         inputs
             .iter()
             .filter_map(|input| {
-                execute_caught(target, input)
-                    .err()
-                    .map(|message| Finding {
-                        input: input.clone(),
-                        message,
-                    })
+                execute_caught(target, input).err().map(|message| Finding {
+                    input: input.clone(),
+                    message,
+                })
             })
             .collect()
     })
@@ -189,7 +187,11 @@ pub fn mutate(
     for _ in 0..rounds {
         let len = input.len();
         let position = if len == 0 { 0 } else { rng.below(len) };
-        let choice = if fixed_size { rng.below(4) } else { rng.below(12) };
+        let choice = if fixed_size {
+            rng.below(4)
+        } else {
+            rng.below(12)
+        };
         match choice {
             0 if len > 0 => input[position] ^= 1 << rng.below(8),
             1 if len > 0 => input[position] = rng.next_u64() as u8,
@@ -265,7 +267,12 @@ pub fn mutate(
 }
 
 /// Fuzzes `target` for `budget`, starting from `corpus`; stops early after 10 findings.
-pub fn fuzz(target: &mut dyn Target, mut corpus: Vec<Vec<u8>>, budget: Duration, seed: u64) -> Report {
+pub fn fuzz(
+    target: &mut dyn Target,
+    mut corpus: Vec<Vec<u8>>,
+    budget: Duration,
+    seed: u64,
+) -> Report {
     let mut rng = Rng::new(seed);
     let dictionary = target.dictionary();
     let max_len = target.max_len();
@@ -292,7 +299,9 @@ pub fn fuzz(target: &mut dyn Target, mut corpus: Vec<Vec<u8>>, budget: Duration,
         }
         while started.elapsed() < budget && findings.len() < 10 {
             let mut input = corpus[rng.below(corpus.len())].clone();
-            mutate(&mut rng, &mut input, &corpus, dictionary, max_len, fixed_size);
+            mutate(
+                &mut rng, &mut input, &corpus, dictionary, max_len, fixed_size,
+            );
             execs += 1;
             match execute_caught(target, &input) {
                 Ok(signature) => {
@@ -316,7 +325,9 @@ pub fn fuzz(target: &mut dyn Target, mut corpus: Vec<Vec<u8>>, budget: Duration,
 
 /// The committed corpus of a target: every file in `fuzz/corpus/<name>/`, sorted by name.
 pub fn corpus_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(name)
 }
 
 pub fn load_corpus(name: &str) -> Vec<Vec<u8>> {

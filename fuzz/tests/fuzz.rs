@@ -33,7 +33,10 @@ fn check(name: &str) {
         "{name}: committed corpus inputs fail: {:?}",
         findings
             .iter()
-            .map(|f| (&f.message, String::from_utf8_lossy(&f.input[..f.input.len().min(200)])))
+            .map(|f| (
+                &f.message,
+                String::from_utf8_lossy(&f.input[..f.input.len().min(200)])
+            ))
             .collect::<Vec<_>>()
     );
     let mut corpus = target.seeds();
@@ -47,7 +50,10 @@ fn check(name: &str) {
         report
             .findings
             .iter()
-            .map(|f| (&f.message, String::from_utf8_lossy(&f.input[..f.input.len().min(300)])))
+            .map(|f| (
+                &f.message,
+                String::from_utf8_lossy(&f.input[..f.input.len().min(300)])
+            ))
             .collect::<Vec<_>>()
     );
 }

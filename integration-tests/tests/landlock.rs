@@ -220,5 +220,10 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     );
     assert!(recover.stderr_log().contains("rules enforced"));
     recover.signal(libc::SIGTERM);
-    assert_eq!(recover.wait_exit().code(), Some(0), "{}", recover.stderr_log());
+    assert_eq!(
+        recover.wait_exit().code(),
+        Some(0),
+        "{}",
+        recover.stderr_log()
+    );
 }

@@ -254,9 +254,13 @@ impl LandlockPolicy {
     }
 
     fn allow_vm(&mut self, vm: &VmConfig) {
-        for path in [&vm.payload.kernel, &vm.payload.initramfs, &vm.payload.firmware]
-            .into_iter()
-            .flatten()
+        for path in [
+            &vm.payload.kernel,
+            &vm.payload.initramfs,
+            &vm.payload.firmware,
+        ]
+        .into_iter()
+        .flatten()
         {
             self.allow(path, LandlockAccess::READ);
         }
@@ -314,7 +318,10 @@ impl LandlockPolicy {
     }
 
     /// Restricts the calling thread (and the threads it starts from now on) to the policy.
-    pub fn restrict_current_thread(&self, thread: &'static str) -> Result<Enforcement, LandlockError> {
+    pub fn restrict_current_thread(
+        &self,
+        thread: &'static str,
+    ) -> Result<Enforcement, LandlockError> {
         let handled = AccessFs::from_all(TARGET_ABI);
         let mut ruleset = Ruleset::default()
             .handle_access(handled)
@@ -327,10 +334,7 @@ impl LandlockPolicy {
                 // A path that does not exist cannot be reached anyway; the VM's own open of it
                 // fails with its usual message. Say why in the log.
                 Err(source) if !rule.path.exists() => {
-                    log::warn!(
-                        "--landlock: no rule for {} ({source})",
-                        rule.path.display()
-                    );
+                    log::warn!("--landlock: no rule for {} ({source})", rule.path.display());
                     continue;
                 }
                 Err(source) => {
@@ -421,8 +425,14 @@ mod tests {
     #[test]
     fn access_is_r_w_or_rw() {
         assert_eq!(LandlockAccess::parse("r"), Some(LandlockAccess::READ));
-        assert_eq!(LandlockAccess::parse("rw"), Some(LandlockAccess::READ_WRITE));
-        assert_eq!(LandlockAccess::parse("wr"), Some(LandlockAccess::READ_WRITE));
+        assert_eq!(
+            LandlockAccess::parse("rw"),
+            Some(LandlockAccess::READ_WRITE)
+        );
+        assert_eq!(
+            LandlockAccess::parse("wr"),
+            Some(LandlockAccess::READ_WRITE)
+        );
         assert_eq!(
             LandlockAccess::parse("w"),
             Some(LandlockAccess {
@@ -549,14 +559,24 @@ mod tests {
         assert_eq!(access_of(&at("kernel")), Some(LandlockAccess::READ));
         assert_eq!(access_of(&at("rw.img")), Some(LandlockAccess::READ_WRITE));
         assert_eq!(access_of(&at("ro.img")), Some(LandlockAccess::READ));
-        assert_eq!(access_of(&at("serial.log")), Some(LandlockAccess::READ_WRITE));
+        assert_eq!(
+            access_of(&at("serial.log")),
+            Some(LandlockAccess::READ_WRITE)
+        );
         assert_eq!(access_of(&at("ram")), Some(LandlockAccess::READ_WRITE));
         assert_eq!(access_of(&at("region")), Some(LandlockAccess::READ_WRITE));
-        assert_eq!(access_of(&at("snapshots")), Some(LandlockAccess::READ_WRITE));
+        assert_eq!(
+            access_of(&at("snapshots")),
+            Some(LandlockAccess::READ_WRITE)
+        );
         // Outputs the VM creates exist (empty) so that their rules have a target; the region
         // is an empty file, which nv-extension formats on `create=on`.
         for created in ["serial.log", "ram", "region"] {
-            assert_eq!(std::fs::metadata(at(created)).unwrap().len(), 0, "{created}");
+            assert_eq!(
+                std::fs::metadata(at(created)).unwrap().len(),
+                0,
+                "{created}"
+            );
         }
         // Guest RAM is owner-only, as nv-extension creates a region.
         use std::os::unix::fs::PermissionsExt;

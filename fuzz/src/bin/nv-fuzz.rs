@@ -13,7 +13,8 @@ fn main() -> anyhow::Result<()> {
     // `nv-fuzz seeds <target> <dir>`: writes the target's built-in seeds there (to start a corpus).
     if std::env::args().nth(1).as_deref() == Some("seeds") {
         let name = std::env::args().nth(2).context("seeds <target> <dir>")?;
-        let dir = std::path::PathBuf::from(std::env::args().nth(3).context("seeds <target> <dir>")?);
+        let dir =
+            std::path::PathBuf::from(std::env::args().nth(3).context("seeds <target> <dir>")?);
         std::fs::create_dir_all(&dir)?;
         for (index, seed) in by_name(&name)?.seeds().iter().enumerate() {
             std::fs::write(dir.join(format!("seed-{index}")), seed)?;
@@ -35,7 +36,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let Some(which) = which else {
-        bail!("usage: nv-fuzz <{}|all> [--seconds N] [--seed S]", NAMES.join("|"));
+        bail!(
+            "usage: nv-fuzz <{}|all> [--seconds N] [--seed S]",
+            NAMES.join("|")
+        );
     };
     let names: Vec<&str> = if which == "all" {
         NAMES.to_vec()

@@ -36,7 +36,9 @@ fn check_names_option(error: &ConfigError, option: &str) -> Result<(), String> {
     if message.starts_with("--") {
         Ok(())
     } else {
-        Err(format!("--{option} refusal does not name an option: {message}"))
+        Err(format!(
+            "--{option} refusal does not name an option: {message}"
+        ))
     }
 }
 
@@ -109,14 +111,16 @@ impl Target for CliTarget {
         let mut parts: Vec<String> = Vec::new();
         match VmConfig::from_options(&options) {
             Ok(Some(config)) => {
-                config
-                    .validate()
-                    .map_err(|e| format!("the command line accepted a config validate() refuses: {e}"))?;
+                config.validate().map_err(|e| {
+                    format!("the command line accepted a config validate() refuses: {e}")
+                })?;
                 let json = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
                 match build_api_request("/api/v1/vm.create", &json, None) {
                     Some(Ok(ApiRequest::VmCreate(api))) if *api == config => {}
                     Some(Ok(other)) => {
-                        return Err(format!("CLI config differs over the API: {config:?} -> {other:?}"))
+                        return Err(format!(
+                            "CLI config differs over the API: {config:?} -> {other:?}"
+                        ))
                     }
                     Some(Err(error)) => {
                         return Err(format!(

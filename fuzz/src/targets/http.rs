@@ -93,16 +93,22 @@ impl Target for HttpTarget {
                     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_graphic()) {
                         return Err(format!("accepted method {method:?}"));
                     }
-                    if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                    if path
+                        .bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                    {
                         return Err(format!("accepted path {path:?}"));
                     }
                     if *body_len > 1 << 20 {
-                        return Err(format!("accepted a {body_len}-byte body over the 1 MiB limit"));
+                        return Err(format!(
+                            "accepted a {body_len}-byte body over the 1 MiB limit"
+                        ));
                     }
                     match outcome {
                         Ok(request) => {
                             let text = format!("{request:?}");
-                            parts.push(message_kind(&text.replace(['(', '{'], " "), 1).into_bytes());
+                            parts
+                                .push(message_kind(&text.replace(['(', '{'], " "), 1).into_bytes());
                         }
                         Err(error) => {
                             if !(400..600).contains(&error.status) {

@@ -10,7 +10,14 @@ mod vm_config;
 use crate::Target;
 
 /// Every target's name, in the order the suite runs them.
-pub const NAMES: [&str; 6] = ["http", "vm_config", "cli", "region", "state_json", "virtio_blk"];
+pub const NAMES: [&str; 6] = [
+    "http",
+    "vm_config",
+    "cli",
+    "region",
+    "state_json",
+    "virtio_blk",
+];
 
 /// The target called `name`.
 pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Target>> {

@@ -38,7 +38,10 @@ impl RegionTarget {
         };
         let region = Region::open(&path, &options)?;
         for index in 0..vms {
-            let config = format!(r#"{{"payload":{{"kernel":"/k"}},"memory":{{"size":{}}}}}"#, 8192);
+            let config = format!(
+                r#"{{"payload":{{"kernel":"/k"}},"memory":{{"size":{}}}}}"#,
+                8192
+            );
             region.create_vm(&format!("vm{index}"), 8192, config.as_bytes())?;
         }
         drop(region);

@@ -41,9 +41,12 @@ impl Target for StateJsonTarget {
     fn execute(&mut self, input: &[u8]) -> Result<u64, String> {
         match serde_json::from_slice::<SnapshotState>(input) {
             Ok(state) => {
-                let encoded = serde_json::to_value(&state).map_err(|e| format!("re-encoding: {e}"))?;
-                let again: SnapshotState = serde_json::from_value(encoded.clone())
-                    .map_err(|e| format!("an accepted state.json does not parse after its round trip: {e}"))?;
+                let encoded =
+                    serde_json::to_value(&state).map_err(|e| format!("re-encoding: {e}"))?;
+                let again: SnapshotState =
+                    serde_json::from_value(encoded.clone()).map_err(|e| {
+                        format!("an accepted state.json does not parse after its round trip: {e}")
+                    })?;
                 let twice = serde_json::to_value(&again).map_err(|e| e.to_string())?;
                 if twice != encoded {
                     return Err("an accepted state.json changes on its round trip".into());

@@ -65,8 +65,16 @@ fn seed(kind: u32, sector: u64, descriptors: &[(u64, u32, u16)], readonly: bool)
     memory[0] = u8::from(readonly);
     for (index, (addr, len, flags)) in descriptors.iter().enumerate() {
         let at = DESC_TABLE as usize + index * 16;
-        let next = if index + 1 < descriptors.len() { index as u16 + 1 } else { 0 };
-        let flags = if index + 1 < descriptors.len() { flags | 1 } else { *flags };
+        let next = if index + 1 < descriptors.len() {
+            index as u16 + 1
+        } else {
+            0
+        };
+        let flags = if index + 1 < descriptors.len() {
+            flags | 1
+        } else {
+            *flags
+        };
         memory[at..at + 8].copy_from_slice(&addr.to_le_bytes());
         memory[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
         memory[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
@@ -92,13 +100,38 @@ impl Target for VirtioBlkTarget {
         const WRITE: u16 = 2;
         vec![
             // read 2 sectors, write 1 sector, flush, get-id, unsupported, bad header
-            seed(0, 1, &[(0x3000, 16, 0), (0x3100, 1024, WRITE), (0x3f00, 1, WRITE)], false),
-            seed(1, 15, &[(0x3000, 16, 0), (0x3100, 512, 0), (0x3f00, 1, WRITE)], false),
-            seed(1, 0, &[(0x3000, 16, 0), (0x3100, 512, 0), (0x3f00, 1, WRITE)], true),
+            seed(
+                0,
+                1,
+                &[(0x3000, 16, 0), (0x3100, 1024, WRITE), (0x3f00, 1, WRITE)],
+                false,
+            ),
+            seed(
+                1,
+                15,
+                &[(0x3000, 16, 0), (0x3100, 512, 0), (0x3f00, 1, WRITE)],
+                false,
+            ),
+            seed(
+                1,
+                0,
+                &[(0x3000, 16, 0), (0x3100, 512, 0), (0x3f00, 1, WRITE)],
+                true,
+            ),
             seed(4, 0, &[(0x3000, 16, 0), (0x3f00, 1, WRITE)], false),
-            seed(8, 0, &[(0x3000, 16, 0), (0x3100, 20, WRITE), (0x3f00, 1, WRITE)], false),
+            seed(
+                8,
+                0,
+                &[(0x3000, 16, 0), (0x3100, 20, WRITE), (0x3f00, 1, WRITE)],
+                false,
+            ),
             seed(99, 0, &[(0x3000, 16, 0), (0x3f00, 1, WRITE)], false),
-            seed(0, u64::MAX, &[(0x3000, 16, 0), (0x3100, 512, WRITE), (0x3f00, 1, WRITE)], false),
+            seed(
+                0,
+                u64::MAX,
+                &[(0x3000, 16, 0), (0x3100, 512, WRITE), (0x3f00, 1, WRITE)],
+                false,
+            ),
             seed(0, 0, &[(0x3000, 8, 0), (0x3f00, 1, WRITE)], false),
         ]
     }
@@ -155,7 +188,10 @@ impl Target for VirtioBlkTarget {
         let outcome = disk.serve_chain(chain, &memory);
         let after = hash_file(path);
         if after.0 != before.0 {
-            return Err(format!("the disk changed size: {} -> {} bytes", before.0, after.0));
+            return Err(format!(
+                "the disk changed size: {} -> {} bytes",
+                before.0, after.0
+            ));
         }
         if readonly && after.1 != before.1 {
             return Err("a read-only disk was written".into());
