@@ -16,6 +16,9 @@ use crate::{message_kind, signature, Target};
 
 pub struct CliTarget;
 
+/// One of the parsers of an option that is not part of the VM config.
+type OtherParser = fn(&str) -> Result<(), ConfigError>;
+
 const OPTIONS: [&str; 12] = [
     "cpus",
     "memory",
@@ -140,7 +143,7 @@ impl Target for CliTarget {
                 parts.push(message_kind(&error.to_string(), 3));
             }
         }
-        let others: [(usize, fn(&str) -> Result<(), ConfigError>); 4] = [
+        let others: [(usize, OtherParser); 4] = [
             (8, |s| ApiSocketConfig::parse(s).map(|_| ())),
             (9, |s| EventMonitorConfig::parse(s).map(|_| ())),
             (10, |s| RestoreConfig::parse(s).map(|_| ())),
