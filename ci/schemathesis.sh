@@ -53,7 +53,9 @@ port=$(cat "$work/port")
 
 echo "schemathesis $("$st" --version | awk '{print $NF}') against docs/openapi.yaml, VMM pid $vmm_pid, http://127.0.0.1:$port"
 set +e
-"$st" run docs/openapi.yaml --url "http://127.0.0.1:$port/api/v1" \
+# From the scratch directory: schemathesis keeps its example database in the working directory.
+cd "$work"
+"$st" run "$root/docs/openapi.yaml" --url "http://127.0.0.1:$port/api/v1" \
     --checks status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
     --exclude-path /vmm.shutdown --exclude-path /vm.power-fail --exclude-path /vm.nv-suspend \
     --max-time "$max_time" --workers 1 --seed "${ST_SEED:-53}" --request-timeout 30 \
