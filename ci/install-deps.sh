@@ -6,6 +6,10 @@ need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v make >/dev/null 2>&1 || need+=(make)
+# ci/schemathesis.sh: the venv for schemathesis, curl for its last vmm.ping.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 # nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
@@ -19,4 +23,13 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "ci: cargo not found; this project needs a Rust toolchain (rustup)" >&2
     exit 1
+fi
+
+# schemathesis (PyPI), pinned, in its own venv: ci/schemathesis.sh runs it against a live VMM.
+SCHEMATHESIS_VERSION=4.32.5
+venv="${NV_CI_VENV:-$HOME/.cache/nv-hypervisor/venv}"
+if [ "$("$venv/bin/st" --version 2>/dev/null | awk '{print $NF}')" != "$SCHEMATHESIS_VERSION" ]; then
+    echo "ci: installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi

@@ -16,3 +16,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test (release)"
 cargo test --workspace --release -- --test-threads=2
+echo "== schemathesis against docs/openapi.yaml on a live VMM (about 2 minutes)"
+bash ci/schemathesis.sh

@@ -154,6 +154,15 @@ struct Cli {
     #[arg(long, value_name = "true|false|log", default_value = "true",
           value_parser = ["true", "false", "log"])]
     seccomp: String,
+
+    /// Restrict the VMM to the files its configuration names (Linux Landlock).
+    #[arg(long)]
+    landlock: bool,
+
+    /// path=<path>,access=r|w|rw: more paths the VMM may reach under --landlock (snapshot
+    /// destinations, restore sources, regions given later over the API).
+    #[arg(long = "landlock-rules", value_name = "path=PATH,access=rw", num_args = 1.., action = ArgAction::Append)]
+    landlock_rules: Vec<String>,
 }
 
 /// Checks a file the VMM will read before anything starts, so the message names the option.
@@ -272,6 +281,7 @@ fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
             .map(RestoreConfig::parse)
             .transpose()?,
         seccomp,
+        landlock: vmm::landlock::LandlockSettings::from_cli(cli.landlock, &cli.landlock_rules)?,
     })
 }
 
@@ -405,6 +415,31 @@ mod tests {
         assert!(cli(&["--seccomp", "maybe"]).is_err());
         assert!(cli(&["--kernel"]).is_err());
         assert!(cli(&["--restore", "source_url=file:///s", "--kernel", "/k"]).is_err());
+    }
+
+    #[test]
+    fn landlock_takes_upstreams_rules_and_they_need_it() {
+        let launch = build_launch(
+            &cli(&[
+                "--landlock",
+                "--landlock-rules",
+                "path=/var/snap,access=rw",
+                "path=/srv/img,access=r",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let rules = launch.landlock.unwrap().rules;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1].path, PathBuf::from("/srv/img"));
+        assert_eq!(build_launch(&cli(&[]).unwrap()).unwrap().landlock, None);
+        let message = |arguments: &[&str]| {
+            format!("{:#}", build_launch(&cli(arguments).unwrap()).unwrap_err())
+        };
+        let alone = message(&["--landlock-rules", "path=/x,access=r"]);
+        assert!(alone.contains("without --landlock"), "{alone}");
+        let bad = message(&["--landlock", "--landlock-rules", "path=/x,access=x"]);
+        assert!(bad.starts_with("--landlock-rules"), "{bad}");
     }
 
     #[test]

@@ -611,6 +611,8 @@ pub struct VmmLaunch {
     pub restore: Option<RestoreConfig>,
     /// Applied by every thread the VMM spawns, through `seccomp_filters::apply_filter`.
     pub seccomp: SeccompMode,
+    /// `--landlock` (with its `--landlock-rules`): the files the VMM may open after start-up.
+    pub landlock: Option<crate::landlock::LandlockSettings>,
 }
 
 /// A command-line option string that cannot be used. Every variant names the option (without

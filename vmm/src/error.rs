@@ -132,6 +132,8 @@ pub enum Error {
     NotBootable(String),
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
+    #[error(transparent)]
+    Landlock(#[from] crate::landlock::LandlockError),
     #[error("--nv region={region},vm={vm}: {reason}")]
     NvSetup {
         region: String,
@@ -210,7 +212,8 @@ impl Error {
             | Error::Seccomp(_)
             | Error::State(_)
             | Error::EventFd { .. }
-            | Error::Epoll { .. } => ErrorKind::Internal,
+            | Error::Epoll { .. }
+            | Error::Landlock(_) => ErrorKind::Internal,
         }
     }
 }

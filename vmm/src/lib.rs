@@ -8,6 +8,7 @@ pub mod device_manager;
 mod error;
 pub mod event_monitor;
 pub mod events;
+pub mod landlock;
 pub mod memory;
 pub mod nv;
 pub mod option_parser;
@@ -43,10 +44,22 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
             "--restore brings its own VM config; do not combine it with --kernel".to_string(),
         ));
     }
+    // --landlock: the API thread restricts itself once its socket is bound, the control loop
+    // before the VM is built (its vCPU and I/O threads inherit the restriction).
+    let landlock = launch
+        .landlock
+        .as_ref()
+        .map(|settings| landlock::LandlockPolicy::for_launch(&launch, settings));
+    if let Some(policy) = &landlock {
+        landlock::restrict_api_thread_to(policy);
+    }
     let mut vmm = Vmm::new(launch.seccomp)?;
     // The API first, as upstream does: a VM given on the command line is then visible to it.
     if let Some(socket) = launch.api_socket {
         vmm.start_api(socket)?;
+    }
+    if let Some(policy) = &landlock {
+        policy.enforce()?;
     }
     if let Some(config) = launch.vm {
         vmm.boot_vm(&config)?;

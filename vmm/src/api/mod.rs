@@ -256,6 +256,91 @@ pub fn start_http_server_with_limits(
     server::spawn(listener, to_vmm, wake, limits)
 }
 
+/// What the server makes of one request read from raw connection bytes (see
+/// [`route_connection_bytes`]).
+#[derive(Debug)]
+pub enum RoutedRequest {
+    /// The framing refused the bytes: the status the server answers (`None`: it just closes).
+    Refused(Option<u16>),
+    /// A request was read: its method, path and body length, and what routing made of it (the
+    /// control loop's request, or the error status and message the server answers).
+    Request {
+        method: String,
+        path: String,
+        body_len: usize,
+        outcome: Result<ApiRequest, ApiError>,
+    },
+}
+
+/// Reads every request from `bytes` as a connection thread reads its socket, and routes each as
+/// the server does (404 unknown path, 405 wrong method, then the body parsers), without a
+/// control loop. For the fuzz targets (`fuzz/`); `bytes` should stay under 64 KiB (they are
+/// written to a socket pair first).
+pub fn route_connection_bytes(bytes: &[u8]) -> Vec<RoutedRequest> {
+    use std::io::Write;
+    let Ok((mut client, server)) = std::os::unix::net::UnixStream::pair() else {
+        return Vec::new();
+    };
+    if client
+        .write_all(bytes)
+        .and_then(|()| client.shutdown(std::net::Shutdown::Write))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let limits = ServerLimits::default();
+    let framing = http::FramingLimits {
+        max_header_bytes: limits.max_header_bytes,
+        max_body_bytes: limits.max_body_bytes,
+        request_timeout: std::time::Duration::from_millis(200),
+    };
+    let mut connection = http::Connection::new(server);
+    let mut routed = Vec::new();
+    loop {
+        match connection.read_request(&framing) {
+            Ok(None) => return routed,
+            Err(error) => {
+                routed.push(RoutedRequest::Refused(error.status()));
+                return routed;
+            }
+            Ok(Some(request)) => {
+                let outcome = match routes::find_route(&request.path) {
+                    None => Err(ApiError::not_found(format!(
+                        "unknown API path {}",
+                        request.path
+                    ))),
+                    Some(route) if request.method != route.method.as_str() => {
+                        Err(ApiError::new(405, "wrong method"))
+                    }
+                    Some(route) => {
+                        routes::build_request(route, &request.body, request.query.as_deref())
+                    }
+                };
+                let keep_alive = request.keep_alive;
+                routed.push(RoutedRequest::Request {
+                    method: request.method,
+                    path: request.path,
+                    body_len: request.body.len(),
+                    outcome,
+                });
+                if !keep_alive {
+                    return routed;
+                }
+            }
+        }
+    }
+}
+
+/// The control loop's request for `path` (`/api/v1/...`) with `body` and `query`, as the server
+/// builds it, or `None` for an unknown path. For the fuzz targets (`fuzz/`).
+pub fn build_api_request(
+    path: &str,
+    body: &[u8],
+    query: Option<&str>,
+) -> Option<Result<ApiRequest, ApiError>> {
+    routes::find_route(path).map(|route| routes::build_request(route, body, query))
+}
+
 /// For the control loop, just before the VMM process exits (after answering `vmm.shutdown`, or
 /// after a power-fail or suspend save): answers every request still queued with 503 ("the VMM is
 /// shutting down") and waits up to `timeout` until every answer, including the one just sent for

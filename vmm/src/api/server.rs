@@ -115,8 +115,11 @@ pub(super) fn spawn(
     let handle = thread::Builder::new()
         .name("http-server".into())
         .spawn(move || {
+            // --landlock: the socket is bound; from here this thread opens only the VMM's files.
+            let landlocked = crate::landlock::restrict_api_thread()
+                .map_err(|error| log::error!("API server thread: {error}"));
             let filter = apply_filter_for_mode(ThreadKind::HttpApi, limits.seccomp);
-            let serve = filter.is_ok();
+            let serve = filter.is_ok() && landlocked.is_ok();
             // The spawner waits for this message.
             let _ = confined_tx.send(filter);
             // Never serve unconfined: the socket closes with the listener.

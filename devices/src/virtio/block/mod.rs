@@ -59,6 +59,19 @@ impl Block {
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.capacity_sectors()
     }
+
+    /// Serves one request chain as the I/O thread does: `(status, used_len)`, or `None` when the
+    /// chain has no usable status descriptor and is dropped. For the fuzz targets (`fuzz/`).
+    pub fn serve_chain(
+        &self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Option<(u8, u32)> {
+        match request::serve(chain, mem, &self.disk, &self.counters) {
+            Completion::Done { status, used_len } => Some((status, used_len)),
+            Completion::Dropped => None,
+        }
+    }
 }
 
 impl VirtioDevice for Block {

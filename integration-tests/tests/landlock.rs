@@ -1,0 +1,229 @@
+//! `--landlock` end to end: a `cloud-hypervisor` process running the counter guest on an NV region
+//! under Landlock cannot write a snapshot into a directory its rules do not name (while one its
+//! `--landlock-rules` name works), cannot read a file outside its rules over the API, and an NV
+//! power-fail save and the recovery in a new, also restricted, process still work. Real KVM.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::api_client;
+use integration_tests::binaries;
+use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, read_log};
+use vmm::nv::EXIT_POWER_FAIL_SAVED;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Vmm {
+    child: Child,
+    serial: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Vmm {
+    fn spawn(dir: &Path, label: &str, arguments: &[String]) -> Vmm {
+        let serial = dir.join(format!("{label}.serial"));
+        let stderr = dir.join(format!("{label}.stderr"));
+        let child = Command::new(binaries::cloud_hypervisor())
+            .args(arguments)
+            .args(["--serial", &format!("file={}", serial.display())])
+            .args(["--console", "off", "-v"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning cloud-hypervisor");
+        Vmm {
+            child,
+            serial,
+            stderr,
+        }
+    }
+
+    fn stderr_log(&self) -> String {
+        read_log(&self.stderr)
+    }
+
+    fn wait_counter_lines(&mut self, lines: usize) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let log = read_log(&self.serial);
+            if counter_lines(&log).len() >= lines {
+                return log;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("VMM exited ({status})\n{log}\n{}", self.stderr_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {lines} counter lines\n{log}\n{}",
+                self.stderr_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, not reaped yet (its pid is still ours).
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VMM did not exit\n{}",
+                self.stderr_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    api_client::request(socket, method, path, body, TIMEOUT)
+}
+
+#[test]
+fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
+    if !kvm_available("landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work") {
+        return;
+    }
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let allowed = dir.path().join("allowed");
+    let forbidden = dir.path().join("forbidden");
+    std::fs::create_dir(&allowed).unwrap();
+    std::fs::create_dir(&forbidden).unwrap();
+    let secret = forbidden.join("secret");
+    std::fs::write(&secret, b"not a region").unwrap();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    let kernel = integration_tests::guests::guest_image("counter").expect("counter guest");
+
+    let mut boot = Vmm::spawn(
+        dir.path(),
+        "boot",
+        &[
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--cmdline".into(),
+            guest_cmdline("area_mb=1"),
+            "--memory".into(),
+            "size=32M".into(),
+            "--nv".into(),
+            format!("region={},vm=ll,create=on", region.display()),
+            "--api-socket".into(),
+            format!("path={}", socket.display()),
+            "--landlock".into(),
+            "--landlock-rules".into(),
+            format!("path={},access=rw", allowed.display()),
+        ],
+    );
+    boot.wait_counter_lines(2);
+    wait_for_socket(&socket);
+    assert!(
+        boot.stderr_log().contains("--landlock:") && boot.stderr_log().contains("rules enforced"),
+        "{}",
+        boot.stderr_log()
+    );
+
+    // Outside the rules: the snapshot's directory cannot be created, a file cannot be read.
+    assert_eq!(api(&socket, "PUT", "vm.pause", "").0, 204);
+    let outside = forbidden.join("snap");
+    let (status, body) = api(
+        &socket,
+        "PUT",
+        "vm.snapshot",
+        &format!(r#"{{"destination_url":"file://{}"}}"#, outside.display()),
+    );
+    assert!(status >= 400, "snapshot outside the rules: {status} {body}");
+    assert!(body.contains("Permission denied"), "{body}");
+    assert!(!outside.exists(), "the VMM created {}", outside.display());
+    let (status, body) = api(
+        &socket,
+        "GET",
+        &format!("vmm.nv-regions?region={}", secret.display()),
+        "",
+    );
+    assert!(status >= 400, "{status} {body}");
+    assert!(body.contains("Permission denied"), "{body}");
+
+    // Inside the --landlock-rules directory the same snapshot works.
+    let inside = allowed.join("snap");
+    let (status, body) = api(
+        &socket,
+        "PUT",
+        "vm.snapshot",
+        &format!(r#"{{"destination_url":"file://{}"}}"#, inside.display()),
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(inside.join("state.json").is_file());
+    assert_eq!(api(&socket, "PUT", "vm.resume", "").0, 204);
+    boot.wait_counter_lines(3);
+
+    // Power failure under Landlock: the save commits in place.
+    boot.signal(libc::SIGPWR);
+    let status = boot.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_POWER_FAIL_SAVED),
+        "{}",
+        boot.stderr_log()
+    );
+    let last_before = counter_lines(&read_log(&boot.serial))
+        .last()
+        .map(|line| line.counter)
+        .unwrap();
+
+    // Recovery in a new process, also under Landlock: the guest continues in place.
+    let mut recover = Vmm::spawn(
+        dir.path(),
+        "recover",
+        &[
+            "--nv".into(),
+            format!("region={},vm=ll,recover=on", region.display()),
+            "--landlock".into(),
+        ],
+    );
+    let after = recover.wait_counter_lines(2);
+    assert!(!after.contains("counter: boot"), "booted again:\n{after}");
+    let first_after = counter_lines(&after).first().unwrap().counter;
+    assert!(
+        first_after > last_before,
+        "{last_before} before, {first_after} after"
+    );
+    assert!(recover.stderr_log().contains("rules enforced"));
+    recover.signal(libc::SIGTERM);
+    assert_eq!(
+        recover.wait_exit().code(),
+        Some(0),
+        "{}",
+        recover.stderr_log()
+    );
+}
