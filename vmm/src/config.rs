@@ -2970,6 +2970,47 @@ mod tests {
         assert!(VmConfig::from_options(&buffered_disk).is_ok());
     }
 
+    /// Upstream configs written with every unset `Option` as `null` (as its `vm.info` and
+    /// snapshot `config.json` spell them) read back, pass the check, and lose nothing but the
+    /// `null`s.
+    #[test]
+    fn an_upstream_config_with_nulls_is_accepted() {
+        let body = serde_json::json!({
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": null, "kvm_hyperv": false,
+                     "max_phys_bits": 46, "affinity": null, "features": {"amx": false}},
+            "memory": {"size": 67108864, "mergeable": false, "hotplug_method": "Acpi",
+                       "hotplug_size": null, "hotplugged_size": null, "shared": true,
+                       "hugepages": false, "hugepage_size": null, "prefault": false,
+                       "zones": null, "thp": true},
+            "payload": {"firmware": null, "kernel": "/k", "cmdline": null, "initramfs": null},
+            "disks": [{"path": "/d", "readonly": false, "direct": false, "iommu": false,
+                       "num_queues": 1, "queue_size": 128, "vhost_user": false,
+                       "vhost_socket": null, "rate_limiter_config": null, "id": null,
+                       "pci_segment": 0, "serial": null, "queue_affinity": null}],
+            "net": null, "rng": {"src": "/dev/urandom", "iommu": false}, "balloon": null,
+            "fs": null, "pmem": null,
+            "serial": {"file": null, "mode": "Null", "iommu": false, "socket": null},
+            "console": {"file": null, "mode": "Off", "iommu": false, "socket": null},
+            "devices": null, "user_devices": null, "vdpa": null, "vsock": null,
+            "iommu": false, "sgx_epc": null, "numa": null, "watchdog": false,
+            "platform": null, "tpm": null
+        });
+        assert_eq!(
+            crate::upstream_fields::unknown_members(&body).unwrap(),
+            Vec::<String>::new()
+        );
+        let config: VmConfig = serde_json::from_value(body).unwrap();
+        config.validate().unwrap();
+        let printed = serde_json::to_value(&config).unwrap();
+        assert!(printed["cpus"].get("topology").is_none());
+        assert_eq!(printed["cpus"]["nested"], true);
+        assert_eq!(printed["cpus"]["core_scheduling"], "Vm");
+        assert_eq!(printed["memory"]["thp"], true);
+        assert_eq!(printed["disks"][0]["sparse"], true);
+        assert_eq!(printed["debug_console"]["mode"], "Off");
+        assert!(printed.get("net").is_none());
+    }
+
     #[test]
     fn serde_names_match_upstream() {
         let config = VmConfig::from_options(&VmOptionStrings {
