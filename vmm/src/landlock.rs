@@ -516,7 +516,7 @@ mod tests {
             serial: ConsoleConfig {
                 mode: ConsoleOutputMode::File,
                 file: Some(at("serial.log")),
-                socket: None,
+                ..Default::default()
             },
             memory: crate::config::MemoryConfig {
                 size: 0,

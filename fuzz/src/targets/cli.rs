@@ -110,6 +110,7 @@ impl Target for CliTarget {
             serial: given(5),
             console: given(6),
             nv: given(7),
+            ..Default::default()
         };
         let mut parts: Vec<String> = Vec::new();
         match VmConfig::from_options(&options) {

@@ -273,7 +273,7 @@ pub enum RoutedRequest {
 }
 
 /// Reads every request from `bytes` as a connection thread reads its socket, and routes each as
-/// the server does (404 unknown path, 405 wrong method, then the body parsers), without a
+/// the server does (404 unknown path, 400 wrong method, then the body parsers), without a
 /// control loop. For the fuzz targets (`fuzz/`); `bytes` should stay under 64 KiB (they are
 /// written to a socket pair first).
 pub fn route_connection_bytes(bytes: &[u8]) -> Vec<RoutedRequest> {
@@ -293,6 +293,7 @@ pub fn route_connection_bytes(bytes: &[u8]) -> Vec<RoutedRequest> {
         max_header_bytes: limits.max_header_bytes,
         max_body_bytes: limits.max_body_bytes,
         request_timeout: std::time::Duration::from_millis(200),
+        idle_timeout: std::time::Duration::from_millis(200),
     };
     let mut connection = http::Connection::new(server);
     let mut routed = Vec::new();
@@ -305,12 +306,10 @@ pub fn route_connection_bytes(bytes: &[u8]) -> Vec<RoutedRequest> {
             }
             Ok(Some(request)) => {
                 let outcome = match routes::find_route(&request.path) {
-                    None => Err(ApiError::not_found(format!(
-                        "unknown API path {}",
-                        request.path
-                    ))),
+                    // The server's answers: 404 `["Not Found"]`, 400 `["Bad Request"]`.
+                    None => Err(ApiError::http(404, "Not Found", None)),
                     Some(route) if request.method != route.method.as_str() => {
-                        Err(ApiError::new(405, "wrong method"))
+                        Err(ApiError::http(400, "Bad Request", None))
                     }
                     Some(route) => {
                         routes::build_request(route, &request.body, request.query.as_deref())
