@@ -112,6 +112,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_blocked_pending_signal_is_taken_without_waiting() {
+        // SIGURG's default action is to ignore it: harmless if anything goes wrong here.
+        let signal = libc::SIGURG;
+        vmm_sys_util::signal::block_signal(signal).unwrap();
+        let mask = mask_without(&[signal]).unwrap();
+        // SAFETY: `mask` is a valid sigset_t.
+        assert_eq!(unsafe { libc::sigismember(&mask, signal) }, 0);
+        assert!(!take_pending(signal), "nothing pending yet");
+        // SAFETY: pthread_kill(3) on the calling thread, which blocks `signal`: it stays pending.
+        assert_eq!(
+            unsafe { libc::pthread_kill(libc::pthread_self(), signal) },
+            0
+        );
+        assert!(take_pending(signal));
+        assert!(!take_pending(signal), "taken once");
+        vmm_sys_util::signal::unblock_signal(signal).unwrap();
+    }
+
+    #[test]
     fn a_routed_signal_wakes_its_event_fd() {
         // SIGUSR2 is not used by the VMM; the test process takes it over.
         let event = route_to_event_fd(&[libc::SIGUSR2], "test").unwrap();
