@@ -19,7 +19,7 @@ use nv_extension::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{block_signal, unblock_signal};
+use vmm_sys_util::signal::block_signal;
 
 use crate::api::{
     NvLastSave, NvPersistenceMode, NvPhaseTiming, NvRecoverConfig, NvRegionListing, NvRegionVm,
@@ -742,9 +742,10 @@ pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
 }
 
 /// Holds SIGPWR pending in the calling thread and every thread it starts later. The binary calls
-/// this first thing in `main`: until [`install_power_fail_signal`] runs, SIGPWR's default action
-/// would kill the process and lose the save, and a UPS daemon may signal a VMM that has only just
-/// been started. A signal that arrives meanwhile waits; the install delivers it.
+/// this first thing in `main`: until the handler is installed ([`install_power_fail_signal`])
+/// SIGPWR's default action would kill the process and lose the save, and a UPS daemon may signal
+/// a VMM that has only just been started. A signal that arrives meanwhile waits; the control
+/// loop takes it when it first waits for events.
 pub fn hold_power_fail_signal() -> Result<(), Error> {
     match block_signal(libc::SIGPWR) {
         // Already held (e.g. inherited across exec): exactly what is wanted.
@@ -756,12 +757,16 @@ pub fn hold_power_fail_signal() -> Result<(), Error> {
 /// Routes SIGPWR (what UPS daemons send when the host runs on battery) to the returned EventFd,
 /// which the control loop watches. Replaces SIGPWR's default action, which would kill the VMM.
 ///
-/// Then unblocks SIGPWR in the calling thread (the control loop's): a handler only runs in a
-/// thread that does not block the signal, and one held pending by [`hold_power_fail_signal`] is
-/// delivered right here, into the EventFd, so the control loop saves once the VM is up.
+/// SIGPWR stays blocked in the calling thread (the control loop's) and so in every thread it
+/// starts (vCPUs, API, workers): the control loop unblocks it only while it waits in
+/// `epoll_pwait`. It is therefore only ever delivered to the control loop's thread, never to a
+/// vCPU thread that may not run for milliseconds on a busy host: a SIGPWR sent before a SIGTERM
+/// has always written its EventFd before the control loop looks at the SIGTERM, so the power
+/// failure wins (`docs/recovery.md`, "Signals and long requests"). One held pending by
+/// [`hold_power_fail_signal`] is delivered at the control loop's first wait.
 pub fn install_power_fail_signal() -> Result<EventFd, Error> {
     let event = route_to_event_fd(&[libc::SIGPWR], "power fail")?;
-    unblock_signal(libc::SIGPWR).map_err(|e| Error::PowerFailSignalMask(e.to_string()))?;
+    hold_power_fail_signal()?;
     Ok(event)
 }
 

@@ -64,9 +64,71 @@ pub fn route_to_event_fd(signals: &[libc::c_int], what: &str) -> Result<EventFd,
     Ok(event)
 }
 
+/// The calling thread's signal mask with `signals` removed: what the control loop waits with
+/// (`epoll_pwait`), so that those signals are delivered only while it waits, and only to it.
+pub fn mask_without(signals: &[libc::c_int]) -> Result<libc::sigset_t, Error> {
+    // SAFETY: an all-zero sigset_t is a valid value; it is filled by pthread_sigmask next.
+    let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reads the calling thread's mask into `mask`, a live sigset_t; `set` is null, so
+    // nothing changes.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut mask) };
+    if result != 0 {
+        return Err(Error::SignalHandler(vmm_sys_util::errno::Error::new(
+            result,
+        )));
+    }
+    for &signal in signals {
+        // SAFETY: `mask` is a valid sigset_t and `signal` a signal number (checked by the call).
+        if unsafe { libc::sigdelset(&mut mask, signal) } != 0 {
+            return Err(Error::SignalHandler(vmm_sys_util::errno::Error::new(
+                libc::EINVAL,
+            )));
+        }
+    }
+    Ok(mask)
+}
+
+/// Takes `signal` if it is pending for the calling thread (or the process) while blocked, without
+/// waiting; true if it was. `epoll_pwait` restores the blocking mask without delivering a signal
+/// that arrived just as events became ready, so the control loop asks for it explicitly.
+pub fn take_pending(signal: libc::c_int) -> bool {
+    // SAFETY: an all-zero sigset_t is valid; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+    }
+    let no_wait = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` and `no_wait` are valid for the call; the siginfo pointer may be null.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &no_wait) == signal }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_pending_signal_is_taken_without_waiting() {
+        // SIGURG's default action is to ignore it: harmless if anything goes wrong here.
+        let signal = libc::SIGURG;
+        vmm_sys_util::signal::block_signal(signal).unwrap();
+        let mask = mask_without(&[signal]).unwrap();
+        // SAFETY: `mask` is a valid sigset_t.
+        assert_eq!(unsafe { libc::sigismember(&mask, signal) }, 0);
+        assert!(!take_pending(signal), "nothing pending yet");
+        // SAFETY: pthread_kill(3) on the calling thread, which blocks `signal`: it stays pending.
+        assert_eq!(
+            unsafe { libc::pthread_kill(libc::pthread_self(), signal) },
+            0
+        );
+        assert!(take_pending(signal));
+        assert!(!take_pending(signal), "taken once");
+        vmm_sys_util::signal::unblock_signal(signal).unwrap();
+    }
 
     #[test]
     fn a_routed_signal_wakes_its_event_fd() {

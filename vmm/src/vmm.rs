@@ -26,7 +26,7 @@ use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
-use crate::signal_events::route_to_event_fd;
+use crate::signal_events::{mask_without, route_to_event_fd, take_pending};
 use crate::vm::Vm;
 use crate::Error;
 
@@ -278,9 +278,12 @@ impl Vmm {
         }
     }
 
-    /// Whether SIGPWR arrived (and was not acted on yet); consumes it.
+    /// Whether SIGPWR arrived (and was not acted on yet); consumes it. It may have written its
+    /// EventFd, or still be pending: blocked outside `epoll_pwait`, which returned with other
+    /// events just as it came.
     fn take_power_fail_signal(&self) -> bool {
-        self.power_fail_signal.read().is_ok()
+        let delivered = self.power_fail_signal.read().is_ok();
+        take_pending(libc::SIGPWR) || delivered
     }
 
     pub fn vm(&mut self) -> Option<&mut Vm> {
@@ -293,8 +296,11 @@ impl Vmm {
         apply_filter_for_mode(ThreadKind::Vmm, self.seccomp)
             .map_err(|e| Error::Seccomp(e.to_string()))?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
+        // SIGPWR is blocked in this thread and every thread it started; it is delivered only
+        // while the loop waits, and only here (see `nv::install_power_fail_signal`).
+        let wait_mask = mask_without(&[libc::SIGPWR])?;
         loop {
-            let count = match epoll::wait(self.epoll_fd, -1, &mut ready) {
+            let count = match wait_for_events(self.epoll_fd, &wait_mask, &mut ready) {
                 Ok(count) => count,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
@@ -315,7 +321,12 @@ impl Vmm {
                     kind
                 })
                 .collect();
-            // SIGPWR first, whatever else became ready with it: nothing may delay the save.
+            // A SIGPWR that came just as other events did is still pending (blocked again when
+            // `epoll_pwait` returned): take it now. Then SIGPWR first, whatever else became
+            // ready with it: nothing may delay the save.
+            if take_pending(libc::SIGPWR) && !kinds.contains(&ControlEvent::PowerFailSignal) {
+                kinds.push(ControlEvent::PowerFailSignal);
+            }
             kinds.sort_by_key(|kind| *kind != ControlEvent::PowerFailSignal);
             for kind in kinds {
                 if let Some(exit) = self.handle(kind)? {
@@ -562,6 +573,29 @@ impl Vmm {
             }
         }
     }
+}
+
+/// `epoll_pwait` with `mask` as the thread's signal mask while it waits (the epoll crate only
+/// wraps `epoll_wait`).
+fn wait_for_events(
+    epoll_fd: RawFd,
+    mask: &libc::sigset_t,
+    ready: &mut [epoll::Event],
+) -> std::io::Result<usize> {
+    let capacity = libc::c_int::try_from(ready.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `epoll::Event` is `repr(C, packed)` with the layout of `libc::epoll_event`; the
+    // kernel writes at most `capacity` of them into `ready`, which holds that many. `mask` is a
+    // valid sigset_t that lives across the call.
+    let count = unsafe {
+        libc::epoll_pwait(
+            epoll_fd,
+            ready.as_mut_ptr().cast::<libc::epoll_event>(),
+            capacity,
+            -1,
+            mask,
+        )
+    };
+    usize::try_from(count).map_err(|_| std::io::Error::last_os_error())
 }
 
 impl Drop for Vmm {
