@@ -10,6 +10,9 @@ command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The blocked-snapshot power-fail test mounts a stalling FUSE file system written with fusepy
+# (integration-tests/tests/support/stall_fs.py), run by Debian's own python3.
+/usr/bin/python3 -c 'import fusepy' >/dev/null 2>&1 || need+=(python3-fusepy)
 # nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 

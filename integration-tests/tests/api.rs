@@ -449,7 +449,13 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
         "{message}"
     );
     // Refused before anything was written.
-    assert!(!dir.path().join("snapshot").exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("snapshot"))
+            .unwrap()
+            .count(),
+        0,
+        "a refused snapshot wrote into its destination"
+    );
 
     assert_eq!(vmm.call("PUT", "vm.pause", None).status, 204);
     vmm.refused("PUT", "vm.pause", None, 500);

@@ -1059,10 +1059,71 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     assert_continues(&before, &after);
 }
 
-/// A `vm.snapshot` that blocks (its `memory-ranges` is a FIFO nobody reads) must not hold up the
-/// power-fail save: the snapshot runs off the control loop, SIGPWR is saved at once, requests
-/// that conflict with the snapshot are refused meanwhile, the abandoned snapshot is left
-/// without a complete `state.json` (unrestorable), and the VM recovers.
+/// A directory whose writes block until the test lets go: a FUSE file system
+/// (`tests/support/stall_fs.py`, Debian's python3-fusepy) mounted for the test, as a hung
+/// network mount would be. Dropping it ends the file system (blocked writers get an error) and
+/// unmounts it.
+struct StallingMount {
+    path: PathBuf,
+    server: Child,
+}
+
+impl StallingMount {
+    fn new(path: PathBuf) -> StallingMount {
+        std::fs::create_dir(&path).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/stall_fs.py");
+        let server = Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(&path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} (apt python3-fusepy): {e}", script.display()));
+        let mount = StallingMount { path, server };
+        let deadline = Instant::now() + TIMEOUT;
+        let mounted = |path: &Path| {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap_or_default()
+                .lines()
+                .any(|line| line.split(' ').nth(1) == Some(path.to_str().unwrap()))
+        };
+        while !mounted(&mount.path) {
+            assert!(
+                Instant::now() < deadline,
+                "the stalling FUSE file system never mounted on {} (is python3-fusepy installed and /dev/fuse usable?)",
+                mount.path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        mount
+    }
+}
+
+impl Drop for StallingMount {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Waits until the VMM's stderr holds `text`; how long that took.
+fn wait_for_stderr(vmm: &VmmProcess, text: &str) -> Duration {
+    let started = Instant::now();
+    while !vmm.stderr_log().contains(text) {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "no {text:?} on the VMM's stderr:\n{}",
+            vmm.stderr_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+/// A `vm.snapshot` that blocks (its destination's writes hang, as on a stalled network mount)
+/// must not hold up the power-fail save: the snapshot runs off the control loop, SIGPWR is saved
+/// at once, requests that conflict with the snapshot are refused meanwhile, the abandoned
+/// snapshot is left without `state.json` (unrestorable), and the VM recovers.
 #[test]
 fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     if !kvm_available("a_blocked_snapshot_does_not_delay_the_power_fail_save") {
@@ -1076,19 +1137,8 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     wait_for_socket(&socket);
-    let snapshot = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot).unwrap();
-    // A stale complete-looking snapshot: the new one must not leave it looking valid.
-    std::fs::write(snapshot.join("state.json"), "{}").unwrap();
-    let fifo = std::ffi::CString::new(
-        snapshot
-            .join("memory-ranges")
-            .as_os_str()
-            .as_encoded_bytes(),
-    )
-    .unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let stalled = StallingMount::new(dir.path().join("snapshot"));
+    let snapshot = stalled.path.clone();
     let (status, body) = api_request(&socket, "PUT", "vm.pause", "");
     assert_eq!(status, 204, "{body}");
 
@@ -1114,8 +1164,19 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
 
     let signalled = Instant::now();
     vmm.signal(libc::SIGPWR);
+    // The save commits while the snapshot's write still hangs. The process cannot finish exiting
+    // before that write returns (Linux waits for a FUSE or NFS request already sent), so the
+    // commit is what is timed; ending the file system then lets the process go.
+    let took = wait_for_stderr(&vmm, "power-fail save committed");
+    // The abandoned snapshot has no state.json: no restore takes it for a snapshot.
+    let state = std::fs::read(snapshot.join("state.json")).unwrap_or_default();
+    assert!(
+        state.is_empty(),
+        "the abandoned snapshot looks complete: state.json holds {} bytes",
+        state.len()
+    );
+    drop(stalled);
     let status = vmm.wait_exit();
-    let took = signalled.elapsed();
     let stderr = vmm.stderr_log();
     assert_eq!(
         status.code(),
@@ -1138,13 +1199,6 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
             "an abandoned snapshot answered {status}: {body}"
         );
     }
-    // Absent or empty: no restore takes it for a snapshot.
-    let state = std::fs::read(snapshot.join("state.json")).unwrap_or_default();
-    assert!(
-        state.is_empty(),
-        "the abandoned snapshot looks complete: state.json holds {} bytes",
-        state.len()
-    );
     let before = vmm.serial_log();
     drop(vmm);
     let mut arguments = recover_arguments(&region, "f", "");
@@ -1156,8 +1210,12 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
     wait_for_socket(&socket);
     assert_eq!(api_request(&socket, "PUT", "vm.pause", "").0, 204);
+    let stalled_again = StallingMount::new(dir.path().join("snapshot-again"));
     let snapshot_socket = socket.clone();
-    let destination = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
+    let destination = format!(
+        r#"{{"destination_url":"file://{}"}}"#,
+        stalled_again.path.display()
+    );
     let snapshot_client = std::thread::spawn(move || {
         api_client::request(
             &snapshot_socket,
@@ -1175,6 +1233,8 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let (status, body) = api_request(&socket, "PUT", "vm.snapshot", &other);
     assert_eq!(status, 409, "a second snapshot meanwhile: {body}");
     vmm.signal(libc::SIGTERM);
+    wait_for_stderr(&vmm, "planned-suspend save committed");
+    drop(stalled_again);
     let status = vmm.wait_exit();
     let stderr = vmm.stderr_log();
     assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");

@@ -95,7 +95,8 @@ impl Target for CliTarget {
     }
 
     fn execute(&mut self, input: &[u8]) -> Result<u64, String> {
-        let text = String::from_utf8_lossy(input);
+        // Command-line arguments are C strings: a NUL byte cannot reach the option parsers.
+        let text = String::from_utf8_lossy(input).replace('\0', "");
         let mut lines: Vec<&str> = text.split('\n').collect();
         lines.resize(OPTIONS.len(), "");
         let given = |index: usize| Some(lines[index]).filter(|line| !line.is_empty());

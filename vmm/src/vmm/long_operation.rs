@@ -9,10 +9,9 @@
 //! `vm.power-fail`, `vm.nv-suspend`) goes ahead through shared access (`nv::save_paused`), and
 //! every request that would change the VM is refused with 409 naming the snapshot. A VMM that ends
 //! before the worker finished abandons it: its client gets 503 and the VM is never unmapped under
-//! it (the process exits). The snapshot directory's `state.json` and `config.json` are emptied
-//! (truncated to 0 bytes, which no restore accepts) before anything is written, and
-//! `snapshot::save` writes them last, so an abandoned or failed snapshot is never taken for a
-//! complete one.
+//! it (the process exits). `snapshot::save` creates only new files (`O_EXCL|O_NOFOLLOW`: an old
+//! snapshot in the directory makes it fail without touching it) and writes `state.json` and
+//! `config.json` last, so an abandoned or failed snapshot is never taken for a complete one.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -21,7 +20,8 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, VmInfoResponse, VmState as ApiVmState,
+    check_state, ApiError, ApiMessage, ApiRequest, ApiResponse, Operation, VmInfoResponse,
+    VmState as ApiVmState,
 };
 use crate::config::{RestoreConfig, SeccompMode};
 use crate::event_monitor::{emit_vm, VmEvent};
@@ -30,11 +30,7 @@ use crate::vm::{Vm, VmRunState};
 use crate::{nv, Error};
 
 use super::api_dispatch::api_error;
-use crate::api::{check_state, Operation};
 use super::Vmm;
-
-/// The files of a snapshot directory that make it restorable (`snapshot.rs` writes them last).
-const COMPLETENESS_FILES: [&str; 2] = ["state.json", "config.json"];
 
 /// What the worker is doing and how its result comes back.
 enum Job {
@@ -119,34 +115,6 @@ fn body<T: serde::Serialize>(value: &T) -> ApiResponse {
     serde_json::to_value(value)
         .map(Some)
         .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))
-}
-
-/// Empties what would make `destination_url`'s directory look like a complete snapshot, before
-/// a new one is written into it (truncated, not removed: the VMM's seccomp filter has no unlink,
-/// and an empty `state.json` is refused by every restore). An unusable URL is left to
-/// `snapshot::save` to report.
-fn mark_incomplete(destination_url: &str) -> Result<(), Error> {
-    let Ok(dir) = crate::snapshot::snapshot_directory(destination_url) else {
-        return Ok(());
-    };
-    for name in COMPLETENESS_FILES {
-        let path = dir.join(name);
-        let emptied = std::fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&path);
-        match emptied {
-            Ok(_) => log::info!("vm.snapshot: emptied the old {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::Snapshot(format!(
-                    "emptying the old {} before writing a new snapshot: {e}",
-                    path.display()
-                )))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Starts `work` on a thread named `name`; when it is done its result goes to the returned
@@ -273,7 +241,7 @@ impl Vmm {
         let shared = Arc::clone(&vm);
         let url = destination_url.clone();
         let spawned = spawn_worker("vm-snapshot", &self.long_operation_done, move || {
-            let result = mark_incomplete(&url).and_then(|()| crate::snapshot::save(&shared, &url));
+            let result = crate::snapshot::save(&shared, &url);
             drop(shared);
             result
         });
@@ -452,29 +420,5 @@ mod tests {
         ] {
             assert!(!allowed_meanwhile(&refused), "{}", request_name(&refused));
         }
-    }
-
-    #[test]
-    fn an_old_snapshot_is_emptied_before_a_new_one_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        std::fs::write(dir.path().join("state.json"), "{\"vm\":1}").unwrap();
-        std::fs::write(dir.path().join("memory-ranges"), "ram").unwrap();
-        mark_incomplete(&url).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), b"");
-        assert!(
-            !dir.path().join("config.json").exists(),
-            "nothing is created"
-        );
-        assert_eq!(
-            std::fs::read(dir.path().join("memory-ranges")).unwrap(),
-            b"ram",
-            "only the files that mark a snapshot complete are touched"
-        );
-        // An unusable URL is snapshot::save's to report.
-        mark_incomplete("relative/dir").unwrap();
-        let missing = dir.path().join("missing");
-        mark_incomplete(&format!("file://{}", missing.display())).unwrap();
-        assert!(!missing.exists());
     }
 }
