@@ -183,6 +183,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
 
     // Inside the --landlock-rules directory the same snapshot works.
     let inside = allowed.join("snap");
+    std::fs::create_dir(&inside).unwrap();
     let (status, body) = api(
         &socket,
         "PUT",

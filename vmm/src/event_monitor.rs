@@ -23,6 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -117,8 +118,8 @@ impl EventMonitor {
         })
     }
 
-    /// Opens what `--event-monitor` names: a file (created or truncated, as upstream does) or an
-    /// inherited file descriptor.
+    /// Opens what `--event-monitor` names: a file (created owner-only, or truncated, as upstream
+    /// does) or an inherited file descriptor.
     pub fn open(
         config: &EventMonitorConfig,
         seccomp: SeccompMode,
@@ -128,6 +129,7 @@ impl EventMonitor {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(path)
                 .map_err(|source| EventMonitorError::Open {
                     path: path.clone(),
@@ -368,6 +370,21 @@ mod tests {
             .into_iter::<Value>()
             .map(Result::unwrap)
             .collect()
+    }
+
+    /// Issue 10 hardening: the event file the VMM creates is owner-only.
+    #[test]
+    fn a_created_event_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let _monitor = EventMonitor::open(
+            &EventMonitorConfig::Path(path.display().to_string()),
+            SeccompMode::Disabled,
+        )
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "event file mode {mode:o}");
     }
 
     #[test]
