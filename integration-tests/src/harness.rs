@@ -1,9 +1,27 @@
 //! Helpers shared by the KVM end-to-end tests: the /dev/kvm gate, the test guests' command line,
 //! waiting on a guest's serial log, and parsing the counter guest's progress lines.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The test guest `name` (`integration-tests/guests/`), built on first use; a build failure
+/// fails the test with the compiler's message.
+pub fn test_guest(name: &str) -> PathBuf {
+    crate::guests::guest_image(name)
+        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
+}
+
+/// A scratch directory for regions and logs: on tmpfs when there is one (regions stand in for
+/// NV memory there), else the system temp dir. Removed when dropped.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
+    } else {
+        tempfile::tempdir().expect("tempdir")
+    }
+}
 
 /// Set to `1` to let KVM tests skip on a machine without `/dev/kvm` (they print that they did).
 pub const SKIP_KVM_ENV: &str = "NV_SKIP_KVM";

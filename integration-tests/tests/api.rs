@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, test_guest,
+    wait_for_log,
 };
 use integration_tests::openapi;
 use serde_json::{json, Value};
@@ -44,11 +45,6 @@ const NV_OPERATIONS: [&str; 5] = [
     "vm.nv-recover",
     "vmm.nv-regions",
 ];
-
-fn counter_kernel() -> PathBuf {
-    integration_tests::guests::guest_image("counter")
-        .unwrap_or_else(|e| panic!("building the counter guest: {e}"))
-}
 
 /// One answer over the socket.
 #[derive(Debug)]
@@ -282,7 +278,7 @@ fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
     let mut config = json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": GUEST_RAM},
-        "payload": {"kernel": counter_kernel().display().to_string(), "cmdline": guest_cmdline("")},
+        "payload": {"kernel": test_guest("counter").display().to_string(), "cmdline": guest_cmdline("")},
         "serial": {"mode": "File", "file": serial_log.display().to_string()},
         "console": {"mode": "Off"},
     });
@@ -756,7 +752,7 @@ fn command_line_restore_resumes_the_guest() {
         "first",
         &[
             "--kernel".into(),
-            counter_kernel().display().to_string(),
+            test_guest("counter").display().to_string(),
             "--cmdline".into(),
             guest_cmdline(""),
             "--memory".into(),
@@ -824,7 +820,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         "first",
         &[
             "--kernel".into(),
-            counter_kernel().display().to_string(),
+            test_guest("counter").display().to_string(),
             "--cmdline".into(),
             guest_cmdline(""),
             "--memory".into(),

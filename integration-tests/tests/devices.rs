@@ -17,26 +17,13 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::binaries;
-use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, read_log};
+use integration_tests::harness::{
+    counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir, test_guest,
+};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn guest(name: &str) -> PathBuf {
-    integration_tests::guests::guest_image(name)
-        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
-}
-
-/// On tmpfs when there is one (NV regions stand in for NV memory there).
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
-    } else {
-        tempfile::tempdir().expect("tempdir")
-    }
-}
 
 /// One VMM process, stderr captured to a file.
 struct VmmProcess {
@@ -128,7 +115,7 @@ fn strings(arguments: &[&str]) -> Vec<String> {
 fn guest_arguments(name: &str, parameters: &str) -> Vec<String> {
     vec![
         "--kernel".into(),
-        guest(name).display().to_string(),
+        test_guest(name).display().to_string(),
         "--cmdline".into(),
         guest_cmdline(parameters),
         "--memory".into(),
@@ -150,7 +137,7 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
     if !kvm_available("pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
     let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
@@ -197,7 +184,7 @@ fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
     if !kvm_available("without_pvpanic_the_port_is_unowned_and_nothing_is_reported") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
     let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
@@ -284,7 +271,7 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
     if !kvm_available("serial_pty_carries_output_and_input_and_its_path_is_in_vm_info") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let socket = dir.path().join("api.sock");
     // No `exit=reset`: when the VMM exits, the terminal hangs up and output not yet read is gone
     // (docs/devices.md), so the test reads everything before it ends the VMM.
@@ -344,7 +331,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
     if !kvm_available("an_nv_recovery_opens_a_new_serial_pty_and_logs_it") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let nv = |extra: &str| format!("region={},vm=pty-vm{extra}", region.display());
     let mut arguments = guest_arguments("counter", "area_mb=1");
@@ -420,7 +407,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
     if !kvm_available("a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let fifo = dir.path().join("serial.fifo");
     let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: `c_path` is a NUL-terminated path.
@@ -491,7 +478,7 @@ fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
     if !kvm_available("serial_output_to_dev_full_is_reported_once_not_per_byte") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset");
     arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));
     let mut vmm = VmmProcess::spawn(dir.path(), "full", &arguments);

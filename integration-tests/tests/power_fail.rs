@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
+    test_guest,
 };
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -31,22 +32,6 @@ const SMALL_RAM: &str = "32M";
 /// Generous bound for a guest to print a line or a VMM to exit (boot is ring-0 emulated here).
 const TIMEOUT: Duration = Duration::from_secs(30);
 const UNSAFE_SHUTDOWN: &str = "unsafe shutdown — state incomplete";
-
-fn guest(name: &str) -> PathBuf {
-    integration_tests::guests::guest_image(name)
-        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
-}
-
-/// A scratch directory for regions and logs: on tmpfs when there is one (regions stand in for
-/// NV memory there), else the system temp dir.
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
-    } else {
-        tempfile::tempdir().expect("tempdir")
-    }
-}
 
 /// One VMM process with its serial log and stderr captured to files.
 struct VmmProcess {
@@ -229,10 +214,11 @@ fn counter_survives_three_power_failures_in_a_row() {
     if !kvm_available("counter_survives_three_power_failures_in_a_row") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let events = dir.path().join("events.json");
-    let mut arguments = boot_arguments(&guest("counter"), "area_mb=2", SMALL_RAM, &region, "c");
+    let mut arguments =
+        boot_arguments(&test_guest("counter"), "area_mb=2", SMALL_RAM, &region, "c");
     arguments.extend([
         "--event-monitor".into(),
         format!("path={}", events.display()),
@@ -313,9 +299,9 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     if !kvm_available("two_vms_share_one_region_and_both_survive_a_power_failure") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let counter = guest("counter");
+    let counter = test_guest("counter");
     let names = ["left", "right"];
     let mut running: Vec<VmmProcess> = names
         .iter()
@@ -400,9 +386,15 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
     if !kvm_available("a_power_failure_right_after_start_is_saved_or_harmless") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "early");
+    let arguments = boot_arguments(
+        &test_guest("counter"),
+        "area_mb=1",
+        SMALL_RAM,
+        &region,
+        "early",
+    );
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     let mut before = vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
@@ -516,9 +508,9 @@ fn recovery_maps_memory_in_place_without_reading_it() {
         return;
     }
     const RAM: u64 = 512 << 20;
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&guest("counter"), "area_mb=1", "512M", &region, "big");
+    let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", "512M", &region, "big");
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
@@ -566,14 +558,14 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     }
     const BLOCKS: u64 = 256;
     const ROUNDS: u64 = 200;
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let disk = dir.path().join("disk.img");
     File::create(&disk)
         .and_then(|file| file.set_len(BLOCKS * 4096))
         .expect("disk image");
     let mut arguments = boot_arguments(
-        &guest("blkcheck"),
+        &test_guest("blkcheck"),
         &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
         SMALL_RAM,
         &region,
@@ -627,9 +619,9 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     if !kvm_available("a_kill_without_warning_is_refused_and_force_cold_boots_again") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
+    let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     vmm.signal(libc::SIGKILL);
@@ -670,9 +662,9 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
 
 #[test]
 fn bad_nv_options_fail_with_a_clear_message() {
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
     let run = |label: &str, arguments: Vec<String>| -> String {
         let mut vmm = VmmProcess::spawn(dir.path(), label, &arguments, &[]);
         let status = vmm.wait_exit();
@@ -744,7 +736,7 @@ struct FaultTally {
 
 /// One run: boot, power failure that dies at `point` inside the save, recovery.
 fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duration) -> bool {
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
     let region = dir.join(format!("region{run}"));
     let vm = "f";
     let arguments = boot_arguments(&kernel, "area_mb=1", "16M", &region, vm);
@@ -800,8 +792,8 @@ fn power_failures_inside_the_save_never_resume_a_torn_state() {
     if !kvm_available("power_failures_inside_the_save_never_resume_a_torn_state") {
         return;
     }
-    let dir = scratch();
-    guest("counter");
+    let dir = scratch_dir();
+    test_guest("counter");
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|t| t.as_nanos() as u64)
@@ -879,10 +871,11 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
     if !kvm_available("planned_suspend_through_the_api_exits_cleanly_and_resumes") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
-    let mut arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "s");
+    let mut arguments =
+        boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "s");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     let serial = vmm.serial.clone();
@@ -990,9 +983,9 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     if !kvm_available("sigterm_right_after_sigpwr_never_loses_the_vm") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
+    let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     let mut before;
@@ -1129,10 +1122,11 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     if !kvm_available("a_blocked_snapshot_does_not_delay_the_power_fail_save") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
-    let mut arguments = boot_arguments(&guest("counter"), "area_mb=1", SMALL_RAM, &region, "f");
+    let mut arguments =
+        boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "f");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
@@ -1162,7 +1156,6 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     assert_eq!(status, 409, "vm.resume during the snapshot: {body}");
     assert!(body.contains("snapshot"), "{body}");
 
-    let signalled = Instant::now();
     vmm.signal(libc::SIGPWR);
     // The save commits while the snapshot's write still hangs. The process cannot finish exiting
     // before that write returns (Linux waits for a FUSE or NFS request already sent), so the
@@ -1263,12 +1256,12 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
     if !kvm_available("a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
     // The kernel the region's stored config names: a copy the test can remove.
     let kernel = dir.path().join("counter");
-    std::fs::copy(guest("counter"), &kernel).unwrap();
+    std::fs::copy(test_guest("counter"), &kernel).unwrap();
     let arguments = boot_arguments(&kernel, "area_mb=1", "64M", &region, "r");
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
@@ -1324,10 +1317,10 @@ fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
     if !kvm_available("a_guest_reset_after_recovery_is_reported_not_a_clean_power_off") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(
-        &guest("counter"),
+        &test_guest("counter"),
         "area_mb=1 stop_after=4",
         SMALL_RAM,
         &region,
@@ -1387,9 +1380,9 @@ fn a_triple_fault_right_after_recovery_is_reported() {
     if !kvm_available("a_triple_fault_right_after_recovery_is_reported") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
     let arguments = boot_arguments(&kernel, "area_mb=1", SMALL_RAM, &region, "tf");
     let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);

@@ -19,28 +19,14 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
+    test_guest, wait_for_log,
 };
 use serde_json::{json, Value};
 use vmm::nv::{EXIT_POWER_FAIL_SAVED, EXIT_SAVED_INTO_DETACHED_REGION};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const GUEST_RAM_MIB: u64 = 32;
-
-fn counter_kernel() -> PathBuf {
-    integration_tests::guests::guest_image("counter")
-        .unwrap_or_else(|e| panic!("building the counter guest: {e}"))
-}
-
-/// A scratch directory on tmpfs when there is one (regions stand in for NV memory there).
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        tempfile::tempdir_in(shm).expect("tempdir in /dev/shm")
-    } else {
-        tempfile::tempdir().expect("tempdir")
-    }
-}
 
 /// A `cloud-hypervisor` process serving its API socket in `dir`; killed on drop.
 struct Vmm {
@@ -169,7 +155,7 @@ fn last_counter(log: &Path) -> u64 {
 fn counter_arguments(serial: &Path, region: Option<&Path>) -> Vec<String> {
     let mut arguments = vec![
         "--kernel".to_string(),
-        counter_kernel().display().to_string(),
+        test_guest("counter").display().to_string(),
         "--cmdline".into(),
         guest_cmdline(""),
         "--memory".into(),
@@ -212,7 +198,7 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
     if !kvm_available("a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let first_log = dir.path().join("first.log");
     let second_log = dir.path().join("second.log");
@@ -268,7 +254,7 @@ fn snapshot_refusals_create_nothing_and_files_are_new_owner_only_and_never_follo
     if !kvm_available("snapshot_refusals_create_nothing_and_files_are_new_owner_only") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, None));
     wait_for_counter_lines(&log, 1);
@@ -386,7 +372,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
     if !kvm_available("a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let snapshot = dir.path().join("good");
     std::fs::create_dir(&snapshot).unwrap();
@@ -496,7 +482,7 @@ fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
         return;
     }
     assert_ne!(EXIT_SAVED_INTO_DETACHED_REGION, EXIT_POWER_FAIL_SAVED);
-    let dir = scratch();
+    let dir = scratch_dir();
     let region = dir.path().join("region");
     let log = dir.path().join("serial.log");
     let mut vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, Some(&region)));
@@ -533,7 +519,7 @@ fn opened_for_writing(path: &Path, action: impl FnOnce()) -> bool {
 
 #[test]
 fn nv_regions_opens_read_only_and_refuses_fifos_and_directories_at_once() {
-    let dir = scratch();
+    let dir = scratch_dir();
     let region_path = dir.path().join("region");
     {
         let options = nv_extension::OpenOptions {

@@ -2,13 +2,14 @@
 //! file-backed and anonymous memory, virtio-blk, and the save/restore round trip across two VM
 //! instances over the same memory file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, test_guest,
+    wait_for_log,
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
@@ -22,11 +23,6 @@ use vmm::{Vm, VmRunState, VmState};
 const GUEST_RAM: u64 = 64 << 20;
 /// Generous bound for a guest to print its first lines (boot is ring-0 emulated here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn guest(name: &str) -> PathBuf {
-    integration_tests::guests::guest_image(name)
-        .unwrap_or_else(|e| panic!("building the {name} test guest: {e}"))
-}
 
 fn config(kernel: &Path, cmdline: &str, memory: MemoryConfig, serial_log: &Path) -> VmConfig {
     VmConfig {
@@ -109,7 +105,7 @@ fn wait_for_counter_lines(log: &Path, count: usize) -> String {
 fn counter_runs_on(memory: impl FnOnce(&Path) -> MemoryConfig) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let config = config(&guest("counter"), "", memory(dir.path()), &log);
+    let config = config(&test_guest("counter"), "", memory(dir.path()), &log);
     let mut vm = create_vm(&config);
     vm.boot().expect("boot");
     let text = wait_for_counter_lines(&log, 3);
@@ -168,7 +164,7 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
         .set_len(BLOCKS * 4096)
         .unwrap();
     let mut config = config(
-        &guest("blkcheck"),
+        &test_guest("blkcheck"),
         &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
         anonymous_memory(),
         &log,
@@ -202,7 +198,12 @@ fn guest_reset_ends_the_vmm_with_exit_code_zero() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let config = config(&guest("counter"), "stop_after=2", anonymous_memory(), &log);
+    let config = config(
+        &test_guest("counter"),
+        "stop_after=2",
+        anonymous_memory(),
+        &log,
+    );
     let (code, text) = run_to_end(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("counter: done"), "{text}");
@@ -240,7 +241,7 @@ fn counter_survives_save_and_restore(vcpus: u8) {
     let ram = dir.path().join("ram");
     let first_log = dir.path().join("first.log");
     let second_log = dir.path().join("second.log");
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
 
     // First VMM instance: boot, let the counter run, pause, save, tear down.
     let saved_json = {
@@ -295,7 +296,12 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let mut vm = create_vm(&config(&guest("counter"), "", anonymous_memory(), &log));
+    let mut vm = create_vm(&config(
+        &test_guest("counter"),
+        "",
+        anonymous_memory(),
+        &log,
+    ));
     vm.boot().expect("boot");
     wait_for_counter_lines(&log, 2);
     vm.pause().expect("pause");
@@ -335,7 +341,7 @@ fn blkcheck_continues_after_save_and_restore() {
         .unwrap();
     let config_for = |log: &Path| {
         let mut config = config(
-            &guest("blkcheck"),
+            &test_guest("blkcheck"),
             &format!("blocks={BLOCKS} rounds={ROUNDS}"),
             file_memory(&ram),
             log,
@@ -521,7 +527,7 @@ fn a_mismatched_state_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
     let one_vcpu = config(&kernel, "", anonymous_memory(), &log);
     let mut vm = create_vm(&one_vcpu);
     vm.boot().expect("boot");
@@ -590,7 +596,7 @@ fn the_api_drives_a_vm_through_its_lifecycle() {
     assert_eq!(api_call(&socket, "GET", "vm.info", None).0, 404);
     assert_eq!(api_call(&socket, "PUT", "vm.boot", None).0, 404);
 
-    let config = config(&guest("counter"), "", anonymous_memory(), &log);
+    let config = config(&test_guest("counter"), "", anonymous_memory(), &log);
     let config_json = serde_json::to_string(&config).unwrap();
     let (status, body) = api_call(&socket, "PUT", "vm.create", Some(&config_json));
     assert_eq!(status, 204, "{body}");
@@ -652,7 +658,7 @@ fn counter_survives_snapshot_and_restore(memory: MemoryConfig, copied_bytes: u64
     let url = format!("file://{}", snapshot_dir.display());
     let first_log = dir.path().join("first.log");
     let second_log = dir.path().join("second.log");
-    let kernel = guest("counter");
+    let kernel = test_guest("counter");
 
     let mut first = config(&kernel, "", memory, &first_log);
     let mut vm = create_vm(&first);
