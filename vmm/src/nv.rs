@@ -163,13 +163,14 @@ pub fn prepare_api_recovery(request: &NvRecoverConfig) -> Result<PreparedVm, Err
     prepare_recovery(&nv, None)
 }
 
-fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Error> {
-    let memory_config = &config.memory;
-    if memory_config
+/// An NV VM's RAM is its extent of the region: a memory zone backed by a file of its own cannot be.
+fn refuse_zone_files(nv: &NvConfig, config: &VmConfig) -> Result<(), Error> {
+    if config
+        .memory
         .zones
         .iter()
         .flatten()
-        .any(|z| z.file.is_some())
+        .any(|zone| zone.file.is_some())
     {
         return Err(setup_error(
             nv,
@@ -177,6 +178,12 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
             "--memory-zone file= cannot be combined with --nv: the VM's RAM is its extent of the region",
         ));
     }
+    Ok(())
+}
+
+fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Error> {
+    let memory_config = &config.memory;
+    refuse_zone_files(nv, config)?;
     let memory_size = memory_config.total_size();
     let options = OpenOptions {
         create_if_missing: nv.create,
@@ -263,19 +270,7 @@ pub fn check_cold_boot(config: &VmConfig, running: &NvVm) -> Result<(), Error> {
     let Some(nv) = config.nv.as_ref() else {
         return Ok(());
     };
-    if config
-        .memory
-        .zones
-        .iter()
-        .flatten()
-        .any(|z| z.file.is_some())
-    {
-        return Err(setup_error(
-            nv,
-            ErrorKind::InvalidRequest,
-            "--memory-zone file= cannot be combined with --nv: the VM's RAM is its extent of the region",
-        ));
-    }
+    refuse_zone_files(nv, config)?;
     let memory_size = config.memory.total_size();
     if nv.region == running.config.region
         && nv.vm == running.config.vm
