@@ -9,15 +9,12 @@
 //! - a region file deleted under a running VM: the save says so and exits with its own code;
 //! - `vmm.nv-regions` opens a region read-only and refuses a FIFO or a directory at once.
 
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::binaries;
+use integration_tests::process::VmmProcess;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
     test_guest, wait_for_log,
@@ -30,42 +27,18 @@ const GUEST_RAM_MIB: u64 = 32;
 
 /// A `cloud-hypervisor` process serving its API socket in `dir`; killed on drop.
 struct Vmm {
-    child: Child,
+    process: VmmProcess,
     socket: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Vmm {
     fn start(dir: &Path, name: &str, arguments: &[String]) -> Vmm {
         let socket = dir.join(format!("{name}.sock"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        let mut vmm = Vmm {
-            child,
-            socket,
-            stderr,
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while UnixStream::connect(&vmm.socket).is_err() {
-            if let Some(status) = vmm.child.try_wait().expect("waitpid") {
-                panic!("cloud-hypervisor ended ({status}):\n{}", vmm.stderr_text());
-            }
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vmm
-    }
-
-    fn stderr_text(&self) -> String {
-        read_log(&self.stderr)
+        let mut all = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
+        all.extend_from_slice(arguments);
+        let mut process = VmmProcess::spawn(dir, name, &all, &[]).with_timeout(TIMEOUT);
+        process.wait_for_socket(&socket, TIMEOUT);
+        Vmm { process, socket }
     }
 
     /// One request; the answer's body decoded (an error body's JSON strings joined by " / ").
@@ -75,7 +48,7 @@ impl Vmm {
         } else {
             body.to_string()
         };
-        let stderr = self.stderr.clone();
+        let stderr = self.process.stderr_path().to_path_buf();
         let (status, answer) = std::panic::catch_unwind(|| {
             api_client::request(&self.socket, method, op, &body, TIMEOUT)
         })
@@ -103,36 +76,14 @@ impl Vmm {
         );
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit:\n{}",
-                self.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     fn shutdown(mut self) {
         self.ok("PUT", "vmm.shutdown", &Value::Null);
-        assert_eq!(self.wait_exit(), 0, "{}", self.stderr_text());
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert_eq!(
+            self.process.wait_exit_code(),
+            0,
+            "{}",
+            self.process.stderr_log()
+        );
     }
 }
 
@@ -488,9 +439,9 @@ fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
     let mut vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, Some(&region)));
     wait_for_counter_lines(&log, 1);
     std::fs::remove_file(&region).unwrap();
-    vmm.signal(libc::SIGPWR);
-    let code = vmm.wait_exit();
-    let stderr = vmm.stderr_text();
+    vmm.process.signal(libc::SIGPWR);
+    let code = vmm.process.wait_exit_code();
+    let stderr = vmm.process.stderr_log();
     assert_eq!(code, EXIT_SAVED_INTO_DETACHED_REGION, "{stderr}");
     assert!(
         stderr.contains("THE SAVE IS NOT WHERE RECOVERY LOOKS"),
