@@ -13,10 +13,9 @@
 //!
 //! The binaries are built once by the first test that needs them (`integration_tests::binaries`).
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::binaries;
@@ -25,6 +24,7 @@ use integration_tests::harness::{
     wait_for_log,
 };
 use integration_tests::openapi;
+use integration_tests::process;
 use serde_json::{json, Value};
 use vmm::api::{check_state, RouteAction, VmState, ROUTES};
 
@@ -71,50 +71,30 @@ struct ChRemoteRun {
 /// A `cloud-hypervisor` process with its API socket, event file and stderr in `dir`; killed on
 /// drop if still running.
 struct VmmProcess {
-    child: Child,
+    process: process::VmmProcess,
     socket: PathBuf,
     events: PathBuf,
-    stderr: PathBuf,
 }
 
 impl VmmProcess {
     fn start(dir: &Path, name: &str, arguments: &[String]) -> VmmProcess {
         let socket = dir.join(format!("{name}.sock"));
         let events = dir.join(format!("{name}.events"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        let mut vmm = VmmProcess {
-            child,
+        let mut all = vec![
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+            "--event-monitor".to_string(),
+            format!("path={}", events.display()),
+        ];
+        all.extend_from_slice(arguments);
+        let mut process =
+            process::VmmProcess::spawn(dir, name, &all, &[]).with_timeout(EXIT_TIMEOUT);
+        process.wait_for_socket(&socket, BOOT_TIMEOUT);
+        VmmProcess {
+            process,
             socket,
             events,
-            stderr,
-        };
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        while UnixStream::connect(&vmm.socket).is_err() {
-            if let Some(status) = vmm.child.try_wait().expect("waiting for cloud-hypervisor") {
-                panic!(
-                    "cloud-hypervisor {arguments:?} ended ({status}) before serving:\n{}",
-                    vmm.stderr_text()
-                );
-            }
-            assert!(Instant::now() < deadline, "the API socket did not come up");
-            std::thread::sleep(Duration::from_millis(10));
         }
-        vmm
-    }
-
-    fn stderr_text(&self) -> String {
-        read_log(&self.stderr)
     }
 
     /// Sends raw bytes and reads the answer (the request must ask for `Connection: close`, or
@@ -197,26 +177,11 @@ impl VmmProcess {
         run.stderr
     }
 
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for cloud-hypervisor") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cloud-hypervisor did not end:\n{}",
-                self.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// `vmm.shutdown` over raw HTTP; the process must end with 0.
     fn shutdown(mut self) -> Vec<String> {
         assert_eq!(self.call("PUT", "vmm.shutdown", None).status, 204);
-        let code = self.wait_exit();
-        let stderr = self.stderr_text();
+        let code = self.process.wait_exit_code();
+        let stderr = self.process.stderr_log();
         assert_eq!(code, 0, "{stderr}");
         assert!(!stderr.contains("seccomp"), "seccomp trap:\n{stderr}");
         self.event_names()
@@ -236,13 +201,6 @@ impl VmmProcess {
                 )
             })
             .collect()
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -322,7 +280,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
     let ping = vmm.call("GET", "vmm.ping", None).json();
-    assert_eq!(ping["pid"], vmm.child.id());
+    assert_eq!(ping["pid"], vmm.process.pid());
 
     // No VM yet: upstream's statuses (404 only where it says "not created" or "config is
     // missing", 500 for "not running").
@@ -522,7 +480,7 @@ fn ch_remote_drives_every_verb() {
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
     let ping = vmm.ch_remote_json(&["ping"], "GET", "vmm.ping");
-    assert_eq!(ping["pid"], vmm.child.id());
+    assert_eq!(ping["pid"], vmm.process.pid());
     vmm.ch_remote_refused(&["info"]);
     vmm.ch_remote_refused(&["boot"]);
     vmm.ch_remote_ok(&["create", config_path.to_str().unwrap()]);
@@ -583,7 +541,7 @@ fn ch_remote_drives_every_verb() {
 
     let mut vmm = vmm;
     vmm.ch_remote_ok(&["shutdown-vmm"]);
-    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.stderr_text());
+    assert_eq!(vmm.process.wait_exit_code(), 0, "{}", vmm.process.stderr_log());
 }
 
 /// Boots the counter guest, pauses and snapshots it over the API, ends that VMM, and restores
@@ -895,7 +853,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         400,
     );
     assert_eq!(first.call("PUT", "vm.power-fail", None).status, 204);
-    assert_eq!(first.wait_exit(), EXIT_POWER_FAIL_SAVED);
+    assert_eq!(first.process.wait_exit_code(), EXIT_POWER_FAIL_SAVED);
     let before = last_counter(&first_log);
     let log_before = read_log(&first_log);
 
@@ -967,7 +925,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     assert_eq!(listing["vms"][0]["resumable"], false, "{listing}");
     assert_eq!(listing["vms"][0]["last_save"], saved, "{listing}");
     second.ch_remote_ok(&["nv-persist", "suspend"]);
-    assert_eq!(second.wait_exit(), 0, "{}", second.stderr_text());
+    assert_eq!(second.process.wait_exit_code(), 0, "{}", second.process.stderr_log());
 
     let third = VmmProcess::start(dir.path(), "third", &[]);
     let listing = third.call("GET", &regions_op, None).json();
