@@ -89,7 +89,11 @@ impl VmmProcess {
 
     /// The serial log so far; the process must have been given one (`with_serial`).
     pub fn serial_log(&self) -> String {
-        read_log(self.serial.as_deref().expect("this VMM has no serial log file"))
+        read_log(
+            self.serial
+                .as_deref()
+                .expect("this VMM has no serial log file"),
+        )
     }
 
     /// Waits until the serial log satisfies `done` and returns it; fails (and kills the VMM) on

@@ -541,7 +541,12 @@ fn ch_remote_drives_every_verb() {
 
     let mut vmm = vmm;
     vmm.ch_remote_ok(&["shutdown-vmm"]);
-    assert_eq!(vmm.process.wait_exit_code(), 0, "{}", vmm.process.stderr_log());
+    assert_eq!(
+        vmm.process.wait_exit_code(),
+        0,
+        "{}",
+        vmm.process.stderr_log()
+    );
 }
 
 /// Boots the counter guest, pauses and snapshots it over the API, ends that VMM, and restores
@@ -925,7 +930,12 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     assert_eq!(listing["vms"][0]["resumable"], false, "{listing}");
     assert_eq!(listing["vms"][0]["last_save"], saved, "{listing}");
     second.ch_remote_ok(&["nv-persist", "suspend"]);
-    assert_eq!(second.process.wait_exit_code(), 0, "{}", second.process.stderr_log());
+    assert_eq!(
+        second.process.wait_exit_code(),
+        0,
+        "{}",
+        second.process.stderr_log()
+    );
 
     let third = VmmProcess::start(dir.path(), "third", &[]);
     let listing = third.call("GET", &regions_op, None).json();

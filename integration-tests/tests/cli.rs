@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::binaries;
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
 };
+use integration_tests::process::VmmProcess;
 
 /// Nothing here should take long; a hang is a failure, not a stuck CI job.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -527,7 +527,10 @@ struct ApiVmm {
 impl ApiVmm {
     fn start(dir: &Path) -> ApiVmm {
         let socket = dir.join("api.sock");
-        let arguments = ["--api-socket".to_string(), format!("path={}", socket.display())];
+        let arguments = [
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+        ];
         let mut process = VmmProcess::spawn(dir, "api", &arguments, &[]);
         process.wait_for_socket(&socket, BOOT_TIMEOUT);
         ApiVmm {

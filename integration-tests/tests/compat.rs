@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client::{self, Answer};
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{guest_cmdline, kvm_available, read_log, wait_for_log};
+use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(20);

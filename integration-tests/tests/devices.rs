@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{
     counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir, test_guest,
 };
+use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, scratch_dir};
+use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -16,11 +16,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::api_client;
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
     test_guest,
 };
+use integration_tests::process::VmmProcess;
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 // Exit code of a VMM whose NV guest reset itself (reboot request or triple fault): the VMM ends

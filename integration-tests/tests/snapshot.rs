@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::process::VmmProcess;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
     test_guest, wait_for_log,
 };
+use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 use vmm::nv::{EXIT_POWER_FAIL_SAVED, EXIT_SAVED_INTO_DETACHED_REGION};
 
@@ -34,7 +34,10 @@ struct Vmm {
 impl Vmm {
     fn start(dir: &Path, name: &str, arguments: &[String]) -> Vmm {
         let socket = dir.join(format!("{name}.sock"));
-        let mut all = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
+        let mut all = vec![
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+        ];
         all.extend_from_slice(arguments);
         let mut process = VmmProcess::spawn(dir, name, &all, &[]).with_timeout(TIMEOUT);
         process.wait_for_socket(&socket, TIMEOUT);
