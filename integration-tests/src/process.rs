@@ -49,6 +49,26 @@ impl VmmProcess {
         }
     }
 
+    /// `spawn` with the guest's serial port written to `dir/<label>.serial` (`--serial file=`),
+    /// the console off and `-v` logging, for `serial_log` and `wait_serial`.
+    pub fn spawn_with_serial_file(
+        dir: &Path,
+        label: &str,
+        arguments: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let serial = dir.join(format!("{label}.serial"));
+        let mut arguments = arguments.to_vec();
+        arguments.extend([
+            "--serial".to_string(),
+            format!("file={}", serial.display()),
+            "--console".to_string(),
+            "off".to_string(),
+            "-v".to_string(),
+        ]);
+        Self::spawn(dir, label, &arguments, env).with_serial(serial)
+    }
+
     /// The path of the serial log the test passed in the arguments (`--serial file=`), for
     /// `serial_log` and `wait_serial`.
     pub fn with_serial(mut self, serial: PathBuf) -> Self {

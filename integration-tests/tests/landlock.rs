@@ -15,18 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Spawns a VMM with its serial log and stderr captured to files in `dir`.
 fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
-    let serial = dir.join(format!("{label}.serial"));
-    let mut arguments = arguments.to_vec();
-    arguments.extend([
-        "--serial".to_string(),
-        format!("file={}", serial.display()),
-        "--console".to_string(),
-        "off".to_string(),
-        "-v".to_string(),
-    ]);
-    VmmProcess::spawn(dir, label, &arguments, &[])
-        .with_serial(serial)
-        .with_timeout(TIMEOUT)
+    VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
 fn wait_counter_lines(vmm: &mut VmmProcess, lines: usize) -> String {

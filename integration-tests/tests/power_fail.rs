@@ -35,18 +35,7 @@ const UNSAFE_SHUTDOWN: &str = "unsafe shutdown — state incomplete";
 
 /// Spawns a VMM with its serial log and stderr captured to files in `dir`.
 fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
-    let serial = dir.join(format!("{label}.serial"));
-    let mut arguments = arguments.to_vec();
-    arguments.extend([
-        "--serial".to_string(),
-        format!("file={}", serial.display()),
-        "--console".to_string(),
-        "off".to_string(),
-        "-v".to_string(),
-    ]);
-    VmmProcess::spawn(dir, label, &arguments, env)
-        .with_serial(serial)
-        .with_timeout(TIMEOUT)
+    VmmProcess::spawn_with_serial_file(dir, label, arguments, env).with_timeout(TIMEOUT)
 }
 
 fn nv_option(region: &Path, vm: &str, extra: &str) -> String {
