@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
-    test_guest, wait_for_log,
+    assert_counter_advances, guest_cmdline, kvm_available, last_counter_in, point_serial_to,
+    read_log, scratch_dir, test_guest, wait_for_counter_lines,
 };
 use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
@@ -90,21 +90,6 @@ impl Vmm {
     }
 }
 
-fn wait_for_counter_lines(log: &Path, count: usize) -> String {
-    let (text, done) = wait_for_log(log, TIMEOUT, |text| {
-        counter_lines(text).len() >= count || text.contains("FAIL")
-    });
-    assert!(done, "no {count} counter lines in time:\n{text}");
-    text
-}
-
-fn last_counter(log: &Path) -> u64 {
-    counter_lines(&read_log(log))
-        .last()
-        .expect("a counter line")
-        .counter
-}
-
 /// Command-line arguments booting the counter guest; in NV memory when `region` is given.
 fn counter_arguments(serial: &Path, region: Option<&Path>) -> Vec<String> {
     let mut arguments = vec![
@@ -140,13 +125,6 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 /// The restored VM writes its serial output to a log of its own.
-fn point_serial_to(snapshot_dir: &Path, log: &Path) {
-    let path = snapshot_dir.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["serial"]["file"] = json!(log.display().to_string());
-    std::fs::write(&path, config.to_string()).unwrap();
-}
-
 #[test]
 fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_continues() {
     if !kvm_available("a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm") {
@@ -164,10 +142,10 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
         "first",
         &counter_arguments(&first_log, Some(&region)),
     );
-    wait_for_counter_lines(&first_log, 2);
+    wait_for_counter_lines(&first_log, 2, TIMEOUT);
     first.ok("PUT", "vm.pause", &Value::Null);
     first.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
-    let before = last_counter(&first_log);
+    let before = last_counter_in(&first_log);
     first.shutdown();
 
     assert_eq!(
@@ -192,7 +170,7 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
         "vm.restore",
         &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
     );
-    let text = wait_for_counter_lines(&second_log, 3);
+    let text = wait_for_counter_lines(&second_log, 3, TIMEOUT);
     assert!(!text.contains("counter: boot"), "booted again:\n{text}");
     let after = assert_counter_advances(&text, 3);
     assert!(
@@ -211,7 +189,7 @@ fn snapshot_refusals_create_nothing_and_files_are_new_owner_only_and_never_follo
     let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, None));
-    wait_for_counter_lines(&log, 1);
+    wait_for_counter_lines(&log, 1, TIMEOUT);
 
     // Running: refused before anything is created, whatever the destination.
     let empty = dir.path().join("empty");
@@ -331,7 +309,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
     let snapshot = dir.path().join("good");
     std::fs::create_dir(&snapshot).unwrap();
     let vmm = Vmm::start(dir.path(), "first", &counter_arguments(&log, None));
-    wait_for_counter_lines(&log, 2);
+    wait_for_counter_lines(&log, 2, TIMEOUT);
     vmm.ok("PUT", "vm.pause", &Value::Null);
     vmm.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
     vmm.shutdown();
@@ -425,7 +403,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
         "vm.restore",
         &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
     );
-    let text = wait_for_counter_lines(&restored_log, 2);
+    let text = wait_for_counter_lines(&restored_log, 2, TIMEOUT);
     assert!(!text.contains("counter: boot"), "{text}");
     target.shutdown();
 }
@@ -440,7 +418,7 @@ fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
     let region = dir.path().join("region");
     let log = dir.path().join("serial.log");
     let mut vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, Some(&region)));
-    wait_for_counter_lines(&log, 1);
+    wait_for_counter_lines(&log, 1, TIMEOUT);
     std::fs::remove_file(&region).unwrap();
     vmm.process.signal(libc::SIGPWR);
     let code = vmm.process.wait_exit_code();
