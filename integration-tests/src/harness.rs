@@ -105,6 +105,35 @@ pub fn wait_for_log(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool)
     }
 }
 
+/// Waits up to `timeout` for `count` counter lines in the serial log at `log` (or a `FAIL` from
+/// the guest) and returns the log; fails the test if they do not come.
+pub fn wait_for_counter_lines(log: &Path, count: usize, timeout: Duration) -> String {
+    let (text, done) = wait_for_log(log, timeout, |text| {
+        counter_lines(text).len() >= count || text.contains("FAIL")
+    });
+    assert!(done, "no {count} counter lines in time:\n{text}");
+    text
+}
+
+/// The counter of the last complete counter line in the serial log at `log`; fails the test if
+/// there is none.
+pub fn last_counter_in(log: &Path) -> u64 {
+    counter_lines(&read_log(log))
+        .last()
+        .unwrap_or_else(|| panic!("no counter line in {}", log.display()))
+        .counter
+}
+
+/// Points the serial file in a snapshot's `config.json` at `log`, so the restored VM writes
+/// where the test reads.
+pub fn point_serial_to(snapshot_dir: &Path, log: &Path) {
+    let path = snapshot_dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["serial"]["file"] = serde_json::json!(log.display().to_string());
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
 /// One progress line of the counter guest: `counter=<n> sum=<hex> ok`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CounterLine {

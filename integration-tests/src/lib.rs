@@ -6,3 +6,4 @@ pub mod binaries;
 pub mod guests;
 pub mod harness;
 pub mod openapi;
+pub mod process;

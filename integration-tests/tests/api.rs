@@ -13,18 +13,18 @@
 //!
 //! The binaries are built once by the first test that needs them (`integration_tests::binaries`).
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, test_guest,
-    wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, last_counter_in,
+    point_serial_to, read_log, test_guest, wait_for_counter_lines, wait_for_log,
 };
 use integration_tests::openapi;
+use integration_tests::process;
 use serde_json::{json, Value};
 use vmm::api::{check_state, RouteAction, VmState, ROUTES};
 
@@ -71,50 +71,30 @@ struct ChRemoteRun {
 /// A `cloud-hypervisor` process with its API socket, event file and stderr in `dir`; killed on
 /// drop if still running.
 struct VmmProcess {
-    child: Child,
+    process: process::VmmProcess,
     socket: PathBuf,
     events: PathBuf,
-    stderr: PathBuf,
 }
 
 impl VmmProcess {
     fn start(dir: &Path, name: &str, arguments: &[String]) -> VmmProcess {
         let socket = dir.join(format!("{name}.sock"));
         let events = dir.join(format!("{name}.events"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        let mut vmm = VmmProcess {
-            child,
+        let mut all = vec![
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+            "--event-monitor".to_string(),
+            format!("path={}", events.display()),
+        ];
+        all.extend_from_slice(arguments);
+        let mut process =
+            process::VmmProcess::spawn(dir, name, &all, &[]).with_timeout(EXIT_TIMEOUT);
+        process.wait_for_socket(&socket, BOOT_TIMEOUT);
+        VmmProcess {
+            process,
             socket,
             events,
-            stderr,
-        };
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        while UnixStream::connect(&vmm.socket).is_err() {
-            if let Some(status) = vmm.child.try_wait().expect("waiting for cloud-hypervisor") {
-                panic!(
-                    "cloud-hypervisor {arguments:?} ended ({status}) before serving:\n{}",
-                    vmm.stderr_text()
-                );
-            }
-            assert!(Instant::now() < deadline, "the API socket did not come up");
-            std::thread::sleep(Duration::from_millis(10));
         }
-        vmm
-    }
-
-    fn stderr_text(&self) -> String {
-        read_log(&self.stderr)
     }
 
     /// Sends raw bytes and reads the answer (the request must ask for `Connection: close`, or
@@ -197,26 +177,11 @@ impl VmmProcess {
         run.stderr
     }
 
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for cloud-hypervisor") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cloud-hypervisor did not end:\n{}",
-                self.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// `vmm.shutdown` over raw HTTP; the process must end with 0.
     fn shutdown(mut self) -> Vec<String> {
         assert_eq!(self.call("PUT", "vmm.shutdown", None).status, 204);
-        let code = self.wait_exit();
-        let stderr = self.stderr_text();
+        let code = self.process.wait_exit_code();
+        let stderr = self.process.stderr_log();
         assert_eq!(code, 0, "{stderr}");
         assert!(!stderr.contains("seccomp"), "seccomp trap:\n{stderr}");
         self.event_names()
@@ -236,13 +201,6 @@ impl VmmProcess {
                 )
             })
             .collect()
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -288,21 +246,6 @@ fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
     config.to_string()
 }
 
-fn wait_for_counter_lines(log: &Path, count: usize) -> String {
-    let (text, done) = wait_for_log(log, BOOT_TIMEOUT, |text| {
-        counter_lines(text).len() >= count || text.contains("FAIL")
-    });
-    assert!(done, "no {count} counter lines in time:\n{text}");
-    text
-}
-
-fn last_counter(log: &Path) -> u64 {
-    counter_lines(&read_log(log))
-        .last()
-        .unwrap_or_else(|| panic!("no counter line in {}", log.display()))
-        .counter
-}
-
 /// Every upstream path, every implemented operation through a VM's lifecycle, and the error
 /// cases, with raw HTTP; then the events of that lifecycle in order.
 #[test]
@@ -322,7 +265,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
     let ping = vmm.call("GET", "vmm.ping", None).json();
-    assert_eq!(ping["pid"], vmm.child.id());
+    assert_eq!(ping["pid"], vmm.process.pid());
 
     // No VM yet: upstream's statuses (404 only where it says "not created" or "config is
     // missing", 500 for "not running").
@@ -417,7 +360,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     vmm.refused("PUT", "vm.snapshot", Some(&snapshot_body), 500);
 
     assert_eq!(vmm.call("PUT", "vm.boot", None).status, 204);
-    wait_for_counter_lines(&serial_log, 2);
+    wait_for_counter_lines(&serial_log, 2, BOOT_TIMEOUT);
     let message = vmm.refused("PUT", "vm.boot", None, 500);
     assert!(message.contains("VM is already created"), "{message}");
     let message = vmm.refused("PUT", "vm.resume", None, 500);
@@ -467,10 +410,10 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     }
     assert_eq!(vmm.call("PUT", "vm.resume", None).status, 204);
     let lines = counter_lines(&read_log(&serial_log)).len();
-    wait_for_counter_lines(&serial_log, lines + 1);
+    wait_for_counter_lines(&serial_log, lines + 1, BOOT_TIMEOUT);
 
     assert_eq!(vmm.call("PUT", "vm.reboot", None).status, 204);
-    wait_for_counter_lines(&serial_log, 1);
+    wait_for_counter_lines(&serial_log, 1, BOOT_TIMEOUT);
     assert_eq!(vmm.call("PUT", "vm.shutdown", None).status, 204);
     assert_eq!(vmm.call("GET", "vm.info", None).json()["state"], "Created");
     vmm.refused("PUT", "vm.shutdown", None, 500);
@@ -522,7 +465,7 @@ fn ch_remote_drives_every_verb() {
     let vmm = VmmProcess::start(dir.path(), "vmm", &[]);
 
     let ping = vmm.ch_remote_json(&["ping"], "GET", "vmm.ping");
-    assert_eq!(ping["pid"], vmm.child.id());
+    assert_eq!(ping["pid"], vmm.process.pid());
     vmm.ch_remote_refused(&["info"]);
     vmm.ch_remote_refused(&["boot"]);
     vmm.ch_remote_ok(&["create", config_path.to_str().unwrap()]);
@@ -531,7 +474,7 @@ fn ch_remote_drives_every_verb() {
     assert_eq!(info["state"], "Created");
     vmm.ch_remote_refused(&["pause"]);
     vmm.ch_remote_ok(&["boot"]);
-    wait_for_counter_lines(&serial_log, 2);
+    wait_for_counter_lines(&serial_log, 2, BOOT_TIMEOUT);
     assert_eq!(
         vmm.ch_remote_json(&["info"], "GET", "vm.info")["state"],
         "Running"
@@ -545,7 +488,7 @@ fn ch_remote_drives_every_verb() {
     let message = vmm.ch_remote_refused(&["power-button"]);
     assert!(message.contains("ACPI"), "{message}");
     vmm.ch_remote_ok(&["reboot"]);
-    wait_for_counter_lines(&serial_log, 1);
+    wait_for_counter_lines(&serial_log, 1, BOOT_TIMEOUT);
 
     // The NV family without an NV VM or region.
     vmm.ch_remote_refused(&["nv-persist", "status"]);
@@ -583,7 +526,12 @@ fn ch_remote_drives_every_verb() {
 
     let mut vmm = vmm;
     vmm.ch_remote_ok(&["shutdown-vmm"]);
-    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.stderr_text());
+    assert_eq!(
+        vmm.process.wait_exit_code(),
+        0,
+        "{}",
+        vmm.process.stderr_log()
+    );
 }
 
 /// Boots the counter guest, pauses and snapshots it over the API, ends that VMM, and restores
@@ -601,7 +549,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     let config = counter_config(&first_log, None);
     assert_eq!(first.call("PUT", "vm.create", Some(&config)).status, 204);
     assert_eq!(first.call("PUT", "vm.boot", None).status, 204);
-    wait_for_counter_lines(&first_log, 2);
+    wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     assert_eq!(first.call("PUT", "vm.pause", None).status, 204);
     let snapshot_body = json!({ "destination_url": snapshot }).to_string();
     assert_eq!(
@@ -610,7 +558,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
             .status,
         204
     );
-    let before = last_counter(&first_log);
+    let before = last_counter_in(&first_log);
     let first_events = first.shutdown();
     assert_events_in_order(
         &first_events,
@@ -650,7 +598,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
         .to_string();
         assert_eq!(second.call("PUT", "vm.restore", Some(&restore)).status, 204);
     }
-    let text = wait_for_counter_lines(&second_log, 3);
+    let text = wait_for_counter_lines(&second_log, 3, BOOT_TIMEOUT);
     assert!(!text.contains("counter: boot"), "booted again:\n{text}");
     let after = assert_counter_advances(&text, 3);
     assert!(
@@ -674,7 +622,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
         second.call("PUT", "vm.snapshot", Some(&again_body)).status,
         204
     );
-    let middle = last_counter(&second_log);
+    let middle = last_counter_in(&second_log);
     assert_eq!(second.call("PUT", "vm.resume", None).status, 204);
     let second_events = second.shutdown();
     assert_events_in_order(
@@ -704,7 +652,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
             format!("source_url={again},resume=true"),
         ],
     );
-    let text = wait_for_counter_lines(&third_log, 2);
+    let text = wait_for_counter_lines(&third_log, 2, BOOT_TIMEOUT);
     assert!(!text.contains("counter: boot"), "booted again:\n{text}");
     let after = assert_counter_advances(&text, 2);
     assert!(after[0].counter > middle, "{text}");
@@ -712,13 +660,6 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
 }
 
 /// The restored VM writes its serial output to a log of its own: edit the snapshot's config.
-fn point_serial_to(snapshot_dir: &Path, log: &Path) {
-    let path = snapshot_dir.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["serial"]["file"] = json!(log.display().to_string());
-    std::fs::write(&path, config.to_string()).unwrap();
-}
-
 #[test]
 fn copy_restore_into_a_fresh_vmm_continues_the_guest() {
     if !kvm_available("copy_restore_into_a_fresh_vmm_continues_the_guest") {
@@ -761,10 +702,10 @@ fn command_line_restore_resumes_the_guest() {
             format!("file={}", first_log.display()),
         ],
     );
-    wait_for_counter_lines(&first_log, 2);
+    wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     first.ch_remote_ok(&["pause"]);
     first.ch_remote_ok(&["snapshot", &snapshot]);
-    let before = last_counter(&first_log);
+    let before = last_counter_in(&first_log);
     first.shutdown();
 
     for mode in ["copy", "ondemand"] {
@@ -778,7 +719,7 @@ fn command_line_restore_resumes_the_guest() {
                 format!("source_url={snapshot},resume=true,memory_restore_mode={mode}"),
             ],
         );
-        let text = wait_for_counter_lines(&log, 2);
+        let text = wait_for_counter_lines(&log, 2, BOOT_TIMEOUT);
         assert!(
             !text.contains("counter: boot"),
             "{mode}: booted again:\n{text}"
@@ -831,7 +772,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
             format!("region={},vm=api,create=on", region.display()),
         ],
     );
-    wait_for_counter_lines(&first_log, 2);
+    wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     let status = first.call("GET", "vm.nv-status", None).json();
     assert_eq!(status["vm"], "api");
     let status = first.ch_remote_json(&["nv-persist", "status"], "GET", "vm.nv-status");
@@ -895,8 +836,8 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         400,
     );
     assert_eq!(first.call("PUT", "vm.power-fail", None).status, 204);
-    assert_eq!(first.wait_exit(), EXIT_POWER_FAIL_SAVED);
-    let before = last_counter(&first_log);
+    assert_eq!(first.process.wait_exit_code(), EXIT_POWER_FAIL_SAVED);
+    let before = last_counter_in(&first_log);
     let log_before = read_log(&first_log);
 
     let mut second = VmmProcess::start(dir.path(), "second", &[]);
@@ -967,7 +908,12 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     assert_eq!(listing["vms"][0]["resumable"], false, "{listing}");
     assert_eq!(listing["vms"][0]["last_save"], saved, "{listing}");
     second.ch_remote_ok(&["nv-persist", "suspend"]);
-    assert_eq!(second.wait_exit(), 0, "{}", second.stderr_text());
+    assert_eq!(
+        second.process.wait_exit_code(),
+        0,
+        "{}",
+        second.process.stderr_log()
+    );
 
     let third = VmmProcess::start(dir.path(), "third", &[]);
     let listing = third.call("GET", &regions_op, None).json();

@@ -18,6 +18,7 @@ use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
 };
+use integration_tests::process::VmmProcess;
 
 /// Nothing here should take long; a hang is a failure, not a stuck CI job.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -519,41 +520,27 @@ fn run_with_memory(kernel: &str, memory: &str) -> Run {
 
 /// A `cloud-hypervisor --api-socket` process, killed on drop.
 struct ApiVmm {
-    child: Child,
+    _process: VmmProcess,
     socket: std::path::PathBuf,
 }
 
 impl ApiVmm {
     fn start(dir: &Path) -> ApiVmm {
         let socket = dir.join("api.sock");
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                started.elapsed() < BOOT_TIMEOUT,
-                "the API socket did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        let arguments = [
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+        ];
+        let mut process = VmmProcess::spawn(dir, "api", &arguments, &[]);
+        process.wait_for_socket(&socket, BOOT_TIMEOUT);
+        ApiVmm {
+            _process: process,
+            socket,
         }
-        ApiVmm { child, socket }
     }
 
     fn request(&self, method: &str, endpoint: &str, body: &str) -> (u16, String) {
         api_client::request(&self.socket, method, endpoint, body, BOOT_TIMEOUT)
-    }
-}
-
-impl Drop for ApiVmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -13,62 +13,46 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client::{self, Answer};
-use integration_tests::binaries;
 use integration_tests::harness::{guest_cmdline, kvm_available, read_log, wait_for_log};
+use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A `cloud-hypervisor` with an API socket and an event monitor in `dir`; killed on drop.
 struct Vmm {
-    child: Child,
+    process: VmmProcess,
     socket: PathBuf,
     events: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Vmm {
     fn spawn(dir: &Path, name: &str, socket: &Path) -> Vmm {
         let events = dir.join(format!("{name}.events"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawning cloud-hypervisor");
+        let arguments = [
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+            "--event-monitor".to_string(),
+            format!("path={}", events.display()),
+        ];
         Vmm {
-            child,
+            process: VmmProcess::spawn(dir, name, &arguments, &[]).with_timeout(TIMEOUT),
             socket: socket.to_path_buf(),
             events,
-            stderr,
         }
     }
 
     fn start(dir: &Path, name: &str) -> Vmm {
-        let vmm = Self::spawn(dir, name, &dir.join(format!("{name}.sock")));
+        let mut vmm = Self::spawn(dir, name, &dir.join(format!("{name}.sock")));
         vmm.wait_serving();
         vmm
     }
 
-    fn wait_serving(&self) {
-        let deadline = Instant::now() + TIMEOUT;
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "no API socket: {}",
-                read_log(&self.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    fn wait_serving(&mut self) {
+        self.process.wait_for_socket(&self.socket, TIMEOUT);
     }
 
     fn call(&self, method: &str, op: &str, body: &str) -> Answer {
@@ -81,29 +65,16 @@ impl Vmm {
         (answer.status, answer.error_messages())
     }
 
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "the VMM did not end");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Ends the VMM over the API and returns its events as `source:event`.
     fn shutdown(mut self) -> Vec<Value> {
         assert_eq!(self.call("PUT", "vmm.shutdown", "").status, 204);
-        assert_eq!(self.wait_exit(), 0, "{}", read_log(&self.stderr));
+        assert_eq!(
+            self.process.wait_exit_code(),
+            0,
+            "{}",
+            self.process.stderr_log()
+        );
         read_events(&self.events)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -204,7 +175,7 @@ fn upstream_status_lines_and_bodies_in_every_state() {
         .as_str()
         .unwrap()
         .starts_with("v53.0.0"));
-    assert_eq!(ping["pid"], vmm.child.id());
+    assert_eq!(ping["pid"], vmm.process.pid());
     let features = ping["features"].as_array().unwrap();
     assert!(features.contains(&json!("kvm")), "{ping}");
 
@@ -551,11 +522,11 @@ fn two_vmms_on_one_socket_path_never_both_start() {
         let mut second = Vmm::spawn(dir.path(), "second", &socket);
         // One of them ends with an error; the other serves.
         let deadline = Instant::now() + TIMEOUT;
-        let (loser, winner) = loop {
-            if let Some(status) = first.child.try_wait().unwrap() {
+        let (loser, mut winner) = loop {
+            if let Some(status) = first.process.try_wait() {
                 break ((first, status), second);
             }
-            if let Some(status) = second.child.try_wait().unwrap() {
+            if let Some(status) = second.process.try_wait() {
                 break ((second, status), first);
             }
             assert!(
@@ -566,14 +537,14 @@ fn two_vmms_on_one_socket_path_never_both_start() {
         };
         let (loser, status) = loser;
         assert_eq!(status.code(), Some(1), "round {round}");
-        let message = read_log(&loser.stderr);
+        let message = loser.process.stderr_log();
         assert!(
             message.contains("another process is already serving"),
             "{message}"
         );
         winner.wait_serving();
         let ping: Value = serde_json::from_str(&winner.call("GET", "vmm.ping", "").body).unwrap();
-        assert_eq!(ping["pid"], winner.child.id(), "round {round}");
+        assert_eq!(ping["pid"], winner.process.pid(), "round {round}");
         drop(winner);
     }
 }
@@ -587,8 +558,8 @@ fn socket_path_over_107_bytes_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s".repeat(110));
     let mut vmm = Vmm::spawn(dir.path(), "long", &socket);
-    assert_eq!(vmm.wait_exit(), 1);
-    let message = read_log(&vmm.stderr);
+    assert_eq!(vmm.process.wait_exit_code(), 1);
+    let message = vmm.process.stderr_log();
     assert!(message.contains("107"), "{message}");
     assert!(!socket.exists());
 }

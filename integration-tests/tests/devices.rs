@@ -12,100 +12,21 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
-use integration_tests::binaries;
 use integration_tests::harness::{
     counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir, test_guest,
 };
+use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One VMM process, stderr captured to a file.
-struct VmmProcess {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl VmmProcess {
-    fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
-        let stderr = dir.join(format!("{label}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        VmmProcess { child, stderr }
-    }
-
-    fn stderr_log(&self) -> String {
-        read_log(&self.stderr)
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, not reaped yet (its pid is still ours).
-        let result = unsafe { libc::kill(self.child.id() as i32, signal) };
-        assert_eq!(result, 0, "kill({}, {signal})", self.child.id());
-    }
-
-    /// The exit status within `timeout`, or `None` (the process is then killed).
-    fn wait_exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for the VMM") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        self.wait_exit_within(TIMEOUT).unwrap_or_else(|| {
-            panic!(
-                "the VMM did not exit within {TIMEOUT:?}\nstderr:\n{}",
-                self.stderr_log()
-            )
-        })
-    }
-
-    /// Waits until stderr satisfies `done` and returns it; panics on a timeout or an early exit.
-    fn wait_stderr(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let log = self.stderr_log();
-            if done(&log) {
-                return log;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("VMM exited ({status}) before {what}\nstderr:\n{log}");
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!("timed out waiting for {what}\nstderr:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Spawns a VMM with stderr captured to `dir/<label>.stderr`.
+fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
+    VmmProcess::spawn(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
 fn strings(arguments: &[&str]) -> Vec<String> {
@@ -150,7 +71,7 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
         "--event-monitor",
         &format!("path={}", events.display()),
     ]));
-    let mut vmm = VmmProcess::spawn(dir.path(), "pvpanic", &arguments);
+    let mut vmm = spawn(dir.path(), "pvpanic", &arguments);
     let status = vmm.wait_exit();
     let stderr = vmm.stderr_log();
     assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{stderr}");
@@ -196,7 +117,7 @@ fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
         "--event-monitor",
         &format!("path={}", events.display()),
     ]));
-    let mut vmm = VmmProcess::spawn(dir.path(), "no-pvpanic", &arguments);
+    let mut vmm = spawn(dir.path(), "no-pvpanic", &arguments);
     let status = vmm.wait_exit();
     assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr_log());
     // An unowned port floats high.
@@ -284,7 +205,7 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
         "--api-socket",
         &socket.display().to_string(),
     ]));
-    let mut vmm = VmmProcess::spawn(dir.path(), "pty", &arguments);
+    let mut vmm = spawn(dir.path(), "pty", &arguments);
     // Logged at the default level, so an operator can attach without the API.
     let stderr = vmm.wait_stderr("the serial pty path", |log| {
         log.contains(SERIAL_PTY_MARKER) && log.contains("--console pty: ")
@@ -343,7 +264,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
         "--console",
         "off",
     ]));
-    let mut first = VmmProcess::spawn(dir.path(), "first", &arguments);
+    let mut first = spawn(dir.path(), "first", &arguments);
     let stderr = first.wait_stderr("the serial pty path", |log| log.contains(SERIAL_PTY_MARKER));
     let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
     let before = user.read_until(" ok\n");
@@ -359,7 +280,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
     drop(user);
 
     // The stored config says `Pty`: the recovered VM gets a pty of its own and says where.
-    let mut second = VmmProcess::spawn(
+    let mut second = spawn(
         dir.path(),
         "second",
         &strings(&["--nv", &nv(",recover=on")]),
@@ -422,7 +343,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
         "--api-socket",
         &socket.display().to_string(),
     ]));
-    let mut vmm = VmmProcess::spawn(dir.path(), "fifo", &arguments);
+    let mut vmm = spawn(dir.path(), "fifo", &arguments);
     // The VM runs: `vm.info` answers Running (the control loop only answers once start-up is
     // done).
     let deadline = Instant::now() + TIMEOUT;
@@ -481,7 +402,7 @@ fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
     let dir = scratch_dir();
     let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset");
     arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));
-    let mut vmm = VmmProcess::spawn(dir.path(), "full", &arguments);
+    let mut vmm = spawn(dir.path(), "full", &arguments);
     let status = vmm.wait_exit();
     let stderr = vmm.stderr_log();
     // The guest wrote about 1000 bytes and still ran to its end.

@@ -3,102 +3,25 @@
 //! `--landlock-rules` name works), cannot read a file outside its rules over the API, and an NV
 //! power-fail save and the recovery in a new, also restricted, process still work. Real KVM.
 
-use std::fs::File;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::binaries;
-use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, read_log};
+use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, scratch_dir};
+use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Vmm {
-    child: Child,
-    serial: PathBuf,
-    stderr: PathBuf,
+/// Spawns a VMM with its serial log and stderr captured to files in `dir`.
+fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
+    VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
-impl Vmm {
-    fn spawn(dir: &Path, label: &str, arguments: &[String]) -> Vmm {
-        let serial = dir.join(format!("{label}.serial"));
-        let stderr = dir.join(format!("{label}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .args(arguments)
-            .args(["--serial", &format!("file={}", serial.display())])
-            .args(["--console", "off", "-v"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        Vmm {
-            child,
-            serial,
-            stderr,
-        }
-    }
-
-    fn stderr_log(&self) -> String {
-        read_log(&self.stderr)
-    }
-
-    fn wait_counter_lines(&mut self, lines: usize) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let log = read_log(&self.serial);
-            if counter_lines(&log).len() >= lines {
-                return log;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("VMM exited ({status})\n{log}\n{}", self.stderr_log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {lines} counter lines\n{log}\n{}",
-                self.stderr_log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, not reaped yet (its pid is still ours).
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VMM did not exit\n{}",
-                self.stderr_log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(socket: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn wait_counter_lines(vmm: &mut VmmProcess, lines: usize) -> String {
+    vmm.wait_serial(&format!("{lines} counter lines"), |log| {
+        counter_lines(log).len() >= lines
+    })
 }
 
 fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -110,12 +33,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     if !kvm_available("landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work") {
         return;
     }
-    let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm).unwrap()
-    } else {
-        tempfile::tempdir().unwrap()
-    };
+    let dir = scratch_dir();
     let allowed = dir.path().join("allowed");
     let forbidden = dir.path().join("forbidden");
     std::fs::create_dir(&allowed).unwrap();
@@ -126,7 +44,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     let socket = dir.path().join("api.sock");
     let kernel = integration_tests::guests::guest_image("counter").expect("counter guest");
 
-    let mut boot = Vmm::spawn(
+    let mut boot = spawn(
         dir.path(),
         "boot",
         &[
@@ -145,8 +63,8 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
             format!("path={},access=rw", allowed.display()),
         ],
     );
-    boot.wait_counter_lines(2);
-    wait_for_socket(&socket);
+    wait_counter_lines(&mut boot, 2);
+    boot.wait_for_socket(&socket, TIMEOUT);
     assert!(
         boot.stderr_log().contains("--landlock:") && boot.stderr_log().contains("rules enforced"),
         "{}",
@@ -193,7 +111,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     assert_eq!(status, 204, "{body}");
     assert!(inside.join("state.json").is_file());
     assert_eq!(api(&socket, "PUT", "vm.resume", "").0, 204);
-    boot.wait_counter_lines(3);
+    wait_counter_lines(&mut boot, 3);
 
     // Power failure under Landlock: the save commits in place.
     boot.signal(libc::SIGPWR);
@@ -204,13 +122,13 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
         "{}",
         boot.stderr_log()
     );
-    let last_before = counter_lines(&read_log(&boot.serial))
+    let last_before = counter_lines(&boot.serial_log())
         .last()
         .map(|line| line.counter)
         .unwrap();
 
     // Recovery in a new process, also under Landlock: the guest continues in place.
-    let mut recover = Vmm::spawn(
+    let mut recover = spawn(
         dir.path(),
         "recover",
         &[
@@ -219,7 +137,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
             "--landlock".into(),
         ],
     );
-    let after = recover.wait_counter_lines(2);
+    let after = wait_counter_lines(&mut recover, 2);
     assert!(!after.contains("counter: boot"), "booted again:\n{after}");
     let first_after = counter_lines(&after).first().unwrap().counter;
     assert!(

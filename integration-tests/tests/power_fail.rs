@@ -10,17 +10,17 @@ use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::api_client;
-use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
     test_guest,
 };
+use integration_tests::process::VmmProcess;
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 // Exit code of a VMM whose NV guest reset itself (reboot request or triple fault): the VMM ends
@@ -33,111 +33,9 @@ const SMALL_RAM: &str = "32M";
 const TIMEOUT: Duration = Duration::from_secs(30);
 const UNSAFE_SHUTDOWN: &str = "unsafe shutdown — state incomplete";
 
-/// One VMM process with its serial log and stderr captured to files.
-struct VmmProcess {
-    child: Child,
-    serial: PathBuf,
-    stderr: PathBuf,
-}
-
-impl VmmProcess {
-    fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
-        let serial = dir.join(format!("{label}.serial"));
-        let stderr = dir.join(format!("{label}.stderr"));
-        let mut command = Command::new(binaries::cloud_hypervisor());
-        command
-            .args(arguments)
-            .args([
-                "--serial".to_string(),
-                format!("file={}", serial.display()),
-                "--console".to_string(),
-                "off".to_string(),
-                "-v".to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawning cloud-hypervisor");
-        VmmProcess {
-            child,
-            serial,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which we have not reaped yet (its pid is still ours).
-        let result = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(result, 0, "kill({}, {signal})", self.pid());
-    }
-
-    fn serial_log(&self) -> String {
-        read_log(&self.serial)
-    }
-
-    fn stderr_log(&self) -> String {
-        read_log(&self.stderr)
-    }
-
-    /// Waits until the serial log satisfies `done`; fails (and kills the VMM) on a timeout or if
-    /// the VMM exits first.
-    fn wait_serial(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let log = self.serial_log();
-            if done(&log) {
-                return log;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "VMM exited ({status}) before {what}\nserial:\n{log}\nstderr:\n{}",
-                    self.stderr_log()
-                );
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                panic!(
-                    "timed out waiting for {what}\nserial:\n{log}\nstderr:\n{}",
-                    self.stderr_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits for the process to exit; SIGKILLs it and fails after `TIMEOUT`.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                panic!("VMM did not exit\nstderr:\n{}", self.stderr_log());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGKILL and reap: whatever is left of a VMM the test is done with.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Spawns a VMM with its serial log and stderr captured to files in `dir`.
+fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
+    VmmProcess::spawn_with_serial_file(dir, label, arguments, env).with_timeout(TIMEOUT)
 }
 
 fn nv_option(region: &Path, vm: &str, extra: &str) -> String {
@@ -223,7 +121,7 @@ fn counter_survives_three_power_failures_in_a_row() {
         "--event-monitor".into(),
         format!("path={}", events.display()),
     ]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "run0", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "run0", &arguments, &[]);
     let mut before = vmm.wait_serial("two counter lines", |log| counter_lines(log).len() >= 2);
     assert!(before.starts_with("counter: boot"), "{before}");
     power_fail(&mut vmm);
@@ -238,7 +136,7 @@ fn counter_survives_three_power_failures_in_a_row() {
 
     for failure in 1..=3 {
         let label = format!("run{failure}");
-        let mut vmm = VmmProcess::spawn(
+        let mut vmm = spawn(
             dir.path(),
             &label,
             &recover_arguments(&region, "c", ""),
@@ -254,7 +152,7 @@ fn counter_survives_three_power_failures_in_a_row() {
     }
 
     // SIGTERM saves an NV VM in place too (planned suspend, exit 0): it continues afterwards.
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "run4",
         &recover_arguments(&region, "c", ""),
@@ -268,7 +166,7 @@ fn counter_survives_three_power_failures_in_a_row() {
     let socket = dir.path().join("run5.sock");
     let mut arguments = recover_arguments(&region, "c", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "run5", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "run5", &arguments, &[]);
     let after = vmm.wait_serial("a counter line", has_counter_line);
     assert_continues(&before, &after);
     // A clean stop (vm.shutdown, then vmm.shutdown) is recorded as powered off: nothing to
@@ -277,7 +175,7 @@ fn counter_survives_three_power_failures_in_a_row() {
     assert_eq!(api_request(&socket, "PUT", "vm.shutdown", "").0, 204);
     assert_eq!(api_request(&socket, "PUT", "vmm.shutdown", "").0, 204);
     assert_eq!(vmm.wait_exit().code(), Some(0));
-    let mut refused = VmmProcess::spawn(
+    let mut refused = spawn(
         dir.path(),
         "run6",
         &recover_arguments(&region, "c", ""),
@@ -306,7 +204,7 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     let mut running: Vec<VmmProcess> = names
         .iter()
         .map(|name| {
-            VmmProcess::spawn(
+            spawn(
                 dir.path(),
                 &format!("{name}-boot"),
                 &boot_arguments(&counter, "area_mb=2", SMALL_RAM, &region, name),
@@ -320,7 +218,7 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     }
 
     // The VM "left" belongs to a live VMM: a second one must not run it too.
-    let mut intruder = VmmProcess::spawn(
+    let mut intruder = spawn(
         dir.path(),
         "left-intruder",
         &recover_arguments(&region, "left", ""),
@@ -345,7 +243,7 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     let mut recovered: Vec<VmmProcess> = names
         .iter()
         .map(|name| {
-            VmmProcess::spawn(
+            spawn(
                 dir.path(),
                 &format!("{name}-recover"),
                 &recover_arguments(&region, name, ""),
@@ -395,7 +293,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
         &region,
         "early",
     );
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     let mut before = vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
 
@@ -403,7 +301,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
     let (mut saved, mut died_before_main) = (0, 0);
     for attempt in 0..3 {
         let label = format!("immediate{attempt}");
-        let mut vmm = VmmProcess::spawn(
+        let mut vmm = spawn(
             dir.path(),
             &label,
             &recover_arguments(&region, "early", ""),
@@ -436,7 +334,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
     assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0, "mkfifo");
     let mut arguments = recover_arguments(&region, "early", "");
     arguments.extend(["--event-monitor".into(), format!("path={}", fifo.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "held", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "held", &arguments, &[]);
     let deadline = Instant::now() + TIMEOUT;
     while holds_power_fail_signal(vmm.pid()) != Some(true) {
         assert!(
@@ -467,7 +365,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
         before = vmm.serial_log();
     }
 
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "last",
         &recover_arguments(&region, "early", ""),
@@ -511,12 +409,12 @@ fn recovery_maps_memory_in_place_without_reading_it() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", "512M", &region, "big");
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
     let before = vmm.serial_log();
 
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "recovered",
         &recover_arguments(&region, "big", ""),
@@ -572,7 +470,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
         "blk",
     );
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     // Mid-run: the guest keeps 16 requests posted at a time, so the signal lands amid I/O.
     vmm.wait_serial("blkcheck progress", |log| {
         last_completed_seq(log) >= 10 * BLOCKS
@@ -592,7 +490,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
 
     let mut arguments = recover_arguments(&region, "blk", "");
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("blkcheck to finish", |log| {
         log.contains("blkcheck: done") || log.contains("FAIL")
     });
@@ -622,12 +520,12 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     vmm.signal(libc::SIGKILL);
     assert_eq!(vmm.wait_exit().signal(), Some(libc::SIGKILL));
 
-    let mut refused = VmmProcess::spawn(
+    let mut refused = spawn(
         dir.path(),
         "refused",
         &recover_arguments(&region, "k", ""),
@@ -638,7 +536,7 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     assert!(stderr.contains(UNSAFE_SHUTDOWN), "{stderr}");
     assert!(refused.serial_log().is_empty(), "a refused VM must not run");
 
-    let mut cold = VmmProcess::spawn(
+    let mut cold = spawn(
         dir.path(),
         "cold",
         &recover_arguments(&region, "k", ",force-cold=on"),
@@ -650,7 +548,7 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     // The cold-booted run is a normal run again: it saves and recovers.
     power_fail(&mut cold);
     let before = cold.serial_log();
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "again",
         &recover_arguments(&region, "k", ""),
@@ -666,7 +564,7 @@ fn bad_nv_options_fail_with_a_clear_message() {
     let region = dir.path().join("region");
     let kernel = test_guest("counter");
     let run = |label: &str, arguments: Vec<String>| -> String {
-        let mut vmm = VmmProcess::spawn(dir.path(), label, &arguments, &[]);
+        let mut vmm = spawn(dir.path(), label, &arguments, &[]);
         let status = vmm.wait_exit();
         assert_eq!(status.code(), Some(1), "{label}: {status}");
         vmm.stderr_log()
@@ -678,7 +576,7 @@ fn bad_nv_options_fail_with_a_clear_message() {
     assert!(!region.exists());
 
     // Create the region and VM, then ask for it in ways that must be refused.
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "create",
         &boot_arguments(&kernel, "stop_after=1", SMALL_RAM, &region, "x"),
@@ -741,7 +639,7 @@ fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duratio
     let vm = "f";
     let arguments = boot_arguments(&kernel, "area_mb=1", "16M", &region, vm);
     let label = format!("fault{run}");
-    let mut vmm = VmmProcess::spawn(dir, &label, &arguments, &[("NV_FAULT_AFTER_PHASE", point)]);
+    let mut vmm = spawn(dir, &label, &arguments, &[("NV_FAULT_AFTER_PHASE", point)]);
     vmm.wait_serial("the guest to start", |log| log.contains("counter: boot"));
     std::thread::sleep(delay);
     vmm.signal(libc::SIGPWR);
@@ -756,7 +654,7 @@ fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duratio
     drop(vmm);
 
     let label = format!("recover{run}");
-    let mut recovered = VmmProcess::spawn(dir, &label, &recover_arguments(&region, vm, ""), &[]);
+    let mut recovered = spawn(dir, &label, &recover_arguments(&region, vm, ""), &[]);
     let resumed = if complete {
         let after = recovered.wait_serial("a counter line after recovery", has_counter_line);
         assert_continues(&before, &after);
@@ -877,8 +775,8 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
     let mut arguments =
         boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "s");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
-    let serial = vmm.serial.clone();
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
+    let serial = dir.path().join("boot.serial");
     vmm.wait_serial("a counter line", has_counter_line);
     wait_for_socket(&socket);
     let (status, body) = api_request(&socket, "GET", "vm.nv-status", "");
@@ -900,7 +798,7 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
         "--api-socket".to_string(),
         format!("path={}", socket.display()),
     ];
-    let mut vmm = VmmProcess::spawn(dir.path(), "empty", &empty, &[]);
+    let mut vmm = spawn(dir.path(), "empty", &empty, &[]);
     wait_for_socket(&socket);
     let (status, body) = api_request(
         &socket,
@@ -950,7 +848,7 @@ fn api_listing_after_exit(dir: &Path, socket: &Path, region: &Path) -> String {
         "--api-socket".to_string(),
         format!("path={}", socket.display()),
     ];
-    let _vmm = VmmProcess::spawn(dir, "lister", &empty, &[]);
+    let _vmm = spawn(dir, "lister", &empty, &[]);
     wait_for_socket(socket);
     let (status, body) = api_request(
         socket,
@@ -986,7 +884,7 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     let mut before;
     for round in 0..4 {
@@ -1008,7 +906,7 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
         before = vmm.serial_log();
         drop(vmm);
         assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "PowerFail");
-        vmm = VmmProcess::spawn(
+        vmm = spawn(
             dir.path(),
             &format!("recover{round}"),
             &recover_arguments(&region, "t", ""),
@@ -1030,7 +928,7 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     before = vmm.serial_log();
     drop(vmm);
     assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "Suspend");
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "after-term",
         &recover_arguments(&region, "t", ""),
@@ -1042,7 +940,7 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     vmm.signal(libc::SIGINT);
     assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr_log());
     let before = vmm.serial_log();
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "after-int",
         &recover_arguments(&region, "t", ""),
@@ -1128,7 +1026,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let mut arguments =
         boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "f");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     wait_for_socket(&socket);
     let stalled = StallingMount::new(dir.path().join("snapshot"));
@@ -1196,7 +1094,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     drop(vmm);
     let mut arguments = recover_arguments(&region, "f", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
     assert_continues(&before, &after);
 
@@ -1238,7 +1136,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let _ = snapshot_client.join();
     let before = vmm.serial_log();
     drop(vmm);
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "recovered-again",
         &recover_arguments(&region, "f", ""),
@@ -1263,7 +1161,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
     let kernel = dir.path().join("counter");
     std::fs::copy(test_guest("counter"), &kernel).unwrap();
     let arguments = boot_arguments(&kernel, "area_mb=1", "64M", &region, "r");
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
     let before = vmm.serial_log();
@@ -1271,7 +1169,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
 
     let mut arguments = recover_arguments(&region, "r", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = VmmProcess::spawn(dir.path(), "recovered", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
     assert_continues(&before, &after);
     wait_for_socket(&socket);
@@ -1326,14 +1224,14 @@ fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
         &region,
         "x",
     );
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
     let before = vmm.serial_log();
     assert!(!before.contains("counter: done"), "{before}");
     drop(vmm);
 
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "recovered",
         &recover_arguments(&region, "x", ""),
@@ -1384,7 +1282,7 @@ fn a_triple_fault_right_after_recovery_is_reported() {
     let region = dir.path().join("region");
     let kernel = test_guest("counter");
     let arguments = boot_arguments(&kernel, "area_mb=1", SMALL_RAM, &region, "tf");
-    let mut vmm = VmmProcess::spawn(dir.path(), "boot", &arguments, &[]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     vmm.wait_serial("a counter line", has_counter_line);
     power_fail(&mut vmm);
     drop(vmm);
@@ -1401,7 +1299,7 @@ fn a_triple_fault_right_after_recovery_is_reported() {
     bytes[at..at + 0x10_0000].fill(0);
     std::fs::write(&region, &bytes).unwrap();
 
-    let mut vmm = VmmProcess::spawn(
+    let mut vmm = spawn(
         dir.path(),
         "recovered",
         &recover_arguments(&region, "tf", ""),

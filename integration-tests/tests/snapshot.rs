@@ -9,19 +9,16 @@
 //! - a region file deleted under a running VM: the save says so and exits with its own code;
 //! - `vmm.nv-regions` opens a region read-only and refuses a FIFO or a directory at once.
 
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
-    test_guest, wait_for_log,
+    assert_counter_advances, guest_cmdline, kvm_available, last_counter_in, point_serial_to,
+    read_log, scratch_dir, test_guest, wait_for_counter_lines,
 };
+use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 use vmm::nv::{EXIT_POWER_FAIL_SAVED, EXIT_SAVED_INTO_DETACHED_REGION};
 
@@ -30,42 +27,21 @@ const GUEST_RAM_MIB: u64 = 32;
 
 /// A `cloud-hypervisor` process serving its API socket in `dir`; killed on drop.
 struct Vmm {
-    child: Child,
+    process: VmmProcess,
     socket: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Vmm {
     fn start(dir: &Path, name: &str, arguments: &[String]) -> Vmm {
         let socket = dir.join(format!("{name}.sock"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(binaries::cloud_hypervisor())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawning cloud-hypervisor");
-        let mut vmm = Vmm {
-            child,
-            socket,
-            stderr,
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while UnixStream::connect(&vmm.socket).is_err() {
-            if let Some(status) = vmm.child.try_wait().expect("waitpid") {
-                panic!("cloud-hypervisor ended ({status}):\n{}", vmm.stderr_text());
-            }
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vmm
-    }
-
-    fn stderr_text(&self) -> String {
-        read_log(&self.stderr)
+        let mut all = vec![
+            "--api-socket".to_string(),
+            format!("path={}", socket.display()),
+        ];
+        all.extend_from_slice(arguments);
+        let mut process = VmmProcess::spawn(dir, name, &all, &[]).with_timeout(TIMEOUT);
+        process.wait_for_socket(&socket, TIMEOUT);
+        Vmm { process, socket }
     }
 
     /// One request; the answer's body decoded (an error body's JSON strings joined by " / ").
@@ -75,7 +51,7 @@ impl Vmm {
         } else {
             body.to_string()
         };
-        let stderr = self.stderr.clone();
+        let stderr = self.process.stderr_path().to_path_buf();
         let (status, answer) = std::panic::catch_unwind(|| {
             api_client::request(&self.socket, method, op, &body, TIMEOUT)
         })
@@ -103,52 +79,15 @@ impl Vmm {
         );
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit:\n{}",
-                self.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     fn shutdown(mut self) {
         self.ok("PUT", "vmm.shutdown", &Value::Null);
-        assert_eq!(self.wait_exit(), 0, "{}", self.stderr_text());
+        assert_eq!(
+            self.process.wait_exit_code(),
+            0,
+            "{}",
+            self.process.stderr_log()
+        );
     }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_counter_lines(log: &Path, count: usize) -> String {
-    let (text, done) = wait_for_log(log, TIMEOUT, |text| {
-        counter_lines(text).len() >= count || text.contains("FAIL")
-    });
-    assert!(done, "no {count} counter lines in time:\n{text}");
-    text
-}
-
-fn last_counter(log: &Path) -> u64 {
-    counter_lines(&read_log(log))
-        .last()
-        .expect("a counter line")
-        .counter
 }
 
 /// Command-line arguments booting the counter guest; in NV memory when `region` is given.
@@ -186,13 +125,6 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 /// The restored VM writes its serial output to a log of its own.
-fn point_serial_to(snapshot_dir: &Path, log: &Path) {
-    let path = snapshot_dir.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["serial"]["file"] = json!(log.display().to_string());
-    std::fs::write(&path, config.to_string()).unwrap();
-}
-
 #[test]
 fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_continues() {
     if !kvm_available("a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm") {
@@ -210,10 +142,10 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
         "first",
         &counter_arguments(&first_log, Some(&region)),
     );
-    wait_for_counter_lines(&first_log, 2);
+    wait_for_counter_lines(&first_log, 2, TIMEOUT);
     first.ok("PUT", "vm.pause", &Value::Null);
     first.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
-    let before = last_counter(&first_log);
+    let before = last_counter_in(&first_log);
     first.shutdown();
 
     assert_eq!(
@@ -238,7 +170,7 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
         "vm.restore",
         &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
     );
-    let text = wait_for_counter_lines(&second_log, 3);
+    let text = wait_for_counter_lines(&second_log, 3, TIMEOUT);
     assert!(!text.contains("counter: boot"), "booted again:\n{text}");
     let after = assert_counter_advances(&text, 3);
     assert!(
@@ -257,7 +189,7 @@ fn snapshot_refusals_create_nothing_and_files_are_new_owner_only_and_never_follo
     let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, None));
-    wait_for_counter_lines(&log, 1);
+    wait_for_counter_lines(&log, 1, TIMEOUT);
 
     // Running: refused before anything is created, whatever the destination.
     let empty = dir.path().join("empty");
@@ -377,7 +309,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
     let snapshot = dir.path().join("good");
     std::fs::create_dir(&snapshot).unwrap();
     let vmm = Vmm::start(dir.path(), "first", &counter_arguments(&log, None));
-    wait_for_counter_lines(&log, 2);
+    wait_for_counter_lines(&log, 2, TIMEOUT);
     vmm.ok("PUT", "vm.pause", &Value::Null);
     vmm.ok("PUT", "vm.snapshot", &snapshot_body(&snapshot));
     vmm.shutdown();
@@ -471,7 +403,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
         "vm.restore",
         &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
     );
-    let text = wait_for_counter_lines(&restored_log, 2);
+    let text = wait_for_counter_lines(&restored_log, 2, TIMEOUT);
     assert!(!text.contains("counter: boot"), "{text}");
     target.shutdown();
 }
@@ -486,11 +418,11 @@ fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
     let region = dir.path().join("region");
     let log = dir.path().join("serial.log");
     let mut vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, Some(&region)));
-    wait_for_counter_lines(&log, 1);
+    wait_for_counter_lines(&log, 1, TIMEOUT);
     std::fs::remove_file(&region).unwrap();
-    vmm.signal(libc::SIGPWR);
-    let code = vmm.wait_exit();
-    let stderr = vmm.stderr_text();
+    vmm.process.signal(libc::SIGPWR);
+    let code = vmm.process.wait_exit_code();
+    let stderr = vmm.process.stderr_log();
     assert_eq!(code, EXIT_SAVED_INTO_DETACHED_REGION, "{stderr}");
     assert!(
         stderr.contains("THE SAVE IS NOT WHERE RECOVERY LOOKS"),
