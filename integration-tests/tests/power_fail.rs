@@ -107,6 +107,15 @@ fn assert_continues(before: &str, after: &str) {
     assert_counter_advances(after, 1);
 }
 
+/// Starts the VMM that recovers a VM (`arguments`: `recover_arguments` and anything added) and
+/// checks that the guest continued from `before`, its serial log up to the power failure.
+fn recover_continuing(dir: &Path, label: &str, arguments: &[String], before: &str) -> VmmProcess {
+    let mut vmm = spawn(dir, label, arguments, &[]);
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(before, &after);
+    vmm
+}
+
 #[test]
 fn counter_survives_three_power_failures_in_a_row() {
     if !kvm_available("counter_survives_three_power_failures_in_a_row") {
@@ -152,23 +161,19 @@ fn counter_survives_three_power_failures_in_a_row() {
     }
 
     // SIGTERM saves an NV VM in place too (planned suspend, exit 0): it continues afterwards.
-    let mut vmm = spawn(
+    let mut vmm = recover_continuing(
         dir.path(),
         "run4",
         &recover_arguments(&region, "c", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line", has_counter_line);
-    assert_continues(&before, &after);
     vmm.signal(libc::SIGTERM);
     assert_eq!(vmm.wait_exit().code(), Some(0));
     let before = vmm.serial_log();
     let socket = dir.path().join("run5.sock");
     let mut arguments = recover_arguments(&region, "c", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = spawn(dir.path(), "run5", &arguments, &[]);
-    let after = vmm.wait_serial("a counter line", has_counter_line);
-    assert_continues(&before, &after);
+    let mut vmm = recover_continuing(dir.path(), "run5", &arguments, &before);
     // A clean stop (vm.shutdown, then vmm.shutdown) is recorded as powered off: nothing to
     // recover afterwards.
     wait_for_socket(&socket);
@@ -365,14 +370,12 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
         before = vmm.serial_log();
     }
 
-    let mut vmm = spawn(
+    let _recovered = recover_continuing(
         dir.path(),
         "last",
         &recover_arguments(&region, "early", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
 }
 
 /// `VmRSS` of a process in bytes.
@@ -548,14 +551,12 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     // The cold-booted run is a normal run again: it saves and recovers.
     power_fail(&mut cold);
     let before = cold.serial_log();
-    let mut vmm = spawn(
+    let _recovered = recover_continuing(
         dir.path(),
         "again",
         &recover_arguments(&region, "k", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line", has_counter_line);
-    assert_continues(&before, &after);
 }
 
 #[test]
@@ -906,14 +907,12 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
         before = vmm.serial_log();
         drop(vmm);
         assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "PowerFail");
-        vmm = spawn(
+        vmm = recover_continuing(
             dir.path(),
             &format!("recover{round}"),
             &recover_arguments(&region, "t", ""),
-            &[],
+            &before,
         );
-        let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-        assert_continues(&before, &after);
     }
 
     // SIGTERM alone: a planned suspend in place, exit 0, and the next recovery resumes.
@@ -928,26 +927,22 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
     before = vmm.serial_log();
     drop(vmm);
     assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "Suspend");
-    let mut vmm = spawn(
+    let mut vmm = recover_continuing(
         dir.path(),
         "after-term",
         &recover_arguments(&region, "t", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
     // SIGINT (Ctrl-C in a terminal) is the same request.
     vmm.signal(libc::SIGINT);
     assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr_log());
     let before = vmm.serial_log();
-    let mut vmm = spawn(
+    let _recovered = recover_continuing(
         dir.path(),
         "after-int",
         &recover_arguments(&region, "t", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
 }
 
 /// A directory whose writes block until the test lets go: a FUSE file system
@@ -1094,9 +1089,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     drop(vmm);
     let mut arguments = recover_arguments(&region, "f", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
+    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
 
     // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
     wait_for_socket(&socket);
@@ -1136,14 +1129,12 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let _ = snapshot_client.join();
     let before = vmm.serial_log();
     drop(vmm);
-    let mut vmm = spawn(
+    let _recovered = recover_continuing(
         dir.path(),
         "recovered-again",
         &recover_arguments(&region, "f", ""),
-        &[],
+        &before,
     );
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
 }
 
 /// `vm.reboot` of a VM recovered with `recover=on` cold-boots it over its extent with the
@@ -1169,9 +1160,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
 
     let mut arguments = recover_arguments(&region, "r", "");
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
-    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-    assert_continues(&before, &after);
+    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
     wait_for_socket(&socket);
 
     let (status, body) = api_request(&socket, "PUT", "vm.reboot", "");
