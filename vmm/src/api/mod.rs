@@ -305,16 +305,12 @@ pub fn route_connection_bytes(bytes: &[u8]) -> Vec<RoutedRequest> {
                 return routed;
             }
             Ok(Some(request)) => {
-                let outcome = match routes::find_route(&request.path) {
-                    // The server's answers: 404 `["Not Found"]`, 400 `["Bad Request"]`.
-                    None => Err(ApiError::http(404, "Not Found", None)),
-                    Some(route) if request.method != route.method.as_str() => {
-                        Err(ApiError::http(400, "Bad Request", None))
-                    }
-                    Some(route) => {
-                        routes::build_request(route, &request.body, request.query.as_deref())
-                    }
-                };
+                let outcome = routes::route_request(
+                    &request.method,
+                    &request.path,
+                    &request.body,
+                    request.query.as_deref(),
+                );
                 let keep_alive = request.keep_alive;
                 routed.push(RoutedRequest::Request {
                     method: request.method,

@@ -162,6 +162,22 @@ pub fn find_route(path: &str) -> Option<&'static Route> {
     ROUTES.iter().find(|route| route.op == op)
 }
 
+/// Routes one request as the server does: an unknown path is 404 `["Not Found"]`, a known path
+/// with the wrong method 400 `["Bad Request"]` (upstream's bare answers; the server adds `Allow`
+/// from [`find_route`]), anything else goes to [`build_request`].
+pub fn route_request(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    query: Option<&str>,
+) -> Result<ApiRequest, ApiError> {
+    let route = find_route(path).ok_or_else(|| ApiError::http(404, "Not Found", None))?;
+    if method != route.method.as_str() {
+        return Err(ApiError::http(400, "Bad Request", None));
+    }
+    build_request(route, body, query)
+}
+
 /// Builds the control loop's request for a matched route from the request body and query.
 /// Body-less operations ignore any body, as upstream does.
 pub fn build_request(

@@ -21,7 +21,7 @@ use crate::config::SeccompMode;
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 
 use super::http::{Connection, FramingLimits, Request, Response};
-use super::routes::{build_request, find_route};
+use super::routes::{find_route, route_request};
 use super::{ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServerError};
 
 /// Size, time and concurrency limits of the server.
@@ -422,18 +422,14 @@ fn serve_connection(
 
 /// Routes one request and turns the control loop's answer into a response.
 fn handle(request: &Request, link: &ControlLoopLink) -> Response {
-    // Upstream answers both with a bare reason in the array; so do we.
-    let Some(route) = find_route(&request.path) else {
-        return Response::framing_error(404, None);
-    };
-    if request.method != route.method.as_str() {
-        let mut response = Response::framing_error(400, None);
-        response.allow = Some(route.method.as_str());
-        return response;
-    }
-    let answer = build_request(route, &request.body, request.query.as_deref())
-        .and_then(|api_request| link.dispatch(api_request));
-    match answer {
+    let answer = route_request(
+        &request.method,
+        &request.path,
+        &request.body,
+        request.query.as_deref(),
+    )
+    .and_then(|api_request| link.dispatch(api_request));
+    let mut response = match answer {
         Ok(Some(body)) => match serde_json::to_vec(&body) {
             Ok(bytes) => Response::json(200, bytes),
             Err(error) => Response::error(
@@ -447,5 +443,12 @@ fn handle(request: &Request, link: &ControlLoopLink) -> Response {
             Response::error(error.status, &error.body())
         }
         Err(error) => Response::error(500, &error.body()),
+    };
+    // A known path asked with the wrong method: `Allow` names the one it takes.
+    if let Some(route) =
+        find_route(&request.path).filter(|route| request.method != route.method.as_str())
+    {
+        response.allow = Some(route.method.as_str());
     }
+    response
 }
