@@ -87,15 +87,7 @@ fn iasl_disassembles_every_table_without_complaint() {
     }
 
     // RSDP -> XSDT, XSDT -> FACP, APIC, MCFG; FACP -> DSDT, at the addresses we placed them.
-    let address = |signature: &[u8; 4]| {
-        tables
-            .tables()
-            .iter()
-            .find(|t| &t.signature == signature)
-            .unwrap()
-            .addr
-            .0
-    };
+    let address = |signature: &[u8; 4]| tables.address_of(signature).unwrap().0;
     let rsdp = tables.table(b"RSDP").unwrap();
     assert_eq!(&rsdp[0..8], b"RSD PTR ");
     assert_eq!(rsdp.iter().fold(0u8, |sum, &b| sum.wrapping_add(b)), 0);

@@ -28,17 +28,16 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use arch::layout::{I8042_COMMAND_PORT, I8042_RESET_COMMAND, LAPIC_START, SERIAL_PORT_BASE};
+
 const RAM_SIZE: usize = 64 << 20;
-const SERIAL_PORT: u16 = 0x3F8;
-const I8042_COMMAND_PORT: u16 = 0x64;
-const I8042_RESET: u8 = 0xFE;
 /// Where KVM keeps its TSS pages (the VMM's choice too).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// The guest's vector for host-injected interrupts, and the MSI that carries it to APIC 0
-/// (fixed delivery, edge, physical destination 0).
+/// The guest's vector for host-injected interrupts and its stop request, and the MSI address
+/// that carries a vector to APIC 0 (fixed delivery, edge, physical destination 0).
 const EXTERNAL_VECTOR: u32 = 0x40;
-const STOP_VECTOR: u32 = 0x40 + 2;
-const MSI_ADDRESS: u32 = 0xFEE0_0000;
+const STOP_VECTOR: u32 = EXTERNAL_VECTOR + 2;
+const MSI_ADDRESS: u32 = LAPIC_START.0 as u32;
 /// A GSI past the IOAPIC's 24 pins, routed as MSI, as a PCI device's MSI-X vector would be.
 const MSI_GSI: u32 = 24;
 /// Interrupts injected each way. The test sends the next only when the guest has counted
@@ -203,8 +202,8 @@ impl Guest {
         let transcript = guest.transcript();
         let counters = transcript
             .lines()
-            .filter_map(Counters::parse)
-            .last()
+            .rev()
+            .find_map(Counters::parse)
             .unwrap_or_else(|| panic!("no final counters:\n{transcript}"));
         eprintln!("{parameters}: {counters:?}");
         counters
@@ -214,10 +213,12 @@ impl Guest {
 fn run_vcpu(mut vcpu: VcpuFd, console: &Mutex<Console>) {
     let stopped = loop {
         match vcpu.run() {
-            Ok(VcpuExit::IoOut(SERIAL_PORT, data)) => {
+            Ok(VcpuExit::IoOut(SERIAL_PORT_BASE, data)) => {
                 console.lock().unwrap().output.extend_from_slice(data)
             }
-            Ok(VcpuExit::IoOut(I8042_COMMAND_PORT, [I8042_RESET])) => break GUEST_RESET.to_owned(),
+            Ok(VcpuExit::IoOut(I8042_COMMAND_PORT, [I8042_RESET_COMMAND])) => {
+                break GUEST_RESET.to_owned()
+            }
             Ok(VcpuExit::IoOut(..)) => {}
             Ok(VcpuExit::IoIn(_, data)) => data.fill(0xFF),
             Ok(VcpuExit::InternalError) => break "KVM internal error".to_owned(),

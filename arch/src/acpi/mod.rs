@@ -166,15 +166,24 @@ impl AcpiTables {
         &self.tables
     }
 
-    /// The bytes of the table with `signature`, if the set has one.
-    pub fn table(&self, signature: &[u8; 4]) -> Option<&[u8]> {
+    /// Where the table with `signature` sits, if the set has one.
+    pub fn placement(&self, signature: &[u8; 4]) -> Option<&TablePlacement> {
         self.tables
             .iter()
             .find(|table| &table.signature == signature)
-            .map(|table| {
-                let offset = (table.addr.0 - self.base.0) as usize;
-                &self.bytes[offset..offset + table.len]
-            })
+    }
+
+    /// Guest-physical address of the table with `signature`, if the set has one.
+    pub fn address_of(&self, signature: &[u8; 4]) -> Option<GuestAddress> {
+        self.placement(signature).map(|table| table.addr)
+    }
+
+    /// The bytes of the table with `signature`, if the set has one.
+    pub fn table(&self, signature: &[u8; 4]) -> Option<&[u8]> {
+        self.placement(signature).map(|table| {
+            let offset = (table.addr.0 - self.base.0) as usize;
+            &self.bytes[offset..offset + table.len]
+        })
     }
 
     /// Copies the tables into guest memory at [`Self::base`].

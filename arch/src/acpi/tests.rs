@@ -57,12 +57,7 @@ fn rsdp_sits_at_the_base_and_points_at_the_xsdt() {
     assert_eq!(byte_sum(rsdp), 0, "extended checksum");
     assert_eq!(rsdp[15], 2, "revision 2: XSDT present");
     assert_eq!(u32_at(rsdp, 20), 36);
-    let xsdt = tables
-        .tables()
-        .iter()
-        .find(|t| &t.signature == b"XSDT")
-        .unwrap();
-    assert_eq!(u64_at(rsdp, 24), xsdt.addr.0);
+    assert_eq!(u64_at(rsdp, 24), tables.address_of(b"XSDT").unwrap().0);
     // The blob starts with the RSDP.
     assert_eq!(&tables.bytes()[0..8], b"RSD PTR ");
 }
@@ -70,15 +65,7 @@ fn rsdp_sits_at_the_base_and_points_at_the_xsdt() {
 #[test]
 fn xsdt_points_at_fadt_madt_mcfg_and_fadt_at_the_dsdt() {
     let tables = AcpiTables::build(&platform(2)).unwrap();
-    let addr_of = |signature: &[u8; 4]| {
-        tables
-            .tables()
-            .iter()
-            .find(|t| &t.signature == signature)
-            .unwrap()
-            .addr
-            .0
-    };
+    let addr_of = |signature: &[u8; 4]| tables.address_of(signature).unwrap().0;
     let xsdt = tables.table(b"XSDT").unwrap();
     let entries: Vec<u64> = (36..xsdt.len())
         .step_by(8)
