@@ -13,6 +13,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # The blocked-snapshot power-fail test mounts a stalling FUSE file system written with fusepy
 # (integration-tests/tests/support/stall_fs.py), run by Debian's own python3.
 /usr/bin/python3 -c 'import fusepy' >/dev/null 2>&1 || need+=(python3-fusepy)
+# arch/tests/acpi_iasl.rs disassembles the ACPI tables with ACPICA's iasl.
+command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)
 # nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 

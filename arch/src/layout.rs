@@ -14,10 +14,17 @@
 //! 0x0000_9000  | PML4, PDPT, 4 page directories|
 //! 0x0002_0000  | kernel command line (64 KiB)  |
 //! 0x000A_0000  +-------------------------------+ legacy VGA/ROM hole, e820 reserved
+//! 0x000E_0000  | ACPI tables, RSDP first       |
 //! 0x0010_0000  +-------------------------------+ kernel, then RAM (initramfs at the top)
 //! 0xC000_0000  +-------------------------------+ 32-bit device hole
+//!              | PCI 32-bit MMIO BAR window    |
 //! 0xD000_0000  | virtio-mmio device 0, 1, ...  |
+//! 0xE800_0000  | PCI ECAM (MMCONFIG), bus 0    |
+//! 0xF800_0000  | ACPI GED (power button)       |
+//! 0xFEC0_0000  | IOAPIC                        |
+//! 0xFEE0_0000  | local APICs                   |
 //! 0x1_0000_0000+-------------------------------+ RAM beyond 3 GiB continues here
+//!              | PCI 64-bit MMIO BAR window after RAM ([`pci_mmio64_window`])
 //! ```
 
 use vm_memory::GuestAddress;
@@ -86,6 +93,10 @@ pub const CMDLINE_MAX_SIZE: usize = 64 * KIB as usize;
 
 /// Lowest guest RAM size we can boot: the boot structures and the kernel start at 1 MiB.
 pub const MIN_RAM_SIZE: u64 = HIGH_RAM_START.0;
+
+// The platform issue 13 adds: ACPI tables, PCI windows, GED, interrupt controllers.
+mod platform;
+pub use platform::*;
 
 /// Splits `total_bytes` of guest RAM around the 32-bit device hole: up to 3 GiB from address 0,
 /// the rest from 4 GiB. Returns `(start, length)` pairs, in address order; empty for 0 bytes.

@@ -5,6 +5,7 @@
 //! ioctls. The VMM loads the kernel with [`boot::load_kernel`], then programs the boot vCPU with
 //! [`regs::setup_regs`], [`regs::setup_sregs`], [`regs::setup_fpu`] and [`regs::initial_msrs`].
 
+pub mod acpi;
 pub mod boot;
 pub mod e820;
 pub mod gdt;

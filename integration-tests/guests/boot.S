@@ -84,7 +84,7 @@ long_mode_entry:
 	leaq user_stack_top(%rip), %rax
 	subq $8, %rax		/* SysV: rsp+8 is 16-byte aligned at entry */
 	pushq %rax
-	pushq $0x2		/* RFLAGS: reserved bit only; IF=0, IOPL=0 */
+	pushq user_entry_rflags(%rip)	/* IF=0, IOPL=0 unless a guest overrides it */
 	pushq $(SEL_USER_CODE | RPL_USER)
 	leaq user_entry(%rip), %rax
 	pushq %rax
@@ -166,6 +166,12 @@ boot_gdt_end:
 boot_gdt_descriptor:
 	.word boot_gdt_end - boot_gdt - 1
 	.quad boot_gdt
+
+/* RFLAGS ring 3 starts with: the reserved bit only (IF=0). Weak, so a guest
+ * that takes interrupts (intcheck.c) defines its own with IF set. */
+	.weak user_entry_rflags
+user_entry_rflags:
+	.quad 0x2
 
 	.globl idt_descriptor
 idt_descriptor:

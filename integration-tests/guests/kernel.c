@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "console.h"
+#include "kernel.h"
 #include "layout.h"
 #include "start_info.h"
 
@@ -131,6 +132,16 @@ static void map_high_ram(const struct hvm_start_info *start_info)
 		console_write("boot: RAM above the mapped limit is ignored\n");
 }
 
+__attribute__((weak)) void guest_kernel_setup(void)
+{
+}
+
+void kernel_set_interrupt_gate(unsigned vector, void (*handler)(void))
+{
+	if (vector >= EXCEPTION_VECTORS && vector < IDT_ENTRIES)
+		set_gate(vector, (const void *)handler, GATE_INTERRUPT_DPL0);
+}
+
 void kernel_setup(const struct hvm_start_info *start_info)
 {
 	install_tss_descriptor();
@@ -141,6 +152,7 @@ void kernel_setup(const struct hvm_start_info *start_info)
 	idt_descriptor.limit = sizeof(idt) - 1;
 	idt_descriptor.base = (uint64_t)idt;
 	map_high_ram(start_info);
+	guest_kernel_setup();
 }
 
 /* Any exception is a guest bug: say where, then stop this vCPU. */

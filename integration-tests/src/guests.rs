@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 4] = ["counter", "blkcheck", "kvstore", "devcheck"];
+pub const GUEST_NAMES: [&str; 5] = ["counter", "blkcheck", "kvstore", "devcheck", "intcheck"];
 
 /// Environment variable naming the C compiler (default `gcc`).
 pub const COMPILER_ENV: &str = "NV_GUEST_CC";
