@@ -287,32 +287,40 @@ impl TestDriver {
         data_len: u32,
         payload: Option<&[u8]>,
     ) -> Posted {
+        if data_len == 0 {
+            return self.post_request_chain(kind, sector, &[]);
+        }
+        let data = self.alloc(u64::from(data_len));
+        if let Some(bytes) = payload {
+            self.write_guest(data, bytes);
+        }
+        self.post_request_chain(kind, sector, &[(data, data_len, kind != T_OUT)])
+    }
+
+    /// Posts a block request whose data descriptors are `data` as given (any address, length and
+    /// direction): a fresh header of `kind` and `sector`, then `data`, then a fresh status byte
+    /// (0xff until the device answers). `data_addr` is the first data buffer's, 0 if none.
+    pub fn post_request_chain(&mut self, kind: u32, sector: u64, data: &[Buffer]) -> Posted {
         let header = self.alloc(16);
         let mut raw = [0u8; 16];
         raw[..4].copy_from_slice(&kind.to_le_bytes());
         raw[8..].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&raw, GuestAddress(header)).unwrap();
+        self.write_guest(header, &raw);
+        self.post_chain_with_status(&[(header, 16, false)], data)
+    }
+
+    /// Posts `head` then `data` then a fresh device-writable status byte (0xff until answered).
+    pub fn post_chain_with_status(&mut self, head: &[Buffer], data: &[Buffer]) -> Posted {
         let status_addr = self.alloc(1);
-        self.mem
-            .write_obj(0xffu8, GuestAddress(status_addr))
-            .unwrap();
-        let mut buffers = vec![(header, 16, false)];
-        let data_addr = if data_len > 0 {
-            let data = self.alloc(u64::from(data_len));
-            if let Some(bytes) = payload {
-                self.mem.write_slice(bytes, GuestAddress(data)).unwrap();
-            }
-            buffers.push((data, data_len, kind != T_OUT));
-            data
-        } else {
-            0
-        };
+        self.write_guest(status_addr, &[0xff]);
+        let mut buffers = head.to_vec();
+        buffers.extend_from_slice(data);
         buffers.push((status_addr, 1, true));
         let head = self.post_chain(&buffers);
         Posted {
             head,
             status_addr,
-            data_addr,
+            data_addr: data.first().map_or(0, |d| d.0),
         }
     }
 
@@ -348,6 +356,10 @@ impl TestDriver {
 
     pub fn status_byte(&self, posted: &Posted) -> u8 {
         self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap()
+    }
+
+    pub fn write_guest(&self, addr: u64, bytes: &[u8]) {
+        self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 
     pub fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
