@@ -7,12 +7,6 @@ use std::os::unix::fs::FileExt;
 
 const SECTORS: u64 = 2048;
 
-fn disk() -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    file.as_file().set_len(SECTORS * 512).unwrap();
-    file
-}
-
 fn running(image: &tempfile::NamedTempFile, readonly: bool) -> TestDriver {
     let driver = TestDriver::new(guest_memory(), open_block(image.path(), readonly));
     let mut features = VERSION_1 | BLK_F_FLUSH;
@@ -25,7 +19,7 @@ fn running(image: &tempfile::NamedTempFile, readonly: bool) -> TestDriver {
 
 #[test]
 fn write_flush_read_round_trip() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     let payload = pattern(3, 1024);
 
@@ -38,12 +32,11 @@ fn write_flush_read_round_trip() {
     assert_eq!(driver.used_elem(0), (u32::from(write.head), 1));
     assert_eq!(driver.used_elem(1), (u32::from(flush.head), 1));
 
-    let mut on_disk = vec![0u8; 1024];
-    image
-        .as_file()
-        .read_exact_at(&mut on_disk, 3 * 512)
-        .unwrap();
-    assert_eq!(on_disk, payload, "data on the file at sector 3");
+    assert_eq!(
+        image_bytes(&image, 3 * 512, 1024),
+        payload,
+        "data on the file at sector 3"
+    );
 
     let read = driver.post_block_request(T_IN, 3, 1024, None);
     // This notify takes the ioeventfd path: the VMM's KVM registration signals the same fd.
@@ -70,7 +63,7 @@ fn write_flush_read_round_trip() {
 
 #[test]
 fn multi_descriptor_data_and_the_last_sector() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     let first = pattern(7, 512);
     let second = pattern(8, 1024);
@@ -82,18 +75,14 @@ fn multi_descriptor_data_and_the_last_sector() {
     driver.notify();
     driver.wait_used(1);
     assert_eq!(driver.status_byte(&write), S_OK);
-    let mut on_disk = vec![0u8; 1536];
-    image
-        .as_file()
-        .read_exact_at(&mut on_disk, (SECTORS - 3) * 512)
-        .unwrap();
+    let on_disk = image_bytes(&image, (SECTORS - 3) * 512, 1536);
     assert_eq!(&on_disk[..512], &first[..]);
     assert_eq!(&on_disk[512..], &second[..]);
 }
 
 #[test]
 fn get_id_returns_a_stable_twenty_byte_id() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     let first = driver.post_block_request(T_GET_ID, 0, 20, None);
     let second = driver.post_block_request(T_GET_ID, 0, 20, None);
@@ -108,7 +97,7 @@ fn get_id_returns_a_stable_twenty_byte_id() {
 
 #[test]
 fn bad_requests_get_an_error_status_and_the_device_keeps_serving() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     let mut expected = vec![
         // Past the end, straddling the end, and a sector number that overflows.
@@ -144,37 +133,23 @@ fn bad_requests_get_an_error_status_and_the_device_keeps_serving() {
         S_IOERR,
     ));
 
-    let count = expected.len() as u16;
-    driver.notify();
-    driver.wait_used(count);
+    let used: Vec<(u16, u32)> = expected.iter().map(|(p, _)| (p.head, 1)).collect();
+    driver.notify_and_expect_used(&used);
     for (i, (posted, status)) in expected.iter().enumerate() {
         assert_eq!(driver.status_byte(posted), *status, "request {i}");
-        assert_eq!(
-            driver.used_elem(i as u16),
-            (u32::from(posted.head), 1),
-            "request {i}"
-        );
     }
-    let mut untouched = vec![0u8; 512];
-    image
-        .as_file()
-        .read_exact_at(&mut untouched, (SECTORS - 1) * 512)
-        .unwrap();
     assert_eq!(
-        untouched,
+        image_bytes(&image, (SECTORS - 1) * 512, 512),
         vec![0; 512],
         "the straddling write wrote nothing"
     );
 
-    let good = driver.post_block_request(T_OUT, 1, 512, Some(&[9; 512]));
-    driver.notify();
-    driver.wait_used(count + 1);
-    assert_eq!(driver.status_byte(&good), S_OK);
+    driver.assert_serves_a_read();
 }
 
 #[test]
 fn chains_without_a_status_are_dropped_not_fatal() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     // Only a header: no status descriptor to report through.
     let header = driver.alloc(16);
@@ -190,24 +165,13 @@ fn chains_without_a_status_are_dropped_not_fatal() {
     // A next pointer beyond the table.
     driver.write_descriptor(252, header, 16, VIRTQ_DESC_F_NEXT, 4000);
     driver.post_head(252);
-    driver.notify();
-    driver.wait_used(4);
-    for (i, head) in [lonely, readonly_status, 250, 252].into_iter().enumerate() {
-        assert_eq!(
-            driver.used_elem(i as u16),
-            (u32::from(head), 0),
-            "chain {i}"
-        );
-    }
-    let good = driver.post_block_request(T_IN, 0, 512, None);
-    driver.notify();
-    driver.wait_used(5);
-    assert_eq!(driver.status_byte(&good), S_OK);
+    driver.notify_and_expect_used(&[(lonely, 0), (readonly_status, 0), (250, 0), (252, 0)]);
+    driver.assert_serves_a_read();
 }
 
 #[test]
 fn avail_head_beyond_the_table_is_skipped() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     driver.post_head(QUEUE_SIZE + 5);
     let good = driver.post_block_request(T_IN, 0, 512, None);
@@ -220,7 +184,7 @@ fn avail_head_beyond_the_table_is_skipped() {
 
 #[test]
 fn readonly_disk_refuses_writes_and_serves_reads() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     image.as_file().write_all_at(&[0x5a; 512], 512).unwrap();
     let mut driver = running(&image, true);
     let write = driver.post_block_request(T_OUT, 1, 512, Some(&[0xee; 512]));
@@ -230,9 +194,7 @@ fn readonly_disk_refuses_writes_and_serves_reads() {
     assert_eq!(driver.status_byte(&write), S_IOERR);
     assert_eq!(driver.status_byte(&read), S_OK);
     assert_eq!(driver.read_guest(read.data_addr, 512), vec![0x5a; 512]);
-    let mut on_disk = vec![0u8; 512];
-    image.as_file().read_exact_at(&mut on_disk, 512).unwrap();
-    assert_eq!(on_disk, vec![0x5a; 512]);
+    assert_eq!(image_bytes(&image, 512, 512), vec![0x5a; 512]);
     assert_eq!(driver.transport.lock().unwrap().counters()["write_ops"], 0);
 }
 
@@ -249,7 +211,7 @@ fn two_regions(split: u64, size: u64) -> vm_memory::GuestMemoryMmap {
 #[test]
 fn buffers_spanning_two_guest_regions_and_several_descriptors() {
     const SPLIT: u64 = 0x20_0000;
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = TestDriver::new(
         two_regions(SPLIT, MEM_SIZE as u64),
         open_block(image.path(), false),
@@ -267,13 +229,9 @@ fn buffers_spanning_two_guest_regions_and_several_descriptors() {
     driver.notify();
     driver.wait_used(1);
     assert_eq!(driver.status_byte(&write), S_OK);
-    let mut on_disk = vec![0u8; payload.len()];
-    image
-        .as_file()
-        .read_exact_at(&mut on_disk, 40 * 512)
-        .unwrap();
     assert_eq!(
-        on_disk, payload,
+        image_bytes(&image, 40 * 512, payload.len()),
+        payload,
         "both halves of the split buffer reached the file"
     );
 
@@ -307,7 +265,7 @@ fn buffers_spanning_two_guest_regions_and_several_descriptors() {
 
 #[test]
 fn a_read_past_the_end_of_a_shrunk_image_is_an_error_not_stale_data() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     // Another process truncates the image under the running device: its last sector is gone.
     image.as_file().set_len((SECTORS - 1) * 512).unwrap();
@@ -325,6 +283,7 @@ fn a_read_past_the_end_of_a_shrunk_image_is_an_error_not_stale_data() {
         "the sector before EOF still reads"
     );
     assert_eq!(driver.transport.lock().unwrap().counters()["read_ops"], 1);
+    driver.assert_serves_a_read();
 }
 
 /// Not a benchmark gate: moves 1 GiB through reads into a buffer spanning two guest regions and
@@ -337,7 +296,7 @@ fn large_reads_across_regions_arrive_intact_and_report_a_rate() {
     // 32 chains of 4 descriptors fill half the ring; the device serves a batch on one notify.
     const BATCH: u16 = 32;
     const BATCHES: u16 = 8;
-    let image = disk();
+    let image = blank_image(SECTORS);
     let contents: Vec<u8> = (0..LEN as usize).map(|i| (i % 253) as u8).collect();
     image.as_file().set_len(u64::from(LEN)).unwrap();
     image.as_file().write_all_at(&contents, 0).unwrap();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,6 +86,20 @@ pub struct TestDriver {
 
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// A zero-filled raw disk image of `sectors` sectors.
+pub fn blank_image(sectors: u64) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(sectors * 512).unwrap();
+    file
+}
+
+/// `len` bytes of `image` at byte `offset`, read through the file, not through the device.
+pub fn image_bytes(image: &tempfile::NamedTempFile, offset: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    image.as_file().read_exact_at(&mut bytes, offset).unwrap();
+    bytes
 }
 
 pub fn open_block(path: &Path, readonly: bool) -> Box<Block> {
@@ -352,6 +367,32 @@ impl TestDriver {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Notifies, waits for as many new used entries as `expected` has, and checks they are
+    /// `expected` in order: (head, used length).
+    pub fn notify_and_expect_used(&self, expected: &[(u16, u32)]) {
+        let first = self.used_idx();
+        self.notify();
+        self.wait_used(first.wrapping_add(expected.len() as u16));
+        for (i, &(head, len)) in expected.iter().enumerate() {
+            let at = first.wrapping_add(i as u16);
+            assert_eq!(
+                self.used_elem(at),
+                (u32::from(head), len),
+                "used entry {at}"
+            );
+        }
+    }
+
+    /// Posts a one-sector read, notifies, and asserts it completes with OK: the device serves
+    /// (after a fault, a restore, a reset).
+    pub fn assert_serves_a_read(&mut self) {
+        let used = self.used_idx().wrapping_add(1);
+        let read = self.post_block_request(T_IN, 0, 512, None);
+        self.notify();
+        self.wait_used(used);
+        assert_eq!(self.status_byte(&read), S_OK, "a plain read after the rest");
     }
 
     pub fn status_byte(&self, posted: &Posted) -> u8 {

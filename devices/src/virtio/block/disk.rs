@@ -95,39 +95,35 @@ pub(crate) struct DiskCursor<'a> {
 }
 
 impl DiskCursor<'_> {
-    fn file_offset(&self) -> VolatileResult<libc::off64_t> {
-        libc::off64_t::try_from(self.offset)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput)))
-    }
-
-    fn advance(&mut self, transferred: isize) -> VolatileResult<usize> {
+    /// Runs one positioned system call `io(fd, offset)` and advances by the count it returns.
+    fn transfer(
+        &mut self,
+        io: impl FnOnce(libc::c_int, libc::off64_t) -> isize,
+    ) -> VolatileResult<usize> {
+        let offset = libc::off64_t::try_from(self.offset).map_err(|_| {
+            VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput))
+        })?;
         // A negative count is the only failure; any other count fits `usize`.
-        let n = usize::try_from(transferred)
+        let n = usize::try_from(io(self.file.as_raw_fd(), offset))
             .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
         self.offset += n as u64;
         Ok(n)
     }
 }
 
+// SAFETY (both impls): the descriptor stays open while `self.file` is borrowed, and the guard
+// points at `buf.len()` bytes of mapped guest memory valid while it lives (the invariant of
+// `VolatileSlice`); the kernel writes (pread) or reads (pwrite) at most `buf.len()` bytes there.
 impl ReadVolatile for DiskCursor<'_> {
     fn read_volatile<B: BitmapSlice>(
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> VolatileResult<usize> {
-        let offset = self.file_offset()?;
         let guard = buf.ptr_guard_mut();
-        // SAFETY: the descriptor stays open while `self.file` is borrowed, and the guard points
-        // at `buf.len()` bytes of mapped guest memory that stay valid for writes while it lives
-        // (the invariant of `VolatileSlice`). The kernel writes at most `buf.len()` bytes there.
-        let transferred = unsafe {
-            libc::pread64(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        let n = self.advance(transferred)?;
+        let n = self.transfer(|fd, offset| {
+            // SAFETY: see above the impl.
+            unsafe { libc::pread64(fd, guard.as_ptr().cast(), buf.len(), offset) }
+        })?;
         buf.bitmap().mark_dirty(0, n);
         Ok(n)
     }
@@ -135,18 +131,11 @@ impl ReadVolatile for DiskCursor<'_> {
 
 impl WriteVolatile for DiskCursor<'_> {
     fn write_volatile<B: BitmapSlice>(&mut self, buf: &VolatileSlice<B>) -> VolatileResult<usize> {
-        let offset = self.file_offset()?;
         let guard = buf.ptr_guard();
-        // SAFETY: as in `read_volatile`; here the kernel only reads the `buf.len()` bytes.
-        let transferred = unsafe {
-            libc::pwrite64(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        self.advance(transferred)
+        self.transfer(|fd, offset| {
+            // SAFETY: see above the impl of `ReadVolatile`.
+            unsafe { libc::pwrite64(fd, guard.as_ptr().cast(), buf.len(), offset) }
+        })
     }
 }
 
