@@ -186,26 +186,16 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
     std::fs::write(&zeroed, vec![0u8; 1 << 16]).unwrap();
     let err = open_existing(&zeroed).unwrap_err();
     assert!(err.to_string().contains("zero-filled"), "{err}");
-    // format=on is the explicit way to take such a file.
-    let formatted = Region::open(
-        &zeroed,
-        &OpenOptions {
-            format: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    // format=on is the explicit way to take such a file...
+    let format = OpenOptions {
+        format: true,
+        ..OpenOptions::default()
+    };
+    let formatted = Region::open(&zeroed, &format).unwrap();
     formatted.create_vm("x", 4096, b"").unwrap();
     drop(formatted);
     // ...and format=on never touches a valid region.
-    let again = Region::open(
-        &zeroed,
-        &OpenOptions {
-            format: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let again = Region::open(&zeroed, &format).unwrap();
     assert_eq!(again.list_vms().unwrap().len(), 1);
     drop(again);
 
