@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::*;
@@ -16,12 +15,6 @@ const SECTORS: u64 = 4096;
 const WRITE_LEN: u32 = 8192;
 const SECTORS_PER_WRITE: u64 = WRITE_LEN as u64 / 512;
 
-fn disk() -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    file.as_file().set_len(SECTORS * 512).unwrap();
-    file
-}
-
 fn running(image: &tempfile::NamedTempFile) -> TestDriver {
     let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
     driver.initialise(VERSION_1 | BLK_F_FLUSH);
@@ -31,6 +24,26 @@ fn running(image: &tempfile::NamedTempFile) -> TestDriver {
 fn post_write(driver: &mut TestDriver, n: u64) -> Posted {
     let payload = pattern(n, WRITE_LEN as usize);
     driver.post_block_request(T_OUT, n * SECTORS_PER_WRITE, WRITE_LEN, Some(&payload))
+}
+
+/// Power failure after `state` was saved: the VMM and its device are gone, guest memory (NV) and
+/// the disk file survive. Recovery builds a new device from `state` over them; the guest driver
+/// continues with the bookkeeping it keeps in its RAM.
+fn power_cycle(
+    driver: TestDriver,
+    image: &tempfile::NamedTempFile,
+    state: &MmioTransportState,
+) -> TestDriver {
+    let mem = driver.mem.clone();
+    let (next_desc, avail_idx) = (driver.next_desc(), driver.avail_idx());
+    drop(driver);
+    TestDriver::restored(
+        mem,
+        open_block(image.path(), false),
+        state,
+        next_desc,
+        avail_idx,
+    )
 }
 
 /// What the power-fail save does with the device: pause, flush, state, through serde.
@@ -45,7 +58,7 @@ fn save(driver: &TestDriver) -> MmioTransportState {
 
 #[test]
 fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image);
     let mut posted = Vec::new();
     for n in 0..32 {
@@ -78,24 +91,11 @@ fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
         "nothing served while paused"
     );
 
-    // Power failure: the VMM is gone. Guest memory (NV) and the disk file survive.
-    let mem = driver.mem.clone();
-    let (next_desc, avail_idx) = (driver.next_desc(), driver.avail_idx());
-    drop(driver);
+    let driver = power_cycle(driver, &image, &state);
     assert_eq!(
-        u16::from_le(
-            vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(USED_RING + 2)).unwrap()
-        ),
+        driver.used_idx(),
         done_before,
         "dropping the paused device completed nothing"
-    );
-
-    let driver = TestDriver::restored(
-        mem,
-        open_block(image.path(), false),
-        &state,
-        next_desc,
-        avail_idx,
     );
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
@@ -114,13 +114,8 @@ fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
     assert_eq!(heads, expected, "each posted request on the used ring once");
     for (n, p) in posted.iter().enumerate() {
         assert_eq!(driver.status_byte(p), S_OK, "request {n}");
-        let mut on_disk = vec![0u8; WRITE_LEN as usize];
-        image
-            .as_file()
-            .read_exact_at(&mut on_disk, n as u64 * u64::from(WRITE_LEN))
-            .unwrap();
         assert_eq!(
-            on_disk,
+            image_bytes(&image, n as u64 * u64::from(WRITE_LEN), WRITE_LEN as usize),
             pattern(n as u64, WRITE_LEN as usize),
             "data of request {n}"
         );
@@ -138,7 +133,7 @@ fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
 
 #[test]
 fn pause_and_resume_in_place_serve_what_was_posted_meanwhile() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image);
     driver.transport.lock().unwrap().pause().unwrap();
     let p = post_write(&mut driver, 1);
@@ -152,7 +147,7 @@ fn pause_and_resume_in_place_serve_what_was_posted_meanwhile() {
 
 #[test]
 fn state_is_refused_while_the_device_runs() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let driver = running(&image);
     assert!(matches!(
         driver.transport.lock().unwrap().state(),
@@ -162,7 +157,7 @@ fn state_is_refused_while_the_device_runs() {
 
 #[test]
 fn a_pending_interrupt_is_raised_again_after_restore() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let mut driver = running(&image);
     let p = post_write(&mut driver, 0);
     driver.notify();
@@ -171,17 +166,7 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
     // The guest has not handled the interrupt yet when the power fails.
     let state = save(&driver);
     assert_eq!(state.interrupt_status & 1, 1);
-    let mem = driver.mem.clone();
-    let (next_desc, avail_idx) = (driver.next_desc(), driver.avail_idx());
-    drop(driver);
-
-    let driver = TestDriver::restored(
-        mem,
-        open_block(image.path(), false),
-        &state,
-        next_desc,
-        avail_idx,
-    );
+    let driver = power_cycle(driver, &image, &state);
     assert!(driver.irq.eventfd().read().is_err(), "not before resume");
     driver.transport.lock().unwrap().resume().unwrap();
     assert_eq!(driver.irq.eventfd().read().unwrap(), 1);
@@ -192,7 +177,7 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
 
 #[test]
 fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
     driver.write32(STATUS, 1 | 2);
     driver.write_driver_features(VERSION_1);
@@ -200,23 +185,17 @@ fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
     driver.setup_queue();
     let state = save(&driver);
     assert!(!state.activated);
-    let mem = driver.mem.clone();
-    drop(driver);
-
-    let mut driver = TestDriver::restored(mem, open_block(image.path(), false), &state, 0, 0);
+    let mut driver = power_cycle(driver, &image, &state);
     driver.transport.lock().unwrap().resume().unwrap();
     assert_eq!(driver.read32(QUEUE_READY), 1);
     driver.write32(STATUS, 1 | 2 | 8 | 4);
     assert_eq!(driver.read32(STATUS), 1 | 2 | 8 | 4);
-    let p = driver.post_block_request(T_IN, 0, 512, None);
-    driver.notify();
-    driver.wait_used(1);
-    assert_eq!(driver.status_byte(&p), S_OK);
+    driver.assert_serves_a_read();
 }
 
 #[test]
 fn foreign_or_inconsistent_states_are_refused() {
-    let image = disk();
+    let image = blank_image(SECTORS);
     let driver = running(&image);
     let good = save(&driver);
     let mem = driver.mem.clone();

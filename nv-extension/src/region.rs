@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::format::format;
 use crate::identity::{OwnerRecord, Uuid};
 use crate::metadata_io::{read_superblock, read_table, write_superblock, write_table};
-use crate::persistence::devdax::{self, DevDaxBackend};
+use crate::persistence::devdax;
 use crate::persistence::file_mmap::FileBackend;
 use crate::persistence::{read_vec, Persistence, PersistenceMode};
 use crate::region_identity;
@@ -217,7 +217,7 @@ fn open_store(path: &Path, options: &OpenOptions) -> Result<(Box<dyn Persistence
     let store: Box<dyn Persistence> = {
         use std::os::unix::fs::FileTypeExt;
         if file_type.is_char_device() {
-            Box::new(DevDaxBackend::open(file, path, writable)?)
+            Box::new(devdax::open(file, path, writable)?)
         } else if file_type.is_file() {
             Box::new(FileBackend::open(file, path, writable)?)
         } else {

@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use nv_extension::persistence::memory::MemoryBackend;
-use nv_extension::{save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind};
+use nv_extension::{Error, OpenOptions, Region, RunKind, ShutdownKind};
 use proptest::prelude::*;
 
 mod common;
-use common::BlobHost;
+use common::save_blob;
 
 /// Everything ever committed for one VM.
 #[derive(Default, Debug)]
@@ -30,13 +29,7 @@ struct Fixture {
 
 fn save(handle: &mut nv_extension::VmHandle, blob: &[u8], committed: &mut Committed) {
     handle.begin_run(RunKind::Resume).unwrap();
-    let report = save_vm(
-        handle,
-        &mut BlobHost(blob.to_vec()),
-        ShutdownKind::PowerFail,
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let report = save_blob(handle, blob, ShutdownKind::PowerFail).unwrap();
     committed.states.push((report.seq, blob.to_vec()));
 }
 

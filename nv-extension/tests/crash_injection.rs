@@ -21,17 +21,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nv_extension::persistence::memory::MemoryBackend;
 use nv_extension::persistence::{Persistence, PersistenceMode};
 use nv_extension::save_report::RECORD_LEN;
-use nv_extension::{
-    save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker, VmHandle,
-};
+use nv_extension::{Error, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker, VmHandle};
 
 mod common;
-use common::BlobHost;
+use common::save_blob;
 
 const WORD: u64 = 8;
 const LINE: u64 = 64;
@@ -237,13 +235,7 @@ fn record(seed: u64) -> Trace {
                         } else {
                             ShutdownKind::PlannedSuspend
                         };
-                        let report = save_vm(
-                            handle,
-                            &mut BlobHost(blob.clone()),
-                            kind,
-                            Duration::from_secs(1),
-                        )
-                        .expect("save");
+                        let report = save_blob(handle, &blob, kind).expect("save");
                         // A state that leaves room in its slot gets its report recorded.
                         if blob.len() as u64 + 64 + RECORD_LEN as u64 <= SLOT_LEN {
                             let recorded = region.last_save_report(&name).unwrap();
@@ -506,13 +498,8 @@ fn check_image(
             handle
                 .begin_run(RunKind::Resume)
                 .map_err(|e| e.to_string())?;
-            save_vm(
-                &mut handle,
-                &mut BlobHost(b"after-crash".to_vec()),
-                ShutdownKind::PowerFail,
-                Duration::from_secs(1),
-            )
-            .map_err(|e| format!("save after crash: {e}"))?;
+            save_blob(&mut handle, b"after-crash", ShutdownKind::PowerFail)
+                .map_err(|e| format!("save after crash: {e}"))?;
             let recovered = handle.recover().map_err(|e| e.to_string())?;
             if recovered.state_blob != b"after-crash" {
                 return Err("save after crash not recovered".into());

@@ -2,39 +2,43 @@
 //! when the region file is deleted or replaced under a running VM, and how a region is opened
 //! for a listing: read-only, after checking what the path names.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
-use nv_extension::{save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind};
+use nv_extension::{Error, OpenOptions, Region, RunKind, SaveReport, ShutdownKind, VmHandle};
 
 mod common;
-use common::BlobHost;
+use common::{create_options, new_region, save_blob};
 
 const MIB: u64 = 1 << 20;
 const STATE: &[u8] = b"the committed vCPU state of seq 1";
 
-fn create_options() -> OpenOptions {
-    OpenOptions {
-        create_if_missing: true,
-        ..OpenOptions::default()
-    }
+/// VM "vm" created in `region`, claimed and cold-booted.
+fn running_vm(region: &Region) -> VmHandle {
+    region.create_vm("vm", 2 * MIB, b"config").unwrap();
+    let handle = region.claim_vm("vm").unwrap();
+    handle.begin_run(RunKind::ColdBoot).unwrap();
+    handle
+}
+
+/// A power-fail save of `STATE`.
+fn save_state(handle: &mut VmHandle) -> SaveReport {
+    save_blob(handle, STATE, ShutdownKind::PowerFail).unwrap()
 }
 
 /// A region at `path` with VM "vm" saved (power fail) at seq 1 with `STATE`.
 fn saved_region(path: &Path) {
     let region = Region::open(path, &create_options()).unwrap();
-    region.create_vm("vm", 2 * MIB, b"config").unwrap();
-    let mut handle = region.claim_vm("vm").unwrap();
-    handle.begin_run(RunKind::ColdBoot).unwrap();
-    let report = save_vm(
-        &mut handle,
-        &mut BlobHost(STATE.to_vec()),
-        ShutdownKind::PowerFail,
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let report = save_state(&mut running_vm(&region));
     assert_eq!(report.seq, 1);
     assert_eq!(report.region_file_changed, None);
+}
+
+/// `saved_region` in a fresh temporary directory (deleted when the returned one is dropped).
+fn new_saved_region() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    saved_region(&path);
+    (dir, path)
 }
 
 /// Offset of the slot header holding `STATE` (found by its magic and payload).
@@ -58,9 +62,7 @@ fn recovery_error(path: &Path) -> String {
 
 #[test]
 fn a_bit_flip_in_the_committed_slot_is_reported_as_damage_not_as_an_unsafe_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("region");
-    saved_region(&path);
+    let (_dir, path) = new_saved_region();
     let pristine = std::fs::read(&path).unwrap();
     let slot = slot_with_state(&pristine);
 
@@ -92,9 +94,7 @@ fn a_bit_flip_in_the_committed_slot_is_reported_as_damage_not_as_an_unsafe_shutd
 
 #[test]
 fn a_vm_that_died_without_a_save_is_still_an_unsafe_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("region");
-    saved_region(&path);
+    let (_dir, path) = new_saved_region();
     {
         let region = Region::open(&path, &OpenOptions::default()).unwrap();
         let handle = region.claim_vm("vm").unwrap();
@@ -109,20 +109,10 @@ fn a_vm_that_died_without_a_save_is_still_an_unsafe_shutdown() {
 
 #[test]
 fn a_save_into_a_deleted_region_file_says_so_and_recovery_refuses_a_replaced_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("region");
-    let region = Region::open(&path, &create_options()).unwrap();
-    region.create_vm("vm", 2 * MIB, b"config").unwrap();
-    let mut handle = region.claim_vm("vm").unwrap();
-    handle.begin_run(RunKind::ColdBoot).unwrap();
+    let (dir, path, region) = new_region("region");
+    let mut handle = running_vm(&region);
     std::fs::remove_file(&path).unwrap();
-    let report = save_vm(
-        &mut handle,
-        &mut BlobHost(STATE.to_vec()),
-        ShutdownKind::PowerFail,
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let report = save_state(&mut handle);
     // Still saved into the open file (it may be all that is left), and named as such.
     let refused = handle.recover().unwrap_err().to_string();
     assert!(refused.contains("deleted"), "{refused}");
@@ -184,9 +174,7 @@ fn close_events(path: &Path, action: impl FnOnce()) -> (usize, usize) {
 
 #[test]
 fn a_read_only_open_lists_without_opening_for_write_and_refuses_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("region");
-    saved_region(&path);
+    let (dir, path) = new_saved_region();
     let before = std::fs::read(&path).unwrap();
     let read_only = OpenOptions {
         read_only: true,

@@ -6,24 +6,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use nv_extension::{
-    save_vm, Error, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, ShutdownKind,
-    ShutdownMarker,
+    Error, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, ShutdownKind, ShutdownMarker,
 };
 
 mod common;
-use common::BlobHost;
+use common::{create_options, new_region, save_blob};
 
 const MIB: u64 = 1 << 20;
-
-fn create_options() -> OpenOptions {
-    OpenOptions {
-        create_if_missing: true,
-        ..OpenOptions::default()
-    }
-}
 
 fn open_existing(path: &Path) -> nv_extension::Result<Region> {
     Region::open(path, &OpenOptions::default())
@@ -73,9 +64,7 @@ fn missing_path_is_created_as_a_plain_file_region_and_grows_with_vms() {
 
 #[test]
 fn resize_moves_or_shrinks_memory_but_never_discards_a_resumable_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("resize.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, _path, region) = new_region("resize.nv");
     region.create_vm("a", 2 * MIB, b"").unwrap();
     region.create_vm("b", 2 * MIB, b"").unwrap();
     let before = region
@@ -107,13 +96,7 @@ fn resize_moves_or_shrinks_memory_but_never_discards_a_resumable_state() {
         Err(Error::OwnedByLiveProcess { .. })
     ));
     handle.begin_run(RunKind::ColdBoot).unwrap();
-    save_vm(
-        &mut handle,
-        &mut BlobHost(b"s".to_vec()),
-        ShutdownKind::PlannedSuspend,
-        Duration::from_millis(50),
-    )
-    .unwrap();
+    save_blob(&mut handle, b"s", ShutdownKind::PlannedSuspend).unwrap();
     drop(handle);
     let err = region.resize_vm("a", 2 * MIB).unwrap_err();
     assert!(matches!(err, Error::ResizeWouldDiscardState(_)), "{err}");
@@ -127,9 +110,7 @@ fn resize_moves_or_shrinks_memory_but_never_discards_a_resumable_state() {
 #[test]
 fn two_region_instances_see_each_others_changes() {
     // Two VMMs on one region: each open is its own descriptor and mapping.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shared.nv");
-    let first = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, first) = new_region("shared.nv");
     let second = open_existing(&path).unwrap();
     first.create_vm("one", 4 * MIB, b"1").unwrap();
     // The file grew behind the second instance's mapping; it remaps and sees the VM.
@@ -205,26 +186,16 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
     std::fs::write(&zeroed, vec![0u8; 1 << 16]).unwrap();
     let err = open_existing(&zeroed).unwrap_err();
     assert!(err.to_string().contains("zero-filled"), "{err}");
-    // format=on is the explicit way to take such a file.
-    let formatted = Region::open(
-        &zeroed,
-        &OpenOptions {
-            format: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    // format=on is the explicit way to take such a file...
+    let format = OpenOptions {
+        format: true,
+        ..OpenOptions::default()
+    };
+    let formatted = Region::open(&zeroed, &format).unwrap();
     formatted.create_vm("x", 4096, b"").unwrap();
     drop(formatted);
     // ...and format=on never touches a valid region.
-    let again = Region::open(
-        &zeroed,
-        &OpenOptions {
-            format: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let again = Region::open(&zeroed, &format).unwrap();
     assert_eq!(again.list_vms().unwrap().len(), 1);
     drop(again);
 
@@ -270,9 +241,7 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
 
 #[test]
 fn guest_memory_mapped_by_the_vmm_is_the_region_extent() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mem.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, region) = new_region("mem.nv");
     region.create_vm("a", 2 * MIB, b"").unwrap();
     region.create_vm("b", 2 * MIB, b"").unwrap();
     let handle = region.claim_vm("b").unwrap();
@@ -307,9 +276,7 @@ fn guest_memory_mapped_by_the_vmm_is_the_region_extent() {
 #[test]
 fn creating_reserves_and_deleting_returns_a_vms_space() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("punch.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, region) = new_region("punch.nv");
     region.create_vm("big", 8 * MIB, b"").unwrap();
     // Creation reserves the blocks, so a full disk fails here and not as a SIGBUS in the guest.
     assert!(std::fs::metadata(&path).unwrap().blocks() * 512 >= 8 * MIB);
@@ -350,9 +317,7 @@ fn tmpfs_refuses_map_sync_and_falls_back_to_msync() {
 
 #[test]
 fn run_save_recover_cycle_with_running_and_saved_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cycle.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, region) = new_region("cycle.nv");
     region.create_vm("vm", 2 * MIB, b"config-1").unwrap();
     assert_eq!(region.vm("vm").unwrap().status(), "created");
     let mut handle = region.claim_vm("vm").unwrap();
@@ -366,13 +331,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
         "unsafe shutdown — state incomplete, cold boot only"
     );
     assert_eq!(region.vm("vm").unwrap().status(), "running");
-    let report = save_vm(
-        &mut handle,
-        &mut BlobHost(b"state-1".to_vec()),
-        ShutdownKind::PowerFail,
-        Duration::from_millis(50),
-    )
-    .unwrap();
+    let report = save_blob(&mut handle, b"state-1", ShutdownKind::PowerFail).unwrap();
     assert_eq!(region.vm("vm").unwrap().status(), "saved-on-power-fail");
     assert_eq!(report.seq, 1);
     assert_eq!(region.shutdown_marker(), ShutdownMarker::Clean);
@@ -394,13 +353,7 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
     handle.begin_run(RunKind::Resume).unwrap();
     assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
     handle.set_config_blob(b"config-2").unwrap();
-    let report = save_vm(
-        &mut handle,
-        &mut BlobHost(b"state-2".to_vec()),
-        ShutdownKind::PlannedSuspend,
-        Duration::from_millis(50),
-    )
-    .unwrap();
+    let report = save_blob(&mut handle, b"state-2", ShutdownKind::PlannedSuspend).unwrap();
     assert_eq!(report.seq, 2);
     let recovered = handle.recover().unwrap();
     assert_eq!(recovered.state_blob, b"state-2");
@@ -469,9 +422,7 @@ fn child_claims_and_waits() {
 
 #[test]
 fn a_vm_owned_by_a_live_process_is_refused_and_taken_over_after_its_death() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("owned.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, region) = new_region("owned.nv");
     region.create_vm("vm", 2 * MIB, b"").unwrap();
 
     let mut child = spawn_child("child_claims_and_waits", &path, &[]);
@@ -520,32 +471,18 @@ fn child_saves_with_fault_point() {
     let region = open_existing(&path).unwrap();
     let mut handle = region.claim_vm("vm").unwrap();
     handle.begin_run(RunKind::Resume).unwrap();
-    save_vm(
-        &mut handle,
-        &mut BlobHost(b"new state".to_vec()),
-        ShutdownKind::PowerFail,
-        Duration::from_millis(50),
-    )
-    .unwrap();
+    save_blob(&mut handle, b"new state", ShutdownKind::PowerFail).unwrap();
     println!("save returned");
 }
 
 #[test]
 fn power_failure_inside_a_save_never_yields_a_torn_resume() {
     for point in ["1", "2", "3", "4", "commit-payload", "commit-header", "5"] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fault.nv");
-        let region = Region::open(&path, &create_options()).unwrap();
+        let (_dir, path, region) = new_region("fault.nv");
         region.create_vm("vm", 2 * MIB, b"").unwrap();
         let mut handle = region.claim_vm("vm").unwrap();
         handle.begin_run(RunKind::ColdBoot).unwrap();
-        save_vm(
-            &mut handle,
-            &mut BlobHost(b"old state".to_vec()),
-            ShutdownKind::PowerFail,
-            Duration::from_millis(50),
-        )
-        .unwrap();
+        save_blob(&mut handle, b"old state", ShutdownKind::PowerFail).unwrap();
         drop(handle);
 
         let child = spawn_child(
@@ -594,9 +531,7 @@ fn power_failure_inside_a_save_never_yields_a_torn_resume() {
 
 #[test]
 fn a_misspelt_fault_point_fails_the_save_instead_of_being_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("misspelt.nv");
-    let region = Region::open(&path, &create_options()).unwrap();
+    let (_dir, path, region) = new_region("misspelt.nv");
     region.create_vm("vm", 2 * MIB, b"").unwrap();
     drop(region);
     let child = spawn_child(

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,6 +86,20 @@ pub struct TestDriver {
 
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// A zero-filled raw disk image of `sectors` sectors.
+pub fn blank_image(sectors: u64) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(sectors * 512).unwrap();
+    file
+}
+
+/// `len` bytes of `image` at byte `offset`, read through the file, not through the device.
+pub fn image_bytes(image: &tempfile::NamedTempFile, offset: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    image.as_file().read_exact_at(&mut bytes, offset).unwrap();
+    bytes
 }
 
 pub fn open_block(path: &Path, readonly: bool) -> Box<Block> {
@@ -287,32 +302,40 @@ impl TestDriver {
         data_len: u32,
         payload: Option<&[u8]>,
     ) -> Posted {
+        if data_len == 0 {
+            return self.post_request_chain(kind, sector, &[]);
+        }
+        let data = self.alloc(u64::from(data_len));
+        if let Some(bytes) = payload {
+            self.write_guest(data, bytes);
+        }
+        self.post_request_chain(kind, sector, &[(data, data_len, kind != T_OUT)])
+    }
+
+    /// Posts a block request whose data descriptors are `data` as given (any address, length and
+    /// direction): a fresh header of `kind` and `sector`, then `data`, then a fresh status byte
+    /// (0xff until the device answers). `data_addr` is the first data buffer's, 0 if none.
+    pub fn post_request_chain(&mut self, kind: u32, sector: u64, data: &[Buffer]) -> Posted {
         let header = self.alloc(16);
         let mut raw = [0u8; 16];
         raw[..4].copy_from_slice(&kind.to_le_bytes());
         raw[8..].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&raw, GuestAddress(header)).unwrap();
+        self.write_guest(header, &raw);
+        self.post_chain_with_status(&[(header, 16, false)], data)
+    }
+
+    /// Posts `head` then `data` then a fresh device-writable status byte (0xff until answered).
+    pub fn post_chain_with_status(&mut self, head: &[Buffer], data: &[Buffer]) -> Posted {
         let status_addr = self.alloc(1);
-        self.mem
-            .write_obj(0xffu8, GuestAddress(status_addr))
-            .unwrap();
-        let mut buffers = vec![(header, 16, false)];
-        let data_addr = if data_len > 0 {
-            let data = self.alloc(u64::from(data_len));
-            if let Some(bytes) = payload {
-                self.mem.write_slice(bytes, GuestAddress(data)).unwrap();
-            }
-            buffers.push((data, data_len, kind != T_OUT));
-            data
-        } else {
-            0
-        };
+        self.write_guest(status_addr, &[0xff]);
+        let mut buffers = head.to_vec();
+        buffers.extend_from_slice(data);
         buffers.push((status_addr, 1, true));
         let head = self.post_chain(&buffers);
         Posted {
             head,
             status_addr,
-            data_addr,
+            data_addr: data.first().map_or(0, |d| d.0),
         }
     }
 
@@ -346,8 +369,38 @@ impl TestDriver {
         }
     }
 
+    /// Notifies, waits for as many new used entries as `expected` has, and checks they are
+    /// `expected` in order: (head, used length).
+    pub fn notify_and_expect_used(&self, expected: &[(u16, u32)]) {
+        let first = self.used_idx();
+        self.notify();
+        self.wait_used(first.wrapping_add(expected.len() as u16));
+        for (i, &(head, len)) in expected.iter().enumerate() {
+            let at = first.wrapping_add(i as u16);
+            assert_eq!(
+                self.used_elem(at),
+                (u32::from(head), len),
+                "used entry {at}"
+            );
+        }
+    }
+
+    /// Posts a one-sector read, notifies, and asserts it completes with OK: the device serves
+    /// (after a fault, a restore, a reset).
+    pub fn assert_serves_a_read(&mut self) {
+        let used = self.used_idx().wrapping_add(1);
+        let read = self.post_block_request(T_IN, 0, 512, None);
+        self.notify();
+        self.wait_used(used);
+        assert_eq!(self.status_byte(&read), S_OK, "a plain read after the rest");
+    }
+
     pub fn status_byte(&self, posted: &Posted) -> u8 {
         self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap()
+    }
+
+    pub fn write_guest(&self, addr: u64, bytes: &[u8]) {
+        self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 
     pub fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {

@@ -19,6 +19,17 @@ pub const NAMES: [&str; 6] = [
     "virtio_blk",
 ];
 
+/// A scratch directory for a target's files, on tmpfs when there is one: a target that syncs
+/// (a FLUSH request, a region commit) should not wait for a disk.
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+}
+
 /// The target called `name`.
 pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Target>> {
     Ok(match name {

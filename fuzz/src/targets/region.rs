@@ -16,12 +16,7 @@ pub struct RegionTarget {
 
 impl RegionTarget {
     pub fn new() -> anyhow::Result<RegionTarget> {
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            tempfile::tempdir_in(shm)?
-        } else {
-            tempfile::tempdir()?
-        };
+        let dir = super::scratch_dir()?;
         let path = dir.path().join("region");
         Ok(RegionTarget { dir, path })
     }

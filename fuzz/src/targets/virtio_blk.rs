@@ -15,11 +15,18 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{signature, Target};
 
-const MEMORY: usize = 64 << 10;
+/// Guest memory: two 32 KiB regions, so a buffer may straddle two host mappings as it can on a
+/// VM whose RAM is in several zones.
+const REGION: usize = 32 << 10;
+const REGIONS: [(GuestAddress, usize); 2] = [
+    (GuestAddress(0), REGION),
+    (GuestAddress(REGION as u64), REGION),
+];
 const QUEUE_SIZE: u16 = 16;
+/// One page each for the descriptor table, the available ring and the used ring.
 const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
+const AVAIL_RING: u64 = DESC_TABLE + 0x1000;
+const USED_RING: u64 = AVAIL_RING + 0x1000;
 const DISK_SECTORS: u64 = 16;
 
 pub struct VirtioBlkTarget {
@@ -36,13 +43,7 @@ fn pattern() -> Vec<u8> {
 
 impl VirtioBlkTarget {
     pub fn new() -> anyhow::Result<VirtioBlkTarget> {
-        // tmpfs when there is one: a FLUSH request fsyncs the disk.
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            tempfile::tempdir_in(shm)?
-        } else {
-            tempfile::tempdir()?
-        };
+        let dir = super::scratch_dir()?;
         let disk_path = dir.path().join("disk.img");
         let readonly_path = dir.path().join("ro.img");
         std::fs::write(&disk_path, pattern())?;
@@ -133,6 +134,29 @@ impl Target for VirtioBlkTarget {
                 false,
             ),
             seed(0, 0, &[(0x3000, 8, 0), (0x3f00, 1, WRITE)], false),
+            // write then read 3 sectors from two buffers, one across the two regions
+            seed(
+                1,
+                4,
+                &[
+                    (0x3000, 16, 0),
+                    (0x7f00, 1024, 0),
+                    (0x3100, 512, 0),
+                    (0x3f00, 1, WRITE),
+                ],
+                false,
+            ),
+            seed(
+                0,
+                4,
+                &[
+                    (0x3000, 16, 0),
+                    (0x7e00, 1024, WRITE),
+                    (0x3100, 512, WRITE),
+                    (0x3f00, 1, WRITE),
+                ],
+                false,
+            ),
         ]
     }
 
@@ -152,10 +176,10 @@ impl Target for VirtioBlkTarget {
             &self.disk_path
         };
         let before = hash_file(path);
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY)])
+        let memory = GuestMemoryMmap::<()>::from_ranges(&REGIONS)
             .map_err(|e| format!("guest memory: {e}"))?;
         memory
-            .write_slice(&input[..input.len().min(MEMORY)], GuestAddress(0))
+            .write_slice(&input[..input.len().min(2 * REGION)], GuestAddress(0))
             .map_err(|e| format!("filling guest memory: {e}"))?;
         // One request on the available ring; its head index comes from the input.
         let head = u16::from(input.get(1).copied().unwrap_or(0)) % QUEUE_SIZE;
@@ -218,5 +242,26 @@ impl Target for VirtioBlkTarget {
                 Ok(signature(&[&[status], &used_len.min(2048).to_le_bytes()]))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_with_a_buffer_across_two_regions_are_served() {
+        let mut target = VirtioBlkTarget::new().unwrap();
+        let seeds = target.seeds();
+        let [.., write, read] = &seeds[..] else {
+            panic!("seeds missing");
+        };
+        let served = |used_len: u32| Ok(signature(&[&[0], &used_len.to_le_bytes()]));
+        assert_eq!(target.execute(write), served(1), "write of 3 sectors: OK");
+        assert_eq!(
+            target.execute(read),
+            served(3 * 512 + 1),
+            "read of 3 sectors: OK"
+        );
     }
 }

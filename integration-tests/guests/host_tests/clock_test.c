@@ -33,14 +33,20 @@ uint64_t param_u64(const char *key, uint64_t fallback)
 		}                                                               \
 	} while (0)
 
+/* A clock of 1000 TSC ticks per ms and a 100 ms ticker started at TSC `start`. */
+static void start_ticker_at(struct ticker *ticker, uint64_t start)
+{
+	fake_khz_param = 1000;
+	clock_init();
+	fake_tsc = start;
+	ticker_start(ticker, 100);
+}
+
 static void ticker_fires_once_per_period(void)
 {
 	struct ticker ticker;
 
-	fake_khz_param = 1000; /* 1000 ticks per ms */
-	clock_init();
-	fake_tsc = 5000000;
-	ticker_start(&ticker, 100);
+	start_ticker_at(&ticker, 5000000);
 	fake_tsc += 99999;
 	CHECK(!ticker_due(&ticker));
 	fake_tsc += 1;
@@ -52,10 +58,7 @@ static void ticker_recovers_from_a_backwards_tsc(void)
 {
 	struct ticker ticker;
 
-	fake_khz_param = 1000;
-	clock_init();
-	fake_tsc = 9000000000ull;
-	ticker_start(&ticker, 100);
+	start_ticker_at(&ticker, 9000000000ull);
 	fake_tsc = 1000; /* host rebooted: TSC restarted near zero */
 	CHECK(!ticker_due(&ticker));
 	fake_tsc += 100000;
@@ -66,10 +69,7 @@ static void ticker_fires_once_after_a_forward_jump(void)
 {
 	struct ticker ticker;
 
-	fake_khz_param = 1000;
-	clock_init();
-	fake_tsc = 0;
-	ticker_start(&ticker, 100);
+	start_ticker_at(&ticker, 0);
 	fake_tsc = 1ull << 50;
 	CHECK(ticker_due(&ticker));
 	CHECK(!ticker_due(&ticker));

@@ -9,20 +9,13 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::mapping::{flock, unlock_metadata, SharedMapping};
-use super::{Persistence, PersistenceMode};
+use super::file_mmap::FileBackend;
+use super::mapping::SharedMapping;
+use super::PersistenceMode;
 use crate::error::{Error, Result};
 
 /// Default devdax alignment when sysfs does not say.
 const DEFAULT_ALIGN: u64 = 2 << 20;
-
-/// A whole devdax device mapped shared.
-pub struct DevDaxBackend {
-    file: File,
-    path: PathBuf,
-    mapping: SharedMapping,
-    writable: bool,
-}
 
 /// Size and alignment of a devdax device, read from sysfs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,64 +78,27 @@ pub fn parse_geometry(sys_dir: &Path) -> std::result::Result<DevDaxGeometry, Str
     Ok(DevDaxGeometry { size, align })
 }
 
-impl DevDaxBackend {
-    /// Maps the whole device; read-only unless `writable`.
-    pub fn open(file: File, path: &Path, writable: bool) -> Result<Self> {
-        let geometry = geometry(&file, path)?;
-        let len = usize::try_from(geometry.size).map_err(|_| {
-            Error::Unsupported("devdax device larger than the address space".into())
-        })?;
-        let mapping = SharedMapping::new(
-            &file,
-            len,
-            libc::MAP_SHARED,
-            geometry.align as usize,
-            writable,
-        )
-        .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
-        Ok(DevDaxBackend {
-            file,
-            path: path.to_path_buf(),
-            mapping,
-            writable,
-        })
-    }
-}
-
-impl Persistence for DevDaxBackend {
-    fn mode(&self) -> PersistenceMode {
-        PersistenceMode::DevDax
-    }
-    fn len(&self) -> u64 {
-        self.mapping.len() as u64
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.mapping.read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        if !self.writable {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-                operation: "write",
-            });
-        }
-        self.mapping.write(offset, data)
-    }
-    fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.mapping.write_back(offset, len)
-    }
-    fn grow(&mut self, _new_len: u64) -> Result<()> {
-        Err(Error::CannotGrow("a devdax device has a fixed size"))
-    }
-    fn file(&self) -> Option<&File> {
-        Some(&self.file)
-    }
-    fn lock_metadata(&self) -> Result<()> {
-        flock(&self.file, libc::LOCK_EX)
-    }
-    fn unlock_metadata(&self) {
-        unlock_metadata(&self.file, &self.path);
-    }
+/// Maps the whole device shared, at its sysfs alignment; read-only unless `writable`. The store
+/// is a [`FileBackend`] of mode `DevDax`: fixed size, durable by cache-line write-back.
+pub fn open(file: File, path: &Path, writable: bool) -> Result<FileBackend> {
+    let geometry = geometry(&file, path)?;
+    let len = usize::try_from(geometry.size)
+        .map_err(|_| Error::Unsupported("devdax device larger than the address space".into()))?;
+    let mapping = SharedMapping::new(
+        &file,
+        len,
+        libc::MAP_SHARED,
+        geometry.align as usize,
+        writable,
+    )
+    .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+    Ok(FileBackend::with_mapping(
+        file,
+        path,
+        mapping,
+        PersistenceMode::DevDax,
+        writable,
+    ))
 }
 
 #[cfg(test)]

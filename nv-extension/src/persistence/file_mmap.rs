@@ -1,4 +1,5 @@
-//! Regions in a regular file: plain (msync) or on a DAX filesystem (MAP_SYNC).
+//! Regions in a mapped file: a regular file, plain (msync) or on a DAX filesystem (MAP_SYNC), or
+//! a device-DAX character device (opened by [`super::devdax::open`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -8,7 +9,8 @@ use super::mapping::{flock, unlock_metadata, SharedMapping, MAP_SHARED_VALIDATE,
 use super::{Persistence, PersistenceMode};
 use crate::error::{Error, Result};
 
-/// A regular file mapped shared; DAX when the filesystem accepts `MAP_SYNC`.
+/// A file mapped shared: a regular file (DAX when the filesystem accepts `MAP_SYNC`) that can
+/// grow, or a devdax device of fixed size (`mode` `DevDax`).
 pub struct FileBackend {
     file: File,
     path: PathBuf,
@@ -29,13 +31,63 @@ impl FileBackend {
     pub fn open(file: File, path: &Path, writable: bool) -> Result<Self> {
         let len = file_len(&file, path)?;
         let (mapping, mode) = map(&file, path, len, None, writable)?;
-        Ok(FileBackend {
+        Ok(Self::with_mapping(file, path, mapping, mode, writable))
+    }
+
+    pub(super) fn with_mapping(
+        file: File,
+        path: &Path,
+        mapping: SharedMapping,
+        mode: PersistenceMode,
+        writable: bool,
+    ) -> Self {
+        FileBackend {
             file,
             path: path.to_path_buf(),
             mapping,
             mode,
             writable,
-        })
+        }
+    }
+
+    /// Whether space can be allocated or punched: not on a devdax device (fully backed, holes
+    /// impossible), refused on a read-only region.
+    fn space_is_managed(&self, operation: &'static str) -> Result<bool> {
+        if self.is_devdax() {
+            return Ok(false);
+        }
+        self.refuse_if_read_only(operation)?;
+        Ok(true)
+    }
+
+    /// `fallocate(flags | KEEP_SIZE)`; a filesystem without support (EOPNOTSUPP) is no error.
+    fn fallocate(
+        &self,
+        flags: libc::c_int,
+        offset: libc::off_t,
+        len: libc::off_t,
+    ) -> std::io::Result<()> {
+        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file length alone.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                flags | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            _ => Err(err),
+        }
+    }
+
+    fn is_devdax(&self) -> bool {
+        self.mode == PersistenceMode::DevDax
     }
 
     fn refuse_if_read_only(&self, operation: &'static str) -> Result<()> {
@@ -115,12 +167,16 @@ impl Persistence for FileBackend {
         self.mapping.write(offset, data)
     }
     fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
-        match self.mode {
-            PersistenceMode::DaxFile => self.mapping.write_back(offset, len),
-            _ => self.mapping.msync(offset, len),
+        if self.mode.is_dax() {
+            self.mapping.write_back(offset, len)
+        } else {
+            self.mapping.msync(offset, len)
         }
     }
     fn grow(&mut self, new_len: u64) -> Result<()> {
+        if self.is_devdax() {
+            return Err(Error::CannotGrow("a devdax device has a fixed size"));
+        }
         self.refuse_if_read_only("growing the file")?;
         if new_len <= self.len() {
             return Ok(());
@@ -141,65 +197,42 @@ impl Persistence for FileBackend {
         self.remap(new_len)
     }
     fn reserve(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.refuse_if_read_only("reserving space")?;
-        // A sparse file that runs out of space faults (SIGBUS) on the guest's
-        // first touch; allocating now turns that into an error at create time.
+        if !self.space_is_managed("reserving space")? {
+            return Ok(());
+        }
+        // A sparse file that runs out of space faults (SIGBUS) on the guest's first touch;
+        // allocating now turns that into an error at create time. Where the filesystem cannot
+        // (e.g. some network filesystems) the file stays sparse.
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
             return Err(Error::CannotGrow("extent beyond the file offset range"));
         };
-        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file length alone.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(()); // e.g. some network filesystems: stays sparse
-            }
-            return Err(Error::io(
+        self.fallocate(0, offset, len).map_err(|err| {
+            Error::io(
                 format!(
                     "reserving {len} bytes at {offset:#x} in {}",
                     self.path.display()
                 ),
                 err,
-            ));
-        }
-        Ok(())
+            )
+        })
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.refuse_if_read_only("discarding space")?;
+        if !self.space_is_managed("discarding space")? {
+            return Ok(());
+        }
+        // Where the filesystem cannot punch holes the space stays allocated.
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
             return Ok(());
         };
-        // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file length alone.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(()); // the filesystem cannot punch holes: the space stays allocated
-            }
-            return Err(Error::io(
-                format!("punching a hole in {}", self.path.display()),
-                err,
-            ));
-        }
-        Ok(())
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, len)
+            .map_err(|err| Error::io(format!("punching a hole in {}", self.path.display()), err))
     }
     fn refresh(&mut self) -> Result<()> {
+        if self.is_devdax() {
+            return Ok(()); // a device never changes size
+        }
         let current = file_len(&self.file, &self.path)?;
         if current < self.len() {
             // Someone truncated the region under us; touching the lost tail would SIGBUS.
@@ -233,5 +266,50 @@ impl std::fmt::Debug for FileBackend {
             self.file.as_raw_fd(),
             self.mode
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The devdax rules of the shared backend, on a regular file standing in for the device.
+    #[test]
+    fn a_devdax_store_has_a_fixed_size_needs_no_space_management_and_writes_back() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(8192).unwrap();
+        let open = |writable| {
+            let file = image.reopen().unwrap();
+            let mapping = SharedMapping::new(&file, 8192, libc::MAP_SHARED, 0, writable).unwrap();
+            FileBackend::with_mapping(
+                file,
+                image.path(),
+                mapping,
+                PersistenceMode::DevDax,
+                writable,
+            )
+        };
+        let mut store = open(true);
+        assert_eq!(store.mode(), PersistenceMode::DevDax);
+        store.write(4096, b"persistent").unwrap();
+        store.persist(4096, 10).unwrap();
+        let mut back = [0u8; 10];
+        store.read(4096, &mut back).unwrap();
+        assert_eq!(&back, b"persistent");
+        assert!(matches!(store.grow(16384), Err(Error::CannotGrow(_))));
+        store.reserve(0, 8192).unwrap();
+        store.discard(0, 4096).unwrap();
+        store.read(4096, &mut back).unwrap();
+        assert_eq!(&back, b"persistent", "discard punched no hole in a device");
+
+        let mut read_only = open(false);
+        assert!(matches!(
+            read_only.write(0, b"x"),
+            Err(Error::ReadOnly { .. })
+        ));
+        read_only.reserve(0, 4096).unwrap();
+        read_only.discard(0, 4096).unwrap();
+        read_only.refresh().unwrap();
+        assert_eq!(read_only.len(), 8192);
     }
 }

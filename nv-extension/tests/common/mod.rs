@@ -1,6 +1,31 @@
 //! Pieces shared by the integration tests of this crate.
 
-use nv_extension::{HostError, NvHost};
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+use std::time::Duration;
+
+use nv_extension::{
+    save_vm, HostError, NvHost, OpenOptions, Region, SaveReport, ShutdownKind, VmHandle,
+};
+
+/// Default layout, created when missing: a plain-file region as the VMM makes one.
+pub fn create_options() -> OpenOptions {
+    OpenOptions {
+        create_if_missing: true,
+        ..OpenOptions::default()
+    }
+}
+
+/// A new plain-file region `name` in a fresh temporary directory, which is deleted when the
+/// returned directory is dropped.
+pub fn new_region(name: &str) -> (tempfile::TempDir, PathBuf, Region) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let region = Region::open(&path, &create_options()).unwrap();
+    (dir, path, region)
+}
 
 /// A host with nothing to pause or flush whose volatile state is a fixed blob chosen by the test.
 pub struct BlobHost(pub Vec<u8>);
@@ -18,4 +43,18 @@ impl NvHost for BlobHost {
     fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
         Ok(self.0.clone())
     }
+}
+
+/// Saves `blob` as the VM's volatile state through the coordinator, with a generous deadline.
+pub fn save_blob(
+    handle: &mut VmHandle,
+    blob: &[u8],
+    kind: ShutdownKind,
+) -> nv_extension::Result<SaveReport> {
+    save_vm(
+        handle,
+        &mut BlobHost(blob.to_vec()),
+        kind,
+        Duration::from_secs(1),
+    )
 }

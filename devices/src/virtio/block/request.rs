@@ -13,16 +13,16 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{
+    Bytes, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile, VolatileMemoryError,
+    WriteVolatile,
+};
 
 use super::counters::BlockCounters;
 use super::disk::RawDisk;
 use super::SECTOR_SIZE;
 
 const HEADER_LEN: u32 = 16;
-/// Bounce buffer size between guest memory and the file; bounds host memory per request however
-/// large the guest's buffers claim to be.
-const CHUNK: usize = 64 * 1024;
 
 /// Why a request failed; logged, then answered with IOERR.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,10 @@ pub(crate) enum RequestError {
     BadBuffer { addr: u64, len: u32 },
     #[error("write to a read-only disk")]
     ReadOnly,
-    #[error("disk I/O failed: {0}")]
-    Io(#[from] io::Error),
+    #[error("disk flush failed: {0}")]
+    Flush(#[source] io::Error),
+    #[error("moving data between the disk and guest memory failed: {0}")]
+    Transfer(#[from] VolatileMemoryError),
     #[error("guest memory access failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -138,16 +140,17 @@ fn execute(
         }
     }
     let data_len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-    // `check_range` above guarantees `addr + len` does not wrap for every data buffer, so the
-    // `unchecked_add`s in the copy loops stay inside it.
 
     match kind {
         VIRTIO_BLK_T_IN => {
             check_transfer(data, true, sector, data_len, disk)?;
-            let mut offset = sector * SECTOR_SIZE;
+            // Straight from the file into each guest mapping the buffers cover (a buffer may
+            // span guest memory regions); a short read (the image shrank) is an error.
+            let mut disk_at = disk.at(sector * SECTOR_SIZE);
             for d in data {
-                copy_disk_to_guest(disk, offset, mem, d.addr(), d.len())?;
-                offset += u64::from(d.len());
+                for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Write)? {
+                    disk_at.read_exact_volatile(&mut slice?)?;
+                }
             }
             counters.record_read(data_len);
             // data_len fits in u32: the queue's iterator stops a chain at 4 GiB.
@@ -158,16 +161,17 @@ fn execute(
                 return Err(RequestError::ReadOnly);
             }
             check_transfer(data, false, sector, data_len, disk)?;
-            let mut offset = sector * SECTOR_SIZE;
+            let mut disk_at = disk.at(sector * SECTOR_SIZE);
             for d in data {
-                copy_guest_to_disk(mem, d.addr(), d.len(), disk, offset)?;
-                offset += u64::from(d.len());
+                for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Read)? {
+                    disk_at.write_all_volatile(&slice?)?;
+                }
             }
             counters.record_write(data_len);
             Ok(Outcome::Served(0))
         }
         VIRTIO_BLK_T_FLUSH => {
-            disk.flush()?;
+            disk.flush().map_err(RequestError::Flush)?;
             Ok(Outcome::Served(0))
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -212,42 +216,4 @@ fn check_transfer(
             capacity,
         }),
     }
-}
-
-fn copy_disk_to_guest(
-    disk: &RawDisk,
-    mut offset: u64,
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; CHUNK.min(len as usize)];
-    let mut done = 0usize;
-    while done < len as usize {
-        let n = buf.len().min(len as usize - done);
-        disk.read_at(&mut buf[..n], offset)?;
-        mem.write_slice(&buf[..n], addr.unchecked_add(done as u64))?;
-        done += n;
-        offset += n as u64;
-    }
-    Ok(())
-}
-
-fn copy_guest_to_disk(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-    disk: &RawDisk,
-    mut offset: u64,
-) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; CHUNK.min(len as usize)];
-    let mut done = 0usize;
-    while done < len as usize {
-        let n = buf.len().min(len as usize - done);
-        mem.read_slice(&mut buf[..n], addr.unchecked_add(done as u64))?;
-        disk.write_at(&buf[..n], offset)?;
-        done += n;
-        offset += n as u64;
-    }
-    Ok(())
 }
