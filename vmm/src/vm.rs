@@ -148,7 +148,9 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         register_memory_slots(&kvm, &vm_fd, &memory)?;
 
-        let devices = Arc::new(DeviceManager::new(&vm_fd, config, &events, &memory)?);
+        let devices = Arc::new(DeviceManager::new(
+            &vm_fd, config, &events, &memory, seccomp,
+        )?);
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);
