@@ -139,13 +139,7 @@ impl SerialDevice {
         out: Box<dyn Write + Send>,
         rx_space: Option<EventFd>,
     ) -> Result<Self> {
-        if state.version != SERIAL_STATE_VERSION {
-            return Err(Error::StateVersion {
-                what: "serial",
-                found: state.version,
-                expected: SERIAL_STATE_VERSION,
-            });
-        }
+        crate::error::check_state_version("serial", state.version, SERIAL_STATE_VERSION)?;
         let uart = Serial::from_state(
             &state.into(),
             SerialInterrupt(interrupt),

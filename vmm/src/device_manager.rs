@@ -156,13 +156,12 @@ impl DeviceManager {
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
             cmdline_tokens: Vec::new(),
-            activation_evt: events
-                .device_activation
-                .try_clone()
-                .map_err(|source| Error::EventFd {
+            activation_evt: events.device_activation.try_clone().map_err(|source| {
+                Error::EventFd {
                     operation: "clone (device activation)",
                     source,
-                })?,
+                }
+            })?,
             thread_start: device_thread_start_hook(seccomp),
         };
         manager.add_serial(vm_fd, config)?;
@@ -430,35 +429,33 @@ impl DeviceManager {
         }
     }
 
+    /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
+    fn for_each_disk(
+        &self,
+        doing: &str,
+        step: impl Fn(&mut MmioTransport) -> devices::Result<()>,
+    ) -> Result<(), Error> {
+        for disk in &self.disks {
+            step(&mut disk.lock())
+                .map_err(|e| Error::Device(format!("{doing} disk {}: {e}", disk.path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Stops the disks' I/O threads from taking new requests and waits for those in flight, so
     /// device state and guest memory are quiescent.
     pub fn pause(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock()
-                .pause()
-                .map_err(|e| Error::Device(format!("pausing disk {}: {e}", disk.path.display())))?;
-        }
-        Ok(())
+        self.for_each_disk("pausing", MmioTransport::pause)
     }
 
     /// Serves disk requests again, including those the guest posted while paused.
     pub fn resume(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock().resume().map_err(|e| {
-                Error::Device(format!("resuming disk {}: {e}", disk.path.display()))
-            })?;
-        }
-        Ok(())
+        self.for_each_disk("resuming", MmioTransport::resume)
     }
 
     /// Makes every completed disk write durable (fdatasync).
     pub fn flush_disks(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock().flush_backend().map_err(|e| {
-                Error::Device(format!("flushing disk {}: {e}", disk.path.display()))
-            })?;
-        }
-        Ok(())
+        self.for_each_disk("flushing", MmioTransport::flush_backend)
     }
 
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
@@ -591,7 +588,8 @@ impl DeviceManager {
         disk: &VirtioBlockSlot,
         saved: &MmioTransportState,
     ) -> Result<(), Error> {
-        let state_error = |e: devices::Error| Error::State(format!("disk {}: {e}", disk.path.display()));
+        let state_error =
+            |e: devices::Error| Error::State(format!("disk {}: {e}", disk.path.display()));
         let block = open_block(&disk.path, disk.readonly)?;
         let mut restored = MmioTransport::restore(
             Box::new(block),

@@ -246,11 +246,7 @@ const BLOCK_IO: &[i64] = &[
 
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
 /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_WAKE` from a read-only mapping of `memory-ranges`.
-const PAGE_FAULT: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-];
+const PAGE_FAULT: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
 
 /// The event writer only writes (COMMON has `write`) and flushes.
 const EVENT_MONITOR: &[i64] = &[libc::SYS_fsync, libc::SYS_fdatasync];

@@ -292,6 +292,14 @@ impl Vm {
         Ok(())
     }
 
+    /// Activates the virtio devices whose driver set DRIVER_OK since the last call. A vCPU only
+    /// records the request and signals `VmEvents::device_activation`; whoever owns the VM calls
+    /// this on its own thread when that EventFd is readable (the control loop does), so device
+    /// threads are never started by a vCPU.
+    pub fn activate_pending_devices(&self) {
+        self.devices.activate_pending();
+    }
+
     /// Makes every completed disk write durable (the power-fail path calls this while paused).
     pub fn flush_disks(&self) -> Result<(), Error> {
         self.devices.flush_disks()

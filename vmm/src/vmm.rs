@@ -423,7 +423,7 @@ impl Vmm {
                         .and_then(|operation| operation.shared_vm())
                 });
                 if let Some(vm) = vm {
-                    vm.devices.activate_pending();
+                    vm.activate_pending_devices();
                 }
                 Ok(None)
             }

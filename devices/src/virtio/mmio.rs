@@ -213,13 +213,7 @@ impl MmioTransport {
         interrupt: Arc<dyn InterruptLine>,
         state: &MmioTransportState,
     ) -> Result<Self> {
-        if state.version != MMIO_STATE_VERSION {
-            return Err(Error::StateVersion {
-                what: "virtio-mmio",
-                found: state.version,
-                expected: MMIO_STATE_VERSION,
-            });
-        }
+        crate::error::check_state_version("virtio-mmio", state.version, MMIO_STATE_VERSION)?;
         if state.device_type != device.device_type() {
             return Err(Error::DeviceTypeMismatch {
                 found: state.device_type,
