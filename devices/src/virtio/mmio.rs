@@ -72,37 +72,19 @@ pub struct QueueSnapshot {
     pub event_idx: bool,
 }
 
-impl From<QueueState> for QueueSnapshot {
-    fn from(q: QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx: q.event_idx_enabled,
-        }
+crate::state_mirror::mirror_state!(
+    QueueSnapshot {} <=> QueueState {
+        max_size <=> max_size,
+        size <=> size,
+        ready <=> ready,
+        desc_table <=> desc_table,
+        avail_ring <=> avail_ring,
+        used_ring <=> used_ring,
+        next_avail <=> next_avail,
+        next_used <=> next_used,
+        event_idx <=> event_idx_enabled,
     }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(q: QueueSnapshot) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx,
-        }
-    }
-}
+);
 
 /// Saved state of the transport and its queues. Taken while the device is paused, so no request
 /// is in flight: every request the device popped is on the used ring (in guest memory) and
@@ -236,7 +218,7 @@ impl MmioTransport {
                 // The device's own limit wins over the saved one, so a state cannot grow a queue.
                 let queue_state = QueueState {
                     max_size,
-                    ..QueueState::from(*snapshot)
+                    ..QueueState::from(snapshot)
                 };
                 Queue::try_from(queue_state)
                     .map(|q| Arc::new(Mutex::new(q)))
@@ -312,7 +294,7 @@ impl MmioTransport {
         let queues = self
             .queues
             .iter()
-            .map(|q| lock_queue(q).map(|q| QueueSnapshot::from(q.state())))
+            .map(|q| lock_queue(q).map(|q| QueueSnapshot::from(&q.state())))
             .collect::<Result<Vec<_>>>()?;
         Ok(MmioTransportState {
             version: MMIO_STATE_VERSION,
