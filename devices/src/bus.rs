@@ -76,9 +76,7 @@ impl Bus {
     /// Runs `access` on the device owning `addr`, with the offset of `addr` in its range.
     fn route(&self, addr: u64, access: impl FnOnce(&mut dyn BusDevice, u64)) -> Result<()> {
         let (base, device) = self.resolve(addr)?;
-        let mut device = device
-            .lock()
-            .map_err(|_| Error::DeviceLockPoisoned(base))?;
+        let mut device = device.lock().map_err(|_| Error::DeviceLockPoisoned(base))?;
         access(&mut *device, addr - base);
         Ok(())
     }

@@ -668,7 +668,8 @@ mod tests {
             Box::new(LossyOutput::new(pty.main().unwrap(), "pty")),
             rx_space.try_clone().unwrap(),
         )));
-        let _input = SerialInput::start(pty.main().unwrap(), device.clone(), rx_space, None).unwrap();
+        let _input =
+            SerialInput::start(pty.main().unwrap(), device.clone(), rx_space, None).unwrap();
         let mut user = OpenOptions::new()
             .read(true)
             .write(true)

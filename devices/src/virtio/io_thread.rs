@@ -350,14 +350,8 @@ mod tests {
             Ok(())
         });
         let passes = Arc::new(AtomicU64::new(0));
-        let io = IoThread::spawn(
-            "hooked-io",
-            idle_worker(&passes),
-            vec![],
-            true,
-            Some(hook),
-        )
-        .unwrap();
+        let io =
+            IoThread::spawn("hooked-io", idle_worker(&passes), vec![], true, Some(hook)).unwrap();
         assert_eq!(ran_on.lock().unwrap().as_deref(), Some("hooked-io"));
         drop(io);
     }
