@@ -628,6 +628,23 @@ mod tests {
         }
     }
 
+    /// The vCPU list is the common one plus two ioctl requests; the sizes of every kind are
+    /// the ones `docs/security.md` states.
+    #[test]
+    fn a_vcpu_may_only_run_and_the_documented_sizes_hold() {
+        assert!(allow_list(ThreadKind::Vcpu).eq(COMMON.iter().copied()));
+        assert_eq!(
+            allowed_ioctls(ThreadKind::Vcpu),
+            [kvm_requests::KVM_RUN(), kvm_requests::KVM_GET_REGS()]
+        );
+        let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
+        // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault.
+        assert_eq!(
+            sizes,
+            [(76, 54), (27, 2), (50, 0), (40, 0), (28, 0), (30, 3)]
+        );
+    }
+
     /// A thread installs its own filter under the one it inherited, so the starter's list needs
     /// seccomp(2): the control loop starts vCPU, device and page-fault threads. A vCPU starts
     /// none (devices are activated on the control loop), so it may not.
