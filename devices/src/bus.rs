@@ -73,24 +73,22 @@ impl Bus {
         Ok((*base, &range.device))
     }
 
+    /// Runs `access` on the device owning `addr`, with the offset of `addr` in its range.
+    fn route(&self, addr: u64, access: impl FnOnce(&mut dyn BusDevice, u64)) -> Result<()> {
+        let (base, device) = self.resolve(addr)?;
+        let mut device = device.lock().map_err(|_| Error::DeviceLockPoisoned(base))?;
+        access(&mut *device, addr - base);
+        Ok(())
+    }
+
     /// Routes a guest read at `addr` to the device owning it.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<()> {
-        let (base, device) = self.resolve(addr)?;
-        device
-            .lock()
-            .map_err(|_| Error::DeviceLockPoisoned(base))?
-            .read(addr - base, data);
-        Ok(())
+        self.route(addr, |device, offset| device.read(offset, data))
     }
 
     /// Routes a guest write at `addr` to the device owning it.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
-        let (base, device) = self.resolve(addr)?;
-        device
-            .lock()
-            .map_err(|_| Error::DeviceLockPoisoned(base))?
-            .write(addr - base, data);
-        Ok(())
+        self.route(addr, |device, offset| device.write(offset, data))
     }
 }
 

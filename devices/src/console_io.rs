@@ -342,12 +342,13 @@ pub struct SerialInput {
 
 impl SerialInput {
     /// Starts the thread `serial-input`. `rx_space` is the eventfd the device was built with
-    /// ([`SerialDevice::with_input`]). The thread runs the I/O-thread start hook first (the VMM's
-    /// seccomp filter for device I/O threads).
+    /// ([`SerialDevice::with_input`]). The thread runs `start_hook` first (the VMM's seccomp
+    /// filter for device I/O threads).
     pub fn start(
         source: File,
         device: Arc<Mutex<SerialDevice>>,
         rx_space: EventFd,
+        start_hook: Option<crate::virtio::IoThreadStartHook>,
     ) -> Result<SerialInput> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let thread_stop = stop.try_clone().map_err(Error::EventFd)?;
@@ -367,7 +368,7 @@ impl SerialInput {
             )
             .map_err(Error::Epoll)?;
         }
-        let hook = crate::virtio::current_start_hook();
+        let hook = start_hook;
         let thread = thread::Builder::new()
             .name("serial-input".to_owned())
             .spawn(move || {
@@ -667,7 +668,8 @@ mod tests {
             Box::new(LossyOutput::new(pty.main().unwrap(), "pty")),
             rx_space.try_clone().unwrap(),
         )));
-        let _input = SerialInput::start(pty.main().unwrap(), device.clone(), rx_space).unwrap();
+        let _input =
+            SerialInput::start(pty.main().unwrap(), device.clone(), rx_space, None).unwrap();
         let mut user = OpenOptions::new()
             .read(true)
             .write(true)

@@ -80,3 +80,16 @@ pub enum Error {
 
 /// Shorthand used across the crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Refuses a saved `what` state of another version than the `expected` one of this build.
+pub(crate) fn check_state_version(what: &'static str, found: u32, expected: u32) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(Error::StateVersion {
+            what,
+            found,
+            expected,
+        })
+    }
+}

@@ -14,6 +14,7 @@ mod i8042;
 mod interrupt;
 mod pvpanic;
 mod serial;
+mod state_mirror;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -66,40 +66,20 @@ pub struct SerialState {
     pub rx_fifo: Vec<u8>,
 }
 
-impl From<&SuperioSerialState> for SerialState {
-    fn from(s: &SuperioSerialState) -> Self {
-        Self {
-            version: SERIAL_STATE_VERSION,
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            rx_fifo: s.in_buffer.clone(),
-        }
+crate::state_mirror::mirror_state!(
+    SerialState { version: SERIAL_STATE_VERSION } <=> SuperioSerialState {
+        baud_divisor_low <=> baud_divisor_low,
+        baud_divisor_high <=> baud_divisor_high,
+        interrupt_enable <=> interrupt_enable,
+        interrupt_identification <=> interrupt_identification,
+        line_control <=> line_control,
+        line_status <=> line_status,
+        modem_control <=> modem_control,
+        modem_status <=> modem_status,
+        scratch <=> scratch,
+        rx_fifo <=> in_buffer,
     }
-}
-
-impl From<&SerialState> for SuperioSerialState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.rx_fifo.clone(),
-        }
-    }
-}
+);
 
 /// The COM1 device as seen on the port I/O bus.
 pub struct SerialDevice {
@@ -139,15 +119,9 @@ impl SerialDevice {
         out: Box<dyn Write + Send>,
         rx_space: Option<EventFd>,
     ) -> Result<Self> {
-        if state.version != SERIAL_STATE_VERSION {
-            return Err(Error::StateVersion {
-                what: "serial",
-                found: state.version,
-                expected: SERIAL_STATE_VERSION,
-            });
-        }
+        crate::error::check_state_version("serial", state.version, SERIAL_STATE_VERSION)?;
         let uart = Serial::from_state(
-            &state.into(),
+            &SuperioSerialState::from(state),
             SerialInterrupt(interrupt),
             RxSpaceNotifier(rx_space),
             out,

@@ -210,6 +210,7 @@ fn foreign_or_inconsistent_states_are_refused() {
             line(),
             state,
         )
+        .and_then(|mut transport| transport.activate_pending())
         .err()
     };
 

@@ -357,7 +357,9 @@ fn blkcheck_continues_after_save_and_restore() {
         let mut vm = create_vm(&config_for(&first_log));
         assert_eq!(vm.memory_actual_size(), GUEST_RAM);
         vm.boot().expect("boot");
+        // No control loop here: the test activates the disk when the driver asks, as it would.
         let (text, started) = wait_for_log(&first_log, BOOT_TIMEOUT, |text| {
+            vm.activate_pending_devices();
             text.contains("completed seq=") || guest_gave_up(text)
         });
         assert!(started && !guest_gave_up(&text), "{text}");

@@ -2,7 +2,10 @@
 //! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
 //! reset line, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
 //! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
-//! through the `IoHandler` this module implements.
+//! through the `IoHandler` this module implements. A vCPU never activates a device: the guest's
+//! DRIVER_OK write leaves the activation pending and wakes the control loop
+//! (`VmEvents::device_activation`), which calls `activate_pending`; device threads are started
+//! there and confined with the `BlockIo` filter first thing (`device_thread_start_hook`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -11,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
 use devices::virtio::{
-    kernel_cmdline_token, virtio_mmio_slot, Block, MmioTransport, MmioTransportState,
-    VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, virtio_mmio_slot, Block, IoThreadStartHook, MmioTransport,
+    MmioTransportState, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent, SerialDevice, SerialState,
@@ -22,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleConfig, ConsoleOutputMode, VmConfig};
+use crate::config::{ConsoleConfig, ConsoleOutputMode, SeccompMode, VmConfig};
 use crate::events::VmEvents;
+use crate::seccomp_filters::device_thread_start_hook;
 use crate::vcpu::IoHandler;
 use crate::Error;
 
@@ -127,15 +131,21 @@ pub struct DeviceManager {
     memory: GuestMemoryMmap,
     /// `virtio_mmio.device=` tokens for the kernel command line, one per virtio-mmio device.
     cmdline_tokens: Vec<String>,
+    /// Each transport writes a clone when its device wants activation.
+    activation_evt: EventFd,
+    /// What every device thread runs first (its seccomp filter).
+    thread_start: IoThreadStartHook,
 }
 
 impl DeviceManager {
-    /// Creates every device `config` asks for and registers its interrupts with KVM.
+    /// Creates every device `config` asks for and registers its interrupts with KVM. Device
+    /// threads install the `BlockIo` filter of `seccomp`.
     pub fn new(
         vm_fd: &Arc<VmFd>,
         config: &VmConfig,
         events: &Arc<VmEvents>,
         memory: &GuestMemoryMmap,
+        seccomp: SeccompMode,
     ) -> Result<DeviceManager, Error> {
         let mut manager = DeviceManager {
             pio_bus: Bus::new(),
@@ -146,6 +156,13 @@ impl DeviceManager {
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
             cmdline_tokens: Vec::new(),
+            activation_evt: events.device_activation.try_clone().map_err(|source| {
+                Error::EventFd {
+                    operation: "clone (device activation)",
+                    source,
+                }
+            })?,
+            thread_start: device_thread_start_hook(seccomp),
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
@@ -302,6 +319,7 @@ impl DeviceManager {
                     pty.main().map_err(serial_error)?,
                     device.clone(),
                     clone_event_fd(rx_space)?,
+                    Some(self.thread_start.clone()),
                 )
                 .map_err(serial_error)?,
             ),
@@ -357,8 +375,10 @@ impl DeviceManager {
                 source,
             })?;
         let block = open_block(&path, disk.readonly)?;
-        let transport = MmioTransport::new(Box::new(block), self.memory.clone(), interrupt.clone())
-            .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?;
+        let mut transport =
+            MmioTransport::new(Box::new(block), self.memory.clone(), interrupt.clone())
+                .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?;
+        self.wire_activation(&mut transport)?;
         register_queue_notifiers(&self.vm_fd, base, transport.queue_evts())?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
@@ -381,35 +401,61 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Tells the control loop when `transport`'s device wants activation, and confines the
+    /// threads the device starts.
+    fn wire_activation(&self, transport: &mut MmioTransport) -> Result<(), Error> {
+        let evt = self
+            .activation_evt
+            .try_clone()
+            .map_err(|source| Error::EventFd {
+                operation: "clone (device activation)",
+                source,
+            })?;
+        transport.notify_activation_with(evt);
+        transport.confine_io_threads_with(self.thread_start.clone());
+        Ok(())
+    }
+
+    /// Activates every device whose driver set DRIVER_OK since the last call (the control loop
+    /// calls this when `VmEvents::device_activation` is readable). A device that fails to start
+    /// is marked DEVICE_NEEDS_RESET for its driver; the VM goes on.
+    pub fn activate_pending(&self) {
+        for disk in &self.disks {
+            match disk.lock().activate_pending() {
+                Ok(true) => log::debug!("disk {}: activated", disk.path.display()),
+                Ok(false) => {}
+                Err(e) => log::error!("disk {}: activation failed: {e}", disk.path.display()),
+            }
+        }
+    }
+
+    /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
+    fn for_each_disk(
+        &self,
+        doing: &str,
+        step: impl Fn(&mut MmioTransport) -> devices::Result<()>,
+    ) -> Result<(), Error> {
+        for disk in &self.disks {
+            step(&mut disk.lock())
+                .map_err(|e| Error::Device(format!("{doing} disk {}: {e}", disk.path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Stops the disks' I/O threads from taking new requests and waits for those in flight, so
     /// device state and guest memory are quiescent.
     pub fn pause(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock()
-                .pause()
-                .map_err(|e| Error::Device(format!("pausing disk {}: {e}", disk.path.display())))?;
-        }
-        Ok(())
+        self.for_each_disk("pausing", MmioTransport::pause)
     }
 
     /// Serves disk requests again, including those the guest posted while paused.
     pub fn resume(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock().resume().map_err(|e| {
-                Error::Device(format!("resuming disk {}: {e}", disk.path.display()))
-            })?;
-        }
-        Ok(())
+        self.for_each_disk("resuming", MmioTransport::resume)
     }
 
     /// Makes every completed disk write durable (fdatasync).
     pub fn flush_disks(&self) -> Result<(), Error> {
-        for disk in &self.disks {
-            disk.lock().flush_backend().map_err(|e| {
-                Error::Device(format!("flushing disk {}: {e}", disk.path.display()))
-            })?;
-        }
-        Ok(())
+        self.for_each_disk("flushing", MmioTransport::flush_backend)
     }
 
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
@@ -542,14 +588,19 @@ impl DeviceManager {
         disk: &VirtioBlockSlot,
         saved: &MmioTransportState,
     ) -> Result<(), Error> {
+        let state_error =
+            |e: devices::Error| Error::State(format!("disk {}: {e}", disk.path.display()));
         let block = open_block(&disk.path, disk.readonly)?;
-        let restored = MmioTransport::restore(
+        let mut restored = MmioTransport::restore(
             Box::new(block),
             self.memory.clone(),
             disk.interrupt.clone(),
             saved,
         )
-        .map_err(|e| Error::State(format!("disk {}: {e}", disk.path.display())))?;
+        .map_err(state_error)?;
+        self.wire_activation(&mut restored)?;
+        // A device that was running starts here, paused, on this (VMM) thread.
+        restored.activate_pending().map_err(state_error)?;
         let mut transport = disk.lock();
         unregister_queue_notifiers(&self.vm_fd, disk.base, transport.queue_evts());
         register_queue_notifiers(&self.vm_fd, disk.base, restored.queue_evts())?;

@@ -18,6 +18,9 @@ pub struct VmEvents {
     pub reset: EventFd,
     /// A vCPU hit an exit it cannot continue from; see `take_failures`.
     pub vcpu_failed: EventFd,
+    /// A virtio device's driver set DRIVER_OK: the control loop activates the device
+    /// (`DeviceManager::activate_pending`), so no vCPU ever starts a device thread.
+    pub device_activation: EventFd,
     failures: Mutex<Vec<VcpuFailure>>,
     /// Set with `reset` when the reset was a triple fault (a guest crash), not a request.
     triple_fault: AtomicBool,
@@ -43,6 +46,7 @@ impl VmEvents {
             shutdown: new_event_fd()?,
             reset: new_event_fd()?,
             vcpu_failed: new_event_fd()?,
+            device_activation: new_event_fd()?,
             failures: Mutex::new(Vec::new()),
             triple_fault: AtomicBool::new(false),
         })

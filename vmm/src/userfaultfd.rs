@@ -153,11 +153,13 @@ const fn ioctl_request(direction: u64, nr: u64, size: usize) -> u64 {
 }
 const READ_WRITE: u64 = 3;
 const READ: u64 = 2;
-const UFFDIO_API: u64 = ioctl_request(READ_WRITE, NR_API, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = ioctl_request(READ_WRITE, NR_REGISTER, size_of::<UffdioRegister>());
-const UFFDIO_WAKE: u64 = ioctl_request(READ, NR_WAKE, size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = ioctl_request(READ_WRITE, NR_COPY, size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = ioctl_request(READ_WRITE, NR_ZEROPAGE, size_of::<UffdioZeropage>());
+pub(crate) const UFFDIO_API: u64 = ioctl_request(READ_WRITE, NR_API, size_of::<UffdioApi>());
+pub(crate) const UFFDIO_REGISTER: u64 =
+    ioctl_request(READ_WRITE, NR_REGISTER, size_of::<UffdioRegister>());
+pub(crate) const UFFDIO_WAKE: u64 = ioctl_request(READ, NR_WAKE, size_of::<UffdioRange>());
+pub(crate) const UFFDIO_COPY: u64 = ioctl_request(READ_WRITE, NR_COPY, size_of::<UffdioCopy>());
+pub(crate) const UFFDIO_ZEROPAGE: u64 =
+    ioctl_request(READ_WRITE, NR_ZEROPAGE, size_of::<UffdioZeropage>());
 
 /// Issues one userfaultfd ioctl whose argument is `argument`.
 fn uffd_ioctl<T>(uffd: &OwnedFd, request: u64, argument: &mut T) -> std::io::Result<()> {

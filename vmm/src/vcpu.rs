@@ -103,80 +103,76 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// One KVM_RUN and the handling of its exit.
+    /// One KVM_RUN and the handling of its exit: port I/O and MMIO are served in place, on this
+    /// thread; everything else stops or interrupts the run.
     fn run_once(&mut self, io: &dyn IoHandler) -> RunOutcome {
         match self.fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    io.pio_read(port, data);
-                    RunOutcome::Continue
-                }
-                VcpuExit::IoOut(port, data) => {
-                    io.pio_write(port, data);
-                    RunOutcome::Continue
-                }
-                VcpuExit::MmioRead(address, data) => {
-                    io.mmio_read(address, data);
-                    RunOutcome::Continue
-                }
-                VcpuExit::MmioWrite(address, data) => {
-                    io.mmio_write(address, data);
-                    RunOutcome::Continue
-                }
-                // With the in-kernel LAPIC, KVM handles HLT itself; seeing it here means the guest
-                // halted with nothing that could wake it: treat it as a power-off.
-                VcpuExit::Hlt => RunOutcome::Stop(StopReason::Shutdown("HLT exit".into())),
-                // A triple fault. Real hardware resets; so does upstream. It is a guest crash,
-                // told apart from a requested reset (see `VmEvents::signal_triple_fault`).
-                VcpuExit::Shutdown => RunOutcome::Stop(StopReason::TripleFault(format!(
-                    "KVM_EXIT_SHUTDOWN{}",
-                    self.describe_rip()
-                ))),
-                VcpuExit::SystemEvent(kind, data) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => {
-                        RunOutcome::Stop(StopReason::Shutdown("system event SHUTDOWN".into()))
-                    }
-                    KVM_SYSTEM_EVENT_RESET => {
-                        RunOutcome::Stop(StopReason::Reset("system event RESET".into()))
-                    }
-                    KVM_SYSTEM_EVENT_CRASH => RunOutcome::Stop(StopReason::Failed(format!(
-                        "guest crashed (system event CRASH, data {data:x?})"
-                    ))),
-                    other => RunOutcome::Stop(StopReason::Failed(format!(
-                        "unknown system event {other} (data {data:x?})"
-                    ))),
-                },
-                VcpuExit::InternalError => {
-                    // SAFETY: KVM_EXIT_INTERNAL_ERROR tells us `internal` is the valid union member.
-                    let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
-                    let data_count = (internal.ndata as usize).min(internal.data.len());
-                    RunOutcome::Stop(StopReason::Failed(format!(
-                        "KVM internal error, suberror {} ({}), data {:x?}{}",
-                        internal.suberror,
-                        internal_error_name(internal.suberror),
-                        &internal.data[..data_count],
+            Ok(VcpuExit::IoIn(port, data)) => io.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => io.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(address, data)) => io.mmio_read(address, data),
+            Ok(VcpuExit::MmioWrite(address, data)) => io.mmio_write(address, data),
+            Ok(exit) => {
+                return match exit {
+                    // With the in-kernel LAPIC, KVM handles HLT itself; seeing it here means the guest
+                    // halted with nothing that could wake it: treat it as a power-off.
+                    VcpuExit::Hlt => RunOutcome::Stop(StopReason::Shutdown("HLT exit".into())),
+                    // A triple fault. Real hardware resets; so does upstream. It is a guest crash,
+                    // told apart from a requested reset (see `VmEvents::signal_triple_fault`).
+                    VcpuExit::Shutdown => RunOutcome::Stop(StopReason::TripleFault(format!(
+                        "KVM_EXIT_SHUTDOWN{}",
                         self.describe_rip()
-                    )))
-                }
-                VcpuExit::FailEntry(reason, cpu) => RunOutcome::Stop(StopReason::Failed(format!(
-                    "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}{}",
-                    self.describe_rip()
-                ))),
-                VcpuExit::Intr => RunOutcome::Interrupted,
-                other => {
-                    let exit = format!("{other:?}");
-                    RunOutcome::Stop(StopReason::Failed(format!(
-                        "unhandled exit {exit}{}",
-                        self.describe_rip()
-                    )))
-                }
-            },
+                    ))),
+                    VcpuExit::SystemEvent(kind, data) => match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => {
+                            RunOutcome::Stop(StopReason::Shutdown("system event SHUTDOWN".into()))
+                        }
+                        KVM_SYSTEM_EVENT_RESET => {
+                            RunOutcome::Stop(StopReason::Reset("system event RESET".into()))
+                        }
+                        KVM_SYSTEM_EVENT_CRASH => RunOutcome::Stop(StopReason::Failed(format!(
+                            "guest crashed (system event CRASH, data {data:x?})"
+                        ))),
+                        other => RunOutcome::Stop(StopReason::Failed(format!(
+                            "unknown system event {other} (data {data:x?})"
+                        ))),
+                    },
+                    VcpuExit::InternalError => {
+                        // SAFETY: KVM_EXIT_INTERNAL_ERROR tells us `internal` is the valid union member.
+                        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                        let data_count = (internal.ndata as usize).min(internal.data.len());
+                        RunOutcome::Stop(StopReason::Failed(format!(
+                            "KVM internal error, suberror {} ({}), data {:x?}{}",
+                            internal.suberror,
+                            internal_error_name(internal.suberror),
+                            &internal.data[..data_count],
+                            self.describe_rip()
+                        )))
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        RunOutcome::Stop(StopReason::Failed(format!(
+                            "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}{}",
+                            self.describe_rip()
+                        )))
+                    }
+                    VcpuExit::Intr => RunOutcome::Interrupted,
+                    other => {
+                        let exit = format!("{other:?}");
+                        RunOutcome::Stop(StopReason::Failed(format!(
+                            "unhandled exit {exit}{}",
+                            self.describe_rip()
+                        )))
+                    }
+                };
+            }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                RunOutcome::Interrupted
+                return RunOutcome::Interrupted;
             }
-            Err(error) => RunOutcome::Stop(StopReason::Failed(format!("KVM_RUN failed: {error}"))),
+            Err(error) => {
+                return RunOutcome::Stop(StopReason::Failed(format!("KVM_RUN failed: {error}")))
+            }
         }
+        RunOutcome::Continue
     }
 
     /// The guest's instruction pointer, for error messages.

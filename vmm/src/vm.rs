@@ -148,7 +148,9 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         register_memory_slots(&kvm, &vm_fd, &memory)?;
 
-        let devices = Arc::new(DeviceManager::new(&vm_fd, config, &events, &memory)?);
+        let devices = Arc::new(DeviceManager::new(
+            &vm_fd, config, &events, &memory, seccomp,
+        )?);
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);
@@ -288,6 +290,14 @@ impl Vm {
         self.run_state = VmRunState::Running;
         emit_vm(VmEvent::Resumed);
         Ok(())
+    }
+
+    /// Activates the virtio devices whose driver set DRIVER_OK since the last call. A vCPU only
+    /// records the request and signals `VmEvents::device_activation`; whoever owns the VM calls
+    /// this on its own thread when that EventFd is readable (the control loop does), so device
+    /// threads are never started by a vCPU.
+    pub fn activate_pending_devices(&self) {
+        self.devices.activate_pending();
     }
 
     /// Makes every completed disk write durable (the power-fail path calls this while paused).

@@ -53,6 +53,8 @@ enum ControlEvent {
     ApiRequest = 6,
     /// A long request's worker finished (`long_operation.rs`).
     LongOperationDone = 7,
+    /// A virtio driver set DRIVER_OK: activate the device here, not on the vCPU.
+    DeviceActivation = 8,
 }
 
 impl ControlEvent {
@@ -65,6 +67,7 @@ impl ControlEvent {
             ControlEvent::PowerFailSignal,
             ControlEvent::ApiRequest,
             ControlEvent::LongOperationDone,
+            ControlEvent::DeviceActivation,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -147,11 +150,14 @@ impl Vmm {
                 source,
             })?,
         };
-        crate::seccomp_filters::confine_device_io_threads(seccomp);
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
         vmm.watch(events.reset.as_raw_fd(), ControlEvent::GuestReset)?;
         vmm.watch(events.vcpu_failed.as_raw_fd(), ControlEvent::VcpuFailed)?;
+        vmm.watch(
+            events.device_activation.as_raw_fd(),
+            ControlEvent::DeviceActivation,
+        )?;
         vmm.watch(vmm.termination.as_raw_fd(), ControlEvent::TerminationSignal)?;
         vmm.watch(
             vmm.power_fail_signal.as_raw_fd(),
@@ -405,6 +411,20 @@ impl Vmm {
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
             ControlEvent::LongOperationDone => {
                 self.finish_long_operation();
+                Ok(None)
+            }
+            ControlEvent::DeviceActivation => {
+                let _ = self.events.device_activation.read();
+                // A snapshot worker may hold the (paused) VM: a device activated now starts
+                // paused, and its saved state says activated either way.
+                let vm = self.vm.as_ref().or_else(|| {
+                    self.long_operation
+                        .as_ref()
+                        .and_then(|operation| operation.shared_vm())
+                });
+                if let Some(vm) = vm {
+                    vm.activate_pending_devices();
+                }
                 Ok(None)
             }
             ControlEvent::PowerFailSignal => {

@@ -9,7 +9,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -23,29 +23,9 @@ use crate::{Error, Result};
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs first thing in every I/O thread, before it serves anything; an `Err` stops the thread
-/// and fails the spawn with that message. The VMM uses it to confine the thread with its own
-/// seccomp filter: this crate knows nothing of seccomp.
-pub type IoThreadStartHook = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
-
-/// The hook of this process. Global rather than passed down: I/O threads are started deep inside
-/// device activation (on a vCPU thread, when the guest driver sets DRIVER_OK), and the confinement
-/// is a property of the process, not of one device.
-static START_HOOK: RwLock<Option<Arc<IoThreadStartHook>>> = RwLock::new(None);
-
-/// Sets (or, with `None`, clears) the hook every I/O thread started from now on runs first.
-pub fn set_io_thread_start_hook(hook: Option<IoThreadStartHook>) {
-    let mut slot = START_HOOK
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    *slot = hook.map(Arc::new);
-}
-
-pub(crate) fn current_start_hook() -> Option<Arc<IoThreadStartHook>> {
-    START_HOOK
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone()
-}
+/// and fails the spawn with that message. The VMM passes one with each device (it installs the
+/// thread's seccomp filter): this crate knows nothing of seccomp.
+pub type IoThreadStartHook = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
 
 /// Serves a device's queues.
 pub(crate) trait QueueWorker: Send + 'static {
@@ -82,24 +62,14 @@ impl Drop for Epoll {
 }
 
 impl IoThread {
-    /// Starts `worker` on a thread named `name`, woken by `queue_evts`. With `start_paused` the
-    /// thread serves nothing until the first `resume()`.
+    /// Starts `worker` on a thread named `name`, woken by `queue_evts`; the thread runs `hook`
+    /// first. With `start_paused` the thread serves nothing until the first `resume()`.
     pub(crate) fn spawn<W: QueueWorker>(
         name: &str,
         worker: W,
         queue_evts: Vec<EventFd>,
         start_paused: bool,
-    ) -> Result<Self> {
-        Self::spawn_with_hook(name, worker, queue_evts, start_paused, current_start_hook())
-    }
-
-    /// `spawn` with the start hook given explicitly (the process's hook is `current_start_hook`).
-    fn spawn_with_hook<W: QueueWorker>(
-        name: &str,
-        worker: W,
-        queue_evts: Vec<EventFd>,
-        start_paused: bool,
-        hook: Option<Arc<IoThreadStartHook>>,
+        hook: Option<IoThreadStartHook>,
     ) -> Result<Self> {
         let control_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let epoll = Epoll(epoll::create(true).map_err(Error::Epoll)?);
@@ -340,6 +310,7 @@ mod tests {
             },
             vec![notify.try_clone().unwrap()],
             false,
+            None,
         )
         .unwrap();
         // Let the initial pass start, then pause in its middle.
@@ -374,33 +345,27 @@ mod tests {
     fn the_start_hook_runs_on_the_new_thread_before_it_serves() {
         let ran_on = Arc::new(std::sync::Mutex::new(None));
         let recorder = Arc::clone(&ran_on);
-        let hook: IoThreadStartHook = Box::new(move || {
+        let hook: IoThreadStartHook = Arc::new(move || {
             *recorder.lock().unwrap() = thread::current().name().map(str::to_string);
             Ok(())
         });
         let passes = Arc::new(AtomicU64::new(0));
-        let io = IoThread::spawn_with_hook(
-            "hooked-io",
-            idle_worker(&passes),
-            vec![],
-            true,
-            Some(Arc::new(hook)),
-        )
-        .unwrap();
+        let io =
+            IoThread::spawn("hooked-io", idle_worker(&passes), vec![], true, Some(hook)).unwrap();
         assert_eq!(ran_on.lock().unwrap().as_deref(), Some("hooked-io"));
         drop(io);
     }
 
     #[test]
     fn a_failing_start_hook_fails_the_spawn_and_nothing_is_served() {
-        let hook: IoThreadStartHook = Box::new(|| Err("no filter for you".to_string()));
+        let hook: IoThreadStartHook = Arc::new(|| Err("no filter for you".to_string()));
         let passes = Arc::new(AtomicU64::new(0));
-        let error = IoThread::spawn_with_hook(
+        let error = IoThread::spawn(
             "refused-io",
             idle_worker(&passes),
             vec![],
             false,
-            Some(Arc::new(hook)),
+            Some(hook),
         )
         .err()
         .expect("a failing hook fails the spawn");
@@ -410,23 +375,6 @@ mod tests {
             0,
             "the refused thread served"
         );
-    }
-
-    /// The process-wide hook is what `spawn` uses. Only a succeeding hook is installed here:
-    /// other tests of this binary start I/O threads in parallel.
-    #[test]
-    fn the_process_hook_is_picked_up_by_spawn() {
-        let calls = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&calls);
-        set_io_thread_start_hook(Some(Box::new(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        })));
-        let passes = Arc::new(AtomicU64::new(0));
-        let io = IoThread::spawn("process-hook-io", idle_worker(&passes), vec![], true).unwrap();
-        drop(io);
-        set_io_thread_start_hook(None);
-        assert!(calls.load(Ordering::SeqCst) >= 1);
     }
 
     #[test]
@@ -440,6 +388,7 @@ mod tests {
             },
             vec![],
             true,
+            None,
         )
         .unwrap();
         thread::sleep(Duration::from_millis(100));

@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, ActivationContext, VirtioDevice, VirtioInterrupt};
+use super::{status, ActivationContext, IoThreadStartHook, VirtioDevice, VirtioInterrupt};
 use crate::{BusDevice, Error, InterruptLine, Result};
 
 /// Guest-physical address of virtio-mmio device 0; device i is at `VIRTIO_MMIO_BASE + i * SIZE`.
@@ -72,37 +72,19 @@ pub struct QueueSnapshot {
     pub event_idx: bool,
 }
 
-impl From<QueueState> for QueueSnapshot {
-    fn from(q: QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx: q.event_idx_enabled,
-        }
+crate::state_mirror::mirror_state!(
+    QueueSnapshot {} <=> QueueState {
+        max_size <=> max_size,
+        size <=> size,
+        ready <=> ready,
+        desc_table <=> desc_table,
+        avail_ring <=> avail_ring,
+        used_ring <=> used_ring,
+        next_avail <=> next_avail,
+        next_used <=> next_used,
+        event_idx <=> event_idx_enabled,
     }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(q: QueueSnapshot) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx,
-        }
-    }
-}
+);
 
 /// Saved state of the transport and its queues. Taken while the device is paused, so no request
 /// is in flight: every request the device popped is on the used ring (in guest memory) and
@@ -136,6 +118,13 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The driver set DRIVER_OK (or a restore rebuilt a running device) and the device waits
+    /// for its owner to call [`MmioTransport::activate_pending`].
+    activation_pending: bool,
+    /// Written when an activation becomes pending, so the owner's event loop wakes up.
+    activation_evt: Option<EventFd>,
+    /// Passed to the device at activation: what each of its I/O threads runs first.
+    io_thread_start: Option<IoThreadStartHook>,
     paused: bool,
     /// Set by `restore`: the interrupt edge the guest may not have taken before the power failure
     /// is raised again on the first resume.
@@ -175,27 +164,38 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            activation_pending: false,
+            activation_evt: None,
+            io_thread_start: None,
             paused: false,
             retrigger_on_resume: false,
         })
     }
 
-    /// Rebuilds a device from `state` over the same guest memory. A device that was running is
-    /// activated but stays paused: the caller finishes wiring (irqfd, ioeventfd) and then calls
-    /// [`MmioTransport::resume`], which serves every request the guest posted meanwhile.
+    /// Makes the transport write `evt` whenever an activation becomes pending. Activation never
+    /// runs on the thread that wrote DRIVER_OK (a vCPU): the owner of `evt` calls
+    /// [`MmioTransport::activate_pending`] from its own thread.
+    pub fn notify_activation_with(&mut self, evt: EventFd) {
+        self.activation_evt = Some(evt);
+    }
+
+    /// Gives the device `hook` at activation, to run first in each I/O thread it starts.
+    pub fn confine_io_threads_with(&mut self, hook: IoThreadStartHook) {
+        self.io_thread_start = Some(hook);
+    }
+
+    /// Rebuilds a device from `state` over the same guest memory, paused. A device that was
+    /// running (or was about to be activated) comes back with its activation pending: the caller
+    /// finishes wiring (irqfd, ioeventfd, [`MmioTransport::confine_io_threads_with`]), calls
+    /// [`MmioTransport::activate_pending`], and then [`MmioTransport::resume`], which serves
+    /// every request the guest posted meanwhile.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn InterruptLine>,
         state: &MmioTransportState,
     ) -> Result<Self> {
-        if state.version != MMIO_STATE_VERSION {
-            return Err(Error::StateVersion {
-                what: "virtio-mmio",
-                found: state.version,
-                expected: MMIO_STATE_VERSION,
-            });
-        }
+        crate::error::check_state_version("virtio-mmio", state.version, MMIO_STATE_VERSION)?;
         if state.device_type != device.device_type() {
             return Err(Error::DeviceTypeMismatch {
                 found: state.device_type,
@@ -218,7 +218,7 @@ impl MmioTransport {
                 // The device's own limit wins over the saved one, so a state cannot grow a queue.
                 let queue_state = QueueState {
                     max_size,
-                    ..QueueState::from(*snapshot)
+                    ..QueueState::from(snapshot)
                 };
                 Queue::try_from(queue_state)
                     .map(|q| Arc::new(Mutex::new(q)))
@@ -239,10 +239,8 @@ impl MmioTransport {
             state.interrupt_status,
         ));
         transport.retrigger_on_resume = state.interrupt_status != 0;
-        if state.activated {
-            transport.activate(true)?;
-            transport.paused = true;
-        }
+        transport.activation_pending = state.activated;
+        transport.paused = true;
         Ok(transport)
     }
 
@@ -287,7 +285,8 @@ impl MmioTransport {
     }
 
     /// Saves transport and queue state. Refused while an activated device is running, because
-    /// its ring positions would be moving under the snapshot.
+    /// its ring positions would be moving under the snapshot. A pending activation is saved as
+    /// an activation: the device has touched no ring yet, and a restore activates it.
     pub fn state(&self) -> Result<MmioTransportState> {
         if self.activated && !self.paused {
             return Err(Error::NotPaused);
@@ -295,7 +294,7 @@ impl MmioTransport {
         let queues = self
             .queues
             .iter()
-            .map(|q| lock_queue(q).map(|q| QueueSnapshot::from(q.state())))
+            .map(|q| lock_queue(q).map(|q| QueueSnapshot::from(&q.state())))
             .collect::<Result<Vec<_>>>()?;
         Ok(MmioTransportState {
             version: MMIO_STATE_VERSION,
@@ -307,9 +306,35 @@ impl MmioTransport {
             status: self.status,
             interrupt_status: self.interrupt.status(),
             config_generation: self.config_generation,
-            activated: self.activated,
+            activated: self.activated || self.activation_pending,
             queues,
         })
+    }
+
+    /// Whether the device waits for [`MmioTransport::activate_pending`].
+    pub fn activation_pending(&self) -> bool {
+        self.activation_pending
+    }
+
+    /// Activates the device if an activation is pending; returns whether it did. The device
+    /// starts paused when the transport is (a pause or a restore came first). A kick the guest
+    /// gave between DRIVER_OK and now is not lost: it is counted in the queue's eventfd, and the
+    /// device serves what is posted when it starts. On failure the device is marked
+    /// DEVICE_NEEDS_RESET and the driver is told through a configuration interrupt.
+    pub fn activate_pending(&mut self) -> Result<bool> {
+        if !std::mem::take(&mut self.activation_pending) {
+            return Ok(false);
+        }
+        match self.activate(self.paused) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.status |= status::DEVICE_NEEDS_RESET;
+                if let Err(e) = self.interrupt.signal_config_change() {
+                    warn!("virtio-mmio: cannot raise the config interrupt: {e}");
+                }
+                Err(e)
+            }
+        }
     }
 
     fn activate(&mut self, start_paused: bool) -> Result<()> {
@@ -331,6 +356,7 @@ impl MmioTransport {
             queue_evts,
             acked_features: self.acked_features,
             start_paused,
+            io_thread_start: self.io_thread_start.clone(),
         })?;
         self.activated = true;
         Ok(())
@@ -349,6 +375,7 @@ impl MmioTransport {
         self.queue_select = 0;
         self.status = 0;
         self.activated = false;
+        self.activation_pending = false;
         self.interrupt.clear();
     }
 
@@ -382,11 +409,10 @@ impl MmioTransport {
             && self.status & status::FAILED == 0
             && !self.activated
         {
-            if let Err(e) = self.activate(false) {
-                error!("virtio-mmio: activation failed: {e}");
-                self.status |= status::DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.signal_config_change() {
-                    warn!("virtio-mmio: cannot raise the config interrupt: {e}");
+            self.activation_pending = true;
+            if let Some(evt) = &self.activation_evt {
+                if let Err(e) = evt.write(1) {
+                    error!("virtio-mmio: cannot ask for the device's activation: {e}");
                 }
             }
         }
@@ -469,7 +495,7 @@ impl MmioTransport {
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
-        if self.activated {
+        if self.activated || self.activation_pending {
             // The rings belong to the running device now; changing them needs a reset first.
             warn!("virtio-mmio: queue register {offset:#x} written after DRIVER_OK; ignored");
             return;
@@ -562,6 +588,124 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EventFdInterrupt;
+    use vm_memory::GuestAddress;
+
+    /// What the fake device saw of its activations.
+    #[derive(Default)]
+    struct Seen {
+        activations: Vec<(std::thread::ThreadId, bool)>,
+        /// The count in queue 0's notify eventfd when the device was activated.
+        kicks_at_activation: Option<u64>,
+    }
+
+    struct FakeDevice(Arc<Mutex<Seen>>);
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn available_features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
+            let mut seen = self.0.lock().unwrap();
+            seen.activations
+                .push((std::thread::current().id(), ctx.start_paused));
+            seen.kicks_at_activation = ctx.queue_evts[0].read().ok();
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn pause(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn flush_backend(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A transport over the fake device with an activation eventfd, driven up to FEATURES_OK.
+    fn configured() -> (MmioTransport, EventFd, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let line: Arc<dyn InterruptLine> = Arc::new(EventFdInterrupt::new().unwrap());
+        let mut transport =
+            MmioTransport::new(Box::new(FakeDevice(seen.clone())), mem, line).unwrap();
+        let activation = EventFd::new(EFD_NONBLOCK).unwrap();
+        transport.notify_activation_with(activation.try_clone().unwrap());
+        transport.write(REG_DRIVER_FEATURES_SEL, &1u32.to_le_bytes());
+        transport.write(REG_DRIVER_FEATURES, &1u32.to_le_bytes());
+        transport.write(
+            REG_STATUS,
+            &(status::ACKNOWLEDGE | status::DRIVER).to_le_bytes(),
+        );
+        let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        transport.write(REG_STATUS, &features_ok.to_le_bytes());
+        (transport, activation, seen)
+    }
+
+    fn write_driver_ok(transport: &mut MmioTransport) {
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        transport.write(REG_STATUS, &all.to_le_bytes());
+    }
+
+    #[test]
+    fn driver_ok_asks_the_owner_and_a_kick_before_activation_is_kept() {
+        let (mut transport, activation, seen) = configured();
+        write_driver_ok(&mut transport);
+        assert!(
+            seen.lock().unwrap().activations.is_empty(),
+            "activated on the writer"
+        );
+        assert_eq!(activation.read().unwrap(), 1, "the owner is woken");
+        assert!(transport.activation_pending());
+        // The guest kicks the queue right after DRIVER_OK, before its owner activated it.
+        transport.write(REG_QUEUE_NOTIFY, &0u32.to_le_bytes());
+
+        let owner = std::thread::spawn(move || {
+            let activated = transport.activate_pending().unwrap();
+            (activated, transport.activate_pending().unwrap(), transport)
+        });
+        let owner_id = owner.thread().id();
+        let (activated, again, transport) = owner.join().unwrap();
+        assert!(activated && !again, "activated exactly once");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.activations, vec![(owner_id, false)]);
+        assert_eq!(seen.kicks_at_activation, Some(1), "the early kick was lost");
+        assert!(transport.state().is_err(), "running, not paused");
+    }
+
+    #[test]
+    fn a_pending_activation_survives_a_pause_and_a_save() {
+        let (mut transport, _activation, seen) = configured();
+        write_driver_ok(&mut transport);
+        transport.pause().unwrap();
+        let state = transport.state().unwrap();
+        assert!(state.activated, "a restore must activate the device");
+        // Activated while paused: the device starts quiescent.
+        assert!(transport.activate_pending().unwrap());
+        assert!(seen.lock().unwrap().activations[0].1, "not started paused");
+        assert_eq!(transport.state().unwrap(), state);
+    }
+
+    #[test]
+    fn a_reset_before_activation_cancels_it() {
+        let (mut transport, _activation, seen) = configured();
+        write_driver_ok(&mut transport);
+        transport.write(REG_STATUS, &0u32.to_le_bytes());
+        assert!(!transport.activate_pending().unwrap());
+        assert!(seen.lock().unwrap().activations.is_empty());
+    }
 
     #[test]
     fn slots_follow_the_platform_layout() {

@@ -16,8 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::{InterruptLine, Result};
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
-pub(crate) use io_thread::current_start_hook;
-pub use io_thread::{set_io_thread_start_hook, IoThreadStartHook};
+pub use io_thread::IoThreadStartHook;
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, QueueSnapshot,
     MMIO_STATE_VERSION, VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
@@ -88,7 +87,9 @@ impl VirtioInterrupt {
     }
 }
 
-/// What a device gets when the driver sets DRIVER_OK (or when a saved, running device is rebuilt).
+/// What a device gets when it is activated: after the driver set DRIVER_OK, or when a saved,
+/// running device is rebuilt. The transport's owner activates it on its own thread
+/// ([`MmioTransport::activate_pending`]), never the vCPU that wrote the status.
 pub struct ActivationContext {
     /// Guest memory the rings and buffers live in.
     pub mem: GuestMemoryMmap,
@@ -100,13 +101,16 @@ pub struct ActivationContext {
     pub queue_evts: Vec<EventFd>,
     /// Features the driver accepted.
     pub acked_features: u64,
-    /// Rebuilt from saved state: start quiescent and wait for `resume()`.
+    /// Rebuilt from saved state, or activated while the VM is paused: start quiescent and wait
+    /// for `resume()`.
     pub start_paused: bool,
+    /// Run first thing by every thread the device starts (the VMM's seccomp filter for it).
+    pub io_thread_start: Option<IoThreadStartHook>,
 }
 
 /// A virtio device behind a transport.
 ///
-/// Lifecycle: configured by the driver through the transport, `activate`d at DRIVER_OK, then
+/// Lifecycle: configured by the driver through the transport, `activate`d after DRIVER_OK, then
 /// `pause`d/`resume`d around a save, `reset` when the driver writes 0 to the status.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 for block).

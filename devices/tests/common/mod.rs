@@ -126,7 +126,8 @@ impl TestDriver {
     ) -> Self {
         let irq = Arc::new(EventFdInterrupt::new().unwrap());
         let line: Arc<dyn InterruptLine> = irq.clone();
-        let transport = MmioTransport::restore(block, mem.clone(), line, state).unwrap();
+        let mut transport = MmioTransport::restore(block, mem.clone(), line, state).unwrap();
+        transport.activate_pending().unwrap();
         Self::around(
             mem,
             transport,
@@ -164,10 +165,16 @@ impl TestDriver {
         u32::from_le_bytes(data)
     }
 
+    /// Writes a register as the guest does. A status write that leaves an activation pending
+    /// is followed by the activation, as the VMM's control loop does when the transport's
+    /// activation eventfd wakes it (an activation failure shows in the status register).
     pub fn write32(&self, offset: u64, value: u32) {
         self.bus
             .write(VIRTIO_MMIO_BASE + offset, &value.to_le_bytes())
             .unwrap();
+        if offset == STATUS {
+            let _ = self.transport.lock().unwrap().activate_pending();
+        }
     }
 
     pub fn config_u64(&self, offset: u64) -> u64 {

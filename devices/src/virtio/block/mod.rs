@@ -137,6 +137,7 @@ impl VirtioDevice for Block {
             worker,
             ctx.queue_evts,
             ctx.start_paused,
+            ctx.io_thread_start,
         )?);
         Ok(())
     }
