@@ -1,0 +1,631 @@
+//! PCI bus, configuration mechanisms, BARs, capabilities, MSI-X and state.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use arch::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, PCI_ECAM_SIZE, PCI_ECAM_START};
+use proptest::prelude::*;
+
+use super::*;
+use crate::Bus;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SinkEvent {
+    Route(u16, u64, u32),
+    Trigger(u16),
+}
+
+#[derive(Default)]
+struct RecordingSink(Mutex<Vec<SinkEvent>>);
+
+impl RecordingSink {
+    fn take(&self) -> Vec<SinkEvent> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl MsiInterruptSink for RecordingSink {
+    fn route(&self, vector: u16, address: u64, data: u32) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(SinkEvent::Route(vector, address, data));
+        Ok(())
+    }
+    fn trigger(&self, vector: u16) -> io::Result<()> {
+        self.0.lock().unwrap().push(SinkEvent::Trigger(vector));
+        Ok(())
+    }
+}
+
+const TEST_VENDOR: u16 = 0x1AF4;
+const TEST_DEVICE: u16 = 0x1042;
+const TEST_VECTORS: usize = 3;
+const MSIX_BAR: usize = 2;
+const MSIX_BAR_SIZE: u64 = 0x4000;
+const PBA_OFFSET: u64 = 0x2000;
+const VENDOR_CAP_ID: u8 = 0x09;
+
+/// A function with an I/O BAR, a 32-bit and a 64-bit memory BAR, a vendor capability with some
+/// writable bytes and MSI-X in the 64-bit BAR, as virtio-pci will have.
+struct TestDevice {
+    config: PciConfiguration,
+    msix: MsixConfig,
+}
+
+impl TestDevice {
+    fn new(sink: Arc<dyn MsiInterruptSink>) -> Self {
+        let mut config = PciConfiguration::new(&PciHeader {
+            vendor_id: TEST_VENDOR,
+            device_id: TEST_DEVICE,
+            revision_id: 1,
+            class: 0x01,
+            subclass: 0x00,
+            prog_if: 0,
+            subsystem_vendor_id: TEST_VENDOR,
+            subsystem_id: 0x0040,
+            interrupt_pin: 1,
+        });
+        config.add_bar(0, BarKind::Io, 32).unwrap();
+        config
+            .add_bar(1, BarKind::Memory32 { prefetchable: false }, 0x1000)
+            .unwrap();
+        config
+            .add_bar(MSIX_BAR, BarKind::Memory64 { prefetchable: true }, MSIX_BAR_SIZE)
+            .unwrap();
+        config
+            .add_capability(VENDOR_CAP_ID, &[14, 0xAA, 0xBB, 0xCC], &[0, 0xFF, 0x0F])
+            .unwrap();
+        let mut msix = MsixConfig::new(TEST_VECTORS, sink).unwrap();
+        msix.add_capability(&mut config, (MSIX_BAR, 0), (MSIX_BAR, PBA_OFFSET))
+            .unwrap();
+        Self { config, msix }
+    }
+
+    fn bar_read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= PBA_OFFSET {
+            self.msix.read_pba(offset - PBA_OFFSET, data);
+        } else {
+            self.msix.read_table(offset, data);
+        }
+    }
+
+    fn bar_write(&mut self, offset: u64, data: &[u8]) {
+        if offset < PBA_OFFSET {
+            self.msix.write_table(offset, data);
+        }
+    }
+}
+
+impl PciDevice for TestDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+    fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarRelocation> {
+        let relocation = self.config.write(offset, data);
+        self.msix.config_written(&self.config, offset, data.len());
+        relocation
+    }
+}
+
+#[derive(Default)]
+struct RecordingRelocations(Arc<Mutex<Vec<(PciBdf, BarRelocation)>>>);
+
+impl BarRelocationHandler for RecordingRelocations {
+    fn relocate(&mut self, bdf: PciBdf, relocation: &BarRelocation) {
+        self.0.lock().unwrap().push((bdf, *relocation));
+    }
+}
+
+/// The PCI pieces wired onto a port I/O and an MMIO bus at the layout's addresses, exactly as
+/// the VMM will.
+struct Platform {
+    pci: Arc<Mutex<PciBus>>,
+    cf8: Arc<Mutex<PciConfigIo>>,
+    pio: Bus,
+    mmio: Bus,
+    device: Arc<Mutex<TestDevice>>,
+    sink: Arc<RecordingSink>,
+    relocations: Arc<Mutex<Vec<(PciBdf, BarRelocation)>>>,
+}
+
+const DEV: PciBdf = PciBdf::new(1);
+
+impl Platform {
+    fn new() -> Self {
+        let sink = Arc::new(RecordingSink::default());
+        let device = Arc::new(Mutex::new(TestDevice::new(sink.clone())));
+        let mut bus = PciBus::new();
+        assert_eq!(bus.add_device(device.clone()).unwrap(), DEV);
+        let relocations = RecordingRelocations::default();
+        let recorded = relocations.0.clone();
+        bus.set_relocation_handler(Box::new(relocations));
+        let pci = Arc::new(Mutex::new(bus));
+        let cf8 = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(PCI_CONFIG_PORT),
+            u64::from(PCI_CONFIG_PORT_COUNT),
+            cf8.clone(),
+        )
+        .unwrap();
+        let mut mmio = Bus::new();
+        mmio.insert(
+            PCI_ECAM_START.0,
+            PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+        )
+        .unwrap();
+        sink.take();
+        Self {
+            pci,
+            cf8,
+            pio,
+            mmio,
+            device,
+            sink,
+            relocations: recorded,
+        }
+    }
+
+    fn select(&self, bdf: PciBdf, offset: u16) {
+        let address = 0x8000_0000
+            | u32::from(bdf.bus) << 16
+            | u32::from(bdf.device) << 11
+            | u32::from(bdf.function) << 8
+            | u32::from(offset & 0xFC);
+        self.pio
+            .write(u64::from(PCI_CONFIG_PORT), &address.to_le_bytes())
+            .unwrap();
+    }
+
+    fn data_port(offset: u16) -> u64 {
+        u64::from(PCI_CONFIG_PORT) + 4 + u64::from(offset % 4)
+    }
+
+    fn cf8_read(&self, bdf: PciBdf, offset: u16, len: usize) -> u32 {
+        self.select(bdf, offset);
+        let mut data = vec![0u8; len];
+        self.pio.read(Self::data_port(offset), &mut data).unwrap();
+        le(&data)
+    }
+
+    fn cf8_write(&self, bdf: PciBdf, offset: u16, len: usize, value: u32) {
+        self.select(bdf, offset);
+        self.pio
+            .write(Self::data_port(offset), &value.to_le_bytes()[..len])
+            .unwrap();
+    }
+
+    fn ecam_address(bdf: PciBdf, offset: u16) -> u64 {
+        PCI_ECAM_START.0
+            | u64::from(bdf.bus) << 20
+            | u64::from(bdf.device) << 15
+            | u64::from(bdf.function) << 12
+            | u64::from(offset)
+    }
+
+    fn ecam_read(&self, bdf: PciBdf, offset: u16, len: usize) -> u32 {
+        let mut data = vec![0u8; len];
+        self.mmio
+            .read(Self::ecam_address(bdf, offset), &mut data)
+            .unwrap();
+        le(&data)
+    }
+
+    fn ecam_write(&self, bdf: PciBdf, offset: u16, len: usize, value: u32) {
+        self.mmio
+            .write(Self::ecam_address(bdf, offset), &value.to_le_bytes()[..len])
+            .unwrap();
+    }
+
+    fn bar_write_u32(&self, offset: u64, value: u32) {
+        self.device
+            .lock()
+            .unwrap()
+            .bar_write(offset, &value.to_le_bytes());
+    }
+
+    fn bar_read_u32(&self, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        self.device.lock().unwrap().bar_read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn msix_control_offset(&self) -> u16 {
+        capability_offsets(self, DEV)
+            .into_iter()
+            .find(|&(id, _)| id == MSIX_CAPABILITY_ID)
+            .unwrap()
+            .1
+            + 2
+    }
+}
+
+fn le(data: &[u8]) -> u32 {
+    data.iter()
+        .rev()
+        .fold(0u32, |acc, &b| (acc << 8) | u32::from(b))
+}
+
+/// Walks the capability list as a guest driver does: (id, offset) pairs.
+fn capability_offsets(p: &Platform, bdf: PciBdf) -> Vec<(u8, u16)> {
+    let mut caps = Vec::new();
+    if p.ecam_read(bdf, REG_STATUS, 2) as u16 & STATUS_CAPABILITIES_LIST == 0 {
+        return caps;
+    }
+    let mut next = p.ecam_read(bdf, REG_CAPABILITIES, 1) as u16;
+    while next != 0 && caps.len() < 48 {
+        caps.push((p.ecam_read(bdf, next, 1) as u8, next));
+        next = p.ecam_read(bdf, next + 1, 1) as u16;
+    }
+    caps
+}
+
+#[test]
+fn host_bridge_is_at_00_00_0_with_upstreams_ids() {
+    let p = Platform::new();
+    let host = PciBdf::new(0);
+    for read in [Platform::cf8_read, Platform::ecam_read] {
+        assert_eq!(read(&p, host, REG_VENDOR_ID, 2), 0x8086);
+        assert_eq!(read(&p, host, REG_VENDOR_ID + 2, 2), 0x0D57);
+        // Class 06 (bridge), subclass 00 (host bridge), prog-if 0, revision 0.
+        assert_eq!(read(&p, host, REG_CLASS_REVISION, 4), 0x0600_0000);
+        assert_eq!(read(&p, host, REG_HEADER_TYPE, 1), 0);
+        assert_eq!(read(&p, host, REG_BAR0, 4), 0, "no BARs");
+    }
+    assert_eq!(host.to_string(), "0000:00:00.0");
+    assert_eq!(DEV.to_string(), "0000:00:01.0");
+}
+
+#[test]
+fn both_mechanisms_read_the_same_registers() {
+    let p = Platform::new();
+    // Make some registers non-default first, so the comparison covers written state too.
+    p.ecam_write(DEV, REG_COMMAND, 2, 0x0007);
+    p.cf8_write(DEV, REG_BAR0 + 4, 4, 0xC000_0000);
+    p.cf8_write(DEV, REG_INTERRUPT_LINE, 1, 0x0B);
+    let mut compared = 0;
+    for device in 0..PCI_DEVICES_PER_BUS {
+        for function in [0u8, 1, 7] {
+            let bdf = PciBdf {
+                bus: 0,
+                device,
+                function,
+            };
+            for offset in 0..PCI_CONFIG_SPACE_SIZE {
+                for len in [1usize, 2, 4] {
+                    if offset as usize % len != 0 {
+                        continue;
+                    }
+                    let legacy = p.cf8_read(bdf, offset, len);
+                    let ecam = p.ecam_read(bdf, offset, len);
+                    assert_eq!(legacy, ecam, "{bdf} offset {offset:#x} width {len}");
+                    let present = function == 0 && device <= 1;
+                    if !present {
+                        let all_ones = if len == 4 { u32::MAX } else { (1 << (len * 8)) - 1 };
+                        assert_eq!(legacy, all_ones, "absent {bdf} reads all-ones");
+                    }
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 32 * 3 * (256 + 128 + 64));
+    // Writes through one mechanism are seen through the other.
+    assert_eq!(p.cf8_read(DEV, REG_COMMAND, 2), 0x0007);
+    assert_eq!(p.ecam_read(DEV, REG_BAR0 + 4, 4), 0xC000_0000);
+    assert_eq!(p.ecam_read(DEV, REG_INTERRUPT_LINE, 1), 0x0B);
+}
+
+#[test]
+fn legacy_port_semantics() {
+    let p = Platform::new();
+    let data = u64::from(PCI_CONFIG_PORT) + 4;
+    // CONFIG_ADDRESS reads back with reserved bits 30:24 and 1:0 cleared.
+    p.pio
+        .write(u64::from(PCI_CONFIG_PORT), &0xFF00_0803u32.to_le_bytes())
+        .unwrap();
+    let mut dword = [0u8; 4];
+    p.pio.read(u64::from(PCI_CONFIG_PORT), &mut dword).unwrap();
+    assert_eq!(u32::from_le_bytes(dword), 0x8000_0800);
+    // Byte accesses to 0xCF8..0xCFB are not CONFIG_ADDRESS.
+    p.pio.write(u64::from(PCI_CONFIG_PORT), &[0]).unwrap();
+    p.pio.read(u64::from(PCI_CONFIG_PORT), &mut dword).unwrap();
+    assert_eq!(u32::from_le_bytes(dword), 0x8000_0800);
+    let mut byte = [0u8];
+    p.pio.read(u64::from(PCI_CONFIG_PORT) + 1, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xFF);
+
+    // Byte and word accesses at each data port offset pick the right bytes of the register.
+    p.select(DEV, 0);
+    for (k, expected) in TEST_VENDOR
+        .to_le_bytes()
+        .into_iter()
+        .chain(TEST_DEVICE.to_le_bytes())
+        .enumerate()
+    {
+        p.pio.read(data + k as u64, &mut byte).unwrap();
+        assert_eq!(byte[0], expected, "byte {k}");
+    }
+    let mut word = [0u8; 2];
+    p.pio.read(data + 2, &mut word).unwrap();
+    assert_eq!(u16::from_le_bytes(word), TEST_DEVICE);
+    // A word at 0xCFF would cross the register: all-ones.
+    p.pio.read(data + 3, &mut word).unwrap();
+    assert_eq!(word, [0xFF, 0xFF]);
+
+    // With the enable bit clear nothing is selected: reads all-ones, writes dropped.
+    p.pio
+        .write(u64::from(PCI_CONFIG_PORT), &0x0000_0804u32.to_le_bytes())
+        .unwrap();
+    p.pio.read(data, &mut dword).unwrap();
+    assert_eq!(u32::from_le_bytes(dword), u32::MAX);
+    p.pio.write(data, &0x7u32.to_le_bytes()).unwrap();
+    assert_eq!(p.ecam_read(DEV, REG_COMMAND, 2), 0);
+
+    // Another bus is empty.
+    let bus1 = PciBdf {
+        bus: 1,
+        device: 0,
+        function: 0,
+    };
+    assert_eq!(p.cf8_read(bus1, 0, 4), u32::MAX);
+}
+
+#[test]
+fn ecam_answers_odd_accesses_as_hardware_does() {
+    let p = Platform::new();
+    // Unaligned and 8-byte accesses read all-ones and writes are dropped.
+    for (offset, len) in [(1u16, 2usize), (2, 4), (3, 4), (0, 8), (0, 3)] {
+        let mut data = vec![0u8; len];
+        p.mmio
+            .read(Platform::ecam_address(DEV, offset), &mut data)
+            .unwrap();
+        assert!(data.iter().all(|&b| b == 0xFF), "{offset} x {len}");
+    }
+    p.mmio
+        .write(Platform::ecam_address(DEV, REG_COMMAND + 1), &[7, 0])
+        .unwrap();
+    assert_eq!(p.ecam_read(DEV, REG_COMMAND, 4) & 0xFFFF, 0);
+    // The extended space of a present function reads zero (no extended capabilities) and
+    // ignores writes; an absent one reads all-ones there too.
+    p.ecam_write(DEV, 0x100, 4, 0x1234_5678);
+    assert_eq!(p.ecam_read(DEV, 0x100, 4), 0);
+    assert_eq!(p.ecam_read(DEV, 0xFFC, 4), 0);
+    assert_eq!(p.ecam_read(PciBdf::new(5), 0x100, 4), u32::MAX);
+}
+
+#[test]
+fn bars_report_their_size_to_an_all_ones_write() {
+    let p = Platform::new();
+    let sized = |offset: u16| {
+        p.cf8_write(DEV, offset, 4, u32::MAX);
+        p.cf8_read(DEV, offset, 4)
+    };
+    assert_eq!(sized(REG_BAR0), 0xFFFF_FFE1, "32-byte I/O BAR");
+    assert_eq!(sized(REG_BAR0 + 4), 0xFFFF_F000, "4 KiB memory BAR");
+    assert_eq!(
+        sized(REG_BAR0 + 8),
+        0xFFFF_C00C,
+        "16 KiB 64-bit prefetchable, low half"
+    );
+    assert_eq!(sized(REG_BAR0 + 12), u32::MAX, "64-bit BAR, high half");
+    assert_eq!(sized(REG_BAR0 + 16), 0, "no BAR 4");
+    assert_eq!(sized(REG_BAR0 + 20), 0, "no BAR 5");
+    assert_eq!(sized(REG_EXPANSION_ROM), 0, "no expansion ROM");
+    // The size as a driver computes it from the read-back.
+    let mem32 = sized(REG_BAR0 + 4) & !0xF;
+    assert_eq!(!mem32 + 1, 0x1000);
+    let mem64 = (u64::from(sized(REG_BAR0 + 12)) << 32) | u64::from(sized(REG_BAR0 + 8) & !0xF);
+    assert_eq!(!mem64 + 1, MSIX_BAR_SIZE);
+}
+
+#[test]
+fn the_guest_relocates_bars_and_the_vmm_is_told() {
+    let p = Platform::new();
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
+    p.ecam_write(DEV, REG_BAR0, 4, 0xC040);
+    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
+    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x0000_0010);
+    // Rewriting the same address is no move.
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
+    // Low address bits below the size are not writable: 0xC010_0123 stays 0xC010_0000.
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0123);
+    let moves: Vec<_> = p
+        .relocations
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(bdf, r)| (bdf, r.index, r.old_address, r.new_address))
+        .collect();
+    assert_eq!(
+        moves,
+        vec![
+            (DEV, 1, 0, 0xC010_0000),
+            (DEV, 0, 0, 0xC040),
+            (DEV, 2, 0, 0x8000_0000),
+            (DEV, 2, 0x8000_0000, 0x10_8000_0000),
+        ]
+    );
+    let device = p.device.lock().unwrap();
+    let bars: Vec<_> = device.config.bars().map(|b| (b.index, b.address)).collect();
+    assert_eq!(bars, vec![(0, 0xC040), (1, 0xC010_0000), (2, 0x10_8000_0000)]);
+    assert_eq!(
+        device.config.bar(2).unwrap().kind,
+        BarKind::Memory64 { prefetchable: true }
+    );
+    assert!(device.config.bar(3).is_none(), "upper half is not a BAR");
+}
+
+#[test]
+fn read_only_bits_ignore_writes_and_status_errors_clear_on_one() {
+    let p = Platform::new();
+    let before: Vec<u32> = (0..64).map(|i| p.ecam_read(DEV, i * 4, 4)).collect();
+    for offset in [
+        REG_VENDOR_ID,
+        REG_CLASS_REVISION,
+        REG_SUBSYSTEM,
+        REG_CAPABILITIES,
+    ] {
+        p.cf8_write(DEV, offset, 4, u32::MAX);
+        p.cf8_write(DEV, offset, 4, 0);
+    }
+    p.cf8_write(DEV, REG_HEADER_TYPE, 1, 0xFF);
+    p.cf8_write(DEV, REG_INTERRUPT_LINE + 1, 1, 0xFF);
+    for offset in [
+        REG_VENDOR_ID,
+        REG_CLASS_REVISION,
+        REG_SUBSYSTEM,
+        REG_CAPABILITIES,
+        REG_HEADER_TYPE & !3,
+    ] {
+        assert_eq!(
+            p.ecam_read(DEV, offset, 4),
+            before[usize::from(offset / 4)],
+            "{offset:#x}"
+        );
+    }
+    assert_eq!(p.ecam_read(DEV, REG_INTERRUPT_LINE + 1, 1), 1, "INTA#");
+    // Command: only the defined bits stick.
+    p.cf8_write(DEV, REG_COMMAND, 2, 0xFFFF);
+    assert_eq!(p.cf8_read(DEV, REG_COMMAND, 2), 0x0547);
+    // Status: capability bit is read-only, error bits clear when written with one.
+    let status = STATUS_CAPABILITIES_LIST | 0x8000 | 0x2000;
+    p.device
+        .lock()
+        .unwrap()
+        .config
+        .set_register_u16(REG_STATUS, status);
+    p.cf8_write(DEV, REG_STATUS, 2, 0);
+    assert_eq!(p.cf8_read(DEV, REG_STATUS, 2) as u16, status);
+    p.cf8_write(DEV, REG_STATUS, 2, 0x8000 | u32::from(STATUS_CAPABILITIES_LIST));
+    assert_eq!(
+        p.cf8_read(DEV, REG_STATUS, 2) as u16,
+        STATUS_CAPABILITIES_LIST | 0x2000
+    );
+    // A dword write of command+status sets command bits and clears the written error bit.
+    p.cf8_write(DEV, REG_COMMAND, 4, 0x2000_0002);
+    assert_eq!(
+        p.cf8_read(DEV, REG_COMMAND, 4),
+        u32::from(STATUS_CAPABILITIES_LIST) << 16 | 0x0002
+    );
+}
+
+#[test]
+fn capability_list_is_walkable_and_only_declared_bits_are_writable() {
+    let p = Platform::new();
+    let caps = capability_offsets(&p, DEV);
+    assert_eq!(
+        caps,
+        vec![(VENDOR_CAP_ID, CAPABILITIES_START), (MSIX_CAPABILITY_ID, 0x48)]
+    );
+    assert_eq!(capability_offsets(&p, PciBdf::new(0)), vec![]);
+    // Vendor capability body: [len, 0xAA, 0xBB, 0xCC]; byte 1 fully writable, byte 2 low
+    // nibble, byte 0 and 3 read-only.
+    let body = CAPABILITIES_START + 2;
+    p.ecam_write(DEV, CAPABILITIES_START, 4, 0xFFFF_FFFF);
+    assert_eq!(p.ecam_read(DEV, CAPABILITIES_START, 4), 0xFF0E_4809);
+    p.ecam_write(DEV, body + 1, 1, 0x56);
+    p.ecam_write(DEV, body + 2, 2, 0x1234);
+    assert_eq!(p.ecam_read(DEV, body, 1), 14);
+    assert_eq!(p.ecam_read(DEV, body + 1, 1), 0x56);
+    assert_eq!(p.ecam_read(DEV, body + 2, 1), 0xB4);
+    assert_eq!(p.ecam_read(DEV, body + 3, 1), 0xCC);
+
+    // MSI-X capability: table size N-1, table at BAR 2 offset 0, PBA at BAR 2 offset 0x2000.
+    assert_eq!(
+        p.ecam_read(DEV, 0x4A, 2),
+        TEST_VECTORS as u32 - 1,
+        "message control"
+    );
+    assert_eq!(p.ecam_read(DEV, 0x4C, 4), MSIX_BAR as u32);
+    assert_eq!(p.ecam_read(DEV, 0x50, 4), PBA_OFFSET as u32 | MSIX_BAR as u32);
+    // Table size bits are read-only.
+    p.ecam_write(DEV, 0x4A, 2, 0x07FF);
+    assert_eq!(p.ecam_read(DEV, 0x4A, 2), TEST_VECTORS as u32 - 1);
+}
+
+#[test]
+fn device_numbers_are_assigned_from_one_and_checked() {
+    let sink: Arc<dyn MsiInterruptSink> = Arc::new(RecordingSink::default());
+    let mut bus = PciBus::new();
+    let device = || -> Arc<Mutex<dyn PciDevice>> { Arc::new(Mutex::new(TestDevice::new(sink.clone()))) };
+    assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(1));
+    assert_eq!(bus.add_device_at(5, device()).unwrap(), PciBdf::new(5));
+    assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(2));
+    assert!(matches!(
+        bus.add_device_at(5, device()),
+        Err(PciError::SlotTaken(5))
+    ));
+    assert!(matches!(
+        bus.add_device_at(0, device()),
+        Err(PciError::SlotTaken(0))
+    ));
+    assert!(matches!(
+        bus.add_device_at(32, device()),
+        Err(PciError::SlotInvalid(32))
+    ));
+    for _ in 0..28 {
+        bus.add_device(device()).unwrap();
+    }
+    assert!(matches!(bus.add_device(device()), Err(PciError::BusFull)));
+}
+
+#[test]
+fn bar_and_capability_declarations_are_checked() {
+    let header = PciHeader {
+        vendor_id: 1,
+        device_id: 2,
+        revision_id: 0,
+        class: 0,
+        subclass: 0,
+        prog_if: 0,
+        subsystem_vendor_id: 0,
+        subsystem_id: 0,
+        interrupt_pin: 0,
+    };
+    let mut c = PciConfiguration::new(&header);
+    let mem64 = BarKind::Memory64 {
+        prefetchable: false,
+    };
+    let mem32 = BarKind::Memory32 {
+        prefetchable: false,
+    };
+    assert!(matches!(c.add_bar(5, mem64, 0x1000), Err(PciError::BarIndex { index: 5 })));
+    assert!(matches!(c.add_bar(6, mem32, 0x1000), Err(PciError::BarIndex { index: 6 })));
+    c.add_bar(1, mem64, 0x1000).unwrap();
+    assert!(matches!(c.add_bar(2, mem32, 0x1000), Err(PciError::BarTaken { index: 2 })));
+    assert!(matches!(c.add_bar(0, mem64, 0x1000), Err(PciError::BarTaken { index: 0 })));
+    assert!(matches!(c.add_bar(0, mem32, 0x1800), Err(PciError::BarSize { .. })));
+    assert!(matches!(c.add_bar(0, mem32, 8), Err(PciError::BarSize { .. })));
+    assert!(matches!(c.add_bar(0, BarKind::Io, 512), Err(PciError::BarSize { .. })));
+    c.add_bar(0, BarKind::Io, 256).unwrap();
+    // Capabilities fill the space after the header and then are refused.
+    let mut added = 0;
+    while c.add_capability(0x09, &[0; 30], &[]).is_ok() {
+        added += 1;
+    }
+    assert_eq!(added, (256 - 0x40) / 32);
+    assert!(matches!(
+        c.add_capability(0x09, &[0; 30], &[]),
+        Err(PciError::CapabilitySpaceFull { .. })
+    ));
+    // MSI-X placement must fit in a declared BAR.
+    let sink: Arc<dyn MsiInterruptSink> = Arc::new(RecordingSink::default());
+    let mut c = PciConfiguration::new(&header);
+    c.add_bar(0, mem32, 0x1000).unwrap();
+    let mut msix = MsixConfig::new(64, sink.clone()).unwrap();
+    for (table, pba) in [((0, 0xC08), (0, 0)), ((1, 0), (0, 0x800)), ((0, 4), (0, 0x800))] {
+        assert!(matches!(
+            msix.add_capability(&mut c, table, pba),
+            Err(PciError::MsixPlacement { .. })
+        ));
+    }
+    msix.add_capability(&mut c, (0, 0), (0, 0x800)).unwrap();
+    assert!(matches!(MsixConfig::new(0, sink.clone()), Err(PciError::MsixVectorCount(0))));
+    assert!(matches!(MsixConfig::new(2049, sink), Err(PciError::MsixVectorCount(2049))));
+}
