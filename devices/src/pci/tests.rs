@@ -629,3 +629,350 @@ fn bar_and_capability_declarations_are_checked() {
     assert!(matches!(MsixConfig::new(0, sink.clone()), Err(PciError::MsixVectorCount(0))));
     assert!(matches!(MsixConfig::new(2049, sink), Err(PciError::MsixVectorCount(2049))));
 }
+
+/// Programs vector `v` through the BAR as a driver does.
+fn program_vector(p: &Platform, v: u64, address: u64, data: u32) {
+    p.bar_write_u32(v * MSIX_ENTRY_SIZE, address as u32);
+    p.bar_write_u32(v * MSIX_ENTRY_SIZE + 4, (address >> 32) as u32);
+    p.bar_write_u32(v * MSIX_ENTRY_SIZE + 8, data);
+}
+
+fn set_vector_mask(p: &Platform, v: u64, masked: bool) {
+    p.bar_write_u32(v * MSIX_ENTRY_SIZE + 12, u32::from(masked));
+}
+
+fn set_msix_control(p: &Platform, control: u16) {
+    p.ecam_write(DEV, p.msix_control_offset(), 2, u32::from(control));
+}
+
+fn trigger(p: &Platform, v: u16) -> MsixDelivery {
+    p.device.lock().unwrap().msix.trigger(v).unwrap()
+}
+
+#[test]
+fn msix_table_writes_update_routes() {
+    let p = Platform::new();
+    // Reset state: every vector masked, address and data zero.
+    for v in 0..TEST_VECTORS as u64 {
+        assert_eq!(p.bar_read_u32(v * MSIX_ENTRY_SIZE + 12), MSIX_VECTOR_MASKED);
+        assert_eq!(p.bar_read_u32(v * MSIX_ENTRY_SIZE + 8), 0);
+    }
+    program_vector(&p, 1, 0xFEE0_1000, 0x4041);
+    assert_eq!(
+        p.sink.take(),
+        vec![
+            SinkEvent::Route(1, 0xFEE0_1000, 0),
+            SinkEvent::Route(1, 0xFEE0_1000, 0x4041),
+        ],
+        "the high address half is unchanged (0), so it routes nothing"
+    );
+    // A qword write of the address, then data: read back through both widths.
+    p.device
+        .lock()
+        .unwrap()
+        .bar_write(2 * MSIX_ENTRY_SIZE, &0x1_FEE0_2000u64.to_le_bytes());
+    let mut qword = [0u8; 8];
+    p.device
+        .lock()
+        .unwrap()
+        .bar_read(2 * MSIX_ENTRY_SIZE, &mut qword);
+    assert_eq!(u64::from_le_bytes(qword), 0x1_FEE0_2000);
+    assert_eq!(p.sink.take(), vec![SinkEvent::Route(2, 0x1_FEE0_2000, 0)]);
+    // Rewriting the same values routes nothing; byte writes and reads are not table accesses.
+    program_vector(&p, 1, 0xFEE0_1000, 0x4041);
+    p.device.lock().unwrap().bar_write(8, &[1]);
+    let mut byte = [0u8];
+    p.device.lock().unwrap().bar_read(8, &mut byte);
+    assert_eq!(byte[0], 0xFF);
+    assert_eq!(p.sink.take(), vec![]);
+    // Reserved vector-control bits read zero.
+    p.bar_write_u32(12, 0xFFFF_FFFE);
+    assert_eq!(p.bar_read_u32(12), 0);
+    // Beyond the table: all-ones, writes ignored.
+    assert_eq!(p.bar_read_u32(TEST_VECTORS as u64 * MSIX_ENTRY_SIZE), u32::MAX);
+}
+
+#[test]
+fn masked_vectors_pend_and_fire_on_unmask() {
+    let p = Platform::new();
+    program_vector(&p, 0, 0xFEE0_0000, 0x30);
+    program_vector(&p, 2, 0xFEE0_0000, 0x32);
+    p.sink.take();
+    // MSI-X disabled: nothing goes out, nothing pends.
+    assert_eq!(trigger(&p, 0), MsixDelivery::Disabled);
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0);
+
+    set_msix_control(&p, MSIX_CONTROL_ENABLE);
+    assert!(p.device.lock().unwrap().msix.enabled());
+    // Vectors are still masked (reset state): they pend, visible in the PBA.
+    assert_eq!(trigger(&p, 0), MsixDelivery::Pending);
+    assert_eq!(trigger(&p, 2), MsixDelivery::Pending);
+    assert_eq!(trigger(&p, 2), MsixDelivery::Pending);
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0b101);
+    assert_eq!(p.sink.take(), vec![]);
+    // The PBA is read-only.
+    p.device.lock().unwrap().bar_write(PBA_OFFSET, &[0; 8]);
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0b101);
+
+    // Unmasking vector 2 delivers it once and clears its bit; vector 0 stays pending.
+    set_vector_mask(&p, 2, false);
+    assert_eq!(p.sink.take(), vec![SinkEvent::Trigger(2)]);
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0b001);
+    // Unmasked now: delivered straight away.
+    assert_eq!(trigger(&p, 2), MsixDelivery::Delivered);
+    assert_eq!(p.sink.take(), vec![SinkEvent::Trigger(2)]);
+    // Masking again makes it pend again.
+    set_vector_mask(&p, 2, true);
+    assert_eq!(trigger(&p, 2), MsixDelivery::Pending);
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0b101);
+    // A vector that does not exist is the device's error, not a panic.
+    assert!(matches!(
+        p.device.lock().unwrap().msix.trigger(3),
+        Err(PciError::MsixVectorOutOfRange { vector: 3, count: 3 })
+    ));
+}
+
+#[test]
+fn function_mask_holds_every_vector() {
+    let p = Platform::new();
+    program_vector(&p, 0, 0xFEE0_0000, 0x30);
+    program_vector(&p, 1, 0xFEE0_0000, 0x31);
+    set_vector_mask(&p, 0, false);
+    set_vector_mask(&p, 1, false);
+    set_msix_control(&p, MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK);
+    p.sink.take();
+    assert!(p.device.lock().unwrap().msix.function_masked());
+    assert_eq!(trigger(&p, 0), MsixDelivery::Pending);
+    assert_eq!(trigger(&p, 1), MsixDelivery::Pending);
+    // Vector-level unmask does not override the function mask.
+    set_vector_mask(&p, 1, false);
+    assert_eq!(p.sink.take(), vec![]);
+    // Clearing the function mask with a byte write to the upper control byte delivers both.
+    let control = p.msix_control_offset();
+    p.cf8_write(DEV, control + 1, 1, u32::from(MSIX_CONTROL_ENABLE >> 8));
+    assert_eq!(
+        p.sink.take(),
+        vec![SinkEvent::Trigger(0), SinkEvent::Trigger(1)]
+    );
+    assert_eq!(p.bar_read_u32(PBA_OFFSET), 0);
+    // Disabling MSI-X keeps vectors from firing.
+    set_msix_control(&p, 0);
+    assert_eq!(trigger(&p, 0), MsixDelivery::Disabled);
+    assert_eq!(p.sink.take(), vec![]);
+}
+
+#[test]
+fn state_round_trips_and_the_restored_platform_continues() {
+    let p = Platform::new();
+    p.ecam_write(DEV, REG_BAR0, 4, 0xC040);
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
+    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
+    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    p.ecam_write(DEV, REG_COMMAND, 2, 0x0006);
+    p.ecam_write(DEV, REG_INTERRUPT_LINE, 1, 0x0A);
+    p.ecam_write(DEV, CAPABILITIES_START + 3, 1, 0x77);
+    p.ecam_write(PciBdf::new(0), REG_COMMAND, 2, 0x0002);
+    program_vector(&p, 0, 0xFEE0_0000, 0x30);
+    program_vector(&p, 1, 0xFEE0_1000, 0x31);
+    set_vector_mask(&p, 0, false);
+    set_msix_control(&p, MSIX_CONTROL_ENABLE);
+    assert_eq!(trigger(&p, 1), MsixDelivery::Pending);
+    // The guest had selected a register on 0xCF8 and not yet read 0xCFC.
+    p.select(DEV, REG_BAR0 + 4);
+    p.sink.take();
+
+    let saved = serde_json::to_string(&(
+        p.pci.lock().unwrap().state().unwrap(),
+        p.cf8.lock().unwrap().state(),
+        p.device.lock().unwrap().msix.state(),
+    ))
+    .unwrap();
+    let registers: Vec<u32> = (0..64).map(|i| p.ecam_read(DEV, i * 4, 4)).collect();
+    let (bus_state, cf8_state, msix_state): (PciBusState, PciConfigIoState, MsixState) =
+        serde_json::from_str(&saved).unwrap();
+
+    let q = Platform::new();
+    q.pci.lock().unwrap().restore(&bus_state).unwrap();
+    q.cf8.lock().unwrap().restore(&cf8_state).unwrap();
+    q.device.lock().unwrap().msix = MsixConfig::from_state(&msix_state, q.sink.clone()).unwrap();
+    // Every vector's route is announced again, since KVM's routes died with the old VMM.
+    assert_eq!(
+        q.sink.take(),
+        vec![
+            SinkEvent::Route(0, 0xFEE0_0000, 0x30),
+            SinkEvent::Route(1, 0xFEE0_1000, 0x31),
+            SinkEvent::Route(2, 0, 0),
+        ]
+    );
+    // The pending CONFIG_DATA read completes against the register selected before the save.
+    let mut dword = [0u8; 4];
+    q.pio
+        .read(u64::from(PCI_CONFIG_PORT) + 4, &mut dword)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(dword), 0xC010_0000);
+    let restored: Vec<u32> = (0..64).map(|i| q.ecam_read(DEV, i * 4, 4)).collect();
+    assert_eq!(restored, registers);
+    assert_eq!(q.cf8_read(PciBdf::new(0), REG_COMMAND, 2), 0x0002);
+    let bars: Vec<_> = q
+        .device
+        .lock()
+        .unwrap()
+        .config
+        .bars()
+        .map(|b| b.address)
+        .collect();
+    assert_eq!(bars, vec![0xC040, 0xC010_0000, 0x10_8000_0000]);
+    // MSI-X continues: vector 1 still pending, delivered on unmask; vector 0 delivers directly.
+    assert_eq!(q.bar_read_u32(PBA_OFFSET), 0b010);
+    set_vector_mask(&q, 1, false);
+    assert_eq!(trigger(&q, 0), MsixDelivery::Delivered);
+    assert_eq!(
+        q.sink.take(),
+        vec![SinkEvent::Trigger(1), SinkEvent::Trigger(0)]
+    );
+    // The restore does not report BAR moves: the VMM maps from `bars()` once.
+    assert!(q.relocations.lock().unwrap().is_empty());
+}
+
+#[test]
+fn foreign_or_mismatched_state_is_refused() {
+    let p = Platform::new();
+    let good = p.pci.lock().unwrap().state().unwrap();
+
+    let mut wrong = good.clone();
+    wrong.version = 99;
+    assert!(matches!(
+        p.pci.lock().unwrap().restore(&wrong),
+        Err(PciError::StateVersion { found: 99, .. })
+    ));
+    let mut wrong = good.clone();
+    wrong.functions[1].device = 2;
+    assert!(matches!(
+        p.pci.lock().unwrap().restore(&wrong),
+        Err(PciError::StateMismatch(_))
+    ));
+    // The host bridge's state does not fit the test device.
+    let mut wrong = good.clone();
+    wrong.functions[1].config = wrong.functions[0].config.clone();
+    assert!(matches!(
+        p.pci.lock().unwrap().restore(&wrong),
+        Err(PciError::StateMismatch(_))
+    ));
+    let mut wrong = good.clone();
+    wrong.functions[1].config.registers.pop();
+    assert!(matches!(
+        p.pci.lock().unwrap().restore(&wrong),
+        Err(PciError::StateMismatch(_))
+    ));
+    // Read-only bits in a state are not taken: a state claiming a different capability
+    // pointer restores with the model's.
+    let mut odd = good.clone();
+    odd.functions[1].config.registers[usize::from(REG_CAPABILITIES / 4)] = 0x80;
+    p.pci.lock().unwrap().restore(&odd).unwrap();
+    assert_eq!(p.ecam_read(DEV, REG_CAPABILITIES, 1), 0x40);
+
+    let mut msix = p.device.lock().unwrap().msix.state();
+    msix.version = 2;
+    assert!(matches!(
+        MsixConfig::from_state(&msix, p.sink.clone()),
+        Err(PciError::StateVersion { found: 2, .. })
+    ));
+    msix.version = MSIX_STATE_VERSION;
+    msix.pending.push(0);
+    assert!(matches!(
+        MsixConfig::from_state(&msix, p.sink.clone()),
+        Err(PciError::StateMismatch(_))
+    ));
+    msix.entries.clear();
+    assert!(matches!(
+        MsixConfig::from_state(&msix, p.sink.clone()),
+        Err(PciError::MsixVectorCount(0))
+    ));
+    let mut cf8 = p.cf8.lock().unwrap().state();
+    cf8.version = 0;
+    assert!(p.cf8.lock().unwrap().restore(&cf8).is_err());
+}
+
+/// One guest configuration access.
+#[derive(Clone, Debug)]
+struct Access {
+    ecam: bool,
+    device: u8,
+    function: u8,
+    offset: u16,
+    len: usize,
+    value: u32,
+}
+
+fn access() -> impl Strategy<Value = Access> {
+    (
+        any::<bool>(),
+        prop_oneof![Just(0u8), Just(1u8), 0u8..32],
+        prop_oneof![Just(0u8), 0u8..8],
+        prop_oneof![0u16..0x40, 0u16..0x100, 0u16..0x1000],
+        prop_oneof![Just(1usize), Just(2), Just(4), 0usize..9],
+        any::<u32>(),
+    )
+        .prop_map(|(ecam, device, function, offset, len, value)| Access {
+            ecam,
+            device,
+            function,
+            offset,
+            len,
+            value,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever a guest writes to configuration space, through either mechanism: no panic,
+    /// identity and layout stay, both mechanisms keep agreeing, and MSI-X follows its control
+    /// register.
+    #[test]
+    fn random_config_writes_keep_the_invariants(accesses in prop::collection::vec(access(), 1..64)) {
+        let p = Platform::new();
+        let identity = |p: &Platform| -> Vec<u32> {
+            [0u16, 1]
+                .iter()
+                .flat_map(|&d| {
+                    [REG_VENDOR_ID, REG_CLASS_REVISION, REG_SUBSYSTEM]
+                        .map(|r| p.ecam_read(PciBdf::new(d as u8), r, 4))
+                })
+                .collect()
+        };
+        let before = identity(&p);
+        let caps = capability_offsets(&p, DEV);
+        for a in &accesses {
+            let bdf = PciBdf { bus: 0, device: a.device, function: a.function };
+            let data = &a.value.to_le_bytes().repeat(2)[..a.len];
+            if a.ecam {
+                p.mmio.write(Platform::ecam_address(bdf, a.offset), data).unwrap();
+            } else {
+                p.select(bdf, a.offset);
+                let port = u64::from(PCI_CONFIG_PORT) + 4 + u64::from(a.offset % 4);
+                let _ = p.pio.write(port, data);
+            }
+            let mut out = vec![0u8; a.len];
+            let _ = p.mmio.read(Platform::ecam_address(bdf, a.offset), &mut out);
+        }
+        prop_assert_eq!(identity(&p), before);
+        prop_assert_eq!(capability_offsets(&p, DEV), caps);
+        prop_assert_eq!(p.ecam_read(DEV, REG_HEADER_TYPE, 1), 0);
+        prop_assert_eq!(p.ecam_read(DEV, REG_COMMAND, 2) & !0x0547, 0);
+        // BAR type bits fixed, address bits below the size zero.
+        prop_assert_eq!(p.ecam_read(DEV, REG_BAR0, 4) & 0x1F, 0x1);
+        prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 4, 4) & 0xFFF, 0);
+        prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 8, 4) & 0x3FFF, 0xC);
+        prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 16, 4), 0);
+        let control = p.ecam_read(DEV, p.msix_control_offset(), 2) as u16;
+        prop_assert_eq!(control & 0x07FF, TEST_VECTORS as u16 - 1);
+        let device = p.device.lock().unwrap();
+        prop_assert_eq!(device.msix.enabled(), control & MSIX_CONTROL_ENABLE != 0);
+        prop_assert_eq!(device.msix.function_masked(), control & MSIX_CONTROL_FUNCTION_MASK != 0);
+        drop(device);
+        for offset in (0..PCI_CONFIG_SPACE_SIZE).step_by(4) {
+            prop_assert_eq!(p.cf8_read(DEV, offset, 4), p.ecam_read(DEV, offset, 4));
+        }
+    }
+}
