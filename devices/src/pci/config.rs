@@ -206,12 +206,20 @@ impl PciConfiguration {
                 self.writable[reg] = address_mask as u32 & !0x3;
             }
             BarKind::Memory32 { prefetchable } => {
-                self.regs[reg] = if prefetchable { BAR_MEM_PREFETCHABLE } else { 0 };
+                self.regs[reg] = if prefetchable {
+                    BAR_MEM_PREFETCHABLE
+                } else {
+                    0
+                };
                 self.writable[reg] = address_mask as u32 & !0xF;
             }
             BarKind::Memory64 { prefetchable } => {
-                self.regs[reg] =
-                    BAR_MEM_64BIT | if prefetchable { BAR_MEM_PREFETCHABLE } else { 0 };
+                self.regs[reg] = BAR_MEM_64BIT
+                    | if prefetchable {
+                        BAR_MEM_PREFETCHABLE
+                    } else {
+                        0
+                    };
                 self.writable[reg] = address_mask as u32 & !0xF;
                 self.regs[reg + 1] = 0;
                 self.writable[reg + 1] = (address_mask >> 32) as u32;
@@ -312,10 +320,7 @@ impl PciConfiguration {
 
     /// The dword at `offset & !3` (0 outside the conventional space).
     pub fn read_u32(&self, offset: u16) -> u32 {
-        self.regs
-            .get(usize::from(offset / 4))
-            .copied()
-            .unwrap_or(0)
+        self.regs.get(usize::from(offset / 4)).copied().unwrap_or(0)
     }
 
     /// The 16-bit register at an even `offset`.

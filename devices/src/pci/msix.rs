@@ -71,6 +71,11 @@ pub struct MsixState {
     pub function_masked: bool,
 }
 
+/// MSI-X structures take naturally aligned dword and qword accesses only.
+fn dword_or_qword(offset: u64, len: usize) -> bool {
+    matches!(len, 4 | 8) && offset.is_multiple_of(len as u64)
+}
+
 /// The MSI-X model of one function.
 pub struct MsixConfig {
     entries: Vec<MsixEntryState>,
@@ -227,13 +232,10 @@ impl MsixConfig {
     /// The device raises `vector`.
     pub fn trigger(&mut self, vector: u16) -> PciResult<MsixDelivery> {
         let v = usize::from(vector);
-        let entry = self
-            .entries
-            .get(v)
-            .ok_or(PciError::MsixVectorOutOfRange {
-                vector,
-                count: self.entries.len(),
-            })?;
+        let entry = self.entries.get(v).ok_or(PciError::MsixVectorOutOfRange {
+            vector,
+            count: self.entries.len(),
+        })?;
         if !self.enabled {
             return Ok(MsixDelivery::Disabled);
         }
@@ -253,10 +255,7 @@ impl MsixConfig {
 
     fn announce_route(&self, vector: usize) {
         let entry = &self.entries[vector];
-        if let Err(e) = self
-            .sink
-            .route(vector as u16, entry.address(), entry.data)
-        {
+        if let Err(e) = self.sink.route(vector as u16, entry.address(), entry.data) {
             warn!("msix: cannot route vector {vector}: {e}");
         }
     }
@@ -275,7 +274,7 @@ impl MsixConfig {
 
     /// Table accesses are a dword or, at an 8-byte boundary, a qword; others read all-ones.
     fn table_access(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
-        if !matches!(len, 4 | 8) || offset % len as u64 != 0 {
+        if !dword_or_qword(offset, len) {
             return None;
         }
         let vector = usize::try_from(offset / MSIX_ENTRY_SIZE).ok()?;
@@ -325,7 +324,7 @@ impl MsixConfig {
     /// A guest read of the pending-bit array (read-only; writes are ignored).
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xFF);
-        if !matches!(data.len(), 4 | 8) || offset % data.len() as u64 != 0 {
+        if !dword_or_qword(offset, data.len()) {
             return;
         }
         let Some(word) = usize::try_from(offset / 8)

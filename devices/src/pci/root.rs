@@ -7,8 +7,8 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BarRelocation, PciBdf, PciConfiguration, PciConfigurationState, PciDevice, PciError,
-    PciHeader, PciResult, PCI_CONFIG_SPACE_SIZE, PCI_EXTENDED_CONFIG_SPACE_SIZE,
+    BarRelocation, PciBdf, PciConfiguration, PciConfigurationState, PciDevice, PciError, PciHeader,
+    PciResult, PCI_CONFIG_SPACE_SIZE, PCI_EXTENDED_CONFIG_SPACE_SIZE,
 };
 use crate::BusDevice;
 
@@ -279,7 +279,10 @@ impl PciConfigIo {
             device: ((self.config_address >> 11) & 0x1F) as u8,
             function: ((self.config_address >> 8) & 0x7) as u8,
         };
-        Some((bdf, (self.config_address & 0xFC) as u16 + data_offset as u16))
+        Some((
+            bdf,
+            (self.config_address & 0xFC) as u16 + data_offset as u16,
+        ))
     }
 
     pub fn state(&self) -> PciConfigIoState {
@@ -313,8 +316,7 @@ impl BusDevice for PciConfigIo {
             if within + data.len() as u64 > 4 {
                 return;
             }
-            if let (Some((bdf, register)), Some(bus)) = (self.target(within), lock_bus(&self.bus))
-            {
+            if let (Some((bdf, register)), Some(bus)) = (self.target(within), lock_bus(&self.bus)) {
                 bus.read_config(bdf, register, data);
             }
         }
@@ -356,7 +358,9 @@ impl PciConfigMmio {
     /// The function and register at `offset`; `None` for accesses that are not naturally
     /// aligned 1/2/4-byte ones (ECAM takes no wider or split accesses) or beyond bus 255.
     fn target(offset: u64, len: usize) -> Option<(PciBdf, u16)> {
-        if !matches!(len, 1 | 2 | 4) || offset % len as u64 != 0 || offset >= 256 * ECAM_BUS_SIZE
+        if !matches!(len, 1 | 2 | 4)
+            || !offset.is_multiple_of(len as u64)
+            || offset >= 256 * ECAM_BUS_SIZE
         {
             return None;
         }

@@ -68,10 +68,20 @@ impl TestDevice {
         });
         config.add_bar(0, BarKind::Io, 32).unwrap();
         config
-            .add_bar(1, BarKind::Memory32 { prefetchable: false }, 0x1000)
+            .add_bar(
+                1,
+                BarKind::Memory32 {
+                    prefetchable: false,
+                },
+                0x1000,
+            )
             .unwrap();
         config
-            .add_bar(MSIX_BAR, BarKind::Memory64 { prefetchable: true }, MSIX_BAR_SIZE)
+            .add_bar(
+                MSIX_BAR,
+                BarKind::Memory64 { prefetchable: true },
+                MSIX_BAR_SIZE,
+            )
             .unwrap();
         config
             .add_capability(VENDOR_CAP_ID, &[14, 0xAA, 0xBB, 0xCC], &[0, 0xFF, 0x0F])
@@ -298,7 +308,7 @@ fn both_mechanisms_read_the_same_registers() {
             };
             for offset in 0..PCI_CONFIG_SPACE_SIZE {
                 for len in [1usize, 2, 4] {
-                    if offset as usize % len != 0 {
+                    if !(offset as usize).is_multiple_of(len) {
                         continue;
                     }
                     let legacy = p.cf8_read(bdf, offset, len);
@@ -306,7 +316,11 @@ fn both_mechanisms_read_the_same_registers() {
                     assert_eq!(legacy, ecam, "{bdf} offset {offset:#x} width {len}");
                     let present = function == 0 && device <= 1;
                     if !present {
-                        let all_ones = if len == 4 { u32::MAX } else { (1 << (len * 8)) - 1 };
+                        let all_ones = if len == 4 {
+                            u32::MAX
+                        } else {
+                            (1 << (len * 8)) - 1
+                        };
                         assert_eq!(legacy, all_ones, "absent {bdf} reads all-ones");
                     }
                     compared += 1;
@@ -337,7 +351,9 @@ fn legacy_port_semantics() {
     p.pio.read(u64::from(PCI_CONFIG_PORT), &mut dword).unwrap();
     assert_eq!(u32::from_le_bytes(dword), 0x8000_0800);
     let mut byte = [0u8];
-    p.pio.read(u64::from(PCI_CONFIG_PORT) + 1, &mut byte).unwrap();
+    p.pio
+        .read(u64::from(PCI_CONFIG_PORT) + 1, &mut byte)
+        .unwrap();
     assert_eq!(byte[0], 0xFF);
 
     // Byte and word accesses at each data port offset pick the right bytes of the register.
@@ -453,7 +469,10 @@ fn the_guest_relocates_bars_and_the_vmm_is_told() {
     );
     let device = p.device.lock().unwrap();
     let bars: Vec<_> = device.config.bars().map(|b| (b.index, b.address)).collect();
-    assert_eq!(bars, vec![(0, 0xC040), (1, 0xC010_0000), (2, 0x10_8000_0000)]);
+    assert_eq!(
+        bars,
+        vec![(0, 0xC040), (1, 0xC010_0000), (2, 0x10_8000_0000)]
+    );
     assert_eq!(
         device.config.bar(2).unwrap().kind,
         BarKind::Memory64 { prefetchable: true }
@@ -502,7 +521,12 @@ fn read_only_bits_ignore_writes_and_status_errors_clear_on_one() {
         .set_register_u16(REG_STATUS, status);
     p.cf8_write(DEV, REG_STATUS, 2, 0);
     assert_eq!(p.cf8_read(DEV, REG_STATUS, 2) as u16, status);
-    p.cf8_write(DEV, REG_STATUS, 2, 0x8000 | u32::from(STATUS_CAPABILITIES_LIST));
+    p.cf8_write(
+        DEV,
+        REG_STATUS,
+        2,
+        0x8000 | u32::from(STATUS_CAPABILITIES_LIST),
+    );
     assert_eq!(
         p.cf8_read(DEV, REG_STATUS, 2) as u16,
         STATUS_CAPABILITIES_LIST | 0x2000
@@ -521,7 +545,10 @@ fn capability_list_is_walkable_and_only_declared_bits_are_writable() {
     let caps = capability_offsets(&p, DEV);
     assert_eq!(
         caps,
-        vec![(VENDOR_CAP_ID, CAPABILITIES_START), (MSIX_CAPABILITY_ID, 0x48)]
+        vec![
+            (VENDOR_CAP_ID, CAPABILITIES_START),
+            (MSIX_CAPABILITY_ID, 0x48)
+        ]
     );
     assert_eq!(capability_offsets(&p, PciBdf::new(0)), vec![]);
     // Vendor capability body: [len, 0xAA, 0xBB, 0xCC]; byte 1 fully writable, byte 2 low
@@ -543,7 +570,10 @@ fn capability_list_is_walkable_and_only_declared_bits_are_writable() {
         "message control"
     );
     assert_eq!(p.ecam_read(DEV, 0x4C, 4), MSIX_BAR as u32);
-    assert_eq!(p.ecam_read(DEV, 0x50, 4), PBA_OFFSET as u32 | MSIX_BAR as u32);
+    assert_eq!(
+        p.ecam_read(DEV, 0x50, 4),
+        PBA_OFFSET as u32 | MSIX_BAR as u32
+    );
     // Table size bits are read-only.
     p.ecam_write(DEV, 0x4A, 2, 0x07FF);
     assert_eq!(p.ecam_read(DEV, 0x4A, 2), TEST_VECTORS as u32 - 1);
@@ -553,7 +583,8 @@ fn capability_list_is_walkable_and_only_declared_bits_are_writable() {
 fn device_numbers_are_assigned_from_one_and_checked() {
     let sink: Arc<dyn MsiInterruptSink> = Arc::new(RecordingSink::default());
     let mut bus = PciBus::new();
-    let device = || -> Arc<Mutex<dyn PciDevice>> { Arc::new(Mutex::new(TestDevice::new(sink.clone()))) };
+    let device =
+        || -> Arc<Mutex<dyn PciDevice>> { Arc::new(Mutex::new(TestDevice::new(sink.clone()))) };
     assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(1));
     assert_eq!(bus.add_device_at(5, device()).unwrap(), PciBdf::new(5));
     assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(2));
@@ -595,14 +626,35 @@ fn bar_and_capability_declarations_are_checked() {
     let mem32 = BarKind::Memory32 {
         prefetchable: false,
     };
-    assert!(matches!(c.add_bar(5, mem64, 0x1000), Err(PciError::BarIndex { index: 5 })));
-    assert!(matches!(c.add_bar(6, mem32, 0x1000), Err(PciError::BarIndex { index: 6 })));
+    assert!(matches!(
+        c.add_bar(5, mem64, 0x1000),
+        Err(PciError::BarIndex { index: 5 })
+    ));
+    assert!(matches!(
+        c.add_bar(6, mem32, 0x1000),
+        Err(PciError::BarIndex { index: 6 })
+    ));
     c.add_bar(1, mem64, 0x1000).unwrap();
-    assert!(matches!(c.add_bar(2, mem32, 0x1000), Err(PciError::BarTaken { index: 2 })));
-    assert!(matches!(c.add_bar(0, mem64, 0x1000), Err(PciError::BarTaken { index: 0 })));
-    assert!(matches!(c.add_bar(0, mem32, 0x1800), Err(PciError::BarSize { .. })));
-    assert!(matches!(c.add_bar(0, mem32, 8), Err(PciError::BarSize { .. })));
-    assert!(matches!(c.add_bar(0, BarKind::Io, 512), Err(PciError::BarSize { .. })));
+    assert!(matches!(
+        c.add_bar(2, mem32, 0x1000),
+        Err(PciError::BarTaken { index: 2 })
+    ));
+    assert!(matches!(
+        c.add_bar(0, mem64, 0x1000),
+        Err(PciError::BarTaken { index: 0 })
+    ));
+    assert!(matches!(
+        c.add_bar(0, mem32, 0x1800),
+        Err(PciError::BarSize { .. })
+    ));
+    assert!(matches!(
+        c.add_bar(0, mem32, 8),
+        Err(PciError::BarSize { .. })
+    ));
+    assert!(matches!(
+        c.add_bar(0, BarKind::Io, 512),
+        Err(PciError::BarSize { .. })
+    ));
     c.add_bar(0, BarKind::Io, 256).unwrap();
     // Capabilities fill the space after the header and then are refused.
     let mut added = 0;
@@ -619,15 +671,25 @@ fn bar_and_capability_declarations_are_checked() {
     let mut c = PciConfiguration::new(&header);
     c.add_bar(0, mem32, 0x1000).unwrap();
     let mut msix = MsixConfig::new(64, sink.clone()).unwrap();
-    for (table, pba) in [((0, 0xC08), (0, 0)), ((1, 0), (0, 0x800)), ((0, 4), (0, 0x800))] {
+    for (table, pba) in [
+        ((0, 0xC08), (0, 0)),
+        ((1, 0), (0, 0x800)),
+        ((0, 4), (0, 0x800)),
+    ] {
         assert!(matches!(
             msix.add_capability(&mut c, table, pba),
             Err(PciError::MsixPlacement { .. })
         ));
     }
     msix.add_capability(&mut c, (0, 0), (0, 0x800)).unwrap();
-    assert!(matches!(MsixConfig::new(0, sink.clone()), Err(PciError::MsixVectorCount(0))));
-    assert!(matches!(MsixConfig::new(2049, sink), Err(PciError::MsixVectorCount(2049))));
+    assert!(matches!(
+        MsixConfig::new(0, sink.clone()),
+        Err(PciError::MsixVectorCount(0))
+    ));
+    assert!(matches!(
+        MsixConfig::new(2049, sink),
+        Err(PciError::MsixVectorCount(2049))
+    ));
 }
 
 /// Programs vector `v` through the BAR as a driver does.
@@ -689,7 +751,10 @@ fn msix_table_writes_update_routes() {
     p.bar_write_u32(12, 0xFFFF_FFFE);
     assert_eq!(p.bar_read_u32(12), 0);
     // Beyond the table: all-ones, writes ignored.
-    assert_eq!(p.bar_read_u32(TEST_VECTORS as u64 * MSIX_ENTRY_SIZE), u32::MAX);
+    assert_eq!(
+        p.bar_read_u32(TEST_VECTORS as u64 * MSIX_ENTRY_SIZE),
+        u32::MAX
+    );
 }
 
 #[test]
@@ -728,7 +793,10 @@ fn masked_vectors_pend_and_fire_on_unmask() {
     // A vector that does not exist is the device's error, not a panic.
     assert!(matches!(
         p.device.lock().unwrap().msix.trigger(3),
-        Err(PciError::MsixVectorOutOfRange { vector: 3, count: 3 })
+        Err(PciError::MsixVectorOutOfRange {
+            vector: 3,
+            count: 3
+        })
     ));
 }
 
