@@ -80,12 +80,13 @@ pub struct Bar {
     pub index: usize,
     pub kind: BarKind,
     pub size: u64,
-    /// Guest-assigned base (0 until the guest programs it).
+    /// Guest-assigned base the device decodes at: 0 until the guest programs it, and unchanged
+    /// while the guest sizes the BAR (its registers then read the size mask).
     pub address: u64,
 }
 
-/// The guest moved a BAR: the VMM moves the device's region on its bus from `old` to `new`
-/// (only while the command register enables that kind of decoding, see [`Bar`]).
+/// The guest moved a BAR: the VMM moves the device's region on its bus from `old_address` to
+/// `new_address`. Sizing (all-ones written, then the old value back) is not a move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarRelocation {
     pub index: usize,
@@ -109,6 +110,12 @@ pub struct PciConfiguration {
     write_one_to_clear: [u32; DWORDS],
     /// Indexed by BAR register; the upper half of a 64-bit BAR is `None`.
     bars: [Option<BarLayout>; BAR_COUNT],
+    /// Where each BAR decodes (indexed by the BAR's first register): the last address the
+    /// guest programmed that was not a sizing probe.
+    decoded: [u64; BAR_COUNT],
+    /// Per BAR register: the guest wrote all-ones to it (sizing) and has not written an
+    /// address since.
+    probing: [bool; BAR_COUNT],
     /// Offset of the last capability added (its next pointer is the one to patch).
     last_capability: Option<u16>,
     /// Next free byte for a capability.
@@ -124,6 +131,9 @@ pub struct PciConfigurationState {
     pub registers: Vec<u32>,
     /// BAR layout as declared by the device, checked against the model on restore.
     bars: Vec<Option<BarLayout>>,
+    /// Where each BAR decodes and which BAR registers are being sized.
+    pub bar_decoded: Vec<u64>,
+    pub bar_probing: Vec<bool>,
 }
 
 /// Splits a config access into (dword index, bit shift, value mask); `None` for widths other
@@ -171,6 +181,8 @@ impl PciConfiguration {
             writable,
             write_one_to_clear,
             bars: [None; BAR_COUNT],
+            decoded: [0; BAR_COUNT],
+            probing: [false; BAR_COUNT],
             last_capability: None,
             capability_end: CAPABILITIES_START,
         }
@@ -244,20 +256,24 @@ impl PciConfiguration {
     /// BAR `index` (the register a BAR starts at), if the device declared one there.
     pub fn bar(&self, index: usize) -> Option<Bar> {
         let layout = (*self.bars.get(index)?)?;
+        Some(Bar {
+            index,
+            kind: layout.kind,
+            size: layout.size,
+            address: self.decoded[index],
+        })
+    }
+
+    /// The address BAR `index`'s registers hold now (the size mask while it is being sized).
+    fn register_address(&self, index: usize, layout: BarLayout) -> u64 {
         let reg = usize::from(REG_BAR0 / 4) + index;
-        let address = match layout.kind {
+        match layout.kind {
             BarKind::Io => u64::from(self.regs[reg] & !0x3),
             BarKind::Memory32 { .. } => u64::from(self.regs[reg] & !0xF),
             BarKind::Memory64 { .. } => {
                 u64::from(self.regs[reg] & !0xF) | (u64::from(self.regs[reg + 1]) << 32)
             }
-        };
-        Some(Bar {
-            index,
-            kind: layout.kind,
-            size: layout.size,
-            address,
-        })
+        }
     }
 
     /// Every declared BAR.
@@ -358,20 +374,36 @@ impl PciConfiguration {
         if dword >= DWORDS {
             return None;
         }
-        let bar = self.bar_of_register(dword);
-        let before = bar.and_then(|i| self.bar(i));
         let value = le_value(data) << shift;
         let writable = self.writable[dword] & mask;
         let clear = self.write_one_to_clear[dword] & mask & value;
         self.regs[dword] = ((self.regs[dword] & !writable) | (value & writable)) & !clear;
-        let after = bar.and_then(|i| self.bar(i))?;
-        let before = before?;
-        (before.address != after.address).then_some(BarRelocation {
-            index: after.index,
-            kind: after.kind,
-            size: after.size,
-            old_address: before.address,
-            new_address: after.address,
+        let index = self.bar_of_register(dword)?;
+        let register = dword - usize::from(REG_BAR0 / 4);
+        // Sizing is a dword of all-ones (what every OS writes); a byte of 0xFF is an address.
+        self.probing[register] = mask == u32::MAX && value == u32::MAX;
+        self.bar_moved(index)
+    }
+
+    /// Records and returns a move of BAR `index` once no register of it is being sized.
+    fn bar_moved(&mut self, index: usize) -> Option<BarRelocation> {
+        let layout = self.bars[index]?;
+        let registers = if matches!(layout.kind, BarKind::Memory64 { .. }) {
+            2
+        } else {
+            1
+        };
+        if self.probing[index..index + registers].iter().any(|&p| p) {
+            return None;
+        }
+        let new_address = self.register_address(index, layout);
+        let old_address = std::mem::replace(&mut self.decoded[index], new_address);
+        (old_address != new_address).then_some(BarRelocation {
+            index,
+            kind: layout.kind,
+            size: layout.size,
+            old_address,
+            new_address,
         })
     }
 
@@ -393,6 +425,8 @@ impl PciConfiguration {
             version: PCI_CONFIG_STATE_VERSION,
             registers: self.regs.to_vec(),
             bars: self.bars.to_vec(),
+            bar_decoded: self.decoded.to_vec(),
+            bar_probing: self.probing.to_vec(),
         }
     }
 
@@ -407,8 +441,11 @@ impl PciConfiguration {
                 expected: PCI_CONFIG_STATE_VERSION,
             });
         }
-        if state.registers.len() != DWORDS {
-            return Err(PciError::StateMismatch("register count"));
+        if state.registers.len() != DWORDS
+            || state.bar_decoded.len() != BAR_COUNT
+            || state.bar_probing.len() != BAR_COUNT
+        {
+            return Err(PciError::StateMismatch("register or BAR count"));
         }
         if state.registers[0] != self.regs[0] || state.registers[2] != self.regs[2] {
             return Err(PciError::StateMismatch("vendor, device or class"));
@@ -420,6 +457,8 @@ impl PciConfiguration {
             let from_state = self.writable[i] | self.write_one_to_clear[i];
             self.regs[i] = (self.regs[i] & !from_state) | (saved & from_state);
         }
+        self.decoded.copy_from_slice(&state.bar_decoded);
+        self.probing.copy_from_slice(&state.bar_probing);
         Ok(())
     }
 }

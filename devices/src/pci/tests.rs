@@ -481,6 +481,56 @@ fn the_guest_relocates_bars_and_the_vmm_is_told() {
 }
 
 #[test]
+fn sizing_an_assigned_bar_is_not_a_move() {
+    let p = Platform::new();
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
+    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
+    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    p.relocations.lock().unwrap().clear();
+    // Linux's order: each register all-ones, read, old value back; 64-bit low then high.
+    for offset in [REG_BAR0 + 4, REG_BAR0 + 8, REG_BAR0 + 12] {
+        let old = p.ecam_read(DEV, offset, 4);
+        p.ecam_write(DEV, offset, 4, u32::MAX);
+        assert_ne!(p.ecam_read(DEV, offset, 4), old, "reads the size mask");
+        let bars: Vec<_> = p
+            .device
+            .lock()
+            .unwrap()
+            .config
+            .bars()
+            .map(|b| b.address)
+            .collect();
+        assert_eq!(
+            bars,
+            vec![0, 0xC010_0000, 0x10_8000_0000],
+            "still decodes where it was"
+        );
+        p.ecam_write(DEV, offset, 4, old);
+    }
+    // Both halves of the 64-bit BAR probed at once, then restored.
+    p.ecam_write(DEV, REG_BAR0 + 8, 4, u32::MAX);
+    p.ecam_write(DEV, REG_BAR0 + 12, 4, u32::MAX);
+    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
+    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    assert!(p.relocations.lock().unwrap().is_empty());
+    // Sizing then programming a new address is one move, from the old place.
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, u32::MAX);
+    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC020_0000);
+    let moves = p.relocations.lock().unwrap().clone();
+    assert_eq!(moves.len(), 1);
+    assert_eq!(
+        (moves[0].1.old_address, moves[0].1.new_address),
+        (0xC010_0000, 0xC020_0000)
+    );
+    // A byte write of 0xFF is an address, not a probe.
+    p.ecam_write(DEV, REG_BAR0 + 7, 1, 0xFF);
+    assert_eq!(
+        p.device.lock().unwrap().config.bar(1).unwrap().address,
+        0xFF20_0000
+    );
+}
+
+#[test]
 fn read_only_bits_ignore_writes_and_status_errors_clear_on_one() {
     let p = Platform::new();
     let before: Vec<u32> = (0..64).map(|i| p.ecam_read(DEV, i * 4, 4)).collect();
@@ -1033,6 +1083,9 @@ proptest! {
         prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 4, 4) & 0xFFF, 0);
         prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 8, 4) & 0x3FFF, 0xC);
         prop_assert_eq!(p.ecam_read(DEV, REG_BAR0 + 16, 4), 0);
+        for bar in p.device.lock().unwrap().config.bars() {
+            prop_assert_eq!(bar.address % bar.size, 0, "BAR {} misaligned", bar.index);
+        }
         let control = p.ecam_read(DEV, p.msix_control_offset(), 2) as u16;
         prop_assert_eq!(control & 0x07FF, TEST_VECTORS as u16 - 1);
         let device = p.device.lock().unwrap();
