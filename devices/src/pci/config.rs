@@ -287,7 +287,14 @@ impl PciConfiguration {
     pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> PciResult<u16> {
         let offset = self.capability_end;
         let len = 2 + body.len();
-        if writable.len() > body.len() || usize::from(offset) + len > DWORDS * 4 {
+        if writable.len() > body.len() {
+            return Err(PciError::CapabilityMask {
+                id,
+                writable: writable.len(),
+                body: body.len(),
+            });
+        }
+        if usize::from(offset) + len > DWORDS * 4 {
             return Err(PciError::CapabilitySpaceFull {
                 id,
                 len,

@@ -43,6 +43,12 @@ pub enum PciError {
     BarSize { index: usize, size: u64 },
     #[error("capability {id:#x} of {len} bytes does not fit ({free} bytes left)")]
     CapabilitySpaceFull { id: u8, len: usize, free: usize },
+    #[error("capability {id:#x}: {writable} writable-mask bytes for a body of {body}")]
+    CapabilityMask {
+        id: u8,
+        writable: usize,
+        body: usize,
+    },
     #[error("PCI device number {0} is not on the bus (0-31)")]
     SlotInvalid(u8),
     #[error("PCI device number {0} is already taken")]

@@ -108,27 +108,36 @@ impl MsixConfig {
         })
     }
 
-    /// Rebuilds the model from `state`, re-announcing every vector's route (KVM's routes do not
-    /// survive the VMM). Pending bits stay pending until the guest unmasks.
-    pub fn from_state(state: &MsixState, sink: Arc<dyn MsiInterruptSink>) -> PciResult<Self> {
+    /// Loads `state` into this model, built by the same device (same vector count, capability
+    /// already added), and re-announces every vector's route (KVM's routes do not survive the
+    /// VMM). Pending bits stay pending until the guest unmasks.
+    pub fn restore(&mut self, state: &MsixState) -> PciResult<()> {
         if state.version != MSIX_STATE_VERSION {
             return Err(PciError::StateVersion {
                 found: state.version,
                 expected: MSIX_STATE_VERSION,
             });
         }
-        let mut msix = Self::new(state.entries.len(), sink)?;
-        if state.pending.len() != msix.pending.len() {
-            return Err(PciError::StateMismatch("MSI-X pending bit array size"));
+        if state.entries.len() != self.entries.len() || state.pending.len() != self.pending.len() {
+            return Err(PciError::StateMismatch(
+                "MSI-X table or pending bit array size",
+            ));
         }
-        msix.entries.clone_from(&state.entries);
-        msix.pending.clone_from(&state.pending);
-        msix.enabled = state.enabled;
-        msix.function_masked = state.function_masked;
-        for vector in 0..msix.entries.len() {
-            msix.announce_route(vector);
+        self.entries.clone_from(&state.entries);
+        // Bits beyond the table do not exist.
+        self.pending.clone_from(&state.pending);
+        if let Some(last) = self.pending.last_mut() {
+            let used = self.entries.len() % 64;
+            if used != 0 {
+                *last &= (1u64 << used) - 1;
+            }
         }
-        Ok(msix)
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        for vector in 0..self.entries.len() {
+            self.announce_route(vector);
+        }
+        Ok(())
     }
 
     pub fn state(&self) -> MsixState {

@@ -706,6 +706,10 @@ fn bar_and_capability_declarations_are_checked() {
         Err(PciError::BarSize { .. })
     ));
     c.add_bar(0, BarKind::Io, 256).unwrap();
+    assert!(matches!(
+        c.add_capability(0x09, &[0; 2], &[0; 3]),
+        Err(PciError::CapabilityMask { .. })
+    ));
     // Capabilities fill the space after the header and then are refused.
     let mut added = 0;
     while c.add_capability(0x09, &[0; 30], &[]).is_ok() {
@@ -912,7 +916,7 @@ fn state_round_trips_and_the_restored_platform_continues() {
     let q = Platform::new();
     q.pci.lock().unwrap().restore(&bus_state).unwrap();
     q.cf8.lock().unwrap().restore(&cf8_state).unwrap();
-    q.device.lock().unwrap().msix = MsixConfig::from_state(&msix_state, q.sink.clone()).unwrap();
+    q.device.lock().unwrap().msix.restore(&msix_state).unwrap();
     // Every vector's route is announced again, since KVM's routes died with the old VMM.
     assert_eq!(
         q.sink.take(),
@@ -948,6 +952,9 @@ fn state_round_trips_and_the_restored_platform_continues() {
         q.sink.take(),
         vec![SinkEvent::Trigger(1), SinkEvent::Trigger(0)]
     );
+    // The restored MSI-X still follows its capability: a function mask written now holds.
+    set_msix_control(&q, MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK);
+    assert_eq!(trigger(&q, 0), MsixDelivery::Pending);
     // The restore does not report BAR moves: the VMM maps from `bars()` once.
     assert!(q.relocations.lock().unwrap().is_empty());
 }
@@ -989,23 +996,32 @@ fn foreign_or_mismatched_state_is_refused() {
     p.pci.lock().unwrap().restore(&odd).unwrap();
     assert_eq!(p.ecam_read(DEV, REG_CAPABILITIES, 1), 0x40);
 
-    let mut msix = p.device.lock().unwrap().msix.state();
+    let mut device = p.device.lock().unwrap();
+    let good = device.msix.state();
+    let mut msix = good.clone();
     msix.version = 2;
     assert!(matches!(
-        MsixConfig::from_state(&msix, p.sink.clone()),
+        device.msix.restore(&msix),
         Err(PciError::StateVersion { found: 2, .. })
     ));
-    msix.version = MSIX_STATE_VERSION;
+    let mut msix = good.clone();
     msix.pending.push(0);
     assert!(matches!(
-        MsixConfig::from_state(&msix, p.sink.clone()),
+        device.msix.restore(&msix),
         Err(PciError::StateMismatch(_))
     ));
-    msix.entries.clear();
+    let mut msix = good.clone();
+    msix.entries.pop();
     assert!(matches!(
-        MsixConfig::from_state(&msix, p.sink.clone()),
-        Err(PciError::MsixVectorCount(0))
+        device.msix.restore(&msix),
+        Err(PciError::StateMismatch(_))
     ));
+    // Pending bits of vectors that do not exist are dropped.
+    let mut msix = good;
+    msix.pending[0] = u64::MAX;
+    device.msix.restore(&msix).unwrap();
+    assert_eq!(device.msix.state().pending, vec![(1 << TEST_VECTORS) - 1]);
+    drop(device);
     let mut cf8 = p.cf8.lock().unwrap().state();
     cf8.version = 0;
     assert!(p.cf8.lock().unwrap().restore(&cf8).is_err());
