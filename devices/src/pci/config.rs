@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{PciError, PciResult};
+use super::{check_state_version, PciError, PciResult};
 
 /// Version of [`PciConfigurationState`].
 pub const PCI_CONFIG_STATE_VERSION: u32 = 1;
@@ -442,12 +442,7 @@ impl PciConfiguration {
     /// Read-only bits keep the model's values; the guest-writable and write-one-to-clear bits
     /// come from the state.
     pub fn restore(&mut self, state: &PciConfigurationState) -> PciResult<()> {
-        if state.version != PCI_CONFIG_STATE_VERSION {
-            return Err(PciError::StateVersion {
-                found: state.version,
-                expected: PCI_CONFIG_STATE_VERSION,
-            });
-        }
+        check_state_version(state.version, PCI_CONFIG_STATE_VERSION)?;
         if state.registers.len() != DWORDS
             || state.bar_decoded.len() != BAR_COUNT
             || state.bar_probing.len() != BAR_COUNT

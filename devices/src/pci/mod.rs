@@ -76,6 +76,15 @@ pub enum PciError {
 /// Shorthand for the PCI models.
 pub type PciResult<T> = std::result::Result<T, PciError>;
 
+/// Refuses saved state of a version this build does not understand.
+fn check_state_version(found: u32, expected: u32) -> PciResult<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(PciError::StateVersion { found, expected })
+    }
+}
+
 /// A bus/device/function address on segment 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciBdf {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use super::{PciConfiguration, PciError, PciResult, BAR_COUNT};
+use super::{check_state_version, PciConfiguration, PciError, PciResult, BAR_COUNT};
 
 /// Capability ID of MSI-X.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -112,12 +112,7 @@ impl MsixConfig {
     /// already added), and re-announces every vector's route (KVM's routes do not survive the
     /// VMM). Pending bits stay pending until the guest unmasks.
     pub fn restore(&mut self, state: &MsixState) -> PciResult<()> {
-        if state.version != MSIX_STATE_VERSION {
-            return Err(PciError::StateVersion {
-                found: state.version,
-                expected: MSIX_STATE_VERSION,
-            });
-        }
+        check_state_version(state.version, MSIX_STATE_VERSION)?;
         if state.entries.len() != self.entries.len() || state.pending.len() != self.pending.len() {
             return Err(PciError::StateMismatch(
                 "MSI-X table or pending bit array size",

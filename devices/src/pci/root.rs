@@ -7,8 +7,8 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BarRelocation, PciBdf, PciConfiguration, PciConfigurationState, PciDevice, PciError, PciHeader,
-    PciResult, PCI_CONFIG_SPACE_SIZE, PCI_EXTENDED_CONFIG_SPACE_SIZE,
+    check_state_version, BarRelocation, PciBdf, PciConfiguration, PciConfigurationState, PciDevice,
+    PciError, PciHeader, PciResult, PCI_CONFIG_SPACE_SIZE, PCI_EXTENDED_CONFIG_SPACE_SIZE,
 };
 use crate::BusDevice;
 
@@ -206,12 +206,7 @@ impl PciBus {
     /// numbers. BAR moves are not reported: the caller maps every BAR from the restored
     /// [`PciConfiguration::bars`] once.
     pub fn restore(&mut self, state: &PciBusState) -> PciResult<()> {
-        if state.version != PCI_BUS_STATE_VERSION {
-            return Err(PciError::StateVersion {
-                found: state.version,
-                expected: PCI_BUS_STATE_VERSION,
-            });
-        }
+        check_state_version(state.version, PCI_BUS_STATE_VERSION)?;
         let occupied: Vec<u8> = (0..PCI_DEVICES_PER_BUS)
             .filter(|&s| self.slots[usize::from(s)].is_some())
             .collect();
@@ -293,12 +288,7 @@ impl PciConfigIo {
     }
 
     pub fn restore(&mut self, state: &PciConfigIoState) -> PciResult<()> {
-        if state.version != PCI_CONFIG_IO_STATE_VERSION {
-            return Err(PciError::StateVersion {
-                found: state.version,
-                expected: PCI_CONFIG_IO_STATE_VERSION,
-            });
-        }
+        check_state_version(state.version, PCI_CONFIG_IO_STATE_VERSION)?;
         self.config_address = state.config_address & CONFIG_ADDRESS_MASK;
         Ok(())
     }

@@ -245,6 +245,21 @@ impl Platform {
         u32::from_le_bytes(data)
     }
 
+    /// Programs the BARs as firmware would: I/O at 0xC040, the 32-bit BAR at 0xC010_0000, the
+    /// 64-bit BAR at 0x10_8000_0000 (low half first).
+    fn assign_bars(&self) {
+        self.ecam_write(DEV, REG_BAR0, 4, 0xC040);
+        self.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
+        self.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
+        self.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    }
+
+    /// Where the test device's BARs decode, in BAR order.
+    fn bar_addresses(&self) -> Vec<u64> {
+        let device = self.device.lock().unwrap();
+        device.config.bars().map(|b| b.address).collect()
+    }
+
     fn msix_control_offset(&self) -> u16 {
         capability_offsets(self, DEV)
             .into_iter()
@@ -443,10 +458,7 @@ fn bars_report_their_size_to_an_all_ones_write() {
 #[test]
 fn the_guest_relocates_bars_and_the_vmm_is_told() {
     let p = Platform::new();
-    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
-    p.ecam_write(DEV, REG_BAR0, 4, 0xC040);
-    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
-    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x0000_0010);
+    p.assign_bars();
     // Rewriting the same address is no move.
     p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
     // Low address bits below the size are not writable: 0xC010_0123 stays 0xC010_0000.
@@ -461,8 +473,8 @@ fn the_guest_relocates_bars_and_the_vmm_is_told() {
     assert_eq!(
         moves,
         vec![
-            (DEV, 1, 0, 0xC010_0000),
             (DEV, 0, 0, 0xC040),
+            (DEV, 1, 0, 0xC010_0000),
             (DEV, 2, 0, 0x8000_0000),
             (DEV, 2, 0x8000_0000, 0x10_8000_0000),
         ]
@@ -483,26 +495,16 @@ fn the_guest_relocates_bars_and_the_vmm_is_told() {
 #[test]
 fn sizing_an_assigned_bar_is_not_a_move() {
     let p = Platform::new();
-    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
-    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
-    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    p.assign_bars();
     p.relocations.lock().unwrap().clear();
     // Linux's order: each register all-ones, read, old value back; 64-bit low then high.
     for offset in [REG_BAR0 + 4, REG_BAR0 + 8, REG_BAR0 + 12] {
         let old = p.ecam_read(DEV, offset, 4);
         p.ecam_write(DEV, offset, 4, u32::MAX);
         assert_ne!(p.ecam_read(DEV, offset, 4), old, "reads the size mask");
-        let bars: Vec<_> = p
-            .device
-            .lock()
-            .unwrap()
-            .config
-            .bars()
-            .map(|b| b.address)
-            .collect();
         assert_eq!(
-            bars,
-            vec![0, 0xC010_0000, 0x10_8000_0000],
+            p.bar_addresses(),
+            vec![0xC040, 0xC010_0000, 0x10_8000_0000],
             "still decodes where it was"
         );
         p.ecam_write(DEV, offset, 4, old);
@@ -886,10 +888,7 @@ fn function_mask_holds_every_vector() {
 #[test]
 fn state_round_trips_and_the_restored_platform_continues() {
     let p = Platform::new();
-    p.ecam_write(DEV, REG_BAR0, 4, 0xC040);
-    p.ecam_write(DEV, REG_BAR0 + 4, 4, 0xC010_0000);
-    p.ecam_write(DEV, REG_BAR0 + 8, 4, 0x8000_0000);
-    p.ecam_write(DEV, REG_BAR0 + 12, 4, 0x10);
+    p.assign_bars();
     p.ecam_write(DEV, REG_COMMAND, 2, 0x0006);
     p.ecam_write(DEV, REG_INTERRUPT_LINE, 1, 0x0A);
     p.ecam_write(DEV, CAPABILITIES_START + 3, 1, 0x77);
@@ -935,15 +934,7 @@ fn state_round_trips_and_the_restored_platform_continues() {
     let restored: Vec<u32> = (0..64).map(|i| q.ecam_read(DEV, i * 4, 4)).collect();
     assert_eq!(restored, registers);
     assert_eq!(q.cf8_read(PciBdf::new(0), REG_COMMAND, 2), 0x0002);
-    let bars: Vec<_> = q
-        .device
-        .lock()
-        .unwrap()
-        .config
-        .bars()
-        .map(|b| b.address)
-        .collect();
-    assert_eq!(bars, vec![0xC040, 0xC010_0000, 0x10_8000_0000]);
+    assert_eq!(q.bar_addresses(), vec![0xC040, 0xC010_0000, 0x10_8000_0000]);
     // MSI-X continues: vector 1 still pending, delivered on unmask; vector 0 delivers directly.
     assert_eq!(q.bar_read_u32(PBA_OFFSET), 0b010);
     set_vector_mask(&q, 1, false);
