@@ -147,6 +147,14 @@ impl PciBus {
         self.slots.get(usize::from(bdf.device))?.as_ref()
     }
 
+    /// Addresses of every function on the bus, host bridge first (what `vm.info` lists as
+    /// `pci_bdf`).
+    pub fn functions(&self) -> impl Iterator<Item = PciBdf> + '_ {
+        (0..PCI_DEVICES_PER_BUS)
+            .filter(|&slot| self.slots[usize::from(slot)].is_some())
+            .map(PciBdf::new)
+    }
+
     /// Installs the handler told about BAR moves.
     pub fn set_relocation_handler(&mut self, handler: Box<dyn BarRelocationHandler>) {
         self.relocation_handler = Some(handler);
@@ -207,9 +215,7 @@ impl PciBus {
     /// [`PciConfiguration::bars`] once.
     pub fn restore(&mut self, state: &PciBusState) -> PciResult<()> {
         check_state_version(state.version, PCI_BUS_STATE_VERSION)?;
-        let occupied: Vec<u8> = (0..PCI_DEVICES_PER_BUS)
-            .filter(|&s| self.slots[usize::from(s)].is_some())
-            .collect();
+        let occupied: Vec<u8> = self.functions().map(|bdf| bdf.device).collect();
         let saved: Vec<u8> = state.functions.iter().map(|f| f.device).collect();
         if occupied != saved {
             return Err(PciError::StateMismatch("devices on the bus"));

@@ -640,6 +640,16 @@ fn device_numbers_are_assigned_from_one_and_checked() {
     assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(1));
     assert_eq!(bus.add_device_at(5, device()).unwrap(), PciBdf::new(5));
     assert_eq!(bus.add_device(device()).unwrap(), PciBdf::new(2));
+    let listed: Vec<String> = bus.functions().map(|bdf| bdf.to_string()).collect();
+    assert_eq!(
+        listed,
+        [
+            "0000:00:00.0",
+            "0000:00:01.0",
+            "0000:00:02.0",
+            "0000:00:05.0"
+        ]
+    );
     assert!(matches!(
         bus.add_device_at(5, device()),
         Err(PciError::SlotTaken(5))
