@@ -76,6 +76,8 @@ pub enum Error {
     },
     #[error("cannot flush the disk image to stable storage: {0}")]
     DiskFlush(#[source] io::Error),
+    #[error("PCI: {0}")]
+    Pci(#[from] crate::pci::PciError),
 }
 
 /// Shorthand used across the crate.

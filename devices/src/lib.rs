@@ -1,6 +1,7 @@
 //! Emulated devices of NV-Hypervisor: a 16550 serial port (with its output files and
 //! pseudo-terminals in `console_io`), the i8042 reset line, the ISA pvpanic port, and virtio-blk
-//! over a virtio-mmio (version 2) transport.
+//! over a virtio-mmio (version 2) transport; the PCI bus 0 model with MSI-X (`pci`) that
+//! virtio-pci will sit on.
 //!
 //! The crate knows nothing of KVM. The VMM routes vCPU exits into a [`Bus`], wires each
 //! [`InterruptLine`] to an irqfd, and registers the virtio queue-notify eventfds as ioeventfds.
@@ -12,6 +13,7 @@ pub mod console_io;
 mod error;
 mod i8042;
 mod interrupt;
+pub mod pci;
 mod pvpanic;
 mod serial;
 mod state_mirror;
