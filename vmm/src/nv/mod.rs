@@ -1,11 +1,12 @@
 //! Everything NV in the VMM, one file per concern:
 //!
-//! - [`prepare`]: open (or create) the VM in its NV region, claim it, map its RAM from the
-//!   region's extent, reconcile the stored config with the command line, and [`start`] it cold
-//!   or resume its saved state in place;
+//! - `prepare` ([`prepare()`], [`start`]): open (or create) the VM in its NV region, claim it,
+//!   map its RAM from the region's extent, reconcile the stored config with the command line,
+//!   and start it cold or resume its saved state in place;
 //! - `host`: the [`nv_extension::NvHost`] over a [`crate::Vm`] (pause through `Vm`'s one pause
 //!   path, drain and fdatasync disks, `Vm::save_state`);
-//! - [`save`]: the power-fail and planned-suspend save through `nv_extension::save_vm`;
+//! - `save` ([`save()`], [`save_paused`]): the power-fail and planned-suspend saves through
+//!   `nv_extension::save_vm`;
 //! - here: the claimed VM ([`NvVm`]) and the NV answers of the API (built by the conversions in
 //!   `api/nv_bodies.rs`).
 //!
