@@ -5,10 +5,12 @@
 //! control loop waits in `epoll_pwait` ([`install_power_fail_signal`], [`mask_without`]);
 //! `docs/architecture.md` ("Signals") explains why.
 //!
-//! Hand-written rather than on `signal-hook`: that crate's self-pipe writes one byte, which an
-//! eventfd refuses (it takes 8), its closure handlers need the same `unsafe` as the one here,
-//! and the mask work (block, `epoll_pwait`'s mask, taking a pending signal with
-//! `sigtimedwait`), which is most of this file, has no counterpart there.
+//! Hand-written rather than on `signal-hook`: its registry installs every handler with
+//! `SA_RESTART`, which would change what an interrupted call on another thread sees (ours has
+//! none: the call fails with EINTR, as before); its self-pipe writes one byte, which an eventfd
+//! refuses (it takes 8), and its closure handlers need the same `unsafe` as the one here; and
+//! the mask work (block, `epoll_pwait`'s mask, taking a pending signal with `sigtimedwait`),
+//! which is most of this file, has no counterpart there.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
