@@ -319,7 +319,7 @@ fn start(cli: Cli) -> anyhow::Result<i32> {
 
 fn main() -> ExitCode {
     // Before anything else: a UPS daemon's SIGPWR must wait for the VMM's handler, not kill us.
-    if let Err(error) = vmm::nv::hold_power_fail_signal() {
+    if let Err(error) = vmm::signal_events::hold_power_fail_signal() {
         eprintln!("cloud-hypervisor: {error}");
         return ExitCode::from(1);
     }

@@ -1,9 +1,10 @@
 //! The workspace's own binaries, as the end-to-end tests run them.
 //!
 //! They live in other crates of the workspace, so `CARGO_BIN_EXE_*` does not exist here. The
-//! first test to need one runs `cargo build -p cloud-hypervisor -p ch-remote` (the profile of
-//! this test build) and uses `<target dir>/<profile>/<name>`: that keeps the binaries in step
-//! with the sources. `CLOUD_HYPERVISOR_BIN=/path` or `CH_REMOTE_BIN=/path` tests that binary
+//! first test to need one runs `cargo build -p cloud-hypervisor -p ch-remote --features
+//! cloud-hypervisor/fault-injection` (the profile of this test build; the feature gives the
+//! power-fail tests their `NV_FAULT_AFTER_PHASE` fault points) and uses
+//! `<target dir>/<profile>/<name>`: that keeps the binaries in step with the sources. `CLOUD_HYPERVISOR_BIN=/path` or `CH_REMOTE_BIN=/path` tests that binary
 //! instead, without a build.
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ fn built_profile_dir() -> &'static Path {
             "cloud-hypervisor",
             "-p",
             "ch-remote",
+            "--features",
+            "cloud-hypervisor/fault-injection",
         ]);
         if release {
             build.arg("--release");
@@ -50,7 +53,8 @@ fn built_profile_dir() -> &'static Path {
         let status = build.status().expect("running cargo build");
         assert!(
             status.success(),
-            "cargo build -p cloud-hypervisor -p ch-remote failed"
+            "cargo build -p cloud-hypervisor -p ch-remote --features \
+             cloud-hypervisor/fault-injection failed"
         );
         // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
         let target = match std::env::var_os("CARGO_TARGET_DIR") {

@@ -3,10 +3,14 @@
 //! Phases, in order: pause vCPUs, quiesce devices, persist guest memory, save
 //! the VMM's volatile state, commit it. Nothing reaches the region until the
 //! commit, so a failure in any earlier phase leaves the last committed state
-//! (and the VM's "running" record) exactly as they were.
+//! (and the VM's "running" record) exactly as they were; and the coordinator
+//! then undoes the pause itself ([`NvHost::resume`]), so every embedder gets a
+//! failed save undone the same way.
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use vm_memory::VolatileSlice;
 
 pub use crate::error::HostError;
 use crate::error::{Error, Result};
@@ -15,15 +19,26 @@ use crate::vm_handle::VmHandle;
 use crate::vm_table::ShutdownKind;
 
 /// The crate's only door to a VMM.
+///
+/// [`save_vm`] calls `pause_vcpus`, `quiesce_devices`, `guest_memory_ranges` and `save_state`
+/// in that order, each at most once. The undo rule: when a save fails after `pause_vcpus` was
+/// called (that call failed, or any later phase did), the coordinator calls `resume` exactly
+/// once before it returns the error; after a save that committed it never does, and the VM
+/// stays paused for the caller to stop. A save that dies at an injected fault point undoes
+/// nothing: the process is gone.
 pub trait NvHost {
     /// Stop every vCPU; returns when none runs guest code.
     fn pause_vcpus(&mut self) -> std::result::Result<(), HostError>;
     /// Finish or rewind in-flight device I/O and fdatasync disk backends.
     fn quiesce_devices(&mut self) -> std::result::Result<(), HostError>;
-    /// Host virtual ranges of guest RAM (for cache write-back in DAX mode).
-    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)>;
+    /// The host's mappings of guest RAM (for cache write-back in DAX mode). They borrow the
+    /// host, so they stay mapped while the coordinator writes their cache lines back.
+    fn guest_memory_ranges(&self) -> Vec<VolatileSlice<'_>>;
     /// The VMM's volatile state (vCPUs, irqchip, clock, devices), versioned and opaque here.
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError>;
+    /// Undo what `pause_vcpus` and `quiesce_devices` did (whichever ran, even partly): leave
+    /// the VM as the save found it, running if it ran. Called only after a failed save.
+    fn resume(&mut self) -> std::result::Result<(), HostError>;
 }
 
 /// A phase of the save, numbered as `NV_FAULT_AFTER_PHASE` counts them.
@@ -93,13 +108,34 @@ impl SaveReport {
 ///
 /// The guest stays paused afterwards; the caller stops the VMM (power fail)
 /// or exits cleanly (planned suspend). On `Err` the previous committed state
-/// is intact and the VM is still recorded as running, so a later death is
-/// reported as an unsafe shutdown rather than resumed from older state.
+/// is intact, the VM is still recorded as running (so a later death is
+/// reported as an unsafe shutdown rather than resumed from older state), and
+/// the host was told to [`resume`](NvHost::resume) if it had been paused.
 pub fn save_vm(
     handle: &mut VmHandle,
     host: &mut dyn NvHost,
     kind: ShutdownKind,
     deadline: Duration,
+) -> Result<SaveReport> {
+    let mut pause_called = false;
+    let outcome = run_phases(handle, host, kind, deadline, &mut pause_called);
+    if outcome.is_err() && pause_called {
+        if let Err(e) = host.resume() {
+            log::error!(
+                "VM {:?}: resuming after the failed save failed, the VM stays paused: {e}",
+                handle.name()
+            );
+        }
+    }
+    outcome
+}
+
+fn run_phases(
+    handle: &mut VmHandle,
+    host: &mut dyn NvHost,
+    kind: ShutdownKind,
+    deadline: Duration,
+    pause_called: &mut bool,
 ) -> Result<SaveReport> {
     fault_injection::check_configuration()?;
     let vm = handle.name().to_string();
@@ -114,7 +150,10 @@ pub fn save_vm(
     for phase in SavePhase::ALL {
         let phase_started = Instant::now();
         let outcome = match phase {
-            SavePhase::PauseVcpus => host.pause_vcpus().map_err(|e| host_step(phase, e)),
+            SavePhase::PauseVcpus => {
+                *pause_called = true;
+                host.pause_vcpus().map_err(|e| host_step(phase, e))
+            }
             SavePhase::QuiesceDevices => host.quiesce_devices().map_err(|e| host_step(phase, e)),
             SavePhase::PersistMemory => handle.persist_guest_memory(&host.guest_memory_ranges()),
             SavePhase::SaveState => host
@@ -208,7 +247,6 @@ mod tests {
         calls: Vec<&'static str>,
         fail: Option<&'static str>,
         state: Vec<u8>,
-        memory: Vec<u8>,
         delay: Duration,
     }
 
@@ -230,16 +268,21 @@ mod tests {
         fn quiesce_devices(&mut self) -> std::result::Result<(), HostError> {
             self.step("quiesce")
         }
-        fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
-            vec![(self.memory.as_ptr(), self.memory.len())]
+        fn guest_memory_ranges(&self) -> Vec<VolatileSlice<'_>> {
+            // The test region is not DAX: persisting goes through the region's own mapping.
+            Vec::new()
         }
         fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError> {
             self.step("save_state")?;
             Ok(self.state.clone())
         }
+        fn resume(&mut self) -> std::result::Result<(), HostError> {
+            self.step("resume")
+        }
     }
 
-    fn small_region() -> Region {
+    /// A VM of `memory` bytes, running, in a small in-memory region.
+    fn running_vm(memory: u64) -> (Region, VmHandle) {
         let options = OpenOptions {
             format: true,
             extent_alignment: 4096,
@@ -247,32 +290,37 @@ mod tests {
             table_copy_len: 8192,
             ..OpenOptions::default()
         };
-        Region::open_store(
+        let region = Region::open_store(
             Box::new(MemoryBackend::default()),
             Path::new("mem"),
             &options,
         )
-        .unwrap()
+        .unwrap();
+        region.create_vm("vm", memory, b"cfg").unwrap();
+        let handle = region.claim_vm("vm").unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        (region, handle)
+    }
+
+    /// A power-fail save of `handle` through `host` with a generous deadline.
+    fn power_fail_save(handle: &mut VmHandle, host: &mut MockHost) -> Result<SaveReport> {
+        save_vm(
+            handle,
+            host,
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
     }
 
     #[test]
     fn phases_run_in_order_and_the_report_matches_the_commit() {
-        let region = small_region();
-        region.create_vm("vm", 16384, b"cfg").unwrap();
-        let mut handle = region.claim_vm("vm").unwrap();
-        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let (_region, mut handle) = running_vm(16384);
         let mut host = MockHost {
             state: b"registers".to_vec(),
-            memory: vec![0; 4096],
             ..MockHost::default()
         };
-        let report = save_vm(
-            &mut handle,
-            &mut host,
-            ShutdownKind::PowerFail,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let report = power_fail_save(&mut handle, &mut host).unwrap();
+        // A save that commits leaves the VM paused: no resume.
         assert_eq!(host.calls, ["pause", "quiesce", "save_state"]);
         assert_eq!(
             report.phases.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
@@ -290,10 +338,7 @@ mod tests {
 
     #[test]
     fn deadline_overrun_is_reported() {
-        let region = small_region();
-        region.create_vm("vm", 4096, b"").unwrap();
-        let mut handle = region.claim_vm("vm").unwrap();
-        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let (_region, mut handle) = running_vm(4096);
         let mut host = MockHost {
             delay: Duration::from_millis(2),
             ..MockHost::default()
@@ -312,57 +357,48 @@ mod tests {
     #[test]
     fn a_failing_host_step_keeps_the_previous_state_and_is_reported() {
         for failing in ["pause", "quiesce", "save_state"] {
-            let region = small_region();
-            region.create_vm("vm", 4096, b"").unwrap();
-            let mut handle = region.claim_vm("vm").unwrap();
-            handle.begin_run(RunKind::ColdBoot).unwrap();
+            let (_region, mut handle) = running_vm(4096);
             let mut host = MockHost {
                 state: b"first".to_vec(),
                 ..MockHost::default()
             };
-            save_vm(
-                &mut handle,
-                &mut host,
-                ShutdownKind::PowerFail,
-                Duration::from_secs(1),
-            )
-            .unwrap();
+            power_fail_save(&mut handle, &mut host).unwrap();
             handle.begin_run(RunKind::Resume).unwrap();
             host.state = b"second".to_vec();
             host.fail = Some(failing);
             host.calls.clear();
-            let err = save_vm(
-                &mut handle,
-                &mut host,
-                ShutdownKind::PowerFail,
-                Duration::from_secs(1),
-            )
-            .unwrap_err();
+            let err = power_fail_save(&mut handle, &mut host).unwrap_err();
             assert!(matches!(err, Error::HostStep { .. }), "{err}");
             assert!(
                 err.to_string().contains(&format!("{failing} exploded")),
                 "{err}"
             );
-            assert_eq!(
-                host.calls.last(),
-                Some(&failing),
-                "no step after the failing one"
-            );
+            // No phase after the failing one; the pause is undone, once.
+            let failed_at = host.calls.iter().position(|c| *c == failing).unwrap();
+            assert_eq!(host.calls[failed_at + 1..], ["resume"], "{:?}", host.calls);
             // Still running: a death now is an unsafe shutdown, never a resume of "first".
             assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
             let slot = handle.region().list_vms().unwrap()[0].clone();
             assert_eq!(slot.last_save_seq, Some(1));
             // The committed state is intact: a retry that succeeds commits seq 2.
             host.fail = None;
-            let report = save_vm(
-                &mut handle,
-                &mut host,
-                ShutdownKind::PowerFail,
-                Duration::from_secs(1),
-            )
-            .unwrap();
+            let report = power_fail_save(&mut handle, &mut host).unwrap();
             assert_eq!(report.seq, 2);
             assert_eq!(handle.recover().unwrap().state_blob, b"second");
         }
+    }
+
+    #[test]
+    fn a_failed_commit_is_undone_too() {
+        let (_region, mut handle) = running_vm(4096);
+        // More state than the 8 KiB slot holds: the commit phase fails, after every host step.
+        let mut host = MockHost {
+            state: vec![7; 16384],
+            ..MockHost::default()
+        };
+        let err = power_fail_save(&mut handle, &mut host).unwrap_err();
+        assert!(!matches!(err, Error::HostStep { .. }), "{err}");
+        assert_eq!(host.calls, ["pause", "quiesce", "save_state", "resume"]);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
     }
 }

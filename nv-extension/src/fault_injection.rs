@@ -1,11 +1,11 @@
 //! Test-only fault points for power failures inside a save.
 //!
-//! `NV_FAULT_AFTER_PHASE` is read once, at first use. When it names a point,
-//! the process calls `abort()` right there: no destructor runs and nothing
-//! more reaches the region, which is what a power cut looks like to the
-//! medium (for plain files the page cache survives, as it would on an NVDIMM).
-
-use std::sync::OnceLock;
+//! Only a build with the `fault-injection` feature (which the tests enable) has them: there
+//! `NV_FAULT_AFTER_PHASE` is read once, at first use, and when it names a point the process
+//! calls `abort()` right there: no destructor runs and nothing more reaches the region, which
+//! is what a power cut looks like to the medium (for plain files the page cache survives, as it
+//! would on an NVDIMM). A build without the feature never reads the variable, so a stray or
+//! misspelt one in a production environment cannot fail a real save.
 
 use crate::error::{Error, Result};
 
@@ -35,12 +35,25 @@ impl FaultPoint {
     }
 }
 
+/// Whether this build has the fault points (the `fault-injection` feature).
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
+
+/// The configured point, or the text of `NV_FAULT_AFTER_PHASE` when it names none.
+#[cfg(feature = "fault-injection")]
 fn configured() -> &'static std::result::Result<Option<FaultPoint>, String> {
-    static CONFIGURED: OnceLock<std::result::Result<Option<FaultPoint>, String>> = OnceLock::new();
+    static CONFIGURED: std::sync::OnceLock<std::result::Result<Option<FaultPoint>, String>> =
+        std::sync::OnceLock::new();
     CONFIGURED.get_or_init(|| match std::env::var(ENV_VAR) {
         Ok(text) if !text.is_empty() => FaultPoint::parse(&text).map(Some).map_err(|_| text),
         _ => Ok(None),
     })
+}
+
+/// Without the feature nothing is configured, and the environment is not looked at.
+#[cfg(not(feature = "fault-injection"))]
+fn configured() -> &'static std::result::Result<Option<FaultPoint>, String> {
+    static NOTHING: std::result::Result<Option<FaultPoint>, String> = Ok(None);
+    &NOTHING
 }
 
 /// Checks the environment once: a misspelt fault point must fail the test, not be ignored.

@@ -2,6 +2,8 @@
 
 use std::fs::File;
 
+use vm_memory::VolatileSlice;
+
 use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
@@ -253,13 +255,14 @@ impl VmHandle {
     /// `host_ranges` are the VMM's own mappings of guest RAM; on DAX they are
     /// flushed directly (the lines are in this CPU's caches under those
     /// addresses). Without them the region's own mapping of the extent is used.
-    pub fn persist_guest_memory(&self, host_ranges: &[(*const u8, usize)]) -> Result<()> {
+    pub fn persist_guest_memory(&self, host_ranges: &[VolatileSlice<'_>]) -> Result<()> {
         let mut shared = self.region.lock();
         if shared.store.mode().is_dax() && !host_ranges.is_empty() {
-            for &(start, len) in host_ranges {
-                // SAFETY: the host trait promises these are live mappings of guest
-                // RAM for the duration of the save (vCPUs are paused, nothing unmaps).
-                unsafe { cache_flush::write_back(start, len)? };
+            for range in host_ranges {
+                let start = range.ptr_guard();
+                // SAFETY: a `VolatileSlice` is valid memory of `len()` bytes for as long as it
+                // lives, and it outlives this call; write-back only moves cache lines.
+                unsafe { cache_flush::write_back(start.as_ptr(), range.len())? };
             }
             return Ok(());
         }

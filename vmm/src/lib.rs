@@ -13,7 +13,7 @@ pub mod memory;
 pub mod nv;
 pub mod option_parser;
 pub mod seccomp_filters;
-mod signal_events;
+pub mod signal_events;
 pub mod snapshot;
 pub mod state;
 pub mod tsc;
@@ -32,7 +32,7 @@ pub use vmm::{Vmm, VmmExit};
 /// Runs one VMM process as the command line asked and returns its exit code: 0 when the VM ended
 /// cleanly (guest power-off, the reset of a VM not in NV memory, SIGTERM/SIGINT of a VM not in
 /// NV memory, `vmm.shutdown`), 1 when it failed while running, 3 (`vmm::EXIT_GUEST_RESET`) when
-/// an NV guest reset or any guest triple-faulted, `nv::exit_code_after_save` after an NV
+/// an NV guest reset or any guest triple-faulted, `VmmExit::exit_code` after an NV
 /// power-fail or suspend save (SIGTERM/SIGINT of an NV VM is a suspend save). A failure to start
 /// is an `Err` (the binary exits 1).
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {

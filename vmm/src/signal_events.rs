@@ -1,12 +1,22 @@
-//! Signals the control loop reacts to (SIGTERM/SIGINT, SIGPWR) arrive as EventFd wake-ups in its
-//! epoll: the handler only writes the EventFd registered for its signal, which is
-//! async-signal-safe, and everything else happens on the control loop's thread.
+//! Every signal the VMM handles, in one place. The ones the control loop reacts to
+//! (SIGTERM/SIGINT, SIGPWR) arrive as EventFd wake-ups in its epoll: the handler only writes the
+//! EventFd registered for its signal, which is async-signal-safe, and everything else happens on
+//! the control loop's thread. SIGPWR is blocked in every thread and delivered only while the
+//! control loop waits in `epoll_pwait` ([`install_power_fail_signal`], [`mask_without`]);
+//! `docs/architecture.md` ("Signals") explains why.
+//!
+//! Hand-written rather than on `signal-hook`: its registry installs every handler with
+//! `SA_RESTART`, which would change what an interrupted call on another thread sees (ours has
+//! none: the call fails with EINTR, as before); its self-pipe writes one byte, which an eventfd
+//! refuses (it takes 8), and its closure handlers need the same `unsafe` as the one here; and
+//! the mask work (block, `epoll_pwait`'s mask, taking a pending signal with `sigtimedwait`),
+//! which is most of this file, has no counterpart there.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::signal::{block_signal, register_signal_handler};
 
 use crate::Error;
 
@@ -33,20 +43,30 @@ extern "C" fn write_event(
     }
 }
 
+/// A non-blocking EventFd and a second handle to it: one for the side that writes it (a signal
+/// handler, the API thread), one for the control loop's epoll. The names go into errors.
+pub(crate) fn event_fd_pair(
+    create: &'static str,
+    clone: &'static str,
+) -> Result<(EventFd, EventFd), Error> {
+    let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+        operation: create,
+        source,
+    })?;
+    let other = event.try_clone().map_err(|source| Error::EventFd {
+        operation: clone,
+        source,
+    })?;
+    Ok((event, other))
+}
+
 /// Makes each of `signals` write the returned (non-blocking) EventFd instead of taking its
 /// default action. A later call for the same signal moves it to that call's EventFd (tests build
 /// several VMMs in one process). `what` names the route in errors.
 pub fn route_to_event_fd(signals: &[libc::c_int], what: &str) -> Result<EventFd, Error> {
-    let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
-        operation: "create (signal)",
-        source,
-    })?;
     // The handler needs an fd that never closes: give it a duplicate that lives forever, so a
     // later route cannot leave it pointing at a reused fd number.
-    let forever = event.try_clone().map_err(|source| Error::EventFd {
-        operation: "clone (signal)",
-        source,
-    })?;
+    let (event, forever) = event_fd_pair("create (signal)", "clone (signal)")?;
     for &signal in signals {
         let slot = usize::try_from(signal)
             .ok()
@@ -61,6 +81,35 @@ pub fn route_to_event_fd(signals: &[libc::c_int], what: &str) -> Result<EventFd,
         }
     }
     std::mem::forget(forever);
+    Ok(event)
+}
+
+/// Holds SIGPWR pending in the calling thread and every thread it starts later. The binary calls
+/// this first thing in `main`: until the handler is installed ([`install_power_fail_signal`])
+/// SIGPWR's default action would kill the process and lose the save, and a UPS daemon may signal
+/// a VMM that has only just been started. A signal that arrives meanwhile waits; the control
+/// loop takes it when it first waits for events.
+pub fn hold_power_fail_signal() -> Result<(), Error> {
+    match block_signal(libc::SIGPWR) {
+        // Already held (e.g. inherited across exec): exactly what is wanted.
+        Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => Ok(()),
+        Err(e) => Err(Error::PowerFailSignalMask(e.to_string())),
+    }
+}
+
+/// Routes SIGPWR (what UPS daemons send when the host runs on battery) to the returned EventFd,
+/// which the control loop watches. Replaces SIGPWR's default action, which would kill the VMM.
+///
+/// SIGPWR stays blocked in the calling thread (the control loop's) and so in every thread it
+/// starts (vCPUs, API, workers): the control loop unblocks it only while it waits in
+/// `epoll_pwait`. It is therefore only ever delivered to the control loop's thread, never to a
+/// vCPU thread that may not run for milliseconds on a busy host: a SIGPWR sent before a SIGTERM
+/// has always written its EventFd before the control loop looks at the SIGTERM, so the power
+/// failure wins (`docs/recovery.md`, "Signals and long requests"). One held pending by
+/// [`hold_power_fail_signal`] is delivered at the control loop's first wait.
+pub fn install_power_fail_signal() -> Result<EventFd, Error> {
+    let event = route_to_event_fd(&[libc::SIGPWR], "power fail")?;
+    hold_power_fail_signal()?;
     Ok(event)
 }
 

@@ -207,9 +207,7 @@ impl Vm {
     /// Loads the kernel with the command line (plus the virtio-mmio announcements), programs the
     /// boot vCPU and starts running. The other vCPUs wait for the guest's INIT/SIPI.
     pub fn boot(&mut self) -> Result<(), Error> {
-        if self.run_state != VmRunState::Created {
-            return Err(Error::InvalidVmState(self.run_state.name()));
-        }
+        self.expect_state(VmRunState::Created)?;
         emit_vm(VmEvent::Booting);
         let kernel_path = self
             .config
@@ -260,19 +258,42 @@ impl Vm {
         cmdline
     }
 
-    /// Stops every vCPU outside KVM_RUN. The devices' I/O threads keep completing requests
-    /// already queued; the power-fail path drains them separately.
-    pub fn pause(&mut self) -> Result<(), Error> {
-        if self.run_state != VmRunState::Running {
+    /// Refuses an operation that `state` alone allows (upstream's invalid transition).
+    pub(crate) fn expect_state(&self, state: VmRunState) -> Result<(), Error> {
+        if self.run_state != state {
             return Err(Error::InvalidVmState(self.run_state.name()));
         }
+        Ok(())
+    }
+
+    /// Stops every vCPU outside KVM_RUN, then waits for the disks to finish the requests their
+    /// I/O threads took. The one pause path: `vm.pause`, snapshots and the NV save (which times
+    /// the two halves as separate phases) all go through [`Vm::pause_vcpus`] and
+    /// [`Vm::pause_devices`].
+    pub fn pause(&mut self) -> Result<(), Error> {
+        self.pause_vcpus()?;
+        self.pause_devices()
+    }
+
+    /// The first half of [`Vm::pause`]: parks every vCPU and tells a kvmclock guest it was
+    /// stopped (KVM_KVMCLOCK_CTRL, so its watchdogs do not fire on resume). A few ioctls per
+    /// vCPU and non-blocking events: fit for a power-fail deadline.
+    pub fn pause_vcpus(&mut self) -> Result<(), Error> {
+        self.expect_state(VmRunState::Running)?;
         emit_vm(VmEvent::Pausing);
         self.vcpus.pause()?;
         self.vcpus.notify_guest_clock_paused();
         // The vCPUs are parked from here on: even if a disk fails to pause, `resume` must be able
         // to start them again.
         self.run_state = VmRunState::Paused;
-        // After the vCPUs, so no new request is posted while the disks drain theirs.
+        Ok(())
+    }
+
+    /// The second half of [`Vm::pause`], after the vCPUs (so no new request is posted while the
+    /// disks drain theirs): waits for every request the disks' I/O threads have popped, so none
+    /// is half done when the state is read.
+    pub fn pause_devices(&mut self) -> Result<(), Error> {
+        self.expect_state(VmRunState::Paused)?;
         self.devices.pause()?;
         emit_vm(VmEvent::Paused);
         Ok(())
@@ -281,9 +302,7 @@ impl Vm {
     pub fn resume(&mut self) -> Result<(), Error> {
         // A freshly built VM that took a saved state is `Paused` (see `restore_state`); a
         // `Created` one has no registers worth running and must `boot`.
-        if self.run_state != VmRunState::Paused {
-            return Err(Error::InvalidVmState(self.run_state.name()));
-        }
+        self.expect_state(VmRunState::Paused)?;
         emit_vm(VmEvent::Resuming);
         self.devices.resume()?;
         self.vcpus.resume();

@@ -26,7 +26,9 @@ use crate::events::VmEvents;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
-use crate::signal_events::{mask_without, route_to_event_fd, take_pending};
+use crate::signal_events::{
+    event_fd_pair, install_power_fail_signal, mask_without, route_to_event_fd, take_pending,
+};
 use crate::vm::Vm;
 use crate::Error;
 
@@ -101,7 +103,11 @@ impl VmmExit {
             | VmmExit::VmmShutdown => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
             VmmExit::ResetInstead(_) => EXIT_GUEST_RESET,
-            VmmExit::NvSaved(kind) => nv::exit_code_after_save(*kind),
+            VmmExit::NvSaved(_) if nv::saved_into_detached_region() => {
+                nv::EXIT_SAVED_INTO_DETACHED_REGION
+            }
+            VmmExit::NvSaved(ShutdownKind::PowerFail) => nv::EXIT_POWER_FAIL_SAVED,
+            VmmExit::NvSaved(ShutdownKind::PlannedSuspend) => EXIT_CLEAN,
         }
     }
 }
@@ -139,7 +145,7 @@ impl Vmm {
             seccomp,
             events: Arc::new(VmEvents::new()?),
             termination: route_to_event_fd(&[libc::SIGTERM, libc::SIGINT], "termination")?,
-            power_fail_signal: nv::install_power_fail_signal()?,
+            power_fail_signal: install_power_fail_signal()?,
             vm: None,
             vm_config: None,
             api: None,
@@ -186,14 +192,7 @@ impl Vmm {
     /// Serves the REST API on `socket`: the HTTP thread queues requests, the control loop answers
     /// them (see `api_dispatch.rs`).
     pub fn start_api(&mut self, socket: ApiSocketConfig) -> Result<(), Error> {
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
-            operation: "create (API wake)",
-            source,
-        })?;
-        let server_wake = wake.try_clone().map_err(|source| Error::EventFd {
-            operation: "clone (API wake)",
-            source,
-        })?;
+        let (wake, server_wake) = event_fd_pair("create (API wake)", "clone (API wake)")?;
         let (sender, receiver) = channel();
         let limits = api::ServerLimits {
             seccomp: self.seccomp,
@@ -303,7 +302,7 @@ impl Vmm {
             .map_err(|e| Error::Seccomp(e.to_string()))?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
         // SIGPWR is blocked in this thread and every thread it started; it is delivered only
-        // while the loop waits, and only here (see `nv::install_power_fail_signal`).
+        // while the loop waits, and only here (see `signal_events::install_power_fail_signal`).
         let wait_mask = mask_without(&[libc::SIGPWR])?;
         loop {
             let count = match wait_for_events(self.epoll_fd, &wait_mask, &mut ready) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use nv_extension::{
     save_vm, HostError, NvHost, OpenOptions, Region, SaveReport, ShutdownKind, VmHandle,
 };
+use vm_memory::VolatileSlice;
 
 /// Default layout, created when missing: a plain-file region as the VMM makes one.
 pub fn create_options() -> OpenOptions {
@@ -37,11 +38,14 @@ impl NvHost for BlobHost {
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
         Ok(())
     }
-    fn guest_memory_ranges(&self) -> Vec<(*const u8, usize)> {
+    fn guest_memory_ranges(&self) -> Vec<VolatileSlice<'_>> {
         Vec::new()
     }
     fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
         Ok(self.0.clone())
+    }
+    fn resume(&mut self) -> Result<(), HostError> {
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod http;
 pub mod lifecycle;
+mod nv_bodies;
 mod routes;
 mod server;
 mod socket;
