@@ -28,7 +28,7 @@ use landlock::{
 };
 
 use crate::config::{ConfigError, ConsoleOutputMode, VmConfig, VmmLaunch};
-use crate::option_parser::{KeyKind, OptionSpec, ParsedOption};
+use option_parser::{OptionSpec, ParsedOption};
 
 /// The newest Landlock ABI whose rights this VMM asks for (Linux 6.15). Newer rights are not
 /// handled (so not restricted); older kernels enforce what they know (best effort).
@@ -110,10 +110,7 @@ pub struct LandlockRule {
     pub access: LandlockAccess,
 }
 
-const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec {
-    option: "landlock-rules",
-    keys: &[("path", KeyKind::Value), ("access", KeyKind::Value)],
-};
+const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec::keyed("landlock-rules", &["path", "access"]);
 
 impl LandlockRule {
     pub fn parse(input: &str) -> Result<LandlockRule, ConfigError> {
