@@ -141,6 +141,23 @@ pub fn parse_byte_size(value: &str) -> Result<u64, &'static str> {
         .ok_or("the size does not fit in 64 bits")
 }
 
+/// `--disk image_type=` words (matched without regard to case) and the JSON name upstream's
+/// `ImageType` gives each: both programs turn the word into the same member value.
+pub const IMAGE_TYPES: &[(&str, &str)] = &[
+    ("raw", "Raw"),
+    ("qcow2", "Qcow2"),
+    ("vhd", "FixedVhd"),
+    ("fixedvhd", "FixedVhd"),
+    ("vhdx", "Vhdx"),
+];
+
+/// `--disk lock_granularity=` words and upstream's `LockGranularity` JSON names.
+pub const LOCK_GRANULARITIES: &[(&str, &str)] = &[
+    ("byte-range", "ByteRange"),
+    ("byterange", "ByteRange"),
+    ("full", "Full"),
+];
+
 /// The keys one option (`--memory`, `--disk`, ...) accepts.
 #[derive(Clone, Copy, Debug)]
 pub struct OptionSpec {

@@ -16,43 +16,18 @@ mod tests;
 mod validate;
 
 pub use model::*;
+pub use option_parser::OptionError;
 pub use parse::VmOptionStrings;
 pub use validate::{host_vcpu_limit, VcpuLimit};
 
-/// A command-line option string that cannot be used. Every variant names the option (without
-/// its dashes) and the offending key or value, so that the one-line message says what to fix.
+/// A configuration that cannot be used, from the command line or JSON. Every variant names the
+/// option (without its dashes) and the offending key or value, so that the one-line message says
+/// what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--{option}: invalid syntax in \"{input}\": {reason}")]
-    Syntax {
-        option: &'static str,
-        input: String,
-        reason: &'static str,
-    },
-    #[error("--{option}: unknown key \"{key}\" (supported: {supported})")]
-    UnknownKey {
-        option: &'static str,
-        key: String,
-        supported: String,
-    },
-    #[error("--{option}: \"{key}\" is a cloud-hypervisor option this VMM does not implement")]
-    UnsupportedKey { option: &'static str, key: String },
-    #[error("--{option}: \"{key}\" is given more than once")]
-    DuplicateKey { option: &'static str, key: String },
-    #[error("--{option}: \"{key}\" needs a value ({key}=...)")]
-    MissingValue { option: &'static str, key: String },
-    #[error("--{option}: {key}=... is required")]
-    MissingKey {
-        option: &'static str,
-        key: &'static str,
-    },
-    #[error("--{option}: invalid value \"{value}\" for {key}: {reason}")]
-    InvalidValue {
-        option: &'static str,
-        key: String,
-        value: String,
-        reason: String,
-    },
+    /// The option string itself (syntax, keys) or one value of it.
+    #[error(transparent)]
+    Option(#[from] OptionError),
     #[error("--{option}: {reason}")]
     Invalid {
         option: &'static str,
@@ -85,48 +60,5 @@ fn key_assignment(key: &str) -> String {
         String::new()
     } else {
         format!("{key}=")
-    }
-}
-
-/// The syntax errors of the shared parser keep their names here, so that a caller matches one
-/// error type for the whole command line.
-impl From<option_parser::OptionError> for ConfigError {
-    fn from(error: option_parser::OptionError) -> Self {
-        use option_parser::OptionError as E;
-        match error {
-            E::Syntax {
-                option,
-                input,
-                reason,
-            } => ConfigError::Syntax {
-                option,
-                input,
-                reason,
-            },
-            E::UnknownKey {
-                option,
-                key,
-                supported,
-            } => ConfigError::UnknownKey {
-                option,
-                key,
-                supported,
-            },
-            E::UnsupportedKey { option, key } => ConfigError::UnsupportedKey { option, key },
-            E::DuplicateKey { option, key } => ConfigError::DuplicateKey { option, key },
-            E::MissingValue { option, key } => ConfigError::MissingValue { option, key },
-            E::MissingKey { option, key } => ConfigError::MissingKey { option, key },
-            E::InvalidValue {
-                option,
-                key,
-                value,
-                reason,
-            } => ConfigError::InvalidValue {
-                option,
-                key,
-                value,
-                reason,
-            },
-        }
     }
 }

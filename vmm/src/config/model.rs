@@ -208,54 +208,39 @@ impl MemoryConfig {
 pub const DEFAULT_DISK_NUM_QUEUES: usize = 1;
 pub const DEFAULT_DISK_QUEUE_SIZE: u16 = 128;
 
-fn default_disk_num_queues() -> usize {
-    DEFAULT_DISK_NUM_QUEUES
-}
-
-fn default_disk_queue_size() -> u16 {
-    DEFAULT_DISK_QUEUE_SIZE
-}
-
+/// Every member is optional: a missing one takes upstream's default (`Default`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DiskConfig {
     /// Upstream's spec types `path` as a string: when absent it is left out, never `null`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    #[serde(default)]
     pub readonly: bool,
-    #[serde(default)]
     pub direct: bool,
-    #[serde(default)]
     pub iommu: bool,
-    #[serde(default = "default_disk_num_queues")]
     pub num_queues: usize,
-    #[serde(default = "default_disk_queue_size")]
     pub queue_size: u16,
-    #[serde(default)]
     pub vhost_user: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vhost_socket: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limiter_config: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    #[serde(default)]
     pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_affinity: Option<Vec<Value>>,
-    #[serde(default)]
     pub backing_files: bool,
-    #[serde(default = "default_true")]
     pub sparse: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub image_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_granularity: Option<String>,
 }
 
@@ -355,53 +340,43 @@ impl Default for DebugConsoleConfig {
 pub const DEFAULT_NUM_PCI_SEGMENTS: u16 = 1;
 pub const DEFAULT_IOMMU_ADDRESS_WIDTH_BITS: u8 = 64;
 
-fn default_num_pci_segments() -> u16 {
-    DEFAULT_NUM_PCI_SEGMENTS
-}
-
-fn default_iommu_address_width_bits() -> u8 {
-    DEFAULT_IOMMU_ADDRESS_WIDTH_BITS
-}
-
-/// Upstream's `PlatformConfig` (`--platform`).
+/// Upstream's `PlatformConfig` (`--platform`). Every member is optional: a missing one takes
+/// upstream's default (`Default`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PlatformConfig {
-    #[serde(default = "default_num_pci_segments")]
     pub num_pci_segments: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub iommu_segments: Option<Vec<u16>>,
-    #[serde(default = "default_iommu_address_width_bits")]
     pub iommu_address_width_bits: u8,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_serial_number: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub serial_number: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_uuid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub oem_strings: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_manufacturer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_product_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_family: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system_sku_number: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chassis_asset_tag: Option<String>,
     /// Only in upstream builds with the `tdx` / `sev_snp` features: left out unless given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tdx: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sev_snp: Option<bool>,
-    #[serde(default)]
     pub iommufd: bool,
-    #[serde(default = "default_true")]
     pub vfio_p2p_dma: bool,
 }
 

@@ -3,11 +3,11 @@
 //! [`super::model`]. Values the syntax allows but this VMM cannot honour are left for
 //! [`VmConfig::validate`], which judges a `vm.create` body the same way.
 
-use option_parser::{OptionSpec, ParsedOption};
+use option_parser::{OptionSpec, ParsedOption, IMAGE_TYPES, LOCK_GRANULARITIES};
 
 use super::model::*;
 use super::validate::{zones_need_size_zero, GUEST_PAGE_SIZE};
-use super::ConfigError;
+use super::{ConfigError, OptionError};
 
 fn check_page_multiple(parsed: &ParsedOption, key: &str, size: u64) -> Result<(), ConfigError> {
     if !size.is_multiple_of(GUEST_PAGE_SIZE) {
@@ -225,10 +225,12 @@ impl MemoryZoneConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&MEMORY_ZONE_SPEC, input)?;
         let id = parsed.required_string("id")?;
-        let size = parsed.byte_size("size")?.ok_or(ConfigError::MissingKey {
-            option: "memory-zone",
-            key: "size",
-        })?;
+        let size = parsed
+            .byte_size("size")?
+            .ok_or(ConfigError::from(OptionError::MissingKey {
+                option: "memory-zone",
+                key: "size",
+            }))?;
         check_page_multiple(&parsed, "size", size)?;
         let toggle = |key| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(false));
         Ok(MemoryZoneConfig {
@@ -279,19 +281,6 @@ const DISK_SPEC: OptionSpec = OptionSpec::keyed(
     "ops_refill_time",
     "queue_affinity",
 ]);
-
-const IMAGE_TYPES: &[(&str, &str)] = &[
-    ("raw", "Raw"),
-    ("qcow2", "Qcow2"),
-    ("vhd", "FixedVhd"),
-    ("fixedvhd", "FixedVhd"),
-    ("vhdx", "Vhdx"),
-];
-const LOCK_GRANULARITIES: &[(&str, &str)] = &[
-    ("byte-range", "ByteRange"),
-    ("byterange", "ByteRange"),
-    ("full", "Full"),
-];
 
 impl DiskConfig {
     /// `--disk path=..[,readonly=on][,direct=on][,id=..]...`: a raw image behind virtio-blk.
@@ -503,10 +492,10 @@ impl ApiSocketConfig {
         let keyed = ["path=", "fd="]
             .iter()
             .any(|prefix| input.starts_with(prefix));
-        let missing = ConfigError::MissingKey {
+        let missing = ConfigError::from(OptionError::MissingKey {
             option: "api-socket",
             key: "path",
-        };
+        });
         if !keyed {
             if input.is_empty() {
                 return Err(missing);

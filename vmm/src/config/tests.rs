@@ -2,7 +2,9 @@ use super::*;
 
 fn assert_invalid_value<T: std::fmt::Debug>(result: Result<T, ConfigError>, expected_key: &str) {
     match result {
-        Err(ConfigError::InvalidValue { key, .. }) => assert_eq!(key, expected_key),
+        Err(ConfigError::Option(OptionError::InvalidValue { key, .. })) => {
+            assert_eq!(key, expected_key)
+        }
         other => panic!("expected an invalid {expected_key}, got {other:?}"),
     }
 }
@@ -65,11 +67,17 @@ fn cpus() {
     assert_invalid_value(CpusConfig::parse("features=[avx]"), "features");
     assert!(matches!(
         CpusConfig::parse("boot=1,cores=2"),
-        Err(ConfigError::UnknownKey { option: "cpus", .. })
+        Err(ConfigError::Option(OptionError::UnknownKey {
+            option: "cpus",
+            ..
+        }))
     ));
     assert!(matches!(
         CpusConfig::parse("boot=1,affinity=[0@[0]]"),
-        Err(ConfigError::UnsupportedKey { option: "cpus", .. })
+        Err(ConfigError::Option(OptionError::UnsupportedKey {
+            option: "cpus",
+            ..
+        }))
     ));
 }
 
@@ -187,18 +195,18 @@ fn memory() {
 fn duplicate_keys_and_empty_values_name_the_key() {
     let error = MemoryConfig::parse(Some("size=1G,size=2G"), &[]).unwrap_err();
     assert!(
-        matches!(&error, ConfigError::DuplicateKey { option: "memory", key } if key == "size"),
+        matches!(&error, ConfigError::Option(OptionError::DuplicateKey { option: "memory", key }) if key == "size"),
         "{error:?}"
     );
     assert!(error.to_string().contains("\"size\""), "{error}");
     let error = MemoryConfig::parse(Some("size="), &[]).unwrap_err();
     assert!(
-        matches!(&error, ConfigError::MissingValue { option: "memory", key } if key == "size"),
+        matches!(&error, ConfigError::Option(OptionError::MissingValue { option: "memory", key }) if key == "size"),
         "{error:?}"
     );
     assert!(matches!(
         DiskConfig::parse("path=/a,serial="),
-        Err(ConfigError::MissingValue { .. })
+        Err(ConfigError::Option(OptionError::MissingValue { .. }))
     ));
 }
 
@@ -237,7 +245,7 @@ fn an_nv_region_size_too_small_for_the_vm_is_refused_with_what_it_needs() {
     };
     let error = nv("region=/r,vm=a,create=on,region_size=3M").unwrap_err();
     assert!(
-        matches!(&error, ConfigError::InvalidValue { key, .. } if key == "region_size"),
+        matches!(&error, ConfigError::Option(OptionError::InvalidValue { key, .. }) if key == "region_size"),
         "{error:?}"
     );
     let message = error.to_string();
@@ -316,11 +324,17 @@ fn memory_zones() {
 
     assert!(matches!(
         MemoryZoneConfig::parse("size=1G"),
-        Err(ConfigError::MissingKey { key: "id", .. })
+        Err(ConfigError::Option(OptionError::MissingKey {
+            key: "id",
+            ..
+        }))
     ));
     assert!(matches!(
         MemoryZoneConfig::parse("id=a"),
-        Err(ConfigError::MissingKey { key: "size", .. })
+        Err(ConfigError::Option(OptionError::MissingKey {
+            key: "size",
+            ..
+        }))
     ));
     let zones = |zones: Vec<&'static str>| {
         command_line(VmOptionStrings {
@@ -358,15 +372,18 @@ fn disks() {
     assert!(!DiskConfig::parse("path=/img").unwrap().readonly);
     assert!(matches!(
         DiskConfig::parse("readonly=on"),
-        Err(ConfigError::MissingKey { key: "path", .. })
+        Err(ConfigError::Option(OptionError::MissingKey {
+            key: "path",
+            ..
+        }))
     ));
     assert!(matches!(
         DiskConfig::parse("path=/img,bw_size=1000"),
-        Err(ConfigError::UnsupportedKey { .. })
+        Err(ConfigError::Option(OptionError::UnsupportedKey { .. }))
     ));
     assert!(matches!(
         DiskConfig::parse("path=/img,colour=red"),
-        Err(ConfigError::UnknownKey { .. })
+        Err(ConfigError::Option(OptionError::UnknownKey { .. }))
     ));
 }
 
@@ -878,7 +895,7 @@ fn serial_and_console() {
     );
     assert!(matches!(
         ConsoleConfig::parse_serial("file="),
-        Err(ConfigError::MissingValue { .. })
+        Err(ConfigError::Option(OptionError::MissingValue { .. }))
     ));
     assert!(matches!(
         ConsoleConfig::parse_serial("off,tty"),
@@ -886,14 +903,14 @@ fn serial_and_console() {
     ));
     assert!(matches!(
         ConsoleConfig::parse_console("loud"),
-        Err(ConfigError::UnknownKey {
+        Err(ConfigError::Option(OptionError::UnknownKey {
             option: "console",
             ..
-        })
+        }))
     ));
     assert!(matches!(
         ConsoleConfig::parse_serial("socket=/tmp/s"),
-        Err(ConfigError::UnsupportedKey { .. })
+        Err(ConfigError::Option(OptionError::UnsupportedKey { .. }))
     ));
 }
 
@@ -930,7 +947,7 @@ fn event_monitor() {
     );
     assert!(matches!(
         EventMonitorConfig::parse("/tmp/events"),
-        Err(ConfigError::UnknownKey { .. })
+        Err(ConfigError::Option(OptionError::UnknownKey { .. }))
     ));
     assert!(EventMonitorConfig::parse("").is_err());
     assert!(EventMonitorConfig::parse("path=/a,fd=4").is_err());
@@ -960,10 +977,10 @@ fn restore() {
     );
     assert!(matches!(
         RestoreConfig::parse("resume=true"),
-        Err(ConfigError::MissingKey {
+        Err(ConfigError::Option(OptionError::MissingKey {
             key: "source_url",
             ..
-        })
+        }))
     ));
 }
 
@@ -991,11 +1008,17 @@ fn nv() {
     assert_eq!(recover.deadline_ms, default_deadline_ms());
     assert!(matches!(
         NvConfig::parse("vm=a"),
-        Err(ConfigError::MissingKey { key: "region", .. })
+        Err(ConfigError::Option(OptionError::MissingKey {
+            key: "region",
+            ..
+        }))
     ));
     assert!(matches!(
         NvConfig::parse("region=/r"),
-        Err(ConfigError::MissingKey { key: "vm", .. })
+        Err(ConfigError::Option(OptionError::MissingKey {
+            key: "vm",
+            ..
+        }))
     ));
     let nv_line = |nv| {
         command_line(VmOptionStrings {
@@ -1013,7 +1036,7 @@ fn nv() {
     assert!(nv_line("region=/r,vm=a,force-cold=on").is_err());
     assert!(matches!(
         NvConfig::parse("region=/r,vm=a,force_cold=on"),
-        Err(ConfigError::UnknownKey { .. })
+        Err(ConfigError::Option(OptionError::UnknownKey { .. }))
     ));
 }
 

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::model::*;
-use super::ConfigError;
+use super::{ConfigError, OptionError};
 
 /// Guest RAM is mapped in whole pages; a size that is not a multiple of this is refused up front
 /// instead of failing later inside KVM.
@@ -58,12 +58,12 @@ impl VmConfig {
             ))
         };
         if cpus.boot_vcpus == 0 {
-            return Err(ConfigError::InvalidValue {
+            return Err(ConfigError::from(OptionError::InvalidValue {
                 option: "cpus",
                 key: "boot".to_owned(),
                 value: "0".to_owned(),
                 reason: "at least one vCPU is needed".to_owned(),
-            });
+            }));
         }
         if cpus.max_vcpus < cpus.boot_vcpus {
             return Err(ConfigError::Invalid {
@@ -167,12 +167,12 @@ impl VmConfig {
             });
         }
         if !memory.size.is_multiple_of(GUEST_PAGE_SIZE) {
-            return Err(ConfigError::InvalidValue {
+            return Err(ConfigError::from(OptionError::InvalidValue {
                 option: "memory",
                 key: "size".to_owned(),
                 value: memory.size.to_string(),
                 reason: format!("must be a multiple of {GUEST_PAGE_SIZE} bytes"),
-            });
+            }));
         }
         let refuse = |key: &'static str, value: String, reason: &str| {
             Err(not_supported(
@@ -232,15 +232,15 @@ impl VmConfig {
                 ))
             };
             if zones[..index].iter().any(|other| other.id == zone.id) {
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "memory-zone",
                     key: "id".to_owned(),
                     value: zone.id.clone(),
                     reason: "used by more than one zone".to_owned(),
-                });
+                }));
             }
             if zone.size == 0 || !zone.size.is_multiple_of(GUEST_PAGE_SIZE) {
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "memory-zone",
                     key: "size".to_owned(),
                     value: zone.size.to_string(),
@@ -248,7 +248,7 @@ impl VmConfig {
                         "zone {}: a zone needs a non-zero multiple of {GUEST_PAGE_SIZE} bytes",
                         zone.id
                     ),
-                });
+                }));
             }
             if zone.hugepages || zone.hugepage_size.is_some() {
                 return refuse("hugepages", "on".into(), HUGEPAGES_REASON);
@@ -341,22 +341,22 @@ impl VmConfig {
             };
             let earlier = &disks[..index];
             if disk.path.is_none() {
-                return Err(ConfigError::MissingKey {
+                return Err(ConfigError::from(OptionError::MissingKey {
                     option: "disk",
                     key: "path",
-                });
+                }));
             }
             if disk.direct {
                 // Silently opening the image buffered would break what the operator asked for
                 // (no host page cache); refuse until O_DIRECT with aligned bounce buffers exists.
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "disk",
                     key: "direct".to_owned(),
                     value: "on".to_owned(),
                     reason: "O_DIRECT images are not implemented; images are opened buffered and \
                              a guest FLUSH is an fdatasync"
                         .to_owned(),
-                });
+                }));
             }
             if disk.iommu {
                 return refuse("iommu", "on".into(), "there is no virtual IOMMU");
@@ -457,20 +457,20 @@ impl VmConfig {
                 );
             }
             if disk.path.is_some() && earlier.iter().any(|other| other.path == disk.path) {
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "disk",
                     key: "path".to_owned(),
                     value: disk.path.clone().unwrap_or_default(),
                     reason: "the same image is given twice".to_owned(),
-                });
+                }));
             }
             if disk.id.is_some() && earlier.iter().any(|other| other.id == disk.id) {
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "disk",
                     key: "id".to_owned(),
                     value: disk.id.clone().unwrap_or_default(),
                     reason: "used by more than one disk".to_owned(),
-                });
+                }));
             }
         }
         Ok(())
@@ -486,10 +486,10 @@ impl VmConfig {
         }
         for (option, console) in [("serial", &self.serial), ("console", &self.console)] {
             if console.mode == ConsoleOutputMode::File && console.file.is_none() {
-                return Err(ConfigError::MissingKey {
+                return Err(ConfigError::from(OptionError::MissingKey {
                     option,
                     key: "file",
-                });
+                }));
             }
             if console.mode == ConsoleOutputMode::Socket || console.socket.is_some() {
                 return Err(not_supported(
@@ -718,12 +718,12 @@ impl VmConfig {
             return Ok(());
         };
         let invalid = |key: &str, value: &str, reason: &str| {
-            Err(ConfigError::InvalidValue {
+            Err(ConfigError::from(OptionError::InvalidValue {
                 option: "nv",
                 key: key.to_owned(),
                 value: value.to_owned(),
                 reason: reason.to_owned(),
-            })
+            }))
         };
         for (key, value) in [("region", &nv.region), ("vm", &nv.vm)] {
             if value.is_empty() {
@@ -786,7 +786,7 @@ impl VmConfig {
                 .saturating_add(round_up(ram))
                 .saturating_add(round_up(2 * DEFAULT_STATE_SLOT_LEN));
             if nv.create && region_size < needed {
-                return Err(ConfigError::InvalidValue {
+                return Err(ConfigError::from(OptionError::InvalidValue {
                     option: "nv",
                     key: "region_size".to_owned(),
                     value: region_size.to_string(),
@@ -796,7 +796,7 @@ impl VmConfig {
                         ram >> 20,
                         needed.div_ceil(1 << 20)
                     ),
-                });
+                }));
             }
         }
         Ok(())
