@@ -158,18 +158,19 @@ pub const LOCK_GRANULARITIES: &[(&str, &str)] = &[
     ("full", "Full"),
 ];
 
-/// The keys one option (`--memory`, `--disk`, ...) accepts.
+/// The keys one option (`--memory`, `--disk`, ...) accepts, each list written as one string of
+/// names separated by spaces, so that a table reads as the option's usage line does.
 #[derive(Clone, Copy, Debug)]
 pub struct OptionSpec {
     /// The option's name without dashes, used in every error message.
     pub option: &'static str,
     /// Bare words such as `off` or `tty`.
-    pub flags: &'static [&'static str],
+    pub flags: &'static str,
     /// Keys written `key=value`.
-    pub values: &'static [&'static str],
+    pub values: &'static str,
     /// Keys upstream accepts that this program does not implement. Refused with their own
     /// message rather than "unknown", so that an operator knows the script is valid upstream.
-    pub unsupported: &'static [&'static str],
+    pub unsupported: &'static str,
 }
 
 /// How a key may appear in an option string.
@@ -182,17 +183,17 @@ enum KeyKind {
 
 impl OptionSpec {
     /// An option of `key=value` keys only.
-    pub const fn keyed(option: &'static str, values: &'static [&'static str]) -> Self {
+    pub const fn keyed(option: &'static str, values: &'static str) -> Self {
         OptionSpec {
             option,
-            flags: &[],
+            flags: "",
             values,
-            unsupported: &[],
+            unsupported: "",
         }
     }
 
     /// The same keys, plus upstream keys refused as not implemented.
-    pub const fn refusing(self, unsupported: &'static [&'static str]) -> Self {
+    pub const fn refusing(self, unsupported: &'static str) -> Self {
         OptionSpec {
             unsupported,
             ..self
@@ -207,12 +208,16 @@ impl OptionSpec {
         ];
         lists
             .into_iter()
-            .find(|(names, _)| names.contains(&key))
+            .find(|(names, _)| names.split_whitespace().any(|name| name == key))
             .map(|(_, kind)| kind)
     }
 
     fn supported_keys(&self) -> String {
-        [self.flags, self.values].concat().join(", ")
+        self.flags
+            .split_whitespace()
+            .chain(self.values.split_whitespace())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -402,9 +407,9 @@ mod tests {
 
     const SPEC: OptionSpec = OptionSpec {
         option: "test",
-        flags: &["on"],
-        values: &["size", "cmdline", "list"],
-        unsupported: &["mergeable"],
+        flags: "on",
+        values: "size cmdline list",
+        unsupported: "mergeable",
     };
 
     #[test]

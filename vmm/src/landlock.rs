@@ -110,7 +110,7 @@ pub struct LandlockRule {
     pub access: LandlockAccess,
 }
 
-const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec::keyed("landlock-rules", &["path", "access"]);
+const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec::keyed("landlock-rules", "path access");
 
 impl LandlockRule {
     pub fn parse(input: &str) -> Result<LandlockRule, ConfigError> {

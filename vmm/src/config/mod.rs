@@ -18,7 +18,7 @@ mod validate;
 pub use model::*;
 pub use option_parser::OptionError;
 pub use parse::VmOptionStrings;
-pub use validate::{host_vcpu_limit, VcpuLimit};
+pub use validate::{host_vcpu_limit, unimplemented_device, VcpuLimit};
 
 /// A configuration that cannot be used, from the command line or JSON. Every variant names the
 /// option (without its dashes) and the offending key or value, so that the one-line message says

@@ -6,7 +6,7 @@
 use option_parser::{OptionSpec, ParsedOption, IMAGE_TYPES, LOCK_GRANULARITIES};
 
 use super::model::*;
-use super::validate::{zones_need_size_zero, GUEST_PAGE_SIZE};
+use super::validate::{unimplemented_device, zones_need_size_zero, GUEST_PAGE_SIZE};
 use super::{ConfigError, OptionError};
 
 fn check_page_multiple(parsed: &ParsedOption, key: &str, size: u64) -> Result<(), ConfigError> {
@@ -33,20 +33,10 @@ fn canonical(value: String, words: &[(&str, &str)]) -> String {
 
 const CPUS_SPEC: OptionSpec = OptionSpec::keyed(
     "cpus",
-    &[
-        "boot",
-        "max",
-        "topology",
-        "kvm_hyperv",
-        "max_phys_bits",
-        "features",
-        "nested",
-        "core_scheduling",
-        "profile",
-    ],
+    "boot max topology kvm_hyperv max_phys_bits features nested core_scheduling profile",
 )
 // Pinning: refused at any value, so its syntax is not parsed.
-.refusing(&["affinity"]);
+.refusing("affinity");
 
 const CORE_SCHEDULING: &[(&str, CoreScheduling)] = &[
     ("vm", CoreScheduling::Vm),
@@ -127,19 +117,8 @@ fn parse_topology(value: &str) -> Option<CpuTopology> {
 
 const MEMORY_SPEC: OptionSpec = OptionSpec::keyed(
     "memory",
-    &[
-        "size",
-        "shared",
-        "hugepages",
-        "prefault",
-        "mergeable",
-        "hugepage_size",
-        "hotplug_method",
-        "hotplug_size",
-        "hotplugged_size",
-        "thp",
-        "reserve",
-    ],
+    "size shared hugepages prefault mergeable hugepage_size hotplug_method hotplug_size \
+        hotplugged_size thp reserve",
 );
 
 const HOTPLUG_METHODS: &[(&str, HotplugMethod)] = &[
@@ -201,20 +180,8 @@ impl MemoryConfig {
 
 const MEMORY_ZONE_SPEC: OptionSpec = OptionSpec::keyed(
     "memory-zone",
-    &[
-        "id",
-        "size",
-        "file",
-        "shared",
-        "hugepages",
-        "prefault",
-        "hugepage_size",
-        "host_numa_node",
-        "hotplug_size",
-        "hotplugged_size",
-        "mergeable",
-        "reserve",
-    ],
+    "id size file shared hugepages prefault hugepage_size host_numa_node hotplug_size \
+        hotplugged_size mergeable reserve",
 );
 
 impl MemoryZoneConfig {
@@ -252,35 +219,14 @@ impl MemoryZoneConfig {
 
 const DISK_SPEC: OptionSpec = OptionSpec::keyed(
     "disk",
-    &[
-        "path",
-        "readonly",
-        "direct",
-        "id",
-        "iommu",
-        "queue_size",
-        "num_queues",
-        "vhost_user",
-        "socket",
-        "rate_limit_group",
-        "pci_segment",
-        "serial",
-        "image_type",
-        "sparse",
-        "backing_files",
-        "lock_granularity",
-    ],
+    "path readonly direct id iommu queue_size num_queues vhost_user socket rate_limit_group \
+        pci_segment serial image_type sparse backing_files lock_granularity",
 )
 // Rate limiting and queue pinning: refused at any value, so their syntax is not parsed.
-.refusing(&[
-    "bw_size",
-    "bw_one_time_burst",
-    "bw_refill_time",
-    "ops_size",
-    "ops_one_time_burst",
-    "ops_refill_time",
-    "queue_affinity",
-]);
+.refusing(
+    "bw_size bw_one_time_burst bw_refill_time ops_size ops_one_time_burst ops_refill_time \
+    queue_affinity",
+);
 
 impl DiskConfig {
     /// `--disk path=..[,readonly=on][,direct=on][,id=..]...`: a raw image behind virtio-blk.
@@ -320,7 +266,7 @@ impl DiskConfig {
     }
 }
 
-const RNG_SPEC: OptionSpec = OptionSpec::keyed("rng", &["src", "iommu"]);
+const RNG_SPEC: OptionSpec = OptionSpec::keyed("rng", "src iommu");
 
 impl RngConfig {
     /// `--rng src=PATH[,iommu=on|off]`.
@@ -336,24 +282,7 @@ impl RngConfig {
 
 const PLATFORM_SPEC: OptionSpec = OptionSpec::keyed(
     "platform",
-    &[
-        "num_pci_segments",
-        "iommu_segments",
-        "iommu_address_width",
-        "serial_number",
-        "uuid",
-        "oem_strings",
-        "manufacturer",
-        "product_name",
-        "version",
-        "family",
-        "sku_number",
-        "chassis_asset_tag",
-        "tdx",
-        "sev_snp",
-        "iommufd",
-        "vfio_p2p_dma",
-    ],
+    "num_pci_segments iommu_segments iommu_address_width serial_number uuid oem_strings manufacturer product_name version family sku_number chassis_asset_tag tdx sev_snp iommufd vfio_p2p_dma",
 );
 
 impl PlatformConfig {
@@ -411,9 +340,9 @@ impl PlatformConfig {
 const fn console_spec(option: &'static str) -> OptionSpec {
     OptionSpec {
         option,
-        flags: &["off", "null", "pty", "tty"],
-        values: &["file"],
-        unsupported: &["socket", "iommu", "tcp"],
+        flags: "off null pty tty",
+        values: "file",
+        unsupported: "socket iommu tcp",
     }
 }
 
@@ -461,7 +390,7 @@ impl ConsoleConfig {
 
 /// `--api-socket` and `--event-monitor`: `path=` or `fd=`.
 const fn path_or_fd_spec(option: &'static str) -> OptionSpec {
-    OptionSpec::keyed(option, &["path", "fd"])
+    OptionSpec::keyed(option, "path fd")
 }
 
 /// Exactly one of `path=` and `fd=` (a file descriptor the parent process left open for us).
@@ -526,11 +455,9 @@ impl EventMonitorConfig {
     }
 }
 
-const RESTORE_SPEC: OptionSpec = OptionSpec::keyed(
-    "restore",
-    &["source_url", "prefault", "resume", "memory_restore_mode"],
-)
-.refusing(&["net_fds"]);
+const RESTORE_SPEC: OptionSpec =
+    OptionSpec::keyed("restore", "source_url prefault resume memory_restore_mode")
+        .refusing("net_fds");
 
 const MEMORY_RESTORE_MODES: &[(&str, MemoryRestoreMode)] = &[
     ("copy", MemoryRestoreMode::Copy),
@@ -576,16 +503,7 @@ impl RestoreConfig {
 
 const NV_SPEC: OptionSpec = OptionSpec::keyed(
     "nv",
-    &[
-        "region",
-        "vm",
-        "create",
-        "recover",
-        "force-cold",
-        "format",
-        "region_size",
-        "deadline_ms",
-    ],
+    "region vm create recover force-cold format region_size deadline_ms",
 );
 
 impl NvConfig {
@@ -628,6 +546,9 @@ pub struct VmOptionStrings<'a> {
     pub pvpanic: bool,
     pub platform: Option<&'a str>,
     pub nv: Option<&'a str>,
+    /// Upstream device options this VMM has no device for, as given (`("fs", "tag=t,...")`,
+    /// `("watchdog", "on")`): refused by name, by the rule that refuses their `vm.create` members.
+    pub devices: Vec<(&'static str, &'a str)>,
 }
 
 impl VmConfig {
@@ -636,7 +557,10 @@ impl VmConfig {
     pub fn from_options(options: &VmOptionStrings) -> Result<Option<Self>, ConfigError> {
         // Checked before anything else so that no combination lets a device request slip by.
         if let Some(net) = options.net.iter().find(|net| !net.trim().is_empty()) {
-            return Err(super::validate::no_networking(net));
+            return Err(unimplemented_device("net", net));
+        }
+        if let Some((option, value)) = options.devices.first() {
+            return Err(unimplemented_device(option, value));
         }
         let rng = options.rng.map(RngConfig::parse).transpose()?;
         let platform = options.platform.map(PlatformConfig::parse).transpose()?;

@@ -699,6 +699,23 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
             json!({"console": {"mode": "Socket", "socket": "/s"}}),
             Some("socket"),
         ),
+        // --fs, --vsock, --watchdog, ...: the devices this VMM does not have
+        (
+            VmOptionStrings {
+                devices: vec![("fs", "tag=t,socket=/s")],
+                ..cli()
+            },
+            json!({"fs": [{"tag": "t", "socket": "/s"}]}),
+            Some("(VmConfig member \"fs\") is not supported by this VMM: virtio-fs"),
+        ),
+        (
+            VmOptionStrings {
+                devices: vec![("watchdog", "on")],
+                ..cli()
+            },
+            json!({"watchdog": true}),
+            Some("(VmConfig member \"watchdog\") is not supported by this VMM"),
+        ),
         // --pvpanic
         (
             VmOptionStrings {

@@ -20,13 +20,46 @@ pub(super) fn zones_need_size_zero() -> ConfigError {
     }
 }
 
-/// Why `--net` is refused: one message for the command line and `vm.create`.
-const NO_NETWORKING: &str =
-    "virtio-net is not implemented by this VMM yet; the VM would boot without its network";
+/// Upstream's devices (and device-like members) this VMM does not have, and why: one table for
+/// the command-line options and the `VmConfig` members of the same name (see `member_name`).
+const NO_DEVICE: &[(&str, &str)] = &[
+    (
+        "net",
+        "virtio-net is not implemented by this VMM yet; the VM would boot without its network",
+    ),
+    ("rate-limit-group", "I/O rate limiting is not implemented"),
+    ("fs", "virtio-fs is not implemented"),
+    (
+        "generic-vhost-user",
+        "vhost-user devices are not implemented",
+    ),
+    ("pmem", "virtio-pmem is not implemented"),
+    ("device", "VFIO passthrough is not implemented"),
+    ("user-device", "vfio-user devices are not implemented"),
+    ("vdpa", "vDPA devices are not implemented"),
+    ("sgx-epc", "SGX is not implemented"),
+    ("numa", "guest NUMA nodes are not implemented"),
+    (
+        "pci-segment",
+        "there is no PCI bus; devices are virtio-mmio",
+    ),
+    ("balloon", "virtio-balloon is not implemented"),
+    ("vsock", "virtio-vsock is not implemented"),
+    ("rtc", "there is no virtio RTC device"),
+    ("tpm", "TPM emulation is not implemented"),
+    ("iommu", "there is no virtual IOMMU"),
+    ("watchdog", "there is no watchdog device"),
+    ("landlock", "Landlock sandboxing is not implemented"),
+];
 
-/// `--net VALUE` refused (the command line checks it before anything else).
-pub(super) fn no_networking(value: &str) -> ConfigError {
-    not_supported("net", "", "net".to_owned(), value.to_owned(), NO_NETWORKING)
+/// The refusal of `--OPTION VALUE` (or its `VmConfig` member) for a device this VMM does not
+/// have: the same message on the command line and from `vm.create`.
+pub fn unimplemented_device(option: &'static str, value: &str) -> ConfigError {
+    let reason = NO_DEVICE
+        .iter()
+        .find(|(name, _)| *name == option)
+        .map_or("this VMM has no such device", |(_, reason)| reason);
+    not_supported(option, "", member_name(option), value.to_owned(), reason)
 }
 
 impl VmConfig {
@@ -525,69 +558,33 @@ impl VmConfig {
 
     /// Device members of upstream's `VmConfig` this VMM has no device for.
     fn validate_devices(&self) -> Result<(), ConfigError> {
-        let lists: [(&'static str, &Option<Vec<Value>>, &str); 11] = [
-            ("net", &self.net, NO_NETWORKING),
-            (
-                "rate-limit-group",
-                &self.rate_limit_groups,
-                "I/O rate limiting is not implemented",
-            ),
-            ("fs", &self.fs, "virtio-fs is not implemented"),
-            (
-                "generic-vhost-user",
-                &self.generic_vhost_user,
-                "vhost-user devices are not implemented",
-            ),
-            ("pmem", &self.pmem, "virtio-pmem is not implemented"),
-            (
-                "device",
-                &self.devices,
-                "VFIO passthrough is not implemented",
-            ),
-            (
-                "user-device",
-                &self.user_devices,
-                "vfio-user devices are not implemented",
-            ),
-            ("vdpa", &self.vdpa, "vDPA devices are not implemented"),
-            ("sgx-epc", &self.sgx_epc, "SGX is not implemented"),
-            ("numa", &self.numa, "guest NUMA nodes are not implemented"),
-            (
-                "pci-segment",
-                &self.pci_segments,
-                "there is no PCI bus; devices are virtio-mmio",
-            ),
+        let lists = [
+            ("net", &self.net),
+            ("rate-limit-group", &self.rate_limit_groups),
+            ("fs", &self.fs),
+            ("generic-vhost-user", &self.generic_vhost_user),
+            ("pmem", &self.pmem),
+            ("device", &self.devices),
+            ("user-device", &self.user_devices),
+            ("vdpa", &self.vdpa),
+            ("sgx-epc", &self.sgx_epc),
+            ("numa", &self.numa),
+            ("pci-segment", &self.pci_segments),
         ];
-        for (option, list, reason) in lists {
+        for (option, list) in lists {
             if let Some(first) = list.as_deref().and_then(<[Value]>::first) {
-                return Err(not_supported(
-                    option,
-                    "",
-                    member_name(option),
-                    first.to_string(),
-                    reason,
-                ));
+                return Err(unimplemented_device(option, &first.to_string()));
             }
         }
-        let singles: [(&'static str, &Option<Value>, &str); 4] = [
-            (
-                "balloon",
-                &self.balloon,
-                "virtio-balloon is not implemented",
-            ),
-            ("vsock", &self.vsock, "virtio-vsock is not implemented"),
-            ("rtc", &self.rtc, "there is no virtio RTC device"),
-            ("tpm", &self.tpm, "TPM emulation is not implemented"),
+        let singles = [
+            ("balloon", &self.balloon),
+            ("vsock", &self.vsock),
+            ("rtc", &self.rtc),
+            ("tpm", &self.tpm),
         ];
-        for (option, value, reason) in singles {
+        for (option, value) in singles {
             if let Some(value) = value.as_ref().filter(|value| !is_empty_json(value)) {
-                return Err(not_supported(
-                    option,
-                    "",
-                    option.to_owned(),
-                    value.to_string(),
-                    reason,
-                ));
+                return Err(unimplemented_device(option, &value.to_string()));
             }
         }
         if self.rng.src != DEFAULT_RNG_SOURCE || self.rng.iommu {
@@ -601,24 +598,12 @@ impl VmConfig {
             ));
         }
         let flags = [
-            ("iommu", self.iommu, "there is no virtual IOMMU"),
-            ("watchdog", self.watchdog, "there is no watchdog device"),
-            (
-                "landlock",
-                self.landlock_enable,
-                "Landlock sandboxing is not implemented",
-            ),
+            ("iommu", self.iommu),
+            ("watchdog", self.watchdog),
+            ("landlock", self.landlock_enable),
         ];
-        for (option, set, reason) in flags {
-            if set {
-                return Err(not_supported(
-                    option,
-                    "",
-                    member_name(option),
-                    "on".into(),
-                    reason,
-                ));
-            }
+        if let Some((option, _)) = flags.into_iter().find(|(_, set)| *set) {
+            return Err(unimplemented_device(option, "on"));
         }
         Ok(())
     }
