@@ -6,21 +6,8 @@
 use option_parser::{OptionSpec, ParsedOption, IMAGE_TYPES, LOCK_GRANULARITIES};
 
 use super::model::*;
-use super::validate::{unimplemented_device, zones_need_size_zero, GUEST_PAGE_SIZE};
+use super::validate::{unimplemented_device, zones_need_size_zero};
 use super::{ConfigError, OptionError};
-
-fn check_page_multiple(parsed: &ParsedOption, key: &str, size: u64) -> Result<(), ConfigError> {
-    if !size.is_multiple_of(GUEST_PAGE_SIZE) {
-        return Err(parsed
-            .invalid(
-                key,
-                &size.to_string(),
-                format!("must be a multiple of {GUEST_PAGE_SIZE} bytes"),
-            )
-            .into());
-    }
-    Ok(())
-}
 
 /// `value` spelled as upstream's JSON does when it is one of `words`, else as given.
 fn canonical(value: String, words: &[(&str, &str)]) -> String {
@@ -138,7 +125,6 @@ impl MemoryConfig {
             Some(input) => {
                 let parsed = ParsedOption::parse(&MEMORY_SPEC, input)?;
                 let size = parsed.byte_size("size")?.unwrap_or(defaults.size);
-                check_page_multiple(&parsed, "size", size)?;
                 let hotplug_method = parsed
                     .choice(
                         "hotplug_method",
@@ -192,13 +178,10 @@ impl MemoryZoneConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&MEMORY_ZONE_SPEC, input)?;
         let id = parsed.required_string("id")?;
-        let size = parsed
-            .byte_size("size")?
-            .ok_or(ConfigError::from(OptionError::MissingKey {
-                option: "memory-zone",
-                key: "size",
-            }))?;
-        check_page_multiple(&parsed, "size", size)?;
+        let size = parsed.byte_size("size")?.ok_or(OptionError::MissingKey {
+            option: "memory-zone",
+            key: "size",
+        })?;
         let toggle = |key| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(false));
         Ok(MemoryZoneConfig {
             id,

@@ -165,7 +165,6 @@ fn memory() {
     );
     assert_eq!(MemoryConfig::parse(None, &[]).unwrap().size, 512 << 20);
     assert_invalid_value(MemoryConfig::parse(Some("size=64X"), &[]), "size");
-    assert_invalid_value(MemoryConfig::parse(Some("size=1000"), &[]), "size");
     assert_invalid_value(
         MemoryConfig::parse(Some("size=1G,shared=yes"), &[]),
         "shared",
@@ -176,6 +175,7 @@ fn memory() {
             ..Default::default()
         })
     };
+    assert_invalid_value(memory("size=1000"), "size");
     assert!(matches!(
         memory("size=0"),
         Err(ConfigError::Invalid {
@@ -1160,13 +1160,7 @@ fn an_upstream_config_with_nulls_is_accepted() {
 
 #[test]
 fn serde_names_match_upstream() {
-    let config = VmConfig::from_options(&VmOptionStrings {
-        kernel: Some("/k"),
-        memory: Some("size=64M"),
-        ..Default::default()
-    })
-    .unwrap()
-    .unwrap();
+    let config = command_line(VmOptionStrings::default()).unwrap();
     let json = serde_json::to_value(&config).unwrap();
     assert_eq!(json["cpus"]["boot_vcpus"], 1);
     assert_eq!(json["memory"]["size"], 64 << 20);
