@@ -153,7 +153,7 @@ impl VmConfig {
                 "the guest's physical address width is not limited; only upstream's default 46 is accepted",
             );
         }
-        if cpus.affinity.as_ref().is_some_and(|list| !list.is_empty()) {
+        if is_set(&cpus.affinity) {
             return refuse("affinity", "[..]".into(), "vCPU threads are not pinned");
         }
         if cpus.features.amx {
@@ -216,9 +216,6 @@ impl VmConfig {
                 reason,
             ))
         };
-        if memory.mergeable {
-            return refuse("mergeable", "on".into(), "guest RAM is not offered to KSM");
-        }
         if memory.hotplug_method != HotplugMethod::Acpi && memory.hotplug_size.is_some() {
             return refuse(
                 "hotplug_method",
@@ -226,33 +223,15 @@ impl VmConfig {
                 "memory hotplug is not implemented",
             );
         }
-        if let Some(size) = memory.hotplug_size.filter(|size| *size > 0) {
-            return refuse(
-                "hotplug_size",
-                size.to_string(),
-                "memory hotplug is not implemented",
-            );
-        }
-        if let Some(size) = memory.hotplugged_size.filter(|size| *size > 0) {
-            return refuse(
-                "hotplugged_size",
-                size.to_string(),
-                "memory hotplug is not implemented",
-            );
-        }
-        if memory.hugepages || memory.hugepage_size.is_some() {
-            return refuse(
-                if memory.hugepages {
-                    "hugepages"
-                } else {
-                    "hugepage_size"
-                },
-                "on".into(),
-                HUGEPAGES_REASON,
-            );
-        }
-        if memory.reserve {
-            return refuse("reserve", "on".into(), "guest RAM is not reserved up front");
+        if let Some((key, value, reason)) = unsupported_ram(
+            memory.mergeable,
+            memory.hugepages,
+            memory.hugepage_size,
+            memory.hotplug_size,
+            memory.hotplugged_size,
+            memory.reserve,
+        ) {
+            return refuse(key, value, reason);
         }
         for (index, zone) in zones.iter().enumerate() {
             let refuse = |key: &'static str, value: String, reason: &str| {
@@ -283,12 +262,6 @@ impl VmConfig {
                     ),
                 }));
             }
-            if zone.hugepages || zone.hugepage_size.is_some() {
-                return refuse("hugepages", "on".into(), HUGEPAGES_REASON);
-            }
-            if zone.mergeable {
-                return refuse("mergeable", "on".into(), "guest RAM is not offered to KSM");
-            }
             if let Some(node) = zone.host_numa_node {
                 return refuse(
                     "host_numa_node",
@@ -296,22 +269,15 @@ impl VmConfig {
                     "no NUMA memory policy is applied",
                 );
             }
-            if let Some(size) = zone.hotplug_size.filter(|size| *size > 0) {
-                return refuse(
-                    "hotplug_size",
-                    size.to_string(),
-                    "memory hotplug is not implemented",
-                );
-            }
-            if let Some(size) = zone.hotplugged_size.filter(|size| *size > 0) {
-                return refuse(
-                    "hotplugged_size",
-                    size.to_string(),
-                    "memory hotplug is not implemented",
-                );
-            }
-            if zone.reserve {
-                return refuse("reserve", "on".into(), "guest RAM is not reserved up front");
+            if let Some((key, value, reason)) = unsupported_ram(
+                zone.mergeable,
+                zone.hugepages,
+                zone.hugepage_size,
+                zone.hotplug_size,
+                zone.hotplugged_size,
+                zone.reserve,
+            ) {
+                return refuse(key, value, reason);
             }
         }
         let total = zones
@@ -463,11 +429,7 @@ impl VmConfig {
                     "the guest reads a disk ID derived from the image, not a configured serial",
                 );
             }
-            if disk
-                .queue_affinity
-                .as_ref()
-                .is_some_and(|list| !list.is_empty())
-            {
+            if is_set(&disk.queue_affinity) {
                 return refuse(
                     "queue_affinity",
                     "[..]".into(),
@@ -628,11 +590,7 @@ impl VmConfig {
                 "there is no PCI bus; only upstream's default 1 is accepted",
             );
         }
-        if platform
-            .iommu_segments
-            .as_ref()
-            .is_some_and(|list| !list.is_empty())
-        {
+        if is_set(&platform.iommu_segments) {
             return refuse("iommu_segments", "[..]".into(), "there is no virtual IOMMU");
         }
         if platform.iommu_address_width_bits != DEFAULT_IOMMU_ADDRESS_WIDTH_BITS {
@@ -663,11 +621,7 @@ impl VmConfig {
                 );
             }
         }
-        if platform
-            .oem_strings
-            .as_ref()
-            .is_some_and(|list| !list.is_empty())
-        {
+        if is_set(&platform.oem_strings) {
             return refuse(
                 "oem_strings",
                 "[..]".into(),
@@ -819,6 +773,44 @@ fn member_name(option: &str) -> String {
         "landlock" => "landlock_enable".to_owned(),
         other => other.replace('-', "_"),
     }
+}
+
+/// What `--memory` and each `--memory-zone` share and this VMM does not do (KSM, hugetlbfs
+/// pages, hotplug, reserving): the first one asked for, as (key, value, reason).
+fn unsupported_ram(
+    mergeable: bool,
+    hugepages: bool,
+    hugepage_size: Option<u64>,
+    hotplug_size: Option<u64>,
+    hotplugged_size: Option<u64>,
+    reserve: bool,
+) -> Option<(&'static str, String, &'static str)> {
+    let on = |set: bool| set.then(|| "on".to_owned());
+    let hotplug = |size: Option<u64>| size.filter(|size| *size > 0).map(|size| size.to_string());
+    let hotplug_reason = "memory hotplug is not implemented";
+    [
+        (
+            "mergeable",
+            on(mergeable),
+            "guest RAM is not offered to KSM",
+        ),
+        ("hugepages", on(hugepages), HUGEPAGES_REASON),
+        (
+            "hugepage_size",
+            hugepage_size.map(|size| size.to_string()),
+            HUGEPAGES_REASON,
+        ),
+        ("hotplug_size", hotplug(hotplug_size), hotplug_reason),
+        ("hotplugged_size", hotplug(hotplugged_size), hotplug_reason),
+        ("reserve", on(reserve), "guest RAM is not reserved up front"),
+    ]
+    .into_iter()
+    .find_map(|(key, value, reason)| Some((key, value?, reason)))
+}
+
+/// A list member that asks for something: given and not empty.
+fn is_set<T>(list: &Option<Vec<T>>) -> bool {
+    list.as_ref().is_some_and(|list| !list.is_empty())
 }
 
 /// JSON that asks for nothing: `null`, `false`, `{}`, `[]`.
