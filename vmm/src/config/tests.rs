@@ -433,6 +433,29 @@ fn disk_members_follow_one_rule_on_the_command_line_and_in_json() {
     }
 }
 
+/// The command line of `(option, value)` pairs (`("pvpanic", "")` for the flag).
+fn cli_options(given: &[(&'static str, &'static str)]) -> VmOptionStrings<'static> {
+    let mut options = VmOptionStrings::default();
+    for &(option, value) in given {
+        match option {
+            "cpus" => options.cpus = Some(value),
+            "memory" => options.memory = Some(value),
+            "memory-zone" => options.memory_zones.push(value),
+            "disk" => options.disks.push(value),
+            "net" => options.net.push(value),
+            "rng" => options.rng = Some(value),
+            "platform" => options.platform = Some(value),
+            "serial" => options.serial = Some(value),
+            "console" => options.console = Some(value),
+            "firmware" => options.firmware = Some(value),
+            "nv" => options.nv = Some(value),
+            "pvpanic" => options.pvpanic = true,
+            device => options.devices.push((device, value)),
+        }
+    }
+    options
+}
+
 /// The outcome of one setting given on the command line and as a `vm.create` body: `Ok` or the
 /// refusal's message.
 fn both_paths(options: VmOptionStrings, members: serde_json::Value) -> [Result<(), String>; 2] {
@@ -470,324 +493,207 @@ fn both_paths(options: VmOptionStrings, members: serde_json::Value) -> [Result<(
 #[test]
 fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
     use serde_json::json;
-    let cli = VmOptionStrings::default;
-    let cases: Vec<(VmOptionStrings, serde_json::Value, Option<&str>)> = vec![
-        // --cpus
+    let cases: Vec<(
+        &[(&'static str, &'static str)],
+        serde_json::Value,
+        Option<&str>,
+    )> = vec![
         (
-            VmOptionStrings {
-                cpus: Some("boot=1,max=1,core_scheduling=off,profile=host"),
-                ..cli()
-            },
+            &[("cpus", "boot=1,max=1,core_scheduling=off,profile=host")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "core_scheduling": "Off", "profile": "host"}}),
             None,
         ),
         (
-            VmOptionStrings {
-                cpus: Some("boot=0"),
-                ..cli()
-            },
+            &[("cpus", "boot=0")],
             json!({"cpus": {"boot_vcpus": 0, "max_vcpus": 0}}),
             Some("boot"),
         ),
         (
-            VmOptionStrings {
-                cpus: Some("boot=1,max=2"),
-                ..cli()
-            },
+            &[("cpus", "boot=1,max=2")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 2}}),
             Some("cpus.max"),
         ),
         (
-            VmOptionStrings {
-                cpus: Some("boot=1,kvm_hyperv=on"),
-                ..cli()
-            },
+            &[("cpus", "boot=1,kvm_hyperv=on")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "kvm_hyperv": true}}),
             Some("kvm_hyperv"),
         ),
         (
-            VmOptionStrings {
-                cpus: Some("boot=1,nested=off"),
-                ..cli()
-            },
+            &[("cpus", "boot=1,nested=off")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "nested": false}}),
             Some("nested"),
         ),
         (
-            VmOptionStrings {
-                cpus: Some("boot=1,affinity=[0@[0]]"),
-                ..cli()
-            },
+            &[("cpus", "boot=1,affinity=[0@[0]]")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": [0]}]}}),
             Some("affinity"),
         ),
-        // --memory
         (
-            VmOptionStrings {
-                memory: Some("size=64M,shared=on,prefault=on,thp=off"),
-                ..cli()
-            },
+            &[("memory", "size=64M,shared=on,prefault=on,thp=off")],
             json!({"memory": {"size": 64u64 << 20, "shared": true, "prefault": true, "thp": false}}),
             None,
         ),
         (
-            VmOptionStrings {
-                memory: Some("size=0"),
-                ..cli()
-            },
+            &[("memory", "size=0")],
             json!({"memory": {"size": 0}}),
             Some("size=0 needs at least one --memory-zone"),
         ),
         (
-            VmOptionStrings {
-                memory: Some("size=1000"),
-                ..cli()
-            },
+            &[("memory", "size=1000")],
             json!({"memory": {"size": 1000}}),
             Some("multiple of 4096"),
         ),
         (
-            VmOptionStrings {
-                memory: Some("size=64M,mergeable=on"),
-                ..cli()
-            },
+            &[("memory", "size=64M,mergeable=on")],
             json!({"memory": {"mergeable": true}}),
             Some("memory.mergeable"),
         ),
         (
-            VmOptionStrings {
-                memory: Some("size=64M,hugepages=on"),
-                ..cli()
-            },
+            &[("memory", "size=64M,hugepages=on")],
             json!({"memory": {"hugepages": true}}),
             Some("memory.hugepages"),
         ),
-        // --memory-zone
         (
-            VmOptionStrings {
-                memory: Some("size=0"),
-                memory_zones: vec!["id=m0,size=64M,file=/ram,shared=on"],
-                ..cli()
-            },
+            &[
+                ("memory", "size=0"),
+                ("memory-zone", "id=m0,size=64M,file=/ram,shared=on"),
+            ],
             json!({"memory": {"size": 0, "zones": [{"id": "m0", "size": 64u64 << 20, "file": "/ram", "shared": true}]}}),
             None,
         ),
         (
-            VmOptionStrings {
-                memory_zones: vec!["id=m0,size=64M"],
-                ..cli()
-            },
+            &[("memory-zone", "id=m0,size=64M")],
             json!({"memory": {"zones": [{"id": "m0", "size": 64u64 << 20}]}}),
             Some("zones need --memory size=0"),
         ),
         (
-            VmOptionStrings {
-                memory: Some("size=0"),
-                memory_zones: vec!["id=m0,size=64M,host_numa_node=0"],
-                ..cli()
-            },
+            &[
+                ("memory", "size=0"),
+                ("memory-zone", "id=m0,size=64M,host_numa_node=0"),
+            ],
             json!({"memory": {"size": 0, "zones": [{"id": "m0", "size": 64u64 << 20, "host_numa_node": 0}]}}),
             Some("host_numa_node"),
         ),
-        // --disk (every key: disk_members_follow_one_rule_on_the_command_line_and_in_json)
         (
-            VmOptionStrings {
-                disks: vec!["path=/a,readonly=on,id=d0"],
-                ..cli()
-            },
+            &[("memory", "size=0"), ("memory-zone", "id=m0,size=1000")],
+            json!({"memory": {"size": 0, "zones": [{"id": "m0", "size": 1000}]}}),
+            Some("multiple of 4096"),
+        ),
+        // Every --disk key: disk_members_follow_one_rule_on_the_command_line_and_in_json.
+        (
+            &[("disk", "path=/a,readonly=on,id=d0")],
             json!({"disks": [{"path": "/a", "readonly": true, "id": "d0"}]}),
             None,
         ),
         (
-            VmOptionStrings {
-                disks: vec!["path=/a,bw_size=10"],
-                ..cli()
-            },
+            &[("disk", "path=/a,bw_size=10")],
             json!({"disks": [{"path": "/a", "rate_limiter_config": {"bandwidth": {"size": 10, "refill_time": 1}}}]}),
             Some("bw_size"),
         ),
         (
-            VmOptionStrings {
-                disks: vec!["path=/a,queue_affinity=[0@[0]]"],
-                ..cli()
-            },
+            &[("disk", "path=/a,queue_affinity=[0@[0]]")],
             json!({"disks": [{"path": "/a", "queue_affinity": [{"queue_index": 0, "host_cpus": [0]}]}]}),
             Some("queue_affinity"),
         ),
-        // --net
         (
-            VmOptionStrings {
-                net: vec!["tap=t0"],
-                ..cli()
-            },
+            &[("net", "tap=t0")],
             json!({"net": [{"tap": "t0"}]}),
             Some("net"),
         ),
-        // --rng
         (
-            VmOptionStrings {
-                rng: Some("src=/dev/urandom"),
-                ..cli()
-            },
+            &[("rng", "src=/dev/urandom")],
             json!({"rng": {"src": "/dev/urandom"}}),
             None,
         ),
         (
-            VmOptionStrings {
-                rng: Some("src=/dev/random"),
-                ..cli()
-            },
+            &[("rng", "src=/dev/random")],
             json!({"rng": {"src": "/dev/random"}}),
             Some("rng.src"),
         ),
-        // --platform
         (
-            VmOptionStrings {
-                platform: Some("num_pci_segments=1"),
-                ..cli()
-            },
+            &[("platform", "num_pci_segments=1")],
             json!({"platform": {"num_pci_segments": 1}}),
             None,
         ),
         (
-            VmOptionStrings {
-                platform: Some("num_pci_segments=2"),
-                ..cli()
-            },
+            &[("platform", "num_pci_segments=2")],
             json!({"platform": {"num_pci_segments": 2}}),
             Some("num_pci_segments"),
         ),
         (
-            VmOptionStrings {
-                platform: Some("serial_number=S1"),
-                ..cli()
-            },
+            &[("platform", "serial_number=S1")],
             json!({"platform": {"serial_number": "S1"}}),
             Some("serial_number"),
         ),
-        // --serial, --console
         (
-            VmOptionStrings {
-                serial: Some("file=/log"),
-                console: Some("off"),
-                ..cli()
-            },
+            &[("serial", "file=/log"), ("console", "off")],
             json!({"serial": {"mode": "File", "file": "/log"}, "console": {"mode": "Off"}}),
             None,
         ),
         (
-            VmOptionStrings {
-                serial: Some("tty"),
-                ..cli()
-            },
+            &[("serial", "tty")],
             json!({"serial": {"mode": "Tty"}}),
             Some("tty is given to both"),
         ),
         (
-            VmOptionStrings {
-                serial: Some("socket=/s"),
-                ..cli()
-            },
+            &[("serial", "socket=/s")],
             json!({"serial": {"mode": "Socket", "socket": "/s"}}),
             Some("socket"),
         ),
         (
-            VmOptionStrings {
-                console: Some("socket=/s"),
-                ..cli()
-            },
+            &[("console", "socket=/s")],
             json!({"console": {"mode": "Socket", "socket": "/s"}}),
             Some("socket"),
         ),
-        // --fs, --vsock, --watchdog, ...: the devices this VMM does not have
+        (&[("pvpanic", "")], json!({"pvpanic": true}), None),
         (
-            VmOptionStrings {
-                devices: vec![("fs", "tag=t,socket=/s")],
-                ..cli()
-            },
+            &[("firmware", "/fw")],
+            json!({"payload": {"firmware": "/fw"}}),
+            Some("firmware"),
+        ),
+        // The devices this VMM does not have: --fs, --vsock, --watchdog, ...
+        (
+            &[("fs", "tag=t,socket=/s")],
             json!({"fs": [{"tag": "t", "socket": "/s"}]}),
             Some("(VmConfig member \"fs\") is not supported by this VMM: virtio-fs"),
         ),
         (
-            VmOptionStrings {
-                devices: vec![("watchdog", "on")],
-                ..cli()
-            },
+            &[("watchdog", "on")],
             json!({"watchdog": true}),
             Some("(VmConfig member \"watchdog\") is not supported by this VMM"),
         ),
-        // --pvpanic
         (
-            VmOptionStrings {
-                pvpanic: true,
-                ..cli()
-            },
-            json!({"pvpanic": true}),
-            None,
-        ),
-        // --firmware
-        (
-            VmOptionStrings {
-                firmware: Some("/fw"),
-                ..cli()
-            },
-            json!({"payload": {"firmware": "/fw"}}),
-            Some("firmware"),
-        ),
-        // --nv
-        (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=web-1,create=on,region_size=1G"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=web-1,create=on,region_size=1G")],
             json!({"nv": {"region": "/r", "vm": "web-1", "create": true, "region_size": 1u64 << 30}}),
             None,
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=a/b"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=a/b")],
             json!({"nv": {"region": "/r", "vm": "a/b"}}),
             Some("use letters, digits"),
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=a,deadline_ms=0"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=a,deadline_ms=0")],
             json!({"nv": {"region": "/r", "vm": "a", "deadline_ms": 0}}),
             Some("deadline_ms"),
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=a,region_size=0"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=a,region_size=0")],
             json!({"nv": {"region": "/r", "vm": "a", "region_size": 0}}),
             Some("region_size"),
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=a,region_size=1000"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=a,region_size=1000")],
             json!({"nv": {"region": "/r", "vm": "a", "region_size": 1000}}),
             Some("multiple of 4096"),
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm=a,force-cold=on"),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=a,force-cold=on")],
             json!({"nv": {"region": "/r", "vm": "a", "force_cold": true}}),
             Some("force-cold"),
         ),
         (
-            VmOptionStrings {
-                nv: Some("region=/r,vm="),
-                ..cli()
-            },
+            &[("nv", "region=/r,vm=")],
             json!({"nv": {"region": "/r", "vm": ""}}),
             Some("vm"),
         ),
@@ -795,7 +701,7 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
     let mut disagreements = Vec::new();
     for (options, members, refused) in cases {
         let what = format!("{options:?} / {members}");
-        let outcomes = both_paths(options, members);
+        let outcomes = both_paths(cli_options(options), members);
         let agree = outcomes.iter().all(|outcome| match (refused, outcome) {
             (None, Ok(())) => true,
             (Some(needle), Err(message)) => message.contains(needle),
