@@ -265,7 +265,9 @@ impl RngConfig {
 
 const PLATFORM_SPEC: OptionSpec = OptionSpec::keyed(
     "platform",
-    "num_pci_segments iommu_segments iommu_address_width serial_number uuid oem_strings manufacturer product_name version family sku_number chassis_asset_tag tdx sev_snp iommufd vfio_p2p_dma",
+    "num_pci_segments iommu_segments iommu_address_width serial_number uuid oem_strings \
+        manufacturer product_name version family sku_number chassis_asset_tag tdx sev_snp iommufd \
+        vfio_p2p_dma",
 );
 
 impl PlatformConfig {
