@@ -433,8 +433,10 @@ fn disk_members_follow_one_rule_on_the_command_line_and_in_json() {
     }
 }
 
-/// The command line of `(option, value)` pairs (`("pvpanic", "")` for the flag).
-fn cli_options(given: &[(&'static str, &'static str)]) -> VmOptionStrings<'static> {
+/// A command line as `(option, value)` pairs (`("pvpanic", "")` for the flag).
+type CommandLine = &'static [(&'static str, &'static str)];
+
+fn cli_options(given: CommandLine) -> VmOptionStrings<'static> {
     let mut options = VmOptionStrings::default();
     for &(option, value) in given {
         match option {
@@ -493,11 +495,7 @@ fn both_paths(options: VmOptionStrings, members: serde_json::Value) -> [Result<(
 #[test]
 fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
     use serde_json::json;
-    let cases: Vec<(
-        &[(&'static str, &'static str)],
-        serde_json::Value,
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<(CommandLine, serde_json::Value, Option<&str>)> = vec![
         (
             &[("cpus", "boot=1,max=1,core_scheduling=off,profile=host")],
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "core_scheduling": "Off", "profile": "host"}}),
