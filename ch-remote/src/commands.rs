@@ -434,7 +434,7 @@ fn add(op: &str, what: &'static str, syntax: &Syntax, text: &str) -> Result<ApiC
 }
 
 fn byte_size(text: &str) -> Result<u64, SizeError> {
-    option_syntax::parse_byte_size(text).ok_or_else(|| SizeError(text.to_owned()))
+    option_parser::parse_byte_size(text).map_err(|_| SizeError(text.to_owned()))
 }
 
 fn read_config(path: &str, stdin: &mut dyn Read) -> Result<String, CommandError> {

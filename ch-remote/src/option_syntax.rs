@@ -7,6 +7,7 @@
 //! every other member has a default on the server side (see the OpenAPI spec), so the VMM sees the
 //! same configuration upstream's client would give it.
 
+use option_parser::{parse_byte_size, parse_toggle, split_list, IMAGE_TYPES, LOCK_GRANULARITIES};
 use serde_json::{json, Map, Value};
 
 /// How a key's value is read and written into the body.
@@ -67,9 +68,9 @@ const fn renamed(name: &'static str, member: &'static str, kind: Kind) -> Key {
     Key { name, member, kind }
 }
 
-/// The keys of one verb's argument.
+/// The keys of one verb's argument, in groups (the groups several verbs share are written once).
 pub struct Syntax {
-    keys: &'static [Key],
+    keys: &'static [&'static [Key]],
     required: &'static [&'static str],
 }
 
@@ -92,18 +93,6 @@ pub enum SyntaxError {
     Unsupported { key: String, reason: &'static str },
 }
 
-const IMAGE_TYPES: &[(&str, &str)] = &[
-    ("raw", "Raw"),
-    ("qcow2", "Qcow2"),
-    ("vhd", "FixedVhd"),
-    ("fixedvhd", "FixedVhd"),
-    ("vhdx", "Vhdx"),
-];
-const LOCK_GRANULARITIES: &[(&str, &str)] = &[
-    ("byte-range", "ByteRange"),
-    ("byterange", "ByteRange"),
-    ("full", "Full"),
-];
 const VHOST_MODES: &[(&str, &str)] = &[("client", "Client"), ("server", "Server")];
 const RESTORE_MODES: &[(&str, &str)] = &[("copy", "Copy"), ("ondemand", "OnDemand")];
 const MIGRATION_MODES: &[(&str, &str)] = &[("precopy", "Precopy"), ("postcopy", "Postcopy")];
@@ -111,7 +100,26 @@ const TIMEOUT_STRATEGIES: &[(&str, &str)] = &[("cancel", "Cancel"), ("ignore", "
 
 const NET_FDS: &str = "per-device file descriptor lists are not translated by this client";
 
-const RATE_LIMIT_KEYS: [Key; 6] = [
+const IOMMU: Key = key("iommu", Kind::Toggle);
+
+/// Where a device sits: upstream's `id`, `pci_segment` and `pci_device_id`, on every device.
+const DEVICE_ADDRESS: &[Key] = &[
+    key("id", Kind::Text),
+    key("pci_segment", Kind::Integer),
+    key("pci_device_id", Kind::Integer),
+];
+
+const QUEUES: &[Key] = &[
+    key("num_queues", Kind::Integer),
+    key("queue_size", Kind::Integer),
+];
+
+const VHOST_USER: &[Key] = &[
+    key("vhost_user", Kind::Toggle),
+    renamed("socket", "vhost_socket", Kind::Text),
+];
+
+const RATE_LIMIT: &[Key] = &[
     key("bw_size", Kind::Bucket(Bucket::Bandwidth, BucketPart::Size)),
     key(
         "bw_one_time_burst",
@@ -135,33 +143,26 @@ const RATE_LIMIT_KEYS: [Key; 6] = [
 /// `add-disk`: upstream's `--disk` keys.
 pub const DISK: Syntax = Syntax {
     keys: &[
-        key("path", Kind::Text),
-        key("readonly", Kind::Toggle),
-        key("direct", Kind::Toggle),
-        key("iommu", Kind::Toggle),
-        key("queue_size", Kind::Integer),
-        key("num_queues", Kind::Integer),
-        key("vhost_user", Kind::Toggle),
-        renamed("socket", "vhost_socket", Kind::Text),
-        RATE_LIMIT_KEYS[0],
-        RATE_LIMIT_KEYS[1],
-        RATE_LIMIT_KEYS[2],
-        RATE_LIMIT_KEYS[3],
-        RATE_LIMIT_KEYS[4],
-        RATE_LIMIT_KEYS[5],
-        key("rate_limit_group", Kind::Text),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
-        key("serial", Kind::Text),
-        key("image_type", Kind::Choice(IMAGE_TYPES)),
-        key("sparse", Kind::Toggle),
-        key("backing_files", Kind::Toggle),
-        key("lock_granularity", Kind::Choice(LOCK_GRANULARITIES)),
-        key(
-            "queue_affinity",
-            Kind::Unsupported("queue affinity lists are not translated by this client"),
-        ),
+        &[
+            key("path", Kind::Text),
+            key("readonly", Kind::Toggle),
+            key("direct", Kind::Toggle),
+            IOMMU,
+            key("rate_limit_group", Kind::Text),
+            key("serial", Kind::Text),
+            key("image_type", Kind::Choice(IMAGE_TYPES)),
+            key("sparse", Kind::Toggle),
+            key("backing_files", Kind::Toggle),
+            key("lock_granularity", Kind::Choice(LOCK_GRANULARITIES)),
+            key(
+                "queue_affinity",
+                Kind::Unsupported("queue affinity lists are not translated by this client"),
+            ),
+        ],
+        QUEUES,
+        VHOST_USER,
+        RATE_LIMIT,
+        DEVICE_ADDRESS,
     ],
     required: &[],
 };
@@ -169,31 +170,24 @@ pub const DISK: Syntax = Syntax {
 /// `add-net`: upstream's `--net` keys.
 pub const NET: Syntax = Syntax {
     keys: &[
-        key("tap", Kind::Text),
-        key("ip", Kind::Ip),
-        key("mask", Kind::Ip),
-        key("mac", Kind::Mac),
-        key("host_mac", Kind::Mac),
-        key("mtu", Kind::Integer),
-        key("iommu", Kind::Toggle),
-        key("queue_size", Kind::Integer),
-        key("num_queues", Kind::Integer),
-        key("vhost_user", Kind::Toggle),
-        renamed("socket", "vhost_socket", Kind::Text),
-        key("vhost_mode", Kind::Choice(VHOST_MODES)),
-        key("id", Kind::Text),
-        renamed("fd", "fds", Kind::FdList),
-        RATE_LIMIT_KEYS[0],
-        RATE_LIMIT_KEYS[1],
-        RATE_LIMIT_KEYS[2],
-        RATE_LIMIT_KEYS[3],
-        RATE_LIMIT_KEYS[4],
-        RATE_LIMIT_KEYS[5],
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
-        key("offload_tso", Kind::Toggle),
-        key("offload_ufo", Kind::Toggle),
-        key("offload_csum", Kind::Toggle),
+        &[
+            key("tap", Kind::Text),
+            key("ip", Kind::Ip),
+            key("mask", Kind::Ip),
+            key("mac", Kind::Mac),
+            key("host_mac", Kind::Mac),
+            key("mtu", Kind::Integer),
+            IOMMU,
+            key("vhost_mode", Kind::Choice(VHOST_MODES)),
+            renamed("fd", "fds", Kind::FdList),
+            key("offload_tso", Kind::Toggle),
+            key("offload_ufo", Kind::Toggle),
+            key("offload_csum", Kind::Toggle),
+        ],
+        QUEUES,
+        VHOST_USER,
+        RATE_LIMIT,
+        DEVICE_ADDRESS,
     ],
     required: &[],
 };
@@ -201,13 +195,9 @@ pub const NET: Syntax = Syntax {
 /// `add-fs`: upstream's `--fs` keys.
 pub const FS: Syntax = Syntax {
     keys: &[
-        key("tag", Kind::Text),
-        key("socket", Kind::Text),
-        key("num_queues", Kind::Integer),
-        key("queue_size", Kind::Integer),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
+        &[key("tag", Kind::Text), key("socket", Kind::Text)],
+        QUEUES,
+        DEVICE_ADDRESS,
     ],
     required: &["tag", "socket"],
 };
@@ -215,13 +205,13 @@ pub const FS: Syntax = Syntax {
 /// `add-pmem`: upstream's `--pmem` keys.
 pub const PMEM: Syntax = Syntax {
     keys: &[
-        key("file", Kind::Text),
-        key("size", Kind::Size),
-        key("iommu", Kind::Toggle),
-        key("discard_writes", Kind::Toggle),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
+        &[
+            key("file", Kind::Text),
+            key("size", Kind::Size),
+            IOMMU,
+            key("discard_writes", Kind::Toggle),
+        ],
+        DEVICE_ADDRESS,
     ],
     required: &["file"],
 };
@@ -229,12 +219,8 @@ pub const PMEM: Syntax = Syntax {
 /// `add-vsock`: upstream's `--vsock` keys.
 pub const VSOCK: Syntax = Syntax {
     keys: &[
-        key("cid", Kind::Integer),
-        key("socket", Kind::Text),
-        key("iommu", Kind::Toggle),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
+        &[key("cid", Kind::Integer), key("socket", Kind::Text), IOMMU],
+        DEVICE_ADDRESS,
     ],
     required: &["cid", "socket"],
 };
@@ -242,55 +228,50 @@ pub const VSOCK: Syntax = Syntax {
 /// `add-device`: upstream's `--device` (VFIO) keys.
 pub const DEVICE: Syntax = Syntax {
     keys: &[
-        key("path", Kind::Text),
-        key("iommu", Kind::Toggle),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
-        key("x_nv_gpudirect_clique", Kind::Integer),
+        &[
+            key("path", Kind::Text),
+            IOMMU,
+            key("x_nv_gpudirect_clique", Kind::Integer),
+        ],
+        DEVICE_ADDRESS,
     ],
     required: &["path"],
 };
 
 /// `add-user-device`: upstream's `--user-device` keys.
 pub const USER_DEVICE: Syntax = Syntax {
-    keys: &[
-        key("socket", Kind::Text),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
-    ],
+    keys: &[&[key("socket", Kind::Text)], DEVICE_ADDRESS],
     required: &["socket"],
 };
 
 /// `add-vdpa`: upstream's `--vdpa` keys.
 pub const VDPA: Syntax = Syntax {
     keys: &[
-        key("path", Kind::Text),
-        key("num_queues", Kind::Integer),
-        key("iommu", Kind::Toggle),
-        key("id", Kind::Text),
-        key("pci_segment", Kind::Integer),
-        key("pci_device_id", Kind::Integer),
+        &[
+            key("path", Kind::Text),
+            key("num_queues", Kind::Integer),
+            IOMMU,
+        ],
+        DEVICE_ADDRESS,
     ],
     required: &["path"],
 };
 
 /// `restore`: upstream's `--restore` keys.
 pub const RESTORE: Syntax = Syntax {
-    keys: &[
+    keys: &[&[
         key("source_url", Kind::Text),
         key("prefault", Kind::Toggle),
         key("memory_restore_mode", Kind::Choice(RESTORE_MODES)),
         key("resume", Kind::Toggle),
         key("net_fds", Kind::Unsupported(NET_FDS)),
-    ],
+    ]],
     required: &["source_url"],
 };
 
 /// `send-migration`.
 pub const SEND_MIGRATION: Syntax = Syntax {
-    keys: &[
+    keys: &[&[
         key("destination_url", Kind::Text),
         key("local", Kind::Toggle),
         key("downtime_ms", Kind::Integer),
@@ -299,23 +280,27 @@ pub const SEND_MIGRATION: Syntax = Syntax {
         key("connections", Kind::Integer),
         key("tls_dir", Kind::Text),
         key("memory_mode", Kind::Choice(MIGRATION_MODES)),
-    ],
+    ]],
     required: &["destination_url"],
 };
 
 /// `receive-migration`: `receiver_url=` is required, so the bare URL form is refused.
 pub const RECEIVE_MIGRATION: Syntax = Syntax {
-    keys: &[
+    keys: &[&[
         key("receiver_url", Kind::Text),
         key("tls_dir", Kind::Text),
         key("memory_mode", Kind::Choice(MIGRATION_MODES)),
-    ],
+    ]],
     required: &["receiver_url"],
 };
 
 impl Syntax {
     fn find(&self, name: &str) -> Option<&Key> {
-        self.keys.iter().find(|key| key.name == name)
+        self.keys
+            .iter()
+            .copied()
+            .flatten()
+            .find(|key| key.name == name)
     }
 
     /// Parses `text` into the JSON object upstream's client sends for it.
@@ -324,7 +309,7 @@ impl Syntax {
         let mut buckets = [[None::<u64>; 3]; 2];
         for item in split_items(text)? {
             // As upstream: an item without `=` is taken whole as a key name, and is unknown.
-            let (name, raw) = item.split_once('=').unwrap_or((item.as_str(), ""));
+            let (name, raw) = item.split_once('=').unwrap_or((item, ""));
             let key = self
                 .find(name)
                 .filter(|_| item.contains('='))
@@ -341,7 +326,7 @@ impl Syntax {
                 Kind::Integer => json!(value
                     .parse::<u64>()
                     .map_err(|_| invalid("a non-negative integer"))?),
-                Kind::Size => json!(parse_byte_size(value).ok_or_else(|| invalid(SIZE))?),
+                Kind::Size => json!(parse_byte_size(value).map_err(|_| invalid(SIZE))?),
                 Kind::Choice(words) => {
                     let lower = value.to_ascii_lowercase();
                     let (_, member) = words
@@ -436,36 +421,11 @@ fn rate_limiter(buckets: &[[Option<u64>; 3]; 2]) -> Option<Value> {
     Some(Value::Object(limiter))
 }
 
-fn parse_toggle(value: &str) -> Option<bool> {
-    match value {
-        "on" | "true" => Some(true),
-        "off" | "false" => Some(false),
-        _ => None,
-    }
-}
-
-/// Upstream's byte sizes: a decimal number of bytes, or with a `K`, `M` or `G` suffix.
-pub fn parse_byte_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'K' => (&text[..text.len() - 1], 10),
-        b'M' => (&text[..text.len() - 1], 20),
-        b'G' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    let number: u64 = digits.parse().ok()?;
-    number.checked_mul(1u64 << shift)
-}
-
 /// `3` or `[3,4]`: non-negative descriptor numbers.
 fn parse_fd_list(text: &str) -> Option<Vec<i32>> {
-    let inner = match text.strip_prefix('[') {
-        Some(rest) => rest.strip_suffix(']')?,
-        None => text,
-    };
-    inner
-        .split(',')
-        .map(|number| number.trim().parse::<i32>().ok().filter(|fd| *fd >= 0))
+    split_list(text)?
+        .into_iter()
+        .map(|number| number.parse::<i32>().ok().filter(|fd| *fd >= 0))
         .collect()
 }
 
@@ -484,37 +444,13 @@ fn unquote(value: &str) -> &str {
         .unwrap_or(value)
 }
 
-/// Splits on commas that are neither inside `[...]` nor between double quotes.
-fn split_items(text: &str) -> Result<Vec<String>, SyntaxError> {
-    let mut items = Vec::new();
+/// Splits on commas that are neither inside `[...]` nor between double quotes (the quotes stay
+/// in the items).
+fn split_items(text: &str) -> Result<Vec<&str>, SyntaxError> {
     if text.is_empty() {
-        return Ok(items);
+        return Ok(Vec::new());
     }
-    let mut current = String::new();
-    let mut depth = 0usize;
-    let mut quoted = false;
-    for c in text.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            '[' if !quoted => depth += 1,
-            ']' if !quoted => {
-                depth = depth
-                    .checked_sub(1)
-                    .ok_or_else(|| SyntaxError::Unbalanced(text.to_owned()))?
-            }
-            ',' if !quoted && depth == 0 => {
-                items.push(std::mem::take(&mut current));
-                continue;
-            }
-            _ => {}
-        }
-        current.push(c);
-    }
-    if quoted || depth != 0 {
-        return Err(SyntaxError::Unbalanced(text.to_owned()));
-    }
-    items.push(current);
-    Ok(items)
+    option_parser::split_items(text).map_err(|_| SyntaxError::Unbalanced(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -634,17 +570,35 @@ mod tests {
             DISK.parse("path=/a,readonly=yes"),
             Err(SyntaxError::InvalidValue { .. })
         ));
+        // Toggles are read by the shared option_parser, as upstream reads them: any case.
+        assert_eq!(
+            parsed(&DISK, "path=/a,readonly=ON,direct=False"),
+            json!({"path": "/a", "readonly": true, "direct": false})
+        );
     }
 
     #[test]
     fn sizes_and_last_value_wins() {
-        assert_eq!(parse_byte_size("4096"), Some(4096));
-        assert_eq!(parse_byte_size("2K"), Some(2048));
-        assert_eq!(parse_byte_size("3M"), Some(3 << 20));
-        assert_eq!(parse_byte_size("1G"), Some(1 << 30));
-        assert_eq!(parse_byte_size("1g"), None);
-        assert_eq!(parse_byte_size("G"), None);
-        assert_eq!(parse_byte_size("99999999999G"), None);
+        for (size, bytes) in [
+            ("4096", 4096),
+            ("2K", 2048),
+            ("3M", 3 << 20),
+            ("1G", 1 << 30),
+        ] {
+            assert_eq!(
+                parsed(&PMEM, &format!("file=/p,size={size}"))["size"],
+                bytes
+            );
+        }
+        for bad in ["1g", "G", "99999999999G"] {
+            assert!(
+                matches!(
+                    PMEM.parse(&format!("file=/p,size={bad}")),
+                    Err(SyntaxError::InvalidValue { .. })
+                ),
+                "{bad}"
+            );
+        }
         assert_eq!(
             parsed(&PMEM, "file=/p,size=128M,file=/q,discard_writes=on"),
             json!({"file": "/q", "size": 128u64 << 20, "discard_writes": true})

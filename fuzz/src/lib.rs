@@ -323,6 +323,11 @@ pub fn fuzz(
     }
 }
 
+/// Seeds of a text format, as the byte strings [`Target::seeds`] returns.
+pub fn text_seeds(seeds: &[&str]) -> Vec<Vec<u8>> {
+    seeds.iter().map(|seed| seed.as_bytes().to_vec()).collect()
+}
+
 /// The committed corpus of a target: every file in `fuzz/corpus/<name>/`, sorted by name.
 pub fn corpus_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -466,8 +466,16 @@ fn unusable_values_name_the_key_or_option() {
             &["--platform", "num_pci_segments=2"],
             &["--platform", "num_pci_segments"],
         ),
-        (&["--fs", "tag=t,socket=/s"], &["--fs"]),
-        (&["--watchdog"], &["--watchdog"]),
+        // Device options are refused by the rule (and message) that refuses their vm.create
+        // members.
+        (
+            &["--fs", "tag=t,socket=/s"],
+            &["--fs tag=t,socket=/s", "VmConfig member \"fs\""],
+        ),
+        (
+            &["--watchdog"],
+            &["--watchdog", "VmConfig member \"watchdog\""],
+        ),
     ];
     for (arguments, needles) in cases {
         let mut all = vec!["--kernel", kernel.as_str(), "--console", "off"];

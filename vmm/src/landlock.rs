@@ -28,7 +28,7 @@ use landlock::{
 };
 
 use crate::config::{ConfigError, ConsoleOutputMode, VmConfig, VmmLaunch};
-use crate::option_parser::{KeyKind, OptionSpec, ParsedOption};
+use option_parser::{OptionError, OptionSpec, ParsedOption};
 
 /// The newest Landlock ABI whose rights this VMM asks for (Linux 6.15). Newer rights are not
 /// handled (so not restricted); older kernels enforce what they know (best effort).
@@ -110,22 +110,21 @@ pub struct LandlockRule {
     pub access: LandlockAccess,
 }
 
-const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec {
-    option: "landlock-rules",
-    keys: &[("path", KeyKind::Value), ("access", KeyKind::Value)],
-};
+const LANDLOCK_RULES_SPEC: OptionSpec = OptionSpec::keyed("landlock-rules", "path access");
 
 impl LandlockRule {
     pub fn parse(input: &str) -> Result<LandlockRule, ConfigError> {
         let parsed = ParsedOption::parse(&LANDLOCK_RULES_SPEC, input)?;
         let path = parsed.required_string("path")?;
         let access_text = parsed.required_string("access")?;
-        let access = LandlockAccess::parse(&access_text).ok_or(ConfigError::InvalidValue {
-            option: "landlock-rules",
-            key: "access".to_owned(),
-            value: access_text,
-            reason: "expected r, w or rw".to_owned(),
-        })?;
+        let access = LandlockAccess::parse(&access_text).ok_or(ConfigError::from(
+            OptionError::InvalidValue {
+                option: "landlock-rules",
+                key: "access".to_owned(),
+                value: access_text,
+                reason: "expected r, w or rw".to_owned(),
+            },
+        ))?;
         Ok(LandlockRule {
             path: PathBuf::from(path),
             access,

@@ -11,7 +11,7 @@ pub mod events;
 pub mod landlock;
 pub mod memory;
 pub mod nv;
-pub mod option_parser;
+pub use option_parser;
 pub mod seccomp_filters;
 pub mod signal_events;
 pub mod snapshot;

@@ -1,5 +1,5 @@
-//! The command-line option parsers (`vmm/src/option_parser.rs` and the `parse` functions of
-//! `vmm/src/config.rs`). An input is one option string per line, in this order: `--cpus`,
+//! The command-line option parsers (the `option_parser` crate and the `parse` functions of
+//! `vmm/src/config/parse.rs`). An input is one option string per line, in this order: `--cpus`,
 //! `--memory`, two `--memory-zone`, `--disk`, `--serial`, `--console`, `--nv`, `--api-socket`,
 //! `--event-monitor`, `--restore`, `--landlock-rules`; an empty line leaves the option out.
 //!
@@ -12,7 +12,7 @@ use vmm::config::{
 };
 use vmm::landlock::LandlockRule;
 
-use crate::{message_kind, signature, Target};
+use crate::{message_kind, signature, text_seeds, Target};
 
 pub struct CliTarget;
 
@@ -51,15 +51,12 @@ impl Target for CliTarget {
     }
 
     fn seeds(&mut self) -> Vec<Vec<u8>> {
-        [
+        text_seeds(&[
             "boot=2,max=2\nsize=0\nid=mem0,size=64M,file=/dev/shm/ram,shared=on\nid=mem1,size=2M\npath=/d.img,readonly=on,id=d0\nfile=/tmp/s.log\noff\n\npath=/tmp/api.sock\nfd=3\nsource_url=file:///tmp/s,resume=true,memory_restore_mode=ondemand\npath=/var/snap,access=rw",
             "boot=1\nsize=256M,shared=on\n\n\npath=/a\ntty\nnull\nregion=/dev/shm/r,vm=a,create=on,region_size=1G,deadline_ms=100\n/tmp/api.sock\npath=/tmp/ev\nsource_url=file:///s,prefault=on\npath=\"/a b\",access=r",
             "boot=1,topology=1:1:1:1\nsize=1G,hugepages=on\n\n\npath=/a,direct=on\npty\nsocket=/x\nregion=/r,vm=a,recover=on,force-cold=on\nfd=-1\nfd=x\nsource_url=http://x\npath=/x,access=x",
             "\nsize=12Q\n\n\n\n\n\n\n\n\n\n",
-        ]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect()
+        ])
     }
 
     fn dictionary(&self) -> &'static [&'static [u8]] {

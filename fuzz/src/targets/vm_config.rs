@@ -4,7 +4,7 @@
 
 use vmm::api::{build_api_request, ApiRequest};
 
-use crate::{message_kind, signature, Target};
+use crate::{message_kind, signature, text_seeds, Target};
 
 pub struct VmConfigTarget;
 
@@ -26,16 +26,13 @@ impl Target for VmConfigTarget {
     }
 
     fn seeds(&mut self) -> Vec<Vec<u8>> {
-        [
+        text_seeds(&[
             r#"{"payload":{"kernel":"/k"}}"#,
             r#"{"cpus":{"boot_vcpus":2,"max_vcpus":2},"memory":{"size":0,"zones":[{"id":"mem0","size":67108864,"file":"/dev/shm/ram","shared":true}]},"payload":{"kernel":"/k","cmdline":"console=ttyS0"},"disks":[{"path":"/d.img","readonly":true,"id":"d0"}],"serial":{"mode":"File","file":"/tmp/s.log"},"console":{"mode":"Off"}}"#,
             r#"{"memory":{"size":1073741824,"shared":true,"prefault":true},"payload":{"kernel":"/k","initramfs":"/i"},"nv":{"region":"/dev/shm/r","vm":"a","create":true,"deadline_ms":50}}"#,
             r#"{"payload":{"kernel":"/k"},"net":[{"tap":"t0"}]}"#,
             r#"{"payload":{"kernel":"/k"},"landlock_enable":false,"landlock_rules":[]}"#,
-        ]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect()
+        ])
     }
 
     fn dictionary(&self) -> &'static [&'static [u8]] {
