@@ -7,6 +7,18 @@
 pub(crate) use zerocopy::little_endian::{U16, U32, U64};
 pub(crate) use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
+/// Asserts at compile time that `$record` has the documented size and field offsets
+/// (docs/nv-format.md), so the struct cannot drift from the format.
+macro_rules! documented_layout {
+    ($record:ty, size $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+        const _: () = {
+            assert!(std::mem::size_of::<$record>() == $size);
+            $(assert!(std::mem::offset_of!($record, $field) == $offset);)*
+        };
+    };
+}
+pub(crate) use documented_layout;
+
 /// The CRC32C of a record's bytes before its last four, which hold that checksum (every
 /// record ends with one).
 pub(crate) fn trailing_crc_of<T: IntoBytes + Immutable>(record: &T) -> u32 {

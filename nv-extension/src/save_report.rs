@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::coordinator::{SavePhase, SaveReport};
 use crate::error::Result;
-use crate::le_bytes::{trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{documented_layout, trailing_crc_holds, trailing_crc_of};
 use crate::le_bytes::{FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
 use crate::persistence::{read_vec, Persistence};
 use crate::state_slots::{self, StateArea};
@@ -47,7 +47,21 @@ struct Record {
     crc: U32,
 }
 
-const _: () = assert!(size_of::<Record>() == RECORD_LEN);
+// docs/nv-format.md, field by field.
+documented_layout!(Record, size RECORD_LEN, {
+    seq: 8,
+    vm_uuid: 16,
+    kind: 32,
+    flags: 36,
+    deadline_us: 40,
+    total_us: 48,
+    state_bytes: 56,
+    phase_count: 64,
+    reserved: 68,
+    phase_us: 72,
+    reserved_tail: 120,
+    crc: 124,
+});
 
 const FLAG_DEADLINE_OVERRUN: u32 = 1;
 
@@ -226,27 +240,5 @@ mod tests {
         assert!(!fits(&area, capacity - RECORD_LEN as u64 + 1));
         assert!(!write(&mut store, &area, 1, capacity, &report(2)).unwrap());
         assert_eq!(read(&store, &area, 2).unwrap(), None);
-    }
-
-    #[test]
-    fn field_offsets_are_the_documented_ones() {
-        use std::mem::offset_of;
-        // docs/nv-format.md, field by field.
-        for (actual, documented) in [
-            (offset_of!(Record, seq), 8),
-            (offset_of!(Record, vm_uuid), 16),
-            (offset_of!(Record, kind), 32),
-            (offset_of!(Record, flags), 36),
-            (offset_of!(Record, deadline_us), 40),
-            (offset_of!(Record, total_us), 48),
-            (offset_of!(Record, state_bytes), 56),
-            (offset_of!(Record, phase_count), 64),
-            (offset_of!(Record, reserved), 68),
-            (offset_of!(Record, phase_us), 72),
-            (offset_of!(Record, reserved_tail), 120),
-            (offset_of!(Record, crc), 124),
-        ] {
-            assert_eq!(actual, documented);
-        }
     }
 }
