@@ -118,8 +118,16 @@ pub enum Error {
     },
     #[error("operation not valid while the VM is {0}")]
     InvalidVmState(&'static str),
+    /// A snapshot that cannot be taken or restored (a message, no underlying error).
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// Reading, decoding or restoring `what` of a snapshot failed.
+    #[error("snapshot: {what}: {source}")]
+    SnapshotFailed {
+        what: String,
+        #[source]
+        source: SnapshotCause,
+    },
     /// `vm.snapshot` of a VM that is not paused (upstream's words); nothing was written.
     #[error("Trying to snapshot while VM is running")]
     SnapshotVmRunning,
@@ -198,18 +206,41 @@ pub enum Error {
 }
 
 /// Why a device could not be set up or its state saved or restored: the error of the layer
-/// below, kept whole so that [`std::error::Error::source`] reaches the root cause.
+/// below, kept whole (as this cause's `source()`) so that the chain reaches the root cause.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceCause {
-    #[error(transparent)]
+    #[error("{0}")]
     Device(#[from] devices::Error),
-    #[error(transparent)]
+    #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error(transparent)]
+    #[error("{0}")]
     Platform(#[from] arch::Error),
 }
 
+/// Why a snapshot could not be read, decoded or restored: the error of the layer below.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCause {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    OnDemand(#[from] crate::userfaultfd::UffdError),
+}
+
 impl Error {
+    /// `what` of a snapshot could not be read, decoded or restored because of `cause`.
+    pub fn snapshot(what: impl Into<String>, cause: impl Into<SnapshotCause>) -> Self {
+        Error::SnapshotFailed {
+            what: what.into(),
+            source: cause.into(),
+        }
+    }
+
     /// `device` failed to be set up (or paused, resumed, flushed) because of `cause`.
     pub fn device(device: impl Into<String>, cause: impl Into<DeviceCause>) -> Self {
         Error::DeviceFailed {
@@ -266,7 +297,8 @@ impl Error {
             | Error::MemoryConfig(_)
             | Error::TooManyVcpus { .. }
             | Error::InvalidState(_)
-            | Error::Snapshot(_) => ErrorKind::InvalidRequest,
+            | Error::Snapshot(_)
+            | Error::SnapshotFailed { .. } => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
             Error::NoNvVm => ErrorKind::NotFound,
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
@@ -374,9 +406,16 @@ mod tests {
         assert!(
             chain
                 .iter()
+                .any(|cause| cause.downcast_ref::<devices::Error>().is_some()),
+            "the devices error itself is reachable: {chain:?}"
+        );
+        assert!(
+            chain
+                .iter()
                 .any(|cause| cause.downcast_ref::<std::io::Error>().is_some()),
             "the io error is reachable: {chain:?}"
         );
+        assert_eq!(cause_chain(&error), vec![error.to_string()]);
         assert_eq!(
             error.to_string(),
             format!(
