@@ -2,22 +2,38 @@
 //! header, save report) are `#[repr(C)]` structs of little-endian `zerocopy` fields whose
 //! layout is the one in `docs/nv-format.md`: the structs are the format, and their bytes are
 //! what is written. Every field type has alignment 1, so there is no hidden padding; gaps are
-//! named `reserved` fields, written as zero and ignored when read. Each struct asserts its size.
+//! named `reserved` fields, written as zero and ignored when read. [`le_record!`] declares each
+//! one with its documented offsets and checks them when compiling.
 
 pub(crate) use zerocopy::little_endian::{U16, U32, U64};
-pub(crate) use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+pub(crate) use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};
 
-/// Asserts at compile time that `$record` has the documented size and field offsets
-/// (docs/nv-format.md), so the struct cannot drift from the format.
-macro_rules! documented_layout {
-    ($record:ty, size $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+/// Declares an on-media record: a `#[repr(C)]` zerocopy struct whose fields are listed with
+/// their documented offsets (docs/nv-format.md), and compile-time assertions that the struct
+/// has exactly that layout and size, so the code cannot drift from the format.
+macro_rules! le_record {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident($size:expr) {
+            $($(#[$field_meta:meta])* $offset:literal => $field:ident: $type:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::KnownLayout, zerocopy::Immutable,
+        )]
+        #[repr(C)]
+        struct $name {
+            $($(#[$field_meta])* $field: $type,)*
+        }
+
         const _: () = {
-            assert!(std::mem::size_of::<$record>() == $size);
-            $(assert!(std::mem::offset_of!($record, $field) == $offset);)*
+            assert!(std::mem::size_of::<$name>() == $size);
+            $(assert!(std::mem::offset_of!($name, $field) == $offset);)*
         };
     };
 }
-pub(crate) use documented_layout;
+pub(crate) use le_record;
 
 /// The CRC32C of a record's bytes before its last four, which hold that checksum (every
 /// record ends with one).
@@ -37,12 +53,12 @@ pub(crate) fn trailing_crc_holds<T: IntoBytes + Immutable>(record: &T) -> bool {
 mod tests {
     use super::*;
 
-    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-    #[repr(C)]
-    struct Sample {
-        half: U16,
-        word: U32,
-        crc: U32,
+    le_record! {
+        struct Sample(10) {
+            0 => half: U16,
+            2 => word: U32,
+            6 => crc: U32,
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::coordinator::{SavePhase, SaveReport};
 use crate::error::Result;
-use crate::le_bytes::{documented_layout, trailing_crc_holds, trailing_crc_of};
-use crate::le_bytes::{FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromBytes, U32, U64};
 use crate::persistence::{read_vec, Persistence};
 use crate::state_slots::{self, StateArea};
 use crate::vm_table::ShutdownKind;
@@ -26,42 +26,26 @@ pub const RECORD_LEN: usize = 128;
 /// Phase durations the record has room for (the coordinator has five phases).
 const MAX_PHASES: usize = 6;
 
-/// The record at the tail of a slot, as stored (see docs/nv-format.md).
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C)]
-struct Record {
-    magic: [u8; 8],
-    seq: U64,
-    vm_uuid: [u8; 16],
-    kind: U32,
-    flags: U32,
-    deadline_us: U64,
-    total_us: U64,
-    state_bytes: U64,
-    phase_count: U32,
-    reserved: [u8; 4],
-    /// Durations by phase number, phase 1 first.
-    phase_us: [U64; MAX_PHASES],
-    reserved_tail: [u8; 4],
-    /// CRC32C of the bytes before it.
-    crc: U32,
+le_record! {
+    /// The record at the tail of a slot, as stored (see docs/nv-format.md).
+    struct Record(RECORD_LEN) {
+        0 => magic: [u8; 8],
+        8 => seq: U64,
+        16 => vm_uuid: [u8; 16],
+        32 => kind: U32,
+        36 => flags: U32,
+        40 => deadline_us: U64,
+        48 => total_us: U64,
+        56 => state_bytes: U64,
+        64 => phase_count: U32,
+        68 => reserved: [u8; 4],
+        /// Durations by phase number, phase 1 first.
+        72 => phase_us: [U64; MAX_PHASES],
+        120 => reserved_tail: [u8; 4],
+        /// CRC32C of the bytes before it.
+        124 => crc: U32,
+    }
 }
-
-// docs/nv-format.md, field by field.
-documented_layout!(Record, size RECORD_LEN, {
-    seq: 8,
-    vm_uuid: 16,
-    kind: 32,
-    flags: 36,
-    deadline_us: 40,
-    total_us: 48,
-    state_bytes: 56,
-    phase_count: 64,
-    reserved: 68,
-    phase_us: 72,
-    reserved_tail: 120,
-    crc: 124,
-});
 
 const FLAG_DEADLINE_OVERRUN: u32 = 1;
 

@@ -9,8 +9,8 @@
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
 use crate::identity::Uuid;
-use crate::le_bytes::{documented_layout, trailing_crc_holds, trailing_crc_of};
-use crate::le_bytes::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, U32, U64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromZeros, IntoBytes, U32, U64};
 use crate::persistence::{read_vec, Persistence};
 use crate::vm_table::Extent;
 
@@ -18,31 +18,20 @@ pub const MAGIC: [u8; 8] = *b"NVSTSLOT";
 pub const HEADER_LEN: usize = 64;
 pub const SLOT_FORMAT: u32 = 1;
 
-/// The header at the start of a slot, as stored (see docs/nv-format.md).
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C)]
-struct SlotHeader {
-    magic: [u8; 8],
-    seq: U64,
-    payload_len: U64,
-    payload_crc: U32,
-    format: U32,
-    vm_uuid: [u8; 16],
-    reserved: [u8; 12],
-    /// CRC32C of the bytes before it.
-    crc: U32,
+le_record! {
+    /// The header at the start of a slot, as stored (see docs/nv-format.md).
+    struct SlotHeader(HEADER_LEN) {
+        0 => magic: [u8; 8],
+        8 => seq: U64,
+        16 => payload_len: U64,
+        24 => payload_crc: U32,
+        28 => format: U32,
+        32 => vm_uuid: [u8; 16],
+        48 => reserved: [u8; 12],
+        /// CRC32C of the bytes before it.
+        60 => crc: U32,
+    }
 }
-
-// docs/nv-format.md, field by field.
-documented_layout!(SlotHeader, size HEADER_LEN, {
-    seq: 8,
-    payload_len: 16,
-    payload_crc: 24,
-    format: 28,
-    vm_uuid: 32,
-    reserved: 48,
-    crc: 60,
-});
 
 /// A slot whose header and payload both check out.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,8 +7,8 @@
 
 use crate::error::{Error, Result};
 use crate::identity::Uuid;
-use crate::le_bytes::{documented_layout, trailing_crc_holds, trailing_crc_of};
-use crate::le_bytes::{FromBytes, Immutable, IntoBytes, KnownLayout, U32, U64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{U32, U64};
 
 pub const MAGIC: [u8; 8] = *b"NVHVREGN";
 pub const FORMAT_VERSION: u32 = 1;
@@ -18,43 +18,26 @@ pub const ENCODED_LEN: usize = 128;
 pub const COPY_STRIDE: u64 = 4096;
 pub const AREA_LEN: u64 = 2 * COPY_STRIDE;
 
-/// A superblock copy as stored (see docs/nv-format.md).
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C)]
-struct Encoded {
-    magic: [u8; 8],
-    version: U32,
-    encoded_len: U32,
-    generation: U64,
-    region_uuid: [u8; 16],
-    region_size: U64,
-    extent_alignment: U64,
-    table_offset: U64,
-    table_copy_len: U64,
-    data_start: U64,
-    state_slot_len: U64,
-    shutdown_marker: U32,
-    reserved: [u8; 32],
-    /// CRC32C of the bytes before it.
-    crc: U32,
+le_record! {
+    /// A superblock copy as stored (see docs/nv-format.md).
+    struct Encoded(ENCODED_LEN) {
+        0 => magic: [u8; 8],
+        8 => version: U32,
+        12 => encoded_len: U32,
+        16 => generation: U64,
+        24 => region_uuid: [u8; 16],
+        40 => region_size: U64,
+        48 => extent_alignment: U64,
+        56 => table_offset: U64,
+        64 => table_copy_len: U64,
+        72 => data_start: U64,
+        80 => state_slot_len: U64,
+        88 => shutdown_marker: U32,
+        92 => reserved: [u8; 32],
+        /// CRC32C of the bytes before it.
+        124 => crc: U32,
+    }
 }
-
-// docs/nv-format.md, field by field.
-documented_layout!(Encoded, size ENCODED_LEN, {
-    version: 8,
-    encoded_len: 12,
-    generation: 16,
-    region_uuid: 24,
-    region_size: 40,
-    extent_alignment: 48,
-    table_offset: 56,
-    table_copy_len: 64,
-    data_start: 72,
-    state_slot_len: 80,
-    shutdown_marker: 88,
-    reserved: 92,
-    crc: 124,
-});
 
 /// Whether any VM of the region may be running (and so may die without a save).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,84 +10,52 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::identity::{OwnerRecord, Uuid};
-use crate::le_bytes::{documented_layout, trailing_crc_holds, trailing_crc_of};
-use crate::le_bytes::{FromBytes, Immutable, IntoBytes, KnownLayout, U16, U32, U64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromBytes, IntoBytes, U16, U32, U64};
 
 pub const MAGIC: [u8; 8] = *b"NVVMTABL";
 pub const HEADER_LEN: usize = 64;
 pub const ENTRY_FIXED_LEN: usize = 192;
 pub const MAX_NAME_LEN: usize = 64;
 
-/// The header of a table copy, as stored (see docs/nv-format.md).
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C)]
-struct Header {
-    magic: [u8; 8],
-    generation: U64,
-    body_len: U64,
-    entry_count: U32,
-    body_crc: U32,
-    reserved: [u8; 28],
-    /// CRC32C of the bytes before it.
-    crc: U32,
+le_record! {
+    /// The header of a table copy, as stored (see docs/nv-format.md).
+    struct Header(HEADER_LEN) {
+        0 => magic: [u8; 8],
+        8 => generation: U64,
+        16 => body_len: U64,
+        24 => entry_count: U32,
+        28 => body_crc: U32,
+        32 => reserved: [u8; 28],
+        /// CRC32C of the bytes before it.
+        60 => crc: U32,
+    }
 }
 
-// docs/nv-format.md, field by field.
-documented_layout!(Header, size HEADER_LEN, {
-    generation: 8,
-    body_len: 16,
-    entry_count: 24,
-    body_crc: 28,
-    reserved: 32,
-    crc: 60,
-});
-
-/// The fixed part of an entry, as stored; the config (padded to 8 bytes) follows it.
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
-#[repr(C)]
-struct EntryFixed {
-    name_len: U16,
-    reserved: [u8; 2],
-    config_len: U32,
-    name: [u8; MAX_NAME_LEN],
-    uuid: [u8; 16],
-    memory_offset: U64,
-    memory_len: U64,
-    state_offset: U64,
-    state_len: U64,
-    record_kind: U32,
-    record_detail: U32,
-    record_seq: U64,
-    owner_boot_id: [u8; 16],
-    owner_pid: U32,
-    reserved_pid: [u8; 4],
-    owner_start_time: U64,
-    owner_nonce: U64,
-    memory_size: U64,
-    reserved_tail: [u8; 8],
+le_record! {
+    /// The fixed part of an entry, as stored; the config (padded to 8 bytes) follows it.
+    struct EntryFixed(ENTRY_FIXED_LEN) {
+        0 => name_len: U16,
+        2 => reserved: [u8; 2],
+        4 => config_len: U32,
+        8 => name: [u8; MAX_NAME_LEN],
+        72 => uuid: [u8; 16],
+        88 => memory_offset: U64,
+        96 => memory_len: U64,
+        104 => state_offset: U64,
+        112 => state_len: U64,
+        120 => record_kind: U32,
+        124 => record_detail: U32,
+        128 => record_seq: U64,
+        136 => owner_boot_id: [u8; 16],
+        152 => owner_pid: U32,
+        156 => reserved_pid: [u8; 4],
+        160 => owner_start_time: U64,
+        168 => owner_nonce: U64,
+        176 => memory_size: U64,
+        184 => reserved_tail: [u8; 8],
+    }
 }
-
-// docs/nv-format.md, field by field.
-documented_layout!(EntryFixed, size ENTRY_FIXED_LEN, {
-    reserved: 2,
-    config_len: 4,
-    name: 8,
-    uuid: 72,
-    memory_offset: 88,
-    memory_len: 96,
-    state_offset: 104,
-    state_len: 112,
-    record_kind: 120,
-    record_detail: 124,
-    record_seq: 128,
-    owner_boot_id: 136,
-    owner_pid: 152,
-    reserved_pid: 156,
-    owner_start_time: 160,
-    owner_nonce: 168,
-    memory_size: 176,
-    reserved_tail: 184,
-});
 
 /// A byte range of the region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
