@@ -125,8 +125,9 @@ pub enum Error {
     #[error("snapshot: {what}: {source}")]
     SnapshotFailed {
         what: String,
+        /// Boxed: some causes are large, and every `Result<_, Error>` would carry their size.
         #[source]
-        source: SnapshotCause,
+        source: Box<SnapshotCause>,
     },
     /// `vm.snapshot` of a VM that is not paused (upstream's words); nothing was written.
     #[error("Trying to snapshot while VM is running")]
@@ -237,7 +238,7 @@ impl Error {
     pub fn snapshot(what: impl Into<String>, cause: impl Into<SnapshotCause>) -> Self {
         Error::SnapshotFailed {
             what: what.into(),
-            source: cause.into(),
+            source: Box::new(cause.into()),
         }
     }
 
