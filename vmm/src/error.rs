@@ -155,6 +155,13 @@ pub enum Error {
     /// A VM state that does not fit this VM (a message, no underlying error).
     #[error("VM state: {0}")]
     State(String),
+    /// A KVM state buffer (MSR list, xsave area) of `what` could not be allocated.
+    #[error("VM state: {what}: {source}")]
+    StateBuffer {
+        what: String,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
     /// Saving or restoring the state of `device` failed.
     #[error("VM state: {device}: {source}")]
     DeviceState {
@@ -326,6 +333,7 @@ impl Error {
             | Error::Device(_)
             | Error::DeviceFailed { .. }
             | Error::DeviceState { .. }
+            | Error::StateBuffer { .. }
             | Error::SerialOutput { .. }
             | Error::DiskImage { .. }
             | Error::ThreadSpawn { .. }
