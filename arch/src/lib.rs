@@ -73,6 +73,8 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    #[error("cannot write the boot parameters to guest memory: {0}")]
+    WriteBootParams(#[source] linux_loader::configurator::Error),
     #[error("virtio-mmio device index {index} is out of range: at most {max} devices")]
     MmioDeviceIndex { index: u32, max: u32 },
 }

@@ -321,8 +321,10 @@ fn main() -> ExitCode {
     match start(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(error) => {
-            // `{:#}` joins the context chain on one line: "--kernel /x: No such file ...".
-            eprintln!("cloud-hypervisor: {error:#}");
+            // The context chain on one line ("--kernel /x: No such file ..."); a cause whose
+            // text the layer above already printed is not repeated (as in the API's bodies).
+            let chain = vmm::api::cause_chain(error.as_ref());
+            eprintln!("cloud-hypervisor: {}", chain.join(": "));
             ExitCode::from(1)
         }
     }

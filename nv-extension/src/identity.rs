@@ -20,40 +20,32 @@ pub struct Uuid(pub [u8; 16]);
 impl Uuid {
     /// A fresh random UUID from the kernel's random source.
     pub fn random() -> Result<Self> {
-        let mut bytes = random_bytes::<16>()?;
-        bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
-        bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
-        Ok(Uuid(bytes))
+        let bytes = random_bytes::<16>()?;
+        Ok(Uuid(
+            uuid::Builder::from_random_bytes(bytes)
+                .into_uuid()
+                .into_bytes(),
+        ))
     }
 
     pub fn is_nil(&self) -> bool {
         self.0 == [0; 16]
     }
 
-    /// Parses the canonical 8-4-4-4-12 hex form.
+    /// Parses the canonical 8-4-4-4-12 hex form (only that one: 36 characters).
     pub fn parse(text: &str) -> Option<Self> {
-        let hex: Vec<u8> = text.bytes().filter(|b| *b != b'-').collect();
-        if hex.len() != 32 || text.len() != 36 {
+        if text.len() != uuid::fmt::Hyphenated::LENGTH {
             return None;
         }
-        let mut bytes = [0u8; 16];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair).ok()?;
-            bytes[i] = u8::from_str_radix(s, 16).ok()?;
-        }
-        Some(Uuid(bytes))
+        uuid::Uuid::try_parse(text)
+            .ok()
+            .map(|parsed| Uuid(parsed.into_bytes()))
     }
 }
 
 impl fmt::Display for Uuid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, byte) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
-            }
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        fmt::Display::fmt(&uuid::Uuid::from_bytes(self.0).hyphenated(), f)
     }
 }
 
@@ -164,6 +156,27 @@ mod tests {
         assert_eq!(text.len(), 36);
         assert_eq!(Uuid::parse(&text), Some(a));
         assert_eq!(Uuid::parse("not-a-uuid"), None);
+    }
+
+    #[test]
+    fn uuid_text_is_the_canonical_lower_case_form_only() {
+        let uuid = Uuid([
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x80, 0x11, 0x22, 0x33, 0x44, 0x55,
+            0x66, 0x77,
+        ]);
+        let text = "01234567-89ab-cdef-8011-223344556677";
+        assert_eq!(uuid.to_string(), text);
+        assert_eq!(format!("{uuid:?}"), text);
+        assert_eq!(Uuid::parse(text), Some(uuid));
+        assert_eq!(Uuid::parse(&text.to_uppercase()), Some(uuid));
+        for other in [
+            "0123456789abcdef8011223344556677",
+            "{01234567-89ab-cdef-8011-223344556677}",
+            "0123456-789ab-cdef-8011-223344556677",
+            "01234567-89ab-cdef-8011-22334455667g",
+        ] {
+            assert_eq!(Uuid::parse(other), None, "{other}");
+        }
     }
 
     #[test]

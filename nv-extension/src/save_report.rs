@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use crate::coordinator::{SavePhase, SaveReport};
 use crate::error::Result;
-use crate::le_bytes::{get_array, get_u32, get_u64, put_u32, put_u64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromBytes, U32, U64};
 use crate::persistence::{read_vec, Persistence};
 use crate::state_slots::{self, StateArea};
 use crate::vm_table::ShutdownKind;
@@ -25,85 +26,97 @@ pub const RECORD_LEN: usize = 128;
 /// Phase durations the record has room for (the coordinator has five phases).
 const MAX_PHASES: usize = 6;
 
-const R_MAGIC: usize = 0;
-const R_SEQ: usize = 8;
-const R_VM_UUID: usize = 16;
-const R_KIND: usize = 32;
-const R_FLAGS: usize = 36;
-const R_DEADLINE_US: usize = 40;
-const R_TOTAL_US: usize = 48;
-const R_STATE_BYTES: usize = 56;
-const R_PHASE_COUNT: usize = 64;
-const R_PHASE_US: usize = 72;
-const R_CRC: usize = 124;
+le_record! {
+    /// The record at the tail of a slot, as stored (see docs/nv-format.md).
+    struct Record(RECORD_LEN) {
+        0 => magic: [u8; 8],
+        8 => seq: U64,
+        16 => vm_uuid: [u8; 16],
+        32 => kind: U32,
+        36 => flags: U32,
+        40 => deadline_us: U64,
+        48 => total_us: U64,
+        56 => state_bytes: U64,
+        64 => phase_count: U32,
+        68 => reserved: [u8; 4],
+        /// Durations by phase number, phase 1 first.
+        72 => phase_us: [U64; MAX_PHASES],
+        120 => reserved_tail: [u8; 4],
+        /// CRC32C of the bytes before it.
+        124 => crc: U32,
+    }
+}
 
 const FLAG_DEADLINE_OVERRUN: u32 = 1;
 
-// Every phase's duration fits between the fixed fields and the checksum.
-const _: () = assert!(SavePhase::ALL.len() <= MAX_PHASES && R_PHASE_US + 8 * MAX_PHASES <= R_CRC);
+// Every phase's duration has its place in the record.
+const _: () = assert!(SavePhase::ALL.len() <= MAX_PHASES);
 
 fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn encode(area: &StateArea, report: &SaveReport) -> [u8; RECORD_LEN] {
-    let mut record = [0u8; RECORD_LEN];
-    record[R_MAGIC..R_MAGIC + 8].copy_from_slice(&MAGIC);
-    put_u64(&mut record, R_SEQ, report.seq);
-    record[R_VM_UUID..R_VM_UUID + 16].copy_from_slice(&area.vm_uuid.0);
-    put_u32(&mut record, R_KIND, report.kind.code());
     let flags = if report.deadline_overrun {
         FLAG_DEADLINE_OVERRUN
     } else {
         0
     };
-    put_u32(&mut record, R_FLAGS, flags);
-    put_u64(&mut record, R_DEADLINE_US, micros(report.deadline));
-    put_u64(&mut record, R_TOTAL_US, micros(report.total));
-    put_u64(&mut record, R_STATE_BYTES, report.state_bytes as u64);
+    let mut record = Record {
+        magic: MAGIC,
+        seq: report.seq.into(),
+        vm_uuid: area.vm_uuid.0,
+        kind: report.kind.code().into(),
+        flags: flags.into(),
+        deadline_us: micros(report.deadline).into(),
+        total_us: micros(report.total).into(),
+        state_bytes: (report.state_bytes as u64).into(),
+        phase_count: U32::ZERO,
+        reserved: [0; 4],
+        phase_us: [U64::ZERO; MAX_PHASES],
+        reserved_tail: [0; 4],
+        crc: U32::ZERO,
+    };
     // Durations are stored by phase number (phase 1 first); a report names each phase once.
     let mut count = 0;
     for (phase, took) in &report.phases {
         let index = *phase as usize - 1;
-        put_u64(&mut record, R_PHASE_US + 8 * index, micros(*took));
+        record.phase_us[index] = micros(*took).into();
         count = count.max(index + 1);
     }
-    put_u32(&mut record, R_PHASE_COUNT, count as u32);
-    let crc = crc32c::crc32c(&record[..R_CRC]);
-    put_u32(&mut record, R_CRC, crc);
-    record
+    record.phase_count = (count as u32).into();
+    record.crc = trailing_crc_of(&record).into();
+    zerocopy::transmute!(record)
 }
 
 /// The report in `record` if it is a valid record of `area`'s VM for save `seq`.
 fn decode(area: &StateArea, record: &[u8], seq: u64) -> Option<SaveReport> {
-    if record[R_MAGIC..R_MAGIC + 8] != MAGIC
-        || crc32c::crc32c(&record[..R_CRC]) != get_u32(record, R_CRC)
-        || get_array::<16>(record, R_VM_UUID) != area.vm_uuid.0
-        || get_u64(record, R_SEQ) != seq
+    let record = Record::ref_from_bytes(record).ok()?;
+    if record.magic != MAGIC
+        || !trailing_crc_holds(record)
+        || record.vm_uuid != area.vm_uuid.0
+        || record.seq.get() != seq
     {
         return None;
     }
-    let kind = ShutdownKind::from_code(get_u32(record, R_KIND))?;
-    let count = get_u32(record, R_PHASE_COUNT) as usize;
+    let kind = ShutdownKind::from_code(record.kind.get())?;
+    let count = record.phase_count.get() as usize;
     if count > SavePhase::ALL.len() {
         return None;
     }
     let phases = SavePhase::ALL[..count]
         .iter()
         .enumerate()
-        .map(|(index, phase)| {
-            let us = get_u64(record, R_PHASE_US + 8 * index);
-            (*phase, Duration::from_micros(us))
-        })
+        .map(|(index, phase)| (*phase, Duration::from_micros(record.phase_us[index].get())))
         .collect();
     Some(SaveReport {
         kind,
         seq,
-        state_bytes: usize::try_from(get_u64(record, R_STATE_BYTES)).ok()?,
+        state_bytes: usize::try_from(record.state_bytes.get()).ok()?,
         phases,
-        total: Duration::from_micros(get_u64(record, R_TOTAL_US)),
-        deadline: Duration::from_micros(get_u64(record, R_DEADLINE_US)),
-        deadline_overrun: get_u32(record, R_FLAGS) & FLAG_DEADLINE_OVERRUN != 0,
+        total: Duration::from_micros(record.total_us.get()),
+        deadline: Duration::from_micros(record.deadline_us.get()),
+        deadline_overrun: record.flags.get() & FLAG_DEADLINE_OVERRUN != 0,
         // Not recorded: a save into a file the path no longer names is not in this region.
         region_file_changed: None,
     })
@@ -197,7 +210,7 @@ mod tests {
         // Another save's sequence, another VM, or damage: no report.
         assert_eq!(read(&store, &area, 4).unwrap(), None);
         assert_eq!(read(&store, &self::area(8), 3).unwrap(), None);
-        let at = record_offset(&area, 0) as usize + R_TOTAL_US;
+        let at = record_offset(&area, 0) as usize + std::mem::offset_of!(Record, total_us);
         store.bytes[at] ^= 1;
         assert_eq!(read(&store, &area, 3).unwrap(), None);
     }

@@ -9,7 +9,8 @@
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
 use crate::identity::Uuid;
-use crate::le_bytes::{get_array, get_u32, get_u64, put_u32, put_u64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromZeros, IntoBytes, U32, U64};
 use crate::persistence::{read_vec, Persistence};
 use crate::vm_table::Extent;
 
@@ -17,13 +18,20 @@ pub const MAGIC: [u8; 8] = *b"NVSTSLOT";
 pub const HEADER_LEN: usize = 64;
 pub const SLOT_FORMAT: u32 = 1;
 
-const S_MAGIC: usize = 0;
-const S_SEQ: usize = 8;
-const S_PAYLOAD_LEN: usize = 16;
-const S_PAYLOAD_CRC: usize = 24;
-const S_FORMAT: usize = 28;
-const S_VM_UUID: usize = 32;
-const S_CRC: usize = 60;
+le_record! {
+    /// The header at the start of a slot, as stored (see docs/nv-format.md).
+    struct SlotHeader(HEADER_LEN) {
+        0 => magic: [u8; 8],
+        8 => seq: U64,
+        16 => payload_len: U64,
+        24 => payload_crc: U32,
+        28 => format: U32,
+        32 => vm_uuid: [u8; 16],
+        48 => reserved: [u8; 12],
+        /// CRC32C of the bytes before it.
+        60 => crc: U32,
+    }
+}
 
 /// A slot whose header and payload both check out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,27 +88,28 @@ impl StateArea {
     /// What slot `index` holds, telling an empty or foreign slot from a damaged one.
     pub fn inspect_slot(&self, store: &dyn Persistence, index: usize) -> Result<SlotCondition> {
         let offset = self.slot_offset(index);
-        let header = read_vec(store, offset, HEADER_LEN)?;
-        if header[S_MAGIC..S_MAGIC + 8] != MAGIC {
+        let mut header = SlotHeader::new_zeroed();
+        store.read(offset, header.as_mut_bytes())?;
+        if header.magic != MAGIC {
             return Ok(SlotCondition::Empty);
         }
-        if crc32c::crc32c(&header[..S_CRC]) != get_u32(&header, S_CRC) {
+        if !trailing_crc_holds(&header) {
             return Ok(SlotCondition::Damaged {
                 seq: None,
                 what: "header checksum mismatch",
             });
         }
-        if get_array::<16>(&header, S_VM_UUID) != self.vm_uuid.0 {
+        if header.vm_uuid != self.vm_uuid.0 {
             return Ok(SlotCondition::Foreign);
         }
-        let seq = get_u64(&header, S_SEQ);
-        if get_u32(&header, S_FORMAT) != SLOT_FORMAT {
+        let seq = header.seq.get();
+        if header.format.get() != SLOT_FORMAT {
             return Ok(SlotCondition::Damaged {
                 seq: Some(seq),
                 what: "unknown slot format",
             });
         }
-        let len = get_u64(&header, S_PAYLOAD_LEN);
+        let len = header.payload_len.get();
         if len > self.payload_capacity() {
             return Ok(SlotCondition::Damaged {
                 seq: Some(seq),
@@ -108,7 +117,7 @@ impl StateArea {
             });
         }
         let payload = read_vec(store, offset + HEADER_LEN as u64, len as usize)?;
-        if crc32c::crc32c(&payload) != get_u32(&header, S_PAYLOAD_CRC) {
+        if crc32c::crc32c(&payload) != header.payload_crc.get() {
             return Ok(SlotCondition::Damaged {
                 seq: Some(seq),
                 what: "payload checksum mismatch",
@@ -162,16 +171,18 @@ impl StateArea {
         store.persist(offset + HEADER_LEN as u64, payload.len() as u64)?;
         fault_injection::reached(FaultPoint::CommitPayload);
 
-        let mut header = [0u8; HEADER_LEN];
-        header[S_MAGIC..S_MAGIC + 8].copy_from_slice(&MAGIC);
-        put_u64(&mut header, S_SEQ, seq);
-        put_u64(&mut header, S_PAYLOAD_LEN, payload.len() as u64);
-        put_u32(&mut header, S_PAYLOAD_CRC, crc32c::crc32c(payload));
-        put_u32(&mut header, S_FORMAT, SLOT_FORMAT);
-        header[S_VM_UUID..S_VM_UUID + 16].copy_from_slice(&self.vm_uuid.0);
-        let crc = crc32c::crc32c(&header[..S_CRC]);
-        put_u32(&mut header, S_CRC, crc);
-        store.write(offset, &header)?;
+        let mut header = SlotHeader {
+            magic: MAGIC,
+            seq: seq.into(),
+            payload_len: (payload.len() as u64).into(),
+            payload_crc: crc32c::crc32c(payload).into(),
+            format: SLOT_FORMAT.into(),
+            vm_uuid: self.vm_uuid.0,
+            reserved: [0; 12],
+            crc: U32::ZERO,
+        };
+        header.crc = trailing_crc_of(&header).into();
+        store.write(offset, header.as_bytes())?;
         store.persist(offset, HEADER_LEN as u64)?;
         Ok(())
     }

@@ -7,7 +7,8 @@
 
 use crate::error::{Error, Result};
 use crate::identity::Uuid;
-use crate::le_bytes::{get_array, get_u32, get_u64, put_u32, put_u64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{U32, U64};
 
 pub const MAGIC: [u8; 8] = *b"NVHVREGN";
 pub const FORMAT_VERSION: u32 = 1;
@@ -17,20 +18,26 @@ pub const ENCODED_LEN: usize = 128;
 pub const COPY_STRIDE: u64 = 4096;
 pub const AREA_LEN: u64 = 2 * COPY_STRIDE;
 
-// Field offsets inside a copy (see docs/nv-format.md).
-const OFF_MAGIC: usize = 0;
-const OFF_VERSION: usize = 8;
-const OFF_ENCODED_LEN: usize = 12;
-const OFF_GENERATION: usize = 16;
-const OFF_UUID: usize = 24;
-const OFF_REGION_SIZE: usize = 40;
-const OFF_ALIGNMENT: usize = 48;
-const OFF_TABLE_OFFSET: usize = 56;
-const OFF_TABLE_COPY_LEN: usize = 64;
-const OFF_DATA_START: usize = 72;
-const OFF_SLOT_LEN: usize = 80;
-const OFF_SHUTDOWN_MARKER: usize = 88;
-const OFF_CRC: usize = 124;
+le_record! {
+    /// A superblock copy as stored (see docs/nv-format.md).
+    struct Encoded(ENCODED_LEN) {
+        0 => magic: [u8; 8],
+        8 => version: U32,
+        12 => encoded_len: U32,
+        16 => generation: U64,
+        24 => region_uuid: [u8; 16],
+        40 => region_size: U64,
+        48 => extent_alignment: U64,
+        56 => table_offset: U64,
+        64 => table_copy_len: U64,
+        72 => data_start: U64,
+        80 => state_slot_len: U64,
+        88 => shutdown_marker: U32,
+        92 => reserved: [u8; 32],
+        /// CRC32C of the bytes before it.
+        124 => crc: U32,
+    }
+}
 
 /// Whether any VM of the region may be running (and so may die without a save).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,36 +69,38 @@ pub struct Superblock {
 
 impl Superblock {
     pub fn encode(&self) -> [u8; ENCODED_LEN] {
-        let mut buf = [0u8; ENCODED_LEN];
-        buf[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
-        put_u32(&mut buf, OFF_VERSION, FORMAT_VERSION);
-        put_u32(&mut buf, OFF_ENCODED_LEN, ENCODED_LEN as u32);
-        put_u64(&mut buf, OFF_GENERATION, self.generation);
-        buf[OFF_UUID..OFF_UUID + 16].copy_from_slice(&self.region_uuid.0);
-        put_u64(&mut buf, OFF_REGION_SIZE, self.region_size);
-        put_u64(&mut buf, OFF_ALIGNMENT, self.extent_alignment);
-        put_u64(&mut buf, OFF_TABLE_OFFSET, self.table_offset);
-        put_u64(&mut buf, OFF_TABLE_COPY_LEN, self.table_copy_len);
-        put_u64(&mut buf, OFF_DATA_START, self.data_start);
-        put_u64(&mut buf, OFF_SLOT_LEN, self.state_slot_len);
         let marker = match self.shutdown_marker {
             ShutdownMarker::Clean => 0,
             ShutdownMarker::VmsRunning => 1,
         };
-        put_u32(&mut buf, OFF_SHUTDOWN_MARKER, marker);
-        let crc = crc32c::crc32c(&buf[..OFF_CRC]);
-        put_u32(&mut buf, OFF_CRC, crc);
-        buf
+        let mut encoded = Encoded {
+            magic: MAGIC,
+            version: FORMAT_VERSION.into(),
+            encoded_len: (ENCODED_LEN as u32).into(),
+            generation: self.generation.into(),
+            region_uuid: self.region_uuid.0,
+            region_size: self.region_size.into(),
+            extent_alignment: self.extent_alignment.into(),
+            table_offset: self.table_offset.into(),
+            table_copy_len: self.table_copy_len.into(),
+            data_start: self.data_start.into(),
+            state_slot_len: self.state_slot_len.into(),
+            shutdown_marker: U32::new(marker),
+            reserved: [0; 32],
+            crc: U32::ZERO,
+        };
+        encoded.crc = trailing_crc_of(&encoded).into();
+        zerocopy::transmute!(encoded)
     }
 
     /// Decodes one copy; `Ok(None)` if the copy carries no magic at all.
     pub fn decode(buf: &[u8; ENCODED_LEN]) -> Result<Option<Superblock>> {
-        if buf[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
+        let encoded: &Encoded = zerocopy::transmute_ref!(buf);
+        if encoded.magic != MAGIC {
             return Ok(None);
         }
-        let version = get_u32(buf, OFF_VERSION);
-        let stored_crc = get_u32(buf, OFF_CRC);
-        let crc_ok = crc32c::crc32c(&buf[..OFF_CRC]) == stored_crc;
+        let version = encoded.version.get();
+        let crc_ok = trailing_crc_holds(encoded);
         if version != FORMAT_VERSION {
             // Only believe the version if the copy is intact; a bit flip is corruption.
             return Err(if crc_ok {
@@ -106,23 +115,23 @@ impl Superblock {
         if !crc_ok {
             return Err(Error::CorruptSuperblock("checksum mismatch".into()));
         }
-        if get_u32(buf, OFF_ENCODED_LEN) != ENCODED_LEN as u32 {
+        if encoded.encoded_len.get() != ENCODED_LEN as u32 {
             return Err(Error::CorruptSuperblock("wrong header length".into()));
         }
-        let shutdown_marker = match get_u32(buf, OFF_SHUTDOWN_MARKER) {
+        let shutdown_marker = match encoded.shutdown_marker.get() {
             0 => ShutdownMarker::Clean,
             1 => ShutdownMarker::VmsRunning,
             other => return Err(Error::CorruptSuperblock(format!("shutdown marker {other}"))),
         };
         let sb = Superblock {
-            generation: get_u64(buf, OFF_GENERATION),
-            region_uuid: Uuid(get_array(buf, OFF_UUID)),
-            region_size: get_u64(buf, OFF_REGION_SIZE),
-            extent_alignment: get_u64(buf, OFF_ALIGNMENT),
-            table_offset: get_u64(buf, OFF_TABLE_OFFSET),
-            table_copy_len: get_u64(buf, OFF_TABLE_COPY_LEN),
-            data_start: get_u64(buf, OFF_DATA_START),
-            state_slot_len: get_u64(buf, OFF_SLOT_LEN),
+            generation: encoded.generation.get(),
+            region_uuid: Uuid(encoded.region_uuid),
+            region_size: encoded.region_size.get(),
+            extent_alignment: encoded.extent_alignment.get(),
+            table_offset: encoded.table_offset.get(),
+            table_copy_len: encoded.table_copy_len.get(),
+            data_start: encoded.data_start.get(),
+            state_slot_len: encoded.state_slot_len.get(),
             shutdown_marker,
         };
         sb.validate()?;
@@ -217,17 +226,18 @@ mod tests {
         let sb = sample();
         let buf = sb.encode();
         assert_eq!(&buf[0..8], b"NVHVREGN");
-        assert_eq!(get_u32(&buf, 8), 1);
-        assert_eq!(get_u64(&buf, 40), 64 << 20);
+        assert_eq!(&buf[8..12], &1u32.to_le_bytes());
+        assert_eq!(&buf[40..48], &(64u64 << 20).to_le_bytes());
+        assert_eq!(&buf[124..128], &crc32c::crc32c(&buf[..124]).to_le_bytes());
         assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
     }
 
     #[test]
     fn future_version_and_bit_flip_are_told_apart() {
         let mut buf = sample().encode();
-        put_u32(&mut buf, OFF_VERSION, 2);
-        let crc = crc32c::crc32c(&buf[..OFF_CRC]);
-        put_u32(&mut buf, OFF_CRC, crc);
+        buf[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[..124]);
+        buf[124..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             Superblock::decode(&buf),
             Err(Error::UnsupportedFormatVersion { found: 2, .. })

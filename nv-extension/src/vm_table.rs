@@ -10,36 +10,52 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::identity::{OwnerRecord, Uuid};
-use crate::le_bytes::{get_array, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
+use crate::le_bytes::{FromBytes, IntoBytes, U16, U32, U64};
 
 pub const MAGIC: [u8; 8] = *b"NVVMTABL";
 pub const HEADER_LEN: usize = 64;
 pub const ENTRY_FIXED_LEN: usize = 192;
 pub const MAX_NAME_LEN: usize = 64;
 
-const H_MAGIC: usize = 0;
-const H_GENERATION: usize = 8;
-const H_BODY_LEN: usize = 16;
-const H_ENTRY_COUNT: usize = 24;
-const H_BODY_CRC: usize = 28;
-const H_CRC: usize = 60;
+le_record! {
+    /// The header of a table copy, as stored (see docs/nv-format.md).
+    struct Header(HEADER_LEN) {
+        0 => magic: [u8; 8],
+        8 => generation: U64,
+        16 => body_len: U64,
+        24 => entry_count: U32,
+        28 => body_crc: U32,
+        32 => reserved: [u8; 28],
+        /// CRC32C of the bytes before it.
+        60 => crc: U32,
+    }
+}
 
-const E_NAME_LEN: usize = 0;
-const E_CONFIG_LEN: usize = 4;
-const E_NAME: usize = 8;
-const E_UUID: usize = 72;
-const E_MEMORY_OFFSET: usize = 88;
-const E_MEMORY_LEN: usize = 96;
-const E_STATE_OFFSET: usize = 104;
-const E_STATE_LEN: usize = 112;
-const E_RECORD_KIND: usize = 120;
-const E_RECORD_DETAIL: usize = 124;
-const E_RECORD_SEQ: usize = 128;
-const E_OWNER_BOOT_ID: usize = 136;
-const E_OWNER_PID: usize = 152;
-const E_OWNER_START_TIME: usize = 160;
-const E_OWNER_NONCE: usize = 168;
-const E_MEMORY_SIZE: usize = 176;
+le_record! {
+    /// The fixed part of an entry, as stored; the config (padded to 8 bytes) follows it.
+    struct EntryFixed(ENTRY_FIXED_LEN) {
+        0 => name_len: U16,
+        2 => reserved: [u8; 2],
+        4 => config_len: U32,
+        8 => name: [u8; MAX_NAME_LEN],
+        72 => uuid: [u8; 16],
+        88 => memory_offset: U64,
+        96 => memory_len: U64,
+        104 => state_offset: U64,
+        112 => state_len: U64,
+        120 => record_kind: U32,
+        124 => record_detail: U32,
+        128 => record_seq: U64,
+        136 => owner_boot_id: [u8; 16],
+        152 => owner_pid: U32,
+        156 => reserved_pid: [u8; 4],
+        160 => owner_start_time: U64,
+        168 => owner_nonce: U64,
+        176 => memory_size: U64,
+        184 => reserved_tail: [u8; 8],
+    }
+}
 
 /// A byte range of the region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,37 +258,41 @@ impl VmEntry {
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.resize(start + self.encoded_len(), 0);
-        let buf = &mut out[start..];
-        put_u16(buf, E_NAME_LEN, self.name.len() as u16);
-        put_u32(buf, E_CONFIG_LEN, self.config.len() as u32);
-        buf[E_NAME..E_NAME + self.name.len()].copy_from_slice(self.name.as_bytes());
-        buf[E_UUID..E_UUID + 16].copy_from_slice(&self.uuid.0);
-        put_u64(buf, E_MEMORY_OFFSET, self.memory.offset);
-        put_u64(buf, E_MEMORY_LEN, self.memory.len);
-        put_u64(buf, E_MEMORY_SIZE, self.memory_size);
-        put_u64(buf, E_STATE_OFFSET, self.state.offset);
-        put_u64(buf, E_STATE_LEN, self.state.len);
         let (kind, detail, seq) = self.record.encode();
-        put_u32(buf, E_RECORD_KIND, kind);
-        put_u32(buf, E_RECORD_DETAIL, detail);
-        put_u64(buf, E_RECORD_SEQ, seq);
-        buf[E_OWNER_BOOT_ID..E_OWNER_BOOT_ID + 16].copy_from_slice(&self.owner.boot_id);
-        put_u32(buf, E_OWNER_PID, self.owner.pid);
-        put_u64(buf, E_OWNER_START_TIME, self.owner.start_time);
-        put_u64(buf, E_OWNER_NONCE, self.owner.nonce);
-        buf[ENTRY_FIXED_LEN..ENTRY_FIXED_LEN + self.config.len()].copy_from_slice(&self.config);
+        let mut fixed = EntryFixed {
+            name_len: (self.name.len() as u16).into(),
+            reserved: [0; 2],
+            config_len: (self.config.len() as u32).into(),
+            name: [0; MAX_NAME_LEN],
+            uuid: self.uuid.0,
+            memory_offset: self.memory.offset.into(),
+            memory_len: self.memory.len.into(),
+            state_offset: self.state.offset.into(),
+            state_len: self.state.len.into(),
+            record_kind: kind.into(),
+            record_detail: detail.into(),
+            record_seq: seq.into(),
+            owner_boot_id: self.owner.boot_id,
+            owner_pid: self.owner.pid.into(),
+            reserved_pid: [0; 4],
+            owner_start_time: self.owner.start_time.into(),
+            owner_nonce: self.owner.nonce.into(),
+            memory_size: self.memory_size.into(),
+            reserved_tail: [0; 8],
+        };
+        fixed.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        let end = out.len() + self.encoded_len();
+        out.extend_from_slice(fixed.as_bytes());
+        out.extend_from_slice(&self.config);
+        out.resize(end, 0);
     }
 
     /// Decodes the entry at the start of `buf`; returns it and its encoded length.
     fn decode(buf: &[u8]) -> Result<(VmEntry, usize)> {
         let bad = |what: &str| Error::CorruptVmTable(what.to_string());
-        if buf.len() < ENTRY_FIXED_LEN {
-            return Err(bad("entry truncated"));
-        }
-        let name_len = get_u16(buf, E_NAME_LEN) as usize;
-        let config_len = get_u32(buf, E_CONFIG_LEN) as usize;
+        let (fixed, _) = EntryFixed::ref_from_prefix(buf).map_err(|_| bad("entry truncated"))?;
+        let name_len = fixed.name_len.get() as usize;
+        let config_len = fixed.config_len.get() as usize;
         if name_len == 0 || name_len > MAX_NAME_LEN {
             return Err(bad("entry name length out of range"));
         }
@@ -280,33 +300,33 @@ impl VmEntry {
             .checked_add(padded(config_len))
             .filter(|t| *t <= buf.len())
             .ok_or_else(|| bad("entry config runs past the table"))?;
-        let name = std::str::from_utf8(&buf[E_NAME..E_NAME + name_len])
+        let name = std::str::from_utf8(&fixed.name[..name_len])
             .map_err(|_| bad("entry name is not UTF-8"))?
             .to_string();
         let record = RunRecord::decode(
-            get_u32(buf, E_RECORD_KIND),
-            get_u32(buf, E_RECORD_DETAIL),
-            get_u64(buf, E_RECORD_SEQ),
+            fixed.record_kind.get(),
+            fixed.record_detail.get(),
+            fixed.record_seq.get(),
         )
         .ok_or_else(|| bad("unknown run record"))?;
         let entry = VmEntry {
             name,
-            uuid: Uuid(get_array(buf, E_UUID)),
-            memory_size: get_u64(buf, E_MEMORY_SIZE),
+            uuid: Uuid(fixed.uuid),
+            memory_size: fixed.memory_size.get(),
             memory: Extent {
-                offset: get_u64(buf, E_MEMORY_OFFSET),
-                len: get_u64(buf, E_MEMORY_LEN),
+                offset: fixed.memory_offset.get(),
+                len: fixed.memory_len.get(),
             },
             state: Extent {
-                offset: get_u64(buf, E_STATE_OFFSET),
-                len: get_u64(buf, E_STATE_LEN),
+                offset: fixed.state_offset.get(),
+                len: fixed.state_len.get(),
             },
             record,
             owner: OwnerRecord {
-                boot_id: get_array(buf, E_OWNER_BOOT_ID),
-                pid: get_u32(buf, E_OWNER_PID),
-                start_time: get_u64(buf, E_OWNER_START_TIME),
-                nonce: get_u64(buf, E_OWNER_NONCE),
+                boot_id: fixed.owner_boot_id,
+                pid: fixed.owner_pid.get(),
+                start_time: fixed.owner_start_time.get(),
+                nonce: fixed.owner_nonce.get(),
             },
             config: buf[ENTRY_FIXED_LEN..ENTRY_FIXED_LEN + config_len].to_vec(),
         };
@@ -368,15 +388,17 @@ impl VmTable {
 
     /// The header for a body, carrying this table's generation.
     pub fn encode_header(&self, body: &[u8]) -> [u8; HEADER_LEN] {
-        let mut header = [0u8; HEADER_LEN];
-        header[H_MAGIC..H_MAGIC + 8].copy_from_slice(&MAGIC);
-        put_u64(&mut header, H_GENERATION, self.generation);
-        put_u64(&mut header, H_BODY_LEN, body.len() as u64);
-        put_u32(&mut header, H_ENTRY_COUNT, self.entries.len() as u32);
-        put_u32(&mut header, H_BODY_CRC, crc32c::crc32c(body));
-        let crc = crc32c::crc32c(&header[..H_CRC]);
-        put_u32(&mut header, H_CRC, crc);
-        header
+        let mut header = Header {
+            magic: MAGIC,
+            generation: self.generation.into(),
+            body_len: (body.len() as u64).into(),
+            entry_count: (self.entries.len() as u32).into(),
+            body_crc: crc32c::crc32c(body).into(),
+            reserved: [0; 28],
+            crc: U32::ZERO,
+        };
+        header.crc = trailing_crc_of(&header).into();
+        zerocopy::transmute!(header)
     }
 
     /// Validates a copy's header; returns (generation, body length, entry count, body crc).
@@ -385,21 +407,22 @@ impl VmTable {
         copy_len: u64,
     ) -> Result<(u64, usize, usize, u32)> {
         let bad = |what: &str| Error::CorruptVmTable(what.to_string());
-        if header[H_MAGIC..H_MAGIC + 8] != MAGIC {
+        let header: &Header = zerocopy::transmute_ref!(header);
+        if header.magic != MAGIC {
             return Err(bad("no table magic"));
         }
-        if crc32c::crc32c(&header[..H_CRC]) != get_u32(header, H_CRC) {
+        if !trailing_crc_holds(header) {
             return Err(bad("header checksum mismatch"));
         }
-        let body_len = get_u64(header, H_BODY_LEN);
+        let body_len = header.body_len.get();
         if body_len > copy_len.saturating_sub(HEADER_LEN as u64) {
             return Err(bad("body longer than the table copy"));
         }
         Ok((
-            get_u64(header, H_GENERATION),
+            header.generation.get(),
             body_len as usize,
-            get_u32(header, H_ENTRY_COUNT) as usize,
-            get_u32(header, H_BODY_CRC),
+            header.entry_count.get() as usize,
+            header.body_crc.get(),
         ))
     }
 
@@ -430,6 +453,8 @@ impl VmTable {
 
 #[cfg(test)]
 mod tests {
+    use std::mem::offset_of;
+
     use super::*;
 
     fn entry(name: &str, config: &[u8]) -> VmEntry {
@@ -492,10 +517,12 @@ mod tests {
         header[9] ^= 1;
         assert!(VmTable::decode_header(&header, 4096).is_err());
         let mut bad_record = body.clone();
-        put_u32(&mut bad_record, E_RECORD_KIND, 9);
+        let record_kind = offset_of!(EntryFixed, record_kind);
+        bad_record[record_kind..record_kind + 4].copy_from_slice(&9u32.to_le_bytes());
         assert!(VmTable::decode_body(1, &bad_record, 1).is_err());
         let mut long_config = body;
-        put_u32(&mut long_config, E_CONFIG_LEN, 1 << 30);
+        let config_len = offset_of!(EntryFixed, config_len);
+        long_config[config_len..config_len + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
         assert!(VmTable::decode_body(1, &long_config, 1).is_err());
     }
 

@@ -57,8 +57,7 @@ pub fn program_boot_vcpu(
         .fd
         .get_sregs()
         .map_err(vcpu_error(id, "KVM_GET_SREGS"))?;
-    arch::regs::setup_sregs(entry, memory, &mut sregs)
-        .map_err(|e| Error::BootRegisters(e.to_string()))?;
+    arch::regs::setup_sregs(entry, memory, &mut sregs).map_err(Error::BootRegisters)?;
     vcpu.fd
         .set_sregs(&sregs)
         .map_err(vcpu_error(id, "KVM_SET_SREGS"))?;
@@ -69,17 +68,13 @@ pub fn program_boot_vcpu(
         .set_fpu(&arch::regs::setup_fpu())
         .map_err(vcpu_error(id, "KVM_SET_FPU"))?;
     let entries = arch::regs::initial_msrs();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Error::BootRegisters(format!("initial MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(Error::BootMsrList)?;
     let written = vcpu
         .fd
         .set_msrs(&msrs)
         .map_err(vcpu_error(id, "KVM_SET_MSRS"))?;
     if written != entries.len() {
-        return Err(Error::BootRegisters(format!(
-            "KVM refused boot MSR {:#x}",
-            entries[written].index
-        )));
+        return Err(Error::BootMsrRefused(entries[written].index));
     }
     Ok(())
 }

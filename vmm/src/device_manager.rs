@@ -183,7 +183,7 @@ impl DeviceManager {
     fn add_console(&mut self, console: &ConsoleConfig) -> Result<(), Error> {
         match console.mode {
             ConsoleOutputMode::Pty => {
-                let pty = Pty::open().map_err(|e| Error::Device(format!("--console pty: {e}")))?;
+                let pty = Pty::open().map_err(|e| Error::device("--console pty", e))?;
                 log::warn!(
                     "--console pty: {} opened, but no virtio-console device is attached to it \
                      yet; the guest's console is COM1 (--serial)",
@@ -231,7 +231,7 @@ impl DeviceManager {
                 devices::PVPANIC_LEN,
                 Arc::new(Mutex::new(device)),
             )
-            .map_err(|e| Error::Device(format!("pvpanic: {e}")))?;
+            .map_err(|e| Error::device("pvpanic", e))?;
         log::info!("pvpanic on I/O port {:#x}", devices::PVPANIC_PORT);
         Ok(())
     }
@@ -259,11 +259,10 @@ impl DeviceManager {
             ConsoleOutputMode::Pty => {
                 // A `file` in the config is the pty of an earlier run (upstream reports it
                 // there): a new one is opened every time.
-                let opened =
-                    Pty::open().map_err(|e| Error::Device(format!("--serial pty: {e}")))?;
+                let opened = Pty::open().map_err(|e| Error::device("--serial pty", e))?;
                 let main = opened
                     .main()
-                    .map_err(|e| Error::Device(format!("--serial pty: {e}")))?;
+                    .map_err(|e| Error::device("--serial pty", e))?;
                 // The operator needs the path to attach, so it is logged at the default level.
                 log::warn!(
                     "--serial pty: the guest's serial port is on {}",
@@ -280,9 +279,8 @@ impl DeviceManager {
                 ))
             }
         };
-        let interrupt = Arc::new(
-            EventFdInterrupt::new().map_err(|e| Error::Device(format!("serial interrupt: {e}")))?,
-        );
+        let interrupt =
+            Arc::new(EventFdInterrupt::new().map_err(|e| Error::device("serial interrupt", e))?);
         vm_fd
             .register_irqfd(interrupt.eventfd(), devices::COM1_IRQ)
             .map_err(|source| Error::Kvm {
@@ -290,7 +288,7 @@ impl DeviceManager {
                 source,
             })?;
         let output = SerialOutput(Arc::new(Mutex::new(output)));
-        let serial_error = |e: devices::Error| Error::Device(format!("serial: {e}"));
+        let serial_error = |e: devices::Error| Error::device("serial", e);
         let (device, rx_space) = match &pty {
             None => (
                 SerialDevice::new(interrupt.clone(), Box::new(output.clone())),
@@ -347,7 +345,7 @@ impl DeviceManager {
                 devices::I8042_LEN,
                 Arc::new(Mutex::new(I8042Device::new(reset))),
             )
-            .map_err(|e| Error::Device(format!("i8042: {e}")))
+            .map_err(|e| Error::device("i8042", e))
     }
 
     /// Puts a virtio-blk disk on the next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on
@@ -363,10 +361,10 @@ impl DeviceManager {
         let (base, gsi) = virtio_mmio_slot(index);
         // The slot must stay inside the platform's virtio-mmio window and GSI range.
         arch::layout::mmio_device_address(index)
-            .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?;
+            .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
         let interrupt = Arc::new(
             EventFdInterrupt::new()
-                .map_err(|e| Error::Device(format!("disk {} interrupt: {e}", path.display())))?,
+                .map_err(|e| Error::device(format!("disk {} interrupt", path.display()), e))?,
         );
         self.vm_fd
             .register_irqfd(interrupt.eventfd(), gsi)
@@ -377,13 +375,13 @@ impl DeviceManager {
         let block = open_block(&path, disk.readonly)?;
         let mut transport =
             MmioTransport::new(Box::new(block), self.memory.clone(), interrupt.clone())
-                .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?;
+                .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
         self.wire_activation(&mut transport)?;
         register_queue_notifiers(&self.vm_fd, base, transport.queue_evts())?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
-            .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?;
+            .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
         self.cmdline_tokens.push(kernel_cmdline_token(index));
         log::info!(
             "disk {} on virtio-mmio at {base:#x}, GSI {gsi}{}",
@@ -437,7 +435,7 @@ impl DeviceManager {
     ) -> Result<(), Error> {
         for disk in &self.disks {
             step(&mut disk.lock())
-                .map_err(|e| Error::Device(format!("{doing} disk {}: {e}", disk.path.display())))?;
+                .map_err(|e| Error::device(format!("{doing} disk {}", disk.path.display()), e))?;
         }
         Ok(())
     }
@@ -518,23 +516,22 @@ impl DeviceManager {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .state()
-                    .map_err(|e| Error::State(format!("serial: {e}")))?,
+                    .map_err(|e| Error::device_state("serial", e))?,
             ),
         };
-        let disks = self
-            .disks
-            .iter()
-            .map(|disk| {
-                let transport = disk
-                    .lock()
-                    .state()
-                    .map_err(|e| Error::State(format!("disk {}: {e}", disk.path.display())))?;
-                Ok(BlockState {
-                    path: disk.path.clone(),
-                    transport,
+        let disks =
+            self.disks
+                .iter()
+                .map(|disk| {
+                    let transport = disk.lock().state().map_err(|e| {
+                        Error::device_state(format!("disk {}", disk.path.display()), e)
+                    })?;
+                    Ok(BlockState {
+                        path: disk.path.clone(),
+                        transport,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+                .collect::<Result<Vec<_>, Error>>()?;
         Ok(DevicesState { serial, disks })
     }
 
@@ -549,7 +546,7 @@ impl DeviceManager {
                     Box::new(com1.output.clone()),
                     rx_space,
                 )
-                .map_err(|e| Error::State(format!("serial: {e}")))?;
+                .map_err(|e| Error::device_state("serial", e))?;
                 *com1
                     .device
                     .lock()
@@ -589,7 +586,7 @@ impl DeviceManager {
         saved: &MmioTransportState,
     ) -> Result<(), Error> {
         let state_error =
-            |e: devices::Error| Error::State(format!("disk {}: {e}", disk.path.display()));
+            |e: devices::Error| Error::device_state(format!("disk {}", disk.path.display()), e);
         let block = open_block(&disk.path, disk.readonly)?;
         let mut restored = MmioTransport::restore(
             Box::new(block),
@@ -618,7 +615,7 @@ fn clone_event_fd(evt: &EventFd) -> Result<EventFd, Error> {
 }
 
 fn open_block(path: &Path, readonly: bool) -> Result<Block, Error> {
-    Block::open(path, readonly).map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))
+    Block::open(path, readonly).map_err(|e| Error::device(format!("disk {}", path.display()), e))
 }
 
 fn register_queue_notifiers(vm_fd: &VmFd, base: u64, queue_evts: &[EventFd]) -> Result<(), Error> {

@@ -37,18 +37,57 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("guest memory: mapping {size:#x} bytes failed: {reason}")]
-    MemoryMap { size: u64, reason: String },
+    #[error("guest memory: mapping {size:#x} bytes failed: {what}: {source}")]
+    MemoryMap {
+        size: u64,
+        /// The backing and the guest address of the mapping.
+        what: String,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory: mapping {size:#x} bytes failed: size exceeds usize")]
+    MemoryMapTooLarge { size: u64 },
+    /// A layout the configuration asks for cannot be built (a message, no underlying error).
     #[error("guest memory layout: {0}")]
     MemoryLayout(String),
+    #[error("guest memory layout: building the guest memory map: {0}")]
+    GuestMemoryMap(#[source] vm_memory::GuestRegionCollectionError),
     #[error("{vcpus} vCPUs requested, this host's KVM supports at most {max}")]
     TooManyVcpus { vcpus: u8, max: usize },
-    #[error("loading the kernel {path}: {reason}")]
-    KernelLoad { path: PathBuf, reason: String },
+    #[error("loading the kernel {path}: {source}")]
+    KernelOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel {path}: initramfs: {source}")]
+    InitramfsOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel {path}: {source}")]
+    KernelLoad {
+        path: PathBuf,
+        #[source]
+        source: arch::Error,
+    },
     #[error("setting up the boot registers: {0}")]
-    BootRegisters(String),
+    BootRegisters(#[source] arch::Error),
+    #[error("setting up the boot registers: initial MSR list: {0}")]
+    BootMsrList(#[source] vmm_sys_util::fam::Error),
+    #[error("setting up the boot registers: KVM refused boot MSR {0:#x}")]
+    BootMsrRefused(u32),
+    /// A device configuration that cannot be set up (a message, no underlying error).
     #[error("device setup: {0}")]
     Device(String),
+    /// Setting up, pausing, resuming or flushing `device` failed.
+    #[error("device setup: {device}: {source}")]
+    DeviceFailed {
+        device: String,
+        #[source]
+        source: DeviceCause,
+    },
     #[error("serial output {path}: {source}")]
     SerialOutput {
         path: PathBuf,
@@ -79,10 +118,17 @@ pub enum Error {
     },
     #[error("operation not valid while the VM is {0}")]
     InvalidVmState(&'static str),
-    #[error("vCPU {vcpu} failed: {reason}")]
-    VcpuFailed { vcpu: u8, reason: String },
+    /// A snapshot that cannot be taken or restored (a message, no underlying error).
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// Reading, decoding or restoring `what` of a snapshot failed.
+    #[error("snapshot: {what}: {source}")]
+    SnapshotFailed {
+        what: String,
+        /// Boxed: some causes are large, and every `Result<_, Error>` would carry their size.
+        #[source]
+        source: Box<SnapshotCause>,
+    },
     /// `vm.snapshot` of a VM that is not paused (upstream's words); nothing was written.
     #[error("Trying to snapshot while VM is running")]
     SnapshotVmRunning,
@@ -103,11 +149,26 @@ pub enum Error {
     #[error("invalid VM state: {0}")]
     InvalidState(String),
     #[error("API server: {0}")]
-    Api(String),
+    Api(#[source] crate::api::ApiServerError),
     #[error("seccomp: {0}")]
-    Seccomp(String),
+    Seccomp(#[source] crate::seccomp_filters::SeccompError),
+    /// A VM state that does not fit this VM (a message, no underlying error).
     #[error("VM state: {0}")]
     State(String),
+    /// A KVM state buffer (MSR list, xsave area) of `what` could not be allocated.
+    #[error("VM state: {what}: {source}")]
+    StateBuffer {
+        what: String,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// Saving or restoring the state of `device` failed.
+    #[error("VM state: {device}: {source}")]
+    DeviceState {
+        device: String,
+        #[source]
+        source: DeviceCause,
+    },
     #[error("event fd {operation}: {source}")]
     EventFd {
         operation: &'static str,
@@ -130,6 +191,15 @@ pub enum Error {
     },
     #[error("the VM would not boot again, so it was left as it is: {0}")]
     NotBootable(String),
+    #[error("the VM would not boot again, so it was left as it is: {0}")]
+    NotBootableConfig(#[source] crate::config::ConfigError),
+    #[error("the VM would not boot again, so it was left as it is: {what} {path}: {source}")]
+    NotBootableFile {
+        what: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
     #[error(transparent)]
@@ -141,6 +211,59 @@ pub enum Error {
         reason: String,
         kind: ErrorKind,
     },
+}
+
+/// Why a device could not be set up or its state saved or restored: the error of the layer
+/// below, kept whole (as this cause's `source()`) so that the chain reaches the root cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceCause {
+    #[error("{0}")]
+    Device(#[from] devices::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Platform(#[from] arch::Error),
+}
+
+/// Why a snapshot could not be read, decoded or restored: the error of the layer below.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCause {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    OnDemand(#[from] crate::userfaultfd::UffdError),
+}
+
+impl Error {
+    /// `what` of a snapshot could not be read, decoded or restored because of `cause`.
+    pub fn snapshot(what: impl Into<String>, cause: impl Into<SnapshotCause>) -> Self {
+        Error::SnapshotFailed {
+            what: what.into(),
+            source: Box::new(cause.into()),
+        }
+    }
+
+    /// `device` failed to be set up (or paused, resumed, flushed) because of `cause`.
+    pub fn device(device: impl Into<String>, cause: impl Into<DeviceCause>) -> Self {
+        Error::DeviceFailed {
+            device: device.into(),
+            source: cause.into(),
+        }
+    }
+
+    /// The state of `device` could not be saved or restored because of `cause`.
+    pub fn device_state(device: impl Into<String>, cause: impl Into<DeviceCause>) -> Self {
+        Error::DeviceState {
+            device: device.into(),
+            source: cause.into(),
+        }
+    }
 }
 
 /// What kind of failure an [`Error`] is: what the API answers it with (400, 404, 409, 405, 500),
@@ -182,10 +305,13 @@ impl Error {
             | Error::MemoryConfig(_)
             | Error::TooManyVcpus { .. }
             | Error::InvalidState(_)
-            | Error::Snapshot(_) => ErrorKind::InvalidRequest,
+            | Error::Snapshot(_)
+            | Error::SnapshotFailed { .. } => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
             Error::NoNvVm => ErrorKind::NotFound,
-            Error::NotBootable(_) => ErrorKind::Conflict,
+            Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
+                ErrorKind::Conflict
+            }
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
             Error::KvmOpen(_)
@@ -195,17 +321,25 @@ impl Error {
             | Error::VcpuKvm { .. }
             | Error::MemoryFile { .. }
             | Error::MemoryMap { .. }
+            | Error::MemoryMapTooLarge { .. }
             | Error::MemoryLayout(_)
+            | Error::GuestMemoryMap(_)
+            | Error::KernelOpen { .. }
+            | Error::InitramfsOpen { .. }
             | Error::KernelLoad { .. }
             | Error::BootRegisters(_)
+            | Error::BootMsrList(_)
+            | Error::BootMsrRefused(_)
             | Error::Device(_)
+            | Error::DeviceFailed { .. }
+            | Error::DeviceState { .. }
+            | Error::StateBuffer { .. }
             | Error::SerialOutput { .. }
             | Error::DiskImage { .. }
             | Error::ThreadSpawn { .. }
             | Error::SignalHandler(_)
             | Error::PowerFailSignalMask(_)
             | Error::PauseTimeout { .. }
-            | Error::VcpuFailed { .. }
             | Error::Api(_)
             | Error::SnapshotDestination(_)
             | Error::SnapshotIo { .. }
@@ -215,5 +349,88 @@ impl Error {
             | Error::Epoll { .. }
             | Error::Landlock(_) => ErrorKind::Internal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::fs::File;
+    use std::path::PathBuf;
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::api::cause_chain;
+
+    /// The causes of `error`, outermost first, as `source()` reaches them.
+    fn sources(error: &Error) -> Vec<&(dyn std::error::Error + 'static)> {
+        std::iter::successors(error.source(), |&cause| cause.source()).collect()
+    }
+
+    #[test]
+    fn an_arch_failure_is_reachable_through_source_down_to_the_io_error() {
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        // A directory opens but cannot be read (EISDIR): arch's ReadKernel with an io cause.
+        let mut kernel = File::open(std::env::temp_dir()).unwrap();
+        let arch_error = arch::load_kernel(&memory, &mut kernel, "console=ttyS0", None)
+            .expect_err("a directory is no kernel");
+        let error = Error::KernelLoad {
+            path: PathBuf::from("/boot/vmlinux"),
+            source: arch_error,
+        };
+        let chain = sources(&error);
+        assert!(
+            matches!(
+                chain
+                    .first()
+                    .and_then(|cause| cause.downcast_ref::<arch::Error>()),
+                Some(arch::Error::ReadKernel(_))
+            ),
+            "first cause is arch's error: {chain:?}"
+        );
+        let root = chain
+            .last()
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+            .expect("the root cause is the io error");
+        assert_eq!(root.raw_os_error(), Some(libc::EISDIR));
+        // The API body and the CLI line name each cause once, as the flattened string did.
+        assert_eq!(
+            cause_chain(&error),
+            vec![format!(
+                "loading the kernel /boot/vmlinux: cannot read the kernel image: {root}"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_device_failure_keeps_the_device_error_as_its_cause() {
+        let cause = devices::Error::DiskOpen {
+            path: PathBuf::from("/x.img"),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let error = Error::device("disk /x.img", cause);
+        assert_eq!(error.kind(), ErrorKind::Internal);
+        let chain = sources(&error);
+        assert!(
+            chain
+                .iter()
+                .any(|cause| cause.downcast_ref::<devices::Error>().is_some()),
+            "the devices error itself is reachable: {chain:?}"
+        );
+        assert!(
+            chain
+                .iter()
+                .any(|cause| cause.downcast_ref::<std::io::Error>().is_some()),
+            "the io error is reachable: {chain:?}"
+        );
+        assert_eq!(cause_chain(&error), vec![error.to_string()]);
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "device setup: disk /x.img: cannot open disk image /x.img: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
     }
 }

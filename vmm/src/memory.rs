@@ -282,8 +282,7 @@ fn map_backings(backings: Vec<Backing>) -> Result<GuestMemoryMmap, Error> {
             }
         }
     }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| Error::MemoryLayout(format!("building the guest memory map: {e}")))
+    GuestMemoryMmap::from_regions(regions).map_err(Error::GuestMemoryMap)
 }
 
 /// Maps `size` bytes of `backing` starting `offset_in_backing` bytes into it, at `guest_address`.
@@ -293,8 +292,7 @@ fn map_piece(
     size: u64,
     guest_address: GuestAddress,
 ) -> Result<GuestRegionMmap, Error> {
-    let map_error = |reason: String| Error::MemoryMap { size, reason };
-    let length = usize::try_from(size).map_err(|_| map_error("size exceeds usize".into()))?;
+    let length = usize::try_from(size).map_err(|_| Error::MemoryMapTooLarge { size })?;
     let (flags, file_offset, prefault) = match backing {
         Backing::Anonymous {
             shared, prefault, ..
@@ -350,7 +348,7 @@ fn map_piece(
     if let Some(file_offset) = file_offset {
         builder = builder.with_file_offset(file_offset);
     }
-    let mapping = builder.build().map_err(|e| {
+    let mapping = builder.build().map_err(|source| {
         let what = match backing {
             Backing::File { path, .. } => {
                 format!("{} at guest {guest_address:#x?}", path.display())
@@ -359,7 +357,7 @@ fn map_piece(
                 format!("anonymous memory at guest {:#x}", guest_address.0)
             }
         };
-        map_error(format!("{what}: {e}"))
+        Error::MemoryMap { size, what, source }
     })?;
     if let Backing::Anonymous { thp: true, .. } = backing {
         advise_huge_pages(&mapping, length);

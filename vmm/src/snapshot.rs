@@ -95,7 +95,7 @@ pub fn snapshot_directory(url: &str) -> Result<PathBuf, Error> {
 
 fn io_error(path: &Path, operation: &str) -> impl FnOnce(std::io::Error) -> Error {
     let what = format!("{operation} {}", path.display());
-    move |e| Error::Snapshot(format!("{what}: {e}"))
+    move |e| Error::snapshot(what, e)
 }
 
 fn write_error(path: &Path, operation: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -212,8 +212,8 @@ pub fn save(vm: &Vm, destination_url: &str) -> Result<(), Error> {
         .sync_all()
         .map_err(write_error(&memory_path, "syncing"))?;
 
-    let config_json = serde_json::to_vec(&config)
-        .map_err(|e| Error::Snapshot(format!("encoding the VM config: {e}")))?;
+    let config_json =
+        serde_json::to_vec(&config).map_err(|e| Error::snapshot("encoding the VM config", e))?;
     write_new_file(&mut created, &dir.join(CONFIG_FILE), &config_json)?;
     let state_json = encode_state(&SnapshotState {
         vm: state,
@@ -241,7 +241,7 @@ fn write_new_file(created: &mut CreatedFiles, path: &Path, bytes: &[u8]) -> Resu
 /// `state.json`: `{"format", "version", "crc32c", "content"}`, the CRC-32C over the bytes of
 /// `content` exactly as they stand in the file.
 fn encode_state(state: &SnapshotState) -> Result<Vec<u8>, Error> {
-    let encode_error = |e: serde_json::Error| Error::Snapshot(format!("encoding the state: {e}"));
+    let encode_error = |e: serde_json::Error| Error::snapshot("encoding the state", e);
     let content = serde_json::to_string(state).map_err(encode_error)?;
     let crc32c = crc32c::crc32c(content.as_bytes());
     let content = RawValue::from_string(content).map_err(encode_error)?;
@@ -396,7 +396,7 @@ fn check_ranges_cover_memory(
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
     let file = File::open(path).map_err(io_error(path, "opening"))?;
     serde_json::from_reader(BufReader::new(file))
-        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))
+        .map_err(|e| Error::snapshot(path.display().to_string(), e))
 }
 
 /// Builds a VM from the snapshot directory of `restore.source_url`: its config, its memory (shared
@@ -459,7 +459,7 @@ pub fn restore(
                     memory
                         .read_exact_volatile_from(GuestAddress(gpa), &mut memory_file, chunk)
                         .map_err(|e| {
-                            Error::Snapshot(format!("reading guest RAM at {gpa:#x}: {e}"))
+                            Error::snapshot(format!("reading guest RAM at {gpa:#x}"), e)
                         })?;
                 }
             }
@@ -470,7 +470,7 @@ pub fn restore(
         let lazy_bytes: usize = lazy.iter().map(|range| range.length).sum();
         // The thread detaches: it ends by itself when the VM's memory is unmapped.
         crate::userfaultfd::start(lazy, &memory_file, seccomp)
-            .map_err(|e| Error::Snapshot(format!("OnDemand restore: {e}")))?;
+            .map_err(|e| Error::snapshot("OnDemand restore", e))?;
         log::info!("OnDemand restore: {lazy_bytes:#x} bytes of guest RAM filled on first touch");
     }
 
@@ -489,11 +489,11 @@ fn read_config(path: &Path) -> Result<VmConfig, Error> {
     let raw: serde_json::Value = read_json(path)?;
     crate::upstream_fields::check_vm_config_fields(&raw)
         .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
-    let config: VmConfig = serde_json::from_value(raw)
-        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
+    let config: VmConfig =
+        serde_json::from_value(raw).map_err(|e| Error::snapshot(path.display().to_string(), e))?;
     config
         .validate()
-        .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::snapshot(path.display().to_string(), e))?;
     Ok(config)
 }
 
@@ -536,6 +536,32 @@ fn lazy_range(
 mod tests {
     use super::*;
     use crate::state::tests::sample_state;
+
+    #[test]
+    fn a_config_json_that_is_not_json_keeps_the_parser_error_as_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, b"{ not json").unwrap();
+        let error = read_config(&path).unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::InvalidRequest);
+        let chain: Vec<&(dyn std::error::Error + 'static)> =
+            std::iter::successors(std::error::Error::source(&error), |&cause| cause.source())
+                .collect();
+        let json = chain
+            .iter()
+            .find_map(|cause| cause.downcast_ref::<serde_json::Error>())
+            .expect("the serde_json error itself is in the chain");
+        assert_eq!(
+            error.to_string(),
+            format!("snapshot: {}: {json}", path.display())
+        );
+        let missing = read_config(&dir.path().join("missing.json")).unwrap_err();
+        let io =
+            std::iter::successors(std::error::Error::source(&missing), |&cause| cause.source())
+                .find_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .expect("the io error itself is in the chain");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
 
     fn snapshot_state() -> SnapshotState {
         SnapshotState {

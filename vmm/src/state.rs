@@ -383,11 +383,9 @@ fn read_msrs(vcpu: &Vcpu, indices: &[u32]) -> Result<Vec<MsrValue>, Error> {
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|e| {
-        Error::State(format!(
-            "{} MSRs do not fit a KVM MSR list: {e:?}",
-            indices.len()
-        ))
+    let mut msrs = Msrs::from_entries(&entries).map_err(|source| Error::StateBuffer {
+        what: format!("{} MSRs do not fit a KVM MSR list", indices.len()),
+        source,
     })?;
     let read = vcpu
         .fd
@@ -416,8 +414,10 @@ fn save_xsave(vcpu: &Vcpu, xsave_size: usize) -> Result<Vec<u32>, Error> {
             .map_err(vcpu_error(vcpu.id, "KVM_GET_XSAVE"))?;
         return Ok(area.region.to_vec());
     }
-    let mut area = Xsave::new(words - LEGACY_XSAVE_WORDS)
-        .map_err(|e| Error::State(format!("xsave buffer of {xsave_size} bytes: {e:?}")))?;
+    let mut area = Xsave::new(words - LEGACY_XSAVE_WORDS).map_err(|source| Error::StateBuffer {
+        what: format!("xsave buffer of {xsave_size} bytes"),
+        source,
+    })?;
     // SAFETY: `area` holds the legacy region plus enough trailing words for the KVM_CAP_XSAVE2
     // size, which is fixed because the VMM never enables dynamic xstate features.
     unsafe { vcpu.fd.get_xsave2(&mut area) }.map_err(vcpu_error(vcpu.id, "KVM_GET_XSAVE2"))?;
@@ -443,8 +443,11 @@ fn restore_xsave(vcpu: &Vcpu, xsave_size: usize, words: &[u32]) -> Result<(), Er
         // its 4 KiB, so KVM_SET_XSAVE reads nothing past it.
         return unsafe { vcpu.fd.set_xsave(&area) }.map_err(vcpu_error(id, "KVM_SET_XSAVE"));
     }
-    let mut area = Xsave::new(host_words - LEGACY_XSAVE_WORDS)
-        .map_err(|e| Error::State(format!("xsave buffer of {xsave_size} bytes: {e:?}")))?;
+    let mut area =
+        Xsave::new(host_words - LEGACY_XSAVE_WORDS).map_err(|source| Error::StateBuffer {
+            what: format!("xsave buffer of {xsave_size} bytes"),
+            source,
+        })?;
     // SAFETY: the FAM struct is only written through its own accessors, within its length.
     unsafe { area.as_mut_fam_struct() }
         .xsave
@@ -648,8 +651,10 @@ impl Vm {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::State(format!("vCPU {id}: MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|source| Error::StateBuffer {
+            what: format!("vCPU {id}: MSR list"),
+            source,
+        })?;
         let written = fd.set_msrs(&msrs).map_err(vcpu_error(id, "KVM_SET_MSRS"))?;
         if written != entries.len() {
             return Err(Error::State(format!(

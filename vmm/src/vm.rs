@@ -215,21 +215,23 @@ impl Vm {
             .kernel
             .as_deref()
             .ok_or(Error::NoKernel)?;
-        let kernel_error = |reason: String| Error::KernelLoad {
+        let mut kernel = File::open(kernel_path).map_err(|source| Error::KernelOpen {
             path: PathBuf::from(kernel_path),
-            reason,
-        };
-        let mut kernel = File::open(kernel_path).map_err(|e| kernel_error(e.to_string()))?;
+            source,
+        })?;
         let mut initramfs = match self.config.payload.initramfs.as_deref() {
-            Some(path) => Some(File::open(path).map_err(|e| Error::KernelLoad {
+            Some(path) => Some(File::open(path).map_err(|source| Error::InitramfsOpen {
                 path: PathBuf::from(path),
-                reason: format!("initramfs: {e}"),
+                source,
             })?),
             None => None,
         };
         let cmdline = self.kernel_cmdline();
         let entry = arch::load_kernel(&self.memory, &mut kernel, &cmdline, initramfs.as_mut())
-            .map_err(|e| kernel_error(e.to_string()))?;
+            .map_err(|source| Error::KernelLoad {
+                path: PathBuf::from(kernel_path),
+                source,
+            })?;
         log::info!(
             "kernel {kernel_path} loaded: {:?} entry at {:#x}",
             entry.protocol,

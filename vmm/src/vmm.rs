@@ -199,7 +199,7 @@ impl Vmm {
             ..Default::default()
         };
         api::start_http_server_with_limits(socket, sender, server_wake, limits)
-            .map_err(|e| Error::Api(e.to_string()))?;
+            .map_err(Error::Api)?;
         self.watch(wake.as_raw_fd(), ControlEvent::ApiRequest)?;
         self.api = Some((receiver, wake));
         Ok(())
@@ -298,8 +298,7 @@ impl Vmm {
     /// Runs until the VM ends; returns why.
     pub fn control_loop(&mut self) -> Result<VmmExit, Error> {
         // Threads spawned from here on (vCPUs of a later VM) inherit this filter too.
-        apply_filter_for_mode(ThreadKind::Vmm, self.seccomp)
-            .map_err(|e| Error::Seccomp(e.to_string()))?;
+        apply_filter_for_mode(ThreadKind::Vmm, self.seccomp).map_err(Error::Seccomp)?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
         // SIGPWR is blocked in this thread and every thread it started; it is delivered only
         // while the loop waits, and only here (see `signal_events::install_power_fail_signal`).
@@ -453,16 +452,20 @@ impl Vmm {
         let Some(config) = self.vm_config.clone().map(api_dispatch::cold_boot_config) else {
             return Ok(());
         };
-        config
-            .validate()
-            .map_err(|e| Error::NotBootable(e.to_string()))?;
+        config.validate().map_err(Error::NotBootableConfig)?;
         let open = |what: &str, path: &str, write: bool| -> Result<(), Error> {
-            let fail = |reason: String| Error::NotBootable(format!("{what} {path}: {reason}"));
-            let metadata = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+            let fail = |source: std::io::Error| Error::NotBootableFile {
+                what: what.to_owned(),
+                path: path.to_owned(),
+                source,
+            };
+            let metadata = std::fs::metadata(path).map_err(fail)?;
             let file_type = metadata.file_type();
             if !(file_type.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&file_type))
             {
-                return Err(fail("not a regular file or block device".to_string()));
+                return Err(Error::NotBootable(format!(
+                    "{what} {path}: not a regular file or block device"
+                )));
             }
             std::fs::OpenOptions::new()
                 .read(true)
@@ -470,7 +473,7 @@ impl Vmm {
                 .custom_flags(libc::O_NONBLOCK)
                 .open(path)
                 .map(drop)
-                .map_err(|e| fail(e.to_string()))
+                .map_err(fail)
         };
         let kernel = config
             .payload

@@ -4,34 +4,29 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::mem::{offset_of, size_of};
 
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{
-    boot_e820_entry, boot_params, E820_MAX_ENTRIES_ZEROPAGE, LOADED_HIGH,
+    boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE, LOADED_HIGH,
 };
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
 use super::{check_cmdline, check_fits_in_ram, check_kernel_placement};
-use super::{le_u16, le_u32, le_u64};
 use super::{low_ram_end, write_cmdline};
 use super::{BootEntry, BootProtocol};
 use crate::e820::e820_map;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE_START};
-use crate::{write_guest, Error};
+use crate::Error;
 
-// Setup header fields, as offsets into the image file (and into the zero page).
-const SETUP_SECTS: usize = 0x1F1;
-const SETUP_SYSSIZE: usize = 0x1F4;
-const SETUP_VERSION: usize = 0x206;
-const SETUP_INITRD_ADDR_MAX: usize = 0x22C;
-const SETUP_KERNEL_ALIGNMENT: usize = 0x230;
-const SETUP_RELOCATABLE_KERNEL: usize = 0x234;
-const SETUP_XLOADFLAGS: usize = 0x236;
-const SETUP_CMDLINE_SIZE: usize = 0x238;
-const SETUP_PREF_ADDRESS: usize = 0x258;
-const SETUP_INIT_SIZE: usize = 0x260;
-const SETUP_HEADER_END: usize = 0x264;
+/// The setup header sits at the same offset in the image file as in the zero page.
+const SETUP_HEADER_START: usize = offset_of!(boot_params, hdr);
+/// The image must hold the header up to and including `init_size`, the last field read here
+/// (later fields, of newer protocol versions, read as zero when the image lacks them).
+const SETUP_HEADER_END: usize = SETUP_HEADER_START + offset_of!(setup_header, init_size) + 4;
 
 /// Protocol 2.12 introduced `xloadflags`, which is how a kernel says it has a 64-bit entry.
 const MIN_PROTOCOL_VERSION: u16 = 0x020C;
@@ -55,29 +50,25 @@ where
     M: GuestMemoryBackend,
     K: Read + Seek + ReadVolatile,
 {
-    if header.len() < SETUP_HEADER_END {
-        return Err(Error::KernelTruncated {
-            size: header.len() as u64,
-        });
-    }
-    let version = le_u16(header, SETUP_VERSION);
+    let image_header = read_setup_header(header)?;
+    let version = image_header.version;
     if version < MIN_PROTOCOL_VERSION {
         return Err(Error::BootProtocolTooOld { version });
     }
-    if le_u16(header, SETUP_XLOADFLAGS) & XLF_KERNEL_64 == 0 {
+    if image_header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::No64BitEntry);
     }
-    let protected_mode_size = check_image_complete(kernel, header)?;
+    let protected_mode_size = check_image_complete(kernel, &image_header)?;
     check_fits_in_ram(mem, protected_mode_size)?;
-    let kernel_cmdline_max = le_u32(header, SETUP_CMDLINE_SIZE) as usize;
+    let kernel_cmdline_max = image_header.cmdline_size as usize;
     check_cmdline(cmdline, kernel_cmdline_max.min(CMDLINE_MAX_SIZE - 1))?;
 
     let loaded =
         BzImage::load(mem, None, kernel, Some(HIGH_RAM_START)).map_err(Error::LoadBzImage)?;
     // The kernel decompresses itself to its runtime address and needs `init_size` bytes there
     // before it reads the memory map; that range must be RAM and stay clear of the initramfs.
-    let init_end = runtime_start(header, loaded.kernel_load.0)
-        .checked_add(u64::from(le_u32(header, SETUP_INIT_SIZE)))
+    let init_end = runtime_start(&image_header, loaded.kernel_load.0)
+        .checked_add(u64::from(image_header.init_size))
         .ok_or(Error::KernelOutsideRam {
             start: loaded.kernel_load.0,
             end: u64::MAX,
@@ -90,7 +81,7 @@ where
     let initramfs = match initramfs {
         Some(file) => {
             // initrd_addr_max is the highest address the initramfs may occupy (inclusive).
-            let limit = u64::from(le_u32(header, SETUP_INITRD_ADDR_MAX)) + 1;
+            let limit = u64::from(image_header.initrd_addr_max) + 1;
             Some(load_initramfs(
                 mem,
                 file,
@@ -113,7 +104,8 @@ where
     };
     set_ramdisk(&mut params, initramfs);
     set_e820(&mut params, mem)?;
-    write_guest(mem, ZERO_PAGE_START, params.as_slice(), "zero page")?;
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, ZERO_PAGE_START), mem)
+        .map_err(Error::WriteBootParams)?;
 
     Ok(BootEntry {
         protocol: BootProtocol::LinuxBoot64,
@@ -122,19 +114,34 @@ where
     })
 }
 
+/// The image's setup header, as linux-loader's `setup_header`: the bytes of `header` (the start
+/// of the image) from offset 0x1F1 on.
+fn read_setup_header(header: &[u8]) -> Result<setup_header, Error> {
+    if header.len() < SETUP_HEADER_END {
+        return Err(Error::KernelTruncated {
+            size: header.len() as u64,
+        });
+    }
+    let available = &header[SETUP_HEADER_START..];
+    let mut parsed = setup_header::default();
+    let len = available.len().min(size_of::<setup_header>());
+    parsed.as_mut_slice()[..len].copy_from_slice(&available[..len]);
+    Ok(parsed)
+}
+
 /// Where the decompressed kernel will run (boot.rst, `pref_address` and `init_size`): a
 /// relocatable kernel moves to its load address rounded up to `kernel_alignment`, but never
 /// below its preferred address; a fixed one runs at the preferred address.
-fn runtime_start(header: &[u8], load_address: u64) -> u64 {
-    let preferred = le_u64(header, SETUP_PREF_ADDRESS);
-    if header[SETUP_RELOCATABLE_KERNEL] == 0 {
+fn runtime_start(header: &setup_header, load_address: u64) -> u64 {
+    let preferred = header.pref_address;
+    if header.relocatable_kernel == 0 {
         return if preferred == 0 {
             load_address
         } else {
             preferred
         };
     }
-    let alignment = u64::from(le_u32(header, SETUP_KERNEL_ALIGNMENT));
+    let alignment = u64::from(header.kernel_alignment);
     let aligned = if alignment.is_power_of_two() {
         load_address.next_multiple_of(alignment)
     } else {
@@ -146,15 +153,15 @@ fn runtime_start(header: &[u8], load_address: u64) -> u64 {
 /// The protected-mode kernel follows the setup sectors and is `syssize` 16-byte paragraphs
 /// long; an image that ends earlier is truncated (linux-loader would load the short rest).
 /// Returns the size of what will be loaded: everything after the setup sectors.
-fn check_image_complete<K: Seek>(kernel: &mut K, header: &[u8]) -> Result<u64, Error> {
+fn check_image_complete<K: Seek>(kernel: &mut K, header: &setup_header) -> Result<u64, Error> {
     let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
     // setup_sects == 0 means 4, for compatibility with ancient images.
-    let setup_sectors = match header[SETUP_SECTS] {
+    let setup_sectors = match header.setup_sects {
         0 => 4,
         sectors => u64::from(sectors),
     };
     let setup_size = (setup_sectors + 1) * 512;
-    let protected_mode_size = (u64::from(le_u32(header, SETUP_SYSSIZE)) * 16).max(1);
+    let protected_mode_size = (u64::from(header.syssize) * 16).max(1);
     if image_size < setup_size + protected_mode_size {
         return Err(Error::KernelTruncated { size: image_size });
     }
@@ -195,14 +202,33 @@ fn set_e820<M: GuestMemoryBackend>(params: &mut boot_params, mem: &M) -> Result<
 mod tests {
     use super::*;
 
-    fn header(relocatable: u8, alignment: u32, preferred: u64) -> Vec<u8> {
-        let mut header = vec![0u8; SETUP_HEADER_END];
-        header[SETUP_RELOCATABLE_KERNEL] = relocatable;
-        header[SETUP_KERNEL_ALIGNMENT..SETUP_KERNEL_ALIGNMENT + 4]
-            .copy_from_slice(&alignment.to_le_bytes());
-        header[SETUP_PREF_ADDRESS..SETUP_PREF_ADDRESS + 8]
-            .copy_from_slice(&preferred.to_le_bytes());
-        header
+    fn header(relocatable: u8, alignment: u32, preferred: u64) -> setup_header {
+        setup_header {
+            relocatable_kernel: relocatable,
+            kernel_alignment: alignment,
+            pref_address: preferred,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_setup_header_is_read_at_0x1f1_up_to_init_size() {
+        // Offsets of boot.rst: the header starts at 0x1F1, init_size is the u32 at 0x260.
+        assert_eq!(SETUP_HEADER_START, 0x1F1);
+        assert_eq!(SETUP_HEADER_END, 0x264);
+        let mut image = vec![0u8; SETUP_HEADER_END];
+        image[0x1F1] = 7;
+        image[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+        image[0x260..0x264].copy_from_slice(&0x0123_4567u32.to_le_bytes());
+        let parsed = read_setup_header(&image).unwrap();
+        assert_eq!(
+            (parsed.setup_sects, { parsed.version }, { parsed.init_size }),
+            (7, 0x020F, 0x0123_4567)
+        );
+        assert!(matches!(
+            read_setup_header(&image[..SETUP_HEADER_END - 1]),
+            Err(Error::KernelTruncated { size }) if size == SETUP_HEADER_END as u64 - 1
+        ));
     }
 
     #[test]

@@ -160,22 +160,5 @@ fn check_kernel_placement<M: GuestMemoryBackend>(
     Ok(())
 }
 
-/// Little-endian field readers; callers check `buf` is long enough.
-fn le_u16(buf: &[u8], offset: usize) -> u16 {
-    u16::from_le_bytes([buf[offset], buf[offset + 1]])
-}
-
-fn le_u32(buf: &[u8], offset: usize) -> u32 {
-    let mut bytes = [0u8; 4];
-    bytes.copy_from_slice(&buf[offset..offset + 4]);
-    u32::from_le_bytes(bytes)
-}
-
-fn le_u64(buf: &[u8], offset: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&buf[offset..offset + 8]);
-    u64::from_le_bytes(bytes)
-}
-
 #[cfg(test)]
 mod tests;

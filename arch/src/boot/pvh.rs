@@ -4,13 +4,21 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::mem::size_of;
 
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::elf::{
+    Elf64_Ehdr, Elf64_Phdr, EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PT_LOAD,
+};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{elf::PvhBootCapability, Elf, KernelLoader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
 use super::{check_fits_in_ram, check_kernel_placement, low_ram_end, write_cmdline};
-use super::{le_u16, le_u32, le_u64};
 use super::{BootEntry, BootProtocol};
 use crate::e820::{e820_map, E820Entry};
 use crate::layout::{
@@ -22,34 +30,6 @@ use crate::{write_guest, Error};
 pub const START_INFO_MAGIC: u32 = 0x336E_C578;
 /// Version 1 adds the memory map fields.
 pub const START_INFO_VERSION: u32 = 1;
-
-// Byte offsets in `struct hvm_start_info` (56 bytes, all little endian).
-const SI_MAGIC: usize = 0;
-const SI_VERSION: usize = 4;
-const SI_NR_MODULES: usize = 12;
-const SI_MODLIST_PADDR: usize = 16;
-const SI_CMDLINE_PADDR: usize = 24;
-const SI_MEMMAP_PADDR: usize = 40;
-const SI_MEMMAP_ENTRIES: usize = 48;
-const START_INFO_SIZE: usize = 56;
-/// `struct hvm_modlist_entry`: paddr, size, cmdline_paddr, reserved (u64 each).
-const MODLIST_ENTRY_SIZE: usize = 32;
-/// `struct hvm_memmap_table_entry`: addr u64, size u64, type u32, reserved u32.
-const MEMMAP_ENTRY_SIZE: usize = 24;
-
-// ELF64 header and program header fields we validate before loading.
-const ELF_HEADER_SIZE: usize = 64;
-const EI_CLASS: usize = 4;
-const ELFCLASS64: u8 = 2;
-const EI_DATA: usize = 5;
-const ELFDATA2LSB: u8 = 1;
-const E_MACHINE: usize = 18;
-const EM_X86_64: u16 = 62;
-const E_PHOFF: usize = 32;
-const E_PHENTSIZE: usize = 54;
-const E_PHNUM: usize = 56;
-const PHDR_SIZE: usize = 56;
-const PT_LOAD: u32 = 1;
 
 pub(super) fn load<M, K>(
     mem: &M,
@@ -120,37 +100,38 @@ fn read_load_segments<K: Read + Seek>(
     header: &[u8],
 ) -> Result<Vec<LoadSegment>, Error> {
     let image_size = kernel.seek(SeekFrom::End(0)).map_err(Error::ReadKernel)?;
-    if header.len() < ELF_HEADER_SIZE {
-        return Err(Error::KernelTruncated { size: image_size });
-    }
-    if header[EI_CLASS] != ELFCLASS64
-        || header[EI_DATA] != ELFDATA2LSB
-        || le_u16(header, E_MACHINE) != EM_X86_64
-        || usize::from(le_u16(header, E_PHENTSIZE)) != PHDR_SIZE
+    let mut ehdr = Elf64_Ehdr::default();
+    let ehdr_bytes = header
+        .get(..size_of::<Elf64_Ehdr>())
+        .ok_or(Error::KernelTruncated { size: image_size })?;
+    ehdr.as_mut_slice().copy_from_slice(ehdr_bytes);
+    if ehdr.e_ident[EI_CLASS] != ELFCLASS64
+        || ehdr.e_ident[EI_DATA] != ELFDATA2LSB
+        || ehdr.e_machine != EM_X86_64
+        || usize::from(ehdr.e_phentsize) != size_of::<Elf64_Phdr>()
     {
         return Err(Error::UnsupportedElf);
     }
-    let phoff = le_u64(header, E_PHOFF);
-    let phnum = usize::from(le_u16(header, E_PHNUM));
-    let table_end = phoff.checked_add((phnum * PHDR_SIZE) as u64);
+    let mut table = vec![Elf64_Phdr::default(); usize::from(ehdr.e_phnum)];
+    let table_end = ehdr
+        .e_phoff
+        .checked_add((table.len() * size_of::<Elf64_Phdr>()) as u64);
     if table_end.is_none_or(|end| end > image_size) {
         return Err(Error::KernelTruncated { size: image_size });
     }
-    let mut table = vec![0u8; phnum * PHDR_SIZE];
     kernel
-        .seek(SeekFrom::Start(phoff))
+        .seek(SeekFrom::Start(ehdr.e_phoff))
         .map_err(Error::ReadKernel)?;
-    kernel.read_exact(&mut table).map_err(Error::ReadKernel)?;
+    for phdr in &mut table {
+        kernel
+            .read_exact(phdr.as_mut_slice())
+            .map_err(Error::ReadKernel)?;
+    }
 
     let mut segments = Vec::new();
-    for phdr in table.chunks_exact(PHDR_SIZE) {
-        if le_u32(phdr, 0) != PT_LOAD {
-            continue;
-        }
-        let offset = le_u64(phdr, 8);
-        let paddr = le_u64(phdr, 24);
-        let filesz = le_u64(phdr, 32);
-        let memsz = le_u64(phdr, 40);
+    for phdr in table.iter().filter(|phdr| phdr.p_type == PT_LOAD) {
+        let (offset, paddr) = (phdr.p_offset, phdr.p_paddr);
+        let (filesz, memsz) = (phdr.p_filesz, phdr.p_memsz);
         if offset
             .checked_add(filesz)
             .is_none_or(|end| end > image_size)
@@ -187,7 +168,8 @@ fn zero_segment_tail<M: GuestMemoryBackend>(mem: &M, segment: &LoadSegment) -> R
     Ok(())
 }
 
-/// Writes the memory map, the module list and `hvm_start_info` itself.
+/// Writes the memory map, the module list and `hvm_start_info` itself, all as linux-loader's
+/// `start_info` structs through its PVH boot configurator.
 fn write_start_info<M: GuestMemoryBackend>(
     mem: &M,
     memory_map: &[E820Entry],
@@ -199,50 +181,37 @@ fn write_start_info<M: GuestMemoryBackend>(
             max: PVH_MEMMAP_MAX_ENTRIES,
         });
     }
-    let mut memmap = Vec::with_capacity(memory_map.len() * MEMMAP_ENTRY_SIZE);
-    for entry in memory_map {
-        memmap.extend_from_slice(&entry.addr.to_le_bytes());
-        memmap.extend_from_slice(&entry.size.to_le_bytes());
-        memmap.extend_from_slice(&(entry.kind as u32).to_le_bytes());
-        memmap.extend_from_slice(&0u32.to_le_bytes());
+    let memmap: Vec<hvm_memmap_table_entry> = memory_map
+        .iter()
+        .map(|entry| hvm_memmap_table_entry {
+            addr: entry.addr,
+            size: entry.size,
+            type_: entry.kind as u32,
+            reserved: 0,
+        })
+        .collect();
+    let modules: Vec<hvm_modlist_entry> = initramfs
+        .iter()
+        .map(|initramfs| hvm_modlist_entry {
+            paddr: initramfs.addr.0,
+            size: initramfs.size,
+            ..Default::default()
+        })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: START_INFO_MAGIC,
+        version: START_INFO_VERSION,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST.0 },
+        cmdline_paddr: CMDLINE_START.0,
+        memmap_paddr: PVH_MEMMAP.0,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, PVH_START_INFO);
+    params.set_sections(&memmap, PVH_MEMMAP);
+    if !modules.is_empty() {
+        params.set_modules(&modules, PVH_MODLIST);
     }
-    write_guest(mem, PVH_MEMMAP, &memmap, "PVH memory map")?;
-
-    let mut start_info = [0u8; START_INFO_SIZE];
-    put(&mut start_info, SI_MAGIC, &START_INFO_MAGIC.to_le_bytes());
-    put(
-        &mut start_info,
-        SI_VERSION,
-        &START_INFO_VERSION.to_le_bytes(),
-    );
-    put(
-        &mut start_info,
-        SI_CMDLINE_PADDR,
-        &CMDLINE_START.0.to_le_bytes(),
-    );
-    put(
-        &mut start_info,
-        SI_MEMMAP_PADDR,
-        &PVH_MEMMAP.0.to_le_bytes(),
-    );
-    let entries = memory_map.len() as u32;
-    put(&mut start_info, SI_MEMMAP_ENTRIES, &entries.to_le_bytes());
-
-    if let Some(initramfs) = initramfs {
-        let mut module = [0u8; MODLIST_ENTRY_SIZE];
-        put(&mut module, 0, &initramfs.addr.0.to_le_bytes());
-        put(&mut module, 8, &initramfs.size.to_le_bytes());
-        write_guest(mem, PVH_MODLIST, &module, "PVH module list")?;
-        put(&mut start_info, SI_NR_MODULES, &1u32.to_le_bytes());
-        put(
-            &mut start_info,
-            SI_MODLIST_PADDR,
-            &PVH_MODLIST.0.to_le_bytes(),
-        );
-    }
-    write_guest(mem, PVH_START_INFO, &start_info, "PVH start info")
-}
-
-fn put(buf: &mut [u8], offset: usize, bytes: &[u8]) {
-    buf[offset..offset + bytes.len()].copy_from_slice(bytes);
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(Error::WriteBootParams)
 }

@@ -205,6 +205,17 @@ fn load(mem: &Memory, image: &[u8], cmdline: &str) -> Result<BootEntry, Error> {
     load_kernel(mem, &mut Cursor::new(image.to_vec()), cmdline, None)
 }
 
+/// Loads `image` with an empty command line and `initrd` as the initramfs.
+fn load_with_initramfs(mem: &Memory, image: &[u8], initrd: &[u8]) -> Result<BootEntry, Error> {
+    let mut initrd_file = file_with(initrd);
+    load_kernel(
+        mem,
+        &mut Cursor::new(image.to_vec()),
+        "",
+        Some(&mut initrd_file),
+    )
+}
+
 /// Asserts one e820 / PVH memmap entry's fields.
 fn assert_memmap_entry(mem: &Memory, at: u64, addr: u64, size: u64, kind: u32) {
     assert_eq!(u64_at(mem, at), addr, "entry at {at:#x}: address");
@@ -270,15 +281,8 @@ fn pvh_initramfs_goes_high_and_is_module_zero() {
     // the device hole.
     let mem = memory(3 * GIB + 64 * MIB);
     let initrd = pattern(0x1801, 0x11);
-    let mut initrd_file = file_with(&initrd);
 
-    let entry = load_kernel(
-        &mem,
-        &mut Cursor::new(elf_image(&ElfSpec::default())),
-        "",
-        Some(&mut initrd_file),
-    )
-    .unwrap();
+    let entry = load_with_initramfs(&mem, &elf_image(&ElfSpec::default()), &initrd).unwrap();
     assert_eq!(entry.protocol, BootProtocol::Pvh);
 
     // Highest page-aligned start with the whole file below 3 GiB.
@@ -454,14 +458,7 @@ fn bzimage_initramfs_respects_initrd_addr_max() {
         ..Default::default()
     };
     let initrd = pattern(0x5000, 0x77);
-    let mut initrd_file = file_with(&initrd);
-    load_kernel(
-        &mem,
-        &mut Cursor::new(bzimage(&spec)),
-        "",
-        Some(&mut initrd_file),
-    )
-    .unwrap();
+    load_with_initramfs(&mem, &bzimage(&spec), &initrd).unwrap();
 
     let expected_addr = 32 * MIB - 0x5000;
     assert_eq!(
@@ -556,12 +553,10 @@ fn bzimage_whose_init_size_exceeds_ram_is_refused() {
 fn bzimage_initramfs_stays_above_the_decompressed_kernel() {
     // 26 MiB of RAM: the kernel needs [16 MiB, 24 MiB); 3 MiB of initramfs must not go there.
     let mem = memory(26 * MIB);
-    let mut initrd_file = file_with(&vec![0u8; 3 * MIB as usize]);
-    let result = load_kernel(
+    let result = load_with_initramfs(
         &mem,
-        &mut Cursor::new(bzimage(&BzSpec::default())),
-        "",
-        Some(&mut initrd_file),
+        &bzimage(&BzSpec::default()),
+        &vec![0u8; 3 * MIB as usize],
     );
     assert!(
         matches!(
@@ -573,12 +568,10 @@ fn bzimage_initramfs_stays_above_the_decompressed_kernel() {
         ),
         "{result:?}"
     );
-    let mut initrd_file = file_with(&vec![0u8; 2 * MIB as usize]);
-    load_kernel(
+    load_with_initramfs(
         &mem,
-        &mut Cursor::new(bzimage(&BzSpec::default())),
-        "",
-        Some(&mut initrd_file),
+        &bzimage(&BzSpec::default()),
+        &vec![0u8; 2 * MIB as usize],
     )
     .unwrap();
     assert_eq!(u32_at(&mem, 0x8000 + 0x218), 24 * MIB as u32);
@@ -668,12 +661,10 @@ fn ram_without_the_first_megabyte_is_refused() {
 fn initramfs_that_does_not_fit_is_refused() {
     let mem = memory(4 * MIB);
     // 3 MiB of initramfs cannot fit between the kernel end (1 MiB + 12 KiB) and 4 MiB.
-    let mut initrd_file = file_with(&vec![0u8; 3 * MIB as usize]);
-    let result = load_kernel(
+    let result = load_with_initramfs(
         &mem,
-        &mut Cursor::new(elf_image(&ElfSpec::default())),
-        "",
-        Some(&mut initrd_file),
+        &elf_image(&ElfSpec::default()),
+        &vec![0u8; 3 * MIB as usize],
     );
     assert!(
         matches!(

@@ -12,6 +12,7 @@ use devices::virtio::{
     status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use devices::{Bus, EventFdInterrupt, InterruptLine};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const MEM_SIZE: usize = 4 << 20;
@@ -261,12 +262,8 @@ impl TestDriver {
 
     pub fn write_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let base = GuestAddress(DESC_TABLE + u64::from(index) * 16);
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, base).unwrap();
+        let descriptor = Descriptor::new(addr, len, flags, next);
+        self.mem.write_obj(descriptor, base).unwrap();
     }
 
     /// Puts `head` on the avail ring and publishes the new avail index.
