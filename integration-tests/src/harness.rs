@@ -57,11 +57,11 @@ fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
     );
 }
 
-/// The rate the guests' TSC counts at (KVM_GET_TSC_KHZ through `vmm::tsc`), asked once.
+/// The rate the guests' TSC counts at (KVM_GET_TSC_KHZ, `tsc.rs`), asked once.
 pub fn guest_tsc_khz() -> u32 {
     static KHZ: OnceLock<u32> = OnceLock::new();
     *KHZ.get_or_init(|| {
-        vmm::tsc::guest_tsc_khz()
+        crate::tsc::guest_tsc_khz()
             .unwrap_or_else(|e| panic!("reading the guest TSC rate for tsc_khz=: {e}"))
     })
 }
