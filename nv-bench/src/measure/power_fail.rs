@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
-use crate::measure::service::EXIT_POWER_FAIL_SAVED;
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
@@ -260,20 +259,11 @@ fn nv_cycles(
         let mut recoveries = Vec::new();
         for cycle in 0..bench.profile.power_fail_cycles {
             let signalled = Instant::now();
-            vm.process.signal(libc::SIGPWR)?;
-            let status = vm.wait_exit("the power-fail save", SAVE_TIMEOUT)?;
+            vm.power_fail(SAVE_TIMEOUT)?;
             let host_save = signalled.elapsed();
-            if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
-                return Err(BenchError::UnexpectedExit {
-                    what: "the VMM after SIGPWR".into(),
-                    status,
-                    expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
-                    vmm_tail: vm.process.output_tail(20),
-                });
-            }
-            let output = std::fs::read_to_string(vm.process.output_path()).unwrap_or_default();
+            let output = std::fs::read_to_string(vm.process.stderr_path()).unwrap_or_default();
             let timings = parse_last_save(&output).ok_or_else(|| BenchError::NoPhaseTimings {
-                log: vm.process.output_path().to_path_buf(),
+                log: vm.process.stderr_path().to_path_buf(),
             })?;
             let phase = |name: &str| {
                 timings

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::environment::create_sparse_file;
-use crate::error::{BenchError, Result};
+use crate::error::Result;
 use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
 use crate::measure::{Bench, LINE_TIMEOUT};
@@ -354,16 +354,7 @@ fn measure_with(
     let failed_at = Instant::now();
     match method {
         Method::NvInPlace => {
-            vm.process.signal(libc::SIGPWR)?;
-            let status = vm.wait_exit("the power-fail save", SAVE_TIMEOUT)?;
-            if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
-                return Err(BenchError::UnexpectedExit {
-                    what: "the VMM after SIGPWR".into(),
-                    status,
-                    expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
-                    vmm_tail: vm.process.output_tail(20),
-                });
-            }
+            vm.power_fail(SAVE_TIMEOUT)?;
         }
         Method::CopyRestore | Method::OnDemandRestore => {
             let socket = socket.as_deref().unwrap_or(std::path::Path::new(""));
