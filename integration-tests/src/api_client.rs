@@ -16,7 +16,7 @@ pub fn exchange_answer(socket: &Path, request: &[u8], timeout: Duration) -> Answ
     connection.send(request).expect("sending the request");
     connection
         .read_answer()
-        .unwrap_or_else(|error| panic!("reading the answer: {error}"))
+        .unwrap_or_else(|error| panic!("reading the answer: {error} ({error:?})"))
         .expect("the server closed the connection without an answer")
 }
 

@@ -125,6 +125,40 @@ fn spawn_vmm(from_api: Receiver<ApiMessage>, wake: EventFd, received: Arc<Mutex<
     });
 }
 
+/// A server on a temporary socket in front of a scripted control loop, for failures the real
+/// one never produces: `script` runs on its own thread with the queued requests and the eventfd
+/// the server writes after queueing one.
+fn scripted_server(
+    limits: ServerLimits,
+    script: impl FnOnce(Receiver<ApiMessage>, EventFd) + Send + 'static,
+) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
+    let wake = EventFd::new(0).unwrap();
+    let script_wake = wake.try_clone().unwrap();
+    thread::spawn(move || script(from_api, script_wake));
+    start_http_server_with_limits(
+        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
+        to_vmm,
+        wake,
+        limits,
+    )
+    .unwrap();
+    (dir, socket)
+}
+
+/// A script that hands every request to `answer`, as it comes.
+fn answer_each(
+    answer: impl Fn(ApiMessage) + Send + 'static,
+) -> impl FnOnce(Receiver<ApiMessage>, EventFd) + Send + 'static {
+    move |requests, wake| {
+        while wake.read().is_ok() {
+            requests.try_iter().for_each(&answer);
+        }
+    }
+}
+
 /// Whether KVM end-to-end parts may run: `/dev/kvm` is there, or skipping was asked for
 /// explicitly (`NV_SKIP_KVM=1`); never a silent skip.
 fn kvm_available(test: &str) -> bool {
@@ -431,6 +465,36 @@ fn vm_lifecycle_through_every_implemented_route() {
         .iter()
         .any(|r| r.starts_with("NvRecover") && r.contains("vm0")));
     assert_eq!(received.last().unwrap(), "VmmShutdown");
+}
+
+/// The config check of the first `vm.create` of a process asked KVM for its vCPU limit on the
+/// API thread, whose seccomp filter forbids the KVM ioctls: the process died (SIGSYS) unless
+/// its binary had asked first. Runs a `vm.create` in a fresh test process (this test again,
+/// alone) so that no earlier test has asked.
+#[test]
+fn the_first_vm_create_of_a_process_passes_the_api_threads_filter() {
+    const CHILD: &str = "NV_API_TEST_FRESH_PROCESS";
+    if std::env::var_os(CHILD).is_some() {
+        let server = TestServer::start();
+        let config = bootable_vm_config(server.dir.path());
+        assert_eq!(server.call("PUT", "vm.create", Some(&config)).status, 204);
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "api::tests::the_first_vm_create_of_a_process_passes_the_api_threads_filter",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -858,39 +922,25 @@ fn a_new_connection_that_sends_nothing_is_closed_early() {
 #[test]
 fn only_busy_slots_make_a_new_client_wait_503() {
     // A control loop that holds every request until told to answer.
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api.sock");
-    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
-    let wake = EventFd::new(0).unwrap();
-    let fake_wake = wake.try_clone().unwrap();
     let (release, released) = mpsc::channel::<()>();
-    thread::spawn(move || {
+    let limits = ServerLimits {
+        max_connections: 2,
+        ..test_limits()
+    };
+    let (_dir, socket) = scripted_server(limits, move |from_api, wake| {
         let mut held = Vec::new();
         while held.len() < 2 {
-            fake_wake.read().unwrap();
+            wake.read().unwrap();
             held.extend(from_api.try_iter());
         }
         released.recv().unwrap();
         for message in held {
             let _ = message.reply.send(Ok(None));
         }
-        while fake_wake.read().is_ok() {
-            for message in from_api.try_iter() {
-                let _ = message.reply.send(Ok(None));
-            }
-        }
+        answer_each(|message| {
+            let _ = message.reply.send(Ok(None));
+        })(from_api, wake);
     });
-    let limits = ServerLimits {
-        max_connections: 2,
-        ..test_limits()
-    };
-    start_http_server_with_limits(
-        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
-        to_vmm,
-        wake,
-        limits,
-    )
-    .unwrap();
     let mut busy: Vec<Client> = (0..2)
         .map(|_| {
             let mut client = Client::connect(&socket);
@@ -937,25 +987,8 @@ fn control_loop_gone_is_503_and_server_keeps_serving() {
 
 #[test]
 fn dropped_reply_is_500() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api.sock");
-    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
-    let wake = EventFd::new(0).unwrap();
-    let fake_wake = wake.try_clone().unwrap();
-    thread::spawn(move || {
-        while fake_wake.read().is_ok() {
-            // Answer nothing: drop each message, as a control loop dying mid-request would.
-            while let Ok(message) = from_api.try_recv() {
-                drop(message);
-            }
-        }
-    });
-    start_http_server(
-        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
-        to_vmm,
-        wake,
-    )
-    .unwrap();
+    // Answer nothing: drop each message, as a control loop dying mid-request would.
+    let (_dir, socket) = scripted_server(test_limits(), answer_each(drop));
     let reply = Client::connect(&socket).call("PUT", "vm.boot", None);
     assert_eq!(reply.status, 500);
     assert!(reply.messages()[1].contains("without answering"));
@@ -1074,24 +1107,12 @@ fn inherited_fd_that_is_not_a_listening_socket_is_refused() {
 
 #[test]
 fn error_with_a_success_status_is_answered_as_500() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api.sock");
-    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
-    let wake = EventFd::new(0).unwrap();
-    let fake_wake = wake.try_clone().unwrap();
-    thread::spawn(move || {
-        while fake_wake.read().is_ok() {
-            while let Ok(message) = from_api.try_recv() {
-                let _ = message.reply.send(Err(ApiError::new(200, "confused")));
-            }
-        }
-    });
-    start_http_server(
-        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
-        to_vmm,
-        wake,
-    )
-    .unwrap();
+    let (_dir, socket) = scripted_server(
+        test_limits(),
+        answer_each(|message| {
+            let _ = message.reply.send(Err(ApiError::new(200, "confused")));
+        }),
+    );
     let reply = Client::connect(&socket).call("PUT", "vm.boot", None);
     assert_eq!(reply.status, 500);
     assert_eq!(reply.messages(), ["Error from API", "confused"]);
@@ -1099,28 +1120,17 @@ fn error_with_a_success_status_is_answered_as_500() {
 
 #[test]
 fn shutdown_answer_is_written_and_queued_requests_refused_before_exit() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api.sock");
-    let (to_vmm, from_api) = mpsc::channel::<ApiMessage>();
-    let wake = EventFd::new(0).unwrap();
-    let fake_wake = wake.try_clone().unwrap();
     let (finished, finish_result) = mpsc::channel();
-    thread::spawn(move || {
-        fake_wake.read().unwrap();
+    let (_dir, socket) = scripted_server(test_limits(), move |from_api, wake| {
+        wake.read().unwrap();
         let message = from_api.try_recv().unwrap();
         assert!(matches!(message.request, ApiRequest::VmmShutdown));
         message.reply.send(Ok(None)).unwrap();
         // Let a second request queue up behind the shutdown, then leave as the VMM would.
-        fake_wake.read().unwrap();
+        wake.read().unwrap();
         let all_written = finish_pending_requests(&from_api, Duration::from_secs(10));
         finished.send(all_written).unwrap();
     });
-    start_http_server(
-        ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
-        to_vmm,
-        wake,
-    )
-    .unwrap();
     assert_eq!(
         Client::connect(&socket)
             .call("PUT", "vmm.shutdown", None)
