@@ -450,23 +450,13 @@ mod tests {
 
     #[test]
     fn request_has_upstream_headers_and_body() {
-        let call = ApiCall {
-            method: "PUT",
-            op: "vm.snapshot".into(),
-            body: Some(r#"{"destination_url":"file:///s"}"#.into()),
-            fds: Vec::new(),
-        };
+        let call = ApiCall::put_body("vm.snapshot", r#"{"destination_url":"file:///s"}"#);
         assert_eq!(
             String::from_utf8(request_bytes(&call)).unwrap(),
             "PUT /api/v1/vm.snapshot HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
              Content-Length: 31\r\n\r\n{\"destination_url\":\"file:///s\"}"
         );
-        let boot = ApiCall {
-            method: "PUT",
-            op: "vm.boot".into(),
-            body: None,
-            fds: Vec::new(),
-        };
+        let boot = ApiCall::put("vm.boot");
         assert_eq!(
             String::from_utf8(request_bytes(&boot)).unwrap(),
             "PUT /api/v1/vm.boot HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
@@ -586,16 +576,7 @@ mod tests {
             b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"version\":\"v53\"}",
         );
         let mut stream = connect(socket.to_str().unwrap()).unwrap();
-        let body = call(
-            &mut stream,
-            &ApiCall {
-                method: "GET",
-                op: "vmm.ping".into(),
-                body: None,
-                fds: Vec::new(),
-            },
-        )
-        .unwrap();
+        let body = call(&mut stream, &ApiCall::get("vmm.ping")).unwrap();
         assert_eq!(body.as_deref(), Some(r#"{"version":"v53"}"#));
         let request = server.join().unwrap();
         assert!(request.starts_with(b"GET /api/v1/vmm.ping HTTP/1.1\r\n"));
@@ -633,10 +614,8 @@ mod tests {
         let answer = call(
             &mut stream,
             &ApiCall {
-                method: "PUT",
-                op: "vm.add-net".into(),
-                body: Some(r#"{"tap":"t"}"#.into()),
                 fds: vec![file.as_raw_fd()],
+                ..ApiCall::put_body("vm.add-net", r#"{"tap":"t"}"#)
             },
         )
         .unwrap();

@@ -15,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use api_client::Connection;
@@ -49,6 +49,11 @@ fn test_limits() -> ServerLimits {
 }
 
 impl TestServer {
+    /// A server for a test that boots a VM: `None` when KVM tests are skipped explicitly.
+    fn start_on_kvm(test: &str) -> Option<Self> {
+        kvm_available(test).then(Self::start)
+    }
+
     fn start() -> Self {
         Self::start_with(test_limits())
     }
@@ -123,6 +128,27 @@ fn spawn_vmm(from_api: Receiver<ApiMessage>, wake: EventFd, received: Arc<Mutex<
             }
         }
     });
+}
+
+/// Starts a server with the default limits on `config`, in front of a real control loop.
+fn serve_real(config: ApiSocketConfig) -> Result<JoinHandle<()>, ApiServerError> {
+    let (to_vmm, from_api) = mpsc::channel();
+    let wake = EventFd::new(0).unwrap();
+    spawn_vmm(from_api, wake.try_clone().unwrap(), Default::default());
+    start_http_server(config, to_vmm, wake)
+}
+
+/// Why a server may not start on `config` (it would have no control loop behind it).
+fn refused_socket(config: ApiSocketConfig) -> ApiServerError {
+    let (to_vmm, _from_api) = mpsc::channel();
+    start_http_server(config, to_vmm, EventFd::new(0).unwrap()).expect_err("the server started")
+}
+
+/// The status of `vmm.ping` on a fresh connection to the real control loop at `socket`.
+fn ping(socket: &Path) -> u16 {
+    let mut client = Client::connect(socket);
+    client.checked = true;
+    client.call("GET", "vmm.ping", None).status
 }
 
 /// A server on a temporary socket in front of a scripted control loop, for failures the real
@@ -331,10 +357,10 @@ fn ping_answers_the_upstream_shape() {
 /// integration-tests/tests/api.rs; here they meet a VMM without one.
 #[test]
 fn vm_lifecycle_through_every_implemented_route() {
-    if !kvm_available("vm_lifecycle_through_every_implemented_route") {
+    let Some(server) = TestServer::start_on_kvm("vm_lifecycle_through_every_implemented_route")
+    else {
         return;
-    }
-    let server = TestServer::start();
+    };
     let dir = server.dir.path();
     let config = bootable_vm_config(dir);
     let mut client = server.connect();
@@ -530,10 +556,10 @@ fn every_route_answers_in_upstream_framing() {
 
 #[test]
 fn unimplemented_routes_check_state_then_answer_501() {
-    if !kvm_available("unimplemented_routes_check_state_then_answer_501") {
+    let Some(server) = TestServer::start_on_kvm("unimplemented_routes_check_state_then_answer_501")
+    else {
         return;
-    }
-    let server = TestServer::start();
+    };
     let mut client = server.connect();
     // No VM: upstream's answers for the state come first.
     let resize = client.call("PUT", "vm.resize", Some("{}"));
@@ -750,10 +776,9 @@ fn malformed_http_gets_400_and_close() {
 
 #[test]
 fn keep_alive_and_pipelining() {
-    if !kvm_available("keep_alive_and_pipelining") {
+    let Some(server) = TestServer::start_on_kvm("keep_alive_and_pipelining") else {
         return;
-    }
-    let server = TestServer::start();
+    };
     let mut client = server.connect();
     for _ in 0..5 {
         assert_eq!(client.call("GET", "vmm.ping", None).status, 200);
@@ -1023,30 +1048,16 @@ fn stale_socket_is_replaced_live_one_refused() {
     let path = ApiSocketConfig::Path(socket.to_str().unwrap().to_owned());
     // A socket file nobody listens on: what a killed VMM leaves behind.
     drop(UnixListener::bind(&socket).unwrap());
-    let (to_vmm, from_api) = mpsc::channel();
-    let wake = EventFd::new(0).unwrap();
-    spawn_vmm(from_api, wake.try_clone().unwrap(), Default::default());
-    start_http_server(path.clone(), to_vmm, wake).unwrap();
-    assert_eq!(
-        Client::connect(&socket)
-            .call("GET", "vmm.ping", None)
-            .status,
-        200
-    );
+    serve_real(path.clone()).unwrap();
+    assert_eq!(ping(&socket), 200);
 
-    let (to_vmm, _from_api) = mpsc::channel();
-    let error = start_http_server(path, to_vmm, EventFd::new(0).unwrap()).unwrap_err();
+    let error = refused_socket(path);
     assert!(
         matches!(error, ApiServerError::SocketInUse { .. }),
         "{error}"
     );
     // The first server still answers.
-    assert_eq!(
-        Client::connect(&socket)
-            .call("GET", "vmm.ping", None)
-            .status,
-        200
-    );
+    assert_eq!(ping(&socket), 200);
 }
 
 #[test]
@@ -1054,13 +1065,7 @@ fn regular_file_at_socket_path_is_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("precious");
     std::fs::write(&file, b"data").unwrap();
-    let (to_vmm, _from_api) = mpsc::channel();
-    let error = start_http_server(
-        ApiSocketConfig::Path(file.to_str().unwrap().to_owned()),
-        to_vmm,
-        EventFd::new(0).unwrap(),
-    )
-    .unwrap_err();
+    let error = refused_socket(ApiSocketConfig::Path(file.to_str().unwrap().to_owned()));
     assert!(
         matches!(error, ApiServerError::NotASocket { .. }),
         "{error}"
@@ -1073,16 +1078,8 @@ fn inherited_listening_fd_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("inherited.sock");
     let fd = UnixListener::bind(&socket).unwrap().into_raw_fd();
-    let (to_vmm, from_api) = mpsc::channel();
-    let wake = EventFd::new(0).unwrap();
-    spawn_vmm(from_api, wake.try_clone().unwrap(), Default::default());
-    start_http_server(ApiSocketConfig::Fd(fd), to_vmm, wake).unwrap();
-    assert_eq!(
-        Client::connect(&socket)
-            .call("GET", "vmm.ping", None)
-            .status,
-        200
-    );
+    serve_real(ApiSocketConfig::Fd(fd)).unwrap();
+    assert_eq!(ping(&socket), 200);
 }
 
 #[test]
@@ -1095,9 +1092,7 @@ fn inherited_fd_that_is_not_a_listening_socket_is_refused() {
         -1,
         1_000_000,
     ] {
-        let (to_vmm, _from_api) = mpsc::channel();
-        let error = start_http_server(ApiSocketConfig::Fd(fd), to_vmm, EventFd::new(0).unwrap())
-            .unwrap_err();
+        let error = refused_socket(ApiSocketConfig::Fd(fd));
         assert!(
             matches!(error, ApiServerError::InheritedFd { .. }),
             "{fd}: {error}"
@@ -1158,11 +1153,8 @@ fn servers_racing_for_one_path_leave_exactly_one_serving() {
             .map(|_| {
                 let (path, barrier) = (path.clone(), Arc::clone(&barrier));
                 thread::spawn(move || {
-                    let (to_vmm, from_api) = mpsc::channel();
-                    let wake = EventFd::new(0).unwrap();
-                    spawn_vmm(from_api, wake.try_clone().unwrap(), Default::default());
                     barrier.wait();
-                    start_http_server(path, to_vmm, wake).map(drop)
+                    serve_real(path).map(drop)
                 })
             })
             .collect();
@@ -1172,12 +1164,7 @@ fn servers_racing_for_one_path_leave_exactly_one_serving() {
         assert!(results
             .iter()
             .any(|r| matches!(r, Err(ApiServerError::SocketInUse { .. }))));
-        assert_eq!(
-            Client::connect(&socket)
-                .call("GET", "vmm.ping", None)
-                .status,
-            200
-        );
+        assert_eq!(ping(&socket), 200);
     }
 }
 
@@ -1186,13 +1173,7 @@ fn servers_racing_for_one_path_leave_exactly_one_serving() {
 fn socket_path_over_107_bytes_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("a".repeat(120));
-    let (to_vmm, _from_api) = mpsc::channel();
-    let error = start_http_server(
-        ApiSocketConfig::Path(long.to_str().unwrap().to_owned()),
-        to_vmm,
-        EventFd::new(0).unwrap(),
-    )
-    .unwrap_err();
+    let error = refused_socket(ApiSocketConfig::Path(long.to_str().unwrap().to_owned()));
     assert!(
         matches!(error, ApiServerError::PathTooLong { .. }),
         "{error}"
