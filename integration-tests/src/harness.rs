@@ -89,6 +89,29 @@ pub fn read_log(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The events of an `--event-monitor` file (JSON objects one after the other, pretty-printed or
+/// not; none while it does not exist yet); fails the test on anything else.
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = read_log(path);
+    serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{} is not a JSON event stream: {e}\n{text}", path.display()))
+}
+
+/// The command-line arguments that boot the test guest `name` with `parameters` on its command
+/// line (and the real `tsc_khz=`) in `memory` of RAM (`--memory size=`).
+pub fn guest_arguments(name: &str, parameters: &str, memory: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        test_guest(name).display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(parameters),
+        "--memory".into(),
+        format!("size={memory}"),
+    ]
+}
+
 /// Polls the serial log until `done` accepts its contents or `timeout` passes. Returns the last
 /// contents read and whether `done` accepted them.
 pub fn wait_for_log(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> (String, bool) {

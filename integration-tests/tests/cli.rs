@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_events, wait_for_log,
 };
 use integration_tests::process::VmmProcess;
 
@@ -234,11 +234,7 @@ fn event_monitor_records_start_and_shutdown_even_on_failure() {
         &monitor,
     ]);
     assert_eq!(run.code, 1, "an empty kernel must not boot: {}", run.stderr);
-    let text = std::fs::read_to_string(&events).unwrap();
-    let parsed: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&text)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let parsed = read_events(&events);
     let first = &parsed[0];
     assert_eq!(
         (first["source"].as_str(), first["event"].as_str()),
@@ -283,14 +279,6 @@ fn terminate(mut child: Child) -> (i32, String) {
         .code()
         .unwrap_or_else(|| panic!("cloud-hypervisor killed: {}\n{stderr}", output.status));
     (code, stderr)
-}
-
-fn read_events(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    serde_json::Deserializer::from_str(&text)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("events file is not a JSON stream: {e}\n{text}"))
 }
 
 /// Boots the counter guest from the command line with `memory_arguments`, waits for it to
