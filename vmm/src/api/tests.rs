@@ -59,19 +59,10 @@ impl TestServer {
     }
 
     fn start_with(limits: ServerLimits) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
-        let (to_vmm, from_api) = mpsc::channel();
-        let wake = EventFd::new(0).unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
-        spawn_vmm(from_api, wake.try_clone().unwrap(), Arc::clone(&received));
-        start_http_server_with_limits(
-            ApiSocketConfig::Path(socket.to_str().unwrap().to_owned()),
-            to_vmm,
-            wake,
-            limits,
-        )
-        .unwrap();
+        let log = Arc::clone(&received);
+        let (dir, socket) =
+            server_with_loop(limits, move |from_api, wake| spawn_vmm(from_api, wake, log));
         TestServer {
             dir,
             socket,
@@ -151,10 +142,10 @@ fn ping(socket: &Path) -> u16 {
     client.call("GET", "vmm.ping", None).status
 }
 
-/// A server on a temporary socket in front of a scripted control loop, for failures the real
-/// one never produces: `script` runs on its own thread with the queued requests and the eventfd
-/// the server writes after queueing one.
-fn scripted_server(
+/// A server on a temporary socket in front of a control loop: `script` runs on its own thread
+/// with the queued requests and the eventfd the server writes after queueing one. The real one
+/// ([`spawn_vmm`]), or a scripted one for failures the real one never produces.
+fn server_with_loop(
     limits: ServerLimits,
     script: impl FnOnce(Receiver<ApiMessage>, EventFd) + Send + 'static,
 ) -> (tempfile::TempDir, PathBuf) {
@@ -952,7 +943,7 @@ fn only_busy_slots_make_a_new_client_wait_503() {
         max_connections: 2,
         ..test_limits()
     };
-    let (_dir, socket) = scripted_server(limits, move |from_api, wake| {
+    let (_dir, socket) = server_with_loop(limits, move |from_api, wake| {
         let mut held = Vec::new();
         while held.len() < 2 {
             wake.read().unwrap();
@@ -1013,7 +1004,7 @@ fn control_loop_gone_is_503_and_server_keeps_serving() {
 #[test]
 fn dropped_reply_is_500() {
     // Answer nothing: drop each message, as a control loop dying mid-request would.
-    let (_dir, socket) = scripted_server(test_limits(), answer_each(drop));
+    let (_dir, socket) = server_with_loop(test_limits(), answer_each(drop));
     let reply = Client::connect(&socket).call("PUT", "vm.boot", None);
     assert_eq!(reply.status, 500);
     assert!(reply.messages()[1].contains("without answering"));
@@ -1102,7 +1093,7 @@ fn inherited_fd_that_is_not_a_listening_socket_is_refused() {
 
 #[test]
 fn error_with_a_success_status_is_answered_as_500() {
-    let (_dir, socket) = scripted_server(
+    let (_dir, socket) = server_with_loop(
         test_limits(),
         answer_each(|message| {
             let _ = message.reply.send(Err(ApiError::new(200, "confused")));
@@ -1116,7 +1107,7 @@ fn error_with_a_success_status_is_answered_as_500() {
 #[test]
 fn shutdown_answer_is_written_and_queued_requests_refused_before_exit() {
     let (finished, finish_result) = mpsc::channel();
-    let (_dir, socket) = scripted_server(test_limits(), move |from_api, wake| {
+    let (_dir, socket) = server_with_loop(test_limits(), move |from_api, wake| {
         wake.read().unwrap();
         let message = from_api.try_recv().unwrap();
         assert!(matches!(message.request, ApiRequest::VmmShutdown));
