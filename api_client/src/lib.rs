@@ -259,6 +259,13 @@ pub fn parse_response(stream: &mut impl Read) -> Result<Option<String>, ClientEr
 
 /// The status number: the text after `HTTP/1.1 ` up to the line's end, trimmed.
 fn status_number(answer: &[u8]) -> Result<u64, ClientError> {
+    status_text(answer)?
+        .parse::<u64>()
+        .map_err(ClientError::StatusCodeParsing)
+}
+
+/// The text after `HTTP/1.1 ` up to the line's end, trimmed.
+fn status_text(answer: &[u8]) -> Result<String, ClientError> {
     let start = find(answer, b"HTTP/1.1").ok_or(ClientError::MissingProtocol)?;
     let line = &answer[start..];
     let end = line
@@ -269,9 +276,7 @@ fn status_number(answer: &[u8]) -> Result<u64, ClientError> {
         .get("HTTP/1.1 ".len()..end)
         .map(String::from_utf8_lossy)
         .unwrap_or_default();
-    text.trim()
-        .parse::<u64>()
-        .map_err(ClientError::StatusCodeParsing)
+    Ok(text.trim().to_owned())
 }
 
 /// The value of the first header written exactly `name: `.
@@ -317,8 +322,9 @@ impl Answer {
         if !status_line.starts_with("HTTP/1.1") {
             return Err(ClientError::MissingProtocol);
         }
-        let status = u16::try_from(status_number(status_line.as_bytes())?)
-            .map_err(|_| ClientError::StatusCodeParsing(u16_overflow()))?;
+        let status = status_text(status_line.as_bytes())?
+            .parse::<u16>()
+            .map_err(ClientError::StatusCodeParsing)?;
         let headers = lines
             .map(|line| {
                 let (name, value) = line.split_once(':').unwrap_or((line, ""));
@@ -363,11 +369,6 @@ impl Answer {
         }
         openapi::error_messages(self.body.as_bytes())
     }
-}
-
-/// The `ParseIntError` of a number too large for a status code.
-fn u16_overflow() -> ParseIntError {
-    u16::from_str_radix("65536", 10).unwrap_err()
 }
 
 /// The bytes of `method /api/v1/op` with a JSON `body` (none for `None`) and `extra` header
