@@ -650,21 +650,11 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
             });
         }
     }
-    if !save_series.is_empty() {
-        plot::line_chart(
-            &bench.out_dir.join("a_save.png"),
-            &LineChart {
-                title: "A. power-fail save time (median, VMM-reported)",
-                x_label: "guest RAM (GiB)",
-                y_label: "milliseconds (log)",
-                log_y: true,
-                markers: true,
-                max_gap: None,
-                break_at: None,
-            },
-            &save_series,
-        )?;
-    }
+    milliseconds_by_ram_chart(
+        &bench.out_dir.join("a_save.png"),
+        "A. power-fail save time (median, VMM-reported)",
+        &save_series,
+    )?;
     let mut labels: Vec<&str> = Vec::new();
     for (_, label, _) in &collected.recoveries {
         if !labels.contains(&label.as_str()) {
@@ -683,22 +673,34 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
                 .collect(),
         })
         .collect();
-    if !recovery_series.is_empty() {
-        plot::line_chart(
-            &bench.out_dir.join("b_recovery.png"),
-            &LineChart {
-                title: "B. recovery to running: command start to first new serial line (median)",
-                x_label: "guest RAM (GiB)",
-                y_label: "milliseconds (log)",
-                log_y: true,
-                markers: true,
-                max_gap: None,
-                break_at: None,
-            },
-            &recovery_series,
-        )?;
-    }
+    milliseconds_by_ram_chart(
+        &bench.out_dir.join("b_recovery.png"),
+        "B. recovery to running: command start to first new serial line (median)",
+        &recovery_series,
+    )?;
     Ok(())
+}
+
+/// A chart of milliseconds (log scale) by guest RAM in GiB, one line a series; nothing to draw
+/// (no series) writes no file.
+fn milliseconds_by_ram_chart(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    if series.is_empty() {
+        return Ok(());
+    }
+    plot::line_chart(
+        path,
+        &LineChart {
+            title,
+            x_label: "guest RAM (GiB)",
+            y_label: "milliseconds (log)",
+            log_y: true,
+            markers: true,
+            max_gap: None,
+            break_at: None,
+        },
+        series,
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
