@@ -612,25 +612,22 @@ fn report_flatness(bench: &mut Bench, collected: &Collected) {
             .find(|(s, k, _)| *s == size && *k == RegionKind::Tmpfs)
             .and_then(|(_, _, v)| median(v))
     };
-    if let (Some(small), Some(large)) = (save_median(smallest), save_median(largest)) {
-        bench.summary.line(format!(
-            "A RATIO tmpfs save median {} / {} = {:.2}x (flat = 1.0x)",
-            size_label(largest),
-            size_label(smallest),
-            large / small
-        ));
-    }
+    // Largest over smallest RAM: how far from flat (1.0x) a median grows with the VM.
+    let mut flat_ratio = |what: &str, median: &dyn Fn(u64) -> Option<f64>| {
+        if let (Some(small), Some(large)) = (median(smallest), median(largest)) {
+            bench.summary.line(format!(
+                "{what} {} / {} = {:.2}x (flat = 1.0x)",
+                size_label(largest),
+                size_label(smallest),
+                large / small
+            ));
+        }
+    };
+    flat_ratio("A RATIO tmpfs save median", &save_median);
     let recovery_median = |size: u64| {
         recoveries_of(collected, size, "NV in place (tmpfs)").and_then(first_line_median)
     };
-    if let (Some(small), Some(large)) = (recovery_median(smallest), recovery_median(largest)) {
-        bench.summary.line(format!(
-            "B RATIO NV in-place recovery median {} / {} = {:.2}x (flat = 1.0x)",
-            size_label(largest),
-            size_label(smallest),
-            large / small
-        ));
-    }
+    flat_ratio("B RATIO NV in-place recovery median", &recovery_median);
 }
 
 fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
