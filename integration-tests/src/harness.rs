@@ -99,6 +99,25 @@ pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_else(|e| panic!("{} is not a JSON event stream: {e}\n{text}", path.display()))
 }
 
+/// The events of an `--event-monitor` file as `source:event` (`vmm:starting`, `vm:booted`, ...).
+pub fn event_names(path: &Path) -> Vec<String> {
+    read_events(path)
+        .iter()
+        .map(|event| {
+            format!(
+                "{}:{}",
+                event["source"].as_str().unwrap_or("?"),
+                event["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// Owned copies of `items` (command-line arguments written as literals).
+pub fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|item| item.to_string()).collect()
+}
+
 /// The command-line arguments that boot the test guest `name` with `parameters` on its command
 /// line (and the real `tsc_khz=`) in `memory` of RAM (`--memory size=`).
 pub fn guest_arguments(name: &str, parameters: &str, memory: &str) -> Vec<String> {

@@ -20,8 +20,8 @@ use std::time::Duration;
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_arguments, guest_cmdline, kvm_available,
-    last_counter_in, point_serial_to, read_events, read_log, test_guest, wait_for_counter_lines,
+    assert_counter_advances, counter_lines, event_names, guest_arguments, guest_cmdline,
+    kvm_available, last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines,
     wait_for_log,
 };
 use integration_tests::openapi;
@@ -190,16 +190,7 @@ impl VmmProcess {
 
     /// `source:event` of every event written so far.
     fn event_names(&self) -> Vec<String> {
-        read_events(&self.events)
-            .iter()
-            .map(|event| {
-                format!(
-                    "{}:{}",
-                    event["source"].as_str().unwrap_or("?"),
-                    event["event"].as_str().unwrap_or("?")
-                )
-            })
-            .collect()
+        event_names(&self.events)
     }
 }
 

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_events, wait_for_log,
+    assert_counter_advances, counter_lines, event_names, guest_cmdline, kvm_available, read_events,
+    wait_for_log,
 };
 use integration_tests::process::VmmProcess;
 
@@ -317,17 +318,7 @@ fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
     assert_eq!(code, 0, "SIGTERM is a clean stop; stderr:\n{stderr}");
     assert_counter_advances(&text, 3);
 
-    let events = read_events(&events);
-    let names: Vec<String> = events
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["source"].as_str().unwrap_or("?"),
-                e["event"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
+    let names = event_names(&events);
     assert_eq!(
         names.first().map(String::as_str),
         Some("vmm:starting"),

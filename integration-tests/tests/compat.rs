@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client::{self, Answer};
-use integration_tests::harness::{guest_cmdline, kvm_available, read_log, wait_for_log};
+use integration_tests::harness::{guest_cmdline, kvm_available, read_log, strings, wait_for_log};
 use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 
@@ -134,11 +134,6 @@ fn counter_config(dir: &Path) -> String {
     .to_string()
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|item| item.to_string()).collect()
-}
-
-/// The raw bytes of one answer, for the status line itself.
 #[test]
 fn upstream_status_lines_and_bodies_in_every_state() {
     if !kvm_available("upstream_status_lines_and_bodies_in_every_state") {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_arguments, kvm_available, read_events, read_log, scratch_dir,
+    counter_lines, guest_arguments, kvm_available, read_events, read_log, scratch_dir, strings,
 };
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -27,10 +27,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Spawns a VMM with stderr captured to `dir/<label>.stderr`.
 fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn(dir, label, arguments, &[]).with_timeout(TIMEOUT)
-}
-
-fn strings(arguments: &[&str]) -> Vec<String> {
-    arguments.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]
