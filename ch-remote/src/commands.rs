@@ -6,52 +6,17 @@
 //! so scripts written for upstream work unchanged; `nv-persist ...` is ours.
 
 use std::io::Read;
-use std::os::unix::io::RawFd;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use crate::option_syntax::{self, Syntax, SyntaxError};
 
-/// One request to the API.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiCall {
-    pub method: &'static str,
-    /// Path under `/api/v1/`, with its query if any.
-    pub op: String,
-    /// Request body (JSON), sent as it is.
-    pub body: Option<String>,
-    /// File descriptors passed with the request (SCM_RIGHTS), as `add-net fd=` does upstream.
-    pub fds: Vec<RawFd>,
-}
+pub use api_client::ApiCall;
 
-impl ApiCall {
-    fn get(op: &str) -> Self {
-        ApiCall {
-            method: "GET",
-            op: op.to_owned(),
-            body: None,
-            fds: Vec::new(),
-        }
-    }
-
-    fn put(op: &str) -> Self {
-        ApiCall {
-            method: "PUT",
-            op: op.to_owned(),
-            body: None,
-            fds: Vec::new(),
-        }
-    }
-
-    fn put_json(op: &str, body: Value) -> Self {
-        ApiCall {
-            method: "PUT",
-            op: op.to_owned(),
-            body: Some(body.to_string()),
-            fds: Vec::new(),
-        }
-    }
+/// A `PUT` with a JSON body, sent as `serde_json` writes it (compact), as upstream does.
+fn put_json(op: &str, body: Value) -> ApiCall {
+    ApiCall::put_body(op, body.to_string())
 }
 
 /// A verb whose arguments cannot be turned into a request. The messages are upstream's; the
@@ -282,11 +247,13 @@ impl Command {
                 let mut body = parse("network", &option_syntax::NET, config)?;
                 let fds = body
                     .remove("fds")
-                    .and_then(|fds| serde_json::from_value::<Vec<RawFd>>(fds).ok())
+                    .and_then(|fds| {
+                        serde_json::from_value::<Vec<std::os::unix::io::RawFd>>(fds).ok()
+                    })
                     .unwrap_or_default();
                 ApiCall {
                     fds,
-                    ..ApiCall::put_json("vm.add-net", Value::Object(body))
+                    ..put_json("vm.add-net", Value::Object(body))
                 }
             }
             Command::AddPmem { config } => add(
@@ -309,7 +276,7 @@ impl Command {
             }
             Command::Boot => ApiCall::put("vm.boot"),
             Command::Coredump { destination_url } => {
-                ApiCall::put_json("vm.coredump", json!({ "destination_url": destination_url }))
+                put_json("vm.coredump", json!({ "destination_url": destination_url }))
             }
             Command::Counters => ApiCall::get("vm.counters"),
             Command::Create { path } => ApiCall {
@@ -326,7 +293,7 @@ impl Command {
             Command::Ping => ApiCall::get("vmm.ping"),
             Command::PowerButton => ApiCall::put("vm.power-button"),
             Command::Reboot => ApiCall::put("vm.reboot"),
-            Command::ReceiveMigration { config } => ApiCall::put_json(
+            Command::ReceiveMigration { config } => put_json(
                 "vm.receive-migration",
                 Value::Object(parse(
                     "receive-migration",
@@ -334,9 +301,7 @@ impl Command {
                     config,
                 )?),
             ),
-            Command::RemoveDevice { id } => {
-                ApiCall::put_json("vm.remove-device", json!({ "id": id }))
-            }
+            Command::RemoveDevice { id } => put_json("vm.remove-device", json!({ "id": id })),
             Command::Resize {
                 balloon,
                 cpus,
@@ -358,7 +323,7 @@ impl Command {
                     .transpose()
                     .map_err(CommandError::InvalidBalloonSize)?;
                 // Upstream sends every member, `null` for the ones not given.
-                ApiCall::put_json(
+                put_json(
                     "vm.resize",
                     json!({
                         "desired_vcpus": desired_vcpus,
@@ -367,21 +332,21 @@ impl Command {
                     }),
                 )
             }
-            Command::ResizeDisk { disk, size } => ApiCall::put_json(
+            Command::ResizeDisk { disk, size } => put_json(
                 "vm.resize-disk",
                 json!({
                     "id": disk,
                     "desired_size": byte_size(size).map_err(CommandError::InvalidDiskSize)?,
                 }),
             ),
-            Command::ResizeZone { id, size } => ApiCall::put_json(
+            Command::ResizeZone { id, size } => put_json(
                 "vm.resize-zone",
                 json!({
                     "id": id,
                     "desired_ram": byte_size(size).map_err(CommandError::InvalidMemorySize)?,
                 }),
             ),
-            Command::Restore { config } => ApiCall::put_json(
+            Command::Restore { config } => put_json(
                 "vm.restore",
                 Value::Object(parse("restore", &option_syntax::RESTORE, config)?),
             ),
@@ -392,19 +357,19 @@ impl Command {
                     body.insert("local".to_owned(), Value::Bool(true));
                 }
                 body.entry("local").or_insert(Value::Bool(false));
-                ApiCall::put_json("vm.send-migration", Value::Object(body))
+                put_json("vm.send-migration", Value::Object(body))
             }
             Command::Shutdown => ApiCall::put("vm.shutdown"),
             Command::ShutdownVmm => ApiCall::put("vmm.shutdown"),
             Command::Snapshot { destination_url } => {
-                ApiCall::put_json("vm.snapshot", json!({ "destination_url": destination_url }))
+                put_json("vm.snapshot", json!({ "destination_url": destination_url }))
             }
             Command::NvPersist(command) => match command {
                 NvCommand::Status => ApiCall::get("vm.nv-status"),
                 NvCommand::PowerFail => ApiCall::put("vm.power-fail"),
                 NvCommand::Suspend => ApiCall::put("vm.nv-suspend"),
                 NvCommand::Recover { region, vm } => {
-                    ApiCall::put_json("vm.nv-recover", json!({ "region": region, "vm": vm }))
+                    put_json("vm.nv-recover", json!({ "region": region, "vm": vm }))
                 }
                 NvCommand::List { region } => ApiCall::get(&format!(
                     "vmm.nv-regions?region={}",
@@ -427,10 +392,7 @@ fn parse(
 }
 
 fn add(op: &str, what: &'static str, syntax: &Syntax, text: &str) -> Result<ApiCall, CommandError> {
-    Ok(ApiCall::put_json(
-        op,
-        Value::Object(parse(what, syntax, text)?),
-    ))
+    Ok(put_json(op, Value::Object(parse(what, syntax, text)?)))
 }
 
 fn byte_size(text: &str) -> Result<u64, SizeError> {

@@ -16,7 +16,7 @@
 use std::error::Error;
 use std::fmt::Write;
 
-use crate::api_client::ClientError;
+use api_client::ClientError;
 
 const INDENT: &str = "  ";
 
@@ -65,7 +65,7 @@ pub fn render(top: &(dyn Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_client::StatusCode;
+    use api_client::StatusCode;
 
     #[derive(Debug, thiserror::Error)]
     #[error("http client error")]

@@ -4,7 +4,6 @@
 //! Exit codes as upstream: 0 on success; 1 when the request cannot be built, the socket cannot be
 //! opened or the VMM answers with an error (its messages numbered on stderr); 2 on usage errors.
 
-mod api_client;
 mod commands;
 mod error_report;
 mod option_syntax;
@@ -13,8 +12,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::api_client::ClientError;
 use crate::commands::{Cli, CommandError};
+use api_client::ClientError;
 
 /// Why a run failed; printed as a chain of causes, as upstream prints its errors.
 #[derive(Debug, thiserror::Error)]

@@ -57,11 +57,11 @@ fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
     );
 }
 
-/// The rate the guests' TSC counts at (KVM_GET_TSC_KHZ through `vmm::tsc`), asked once.
+/// The rate the guests' TSC counts at (KVM_GET_TSC_KHZ, `tsc.rs`), asked once.
 pub fn guest_tsc_khz() -> u32 {
     static KHZ: OnceLock<u32> = OnceLock::new();
     *KHZ.get_or_init(|| {
-        vmm::tsc::guest_tsc_khz()
+        crate::tsc::guest_tsc_khz()
             .unwrap_or_else(|e| panic!("reading the guest TSC rate for tsc_khz=: {e}"))
     })
 }
@@ -87,6 +87,48 @@ pub fn read_log(path: &Path) -> String {
     std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default()
+}
+
+/// The events of an `--event-monitor` file (JSON objects one after the other, pretty-printed or
+/// not; none while it does not exist yet); fails the test on anything else.
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = read_log(path);
+    serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{} is not a JSON event stream: {e}\n{text}", path.display()))
+}
+
+/// The events of an `--event-monitor` file as `source:event` (`vmm:starting`, `vm:booted`, ...).
+pub fn event_names(path: &Path) -> Vec<String> {
+    read_events(path)
+        .iter()
+        .map(|event| {
+            format!(
+                "{}:{}",
+                event["source"].as_str().unwrap_or("?"),
+                event["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// Owned copies of `items` (command-line arguments written as literals).
+pub fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|item| item.to_string()).collect()
+}
+
+/// The command-line arguments that boot the test guest `name` with `parameters` on its command
+/// line (and the real `tsc_khz=`) in `memory` of RAM (`--memory size=`).
+pub fn guest_arguments(name: &str, parameters: &str, memory: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        test_guest(name).display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(parameters),
+        "--memory".into(),
+        format!("size={memory}"),
+    ]
 }
 
 /// Polls the serial log until `done` accepts its contents or `timeout` passes. Returns the last

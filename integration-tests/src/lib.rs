@@ -1,9 +1,11 @@
 //! Shared pieces of the end-to-end tests: the workspace binaries, building the test guests, the
-//! KVM gate, guest command lines, serial log helpers, one-shot API requests, and conformance to
-//! `docs/openapi.yaml`.
+//! KVM gate and the guest TSC rate, guest command lines, serial log helpers, the VMM process
+//! harness, one-shot API requests, and conformance to `docs/openapi.yaml` (from `api_client`).
 pub mod api_client;
 pub mod binaries;
 pub mod guests;
 pub mod harness;
-pub mod openapi;
 pub mod process;
+pub mod tsc;
+
+pub use ::api_client::openapi;

@@ -1,8 +1,12 @@
-//! One `cloud-hypervisor` process under test: spawned with its arguments, stderr (and the serial
-//! log when the test routes it to a file) captured in the test's scratch directory, signalled,
-//! waited for with a bound, and killed when dropped so a failing test leaves no VMM behind.
+//! One `cloud-hypervisor` process under test or under measurement: spawned with its arguments,
+//! its output captured in a file (stderr, and the serial log when routed to a file), signalled,
+//! waited for with a bound, and killed when dropped so a failing test or benchmark leaves no VMM
+//! burning a core. The end-to-end tests and nv-bench share it: the fallible core (`start`,
+//! `send_signal`, `exit_within`) returns errors for nv-bench to report; the test methods on top
+//! fail the test instead.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,35 +22,72 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the waits poll.
 const POLL: Duration = Duration::from_millis(10);
 
+/// Where a VMM's stdout goes; stderr always goes to its log file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdout {
+    /// Discarded (the tests read stderr and the serial file only).
+    Null,
+    /// Into the same log file as stderr (nv-bench keeps the whole output for its reports).
+    Log,
+}
+
 /// A running (or ended, not yet dropped) `cloud-hypervisor` process.
 pub struct VmmProcess {
     child: Child,
     stderr: PathBuf,
     serial: Option<PathBuf>,
     timeout: Duration,
+    /// When the command was started: the origin of "command start to ..." durations.
+    pub started: Instant,
 }
 
 impl VmmProcess {
+    /// Starts `binary arguments` with `env` added and stdin on /dev/null; stderr (and stdout if
+    /// `stdout` says so) is written to `log`.
+    pub fn start(
+        binary: &Path,
+        arguments: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+        stdout: Stdout,
+    ) -> io::Result<Self> {
+        let errors = File::create(log)?;
+        let output = match stdout {
+            Stdout::Null => Stdio::null(),
+            Stdout::Log => Stdio::from(errors.try_clone()?),
+        };
+        let mut command = Command::new(binary);
+        command
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let started = Instant::now();
+        let child = command.spawn()?;
+        Ok(VmmProcess {
+            child,
+            stderr: log.to_path_buf(),
+            serial: None,
+            timeout: DEFAULT_TIMEOUT,
+            started,
+        })
+    }
+
     /// Spawns `cloud-hypervisor arguments` with `env` added, stdin and stdout on /dev/null and
     /// stderr written to `dir/<label>.stderr`.
     pub fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> Self {
         let stderr = dir.join(format!("{label}.stderr"));
-        let mut command = Command::new(binaries::cloud_hypervisor());
-        command
-            .args(arguments)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawning cloud-hypervisor");
-        VmmProcess {
-            child,
-            stderr,
-            serial: None,
-            timeout: DEFAULT_TIMEOUT,
-        }
+        Self::start(
+            &binaries::cloud_hypervisor(),
+            arguments,
+            env,
+            &stderr,
+            Stdout::Null,
+        )
+        .unwrap_or_else(|e| panic!("spawning cloud-hypervisor: {e}"))
     }
 
     /// `spawn` with the guest's serial port written to `dir/<label>.serial` (`--serial file=`),
@@ -91,11 +132,22 @@ impl VmmProcess {
         self.child.try_wait().expect("waiting for cloud-hypervisor")
     }
 
+    /// Sends `signal` (e.g. `libc::SIGPWR`).
+    pub fn send_signal(&self, signal: libc::c_int) -> io::Result<()> {
+        // SAFETY: kill(2) on our own child, which we have not reaped yet (its pid is still ours);
+        // it touches no memory of ours.
+        if unsafe { libc::kill(self.pid(), signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Sends `signal`; fails the test if kill(2) does.
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which we have not reaped yet (its pid is still ours).
-        let result = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(result, 0, "kill({}, {signal})", self.pid());
+        if let Err(error) = self.send_signal(signal) {
+            panic!("kill({}, {signal}): {error}", self.pid());
+        }
     }
 
     pub fn stderr_path(&self) -> &Path {
@@ -105,6 +157,13 @@ impl VmmProcess {
     /// What the process wrote to stderr so far.
     pub fn stderr_log(&self) -> String {
         read_log(&self.stderr)
+    }
+
+    /// The last `count` lines of stderr, for error reports.
+    pub fn stderr_tail(&self, count: usize) -> String {
+        let log = self.stderr_log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(count)..].join("\n")
     }
 
     /// The serial log so far; the process must have been given one (`with_serial`).
@@ -177,19 +236,30 @@ impl VmmProcess {
         }
     }
 
-    /// The exit status within `timeout`, or `None` (the process is then killed).
-    pub fn wait_exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// The exit status once the process ends within `timeout`; `None` if it still runs then
+    /// (it keeps running). A zero `timeout` only looks.
+    pub fn exit_within(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
             }
             if Instant::now() >= deadline {
-                self.kill();
-                return None;
+                return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// The exit status within `timeout`, or `None` (the process is then killed).
+    pub fn wait_exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = self
+            .exit_within(timeout)
+            .expect("waiting for cloud-hypervisor");
+        if status.is_none() {
+            self.kill();
+        }
+        status
     }
 
     /// Waits for the process to exit; kills it and fails after the timeout.

@@ -20,8 +20,9 @@ use std::time::Duration;
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, last_counter_in,
-    point_serial_to, read_log, test_guest, wait_for_counter_lines, wait_for_log,
+    assert_counter_advances, counter_lines, event_names, guest_arguments, guest_cmdline,
+    kvm_available, last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines,
+    wait_for_log,
 };
 use integration_tests::openapi;
 use integration_tests::process;
@@ -189,18 +190,7 @@ impl VmmProcess {
 
     /// `source:event` of every event written so far.
     fn event_names(&self) -> Vec<String> {
-        let text = read_log(&self.events);
-        serde_json::Deserializer::from_str(&text)
-            .into_iter::<Value>()
-            .map(|event| {
-                let event = event.unwrap_or_else(|e| panic!("bad event stream ({e}):\n{text}"));
-                format!(
-                    "{}:{}",
-                    event["source"].as_str().unwrap_or("?"),
-                    event["event"].as_str().unwrap_or("?")
-                )
-            })
-            .collect()
+        event_names(&self.events)
     }
 }
 
@@ -692,15 +682,10 @@ fn command_line_restore_resumes_the_guest() {
         dir.path(),
         "first",
         &[
-            "--kernel".into(),
-            test_guest("counter").display().to_string(),
-            "--cmdline".into(),
-            guest_cmdline(""),
-            "--memory".into(),
-            format!("size={}M", GUEST_RAM >> 20),
-            "--serial".into(),
-            format!("file={}", first_log.display()),
-        ],
+            guest_arguments("counter", "", &format!("{}M", GUEST_RAM >> 20)),
+            vec!["--serial".into(), format!("file={}", first_log.display())],
+        ]
+        .concat(),
     );
     wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     first.ch_remote_ok(&["pause"]);
@@ -760,17 +745,15 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         dir.path(),
         "first",
         &[
-            "--kernel".into(),
-            test_guest("counter").display().to_string(),
-            "--cmdline".into(),
-            guest_cmdline(""),
-            "--memory".into(),
-            format!("size={}M", GUEST_RAM >> 20),
-            "--serial".into(),
-            format!("file={}", first_log.display()),
-            "--nv".into(),
-            format!("region={},vm=api,create=on", region.display()),
-        ],
+            guest_arguments("counter", "", &format!("{}M", GUEST_RAM >> 20)),
+            vec![
+                "--serial".into(),
+                format!("file={}", first_log.display()),
+                "--nv".into(),
+                format!("region={},vm=api,create=on", region.display()),
+            ],
+        ]
+        .concat(),
     );
     wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     let status = first.call("GET", "vm.nv-status", None).json();

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, wait_for_log,
+    assert_counter_advances, counter_lines, event_names, guest_cmdline, kvm_available, read_events,
+    wait_for_log,
 };
 use integration_tests::process::VmmProcess;
 
@@ -234,11 +235,7 @@ fn event_monitor_records_start_and_shutdown_even_on_failure() {
         &monitor,
     ]);
     assert_eq!(run.code, 1, "an empty kernel must not boot: {}", run.stderr);
-    let text = std::fs::read_to_string(&events).unwrap();
-    let parsed: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&text)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let parsed = read_events(&events);
     let first = &parsed[0];
     assert_eq!(
         (first["source"].as_str(), first["event"].as_str()),
@@ -285,14 +282,6 @@ fn terminate(mut child: Child) -> (i32, String) {
     (code, stderr)
 }
 
-fn read_events(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    serde_json::Deserializer::from_str(&text)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("events file is not a JSON stream: {e}\n{text}"))
-}
-
 /// Boots the counter guest from the command line with `memory_arguments`, waits for it to
 /// report progress, stops it with SIGTERM and checks the serial log and the event stream.
 fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
@@ -329,17 +318,7 @@ fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
     assert_eq!(code, 0, "SIGTERM is a clean stop; stderr:\n{stderr}");
     assert_counter_advances(&text, 3);
 
-    let events = read_events(&events);
-    let names: Vec<String> = events
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["source"].as_str().unwrap_or("?"),
-                e["event"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
+    let names = event_names(&events);
     assert_eq!(
         names.first().map(String::as_str),
         Some("vmm:starting"),

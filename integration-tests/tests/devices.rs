@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir, test_guest,
+    counter_lines, guest_arguments, kvm_available, read_events, read_log, scratch_dir, strings,
 };
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -29,30 +29,6 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
-fn strings(arguments: &[&str]) -> Vec<String> {
-    arguments.iter().map(|s| s.to_string()).collect()
-}
-
-fn guest_arguments(name: &str, parameters: &str) -> Vec<String> {
-    vec![
-        "--kernel".into(),
-        test_guest(name).display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(parameters),
-        "--memory".into(),
-        "size=32M".into(),
-    ]
-}
-
-/// The events of an `--event-monitor` file (pretty-printed objects separated by blank lines).
-fn read_events(path: &Path) -> Vec<serde_json::Value> {
-    let text = read_log(path);
-    serde_json::Deserializer::from_str(&text)
-        .into_iter::<serde_json::Value>()
-        .map(|event| event.expect("an event-monitor object"))
-        .collect()
-}
-
 #[test]
 fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
     if !kvm_available("pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log") {
@@ -61,7 +37,7 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
-    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
+    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
     arguments.extend(strings(&[
         "--pvpanic",
         "--serial",
@@ -108,7 +84,7 @@ fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
-    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset");
+    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
     arguments.extend(strings(&[
         "--serial",
         &format!("file={}", serial.display()),
@@ -196,7 +172,7 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
     let socket = dir.path().join("api.sock");
     // No `exit=reset`: when the VMM exits, the terminal hangs up and output not yet read is gone
     // (docs/devices.md), so the test reads everything before it ends the VMM.
-    let mut arguments = guest_arguments("devcheck", "echo=2");
+    let mut arguments = guest_arguments("devcheck", "echo=2", "32M");
     arguments.extend(strings(&[
         "--serial",
         "pty",
@@ -255,7 +231,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let nv = |extra: &str| format!("region={},vm=pty-vm{extra}", region.display());
-    let mut arguments = guest_arguments("counter", "area_mb=1");
+    let mut arguments = guest_arguments("counter", "area_mb=1", "32M");
     arguments.extend(strings(&[
         "--nv",
         &nv(",create=on"),
@@ -334,7 +310,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
     // SAFETY: `c_path` is a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let socket = dir.path().join("api.sock");
-    let mut arguments = guest_arguments("counter", "area_mb=1");
+    let mut arguments = guest_arguments("counter", "area_mb=1", "32M");
     arguments.extend(strings(&[
         "--serial",
         &format!("file={}", fifo.display()),
@@ -400,7 +376,7 @@ fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
         return;
     }
     let dir = scratch_dir();
-    let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset");
+    let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset", "32M");
     arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));
     let mut vmm = spawn(dir.path(), "full", &arguments);
     let status = vmm.wait_exit();

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, guest_cmdline, kvm_available, last_counter_in, point_serial_to,
-    read_log, scratch_dir, test_guest, wait_for_counter_lines,
+    assert_counter_advances, guest_arguments, kvm_available, last_counter_in, point_serial_to,
+    read_log, scratch_dir, wait_for_counter_lines,
 };
 use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
@@ -92,18 +92,13 @@ impl Vmm {
 
 /// Command-line arguments booting the counter guest; in NV memory when `region` is given.
 fn counter_arguments(serial: &Path, region: Option<&Path>) -> Vec<String> {
-    let mut arguments = vec![
-        "--kernel".to_string(),
-        test_guest("counter").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(""),
-        "--memory".into(),
-        format!("size={GUEST_RAM_MIB}M"),
+    let mut arguments = guest_arguments("counter", "", &format!("{GUEST_RAM_MIB}M"));
+    arguments.extend([
         "--serial".into(),
         format!("file={}", serial.display()),
         "--console".into(),
         "off".into(),
-    ];
+    ]);
     if let Some(region) = region {
         arguments.push("--nv".into());
         arguments.push(format!("region={},vm=snap,create=on", region.display()));

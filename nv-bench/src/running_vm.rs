@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use crate::error::{BenchError, Result};
 use crate::launch::{arguments, Launch};
 use crate::serial::{SerialFollower, TimedLine};
-use crate::vmm_process::VmmProcess;
+use integration_tests::process::{Stdout, VmmProcess};
+
+use crate::measure::service::EXIT_POWER_FAIL_SAVED;
 
 /// Lines by which a test guest says it stopped for good.
 fn is_guest_failure(line: &str) -> bool {
@@ -42,7 +44,8 @@ impl RunningVm {
         let follower = SerialFollower::from_current_end(serial);
         let mut all_arguments = arguments(launch, serial, &events_path, api_socket);
         all_arguments.extend_from_slice(extra_arguments);
-        let process = VmmProcess::spawn(binary, &all_arguments, output)?;
+        let process = VmmProcess::start(binary, &all_arguments, &[], output, Stdout::Log)
+            .map_err(|e| BenchError::io(format!("starting {}", binary.display()), e))?;
         Ok(Self {
             process,
             serial: follower,
@@ -74,12 +77,12 @@ impl RunningVm {
                     line: line.text.clone(),
                 });
             }
-            if let Some(status) = self.process.wait_timeout(Duration::ZERO)? {
+            if let Some(status) = self.exit_within(Duration::ZERO)? {
                 return Err(BenchError::UnexpectedExit {
                     what: format!("the VMM (while waiting for {what})"),
                     status,
                     expected: "it to keep running".into(),
-                    vmm_tail: self.process.output_tail(20),
+                    vmm_tail: self.process.stderr_tail(20),
                 });
             }
             if Instant::now() >= deadline {
@@ -103,11 +106,35 @@ impl RunningVm {
         )
     }
 
+    /// The VMM's exit status if it ends within `timeout` (it keeps running otherwise).
+    pub fn exit_within(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        self.process
+            .exit_within(timeout)
+            .map_err(|e| BenchError::io("waiting for the VMM", e))
+    }
+
     /// Waits up to `timeout` for the VMM to exit on its own.
     pub fn wait_exit(&mut self, what: &str, timeout: Duration) -> Result<ExitStatus> {
-        self.process
-            .wait_timeout(timeout)?
+        self.exit_within(timeout)?
             .ok_or_else(|| self.timeout(what, timeout))
+    }
+
+    /// A power failure: SIGPWR, then the VMM must exit within `timeout` with the code of a
+    /// committed save.
+    pub fn power_fail(&mut self, timeout: Duration) -> Result<()> {
+        self.process
+            .send_signal(libc::SIGPWR)
+            .map_err(|e| BenchError::io("sending SIGPWR to the VMM", e))?;
+        let status = self.wait_exit("the power-fail save", timeout)?;
+        if status.code() == Some(EXIT_POWER_FAIL_SAVED) {
+            return Ok(());
+        }
+        Err(BenchError::UnexpectedExit {
+            what: "the VMM after SIGPWR".into(),
+            status,
+            expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
+            vmm_tail: self.process.stderr_tail(20),
+        })
     }
 
     /// A timeout error carrying the serial and VMM output tails.
@@ -116,7 +143,7 @@ impl RunningVm {
             what: what.to_string(),
             timeout_s: timeout.as_secs_f64(),
             serial_tail: self.serial.tail_text(10),
-            vmm_tail: self.process.output_tail(20),
+            vmm_tail: self.process.stderr_tail(20),
         }
     }
 

@@ -7,30 +7,18 @@ use std::process::Command;
 
 use integration_tests::harness::kvm_available;
 
-/// Splits one CSV line into cells (RFC 4180 quotes; no line breaks inside cells).
-fn csv_cells(line: &str) -> Vec<String> {
-    let mut cells = vec![String::new()];
-    let mut quoted = false;
-    let mut characters = line.chars().peekable();
-    while let Some(character) = characters.next() {
-        match (character, quoted) {
-            ('"', true) if characters.peek() == Some(&'"') => {
-                characters.next();
-                cells.last_mut().unwrap().push('"');
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => cells.push(String::new()),
-            (other, _) => cells.last_mut().unwrap().push(other),
-        }
-    }
-    cells
-}
-
+/// The data rows of the CSV `name` (its header row skipped), each as its cells.
 fn csv_rows(dir: &Path, name: &str) -> Vec<Vec<String>> {
     let path = dir.join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
-    text.lines().skip(1).map(csv_cells).collect()
+    let mut reader =
+        csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
+    reader
+        .records()
+        .map(|record| {
+            let record = record.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            record.iter().map(str::to_owned).collect()
+        })
+        .collect()
 }
 
 fn assert_png(dir: &Path, name: &str) {

@@ -16,7 +16,6 @@ pub mod seccomp_filters;
 pub mod signal_events;
 pub mod snapshot;
 pub mod state;
-pub mod tsc;
 pub mod upstream_fields;
 pub mod userfaultfd;
 pub mod vcpu;

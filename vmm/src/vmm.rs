@@ -200,8 +200,18 @@ impl Vmm {
         };
         api::start_http_server_with_limits(socket, sender, server_wake, limits)
             .map_err(Error::Api)?;
+        self.serve_api_requests(receiver, wake)
+    }
+
+    /// Answers the requests queued on `requests`, whose sender writes `wake` after queueing
+    /// one: how `start_api` connects its HTTP server (the API tests put their own in front).
+    pub fn serve_api_requests(
+        &mut self,
+        requests: Receiver<ApiMessage>,
+        wake: EventFd,
+    ) -> Result<(), Error> {
         self.watch(wake.as_raw_fd(), ControlEvent::ApiRequest)?;
-        self.api = Some((receiver, wake));
+        self.api = Some((requests, wake));
         Ok(())
     }
 

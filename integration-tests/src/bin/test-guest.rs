@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        ["cmdline", ref parameters @ ..] => match vmm::tsc::guest_tsc_khz() {
+        ["cmdline", ref parameters @ ..] => match integration_tests::tsc::guest_tsc_khz() {
             Ok(khz) => {
                 println!("{}", cmdline_with_tsc(&parameters.join(" "), khz));
                 ExitCode::SUCCESS

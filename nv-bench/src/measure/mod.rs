@@ -82,3 +82,38 @@ impl Bench {
         Ok(vm)
     }
 }
+
+/// Measures every variant `repetitions` times: repetitions outside, variants inside, so that load
+/// from the rest of the machine drifts under every variant alike. Each step is announced as
+/// `step(variant, repetition)` says; a variant that fails once is reported as not measured
+/// (`what(variant)`, with the error) and not run again. `measure` gets the bench, the variant
+/// and the repetition (from 0); the results come back per variant, in `variants`' order.
+pub fn each_variant_repeatedly<V: Copy + PartialEq, R>(
+    bench: &mut Bench,
+    variants: &[V],
+    repetitions: usize,
+    step: impl Fn(V, usize) -> String,
+    what: impl Fn(V) -> String,
+    mut measure: impl FnMut(&mut Bench, V, usize) -> Result<R>,
+) -> Vec<(V, Vec<R>)> {
+    let mut results: Vec<(V, Vec<R>)> = variants.iter().map(|&v| (v, Vec::new())).collect();
+    let mut failed: Vec<V> = Vec::new();
+    for repetition in 0..repetitions {
+        for (variant, done) in results.iter_mut() {
+            if failed.contains(variant) {
+                continue;
+            }
+            bench.summary.progress(step(*variant, repetition));
+            match measure(bench, *variant, repetition) {
+                Ok(result) => done.push(result),
+                Err(error) => {
+                    bench
+                        .summary
+                        .not_measured(&what(*variant), &error.to_string());
+                    failed.push(*variant);
+                }
+            }
+        }
+    }
+    results
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::environment::create_sparse_file;
 use crate::error::Result;
 use crate::launch::{MemoryBacking, TestGuest};
-use crate::measure::{Bench, LINE_TIMEOUT};
+use crate::measure::{each_variant_repeatedly, Bench, LINE_TIMEOUT};
 use crate::output::CsvTable;
 use crate::plot;
 use crate::profile::keys_label;
@@ -62,41 +62,31 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "ratio vs anonymous",
     ]);
     for &keys in &bench.profile.overhead_keys.clone() {
-        let mut results: Vec<(Backing, Vec<f64>)> =
-            Backing::ALL.iter().map(|&b| (b, Vec::new())).collect();
-        let mut failures: Vec<(Backing, String)> = Vec::new();
-        for repetition in 0..bench.profile.overhead_repetitions {
-            for (backing, rates) in results.iter_mut() {
-                if failures.iter().any(|(failed, _)| failed == backing) {
-                    continue;
-                }
-                bench.summary.progress(format!(
+        let results = each_variant_repeatedly(
+            bench,
+            &Backing::ALL,
+            bench.profile.overhead_repetitions,
+            |backing, repetition| {
+                format!(
                     "D {} keys, {}, repetition {}",
                     keys_label(keys),
                     backing.label(),
                     repetition + 1
-                ));
-                match measure_one(bench, keys, *backing, repetition) {
-                    Ok((rate, window)) => {
-                        table.push(vec![
-                            keys.to_string(),
-                            backing.label().into(),
-                            repetition.to_string(),
-                            format!("{rate:.0}"),
-                            format!("{window:.3}"),
-                        ]);
-                        rates.push(rate);
-                    }
-                    Err(error) => failures.push((*backing, error.to_string())),
-                }
-            }
-        }
-        for (backing, why) in &failures {
-            bench.summary.not_measured(
-                &format!("D {} at {} keys", backing.label(), keys_label(keys)),
-                why,
-            );
-        }
+                )
+            },
+            |backing| format!("D {} at {} keys", backing.label(), keys_label(keys)),
+            |bench, backing, repetition| {
+                let (rate, window) = measure_one(bench, keys, backing, repetition)?;
+                table.push(vec![
+                    keys.to_string(),
+                    backing.label().into(),
+                    repetition.to_string(),
+                    format!("{rate:.0}"),
+                    format!("{window:.3}"),
+                ]);
+                Ok(rate)
+            },
+        );
         let anonymous = results
             .iter()
             .find(|(b, _)| *b == Backing::Anonymous)

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
-use crate::measure::service::EXIT_POWER_FAIL_SAVED;
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
@@ -260,20 +259,11 @@ fn nv_cycles(
         let mut recoveries = Vec::new();
         for cycle in 0..bench.profile.power_fail_cycles {
             let signalled = Instant::now();
-            vm.process.signal(libc::SIGPWR)?;
-            let status = vm.wait_exit("the power-fail save", SAVE_TIMEOUT)?;
+            vm.power_fail(SAVE_TIMEOUT)?;
             let host_save = signalled.elapsed();
-            if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
-                return Err(BenchError::UnexpectedExit {
-                    what: "the VMM after SIGPWR".into(),
-                    status,
-                    expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
-                    vmm_tail: vm.process.output_tail(20),
-                });
-            }
-            let output = std::fs::read_to_string(vm.process.output_path()).unwrap_or_default();
+            let output = std::fs::read_to_string(vm.process.stderr_path()).unwrap_or_default();
             let timings = parse_last_save(&output).ok_or_else(|| BenchError::NoPhaseTimings {
-                log: vm.process.output_path().to_path_buf(),
+                log: vm.process.stderr_path().to_path_buf(),
             })?;
             let phase = |name: &str| {
                 timings
@@ -622,25 +612,22 @@ fn report_flatness(bench: &mut Bench, collected: &Collected) {
             .find(|(s, k, _)| *s == size && *k == RegionKind::Tmpfs)
             .and_then(|(_, _, v)| median(v))
     };
-    if let (Some(small), Some(large)) = (save_median(smallest), save_median(largest)) {
-        bench.summary.line(format!(
-            "A RATIO tmpfs save median {} / {} = {:.2}x (flat = 1.0x)",
-            size_label(largest),
-            size_label(smallest),
-            large / small
-        ));
-    }
+    // Largest over smallest RAM: how far from flat (1.0x) a median grows with the VM.
+    let mut flat_ratio = |what: &str, median: &dyn Fn(u64) -> Option<f64>| {
+        if let (Some(small), Some(large)) = (median(smallest), median(largest)) {
+            bench.summary.line(format!(
+                "{what} {} / {} = {:.2}x (flat = 1.0x)",
+                size_label(largest),
+                size_label(smallest),
+                large / small
+            ));
+        }
+    };
+    flat_ratio("A RATIO tmpfs save median", &save_median);
     let recovery_median = |size: u64| {
         recoveries_of(collected, size, "NV in place (tmpfs)").and_then(first_line_median)
     };
-    if let (Some(small), Some(large)) = (recovery_median(smallest), recovery_median(largest)) {
-        bench.summary.line(format!(
-            "B RATIO NV in-place recovery median {} / {} = {:.2}x (flat = 1.0x)",
-            size_label(largest),
-            size_label(smallest),
-            large / small
-        ));
-    }
+    flat_ratio("B RATIO NV in-place recovery median", &recovery_median);
 }
 
 fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
@@ -660,21 +647,11 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
             });
         }
     }
-    if !save_series.is_empty() {
-        plot::line_chart(
-            &bench.out_dir.join("a_save.png"),
-            &LineChart {
-                title: "A. power-fail save time (median, VMM-reported)",
-                x_label: "guest RAM (GiB)",
-                y_label: "milliseconds (log)",
-                log_y: true,
-                markers: true,
-                max_gap: None,
-                break_at: None,
-            },
-            &save_series,
-        )?;
-    }
+    milliseconds_by_ram_chart(
+        &bench.out_dir.join("a_save.png"),
+        "A. power-fail save time (median, VMM-reported)",
+        &save_series,
+    )?;
     let mut labels: Vec<&str> = Vec::new();
     for (_, label, _) in &collected.recoveries {
         if !labels.contains(&label.as_str()) {
@@ -693,22 +670,34 @@ fn plot_results(bench: &Bench, collected: &Collected) -> Result<()> {
                 .collect(),
         })
         .collect();
-    if !recovery_series.is_empty() {
-        plot::line_chart(
-            &bench.out_dir.join("b_recovery.png"),
-            &LineChart {
-                title: "B. recovery to running: command start to first new serial line (median)",
-                x_label: "guest RAM (GiB)",
-                y_label: "milliseconds (log)",
-                log_y: true,
-                markers: true,
-                max_gap: None,
-                break_at: None,
-            },
-            &recovery_series,
-        )?;
-    }
+    milliseconds_by_ram_chart(
+        &bench.out_dir.join("b_recovery.png"),
+        "B. recovery to running: command start to first new serial line (median)",
+        &recovery_series,
+    )?;
     Ok(())
+}
+
+/// A chart of milliseconds (log scale) by guest RAM in GiB, one line a series; nothing to draw
+/// (no series) writes no file.
+fn milliseconds_by_ram_chart(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    if series.is_empty() {
+        return Ok(());
+    }
+    plot::line_chart(
+        path,
+        &LineChart {
+            title,
+            x_label: "guest RAM (GiB)",
+            y_label: "milliseconds (log)",
+            log_y: true,
+            markers: true,
+            max_gap: None,
+            break_at: None,
+        },
+        series,
+    )
+    .map(drop)
 }
 
 #[cfg(test)]

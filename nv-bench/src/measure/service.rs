@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::environment::create_sparse_file;
-use crate::error::{BenchError, Result};
+use crate::error::Result;
 use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
-use crate::measure::{Bench, LINE_TIMEOUT};
+use crate::measure::{each_variant_repeatedly, Bench, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
 use crate::plot::{self, LineChart, Series};
 use crate::profile::keys_label;
@@ -132,33 +132,21 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ]);
     let mut curves = CsvTable::new(&["keys", "method", "t_since_failure_s", "ops_per_s"]);
     for &keys in &bench.profile.service_keys.clone() {
-        let mut runs: Vec<(Method, Vec<ServiceRun>)> =
-            Method::ALL.iter().map(|&m| (m, Vec::new())).collect();
-        let mut failed: Vec<Method> = Vec::new();
-        // Repetitions outside, methods inside: load from the rest of the machine drifts, and
-        // this way it drifts under every method alike.
-        for repetition in 0..bench.profile.service_repetitions {
-            for (method, done) in runs.iter_mut() {
-                if failed.contains(method) {
-                    continue;
-                }
-                bench.summary.progress(format!(
+        let runs = each_variant_repeatedly(
+            bench,
+            &Method::ALL,
+            bench.profile.service_repetitions,
+            |method, repetition| {
+                format!(
                     "C {} keys, {}, run {}: load, failure, recovery",
                     keys_label(keys),
                     method.label(),
                     repetition + 1
-                ));
-                let run = match measure_one(bench, keys, *method) {
-                    Ok(run) => run,
-                    Err(error) => {
-                        bench.summary.not_measured(
-                            &format!("C {} at {} keys", method.label(), keys_label(keys)),
-                            &error.to_string(),
-                        );
-                        failed.push(*method);
-                        continue;
-                    }
-                };
+                )
+            },
+            |method| format!("C {} at {} keys", method.label(), keys_label(keys)),
+            |bench, method, repetition| {
+                let run = measure_one(bench, keys, method)?;
                 table.push(vec![
                     keys.to_string(),
                     method.label().into(),
@@ -175,24 +163,24 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                         .unwrap_or_default(),
                 ]);
                 bench.summary.line(format!(
-                    "C keys={} {} run {repetition}: level {:.2} Mops/s, save {:.1} ms, first line {} \
-                     after restart, back at >=90% {:.3} s after the failure ({:.3} s after restart){}",
-                    keys_label(keys),
-                    method.label(),
-                    run.level / 1e6,
-                    run.save.as_secs_f64() * 1e3,
-                    run.first_line_after_restart
-                        .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
-                        .unwrap_or_else(|| "-".into()),
-                    run.service_after_failure.as_secs_f64(),
-                    run.service_after_restart.as_secs_f64(),
-                    run.replayed_records
-                        .map(|n| format!(", replayed {n} log records"))
-                        .unwrap_or_default()
-                ));
-                done.push(run);
-            }
-        }
+                "C keys={} {} run {repetition}: level {:.2} Mops/s, save {:.1} ms, first line {} \
+                 after restart, back at >=90% {:.3} s after the failure ({:.3} s after restart){}",
+                keys_label(keys),
+                method.label(),
+                run.level / 1e6,
+                run.save.as_secs_f64() * 1e3,
+                run.first_line_after_restart
+                    .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                    .unwrap_or_else(|| "-".into()),
+                run.service_after_failure.as_secs_f64(),
+                run.service_after_restart.as_secs_f64(),
+                run.replayed_records
+                    .map(|n| format!(", replayed {n} log records"))
+                    .unwrap_or_default()
+            ));
+                Ok(run)
+            },
+        );
         let times = |done: &[ServiceRun]| -> Vec<f64> {
             done.iter()
                 .map(|run| run.service_after_failure.as_secs_f64())
@@ -354,16 +342,7 @@ fn measure_with(
     let failed_at = Instant::now();
     match method {
         Method::NvInPlace => {
-            vm.process.signal(libc::SIGPWR)?;
-            let status = vm.wait_exit("the power-fail save", SAVE_TIMEOUT)?;
-            if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
-                return Err(BenchError::UnexpectedExit {
-                    what: "the VMM after SIGPWR".into(),
-                    status,
-                    expected: format!("exit code {EXIT_POWER_FAIL_SAVED} (state saved)"),
-                    vmm_tail: vm.process.output_tail(20),
-                });
-            }
+            vm.power_fail(SAVE_TIMEOUT)?;
         }
         Method::CopyRestore | Method::OnDemandRestore => {
             let socket = socket.as_deref().unwrap_or(std::path::Path::new(""));

@@ -12,7 +12,6 @@ use integration_tests::harness::counter_lines;
 
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking, TestGuest};
-use crate::measure::service::EXIT_POWER_FAIL_SAVED;
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::CsvTable;
@@ -205,16 +204,7 @@ fn nv_unsaved_death(bench: &Bench) -> Result<String> {
         };
         let mut vm = start(bench, &boot, "nv-boot", None)?;
         vm.wait_for_lines("counter=", 3, LINE_TIMEOUT)?;
-        vm.process.signal(libc::SIGPWR)?;
-        let status = vm.wait_exit("the power-fail save", Duration::from_secs(60))?;
-        if status.code() != Some(EXIT_POWER_FAIL_SAVED) {
-            return Err(BenchError::UnexpectedExit {
-                what: "the VMM after SIGPWR".into(),
-                status,
-                expected: format!("exit code {EXIT_POWER_FAIL_SAVED}"),
-                vmm_tail: vm.process.output_tail(20),
-            });
-        }
+        vm.power_fail(Duration::from_secs(60))?;
         drop(vm.kill());
         let mut recovered = start(bench, &recover, "nv-recover", None)?;
         recovered.wait_for("the recovered guest running on", LINE_TIMEOUT, |lines| {
@@ -223,7 +213,7 @@ fn nv_unsaved_death(bench: &Bench) -> Result<String> {
         // The host dies with no warning: no save, the guest's memory is newer than the state.
         drop(recovered.kill());
         let mut again = start(bench, &recover, "nv-recover-again", None)?;
-        let Some(status) = again.process.wait_timeout(Duration::from_secs(30))? else {
+        let Some(status) = again.exit_within(Duration::from_secs(30))? else {
             let lines = again.serial.lines();
             drop(again.kill());
             return Ok(format!(
@@ -233,7 +223,7 @@ fn nv_unsaved_death(bench: &Bench) -> Result<String> {
         };
         let refusal = again
             .process
-            .output_tail(5)
+            .stderr_tail(5)
             .lines()
             .last()
             .unwrap_or("")

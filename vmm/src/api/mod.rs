@@ -254,6 +254,10 @@ pub fn start_http_server_with_limits(
     limits: ServerLimits,
 ) -> Result<JoinHandle<()>, ApiServerError> {
     let listener = socket::listen(&socket)?;
+    // The config check of a `vm.create` asks KVM for its vCPU limit, once per process. It runs
+    // on the server's threads, whose filter forbids the KVM ioctls: ask now, before they start,
+    // so that no embedder has to remember to.
+    let _ = crate::config::host_vcpu_limit();
     server::spawn(listener, to_vmm, wake, limits)
 }
 

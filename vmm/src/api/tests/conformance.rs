@@ -5,19 +5,19 @@
 
 use serde_json::Value;
 
-use integration_tests::openapi::{compile_component, component, spec, validate};
+use api_client::openapi::{compile_component, component, spec, validate};
 
 use super::super::{VmState, ROUTES};
 use super::Reply;
 
-/// Checks one exchange made by the tests against the spec (see `integration_tests::openapi`).
+/// Checks one exchange made by the tests against the spec (see `api_client::openapi`).
 pub fn check_exchange(method: &str, op: &str, request_body: Option<&str>, reply: &Reply) {
-    if let Err(error) = integration_tests::openapi::check_exchange(
+    if let Err(error) = api_client::openapi::check_exchange(
         method,
         op,
         request_body,
         reply.status,
-        &reply.body,
+        reply.body.as_bytes(),
     ) {
         panic!("{error}");
     }

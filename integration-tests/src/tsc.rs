@@ -3,26 +3,34 @@
 //! KVM reports it per vCPU (KVM_GET_TSC_KHZ); these hosts have no TSC scaling, so it is the
 //! host's rate, the same for every VM.
 
+//!
+//! It lives with the harness, not in `vmm`: only the launchers of test guests (these tests, the
+//! `test-guest` tool, nv-bench) need it, and `vmm` must not be a dependency of its own tests.
+
 use kvm_ioctls::Kvm;
 
-use crate::Error;
+/// A KVM call that failed while reading the rate.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} failed (reading the guest TSC rate)")]
+pub struct TscError {
+    pub operation: &'static str,
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
+
+fn kvm_call<T>(
+    operation: &'static str,
+    result: Result<T, kvm_ioctls::Error>,
+) -> Result<T, TscError> {
+    result.map_err(|source| TscError { operation, source })
+}
 
 /// The guest TSC rate in kHz, read from a throwaway VM with one vCPU.
-pub fn guest_tsc_khz() -> Result<u32, Error> {
-    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
-    let vm = kvm.create_vm().map_err(|source| Error::Kvm {
-        operation: "KVM_CREATE_VM",
-        source,
-    })?;
-    let vcpu = vm.create_vcpu(0).map_err(|source| Error::Kvm {
-        operation: "KVM_CREATE_VCPU",
-        source,
-    })?;
-    vcpu.get_tsc_khz().map_err(|source| Error::VcpuKvm {
-        vcpu: 0,
-        operation: "KVM_GET_TSC_KHZ",
-        source,
-    })
+pub fn guest_tsc_khz() -> Result<u32, TscError> {
+    let kvm = kvm_call("opening /dev/kvm", Kvm::new())?;
+    let vm = kvm_call("KVM_CREATE_VM", kvm.create_vm())?;
+    let vcpu = kvm_call("KVM_CREATE_VCPU", vm.create_vcpu(0))?;
+    kvm_call("KVM_GET_TSC_KHZ", vcpu.get_tsc_khz())
 }
 
 #[cfg(test)]
