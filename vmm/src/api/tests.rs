@@ -674,6 +674,29 @@ fn bad_json_is_400_with_the_parser_message() {
     assert!(server.received().is_empty());
 }
 
+/// `--restore` refused a `source_url` that is not `file:///absolute` while `vm.restore` only
+/// refused an empty one and failed later, inside the control loop. One check serves both now.
+#[test]
+fn restore_with_a_source_url_that_is_not_file_absolute_is_400() {
+    let server = TestServer::start();
+    let mut client = server.connect();
+    for url in ["", "/var/snap", "file://relative/snap", "http://host/snap"] {
+        let body = json!({ "source_url": url }).to_string();
+        let reply = client.call("PUT", "vm.restore", Some(&body));
+        assert_eq!(reply.status, 400, "{url:?}");
+        let messages = reply.messages();
+        assert_eq!(messages[0], "Bad Request", "{url:?}");
+        assert_eq!(
+            messages[1],
+            format!("vm.restore: source_url {url:?}: expected file:///absolute/directory"),
+        );
+    }
+    assert!(server.received().is_empty());
+    let body = json!({ "source_url": "file:///var/snap" }).to_string();
+    client.call("PUT", "vm.restore", Some(&body));
+    assert_eq!(server.received().len(), 1);
+}
+
 /// Issue 10: a NUL byte in a path reached a system call and came back as a 500.
 #[test]
 fn nul_byte_in_a_path_is_400() {
