@@ -308,6 +308,19 @@ pub mod nv {
         duration.as_micros().to_string()
     }
 
+    /// An event about one saved state of `vm`: its sequence number and how long it took.
+    fn emit_with_sequence(event: &str, vm: &str, sequence: u64, total: Duration) {
+        super::emit(
+            SOURCE,
+            event,
+            &[
+                ("vm", vm),
+                ("sequence", &sequence.to_string()),
+                ("time_us", &micros(total)),
+            ],
+        );
+    }
+
     /// A power-fail save began. `trigger`: what started it (`signal`, `api`, ...).
     pub fn power_fail_started(vm: &str, trigger: &str, deadline: Duration) {
         super::emit(
@@ -332,28 +345,12 @@ pub mod nv {
 
     /// The saved state is committed in the region: a power loss from here on is recoverable.
     pub fn committed(vm: &str, sequence: u64, total: Duration) {
-        super::emit(
-            SOURCE,
-            "committed",
-            &[
-                ("vm", vm),
-                ("sequence", &sequence.to_string()),
-                ("time_us", &micros(total)),
-            ],
-        );
+        emit_with_sequence("committed", vm, sequence, total);
     }
 
     /// A VM was recovered in place from its region.
     pub fn recovered(vm: &str, sequence: u64, total: Duration) {
-        super::emit(
-            SOURCE,
-            "recovered",
-            &[
-                ("vm", vm),
-                ("sequence", &sequence.to_string()),
-                ("time_us", &micros(total)),
-            ],
-        );
+        emit_with_sequence("recovered", vm, sequence, total);
     }
 }
 
