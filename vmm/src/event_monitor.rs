@@ -308,6 +308,19 @@ pub mod nv {
         duration.as_micros().to_string()
     }
 
+    /// An event about one saved state of `vm`: its sequence number and how long it took.
+    fn emit_with_sequence(event: &str, vm: &str, sequence: u64, total: Duration) {
+        super::emit(
+            SOURCE,
+            event,
+            &[
+                ("vm", vm),
+                ("sequence", &sequence.to_string()),
+                ("time_us", &micros(total)),
+            ],
+        );
+    }
+
     /// A power-fail save began. `trigger`: what started it (`signal`, `api`, ...).
     pub fn power_fail_started(vm: &str, trigger: &str, deadline: Duration) {
         super::emit(
@@ -332,28 +345,12 @@ pub mod nv {
 
     /// The saved state is committed in the region: a power loss from here on is recoverable.
     pub fn committed(vm: &str, sequence: u64, total: Duration) {
-        super::emit(
-            SOURCE,
-            "committed",
-            &[
-                ("vm", vm),
-                ("sequence", &sequence.to_string()),
-                ("time_us", &micros(total)),
-            ],
-        );
+        emit_with_sequence("committed", vm, sequence, total);
     }
 
     /// A VM was recovered in place from its region.
     pub fn recovered(vm: &str, sequence: u64, total: Duration) {
-        super::emit(
-            SOURCE,
-            "recovered",
-            &[
-                ("vm", vm),
-                ("sequence", &sequence.to_string()),
-                ("time_us", &micros(total)),
-            ],
-        );
+        emit_with_sequence("recovered", vm, sequence, total);
     }
 }
 
@@ -372,30 +369,33 @@ mod tests {
             .collect()
     }
 
+    /// A monitor writing to a file `events` in a new temporary directory (kept alive by the
+    /// returned guard).
+    fn monitor_in_temp_dir(
+        seccomp: SeccompMode,
+    ) -> (tempfile::TempDir, std::path::PathBuf, EventMonitor) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let monitor = EventMonitor::open(
+            &EventMonitorConfig::Path(path.display().to_string()),
+            seccomp,
+        )
+        .unwrap();
+        (dir, path, monitor)
+    }
+
     /// Issue 10 hardening: the event file the VMM creates is owner-only.
     #[test]
     fn a_created_event_file_is_owner_only() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events");
-        let _monitor = EventMonitor::open(
-            &EventMonitorConfig::Path(path.display().to_string()),
-            SeccompMode::Disabled,
-        )
-        .unwrap();
+        let (_dir, path, _monitor) = monitor_in_temp_dir(SeccompMode::Disabled);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "event file mode {mode:o}");
     }
 
     #[test]
     fn writes_upstream_shaped_events_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events");
-        let monitor = EventMonitor::open(
-            &EventMonitorConfig::Path(path.display().to_string()),
-            SeccompMode::Enforce,
-        )
-        .unwrap();
+        let (_dir, path, monitor) = monitor_in_temp_dir(SeccompMode::Enforce);
         monitor.emit("vmm", "starting", &[]);
         monitor.emit("vm", "booted", &[("id", "0")]);
         monitor.flush();
@@ -418,13 +418,7 @@ mod tests {
 
     #[test]
     fn events_from_many_threads_are_all_written_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events");
-        let monitor = EventMonitor::open(
-            &EventMonitorConfig::Path(path.display().to_string()),
-            SeccompMode::Enforce,
-        )
-        .unwrap();
+        let (_dir, path, monitor) = monitor_in_temp_dir(SeccompMode::Enforce);
         thread::scope(|scope| {
             for thread_index in 0..4 {
                 let monitor = &monitor;

@@ -386,17 +386,38 @@ mod tests {
         }
     }
 
+    /// Guest memory of `anonymous` bytes of anonymous RAM, then one shared zone "mem0" of
+    /// `zone_size` bytes backed by `path`.
+    fn memory_with_zone_file(
+        anonymous: u64,
+        zone_size: u64,
+        path: &Path,
+    ) -> Result<GuestMemoryMmap, Error> {
+        guest_memory_from_config(&MemoryConfig {
+            size: anonymous,
+            zones: Some(vec![zone("mem0", zone_size, Some(path))]),
+            ..Default::default()
+        })
+    }
+
+    /// A new temporary directory (the returned guard) holding the path `ram`; the file is created
+    /// with `len` bytes unless `len` is `None`.
+    fn temp_ram_file(len: Option<u64>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        if let Some(len) = len {
+            File::create(&path).unwrap().set_len(len).unwrap();
+        }
+        (dir, path)
+    }
+
     #[test]
     fn a_missing_zone_file_is_an_error_and_is_not_created() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("missing");
-        let config = MemoryConfig {
-            size: 0,
-            zones: Some(vec![zone("mem0", 2 << 20, Some(&path))]),
-            ..Default::default()
-        };
-        let error = guest_memory_from_config(&config).unwrap_err().to_string();
-        assert!(error.contains("missing"), "{error}");
+        let (_dir, path) = temp_ram_file(None);
+        let error = memory_with_zone_file(0, 2 << 20, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&path.display().to_string()), "{error}");
         assert!(!path.exists(), "the zone file was created");
     }
 
@@ -459,15 +480,8 @@ mod tests {
 
     #[test]
     fn smaller_file_is_grown_and_guest_writes_reach_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        std::fs::write(&path, b"x").unwrap();
-        let config = MemoryConfig {
-            size: 0,
-            zones: Some(vec![zone("mem0", 4 << 20, Some(&path))]),
-            ..Default::default()
-        };
-        let memory = guest_memory_from_config(&config).unwrap();
+        let (_dir, path) = temp_ram_file(Some(1));
+        let memory = memory_with_zone_file(0, 4 << 20, &path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
         memory
             .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
@@ -479,31 +493,16 @@ mod tests {
 
     #[test]
     fn larger_file_is_used_as_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        let file = File::create(&path).unwrap();
-        file.set_len(16 << 20).unwrap();
-        let config = MemoryConfig {
-            size: 0,
-            zones: Some(vec![zone("mem0", 4 << 20, Some(&path))]),
-            ..Default::default()
-        };
-        let memory = guest_memory_from_config(&config).unwrap();
+        let (_dir, path) = temp_ram_file(Some(16 << 20));
+        let memory = memory_with_zone_file(0, 4 << 20, &path).unwrap();
         assert_eq!(memory.iter().map(|r| r.len()).sum::<u64>(), 4 << 20);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
     }
 
     #[test]
     fn anonymous_part_comes_first_then_the_zone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        File::create(&path).unwrap();
-        let config = MemoryConfig {
-            size: 2 << 20,
-            zones: Some(vec![zone("mem0", 2 << 20, Some(&path))]),
-            ..Default::default()
-        };
-        let memory = guest_memory_from_config(&config).unwrap();
+        let (_dir, path) = temp_ram_file(Some(0));
+        let memory = memory_with_zone_file(2 << 20, 2 << 20, &path).unwrap();
         memory.write_obj(0x55_u8, GuestAddress(2 << 20)).unwrap();
         drop(memory);
         assert_eq!(std::fs::read(&path).unwrap()[0], 0x55);
@@ -542,15 +541,8 @@ mod tests {
     fn a_file_straddling_the_device_hole_maps_at_consecutive_offsets() {
         // 4 GiB of sparse file: 3 GiB below the hole, 1 GiB above 4 GiB. Nothing is touched
         // except two bytes, so the test costs no real memory.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        File::create(&path).unwrap();
-        let config = MemoryConfig {
-            size: 0,
-            zones: Some(vec![zone("mem0", 4 << 30, Some(&path))]),
-            ..Default::default()
-        };
-        let memory = guest_memory_from_config(&config).unwrap();
+        let (_dir, path) = temp_ram_file(Some(0));
+        let memory = memory_with_zone_file(0, 4 << 30, &path).unwrap();
         let regions: Vec<_> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
         assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         memory

@@ -85,9 +85,9 @@ struct StateEnvelopeIn<'a> {
 
 /// The directory of a `file:///dir` URL (the only scheme upstream supports).
 pub fn snapshot_directory(url: &str) -> Result<PathBuf, Error> {
-    match url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(Error::Snapshot(format!(
+    match crate::config::snapshot_url_dir(url) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Err(Error::Snapshot(format!(
             "{url:?}: only file:///absolute/dir URLs are supported"
         ))),
     }

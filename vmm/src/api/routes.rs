@@ -6,7 +6,7 @@
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, Operation, VmSnapshotConfig};
-use crate::config::{RestoreConfig, VmConfig};
+use crate::config::{RestoreConfig, VmConfig, SNAPSHOT_URL_EXPECTED};
 
 /// The prefix every API path carries.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -220,10 +220,11 @@ pub fn build_request(
             }
             let config: RestoreConfig =
                 serde_json::from_slice(body).map_err(|error| ApiError::deserialize(&error))?;
-            if config.source_url.is_empty() {
-                return Err(ApiError::invalid_request(
-                    "vm.restore: source_url must not be empty",
-                ));
+            if config.source_dir().is_none() {
+                return Err(ApiError::invalid_request(format!(
+                    "vm.restore: source_url {:?}: {SNAPSHOT_URL_EXPECTED}",
+                    config.source_url
+                )));
             }
             ApiRequest::VmRestore(config)
         }

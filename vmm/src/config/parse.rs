@@ -454,16 +454,9 @@ impl RestoreConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&RESTORE_SPEC, input)?;
         let source_url = parsed.required_string("source_url")?;
-        if source_url
-            .strip_prefix("file://")
-            .is_none_or(|path| !path.starts_with('/'))
-        {
+        if snapshot_url_dir(&source_url).is_none() {
             return Err(parsed
-                .invalid(
-                    "source_url",
-                    &source_url,
-                    "expected file:///absolute/directory",
-                )
+                .invalid("source_url", &source_url, SNAPSHOT_URL_EXPECTED)
                 .into());
         }
         Ok(RestoreConfig {
@@ -480,10 +473,20 @@ impl RestoreConfig {
         })
     }
 
-    /// The snapshot directory named by `source_url`.
+    /// The snapshot directory named by `source_url`; `None` when it is not `file:///absolute`.
     pub fn source_dir(&self) -> Option<&str> {
-        self.source_url.strip_prefix("file://")
+        snapshot_url_dir(&self.source_url)
     }
+}
+
+/// What a snapshot URL must look like, for the reason a refusal gives.
+pub const SNAPSHOT_URL_EXPECTED: &str = "expected file:///absolute/directory";
+
+/// The directory a snapshot URL (`source_url`, `destination_url`) names: the one check for the
+/// command line, the API and the snapshot code. Only `file:///absolute/dir` names one.
+pub fn snapshot_url_dir(url: &str) -> Option<&str> {
+    url.strip_prefix("file://")
+        .filter(|path| path.starts_with('/'))
 }
 
 const NV_SPEC: OptionSpec = OptionSpec::keyed(

@@ -214,6 +214,21 @@ impl Vmm {
         }
     }
 
+    /// Its worker runs: the loop holds the request's reply until [`Self::finish_long_operation`].
+    fn begin_long_operation(
+        &mut self,
+        request: &'static str,
+        reply: Sender<ApiResponse>,
+        job: Job,
+    ) {
+        self.long_operation = Some(LongOperation {
+            request,
+            started: Instant::now(),
+            reply,
+            job,
+        });
+    }
+
     fn start_snapshot(&mut self, destination_url: String, reply: Sender<ApiResponse>) {
         // Refused by state (upstream's statuses) before anything is touched on disk.
         if let Err(error) = check_state(Operation::Snapshot, self.api_state()) {
@@ -248,12 +263,7 @@ impl Vmm {
         match spawned {
             Ok(result) => {
                 log::info!("vm.snapshot to {destination_url}: written by a worker thread");
-                self.long_operation = Some(LongOperation {
-                    request: "vm.snapshot",
-                    started: Instant::now(),
-                    reply,
-                    job: Job::Snapshot { vm, result },
-                });
+                self.begin_long_operation("vm.snapshot", reply, Job::Snapshot { vm, result });
             }
             Err(e) => {
                 // The worker never started: the only other share is gone.
@@ -282,12 +292,7 @@ impl Vmm {
         match spawned {
             Ok(result) => {
                 log::info!("vm.restore from {source}: read by a worker thread");
-                self.long_operation = Some(LongOperation {
-                    request: "vm.restore",
-                    started: Instant::now(),
-                    reply,
-                    job: Job::Restore { result },
-                });
+                self.begin_long_operation("vm.restore", reply, Job::Restore { result });
             }
             Err(e) => {
                 let _ = reply.send(Err(api_error(Operation::Restore, e)));
