@@ -33,6 +33,27 @@ pub fn kvm_available(test: &str) -> bool {
     kvm_gate(Path::new("/dev/kvm"), skip_requested, test)
 }
 
+/// The KVM gate at the top of a KVM test: returns from the test (the caller) when
+/// `kvm_available` says to skip, naming the test by its own function name.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {{
+        fn here() {}
+        if !$crate::harness::kvm_available($crate::harness::enclosing_function(
+            ::std::any::type_name_of_val(&here),
+        )) {
+            return;
+        }
+    }};
+}
+
+/// The name of the function that holds `here`, from `here`'s type name
+/// (`crate::module::function::here`): what `require_kvm!` reports a skip or failure under.
+pub fn enclosing_function(here: &str) -> &str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
 /// `kvm_available` with its inputs explicit, so the gate itself can be tested.
 fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
     let usable = std::fs::OpenOptions::new()
@@ -229,6 +250,15 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn require_kvm_names_the_test_it_gates() {
+        fn here() {}
+        assert_eq!(
+            enclosing_function(std::any::type_name_of_val(&here)),
+            "require_kvm_names_the_test_it_gates"
+        );
+    }
 
     #[test]
     #[should_panic(expected = "never skip silently")]

@@ -21,8 +21,7 @@ use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, event_names, guest_arguments, guest_cmdline,
-    kvm_available, last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines,
-    wait_for_log,
+    last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines, wait_for_log,
 };
 use integration_tests::openapi;
 use integration_tests::process;
@@ -240,9 +239,7 @@ fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
 /// cases, with raw HTTP; then the events of that lifecycle in order.
 #[test]
 fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
-    if !kvm_available("raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let serial_log = dir.path().join("serial.log");
     let disk = dir.path().join("disk.img");
@@ -440,9 +437,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
 /// on stderr with exit code 1.
 #[test]
 fn ch_remote_drives_every_verb() {
-    if !kvm_available("ch_remote_drives_every_verb") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let serial_log = dir.path().join("serial.log");
     let config_path = dir.path().join("vm.json");
@@ -652,17 +647,13 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
 /// The restored VM writes its serial output to a log of its own: edit the snapshot's config.
 #[test]
 fn copy_restore_into_a_fresh_vmm_continues_the_guest() {
-    if !kvm_available("copy_restore_into_a_fresh_vmm_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     snapshot_restores_into_a_fresh_vmm("Copy", true);
 }
 
 #[test]
 fn on_demand_restore_into_a_fresh_vmm_continues_the_guest() {
-    if !kvm_available("on_demand_restore_into_a_fresh_vmm_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     snapshot_restores_into_a_fresh_vmm("OnDemand", false);
 }
 
@@ -670,9 +661,7 @@ fn on_demand_restore_into_a_fresh_vmm_continues_the_guest() {
 /// and the contradiction `prefault=on` with OnDemand refused at start with exit code 1.
 #[test]
 fn command_line_restore_resumes_the_guest() {
-    if !kvm_available("command_line_restore_resumes_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let first_log = dir.path().join("first.log");
     let snapshot_dir = dir.path().join("snapshot");
@@ -735,9 +724,7 @@ fn command_line_restore_resumes_the_guest() {
 /// counter continues), `vm.nv-suspend` (clean exit), and the listing afterwards.
 #[test]
 fn nv_endpoints_save_and_recover_over_the_api() {
-    if !kvm_available("nv_endpoints_save_and_recover_over_the_api") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let region = dir.path().join("region");
     let first_log = dir.path().join("first.log");

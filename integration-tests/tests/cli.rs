@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, event_names, guest_cmdline, kvm_available, read_events,
-    wait_for_log,
+    assert_counter_advances, counter_lines, event_names, guest_cmdline, read_events, wait_for_log,
 };
 use integration_tests::process::VmmProcess;
 
@@ -334,9 +333,7 @@ fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
 /// Issue 3's first "done when": the counter guest on a shared file, from the command line.
 #[test]
 fn counter_guest_runs_from_the_command_line_on_a_shared_file() {
-    if !kvm_available("counter_guest_runs_from_the_command_line_on_a_shared_file") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     // As upstream, the zone file must exist (it is grown to the zone size).
     std::fs::File::create(dir.path().join("ram")).unwrap();
@@ -356,9 +353,7 @@ fn counter_guest_runs_from_the_command_line_on_a_shared_file() {
 /// The same on anonymous memory.
 #[test]
 fn counter_guest_runs_from_the_command_line_on_anonymous_memory() {
-    if !kvm_available("counter_guest_runs_from_the_command_line_on_anonymous_memory") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     counter_guest_runs_with(&["--memory", "size=64M"], &dir);
 }
@@ -571,9 +566,7 @@ fn upstream_full_config(kernel: &str, disk: &str, serial: &str) -> serde_json::V
 /// the RAM and the device tree of the devices the VM really has.
 #[test]
 fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
-    if !kvm_available("upstream_full_config_round_trips_through_vm_create_and_vm_info") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = integration_tests::guests::guest_image("counter")
         .unwrap_or_else(|e| panic!("building the counter guest: {e}"));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_arguments, kvm_available, read_events, read_log, scratch_dir, strings,
+    counter_lines, guest_arguments, read_events, read_log, scratch_dir, strings,
 };
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -31,9 +31,7 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
 
 #[test]
 fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
-    if !kvm_available("pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
@@ -78,9 +76,7 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
 
 #[test]
 fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
-    if !kvm_available("without_pvpanic_the_port_is_unowned_and_nothing_is_reported") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
@@ -165,9 +161,7 @@ impl PtyUser {
 
 #[test]
 fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
-    if !kvm_available("serial_pty_carries_output_and_input_and_its_path_is_in_vm_info") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let socket = dir.path().join("api.sock");
     // No `exit=reset`: when the VMM exits, the terminal hangs up and output not yet read is gone
@@ -225,9 +219,7 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
 
 #[test]
 fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
-    if !kvm_available("an_nv_recovery_opens_a_new_serial_pty_and_logs_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let nv = |extra: &str| format!("region={},vm=pty-vm{extra}", region.display());
@@ -301,9 +293,7 @@ fn try_request(socket: &Path, method: &str, endpoint: &str) -> Option<(u16, Stri
 /// VMM ignored SIGTERM while it hung there.
 #[test]
 fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
-    if !kvm_available("a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let fifo = dir.path().join("serial.fifo");
     let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
@@ -372,9 +362,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
 /// Issue 10 item 9: `--serial file=/dev/full` logged one warning per byte the guest wrote.
 #[test]
 fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
-    if !kvm_available("serial_output_to_dev_full_is_reported_once_not_per_byte") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset", "32M");
     arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, scratch_dir};
+use integration_tests::harness::{counter_lines, guest_cmdline, scratch_dir};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -30,9 +30,7 @@ fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
-    if !kvm_available("landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let allowed = dir.path().join("allowed");
     let forbidden = dir.path().join("forbidden");

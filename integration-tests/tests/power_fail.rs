@@ -17,8 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
-    test_guest,
+    assert_counter_advances, counter_lines, guest_cmdline, read_log, scratch_dir, test_guest,
 };
 use integration_tests::process::VmmProcess;
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
@@ -118,9 +117,7 @@ fn recover_continuing(dir: &Path, label: &str, arguments: &[String], before: &st
 
 #[test]
 fn counter_survives_three_power_failures_in_a_row() {
-    if !kvm_available("counter_survives_three_power_failures_in_a_row") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let events = dir.path().join("events.json");
@@ -199,9 +196,7 @@ fn counter_survives_three_power_failures_in_a_row() {
 /// by a live process is refused without disturbing it.
 #[test]
 fn two_vms_share_one_region_and_both_survive_a_power_failure() {
-    if !kvm_available("two_vms_share_one_region_and_both_survive_a_power_failure") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let counter = test_guest("counter");
@@ -286,9 +281,7 @@ fn holds_power_fail_signal(pid: i32) -> Option<bool> {
 /// resumable. Both outcomes are checked; nothing may be lost.
 #[test]
 fn a_power_failure_right_after_start_is_saved_or_harmless() {
-    if !kvm_available("a_power_failure_right_after_start_is_saved_or_harmless") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(
@@ -405,9 +398,7 @@ fn read_counters(pid: i32) -> (u64, u64) {
 
 #[test]
 fn recovery_maps_memory_in_place_without_reading_it() {
-    if !kvm_available("recovery_maps_memory_in_place_without_reading_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const RAM: u64 = 512 << 20;
     let dir = scratch_dir();
     let region = dir.path().join("region");
@@ -454,9 +445,7 @@ fn last_completed_seq(log: &str) -> u64 {
 
 #[test]
 fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
-    if !kvm_available("disk_requests_in_flight_at_the_power_failure_complete_after_recovery") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const BLOCKS: u64 = 256;
     const ROUNDS: u64 = 200;
     let dir = scratch_dir();
@@ -517,9 +506,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
 
 #[test]
 fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
-    if !kvm_available("a_kill_without_warning_is_refused_and_force_cold_boots_again") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
@@ -688,9 +675,7 @@ fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duratio
 
 #[test]
 fn power_failures_inside_the_save_never_resume_a_torn_state() {
-    if !kvm_available("power_failures_inside_the_save_never_resume_a_torn_state") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     test_guest("counter");
     let seed = SystemTime::now()
@@ -767,9 +752,7 @@ fn json(body: &str) -> serde_json::Value {
 
 #[test]
 fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
-    if !kvm_available("planned_suspend_through_the_api_exits_cleanly_and_resumes") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
@@ -879,9 +862,7 @@ fn listed_shutdown_kind(dir: &Path, region: &Path, vm: &str) -> serde_json::Valu
 /// SIGTERM alone on an NV VM saves it too (planned suspend, exit 0) instead of losing it.
 #[test]
 fn sigterm_right_after_sigpwr_never_loses_the_vm() {
-    if !kvm_available("sigterm_right_after_sigpwr_never_loses_the_vm") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
@@ -1012,9 +993,7 @@ fn wait_for_stderr(vmm: &VmmProcess, text: &str) -> Duration {
 /// snapshot is left without `state.json` (unrestorable), and the VM recovers.
 #[test]
 fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
-    if !kvm_available("a_blocked_snapshot_does_not_delay_the_power_fail_save") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
@@ -1142,9 +1121,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
 /// cannot succeed (its kernel is gone) is refused before the running guest is stopped.
 #[test]
 fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
-    if !kvm_available("a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
@@ -1201,9 +1178,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
 /// reset instead of a clean power-off.
 #[test]
 fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
-    if !kvm_available("a_guest_reset_after_recovery_is_reported_not_a_clean_power_off") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let arguments = boot_arguments(
@@ -1264,9 +1239,7 @@ fn elf_segment_start(image: &[u8], paddr: u64) -> Vec<u8> {
 /// records a triple fault.
 #[test]
 fn a_triple_fault_right_after_recovery_is_reported() {
-    if !kvm_available("a_triple_fault_right_after_recovery_is_reported") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let kernel = test_guest("counter");

@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use integration_tests::harness::kvm_available;
-
 /// The data rows of the CSV `name` (its header row skipped), each as its cells.
 fn csv_rows(dir: &Path, name: &str) -> Vec<Vec<String>> {
     let path = dir.join(name);
@@ -33,9 +31,7 @@ fn assert_png(dir: &Path, name: &str) {
 
 #[test]
 fn quick_run_produces_every_measurement() {
-    if !kvm_available("quick_run_produces_every_measurement") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let out = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_nv-bench"))
         // nv-bench measures a default build of cloud-hypervisor, which must not read the test-only
