@@ -150,6 +150,32 @@ impl VmmProcess {
         }
     }
 
+    /// Sends `signal` and waits for the exit code `expected` (SIGPWR and "state saved, powered
+    /// off", SIGTERM and 0, ...); fails naming `what`, the status and stderr otherwise. Returns
+    /// stderr.
+    pub fn signal_and_expect_exit(
+        &mut self,
+        signal: libc::c_int,
+        expected: i32,
+        what: &str,
+    ) -> String {
+        self.signal(signal);
+        self.expect_exit(expected, what)
+    }
+
+    /// Waits for the exit code `expected`; fails naming `what`, the status and stderr otherwise.
+    /// Returns stderr.
+    pub fn expect_exit(&mut self, expected: i32, what: &str) -> String {
+        let status = self.wait_exit();
+        let stderr = self.stderr_log();
+        assert_eq!(
+            status.code(),
+            Some(expected),
+            "{what} ({status})\nstderr:\n{stderr}"
+        );
+        stderr
+    }
+
     pub fn stderr_path(&self) -> &Path {
         &self.stderr
     }

@@ -237,14 +237,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
     let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
     let before = user.read_until(" ok\n");
     assert!(before.contains("counter: boot"), "{before}");
-    first.signal(libc::SIGPWR);
-    let status = first.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "{status}\nstderr:\n{}",
-        first.stderr_log()
-    );
+    first.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "SIGPWR");
     drop(user);
 
     // The stored config says `Pty`: the recovered VM gets a pty of its own and says where.
