@@ -145,6 +145,15 @@ fn boot_counter(
     vmm
 }
 
+/// `boot_counter` (`area_mb=1`) with an API socket, `dir/api.sock`, once it serves.
+fn boot_counter_with_api(dir: &Path, region: &Path, vm: &str) -> (VmmProcess, PathBuf) {
+    let socket = dir.join("api.sock");
+    let extra = api_socket_arguments(&socket);
+    let vmm = boot_counter(dir, region, vm, "area_mb=1", &extra);
+    wait_for_socket(&socket);
+    (vmm, socket)
+}
+
 /// SIGTERM: a planned suspend of the NV VM in place, exit 0. Returns the serial log so far.
 fn planned_suspend(vmm: &mut VmmProcess) -> String {
     let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
@@ -346,13 +355,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
             .and_then(|mut file| file.read_to_end(&mut events))
             .map(|_| String::from_utf8_lossy(&events).into_owned())
     });
-    let status = vmm.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "held SIGPWR ({status})\nstderr:\n{}",
-        vmm.stderr_log()
-    );
+    vmm.expect_exit(EXIT_POWER_FAIL_SAVED, "held SIGPWR");
     let events = reader.join().unwrap().expect("reading the event FIFO");
     assert!(events.contains("\"committed\""), "{events}");
     if !vmm.serial_log().is_empty() {
@@ -729,16 +732,8 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let socket = dir.path().join("api.sock");
-    let mut vmm = boot_counter(
-        dir.path(),
-        &region,
-        "s",
-        "area_mb=1",
-        &api_socket_arguments(&socket),
-    );
+    let (mut vmm, socket) = boot_counter_with_api(dir.path(), &region, "s");
     let serial = dir.path().join("boot.serial");
-    wait_for_socket(&socket);
     let (status, body) = api_request(&socket, "GET", "vm.nv-status", "");
     assert_eq!(status, 200, "{body}");
     let nv_status = json(&body);
@@ -840,12 +835,9 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
         // first whenever both are queued.
         vmm.signal(libc::SIGPWR);
         vmm.signal(libc::SIGTERM);
-        let status = vmm.wait_exit();
-        let stderr = vmm.stderr_log();
-        assert_eq!(
-            status.code(),
-            Some(EXIT_POWER_FAIL_SAVED),
-            "round {round}: SIGPWR + SIGTERM ({status})\nstderr:\n{stderr}"
+        let stderr = vmm.expect_exit(
+            EXIT_POWER_FAIL_SAVED,
+            &format!("round {round}: SIGPWR + SIGTERM"),
         );
         assert!(
             stderr.contains("save committed"),
@@ -955,15 +947,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let socket = dir.path().join("api.sock");
-    let mut vmm = boot_counter(
-        dir.path(),
-        &region,
-        "f",
-        "area_mb=1",
-        &api_socket_arguments(&socket),
-    );
-    wait_for_socket(&socket);
+    let (mut vmm, socket) = boot_counter_with_api(dir.path(), &region, "f");
     let stalled = StallingMount::new(dir.path().join("snapshot"));
     let snapshot = stalled.path.clone();
     let (status, body) = api_request(&socket, "PUT", "vm.pause", "");
@@ -992,13 +976,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
         state.len()
     );
     drop(stalled);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "SIGPWR during a blocked snapshot ({status})\n{stderr}"
-    );
+    let stderr = vmm.expect_exit(EXIT_POWER_FAIL_SAVED, "SIGPWR during a blocked snapshot");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
     assert!(
         !stderr.contains("OVERRUN"),
@@ -1036,9 +1014,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     vmm.signal(libc::SIGTERM);
     wait_for_stderr(&vmm, "planned-suspend save committed");
     drop(stalled_again);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
+    let stderr = vmm.expect_exit(0, "SIGTERM");
     assert!(
         stderr.contains("planned-suspend save committed"),
         "{stderr}"
