@@ -29,15 +29,19 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
-#[test]
-fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
-    integration_tests::require_kvm!();
+/// What a devcheck guest run (`pvpanic=1 exit=reset`, serial to a file, events to a file) left:
+/// its serial output, its events and the VMM's stderr. `--pvpanic` when `pvpanic` says so. The
+/// run must exit 0, and the serial file the VMM created must be its owner's only (issue 10
+/// hardening: guest output may hold secrets).
+fn pvpanic_run(label: &str, pvpanic: bool) -> (String, Vec<serde_json::Value>, String) {
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
     let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
+    if pvpanic {
+        arguments.push("--pvpanic".into());
+    }
     arguments.extend(strings(&[
-        "--pvpanic",
         "--serial",
         &format!("file={}", serial.display()),
         "--console",
@@ -45,11 +49,17 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
         "--event-monitor",
         &format!("path={}", events.display()),
     ]));
-    let mut vmm = spawn(dir.path(), "pvpanic", &arguments);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{stderr}");
-    let output = read_log(&serial);
+    let mut vmm = spawn(dir.path(), label, &arguments);
+    let stderr = vmm.expect_exit(0, label);
+    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{label}: serial file mode {mode:o}");
+    (read_log(&serial), read_events(&events), stderr)
+}
+
+#[test]
+fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
+    integration_tests::require_kvm!();
+    let (output, events, stderr) = pvpanic_run("pvpanic", true);
     // The guest read the supported-events bitmap: PANICKED and CRASH_LOADED.
     assert!(
         output.contains("devcheck: pvpanic supported=0x03"),
@@ -57,7 +67,7 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
     );
     assert!(output.contains("devcheck: panic reported"), "{output}");
     // Upstream's event: source "guest", event "panic", the kind in property "event".
-    let panics: Vec<_> = read_events(&events)
+    let panics: Vec<_> = events
         .into_iter()
         .filter(|event| event["source"] == "guest")
         .collect();
@@ -68,43 +78,19 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
         stderr.contains("pvpanic: the guest reported a panic event"),
         "no log line at the default level:\n{stderr}"
     );
-    // The serial file the VMM created is readable by its owner only (guest output may hold
-    // secrets).
-    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
 }
 
 #[test]
 fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
     integration_tests::require_kvm!();
-    let dir = scratch_dir();
-    let serial = dir.path().join("serial.log");
-    let events = dir.path().join("events");
-    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
-    arguments.extend(strings(&[
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--event-monitor",
-        &format!("path={}", events.display()),
-    ]));
-    let mut vmm = spawn(dir.path(), "no-pvpanic", &arguments);
-    let status = vmm.wait_exit();
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr_log());
+    let (output, events, stderr) = pvpanic_run("no-pvpanic", false);
     // An unowned port floats high.
-    let output = read_log(&serial);
     assert!(
         output.contains("devcheck: pvpanic supported=0xff"),
         "{output}"
     );
-    assert!(read_events(&events)
-        .iter()
-        .all(|event| event["source"] != "guest"));
-    assert!(!vmm.stderr_log().contains("pvpanic"));
-    // Issue 10 hardening: the serial file the VMM created is its owner's only.
-    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
+    assert!(events.iter().all(|event| event["source"] != "guest"));
+    assert!(!stderr.contains("pvpanic"), "{stderr}");
 }
 
 /// The path after `marker` in `log` (up to the next whitespace).
