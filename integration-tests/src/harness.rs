@@ -178,6 +178,31 @@ pub fn wait_for_counter_lines(log: &Path, count: usize, timeout: Duration) -> St
     text
 }
 
+/// Waits for 3 counter lines in the serial log at `log` of a VM restored or recovered from a
+/// state whose last counter was `before`, and checks that the guest continued: no new boot, an
+/// advancing counter that starts above `before`. Returns the log.
+pub fn wait_for_continuation(log: &Path, before: u64, timeout: Duration) -> String {
+    let text = wait_for_counter_lines(log, 3, timeout);
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let after = assert_counter_advances(&text, 3);
+    assert!(
+        after[0].counter > before,
+        "the guest did not continue, the counter restarted: {} after {before}",
+        after[0].counter
+    );
+    text
+}
+
+/// The arguments that send the guest's serial port to the file `serial` with the console off.
+pub fn serial_file_arguments(serial: &Path) -> [String; 4] {
+    [
+        "--serial".into(),
+        format!("file={}", serial.display()),
+        "--console".into(),
+        "off".into(),
+    ]
+}
+
 /// The counter of the last complete counter line in the serial log at `log`; fails the test if
 /// there is none.
 pub fn last_counter_in(log: &Path) -> u64 {

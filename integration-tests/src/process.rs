@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::read_log;
+use crate::harness::{read_log, serial_file_arguments};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -100,13 +100,8 @@ impl VmmProcess {
     ) -> Self {
         let serial = dir.join(format!("{label}.serial"));
         let mut arguments = arguments.to_vec();
-        arguments.extend([
-            "--serial".to_string(),
-            format!("file={}", serial.display()),
-            "--console".to_string(),
-            "off".to_string(),
-            "-v".to_string(),
-        ]);
+        arguments.extend(serial_file_arguments(&serial));
+        arguments.push("-v".to_string());
         Self::spawn(dir, label, &arguments, env).with_serial(serial)
     }
 

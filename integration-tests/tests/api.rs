@@ -21,7 +21,8 @@ use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, event_names, guest_arguments, guest_cmdline,
-    last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines, wait_for_log,
+    last_counter_in, point_serial_to, read_log, test_guest, wait_for_continuation,
+    wait_for_counter_lines, wait_for_log,
 };
 use integration_tests::openapi;
 use integration_tests::process;
@@ -276,20 +277,19 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     vmm.refused("PUT", "vm.create", Some("{"), 400);
     vmm.refused("PUT", "vm.create", None, 400);
     vmm.refused("PUT", "vm.snapshot", Some(r#"{"destination_url": 7}"#), 400);
-    let message = vmm.refused(
-        "PUT",
-        "vm.create",
-        Some(r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#),
-        400,
-    );
-    assert!(message.contains("net"), "{message}");
-    let message = vmm.refused(
-        "PUT",
-        "vm.create",
-        Some(r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#),
-        400,
-    );
-    assert!(message.contains("vCPU"), "{message}");
+    for (config, reason) in [
+        (
+            r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#,
+            "net",
+        ),
+        (
+            r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#,
+            "vCPU",
+        ),
+    ] {
+        let message = vmm.refused("PUT", "vm.create", Some(config), 400);
+        assert!(message.contains(reason), "{config}: {message}");
+    }
     vmm.refused("GET", "vm.boot", None, 400);
     vmm.refused("PUT", "vmm.ping", None, 400);
     vmm.refused("GET", "vm.frobnicate", None, 404);
@@ -583,14 +583,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
         .to_string();
         assert_eq!(second.call("PUT", "vm.restore", Some(&restore)).status, 204);
     }
-    let text = wait_for_counter_lines(&second_log, 3, BOOT_TIMEOUT);
-    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
-    let after = assert_counter_advances(&text, 3);
-    assert!(
-        after[0].counter > before,
-        "the counter restarted: {} after {before}",
-        after[0].counter
-    );
+    wait_for_continuation(&second_log, before, BOOT_TIMEOUT);
     let info = second.call("GET", "vm.info", None).json();
     assert_eq!(info["state"], "Running");
     // A second restore into the same VMM is refused: it has a VM now.
@@ -772,33 +765,18 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         404,
     );
     assert!(message.contains("nope"), "{message}");
-    let missing_region = dir.path().join("no-region");
-    spare.refused(
-        "PUT",
-        "vm.nv-recover",
-        Some(&recover_body(&missing_region, "api")),
-        404,
-    );
-    spare.refused(
-        "GET",
-        &format!("vmm.nv-regions?region={}", missing_region.display()),
-        None,
-        404,
-    );
+    // A region that is missing or is no region: recovering from it and listing it are refused
+    // alike.
+    let bad_region_refused = |region: &Path, status: u16| {
+        let recover = recover_body(region, "api");
+        spare.refused("PUT", "vm.nv-recover", Some(&recover), status);
+        let listing = format!("vmm.nv-regions?region={}", region.display());
+        spare.refused("GET", &listing, None, status);
+    };
+    bad_region_refused(&dir.path().join("no-region"), 404);
     let not_a_region = dir.path().join("garbage");
     std::fs::write(&not_a_region, vec![0x5a; 1 << 20]).unwrap();
-    spare.refused(
-        "PUT",
-        "vm.nv-recover",
-        Some(&recover_body(&not_a_region, "api")),
-        400,
-    );
-    spare.refused(
-        "GET",
-        &format!("vmm.nv-regions?region={}", not_a_region.display()),
-        None,
-        400,
-    );
+    bad_region_refused(&not_a_region, 400);
     spare.refused(
         "PUT",
         "vm.nv-recover",

@@ -86,6 +86,15 @@ fn assert_start_failure(arguments: &[&str], needles: &[&str]) {
     }
 }
 
+/// `assert_start_failure` of `--kernel kernel` followed by each case's arguments, with its needles.
+fn assert_start_failures(kernel: &str, cases: &[(&[&str], &[&str])]) {
+    for (arguments, needles) in cases {
+        let mut command_line = vec!["--kernel", kernel];
+        command_line.extend_from_slice(arguments);
+        assert_start_failure(&command_line, needles);
+    }
+}
+
 fn existing_file(dir: &tempfile::TempDir, name: &str) -> String {
     let path = dir.path().join(name);
     std::fs::write(&path, b"").unwrap();
@@ -112,20 +121,20 @@ fn missing_value_and_bad_choice_are_usage_errors() {
 fn bad_size_names_the_option_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
-    assert_start_failure(
-        &["--kernel", &kernel, "--memory", "size=12Q"],
-        &["--memory", "12Q", "size"],
-    );
-    assert_start_failure(
+    assert_start_failures(
+        &kernel,
         &[
-            "--kernel",
-            &kernel,
-            "--memory",
-            "size=0",
-            "--memory-zone",
-            "id=mem0,size=1.5G,file=/tmp/x,shared=on",
+            (&["--memory", "size=12Q"], &["--memory", "12Q", "size"]),
+            (
+                &[
+                    "--memory",
+                    "size=0",
+                    "--memory-zone",
+                    "id=mem0,size=1.5G,file=/tmp/x,shared=on",
+                ],
+                &["--memory-zone", "1.5G"],
+            ),
         ],
-        &["--memory-zone", "1.5G"],
     );
 }
 
@@ -141,33 +150,26 @@ fn missing_kernel_file_fails_to_start() {
 fn bad_keys_and_values_name_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
-    assert_start_failure(
-        &["--kernel", &kernel, "--cpus", "boot=0"],
-        &["--cpus", "boot"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--disk", "path=/a.img,colour=red"],
-        &["--disk", "colour"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--memory-zone", "id=mem0,size=64M"],
-        &["--memory-zone", "size=0"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--serial", "loud"],
-        &["--serial", "loud"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--nv", "region=/r"],
-        &["--nv", "vm="],
+    assert_start_failures(
+        &kernel,
+        &[
+            (&["--cpus", "boot=0"], &["--cpus", "boot"]),
+            (&["--disk", "path=/a.img,colour=red"], &["--disk", "colour"]),
+            (
+                &["--memory-zone", "id=mem0,size=64M"],
+                &["--memory-zone", "size=0"],
+            ),
+            (&["--serial", "loud"], &["--serial", "loud"]),
+            (&["--nv", "region=/r"], &["--nv", "vm="]),
+            (
+                &["--log-file", "/nonexistent/dir/log"],
+                &["--log-file", "/nonexistent/dir/log"],
+            ),
+        ],
     );
     assert_start_failure(
         &["--event-monitor", "/tmp/events", "--kernel", &kernel],
         &["--event-monitor"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--log-file", "/nonexistent/dir/log"],
-        &["--log-file", "/nonexistent/dir/log"],
     );
 }
 

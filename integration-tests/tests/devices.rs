@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_arguments, read_events, read_log, scratch_dir, strings,
+    counter_lines, guest_arguments, read_events, read_log, scratch_dir, serial_file_arguments,
+    strings,
 };
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -31,9 +32,14 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
 
 /// What a devcheck guest run (`pvpanic=1 exit=reset`, serial to a file, events to a file) left:
 /// its serial output, its events and the VMM's stderr. `--pvpanic` when `pvpanic` says so. The
-/// run must exit 0, and the serial file the VMM created must be its owner's only (issue 10
-/// hardening: guest output may hold secrets).
-fn pvpanic_run(label: &str, pvpanic: bool) -> (String, Vec<serde_json::Value>, String) {
+/// run must exit 0, the guest must have read `supported` (the port's supported-events bitmap),
+/// and the serial file the VMM created must be its owner's only (issue 10 hardening: guest
+/// output may hold secrets).
+fn pvpanic_run(
+    label: &str,
+    pvpanic: bool,
+    supported: &str,
+) -> (String, Vec<serde_json::Value>, String) {
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
@@ -41,30 +47,28 @@ fn pvpanic_run(label: &str, pvpanic: bool) -> (String, Vec<serde_json::Value>, S
     if pvpanic {
         arguments.push("--pvpanic".into());
     }
-    arguments.extend(strings(&[
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--event-monitor",
-        &format!("path={}", events.display()),
-    ]));
+    arguments.extend(serial_file_arguments(&serial));
+    arguments.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+    ]);
     let mut vmm = spawn(dir.path(), label, &arguments);
     let stderr = vmm.expect_exit(0, label);
     let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{label}: serial file mode {mode:o}");
-    (read_log(&serial), read_events(&events), stderr)
+    let output = read_log(&serial);
+    assert!(
+        output.contains(&format!("devcheck: pvpanic supported={supported}")),
+        "{label}: {output}"
+    );
+    (output, read_events(&events), stderr)
 }
 
 #[test]
 fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
     integration_tests::require_kvm!();
-    let (output, events, stderr) = pvpanic_run("pvpanic", true);
     // The guest read the supported-events bitmap: PANICKED and CRASH_LOADED.
-    assert!(
-        output.contains("devcheck: pvpanic supported=0x03"),
-        "{output}"
-    );
+    let (output, events, stderr) = pvpanic_run("pvpanic", true, "0x03");
     assert!(output.contains("devcheck: panic reported"), "{output}");
     // Upstream's event: source "guest", event "panic", the kind in property "event".
     let panics: Vec<_> = events
@@ -83,12 +87,8 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
 #[test]
 fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
     integration_tests::require_kvm!();
-    let (output, events, stderr) = pvpanic_run("no-pvpanic", false);
     // An unowned port floats high.
-    assert!(
-        output.contains("devcheck: pvpanic supported=0xff"),
-        "{output}"
-    );
+    let (_, events, stderr) = pvpanic_run("no-pvpanic", false, "0xff");
     assert!(events.iter().all(|event| event["source"] != "guest"));
     assert!(!stderr.contains("pvpanic"), "{stderr}");
 }
@@ -280,14 +280,8 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let socket = dir.path().join("api.sock");
     let mut arguments = guest_arguments("counter", "area_mb=1", "32M");
-    arguments.extend(strings(&[
-        "--serial",
-        &format!("file={}", fifo.display()),
-        "--console",
-        "off",
-        "--api-socket",
-        &socket.display().to_string(),
-    ]));
+    arguments.extend(serial_file_arguments(&fifo));
+    arguments.extend(["--api-socket".into(), socket.display().to_string()]);
     let mut vmm = spawn(dir.path(), "fifo", &arguments);
     // The VM runs: `vm.info` answers Running (the control loop only answers once start-up is
     // done).
