@@ -154,6 +154,22 @@ fn boot_counter_with_api(dir: &Path, region: &Path, vm: &str) -> (VmmProcess, Pa
     (vmm, socket)
 }
 
+/// `recover_continuing` with an API socket at `socket`, once it serves.
+fn recover_with_api(
+    dir: &Path,
+    label: &str,
+    region: &Path,
+    vm: &str,
+    socket: &Path,
+    before: &str,
+) -> VmmProcess {
+    let mut arguments = recover_arguments(region, vm, "");
+    arguments.extend(api_socket_arguments(socket));
+    let vmm = recover_continuing(dir, label, &arguments, before);
+    wait_for_socket(socket);
+    vmm
+}
+
 /// SIGTERM: a planned suspend of the NV VM in place, exit 0. Returns the serial log so far.
 fn planned_suspend(vmm: &mut VmmProcess) -> String {
     let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
@@ -209,12 +225,9 @@ fn counter_survives_three_power_failures_in_a_row() {
     let mut vmm = recover_in_place(dir.path(), "run4", &region, "c", &before);
     let before = planned_suspend(&mut vmm);
     let socket = dir.path().join("run5.sock");
-    let mut arguments = recover_arguments(&region, "c", "");
-    arguments.extend(api_socket_arguments(&socket));
-    let mut vmm = recover_continuing(dir.path(), "run5", &arguments, &before);
+    let mut vmm = recover_with_api(dir.path(), "run5", &region, "c", &socket, &before);
     // A clean stop (vm.shutdown, then vmm.shutdown) is recorded as powered off: nothing to
     // recover afterwards.
-    wait_for_socket(&socket);
     assert_eq!(api_request(&socket, "PUT", "vm.shutdown", "").0, 204);
     assert_eq!(api_request(&socket, "PUT", "vmm.shutdown", "").0, 204);
     assert_eq!(vmm.wait_exit().code(), Some(0));
@@ -995,12 +1008,9 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     }
     let before = vmm.serial_log();
     drop(vmm);
-    let mut arguments = recover_arguments(&region, "f", "");
-    arguments.extend(api_socket_arguments(&socket));
-    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
+    let mut vmm = recover_with_api(dir.path(), "recovered", &region, "f", &socket, &before);
 
     // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
-    wait_for_socket(&socket);
     assert_eq!(api_request(&socket, "PUT", "vm.pause", "").0, 204);
     let stalled_again = StallingMount::new(dir.path().join("snapshot-again"));
     let snapshot_client = start_snapshot(&socket, &stalled_again.path);
@@ -1044,10 +1054,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
     let before = vmm.serial_log();
     drop(vmm);
 
-    let mut arguments = recover_arguments(&region, "r", "");
-    arguments.extend(api_socket_arguments(&socket));
-    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
-    wait_for_socket(&socket);
+    let mut vmm = recover_with_api(dir.path(), "recovered", &region, "r", &socket, &before);
 
     let (status, body) = api_request(&socket, "PUT", "vm.reboot", "");
     assert_eq!(status, 204, "vm.reboot of the recovered VM: {body}");
