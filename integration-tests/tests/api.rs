@@ -210,6 +210,17 @@ fn ch_remote_on(socket: &Path, arguments: &[&str]) -> ChRemoteRun {
 }
 
 /// Asserts that `expected` occurs in `events` in this order (other events may come between).
+/// The events of a VMM that boots a VM, pauses it and snapshots it, in order.
+const BOOTED_PAUSED_AND_SNAPSHOTTED: [&str; 7] = [
+    "vmm:starting",
+    "vm:booting",
+    "vm:booted",
+    "vm:pausing",
+    "vm:paused",
+    "vm:snapshotting",
+    "vm:snapshotted",
+];
+
 fn assert_events_in_order(events: &[String], expected: &[&str]) {
     let mut remaining = events.iter();
     for wanted in expected {
@@ -412,21 +423,18 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     assert_events_in_order(
         &events,
         &[
-            "vmm:starting",
-            "vm:booting",
-            "vm:booted",
-            "vm:pausing",
-            "vm:paused",
-            "vm:snapshotting",
-            "vm:snapshotted",
-            "vm:resuming",
-            "vm:resumed",
-            "vm:rebooting",
-            "vm:rebooted",
-            "vm:shutdown",
-            "vm:deleted",
-            "vmm:shutdown",
-        ],
+            &BOOTED_PAUSED_AND_SNAPSHOTTED[..],
+            &[
+                "vm:resuming",
+                "vm:resumed",
+                "vm:rebooting",
+                "vm:rebooted",
+                "vm:shutdown",
+                "vm:deleted",
+                "vmm:shutdown",
+            ],
+        ]
+        .concat(),
     );
     // Upstream's reboot says nothing of the shutdown and boot inside it.
     let rebooting = events.iter().rposition(|e| e == "vm:rebooting").unwrap();
@@ -548,16 +556,10 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     assert_events_in_order(
         &first_events,
         &[
-            "vmm:starting",
-            "vm:booting",
-            "vm:booted",
-            "vm:pausing",
-            "vm:paused",
-            "vm:snapshotting",
-            "vm:snapshotted",
-            "vm:shutdown",
-            "vmm:shutdown",
-        ],
+            &BOOTED_PAUSED_AND_SNAPSHOTTED[..],
+            &["vm:shutdown", "vmm:shutdown"],
+        ]
+        .concat(),
     );
     assert_eq!(
         std::fs::metadata(snapshot_dir.join("memory-ranges"))
