@@ -86,10 +86,10 @@ fn assert_start_failure(arguments: &[&str], needles: &[&str]) {
     }
 }
 
-/// `assert_start_failure` of `--kernel kernel` followed by each case's arguments, with its needles.
-fn assert_start_failures(kernel: &str, cases: &[(&[&str], &[&str])]) {
+/// `assert_start_failure` of `prefix` followed by each case's arguments, with its needles.
+fn assert_start_failures(prefix: &[&str], cases: &[(&[&str], &[&str])]) {
     for (arguments, needles) in cases {
-        let mut command_line = vec!["--kernel", kernel];
+        let mut command_line = prefix.to_vec();
         command_line.extend_from_slice(arguments);
         assert_start_failure(&command_line, needles);
     }
@@ -122,7 +122,7 @@ fn bad_size_names_the_option_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
     assert_start_failures(
-        &kernel,
+        &["--kernel", &kernel],
         &[
             (&["--memory", "size=12Q"], &["--memory", "12Q", "size"]),
             (
@@ -151,7 +151,7 @@ fn bad_keys_and_values_name_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
     assert_start_failures(
-        &kernel,
+        &["--kernel", &kernel],
         &[
             (&["--cpus", "boot=0"], &["--cpus", "boot"]),
             (&["--disk", "path=/a.img,colour=red"], &["--disk", "colour"]),
@@ -453,11 +453,7 @@ fn unusable_values_name_the_key_or_option() {
             &["--watchdog", "VmConfig member \"watchdog\""],
         ),
     ];
-    for (arguments, needles) in cases {
-        let mut all = vec!["--kernel", kernel.as_str(), "--console", "off"];
-        all.extend_from_slice(arguments);
-        assert_start_failure(&all, needles);
-    }
+    assert_start_failures(&["--kernel", &kernel, "--console", "off"], cases);
 }
 
 /// What upstream's scripts pass at upstream's defaults is accepted: such a command line gets as
