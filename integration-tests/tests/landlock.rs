@@ -42,10 +42,12 @@ fn snapshot_into(socket: &Path, destination: &Path) -> (u16, String) {
 fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let allowed = dir.path().join("allowed");
-    let forbidden = dir.path().join("forbidden");
-    std::fs::create_dir(&allowed).unwrap();
-    std::fs::create_dir(&forbidden).unwrap();
+    // The directory the rules allow, and one they do not.
+    let [allowed, forbidden] = ["allowed", "forbidden"].map(|name| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
     let secret = forbidden.join("secret");
     std::fs::write(&secret, b"not a region").unwrap();
     let region = dir.path().join("region");
