@@ -33,6 +33,27 @@ pub fn kvm_available(test: &str) -> bool {
     kvm_gate(Path::new("/dev/kvm"), skip_requested, test)
 }
 
+/// The KVM gate at the top of a KVM test: returns from the test (the caller) when
+/// `kvm_available` says to skip, naming the test by its own function name.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {{
+        fn here() {}
+        if !$crate::harness::kvm_available($crate::harness::enclosing_function(
+            ::std::any::type_name_of_val(&here),
+        )) {
+            return;
+        }
+    }};
+}
+
+/// The name of the function that holds `here`, from `here`'s type name
+/// (`crate::module::function::here`): what `require_kvm!` reports a skip or failure under.
+pub fn enclosing_function(here: &str) -> &str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
 /// `kvm_available` with its inputs explicit, so the gate itself can be tested.
 fn kvm_gate(device: &Path, skip_requested: bool, test: &str) -> bool {
     let usable = std::fs::OpenOptions::new()
@@ -157,6 +178,31 @@ pub fn wait_for_counter_lines(log: &Path, count: usize, timeout: Duration) -> St
     text
 }
 
+/// Waits for 3 counter lines in the serial log at `log` of a VM restored or recovered from a
+/// state whose last counter was `before`, and checks that the guest continued: no new boot, an
+/// advancing counter that starts above `before`. Returns the log.
+pub fn wait_for_continuation(log: &Path, before: u64, timeout: Duration) -> String {
+    let text = wait_for_counter_lines(log, 3, timeout);
+    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
+    let after = assert_counter_advances(&text, 3);
+    assert!(
+        after[0].counter > before,
+        "the guest did not continue, the counter restarted: {} after {before}",
+        after[0].counter
+    );
+    text
+}
+
+/// The arguments that send the guest's serial port to the file `serial` with the console off.
+pub fn serial_file_arguments(serial: &Path) -> [String; 4] {
+    [
+        "--serial".into(),
+        format!("file={}", serial.display()),
+        "--console".into(),
+        "off".into(),
+    ]
+}
+
 /// The counter of the last complete counter line in the serial log at `log`; fails the test if
 /// there is none.
 pub fn last_counter_in(log: &Path) -> u64 {
@@ -229,6 +275,15 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn require_kvm_names_the_test_it_gates() {
+        fn here() {}
+        assert_eq!(
+            enclosing_function(std::any::type_name_of_val(&here)),
+            "require_kvm_names_the_test_it_gates"
+        );
+    }
 
     #[test]
     #[should_panic(expected = "never skip silently")]

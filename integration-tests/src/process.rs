@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::read_log;
+use crate::harness::{read_log, serial_file_arguments};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -100,13 +100,8 @@ impl VmmProcess {
     ) -> Self {
         let serial = dir.join(format!("{label}.serial"));
         let mut arguments = arguments.to_vec();
-        arguments.extend([
-            "--serial".to_string(),
-            format!("file={}", serial.display()),
-            "--console".to_string(),
-            "off".to_string(),
-            "-v".to_string(),
-        ]);
+        arguments.extend(serial_file_arguments(&serial));
+        arguments.push("-v".to_string());
         Self::spawn(dir, label, &arguments, env).with_serial(serial)
     }
 
@@ -148,6 +143,32 @@ impl VmmProcess {
         if let Err(error) = self.send_signal(signal) {
             panic!("kill({}, {signal}): {error}", self.pid());
         }
+    }
+
+    /// Sends `signal` and waits for the exit code `expected` (SIGPWR and "state saved, powered
+    /// off", SIGTERM and 0, ...); fails naming `what`, the status and stderr otherwise. Returns
+    /// stderr.
+    pub fn signal_and_expect_exit(
+        &mut self,
+        signal: libc::c_int,
+        expected: i32,
+        what: &str,
+    ) -> String {
+        self.signal(signal);
+        self.expect_exit(expected, what)
+    }
+
+    /// Waits for the exit code `expected`; fails naming `what`, the status and stderr otherwise.
+    /// Returns stderr.
+    pub fn expect_exit(&mut self, expected: i32, what: &str) -> String {
+        let status = self.wait_exit();
+        let stderr = self.stderr_log();
+        assert_eq!(
+            status.code(),
+            Some(expected),
+            "{what} ({status})\nstderr:\n{stderr}"
+        );
+        stderr
     }
 
     pub fn stderr_path(&self) -> &Path {

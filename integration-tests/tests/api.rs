@@ -21,8 +21,8 @@ use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, event_names, guest_arguments, guest_cmdline,
-    kvm_available, last_counter_in, point_serial_to, read_log, test_guest, wait_for_counter_lines,
-    wait_for_log,
+    last_counter_in, point_serial_to, read_log, test_guest, wait_for_continuation,
+    wait_for_counter_lines, wait_for_log,
 };
 use integration_tests::openapi;
 use integration_tests::process;
@@ -210,6 +210,17 @@ fn ch_remote_on(socket: &Path, arguments: &[&str]) -> ChRemoteRun {
 }
 
 /// Asserts that `expected` occurs in `events` in this order (other events may come between).
+/// The events of a VMM that boots a VM, pauses it and snapshots it, in order.
+const BOOTED_PAUSED_AND_SNAPSHOTTED: [&str; 7] = [
+    "vmm:starting",
+    "vm:booting",
+    "vm:booted",
+    "vm:pausing",
+    "vm:paused",
+    "vm:snapshotting",
+    "vm:snapshotted",
+];
+
 fn assert_events_in_order(events: &[String], expected: &[&str]) {
     let mut remaining = events.iter();
     for wanted in expected {
@@ -240,9 +251,7 @@ fn counter_config(serial_log: &Path, disk: Option<&Path>) -> String {
 /// cases, with raw HTTP; then the events of that lifecycle in order.
 #[test]
 fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
-    if !kvm_available("raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let serial_log = dir.path().join("serial.log");
     let disk = dir.path().join("disk.img");
@@ -279,20 +288,19 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     vmm.refused("PUT", "vm.create", Some("{"), 400);
     vmm.refused("PUT", "vm.create", None, 400);
     vmm.refused("PUT", "vm.snapshot", Some(r#"{"destination_url": 7}"#), 400);
-    let message = vmm.refused(
-        "PUT",
-        "vm.create",
-        Some(r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#),
-        400,
-    );
-    assert!(message.contains("net"), "{message}");
-    let message = vmm.refused(
-        "PUT",
-        "vm.create",
-        Some(r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#),
-        400,
-    );
-    assert!(message.contains("vCPU"), "{message}");
+    for (config, reason) in [
+        (
+            r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#,
+            "net",
+        ),
+        (
+            r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#,
+            "vCPU",
+        ),
+    ] {
+        let message = vmm.refused("PUT", "vm.create", Some(config), 400);
+        assert!(message.contains(reason), "{config}: {message}");
+    }
     vmm.refused("GET", "vm.boot", None, 400);
     vmm.refused("PUT", "vmm.ping", None, 400);
     vmm.refused("GET", "vm.frobnicate", None, 404);
@@ -415,21 +423,18 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     assert_events_in_order(
         &events,
         &[
-            "vmm:starting",
-            "vm:booting",
-            "vm:booted",
-            "vm:pausing",
-            "vm:paused",
-            "vm:snapshotting",
-            "vm:snapshotted",
-            "vm:resuming",
-            "vm:resumed",
-            "vm:rebooting",
-            "vm:rebooted",
-            "vm:shutdown",
-            "vm:deleted",
-            "vmm:shutdown",
-        ],
+            &BOOTED_PAUSED_AND_SNAPSHOTTED[..],
+            &[
+                "vm:resuming",
+                "vm:resumed",
+                "vm:rebooting",
+                "vm:rebooted",
+                "vm:shutdown",
+                "vm:deleted",
+                "vmm:shutdown",
+            ],
+        ]
+        .concat(),
     );
     // Upstream's reboot says nothing of the shutdown and boot inside it.
     let rebooting = events.iter().rposition(|e| e == "vm:rebooting").unwrap();
@@ -440,9 +445,7 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
 /// on stderr with exit code 1.
 #[test]
 fn ch_remote_drives_every_verb() {
-    if !kvm_available("ch_remote_drives_every_verb") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let serial_log = dir.path().join("serial.log");
     let config_path = dir.path().join("vm.json");
@@ -553,16 +556,10 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
     assert_events_in_order(
         &first_events,
         &[
-            "vmm:starting",
-            "vm:booting",
-            "vm:booted",
-            "vm:pausing",
-            "vm:paused",
-            "vm:snapshotting",
-            "vm:snapshotted",
-            "vm:shutdown",
-            "vmm:shutdown",
-        ],
+            &BOOTED_PAUSED_AND_SNAPSHOTTED[..],
+            &["vm:shutdown", "vmm:shutdown"],
+        ]
+        .concat(),
     );
     assert_eq!(
         std::fs::metadata(snapshot_dir.join("memory-ranges"))
@@ -588,14 +585,7 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
         .to_string();
         assert_eq!(second.call("PUT", "vm.restore", Some(&restore)).status, 204);
     }
-    let text = wait_for_counter_lines(&second_log, 3, BOOT_TIMEOUT);
-    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
-    let after = assert_counter_advances(&text, 3);
-    assert!(
-        after[0].counter > before,
-        "the counter restarted: {} after {before}",
-        after[0].counter
-    );
+    wait_for_continuation(&second_log, before, BOOT_TIMEOUT);
     let info = second.call("GET", "vm.info", None).json();
     assert_eq!(info["state"], "Running");
     // A second restore into the same VMM is refused: it has a VM now.
@@ -652,17 +642,13 @@ fn snapshot_restores_into_a_fresh_vmm(mode: &str, through_ch_remote: bool) {
 /// The restored VM writes its serial output to a log of its own: edit the snapshot's config.
 #[test]
 fn copy_restore_into_a_fresh_vmm_continues_the_guest() {
-    if !kvm_available("copy_restore_into_a_fresh_vmm_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     snapshot_restores_into_a_fresh_vmm("Copy", true);
 }
 
 #[test]
 fn on_demand_restore_into_a_fresh_vmm_continues_the_guest() {
-    if !kvm_available("on_demand_restore_into_a_fresh_vmm_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     snapshot_restores_into_a_fresh_vmm("OnDemand", false);
 }
 
@@ -670,9 +656,7 @@ fn on_demand_restore_into_a_fresh_vmm_continues_the_guest() {
 /// and the contradiction `prefault=on` with OnDemand refused at start with exit code 1.
 #[test]
 fn command_line_restore_resumes_the_guest() {
-    if !kvm_available("command_line_restore_resumes_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let first_log = dir.path().join("first.log");
     let snapshot_dir = dir.path().join("snapshot");
@@ -735,9 +719,7 @@ fn command_line_restore_resumes_the_guest() {
 /// counter continues), `vm.nv-suspend` (clean exit), and the listing afterwards.
 #[test]
 fn nv_endpoints_save_and_recover_over_the_api() {
-    if !kvm_available("nv_endpoints_save_and_recover_over_the_api") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let region = dir.path().join("region");
     let first_log = dir.path().join("first.log");
@@ -785,33 +767,18 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         404,
     );
     assert!(message.contains("nope"), "{message}");
-    let missing_region = dir.path().join("no-region");
-    spare.refused(
-        "PUT",
-        "vm.nv-recover",
-        Some(&recover_body(&missing_region, "api")),
-        404,
-    );
-    spare.refused(
-        "GET",
-        &format!("vmm.nv-regions?region={}", missing_region.display()),
-        None,
-        404,
-    );
+    // A region that is missing or is no region: recovering from it and listing it are refused
+    // alike.
+    let bad_region_refused = |region: &Path, status: u16| {
+        let recover = recover_body(region, "api");
+        spare.refused("PUT", "vm.nv-recover", Some(&recover), status);
+        let listing = format!("vmm.nv-regions?region={}", region.display());
+        spare.refused("GET", &listing, None, status);
+    };
+    bad_region_refused(&dir.path().join("no-region"), 404);
     let not_a_region = dir.path().join("garbage");
     std::fs::write(&not_a_region, vec![0x5a; 1 << 20]).unwrap();
-    spare.refused(
-        "PUT",
-        "vm.nv-recover",
-        Some(&recover_body(&not_a_region, "api")),
-        400,
-    );
-    spare.refused(
-        "GET",
-        &format!("vmm.nv-regions?region={}", not_a_region.display()),
-        None,
-        400,
-    );
+    bad_region_refused(&not_a_region, 400);
     spare.refused(
         "PUT",
         "vm.nv-recover",

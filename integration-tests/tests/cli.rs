@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use integration_tests::api_client;
 use integration_tests::binaries;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, event_names, guest_cmdline, kvm_available, read_events,
-    wait_for_log,
+    assert_counter_advances, counter_lines, event_names, guest_cmdline, read_events, wait_for_log,
 };
 use integration_tests::process::VmmProcess;
 
@@ -87,6 +86,15 @@ fn assert_start_failure(arguments: &[&str], needles: &[&str]) {
     }
 }
 
+/// `assert_start_failure` of `prefix` followed by each case's arguments, with its needles.
+fn assert_start_failures(prefix: &[&str], cases: &[(&[&str], &[&str])]) {
+    for (arguments, needles) in cases {
+        let mut command_line = prefix.to_vec();
+        command_line.extend_from_slice(arguments);
+        assert_start_failure(&command_line, needles);
+    }
+}
+
 fn existing_file(dir: &tempfile::TempDir, name: &str) -> String {
     let path = dir.path().join(name);
     std::fs::write(&path, b"").unwrap();
@@ -113,20 +121,20 @@ fn missing_value_and_bad_choice_are_usage_errors() {
 fn bad_size_names_the_option_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
-    assert_start_failure(
-        &["--kernel", &kernel, "--memory", "size=12Q"],
-        &["--memory", "12Q", "size"],
-    );
-    assert_start_failure(
+    assert_start_failures(
+        &["--kernel", &kernel],
         &[
-            "--kernel",
-            &kernel,
-            "--memory",
-            "size=0",
-            "--memory-zone",
-            "id=mem0,size=1.5G,file=/tmp/x,shared=on",
+            (&["--memory", "size=12Q"], &["--memory", "12Q", "size"]),
+            (
+                &[
+                    "--memory",
+                    "size=0",
+                    "--memory-zone",
+                    "id=mem0,size=1.5G,file=/tmp/x,shared=on",
+                ],
+                &["--memory-zone", "1.5G"],
+            ),
         ],
-        &["--memory-zone", "1.5G"],
     );
 }
 
@@ -142,33 +150,26 @@ fn missing_kernel_file_fails_to_start() {
 fn bad_keys_and_values_name_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = existing_file(&dir, "kernel");
-    assert_start_failure(
-        &["--kernel", &kernel, "--cpus", "boot=0"],
-        &["--cpus", "boot"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--disk", "path=/a.img,colour=red"],
-        &["--disk", "colour"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--memory-zone", "id=mem0,size=64M"],
-        &["--memory-zone", "size=0"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--serial", "loud"],
-        &["--serial", "loud"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--nv", "region=/r"],
-        &["--nv", "vm="],
+    assert_start_failures(
+        &["--kernel", &kernel],
+        &[
+            (&["--cpus", "boot=0"], &["--cpus", "boot"]),
+            (&["--disk", "path=/a.img,colour=red"], &["--disk", "colour"]),
+            (
+                &["--memory-zone", "id=mem0,size=64M"],
+                &["--memory-zone", "size=0"],
+            ),
+            (&["--serial", "loud"], &["--serial", "loud"]),
+            (&["--nv", "region=/r"], &["--nv", "vm="]),
+            (
+                &["--log-file", "/nonexistent/dir/log"],
+                &["--log-file", "/nonexistent/dir/log"],
+            ),
+        ],
     );
     assert_start_failure(
         &["--event-monitor", "/tmp/events", "--kernel", &kernel],
         &["--event-monitor"],
-    );
-    assert_start_failure(
-        &["--kernel", &kernel, "--log-file", "/nonexistent/dir/log"],
-        &["--log-file", "/nonexistent/dir/log"],
     );
 }
 
@@ -334,9 +335,7 @@ fn counter_guest_runs_with(memory_arguments: &[&str], dir: &tempfile::TempDir) {
 /// Issue 3's first "done when": the counter guest on a shared file, from the command line.
 #[test]
 fn counter_guest_runs_from_the_command_line_on_a_shared_file() {
-    if !kvm_available("counter_guest_runs_from_the_command_line_on_a_shared_file") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     // As upstream, the zone file must exist (it is grown to the zone size).
     std::fs::File::create(dir.path().join("ram")).unwrap();
@@ -356,9 +355,7 @@ fn counter_guest_runs_from_the_command_line_on_a_shared_file() {
 /// The same on anonymous memory.
 #[test]
 fn counter_guest_runs_from_the_command_line_on_anonymous_memory() {
-    if !kvm_available("counter_guest_runs_from_the_command_line_on_anonymous_memory") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     counter_guest_runs_with(&["--memory", "size=64M"], &dir);
 }
@@ -456,11 +453,7 @@ fn unusable_values_name_the_key_or_option() {
             &["--watchdog", "VmConfig member \"watchdog\""],
         ),
     ];
-    for (arguments, needles) in cases {
-        let mut all = vec!["--kernel", kernel.as_str(), "--console", "off"];
-        all.extend_from_slice(arguments);
-        assert_start_failure(&all, needles);
-    }
+    assert_start_failures(&["--kernel", &kernel, "--console", "off"], cases);
 }
 
 /// What upstream's scripts pass at upstream's defaults is accepted: such a command line gets as
@@ -571,9 +564,7 @@ fn upstream_full_config(kernel: &str, disk: &str, serial: &str) -> serde_json::V
 /// the RAM and the device tree of the devices the VM really has.
 #[test]
 fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
-    if !kvm_available("upstream_full_config_round_trips_through_vm_create_and_vm_info") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = integration_tests::guests::guest_image("counter")
         .unwrap_or_else(|e| panic!("building the counter guest: {e}"));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client::{self, Answer};
-use integration_tests::harness::{guest_cmdline, kvm_available, read_log, strings, wait_for_log};
+use integration_tests::harness::{guest_cmdline, read_log, strings, wait_for_log};
 use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
 
@@ -136,9 +136,7 @@ fn counter_config(dir: &Path) -> String {
 
 #[test]
 fn upstream_status_lines_and_bodies_in_every_state() {
-    if !kvm_available("upstream_status_lines_and_bodies_in_every_state") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let vmm = Vmm::start(dir.path(), "vmm");
 
@@ -352,9 +350,7 @@ fn upstream_status_lines_and_bodies_in_every_state() {
 
 #[test]
 fn event_monitor_sequences_match_upstream() {
-    if !kvm_available("event_monitor_sequences_match_upstream") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let vmm = Vmm::start(dir.path(), "vmm");
     // A reboot with no VM fails, and still says `rebooting`.
@@ -444,9 +440,7 @@ fn read_events_now(path: &Path) -> Vec<Value> {
 /// Issue 10, items on the HTTP server, each against the real process.
 #[test]
 fn http_defects_of_issue_10_stay_fixed() {
-    if !kvm_available("http_defects_of_issue_10_stay_fixed") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let vmm = Vmm::start(dir.path(), "vmm");
 
@@ -501,9 +495,7 @@ fn http_defects_of_issue_10_stay_fixed() {
 /// unreachable. Now one serves and the other fails at once with a clear error.
 #[test]
 fn two_vmms_on_one_socket_path_never_both_start() {
-    if !kvm_available("two_vmms_on_one_socket_path_never_both_start") {
-        return;
-    }
+    integration_tests::require_kvm!();
     for round in 0..8 {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
@@ -541,9 +533,7 @@ fn two_vmms_on_one_socket_path_never_both_start() {
 /// Issue 10: a socket path longer than a Unix socket address holds started and served nowhere.
 #[test]
 fn socket_path_over_107_bytes_is_refused_at_start() {
-    if !kvm_available("socket_path_over_107_bytes_is_refused_at_start") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s".repeat(110));
     let mut vmm = Vmm::spawn(dir.path(), "long", &socket);

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_arguments, kvm_available, read_events, read_log, scratch_dir, strings,
+    counter_lines, guest_arguments, read_events, read_log, scratch_dir, serial_file_arguments,
+    strings,
 };
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -29,37 +30,48 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
-#[test]
-fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
-    if !kvm_available("pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log") {
-        return;
-    }
+/// What a devcheck guest run (`pvpanic=1 exit=reset`, serial to a file, events to a file) left:
+/// its serial output, its events and the VMM's stderr. `--pvpanic` when `pvpanic` says so. The
+/// run must exit 0, the guest must have read `supported` (the port's supported-events bitmap),
+/// and the serial file the VMM created must be its owner's only (issue 10 hardening: guest
+/// output may hold secrets).
+fn pvpanic_run(
+    label: &str,
+    pvpanic: bool,
+    supported: &str,
+) -> (String, Vec<serde_json::Value>, String) {
     let dir = scratch_dir();
     let serial = dir.path().join("serial.log");
     let events = dir.path().join("events");
     let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
-    arguments.extend(strings(&[
-        "--pvpanic",
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--event-monitor",
-        &format!("path={}", events.display()),
-    ]));
-    let mut vmm = spawn(dir.path(), "pvpanic", &arguments);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(status.code(), Some(0), "{status}\nstderr:\n{stderr}");
+    if pvpanic {
+        arguments.push("--pvpanic".into());
+    }
+    arguments.extend(serial_file_arguments(&serial));
+    arguments.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), label, &arguments);
+    let stderr = vmm.expect_exit(0, label);
+    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{label}: serial file mode {mode:o}");
     let output = read_log(&serial);
-    // The guest read the supported-events bitmap: PANICKED and CRASH_LOADED.
     assert!(
-        output.contains("devcheck: pvpanic supported=0x03"),
-        "{output}"
+        output.contains(&format!("devcheck: pvpanic supported={supported}")),
+        "{label}: {output}"
     );
+    (output, read_events(&events), stderr)
+}
+
+#[test]
+fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
+    integration_tests::require_kvm!();
+    // The guest read the supported-events bitmap: PANICKED and CRASH_LOADED.
+    let (output, events, stderr) = pvpanic_run("pvpanic", true, "0x03");
     assert!(output.contains("devcheck: panic reported"), "{output}");
     // Upstream's event: source "guest", event "panic", the kind in property "event".
-    let panics: Vec<_> = read_events(&events)
+    let panics: Vec<_> = events
         .into_iter()
         .filter(|event| event["source"] == "guest")
         .collect();
@@ -70,45 +82,15 @@ fn pvpanic_reports_a_guest_panic_on_the_event_monitor_and_in_the_log() {
         stderr.contains("pvpanic: the guest reported a panic event"),
         "no log line at the default level:\n{stderr}"
     );
-    // The serial file the VMM created is readable by its owner only (guest output may hold
-    // secrets).
-    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
 }
 
 #[test]
 fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
-    if !kvm_available("without_pvpanic_the_port_is_unowned_and_nothing_is_reported") {
-        return;
-    }
-    let dir = scratch_dir();
-    let serial = dir.path().join("serial.log");
-    let events = dir.path().join("events");
-    let mut arguments = guest_arguments("devcheck", "pvpanic=1 exit=reset", "32M");
-    arguments.extend(strings(&[
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--event-monitor",
-        &format!("path={}", events.display()),
-    ]));
-    let mut vmm = spawn(dir.path(), "no-pvpanic", &arguments);
-    let status = vmm.wait_exit();
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr_log());
+    integration_tests::require_kvm!();
     // An unowned port floats high.
-    let output = read_log(&serial);
-    assert!(
-        output.contains("devcheck: pvpanic supported=0xff"),
-        "{output}"
-    );
-    assert!(read_events(&events)
-        .iter()
-        .all(|event| event["source"] != "guest"));
-    assert!(!vmm.stderr_log().contains("pvpanic"));
-    // Issue 10 hardening: the serial file the VMM created is its owner's only.
-    let mode = std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "serial file mode {mode:o}");
+    let (_, events, stderr) = pvpanic_run("no-pvpanic", false, "0xff");
+    assert!(events.iter().all(|event| event["source"] != "guest"));
+    assert!(!stderr.contains("pvpanic"), "{stderr}");
 }
 
 /// The path after `marker` in `log` (up to the next whitespace).
@@ -165,9 +147,7 @@ impl PtyUser {
 
 #[test]
 fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
-    if !kvm_available("serial_pty_carries_output_and_input_and_its_path_is_in_vm_info") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let socket = dir.path().join("api.sock");
     // No `exit=reset`: when the VMM exits, the terminal hangs up and output not yet read is gone
@@ -225,9 +205,7 @@ fn serial_pty_carries_output_and_input_and_its_path_is_in_vm_info() {
 
 #[test]
 fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
-    if !kvm_available("an_nv_recovery_opens_a_new_serial_pty_and_logs_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let nv = |extra: &str| format!("region={},vm=pty-vm{extra}", region.display());
@@ -245,14 +223,7 @@ fn an_nv_recovery_opens_a_new_serial_pty_and_logs_it() {
     let mut user = PtyUser::open(&path_after(&stderr, SERIAL_PTY_MARKER).unwrap());
     let before = user.read_until(" ok\n");
     assert!(before.contains("counter: boot"), "{before}");
-    first.signal(libc::SIGPWR);
-    let status = first.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "{status}\nstderr:\n{}",
-        first.stderr_log()
-    );
+    first.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "SIGPWR");
     drop(user);
 
     // The stored config says `Pty`: the recovered VM gets a pty of its own and says where.
@@ -301,9 +272,7 @@ fn try_request(socket: &Path, method: &str, endpoint: &str) -> Option<(u16, Stri
 /// VMM ignored SIGTERM while it hung there.
 #[test]
 fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
-    if !kvm_available("a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let fifo = dir.path().join("serial.fifo");
     let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
@@ -311,14 +280,8 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let socket = dir.path().join("api.sock");
     let mut arguments = guest_arguments("counter", "area_mb=1", "32M");
-    arguments.extend(strings(&[
-        "--serial",
-        &format!("file={}", fifo.display()),
-        "--console",
-        "off",
-        "--api-socket",
-        &socket.display().to_string(),
-    ]));
+    arguments.extend(serial_file_arguments(&fifo));
+    arguments.extend(["--api-socket".into(), socket.display().to_string()]);
     let mut vmm = spawn(dir.path(), "fifo", &arguments);
     // The VM runs: `vm.info` answers Running (the control loop only answers once start-up is
     // done).
@@ -372,9 +335,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
 /// Issue 10 item 9: `--serial file=/dev/full` logged one warning per byte the guest wrote.
 #[test]
 fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
-    if !kvm_available("serial_output_to_dev_full_is_reported_once_not_per_byte") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let mut arguments = guest_arguments("devcheck", "lines=40 exit=reset", "32M");
     arguments.extend(strings(&["--serial", "file=/dev/full", "--console", "off"]));

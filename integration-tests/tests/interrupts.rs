@@ -6,7 +6,7 @@
 //! ring-0 handlers that count (vector 0x40 for the host, 0x41 for the LAPIC timer, 0x42 the
 //! host's stop request) and spins in ring 3 with IF=1, printing its counters.
 //!
-//! The test is its own minimal VMM on kvm-ioctls (as `arch/tests/kvm_boot.rs`): it needs the VM
+//! The test is its own minimal VMM on kvm-ioctls (`integration_tests::minimal_vm`, as `kvm_boot.rs`): it needs the VM
 //! fd to inject, which the VMM binary does not expose. It injects MSIs the two ways a PCI device
 //! model would, through an irqfd bound to a GSI routed as MSI (what MSI-X uses) and with
 //! KVM_SIGNAL_MSI, and separately lets the guest's LAPIC timer run. It asserts what this host
@@ -21,11 +21,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use integration_tests::guests::guest_image;
+use integration_tests::minimal_vm::MinimalVm;
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, Msrs, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use arch::layout::{I8042_COMMAND_PORT, I8042_RESET_COMMAND, LAPIC_START, SERIAL_PORT_BASE};
@@ -49,17 +49,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const GUEST_RESET: &str = "reset by the guest";
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) if std::env::var("NV_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("NV_SKIP_KVM=1: skipping the interrupt delivery test ({e})");
-            None
-        }
-        Err(e) => panic!("/dev/kvm is not usable ({e}); set NV_SKIP_KVM=1 to skip KVM tests"),
-    }
-}
-
 /// What the vCPU thread saw: the serial output and, once it stopped, why.
 #[derive(Default)]
 struct Console {
@@ -67,60 +56,36 @@ struct Console {
     stopped: Option<String>,
 }
 
-/// One running intcheck guest. `mem` is declared before `vm` so that it is dropped after it.
+/// One running intcheck guest.
 struct Guest {
-    _mem: GuestMemoryMmap<()>,
-    vm: VmFd,
+    vm: MinimalVm,
     console: Arc<Mutex<Console>>,
 }
 
 impl Guest {
     fn boot(kvm: &Kvm, parameters: &str) -> Guest {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
-        let vm = kvm.create_vm().unwrap();
-        vm.set_tss_address(KVM_TSS_ADDRESS).unwrap();
-        // Before the vCPU, so it gets an in-kernel local APIC.
-        vm.create_irq_chip().unwrap();
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).unwrap();
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: `host` is the start of `mem`'s mapping of this region, valid for
-            // `region.len()` bytes, and `mem` outlives `vm` (the Guest drops `vm` first).
-            unsafe { vm.set_user_memory_region(region).unwrap() };
-        }
+        let vm = MinimalVm::new(kvm, RAM_SIZE, |vm| {
+            vm.set_tss_address(KVM_TSS_ADDRESS).unwrap();
+            // Before the vCPU, so it gets an in-kernel local APIC.
+            vm.create_irq_chip().unwrap();
+        });
 
-        let vcpu = vm.create_vcpu(0).unwrap();
+        let vcpu = vm.vm.create_vcpu(0).unwrap();
         let tsc_khz = vcpu.get_tsc_khz().unwrap();
         let cmdline = format!("tsc_khz={tsc_khz} {parameters}");
         let image = guest_image("intcheck").unwrap();
         let entry =
-            arch::load_kernel(&mem, &mut File::open(image).unwrap(), &cmdline, None).unwrap();
+            arch::load_kernel(&vm.mem, &mut File::open(image).unwrap(), &cmdline, None).unwrap();
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
         vcpu.set_cpuid2(&cpuid).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        arch::regs::setup_sregs(&entry, &mem, &mut sregs).unwrap();
-        vcpu.set_sregs(&sregs).unwrap();
-        vcpu.set_regs(&arch::regs::setup_regs(&entry)).unwrap();
-        vcpu.set_fpu(&arch::regs::setup_fpu()).unwrap();
-        let msrs = arch::regs::initial_msrs();
-        vcpu.set_msrs(&Msrs::from_entries(&msrs).unwrap()).unwrap();
+        vm.program_boot_vcpu(&vcpu, &entry);
 
         let console = Arc::new(Mutex::new(Console::default()));
         let vcpu_console = console.clone();
         // Detached: a guest that stops in `hlt` (its fault handler) blocks KVM_RUN for good,
         // and the test then fails on its timeout with the output so far.
         thread::spawn(move || run_vcpu(vcpu, &vcpu_console));
-        Guest {
-            _mem: mem,
-            vm,
-            console,
-        }
+        Guest { vm, console }
     }
 
     /// Waits until the output contains `text` or the vCPU stopped; false on timeout.
@@ -179,7 +144,7 @@ impl Guest {
             ..Default::default()
         };
         // The number of vCPUs it reached; 0 means the guest's APIC refused it.
-        assert_eq!(self.vm.signal_msi(msi).unwrap(), 1, "KVM_SIGNAL_MSI");
+        assert_eq!(self.vm.vm.signal_msi(msi).unwrap(), 1, "KVM_SIGNAL_MSI");
     }
 
     /// Boots to `intcheck: ready`, runs `drive`, asks the guest to stop and returns its final
@@ -268,11 +233,12 @@ fn route_gsi_as_msi(vm: &VmFd, gsi: u32, vector: u32) {
 
 #[test]
 fn msis_from_the_host_reach_a_ring3_guest() {
-    let Some(kvm) = kvm_or_skip() else { return };
+    integration_tests::require_kvm!();
+    let kvm = Kvm::new().unwrap();
     let counters = Guest::run(&kvm, "", |guest| {
-        route_gsi_as_msi(&guest.vm, MSI_GSI, EXTERNAL_VECTOR);
+        route_gsi_as_msi(&guest.vm.vm, MSI_GSI, EXTERNAL_VECTOR);
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        guest.vm.register_irqfd(&irqfd, MSI_GSI).unwrap();
+        guest.vm.vm.register_irqfd(&irqfd, MSI_GSI).unwrap();
         for round in 0..INJECTIONS {
             irqfd.write(1).unwrap();
             guest.expect_delivery(2 * round + 1, "irqfd");
@@ -290,7 +256,8 @@ fn msis_from_the_host_reach_a_ring3_guest() {
 
 #[test]
 fn the_lapic_timer_interrupts_a_ring3_guest() {
-    let Some(kvm) = kvm_or_skip() else { return };
+    integration_tests::require_kvm!();
+    let kvm = Kvm::new().unwrap();
     // A 1 ms period at the 1 GHz APIC bus clock KVM emulates, for 300 ms.
     let counters = Guest::run(&kvm, "timer=1000000", |_| {
         thread::sleep(Duration::from_millis(300))

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::api_client;
-use integration_tests::harness::{counter_lines, guest_cmdline, kvm_available, scratch_dir};
+use integration_tests::harness::{counter_lines, guest_cmdline, scratch_dir};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -28,16 +28,26 @@ fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     api_client::request(socket, method, path, body, TIMEOUT)
 }
 
+/// `vm.snapshot` into `destination`, a directory it creates first.
+fn snapshot_into(socket: &Path, destination: &Path) -> (u16, String) {
+    std::fs::create_dir(destination).unwrap();
+    let body = format!(
+        r#"{{"destination_url":"file://{}"}}"#,
+        destination.display()
+    );
+    api(socket, "PUT", "vm.snapshot", &body)
+}
+
 #[test]
 fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
-    if !kvm_available("landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let allowed = dir.path().join("allowed");
-    let forbidden = dir.path().join("forbidden");
-    std::fs::create_dir(&allowed).unwrap();
-    std::fs::create_dir(&forbidden).unwrap();
+    // The directory the rules allow, and one they do not.
+    let [allowed, forbidden] = ["allowed", "forbidden"].map(|name| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
     let secret = forbidden.join("secret");
     std::fs::write(&secret, b"not a region").unwrap();
     let region = dir.path().join("region");
@@ -75,13 +85,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
     // read.
     assert_eq!(api(&socket, "PUT", "vm.pause", "").0, 204);
     let outside = forbidden.join("snap");
-    std::fs::create_dir(&outside).unwrap();
-    let (status, body) = api(
-        &socket,
-        "PUT",
-        "vm.snapshot",
-        &format!(r#"{{"destination_url":"file://{}"}}"#, outside.display()),
-    );
+    let (status, body) = snapshot_into(&socket, &outside);
     assert!(status >= 400, "snapshot outside the rules: {status} {body}");
     assert!(body.contains("Permission denied"), "{body}");
     assert_eq!(
@@ -101,27 +105,14 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
 
     // Inside the --landlock-rules directory the same snapshot works.
     let inside = allowed.join("snap");
-    std::fs::create_dir(&inside).unwrap();
-    let (status, body) = api(
-        &socket,
-        "PUT",
-        "vm.snapshot",
-        &format!(r#"{{"destination_url":"file://{}"}}"#, inside.display()),
-    );
+    let (status, body) = snapshot_into(&socket, &inside);
     assert_eq!(status, 204, "{body}");
     assert!(inside.join("state.json").is_file());
     assert_eq!(api(&socket, "PUT", "vm.resume", "").0, 204);
     wait_counter_lines(&mut boot, 3);
 
     // Power failure under Landlock: the save commits in place.
-    boot.signal(libc::SIGPWR);
-    let status = boot.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "{}",
-        boot.stderr_log()
-    );
+    boot.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "SIGPWR under Landlock");
     let last_before = counter_lines(&boot.serial_log())
         .last()
         .map(|line| line.counter)

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, scratch_dir,
-    test_guest,
+    assert_counter_advances, counter_lines, guest_cmdline, read_log, scratch_dir, test_guest,
 };
 use integration_tests::process::VmmProcess;
 // Exit code of a VMM after a committed power-fail save: "state saved, powered off".
@@ -73,15 +72,7 @@ fn last_counter(log: &str) -> Option<u64> {
 
 /// Sends SIGPWR and expects the "state saved, powered off" exit.
 fn power_fail(vmm: &mut VmmProcess) {
-    vmm.signal(libc::SIGPWR);
-    let status = vmm.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "power-fail exit ({status})\nstderr:\n{}",
-        vmm.stderr_log()
-    );
-    let stderr = vmm.stderr_log();
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(
         stderr.contains("power-fail save committed"),
         "no save report:\n{stderr}"
@@ -116,11 +107,87 @@ fn recover_continuing(dir: &Path, label: &str, arguments: &[String], before: &st
     vmm
 }
 
+/// Starts the VMM that recovers `vm` of `region` with nothing else on its command line.
+fn recover(dir: &Path, label: &str, region: &Path, vm: &str) -> VmmProcess {
+    spawn(dir, label, &recover_arguments(region, vm, ""), &[])
+}
+
+/// `recover_continuing` of `vm` of `region` with nothing else on the command line.
+fn recover_in_place(dir: &Path, label: &str, region: &Path, vm: &str, before: &str) -> VmmProcess {
+    recover_continuing(dir, label, &recover_arguments(region, vm, ""), before)
+}
+
+/// Starts a VMM that must refuse to start: exit code 1 and `message` on stderr. Returns it for
+/// further checks.
+fn refused(dir: &Path, label: &str, arguments: &[String], message: &str) -> VmmProcess {
+    let mut vmm = spawn(dir, label, arguments, &[]);
+    let stderr = vmm.expect_exit(1, label);
+    assert!(
+        stderr.contains(message),
+        "{label}: no {message:?}:\n{stderr}"
+    );
+    vmm
+}
+
+/// Cold-boots the counter guest (`parameters`, `SMALL_RAM`, `extra` arguments) as `vm` of
+/// `region` under the label `boot` and waits for its first counter line.
+fn boot_counter(
+    dir: &Path,
+    region: &Path,
+    vm: &str,
+    parameters: &str,
+    extra: &[String],
+) -> VmmProcess {
+    let mut arguments = boot_arguments(&test_guest("counter"), parameters, SMALL_RAM, region, vm);
+    arguments.extend_from_slice(extra);
+    let mut vmm = spawn(dir, "boot", &arguments, &[]);
+    vmm.wait_serial("a counter line", has_counter_line);
+    vmm
+}
+
+/// `boot_counter` (`area_mb=1`) with an API socket, `dir/api.sock`, once it serves.
+fn boot_counter_with_api(dir: &Path, region: &Path, vm: &str) -> (VmmProcess, PathBuf) {
+    let socket = dir.join("api.sock");
+    let extra = api_socket_arguments(&socket);
+    let vmm = boot_counter(dir, region, vm, "area_mb=1", &extra);
+    wait_for_socket(&socket);
+    (vmm, socket)
+}
+
+/// `recover_continuing` with an API socket at `socket`, once it serves.
+fn recover_with_api(
+    dir: &Path,
+    label: &str,
+    region: &Path,
+    vm: &str,
+    socket: &Path,
+    before: &str,
+) -> VmmProcess {
+    let mut arguments = recover_arguments(region, vm, "");
+    arguments.extend(api_socket_arguments(socket));
+    let vmm = recover_continuing(dir, label, &arguments, before);
+    wait_for_socket(socket);
+    vmm
+}
+
+/// SIGTERM: a planned suspend of the NV VM in place, exit 0. Returns the serial log so far.
+fn planned_suspend(vmm: &mut VmmProcess) -> String {
+    let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
+    assert!(
+        stderr.contains("planned-suspend save committed"),
+        "{stderr}"
+    );
+    vmm.serial_log()
+}
+
+/// The arguments that give a VMM its API socket at `socket`.
+fn api_socket_arguments(socket: &Path) -> [String; 2] {
+    ["--api-socket".into(), format!("path={}", socket.display())]
+}
+
 #[test]
 fn counter_survives_three_power_failures_in_a_row() {
-    if !kvm_available("counter_survives_three_power_failures_in_a_row") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let events = dir.path().join("events.json");
@@ -144,13 +211,7 @@ fn counter_survives_three_power_failures_in_a_row() {
     }
 
     for failure in 1..=3 {
-        let label = format!("run{failure}");
-        let mut vmm = spawn(
-            dir.path(),
-            &label,
-            &recover_arguments(&region, "c", ""),
-            &[],
-        );
+        let mut vmm = recover(dir.path(), &format!("run{failure}"), &region, "c");
         let after = vmm.wait_serial("two counter lines after recovery", |log| {
             counter_lines(log).len() >= 2
         });
@@ -161,36 +222,20 @@ fn counter_survives_three_power_failures_in_a_row() {
     }
 
     // SIGTERM saves an NV VM in place too (planned suspend, exit 0): it continues afterwards.
-    let mut vmm = recover_continuing(
-        dir.path(),
-        "run4",
-        &recover_arguments(&region, "c", ""),
-        &before,
-    );
-    vmm.signal(libc::SIGTERM);
-    assert_eq!(vmm.wait_exit().code(), Some(0));
-    let before = vmm.serial_log();
+    let mut vmm = recover_in_place(dir.path(), "run4", &region, "c", &before);
+    let before = planned_suspend(&mut vmm);
     let socket = dir.path().join("run5.sock");
-    let mut arguments = recover_arguments(&region, "c", "");
-    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = recover_continuing(dir.path(), "run5", &arguments, &before);
+    let mut vmm = recover_with_api(dir.path(), "run5", &region, "c", &socket, &before);
     // A clean stop (vm.shutdown, then vmm.shutdown) is recorded as powered off: nothing to
     // recover afterwards.
-    wait_for_socket(&socket);
     assert_eq!(api_request(&socket, "PUT", "vm.shutdown", "").0, 204);
     assert_eq!(api_request(&socket, "PUT", "vmm.shutdown", "").0, 204);
     assert_eq!(vmm.wait_exit().code(), Some(0));
-    let mut refused = spawn(
+    refused(
         dir.path(),
         "run6",
         &recover_arguments(&region, "c", ""),
-        &[],
-    );
-    assert_eq!(refused.wait_exit().code(), Some(1));
-    assert!(
-        refused.stderr_log().contains("no saved state"),
-        "{}",
-        refused.stderr_log()
+        "no saved state",
     );
 }
 
@@ -199,9 +244,7 @@ fn counter_survives_three_power_failures_in_a_row() {
 /// by a live process is refused without disturbing it.
 #[test]
 fn two_vms_share_one_region_and_both_survive_a_power_failure() {
-    if !kvm_available("two_vms_share_one_region_and_both_survive_a_power_failure") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let counter = test_guest("counter");
@@ -223,22 +266,11 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     }
 
     // The VM "left" belongs to a live VMM: a second one must not run it too.
-    let mut intruder = spawn(
+    refused(
         dir.path(),
         "left-intruder",
         &recover_arguments(&region, "left", ""),
-        &[],
-    );
-    assert_eq!(
-        intruder.wait_exit().code(),
-        Some(1),
-        "{}",
-        intruder.stderr_log()
-    );
-    assert!(
-        intruder.stderr_log().contains("owned"),
-        "no ownership message:\n{}",
-        intruder.stderr_log()
+        "owned",
     );
 
     for vmm in &mut running {
@@ -247,14 +279,7 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     }
     let mut recovered: Vec<VmmProcess> = names
         .iter()
-        .map(|name| {
-            spawn(
-                dir.path(),
-                &format!("{name}-recover"),
-                &recover_arguments(&region, name, ""),
-                &[],
-            )
-        })
+        .map(|name| recover(dir.path(), &format!("{name}-recover"), &region, name))
         .collect();
     for (vmm, before) in recovered.iter_mut().zip(&before) {
         let after = vmm.wait_serial("two counter lines after recovery", |log| {
@@ -286,32 +311,18 @@ fn holds_power_fail_signal(pid: i32) -> Option<bool> {
 /// resumable. Both outcomes are checked; nothing may be lost.
 #[test]
 fn a_power_failure_right_after_start_is_saved_or_harmless() {
-    if !kvm_available("a_power_failure_right_after_start_is_saved_or_harmless") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(
-        &test_guest("counter"),
-        "area_mb=1",
-        SMALL_RAM,
-        &region,
-        "early",
-    );
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    let mut before = vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter(dir.path(), &region, "early", "area_mb=1", &[]);
+    let mut before = vmm.serial_log();
     power_fail(&mut vmm);
 
     // SIGPWR sent the moment spawn returns (the new program is at most in the dynamic loader).
     let (mut saved, mut died_before_main) = (0, 0);
     for attempt in 0..3 {
         let label = format!("immediate{attempt}");
-        let mut vmm = spawn(
-            dir.path(),
-            &label,
-            &recover_arguments(&region, "early", ""),
-            &[],
-        );
+        let mut vmm = recover(dir.path(), &label, &region, "early");
         vmm.signal(libc::SIGPWR);
         let status = vmm.wait_exit();
         match (status.code(), status.signal()) {
@@ -357,25 +368,14 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
             .and_then(|mut file| file.read_to_end(&mut events))
             .map(|_| String::from_utf8_lossy(&events).into_owned())
     });
-    let status = vmm.wait_exit();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "held SIGPWR ({status})\nstderr:\n{}",
-        vmm.stderr_log()
-    );
+    vmm.expect_exit(EXIT_POWER_FAIL_SAVED, "held SIGPWR");
     let events = reader.join().unwrap().expect("reading the event FIFO");
     assert!(events.contains("\"committed\""), "{events}");
     if !vmm.serial_log().is_empty() {
         before = vmm.serial_log();
     }
 
-    let _recovered = recover_continuing(
-        dir.path(),
-        "last",
-        &recover_arguments(&region, "early", ""),
-        &before,
-    );
+    let _recovered = recover_in_place(dir.path(), "last", &region, "early", &before);
 }
 
 /// `VmRSS` of a process in bytes.
@@ -405,9 +405,7 @@ fn read_counters(pid: i32) -> (u64, u64) {
 
 #[test]
 fn recovery_maps_memory_in_place_without_reading_it() {
-    if !kvm_available("recovery_maps_memory_in_place_without_reading_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const RAM: u64 = 512 << 20;
     let dir = scratch_dir();
     let region = dir.path().join("region");
@@ -417,12 +415,7 @@ fn recovery_maps_memory_in_place_without_reading_it() {
     power_fail(&mut vmm);
     let before = vmm.serial_log();
 
-    let mut vmm = spawn(
-        dir.path(),
-        "recovered",
-        &recover_arguments(&region, "big", ""),
-        &[],
-    );
+    let mut vmm = recover(dir.path(), "recovered", &region, "big");
     let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
     let (rchar, read_bytes) = read_counters(vmm.pid());
     let rss = rss_bytes(vmm.pid());
@@ -454,9 +447,7 @@ fn last_completed_seq(log: &str) -> u64 {
 
 #[test]
 fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
-    if !kvm_available("disk_requests_in_flight_at_the_power_failure_complete_after_recovery") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const BLOCKS: u64 = 256;
     const ROUNDS: u64 = 200;
     let dir = scratch_dir();
@@ -517,26 +508,19 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
 
 #[test]
 fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
-    if !kvm_available("a_kill_without_warning_is_refused_and_force_cold_boots_again") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "k");
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter(dir.path(), &region, "k", "area_mb=1", &[]);
     vmm.signal(libc::SIGKILL);
     assert_eq!(vmm.wait_exit().signal(), Some(libc::SIGKILL));
 
-    let mut refused = spawn(
+    let refused = refused(
         dir.path(),
         "refused",
         &recover_arguments(&region, "k", ""),
-        &[],
+        UNSAFE_SHUTDOWN,
     );
-    assert_eq!(refused.wait_exit().code(), Some(1));
-    let stderr = refused.stderr_log();
-    assert!(stderr.contains(UNSAFE_SHUTDOWN), "{stderr}");
     assert!(refused.serial_log().is_empty(), "a refused VM must not run");
 
     let mut cold = spawn(
@@ -551,12 +535,7 @@ fn a_kill_without_warning_is_refused_and_force_cold_boots_again() {
     // The cold-booted run is a normal run again: it saves and recovers.
     power_fail(&mut cold);
     let before = cold.serial_log();
-    let _recovered = recover_continuing(
-        dir.path(),
-        "again",
-        &recover_arguments(&region, "k", ""),
-        &before,
-    );
+    let _recovered = recover_in_place(dir.path(), "again", &region, "k", &before);
 }
 
 #[test]
@@ -564,16 +543,12 @@ fn bad_nv_options_fail_with_a_clear_message() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let kernel = test_guest("counter");
-    let run = |label: &str, arguments: Vec<String>| -> String {
-        let mut vmm = spawn(dir.path(), label, &arguments, &[]);
-        let status = vmm.wait_exit();
-        assert_eq!(status.code(), Some(1), "{label}: {status}");
-        vmm.stderr_log()
+    let run = |label: &str, arguments: Vec<String>, message: &str| {
+        refused(dir.path(), label, &arguments, message);
     };
     let mut without_create = boot_arguments(&kernel, "", SMALL_RAM, &region, "x");
     without_create[7] = nv_option(&region, "x", "");
-    let stderr = run("missing-region", without_create.clone());
-    assert!(stderr.contains("No such file"), "{stderr}");
+    run("missing-region", without_create.clone(), "No such file");
     assert!(!region.exists());
 
     // Create the region and VM, then ask for it in ways that must be refused.
@@ -586,23 +561,25 @@ fn bad_nv_options_fail_with_a_clear_message() {
     assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
     let mut other_vm = without_create.clone();
     other_vm[7] = nv_option(&region, "y", "");
-    let stderr = run("missing-vm", other_vm);
-    assert!(stderr.contains("create=on"), "{stderr}");
-    let stderr = run(
+    run("missing-vm", other_vm, "create=on");
+    run(
         "other-size",
         boot_arguments(&kernel, "", "64M", &region, "x"),
+        "32 MiB of RAM in the region",
     );
-    assert!(stderr.contains("32 MiB of RAM in the region"), "{stderr}");
-    let stderr = run("nothing-saved", recover_arguments(&region, "x", ""));
-    assert!(stderr.contains("no saved state"), "{stderr}");
+    run(
+        "nothing-saved",
+        recover_arguments(&region, "x", ""),
+        "no saved state",
+    );
 
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
-    let stderr = run(
+    run(
         "garbage",
         boot_arguments(&kernel, "", SMALL_RAM, &garbage, "x"),
+        "format=on",
     );
-    assert!(stderr.contains("format=on"), "{stderr}");
     assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 1 << 20]);
 }
 
@@ -655,7 +632,7 @@ fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duratio
     drop(vmm);
 
     let label = format!("recover{run}");
-    let mut recovered = spawn(dir, &label, &recover_arguments(&region, vm, ""), &[]);
+    let mut recovered = recover(dir, &label, &region, vm);
     let resumed = if complete {
         let after = recovered.wait_serial("a counter line after recovery", has_counter_line);
         assert_continues(&before, &after);
@@ -688,9 +665,7 @@ fn fault_run(dir: &Path, run: usize, point: &str, complete: bool, delay: Duratio
 
 #[test]
 fn power_failures_inside_the_save_never_resume_a_torn_state() {
-    if !kvm_available("power_failures_inside_the_save_never_resume_a_torn_state") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     test_guest("counter");
     let seed = SystemTime::now()
@@ -767,19 +742,11 @@ fn json(body: &str) -> serde_json::Value {
 
 #[test]
 fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
-    if !kvm_available("planned_suspend_through_the_api_exits_cleanly_and_resumes") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let socket = dir.path().join("api.sock");
-    let mut arguments =
-        boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "s");
-    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
+    let (mut vmm, socket) = boot_counter_with_api(dir.path(), &region, "s");
     let serial = dir.path().join("boot.serial");
-    vmm.wait_serial("a counter line", has_counter_line);
-    wait_for_socket(&socket);
     let (status, body) = api_request(&socket, "GET", "vm.nv-status", "");
     assert_eq!(status, 200, "{body}");
     let nv_status = json(&body);
@@ -795,11 +762,7 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
     drop(vmm);
 
     // An empty VMM: the region's table says the VM was suspended (not a power failure).
-    let empty = vec![
-        "--api-socket".to_string(),
-        format!("path={}", socket.display()),
-    ];
-    let mut vmm = spawn(dir.path(), "empty", &empty, &[]);
+    let mut vmm = spawn(dir.path(), "empty", &api_socket_arguments(&socket), &[]);
     wait_for_socket(&socket);
     let (status, body) = api_request(
         &socket,
@@ -845,11 +808,7 @@ fn planned_suspend_through_the_api_exits_cleanly_and_resumes() {
 
 /// `vmm.nv-regions` from a fresh empty VMM (the previous one has exited).
 fn api_listing_after_exit(dir: &Path, socket: &Path, region: &Path) -> String {
-    let empty = vec![
-        "--api-socket".to_string(),
-        format!("path={}", socket.display()),
-    ];
-    let _vmm = spawn(dir, "lister", &empty, &[]);
+    let _vmm = spawn(dir, "lister", &api_socket_arguments(socket), &[]);
     wait_for_socket(socket);
     let (status, body) = api_request(
         socket,
@@ -879,26 +838,19 @@ fn listed_shutdown_kind(dir: &Path, region: &Path, vm: &str) -> serde_json::Valu
 /// SIGTERM alone on an NV VM saves it too (planned suspend, exit 0) instead of losing it.
 #[test]
 fn sigterm_right_after_sigpwr_never_loses_the_vm() {
-    if !kvm_available("sigterm_right_after_sigpwr_never_loses_the_vm") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "t");
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter(dir.path(), &region, "t", "area_mb=1", &[]);
     let mut before;
     for round in 0..4 {
         // Both signals pending at once: SIGTERM has the lower number, so the kernel delivers it
         // first whenever both are queued.
         vmm.signal(libc::SIGPWR);
         vmm.signal(libc::SIGTERM);
-        let status = vmm.wait_exit();
-        let stderr = vmm.stderr_log();
-        assert_eq!(
-            status.code(),
-            Some(EXIT_POWER_FAIL_SAVED),
-            "round {round}: SIGPWR + SIGTERM ({status})\nstderr:\n{stderr}"
+        let stderr = vmm.expect_exit(
+            EXIT_POWER_FAIL_SAVED,
+            &format!("round {round}: SIGPWR + SIGTERM"),
         );
         assert!(
             stderr.contains("save committed"),
@@ -907,42 +859,25 @@ fn sigterm_right_after_sigpwr_never_loses_the_vm() {
         before = vmm.serial_log();
         drop(vmm);
         assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "PowerFail");
-        vmm = recover_continuing(
+        vmm = recover_in_place(
             dir.path(),
             &format!("recover{round}"),
-            &recover_arguments(&region, "t", ""),
+            &region,
+            "t",
             &before,
         );
     }
 
     // SIGTERM alone: a planned suspend in place, exit 0, and the next recovery resumes.
-    vmm.signal(libc::SIGTERM);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
-    assert!(
-        stderr.contains("planned-suspend save committed"),
-        "{stderr}"
-    );
-    before = vmm.serial_log();
+    before = planned_suspend(&mut vmm);
     drop(vmm);
     assert_eq!(listed_shutdown_kind(dir.path(), &region, "t"), "Suspend");
-    let mut vmm = recover_continuing(
-        dir.path(),
-        "after-term",
-        &recover_arguments(&region, "t", ""),
-        &before,
-    );
+    let mut vmm = recover_in_place(dir.path(), "after-term", &region, "t", &before);
     // SIGINT (Ctrl-C in a terminal) is the same request.
     vmm.signal(libc::SIGINT);
     assert_eq!(vmm.wait_exit().code(), Some(0), "{}", vmm.stderr_log());
     let before = vmm.serial_log();
-    let _recovered = recover_continuing(
-        dir.path(),
-        "after-int",
-        &recover_arguments(&region, "t", ""),
-        &before,
-    );
+    let _recovered = recover_in_place(dir.path(), "after-int", &region, "t", &before);
 }
 
 /// A directory whose writes block until the test lets go: a FUSE file system
@@ -1006,40 +941,32 @@ fn wait_for_stderr(vmm: &VmmProcess, text: &str) -> Duration {
     started.elapsed()
 }
 
+/// `vm.snapshot` to `destination` on a thread of its own: it may block (a stalled mount).
+fn start_snapshot(socket: &Path, destination: &Path) -> std::thread::JoinHandle<(u16, String)> {
+    let socket = socket.to_path_buf();
+    let body = format!(
+        r#"{{"destination_url":"file://{}"}}"#,
+        destination.display()
+    );
+    std::thread::spawn(move || api_client::request(&socket, "PUT", "vm.snapshot", &body, TIMEOUT))
+}
+
 /// A `vm.snapshot` that blocks (its destination's writes hang, as on a stalled network mount)
 /// must not hold up the power-fail save: the snapshot runs off the control loop, SIGPWR is saved
 /// at once, requests that conflict with the snapshot are refused meanwhile, the abandoned
 /// snapshot is left without `state.json` (unrestorable), and the VM recovers.
 #[test]
 fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
-    if !kvm_available("a_blocked_snapshot_does_not_delay_the_power_fail_save") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let socket = dir.path().join("api.sock");
-    let mut arguments =
-        boot_arguments(&test_guest("counter"), "area_mb=1", SMALL_RAM, &region, "f");
-    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    vmm.wait_serial("a counter line", has_counter_line);
-    wait_for_socket(&socket);
+    let (mut vmm, socket) = boot_counter_with_api(dir.path(), &region, "f");
     let stalled = StallingMount::new(dir.path().join("snapshot"));
     let snapshot = stalled.path.clone();
     let (status, body) = api_request(&socket, "PUT", "vm.pause", "");
     assert_eq!(status, 204, "{body}");
 
-    let snapshot_socket = socket.clone();
-    let destination = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
-    let snapshot_client = std::thread::spawn(move || {
-        api_client::request(
-            &snapshot_socket,
-            "PUT",
-            "vm.snapshot",
-            &destination,
-            TIMEOUT,
-        )
-    });
+    let snapshot_client = start_snapshot(&socket, &snapshot);
     // The control loop stays responsive while the snapshot is stuck.
     std::thread::sleep(Duration::from_millis(300));
     let (status, body) = api_request(&socket, "GET", "vm.info", "");
@@ -1062,13 +989,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
         state.len()
     );
     drop(stalled);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_POWER_FAIL_SAVED),
-        "SIGPWR during a blocked snapshot ({status})\n{stderr}"
-    );
+    let stderr = vmm.expect_exit(EXIT_POWER_FAIL_SAVED, "SIGPWR during a blocked snapshot");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
     assert!(
         !stderr.contains("OVERRUN"),
@@ -1087,28 +1008,12 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     }
     let before = vmm.serial_log();
     drop(vmm);
-    let mut arguments = recover_arguments(&region, "f", "");
-    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
+    let mut vmm = recover_with_api(dir.path(), "recovered", &region, "f", &socket, &before);
 
     // SIGTERM during a blocked snapshot: the planned-suspend save goes ahead just the same.
-    wait_for_socket(&socket);
     assert_eq!(api_request(&socket, "PUT", "vm.pause", "").0, 204);
     let stalled_again = StallingMount::new(dir.path().join("snapshot-again"));
-    let snapshot_socket = socket.clone();
-    let destination = format!(
-        r#"{{"destination_url":"file://{}"}}"#,
-        stalled_again.path.display()
-    );
-    let snapshot_client = std::thread::spawn(move || {
-        api_client::request(
-            &snapshot_socket,
-            "PUT",
-            "vm.snapshot",
-            &destination,
-            TIMEOUT,
-        )
-    });
+    let snapshot_client = start_snapshot(&socket, &stalled_again.path);
     std::thread::sleep(Duration::from_millis(300));
     let other = format!(
         r#"{{"destination_url":"file://{}"}}"#,
@@ -1119,9 +1024,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     vmm.signal(libc::SIGTERM);
     wait_for_stderr(&vmm, "planned-suspend save committed");
     drop(stalled_again);
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(status.code(), Some(0), "SIGTERM ({status})\n{stderr}");
+    let stderr = vmm.expect_exit(0, "SIGTERM");
     assert!(
         stderr.contains("planned-suspend save committed"),
         "{stderr}"
@@ -1129,12 +1032,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
     let _ = snapshot_client.join();
     let before = vmm.serial_log();
     drop(vmm);
-    let _recovered = recover_continuing(
-        dir.path(),
-        "recovered-again",
-        &recover_arguments(&region, "f", ""),
-        &before,
-    );
+    let _recovered = recover_in_place(dir.path(), "recovered-again", &region, "f", &before);
 }
 
 /// `vm.reboot` of a VM recovered with `recover=on` cold-boots it over its extent with the
@@ -1142,9 +1040,7 @@ fn a_blocked_snapshot_does_not_delay_the_power_fail_save() {
 /// cannot succeed (its kernel is gone) is refused before the running guest is stopped.
 #[test]
 fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
-    if !kvm_available("a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
@@ -1158,10 +1054,7 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
     let before = vmm.serial_log();
     drop(vmm);
 
-    let mut arguments = recover_arguments(&region, "r", "");
-    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
-    let mut vmm = recover_continuing(dir.path(), "recovered", &arguments, &before);
-    wait_for_socket(&socket);
+    let mut vmm = recover_with_api(dir.path(), "recovered", &region, "r", &socket, &before);
 
     let (status, body) = api_request(&socket, "PUT", "vm.reboot", "");
     assert_eq!(status, 204, "vm.reboot of the recovered VM: {body}");
@@ -1201,39 +1094,18 @@ fn a_recovered_vm_reboots_and_a_doomed_reboot_leaves_it_running() {
 /// reset instead of a clean power-off.
 #[test]
 fn a_guest_reset_after_recovery_is_reported_not_a_clean_power_off() {
-    if !kvm_available("a_guest_reset_after_recovery_is_reported_not_a_clean_power_off") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let arguments = boot_arguments(
-        &test_guest("counter"),
-        "area_mb=1 stop_after=4",
-        SMALL_RAM,
-        &region,
-        "x",
-    );
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter(dir.path(), &region, "x", "area_mb=1 stop_after=4", &[]);
     power_fail(&mut vmm);
     let before = vmm.serial_log();
     assert!(!before.contains("counter: done"), "{before}");
     drop(vmm);
 
-    let mut vmm = spawn(
-        dir.path(),
-        "recovered",
-        &recover_arguments(&region, "x", ""),
-        &[],
-    );
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
+    let mut vmm = recover(dir.path(), "recovered", &region, "x");
+    let stderr = vmm.expect_exit(EXIT_GUEST_RESET, "guest reset after recovery");
     assert!(vmm.serial_log().contains("counter: done"), "{stderr}");
-    assert_eq!(
-        status.code(),
-        Some(EXIT_GUEST_RESET),
-        "guest reset after recovery ({status})\n{stderr}"
-    );
     assert!(stderr.contains("guest reset"), "{stderr}");
     drop(vmm);
     assert_eq!(listed_shutdown_kind(dir.path(), &region, "x"), "GuestReset");
@@ -1264,21 +1136,16 @@ fn elf_segment_start(image: &[u8], paddr: u64) -> Vec<u8> {
 /// records a triple fault.
 #[test]
 fn a_triple_fault_right_after_recovery_is_reported() {
-    if !kvm_available("a_triple_fault_right_after_recovery_is_reported") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let kernel = test_guest("counter");
-    let arguments = boot_arguments(&kernel, "area_mb=1", SMALL_RAM, &region, "tf");
-    let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter(dir.path(), &region, "tf", "area_mb=1", &[]);
     power_fail(&mut vmm);
     drop(vmm);
 
     // Guest RAM is the VM's extent of the region: find the image (loaded at 1 MiB) there and
     // wipe guest-physical [1 MiB, 2 MiB): code, GDT, IDT, page tables, stacks.
-    let image = std::fs::read(&kernel).unwrap();
+    let image = std::fs::read(test_guest("counter")).unwrap();
     let code = elf_segment_start(&image, 0x10_0000);
     let mut bytes = std::fs::read(&region).unwrap();
     let at = bytes
@@ -1288,19 +1155,8 @@ fn a_triple_fault_right_after_recovery_is_reported() {
     bytes[at..at + 0x10_0000].fill(0);
     std::fs::write(&region, &bytes).unwrap();
 
-    let mut vmm = spawn(
-        dir.path(),
-        "recovered",
-        &recover_arguments(&region, "tf", ""),
-        &[],
-    );
-    let status = vmm.wait_exit();
-    let stderr = vmm.stderr_log();
-    assert_eq!(
-        status.code(),
-        Some(EXIT_GUEST_RESET),
-        "triple fault after recovery ({status})\n{stderr}"
-    );
+    let mut vmm = recover(dir.path(), "recovered", &region, "tf");
+    let stderr = vmm.expect_exit(EXIT_GUEST_RESET, "triple fault after recovery");
     assert!(stderr.contains("triple fault"), "{stderr}");
     drop(vmm);
     assert_eq!(

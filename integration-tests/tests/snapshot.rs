@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, guest_arguments, kvm_available, last_counter_in, point_serial_to,
-    read_log, scratch_dir, wait_for_counter_lines,
+    guest_arguments, last_counter_in, point_serial_to, read_log, scratch_dir,
+    wait_for_continuation, wait_for_counter_lines,
 };
 use integration_tests::process::VmmProcess;
 use serde_json::{json, Value};
@@ -122,9 +122,7 @@ fn entries(dir: &Path) -> Vec<String> {
 /// The restored VM writes its serial output to a log of its own.
 #[test]
 fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_continues() {
-    if !kvm_available("a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let first_log = dir.path().join("first.log");
@@ -165,22 +163,13 @@ fn a_snapshot_of_an_nv_vm_carries_its_ram_and_restores_as_an_ordinary_vm_that_co
         "vm.restore",
         &json!({ "source_url": format!("file://{}", snapshot.display()), "resume": true }),
     );
-    let text = wait_for_counter_lines(&second_log, 3, TIMEOUT);
-    assert!(!text.contains("counter: boot"), "booted again:\n{text}");
-    let after = assert_counter_advances(&text, 3);
-    assert!(
-        after[0].counter > before,
-        "the guest did not continue: {} after {before}",
-        after[0].counter
-    );
+    wait_for_continuation(&second_log, before, TIMEOUT);
     second.shutdown();
 }
 
 #[test]
 fn snapshot_refusals_create_nothing_and_files_are_new_owner_only_and_never_followed() {
-    if !kvm_available("snapshot_refusals_create_nothing_and_files_are_new_owner_only") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let vmm = Vmm::start(dir.path(), "vmm", &counter_arguments(&log, None));
@@ -296,9 +285,7 @@ fn variant(
 
 #[test]
 fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
-    if !kvm_available("a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = scratch_dir();
     let log = dir.path().join("serial.log");
     let snapshot = dir.path().join("good");
@@ -405,9 +392,7 @@ fn a_malformed_or_unchecksummed_state_is_refused_and_nothing_resumes() {
 
 #[test]
 fn a_save_into_a_deleted_region_file_exits_with_its_own_code_and_says_why() {
-    if !kvm_available("a_save_into_a_deleted_region_file_exits_with_its_own_code") {
-        return;
-    }
+    integration_tests::require_kvm!();
     assert_ne!(EXIT_SAVED_INTO_DETACHED_REGION, EXIT_POWER_FAIL_SAVED);
     let dir = scratch_dir();
     let region = dir.path().join("region");

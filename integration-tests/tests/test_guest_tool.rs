@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use integration_tests::guests::{guest_image, pvh_entry_point};
-use integration_tests::harness::{guest_cmdline, kvm_available};
+use integration_tests::harness::guest_cmdline;
 
 fn test_guest(arguments: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_test-guest"))
@@ -40,9 +40,7 @@ fn image_prints_the_path_the_tests_build() {
 
 #[test]
 fn cmdline_carries_the_tsc_rate_the_tests_pass() {
-    if !kvm_available("cmdline_carries_the_tsc_rate_the_tests_pass") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let printed = stdout_line(&test_guest(&["cmdline", "area_mb=16"]));
     assert_eq!(printed, guest_cmdline("area_mb=16"));
 }

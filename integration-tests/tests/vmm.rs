@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_cmdline, kvm_available, read_log, test_guest,
-    wait_for_log,
+    assert_counter_advances, counter_lines, guest_cmdline, read_log, test_guest, wait_for_log,
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
@@ -116,17 +115,13 @@ fn counter_runs_on(memory: impl FnOnce(&Path) -> MemoryConfig) {
 
 #[test]
 fn counter_guest_runs_on_a_shared_file() {
-    if !kvm_available("counter_guest_runs_on_a_shared_file") {
-        return;
-    }
+    integration_tests::require_kvm!();
     counter_runs_on(|dir| file_memory(&dir.join("ram")));
 }
 
 #[test]
 fn counter_guest_runs_on_anonymous_memory() {
-    if !kvm_available("counter_guest_runs_on_anonymous_memory") {
-        return;
-    }
+    integration_tests::require_kvm!();
     counter_runs_on(|_| anonymous_memory());
 }
 
@@ -151,9 +146,7 @@ fn run_to_end(config: VmConfig, log: &Path) -> (i32, String) {
 
 #[test]
 fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
-    if !kvm_available("blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const BLOCKS: u64 = 64;
     const ROUNDS: u64 = 2;
     let dir = tempfile::tempdir().unwrap();
@@ -193,9 +186,7 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
 
 #[test]
 fn guest_reset_ends_the_vmm_with_exit_code_zero() {
-    if !kvm_available("guest_reset_ends_the_vmm_with_exit_code_zero") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let config = config(
@@ -212,9 +203,7 @@ fn guest_reset_ends_the_vmm_with_exit_code_zero() {
 
 #[test]
 fn save_and_restore_across_two_vm_instances_continues_the_guest() {
-    if !kvm_available("save_and_restore_across_two_vm_instances_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     counter_survives_save_and_restore(1);
 }
 
@@ -222,9 +211,7 @@ fn save_and_restore_across_two_vm_instances_continues_the_guest() {
 /// mp_state and LAPIC must come back as they were, and the boot vCPU continue.
 #[test]
 fn save_and_restore_with_two_vcpus_continues_the_guest() {
-    if !kvm_available("save_and_restore_with_two_vcpus_continues_the_guest") {
-        return;
-    }
+    integration_tests::require_kvm!();
     counter_survives_save_and_restore(2);
 }
 
@@ -291,9 +278,7 @@ fn counter_survives_save_and_restore(vcpus: u8) {
 
 #[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
-    if !kvm_available("pause_stops_the_guest_and_resume_continues_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let mut vm = create_vm(&config(
@@ -324,9 +309,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
 /// in a second VM instance whose guest finishes its work and verifies every block.
 #[test]
 fn blkcheck_continues_after_save_and_restore() {
-    if !kvm_available("blkcheck_continues_after_save_and_restore") {
-        return;
-    }
+    integration_tests::require_kvm!();
     const BLOCKS: u64 = 256;
     // About 25 ms per round here: enough that the save lands mid-run even on a loaded host.
     const ROUNDS: u64 = 16;
@@ -402,9 +385,7 @@ fn blkcheck_continues_after_save_and_restore() {
 
 #[test]
 fn a_missing_or_bogus_kernel_is_a_clear_error() {
-    if !kvm_available("a_missing_or_bogus_kernel_is_a_clear_error") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let missing = dir.path().join("no-such-kernel");
@@ -471,9 +452,7 @@ fn tiny_pvh_kernel(path: &Path, code: &[u8]) {
 /// stop the VM and end with exit code 1 rather than hang.
 #[test]
 fn a_kvm_internal_error_stops_the_vm_with_exit_code_one() {
-    if !kvm_available("a_kvm_internal_error_stops_the_vm_with_exit_code_one") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("aesenc");
     // aesenc %xmm1, %xmm0 ; jmp .
@@ -509,9 +488,7 @@ fn a_kvm_internal_error_stops_the_vm_with_exit_code_one() {
 /// ends the VMM with the guest-reset code (a crash is not a clean end).
 #[test]
 fn a_triple_fault_is_a_guest_reset() {
-    if !kvm_available("a_triple_fault_is_a_guest_reset") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("ud2");
     tiny_pvh_kernel(&kernel, &[0x0f, 0x0b]);
@@ -524,9 +501,7 @@ fn a_triple_fault_is_a_guest_reset() {
 /// rather than half applied.
 #[test]
 fn a_mismatched_state_is_refused() {
-    if !kvm_available("a_mismatched_state_is_refused") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let kernel = test_guest("counter");
@@ -570,9 +545,7 @@ fn api_call(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> 
 /// `vmm.shutdown` with exit code 0.
 #[test]
 fn the_api_drives_a_vm_through_its_lifecycle() {
-    if !kvm_available("the_api_drives_a_vm_through_its_lifecycle") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let log = dir.path().join("serial.log");
@@ -712,17 +685,13 @@ fn counter_survives_snapshot_and_restore(memory: MemoryConfig, copied_bytes: u64
 
 #[test]
 fn snapshot_and_restore_of_anonymous_memory_copies_it() {
-    if !kvm_available("snapshot_and_restore_of_anonymous_memory_copies_it") {
-        return;
-    }
+    integration_tests::require_kvm!();
     counter_survives_snapshot_and_restore(anonymous_memory(), GUEST_RAM);
 }
 
 #[test]
 fn snapshot_and_restore_of_shared_file_memory_copies_nothing() {
-    if !kvm_available("snapshot_and_restore_of_shared_file_memory_copies_nothing") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     counter_survives_snapshot_and_restore(file_memory(&dir.path().join("ram")), 0);
 }

@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use integration_tests::harness::kvm_available;
-
 /// The data rows of the CSV `name` (its header row skipped), each as its cells.
 fn csv_rows(dir: &Path, name: &str) -> Vec<Vec<String>> {
     let path = dir.join(name);
@@ -31,11 +29,28 @@ fn assert_png(dir: &Path, name: &str) {
     );
 }
 
+/// The rows of `labels` (their second column) in a CSV of `measurement`, in that order; fails
+/// the test naming the measurement and the label that has no row.
+fn rows_of<'a>(
+    rows: &'a [Vec<String>],
+    measurement: &str,
+    labels: &[&str],
+    stdout: &str,
+) -> Vec<&'a [String]> {
+    labels
+        .iter()
+        .map(|label| {
+            rows.iter()
+                .find(|row| row[1] == *label)
+                .unwrap_or_else(|| panic!("no {measurement} result for {label}:\n{stdout}"))
+                .as_slice()
+        })
+        .collect()
+}
+
 #[test]
 fn quick_run_produces_every_measurement() {
-    if !kvm_available("quick_run_produces_every_measurement") {
-        return;
-    }
+    integration_tests::require_kvm!();
     let out = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_nv-bench"))
         // nv-bench measures a default build of cloud-hypervisor, which must not read the test-only
@@ -56,11 +71,8 @@ fn quick_run_produces_every_measurement() {
 
     // D: all three backings measured, each with a positive rate.
     let overhead = csv_rows(out.path(), "d_overhead.csv");
-    for backing in ["anonymous", "shared-file (tmpfs)", "nv-region (tmpfs)"] {
-        let row = overhead
-            .iter()
-            .find(|row| row[1] == backing)
-            .unwrap_or_else(|| panic!("no D row for {backing}:\n{stdout}"));
+    let backings = ["anonymous", "shared-file (tmpfs)", "nv-region (tmpfs)"];
+    for row in rows_of(&overhead, "D", &backings, &stdout) {
         assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
     }
     assert_png(out.path(), "d_overhead.png");
@@ -69,15 +81,13 @@ fn quick_run_produces_every_measurement() {
     // failure), and the curves hold points after the failure for each.
     let service = csv_rows(out.path(), "c_service.csv");
     let curves = csv_rows(out.path(), "c_throughput.csv");
-    for method in [
+    let methods = [
         "NV in-place recovery",
         "copy snapshot/restore",
         "cold restart + log replay",
-    ] {
-        assert!(
-            service.iter().any(|row| row[1] == method),
-            "no C result for {method}:\n{stdout}"
-        );
+    ];
+    let results = rows_of(&service, "C", &methods, &stdout);
+    for method in methods {
         assert!(
             curves
                 .iter()
@@ -85,10 +95,7 @@ fn quick_run_produces_every_measurement() {
             "no throughput after the failure for {method}"
         );
     }
-    let cold = service
-        .iter()
-        .find(|row| row[1] == "cold restart + log replay")
-        .unwrap();
+    let cold = results[2];
     assert!(
         cold[8].parse::<u64>().unwrap() > 0,
         "the cold restart replayed no log: {cold:?}"
@@ -107,16 +114,12 @@ fn quick_run_produces_every_measurement() {
         }
     }
     let recoveries = csv_rows(out.path(), "b_recovery.csv");
-    for method in [
+    let methods = [
         "NV in place (tmpfs)",
         "NV in place (disk-file)",
         "copy restore",
-    ] {
-        assert!(
-            recoveries.iter().any(|row| row[1] == method),
-            "no B result for {method}:\n{stdout}"
-        );
-    }
+    ];
+    rows_of(&recoveries, "B", &methods, &stdout);
     assert_png(out.path(), "a_save.png");
     assert_png(out.path(), "b_recovery.png");
 

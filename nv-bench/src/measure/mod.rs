@@ -13,7 +13,7 @@ use crate::environment::{Binaries, ScratchDir};
 use crate::error::Result;
 use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::output::Summary;
-use crate::profile::Profile;
+use crate::profile::{keys_label, Profile};
 use crate::running_vm::RunningVm;
 
 /// Bound for a guest to boot and print `kvstore: serving` (ring-0 boot is emulated here and
@@ -83,17 +83,50 @@ impl Bench {
     }
 }
 
+/// How `each_variant_repeatedly` announces a step and names a variant that could not be
+/// measured: measurement `letter` at `keys` keys, each repetition called `repetition` (from 1)
+/// and followed by `detail`.
+pub struct StepNames<'a> {
+    pub letter: &'a str,
+    pub keys: u64,
+    pub repetition: &'a str,
+    pub detail: &'a str,
+}
+
+impl StepNames<'_> {
+    /// `D 100k keys, anonymous, repetition 1`.
+    fn step(&self, variant: &str, repetition: usize) -> String {
+        format!(
+            "{} {} keys, {variant}, {} {}{}",
+            self.letter,
+            keys_label(self.keys),
+            self.repetition,
+            repetition + 1,
+            self.detail
+        )
+    }
+
+    /// `D anonymous at 100k keys`.
+    fn what(&self, variant: &str) -> String {
+        format!(
+            "{} {variant} at {} keys",
+            self.letter,
+            keys_label(self.keys)
+        )
+    }
+}
+
 /// Measures every variant `repetitions` times: repetitions outside, variants inside, so that load
 /// from the rest of the machine drifts under every variant alike. Each step is announced as
-/// `step(variant, repetition)` says; a variant that fails once is reported as not measured
-/// (`what(variant)`, with the error) and not run again. `measure` gets the bench, the variant
-/// and the repetition (from 0); the results come back per variant, in `variants`' order.
+/// `names` says with the variant's `label`; a variant that fails once is reported as not
+/// measured (with the error) and not run again. `measure` gets the bench, the variant and the
+/// repetition (from 0); the results come back per variant, in `variants`' order.
 pub fn each_variant_repeatedly<V: Copy + PartialEq, R>(
     bench: &mut Bench,
     variants: &[V],
     repetitions: usize,
-    step: impl Fn(V, usize) -> String,
-    what: impl Fn(V) -> String,
+    names: StepNames,
+    label: impl Fn(V) -> &'static str,
     mut measure: impl FnMut(&mut Bench, V, usize) -> Result<R>,
 ) -> Vec<(V, Vec<R>)> {
     let mut results: Vec<(V, Vec<R>)> = variants.iter().map(|&v| (v, Vec::new())).collect();
@@ -103,17 +136,42 @@ pub fn each_variant_repeatedly<V: Copy + PartialEq, R>(
             if failed.contains(variant) {
                 continue;
             }
-            bench.summary.progress(step(*variant, repetition));
+            bench
+                .summary
+                .progress(names.step(label(*variant), repetition));
             match measure(bench, *variant, repetition) {
                 Ok(result) => done.push(result),
                 Err(error) => {
                     bench
                         .summary
-                        .not_measured(&what(*variant), &error.to_string());
+                        .not_measured(&names.what(label(*variant)), &error.to_string());
                     failed.push(*variant);
                 }
             }
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_read_as_the_summary_prints_them() {
+        let names = StepNames {
+            letter: "C",
+            keys: 100_000,
+            repetition: "run",
+            detail: ": load, failure, recovery",
+        };
+        assert_eq!(
+            names.step("copy snapshot/restore", 0),
+            "C 100k keys, copy snapshot/restore, run 1: load, failure, recovery"
+        );
+        assert_eq!(
+            names.what("copy snapshot/restore"),
+            "C copy snapshot/restore at 100k keys"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::environment::create_sparse_file;
 use crate::error::Result;
 use crate::launch::{MemoryBacking, TestGuest};
-use crate::measure::{each_variant_repeatedly, Bench, LINE_TIMEOUT};
+use crate::measure::{each_variant_repeatedly, Bench, StepNames, LINE_TIMEOUT};
 use crate::output::CsvTable;
 use crate::plot;
 use crate::profile::keys_label;
@@ -66,15 +66,13 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             bench,
             &Backing::ALL,
             bench.profile.overhead_repetitions,
-            |backing, repetition| {
-                format!(
-                    "D {} keys, {}, repetition {}",
-                    keys_label(keys),
-                    backing.label(),
-                    repetition + 1
-                )
+            StepNames {
+                letter: "D",
+                keys,
+                repetition: "repetition",
+                detail: "",
             },
-            |backing| format!("D {} at {} keys", backing.label(), keys_label(keys)),
+            Backing::label,
             |bench, backing, repetition| {
                 let (rate, window) = measure_one(bench, keys, backing, repetition)?;
                 table.push(vec![

@@ -14,7 +14,7 @@ use crate::environment::create_sparse_file;
 use crate::error::Result;
 use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::measure::snapshot::{pause_and_snapshot, wait_for_socket};
-use crate::measure::{each_variant_repeatedly, Bench, LINE_TIMEOUT};
+use crate::measure::{each_variant_repeatedly, Bench, StepNames, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
 use crate::plot::{self, LineChart, Series};
 use crate::profile::keys_label;
@@ -136,15 +136,13 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             bench,
             &Method::ALL,
             bench.profile.service_repetitions,
-            |method, repetition| {
-                format!(
-                    "C {} keys, {}, run {}: load, failure, recovery",
-                    keys_label(keys),
-                    method.label(),
-                    repetition + 1
-                )
+            StepNames {
+                letter: "C",
+                keys,
+                repetition: "run",
+                detail: ": load, failure, recovery",
             },
-            |method| format!("C {} at {} keys", method.label(), keys_label(keys)),
+            Method::label,
             |bench, method, repetition| {
                 let run = measure_one(bench, keys, method)?;
                 table.push(vec![

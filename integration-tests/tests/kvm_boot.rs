@@ -9,25 +9,13 @@
 use std::io::Cursor;
 
 use arch::{load_kernel, BootEntry, BootProtocol};
-use kvm_bindings::{kvm_userspace_memory_region, Msrs};
+use integration_tests::minimal_vm::MinimalVm;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const RAM_SIZE: usize = 64 << 20;
 const SERIAL_PORT: u16 = 0x3F8;
 /// Instructions the guest may execute before we call it hung (each exit is one `out`).
 const MAX_EXITS: usize = 16;
-
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) if std::env::var("NV_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("NV_SKIP_KVM=1: skipping KVM boot test ({e})");
-            None
-        }
-        Err(e) => panic!("/dev/kvm is not usable ({e}); set NV_SKIP_KVM=1 to skip KVM tests"),
-    }
-}
 
 fn put(image: &mut [u8], offset: usize, bytes: &[u8]) {
     image[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -80,34 +68,10 @@ fn bzimage(code: &[u8]) -> Vec<u8> {
 
 /// Boots `image` and returns the 32-bit values the guest wrote to the serial port before `hlt`.
 fn boot_and_collect(kvm: &Kvm, image: Vec<u8>) -> (BootEntry, Vec<u32>) {
-    // `mem` is declared before `vm` so that it is dropped after it: KVM must not keep a
-    // mapping to memory that is already unmapped.
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
-    let vm = kvm.create_vm().unwrap();
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem.get_host_address(region.start_addr()).unwrap();
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: `host` is the start of `mem`'s mapping of this region, valid for
-        // `region.len()` bytes, and `mem` outlives `vm` (declared first, dropped last).
-        unsafe { vm.set_user_memory_region(region).unwrap() };
-    }
-    let entry = load_kernel(&mem, &mut Cursor::new(image), "console=ttyS0", None).unwrap();
-
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    arch::regs::setup_sregs(&entry, &mem, &mut sregs).unwrap();
-    vcpu.set_sregs(&sregs).unwrap();
-    vcpu.set_regs(&arch::regs::setup_regs(&entry)).unwrap();
-    vcpu.set_fpu(&arch::regs::setup_fpu()).unwrap();
-    let msrs = arch::regs::initial_msrs();
-    let written = vcpu.set_msrs(&Msrs::from_entries(&msrs).unwrap()).unwrap();
-    assert_eq!(written, msrs.len(), "KVM refused a boot MSR");
+    let vm = MinimalVm::new(kvm, RAM_SIZE, |_| {});
+    let entry = load_kernel(&vm.mem, &mut Cursor::new(image), "console=ttyS0", None).unwrap();
+    let mut vcpu = vm.vm.create_vcpu(0).unwrap();
+    vm.program_boot_vcpu(&vcpu, &entry);
 
     let mut values = Vec::new();
     for _ in 0..MAX_EXITS {
@@ -122,31 +86,44 @@ fn boot_and_collect(kvm: &Kvm, image: Vec<u8>) -> (BootEntry, Vec<u32>) {
     panic!("guest did not halt; wrote {values:x?}");
 }
 
-#[test]
-fn pvh_guest_finds_start_info_through_ebx() {
-    let Some(kvm) = kvm_or_skip() else { return };
-    // 32-bit code: mov dx,0x3f8; mov eax,[ebx]; out dx,eax; mov eax,[ebx+24]; out dx,eax;
-    //              mov eax,cs; out dx,eax; hlt
-    let code = [
-        0x66, 0xBA, 0xF8, 0x03, 0x8B, 0x03, 0xEF, 0x8B, 0x43, 0x18, 0xEF, 0x8C, 0xC8, 0xEF, 0xF4,
-    ];
-    let (entry, values) = boot_and_collect(&kvm, pvh_elf(&code));
-    assert_eq!(entry.protocol, BootProtocol::Pvh);
-    // hvm_start_info.magic, low half of cmdline_paddr, then the CS selector.
-    assert_eq!(values, vec![0x336E_C578, 0x2_0000, 0x10]);
-}
+/// PVH: 32-bit code that reads `hvm_start_info` through EBX.
+/// mov dx,0x3f8; mov eax,[ebx]; out dx,eax; mov eax,[ebx+24]; out dx,eax; mov eax,cs;
+/// out dx,eax; hlt
+const PVH_CODE: [u8; 15] = [
+    0x66, 0xBA, 0xF8, 0x03, 0x8B, 0x03, 0xEF, 0x8B, 0x43, 0x18, 0xEF, 0x8C, 0xC8, 0xEF, 0xF4,
+];
 
+/// The 64-bit Linux protocol: long-mode code that reads the zero page through RSI.
+/// mov dx,0x3f8; mov eax,[rsi+0x202]; out dx,eax; mov eax,[rsi+0x228]; out dx,eax; mov eax,cs;
+/// out dx,eax; hlt
+const LINUX64_CODE: [u8; 22] = [
+    0x66, 0xBA, 0xF8, 0x03, 0x8B, 0x86, 0x02, 0x02, 0x00, 0x00, 0xEF, 0x8B, 0x86, 0x28, 0x02, 0x00,
+    0x00, 0xEF, 0x8C, 0xC8, 0xEF, 0xF4,
+];
+
+/// PVH finds `hvm_start_info` through EBX; the 64-bit protocol finds the zero page through RSI
+/// in long mode.
 #[test]
-fn linux64_guest_finds_zero_page_through_rsi_in_long_mode() {
-    let Some(kvm) = kvm_or_skip() else { return };
-    // 64-bit code: mov dx,0x3f8; mov eax,[rsi+0x202]; out dx,eax; mov eax,[rsi+0x228];
-    //              out dx,eax; mov eax,cs; out dx,eax; hlt
-    let code = [
-        0x66, 0xBA, 0xF8, 0x03, 0x8B, 0x86, 0x02, 0x02, 0x00, 0x00, 0xEF, 0x8B, 0x86, 0x28, 0x02,
-        0x00, 0x00, 0xEF, 0x8C, 0xC8, 0xEF, 0xF4,
+fn each_boot_protocol_finds_its_boot_structure() {
+    integration_tests::require_kvm!();
+    let kvm = Kvm::new().unwrap();
+    let cases = [
+        // hvm_start_info.magic, low half of cmdline_paddr, then the CS selector.
+        (
+            pvh_elf(&PVH_CODE),
+            BootProtocol::Pvh,
+            [0x336E_C578, 0x2_0000, 0x10],
+        ),
+        // "HdrS" from the zero page, cmd_line_ptr, then the CS selector.
+        (
+            bzimage(&LINUX64_CODE),
+            BootProtocol::LinuxBoot64,
+            [u32::from_le_bytes(*b"HdrS"), 0x2_0000, 0x10],
+        ),
     ];
-    let (entry, values) = boot_and_collect(&kvm, bzimage(&code));
-    assert_eq!(entry.protocol, BootProtocol::LinuxBoot64);
-    // "HdrS" from the zero page, cmd_line_ptr, then the CS selector.
-    assert_eq!(values, vec![u32::from_le_bytes(*b"HdrS"), 0x2_0000, 0x10]);
+    for (image, protocol, expected) in cases {
+        let (entry, values) = boot_and_collect(&kvm, image);
+        assert_eq!(entry.protocol, protocol);
+        assert_eq!(values, expected, "{protocol:?}: values the guest wrote");
+    }
 }
