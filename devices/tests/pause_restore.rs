@@ -170,26 +170,26 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
     assert!(driver.irq.eventfd().read().is_err(), "not before resume");
     driver.transport.lock().unwrap().resume().unwrap();
     assert_eq!(driver.irq.eventfd().read().unwrap(), 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 1);
-    driver.write32(INTERRUPT_ACK, 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 1);
+    driver.write32(REG_INTERRUPT_ACK, 1);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 0);
 }
 
 #[test]
 fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
     let image = blank_image(SECTORS);
     let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
-    driver.write32(STATUS, 1 | 2);
+    driver.write32(REG_STATUS, 1 | 2);
     driver.write_driver_features(VERSION_1);
-    driver.write32(STATUS, 1 | 2 | 8);
+    driver.write32(REG_STATUS, 1 | 2 | 8);
     driver.setup_queue();
     let state = save(&driver);
     assert!(!state.activated);
     let mut driver = power_cycle(driver, &image, &state);
     driver.transport.lock().unwrap().resume().unwrap();
-    assert_eq!(driver.read32(QUEUE_READY), 1);
-    driver.write32(STATUS, 1 | 2 | 8 | 4);
-    assert_eq!(driver.read32(STATUS), 1 | 2 | 8 | 4);
+    assert_eq!(driver.read32(REG_QUEUE_READY), 1);
+    driver.write32(REG_STATUS, 1 | 2 | 8 | 4);
+    assert_eq!(driver.read32(REG_STATUS), 1 | 2 | 8 | 4);
     driver.assert_serves_a_read();
 }
 

@@ -50,9 +50,9 @@ fn write_flush_read_round_trip() {
 
     // Used-buffer interrupt: status bit 0, acknowledged by the driver.
     assert!(driver.irq.eventfd().read().unwrap() >= 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS) & 1, 1);
-    driver.write32(INTERRUPT_ACK, 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS) & 1, 1);
+    driver.write32(REG_INTERRUPT_ACK, 1);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 0);
 
     let counters = driver.transport.lock().unwrap().counters();
     assert_eq!(counters["write_ops"], 1);
