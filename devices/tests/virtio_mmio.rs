@@ -95,10 +95,10 @@ fn reset_stops_the_device_and_it_can_be_initialised_again() {
     let image = disk(64);
     let mut driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
     driver.initialise(VERSION_1 | BLK_F_FLUSH);
-    let posted = driver.post_block_request(T_OUT, 0, 512, Some(&[0xab; 512]));
+    let posted = driver.post_block_request(VIRTIO_BLK_T_OUT, 0, 512, Some(&[0xab; 512]));
     driver.notify();
     driver.wait_used(1);
-    assert_eq!(driver.status_byte(&posted), S_OK);
+    assert_eq!(driver.status_byte(&posted), VIRTIO_BLK_S_OK);
 
     driver.write32(REG_STATUS, 0);
     assert_eq!(driver.read32(REG_STATUS), 0);
@@ -113,7 +113,7 @@ fn reset_stops_the_device_and_it_can_be_initialised_again() {
     // Same transport, fresh rings, as a driver sets up after a reset.
     driver.forget_rings();
     driver.initialise(VERSION_1);
-    let posted = driver.post_block_request(T_IN, 0, 512, None);
+    let posted = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
     driver.notify();
     driver.wait_used(1);
     assert_eq!(driver.read_guest(posted.data_addr, 512), vec![0xab; 512]);

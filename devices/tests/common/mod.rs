@@ -14,6 +14,12 @@ use devices::virtio::{
     status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use devices::{Bus, EventFdInterrupt, InterruptLine};
+/// Request types and status codes by the definitions the device uses.
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -28,14 +34,6 @@ const BUFFERS_AFTER_RESTORE: u64 = 0x20_0000;
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
 
 pub const VERSION_1: u64 = 1 << 32;
 pub const BLK_F_RO: u64 = 1 << 5;
@@ -290,7 +288,7 @@ impl TestDriver {
         if let Some(bytes) = payload {
             self.write_guest(data, bytes);
         }
-        self.post_request_chain(kind, sector, &[(data, data_len, kind != T_OUT)])
+        self.post_request_chain(kind, sector, &[(data, data_len, kind != VIRTIO_BLK_T_OUT)])
     }
 
     /// Posts a block request whose data descriptors are `data` as given (any address, length and
@@ -370,14 +368,20 @@ impl TestDriver {
     /// (after a fault, a restore, a reset).
     pub fn assert_serves_a_read(&mut self) {
         let used = self.used_idx().wrapping_add(1);
-        let read = self.post_block_request(T_IN, 0, 512, None);
+        let read = self.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
         self.notify();
         self.wait_used(used);
-        assert_eq!(self.status_byte(&read), S_OK, "a plain read after the rest");
+        assert_eq!(
+            self.status_byte(&read),
+            VIRTIO_BLK_S_OK,
+            "a plain read after the rest"
+        );
     }
 
-    pub fn status_byte(&self, posted: &Posted) -> u8 {
-        self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap()
+    /// The request's status byte, widened to the type of the `VIRTIO_BLK_S_*` codes.
+    pub fn status_byte(&self, posted: &Posted) -> u32 {
+        let byte: u8 = self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap();
+        u32::from(byte)
     }
 
     pub fn write_guest(&self, addr: u64, bytes: &[u8]) {
