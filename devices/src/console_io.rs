@@ -525,6 +525,7 @@ impl InputLoop {
 mod tests {
     use super::*;
     use crate::{BusDevice, EventFdInterrupt};
+    use rustix::fs::{mkfifoat, Mode, CWD};
     use std::os::unix::fs::PermissionsExt;
 
     /// A writer that fails every write.
@@ -607,9 +608,7 @@ mod tests {
     fn a_fifo_without_reader_opens_at_once_and_keeps_output_for_a_late_reader() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("serial.fifo");
-        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: `c_path` is a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        mkfifoat(CWD, &path, Mode::RUSR | Mode::WUSR).unwrap();
         // A blocking write-only open would hang here: the test would never finish.
         let (done, opened) = std::sync::mpsc::channel();
         let open_path = path.clone();

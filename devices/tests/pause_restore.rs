@@ -23,7 +23,12 @@ fn running(image: &tempfile::NamedTempFile) -> TestDriver {
 
 fn post_write(driver: &mut TestDriver, n: u64) -> Posted {
     let payload = pattern(n, WRITE_LEN as usize);
-    driver.post_block_request(T_OUT, n * SECTORS_PER_WRITE, WRITE_LEN, Some(&payload))
+    driver.post_block_request(
+        VIRTIO_BLK_T_OUT,
+        n * SECTORS_PER_WRITE,
+        WRITE_LEN,
+        Some(&payload),
+    )
 }
 
 /// Power failure after `state` was saved: the VMM and its device are gone, guest memory (NV) and
@@ -113,7 +118,7 @@ fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
     let expected: BTreeSet<u32> = posted.iter().map(|p| u32::from(p.head)).collect();
     assert_eq!(heads, expected, "each posted request on the used ring once");
     for (n, p) in posted.iter().enumerate() {
-        assert_eq!(driver.status_byte(p), S_OK, "request {n}");
+        assert_eq!(driver.status_byte(p), VIRTIO_BLK_S_OK, "request {n}");
         assert_eq!(
             image_bytes(&image, n as u64 * u64::from(WRITE_LEN), WRITE_LEN as usize),
             pattern(n as u64, WRITE_LEN as usize),
@@ -142,7 +147,7 @@ fn pause_and_resume_in_place_serve_what_was_posted_meanwhile() {
     assert_eq!(driver.used_idx(), 0);
     driver.transport.lock().unwrap().resume().unwrap();
     driver.wait_used(1);
-    assert_eq!(driver.status_byte(&p), S_OK);
+    assert_eq!(driver.status_byte(&p), VIRTIO_BLK_S_OK);
 }
 
 #[test]
@@ -162,7 +167,7 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
     let p = post_write(&mut driver, 0);
     driver.notify();
     driver.wait_used(1);
-    assert_eq!(driver.status_byte(&p), S_OK);
+    assert_eq!(driver.status_byte(&p), VIRTIO_BLK_S_OK);
     // The guest has not handled the interrupt yet when the power fails.
     let state = save(&driver);
     assert_eq!(state.interrupt_status & 1, 1);
@@ -170,26 +175,26 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
     assert!(driver.irq.eventfd().read().is_err(), "not before resume");
     driver.transport.lock().unwrap().resume().unwrap();
     assert_eq!(driver.irq.eventfd().read().unwrap(), 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 1);
-    driver.write32(INTERRUPT_ACK, 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 1);
+    driver.write32(REG_INTERRUPT_ACK, 1);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 0);
 }
 
 #[test]
 fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
     let image = blank_image(SECTORS);
     let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
-    driver.write32(STATUS, 1 | 2);
+    driver.write32(REG_STATUS, 1 | 2);
     driver.write_driver_features(VERSION_1);
-    driver.write32(STATUS, 1 | 2 | 8);
+    driver.write32(REG_STATUS, 1 | 2 | 8);
     driver.setup_queue();
     let state = save(&driver);
     assert!(!state.activated);
     let mut driver = power_cycle(driver, &image, &state);
     driver.transport.lock().unwrap().resume().unwrap();
-    assert_eq!(driver.read32(QUEUE_READY), 1);
-    driver.write32(STATUS, 1 | 2 | 8 | 4);
-    assert_eq!(driver.read32(STATUS), 1 | 2 | 8 | 4);
+    assert_eq!(driver.read32(REG_QUEUE_READY), 1);
+    driver.write32(REG_STATUS, 1 | 2 | 8 | 4);
+    assert_eq!(driver.read32(REG_STATUS), 1 | 2 | 8 | 4);
     driver.assert_serves_a_read();
 }
 

@@ -23,12 +23,12 @@ fn write_flush_read_round_trip() {
     let mut driver = running(&image, false);
     let payload = pattern(3, 1024);
 
-    let write = driver.post_block_request(T_OUT, 3, 1024, Some(&payload));
-    let flush = driver.post_block_request(T_FLUSH, 0, 0, None);
+    let write = driver.post_block_request(VIRTIO_BLK_T_OUT, 3, 1024, Some(&payload));
+    let flush = driver.post_block_request(VIRTIO_BLK_T_FLUSH, 0, 0, None);
     driver.notify();
     driver.wait_used(2);
-    assert_eq!(driver.status_byte(&write), S_OK);
-    assert_eq!(driver.status_byte(&flush), S_OK);
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_OK);
+    assert_eq!(driver.status_byte(&flush), VIRTIO_BLK_S_OK);
     assert_eq!(driver.used_elem(0), (u32::from(write.head), 1));
     assert_eq!(driver.used_elem(1), (u32::from(flush.head), 1));
 
@@ -38,21 +38,21 @@ fn write_flush_read_round_trip() {
         "data on the file at sector 3"
     );
 
-    let read = driver.post_block_request(T_IN, 3, 1024, None);
+    let read = driver.post_block_request(VIRTIO_BLK_T_IN, 3, 1024, None);
     // This notify takes the ioeventfd path: the VMM's KVM registration signals the same fd.
     driver.transport.lock().unwrap().queue_evts()[0]
         .write(1)
         .unwrap();
     driver.wait_used(3);
-    assert_eq!(driver.status_byte(&read), S_OK);
+    assert_eq!(driver.status_byte(&read), VIRTIO_BLK_S_OK);
     assert_eq!(driver.used_elem(2), (u32::from(read.head), 1024 + 1));
     assert_eq!(driver.read_guest(read.data_addr, 1024), payload);
 
     // Used-buffer interrupt: status bit 0, acknowledged by the driver.
     assert!(driver.irq.eventfd().read().unwrap() >= 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS) & 1, 1);
-    driver.write32(INTERRUPT_ACK, 1);
-    assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS) & 1, 1);
+    driver.write32(REG_INTERRUPT_ACK, 1);
+    assert_eq!(driver.read32(REG_INTERRUPT_STATUS), 0);
 
     let counters = driver.transport.lock().unwrap().counters();
     assert_eq!(counters["write_ops"], 1);
@@ -71,10 +71,14 @@ fn multi_descriptor_data_and_the_last_sector() {
     let b = driver.alloc(1024);
     driver.write_guest(a, &first);
     driver.write_guest(b, &second);
-    let write = driver.post_request_chain(T_OUT, SECTORS - 3, &[(a, 512, false), (b, 1024, false)]);
+    let write = driver.post_request_chain(
+        VIRTIO_BLK_T_OUT,
+        SECTORS - 3,
+        &[(a, 512, false), (b, 1024, false)],
+    );
     driver.notify();
     driver.wait_used(1);
-    assert_eq!(driver.status_byte(&write), S_OK);
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_OK);
     let on_disk = image_bytes(&image, (SECTORS - 3) * 512, 1536);
     assert_eq!(&on_disk[..512], &first[..]);
     assert_eq!(&on_disk[512..], &second[..]);
@@ -84,11 +88,11 @@ fn multi_descriptor_data_and_the_last_sector() {
 fn get_id_returns_a_stable_twenty_byte_id() {
     let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
-    let first = driver.post_block_request(T_GET_ID, 0, 20, None);
-    let second = driver.post_block_request(T_GET_ID, 0, 20, None);
+    let first = driver.post_block_request(VIRTIO_BLK_T_GET_ID, 0, 20, None);
+    let second = driver.post_block_request(VIRTIO_BLK_T_GET_ID, 0, 20, None);
     driver.notify();
     driver.wait_used(2);
-    assert_eq!(driver.status_byte(&first), S_OK);
+    assert_eq!(driver.status_byte(&first), VIRTIO_BLK_S_OK);
     assert_eq!(driver.used_elem(0).1, 21);
     let id = driver.read_guest(first.data_addr, 20);
     assert!(id[0] != 0, "non-empty ID");
@@ -101,36 +105,45 @@ fn bad_requests_get_an_error_status_and_the_device_keeps_serving() {
     let mut driver = running(&image, false);
     let mut expected = vec![
         // Past the end, straddling the end, and a sector number that overflows.
-        (driver.post_block_request(T_IN, SECTORS, 512, None), S_IOERR),
         (
-            driver.post_block_request(T_OUT, SECTORS - 1, 1024, Some(&[1; 1024])),
-            S_IOERR,
+            driver.post_block_request(VIRTIO_BLK_T_IN, SECTORS, 512, None),
+            VIRTIO_BLK_S_IOERR,
         ),
         (
-            driver.post_block_request(T_IN, u64::MAX, 512, None),
-            S_IOERR,
+            driver.post_block_request(VIRTIO_BLK_T_OUT, SECTORS - 1, 1024, Some(&[1; 1024])),
+            VIRTIO_BLK_S_IOERR,
+        ),
+        (
+            driver.post_block_request(VIRTIO_BLK_T_IN, u64::MAX, 512, None),
+            VIRTIO_BLK_S_IOERR,
         ),
         // Not a whole number of sectors.
-        (driver.post_block_request(T_IN, 0, 100, None), S_IOERR),
+        (
+            driver.post_block_request(VIRTIO_BLK_T_IN, 0, 100, None),
+            VIRTIO_BLK_S_IOERR,
+        ),
         // Unknown request type.
-        (driver.post_block_request(0x4242, 0, 0, None), S_UNSUPP),
+        (
+            driver.post_block_request(0x4242, 0, 0, None),
+            VIRTIO_BLK_S_UNSUPP,
+        ),
     ];
     // Wrong data direction: IN data marked device-readable.
     let data = driver.alloc(512);
     expected.push((
-        driver.post_request_chain(T_IN, 0, &[(data, 512, false)]),
-        S_IOERR,
+        driver.post_request_chain(VIRTIO_BLK_T_IN, 0, &[(data, 512, false)]),
+        VIRTIO_BLK_S_IOERR,
     ));
     // Data buffer outside guest memory.
     expected.push((
-        driver.post_request_chain(T_IN, 0, &[(0xfff0_0000, 512, true)]),
-        S_IOERR,
+        driver.post_request_chain(VIRTIO_BLK_T_IN, 0, &[(0xfff0_0000, 512, true)]),
+        VIRTIO_BLK_S_IOERR,
     ));
     // Header too short.
     let header = driver.alloc(16);
     expected.push((
         driver.post_chain_with_status(&[(header, 8, false)], &[]),
-        S_IOERR,
+        VIRTIO_BLK_S_IOERR,
     ));
 
     let used: Vec<(u16, u32)> = expected.iter().map(|(p, _)| (p.head, 1)).collect();
@@ -174,12 +187,12 @@ fn avail_head_beyond_the_table_is_skipped() {
     let image = blank_image(SECTORS);
     let mut driver = running(&image, false);
     driver.post_head(QUEUE_SIZE + 5);
-    let good = driver.post_block_request(T_IN, 0, 512, None);
+    let good = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
     driver.notify();
     // The bogus head cannot go on the used ring; the good request still completes.
     driver.wait_used(1);
     assert_eq!(driver.used_elem(0).0, u32::from(good.head));
-    assert_eq!(driver.status_byte(&good), S_OK);
+    assert_eq!(driver.status_byte(&good), VIRTIO_BLK_S_OK);
 }
 
 #[test]
@@ -187,12 +200,12 @@ fn readonly_disk_refuses_writes_and_serves_reads() {
     let image = blank_image(SECTORS);
     image.as_file().write_all_at(&[0x5a; 512], 512).unwrap();
     let mut driver = running(&image, true);
-    let write = driver.post_block_request(T_OUT, 1, 512, Some(&[0xee; 512]));
-    let read = driver.post_block_request(T_IN, 1, 512, None);
+    let write = driver.post_block_request(VIRTIO_BLK_T_OUT, 1, 512, Some(&[0xee; 512]));
+    let read = driver.post_block_request(VIRTIO_BLK_T_IN, 1, 512, None);
     driver.notify();
     driver.wait_used(2);
-    assert_eq!(driver.status_byte(&write), S_IOERR);
-    assert_eq!(driver.status_byte(&read), S_OK);
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_IOERR);
+    assert_eq!(driver.status_byte(&read), VIRTIO_BLK_S_OK);
     assert_eq!(driver.read_guest(read.data_addr, 512), vec![0x5a; 512]);
     assert_eq!(image_bytes(&image, 512, 512), vec![0x5a; 512]);
     assert_eq!(driver.transport.lock().unwrap().counters()["write_ops"], 0);
@@ -222,13 +235,13 @@ fn buffers_spanning_two_guest_regions_and_several_descriptors() {
     driver.write_guest(SPLIT - 0x800, &payload[..0x1000]);
     driver.write_guest(0x30_0000, &payload[0x1000..]);
     let write = driver.post_request_chain(
-        T_OUT,
+        VIRTIO_BLK_T_OUT,
         40,
         &[(SPLIT - 0x800, 0x1000, false), (0x30_0000, 0x600, false)],
     );
     driver.notify();
     driver.wait_used(1);
-    assert_eq!(driver.status_byte(&write), S_OK);
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_OK);
     assert_eq!(
         image_bytes(&image, 40 * 512, payload.len()),
         payload,
@@ -243,10 +256,14 @@ fn buffers_spanning_two_guest_regions_and_several_descriptors() {
         (SPLIT - 0x100, 0x400),
         (0x38_0000, 0x1000),
     ];
-    let read = driver.post_request_chain(T_IN, 40, &parts.map(|(addr, len)| (addr, len, true)));
+    let read = driver.post_request_chain(
+        VIRTIO_BLK_T_IN,
+        40,
+        &parts.map(|(addr, len)| (addr, len, true)),
+    );
     driver.notify();
     driver.wait_used(2);
-    assert_eq!(driver.status_byte(&read), S_OK);
+    assert_eq!(driver.status_byte(&read), VIRTIO_BLK_S_OK);
     assert_eq!(driver.used_elem(1), (u32::from(read.head), 0x1600 + 1));
     let mut in_guest = Vec::new();
     for (addr, len) in parts {
@@ -269,17 +286,25 @@ fn a_read_past_the_end_of_a_shrunk_image_is_an_error_not_stale_data() {
     let mut driver = running(&image, false);
     // Another process truncates the image under the running device: its last sector is gone.
     image.as_file().set_len((SECTORS - 1) * 512).unwrap();
-    let short = driver.post_block_request(T_IN, SECTORS - 2, 1024, None);
-    let gone = driver.post_block_request(T_IN, SECTORS - 1, 512, None);
-    let before = driver.post_block_request(T_IN, SECTORS - 2, 512, None);
+    let short = driver.post_block_request(VIRTIO_BLK_T_IN, SECTORS - 2, 1024, None);
+    let gone = driver.post_block_request(VIRTIO_BLK_T_IN, SECTORS - 1, 512, None);
+    let before = driver.post_block_request(VIRTIO_BLK_T_IN, SECTORS - 2, 512, None);
     driver.notify();
     driver.wait_used(3);
-    assert_eq!(driver.status_byte(&short), S_IOERR, "short read at EOF");
+    assert_eq!(
+        driver.status_byte(&short),
+        VIRTIO_BLK_S_IOERR,
+        "short read at EOF"
+    );
     assert_eq!(driver.used_elem(0), (u32::from(short.head), 1));
-    assert_eq!(driver.status_byte(&gone), S_IOERR, "read entirely past EOF");
+    assert_eq!(
+        driver.status_byte(&gone),
+        VIRTIO_BLK_S_IOERR,
+        "read entirely past EOF"
+    );
     assert_eq!(
         driver.status_byte(&before),
-        S_OK,
+        VIRTIO_BLK_S_OK,
         "the sector before EOF still reads"
     );
     assert_eq!(driver.transport.lock().unwrap().counters()["read_ops"], 1);
@@ -314,14 +339,14 @@ fn large_reads_across_regions_arrive_intact_and_report_a_rate() {
     for batch in 1..=BATCHES {
         driver.write_guest(BUFFER, &[0; 512]);
         let reads: Vec<Posted> = (0..BATCH)
-            .map(|_| driver.post_request_chain(T_IN, 0, &data))
+            .map(|_| driver.post_request_chain(VIRTIO_BLK_T_IN, 0, &data))
             .collect();
         let started = std::time::Instant::now();
         driver.notify();
         driver.wait_used(batch * BATCH);
         elapsed += started.elapsed();
         for read in &reads {
-            assert_eq!(driver.status_byte(read), S_OK);
+            assert_eq!(driver.status_byte(read), VIRTIO_BLK_S_OK);
         }
     }
     assert_eq!(driver.read_guest(BUFFER, LEN as usize), contents);

@@ -285,10 +285,7 @@ mod tests {
     fn running_vm(memory: u64) -> (Region, VmHandle) {
         let options = OpenOptions {
             format: true,
-            extent_alignment: 4096,
-            state_slot_len: 8192,
-            table_copy_len: 8192,
-            ..OpenOptions::default()
+            ..OpenOptions::compact()
         };
         let region = Region::open_store(
             Box::new(MemoryBackend::default()),

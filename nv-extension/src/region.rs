@@ -63,6 +63,20 @@ impl Default for OpenOptions {
     }
 }
 
+impl OpenOptions {
+    /// The layout of a small region (tests, fuzzing): 4 KiB extent alignment, 8 KiB state slots
+    /// and table copies, so that a region with a few VMs stays a few pages. Everything else is
+    /// the default: set `create_if_missing` or `format` on top.
+    pub fn compact() -> Self {
+        OpenOptions {
+            extent_alignment: 4096,
+            state_slot_len: 8192,
+            table_copy_len: 8192,
+            ..OpenOptions::default()
+        }
+    }
+}
+
 /// One line of `list_vms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSummary {

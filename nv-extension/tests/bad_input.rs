@@ -41,10 +41,8 @@ fn fixture() -> &'static Fixture {
         let path = dir.path().join("region.nv");
         let options = OpenOptions {
             create_if_missing: true,
-            extent_alignment: 4096,
             state_slot_len: 4096,
-            table_copy_len: 8192,
-            ..OpenOptions::default()
+            ..OpenOptions::compact()
         };
         let region = Region::open(&path, &options).unwrap();
         let mut committed: BTreeMap<String, Committed> = BTreeMap::new();

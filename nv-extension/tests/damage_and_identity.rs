@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use nv_extension::{Error, OpenOptions, Region, RunKind, SaveReport, ShutdownKind, VmHandle};
+use rustix::fs::{mkfifoat, Mode, CWD};
 
 mod common;
 use common::{create_options, new_region, save_blob};
@@ -213,9 +214,7 @@ fn a_read_only_open_lists_without_opening_for_write_and_refuses_changes() {
 fn fifos_directories_and_other_devices_are_refused_before_being_opened() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
-    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo on a path in our own temporary directory.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    mkfifoat(CWD, &fifo, Mode::RUSR | Mode::WUSR).unwrap();
     for read_only in [true, false] {
         let options = OpenOptions {
             read_only,

@@ -2,7 +2,6 @@
 //! protected-mode kernel is copied to `code32_start`, and the zero page (`struct boot_params`)
 //! carries the image's own setup header, amended by the loader, plus the e820 map.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::mem::{offset_of, size_of};
 
@@ -17,7 +16,7 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 use super::initramfs::{load_initramfs, LoadedInitramfs};
 use super::{check_cmdline, check_fits_in_ram, check_kernel_placement};
 use super::{low_ram_end, write_cmdline};
-use super::{BootEntry, BootProtocol};
+use super::{BootEntry, BootProtocol, KernelImage};
 use crate::e820::e820_map;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE_START};
 use crate::Error;
@@ -39,18 +38,12 @@ pub const LOADER_TYPE_UNDEFINED: u8 = 0xFF;
 /// `vid_mode` value asking for the normal text mode, i.e. no mode switch.
 const VID_MODE_NORMAL: u16 = 0xFFFF;
 
-pub(super) fn load<M, K>(
-    mem: &M,
-    kernel: &mut K,
-    header: &[u8],
-    cmdline: &str,
-    initramfs: Option<&mut File>,
-) -> Result<BootEntry, Error>
+pub(super) fn load<M, K>(image: KernelImage<'_, M, K>) -> Result<BootEntry, Error>
 where
     M: GuestMemoryBackend,
     K: Read + Seek + ReadVolatile,
 {
-    let image_header = read_setup_header(header)?;
+    let image_header = read_setup_header(image.header)?;
     let version = image_header.version;
     if version < MIN_PROTOCOL_VERSION {
         return Err(Error::BootProtocolTooOld { version });
@@ -58,13 +51,13 @@ where
     if image_header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::No64BitEntry);
     }
-    let protected_mode_size = check_image_complete(kernel, &image_header)?;
-    check_fits_in_ram(mem, protected_mode_size)?;
+    let protected_mode_size = check_image_complete(image.kernel, &image_header)?;
+    check_fits_in_ram(image.mem, protected_mode_size)?;
     let kernel_cmdline_max = image_header.cmdline_size as usize;
-    check_cmdline(cmdline, kernel_cmdline_max.min(CMDLINE_MAX_SIZE - 1))?;
+    check_cmdline(image.cmdline, kernel_cmdline_max.min(CMDLINE_MAX_SIZE - 1))?;
 
-    let loaded =
-        BzImage::load(mem, None, kernel, Some(HIGH_RAM_START)).map_err(Error::LoadBzImage)?;
+    let loaded = BzImage::load(image.mem, None, image.kernel, Some(HIGH_RAM_START))
+        .map_err(Error::LoadBzImage)?;
     // The kernel decompresses itself to its runtime address and needs `init_size` bytes there
     // before it reads the memory map; that range must be RAM and stay clear of the initramfs.
     let init_end = runtime_start(&image_header, loaded.kernel_load.0)
@@ -74,25 +67,25 @@ where
             end: u64::MAX,
         })?;
     let kernel_end = loaded.kernel_end.max(init_end);
-    check_kernel_placement(mem, loaded.kernel_load, kernel_end)?;
+    check_kernel_placement(image.mem, loaded.kernel_load, kernel_end)?;
     // The loader only returns `None` for ELF images.
     let mut setup_header = loaded.setup_header.ok_or(Error::NotAKernel)?;
 
-    let initramfs = match initramfs {
+    let initramfs = match image.initramfs {
         Some(file) => {
             // initrd_addr_max is the highest address the initramfs may occupy (inclusive).
             let limit = u64::from(image_header.initrd_addr_max) + 1;
             Some(load_initramfs(
-                mem,
+                image.mem,
                 file,
                 kernel_end,
-                limit.min(low_ram_end(mem)),
+                limit.min(low_ram_end(image.mem)),
             )?)
         }
         None => None,
     };
 
-    write_cmdline(mem, cmdline)?;
+    write_cmdline(image.mem, image.cmdline)?;
 
     setup_header.type_of_loader = LOADER_TYPE_UNDEFINED;
     setup_header.loadflags |= LOADED_HIGH;
@@ -103,8 +96,8 @@ where
         ..Default::default()
     };
     set_ramdisk(&mut params, initramfs);
-    set_e820(&mut params, mem)?;
-    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, ZERO_PAGE_START), mem)
+    set_e820(&mut params, image.mem)?;
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, ZERO_PAGE_START), image.mem)
         .map_err(Error::WriteBootParams)?;
 
     Ok(BootEntry {

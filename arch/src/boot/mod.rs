@@ -68,13 +68,31 @@ where
     let header_len = read_up_to(kernel, &mut header).map_err(Error::ReadKernel)?;
     let header = &header[..header_len];
 
+    let image = KernelImage {
+        mem,
+        kernel,
+        header,
+        cmdline,
+        initramfs,
+    };
     if header.starts_with(ELF_MAGIC) {
-        pvh::load(mem, kernel, header, cmdline, initramfs)
+        pvh::load(image)
     } else if header.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
-        bzimage::load(mem, kernel, header, cmdline, initramfs)
+        bzimage::load(image)
     } else {
         Err(Error::NotAKernel)
     }
+}
+
+/// What [`load_kernel`] hands to the loader of the protocol it detected.
+struct KernelImage<'a, M, K> {
+    mem: &'a M,
+    kernel: &'a mut K,
+    /// The start of the image, as read to tell the kinds apart ([`HEADER_WINDOW`] bytes or
+    /// fewer).
+    header: &'a [u8],
+    cmdline: &'a str,
+    initramfs: Option<&'a mut File>,
 }
 
 /// Reads into `buf` until it is full or the input ends; returns the number of bytes read.

@@ -2,7 +2,6 @@
 //! arch/x86/platform/pvh): load the ELF segments, then write `hvm_start_info` version 1 with
 //! the command line, the memory map and, if given, the initramfs as module 0.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::mem::size_of;
 
@@ -19,7 +18,7 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::initramfs::{load_initramfs, LoadedInitramfs};
 use super::{check_fits_in_ram, check_kernel_placement, low_ram_end, write_cmdline};
-use super::{BootEntry, BootProtocol};
+use super::{BootEntry, BootProtocol, KernelImage};
 use crate::e820::{e820_map, E820Entry};
 use crate::layout::{
     CMDLINE_START, HIGH_RAM_START, PVH_MEMMAP, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST, PVH_START_INFO,
@@ -31,40 +30,35 @@ pub const START_INFO_MAGIC: u32 = 0x336E_C578;
 /// Version 1 adds the memory map fields.
 pub const START_INFO_VERSION: u32 = 1;
 
-pub(super) fn load<M, K>(
-    mem: &M,
-    kernel: &mut K,
-    header: &[u8],
-    cmdline: &str,
-    initramfs: Option<&mut File>,
-) -> Result<BootEntry, Error>
+pub(super) fn load<M, K>(image: KernelImage<'_, M, K>) -> Result<BootEntry, Error>
 where
     M: GuestMemoryBackend,
     K: Read + Seek + ReadVolatile,
 {
-    let segments = read_load_segments(kernel, header)?;
+    let segments = read_load_segments(image.kernel, image.header)?;
     // Only the loaded segments count: a vmlinux with debug info is far larger than its image.
     let loaded_size = segments
         .iter()
         .fold(0u64, |total, segment| total.saturating_add(segment.memsz));
-    check_fits_in_ram(mem, loaded_size)?;
+    check_fits_in_ram(image.mem, loaded_size)?;
     for segment in &segments {
-        check_kernel_placement(mem, segment.paddr, segment.paddr.0 + segment.memsz)?;
+        check_kernel_placement(image.mem, segment.paddr, segment.paddr.0 + segment.memsz)?;
     }
 
-    let loaded = Elf::load(mem, None, kernel, Some(HIGH_RAM_START)).map_err(Error::LoadElf)?;
+    let loaded =
+        Elf::load(image.mem, None, image.kernel, Some(HIGH_RAM_START)).map_err(Error::LoadElf)?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => entry,
         PvhBootCapability::PvhEntryNotPresent | PvhBootCapability::PvhEntryIgnored => {
             return Err(Error::NoPvhEntry)
         }
     };
-    check_kernel_placement(mem, entry, entry.0 + 1)?;
+    check_kernel_placement(image.mem, entry, entry.0 + 1)?;
     // The loader copies only the file-backed part of each segment. On NV memory a cold boot
     // reuses RAM that still holds the previous run, so the zero-filled tail (.bss) is cleared
     // here rather than trusting the memory to be fresh.
     for segment in &segments {
-        zero_segment_tail(mem, segment)?;
+        zero_segment_tail(image.mem, segment)?;
     }
 
     let kernel_end = segments
@@ -72,13 +66,18 @@ where
         .map(|segment| segment.paddr.0 + segment.memsz)
         .max()
         .unwrap_or(loaded.kernel_end);
-    let initramfs = match initramfs {
-        Some(file) => Some(load_initramfs(mem, file, kernel_end, low_ram_end(mem))?),
+    let initramfs = match image.initramfs {
+        Some(file) => Some(load_initramfs(
+            image.mem,
+            file,
+            kernel_end,
+            low_ram_end(image.mem),
+        )?),
         None => None,
     };
 
-    write_cmdline(mem, cmdline)?;
-    write_start_info(mem, &e820_map(mem), initramfs)?;
+    write_cmdline(image.mem, image.cmdline)?;
+    write_start_info(image.mem, &e820_map(image.mem), initramfs)?;
     Ok(BootEntry {
         protocol: BootProtocol::Pvh,
         entry,

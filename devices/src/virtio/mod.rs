@@ -3,6 +3,7 @@
 mod block;
 mod io_thread;
 mod mmio;
+pub mod mmio_registers;
 
 use std::collections::BTreeMap;
 use std::io;

@@ -8,10 +8,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The transport's register map: the driver addresses registers by the device's own offsets.
+pub use devices::virtio::mmio_registers::*;
 use devices::virtio::{
     status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use devices::{Bus, EventFdInterrupt, InterruptLine};
+/// Request types and status codes by the definitions the device uses.
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -27,42 +35,9 @@ const BUFFERS_AFTER_RESTORE: u64 = 0x20_0000;
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
-
 pub const VERSION_1: u64 = 1 << 32;
 pub const BLK_F_RO: u64 = 1 << 5;
 pub const BLK_F_FLUSH: u64 = 1 << 9;
-
-// Register offsets, from the virtio 1.x "MMIO Device Register Layout".
-pub const MAGIC: u64 = 0x00;
-pub const VERSION: u64 = 0x04;
-pub const DEVICE_ID: u64 = 0x08;
-pub const DEVICE_FEATURES: u64 = 0x10;
-pub const DEVICE_FEATURES_SEL: u64 = 0x14;
-pub const DRIVER_FEATURES: u64 = 0x20;
-pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-pub const QUEUE_SEL: u64 = 0x30;
-pub const QUEUE_NUM_MAX: u64 = 0x34;
-pub const QUEUE_NUM: u64 = 0x38;
-pub const QUEUE_READY: u64 = 0x44;
-pub const QUEUE_NOTIFY: u64 = 0x50;
-pub const INTERRUPT_STATUS: u64 = 0x60;
-pub const INTERRUPT_ACK: u64 = 0x64;
-pub const STATUS: u64 = 0x70;
-pub const QUEUE_DESC_LOW: u64 = 0x80;
-pub const QUEUE_DESC_HIGH: u64 = 0x84;
-pub const QUEUE_DRIVER_LOW: u64 = 0x90;
-pub const QUEUE_DRIVER_HIGH: u64 = 0x94;
-pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
-pub const QUEUE_DEVICE_HIGH: u64 = 0xa4;
-pub const CONFIG_GENERATION: u64 = 0xfc;
-pub const CONFIG: u64 = 0x100;
 
 /// One descriptor of a chain being built: (guest address, length, device-writable).
 pub type Buffer = (u64, u32, bool);
@@ -173,7 +148,7 @@ impl TestDriver {
         self.bus
             .write(VIRTIO_MMIO_BASE + offset, &value.to_le_bytes())
             .unwrap();
-        if offset == STATUS {
+        if offset == REG_STATUS {
             let _ = self.transport.lock().unwrap().activate_pending();
         }
     }
@@ -181,54 +156,54 @@ impl TestDriver {
     pub fn config_u64(&self, offset: u64) -> u64 {
         let mut data = [0u8; 8];
         self.bus
-            .read(VIRTIO_MMIO_BASE + CONFIG + offset, &mut data)
+            .read(VIRTIO_MMIO_BASE + CONFIG_SPACE + offset, &mut data)
             .unwrap();
         u64::from_le_bytes(data)
     }
 
     pub fn device_features(&self) -> u64 {
-        self.write32(DEVICE_FEATURES_SEL, 0);
-        let low = self.read32(DEVICE_FEATURES);
-        self.write32(DEVICE_FEATURES_SEL, 1);
-        let high = self.read32(DEVICE_FEATURES);
+        self.write32(REG_DEVICE_FEATURES_SEL, 0);
+        let low = self.read32(REG_DEVICE_FEATURES);
+        self.write32(REG_DEVICE_FEATURES_SEL, 1);
+        let high = self.read32(REG_DEVICE_FEATURES);
         (u64::from(high) << 32) | u64::from(low)
     }
 
     pub fn write_driver_features(&self, features: u64) {
-        self.write32(DRIVER_FEATURES_SEL, 0);
-        self.write32(DRIVER_FEATURES, features as u32);
-        self.write32(DRIVER_FEATURES_SEL, 1);
-        self.write32(DRIVER_FEATURES, (features >> 32) as u32);
+        self.write32(REG_DRIVER_FEATURES_SEL, 0);
+        self.write32(REG_DRIVER_FEATURES, features as u32);
+        self.write32(REG_DRIVER_FEATURES_SEL, 1);
+        self.write32(REG_DRIVER_FEATURES, (features >> 32) as u32);
     }
 
     /// The virtio 1.x driver initialisation sequence ("Device Initialization"), up to and
     /// including DRIVER_OK. Returns the final status register.
     pub fn initialise(&self, features: u64) -> u32 {
-        self.write32(STATUS, 0);
-        self.write32(STATUS, status::ACKNOWLEDGE);
-        self.write32(STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        self.write32(REG_STATUS, 0);
+        self.write32(REG_STATUS, status::ACKNOWLEDGE);
+        self.write32(REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
         self.write_driver_features(features);
         let with_features = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        self.write32(STATUS, with_features);
-        assert_eq!(self.read32(STATUS), with_features, "features refused");
+        self.write32(REG_STATUS, with_features);
+        assert_eq!(self.read32(REG_STATUS), with_features, "features refused");
         self.setup_queue();
-        self.write32(STATUS, with_features | status::DRIVER_OK);
-        self.read32(STATUS)
+        self.write32(REG_STATUS, with_features | status::DRIVER_OK);
+        self.read32(REG_STATUS)
     }
 
     pub fn setup_queue(&self) {
-        self.write32(QUEUE_SEL, 0);
-        assert_eq!(self.read32(QUEUE_READY), 0);
-        assert_eq!(self.read32(QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
-        self.write32(QUEUE_NUM, u32::from(QUEUE_SIZE));
-        self.write32(QUEUE_DESC_LOW, DESC_TABLE as u32);
-        self.write32(QUEUE_DESC_HIGH, 0);
-        self.write32(QUEUE_DRIVER_LOW, AVAIL_RING as u32);
-        self.write32(QUEUE_DRIVER_HIGH, 0);
-        self.write32(QUEUE_DEVICE_LOW, USED_RING as u32);
-        self.write32(QUEUE_DEVICE_HIGH, 0);
-        self.write32(QUEUE_READY, 1);
-        assert_eq!(self.read32(QUEUE_READY), 1);
+        self.write32(REG_QUEUE_SEL, 0);
+        assert_eq!(self.read32(REG_QUEUE_READY), 0);
+        assert_eq!(self.read32(REG_QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
+        self.write32(REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write32(REG_QUEUE_DESC_LOW, DESC_TABLE as u32);
+        self.write32(REG_QUEUE_DESC_HIGH, 0);
+        self.write32(REG_QUEUE_DRIVER_LOW, AVAIL_RING as u32);
+        self.write32(REG_QUEUE_DRIVER_HIGH, 0);
+        self.write32(REG_QUEUE_DEVICE_LOW, USED_RING as u32);
+        self.write32(REG_QUEUE_DEVICE_HIGH, 0);
+        self.write32(REG_QUEUE_READY, 1);
+        assert_eq!(self.read32(REG_QUEUE_READY), 1);
     }
 
     pub fn alloc(&mut self, len: u64) -> u64 {
@@ -313,7 +288,7 @@ impl TestDriver {
         if let Some(bytes) = payload {
             self.write_guest(data, bytes);
         }
-        self.post_request_chain(kind, sector, &[(data, data_len, kind != T_OUT)])
+        self.post_request_chain(kind, sector, &[(data, data_len, kind != VIRTIO_BLK_T_OUT)])
     }
 
     /// Posts a block request whose data descriptors are `data` as given (any address, length and
@@ -345,7 +320,7 @@ impl TestDriver {
 
     /// The guest's notify, through the MMIO register (as a trapped MMIO write would arrive).
     pub fn notify(&self) {
-        self.write32(QUEUE_NOTIFY, 0);
+        self.write32(REG_QUEUE_NOTIFY, 0);
     }
 
     pub fn used_idx(&self) -> u16 {
@@ -393,14 +368,20 @@ impl TestDriver {
     /// (after a fault, a restore, a reset).
     pub fn assert_serves_a_read(&mut self) {
         let used = self.used_idx().wrapping_add(1);
-        let read = self.post_block_request(T_IN, 0, 512, None);
+        let read = self.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
         self.notify();
         self.wait_used(used);
-        assert_eq!(self.status_byte(&read), S_OK, "a plain read after the rest");
+        assert_eq!(
+            self.status_byte(&read),
+            VIRTIO_BLK_S_OK,
+            "a plain read after the rest"
+        );
     }
 
-    pub fn status_byte(&self, posted: &Posted) -> u8 {
-        self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap()
+    /// The request's status byte, widened to the type of the `VIRTIO_BLK_S_*` codes.
+    pub fn status_byte(&self, posted: &Posted) -> u32 {
+        let byte: u8 = self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap();
+        u32::from(byte)
     }
 
     pub fn write_guest(&self, addr: u64, bytes: &[u8]) {

@@ -26,10 +26,7 @@ impl RegionTarget {
         let path = self.dir.path().join(format!("seed-{vms}"));
         let options = OpenOptions {
             create_if_missing: true,
-            extent_alignment: 4096,
-            state_slot_len: 8192,
-            table_copy_len: 8192,
-            ..Default::default()
+            ..OpenOptions::compact()
         };
         let region = Region::open(&path, &options)?;
         for index in 0..vms {
