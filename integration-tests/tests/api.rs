@@ -27,7 +27,7 @@ use integration_tests::harness::{
 use integration_tests::openapi;
 use integration_tests::process;
 use serde_json::{json, Value};
-use vmm::api::{check_state, RouteAction, VmState, ROUTES};
+use vmm::api::{check_state, VmState, ROUTES};
 
 /// Boot is emulated ring-0 code here: a generous bound for a guest's first lines.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -314,10 +314,8 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     // for the state (404 or 500), or 501 where the state would allow it.
     let unimplemented: Vec<_> = ROUTES
         .iter()
-        .filter_map(|route| match route.action {
-            RouteAction::NotImplemented(operation) => Some((route, operation)),
-            _ => None,
-        })
+        .filter(|route| route.operation.is_unimplemented())
+        .map(|route| (route, route.operation))
         .collect();
     assert!(unimplemented.len() >= 15, "{unimplemented:?}");
     for (route, operation) in &unimplemented {

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ApiSocketConfig, RestoreConfig, VmConfig};
 
 pub use lifecycle::{check_state, Operation, StateRefusal};
-pub use routes::{HttpMethod, Route, RouteAction, API_PREFIX, ROUTES};
+pub use routes::{HttpMethod, Route, API_PREFIX, ROUTES};
 pub use server::ServerLimits;
 
 /// One operation asked of the control loop.
@@ -59,8 +59,6 @@ pub enum ApiRequest {
     VmShutdown,
     /// `PUT /vm.reboot`.
     VmReboot,
-    /// `PUT /vm.power-button`.
-    VmPowerButton,
     /// `PUT /vm.snapshot`: copy-based snapshot in upstream's directory layout.
     VmSnapshot(VmSnapshotConfig),
     /// `PUT /vm.restore`: copy-based restore from a snapshot directory.

@@ -27,133 +27,76 @@ impl HttpMethod {
     }
 }
 
-/// What a route does once its method matched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouteAction {
-    VmmPing,
-    VmmShutdown,
-    VmCreate,
-    VmBoot,
-    VmDelete,
-    VmInfo,
-    VmCounters,
-    VmPause,
-    VmResume,
-    VmShutdown,
-    VmReboot,
-    VmPowerButton,
-    VmSnapshot,
-    VmRestore,
-    NvStatus,
-    NvPowerFail,
-    NvSuspend,
-    NvRecover,
-    NvRegions,
-    /// An upstream operation this VMM does not implement (see [`Operation::is_unimplemented`]).
-    NotImplemented(Operation),
-}
-
 /// One API path: `op` is the part after `/api/v1/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub op: &'static str,
     pub method: HttpMethod,
-    pub action: RouteAction,
+    /// The operation it asks for: [`build_request`] turns it into an [`ApiRequest`].
+    pub operation: Operation,
     /// True for our NV additions (not in the upstream spec).
     pub nv_extension: bool,
 }
 
-const fn upstream(op: &'static str, method: HttpMethod, action: RouteAction) -> Route {
+const fn upstream(op: &'static str, method: HttpMethod, operation: Operation) -> Route {
     Route {
         op,
         method,
-        action,
+        operation,
         nv_extension: false,
     }
 }
 
-const fn nv(op: &'static str, method: HttpMethod, action: RouteAction) -> Route {
+const fn nv(op: &'static str, method: HttpMethod, operation: Operation) -> Route {
     Route {
         op,
         method,
-        action,
+        operation,
         nv_extension: true,
     }
 }
 
 use HttpMethod::{Get, Put};
-use RouteAction as A;
+use Operation as O;
 
 /// Every path we answer. Upstream's are in the order of its spec.
 pub const ROUTES: &[Route] = &[
-    upstream("vmm.ping", Get, A::VmmPing),
-    upstream("vmm.shutdown", Put, A::VmmShutdown),
-    upstream("vm.info", Get, A::VmInfo),
-    upstream("vm.counters", Get, A::VmCounters),
-    upstream("vm.create", Put, A::VmCreate),
-    upstream("vm.delete", Put, A::VmDelete),
-    upstream("vm.boot", Put, A::VmBoot),
-    upstream("vm.pause", Put, A::VmPause),
-    upstream("vm.resume", Put, A::VmResume),
-    upstream("vm.shutdown", Put, A::VmShutdown),
-    upstream("vm.reboot", Put, A::VmReboot),
-    upstream("vm.power-button", Put, A::VmPowerButton),
-    upstream("vm.resize", Put, A::NotImplemented(Operation::Resize)),
-    upstream(
-        "vm.resize-disk",
-        Put,
-        A::NotImplemented(Operation::ResizeDisk),
-    ),
-    upstream(
-        "vm.resize-zone",
-        Put,
-        A::NotImplemented(Operation::ResizeZone),
-    ),
-    upstream(
-        "vm.add-device",
-        Put,
-        A::NotImplemented(Operation::AddDevice),
-    ),
-    upstream(
-        "vm.remove-device",
-        Put,
-        A::NotImplemented(Operation::RemoveDevice),
-    ),
-    upstream("vm.add-disk", Put, A::NotImplemented(Operation::AddDisk)),
-    upstream("vm.add-fs", Put, A::NotImplemented(Operation::AddFs)),
-    upstream(
-        "vm.add-generic-vhost-user",
-        Put,
-        A::NotImplemented(Operation::AddGenericVhostUser),
-    ),
-    upstream("vm.add-pmem", Put, A::NotImplemented(Operation::AddPmem)),
-    upstream("vm.add-net", Put, A::NotImplemented(Operation::AddNet)),
-    upstream("vm.add-vsock", Put, A::NotImplemented(Operation::AddVsock)),
-    upstream("vm.add-vdpa", Put, A::NotImplemented(Operation::AddVdpa)),
-    upstream(
-        "vm.add-user-device",
-        Put,
-        A::NotImplemented(Operation::AddUserDevice),
-    ),
-    upstream("vm.snapshot", Put, A::VmSnapshot),
-    upstream("vm.coredump", Put, A::NotImplemented(Operation::Coredump)),
-    upstream("vm.nmi", Put, A::NotImplemented(Operation::Nmi)),
-    upstream("vm.restore", Put, A::VmRestore),
-    upstream(
-        "vm.receive-migration",
-        Put,
-        A::NotImplemented(Operation::ReceiveMigration),
-    ),
-    upstream(
-        "vm.send-migration",
-        Put,
-        A::NotImplemented(Operation::SendMigration),
-    ),
-    nv("vm.nv-status", Get, A::NvStatus),
-    nv("vm.power-fail", Put, A::NvPowerFail),
-    nv("vm.nv-suspend", Put, A::NvSuspend),
-    nv("vm.nv-recover", Put, A::NvRecover),
-    nv("vmm.nv-regions", Get, A::NvRegions),
+    upstream("vmm.ping", Get, O::VmmPing),
+    upstream("vmm.shutdown", Put, O::VmmShutdown),
+    upstream("vm.info", Get, O::Info),
+    upstream("vm.counters", Get, O::Counters),
+    upstream("vm.create", Put, O::Create),
+    upstream("vm.delete", Put, O::Delete),
+    upstream("vm.boot", Put, O::Boot),
+    upstream("vm.pause", Put, O::Pause),
+    upstream("vm.resume", Put, O::Resume),
+    upstream("vm.shutdown", Put, O::Shutdown),
+    upstream("vm.reboot", Put, O::Reboot),
+    upstream("vm.power-button", Put, O::PowerButton),
+    upstream("vm.resize", Put, O::Resize),
+    upstream("vm.resize-disk", Put, O::ResizeDisk),
+    upstream("vm.resize-zone", Put, O::ResizeZone),
+    upstream("vm.add-device", Put, O::AddDevice),
+    upstream("vm.remove-device", Put, O::RemoveDevice),
+    upstream("vm.add-disk", Put, O::AddDisk),
+    upstream("vm.add-fs", Put, O::AddFs),
+    upstream("vm.add-generic-vhost-user", Put, O::AddGenericVhostUser),
+    upstream("vm.add-pmem", Put, O::AddPmem),
+    upstream("vm.add-net", Put, O::AddNet),
+    upstream("vm.add-vsock", Put, O::AddVsock),
+    upstream("vm.add-vdpa", Put, O::AddVdpa),
+    upstream("vm.add-user-device", Put, O::AddUserDevice),
+    upstream("vm.snapshot", Put, O::Snapshot),
+    upstream("vm.coredump", Put, O::Coredump),
+    upstream("vm.nmi", Put, O::Nmi),
+    upstream("vm.restore", Put, O::Restore),
+    upstream("vm.receive-migration", Put, O::ReceiveMigration),
+    upstream("vm.send-migration", Put, O::SendMigration),
+    nv("vm.nv-status", Get, O::NvStatus),
+    nv("vm.power-fail", Put, O::NvPowerFail),
+    nv("vm.nv-suspend", Put, O::NvSuspend),
+    nv("vm.nv-recover", Put, O::NvRecover),
+    nv("vmm.nv-regions", Get, O::NvRegions),
 ];
 
 /// The route for a request path (without its query), if any.
@@ -185,20 +128,19 @@ pub fn build_request(
     body: &[u8],
     query: Option<&str>,
 ) -> Result<ApiRequest, ApiError> {
-    let request = match route.action {
-        A::VmmPing => ApiRequest::VmmPing,
-        A::VmmShutdown => ApiRequest::VmmShutdown,
-        A::VmCreate => ApiRequest::VmCreate(Box::new(parse_vm_config(route, body)?)),
-        A::VmBoot => ApiRequest::VmBoot,
-        A::VmDelete => ApiRequest::VmDelete,
-        A::VmInfo => ApiRequest::VmInfo,
-        A::VmCounters => ApiRequest::VmCounters,
-        A::VmPause => ApiRequest::VmPause,
-        A::VmResume => ApiRequest::VmResume,
-        A::VmShutdown => ApiRequest::VmShutdown,
-        A::VmReboot => ApiRequest::VmReboot,
-        A::VmPowerButton => ApiRequest::VmPowerButton,
-        A::VmSnapshot => {
+    let request = match route.operation {
+        O::VmmPing => ApiRequest::VmmPing,
+        O::VmmShutdown => ApiRequest::VmmShutdown,
+        O::Create => ApiRequest::VmCreate(Box::new(parse_vm_config(route, body)?)),
+        O::Boot => ApiRequest::VmBoot,
+        O::Delete => ApiRequest::VmDelete,
+        O::Info => ApiRequest::VmInfo,
+        O::Counters => ApiRequest::VmCounters,
+        O::Pause => ApiRequest::VmPause,
+        O::Resume => ApiRequest::VmResume,
+        O::Shutdown => ApiRequest::VmShutdown,
+        O::Reboot => ApiRequest::VmReboot,
+        O::Snapshot => {
             let config = parse_body::<VmSnapshotConfig>(route, body)?;
             if config.destination_url.is_empty() {
                 return Err(ApiError::invalid_request(
@@ -207,7 +149,7 @@ pub fn build_request(
             }
             ApiRequest::VmSnapshot(config)
         }
-        A::VmRestore => {
+        O::Restore => {
             let raw: serde_json::Value = parse_body(route, body)?;
             // Upstream resizes memory zones on restore; serde would drop the member silently.
             let zone_updates = raw.get("zone_updates");
@@ -228,10 +170,10 @@ pub fn build_request(
             }
             ApiRequest::VmRestore(config)
         }
-        A::NvStatus => ApiRequest::NvStatus,
-        A::NvPowerFail => ApiRequest::NvPowerFail,
-        A::NvSuspend => ApiRequest::NvSuspend,
-        A::NvRecover => {
+        O::NvStatus => ApiRequest::NvStatus,
+        O::NvPowerFail => ApiRequest::NvPowerFail,
+        O::NvSuspend => ApiRequest::NvSuspend,
+        O::NvRecover => {
             let config = parse_body::<NvRecoverConfig>(route, body)?;
             if config.region.is_empty() || config.vm.is_empty() {
                 return Err(ApiError::invalid_request(
@@ -240,8 +182,9 @@ pub fn build_request(
             }
             ApiRequest::NvRecover(config)
         }
-        A::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
-        A::NotImplemented(operation) => ApiRequest::Unimplemented(operation),
+        O::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
+        // Upstream operations this VMM does not implement (`Operation::is_unimplemented`).
+        operation => ApiRequest::Unimplemented(operation),
     };
     Ok(request)
 }

@@ -169,11 +169,6 @@ impl Vmm {
                 }
                 Answer::from(rebooted)
             }
-            ApiRequest::VmPowerButton => Answer::error(
-                check_state(Operation::PowerButton, self.api_state())
-                    .err()
-                    .unwrap_or_else(|| not_implemented(Operation::PowerButton)),
-            ),
             ApiRequest::Unimplemented(operation) => Answer::error(
                 check_state(operation, self.api_state())
                     .err()
