@@ -67,6 +67,21 @@ pub fn samples_since(samples: &[OpsSample], from: Instant) -> Vec<OpsSample> {
     samples.iter().copied().filter(|s| s.at >= from).collect()
 }
 
+/// The samples of the last `window` before the newest one, and at least the last two: a host
+/// that starved the guest's thread for longer than the window still yields one interval to
+/// measure the level over instead of none.
+pub fn level_samples(samples: &[OpsSample], window: Duration) -> Vec<OpsSample> {
+    let Some(last) = samples.last() else {
+        return Vec::new();
+    };
+    let in_window = samples_since(samples, last.at - window);
+    if in_window.len() >= 2 {
+        in_window
+    } else {
+        samples[samples.len().saturating_sub(2)..].to_vec()
+    }
+}
+
 /// How long after `start` the first interval ran at >= `fraction` of `level`: the end of that
 /// interval, since only then has the host seen the service back at that rate.
 pub fn time_to_service(
@@ -90,6 +105,28 @@ mod tests {
             at: base + Duration::from_millis(ms),
             text: text.to_string(),
         }
+    }
+
+    #[test]
+    fn the_level_is_the_last_window_or_at_least_the_last_interval() {
+        let base = Instant::now();
+        let at = |ms: u64, ops: u64| OpsSample {
+            at: base + Duration::from_millis(ms),
+            ops,
+        };
+        let steady = [at(0, 0), at(100, 10), at(200, 20), at(300, 30)];
+        assert_eq!(
+            level_samples(&steady, Duration::from_millis(150)),
+            steady[2..].to_vec()
+        );
+        // Lines further apart than the window (a starved guest thread): the last interval.
+        let sparse = [at(0, 0), at(1500, 150), at(3000, 300)];
+        assert_eq!(
+            level_samples(&sparse, Duration::from_secs(1)),
+            sparse[1..].to_vec()
+        );
+        assert_eq!(level_samples(&sparse[..1], Duration::from_secs(1)).len(), 1);
+        assert!(level_samples(&[], Duration::from_secs(1)).is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::profile::keys_label;
 use crate::running_vm::RunningVm;
 use crate::serial::TimedLine;
 use crate::stats::median;
-use crate::throughput::{mean_rate, ops_samples, rates, samples_since, time_to_service};
+use crate::throughput::{level_samples, mean_rate, ops_samples, rates, time_to_service};
 
 /// Progress lines every 50 ms: the resolution of "back in service" (100 ms, the guest's own
 /// pace, would round every method up by up to two periods).
@@ -331,9 +331,7 @@ fn measure_with(
             .is_some_and(|line| line.at >= serving_at + load)
     })?;
     let before = ops_samples(&vm.serial.lines());
-    let last_at = before.last().map(|s| s.at).unwrap_or(serving_at);
-    let level_samples = samples_since(&before, last_at - bench.profile.level_window);
-    let level = mean_rate(&level_samples)
+    let level = mean_rate(&level_samples(&before, bench.profile.level_window))
         .ok_or_else(|| vm.timeout("two progress lines before the failure", load))?;
 
     // The failure.
