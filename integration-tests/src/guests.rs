@@ -417,7 +417,7 @@ const SCRATCH_RAM: usize = 64 << 20;
 /// ELF, truncated, without the note, or larger than the scratch RAM.
 pub fn pvh_entry_point(image: &[u8]) -> Option<u32> {
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), SCRATCH_RAM)]).ok()?;
-    let entry = arch::load_kernel(&memory, &mut io::Cursor::new(image), "", None).ok()?;
+    let entry = arch::load_kernel(&memory, &mut io::Cursor::new(image), "", None, None).ok()?;
     if entry.protocol != arch::BootProtocol::Pvh {
         return None;
     }

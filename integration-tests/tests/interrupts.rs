@@ -74,8 +74,14 @@ impl Guest {
         let tsc_khz = vcpu.get_tsc_khz().unwrap();
         let cmdline = format!("tsc_khz={tsc_khz} {parameters}");
         let image = guest_image("intcheck").unwrap();
-        let entry =
-            arch::load_kernel(&vm.mem, &mut File::open(image).unwrap(), &cmdline, None).unwrap();
+        let entry = arch::load_kernel(
+            &vm.mem,
+            &mut File::open(image).unwrap(),
+            &cmdline,
+            None,
+            None,
+        )
+        .unwrap();
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
         vcpu.set_cpuid2(&cpuid).unwrap();
         vm.program_boot_vcpu(&vcpu, &entry);

@@ -69,7 +69,14 @@ fn bzimage(code: &[u8]) -> Vec<u8> {
 /// Boots `image` and returns the 32-bit values the guest wrote to the serial port before `hlt`.
 fn boot_and_collect(kvm: &Kvm, image: Vec<u8>) -> (BootEntry, Vec<u32>) {
     let vm = MinimalVm::new(kvm, RAM_SIZE, |_| {});
-    let entry = load_kernel(&vm.mem, &mut Cursor::new(image), "console=ttyS0", None).unwrap();
+    let entry = load_kernel(
+        &vm.mem,
+        &mut Cursor::new(image),
+        "console=ttyS0",
+        None,
+        None,
+    )
+    .unwrap();
     let mut vcpu = vm.vm.create_vcpu(0).unwrap();
     vm.program_boot_vcpu(&vcpu, &entry);
 

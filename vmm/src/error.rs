@@ -72,6 +72,8 @@ pub enum Error {
         #[source]
         source: arch::Error,
     },
+    #[error("writing the ACPI tables: {0}")]
+    AcpiTables(#[source] arch::acpi::AcpiError),
     #[error("setting up the boot registers: {0}")]
     BootRegisters(#[source] arch::Error),
     #[error("setting up the boot registers: initial MSR list: {0}")]
@@ -327,6 +329,7 @@ impl Error {
             | Error::KernelOpen { .. }
             | Error::InitramfsOpen { .. }
             | Error::KernelLoad { .. }
+            | Error::AcpiTables(_)
             | Error::BootRegisters(_)
             | Error::BootMsrList(_)
             | Error::BootMsrRefused(_)
@@ -373,7 +376,7 @@ mod tests {
         let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         // A directory opens but cannot be read (EISDIR): arch's ReadKernel with an io cause.
         let mut kernel = File::open(std::env::temp_dir()).unwrap();
-        let arch_error = arch::load_kernel(&memory, &mut kernel, "console=ttyS0", None)
+        let arch_error = arch::load_kernel(&memory, &mut kernel, "console=ttyS0", None, None)
             .expect_err("a directory is no kernel");
         let error = Error::KernelLoad {
             path: PathBuf::from("/boot/vmlinux"),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::DeviceManager;
@@ -227,11 +227,18 @@ impl Vm {
             None => None,
         };
         let cmdline = self.kernel_cmdline();
-        let entry = arch::load_kernel(&self.memory, &mut kernel, &cmdline, initramfs.as_mut())
-            .map_err(|source| Error::KernelLoad {
-                path: PathBuf::from(kernel_path),
-                source,
-            })?;
+        let rsdp = self.write_acpi_tables()?;
+        let entry = arch::load_kernel(
+            &self.memory,
+            &mut kernel,
+            &cmdline,
+            initramfs.as_mut(),
+            Some(rsdp),
+        )
+        .map_err(|source| Error::KernelLoad {
+            path: PathBuf::from(kernel_path),
+            source,
+        })?;
         log::info!(
             "kernel {kernel_path} loaded: {:?} entry at {:#x}",
             entry.protocol,
@@ -245,6 +252,16 @@ impl Vm {
         self.run_state = VmRunState::Running;
         emit_vm(VmEvent::Booted);
         Ok(())
+    }
+
+    /// Writes the ACPI tables for this VM's vCPUs and RAM (cold boot only: a restored or
+    /// recovered guest keeps the tables its memory holds) and returns the RSDP's address.
+    fn write_acpi_tables(&self) -> Result<GuestAddress, Error> {
+        let vcpus = u32::try_from(self.vcpus.count()).unwrap_or(u32::MAX);
+        let platform = arch::acpi::PlatformDescription::new(vcpus, self.memory_actual_size());
+        let tables = arch::acpi::AcpiTables::build(&platform).map_err(Error::AcpiTables)?;
+        tables.write_to(&self.memory).map_err(Error::AcpiTables)?;
+        Ok(tables.rsdp_addr())
     }
 
     /// The command line the guest gets: the configured one, then one `virtio_mmio.device=` token

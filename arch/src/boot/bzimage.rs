@@ -93,6 +93,7 @@ where
     setup_header.cmd_line_ptr = CMDLINE_START.0 as u32;
     let mut params = boot_params {
         hdr: setup_header,
+        acpi_rsdp_addr: image.acpi_rsdp,
         ..Default::default()
     };
     set_ramdisk(&mut params, initramfs);

@@ -50,11 +50,16 @@ const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 ///
 /// Guest RAM must start at address 0 and cover at least the first MiB (boot structures live
 /// there; kernels are loaded from 1 MiB up).
+///
+/// `acpi_rsdp` is where the ACPI tables' RSDP sits (the caller writes the tables): it goes into
+/// `hvm_start_info.rsdp_paddr` (PVH) or `boot_params.acpi_rsdp_addr` (Linux boot protocol);
+/// `None` leaves the field 0, a guest without ACPI.
 pub fn load_kernel<M, K>(
     mem: &M,
     kernel: &mut K,
     cmdline: &str,
     initramfs: Option<&mut File>,
+    acpi_rsdp: Option<GuestAddress>,
 ) -> Result<BootEntry, Error>
 where
     M: GuestMemoryBackend,
@@ -74,6 +79,7 @@ where
         header,
         cmdline,
         initramfs,
+        acpi_rsdp: acpi_rsdp.map_or(0, |addr| addr.0),
     };
     if header.starts_with(ELF_MAGIC) {
         pvh::load(image)
@@ -93,6 +99,8 @@ struct KernelImage<'a, M, K> {
     header: &'a [u8],
     cmdline: &'a str,
     initramfs: Option<&'a mut File>,
+    /// The RSDP's guest-physical address for the boot protocol's field, 0 for none.
+    acpi_rsdp: u64,
 }
 
 /// Reads into `buf` until it is full or the input ends; returns the number of bytes read.

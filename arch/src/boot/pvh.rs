@@ -77,7 +77,7 @@ where
     };
 
     write_cmdline(image.mem, image.cmdline)?;
-    write_start_info(image.mem, &e820_map(image.mem), initramfs)?;
+    write_start_info(image.mem, &e820_map(image.mem), initramfs, image.acpi_rsdp)?;
     Ok(BootEntry {
         protocol: BootProtocol::Pvh,
         entry,
@@ -173,6 +173,7 @@ fn write_start_info<M: GuestMemoryBackend>(
     mem: &M,
     memory_map: &[E820Entry],
     initramfs: Option<LoadedInitramfs>,
+    rsdp_paddr: u64,
 ) -> Result<(), Error> {
     if memory_map.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(Error::TooManyMemoryMapEntries {
@@ -205,6 +206,7 @@ fn write_start_info<M: GuestMemoryBackend>(
         cmdline_paddr: CMDLINE_START.0,
         memmap_paddr: PVH_MEMMAP.0,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr,
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, PVH_START_INFO);

@@ -202,7 +202,18 @@ fn bzimage(spec: &BzSpec) -> Vec<u8> {
 }
 
 fn load(mem: &Memory, image: &[u8], cmdline: &str) -> Result<BootEntry, Error> {
-    load_kernel(mem, &mut Cursor::new(image.to_vec()), cmdline, None)
+    load_kernel(mem, &mut Cursor::new(image.to_vec()), cmdline, None, None)
+}
+
+/// Loads `image` with an empty command line and the RSDP at `rsdp`.
+fn load_with_rsdp(mem: &Memory, image: &[u8], rsdp: u64) -> Result<BootEntry, Error> {
+    load_kernel(
+        mem,
+        &mut Cursor::new(image.to_vec()),
+        "",
+        None,
+        Some(GuestAddress(rsdp)),
+    )
 }
 
 /// Loads `image` with an empty command line and `initrd` as the initramfs.
@@ -213,6 +224,7 @@ fn load_with_initramfs(mem: &Memory, image: &[u8], initrd: &[u8]) -> Result<Boot
         &mut Cursor::new(image.to_vec()),
         "",
         Some(&mut initrd_file),
+        None,
     )
 }
 
@@ -438,6 +450,7 @@ fn bzimage_is_loaded_and_zero_page_written() {
     assert_eq!(u32_at(&mem, zp + 0x0C0), 0, "ext_ramdisk_image");
     assert_eq!(u32_at(&mem, zp + 0x0C4), 0, "ext_ramdisk_size");
     assert_eq!(u32_at(&mem, zp + 0x0C8), 0, "ext_cmd_line_ptr");
+    assert_eq!(u64_at(&mem, zp + 0x070), 0, "acpi_rsdp_addr: no ACPI");
     // e820: count at 0x1e8, 20-byte entries from 0x2d0.
     assert_eq!(u8_at(&mem, zp + 0x1E8), 3, "e820_entries");
     assert_memmap_entry(&mem, zp + 0x2D0, 0, 0xA_0000, 1);
@@ -448,6 +461,55 @@ fn bzimage_is_loaded_and_zero_page_written() {
     let mut expected = cmdline.as_bytes().to_vec();
     expected.push(0);
     assert_eq!(read_bytes(&mem, 0x2_0000, expected.len()), expected);
+}
+
+#[test]
+fn the_rsdp_address_goes_into_both_protocols_fields() {
+    // Stale bytes in the boot structures, as NV memory holds after the previous run.
+    let stale = |mem: &Memory| {
+        mem.write_slice(&[0xAA; 0x3000], GuestAddress(0x6000))
+            .unwrap()
+    };
+
+    // PVH: hvm_start_info.rsdp_paddr is the u64 at offset 32.
+    let mem = memory(64 * MIB);
+    stale(&mem);
+    let entry = load_with_rsdp(&mem, &elf_image(&ElfSpec::default()), 0xE_0000).unwrap();
+    assert_eq!(entry.boot_info, GuestAddress(0x6000));
+    assert_eq!(u64_at(&mem, 0x6000 + 32), 0xE_0000, "rsdp_paddr");
+    assert_eq!(
+        u64_at(&mem, 0x6000 + 24),
+        0x2_0000,
+        "cmdline_paddr unchanged"
+    );
+    assert_eq!(u64_at(&mem, 0x6000 + 40), 0x7000, "memmap_paddr unchanged");
+
+    // Linux boot protocol: boot_params.acpi_rsdp_addr is the u64 at 0x070 of the zero page.
+    let mem = memory(64 * MIB);
+    stale(&mem);
+    let entry = load_with_rsdp(&mem, &bzimage(&BzSpec::default()), 0xE_0040).unwrap();
+    assert_eq!(entry.boot_info, GuestAddress(0x8000));
+    assert_eq!(u64_at(&mem, 0x8000 + 0x070), 0xE_0040, "acpi_rsdp_addr");
+    assert_eq!(u8_at(&mem, 0x8000 + 0x078), 0, "the field ends at 0x077");
+    assert_eq!(
+        u32_at(&mem, 0x8000 + 0x228),
+        0x2_0000,
+        "cmd_line_ptr unchanged"
+    );
+
+    // Without ACPI both fields are 0 even over stale memory.
+    let mem = memory(64 * MIB);
+    stale(&mem);
+    load(&mem, &elf_image(&ElfSpec::default()), "").unwrap();
+    assert_eq!(u64_at(&mem, 0x6000 + 32), 0, "rsdp_paddr without ACPI");
+    let mem = memory(64 * MIB);
+    stale(&mem);
+    load(&mem, &bzimage(&BzSpec::default()), "").unwrap();
+    assert_eq!(
+        u64_at(&mem, 0x8000 + 0x070),
+        0,
+        "acpi_rsdp_addr without ACPI"
+    );
 }
 
 #[test]
