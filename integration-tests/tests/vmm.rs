@@ -695,3 +695,110 @@ fn snapshot_and_restore_of_shared_file_memory_copies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     counter_survives_snapshot_and_restore(file_memory(&dir.path().join("ram")), 0);
 }
+
+/// Sum of `bytes` modulo 256: 0 for a table with a right checksum.
+fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |sum, byte| sum.wrapping_add(*byte))
+}
+
+fn guest_bytes(vm: &Vm, address: u64, len: usize) -> Vec<u8> {
+    use vm_memory::Bytes;
+    let mut bytes = vec![0u8; len];
+    vm.memory()
+        .read_slice(&mut bytes, vm_memory::GuestAddress(address))
+        .unwrap_or_else(|e| panic!("reading {len} bytes at {address:#x}: {e}"));
+    bytes
+}
+
+fn u32_in(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+fn u64_in(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// A table's whole bytes from its header's length, checked: signature and zero checksum.
+fn guest_table(vm: &Vm, address: u64, signature: &[u8; 4]) -> Vec<u8> {
+    let header = guest_bytes(vm, address, 36);
+    assert_eq!(&header[0..4], signature, "table at {address:#x}");
+    let table = guest_bytes(vm, address, u32_in(&header, 4) as usize);
+    assert_eq!(byte_sum(&table), 0, "{:?} checksum", signature);
+    table
+}
+
+/// A cold boot writes the ACPI tables for the VM's vCPUs and hands the RSDP to the guest: the
+/// guest (PVH) finds it in `hvm_start_info.rsdp_paddr`, and from there the XSDT leads to a MADT
+/// with one enabled local APIC per vCPU. Read back from guest memory after the guest runs.
+#[test]
+fn a_cold_boot_gives_the_guest_acpi_tables_for_its_vcpus() {
+    integration_tests::require_kvm!();
+    const VCPUS: u8 = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut config = config(&test_guest("counter"), "", anonymous_memory(), &log);
+    config.cpus = CpusConfig {
+        boot_vcpus: VCPUS,
+        max_vcpus: VCPUS,
+        ..Default::default()
+    };
+    let mut vm = create_vm(&config);
+    vm.boot().expect("boot");
+    wait_for_counter_lines(&log, 1);
+    vm.pause().expect("pause");
+
+    // hvm_start_info at 0x6000 (docs/boot.md): rsdp_paddr is the u64 at offset 32.
+    let start_info = guest_bytes(&vm, 0x6000, 56);
+    assert_eq!(u32_in(&start_info, 0), 0x336E_C578, "start_info magic");
+    let rsdp_address = u64_in(&start_info, 32);
+    assert_eq!(
+        rsdp_address, 0xE_0000,
+        "the RSDP sits at the base of the ACPI area"
+    );
+
+    let rsdp = guest_bytes(&vm, rsdp_address, 36);
+    assert_eq!(&rsdp[0..8], b"RSD PTR ");
+    assert_eq!(byte_sum(&rsdp[0..20]), 0, "RSDP checksum");
+    assert_eq!(byte_sum(&rsdp), 0, "RSDP extended checksum");
+    assert_eq!(rsdp[15], 2, "RSDP revision");
+
+    let xsdt = guest_table(&vm, u64_in(&rsdp, 24), b"XSDT");
+    let entries: Vec<u64> = (36..xsdt.len())
+        .step_by(8)
+        .map(|at| u64_in(&xsdt, at))
+        .collect();
+    let mut signatures = Vec::new();
+    for &address in &entries {
+        signatures.push(guest_bytes(&vm, address, 4));
+    }
+    let madt_address = entries[signatures
+        .iter()
+        .position(|signature| signature == b"APIC")
+        .unwrap_or_else(|| panic!("no MADT in the XSDT: {signatures:?}"))];
+    let madt = guest_table(&vm, madt_address, b"APIC");
+    assert_eq!(u32_in(&madt, 36), 0xFEE0_0000, "local APIC address");
+    // Interrupt controller structures from offset 44: type, length, body.
+    let mut apic_ids = Vec::new();
+    let mut at = 44;
+    while at < madt.len() {
+        let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+        assert!(len >= 2, "MADT entry at {at} has length {len}");
+        if kind == 0 {
+            assert_eq!(u32_in(&madt, at + 4) & 1, 1, "local APIC enabled");
+            apic_ids.push(madt[at + 3]);
+        }
+        at += len;
+    }
+    assert_eq!(
+        apic_ids,
+        (0..VCPUS).collect::<Vec<u8>>(),
+        "one LAPIC per vCPU"
+    );
+
+    let fadt_address = entries[signatures
+        .iter()
+        .position(|signature| signature == b"FACP")
+        .expect("no FADT in the XSDT")];
+    guest_table(&vm, fadt_address, b"FACP");
+    vm.shutdown();
+}
