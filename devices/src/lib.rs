@@ -1,13 +1,14 @@
 //! Emulated devices of NV-Hypervisor: a 16550 serial port (with its output files and
-//! pseudo-terminals in `console_io`), the i8042 reset line, the ISA pvpanic port, and virtio-blk
-//! over a virtio-mmio (version 2) transport; the PCI bus 0 model with MSI-X (`pci`) that
-//! virtio-pci will sit on.
+//! pseudo-terminals in `console_io`), the i8042 reset line, the ACPI shutdown/reset port, the ISA
+//! pvpanic port, and virtio-blk over a virtio-mmio (version 2) transport; the PCI bus 0 model
+//! with MSI-X (`pci`) that virtio-pci will sit on.
 //!
 //! The crate knows nothing of KVM. The VMM routes vCPU exits into a [`Bus`], wires each
 //! [`InterruptLine`] to an irqfd, and registers the virtio queue-notify eventfds as ioeventfds.
 //! Every device exposes versioned serde state so a power-fail save can capture it and an in-place
 //! recovery can rebuild it (see `docs/devices.md`).
 
+mod acpi_shutdown;
 mod bus;
 pub mod console_io;
 mod error;
@@ -19,6 +20,10 @@ mod serial;
 mod state_mirror;
 pub mod virtio;
 
+pub use acpi_shutdown::{
+    AcpiShutdownDevice, ACPI_POWER_OFF_VALUE, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE,
+    ACPI_SHUTDOWN_LEN,
+};
 pub use bus::{Bus, BusDevice};
 pub use error::{Error, Result};
 pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};

@@ -8,6 +8,9 @@
  *   echo=N     reads COM1 input (polling the line status register) and
  *              answers each line with "echo: <line>", N lines, then goes on
  *   exit=reset ends the VM through the i8042 at the end (else spins)
+ *   exit=acpi-off   powers off through the ACPI sleep control port (0x600:
+ *                   SLP_TYP 5 | SLP_EN, what the FADT and \_S5 announce)
+ *   exit=acpi-reset resets through the ACPI reset register (0x600: 1)
  */
 #include "console.h"
 #include "params.h"
@@ -20,6 +23,9 @@
 #define PVPANIC_PORT 0x505
 #define PVPANIC_PANICKED 0x01
 #define LINE_MAX 200
+#define ACPI_SHUTDOWN_PORT 0x600
+#define ACPI_RESET_VALUE 0x01
+#define ACPI_S5_SLEEP_ENABLE 0x34
 
 static void print_lines(uint64_t count)
 {
@@ -87,4 +93,12 @@ void guest_main(void)
 	const char *exit = param_str("exit");
 	if (exit && text_equal(exit, "reset"))
 		guest_reset();
+	if (exit && text_equal(exit, "acpi-off")) {
+		port_out8(ACPI_SHUTDOWN_PORT, ACPI_S5_SLEEP_ENABLE);
+		guest_stop();
+	}
+	if (exit && text_equal(exit, "acpi-reset")) {
+		port_out8(ACPI_SHUTDOWN_PORT, ACPI_RESET_VALUE);
+		guest_stop();
+	}
 }

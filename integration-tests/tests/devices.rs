@@ -362,3 +362,59 @@ fn serial_output_to_dev_full_is_reported_once_not_per_byte() {
         );
     }
 }
+
+/// Runs devcheck with `exit=<exit>` (info logging, events to a file) and returns the VMM's
+/// stderr and the events, after asserting the run ended the VMM with exit code 0.
+fn acpi_exit_run(label: &str, exit: &str) -> (String, Vec<serde_json::Value>) {
+    let dir = scratch_dir();
+    let serial = dir.path().join("serial.log");
+    let events = dir.path().join("events");
+    let mut arguments = guest_arguments("devcheck", &format!("exit={exit}"), "32M");
+    arguments.extend(serial_file_arguments(&serial));
+    arguments.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+        "-v".into(),
+    ]);
+    let mut vmm = spawn(dir.path(), label, &arguments);
+    let stderr = vmm.expect_exit(0, label);
+    let output = read_log(&serial);
+    assert!(output.contains("devcheck: done"), "{label}: {output}");
+    (stderr, read_events(&events))
+}
+
+fn vm_event_names(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|event| event["source"] == "vm")
+        .map(|event| event["event"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A guest that writes SLP_TYP 5 | SLP_EN (what the FADT and `\_S5` announce) to the ACPI
+/// sleep control port 0x600 powers the VM off: the VMM ends as for any guest power off.
+#[test]
+fn acpi_sleep_control_s5_powers_the_vm_off() {
+    integration_tests::require_kvm!();
+    let (stderr, events) = acpi_exit_run("acpi-off", "acpi-off");
+    assert!(stderr.contains("guest powered off"), "{stderr}");
+    assert!(!stderr.contains("reset"), "{stderr}");
+    assert!(
+        vm_event_names(&events).contains(&"shutdown".to_string()),
+        "{events:?}"
+    );
+}
+
+/// The FADT's reset register (port 0x600, value 1) resets the VM: the VMM ends as for an
+/// i8042 reset.
+#[test]
+fn acpi_reset_register_resets_the_vm() {
+    integration_tests::require_kvm!();
+    let (stderr, events) = acpi_exit_run("acpi-reset", "acpi-reset");
+    assert!(stderr.contains("guest requested a reset"), "{stderr}");
+    assert!(!stderr.contains("guest powered off"), "{stderr}");
+    assert!(
+        vm_event_names(&events).contains(&"shutdown".to_string()),
+        "{events:?}"
+    );
+}

@@ -1,11 +1,11 @@
 //! Builds the VM's devices from its config and wires them to KVM: COM1 on the port-I/O bus with an
 //! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
-//! reset line, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
-//! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
-//! through the `IoHandler` this module implements. A vCPU never activates a device: the guest's
-//! DRIVER_OK write leaves the activation pending and wakes the control loop
-//! (`VmEvents::device_activation`), which calls `activate_pending`; device threads are started
-//! there and confined with the `BlockIo` filter first thing (`device_thread_start_hook`).
+//! reset line, the ACPI shutdown/reset port, the pvpanic port, and virtio-blk disks on
+//! virtio-mmio at the platform contract's addresses and GSIs (irqfd per GSI, ioeventfd per queue
+//! notify). vCPU threads reach the devices through the `IoHandler` this module implements. A vCPU
+//! never activates a device: the guest's DRIVER_OK write leaves the activation pending and wakes
+//! the control loop (`VmEvents::device_activation`), which calls `activate_pending`; device
+//! threads are started there and confined with the `BlockIo` filter first thing (`device_thread_start_hook`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -18,7 +18,8 @@ use devices::virtio::{
     MmioTransportState, VIRTIO_MMIO_SIZE,
 };
 use devices::{
-    Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent, SerialDevice, SerialState,
+    AcpiShutdownDevice, Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent,
+    SerialDevice, SerialState,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
@@ -166,6 +167,7 @@ impl DeviceManager {
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
+        manager.add_acpi_shutdown(events)?;
         if config.pvpanic {
             manager.add_pvpanic()?;
         }
@@ -346,6 +348,26 @@ impl DeviceManager {
                 Arc::new(Mutex::new(I8042Device::new(reset))),
             )
             .map_err(|e| Error::device("i8042", e))
+    }
+
+    /// The ACPI shutdown/reset port the FADT names: its requests take the same way as the i8042
+    /// reset line's and a vCPU's shutdown exit.
+    fn add_acpi_shutdown(&mut self, events: &Arc<VmEvents>) -> Result<(), Error> {
+        let clone = |evt: &EventFd, operation| {
+            evt.try_clone()
+                .map_err(|source| Error::EventFd { operation, source })
+        };
+        let device = AcpiShutdownDevice::new(
+            clone(&events.reset, "clone (ACPI reset)")?,
+            clone(&events.shutdown, "clone (ACPI power off)")?,
+        );
+        self.pio_bus
+            .insert(
+                u64::from(arch::layout::ACPI_SHUTDOWN_PORT),
+                devices::ACPI_SHUTDOWN_LEN,
+                Arc::new(Mutex::new(device)),
+            )
+            .map_err(|e| Error::device("ACPI shutdown", e))
     }
 
     /// Puts a virtio-blk disk on the next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on
