@@ -94,19 +94,21 @@ mod tests {
     }
 
     #[test]
-    fn writing_the_reset_value_signals_a_reset_only() {
-        let mut f = fixture();
-        f.dev.write(0, &[1]);
-        assert_eq!(f.reset.read().unwrap(), 1);
-        assert!(f.shutdown.read().is_err(), "no power off");
-    }
-
-    #[test]
-    fn writing_s5_with_sleep_enable_signals_power_off_only() {
-        let mut f = fixture();
-        f.dev.write(0, &[0x34]);
-        assert_eq!(f.shutdown.read().unwrap(), 1);
-        assert!(f.reset.read().is_err(), "no reset");
+    fn the_reset_value_resets_and_s5_with_sleep_enable_powers_off() {
+        for (value, resets) in [(1u8, true), (0x34, false)] {
+            let mut f = fixture();
+            f.dev.write(0, &[value]);
+            let (signalled, quiet) = if resets {
+                (&f.reset, &f.shutdown)
+            } else {
+                (&f.shutdown, &f.reset)
+            };
+            assert_eq!(signalled.read().unwrap(), 1, "{value:#x}: signalled once");
+            assert!(
+                quiet.read().is_err(),
+                "{value:#x}: the other request stays quiet"
+            );
+        }
     }
 
     #[test]

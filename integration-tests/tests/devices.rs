@@ -391,18 +391,24 @@ fn vm_event_names(events: &[serde_json::Value]) -> Vec<String> {
         .collect()
 }
 
+/// Runs devcheck with `exit=<exit>` and asserts how the VMM ended: its log says `expected`
+/// and not `unexpected`, and the VM's `shutdown` event was emitted.
+fn assert_acpi_exit(exit: &str, expected: &str, unexpected: &str) {
+    let (stderr, events) = acpi_exit_run(exit, exit);
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(!stderr.contains(unexpected), "{stderr}");
+    assert!(
+        vm_event_names(&events).contains(&"shutdown".to_string()),
+        "{events:?}"
+    );
+}
+
 /// A guest that writes SLP_TYP 5 | SLP_EN (what the FADT and `\_S5` announce) to the ACPI
 /// sleep control port 0x600 powers the VM off: the VMM ends as for any guest power off.
 #[test]
 fn acpi_sleep_control_s5_powers_the_vm_off() {
     integration_tests::require_kvm!();
-    let (stderr, events) = acpi_exit_run("acpi-off", "acpi-off");
-    assert!(stderr.contains("guest powered off"), "{stderr}");
-    assert!(!stderr.contains("reset"), "{stderr}");
-    assert!(
-        vm_event_names(&events).contains(&"shutdown".to_string()),
-        "{events:?}"
-    );
+    assert_acpi_exit("acpi-off", "guest powered off", "reset");
 }
 
 /// The FADT's reset register (port 0x600, value 1) resets the VM: the VMM ends as for an
@@ -410,11 +416,5 @@ fn acpi_sleep_control_s5_powers_the_vm_off() {
 #[test]
 fn acpi_reset_register_resets_the_vm() {
     integration_tests::require_kvm!();
-    let (stderr, events) = acpi_exit_run("acpi-reset", "acpi-reset");
-    assert!(stderr.contains("guest requested a reset"), "{stderr}");
-    assert!(!stderr.contains("guest powered off"), "{stderr}");
-    assert!(
-        vm_event_names(&events).contains(&"shutdown".to_string()),
-        "{events:?}"
-    );
+    assert_acpi_exit("acpi-reset", "guest requested a reset", "guest powered off");
 }
