@@ -1164,3 +1164,26 @@ fn a_triple_fault_right_after_recovery_is_reported() {
         "TripleFault"
     );
 }
+
+/// An NV VM's guest ends itself through the ACPI port 0x600: power off (`SLP_TYP 5 | SLP_EN`)
+/// is a clean end (exit code 0), the reset register a guest reset (`EXIT_GUEST_RESET`), the
+/// same as a reset through the i8042.
+#[test]
+fn acpi_power_off_and_reset_end_an_nv_vm_as_a_power_off_and_a_reset() {
+    integration_tests::require_kvm!();
+    for (exit, code) in [("acpi-off", 0), ("acpi-reset", EXIT_GUEST_RESET)] {
+        let dir = scratch_dir();
+        let region = dir.path().join("region");
+        let arguments = boot_arguments(
+            &test_guest("devcheck"),
+            &format!("exit={exit}"),
+            SMALL_RAM,
+            &region,
+            "acpi",
+        );
+        let mut vmm = spawn(dir.path(), exit, &arguments, &[]);
+        vmm.expect_exit(code, exit);
+        let log = vmm.serial_log();
+        assert!(log.contains("devcheck: done"), "{exit}: {log}");
+    }
+}
