@@ -259,9 +259,18 @@ fn counter_survives_save_and_restore(vcpus: u8) {
         file_memory(&ram),
         &second_log,
     )));
+    // Only a cold boot writes the ACPI tables: a restore keeps guest memory as it is.
+    let marker = b"not the ACPI tables";
+    vm_memory::Bytes::write_slice(vm.memory(), marker, vm_memory::GuestAddress(0xE_0000))
+        .expect("marker");
     vm.restore_state(&state).expect("restore state");
     vm.resume().expect("resume");
     let text = wait_for_counter_lines(&second_log, 3);
+    assert_eq!(
+        guest_bytes(&vm, 0xE_0000, marker.len()),
+        marker,
+        "the restore rewrote the ACPI area"
+    );
     vm.shutdown();
 
     assert!(
