@@ -1,5 +1,5 @@
 //! Emulated devices of NV-Hypervisor: a 16550 serial port (with its output files and
-//! pseudo-terminals in `console_io`), the i8042 reset line, the ISA pvpanic port, and virtio-blk
+//! pseudo-terminals in `console_io`), the i8042 reset line, the ISA pvpanic port, the ACPI Generic Event Device (power button), and virtio-blk
 //! over a virtio-mmio (version 2) transport; the PCI bus 0 model with MSI-X (`pci`) that
 //! virtio-pci will sit on.
 //!
@@ -11,6 +11,7 @@
 mod bus;
 pub mod console_io;
 mod error;
+mod ged;
 mod i8042;
 mod interrupt;
 pub mod pci;
@@ -21,6 +22,7 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 pub use error::{Error, Result};
+pub use ged::{GedDevice, GedState, GED_POWER_BUTTON, GED_STATE_VERSION};
 pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};
 pub use interrupt::{EventFdInterrupt, InterruptLine};
 pub use pvpanic::{
