@@ -30,6 +30,8 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error("cannot raise the GED interrupt: {0}")]
+    GedInterrupt(#[source] io::Error),
     #[error("serial state is invalid: {0}")]
     SerialState(String),
     #[error("pseudo-terminal: {operation} failed: {source}")]

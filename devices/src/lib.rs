@@ -1,7 +1,7 @@
 //! Emulated devices of NV-Hypervisor: a 16550 serial port (with its output files and
-//! pseudo-terminals in `console_io`), the i8042 reset line, the ACPI shutdown/reset port, the ISA
-//! pvpanic port, and virtio-blk over a virtio-mmio (version 2) transport; the PCI bus 0 model
-//! with MSI-X (`pci`) that virtio-pci will sit on.
+//! pseudo-terminals in `console_io`), the i8042 reset line, the ACPI shutdown/reset port, the ACPI
+//! Generic Event Device (power button), the ISA pvpanic port, and virtio-blk over a virtio-mmio
+//! (version 2) transport; the PCI bus 0 model with MSI-X (`pci`) that virtio-pci will sit on.
 //!
 //! The crate knows nothing of KVM. The VMM routes vCPU exits into a [`Bus`], wires each
 //! [`InterruptLine`] to an irqfd, and registers the virtio queue-notify eventfds as ioeventfds.
@@ -12,6 +12,7 @@ mod acpi_shutdown;
 mod bus;
 pub mod console_io;
 mod error;
+mod ged;
 mod i8042;
 mod interrupt;
 pub mod pci;
@@ -26,6 +27,7 @@ pub use acpi_shutdown::{
 };
 pub use bus::{Bus, BusDevice};
 pub use error::{Error, Result};
+pub use ged::{GedDevice, GedState, GED_POWER_BUTTON, GED_STATE_VERSION};
 pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};
 pub use interrupt::{EventFdInterrupt, InterruptLine};
 pub use pvpanic::{

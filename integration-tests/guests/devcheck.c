@@ -5,6 +5,9 @@
  *   lines=N    prints N numbered lines of output, then goes on
  *   pvpanic=1  reads the pvpanic port (0x505), prints the supported-events
  *              bitmap, reports a panic (bit 0) and says so
+ *   ged=1      polls the ACPI GED event register (0xf8000000) until the
+ *              power-button bit (3) is set, as the DSDT's _EVT reads it, and
+ *              prints the byte it read
  *   echo=N     reads COM1 input (polling the line status register) and
  *              answers each line with "echo: <line>", N lines, then goes on
  *   exit=reset ends the VM through the i8042 at the end (else spins)
@@ -26,6 +29,9 @@
 #define ACPI_SHUTDOWN_PORT 0x600
 #define ACPI_RESET_VALUE 0x01
 #define ACPI_S5_SLEEP_ENABLE 0x34
+/* The GED register page and its power-button bit (arch::layout, the DSDT). */
+#define GED_REGISTER ((volatile uint8_t *)0xf8000000UL)
+#define GED_POWER_BUTTON 0x08
 
 static void print_lines(uint64_t count)
 {
@@ -52,6 +58,19 @@ static void report_panic(void)
 	}
 	port_out8(PVPANIC_PORT, PVPANIC_PANICKED);
 	console_write("devcheck: panic reported\n");
+}
+
+static void wait_power_button(void)
+{
+	uint8_t events;
+
+	console_write("devcheck: ged ready\n");
+	while (!((events = *GED_REGISTER) & GED_POWER_BUTTON))
+		cpu_relax();
+	console_write("devcheck: power button events=0x");
+	console_putc("0123456789abcdef"[events >> 4]);
+	console_putc("0123456789abcdef"[events & 0xf]);
+	console_write("\n");
 }
 
 static char read_byte(void)
@@ -88,6 +107,8 @@ void guest_main(void)
 	print_lines(param_u64("lines", 0));
 	if (param_u64("pvpanic", 0))
 		report_panic();
+	if (param_u64("ged", 0))
+		wait_power_button();
 	echo_lines(param_u64("echo", 0));
 	console_write("devcheck: done\n");
 	const char *exit = param_str("exit");

@@ -476,8 +476,7 @@ fn ch_remote_drives_every_verb() {
     vmm.ch_remote_ok(&["pause"]);
     vmm.ch_remote_ok(&["snapshot", &snapshot]);
     vmm.ch_remote_ok(&["resume"]);
-    let message = vmm.ch_remote_refused(&["power-button"]);
-    assert!(message.contains("ACPI"), "{message}");
+    vmm.ch_remote_ok(&["power-button"]);
     vmm.ch_remote_ok(&["reboot"]);
     wait_for_counter_lines(&serial_log, 1, BOOT_TIMEOUT);
 

@@ -1,8 +1,10 @@
 //! The legacy devices as upstream cloud-hypervisor users drive them from the command line, end to
 //! end on KVM with the `devcheck` and `counter` test guests: `--serial pty` / `--console pty`
 //! (path in the log and in `vm.info`, output out and input in, a new pty after an NV recovery),
-//! `--pvpanic` (the guest's panic on the event monitor and in the log), and serial outputs that
-//! must never stall the VMM (a FIFO without a reader, `/dev/full`) or leak (created 0600).
+//! `--pvpanic` (the guest's panic on the event monitor and in the log), `ch-remote power-button`
+//! (the ACPI GED's event read by the guest, also when pending across a snapshot), and serial
+//! outputs that must never stall the VMM (a FIFO without a reader, `/dev/full`) or leak (created
+//! 0600).
 //!
 //! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
 //! tests that binary instead.
@@ -14,12 +16,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration_tests::api_client;
 use integration_tests::harness::{
-    counter_lines, guest_arguments, read_events, read_log, scratch_dir, serial_file_arguments,
-    strings,
+    counter_lines, guest_arguments, point_serial_to, read_events, read_log, scratch_dir,
+    serial_file_arguments, strings,
 };
 use integration_tests::process::VmmProcess;
+use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
@@ -91,6 +93,91 @@ fn without_pvpanic_the_port_is_unowned_and_nothing_is_reported() {
     let (_, events, stderr) = pvpanic_run("no-pvpanic", false, "0xff");
     assert!(events.iter().all(|event| event["source"] != "guest"));
     assert!(!stderr.contains("pvpanic"), "{stderr}");
+}
+
+/// What the devcheck guest prints once it read the power-button bit from the GED register.
+const POWER_BUTTON_SEEN: &str = "devcheck: power button events=0x08";
+
+/// `ch-remote --api-socket socket <arguments>`; it must succeed (exit 0, nothing printed).
+fn ch_remote_ok(socket: &Path, arguments: &[&str]) {
+    let output = std::process::Command::new(binaries::ch_remote())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(arguments)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running ch-remote");
+    assert!(
+        output.status.success() && output.stdout.is_empty(),
+        "ch-remote {arguments:?}: {output:?}"
+    );
+}
+
+/// A devcheck guest polling the GED register (`ged=1 exit=reset`) behind an API socket, once it
+/// said it polls. Returns the VMM and its socket.
+fn spawn_ged_guest(dir: &Path, label: &str) -> (VmmProcess, PathBuf) {
+    let socket = dir.join(format!("{label}.sock"));
+    let mut arguments = guest_arguments("devcheck", "ged=1 exit=reset", "32M");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir, label, &arguments, &[]).with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&socket, TIMEOUT);
+    vmm.wait_serial("the guest polling the GED", |log| {
+        log.contains("devcheck: ged ready")
+    });
+    (vmm, socket)
+}
+
+#[test]
+fn power_button_reaches_the_guest_as_the_ged_event() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let (mut vmm, socket) = spawn_ged_guest(dir.path(), "ged");
+    // Nothing pending before the press: the guest keeps polling.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = vmm.serial_log();
+    assert!(!before.contains("power button"), "{before}");
+    ch_remote_ok(&socket, &["power-button"]);
+    let log = vmm.wait_serial("the power button event", |log| {
+        log.contains("devcheck: done")
+    });
+    assert!(log.contains(POWER_BUTTON_SEEN), "{log}");
+    vmm.expect_exit(0, "ged");
+}
+
+/// A press the guest has not read yet (the VM paused) is in the snapshot: the restored guest
+/// reads it from the GED register.
+#[test]
+fn a_pending_power_button_press_survives_snapshot_and_restore() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let (mut first, socket) = spawn_ged_guest(dir.path(), "first");
+    ch_remote_ok(&socket, &["pause"]);
+    ch_remote_ok(&socket, &["power-button"]);
+    let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let snapshot = format!("file://{}", snapshot_dir.display());
+    ch_remote_ok(&socket, &["snapshot", &snapshot]);
+    first.kill();
+    let before = first.serial_log();
+    assert!(
+        !before.contains("power button"),
+        "read while paused:\n{before}"
+    );
+
+    let log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot_dir, &log);
+    let arguments = [
+        "--restore".into(),
+        format!("source_url={snapshot},resume=true"),
+    ];
+    let mut restored = spawn(dir.path(), "restored", &arguments).with_serial(log);
+    let text = restored.wait_serial("the power button event", |log| {
+        log.contains("devcheck: done")
+    });
+    assert!(text.contains(POWER_BUTTON_SEEN), "{text}");
+    assert!(!text.contains("devcheck: boot"), "booted again:\n{text}");
+    restored.expect_exit(0, "restored");
 }
 
 /// The path after `marker` in `log` (up to the next whitespace).

@@ -1,11 +1,12 @@
 //! Builds the VM's devices from its config and wires them to KVM: COM1 on the port-I/O bus with an
 //! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
-//! reset line, the ACPI shutdown/reset port, the pvpanic port, and virtio-blk disks on
-//! virtio-mmio at the platform contract's addresses and GSIs (irqfd per GSI, ioeventfd per queue
-//! notify). vCPU threads reach the devices through the `IoHandler` this module implements. A vCPU
-//! never activates a device: the guest's DRIVER_OK write leaves the activation pending and wakes
-//! the control loop (`VmEvents::device_activation`), which calls `activate_pending`; device
-//! threads are started there and confined with the `BlockIo` filter first thing (`device_thread_start_hook`).
+//! reset line, the ACPI shutdown/reset port, the ACPI GED (power button) page with an irqfd on
+//! GSI 3, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
+//! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
+//! through the `IoHandler` this module implements. A vCPU never activates a device: the guest's
+//! DRIVER_OK write leaves the activation pending and wakes the control loop
+//! (`VmEvents::device_activation`), which calls `activate_pending`; device threads are started
+//! there and confined with the `BlockIo` filter first thing (`device_thread_start_hook`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -18,8 +19,8 @@ use devices::virtio::{
     MmioTransportState, VIRTIO_MMIO_SIZE,
 };
 use devices::{
-    AcpiShutdownDevice, Bus, EventFdInterrupt, I8042Device, PvPanicDevice, PvPanicEvent,
-    SerialDevice, SerialState,
+    AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
+    PvPanicEvent, SerialDevice, SerialState,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
@@ -117,6 +118,9 @@ pub struct DevicesState {
     pub serial: Option<SerialState>,
     /// One per disk, in `--disk` order.
     pub disks: Vec<BlockState>,
+    /// The ACPI GED's pending events (`None` in a state saved before the GED existed).
+    #[serde(default)]
+    pub ged: Option<GedState>,
 }
 
 pub struct DeviceManager {
@@ -127,6 +131,8 @@ pub struct DeviceManager {
     /// virtio-console device is attached to it yet.
     console_pty: Option<Pty>,
     disks: Vec<VirtioBlockSlot>,
+    /// The ACPI Generic Event Device (power button), interrupt on `GED_GSI`.
+    ged: Arc<Mutex<GedDevice>>,
     /// Kept for re-registering ioeventfds when a restore rebuilds a transport.
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -154,6 +160,7 @@ impl DeviceManager {
             com1: None,
             console_pty: None,
             disks: Vec::new(),
+            ged: new_ged(vm_fd)?,
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
             cmdline_tokens: Vec::new(),
@@ -168,6 +175,7 @@ impl DeviceManager {
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
         manager.add_acpi_shutdown(events)?;
+        manager.add_ged()?;
         if config.pvpanic {
             manager.add_pvpanic()?;
         }
@@ -219,6 +227,27 @@ impl DeviceManager {
         if let Some(pty) = &self.console_pty {
             config.console.file = Some(pty.path().display().to_string());
         }
+    }
+
+    /// Puts the ACPI GED on the MMIO bus at `GED_MMIO_START` (where the DSDT declares it).
+    fn add_ged(&mut self) -> Result<(), Error> {
+        let ged: Arc<Mutex<dyn devices::BusDevice>> = self.ged.clone();
+        self.mmio_bus
+            .insert(
+                arch::layout::GED_MMIO_START.0,
+                arch::layout::GED_MMIO_SIZE,
+                ged,
+            )
+            .map_err(|e| Error::device("GED", e))
+    }
+
+    /// `vm.power-button`: the GED raises the ACPI power button event.
+    pub fn power_button(&self) -> Result<(), Error> {
+        self.ged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .notify_power_button()
+            .map_err(|e| Error::device("GED interrupt", e))
     }
 
     fn add_pvpanic(&mut self) -> Result<(), Error> {
@@ -554,7 +583,13 @@ impl DeviceManager {
                     })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
-        Ok(DevicesState { serial, disks })
+        let ged = Some(
+            self.ged
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .state(),
+        );
+        Ok(DevicesState { serial, disks, ged })
     }
 
     /// Puts every device back in the saved state. The VM must be paused.
@@ -597,6 +632,13 @@ impl DeviceManager {
             }
             self.restore_disk(disk, &saved.transport)?;
         }
+        if let Some(saved) = &state.ged {
+            self.ged
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .restore(saved)
+                .map_err(|e| Error::device_state("GED", e))?;
+        }
         Ok(())
     }
 
@@ -627,6 +669,18 @@ impl DeviceManager {
         *transport = restored;
         Ok(())
     }
+}
+
+/// The ACPI GED, its interrupt an irqfd on `GED_GSI` (the DSDT's).
+fn new_ged(vm_fd: &VmFd) -> Result<Arc<Mutex<GedDevice>>, Error> {
+    let interrupt = Arc::new(EventFdInterrupt::new().map_err(|e| Error::device("GED", e))?);
+    vm_fd
+        .register_irqfd(interrupt.eventfd(), arch::layout::GED_GSI)
+        .map_err(|source| Error::Kvm {
+            operation: "KVM_IRQFD (GED)",
+            source,
+        })?;
+    Ok(Arc::new(Mutex::new(GedDevice::new(interrupt))))
 }
 
 fn clone_event_fd(evt: &EventFd) -> Result<EventFd, Error> {

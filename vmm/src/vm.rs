@@ -195,6 +195,11 @@ impl Vm {
         self.devices.device_resources()
     }
 
+    /// `vm.power-button`: an ACPI power button press through the GED.
+    pub fn power_button(&self) -> Result<(), Error> {
+        self.devices.power_button()
+    }
+
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.devices.counters()

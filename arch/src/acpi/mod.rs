@@ -12,6 +12,8 @@
 //! stays the same.
 
 mod dsdt;
+
+pub use dsdt::GED_POWER_BUTTON;
 #[cfg(test)]
 mod tests;
 

@@ -142,9 +142,7 @@ impl Operation {
         use Operation::*;
         matches!(
             self,
-            PowerButton
-                | Nmi
-                | Coredump
+            Nmi | Coredump
                 | Resize
                 | ResizeDisk
                 | ResizeZone
@@ -226,7 +224,6 @@ pub fn check_state(operation: Operation, state: Option<VmState>) -> Result<(), A
 /// The answer to an upstream operation this VMM does not implement, once its state checks passed.
 pub fn not_implemented(operation: Operation) -> ApiError {
     let reason = match operation {
-        Operation::PowerButton => "this VMM offers no ACPI power button".to_owned(),
         Operation::Nmi => "this VMM does not inject NMIs".to_owned(),
         _ => format!("{} is not implemented by NV-Hypervisor", operation.path()),
     };

@@ -59,6 +59,8 @@ pub enum ApiRequest {
     VmShutdown,
     /// `PUT /vm.reboot`.
     VmReboot,
+    /// `PUT /vm.power-button`: raise the ACPI power button event (the GED's).
+    VmPowerButton,
     /// `PUT /vm.snapshot`: copy-based snapshot in upstream's directory layout.
     VmSnapshot(VmSnapshotConfig),
     /// `PUT /vm.restore`: copy-based restore from a snapshot directory.

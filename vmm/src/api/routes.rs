@@ -140,6 +140,7 @@ pub fn build_request(
         O::Resume => ApiRequest::VmResume,
         O::Shutdown => ApiRequest::VmShutdown,
         O::Reboot => ApiRequest::VmReboot,
+        O::PowerButton => ApiRequest::VmPowerButton,
         O::Snapshot => {
             let config = parse_body::<VmSnapshotConfig>(route, body)?;
             if config.destination_url.is_empty() {

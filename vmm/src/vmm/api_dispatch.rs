@@ -140,6 +140,9 @@ impl Vmm {
             }
             ApiRequest::VmPause => self.with_booted_vm(Operation::Pause, |vm| vm.pause()),
             ApiRequest::VmResume => self.with_booted_vm(Operation::Resume, |vm| vm.resume()),
+            ApiRequest::VmPowerButton => {
+                self.with_booted_vm(Operation::PowerButton, |vm| vm.power_button())
+            }
             ApiRequest::VmShutdown => {
                 if let Err(error) = check_state(Operation::Shutdown, self.api_state()) {
                     return Answer::error(error);

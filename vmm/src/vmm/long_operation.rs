@@ -83,6 +83,7 @@ fn request_name(request: &ApiRequest) -> &'static str {
         ApiRequest::VmResume => "vm.resume",
         ApiRequest::VmShutdown => "vm.shutdown",
         ApiRequest::VmReboot => "vm.reboot",
+        ApiRequest::VmPowerButton => "vm.power-button",
         ApiRequest::VmSnapshot(_) => "vm.snapshot",
         ApiRequest::VmRestore(_) => "vm.restore",
         ApiRequest::NvStatus => "vm.nv-status",
