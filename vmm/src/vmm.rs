@@ -90,8 +90,12 @@ pub enum VmmExit {
     /// `vmm.shutdown` over the API.
     VmmShutdown,
     /// The NV VM's state was saved in place (power fail or planned suspend); it waits for
-    /// `recover=on`.
-    NvSaved(ShutdownKind),
+    /// `recover=on`. `into_detached_region`: the region's path no longer named the file the
+    /// save committed into (`SaveReport::region_file_changed`).
+    NvSaved {
+        kind: ShutdownKind,
+        into_detached_region: bool,
+    },
 }
 
 impl VmmExit {
@@ -103,11 +107,26 @@ impl VmmExit {
             | VmmExit::VmmShutdown => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
             VmmExit::ResetInstead(_) => EXIT_GUEST_RESET,
-            VmmExit::NvSaved(_) if nv::saved_into_detached_region() => {
-                nv::EXIT_SAVED_INTO_DETACHED_REGION
-            }
-            VmmExit::NvSaved(ShutdownKind::PowerFail) => nv::EXIT_POWER_FAIL_SAVED,
-            VmmExit::NvSaved(ShutdownKind::PlannedSuspend) => EXIT_CLEAN,
+            VmmExit::NvSaved {
+                into_detached_region: true,
+                ..
+            } => nv::EXIT_SAVED_INTO_DETACHED_REGION,
+            VmmExit::NvSaved {
+                kind: ShutdownKind::PowerFail,
+                ..
+            } => nv::EXIT_POWER_FAIL_SAVED,
+            VmmExit::NvSaved {
+                kind: ShutdownKind::PlannedSuspend,
+                ..
+            } => EXIT_CLEAN,
+        }
+    }
+
+    /// The end after a committed save of `kind` that `report` describes.
+    pub fn nv_saved(kind: ShutdownKind, report: &SaveReport) -> VmmExit {
+        VmmExit::NvSaved {
+            kind,
+            into_detached_region: report.region_file_changed.is_some(),
         }
     }
 }
@@ -274,7 +293,7 @@ impl Vmm {
     }
 
     /// Saves the NV VM in place (SIGPWR, SIGTERM/SIGINT, `vm.power-fail`, `vm.nv-suspend`).
-    /// After `Ok` the VMM must end with `VmmExit::NvSaved(kind)`; after `Err` the VM keeps
+    /// After `Ok` the VMM must end with `VmmExit::nv_saved(kind, &report)`; after `Err` the VM keeps
     /// running. A snapshot being written does not hold it up: the save reads the paused VM
     /// alongside the snapshot worker, which is then abandoned.
     pub fn nv_save(&mut self, kind: ShutdownKind, trigger: &str) -> Result<SaveReport, Error> {
@@ -444,7 +463,7 @@ impl Vmm {
                 }
                 log::warn!("SIGPWR: host power is failing, saving the VM in place");
                 match self.nv_save(ShutdownKind::PowerFail, "signal") {
-                    Ok(_) => Ok(Some(VmmExit::NvSaved(ShutdownKind::PowerFail))),
+                    Ok(report) => Ok(Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report))),
                     Err(e) => {
                         log::error!("SIGPWR: the save failed, the VM keeps running: {e}");
                         Ok(None)
@@ -519,14 +538,14 @@ impl Vmm {
             ShutdownKind::PlannedSuspend
         };
         match self.nv_save(kind, "signal") {
-            Ok(_) if kind == ShutdownKind::PlannedSuspend && self.take_power_fail_signal() => {
+            Ok(report) if kind == ShutdownKind::PlannedSuspend && self.take_power_fail_signal() => {
                 log::warn!(
                     "SIGPWR arrived during the planned-suspend save: the VM is saved (recorded \
                      as planned-suspend); exiting with the power-fail code"
                 );
-                Some(VmmExit::NvSaved(ShutdownKind::PowerFail))
+                Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report))
             }
-            Ok(_) => Some(VmmExit::NvSaved(kind)),
+            Ok(report) => Some(VmmExit::nv_saved(kind, &report)),
             Err(e) => {
                 log::error!(
                     "SIGTERM/SIGINT: the save failed, the VM keeps running (a forced stop now is \
@@ -601,7 +620,7 @@ impl Vmm {
                 | VmmExit::TerminationSignal
                 | VmmExit::VmmShutdown => nv_vm.mark_powered_off(),
                 VmmExit::ResetInstead(cause) => nv_vm.mark_stopped(*cause),
-                VmmExit::VcpuFailed(_) | VmmExit::NvSaved(_) => {}
+                VmmExit::VcpuFailed(_) | VmmExit::NvSaved { .. } => {}
             }
         }
     }

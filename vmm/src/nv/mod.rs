@@ -27,7 +27,7 @@ use crate::config::NvConfig;
 use crate::{Error, ErrorKind};
 
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
-pub use save::{describe_save, save, save_paused, saved_into_detached_region};
+pub use save::{describe_save, save, save_paused};
 
 /// Exit code of a VMM whose VM was saved by a power-fail save: "state saved, powered off".
 /// 75 is `EX_TEMPFAIL` of sysexits.h: the VM is not gone, it waits for `recover=on`.

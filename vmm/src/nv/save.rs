@@ -2,7 +2,6 @@
 //! its phases through [`VmHost`]; this side times nothing itself, it reports: the NV events,
 //! the operator's one log line, and the detached-region case.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nv_extension::{SaveReport, ShutdownKind};
@@ -12,10 +11,6 @@ use super::{nv_error, NvVm, EXIT_SAVED_INTO_DETACHED_REGION};
 use crate::event_monitor;
 use crate::vm::{Vm, VmRunState};
 use crate::Error;
-
-/// Set once a save of this process went into a detached region file (see
-/// [`EXIT_SAVED_INTO_DETACHED_REGION`]); one VM per process, so one flag.
-static SAVED_INTO_DETACHED_REGION: AtomicBool = AtomicBool::new(false);
 
 /// Saves the VM in place through the coordinator. On success the VM stays paused and the caller
 /// ends the VMM; on failure the previous state is intact, the coordinator has resumed the VM if
@@ -61,7 +56,6 @@ fn save_through(
     // One line at the default log level: the operator's record that the VM is safe.
     log::warn!("{}", describe_save(&nv.config.vm, &report));
     if let Some(changed) = &report.region_file_changed {
-        SAVED_INTO_DETACHED_REGION.store(true, Ordering::SeqCst);
         log::error!(
             "VM {:?}: THE SAVE IS NOT WHERE RECOVERY LOOKS: {changed}. Seq {} is committed only \
              in the file this process held open; recover=on with region={} will not find it \
@@ -96,10 +90,4 @@ pub fn describe_save(vm: &str, report: &SaveReport) -> String {
         },
         phases.join(", ")
     )
-}
-
-/// Whether a save of this process went into a region file its path no longer names: the VMM
-/// then ends with [`EXIT_SAVED_INTO_DETACHED_REGION`] whatever the save's kind.
-pub fn saved_into_detached_region() -> bool {
-    SAVED_INTO_DETACHED_REGION.load(Ordering::SeqCst)
 }

@@ -326,9 +326,9 @@ impl Vmm {
             return Answer::error(api_error(operation, Error::NoNvVm));
         }
         match self.nv_save(kind, "api") {
-            Ok(_) => Answer {
+            Ok(report) => Answer {
                 response: Ok(None),
-                exit: Some(VmmExit::NvSaved(kind)),
+                exit: Some(VmmExit::nv_saved(kind, &report)),
             },
             Err(e) => Answer::error(api_error(operation, e)),
         }
