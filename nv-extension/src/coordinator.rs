@@ -117,9 +117,10 @@ pub fn save_vm(
     kind: ShutdownKind,
     deadline: Duration,
 ) -> Result<SaveReport> {
-    let mut pause_called = false;
-    let outcome = run_phases(handle, host, kind, deadline, &mut pause_called);
-    if outcome.is_err() && pause_called {
+    fault_injection::check_configuration()?;
+    // From here the first phase calls `pause_vcpus`: any failure is undone.
+    let outcome = run_phases(handle, host, kind, deadline);
+    if outcome.is_err() {
         if let Err(e) = host.resume() {
             log::error!(
                 "VM {:?}: resuming after the failed save failed, the VM stays paused: {e}",
@@ -135,9 +136,7 @@ fn run_phases(
     host: &mut dyn NvHost,
     kind: ShutdownKind,
     deadline: Duration,
-    pause_called: &mut bool,
 ) -> Result<SaveReport> {
-    fault_injection::check_configuration()?;
     let vm = handle.name().to_string();
     log::info!(
         "VM {vm:?}: {kind} save started (deadline {} ms)",
@@ -150,10 +149,7 @@ fn run_phases(
     for phase in SavePhase::ALL {
         let phase_started = Instant::now();
         let outcome = match phase {
-            SavePhase::PauseVcpus => {
-                *pause_called = true;
-                host.pause_vcpus().map_err(|e| host_step(phase, e))
-            }
+            SavePhase::PauseVcpus => host.pause_vcpus().map_err(|e| host_step(phase, e)),
             SavePhase::QuiesceDevices => host.quiesce_devices().map_err(|e| host_step(phase, e)),
             SavePhase::PersistMemory => handle.persist_guest_memory(&host.guest_memory_ranges()),
             SavePhase::SaveState => host
