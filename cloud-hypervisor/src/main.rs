@@ -287,9 +287,6 @@ fn start(cli: Cli) -> anyhow::Result<i32> {
     logger::Logger::install(log_file, logger::level_for_verbosity(cli.verbose))
         .context("installing the logger")?;
 
-    // Ask KVM for its vCPU limit now, on the main thread before any seccomp filter: the config
-    // check of a later `vm.create` runs on the API thread, whose filter forbids opening /dev/kvm.
-    let _ = vmm::config::host_vcpu_limit();
     let launch = build_launch(&cli)?;
     if let Some(monitor) = &launch.event_monitor {
         event_monitor::set_monitor(monitor, launch.seccomp)?;

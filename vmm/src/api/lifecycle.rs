@@ -94,7 +94,7 @@ impl Operation {
     }
 
     /// The API path (after `/api/v1/`) of this operation.
-    pub fn path(self) -> &'static str {
+    pub const fn path(self) -> &'static str {
         use Operation::*;
         match self {
             VmmPing => "vmm.ping",

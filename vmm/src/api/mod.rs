@@ -82,6 +82,34 @@ pub enum ApiRequest {
     Unimplemented(Operation),
 }
 
+impl ApiRequest {
+    /// The operation asked for: its [`Operation::path`] names the request in messages.
+    pub fn operation(&self) -> Operation {
+        match self {
+            ApiRequest::VmmPing => Operation::VmmPing,
+            ApiRequest::VmmShutdown => Operation::VmmShutdown,
+            ApiRequest::VmCreate(_) => Operation::Create,
+            ApiRequest::VmBoot => Operation::Boot,
+            ApiRequest::VmDelete => Operation::Delete,
+            ApiRequest::VmInfo => Operation::Info,
+            ApiRequest::VmCounters => Operation::Counters,
+            ApiRequest::VmPause => Operation::Pause,
+            ApiRequest::VmResume => Operation::Resume,
+            ApiRequest::VmShutdown => Operation::Shutdown,
+            ApiRequest::VmReboot => Operation::Reboot,
+            ApiRequest::VmPowerButton => Operation::PowerButton,
+            ApiRequest::VmSnapshot(_) => Operation::Snapshot,
+            ApiRequest::VmRestore(_) => Operation::Restore,
+            ApiRequest::NvStatus => Operation::NvStatus,
+            ApiRequest::NvPowerFail => Operation::NvPowerFail,
+            ApiRequest::NvSuspend => Operation::NvSuspend,
+            ApiRequest::NvRecover(_) => Operation::NvRecover,
+            ApiRequest::NvRegions(_) => Operation::NvRegions,
+            ApiRequest::Unimplemented(operation) => *operation,
+        }
+    }
+}
+
 /// The first element of the body of an error the control loop answered, as upstream names it.
 pub const API_LAYER: &str = "Error from API";
 

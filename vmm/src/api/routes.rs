@@ -27,7 +27,7 @@ impl HttpMethod {
     }
 }
 
-/// One API path: `op` is the part after `/api/v1/`.
+/// One API path: `op` is the part after `/api/v1/`, its operation's [`Operation::path`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub op: &'static str,
@@ -38,18 +38,18 @@ pub struct Route {
     pub nv_extension: bool,
 }
 
-const fn upstream(op: &'static str, method: HttpMethod, operation: Operation) -> Route {
+const fn upstream(method: HttpMethod, operation: Operation) -> Route {
     Route {
-        op,
+        op: operation.path(),
         method,
         operation,
         nv_extension: false,
     }
 }
 
-const fn nv(op: &'static str, method: HttpMethod, operation: Operation) -> Route {
+const fn nv(method: HttpMethod, operation: Operation) -> Route {
     Route {
-        op,
+        op: operation.path(),
         method,
         operation,
         nv_extension: true,
@@ -61,42 +61,42 @@ use Operation as O;
 
 /// Every path we answer. Upstream's are in the order of its spec.
 pub const ROUTES: &[Route] = &[
-    upstream("vmm.ping", Get, O::VmmPing),
-    upstream("vmm.shutdown", Put, O::VmmShutdown),
-    upstream("vm.info", Get, O::Info),
-    upstream("vm.counters", Get, O::Counters),
-    upstream("vm.create", Put, O::Create),
-    upstream("vm.delete", Put, O::Delete),
-    upstream("vm.boot", Put, O::Boot),
-    upstream("vm.pause", Put, O::Pause),
-    upstream("vm.resume", Put, O::Resume),
-    upstream("vm.shutdown", Put, O::Shutdown),
-    upstream("vm.reboot", Put, O::Reboot),
-    upstream("vm.power-button", Put, O::PowerButton),
-    upstream("vm.resize", Put, O::Resize),
-    upstream("vm.resize-disk", Put, O::ResizeDisk),
-    upstream("vm.resize-zone", Put, O::ResizeZone),
-    upstream("vm.add-device", Put, O::AddDevice),
-    upstream("vm.remove-device", Put, O::RemoveDevice),
-    upstream("vm.add-disk", Put, O::AddDisk),
-    upstream("vm.add-fs", Put, O::AddFs),
-    upstream("vm.add-generic-vhost-user", Put, O::AddGenericVhostUser),
-    upstream("vm.add-pmem", Put, O::AddPmem),
-    upstream("vm.add-net", Put, O::AddNet),
-    upstream("vm.add-vsock", Put, O::AddVsock),
-    upstream("vm.add-vdpa", Put, O::AddVdpa),
-    upstream("vm.add-user-device", Put, O::AddUserDevice),
-    upstream("vm.snapshot", Put, O::Snapshot),
-    upstream("vm.coredump", Put, O::Coredump),
-    upstream("vm.nmi", Put, O::Nmi),
-    upstream("vm.restore", Put, O::Restore),
-    upstream("vm.receive-migration", Put, O::ReceiveMigration),
-    upstream("vm.send-migration", Put, O::SendMigration),
-    nv("vm.nv-status", Get, O::NvStatus),
-    nv("vm.power-fail", Put, O::NvPowerFail),
-    nv("vm.nv-suspend", Put, O::NvSuspend),
-    nv("vm.nv-recover", Put, O::NvRecover),
-    nv("vmm.nv-regions", Get, O::NvRegions),
+    upstream(Get, O::VmmPing),
+    upstream(Put, O::VmmShutdown),
+    upstream(Get, O::Info),
+    upstream(Get, O::Counters),
+    upstream(Put, O::Create),
+    upstream(Put, O::Delete),
+    upstream(Put, O::Boot),
+    upstream(Put, O::Pause),
+    upstream(Put, O::Resume),
+    upstream(Put, O::Shutdown),
+    upstream(Put, O::Reboot),
+    upstream(Put, O::PowerButton),
+    upstream(Put, O::Resize),
+    upstream(Put, O::ResizeDisk),
+    upstream(Put, O::ResizeZone),
+    upstream(Put, O::AddDevice),
+    upstream(Put, O::RemoveDevice),
+    upstream(Put, O::AddDisk),
+    upstream(Put, O::AddFs),
+    upstream(Put, O::AddGenericVhostUser),
+    upstream(Put, O::AddPmem),
+    upstream(Put, O::AddNet),
+    upstream(Put, O::AddVsock),
+    upstream(Put, O::AddVdpa),
+    upstream(Put, O::AddUserDevice),
+    upstream(Put, O::Snapshot),
+    upstream(Put, O::Coredump),
+    upstream(Put, O::Nmi),
+    upstream(Put, O::Restore),
+    upstream(Put, O::ReceiveMigration),
+    upstream(Put, O::SendMigration),
+    nv(Get, O::NvStatus),
+    nv(Put, O::NvPowerFail),
+    nv(Put, O::NvSuspend),
+    nv(Put, O::NvRecover),
+    nv(Get, O::NvRegions),
 ];
 
 /// The route for a request path (without its query), if any.

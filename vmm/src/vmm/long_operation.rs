@@ -45,7 +45,7 @@ enum Job {
 
 /// The one long operation in progress.
 pub(super) struct LongOperation {
-    request: &'static str,
+    request: Operation,
     started: Instant,
     reply: Sender<ApiResponse>,
     job: Job,
@@ -63,35 +63,9 @@ impl LongOperation {
     fn busy(&self, refused: &str) -> ApiError {
         ApiError::conflict(format!(
             "{} has been running for {} ms: {refused} must wait until it is done",
-            self.request,
+            self.request.path(),
             self.started.elapsed().as_millis()
         ))
-    }
-}
-
-/// The request's name, for messages.
-fn request_name(request: &ApiRequest) -> &'static str {
-    match request {
-        ApiRequest::VmmPing => "vmm.ping",
-        ApiRequest::VmmShutdown => "vmm.shutdown",
-        ApiRequest::VmCreate(_) => "vm.create",
-        ApiRequest::VmBoot => "vm.boot",
-        ApiRequest::VmDelete => "vm.delete",
-        ApiRequest::VmInfo => "vm.info",
-        ApiRequest::VmCounters => "vm.counters",
-        ApiRequest::VmPause => "vm.pause",
-        ApiRequest::VmResume => "vm.resume",
-        ApiRequest::VmShutdown => "vm.shutdown",
-        ApiRequest::VmReboot => "vm.reboot",
-        ApiRequest::VmPowerButton => "vm.power-button",
-        ApiRequest::VmSnapshot(_) => "vm.snapshot",
-        ApiRequest::VmRestore(_) => "vm.restore",
-        ApiRequest::NvStatus => "vm.nv-status",
-        ApiRequest::NvPowerFail => "vm.power-fail",
-        ApiRequest::NvSuspend => "vm.nv-suspend",
-        ApiRequest::NvRecover(_) => "vm.nv-recover",
-        ApiRequest::NvRegions(_) => "vmm.nv-regions",
-        ApiRequest::Unimplemented(operation) => operation.path(),
     }
 }
 
@@ -157,7 +131,7 @@ impl Vmm {
     pub(super) fn route_long_request(&mut self, message: ApiMessage) -> Option<ApiMessage> {
         if let Some(operation) = &self.long_operation {
             if !allowed_meanwhile(&message.request) {
-                let refusal = operation.busy(request_name(&message.request));
+                let refusal = operation.busy(message.request.operation().path());
                 let _ = message.reply.send(Err(refusal));
                 return None;
             }
@@ -215,12 +189,7 @@ impl Vmm {
     }
 
     /// Its worker runs: the loop holds the request's reply until [`Self::finish_long_operation`].
-    fn begin_long_operation(
-        &mut self,
-        request: &'static str,
-        reply: Sender<ApiResponse>,
-        job: Job,
-    ) {
+    fn begin_long_operation(&mut self, request: Operation, reply: Sender<ApiResponse>, job: Job) {
         self.long_operation = Some(LongOperation {
             request,
             started: Instant::now(),
@@ -263,7 +232,7 @@ impl Vmm {
         match spawned {
             Ok(result) => {
                 log::info!("vm.snapshot to {destination_url}: written by a worker thread");
-                self.begin_long_operation("vm.snapshot", reply, Job::Snapshot { vm, result });
+                self.begin_long_operation(Operation::Snapshot, reply, Job::Snapshot { vm, result });
             }
             Err(e) => {
                 // The worker never started: the only other share is gone.
@@ -292,7 +261,7 @@ impl Vmm {
         match spawned {
             Ok(result) => {
                 log::info!("vm.restore from {source}: read by a worker thread");
-                self.begin_long_operation("vm.restore", reply, Job::Restore { result });
+                self.begin_long_operation(Operation::Restore, reply, Job::Restore { result });
             }
             Err(e) => {
                 let _ = reply.send(Err(api_error(Operation::Restore, e)));
@@ -377,7 +346,7 @@ impl Vmm {
         };
         log::warn!(
             "{} abandoned unfinished after {} ms: the VMM is ending{}",
-            operation.request,
+            operation.request.path(),
             operation.started.elapsed().as_millis(),
             match operation.job {
                 Job::Snapshot { .. } =>
@@ -389,7 +358,7 @@ impl Vmm {
             503,
             format!(
                 "the VMM is ending: {} was abandoned unfinished",
-                operation.request
+                operation.request.path()
             ),
         )));
         if let Job::Snapshot { vm, .. } = operation.job {
@@ -413,7 +382,11 @@ mod tests {
             ApiRequest::NvPowerFail,
             ApiRequest::NvSuspend,
         ] {
-            assert!(allowed_meanwhile(&allowed), "{}", request_name(&allowed));
+            assert!(
+                allowed_meanwhile(&allowed),
+                "{}",
+                allowed.operation().path()
+            );
         }
         for refused in [
             ApiRequest::VmResume,
@@ -423,7 +396,11 @@ mod tests {
             ApiRequest::VmBoot,
             ApiRequest::VmDelete,
         ] {
-            assert!(!allowed_meanwhile(&refused), "{}", request_name(&refused));
+            assert!(
+                !allowed_meanwhile(&refused),
+                "{}",
+                refused.operation().path()
+            );
         }
     }
 }
