@@ -32,12 +32,10 @@ fn given_or_built(variable: &str, name: &str) -> PathBuf {
 fn built_profile_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("integration-tests lives inside the workspace");
+        let workspace = workspace_root();
         let release = !cfg!(debug_assertions);
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.current_dir(workspace).args([
+        build.current_dir(&workspace).args([
             "build",
             "--quiet",
             "-p",
@@ -56,11 +54,23 @@ fn built_profile_dir() -> &'static Path {
             "cargo build -p cloud-hypervisor -p ch-remote --features \
              cloud-hypervisor/fault-injection failed"
         );
-        // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) if !dir.is_empty() => workspace.join(dir),
-            _ => workspace.join("target"),
-        };
-        target.join(if release { "release" } else { "debug" })
+        cargo_target_dir().join(if release { "release" } else { "debug" })
     })
+}
+
+/// The workspace root: the directory above this crate.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (a relative one is taken from the workspace
+/// root, where cargo runs), else the workspace's `target`.
+pub fn cargo_target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
 }

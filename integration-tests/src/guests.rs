@@ -123,15 +123,7 @@ pub fn guest_source_dir() -> PathBuf {
 /// `CARGO_TARGET_DIR` is taken from the workspace root, as cargo run there would), else
 /// the workspace's `target/guests`.
 pub fn guest_output_dir() -> PathBuf {
-    let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => workspace_root.join(dir),
-        _ => workspace_root.join("target"),
-    };
-    target_dir.join("guests")
+    crate::binaries::cargo_target_dir().join("guests")
 }
 
 /// Compiler, source and output locations for building guests.

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use integration_tests::binaries::{cargo_target_dir, workspace_root};
+
 use crate::error::{BenchError, Result};
 
 /// Paths of the programs under test.
@@ -19,8 +21,7 @@ impl Binaries {
     pub fn locate(cloud_hypervisor: Option<PathBuf>, ch_remote: Option<PathBuf>) -> Result<Self> {
         let workspace = workspace_root();
         let release = !cfg!(debug_assertions);
-        let profile_dir =
-            cargo_target_dir(&workspace).join(if release { "release" } else { "debug" });
+        let profile_dir = cargo_target_dir().join(if release { "release" } else { "debug" });
         let build = |package: &str, given: Option<PathBuf>| -> Result<PathBuf> {
             if let Some(path) = given {
                 return Ok(path);
@@ -48,20 +49,6 @@ impl Binaries {
             cloud_hypervisor: build("cloud-hypervisor", cloud_hypervisor)?,
             ch_remote: build("ch-remote", ch_remote)?,
         })
-    }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn cargo_target_dir(workspace: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => workspace.join(dir),
-        _ => workspace.join("target"),
     }
 }
 

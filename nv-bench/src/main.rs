@@ -18,11 +18,12 @@ mod stats;
 mod throughput;
 mod vmm_process;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
+use integration_tests::binaries::workspace_root;
 
 use crate::environment::{file_system_type, guest_image, guest_tsc_khz, Binaries, ScratchDir};
 use crate::error::{BenchError, Result};
@@ -88,13 +89,6 @@ struct Cli {
     /// TrueType font for plot labels.
     #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
     font: PathBuf,
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// One line of `/proc/cpuinfo`'s first `model name`, or "unknown".

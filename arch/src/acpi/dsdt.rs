@@ -17,7 +17,7 @@ use acpi_tables::aml::{
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
-use super::{PlatformDescription, OEM_ID, OEM_REVISION};
+use super::{aml_bytes, PlatformDescription, OEM_ID, OEM_REVISION};
 use crate::layout;
 
 /// Last PCI bus of segment 0: one bus, as upstream (the ECAM window covers exactly it).
@@ -46,12 +46,6 @@ pub(super) fn build(platform: &PlatformDescription) -> Vec<u8> {
     .to_aml_bytes(&mut aml);
     dsdt.append_slice(&aml);
     dsdt.as_slice().to_vec()
-}
-
-fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    aml.to_aml_bytes(&mut bytes);
-    bytes
 }
 
 /// Inclusive last address of `len` bytes from `start`, for the ACPI min/max pairs.
