@@ -368,11 +368,10 @@ impl SerialInput {
             )
             .map_err(Error::Epoll)?;
         }
-        let hook = start_hook;
         let thread = thread::Builder::new()
             .name("serial-input".to_owned())
             .spawn(move || {
-                if let Some(hook) = hook {
+                if let Some(hook) = start_hook {
                     if let Err(e) = hook() {
                         error!("serial input disabled: {e}");
                         return;

@@ -164,12 +164,7 @@ impl DeviceManager {
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
             cmdline_tokens: Vec::new(),
-            activation_evt: events.device_activation.try_clone().map_err(|source| {
-                Error::EventFd {
-                    operation: "clone (device activation)",
-                    source,
-                }
-            })?,
+            activation_evt: clone_event_fd(&events.device_activation, "clone (device activation)")?,
             thread_start: device_thread_start_hook(seccomp),
         };
         manager.add_serial(vm_fd, config)?;
@@ -333,7 +328,7 @@ impl DeviceManager {
                 let device = SerialDevice::with_input(
                     interrupt.clone(),
                     Box::new(output.clone()),
-                    clone_event_fd(&rx_space)?,
+                    clone_event_fd(&rx_space, SERIAL_INPUT_CLONE)?,
                 );
                 (device, Some(rx_space))
             }
@@ -347,7 +342,7 @@ impl DeviceManager {
                 SerialInput::start(
                     pty.main().map_err(serial_error)?,
                     device.clone(),
-                    clone_event_fd(rx_space)?,
+                    clone_event_fd(rx_space, SERIAL_INPUT_CLONE)?,
                     Some(self.thread_start.clone()),
                 )
                 .map_err(serial_error)?,
@@ -366,10 +361,7 @@ impl DeviceManager {
     }
 
     fn add_i8042(&mut self, events: &Arc<VmEvents>) -> Result<(), Error> {
-        let reset = events.reset.try_clone().map_err(|source| Error::EventFd {
-            operation: "clone (i8042 reset)",
-            source,
-        })?;
+        let reset = clone_event_fd(&events.reset, "clone (i8042 reset)")?;
         self.pio_bus
             .insert(
                 devices::I8042_BASE,
@@ -382,13 +374,9 @@ impl DeviceManager {
     /// The ACPI shutdown/reset port the FADT names: its requests take the same way as the i8042
     /// reset line's and a vCPU's shutdown exit.
     fn add_acpi_shutdown(&mut self, events: &Arc<VmEvents>) -> Result<(), Error> {
-        let clone = |evt: &EventFd, operation| {
-            evt.try_clone()
-                .map_err(|source| Error::EventFd { operation, source })
-        };
         let device = AcpiShutdownDevice::new(
-            clone(&events.reset, "clone (ACPI reset)")?,
-            clone(&events.shutdown, "clone (ACPI power off)")?,
+            clone_event_fd(&events.reset, "clone (ACPI reset)")?,
+            clone_event_fd(&events.shutdown, "clone (ACPI power off)")?,
         );
         self.pio_bus
             .insert(
@@ -453,13 +441,7 @@ impl DeviceManager {
     /// Tells the control loop when `transport`'s device wants activation, and confines the
     /// threads the device starts.
     fn wire_activation(&self, transport: &mut MmioTransport) -> Result<(), Error> {
-        let evt = self
-            .activation_evt
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                operation: "clone (device activation)",
-                source,
-            })?;
+        let evt = clone_event_fd(&self.activation_evt, "clone (device activation)")?;
         transport.notify_activation_with(evt);
         transport.confine_io_threads_with(self.thread_start.clone());
         Ok(())
@@ -596,7 +578,11 @@ impl DeviceManager {
     pub fn restore_state(&self, state: &DevicesState) -> Result<(), Error> {
         match (&self.com1, &state.serial) {
             (Some(com1), Some(saved)) => {
-                let rx_space = com1.rx_space.as_ref().map(clone_event_fd).transpose()?;
+                let rx_space = com1
+                    .rx_space
+                    .as_ref()
+                    .map(|evt| clone_event_fd(evt, SERIAL_INPUT_CLONE))
+                    .transpose()?;
                 let restored = SerialDevice::from_state(
                     saved,
                     com1.interrupt.clone(),
@@ -683,11 +669,12 @@ fn new_ged(vm_fd: &VmFd) -> Result<Arc<Mutex<GedDevice>>, Error> {
     Ok(Arc::new(Mutex::new(GedDevice::new(interrupt))))
 }
 
-fn clone_event_fd(evt: &EventFd) -> Result<EventFd, Error> {
-    evt.try_clone().map_err(|source| Error::EventFd {
-        operation: "clone (serial input)",
-        source,
-    })
+const SERIAL_INPUT_CLONE: &str = "clone (serial input)";
+
+/// A second handle on `evt`; `operation` names the clone in the error.
+fn clone_event_fd(evt: &EventFd, operation: &'static str) -> Result<EventFd, Error> {
+    evt.try_clone()
+        .map_err(|source| Error::EventFd { operation, source })
 }
 
 fn open_block(path: &Path, readonly: bool) -> Result<Block, Error> {

@@ -258,59 +258,68 @@ mod kvm_requests {
     use kvm_bindings::*;
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
-    // /dev/kvm
-    ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
-    ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
-    ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
-    ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
-    ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
-    ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
-    // VM
-    ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
-    ioctl_iow_nr!(
-        KVM_SET_USER_MEMORY_REGION,
-        KVMIO,
-        0x46,
-        kvm_userspace_memory_region
-    );
-    ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
-    ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
-    ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
-    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
-    ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
-    ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
-    ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
-    ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
-    ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
-    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
-    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
-    ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
-    // vCPU
-    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
-    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
-    ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
-    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
-    ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
-    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
-    ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
-    ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
-    ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
-    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
-    ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
-    ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
-    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
-    ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
-    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
-    ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
-    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
-    ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
-    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
-    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
-    ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
-    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
-    ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
-    ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
-    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    /// Defines each request's function and [`all`], the list of them.
+    macro_rules! kvm_requests {
+        ($($define:ident!($name:ident, $nr:literal $(, $arg:ty)?);)+) => {
+            $($define!($name, KVMIO, $nr $(, $arg)?);)+
+
+            /// Every KVM request the VMM makes (`/dev/kvm`, VM and vCPU).
+            pub fn all() -> Vec<u64> {
+                vec![$($name()),+]
+            }
+        };
+    }
+
+    kvm_requests! {
+        // /dev/kvm
+        ioctl_io_nr!(KVM_GET_API_VERSION, 0x00);
+        ioctl_io_nr!(KVM_CREATE_VM, 0x01);
+        ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, 0x02, kvm_msr_list);
+        ioctl_io_nr!(KVM_CHECK_EXTENSION, 0x03);
+        ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, 0x04);
+        ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, 0x05, kvm_cpuid2);
+        // VM
+        ioctl_io_nr!(KVM_CREATE_VCPU, 0x41);
+        ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, 0x46, kvm_userspace_memory_region);
+        ioctl_io_nr!(KVM_SET_TSS_ADDR, 0x47);
+        ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, 0x48, u64);
+        ioctl_io_nr!(KVM_CREATE_IRQCHIP, 0x60);
+        ioctl_iowr_nr!(KVM_GET_IRQCHIP, 0x62, kvm_irqchip);
+        ioctl_ior_nr!(KVM_SET_IRQCHIP, 0x63, kvm_irqchip);
+        ioctl_iow_nr!(KVM_IRQFD, 0x76, kvm_irqfd);
+        ioctl_iow_nr!(KVM_CREATE_PIT2, 0x77, kvm_pit_config);
+        ioctl_iow_nr!(KVM_IOEVENTFD, 0x79, kvm_ioeventfd);
+        ioctl_iow_nr!(KVM_SET_CLOCK, 0x7b, kvm_clock_data);
+        ioctl_ior_nr!(KVM_GET_CLOCK, 0x7c, kvm_clock_data);
+        ioctl_ior_nr!(KVM_GET_PIT2, 0x9f, kvm_pit_state2);
+        ioctl_iow_nr!(KVM_SET_PIT2, 0xa0, kvm_pit_state2);
+        // vCPU
+        ioctl_io_nr!(KVM_RUN, 0x80);
+        ioctl_ior_nr!(KVM_GET_REGS, 0x81, kvm_regs);
+        ioctl_iow_nr!(KVM_SET_REGS, 0x82, kvm_regs);
+        ioctl_ior_nr!(KVM_GET_SREGS, 0x83, kvm_sregs);
+        ioctl_iow_nr!(KVM_SET_SREGS, 0x84, kvm_sregs);
+        ioctl_iowr_nr!(KVM_GET_MSRS, 0x88, kvm_msrs);
+        ioctl_iow_nr!(KVM_SET_MSRS, 0x89, kvm_msrs);
+        ioctl_ior_nr!(KVM_GET_FPU, 0x8c, kvm_fpu);
+        ioctl_iow_nr!(KVM_SET_FPU, 0x8d, kvm_fpu);
+        ioctl_ior_nr!(KVM_GET_LAPIC, 0x8e, kvm_lapic_state);
+        ioctl_iow_nr!(KVM_SET_LAPIC, 0x8f, kvm_lapic_state);
+        ioctl_iow_nr!(KVM_SET_CPUID2, 0x90, kvm_cpuid2);
+        ioctl_ior_nr!(KVM_GET_MP_STATE, 0x98, kvm_mp_state);
+        ioctl_iow_nr!(KVM_SET_MP_STATE, 0x99, kvm_mp_state);
+        ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, 0x9f, kvm_vcpu_events);
+        ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, 0xa0, kvm_vcpu_events);
+        ioctl_ior_nr!(KVM_GET_DEBUGREGS, 0xa1, kvm_debugregs);
+        ioctl_iow_nr!(KVM_SET_DEBUGREGS, 0xa2, kvm_debugregs);
+        ioctl_io_nr!(KVM_GET_TSC_KHZ, 0xa3);
+        ioctl_ior_nr!(KVM_GET_XSAVE, 0xa4, kvm_xsave);
+        ioctl_iow_nr!(KVM_SET_XSAVE, 0xa5, kvm_xsave);
+        ioctl_ior_nr!(KVM_GET_XCRS, 0xa6, kvm_xcrs);
+        ioctl_iow_nr!(KVM_SET_XCRS, 0xa7, kvm_xcrs);
+        ioctl_io_nr!(KVM_KVMCLOCK_CTRL, 0xad);
+        ioctl_ior_nr!(KVM_GET_XSAVE2, 0xcf, kvm_xsave);
+    }
 }
 
 /// A vCPU runs, and reads its registers to name the instruction of an exit it cannot serve.
@@ -330,61 +339,16 @@ const PAGE_FAULT_IOCTLS: &[u64] = &[
 /// and making it raw (`tcgetattr`, `tcsetattr`); setting up an `OnDemand` restore's
 /// userfaultfd. Plus what the threads it starts under its filter need (vCPU, page fault).
 fn vmm_ioctls() -> Vec<u64> {
-    use kvm_requests::*;
-    let kvm = [
-        KVM_GET_API_VERSION(),
-        KVM_CREATE_VM(),
-        KVM_GET_MSR_INDEX_LIST(),
-        KVM_CHECK_EXTENSION(),
-        KVM_GET_VCPU_MMAP_SIZE(),
-        KVM_GET_SUPPORTED_CPUID(),
-        KVM_CREATE_VCPU(),
-        KVM_SET_USER_MEMORY_REGION(),
-        KVM_SET_TSS_ADDR(),
-        KVM_SET_IDENTITY_MAP_ADDR(),
-        KVM_CREATE_IRQCHIP(),
-        KVM_GET_IRQCHIP(),
-        KVM_SET_IRQCHIP(),
-        KVM_IRQFD(),
-        KVM_CREATE_PIT2(),
-        KVM_IOEVENTFD(),
-        KVM_SET_CLOCK(),
-        KVM_GET_CLOCK(),
-        KVM_GET_PIT2(),
-        KVM_SET_PIT2(),
-        KVM_SET_REGS(),
-        KVM_GET_SREGS(),
-        KVM_SET_SREGS(),
-        KVM_GET_MSRS(),
-        KVM_SET_MSRS(),
-        KVM_GET_FPU(),
-        KVM_SET_FPU(),
-        KVM_GET_LAPIC(),
-        KVM_SET_LAPIC(),
-        KVM_SET_CPUID2(),
-        KVM_GET_MP_STATE(),
-        KVM_SET_MP_STATE(),
-        KVM_GET_VCPU_EVENTS(),
-        KVM_SET_VCPU_EVENTS(),
-        KVM_GET_DEBUGREGS(),
-        KVM_SET_DEBUGREGS(),
-        KVM_GET_TSC_KHZ(),
-        KVM_GET_XSAVE(),
-        KVM_SET_XSAVE(),
-        KVM_GET_XCRS(),
-        KVM_SET_XCRS(),
-        KVM_KVMCLOCK_CTRL(),
-        KVM_GET_XSAVE2(),
-    ];
     let terminal = [libc::TIOCGPTN, libc::TIOCSPTLCK, libc::TCGETS, libc::TCSETS];
     let userfaultfd = [
         crate::userfaultfd::UFFDIO_API,
         crate::userfaultfd::UFFDIO_REGISTER,
     ];
-    kvm.into_iter()
+    // `all` holds the vCPU's requests too.
+    kvm_requests::all()
+        .into_iter()
         .chain(terminal)
         .chain(userfaultfd)
-        .chain(vcpu_ioctls())
         .chain(PAGE_FAULT_IOCTLS.iter().copied())
         .collect()
 }
