@@ -272,9 +272,81 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
     lines
 }
 
+/// The smpcheck guest's progress lines in `log`, in order: each line's counters, one per vCPU
+/// (`smpcheck cpus=<n> cpu0=<count> cpu1=<count> ...`). A torn last line is ignored.
+pub fn smp_counter_lines(log: &str) -> Vec<Vec<u64>> {
+    let complete = match log.rfind('\n') {
+        Some(end) => &log[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next()? != "smpcheck" {
+                return None;
+            }
+            let cpus: usize = words.next()?.strip_prefix("cpus=")?.parse().ok()?;
+            let counts = words
+                .enumerate()
+                .map(|(index, word)| word.strip_prefix(&format!("cpu{index}="))?.parse().ok())
+                .collect::<Option<Vec<u64>>>()?;
+            (counts.len() == cpus).then_some(counts)
+        })
+        .collect()
+}
+
+/// Asserts that the smpcheck guest's log has at least `at_least` progress lines for `cpus`
+/// vCPUs, no failure, and that every vCPU's counter grows from each line to the next: all of
+/// them run. Returns the lines.
+pub fn assert_smp_counters_advance(log: &str, cpus: usize, at_least: usize) -> Vec<Vec<u64>> {
+    assert!(!log.contains("FAIL"), "the guest failed:\n{log}");
+    let lines = smp_counter_lines(log);
+    assert!(
+        lines.len() >= at_least,
+        "expected at least {at_least} smpcheck lines, got {}:\n{log}",
+        lines.len()
+    );
+    for line in &lines {
+        assert_eq!(line.len(), cpus, "a line for another vCPU count:\n{log}");
+    }
+    for pair in lines.windows(2) {
+        for cpu in 0..cpus {
+            assert!(
+                pair[1][cpu] > pair[0][cpu],
+                "vCPU {cpu} did not count: {} then {}:\n{log}",
+                pair[0][cpu],
+                pair[1][cpu]
+            );
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn smpcheck_lines_are_parsed_per_vcpu() {
+        let log = "smpcheck: boot\nsmpcheck cpus=2 cpu0=10 cpu1=7\nsmpcheck waiting 3\n\
+                   smpcheck cpus=2 cpu0=11\nsmpcheck cpus=1 cpu0=12\nsmpcheck cpus=2 cpu0=13 cpu1=9\n\
+                   smpcheck cpus=2 cpu0=14 cpu1=1";
+        assert_eq!(
+            smp_counter_lines(log),
+            vec![vec![10, 7], vec![12], vec![13, 9]]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "vCPU 1 did not count")]
+    fn a_vcpu_that_stops_counting_fails_the_check() {
+        assert_smp_counters_advance(
+            "smpcheck cpus=2 cpu0=1 cpu1=5\nsmpcheck cpus=2 cpu0=2 cpu1=5\n",
+            2,
+            2,
+        );
+    }
 
     #[test]
     fn require_kvm_names_the_test_it_gates() {

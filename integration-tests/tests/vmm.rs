@@ -811,3 +811,90 @@ fn a_cold_boot_gives_the_guest_acpi_tables_for_its_vcpus() {
     guest_table(&vm, fadt_address, b"FACP");
     vm.shutdown();
 }
+
+/// Each vCPU's MP state goes with its saved state. Before the guest sends INIT/SIPI the AP is
+/// saved waiting for it (KVM's `UNINITIALIZED`), and a VM restored from that state keeps it
+/// waiting; the guest then starts it, it is saved runnable, and a VM restored from that runs it.
+#[test]
+fn each_vcpus_mp_state_is_saved_and_restored() {
+    integration_tests::require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let ram = dir.path().join("ram");
+    let kernel = test_guest("smpcheck");
+    let smp_config = |log: &str, cmdline: &str| {
+        let mut config = config(&kernel, cmdline, file_memory(&ram), &dir.path().join(log));
+        config.cpus = CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 2,
+            ..Default::default()
+        };
+        config
+    };
+    let mp_states = |state: &VmState| -> Vec<u32> {
+        state
+            .vcpus
+            .iter()
+            .map(|vcpu| vcpu.mp_state.mp_state)
+            .collect()
+    };
+    let runnable = kvm_bindings::KVM_MP_STATE_RUNNABLE;
+    let waiting = kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
+
+    // The guest counts alone for 20 lines (about 2 s) before it starts the AP.
+    let waiting_state = {
+        let mut vm = create_vm(&smp_config("first.log", "start_delay=20"));
+        vm.boot().expect("boot");
+        let (text, _) = wait_for_log(&dir.path().join("first.log"), BOOT_TIMEOUT, |text| {
+            text.contains("smpcheck waiting 1\n") || guest_gave_up(text)
+        });
+        assert!(text.contains("smpcheck waiting 1\n"), "{text}");
+        vm.pause().expect("pause");
+        let state = vm.save_state().expect("save");
+        vm.shutdown();
+        state
+    };
+    assert!(
+        !read_log(&dir.path().join("first.log")).contains("started"),
+        "the AP started too early"
+    );
+    assert_eq!(mp_states(&waiting_state), [runnable, waiting]);
+
+    // Restored, the AP still waits; resumed, the guest starts it with INIT/SIPI.
+    let second_log = dir.path().join("second.log");
+    let running_state = {
+        let mut vm = create_vm(&smp_config("second.log", "start_delay=20"));
+        vm.restore_state(&waiting_state).expect("restore");
+        assert_eq!(mp_states(&vm.save_state().unwrap()), [runnable, waiting]);
+        vm.resume().expect("resume");
+        let (text, _) = wait_for_log(&second_log, BOOT_TIMEOUT, |text| {
+            integration_tests::harness::smp_counter_lines(text).len() >= 2 || guest_gave_up(text)
+        });
+        assert!(text.contains("smpcheck: cpu 1 apic=1 started\n"), "{text}");
+        integration_tests::harness::assert_smp_counters_advance(&text, 2, 2);
+        vm.pause().expect("pause");
+        let state = vm.save_state().expect("save");
+        vm.shutdown();
+        state
+    };
+    assert_eq!(mp_states(&running_state), [runnable, runnable]);
+    let before = integration_tests::harness::smp_counter_lines(&read_log(&second_log))
+        .pop()
+        .unwrap();
+
+    // Restored, the started AP runs on from where it was.
+    let third_log = dir.path().join("third.log");
+    let mut vm = create_vm(&smp_config("third.log", "start_delay=20"));
+    vm.restore_state(&running_state).expect("restore");
+    vm.resume().expect("resume");
+    let (text, _) = wait_for_log(&third_log, BOOT_TIMEOUT, |text| {
+        integration_tests::harness::smp_counter_lines(text).len() >= 2 || guest_gave_up(text)
+    });
+    vm.shutdown();
+    let after = integration_tests::harness::assert_smp_counters_advance(&text, 2, 2);
+    assert!(
+        after[0][1] > before[1] && !text.contains("smpcheck: boot"),
+        "the AP did not run on: {} before, {} after:\n{text}",
+        before[1],
+        after[0][1]
+    );
+}
