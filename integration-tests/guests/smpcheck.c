@@ -18,13 +18,13 @@
  *   smpcheck: boot
  *   smpcheck: madt cpus=<n> bsp_apic=<id>
  *   smpcheck waiting <i>                      start_delay lines
- *   smpcheck: cpu <slot> apic=<id> started
+ *   smpcheck: cpu <slot> apic=<id> started after <us> us   from the INIT on
  *   smpcheck: FAIL cpu <slot> apic=<id> not started (stage <s>)
  *   smpcheck: FAIL <why>
  *   smpcheck cpus=<n> cpu0=<count> cpu1=<count> ...        about every 100 ms
  *
  * Stage (what a stuck AP reached): 0 nothing, 1 real mode, 2 long mode
- * ring 0, 3 ring 3. A counter is the number of loop turns of its vCPU since
+ * ring 0 (ring 3 is the AP's `started` flag). A counter is the number of loop turns of its vCPU since
  * this boot; across a save/restore it continues.
  */
 #include <stdint.h>
@@ -48,8 +48,6 @@
 #define LAPIC_ICR_HIGH 0x310
 #define ICR_INIT_ASSERT 0x4500u /* INIT, level assert, edge */
 #define ICR_STARTUP 0x4600u	/* STARTUP, level assert, edge */
-
-#define STAGE_RING3 3
 
 #define AP_KERNEL_STACK 4096
 #define AP_USER_STACK 16384
@@ -123,8 +121,8 @@ __asm__(
 extern const uint8_t smp_trampoline_start[], smp_trampoline_end[];
 extern const uint8_t smp_trampoline_stage[];
 
-/* What the next AP takes; written by the BSP before its SIPI. Read by the
- * trampoline, so not in .bss-zeroing order trouble: set before use. */
+/* What the next AP takes: written by the BSP before its INIT, read by the
+ * AP's ring-0 code (stacks) and ring-3 entry (slot). */
 uint64_t ap_kernel_stack_top;
 uint64_t ap_user_stack_top;
 static volatile uint32_t ap_next_slot;
@@ -271,6 +269,7 @@ static int start_ap(uint32_t slot)
 
 	*stage = 0;
 	ap_next_slot = slot;
+	uint64_t init_tsc = tsc_read();
 	ap_kernel_stack_top = (uint64_t)&ap_kernel_stacks[slot][AP_KERNEL_STACK];
 	ap_user_stack_top = (uint64_t)&ap_user_stacks[slot][AP_USER_STACK] - 8;
 	memory_barrier();
@@ -302,7 +301,9 @@ static int start_ap(uint32_t slot)
 	console_write_dec(slot);
 	console_write(" apic=");
 	console_write_dec(apic_ids[slot]);
-	console_write(" started\n");
+	console_write(" started after ");
+	console_write_dec(tsc_elapsed(init_tsc, tsc_read()) * 1000 / clock_ticks_per_ms());
+	console_write(" us\n");
 	return 1;
 }
 

@@ -1,6 +1,14 @@
 //! Programs vCPUs for a cold boot: the boot vCPU gets the entry registers of the kernel's boot
 //! protocol (values from `arch::regs`); every vCPU gets its LAPIC local interrupt pins wired the
 //! way firmware leaves them. Application processors are left in KVM's wait-for-SIPI state.
+//!
+//! SMP start-up is the hardware's: vCPU 0 is KVM's boot processor (the default boot CPU id) and
+//! every other vCPU is created in `KVM_MP_STATE_UNINITIALIZED`, so its first KVM_RUN waits inside
+//! KVM (the thread blocks there, and a kick still interrupts it) until the guest's INIT and
+//! STARTUP IPIs reach its in-kernel LAPIC; KVM then starts it in real mode at CS:IP =
+//! `vector << 8`:0, as the guest's trampoline expects. The VMM never writes an AP's registers:
+//! programming one here would start it before the guest asked. Its MP state is saved and
+//! restored with the rest of its state (state.rs), so it keeps waiting or running across a save.
 
 use kvm_bindings::{kvm_lapic_state, Msrs};
 use vm_memory::GuestMemoryMmap;

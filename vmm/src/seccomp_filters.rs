@@ -562,6 +562,24 @@ mod tests {
         assert_eq!(kvm_requests::KVM_IRQFD(), 0x4020_ae76);
         assert_eq!(kvm_requests::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(kvm_requests::KVM_GET_XSAVE2(), 0x9000_aecf);
+        assert_eq!(kvm_requests::KVM_GET_MP_STATE(), 0x8004_ae98);
+        assert_eq!(kvm_requests::KVM_SET_MP_STATE(), 0x4004_ae99);
+    }
+
+    /// Each vCPU's MP state is read and written by the control loop (state save, power-fail
+    /// save, restore, recovery), never by a vCPU thread: the guest's INIT/SIPI is handled inside
+    /// KVM_RUN by the in-kernel LAPIC.
+    #[test]
+    fn the_control_loop_reads_and_writes_mp_state_and_vcpus_do_not() {
+        let control = allowed_ioctls(ThreadKind::Vmm);
+        let vcpu = allowed_ioctls(ThreadKind::Vcpu);
+        for request in [
+            kvm_requests::KVM_GET_MP_STATE(),
+            kvm_requests::KVM_SET_MP_STATE(),
+        ] {
+            assert!(control.contains(&request), "{request:#x}");
+            assert!(!vcpu.contains(&request), "{request:#x}");
+        }
     }
 
     /// vCPU, block I/O and event threads may be started (again, e.g. on restore) by the control

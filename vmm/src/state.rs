@@ -780,6 +780,38 @@ pub(crate) mod tests {
         assert!(parsed.vcpus[0].xcrs.is_none());
     }
 
+    /// The MP state is part of every vCPU's state from version 1 on: whether an AP still waits
+    /// for the guest's INIT/SIPI depends on it, so a state without it is refused by name rather
+    /// than restored with every AP waiting (or running).
+    #[test]
+    fn a_vcpu_state_without_its_mp_state_is_refused_by_name() {
+        let mut value = serde_json::to_value(sample_state(2)).unwrap();
+        value["vcpus"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("mp_state")
+            .unwrap();
+        let error = serde_json::from_value::<VmState>(value).unwrap_err();
+        assert!(error.to_string().contains("mp_state"), "{error}");
+    }
+
+    #[test]
+    fn the_mp_state_of_each_vcpu_round_trips() {
+        let mut state = sample_state(2);
+        state.vcpus[1].mp_state.mp_state = kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
+        let text = serde_json::to_string(&state).unwrap();
+        let back: VmState = serde_json::from_str(&text).unwrap();
+        back.validate(2).unwrap();
+        let states: Vec<u32> = back.vcpus.iter().map(|v| v.mp_state.mp_state).collect();
+        assert_eq!(
+            states,
+            [
+                kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+            ]
+        );
+    }
+
     #[test]
     fn garbage_register_values_are_refused_before_kvm_sees_them() {
         let base = sample_state(1);
