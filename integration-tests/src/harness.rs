@@ -233,11 +233,7 @@ pub struct CounterLine {
 /// The counter guest's progress lines in `log`, in order. Lines of other shapes are skipped; a
 /// torn last line (still being written) is ignored.
 pub fn counter_lines(log: &str) -> Vec<CounterLine> {
-    let complete = match log.rfind('\n') {
-        Some(end) => &log[..end],
-        None => "",
-    };
-    complete
+    complete_lines(log)
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -272,14 +268,15 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
     lines
 }
 
+/// `log` up to its last newline: a line still being written is left out.
+fn complete_lines(log: &str) -> &str {
+    log.rfind('\n').map_or("", |end| &log[..end])
+}
+
 /// The smpcheck guest's progress lines in `log`, in order: each line's counters, one per vCPU
 /// (`smpcheck cpus=<n> cpu0=<count> cpu1=<count> ...`). A torn last line is ignored.
 pub fn smp_counter_lines(log: &str) -> Vec<Vec<u64>> {
-    let complete = match log.rfind('\n') {
-        Some(end) => &log[..end],
-        None => "",
-    };
-    complete
+    complete_lines(log)
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -311,12 +308,10 @@ pub fn assert_smp_counters_advance(log: &str, cpus: usize, at_least: usize) -> V
         assert_eq!(line.len(), cpus, "a line for another vCPU count:\n{log}");
     }
     for pair in lines.windows(2) {
-        for cpu in 0..cpus {
+        for (cpu, (earlier, later)) in pair[0].iter().zip(&pair[1]).enumerate() {
             assert!(
-                pair[1][cpu] > pair[0][cpu],
-                "vCPU {cpu} did not count: {} then {}:\n{log}",
-                pair[0][cpu],
-                pair[1][cpu]
+                later > earlier,
+                "vCPU {cpu} did not count: {earlier} then {later}:\n{log}"
             );
         }
     }

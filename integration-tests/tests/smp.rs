@@ -75,6 +75,16 @@ fn assert_all_continue(before: &str, after: &str) {
     }
 }
 
+/// Asserts that the guest reported every AP started (vCPU i has APIC ID i).
+fn assert_aps_started(log: &str) {
+    for cpu in 1..VCPUS {
+        assert!(
+            log.contains(&format!("smpcheck: cpu {cpu} apic={cpu} started after ")),
+            "AP {cpu} was not started:\n{log}"
+        );
+    }
+}
+
 fn api(socket: &Path, method: &str, op: &str, body: &str) {
     let (status, answer) = api_client::request(socket, method, op, body, TIMEOUT);
     assert!(
@@ -96,12 +106,7 @@ fn the_boot_vcpu_starts_the_other_with_init_sipi_and_both_count_on_after_power_f
         log.contains(&format!("smpcheck: madt cpus={VCPUS} bsp_apic=0\n")),
         "the MADT does not list one LAPIC per vCPU:\n{log}"
     );
-    for cpu in 1..VCPUS {
-        assert!(
-            log.contains(&format!("smpcheck: cpu {cpu} apic={cpu} started after ")),
-            "AP {cpu} did not start:\n{log}"
-        );
-    }
+    assert_aps_started(&log);
     assert_smp_counters_advance(&log, VCPUS, 3);
     let before = power_fail(&mut vmm);
 
@@ -180,12 +185,7 @@ fn an_ap_not_yet_started_at_a_power_failure_waits_and_starts_after_recovery() {
         !after.contains("smpcheck: boot") && after.starts_with("smpcheck waiting"),
         "the guest did not continue its wait:\n{after}"
     );
-    for cpu in 1..VCPUS {
-        assert!(
-            after.contains(&format!("smpcheck: cpu {cpu} apic={cpu} started after ")),
-            "AP {cpu} did not start after recovery:\n{after}"
-        );
-    }
+    assert_aps_started(&after);
     assert_smp_counters_advance(&after, VCPUS, 3);
     power_fail(&mut vmm);
 }
