@@ -164,11 +164,11 @@ fn an_ap_not_yet_started_at_a_power_failure_waits_and_starts_after_recovery() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
 
-    // The guest counts alone for 30 lines (about 3 s) before it sends INIT/SIPI.
+    // The guest prints 50 waiting lines (about 5 s) before it sends INIT/SIPI.
     let mut vmm = spawn(
         dir.path(),
         "boot",
-        &boot_arguments("start_delay=30", &region),
+        &boot_arguments("start_delay=50", &region),
     );
     vmm.wait_serial("the guest waiting", |log| {
         log.contains("FAIL") || log.contains("smpcheck waiting 2\n")

@@ -840,9 +840,9 @@ fn each_vcpus_mp_state_is_saved_and_restored() {
     let runnable = kvm_bindings::KVM_MP_STATE_RUNNABLE;
     let waiting = kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
 
-    // The guest counts alone for 20 lines (about 2 s) before it starts the AP.
+    // The guest prints 30 waiting lines (about 3 s) before it starts the AP.
     let waiting_state = {
-        let mut vm = create_vm(&smp_config("first.log", "start_delay=20"));
+        let mut vm = create_vm(&smp_config("first.log", "start_delay=30"));
         vm.boot().expect("boot");
         let (text, _) = wait_for_log(&dir.path().join("first.log"), BOOT_TIMEOUT, |text| {
             text.contains("smpcheck waiting 1\n") || guest_gave_up(text)
@@ -862,7 +862,7 @@ fn each_vcpus_mp_state_is_saved_and_restored() {
     // Restored, the AP still waits; resumed, the guest starts it with INIT/SIPI.
     let second_log = dir.path().join("second.log");
     let running_state = {
-        let mut vm = create_vm(&smp_config("second.log", "start_delay=20"));
+        let mut vm = create_vm(&smp_config("second.log", "start_delay=30"));
         vm.restore_state(&waiting_state).expect("restore");
         assert_eq!(mp_states(&vm.save_state().unwrap()), [runnable, waiting]);
         vm.resume().expect("resume");
@@ -886,7 +886,7 @@ fn each_vcpus_mp_state_is_saved_and_restored() {
 
     // Restored, the started AP runs on from where it was.
     let third_log = dir.path().join("third.log");
-    let mut vm = create_vm(&smp_config("third.log", "start_delay=20"));
+    let mut vm = create_vm(&smp_config("third.log", "start_delay=30"));
     vm.restore_state(&running_state).expect("restore");
     vm.resume().expect("resume");
     let (text, _) = wait_for_log(&third_log, BOOT_TIMEOUT, |text| {
