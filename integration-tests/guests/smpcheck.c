@@ -12,12 +12,15 @@
  * and drops to ring 3, where it counts. APs are started one at a time: each
  * takes the stacks and slot the BSP set up for it.
  *
- *   start_delay=N   print N lines with only the BSP counting before the
- *                   APs are started (default 0)
+ *   start_delay=N   print N waiting lines before the APs are started
+ *                   (default 0)
+ *   init_sipi_ms=N  wait between INIT and the first STARTUP (default 10,
+ *                   as firmware and Linux do)
  *
  *   smpcheck: boot
  *   smpcheck: madt cpus=<n> bsp_apic=<id>
  *   smpcheck waiting <i>                      start_delay lines
+ *   smpcheck: INIT sent to cpu <slot>
  *   smpcheck: cpu <slot> apic=<id> started after <us> us   from the INIT on
  *   smpcheck: FAIL cpu <slot> apic=<id> not started (stage <s>)
  *   smpcheck: FAIL <why>
@@ -147,13 +150,19 @@ static void lapic_write(uint32_t reg, uint32_t value)
 	*(volatile uint32_t *)(LAPIC_BASE + reg) = value;
 }
 
+/* Adds up forward TSC steps only: the TSC jumps, maybe backwards, across a
+ * save/restore, and a wait must still end. */
 static void delay_us(uint64_t us)
 {
-	uint64_t start = tsc_read();
 	uint64_t ticks = us * clock_ticks_per_ms() / 1000;
+	uint64_t waited = 0, last = tsc_read();
 
-	while (tsc_elapsed(start, tsc_read()) < ticks)
+	while (waited < ticks) {
+		uint64_t now = tsc_read();
+		waited += tsc_elapsed(last, now);
+		last = now;
 		cpu_relax();
+	}
 }
 
 __attribute__((noreturn)) static void fail(const char *why)
@@ -262,7 +271,7 @@ static void collect_cpus(uint32_t bsp_apic)
 		fail("the MADT does not list the boot CPU");
 }
 
-static int start_ap(uint32_t slot)
+static int start_ap(uint32_t slot, uint64_t init_sipi_ms)
 {
 	volatile uint32_t *stage =
 		(volatile uint32_t *)(TRAMPOLINE_BASE + (smp_trampoline_stage - smp_trampoline_start));
@@ -276,7 +285,10 @@ static int start_ap(uint32_t slot)
 
 	lapic_write(LAPIC_ICR_HIGH, apic_ids[slot] << 24);
 	lapic_write(LAPIC_ICR_LOW, ICR_INIT_ASSERT);
-	delay_us(10000);
+	console_write("smpcheck: INIT sent to cpu ");
+	console_write_dec(slot);
+	console_write("\n");
+	delay_us(init_sipi_ms * 1000);
 	for (int sipi = 0; sipi < 2 && !started[slot]; sipi++) {
 		lapic_write(LAPIC_ICR_HIGH, apic_ids[slot] << 24);
 		lapic_write(LAPIC_ICR_LOW, ICR_STARTUP | SIPI_VECTOR);
@@ -323,6 +335,7 @@ static void report(void)
 void guest_main(void)
 {
 	uint64_t start_delay = param_u64("start_delay", 0);
+	uint64_t init_sipi_ms = param_u64("init_sipi_ms", 10);
 	uint64_t trampoline_size = (uint64_t)(smp_trampoline_end - smp_trampoline_start);
 
 	console_write("smpcheck: boot\n");
@@ -350,7 +363,7 @@ void guest_main(void)
 	memcpy((void *)TRAMPOLINE_BASE, smp_trampoline_start, trampoline_size);
 	started[0] = 1;
 	for (uint32_t slot = 1; slot < cpu_count; slot++)
-		if (!start_ap(slot))
+		if (!start_ap(slot, init_sipi_ms))
 			guest_stop();
 
 	ticker_start(&ticker, REPORT_PERIOD_MS);

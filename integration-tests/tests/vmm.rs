@@ -812,23 +812,29 @@ fn a_cold_boot_gives_the_guest_acpi_tables_for_its_vcpus() {
     vm.shutdown();
 }
 
-/// Each vCPU's MP state goes with its saved state. Before the guest sends INIT/SIPI the AP is
-/// saved waiting for it (KVM's `UNINITIALIZED`), and a VM restored from that state keeps it
-/// waiting; the guest then starts it, it is saved runnable, and a VM restored from that runs it.
+/// Each vCPU's MP state goes with its saved state, in all three states an AP passes through on
+/// its way up: waiting for INIT (KVM's `UNINITIALIZED`), INIT taken and waiting for the STARTUP
+/// IPI (`INIT_RECEIVED`), running (`RUNNABLE`). A VM restored from each state keeps the AP where
+/// it was, and the guest's next step (INIT, SIPI) still takes it up; a running AP runs on.
 #[test]
 fn each_vcpus_mp_state_is_saved_and_restored() {
+    use integration_tests::harness::{assert_smp_counters_advance, smp_counter_lines};
     integration_tests::require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let ram = dir.path().join("ram");
     let kernel = test_guest("smpcheck");
-    let smp_config = |log: &str, cmdline: &str| {
-        let mut config = config(&kernel, cmdline, file_memory(&ram), &dir.path().join(log));
+    // 30 waiting lines (about 3 s) before the INIT, 3 s from the INIT to the SIPI: time to pause
+    // the VM in each state.
+    let cmdline = "start_delay=30 init_sipi_ms=3000";
+    let log = |run: usize| dir.path().join(format!("run{run}.log"));
+    let new_vm = |run: usize| {
+        let mut config = config(&kernel, cmdline, file_memory(&ram), &log(run));
         config.cpus = CpusConfig {
             boot_vcpus: 2,
             max_vcpus: 2,
             ..Default::default()
         };
-        config
+        create_vm(&config)
     };
     let mp_states = |state: &VmState| -> Vec<u32> {
         state
@@ -837,63 +843,67 @@ fn each_vcpus_mp_state_is_saved_and_restored() {
             .map(|vcpu| vcpu.mp_state.mp_state)
             .collect()
     };
+    // Runs VM `run` (booted, or restored from `state`) until its log satisfies `done`, then
+    // pauses it and returns its state and log.
+    let run_until = |run: usize, state: Option<&VmState>, done: &dyn Fn(&str) -> bool| {
+        let mut vm = new_vm(run);
+        match state {
+            None => vm.boot().expect("boot"),
+            Some(state) => {
+                vm.restore_state(state).expect("restore");
+                assert_eq!(
+                    mp_states(&vm.save_state().unwrap()),
+                    mp_states(state),
+                    "the restored VM is not in the saved MP states"
+                );
+                vm.resume().expect("resume");
+            }
+        }
+        let (text, _) = wait_for_log(&log(run), BOOT_TIMEOUT, |text| {
+            done(text) || guest_gave_up(text)
+        });
+        assert!(done(&text), "run {run}:\n{text}");
+        vm.pause().expect("pause");
+        let saved = vm.save_state().expect("save");
+        vm.shutdown();
+        (saved, read_log(&log(run)))
+    };
     let runnable = kvm_bindings::KVM_MP_STATE_RUNNABLE;
-    let waiting = kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
 
-    // The guest prints 30 waiting lines (about 3 s) before it starts the AP.
-    let waiting_state = {
-        let mut vm = create_vm(&smp_config("first.log", "start_delay=30"));
-        vm.boot().expect("boot");
-        let (text, _) = wait_for_log(&dir.path().join("first.log"), BOOT_TIMEOUT, |text| {
-            text.contains("smpcheck waiting 1\n") || guest_gave_up(text)
-        });
-        assert!(text.contains("smpcheck waiting 1\n"), "{text}");
-        vm.pause().expect("pause");
-        let state = vm.save_state().expect("save");
-        vm.shutdown();
-        state
-    };
-    assert!(
-        !read_log(&dir.path().join("first.log")).contains("started"),
-        "the AP started too early"
+    let (waiting, text) = run_until(0, None, &|text| text.contains("smpcheck waiting 1\n"));
+    assert!(!text.contains("INIT sent"), "{text}");
+    assert_eq!(
+        mp_states(&waiting),
+        [runnable, kvm_bindings::KVM_MP_STATE_UNINITIALIZED]
     );
-    assert_eq!(mp_states(&waiting_state), [runnable, waiting]);
 
-    // Restored, the AP still waits; resumed, the guest starts it with INIT/SIPI.
-    let second_log = dir.path().join("second.log");
-    let running_state = {
-        let mut vm = create_vm(&smp_config("second.log", "start_delay=30"));
-        vm.restore_state(&waiting_state).expect("restore");
-        assert_eq!(mp_states(&vm.save_state().unwrap()), [runnable, waiting]);
-        vm.resume().expect("resume");
-        let (text, _) = wait_for_log(&second_log, BOOT_TIMEOUT, |text| {
-            integration_tests::harness::smp_counter_lines(text).len() >= 2 || guest_gave_up(text)
-        });
-        assert!(
-            text.contains("smpcheck: cpu 1 apic=1 started after "),
-            "{text}"
-        );
-        integration_tests::harness::assert_smp_counters_advance(&text, 2, 2);
-        vm.pause().expect("pause");
-        let state = vm.save_state().expect("save");
-        vm.shutdown();
-        state
-    };
-    assert_eq!(mp_states(&running_state), [runnable, runnable]);
-    let before = integration_tests::harness::smp_counter_lines(&read_log(&second_log))
-        .pop()
-        .unwrap();
-
-    // Restored, the started AP runs on from where it was.
-    let third_log = dir.path().join("third.log");
-    let mut vm = create_vm(&smp_config("third.log", "start_delay=30"));
-    vm.restore_state(&running_state).expect("restore");
-    vm.resume().expect("resume");
-    let (text, _) = wait_for_log(&third_log, BOOT_TIMEOUT, |text| {
-        integration_tests::harness::smp_counter_lines(text).len() >= 2 || guest_gave_up(text)
+    let (init_received, text) = run_until(1, Some(&waiting), &|text| {
+        text.contains("INIT sent to cpu 1\n")
     });
-    vm.shutdown();
-    let after = integration_tests::harness::assert_smp_counters_advance(&text, 2, 2);
+    assert!(
+        !text.contains("smpcheck: boot") && !text.contains("started"),
+        "{text}"
+    );
+    assert_eq!(
+        mp_states(&init_received),
+        [runnable, kvm_bindings::KVM_MP_STATE_INIT_RECEIVED]
+    );
+
+    let (running, text) = run_until(2, Some(&init_received), &|text| {
+        smp_counter_lines(text).len() >= 2
+    });
+    assert!(
+        text.contains("smpcheck: cpu 1 apic=1 started after "),
+        "{text}"
+    );
+    assert_smp_counters_advance(&text, 2, 2);
+    assert_eq!(mp_states(&running), [runnable, runnable]);
+    let before = smp_counter_lines(&text).pop().unwrap();
+
+    let (_, text) = run_until(3, Some(&running), &|text| {
+        smp_counter_lines(text).len() >= 2
+    });
+    let after = assert_smp_counters_advance(&text, 2, 2);
     assert!(
         after[0][1] > before[1] && !text.contains("smpcheck: boot"),
         "the AP did not run on: {} before, {} after:\n{text}",
