@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
 use devices::virtio::{
     kernel_cmdline_token, virtio_mmio_slot, Block, IoThreadStartHook, MmioTransport,
-    MmioTransportState, VIRTIO_MMIO_SIZE,
+    MmioTransportState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,

@@ -13,6 +13,8 @@ pub use devices::virtio::mmio_registers::*;
 use devices::virtio::{
     status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
+/// How the VMM drives a transport (activation, pause, resume, counters).
+pub use devices::virtio::VirtioTransport;
 use devices::{Bus, EventFdInterrupt, InterruptLine};
 /// Request types and status codes by the definitions the device uses.
 #[allow(unused_imports)] // each test binary uses a different subset
