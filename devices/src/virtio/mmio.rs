@@ -258,12 +258,12 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::virtio::{status, ActivationContext, VirtioTransport};
-    use vmm_sys_util::eventfd::EventFd;
-    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-    use std::sync::Mutex;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
     use crate::EventFdInterrupt;
+    use std::sync::Mutex;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// What the fake device saw of its activations.
     #[derive(Default)]

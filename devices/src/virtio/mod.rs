@@ -22,8 +22,8 @@ use crate::Result;
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
 pub use io_thread::IoThreadStartHook;
 pub use mmio::{
-    kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState,
-    MMIO_STATE_VERSION, VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
+    VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
 pub use pci::{VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};

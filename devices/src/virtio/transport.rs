@@ -484,7 +484,9 @@ impl TransportCore {
                 Err(_) => warn!("{name}: queue size {value} refused"),
             },
             QueueWrite::Ready(ready) => q.set_ready(ready),
-            QueueWrite::AddressLow(ring, value) => set_ring_address(&mut q, ring, Some(value), None),
+            QueueWrite::AddressLow(ring, value) => {
+                set_ring_address(&mut q, ring, Some(value), None)
+            }
             QueueWrite::AddressHigh(ring, value) => {
                 set_ring_address(&mut q, ring, None, Some(value))
             }

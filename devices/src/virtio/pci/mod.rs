@@ -22,8 +22,8 @@ use super::transport::{
 };
 use super::{interrupt_status, InterruptCause, VirtioDevice, VirtioInterruptTarget};
 use crate::pci::{
-    BarKind, BarRelocation, MsiInterruptSink, MsixConfig, MsixState, PciConfiguration,
-    PciDevice, PciHeader,
+    BarKind, BarRelocation, MsiInterruptSink, MsixConfig, MsixState, PciConfiguration, PciDevice,
+    PciHeader,
 };
 use crate::{BusDevice, Error, Result};
 
@@ -320,9 +320,7 @@ impl VirtioPciDevice {
 
     /// Where BAR 0 decodes now (0 until the guest assigns it).
     pub fn bar_address(&self) -> u64 {
-        self.config
-            .bar(VIRTIO_PCI_BAR)
-            .map_or(0, |bar| bar.address)
+        self.config.bar(VIRTIO_PCI_BAR).map_or(0, |bar| bar.address)
     }
 
     /// The guest-physical address a write to which notifies queue `queue`, with BAR 0 where it
@@ -455,7 +453,7 @@ impl VirtioPciDevice {
                     QueueWrite::AddressLow(ring, value as u32)
                 }
             }
-            (common_cfg::QUEUE_DESC_LO..common_cfg::QUEUE_END, 8) if offset % 8 == 0 => {
+            (common_cfg::QUEUE_DESC_LO..common_cfg::QUEUE_END, 8) if offset.is_multiple_of(8) => {
                 let (ring, _) = ring_field(offset);
                 core.write_selected_queue(QueueWrite::AddressLow(ring, value as u32));
                 QueueWrite::AddressHigh(ring, (value >> 32) as u32)
@@ -597,6 +595,3 @@ impl BusDevice for VirtioPciDevice {
         self.write_bar(offset, data);
     }
 }
-
-#[cfg(test)]
-mod tests;
