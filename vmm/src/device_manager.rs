@@ -1,7 +1,8 @@
 //! Builds the VM's devices from its config and wires them to KVM: COM1 on the port-I/O bus with an
 //! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
 //! reset line, the ACPI shutdown/reset port, the ACPI GED (power button) page with an irqfd on
-//! GSI 3, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
+//! GSI 3, the pvpanic port, PCI segment 0 (`pci_segment`: host bridge, 0xCF8/0xCFC, ECAM, BARs,
+//! MSI-X on KVM GSI routes), and virtio-blk disks on virtio-mmio at the platform contract's
 //! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
 //! through the `IoHandler` this module implements. A vCPU never activates a device: the guest's
 //! DRIVER_OK write leaves the activation pending and wakes the control loop
@@ -24,11 +25,12 @@ use devices::{
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConsoleConfig, ConsoleOutputMode, SeccompMode, VmConfig};
 use crate::events::VmEvents;
+use crate::pci_segment::{PciSegment, PciSegmentState};
 use crate::seccomp_filters::device_thread_start_hook;
 use crate::vcpu::IoHandler;
 use crate::Error;
@@ -78,8 +80,10 @@ pub struct DeviceResources {
     pub pio: Option<(u64, u64)>,
     /// MMIO range: base, length.
     pub mmio: Option<(u64, u64)>,
-    /// Its interrupt line (GSI).
-    pub irq: u32,
+    /// Its interrupt line (GSI); `None` for a PCI device (MSI-X).
+    pub irq: Option<u32>,
+    /// Where a PCI device sits (`vm.info`'s `pci_bdf`) and its mapped BARs.
+    pub pci: Option<(devices::pci::PciBdf, Vec<devices::pci::Bar>)>,
 }
 
 /// One virtio-blk disk on its virtio-mmio slot.
@@ -121,11 +125,17 @@ pub struct DevicesState {
     /// The ACPI GED's pending events (`None` in a state saved before the GED existed).
     #[serde(default)]
     pub ged: Option<GedState>,
+    /// PCI segment 0: configuration spaces, BARs, the CONFIG_ADDRESS latch, MSI routes
+    /// (`None` in a state saved before the PCI bus existed).
+    #[serde(default)]
+    pub pci: Option<PciSegmentState>,
 }
 
 pub struct DeviceManager {
-    pio_bus: Bus,
-    mmio_bus: Bus,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    /// PCI segment 0 (host bridge; devices go on it with `PciSegment::add_device`).
+    pci: PciSegment,
     com1: Option<Com1>,
     /// `--console pty`: opened so its path can be reported as upstream does, though no
     /// virtio-console device is attached to it yet.
@@ -154,9 +164,14 @@ impl DeviceManager {
         memory: &GuestMemoryMmap,
         seccomp: SeccompMode,
     ) -> Result<DeviceManager, Error> {
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let ram_bytes = memory.iter().map(|region| region.len()).sum();
+        let pci = PciSegment::new(vm_fd, &pio_bus, &mmio_bus, ram_bytes)?;
         let mut manager = DeviceManager {
-            pio_bus: Bus::new(),
-            mmio_bus: Bus::new(),
+            pio_bus,
+            mmio_bus,
+            pci,
             com1: None,
             console_pty: None,
             disks: Vec::new(),
@@ -507,13 +522,15 @@ impl DeviceManager {
     }
 
     /// The devices the guest sees and the resources each occupies (`vm.info`'s device tree):
-    /// COM1 (when `--serial` is not off) and each virtio-mmio disk.
+    /// COM1 (when `--serial` is not off), each virtio-mmio disk and each PCI device (not the
+    /// host bridge) with its BDF and BARs.
     pub fn device_resources(&self) -> Vec<DeviceResources> {
         let serial = self.com1.as_ref().map(|_| DeviceResources {
             id: "__serial".to_owned(),
             pio: Some((devices::COM1_BASE, devices::COM1_LEN)),
             mmio: None,
-            irq: devices::COM1_IRQ,
+            irq: Some(devices::COM1_IRQ),
+            pci: None,
         });
         let disks = self.disks.iter().enumerate().map(|(index, disk)| {
             let (_, gsi) = virtio_mmio_slot(index as u32);
@@ -521,10 +538,18 @@ impl DeviceManager {
                 id: disk.id.clone(),
                 pio: None,
                 mmio: Some((disk.base, VIRTIO_MMIO_SIZE)),
-                irq: gsi,
+                irq: Some(gsi),
+                pci: None,
             }
         });
-        serial.into_iter().chain(disks).collect()
+        let pci = self.pci.devices().into_iter().map(|device| DeviceResources {
+            id: device.id,
+            pio: None,
+            mmio: None,
+            irq: None,
+            pci: Some((device.bdf, device.bars)),
+        });
+        serial.into_iter().chain(disks).chain(pci).collect()
     }
 
     /// The `virtio_mmio.device=` tokens to append to the guest's kernel command line.
@@ -571,7 +596,13 @@ impl DeviceManager {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .state(),
         );
-        Ok(DevicesState { serial, disks, ged })
+        let pci = Some(self.pci.save_state()?);
+        Ok(DevicesState {
+            serial,
+            disks,
+            ged,
+            pci,
+        })
     }
 
     /// Puts every device back in the saved state. The VM must be paused.
@@ -625,7 +656,16 @@ impl DeviceManager {
                 .restore(saved)
                 .map_err(|e| Error::device_state("GED", e))?;
         }
+        match &state.pci {
+            Some(saved) => self.pci.restore_state(saved)?,
+            None => log::warn!("saved state has no PCI bus; the PCI bus stays at reset"),
+        }
         Ok(())
+    }
+
+    /// PCI segment 0: add devices with `PciSegment::add_device` (see `pci_segment`).
+    pub fn pci(&self) -> &PciSegment {
+        &self.pci
     }
 
     /// Rebuilds a disk's transport from saved state. The rebuilt transport has new queue-notify

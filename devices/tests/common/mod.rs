@@ -142,7 +142,7 @@ impl TestDriver {
         buffers: u64,
     ) -> Self {
         let transport = Arc::new(Mutex::new(transport));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())
             .unwrap();
         Self {
