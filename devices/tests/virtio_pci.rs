@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use arch::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
 use common::*;
 use devices::pci::{
-    MsiInterruptSink, PciBdf, PciBus, PciBusState, PciConfigIo, MSIX_CAPABILITY_ID,
+    MsiInterruptSink, PciBdf, PciBus, PciBusState, PciConfigIo, PciDevice, MSIX_CAPABILITY_ID,
     MSIX_CONTROL_ENABLE, MSIX_ENTRY_SIZE, MSIX_VECTOR_MASKED,
 };
 use devices::virtio::pci::layout::common_cfg::{self, *};
 use devices::virtio::pci::layout::*;
 use devices::virtio::{status, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
-use devices::{Bus, Error};
+use devices::{Bus, BusDevice, Error};
 
 /// Where the test's "firmware" puts BAR 0: in the 64-bit window, above 4 GiB.
 const BAR_BASE: u64 = 0x40_0000_0000;
@@ -68,6 +68,18 @@ struct Found {
     msix_vectors: u16,
 }
 
+/// BAR 0 on the MMIO bus, as the VMM maps it: offsets from the BAR's base.
+struct Bar0(Arc<Mutex<VirtioPciDevice>>);
+
+impl BusDevice for Bar0 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap().read_bar(0, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().write_bar(0, offset, data);
+    }
+}
+
 /// A virtio-pci driver on a platform wired as the VMM wires it: config ports on the port I/O
 /// bus, BAR 0 on the MMIO bus where the driver puts it.
 struct PciDriver {
@@ -100,7 +112,7 @@ impl PciDriver {
         let mut bus = PciBus::new();
         bus.add_device(device.clone()).unwrap();
         let pci = Arc::new(Mutex::new(bus));
-        let mut pio = Bus::new();
+        let pio = Bus::new();
         pio.insert(
             u64::from(PCI_CONFIG_PORT),
             u64::from(PCI_CONFIG_PORT_COUNT),
@@ -187,7 +199,11 @@ impl PciDriver {
         self.cfg_write(0x04, 2, 0x6); // memory space, bus master
         assert_eq!(self.device.lock().unwrap().bar_address(), BAR_BASE);
         self.mmio
-            .insert(BAR_BASE, VIRTIO_PCI_BAR_SIZE, self.device.clone())
+            .insert(
+                BAR_BASE,
+                VIRTIO_PCI_BAR_SIZE,
+                Arc::new(Mutex::new(Bar0(self.device.clone()))),
+            )
             .unwrap();
     }
 
@@ -605,6 +621,13 @@ fn notify_addresses_follow_bar_0() {
     assert_eq!(device.notify_address(0), Some(BAR_BASE + NOTIFY_OFFSET));
     assert_eq!(device.notify_address(1), None, "virtio-blk has one queue");
     assert_eq!(notify_offset(3), NOTIFY_OFFSET + 12);
+    // What the VMM registers: queue 0's eventfd at its notify offset in BAR 0, any write.
+    let ioevents = device.ioeventfds();
+    assert_eq!(ioevents.len(), 1);
+    assert_eq!(
+        (ioevents[0].bar, ioevents[0].offset, ioevents[0].datamatch),
+        (0, NOTIFY_OFFSET, None)
+    );
 }
 
 impl PciDriver {
@@ -659,7 +682,11 @@ impl PciDriver {
         assert_eq!(address, BAR_BASE, "BAR 0 decodes where the guest put it");
         driver
             .mmio
-            .insert(address, VIRTIO_PCI_BAR_SIZE, driver.device.clone())
+            .insert(
+                address,
+                VIRTIO_PCI_BAR_SIZE,
+                Arc::new(Mutex::new(Bar0(driver.device.clone()))),
+            )
             .unwrap();
         let mut device = driver.device.lock().unwrap();
         assert!(

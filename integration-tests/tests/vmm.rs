@@ -12,7 +12,7 @@ use integration_tests::harness::{
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
-    PayloadConfig, SeccompMode, VmConfig,
+    PayloadConfig, SeccompMode, VirtioTransportKind, VmConfig,
 };
 use vmm::events::VmEvents;
 use vmm::memory::guest_memory_from_config;
@@ -164,6 +164,8 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
     );
     config.disks = Some(vec![DiskConfig {
         path: Some(disk.display().to_string()),
+        // blkcheck drives virtio-mmio (see integration-tests/guests/README.md).
+        transport: Some(VirtioTransportKind::Mmio),
         ..Default::default()
     }]);
     let (code, text) = run_to_end(config, &log);
@@ -340,6 +342,8 @@ fn blkcheck_continues_after_save_and_restore() {
         );
         config.disks = Some(vec![DiskConfig {
             path: Some(disk.display().to_string()),
+            // blkcheck drives virtio-mmio (see integration-tests/guests/README.md).
+            transport: Some(VirtioTransportKind::Mmio),
             ..Default::default()
         }]);
         config

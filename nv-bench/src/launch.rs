@@ -103,7 +103,8 @@ pub fn arguments(
                 }
             }
             if let Some(disk) = &guest.log_disk {
-                push("--disk", format!("path={}", disk.display()));
+                // kvstore drives virtio-mmio (integration-tests/guests/README.md).
+                push("--disk", format!("path={},transport=mmio", disk.display()));
             }
         }
         Launch::NvRecover { region, vm } => {

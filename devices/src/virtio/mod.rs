@@ -25,7 +25,7 @@ pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
-pub use pci::{VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
+pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 
 /// Device status bits (virtio 1.x, "Device Status Field").

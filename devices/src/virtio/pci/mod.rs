@@ -23,9 +23,9 @@ use super::transport::{
 use super::{interrupt_status, InterruptCause, VirtioDevice, VirtioInterruptTarget};
 use crate::pci::{
     BarKind, BarRelocation, MsiInterruptSink, MsixConfig, MsixState, PciConfiguration, PciDevice,
-    PciHeader,
+    PciHeader, PciIoEventFd,
 };
-use crate::{BusDevice, Error, Result};
+use crate::{Error, Result};
 
 /// Version of [`VirtioPciState`] written by this build.
 pub const VIRTIO_PCI_STATE_VERSION: u32 = 1;
@@ -119,11 +119,11 @@ impl VirtioInterruptTarget for MsixTarget {
     }
 }
 
-/// A virtio device on the PCI bus. The VMM puts it on the bus (as a [`PciDevice`]), maps BAR 0
-/// on its MMIO bus where the guest puts it (as a [`BusDevice`] taking offsets from the BAR's
-/// base), registers queue `i`'s eventfd as an ioeventfd at [`VirtioPciDevice::notify_address`]
-/// (again after every move of BAR 0), and drives it through
-/// [`crate::virtio::VirtioTransport`].
+/// A virtio device on the PCI bus. The VMM puts it on the bus as a [`PciDevice`], maps BAR 0 on
+/// its MMIO bus where the guest puts it (accesses reach `PciDevice::read_bar`/`write_bar`),
+/// registers its `PciDevice::ioeventfds` (queue `i`'s eventfd at [`notify_offset`]`(i)` in BAR 0,
+/// moved with the BAR), gives it an [`MsiInterruptSink`] of [`msix_vector_count`] vectors, and
+/// drives it through [`crate::virtio::VirtioTransport`].
 pub struct VirtioPciDevice {
     core: TransportCore,
     config: PciConfiguration,
@@ -161,6 +161,12 @@ fn class_of(device_type: u32) -> (u8, u8) {
         2 => (0x01, 0x80),
         _ => (0xff, 0xff),
     }
+}
+
+/// MSI-X vectors a virtio-pci function for `device` has: one per queue and one for
+/// configuration changes.
+pub fn msix_vector_count(device: &dyn VirtioDevice) -> u16 {
+    device.queue_max_sizes().len() as u16 + 1
 }
 
 impl VirtioPciDevice {
@@ -259,7 +265,7 @@ impl VirtioPciDevice {
             &capability_body(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, &[0; 4]),
             &writable,
         )?;
-        let mut msix = MsixConfig::new(queues + 1, sink)?;
+        let mut msix = MsixConfig::new(usize::from(msix_vector_count(device.as_ref())), sink)?;
         msix.add_capability(
             &mut config,
             (VIRTIO_PCI_BAR, MSIX_TABLE_OFFSET),
@@ -480,7 +486,7 @@ impl VirtioPciDevice {
     }
 
     /// A guest read of BAR 0 at `offset` from its base.
-    pub fn read_bar(&mut self, offset: u64, data: &mut [u8]) {
+    fn read_bar0(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if data.is_empty() || data.len() > 8 {
             return;
@@ -506,7 +512,7 @@ impl VirtioPciDevice {
     }
 
     /// A guest write of BAR 0 at `offset` from its base.
-    pub fn write_bar(&mut self, offset: u64, data: &[u8]) {
+    fn write_bar0(&mut self, offset: u64, data: &[u8]) {
         if data.is_empty() || data.len() > 8 {
             return;
         }
@@ -561,7 +567,7 @@ impl PciDevice for VirtioPciDevice {
         }
         if let Some((bar_offset, length)) = self.pci_cfg_target() {
             let mut window = [0u8; 4];
-            self.read_bar(bar_offset, &mut window[..length]);
+            self.read_bar0(bar_offset, &mut window[..length]);
             let at = usize::from(offset - self.pci_cfg_capability - PCI_CFG_DATA_AT);
             let len = data.len();
             data.copy_from_slice(&window[at..at + len]);
@@ -578,20 +584,38 @@ impl PciDevice for VirtioPciDevice {
                     .config
                     .read_u32(self.pci_cfg_capability + PCI_CFG_DATA_AT)
                     .to_le_bytes();
-                self.write_bar(bar_offset, &window[..length]);
+                self.write_bar0(bar_offset, &window[..length]);
             }
         }
         relocation
     }
-}
 
-/// BAR 0 on the MMIO bus: offsets are from the BAR's base.
-impl BusDevice for VirtioPciDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.read_bar(offset, data);
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar == VIRTIO_PCI_BAR {
+            self.read_bar0(offset, data);
+        } else {
+            data.fill(0xff);
+        }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.write_bar(offset, data);
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar == VIRTIO_PCI_BAR {
+            self.write_bar0(offset, data);
+        }
+    }
+
+    /// Queue `i`'s notify address, any write (the queue is the address, so no data match).
+    fn ioeventfds(&self) -> Vec<PciIoEventFd<'_>> {
+        self.core
+            .queue_evts()
+            .iter()
+            .enumerate()
+            .map(|(queue, evt)| PciIoEventFd {
+                bar: VIRTIO_PCI_BAR,
+                offset: notify_offset(queue),
+                datamatch: None,
+                evt,
+            })
+            .collect()
     }
 }
