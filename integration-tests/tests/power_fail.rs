@@ -463,10 +463,8 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
         &region,
         "blk",
     );
-    arguments.extend([
-        "--disk".into(),
-        format!("path={},transport=mmio", disk.display()),
-    ]);
+    // The default transport: virtio-pci.
+    arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     // Mid-run: the guest keeps 16 requests posted at a time, so the signal lands amid I/O.
     vmm.wait_serial("blkcheck progress", |log| {
@@ -475,6 +473,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     power_fail(&mut vmm);
     let before = vmm.serial_log();
     assert!(!before.contains("FAIL"), "{before}");
+    assert!(before.contains("transport=virtio-pci"), "{before}");
     let completed = last_completed_seq(&before);
     assert!(
         completed < ROUNDS * BLOCKS,
@@ -486,10 +485,8 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     });
 
     let mut arguments = recover_arguments(&region, "blk", "");
-    arguments.extend([
-        "--disk".into(),
-        format!("path={},transport=mmio", disk.display()),
-    ]);
+    // The default transport: virtio-pci.
+    arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("blkcheck to finish", |log| {
         log.contains("blkcheck: done") || log.contains("FAIL")

@@ -171,6 +171,7 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
     let (code, text) = run_to_end(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("blkcheck: done ok"), "{text}");
+    assert!(text.contains("transport=virtio-mmio"), "{text}");
 
     // From the host: the guest's promise holds, and the disk holds exactly the last round.
     integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, BLOCKS * ROUNDS)
