@@ -164,7 +164,7 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
     );
     config.disks = Some(vec![DiskConfig {
         path: Some(disk.display().to_string()),
-        // blkcheck drives virtio-mmio (see integration-tests/guests/README.md).
+        // The opt-in transport; the other disk tests use virtio-pci, the default.
         transport: Some(VirtioTransportKind::Mmio),
         ..Default::default()
     }]);
@@ -343,8 +343,6 @@ fn blkcheck_continues_after_save_and_restore() {
         );
         config.disks = Some(vec![DiskConfig {
             path: Some(disk.display().to_string()),
-            // blkcheck drives virtio-mmio (see integration-tests/guests/README.md).
-            transport: Some(VirtioTransportKind::Mmio),
             ..Default::default()
         }]);
         config
@@ -377,6 +375,8 @@ fn blkcheck_continues_after_save_and_restore() {
         "the guest finished before the save; the test needs more rounds:\n{first}"
     );
     assert_eq!(state.devices.disks.len(), 1);
+    assert!(first.contains("transport=virtio-pci"), "{first}");
+    assert!(state.devices.disks[0].pci.is_some(), "saved as virtio-pci");
 
     let mut vm = create_vm(&config_for(&second_log));
     vm.restore_state(&state).expect("restore state");

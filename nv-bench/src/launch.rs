@@ -103,8 +103,7 @@ pub fn arguments(
                 }
             }
             if let Some(disk) = &guest.log_disk {
-                // kvstore drives virtio-mmio (integration-tests/guests/README.md).
-                push("--disk", format!("path={},transport=mmio", disk.display()));
+                push("--disk", format!("path={}", disk.display()));
             }
         }
         Launch::NvRecover { region, vm } => {
