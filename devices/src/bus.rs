@@ -189,7 +189,10 @@ mod tests {
         bus.insert(0x100, 0x10, mover.clone()).unwrap();
         bus.write(0x104, &[1]).unwrap();
         let mut byte = [0u8];
-        assert!(matches!(bus.read(0x104, &mut byte), Err(Error::NoDeviceAt(0x104))));
+        assert!(matches!(
+            bus.read(0x104, &mut byte),
+            Err(Error::NoDeviceAt(0x104))
+        ));
         bus.read(0x20f, &mut byte).unwrap();
         assert_eq!(byte[0], 0x5a);
         assert_eq!(bus.remove(0x100).unwrap(), None);

@@ -542,13 +542,17 @@ impl DeviceManager {
                 pci: None,
             }
         });
-        let pci = self.pci.devices().into_iter().map(|device| DeviceResources {
-            id: device.id,
-            pio: None,
-            mmio: None,
-            irq: None,
-            pci: Some((device.bdf, device.bars)),
-        });
+        let pci = self
+            .pci
+            .devices()
+            .into_iter()
+            .map(|device| DeviceResources {
+                id: device.id,
+                pio: None,
+                mmio: None,
+                irq: None,
+                pci: Some((device.bdf, device.bars)),
+            });
         serial.into_iter().chain(disks).chain(pci).collect()
     }
 

@@ -457,8 +457,11 @@ impl VmInfoResponse {
                 let mmio = device
                     .mmio
                     .map(|(base, size)| DeviceResource::MmioAddressRange { base, size });
-                let bars = device.pci.iter().flat_map(|(_, bars)| bars).filter_map(|bar| {
-                    match bar.kind {
+                let bars = device
+                    .pci
+                    .iter()
+                    .flat_map(|(_, bars)| bars)
+                    .filter_map(|bar| match bar.kind {
                         devices::pci::BarKind::Io => Some(DeviceResource::PioAddressRange {
                             base: u16::try_from(bar.address).ok()?,
                             size: u16::try_from(bar.size).ok()?,
@@ -467,8 +470,7 @@ impl VmInfoResponse {
                             base: bar.address,
                             size: bar.size,
                         }),
-                    }
-                });
+                    });
                 let resources = pio
                     .into_iter()
                     .chain(mmio)
