@@ -639,7 +639,10 @@ impl PciSegment {
         let pci_error = |e| Error::device(format!("PCI device {id}"), DeviceCause::Pci(e));
         {
             let mut guard = lock(&device);
-            let bars: Vec<Bar> = guard.config().bars().collect();
+            let mut bars: Vec<Bar> = guard.config().bars().collect();
+            // Largest first: each window is a bump allocator, so this wastes no alignment gap
+            // within a device.
+            bars.sort_by_key(|bar| std::cmp::Reverse(bar.size));
             let mut windows = lock(&self.windows);
             for bar in bars {
                 let window = match bar.kind {
@@ -756,3 +759,6 @@ fn program_bar(config: &mut devices::pci::PciConfiguration, bar: &Bar, address: 
         config.write(register + 4, &((address >> 32) as u32).to_le_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests;

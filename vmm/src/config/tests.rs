@@ -393,7 +393,10 @@ fn disks() {
 fn disk_transport_defaults_to_pci_and_mmio_is_an_opt_in() {
     let plain = DiskConfig::parse("path=/img").unwrap();
     assert_eq!(plain.transport, None);
-    assert_eq!(plain.transport.unwrap_or_default(), VirtioTransportKind::Pci);
+    assert_eq!(
+        plain.transport.unwrap_or_default(),
+        VirtioTransportKind::Pci
+    );
     assert!(serde_json::to_value(&plain)
         .unwrap()
         .get("transport")
@@ -404,7 +407,9 @@ fn disk_transport_defaults_to_pci_and_mmio_is_an_opt_in() {
     assert_eq!(json["transport"], "mmio");
     assert_eq!(serde_json::from_value::<DiskConfig>(json).unwrap(), mmio);
     assert_eq!(
-        DiskConfig::parse("path=/img,transport=pci").unwrap().transport,
+        DiskConfig::parse("path=/img,transport=pci")
+            .unwrap()
+            .transport,
         Some(VirtioTransportKind::Pci)
     );
     assert!(matches!(
