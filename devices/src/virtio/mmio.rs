@@ -13,7 +13,7 @@ use super::mmio_registers::*;
 use super::transport::{
     virtio_transport_over_core, QueueWrite, RingAddress, TransportCore, TransportState,
 };
-use super::{InterruptCause, QueueSnapshot, VirtioDevice, VirtioInterruptTarget};
+use super::{InterruptCause, VirtioDevice, VirtioInterruptTarget};
 use crate::{BusDevice, InterruptLine, Result};
 
 /// Guest-physical address of virtio-mmio device 0; device i is at `VIRTIO_MMIO_BASE + i * SIZE`.
@@ -32,36 +32,14 @@ const NAME: &str = "virtio-mmio";
 
 /// Saved state of the transport and its queues. Taken while the device is paused, so no request
 /// is in flight: every request the device popped is on the used ring (in guest memory) and
-/// `next_avail == next_used` for a block queue.
+/// `next_avail == next_used` for a block queue. The transport's fields sit beside `version` in
+/// the JSON (flattened), as they did before the transports shared them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioTransportState {
     pub version: u32,
-    pub device_type: u32,
-    pub device_features_select: u32,
-    pub driver_features_select: u32,
-    pub acked_features: u64,
-    pub queue_select: u32,
-    pub status: u32,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-    pub activated: bool,
-    pub queues: Vec<QueueSnapshot>,
+    #[serde(flatten)]
+    pub transport: TransportState,
 }
-
-crate::state_mirror::mirror_state!(
-    MmioTransportState { version: MMIO_STATE_VERSION } <=> TransportState {
-        device_type <=> device_type,
-        device_features_select <=> device_features_select,
-        driver_features_select <=> driver_features_select,
-        acked_features <=> acked_features,
-        queue_select <=> queue_select,
-        status <=> status,
-        interrupt_status <=> interrupt_status,
-        config_generation <=> config_generation,
-        activated <=> activated,
-        queues <=> queues,
-    }
-);
 
 /// virtio-mmio has one interrupt line for every cause; the driver reads InterruptStatus.
 struct SingleLine(Arc<dyn InterruptLine>);
@@ -114,7 +92,7 @@ impl MmioTransport {
                 device,
                 mem,
                 Arc::new(SingleLine(interrupt)),
-                &TransportState::from(state),
+                &state.transport,
             )?,
         })
     }
@@ -123,7 +101,10 @@ impl MmioTransport {
     /// its ring positions would be moving under the snapshot. A pending activation is saved as
     /// an activation: the device has touched no ring yet, and a restore activates it.
     pub fn state(&self) -> Result<MmioTransportState> {
-        Ok(MmioTransportState::from(&self.core.state()?))
+        Ok(MmioTransportState {
+            version: MMIO_STATE_VERSION,
+            transport: self.core.state()?,
+        })
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -365,7 +346,10 @@ mod tests {
         write_driver_ok(&mut transport);
         transport.pause().unwrap();
         let state = transport.state().unwrap();
-        assert!(state.activated, "a restore must activate the device");
+        assert!(
+            state.transport.activated,
+            "a restore must activate the device"
+        );
         // Activated while paused: the device starts quiescent.
         assert!(transport.activate_pending().unwrap());
         assert!(seen.lock().unwrap().activations[0].1, "not started paused");
@@ -379,6 +363,25 @@ mod tests {
         transport.write(REG_STATUS, &0u32.to_le_bytes());
         assert!(!transport.activate_pending().unwrap());
         assert!(seen.lock().unwrap().activations.is_empty());
+    }
+
+    /// The JSON a build before the shared transport core wrote (flat fields) still loads, and
+    /// is written the same way.
+    #[test]
+    fn the_state_json_keeps_its_flat_version_1_shape() {
+        let flat = r#"{"version":1,"device_type":2,"device_features_select":1,
+            "driver_features_select":1,"acked_features":4294967296,"queue_select":0,
+            "status":15,"interrupt_status":1,"config_generation":0,"activated":true,
+            "queues":[{"max_size":256,"size":64,"ready":true,"desc_table":4096,
+            "avail_ring":8192,"used_ring":12288,"next_avail":7,"next_used":7,
+            "event_idx":false}]}"#;
+        let state: MmioTransportState = serde_json::from_str(flat).unwrap();
+        assert_eq!(state.version, 1);
+        assert_eq!(state.transport.acked_features, 1 << 32);
+        assert_eq!(state.transport.queues[0].next_avail, 7);
+        let written: serde_json::Value = serde_json::to_value(&state).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(flat).unwrap();
+        assert_eq!(written, expected);
     }
 
     #[test]
