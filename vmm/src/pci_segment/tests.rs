@@ -2,7 +2,6 @@
 //! BAR moves (regions and ioeventfds), MSI-X through KVM GSI routes and irqfds into a vCPU's
 //! local APIC (masking and pending bits included), and the state across a save into a new VM.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devices::pci::{
@@ -12,6 +11,7 @@ use devices::pci::{
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::*;
+use crate::api::tests::kvm_available;
 
 const VENDOR: u16 = 0x1AF4;
 const DEVICE: u16 = 0x10F0;
@@ -122,18 +122,6 @@ struct Platform {
     segment: PciSegment,
     function: Arc<Mutex<TestFunction>>,
     msi: Arc<KvmMsiInterrupts>,
-}
-
-/// Fails loudly without /dev/kvm unless NV_SKIP_KVM=1 asks to skip.
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("NV_SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: no /dev/kvm and NV_SKIP_KVM=1 is set");
-        return false;
-    }
-    panic!("{test}: /dev/kvm is missing; set NV_SKIP_KVM=1 to skip KVM tests explicitly");
 }
 
 const APIC_SPURIOUS: usize = 0xF0;
