@@ -86,6 +86,19 @@ pub struct DeviceResources {
     pub pci: Option<(devices::pci::PciBdf, Vec<devices::pci::Bar>)>,
 }
 
+/// A PCI device: its BDF and BARs, no interrupt line (MSI-X).
+impl From<crate::pci_segment::PciDeviceInfo> for DeviceResources {
+    fn from(device: crate::pci_segment::PciDeviceInfo) -> Self {
+        DeviceResources {
+            id: device.id,
+            pio: None,
+            mmio: None,
+            irq: None,
+            pci: Some((device.bdf, device.bars)),
+        }
+    }
+}
+
 /// One virtio-blk disk on its virtio-mmio slot.
 struct VirtioBlockSlot {
     transport: Arc<Mutex<MmioTransport>>,
@@ -542,17 +555,7 @@ impl DeviceManager {
                 pci: None,
             }
         });
-        let pci = self
-            .pci
-            .devices()
-            .into_iter()
-            .map(|device| DeviceResources {
-                id: device.id,
-                pio: None,
-                mmio: None,
-                irq: None,
-                pci: Some((device.bdf, device.bars)),
-            });
+        let pci = self.pci.devices().into_iter().map(DeviceResources::from);
         serial.into_iter().chain(disks).chain(pci).collect()
     }
 

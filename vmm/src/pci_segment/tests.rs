@@ -472,7 +472,7 @@ fn a_moved_bar_and_a_programmed_vector_survive_a_save_into_a_new_vm() {
     second.segment.restore_state(&state).unwrap();
     assert_eq!(second.bar(REG_BAR).address, moved);
     assert_eq!(second.mmio_read(moved).unwrap(), 9);
-    let allocated = u64::from(arch::layout::PCI_MMIO32_START.0);
+    let allocated = arch::layout::PCI_MMIO32_START.0;
     assert!(
         second.mmio_read(allocated).is_err(),
         "still at the allocated address"
@@ -534,4 +534,35 @@ fn bar_windows_allocate_naturally_aligned_and_refuse_when_full() {
     let mut window = AddressWindow::new(0x1000, 0x3000);
     assert_eq!(window.allocate(0x4000), None, "larger than the window");
     assert_eq!(window.allocate(0x1000), Some(0x1000));
+}
+
+/// `vm.info` shows a PCI device with its `pci_bdf` as upstream prints it and its BARs where they
+/// are mapped; no interrupt line.
+#[test]
+fn vm_info_lists_a_pci_device_with_its_bdf_and_bars() {
+    if !kvm_available("vm_info_lists_a_pci_device_with_its_bdf_and_bars") {
+        return;
+    }
+    let platform = Platform::new();
+    let resources: Vec<crate::device_manager::DeviceResources> = platform
+        .segment
+        .devices()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let tree = crate::api::VmInfoResponse::device_tree(&resources);
+    let (mmio64, _) = arch::layout::pci_mmio64_window(RAM);
+    assert_eq!(
+        serde_json::to_value(&tree["test0"]).unwrap(),
+        serde_json::json!({
+            "id": "test0",
+            "resources": [
+                {"MmioAddressRange": {"base": mmio64.0, "size": MSIX_BAR_SIZE}},
+                {"MmioAddressRange": {"base": arch::layout::PCI_MMIO32_START.0, "size": REG_BAR_SIZE}},
+                {"PioAddressRange": {"base": arch::layout::PCI_IO_START, "size": 16}}
+            ],
+            "children": [],
+            "pci_bdf": "0000:00:01.0"
+        })
+    );
 }
