@@ -566,3 +566,29 @@ fn vm_info_lists_a_pci_device_with_its_bdf_and_bars() {
         })
     );
 }
+
+/// KVM_SET_GSI_ROUTING replaces the whole table: after MSI routes went in, a legacy GSI (COM1's
+/// 4) still reaches the IOAPIC pin it always did.
+#[test]
+fn legacy_gsis_still_reach_their_ioapic_pins_after_msi_routes_are_written() {
+    if !kvm_available("legacy_gsis_still_reach_their_ioapic_pins") {
+        return;
+    }
+    let platform = Platform::new();
+    platform.program_vector(0, 0x45, false);
+    assert_eq!(platform.segment.routing().state().msi.len(), 1);
+    let mut ioapic = kvm_bindings::kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    platform.vm_fd.get_irqchip(&mut ioapic).unwrap();
+    // Pin 4: vector 0x34, fixed, physical, edge, unmasked, APIC ID 0.
+    // SAFETY: the IOAPIC chip's state is the `ioapic` member of the union; every bit pattern of
+    // a redirection entry is a value.
+    unsafe { ioapic.chip.ioapic.redirtbl[4].bits = 0x34 };
+    platform.vm_fd.set_irqchip(&ioapic).unwrap();
+    let com1 = EventFd::new(EFD_NONBLOCK).unwrap();
+    platform.vm_fd.register_irqfd(&com1, 4).unwrap();
+    com1.write(1).unwrap();
+    assert!(platform.wait_irr(0x34), "GSI 4 lost its IOAPIC route");
+}
