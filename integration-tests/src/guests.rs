@@ -17,7 +17,9 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 5] = ["counter", "blkcheck", "kvstore", "devcheck", "intcheck"];
+pub const GUEST_NAMES: [&str; 6] = [
+    "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "pcicheck",
+];
 
 /// Environment variable naming the C compiler (default `gcc`).
 pub const COMPILER_ENV: &str = "NV_GUEST_CC";

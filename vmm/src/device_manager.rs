@@ -90,6 +90,19 @@ pub struct DeviceResources {
     pub pci: Option<(devices::pci::PciBdf, Vec<devices::pci::Bar>)>,
 }
 
+/// A PCI device: its BDF and BARs, no interrupt line (MSI-X).
+impl From<crate::pci_segment::PciDeviceInfo> for DeviceResources {
+    fn from(device: crate::pci_segment::PciDeviceInfo) -> Self {
+        DeviceResources {
+            id: device.id,
+            pio: None,
+            mmio: None,
+            irq: None,
+            pci: Some((device.bdf, device.bars)),
+        }
+    }
+}
+
 /// Where a disk's virtio transport is and what it was wired with.
 enum DiskTransport {
     /// A function on PCI segment 0 with its MSI-X vectors in KVM.
@@ -611,17 +624,7 @@ impl DeviceManager {
             }),
             DiskTransport::Pci { .. } => None,
         });
-        let pci = self
-            .pci
-            .devices()
-            .into_iter()
-            .map(|device| DeviceResources {
-                id: device.id,
-                pio: None,
-                mmio: None,
-                irq: None,
-                pci: Some((device.bdf, device.bars)),
-            });
+        let pci = self.pci.devices().into_iter().map(DeviceResources::from);
         serial.into_iter().chain(disks).chain(pci).collect()
     }
 

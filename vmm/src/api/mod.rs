@@ -18,7 +18,7 @@ mod server;
 mod socket;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, Sender};

@@ -2,7 +2,6 @@
 //! BAR moves (regions and ioeventfds), MSI-X through KVM GSI routes and irqfds into a vCPU's
 //! local APIC (masking and pending bits included), and the state across a save into a new VM.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devices::pci::{
@@ -12,6 +11,7 @@ use devices::pci::{
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::*;
+use crate::api::tests::kvm_available;
 
 const VENDOR: u16 = 0x1AF4;
 const DEVICE: u16 = 0x10F0;
@@ -122,18 +122,6 @@ struct Platform {
     segment: PciSegment,
     function: Arc<Mutex<TestFunction>>,
     msi: Arc<KvmMsiInterrupts>,
-}
-
-/// Fails loudly without /dev/kvm unless NV_SKIP_KVM=1 asks to skip.
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("NV_SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: no /dev/kvm and NV_SKIP_KVM=1 is set");
-        return false;
-    }
-    panic!("{test}: /dev/kvm is missing; set NV_SKIP_KVM=1 to skip KVM tests explicitly");
 }
 
 const APIC_SPURIOUS: usize = 0xF0;
@@ -484,7 +472,7 @@ fn a_moved_bar_and_a_programmed_vector_survive_a_save_into_a_new_vm() {
     second.segment.restore_state(&state).unwrap();
     assert_eq!(second.bar(REG_BAR).address, moved);
     assert_eq!(second.mmio_read(moved).unwrap(), 9);
-    let allocated = u64::from(arch::layout::PCI_MMIO32_START.0);
+    let allocated = arch::layout::PCI_MMIO32_START.0;
     assert!(
         second.mmio_read(allocated).is_err(),
         "still at the allocated address"
@@ -546,4 +534,61 @@ fn bar_windows_allocate_naturally_aligned_and_refuse_when_full() {
     let mut window = AddressWindow::new(0x1000, 0x3000);
     assert_eq!(window.allocate(0x4000), None, "larger than the window");
     assert_eq!(window.allocate(0x1000), Some(0x1000));
+}
+
+/// `vm.info` shows a PCI device with its `pci_bdf` as upstream prints it and its BARs where they
+/// are mapped; no interrupt line.
+#[test]
+fn vm_info_lists_a_pci_device_with_its_bdf_and_bars() {
+    if !kvm_available("vm_info_lists_a_pci_device_with_its_bdf_and_bars") {
+        return;
+    }
+    let platform = Platform::new();
+    let resources: Vec<crate::device_manager::DeviceResources> = platform
+        .segment
+        .devices()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let tree = crate::api::VmInfoResponse::device_tree(&resources);
+    let (mmio64, _) = arch::layout::pci_mmio64_window(RAM);
+    assert_eq!(
+        serde_json::to_value(&tree["test0"]).unwrap(),
+        serde_json::json!({
+            "id": "test0",
+            "resources": [
+                {"MmioAddressRange": {"base": mmio64.0, "size": MSIX_BAR_SIZE}},
+                {"MmioAddressRange": {"base": arch::layout::PCI_MMIO32_START.0, "size": REG_BAR_SIZE}},
+                {"PioAddressRange": {"base": arch::layout::PCI_IO_START, "size": 16}}
+            ],
+            "children": [],
+            "pci_bdf": "0000:00:01.0"
+        })
+    );
+}
+
+/// KVM_SET_GSI_ROUTING replaces the whole table: after MSI routes went in, a legacy GSI (COM1's
+/// 4) still reaches the IOAPIC pin it always did.
+#[test]
+fn legacy_gsis_still_reach_their_ioapic_pins_after_msi_routes_are_written() {
+    if !kvm_available("legacy_gsis_still_reach_their_ioapic_pins") {
+        return;
+    }
+    let platform = Platform::new();
+    platform.program_vector(0, 0x45, false);
+    assert_eq!(platform.segment.routing().state().msi.len(), 1);
+    let mut ioapic = kvm_bindings::kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    platform.vm_fd.get_irqchip(&mut ioapic).unwrap();
+    // Pin 4: vector 0x34, fixed, physical, edge, unmasked, APIC ID 0.
+    // SAFETY: the IOAPIC chip's state is the `ioapic` member of the union; every bit pattern of
+    // a redirection entry is a value.
+    unsafe { ioapic.chip.ioapic.redirtbl[4].bits = 0x34 };
+    platform.vm_fd.set_irqchip(&ioapic).unwrap();
+    let com1 = EventFd::new(EFD_NONBLOCK).unwrap();
+    platform.vm_fd.register_irqfd(&com1, 4).unwrap();
+    com1.write(1).unwrap();
+    assert!(platform.wait_irr(0x34), "GSI 4 lost its IOAPIC route");
 }
