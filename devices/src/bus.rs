@@ -1,7 +1,7 @@
 //! Address-range routing of guest accesses (port I/O or MMIO) to devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::{Error, Result};
 
@@ -24,11 +24,13 @@ struct BusRange {
 
 /// A set of non-overlapping address ranges, each owned by one device.
 ///
-/// The VMM keeps one `Bus` for port I/O and one for MMIO. Routing takes `&self`, so a fully
-/// populated bus can be shared by all vCPU threads behind an `Arc`.
+/// The VMM keeps one `Bus` for port I/O and one for MMIO, shared by all vCPU threads behind an
+/// `Arc`. Ranges can be added and removed while vCPUs run (a PCI BAR the guest moves): routing
+/// holds the range map only to find the device, never while the device runs, so a device may
+/// move ranges from inside an access.
 #[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, BusRange>,
+    ranges: RwLock<BTreeMap<u64, BusRange>>,
 }
 
 impl Bus {
@@ -39,14 +41,15 @@ impl Bus {
 
     /// Places `device` at `[base, base + len)`. Refuses an empty or wrapping range and any overlap
     /// with a range already present.
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<()> {
+    pub fn insert(&self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<()> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(Error::BusRangeInvalid { base, len })?;
+        let mut ranges = self.ranges.write().map_err(|_| Error::BusLockPoisoned)?;
         // Only the nearest range starting below `end` can overlap, since ranges never overlap
         // each other.
-        if let Some((&existing_base, existing)) = self.ranges.range(..end).next_back() {
+        if let Some((&existing_base, existing)) = ranges.range(..end).next_back() {
             if existing_base + existing.len > base {
                 return Err(Error::BusOverlap {
                     base,
@@ -56,13 +59,22 @@ impl Bus {
                 });
             }
         }
-        self.ranges.insert(base, BusRange { len, device });
+        ranges.insert(base, BusRange { len, device });
         Ok(())
     }
 
-    fn resolve(&self, addr: u64) -> Result<(u64, &Arc<Mutex<dyn BusDevice>>)> {
-        let (base, range) = self
-            .ranges
+    /// Takes the range starting at `base` off the bus; returns its length, `None` if no range
+    /// starts there.
+    pub fn remove(&self, base: u64) -> Result<Option<u64>> {
+        let mut ranges = self.ranges.write().map_err(|_| Error::BusLockPoisoned)?;
+        Ok(ranges.remove(&base).map(|range| range.len))
+    }
+
+    /// The device owning `addr` and the base of its range (a clone of the handle: the map is
+    /// not held while the device runs).
+    fn resolve(&self, addr: u64) -> Result<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.ranges.read().map_err(|_| Error::BusLockPoisoned)?;
+        let (base, range) = ranges
             .range(..=addr)
             .next_back()
             .ok_or(Error::NoDeviceAt(addr))?;
@@ -70,7 +82,7 @@ impl Bus {
         if offset >= range.len {
             return Err(Error::NoDeviceAt(addr));
         }
-        Ok((*base, &range.device))
+        Ok((*base, Arc::clone(&range.device)))
     }
 
     /// Runs `access` on the device owning `addr`, with the offset of `addr` in its range.
@@ -121,7 +133,7 @@ mod tests {
 
     #[test]
     fn routes_to_the_owner_with_the_offset() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = recorder(0x10);
         let b = recorder(0x80);
         bus.insert(0x3f8, 8, a.clone()).unwrap();
@@ -144,7 +156,7 @@ mod tests {
 
     #[test]
     fn unowned_addresses_are_errors() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(0x100, 0x10, recorder(0)).unwrap();
         let mut byte = [0u8];
         assert!(matches!(
@@ -159,8 +171,40 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_range_is_free_again_and_a_device_can_move_ranges_from_an_access() {
+        /// Moves itself from 0x100 to 0x200 when written, from inside the bus access.
+        struct Mover(Arc<Bus>, Option<Arc<Mutex<dyn BusDevice>>>);
+        impl BusDevice for Mover {
+            fn read(&mut self, _: u64, data: &mut [u8]) {
+                data.fill(0x5a);
+            }
+            fn write(&mut self, _: u64, _: &[u8]) {
+                assert_eq!(self.0.remove(0x100).unwrap(), Some(0x10));
+                self.0.insert(0x200, 0x10, self.1.take().unwrap()).unwrap();
+            }
+        }
+        let bus = Arc::new(Bus::new());
+        let mover = Arc::new(Mutex::new(Mover(bus.clone(), None)));
+        mover.lock().unwrap().1 = Some(mover.clone());
+        bus.insert(0x100, 0x10, mover.clone()).unwrap();
+        bus.write(0x104, &[1]).unwrap();
+        let mut byte = [0u8];
+        assert!(matches!(
+            bus.read(0x104, &mut byte),
+            Err(Error::NoDeviceAt(0x104))
+        ));
+        bus.read(0x20f, &mut byte).unwrap();
+        assert_eq!(byte[0], 0x5a);
+        assert_eq!(bus.remove(0x100).unwrap(), None);
+        bus.insert(0x100, 0x10, recorder(0)).unwrap();
+        // Break the cycle so the test does not leak.
+        mover.lock().unwrap().1 = None;
+        assert_eq!(bus.remove(0x200).unwrap(), Some(0x10));
+    }
+
+    #[test]
     fn overlaps_and_bad_ranges_are_refused() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(0x100, 0x10, recorder(0)).unwrap();
         for (base, len) in [(0x100, 1), (0xf8, 0x10), (0x10f, 4), (0x80, 0x200)] {
             assert!(

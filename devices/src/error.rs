@@ -22,6 +22,8 @@ pub enum Error {
     NoDeviceAt(u64),
     #[error("the device at {0:#x} panicked earlier and its lock is poisoned")]
     DeviceLockPoisoned(u64),
+    #[error("a thread panicked while changing the bus's ranges and its lock is poisoned")]
+    BusLockPoisoned,
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] io::Error),
     #[error("{what} state has version {found}, this build understands version {expected}")]

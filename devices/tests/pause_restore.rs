@@ -72,7 +72,7 @@ fn requests_posted_around_a_pause_complete_exactly_once_after_restore() {
     driver.notify();
     // Pause while the I/O thread is working through the batch.
     let state = save(&driver);
-    let queue = state.queues[0];
+    let queue = state.transport.queues[0];
     assert_eq!(
         queue.next_avail, queue.next_used,
         "no request popped but uncompleted at the save"
@@ -170,7 +170,7 @@ fn a_pending_interrupt_is_raised_again_after_restore() {
     assert_eq!(driver.status_byte(&p), VIRTIO_BLK_S_OK);
     // The guest has not handled the interrupt yet when the power fails.
     let state = save(&driver);
-    assert_eq!(state.interrupt_status & 1, 1);
+    assert_eq!(state.transport.interrupt_status & 1, 1);
     let driver = power_cycle(driver, &image, &state);
     assert!(driver.irq.eventfd().read().is_err(), "not before resume");
     driver.transport.lock().unwrap().resume().unwrap();
@@ -189,7 +189,7 @@ fn a_device_saved_before_driver_ok_is_restored_mid_initialisation() {
     driver.write32(REG_STATUS, 1 | 2 | 8);
     driver.setup_queue();
     let state = save(&driver);
-    assert!(!state.activated);
+    assert!(!state.transport.activated);
     let mut driver = power_cycle(driver, &image, &state);
     driver.transport.lock().unwrap().resume().unwrap();
     assert_eq!(driver.read32(REG_QUEUE_READY), 1);
@@ -223,31 +223,31 @@ fn foreign_or_inconsistent_states_are_refused() {
     state.version = MMIO_STATE_VERSION + 1;
     assert!(matches!(restore(&state), Some(Error::StateVersion { .. })));
     let mut state = good.clone();
-    state.device_type = 1;
+    state.transport.device_type = 1;
     assert!(matches!(
         restore(&state),
         Some(Error::DeviceTypeMismatch { .. })
     ));
     let mut state = good.clone();
-    state.queues.push(state.queues[0]);
+    state.transport.queues.push(state.transport.queues[0]);
     assert!(matches!(
         restore(&state),
         Some(Error::QueueCountMismatch { .. })
     ));
     let mut state = good.clone();
-    state.queues[0].size = 512; // beyond the device's maximum
+    state.transport.queues[0].size = 512; // beyond the device's maximum
     assert!(matches!(
         restore(&state),
         Some(Error::QueueState { index: 0, .. })
     ));
     let mut state = good.clone();
-    state.queues[0].used_ring = 0x3001; // misaligned ring
+    state.transport.queues[0].used_ring = 0x3001; // misaligned ring
     assert!(matches!(
         restore(&state),
         Some(Error::QueueState { index: 0, .. })
     ));
     let mut state = good.clone();
-    state.queues[0].avail_ring = 0x7fff_0000; // outside guest memory
+    state.transport.queues[0].avail_ring = 0x7fff_0000; // outside guest memory
     assert!(matches!(restore(&state), Some(Error::QueueNotUsable(0))));
     assert!(restore(&good).is_none(), "the unmodified state restores");
 }

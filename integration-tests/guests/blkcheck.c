@@ -118,6 +118,8 @@ static int run(void)
 	console_write_dec(blocks);
 	console_write(" rounds=");
 	console_write_dec(rounds);
+	console_write(" transport=");
+	console_write(virtio_blk_transport(disk));
 	console_write("\n");
 
 	int batch = virtio_blk_max_batch(disk);

@@ -192,9 +192,9 @@ boot_tss:
 	.quad 0
 	.word 0
 	.word io_bitmap - boot_tss	/* I/O map base */
-/* One bit per port 0x000-0x607, 0 = allowed; ports past the TSS limit are
+/* One bit per port 0x000-0xcff, 0 = allowed; ports past the TSS limit are
  * denied. Allowed: 0x60 and 0x64 (i8042), 0x3f8-0x3ff (COM1), 0x505
- * (pvpanic), 0x600 (ACPI shutdown/reset). */
+ * (pvpanic), 0x600 (ACPI shutdown/reset), 0xcf8-0xcff (PCI configuration). */
 io_bitmap:
 	.fill 0x60 / 8, 1, 0xff
 	.byte 0xee			/* ports 0x60-0x67: 0x60 and 0x64 open */
@@ -204,6 +204,8 @@ io_bitmap:
 	.byte 0xdf			/* ports 0x500-0x507: 0x505 open */
 	.fill 0x600 / 8 - 0x500 / 8 - 1, 1, 0xff
 	.byte 0xfe			/* ports 0x600-0x607: 0x600 open */
+	.fill 0xcf8 / 8 - 0x600 / 8 - 1, 1, 0xff
+	.byte 0x00			/* ports 0xcf8-0xcff open */
 	.byte 0xff			/* required terminator byte */
 boot_tss_end:
 

@@ -1,7 +1,42 @@
 #include "virtio_blk.h"
 #include "clock.h"
 #include "params.h"
+#include "port_io.h"
 #include "runtime.h"
+
+/* virtio-pci: the function is found through the legacy configuration ports,
+ * its structures through the capability list (virtio 1.x, section 4.1). */
+#define PCI_CONFIG_ADDRESS 0xcf8
+#define PCI_CONFIG_DATA 0xcfc
+#define PCI_ID_VIRTIO_BLK 0x10421af4u /* device 0x1040 + type 2, vendor 0x1af4 */
+#define PCI_COMMAND 0x04
+#define PCI_COMMAND_MEMORY 0x2u
+#define PCI_STATUS_CAPABILITIES (0x10u << 16)
+#define PCI_BAR0 0x10
+#define PCI_CAPABILITIES 0x34
+#define PCI_CAP_VENDOR 0x09
+#define VIRTIO_PCI_CAP_COMMON 1
+#define VIRTIO_PCI_CAP_NOTIFY 2
+#define VIRTIO_PCI_CAP_DEVICE 4
+/* The VMM puts BAR 0 in the 64-bit window above RAM, which these page tables
+ * do not map; the driver moves it into the mapped 32-bit window, as firmware
+ * may (the VMM moves the region and its notify ioeventfd with it). */
+#define PCI_BAR0_TARGET 0xc8000000ull
+#define PCI_BAR0_TARGET_STRIDE 0x100000ull
+/* struct virtio_pci_common_cfg, with the width each field is accessed at. */
+#define COMMON_DEVICE_FEATURE_SELECT 0x00 /* 32 */
+#define COMMON_DEVICE_FEATURE 0x04	 /* 32 */
+#define COMMON_DRIVER_FEATURE_SELECT 0x08 /* 32 */
+#define COMMON_DRIVER_FEATURE 0x0c	 /* 32 */
+#define COMMON_DEVICE_STATUS 0x14	 /* 8 */
+#define COMMON_CONFIG_GENERATION 0x15	 /* 8 */
+#define COMMON_QUEUE_SELECT 0x16	 /* 16 */
+#define COMMON_QUEUE_SIZE 0x18		 /* 16 */
+#define COMMON_QUEUE_ENABLE 0x1c	 /* 16 */
+#define COMMON_QUEUE_NOTIFY_OFF 0x1e	 /* 16 */
+#define COMMON_QUEUE_DESC 0x20		 /* 2 x 32 */
+#define COMMON_QUEUE_DRIVER 0x28	 /* 2 x 32 */
+#define COMMON_QUEUE_DEVICE 0x30	 /* 2 x 32 */
 
 /* virtio-mmio register offsets (virtio 1.x, section 4.2.2). */
 #define REG_MAGIC 0x000
@@ -98,7 +133,13 @@ struct request_slot {
 };
 
 struct virtio_blk {
+	/* virtio-mmio: the register window. */
 	volatile uint8_t *registers;
+	/* virtio-pci: the structures in BAR 0 and queue 0's notify address. */
+	volatile uint8_t *common;
+	volatile uint8_t *device_config;
+	volatile uint16_t *notify;
+	uint32_t notify_multiplier;
 	uint64_t capacity_sectors;
 	int readonly;
 	uint16_t queue_size;
@@ -134,10 +175,74 @@ static void reg_write_address(struct virtio_blk *disk, unsigned low, unsigned hi
 	reg_write(disk, high, (uint32_t)((uint64_t)address >> 32));
 }
 
+/* The operations both transports have, each an exit to the VMM. */
+static uint32_t get_status(const struct virtio_blk *disk)
+{
+	if (disk->common)
+		return *(volatile uint8_t *)(disk->common + COMMON_DEVICE_STATUS);
+	return reg_read(disk, REG_STATUS);
+}
+
+static void set_status(struct virtio_blk *disk, uint32_t status)
+{
+	if (disk->common)
+		*(volatile uint8_t *)(disk->common + COMMON_DEVICE_STATUS) = (uint8_t)status;
+	else
+		reg_write(disk, REG_STATUS, status);
+}
+
+static void common_write32(struct virtio_blk *disk, unsigned offset, uint32_t value)
+{
+	*(volatile uint32_t *)(disk->common + offset) = value;
+}
+
+static uint32_t device_features(struct virtio_blk *disk, uint32_t select)
+{
+	if (disk->common) {
+		common_write32(disk, COMMON_DEVICE_FEATURE_SELECT, select);
+		return *(volatile uint32_t *)(disk->common + COMMON_DEVICE_FEATURE);
+	}
+	reg_write(disk, REG_DEVICE_FEATURES_SEL, select);
+	return reg_read(disk, REG_DEVICE_FEATURES);
+}
+
+static void driver_features(struct virtio_blk *disk, uint32_t select, uint32_t value)
+{
+	if (disk->common) {
+		common_write32(disk, COMMON_DRIVER_FEATURE_SELECT, select);
+		common_write32(disk, COMMON_DRIVER_FEATURE, value);
+		return;
+	}
+	reg_write(disk, REG_DRIVER_FEATURES_SEL, select);
+	reg_write(disk, REG_DRIVER_FEATURES, value);
+}
+
+static uint32_t config_generation(const struct virtio_blk *disk)
+{
+	if (disk->common)
+		return *(volatile uint8_t *)(disk->common + COMMON_CONFIG_GENERATION);
+	return reg_read(disk, REG_CONFIG_GENERATION);
+}
+
+static uint32_t config_read32(const struct virtio_blk *disk, unsigned offset)
+{
+	if (disk->device_config)
+		return *(volatile uint32_t *)(disk->device_config + offset);
+	return reg_read(disk, REG_CONFIG + offset);
+}
+
+static void notify_queue0(struct virtio_blk *disk)
+{
+	if (disk->notify)
+		*disk->notify = 0;
+	else
+		reg_write(disk, REG_QUEUE_NOTIFY, 0);
+}
+
 static int fail(struct virtio_blk *disk, const char *why, const char **error)
 {
-	if (disk->registers)
-		reg_write(disk, REG_STATUS, STATUS_FAILED);
+	if (disk->registers || disk->common)
+		set_status(disk, STATUS_FAILED);
 	*error = why;
 	return -1;
 }
@@ -157,49 +262,62 @@ static uint64_t read_capacity(struct virtio_blk *disk)
 	/* The 64-bit field is read in two halves: retry if the device changed
 	 * its configuration in between. */
 	do {
-		generation = reg_read(disk, REG_CONFIG_GENERATION);
-		low = reg_read(disk, REG_CONFIG);
-		high = reg_read(disk, REG_CONFIG + 4);
-	} while (generation != reg_read(disk, REG_CONFIG_GENERATION));
+		generation = config_generation(disk);
+		low = config_read32(disk, 0);
+		high = config_read32(disk, 4);
+	} while (generation != config_generation(disk));
 	return ((uint64_t)high << 32) | low;
 }
 
 static int negotiate(struct virtio_blk *disk, const char **error)
 {
-	reg_write(disk, REG_STATUS, 0);
-	if (reg_read(disk, REG_STATUS) != 0)
+	set_status(disk, 0);
+	if (get_status(disk) != 0)
 		return fail(disk, "device did not reset", error);
-	reg_write(disk, REG_STATUS, STATUS_ACKNOWLEDGE);
-	reg_write(disk, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+	set_status(disk, STATUS_ACKNOWLEDGE);
+	set_status(disk, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
 
-	reg_write(disk, REG_DEVICE_FEATURES_SEL, 0);
-	uint32_t features_low = reg_read(disk, REG_DEVICE_FEATURES);
-	reg_write(disk, REG_DEVICE_FEATURES_SEL, 1);
-	uint32_t features_high = reg_read(disk, REG_DEVICE_FEATURES);
+	uint32_t features_low = device_features(disk, 0);
+	uint32_t features_high = device_features(disk, 1);
 	if (!(features_high & FEATURE_HIGH_VERSION_1))
 		return fail(disk, "device does not offer VIRTIO_F_VERSION_1", error);
 	if (!(features_low & FEATURE_BLK_FLUSH))
 		return fail(disk, "device does not offer VIRTIO_BLK_F_FLUSH", error);
 	disk->readonly = (features_low & FEATURE_BLK_RO) != 0;
 
-	reg_write(disk, REG_DRIVER_FEATURES_SEL, 0);
-	reg_write(disk, REG_DRIVER_FEATURES, features_low & (FEATURE_BLK_FLUSH | FEATURE_BLK_RO));
-	reg_write(disk, REG_DRIVER_FEATURES_SEL, 1);
-	reg_write(disk, REG_DRIVER_FEATURES, FEATURE_HIGH_VERSION_1);
+	driver_features(disk, 0, features_low & (FEATURE_BLK_FLUSH | FEATURE_BLK_RO));
+	driver_features(disk, 1, FEATURE_HIGH_VERSION_1);
 
 	uint32_t status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-	reg_write(disk, REG_STATUS, status);
-	if (!(reg_read(disk, REG_STATUS) & STATUS_FEATURES_OK))
+	set_status(disk, status);
+	if (!(get_status(disk) & STATUS_FEATURES_OK))
 		return fail(disk, "device rejected the feature set", error);
 	return 0;
 }
 
+static void common_write_address(struct virtio_blk *disk, unsigned offset, const void *address)
+{
+	common_write32(disk, offset, (uint32_t)(uint64_t)address);
+	common_write32(disk, offset + 4, (uint32_t)((uint64_t)address >> 32));
+}
+
 static int setup_queue(struct virtio_blk *disk, const char **error)
 {
-	reg_write(disk, REG_QUEUE_SEL, 0);
-	if (reg_read(disk, REG_QUEUE_READY))
-		return fail(disk, "queue 0 already in use", error);
-	uint32_t max = reg_read(disk, REG_QUEUE_NUM_MAX);
+	volatile uint16_t *pci_queue = (volatile uint16_t *)disk->common;
+	uint32_t max;
+
+	if (disk->common) {
+		pci_queue[COMMON_QUEUE_SELECT / 2] = 0;
+		if (pci_queue[COMMON_QUEUE_ENABLE / 2])
+			return fail(disk, "queue 0 already in use", error);
+		/* queue_size reads the maximum until the driver writes it. */
+		max = pci_queue[COMMON_QUEUE_SIZE / 2];
+	} else {
+		reg_write(disk, REG_QUEUE_SEL, 0);
+		if (reg_read(disk, REG_QUEUE_READY))
+			return fail(disk, "queue 0 already in use", error);
+		max = reg_read(disk, REG_QUEUE_NUM_MAX);
+	}
 	if (max < DESCRIPTORS_PER_REQUEST)
 		return fail(disk, "queue 0 too small", error);
 	uint32_t size = QUEUE_SIZE_WANTED;
@@ -214,11 +332,91 @@ static int setup_queue(struct virtio_blk *disk, const char **error)
 
 	/* Polling driver: ask the device not to interrupt. */
 	disk->avail.flags = AVAIL_F_NO_INTERRUPT;
+	if (disk->common) {
+		pci_queue[COMMON_QUEUE_SIZE / 2] = (uint16_t)size;
+		common_write_address(disk, COMMON_QUEUE_DESC, disk->descriptors);
+		common_write_address(disk, COMMON_QUEUE_DRIVER, &disk->avail);
+		common_write_address(disk, COMMON_QUEUE_DEVICE, &disk->used);
+		pci_queue[COMMON_QUEUE_ENABLE / 2] = 1;
+		disk->notify = (volatile uint16_t *)((volatile uint8_t *)disk->notify +
+						     pci_queue[COMMON_QUEUE_NOTIFY_OFF / 2] *
+							     disk->notify_multiplier);
+		return 0;
+	}
 	reg_write(disk, REG_QUEUE_NUM, size);
 	reg_write_address(disk, REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, disk->descriptors);
 	reg_write_address(disk, REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, &disk->avail);
 	reg_write_address(disk, REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, &disk->used);
 	reg_write(disk, REG_QUEUE_READY, 1);
+	return 0;
+}
+
+static uint32_t pci_read(unsigned device, unsigned offset)
+{
+	port_out32(PCI_CONFIG_ADDRESS, 0x80000000u | device << 11 | (offset & 0xfc));
+	return port_in32(PCI_CONFIG_DATA);
+}
+
+static void pci_write(unsigned device, unsigned offset, uint32_t value)
+{
+	port_out32(PCI_CONFIG_ADDRESS, 0x80000000u | device << 11 | (offset & 0xfc));
+	port_out32(PCI_CONFIG_DATA, value);
+}
+
+static uint8_t pci_read8(unsigned device, unsigned offset)
+{
+	return (uint8_t)(pci_read(device, offset) >> (8 * (offset & 3)));
+}
+
+/* Finds the first virtio-blk function on bus 0, moves its BAR 0 into the
+ * mapped window and finds its structures through the capability list. */
+static int pci_find(struct virtio_blk *disk, const char **error)
+{
+	unsigned device = 0;
+
+	while (device < 32 && pci_read(device, 0) != PCI_ID_VIRTIO_BLK)
+		device++;
+	if (device == 32) {
+		*error = "no virtio-blk device on virtio-mmio or PCI";
+		return -1;
+	}
+	if ((pci_read(device, PCI_BAR0) & 0x7) != 0x4) {
+		*error = "virtio-pci BAR 0 is not a 64-bit memory BAR";
+		return -1;
+	}
+	uint64_t bar = PCI_BAR0_TARGET + device * PCI_BAR0_TARGET_STRIDE;
+	uint32_t command = pci_read(device, PCI_COMMAND) & 0xffff;
+	pci_write(device, PCI_COMMAND, command & ~PCI_COMMAND_MEMORY);
+	pci_write(device, PCI_BAR0, (uint32_t)bar);
+	pci_write(device, PCI_BAR0 + 4, (uint32_t)(bar >> 32));
+	pci_write(device, PCI_COMMAND, command | PCI_COMMAND_MEMORY);
+	if (!(pci_read(device, PCI_COMMAND) & PCI_STATUS_CAPABILITIES)) {
+		*error = "virtio-pci function has no capability list";
+		return -1;
+	}
+	for (unsigned at = pci_read8(device, PCI_CAPABILITIES), hops = 0; at && hops < 48;
+	     at = pci_read8(device, at + 1), hops++) {
+		if (pci_read8(device, at) != PCI_CAP_VENDOR || pci_read8(device, at + 4) != 0)
+			continue;
+		volatile uint8_t *structure = (volatile uint8_t *)(bar + pci_read(device, at + 8));
+		switch (pci_read8(device, at + 3)) {
+		case VIRTIO_PCI_CAP_COMMON:
+			disk->common = structure;
+			break;
+		case VIRTIO_PCI_CAP_NOTIFY:
+			disk->notify = (volatile uint16_t *)structure;
+			disk->notify_multiplier = pci_read(device, at + 16);
+			break;
+		case VIRTIO_PCI_CAP_DEVICE:
+			disk->device_config = structure;
+			break;
+		}
+	}
+	if (!disk->common || !disk->notify || !disk->device_config) {
+		disk->common = 0;
+		*error = "virtio-pci capabilities missing";
+		return -1;
+	}
 	return 0;
 }
 
@@ -233,20 +431,24 @@ struct virtio_blk *virtio_blk_open(const char **error)
 		if (devices[i].size >= 0x200 && devices[i].base >= DEVICE_HOLE_START &&
 		    devices[i].base + 0x200 <= DEVICE_HOLE_END && is_block_device(devices[i].base))
 			disk->registers = (volatile uint8_t *)devices[i].base;
-	if (!disk->registers) {
-		*error = "no virtio-mmio block device on the command line";
-		return 0;
-	}
-	if (reg_read(disk, REG_VERSION) != VIRTIO_MMIO_MODERN) {
-		*error = "virtio-mmio device is not version 2";
+	if (disk->registers) {
+		if (reg_read(disk, REG_VERSION) != VIRTIO_MMIO_MODERN) {
+			*error = "virtio-mmio device is not version 2";
+			return 0;
+		}
+	} else if (pci_find(disk, error)) {
 		return 0;
 	}
 	if (negotiate(disk, error) || setup_queue(disk, error))
 		return 0;
 	disk->capacity_sectors = read_capacity(disk);
-	reg_write(disk, REG_STATUS,
-		  STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	set_status(disk, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 	return disk;
+}
+
+const char *virtio_blk_transport(const struct virtio_blk *disk)
+{
+	return disk->common ? "virtio-pci" : "virtio-mmio";
 }
 
 uint64_t virtio_blk_capacity_sectors(const struct virtio_blk *disk)
@@ -309,7 +511,7 @@ static int run_batch(struct virtio_blk *disk, int count, const char **error)
 	compiler_barrier();
 	*(volatile uint16_t *)&disk->avail.index = disk->next_avail;
 	memory_barrier();
-	reg_write(disk, REG_QUEUE_NOTIFY, 0);
+	notify_queue0(disk);
 
 	stopwatch_start(&watch);
 	while (*(volatile uint16_t *)&disk->used.index != target) {

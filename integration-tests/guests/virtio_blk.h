@@ -1,7 +1,7 @@
 /*
- * Polling virtio-blk driver over virtio-mmio version 2 (virtio 1.x, split
- * virtqueue), run entirely in ring 3 with interrupts off: completions are
- * found by watching the used ring. Guest-physical equals guest-virtual
+ * Polling virtio-blk driver over virtio-mmio version 2 or virtio-pci (virtio
+ * 1.x, split virtqueue), run entirely in ring 3 with interrupts off:
+ * completions are found by watching the used ring (no MSI-X vector is set). Guest-physical equals guest-virtual
  * (identity map), so buffers are handed to the device by their address.
  */
 #ifndef GUEST_VIRTIO_BLK_H
@@ -27,9 +27,12 @@ struct virtio_blk_io {
 
 struct virtio_blk;
 
-/* Probes the announced virtio-mmio devices for the first block device and
- * brings it up (VERSION_1 + FLUSH negotiated). Returns 0 or sets *error. */
+/* Probes the virtio-mmio devices announced on the command line for the first
+ * block device, else PCI bus 0 (0xcf8/0xcfc), and brings it up (VERSION_1 +
+ * FLUSH negotiated). Returns 0 or sets *error. */
 struct virtio_blk *virtio_blk_open(const char **error);
+/* "virtio-pci" or "virtio-mmio". */
+const char *virtio_blk_transport(const struct virtio_blk *disk);
 uint64_t virtio_blk_capacity_sectors(const struct virtio_blk *disk);
 int virtio_blk_readonly(const struct virtio_blk *disk);
 /* Largest batch virtio_blk_submit accepts (queue size permitting). */

@@ -17,8 +17,8 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 6] = [
-    "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck",
+pub const GUEST_NAMES: [&str; 7] = [
+    "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).

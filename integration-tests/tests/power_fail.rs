@@ -463,6 +463,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
         &region,
         "blk",
     );
+    // The default transport: virtio-pci.
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "boot", &arguments, &[]);
     // Mid-run: the guest keeps 16 requests posted at a time, so the signal lands amid I/O.
@@ -472,6 +473,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     power_fail(&mut vmm);
     let before = vmm.serial_log();
     assert!(!before.contains("FAIL"), "{before}");
+    assert!(before.contains("transport=virtio-pci"), "{before}");
     let completed = last_completed_seq(&before);
     assert!(
         completed < ROUNDS * BLOCKS,
@@ -483,6 +485,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     });
 
     let mut arguments = recover_arguments(&region, "blk", "");
+    // The default transport: virtio-pci.
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("blkcheck to finish", |log| {

@@ -12,7 +12,7 @@ use integration_tests::harness::{
 };
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, MemoryZoneConfig,
-    PayloadConfig, SeccompMode, VmConfig,
+    PayloadConfig, SeccompMode, VirtioTransportKind, VmConfig,
 };
 use vmm::events::VmEvents;
 use vmm::memory::guest_memory_from_config;
@@ -164,11 +164,14 @@ fn blkcheck_guest_writes_a_virtio_blk_disk_the_host_can_verify() {
     );
     config.disks = Some(vec![DiskConfig {
         path: Some(disk.display().to_string()),
+        // The opt-in transport; the other disk tests use virtio-pci, the default.
+        transport: Some(VirtioTransportKind::Mmio),
         ..Default::default()
     }]);
     let (code, text) = run_to_end(config, &log);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("blkcheck: done ok"), "{text}");
+    assert!(text.contains("transport=virtio-mmio"), "{text}");
 
     // From the host: the guest's promise holds, and the disk holds exactly the last round.
     integration_tests::guests::verify_blkcheck_disk(&disk, BLOCKS, BLOCKS * ROUNDS)
@@ -372,6 +375,8 @@ fn blkcheck_continues_after_save_and_restore() {
         "the guest finished before the save; the test needs more rounds:\n{first}"
     );
     assert_eq!(state.devices.disks.len(), 1);
+    assert!(first.contains("transport=virtio-pci"), "{first}");
+    assert!(state.devices.disks[0].pci.is_some(), "saved as virtio-pci");
 
     let mut vm = create_vm(&config_for(&second_log));
     vm.restore_state(&state).expect("restore state");

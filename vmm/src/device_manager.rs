@@ -1,8 +1,11 @@
 //! Builds the VM's devices from its config and wires them to KVM: COM1 on the port-I/O bus with an
 //! irqfd on IRQ 4 (its output to a file, the terminal or a pty, its input from the pty), the i8042
 //! reset line, the ACPI shutdown/reset port, the ACPI GED (power button) page with an irqfd on
-//! GSI 3, the pvpanic port, and virtio-blk disks on virtio-mmio at the platform contract's
-//! addresses and GSIs (irqfd per GSI, ioeventfd per queue notify). vCPU threads reach the devices
+//! GSI 3, the pvpanic port, PCI segment 0 (`pci_segment`: host bridge, 0xCF8/0xCFC, ECAM, BARs,
+//! MSI-X on KVM GSI routes), and virtio-blk disks: on virtio-pci by default (a function on the
+//! segment, MSI-X vectors through KVM, ioeventfd per queue notify address), or with
+//! `transport=mmio` on virtio-mmio at the platform contract's addresses and GSIs (irqfd per GSI,
+//! ioeventfd per queue notify). vCPU threads reach the devices
 //! through the `IoHandler` this module implements. A vCPU never activates a device: the guest's
 //! DRIVER_OK write leaves the activation pending and wakes the control loop
 //! (`VmEvents::device_activation`), which calls `activate_pending`; device threads are started
@@ -14,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
+use devices::pci::PciBdf;
 use devices::virtio::{
-    kernel_cmdline_token, virtio_mmio_slot, Block, IoThreadStartHook, MmioTransport,
-    MmioTransportState, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
+    MmioTransport, MmioTransportState, VirtioPciDevice, VirtioPciState, VirtioTransport,
+    VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -24,11 +29,12 @@ use devices::{
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleConfig, ConsoleOutputMode, SeccompMode, VmConfig};
+use crate::config::{ConsoleConfig, ConsoleOutputMode, SeccompMode, VirtioTransportKind, VmConfig};
 use crate::events::VmEvents;
+use crate::pci_segment::{KvmMsiInterrupts, PciSegment, PciSegmentState};
 use crate::seccomp_filters::device_thread_start_hook;
 use crate::vcpu::IoHandler;
 use crate::Error;
@@ -78,37 +84,80 @@ pub struct DeviceResources {
     pub pio: Option<(u64, u64)>,
     /// MMIO range: base, length.
     pub mmio: Option<(u64, u64)>,
-    /// Its interrupt line (GSI).
-    pub irq: u32,
+    /// Its interrupt line (GSI); `None` for a PCI device (MSI-X).
+    pub irq: Option<u32>,
+    /// Where a PCI device sits (`vm.info`'s `pci_bdf`) and its mapped BARs.
+    pub pci: Option<(devices::pci::PciBdf, Vec<devices::pci::Bar>)>,
 }
 
-/// One virtio-blk disk on its virtio-mmio slot.
+/// A PCI device: its BDF and BARs, no interrupt line (MSI-X).
+impl From<crate::pci_segment::PciDeviceInfo> for DeviceResources {
+    fn from(device: crate::pci_segment::PciDeviceInfo) -> Self {
+        DeviceResources {
+            id: device.id,
+            pio: None,
+            mmio: None,
+            irq: None,
+            pci: Some((device.bdf, device.bars)),
+        }
+    }
+}
+
+/// Where a disk's virtio transport is and what it was wired with.
+enum DiskTransport {
+    /// A function on PCI segment 0 with its MSI-X vectors in KVM.
+    Pci {
+        device: Arc<Mutex<VirtioPciDevice>>,
+        bdf: PciBdf,
+        msi: Arc<KvmMsiInterrupts>,
+    },
+    /// A virtio-mmio slot: its register window's base and its GSI line.
+    Mmio {
+        transport: Arc<Mutex<MmioTransport>>,
+        interrupt: Arc<EventFdInterrupt>,
+        base: u64,
+        gsi: u32,
+    },
+}
+
+/// One virtio-blk disk.
 struct VirtioBlockSlot {
-    transport: Arc<Mutex<MmioTransport>>,
-    interrupt: Arc<EventFdInterrupt>,
+    transport: DiskTransport,
     /// The disk's `id=`, or upstream's default `_disk<N>`: the key of its counters.
     id: String,
     /// What the disk was opened from, to open it again when restoring.
     path: PathBuf,
     readonly: bool,
-    /// Guest-physical base of the slot's register window.
-    base: u64,
+}
+
+fn lock_or_recover<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl VirtioBlockSlot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
-        self.transport
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Runs `step` on the disk's transport, whichever it is.
+    fn with_transport<R>(&self, step: impl FnOnce(&mut dyn VirtioTransport) -> R) -> R {
+        match &self.transport {
+            DiskTransport::Pci { device, .. } => step(&mut *lock_or_recover(device)),
+            DiskTransport::Mmio { transport, .. } => step(&mut *lock_or_recover(transport)),
+        }
     }
 }
 
-/// Saved state of one virtio-blk disk.
+/// Saved state of one virtio-blk disk: its virtio-mmio transport or its virtio-pci function
+/// (whose configuration space is in the PCI segment's state).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     /// The disk image, to catch a restore with the disks in another order.
     pub path: PathBuf,
-    pub transport: MmioTransportState,
+    /// A virtio-mmio disk (states saved before virtio-pci existed have only this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<MmioTransportState>,
+    /// A virtio-pci disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<VirtioPciState>,
 }
 
 /// Saved state of every device, versioned with the rest of `VmState`.
@@ -121,11 +170,17 @@ pub struct DevicesState {
     /// The ACPI GED's pending events (`None` in a state saved before the GED existed).
     #[serde(default)]
     pub ged: Option<GedState>,
+    /// PCI segment 0: configuration spaces, BARs, the CONFIG_ADDRESS latch, MSI routes
+    /// (`None` in a state saved before the PCI bus existed).
+    #[serde(default)]
+    pub pci: Option<PciSegmentState>,
 }
 
 pub struct DeviceManager {
-    pio_bus: Bus,
-    mmio_bus: Bus,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    /// PCI segment 0 (host bridge; devices go on it with `PciSegment::add_device`).
+    pci: PciSegment,
     com1: Option<Com1>,
     /// `--console pty`: opened so its path can be reported as upstream does, though no
     /// virtio-console device is attached to it yet.
@@ -154,9 +209,14 @@ impl DeviceManager {
         memory: &GuestMemoryMmap,
         seccomp: SeccompMode,
     ) -> Result<DeviceManager, Error> {
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let ram_bytes = memory.iter().map(|region| region.len()).sum();
+        let pci = PciSegment::new(vm_fd, &pio_bus, &mmio_bus, ram_bytes)?;
         let mut manager = DeviceManager {
-            pio_bus: Bus::new(),
-            mmio_bus: Bus::new(),
+            pio_bus,
+            mmio_bus,
+            pci,
             com1: None,
             console_pty: None,
             disks: Vec::new(),
@@ -387,16 +447,63 @@ impl DeviceManager {
             .map_err(|e| Error::device("ACPI shutdown", e))
     }
 
-    /// Puts a virtio-blk disk on the next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on
-    /// its QueueNotify register (so a notify wakes the disk's I/O thread without a vCPU exit).
+    /// Puts a virtio-blk disk on its transport: by default a virtio-pci function on segment 0
+    /// (MSI-X vectors on KVM GSIs, ioeventfds at its notify addresses, registered by the
+    /// segment), with `transport=mmio` the next virtio-mmio slot.
     fn add_virtio_block(&mut self, disk: &crate::config::DiskConfig) -> Result<(), Error> {
         let path = PathBuf::from(
             disk.path
                 .as_deref()
                 .ok_or_else(|| Error::Device("--disk without path=".to_string()))?,
         );
-        let index = u32::try_from(self.disks.len())
-            .map_err(|_| Error::Device("too many disks".to_string()))?;
+        let id = disk
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("_disk{}", self.disks.len()));
+        let block = open_block(&path, disk.readonly)?;
+        let transport = match disk.transport.unwrap_or_default() {
+            VirtioTransportKind::Pci => self.add_pci_block(&id, &path, block)?,
+            VirtioTransportKind::Mmio => self.add_mmio_block(&path, block)?,
+        };
+        log::info!(
+            "disk {} on {}{}",
+            path.display(),
+            match &transport {
+                DiskTransport::Pci { bdf, .. } => format!("virtio-pci at {bdf}"),
+                DiskTransport::Mmio { base, gsi, .. } =>
+                    format!("virtio-mmio at {base:#x}, GSI {gsi}"),
+            },
+            if disk.readonly { ", read-only" } else { "" }
+        );
+        self.disks.push(VirtioBlockSlot {
+            transport,
+            id,
+            path,
+            readonly: disk.readonly,
+        });
+        Ok(())
+    }
+
+    fn add_pci_block(&self, id: &str, path: &Path, block: Block) -> Result<DiskTransport, Error> {
+        let msi = self.pci.msi_interrupts(msix_vector_count(&block))?;
+        let mut device = VirtioPciDevice::new(Box::new(block), self.memory.clone(), msi.clone())
+            .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
+        self.wire_activation(&mut device)?;
+        let device = Arc::new(Mutex::new(device));
+        let bdf = self.pci.add_device(id, device.clone())?;
+        Ok(DiskTransport::Pci { device, bdf, msi })
+    }
+
+    /// The next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on its QueueNotify
+    /// register (so a notify wakes the disk's I/O thread without a vCPU exit).
+    fn add_mmio_block(&mut self, path: &Path, block: Block) -> Result<DiskTransport, Error> {
+        let index = self
+            .disks
+            .iter()
+            .filter(|d| matches!(d.transport, DiskTransport::Mmio { .. }))
+            .count();
+        let index =
+            u32::try_from(index).map_err(|_| Error::Device("too many disks".to_string()))?;
         let (base, gsi) = virtio_mmio_slot(index);
         // The slot must stay inside the platform's virtio-mmio window and GSI range.
         arch::layout::mmio_device_address(index)
@@ -411,7 +518,6 @@ impl DeviceManager {
                 operation: "KVM_IRQFD (virtio-blk)",
                 source,
             })?;
-        let block = open_block(&path, disk.readonly)?;
         let mut transport =
             MmioTransport::new(Box::new(block), self.memory.clone(), interrupt.clone())
                 .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
@@ -422,25 +528,17 @@ impl DeviceManager {
             .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
             .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
         self.cmdline_tokens.push(kernel_cmdline_token(index));
-        log::info!(
-            "disk {} on virtio-mmio at {base:#x}, GSI {gsi}{}",
-            path.display(),
-            if disk.readonly { ", read-only" } else { "" }
-        );
-        self.disks.push(VirtioBlockSlot {
+        Ok(DiskTransport::Mmio {
             transport,
             interrupt,
-            id: disk.id.clone().unwrap_or_else(|| format!("_disk{index}")),
-            path,
-            readonly: disk.readonly,
             base,
-        });
-        Ok(())
+            gsi,
+        })
     }
 
     /// Tells the control loop when `transport`'s device wants activation, and confines the
     /// threads the device starts.
-    fn wire_activation(&self, transport: &mut MmioTransport) -> Result<(), Error> {
+    fn wire_activation(&self, transport: &mut dyn VirtioTransport) -> Result<(), Error> {
         let evt = clone_event_fd(&self.activation_evt, "clone (device activation)")?;
         transport.notify_activation_with(evt);
         transport.confine_io_threads_with(self.thread_start.clone());
@@ -452,7 +550,7 @@ impl DeviceManager {
     /// is marked DEVICE_NEEDS_RESET for its driver; the VM goes on.
     pub fn activate_pending(&self) {
         for disk in &self.disks {
-            match disk.lock().activate_pending() {
+            match disk.with_transport(|t| t.activate_pending()) {
                 Ok(true) => log::debug!("disk {}: activated", disk.path.display()),
                 Ok(false) => {}
                 Err(e) => log::error!("disk {}: activation failed: {e}", disk.path.display()),
@@ -464,10 +562,10 @@ impl DeviceManager {
     fn for_each_disk(
         &self,
         doing: &str,
-        step: impl Fn(&mut MmioTransport) -> devices::Result<()>,
+        step: impl Fn(&mut dyn VirtioTransport) -> devices::Result<()>,
     ) -> Result<(), Error> {
         for disk in &self.disks {
-            step(&mut disk.lock())
+            disk.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} disk {}", disk.path.display()), e))?;
         }
         Ok(())
@@ -476,17 +574,17 @@ impl DeviceManager {
     /// Stops the disks' I/O threads from taking new requests and waits for those in flight, so
     /// device state and guest memory are quiescent.
     pub fn pause(&self) -> Result<(), Error> {
-        self.for_each_disk("pausing", MmioTransport::pause)
+        self.for_each_disk("pausing", |t| t.pause())
     }
 
     /// Serves disk requests again, including those the guest posted while paused.
     pub fn resume(&self) -> Result<(), Error> {
-        self.for_each_disk("resuming", MmioTransport::resume)
+        self.for_each_disk("resuming", |t| t.resume())
     }
 
     /// Makes every completed disk write durable (fdatasync).
     pub fn flush_disks(&self) -> Result<(), Error> {
-        self.for_each_disk("flushing", MmioTransport::flush_backend)
+        self.for_each_disk("flushing", |t| t.flush_backend())
     }
 
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
@@ -496,8 +594,7 @@ impl DeviceManager {
             .iter()
             .map(|disk| {
                 let counters = disk
-                    .lock()
-                    .counters()
+                    .with_transport(|t| t.counters())
                     .into_iter()
                     .map(|(name, value)| (name.to_string(), value))
                     .collect();
@@ -507,24 +604,28 @@ impl DeviceManager {
     }
 
     /// The devices the guest sees and the resources each occupies (`vm.info`'s device tree):
-    /// COM1 (when `--serial` is not off) and each virtio-mmio disk.
+    /// COM1 (when `--serial` is not off), each virtio-mmio disk and each PCI device (not the
+    /// host bridge, virtio-pci disks included) with its BDF and BARs.
     pub fn device_resources(&self) -> Vec<DeviceResources> {
         let serial = self.com1.as_ref().map(|_| DeviceResources {
             id: "__serial".to_owned(),
             pio: Some((devices::COM1_BASE, devices::COM1_LEN)),
             mmio: None,
-            irq: devices::COM1_IRQ,
+            irq: Some(devices::COM1_IRQ),
+            pci: None,
         });
-        let disks = self.disks.iter().enumerate().map(|(index, disk)| {
-            let (_, gsi) = virtio_mmio_slot(index as u32);
-            DeviceResources {
+        let disks = self.disks.iter().filter_map(|disk| match disk.transport {
+            DiskTransport::Mmio { base, gsi, .. } => Some(DeviceResources {
                 id: disk.id.clone(),
                 pio: None,
-                mmio: Some((disk.base, VIRTIO_MMIO_SIZE)),
-                irq: gsi,
-            }
+                mmio: Some((base, VIRTIO_MMIO_SIZE)),
+                irq: Some(gsi),
+                pci: None,
+            }),
+            DiskTransport::Pci { .. } => None,
         });
-        serial.into_iter().chain(disks).collect()
+        let pci = self.pci.devices().into_iter().map(DeviceResources::from);
+        serial.into_iter().chain(disks).chain(pci).collect()
     }
 
     /// The `virtio_mmio.device=` tokens to append to the guest's kernel command line.
@@ -552,26 +653,42 @@ impl DeviceManager {
                     .map_err(|e| Error::device_state("serial", e))?,
             ),
         };
-        let disks =
-            self.disks
-                .iter()
-                .map(|disk| {
-                    let transport = disk.lock().state().map_err(|e| {
-                        Error::device_state(format!("disk {}", disk.path.display()), e)
-                    })?;
-                    Ok(BlockState {
-                        path: disk.path.clone(),
-                        transport,
-                    })
+        let disks = self
+            .disks
+            .iter()
+            .map(|disk| {
+                let state_error =
+                    |e| Error::device_state(format!("disk {}", disk.path.display()), e);
+                let (transport, pci) = match &disk.transport {
+                    DiskTransport::Pci { device, .. } => (
+                        None,
+                        Some(lock_or_recover(device).state().map_err(state_error)?),
+                    ),
+                    DiskTransport::Mmio { transport, .. } => (
+                        Some(lock_or_recover(transport).state().map_err(state_error)?),
+                        None,
+                    ),
+                };
+                Ok(BlockState {
+                    path: disk.path.clone(),
+                    transport,
+                    pci,
                 })
-                .collect::<Result<Vec<_>, Error>>()?;
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let ged = Some(
             self.ged
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .state(),
         );
-        Ok(DevicesState { serial, disks, ged })
+        let pci = Some(self.pci.save_state()?);
+        Ok(DevicesState {
+            serial,
+            disks,
+            ged,
+            pci,
+        })
     }
 
     /// Puts every device back in the saved state. The VM must be paused.
@@ -616,7 +733,7 @@ impl DeviceManager {
                     disk.path.display()
                 );
             }
-            self.restore_disk(disk, &saved.transport)?;
+            self.restore_disk(disk, saved)?;
         }
         if let Some(saved) = &state.ged {
             self.ged
@@ -625,34 +742,72 @@ impl DeviceManager {
                 .restore(saved)
                 .map_err(|e| Error::device_state("GED", e))?;
         }
+        match &state.pci {
+            Some(saved) => self.pci.restore_state(saved)?,
+            None => log::warn!("saved state has no PCI bus; the PCI bus stays at reset"),
+        }
+        // The rebuilt virtio-pci functions have new queue-notify eventfds: register them where
+        // the restored BARs put the notify addresses.
+        for disk in &self.disks {
+            if let DiskTransport::Pci { bdf, .. } = &disk.transport {
+                self.pci.refresh_ioeventfds(*bdf)?;
+            }
+        }
         Ok(())
     }
 
-    /// Rebuilds a disk's transport from saved state. The rebuilt transport has new queue-notify
-    /// eventfds, so the ioeventfds move over to them; it stays paused until `resume`.
-    fn restore_disk(
-        &self,
-        disk: &VirtioBlockSlot,
-        saved: &MmioTransportState,
-    ) -> Result<(), Error> {
+    /// PCI segment 0: add devices with `PciSegment::add_device` (see `pci_segment`).
+    pub fn pci(&self) -> &PciSegment {
+        &self.pci
+    }
+
+    /// Rebuilds a disk's transport from saved state, on the same transport kind. The rebuilt
+    /// transport has new queue-notify eventfds: a virtio-mmio disk's ioeventfds move over to
+    /// them here, a virtio-pci disk's after the segment's restore (`restore_state`). The device
+    /// stays paused until `resume`.
+    fn restore_disk(&self, disk: &VirtioBlockSlot, saved: &BlockState) -> Result<(), Error> {
         let state_error =
             |e: devices::Error| Error::device_state(format!("disk {}", disk.path.display()), e);
-        let block = open_block(&disk.path, disk.readonly)?;
-        let mut restored = MmioTransport::restore(
-            Box::new(block),
-            self.memory.clone(),
-            disk.interrupt.clone(),
-            saved,
-        )
-        .map_err(state_error)?;
-        self.wire_activation(&mut restored)?;
-        // A device that was running starts here, paused, on this (VMM) thread.
-        restored.activate_pending().map_err(state_error)?;
-        let mut transport = disk.lock();
-        unregister_queue_notifiers(&self.vm_fd, disk.base, transport.queue_evts());
-        register_queue_notifiers(&self.vm_fd, disk.base, restored.queue_evts())?;
-        // Dropping the old transport stops its I/O thread.
-        *transport = restored;
+        let block = Box::new(open_block(&disk.path, disk.readonly)?);
+        match (&disk.transport, &saved.transport, &saved.pci) {
+            (DiskTransport::Pci { device, msi, .. }, None, Some(saved)) => {
+                let mut restored =
+                    VirtioPciDevice::restore(block, self.memory.clone(), msi.clone(), saved)
+                        .map_err(state_error)?;
+                self.wire_activation(&mut restored)?;
+                // A device that was running starts here, paused, on this (VMM) thread.
+                restored.activate_pending().map_err(state_error)?;
+                // Dropping the old function stops its I/O thread. Its configuration space comes
+                // back with the segment's state.
+                *lock_or_recover(device) = restored;
+            }
+            (
+                DiskTransport::Mmio {
+                    transport,
+                    interrupt,
+                    base,
+                    ..
+                },
+                Some(saved),
+                None,
+            ) => {
+                let mut restored =
+                    MmioTransport::restore(block, self.memory.clone(), interrupt.clone(), saved)
+                        .map_err(state_error)?;
+                self.wire_activation(&mut restored)?;
+                restored.activate_pending().map_err(state_error)?;
+                let mut transport = lock_or_recover(transport);
+                unregister_queue_notifiers(&self.vm_fd, *base, transport.queue_evts());
+                register_queue_notifiers(&self.vm_fd, *base, restored.queue_evts())?;
+                *transport = restored;
+            }
+            _ => {
+                return Err(Error::State(format!(
+                    "disk {}: saved on another virtio transport than this VM gives it",
+                    disk.path.display()
+                )))
+            }
+        }
         Ok(())
     }
 }

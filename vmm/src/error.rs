@@ -225,6 +225,8 @@ pub enum DeviceCause {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Platform(#[from] arch::Error),
+    #[error("{0}")]
+    Pci(#[from] devices::pci::PciError),
 }
 
 /// Why a snapshot could not be read, decoded or restored: the error of the layer below.

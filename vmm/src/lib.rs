@@ -11,6 +11,7 @@ pub mod events;
 pub mod landlock;
 pub mod memory;
 pub mod nv;
+pub mod pci_segment;
 pub use option_parser;
 pub mod seccomp_filters;
 pub mod signal_events;

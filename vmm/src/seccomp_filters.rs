@@ -285,6 +285,7 @@ mod kvm_requests {
         ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, 0x48, u64);
         ioctl_io_nr!(KVM_CREATE_IRQCHIP, 0x60);
         ioctl_iowr_nr!(KVM_GET_IRQCHIP, 0x62, kvm_irqchip);
+        ioctl_iow_nr!(KVM_SET_GSI_ROUTING, 0x6a, kvm_irq_routing);
         ioctl_ior_nr!(KVM_SET_IRQCHIP, 0x63, kvm_irqchip);
         ioctl_iow_nr!(KVM_IRQFD, 0x76, kvm_irqfd);
         ioctl_iow_nr!(KVM_CREATE_PIT2, 0x77, kvm_pit_config);
@@ -323,8 +324,15 @@ mod kvm_requests {
 }
 
 /// A vCPU runs, and reads its registers to name the instruction of an exit it cannot serve.
+/// Serving a PCI access in place, it rewrites the GSI routing table (the guest programmed an
+/// MSI-X vector) and moves ioeventfds (the guest moved a BAR).
 fn vcpu_ioctls() -> Vec<u64> {
-    vec![kvm_requests::KVM_RUN(), kvm_requests::KVM_GET_REGS()]
+    vec![
+        kvm_requests::KVM_RUN(),
+        kvm_requests::KVM_GET_REGS(),
+        kvm_requests::KVM_SET_GSI_ROUTING(),
+        kvm_requests::KVM_IOEVENTFD(),
+    ]
 }
 
 /// Answering the guest's page faults (`UFFDIO_API` and `UFFDIO_REGISTER` come before).
@@ -562,6 +570,8 @@ mod tests {
         assert_eq!(kvm_requests::KVM_IRQFD(), 0x4020_ae76);
         assert_eq!(kvm_requests::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(kvm_requests::KVM_GET_XSAVE2(), 0x9000_aecf);
+        assert_eq!(kvm_requests::KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        assert_eq!(kvm_requests::KVM_IOEVENTFD(), 0x4040_ae79);
         assert_eq!(kvm_requests::KVM_GET_MP_STATE(), 0x8004_ae98);
         assert_eq!(kvm_requests::KVM_SET_MP_STATE(), 0x4004_ae99);
     }
@@ -610,20 +620,25 @@ mod tests {
         }
     }
 
-    /// The vCPU list is the common one plus two ioctl requests; the sizes of every kind are
+    /// The vCPU list is the common one plus four ioctl requests; the sizes of every kind are
     /// the ones `docs/security.md` states.
     #[test]
     fn a_vcpu_may_only_run_and_the_documented_sizes_hold() {
         assert!(allow_list(ThreadKind::Vcpu).eq(COMMON.iter().copied()));
         assert_eq!(
             allowed_ioctls(ThreadKind::Vcpu),
-            [kvm_requests::KVM_RUN(), kvm_requests::KVM_GET_REGS()]
+            [
+                kvm_requests::KVM_RUN(),
+                kvm_requests::KVM_GET_REGS(),
+                kvm_requests::KVM_SET_GSI_ROUTING(),
+                kvm_requests::KVM_IOEVENTFD(),
+            ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
         // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault.
         assert_eq!(
             sizes,
-            [(76, 54), (27, 2), (50, 0), (40, 0), (28, 0), (30, 3)]
+            [(76, 55), (27, 4), (50, 0), (40, 0), (28, 0), (30, 3)]
         );
     }
 

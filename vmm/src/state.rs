@@ -733,6 +733,7 @@ pub(crate) mod tests {
                 serial: None,
                 disks: Vec::new(),
                 ged: None,
+                pci: None,
             },
         }
     }

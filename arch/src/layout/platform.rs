@@ -22,6 +22,13 @@ pub const PCI_ECAM_SIZE: u64 = MIB;
 pub const PCI_ECAM_RESERVED_SIZE: u64 = 256 * MIB;
 pub const PCI_CONFIG_PORT: u16 = 0xCF8;
 pub const PCI_CONFIG_PORT_COUNT: u16 = 8;
+/// Ports the VMM gives to I/O BARs: above the ISA range and every fixed port of the platform,
+/// inside the host bridge's `WordIO 0x0D00-0xFFFF`.
+pub const PCI_IO_START: u16 = 0x1000;
+pub const PCI_IO_SIZE: u32 = 0x1_0000 - PCI_IO_START as u32;
+/// GSIs 0..=23 are the IOAPIC's pins (0..=15 also the PICs'); MSI routes take the GSIs from
+/// here up to KVM's route limit.
+pub const MSI_GSI_START: u32 = 24;
 /// Size of the 64-bit BAR window that starts after the highest RAM ([`pci_mmio64_window`]).
 pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
 /// ACPI Generic Event Device (power button): one 4 KiB page and its IOAPIC pin (3, the

@@ -115,9 +115,20 @@ impl fmt::Display for PciBdf {
     }
 }
 
+/// A guest write the VMM turns into an eventfd signal instead of a vCPU exit (KVM ioeventfd):
+/// a write of 4 bytes equal to `datamatch` (any write when `None`) at `offset` in BAR `bar`.
+/// The VMM registers it at the BAR's address and moves it with the BAR.
+pub struct PciIoEventFd<'a> {
+    pub bar: usize,
+    pub offset: u64,
+    pub datamatch: Option<u32>,
+    pub evt: &'a vmm_sys_util::eventfd::EventFd,
+}
+
 /// A function on the bus. The default methods serve the configuration space as it is; a device
 /// with capabilities that act (MSI-X enable and mask) overrides `write_config` to apply them
-/// after the write.
+/// after the write. A device with BARs serves their accesses in `read_bar`/`write_bar` (the VMM
+/// maps each BAR on its MMIO or port bus where the guest put it).
 pub trait PciDevice: Send {
     fn config(&self) -> &PciConfiguration;
     fn config_mut(&mut self) -> &mut PciConfiguration;
@@ -128,6 +139,28 @@ pub trait PciDevice: Send {
 
     fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarRelocation> {
         self.config_mut().write(offset, data)
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` from the start of BAR `bar`.
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xFF);
+    }
+
+    /// A guest write at `offset` from the start of BAR `bar`.
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
+
+    /// The ioeventfds the VMM registers for this device (asked when the device is added and
+    /// again when the VMM re-registers them, e.g. after a restore replaced the eventfds).
+    fn ioeventfds(&self) -> Vec<PciIoEventFd<'_>> {
+        Vec::new()
+    }
+
+    /// The guest moved a BAR; the VMM has already moved its region and ioeventfds.
+    fn bar_moved(&mut self, relocation: &BarRelocation) {
+        let _ = relocation;
     }
 }
 

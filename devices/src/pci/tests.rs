@@ -155,14 +155,14 @@ impl Platform {
         bus.set_relocation_handler(Box::new(relocations));
         let pci = Arc::new(Mutex::new(bus));
         let cf8 = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
-        let mut pio = Bus::new();
+        let pio = Bus::new();
         pio.insert(
             u64::from(PCI_CONFIG_PORT),
             u64::from(PCI_CONFIG_PORT_COUNT),
             cf8.clone(),
         )
         .unwrap();
-        let mut mmio = Bus::new();
+        let mmio = Bus::new();
         mmio.insert(
             PCI_ECAM_START.0,
             PCI_ECAM_SIZE,

@@ -1,9 +1,12 @@
-//! Virtio devices over the virtio-mmio transport (virtio 1.x, split virtqueues).
+//! Virtio devices (virtio 1.x, split virtqueues) over two transports: virtio-pci (the default,
+//! as upstream) and virtio-mmio. Both decode their registers into one `TransportCore`.
 
 mod block;
 mod io_thread;
 mod mmio;
 pub mod mmio_registers;
+pub mod pci;
+mod transport;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,14 +17,16 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{InterruptLine, Result};
+use crate::Result;
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
 pub use io_thread::IoThreadStartHook;
 pub use mmio::{
-    kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, QueueSnapshot,
-    MMIO_STATE_VERSION, VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
+    VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
+pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
+pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 
 /// Device status bits (virtio 1.x, "Device Status Field").
 pub mod status {
@@ -33,42 +38,67 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// Interrupt status bits of the virtio-mmio `InterruptStatus` register.
+/// Interrupt status bits of the virtio-mmio `InterruptStatus` register and the virtio-pci ISR.
 pub mod interrupt_status {
     pub const USED_BUFFER: u32 = 1;
     pub const CONFIG_CHANGE: u32 = 2;
 }
 
-/// The device's half of the transport's interrupt: the status register the driver reads and
-/// acknowledges, and the line that raises the interrupt. Shared between the transport (vCPU
-/// thread) and the device's I/O thread.
+/// Why a virtio device interrupts its driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptCause {
+    /// Queue `queue` has new used buffers.
+    UsedBuffer { queue: u16 },
+    /// The configuration space (or the device status) changed.
+    ConfigChange,
+}
+
+/// Where a transport sends its device's interrupts: virtio-mmio raises its one line whatever
+/// the cause, virtio-pci sends the MSI-X vector the driver assigned to the queue or to
+/// configuration changes.
+pub trait VirtioInterruptTarget: Send + Sync {
+    fn trigger(&self, cause: InterruptCause) -> io::Result<()>;
+    /// Raises again, after a restore, what the guest may not have taken before the save
+    /// (`status` is the saved interrupt status).
+    fn retrigger(&self, status: u32) -> io::Result<()>;
+}
+
+/// The device's half of the transport's interrupt: the status the driver reads and acknowledges
+/// (virtio-mmio's InterruptStatus, virtio-pci's ISR), and the target that raises the interrupt.
+/// Shared between the transport (vCPU thread) and the device's I/O thread.
 pub struct VirtioInterrupt {
     status: AtomicU32,
-    line: Arc<dyn InterruptLine>,
+    target: Arc<dyn VirtioInterruptTarget>,
 }
 
 impl VirtioInterrupt {
-    pub(crate) fn new(line: Arc<dyn InterruptLine>, status: u32) -> Self {
+    pub(crate) fn new(target: Arc<dyn VirtioInterruptTarget>, status: u32) -> Self {
         Self {
             status: AtomicU32::new(status),
-            line,
+            target,
         }
     }
 
-    /// Tells the driver that used buffers were added.
-    pub fn signal_used_queue(&self) -> io::Result<()> {
-        self.signal(interrupt_status::USED_BUFFER)
+    /// Tells the driver that used buffers were added to queue `queue`.
+    pub fn signal_used_queue(&self, queue: u16) -> io::Result<()> {
+        self.signal(
+            interrupt_status::USED_BUFFER,
+            InterruptCause::UsedBuffer { queue },
+        )
     }
 
     /// Tells the driver that the configuration space (or the device status) changed.
     pub fn signal_config_change(&self) -> io::Result<()> {
-        self.signal(interrupt_status::CONFIG_CHANGE)
+        self.signal(
+            interrupt_status::CONFIG_CHANGE,
+            InterruptCause::ConfigChange,
+        )
     }
 
-    fn signal(&self, bits: u32) -> io::Result<()> {
-        // Set the status before raising the line so the driver's handler sees why it was called.
+    fn signal(&self, bits: u32, cause: InterruptCause) -> io::Result<()> {
+        // Set the status before raising the interrupt so the driver's handler sees why.
         self.status.fetch_or(bits, Ordering::SeqCst);
-        self.line.trigger()
+        self.target.trigger(cause)
     }
 
     pub(crate) fn status(&self) -> u32 {
@@ -79,18 +109,23 @@ impl VirtioInterrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Returns the status and clears it (virtio-pci's ISR is read-to-clear).
+    pub(crate) fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
+    }
+
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
 
     pub(crate) fn retrigger(&self) -> io::Result<()> {
-        self.line.trigger()
+        self.target.retrigger(self.status())
     }
 }
 
 /// What a device gets when it is activated: after the driver set DRIVER_OK, or when a saved,
 /// running device is rebuilt. The transport's owner activates it on its own thread
-/// ([`MmioTransport::activate_pending`]), never the vCPU that wrote the status.
+/// ([`VirtioTransport::activate_pending`]), never the vCPU that wrote the status.
 pub struct ActivationContext {
     /// Guest memory the rings and buffers live in.
     pub mem: GuestMemoryMmap,

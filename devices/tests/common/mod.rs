@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 /// The transport's register map: the driver addresses registers by the device's own offsets.
 pub use devices::virtio::mmio_registers::*;
+/// How the VMM drives a transport (activation, pause, resume, counters).
+pub use devices::virtio::VirtioTransport;
 use devices::virtio::{
     status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
@@ -50,14 +52,33 @@ pub struct Posted {
     pub data_addr: u64,
 }
 
-pub struct TestDriver {
+/// The driver's side of the split ring and its buffers in guest memory, whatever the transport.
+pub struct Rings {
     pub mem: GuestMemoryMmap,
-    pub bus: Bus,
-    pub transport: Arc<Mutex<MmioTransport>>,
-    pub irq: Arc<EventFdInterrupt>,
     next_desc: u16,
     avail_idx: u16,
     next_buffer: u64,
+}
+
+/// A virtio-mmio driver: the rings plus the register window on a bus.
+pub struct TestDriver {
+    rings: Rings,
+    pub bus: Bus,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub irq: Arc<EventFdInterrupt>,
+}
+
+impl std::ops::Deref for TestDriver {
+    type Target = Rings;
+    fn deref(&self) -> &Rings {
+        &self.rings
+    }
+}
+
+impl std::ops::DerefMut for TestDriver {
+    fn deref_mut(&mut self) -> &mut Rings {
+        &mut self.rings
+    }
 }
 
 pub fn guest_memory() -> GuestMemoryMmap {
@@ -121,17 +142,14 @@ impl TestDriver {
         buffers: u64,
     ) -> Self {
         let transport = Arc::new(Mutex::new(transport));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())
             .unwrap();
         Self {
-            mem,
+            rings: Rings::new(mem, (next_desc, avail_idx), buffers),
             bus,
             transport,
             irq,
-            next_desc,
-            avail_idx,
-            next_buffer: buffers,
         }
     }
 
@@ -204,6 +222,46 @@ impl TestDriver {
         self.write32(REG_QUEUE_DEVICE_HIGH, 0);
         self.write32(REG_QUEUE_READY, 1);
         assert_eq!(self.read32(REG_QUEUE_READY), 1);
+    }
+
+    /// The guest's notify, through the MMIO register (as a trapped MMIO write would arrive).
+    pub fn notify(&self) {
+        self.write32(REG_QUEUE_NOTIFY, 0);
+    }
+
+    /// Notifies, waits for as many new used entries as `expected` has, and checks they are
+    /// `expected` in order: (head, used length).
+    pub fn notify_and_expect_used(&self, expected: &[(u16, u32)]) {
+        let first = self.used_idx();
+        self.notify();
+        self.expect_used_since(first, expected);
+    }
+
+    /// Posts a one-sector read, notifies, and asserts it completes with OK: the device serves
+    /// (after a fault, a restore, a reset).
+    pub fn assert_serves_a_read(&mut self) {
+        let used = self.used_idx().wrapping_add(1);
+        let read = self.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
+        self.notify();
+        self.wait_used(used);
+        assert_eq!(
+            self.status_byte(&read),
+            VIRTIO_BLK_S_OK,
+            "a plain read after the rest"
+        );
+    }
+}
+
+impl Rings {
+    /// Rings at the test layout; the driver's indices start at `(next_desc, avail_idx)` and its
+    /// buffers at `buffers`.
+    pub fn new(mem: GuestMemoryMmap, (next_desc, avail_idx): (u16, u16), buffers: u64) -> Self {
+        Self {
+            mem,
+            next_desc,
+            avail_idx,
+            next_buffer: buffers,
+        }
     }
 
     pub fn alloc(&mut self, len: u64) -> u64 {
@@ -318,11 +376,6 @@ impl TestDriver {
         }
     }
 
-    /// The guest's notify, through the MMIO register (as a trapped MMIO write would arrive).
-    pub fn notify(&self) {
-        self.write32(REG_QUEUE_NOTIFY, 0);
-    }
-
     pub fn used_idx(&self) -> u16 {
         u16::from_le(self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap())
     }
@@ -348,36 +401,6 @@ impl TestDriver {
         }
     }
 
-    /// Notifies, waits for as many new used entries as `expected` has, and checks they are
-    /// `expected` in order: (head, used length).
-    pub fn notify_and_expect_used(&self, expected: &[(u16, u32)]) {
-        let first = self.used_idx();
-        self.notify();
-        self.wait_used(first.wrapping_add(expected.len() as u16));
-        for (i, &(head, len)) in expected.iter().enumerate() {
-            let at = first.wrapping_add(i as u16);
-            assert_eq!(
-                self.used_elem(at),
-                (u32::from(head), len),
-                "used entry {at}"
-            );
-        }
-    }
-
-    /// Posts a one-sector read, notifies, and asserts it completes with OK: the device serves
-    /// (after a fault, a restore, a reset).
-    pub fn assert_serves_a_read(&mut self) {
-        let used = self.used_idx().wrapping_add(1);
-        let read = self.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
-        self.notify();
-        self.wait_used(used);
-        assert_eq!(
-            self.status_byte(&read),
-            VIRTIO_BLK_S_OK,
-            "a plain read after the rest"
-        );
-    }
-
     /// The request's status byte, widened to the type of the `VIRTIO_BLK_S_*` codes.
     pub fn status_byte(&self, posted: &Posted) -> u32 {
         let byte: u8 = self.mem.read_obj(GuestAddress(posted.status_addr)).unwrap();
@@ -392,6 +415,20 @@ impl TestDriver {
         let mut buf = vec![0u8; len];
         self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
+    }
+
+    /// Waits for as many used entries after `first` as `expected` has, and checks they are
+    /// `expected` in order: (head, used length).
+    pub fn expect_used_since(&self, first: u16, expected: &[(u16, u32)]) {
+        self.wait_used(first.wrapping_add(expected.len() as u16));
+        for (i, &(head, len)) in expected.iter().enumerate() {
+            let at = first.wrapping_add(i as u16);
+            assert_eq!(
+                self.used_elem(at),
+                (u32::from(head), len),
+                "used entry {at}"
+            );
+        }
     }
 }
 

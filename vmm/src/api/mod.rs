@@ -18,7 +18,7 @@ mod server;
 mod socket;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, Sender};
@@ -457,16 +457,31 @@ impl VmInfoResponse {
                 let mmio = device
                     .mmio
                     .map(|(base, size)| DeviceResource::MmioAddressRange { base, size });
+                let bars = device
+                    .pci
+                    .iter()
+                    .flat_map(|(_, bars)| bars)
+                    .filter_map(|bar| match bar.kind {
+                        devices::pci::BarKind::Io => Some(DeviceResource::PioAddressRange {
+                            base: u16::try_from(bar.address).ok()?,
+                            size: u16::try_from(bar.size).ok()?,
+                        }),
+                        _ => Some(DeviceResource::MmioAddressRange {
+                            base: bar.address,
+                            size: bar.size,
+                        }),
+                    });
                 let resources = pio
                     .into_iter()
                     .chain(mmio)
-                    .chain([DeviceResource::LegacyIrq(device.irq)])
+                    .chain(bars)
+                    .chain(device.irq.map(DeviceResource::LegacyIrq))
                     .collect();
                 let node = DeviceNode {
                     id: device.id.clone(),
                     resources,
                     children: Vec::new(),
-                    pci_bdf: None,
+                    pci_bdf: device.pci.as_ref().map(|(bdf, _)| bdf.to_string()),
                 };
                 (device.id.clone(), node)
             })
@@ -480,7 +495,7 @@ pub struct DeviceNode {
     pub id: String,
     pub resources: Vec<DeviceResource>,
     pub children: Vec<String>,
-    /// `null` for every device here: there is no PCI bus (devices are virtio-mmio).
+    /// A PCI device's address as upstream prints it (`0000:00:01.0`); `null` for the others.
     pub pci_bdf: Option<String>,
 }
 

@@ -192,7 +192,7 @@ fn answer_each(
 
 /// Whether KVM end-to-end parts may run: `/dev/kvm` is there, or skipping was asked for
 /// explicitly (`NV_SKIP_KVM=1`); never a silent skip.
-fn kvm_available(test: &str) -> bool {
+pub(crate) fn kvm_available(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }

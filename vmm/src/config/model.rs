@@ -242,6 +242,21 @@ pub struct DiskConfig {
     pub image_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_granularity: Option<String>,
+    /// Our extension (`transport=mmio`): the virtio transport of the disk. Absent means
+    /// virtio-pci, upstream's only one; left out of the JSON when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<VirtioTransportKind>,
+}
+
+/// Which virtio transport a device sits on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtioTransportKind {
+    /// A function on PCI segment 0 (the default, as upstream).
+    #[default]
+    Pci,
+    /// A virtio-mmio slot announced on the kernel command line (`virtio_mmio.device=`).
+    Mmio,
 }
 
 impl Default for DiskConfig {
@@ -266,6 +281,7 @@ impl Default for DiskConfig {
             sparse: true,
             image_type: None,
             lock_granularity: None,
+            transport: None,
         }
     }
 }

@@ -203,7 +203,7 @@ impl MemoryZoneConfig {
 const DISK_SPEC: OptionSpec = OptionSpec::keyed(
     "disk",
     "path readonly direct id iommu queue_size num_queues vhost_user socket rate_limit_group \
-        pci_segment serial image_type sparse backing_files lock_granularity",
+        pci_segment serial image_type sparse backing_files lock_granularity transport",
 )
 // Rate limiting and queue pinning: refused at any value, so their syntax is not parsed.
 .refusing(
@@ -244,6 +244,14 @@ impl DiskConfig {
             lock_granularity: parsed
                 .string("lock_granularity")
                 .map(|value| canonical(value, LOCK_GRANULARITIES)),
+            transport: parsed.choice(
+                "transport",
+                &[
+                    ("pci", VirtioTransportKind::Pci),
+                    ("mmio", VirtioTransportKind::Mmio),
+                ],
+                "expected pci or mmio",
+            )?,
             ..defaults
         })
     }

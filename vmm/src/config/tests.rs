@@ -387,6 +387,37 @@ fn disks() {
     ));
 }
 
+/// `transport=` (our extension) picks virtio-mmio; without it the disk is on virtio-pci and
+/// the JSON is upstream's (no `transport` member).
+#[test]
+fn disk_transport_defaults_to_pci_and_mmio_is_an_opt_in() {
+    let plain = DiskConfig::parse("path=/img").unwrap();
+    assert_eq!(plain.transport, None);
+    assert_eq!(
+        plain.transport.unwrap_or_default(),
+        VirtioTransportKind::Pci
+    );
+    assert!(serde_json::to_value(&plain)
+        .unwrap()
+        .get("transport")
+        .is_none());
+    let mmio = DiskConfig::parse("path=/img,transport=MMIO").unwrap();
+    assert_eq!(mmio.transport, Some(VirtioTransportKind::Mmio));
+    let json = serde_json::to_value(&mmio).unwrap();
+    assert_eq!(json["transport"], "mmio");
+    assert_eq!(serde_json::from_value::<DiskConfig>(json).unwrap(), mmio);
+    assert_eq!(
+        DiskConfig::parse("path=/img,transport=pci")
+            .unwrap()
+            .transport,
+        Some(VirtioTransportKind::Pci)
+    );
+    assert!(matches!(
+        DiskConfig::parse("path=/img,transport=ccw"),
+        Err(ConfigError::Option(OptionError::InvalidValue { .. }))
+    ));
+}
+
 /// One rule for the command line and JSON: upstream's defaults pass, other values are
 /// refused by name (they used to be refused on the command line and ignored in JSON).
 #[test]

@@ -216,7 +216,7 @@ impl QueueWorker for BlockWorker {
                 Err(_) => true,
             };
             if notify {
-                if let Err(e) = self.interrupt.signal_used_queue() {
+                if let Err(e) = self.interrupt.signal_used_queue(0) {
                     error!("virtio-blk: cannot raise the interrupt: {e}");
                 }
             }
