@@ -27,6 +27,7 @@ pub mod superblock;
 pub mod vm_handle;
 pub mod vm_table;
 
+pub use allocator::FreeSpace;
 pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
 pub use error::{Error, ErrorKind, HostError, Result};
 pub use identity::Uuid;
