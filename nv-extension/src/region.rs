@@ -13,6 +13,7 @@ use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::format::format;
 use crate::identity::{OwnerRecord, Uuid};
+use crate::owner_process::OwnerProcess;
 use crate::metadata_io::{read_superblock, read_table, write_superblock, write_table};
 use crate::persistence::devdax;
 use crate::persistence::file_mmap::FileBackend;
@@ -420,6 +421,12 @@ impl Region {
                 allocator::free_space(table, sb.data_start, sb.region_size, sb.extent_alignment);
             Ok((free, false))
         })
+    }
+
+    /// The live process that owns VM `name`, held by a pidfd (`owner_process`); `None` when no
+    /// live process owns it. Works on a region opened read-only.
+    pub fn owner_process(&self, name: &str) -> Result<Option<OwnerProcess>> {
+        self.transact(|_, table| Ok((OwnerProcess::open(&find(table, name)?.owner)?, false)))
     }
 
     pub fn list_vms(&self) -> Result<Vec<VmSummary>> {
