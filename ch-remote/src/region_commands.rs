@@ -178,17 +178,19 @@ fn power_fail_region(
         let exited: Vec<bool> = processes.iter().map(OwnerProcess::has_exited).collect();
         let summaries = region.list_vms().map_err(&to_error)?;
         let timed_out = Instant::now() >= deadline;
-        let mut index = 0;
-        while index < pending.len() {
-            let (slot, vm) = &pending[index];
+        let mut still_pending = Vec::new();
+        let mut still_running = Vec::new();
+        for (((slot, vm), process), exited) in
+            pending.drain(..).zip(processes.drain(..)).zip(exited)
+        {
             let summary = summaries.iter().find(|s| s.name == vm.name);
-            let pid = processes[index].pid();
+            let pid = process.pid();
             let outcome = match summary.and_then(|s| committed(s, vm.seq_before)) {
                 Some(done) => Some(done),
                 None if summary.is_none() => {
                     Some(Outcome::Failed("deleted from the region meanwhile".into()))
                 }
-                None if exited[index] => Some(Outcome::Failed(format!(
+                None if exited => Some(Outcome::Failed(format!(
                     "VMM pid {pid} exited without a committed save"
                 ))),
                 None if timed_out => Some(Outcome::Failed(format!(
@@ -198,14 +200,15 @@ fn power_fail_region(
                 None => None,
             };
             match outcome {
-                Some(outcome) => {
-                    outcomes[*slot].1 = Some(outcome);
-                    pending.remove(index);
-                    processes.remove(index);
+                Some(outcome) => outcomes[slot].1 = Some(outcome),
+                None => {
+                    still_pending.push((slot, vm));
+                    still_running.push(process);
                 }
-                None => index += 1,
             }
         }
+        pending = still_pending;
+        processes = still_running;
         if pending.is_empty() {
             break;
         }

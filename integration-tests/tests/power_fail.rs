@@ -1234,6 +1234,17 @@ fn power_fail_region(region: &Path) -> (Option<i32>, String, Vec<(String, String
     (output.status.code(), stdout, lines)
 }
 
+/// `power-fail --region` succeeded; otherwise fails with its output and how each VMM ended.
+fn assert_all_saved(code: Option<i32>, stdout: &str, vmms: &mut [VmmProcess]) {
+    if code != Some(0) {
+        let ends: Vec<String> = vmms
+            .iter_mut()
+            .map(|vmm| format!("pid {}: {}\n{}", vmm.pid(), vmm.wait_exit(), vmm.stderr_tail(8)))
+            .collect();
+        panic!("power-fail --region: {code:?}\n{stdout}\n{}", ends.join("\n"));
+    }
+}
+
 /// The seq of a `committed seq N, save T ms` line.
 fn committed_seq(line: &str) -> u64 {
     line.strip_prefix("committed seq ")
@@ -1286,7 +1297,7 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
     let saving = Instant::now();
     let (code, stdout, lines) = power_fail_region(&region);
     let saved_in = saving.elapsed();
-    assert_eq!(code, Some(0), "{stdout}");
+    assert_all_saved(code, &stdout, &mut running);
     assert!(
         stdout.contains("total: 16 committed, 0 failed, 0 not running, of 16 VMs; slowest save "),
         "{stdout}"
@@ -1316,7 +1327,7 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
     }
     // The recovered VMs are saved by the same command again: newer saves, exit 0.
     let (code, stdout, lines) = power_fail_region(&region);
-    assert_eq!(code, Some(0), "{stdout}");
+    assert_all_saved(code, &stdout, &mut recovered);
     assert_eq!(lines.len(), 16, "{stdout}");
     for vmm in &mut recovered {
         assert_eq!(vmm.wait_exit().code(), Some(EXIT_POWER_FAIL_SAVED));
