@@ -1239,9 +1239,19 @@ fn assert_all_saved(code: Option<i32>, stdout: &str, vmms: &mut [VmmProcess]) {
     if code != Some(0) {
         let ends: Vec<String> = vmms
             .iter_mut()
-            .map(|vmm| format!("pid {}: {}\n{}", vmm.pid(), vmm.wait_exit(), vmm.stderr_tail(8)))
+            .map(|vmm| {
+                format!(
+                    "pid {}: {}\n{}",
+                    vmm.pid(),
+                    vmm.wait_exit(),
+                    vmm.stderr_tail(8)
+                )
+            })
             .collect();
-        panic!("power-fail --region: {code:?}\n{stdout}\n{}", ends.join("\n"));
+        panic!(
+            "power-fail --region: {code:?}\n{stdout}\n{}",
+            ends.join("\n")
+        );
     }
 }
 
@@ -1279,7 +1289,11 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
     let booted = started.elapsed();
 
     let listing = list_region(&region);
-    assert_eq!(listing["vms"].as_array().map(Vec::len), Some(16), "{listing}");
+    assert_eq!(
+        listing["vms"].as_array().map(Vec::len),
+        Some(16),
+        "{listing}"
+    );
     for (name, vmm) in names.iter().zip(&running) {
         let vm = listed_vm(&listing, name);
         assert_eq!(vm["state"], "running", "{vm}");
@@ -1347,7 +1361,9 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
     assert_eq!(code, Some(1), "{stdout}");
     assert_eq!(lines.len(), 1, "{stdout}");
     assert!(
-        lines[0].1.starts_with("error: unsafe: its VMM died without a save"),
+        lines[0]
+            .1
+            .starts_with("error: unsafe: its VMM died without a save"),
         "{stdout}"
     );
     assert!(

@@ -31,6 +31,8 @@ pub struct Profile {
     pub overhead_warmup: Duration,
     /// D: the measured window.
     pub overhead_window: Duration,
+    /// F: power failures of the 16-VM region (each VM recovers in place between two).
+    pub region_cycles: usize,
 }
 
 const MIB: u64 = 1 << 20;
@@ -53,6 +55,7 @@ impl Profile {
             overhead_repetitions: 3,
             overhead_warmup: Duration::from_secs(1),
             overhead_window: Duration::from_secs(6),
+            region_cycles: 3,
         }
     }
 
@@ -72,6 +75,7 @@ impl Profile {
             overhead_repetitions: 1,
             overhead_warmup: Duration::from_millis(300),
             overhead_window: Duration::from_secs(1),
+            region_cycles: 1,
         }
     }
 }

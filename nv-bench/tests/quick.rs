@@ -142,6 +142,17 @@ fn quick_run_produces_every_measurement() {
         stale[1]
     );
 
+    // F: one power failure of 16 VMs by one command, every VM's save reported.
+    let region = csv_rows(out.path(), "f_region_power_fail.csv");
+    assert_eq!(region.len(), 1, "{stdout}");
+    for cell in &region[0][1..] {
+        assert!(cell.parse::<f64>().unwrap() > 0.0, "{:?}", region[0]);
+    }
+    assert!(
+        stdout.contains("F cycle 0: slowest save "),
+        "missing F:\n{stdout}"
+    );
+
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").
     for line in stdout

@@ -71,8 +71,7 @@ impl OwnerProcess {
 
     /// Whether the process has exited (its pidfd is readable then).
     pub fn has_exited(&self) -> bool {
-        wait_for_any_exit(std::slice::from_ref(self), Duration::ZERO)
-            .is_ok_and(|exited| exited > 0)
+        wait_for_any_exit(std::slice::from_ref(self), Duration::ZERO).is_ok_and(|exited| exited > 0)
     }
 }
 

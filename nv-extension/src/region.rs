@@ -13,8 +13,8 @@ use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::format::format;
 use crate::identity::{OwnerRecord, Uuid};
-use crate::owner_process::OwnerProcess;
 use crate::metadata_io::{read_superblock, read_table, write_superblock, write_table};
+use crate::owner_process::OwnerProcess;
 use crate::persistence::devdax;
 use crate::persistence::file_mmap::FileBackend;
 use crate::persistence::{read_vec, Persistence, PersistenceMode};
@@ -513,12 +513,8 @@ impl Region {
             .iter()
             .fold(0u64, |sum, len| sum.saturating_add(*len));
         let out_of_space = |table: &VmTable| {
-            let free = allocator::free_space(
-                table,
-                sb.data_start,
-                sb.region_size,
-                sb.extent_alignment,
-            );
+            let free =
+                allocator::free_space(table, sb.data_start, sb.region_size, sb.extent_alignment);
             Error::OutOfSpace {
                 requested,
                 free: free.free_bytes,

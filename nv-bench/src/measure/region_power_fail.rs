@@ -146,7 +146,7 @@ fn measure(bench: &mut Bench, table: &mut CsvTable) -> Result<Vec<Cycle>> {
         vms.push(start(bench, Launch::Boot { guest, backing }, name, 0)?);
     }
     let mut cycles = Vec::new();
-    for cycle in 0..bench.profile.power_fail_cycles {
+    for cycle in 0..bench.profile.region_cycles {
         for vm in &mut vms {
             vm.wait_for_lines("counter=", 1, LINE_TIMEOUT)?;
         }
@@ -161,7 +161,7 @@ fn measure(bench: &mut Bench, table: &mut CsvTable) -> Result<Vec<Cycle>> {
         ]);
         cycles.push(result);
         vms.clear();
-        if cycle + 1 < bench.profile.power_fail_cycles {
+        if cycle + 1 < bench.profile.region_cycles {
             for name in &names {
                 let launch = Launch::NvRecover {
                     region: region.clone(),
@@ -181,7 +181,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ));
     bench.summary.progress(format!(
         "F: {VMS} counter VMs, {} cycles",
-        bench.profile.power_fail_cycles
+        bench.profile.region_cycles
     ));
     let mut table = CsvTable::new(&[
         "cycle",
