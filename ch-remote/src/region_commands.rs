@@ -34,7 +34,7 @@ pub enum RegionCommandError {
     Listing {
         region: String,
         #[source]
-        source: vmm::Error,
+        source: Box<vmm::Error>,
     },
     #[error("waiting for the VMMs of NV region {region}")]
     Wait {
@@ -58,7 +58,7 @@ pub fn run(action: &RegionAction) -> Result<(), RegionCommandError> {
             let listing =
                 vmm::nv::region_listing(region).map_err(|source| RegionCommandError::Listing {
                     region: region.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             // The same compact JSON the VMM answers `vmm.nv-regions` with.
             println!("{}", serde_json::json!(listing));

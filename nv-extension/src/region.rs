@@ -864,7 +864,7 @@ mod tests {
         let (mut created, mut fragmented, mut full) = (0, 0, 0);
         for step in 0..2000 {
             let before = region.free_space().unwrap();
-            if live.len() < 16 && (live.is_empty() || next(&mut rng) % 3 != 0) {
+            if live.len() < 16 && (live.is_empty() || !next(&mut rng).is_multiple_of(3)) {
                 let pages = [1, 2, 3, 5, 8, 13][(next(&mut rng) % 6) as usize];
                 let name = format!("vm{step}");
                 let asked = (pages + STATE_PAGES) * PAGE;
