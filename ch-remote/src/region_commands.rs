@@ -95,10 +95,59 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// A VM whose VMM was signalled, until its save is seen.
-struct Pending {
+/// A VM whose VMM was signalled, until its save is seen. `P` holds the VMM's process (a
+/// pidfd); the tests use `()`.
+struct Pending<P> {
+    /// Index of the VM in the report.
+    slot: usize,
     name: String,
+    pid: u32,
     seq_before: u64,
+    process: P,
+}
+
+/// What the region's records say of a pending VM in one round.
+enum Record {
+    /// A committed save newer than the one it had when signalled.
+    Committed(Outcome),
+    NoNewSave,
+    /// No VM of that name any more.
+    Gone,
+}
+
+/// One round of the wait, after `exited` (one flag per pending VM, in order) was taken and then
+/// the records read (`record`): settles the VMs that committed, whose VMM was seen exited
+/// without a new save, or, once `timed_out`, all the rest. Returns the settled (slot, outcome)
+/// pairs and the VMs still waiting, in their order. Each VM is judged by its own exit flag.
+fn settle<P>(
+    pending: Vec<Pending<P>>,
+    exited: &[bool],
+    record: impl Fn(&Pending<P>) -> Record,
+    timed_out: bool,
+    timeout: Duration,
+) -> (Vec<(usize, Outcome)>, Vec<Pending<P>>) {
+    let mut settled = Vec::new();
+    let mut waiting = Vec::new();
+    for (vm, &exited) in pending.into_iter().zip(exited) {
+        let pid = vm.pid;
+        let outcome = match record(&vm) {
+            Record::Committed(done) => done,
+            Record::Gone => Outcome::Failed("deleted from the region meanwhile".into()),
+            Record::NoNewSave if exited => {
+                Outcome::Failed(format!("VMM pid {pid} exited without a committed save"))
+            }
+            Record::NoNewSave if timed_out => Outcome::Failed(format!(
+                "VMM pid {pid}: no committed save within {} ms",
+                timeout.as_millis()
+            )),
+            Record::NoNewSave => {
+                waiting.push(vm);
+                continue;
+            }
+        };
+        settled.push((vm.slot, outcome));
+    }
+    (settled, waiting)
 }
 
 fn region_error(region: &str) -> impl Fn(nv_extension::Error) -> RegionCommandError + '_ {
@@ -138,8 +187,7 @@ fn power_fail_region(
     };
     let region = Region::open(path, &read_only).map_err(&to_error)?;
     let mut outcomes: Vec<(String, Option<Outcome>)> = Vec::new();
-    let mut pending: Vec<(usize, Pending)> = Vec::new();
-    let mut processes: Vec<OwnerProcess> = Vec::new();
+    let mut pending: Vec<Pending<OwnerProcess>> = Vec::new();
     for summary in region.list_vms().map_err(&to_error)? {
         let index = outcomes.len();
         let outcome = match region.owner_process(&summary.name).map_err(&to_error)? {
@@ -149,14 +197,13 @@ fn power_fail_region(
                 )),
                 // Signalled, or exited in between (ESRCH): its record tells which below.
                 _ => {
-                    pending.push((
-                        index,
-                        Pending {
-                            name: summary.name.clone(),
-                            seq_before: summary.last_save_seq.unwrap_or(0),
-                        },
-                    ));
-                    processes.push(process);
+                    pending.push(Pending {
+                        slot: index,
+                        name: summary.name.clone(),
+                        pid: process.pid(),
+                        seq_before: summary.last_save_seq.unwrap_or(0),
+                        process,
+                    });
                     None
                 }
             },
@@ -175,43 +222,27 @@ fn power_fail_region(
     while !pending.is_empty() {
         // Exits first, then the records: a VMM commits before it exits, so a VMM seen exited
         // whose record shows no new save exited without one.
-        let exited: Vec<bool> = processes.iter().map(OwnerProcess::has_exited).collect();
+        let exited: Vec<bool> = pending.iter().map(|vm| vm.process.has_exited()).collect();
         let summaries = region.list_vms().map_err(&to_error)?;
-        let timed_out = Instant::now() >= deadline;
-        let mut still_pending = Vec::new();
-        let mut still_running = Vec::new();
-        for (((slot, vm), process), exited) in
-            pending.drain(..).zip(processes.drain(..)).zip(exited)
+        let record = |vm: &Pending<OwnerProcess>| match summaries
+            .iter()
+            .find(|summary| summary.name == vm.name)
         {
-            let summary = summaries.iter().find(|s| s.name == vm.name);
-            let pid = process.pid();
-            let outcome = match summary.and_then(|s| committed(s, vm.seq_before)) {
-                Some(done) => Some(done),
-                None if summary.is_none() => {
-                    Some(Outcome::Failed("deleted from the region meanwhile".into()))
-                }
-                None if exited => Some(Outcome::Failed(format!(
-                    "VMM pid {pid} exited without a committed save"
-                ))),
-                None if timed_out => Some(Outcome::Failed(format!(
-                    "VMM pid {pid}: no committed save within {} ms",
-                    timeout.as_millis()
-                ))),
-                None => None,
-            };
-            match outcome {
-                Some(outcome) => outcomes[slot].1 = Some(outcome),
-                None => {
-                    still_pending.push((slot, vm));
-                    still_running.push(process);
-                }
+            None => Record::Gone,
+            Some(summary) => {
+                committed(summary, vm.seq_before).map_or(Record::NoNewSave, Record::Committed)
             }
+        };
+        let timed_out = Instant::now() >= deadline;
+        let (settled, waiting) = settle(pending, &exited, record, timed_out, timeout);
+        for (slot, outcome) in settled {
+            outcomes[slot].1 = Some(outcome);
         }
-        pending = still_pending;
-        processes = still_running;
+        pending = waiting;
         if pending.is_empty() {
             break;
         }
+        let processes: Vec<&OwnerProcess> = pending.iter().map(|vm| &vm.process).collect();
         let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
         wait_for_any_exit(&processes, wait).map_err(|source| RegionCommandError::Wait {
             region: path.to_string(),
@@ -281,6 +312,71 @@ pub fn render(outcomes: &[(String, Outcome)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(slot: usize, name: &str) -> Pending<()> {
+        Pending {
+            slot,
+            name: name.into(),
+            pid: 100 + slot as u32,
+            seq_before: 1,
+            process: (),
+        }
+    }
+
+    /// Each VM is judged by its own exit: a committed VM settled before another must not shift
+    /// the flags (a VM still saving was once reported as "exited" for its neighbour's exit).
+    #[test]
+    fn each_vm_is_settled_by_its_own_record_and_exit() {
+        let pending = vec![
+            waiting(0, "saved"),
+            waiting(1, "saving"),
+            waiting(2, "died"),
+            waiting(3, "deleted"),
+            waiting(4, "slow"),
+        ];
+        let exited = [true, false, true, false, false];
+        let record = |vm: &Pending<()>| match vm.name.as_str() {
+            "saved" => Record::Committed(Outcome::Committed { seq: 2, took: None }),
+            "deleted" => Record::Gone,
+            _ => Record::NoNewSave,
+        };
+        let timeout = Duration::from_millis(500);
+        let (settled, still) = settle(pending, &exited, record, false, timeout);
+        assert_eq!(
+            settled,
+            vec![
+                (0, Outcome::Committed { seq: 2, took: None }),
+                (
+                    2,
+                    Outcome::Failed("VMM pid 102 exited without a committed save".into())
+                ),
+                (
+                    3,
+                    Outcome::Failed("deleted from the region meanwhile".into())
+                ),
+            ]
+        );
+        let names: Vec<&str> = still.iter().map(|vm| vm.name.as_str()).collect();
+        assert_eq!(names, ["saving", "slow"]);
+
+        // At the deadline the rest fail; a save seen in that same round still counts.
+        let record = |vm: &Pending<()>| match vm.name.as_str() {
+            "saving" => Record::Committed(Outcome::Committed { seq: 2, took: None }),
+            _ => Record::NoNewSave,
+        };
+        let (settled, still) = settle(still, &[false, false], record, true, timeout);
+        assert!(still.is_empty());
+        assert_eq!(
+            settled,
+            vec![
+                (1, Outcome::Committed { seq: 2, took: None }),
+                (
+                    4,
+                    Outcome::Failed("VMM pid 104: no committed save within 500 ms".into())
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn one_line_per_vm_and_a_total() {

@@ -71,12 +71,12 @@ impl OwnerProcess {
 
     /// Whether the process has exited (its pidfd is readable then).
     pub fn has_exited(&self) -> bool {
-        wait_for_any_exit(std::slice::from_ref(self), Duration::ZERO).is_ok_and(|exited| exited > 0)
+        wait_for_any_exit(&[self], Duration::ZERO).is_ok_and(|exited| exited > 0)
     }
 }
 
 /// Waits up to `timeout` until at least one of `processes` has exited; returns how many have.
-pub fn wait_for_any_exit(processes: &[OwnerProcess], timeout: Duration) -> std::io::Result<usize> {
+pub fn wait_for_any_exit(processes: &[&OwnerProcess], timeout: Duration) -> std::io::Result<usize> {
     let mut fds: Vec<libc::pollfd> = processes
         .iter()
         .map(|process| libc::pollfd {
@@ -127,12 +127,11 @@ mod tests {
         };
         assert!(OwnerProcess::open(&reused).unwrap().is_none());
         process.signal(libc::SIGKILL).unwrap();
-        let processes = [process];
         assert_eq!(
-            wait_for_any_exit(&processes, Duration::from_secs(10)).unwrap(),
+            wait_for_any_exit(&[&process], Duration::from_secs(10)).unwrap(),
             1
         );
-        assert!(processes[0].has_exited());
+        assert!(process.has_exited());
         child.wait().unwrap();
         assert!(OwnerProcess::open(&record).unwrap().is_none(), "reaped");
         assert!(OwnerProcess::open(&OwnerRecord::default())
