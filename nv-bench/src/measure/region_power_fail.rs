@@ -3,17 +3,20 @@
 //! slowest and the median save (the VMMs' own save reports, as the command prints them), the
 //! slowest pause-vcpus phase (how long a busy vCPU thread took to leave the guest: 16 spinning
 //! guests on a 2-core host wait for the scheduler there), the slowest save without that phase,
-//! and the command's wall time; then every VM recovers in place for the next cycle.
+//! and the command's wall time; then every VM recovers in place for the next cycle. A last
+//! cycle pauses every guest first (`ch-remote pause`), so that no vCPU competes for the cores.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking, TestGuest};
+use crate::measure::snapshot::wait_for_socket;
 use crate::measure::{Bench, LINE_TIMEOUT};
 use crate::output::CsvTable;
 use crate::running_vm::RunningVm;
 use crate::stats::median;
+use crate::vmm_process::run_command;
 
 /// VMs in the region.
 const VMS: usize = 16;
@@ -114,17 +117,19 @@ fn power_fail_all(bench: &Bench, region: &str, vms: &mut [RunningVm]) -> Result<
     })
 }
 
-fn measure(bench: &mut Bench, table: &mut CsvTable) -> Result<Vec<Cycle>> {
+fn measure(bench: &mut Bench, table: &mut CsvTable) -> Result<Vec<(&'static str, Cycle)>> {
     let region = bench.tmpfs.join("sixteen.nv");
     let region_text = region.display().to_string();
     let names: Vec<String> = (0..VMS).map(|i| format!("vm{i:02}")).collect();
-    let start = |bench: &Bench, launch: Launch, name: &str, cycle: usize| {
+    let socket_of = |bench: &Bench, name: &str| bench.tmpfs.join(&format!("f-{name}.sock"));
+    let start = |bench: &Bench, launch: Launch, name: &str, cycle: usize, api: bool| {
         let tag = format!("f-{name}-{cycle}");
+        let socket = api.then(|| socket_of(bench, name));
         RunningVm::start(
             &bench.binaries.cloud_hypervisor,
             &launch,
             &bench.disk.join(&format!("{tag}.serial")),
-            None,
+            socket.as_deref(),
             &bench.disk.join(&format!("{tag}.vmm")),
             &bench.vmm_arguments,
         )
@@ -143,35 +148,58 @@ fn measure(bench: &mut Bench, table: &mut CsvTable) -> Result<Vec<Cycle>> {
             region: region.clone(),
             vm: name.clone(),
         };
-        vms.push(start(bench, Launch::Boot { guest, backing }, name, 0)?);
+        vms.push(start(
+            bench,
+            Launch::Boot { guest, backing },
+            name,
+            0,
+            false,
+        )?);
     }
-    let mut cycles = Vec::new();
-    for cycle in 0..bench.profile.region_cycles {
-        for vm in &mut vms {
+    // The running cycles, then one with every guest paused first (`ch-remote pause`): no vCPU
+    // competes for the cores then, so the save path's own cost across 16 VMMs shows.
+    let cycles = bench.profile.region_cycles;
+    let mut results = Vec::new();
+    for cycle in 0..=cycles {
+        let paused = cycle == cycles;
+        for (vm, name) in vms.iter_mut().zip(&names) {
             vm.wait_for_lines("counter=", 1, LINE_TIMEOUT)?;
+            if paused {
+                let socket = socket_of(bench, name);
+                wait_for_socket(&socket, LINE_TIMEOUT)?;
+                let socket = socket.display().to_string();
+                run_command(
+                    &bench.binaries.ch_remote,
+                    &["--api-socket".into(), socket, "pause".into()],
+                    LINE_TIMEOUT,
+                )?;
+            }
         }
         let result = power_fail_all(bench, &region_text, &mut vms)?;
+        let guests = if paused { "paused" } else { "running" };
         table.push(vec![
             cycle.to_string(),
+            guests.to_string(),
             format!("{:.3}", result.slowest_ms),
             format!("{:.3}", result.median_ms),
             format!("{:.3}", result.slowest_pause_ms),
             format!("{:.3}", result.slowest_after_pause_ms),
             format!("{:.1}", result.command_ms),
         ]);
-        cycles.push(result);
+        results.push((guests, result));
         vms.clear();
-        if cycle + 1 < bench.profile.region_cycles {
+        if !paused {
             for name in &names {
                 let launch = Launch::NvRecover {
                     region: region.clone(),
                     vm: name.clone(),
                 };
-                vms.push(start(bench, launch, name, cycle + 1)?);
+                let api = cycle + 1 == cycles;
+                vms.push(start(bench, launch, name, cycle + 1, api)?);
             }
         }
     }
-    Ok(cycles)
+    Ok(results)
 }
 
 pub fn run(bench: &mut Bench) -> Result<()> {
@@ -185,6 +213,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ));
     let mut table = CsvTable::new(&[
         "cycle",
+        "guests",
         "slowest_save_ms",
         "median_save_ms",
         "slowest_pause_vcpus_ms",
@@ -193,9 +222,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ]);
     match measure(bench, &mut table) {
         Ok(cycles) => {
-            for (index, cycle) in cycles.iter().enumerate() {
+            for (index, (guests, cycle)) in cycles.iter().enumerate() {
                 bench.summary.line(format!(
-                    "F cycle {index}: slowest save {:.3} ms, median save {:.3} ms (goal: slowest < {GOAL_MS} ms: {}); slowest pause-vcpus phase {:.3} ms, slowest save without it {:.3} ms; the command took {:.1} ms",
+                    "F cycle {index} (guests {guests}): slowest save {:.3} ms, median save {:.3} ms (goal: slowest < {GOAL_MS} ms: {}); slowest pause-vcpus phase {:.3} ms, slowest save without it {:.3} ms; the command took {:.1} ms",
                     cycle.slowest_ms,
                     cycle.median_ms,
                     if cycle.slowest_ms < GOAL_MS { "met" } else { "NOT met" },
