@@ -279,7 +279,10 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     }
     let mut recovered: Vec<VmmProcess> = names
         .iter()
-        .map(|name| recover(dir.path(), &format!("{name}-recover"), &region, name))
+        .map(|name| {
+            let arguments = recover_arguments(&region, name, "");
+            spawn_many(&format!("{name}-recover"), &arguments)
+        })
         .collect();
     for (vmm, before) in recovered.iter_mut().zip(&before) {
         let after = vmm.wait_serial("two counter lines after recovery", |log| {
@@ -1276,11 +1279,17 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
     let region = dir.path().join("region");
     let counter = test_guest("counter");
     let names: Vec<String> = (0..16).map(|i| format!("vm{i:02}")).collect();
+    // Setting up a VM while others already spin can wait in the kernel (KVM's
+    // `__synchronize_srcu`) for tens of seconds on a loaded host: a generous bound for the
+    // first line of each of the sixteen.
+    let spawn_many = |label: &str, arguments: &[String]| {
+        spawn(dir.path(), label, arguments, &[]).with_timeout(Duration::from_secs(180))
+    };
     let mut running: Vec<VmmProcess> = names
         .iter()
         .map(|name| {
             let arguments = boot_arguments(&counter, "area_mb=1", "16M", &region, name);
-            spawn(dir.path(), &format!("{name}-boot"), &arguments, &[])
+            spawn_many(&format!("{name}-boot"), &arguments)
         })
         .collect();
     for vmm in &mut running {
@@ -1333,7 +1342,10 @@ fn sixteen_vms_of_one_region_saved_by_one_power_fail_command_all_recover() {
 
     let mut recovered: Vec<VmmProcess> = names
         .iter()
-        .map(|name| recover(dir.path(), &format!("{name}-recover"), &region, name))
+        .map(|name| {
+            let arguments = recover_arguments(&region, name, "");
+            spawn_many(&format!("{name}-recover"), &arguments)
+        })
         .collect();
     for (vmm, before) in recovered.iter_mut().zip(&before) {
         let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
