@@ -279,10 +279,7 @@ fn two_vms_share_one_region_and_both_survive_a_power_failure() {
     }
     let mut recovered: Vec<VmmProcess> = names
         .iter()
-        .map(|name| {
-            let arguments = recover_arguments(&region, name, "");
-            spawn_many(&format!("{name}-recover"), &arguments)
-        })
+        .map(|name| recover(dir.path(), &format!("{name}-recover"), &region, name))
         .collect();
     for (vmm, before) in recovered.iter_mut().zip(&before) {
         let after = vmm.wait_serial("two counter lines after recovery", |log| {
