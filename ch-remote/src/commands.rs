@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use crate::option_syntax::{self, Syntax, SyntaxError};
+use crate::region_commands::RegionAction;
 
 pub use api_client::ApiCall;
 
@@ -210,8 +211,16 @@ pub enum Command {
 pub enum NvCommand {
     /// The VM's NV region, persistence mode, last save and its phase timings.
     Status,
-    /// Run the power-fail save now; the VMM exits after it.
-    PowerFail,
+    /// Run the power-fail save now; the VMM exits after it. With --region (no --api-socket):
+    /// send SIGPWR to every live VMM of the region and wait for each VM's committed save.
+    PowerFail {
+        /// Every VM of this region instead of the VMM at --api-socket.
+        #[arg(long, value_name = "PATH")]
+        region: Option<String>,
+        /// How long to wait for the saves (with --region), in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "region")]
+        timeout_ms: u64,
+    },
     /// Planned suspend in place (host maintenance); the VMM exits cleanly after it.
     Suspend,
     /// Recover a VM in place from a region into this empty VMM.
@@ -221,7 +230,8 @@ pub enum NvCommand {
         #[arg(long, value_name = "NAME")]
         vm: String,
     },
-    /// List the VMs stored in a region and their state.
+    /// List the VMs stored in a region and their state (without --api-socket: read the region
+    /// directly, read-only).
     List {
         #[arg(long, value_name = "PATH")]
         region: String,
@@ -229,6 +239,26 @@ pub enum NvCommand {
 }
 
 impl Command {
+    /// The verb when it works on a region itself rather than through a VMM's API: `power-fail
+    /// --region` always, `list` when no API socket is given.
+    pub fn region_action(&self, has_api_socket: bool) -> Option<RegionAction> {
+        match self {
+            Command::NvPersist(NvCommand::PowerFail {
+                region: Some(region),
+                timeout_ms,
+            }) => Some(RegionAction::PowerFail {
+                region: region.clone(),
+                timeout: std::time::Duration::from_millis(*timeout_ms),
+            }),
+            Command::NvPersist(NvCommand::List { region }) if !has_api_socket => {
+                Some(RegionAction::List {
+                    region: region.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The request for this verb; `stdin` is read only by `create` without a path or with `-`.
     pub fn to_api_call(&self, stdin: &mut dyn Read) -> Result<ApiCall, CommandError> {
         let call = match self {
@@ -366,7 +396,7 @@ impl Command {
             }
             Command::NvPersist(command) => match command {
                 NvCommand::Status => ApiCall::get("vm.nv-status"),
-                NvCommand::PowerFail => ApiCall::put("vm.power-fail"),
+                NvCommand::PowerFail { .. } => ApiCall::put("vm.power-fail"),
                 NvCommand::Suspend => ApiCall::put("vm.nv-suspend"),
                 NvCommand::Recover { region, vm } => {
                     put_json("vm.nv-recover", json!({ "region": region, "vm": vm }))
@@ -815,6 +845,65 @@ mod tests {
         assert_eq!(
             usage_error(&["nv-persist", "recover", "--vm", "a"]),
             ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    fn region_action_of(argv: &[&str]) -> Option<RegionAction> {
+        let cli = Cli::try_parse_from(argv).expect("arguments parse");
+        cli.command.region_action(cli.api_socket.is_some())
+    }
+
+    #[test]
+    fn region_verbs_work_without_a_socket() {
+        assert_eq!(
+            region_action_of(&["ch-remote", "nv-persist", "power-fail", "--region", "/r"]),
+            Some(RegionAction::PowerFail {
+                region: "/r".into(),
+                timeout: std::time::Duration::from_secs(10),
+            })
+        );
+        assert_eq!(
+            region_action_of(&[
+                "ch-remote",
+                "nv-persist",
+                "power-fail",
+                "--region",
+                "/r",
+                "--timeout-ms",
+                "250"
+            ]),
+            Some(RegionAction::PowerFail {
+                region: "/r".into(),
+                timeout: std::time::Duration::from_millis(250),
+            })
+        );
+        // Without --region, power-fail is the API call to one VMM; a timeout alone is a mistake.
+        assert_eq!(
+            region_action_of(&["ch-remote", "--api-socket", "s", "nv-persist", "power-fail"]),
+            None
+        );
+        assert_eq!(
+            usage_error(&["nv-persist", "power-fail", "--timeout-ms", "5"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        // list reads the region itself without a socket, and asks the VMM with one.
+        assert_eq!(
+            region_action_of(&["ch-remote", "nv-persist", "list", "--region", "/r"]),
+            Some(RegionAction::List {
+                region: "/r".into()
+            })
+        );
+        assert_eq!(
+            region_action_of(&[
+                "ch-remote",
+                "--api-socket",
+                "s",
+                "nv-persist",
+                "list",
+                "--region",
+                "/r"
+            ]),
+            None
         );
     }
 }

@@ -2,11 +2,15 @@
 //! cloud-hypervisor v53's verbs, arguments and output, plus the `nv-persist` family.
 //!
 //! Exit codes as upstream: 0 on success; 1 when the request cannot be built, the socket cannot be
-//! opened or the VMM answers with an error (its messages numbered on stderr); 2 on usage errors.
+//! opened or the VMM answers with an error (its messages numbered on stderr), or a VM of
+//! `nv-persist power-fail --region` was not saved; 2 on usage errors. `nv-persist list` without
+//! `--api-socket` and `nv-persist power-fail --region` work on the region itself
+//! (`region_commands`).
 
 mod commands;
 mod error_report;
 mod option_syntax;
+mod region_commands;
 
 use std::process::ExitCode;
 
@@ -22,11 +26,19 @@ enum Failure {
     Command(CommandError),
     #[error("http client error")]
     HttpClient(#[source] ClientError),
+    #[error(transparent)]
+    Region(region_commands::RegionCommandError),
 }
 
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors (and with no arguments at all), as upstream does.
     let cli = Cli::parse();
+    if let Some(action) = cli.command.region_action(cli.api_socket.is_some()) {
+        return match region_commands::run(&action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&Failure::Region(error)),
+        };
+    }
     let Some(socket) = cli.api_socket.as_deref() else {
         eprintln!(
             "Please either provide the api-socket option or dbus-service-name and \

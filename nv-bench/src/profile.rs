@@ -31,6 +31,10 @@ pub struct Profile {
     pub overhead_warmup: Duration,
     /// D: the measured window.
     pub overhead_window: Duration,
+    /// F: power failures of the 16-VM region with the guests running (each VM recovers in place
+    /// between two), then one with them paused. 0: F is not run (the quick run: see
+    /// `measure::region_power_fail`).
+    pub region_cycles: usize,
 }
 
 const MIB: u64 = 1 << 20;
@@ -53,6 +57,7 @@ impl Profile {
             overhead_repetitions: 3,
             overhead_warmup: Duration::from_secs(1),
             overhead_window: Duration::from_secs(6),
+            region_cycles: 3,
         }
     }
 
@@ -72,6 +77,7 @@ impl Profile {
             overhead_repetitions: 1,
             overhead_warmup: Duration::from_millis(300),
             overhead_window: Duration::from_secs(1),
+            region_cycles: 0,
         }
     }
 }

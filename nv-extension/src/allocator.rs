@@ -84,13 +84,27 @@ pub fn place(
     Some((offsets, needed))
 }
 
-/// Largest free extent (for error messages).
-pub fn largest_free(table: &VmTable, data_start: u64, region_size: u64, align: u64) -> u64 {
-    free_extents(table, data_start, region_size, align)
-        .iter()
-        .map(|x| x.len)
-        .max()
-        .unwrap_or(0)
+/// How much of a region is free, inside its current size.
+///
+/// Guest RAM is one extent (the VMM maps it with one `mmap`), so a VM fits only if the largest
+/// free extent holds its RAM: `free_bytes` can exceed a request that still does not fit once VMs
+/// of mixed sizes have come and gone. A region that can grow (a plain file) grows at its end
+/// instead of failing; these numbers do not count that.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeSpace {
+    /// Sum of every free extent.
+    pub free_bytes: u64,
+    /// The largest single free extent.
+    pub largest_free_extent: u64,
+}
+
+/// Free space of `[data_start, region_size)` at `align` granularity.
+pub fn free_space(table: &VmTable, data_start: u64, region_size: u64, align: u64) -> FreeSpace {
+    let free = free_extents(table, data_start, region_size, align);
+    FreeSpace {
+        free_bytes: free.iter().map(|x| x.len).sum(),
+        largest_free_extent: free.iter().map(|x| x.len).max().unwrap_or(0),
+    }
 }
 
 #[cfg(test)]
@@ -137,7 +151,13 @@ mod tests {
             "4A does not fit the tail gap of 3A"
         );
         assert_eq!(size, 9 * A);
-        assert_eq!(largest_free(&table, A, 8 * A, A), 3 * A);
+        assert_eq!(
+            free_space(&table, A, 8 * A, A),
+            FreeSpace {
+                free_bytes: 5 * A,
+                largest_free_extent: 3 * A
+            }
+        );
     }
 
     #[test]

@@ -38,10 +38,14 @@ pub enum Error {
     InvalidVmName { name: String, reason: &'static str },
     #[error("invalid size {size}: {reason}")]
     InvalidSize { size: u64, reason: &'static str },
-    #[error(
-        "NV region is full: {requested} bytes needed, largest free extent is {largest_free} bytes"
-    )]
-    OutOfSpace { requested: u64, largest_free: u64 },
+    /// No room for the extents asked for (guest RAM and state area of one VM), and the region
+    /// cannot grow. `free` is the sum of every free extent, `largest_free` the largest one.
+    #[error("{}", out_of_space_message(*requested, *free, *largest_free))]
+    OutOfSpace {
+        requested: u64,
+        free: u64,
+        largest_free: u64,
+    },
     #[error("NV region VM table is full: {needed} bytes needed, a table copy holds {capacity}")]
     VmTableFull { needed: u64, capacity: u64 },
     #[error("VM {0:?} has a saved state that matches its memory; recover or cold-boot it before resizing")]
@@ -96,6 +100,23 @@ pub enum Error {
         "NV_FAULT_AFTER_PHASE={0:?} is not a fault point (1..5, commit-payload, commit-header)"
     )]
     InvalidFaultPoint(String),
+}
+
+/// `region full`: what was asked for and what is free. When the total would do but no single
+/// extent is large enough, it says the region is fragmented: guest RAM is one extent.
+fn out_of_space_message(requested: u64, free: u64, largest_free: u64) -> String {
+    let asked = format!("NV region is full: {requested} bytes asked for");
+    if requested <= free {
+        format!(
+            "{asked}, {free} bytes free in total but fragmented: the largest free extent is \
+             {largest_free} bytes and a VM's guest RAM must be one extent; delete or swap out a VM \
+             next to a free extent to make room"
+        )
+    } else {
+        format!(
+            "{asked}, {free} bytes free in total, the largest free extent is {largest_free} bytes"
+        )
+    }
 }
 
 /// What kind of failure an [`Error`] is, so that a caller can answer it (an HTTP status, an exit

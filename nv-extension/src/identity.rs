@@ -73,7 +73,7 @@ pub(crate) fn boot_id() -> Result<[u8; 16]> {
 }
 
 /// Start time (clock ticks since boot) of a process, `None` if it does not exist.
-fn process_start_time(pid: u32) -> Option<u64> {
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];

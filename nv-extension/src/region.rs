@@ -8,12 +8,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::allocator::{self, align_up};
+use crate::allocator::{self, align_up, FreeSpace};
 use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::format::format;
 use crate::identity::{OwnerRecord, Uuid};
 use crate::metadata_io::{read_superblock, read_table, write_superblock, write_table};
+use crate::owner_process::OwnerProcess;
 use crate::persistence::devdax;
 use crate::persistence::file_mmap::FileBackend;
 use crate::persistence::{read_vec, Persistence, PersistenceMode};
@@ -108,11 +109,11 @@ impl VmSummary {
             RunRecord::Created => "created",
             RunRecord::Running { .. } if self.owner_pid.is_some() => "running",
             // Recorded as running, but its process is gone: it died without a save.
-            RunRecord::Running { .. } => "unsafe-shutdown",
+            RunRecord::Running { .. } => "unsafe",
             RunRecord::Saved {
                 kind: ShutdownKind::PowerFail,
                 ..
-            } => "saved-on-power-fail",
+            } => "power-failed",
             RunRecord::Saved {
                 kind: ShutdownKind::PlannedSuspend,
                 ..
@@ -412,6 +413,22 @@ impl Region {
         self.lock().superblock.shutdown_marker
     }
 
+    /// Free space inside the region's current size (`allocator::FreeSpace`).
+    pub fn free_space(&self) -> Result<FreeSpace> {
+        self.transact(|shared, table| {
+            let sb = &shared.superblock;
+            let free =
+                allocator::free_space(table, sb.data_start, sb.region_size, sb.extent_alignment);
+            Ok((free, false))
+        })
+    }
+
+    /// The live process that owns VM `name`, held by a pidfd (`owner_process`); `None` when no
+    /// live process owns it. Works on a region opened read-only.
+    pub fn owner_process(&self, name: &str) -> Result<Option<OwnerProcess>> {
+        self.transact(|_, table| Ok((OwnerProcess::open(&find(table, name)?.owner)?, false)))
+    }
+
     pub fn list_vms(&self) -> Result<Vec<VmSummary>> {
         self.transact(|shared, table| {
             let summaries = table
@@ -495,14 +512,14 @@ impl Region {
         let requested = lengths
             .iter()
             .fold(0u64, |sum, len| sum.saturating_add(*len));
-        let out_of_space = |table: &VmTable| Error::OutOfSpace {
-            requested,
-            largest_free: allocator::largest_free(
-                table,
-                sb.data_start,
-                sb.region_size,
-                sb.extent_alignment,
-            ),
+        let out_of_space = |table: &VmTable| {
+            let free =
+                allocator::free_space(table, sb.data_start, sb.region_size, sb.extent_alignment);
+            Error::OutOfSpace {
+                requested,
+                free: free.free_bytes,
+                largest_free: free.largest_free_extent,
+            }
         };
         let (offsets, needed) = allocator::place(
             table,
@@ -708,3 +725,198 @@ const _: () = {
     assert_send_sync::<Region>();
     assert_send_sync::<VmHandle>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::memory::MemoryBackend;
+
+    const PAGE: u64 = 4096;
+
+    /// A store of a fixed size, as a devdax device is: growing it is refused.
+    struct FixedStore(MemoryBackend);
+
+    impl Persistence for FixedStore {
+        fn mode(&self) -> PersistenceMode {
+            self.0.mode()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read(offset, buf)
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            self.0.write(offset, data)
+        }
+        fn persist(&mut self, offset: u64, len: u64) -> Result<()> {
+            self.0.persist(offset, len)
+        }
+        fn grow(&mut self, new_len: u64) -> Result<()> {
+            if new_len > self.0.len() {
+                return Err(Error::CannotGrow("a fixed-size test store"));
+            }
+            Ok(())
+        }
+    }
+
+    /// A compact region of `data_pages` pages of data area on a store that cannot grow.
+    /// Each VM takes its guest RAM plus a state area of 4 pages (two 8 KiB slots).
+    fn fixed_region(data_pages: u64) -> (Region, u64) {
+        let probe = Region::open_store(
+            Box::new(MemoryBackend::default()),
+            Path::new("probe"),
+            &OpenOptions {
+                format: true,
+                ..OpenOptions::compact()
+            },
+        )
+        .unwrap();
+        let data_start = probe.lock().superblock.data_start;
+        let size = data_start + data_pages * PAGE;
+        let store = FixedStore(MemoryBackend::new(vec![0; size as usize]));
+        let region = Region::open_store(
+            Box::new(store),
+            Path::new("fixed"),
+            &OpenOptions {
+                format: true,
+                ..OpenOptions::compact()
+            },
+        )
+        .unwrap();
+        assert_eq!(region.size(), size);
+        (region, data_start)
+    }
+
+    const STATE_PAGES: u64 = 4;
+
+    #[test]
+    fn region_full_names_what_was_asked_and_what_is_free() {
+        let (region, _) = fixed_region(24);
+        for name in ["a", "b", "c", "d"] {
+            region.create_vm(name, 2 * PAGE, b"").unwrap();
+        }
+        assert_eq!(region.free_space().unwrap(), FreeSpace::default());
+        // Two holes of 6 pages, not next to each other.
+        region.delete_vm("a").unwrap();
+        region.delete_vm("c").unwrap();
+        assert_eq!(
+            region.free_space().unwrap(),
+            FreeSpace {
+                free_bytes: 12 * PAGE,
+                largest_free_extent: 6 * PAGE
+            }
+        );
+
+        // 8 pages of RAM + 4 of state: the total is free, but in no single extent.
+        let error = region.create_vm("big", 8 * PAGE, b"").unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::OutOfSpace {
+                    requested,
+                    free,
+                    largest_free
+                } if requested == 12 * PAGE && free == 12 * PAGE && largest_free == 6 * PAGE
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        for part in [
+            "NV region is full: 49152 bytes asked for",
+            "49152 bytes free in total but fragmented",
+            "the largest free extent is 24576 bytes",
+            "guest RAM must be one extent",
+        ] {
+            assert!(message.contains(part), "{part:?} not in {message:?}");
+        }
+
+        // More than is free at all: no word of fragmentation.
+        let error = region.create_vm("huge", 20 * PAGE, b"").unwrap_err();
+        let message = error.to_string();
+        assert_eq!(
+            message,
+            "NV region is full: 98304 bytes asked for, 49152 bytes free in total, the largest \
+             free extent is 24576 bytes"
+        );
+        assert_eq!(error.kind(), crate::ErrorKind::Internal);
+
+        // A refused create changed nothing; a VM that fits a hole still goes there.
+        assert_eq!(region.list_vms().unwrap().len(), 2);
+        region.create_vm("small", 2 * PAGE, b"").unwrap();
+        assert_eq!(region.free_space().unwrap().free_bytes, 6 * PAGE);
+    }
+
+    /// A small deterministic generator (xorshift), so that a failure replays.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn mixed_size_churn_keeps_the_space_accounted_and_refuses_only_what_cannot_fit() {
+        const DATA_PAGES: u64 = 96;
+        let (region, data_start) = fixed_region(DATA_PAGES);
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut live: Vec<(String, u64)> = Vec::new();
+        let (mut created, mut fragmented, mut full) = (0, 0, 0);
+        for step in 0..2000 {
+            let before = region.free_space().unwrap();
+            if live.len() < 16 && (live.is_empty() || !next(&mut rng).is_multiple_of(3)) {
+                let pages = [1, 2, 3, 5, 8, 13][(next(&mut rng) % 6) as usize];
+                let name = format!("vm{step}");
+                let asked = (pages + STATE_PAGES) * PAGE;
+                match region.create_vm(&name, pages * PAGE, b"") {
+                    Ok(summary) => {
+                        assert_eq!(summary.memory_size, pages * PAGE);
+                        assert!(asked <= before.free_bytes, "step {step}");
+                        live.push((name, pages));
+                        created += 1;
+                    }
+                    Err(Error::OutOfSpace {
+                        requested,
+                        free,
+                        largest_free,
+                    }) => {
+                        assert_eq!(requested, asked, "step {step}");
+                        assert_eq!(free, before.free_bytes, "step {step}");
+                        assert_eq!(largest_free, before.largest_free_extent, "step {step}");
+                        // First fit places RAM and state in one extent that holds both, so a
+                        // refusal means no single free extent holds the whole request.
+                        assert!(
+                            largest_free < asked,
+                            "step {step}: {pages} pages refused with {before:?}"
+                        );
+                        if asked <= free {
+                            fragmented += 1;
+                        } else {
+                            full += 1;
+                        }
+                        assert_eq!(region.free_space().unwrap(), before, "step {step}");
+                    }
+                    Err(e) => panic!("step {step}: {e}"),
+                }
+            } else {
+                let index = (next(&mut rng) % live.len() as u64) as usize;
+                let (name, _) = live.swap_remove(index);
+                region.delete_vm(&name).unwrap();
+            }
+            // Every byte of the data area is either some live VM's or free, never both.
+            let used: u64 = live.iter().map(|(_, p)| (p + STATE_PAGES) * PAGE).sum();
+            let free = region.free_space().unwrap();
+            assert_eq!(
+                used + free.free_bytes,
+                region.size() - data_start,
+                "step {step}"
+            );
+            assert!(free.largest_free_extent <= free.free_bytes);
+            let listed = region.list_vms().unwrap();
+            assert_eq!(listed.len(), live.len(), "step {step}");
+        }
+        assert!(created > 100, "{created} creates");
+        assert!(fragmented > 0, "the churn never fragmented the region");
+        assert!(full > 0, "the churn never filled the region");
+    }
+}

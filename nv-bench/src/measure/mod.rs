@@ -2,6 +2,7 @@
 
 pub mod overhead;
 pub mod power_fail;
+pub mod region_power_fail;
 pub mod service;
 pub mod snapshot;
 pub mod stale_state;

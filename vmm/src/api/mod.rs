@@ -592,6 +592,12 @@ pub struct NvRegionVm {
     pub name: String,
     pub uuid: String,
     pub memory_size: u64,
+    /// One word for what the VM is doing or what its next start must be:
+    /// `nv_extension::VmSummary::status` ("running", "suspended", "power-failed", "unsafe", ...).
+    pub state: String,
+    /// Pid of the live VMM process that owns the VM, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pid: Option<u32>,
     pub shutdown_kind: NvShutdownKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_save_sequence: Option<u64>,
@@ -608,5 +614,9 @@ pub struct NvRegionListing {
     pub region: String,
     pub persistence_mode: NvPersistenceMode,
     pub size: u64,
+    /// Free bytes inside `size` (a plain-file region also grows at its end when it must).
+    pub free_bytes: u64,
+    /// The largest single free extent: the largest guest RAM (plus its state area) that fits.
+    pub largest_free_extent: u64,
     pub vms: Vec<NvRegionVm>,
 }

@@ -134,7 +134,8 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
     })
 }
 
-/// `GET vmm.nv-regions?region=PATH`: every VM of a region and how each last ended. Opens the
+/// `GET vmm.nv-regions?region=PATH` (and `ch-remote nv-persist list` without a socket): every VM
+/// of a region, its state, owner and how it last ended, and the region's free space. Opens the
 /// region read-only, after checking that the path names a regular file or a devdax device:
 /// nothing is created, formatted, claimed or written.
 pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
@@ -147,20 +148,27 @@ pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
         context: context(),
         error,
     })?;
-    let vms = region.list_vms().map_err(|error| Error::Nv {
-        context: context(),
-        error,
-    })?;
+    let (vms, free) = region
+        .list_vms()
+        .and_then(|vms| Ok((vms, region.free_space()?)))
+        .map_err(|error| Error::Nv {
+            context: context(),
+            error,
+        })?;
     Ok(NvRegionListing {
         region: path.to_string(),
         persistence_mode: region.persistence_mode().into(),
         size: region.size(),
+        free_bytes: free.free_bytes,
+        largest_free_extent: free.largest_free_extent,
         vms: vms
             .iter()
             .map(|summary| NvRegionVm {
                 name: summary.name.clone(),
                 uuid: summary.uuid.to_string(),
                 memory_size: summary.memory_size,
+                state: summary.status().to_string(),
+                owner_pid: summary.owner_pid,
                 shutdown_kind: summary.into(),
                 last_save_sequence: summary.last_save_seq,
                 resumable: region.inspect_recovery(&summary.name).is_ok(),
