@@ -10,7 +10,7 @@
 //! large sequential batches; the reader checks every checksum and names what is wrong.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -737,6 +737,7 @@ pub(crate) fn read(
 /// Reads a whole small file (tests).
 #[cfg(test)]
 fn slurp(path: &Path) -> Vec<u8> {
+    use std::io::Read;
     let mut bytes = Vec::new();
     File::open(path).unwrap().read_to_end(&mut bytes).unwrap();
     bytes
