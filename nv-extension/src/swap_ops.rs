@@ -19,7 +19,7 @@ use crate::superblock::{FORMAT_VERSION, FORMAT_VERSION_SWAPPED};
 use crate::swap::{SwapInReport, SwapOutReport, SwapProgress, SwapRecord};
 use crate::swap_file::{self, MemorySource, SwapMeta};
 use crate::vm_handle::{recoverable_state, VmHandle};
-use crate::vm_table::{Extent, RunRecord, ShutdownKind, VmTable};
+use crate::vm_table::{Extent, RunRecord, VmTable};
 
 fn fault(point: &'static str) {
     debug_assert!(crate::swap::SWAP_FAULT_POINTS.contains(&point));
@@ -267,10 +267,6 @@ pub(crate) fn swap_out(
                 sb.format_version = sb.format_version.max(FORMAT_VERSION_SWAPPED)
             })?;
             let freed = [entry.memory, entry.state];
-            entry.record = RunRecord::Saved {
-                seq: saved.seq,
-                kind: ShutdownKind::PlannedSuspend,
-            };
             entry.memory = Extent { offset: 0, len: 0 };
             entry.state = Extent { offset: 0, len: 0 };
             entry.owner = OwnerRecord::default();
@@ -495,9 +491,11 @@ pub(crate) fn swap_in(
             vm_uuid: entry.uuid,
             area: entry.state,
         };
-        // Whatever the reused extent held, only this state may be found there.
-        area.invalidate(shared.store.as_mut(), 0)?;
-        area.invalidate(shared.store.as_mut(), 1)?;
+        // Whatever a reused extent held (old slots, a save report), only this state may be
+        // found there.
+        let zeros = vec![0u8; entry.state.len as usize];
+        shared.store.write(entry.state.offset, &zeros)?;
+        shared.store.persist(entry.state.offset, entry.state.len)?;
         area.write(shared.store.as_mut(), None, meta.seq, &contents.state)?;
     }
     fault("swap-in-loaded");
@@ -515,10 +513,7 @@ pub(crate) fn swap_in(
             if entry.swap.as_ref().map(|s| s.checksum) != Some(checksum) {
                 return Err(Error::OwnershipLost(name.clone()));
             }
-            entry.record = RunRecord::Saved {
-                seq: meta.seq,
-                kind: ShutdownKind::PlannedSuspend,
-            };
+            // The record (the save the file holds) stands; the VM is resident again.
             entry.config = contents.config.clone();
             entry.swap = None;
             Ok((any_swapped_out(table), true))

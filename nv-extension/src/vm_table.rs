@@ -361,11 +361,8 @@ impl VmEntry {
                 checksum: part.checksum.get(),
             });
             total = end;
-            // What the file holds is a planned-suspend save.
+            // The file holds the save the record names (detail: its shutdown kind).
             record_kind = 2;
-            if fixed.record_detail.get() != ShutdownKind::PlannedSuspend.code() {
-                return Err(bad("swapped-out entry with an unknown save kind"));
-            }
         }
         let name = std::str::from_utf8(&fixed.name[..name_len])
             .map_err(|_| bad("entry name is not UTF-8"))?
@@ -591,7 +588,7 @@ mod tests {
             body.len(),
             ENTRY_FIXED_LEN + 8 + SWAP_PART_LEN + 16 + ENTRY_FIXED_LEN
         );
-        // Record kind 4 "swapped out", detail 2 (planned suspend), the seq the file holds.
+        // Record kind 4 "swapped out", detail 2 (the save's kind: planned suspend), its seq.
         assert_eq!(&body[120..124], &4u32.to_le_bytes());
         assert_eq!(&body[124..128], &2u32.to_le_bytes());
         assert_eq!(&body[128..136], &5u64.to_le_bytes());
@@ -610,9 +607,9 @@ mod tests {
                 "path length {value}"
             );
         }
-        let mut power_fail = body.clone();
-        power_fail[124..128].copy_from_slice(&1u32.to_le_bytes());
-        assert!(VmTable::decode_body(2, &power_fail, 2).is_err());
+        let mut unknown_kind = body.clone();
+        unknown_kind[124..128].copy_from_slice(&7u32.to_le_bytes());
+        assert!(VmTable::decode_body(2, &unknown_kind, 2).is_err());
     }
 
     #[test]
