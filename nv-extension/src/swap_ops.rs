@@ -471,24 +471,25 @@ pub(crate) fn swap_in(
     {
         let mut shared = region.lock();
         // A fresh extent is a hole already (freed extents are discarded, new ones reserved
-        // unwritten); a reused one is discarded now, and zeroed where that is not possible.
+        // unwritten); a reused one is discarded now, zeroed where that is not possible, and
+        // reserved again.
         if !is_hole(&shared, memory.offset, memory.len) {
             if let Err(e) = shared.store.discard(memory.offset, memory.len) {
                 log::debug!("discarding the extent before a swap-in: {e}");
             }
-        }
-        if !is_hole(&shared, memory.offset, memory.len) {
-            let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
-            let mut at = 0;
-            while at < memory.len {
-                let len = (memory.len - at).min(zeros.len() as u64);
-                shared
-                    .store
-                    .write(memory.offset + at, &zeros[..len as usize])?;
-                at += len;
+            if !is_hole(&shared, memory.offset, memory.len) {
+                let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
+                let mut at = 0;
+                while at < memory.len {
+                    let len = (memory.len - at).min(zeros.len() as u64);
+                    shared
+                        .store
+                        .write(memory.offset + at, &zeros[..len as usize])?;
+                    at += len;
+                }
             }
+            shared.store.reserve(memory.offset, memory.len)?;
         }
-        shared.store.reserve(memory.offset, memory.len)?;
     }
     let bulk = bulk_file(&region.lock())?;
     let mut sink = |offset: u64, data: &[u8]| -> Result<()> {
