@@ -227,14 +227,19 @@ impl BatchWriter<'_> {
     }
 }
 
-/// Where the writer gets the VM's memory from.
-pub(crate) struct MemorySource<'a> {
+/// What the writer puts in the file besides the header: the VM's memory, state and config.
+pub(crate) struct SwapSource<'a> {
     /// Ranges (relative to the start of memory, page aligned, ascending) that may hold
     /// data; everything outside them reads as zero and is not read at all.
     pub data_ranges: Vec<(u64, u64)>,
     /// Reads memory at a (page-aligned) offset into the buffer.
     pub read: &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    pub state: &'a [u8],
+    pub config: &'a [u8],
 }
+
+/// Receives loaded memory: (offset in guest memory, bytes of consecutive pages).
+pub(crate) type PageSink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
 
 /// Writes a complete swap file for `meta` to `out` (positioned at 0). `after_memory` runs once
 /// the memory is written (a fault point: the file is then incomplete).
@@ -242,9 +247,7 @@ pub(crate) fn write(
     out: &mut File,
     path: &Path,
     meta: &SwapMeta,
-    memory: MemorySource<'_>,
-    state: &[u8],
-    config: &[u8],
+    memory: SwapSource<'_>,
     progress: &mut dyn FnMut(u64),
     after_memory: &mut dyn FnMut(),
 ) -> Result<Written> {
@@ -354,8 +357,8 @@ pub(crate) fn write(
     }
     writer.flush()?;
     after_memory();
-    writer.blob(STATE_MAGIC, state);
-    writer.blob(CONFIG_MAGIC, config);
+    writer.blob(STATE_MAGIC, memory.state);
+    writer.blob(CONFIG_MAGIC, memory.config);
     writer.flush()?;
     let file_size = writer.written + TRAILER_LEN as u64;
     let mut trailer = Trailer {
@@ -454,7 +457,7 @@ fn decode_header(path: &Path, file: &File, size: u64) -> Result<(SwapMeta, usize
     let name_len = header.name_len.get() as usize;
     let path_len = header.region_path_len.get() as usize;
     if area_len > MAX_HEADER_AREA
-        || area_len % HEADER_ALIGN != 0
+        || !area_len.is_multiple_of(HEADER_ALIGN)
         || HEADER_LEN + name_len + path_len > area_len
     {
         return Err(corrupt(path, "header area length out of range"));
@@ -484,7 +487,7 @@ fn decode_header(path: &Path, file: &File, size: u64) -> Result<(SwapMeta, usize
         memory_size: header.memory_size.get(),
         seq: header.seq.get(),
     };
-    if meta.memory_size == 0 || meta.memory_size % PAGE_SIZE != 0 {
+    if meta.memory_size == 0 || !meta.memory_size.is_multiple_of(PAGE_SIZE) {
         return Err(corrupt(path, "impossible memory size"));
     }
     Ok((meta, area_len))
@@ -600,7 +603,7 @@ impl<'a> SeqReader<'a> {
 /// (memory offset, bytes) when given. `progress` gets the memory offset reached.
 pub(crate) fn read(
     path: &Path,
-    mut sink: Option<&mut dyn FnMut(u64, &[u8]) -> Result<()>>,
+    mut sink: Option<PageSink<'_>>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Contents> {
     let (file, size) = open(path)?;
@@ -802,28 +805,20 @@ mod tests {
             for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
                 let p = offset / PAGE_SIZE + i as u64;
                 page.fill(0);
-                if p % 7 == 0 {
+                if p.is_multiple_of(7) {
                     page[0] = p as u8 + 1;
                     page[4095] = 0xa5;
                 }
             }
             Ok(())
         };
-        let memory = MemorySource {
+        let memory = SwapSource {
             data_ranges: vec![(0, 2 * CHUNK_SIZE), (3 * CHUNK_SIZE, meta.memory_size)],
             read: &mut read,
+            state: b"state",
+            config: b"{\"cfg\":1}",
         };
-        write(
-            &mut file,
-            path,
-            &meta,
-            memory,
-            b"state",
-            b"{\"cfg\":1}",
-            &mut |_| {},
-            &mut || {},
-        )
-        .unwrap()
+        write(&mut file, path, &meta, memory, &mut |_| {}, &mut || {}).unwrap()
     }
 
     #[test]
@@ -857,7 +852,7 @@ mod tests {
         // Pages 0, 7, 14, ... inside the data ranges; chunk 2 is outside them (a hole).
         let total_pages = meta().memory_size / PAGE_SIZE;
         let expected: Vec<u64> = (0..total_pages)
-            .filter(|p| p % 7 == 0)
+            .filter(|p| p.is_multiple_of(7))
             .filter(|p| !(2 * CHUNK_PAGES..3 * CHUNK_PAGES).contains(p))
             .collect();
         assert_eq!(written.memory_bytes, expected.len() as u64 * PAGE_SIZE);

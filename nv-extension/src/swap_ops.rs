@@ -17,7 +17,7 @@ use crate::region::{find_mut, Region, Shared};
 use crate::state_slots::StateArea;
 use crate::superblock::{FORMAT_VERSION, FORMAT_VERSION_SWAPPED};
 use crate::swap::{SwapInReport, SwapOutReport, SwapProgress, SwapRecord};
-use crate::swap_file::{self, MemorySource, SwapMeta};
+use crate::swap_file::{self, SwapMeta, SwapSource};
 use crate::vm_handle::{recoverable_state, VmHandle};
 use crate::vm_table::{Extent, RunRecord, VmTable};
 
@@ -232,12 +232,12 @@ pub(crate) fn swap_out(
             &mut file,
             &partial,
             &meta,
-            MemorySource {
+            SwapSource {
                 data_ranges: data,
                 read: &mut read,
+                state: &saved.state_blob,
+                config: &saved.config_blob,
             },
-            &saved.state_blob,
-            &saved.config_blob,
             &mut |done| {
                 progress(SwapProgress {
                     done_bytes: done,
