@@ -41,6 +41,8 @@ const CONFIG_MAGIC: [u8; 8] = *b"NVSWCONF";
 const TRAILER_MAGIC: [u8; 8] = *b"NVSWTRLR";
 /// Bytes gathered before one `write`.
 const BATCH: usize = 16 << 20;
+/// Largest state or config blob a file may hold (a state slot is far smaller).
+pub const MAX_BLOB_LEN: u64 = 1 << 30;
 
 le_record! {
     /// The fixed header at offset 0; the VM name and the region path follow it.
@@ -251,6 +253,14 @@ pub(crate) fn write(
     progress: &mut dyn FnMut(u64),
     after_memory: &mut dyn FnMut(),
 ) -> Result<Written> {
+    for blob in [memory.state, memory.config] {
+        if blob.len() as u64 > MAX_BLOB_LEN {
+            return Err(Error::StateTooLarge {
+                len: blob.len() as u64,
+                capacity: MAX_BLOB_LEN,
+            });
+        }
+    }
     let mut writer = BatchWriter {
         out,
         path,
@@ -545,6 +555,18 @@ impl<'a> SeqReader<'a> {
             self.end -= self.start;
             self.start = 0;
         }
+        if n > self.buf.len() {
+            // A blob larger than the batch buffer (bounded by MAX_BLOB_LEN).
+            self.buf
+                .try_reserve_exact(n - self.buf.len())
+                .map_err(|_| {
+                    Error::io(
+                        "reading a swap file",
+                        std::io::ErrorKind::OutOfMemory.into(),
+                    )
+                })?;
+            self.buf.resize(n, 0);
+        }
         while self.end - self.start < n {
             let at = self.pos + (self.end - self.start) as u64;
             if at >= self.size {
@@ -734,7 +756,7 @@ pub(crate) fn read(
         }
         let len = usize::try_from(header.len.get())
             .ok()
-            .filter(|len| (*len as u64) <= body_end)
+            .filter(|len| (*len as u64) <= body_end.min(MAX_BLOB_LEN))
             .ok_or_else(|| corrupt(path, format!("{what} length out of range")))?;
         let data = reader.take(padded(len))?.ok_or_else(|| ended(what))?[..len].to_vec();
         if crc32c::crc32c(&data) != header.data_crc.get() {
@@ -873,6 +895,32 @@ mod tests {
         assert_eq!(contents.checksum, written.checksum);
         let summary = inspect(&path).unwrap();
         assert_eq!((summary.vm_name.as_str(), summary.seq), ("vm-a", 9));
+    }
+
+    #[test]
+    fn a_state_larger_than_a_batch_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big-state.swap");
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let state: Vec<u8> = (0..(BATCH + CHUNK_SIZE as usize + 12345))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut no_memory = |_: u64, _: &mut [u8]| -> Result<()> { panic!("no data range") };
+        let source = SwapSource {
+            data_ranges: Vec::new(),
+            read: &mut no_memory,
+            state: &state,
+            config: b"",
+        };
+        let written = write(&mut file, &path, &meta(), source, &mut |_| {}, &mut || {}).unwrap();
+        assert_eq!(written.memory_bytes, 0);
+        let contents = read(&path, None, &mut |_| {}).unwrap();
+        assert!(contents.state == state);
+        assert_eq!(contents.config, b"");
     }
 
     #[test]

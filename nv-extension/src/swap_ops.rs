@@ -383,18 +383,22 @@ pub(crate) fn swap_in(
     let claim = OwnerRecord::new_claim()?;
     let reserved = region.transact(|shared, table| {
         let entry = find_mut(table, &meta.name)?;
+        if entry.uuid != meta.vm_uuid {
+            return Err(swap_error(SwapFileProblem::NotTheRecordedFile {
+                vm: meta.name.clone(),
+                detail: format!(
+                    "it holds VM uuid {}, the region's VM of that name is {}",
+                    meta.vm_uuid, entry.uuid
+                ),
+            }));
+        }
         let Some(recorded) = &entry.swap else {
             return Err(Error::ResidentAlready {
                 vm: meta.name.clone(),
                 path: path.clone(),
             });
         };
-        let mismatch = if entry.uuid != meta.vm_uuid {
-            Some(format!(
-                "VM uuid {} in the file, {} in the region",
-                meta.vm_uuid, entry.uuid
-            ))
-        } else if entry.record.last_seq() != meta.seq {
+        let mismatch = if entry.record.last_seq() != meta.seq {
             Some(format!(
                 "save seq {} in the file, {} in the region",
                 meta.seq,

@@ -572,6 +572,23 @@ fn deleting_a_swapped_out_vm_leaves_its_file_and_frees_the_name() {
         .swap_in(&file, None, false, &mut no_progress)
         .unwrap_err();
     assert!(matches!(err, Error::VmNotFound(_)), "{err}");
+    // A new VM of the same name is another VM: the file is not its.
+    drop(prepare(&region, "vm", 8 * MIB, &[], 0));
+    let err = region
+        .swap_in(&file, None, false, &mut no_progress)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::SwapFile {
+                problem: SwapFileProblem::NotTheRecordedFile { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("VM uuid"), "{err}");
+    assert_eq!(region.vm("vm").unwrap().status(), "suspended");
 }
 
 // ---- a power failure at every swap fault point ----
