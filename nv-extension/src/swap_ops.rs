@@ -210,6 +210,7 @@ pub(crate) fn swap_out(
     partial_name.push(format!(".partial-{:016x}", u64::from_le_bytes(suffix)));
     let partial = destination.with_file_name(partial_name);
     let dir = destination.parent().expect("checked").to_path_buf();
+    let mut linked = false;
     let written = (|| {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
@@ -250,6 +251,7 @@ pub(crate) fn swap_out(
             .map_err(|e| Error::io(format!("fsync of swap file {}", partial.display()), e))?;
         fault("swap-out-written");
         rename_no_replace(&partial, &destination)?;
+        linked = true;
         fsync_dir(&dir)?;
         fault("swap-out-linked");
         Ok(written)
@@ -257,8 +259,12 @@ pub(crate) fn swap_out(
     let written = match written {
         Ok(written) => written,
         Err(e) => {
-            // Nothing in the region changed; leave no file behind.
-            let _ = std::fs::remove_file(&partial);
+            // Nothing in the region changed; leave no file behind (only ours: a destination
+            // that appeared meanwhile is someone else's and refused the rename).
+            let _ = std::fs::remove_file(if linked { &destination } else { &partial });
+            if linked {
+                let _ = fsync_dir(&dir);
+            }
             return Err(e);
         }
     };
