@@ -34,7 +34,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, B, C, D, E and F.
+    /// A, B, C, D, E, F and G.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -44,8 +44,10 @@ enum Which {
     Stale,
     /// D: kvstore throughput on NV-backed vs anonymous memory.
     Overhead,
-    /// F: 16 VMs of one region power-failed by one `nv-persist power-fail --region`.
+    /// G: 16 VMs of one region power-failed by one `nv-persist power-fail --region`.
     Region,
+    /// F: swap-out and swap-in vs plain write+fsync and read (library level, no VM).
+    Swap,
 }
 
 #[derive(Parser, Debug)]
@@ -204,12 +206,13 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 5] = [
+    let sections: [(Which, Section); 6] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
         (Which::Stale, measure::stale_state::run),
         (Which::Region, measure::region_power_fail::run),
+        (Which::Swap, measure::swap::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

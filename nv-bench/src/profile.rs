@@ -31,8 +31,8 @@ pub struct Profile {
     pub overhead_warmup: Duration,
     /// D: the measured window.
     pub overhead_window: Duration,
-    /// F: power failures of the 16-VM region with the guests running (each VM recovers in place
-    /// between two), then one with them paused. 0: F is not run (the quick run: see
+    /// G: power failures of the 16-VM region with the guests running (each VM recovers in place
+    /// between two), then one with them paused. 0: G is not run (the quick run: see
     /// `measure::region_power_fail`).
     pub region_cycles: usize,
 }

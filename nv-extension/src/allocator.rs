@@ -131,6 +131,7 @@ mod tests {
             record: RunRecord::Created,
             owner: OwnerRecord::default(),
             config: vec![],
+            swap: None,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::persistence::{read_vec, Persistence, PersistenceMode};
 use crate::region_identity;
 use crate::save_report;
 use crate::superblock::{ShutdownMarker, Superblock};
+use crate::swap::SwapRecord;
 use crate::vm_handle::{recoverable_state, state_area, RecoveredVm, VmHandle};
 use crate::vm_table::{self, Extent, RunRecord, ShutdownKind, VmEntry, VmTable};
 
@@ -94,6 +95,8 @@ pub struct VmSummary {
     /// How the last completed save went, if its report was recorded (durations to the
     /// microsecond). Kept after the VM resumes, until its next save.
     pub last_save: Option<SaveReport>,
+    /// Where the VM is when it is swapped out (`status()` "swapped-out"); `None` when resident.
+    pub swap: Option<SwapRecord>,
 }
 
 pub(crate) struct Shared {
@@ -105,6 +108,9 @@ pub(crate) struct Shared {
 impl VmSummary {
     /// One word for listings: what the VM is doing, or what its next start must be.
     pub fn status(&self) -> &'static str {
+        if self.swap.is_some() {
+            return "swapped-out";
+        }
         match self.state {
             RunRecord::Created => "created",
             RunRecord::Running { .. } if self.owner_pid.is_some() => "running",
@@ -333,7 +339,7 @@ impl Region {
     }
 
     /// Like [`Region::transact`], then runs `after_commit` still under the lock.
-    fn transact_then<T>(
+    pub(crate) fn transact_then<T>(
         &self,
         change: impl FnOnce(&mut Shared, &mut VmTable) -> Result<(T, bool)>,
         after_commit: impl FnOnce(&mut Shared, &T) -> Result<()>,
@@ -499,6 +505,7 @@ impl Region {
                 record: RunRecord::Created,
                 owner: OwnerRecord::default(),
                 config: config_blob.to_vec(),
+                swap: None,
             };
             let result = summary(shared.store.as_ref(), &entry)?;
             table.entries.push(entry);
@@ -507,7 +514,11 @@ impl Region {
     }
 
     /// Places extents of the given lengths, growing the store if it can and must.
-    fn allocate(shared: &mut Shared, table: &VmTable, lengths: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn allocate(
+        shared: &mut Shared,
+        table: &VmTable,
+        lengths: &[u64],
+    ) -> Result<Vec<u64>> {
         let sb = shared.superblock.clone();
         let requested = lengths
             .iter()
@@ -565,6 +576,7 @@ impl Region {
                     pid: entry.owner.pid,
                 });
             }
+            refuse_swapped_out(entry)?;
             if matches!(entry.record, RunRecord::Saved { .. }) {
                 return Err(Error::ResizeWouldDiscardState(name.to_string()));
             }
@@ -617,7 +629,7 @@ impl Region {
                 Ok((freed, true))
             },
             |shared, freed| {
-                for extent in freed {
+                for extent in freed.iter().filter(|x| x.len > 0) {
                     if let Err(e) = shared.store.discard(extent.offset, extent.len) {
                         // The delete is committed; unreclaimed space is only a cost.
                         log::warn!("VM {name:?} deleted, but its space was not discarded: {e}");
@@ -640,6 +652,7 @@ impl Region {
                     pid: entry.owner.pid,
                 });
             }
+            refuse_swapped_out(entry)?;
             if !entry.owner.is_none() {
                 log::info!(
                     "VM {name:?}: taking over from dead owner pid {}",
@@ -666,6 +679,17 @@ impl Region {
                 false,
             ))
         })
+    }
+}
+
+/// `SwappedOut` for a VM whose memory and state are in a swap file.
+pub(crate) fn refuse_swapped_out(entry: &VmEntry) -> Result<()> {
+    match &entry.swap {
+        Some(swap) => Err(Error::SwappedOut {
+            vm: entry.name.clone(),
+            path: swap.path.clone(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -703,7 +727,12 @@ fn summary(store: &dyn Persistence, entry: &VmEntry) -> Result<VmSummary> {
         shutdown_kind,
         last_save_seq: (last_save > 0).then_some(last_save),
         owner_pid: entry.owner.is_live().then_some(entry.owner.pid),
-        last_save: last_save_report(store, entry)?,
+        // A swapped-out VM's save is in its file (its state extent is free).
+        last_save: match entry.swap {
+            Some(_) => None,
+            None => last_save_report(store, entry)?,
+        },
+        swap: entry.swap.clone(),
     })
 }
 

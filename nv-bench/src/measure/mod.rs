@@ -6,6 +6,7 @@ pub mod region_power_fail;
 pub mod service;
 pub mod snapshot;
 pub mod stale_state;
+pub mod swap;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! F. One UPS event for a whole region (issue 12): 16 counter VMs, each its own VMM process, in
+//! G. One UPS event for a whole region (issue 12): 16 counter VMs, each its own VMM process, in
 //! one tmpfs region; one `ch-remote nv-persist power-fail --region` saves them all. Printed: the
 //! slowest and the median save (the VMMs' own save reports, as the command prints them), the
 //! slowest pause-vcpus phase (how long a busy vCPU thread took to leave the guest: 16 spinning
@@ -8,7 +8,7 @@
 //!
 //! Not in `--quick`: on this host, VMMs that set up their VM while other guests already spin can
 //! wait in the kernel (`__synchronize_srcu` under KVM) for tens of seconds when the machine is
-//! loaded. That makes F take 2 s or several minutes, which is too unpredictable for the suite.
+//! loaded. That makes G take 2 s or several minutes, which is too unpredictable for the suite.
 //! The first line of each VM is therefore awaited with the boot bound of the other sections.
 
 use std::process::Command;
@@ -213,10 +213,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     }
     bench.summary.line("");
     bench.summary.line(format!(
-        "== F. {VMS} VMs in one tmpfs region power-failed by one `ch-remote nv-persist power-fail --region`"
+        "== G. {VMS} VMs in one tmpfs region power-failed by one `ch-remote nv-persist power-fail --region`"
     ));
     bench.summary.progress(format!(
-        "F: {VMS} counter VMs, {} cycles",
+        "G: {VMS} counter VMs, {} cycles",
         bench.profile.region_cycles
     ));
     let mut table = CsvTable::new(&[
@@ -232,7 +232,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         Ok(cycles) => {
             for (index, (guests, cycle)) in cycles.iter().enumerate() {
                 bench.summary.line(format!(
-                    "F cycle {index} (guests {guests}): slowest save {:.3} ms, median save {:.3} ms (goal: slowest < {GOAL_MS} ms: {}); slowest pause-vcpus phase {:.3} ms, slowest save without it {:.3} ms; the command took {:.1} ms",
+                    "G cycle {index} (guests {guests}): slowest save {:.3} ms, median save {:.3} ms (goal: slowest < {GOAL_MS} ms: {}); slowest pause-vcpus phase {:.3} ms, slowest save without it {:.3} ms; the command took {:.1} ms",
                     cycle.slowest_ms,
                     cycle.median_ms,
                     if cycle.slowest_ms < GOAL_MS { "met" } else { "NOT met" },
@@ -244,11 +244,11 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         }
         Err(error) => bench
             .summary
-            .not_measured("F 16 VMs power-failed by one command", &error.to_string()),
+            .not_measured("G 16 VMs power-failed by one command", &error.to_string()),
     }
-    table.write(&bench.out_dir, "f_region_power_fail.csv")?;
+    table.write(&bench.out_dir, "g_region_power_fail.csv")?;
     bench.summary.table(
-        "F. 16 VMs power-failed by one `nv-persist power-fail --region`",
+        "G. 16 VMs power-failed by one `nv-persist power-fail --region`",
         &table,
     );
     Ok(())
