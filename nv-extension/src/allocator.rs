@@ -117,6 +117,7 @@ mod tests {
             record: RunRecord::Created,
             owner: OwnerRecord::default(),
             config: vec![],
+            swap: None,
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::identity::Uuid;
+
 /// Error returned by a host-trait method; opaque to this crate.
 pub type HostError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -93,9 +95,54 @@ pub enum Error {
         source: HostError,
     },
     #[error(
-        "NV_FAULT_AFTER_PHASE={0:?} is not a fault point (1..5, commit-payload, commit-header)"
+        "NV_FAULT_AFTER_PHASE={0:?} is not a fault point (1..5, commit-payload, commit-header, \
+         or a swap point: swap-out-*, swap-in-*)"
     )]
     InvalidFaultPoint(String),
+    /// The VM's memory and state are in a swap file, not in the region.
+    #[error("VM {vm:?} is swapped out to {path}; swap it in first")]
+    SwappedOut { vm: String, path: PathBuf },
+    /// A swap-in of a VM that is resident: the file is stale (a swap-in that committed but
+    /// could not remove it, or a copy).
+    #[error(
+        "VM {vm:?} is resident in the NV region already: swap file {path} refused \
+         (a leftover of an earlier swap-in? delete it)"
+    )]
+    ResidentAlready { vm: String, path: PathBuf },
+    /// A swap-out destination that exists: never overwritten.
+    #[error("swap destination {0} exists already (refused, never overwritten)")]
+    SwapDestinationExists(PathBuf),
+    /// A swap file that cannot be swapped in, and why.
+    #[error("swap file {path}: {problem}")]
+    SwapFile {
+        path: PathBuf,
+        #[source]
+        problem: SwapFileProblem,
+    },
+}
+
+/// What is wrong with a swap file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SwapFileProblem {
+    #[error("truncated ({size} bytes): {detail}")]
+    Truncated { size: u64, detail: String },
+    #[error("not a swap file (foreign magic)")]
+    ForeignMagic,
+    #[error(
+        "swap file format version {found} is not supported (this build reads version {supported})"
+    )]
+    FutureVersion { found: u32, supported: u32 },
+    #[error("checksum mismatch at chunk {chunk} (memory offset {offset:#x})")]
+    ChunkChecksum { chunk: u64, offset: u64 },
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("it belongs to another region ({file_region}, this region is {region})")]
+    OtherRegion { file_region: Uuid, region: Uuid },
+    #[error("it holds VM {found:?}, not {expected:?}")]
+    NameMismatch { expected: String, found: String },
+    /// The VM is swapped out, but its table entry names another file (or another save).
+    #[error("it is not the file VM {vm:?} was swapped out to: {detail}")]
+    NotTheRecordedFile { vm: String, detail: String },
 }
 
 /// What kind of failure an [`Error`] is, so that a caller can answer it (an HTTP status, an exit
@@ -129,14 +176,18 @@ impl Error {
             | Error::OwnershipLost(_)
             | Error::UnsafeShutdown
             | Error::RegionFileChanged { .. }
-            | Error::NothingToRecover(_) => ErrorKind::Conflict,
+            | Error::NothingToRecover(_)
+            | Error::SwappedOut { .. }
+            | Error::ResidentAlready { .. }
+            | Error::SwapDestinationExists(_) => ErrorKind::Conflict,
             Error::NotARegion { .. }
             | Error::UnsupportedFormatVersion { .. }
             | Error::InvalidVmName { .. }
             | Error::InvalidSize { .. }
             | Error::NoFileBacking { .. }
             | Error::NotARegionFile { .. }
-            | Error::Unsupported(_) => ErrorKind::InvalidInput,
+            | Error::Unsupported(_)
+            | Error::SwapFile { .. } => ErrorKind::InvalidInput,
             Error::Io { .. }
             | Error::CorruptSuperblock(_)
             | Error::Truncated { .. }

@@ -20,6 +20,8 @@ pub enum FaultPoint {
     CommitPayload,
     /// Inside the commit: slot header durable, "saved at seq N" record not yet written.
     CommitHeader,
+    /// A step of swap-out or swap-in: one of [`crate::swap::SWAP_FAULT_POINTS`].
+    Swap(&'static str),
 }
 
 impl FaultPoint {
@@ -27,6 +29,11 @@ impl FaultPoint {
         match text.trim() {
             "commit-payload" => Ok(FaultPoint::CommitPayload),
             "commit-header" => Ok(FaultPoint::CommitHeader),
+            other if other.starts_with("swap-") => crate::swap::SWAP_FAULT_POINTS
+                .iter()
+                .find(|name| **name == other)
+                .map(|name| FaultPoint::Swap(name))
+                .ok_or_else(|| Error::InvalidFaultPoint(text.to_string())),
             other => match other.parse::<u8>() {
                 Ok(k @ 1..=5) => Ok(FaultPoint::AfterPhase(k)),
                 _ => Err(Error::InvalidFaultPoint(text.to_string())),
@@ -89,7 +96,10 @@ mod tests {
             FaultPoint::parse("commit-header").unwrap(),
             FaultPoint::CommitHeader
         );
-        for bad in ["0", "6", "x", "-1"] {
+        for name in crate::swap::SWAP_FAULT_POINTS {
+            assert_eq!(FaultPoint::parse(name).unwrap(), FaultPoint::Swap(name));
+        }
+        for bad in ["0", "6", "x", "-1", "swap-out-nowhere"] {
             assert!(FaultPoint::parse(bad).is_err(), "{bad}");
         }
     }

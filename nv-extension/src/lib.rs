@@ -7,7 +7,7 @@
 //! reaches a VMM only through [`coordinator::NvHost`].
 //!
 //! Entry points: [`Region::open`], [`Region::claim_vm`], [`VmHandle::recover`],
-//! [`coordinator::save_vm`]. Format: `docs/nv-format.md`; protocol:
+//! [`coordinator::save_vm`], [`VmHandle::swap_out`], [`Region::swap_in`]. Format: `docs/nv-format.md`; protocol:
 //! `docs/commit-protocol.md`.
 
 pub mod allocator;
@@ -24,14 +24,21 @@ mod region_identity;
 pub mod save_report;
 pub mod state_slots;
 pub mod superblock;
+pub mod swap;
+mod swap_file;
+mod swap_ops;
 pub mod vm_handle;
 pub mod vm_table;
 
 pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
-pub use error::{Error, ErrorKind, HostError, Result};
+pub use error::{Error, ErrorKind, HostError, Result, SwapFileProblem};
 pub use identity::Uuid;
 pub use persistence::PersistenceMode;
 pub use region::{OpenOptions, Region, VmSummary};
 pub use superblock::ShutdownMarker;
+pub use swap::{
+    inspect_swap_file, SwapFileSummary, SwapInReport, SwapOutReport, SwapProgress, SwapRecord,
+    SWAP_FAULT_POINTS,
+};
 pub use vm_handle::{MemoryBacking, RecoveredVm, VmHandle};
 pub use vm_table::{RunKind, RunRecord, ShutdownKind, StopCause};

@@ -20,6 +20,7 @@ use crate::persistence::{read_vec, Persistence, PersistenceMode};
 use crate::region_identity;
 use crate::save_report;
 use crate::superblock::{ShutdownMarker, Superblock};
+use crate::swap::SwapRecord;
 use crate::vm_handle::{recoverable_state, state_area, RecoveredVm, VmHandle};
 use crate::vm_table::{self, Extent, RunRecord, ShutdownKind, VmEntry, VmTable};
 
@@ -93,6 +94,8 @@ pub struct VmSummary {
     /// How the last completed save went, if its report was recorded (durations to the
     /// microsecond). Kept after the VM resumes, until its next save.
     pub last_save: Option<SaveReport>,
+    /// Where the VM is when it is swapped out (`status()` "swapped-out"); `None` when resident.
+    pub swap: Option<SwapRecord>,
 }
 
 pub(crate) struct Shared {
@@ -104,6 +107,9 @@ pub(crate) struct Shared {
 impl VmSummary {
     /// One word for listings: what the VM is doing, or what its next start must be.
     pub fn status(&self) -> &'static str {
+        if self.swap.is_some() {
+            return "swapped-out";
+        }
         match self.state {
             RunRecord::Created => "created",
             RunRecord::Running { .. } if self.owner_pid.is_some() => "running",
@@ -482,6 +488,7 @@ impl Region {
                 record: RunRecord::Created,
                 owner: OwnerRecord::default(),
                 config: config_blob.to_vec(),
+                swap: None,
             };
             let result = summary(shared.store.as_ref(), &entry)?;
             table.entries.push(entry);
@@ -686,7 +693,12 @@ fn summary(store: &dyn Persistence, entry: &VmEntry) -> Result<VmSummary> {
         shutdown_kind,
         last_save_seq: (last_save > 0).then_some(last_save),
         owner_pid: entry.owner.is_live().then_some(entry.owner.pid),
-        last_save: last_save_report(store, entry)?,
+        // A swapped-out VM's save is in its file (its state extent is free).
+        last_save: match entry.swap {
+            Some(_) => None,
+            None => last_save_report(store, entry)?,
+        },
+        swap: entry.swap.clone(),
     })
 }
 

@@ -12,11 +12,18 @@ use crate::error::{Error, Result};
 use crate::identity::{OwnerRecord, Uuid};
 use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
 use crate::le_bytes::{FromBytes, IntoBytes, U16, U32, U64};
+use crate::swap::SwapRecord;
 
 pub const MAGIC: [u8; 8] = *b"NVVMTABL";
 pub const HEADER_LEN: usize = 64;
 pub const ENTRY_FIXED_LEN: usize = 192;
 pub const MAX_NAME_LEN: usize = 64;
+/// The swap part that follows the config of a swapped-out entry (then the path, padded).
+pub const SWAP_PART_LEN: usize = 16;
+/// Longest swap-file path an entry holds.
+pub const MAX_SWAP_PATH_LEN: usize = 4096;
+/// `record_kind` of a swapped-out VM: its save `record_seq` is in a swap file, not the region.
+const SWAPPED_OUT_KIND: u32 = 4;
 
 le_record! {
     /// The header of a table copy, as stored (see docs/nv-format.md).
@@ -54,6 +61,16 @@ le_record! {
         168 => owner_nonce: U64,
         176 => memory_size: U64,
         184 => reserved_tail: [u8; 8],
+    }
+}
+
+le_record! {
+    /// The swap part of a swapped-out entry, after its padded config; the file's path (padded
+    /// to 8 bytes) follows it.
+    struct SwapPart(SWAP_PART_LEN) {
+        0 => file_size: U64,
+        8 => checksum: U32,
+        12 => path_len: U32,
     }
 }
 
@@ -250,15 +267,26 @@ pub struct VmEntry {
     pub record: RunRecord,
     pub owner: OwnerRecord,
     pub config: Vec<u8>,
+    /// Set while the VM is swapped out: its memory and state are in this file (its `record`
+    /// is then the save the file holds, and its extents are free, or reserved by a swap-in
+    /// under way, which keeps the file until it commits).
+    pub swap: Option<SwapRecord>,
 }
 
 impl VmEntry {
     pub fn encoded_len(&self) -> usize {
-        ENTRY_FIXED_LEN + padded(self.config.len())
+        ENTRY_FIXED_LEN
+            + padded(self.config.len())
+            + self.swap.as_ref().map_or(0, |swap| {
+                SWAP_PART_LEN + padded(swap.path.as_os_str().len())
+            })
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) {
-        let (kind, detail, seq) = self.record.encode();
+        let (mut kind, detail, seq) = self.record.encode();
+        if self.swap.is_some() {
+            kind = SWAPPED_OUT_KIND;
+        }
         let mut fixed = EntryFixed {
             name_len: (self.name.len() as u16).into(),
             reserved: [0; 2],
@@ -284,6 +312,18 @@ impl VmEntry {
         let end = out.len() + self.encoded_len();
         out.extend_from_slice(fixed.as_bytes());
         out.extend_from_slice(&self.config);
+        if let Some(swap) = &self.swap {
+            use std::os::unix::ffi::OsStrExt;
+            out.resize(out.len() + padded(self.config.len()) - self.config.len(), 0);
+            let path = swap.path.as_os_str().as_bytes();
+            let part = SwapPart {
+                file_size: swap.file_size.into(),
+                checksum: swap.checksum.into(),
+                path_len: (path.len() as u32).into(),
+            };
+            out.extend_from_slice(part.as_bytes());
+            out.extend_from_slice(path);
+        }
         out.resize(end, 0);
     }
 
@@ -296,15 +336,42 @@ impl VmEntry {
         if name_len == 0 || name_len > MAX_NAME_LEN {
             return Err(bad("entry name length out of range"));
         }
-        let total = ENTRY_FIXED_LEN
+        let mut total = ENTRY_FIXED_LEN
             .checked_add(padded(config_len))
             .filter(|t| *t <= buf.len())
             .ok_or_else(|| bad("entry config runs past the table"))?;
+        let mut record_kind = fixed.record_kind.get();
+        let mut swap = None;
+        if record_kind == SWAPPED_OUT_KIND {
+            use std::os::unix::ffi::OsStrExt;
+            let (part, _) = SwapPart::ref_from_prefix(&buf[total..])
+                .map_err(|_| bad("entry swap record truncated"))?;
+            let path_len = part.path_len.get() as usize;
+            if path_len == 0 || path_len > MAX_SWAP_PATH_LEN {
+                return Err(bad("entry swap path length out of range"));
+            }
+            let path_at = total + SWAP_PART_LEN;
+            let end = path_at
+                .checked_add(padded(path_len))
+                .filter(|end| *end <= buf.len())
+                .ok_or_else(|| bad("entry swap path runs past the table"))?;
+            swap = Some(SwapRecord {
+                path: std::ffi::OsStr::from_bytes(&buf[path_at..path_at + path_len]).into(),
+                file_size: part.file_size.get(),
+                checksum: part.checksum.get(),
+            });
+            total = end;
+            // What the file holds is a planned-suspend save.
+            record_kind = 2;
+            if fixed.record_detail.get() != ShutdownKind::PlannedSuspend.code() {
+                return Err(bad("swapped-out entry with an unknown save kind"));
+            }
+        }
         let name = std::str::from_utf8(&fixed.name[..name_len])
             .map_err(|_| bad("entry name is not UTF-8"))?
             .to_string();
         let record = RunRecord::decode(
-            fixed.record_kind.get(),
+            record_kind,
             fixed.record_detail.get(),
             fixed.record_seq.get(),
         )
@@ -329,6 +396,7 @@ impl VmEntry {
                 nonce: fixed.owner_nonce.get(),
             },
             config: buf[ENTRY_FIXED_LEN..ENTRY_FIXED_LEN + config_len].to_vec(),
+            swap,
         };
         Ok((entry, total))
     }
@@ -481,6 +549,7 @@ mod tests {
                 nonce: 7,
             },
             config: config.to_vec(),
+            swap: None,
         }
     }
 
