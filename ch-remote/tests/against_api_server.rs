@@ -578,7 +578,8 @@ fn verbs_reach_the_real_control_loop_with_their_arguments() {
             "/nonexistent/swap",
         ),
         (
-            &["restore",
+            &[
+                "restore",
                 "source_url=file:///nonexistent/snap,resume=on,memory_restore_mode=ondemand",
             ],
             "/nonexistent/snap",

@@ -974,15 +974,17 @@ fn nv_swap_in_is_checked_alike_on_the_command_line_and_in_json() {
             ..Default::default()
         })
     };
-    let config = nv_line("region=/r,vm=a,swap-in=/swap/a").unwrap().unwrap();
+    let config = nv_line("region=/r,vm=a,swap-in=/swap/a").unwrap();
     assert_eq!(
         config.nv.as_ref().unwrap().swap_in.as_deref(),
         Some("/swap/a")
     );
     assert!(!config.nv.as_ref().unwrap().keep);
     let refusals = [
-        ("region=/r,vm=a,keep=on", "keep=on only applies with swap-in"),
-        ("region=/r,vm=a,swap-in=", "name the swap file"),
+        (
+            "region=/r,vm=a,keep=on",
+            "keep=on only applies with swap-in",
+        ),
         ("region=/r,vm=a,swap-in=/s,create=on", "do not combine"),
         ("region=/r,vm=a,swap-in=/s,recover=on", "do not combine"),
         ("region=/r,vm=a,swap-in=/s,format=on", "do not combine"),
@@ -997,6 +999,15 @@ fn nv_swap_in_is_checked_alike_on_the_command_line_and_in_json() {
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains(reason), "{line} as JSON: {error}");
     }
+    // An empty file name: the option parser refuses it on the command line, validate in JSON.
+    assert!(NvConfig::parse("region=/r,vm=a,swap-in=").is_err());
+    let json = serde_json::json!({
+        "nv": { "region": "/r", "vm": "a", "swap_in": "" },
+        "payload": { "kernel": "/k" },
+    });
+    let config: VmConfig = serde_json::from_value(json).unwrap();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("name the swap file"), "{error}");
     assert!(matches!(
         NvConfig::parse("region=/r,vm=a,swap_in=/s"),
         Err(ConfigError::Option(OptionError::UnknownKey { .. }))

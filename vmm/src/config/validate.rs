@@ -710,7 +710,11 @@ impl VmConfig {
         }
         match &nv.swap_in {
             Some(file) if file.is_empty() => {
-                return invalid("swap-in", file, "name the swap file to bring the VM back from")
+                return invalid(
+                    "swap-in",
+                    file,
+                    "name the swap file to bring the VM back from",
+                )
             }
             Some(_) if nv.create || nv.recover || nv.force_cold || nv.format => {
                 return Err(ConfigError::Invalid {

@@ -181,12 +181,7 @@ pub fn swap_out(
         progress.watch.set_status(status);
     }
     let path = destination.display().to_string();
-    event_monitor::nv::swap_started(
-        progress.direction(),
-        &nv.config.vm,
-        &path,
-        nv.memory_size(),
-    );
+    event_monitor::nv::swap_started(progress.direction(), &nv.config.vm, &path, nv.memory_size());
     let result = nv
         .handle
         .swap_out(destination, &mut |step| progress.update(step))
@@ -240,8 +235,8 @@ pub fn prepare_api_swap_in(
     request: &NvSwapInConfig,
     progress: &mut SwapProgressCell,
 ) -> Result<PreparedVm, Error> {
-    let source = crate::config::swap_file_url_path(&request.source_url).ok_or_else(|| {
-        Error::NvSetup {
+    let source =
+        crate::config::swap_file_url_path(&request.source_url).ok_or_else(|| Error::NvSetup {
             region: request.region.clone().unwrap_or_default(),
             vm: request.vm.clone().unwrap_or_default(),
             reason: format!(
@@ -250,12 +245,12 @@ pub fn prepare_api_swap_in(
                 crate::config::SWAP_URL_EXPECTED
             ),
             kind: ErrorKind::InvalidRequest,
-        }
-    })?;
-    let summary = nv_extension::inspect_swap_file(Path::new(source)).map_err(|error| Error::Nv {
-        context: format!("swap file {source}"),
-        error,
-    })?;
+        })?;
+    let summary =
+        nv_extension::inspect_swap_file(Path::new(source)).map_err(|error| Error::Nv {
+            context: format!("swap file {source}"),
+            error,
+        })?;
     let nv = NvConfig {
         region: request
             .region

@@ -241,7 +241,12 @@ impl Vmm {
     }
 
     /// Its worker runs: the loop holds the request's reply until [`Self::finish_long_operation`].
-    pub(super) fn begin_long_operation(&mut self, request: Operation, reply: Sender<ApiResponse>, job: Job) {
+    pub(super) fn begin_long_operation(
+        &mut self,
+        request: Operation,
+        reply: Sender<ApiResponse>,
+        job: Job,
+    ) {
         self.long_operation = Some(LongOperation {
             request,
             started: Instant::now(),
@@ -433,7 +438,8 @@ impl Vmm {
             match operation.job {
                 Job::Snapshot { .. } =>
                     " (the snapshot directory has no complete state.json: it cannot be restored)",
-                Job::SwapOut(_) => " (the VM's state is committed: it is resident, or swapped \
+                Job::SwapOut(_) =>
+                    " (the VM's state is committed: it is resident, or swapped \
                                     out with a complete file)",
                 Job::Restore { .. } | Job::SwapIn(_) => "",
             }

@@ -54,8 +54,8 @@ impl Vmm {
         let refuse = |error: Error| {
             let _ = reply.send(Err(api_error(operation, error)));
         };
-        let Some(destination) = crate::config::swap_file_url_path(&request.destination_url)
-            .map(PathBuf::from)
+        let Some(destination) =
+            crate::config::swap_file_url_path(&request.destination_url).map(PathBuf::from)
         else {
             // The route checked it; never trust that twice removed.
             let _ = reply.send(Err(ApiError::invalid_request(format!(
@@ -151,7 +151,11 @@ impl Vmm {
         match spawned {
             Ok(result) => {
                 log::info!("vm.nv-swap-in from {source}: read by a worker thread");
-                self.begin_long_operation(operation, reply, Job::SwapIn(SwapInJob { watch, result }));
+                self.begin_long_operation(
+                    operation,
+                    reply,
+                    Job::SwapIn(SwapInJob { watch, result }),
+                );
             }
             Err(e) => {
                 let _ = reply.send(Err(api_error(operation, e)));
@@ -233,6 +237,8 @@ impl Vmm {
 
     /// The seq of the save a swap-out in progress writes, if one runs.
     pub(super) fn swap_out_in_progress(&self) -> Option<u64> {
-        self.long_operation.as_ref().and_then(|op| op.swap_out_seq())
+        self.long_operation
+            .as_ref()
+            .and_then(|op| op.swap_out_seq())
     }
 }
