@@ -54,6 +54,7 @@ pub(crate) fn format(store: &mut dyn Persistence, options: &OpenOptions) -> Resu
         store.grow(region_size)?;
     }
     let sb = Superblock {
+        format_version: superblock::FORMAT_VERSION,
         generation: 1,
         region_uuid: Uuid::random()?,
         region_size,

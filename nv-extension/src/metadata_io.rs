@@ -66,15 +66,21 @@ fn validate_extents(sb: &Superblock, table: &VmTable) -> Result<()> {
     let mut extents = Vec::new();
     for entry in &table.entries {
         let slot_len = entry.state.len / 2;
+        // A swapped-out VM has no extents, or the ones a swap-in under way reserved.
+        let no_extents = entry.swap.is_some() && entry.memory.len == 0 && entry.state.len == 0;
         if entry.memory_size == 0
-            || entry.memory_size > entry.memory.len
-            || entry.state.len % 2 != 0
-            || slot_len < 2 * crate::state_slots::HEADER_LEN as u64
+            || (!no_extents
+                && (entry.memory_size > entry.memory.len
+                    || entry.state.len % 2 != 0
+                    || slot_len < 2 * crate::state_slots::HEADER_LEN as u64))
         {
             return Err(Error::CorruptVmTable(format!(
                 "VM {:?} has impossible sizes",
                 entry.name
             )));
+        }
+        if no_extents {
+            continue;
         }
         for extent in [entry.memory, entry.state] {
             let end = extent.offset.checked_add(extent.len);

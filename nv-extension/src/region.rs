@@ -338,7 +338,7 @@ impl Region {
     }
 
     /// Like [`Region::transact`], then runs `after_commit` still under the lock.
-    fn transact_then<T>(
+    pub(crate) fn transact_then<T>(
         &self,
         change: impl FnOnce(&mut Shared, &mut VmTable) -> Result<(T, bool)>,
         after_commit: impl FnOnce(&mut Shared, &T) -> Result<()>,
@@ -497,7 +497,11 @@ impl Region {
     }
 
     /// Places extents of the given lengths, growing the store if it can and must.
-    fn allocate(shared: &mut Shared, table: &VmTable, lengths: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn allocate(
+        shared: &mut Shared,
+        table: &VmTable,
+        lengths: &[u64],
+    ) -> Result<Vec<u64>> {
         let sb = shared.superblock.clone();
         let requested = lengths
             .iter()
@@ -555,6 +559,7 @@ impl Region {
                     pid: entry.owner.pid,
                 });
             }
+            refuse_swapped_out(entry)?;
             if matches!(entry.record, RunRecord::Saved { .. }) {
                 return Err(Error::ResizeWouldDiscardState(name.to_string()));
             }
@@ -607,7 +612,7 @@ impl Region {
                 Ok((freed, true))
             },
             |shared, freed| {
-                for extent in freed {
+                for extent in freed.iter().filter(|x| x.len > 0) {
                     if let Err(e) = shared.store.discard(extent.offset, extent.len) {
                         // The delete is committed; unreclaimed space is only a cost.
                         log::warn!("VM {name:?} deleted, but its space was not discarded: {e}");
@@ -630,6 +635,7 @@ impl Region {
                     pid: entry.owner.pid,
                 });
             }
+            refuse_swapped_out(entry)?;
             if !entry.owner.is_none() {
                 log::info!(
                     "VM {name:?}: taking over from dead owner pid {}",
@@ -656,6 +662,17 @@ impl Region {
                 false,
             ))
         })
+    }
+}
+
+/// `SwappedOut` for a VM whose memory and state are in a swap file.
+pub(crate) fn refuse_swapped_out(entry: &VmEntry) -> Result<()> {
+    match &entry.swap {
+        Some(swap) => Err(Error::SwappedOut {
+            vm: entry.name.clone(),
+            path: swap.path.clone(),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -11,7 +11,13 @@ use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
 use crate::le_bytes::{U32, U64};
 
 pub const MAGIC: [u8; 8] = *b"NVHVREGN";
+/// The version of a region with no VM swapped out: what every older build reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The version while a VM of the region is swapped out (its table entry has a swap record,
+/// which an older build cannot read): such a build refuses the region with a version error
+/// instead of calling its table corrupt. Set before the first swapped-out entry is written,
+/// lowered again once none is left.
+pub const FORMAT_VERSION_SWAPPED: u32 = 2;
 /// Bytes of a superblock copy that carry data (the rest of its 4 KiB is zero).
 pub const ENCODED_LEN: usize = 128;
 /// Distance between the two superblock copies and size of the superblock area.
@@ -51,6 +57,8 @@ pub enum ShutdownMarker {
 /// Decoded superblock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// [`FORMAT_VERSION`] or [`FORMAT_VERSION_SWAPPED`].
+    pub format_version: u32,
     pub generation: u64,
     pub region_uuid: Uuid,
     /// Bytes of the backing store that belong to the region.
@@ -75,7 +83,7 @@ impl Superblock {
         };
         let mut encoded = Encoded {
             magic: MAGIC,
-            version: FORMAT_VERSION.into(),
+            version: self.format_version.into(),
             encoded_len: (ENCODED_LEN as u32).into(),
             generation: self.generation.into(),
             region_uuid: self.region_uuid.0,
@@ -101,12 +109,12 @@ impl Superblock {
         }
         let version = encoded.version.get();
         let crc_ok = trailing_crc_holds(encoded);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_SWAPPED {
             // Only believe the version if the copy is intact; a bit flip is corruption.
             return Err(if crc_ok {
                 Error::UnsupportedFormatVersion {
                     found: version,
-                    supported: FORMAT_VERSION,
+                    supported: FORMAT_VERSION_SWAPPED,
                 }
             } else {
                 Error::CorruptSuperblock("checksum mismatch".into())
@@ -124,6 +132,7 @@ impl Superblock {
             other => return Err(Error::CorruptSuperblock(format!("shutdown marker {other}"))),
         };
         let sb = Superblock {
+            format_version: version,
             generation: encoded.generation.get(),
             region_uuid: Uuid(encoded.region_uuid),
             region_size: encoded.region_size.get(),
@@ -209,6 +218,7 @@ mod tests {
 
     fn sample() -> Superblock {
         Superblock {
+            format_version: FORMAT_VERSION,
             generation: 7,
             region_uuid: Uuid([9; 16]),
             region_size: 64 << 20,
@@ -235,12 +245,15 @@ mod tests {
     #[test]
     fn future_version_and_bit_flip_are_told_apart() {
         let mut buf = sample().encode();
-        buf[8..12].copy_from_slice(&2u32.to_le_bytes());
+        buf[8..12].copy_from_slice(&3u32.to_le_bytes());
         let crc = crc32c::crc32c(&buf[..124]);
         buf[124..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             Superblock::decode(&buf),
-            Err(Error::UnsupportedFormatVersion { found: 2, .. })
+            Err(Error::UnsupportedFormatVersion {
+                found: 3,
+                supported: 2
+            })
         ));
         let mut flipped = sample().encode();
         flipped[45] ^= 1;
@@ -249,6 +262,17 @@ mod tests {
             Err(Error::CorruptSuperblock(_))
         ));
         assert!(matches!(Superblock::decode(&[0; ENCODED_LEN]), Ok(None)));
+    }
+
+    #[test]
+    fn version_2_marks_a_region_with_a_swapped_out_vm_and_reads_back() {
+        let sb = Superblock {
+            format_version: FORMAT_VERSION_SWAPPED,
+            ..sample()
+        };
+        let buf = sb.encode();
+        assert_eq!(&buf[8..12], &2u32.to_le_bytes());
+        assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub(crate) fn state_area(entry: &VmEntry) -> StateArea {
 
 /// The resumable state of a VM: only a complete save that the run record vouches for.
 pub(crate) fn recoverable_state(store: &dyn Persistence, entry: &VmEntry) -> Result<RecoveredVm> {
+    if let Some(swap) = &entry.swap {
+        return Err(Error::SwappedOut {
+            vm: entry.name.clone(),
+            path: swap.path.clone(),
+        });
+    }
     let (seq, kind) = match entry.record {
         RunRecord::Saved { seq, kind } => (seq, kind),
         RunRecord::Running { .. } => return Err(Error::UnsafeShutdown),
@@ -100,12 +106,14 @@ fn damaged_slot_detail(store: &dyn Persistence, area: &StateArea, seq: u64) -> R
 
 /// Exclusive use of one VM of a region by this process.
 pub struct VmHandle {
-    region: Region,
-    name: String,
+    pub(crate) region: Region,
+    pub(crate) name: String,
     uuid: Uuid,
-    claim: OwnerRecord,
+    pub(crate) claim: OwnerRecord,
     memory_size: u64,
-    memory: Extent,
+    pub(crate) memory: Extent,
+    /// Set by a completed swap-out: the VM is no longer in the region, this handle owns nothing.
+    pub(crate) swapped_out: Option<std::path::PathBuf>,
 }
 
 impl VmHandle {
@@ -118,6 +126,18 @@ impl VmHandle {
             claim,
             memory_size: entry.memory_size,
             memory: entry.memory,
+            swapped_out: None,
+        }
+    }
+
+    /// Refuses once this handle's VM has been swapped out.
+    pub(crate) fn check_resident(&self) -> Result<()> {
+        match &self.swapped_out {
+            Some(path) => Err(Error::SwappedOut {
+                vm: self.name.clone(),
+                path: path.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -142,10 +162,11 @@ impl VmHandle {
     }
 
     /// Runs `change` on this VM's entry, after checking this handle still owns it.
-    fn transact_owned<T>(
+    pub(crate) fn transact_owned<T>(
         &self,
         change: impl FnOnce(&mut Shared, &mut VmEntry) -> Result<(T, bool)>,
     ) -> Result<(T, VmTable)> {
+        self.check_resident()?;
         self.region.transact(|shared, table| {
             let entry = find_mut(table, &self.name)?;
             if entry.owner != self.claim {
@@ -158,6 +179,7 @@ impl VmHandle {
 
     /// The file, offset and size the VMM maps guest RAM from.
     pub fn memory_backing(&self) -> Result<MemoryBacking> {
+        self.check_resident()?;
         let shared = self.region.lock();
         let file = shared
             .store
@@ -256,6 +278,7 @@ impl VmHandle {
     /// flushed directly (the lines are in this CPU's caches under those
     /// addresses). Without them the region's own mapping of the extent is used.
     pub fn persist_guest_memory(&self, host_ranges: &[VolatileSlice<'_>]) -> Result<()> {
+        self.check_resident()?;
         let mut shared = self.region.lock();
         if shared.store.mode().is_dax() && !host_ranges.is_empty() {
             for range in host_ranges {
@@ -342,6 +365,11 @@ impl VmHandle {
 impl Drop for VmHandle {
     fn drop(&mut self) {
         let claim = self.claim;
+        if self.swapped_out.is_some() {
+            // The swap-out cleared the owner record with the VM's extents: nothing to undo.
+            claim.release();
+            return;
+        }
         let released = self
             .region
             .transact(|_, table| match table.find_mut(&self.name) {

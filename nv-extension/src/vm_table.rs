@@ -361,11 +361,8 @@ impl VmEntry {
                 checksum: part.checksum.get(),
             });
             total = end;
-            // What the file holds is a planned-suspend save.
+            // The file holds the save the record names (detail: its shutdown kind).
             record_kind = 2;
-            if fixed.record_detail.get() != ShutdownKind::PlannedSuspend.code() {
-                return Err(bad("swapped-out entry with an unknown save kind"));
-            }
         }
         let name = std::str::from_utf8(&fixed.name[..name_len])
             .map_err(|_| bad("entry name is not UTF-8"))?
@@ -569,6 +566,50 @@ mod tests {
             VmTable::decode_body(generation, &body, count).unwrap(),
             table
         );
+    }
+
+    #[test]
+    fn a_swapped_out_entry_keeps_its_swap_record_at_documented_offsets() {
+        let mut swapped = entry("s", b"abc");
+        swapped.memory = Extent { offset: 0, len: 0 };
+        swapped.state = Extent { offset: 0, len: 0 };
+        swapped.owner = OwnerRecord::default();
+        swapped.swap = Some(SwapRecord {
+            path: "/swap/s.swap".into(),
+            file_size: 0x1234_5678_9abc,
+            checksum: 0xdead_beef,
+        });
+        let table = VmTable {
+            generation: 2,
+            entries: vec![swapped, entry("resident", b"")],
+        };
+        let body = table.encode_body();
+        assert_eq!(
+            body.len(),
+            ENTRY_FIXED_LEN + 8 + SWAP_PART_LEN + 16 + ENTRY_FIXED_LEN
+        );
+        // Record kind 4 "swapped out", detail 2 (the save's kind: planned suspend), its seq.
+        assert_eq!(&body[120..124], &4u32.to_le_bytes());
+        assert_eq!(&body[124..128], &2u32.to_le_bytes());
+        assert_eq!(&body[128..136], &5u64.to_le_bytes());
+        let part = ENTRY_FIXED_LEN + 8;
+        assert_eq!(&body[part..part + 8], &0x1234_5678_9abcu64.to_le_bytes());
+        assert_eq!(&body[part + 8..part + 12], &0xdead_beefu32.to_le_bytes());
+        assert_eq!(&body[part + 12..part + 16], &12u32.to_le_bytes());
+        assert_eq!(&body[part + 16..part + 28], b"/swap/s.swap");
+        assert_eq!(&body[part + 28..part + 32], &[0; 4]);
+        assert_eq!(VmTable::decode_body(2, &body, 2).unwrap(), table);
+        for (at, value) in [(part + 12, 0u32), (part + 12, 4097), (part + 12, 64)] {
+            let mut bad = body.clone();
+            bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            assert!(
+                VmTable::decode_body(2, &bad, 2).is_err(),
+                "path length {value}"
+            );
+        }
+        let mut unknown_kind = body.clone();
+        unknown_kind[124..128].copy_from_slice(&7u32.to_le_bytes());
+        assert!(VmTable::decode_body(2, &unknown_kind, 2).is_err());
     }
 
     #[test]

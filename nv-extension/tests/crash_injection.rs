@@ -17,6 +17,11 @@
 //! recorded save report only ever describes the save the VM's record names
 //! (never a torn, older or other VM's save); and the recovered region still
 //! accepts a new save.
+//!
+//! Swap-out and swap-in are among the operations (swap files on a real temporary directory;
+//! the region's stores are the ones cut): a VM recorded as swapped out must swap in from its
+//! file in every image, with the state it had, so every cut leaves it resident or swapped out
+//! with a complete file, never neither.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,7 +123,15 @@ impl Persistence for RecordingBackend {
 enum Recovery {
     Nothing,
     Unsafe,
-    State { seq: u64, blob: Vec<u8> },
+    State {
+        seq: u64,
+        blob: Vec<u8>,
+    },
+    /// Swapped out: the file it swaps in from holds this save.
+    Swapped {
+        seq: u64,
+        blob: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,9 +163,11 @@ struct Trace {
     checkpoints: Vec<(usize, Model)>,
     /// The events up to here belong to the format; images cut earlier may be refused.
     format_end: usize,
+    /// Event ranges of the swap-outs and swap-ins.
+    swaps: Vec<std::ops::Range<usize>>,
 }
 
-fn record(seed: u64) -> Trace {
+fn record(seed: u64, swap_dir: &Path) -> Trace {
     let mut rng = Rng::new(seed);
     let log = Arc::new(Mutex::new(Vec::new()));
     // Every fifth scenario runs on a fixed-size store (like a devdax device) that fills up.
@@ -174,10 +189,12 @@ fn record(seed: u64) -> Trace {
     let mut checkpoints = vec![(format_end, model.clone())];
     let mut handles: BTreeMap<String, VmHandle> = BTreeMap::new();
     let mut out_of_space = 0;
+    let mut swaps = Vec::new();
 
-    for _ in 0..OPS_PER_SCENARIO {
+    for op in 0..OPS_PER_SCENARIO {
         let name = NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
-        match rng.below(10) {
+        let op_start = log.lock().unwrap().len();
+        match rng.below(14) {
             0 | 1 => {
                 let memory_size = (1 + rng.below(3)) * PAGE;
                 let config = rng.blob(0, 40);
@@ -210,7 +227,10 @@ fn record(seed: u64) -> Trace {
                 }
             }
             3 | 4 => {
-                if let Some(vm) = model.get_mut(&name) {
+                if let Some(vm) = model
+                    .get_mut(&name)
+                    .filter(|vm| !matches!(vm.recovery, Recovery::Swapped { .. }))
+                {
                     let handle = match handles.remove(&name) {
                         Some(h) => h,
                         None => region.claim_vm(&name).expect("claim"),
@@ -273,17 +293,54 @@ fn record(seed: u64) -> Trace {
                     Err(Error::ResizeWouldDiscardState(_)) => {
                         assert!(matches!(model[&name].recovery, Recovery::State { .. }))
                     }
+                    Err(Error::SwappedOut { .. }) => {
+                        assert!(matches!(model[&name].recovery, Recovery::Swapped { .. }))
+                    }
                     Err(Error::OutOfSpace { .. }) => out_of_space += 1,
                     Err(e) => panic!("{seed}: resize failed: {e}"),
                 }
             }
-            _ => {
+            9 => {
                 handles.remove(&name); // releases the owner record
+            }
+            10 | 11 => {
+                // Any VM of ours with a committed save that matches its memory.
+                let saved = handles.keys().find_map(|name| match &model[name].recovery {
+                    Recovery::State { seq, blob } => Some((name.clone(), *seq, blob.clone())),
+                    _ => None,
+                });
+                if let Some((name, seq, blob)) = saved {
+                    let mut handle = handles.remove(&name).unwrap();
+                    let file = swap_dir.join(format!("{seed}-{op}.swap"));
+                    let report = handle.swap_out(&file, &mut |_| {}).expect("swap-out");
+                    assert_eq!(report.seq, seq);
+                    model.get_mut(&name).unwrap().recovery = Recovery::Swapped { seq, blob };
+                    swaps.push(op_start..log.lock().unwrap().len());
+                }
+            }
+            _ => {
+                let swapped = model.iter().find_map(|(name, vm)| match &vm.recovery {
+                    Recovery::Swapped { seq, blob } => Some((name.clone(), *seq, blob.clone())),
+                    _ => None,
+                });
+                if let Some((name, seq, blob)) = swapped {
+                    let file = region.vm(&name).unwrap().swap.unwrap().path;
+                    // Kept: images cut before this swap-in still need the file.
+                    match region.swap_in(&file, Some(&name), true, &mut |_| {}) {
+                        Ok((handle, _)) => {
+                            model.get_mut(&name).unwrap().recovery = Recovery::State { seq, blob };
+                            handles.insert(name, handle);
+                        }
+                        Err(Error::OutOfSpace { .. }) => out_of_space += 1,
+                        Err(e) => panic!("{seed}: swap-in failed: {e}"),
+                    }
+                    swaps.push(op_start..log.lock().unwrap().len());
+                }
             }
         }
         // The live region must agree with the model before anything is cut.
         assert_eq!(
-            observe_live(&region),
+            observe_live(&region, &model),
             model,
             "seed {seed}: live region diverged from the model"
         );
@@ -298,6 +355,7 @@ fn record(seed: u64) -> Trace {
         events,
         checkpoints,
         format_end,
+        swaps,
     }
 }
 
@@ -342,13 +400,26 @@ fn check_save_report(vm: &nv_extension::VmSummary, recovery: &Recovery) -> Resul
     Ok(())
 }
 
-fn observe_live(region: &Region) -> Model {
+/// The live region as a model; a swapped-out VM's save is taken from `expected` once its
+/// sequence matches (the crash images check the file's contents by swapping it in).
+fn observe_live(region: &Region, expected: &Model) -> Model {
     region
         .list_vms()
         .unwrap()
         .into_iter()
         .map(|vm| {
-            let recovery = recovery_of(region.inspect_recovery(&vm.name)).unwrap();
+            let recovery = match (&vm.swap, expected.get(&vm.name).map(|m| &m.recovery)) {
+                (Some(_), Some(Recovery::Swapped { seq, blob }))
+                    if vm.last_save_seq == Some(*seq) =>
+                {
+                    Recovery::Swapped {
+                        seq: *seq,
+                        blob: blob.clone(),
+                    }
+                }
+                (Some(swap), _) => panic!("VM {} swapped out to {swap:?} unexpectedly", vm.name),
+                (None, _) => recovery_of(region.inspect_recovery(&vm.name)).unwrap(),
+            };
             check_save_report(&vm, &recovery).unwrap();
             (
                 vm.name.clone(),
@@ -362,10 +433,30 @@ fn observe_live(region: &Region) -> Model {
         .collect::<Model>()
 }
 
-/// Opens a crash image the way a restarted VMM would and reads every VM through a claim.
+/// Opens a crash image the way a restarted VMM would and reads every VM through a claim, or,
+/// for a swapped-out VM, through a swap-in of its file (kept: other images need it).
 fn observe_crashed(region: &Region) -> Result<Model, String> {
     let mut model = Model::new();
     for vm in region.list_vms().map_err(|e| e.to_string())? {
+        if let Some(swap) = &vm.swap {
+            let (handle, _) = region
+                .swap_in(&swap.path, Some(&vm.name), true, &mut |_| {})
+                .map_err(|e| format!("swapped-out VM {} lost: {e}", vm.name))?;
+            let recovered = handle.recover().map_err(|e| e.to_string())?;
+            let config = handle.config_blob().map_err(|e| e.to_string())?;
+            model.insert(
+                vm.name.clone(),
+                ModelVm {
+                    memory_size: vm.memory_size,
+                    config,
+                    recovery: Recovery::Swapped {
+                        seq: recovered.seq,
+                        blob: recovered.state_blob,
+                    },
+                },
+            );
+            continue;
+        }
         let handle = region
             .claim_vm(&vm.name)
             .map_err(|e| format!("claim {}: {e}", vm.name))?;
@@ -453,6 +544,9 @@ impl Pending {
 #[derive(Default)]
 struct Tally {
     cuts: u64,
+    /// Cuts inside a swap-out or swap-in, and the images of them that showed a swapped-out VM.
+    swap_cuts: u64,
+    swapped_images: u64,
     violations: u64,
     refused_before_format: u64,
     resaves: u64,
@@ -472,7 +566,7 @@ fn check_image(
     before: &Model,
     after: &Model,
     resave: bool,
-) -> Result<bool, String> {
+) -> Result<(bool, bool), String> {
     let region = match Region::open_store(
         Box::new(MemoryBackend::new(image)),
         Path::new("crashed"),
@@ -482,6 +576,9 @@ fn check_image(
         Err(e) => return Err(format!("committed region refused: {e}")),
     };
     let seen = observe_crashed(&region)?;
+    let swapped = seen
+        .values()
+        .any(|vm| matches!(vm.recovery, Recovery::Swapped { .. }));
     if seen != *before && seen != *after {
         return Err(format!(
             "state matches neither side of the interrupted operation\n  seen:   {seen:?}\n  before: {before:?}\n  after:  {after:?}"
@@ -504,10 +601,10 @@ fn check_image(
             if recovered.state_blob != b"after-crash" {
                 return Err("save after crash not recovered".into());
             }
-            return Ok(true);
+            return Ok((true, swapped));
         }
     }
-    Ok(false)
+    Ok((false, swapped))
 }
 
 fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
@@ -520,8 +617,10 @@ fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
         {
             checkpoint += 1;
         }
+        let in_swap = trace.swaps.iter().any(|swap| swap.contains(&cut));
         for variant in 0..VARIANTS_PER_CUT {
             tally.cuts += 1;
+            tally.swap_cuts += in_swap as u64;
             let image = pending.crash_image(&durable, &mut rng, variant);
             if cut < trace.format_end {
                 // Interrupted format: refusing is fine, panicking or accepting garbage is not.
@@ -548,7 +647,10 @@ fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
             let after = &trace.checkpoints[(checkpoint + 1).min(trace.checkpoints.len() - 1)].1;
             let resave = rng.below(8) == 0;
             match check_image(image, before, after, resave) {
-                Ok(resaved) => tally.resaves += resaved as u64,
+                Ok((resaved, swapped)) => {
+                    tally.resaves += resaved as u64;
+                    tally.swapped_images += (in_swap && swapped) as u64;
+                }
                 Err(what) => tally.violation(seed, cut, variant, what),
             }
         }
@@ -615,10 +717,13 @@ fn main() {
     let mut tally = Tally::default();
     let mut events = 0;
     let mut out_of_space = 0;
+    let mut swaps = 0;
     for seed in 1..=SCENARIOS {
-        let trace = record(seed);
+        let swap_dir = tempfile::tempdir().expect("swap directory");
+        let trace = record(seed, swap_dir.path());
         events += trace.events.len();
         out_of_space += trace.out_of_space;
+        swaps += trace.swaps.len();
         replay(seed, &trace, &mut tally);
     }
     println!(
@@ -630,7 +735,18 @@ fn main() {
         tally.resaves,
         started.elapsed().as_secs_f64()
     );
+    println!(
+        "crash injection over swaps: {swaps} swap-outs and swap-ins, {} cuts inside them, \
+         {} of their images with a VM swapped out (each swapped in from its file)",
+        tally.swap_cuts, tally.swapped_images
+    );
     assert!(tally.cuts >= 100_000, "too few cuts: {}", tally.cuts);
+    assert!(
+        tally.swap_cuts >= 5_000 && tally.swapped_images > 0,
+        "too few swap cuts: {} ({} swapped)",
+        tally.swap_cuts,
+        tally.swapped_images
+    );
     if tally.violations > 0 {
         std::process::exit(1);
     }

@@ -4,15 +4,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use nv_extension::{
     Error, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, ShutdownKind, ShutdownMarker,
 };
 
 mod common;
-use common::{create_options, new_region, save_blob};
+use common::{child_region, create_options, new_region, save_blob, spawn_child};
 
 const MIB: u64 = 1 << 20;
 
@@ -221,7 +220,7 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
     drop(Region::open(&future, &create_options()).unwrap());
     let mut bytes = std::fs::read(&future).unwrap();
     for copy in [0usize, 4096] {
-        bytes[copy + 8] = 2;
+        bytes[copy + 8] = 3;
         let crc = crc32c::crc32c(&bytes[copy..copy + 124]);
         bytes[copy + 124..copy + 128].copy_from_slice(&crc.to_le_bytes());
     }
@@ -231,8 +230,8 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
         matches!(
             err,
             Error::UnsupportedFormatVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             }
         ),
         "{err}"
@@ -368,45 +367,6 @@ fn run_save_recover_cycle_with_running_and_saved_records() {
 }
 
 // ---- multi-process tests: the test binary re-runs itself as a child ----
-
-const CHILD_ENV: &str = "NV_TEST_CHILD_REGION";
-
-fn spawn_child(test: &str, region: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "--exact",
-            test,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, region)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    // Injected power failures abort(): no core dumps for them.
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
-    unsafe {
-        command.pre_exec(|| {
-            let none = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            Ok(())
-        });
-    }
-    command.spawn().unwrap()
-}
-
-fn child_region() -> Option<PathBuf> {
-    std::env::var_os(CHILD_ENV).map(PathBuf::from)
-}
 
 #[test]
 #[ignore = "child process of a_vm_owned_by_a_live_process_is_refused_and_taken_over_after_its_death"]

@@ -2,7 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
@@ -61,4 +62,50 @@ pub fn save_blob(
         kind,
         Duration::from_secs(1),
     )
+}
+
+// ---- multi-process tests: the test binary re-runs itself as a child ----
+
+/// Tells a child run of a test binary which region to work on.
+pub const CHILD_ENV: &str = "NV_TEST_CHILD_REGION";
+
+/// Runs `test` (an ignored test of the calling binary) as a child process working on `region`,
+/// with `extra_env`; stdin and stdout piped, no core dump when it aborts.
+
+pub fn spawn_child(test: &str, region: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, region)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    // Injected power failures abort(): no core dumps for them.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        command.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+    command.spawn().unwrap()
+}
+
+/// In a child started by [`spawn_child`], the region it works on.
+pub fn child_region() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
 }
