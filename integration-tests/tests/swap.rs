@@ -148,12 +148,21 @@ enum Place {
     SwappedOut(PathBuf),
 }
 
-fn place_of(region: &Path, name: &str) -> Place {
+fn open_read_only(region: &Path) -> Region {
     let read_only = OpenOptions {
         read_only: true,
         ..OpenOptions::default()
     };
-    let region = Region::open(region, &read_only).expect("opening the region");
+    Region::open(region, &read_only).expect("opening the region")
+}
+
+/// The one word the region's listing shows for the VM (`running`, `swapped-out`, ...).
+fn status_of(region: &Path, name: &str) -> &'static str {
+    open_read_only(region).vm(name).unwrap().status()
+}
+
+fn place_of(region: &Path, name: &str) -> Place {
+    let region = open_read_only(region);
     let summary = region
         .vm(name)
         .unwrap_or_else(|e| panic!("VM {name} LOST: {e}"));
@@ -278,17 +287,7 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     let file = dir.path().join("a.nvswap");
     swap_out_with_ch_remote(&mut a, &mut vmm_a, &file);
     keeps_running(&mut vmm_b, 2);
-    let listing = Region::open(
-        &region,
-        &OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap()
-    .vm("a")
-    .unwrap();
-    assert_eq!(listing.status(), "swapped-out");
+    assert_eq!(status_of(&region, "a"), "swapped-out");
 
     // Back with --nv swap-in=FILE, with an event monitor: the file goes once it is resident.
     a.runs += 1;
@@ -362,7 +361,7 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     let serial = dir.path().join("a-1.serial");
     wait_for_continuation(&serial, a.last_counter.unwrap(), TIMEOUT);
     assert!(file.exists(), "--keep removed the swap file");
-    assert_eq!(a.place(), Place::Resident);
+    assert_eq!(status_of(&region, "a"), "running");
 
     // The kept file names a VM that is resident again: refused, nothing changes.
     let refused = ch_remote(
@@ -399,15 +398,29 @@ fn a_swap_file_is_proportional_to_the_memory_the_guest_touched() {
     );
     assert!(size >= 4 << 20, "the touched memory is missing: {size} bytes");
     assert!(size < 8 << 20, "the file is not sparse: {size} bytes");
-    let mut vmm = vm.run(
-        Start::SwapIn {
-            file: &file,
-            keep: false,
-        },
+    // Back over the API (vm.nv-swap-in into an empty VMM): the file goes once it is resident.
+    vm.runs += 1;
+    let socket = vm.socket();
+    let label = format!("sparse-{}", vm.runs);
+    let mut vmm = VmmProcess::spawn(
+        dir.path(),
+        &label,
+        &["--api-socket".into(), format!("path={}", socket.display())],
         &[],
+    )
+    .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&socket, TIMEOUT);
+    let body = serde_json::json!({ "source_url": format!("file://{}", file.display()) });
+    let answer = api(&socket, "PUT", "vm.nv-swap-in", &body.to_string()).unwrap();
+    assert_eq!(answer.status, 204, "{}", answer.body);
+    wait_for_continuation(
+        &dir.path().join("sparse-1.serial"),
+        vm.last_counter.unwrap(),
+        TIMEOUT,
     );
-    keeps_running(&mut vmm, 2);
-    suspend(&mut vm, &mut vmm);
+    assert!(!file.exists(), "the swap file stays after the swap-in");
+    vmm.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
+    assert_eq!(vm.place(), Place::Resident);
 }
 
 /// The files of `dir` whose names contain `part`, sorted.
