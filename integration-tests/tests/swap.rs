@@ -225,7 +225,12 @@ fn text(output: &Output) -> String {
 fn swap_out_with_ch_remote(vm: &mut TestVm, vmm: &mut VmmProcess, file: &Path) {
     let output = ch_remote(
         &vm.socket(),
-        &["nv-persist", "swap-out", "--path", &file.display().to_string()],
+        &[
+            "nv-persist",
+            "swap-out",
+            "--path",
+            &file.display().to_string(),
+        ],
     );
     assert!(output.status.success(), "{}", text(&output));
     let stderr = vmm.expect_exit(0, "exit after the swap-out");
@@ -316,7 +321,10 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
         Some("swap-in-started"),
         "{swap_events:?}"
     );
-    assert!(swap_events.contains(&"swap-progress".to_string()), "{swap_events:?}");
+    assert!(
+        swap_events.contains(&"swap-progress".to_string()),
+        "{swap_events:?}"
+    );
     assert_eq!(
         swap_events.last().map(String::as_str),
         Some("swap-in-committed"),
@@ -366,7 +374,12 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     // The kept file names a VM that is resident again: refused, nothing changes.
     let refused = ch_remote(
         &empty_socket,
-        &["nv-persist", "swap-in", "--path", &file.display().to_string()],
+        &[
+            "nv-persist",
+            "swap-in",
+            "--path",
+            &file.display().to_string(),
+        ],
     );
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     keeps_running(&mut vmm_b, 1);
@@ -396,7 +409,10 @@ fn a_swap_file_is_proportional_to_the_memory_the_guest_touched() {
         "swap file of a 512 MiB VM that touched about 4 MiB: {size} bytes ({:.1} MiB)",
         size as f64 / f64::from(1 << 20)
     );
-    assert!(size >= 4 << 20, "the touched memory is missing: {size} bytes");
+    assert!(
+        size >= 4 << 20,
+        "the touched memory is missing: {size} bytes"
+    );
     assert!(size < 8 << 20, "the file is not sparse: {size} bytes");
     // Back over the API (vm.nv-swap-in into an empty VMM): the file goes once it is resident.
     vm.runs += 1;
@@ -495,16 +511,31 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     // An existing destination: refused before anything is paused, the file untouched.
     let existing = dir.path().join("existing.nvswap");
     std::fs::write(&existing, b"an operator's file").unwrap();
-    let answer = api(&vm.socket(), "PUT", "vm.nv-swap-out", &swap_out_body(&existing)).unwrap();
+    let answer = api(
+        &vm.socket(),
+        "PUT",
+        "vm.nv-swap-out",
+        &swap_out_body(&existing),
+    )
+    .unwrap();
     assert_eq!(answer.status, 409, "{}", answer.body);
     assert!(answer.body.contains("exists already"), "{}", answer.body);
     assert_eq!(std::fs::read(&existing).unwrap(), b"an operator's file");
     let output = ch_remote(
         &vm.socket(),
-        &["nv-persist", "swap-out", "--path", &existing.display().to_string()],
+        &[
+            "nv-persist",
+            "swap-out",
+            "--path",
+            &existing.display().to_string(),
+        ],
     );
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(text(&output).contains("exists already"), "{}", text(&output));
+    assert!(
+        text(&output).contains("exists already"),
+        "{}",
+        text(&output)
+    );
     keeps_running(&mut vmm, 2);
     let status = api(&vm.socket(), "GET", "vm.nv-status", "").unwrap();
     assert_eq!(status.status, 200, "{}", status.body);
@@ -533,11 +564,19 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
         std::fs::write(&path, bytes).unwrap();
         bad_files.push((path, reason));
     };
-    write_bad("truncated.nvswap", &good_bytes[..good_bytes.len() / 2], "truncated");
+    write_bad(
+        "truncated.nvswap",
+        &good_bytes[..good_bytes.len() / 2],
+        "truncated",
+    );
     let mut flipped = good_bytes.clone();
     flipped[good_bytes.len() / 2] ^= 0x10;
     write_bad("flipped.nvswap", &flipped, "checksum mismatch");
-    write_bad("foreign.nvswap", b"#!/bin/sh\necho not a swap file\n", "not a swap file");
+    write_bad(
+        "foreign.nvswap",
+        b"#!/bin/sh\necho not a swap file\n",
+        "not a swap file",
+    );
     // Version 2 with an intact header (its CRC32C at byte 124 covers bytes 0..124).
     let mut future = good_bytes.clone();
     future[8..12].copy_from_slice(&2u32.to_le_bytes());
@@ -545,13 +584,7 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     future[124..128].copy_from_slice(&crc.to_le_bytes());
     write_bad("future.nvswap", &future, "version 2 is not supported");
     for (file, reason) in &bad_files {
-        let mut refused = vm.spawn(
-            Start::SwapIn {
-                file,
-                keep: false,
-            },
-            &[],
-        );
+        let mut refused = vm.spawn(Start::SwapIn { file, keep: false }, &[]);
         let stderr = refused.expect_exit(1, "a refused swap-in");
         assert!(stderr.contains(reason), "{}: {stderr}", file.display());
         assert_eq!(vm.place(), Place::SwappedOut(good.clone()));
@@ -629,7 +662,10 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
         &[],
     );
     let stderr = refused.expect_exit(1, "a swap-in of a resident VM");
-    assert!(stderr.contains("resident in the NV region already"), "{stderr}");
+    assert!(
+        stderr.contains("resident in the NV region already"),
+        "{stderr}"
+    );
     empty.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
     assert_eq!(vm.place(), Place::Resident);
 }
@@ -655,7 +691,14 @@ struct FaultTally {
 fn died_at_fault(vmm: &mut VmmProcess, point: &str) -> bool {
     let status = vmm.wait_exit();
     match status.signal() {
-        Some(libc::SIGABRT) => true,
+        Some(libc::SIGABRT) => {
+            let stderr = vmm.stderr_log();
+            assert!(
+                stderr.contains("injecting a power failure") && stderr.contains(point),
+                "fault point {point}: SIGABRT but not the injected crash:\n{stderr}"
+            );
+            true
+        }
         _ => {
             assert!(
                 status.success(),
@@ -768,7 +811,10 @@ fn fault_chain(dir: &Path, region: &Path, name: &str, offset: usize, runs: usize
                 &[],
             );
             let stderr = refused.expect_exit(1, "a swap-in of a leftover file");
-            assert!(stderr.contains("resident in the NV region already"), "{stderr}");
+            assert!(
+                stderr.contains("resident in the NV region already"),
+                "{stderr}"
+            );
             std::fs::remove_file(&stale).unwrap();
         }
     }
@@ -811,7 +857,10 @@ fn a_crash_at_any_swap_fault_point_never_loses_the_vm() {
                 scope.spawn(move || fault_chain(dir, region, name, offset, FAULT_RUNS_PER_CHAIN))
             })
             .collect();
-        chains.into_iter().map(|chain| chain.join().unwrap()).collect()
+        chains
+            .into_iter()
+            .map(|chain| chain.join().unwrap())
+            .collect()
     });
     let total = |field: fn(&FaultTally) -> usize| tallies.iter().map(field).sum::<usize>();
     println!(

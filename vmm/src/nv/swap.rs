@@ -328,3 +328,102 @@ pub fn prepare_swap_in(
     };
     prepare_claimed(&resident, NvShutdownKind::SwappedOut, handle, command_line)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NvPersistenceMode;
+
+    fn status() -> NvStatus {
+        NvStatus {
+            region: "/r".into(),
+            persistence_mode: NvPersistenceMode::Msync,
+            vm: "a".into(),
+            last_save_sequence: Some(3),
+            shutdown_kind: NvShutdownKind::Running,
+            deadline_ms: 50,
+            last_save: None,
+            swap: None,
+        }
+    }
+
+    #[test]
+    fn the_control_loop_sees_the_workers_progress_in_the_status() {
+        let mut cell = SwapProgressCell::new(NvSwapDirection::Out);
+        let watch = cell.watch();
+        // Before the worker knows the VM, there is no status to show.
+        assert_eq!(watch.status(), None);
+        watch.set_status(status());
+        cell.update(SwapProgress {
+            done_bytes: 4 << 20,
+            total_bytes: 32 << 20,
+        });
+        let shown = watch.status().unwrap();
+        assert_eq!(
+            shown.swap,
+            Some(NvSwapProgress {
+                direction: NvSwapDirection::Out,
+                done_bytes: 4 << 20,
+                total_bytes: 32 << 20,
+            })
+        );
+        assert_eq!(shown.last_save_sequence, Some(3));
+        let json = serde_json::to_value(&shown).unwrap();
+        assert_eq!(json["swap"]["direction"], "out");
+        assert_eq!(json["swap"]["done_bytes"], 4 << 20);
+        cell.update(SwapProgress {
+            done_bytes: 32 << 20,
+            total_bytes: 32 << 20,
+        });
+        assert_eq!(watch.progress().done_bytes, 32 << 20);
+        // A status without a swap omits the member.
+        assert!(serde_json::to_value(status())
+            .unwrap()
+            .get("swap")
+            .is_none());
+    }
+
+    #[test]
+    fn an_existing_destination_is_refused_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = dir.path().join("region");
+        let config = VmConfig {
+            memory: crate::config::MemoryConfig {
+                size: 4 << 20,
+                ..Default::default()
+            },
+            nv: Some(NvConfig {
+                region: region.display().to_string(),
+                vm: "a".into(),
+                create: true,
+                deadline_ms: default_deadline_ms(),
+                ..NvConfig::default()
+            }),
+            ..VmConfig::default()
+        };
+        let prepared = super::super::prepare(&config).unwrap();
+        let existing = dir.path().join("taken");
+        std::fs::write(&existing, b"x").unwrap();
+        let refused = check_swap_out_destination(&prepared.nv, &existing).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
+        assert!(refused.to_string().contains("exists already"), "{refused}");
+        // A dangling symlink is a name that exists too.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        assert_eq!(
+            check_swap_out_destination(&prepared.nv, &link)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        let missing_dir = dir.path().join("no/such/dir/file");
+        assert_eq!(
+            check_swap_out_destination(&prepared.nv, &missing_dir)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+        check_swap_out_destination(&prepared.nv, &dir.path().join("free")).unwrap();
+        assert_eq!(std::fs::read(&existing).unwrap(), b"x");
+    }
+}

@@ -330,9 +330,7 @@ impl Vmm {
     /// when the VMM must now end (a swap-out that committed, or one that cannot go back).
     pub(super) fn finish_long_operation(&mut self) -> Option<VmmExit> {
         let _ = self.long_operation_done.read();
-        let Some(operation) = self.long_operation.take() else {
-            return None;
-        };
+        let operation = self.long_operation.take()?;
         let LongOperation {
             request,
             started,
@@ -485,6 +483,8 @@ mod tests {
             ApiRequest::VmReboot,
             ApiRequest::VmBoot,
             ApiRequest::VmDelete,
+            ApiRequest::NvSwapOut(Default::default()),
+            ApiRequest::NvSwapIn(Default::default()),
         ] {
             assert!(
                 !allowed_meanwhile(&refused),

@@ -23,6 +23,10 @@ use super::api_dispatch::api_error;
 use super::long_operation::{spawn_worker, Job};
 use super::{Vmm, VmmExit};
 
+/// What a swap-out worker hands back: the VM's claim and how the swap-out went (`Err` of the
+/// outer result: the worker panicked, and the claim is gone with it).
+pub(super) type SwapOutOutcome = Result<(NvVm, Result<SwapOutReport, Error>), Error>;
+
 /// A swap-out on its worker: the claim comes back with the result.
 pub(super) struct SwapOutJob {
     pub watch: Arc<SwapWatch>,
@@ -30,7 +34,7 @@ pub(super) struct SwapOutJob {
     pub seq: u64,
     /// Whether the VM ran before the swap-out paused it (a failed swap-out resumes it then).
     pub was_running: bool,
-    pub result: Receiver<Result<(NvVm, Result<SwapOutReport, Error>), Error>>,
+    pub result: Receiver<SwapOutOutcome>,
 }
 
 /// A swap-in on its worker: the VM comes back resident and ready to resume.
@@ -169,7 +173,7 @@ impl Vmm {
     pub(super) fn finish_swap_out(
         &mut self,
         job: SwapOutJob,
-        outcome: Result<(NvVm, Result<SwapOutReport, Error>), Error>,
+        outcome: SwapOutOutcome,
     ) -> (ApiResponse, Option<VmmExit>) {
         let operation = Operation::NvSwapOut;
         match outcome {
