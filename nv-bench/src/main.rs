@@ -34,7 +34,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, B, C, D and E.
+    /// A, B, C, D, E and F.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -44,6 +44,8 @@ enum Which {
     Stale,
     /// D: kvstore throughput on NV-backed vs anonymous memory.
     Overhead,
+    /// F: swap-out and swap-in vs plain write+fsync and read (library level, no VM).
+    Swap,
 }
 
 #[derive(Parser, Debug)]
@@ -202,11 +204,12 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 4] = [
+    let sections: [(Which, Section); 5] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
         (Which::Stale, measure::stale_state::run),
+        (Which::Swap, measure::swap::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

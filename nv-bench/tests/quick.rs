@@ -142,6 +142,16 @@ fn quick_run_produces_every_measurement() {
         stale[1]
     );
 
+    // F: one swap repetition, with a swap file about as large as the memory it holds, and
+    // the ratio and sparse-size lines.
+    let swap = csv_rows(out.path(), "f_swap.csv");
+    assert_eq!(swap.len(), 1, "{stdout}");
+    let (plain, file): (u64, u64) = (swap[0][1].parse().unwrap(), swap[0][4].parse().unwrap());
+    assert!(file >= plain && file < plain + plain / 100, "{:?}", swap[0]);
+    for line in ["F swap-out of a", "F swap-in of it", "F sparse: a"] {
+        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
+    }
+
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").
     for line in stdout

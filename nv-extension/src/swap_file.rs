@@ -186,7 +186,8 @@ fn encode_header(meta: &SwapMeta) -> Result<Vec<u8>> {
 }
 
 /// Gathers the file in memory batches and writes each with one `write_all`, keeping the
-/// running checksum of everything written.
+/// running checksum of everything gathered (each byte is summed once: a chunk's pages by their
+/// own checksum, combined into the running one).
 struct BatchWriter<'a> {
     out: &'a mut File,
     path: &'a Path,
@@ -196,8 +197,13 @@ struct BatchWriter<'a> {
 }
 
 impl BatchWriter<'_> {
+    /// Appends bytes and sums them.
+    fn push(&mut self, bytes: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.buf.extend_from_slice(bytes);
+    }
+
     fn flush(&mut self) -> Result<()> {
-        self.crc = crc32c::crc32c_append(self.crc, &self.buf);
         self.out
             .write_all(&self.buf)
             .map_err(|e| Error::io(format!("writing swap file {}", self.path.display()), e))?;
@@ -215,10 +221,9 @@ impl BatchWriter<'_> {
             crc: U32::ZERO,
         };
         header.crc = trailing_crc_of(&header).into();
-        self.buf.extend_from_slice(header.as_bytes());
-        self.buf.extend_from_slice(data);
-        self.buf
-            .resize(self.buf.len() + padded(data.len()) - data.len(), 0);
+        self.push(header.as_bytes());
+        self.push(data);
+        self.push(&[0; 8][..padded(data.len()) - data.len()]);
     }
 }
 
@@ -250,7 +255,7 @@ pub(crate) fn write(
         written: 0,
         crc: 0,
     };
-    writer.buf.extend_from_slice(&encode_header(meta)?);
+    writer.push(&encode_header(meta)?);
     let (mut chunk_records, mut pages) = (0u64, 0u64);
     let chunk_count = meta.memory_size.div_ceil(CHUNK_SIZE);
     let mut ranges = memory.data_ranges.iter().peekable();
@@ -320,11 +325,12 @@ pub(crate) fn write(
             if kept == 0 {
                 writer.buf.truncate(record_at);
             } else {
+                let data_crc = crc32c::crc32c(&writer.buf[data_at..data_end]);
                 let mut header = ChunkHeader {
                     magic: CHUNK_MAGIC,
                     index: index.into(),
                     page_count: (kept as u32).into(),
-                    data_crc: crc32c::crc32c(&writer.buf[data_at..data_end]).into(),
+                    data_crc: data_crc.into(),
                     bitmap,
                     reserved: [0; 4],
                     crc: U32::ZERO,
@@ -332,6 +338,11 @@ pub(crate) fn write(
                 header.crc = trailing_crc_of(&header).into();
                 writer.buf[record_at..data_at].copy_from_slice(header.as_bytes());
                 writer.buf.truncate(data_end);
+                writer.crc = crc32c::crc32c_combine(
+                    crc32c::crc32c_append(writer.crc, header.as_bytes()),
+                    data_crc,
+                    data_end - data_at,
+                );
                 chunk_records += 1;
                 pages += kept as u64;
             }
@@ -358,7 +369,7 @@ pub(crate) fn write(
     };
     trailer.crc = trailing_crc_of(&trailer).into();
     let checksum = writer.crc;
-    writer.buf.extend_from_slice(trailer.as_bytes());
+    writer.buf.extend_from_slice(trailer.as_bytes()); // not part of the file checksum
     writer.flush()?;
     Ok(Written {
         file_size,
@@ -551,14 +562,28 @@ impl<'a> SeqReader<'a> {
 
     /// Takes `n` bytes (into the running checksum); `None` when the file ends first.
     fn take(&mut self, n: usize) -> Result<Option<&[u8]>> {
+        let Some((from, to)) = self.take_unsummed(n)? else {
+            return Ok(None);
+        };
+        self.crc = crc32c::crc32c_append(self.crc, &self.buf[from..to]);
+        Ok(Some(&self.buf[from..to]))
+    }
+
+    /// Takes `n` bytes without summing them: the caller sums them once and hands the sum to
+    /// [`SeqReader::add_sum`]. Returns their range in `buf`.
+    fn take_unsummed(&mut self, n: usize) -> Result<Option<(usize, usize)>> {
         if !self.fill(n)? {
             return Ok(None);
         }
         let (from, to) = (self.start, self.start + n);
-        self.crc = crc32c::crc32c_append(self.crc, &self.buf[from..to]);
         self.start = to;
         self.pos += n as u64;
-        Ok(Some(&self.buf[from..to]))
+        Ok(Some((from, to)))
+    }
+
+    /// Adds the checksum of `len` bytes taken unsummed to the running checksum.
+    fn add_sum(&mut self, crc: u32, len: usize) {
+        self.crc = crc32c::crc32c_combine(self.crc, crc, len);
     }
 
     fn peek_magic(&mut self) -> Result<Option<[u8; 8]>> {
@@ -659,10 +684,14 @@ pub(crate) fn read(
                 format!("chunk record {records} (chunk {index}) is inconsistent"),
             ));
         }
-        let data = reader
-            .take((count * PAGE_SIZE) as usize)?
+        let data_len = (count * PAGE_SIZE) as usize;
+        let (from, to) = reader
+            .take_unsummed(data_len)?
             .ok_or_else(|| ended("a chunk's pages"))?;
-        if crc32c::crc32c(data) != header.data_crc.get() {
+        let data_crc = crc32c::crc32c(&reader.buf[from..to]);
+        reader.add_sum(data_crc, data_len);
+        let data = &reader.buf[from..to];
+        if data_crc != header.data_crc.get() {
             return Err(problem(
                 path,
                 SwapFileProblem::ChunkChecksum {

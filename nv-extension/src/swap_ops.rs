@@ -62,6 +62,20 @@ fn data_ranges(file: &File, offset: u64, len: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// A descriptor of the region's file for `pread`/`pwrite` of guest memory, where the store is
+/// a file whose page cache its mapping shares (not devdax): bulk copies then take no page
+/// faults, which are costly (nested virtualisation makes each one an exit), and `persist` (msync)
+/// still covers them. `None`: go through the store's mapping.
+fn bulk_file(shared: &Shared) -> Result<Option<File>> {
+    match shared.store.file() {
+        Some(file) if shared.store.mode() != PersistenceMode::DevDax => file
+            .try_clone()
+            .map(Some)
+            .map_err(|e| Error::io("duplicating the region descriptor", e)),
+        _ => Ok(None),
+    }
+}
+
 /// Whether `[offset, offset + len)` of the store's file is one hole (reads as zeros).
 fn is_hole(shared: &Shared, offset: u64, len: u64) -> bool {
     match shared.store.file() {
@@ -205,8 +219,15 @@ pub(crate) fn swap_out(
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&partial)
             .map_err(|e| Error::io(format!("creating swap file {}", partial.display()), e))?;
-        let mut read =
-            |offset: u64, buf: &mut [u8]| region.lock().store.read(memory.offset + offset, buf);
+        let bulk = bulk_file(&region.lock())?;
+        let mut read = |offset: u64, buf: &mut [u8]| match &bulk {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(buf, memory.offset + offset)
+                    .map_err(|e| Error::io("reading guest memory from the region", e))
+            }
+            None => region.lock().store.read(memory.offset + offset, buf),
+        };
         let written = swap_file::write(
             &mut file,
             &partial,
@@ -449,29 +470,42 @@ pub(crate) fn swap_in(
     let memory = entry.memory;
     {
         let mut shared = region.lock();
-        if let Err(e) = shared.store.discard(memory.offset, memory.len) {
-            log::debug!("discarding the extent before a swap-in: {e}");
-        }
+        // A fresh extent is a hole already (freed extents are discarded, new ones reserved
+        // unwritten); a reused one is discarded now, zeroed where that is not possible, and
+        // reserved again.
         if !is_hole(&shared, memory.offset, memory.len) {
-            let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
-            let mut at = 0;
-            while at < memory.len {
-                let len = (memory.len - at).min(zeros.len() as u64);
-                shared
-                    .store
-                    .write(memory.offset + at, &zeros[..len as usize])?;
-                at += len;
+            if let Err(e) = shared.store.discard(memory.offset, memory.len) {
+                log::debug!("discarding the extent before a swap-in: {e}");
             }
+            if !is_hole(&shared, memory.offset, memory.len) {
+                let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
+                let mut at = 0;
+                while at < memory.len {
+                    let len = (memory.len - at).min(zeros.len() as u64);
+                    shared
+                        .store
+                        .write(memory.offset + at, &zeros[..len as usize])?;
+                    at += len;
+                }
+            }
+            shared.store.reserve(memory.offset, memory.len)?;
         }
-        shared.store.reserve(memory.offset, memory.len)?;
     }
+    let bulk = bulk_file(&region.lock())?;
     let mut sink = |offset: u64, data: &[u8]| -> Result<()> {
         if offset + data.len() as u64 > memory_size {
             return Err(Error::Unsupported(
                 "swap file page beyond the memory".into(),
             ));
         }
-        region.lock().store.write(memory.offset + offset, data)
+        match &bulk {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(data, memory.offset + offset)
+                    .map_err(|e| Error::io("loading guest memory into the region", e))
+            }
+            None => region.lock().store.write(memory.offset + offset, data),
+        }
     };
     let loaded = swap_file::read(&path, Some(&mut sink), &mut |done| {
         progress(SwapProgress {

@@ -5,6 +5,7 @@ pub mod power_fail;
 pub mod service;
 pub mod snapshot;
 pub mod stale_state;
+pub mod swap;
 
 use std::path::PathBuf;
 use std::time::Duration;
