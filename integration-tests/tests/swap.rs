@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
+use integration_tests::openapi;
 use integration_tests::binaries;
 use integration_tests::harness::{
     counter_lines, guest_arguments, read_events, scratch_dir, wait_for_continuation,
@@ -189,13 +190,22 @@ fn place_of(region: &Path, name: &str) -> Place {
 }
 
 /// One API request; `None` when the VMM closed the connection without an answer (it died).
+/// Every answer must be one `docs/openapi.yaml` lists, with its bodies as it describes them.
 fn api(socket: &Path, method: &str, op: &str, body: &str) -> Option<api_client::Answer> {
     let mut connection = ::api_client::Connection::open(socket, TIMEOUT)
         .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
     connection
         .send(&api_client::request_bytes(method, op, body))
         .expect("sending the request");
-    connection.read_answer().ok().flatten()
+    let answer = connection.read_answer().ok().flatten()?;
+    let request_body = (!body.is_empty()).then_some(body);
+    openapi::check_exchange(method, op, request_body, answer.status, answer.body.as_bytes())
+        .unwrap_or_else(|error| panic!("{error}: {}", answer.body));
+    if answer.status >= 400 {
+        openapi::check_error_status(method, op, answer.status)
+            .unwrap_or_else(|error| panic!("{error}: {}", answer.body));
+    }
+    Some(answer)
 }
 
 fn swap_out_body(file: &Path) -> String {
