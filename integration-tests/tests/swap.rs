@@ -13,11 +13,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
-use integration_tests::openapi;
 use integration_tests::binaries;
 use integration_tests::harness::{
     counter_lines, guest_arguments, read_events, scratch_dir, wait_for_continuation,
 };
+use integration_tests::openapi;
 use integration_tests::process::VmmProcess;
 use nv_extension::{fault_injection, inspect_swap_file, OpenOptions, Region, SWAP_FAULT_POINTS};
 
@@ -199,8 +199,14 @@ fn api(socket: &Path, method: &str, op: &str, body: &str) -> Option<api_client::
         .expect("sending the request");
     let answer = connection.read_answer().ok().flatten()?;
     let request_body = (!body.is_empty()).then_some(body);
-    openapi::check_exchange(method, op, request_body, answer.status, answer.body.as_bytes())
-        .unwrap_or_else(|error| panic!("{error}: {}", answer.body));
+    openapi::check_exchange(
+        method,
+        op,
+        request_body,
+        answer.status,
+        answer.body.as_bytes(),
+    )
+    .unwrap_or_else(|error| panic!("{error}: {}", answer.body));
     if answer.status >= 400 {
         openapi::check_error_status(method, op, answer.status)
             .unwrap_or_else(|error| panic!("{error}: {}", answer.body));
