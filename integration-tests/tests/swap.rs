@@ -98,6 +98,25 @@ impl<'a> TestVm<'a> {
         VmmProcess::spawn_with_serial_file(self.dir, &label, &arguments, env).with_timeout(TIMEOUT)
     }
 
+    /// `--nv ...,swap-in=FILE` that must be refused: exit 1 with `reason` on stderr.
+    fn refused_swap_in(&mut self, file: &Path, reason: &str) {
+        let mut refused = self.spawn(Start::SwapIn { file, keep: false }, &[]);
+        let stderr = refused.expect_exit(1, "a refused swap-in");
+        assert!(stderr.contains(reason), "{}: {stderr}", file.display());
+    }
+
+    /// Starts an empty VMM (no VM, an API socket: `self.socket()`) for a `vm.nv-swap-in`, once
+    /// it serves.
+    fn empty_vmm(&mut self) -> VmmProcess {
+        self.runs += 1;
+        let socket = self.socket();
+        let label = format!("{}-{}", self.name, self.runs);
+        let arguments = ["--api-socket".into(), format!("path={}", socket.display())];
+        let mut vmm = VmmProcess::spawn(self.dir, &label, &arguments, &[]).with_timeout(TIMEOUT);
+        vmm.wait_for_socket(&socket, TIMEOUT);
+        vmm
+    }
+
     /// Starts the VM and waits until it runs: a first counter line above the last one before it
     /// stopped (no new boot), and the API socket serving.
     fn run(&mut self, start: Start, env: &[(&str, &str)]) -> VmmProcess {
@@ -311,17 +330,14 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     assert_eq!(status_of(&region, "a"), "swapped-out");
 
     // Back with --nv swap-in=FILE, with an event monitor: the file goes once it is resident.
-    a.runs += 1;
-    let label = format!("a-{}", a.runs);
-    let mut arguments = vec![
-        "--nv".to_string(),
-        a.nv(&format!(",swap-in={}", file.display())),
-        "--api-socket".into(),
-        format!("path={}", a.socket().display()),
+    let (label, mut arguments) = a.arguments(Start::SwapIn {
+        file: &file,
+        keep: false,
+    });
+    arguments.extend([
         "--event-monitor".into(),
         format!("path={}", events.display()),
-    ];
-    arguments.push("-v".into());
+    ]);
     let mut vmm_a = VmmProcess::spawn_with_serial_file(dir.path(), &label, &arguments, &[])
         .with_timeout(TIMEOUT);
     a.wait_running(&mut vmm_a);
@@ -356,20 +372,8 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     // Out over the API, back with vm.nv-swap-in (ch-remote, --keep) into an empty VMM.
     swap_out_with_api(&mut a, &mut vmm_a, &file);
     keeps_running(&mut vmm_b, 2);
-    a.runs += 1;
+    let mut empty = a.empty_vmm();
     let empty_socket = a.socket();
-    let label = format!("a-{}", a.runs);
-    let mut empty = VmmProcess::spawn_with_serial_file(
-        dir.path(),
-        &label,
-        &[
-            "--api-socket".into(),
-            format!("path={}", empty_socket.display()),
-        ],
-        &[],
-    )
-    .with_timeout(TIMEOUT);
-    empty.wait_for_socket(&empty_socket, TIMEOUT);
     let output = ch_remote(
         &empty_socket,
         &[
@@ -431,17 +435,8 @@ fn a_swap_file_is_proportional_to_the_memory_the_guest_touched() {
     );
     assert!(size < 8 << 20, "the file is not sparse: {size} bytes");
     // Back over the API (vm.nv-swap-in into an empty VMM): the file goes once it is resident.
-    vm.runs += 1;
+    let mut vmm = vm.empty_vmm();
     let socket = vm.socket();
-    let label = format!("sparse-{}", vm.runs);
-    let mut vmm = VmmProcess::spawn(
-        dir.path(),
-        &label,
-        &["--api-socket".into(), format!("path={}", socket.display())],
-        &[],
-    )
-    .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&socket, TIMEOUT);
     let body = serde_json::json!({ "source_url": format!("file://{}", file.display()) });
     let answer = api(&socket, "PUT", "vm.nv-swap-in", &body.to_string()).unwrap();
     assert_eq!(answer.status, 204, "{}", answer.body);
@@ -600,9 +595,7 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     future[124..128].copy_from_slice(&crc.to_le_bytes());
     write_bad("future.nvswap", &future, "version 2 is not supported");
     for (file, reason) in &bad_files {
-        let mut refused = vm.spawn(Start::SwapIn { file, keep: false }, &[]);
-        let stderr = refused.expect_exit(1, "a refused swap-in");
-        assert!(stderr.contains(reason), "{}: {stderr}", file.display());
+        vm.refused_swap_in(file, reason);
         assert_eq!(vm.place(), Place::SwappedOut(good.clone()));
     }
     // Another region with a VM of the same name: the file is not its VM's.
@@ -616,29 +609,12 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
         &[],
     );
     suspend(&mut other, &mut other_vmm);
-    let mut refused = other.spawn(
-        Start::SwapIn {
-            file: &good,
-            keep: false,
-        },
-        &[],
-    );
-    let stderr = refused.expect_exit(1, "a swap-in into another region");
-    assert!(stderr.contains("another region"), "{stderr}");
+    other.refused_swap_in(&good, "another region");
     assert_eq!(other.place(), Place::Resident);
 
     // The same refusals over the API leave the empty VMM empty: it then takes the good file.
-    vm.runs += 1;
+    let mut empty = vm.empty_vmm();
     let socket = vm.socket();
-    let label = format!("x-{}", vm.runs);
-    let mut empty = VmmProcess::spawn(
-        dir.path(),
-        &label,
-        &["--api-socket".into(), format!("path={}", socket.display())],
-        &[],
-    )
-    .with_timeout(TIMEOUT);
-    empty.wait_for_socket(&socket, TIMEOUT);
     for (file, reason) in &bad_files {
         let body = serde_json::json!({ "source_url": format!("file://{}", file.display()) });
         let answer = api(&socket, "PUT", "vm.nv-swap-in", &body.to_string()).unwrap();
@@ -670,18 +646,7 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     assert!(good.exists(), "keep: the file stays");
 
     // Resident already: the kept file is refused, over the command line too.
-    let mut refused = vm.spawn(
-        Start::SwapIn {
-            file: &good,
-            keep: false,
-        },
-        &[],
-    );
-    let stderr = refused.expect_exit(1, "a swap-in of a resident VM");
-    assert!(
-        stderr.contains("resident in the NV region already"),
-        "{stderr}"
-    );
+    vm.refused_swap_in(&good, "resident in the NV region already");
     empty.signal_and_expect_exit(libc::SIGTERM, 0, "SIGTERM");
     assert_eq!(vm.place(), Place::Resident);
 }
@@ -819,18 +784,7 @@ fn fault_chain(dir: &Path, region: &Path, name: &str, offset: usize, runs: usize
         }
         // A leftover file of a VM resident again is refused, then deleted (the operator's job).
         if let (Place::Resident, Some(stale)) = (&place, leftover.take()) {
-            let mut refused = vm.spawn(
-                Start::SwapIn {
-                    file: &stale,
-                    keep: false,
-                },
-                &[],
-            );
-            let stderr = refused.expect_exit(1, "a swap-in of a leftover file");
-            assert!(
-                stderr.contains("resident in the NV region already"),
-                "{stderr}"
-            );
+            vm.refused_swap_in(&stale, "resident in the NV region already");
             std::fs::remove_file(&stale).unwrap();
         }
     }

@@ -95,23 +95,14 @@ impl Vmm {
             let result = nv::swap_out(&mut nv_vm, &worker_destination, &mut progress);
             Ok((nv_vm, result))
         });
-        match spawned {
+        let result = match spawned {
             Ok(result) => {
                 log::info!(
                     "vm.nv-swap-out to {}: seq {} committed, written by a worker thread",
                     destination.display(),
                     report.seq
                 );
-                self.begin_long_operation(
-                    operation,
-                    reply,
-                    Job::SwapOut(SwapOutJob {
-                        watch,
-                        seq: report.seq,
-                        was_running,
-                        result,
-                    }),
-                );
+                result
             }
             Err(e) => {
                 // The claim went with the closure (released: the VM stays saved at its seq).
@@ -121,18 +112,19 @@ impl Vmm {
                 if let Err(e) = self.long_operation_done.write(1) {
                     log::error!("vm.nv-swap-out: cannot wake the control loop: {e}");
                 }
-                self.begin_long_operation(
-                    operation,
-                    reply,
-                    Job::SwapOut(SwapOutJob {
-                        watch,
-                        seq: report.seq,
-                        was_running,
-                        result,
-                    }),
-                );
+                result
             }
-        }
+        };
+        self.begin_long_operation(
+            operation,
+            reply,
+            Job::SwapOut(SwapOutJob {
+                watch,
+                seq: report.seq,
+                was_running,
+                result,
+            }),
+        );
     }
 
     pub(super) fn start_swap_in(&mut self, request: NvSwapInConfig, reply: Sender<ApiResponse>) {
@@ -224,19 +216,11 @@ impl Vmm {
 
     /// The swap-in worker is done: run the resident VM (its saved state, in place).
     pub(super) fn finish_swap_in(&mut self, outcome: Result<PreparedVm, Error>) -> ApiResponse {
-        let operation = Operation::NvSwapIn;
-        let started = outcome.and_then(|prepared| {
-            let config = prepared.config.clone();
-            self.start_nv_vm(prepared).map(|()| config)
-        });
-        match started {
-            Ok(config) => {
-                self.vm_config = Some(config);
-                self.record_pty_paths();
-                Ok(None)
-            }
-            Err(e) => Err(api_error(operation, e)),
-        }
+        // `start_nv_vm` keeps the config the VM runs with (the stored one) for `vm.info`.
+        outcome
+            .and_then(|prepared| self.start_nv_vm(prepared))
+            .map(|()| None)
+            .map_err(|e| api_error(Operation::NvSwapIn, e))
     }
 
     /// The seq of the save a swap-out in progress writes, if one runs.
