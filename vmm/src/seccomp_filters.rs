@@ -609,7 +609,7 @@ mod tests {
         // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault.
         assert_eq!(
             sizes,
-            [(76, 54), (27, 2), (50, 0), (40, 0), (28, 0), (30, 3)]
+            [(78, 54), (27, 2), (50, 0), (40, 0), (28, 0), (30, 3)]
         );
     }
 

@@ -347,17 +347,21 @@ mod tests {
         }
     }
 
+    /// What `SwapProgressCell::update` stores, without its event (the event monitor is global
+    /// to the test process, and another test reads it; the end-to-end tests check the events).
+    fn record(watch: &SwapWatch, done_bytes: u64, total_bytes: u64) {
+        watch.total_bytes.store(total_bytes, Ordering::Relaxed);
+        watch.done_bytes.store(done_bytes, Ordering::Relaxed);
+    }
+
     #[test]
     fn the_control_loop_sees_the_workers_progress_in_the_status() {
-        let mut cell = SwapProgressCell::new(NvSwapDirection::Out);
+        let cell = SwapProgressCell::new(NvSwapDirection::Out);
         let watch = cell.watch();
         // Before the worker knows the VM, there is no status to show.
         assert_eq!(watch.status(), None);
         watch.set_status(status());
-        cell.update(SwapProgress {
-            done_bytes: 4 << 20,
-            total_bytes: 32 << 20,
-        });
+        record(&cell.watch, 4 << 20, 32 << 20);
         let shown = watch.status().unwrap();
         assert_eq!(
             shown.swap,
@@ -371,10 +375,7 @@ mod tests {
         let json = serde_json::to_value(&shown).unwrap();
         assert_eq!(json["swap"]["direction"], "out");
         assert_eq!(json["swap"]["done_bytes"], 4 << 20);
-        cell.update(SwapProgress {
-            done_bytes: 32 << 20,
-            total_bytes: 32 << 20,
-        });
+        record(&cell.watch, 32 << 20, 32 << 20);
         assert_eq!(watch.progress().done_bytes, 32 << 20);
         // A status without a swap omits the member.
         assert!(serde_json::to_value(status())
