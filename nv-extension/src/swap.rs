@@ -110,8 +110,11 @@ impl Region {
     ///
     /// The whole file is verified before the region is touched. `expected_name`: `Some(name)`
     /// (from `--nv vm=NAME`) must equal the file's VM name. The returned handle owns the VM,
-    /// whose record is a committed planned-suspend save: resume it with [`VmHandle::recover`].
-    /// The file is removed once the VM is durably resident, unless `keep`.
+    /// whose record is the committed save it was swapped out with (a planned suspend when the
+    /// VMM swapped it out): resume it with [`VmHandle::recover`].
+    /// The file is removed once the VM is durably resident, unless `keep`. `progress` covers
+    /// the whole call: its first half while the file is verified, its second while memory is
+    /// loaded.
     pub fn swap_in(
         &self,
         source: &Path,

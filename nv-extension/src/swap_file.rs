@@ -41,6 +41,8 @@ const CONFIG_MAGIC: [u8; 8] = *b"NVSWCONF";
 const TRAILER_MAGIC: [u8; 8] = *b"NVSWTRLR";
 /// Bytes gathered before one `write`.
 const BATCH: usize = 16 << 20;
+/// Largest state or config blob a file may hold (a state slot is far smaller).
+pub const MAX_BLOB_LEN: u64 = 1 << 30;
 
 le_record! {
     /// The fixed header at offset 0; the VM name and the region path follow it.
@@ -227,14 +229,19 @@ impl BatchWriter<'_> {
     }
 }
 
-/// Where the writer gets the VM's memory from.
-pub(crate) struct MemorySource<'a> {
+/// What the writer puts in the file besides the header: the VM's memory, state and config.
+pub(crate) struct SwapSource<'a> {
     /// Ranges (relative to the start of memory, page aligned, ascending) that may hold
     /// data; everything outside them reads as zero and is not read at all.
     pub data_ranges: Vec<(u64, u64)>,
     /// Reads memory at a (page-aligned) offset into the buffer.
     pub read: &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    pub state: &'a [u8],
+    pub config: &'a [u8],
 }
+
+/// Receives loaded memory: (offset in guest memory, bytes of consecutive pages).
+pub(crate) type PageSink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
 
 /// Writes a complete swap file for `meta` to `out` (positioned at 0). `after_memory` runs once
 /// the memory is written (a fault point: the file is then incomplete).
@@ -242,12 +249,18 @@ pub(crate) fn write(
     out: &mut File,
     path: &Path,
     meta: &SwapMeta,
-    memory: MemorySource<'_>,
-    state: &[u8],
-    config: &[u8],
+    memory: SwapSource<'_>,
     progress: &mut dyn FnMut(u64),
     after_memory: &mut dyn FnMut(),
 ) -> Result<Written> {
+    for blob in [memory.state, memory.config] {
+        if blob.len() as u64 > MAX_BLOB_LEN {
+            return Err(Error::StateTooLarge {
+                len: blob.len() as u64,
+                capacity: MAX_BLOB_LEN,
+            });
+        }
+    }
     let mut writer = BatchWriter {
         out,
         path,
@@ -354,8 +367,8 @@ pub(crate) fn write(
     }
     writer.flush()?;
     after_memory();
-    writer.blob(STATE_MAGIC, state);
-    writer.blob(CONFIG_MAGIC, config);
+    writer.blob(STATE_MAGIC, memory.state);
+    writer.blob(CONFIG_MAGIC, memory.config);
     writer.flush()?;
     let file_size = writer.written + TRAILER_LEN as u64;
     let mut trailer = Trailer {
@@ -454,7 +467,7 @@ fn decode_header(path: &Path, file: &File, size: u64) -> Result<(SwapMeta, usize
     let name_len = header.name_len.get() as usize;
     let path_len = header.region_path_len.get() as usize;
     if area_len > MAX_HEADER_AREA
-        || area_len % HEADER_ALIGN != 0
+        || !area_len.is_multiple_of(HEADER_ALIGN)
         || HEADER_LEN + name_len + path_len > area_len
     {
         return Err(corrupt(path, "header area length out of range"));
@@ -484,7 +497,7 @@ fn decode_header(path: &Path, file: &File, size: u64) -> Result<(SwapMeta, usize
         memory_size: header.memory_size.get(),
         seq: header.seq.get(),
     };
-    if meta.memory_size == 0 || meta.memory_size % PAGE_SIZE != 0 {
+    if meta.memory_size == 0 || !meta.memory_size.is_multiple_of(PAGE_SIZE) {
         return Err(corrupt(path, "impossible memory size"));
     }
     Ok((meta, area_len))
@@ -541,6 +554,18 @@ impl<'a> SeqReader<'a> {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        if n > self.buf.len() {
+            // A blob larger than the batch buffer (bounded by MAX_BLOB_LEN).
+            self.buf
+                .try_reserve_exact(n - self.buf.len())
+                .map_err(|_| {
+                    Error::io(
+                        "reading a swap file",
+                        std::io::ErrorKind::OutOfMemory.into(),
+                    )
+                })?;
+            self.buf.resize(n, 0);
         }
         while self.end - self.start < n {
             let at = self.pos + (self.end - self.start) as u64;
@@ -600,7 +625,7 @@ impl<'a> SeqReader<'a> {
 /// (memory offset, bytes) when given. `progress` gets the memory offset reached.
 pub(crate) fn read(
     path: &Path,
-    mut sink: Option<&mut dyn FnMut(u64, &[u8]) -> Result<()>>,
+    mut sink: Option<PageSink<'_>>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Contents> {
     let (file, size) = open(path)?;
@@ -731,7 +756,7 @@ pub(crate) fn read(
         }
         let len = usize::try_from(header.len.get())
             .ok()
-            .filter(|len| (*len as u64) <= body_end)
+            .filter(|len| (*len as u64) <= body_end.min(MAX_BLOB_LEN))
             .ok_or_else(|| corrupt(path, format!("{what} length out of range")))?;
         let data = reader.take(padded(len))?.ok_or_else(|| ended(what))?[..len].to_vec();
         if crc32c::crc32c(&data) != header.data_crc.get() {
@@ -802,28 +827,20 @@ mod tests {
             for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
                 let p = offset / PAGE_SIZE + i as u64;
                 page.fill(0);
-                if p % 7 == 0 {
+                if p.is_multiple_of(7) {
                     page[0] = p as u8 + 1;
                     page[4095] = 0xa5;
                 }
             }
             Ok(())
         };
-        let memory = MemorySource {
+        let memory = SwapSource {
             data_ranges: vec![(0, 2 * CHUNK_SIZE), (3 * CHUNK_SIZE, meta.memory_size)],
             read: &mut read,
+            state: b"state",
+            config: b"{\"cfg\":1}",
         };
-        write(
-            &mut file,
-            path,
-            &meta,
-            memory,
-            b"state",
-            b"{\"cfg\":1}",
-            &mut |_| {},
-            &mut || {},
-        )
-        .unwrap()
+        write(&mut file, path, &meta, memory, &mut |_| {}, &mut || {}).unwrap()
     }
 
     #[test]
@@ -857,7 +874,7 @@ mod tests {
         // Pages 0, 7, 14, ... inside the data ranges; chunk 2 is outside them (a hole).
         let total_pages = meta().memory_size / PAGE_SIZE;
         let expected: Vec<u64> = (0..total_pages)
-            .filter(|p| p % 7 == 0)
+            .filter(|p| p.is_multiple_of(7))
             .filter(|p| !(2 * CHUNK_PAGES..3 * CHUNK_PAGES).contains(p))
             .collect();
         assert_eq!(written.memory_bytes, expected.len() as u64 * PAGE_SIZE);
@@ -878,6 +895,32 @@ mod tests {
         assert_eq!(contents.checksum, written.checksum);
         let summary = inspect(&path).unwrap();
         assert_eq!((summary.vm_name.as_str(), summary.seq), ("vm-a", 9));
+    }
+
+    #[test]
+    fn a_state_larger_than_a_batch_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big-state.swap");
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let state: Vec<u8> = (0..(BATCH + CHUNK_SIZE as usize + 12345))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut no_memory = |_: u64, _: &mut [u8]| -> Result<()> { panic!("no data range") };
+        let source = SwapSource {
+            data_ranges: Vec::new(),
+            read: &mut no_memory,
+            state: &state,
+            config: b"",
+        };
+        let written = write(&mut file, &path, &meta(), source, &mut |_| {}, &mut || {}).unwrap();
+        assert_eq!(written.memory_bytes, 0);
+        let contents = read(&path, None, &mut |_| {}).unwrap();
+        assert!(contents.state == state);
+        assert_eq!(contents.config, b"");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::region::{find_mut, Region, Shared};
 use crate::state_slots::StateArea;
 use crate::superblock::{FORMAT_VERSION, FORMAT_VERSION_SWAPPED};
 use crate::swap::{SwapInReport, SwapOutReport, SwapProgress, SwapRecord};
-use crate::swap_file::{self, MemorySource, SwapMeta};
+use crate::swap_file::{self, SwapMeta, SwapSource};
 use crate::vm_handle::{recoverable_state, VmHandle};
 use crate::vm_table::{Extent, RunRecord, VmTable};
 
@@ -210,6 +210,7 @@ pub(crate) fn swap_out(
     partial_name.push(format!(".partial-{:016x}", u64::from_le_bytes(suffix)));
     let partial = destination.with_file_name(partial_name);
     let dir = destination.parent().expect("checked").to_path_buf();
+    let mut linked = false;
     let written = (|| {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
@@ -232,12 +233,12 @@ pub(crate) fn swap_out(
             &mut file,
             &partial,
             &meta,
-            MemorySource {
+            SwapSource {
                 data_ranges: data,
                 read: &mut read,
+                state: &saved.state_blob,
+                config: &saved.config_blob,
             },
-            &saved.state_blob,
-            &saved.config_blob,
             &mut |done| {
                 progress(SwapProgress {
                     done_bytes: done,
@@ -250,6 +251,7 @@ pub(crate) fn swap_out(
             .map_err(|e| Error::io(format!("fsync of swap file {}", partial.display()), e))?;
         fault("swap-out-written");
         rename_no_replace(&partial, &destination)?;
+        linked = true;
         fsync_dir(&dir)?;
         fault("swap-out-linked");
         Ok(written)
@@ -257,8 +259,12 @@ pub(crate) fn swap_out(
     let written = match written {
         Ok(written) => written,
         Err(e) => {
-            // Nothing in the region changed; leave no file behind.
-            let _ = std::fs::remove_file(&partial);
+            // Nothing in the region changed; leave no file behind (only ours: a destination
+            // that appeared meanwhile is someone else's and refused the rename).
+            let _ = std::fs::remove_file(if linked { &destination } else { &partial });
+            if linked {
+                let _ = fsync_dir(&dir);
+            }
             return Err(e);
         }
     };
@@ -383,18 +389,22 @@ pub(crate) fn swap_in(
     let claim = OwnerRecord::new_claim()?;
     let reserved = region.transact(|shared, table| {
         let entry = find_mut(table, &meta.name)?;
+        if entry.uuid != meta.vm_uuid {
+            return Err(swap_error(SwapFileProblem::NotTheRecordedFile {
+                vm: meta.name.clone(),
+                detail: format!(
+                    "it holds VM uuid {}, the region's VM of that name is {}",
+                    meta.vm_uuid, entry.uuid
+                ),
+            }));
+        }
         let Some(recorded) = &entry.swap else {
             return Err(Error::ResidentAlready {
                 vm: meta.name.clone(),
                 path: path.clone(),
             });
         };
-        let mismatch = if entry.uuid != meta.vm_uuid {
-            Some(format!(
-                "VM uuid {} in the file, {} in the region",
-                meta.vm_uuid, entry.uuid
-            ))
-        } else if entry.record.last_seq() != meta.seq {
+        let mismatch = if entry.record.last_seq() != meta.seq {
             Some(format!(
                 "save seq {} in the file, {} in the region",
                 meta.seq,

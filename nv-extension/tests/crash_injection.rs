@@ -438,30 +438,24 @@ fn observe_live(region: &Region, expected: &Model) -> Model {
 fn observe_crashed(region: &Region) -> Result<Model, String> {
     let mut model = Model::new();
     for vm in region.list_vms().map_err(|e| e.to_string())? {
-        if let Some(swap) = &vm.swap {
+        let (handle, recovery) = if let Some(swap) = &vm.swap {
             let (handle, _) = region
                 .swap_in(&swap.path, Some(&vm.name), true, &mut |_| {})
                 .map_err(|e| format!("swapped-out VM {} lost: {e}", vm.name))?;
             let recovered = handle.recover().map_err(|e| e.to_string())?;
-            let config = handle.config_blob().map_err(|e| e.to_string())?;
-            model.insert(
-                vm.name.clone(),
-                ModelVm {
-                    memory_size: vm.memory_size,
-                    config,
-                    recovery: Recovery::Swapped {
-                        seq: recovered.seq,
-                        blob: recovered.state_blob,
-                    },
-                },
-            );
-            continue;
-        }
-        let handle = region
-            .claim_vm(&vm.name)
-            .map_err(|e| format!("claim {}: {e}", vm.name))?;
-        let recovery = recovery_of(handle.recover())?;
-        check_save_report(&vm, &recovery)?;
+            let recovery = Recovery::Swapped {
+                seq: recovered.seq,
+                blob: recovered.state_blob,
+            };
+            (handle, recovery)
+        } else {
+            let handle = region
+                .claim_vm(&vm.name)
+                .map_err(|e| format!("claim {}: {e}", vm.name))?;
+            let recovery = recovery_of(handle.recover())?;
+            check_save_report(&vm, &recovery)?;
+            (handle, recovery)
+        };
         let config = handle.config_blob().map_err(|e| e.to_string())?;
         model.insert(
             vm.name.clone(),

@@ -211,6 +211,20 @@ fn a_sparse_vm_swaps_out_small_and_back_in_identical() {
     assert_eq!(next.seq, saved_seq + 1);
 }
 
+/// The refusal of a good swap file that is not the one the VM's entry records.
+fn assert_not_its_file(err: &Error) {
+    assert!(
+        matches!(
+            err,
+            Error::SwapFile {
+                problem: SwapFileProblem::NotTheRecordedFile { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 /// A swapped-out VM "vm" with 3 MiB of its 8 MiB touched; returns the file.
 fn swapped_out_vm(region: &Region, dir: &Path, file: &str) -> PathBuf {
     let blocks = [(0, 2 * MIB), (6 * MIB, MIB)];
@@ -363,16 +377,7 @@ fn bad_swap_files_are_refused_by_name_and_change_nothing() {
     let err = region
         .swap_in(&good, None, false, &mut no_progress)
         .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::SwapFile {
-                problem: SwapFileProblem::NotTheRecordedFile { .. },
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_not_its_file(&err);
     assert_eq!(region.vm("vm").unwrap().status(), "swapped-out");
     let (handle, _) = region
         .swap_in(&newer, None, false, &mut no_progress)
@@ -572,6 +577,14 @@ fn deleting_a_swapped_out_vm_leaves_its_file_and_frees_the_name() {
         .swap_in(&file, None, false, &mut no_progress)
         .unwrap_err();
     assert!(matches!(err, Error::VmNotFound(_)), "{err}");
+    // A new VM of the same name is another VM: the file is not its.
+    drop(prepare(&region, "vm", 8 * MIB, &[], 0));
+    let err = region
+        .swap_in(&file, None, false, &mut no_progress)
+        .unwrap_err();
+    assert_not_its_file(&err);
+    assert!(err.to_string().contains("VM uuid"), "{err}");
+    assert_eq!(region.vm("vm").unwrap().status(), "suspended");
 }
 
 // ---- a power failure at every swap fault point ----

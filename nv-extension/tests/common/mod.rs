@@ -71,7 +71,6 @@ pub const CHILD_ENV: &str = "NV_TEST_CHILD_REGION";
 
 /// Runs `test` (an ignored test of the calling binary) as a child process working on `region`,
 /// with `extra_env`; stdin and stdout piped, no core dump when it aborts.
-
 pub fn spawn_child(test: &str, region: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
