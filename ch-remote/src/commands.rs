@@ -40,6 +40,12 @@ pub enum CommandError {
     InvalidDiskSize(#[source] SizeError),
     #[error("Error reading from stdin")]
     ReadingStdin(#[source] std::io::Error),
+    #[error("--path must name a file")]
+    EmptyPath,
+    #[error("the path {0:?} is not valid UTF-8")]
+    NotUtf8(String),
+    #[error("Error reading the current directory")]
+    CurrentDir(#[source] std::io::Error),
     #[error("Error reading from file {path}")]
     ReadingFile {
         path: String,
@@ -202,7 +208,7 @@ pub enum Command {
         #[arg(value_name = "DESTINATION_URL")]
         destination_url: String,
     },
-    /// NV persistence: status, power-fail, suspend, recover, list.
+    /// NV persistence: status, power-fail, suspend, recover, list, swap-out, swap-in.
     #[command(name = "nv-persist", subcommand)]
     NvPersist(NvCommand),
 }
@@ -235,6 +241,22 @@ pub enum NvCommand {
     List {
         #[arg(long, value_name = "PATH")]
         region: String,
+    },
+    /// Swap the VM out to a new file and free its NV memory; the VMM exits after it.
+    SwapOut {
+        #[arg(long, value_name = "FILE")]
+        path: String,
+    },
+    /// Swap a swapped-out VM back in from its file into this empty VMM and resume it.
+    SwapIn {
+        #[arg(long, value_name = "FILE")]
+        path: String,
+        /// The region to swap into (default: the one recorded in the file).
+        #[arg(long, value_name = "PATH")]
+        region: Option<String>,
+        /// Keep the swap file after the swap-in (default: remove it).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -405,10 +427,38 @@ impl Command {
                     "vmm.nv-regions?region={}",
                     percent_encoding::utf8_percent_encode(region, QUERY_VALUE)
                 )),
+                NvCommand::SwapOut { path } => put_json(
+                    "vm.nv-swap-out",
+                    json!({ "destination_url": swap_file_url(path)? }),
+                ),
+                NvCommand::SwapIn { path, region, keep } => {
+                    let mut body = json!({ "source_url": swap_file_url(path)?, "keep": keep });
+                    if let Some(region) = region {
+                        body["region"] = json!(absolute(region)?);
+                    }
+                    put_json("vm.nv-swap-in", body)
+                }
             },
         };
         Ok(call)
     }
+}
+
+/// A path as the VMM must get it: absolute (the VMM's working directory is not ours).
+fn absolute(path: &str) -> Result<String, CommandError> {
+    if path.is_empty() {
+        return Err(CommandError::EmptyPath);
+    }
+    let absolute = std::path::absolute(path).map_err(CommandError::CurrentDir)?;
+    absolute
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CommandError::NotUtf8(path.to_owned()))
+}
+
+/// `--path FILE` as the `file:///absolute/path` URL of the swap requests.
+fn swap_file_url(path: &str) -> Result<String, CommandError> {
+    Ok(format!("file://{}", absolute(path)?))
 }
 
 fn parse(
@@ -904,6 +954,52 @@ mod tests {
                 "/r"
             ]),
             None
+        );
+    }
+
+    #[test]
+    fn nv_persist_swap_verbs() {
+        assert_put(
+            &["nv-persist", "swap-out", "--path", "/swap/web 1.nvswap"],
+            "vm.nv-swap-out",
+            json!({ "destination_url": "file:///swap/web 1.nvswap" }),
+        );
+        assert_put(
+            &["nv-persist", "swap-in", "--path", "/swap/a"],
+            "vm.nv-swap-in",
+            json!({ "source_url": "file:///swap/a", "keep": false }),
+        );
+        assert_put(
+            &[
+                "nv-persist",
+                "swap-in",
+                "--path",
+                "/swap/a",
+                "--region",
+                "/dev/shm/r",
+                "--keep",
+            ],
+            "vm.nv-swap-in",
+            json!({ "source_url": "file:///swap/a", "region": "/dev/shm/r", "keep": true }),
+        );
+        // A relative path is made absolute here: the VMM runs elsewhere.
+        let relative = body_of(&call_for(&["nv-persist", "swap-out", "--path", "a.swap"]));
+        let expected = std::env::current_dir().unwrap().join("a.swap");
+        assert_eq!(
+            relative["destination_url"],
+            format!("file://{}", expected.display())
+        );
+        assert!(matches!(
+            try_call(&["nv-persist", "swap-out", "--path", ""], ""),
+            Err(CommandError::EmptyPath)
+        ));
+        assert_eq!(
+            usage_error(&["nv-persist", "swap-out"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error(&["nv-persist", "swap-in", "--region", "/r"]),
+            ErrorKind::MissingRequiredArgument
         );
     }
 }

@@ -383,6 +383,26 @@ fn every_verb_sends_upstreams_request() {
             "vmm.nv-regions?region=%2Fr",
             None,
         ),
+        (
+            vec!["nv-persist", "swap-out", "--path", "/swap/db"],
+            "PUT",
+            "vm.nv-swap-out",
+            Some(json!({"destination_url": "file:///swap/db"})),
+        ),
+        (
+            vec![
+                "nv-persist",
+                "swap-in",
+                "--path",
+                "/swap/db",
+                "--region",
+                "/dev/dax0.0",
+                "--keep",
+            ],
+            "PUT",
+            "vm.nv-swap-in",
+            Some(json!({"source_url": "file:///swap/db", "region": "/dev/dax0.0", "keep": true})),
+        ),
     ];
     for (args, method, op, body) in &cases {
         let output = ch_remote_on(&fake.socket, args);
@@ -549,6 +569,14 @@ fn verbs_reach_the_real_control_loop_with_their_arguments() {
         (&["nv-persist", "status"], "no VM in NV memory"),
         (&["nv-persist", "power-fail"], "no VM in NV memory"),
         (&["nv-persist", "suspend"], "no VM in NV memory"),
+        (
+            &["nv-persist", "swap-out", "--path", "/nonexistent/swap"],
+            "no VM in NV memory",
+        ),
+        (
+            &["nv-persist", "swap-in", "--path", "/nonexistent/swap"],
+            "/nonexistent/swap",
+        ),
         (
             &[
                 "restore",

@@ -352,6 +352,65 @@ pub mod nv {
     pub fn recovered(vm: &str, sequence: u64, total: Duration) {
         emit_with_sequence("recovered", vm, sequence, total);
     }
+
+    /// A swap began: `direction` is `out` or `in`, `path` the swap file, `total_bytes` the
+    /// guest memory it moves.
+    pub fn swap_started(direction: &str, vm: &str, path: &str, total_bytes: u64) {
+        super::emit(
+            SOURCE,
+            &format!("swap-{direction}-started"),
+            &[
+                ("vm", vm),
+                ("path", path),
+                ("total_bytes", &total_bytes.to_string()),
+            ],
+        );
+    }
+
+    /// How far the swap in progress is, in bytes of guest memory.
+    pub fn swap_progress(direction: &str, vm: &str, done_bytes: u64, total_bytes: u64) {
+        super::emit(
+            SOURCE,
+            "swap-progress",
+            &[
+                ("direction", direction),
+                ("vm", vm),
+                ("done_bytes", &done_bytes.to_string()),
+                ("total_bytes", &total_bytes.to_string()),
+            ],
+        );
+    }
+
+    /// The swap is durable: for `out` the VM lives in `path` only, for `in` in its region.
+    pub fn swap_committed(
+        direction: &str,
+        vm: &str,
+        path: &str,
+        file_size: u64,
+        sequence: u64,
+        took: Duration,
+    ) {
+        super::emit(
+            SOURCE,
+            &format!("swap-{direction}-committed"),
+            &[
+                ("vm", vm),
+                ("path", path),
+                ("file_size", &file_size.to_string()),
+                ("sequence", &sequence.to_string()),
+                ("took_us", &micros(took)),
+            ],
+        );
+    }
+
+    /// The swap failed; `error` says why. After a failed swap-out the VM is still resident.
+    pub fn swap_failed(direction: &str, vm: &str, path: &str, error: &str) {
+        super::emit(
+            SOURCE,
+            &format!("swap-{direction}-failed"),
+            &[("vm", vm), ("path", path), ("error", error)],
+        );
+    }
 }
 
 #[cfg(test)]

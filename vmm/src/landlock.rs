@@ -293,6 +293,13 @@ impl LandlockPolicy {
                 self.allow(&nv.region, LandlockAccess::READ_WRITE);
             }
             self.allow_dax_sysfs(Path::new(&nv.region));
+            // `swap-in=FILE`: read, then removed from its directory once the VM is resident.
+            if let Some(file) = &nv.swap_in {
+                let dir = Path::new(file)
+                    .parent()
+                    .filter(|dir| !dir.as_os_str().is_empty());
+                self.allow(dir.unwrap_or(Path::new(".")), LandlockAccess::READ_WRITE);
+            }
         }
     }
 
@@ -536,6 +543,21 @@ mod tests {
             }),
             ..Default::default()
         };
+        // A swap-in reads its file and removes it from its directory.
+        let mut swap_in = vm.clone();
+        swap_in.nv.as_mut().unwrap().swap_in = Some(at("swap/a.nvswap"));
+        let swap_in_policy = LandlockPolicy::for_launch(
+            &VmmLaunch {
+                vm: Some(swap_in),
+                ..Default::default()
+            },
+            &LandlockSettings::default(),
+        );
+        assert!(swap_in_policy
+            .rules
+            .iter()
+            .any(|rule| rule.path == Path::new(&at("swap"))
+                && rule.access == LandlockAccess::READ_WRITE));
         let launch = VmmLaunch {
             vm: Some(vm),
             ..Default::default()

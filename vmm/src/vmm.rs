@@ -10,6 +10,7 @@
 
 mod api_dispatch;
 mod long_operation;
+mod swap;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -96,6 +97,8 @@ pub enum VmmExit {
         kind: ShutdownKind,
         into_detached_region: bool,
     },
+    /// `vm.nv-swap-out` committed: the VM lives in its swap file, its NV memory is free.
+    NvSwappedOut,
 }
 
 impl VmmExit {
@@ -104,7 +107,8 @@ impl VmmExit {
             VmmExit::GuestShutdown
             | VmmExit::GuestReset
             | VmmExit::TerminationSignal
-            | VmmExit::VmmShutdown => EXIT_CLEAN,
+            | VmmExit::VmmShutdown
+            | VmmExit::NvSwappedOut => EXIT_CLEAN,
             VmmExit::VcpuFailed(_) => EXIT_FAILURE,
             VmmExit::ResetInstead(_) => EXIT_GUEST_RESET,
             VmmExit::NvSaved {
@@ -429,6 +433,17 @@ impl Vmm {
             }
             ControlEvent::TerminationSignal => {
                 let _ = self.termination.read();
+                if let Some(seq) = self.swap_out_in_progress() {
+                    log::warn!(
+                        "SIGTERM/SIGINT during a swap-out: the VM's state is committed already \
+                         (seq {seq}, planned suspend); ending now, the VM is resident or swapped \
+                         out with a complete file"
+                    );
+                    return Ok(Some(VmmExit::NvSaved {
+                        kind: ShutdownKind::PlannedSuspend,
+                        into_detached_region: false,
+                    }));
+                }
                 if self.nv.is_none() {
                     log::info!("SIGTERM/SIGINT: shutting the VM down");
                     return Ok(Some(VmmExit::TerminationSignal));
@@ -436,10 +451,7 @@ impl Vmm {
                 Ok(self.save_on_termination())
             }
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
-            ControlEvent::LongOperationDone => {
-                self.finish_long_operation();
-                Ok(None)
-            }
+            ControlEvent::LongOperationDone => Ok(self.finish_long_operation()),
             ControlEvent::DeviceActivation => {
                 let _ = self.events.device_activation.read();
                 // A snapshot worker may hold the (paused) VM: a device activated now starts
@@ -456,6 +468,17 @@ impl Vmm {
             }
             ControlEvent::PowerFailSignal => {
                 let _ = self.power_fail_signal.read();
+                if let Some(seq) = self.swap_out_in_progress() {
+                    log::warn!(
+                        "SIGPWR during a swap-out: the VM's state is committed already (seq \
+                         {seq}); ending now, the VM is resident or swapped out with a complete \
+                         file"
+                    );
+                    return Ok(Some(VmmExit::NvSaved {
+                        kind: ShutdownKind::PowerFail,
+                        into_detached_region: false,
+                    }));
+                }
                 if self.nv.is_none() {
                     // Not an error: a UPS hook signals every VMM, NV or not.
                     log::warn!("SIGPWR: no VM in NV memory runs here, nothing to save; ignored");
@@ -620,7 +643,7 @@ impl Vmm {
                 | VmmExit::TerminationSignal
                 | VmmExit::VmmShutdown => nv_vm.mark_powered_off(),
                 VmmExit::ResetInstead(cause) => nv_vm.mark_stopped(*cause),
-                VmmExit::VcpuFailed(_) | VmmExit::NvSaved { .. } => {}
+                VmmExit::VcpuFailed(_) | VmmExit::NvSaved { .. } | VmmExit::NvSwappedOut => {}
             }
         }
     }

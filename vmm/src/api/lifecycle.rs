@@ -48,6 +48,8 @@ pub enum Operation {
     NvSuspend,
     NvRecover,
     NvRegions,
+    NvSwapOut,
+    NvSwapIn,
 }
 
 impl Operation {
@@ -90,6 +92,8 @@ impl Operation {
             NvSuspend => "The VM could not be suspended",
             NvRecover => "The VM could not be recovered",
             NvRegions => "The NV region could not be listed",
+            NvSwapOut => "The VM could not be swapped out",
+            NvSwapIn => "The VM could not be swapped in",
         }
     }
 
@@ -133,6 +137,8 @@ impl Operation {
             NvSuspend => "vm.nv-suspend",
             NvRecover => "vm.nv-recover",
             NvRegions => "vmm.nv-regions",
+            NvSwapOut => "vm.nv-swap-out",
+            NvSwapIn => "vm.nv-swap-in",
         }
     }
 

@@ -77,6 +77,12 @@ pub enum ApiRequest {
     NvRecover(NvRecoverConfig),
     /// `GET /vmm.nv-regions?region=PATH`: answer with an [`NvRegionListing`].
     NvRegions(NvRegionsQuery),
+    /// `PUT /vm.nv-swap-out`: save the VM, write it to a swap file, free its extent; answer
+    /// `Ok(None)` once all of that is durable, then the VMM exits 0.
+    NvSwapOut(NvSwapOutConfig),
+    /// `PUT /vm.nv-swap-in`: bring a swapped-out VM back from its swap file into this (empty)
+    /// VMM and resume it.
+    NvSwapIn(NvSwapInConfig),
     /// An upstream operation this VMM does not carry out: answer as upstream would for the VM's
     /// state ([`check_state`]), then with [`lifecycle::not_implemented`].
     Unimplemented(Operation),
@@ -105,6 +111,8 @@ impl ApiRequest {
             ApiRequest::NvSuspend => Operation::NvSuspend,
             ApiRequest::NvRecover(_) => Operation::NvRecover,
             ApiRequest::NvRegions(_) => Operation::NvRegions,
+            ApiRequest::NvSwapOut(_) => Operation::NvSwapOut,
+            ApiRequest::NvSwapIn(_) => Operation::NvSwapIn,
             ApiRequest::Unimplemented(operation) => *operation,
         }
     }
@@ -403,6 +411,31 @@ pub struct NvRecoverConfig {
     pub vm: String,
 }
 
+/// Body of `PUT /vm.nv-swap-out`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvSwapOutConfig {
+    /// `file:///absolute/path` of the swap file to create; an existing file is refused.
+    pub destination_url: String,
+}
+
+/// Body of `PUT /vm.nv-swap-in`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvSwapInConfig {
+    /// `file:///absolute/path` of the swap file.
+    pub source_url: String,
+    /// The region to swap into; default: the region path recorded in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The VM's name, checked against the file's; default: the file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Keep the swap file after the swap-in committed (default: remove it).
+    #[serde(default)]
+    pub keep: bool,
+}
+
 /// Query of `GET /vmm.nv-regions?region=PATH`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NvRegionsQuery {
@@ -530,6 +563,8 @@ pub enum NvShutdownKind {
     Unsafe,
     /// Never run since it was created in the region.
     Never,
+    /// Swapped out to a file (`vm.nv-swap-out`): its NV memory is free; swap it in to run it.
+    SwappedOut,
 }
 
 /// How the region makes stores durable (the nv-extension persistence backend in use).
@@ -584,6 +619,27 @@ pub struct NvStatus {
     /// Timings of the last save this process or a previous one performed, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_save: Option<NvLastSave>,
+    /// A swap-out or swap-in in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<NvSwapProgress>,
+}
+
+/// Which way a swap moves the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NvSwapDirection {
+    /// From the region to a swap file (`vm.nv-swap-out`).
+    Out,
+    /// From a swap file into the region (`vm.nv-swap-in`, `--nv swap-in=FILE`).
+    In,
+}
+
+/// Progress of the swap in progress, in bytes of guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvSwapProgress {
+    pub direction: NvSwapDirection,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// One VM of a region in `GET /vmm.nv-regions`.

@@ -8,6 +8,9 @@ use super::{NvLastSave, NvPersistenceMode, NvPhaseTiming, NvShutdownKind};
 /// How the VM's previous run ended, from its record in the region's VM table.
 impl From<&VmSummary> for NvShutdownKind {
     fn from(summary: &VmSummary) -> NvShutdownKind {
+        if summary.swap.is_some() {
+            return NvShutdownKind::SwappedOut;
+        }
         match summary.state {
             RunRecord::Created => NvShutdownKind::Never,
             RunRecord::Running { .. } if summary.owner_pid.is_some() => NvShutdownKind::Running,

@@ -5,7 +5,10 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, Operation, VmSnapshotConfig};
+use super::{
+    ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, NvSwapInConfig, NvSwapOutConfig,
+    Operation, VmSnapshotConfig,
+};
 use crate::config::{RestoreConfig, VmConfig, SNAPSHOT_URL_EXPECTED};
 
 /// The prefix every API path carries.
@@ -97,6 +100,8 @@ pub const ROUTES: &[Route] = &[
     nv(Put, O::NvSuspend),
     nv(Put, O::NvRecover),
     nv(Get, O::NvRegions),
+    nv(Put, O::NvSwapOut),
+    nv(Put, O::NvSwapIn),
 ];
 
 /// The route for a request path (without its query), if any.
@@ -184,10 +189,39 @@ pub fn build_request(
             ApiRequest::NvRecover(config)
         }
         O::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
+        O::NvSwapOut => {
+            let config = parse_body::<NvSwapOutConfig>(route, body)?;
+            swap_file_path(route, "destination_url", &config.destination_url)?;
+            ApiRequest::NvSwapOut(config)
+        }
+        O::NvSwapIn => {
+            let config = parse_body::<NvSwapInConfig>(route, body)?;
+            swap_file_path(route, "source_url", &config.source_url)?;
+            if config.region.as_deref().is_some_and(str::is_empty)
+                || config.vm.as_deref().is_some_and(str::is_empty)
+            {
+                return Err(ApiError::invalid_request(
+                    "vm.nv-swap-in: region and vm, when given, must not be empty",
+                ));
+            }
+            ApiRequest::NvSwapIn(config)
+        }
         // Upstream operations this VMM does not implement (`Operation::is_unimplemented`).
         operation => ApiRequest::Unimplemented(operation),
     };
     Ok(request)
+}
+
+/// A swap file URL must be `file:///absolute/path` naming a file (not a directory).
+fn swap_file_path(route: &Route, member: &str, url: &str) -> Result<(), ApiError> {
+    match crate::config::swap_file_url_path(url) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::invalid_request(format!(
+            "{}: {member} {url:?}: {}",
+            route.op,
+            crate::config::SWAP_URL_EXPECTED
+        ))),
+    }
 }
 
 fn parse_body<T: DeserializeOwned>(route: &Route, body: &[u8]) -> Result<T, ApiError> {

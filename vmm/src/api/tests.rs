@@ -548,6 +548,8 @@ fn every_route_answers_in_upstream_framing() {
         "vm.nv-recover",
         "vm.create",
         "vmm.nv-regions",
+        "vm.nv-swap-out",
+        "vm.nv-swap-in",
     ];
     assert_eq!(
         server.received().len(),

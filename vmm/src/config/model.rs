@@ -448,6 +448,12 @@ pub struct NvConfig {
     /// Power-fail save budget in milliseconds.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// `swap-in=FILE`: bring the swapped-out VM back from this swap file, then resume it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<String>,
+    /// `keep=on` (with `swap-in`): keep the swap file once the swap-in committed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
 }
 
 pub fn default_deadline_ms() -> u64 {

@@ -497,14 +497,23 @@ pub fn snapshot_url_dir(url: &str) -> Option<&str> {
         .filter(|path| path.starts_with('/'))
 }
 
+/// What a swap file URL must look like, for the reason a refusal gives.
+pub const SWAP_URL_EXPECTED: &str = "expected file:///absolute/path/of/the/swap/file";
+
+/// The swap file a swap URL (`destination_url`, `source_url`) names: `file:///absolute/path`,
+/// not ending in `/`.
+pub fn swap_file_url_path(url: &str) -> Option<&str> {
+    snapshot_url_dir(url).filter(|path| !path.ends_with('/'))
+}
+
 const NV_SPEC: OptionSpec = OptionSpec::keyed(
     "nv",
-    "region vm create recover force-cold format region_size deadline_ms",
+    "region vm create recover force-cold format region_size deadline_ms swap-in keep",
 );
 
 impl NvConfig {
     /// `--nv region=PATH,vm=NAME[,create=on][,recover=on][,force-cold=on][,format=on]
-    /// [,region_size=SIZE][,deadline_ms=N]`. The values are judged by [`VmConfig::validate`], for
+    /// [,region_size=SIZE][,deadline_ms=N][,swap-in=FILE[,keep=on]]`. The values are judged by [`VmConfig::validate`], for
     /// the command line and a `vm.create` body alike.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&NV_SPEC, input)?;
@@ -520,6 +529,8 @@ impl NvConfig {
             deadline_ms: parsed
                 .integer::<u64>("deadline_ms")?
                 .unwrap_or_else(default_deadline_ms),
+            swap_in: parsed.string("swap-in"),
+            keep: toggle("keep")?,
         })
     }
 }

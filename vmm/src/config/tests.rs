@@ -953,6 +953,8 @@ fn nv() {
             format: true,
             region_size: Some(2 << 30),
             deadline_ms: 80,
+            swap_in: None,
+            keep: false,
         }
     );
     let recover = NvConfig::parse("region=/r,vm=a,recover=on,force-cold=on").unwrap();
@@ -990,6 +992,69 @@ fn nv() {
         NvConfig::parse("region=/r,vm=a,force_cold=on"),
         Err(ConfigError::Option(OptionError::UnknownKey { .. }))
     ));
+}
+
+#[test]
+fn nv_swap_in_is_checked_alike_on_the_command_line_and_in_json() {
+    let nv = NvConfig::parse("region=/r,vm=a,swap-in=/swap/a.nvswap,keep=on").unwrap();
+    assert_eq!(nv.swap_in.as_deref(), Some("/swap/a.nvswap"));
+    assert!(nv.keep);
+    let nv_line = |nv| {
+        command_line(VmOptionStrings {
+            nv: Some(nv),
+            ..Default::default()
+        })
+    };
+    let config = nv_line("region=/r,vm=a,swap-in=/swap/a").unwrap();
+    assert_eq!(
+        config.nv.as_ref().unwrap().swap_in.as_deref(),
+        Some("/swap/a")
+    );
+    assert!(!config.nv.as_ref().unwrap().keep);
+    let refusals = [
+        (
+            "region=/r,vm=a,keep=on",
+            "keep=on only applies with swap-in",
+        ),
+        ("region=/r,vm=a,swap-in=/s,create=on", "do not combine"),
+        ("region=/r,vm=a,swap-in=/s,recover=on", "do not combine"),
+        ("region=/r,vm=a,swap-in=/s,format=on", "do not combine"),
+    ];
+    for (line, reason) in refusals {
+        let error = nv_line(line).unwrap_err().to_string();
+        assert!(error.contains(reason), "{line}: {error}");
+        // The same member in a vm.create body is judged by the same validate.
+        let parsed = NvConfig::parse(line).unwrap();
+        let json = serde_json::json!({ "nv": parsed, "payload": { "kernel": "/k" } });
+        let config: VmConfig = serde_json::from_value(json).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains(reason), "{line} as JSON: {error}");
+    }
+    // An empty file name: the option parser refuses it on the command line, validate in JSON.
+    assert!(NvConfig::parse("region=/r,vm=a,swap-in=").is_err());
+    let json = serde_json::json!({
+        "nv": { "region": "/r", "vm": "a", "swap_in": "" },
+        "payload": { "kernel": "/k" },
+    });
+    let config: VmConfig = serde_json::from_value(json).unwrap();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("name the swap file"), "{error}");
+    assert!(matches!(
+        NvConfig::parse("region=/r,vm=a,swap_in=/s"),
+        Err(ConfigError::Option(OptionError::UnknownKey { .. }))
+    ));
+    // JSON names: swap_in and keep, absent when unset.
+    let json = serde_json::to_value(NvConfig::parse("region=/r,vm=a,swap-in=/s").unwrap()).unwrap();
+    assert_eq!(json["swap_in"], "/s");
+    assert!(json.get("keep").is_none());
+}
+
+#[test]
+fn swap_urls_name_absolute_files() {
+    assert_eq!(swap_file_url_path("file:///s/a.swap"), Some("/s/a.swap"));
+    for bad in ["/s/a.swap", "file://s/a", "file:///s/", "http:///s/a", ""] {
+        assert_eq!(swap_file_url_path(bad), None, "{bad}");
+    }
 }
 
 #[test]

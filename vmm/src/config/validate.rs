@@ -708,6 +708,31 @@ impl VmConfig {
                 reason: "force-cold=on only applies with recover=on".to_owned(),
             });
         }
+        match &nv.swap_in {
+            Some(file) if file.is_empty() => {
+                return invalid(
+                    "swap-in",
+                    file,
+                    "name the swap file to bring the VM back from",
+                )
+            }
+            Some(_) if nv.create || nv.recover || nv.force_cold || nv.format => {
+                return Err(ConfigError::Invalid {
+                    option: "nv",
+                    reason: "swap-in=FILE brings the VM back from its swap file and resumes it: \
+                             do not combine it with create=on, recover=on, force-cold=on or \
+                             format=on"
+                        .to_owned(),
+                });
+            }
+            None if nv.keep => {
+                return Err(ConfigError::Invalid {
+                    option: "nv",
+                    reason: "keep=on only applies with swap-in=FILE".to_owned(),
+                });
+            }
+            _ => {}
+        }
         if let Some(region_size) = nv.region_size {
             // A region made now holds its metadata (superblocks, two VM-table copies), then the
             // VM's RAM and its two saved-state slots, each rounded up to the extent alignment

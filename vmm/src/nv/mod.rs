@@ -7,6 +7,7 @@
 //!   path, drain and fdatasync disks, `Vm::save_state`);
 //! - `save` ([`save()`], [`save_paused`]): the power-fail and planned-suspend saves through
 //!   `nv_extension::save_vm`;
+//! - `swap` ([`swap_out`], [`prepare_api_swap_in`]): moving a VM to a swap file and back;
 //! - here: the claimed VM ([`NvVm`]) and the NV answers of the API (built by the conversions in
 //!   `api/nv_bodies.rs`).
 //!
@@ -19,6 +20,7 @@
 mod host;
 mod prepare;
 mod save;
+mod swap;
 
 use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle};
 
@@ -28,6 +30,10 @@ use crate::{Error, ErrorKind};
 
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
 pub use save::{describe_save, save, save_paused};
+pub use swap::{
+    check_swap_out_destination, prepare_api_swap_in, resume_after_failed_swap_out, swap_out,
+    SwapProgressCell, SwapWatch,
+};
 
 /// Exit code of a VMM whose VM was saved by a power-fail save: "state saved, powered off".
 /// 75 is `EX_TEMPFAIL` of sysexits.h: the VM is not gone, it waits for `recover=on`.
@@ -131,6 +137,7 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
         shutdown_kind: nv.previous_end,
         deadline_ms: nv.config.deadline_ms,
         last_save: last_save.map(NvLastSave::from),
+        swap: None,
     })
 }
 

@@ -10,7 +10,7 @@ use nv_extension::{OpenOptions, Region, RunKind, VmHandle};
 use vm_memory::GuestMemoryMmap;
 
 use super::{nv_error, setup_error, NvVm};
-use crate::api::NvRecoverConfig;
+use crate::api::{NvRecoverConfig, NvShutdownKind};
 use crate::config::{
     default_console, default_deadline_ms, default_serial, NvConfig, SeccompMode, VmConfig,
 };
@@ -62,7 +62,10 @@ fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error
 /// `recover=on`, a resume of the stored VM.
 pub fn prepare(config: &VmConfig) -> Result<PreparedVm, Error> {
     let nv = config.nv.clone().ok_or(Error::NoVmConfig)?;
-    if nv.recover {
+    if let Some(file) = &nv.swap_in {
+        let mut progress = super::swap::SwapProgressCell::new(super::swap::Direction::In);
+        super::swap::prepare_swap_in(&nv, Path::new(file), Some(config), &mut progress)
+    } else if nv.recover {
         prepare_recovery(&nv, Some(config))
     } else {
         prepare_cold_boot(&nv, config)
@@ -240,6 +243,18 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
     let region = Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?;
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
+    prepare_claimed(nv, (&summary).into(), handle, command_line)
+}
+
+/// The in-place recovery of a VM this process has claimed already (`recover=on`, or a swap-in
+/// that just made it resident): its stored config with this run's overrides, its committed
+/// state, its memory mapped. `previous_end`: how its last run ended, for `vm.nv-status`.
+pub(super) fn prepare_claimed(
+    nv: &NvConfig,
+    previous_end: NvShutdownKind,
+    handle: VmHandle,
+    command_line: Option<&VmConfig>,
+) -> Result<PreparedVm, Error> {
     let stored_blob = handle.config_blob().map_err(|e| nv_error(nv, e))?;
     let stored: VmConfig = serde_json::from_slice(&stored_blob).map_err(|e| {
         setup_error(
@@ -303,7 +318,7 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
         nv: NvVm {
             handle,
             config: config.nv.clone().unwrap_or_else(|| nv.clone()),
-            previous_end: (&summary).into(),
+            previous_end,
             last_save: None,
         },
         config,

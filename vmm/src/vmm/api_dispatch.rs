@@ -93,6 +93,8 @@ pub(super) fn cold_boot_config(mut config: crate::config::VmConfig) -> crate::co
     if let Some(nv) = config.nv.as_mut() {
         nv.recover = false;
         nv.force_cold = false;
+        nv.swap_in = None;
+        nv.keep = false;
     }
     config
 }
@@ -179,9 +181,12 @@ impl Vmm {
             ),
             // They wait on files: the control loop hands them to a worker thread before `answer`
             // (`long_operation.rs`), so they never get here.
-            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => Answer::error(
-                ApiError::internal("vm.snapshot and vm.restore run on a worker thread"),
-            ),
+            ApiRequest::VmSnapshot(_)
+            | ApiRequest::VmRestore(_)
+            | ApiRequest::NvSwapOut(_)
+            | ApiRequest::NvSwapIn(_) => Answer::error(ApiError::internal(
+                "vm.snapshot, vm.restore, vm.nv-swap-out and vm.nv-swap-in run on a worker thread",
+            )),
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(api_error(Operation::NvStatus, Error::NoNvVm)),
                 Some(nv_vm) => match nv::status(nv_vm) {

@@ -30,10 +30,12 @@ use crate::vm::{Vm, VmRunState};
 use crate::{nv, Error};
 
 use super::api_dispatch::api_error;
-use super::Vmm;
+use super::swap::{SwapInJob, SwapOutJob};
+use super::{Vmm, VmmExit};
+use crate::nv::SwapWatch;
 
 /// What the worker is doing and how its result comes back.
-enum Job {
+pub(super) enum Job {
     /// Writing a snapshot of the paused VM, which the control loop keeps a share of.
     Snapshot {
         vm: Arc<Vm>,
@@ -41,6 +43,10 @@ enum Job {
     },
     /// Building a VM from a snapshot directory.
     Restore { result: Receiver<Result<Vm, Error>> },
+    /// Writing the saved, paused VM to a swap file (`swap.rs`); the VM stays in `Vmm::vm`.
+    SwapOut(SwapOutJob),
+    /// Bringing a VM back from a swap file into this empty VMM (`swap.rs`).
+    SwapIn(SwapInJob),
 }
 
 /// The one long operation in progress.
@@ -56,7 +62,24 @@ impl LongOperation {
     pub(super) fn shared_vm(&self) -> Option<&Vm> {
         match &self.job {
             Job::Snapshot { vm, .. } => Some(vm),
-            Job::Restore { .. } => None,
+            Job::Restore { .. } | Job::SwapOut(_) | Job::SwapIn(_) => None,
+        }
+    }
+
+    /// The seq of the committed save a swap-out writes, if this is one.
+    pub(super) fn swap_out_seq(&self) -> Option<u64> {
+        match &self.job {
+            Job::SwapOut(job) => Some(job.seq),
+            _ => None,
+        }
+    }
+
+    /// The swap this operation runs, if it is one.
+    fn swap_watch(&self) -> Option<&SwapWatch> {
+        match &self.job {
+            Job::SwapOut(job) => Some(&job.watch),
+            Job::SwapIn(job) => Some(&job.watch),
+            _ => None,
         }
     }
 
@@ -93,7 +116,7 @@ fn body<T: serde::Serialize>(value: &T) -> ApiResponse {
 
 /// Starts `work` on a thread named `name`; when it is done its result goes to the returned
 /// receiver and `done` is written (the control loop watches it).
-fn spawn_worker<T: Send + 'static>(
+pub(super) fn spawn_worker<T: Send + 'static>(
     name: &str,
     done: &EventFd,
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -135,6 +158,27 @@ impl Vmm {
                 let _ = message.reply.send(Err(refusal));
                 return None;
             }
+            if let Some(watch) = operation.swap_watch() {
+                let answer = match &message.request {
+                    ApiRequest::NvStatus => Some(match watch.status() {
+                        Some(status) => body(&status),
+                        None => Err(operation.busy(message.request.operation().path())),
+                    }),
+                    ApiRequest::NvPowerFail | ApiRequest::NvSuspend => {
+                        operation.swap_out_seq().map(|seq| {
+                            Err(ApiError::conflict(format!(
+                                "vm.nv-swap-out is in progress: the VM's state is committed \
+                                 already (seq {seq}, planned suspend)"
+                            )))
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(answer) = answer {
+                    let _ = message.reply.send(answer);
+                    return None;
+                }
+            }
             if let Some(vm) = operation.shared_vm() {
                 let answer = match &message.request {
                     ApiRequest::VmInfo => Some(body(&VmInfoResponse {
@@ -165,6 +209,14 @@ impl Vmm {
                 self.start_restore(request, reply);
                 None
             }
+            ApiRequest::NvSwapOut(request) => {
+                self.start_swap_out(request, reply);
+                None
+            }
+            ApiRequest::NvSwapIn(request) => {
+                self.start_swap_in(request, reply);
+                None
+            }
             ApiRequest::NvRegions(query) => {
                 let region = query.region;
                 let listing = move || -> Result<(), Error> {
@@ -189,7 +241,12 @@ impl Vmm {
     }
 
     /// Its worker runs: the loop holds the request's reply until [`Self::finish_long_operation`].
-    fn begin_long_operation(&mut self, request: Operation, reply: Sender<ApiResponse>, job: Job) {
+    pub(super) fn begin_long_operation(
+        &mut self,
+        request: Operation,
+        reply: Sender<ApiResponse>,
+        job: Job,
+    ) {
         self.long_operation = Some(LongOperation {
             request,
             started: Instant::now(),
@@ -269,12 +326,11 @@ impl Vmm {
         }
     }
 
-    /// The worker said it is done: take its result back and answer its request.
-    pub(super) fn finish_long_operation(&mut self) {
+    /// The worker said it is done: take its result back and answer its request. Returns `Some`
+    /// when the VMM must now end (a swap-out that committed, or one that cannot go back).
+    pub(super) fn finish_long_operation(&mut self) -> Option<VmmExit> {
         let _ = self.long_operation_done.read();
-        let Some(operation) = self.long_operation.take() else {
-            return;
-        };
+        let operation = self.long_operation.take()?;
         let LongOperation {
             request,
             started,
@@ -292,7 +348,7 @@ impl Vmm {
                         reply,
                         job: Job::Snapshot { vm, result },
                     });
-                    return;
+                    return None;
                 };
                 match Arc::try_unwrap(vm) {
                     Ok(vm) => self.vm = Some(vm),
@@ -322,7 +378,7 @@ impl Vmm {
                         reply,
                         job: Job::Restore { result },
                     });
-                    return;
+                    return None;
                 };
                 match result {
                     Ok(vm) => {
@@ -334,8 +390,37 @@ impl Vmm {
                     Err(e) => Err(api_error(Operation::Restore, e)),
                 }
             }
+            Job::SwapOut(job) => {
+                let Ok(outcome) = job.result.try_recv() else {
+                    self.long_operation = Some(LongOperation {
+                        request,
+                        started,
+                        reply,
+                        job: Job::SwapOut(job),
+                    });
+                    return None;
+                };
+                log::info!("vm.nv-swap-out finished in {took} ms");
+                let (answer, exit) = self.finish_swap_out(job, outcome);
+                let _ = reply.send(answer);
+                return exit;
+            }
+            Job::SwapIn(job) => {
+                let Ok(outcome) = job.result.try_recv() else {
+                    self.long_operation = Some(LongOperation {
+                        request,
+                        started,
+                        reply,
+                        job: Job::SwapIn(job),
+                    });
+                    return None;
+                };
+                log::info!("vm.nv-swap-in finished in {took} ms");
+                self.finish_swap_in(outcome)
+            }
         };
         let _ = reply.send(answer);
+        None
     }
 
     /// The VMM ends while a worker still runs: answer its client, and never unmap the VM under
@@ -351,7 +436,10 @@ impl Vmm {
             match operation.job {
                 Job::Snapshot { .. } =>
                     " (the snapshot directory has no complete state.json: it cannot be restored)",
-                Job::Restore { .. } => "",
+                Job::SwapOut(_) =>
+                    " (the VM's state is committed: it is resident, or swapped \
+                                    out with a complete file)",
+                Job::Restore { .. } | Job::SwapIn(_) => "",
             }
         );
         let _ = operation.reply.send(Err(ApiError::new(
@@ -395,6 +483,8 @@ mod tests {
             ApiRequest::VmReboot,
             ApiRequest::VmBoot,
             ApiRequest::VmDelete,
+            ApiRequest::NvSwapOut(Default::default()),
+            ApiRequest::NvSwapIn(Default::default()),
         ] {
             assert!(
                 !allowed_meanwhile(&refused),
