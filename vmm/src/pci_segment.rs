@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use devices::pci::{
     Bar, BarKind, BarRelocation, BarRelocationHandler, MsiInterruptSink, PciBdf, PciBus,
@@ -464,12 +464,17 @@ impl BarMap {
     }
 }
 
-/// Moves a BAR's region (and its ioeventfds) when the guest reprograms the BAR.
-struct SegmentRelocation(Arc<Mutex<BarMap>>);
+/// Moves a BAR's region (and its ioeventfds) when the guest reprograms the BAR. Weak: the
+/// buses hold the configuration mechanisms, which hold the PCI bus, which holds this handler;
+/// a strong handle on the map (which holds the buses) would keep all of them alive forever.
+struct SegmentRelocation(Weak<Mutex<BarMap>>);
 
 impl BarRelocationHandler for SegmentRelocation {
     fn relocate(&mut self, bdf: PciBdf, relocation: &BarRelocation) {
-        let mut map = lock(&self.0);
+        let Some(map) = self.0.upgrade() else {
+            return;
+        };
+        let mut map = lock(&map);
         log::debug!(
             "pci: {bdf} BAR {} moves from {:#x} to {:#x}",
             relocation.index,
@@ -566,7 +571,7 @@ impl PciSegment {
             mmio_bus: Arc::clone(mmio_bus),
             devices: BTreeMap::new(),
         }));
-        lock(&bus).set_relocation_handler(Box::new(SegmentRelocation(Arc::clone(&bars))));
+        lock(&bus).set_relocation_handler(Box::new(SegmentRelocation(Arc::downgrade(&bars))));
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&bus))));
         pio_bus
             .insert(

@@ -592,3 +592,24 @@ fn legacy_gsis_still_reach_their_ioapic_pins_after_msi_routes_are_written() {
     com1.write(1).unwrap();
     assert!(platform.wait_irr(0x34), "GSI 4 lost its IOAPIC route");
 }
+
+/// Nothing of the segment keeps the buses alive once the VM's device manager lets go: a VM
+/// that ends (or reboots) drops its devices, their files and threads.
+#[test]
+fn dropping_the_segment_and_the_buses_frees_them() {
+    if !kvm_available("dropping_the_segment_and_the_buses_frees_them") {
+        return;
+    }
+    let platform = Platform::new();
+    let register = devices::pci::REG_BAR0 + 4 * REG_BAR as u16;
+    platform.ecam_write(1, register, platform.bar(REG_BAR).address as u32 + 0x1000);
+    let (pio, mmio) = (
+        Arc::downgrade(&platform.pio),
+        Arc::downgrade(&platform.mmio),
+    );
+    let function = Arc::downgrade(&platform.function);
+    drop(platform);
+    assert!(pio.upgrade().is_none(), "the port bus leaked");
+    assert!(mmio.upgrade().is_none(), "the MMIO bus leaked");
+    assert!(function.upgrade().is_none(), "the device leaked");
+}
