@@ -246,6 +246,34 @@ fn ch_remote(socket: &Path, arguments: &[&str]) -> Output {
         .expect("running ch-remote")
 }
 
+/// `ch-remote nv-persist list --region` (no socket) shows VM "a" swapped out to `file`, and "b"
+/// running without a swap file.
+fn listing_names_the_swap_file(region: &Path, file: &Path) {
+    let output = Command::new(binaries::ch_remote())
+        .args(["nv-persist", "list", "--region"])
+        .arg(region)
+        .output()
+        .expect("running ch-remote");
+    assert!(output.status.success(), "{}", text(&output));
+    let listing: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("the listing is JSON");
+    let vm = |name: &str| {
+        listing["vms"]
+            .as_array()
+            .and_then(|vms| vms.iter().find(|vm| vm["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no VM {name} in {listing}"))
+    };
+    let a = vm("a");
+    assert_eq!(a["state"], "swapped-out", "{a}");
+    assert_eq!(a["swap_file"]["path"], file.display().to_string(), "{a}");
+    let size = std::fs::metadata(file).expect("the swap file").len();
+    assert_eq!(a["swap_file"]["file_size"], size, "{a}");
+    let b = vm("b");
+    assert_eq!(b["state"], "running", "{b}");
+    assert!(b.get("swap_file").is_none(), "{b}");
+}
+
 fn text(output: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -328,6 +356,7 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     swap_out_with_ch_remote(&mut a, &mut vmm_a, &file);
     keeps_running(&mut vmm_b, 2);
     assert_eq!(status_of(&region, "a"), "swapped-out");
+    listing_names_the_swap_file(&region, &file);
 
     // Back with --nv swap-in=FILE, with an event monitor: the file goes once it is resident.
     let (label, mut arguments) = a.arguments(Start::SwapIn {

@@ -662,6 +662,16 @@ pub struct NvRegionVm {
     /// How the last save went, when the region holds its report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_save: Option<NvLastSave>,
+    /// The swap file of a swapped-out VM, as the region's VM table records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_file: Option<NvSwapFile>,
+}
+
+/// Where a swapped-out VM is (`NvRegionVm::swap_file`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvSwapFile {
+    pub path: String,
+    pub file_size: u64,
 }
 
 /// Body of `GET /vmm.nv-regions`.

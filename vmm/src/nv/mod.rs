@@ -24,7 +24,7 @@ mod swap;
 
 use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle};
 
-use crate::api::{NvLastSave, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus};
+use crate::api::{NvLastSave, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus, NvSwapFile};
 use crate::config::NvConfig;
 use crate::{Error, ErrorKind};
 
@@ -180,6 +180,10 @@ pub fn region_listing(path: &str) -> Result<NvRegionListing, Error> {
                 last_save_sequence: summary.last_save_seq,
                 resumable: region.inspect_recovery(&summary.name).is_ok(),
                 last_save: summary.last_save.as_ref().map(NvLastSave::from),
+                swap_file: summary.swap.as_ref().map(|record| NvSwapFile {
+                    path: record.path.display().to_string(),
+                    file_size: record.file_size,
+                }),
             })
             .collect(),
     })
