@@ -519,6 +519,20 @@ impl Region {
         table: &VmTable,
         lengths: &[u64],
     ) -> Result<Vec<u64>> {
+        let offsets = Self::place_extents(shared, table, lengths)?;
+        for (offset, len) in offsets.iter().zip(lengths) {
+            shared.store.reserve(*offset, *len)?;
+        }
+        Ok(offsets)
+    }
+
+    /// Places extents of `lengths` (growing the store if needed) without reserving their
+    /// space: the caller reserves what it will not write itself.
+    pub(crate) fn place_extents(
+        shared: &mut Shared,
+        table: &VmTable,
+        lengths: &[u64],
+    ) -> Result<Vec<u64>> {
         let sb = shared.superblock.clone();
         let requested = lengths
             .iter()
@@ -549,9 +563,6 @@ impl Region {
                 return Err(out_of_space(table));
             }
             Self::update_superblock(shared, |sb| sb.region_size = needed)?;
-        }
-        for (offset, len) in offsets.iter().zip(lengths) {
-            shared.store.reserve(*offset, *len)?;
         }
         Ok(offsets)
     }

@@ -135,6 +135,8 @@ pub(crate) struct Contents {
     pub checksum: u32,
     pub state: Vec<u8>,
     pub config: Vec<u8>,
+    /// The memory the file holds pages of: (offset, len) runs, ascending, adjacent runs merged.
+    pub present: Vec<(u64, u64)>,
 }
 
 fn padded(len: usize) -> usize {
@@ -668,6 +670,7 @@ pub(crate) fn read(
     reader.take(area_len)?.expect("checked above");
     let chunk_count = meta.memory_size.div_ceil(CHUNK_SIZE);
     let (mut next_index, mut records, mut pages) = (0u64, 0u64, 0u64);
+    let mut present: Vec<(u64, u64)> = Vec::new();
     let ended = |what: &str| truncated(format!("ends inside {what}"));
     loop {
         match reader.peek_magic()? {
@@ -725,22 +728,27 @@ pub(crate) fn read(
                 },
             ));
         }
-        if let Some(sink) = sink.as_mut() {
-            // One call per run of consecutive present pages.
-            let mut at = 0usize;
-            let mut page = 0u64;
-            while page < CHUNK_PAGES {
-                let present = |p: u64| header.bitmap[p as usize / 8] & (1 << (p % 8)) != 0;
-                if !present(page) {
-                    page += 1;
-                    continue;
-                }
-                let run = (page..CHUNK_PAGES).take_while(|p| present(*p)).count();
-                let len = run * PAGE_SIZE as usize;
-                sink(chunk_start + page * PAGE_SIZE, &data[at..at + len])?;
-                at += len;
-                page += run as u64;
+        // One sink call per run of consecutive present pages.
+        let mut at = 0usize;
+        let mut page = 0u64;
+        while page < CHUNK_PAGES {
+            let is_present = |p: u64| header.bitmap[p as usize / 8] & (1 << (p % 8)) != 0;
+            if !is_present(page) {
+                page += 1;
+                continue;
             }
+            let run = (page..CHUNK_PAGES).take_while(|p| is_present(*p)).count();
+            let len = run * PAGE_SIZE as usize;
+            let offset = chunk_start + page * PAGE_SIZE;
+            if let Some(sink) = sink.as_mut() {
+                sink(offset, &data[at..at + len])?;
+            }
+            match present.last_mut() {
+                Some((start, run_len)) if *start + *run_len == offset => *run_len += len as u64,
+                _ => present.push((offset, len as u64)),
+            }
+            at += len;
+            page += run as u64;
         }
         next_index = index + 1;
         records += 1;
@@ -785,6 +793,7 @@ pub(crate) fn read(
         checksum: reader.crc,
         state,
         config,
+        present,
     })
 }
 

@@ -342,6 +342,20 @@ pub(crate) fn swap_out(
     })
 }
 
+/// Reserves the parts of `extent` that `present` (memory offsets and lengths, ascending)
+/// leaves out.
+fn reserve_gaps(shared: &mut Shared, extent: Extent, present: &[(u64, u64)]) -> Result<()> {
+    let mut at = 0u64;
+    for &(offset, len) in present.iter().chain(std::iter::once(&(extent.len, 0))) {
+        let offset = offset.min(extent.len);
+        if offset > at {
+            shared.store.reserve(extent.offset + at, offset - at)?;
+        }
+        at = at.max(offset.saturating_add(len).min(extent.len));
+    }
+    Ok(())
+}
+
 pub(crate) fn swap_in(
     region: &Region,
     source: &Path,
@@ -449,7 +463,19 @@ pub(crate) fn swap_in(
             let other = find_mut(&mut without, &meta.name)?;
             other.memory.len = 0;
             other.state.len = 0;
-            let offsets = Region::allocate(shared, &without, &[memory_len, state_len])?;
+            // The state extent is reserved whole; of the memory only what the file does not
+            // fill (its pages are written next, and a full file system fails that write, never
+            // a later guest access): no page is zeroed only to be overwritten.
+            let offsets = Region::place_extents(shared, &without, &[memory_len, state_len])?;
+            shared.store.reserve(offsets[1], state_len)?;
+            reserve_gaps(
+                shared,
+                Extent {
+                    offset: offsets[0],
+                    len: memory_len,
+                },
+                &contents.present,
+            )?;
             let entry = find_mut(table, &meta.name)?;
             entry.memory = Extent {
                 offset: offsets[0],
@@ -498,7 +524,7 @@ pub(crate) fn swap_in(
                     at += len;
                 }
             }
-            shared.store.reserve(memory.offset, memory.len)?;
+            reserve_gaps(&mut shared, memory, &contents.present)?;
         }
     }
     let bulk = bulk_file(&region.lock())?;
