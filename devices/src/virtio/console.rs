@@ -136,7 +136,11 @@ impl QueueWorker for ConsoleWorker {
 }
 
 /// Writes the chain's device-readable buffers to `output`, in order.
-fn transmit(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, output: &ConsoleOutput) {
+fn transmit(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    output: &ConsoleOutput,
+) {
     let mut output = output.lock().unwrap_or_else(|p| p.into_inner());
     let mut bytes = Vec::new();
     for desc in chain.readable() {

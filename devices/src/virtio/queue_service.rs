@@ -53,7 +53,10 @@ impl ServedQueue<'_> {
             };
             match queue.add_used(self.mem, head, used_len) {
                 Ok(()) => completed += 1,
-                Err(e) => error!("{}: cannot publish used entry for head {head}: {e}", self.name),
+                Err(e) => error!(
+                    "{}: cannot publish used entry for head {head}: {e}",
+                    self.name
+                ),
             }
         }
         if completed > 0 {
