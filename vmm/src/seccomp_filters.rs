@@ -248,9 +248,14 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_epoll_pwait,
 ];
 
-/// virtio-console and virtio-rng: `read` for the notify eventfds and the entropy source; the
-/// console output is a plain `write`, which every thread has.
-const STREAM_IO: &[i64] = &[libc::SYS_read];
+/// virtio-console and virtio-rng: wait for queue notifications, `read` them and the entropy
+/// source; the console output is a plain `write`, which every thread has.
+const STREAM_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+];
 
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
 /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_WAKE` from a read-only mapping of `memory-ranges`.

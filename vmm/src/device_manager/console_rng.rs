@@ -94,10 +94,16 @@ pub(super) fn open_console_output(
             let opened = Pty::open().map_err(|e| Error::device(what.clone(), e))?;
             let main = opened.main().map_err(|e| Error::device(what, e))?;
             // The operator needs the path to attach, so it is logged at the default level.
-            log::warn!(
-                "--{option} pty: the guest's {option} is on {}",
-                opened.path().display()
-            );
+            match option {
+                "serial" => log::warn!(
+                    "--serial pty: the guest's serial port is on {}",
+                    opened.path().display()
+                ),
+                _ => log::warn!(
+                    "--{option} pty: {} is the guest's virtio-console",
+                    opened.path().display()
+                ),
+            }
             let what = format!("{option} pty {}", opened.path().display());
             return Ok(Some((Box::new(LossyOutput::new(main, what)), Some(opened))));
         }
