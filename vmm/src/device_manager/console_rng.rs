@@ -64,6 +64,9 @@ impl ConsoleRng {
     }
 }
 
+/// An opened output and, for `pty`, its terminal.
+pub(super) type OpenedOutput = (Box<dyn Write + Send>, Option<Pty>);
+
 /// Where a `--serial` or `--console` writes: `None` for `off`; a pty also comes back so its path
 /// can be reported. Every output is lossy: what cannot be written is dropped and counted, never
 /// retried on the thread that wrote it. `file_error` names a `file=` that cannot be opened.
@@ -71,7 +74,7 @@ pub(super) fn open_console_output(
     option: &'static str,
     config: &ConsoleConfig,
     file_error: impl FnOnce(PathBuf, io::Error) -> Error,
-) -> Result<Option<(Box<dyn Write + Send>, Option<Pty>)>, Error> {
+) -> Result<Option<OpenedOutput>, Error> {
     let output: Box<dyn Write + Send> = match config.mode {
         ConsoleOutputMode::Off => return Ok(None),
         ConsoleOutputMode::Null => Box::new(io::sink()),
