@@ -72,8 +72,7 @@ struct Cli {
     #[arg(long, value_name = "tap=..,...", num_args = 1.., action = ArgAction::Append)]
     net: Vec<String>,
 
-    /// src=<entropy_source_path>: accepted at upstream's default src=/dev/urandom only (no
-    /// virtio-rng device).
+    /// src=<entropy_source_path>: the virtio-rng device's source (default /dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     rng: Option<String>,
 

@@ -78,6 +78,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read entropy source {path}: {source}")]
+    RngSource {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot flush the console output: {0}")]
+    ConsoleFlush(#[source] io::Error),
     #[error("cannot flush the disk image to stable storage: {0}")]
     DiskFlush(#[source] io::Error),
     #[error("PCI: {0}")]

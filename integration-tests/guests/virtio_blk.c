@@ -3,40 +3,9 @@
 #include "params.h"
 #include "port_io.h"
 #include "runtime.h"
+#include "virtio_pci.h"
 
-/* virtio-pci: the function is found through the legacy configuration ports,
- * its structures through the capability list (virtio 1.x, section 4.1). */
-#define PCI_CONFIG_ADDRESS 0xcf8
-#define PCI_CONFIG_DATA 0xcfc
-#define PCI_ID_VIRTIO_BLK 0x10421af4u /* device 0x1040 + type 2, vendor 0x1af4 */
-#define PCI_COMMAND 0x04
-#define PCI_COMMAND_MEMORY 0x2u
-#define PCI_STATUS_CAPABILITIES (0x10u << 16)
-#define PCI_BAR0 0x10
-#define PCI_CAPABILITIES 0x34
-#define PCI_CAP_VENDOR 0x09
-#define VIRTIO_PCI_CAP_COMMON 1
-#define VIRTIO_PCI_CAP_NOTIFY 2
-#define VIRTIO_PCI_CAP_DEVICE 4
-/* The VMM puts BAR 0 in the 64-bit window above RAM, which these page tables
- * do not map; the driver moves it into the mapped 32-bit window, as firmware
- * may (the VMM moves the region and its notify ioeventfd with it). */
-#define PCI_BAR0_TARGET 0xc8000000ull
-#define PCI_BAR0_TARGET_STRIDE 0x100000ull
-/* struct virtio_pci_common_cfg, with the width each field is accessed at. */
-#define COMMON_DEVICE_FEATURE_SELECT 0x00 /* 32 */
-#define COMMON_DEVICE_FEATURE 0x04	 /* 32 */
-#define COMMON_DRIVER_FEATURE_SELECT 0x08 /* 32 */
-#define COMMON_DRIVER_FEATURE 0x0c	 /* 32 */
-#define COMMON_DEVICE_STATUS 0x14	 /* 8 */
-#define COMMON_CONFIG_GENERATION 0x15	 /* 8 */
-#define COMMON_QUEUE_SELECT 0x16	 /* 16 */
-#define COMMON_QUEUE_SIZE 0x18		 /* 16 */
-#define COMMON_QUEUE_ENABLE 0x1c	 /* 16 */
-#define COMMON_QUEUE_NOTIFY_OFF 0x1e	 /* 16 */
-#define COMMON_QUEUE_DESC 0x20		 /* 2 x 32 */
-#define COMMON_QUEUE_DRIVER 0x28	 /* 2 x 32 */
-#define COMMON_QUEUE_DEVICE 0x30	 /* 2 x 32 */
+#define PCI_ID_VIRTIO_BLK VIRTIO_PCI_ID(2)
 
 /* virtio-mmio register offsets (virtio 1.x, section 4.2.2). */
 #define REG_MAGIC 0x000
@@ -351,72 +320,21 @@ static int setup_queue(struct virtio_blk *disk, const char **error)
 	return 0;
 }
 
-static uint32_t pci_read(unsigned device, unsigned offset)
-{
-	port_out32(PCI_CONFIG_ADDRESS, 0x80000000u | device << 11 | (offset & 0xfc));
-	return port_in32(PCI_CONFIG_DATA);
-}
-
-static void pci_write(unsigned device, unsigned offset, uint32_t value)
-{
-	port_out32(PCI_CONFIG_ADDRESS, 0x80000000u | device << 11 | (offset & 0xfc));
-	port_out32(PCI_CONFIG_DATA, value);
-}
-
-static uint8_t pci_read8(unsigned device, unsigned offset)
-{
-	return (uint8_t)(pci_read(device, offset) >> (8 * (offset & 3)));
-}
-
-/* Finds the first virtio-blk function on bus 0, moves its BAR 0 into the
- * mapped window and finds its structures through the capability list. */
+/* The first virtio-blk function on bus 0 (virtio_pci.c). */
 static int pci_find(struct virtio_blk *disk, const char **error)
 {
-	unsigned device = 0;
+	struct virtio_pci_function function;
 
-	while (device < 32 && pci_read(device, 0) != PCI_ID_VIRTIO_BLK)
-		device++;
-	if (device == 32) {
+	int found = virtio_pci_find(PCI_ID_VIRTIO_BLK, &function, error);
+
+	if (found == 1)
 		*error = "no virtio-blk device on virtio-mmio or PCI";
+	if (found)
 		return -1;
-	}
-	if ((pci_read(device, PCI_BAR0) & 0x7) != 0x4) {
-		*error = "virtio-pci BAR 0 is not a 64-bit memory BAR";
-		return -1;
-	}
-	uint64_t bar = PCI_BAR0_TARGET + device * PCI_BAR0_TARGET_STRIDE;
-	uint32_t command = pci_read(device, PCI_COMMAND) & 0xffff;
-	pci_write(device, PCI_COMMAND, command & ~PCI_COMMAND_MEMORY);
-	pci_write(device, PCI_BAR0, (uint32_t)bar);
-	pci_write(device, PCI_BAR0 + 4, (uint32_t)(bar >> 32));
-	pci_write(device, PCI_COMMAND, command | PCI_COMMAND_MEMORY);
-	if (!(pci_read(device, PCI_COMMAND) & PCI_STATUS_CAPABILITIES)) {
-		*error = "virtio-pci function has no capability list";
-		return -1;
-	}
-	for (unsigned at = pci_read8(device, PCI_CAPABILITIES), hops = 0; at && hops < 48;
-	     at = pci_read8(device, at + 1), hops++) {
-		if (pci_read8(device, at) != PCI_CAP_VENDOR || pci_read8(device, at + 4) != 0)
-			continue;
-		volatile uint8_t *structure = (volatile uint8_t *)(bar + pci_read(device, at + 8));
-		switch (pci_read8(device, at + 3)) {
-		case VIRTIO_PCI_CAP_COMMON:
-			disk->common = structure;
-			break;
-		case VIRTIO_PCI_CAP_NOTIFY:
-			disk->notify = (volatile uint16_t *)structure;
-			disk->notify_multiplier = pci_read(device, at + 16);
-			break;
-		case VIRTIO_PCI_CAP_DEVICE:
-			disk->device_config = structure;
-			break;
-		}
-	}
-	if (!disk->common || !disk->notify || !disk->device_config) {
-		disk->common = 0;
-		*error = "virtio-pci capabilities missing";
-		return -1;
-	}
+	disk->common = function.common;
+	disk->notify = (volatile uint16_t *)function.notify;
+	disk->notify_multiplier = function.notify_multiplier;
+	disk->device_config = function.device_config;
 	return 0;
 }
 

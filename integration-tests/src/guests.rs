@@ -17,15 +17,15 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 7] = [
-    "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck",
+pub const GUEST_NAMES: [&str; 8] = [
+    "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).
 pub const COMPILER_ENV: &str = "NV_GUEST_CC";
 
 /// Sources linked into every guest: boot stub, ring-0 setup and the ring-3 runtime.
-const COMMON_SOURCES: [&str; 7] = [
+const COMMON_SOURCES: [&str; 8] = [
     "boot.S",
     "kernel.c",
     "console.c",
@@ -33,6 +33,7 @@ const COMMON_SOURCES: [&str; 7] = [
     "clock.c",
     "runtime.c",
     "virtio_blk.c",
+    "virtio_pci.c",
 ];
 const LINKER_SCRIPT: &str = "guest.ld";
 

@@ -437,7 +437,10 @@ fn unusable_values_name_the_key_or_option() {
             &["serial", "disks[0].serial"],
         ),
         (&["--net", "tap=tap0"], &["--net", "virtio-net"]),
-        (&["--rng", "src=/dev/hwrng"], &["--rng", "rng.src"]),
+        (
+            &["--rng", "src=/dev/urandom,iommu=on"],
+            &["--rng", "rng.iommu"],
+        ),
         (
             &["--platform", "num_pci_segments=2"],
             &["--platform", "num_pci_segments"],
@@ -454,6 +457,37 @@ fn unusable_values_name_the_key_or_option() {
         ),
     ];
     assert_start_failures(&["--kernel", &kernel, "--console", "off"], cases);
+}
+
+/// Issue 14 item 3: an entropy source that cannot be read and a console file that cannot be
+/// created stop the VMM at start-up with exit 1 and one line naming the option and the path.
+#[test]
+fn unreadable_rng_source_and_uncreatable_console_file_are_named() {
+    integration_tests::require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = integration_tests::guests::guest_image("counter")
+        .unwrap_or_else(|e| panic!("building the counter guest: {e}"));
+    let kernel = kernel.to_str().unwrap();
+    let missing = dir.path().join("no-such-source");
+    let missing = missing.to_str().unwrap();
+    let unwritable = dir.path().join("no-such-dir/console.log");
+    let console = format!("file={}", unwritable.display());
+    let rng = format!("src={missing}");
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--console", "off", "--rng", &rng],
+            &["--rng", missing, "No such file"],
+        ),
+        (
+            &["--rng", &format!("src={}", dir.path().display())],
+            &["--rng", "Is a directory"],
+        ),
+        (
+            &["--console", &console],
+            &["--console", "console.log", "No such file"],
+        ),
+    ];
+    assert_start_failures(&["--kernel", kernel, "--memory", "size=32M"], cases);
 }
 
 /// What upstream's scripts pass at upstream's defaults is accepted: such a command line gets as
@@ -603,7 +637,9 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
     let tree = info["device_tree"].as_object().expect("device_tree");
     let mut ids: Vec<&String> = tree.keys().collect();
     ids.sort();
-    assert_eq!(ids, ["__serial", "_disk0"], "{info}");
+    // Upstream always has an entropy device; the console is off here. Both PCI functions
+    // follow upstream's order: the disks, then the rng.
+    assert_eq!(ids, ["__rng", "__serial", "_disk0"], "{info}");
     assert_eq!(
         tree["__serial"],
         serde_json::json!({
@@ -627,6 +663,20 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
             "pci_bdf": "0000:00:01.0"
         })
     );
+    // virtio-rng, present as upstream has it, is the next function.
+    for (id, bdf) in [("__rng", "0000:00:02.0")] {
+        let node = &tree[id];
+        assert_eq!(node["id"], id, "{info}");
+        assert_eq!(node["pci_bdf"], bdf, "{info}");
+        assert_eq!(node["children"], serde_json::json!([]), "{info}");
+        let resources = node["resources"].as_array().expect("resources");
+        assert_eq!(resources.len(), 1, "{info}");
+        assert_eq!(
+            resources[0]["MmioAddressRange"]["size"],
+            512 * 1024,
+            "{info}"
+        );
+    }
 }
 
 /// `vm.create` ignores members it does not know (upstream does; they are logged) and refuses,

@@ -16,7 +16,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use devices::console_io::{open_output_file, LossyOutput, Pty, SerialInput};
+mod console_rng;
+
+use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
@@ -32,10 +34,10 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleConfig, ConsoleOutputMode, SeccompMode, VirtioTransportKind, VmConfig};
+use crate::config::{SeccompMode, VirtioTransportKind, VmConfig};
 use crate::events::VmEvents;
 use crate::pci_segment::{KvmMsiInterrupts, PciSegment, PciSegmentState};
-use crate::seccomp_filters::device_thread_start_hook;
+use crate::seccomp_filters::{device_thread_start_hook, thread_start_hook, ThreadKind};
 use crate::vcpu::IoHandler;
 use crate::Error;
 
@@ -174,6 +176,12 @@ pub struct DevicesState {
     /// (`None` in a state saved before the PCI bus existed).
     #[serde(default)]
     pub pci: Option<PciSegmentState>,
+    /// The virtio-console function (`None` with `--console off`, or saved before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<VirtioPciState>,
+    /// The virtio-rng function (`None` in a state saved before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<VirtioPciState>,
 }
 
 pub struct DeviceManager {
@@ -182,9 +190,8 @@ pub struct DeviceManager {
     /// PCI segment 0 (host bridge; devices go on it with `PciSegment::add_device`).
     pci: PciSegment,
     com1: Option<Com1>,
-    /// `--console pty`: opened so its path can be reported as upstream does, though no
-    /// virtio-console device is attached to it yet.
-    console_pty: Option<Pty>,
+    /// virtio-console and virtio-rng, and the console's pty.
+    console_rng: console_rng::ConsoleRng,
     disks: Vec<VirtioBlockSlot>,
     /// The ACPI Generic Event Device (power button), interrupt on `GED_GSI`.
     ged: Arc<Mutex<GedDevice>>,
@@ -197,6 +204,8 @@ pub struct DeviceManager {
     activation_evt: EventFd,
     /// What every device thread runs first (its seccomp filter).
     thread_start: IoThreadStartHook,
+    /// What the console's and rng's threads run first (the `StreamIo` filter).
+    stream_thread_start: IoThreadStartHook,
 }
 
 impl DeviceManager {
@@ -218,7 +227,7 @@ impl DeviceManager {
             mmio_bus,
             pci,
             com1: None,
-            console_pty: None,
+            console_rng: console_rng::ConsoleRng::default(),
             disks: Vec::new(),
             ged: new_ged(vm_fd)?,
             vm_fd: Arc::clone(vm_fd),
@@ -226,6 +235,7 @@ impl DeviceManager {
             cmdline_tokens: Vec::new(),
             activation_evt: clone_event_fd(&events.device_activation, "clone (device activation)")?,
             thread_start: device_thread_start_hook(seccomp),
+            stream_thread_start: thread_start_hook(ThreadKind::StreamIo, seccomp),
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
@@ -234,43 +244,13 @@ impl DeviceManager {
         if config.pvpanic {
             manager.add_pvpanic()?;
         }
+        // Upstream's order on the PCI bus: the console, the disks, then the rng.
+        manager.add_virtio_console(&config.console)?;
         for disk in config.disks.iter().flatten() {
             manager.add_virtio_block(disk)?;
         }
-        manager.add_console(&config.console)?;
+        manager.add_virtio_rng(&config.rng)?;
         Ok(manager)
-    }
-
-    /// Upstream's `--console` is a virtio-console; this VMM has none yet, so the guest's console
-    /// is COM1 (`--serial`). `--console file=` is checked (the file is created, so a typo in the
-    /// path fails now as upstream's would) and `--console pty` opens a pty whose path `vm.info`
-    /// reports, so tools that look it up keep working; nothing is connected to either.
-    fn add_console(&mut self, console: &ConsoleConfig) -> Result<(), Error> {
-        match console.mode {
-            ConsoleOutputMode::Pty => {
-                let pty = Pty::open().map_err(|e| Error::device("--console pty", e))?;
-                log::warn!(
-                    "--console pty: {} opened, but no virtio-console device is attached to it \
-                     yet; the guest's console is COM1 (--serial)",
-                    pty.path().display()
-                );
-                self.console_pty = Some(pty);
-            }
-            ConsoleOutputMode::File => {
-                let path = console
-                    .file
-                    .as_ref()
-                    .ok_or_else(|| Error::Device("--console file= without a path".to_string()))?;
-                open_output_file(Path::new(path)).map_err(|source| Error::SerialOutput {
-                    path: PathBuf::from(path),
-                    source,
-                })?;
-                log::info!("--console file={path}: no virtio-console device writes to it yet");
-            }
-            // The default is tty, so only worth a debug line.
-            mode => log::debug!("--console {mode:?}: no virtio-console device in this VMM"),
-        }
-        Ok(())
     }
 
     /// The pty paths this VM's devices opened, written into `config` the way upstream reports
@@ -279,7 +259,7 @@ impl DeviceManager {
         if let Some(pty) = self.com1.as_ref().and_then(|com1| com1.pty.as_ref()) {
             config.serial.file = Some(pty.path().display().to_string());
         }
-        if let Some(pty) = &self.console_pty {
+        if let Some(pty) = &self.console_rng.console_pty {
             config.console.file = Some(pty.path().display().to_string());
         }
     }
@@ -323,47 +303,12 @@ impl DeviceManager {
     }
 
     fn add_serial(&mut self, vm_fd: &VmFd, config: &VmConfig) -> Result<(), Error> {
-        let mut pty = None;
-        // Every output is lossy: what cannot be written is dropped and counted, never retried
-        // on the vCPU that wrote it, and reported at most every few seconds.
-        let output: Box<dyn Write + Send> = match config.serial.mode {
-            ConsoleOutputMode::Off => return Ok(()),
-            ConsoleOutputMode::Null => Box::new(io::sink()),
-            ConsoleOutputMode::Tty => Box::new(LossyOutput::new(io::stdout(), "serial output")),
-            ConsoleOutputMode::File => {
-                let path =
-                    config.serial.file.as_ref().ok_or_else(|| {
-                        Error::Device("--serial file= without a path".to_string())
-                    })?;
-                let file =
-                    open_output_file(Path::new(path)).map_err(|source| Error::SerialOutput {
-                        path: PathBuf::from(path),
-                        source,
-                    })?;
-                Box::new(LossyOutput::new(file, format!("serial output {path}")))
-            }
-            ConsoleOutputMode::Pty => {
-                // A `file` in the config is the pty of an earlier run (upstream reports it
-                // there): a new one is opened every time.
-                let opened = Pty::open().map_err(|e| Error::device("--serial pty", e))?;
-                let main = opened
-                    .main()
-                    .map_err(|e| Error::device("--serial pty", e))?;
-                // The operator needs the path to attach, so it is logged at the default level.
-                log::warn!(
-                    "--serial pty: the guest's serial port is on {}",
-                    opened.path().display()
-                );
-                let what = format!("serial pty {}", opened.path().display());
-                pty = Some(opened);
-                Box::new(LossyOutput::new(main, what))
-            }
-            ConsoleOutputMode::Socket => {
-                return Err(Error::Device(
-                    "--serial socket= is not supported (use off, null, pty, tty or file=)"
-                        .to_string(),
-                ))
-            }
+        let Some((output, pty)) =
+            console_rng::open_console_output("serial", &config.serial, |path, source| {
+                Error::SerialOutput { path, source }
+            })?
+        else {
+            return Ok(());
         };
         let interrupt =
             Arc::new(EventFdInterrupt::new().map_err(|e| Error::device("serial interrupt", e))?);
@@ -556,6 +501,13 @@ impl DeviceManager {
                 Err(e) => log::error!("disk {}: activation failed: {e}", disk.path.display()),
             }
         }
+        for slot in self.console_rng.slots() {
+            match slot.with_transport(|t| t.activate_pending()) {
+                Ok(true) => log::debug!("{}: activated", slot.id),
+                Ok(false) => {}
+                Err(e) => log::error!("{}: activation failed: {e}", slot.id),
+            }
+        }
     }
 
     /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
@@ -567,6 +519,10 @@ impl DeviceManager {
         for disk in &self.disks {
             disk.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} disk {}", disk.path.display()), e))?;
+        }
+        for slot in self.console_rng.slots() {
+            slot.with_transport(&step)
+                .map_err(|e| Error::device(format!("{doing} {}", slot.id), e))?;
         }
         Ok(())
     }
@@ -683,11 +639,25 @@ impl DeviceManager {
                 .state(),
         );
         let pci = Some(self.pci.save_state()?);
+        let console = self
+            .console_rng
+            .console
+            .as_ref()
+            .map(|slot| slot.state())
+            .transpose()?;
+        let rng = self
+            .console_rng
+            .rng
+            .as_ref()
+            .map(|slot| slot.state())
+            .transpose()?;
         Ok(DevicesState {
             serial,
             disks,
             ged,
             pci,
+            console,
+            rng,
         })
     }
 
@@ -735,6 +705,7 @@ impl DeviceManager {
             }
             self.restore_disk(disk, saved)?;
         }
+        self.restore_console_rng(state.console.as_ref(), state.rng.as_ref())?;
         if let Some(saved) = &state.ged {
             self.ged
                 .lock()
@@ -753,6 +724,7 @@ impl DeviceManager {
                 self.pci.refresh_ioeventfds(*bdf)?;
             }
         }
+        self.refresh_console_rng_ioeventfds()?;
         Ok(())
     }
 

@@ -273,6 +273,8 @@ impl LandlockPolicy {
                 self.allow(path, access);
             }
         }
+        // The entropy source is opened again by a restore.
+        self.allow(&vm.rng.src, LandlockAccess::READ);
         for console in [&vm.serial, &vm.console] {
             if console.mode == ConsoleOutputMode::File {
                 if let Some(path) = &console.file {

@@ -61,6 +61,9 @@ pub enum ThreadKind {
     HttpApi,
     /// The virtio-blk request thread: reads queue notifications, does disk I/O, raises interrupts.
     BlockIo,
+    /// The virtio-console and virtio-rng request threads: read queue notifications and the
+    /// entropy source, write the console output, raise interrupts; no positioned I/O, no sync.
+    StreamIo,
     /// The `--event-monitor` writer.
     EventMonitor,
     /// Serves the guest RAM page faults of an `OnDemand` restore (userfaultfd).
@@ -68,11 +71,12 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
         ThreadKind::BlockIo,
+        ThreadKind::StreamIo,
         ThreadKind::EventMonitor,
         ThreadKind::PageFault,
     ];
@@ -248,6 +252,15 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_epoll_pwait,
 ];
 
+/// virtio-console and virtio-rng: wait for queue notifications, `read` them and the entropy
+/// source; the console output is a plain `write`, which every thread has.
+const STREAM_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+];
+
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
 /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_WAKE` from a read-only mapping of `memory-ranges`.
 const PAGE_FAULT: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
@@ -371,7 +384,10 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         ThreadKind::Vmm => vmm_ioctls(),
         ThreadKind::Vcpu => vcpu_ioctls(),
         ThreadKind::PageFault => PAGE_FAULT_IOCTLS.to_vec(),
-        ThreadKind::HttpApi | ThreadKind::BlockIo | ThreadKind::EventMonitor => Vec::new(),
+        ThreadKind::HttpApi
+        | ThreadKind::BlockIo
+        | ThreadKind::StreamIo
+        | ThreadKind::EventMonitor => Vec::new(),
     }
 }
 
@@ -382,6 +398,7 @@ fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::HttpApi => HTTP_API,
         ThreadKind::BlockIo => BLOCK_IO,
+        ThreadKind::StreamIo => STREAM_IO,
         ThreadKind::EventMonitor => EVENT_MONITOR,
         ThreadKind::PageFault => PAGE_FAULT,
     };
@@ -449,8 +466,16 @@ pub fn apply_filter_for_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), 
 /// knows nothing of seccomp. The thread is started by the control loop (or a restore worker),
 /// whose `Vmm` filter it inherits until then.
 pub fn device_thread_start_hook(mode: SeccompMode) -> devices::virtio::IoThreadStartHook {
+    thread_start_hook(ThreadKind::BlockIo, mode)
+}
+
+/// What a device thread of `kind` runs first: it installs the filter of `kind` in `mode`.
+pub fn thread_start_hook(
+    kind: ThreadKind,
+    mode: SeccompMode,
+) -> devices::virtio::IoThreadStartHook {
     std::sync::Arc::new(move || {
-        apply_filter_for_mode(ThreadKind::BlockIo, mode).map_err(|error| error.to_string())
+        apply_filter_for_mode(kind, mode).map_err(|error| error.to_string())
     })
 }
 
@@ -605,6 +630,7 @@ mod tests {
         for kind in [
             ThreadKind::Vcpu,
             ThreadKind::BlockIo,
+            ThreadKind::StreamIo,
             ThreadKind::EventMonitor,
             ThreadKind::PageFault,
         ] {
@@ -639,10 +665,18 @@ mod tests {
             ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
-        // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault.
+        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault.
         assert_eq!(
             sizes,
-            [(78, 55), (27, 4), (50, 0), (40, 0), (28, 0), (30, 3)]
+            [
+                (78, 55),
+                (27, 4),
+                (50, 0),
+                (40, 0),
+                (30, 0),
+                (28, 0),
+                (30, 3)
+            ]
         );
     }
 

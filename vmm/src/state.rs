@@ -734,6 +734,8 @@ pub(crate) mod tests {
                 disks: Vec::new(),
                 ged: None,
                 pci: None,
+                console: None,
+                rng: None,
             },
         }
     }

@@ -2,10 +2,13 @@
 //! as upstream) and virtio-mmio. Both decode their registers into one `TransportCore`.
 
 mod block;
+mod console;
 mod io_thread;
 mod mmio;
 pub mod mmio_registers;
 pub mod pci;
+mod queue_service;
+mod rng;
 mod transport;
 
 use std::collections::BTreeMap;
@@ -20,12 +23,16 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::Result;
 
 pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
+pub use console::{
+    Console, ConsoleOutput, CONSOLE_QUEUE_SIZE, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
+};
 pub use io_thread::IoThreadStartHook;
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
+pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 
 /// Device status bits (virtio 1.x, "Device Status Field").

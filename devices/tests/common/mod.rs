@@ -13,7 +13,8 @@ pub use devices::virtio::mmio_registers::*;
 /// How the VMM drives a transport (activation, pause, resume, counters).
 pub use devices::virtio::VirtioTransport;
 use devices::virtio::{
-    status, Block, MmioTransport, MmioTransportState, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    status, Block, MmioTransport, MmioTransportState, VirtioDevice, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
 };
 use devices::{Bus, EventFdInterrupt, InterruptLine};
 /// Request types and status codes by the definitions the device uses.
@@ -104,8 +105,8 @@ pub fn open_block(path: &Path, readonly: bool) -> Box<Block> {
 }
 
 impl TestDriver {
-    /// A driver for a fresh transport over `block`.
-    pub fn new(mem: GuestMemoryMmap, block: Box<Block>) -> Self {
+    /// A driver for a fresh transport over `block` (or any other device).
+    pub fn new(mem: GuestMemoryMmap, block: Box<dyn VirtioDevice>) -> Self {
         let irq = Arc::new(EventFdInterrupt::new().unwrap());
         let line: Arc<dyn InterruptLine> = irq.clone();
         let transport = MmioTransport::new(block, mem.clone(), line).unwrap();
@@ -116,7 +117,7 @@ impl TestDriver {
     /// guest memory; the driver's own bookkeeping is passed in as a guest would keep it in RAM).
     pub fn restored(
         mem: GuestMemoryMmap,
-        block: Box<Block>,
+        block: Box<dyn VirtioDevice>,
         state: &MmioTransportState,
         next_desc: u16,
         avail_idx: u16,
@@ -197,6 +198,11 @@ impl TestDriver {
     /// The virtio 1.x driver initialisation sequence ("Device Initialization"), up to and
     /// including DRIVER_OK. Returns the final status register.
     pub fn initialise(&self, features: u64) -> u32 {
+        self.initialise_with_queue(features, 0)
+    }
+
+    /// `initialise` with the test's ring layout given to queue `queue` (the others left unset).
+    pub fn initialise_with_queue(&self, features: u64, queue: u32) -> u32 {
         self.write32(REG_STATUS, 0);
         self.write32(REG_STATUS, status::ACKNOWLEDGE);
         self.write32(REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
@@ -204,13 +210,17 @@ impl TestDriver {
         let with_features = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.write32(REG_STATUS, with_features);
         assert_eq!(self.read32(REG_STATUS), with_features, "features refused");
-        self.setup_queue();
+        self.setup_queue_at(queue);
         self.write32(REG_STATUS, with_features | status::DRIVER_OK);
         self.read32(REG_STATUS)
     }
 
     pub fn setup_queue(&self) {
-        self.write32(REG_QUEUE_SEL, 0);
+        self.setup_queue_at(0);
+    }
+
+    pub fn setup_queue_at(&self, queue: u32) {
+        self.write32(REG_QUEUE_SEL, queue);
         assert_eq!(self.read32(REG_QUEUE_READY), 0);
         assert_eq!(self.read32(REG_QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
         self.write32(REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
@@ -226,7 +236,11 @@ impl TestDriver {
 
     /// The guest's notify, through the MMIO register (as a trapped MMIO write would arrive).
     pub fn notify(&self) {
-        self.write32(REG_QUEUE_NOTIFY, 0);
+        self.notify_queue(0);
+    }
+
+    pub fn notify_queue(&self, queue: u32) {
+        self.write32(REG_QUEUE_NOTIFY, queue);
     }
 
     /// Notifies, waits for as many new used entries as `expected` has, and checks they are

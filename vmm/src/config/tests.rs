@@ -637,7 +637,12 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
         (
             &[("rng", "src=/dev/random")],
             json!({"rng": {"src": "/dev/random"}}),
-            Some("rng.src"),
+            None,
+        ),
+        (
+            &[("rng", "src=/dev/urandom,iommu=on")],
+            json!({"rng": {"src": "/dev/urandom", "iommu": true}}),
+            Some("rng.iommu"),
         ),
         (
             &[("platform", "num_pci_segments=1")],
@@ -751,12 +756,18 @@ fn rng_platform_and_net() {
         ..Default::default()
     })
     .is_ok());
+    let rng = with(VmOptionStrings {
+        rng: Some("src=/dev/hwrng"),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(rng.rng.src, "/dev/hwrng");
     assert_not_supported(
         with(VmOptionStrings {
-            rng: Some("src=/dev/hwrng"),
+            rng: Some("iommu=on"),
             ..Default::default()
         }),
-        "rng.src",
+        "rng.iommu",
     );
     let platform = with(VmOptionStrings {
         platform: Some("num_pci_segments=1,iommufd=off"),

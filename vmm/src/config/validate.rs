@@ -549,14 +549,15 @@ impl VmConfig {
                 return Err(unimplemented_device(option, &value.to_string()));
             }
         }
-        if self.rng.src != DEFAULT_RNG_SOURCE || self.rng.iommu {
+        // Any source is accepted here; the device opens it at start-up and a source that
+        // cannot be read fails there, naming it.
+        if self.rng.iommu {
             return Err(not_supported(
                 "rng",
-                "src",
-                "rng.src".into(),
-                self.rng.src.clone(),
-                "there is no virtio-rng device; upstream's default src=/dev/urandom is accepted \
-                 (and offers the guest nothing here)",
+                "iommu",
+                "rng.iommu".into(),
+                "on".into(),
+                "there is no virtual IOMMU",
             ));
         }
         let flags = [

@@ -1,0 +1,137 @@
+//! The service loop of a device whose requests are independent descriptor chains served one at a
+//! time (virtio-console's transmit queue, virtio-rng): pop, serve, publish, interrupt.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::error;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::io_thread::{IoThread, QueueWorker};
+use super::{ActivationContext, VirtioInterrupt};
+use crate::{Error, Result};
+
+/// One queue of a device and what serving it needs.
+pub(crate) struct ServedQueue<'a> {
+    /// Names the device in log lines.
+    pub name: &'static str,
+    pub mem: &'a GuestMemoryMmap,
+    pub queue: &'a Mutex<Queue>,
+    /// The queue's index, for its interrupt.
+    pub index: u16,
+    pub interrupt: &'a VirtioInterrupt,
+}
+
+impl ServedQueue<'_> {
+    /// Serves posted chains with `serve` (which returns the bytes it wrote into the chain) until
+    /// none is left or `pause_requested` is set, checked between chains only: a chain popped is
+    /// served and published before a pause is acknowledged, so a save never sees it half done.
+    /// Interrupts the driver once at the end if it completed any and the driver wants it.
+    /// Returns how many chains it completed.
+    pub fn serve(
+        &self,
+        pause_requested: &AtomicBool,
+        mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) -> usize {
+        let mut completed = 0usize;
+        while !pause_requested.load(Ordering::SeqCst) {
+            // The lock is not held while serving, so the vCPU's register reads do not wait.
+            let Ok(mut queue) = self.queue.lock() else {
+                error!("{}: queue lock poisoned; stopping service", self.name);
+                return completed;
+            };
+            let Some(chain) = queue.pop_descriptor_chain(self.mem) else {
+                break;
+            };
+            drop(queue);
+            let head = chain.head_index();
+            let used_len = serve(chain);
+            let Ok(mut queue) = self.queue.lock() else {
+                error!("{}: queue lock poisoned; stopping service", self.name);
+                return completed;
+            };
+            match queue.add_used(self.mem, head, used_len) {
+                Ok(()) => completed += 1,
+                Err(e) => error!(
+                    "{}: cannot publish used entry for head {head}: {e}",
+                    self.name
+                ),
+            }
+        }
+        if completed > 0 {
+            let notify = match self.queue.lock() {
+                Ok(mut queue) => queue.needs_notification(self.mem).unwrap_or(true),
+                Err(_) => true,
+            };
+            if notify {
+                if let Err(e) = self.interrupt.signal_used_queue(self.index) {
+                    error!("{}: cannot raise the interrupt: {e}", self.name);
+                }
+            }
+        }
+        completed
+    }
+}
+
+/// The I/O thread of a device, from activation to reset: started once, paused and resumed around
+/// a save, stopped (joined) on reset or drop.
+#[derive(Default)]
+pub(crate) struct ServiceThread(Option<IoThread>);
+
+impl ServiceThread {
+    /// Starts `worker` on a thread named `name` with the activation's notifications, paused if
+    /// the activation says so, confined by its start hook.
+    pub fn start<W: QueueWorker>(
+        &mut self,
+        name: &str,
+        worker: W,
+        ctx: ActivationContext,
+    ) -> Result<()> {
+        if self.0.is_some() {
+            return Err(Error::AlreadyActivated);
+        }
+        self.0 = Some(IoThread::spawn(
+            name,
+            worker,
+            ctx.queue_evts,
+            ctx.start_paused,
+            ctx.io_thread_start,
+        )?);
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Stops and joins the thread after the chain in progress.
+    pub fn stop(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn pause(&mut self) -> Result<()> {
+        self.0.as_mut().map_or(Ok(()), IoThread::pause)
+    }
+
+    pub fn resume(&mut self) -> Result<()> {
+        self.0.as_mut().map_or(Ok(()), IoThread::resume)
+    }
+}
+
+/// The queue at `index` of an activation, checked to be usable in its memory.
+pub(crate) fn usable_queue(ctx: &ActivationContext, index: usize) -> Result<Arc<Mutex<Queue>>> {
+    let queue = ctx
+        .queues
+        .get(index)
+        .cloned()
+        .ok_or(Error::QueueNotUsable(index))?;
+    if !queue
+        .lock()
+        .map_err(|_| Error::QueueLockPoisoned)?
+        .is_valid(&ctx.mem)
+    {
+        return Err(Error::QueueNotUsable(index));
+    }
+    Ok(queue)
+}
