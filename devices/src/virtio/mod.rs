@@ -4,6 +4,7 @@
 mod block;
 mod io_thread;
 mod mmio;
+mod net;
 pub mod mmio_registers;
 pub mod pci;
 mod transport;
@@ -24,6 +25,9 @@ pub use io_thread::IoThreadStartHook;
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+};
+pub use net::{
+    tap_offloads, Net, NetParams, Tap, TapError, NET_QUEUE_SIZE, NEW_TAP_TEMPLATE, VNET_HDR_LEN,
 };
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
