@@ -63,18 +63,22 @@ pub enum ThreadKind {
     BlockIo,
     /// The `--event-monitor` writer.
     EventMonitor,
+    /// The virtio-net thread: reads queue notifications, moves packets between the guest's
+    /// buffers and the tap (`readv`/`writev`), raises interrupts.
+    NetIo,
     /// Serves the guest RAM page faults of an `OnDemand` restore (userfaultfd).
     PageFault,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
         ThreadKind::BlockIo,
         ThreadKind::EventMonitor,
         ThreadKind::PageFault,
+        ThreadKind::NetIo,
     ];
 }
 
@@ -186,6 +190,9 @@ const VMM: &[i64] = &[
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_prlimit64,
+    // `--net` without a tap name: the new tap's address, MTU and flags are set through an
+    // AF_INET socket's SIOCSIF* requests.
+    libc::SYS_socket,
 ];
 
 /// A vCPU runs KVM_RUN (`ioctl`, see `VCPU_IOCTLS`) and serves exits in place with what `COMMON`
@@ -242,6 +249,31 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+];
+
+/// Network packets: wait for queue notifications and the tap, move packets (`writev` is common).
+const NET_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+];
+
+/// The tap requests of the control loop: attach (`TUNSETIFF`), check a handed-over descriptor
+/// (`TUNGETIFF`), the virtio-net header size and offloads (also at a restore's activation), and
+/// a new tap's address, netmask, MAC, MTU and flags.
+const TAP_IOCTLS: [u64; 10] = [
+    libc::TUNSETIFF as u64,
+    libc::TUNGETIFF as u64,
+    libc::TUNSETOFFLOAD as u64,
+    libc::TUNSETVNETHDRSZ as u64,
+    libc::SIOCSIFADDR as u64,
+    libc::SIOCSIFNETMASK as u64,
+    libc::SIOCSIFHWADDR as u64,
+    libc::SIOCSIFMTU as u64,
+    libc::SIOCGIFFLAGS as u64,
+    libc::SIOCSIFFLAGS as u64,
 ];
 
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
@@ -358,6 +390,7 @@ fn vmm_ioctls() -> Vec<u64> {
         .chain(terminal)
         .chain(userfaultfd)
         .chain(PAGE_FAULT_IOCTLS.iter().copied())
+        .chain(TAP_IOCTLS)
         .collect()
 }
 
@@ -367,7 +400,10 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         ThreadKind::Vmm => vmm_ioctls(),
         ThreadKind::Vcpu => vcpu_ioctls(),
         ThreadKind::PageFault => PAGE_FAULT_IOCTLS.to_vec(),
-        ThreadKind::HttpApi | ThreadKind::BlockIo | ThreadKind::EventMonitor => Vec::new(),
+        ThreadKind::HttpApi
+        | ThreadKind::BlockIo
+        | ThreadKind::EventMonitor
+        | ThreadKind::NetIo => Vec::new(),
     }
 }
 
@@ -378,6 +414,7 @@ fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::HttpApi => HTTP_API,
         ThreadKind::BlockIo => BLOCK_IO,
+        ThreadKind::NetIo => NET_IO,
         ThreadKind::EventMonitor => EVENT_MONITOR,
         ThreadKind::PageFault => PAGE_FAULT,
     };
@@ -445,8 +482,17 @@ pub fn apply_filter_for_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), 
 /// knows nothing of seccomp. The thread is started by the control loop (or a restore worker),
 /// whose `Vmm` filter it inherits until then.
 pub fn device_thread_start_hook(mode: SeccompMode) -> devices::virtio::IoThreadStartHook {
+    thread_start_hook(ThreadKind::BlockIo, mode)
+}
+
+/// The same for a virtio-net device's thread: it installs the `NetIo` filter.
+pub fn net_thread_start_hook(mode: SeccompMode) -> devices::virtio::IoThreadStartHook {
+    thread_start_hook(ThreadKind::NetIo, mode)
+}
+
+fn thread_start_hook(kind: ThreadKind, mode: SeccompMode) -> devices::virtio::IoThreadStartHook {
     std::sync::Arc::new(move || {
-        apply_filter_for_mode(ThreadKind::BlockIo, mode).map_err(|error| error.to_string())
+        apply_filter_for_mode(kind, mode).map_err(|error| error.to_string())
     })
 }
 
@@ -585,6 +631,7 @@ mod tests {
             ThreadKind::BlockIo,
             ThreadKind::EventMonitor,
             ThreadKind::PageFault,
+            ThreadKind::NetIo,
         ] {
             for call in allow_list(kind) {
                 assert!(
@@ -617,10 +664,10 @@ mod tests {
             ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
-        // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault.
+        // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault, NetIo.
         assert_eq!(
             sizes,
-            [(76, 55), (27, 4), (50, 0), (40, 0), (28, 0), (30, 3)]
+            [(77, 65), (27, 4), (50, 0), (40, 0), (28, 0), (30, 3), (32, 0)]
         );
     }
 

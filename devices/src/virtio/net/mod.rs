@@ -54,6 +54,10 @@ pub struct NetParams {
     pub queue_size: u16,
     /// Offered with `VIRTIO_NET_F_MTU` when set.
     pub mtu: Option<u16>,
+    /// Offer checksum offload (`CSUM`, `GUEST_CSUM`); upstream's `offload_csum`.
+    pub offload_csum: bool,
+    /// Offer TCP segmentation offload both ways (needs `offload_csum`); upstream's `offload_tso`.
+    pub offload_tso: bool,
 }
 
 /// Per-device counters for `vm.counters`, as upstream names them.
@@ -77,8 +81,9 @@ pub struct Net {
 }
 
 impl Net {
-    /// A device on `tap`, which must have one descriptor per queue pair.
-    pub fn new(tap: Tap, params: NetParams) -> Result<Self> {
+    /// A device on `tap`, which must have one descriptor per queue pair. The tap is shared so
+    /// a restore can rebuild the device on the same descriptors.
+    pub fn new(tap: Arc<Tap>, params: NetParams) -> Result<Self> {
         if params.queue_pairs == 0 || tap.queue_pairs() != params.queue_pairs {
             return Err(Error::NetQueuePairs {
                 asked: params.queue_pairs,
@@ -95,7 +100,7 @@ impl Net {
         config_space[8..10].copy_from_slice(&(params.queue_pairs as u16).to_le_bytes());
         config_space[10..12].copy_from_slice(&params.mtu.unwrap_or(0).to_le_bytes());
         Ok(Self {
-            tap: Arc::new(tap),
+            tap,
             params,
             queue_sizes,
             config_space,
@@ -139,21 +144,22 @@ impl VirtioDevice for Net {
     }
 
     fn available_features(&self) -> u64 {
-        let mut features = [
-            VIRTIO_NET_F_MAC,
-            VIRTIO_NET_F_STATUS,
-            VIRTIO_NET_F_MRG_RXBUF,
-            VIRTIO_NET_F_CSUM,
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_GUEST_TSO6,
-            VIRTIO_NET_F_GUEST_ECN,
-            VIRTIO_NET_F_HOST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-            VIRTIO_NET_F_HOST_ECN,
-        ]
-        .iter()
-        .fold(1u64 << VIRTIO_F_VERSION_1, |f, bit| f | (1u64 << bit));
+        let bits = |bits: &[u32]| bits.iter().fold(0u64, |f, bit| f | (1u64 << bit));
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | bits(&[VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF]);
+        if self.params.offload_csum {
+            features |= bits(&[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM]);
+            if self.params.offload_tso {
+                features |= bits(&[
+                    VIRTIO_NET_F_GUEST_TSO4,
+                    VIRTIO_NET_F_GUEST_TSO6,
+                    VIRTIO_NET_F_GUEST_ECN,
+                    VIRTIO_NET_F_HOST_TSO4,
+                    VIRTIO_NET_F_HOST_TSO6,
+                    VIRTIO_NET_F_HOST_ECN,
+                ]);
+            }
+        }
         if self.params.mtu.is_some() {
             features |= 1u64 << VIRTIO_NET_F_MTU;
         }
