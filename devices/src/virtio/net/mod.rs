@@ -610,7 +610,10 @@ impl QueueWorker for NetWorker {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod offload_tests {
     use super::*;
 
     #[test]

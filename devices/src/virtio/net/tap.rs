@@ -320,6 +320,19 @@ impl Tap {
     }
 }
 
+/// Lets the device tests build a `struct ifreq` for a tun of their own.
+#[cfg(test)]
+pub(super) mod tests_support {
+    pub fn ifreq(name: &str, flags: u16) -> [u8; 40] {
+        let mut req = super::IfReq::named(name).unwrap();
+        req.set_flags(flags);
+        let mut bytes = [0u8; 40];
+        bytes[..16].copy_from_slice(&req.name);
+        bytes[16..].copy_from_slice(&req.data);
+        bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
