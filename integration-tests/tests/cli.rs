@@ -440,7 +440,10 @@ fn unusable_values_name_the_key_or_option() {
             &["--net", "tap=tap0,mac=00:11:22:33:44"],
             &["--net", "invalid mac \"00:11:22:33:44\""],
         ),
-        (&["--net", "tap=tap0,num_queues=3"], &["--net", "num_queues=3"]),
+        (
+            &["--net", "tap=tap0,num_queues=3"],
+            &["--net", "num_queues=3"],
+        ),
         (&["--rng", "src=/dev/hwrng"], &["--rng", "rng.src"]),
         (
             &["--platform", "num_pci_segments=2"],

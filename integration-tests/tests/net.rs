@@ -86,7 +86,12 @@ fn inheritable_tap(name: &str) -> OwnedFd {
     req[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq.
     let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF as _, req.as_mut_ptr()) };
-    assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
     owned
 }
 
@@ -99,8 +104,7 @@ fn has_counter_line(log: &str) -> bool {
 }
 
 fn power_fail(vmm: &mut VmmProcess) -> String {
-    let stderr =
-        vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(
         stderr.contains("power-fail save committed"),
         "no save report:\n{stderr}"
@@ -118,7 +122,10 @@ fn assert_continues(before: &str, after: &str) {
     let last_before = counter_lines(before).last().map(|l| l.counter);
     let first_after = counter_lines(after).first().map(|l| l.counter).unwrap();
     if let Some(last_before) = last_before {
-        assert!(first_after > last_before, "{last_before} then {first_after}");
+        assert!(
+            first_after > last_before,
+            "{last_before} then {first_after}"
+        );
     }
     assert_counter_advances(after, 1);
 }
@@ -238,14 +245,21 @@ fn bad_net_input_is_refused_with_exit_1_and_a_clear_line() {
                 "tap=nvtap0,num_queues=3",
                 &["--net", "num_queues=3"],
             ),
-            ("fd-not-a-tap", "fd=0", &["--net", "descriptor 0 is not a tap"]),
+            (
+                "fd-not-a-tap",
+                "fd=0",
+                &["--net", "descriptor 0 is not a tap"],
+            ),
         ];
         for (label, net, needles) in cases {
             let mut vmm = spawn(&dir_path, label, &base(net));
             let stderr = vmm.expect_exit(1, label);
             assert!(!stderr.contains("panicked"), "{label}: {stderr}");
             for needle in *needles {
-                assert!(stderr.contains(needle), "{label}: no {needle:?} in:\n{stderr}");
+                assert!(
+                    stderr.contains(needle),
+                    "{label}: no {needle:?} in:\n{stderr}"
+                );
             }
         }
         // Without CAP_NET_ADMIN a missing tap cannot be created.

@@ -140,9 +140,7 @@ impl DiskTransport {
     }
 
     /// The transport's saved state: (virtio-mmio, virtio-pci), one of them set.
-    fn save(
-        &self,
-    ) -> devices::Result<(Option<MmioTransportState>, Option<VirtioPciState>)> {
+    fn save(&self) -> devices::Result<(Option<MmioTransportState>, Option<VirtioPciState>)> {
         Ok(match self {
             DiskTransport::Pci { device, .. } => (None, Some(lock_or_recover(device).state()?)),
             DiskTransport::Mmio { transport, .. } => {
@@ -957,7 +955,12 @@ impl DeviceManager {
                 net.id, saved.version
             )));
         }
-        if net.config.mac.as_deref().is_some_and(|mac| mac != saved.mac) {
+        if net
+            .config
+            .mac
+            .as_deref()
+            .is_some_and(|mac| mac != saved.mac)
+        {
             log::warn!(
                 "net {}: state saved with MAC {} restored onto MAC {}",
                 net.id,
@@ -1075,7 +1078,10 @@ fn open_tap(config: &crate::config::NetConfig) -> Result<Tap, Error> {
                 Error::Device(format!("--net: ip={} is not an IPv4 address", config.ip))
             })?;
             let mask = config.mask.parse().map_err(|_| {
-                Error::Device(format!("--net: mask={} is not an IPv4 netmask", config.mask))
+                Error::Device(format!(
+                    "--net: mask={} is not an IPv4 netmask",
+                    config.mask
+                ))
             })?;
             tap.set_ipv4(ip, mask).map_err(tap_error)?;
             tap

@@ -667,7 +667,15 @@ mod tests {
         // Vmm, Vcpu, HttpApi, BlockIo, EventMonitor, PageFault, NetIo.
         assert_eq!(
             sizes,
-            [(77, 65), (27, 4), (50, 0), (40, 0), (28, 0), (30, 3), (32, 0)]
+            [
+                (77, 65),
+                (27, 4),
+                (50, 0),
+                (40, 0),
+                (28, 0),
+                (30, 3),
+                (32, 0)
+            ]
         );
     }
 

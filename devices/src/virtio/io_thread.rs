@@ -96,7 +96,11 @@ impl IoThread {
             )
             .map_err(Error::Epoll)
         };
-        watch(control_evt.as_raw_fd(), CONTROL_TOKEN, epoll::Events::EPOLLIN)?;
+        watch(
+            control_evt.as_raw_fd(),
+            CONTROL_TOKEN,
+            epoll::Events::EPOLLIN,
+        )?;
         for (i, evt) in queue_evts.iter().enumerate() {
             watch(evt.as_raw_fd(), i as u64 + 1, epoll::Events::EPOLLIN)?;
         }

@@ -4,8 +4,8 @@
 mod block;
 mod io_thread;
 mod mmio;
-mod net;
 pub mod mmio_registers;
+mod net;
 pub mod pci;
 mod transport;
 

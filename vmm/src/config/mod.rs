@@ -17,7 +17,9 @@ mod validate;
 
 pub use model::*;
 pub use option_parser::OptionError;
-pub use parse::{format_mac, parse_mac, random_mac, snapshot_url_dir, VmOptionStrings, SNAPSHOT_URL_EXPECTED};
+pub use parse::{
+    format_mac, parse_mac, random_mac, snapshot_url_dir, VmOptionStrings, SNAPSHOT_URL_EXPECTED,
+};
 pub use validate::{host_vcpu_limit, unimplemented_device, VcpuLimit};
 
 /// A configuration that cannot be used, from the command line or JSON. Every variant names the

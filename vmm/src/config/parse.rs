@@ -262,9 +262,7 @@ const NET_SPEC: OptionSpec = OptionSpec::keyed(
     "tap ip mask mac host_mac mtu iommu num_queues queue_size id fd vhost_user socket \
         vhost_mode pci_segment offload_tso offload_ufo offload_csum transport",
 )
-.refusing(
-    "bw_size bw_one_time_burst bw_refill_time ops_size ops_one_time_burst ops_refill_time",
-);
+.refusing("bw_size bw_one_time_burst bw_refill_time ops_size ops_one_time_burst ops_refill_time");
 
 impl NetConfig {
     /// `--net tap=NAME,mac=,ip=,mask=,host_mac=,num_queues=,queue_size=,mtu=` or `fd=N`
@@ -279,10 +277,9 @@ impl NetConfig {
             .map(|fds| {
                 fds.iter()
                     .map(|fd| {
-                        fd.parse::<i32>()
-                            .ok()
-                            .filter(|fd| *fd >= 0)
-                            .ok_or_else(|| parsed.invalid("fd", fd, "expected a file descriptor number"))
+                        fd.parse::<i32>().ok().filter(|fd| *fd >= 0).ok_or_else(|| {
+                            parsed.invalid("fd", fd, "expected a file descriptor number")
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })

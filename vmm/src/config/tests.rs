@@ -624,22 +624,17 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
             json!({"disks": [{"path": "/a", "queue_affinity": [{"queue_index": 0, "host_cpus": [0]}]}]}),
             Some("queue_affinity"),
         ),
+        (&[("net", "tap=t0")], json!({"net": [{"tap": "t0"}]}), None),
         (
-            &[("net", "tap=t0")],
-            json!({"net": [{"tap": "t0"}]}),
-            None,
-        ),
-        (
-            &[("net", "tap=t0,mac=12:34:56:78:9a:bc,num_queues=4,queue_size=512,mtu=9000")],
+            &[(
+                "net",
+                "tap=t0,mac=12:34:56:78:9a:bc,num_queues=4,queue_size=512,mtu=9000",
+            )],
             json!({"net": [{"tap": "t0", "mac": "12:34:56:78:9a:bc", "num_queues": 4,
                             "queue_size": 512, "mtu": 9000}]}),
             None,
         ),
-        (
-            &[("net", "fd=3")],
-            json!({"net": [{"fds": [3]}]}),
-            None,
-        ),
+        (&[("net", "fd=3")], json!({"net": [{"fds": [3]}]}), None),
         (
             &[("net", "tap=t0,mac=12:34:56:78:9a")],
             json!({"net": [{"tap": "t0", "mac": "12:34:56:78:9a"}]}),

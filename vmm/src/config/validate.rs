@@ -365,7 +365,9 @@ impl VmConfig {
                     if value.parse::<std::net::Ipv6Addr>().is_ok() {
                         return refuse(key, value.clone(), "only IPv4 tap addresses are set");
                     }
-                    return invalid(format!("invalid {key} \"{value}\": expected an IPv4 address"));
+                    return invalid(format!(
+                        "invalid {key} \"{value}\": expected an IPv4 address"
+                    ));
                 }
             }
             if net.num_queues < 2 || net.num_queues % 2 != 0 {
@@ -424,7 +426,11 @@ impl VmConfig {
                     "PCI slots are assigned in order",
                 );
             }
-            if net.rate_limiter_config.as_ref().is_some_and(|v| !is_empty_json(v)) {
+            if net
+                .rate_limiter_config
+                .as_ref()
+                .is_some_and(|v| !is_empty_json(v))
+            {
                 return refuse(
                     "rate_limiter_config",
                     "set".into(),

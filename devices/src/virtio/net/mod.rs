@@ -146,7 +146,11 @@ impl VirtioDevice for Net {
     fn available_features(&self) -> u64 {
         let bits = |bits: &[u32]| bits.iter().fold(0u64, |f, bit| f | (1u64 << bit));
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
-            | bits(&[VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF]);
+            | bits(&[
+                VIRTIO_NET_F_MAC,
+                VIRTIO_NET_F_STATUS,
+                VIRTIO_NET_F_MRG_RXBUF,
+            ]);
         if self.params.offload_csum {
             features |= bits(&[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM]);
             if self.params.offload_tso {
@@ -220,8 +224,8 @@ impl VirtioDevice for Net {
                 fd,
             })
             .collect();
-        let ctrl = (self.params.queue_pairs > 1)
-            .then(|| ctx.queues[2 * self.params.queue_pairs].clone());
+        let ctrl =
+            (self.params.queue_pairs > 1).then(|| ctx.queues[2 * self.params.queue_pairs].clone());
         let worker = NetWorker {
             mem: ctx.mem,
             pairs,
@@ -389,9 +393,12 @@ impl NetWorker {
                 if desc.is_write_only() {
                     continue;
                 }
-                if let Err(e) =
-                    iovecs.push(&self.mem, desc.addr(), desc.len() as usize, Permissions::Read)
-                {
+                if let Err(e) = iovecs.push(
+                    &self.mem,
+                    desc.addr(),
+                    desc.len() as usize,
+                    Permissions::Read,
+                ) {
                     warn!("virtio-net: transmit buffer outside guest memory: {e}");
                     ok = false;
                     break;
@@ -512,9 +519,10 @@ impl NetWorker {
             }
             queue.set_next_avail(start.wrapping_add(used));
             self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .rx_bytes
-                .fetch_add((read as u64).saturating_sub(VNET_HDR_LEN as u64), Ordering::Relaxed);
+            self.counters.rx_bytes.fetch_add(
+                (read as u64).saturating_sub(VNET_HDR_LEN as u64),
+                Ordering::Relaxed,
+            );
             pass.used = true;
         }
         if pass.used {
@@ -539,15 +547,23 @@ impl NetWorker {
                 first = Some(desc.addr());
                 first_len = desc.len() as usize;
             }
-            if let Err(e) = iovecs.push(&self.mem, desc.addr(), desc.len() as usize, Permissions::Write)
-            {
+            if let Err(e) = iovecs.push(
+                &self.mem,
+                desc.addr(),
+                desc.len() as usize,
+                Permissions::Write,
+            ) {
                 warn!("virtio-net: receive buffer outside guest memory: {e}");
                 return None;
             }
         }
         let capacity = iovecs.len - before;
         // A first buffer shorter than the header is reported as too small for the caller.
-        let capacity = if first_len < VNET_HDR_LEN { 0 } else { capacity };
+        let capacity = if first_len < VNET_HDR_LEN {
+            0
+        } else {
+            capacity
+        };
         Some((head, first.unwrap_or(GuestAddress(0)), capacity))
     }
 

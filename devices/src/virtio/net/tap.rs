@@ -160,12 +160,12 @@ impl Tap {
                 .map_err(TapError::OpenTun)?;
             let mut req = IfReq::named(&actual)?;
             req.set_flags(flags);
-            ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF as u64, &mut req).map_err(
-                |source| TapError::Attach {
+            ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF as u64, &mut req).map_err(|source| {
+                TapError::Attach {
                     name: requested.to_owned(),
                     source,
-                },
-            )?;
+                }
+            })?;
             // A template resolves to the kernel's choice; the next queues attach to that name.
             actual = req.name();
             queues.push(OwnedFd::from(file));
@@ -252,8 +252,12 @@ impl Tap {
     /// Tells the host stack which offloads the guest accepts on received packets (`TUN_F_*`).
     pub fn set_offload(&self, tun_flags: u32) -> Result<(), TapError> {
         for fd in self.queue_fds() {
-            ioctl_value(fd, libc::TUNSETOFFLOAD as u64, libc::c_ulong::from(tun_flags))
-                .map_err(self.ioctl_error("TUNSETOFFLOAD"))?;
+            ioctl_value(
+                fd,
+                libc::TUNSETOFFLOAD as u64,
+                libc::c_ulong::from(tun_flags),
+            )
+            .map_err(self.ioctl_error("TUNSETOFFLOAD"))?;
         }
         Ok(())
     }
@@ -310,8 +314,7 @@ impl Tap {
 
     /// Brings the interface up.
     pub fn up(&self) -> Result<(), TapError> {
-        let current =
-            self.interface_ioctl("SIOCGIFFLAGS", libc::SIOCGIFFLAGS as u64, |_| {})?;
+        let current = self.interface_ioctl("SIOCGIFFLAGS", libc::SIOCGIFFLAGS as u64, |_| {})?;
         let flags = current.flags() | (libc::IFF_UP | libc::IFF_RUNNING) as u16;
         self.interface_ioctl("SIOCSIFFLAGS", libc::SIOCSIFFLAGS as u64, |r| {
             r.set_flags(flags)
@@ -343,7 +346,10 @@ mod tests {
             IfReq::named("a-very-long-tap-name"),
             Err(TapError::BadName(_))
         ));
-        assert!(matches!(IfReq::named("bad\0name"), Err(TapError::BadName(_))));
+        assert!(matches!(
+            IfReq::named("bad\0name"),
+            Err(TapError::BadName(_))
+        ));
         assert_eq!(IfReq::named("tap0").unwrap().name(), "tap0");
     }
 
@@ -353,7 +359,10 @@ mod tests {
         let fd = file.as_raw_fd();
         let error = Tap::from_fd(fd).unwrap_err();
         assert!(matches!(error, TapError::NotATap { .. }), "{error}");
-        assert!(matches!(Tap::from_fd(987_654), Err(TapError::NotATap { .. })));
+        assert!(matches!(
+            Tap::from_fd(987_654),
+            Err(TapError::NotATap { .. })
+        ));
     }
 
     #[test]

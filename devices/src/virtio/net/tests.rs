@@ -220,7 +220,9 @@ fn packets_cross_a_real_tap_both_ways_and_a_pause_holds_receive() {
             avail_idx: 0,
             seen_used: 0,
         };
-        let notify: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let notify: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
         let target = Arc::new(CountingTarget::default());
         let acked = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MAC)
@@ -300,8 +302,11 @@ fn a_missing_tap_is_created_and_a_tun_descriptor_is_refused() {
     in_own_netns(|| {
         let tap = Tap::open(None, 1).unwrap();
         assert!(tap.name().starts_with("vmtap"), "{}", tap.name());
-        tap.set_ipv4("192.168.249.1".parse().unwrap(), "255.255.255.0".parse().unwrap())
-            .unwrap();
+        tap.set_ipv4(
+            "192.168.249.1".parse().unwrap(),
+            "255.255.255.0".parse().unwrap(),
+        )
+        .unwrap();
         tap.up().unwrap();
         // Two queue pairs attach as a multi-queue tap.
         let mq = Tap::open(Some("nvmq0"), 2).unwrap();
