@@ -620,16 +620,18 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
             "pci_bdf": null
         })
     );
+    // The disk is a virtio-pci function (the default transport): the first device after the
+    // host bridge, its BAR 0 (512 KiB) at the start of the 64-bit window above 64 MiB of RAM
+    // (4 GiB), MSI-X instead of a legacy IRQ.
     assert_eq!(
         tree["_disk0"],
         serde_json::json!({
             "id": "_disk0",
             "resources": [
-                {"MmioAddressRange": {"base": 0xd000_0000_u64, "size": 4096}},
-                {"LegacyIrq": 5}
+                {"MmioAddressRange": {"base": 0x1_0000_0000_u64, "size": 0x8_0000}}
             ],
             "children": [],
-            "pci_bdf": null
+            "pci_bdf": "0000:00:01.0"
         })
     );
 }
