@@ -264,16 +264,16 @@ const NET_IO: &[i64] = &[
 /// (`TUNGETIFF`), the virtio-net header size and offloads (also at a restore's activation), and
 /// a new tap's address, netmask, MAC, MTU and flags.
 const TAP_IOCTLS: [u64; 10] = [
-    libc::TUNSETIFF as u64,
-    libc::TUNGETIFF as u64,
-    libc::TUNSETOFFLOAD as u64,
-    libc::TUNSETVNETHDRSZ as u64,
-    libc::SIOCSIFADDR as u64,
-    libc::SIOCSIFNETMASK as u64,
-    libc::SIOCSIFHWADDR as u64,
-    libc::SIOCSIFMTU as u64,
-    libc::SIOCGIFFLAGS as u64,
-    libc::SIOCSIFFLAGS as u64,
+    libc::TUNSETIFF,
+    libc::TUNGETIFF,
+    libc::TUNSETOFFLOAD,
+    libc::TUNSETVNETHDRSZ,
+    libc::SIOCSIFADDR,
+    libc::SIOCSIFNETMASK,
+    libc::SIOCSIFHWADDR,
+    libc::SIOCSIFMTU,
+    libc::SIOCGIFFLAGS,
+    libc::SIOCSIFFLAGS,
 ];
 
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with

@@ -484,7 +484,7 @@ fn a_moved_bar_and_a_programmed_vector_survive_a_save_into_a_new_vm() {
     second.segment.restore_state(&state).unwrap();
     assert_eq!(second.bar(REG_BAR).address, moved);
     assert_eq!(second.mmio_read(moved).unwrap(), 9);
-    let allocated = u64::from(arch::layout::PCI_MMIO32_START.0);
+    let allocated = arch::layout::PCI_MMIO32_START.0;
     assert!(
         second.mmio_read(allocated).is_err(),
         "still at the allocated address"

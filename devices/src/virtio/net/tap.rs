@@ -160,7 +160,7 @@ impl Tap {
                 .map_err(TapError::OpenTun)?;
             let mut req = IfReq::named(&actual)?;
             req.set_flags(flags);
-            ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF as u64, &mut req).map_err(|source| {
+            ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF, &mut req).map_err(|source| {
                 TapError::Attach {
                     name: requested.to_owned(),
                     source,
@@ -194,7 +194,7 @@ impl Tap {
             name: [0; IFNAMSIZ],
             data: [0; 24],
         };
-        ioctl_ifreq(fd, libc::TUNGETIFF as u64, &mut req)
+        ioctl_ifreq(fd, libc::TUNGETIFF, &mut req)
             .map_err(|source| TapError::NotATap { fd, source })?;
         if req.flags() & TAP_FLAGS != TAP_FLAGS || req.flags() & libc::IFF_TUN as u16 != 0 {
             return Err(TapError::WrongTapFlags {
@@ -243,7 +243,7 @@ impl Tap {
     fn set_vnet_hdr_len(&self) -> Result<(), TapError> {
         for fd in self.queue_fds() {
             let mut len = VNET_HDR_LEN as libc::c_int;
-            ioctl_int_ptr(fd, libc::TUNSETVNETHDRSZ as u64, &mut len)
+            ioctl_int_ptr(fd, libc::TUNSETVNETHDRSZ, &mut len)
                 .map_err(self.ioctl_error("TUNSETVNETHDRSZ"))?;
         }
         Ok(())
@@ -252,12 +252,8 @@ impl Tap {
     /// Tells the host stack which offloads the guest accepts on received packets (`TUN_F_*`).
     pub fn set_offload(&self, tun_flags: u32) -> Result<(), TapError> {
         for fd in self.queue_fds() {
-            ioctl_value(
-                fd,
-                libc::TUNSETOFFLOAD as u64,
-                libc::c_ulong::from(tun_flags),
-            )
-            .map_err(self.ioctl_error("TUNSETOFFLOAD"))?;
+            ioctl_value(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(tun_flags))
+                .map_err(self.ioctl_error("TUNSETOFFLOAD"))?;
         }
         Ok(())
     }
@@ -288,24 +284,20 @@ impl Tap {
         ip: std::net::Ipv4Addr,
         mask: std::net::Ipv4Addr,
     ) -> Result<(), TapError> {
-        self.interface_ioctl("SIOCSIFADDR", libc::SIOCSIFADDR as u64, |r| r.set_ipv4(ip))?;
-        self.interface_ioctl("SIOCSIFNETMASK", libc::SIOCSIFNETMASK as u64, |r| {
-            r.set_ipv4(mask)
-        })?;
+        self.interface_ioctl("SIOCSIFADDR", libc::SIOCSIFADDR, |r| r.set_ipv4(ip))?;
+        self.interface_ioctl("SIOCSIFNETMASK", libc::SIOCSIFNETMASK, |r| r.set_ipv4(mask))?;
         Ok(())
     }
 
     /// Sets the host side's MAC address (upstream's `host_mac=`).
     pub fn set_mac(&self, mac: [u8; 6]) -> Result<(), TapError> {
-        self.interface_ioctl("SIOCSIFHWADDR", libc::SIOCSIFHWADDR as u64, |r| {
-            r.set_mac(mac)
-        })?;
+        self.interface_ioctl("SIOCSIFHWADDR", libc::SIOCSIFHWADDR, |r| r.set_mac(mac))?;
         Ok(())
     }
 
     /// Sets the interface MTU.
     pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
-        self.interface_ioctl("SIOCSIFMTU", libc::SIOCSIFMTU as u64, |r| {
+        self.interface_ioctl("SIOCSIFMTU", libc::SIOCSIFMTU, |r| {
             r.data = [0; 24];
             r.data[..4].copy_from_slice(&i32::from(mtu).to_ne_bytes());
         })?;
@@ -314,11 +306,9 @@ impl Tap {
 
     /// Brings the interface up.
     pub fn up(&self) -> Result<(), TapError> {
-        let current = self.interface_ioctl("SIOCGIFFLAGS", libc::SIOCGIFFLAGS as u64, |_| {})?;
+        let current = self.interface_ioctl("SIOCGIFFLAGS", libc::SIOCGIFFLAGS, |_| {})?;
         let flags = current.flags() | (libc::IFF_UP | libc::IFF_RUNNING) as u16;
-        self.interface_ioctl("SIOCSIFFLAGS", libc::SIOCSIFFLAGS as u64, |r| {
-            r.set_flags(flags)
-        })?;
+        self.interface_ioctl("SIOCSIFFLAGS", libc::SIOCSIFFLAGS, |r| r.set_flags(flags))?;
         Ok(())
     }
 }
