@@ -148,6 +148,19 @@ pub struct ActivationContext {
     pub io_thread_start: Option<IoThreadStartHook>,
 }
 
+/// Reads `data.len()` bytes of a device's configuration space `space` at `offset`; bytes
+/// beyond its end read as 0. Shared by the devices' `read_config`.
+pub(crate) fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < space.len() {
+        let n = data.len().min(space.len() - start);
+        data[..n].copy_from_slice(&space[start..start + n]);
+    }
+}
+
 /// A virtio device behind a transport.
 ///
 /// Lifecycle: configured by the driver through the transport, `activate`d after DRIVER_OK, then
