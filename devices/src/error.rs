@@ -72,6 +72,10 @@ pub enum Error {
     IoThreadGone,
     #[error("the I/O thread did not reach a quiescent point within {0:?}")]
     PauseTimeout(std::time::Duration),
+    #[error("virtio-net: {0}")]
+    Tap(#[source] crate::virtio::TapError),
+    #[error("virtio-net: {asked} queue pairs asked for, the tap has {tap} descriptors")]
+    NetQueuePairs { asked: usize, tap: usize },
     #[error("cannot open disk image {path}: {source}")]
     DiskOpen {
         path: PathBuf,

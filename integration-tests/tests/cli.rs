@@ -436,7 +436,14 @@ fn unusable_values_name_the_key_or_option() {
             &["--disk", "path=/a.img,serial=S1"],
             &["serial", "disks[0].serial"],
         ),
-        (&["--net", "tap=tap0"], &["--net", "virtio-net"]),
+        (
+            &["--net", "tap=tap0,mac=00:11:22:33:44"],
+            &["--net", "invalid mac \"00:11:22:33:44\""],
+        ),
+        (
+            &["--net", "tap=tap0,num_queues=3"],
+            &["--net", "num_queues=3"],
+        ),
         (
             &["--rng", "src=/dev/urandom,iommu=on"],
             &["--rng", "rng.iommu"],
@@ -688,14 +695,22 @@ fn vm_create_ignores_unknown_members_and_names_unsupported_values() {
     let (status, body) = vmm.request(
         "PUT",
         "vm.create",
-        r#"{"payload":{"kernel":"/k"},"memory":{"size":67108864},"net":[{"tap":"tap0"}]}"#,
+        r#"{"payload":{"kernel":"/k"},"memory":{"size":67108864},"fs":[{"tag":"t"}]}"#,
     );
     assert_eq!(status, 400, "{body}");
     let messages: Vec<String> = serde_json::from_str(&body).expect("an array of strings");
     assert!(
-        messages.iter().any(|message| message.contains("\"net\"")),
+        messages.iter().any(|message| message.contains("\"fs\"")),
         "{body}"
     );
+    // virtio-net is a device now: a net member is judged as `--net` is (an odd queue count).
+    let (status, body) = vmm.request(
+        "PUT",
+        "vm.create",
+        r#"{"payload":{"kernel":"/k"},"memory":{"size":67108864},"net":[{"tap":"tap0","num_queues":3}]}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("num_queues=3"), "{body}");
     let (status, body) = vmm.request(
         "PUT",
         "vm.create",

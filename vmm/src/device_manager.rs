@@ -22,8 +22,8 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, VirtioPciDevice, VirtioPciState, VirtioTransport,
-    VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, Tap, VirtioDevice, VirtioPciDevice,
+    VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -141,11 +141,55 @@ fn lock_or_recover<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> 
 impl VirtioBlockSlot {
     /// Runs `step` on the disk's transport, whichever it is.
     fn with_transport<R>(&self, step: impl FnOnce(&mut dyn VirtioTransport) -> R) -> R {
-        match &self.transport {
+        self.transport.with(step)
+    }
+}
+
+impl DiskTransport {
+    /// Runs `step` on the transport, whichever it is.
+    fn with<R>(&self, step: impl FnOnce(&mut dyn VirtioTransport) -> R) -> R {
+        match self {
             DiskTransport::Pci { device, .. } => step(&mut *lock_or_recover(device)),
             DiskTransport::Mmio { transport, .. } => step(&mut *lock_or_recover(transport)),
         }
     }
+
+    /// The transport's saved state: (virtio-mmio, virtio-pci), one of them set.
+    fn save(&self) -> devices::Result<(Option<MmioTransportState>, Option<VirtioPciState>)> {
+        Ok(match self {
+            DiskTransport::Pci { device, .. } => (None, Some(lock_or_recover(device).state()?)),
+            DiskTransport::Mmio { transport, .. } => {
+                (Some(lock_or_recover(transport).state()?), None)
+            }
+        })
+    }
+}
+
+/// One virtio-net device and the tap behind it.
+struct VirtioNetSlot {
+    transport: DiskTransport,
+    /// `id=`, or upstream's default `_net<N>`.
+    id: String,
+    /// Shared with the device: a restore rebuilds the device on the same descriptors.
+    tap: Arc<Tap>,
+    config: crate::config::NetConfig,
+}
+
+/// Version of [`NetState`].
+pub const NET_STATE_VERSION: u32 = 1;
+
+/// Saved state of one virtio-net device: its transport (queues, negotiated features, status).
+/// The tap is not saved: a recovery opens it again (by name, or `--net fd=` given anew).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub version: u32,
+    pub id: String,
+    /// The guest's MAC, to catch a restore onto another device.
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<MmioTransportState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<VirtioPciState>,
 }
 
 /// Saved state of one virtio-blk disk: its virtio-mmio transport or its virtio-pci function
@@ -169,6 +213,9 @@ pub struct DevicesState {
     pub serial: Option<SerialState>,
     /// One per disk, in `--disk` order.
     pub disks: Vec<BlockState>,
+    /// One per `--net`, in order (absent in states saved before virtio-net existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetState>,
     /// The ACPI GED's pending events (`None` in a state saved before the GED existed).
     #[serde(default)]
     pub ged: Option<GedState>,
@@ -193,6 +240,7 @@ pub struct DeviceManager {
     /// virtio-console and virtio-rng, and the console's pty.
     console_rng: console_rng::ConsoleRng,
     disks: Vec<VirtioBlockSlot>,
+    nets: Vec<VirtioNetSlot>,
     /// The ACPI Generic Event Device (power button), interrupt on `GED_GSI`.
     ged: Arc<Mutex<GedDevice>>,
     /// Kept for re-registering ioeventfds when a restore rebuilds a transport.
@@ -206,6 +254,8 @@ pub struct DeviceManager {
     thread_start: IoThreadStartHook,
     /// What the console's and rng's threads run first (the `StreamIo` filter).
     stream_thread_start: IoThreadStartHook,
+    /// What a virtio-net thread runs first (the `NetIo` filter).
+    net_thread_start: IoThreadStartHook,
 }
 
 impl DeviceManager {
@@ -229,6 +279,7 @@ impl DeviceManager {
             com1: None,
             console_rng: console_rng::ConsoleRng::default(),
             disks: Vec::new(),
+            nets: Vec::new(),
             ged: new_ged(vm_fd)?,
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
@@ -236,6 +287,7 @@ impl DeviceManager {
             activation_evt: clone_event_fd(&events.device_activation, "clone (device activation)")?,
             thread_start: device_thread_start_hook(seccomp),
             stream_thread_start: thread_start_hook(ThreadKind::StreamIo, seccomp),
+            net_thread_start: thread_start_hook(ThreadKind::NetIo, seccomp),
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
@@ -248,6 +300,9 @@ impl DeviceManager {
         manager.add_virtio_console(&config.console)?;
         for disk in config.disks.iter().flatten() {
             manager.add_virtio_block(disk)?;
+        }
+        for net in config.net.iter().flatten() {
+            manager.add_virtio_net(net)?;
         }
         manager.add_virtio_rng(&config.rng)?;
         Ok(manager)
@@ -408,7 +463,7 @@ impl DeviceManager {
         let block = open_block(&path, disk.readonly)?;
         let transport = match disk.transport.unwrap_or_default() {
             VirtioTransportKind::Pci => self.add_pci_block(&id, &path, block)?,
-            VirtioTransportKind::Mmio => self.add_mmio_block(&path, block)?,
+            VirtioTransportKind::Mmio => self.add_mmio_block(&path, Box::new(block))?,
         };
         log::info!(
             "disk {} on {}{}",
@@ -430,9 +485,19 @@ impl DeviceManager {
     }
 
     fn add_pci_block(&self, id: &str, path: &Path, block: Block) -> Result<DiskTransport, Error> {
-        let msi = self.pci.msi_interrupts(msix_vector_count(&block))?;
-        let mut device = VirtioPciDevice::new(Box::new(block), self.memory.clone(), msi.clone())
-            .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
+        self.add_pci_virtio(id, &format!("disk {}", path.display()), Box::new(block))
+    }
+
+    /// Puts `device` on a new virtio-pci function of segment 0; `what` names it in errors.
+    fn add_pci_virtio(
+        &self,
+        id: &str,
+        what: &str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<DiskTransport, Error> {
+        let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
+        let mut device = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
+            .map_err(|e| Error::device(what.to_owned(), e))?;
         self.wire_activation(&mut device)?;
         let device = Arc::new(Mutex::new(device));
         let bdf = self.pci.add_device(id, device.clone())?;
@@ -441,11 +506,18 @@ impl DeviceManager {
 
     /// The next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on its QueueNotify
     /// register (so a notify wakes the disk's I/O thread without a vCPU exit).
-    fn add_mmio_block(&mut self, path: &Path, block: Block) -> Result<DiskTransport, Error> {
+    /// (Also used for virtio-net with `transport=mmio`; `path` then names the tap.)
+    fn add_mmio_block(
+        &mut self,
+        path: &Path,
+        block: Box<dyn VirtioDevice>,
+    ) -> Result<DiskTransport, Error> {
         let index = self
             .disks
             .iter()
-            .filter(|d| matches!(d.transport, DiskTransport::Mmio { .. }))
+            .map(|d| &d.transport)
+            .chain(self.nets.iter().map(|n| &n.transport))
+            .filter(|t| matches!(t, DiskTransport::Mmio { .. }))
             .count();
         let index =
             u32::try_from(index).map_err(|_| Error::Device("too many disks".to_string()))?;
@@ -463,9 +535,8 @@ impl DeviceManager {
                 operation: "KVM_IRQFD (virtio-blk)",
                 source,
             })?;
-        let mut transport =
-            MmioTransport::new(Box::new(block), self.memory.clone(), interrupt.clone())
-                .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
+        let mut transport = MmioTransport::new(block, self.memory.clone(), interrupt.clone())
+            .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
         self.wire_activation(&mut transport)?;
         register_queue_notifiers(&self.vm_fd, base, transport.queue_evts())?;
         let transport = Arc::new(Mutex::new(transport));
@@ -481,6 +552,37 @@ impl DeviceManager {
         })
     }
 
+    /// A virtio-net device on its tap (opened here: see `open_tap`), on virtio-pci by default or
+    /// on the next virtio-mmio slot with `transport=mmio`.
+    fn add_virtio_net(&mut self, config: &crate::config::NetConfig) -> Result<(), Error> {
+        // A `vm.create` body may leave the MAC out: pick one now, kept for restores.
+        let mut config = config.clone();
+        config.mac.get_or_insert_with(crate::config::random_mac);
+        let config = &config;
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("_net{}", self.nets.len()));
+        let tap = Arc::new(open_tap(config)?);
+        let what = format!("net {id} (tap {})", tap.name());
+        let net = new_net(&tap, config)?;
+        let transport = match config.transport.unwrap_or_default() {
+            VirtioTransportKind::Pci => self.add_pci_virtio(&id, &what, Box::new(net))?,
+            VirtioTransportKind::Mmio => {
+                self.add_mmio_block(Path::new(tap.name()), Box::new(net))?
+            }
+        };
+        self.confine_net(&transport);
+        log::info!("{what} on {}", transport_description(&transport));
+        self.nets.push(VirtioNetSlot {
+            transport,
+            id,
+            tap,
+            config: config.clone(),
+        });
+        Ok(())
+    }
+
     /// Tells the control loop when `transport`'s device wants activation, and confines the
     /// threads the device starts.
     fn wire_activation(&self, transport: &mut dyn VirtioTransport) -> Result<(), Error> {
@@ -488,6 +590,11 @@ impl DeviceManager {
         transport.notify_activation_with(evt);
         transport.confine_io_threads_with(self.thread_start.clone());
         Ok(())
+    }
+
+    /// Gives a virtio-net device's transport the `NetIo` filter instead of the block one.
+    fn confine_net(&self, transport: &DiskTransport) {
+        transport.with(|t| t.confine_io_threads_with(self.net_thread_start.clone()));
     }
 
     /// Activates every device whose driver set DRIVER_OK since the last call (the control loop
@@ -508,6 +615,13 @@ impl DeviceManager {
                 Err(e) => log::error!("{}: activation failed: {e}", slot.id),
             }
         }
+        for net in &self.nets {
+            match net.transport.with(|t| t.activate_pending()) {
+                Ok(true) => log::debug!("net {}: activated", net.id),
+                Ok(false) => {}
+                Err(e) => log::error!("net {}: activation failed: {e}", net.id),
+            }
+        }
     }
 
     /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
@@ -523,6 +637,11 @@ impl DeviceManager {
         for slot in self.console_rng.slots() {
             slot.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} {}", slot.id), e))?;
+        }
+        for net in &self.nets {
+            net.transport
+                .with(&step)
+                .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
         }
         Ok(())
     }
@@ -556,6 +675,15 @@ impl DeviceManager {
                     .collect();
                 (disk.id.clone(), counters)
             })
+            .chain(self.nets.iter().map(|net| {
+                let counters = net
+                    .transport
+                    .with(|t| t.counters())
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect();
+                (net.id.clone(), counters)
+            }))
             .collect()
     }
 
@@ -580,8 +708,23 @@ impl DeviceManager {
             }),
             DiskTransport::Pci { .. } => None,
         });
+        let nets = self.nets.iter().filter_map(|net| match net.transport {
+            DiskTransport::Mmio { base, gsi, .. } => Some(DeviceResources {
+                id: net.id.clone(),
+                pio: None,
+                mmio: Some((base, VIRTIO_MMIO_SIZE)),
+                irq: Some(gsi),
+                pci: None,
+            }),
+            DiskTransport::Pci { .. } => None,
+        });
         let pci = self.pci.devices().into_iter().map(DeviceResources::from);
-        serial.into_iter().chain(disks).chain(pci).collect()
+        serial
+            .into_iter()
+            .chain(disks)
+            .chain(nets)
+            .chain(pci)
+            .collect()
     }
 
     /// The `virtio_mmio.device=` tokens to append to the guest's kernel command line.
@@ -632,6 +775,23 @@ impl DeviceManager {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let nets = self
+            .nets
+            .iter()
+            .map(|net| {
+                let (transport, pci) = net
+                    .transport
+                    .save()
+                    .map_err(|e| Error::device_state(format!("net {}", net.id), e))?;
+                Ok(NetState {
+                    version: NET_STATE_VERSION,
+                    id: net.id.clone(),
+                    mac: net.config.mac.clone().unwrap_or_default(),
+                    transport,
+                    pci,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let ged = Some(
             self.ged
                 .lock()
@@ -654,6 +814,7 @@ impl DeviceManager {
         Ok(DevicesState {
             serial,
             disks,
+            nets,
             ged,
             pci,
             console,
@@ -705,6 +866,16 @@ impl DeviceManager {
             }
             self.restore_disk(disk, saved)?;
         }
+        if state.nets.len() != self.nets.len() {
+            return Err(Error::State(format!(
+                "state has {} network devices, this VM has {}",
+                state.nets.len(),
+                self.nets.len()
+            )));
+        }
+        for (net, saved) in self.nets.iter().zip(&state.nets) {
+            self.restore_net(net, saved)?;
+        }
         self.restore_console_rng(state.console.as_ref(), state.rng.as_ref())?;
         if let Some(saved) = &state.ged {
             self.ged
@@ -719,8 +890,9 @@ impl DeviceManager {
         }
         // The rebuilt virtio-pci functions have new queue-notify eventfds: register them where
         // the restored BARs put the notify addresses.
-        for disk in &self.disks {
-            if let DiskTransport::Pci { bdf, .. } = &disk.transport {
+        let transports = self.disks.iter().map(|d| &d.transport);
+        for transport in transports.chain(self.nets.iter().map(|n| &n.transport)) {
+            if let DiskTransport::Pci { bdf, .. } = transport {
                 self.pci.refresh_ioeventfds(*bdf)?;
             }
         }
@@ -738,15 +910,68 @@ impl DeviceManager {
     /// them here, a virtio-pci disk's after the segment's restore (`restore_state`). The device
     /// stays paused until `resume`.
     fn restore_disk(&self, disk: &VirtioBlockSlot, saved: &BlockState) -> Result<(), Error> {
-        let state_error =
-            |e: devices::Error| Error::device_state(format!("disk {}", disk.path.display()), e);
         let block = Box::new(open_block(&disk.path, disk.readonly)?);
-        match (&disk.transport, &saved.transport, &saved.pci) {
+        self.restore_transport(
+            &format!("disk {}", disk.path.display()),
+            &disk.transport,
+            block,
+            saved.transport.as_ref(),
+            saved.pci.as_ref(),
+            &self.thread_start,
+        )
+    }
+
+    /// Rebuilds a virtio-net device from saved state on the tap this VMM opened (by name, or the
+    /// `--net fd=` of this run). Its negotiated offloads go back to the tap when it activates.
+    fn restore_net(&self, net: &VirtioNetSlot, saved: &NetState) -> Result<(), Error> {
+        if saved.version != NET_STATE_VERSION {
+            return Err(Error::State(format!(
+                "net {}: state version {}, this build understands {NET_STATE_VERSION}",
+                net.id, saved.version
+            )));
+        }
+        if net
+            .config
+            .mac
+            .as_deref()
+            .is_some_and(|mac| mac != saved.mac)
+        {
+            log::warn!(
+                "net {}: state saved with MAC {} restored onto MAC {}",
+                net.id,
+                saved.mac,
+                net.config.mac.as_deref().unwrap_or_default()
+            );
+        }
+        let device = Box::new(new_net(&net.tap, &net.config)?);
+        self.restore_transport(
+            &format!("net {}", net.id),
+            &net.transport,
+            device,
+            saved.transport.as_ref(),
+            saved.pci.as_ref(),
+            &self.net_thread_start,
+        )
+    }
+
+    /// Rebuilds `transport` around `device` from its saved state (one of `mmio`, `pci`).
+    fn restore_transport(
+        &self,
+        what: &str,
+        transport: &DiskTransport,
+        block: Box<dyn VirtioDevice>,
+        mmio: Option<&MmioTransportState>,
+        pci: Option<&VirtioPciState>,
+        thread_start: &IoThreadStartHook,
+    ) -> Result<(), Error> {
+        let state_error = |e: devices::Error| Error::device_state(what.to_owned(), e);
+        match (transport, mmio, pci) {
             (DiskTransport::Pci { device, msi, .. }, None, Some(saved)) => {
                 let mut restored =
                     VirtioPciDevice::restore(block, self.memory.clone(), msi.clone(), saved)
                         .map_err(state_error)?;
                 self.wire_activation(&mut restored)?;
+                restored.confine_io_threads_with(thread_start.clone());
                 // A device that was running starts here, paused, on this (VMM) thread.
                 restored.activate_pending().map_err(state_error)?;
                 // Dropping the old function stops its I/O thread. Its configuration space comes
@@ -767,6 +992,7 @@ impl DeviceManager {
                     MmioTransport::restore(block, self.memory.clone(), interrupt.clone(), saved)
                         .map_err(state_error)?;
                 self.wire_activation(&mut restored)?;
+                restored.confine_io_threads_with(thread_start.clone());
                 restored.activate_pending().map_err(state_error)?;
                 let mut transport = lock_or_recover(transport);
                 unregister_queue_notifiers(&self.vm_fd, *base, transport.queue_evts());
@@ -775,8 +1001,7 @@ impl DeviceManager {
             }
             _ => {
                 return Err(Error::State(format!(
-                    "disk {}: saved on another virtio transport than this VM gives it",
-                    disk.path.display()
+                    "{what}: saved on another virtio transport than this VM gives it"
                 )))
             }
         }
@@ -802,6 +1027,76 @@ const SERIAL_INPUT_CLONE: &str = "clone (serial input)";
 fn clone_event_fd(evt: &EventFd, operation: &'static str) -> Result<EventFd, Error> {
     evt.try_clone()
         .map_err(|source| Error::EventFd { operation, source })
+}
+
+/// The tap of a `--net`: the descriptors handed over (`fd=`), the tap named (`tap=`, created
+/// when missing if this process may), or a new one from the kernel's `vmtap%d` with `ip=`,
+/// `mask=` and `host_mac=` set on it and brought up, as upstream.
+fn open_tap(config: &crate::config::NetConfig) -> Result<Tap, Error> {
+    let pairs = config.num_queues / 2;
+    let tap_error = |e| Error::Device(format!("--net: {e}"));
+    let tap = match (&config.fds, &config.tap) {
+        (Some(fds), _) => {
+            let [fd] = fds.as_slice() else {
+                return Err(Error::Device(format!(
+                    "--net fd=: {} descriptors given; several handed-over queue descriptors \
+                     are not supported, give one tap descriptor with num_queues=2",
+                    fds.len()
+                )));
+            };
+            Tap::from_fd(*fd).map_err(tap_error)?
+        }
+        (None, Some(name)) => Tap::open(Some(name), pairs).map_err(tap_error)?,
+        (None, None) => {
+            let tap = Tap::open(None, pairs).map_err(tap_error)?;
+            let ip = config.ip.parse().map_err(|_| {
+                Error::Device(format!("--net: ip={} is not an IPv4 address", config.ip))
+            })?;
+            let mask = config.mask.parse().map_err(|_| {
+                Error::Device(format!(
+                    "--net: mask={} is not an IPv4 netmask",
+                    config.mask
+                ))
+            })?;
+            tap.set_ipv4(ip, mask).map_err(tap_error)?;
+            tap
+        }
+    };
+    if let Some(host_mac) = config.host_mac.as_deref() {
+        let mac = crate::config::parse_mac(host_mac)
+            .ok_or_else(|| Error::Device(format!("--net: host_mac={host_mac} is not a MAC")))?;
+        tap.set_mac(mac).map_err(tap_error)?;
+    }
+    if let Some(mtu) = config.mtu {
+        tap.set_mtu(mtu).map_err(tap_error)?;
+    }
+    if config.fds.is_none() {
+        tap.up().map_err(tap_error)?;
+    }
+    Ok(tap)
+}
+
+/// The virtio-net device `config` describes, on `tap`.
+fn new_net(tap: &Arc<Tap>, config: &crate::config::NetConfig) -> Result<Net, Error> {
+    let mac = config.mac.as_deref().unwrap_or_default();
+    let mac = crate::config::parse_mac(mac)
+        .ok_or_else(|| Error::Device(format!("--net: mac={mac} is not a MAC")))?;
+    let params = NetParams {
+        mac,
+        queue_pairs: tap.queue_pairs(),
+        queue_size: config.queue_size,
+        mtu: config.mtu,
+        offload_csum: config.offload_csum,
+        offload_tso: config.offload_tso,
+    };
+    Net::new(Arc::clone(tap), params).map_err(|e| Error::device(format!("net {}", tap.name()), e))
+}
+
+fn transport_description(transport: &DiskTransport) -> String {
+    match transport {
+        DiskTransport::Pci { bdf, .. } => format!("virtio-pci at {bdf}"),
+        DiskTransport::Mmio { base, gsi, .. } => format!("virtio-mmio at {base:#x}, GSI {gsi}"),
+    }
 }
 
 fn open_block(path: &Path, readonly: bool) -> Result<Block, Error> {

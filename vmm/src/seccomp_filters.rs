@@ -66,12 +66,15 @@ pub enum ThreadKind {
     StreamIo,
     /// The `--event-monitor` writer.
     EventMonitor,
+    /// The virtio-net thread: reads queue notifications, moves packets between the guest's
+    /// buffers and the tap (`readv`/`writev`), raises interrupts.
+    NetIo,
     /// Serves the guest RAM page faults of an `OnDemand` restore (userfaultfd).
     PageFault,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
@@ -79,6 +82,7 @@ impl ThreadKind {
         ThreadKind::StreamIo,
         ThreadKind::EventMonitor,
         ThreadKind::PageFault,
+        ThreadKind::NetIo,
     ];
 }
 
@@ -194,6 +198,9 @@ const VMM: &[i64] = &[
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_prlimit64,
+    // `--net` without a tap name: the new tap's address, MTU and flags are set through an
+    // AF_INET socket's SIOCSIF* requests.
+    libc::SYS_socket,
 ];
 
 /// A vCPU runs KVM_RUN (`ioctl`, see `VCPU_IOCTLS`) and serves exits in place with what `COMMON`
@@ -259,6 +266,31 @@ const STREAM_IO: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+];
+
+/// Network packets: wait for queue notifications and the tap, move packets (`writev` is common).
+const NET_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+];
+
+/// The tap requests of the control loop: attach (`TUNSETIFF`), check a handed-over descriptor
+/// (`TUNGETIFF`), the virtio-net header size and offloads (also at a restore's activation), and
+/// a new tap's address, netmask, MAC, MTU and flags.
+const TAP_IOCTLS: [u64; 10] = [
+    libc::TUNSETIFF,
+    libc::TUNGETIFF,
+    libc::TUNSETOFFLOAD,
+    libc::TUNSETVNETHDRSZ,
+    libc::SIOCSIFADDR,
+    libc::SIOCSIFNETMASK,
+    libc::SIOCSIFHWADDR,
+    libc::SIOCSIFMTU,
+    libc::SIOCGIFFLAGS,
+    libc::SIOCSIFFLAGS,
 ];
 
 /// The userfaultfd server of an `OnDemand` restore: wait for faults, read them, answer each with
@@ -375,6 +407,7 @@ fn vmm_ioctls() -> Vec<u64> {
         .chain(terminal)
         .chain(userfaultfd)
         .chain(PAGE_FAULT_IOCTLS.iter().copied())
+        .chain(TAP_IOCTLS)
         .collect()
 }
 
@@ -387,7 +420,8 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         ThreadKind::HttpApi
         | ThreadKind::BlockIo
         | ThreadKind::StreamIo
-        | ThreadKind::EventMonitor => Vec::new(),
+        | ThreadKind::EventMonitor
+        | ThreadKind::NetIo => Vec::new(),
     }
 }
 
@@ -399,6 +433,7 @@ fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::HttpApi => HTTP_API,
         ThreadKind::BlockIo => BLOCK_IO,
         ThreadKind::StreamIo => STREAM_IO,
+        ThreadKind::NetIo => NET_IO,
         ThreadKind::EventMonitor => EVENT_MONITOR,
         ThreadKind::PageFault => PAGE_FAULT,
     };
@@ -633,6 +668,7 @@ mod tests {
             ThreadKind::StreamIo,
             ThreadKind::EventMonitor,
             ThreadKind::PageFault,
+            ThreadKind::NetIo,
         ] {
             for call in allow_list(kind) {
                 assert!(
@@ -665,17 +701,18 @@ mod tests {
             ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
-        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault.
+        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault, NetIo.
         assert_eq!(
             sizes,
             [
-                (78, 55),
+                (79, 65),
                 (27, 4),
                 (50, 0),
                 (40, 0),
                 (30, 0),
                 (28, 0),
-                (30, 3)
+                (30, 3),
+                (31, 0)
             ]
         );
     }

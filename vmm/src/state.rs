@@ -732,6 +732,7 @@ pub(crate) mod tests {
             devices: DevicesState {
                 serial: None,
                 disks: Vec::new(),
+                nets: Vec::new(),
                 ged: None,
                 pci: None,
                 console: None,

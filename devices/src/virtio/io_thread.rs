@@ -71,20 +71,42 @@ impl IoThread {
         start_paused: bool,
         hook: Option<IoThreadStartHook>,
     ) -> Result<Self> {
+        Self::spawn_watching(name, worker, queue_evts, &[], start_paused, hook)
+    }
+
+    /// As [`IoThread::spawn`], and also woken when one of `backend_fds` (a tap) becomes
+    /// readable. They are watched edge-triggered: the worker reads them until they would block or
+    /// it has nowhere to put the data, and a later queue notify brings it back.
+    pub(crate) fn spawn_watching<W: QueueWorker>(
+        name: &str,
+        worker: W,
+        queue_evts: Vec<EventFd>,
+        backend_fds: &[i32],
+        start_paused: bool,
+        hook: Option<IoThreadStartHook>,
+    ) -> Result<Self> {
         let control_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let epoll = Epoll(epoll::create(true).map_err(Error::Epoll)?);
-        let watch = |fd: i32, token: u64| {
+        let watch = |fd: i32, token: u64, events: epoll::Events| {
             epoll::ctl(
                 epoll.0,
                 epoll::ControlOptions::EPOLL_CTL_ADD,
                 fd,
-                epoll::Event::new(epoll::Events::EPOLLIN, token),
+                epoll::Event::new(events, token),
             )
             .map_err(Error::Epoll)
         };
-        watch(control_evt.as_raw_fd(), CONTROL_TOKEN)?;
+        watch(
+            control_evt.as_raw_fd(),
+            CONTROL_TOKEN,
+            epoll::Events::EPOLLIN,
+        )?;
         for (i, evt) in queue_evts.iter().enumerate() {
-            watch(evt.as_raw_fd(), i as u64 + 1)?;
+            watch(evt.as_raw_fd(), i as u64 + 1, epoll::Events::EPOLLIN)?;
+        }
+        for (i, &fd) in backend_fds.iter().enumerate() {
+            let token = (queue_evts.len() + i) as u64 + 1;
+            watch(fd, token, epoll::Events::EPOLLIN | epoll::Events::EPOLLET)?;
         }
 
         let (commands, command_rx) = mpsc::channel();
@@ -219,7 +241,7 @@ impl<W: QueueWorker> EventLoop<W> {
         self.worker.process_queues(&self.pause_requested);
 
         let mut events =
-            vec![epoll::Event::new(epoll::Events::empty(), 0); 1 + self.queue_evts.len()];
+            vec![epoll::Event::new(epoll::Events::empty(), 0); 1 + self.queue_evts.len() + 8];
         loop {
             let count = match epoll::wait(self.epoll.0, -1, &mut events) {
                 Ok(count) => count,
@@ -237,8 +259,11 @@ impl<W: QueueWorker> EventLoop<W> {
                     if let Next::Exit = self.handle_commands() {
                         return;
                     }
-                } else if let Some(evt) = self.queue_evts.get(token as usize - 1) {
-                    let _ = evt.read();
+                } else {
+                    // A queue notify, or a backend descriptor that became readable.
+                    if let Some(evt) = self.queue_evts.get(token as usize - 1) {
+                        let _ = evt.read();
+                    }
                     self.worker.process_queues(&self.pause_requested);
                 }
             }

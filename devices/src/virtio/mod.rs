@@ -6,6 +6,7 @@ mod console;
 mod io_thread;
 mod mmio;
 pub mod mmio_registers;
+mod net;
 pub mod pci;
 mod queue_service;
 mod rng;
@@ -30,6 +31,9 @@ pub use io_thread::IoThreadStartHook;
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
+};
+pub use net::{
+    tap_offloads, Net, NetParams, Tap, TapError, NET_QUEUE_SIZE, NEW_TAP_TEMPLATE, VNET_HDR_LEN,
 };
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
@@ -149,6 +153,19 @@ pub struct ActivationContext {
     pub start_paused: bool,
     /// Run first thing by every thread the device starts (the VMM's seccomp filter for it).
     pub io_thread_start: Option<IoThreadStartHook>,
+}
+
+/// Reads `data.len()` bytes of a device's configuration space `space` at `offset`; bytes
+/// beyond its end read as 0. Shared by the devices' `read_config`.
+pub(crate) fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < space.len() {
+        let n = data.len().min(space.len() - start);
+        data[..n].copy_from_slice(&space[start..start + n]);
+    }
 }
 
 /// A virtio device behind a transport.

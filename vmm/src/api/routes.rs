@@ -353,9 +353,9 @@ mod tests {
             Ok(ApiRequest::VmCreate(config)) if config.payload.kernel.as_deref() == Some("/k")
         ));
         let refused = |body: &str| build_request(create, body.as_bytes(), None).unwrap_err();
-        let error = refused(r#"{"payload":{"kernel":"/k"},"net":[{"tap":"tap0"}]}"#);
+        let error = refused(r#"{"payload":{"kernel":"/k"},"net":[{"tap":"tap0","mac":"xx"}]}"#);
         assert_eq!(error.status, 400);
-        assert!(error.message.contains("\"net\""), "{}", error.message);
+        assert!(error.message.contains("invalid mac"), "{}", error.message);
         assert_eq!(error.body()[0], "Bad Request");
         // Unknown members are ignored (and logged), as upstream does.
         assert!(build_request(

@@ -18,7 +18,8 @@ mod validate;
 pub use model::*;
 pub use option_parser::OptionError;
 pub use parse::{
-    snapshot_url_dir, swap_file_url_path, VmOptionStrings, SNAPSHOT_URL_EXPECTED, SWAP_URL_EXPECTED,
+    format_mac, parse_mac, random_mac, snapshot_url_dir, swap_file_url_path, VmOptionStrings,
+    SNAPSHOT_URL_EXPECTED, SWAP_URL_EXPECTED,
 };
 pub use validate::{host_vcpu_limit, unimplemented_device, VcpuLimit};
 

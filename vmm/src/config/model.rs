@@ -286,6 +286,83 @@ impl Default for DiskConfig {
     }
 }
 
+/// Upstream's virtio-net defaults.
+pub const DEFAULT_NET_IP: &str = "192.168.249.1";
+pub const DEFAULT_NET_MASK: &str = "255.255.255.0";
+pub const DEFAULT_NET_NUM_QUEUES: usize = 2;
+pub const DEFAULT_NET_QUEUE_SIZE: u16 = 256;
+
+/// Upstream's `NetConfig`: a virtio-net device on a tap (`tap=` by name, a new one when absent,
+/// or `fd=` descriptors handed over).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    pub ip: String,
+    pub mask: String,
+    /// The guest's MAC; a random locally administered one when absent (filled in at parse and
+    /// validation, so `vm.info` shows the one the guest got, as upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_mac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    pub iommu: bool,
+    pub num_queues: usize,
+    pub queue_size: u16,
+    pub vhost_user: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhost_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Tap descriptors handed over (`fd=3` or `fd=[3,4]`), one per queue pair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fds: Option<Vec<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limiter_config: Option<Value>,
+    pub pci_segment: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    pub offload_tso: bool,
+    pub offload_ufo: bool,
+    pub offload_csum: bool,
+    /// Our extension (`transport=mmio`), as for disks; absent means virtio-pci.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<VirtioTransportKind>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            tap: None,
+            ip: DEFAULT_NET_IP.to_owned(),
+            mask: DEFAULT_NET_MASK.to_owned(),
+            mac: None,
+            host_mac: None,
+            mtu: None,
+            iommu: false,
+            num_queues: DEFAULT_NET_NUM_QUEUES,
+            queue_size: DEFAULT_NET_QUEUE_SIZE,
+            vhost_user: false,
+            vhost_socket: None,
+            vhost_mode: None,
+            id: None,
+            fds: None,
+            rate_limiter_config: None,
+            pci_segment: 0,
+            pci_device_id: None,
+            offload_tso: true,
+            offload_ufo: true,
+            offload_csum: true,
+            transport: None,
+        }
+    }
+}
+
 /// Upstream's `ConsoleMode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsoleOutputMode {
@@ -475,7 +552,7 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net: Option<Vec<Value>>,
+    pub net: Option<Vec<NetConfig>>,
     #[serde(default)]
     pub rng: RngConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -257,6 +257,106 @@ impl DiskConfig {
     }
 }
 
+const NET_SPEC: OptionSpec = OptionSpec::keyed(
+    "net",
+    "tap ip mask mac host_mac mtu iommu num_queues queue_size id fd vhost_user socket \
+        vhost_mode pci_segment offload_tso offload_ufo offload_csum transport",
+)
+.refusing("bw_size bw_one_time_burst bw_refill_time ops_size ops_one_time_burst ops_refill_time");
+
+impl NetConfig {
+    /// `--net tap=NAME,mac=,ip=,mask=,host_mac=,num_queues=,queue_size=,mtu=` or `fd=N`
+    /// (`fd=[3,4]` for several queue pairs): a virtio-net device on a tap. Values are judged by
+    /// [`VmConfig::validate`], for the command line and a `vm.create` body alike.
+    pub fn parse(input: &str) -> Result<Self, ConfigError> {
+        let parsed = ParsedOption::parse(&NET_SPEC, input)?;
+        let defaults = NetConfig::default();
+        let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(default));
+        let fds = parsed
+            .list("fd")?
+            .map(|fds| {
+                fds.iter()
+                    .map(|fd| {
+                        fd.parse::<i32>().ok().filter(|fd| *fd >= 0).ok_or_else(|| {
+                            parsed.invalid("fd", fd, "expected a file descriptor number")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        Ok(NetConfig {
+            tap: parsed.string("tap"),
+            ip: parsed.string("ip").unwrap_or(defaults.ip),
+            mask: parsed.string("mask").unwrap_or(defaults.mask),
+            mac: Some(parsed.string("mac").unwrap_or_else(random_mac)),
+            host_mac: parsed.string("host_mac"),
+            mtu: parsed.integer::<u16>("mtu")?,
+            iommu: toggle("iommu", defaults.iommu)?,
+            num_queues: parsed
+                .integer::<usize>("num_queues")?
+                .unwrap_or(defaults.num_queues),
+            queue_size: parsed
+                .integer::<u16>("queue_size")?
+                .unwrap_or(defaults.queue_size),
+            vhost_user: toggle("vhost_user", defaults.vhost_user)?,
+            vhost_socket: parsed.string("socket"),
+            vhost_mode: parsed.string("vhost_mode"),
+            id: parsed.string("id"),
+            fds,
+            pci_segment: parsed
+                .integer::<u16>("pci_segment")?
+                .unwrap_or(defaults.pci_segment),
+            offload_tso: toggle("offload_tso", defaults.offload_tso)?,
+            offload_ufo: toggle("offload_ufo", defaults.offload_ufo)?,
+            offload_csum: toggle("offload_csum", defaults.offload_csum)?,
+            transport: parsed.choice(
+                "transport",
+                &[
+                    ("pci", VirtioTransportKind::Pci),
+                    ("mmio", VirtioTransportKind::Mmio),
+                ],
+                "expected pci or mmio",
+            )?,
+            ..defaults
+        })
+    }
+}
+
+/// A random locally administered unicast MAC, as upstream gives a `--net` without `mac=`.
+pub fn random_mac() -> String {
+    let mut bytes = [0u8; 6];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        // No entropy yet: a fixed locally administered prefix still makes a valid address.
+        bytes = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    }
+    bytes[0] = (bytes[0] & 0xfe) | 0x02;
+    format_mac(&bytes)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Reads `aa:bb:cc:dd:ee:ff` (six hexadecimal pairs).
+pub fn parse_mac(value: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = value.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 const RNG_SPEC: OptionSpec = OptionSpec::keyed("rng", "src iommu");
 
 impl RngConfig {
@@ -563,9 +663,6 @@ impl VmConfig {
     /// NV VM (the VMM then waits for `vm.create` on its API socket, as upstream does).
     pub fn from_options(options: &VmOptionStrings) -> Result<Option<Self>, ConfigError> {
         // Checked before anything else so that no combination lets a device request slip by.
-        if let Some(net) = options.net.iter().find(|net| !net.trim().is_empty()) {
-            return Err(unimplemented_device("net", net));
-        }
         if let Some((option, value)) = options.devices.first() {
             return Err(unimplemented_device(option, value));
         }
@@ -578,6 +675,12 @@ impl VmConfig {
             .disks
             .iter()
             .map(|disk| DiskConfig::parse(disk))
+            .collect::<Result<Vec<_>, _>>()?;
+        let net = options
+            .net
+            .iter()
+            .filter(|net| !net.trim().is_empty())
+            .map(|net| NetConfig::parse(net))
             .collect::<Result<Vec<_>, _>>()?;
         let config = VmConfig {
             cpus: options
@@ -594,6 +697,7 @@ impl VmConfig {
                 ..Default::default()
             },
             disks: (!disks.is_empty()).then_some(disks),
+            net: (!net.is_empty()).then_some(net),
             rng: rng.unwrap_or_default(),
             serial: options
                 .serial

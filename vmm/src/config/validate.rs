@@ -20,13 +20,12 @@ pub(super) fn zones_need_size_zero() -> ConfigError {
     }
 }
 
+/// The largest virtio-net queue this VMM offers.
+pub const MAX_NET_QUEUE_SIZE: u16 = 4096;
+
 /// Upstream's devices (and device-like members) this VMM does not have, and why: one table for
 /// the command-line options and the `VmConfig` members of the same name (see `member_name`).
 const NO_DEVICE: &[(&str, &str)] = &[
-    (
-        "net",
-        "virtio-net is not implemented by this VMM yet; the VM would boot without its network",
-    ),
     ("rate-limit-group", "I/O rate limiting is not implemented"),
     ("fs", "virtio-fs is not implemented"),
     (
@@ -72,6 +71,7 @@ impl VmConfig {
         self.validate_memory()?;
         self.validate_payload()?;
         self.validate_disks()?;
+        self.validate_net()?;
         self.validate_consoles()?;
         self.validate_devices()?;
         self.validate_platform()?;
@@ -326,6 +326,121 @@ impl VmConfig {
         Ok(())
     }
 
+    /// `--net`: what the tap and the virtio-net device can be built from. The tap itself (does
+    /// it exist, may we create it, is `fd=` a tap) is checked when the device is built.
+    fn validate_net(&self) -> Result<(), ConfigError> {
+        let nets = self.net.as_deref().unwrap_or_default();
+        for (index, net) in nets.iter().enumerate() {
+            let member = |key: &str| format!("net[{index}].{key}");
+            let invalid = |reason: String| {
+                Err(ConfigError::Invalid {
+                    option: "net",
+                    reason,
+                })
+            };
+            let refuse = |key: &'static str, value: String, reason: &str| {
+                Err(not_supported("net", key, member(key), value, reason))
+            };
+            for (key, value) in [("mac", &net.mac), ("host_mac", &net.host_mac)] {
+                if let Some(mac) = value {
+                    match super::parse::parse_mac(mac) {
+                        None => {
+                            return invalid(format!(
+                                "invalid {key} \"{mac}\": expected six hexadecimal byte pairs, \
+                                 aa:bb:cc:dd:ee:ff"
+                            ))
+                        }
+                        Some(bytes) if bytes[0] & 1 != 0 => {
+                            return invalid(format!(
+                                "invalid {key} \"{mac}\": a multicast address cannot be a \
+                                 device's address"
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            for (key, value) in [("ip", &net.ip), ("mask", &net.mask)] {
+                if value.parse::<std::net::Ipv4Addr>().is_err() {
+                    if value.parse::<std::net::Ipv6Addr>().is_ok() {
+                        return refuse(key, value.clone(), "only IPv4 tap addresses are set");
+                    }
+                    return invalid(format!(
+                        "invalid {key} \"{value}\": expected an IPv4 address"
+                    ));
+                }
+            }
+            if net.num_queues < 2 || net.num_queues % 2 != 0 {
+                return invalid(format!(
+                    "num_queues={} is not valid: virtio-net queues come in receive/transmit \
+                     pairs, so an even number of at least 2 is needed",
+                    net.num_queues
+                ));
+            }
+            if !net.queue_size.is_power_of_two()
+                || net.queue_size < 2
+                || net.queue_size > MAX_NET_QUEUE_SIZE
+            {
+                return invalid(format!(
+                    "queue_size={} is not valid: a power of two from 2 to {MAX_NET_QUEUE_SIZE} \
+                     is needed",
+                    net.queue_size
+                ));
+            }
+            if let Some(mtu) = net.mtu.filter(|mtu| *mtu < 68) {
+                return invalid(format!("mtu={mtu} is below IPv4's minimum of 68"));
+            }
+            if let Some(fds) = &net.fds {
+                if net.tap.is_some() {
+                    return invalid("tap= and fd= name two taps; give one".to_owned());
+                }
+                if fds.len() != net.num_queues / 2 {
+                    return invalid(format!(
+                        "{} tap descriptor(s) for num_queues={}: one per queue pair is needed",
+                        fds.len(),
+                        net.num_queues
+                    ));
+                }
+            }
+            if net.vhost_user || net.vhost_socket.is_some() {
+                return refuse(
+                    "vhost_user",
+                    "on".into(),
+                    "vhost-user net is not implemented",
+                );
+            }
+            if net.iommu {
+                return refuse("iommu", "on".into(), "there is no virtual IOMMU");
+            }
+            if net.pci_segment != 0 {
+                return refuse(
+                    "pci_segment",
+                    net.pci_segment.to_string(),
+                    "there is only PCI segment 0",
+                );
+            }
+            if let Some(id) = net.pci_device_id {
+                return refuse(
+                    "pci_device_id",
+                    id.to_string(),
+                    "PCI slots are assigned in order",
+                );
+            }
+            if net
+                .rate_limiter_config
+                .as_ref()
+                .is_some_and(|v| !is_empty_json(v))
+            {
+                return refuse(
+                    "rate_limiter_config",
+                    "set".into(),
+                    "I/O rate limiting is not implemented",
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn validate_disks(&self) -> Result<(), ConfigError> {
         let disks = self.disks.as_deref().unwrap_or_default();
         for (index, disk) in disks.iter().enumerate() {
@@ -521,7 +636,6 @@ impl VmConfig {
     /// Device members of upstream's `VmConfig` this VMM has no device for.
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let lists = [
-            ("net", &self.net),
             ("rate-limit-group", &self.rate_limit_groups),
             ("fs", &self.fs),
             ("generic-vhost-user", &self.generic_vhost_user),

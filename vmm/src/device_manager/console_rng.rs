@@ -132,7 +132,7 @@ impl DeviceManager {
         let output: ConsoleOutput = Arc::new(Mutex::new(output));
         let rebuild: Rebuild =
             Box::new(move || Ok(Box::new(Console::new(output.clone())) as Box<dyn VirtioDevice>));
-        let slot = self.add_pci_virtio(CONSOLE_DEVICE_ID, rebuild)?;
+        let slot = self.add_pci_stream_function(CONSOLE_DEVICE_ID, rebuild)?;
         log::info!("virtio-console ({:?}) at {}", config.mode, slot.bdf);
         self.console_rng.console = Some(slot);
         self.console_rng.console_pty = pty;
@@ -147,13 +147,17 @@ impl DeviceManager {
             let rng = Rng::open(&src).map_err(|e| Error::device("--rng", e))?;
             Ok(Box::new(rng) as Box<dyn VirtioDevice>)
         });
-        let slot = self.add_pci_virtio(RNG_DEVICE_ID, rebuild)?;
+        let slot = self.add_pci_stream_function(RNG_DEVICE_ID, rebuild)?;
         log::info!("virtio-rng on {} at {}", config.src, slot.bdf);
         self.console_rng.rng = Some(slot);
         Ok(())
     }
 
-    fn add_pci_virtio(&self, id: &'static str, rebuild: Rebuild) -> Result<PciVirtioSlot, Error> {
+    fn add_pci_stream_function(
+        &self,
+        id: &'static str,
+        rebuild: Rebuild,
+    ) -> Result<PciVirtioSlot, Error> {
         let device = rebuild()?;
         let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
         let mut function = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())

@@ -223,6 +223,20 @@ fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmCon
         if given.console != default_console() {
             config.console = given.console.clone();
         }
+        // The taps may be handed over anew (`--net fd=`, the old descriptors died with the old
+        // process) or named anew, by position; the rest of each device (MAC, queues) is the
+        // guest's and stays as stored.
+        for (stored, given) in config
+            .net
+            .iter_mut()
+            .flatten()
+            .zip(given.net.iter().flatten())
+        {
+            if given.fds.is_some() || given.tap.is_some() {
+                stored.fds = given.fds.clone();
+                stored.tap = given.tap.clone();
+            }
+        }
     }
     // The deadline is a property of the VM: keep the stored one unless this run sets another.
     if nv.deadline_ms == default_deadline_ms() {

@@ -92,14 +92,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < CONFIG_SPACE_LEN {
-            let n = data.len().min(CONFIG_SPACE_LEN - start);
-            data[..n].copy_from_slice(&self.config_space[start..start + n]);
-        }
+        super::read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
