@@ -290,8 +290,8 @@ fn raw_http_drives_every_endpoint_and_errors_leave_the_vmm_serving() {
     vmm.refused("PUT", "vm.snapshot", Some(r#"{"destination_url": 7}"#), 400);
     for (config, reason) in [
         (
-            r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0"}]}"#,
-            "net",
+            r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "tap0", "num_queues": 3}]}"#,
+            "num_queues",
         ),
         (
             r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}"#,
