@@ -15,49 +15,17 @@
 #include "console.h"
 #include "params.h"
 #include "runtime.h"
+#include "virtio.h"
 #include "virtio_pci.h"
 
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
 #define CONSOLE_TRANSMIT_QUEUE 1
 
-#define STATUS_ACKNOWLEDGE 1u
-#define STATUS_DRIVER 2u
-#define STATUS_DRIVER_OK 4u
-#define STATUS_FEATURES_OK 8u
-#define STATUS_FAILED 128u
-#define FEATURE_HIGH_VERSION_1 (1u << 0) /* bit 32 */
-
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
 #define QUEUE_SIZE 8
 #define RNG_BYTES 16
 #define LINE_MAX 64
 #define REQUEST_TIMEOUT_MS 30000
-
-struct virtq_desc {
-	uint64_t address;
-	uint32_t length;
-	uint16_t flags;
-	uint16_t next;
-};
-
-struct virtq_avail {
-	uint16_t flags;
-	uint16_t index;
-	uint16_t ring[QUEUE_SIZE];
-	uint16_t used_event;
-};
-
-struct virtq_used {
-	uint16_t flags;
-	uint16_t index;
-	struct {
-		uint32_t id;
-		uint32_t length;
-	} ring[QUEUE_SIZE];
-	uint16_t avail_event;
-};
 
 /* One device with one queue in use, one buffer at a time. */
 struct device {
@@ -66,8 +34,8 @@ struct device {
 	uint16_t queue;
 	uint16_t next_avail;
 	struct virtq_desc descriptors[QUEUE_SIZE] __attribute__((aligned(16)));
-	struct virtq_avail avail __attribute__((aligned(16)));
-	struct virtq_used used __attribute__((aligned(16)));
+	VIRTQ_AVAIL(QUEUE_SIZE) avail __attribute__((aligned(16)));
+	VIRTQ_USED(QUEUE_SIZE) used __attribute__((aligned(16)));
 };
 
 static struct device rng __attribute__((aligned(4096)));
@@ -186,20 +154,6 @@ static char *append(char *at, const char *text)
 	return at;
 }
 
-static char *append_dec(char *at, uint64_t value)
-{
-	char digits[20];
-	int count = 0;
-
-	do {
-		digits[count++] = (char)('0' + value % 10);
-		value /= 10;
-	} while (value);
-	while (count)
-		*at++ = digits[--count];
-	return at;
-}
-
 static void fail(const char *why, uint64_t n)
 {
 	console_write("conrng: FAIL ");
@@ -257,10 +211,9 @@ void guest_main(void)
 			return;
 		}
 		char *at = append(line, "conrng line ");
-		at = append_dec(at, n);
+		at = format_dec(at, n);
 		at = append(at, " ");
-		for (int shift = 60; shift >= 0; shift -= 4)
-			*at++ = "0123456789abcdef"[(folded >> shift) & 0xf];
+		at = format_hex(at, folded);
 		*at++ = '\n';
 		if (transfer(&console, line, (uint32_t)(at - line), 0) < 0) {
 			fail("console write timed out", n);

@@ -21,7 +21,7 @@ void console_write(const char *text)
 		console_putc(*text++);
 }
 
-void console_write_dec(uint64_t value)
+char *format_dec(char *at, uint64_t value)
 {
 	char digits[20];
 	int count = 0;
@@ -31,13 +31,35 @@ void console_write_dec(uint64_t value)
 		value /= 10;
 	} while (value);
 	while (count)
-		console_putc(digits[--count]);
+		*at++ = digits[--count];
+	return at;
 }
 
-void console_write_hex(uint64_t value)
+char *format_hex(char *at, uint64_t value)
 {
 	static const char hex[] = "0123456789abcdef";
 
 	for (int shift = 60; shift >= 0; shift -= 4)
-		console_putc(hex[(value >> shift) & 0xf]);
+		*at++ = hex[(value >> shift) & 0xf];
+	return at;
+}
+
+static void console_write_n(const char *text, const char *end)
+{
+	while (text < end)
+		console_putc(*text++);
+}
+
+void console_write_dec(uint64_t value)
+{
+	char text[20];
+
+	console_write_n(text, format_dec(text, value));
+}
+
+void console_write_hex(uint64_t value)
+{
+	char text[16];
+
+	console_write_n(text, format_hex(text, value));
 }

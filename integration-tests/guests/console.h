@@ -11,4 +11,9 @@ void console_write_dec(uint64_t value);
 /* Always 16 lower-case hex digits, no prefix. */
 void console_write_hex(uint64_t value);
 
+/* Write `value` at `at` without a NUL, in decimal (at most 20 characters) or
+ * as 16 lower-case hex digits, and return the end. */
+char *format_dec(char *at, uint64_t value);
+char *format_hex(char *at, uint64_t value);
+
 #endif

@@ -3,6 +3,7 @@
 #include "params.h"
 #include "port_io.h"
 #include "runtime.h"
+#include "virtio.h"
 #include "virtio_pci.h"
 
 #define PCI_ID_VIRTIO_BLK VIRTIO_PCI_ID(2)
@@ -34,24 +35,13 @@
 #define VIRTIO_MMIO_MODERN 2
 #define VIRTIO_ID_BLOCK 2
 
-#define STATUS_ACKNOWLEDGE 1u
-#define STATUS_DRIVER 2u
-#define STATUS_DRIVER_OK 4u
-#define STATUS_FEATURES_OK 8u
-#define STATUS_FAILED 128u
-
 #define FEATURE_BLK_RO (1u << 5)
 #define FEATURE_BLK_FLUSH (1u << 9)
-#define FEATURE_HIGH_VERSION_1 (1u << 0) /* bit 32 */
 
 #define REQUEST_IN 0
 #define REQUEST_OUT 1
 #define REQUEST_FLUSH 4
 #define REQUEST_STATUS_OK 0
-
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
 
 /* Only the device hole is mapped uncached and guaranteed present. */
 #define DEVICE_HOLE_START 0xc0000000ull
@@ -63,32 +53,6 @@
 /* Generous: a host fdatasync of a large batch on a busy disk. Only time the
  * guest actually spent polling counts (see struct stopwatch). */
 #define REQUEST_TIMEOUT_MS 60000
-
-struct virtq_desc {
-	uint64_t address;
-	uint32_t length;
-	uint16_t flags;
-	uint16_t next;
-};
-
-struct virtq_avail {
-	uint16_t flags;
-	uint16_t index;
-	uint16_t ring[QUEUE_SIZE_LIMIT];
-	uint16_t used_event;
-};
-
-struct virtq_used_element {
-	uint32_t id;
-	uint32_t length;
-};
-
-struct virtq_used {
-	uint16_t flags;
-	uint16_t index;
-	struct virtq_used_element ring[QUEUE_SIZE_LIMIT];
-	uint16_t avail_event;
-};
 
 struct request_header {
 	uint32_t type;
@@ -119,8 +83,8 @@ struct virtio_blk {
 	 * descriptors, so the queue is not reused. */
 	int broken;
 	struct virtq_desc descriptors[QUEUE_SIZE_LIMIT] __attribute__((aligned(16)));
-	struct virtq_avail avail __attribute__((aligned(16)));
-	struct virtq_used used __attribute__((aligned(16)));
+	VIRTQ_AVAIL(QUEUE_SIZE_LIMIT) avail __attribute__((aligned(16)));
+	VIRTQ_USED(QUEUE_SIZE_LIMIT) used __attribute__((aligned(16)));
 	struct request_slot slots[VIRTIO_BLK_MAX_BATCH];
 };
 
