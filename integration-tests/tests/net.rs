@@ -99,6 +99,34 @@ fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
 }
 
+/// Boot arguments for the counter guest with one `--net` device.
+fn boot_arguments(kernel: &Path, net: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        "size=32M".into(),
+        "--net".into(),
+        net.into(),
+    ]
+}
+
+/// Starts recovering `netvm` from `region` in place, `extra` arguments first.
+fn spawn_recovery(dir: &Path, region: &Path, label: &str, extra: Vec<String>) -> VmmProcess {
+    let mut arguments = extra;
+    arguments.push("--nv".into());
+    arguments.push(format!("region={},vm=netvm,recover=on", region.display()));
+    spawn(dir, label, &arguments)
+}
+
+/// Waits for a counter line after recovery that continues from the serial log `before`.
+fn wait_continues(vmm: &mut VmmProcess, before: &str) {
+    let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
+    assert_continues(before, &after);
+}
+
 fn has_counter_line(log: &str) -> bool {
     !counter_lines(log).is_empty()
 }
@@ -146,18 +174,10 @@ fn a_net_vm_survives_power_failures_reopening_its_tap_by_name_and_by_fd() {
     let before = {
         let (dir_path, region, kernel) = (dir_path.clone(), region.clone(), kernel.clone());
         netns.run(move || {
-            let arguments: Vec<String> = vec![
-                "--kernel".into(),
-                kernel.display().to_string(),
-                "--cmdline".into(),
-                guest_cmdline(""),
-                "--memory".into(),
-                "size=32M".into(),
-                "--net".into(),
-                "tap=nvtap0,mac=02:00:00:00:00:10,num_queues=2".into(),
-                "--nv".into(),
-                format!("region={},vm=netvm,create=on", region.display()),
-            ];
+            let mut arguments =
+                boot_arguments(&kernel, "tap=nvtap0,mac=02:00:00:00:00:10,num_queues=2");
+            arguments.push("--nv".into());
+            arguments.push(format!("region={},vm=netvm,create=on", region.display()));
             let mut vmm = spawn(&dir_path, "boot", &arguments);
             vmm.wait_serial("a counter line", has_counter_line);
             vmm
@@ -173,13 +193,8 @@ fn a_net_vm_survives_power_failures_reopening_its_tap_by_name_and_by_fd() {
         let (dir_path, region) = (dir_path.clone(), region.clone());
         let log = log.clone();
         netns.run(move || {
-            let arguments: Vec<String> = vec![
-                "--nv".into(),
-                format!("region={},vm=netvm,recover=on", region.display()),
-            ];
-            let mut vmm = spawn(&dir_path, "recover-name", &arguments);
-            let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-            assert_continues(&log, &after);
+            let mut vmm = spawn_recovery(&dir_path, &region, "recover-name", Vec::new());
+            wait_continues(&mut vmm, &log);
             vmm
         })
     };
@@ -190,16 +205,11 @@ fn a_net_vm_survives_power_failures_reopening_its_tap_by_name_and_by_fd() {
         let (dir_path, region) = (dir_path.clone(), region.clone());
         netns.run(move || {
             let tap = inheritable_tap("nvtap1");
-            let arguments: Vec<String> = vec![
-                "--net".into(),
-                format!("fd={}", tap.as_raw_fd()),
-                "--nv".into(),
-                format!("region={},vm=netvm,recover=on", region.display()),
-            ];
-            let mut vmm = spawn(&dir_path, "recover-fd", &arguments);
-            drop(tap); // the VMM holds its own copy
-            let after = vmm.wait_serial("a counter line after recovery", has_counter_line);
-            assert_continues(&log, &after);
+            let net = vec!["--net".into(), format!("fd={}", tap.as_raw_fd())];
+            // The VMM holds its own copy: the guest must go on after the test's is closed.
+            let mut vmm = spawn_recovery(&dir_path, &region, "recover-fd", net);
+            drop(tap);
+            wait_continues(&mut vmm, &log);
             vmm
         })
     };
@@ -222,18 +232,7 @@ fn bad_net_input_is_refused_with_exit_1_and_a_clear_line() {
     let dir_path = dir.path().to_path_buf();
     let kernel = test_guest("counter");
     netns.run(move || {
-        let base = |net: &str| -> Vec<String> {
-            vec![
-                "--kernel".into(),
-                kernel.display().to_string(),
-                "--cmdline".into(),
-                guest_cmdline(""),
-                "--memory".into(),
-                "size=32M".into(),
-                "--net".into(),
-                net.into(),
-            ]
-        };
+        let base = |net: &str| boot_arguments(&kernel, net);
         let cases: &[(&str, &str, &[&str])] = &[
             (
                 "bad-mac",
