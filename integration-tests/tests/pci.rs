@@ -52,6 +52,16 @@ fn assert_marks_continue(log: &str, after: u64) {
     );
 }
 
+/// Waits for two mark lines after `event` (the guest went on, it did not boot again) and checks
+/// they continue from line `last`.
+fn wait_marks_continue(vmm: &mut VmmProcess, event: &str, last: u64) {
+    let after = vmm.wait_serial(&format!("two mark lines after {event}"), |log| {
+        mark_lines(log).len() >= 2
+    });
+    assert!(!after.contains("pcicheck: boot"), "booted again:\n{after}");
+    assert_marks_continue(&after, last);
+}
+
 #[test]
 fn pcicheck_enumerates_bus_0_alike_through_the_ports_and_ecam() {
     integration_tests::require_kvm!();
@@ -108,11 +118,7 @@ fn pci_configuration_space_survives_a_power_failure() {
         format!("region={},vm=pci,recover=on", region.display()),
     ];
     let mut recovered = spawn(dir.path(), "recovered", &recover);
-    let after = recovered.wait_serial("two mark lines after recovery", |log| {
-        mark_lines(log).len() >= 2
-    });
-    assert!(!after.contains("pcicheck: boot"), "booted again:\n{after}");
-    assert_marks_continue(&after, last);
+    wait_marks_continue(&mut recovered, "recovery", last);
     recovered.kill();
 }
 
@@ -153,10 +159,6 @@ fn pci_configuration_space_survives_snapshot_and_restore() {
     let mut restored = VmmProcess::spawn(dir.path(), "restored", &arguments, &[])
         .with_timeout(TIMEOUT)
         .with_serial(log);
-    let after = restored.wait_serial("two mark lines after restore", |log| {
-        mark_lines(log).len() >= 2
-    });
-    assert!(!after.contains("pcicheck: boot"), "booted again:\n{after}");
-    assert_marks_continue(&after, last);
+    wait_marks_continue(&mut restored, "restore", last);
     restored.kill();
 }
