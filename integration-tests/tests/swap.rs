@@ -117,6 +117,11 @@ impl<'a> TestVm<'a> {
         vmm
     }
 
+    /// Cold-boots the VM (`Start::Boot`) without extra environment and waits until it runs.
+    fn boot(&mut self, area_mb: u32, ram: &str) -> VmmProcess {
+        self.run(Start::Boot { area_mb, ram }, &[])
+    }
+
     /// Starts the VM and waits until it runs: a first counter line above the last one before it
     /// stopped (no new boot), and the API socket serving.
     fn run(&mut self, start: Start, env: &[(&str, &str)]) -> VmmProcess {
@@ -335,13 +340,7 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     let events = dir.path().join("events.json");
     let mut a = TestVm::new(dir.path(), &region, "a");
     let mut b = TestVm::new(dir.path(), &region, "b");
-    let mut vmm_b = b.run(
-        Start::Boot {
-            area_mb: 1,
-            ram: SMALL_RAM,
-        },
-        &[],
-    );
+    let mut vmm_b = b.boot(1, SMALL_RAM);
     let mut vmm_a = a.spawn(
         Start::Boot {
             area_mb: 2,
@@ -444,13 +443,7 @@ fn a_swap_file_is_proportional_to_the_memory_the_guest_touched() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let mut vm = TestVm::new(dir.path(), &region, "sparse");
-    let mut vmm = vm.run(
-        Start::Boot {
-            area_mb: 4,
-            ram: "512M",
-        },
-        &[],
-    );
+    let mut vmm = vm.boot(4, "512M");
     let file = dir.path().join("sparse.nvswap");
     swap_out_with_api(&mut vm, &mut vmm, &file);
     let size = std::fs::metadata(&file).unwrap().len();
@@ -540,13 +533,7 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     let dir = scratch_dir();
     let region = dir.path().join("region");
     let mut vm = TestVm::new(dir.path(), &region, "x");
-    let mut vmm = vm.run(
-        Start::Boot {
-            area_mb: 2,
-            ram: SMALL_RAM,
-        },
-        &[],
-    );
+    let mut vmm = vm.boot(2, SMALL_RAM);
 
     // An existing destination: refused before anything is paused, the file untouched.
     let existing = dir.path().join("existing.nvswap");
@@ -630,13 +617,7 @@ fn bad_swap_inputs_are_refused_and_change_nothing() {
     // Another region with a VM of the same name: the file is not its VM's.
     let other_region = dir.path().join("other-region");
     let mut other = TestVm::new(dir.path(), &other_region, "x");
-    let mut other_vmm = other.run(
-        Start::Boot {
-            area_mb: 1,
-            ram: SMALL_RAM,
-        },
-        &[],
-    );
+    let mut other_vmm = other.boot(1, SMALL_RAM);
     suspend(&mut other, &mut other_vmm);
     other.refused_swap_in(&good, "another region");
     assert_eq!(other.place(), Place::Resident);
@@ -729,13 +710,7 @@ fn died_at_fault(vmm: &mut VmmProcess, point: &str) -> bool {
 fn fault_chain(dir: &Path, region: &Path, name: &str, offset: usize, runs: usize) -> FaultTally {
     let mut vm = TestVm::new(dir, region, name);
     let mut tally = FaultTally::default();
-    let mut vmm = vm.run(
-        Start::Boot {
-            area_mb: 1,
-            ram: "8M",
-        },
-        &[],
-    );
+    let mut vmm = vm.boot(1, "8M");
     suspend(&mut vm, &mut vmm);
     let mut place = Place::Resident;
     let mut leftover: Option<PathBuf> = None;
@@ -839,13 +814,7 @@ fn a_crash_at_any_swap_fault_point_never_loses_the_vm() {
     let region = dir.path().join("region");
     // The region exists before the chains share it.
     let mut first = TestVm::new(dir.path(), &region, "first");
-    let mut vmm = first.run(
-        Start::Boot {
-            area_mb: 1,
-            ram: "8M",
-        },
-        &[],
-    );
+    let mut vmm = first.boot(1, "8M");
     suspend(&mut first, &mut vmm);
     let started = Instant::now();
     let tallies: Vec<FaultTally> = std::thread::scope(|scope| {
