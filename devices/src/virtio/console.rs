@@ -75,16 +75,15 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.thread.is_running() {
-            return Err(Error::AlreadyActivated);
-        }
-        let worker = ConsoleWorker {
-            transmit: usable_queue(&ctx, usize::from(CONSOLE_TRANSMIT_QUEUE))?,
-            mem: ctx.mem.clone(),
-            interrupt: ctx.interrupt.clone(),
-            output: self.output.clone(),
-        };
-        self.thread.start("virtio-console", worker, ctx)
+        let output = self.output.clone();
+        self.thread.activate("virtio-console", ctx, &[], |ctx| {
+            Ok(ConsoleWorker {
+                transmit: usable_queue(ctx, usize::from(CONSOLE_TRANSMIT_QUEUE))?,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                output,
+            })
+        })
     }
 
     fn reset(&mut self) {

@@ -1,6 +1,8 @@
 //! The service loop of a device whose requests are independent descriptor chains served one at a
-//! time (virtio-console's transmit queue, virtio-rng): pop, serve, publish, interrupt.
+//! time (virtio-console's transmit queue, virtio-rng): pop, serve, publish, interrupt; and the
+//! I/O thread every virtio device here runs its worker on.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -80,29 +82,30 @@ impl ServedQueue<'_> {
 pub(crate) struct ServiceThread(Option<IoThread>);
 
 impl ServiceThread {
-    /// Starts `worker` on a thread named `name` with the activation's notifications, paused if
-    /// the activation says so, confined by its start hook.
-    pub fn start<W: QueueWorker>(
+    /// Activates the device: refuses a second activation, builds the worker from `ctx` with
+    /// `worker` (which checks the queues it needs), and starts it on a thread named `name` with
+    /// the activation's notifications (and `backend_fds`, see [`IoThread::spawn_watching`]),
+    /// paused if the activation says so, confined by its start hook.
+    pub fn activate<W: QueueWorker>(
         &mut self,
         name: &str,
-        worker: W,
         ctx: ActivationContext,
+        backend_fds: &[RawFd],
+        worker: impl FnOnce(&ActivationContext) -> Result<W>,
     ) -> Result<()> {
         if self.0.is_some() {
             return Err(Error::AlreadyActivated);
         }
-        self.0 = Some(IoThread::spawn(
+        let worker = worker(&ctx)?;
+        self.0 = Some(IoThread::spawn_watching(
             name,
             worker,
             ctx.queue_evts,
+            backend_fds,
             ctx.start_paused,
             ctx.io_thread_start,
         )?);
         Ok(())
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.0.is_some()
     }
 
     /// Stops and joins the thread after the chain in progress.

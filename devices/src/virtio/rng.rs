@@ -81,16 +81,15 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.thread.is_running() {
-            return Err(Error::AlreadyActivated);
-        }
-        let worker = RngWorker {
-            queue: usable_queue(&ctx, 0)?,
-            mem: ctx.mem.clone(),
-            interrupt: ctx.interrupt.clone(),
-            source: self.source.clone(),
-        };
-        self.thread.start("virtio-rng", worker, ctx)
+        let source = self.source.clone();
+        self.thread.activate("virtio-rng", ctx, &[], |ctx| {
+            Ok(RngWorker {
+                queue: usable_queue(ctx, 0)?,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                source,
+            })
+        })
     }
 
     fn reset(&mut self) {
