@@ -13,7 +13,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
-use super::queue_service::{usable_queue, ServedQueue, ServiceThread};
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -86,17 +86,7 @@ impl VirtioDevice for Console {
         })
     }
 
-    fn reset(&mut self) {
-        self.thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.thread.resume()
-    }
+    service_thread_lifecycle!(thread);
 
     /// Pushes written output out of any user-space buffer. The device writes each chain before
     /// publishing it, so after a pause everything the driver saw completed is in the output.

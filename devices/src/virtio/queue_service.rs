@@ -76,6 +76,25 @@ impl ServedQueue<'_> {
     }
 }
 
+/// The `reset`, `pause` and `resume` of a `VirtioDevice` whose I/O thread is the
+/// [`ServiceThread`] in field `$thread`: reset stops and joins it after the chain in progress.
+macro_rules! service_thread_lifecycle {
+    ($thread:ident) => {
+        fn reset(&mut self) {
+            self.$thread.stop();
+        }
+
+        fn pause(&mut self) -> $crate::Result<()> {
+            self.$thread.pause()
+        }
+
+        fn resume(&mut self) -> $crate::Result<()> {
+            self.$thread.resume()
+        }
+    };
+}
+pub(crate) use service_thread_lifecycle;
+
 /// The I/O thread of a device, from activation to reset: started once, paused and resumed around
 /// a save, stopped (joined) on reset or drop.
 #[derive(Default)]

@@ -14,7 +14,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
-use super::queue_service::{usable_queue, ServedQueue, ServiceThread};
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -92,17 +92,7 @@ impl VirtioDevice for Rng {
         })
     }
 
-    fn reset(&mut self) {
-        self.thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.thread.resume()
-    }
+    service_thread_lifecycle!(thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         Ok(())

@@ -20,7 +20,7 @@ use self::counters::BlockCounters;
 use self::disk::RawDisk;
 use self::request::Completion;
 use super::io_thread::QueueWorker;
-use super::queue_service::{usable_queue, ServiceThread};
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -118,18 +118,7 @@ impl VirtioDevice for Block {
         })
     }
 
-    fn reset(&mut self) {
-        // Stops and joins the thread after the request in progress.
-        self.io_thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.io_thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.io_thread.resume()
-    }
+    service_thread_lifecycle!(io_thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         if self.disk.readonly() {

@@ -32,7 +32,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Perm
 
 pub use self::tap::{Tap, TapError, NEW_TAP_TEMPLATE, VNET_HDR_LEN};
 use super::io_thread::QueueWorker;
-use super::queue_service::ServiceThread;
+use super::queue_service::{service_thread_lifecycle, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -234,17 +234,7 @@ impl VirtioDevice for Net {
         })
     }
 
-    fn reset(&mut self) {
-        self.io_thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.io_thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.io_thread.resume()
-    }
+    service_thread_lifecycle!(io_thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         // A network keeps nothing to make durable: a packet written to the tap is gone.
