@@ -106,6 +106,9 @@ impl From<crate::pci_segment::PciDeviceInfo> for DeviceResources {
 }
 
 /// Where a disk's virtio transport is and what it was wired with.
+/// A virtio-pci function on segment 0: the function, its address and its MSI-X vectors.
+type PciFunction = (Arc<Mutex<VirtioPciDevice>>, PciBdf, Arc<KvmMsiInterrupts>);
+
 enum DiskTransport {
     /// A function on PCI segment 0 with its MSI-X vectors in KVM.
     Pci {
@@ -463,7 +466,10 @@ impl DeviceManager {
         let block = open_block(&path, disk.readonly)?;
         let transport = match disk.transport.unwrap_or_default() {
             VirtioTransportKind::Pci => self.add_pci_block(&id, &path, block)?,
-            VirtioTransportKind::Mmio => self.add_mmio_block(&path, Box::new(block))?,
+            VirtioTransportKind::Mmio => {
+                let thread_start = self.thread_start.clone();
+                self.add_mmio_block(&path, Box::new(block), &thread_start)?
+            }
         };
         log::info!(
             "disk {} on {}{}",
@@ -485,23 +491,29 @@ impl DeviceManager {
     }
 
     fn add_pci_block(&self, id: &str, path: &Path, block: Block) -> Result<DiskTransport, Error> {
-        self.add_pci_virtio(id, &format!("disk {}", path.display()), Box::new(block))
+        let what = format!("disk {}", path.display());
+        let (device, bdf, msi) =
+            self.add_pci_virtio(id, &what, Box::new(block), &self.thread_start)?;
+        Ok(DiskTransport::Pci { device, bdf, msi })
     }
 
     /// Puts `device` on a new virtio-pci function of segment 0; `what` names it in errors.
+    /// Its I/O threads are confined by `thread_start` (the device kind's seccomp filter).
+    /// Used by disks, nets, the console and the rng.
     fn add_pci_virtio(
         &self,
         id: &str,
         what: &str,
         device: Box<dyn VirtioDevice>,
-    ) -> Result<DiskTransport, Error> {
+        thread_start: &IoThreadStartHook,
+    ) -> Result<PciFunction, Error> {
         let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
         let mut device = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
             .map_err(|e| Error::device(what.to_owned(), e))?;
-        self.wire_activation(&mut device)?;
+        self.wire_activation(&mut device, thread_start)?;
         let device = Arc::new(Mutex::new(device));
         let bdf = self.pci.add_device(id, device.clone())?;
-        Ok(DiskTransport::Pci { device, bdf, msi })
+        Ok((device, bdf, msi))
     }
 
     /// The next virtio-mmio slot: irqfd on the slot's GSI, ioeventfd on its QueueNotify
@@ -511,6 +523,7 @@ impl DeviceManager {
         &mut self,
         path: &Path,
         block: Box<dyn VirtioDevice>,
+        thread_start: &IoThreadStartHook,
     ) -> Result<DiskTransport, Error> {
         let index = self
             .disks
@@ -537,7 +550,7 @@ impl DeviceManager {
             })?;
         let mut transport = MmioTransport::new(block, self.memory.clone(), interrupt.clone())
             .map_err(|e| Error::device(format!("disk {}", path.display()), e))?;
-        self.wire_activation(&mut transport)?;
+        self.wire_activation(&mut transport, thread_start)?;
         register_queue_notifiers(&self.vm_fd, base, transport.queue_evts())?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
@@ -567,12 +580,16 @@ impl DeviceManager {
         let what = format!("net {id} (tap {})", tap.name());
         let net = new_net(&tap, config)?;
         let transport = match config.transport.unwrap_or_default() {
-            VirtioTransportKind::Pci => self.add_pci_virtio(&id, &what, Box::new(net))?,
+            VirtioTransportKind::Pci => {
+                let (device, bdf, msi) =
+                    self.add_pci_virtio(&id, &what, Box::new(net), &self.net_thread_start)?;
+                DiskTransport::Pci { device, bdf, msi }
+            }
             VirtioTransportKind::Mmio => {
-                self.add_mmio_block(Path::new(tap.name()), Box::new(net))?
+                let thread_start = self.net_thread_start.clone();
+                self.add_mmio_block(Path::new(tap.name()), Box::new(net), &thread_start)?
             }
         };
-        self.confine_net(&transport);
         log::info!("{what} on {}", transport_description(&transport));
         self.nets.push(VirtioNetSlot {
             transport,
@@ -584,17 +601,16 @@ impl DeviceManager {
     }
 
     /// Tells the control loop when `transport`'s device wants activation, and confines the
-    /// threads the device starts.
-    fn wire_activation(&self, transport: &mut dyn VirtioTransport) -> Result<(), Error> {
+    /// threads the device starts with `thread_start` (its kind's seccomp filter).
+    fn wire_activation(
+        &self,
+        transport: &mut dyn VirtioTransport,
+        thread_start: &IoThreadStartHook,
+    ) -> Result<(), Error> {
         let evt = clone_event_fd(&self.activation_evt, "clone (device activation)")?;
         transport.notify_activation_with(evt);
-        transport.confine_io_threads_with(self.thread_start.clone());
+        transport.confine_io_threads_with(thread_start.clone());
         Ok(())
-    }
-
-    /// Gives a virtio-net device's transport the `NetIo` filter instead of the block one.
-    fn confine_net(&self, transport: &DiskTransport) {
-        transport.with(|t| t.confine_io_threads_with(self.net_thread_start.clone()));
     }
 
     /// Activates every device whose driver set DRIVER_OK since the last call (the control loop
@@ -967,16 +983,7 @@ impl DeviceManager {
         let state_error = |e: devices::Error| Error::device_state(what.to_owned(), e);
         match (transport, mmio, pci) {
             (DiskTransport::Pci { device, msi, .. }, None, Some(saved)) => {
-                let mut restored =
-                    VirtioPciDevice::restore(block, self.memory.clone(), msi.clone(), saved)
-                        .map_err(state_error)?;
-                self.wire_activation(&mut restored)?;
-                restored.confine_io_threads_with(thread_start.clone());
-                // A device that was running starts here, paused, on this (VMM) thread.
-                restored.activate_pending().map_err(state_error)?;
-                // Dropping the old function stops its I/O thread. Its configuration space comes
-                // back with the segment's state.
-                *lock_or_recover(device) = restored;
+                self.restore_pci_function(what, device, msi, block, saved, thread_start)?
             }
             (
                 DiskTransport::Mmio {
@@ -991,8 +998,7 @@ impl DeviceManager {
                 let mut restored =
                     MmioTransport::restore(block, self.memory.clone(), interrupt.clone(), saved)
                         .map_err(state_error)?;
-                self.wire_activation(&mut restored)?;
-                restored.confine_io_threads_with(thread_start.clone());
+                self.wire_activation(&mut restored, thread_start)?;
                 restored.activate_pending().map_err(state_error)?;
                 let mut transport = lock_or_recover(transport);
                 unregister_queue_notifiers(&self.vm_fd, *base, transport.queue_evts());
@@ -1005,6 +1011,30 @@ impl DeviceManager {
                 )))
             }
         }
+        Ok(())
+    }
+
+    /// Rebuilds the virtio-pci function `device` around `block` from `saved`, paused (activated
+    /// if it was running), its threads confined by `thread_start`. Used by disks, nets, the
+    /// console and the rng.
+    fn restore_pci_function(
+        &self,
+        what: &str,
+        device: &Mutex<VirtioPciDevice>,
+        msi: &Arc<KvmMsiInterrupts>,
+        block: Box<dyn VirtioDevice>,
+        saved: &VirtioPciState,
+        thread_start: &IoThreadStartHook,
+    ) -> Result<(), Error> {
+        let state_error = |e: devices::Error| Error::device_state(what.to_owned(), e);
+        let mut restored = VirtioPciDevice::restore(block, self.memory.clone(), msi.clone(), saved)
+            .map_err(state_error)?;
+        self.wire_activation(&mut restored, thread_start)?;
+        // A device that was running starts here, paused, on this (VMM) thread.
+        restored.activate_pending().map_err(state_error)?;
+        // Dropping the old function stops its I/O thread. Its configuration space comes back
+        // with the segment's state.
+        *lock_or_recover(device) = restored;
         Ok(())
     }
 }

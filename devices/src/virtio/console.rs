@@ -13,7 +13,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
-use super::queue_service::{usable_queue, ServedQueue, ServiceThread};
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -75,29 +75,18 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.thread.is_running() {
-            return Err(Error::AlreadyActivated);
-        }
-        let worker = ConsoleWorker {
-            transmit: usable_queue(&ctx, usize::from(CONSOLE_TRANSMIT_QUEUE))?,
-            mem: ctx.mem.clone(),
-            interrupt: ctx.interrupt.clone(),
-            output: self.output.clone(),
-        };
-        self.thread.start("virtio-console", worker, ctx)
+        let output = self.output.clone();
+        self.thread.activate("virtio-console", ctx, &[], |ctx| {
+            Ok(ConsoleWorker {
+                transmit: usable_queue(ctx, usize::from(CONSOLE_TRANSMIT_QUEUE))?,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                output,
+            })
+        })
     }
 
-    fn reset(&mut self) {
-        self.thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.thread.resume()
-    }
+    service_thread_lifecycle!(thread);
 
     /// Pushes written output out of any user-space buffer. The device writes each chain before
     /// publishing it, so after a pause everything the driver saw completed is in the output.

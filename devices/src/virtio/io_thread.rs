@@ -64,6 +64,8 @@ impl Drop for Epoll {
 impl IoThread {
     /// Starts `worker` on a thread named `name`, woken by `queue_evts`; the thread runs `hook`
     /// first. With `start_paused` the thread serves nothing until the first `resume()`.
+    /// (The devices start theirs through `ServiceThread::activate`.)
+    #[cfg(test)]
     pub(crate) fn spawn<W: QueueWorker>(
         name: &str,
         worker: W,

@@ -1,6 +1,8 @@
 //! The service loop of a device whose requests are independent descriptor chains served one at a
-//! time (virtio-console's transmit queue, virtio-rng): pop, serve, publish, interrupt.
+//! time (virtio-console's transmit queue, virtio-rng): pop, serve, publish, interrupt; and the
+//! I/O thread every virtio device here runs its worker on.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -74,35 +76,55 @@ impl ServedQueue<'_> {
     }
 }
 
+/// The `reset`, `pause` and `resume` of a `VirtioDevice` whose I/O thread is the
+/// [`ServiceThread`] in field `$thread`: reset stops and joins it after the chain in progress.
+macro_rules! service_thread_lifecycle {
+    ($thread:ident) => {
+        fn reset(&mut self) {
+            self.$thread.stop();
+        }
+
+        fn pause(&mut self) -> $crate::Result<()> {
+            self.$thread.pause()
+        }
+
+        fn resume(&mut self) -> $crate::Result<()> {
+            self.$thread.resume()
+        }
+    };
+}
+pub(crate) use service_thread_lifecycle;
+
 /// The I/O thread of a device, from activation to reset: started once, paused and resumed around
 /// a save, stopped (joined) on reset or drop.
 #[derive(Default)]
 pub(crate) struct ServiceThread(Option<IoThread>);
 
 impl ServiceThread {
-    /// Starts `worker` on a thread named `name` with the activation's notifications, paused if
-    /// the activation says so, confined by its start hook.
-    pub fn start<W: QueueWorker>(
+    /// Activates the device: refuses a second activation, builds the worker from `ctx` with
+    /// `worker` (which checks the queues it needs), and starts it on a thread named `name` with
+    /// the activation's notifications (and `backend_fds`, see [`IoThread::spawn_watching`]),
+    /// paused if the activation says so, confined by its start hook.
+    pub fn activate<W: QueueWorker>(
         &mut self,
         name: &str,
-        worker: W,
         ctx: ActivationContext,
+        backend_fds: &[RawFd],
+        worker: impl FnOnce(&ActivationContext) -> Result<W>,
     ) -> Result<()> {
         if self.0.is_some() {
             return Err(Error::AlreadyActivated);
         }
-        self.0 = Some(IoThread::spawn(
+        let worker = worker(&ctx)?;
+        self.0 = Some(IoThread::spawn_watching(
             name,
             worker,
             ctx.queue_evts,
+            backend_fds,
             ctx.start_paused,
             ctx.io_thread_start,
         )?);
         Ok(())
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.0.is_some()
     }
 
     /// Stops and joins the thread after the chain in progress.

@@ -14,7 +14,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
-use super::queue_service::{usable_queue, ServedQueue, ServiceThread};
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -81,29 +81,18 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.thread.is_running() {
-            return Err(Error::AlreadyActivated);
-        }
-        let worker = RngWorker {
-            queue: usable_queue(&ctx, 0)?,
-            mem: ctx.mem.clone(),
-            interrupt: ctx.interrupt.clone(),
-            source: self.source.clone(),
-        };
-        self.thread.start("virtio-rng", worker, ctx)
+        let source = self.source.clone();
+        self.thread.activate("virtio-rng", ctx, &[], |ctx| {
+            Ok(RngWorker {
+                queue: usable_queue(ctx, 0)?,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                source,
+            })
+        })
     }
 
-    fn reset(&mut self) {
-        self.thread.stop();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.thread.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.thread.resume()
-    }
+    service_thread_lifecycle!(thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         Ok(())

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use devices::console_io::{open_output_file, LossyOutput, Pty};
 use devices::pci::PciBdf;
 use devices::virtio::{
-    msix_vector_count, Console, ConsoleOutput, Rng, VirtioDevice, VirtioPciDevice, VirtioPciState,
-    VirtioTransport,
+    Console, ConsoleOutput, Rng, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
 };
 
 use super::{lock_or_recover, DeviceManager};
@@ -158,27 +157,15 @@ impl DeviceManager {
         id: &'static str,
         rebuild: Rebuild,
     ) -> Result<PciVirtioSlot, Error> {
-        let device = rebuild()?;
-        let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
-        let mut function = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
-            .map_err(|e| Error::device(id, e))?;
-        self.wire_stream_activation(&mut function)?;
-        let function = Arc::new(Mutex::new(function));
-        let bdf = self.pci.add_device(id, function.clone())?;
+        let (device, bdf, msi) =
+            self.add_pci_virtio(id, id, rebuild()?, &self.stream_thread_start)?;
         Ok(PciVirtioSlot {
             id,
-            device: function,
+            device,
             bdf,
             msi,
             rebuild,
         })
-    }
-
-    /// As `wire_activation`, with the console's and rng's own seccomp filter.
-    fn wire_stream_activation(&self, transport: &mut dyn VirtioTransport) -> Result<(), Error> {
-        self.wire_activation(transport)?;
-        transport.confine_io_threads_with(self.stream_thread_start.clone());
-        Ok(())
     }
 
     /// Rebuilds `slot`'s function from `saved` (paused, activated if it was running); its
@@ -188,15 +175,14 @@ impl DeviceManager {
         slot: &PciVirtioSlot,
         saved: &VirtioPciState,
     ) -> Result<(), Error> {
-        let state_error = |e: devices::Error| Error::device_state(slot.id, e);
-        let device = (slot.rebuild)()?;
-        let mut restored =
-            VirtioPciDevice::restore(device, self.memory.clone(), slot.msi.clone(), saved)
-                .map_err(state_error)?;
-        self.wire_stream_activation(&mut restored)?;
-        restored.activate_pending().map_err(state_error)?;
-        *lock_or_recover(&slot.device) = restored;
-        Ok(())
+        self.restore_pci_function(
+            slot.id,
+            &slot.device,
+            &slot.msi,
+            (slot.rebuild)()?,
+            saved,
+            &self.stream_thread_start,
+        )
     }
 
     /// Restores the console's and rng's functions; a device saved but absent now (or the other

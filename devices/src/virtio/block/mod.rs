@@ -19,7 +19,8 @@ use vm_memory::GuestMemoryMmap;
 use self::counters::BlockCounters;
 use self::disk::RawDisk;
 use self::request::Completion;
-use super::io_thread::{IoThread, QueueWorker};
+use super::io_thread::QueueWorker;
+use super::queue_service::{service_thread_lifecycle, usable_queue, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -37,7 +38,7 @@ pub struct Block {
     disk: Arc<RawDisk>,
     config_space: [u8; CONFIG_SPACE_LEN],
     counters: Arc<BlockCounters>,
-    io_thread: Option<IoThread>,
+    io_thread: ServiceThread,
 }
 
 impl Block {
@@ -51,7 +52,7 @@ impl Block {
             disk: Arc::new(disk),
             config_space,
             counters: Arc::default(),
-            io_thread: None,
+            io_thread: ServiceThread::default(),
         })
     }
 
@@ -104,55 +105,20 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.io_thread.is_some() {
-            return Err(Error::AlreadyActivated);
-        }
-        let queue = ctx
-            .queues
-            .first()
-            .cloned()
-            .ok_or(Error::QueueNotUsable(0))?;
-        {
-            let q = queue.lock().map_err(|_| Error::QueueLockPoisoned)?;
-            if !q.is_valid(&ctx.mem) {
-                return Err(Error::QueueNotUsable(0));
-            }
-        }
-        let worker = BlockWorker {
-            mem: ctx.mem,
-            queue,
-            disk: self.disk.clone(),
-            interrupt: ctx.interrupt,
-            counters: self.counters.clone(),
-        };
-        self.io_thread = Some(IoThread::spawn(
-            "virtio-blk-io",
-            worker,
-            ctx.queue_evts,
-            ctx.start_paused,
-            ctx.io_thread_start,
-        )?);
-        Ok(())
+        let disk = self.disk.clone();
+        let counters = self.counters.clone();
+        self.io_thread.activate("virtio-blk-io", ctx, &[], |ctx| {
+            Ok(BlockWorker {
+                mem: ctx.mem.clone(),
+                queue: usable_queue(ctx, 0)?,
+                disk,
+                interrupt: ctx.interrupt.clone(),
+                counters,
+            })
+        })
     }
 
-    fn reset(&mut self) {
-        // Dropping the handle stops and joins the thread after the request in progress.
-        self.io_thread = None;
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        match &mut self.io_thread {
-            Some(io) => io.pause(),
-            None => Ok(()),
-        }
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        match &mut self.io_thread {
-            Some(io) => io.resume(),
-            None => Ok(()),
-        }
-    }
+    service_thread_lifecycle!(io_thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         if self.disk.readonly() {

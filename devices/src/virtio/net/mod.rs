@@ -31,7 +31,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 pub use self::tap::{Tap, TapError, NEW_TAP_TEMPLATE, VNET_HDR_LEN};
-use super::io_thread::{IoThread, QueueWorker};
+use super::io_thread::QueueWorker;
+use super::queue_service::{service_thread_lifecycle, ServiceThread};
 use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
@@ -77,7 +78,7 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     config_space: [u8; CONFIG_SPACE_LEN],
     counters: Arc<NetCounters>,
-    io_thread: Option<IoThread>,
+    io_thread: ServiceThread,
 }
 
 impl Net {
@@ -105,7 +106,7 @@ impl Net {
             queue_sizes,
             config_space,
             counters: Arc::default(),
-            io_thread: None,
+            io_thread: ServiceThread::default(),
         })
     }
 
@@ -186,79 +187,54 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        if self.io_thread.is_some() {
-            return Err(Error::AlreadyActivated);
-        }
-        for (index, queue) in ctx.queues.iter().enumerate() {
-            let q = queue.lock().map_err(|_| Error::QueueLockPoisoned)?;
-            // The driver may leave the queues of pairs it does not use unset.
-            if q.ready() && !q.is_valid(&ctx.mem) {
-                return Err(Error::QueueNotUsable(index));
-            }
-        }
-        self.tap
-            .set_offload(tap_offloads(ctx.acked_features))
-            .map_err(Error::Tap)?;
-        let acked = |bit: u32| ctx.acked_features & (1u64 << bit) != 0;
-        let rx_frame = if acked(VIRTIO_NET_F_GUEST_TSO4) || acked(VIRTIO_NET_F_GUEST_TSO6) {
-            GSO_MAX_FRAME
-        } else {
-            usize::from(self.params.mtu.unwrap_or(1500)) + ETH_OVERHEAD
-        };
-        let pairs = self
-            .tap
-            .queue_fds()
-            .enumerate()
-            .map(|(i, fd)| QueuePair {
-                rx: ctx.queues[2 * i].clone(),
-                tx: ctx.queues[2 * i + 1].clone(),
-                rx_index: (2 * i) as u16,
-                tx_index: (2 * i + 1) as u16,
-                fd,
-            })
-            .collect();
-        let ctrl =
-            (self.params.queue_pairs > 1).then(|| ctx.queues[2 * self.params.queue_pairs].clone());
-        let worker = NetWorker {
-            mem: ctx.mem,
-            pairs,
-            ctrl,
-            ctrl_index: (2 * self.params.queue_pairs) as u16,
-            interrupt: ctx.interrupt,
-            counters: self.counters.clone(),
-            _tap: self.tap.clone(),
-            rx_needed: VNET_HDR_LEN + rx_frame,
-            mergeable: acked(VIRTIO_NET_F_MRG_RXBUF),
-        };
         let fds: Vec<RawFd> = self.tap.queue_fds().collect();
-        self.io_thread = Some(IoThread::spawn_watching(
-            "virtio-net-io",
-            worker,
-            ctx.queue_evts,
-            &fds,
-            ctx.start_paused,
-            ctx.io_thread_start,
-        )?);
-        Ok(())
+        self.io_thread.activate("virtio-net-io", ctx, &fds, |ctx| {
+            for (index, queue) in ctx.queues.iter().enumerate() {
+                let q = queue.lock().map_err(|_| Error::QueueLockPoisoned)?;
+                // The driver may leave the queues of pairs it does not use unset.
+                if q.ready() && !q.is_valid(&ctx.mem) {
+                    return Err(Error::QueueNotUsable(index));
+                }
+            }
+            self.tap
+                .set_offload(tap_offloads(ctx.acked_features))
+                .map_err(Error::Tap)?;
+            let acked = |bit: u32| ctx.acked_features & (1u64 << bit) != 0;
+            let rx_frame = if acked(VIRTIO_NET_F_GUEST_TSO4) || acked(VIRTIO_NET_F_GUEST_TSO6) {
+                GSO_MAX_FRAME
+            } else {
+                usize::from(self.params.mtu.unwrap_or(1500)) + ETH_OVERHEAD
+            };
+            let pairs = self
+                .tap
+                .queue_fds()
+                .enumerate()
+                .map(|(i, fd)| QueuePair {
+                    rx: ctx.queues[2 * i].clone(),
+                    tx: ctx.queues[2 * i + 1].clone(),
+                    rx_index: (2 * i) as u16,
+                    tx_index: (2 * i + 1) as u16,
+                    fd,
+                })
+                .collect();
+            let ctrl = (self.params.queue_pairs > 1)
+                .then(|| ctx.queues[2 * self.params.queue_pairs].clone());
+            let worker = NetWorker {
+                mem: ctx.mem.clone(),
+                pairs,
+                ctrl,
+                ctrl_index: (2 * self.params.queue_pairs) as u16,
+                interrupt: ctx.interrupt.clone(),
+                counters: self.counters.clone(),
+                _tap: self.tap.clone(),
+                rx_needed: VNET_HDR_LEN + rx_frame,
+                mergeable: acked(VIRTIO_NET_F_MRG_RXBUF),
+            };
+            Ok(worker)
+        })
     }
 
-    fn reset(&mut self) {
-        self.io_thread = None;
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        match &mut self.io_thread {
-            Some(io) => io.pause(),
-            None => Ok(()),
-        }
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        match &mut self.io_thread {
-            Some(io) => io.resume(),
-            None => Ok(()),
-        }
-    }
+    service_thread_lifecycle!(io_thread);
 
     fn flush_backend(&mut self) -> Result<()> {
         // A network keeps nothing to make durable: a packet written to the tap is gone.
