@@ -63,3 +63,11 @@ void console_write_hex(uint64_t value)
 
 	console_write_n(text, format_hex(text, value));
 }
+
+void console_write_hex_digits(uint64_t value, int digits)
+{
+	char text[16];
+
+	format_hex(text, value);
+	console_write_n(text + 16 - digits, text + 16);
+}

@@ -10,6 +10,8 @@ void console_write(const char *text);
 void console_write_dec(uint64_t value);
 /* Always 16 lower-case hex digits, no prefix. */
 void console_write_hex(uint64_t value);
+/* The low `digits` (1..16) hex digits of `value`, lower case, no prefix. */
+void console_write_hex_digits(uint64_t value, int digits);
 
 /* Write `value` at `at` without a NUL, in decimal (at most 20 characters) or
  * as 16 lower-case hex digits, and return the end. */

@@ -26,17 +26,10 @@
 #include "clock.h"
 #include "console.h"
 #include "kernel.h"
+#include "lapic.h"
 #include "params.h"
 #include "runtime.h"
 
-#define LAPIC_BASE 0xfee00000ull
-#define LAPIC_EOI 0x0b0
-#define LAPIC_SPURIOUS 0x0f0
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_TIMER_INITIAL 0x380
-#define LAPIC_TIMER_DIVIDE 0x3e0
-#define LAPIC_SOFTWARE_ENABLE 0x100
-#define LAPIC_SPURIOUS_VECTOR 0xff
 #define LAPIC_TIMER_PERIODIC (1u << 17)
 #define LAPIC_DIVIDE_BY_1 0xb
 
@@ -62,11 +55,6 @@ static volatile uint64_t timer_count __attribute__((section(".data")));
 static volatile uint64_t from_user_count __attribute__((section(".data")));
 static volatile uint64_t from_kernel_count __attribute__((section(".data")));
 static volatile uint64_t stop_requested __attribute__((section(".data")));
-
-static void lapic_write(uint32_t reg, uint32_t value)
-{
-	*(volatile uint32_t *)(LAPIC_BASE + reg) = value;
-}
 
 static void count_origin(const struct interrupt_frame *frame)
 {

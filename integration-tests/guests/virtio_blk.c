@@ -82,6 +82,10 @@ struct virtio_blk {
 	/* Set after a failed or timed-out batch: the device may still own the
 	 * descriptors, so the queue is not reused. */
 	int broken;
+	/* Set by virtio_blk_open_interrupts. */
+	const struct virtio_blk_interrupts *interrupts;
+	int wait_for_interrupts;
+	uint64_t missed_interrupts;
 	struct virtq_desc descriptors[QUEUE_SIZE_LIMIT] __attribute__((aligned(16)));
 	VIRTQ_AVAIL(QUEUE_SIZE_LIMIT) avail __attribute__((aligned(16)));
 	VIRTQ_USED(QUEUE_SIZE_LIMIT) used __attribute__((aligned(16)));
@@ -263,10 +267,16 @@ static int setup_queue(struct virtio_blk *disk, const char **error)
 	if (disk->max_batch < 1)
 		return fail(disk, "queue 0 too small", error);
 
-	/* Polling driver: ask the device not to interrupt. */
-	disk->avail.flags = AVAIL_F_NO_INTERRUPT;
+	/* A polling driver asks the device not to interrupt. */
+	disk->avail.flags = disk->interrupts ? 0 : AVAIL_F_NO_INTERRUPT;
 	if (disk->common) {
 		pci_queue[COMMON_QUEUE_SIZE / 2] = (uint16_t)size;
+		if (disk->interrupts) {
+			uint16_t vector = disk->interrupts->queue_vector;
+			pci_queue[COMMON_QUEUE_MSIX_VECTOR / 2] = vector;
+			if (pci_queue[COMMON_QUEUE_MSIX_VECTOR / 2] != vector)
+				return fail(disk, "device refused the queue's MSI-X vector", error);
+		}
 		common_write_address(disk, COMMON_QUEUE_DESC, disk->descriptors);
 		common_write_address(disk, COMMON_QUEUE_DRIVER, &disk->avail);
 		common_write_address(disk, COMMON_QUEUE_DEVICE, &disk->used);
@@ -295,6 +305,8 @@ static int pci_find(struct virtio_blk *disk, const char **error)
 		*error = "no virtio-blk device on virtio-mmio or PCI";
 	if (found)
 		return -1;
+	if (disk->interrupts && disk->interrupts->program_msix(&function, error))
+		return -1;
 	disk->common = function.common;
 	disk->notify = (volatile uint16_t *)function.notify;
 	disk->notify_multiplier = function.notify_multiplier;
@@ -302,13 +314,16 @@ static int pci_find(struct virtio_blk *disk, const char **error)
 	return 0;
 }
 
-struct virtio_blk *virtio_blk_open(const char **error)
+static struct virtio_blk *open_disk(const struct virtio_blk_interrupts *interrupts,
+				     const char **error)
 {
 	struct virtio_mmio_device devices[PARAMS_MAX_VIRTIO_DEVICES];
-	int count = params_virtio_devices(devices, PARAMS_MAX_VIRTIO_DEVICES);
+	int count = interrupts ? 0 : params_virtio_devices(devices, PARAMS_MAX_VIRTIO_DEVICES);
 	struct virtio_blk *disk = &the_disk;
 
 	memset(disk, 0, sizeof(*disk));
+	disk->interrupts = interrupts;
+	disk->wait_for_interrupts = interrupts != 0;
 	for (int i = 0; i < count && !disk->registers; i++)
 		if (devices[i].size >= 0x200 && devices[i].base >= DEVICE_HOLE_START &&
 		    devices[i].base + 0x200 <= DEVICE_HOLE_END && is_block_device(devices[i].base))
@@ -321,11 +336,42 @@ struct virtio_blk *virtio_blk_open(const char **error)
 	} else if (pci_find(disk, error)) {
 		return 0;
 	}
-	if (negotiate(disk, error) || setup_queue(disk, error))
+	if (negotiate(disk, error))
+		return 0;
+	if (interrupts) {
+		volatile uint16_t *config_vector = (volatile uint16_t *)(disk->common + COMMON_MSIX_CONFIG);
+		*config_vector = interrupts->config_vector;
+		if (*config_vector != interrupts->config_vector) {
+			fail(disk, "device refused the configuration MSI-X vector", error);
+			return 0;
+		}
+	}
+	if (setup_queue(disk, error))
 		return 0;
 	disk->capacity_sectors = read_capacity(disk);
 	set_status(disk, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 	return disk;
+}
+
+struct virtio_blk *virtio_blk_open(const char **error)
+{
+	return open_disk(0, error);
+}
+
+struct virtio_blk *virtio_blk_open_interrupts(const struct virtio_blk_interrupts *interrupts,
+					      const char **error)
+{
+	return open_disk(interrupts, error);
+}
+
+void virtio_blk_wait_for_interrupts(struct virtio_blk *disk, int on)
+{
+	disk->wait_for_interrupts = disk->interrupts && on;
+}
+
+uint64_t virtio_blk_missed_interrupts(const struct virtio_blk *disk)
+{
+	return disk->missed_interrupts;
 }
 
 const char *virtio_blk_transport(const struct virtio_blk *disk)
@@ -389,14 +435,44 @@ static int run_batch(struct virtio_blk *disk, int count, const char **error)
 {
 	struct stopwatch watch;
 	uint16_t target = (uint16_t)(disk->next_used + count);
+	/* Interrupt mode: the count at the notification, whether it changed,
+	 * and how long the ring has been complete without an interrupt. */
+	uint64_t seen = 0;
+	int interrupted = 0, waiting_since_complete = 0;
+	struct stopwatch since_complete;
 
 	compiler_barrier();
 	*(volatile uint16_t *)&disk->avail.index = disk->next_avail;
 	memory_barrier();
+	if (disk->wait_for_interrupts)
+		seen = disk->interrupts->count();
 	notify_queue0(disk);
 
 	stopwatch_start(&watch);
-	while (*(volatile uint16_t *)&disk->used.index != target) {
+	for (;;) {
+		int complete = *(volatile uint16_t *)&disk->used.index == target;
+		if (!disk->wait_for_interrupts) {
+			if (complete)
+				break;
+		} else if (disk->interrupts->count() != seen) {
+			/* The used ring is read after the interrupt: what the
+			 * device published before signalling is there. */
+			seen = disk->interrupts->count();
+			interrupted = 1;
+			if (*(volatile uint16_t *)&disk->used.index == target)
+				break;
+		} else if (complete && interrupted) {
+			break;
+		} else if (complete && !waiting_since_complete) {
+			stopwatch_start(&since_complete);
+			waiting_since_complete = 1;
+		} else if (complete &&
+			   stopwatch_poll_ms(&since_complete) > VIRTIO_BLK_INTERRUPT_TIMEOUT_MS) {
+			disk->missed_interrupts++;
+			break;
+		}
+		if (disk->interrupts && disk->interrupts->idle)
+			disk->interrupts->idle();
 		cpu_relax();
 		if (stopwatch_poll_ms(&watch) > REQUEST_TIMEOUT_MS) {
 			disk->broken = 1;

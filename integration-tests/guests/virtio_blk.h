@@ -26,11 +26,41 @@ struct virtio_blk_io {
 };
 
 struct virtio_blk;
+struct virtio_pci_function;
+
+/* Interrupt-driven completions on a virtio-pci disk, as a Linux driver has
+ * them: the guest's ring-0 handler counts the queue vector's interrupts,
+ * ring 3 looks at the used ring when the count changed. */
+struct virtio_blk_interrupts {
+	/* Called once the function is found, before the driver sets it up:
+	 * programs the MSI-X table and enables MSI-X. Returns 0 or sets
+	 * *error. */
+	int (*program_msix)(const struct virtio_pci_function *function, const char **error);
+	/* MSI-X table entries for configuration changes and for queue 0. */
+	uint16_t config_vector;
+	uint16_t queue_vector;
+	/* Interrupts of the queue vector taken so far. */
+	uint64_t (*count)(void);
+	/* Called on every turn of a wait (the boot vCPU's counter). */
+	void (*idle)(void);
+};
 
 /* Probes the virtio-mmio devices announced on the command line for the first
  * block device, else PCI bus 0 (0xcf8/0xcfc), and brings it up (VERSION_1 +
  * FLUSH negotiated). Returns 0 or sets *error. */
 struct virtio_blk *virtio_blk_open(const char **error);
+/* The same on virtio-pci only, with its MSI-X vectors set and completions
+ * taken on interrupts (virtio_blk_wait_for_interrupts(disk, 1)). */
+struct virtio_blk *virtio_blk_open_interrupts(const struct virtio_blk_interrupts *interrupts,
+					      const char **error);
+/* With interrupts on, a batch ends when an interrupt came after its
+ * notification and the used ring holds all of it; off, by polling (the
+ * device still interrupts). Only for a disk opened with interrupts. */
+void virtio_blk_wait_for_interrupts(struct virtio_blk *disk, int on);
+/* Batches found complete on the used ring without any interrupt for
+ * VIRTIO_BLK_INTERRUPT_TIMEOUT_MS. */
+uint64_t virtio_blk_missed_interrupts(const struct virtio_blk *disk);
+#define VIRTIO_BLK_INTERRUPT_TIMEOUT_MS 2000
 /* "virtio-pci" or "virtio-mmio". */
 const char *virtio_blk_transport(const struct virtio_blk *disk);
 uint64_t virtio_blk_capacity_sectors(const struct virtio_blk *disk);

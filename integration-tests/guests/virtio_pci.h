@@ -31,12 +31,27 @@ struct virtio_pci_function {
 	 * notify + queue_notify_off * notify_multiplier. */
 	volatile uint8_t *notify;
 	uint32_t notify_multiplier;
+	/* Device number on bus 0. */
+	unsigned device;
+	/* The MSI-X capability's offset in configuration space (0: none),
+	 * its table (16 bytes per entry) and pending bit array when in BAR 0,
+	 * and its table size. */
+	unsigned msix_capability;
+	volatile uint32_t *msix_table;
+	volatile uint64_t *msix_pba;
+	unsigned msix_entries;
 };
+
+/* struct virtio_pci_common_cfg's MSI-X vector fields (16 bits). */
+#define COMMON_MSIX_CONFIG 0x10
+#define COMMON_QUEUE_MSIX_VECTOR 0x1a
+#define VIRTIO_MSI_NO_VECTOR 0xffff
 
 /* Finds the first function with config dword 0 `id` (VIRTIO_PCI_ID) on bus
  * 0, moves its BAR 0 into the mapped 32-bit window (memory decoding off while
  * it does; the VMM moves the region and its notify ioeventfds) and finds its
- * common, notify and device structures through the capability list. Returns
+ * common, notify and device structures and its MSI-X table through the
+ * capability list. Returns
  * 0; 1 when there is no such function, -1 when it is unusable, with `*error`
  * set. */
 int virtio_pci_find(uint32_t id, struct virtio_pci_function *function, const char **error);

@@ -17,15 +17,16 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 8] = [
+pub const GUEST_NAMES: [&str; 9] = [
     "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
+    "pcimsix",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).
 pub const COMPILER_ENV: &str = "NV_GUEST_CC";
 
 /// Sources linked into every guest: boot stub, ring-0 setup and the ring-3 runtime.
-const COMMON_SOURCES: [&str; 8] = [
+const COMMON_SOURCES: [&str; 9] = [
     "boot.S",
     "kernel.c",
     "console.c",
@@ -34,7 +35,19 @@ const COMMON_SOURCES: [&str; 8] = [
     "runtime.c",
     "virtio_blk.c",
     "virtio_pci.c",
+    "pci.c",
 ];
+
+/// Sources only some guests link: each brings buffers or stacks the others would carry as
+/// dead weight (and move the first free RAM address they report).
+fn extra_sources(name: &str) -> &'static [&'static str] {
+    match name {
+        "blkcheck" => &["block_check.c"],
+        "smpcheck" => &["smp.c"],
+        "pcimsix" => &["block_check.c", "smp.c"],
+        _ => &[],
+    }
+}
 const LINKER_SCRIPT: &str = "guest.ld";
 
 /// Flags from DEVELOPERS.md, plus what keeps the image free of unwind tables, stack
@@ -187,6 +200,9 @@ impl GuestBuilder {
         arguments.push("-T".into());
         arguments.push(self.source_dir.join(LINKER_SCRIPT).into_os_string());
         for source in COMMON_SOURCES {
+            arguments.push(self.source_dir.join(source).into_os_string());
+        }
+        for source in extra_sources(name) {
             arguments.push(self.source_dir.join(source).into_os_string());
         }
         arguments.push(self.source_dir.join(format!("{name}.c")).into_os_string());
