@@ -664,7 +664,8 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
         serde_json::json!({
             "id": "_disk0",
             "resources": [
-                {"MmioAddressRange": {"base": 0x1_0000_0000_u64, "size": 0x8_0000}}
+                {"PciBar": {"index": 0, "base": 0x1_0000_0000_u64, "size": 0x8_0000,
+                            "type_": "Mmio64", "prefetchable": false}}
             ],
             "children": [],
             "pci_bdf": "0000:00:01.0"
@@ -677,7 +678,8 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
         serde_json::json!({
             "id": "__rng",
             "resources": [
-                {"MmioAddressRange": {"base": 0x1_0008_0000_u64, "size": 0x8_0000}}
+                {"PciBar": {"index": 0, "base": 0x1_0008_0000_u64, "size": 0x8_0000,
+                            "type_": "Mmio64", "prefetchable": false}}
             ],
             "children": [],
             "pci_bdf": "0000:00:02.0"

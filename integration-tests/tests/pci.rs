@@ -301,3 +301,134 @@ fn pcimsix_drives_virtio_blk_with_msix_interrupts_on_both_vcpus() {
     integration_tests::guests::verify_blkcheck_disk(&disk, MSIX_BLOCKS, 2 * MSIX_BLOCKS)
         .unwrap_or_else(|e| panic!("disk: {e}"));
 }
+
+/// Rounds of the pcimsix runs that are interrupted: long enough to be mid-I/O when the test
+/// strikes, short enough to finish afterwards.
+const LONG_ROUNDS: u64 = 40;
+
+/// Waits until pcimsix has done `batches` batches; returns the log.
+fn wait_batches(vmm: &mut VmmProcess, batches: u64) -> String {
+    vmm.wait_serial(&format!("{batches} pcimsix batches"), |log| {
+        log.contains("FAIL")
+            || log.contains("FAULT")
+            || irq_lines(log).last().is_some_and(|line| line.batches >= batches)
+    })
+}
+
+/// Asserts that `after` (the serial log of the recovered or restored VMM) continues `before`:
+/// no new boot, the batches, both vCPUs' counters and their interrupt counts go on from above
+/// their last values, every vCPU takes interrupts again, none missed; the run completes and the
+/// host finds every block on `disk`.
+fn assert_msix_run_continues(before: &str, after: &str, disk: &Path) {
+    assert!(!after.contains("pcimsix: boot"), "booted again:\n{after}");
+    assert!(after.contains("pcimsix: done ok"), "{after}");
+    let last_before = irq_lines(before).pop().expect("an irq line before");
+    let lines = assert_interrupts_on_every_vcpu(after);
+    let first_after = &lines[0];
+    assert_eq!(
+        first_after.batches,
+        last_before.batches + 1,
+        "batches do not run on:\n{before}\n---\n{after}"
+    );
+    for cpu in 0..VCPUS {
+        assert!(
+            first_after.counters[cpu] > last_before.counters[cpu]
+                && first_after.interrupts[cpu] >= last_before.interrupts[cpu],
+            "vCPU {cpu} restarted: {last_before:?} then {first_after:?}"
+        );
+    }
+    integration_tests::guests::verify_blkcheck_disk(&disk, MSIX_BLOCKS, LONG_ROUNDS * MSIX_BLOCKS)
+        .unwrap_or_else(|e| panic!("disk after the run: {e}"));
+}
+
+/// Power failure while the guest has requests in flight and takes MSI-X interrupts on both
+/// vCPUs, then in-place recovery: the requests are all accounted for (the disk holds everything
+/// the guest saw complete at the failure, and everything at the end), the counters continue and
+/// interrupts still arrive on both vCPUs.
+#[test]
+fn pcimsix_power_failed_mid_io_continues_with_interrupts_on_both_vcpus() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let disk = dir.path().join("disk.img");
+    let region = dir.path().join("region");
+    let mut arguments = msix_arguments(&format!("rounds={LONG_ROUNDS} exit=reset"), &disk);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=msix,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    wait_batches(&mut vmm, 12);
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+    assert!(stderr.contains("power-fail save committed"), "{stderr}");
+    let before = vmm.serial_log();
+    assert_msix_setup(&before);
+    assert_interrupts_on_every_vcpu(&before);
+    let completed = completed_seq(&before);
+    assert!(
+        completed < LONG_ROUNDS * MSIX_BLOCKS,
+        "the guest finished before the power failure"
+    );
+    // What the guest saw completed is on the disk before any recovery touches it.
+    integration_tests::guests::verify_blkcheck_disk(&disk, MSIX_BLOCKS, completed)
+        .unwrap_or_else(|e| panic!("disk after the power failure (seq {completed}): {e}"));
+
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm=msix,recover=on", region.display()),
+        "--disk".into(),
+        format!("path={}", disk.display()),
+    ];
+    let mut recovered = spawn(dir.path(), "recovered", &recover);
+    // exit=reset: the guest ends the VM, which an NV VM reports as a guest reset.
+    assert_eq!(
+        recovered.wait_exit().code(),
+        Some(vmm::vmm::EXIT_GUEST_RESET),
+        "{}",
+        recovered.serial_log()
+    );
+    assert_msix_run_continues(&before, &recovered.serial_log(), &disk);
+}
+
+/// The same across `vm.pause`, `vm.snapshot` mid-run and `--restore` into a new VMM.
+#[test]
+fn pcimsix_snapshot_mid_io_restores_with_interrupts_on_both_vcpus() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let disk = dir.path().join("disk.img");
+    let socket = dir.path().join("api.sock");
+    let mut arguments = msix_arguments(&format!("rounds={LONG_ROUNDS} exit=reset"), &disk);
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    let mut first = spawn(dir.path(), "first", &arguments);
+    first.wait_for_socket(&socket, TIMEOUT);
+    wait_batches(&mut first, 12);
+    let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let snapshot = format!("file://{}", snapshot_dir.display());
+    for (path, body) in [
+        ("vm.pause", String::new()),
+        (
+            "vm.snapshot",
+            format!("{{\"destination_url\":\"{snapshot}\"}}"),
+        ),
+    ] {
+        let (status, answer) = api_client::request(&socket, "PUT", path, &body, TIMEOUT);
+        assert_eq!(status, 204, "{path}: {answer}");
+    }
+    let before = first.serial_log();
+    first.kill();
+    assert_msix_setup(&before);
+    assert!(completed_seq(&before) < LONG_ROUNDS * MSIX_BLOCKS, "{before}");
+
+    let log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot_dir, &log);
+    let arguments = [
+        "--restore".into(),
+        format!("source_url={snapshot},resume=true"),
+    ];
+    let mut restored = VmmProcess::spawn(dir.path(), "restored", &arguments, &[])
+        .with_timeout(TIMEOUT)
+        .with_serial(log);
+    // exit=reset: a guest reset ends a VM without NV memory with 0.
+    restored.expect_exit(0, "restored pcimsix");
+    assert_msix_run_continues(&before, &restored.serial_log(), &disk);
+}

@@ -494,16 +494,7 @@ impl VmInfoResponse {
                     .pci
                     .iter()
                     .flat_map(|(_, bars)| bars)
-                    .filter_map(|bar| match bar.kind {
-                        devices::pci::BarKind::Io => Some(DeviceResource::PioAddressRange {
-                            base: u16::try_from(bar.address).ok()?,
-                            size: u16::try_from(bar.size).ok()?,
-                        }),
-                        _ => Some(DeviceResource::MmioAddressRange {
-                            base: bar.address,
-                            size: bar.size,
-                        }),
-                    });
+                    .map(DeviceResource::pci_bar);
                 let resources = pio
                     .into_iter()
                     .chain(mmio)
@@ -533,12 +524,52 @@ pub struct DeviceNode {
 }
 
 /// Upstream's `Resource`, as serde writes that Rust enum: `{"MmioAddressRange":{"base":..,
-/// "size":..}}`, `{"LegacyIrq":4}`.
+/// "size":..}}`, `{"LegacyIrq":4}`, and for each BAR of a PCI device `{"PciBar":{"index":0,
+/// "base":..,"size":..,"type_":"Mmio64","prefetchable":false}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceResource {
-    PioAddressRange { base: u16, size: u16 },
-    MmioAddressRange { base: u64, size: u64 },
+    PioAddressRange {
+        base: u16,
+        size: u16,
+    },
+    MmioAddressRange {
+        base: u64,
+        size: u64,
+    },
     LegacyIrq(u32),
+    PciBar {
+        index: usize,
+        base: u64,
+        size: u64,
+        type_: PciBarType,
+        prefetchable: bool,
+    },
+}
+
+impl DeviceResource {
+    /// A BAR where it decodes now (0 before it was assigned), as upstream lists it.
+    pub fn pci_bar(bar: &devices::pci::Bar) -> Self {
+        let (type_, prefetchable) = match bar.kind {
+            devices::pci::BarKind::Io => (PciBarType::Io, false),
+            devices::pci::BarKind::Memory32 { prefetchable } => (PciBarType::Mmio32, prefetchable),
+            devices::pci::BarKind::Memory64 { prefetchable } => (PciBarType::Mmio64, prefetchable),
+        };
+        Self::PciBar {
+            index: bar.index,
+            base: bar.address,
+            size: bar.size,
+            type_,
+            prefetchable,
+        }
+    }
+}
+
+/// Upstream's `PciBarType`: the kind of a `PciBar` resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PciBarType {
+    Io,
+    Mmio32,
+    Mmio64,
 }
 
 /// Body of `GET /vm.counters`: device id -> counter name -> value (upstream's `VmCounters`).

@@ -1200,3 +1200,79 @@ fn socket_path_over_107_bytes_is_refused() {
     assert!(error.to_string().contains("107"), "{error}");
     assert!(!long.exists());
 }
+
+/// `vm.info`'s `device_tree` node of a PCI device in upstream's wire form (facts pinned here:
+/// upstream v53 serialises its `DeviceNode` as `id`, `resources`, `children`, `pci_bdf`; a PCI
+/// BDF as the string `ssss:bb:dd.f` in lower-case hex; each BAR as the `Resource::PciBar`
+/// variant with `index`, `base`, `size`, `type_` (`Io`, `Mmio32`, `Mmio64`) and a boolean
+/// `prefetchable`), next to a legacy device's node.
+#[test]
+fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
+    use devices::pci::{Bar, BarKind, PciBdf};
+    let bars = vec![
+        Bar {
+            index: 0,
+            kind: BarKind::Memory64 {
+                prefetchable: false,
+            },
+            size: 0x8_0000,
+            address: 0x1_0000_0000,
+        },
+        Bar {
+            index: 2,
+            kind: BarKind::Memory32 { prefetchable: true },
+            size: 0x1000,
+            address: 0xc000_0000,
+        },
+        Bar {
+            index: 3,
+            kind: BarKind::Io,
+            size: 0x20,
+            address: 0x1000,
+        },
+    ];
+    let devices = [
+        crate::device_manager::DeviceResources {
+            id: "_disk0".into(),
+            pio: None,
+            mmio: None,
+            irq: None,
+            pci: Some((PciBdf::new(0x1f), bars)),
+        },
+        crate::device_manager::DeviceResources {
+            id: "__serial".into(),
+            pio: Some((0x3f8, 8)),
+            mmio: None,
+            irq: Some(4),
+            pci: None,
+        },
+    ];
+    let tree = serde_json::to_value(VmInfoResponse::device_tree(&devices)).unwrap();
+    assert_eq!(
+        tree,
+        json!({
+            "_disk0": {
+                "id": "_disk0",
+                "resources": [
+                    {"PciBar": {"index": 0, "base": 4294967296_u64, "size": 524288,
+                                "type_": "Mmio64", "prefetchable": false}},
+                    {"PciBar": {"index": 2, "base": 3221225472_u64, "size": 4096,
+                                "type_": "Mmio32", "prefetchable": true}},
+                    {"PciBar": {"index": 3, "base": 4096, "size": 32,
+                                "type_": "Io", "prefetchable": false}}
+                ],
+                "children": [],
+                "pci_bdf": "0000:00:1f.0"
+            },
+            "__serial": {
+                "id": "__serial",
+                "resources": [{"PioAddressRange": {"base": 1016, "size": 8}}, {"LegacyIrq": 4}],
+                "children": [],
+                "pci_bdf": null
+            }
+        })
+    );
+    // And it reads back (upstream's clients deserialise the same form).
+    let back: BTreeMap<String, DeviceNode> = serde_json::from_value(tree).unwrap();
+    assert_eq!(back["_disk0"].resources.len(), 3);
+}

@@ -557,9 +557,12 @@ fn vm_info_lists_a_pci_device_with_its_bdf_and_bars() {
         serde_json::json!({
             "id": "test0",
             "resources": [
-                {"MmioAddressRange": {"base": mmio64.0, "size": MSIX_BAR_SIZE}},
-                {"MmioAddressRange": {"base": arch::layout::PCI_MMIO32_START.0, "size": REG_BAR_SIZE}},
-                {"PioAddressRange": {"base": arch::layout::PCI_IO_START, "size": 16}}
+                {"PciBar": {"index": MSIX_BAR, "base": mmio64.0, "size": MSIX_BAR_SIZE,
+                            "type_": "Mmio64", "prefetchable": false}},
+                {"PciBar": {"index": REG_BAR, "base": arch::layout::PCI_MMIO32_START.0,
+                            "size": REG_BAR_SIZE, "type_": "Mmio32", "prefetchable": false}},
+                {"PciBar": {"index": IO_BAR, "base": arch::layout::PCI_IO_START, "size": 16,
+                            "type_": "Io", "prefetchable": false}}
             ],
             "children": [],
             "pci_bdf": "0000:00:01.0"
