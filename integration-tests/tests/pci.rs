@@ -211,9 +211,9 @@ fn irq_lines(log: &str) -> Vec<IrqLine> {
 /// The last `pcimsix: completed seq=` of `log` (0 if none).
 fn completed_seq(log: &str) -> u64 {
     log.lines()
+        .rev()
         .filter_map(|line| line.strip_prefix("pcimsix: completed seq="))
-        .filter_map(|seq| seq.trim().parse().ok())
-        .last()
+        .find_map(|seq| seq.trim().parse().ok())
         .unwrap_or(0)
 }
 
