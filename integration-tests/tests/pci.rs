@@ -339,9 +339,11 @@ fn assert_msix_run_continues(before: &str, after: &str, disk: &Path, missed: u64
         (last_before.batches + 1..=last_before.batches + 2).contains(&first_after.batches),
         "batches do not run on:\n{before}\n---\n{after}"
     );
+    // Counts go on from where they were (the boot vCPU's may stand still for one batch that
+    // needed no wait); assert_interrupts_on_every_vcpu checked that they keep growing.
     for cpu in 0..VCPUS {
         assert!(
-            first_after.counters[cpu] > last_before.counters[cpu]
+            first_after.counters[cpu] >= last_before.counters[cpu]
                 && first_after.interrupts[cpu] >= last_before.interrupts[cpu],
             "vCPU {cpu} restarted: {last_before:?} then {first_after:?}"
         );
