@@ -41,14 +41,6 @@
 /* What the ring-3 entry starts with: IF set, IOPL 0 (overrides boot.S). */
 const uint64_t user_entry_rflags = 0x202;
 
-struct interrupt_frame {
-	uint64_t rip;
-	uint64_t cs;
-	uint64_t rflags;
-	uint64_t rsp;
-	uint64_t ss;
-};
-
 /* In .data, not .bss: ring 3 zeroes .bss after interrupts are already on. */
 static volatile uint64_t external_count __attribute__((section(".data")));
 static volatile uint64_t timer_count __attribute__((section(".data")));

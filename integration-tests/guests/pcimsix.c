@@ -73,14 +73,6 @@
 /* What the ring-3 entries start with: IF set, IOPL 0 (overrides boot.S). */
 const uint64_t user_entry_rflags = 0x202;
 
-struct interrupt_frame {
-	uint64_t rip;
-	uint64_t cs;
-	uint64_t rflags;
-	uint64_t rsp;
-	uint64_t ss;
-};
-
 /* Written by the handlers; in .data, not .bss, which ring 3 zeroes after
  * interrupts are on. Indexed by APIC ID. */
 static volatile uint64_t queue_interrupts[SMP_MAX_CPUS] __attribute__((section(".data")));

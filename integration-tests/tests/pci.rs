@@ -62,6 +62,38 @@ fn wait_marks_continue(vmm: &mut VmmProcess, event: &str, last: u64) {
     assert_marks_continue(&after, last);
 }
 
+/// Pauses the VM behind `socket`, snapshots it into `dir`/snapshot, takes `first`'s serial log
+/// and kills it, then restores the snapshot into a new VMM (resumed) writing its serial to
+/// `dir`/restored.serial. Returns the first VMM's log and the restored VMM.
+fn snapshot_and_restore(dir: &Path, socket: &Path, mut first: VmmProcess) -> (String, VmmProcess) {
+    let snapshot_dir = dir.join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let snapshot = format!("file://{}", snapshot_dir.display());
+    for (path, body) in [
+        ("vm.pause", String::new()),
+        (
+            "vm.snapshot",
+            format!("{{\"destination_url\":\"{snapshot}\"}}"),
+        ),
+    ] {
+        let (status, answer) = api_client::request(socket, "PUT", path, &body, TIMEOUT);
+        assert_eq!(status, 204, "{path}: {answer}");
+    }
+    let before = first.serial_log();
+    first.kill();
+
+    let log = dir.join("restored.serial");
+    point_serial_to(&snapshot_dir, &log);
+    let arguments = [
+        "--restore".into(),
+        format!("source_url={snapshot},resume=true"),
+    ];
+    let restored = VmmProcess::spawn(dir, "restored", &arguments, &[])
+        .with_timeout(TIMEOUT)
+        .with_serial(log);
+    (before, restored)
+}
+
 #[test]
 fn pcicheck_enumerates_bus_0_alike_through_the_ports_and_ecam() {
     integration_tests::require_kvm!();
@@ -133,32 +165,8 @@ fn pci_configuration_space_survives_snapshot_and_restore() {
     let mut first = spawn(dir.path(), "first", &arguments);
     first.wait_serial("a mark line", |log| !mark_lines(log).is_empty());
     first.wait_for_socket(&socket, TIMEOUT);
-    let snapshot_dir = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot_dir).unwrap();
-    let snapshot = format!("file://{}", snapshot_dir.display());
-    for (method, path, body) in [
-        ("PUT", "vm.pause", String::new()),
-        (
-            "PUT",
-            "vm.snapshot",
-            format!("{{\"destination_url\":\"{snapshot}\"}}"),
-        ),
-    ] {
-        let (status, answer) = api_client::request(&socket, method, path, &body, TIMEOUT);
-        assert_eq!(status, 204, "{path}: {answer}");
-    }
-    let last = mark_lines(&first.serial_log()).last().unwrap().1;
-    first.kill();
-
-    let log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot_dir, &log);
-    let arguments = [
-        "--restore".into(),
-        format!("source_url={snapshot},resume=true"),
-    ];
-    let mut restored = VmmProcess::spawn(dir.path(), "restored", &arguments, &[])
-        .with_timeout(TIMEOUT)
-        .with_serial(log);
+    let (before, mut restored) = snapshot_and_restore(dir.path(), &socket, first);
+    let last = mark_lines(&before).last().unwrap().1;
     wait_marks_continue(&mut restored, "restore", last);
     restored.kill();
 }
@@ -415,36 +423,13 @@ fn pcimsix_snapshot_mid_io_restores_with_interrupts_on_both_vcpus() {
     let mut first = spawn(dir.path(), "first", &arguments);
     first.wait_for_socket(&socket, TIMEOUT);
     wait_batches(&mut first, 12);
-    let snapshot_dir = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot_dir).unwrap();
-    let snapshot = format!("file://{}", snapshot_dir.display());
-    for (path, body) in [
-        ("vm.pause", String::new()),
-        (
-            "vm.snapshot",
-            format!("{{\"destination_url\":\"{snapshot}\"}}"),
-        ),
-    ] {
-        let (status, answer) = api_client::request(&socket, "PUT", path, &body, TIMEOUT);
-        assert_eq!(status, 204, "{path}: {answer}");
-    }
-    let before = first.serial_log();
-    first.kill();
+    let (before, mut restored) = snapshot_and_restore(dir.path(), &socket, first);
     assert_msix_setup(&before);
     assert!(
         completed_seq(&before) < LONG_ROUNDS * MSIX_BLOCKS,
         "{before}"
     );
 
-    let log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot_dir, &log);
-    let arguments = [
-        "--restore".into(),
-        format!("source_url={snapshot},resume=true"),
-    ];
-    let mut restored = VmmProcess::spawn(dir.path(), "restored", &arguments, &[])
-        .with_timeout(TIMEOUT)
-        .with_serial(log);
     // exit=reset: a guest reset ends a VM without NV memory with 0.
     restored.expect_exit(0, "restored pcimsix");
     assert_msix_run_continues(&before, &restored.serial_log(), &disk, 1);
