@@ -243,7 +243,8 @@ pub(crate) fn swap_out(
                 progress(SwapProgress {
                     done_bytes: done,
                     total_bytes: memory_size,
-                })
+                });
+                fault_injection::swap_out_chunk_written();
             },
             &mut || fault("swap-out-partial"),
         )?;
