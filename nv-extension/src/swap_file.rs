@@ -771,15 +771,6 @@ pub(crate) fn read_checked(
     sink: Option<PageSink<'_>>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Contents> {
-    // SAFETY: an advisory call on a descriptor we hold: a larger read-ahead for this file.
-    unsafe {
-        libc::posix_fadvise(
-            std::os::fd::AsRawFd::as_raw_fd(&checked.file),
-            0,
-            0,
-            libc::POSIX_FADV_SEQUENTIAL,
-        )
-    };
     let Some(sink) = sink else {
         let buf = vec![0; BATCH + CHUNK_SIZE as usize];
         return verify(
