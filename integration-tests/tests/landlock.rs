@@ -38,25 +38,29 @@ fn snapshot_into(socket: &Path, destination: &Path) -> (u16, String) {
     api(socket, "PUT", "vm.snapshot", &body)
 }
 
-#[test]
-fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
-    integration_tests::require_kvm!();
-    let dir = scratch_dir();
-    // The directory the rules allow, and one they do not.
-    let [allowed, forbidden] = ["allowed", "forbidden"].map(|name| {
-        let path = dir.path().join(name);
+/// The directories the rules allow and do not allow, made in `dir`.
+fn allowed_and_forbidden(dir: &Path) -> [std::path::PathBuf; 2] {
+    ["allowed", "forbidden"].map(|name| {
+        let path = dir.join(name);
         std::fs::create_dir(&path).unwrap();
         path
-    });
-    let secret = forbidden.join("secret");
-    std::fs::write(&secret, b"not a region").unwrap();
-    let region = dir.path().join("region");
-    let socket = dir.path().join("api.sock");
-    let kernel = integration_tests::guests::guest_image("counter").expect("counter guest");
+    })
+}
 
+/// Boots the counter guest as VM `vm` of `region` under `--landlock` with one rule, `allowed`
+/// read-write, and an API socket; returns once it runs (two counter lines, the socket up).
+fn boot_landlocked(
+    dir: &Path,
+    label: &str,
+    region: &Path,
+    vm: &str,
+    socket: &Path,
+    allowed: &Path,
+) -> VmmProcess {
+    let kernel = integration_tests::guests::guest_image("counter").expect("counter guest");
     let mut boot = spawn(
-        dir.path(),
-        "boot",
+        dir,
+        label,
         &[
             "--kernel".into(),
             kernel.display().to_string(),
@@ -65,7 +69,7 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
             "--memory".into(),
             "size=32M".into(),
             "--nv".into(),
-            format!("region={},vm=ll,create=on", region.display()),
+            format!("region={},vm={vm},create=on", region.display()),
             "--api-socket".into(),
             format!("path={}", socket.display()),
             "--landlock".into(),
@@ -74,7 +78,21 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
         ],
     );
     wait_counter_lines(&mut boot, 2);
-    boot.wait_for_socket(&socket, TIMEOUT);
+    boot.wait_for_socket(socket, TIMEOUT);
+    boot
+}
+
+#[test]
+fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    // The directory the rules allow, and one they do not.
+    let [allowed, forbidden] = allowed_and_forbidden(dir.path());
+    let secret = forbidden.join("secret");
+    std::fs::write(&secret, b"not a region").unwrap();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    let mut boot = boot_landlocked(dir.path(), "boot", &region, "ll", &socket, &allowed);
     assert!(
         boot.stderr_log().contains("--landlock:") && boot.stderr_log().contains("rules enforced"),
         "{}",
@@ -153,36 +171,10 @@ fn landlock_confines_the_vmm_and_nv_power_fail_and_recovery_still_work() {
 fn landlock_refuses_a_swap_out_outside_its_rules_and_the_vm_runs_on() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let [allowed, forbidden] = ["allowed", "forbidden"].map(|name| {
-        let path = dir.path().join(name);
-        std::fs::create_dir(&path).unwrap();
-        path
-    });
+    let [allowed, forbidden] = allowed_and_forbidden(dir.path());
     let region = dir.path().join("region");
     let socket = dir.path().join("api.sock");
-    let kernel = integration_tests::guests::guest_image("counter").expect("counter guest");
-    let rules = format!("path={},access=rw", allowed.display());
-    let mut boot = spawn(
-        dir.path(),
-        "swap-boot",
-        &[
-            "--kernel".into(),
-            kernel.display().to_string(),
-            "--cmdline".into(),
-            guest_cmdline("area_mb=1"),
-            "--memory".into(),
-            "size=32M".into(),
-            "--nv".into(),
-            format!("region={},vm=sw,create=on", region.display()),
-            "--api-socket".into(),
-            format!("path={}", socket.display()),
-            "--landlock".into(),
-            "--landlock-rules".into(),
-            rules.clone(),
-        ],
-    );
-    wait_counter_lines(&mut boot, 2);
-    boot.wait_for_socket(&socket, TIMEOUT);
+    let mut boot = boot_landlocked(dir.path(), "swap-boot", &region, "sw", &socket, &allowed);
     let swap_out = |file: &Path| {
         let body = format!(r#"{{"destination_url":"file://{}"}}"#, file.display());
         api(&socket, "PUT", "vm.nv-swap-out", &body)
@@ -228,7 +220,7 @@ fn landlock_refuses_a_swap_out_outside_its_rules_and_the_vm_runs_on() {
             ),
             "--landlock".into(),
             "--landlock-rules".into(),
-            rules,
+            format!("path={},access=rw", allowed.display()),
         ],
     );
     let after = wait_counter_lines(&mut back, 2);
