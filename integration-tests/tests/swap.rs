@@ -435,6 +435,105 @@ fn swap_out_while_another_vm_runs_then_swap_in_continues_exactly() {
     suspend(&mut b, &mut vmm_b);
 }
 
+/// A swap-out shows its progress while it runs: `vm.nv-status` answers with bytes done below
+/// the total, and the event monitor gets `swap-progress` events that climb to the total between
+/// `swap-out-started` and `swap-out-committed`. The test build reads `NV_SWAP_OUT_PAUSE_MS`
+/// (feature `fault-injection` only): the swap-out waits 150 ms after each 2 MiB chunk, 16
+/// chunks of a 32 MiB VM, so the progress is seen without a race against the disk.
+#[test]
+fn a_swap_out_shows_its_progress_in_the_status_and_as_events() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let events = dir.path().join("events.json");
+    let mut vm = TestVm::new(dir.path(), &region, "p");
+    let (label, mut arguments) = vm.arguments(Start::Boot {
+        area_mb: 2,
+        ram: SMALL_RAM,
+    });
+    arguments.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+    ]);
+    let env = [(fault_injection::SWAP_OUT_PAUSE_VAR, "150")];
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), &label, &arguments, &env)
+        .with_timeout(TIMEOUT);
+    vm.wait_running(&mut vmm);
+    let file = dir.path().join("p.nvswap");
+    let socket = vm.socket();
+    let swap_out = std::thread::spawn({
+        let (socket, body) = (socket.clone(), swap_out_body(&file));
+        move || api(&socket, "PUT", "vm.nv-swap-out", &body).map(|answer| answer.status)
+    });
+    let total = 32u64 << 20;
+    let deadline = Instant::now() + TIMEOUT;
+    let done = loop {
+        let answer = api(&socket, "GET", "vm.nv-status", "")
+            .expect("vm.nv-status answers while the swap-out runs");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        if let Some(swap) = status.get("swap") {
+            assert_eq!(swap["direction"], "out", "{status}");
+            assert_eq!(swap["total_bytes"], total, "{status}");
+            let done = swap["done_bytes"].as_u64().unwrap();
+            if done > 0 && done < total {
+                break done;
+            }
+        }
+        assert!(Instant::now() < deadline, "no progress seen: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("vm.nv-status during the swap-out: {done} of {total} bytes");
+    assert_eq!(swap_out.join().unwrap(), Some(204));
+    vmm.expect_exit(0, "exit after the swap-out");
+    vm.stopped(&vmm);
+    assert_eq!(vm.place(), Place::SwappedOut(file.clone()));
+
+    let swap_events: Vec<serde_json::Value> = read_events(&events)
+        .into_iter()
+        .filter(|event| event["source"] == "nv")
+        .filter(|event| {
+            event["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("swap-"))
+        })
+        .collect();
+    let names: Vec<&str> = swap_events
+        .iter()
+        .filter_map(|event| event["event"].as_str())
+        .collect();
+    assert_eq!(names.first(), Some(&"swap-out-started"), "{names:?}");
+    assert_eq!(names.last(), Some(&"swap-out-committed"), "{names:?}");
+    let progress: Vec<(u64, u64)> = swap_events
+        .iter()
+        .filter(|event| event["event"] == "swap-progress")
+        .map(|event| {
+            let number = |key: &str| event["properties"][key].as_str().unwrap().parse().unwrap();
+            (number("done_bytes"), number("total_bytes"))
+        })
+        .collect();
+    assert!(
+        progress.iter().filter(|(d, t)| *d > 0 && d < t).count() >= 2,
+        "{progress:?}"
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{progress:?}"
+    );
+    assert!(progress.iter().all(|(_, t)| *t == total), "{progress:?}");
+    assert_eq!(progress.last(), Some(&(total, total)), "{progress:?}");
+
+    // Back in, with no pause: the guest continues.
+    let mut vmm = vm.run(
+        Start::SwapIn {
+            file: &file,
+            keep: false,
+        },
+        &[],
+    );
+    suspend(&mut vm, &mut vmm);
+}
+
 /// A VM with much more RAM than it touches writes a small file: never-touched and all-zero
 /// pages are not written. 512 MiB of RAM, 4 MiB kept changing (plus the guest's own pages).
 #[test]

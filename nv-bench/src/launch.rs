@@ -56,6 +56,12 @@ pub enum Launch {
     },
     /// Recover an NV VM in place after a power failure.
     NvRecover { region: PathBuf, vm: String },
+    /// Swap an NV VM in from its swap file and resume it.
+    NvSwapIn {
+        region: PathBuf,
+        vm: String,
+        file: PathBuf,
+    },
     /// Restore a copy-based snapshot and resume.
     Restore {
         snapshot_dir: PathBuf,
@@ -110,6 +116,16 @@ pub fn arguments(
             push(
                 "--nv",
                 format!("region={},vm={vm},recover=on", region.display()),
+            );
+        }
+        Launch::NvSwapIn { region, vm, file } => {
+            push(
+                "--nv",
+                format!(
+                    "region={},vm={vm},swap-in={}",
+                    region.display(),
+                    file.display()
+                ),
             );
         }
         Launch::Restore {

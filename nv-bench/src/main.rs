@@ -46,7 +46,7 @@ enum Which {
     Overhead,
     /// G: 16 VMs of one region power-failed by one `nv-persist power-fail --region`.
     Region,
-    /// F: swap-out and swap-in vs plain write+fsync and read (library level, no VM).
+    /// F: swap-out and swap-in of a running VM vs plain write+fsync and read of as many bytes.
     Swap,
 }
 
@@ -236,25 +236,7 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// nv-bench never injects a fault into its own library-level measures (F calls nv-extension's
-/// swap in this process). `cargo test --workspace` unifies features, so there this binary links
-/// an nv-extension built with `fault-injection`, which would read `NV_FAULT_AFTER_PHASE` at its
-/// first use. Its fault configuration is fixed here, with the variable hidden, while the process
-/// has one thread; the variable is then put back for the VMMs nv-bench starts, which must be
-/// default builds that ignore it (`tests/quick.rs` sets a misspelt one to prove that).
-fn fix_own_fault_configuration() {
-    let variable = nv_extension::fault_injection::ENV_VAR;
-    let Some(value) = std::env::var_os(variable) else {
-        return;
-    };
-    std::env::remove_var(variable);
-    // Reads the (now absent) variable once: nothing is configured for this process.
-    let _ = nv_extension::fault_injection::check_configuration();
-    std::env::set_var(variable, value);
-}
-
 fn main() -> ExitCode {
-    fix_own_fault_configuration();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

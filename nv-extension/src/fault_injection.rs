@@ -81,6 +81,38 @@ pub(crate) fn reached(point: FaultPoint) {
     }
 }
 
+/// Test-only: `NV_SWAP_OUT_PAUSE_MS=<ms>` makes a swap-out wait that long after each 2 MiB
+/// chunk of memory it has written, so that an end-to-end test sees its progress (bytes done
+/// below the total) deterministically. Like the fault point, only a build with the
+/// `fault-injection` feature reads it.
+pub const SWAP_OUT_PAUSE_VAR: &str = "NV_SWAP_OUT_PAUSE_MS";
+
+/// The configured pause after each chunk of a swap-out, if any.
+#[cfg(feature = "fault-injection")]
+fn swap_out_pause() -> Option<std::time::Duration> {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        let ms: u64 = std::env::var(SWAP_OUT_PAUSE_VAR)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(std::time::Duration::from_millis(ms))
+    })
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn swap_out_pause() -> Option<std::time::Duration> {
+    None
+}
+
+/// Where a swap-out has written a chunk: waits as `NV_SWAP_OUT_PAUSE_MS` says.
+pub(crate) fn swap_out_chunk_written() {
+    if let Some(pause) = swap_out_pause() {
+        std::thread::sleep(pause);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,8 +81,9 @@ pub const SWAP_FAULT_POINTS: &[&str] = &[
     "swap-out-linked",
     "swap-out-committed",
     // Swap-in.
-    "swap-in-verified",
+    "swap-in-checked",
     "swap-in-reserved",
+    "swap-in-partial",
     "swap-in-loaded",
     "swap-in-committed",
 ];

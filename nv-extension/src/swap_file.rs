@@ -130,8 +130,6 @@ pub(crate) struct Written {
 /// A verified file's contents (memory excepted: a reader's sink gets that).
 #[derive(Clone, Debug)]
 pub(crate) struct Contents {
-    pub meta: SwapMeta,
-    pub file_size: u64,
     pub checksum: u32,
     pub state: Vec<u8>,
     pub config: Vec<u8>,
@@ -242,8 +240,9 @@ pub(crate) struct SwapSource<'a> {
     pub config: &'a [u8],
 }
 
-/// Receives loaded memory: (offset in guest memory, bytes of consecutive pages).
-pub(crate) type PageSink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
+/// Receives loaded memory: (offset in guest memory, bytes of consecutive pages). It runs on a
+/// thread of its own, so that writing one batch overlaps reading the next.
+pub(crate) type PageSink<'a> = &'a mut (dyn FnMut(u64, &[u8]) -> Result<()> + Send);
 
 /// Writes a complete swap file for `meta` to `out` (positioned at 0). `after_memory` runs once
 /// the memory is written (a fault point: the file is then incomplete).
@@ -520,10 +519,33 @@ pub(crate) fn inspect(path: &Path) -> Result<SwapFileSummary> {
     })
 }
 
+/// A run of present pages in the reader's current buffer, queued for the sink.
+struct SinkRun {
+    /// Memory offset of the first page.
+    offset: u64,
+    from: usize,
+    to: usize,
+}
+
+/// The reader's side of the pipeline to the sink's thread: full buffers (with the runs to load
+/// from them) go out, emptied ones come back.
+struct Handoff {
+    to_sink: std::sync::mpsc::SyncSender<(Vec<u8>, Vec<SinkRun>)>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+fn loader_gone() -> Error {
+    Error::io(
+        "loading guest memory",
+        std::io::Error::other("the loading thread stopped"),
+    )
+}
+
 /// Reads a file front to back in large blocks, keeping the checksum of what it consumed.
 struct SeqReader<'a> {
     file: &'a File,
     path: &'a Path,
+    /// Where reading stops.
     size: u64,
     buf: Vec<u8>,
     start: usize,
@@ -531,20 +553,55 @@ struct SeqReader<'a> {
     /// File offset of `buf[start]`.
     pos: u64,
     crc: u32,
+    /// Runs of `buf` (verified) that the sink has not got yet.
+    pending: Vec<SinkRun>,
+    handoff: Option<Handoff>,
 }
 
 impl<'a> SeqReader<'a> {
-    fn new(file: &'a File, path: &'a Path, size: u64) -> Self {
+    fn new(file: &'a File, path: &'a Path, buf: Vec<u8>) -> Self {
         SeqReader {
             file,
             path,
-            size,
-            buf: vec![0; BATCH + CHUNK_SIZE as usize],
+            size: 0,
+            buf,
             start: 0,
             end: 0,
             pos: 0,
             crc: 0,
+            pending: Vec::new(),
+            handoff: None,
         }
+    }
+
+    /// Sends the current buffer with its pending runs to the sink's thread and continues in an
+    /// emptied buffer, holding the bytes not consumed yet.
+    fn switch_buffer(&mut self) -> Result<()> {
+        let handoff = self.handoff.as_ref().expect("only with a sink");
+        let mut next = handoff.free.recv().map_err(|_| loader_gone())?;
+        if next.len() < self.buf.len() {
+            next.resize(self.buf.len(), 0);
+        }
+        let unconsumed = self.end - self.start;
+        next[..unconsumed].copy_from_slice(&self.buf[self.start..self.end]);
+        let full = std::mem::replace(&mut self.buf, next);
+        (self.start, self.end) = (0, unconsumed);
+        handoff
+            .to_sink
+            .send((full, std::mem::take(&mut self.pending)))
+            .map_err(|_| loader_gone())
+    }
+
+    /// Hands the last runs to the sink's thread and closes the pipeline.
+    fn hand_off(&mut self) -> Result<()> {
+        if let Some(handoff) = self.handoff.take() {
+            let runs = std::mem::take(&mut self.pending);
+            handoff
+                .to_sink
+                .send((std::mem::take(&mut self.buf), runs))
+                .map_err(|_| loader_gone())?;
+        }
+        Ok(())
     }
 
     /// Makes `n` bytes available at `buf[start..]`; `false` at the end of the file.
@@ -553,9 +610,14 @@ impl<'a> SeqReader<'a> {
             return Ok(true);
         }
         if self.start + n > self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            if self.pending.is_empty() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                // The sink has yet to load from this buffer: move on to another one.
+                self.switch_buffer()?;
+            }
         }
         if n > self.buf.len() {
             // A blob larger than the batch buffer (bounded by MAX_BLOB_LEN).
@@ -623,13 +685,21 @@ impl<'a> SeqReader<'a> {
     }
 }
 
-/// Reads and verifies the whole file; every present run of memory pages goes to `sink`
-/// (memory offset, bytes) when given. `progress` gets the memory offset reached.
-pub(crate) fn read(
-    path: &Path,
-    mut sink: Option<PageSink<'_>>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<Contents> {
+/// What the cheap checks of a file found: its header and its trailer, intact and consistent
+/// with the file's size. The body is not read yet.
+pub(crate) struct Checked {
+    file: File,
+    area_len: usize,
+    pub meta: SwapMeta,
+    pub file_size: u64,
+    /// The final checksum the trailer claims (a full read proves it).
+    pub claimed_checksum: u32,
+    chunk_records: u64,
+    pages: u64,
+}
+
+/// Checks the header and the trailer of the file at `path` (two small reads).
+pub(crate) fn check(path: &Path) -> Result<Checked> {
     let (file, size) = open(path)?;
     let (meta, area_len) = decode_header(path, &file, size)?;
     let truncated = |detail: String| problem(path, SwapFileProblem::Truncated { size, detail });
@@ -665,8 +735,100 @@ pub(crate) fn read(
             )
         });
     }
+    Ok(Checked {
+        file,
+        area_len,
+        meta,
+        file_size: size,
+        claimed_checksum: trailer.file_crc.get(),
+        chunk_records: trailer.chunk_records.get(),
+        pages: trailer.pages.get(),
+    })
+}
+
+/// Reads and verifies the whole file; every present run of memory pages goes to `sink`
+/// (memory offset, bytes) when given. `progress` gets the memory offset reached.
+#[cfg(test)]
+fn read(
+    path: &Path,
+    sink: Option<PageSink<'_>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Contents> {
+    read_checked(path, check(path)?, sink, progress)
+}
+
+/// Buffers in flight between the reading (and verifying) thread and the sink's thread.
+const PIPELINE_BUFFERS: usize = 3;
+/// Bytes read by one `read` while a sink is loading (plus room for one chunk record).
+const PIPELINE_READ: usize = 8 << 20;
+
+/// [`read`] of a file [`check`] passed. With a sink, the file is read and verified on this
+/// thread while a second one hands the pages of the batches already verified to the sink: the
+/// read of the file and the writes into the region overlap.
+pub(crate) fn read_checked(
+    path: &Path,
+    checked: Checked,
+    sink: Option<PageSink<'_>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Contents> {
+    let Some(sink) = sink else {
+        let buf = vec![0; BATCH + CHUNK_SIZE as usize];
+        return verify(
+            path,
+            &checked,
+            SeqReader::new(&checked.file, path, buf),
+            progress,
+        );
+    };
+    std::thread::scope(|scope| {
+        let (to_sink, batches) = std::sync::mpsc::sync_channel::<(Vec<u8>, Vec<SinkRun>)>(1);
+        let (to_reader, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let buffer_len = PIPELINE_READ + CHUNK_SIZE as usize;
+        for _ in 1..PIPELINE_BUFFERS {
+            to_reader
+                .send(vec![0; buffer_len])
+                .expect("room for the pool");
+        }
+        let loader = scope.spawn(move || -> Result<()> {
+            for (buf, runs) in batches {
+                for run in runs {
+                    sink(run.offset, &buf[run.from..run.to])?;
+                }
+                // The reader may have finished: then nobody needs the buffer back.
+                let _ = to_reader.send(buf);
+            }
+            Ok(())
+        });
+        let mut reader = SeqReader::new(&checked.file, path, vec![0; buffer_len]);
+        reader.handoff = Some(Handoff { to_sink, free });
+        let verified = verify(path, &checked, reader, progress);
+        let loaded = loader.join().unwrap_or_else(|_| {
+            Err(Error::io(
+                "loading guest memory",
+                std::io::Error::other("the loading thread panicked"),
+            ))
+        });
+        // A failed load stops the reader too (it finds the loader gone): the load's error is
+        // the one to name.
+        loaded?;
+        verified
+    })
+}
+
+/// Reads the body of a checked file front to back and verifies every record and the final
+/// checksum; the reader queues the present pages for its sink, if it has one.
+fn verify(
+    path: &Path,
+    checked: &Checked,
+    mut reader: SeqReader<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Contents> {
+    let size = checked.file_size;
+    let meta = checked.meta.clone();
+    let area_len = checked.area_len;
+    let truncated = |detail: String| problem(path, SwapFileProblem::Truncated { size, detail });
     let body_end = size - TRAILER_LEN as u64;
-    let mut reader = SeqReader::new(&file, path, body_end);
+    reader.size = body_end;
     reader.take(area_len)?.expect("checked above");
     let chunk_count = meta.memory_size.div_ceil(CHUNK_SIZE);
     let (mut next_index, mut records, mut pages) = (0u64, 0u64, 0u64);
@@ -718,7 +880,6 @@ pub(crate) fn read(
             .ok_or_else(|| ended("a chunk's pages"))?;
         let data_crc = crc32c::crc32c(&reader.buf[from..to]);
         reader.add_sum(data_crc, data_len);
-        let data = &reader.buf[from..to];
         if data_crc != header.data_crc.get() {
             return Err(problem(
                 path,
@@ -740,8 +901,12 @@ pub(crate) fn read(
             let run = (page..CHUNK_PAGES).take_while(|p| is_present(*p)).count();
             let len = run * PAGE_SIZE as usize;
             let offset = chunk_start + page * PAGE_SIZE;
-            if let Some(sink) = sink.as_mut() {
-                sink(offset, &data[at..at + len])?;
+            if reader.handoff.is_some() {
+                reader.pending.push(SinkRun {
+                    offset,
+                    from: from + at,
+                    to: from + at + len,
+                });
             }
             match present.last_mut() {
                 Some((start, run_len)) if *start + *run_len == offset => *run_len += len as u64,
@@ -777,19 +942,18 @@ pub(crate) fn read(
     if reader.pos != body_end {
         return Err(corrupt(path, "bytes between the config and the trailer"));
     }
-    if records != trailer.chunk_records.get() || pages != trailer.pages.get() {
+    if records != checked.chunk_records || pages != checked.pages {
         return Err(corrupt(
             path,
             "the trailer's counts do not match the chunks",
         ));
     }
-    if reader.crc != trailer.file_crc.get() {
+    if reader.crc != checked.claimed_checksum {
         return Err(corrupt(path, "final checksum mismatch"));
     }
+    reader.hand_off()?;
     progress(meta.memory_size);
     Ok(Contents {
-        meta,
-        file_size: size,
         checksum: reader.crc,
         state,
         config,
@@ -898,7 +1062,7 @@ mod tests {
         };
         let contents = read(&path, Some(&mut sink), &mut |_| {}).unwrap();
         assert_eq!(seen, expected);
-        assert_eq!(contents.meta, meta());
+        assert_eq!(check(&path).unwrap().meta, meta());
         assert_eq!(contents.state, b"state");
         assert_eq!(contents.config, b"{\"cfg\":1}");
         assert_eq!(contents.checksum, written.checksum);

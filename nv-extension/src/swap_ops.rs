@@ -19,7 +19,7 @@ use crate::superblock::{FORMAT_VERSION, FORMAT_VERSION_SWAPPED};
 use crate::swap::{SwapInReport, SwapOutReport, SwapProgress, SwapRecord};
 use crate::swap_file::{self, SwapMeta, SwapSource};
 use crate::vm_handle::{recoverable_state, VmHandle};
-use crate::vm_table::{Extent, RunRecord, VmTable};
+use crate::vm_table::{Extent, RunRecord, VmEntry, VmTable};
 
 fn fault(point: &'static str) {
     debug_assert!(crate::swap::SWAP_FAULT_POINTS.contains(&point));
@@ -243,7 +243,8 @@ pub(crate) fn swap_out(
                 progress(SwapProgress {
                     done_bytes: done,
                     total_bytes: memory_size,
-                })
+                });
+                fault_injection::swap_out_chunk_written();
             },
             &mut || fault("swap-out-partial"),
         )?;
@@ -356,6 +357,111 @@ fn reserve_gaps(shared: &mut Shared, extent: Extent, present: &[(u64, u64)]) -> 
     Ok(())
 }
 
+/// Step 3 of a swap-in: loads and verifies the file into the VM's reserved extents (see
+/// `swap_in`), and makes memory and state durable there.
+fn load(
+    region: &Region,
+    path: &Path,
+    entry: &VmEntry,
+    checked: swap_file::Checked,
+    progress: &mut dyn FnMut(u64),
+) -> Result<swap_file::Contents> {
+    let memory = entry.memory;
+    let memory_size = checked.meta.memory_size;
+    let seq = checked.meta.seq;
+    {
+        let shared = &mut *region.lock();
+        // A fresh extent is a hole already (freed extents are discarded, new ones placed
+        // unwritten); a reused one is discarded now, and zeroed where that is not possible.
+        if !is_hole(shared, memory.offset, memory.len) {
+            if let Err(e) = shared.store.discard(memory.offset, memory.len) {
+                log::debug!("discarding the extent before a swap-in: {e}");
+            }
+            if !is_hole(shared, memory.offset, memory.len) {
+                let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
+                let mut at = 0;
+                while at < memory.len {
+                    let len = (memory.len - at).min(zeros.len() as u64);
+                    shared
+                        .store
+                        .write(memory.offset + at, &zeros[..len as usize])?;
+                    at += len;
+                }
+            }
+        }
+    }
+    let bulk = bulk_file(&region.lock())?;
+    let mut sink = |offset: u64, data: &[u8]| -> Result<()> {
+        if offset + data.len() as u64 > memory_size {
+            return Err(Error::Unsupported(
+                "swap file page beyond the memory".into(),
+            ));
+        }
+        match &bulk {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(data, memory.offset + offset)
+                    .map_err(|e| Error::io("loading guest memory into the region", e))
+            }
+            None => region.lock().store.write(memory.offset + offset, data),
+        }
+    };
+    let mut first_chunk = true;
+    let contents = swap_file::read_checked(path, checked, Some(&mut sink), &mut |done| {
+        if first_chunk {
+            first_chunk = false;
+            fault("swap-in-partial");
+        }
+        progress(done)
+    })?;
+    let mut shared = region.lock();
+    // The pages the file lacks, allocated now (a full file system fails here, not the guest).
+    reserve_gaps(&mut shared, memory, &contents.present)?;
+    shared.store.persist(memory.offset, memory_size)?;
+    let area = StateArea {
+        vm_uuid: entry.uuid,
+        area: entry.state,
+    };
+    // Whatever a reused extent held (old slots, a save report), only this state may be found
+    // there.
+    let zeros = vec![0u8; entry.state.len as usize];
+    shared.store.write(entry.state.offset, &zeros)?;
+    shared.store.persist(entry.state.offset, entry.state.len)?;
+    area.write(shared.store.as_mut(), None, seq, &contents.state)?;
+    Ok(contents)
+}
+
+/// After a failed load: gives the extents a swap-in reserved back, in one table update that
+/// leaves the entry as it was before the swap-in (swapped out, no extents, no owner), then
+/// discards them. A failure here leaves the reservation, which the next swap-in reuses.
+fn release_reservation(region: &Region, entry: &VmEntry, claim: OwnerRecord) {
+    let name = entry.name.clone();
+    let released = region.transact_then(
+        |_, table| {
+            let entry = find_mut(table, &name)?;
+            if entry.owner != claim || entry.swap.is_none() {
+                return Ok((Vec::new(), false));
+            }
+            let freed = vec![entry.memory, entry.state];
+            entry.memory = Extent { offset: 0, len: 0 };
+            entry.state = Extent { offset: 0, len: 0 };
+            entry.owner = OwnerRecord::default();
+            Ok((freed, true))
+        },
+        |shared, freed| {
+            for extent in freed {
+                if let Err(e) = shared.store.discard(extent.offset, extent.len) {
+                    log::warn!("VM {name:?}: a released extent was not discarded: {e}");
+                }
+            }
+            Ok(())
+        },
+    );
+    if let Err(e) = released {
+        log::warn!("VM {name:?}: the failed swap-in's extents stay reserved: {e}");
+    }
+}
+
 pub(crate) fn swap_in(
     region: &Region,
     source: &Path,
@@ -371,7 +477,7 @@ pub(crate) fn swap_in(
         path: path.clone(),
         problem,
     };
-    // 1. The whole file, verified before the region is touched.
+    // 1. The file's header and trailer, checked before the region is touched.
     let header = swap_file::inspect(&path)?;
     if let Some(expected) = expected_name {
         if expected != header.vm_name {
@@ -388,15 +494,13 @@ pub(crate) fn swap_in(
         }));
     }
     let memory_size = header.memory_size;
-    // Verification is the first half of the progress, loading the second.
-    let contents = swap_file::read(&path, None, &mut |done| {
-        progress(SwapProgress {
-            done_bytes: done / 2,
-            total_bytes: memory_size,
-        })
-    })?;
-    let meta = contents.meta.clone();
-    fault("swap-in-verified");
+    // The header and the trailer: enough to match the file against the VM's table entry (its
+    // recorded size and final checksum) before the region changes. Every other byte is verified
+    // while it is loaded (step 3), into extents no resident VM has.
+    let checked = swap_file::check(&path)?;
+    let meta = checked.meta.clone();
+    let (file_size, claimed_checksum) = (checked.file_size, checked.claimed_checksum);
+    fault("swap-in-checked");
 
     // 2. Extents reserved for the VM, and the claim, in one table update; the entry stays
     // swapped out (a crash leaves it so, with the file, and the next swap-in reuses them).
@@ -424,12 +528,11 @@ pub(crate) fn swap_in(
                 meta.seq,
                 entry.record.last_seq()
             ))
-        } else if recorded.file_size != contents.file_size || recorded.checksum != contents.checksum
-        {
+        } else if recorded.file_size != file_size || recorded.checksum != claimed_checksum {
             Some(format!(
                 "{} bytes with checksum {:#010x}, the region recorded {} bytes with {:#010x} ({})",
-                contents.file_size,
-                contents.checksum,
+                file_size,
+                claimed_checksum,
                 recorded.file_size,
                 recorded.checksum,
                 recorded.path.display()
@@ -463,19 +566,12 @@ pub(crate) fn swap_in(
             let other = find_mut(&mut without, &meta.name)?;
             other.memory.len = 0;
             other.state.len = 0;
-            // The state extent is reserved whole; of the memory only what the file does not
-            // fill (its pages are written next, and a full file system fails that write, never
-            // a later guest access): no page is zeroed only to be overwritten.
+            // The state extent is reserved whole; the memory's pages are allocated by the
+            // writes that load them, and the pages the file lacks right after (step 3): no page
+            // is zeroed only to be overwritten, and a full file system fails the swap-in, never
+            // a later guest access.
             let offsets = Region::place_extents(shared, &without, &[memory_len, state_len])?;
             shared.store.reserve(offsets[1], state_len)?;
-            reserve_gaps(
-                shared,
-                Extent {
-                    offset: offsets[0],
-                    len: memory_len,
-                },
-                &contents.present,
-            )?;
             let entry = find_mut(table, &meta.name)?;
             entry.memory = Extent {
                 offset: offsets[0],
@@ -497,83 +593,35 @@ pub(crate) fn swap_in(
             return Err(e);
         }
     };
-    // From here an error drops the handle, which clears the claim; the VM stays swapped out.
+    // From here an error releases the reservation (`release_reservation`) and drops the
+    // handle, which clears the claim; the VM stays swapped out.
     let handle = VmHandle::new(region.clone(), &entry, claim);
     fault("swap-in-reserved");
 
-    // 3. Memory and state into the reserved extents. Pages absent from the file must read as
-    // zero: a hole does; anything else (a reused reservation, a devdax device) is zeroed.
-    let memory = entry.memory;
-    {
-        let mut shared = region.lock();
-        // A fresh extent is a hole already (freed extents are discarded, new ones reserved
-        // unwritten); a reused one is discarded now, zeroed where that is not possible, and
-        // reserved again.
-        if !is_hole(&shared, memory.offset, memory.len) {
-            if let Err(e) = shared.store.discard(memory.offset, memory.len) {
-                log::debug!("discarding the extent before a swap-in: {e}");
-            }
-            if !is_hole(&shared, memory.offset, memory.len) {
-                let zeros = vec![0u8; swap_file::CHUNK_SIZE as usize];
-                let mut at = 0;
-                while at < memory.len {
-                    let len = (memory.len - at).min(zeros.len() as u64);
-                    shared
-                        .store
-                        .write(memory.offset + at, &zeros[..len as usize])?;
-                    at += len;
-                }
-            }
-            reserve_gaps(&mut shared, memory, &contents.present)?;
-        }
-    }
-    let bulk = bulk_file(&region.lock())?;
-    let mut sink = |offset: u64, data: &[u8]| -> Result<()> {
-        if offset + data.len() as u64 > memory_size {
-            return Err(Error::Unsupported(
-                "swap file page beyond the memory".into(),
-            ));
-        }
-        match &bulk {
-            Some(file) => {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(data, memory.offset + offset)
-                    .map_err(|e| Error::io("loading guest memory into the region", e))
-            }
-            None => region.lock().store.write(memory.offset + offset, data),
-        }
-    };
-    let loaded = swap_file::read(&path, Some(&mut sink), &mut |done| {
+    // 3. One pass over the file: every record verified as it is read, its pages loaded into
+    // the reserved memory extent meanwhile; then the state. Pages absent from the file must
+    // read as zero: a hole does; anything else (a reused reservation, a devdax device) is
+    // zeroed first.
+    let loaded = load(region, &path, &entry, checked, &mut |done| {
         progress(SwapProgress {
-            done_bytes: memory_size / 2 + done / 2,
+            done_bytes: done,
             total_bytes: memory_size,
         })
-    })?;
-    if loaded.checksum != contents.checksum || loaded.file_size != contents.file_size {
-        return Err(swap_error(SwapFileProblem::Corrupt(
-            "the file changed while it was swapped in".into(),
-        )));
-    }
-    {
-        let mut shared = region.lock();
-        shared.store.persist(memory.offset, memory_size)?;
-        let area = StateArea {
-            vm_uuid: entry.uuid,
-            area: entry.state,
-        };
-        // Whatever a reused extent held (old slots, a save report), only this state may be
-        // found there.
-        let zeros = vec![0u8; entry.state.len as usize];
-        shared.store.write(entry.state.offset, &zeros)?;
-        shared.store.persist(entry.state.offset, entry.state.len)?;
-        area.write(shared.store.as_mut(), None, meta.seq, &contents.state)?;
-    }
+    });
+    let contents = match loaded {
+        Ok(contents) => contents,
+        Err(e) => {
+            release_reservation(region, &entry, claim);
+            return Err(e);
+        }
+    };
     fault("swap-in-loaded");
 
     // 4. The one update that makes the VM resident; then the version back to 1 if no other
     // VM is swapped out.
     let name = meta.name.clone();
     let checksum = contents.checksum;
+    debug_assert_eq!(checksum, claimed_checksum);
     region.transact_then(
         |_, table| {
             let entry = find_mut(table, &name)?;
@@ -624,7 +672,7 @@ pub(crate) fn swap_in(
         handle,
         SwapInReport {
             path,
-            file_size: contents.file_size,
+            file_size,
             seq: meta.seq,
             took: started.elapsed(),
             file_removed,

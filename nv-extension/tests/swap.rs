@@ -249,16 +249,25 @@ fn bad_swap_files_are_refused_by_name_and_change_nothing() {
     let before = region.list_vms().unwrap();
     let region_before = std::fs::read(&path).unwrap();
     let damaged = dir.path().join("damaged.swap");
-    let refused = |content: &[u8], name: Option<&str>| -> SwapFileProblem {
+    let free_before = region.free_space().unwrap();
+    // A file whose header or trailer is bad is refused before the region changes at all. A
+    // file that passes those checks is loaded into reserved extents while it is verified: a
+    // damaged record then releases them, so the VM table and the free space are as before.
+    let refused_after = |content: &[u8], name: Option<&str>, loaded: bool| -> SwapFileProblem {
         std::fs::write(&damaged, content).unwrap();
+        let bytes_before = std::fs::read(&path).unwrap();
         let err = region
             .swap_in(&damaged, name, false, &mut no_progress)
             .unwrap_err();
         assert_eq!(region.list_vms().unwrap(), before, "{err}");
-        assert!(
-            std::fs::read(&path).unwrap() == region_before,
-            "region changed: {err}"
-        );
+        assert_eq!(region.free_space().unwrap(), free_before, "{err}");
+        assert_eq!(region_format_version(&path), 2, "{err}");
+        if !loaded {
+            assert!(
+                std::fs::read(&path).unwrap() == bytes_before,
+                "region changed: {err}"
+            );
+        }
         assert!(damaged.exists(), "a refused file is kept");
         match err {
             Error::SwapFile { path, problem } => {
@@ -268,6 +277,8 @@ fn bad_swap_files_are_refused_by_name_and_change_nothing() {
             other => panic!("{other}"),
         }
     };
+    let refused = |content: &[u8], name: Option<&str>| refused_after(content, name, false);
+    let refused_in_load = |content: &[u8]| refused_after(content, None, true);
     let flipped = |at: usize| {
         let mut copy = bytes.clone();
         copy[at] ^= 0x04;
@@ -289,13 +300,13 @@ fn bad_swap_files_are_refused_by_name_and_change_nothing() {
     // Page 5 of chunk 0, then a page of chunk 3 (memory at 6 MiB: the second chunk record).
     let chunk_3_data = 4096 + (96 + 2 * MIB as usize) + 96;
     assert_eq!(
-        refused(&flipped(4096 + 96 + 5 * 4096 + 9), None),
+        refused_in_load(&flipped(4096 + 96 + 5 * 4096 + 9)),
         SwapFileProblem::ChunkChecksum {
             chunk: 0,
             offset: 0
         }
     );
-    let problem = refused(&flipped(chunk_3_data + 12345), None);
+    let problem = refused_in_load(&flipped(chunk_3_data + 12345));
     assert_eq!(
         problem,
         SwapFileProblem::ChunkChecksum {
@@ -308,7 +319,7 @@ fn bad_swap_files_are_refused_by_name_and_change_nothing() {
         "checksum mismatch at chunk 3 (memory offset 0x600000)"
     );
     assert_eq!(
-        refused(&flipped(len - 70), None),
+        refused_in_load(&flipped(len - 70)),
         SwapFileProblem::Corrupt("the config blob checksum mismatch".into())
     );
     assert_eq!(

@@ -108,6 +108,19 @@ impl SwapProgressCell {
         direction_name(self.watch.direction)
     }
 
+    /// From now on `vm.nv-status` answers with `nv`'s status and this swap's progress (0 of
+    /// its memory). Called on the control loop before the worker starts, so that a status
+    /// request never finds the swap without one.
+    pub fn watch_vm(&mut self, nv: &NvVm) {
+        self.vm = nv.config.vm.clone();
+        self.watch
+            .total_bytes
+            .store(nv.memory_size(), Ordering::Relaxed);
+        if let Ok(status) = super::status(nv) {
+            self.watch.set_status(status);
+        }
+    }
+
     /// Records `progress`; emits a `swap-progress` event at most every 100 ms, and at the end.
     pub fn update(&mut self, progress: SwapProgress) {
         self.watch
@@ -176,10 +189,7 @@ pub fn swap_out(
     destination: &Path,
     progress: &mut SwapProgressCell,
 ) -> Result<SwapOutReport, Error> {
-    progress.vm = nv.config.vm.clone();
-    if let Ok(status) = super::status(nv) {
-        progress.watch.set_status(status);
-    }
+    progress.watch_vm(nv);
     let path = destination.display().to_string();
     event_monitor::nv::swap_started(progress.direction(), &nv.config.vm, &path, nv.memory_size());
     let result = nv

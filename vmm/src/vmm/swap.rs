@@ -89,6 +89,7 @@ impl Vmm {
         };
         let mut nv_vm = self.nv.take().expect("checked above");
         let mut progress = SwapProgressCell::new(crate::api::NvSwapDirection::Out);
+        progress.watch_vm(&nv_vm);
         let watch = progress.watch();
         let worker_destination = destination.clone();
         let spawned = spawn_worker("vm-swap-out", &self.long_operation_done, move || {
