@@ -19,6 +19,7 @@ use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
+use crate::startup_phases::PhaseClock;
 use crate::vcpu::VcpuManager;
 use crate::Error;
 
@@ -108,6 +109,17 @@ impl Vm {
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
+        Vm::new_timed(config, memory, events, seccomp, &mut PhaseClock::new())
+    }
+
+    /// [`Vm::new`], closing one phase of `phases` per step (a recovery's breakdown).
+    pub fn new_timed(
+        config: &VmConfig,
+        memory: GuestMemoryMmap,
+        events: Arc<VmEvents>,
+        seccomp: SeccompMode,
+        phases: &mut PhaseClock,
+    ) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let api_version = kvm.get_api_version();
         if api_version != kvm_bindings::KVM_API_VERSION as i32 {
@@ -146,7 +158,9 @@ impl Vm {
         vm_fd
             .create_pit2(pit_config)
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
+        phases.mark("kvm-vm");
         register_memory_slots(&kvm, &vm_fd, &memory)?;
+        phases.mark("memory-registration");
 
         let devices = Arc::new(DeviceManager::new(
             &vm_fd, config, &events, &memory, seccomp,
@@ -154,12 +168,15 @@ impl Vm {
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);
+        phases.mark("device-setup");
         let mut vcpus = VcpuManager::new(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
         let msr_indices = {
             let vcpu = vcpus.lock_vcpu(0);
             crate::state::supported_msr_indices(&kvm, &vcpu)?
         };
+        phases.mark("vcpu-creation");
         vcpus.start_paused(devices.clone(), events.clone(), seccomp)?;
+        phases.mark("vcpu-threads-seccomp");
 
         Ok(Vm {
             vm_fd,

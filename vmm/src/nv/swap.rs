@@ -291,6 +291,7 @@ pub fn prepare_swap_in(
         deadline_ms: nv.deadline_ms,
         last_save: None,
         swap: None,
+        recovery: None,
     });
     event_monitor::nv::swap_started(progress.direction(), &nv.vm, &path, 0);
     let (handle, report) = region
@@ -344,6 +345,7 @@ mod tests {
             deadline_ms: 50,
             last_save: None,
             swap: None,
+            recovery: None,
         }
     }
 
