@@ -430,6 +430,32 @@ impl BarMap {
         }
     }
 
+    /// Moves every BAR whose decoded address differs from where it is mapped: all the old
+    /// places are vacated first, so two BARs that swapped places both land.
+    fn move_changed_bars(&mut self) {
+        let mut moves: Vec<(PciBdf, usize, Option<Bar>)> = Vec::new();
+        for (bdf, entry) in &self.devices {
+            let bars: Vec<Bar> = lock(&entry.device).config().bars().collect();
+            for index in 0..BAR_COUNT {
+                let wanted = bars
+                    .iter()
+                    .find(|bar| bar.index == index && bar.address != 0)
+                    .copied();
+                if entry.mapped[index] != wanted {
+                    moves.push((*bdf, index, wanted));
+                }
+            }
+        }
+        for (bdf, index, _) in &moves {
+            self.unmap(*bdf, *index);
+        }
+        for (bdf, _, wanted) in moves {
+            if let Some(bar) = wanted {
+                self.map(bdf, bar);
+            }
+        }
+    }
+
     fn unmap_all(&mut self, bdf: PciBdf) {
         for index in 0..BAR_COUNT {
             self.unmap(bdf, index);
@@ -731,23 +757,14 @@ impl PciSegment {
                 state.version
             )));
         }
-        let bdfs: Vec<PciBdf> = lock(&self.bars).devices.keys().copied().collect();
-        {
-            let mut map = lock(&self.bars);
-            for bdf in &bdfs {
-                map.unmap_all(*bdf);
-            }
-        }
         let restored = lock(&self.bus)
             .restore(&state.bus)
             .map_err(|e| Error::device_state("PCI bus", DeviceCause::Pci(e)));
-        // Map the BARs again whatever happened: where the restore left them.
-        {
-            let mut map = lock(&self.bars);
-            for bdf in &bdfs {
-                map.map_all(*bdf);
-            }
-        }
+        // Whatever happened, each BAR goes where the configuration now says. Only a BAR that
+        // moved is taken off and put back: one that stays keeps its bus region and ioeventfds
+        // (every KVM_IOEVENTFD change waits for a KVM SRCU grace period, milliseconds on a busy
+        // host, on the recovery path).
+        lock(&self.bars).move_changed_bars();
         restored?;
         lock(&self.config_io)
             .restore(&state.config_io)
