@@ -873,7 +873,10 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         ],
         "{status}"
     );
-    let sum: u64 = phases.iter().filter_map(|p| p["duration_us"].as_u64()).sum();
+    let sum: u64 = phases
+        .iter()
+        .filter_map(|p| p["duration_us"].as_u64())
+        .sum();
     let total = recovery["total_us"].as_u64().expect("total_us");
     assert!(
         total >= sum && total <= sum + names.len() as u64,

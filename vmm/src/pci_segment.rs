@@ -323,6 +323,11 @@ struct BarMap {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     devices: BTreeMap<PciBdf, SegmentDevice>,
+    /// Whether a mapped BAR's ioeventfds go into KVM now. Off while a VM is built and
+    /// restored: each KVM_IOEVENTFD change waits for a KVM SRCU grace period, and a queue
+    /// notify without its ioeventfd still reaches the device (a BAR write). The VM turns it on
+    /// as it starts running (`PciSegment::register_ioeventfds`).
+    ioevents_enabled: bool,
 }
 
 fn io_event_address(bar: &Bar, offset: u64) -> IoEventAddress {
@@ -391,6 +396,9 @@ impl BarMap {
             return;
         };
         entry.mapped[bar.index] = Some(bar);
+        if !self.ioevents_enabled {
+            return;
+        }
         for ioevent in entry.ioevents.iter_mut().filter(|e| e.bar == bar.index) {
             let at = io_event_address(&bar, ioevent.offset);
             match register_ioevent(&vm_fd, &ioevent.evt, &at, ioevent.datamatch) {
@@ -427,6 +435,28 @@ impl BarMap {
         let bars: Vec<Bar> = lock(&entry.device).config().bars().collect();
         for bar in bars {
             self.map(bdf, bar);
+        }
+    }
+
+    /// Registers every ioeventfd of a mapped BAR that is not registered yet, and registers
+    /// those of BARs mapped from now on at once.
+    fn enable_ioevents(&mut self) {
+        self.ioevents_enabled = true;
+        let vm_fd = Arc::clone(&self.vm_fd);
+        for (bdf, entry) in self.devices.iter_mut() {
+            for bar in entry.mapped.iter().flatten() {
+                for ioevent in entry
+                    .ioevents
+                    .iter_mut()
+                    .filter(|e| e.bar == bar.index && e.at.is_none())
+                {
+                    let at = io_event_address(bar, ioevent.offset);
+                    match register_ioevent(&vm_fd, &ioevent.evt, &at, ioevent.datamatch) {
+                        Ok(()) => ioevent.at = Some(at),
+                        Err(e) => log::warn!("pci: {bdf} ioeventfd at {at:?} not registered: {e}"),
+                    }
+                }
+            }
         }
     }
 
@@ -596,6 +626,7 @@ impl PciSegment {
             pio_bus: Arc::clone(pio_bus),
             mmio_bus: Arc::clone(mmio_bus),
             devices: BTreeMap::new(),
+            ioevents_enabled: true,
         }));
         lock(&bus).set_relocation_handler(Box::new(SegmentRelocation(Arc::downgrade(&bars))));
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&bus))));
@@ -712,6 +743,18 @@ impl PciSegment {
     /// changed, e.g. a restore rebuilt its queues).
     pub fn refresh_ioeventfds(&self, bdf: PciBdf) -> Result<(), Error> {
         lock(&self.bars).refresh_ioevents(bdf)
+    }
+
+    /// From now on the devices' ioeventfds stay out of KVM until `register_ioeventfds` (a VM
+    /// being built and restored: its vCPUs do not run yet).
+    pub fn defer_ioeventfds(&self) {
+        lock(&self.bars).ioevents_enabled = false;
+    }
+
+    /// Registers the ioeventfds `defer_ioeventfds` held back, and any later ones at once.
+    /// Idempotent.
+    pub fn register_ioeventfds(&self) {
+        lock(&self.bars).enable_ioevents();
     }
 
     /// The devices on the segment (the host bridge is not listed), with their mapped BARs.

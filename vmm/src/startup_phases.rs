@@ -97,8 +97,14 @@ impl PhaseClock {
     /// Closes the phase `name` that ran since the previous mark.
     pub fn mark(&mut self, name: &'static str) {
         let now = Instant::now();
-        self.phases.push((name, now.saturating_duration_since(self.last)));
+        self.phases
+            .push((name, now.saturating_duration_since(self.last)));
         self.last = now;
+    }
+
+    /// When the last phase ended.
+    pub fn last_mark(&self) -> Instant {
+        self.last
     }
 
     pub fn phases(&self) -> &[(&'static str, Duration)] {
@@ -160,6 +166,10 @@ mod tests {
         assert!(clock.phases()[0].1 >= Duration::from_millis(2));
         assert_eq!(clock.total(), clock.phases()[0].1 + clock.phases()[1].1);
         assert!(!clock.from_process_start());
-        assert!(clock.describe().starts_with("first "), "{}", clock.describe());
+        assert!(
+            clock.describe().starts_with("first "),
+            "{}",
+            clock.describe()
+        );
     }
 }

@@ -640,7 +640,9 @@ impl Vmm {
     fn end_vm_run(&mut self, exit: &VmmExit) {
         if self.exit_after_loop && matches!(exit, VmmExit::NvSaved { .. }) {
             if let Some(vm) = self.vm.take() {
-                log::debug!("the VM's state is committed: leaving its threads and memory to the exit");
+                log::debug!(
+                    "the VM's state is committed: leaving its threads and memory to the exit"
+                );
                 std::mem::forget(vm);
                 // What `Vm::shutdown` would have said: the events stay as they were.
                 crate::event_monitor::emit_vm(crate::event_monitor::VmEvent::Shutdown);

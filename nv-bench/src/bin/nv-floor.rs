@@ -53,16 +53,19 @@ fn main() {
     let offset = number(&arguments[2], "offset");
     let size = number(&arguments[3], "size");
     if size == 0 || size > RAM_BELOW_HOLE {
-        fail("size", "one memory slot below the 32-bit hole only (<= 3 GiB)");
+        fail(
+            "size",
+            "one memory slot below the 32-bit hole only (<= 3 GiB)",
+        );
     }
     let registers: serde_json::Value = std::fs::read(&arguments[4])
         .map_err(|e| e.to_string())
         .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
         .unwrap_or_else(|e| fail("registers", e));
-    let regs: kvm_regs = serde_json::from_value(registers["regs"].clone())
-        .unwrap_or_else(|e| fail("regs", e));
-    let sregs: kvm_sregs = serde_json::from_value(registers["sregs"].clone())
-        .unwrap_or_else(|e| fail("sregs", e));
+    let regs: kvm_regs =
+        serde_json::from_value(registers["regs"].clone()).unwrap_or_else(|e| fail("regs", e));
+    let sregs: kvm_sregs =
+        serde_json::from_value(registers["sregs"].clone()).unwrap_or_else(|e| fail("sregs", e));
 
     let region = File::options()
         .read(true)
@@ -98,7 +101,9 @@ fn main() {
     unsafe { vm.set_user_memory_region(slot) }
         .unwrap_or_else(|e| fail("KVM_SET_USER_MEMORY_REGION", e));
     let registered_at = monotonic_ns();
-    let mut vcpu = vm.create_vcpu(0).unwrap_or_else(|e| fail("KVM_CREATE_VCPU", e));
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .unwrap_or_else(|e| fail("KVM_CREATE_VCPU", e));
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .unwrap_or_else(|e| fail("KVM_GET_SUPPORTED_CPUID", e));

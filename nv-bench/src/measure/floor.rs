@@ -76,7 +76,12 @@ struct FloorRun {
     gone: f64,
 }
 
-fn floor_once(helper: &Path, region: &Path, extent: (u64, u64), registers: &Path) -> Result<FloorRun> {
+fn floor_once(
+    helper: &Path,
+    region: &Path,
+    extent: (u64, u64),
+    registers: &Path,
+) -> Result<FloorRun> {
     let started = monotonic_ns();
     let output = Command::new(helper)
         .arg(region)
@@ -90,7 +95,11 @@ fn floor_once(helper: &Path, region: &Path, extent: (u64, u64), registers: &Path
     if !output.status.success() {
         return Err(failure(
             "nv-floor",
-            format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr)),
+            format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ),
         ));
     }
     let stamp = |key: &str| -> Result<(u128, String)> {
@@ -130,7 +139,10 @@ struct RecoveryRun {
 
 /// `(... 5123 us from exec): process-start 812 us, vmm-init 301 us, ...` of the `-v` log.
 fn parse_recovery_line(log: &str) -> (Option<f64>, Vec<(String, f64)>) {
-    let Some(line) = log.lines().find(|line| line.contains("resumed in place from seq")) else {
+    let Some(line) = log
+        .lines()
+        .find(|line| line.contains("resumed in place from seq"))
+    else {
         return (None, Vec::new());
     };
     let from_exec = line
@@ -311,7 +323,10 @@ fn spread(values: &[f64]) -> String {
     let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
     let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     match median(&finite) {
-        Some(m) => format!("median {m:.2} ms (min {min:.2}, max {max:.2}, n={})", finite.len()),
+        Some(m) => format!(
+            "median {m:.2} ms (min {min:.2}, max {max:.2}, n={})",
+            finite.len()
+        ),
         None => "no values".into(),
     }
 }
@@ -384,7 +399,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     summary.line(format!(
         "A-floor floor exec->first guest exit: {} (first exit: {})",
         spread(&floor_exit),
-        floors.first().map(|f| f.exit_reason.as_str()).unwrap_or("-")
+        floors
+            .first()
+            .map(|f| f.exit_reason.as_str())
+            .unwrap_or("-")
     ));
     summary.line(format!(
         "A-floor recovery exec->resumed event (host, read from the event FIFO): {}",

@@ -25,7 +25,8 @@ mod swap;
 use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle};
 
 use crate::api::{
-    NvLastSave, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus, NvSwapFile,
+    NvLastSave, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus,
+    NvSwapFile,
 };
 use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;

@@ -397,9 +397,8 @@ pub fn start(
             // this point leaves it resumable.
             nv.begin_run(RunKind::Resume)?;
             phases.mark("record-run");
-            vm.resume()?;
-            phases.mark("resume");
-            let took = started.elapsed();
+            vm.resume_timed(&mut phases)?;
+            let took = phases.last_mark().saturating_duration_since(started);
             log::info!(
                 "VM {:?}: resumed in place from seq {seq} in {} us{}: {}",
                 nv.config.vm,
