@@ -8,6 +8,7 @@ mod environment;
 mod error;
 mod launch;
 mod measure;
+mod monotonic;
 mod output;
 mod plot;
 mod profile;

@@ -8,7 +8,8 @@
 //! to the VMM. `registers.json` is `{"regs": .., "sregs": ..}` as the VMM saved them (kvm-bindings'
 //! serde form); nv-bench cuts it out of the saved state before the run.
 //!
-//! It prints `CLOCK_MONOTONIC` nanoseconds: `main`, `registered` (the memory slot is in),
+//! It prints `CLOCK_MONOTONIC` nanoseconds: `main`, `created` (KVM_CREATE_VM returned),
+//! `registered` (the memory slot is in),
 //! `running` (just before the first KVM_RUN),
 //! `exit <reason>` (the first return to user space), `destroyed` (vCPU and VM fds closed:
 //! what the kernel takes to tear a VM down, which a VMM's exit pays too).
@@ -19,18 +20,14 @@ use std::os::fd::AsRawFd;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 
+#[path = "../monotonic.rs"]
+mod monotonic;
+
+use monotonic::monotonic_ns;
+
 /// RAM below the 32-bit device hole: a VM of up to this much has one memory slot at 0.
 const RAM_BELOW_HOLE: u64 = 3 << 30;
 
-fn monotonic_ns() -> u128 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `now`, which lives across the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
-}
 
 fn fail(what: &str, error: impl std::fmt::Display) -> ! {
     eprintln!("nv-floor: {what}: {error}");
@@ -89,6 +86,7 @@ fn main() {
 
     let kvm = Kvm::new().unwrap_or_else(|e| fail("opening /dev/kvm", e));
     let vm = kvm.create_vm().unwrap_or_else(|e| fail("KVM_CREATE_VM", e));
+    let created_at = monotonic_ns();
     let slot = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -132,6 +130,7 @@ fn main() {
     drop(vm);
     let destroyed_at = monotonic_ns();
     println!("main {main_at}");
+    println!("created {created_at}");
     println!("registered {registered_at}");
     println!("running {running_at}");
     println!("exit {exit_at} {reason}");

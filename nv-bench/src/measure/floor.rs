@@ -20,6 +20,7 @@ use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::measure::service::EXIT_POWER_FAIL_SAVED;
 use crate::measure::{Bench, LINE_TIMEOUT};
+use crate::monotonic::monotonic_ns;
 use crate::output::CsvTable;
 use crate::running_vm::RunningVm;
 use crate::stats::median;
@@ -29,16 +30,6 @@ const VM: &str = "floor";
 const RAM_BYTES: u64 = 1 << 30;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `nv-floor` prints, shared by every process.
-fn monotonic_ns() -> u128 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `now`, which lives across the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
-}
 
 fn ms(from: u128, to: u128) -> f64 {
     to.saturating_sub(from) as f64 / 1e6
@@ -70,6 +61,8 @@ fn floor_binary() -> Result<PathBuf> {
 /// and the spawn to the process gone.
 struct FloorRun {
     running: f64,
+    /// KVM_SET_USER_MEMORY_REGION alone.
+    registration: f64,
     first_exit: f64,
     exit_reason: String,
     teardown: f64,
@@ -114,11 +107,14 @@ fn floor_once(
             .ok_or_else(|| failure("nv-floor", format!("bad line {line:?}")))?;
         Ok((at, fields.collect::<Vec<_>>().join(" ")))
     };
+    let (created, _) = stamp("created")?;
+    let (registered, _) = stamp("registered")?;
     let (running, _) = stamp("running")?;
     let (exit, reason) = stamp("exit")?;
     let (destroyed, _) = stamp("destroyed")?;
     Ok(FloorRun {
         running: ms(started, running),
+        registration: ms(created, registered),
         first_exit: ms(started, exit),
         exit_reason: reason,
         teardown: ms(exit, destroyed),
@@ -344,6 +340,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     let mut table = CsvTable::new(&[
         "repetition",
         "floor_exec_to_running_ms",
+        "floor_memory_registration_ms",
         "floor_exec_to_first_exit_ms",
         "floor_first_exit",
         "floor_vm_teardown_ms",
@@ -372,6 +369,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         table.push(vec![
             index.to_string(),
             format!("{:.3}", floor.running),
+            format!("{:.3}", floor.registration),
             format!("{:.3}", floor.first_exit),
             floor.exit_reason.clone(),
             format!("{:.3}", floor.teardown),
@@ -389,12 +387,17 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     let floor_running: Vec<f64> = floors.iter().map(|f| f.running).collect();
     let floor_exit: Vec<f64> = floors.iter().map(|f| f.first_exit).collect();
     let teardown: Vec<f64> = floors.iter().map(|f| f.teardown).collect();
+    let registration: Vec<f64> = floors.iter().map(|f| f.registration).collect();
     let resumed: Vec<f64> = recoveries.iter().map(|r| r.resumed_event).collect();
     let reported: Vec<f64> = recoveries.iter().filter_map(|r| r.vmm_from_exec).collect();
     let summary = &mut bench.summary;
     summary.line(format!(
         "A-floor floor exec->running (nv-floor, before its first KVM_RUN): {}",
         spread(&floor_running)
+    ));
+    summary.line(format!(
+        "A-floor floor KVM_SET_USER_MEMORY_REGION of the 1 GiB extent: {}",
+        spread(&registration)
     ));
     summary.line(format!(
         "A-floor floor exec->first guest exit: {} (first exit: {})",
