@@ -28,7 +28,6 @@ use monotonic::monotonic_ns;
 /// RAM below the 32-bit device hole: a VM of up to this much has one memory slot at 0.
 const RAM_BELOW_HOLE: u64 = 3 << 30;
 
-
 fn fail(what: &str, error: impl std::fmt::Display) -> ! {
     eprintln!("nv-floor: {what}: {error}");
     std::process::exit(1)

@@ -30,7 +30,6 @@ const VM: &str = "floor";
 const RAM_BYTES: u64 = 1 << 30;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-
 fn ms(from: u128, to: u128) -> f64 {
     to.saturating_sub(from) as f64 / 1e6
 }
@@ -40,21 +39,6 @@ fn failure(command: &str, detail: impl Into<String>) -> BenchError {
         command: command.into(),
         detail: detail.into(),
     }
-}
-
-/// The helper next to this program (cargo builds every binary of the package together).
-fn floor_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| BenchError::io("locating nv-bench", e))?;
-    let path = exe
-        .parent()
-        .map(|dir| dir.join("nv-floor"))
-        .filter(|path| path.exists())
-        .or_else(|| {
-            // Under `cargo test` this program runs from target/<profile>/deps.
-            exe.parent()?.parent().map(|dir| dir.join("nv-floor"))
-        })
-        .ok_or_else(|| failure("nv-floor", "not found next to nv-bench"))?;
-    Ok(path)
 }
 
 /// One floor run: ms from the spawn to `running`, to the first exit, the kernel's VM teardown,
@@ -332,7 +316,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     bench.summary.line(
         "== A-floor: recovery vs the least a process can do; exit after the commit (1 GiB counter guest, NV region on tmpfs) ==",
     );
-    let helper = floor_binary()?;
+    let helper = bench.binaries.nv_floor.clone();
     let region = prepare_saved_vm(bench)?;
     let registers = bench.tmpfs.join("floor-registers.json");
     let extent = saved_registers(&region, &registers)?;
