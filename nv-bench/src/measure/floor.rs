@@ -368,6 +368,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         recoveries.push(recovery);
     }
     table.write(&bench.out_dir, "a_floor.csv")?;
+    bench
+        .summary
+        .table("A-floor. floor and recovery, interleaved (ms)", &table);
     let floor_running: Vec<f64> = floors.iter().map(|f| f.running).collect();
     let floor_exit: Vec<f64> = floors.iter().map(|f| f.first_exit).collect();
     let teardown: Vec<f64> = floors.iter().map(|f| f.teardown).collect();
