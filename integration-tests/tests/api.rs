@@ -864,6 +864,7 @@ fn nv_endpoints_save_and_recover_over_the_api() {
             "memory-map",
             "kvm-vm",
             "memory-registration",
+            "irqchip-pit",
             "device-setup",
             "vcpu-creation",
             "vcpu-threads-seccomp",
