@@ -301,6 +301,8 @@ fn start(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    // First: the time before `main` is the first phase of a recovery's breakdown.
+    vmm::startup_phases::note_main_entered();
     // Before anything else: a UPS daemon's SIGPWR must wait for the VMM's handler, not kill us.
     if let Err(error) = vmm::signal_events::hold_power_fail_signal() {
         eprintln!("cloud-hypervisor: {error}");

@@ -850,6 +850,39 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     let status = second.call("GET", "vm.nv-status", None).json();
     assert_eq!(status["last_save"], saved, "{status}");
     assert_eq!(status["shutdown_kind"], "PowerFail", "{status}");
+    // And where its recovery spent its time: from the request (no exec), phase by phase.
+    let recovery = &status["recovery"];
+    assert_eq!(recovery["from_exec"], false, "{status}");
+    let phases = recovery["phases"].as_array().expect("recovery phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["phase"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "region-open-claim",
+            "config-parse",
+            "state-read",
+            "memory-map",
+            "kvm-vm",
+            "memory-registration",
+            "irqchip-pit",
+            "device-setup",
+            "vcpu-creation",
+            "vcpu-threads-seccomp",
+            "state-restore",
+            "record-run",
+            "resume"
+        ],
+        "{status}"
+    );
+    let sum: u64 = phases
+        .iter()
+        .filter_map(|p| p["duration_us"].as_u64())
+        .sum();
+    let total = recovery["total_us"].as_u64().expect("total_us");
+    assert!(
+        total >= sum && total <= sum + names.len() as u64,
+        "{status}"
+    );
     // Running again (its saved state no longer resumable), the VM still lists that save.
     let listing = second.call("GET", &regions_op, None).json();
     assert_eq!(listing["vms"][0]["resumable"], false, "{listing}");

@@ -13,6 +13,8 @@ use crate::error::{BenchError, Result};
 pub struct Binaries {
     pub cloud_hypervisor: PathBuf,
     pub ch_remote: PathBuf,
+    /// This package's `nv-floor` helper (A-floor).
+    pub nv_floor: PathBuf,
 }
 
 impl Binaries {
@@ -48,6 +50,8 @@ impl Binaries {
         Ok(Self {
             cloud_hypervisor: build("cloud-hypervisor", cloud_hypervisor)?,
             ch_remote: build("ch-remote", ch_remote)?,
+            // Building the package builds its helper binary with it.
+            nv_floor: build("nv-bench", None)?.with_file_name("nv-floor"),
         })
     }
 }

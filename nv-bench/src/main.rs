@@ -8,6 +8,7 @@ mod environment;
 mod error;
 mod launch;
 mod measure;
+mod monotonic;
 mod output;
 mod plot;
 mod profile;
@@ -34,7 +35,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, B, C, D, E, F and G.
+    /// A, A-floor, B, C, D, E, F and G.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -48,6 +49,8 @@ enum Which {
     Region,
     /// F: swap-out and swap-in of a running VM vs plain write+fsync and read of as many bytes.
     Swap,
+    /// A-floor: recovery vs the least a process can do to run the guest again; SIGPWR to exit.
+    Floor,
 }
 
 #[derive(Parser, Debug)]
@@ -206,10 +209,11 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 6] = [
+    let sections: [(Which, Section); 7] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
+        (Which::Floor, measure::floor::run),
         (Which::Stale, measure::stale_state::run),
         (Which::Region, measure::region_power_fail::run),
         (Which::Swap, measure::swap::run),

@@ -35,6 +35,8 @@ pub struct Profile {
     /// between two), then one with them paused. 0: G is not run (the quick run: see
     /// `measure::region_power_fail`).
     pub region_cycles: usize,
+    /// A-floor: interleaved repetitions of the floor and of an NV recovery + power-fail exit.
+    pub floor_repetitions: usize,
 }
 
 const MIB: u64 = 1 << 20;
@@ -58,6 +60,7 @@ impl Profile {
             overhead_warmup: Duration::from_secs(1),
             overhead_window: Duration::from_secs(6),
             region_cycles: 3,
+            floor_repetitions: 15,
         }
     }
 
@@ -78,6 +81,7 @@ impl Profile {
             overhead_warmup: Duration::from_millis(300),
             overhead_window: Duration::from_secs(1),
             region_cycles: 0,
+            floor_repetitions: 3,
         }
     }
 }

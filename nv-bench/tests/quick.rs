@@ -154,6 +154,27 @@ fn quick_run_produces_every_measurement() {
         assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
     }
 
+    // A-floor: every repetition ran the floor to a guest exit and a recovery to its resumed
+    // event and back out through a committed power-fail save; the ratio and exit lines exist.
+    let floor = csv_rows(out.path(), "a_floor.csv");
+    assert_eq!(floor.len(), 3, "{stdout}");
+    for row in &floor {
+        assert!(
+            !row[3].is_empty(),
+            "the floor's guest never exited: {row:?}"
+        );
+        for column in [1, 2, 6, 10] {
+            assert!(row[column].parse::<f64>().unwrap() > 0.0, "{row:?}");
+        }
+    }
+    for line in [
+        "A-floor RATIO recovery exec->resumed / floor exec->running",
+        "A-floor recovery phases, median ms (VMM -v log): process-start",
+        "A-exit SIGPWR->process gone",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
+    }
+
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").
     for line in stdout

@@ -275,6 +275,9 @@ impl DeviceManager {
         let mmio_bus = Arc::new(Bus::new());
         let ram_bytes = memory.iter().map(|region| region.len()).sum();
         let pci = PciSegment::new(vm_fd, &pio_bus, &mmio_bus, ram_bytes)?;
+        // The PCI functions' ioeventfds go into KVM when the VM starts running (`Vm::boot`,
+        // `Vm::resume`), after a restore has put every BAR and queue where it belongs.
+        pci.defer_ioeventfds();
         let mut manager = DeviceManager {
             pio_bus,
             mmio_bus,
@@ -671,6 +674,12 @@ impl DeviceManager {
     /// Serves disk requests again, including those the guest posted while paused.
     pub fn resume(&self) -> Result<(), Error> {
         self.for_each_disk("resuming", |t| t.resume())
+    }
+
+    /// Registers the PCI functions' queue-notify ioeventfds held back while the VM was built
+    /// (until then a notify reaches its device as a BAR write). Idempotent.
+    pub fn register_ioeventfds(&self) {
+        self.pci.register_ioeventfds();
     }
 
     /// Makes every completed disk write durable (fdatasync).

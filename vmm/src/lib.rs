@@ -16,6 +16,7 @@ pub use option_parser;
 pub mod seccomp_filters;
 pub mod signal_events;
 pub mod snapshot;
+pub mod startup_phases;
 pub mod state;
 pub mod upstream_fields;
 pub mod userfaultfd;
@@ -54,6 +55,7 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
         landlock::restrict_api_thread_to(policy);
     }
     let mut vmm = Vmm::new(launch.seccomp)?;
+    vmm.exit_after_loop();
     // The API first, as upstream does: a VM given on the command line is then visible to it.
     if let Some(socket) = launch.api_socket {
         vmm.start_api(socket)?;

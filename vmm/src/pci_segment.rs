@@ -323,6 +323,11 @@ struct BarMap {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     devices: BTreeMap<PciBdf, SegmentDevice>,
+    /// Whether a mapped BAR's ioeventfds go into KVM now. Off while a VM is built and
+    /// restored: each KVM_IOEVENTFD change waits for a KVM SRCU grace period, and a queue
+    /// notify without its ioeventfd still reaches the device (a BAR write). The VM turns it on
+    /// as it starts running (`PciSegment::register_ioeventfds`).
+    ioevents_enabled: bool,
 }
 
 fn io_event_address(bar: &Bar, offset: u64) -> IoEventAddress {
@@ -391,6 +396,9 @@ impl BarMap {
             return;
         };
         entry.mapped[bar.index] = Some(bar);
+        if !self.ioevents_enabled {
+            return;
+        }
         for ioevent in entry.ioevents.iter_mut().filter(|e| e.bar == bar.index) {
             let at = io_event_address(&bar, ioevent.offset);
             match register_ioevent(&vm_fd, &ioevent.evt, &at, ioevent.datamatch) {
@@ -427,6 +435,54 @@ impl BarMap {
         let bars: Vec<Bar> = lock(&entry.device).config().bars().collect();
         for bar in bars {
             self.map(bdf, bar);
+        }
+    }
+
+    /// Registers every ioeventfd of a mapped BAR that is not registered yet, and registers
+    /// those of BARs mapped from now on at once.
+    fn enable_ioevents(&mut self) {
+        self.ioevents_enabled = true;
+        let vm_fd = Arc::clone(&self.vm_fd);
+        for (bdf, entry) in self.devices.iter_mut() {
+            for bar in entry.mapped.iter().flatten() {
+                for ioevent in entry
+                    .ioevents
+                    .iter_mut()
+                    .filter(|e| e.bar == bar.index && e.at.is_none())
+                {
+                    let at = io_event_address(bar, ioevent.offset);
+                    match register_ioevent(&vm_fd, &ioevent.evt, &at, ioevent.datamatch) {
+                        Ok(()) => ioevent.at = Some(at),
+                        Err(e) => log::warn!("pci: {bdf} ioeventfd at {at:?} not registered: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves every BAR whose decoded address differs from where it is mapped: all the old
+    /// places are vacated first, so two BARs that swapped places both land.
+    fn move_changed_bars(&mut self) {
+        let mut moves: Vec<(PciBdf, usize, Option<Bar>)> = Vec::new();
+        for (bdf, entry) in &self.devices {
+            let bars: Vec<Bar> = lock(&entry.device).config().bars().collect();
+            for index in 0..BAR_COUNT {
+                let wanted = bars
+                    .iter()
+                    .find(|bar| bar.index == index && bar.address != 0)
+                    .copied();
+                if entry.mapped[index] != wanted {
+                    moves.push((*bdf, index, wanted));
+                }
+            }
+        }
+        for (bdf, index, _) in &moves {
+            self.unmap(*bdf, *index);
+        }
+        for (bdf, _, wanted) in moves {
+            if let Some(bar) = wanted {
+                self.map(bdf, bar);
+            }
         }
     }
 
@@ -570,6 +626,7 @@ impl PciSegment {
             pio_bus: Arc::clone(pio_bus),
             mmio_bus: Arc::clone(mmio_bus),
             devices: BTreeMap::new(),
+            ioevents_enabled: true,
         }));
         lock(&bus).set_relocation_handler(Box::new(SegmentRelocation(Arc::downgrade(&bars))));
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(Arc::clone(&bus))));
@@ -688,6 +745,18 @@ impl PciSegment {
         lock(&self.bars).refresh_ioevents(bdf)
     }
 
+    /// From now on the devices' ioeventfds stay out of KVM until `register_ioeventfds` (a VM
+    /// being built and restored: its vCPUs do not run yet).
+    pub fn defer_ioeventfds(&self) {
+        lock(&self.bars).ioevents_enabled = false;
+    }
+
+    /// Registers the ioeventfds `defer_ioeventfds` held back, and any later ones at once.
+    /// Idempotent.
+    pub fn register_ioeventfds(&self) {
+        lock(&self.bars).enable_ioevents();
+    }
+
     /// The devices on the segment (the host bridge is not listed), with their mapped BARs.
     pub fn devices(&self) -> Vec<PciDeviceInfo> {
         lock(&self.bars)
@@ -731,23 +800,14 @@ impl PciSegment {
                 state.version
             )));
         }
-        let bdfs: Vec<PciBdf> = lock(&self.bars).devices.keys().copied().collect();
-        {
-            let mut map = lock(&self.bars);
-            for bdf in &bdfs {
-                map.unmap_all(*bdf);
-            }
-        }
         let restored = lock(&self.bus)
             .restore(&state.bus)
             .map_err(|e| Error::device_state("PCI bus", DeviceCause::Pci(e)));
-        // Map the BARs again whatever happened: where the restore left them.
-        {
-            let mut map = lock(&self.bars);
-            for bdf in &bdfs {
-                map.map_all(*bdf);
-            }
-        }
+        // Whatever happened, each BAR goes where the configuration now says. Only a BAR that
+        // moved is taken off and put back: one that stays keeps its bus region and ioeventfds
+        // (every KVM_IOEVENTFD change waits for a KVM SRCU grace period, milliseconds on a busy
+        // host, on the recovery path).
+        lock(&self.bars).move_changed_bars();
         restored?;
         lock(&self.config_io)
             .restore(&state.config_io)

@@ -153,6 +153,9 @@ pub struct Vmm {
     long_operation: Option<long_operation::LongOperation>,
     /// Written by a long request's worker when it is done.
     long_operation_done: EventFd,
+    /// The process ends right after the control loop (`crate::run`): once a save committed, the
+    /// VM is left as it is (vCPU threads parked, guest memory mapped) for the exit to drop.
+    exit_after_loop: bool,
 }
 
 impl Vmm {
@@ -178,6 +181,7 @@ impl Vmm {
                 operation: "create (long operation)",
                 source,
             })?,
+            exit_after_loop: false,
         };
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
@@ -330,6 +334,7 @@ impl Vmm {
 
     /// Runs until the VM ends; returns why.
     pub fn control_loop(&mut self) -> Result<VmmExit, Error> {
+        crate::startup_phases::note_serving();
         // Threads spawned from here on (vCPUs of a later VM) inherit this filter too.
         apply_filter_for_mode(ThreadKind::Vmm, self.seccomp).map_err(Error::Seccomp)?;
         let mut ready = vec![epoll::Event::new(epoll::Events::empty(), 0); 8];
@@ -620,9 +625,31 @@ impl Vmm {
         }
     }
 
-    /// Stops the VM (if one runs) and records how its NV run ended.
+    /// Says that the process exits as soon as [`Vmm::control_loop`] returns (what `crate::run`
+    /// does): after a committed save the loop then leaves the VM standing instead of stopping
+    /// it, see [`Vmm::end_vm_run`].
+    pub fn exit_after_loop(&mut self) {
+        self.exit_after_loop = true;
+    }
+
+    /// Stops the VM (if one runs) and records how its NV run ended. After a committed save in a
+    /// process that exits next, nothing of the VM matters any more: its state is in the region
+    /// and its memory is the region's. Stopping and joining the vCPU and device threads and
+    /// unmapping guest RAM would only delay the exit (tens of ms), so the VM is left to the
+    /// process exit, which ends the threads and drops the mappings at once.
     fn end_vm_run(&mut self, exit: &VmmExit) {
-        self.shutdown_vm();
+        if self.exit_after_loop && matches!(exit, VmmExit::NvSaved { .. }) {
+            if let Some(vm) = self.vm.take() {
+                log::debug!(
+                    "the VM's state is committed: leaving its threads and memory to the exit"
+                );
+                std::mem::forget(vm);
+                // What `Vm::shutdown` would have said: the events stay as they were.
+                crate::event_monitor::emit_vm(crate::event_monitor::VmEvent::Shutdown);
+            }
+        } else {
+            self.shutdown_vm();
+        }
         self.end_nv_run(exit);
     }
 

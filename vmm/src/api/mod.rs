@@ -653,6 +653,19 @@ pub struct NvStatus {
     /// A swap-out or swap-in in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap: Option<NvSwapProgress>,
+    /// Where this run's in-place recovery spent its time (a resumed VM only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<NvRecoveryTimings>,
+}
+
+/// The phases of an in-place recovery, in order, up to the guest running again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvRecoveryTimings {
+    /// The sum of the phases: from the VMM's exec when `from_exec` (a `recover=on` command
+    /// line), else from the recovery request.
+    pub total_us: u64,
+    pub from_exec: bool,
+    pub phases: Vec<NvPhaseTiming>,
 }
 
 /// Which way a swap moves the VM.

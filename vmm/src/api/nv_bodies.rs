@@ -3,7 +3,8 @@
 
 use nv_extension::{PersistenceMode, RunRecord, SaveReport, ShutdownKind, StopCause, VmSummary};
 
-use super::{NvLastSave, NvPersistenceMode, NvPhaseTiming, NvShutdownKind};
+use super::{NvLastSave, NvPersistenceMode, NvPhaseTiming, NvRecoveryTimings, NvShutdownKind};
+use crate::startup_phases::PhaseClock;
 
 /// How the VM's previous run ended, from its record in the region's VM table.
 impl From<&VmSummary> for NvShutdownKind {
@@ -41,6 +42,23 @@ impl From<PersistenceMode> for NvPersistenceMode {
             PersistenceMode::DevDax => NvPersistenceMode::Devdax,
             // Volatile exists only for nv-extension's own tests; a path-opened region is never it.
             PersistenceMode::PlainFile | PersistenceMode::Volatile => NvPersistenceMode::Msync,
+        }
+    }
+}
+
+impl From<&PhaseClock> for NvRecoveryTimings {
+    fn from(phases: &PhaseClock) -> NvRecoveryTimings {
+        NvRecoveryTimings {
+            total_us: phases.total().as_micros() as u64,
+            from_exec: phases.from_process_start(),
+            phases: phases
+                .phases()
+                .iter()
+                .map(|(phase, took)| NvPhaseTiming {
+                    phase: (*phase).to_string(),
+                    duration_us: took.as_micros() as u64,
+                })
+                .collect(),
         }
     }
 }

@@ -24,8 +24,12 @@ mod swap;
 
 use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle};
 
-use crate::api::{NvLastSave, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus, NvSwapFile};
+use crate::api::{
+    NvLastSave, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus,
+    NvSwapFile,
+};
 use crate::config::NvConfig;
+use crate::startup_phases::PhaseClock;
 use crate::{Error, ErrorKind};
 
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
@@ -52,6 +56,8 @@ pub struct NvVm {
     previous_end: NvShutdownKind,
     /// The save this process performed, once it committed.
     last_save: Option<SaveReport>,
+    /// Where this run's in-place recovery spent its time (a resumed VM only).
+    recovery: Option<PhaseClock>,
 }
 
 impl std::fmt::Debug for NvVm {
@@ -138,6 +144,7 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
         deadline_ms: nv.config.deadline_ms,
         last_save: last_save.map(NvLastSave::from),
         swap: None,
+        recovery: nv.recovery.as_ref().map(NvRecoveryTimings::from),
     })
 }
 

@@ -17,6 +17,7 @@ use crate::config::{
 use crate::event_monitor;
 use crate::events::VmEvents;
 use crate::memory::guest_memory_from_file;
+use crate::startup_phases::PhaseClock;
 use crate::state::VmState;
 use crate::vm::Vm;
 use crate::{Error, ErrorKind};
@@ -38,6 +39,8 @@ pub struct PreparedVm {
     pub config: VmConfig,
     pub memory: GuestMemoryMmap,
     pub start: NvStart,
+    /// The phases of the start so far (a recovery's breakdown, see `startup_phases`).
+    pub phases: PhaseClock,
 }
 
 /// Maps the VM's extent of the region as guest RAM: shared, in place, nothing read.
@@ -61,12 +64,13 @@ fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error
 /// Opens, claims and maps the VM `config.nv` names: a cold boot of `config` or, with
 /// `recover=on`, a resume of the stored VM.
 pub fn prepare(config: &VmConfig) -> Result<PreparedVm, Error> {
+    let phases = PhaseClock::since_process_start();
     let nv = config.nv.clone().ok_or(Error::NoVmConfig)?;
     if let Some(file) = &nv.swap_in {
         let mut progress = super::swap::SwapProgressCell::new(super::swap::Direction::In);
         super::swap::prepare_swap_in(&nv, Path::new(file), Some(config), &mut progress)
     } else if nv.recover {
-        prepare_recovery(&nv, Some(config))
+        prepare_recovery(&nv, Some(config), phases)
     } else {
         prepare_cold_boot(&nv, config)
     }
@@ -81,7 +85,7 @@ pub fn prepare_api_recovery(request: &NvRecoverConfig) -> Result<PreparedVm, Err
         deadline_ms: default_deadline_ms(),
         ..NvConfig::default()
     };
-    prepare_recovery(&nv, None)
+    prepare_recovery(&nv, None, PhaseClock::new())
 }
 
 /// An NV VM's RAM is its extent of the region: a memory zone backed by a file of its own cannot be.
@@ -178,10 +182,12 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
             config: nv.clone(),
             previous_end: (&summary).into(),
             last_save: None,
+            recovery: None,
         },
         config: config.clone(),
         memory,
         start: NvStart::ColdBoot,
+        phases: PhaseClock::new(),
     })
 }
 
@@ -246,7 +252,11 @@ fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmCon
     config
 }
 
-fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<PreparedVm, Error> {
+fn prepare_recovery(
+    nv: &NvConfig,
+    command_line: Option<&VmConfig>,
+    mut phases: PhaseClock,
+) -> Result<PreparedVm, Error> {
     if nv.create || nv.format {
         return Err(setup_error(
             nv,
@@ -257,7 +267,8 @@ fn prepare_recovery(nv: &NvConfig, command_line: Option<&VmConfig>) -> Result<Pr
     let region = Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?;
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
-    prepare_claimed(nv, (&summary).into(), handle, command_line)
+    phases.mark("region-open-claim");
+    prepare_claimed_timed(nv, (&summary).into(), handle, command_line, phases)
 }
 
 /// The in-place recovery of a VM this process has claimed already (`recover=on`, or a swap-in
@@ -268,6 +279,17 @@ pub(super) fn prepare_claimed(
     previous_end: NvShutdownKind,
     handle: VmHandle,
     command_line: Option<&VmConfig>,
+) -> Result<PreparedVm, Error> {
+    prepare_claimed_timed(nv, previous_end, handle, command_line, PhaseClock::new())
+}
+
+/// [`prepare_claimed`] continuing the phases `phases` began.
+fn prepare_claimed_timed(
+    nv: &NvConfig,
+    previous_end: NvShutdownKind,
+    handle: VmHandle,
+    command_line: Option<&VmConfig>,
+    mut phases: PhaseClock,
 ) -> Result<PreparedVm, Error> {
     let stored_blob = handle.config_blob().map_err(|e| nv_error(nv, e))?;
     let stored: VmConfig = serde_json::from_slice(&stored_blob).map_err(|e| {
@@ -296,6 +318,7 @@ pub(super) fn prepare_claimed(
             ),
         ));
     }
+    phases.mark("config-parse");
     let start = if nv.force_cold {
         match handle.recover() {
             Ok(saved) => log::warn!(
@@ -327,17 +350,21 @@ pub(super) fn prepare_claimed(
             seq: saved.seq,
         }
     };
+    phases.mark("state-read");
     let memory = map_memory(nv, &handle)?;
+    phases.mark("memory-map");
     Ok(PreparedVm {
         nv: NvVm {
             handle,
             config: config.nv.clone().unwrap_or_else(|| nv.clone()),
             previous_end,
             last_save: None,
+            recovery: None,
         },
         config,
         memory,
         start,
+        phases,
     })
 }
 
@@ -350,12 +377,13 @@ pub fn start(
 ) -> Result<(Vm, NvVm), Error> {
     let started = Instant::now();
     let PreparedVm {
-        nv,
+        mut nv,
         config,
         memory,
         start,
+        mut phases,
     } = prepared;
-    let mut vm = Vm::new(&config, memory, events, seccomp)?;
+    let mut vm = Vm::new_timed(&config, memory, events, seccomp, &mut phases)?;
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
@@ -364,17 +392,26 @@ pub fn start(
         }
         NvStart::Resume { state, seq } => {
             vm.restore_state(&state)?;
+            phases.mark("state-restore");
             // Only now: recording the run destroys the state just loaded, so a failure before
             // this point leaves it resumable.
             nv.begin_run(RunKind::Resume)?;
-            vm.resume()?;
-            let took = started.elapsed();
+            phases.mark("record-run");
+            vm.resume_timed(&mut phases)?;
+            let took = phases.last_mark().saturating_duration_since(started);
             log::info!(
-                "VM {:?}: resumed in place from seq {seq} in {} us",
+                "VM {:?}: resumed in place from seq {seq} in {} us{}: {}",
                 nv.config.vm,
-                took.as_micros()
+                took.as_micros(),
+                if phases.from_process_start() {
+                    format!(" ({} us from exec)", phases.total().as_micros())
+                } else {
+                    String::new()
+                },
+                phases.describe()
             );
             event_monitor::nv::recovered(&nv.config.vm, seq, took);
+            nv.recovery = Some(phases);
         }
     }
     Ok((vm, nv))

@@ -301,6 +301,7 @@ pub fn prepare_swap_in(
         deadline_ms: nv.deadline_ms,
         last_save: None,
         swap: None,
+        recovery: None,
     });
     event_monitor::nv::swap_started(progress.direction(), &nv.vm, &path, 0);
     let (handle, report) = region
@@ -354,6 +355,7 @@ mod tests {
             deadline_ms: 50,
             last_save: None,
             swap: None,
+            recovery: None,
         }
     }
 

@@ -616,3 +616,40 @@ fn dropping_the_segment_and_the_buses_frees_them() {
     assert!(mmio.upgrade().is_none(), "the MMIO bus leaked");
     assert!(function.upgrade().is_none(), "the device leaked");
 }
+
+#[test]
+fn deferred_ioeventfds_go_into_kvm_when_registered_at_the_bar_where_it_is_then() {
+    if !kvm_available("deferred_ioeventfds_go_into_kvm_when_registered") {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm_fd = Arc::new(kvm.create_vm().unwrap());
+    vm_fd.create_irq_chip().unwrap();
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let segment = PciSegment::new(&vm_fd, &pio, &mmio, RAM).unwrap();
+    // A VM being built: its functions' ioeventfds wait until it runs.
+    segment.defer_ioeventfds();
+    let msi = segment.msi_interrupts(VECTORS).unwrap();
+    let function = Arc::new(Mutex::new(TestFunction::new(msi)));
+    segment.add_device("test0", function).unwrap();
+    let bar = |segment: &PciSegment| {
+        segment.devices()[0]
+            .bars
+            .iter()
+            .find(|bar| bar.index == REG_BAR)
+            .copied()
+            .expect("the register BAR is mapped")
+    };
+    let address = bar(&segment).address;
+    assert!(!ioeventfd_registered(&vm_fd, address, 7));
+    // The refresh a restore does changes nothing in KVM either.
+    segment.refresh_ioeventfds(PciBdf::new(1)).unwrap();
+    assert!(!ioeventfd_registered(&vm_fd, address, 7));
+    segment.register_ioeventfds();
+    assert!(ioeventfd_registered(&vm_fd, address, 7));
+    // Idempotent, and from now on a refresh registers at once.
+    segment.register_ioeventfds();
+    segment.refresh_ioeventfds(PciBdf::new(1)).unwrap();
+    assert!(ioeventfd_registered(&vm_fd, bar(&segment).address, 7));
+}
