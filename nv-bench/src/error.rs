@@ -45,6 +45,9 @@ pub enum BenchError {
         vmm_tail: String,
     },
 
+    #[error("NV region: {0}")]
+    Nv(#[from] nv_extension::Error),
+
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
 
