@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::binaries;
+use integration_tests::{api_client, binaries};
 use integration_tests::guests::verify_blkcheck_disk;
 use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
@@ -302,4 +302,89 @@ fn a_socket_that_is_not_vhost_user_is_refused_by_name() {
         last_completed_seq(log) >= BLOCKS || log.contains("FAIL")
     });
     assert!(!vmm.serial_log().contains("FAIL"));
+}
+
+/// `vm.pause` stops the backend's rings (GET_VRING_BASE), `vm.snapshot` saves their positions
+/// with the rest of the state, `vm.resume` starts them again from there on the same session:
+/// the guest goes on without a reset, nothing is served twice or lost.
+#[test]
+fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
+    let api = dir.path().join("api.sock");
+    let mut disk = Disk::new(dir.path(), Backend::Ours);
+    disk.start();
+    let mut arguments = guest_arguments(
+        "blkcheck",
+        &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
+        "32M",
+    );
+    arguments.extend(nv(&region, ",create=on"));
+    arguments.extend(["--disk".to_string(), disk.option()]);
+    arguments.extend(["--api-socket".to_string(), format!("path={}", api.display())]);
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[]).with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    for pause in 0..3 {
+        let progress = 5 * BLOCKS * (pause + 1);
+        vmm.wait_serial("blkcheck progress", |log| {
+            last_completed_seq(log) >= progress || log.contains("FAIL")
+        });
+        let call = |method: &str, op: &str, body: &str| {
+            let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
+            assert!(status == 204 || status == 200, "{op}: {status} {answer}");
+        };
+        call("PUT", "vm.pause", "");
+        let paused = last_completed_seq(&vmm.serial_log());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            last_completed_seq(&vmm.serial_log()),
+            paused,
+            "the guest made progress while paused"
+        );
+        // Every request the guest saw completed is on the disk while the VM is paused.
+        verify_blkcheck_disk(&disk.image, BLOCKS, paused)
+            .unwrap_or_else(|e| panic!("disk while paused: {e}"));
+        if pause == 0 {
+            let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
+            call("PUT", "vm.snapshot", &destination);
+            let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
+            assert!(state.contains("next_avail"), "no ring positions saved");
+        }
+        call("PUT", "vm.resume", "");
+    }
+    let log = vmm.wait_serial("blkcheck to finish", |log| {
+        log.contains("blkcheck: done") || log.contains("FAIL")
+    });
+    assert!(log.contains("blkcheck: done ok"), "{log}\n{}", vmm.stderr_tail(30));
+    assert_eq!(log.matches("blkcheck: disk").count(), 1, "the guest restarted:\n{log}");
+    assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
+    verify_blkcheck_disk(&disk.image, BLOCKS, ROUNDS * BLOCKS)
+        .unwrap_or_else(|e| panic!("disk after the run: {e}"));
+}
+
+/// A planned suspend (SIGTERM on an NV VM) stops the rings like a power failure; the same
+/// backend process, which only saw its front-end go, serves the recovered VM.
+#[test]
+fn a_planned_suspend_resumes_on_the_same_backend_process() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let mut disk = Disk::new(dir.path(), Backend::Ours);
+    disk.start();
+    let mut vmm = boot(dir.path(), &region, &disk);
+    vmm.wait_serial("blkcheck progress", |log| {
+        last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
+    });
+    let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "planned suspend");
+    assert!(stderr.contains("planned-suspend save committed"), "{stderr}");
+    let completed = last_completed_seq(&vmm.serial_log());
+    verify_blkcheck_disk(&disk.image, BLOCKS, completed)
+        .unwrap_or_else(|e| panic!("disk after the suspend: {e}"));
+    let mut vmm = recover(dir.path(), "resumed", &region, &disk);
+    finishes_in_place(&mut vmm, &disk, completed);
+    assert_eq!(disk.starts, 1, "the backend was not restarted");
 }

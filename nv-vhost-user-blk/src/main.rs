@@ -21,6 +21,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringSta
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "A vhost-user-blk backend over a raw image file")]
@@ -99,6 +100,18 @@ impl VhostUserBackend for BlkBackend {
         let mut data = vec![0u8; size as usize];
         self.lock_block().read_config(u64::from(offset), &mut data);
         data
+    }
+
+    /// A new pair for each session's worker thread: the daemon ends the thread through it when
+    /// the front-end goes, so the next session starts clean.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("cannot create the worker's exit event: {e}");
+                None
+            }
+        }
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
