@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{api_client, binaries};
 use integration_tests::guests::verify_blkcheck_disk;
 use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
+use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 use vmm::vmm::EXIT_GUEST_RESET;
 
@@ -93,9 +93,17 @@ impl Disk {
         let deadline = Instant::now() + TIMEOUT;
         while !self.socket.exists() {
             if let Some(status) = process.try_wait() {
-                panic!("{} ended ({status}):\n{}", binary.display(), process.stderr_log());
+                panic!(
+                    "{} ended ({status}):\n{}",
+                    binary.display(),
+                    process.stderr_log()
+                );
             }
-            assert!(Instant::now() < deadline, "no socket from {}", binary.display());
+            assert!(
+                Instant::now() < deadline,
+                "no socket from {}",
+                binary.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.process = Some(process);
@@ -153,13 +161,15 @@ fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
     vmm.wait_serial("blkcheck progress", |log| {
         last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
     });
-    let stderr =
-        vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
     let before = vmm.serial_log();
     assert!(!before.contains("FAIL"), "{before}");
     let completed = last_completed_seq(&before);
-    assert!(completed < ROUNDS * BLOCKS, "the guest finished before the power failure");
+    assert!(
+        completed < ROUNDS * BLOCKS,
+        "the guest finished before the power failure"
+    );
     verify_blkcheck_disk(&disk.image, BLOCKS, completed).unwrap_or_else(|e| {
         panic!("disk after the power failure (completed seq={completed}): {e}\n{stderr}")
     });
@@ -177,7 +187,10 @@ fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
         "{after}\n{}",
         vmm.stderr_tail(30)
     );
-    assert!(!after.contains("blkcheck: disk"), "the guest restarted:\n{after}");
+    assert!(
+        !after.contains("blkcheck: disk"),
+        "the guest restarted:\n{after}"
+    );
     let first_after = after
         .lines()
         .find_map(|line| line.strip_prefix("blkcheck: completed seq="))
@@ -242,8 +255,7 @@ fn a_backend_lost_at_the_save_and_absent_at_recovery_loses_nothing() {
         last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
     });
     disk.kill();
-    let stderr =
-        vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
     let socket = disk.socket.display().to_string();
     assert!(
@@ -265,7 +277,10 @@ fn a_backend_lost_at_the_save_and_absent_at_recovery_loses_nothing() {
         "no error naming the socket:\n{stderr}"
     );
     assert!(started.elapsed() < TIMEOUT, "the retry is not bounded");
-    assert!(absent.serial_log().is_empty(), "a VM without its disk must not run");
+    assert!(
+        absent.serial_log().is_empty(),
+        "a VM without its disk must not run"
+    );
 
     disk.start();
     let mut vmm = recover(dir.path(), "recovered", &region, &disk);
@@ -324,9 +339,12 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
     );
     arguments.extend(nv(&region, ",create=on"));
     arguments.extend(["--disk".to_string(), disk.option()]);
-    arguments.extend(["--api-socket".to_string(), format!("path={}", api.display())]);
-    let mut vmm =
-        VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[]).with_timeout(TIMEOUT);
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
     vmm.wait_for_socket(&api, TIMEOUT);
     for pause in 0..3 {
         let progress = 5 * BLOCKS * (pause + 1);
@@ -359,8 +377,16 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
     let log = vmm.wait_serial("blkcheck to finish", |log| {
         log.contains("blkcheck: done") || log.contains("FAIL")
     });
-    assert!(log.contains("blkcheck: done ok"), "{log}\n{}", vmm.stderr_tail(30));
-    assert_eq!(log.matches("blkcheck: disk").count(), 1, "the guest restarted:\n{log}");
+    assert!(
+        log.contains("blkcheck: done ok"),
+        "{log}\n{}",
+        vmm.stderr_tail(30)
+    );
+    assert_eq!(
+        log.matches("blkcheck: disk").count(),
+        1,
+        "the guest restarted:\n{log}"
+    );
     assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
     verify_blkcheck_disk(&disk.image, BLOCKS, ROUNDS * BLOCKS)
         .unwrap_or_else(|e| panic!("disk after the run: {e}"));
@@ -380,7 +406,10 @@ fn a_planned_suspend_resumes_on_the_same_backend_process() {
         last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
     });
     let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "planned suspend");
-    assert!(stderr.contains("planned-suspend save committed"), "{stderr}");
+    assert!(
+        stderr.contains("planned-suspend save committed"),
+        "{stderr}"
+    );
     let completed = last_completed_seq(&vmm.serial_log());
     verify_blkcheck_disk(&disk.image, BLOCKS, completed)
         .unwrap_or_else(|e| panic!("disk after the suspend: {e}"));

@@ -21,7 +21,9 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringSta
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "A vhost-user-blk backend over a raw image file")]

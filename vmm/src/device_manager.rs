@@ -22,8 +22,8 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, Tap, VirtioDevice, VirtioPciDevice,
-    VhostUserBlkLink, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VirtioDevice,
+    VirtioPciDevice, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,

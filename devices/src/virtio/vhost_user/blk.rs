@@ -166,7 +166,6 @@ impl VhostUserBlkLink {
 }
 
 impl VhostUserBlk {
-
     /// Makes sure the session is open and set up for the activation: reconnects (bounded) after
     /// the backend was lost, then SET_FEATURES and SET_MEM_TABLE on a new session.
     fn ready_session(&mut self) -> Result<()> {
@@ -229,7 +228,10 @@ impl VhostUserBlk {
                 continue;
             }
             let Ok(mut queue) = lock_queue(queue) else {
-                error!("vhost-user-blk {}: queue {index} lock poisoned", socket.display());
+                error!(
+                    "vhost-user-blk {}: queue {index} lock poisoned",
+                    socket.display()
+                );
                 continue;
             };
             let used = match queue.used_idx(&active.mem, Ordering::Acquire) {
@@ -295,7 +297,9 @@ const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(5);
 fn wait_for_used(queue: &Queue, mem: &GuestMemoryMmap, base: u16, fallback: u16) -> u16 {
     let deadline = Instant::now() + IN_FLIGHT_TIMEOUT;
     loop {
-        let used = queue.used_idx(mem, Ordering::Acquire).map_or(fallback, |u| u.0);
+        let used = queue
+            .used_idx(mem, Ordering::Acquire)
+            .map_or(fallback, |u| u.0);
         if used == base || Instant::now() >= deadline {
             return used;
         }
@@ -306,8 +310,8 @@ fn wait_for_used(queue: &Queue, mem: &GuestMemoryMmap, base: u16, fallback: u16)
 /// SET_FEATURES (the driver's plus the protocol-features bit) and SET_MEM_TABLE from the guest
 /// RAM's regions, each a file descriptor and an offset into it.
 fn set_up(socket: &Path, session: &mut Session, active: &Active) -> Result<()> {
-    let protocol_bit =
-        session.backend_features & vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    let protocol_bit = session.backend_features
+        & vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     session
         .frontend
         .set_features(active.acked_features | protocol_bit)
@@ -387,7 +391,10 @@ fn start_rings(socket: &Path, session: &mut Session, active: &mut Active) -> Res
         // A kick the guest gave while the ring was stopped (or before a power failure) is not
         // in this eventfd: kick once, an empty ring costs the backend one look.
         if let Err(e) = active.kicks[index].write(1) {
-            warn!("vhost-user-blk {}: cannot kick queue {index}: {e}", socket.display());
+            warn!(
+                "vhost-user-blk {}: cannot kick queue {index}: {e}",
+                socket.display()
+            );
         }
     }
     Ok(())
