@@ -13,6 +13,8 @@ use crate::error::{BenchError, Result};
 pub struct Binaries {
     pub cloud_hypervisor: PathBuf,
     pub ch_remote: PathBuf,
+    /// Our vhost-user-blk backend (H), always this workspace's.
+    pub nv_vhost_user_blk: PathBuf,
 }
 
 impl Binaries {
@@ -48,6 +50,7 @@ impl Binaries {
         Ok(Self {
             cloud_hypervisor: build("cloud-hypervisor", cloud_hypervisor)?,
             ch_remote: build("ch-remote", ch_remote)?,
+            nv_vhost_user_blk: build("nv-vhost-user-blk", None)?,
         })
     }
 }
