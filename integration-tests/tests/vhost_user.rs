@@ -146,21 +146,38 @@ fn recover(dir: &Path, label: &str, region: &Path, disk: &Disk) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, &arguments, &[]).with_timeout(TIMEOUT)
 }
 
-/// Highest `completed seq=` blkcheck printed.
-fn last_completed_seq(log: &str) -> u64 {
+/// The `completed seq=` numbers blkcheck printed, in order.
+fn completed_seqs(log: &str) -> impl Iterator<Item = u64> + '_ {
     log.lines()
         .filter_map(|line| line.strip_prefix("blkcheck: completed seq="))
         .filter_map(|seq| seq.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
 }
 
-/// Waits for blkcheck to be well into its run, then power-fails the VM and checks the disk
-/// holds every request the guest saw completed. Returns the serial log and that count.
-fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
+/// Highest `completed seq=` blkcheck printed.
+fn last_completed_seq(log: &str) -> u64 {
+    completed_seqs(log).max().unwrap_or(0)
+}
+
+/// Waits until blkcheck completed `seq` (or failed).
+fn wait_for_progress(vmm: &mut VmmProcess, seq: u64) {
     vmm.wait_serial("blkcheck progress", |log| {
-        last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
+        last_completed_seq(log) >= seq || log.contains("FAIL")
     });
+}
+
+/// A new NV VM of `dir` running blkcheck on a disk `kind` serves, well into its run.
+fn running_vm(dir: &Path, kind: Backend) -> (PathBuf, Disk, VmmProcess) {
+    let region = dir.join("region");
+    let mut disk = Disk::new(dir, kind);
+    disk.start();
+    let mut vmm = boot(dir, &region, &disk);
+    wait_for_progress(&mut vmm, 10 * BLOCKS);
+    (region, disk, vmm)
+}
+
+/// Power-fails the VM amid its I/O and checks the disk holds every request the guest saw
+/// completed. Returns the serial log and that count.
+fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
     let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
     let before = vmm.serial_log();
@@ -176,25 +193,29 @@ fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
     (before, completed)
 }
 
-/// Waits for the recovered blkcheck to finish and checks it continued (no new boot, the first
-/// sequence number after the last one before) and the whole disk is written.
-fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
-    let after = vmm.wait_serial("blkcheck to finish", |log| {
+/// Waits for blkcheck to finish and checks it verified every block; returns the serial log.
+fn finishes_ok(vmm: &mut VmmProcess) -> String {
+    let log = vmm.wait_serial("blkcheck to finish", |log| {
         log.contains("blkcheck: done") || log.contains("FAIL")
     });
     assert!(
-        after.contains("blkcheck: done ok"),
-        "{after}\n{}",
+        log.contains("blkcheck: done ok"),
+        "{log}\n{}",
         vmm.stderr_tail(30)
     );
+    log
+}
+
+/// Waits for the recovered blkcheck to finish and checks it continued (no new boot, the first
+/// sequence number after the last one before) and the whole disk is written.
+fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
+    let after = finishes_ok(vmm);
     assert!(
         !after.contains("blkcheck: disk"),
         "the guest restarted:\n{after}"
     );
-    let first_after = after
-        .lines()
-        .find_map(|line| line.strip_prefix("blkcheck: completed seq="))
-        .and_then(|seq| seq.trim().parse::<u64>().ok())
+    let first_after = completed_seqs(&after)
+        .next()
         .expect("a completed line after recovery");
     assert!(first_after > completed, "{first_after} after {completed}");
     assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
@@ -206,10 +227,7 @@ fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
 /// restarted, recovery in place, the guest finishes.
 fn survives_a_power_failure(kind: Backend) {
     let dir = scratch_dir();
-    let region = dir.path().join("region");
-    let mut disk = Disk::new(dir.path(), kind);
-    disk.start();
-    let mut vmm = boot(dir.path(), &region, &disk);
+    let (region, mut disk, mut vmm) = running_vm(dir.path(), kind);
     let (before, completed) = power_fail_amid_io(&mut vmm, &disk);
     assert!(before.contains("transport=virtio-pci"), "{before}");
     // The backend is restarted: a new process knows nothing of the rings.
@@ -247,13 +265,7 @@ fn qemu_storage_daemon_disk_survives_a_power_failure_and_a_backend_restart() {
 fn a_backend_lost_at_the_save_and_absent_at_recovery_loses_nothing() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let region = dir.path().join("region");
-    let mut disk = Disk::new(dir.path(), Backend::Ours);
-    disk.start();
-    let mut vmm = boot(dir.path(), &region, &disk);
-    vmm.wait_serial("blkcheck progress", |log| {
-        last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
-    });
+    let (region, mut disk, mut vmm) = running_vm(dir.path(), Backend::Ours);
     disk.kill();
     let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(stderr.contains("power-fail save committed"), "{stderr}");
@@ -313,9 +325,7 @@ fn a_socket_that_is_not_vhost_user_is_refused_by_name() {
     // And with a real backend on that path, the same VM boots and serves.
     disk.start();
     let mut vmm = boot(dir.path(), &region, &disk);
-    vmm.wait_serial("blkcheck progress", |log| {
-        last_completed_seq(log) >= BLOCKS || log.contains("FAIL")
-    });
+    wait_for_progress(&mut vmm, BLOCKS);
     assert!(!vmm.serial_log().contains("FAIL"));
 }
 
@@ -347,10 +357,7 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
         .with_timeout(TIMEOUT);
     vmm.wait_for_socket(&api, TIMEOUT);
     for pause in 0..3 {
-        let progress = 5 * BLOCKS * (pause + 1);
-        vmm.wait_serial("blkcheck progress", |log| {
-            last_completed_seq(log) >= progress || log.contains("FAIL")
-        });
+        wait_for_progress(&mut vmm, 5 * BLOCKS * (pause + 1));
         let call = |method: &str, op: &str, body: &str| {
             let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
             assert!(status == 204 || status == 200, "{op}: {status} {answer}");
@@ -374,14 +381,7 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
         }
         call("PUT", "vm.resume", "");
     }
-    let log = vmm.wait_serial("blkcheck to finish", |log| {
-        log.contains("blkcheck: done") || log.contains("FAIL")
-    });
-    assert!(
-        log.contains("blkcheck: done ok"),
-        "{log}\n{}",
-        vmm.stderr_tail(30)
-    );
+    let log = finishes_ok(&mut vmm);
     assert_eq!(
         log.matches("blkcheck: disk").count(),
         1,
@@ -398,13 +398,7 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
 fn a_planned_suspend_resumes_on_the_same_backend_process() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let region = dir.path().join("region");
-    let mut disk = Disk::new(dir.path(), Backend::Ours);
-    disk.start();
-    let mut vmm = boot(dir.path(), &region, &disk);
-    vmm.wait_serial("blkcheck progress", |log| {
-        last_completed_seq(log) >= 10 * BLOCKS || log.contains("FAIL")
-    });
+    let (region, disk, mut vmm) = running_vm(dir.path(), Backend::Ours);
     let stderr = vmm.signal_and_expect_exit(libc::SIGTERM, 0, "planned suspend");
     assert!(
         stderr.contains("planned-suspend save committed"),

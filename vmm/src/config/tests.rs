@@ -418,6 +418,24 @@ fn disk_transport_defaults_to_pci_and_mmio_is_an_opt_in() {
     ));
 }
 
+/// The config of a VM with the one `--disk disk`, validated as given on the command line and
+/// as the same member in a `vm.create` body.
+fn disk_on_command_line_and_in_json(disk: &str) -> [Result<(), ConfigError>; 2] {
+    let from_cli = command_line(VmOptionStrings {
+        disks: vec![disk],
+        ..Default::default()
+    })
+    .map(drop);
+    let parsed = DiskConfig::parse(disk).unwrap();
+    let json = serde_json::json!({
+        "payload": {"kernel": "/k"},
+        "memory": {"size": 67108864},
+        "disks": [serde_json::to_value(&parsed).unwrap()]
+    });
+    let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
+    [from_cli, from_json]
+}
+
 /// One rule for the command line and JSON: upstream's defaults pass, other values are
 /// refused by name (they used to be refused on the command line and ignored in JSON).
 #[test]
@@ -438,18 +456,8 @@ fn disk_members_follow_one_rule_on_the_command_line_and_in_json() {
         ("backing_files=on", Some("disks[0].backing_files")),
     ];
     for (option, refused) in cases {
-        let disk = format!("path=/a.img,{option}");
-        let from_cli = command_line(VmOptionStrings {
-            disks: vec![&disk],
-            ..Default::default()
-        });
-        let parsed = DiskConfig::parse(&disk).unwrap();
-        let json = serde_json::json!({
-            "payload": {"kernel": "/k"},
-            "memory": {"size": 67108864},
-            "disks": [serde_json::to_value(&parsed).unwrap()]
-        });
-        let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
+        let [from_cli, from_json] =
+            disk_on_command_line_and_in_json(&format!("path=/a.img,{option}"));
         match refused {
             None => {
                 assert!(from_cli.is_ok(), "{option}: {from_cli:?}");
@@ -1275,25 +1283,12 @@ fn vhost_user_disks_take_a_socket_and_no_image() {
         ("vhost_user=on,socket=/s,queue_size=100", Some("queue_size")),
     ];
     for (option, refused) in cases {
-        let from_cli = command_line(VmOptionStrings {
-            disks: vec![option],
-            ..Default::default()
-        });
-        let parsed = DiskConfig::parse(option).unwrap();
-        let json = serde_json::json!({
-            "payload": {"kernel": "/k"},
-            "memory": {"size": 67108864},
-            "disks": [serde_json::to_value(&parsed).unwrap()]
-        });
-        let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
-        match refused {
-            None => {
-                assert!(from_cli.is_ok(), "{option}: {from_cli:?}");
-                assert!(from_json.is_ok(), "{option}: {from_json:?}");
-            }
-            Some(key) => {
-                for result in [format!("{from_cli:?}"), format!("{from_json:?}")] {
-                    assert!(result.contains(&format!("\"{key}\"")), "{option}: {result}");
+        for result in disk_on_command_line_and_in_json(option) {
+            match refused {
+                None => assert!(result.is_ok(), "{option}: {result:?}"),
+                Some(key) => {
+                    let text = format!("{result:?}");
+                    assert!(text.contains(&format!("\"{key}\"")), "{option}: {text}");
                 }
             }
         }

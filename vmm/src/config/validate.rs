@@ -1035,28 +1035,29 @@ fn validate_vhost_user_disk(
             "vhost-user disks are on virtio-pci",
         );
     }
+    let unsupported = |key: &'static str, value: String, reason: String| {
+        Err(not_supported(
+            "disk",
+            key,
+            format!("disks[{index}].{key}"),
+            value,
+            &reason,
+        ))
+    };
     if disk.num_queues == 0 || disk.num_queues > VHOST_USER_DISK_MAX_QUEUES {
-        return Err(not_supported(
-            "disk",
+        return unsupported(
             "num_queues",
-            format!("disks[{index}].num_queues"),
             disk.num_queues.to_string(),
-            &format!("a vhost-user disk has 1 to {VHOST_USER_DISK_MAX_QUEUES} queues"),
-        ));
+            format!("a vhost-user disk has 1 to {VHOST_USER_DISK_MAX_QUEUES} queues"),
+        );
     }
-    if !disk.queue_size.is_power_of_two()
-        || disk.queue_size > devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE
-    {
-        return Err(not_supported(
-            "disk",
+    let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
+    if !disk.queue_size.is_power_of_two() || disk.queue_size > max_queue_size {
+        return unsupported(
             "queue_size",
-            format!("disks[{index}].queue_size"),
             disk.queue_size.to_string(),
-            &format!(
-                "a vhost-user queue size is a power of two up to {}",
-                devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE
-            ),
-        ));
+            format!("a vhost-user queue size is a power of two up to {max_queue_size}"),
+        );
     }
     if earlier
         .iter()
