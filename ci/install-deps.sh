@@ -15,6 +15,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 /usr/bin/python3 -c 'import fusepy' >/dev/null 2>&1 || need+=(python3-fusepy)
 # arch/tests/acpi_iasl.rs disassembles the ACPI tables with ACPICA's iasl.
 command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)
+# integration-tests/tests/vhost_user.rs serves a vhost-user-blk disk with qemu-storage-daemon
+# (Debian's qemu-utils ships it).
+command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
 # nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 

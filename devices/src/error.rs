@@ -32,6 +32,20 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error("vhost-user backend at {socket}: {what}")]
+    VhostUser {
+        socket: PathBuf,
+        what: String,
+        #[source]
+        source: Option<vhost::Error>,
+    },
+    #[error("vhost-user backend at {socket}: {what}")]
+    VhostUserIo {
+        socket: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot raise the GED interrupt: {0}")]
     GedInterrupt(#[source] io::Error),
     #[error("serial state is invalid: {0}")]

@@ -16,6 +16,11 @@ pub fn cloud_hypervisor() -> PathBuf {
     given_or_built("CLOUD_HYPERVISOR_BIN", "cloud-hypervisor")
 }
 
+/// `nv-vhost-user-blk` (our vhost-user-blk backend), or what `NV_VHOST_USER_BLK_BIN` names.
+pub fn nv_vhost_user_blk() -> PathBuf {
+    given_or_built("NV_VHOST_USER_BLK_BIN", "nv-vhost-user-blk")
+}
+
 /// `ch-remote`, or what `CH_REMOTE_BIN` names.
 pub fn ch_remote() -> PathBuf {
     given_or_built("CH_REMOTE_BIN", "ch-remote")
@@ -42,6 +47,8 @@ fn built_profile_dir() -> &'static Path {
             "cloud-hypervisor",
             "-p",
             "ch-remote",
+            "-p",
+            "nv-vhost-user-blk",
             "--features",
             "cloud-hypervisor/fault-injection",
         ]);
@@ -51,7 +58,7 @@ fn built_profile_dir() -> &'static Path {
         let status = build.status().expect("running cargo build");
         assert!(
             status.success(),
-            "cargo build -p cloud-hypervisor -p ch-remote --features \
+            "cargo build -p cloud-hypervisor -p ch-remote -p nv-vhost-user-blk --features \
              cloud-hypervisor/fault-injection failed"
         );
         cargo_target_dir().join(if release { "release" } else { "debug" })

@@ -15,6 +15,8 @@ pub struct Binaries {
     pub ch_remote: PathBuf,
     /// This package's `nv-floor` helper (A-floor).
     pub nv_floor: PathBuf,
+    /// Our vhost-user-blk backend (H), always this workspace's.
+    pub nv_vhost_user_blk: PathBuf,
 }
 
 impl Binaries {
@@ -52,6 +54,7 @@ impl Binaries {
             ch_remote: build("ch-remote", ch_remote)?,
             // Building the package builds its helper binary with it.
             nv_floor: build("nv-bench", None)?.with_file_name("nv-floor"),
+            nv_vhost_user_blk: build("nv-vhost-user-blk", None)?,
         })
     }
 }

@@ -35,7 +35,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, A-floor, B, C, D, E, F and G.
+    /// A, A-floor, B, C, D, E, F, G and H.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -51,6 +51,8 @@ enum Which {
     Swap,
     /// A-floor: recovery vs the least a process can do to run the guest again; SIGPWR to exit.
     Floor,
+    /// H: blkcheck disk throughput over vhost-user-blk vs the in-process virtio-blk.
+    VhostUser,
 }
 
 #[derive(Parser, Debug)]
@@ -209,7 +211,7 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 7] = [
+    let sections: [(Which, Section); 8] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
@@ -217,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
         (Which::Stale, measure::stale_state::run),
         (Which::Region, measure::region_power_fail::run),
         (Which::Swap, measure::swap::run),
+        (Which::VhostUser, measure::vhost_user::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

@@ -174,6 +174,19 @@ fn quick_run_produces_every_measurement() {
     ] {
         assert!(stdout.contains(line), "missing {line:?}:\n{stdout}");
     }
+    // H: both disks measured once each, with a positive rate, and the ratio line.
+    let vhost_user = csv_rows(out.path(), "h_vhost_user.csv");
+    assert_eq!(vhost_user.len(), 2, "{stdout}");
+    for row in &vhost_user {
+        assert!(
+            row[4].parse::<f64>().is_ok_and(|rate| rate > 0.0),
+            "{row:?}"
+        );
+    }
+    assert!(
+        stdout.contains("ratio vhost-user/in-process"),
+        "no H ratio:\n{stdout}"
+    );
 
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").

@@ -22,8 +22,8 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, Tap, VirtioDevice, VirtioPciDevice,
-    VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VirtioDevice,
+    VirtioPciDevice, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -133,6 +133,9 @@ struct VirtioBlockSlot {
     /// What the disk was opened from, to open it again when restoring.
     path: PathBuf,
     readonly: bool,
+    /// A vhost-user disk (`path` is then its socket): an inactive device on the session with the
+    /// backend, what a restore rebuilds the transport around.
+    vhost_user: Option<VhostUserBlkLink>,
 }
 
 fn lock_or_recover<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -457,6 +460,9 @@ impl DeviceManager {
     /// (MSI-X vectors on KVM GSIs, ioeventfds at its notify addresses, registered by the
     /// segment), with `transport=mmio` the next virtio-mmio slot.
     fn add_virtio_block(&mut self, disk: &crate::config::DiskConfig) -> Result<(), Error> {
+        if disk.vhost_user {
+            return self.add_vhost_user_block(disk);
+        }
         let path = PathBuf::from(
             disk.path
                 .as_deref()
@@ -489,6 +495,39 @@ impl DeviceManager {
             id,
             path,
             readonly: disk.readonly,
+            vhost_user: None,
+        });
+        Ok(())
+    }
+
+    /// A vhost-user-blk disk on a virtio-pci function: connected to its backend now (its
+    /// configuration space comes from there), activated on this thread like any virtio device.
+    fn add_vhost_user_block(&mut self, disk: &crate::config::DiskConfig) -> Result<(), Error> {
+        let socket = PathBuf::from(
+            disk.vhost_socket
+                .as_deref()
+                .ok_or_else(|| Error::Device("--disk vhost_user=on without socket=".into()))?,
+        );
+        let id = disk
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("_disk{}", self.disks.len()));
+        let what = format!("vhost-user disk {}", socket.display());
+        let link = VhostUserBlkLink::connect(&socket, disk.num_queues, disk.queue_size)
+            .map_err(|e| Error::device(what.clone(), e))?;
+        let (function, bdf, msi) =
+            self.add_pci_virtio(&id, &what, Box::new(link.device()), &self.thread_start)?;
+        log::info!("{what} on virtio-pci at {bdf}");
+        self.disks.push(VirtioBlockSlot {
+            transport: DiskTransport::Pci {
+                device: function,
+                bdf,
+                msi,
+            },
+            id,
+            path: socket,
+            readonly: false,
+            vhost_user: Some(link),
         });
         Ok(())
     }
@@ -935,7 +974,10 @@ impl DeviceManager {
     /// them here, a virtio-pci disk's after the segment's restore (`restore_state`). The device
     /// stays paused until `resume`.
     fn restore_disk(&self, disk: &VirtioBlockSlot, saved: &BlockState) -> Result<(), Error> {
-        let block = Box::new(open_block(&disk.path, disk.readonly)?);
+        let block: Box<dyn VirtioDevice> = match &disk.vhost_user {
+            Some(link) => Box::new(link.device()),
+            None => Box::new(open_block(&disk.path, disk.readonly)?),
+        };
         self.restore_transport(
             &format!("disk {}", disk.path.display()),
             &disk.transport,

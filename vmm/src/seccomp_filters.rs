@@ -201,6 +201,12 @@ const VMM: &[i64] = &[
     // `--net` without a tap name: the new tap's address, MTU and flags are set through an
     // AF_INET socket's SIOCSIF* requests.
     libc::SYS_socket,
+    // vhost-user disks: connect to the backend's socket, bound its replies (SO_RCVTIMEO), and
+    // send its requests with their descriptors (memory regions, kick and call eventfds).
+    libc::SYS_connect,
+    libc::SYS_setsockopt,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
 ];
 
 /// A vCPU runs KVM_RUN (`ioctl`, see `VCPU_IOCTLS`) and serves exits in place with what `COMMON`
@@ -705,7 +711,7 @@ mod tests {
         assert_eq!(
             sizes,
             [
-                (79, 65),
+                (83, 65),
                 (27, 4),
                 (50, 0),
                 (40, 0),

@@ -11,6 +11,7 @@ pub mod pci;
 mod queue_service;
 mod rng;
 mod transport;
+mod vhost_user;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -38,6 +39,9 @@ pub use net::{
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
+pub use vhost_user::{
+    VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE, VHOST_USER_CONNECT_TIMEOUT,
+};
 
 /// Device status bits (virtio 1.x, "Device Status Field").
 pub mod status {

@@ -8,6 +8,7 @@ pub mod service;
 pub mod snapshot;
 pub mod stale_state;
 pub mod swap;
+pub mod vhost_user;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -218,7 +218,12 @@ impl DiskConfig {
         let defaults = DiskConfig::default();
         let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(default));
         Ok(DiskConfig {
-            path: Some(parsed.required_string("path")?),
+            // A vhost-user disk has no image of its own: the backend at `socket=` has it.
+            path: if parsed.toggle("vhost_user")?.unwrap_or(false) {
+                parsed.string("path")
+            } else {
+                Some(parsed.required_string("path")?)
+            },
             readonly: toggle("readonly", defaults.readonly)?,
             direct: toggle("direct", defaults.direct)?,
             iommu: toggle("iommu", defaults.iommu)?,

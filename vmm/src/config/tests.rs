@@ -418,6 +418,24 @@ fn disk_transport_defaults_to_pci_and_mmio_is_an_opt_in() {
     ));
 }
 
+/// The config of a VM with the one `--disk disk`, validated as given on the command line and
+/// as the same member in a `vm.create` body.
+fn disk_on_command_line_and_in_json(disk: &str) -> [Result<(), ConfigError>; 2] {
+    let from_cli = command_line(VmOptionStrings {
+        disks: vec![disk],
+        ..Default::default()
+    })
+    .map(drop);
+    let parsed = DiskConfig::parse(disk).unwrap();
+    let json = serde_json::json!({
+        "payload": {"kernel": "/k"},
+        "memory": {"size": 67108864},
+        "disks": [serde_json::to_value(&parsed).unwrap()]
+    });
+    let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
+    [from_cli, from_json]
+}
+
 /// One rule for the command line and JSON: upstream's defaults pass, other values are
 /// refused by name (they used to be refused on the command line and ignored in JSON).
 #[test]
@@ -433,24 +451,13 @@ fn disk_members_follow_one_rule_on_the_command_line_and_in_json() {
         ("num_queues=2", Some("disks[0].num_queues")),
         ("serial=ABC", Some("disks[0].serial")),
         ("iommu=on", Some("disks[0].iommu")),
-        ("vhost_user=on", Some("disks[0].vhost_user")),
         ("image_type=qcow2", Some("disks[0].image_type")),
         ("pci_segment=1", Some("disks[0].pci_segment")),
         ("backing_files=on", Some("disks[0].backing_files")),
     ];
     for (option, refused) in cases {
-        let disk = format!("path=/a.img,{option}");
-        let from_cli = command_line(VmOptionStrings {
-            disks: vec![&disk],
-            ..Default::default()
-        });
-        let parsed = DiskConfig::parse(&disk).unwrap();
-        let json = serde_json::json!({
-            "payload": {"kernel": "/k"},
-            "memory": {"size": 67108864},
-            "disks": [serde_json::to_value(&parsed).unwrap()]
-        });
-        let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
+        let [from_cli, from_json] =
+            disk_on_command_line_and_in_json(&format!("path=/a.img,{option}"));
         match refused {
             None => {
                 assert!(from_cli.is_ok(), "{option}: {from_cli:?}");
@@ -1253,4 +1260,42 @@ fn serde_names_match_upstream() {
     assert_eq!(json["console"]["mode"], "Tty");
     let back: VmConfig = serde_json::from_value(json).unwrap();
     assert_eq!(back, config);
+}
+
+/// `--disk vhost_user=on,socket=PATH[,num_queues=,queue_size=]` as upstream: one rule for the
+/// command line and a `vm.create` body; what belongs to the backend's image is refused by name.
+#[test]
+fn vhost_user_disks_take_a_socket_and_no_image() {
+    let disk = DiskConfig::parse("vhost_user=on,socket=/run/blk.sock,num_queues=2,queue_size=1024")
+        .unwrap();
+    assert!(disk.vhost_user);
+    assert_eq!(disk.vhost_socket.as_deref(), Some("/run/blk.sock"));
+    assert_eq!(disk.path, None);
+    assert_eq!((disk.num_queues, disk.queue_size), (2, 1024));
+    let cases: [(&str, Option<&str>); 8] = [
+        ("vhost_user=on,socket=/s", None),
+        ("vhost_user=on,socket=/s,num_queues=4,queue_size=256", None),
+        ("vhost_user=on", Some("socket")),
+        ("socket=/s,path=/a.img", Some("socket")),
+        ("vhost_user=on,socket=/s,path=/a.img", Some("path")),
+        ("vhost_user=on,socket=/s,readonly=on", Some("readonly")),
+        ("vhost_user=on,socket=/s,transport=mmio", Some("transport")),
+        ("vhost_user=on,socket=/s,queue_size=100", Some("queue_size")),
+    ];
+    for (option, refused) in cases {
+        for result in disk_on_command_line_and_in_json(option) {
+            match refused {
+                None => assert!(result.is_ok(), "{option}: {result:?}"),
+                Some(key) => {
+                    let text = format!("{result:?}");
+                    assert!(text.contains(&format!("\"{key}\"")), "{option}: {text}");
+                }
+            }
+        }
+    }
+    let twice = command_line(VmOptionStrings {
+        disks: vec!["vhost_user=on,socket=/s", "vhost_user=on,socket=/s"],
+        ..Default::default()
+    });
+    assert!(format!("{twice:?}").contains("twice"), "{twice:?}");
 }

@@ -454,7 +454,9 @@ impl VmConfig {
                 ))
             };
             let earlier = &disks[..index];
-            if disk.path.is_none() {
+            if disk.vhost_user || disk.vhost_socket.is_some() {
+                validate_vhost_user_disk(index, disk, earlier)?;
+            } else if disk.path.is_none() {
                 return Err(ConfigError::from(OptionError::MissingKey {
                     option: "disk",
                     key: "path",
@@ -475,7 +477,7 @@ impl VmConfig {
             if disk.iommu {
                 return refuse("iommu", "on".into(), "there is no virtual IOMMU");
             }
-            if disk.num_queues != DEFAULT_DISK_NUM_QUEUES {
+            if disk.num_queues != DEFAULT_DISK_NUM_QUEUES && !disk.vhost_user {
                 return refuse(
                     "num_queues",
                     disk.num_queues.to_string(),
@@ -484,6 +486,7 @@ impl VmConfig {
             }
             if disk.queue_size != DEFAULT_DISK_QUEUE_SIZE
                 && disk.queue_size != devices::virtio::BLOCK_QUEUE_SIZE
+                && !disk.vhost_user
             {
                 return Err(not_supported(
                     "disk",
@@ -497,13 +500,6 @@ impl VmConfig {
                         DEFAULT_DISK_QUEUE_SIZE
                     ),
                 ));
-            }
-            if disk.vhost_user || disk.vhost_socket.is_some() {
-                return refuse(
-                    "vhost_user",
-                    "on".into(),
-                    "vhost-user disks are not implemented",
-                );
             }
             if let Some(group) = &disk.rate_limit_group {
                 return refuse(
@@ -985,4 +981,93 @@ pub fn host_vcpu_limit() -> Option<VcpuLimit> {
             maximum,
         })
     })
+}
+
+/// Most queues a vhost-user disk may ask for.
+const VHOST_USER_DISK_MAX_QUEUES: usize = 64;
+
+/// A `--disk vhost_user=on,socket=PATH[,num_queues=,queue_size=]`: the backend at the socket
+/// owns the image, so the options of an image are refused; the queues are the front-end's.
+fn validate_vhost_user_disk(
+    index: usize,
+    disk: &DiskConfig,
+    earlier: &[DiskConfig],
+) -> Result<(), ConfigError> {
+    let invalid = |key: &str, value: String, reason: &str| {
+        Err(ConfigError::from(OptionError::InvalidValue {
+            option: "disk",
+            key: key.to_owned(),
+            value,
+            reason: reason.to_owned(),
+        }))
+    };
+    let Some(socket) = &disk.vhost_socket else {
+        return Err(ConfigError::from(OptionError::MissingKey {
+            option: "disk",
+            key: "socket",
+        }));
+    };
+    if !disk.vhost_user {
+        return invalid(
+            "socket",
+            socket.clone(),
+            "a socket is for a vhost-user disk: add vhost_user=on",
+        );
+    }
+    if let Some(path) = &disk.path {
+        return invalid(
+            "path",
+            path.clone(),
+            "a vhost-user disk's image is the backend's: give socket= only",
+        );
+    }
+    if disk.readonly {
+        return invalid(
+            "readonly",
+            "on".into(),
+            "a vhost-user disk is read-only when its backend serves it so",
+        );
+    }
+    if disk.transport == Some(VirtioTransportKind::Mmio) {
+        return invalid(
+            "transport",
+            "mmio".into(),
+            "vhost-user disks are on virtio-pci",
+        );
+    }
+    let unsupported = |key: &'static str, value: String, reason: String| {
+        Err(not_supported(
+            "disk",
+            key,
+            format!("disks[{index}].{key}"),
+            value,
+            &reason,
+        ))
+    };
+    if disk.num_queues == 0 || disk.num_queues > VHOST_USER_DISK_MAX_QUEUES {
+        return unsupported(
+            "num_queues",
+            disk.num_queues.to_string(),
+            format!("a vhost-user disk has 1 to {VHOST_USER_DISK_MAX_QUEUES} queues"),
+        );
+    }
+    let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
+    if !disk.queue_size.is_power_of_two() || disk.queue_size > max_queue_size {
+        return unsupported(
+            "queue_size",
+            disk.queue_size.to_string(),
+            format!("a vhost-user queue size is a power of two up to {max_queue_size}"),
+        );
+    }
+    if earlier
+        .iter()
+        .any(|other| other.vhost_user && other.vhost_socket.as_ref() == Some(socket))
+    {
+        return invalid(
+            "socket",
+            socket.clone(),
+            "the same vhost-user socket is given twice",
+        );
+    }
+    Ok(())
 }
