@@ -177,7 +177,7 @@ pub fn swap_out(
     progress: &mut SwapProgressCell,
 ) -> Result<SwapOutReport, Error> {
     progress.vm = nv.config.vm.clone();
-    if let Ok(status) = super::status(nv) {
+    if let Ok(status) = super::status(nv, None) {
         progress.watch.set_status(status);
     }
     let path = destination.display().to_string();
@@ -291,6 +291,7 @@ pub fn prepare_swap_in(
         deadline_ms: nv.deadline_ms,
         last_save: None,
         swap: None,
+        memory_mapping: None,
     });
     event_monitor::nv::swap_started(progress.direction(), &nv.vm, &path, 0);
     let (handle, report) = region
@@ -344,6 +345,7 @@ mod tests {
             deadline_ms: 50,
             last_save: None,
             swap: None,
+            memory_mapping: None,
         }
     }
 
