@@ -48,6 +48,8 @@ enum Which {
     Region,
     /// F: swap-out and swap-in vs plain write+fsync and read (library level, no VM).
     Swap,
+    /// Issue 15: B recovery up to 64 GiB, first touch on huge pages, D with spread.
+    Memory,
 }
 
 #[derive(Parser, Debug)]
@@ -206,13 +208,14 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 6] = [
+    let sections: [(Which, Section); 7] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
         (Which::Stale, measure::stale_state::run),
         (Which::Region, measure::region_power_fail::run),
         (Which::Swap, measure::swap::run),
+        (Which::Memory, measure::memory_scale::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

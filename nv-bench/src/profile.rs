@@ -35,6 +35,13 @@ pub struct Profile {
     /// between two), then one with them paused. 0: G is not run (the quick run: see
     /// `measure::region_power_fail`).
     pub region_cycles: usize,
+    /// B at any size (issue 15): RAM sizes of the sparse-region recoveries.
+    pub flat_ram_sizes: Vec<u64>,
+    /// First touch on huge vs 4 KiB pages: repetitions per backing and size (0: not run).
+    pub first_touch_repetitions: usize,
+    /// D with spread: key count and repetitions per backing (0: not run).
+    pub full_speed_keys: u64,
+    pub full_speed_repetitions: usize,
 }
 
 const MIB: u64 = 1 << 20;
@@ -58,6 +65,10 @@ impl Profile {
             overhead_warmup: Duration::from_secs(1),
             overhead_window: Duration::from_secs(6),
             region_cycles: 3,
+            flat_ram_sizes: vec![256 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB],
+            first_touch_repetitions: 3,
+            full_speed_keys: 1_000_000,
+            full_speed_repetitions: 9,
         }
     }
 
@@ -78,6 +89,10 @@ impl Profile {
             overhead_warmup: Duration::from_millis(300),
             overhead_window: Duration::from_secs(1),
             region_cycles: 0,
+            flat_ram_sizes: vec![128 * MIB, 16 * GIB],
+            first_touch_repetitions: 0,
+            full_speed_keys: 100_000,
+            full_speed_repetitions: 0,
         }
     }
 }

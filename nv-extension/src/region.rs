@@ -481,12 +481,7 @@ impl Region {
     /// Adds a VM with `memory_size` bytes of guest RAM (a multiple of 4 KiB), its RAM extent
     /// allocated.
     pub fn create_vm(&self, name: &str, memory_size: u64, config_blob: &[u8]) -> Result<VmSummary> {
-        self.create_vm_with(
-            name,
-            memory_size,
-            config_blob,
-            MemoryReservation::Allocated,
-        )
+        self.create_vm_with(name, memory_size, config_blob, MemoryReservation::Allocated)
     }
 
     /// Adds a VM as [`Region::create_vm`] does, its RAM extent allocated or left sparse as

@@ -578,7 +578,10 @@ fn sparse_vms_of_64_gib_keep_64_bit_sizes_and_offsets() {
         assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
         stat.f_blocks * stat.f_frsize
     };
-    assert!(tmpfs_bytes < 64 * GIB, "the test wants a tmpfs smaller than the VM");
+    assert!(
+        tmpfs_bytes < 64 * GIB,
+        "the test wants a tmpfs smaller than the VM"
+    );
     let refused = region.create_vm("allocated", 64 * GIB, b"{}");
     assert!(refused.is_err(), "64 GiB cannot be allocated on this tmpfs");
     for name in ["a", "b"] {
@@ -602,6 +605,7 @@ fn sparse_vms_of_64_gib_keep_64_bit_sizes_and_offsets() {
     assert!(offsets[1] > offsets[0] + 64 * GIB, "{offsets:x?}");
     assert!(region.size() > 128 * GIB);
     // Only metadata and the state extents are allocated.
-    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
     assert!(allocated < 64 * MIB, "{allocated} bytes allocated");
 }

@@ -703,7 +703,10 @@ mod tests {
         let memory = nv_memory(huge.0.path(), 2 << 20, 8 << 20);
         let before = huge_page_report(&memory).unwrap();
         assert!(before.aligned, "{before:?}");
-        assert!(before.advised, "NV RAM must be advised for huge pages: {before:?}");
+        assert!(
+            before.advised,
+            "NV RAM must be advised for huge pages: {before:?}"
+        );
         assert_eq!(before.huge_page_bytes, 0, "nothing touched yet: {before:?}");
         touch(&memory, 8 << 20);
         let after = huge_page_report(&memory).unwrap();

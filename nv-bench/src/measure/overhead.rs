@@ -141,10 +141,6 @@ fn measure_one(
     repetition: usize,
 ) -> Result<(f64, f64)> {
     let tag = format!("d-{keys}-{repetition}-{backing:?}");
-    // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
-    let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
-    create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
-    let ram = TestGuest::ram_for_keys(keys);
     let memory = match backing {
         Backing::Anonymous => MemoryBacking::Anonymous,
         Backing::SharedFile => MemoryBacking::SharedFile(bench.tmpfs.join(&format!("{tag}.ram"))),
@@ -153,14 +149,31 @@ fn measure_one(
             vm: "kv".into(),
         },
     };
+    throughput_in_window(bench, keys, memory, &tag)
+}
+
+/// Boots kvstore with `keys` keys on `memory`, warms up, then measures the mean rate (and the
+/// window's length) from host-stamped lines; the log disk is on tmpfs. Removes its files.
+pub fn throughput_in_window(
+    bench: &Bench,
+    keys: u64,
+    memory: MemoryBacking,
+    tag: &str,
+) -> Result<(f64, f64)> {
+    // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
+    let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
+    create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
+    let ram = TestGuest::ram_for_keys(keys);
     if let MemoryBacking::SharedFile(path) = &memory {
         // As upstream, `--memory-zone file=` must name an existing file.
         create_sparse_file(path, 0)?;
     }
     let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk.clone()));
-    let mut vm = bench.boot_serving(guest, memory.clone(), &tag, None)?;
+    let mut vm = bench.boot_serving(guest, memory.clone(), tag, None)?;
     let result = (|| {
-        if let MemoryBacking::NvRegion { region, .. } = &memory {
+        if let MemoryBacking::NvRegion { region, .. }
+        | MemoryBacking::SparseNvRegion { region, .. } = &memory
+        {
             check_region_holds_ram(region, ram)?;
         }
         let serving_at = Instant::now();
@@ -188,7 +201,9 @@ fn measure_one(
     })();
     vm.kill();
     let _ = std::fs::remove_file(&log_disk);
-    if let MemoryBacking::SharedFile(path) | MemoryBacking::NvRegion { region: path, .. } = &memory
+    if let MemoryBacking::SharedFile(path)
+    | MemoryBacking::NvRegion { region: path, .. }
+    | MemoryBacking::SparseNvRegion { region: path, .. } = &memory
     {
         let _ = std::fs::remove_file(path);
     }

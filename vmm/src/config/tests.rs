@@ -1042,7 +1042,11 @@ fn nv() {
             sparse: false,
         }
     );
-    assert!(NvConfig::parse("region=/r,vm=a,create=on,sparse=on").unwrap().sparse);
+    assert!(
+        NvConfig::parse("region=/r,vm=a,create=on,sparse=on")
+            .unwrap()
+            .sparse
+    );
     let recover = NvConfig::parse("region=/r,vm=a,recover=on,force-cold=on").unwrap();
     assert!(recover.recover && recover.force_cold);
     assert_eq!(recover.deadline_ms, default_deadline_ms());
