@@ -68,7 +68,7 @@ impl Profile {
             flat_ram_sizes: vec![256 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB],
             first_touch_repetitions: 3,
             full_speed_keys: 1_000_000,
-            full_speed_repetitions: 9,
+            full_speed_repetitions: 7,
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
-use crate::measure::overhead::throughput_in_window;
+use crate::measure::overhead::throughputs_in_one_window;
 use crate::measure::power_fail::first_line_after_start;
 use crate::measure::{each_variant_repeatedly, Bench, StepNames, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
@@ -431,13 +431,16 @@ fn first_touch(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     Ok(())
 }
 
-/// D with enough interleaved repetitions to tell 2% apart: median and spread per backing.
+/// D with enough repetitions to tell 2% apart on a loaded host: each repetition runs the
+/// variant and the baseline (anonymous, `thp=on`) side by side over the same window, so that
+/// load from the rest of the machine hits both alike, and takes the ratio of the pair. A pair of
+/// two baselines shows what the method itself cannot tell apart.
 fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     let variants = backings(
         &[
             Backing::AnonymousThp,
-            Backing::NvHugeTmpfs,
             Backing::NvPlainTmpfs,
+            Backing::NvHugeTmpfs,
             Backing::Anonymous4k,
         ],
         huge,
@@ -445,78 +448,94 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     let keys = bench.profile.full_speed_keys;
     let repetitions = bench.profile.full_speed_repetitions;
     bench.summary.line(format!(
-        "D-spread method: kvstore {} keys, {repetitions} repetitions per backing interleaved, {:.1} s \
-         warm-up then the mean over {:.1} s (as D)",
+        "D-pairs method: kvstore {} keys; {repetitions} repetitions per backing, each running it \
+         side by side with anonymous thp=on (boot order alternating) over the same {:.1} s window \
+         after {:.1} s of warm-up; the ratio is taken per pair, then its median and range",
         keys_label(keys),
-        bench.profile.overhead_warmup.as_secs_f64(),
-        bench.profile.overhead_window.as_secs_f64()
+        bench.profile.overhead_window.as_secs_f64(),
+        bench.profile.overhead_warmup.as_secs_f64()
     ));
-    let mut table = CsvTable::new(&["keys", "backing", "repetition", "ops_per_s"]);
+    let mut table = CsvTable::new(&[
+        "keys",
+        "backing",
+        "repetition",
+        "ops_per_s",
+        "baseline_ops_per_s",
+        "ratio",
+    ]);
     let results = each_variant_repeatedly(
         bench,
         &variants,
         repetitions,
         StepNames {
-            letter: "D-spread",
+            letter: "D-pairs",
             keys,
-            repetition: "repetition",
-            detail: "",
+            repetition: "pair",
+            detail: " (with anonymous thp=on)",
         },
         Backing::label,
         |bench, backing, repetition| {
-            let tag = format!("dspread-{repetition}-{backing:?}");
-            let memory = backing.memory(bench, huge, &tag);
-            let (rate, _) = throughput_in_window(bench, keys, memory, &tag)?;
+            let tag = format!("dpair-{repetition}-{backing:?}");
+            let pair = [
+                (backing.memory(bench, huge, &tag), tag.clone()),
+                (MemoryBacking::Anonymous, format!("{tag}-base")),
+            ];
+            // Alternate which one boots first (and so warms up a little longer).
+            let order: Vec<_> = if repetition % 2 == 0 {
+                pair.to_vec()
+            } else {
+                pair.iter().rev().cloned().collect()
+            };
+            let rates = throughputs_in_one_window(bench, keys, &order)?;
+            let (rate, base) = if repetition % 2 == 0 {
+                (rates[0].0, rates[1].0)
+            } else {
+                (rates[1].0, rates[0].0)
+            };
             table.push(vec![
                 keys.to_string(),
                 backing.label().into(),
                 repetition.to_string(),
                 format!("{rate:.0}"),
+                format!("{base:.0}"),
+                format!("{:.4}", rate / base),
             ]);
-            Ok(rate)
+            Ok(rate / base)
         },
     );
-    table.write(&bench.out_dir, "d_spread.csv")?;
+    table.write(&bench.out_dir, "d_pairs.csv")?;
     let mut summary = CsvTable::new(&[
         "backing",
-        "runs",
-        "median Mops/s",
+        "pairs",
+        "median ratio to anonymous thp=on",
         "min",
         "max",
-        "ratio vs anonymous thp=on",
     ]);
-    let base = results
-        .iter()
-        .find(|(b, _)| *b == Backing::AnonymousThp)
-        .and_then(|(_, rates)| median(rates));
-    for (backing, rates) in &results {
-        let Some(value) = median(rates) else { continue };
-        let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = rates.iter().copied().fold(0.0, f64::max);
-        let ratio = base
-            .filter(|_| *backing != Backing::AnonymousThp)
-            .map(|base| value / base);
+    for (backing, ratios) in &results {
+        let Some(value) = median(ratios) else { continue };
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        let what = if *backing == Backing::AnonymousThp {
+            "(the method's own noise: baseline against baseline)"
+        } else {
+            ""
+        };
         summary.push(vec![
             backing.label().into(),
-            rates.len().to_string(),
-            format!("{:.2}", value / 1e6),
-            format!("{:.2}", min / 1e6),
-            format!("{:.2}", max / 1e6),
-            ratio.map(|r| format!("{r:.3}x")).unwrap_or_default(),
+            ratios.len().to_string(),
+            format!("{value:.3}x"),
+            format!("{min:.3}x"),
+            format!("{max:.3}x"),
         ]);
-        if let Some(ratio) = ratio {
-            bench.summary.line(format!(
-                "D RATIO {} / anonymous thp=on = {ratio:.3}x (medians of {} runs; range {:.2}-{:.2} \
-                 Mops/s)",
-                backing.label(),
-                rates.len(),
-                min / 1e6,
-                max / 1e6
-            ));
-        }
+        bench.summary.line(format!(
+            "D RATIO {} / anonymous thp=on side by side = {value:.3}x (median of {} pairs, range \
+             {min:.3}x-{max:.3}x) {what}",
+            backing.label(),
+            ratios.len()
+        ));
     }
     bench
         .summary
-        .table("D-spread. kvstore throughput, median and range", &summary);
+        .table("D-pairs. kvstore throughput side by side with anonymous thp=on", &summary);
     Ok(())
 }

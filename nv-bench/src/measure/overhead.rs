@@ -160,52 +160,81 @@ pub fn throughput_in_window(
     memory: MemoryBacking,
     tag: &str,
 ) -> Result<(f64, f64)> {
-    // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
-    let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
-    create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
+    let mut rates = throughputs_in_one_window(bench, keys, &[(memory, tag.to_string())])?;
+    Ok(rates.remove(0))
+}
+
+/// As [`throughput_in_window`] for several VMs at once (each `(memory, tag)`): all are booted,
+/// then measured over the same window, so that load from the rest of the machine hits them
+/// alike. The rates come back in `vms`' order.
+pub fn throughputs_in_one_window(
+    bench: &Bench,
+    keys: u64,
+    vms: &[(MemoryBacking, String)],
+) -> Result<Vec<(f64, f64)>> {
     let ram = TestGuest::ram_for_keys(keys);
-    if let MemoryBacking::SharedFile(path) = &memory {
-        // As upstream, `--memory-zone file=` must name an existing file.
-        create_sparse_file(path, 0)?;
-    }
-    let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk.clone()));
-    let mut vm = bench.boot_serving(guest, memory.clone(), tag, None)?;
-    let result = (|| {
-        if let MemoryBacking::NvRegion { region, .. }
-        | MemoryBacking::SparseNvRegion { region, .. } = &memory
-        {
-            check_region_holds_ram(region, ram)?;
+    let mut running = Vec::new();
+    let mut files = Vec::new();
+    let booted = (|| {
+        for (memory, tag) in vms {
+            // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
+            let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
+            create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
+            files.push(log_disk.clone());
+            match memory {
+                MemoryBacking::SharedFile(path) => {
+                    files.push(path.clone());
+                    // As upstream, `--memory-zone file=` must name an existing file.
+                    create_sparse_file(path, 0)?;
+                }
+                MemoryBacking::NvRegion { region, .. }
+                | MemoryBacking::SparseNvRegion { region, .. } => files.push(region.clone()),
+                MemoryBacking::Anonymous | MemoryBacking::AnonymousThpOff => {}
+            }
+            let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk));
+            running.push(bench.boot_serving(guest, memory.clone(), tag, None)?);
+            if let MemoryBacking::NvRegion { region, .. }
+            | MemoryBacking::SparseNvRegion { region, .. } = memory
+            {
+                check_region_holds_ram(region, ram)?;
+            }
         }
+        Ok(())
+    })();
+    let result = booted.and_then(|()| {
         let serving_at = Instant::now();
         let window_start = serving_at + bench.profile.overhead_warmup;
         let window_end = window_start + bench.profile.overhead_window;
-        vm.wait_for(
-            "the end of the measured window",
-            LINE_TIMEOUT + bench.profile.overhead_window,
-            |lines| lines.last().is_some_and(|line| line.at >= window_end),
-        )?;
-        let samples = samples_since(&ops_samples(&vm.serial.lines()), window_start);
-        let samples: Vec<_> = samples.into_iter().filter(|s| s.at <= window_end).collect();
-        let rate = mean_rate(&samples).ok_or_else(|| {
-            vm.timeout(
-                "two progress lines in the window",
-                bench.profile.overhead_window,
-            )
-        })?;
-        let window = samples
-            .last()
-            .zip(samples.first())
-            .map(|(last, first)| last.at.duration_since(first.at).as_secs_f64())
-            .unwrap_or(0.0);
-        Ok((rate, window))
-    })();
-    vm.kill();
-    let _ = std::fs::remove_file(&log_disk);
-    if let MemoryBacking::SharedFile(path)
-    | MemoryBacking::NvRegion { region: path, .. }
-    | MemoryBacking::SparseNvRegion { region: path, .. } = &memory
-    {
-        let _ = std::fs::remove_file(path);
+        running
+            .iter_mut()
+            .map(|vm| {
+                vm.wait_for(
+                    "the end of the measured window",
+                    LINE_TIMEOUT + bench.profile.overhead_window,
+                    |lines| lines.last().is_some_and(|line| line.at >= window_end),
+                )?;
+                let samples = samples_since(&ops_samples(&vm.serial.lines()), window_start);
+                let samples: Vec<_> = samples.into_iter().filter(|s| s.at <= window_end).collect();
+                let rate = mean_rate(&samples).ok_or_else(|| {
+                    vm.timeout(
+                        "two progress lines in the window",
+                        bench.profile.overhead_window,
+                    )
+                })?;
+                let window = samples
+                    .last()
+                    .zip(samples.first())
+                    .map(|(last, first)| last.at.duration_since(first.at).as_secs_f64())
+                    .unwrap_or(0.0);
+                Ok((rate, window))
+            })
+            .collect()
+    });
+    for vm in running {
+        vm.kill();
+    }
+    for file in files {
+        let _ = std::fs::remove_file(file);
     }
     result
 }
