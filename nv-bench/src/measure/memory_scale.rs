@@ -449,8 +449,9 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     let repetitions = bench.profile.full_speed_repetitions;
     bench.summary.line(format!(
         "D-pairs method: kvstore {} keys; {repetitions} repetitions per backing, each running it \
-         side by side with anonymous thp=on (boot order alternating) over the same {:.1} s window \
-         after {:.1} s of warm-up; the ratio is taken per pair, then its median and range",
+         side by side with anonymous thp=on (boot order alternating, both VMMs pinned to one CPU) \
+         over the same {:.1} s window after {:.1} s of warm-up; the ratio is taken per pair, then \
+         its median and range",
         keys_label(keys),
         bench.profile.overhead_window.as_secs_f64(),
         bench.profile.overhead_warmup.as_secs_f64()

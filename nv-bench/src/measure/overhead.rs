@@ -202,6 +202,9 @@ pub fn throughputs_in_one_window(
         Ok(())
     })();
     let result = booted.and_then(|()| {
+        if running.len() > 1 {
+            share_one_cpu(&running)?;
+        }
         let serving_at = Instant::now();
         let window_start = serving_at + bench.profile.overhead_warmup;
         let window_end = window_start + bench.profile.overhead_window;
@@ -237,6 +240,32 @@ pub fn throughputs_in_one_window(
         let _ = std::fs::remove_file(file);
     }
     result
+}
+
+/// Pins every thread of every VMM in `running` to the same CPU, so that side-by-side guests
+/// share it evenly (the scheduler's fairness between equal threads) and load from the rest of
+/// the machine slows them alike; on separate CPUs one may share its CPU with a build and the
+/// other not.
+fn share_one_cpu(running: &[crate::running_vm::RunningVm]) -> Result<()> {
+    let last_cpu = std::thread::available_parallelism()
+        .map(|n| n.get() - 1)
+        .unwrap_or(0);
+    for vm in running {
+        let pid = vm.process.pid().to_string();
+        let cpu = last_cpu.to_string();
+        let status = std::process::Command::new("taskset")
+            .args(["--all-tasks", "--cpu-list", "--pid", &cpu, &pid])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| crate::error::BenchError::io("running taskset".to_string(), e))?;
+        if !status.success() {
+            return Err(crate::error::BenchError::Command {
+                command: format!("taskset --all-tasks --cpu-list --pid {cpu} {pid}"),
+                detail: format!("exited with {status}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An NV run must really be on the region: a VMM that ignored `--nv` would measure anonymous
