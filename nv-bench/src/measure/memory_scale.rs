@@ -513,7 +513,9 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
         "max",
     ]);
     for (backing, ratios) in &results {
-        let Some(value) = median(ratios) else { continue };
+        let Some(value) = median(ratios) else {
+            continue;
+        };
         let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let max = ratios.iter().copied().fold(0.0, f64::max);
         let what = if *backing == Backing::AnonymousThp {
@@ -535,8 +537,9 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
             ratios.len()
         ));
     }
-    bench
-        .summary
-        .table("D-pairs. kvstore throughput side by side with anonymous thp=on", &summary);
+    bench.summary.table(
+        "D-pairs. kvstore throughput side by side with anonymous thp=on",
+        &summary,
+    );
     Ok(())
 }
