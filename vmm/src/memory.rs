@@ -787,6 +787,30 @@ mod tests {
     }
 
     #[test]
+    fn nv_ram_of_64_gib_maps_past_32_bits_without_touching_it() {
+        // A sparse 64 GiB extent 2 MiB into a file: only the two bytes written are ever allocated.
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64u64 << 30;
+        let memory = nv_memory(dir.path(), 2 << 20, size);
+        let regions: Vec<_> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, size - (3 << 30))]);
+        let last = GuestAddress((4 << 30) + size - (3 << 30) - 1);
+        memory.write_obj(0x64_u8, last).unwrap();
+        drop(memory);
+        let file = File::open(dir.path().join("ram")).unwrap();
+        let mut byte = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, (2 << 20) + size - 1).unwrap();
+        assert_eq!(
+            byte,
+            [0x64],
+            "the guest's last byte is the extent's last byte"
+        );
+        // Far from 64 GiB (a file system may allocate a whole large folio around the byte).
+        let allocated = file.metadata().unwrap().blocks() * 512;
+        assert!(allocated < 64 << 20, "{allocated} bytes allocated");
+    }
+
+    #[test]
     fn bad_sizes_are_refused_with_a_message() {
         let config = MemoryConfig {
             size: 4097,
