@@ -737,6 +737,11 @@ fn nv_endpoints_save_and_recover_over_the_api() {
     wait_for_counter_lines(&first_log, 2, BOOT_TIMEOUT);
     let status = first.call("GET", "vm.nv-status", None).json();
     assert_eq!(status["vm"], "api");
+    // NV RAM is advised for huge pages; the smaps-derived facts are reported while it runs.
+    let mapping = &status["memory_mapping"];
+    assert_eq!(mapping["thp_advised"], true, "{status}");
+    assert!(mapping["aligned_2m"].is_boolean(), "{status}");
+    assert!(mapping["huge_page_bytes"].is_u64(), "{status}");
     let status = first.ch_remote_json(&["nv-persist", "status"], "GET", "vm.nv-status");
     assert_eq!(status["vm"], "api");
     let regions_op = format!("vmm.nv-regions?region={}", region.display());

@@ -11,6 +11,10 @@ pub enum MemoryBacking {
     SharedFile(PathBuf),
     /// An extent of an NV region, created on first use (`--nv region=..,vm=..,create=on`).
     NvRegion { region: PathBuf, vm: String },
+    /// As `NvRegion`, its RAM extent left unallocated (`sparse=on`): VMs larger than the host.
+    SparseNvRegion { region: PathBuf, vm: String },
+    /// Private anonymous memory without transparent huge pages (`thp=off`): 4 KiB pages.
+    AnonymousThpOff,
 }
 
 /// A test guest (integration-tests/guests) and its parameters.
@@ -93,6 +97,7 @@ pub fn arguments(
             let size = guest.ram_bytes;
             match backing {
                 MemoryBacking::Anonymous => push("--memory", format!("size={size}")),
+                MemoryBacking::AnonymousThpOff => push("--memory", format!("size={size},thp=off")),
                 MemoryBacking::SharedFile(path) => {
                     push("--memory", "size=0".into());
                     push(
@@ -105,6 +110,13 @@ pub fn arguments(
                     push(
                         "--nv",
                         format!("region={},vm={vm},create=on", region.display()),
+                    );
+                }
+                MemoryBacking::SparseNvRegion { region, vm } => {
+                    push("--memory", format!("size={size}"));
+                    push(
+                        "--nv",
+                        format!("region={},vm={vm},create=on,sparse=on", region.display()),
                     );
                 }
             }

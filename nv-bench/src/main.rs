@@ -53,6 +53,8 @@ enum Which {
     Floor,
     /// H: blkcheck disk throughput over vhost-user-blk vs the in-process virtio-blk.
     VhostUser,
+    /// Issue 15: B recovery up to 64 GiB, first touch on huge pages, D with spread.
+    Memory,
 }
 
 #[derive(Parser, Debug)]
@@ -211,7 +213,7 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 8] = [
+    let sections: [(Which, Section); 9] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
@@ -220,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
         (Which::Region, measure::region_power_fail::run),
         (Which::Swap, measure::swap::run),
         (Which::VhostUser, measure::vhost_user::run),
+        (Which::Memory, measure::memory_scale::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

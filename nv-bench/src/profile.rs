@@ -37,6 +37,13 @@ pub struct Profile {
     pub region_cycles: usize,
     /// A-floor: interleaved repetitions of the floor and of an NV recovery + power-fail exit.
     pub floor_repetitions: usize,
+    /// B at any size (issue 15): RAM sizes of the sparse-region recoveries.
+    pub flat_ram_sizes: Vec<u64>,
+    /// First touch on huge vs 4 KiB pages: repetitions per backing and size (0: not run).
+    pub first_touch_repetitions: usize,
+    /// D with spread: key count and repetitions per backing (0: not run).
+    pub full_speed_keys: u64,
+    pub full_speed_repetitions: usize,
 }
 
 const MIB: u64 = 1 << 20;
@@ -61,6 +68,10 @@ impl Profile {
             overhead_window: Duration::from_secs(6),
             region_cycles: 3,
             floor_repetitions: 15,
+            flat_ram_sizes: vec![256 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB],
+            first_touch_repetitions: 3,
+            full_speed_keys: 1_000_000,
+            full_speed_repetitions: 7,
         }
     }
 
@@ -82,6 +93,10 @@ impl Profile {
             overhead_window: Duration::from_secs(1),
             region_cycles: 0,
             floor_repetitions: 3,
+            flat_ram_sizes: vec![128 * MIB, 16 * GIB],
+            first_touch_repetitions: 0,
+            full_speed_keys: 100_000,
+            full_speed_repetitions: 0,
         }
     }
 }

@@ -37,7 +37,7 @@ pub use error::{Error, ErrorKind, HostError, Result, SwapFileProblem};
 pub use identity::Uuid;
 pub use owner_process::{wait_for_any_exit, OwnerProcess};
 pub use persistence::PersistenceMode;
-pub use region::{OpenOptions, Region, VmSummary};
+pub use region::{MemoryReservation, OpenOptions, Region, VmSummary};
 pub use superblock::ShutdownMarker;
 pub use swap::{
     inspect_swap_file, SwapFileSummary, SwapInReport, SwapOutReport, SwapProgress, SwapRecord,

@@ -51,6 +51,17 @@ pub struct OpenOptions {
     pub table_copy_len: u64,
 }
 
+/// Whether a new VM's RAM extent is allocated in a file region when the VM is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryReservation {
+    /// Allocated now (`fallocate`): a full file system is an error at create time, not a
+    /// SIGBUS at the guest's first touch.
+    Allocated,
+    /// Left as a hole, allocated page by page as the guest touches it: a VM larger than what the
+    /// backing can hold at once (sparse benchmarks, overcommitted hosts).
+    Sparse,
+}
+
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
@@ -467,8 +478,21 @@ impl Region {
         self.transact(|_, table| Ok((find(table, name)?.config.clone(), false)))
     }
 
-    /// Adds a VM with `memory_size` bytes of guest RAM (a multiple of 4 KiB).
+    /// Adds a VM with `memory_size` bytes of guest RAM (a multiple of 4 KiB), its RAM extent
+    /// allocated.
     pub fn create_vm(&self, name: &str, memory_size: u64, config_blob: &[u8]) -> Result<VmSummary> {
+        self.create_vm_with(name, memory_size, config_blob, MemoryReservation::Allocated)
+    }
+
+    /// Adds a VM as [`Region::create_vm`] does, its RAM extent allocated or left sparse as
+    /// `reservation` says (the state extent is always allocated).
+    pub fn create_vm_with(
+        &self,
+        name: &str,
+        memory_size: u64,
+        config_blob: &[u8],
+        reservation: MemoryReservation,
+    ) -> Result<VmSummary> {
         vm_table::validate_name(name)?;
         if memory_size == 0 || !memory_size.is_multiple_of(4096) {
             return Err(Error::InvalidSize {
@@ -489,7 +513,16 @@ impl Region {
             let memory_len = align_up(memory_size, align).ok_or(too_big)?;
             let state_len =
                 align_up(2 * shared.superblock.state_slot_len, align).unwrap_or(u64::MAX);
-            let offsets = Self::allocate(shared, table, &[memory_len, state_len])?;
+            let offsets = match reservation {
+                MemoryReservation::Allocated => {
+                    Self::allocate(shared, table, &[memory_len, state_len])?
+                }
+                MemoryReservation::Sparse => {
+                    let offsets = Self::place_extents(shared, table, &[memory_len, state_len])?;
+                    shared.store.reserve(offsets[1], state_len)?;
+                    offsets
+                }
+            };
             let entry = VmEntry {
                 name: name.to_string(),
                 uuid,

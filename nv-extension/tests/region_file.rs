@@ -7,7 +7,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use nv_extension::{
-    Error, OpenOptions, PersistenceMode, Region, RunKind, RunRecord, ShutdownKind, ShutdownMarker,
+    Error, MemoryReservation, OpenOptions, PersistenceMode, Region, RunKind, RunRecord,
+    ShutdownKind, ShutdownMarker,
 };
 
 mod common;
@@ -559,4 +560,52 @@ fn a_misspelt_fault_point_fails_the_save_instead_of_being_ignored() {
     let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     assert!(!String::from_utf8_lossy(&output.stdout).contains("save returned"));
+}
+
+/// VMs far larger than 4 GiB (and than this host's RAM) in a sparse region on tmpfs: sizes and
+/// offsets past 32 bits survive a reopen, nothing of the RAM is allocated, and an allocated
+/// create of the same size is refused up front instead of filling the file system.
+#[test]
+fn sparse_vms_of_64_gib_keep_64_bit_sizes_and_offsets() {
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("big.region");
+    let region = Region::open(&path, &create_options()).unwrap();
+    let tmpfs_bytes = {
+        // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c_path = std::ffi::CString::new("/dev/shm").unwrap();
+        assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
+        stat.f_blocks * stat.f_frsize
+    };
+    assert!(
+        tmpfs_bytes < 64 * GIB,
+        "the test wants a tmpfs smaller than the VM"
+    );
+    let refused = region.create_vm("allocated", 64 * GIB, b"{}");
+    assert!(refused.is_err(), "64 GiB cannot be allocated on this tmpfs");
+    for name in ["a", "b"] {
+        region
+            .create_vm_with(name, 64 * GIB + 4096, b"{}", MemoryReservation::Sparse)
+            .unwrap();
+    }
+    drop(region);
+    let region = open_existing(&path).unwrap();
+    let vms = region.list_vms().unwrap();
+    assert_eq!(vms.len(), 2);
+    let mut offsets = Vec::new();
+    for name in ["a", "b"] {
+        let handle = region.claim_vm(name).unwrap();
+        assert_eq!(handle.memory_size(), 64 * GIB + 4096);
+        let backing = handle.memory_backing().unwrap();
+        assert_eq!(backing.size, 64 * GIB + 4096);
+        assert_eq!(backing.offset % (2 * MIB), 0, "extents are 2 MiB-aligned");
+        offsets.push(backing.offset);
+    }
+    assert!(offsets[1] > offsets[0] + 64 * GIB, "{offsets:x?}");
+    assert!(region.size() > 128 * GIB);
+    // Only metadata and the state extents are allocated.
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    assert!(allocated < 64 * MIB, "{allocated} bytes allocated");
 }

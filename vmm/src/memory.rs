@@ -20,6 +20,10 @@ use crate::Error;
 /// Guest RAM is mapped in pages of this size; every size and offset must be a multiple of it.
 const PAGE_SIZE: u64 = 4096;
 
+/// The size of an x86-64 PMD mapping (a transparent huge page): a mapping can use them only
+/// where its host address and its file offset are both multiples of this.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 /// One source of guest RAM bytes, in the order it fills guest-physical space.
 #[derive(Debug)]
 enum Backing {
@@ -41,6 +45,9 @@ enum Backing {
         /// `MAP_SYNC` (DAX only): page faults never leave file metadata the data depends on
         /// volatile, so a cache write-back alone makes guest stores durable.
         map_sync: bool,
+        /// `madvise(MADV_HUGEPAGE)`: NV RAM, so that a tmpfs mounted `huge=advise` (or a
+        /// shmem policy of `advise`) backs it with huge pages.
+        thp: bool,
     },
 }
 
@@ -93,6 +100,7 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
                     shared: zone.shared,
                     prefault: zone.prefault,
                     map_sync: false,
+                    thp: false,
                 });
             }
         }
@@ -124,6 +132,7 @@ pub fn guest_memory_from_file(
         shared: true,
         prefault: false,
         map_sync,
+        thp: true,
     }])
 }
 
@@ -140,6 +149,106 @@ fn advise_huge_pages(mapping: &vm_memory::mmap::MmapRegion, length: usize) {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// How the host maps guest RAM, read from `/proc/self/smaps` for the guest's mappings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HugePageReport {
+    /// Every mapping starts at a 2 MiB-aligned host address (a precondition of PMD mappings).
+    pub aligned: bool,
+    /// Every mapping is advised for transparent huge pages (`MADV_HUGEPAGE`, `hg` in VmFlags).
+    pub advised: bool,
+    /// Bytes of guest RAM mapped by huge pages right now: `AnonHugePages` + `ShmemPmdMapped` +
+    /// `FilePmdMapped` (a page the guest has not touched yet is not mapped at all).
+    pub huge_page_bytes: u64,
+}
+
+/// One mapping of `/proc/self/smaps`: its address range and the lines that describe it.
+struct SmapsEntry<'a> {
+    start: u64,
+    end: u64,
+    lines: Vec<&'a str>,
+}
+
+impl SmapsEntry<'_> {
+    /// A `Name:   N kB` field in bytes (0 when absent).
+    fn bytes(&self, name: &str) -> u64 {
+        self.lines
+            .iter()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .next()
+            .unwrap_or(0)
+            * 1024
+    }
+
+    fn flags(&self) -> impl Iterator<Item = &str> {
+        self.lines
+            .iter()
+            .find_map(|line| line.strip_prefix("VmFlags:"))
+            .unwrap_or("")
+            .split_whitespace()
+    }
+}
+
+/// Splits the text of `/proc/self/smaps` into its mappings.
+fn smaps_entries(smaps: &str) -> Vec<SmapsEntry<'_>> {
+    let mut entries: Vec<SmapsEntry> = Vec::new();
+    for line in smaps.lines() {
+        let range = line
+            .split_once(' ')
+            .and_then(|(range, _)| range.split_once('-'))
+            .and_then(|(start, end)| {
+                Some((
+                    u64::from_str_radix(start, 16).ok()?,
+                    u64::from_str_radix(end, 16).ok()?,
+                ))
+            });
+        match (range, entries.last_mut()) {
+            (Some((start, end)), _) => entries.push(SmapsEntry {
+                start,
+                end,
+                lines: Vec::new(),
+            }),
+            (None, Some(entry)) => entry.lines.push(line),
+            (None, None) => {}
+        }
+    }
+    entries
+}
+
+/// Reads from `/proc/self/smaps` how the host maps `memory`: whether it is 2 MiB-aligned and
+/// advised for huge pages, and how much of it huge pages map now.
+pub fn huge_page_report(memory: &GuestMemoryMmap) -> std::io::Result<HugePageReport> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(huge_page_report_from(&smaps, memory))
+}
+
+fn huge_page_report_from(smaps: &str, memory: &GuestMemoryMmap) -> HugePageReport {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let entries = smaps_entries(smaps);
+    let mut report = HugePageReport {
+        aligned: true,
+        advised: true,
+        huge_page_bytes: 0,
+    };
+    for region in memory.iter() {
+        let start = region.as_ptr() as u64;
+        let end = start + region.len();
+        report.aligned &= start.is_multiple_of(HUGE_PAGE_SIZE);
+        // madvise may have split one mapping into several; the guest's range covers them all.
+        for entry in entries
+            .iter()
+            .filter(|entry| entry.start < end && start < entry.end)
+        {
+            report.advised &= entry.flags().any(|flag| flag == "hg");
+            report.huge_page_bytes += ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"]
+                .iter()
+                .map(|name| entry.bytes(name))
+                .sum::<u64>();
+        }
+    }
+    report
 }
 
 /// Opens a zone's backing file and makes sure it holds at least `size` bytes: a regular file that
@@ -359,8 +468,22 @@ fn map_piece(
         };
         Error::MemoryMap { size, what, source }
     })?;
-    if let Backing::Anonymous { thp: true, .. } = backing {
+    if let Backing::Anonymous { thp: true, .. } | Backing::File { thp: true, .. } = backing {
         advise_huge_pages(&mapping, length);
+    }
+    if let Backing::File { offset, .. } = backing {
+        // The kernel picks the address. Where the backing can map huge pages (a tmpfs mounted
+        // with `huge=`, a DAX file system or device, a file system with large folios) it picks
+        // one congruent to the file offset modulo 2 MiB; extents are 2 MiB-aligned in the file,
+        // so the mapping is too. Elsewhere (tmpfs `huge=never`) the address does not matter.
+        let file_offset = offset + offset_in_backing;
+        let host = mapping.as_ptr() as u64;
+        if size >= HUGE_PAGE_SIZE && host % HUGE_PAGE_SIZE != file_offset % HUGE_PAGE_SIZE {
+            log::debug!(
+                "guest RAM at {guest_address:#x?} mapped at {host:#x}, not 2 MiB-aligned with \
+                 its file offset {file_offset:#x}: the backing cannot map huge pages"
+            );
+        }
     }
     GuestRegionMmap::new(mapping, guest_address).ok_or_else(|| {
         Error::MemoryLayout(format!(
@@ -424,26 +547,13 @@ mod tests {
     /// The `VmFlags` of the mapping that holds `address`, from `/proc/self/smaps`.
     fn vm_flags(address: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((start, end)) = range.split_once('-') {
-                    if let (Ok(start), Ok(end)) = (
-                        usize::from_str_radix(start, 16),
-                        usize::from_str_radix(end, 16),
-                    ) {
-                        inside = (start..end).contains(&address);
-                        continue;
-                    }
-                }
-            }
-            if inside {
-                if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return flags.trim().to_owned();
-                }
-            }
-        }
-        panic!("no mapping holds {address:#x}");
+        let address = address as u64;
+        let entries = smaps_entries(&smaps);
+        let entry = entries
+            .iter()
+            .find(|entry| (entry.start..entry.end).contains(&address))
+            .unwrap_or_else(|| panic!("no mapping holds {address:#x}"));
+        entry.flags().collect::<Vec<_>>().join(" ")
     }
 
     #[test]
@@ -529,6 +639,122 @@ mod tests {
         assert!(guest_memory_from_file(file, &path, 2 << 20, 4 << 20, true).is_err());
     }
 
+    /// A tmpfs mounted `huge=always` on a new temporary directory, unmounted on drop; `None`
+    /// where this process may not mount (not root).
+    struct HugeTmpfs(tempfile::TempDir);
+
+    impl HugeTmpfs {
+        fn mount() -> Option<HugeTmpfs> {
+            use std::ffi::CString;
+            use std::os::unix::ffi::OsStrExt;
+            let dir = tempfile::tempdir().unwrap();
+            let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+            let kind = CString::new("tmpfs").unwrap();
+            let data = CString::new("huge=always,size=64m").unwrap();
+            // SAFETY: plain C strings that outlive the call; mounts on our own new directory.
+            let rc = unsafe {
+                libc::mount(
+                    kind.as_ptr(),
+                    target.as_ptr(),
+                    kind.as_ptr(),
+                    0,
+                    data.as_ptr().cast(),
+                )
+            };
+            (rc == 0).then_some(HugeTmpfs(dir))
+        }
+    }
+
+    impl Drop for HugeTmpfs {
+        fn drop(&mut self) {
+            use std::os::unix::ffi::OsStrExt;
+            let target = std::ffi::CString::new(self.0.path().as_os_str().as_bytes()).unwrap();
+            // SAFETY: detaches the mount made by `mount` on this directory.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    /// NV RAM: `size` bytes at `offset` of a new file `ram` in `dir`, as the NV path maps it.
+    fn nv_memory(dir: &Path, offset: u64, size: u64) -> GuestMemoryMmap {
+        let path = dir.join("ram");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(offset + size).unwrap();
+        guest_memory_from_file(file, &path, offset, size, false).unwrap()
+    }
+
+    /// Writes one byte in every 4 KiB page of guest RAM `[0, len)`.
+    fn touch(memory: &GuestMemoryMmap, len: u64) {
+        for page in (0..len).step_by(PAGE_SIZE as usize) {
+            memory.write_obj(1u8, GuestAddress(page)).unwrap();
+        }
+    }
+
+    #[test]
+    fn nv_ram_on_a_huge_tmpfs_is_aligned_advised_and_huge_page_mapped() {
+        let Some(huge) = HugeTmpfs::mount() else {
+            panic!("this test needs to mount a tmpfs (huge=always): run it as root");
+        };
+        // The extent starts 2 MiB into the file, as NV extents do.
+        let memory = nv_memory(huge.0.path(), 2 << 20, 8 << 20);
+        let before = huge_page_report(&memory).unwrap();
+        assert!(before.aligned, "{before:?}");
+        assert!(
+            before.advised,
+            "NV RAM must be advised for huge pages: {before:?}"
+        );
+        assert_eq!(before.huge_page_bytes, 0, "nothing touched yet: {before:?}");
+        touch(&memory, 8 << 20);
+        let after = huge_page_report(&memory).unwrap();
+        assert_eq!(after.huge_page_bytes, 8 << 20, "{after:?}");
+    }
+
+    #[test]
+    fn nv_ram_on_a_plain_tmpfs_reports_no_huge_pages() {
+        // /dev/shm is mounted without `huge=` here (and on most hosts): 4 KiB pages only.
+        let shmem_huge = std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|line| line.contains(" /dev/shm ") && line.contains("huge="));
+        assert!(!shmem_huge, "/dev/shm is mounted with huge pages here");
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let memory = nv_memory(dir.path(), 2 << 20, 4 << 20);
+        touch(&memory, 4 << 20);
+        let report = huge_page_report(&memory).unwrap();
+        assert!(report.advised, "{report:?}");
+        assert_eq!(report.huge_page_bytes, 0, "{report:?}");
+    }
+
+    #[test]
+    fn huge_page_report_sums_every_mapping_of_guest_ram() {
+        let memory = guest_memory_from_config(&MemoryConfig {
+            size: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let start = memory.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let (middle, end) = (start + (2 << 20), start + (4 << 20));
+        // madvise split the guest's mapping in two; a neighbour outside it does not count.
+        let smaps = format!(
+            "{:x}-{start:x} rw-p 00000000 00:00 0\nAnonHugePages:  2048 kB\nVmFlags: rd wr hg\n\
+             {start:x}-{middle:x} rw-p 00000000 00:00 0\nAnonHugePages:  2048 kB\n\
+             VmFlags: rd wr mr hg\n\
+             {middle:x}-{end:x} rw-s 00000000 00:05 7 /dev/shm/x\nShmemPmdMapped: 2048 kB\n\
+             FilePmdMapped:      0 kB\nVmFlags: rd wr sh hg\n",
+            start - 4096
+        );
+        let report = huge_page_report_from(&smaps, &memory);
+        assert_eq!(report.huge_page_bytes, 4 << 20, "{report:?}");
+        assert!(report.advised, "{report:?}");
+        assert_eq!(report.aligned, start.is_multiple_of(HUGE_PAGE_SIZE));
+        let unadvised = smaps.replace("sh hg", "sh");
+        assert!(!huge_page_report_from(&unadvised, &memory).advised);
+    }
+
     #[test]
     fn sysfs_numbers_parse_in_decimal_and_hex() {
         assert_eq!(parse_sysfs_number("2097152\n"), Some(2 << 20));
@@ -558,6 +784,30 @@ mod tests {
             [0x11, 0x22],
             "guest 3G-1 and 4G are adjacent file bytes"
         );
+    }
+
+    #[test]
+    fn nv_ram_of_64_gib_maps_past_32_bits_without_touching_it() {
+        // A sparse 64 GiB extent 2 MiB into a file: only the two bytes written are ever allocated.
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64u64 << 30;
+        let memory = nv_memory(dir.path(), 2 << 20, size);
+        let regions: Vec<_> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, size - (3 << 30))]);
+        let last = GuestAddress((4 << 30) + size - (3 << 30) - 1);
+        memory.write_obj(0x64_u8, last).unwrap();
+        drop(memory);
+        let file = File::open(dir.path().join("ram")).unwrap();
+        let mut byte = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, (2 << 20) + size - 1).unwrap();
+        assert_eq!(
+            byte,
+            [0x64],
+            "the guest's last byte is the extent's last byte"
+        );
+        // Far from 64 GiB (a file system may allocate a whole large folio around the byte).
+        let allocated = file.metadata().unwrap().blocks() * 512;
+        assert!(allocated < 64 << 20, "{allocated} bytes allocated");
     }
 
     #[test]

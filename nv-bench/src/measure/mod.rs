@@ -1,6 +1,7 @@
 //! The four measurements of issue 6, one module each, over a shared [`Bench`] context.
 
 pub mod floor;
+pub mod memory_scale;
 pub mod overhead;
 pub mod power_fail;
 pub mod region_power_fail;

@@ -141,10 +141,6 @@ fn measure_one(
     repetition: usize,
 ) -> Result<(f64, f64)> {
     let tag = format!("d-{keys}-{repetition}-{backing:?}");
-    // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
-    let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
-    create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
-    let ram = TestGuest::ram_for_keys(keys);
     let memory = match backing {
         Backing::Anonymous => MemoryBacking::Anonymous,
         Backing::SharedFile => MemoryBacking::SharedFile(bench.tmpfs.join(&format!("{tag}.ram"))),
@@ -153,46 +149,123 @@ fn measure_one(
             vm: "kv".into(),
         },
     };
-    if let MemoryBacking::SharedFile(path) = &memory {
-        // As upstream, `--memory-zone file=` must name an existing file.
-        create_sparse_file(path, 0)?;
-    }
-    let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk.clone()));
-    let mut vm = bench.boot_serving(guest, memory.clone(), &tag, None)?;
-    let result = (|| {
-        if let MemoryBacking::NvRegion { region, .. } = &memory {
-            check_region_holds_ram(region, ram)?;
+    throughput_in_window(bench, keys, memory, &tag)
+}
+
+/// Boots kvstore with `keys` keys on `memory`, warms up, then measures the mean rate (and the
+/// window's length) from host-stamped lines; the log disk is on tmpfs. Removes its files.
+pub fn throughput_in_window(
+    bench: &Bench,
+    keys: u64,
+    memory: MemoryBacking,
+    tag: &str,
+) -> Result<(f64, f64)> {
+    let mut rates = throughputs_in_one_window(bench, keys, &[(memory, tag.to_string())])?;
+    Ok(rates.remove(0))
+}
+
+/// As [`throughput_in_window`] for several VMs at once (each `(memory, tag)`): all are booted,
+/// then measured over the same window, so that load from the rest of the machine hits them
+/// alike. The rates come back in `vms`' order.
+pub fn throughputs_in_one_window(
+    bench: &Bench,
+    keys: u64,
+    vms: &[(MemoryBacking, String)],
+) -> Result<Vec<(f64, f64)>> {
+    let ram = TestGuest::ram_for_keys(keys);
+    let mut running = Vec::new();
+    let mut files = Vec::new();
+    let booted = (|| {
+        for (memory, tag) in vms {
+            // The log goes to tmpfs for every backing alike: this isolates the memory's cost.
+            let log_disk = bench.tmpfs.join(&format!("{tag}.log"));
+            create_sparse_file(&log_disk, LOG_DISK_BYTES)?;
+            files.push(log_disk.clone());
+            match memory {
+                MemoryBacking::SharedFile(path) => {
+                    files.push(path.clone());
+                    // As upstream, `--memory-zone file=` must name an existing file.
+                    create_sparse_file(path, 0)?;
+                }
+                MemoryBacking::NvRegion { region, .. }
+                | MemoryBacking::SparseNvRegion { region, .. } => files.push(region.clone()),
+                MemoryBacking::Anonymous | MemoryBacking::AnonymousThpOff => {}
+            }
+            let guest = bench.kvstore(keys, ram, PERIOD_MS, Some(log_disk));
+            running.push(bench.boot_serving(guest, memory.clone(), tag, None)?);
+            if let MemoryBacking::NvRegion { region, .. }
+            | MemoryBacking::SparseNvRegion { region, .. } = memory
+            {
+                check_region_holds_ram(region, ram)?;
+            }
+        }
+        Ok(())
+    })();
+    let result = booted.and_then(|()| {
+        if running.len() > 1 {
+            share_one_cpu(&running)?;
         }
         let serving_at = Instant::now();
         let window_start = serving_at + bench.profile.overhead_warmup;
         let window_end = window_start + bench.profile.overhead_window;
-        vm.wait_for(
-            "the end of the measured window",
-            LINE_TIMEOUT + bench.profile.overhead_window,
-            |lines| lines.last().is_some_and(|line| line.at >= window_end),
-        )?;
-        let samples = samples_since(&ops_samples(&vm.serial.lines()), window_start);
-        let samples: Vec<_> = samples.into_iter().filter(|s| s.at <= window_end).collect();
-        let rate = mean_rate(&samples).ok_or_else(|| {
-            vm.timeout(
-                "two progress lines in the window",
-                bench.profile.overhead_window,
-            )
-        })?;
-        let window = samples
-            .last()
-            .zip(samples.first())
-            .map(|(last, first)| last.at.duration_since(first.at).as_secs_f64())
-            .unwrap_or(0.0);
-        Ok((rate, window))
-    })();
-    vm.kill();
-    let _ = std::fs::remove_file(&log_disk);
-    if let MemoryBacking::SharedFile(path) | MemoryBacking::NvRegion { region: path, .. } = &memory
-    {
-        let _ = std::fs::remove_file(path);
+        running
+            .iter_mut()
+            .map(|vm| {
+                vm.wait_for(
+                    "the end of the measured window",
+                    LINE_TIMEOUT + bench.profile.overhead_window,
+                    |lines| lines.last().is_some_and(|line| line.at >= window_end),
+                )?;
+                let samples = samples_since(&ops_samples(&vm.serial.lines()), window_start);
+                let samples: Vec<_> = samples.into_iter().filter(|s| s.at <= window_end).collect();
+                let rate = mean_rate(&samples).ok_or_else(|| {
+                    vm.timeout(
+                        "two progress lines in the window",
+                        bench.profile.overhead_window,
+                    )
+                })?;
+                let window = samples
+                    .last()
+                    .zip(samples.first())
+                    .map(|(last, first)| last.at.duration_since(first.at).as_secs_f64())
+                    .unwrap_or(0.0);
+                Ok((rate, window))
+            })
+            .collect()
+    });
+    for vm in running {
+        vm.kill();
+    }
+    for file in files {
+        let _ = std::fs::remove_file(file);
     }
     result
+}
+
+/// Pins every thread of every VMM in `running` to the same CPU, so that side-by-side guests
+/// share it evenly (the scheduler's fairness between equal threads) and load from the rest of
+/// the machine slows them alike; on separate CPUs one may share its CPU with a build and the
+/// other not.
+fn share_one_cpu(running: &[crate::running_vm::RunningVm]) -> Result<()> {
+    let last_cpu = std::thread::available_parallelism()
+        .map(|n| n.get() - 1)
+        .unwrap_or(0);
+    for vm in running {
+        let pid = vm.process.pid().to_string();
+        let cpu = last_cpu.to_string();
+        let status = std::process::Command::new("taskset")
+            .args(["--all-tasks", "--cpu-list", "--pid", &cpu, &pid])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| crate::error::BenchError::io("running taskset".to_string(), e))?;
+        if !status.success() {
+            return Err(crate::error::BenchError::Command {
+                command: format!("taskset --all-tasks --cpu-list --pid {cpu} {pid}"),
+                detail: format!("exited with {status}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An NV run must really be on the region: a VMM that ignored `--nv` would measure anonymous

@@ -324,7 +324,7 @@ fn nv_cycles(
 /// VMM's `resumed` event if it sent one. The guest may have been stopped in the middle of a
 /// line; the rest of that line comes first and is not a new line. Fails if the guest booted
 /// again (its boot messages start with `kvstore:`) instead of continuing.
-fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
+pub(super) fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
     let lines = vm.wait_for(
         "the first new progress line after recovery",
         LINE_TIMEOUT * 4,
@@ -352,12 +352,12 @@ fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
 
 /// One recovery's times from the command start, in seconds.
 #[derive(Clone, Copy)]
-struct Recovery {
+pub(super) struct Recovery {
     /// To the guest's first new serial line (what issue 6 asks for); includes up to one of the
     /// guest's ~100 ms print periods.
-    first_line: f64,
+    pub(super) first_line: f64,
     /// To the VMM's `resumed` event: the VM is running again.
-    resumed_event: Option<f64>,
+    pub(super) resumed_event: Option<f64>,
 }
 
 impl Recovery {

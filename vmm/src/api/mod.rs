@@ -656,6 +656,9 @@ pub struct NvStatus {
     /// Where this run's in-place recovery spent its time (a resumed VM only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<NvRecoveryTimings>,
+    /// How the host maps the guest's RAM (huge pages); absent while no VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mapping: Option<NvMemoryMapping>,
 }
 
 /// The phases of an in-place recovery, in order, up to the guest running again.
@@ -666,6 +669,17 @@ pub struct NvRecoveryTimings {
     pub total_us: u64,
     pub from_exec: bool,
     pub phases: Vec<NvPhaseTiming>,
+}
+
+/// How the host maps the guest's RAM, from `/proc/self/smaps` at the time of the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvMemoryMapping {
+    /// Every guest RAM mapping starts at a 2 MiB-aligned host address (huge pages need it).
+    pub aligned_2m: bool,
+    /// Transparent huge pages were requested (`MADV_HUGEPAGE`) for all of guest RAM.
+    pub thp_advised: bool,
+    /// Bytes of guest RAM mapped by 2 MiB pages now (0 on a tmpfs without `huge=`).
+    pub huge_page_bytes: u64,
 }
 
 /// Which way a swap moves the VM.

@@ -531,6 +531,11 @@ pub struct NvConfig {
     /// `keep=on` (with `swap-in`): keep the swap file once the swap-in committed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep: bool,
+    /// `sparse=on` (with `create=on`): leave the new VM's RAM extent unallocated in a file region
+    /// (normally it is allocated at create, so that a full file system is an error then and not
+    /// a SIGBUS at the guest's first touch). For VMs larger than the backing can hold at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sparse: bool,
 }
 
 pub fn default_deadline_ms() -> u64 {

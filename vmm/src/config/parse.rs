@@ -613,12 +613,12 @@ pub fn swap_file_url_path(url: &str) -> Option<&str> {
 
 const NV_SPEC: OptionSpec = OptionSpec::keyed(
     "nv",
-    "region vm create recover force-cold format region_size deadline_ms swap-in keep",
+    "region vm create recover force-cold format region_size deadline_ms swap-in keep sparse",
 );
 
 impl NvConfig {
     /// `--nv region=PATH,vm=NAME[,create=on][,recover=on][,force-cold=on][,format=on]
-    /// [,region_size=SIZE][,deadline_ms=N][,swap-in=FILE[,keep=on]]`. The values are judged by [`VmConfig::validate`], for
+    /// [,region_size=SIZE][,deadline_ms=N][,swap-in=FILE[,keep=on]][,sparse=on]`. The values are judged by [`VmConfig::validate`], for
     /// the command line and a `vm.create` body alike.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&NV_SPEC, input)?;
@@ -636,6 +636,7 @@ impl NvConfig {
                 .unwrap_or_else(default_deadline_ms),
             swap_in: parsed.string("swap-in"),
             keep: toggle("keep")?,
+            sparse: toggle("sparse")?,
         })
     }
 }

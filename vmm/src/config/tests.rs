@@ -1046,7 +1046,13 @@ fn nv() {
             deadline_ms: 80,
             swap_in: None,
             keep: false,
+            sparse: false,
         }
+    );
+    assert!(
+        NvConfig::parse("region=/r,vm=a,create=on,sparse=on")
+            .unwrap()
+            .sparse
     );
     let recover = NvConfig::parse("region=/r,vm=a,recover=on,force-cold=on").unwrap();
     assert!(recover.recover && recover.force_cold);

@@ -813,6 +813,12 @@ impl VmConfig {
                 "the power-fail save needs a budget of at least 1 ms",
             );
         }
+        if nv.sparse && !nv.create {
+            return Err(ConfigError::Invalid {
+                option: "nv",
+                reason: "sparse=on only applies with create=on".to_owned(),
+            });
+        }
         if nv.force_cold && !nv.recover {
             return Err(ConfigError::Invalid {
                 option: "nv",

@@ -24,9 +24,11 @@ mod swap;
 
 use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle};
 
+use vm_memory::GuestMemoryMmap;
+
 use crate::api::{
-    NvLastSave, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind, NvStatus,
-    NvSwapFile,
+    NvLastSave, NvMemoryMapping, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind,
+    NvStatus, NvSwapFile,
 };
 use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;
@@ -128,8 +130,8 @@ impl NvVm {
 
 /// `GET vm.nv-status` of the VM this VMM runs. The last save is the one this process made, or
 /// else the one the region recorded (the save this run recovered from, made by a process that
-/// has exited since).
-pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
+/// has exited since). `memory`, the running VM's RAM, adds how the host maps it.
+pub fn status(nv: &NvVm, memory: Option<&GuestMemoryMmap>) -> Result<NvStatus, Error> {
     let region = nv.handle.region();
     let summary = region
         .vm(&nv.config.vm)
@@ -145,7 +147,23 @@ pub fn status(nv: &NvVm) -> Result<NvStatus, Error> {
         last_save: last_save.map(NvLastSave::from),
         swap: None,
         recovery: nv.recovery.as_ref().map(NvRecoveryTimings::from),
+        memory_mapping: memory.and_then(memory_mapping),
     })
+}
+
+/// The huge-page facts of `memory`; `None` (logged) if `/proc/self/smaps` cannot be read.
+fn memory_mapping(memory: &GuestMemoryMmap) -> Option<NvMemoryMapping> {
+    match crate::memory::huge_page_report(memory) {
+        Ok(report) => Some(NvMemoryMapping {
+            aligned_2m: report.aligned,
+            thp_advised: report.advised,
+            huge_page_bytes: report.huge_page_bytes,
+        }),
+        Err(e) => {
+            log::warn!("reading /proc/self/smaps for vm.nv-status: {e}");
+            None
+        }
+    }
 }
 
 /// `GET vmm.nv-regions?region=PATH` (and `ch-remote nv-persist list` without a socket): every VM

@@ -158,8 +158,13 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
                 memory_size >> 20,
                 nv.region
             );
+            let reserve = if nv.sparse {
+                nv_extension::MemoryReservation::Sparse
+            } else {
+                nv_extension::MemoryReservation::Allocated
+            };
             region
-                .create_vm(&nv.vm, memory_size, &stored_config)
+                .create_vm_with(&nv.vm, memory_size, &stored_config, reserve)
                 .map_err(|e| nv_error(nv, e))?
         }
         Err(nv_extension::Error::VmNotFound(_)) => {

@@ -116,7 +116,7 @@ impl SwapProgressCell {
         self.watch
             .total_bytes
             .store(nv.memory_size(), Ordering::Relaxed);
-        if let Ok(status) = super::status(nv) {
+        if let Ok(status) = super::status(nv, None) {
             self.watch.set_status(status);
         }
     }
@@ -302,6 +302,7 @@ pub fn prepare_swap_in(
         last_save: None,
         swap: None,
         recovery: None,
+        memory_mapping: None,
     });
     event_monitor::nv::swap_started(progress.direction(), &nv.vm, &path, 0);
     let (handle, report) = region
@@ -356,6 +357,7 @@ mod tests {
             last_save: None,
             swap: None,
             recovery: None,
+            memory_mapping: None,
         }
     }
 

@@ -189,7 +189,7 @@ impl Vmm {
             )),
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(api_error(Operation::NvStatus, Error::NoNvVm)),
-                Some(nv_vm) => match nv::status(nv_vm) {
+                Some(nv_vm) => match nv::status(nv_vm, self.vm.as_ref().map(|vm| vm.memory())) {
                     Ok(status) => Answer::body(&status),
                     Err(e) => Answer::error(api_error(Operation::NvStatus, e)),
                 },
