@@ -1,0 +1,617 @@
+//! The host side of the `netkv` guest's UDP key-value protocol (`guests/README.md`, "netkv"):
+//! a load client that sends PUTs and GETs at a steady rate, retries what is not answered,
+//! records every acknowledged PUT and checks every answer against what it knows, plus the final
+//! read-back of every acknowledged key. The tests' power-fail proofs and nv-bench's outage
+//! measurement drive it.
+//!
+//! What is checked (each failure is a [`Violation`], kept, never a panic):
+//! - a PUT of version `v` is acknowledged only with a stored version `>= v` (versions only grow
+//!   in the guest: a late duplicate never rolls a key back);
+//! - a GET never returns a version older than the newest PUT acknowledged before the GET was
+//!   sent, nor one the client never sent, and the value is the one sent with that version;
+//! - every answer carries the same boot id: the guest never booted again.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// `"NVKV"` as a little-endian u32, the first bytes of every request and reply.
+pub const MAGIC: u32 = 0x564b_564e;
+pub const OP_GET: u8 = 1;
+pub const OP_PUT: u8 = 2;
+const OP_REPLY: u8 = 0x80;
+pub const STATUS_OK: u8 = 0;
+pub const STATUS_NOT_FOUND: u8 = 1;
+pub const STATUS_FULL: u8 = 2;
+pub const REQUEST_LEN: usize = 40;
+pub const REPLY_LEN: usize = 56;
+
+/// The value the client stores with `version` of `key`, so any answer can be checked alone.
+pub fn value_of(key: u64, version: u64) -> u64 {
+    (key.rotate_left(32) ^ version).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// One request as it goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub op: u8,
+    pub id: u64,
+    pub key: u64,
+    pub version: u64,
+    pub value: u64,
+}
+
+impl Request {
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut bytes = [0u8; REQUEST_LEN];
+        bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        bytes[4] = self.op;
+        bytes[8..16].copy_from_slice(&self.id.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.key.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.version.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.value.to_le_bytes());
+        bytes
+    }
+
+    /// Parses a request (for the tests' stand-in server); `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < REQUEST_LEN || u32_at(bytes, 0) != MAGIC {
+            return None;
+        }
+        Some(Self {
+            op: bytes[4],
+            id: u64_at(bytes, 8),
+            key: u64_at(bytes, 16),
+            version: u64_at(bytes, 24),
+            value: u64_at(bytes, 32),
+        })
+    }
+}
+
+/// One reply as it comes off the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub op: u8,
+    pub status: u8,
+    pub id: u64,
+    pub key: u64,
+    /// The key's stored version after the operation (0: not stored).
+    pub version: u64,
+    pub value: u64,
+    /// Chosen by the guest at boot; it stays the same while the guest runs.
+    pub boot_id: u64,
+    /// Requests the guest answered before this one since it booted.
+    pub served: u64,
+}
+
+impl Reply {
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < REPLY_LEN || u32_at(bytes, 0) != MAGIC || bytes[4] & OP_REPLY == 0 {
+            return None;
+        }
+        Some(Self {
+            op: bytes[4] & !OP_REPLY,
+            status: bytes[5],
+            id: u64_at(bytes, 8),
+            key: u64_at(bytes, 16),
+            version: u64_at(bytes, 24),
+            value: u64_at(bytes, 32),
+            boot_id: u64_at(bytes, 40),
+            served: u64_at(bytes, 48),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; REPLY_LEN] {
+        let mut bytes = [0u8; REPLY_LEN];
+        bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        bytes[4] = self.op | OP_REPLY;
+        bytes[5] = self.status;
+        for (at, word) in [
+            (8, self.id),
+            (16, self.key),
+            (24, self.version),
+            (32, self.value),
+            (40, self.boot_id),
+            (48, self.served),
+        ] {
+            bytes[at..at + 8].copy_from_slice(&word.to_le_bytes());
+        }
+        bytes
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// The shape of the load.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// Keys are 1..=keys.
+    pub keys: u64,
+    /// New requests per second (retries come on top).
+    pub rate: u32,
+    /// Percentage of new requests that are PUTs.
+    pub put_pct: u32,
+    /// An unanswered request is sent again after this long.
+    pub retry_after: Duration,
+    /// At most this many requests wait for an answer; no new request is sent while they do.
+    pub window: usize,
+    /// Seed of the key and operation choice.
+    pub seed: u64,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Self {
+            keys: 512,
+            rate: 2000,
+            put_pct: 50,
+            retry_after: Duration::from_millis(50),
+            window: 64,
+            seed: 0x6e65_746b_7600_0001,
+        }
+    }
+}
+
+/// Something an answer showed that must not happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+/// What the client knows and has seen.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Per key, the newest version whose PUT was acknowledged.
+    pub acked: HashMap<u64, u64>,
+    /// Per key, the newest version sent in a PUT.
+    pub sent: HashMap<u64, u64>,
+    pub puts_acked: u64,
+    pub gets_checked: u64,
+    pub retries: u64,
+    pub send_errors: u64,
+    pub violations: Vec<Violation>,
+    /// The first boot id seen, and every other one (each is also a violation).
+    pub boot_ids: Vec<u64>,
+    /// When each answer to a new request (not a duplicate) arrived.
+    pub answer_times: Vec<Instant>,
+}
+
+struct Pending {
+    request: Request,
+    /// For a GET: the key's acknowledged version when it was first sent.
+    acked_when_sent: u64,
+    last_sent: Instant,
+}
+
+/// A client socket (made in the namespace that can reach the guest) and its ledger.
+pub struct KvClient {
+    socket: UdpSocket,
+    guest: SocketAddrV4,
+    config: LoadConfig,
+    pending: HashMap<u64, Pending>,
+    next_id: u64,
+    rng: u64,
+    pub ledger: Ledger,
+}
+
+/// Why the client could not go on (not a protocol violation: those go to the ledger).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("netkv client socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("netkv read-back: {left} of {total} keys unanswered after {waited:?}")]
+    ReadBackTimedOut {
+        left: usize,
+        total: usize,
+        waited: Duration,
+    },
+}
+
+impl KvClient {
+    /// Binds a UDP socket on any local address of the calling thread's network namespace.
+    pub fn new(guest: SocketAddrV4, config: LoadConfig) -> Result<Self, ClientError> {
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(ClientError::Socket)?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .map_err(ClientError::Socket)?;
+        let rng = config.seed | 1;
+        Ok(Self {
+            socket,
+            guest,
+            config,
+            pending: HashMap::new(),
+            next_id: 1,
+            rng,
+            ledger: Ledger::default(),
+        })
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: reproducible from the seed, no dependency.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn send(&mut self, request: &Request) {
+        if self.socket.send_to(&request.encode(), self.guest).is_err() {
+            // The tap may be gone for a moment (power failure): the retry covers it.
+            self.ledger.send_errors += 1;
+        }
+    }
+
+    /// Sends a new request: a PUT of the key's next version or a GET.
+    fn send_new(&mut self, now: Instant) {
+        let key = self.random() % self.config.keys + 1;
+        let put = self.random() % 100 < u64::from(self.config.put_pct);
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = if put {
+            let version = self.ledger.sent.get(&key).copied().unwrap_or(0) + 1;
+            self.ledger.sent.insert(key, version);
+            Request {
+                op: OP_PUT,
+                id,
+                key,
+                version,
+                value: value_of(key, version),
+            }
+        } else {
+            Request {
+                op: OP_GET,
+                id,
+                key,
+                version: 0,
+                value: 0,
+            }
+        };
+        self.submit(request, now);
+    }
+
+    fn submit(&mut self, request: Request, now: Instant) {
+        let acked_when_sent = self.ledger.acked.get(&request.key).copied().unwrap_or(0);
+        self.send(&request);
+        self.pending.insert(
+            request.id,
+            Pending {
+                request,
+                acked_when_sent,
+                last_sent: now,
+            },
+        );
+    }
+
+    fn violation(&mut self, text: String) {
+        self.ledger.violations.push(Violation(text));
+    }
+
+    /// Checks one reply against the ledger and settles its request.
+    fn settle(&mut self, reply: Reply, now: Instant) {
+        let Some(pending) = self.pending.remove(&reply.id) else {
+            return; // an answer to a retry of something already answered
+        };
+        self.ledger.answer_times.push(now);
+        match self.ledger.boot_ids.first() {
+            None => self.ledger.boot_ids.push(reply.boot_id),
+            Some(&first) if first != reply.boot_id => {
+                self.ledger.boot_ids.push(reply.boot_id);
+                self.violation(format!(
+                    "boot id {:#x} after {first:#x}: the guest booted again",
+                    reply.boot_id
+                ));
+            }
+            Some(_) => {}
+        }
+        let request = pending.request;
+        if reply.op != request.op || reply.key != request.key {
+            self.violation(format!("reply {reply:?} does not match request {request:?}"));
+            return;
+        }
+        let newest_sent = self.ledger.sent.get(&request.key).copied().unwrap_or(0);
+        if reply.version > newest_sent {
+            self.violation(format!(
+                "key {} has version {} but the client sent at most {newest_sent}",
+                reply.key, reply.version
+            ));
+        } else if reply.version > 0 && reply.value != value_of(reply.key, reply.version) {
+            self.violation(format!(
+                "key {} version {} holds {:#x}, the client sent {:#x}",
+                reply.key,
+                reply.version,
+                reply.value,
+                value_of(reply.key, reply.version)
+            ));
+        }
+        match (request.op, reply.status) {
+            (OP_PUT, STATUS_OK) => {
+                if reply.version < request.version {
+                    self.violation(format!(
+                        "PUT key {} version {} acknowledged with stored version {}",
+                        request.key, request.version, reply.version
+                    ));
+                    return;
+                }
+                let acked = self.ledger.acked.entry(request.key).or_insert(0);
+                *acked = (*acked).max(request.version);
+                self.ledger.puts_acked += 1;
+            }
+            (OP_GET, STATUS_OK | STATUS_NOT_FOUND) => {
+                let found = if reply.status == STATUS_OK {
+                    reply.version
+                } else {
+                    0
+                };
+                if found < pending.acked_when_sent {
+                    self.violation(format!(
+                        "stale GET: key {} returned version {found}, version {} was \
+                         acknowledged before the GET was sent",
+                        request.key, pending.acked_when_sent
+                    ));
+                }
+                self.ledger.gets_checked += 1;
+            }
+            (_, STATUS_FULL) => self.violation(format!("table full at key {}", request.key)),
+            (_, status) => self.violation(format!("status {status} for {request:?}")),
+        }
+    }
+
+    /// Reads and settles what arrives until nothing came for the socket's 1 ms timeout.
+    fn receive(&mut self) -> Result<(), ClientError> {
+        let mut buffer = [0u8; 512];
+        loop {
+            match self.socket.recv_from(&mut buffer) {
+                Ok((len, _)) => {
+                    let now = Instant::now();
+                    match Reply::decode(&buffer[..len]) {
+                        Some(reply) => self.settle(reply, now),
+                        None => self.violation(format!("malformed reply of {len} bytes")),
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(ClientError::Socket(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn retry_due(&mut self, now: Instant) {
+        let retry_after = self.config.retry_after;
+        let due: Vec<Request> = self
+            .pending
+            .values_mut()
+            .filter(|p| now.duration_since(p.last_sent) >= retry_after)
+            .map(|p| {
+                p.last_sent = now;
+                p.request
+            })
+            .collect();
+        for request in due {
+            self.ledger.retries += 1;
+            self.send(&request);
+        }
+    }
+
+    /// Runs the load until `stop` returns true (asked between steps, about every millisecond):
+    /// new requests at the configured rate while fewer than `window` wait, retries, checks.
+    pub fn run_until(&mut self, mut stop: impl FnMut(&Ledger) -> bool) -> Result<(), ClientError> {
+        let period = Duration::from_secs(1) / self.config.rate.max(1);
+        let mut next = Instant::now();
+        while !stop(&self.ledger) {
+            let now = Instant::now();
+            while next <= now {
+                if self.pending.len() < self.config.window {
+                    self.send_new(now);
+                }
+                next += period;
+            }
+            self.retry_due(now);
+            self.receive()?;
+        }
+        Ok(())
+    }
+
+    /// Waits (retrying) for the answers to every request still pending.
+    pub fn drain(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let start = Instant::now();
+        while !self.pending.is_empty() && start.elapsed() < timeout {
+            self.retry_due(Instant::now());
+            self.receive()?;
+        }
+        Ok(())
+    }
+
+    /// GETs every key with an acknowledged PUT (`window` at a time, with retries) and checks
+    /// each holds that version or a newer one. Returns the number of keys read back.
+    pub fn read_back_all(&mut self, timeout: Duration) -> Result<usize, ClientError> {
+        self.drain(timeout)?;
+        let mut keys: Vec<u64> = self.ledger.acked.keys().copied().collect();
+        keys.sort_unstable();
+        let total = keys.len();
+        let start = Instant::now();
+        let mut queue = keys.into_iter();
+        loop {
+            while self.pending.len() < self.config.window {
+                let Some(key) = queue.next() else { break };
+                let id = self.next_id;
+                self.next_id += 1;
+                let request = Request {
+                    op: OP_GET,
+                    id,
+                    key,
+                    version: 0,
+                    value: 0,
+                };
+                self.submit(request, Instant::now());
+            }
+            if self.pending.is_empty() {
+                return Ok(total);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClientError::ReadBackTimedOut {
+                    left: self.pending.len() + queue.len(),
+                    total,
+                    waited: start.elapsed(),
+                });
+            }
+            self.retry_due(Instant::now());
+            self.receive()?;
+        }
+    }
+
+    /// The longest time between two consecutive answers that overlaps `from..to`: the outage
+    /// the client saw around an event in that window (last answer before, first after).
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Option<Duration> {
+        self.ledger
+            .answer_times
+            .windows(2)
+            .filter(|pair| pair[1] >= from && pair[0] <= to)
+            .map(|pair| pair[1].duration_since(pair[0]))
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A stand-in netkv on loopback: keeps versions as the guest does, or lies as told.
+    fn stand_in(lie: fn(&mut Reply)) -> (SocketAddrV4, Arc<AtomicBool>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let std::net::SocketAddr::V4(address) = socket.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut table: HashMap<u64, (u64, u64)> = HashMap::new();
+            let mut served = 0;
+            let mut buffer = [0u8; 512];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((len, from)) = socket.recv_from(&mut buffer) else {
+                    continue;
+                };
+                let request = Request::decode(&buffer[..len]).unwrap();
+                let slot = table.entry(request.key).or_insert((0, 0));
+                if request.op == OP_PUT && request.version > slot.0 {
+                    *slot = (request.version, request.value);
+                }
+                let mut reply = Reply {
+                    op: request.op,
+                    status: if slot.0 == 0 {
+                        STATUS_NOT_FOUND
+                    } else {
+                        STATUS_OK
+                    },
+                    id: request.id,
+                    key: request.key,
+                    version: slot.0,
+                    value: slot.1,
+                    boot_id: 7,
+                    served,
+                };
+                served += 1;
+                lie(&mut reply);
+                socket.send_to(&reply.encode(), from).unwrap();
+            }
+        });
+        (address, stop)
+    }
+
+    fn run(lie: fn(&mut Reply)) -> KvClient {
+        let (server, stop) = stand_in(lie);
+        let config = LoadConfig {
+            keys: 16,
+            rate: 5000,
+            ..LoadConfig::default()
+        };
+        let mut client = KvClient::new(server, config).unwrap();
+        let start = Instant::now();
+        client
+            .run_until(|ledger| ledger.puts_acked > 300 || start.elapsed() > Duration::from_secs(5))
+            .unwrap();
+        client.read_back_all(Duration::from_secs(5)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        client
+    }
+
+    #[test]
+    fn an_honest_server_passes_every_check() {
+        let client = run(|_| {});
+        assert!(client.ledger.puts_acked > 300);
+        assert!(client.ledger.gets_checked > 0);
+        assert_eq!(client.ledger.violations, Vec::new());
+        assert_eq!(client.ledger.boot_ids, vec![7]);
+    }
+
+    #[test]
+    fn a_server_that_forgets_writes_is_caught() {
+        // Every GET answers "not found": acknowledged PUTs are lost.
+        let client = run(|reply| {
+            if reply.op == OP_GET {
+                reply.status = STATUS_NOT_FOUND;
+                reply.version = 0;
+            }
+        });
+        assert!(
+            client
+                .ledger
+                .violations
+                .iter()
+                .any(|v| v.0.starts_with("stale GET")),
+            "{:?}",
+            client.ledger.violations
+        );
+    }
+
+    #[test]
+    fn a_stale_version_a_wrong_value_and_a_reboot_are_caught() {
+        let client = run(|reply| {
+            if reply.op == OP_GET && reply.version > 1 {
+                reply.version -= 1;
+                reply.value = value_of(reply.key, reply.version);
+            }
+        });
+        assert!(client.ledger.violations.iter().any(|v| v.0.starts_with("stale GET")));
+
+        let client = run(|reply| reply.value ^= 2);
+        assert!(client.ledger.violations.iter().any(|v| v.0.contains("the client sent")));
+
+        let client = run(|reply| reply.boot_id = if reply.served > 100 { 8 } else { 7 });
+        assert!(client.ledger.violations.iter().any(|v| v.0.contains("booted again")));
+    }
+
+    #[test]
+    fn requests_and_replies_round_trip_the_documented_layout() {
+        let request = Request {
+            op: OP_PUT,
+            id: 3,
+            key: 4,
+            version: 5,
+            value: 6,
+        };
+        let bytes = request.encode();
+        assert_eq!(&bytes[0..4], b"NVKV");
+        assert_eq!(Request::decode(&bytes), Some(request));
+        assert_eq!(Reply::decode(&bytes), None, "a request is not a reply");
+    }
+}
