@@ -14,6 +14,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `"NVKV"` as a little-endian u32, the first bytes of every request and reply.
@@ -170,6 +172,9 @@ pub struct Ledger {
     pub acked: HashMap<u64, u64>,
     /// Per key, the newest version sent in a PUT.
     pub sent: HashMap<u64, u64>,
+    /// Every acknowledged PUT as (key, version), in the order of the acknowledgements: the log
+    /// a cold restart replays.
+    pub acked_log: Vec<(u64, u64)>,
     pub puts_acked: u64,
     pub gets_checked: u64,
     pub retries: u64,
@@ -204,8 +209,8 @@ pub struct KvClient {
 pub enum ClientError {
     #[error("netkv client socket: {0}")]
     Socket(#[source] io::Error),
-    #[error("netkv read-back: {left} of {total} keys unanswered after {waited:?}")]
-    ReadBackTimedOut {
+    #[error("netkv: {left} of {total} requests unanswered after {waited:?}")]
+    Unanswered {
         left: usize,
         total: usize,
         waited: Duration,
@@ -339,6 +344,7 @@ impl KvClient {
                 }
                 let acked = self.ledger.acked.entry(request.key).or_insert(0);
                 *acked = (*acked).max(request.version);
+                self.ledger.acked_log.push((request.key, request.version));
                 self.ledger.puts_acked += 1;
             }
             (OP_GET, STATUS_OK | STATUS_NOT_FOUND) => {
@@ -441,20 +447,51 @@ impl KvClient {
         self.drain(timeout)?;
         let mut keys: Vec<u64> = self.ledger.acked.keys().copied().collect();
         keys.sort_unstable();
-        let total = keys.len();
+        let gets = keys.into_iter().map(|key| (OP_GET, key, 0));
+        self.submit_all(gets, timeout)
+    }
+
+    /// PUTs again, in order, every PUT that was acknowledged (`Ledger::acked_log`), as a
+    /// database replays its log into a fresh table after a cold restart. Returns the number of
+    /// PUTs replayed.
+    pub fn replay_acknowledged(&mut self, timeout: Duration) -> Result<usize, ClientError> {
+        self.drain(timeout)?;
+        let log = std::mem::take(&mut self.ledger.acked_log);
+        let puts = log.iter().map(|&(key, version)| (OP_PUT, key, version));
+        let replayed = self.submit_all(puts, timeout);
+        // The replayed PUTs were acknowledged again and logged again: keep the log as it was.
+        self.ledger.acked_log = log;
+        replayed
+    }
+
+    /// Sends `(op, key, version)` requests `window` at a time with retries until all are
+    /// answered (and checked); returns how many there were.
+    fn submit_all(
+        &mut self,
+        requests: impl ExactSizeIterator<Item = (u8, u64, u64)>,
+        timeout: Duration,
+    ) -> Result<usize, ClientError> {
+        let total = requests.len();
         let start = Instant::now();
-        let mut queue = keys.into_iter();
+        let mut queue = requests;
         loop {
             while self.pending.len() < self.config.window {
-                let Some(key) = queue.next() else { break };
+                let Some((op, key, version)) = queue.next() else {
+                    break;
+                };
                 let id = self.next_id;
                 self.next_id += 1;
+                let value = if op == OP_PUT {
+                    value_of(key, version)
+                } else {
+                    0
+                };
                 let request = Request {
-                    op: OP_GET,
+                    op,
                     id,
                     key,
-                    version: 0,
-                    value: 0,
+                    version,
+                    value,
                 };
                 self.submit(request, Instant::now());
             }
@@ -462,7 +499,7 @@ impl KvClient {
                 return Ok(total);
             }
             if start.elapsed() > timeout {
-                return Err(ClientError::ReadBackTimedOut {
+                return Err(ClientError::Unanswered {
                     left: self.pending.len() + queue.len(),
                     total,
                     waited: start.elapsed(),
@@ -471,6 +508,12 @@ impl KvClient {
             self.retry_due(Instant::now());
             self.receive()?;
         }
+    }
+
+    /// Accepts the next boot id as new (a cold restart the caller made on purpose) instead of
+    /// reporting it as a reboot.
+    pub fn expect_new_boot(&mut self) {
+        self.ledger.boot_ids.clear();
     }
 
     /// The longest time between two consecutive answers that overlaps `from..to`: the outage
@@ -485,11 +528,63 @@ impl KvClient {
     }
 }
 
+/// A [`KvClient`] running its load on its own thread until stopped.
+pub struct LoadThread {
+    thread: std::thread::JoinHandle<Result<KvClient, ClientError>>,
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicU64>,
+}
+
+impl LoadThread {
+    /// Starts `client`'s load (`run_until`) on a new thread.
+    pub fn start(mut client: KvClient) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicU64::new(0));
+        let (stopped, counted) = (stop.clone(), answers.clone());
+        let thread = std::thread::spawn(move || {
+            client.run_until(|ledger| {
+                counted.store(ledger.answer_times.len() as u64, Ordering::Relaxed);
+                stopped.load(Ordering::Relaxed)
+            })?;
+            Ok(client)
+        });
+        LoadThread {
+            thread,
+            stop,
+            answers,
+        }
+    }
+
+    /// Answers to new requests so far.
+    pub fn answers(&self) -> u64 {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` answers came after now; false after `timeout` or if the load ended.
+    pub fn wait_answers(&self, more: u64, timeout: Duration) -> bool {
+        let target = self.answers() + more;
+        let deadline = Instant::now() + timeout;
+        while self.answers() < target {
+            if Instant::now() >= deadline || self.thread.is_finished() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Stops the load and gives the client back (its ledger holds everything seen).
+    pub fn stop(self) -> Result<KvClient, ClientError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     /// A stand-in netkv on loopback: keeps versions as the guest does, or lies as told.
     fn stand_in(lie: fn(&mut Reply)) -> (SocketAddrV4, Arc<AtomicBool>) {

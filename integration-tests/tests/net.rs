@@ -4,101 +4,21 @@
 //! makes exist only there. Never skipped: a machine that cannot create a namespace or a tap
 //! fails these tests loudly.
 
-use std::ffi::CString;
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::harness::{
     assert_counter_advances, counter_lines, guest_arguments, guest_cmdline, scratch_dir,
     test_guest,
 };
-use integration_tests::netkv_client::{KvClient, LoadConfig};
+use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
+use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A network namespace of this test: created on `new`, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(label: &str) -> Self {
-        let name = format!("nvnet-{label}-{}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("running ip netns add (iproute2 is needed for the virtio-net tests)");
-        assert!(
-            status.success(),
-            "ip netns add {name} failed: the virtio-net tests need root and network namespaces"
-        );
-        Netns { name }
-    }
-
-    /// Runs `body` on a thread that entered the namespace: what it spawns lives there.
-    fn run<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on an open namespace file; it changes this thread only.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            body()
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
-
-    /// `ip -n NS link show NAME`'s output, or `None` when there is no such link.
-    fn link(&self, name: &str) -> Option<String> {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "link", "show", name])
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Opens tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the calling thread's namespace as a
-/// descriptor children inherit (no close-on-exec), as an orchestrator hands one over.
-fn inheritable_tap(name: &str) -> OwnedFd {
-    let path = CString::new("/dev/net/tun").unwrap();
-    // SAFETY: open(2) of a NUL-terminated path; the result is checked and owned.
-    let fd: RawFd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR) };
-    assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
-    // SAFETY: just opened, owned here.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = [0u8; 40];
-    req[..name.len()].copy_from_slice(name.as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
-    req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq.
-    let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF as _, req.as_mut_ptr()) };
-    assert_eq!(
-        rc,
-        0,
-        "TUNSETIFF {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    owned
-}
 
 fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
@@ -289,37 +209,6 @@ fn bad_net_input_is_refused_with_exit_1_and_a_clear_line() {
     });
 }
 
-/// The namespace's side of the netkv network: a persistent tap (it outlives the VMM, as an
-/// orchestrator's tap does, so the client's route stays while the VMM is gone) with the host's
-/// address, and the guest's address and port.
-const KV_TAP: &str = "nvkv0";
-const KV_HOST_CIDR: &str = "10.77.0.1/24";
-const KV_GUEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 7777);
-
-impl Netns {
-    /// `ip -n NS arguments...`, which must succeed.
-    fn ip(&self, arguments: &[&str]) {
-        let out = Command::new("ip")
-            .args(["-n", &self.name])
-            .args(arguments)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {arguments:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Creates the netkv tap (vnet header, one queue pair) with the host's address, up.
-    fn add_kv_tap(&self) {
-        self.ip(&["link", "set", "lo", "up"]);
-        self.ip(&["tuntap", "add", "dev", KV_TAP, "mode", "tap", "vnet_hdr"]);
-        self.ip(&["addr", "add", KV_HOST_CIDR, "dev", KV_TAP]);
-        self.ip(&["link", "set", KV_TAP, "up"]);
-    }
-}
-
 /// The netkv guest on `KV_TAP`, with the NV region created (`create=on`).
 fn netkv_boot_arguments(region: &Path) -> Vec<String> {
     let mut arguments = guest_arguments(
@@ -328,61 +217,10 @@ fn netkv_boot_arguments(region: &Path) -> Vec<String> {
         "64M",
     );
     arguments.push("--net".into());
-    arguments.push(format!("tap={KV_TAP},mac=02:00:00:00:77:02,num_queues=2"));
+    arguments.push(format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"));
     arguments.push("--nv".into());
     arguments.push(format!("region={},vm=netvm,create=on", region.display()));
     arguments
-}
-
-/// The load client on its own thread; `answers` counts the answers it got so far.
-struct Load {
-    thread: std::thread::JoinHandle<KvClient>,
-    stop: Arc<AtomicBool>,
-    answers: Arc<AtomicU64>,
-}
-
-impl Load {
-    /// Starts `client` (made inside the namespace) sending at its configured rate.
-    fn start(mut client: KvClient) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(AtomicU64::new(0));
-        let (stopped, counted) = (stop.clone(), answers.clone());
-        let thread = std::thread::spawn(move || {
-            client
-                .run_until(|ledger| {
-                    counted.store(ledger.answer_times.len() as u64, Ordering::Relaxed);
-                    stopped.load(Ordering::Relaxed)
-                })
-                .unwrap_or_else(|e| panic!("{e}"));
-            client
-        });
-        Load {
-            thread,
-            stop,
-            answers,
-        }
-    }
-
-    /// Waits until `more` answers came after now; panics with `what` after KV_WAIT.
-    fn wait_answers(&self, more: u64, what: &str) {
-        let target = self.answers.load(Ordering::Relaxed) + more;
-        let deadline = Instant::now() + KV_WAIT;
-        while self.answers.load(Ordering::Relaxed) < target {
-            assert!(
-                Instant::now() < deadline && !self.thread.is_finished(),
-                "{what}: {} of {target} answers after {KV_WAIT:?}",
-                self.answers.load(Ordering::Relaxed)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stop(self) -> KvClient {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
 }
 
 const KV_WAIT: Duration = Duration::from_secs(30);
@@ -436,8 +274,14 @@ fn netkv_power_fail_rounds(label: &str, rounds: u32, handover: bool) {
         })
     };
     eprintln!("{:?} netkv ready", started.elapsed());
-    let load = Load::start(client);
-    load.wait_answers(2000, "answers before the first power failure");
+    let load = LoadThread::start(client);
+    let wait = |load: &LoadThread, what: &str| {
+        assert!(
+            load.wait_answers(2000, KV_WAIT),
+            "{what}: no 2000 answers within {KV_WAIT:?}"
+        )
+    };
+    wait(&load, "answers before the first power failure");
     let mut serial_logs = Vec::new();
     for round in 1..=rounds {
         eprintln!("{:?} power failure {round}", started.elapsed());
@@ -453,11 +297,11 @@ fn netkv_power_fail_rounds(label: &str, rounds: u32, handover: bool) {
             spawn_recovery(&dir_path, &region, &label, net)
             // The test's copy of the descriptor closes here; the VMM holds its own.
         });
-        load.wait_answers(2000, &format!("answers after recovery {round}"));
+        wait(&load, &format!("answers after recovery {round}"));
         eprintln!("{:?} answering after recovery {round}", started.elapsed());
     }
     serial_logs.push(vmm.serial_log());
-    let client = load.stop();
+    let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
     assert!(
         client.ledger.retries > 0,
         "no request was ever retried: the power failures went unnoticed"
