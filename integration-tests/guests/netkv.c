@@ -152,6 +152,11 @@ static uint8_t *tx_buffer(void)
 {
 	struct stopwatch watch;
 
+	if ((uint16_t)(tx_posted - *(volatile uint16_t *)&tx.used.index) >= TX_SIZE) {
+		/* Full with frames of this pass the device was not told about yet. */
+		memory_barrier();
+		*tx_notify = TX_QUEUE;
+	}
 	stopwatch_start(&watch);
 	while ((uint16_t)(tx_posted - *(volatile uint16_t *)&tx.used.index) >= TX_SIZE) {
 		if (stopwatch_poll_ms(&watch) > TX_TIMEOUT_MS)

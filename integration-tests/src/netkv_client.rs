@@ -182,7 +182,8 @@ pub struct Ledger {
     pub violations: Vec<Violation>,
     /// The first boot id seen, and every other one (each is also a violation).
     pub boot_ids: Vec<u64>,
-    /// When each answer to a new request (not a duplicate) arrived.
+    /// When each answer to a request of the load (not a duplicate, not read-back or replay)
+    /// arrived.
     pub answer_times: Vec<Instant>,
 }
 
@@ -201,6 +202,8 @@ pub struct KvClient {
     pending: HashMap<u64, Pending>,
     next_id: u64,
     rng: u64,
+    /// In `run_until`: answers are stamped into `answer_times`.
+    loading: bool,
     pub ledger: Ledger,
 }
 
@@ -232,6 +235,7 @@ impl KvClient {
             pending: HashMap::new(),
             next_id: 1,
             rng,
+            loading: false,
             ledger: Ledger::default(),
         })
     }
@@ -301,7 +305,9 @@ impl KvClient {
         let Some(pending) = self.pending.remove(&reply.id) else {
             return; // an answer to a retry of something already answered
         };
-        self.ledger.answer_times.push(now);
+        if self.loading {
+            self.ledger.answer_times.push(now);
+        }
         match self.ledger.boot_ids.first() {
             None => self.ledger.boot_ids.push(reply.boot_id),
             Some(&first) if first != reply.boot_id => {
@@ -417,13 +423,25 @@ impl KvClient {
     pub fn run_until(&mut self, mut stop: impl FnMut(&Ledger) -> bool) -> Result<(), ClientError> {
         let period = Duration::from_secs(1) / self.config.rate.max(1);
         let mut next = Instant::now();
+        self.loading = true;
+        let result = self.load_until(period, &mut next, &mut stop);
+        self.loading = false;
+        result
+    }
+
+    fn load_until(
+        &mut self,
+        period: Duration,
+        next: &mut Instant,
+        stop: &mut impl FnMut(&Ledger) -> bool,
+    ) -> Result<(), ClientError> {
         while !stop(&self.ledger) {
             let now = Instant::now();
-            while next <= now {
+            while *next <= now {
                 if self.pending.len() < self.config.window {
                     self.send_new(now);
                 }
-                next += period;
+                *next += period;
             }
             self.retry_due(now);
             self.receive()?;
@@ -454,13 +472,16 @@ impl KvClient {
     /// PUTs again, in order, every PUT that was acknowledged (`Ledger::acked_log`), as a
     /// database replays its log into a fresh table after a cold restart. Returns the number of
     /// PUTs replayed.
+    /// Requests of the load still unanswered wait until the replay is done (a database serves
+    /// nobody before its log is replayed), then go on being retried.
     pub fn replay_acknowledged(&mut self, timeout: Duration) -> Result<usize, ClientError> {
-        self.drain(timeout)?;
+        let held = std::mem::take(&mut self.pending);
         let log = std::mem::take(&mut self.ledger.acked_log);
         let puts = log.iter().map(|&(key, version)| (OP_PUT, key, version));
         let replayed = self.submit_all(puts, timeout);
         // The replayed PUTs were acknowledged again and logged again: keep the log as it was.
         self.ledger.acked_log = log;
+        self.pending.extend(held);
         replayed
     }
 
@@ -516,15 +537,18 @@ impl KvClient {
         self.ledger.boot_ids.clear();
     }
 
-    /// The longest time between two consecutive answers that overlaps `from..to`: the outage
-    /// the client saw around an event in that window (last answer before, first after).
-    pub fn longest_gap(&self, from: Instant, to: Instant) -> Option<Duration> {
-        self.ledger
-            .answer_times
-            .windows(2)
-            .filter(|pair| pair[1] >= from && pair[0] <= to)
-            .map(|pair| pair[1].duration_since(pair[0]))
+    /// The outage the load saw after `at` (when a failure began: a signal, a pause request,
+    /// a kill): the longest time between two consecutive answers whose later one came after
+    /// `at`, i.e. from the last answer before the service stopped to the first after it came
+    /// back (answers to the load only, not to read-back or replay). `None` without an answer
+    /// on each side.
+    pub fn outage_after(&self, at: Instant) -> Option<Duration> {
+        let times = &self.ledger.answer_times;
+        let first_after = times.partition_point(|&t| t <= at);
+        (first_after.max(1)..times.len())
+            .map(|i| times[i].duration_since(times[i - 1]))
             .max()
+            .filter(|_| first_after > 0)
     }
 }
 
@@ -539,7 +563,8 @@ impl LoadThread {
     /// Starts `client`'s load (`run_until`) on a new thread.
     pub fn start(mut client: KvClient) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(AtomicU64::new(0));
+        // A client that ran before starts from the answers it already has.
+        let answers = Arc::new(AtomicU64::new(client.ledger.answer_times.len() as u64));
         let (stopped, counted) = (stop.clone(), answers.clone());
         let thread = std::thread::spawn(move || {
             client.run_until(|ledger| {
@@ -588,6 +613,14 @@ mod tests {
 
     /// A stand-in netkv on loopback: keeps versions as the guest does, or lies as told.
     fn stand_in(lie: fn(&mut Reply)) -> (SocketAddrV4, Arc<AtomicBool>) {
+        stand_in_restartable(lie, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// `stand_in` that forgets its table and takes a new boot id when `restart` is set.
+    fn stand_in_restartable(
+        lie: fn(&mut Reply),
+        restart: Arc<AtomicBool>,
+    ) -> (SocketAddrV4, Arc<AtomicBool>) {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
@@ -600,8 +633,13 @@ mod tests {
         std::thread::spawn(move || {
             let mut table: HashMap<u64, (u64, u64)> = HashMap::new();
             let mut served = 0;
+            let mut boot_id = 7;
             let mut buffer = [0u8; 512];
             while !stopped.load(Ordering::Relaxed) {
+                if restart.swap(false, Ordering::Relaxed) {
+                    table.clear();
+                    boot_id += 1;
+                }
                 let Ok((len, from)) = socket.recv_from(&mut buffer) else {
                     continue;
                 };
@@ -621,7 +659,7 @@ mod tests {
                     key: request.key,
                     version: slot.0,
                     value: slot.1,
-                    boot_id: 7,
+                    boot_id,
                     served,
                 };
                 served += 1;
@@ -693,6 +731,53 @@ mod tests {
 
         let client = run(|reply| reply.boot_id = if reply.served > 100 { 8 } else { 7 });
         assert!(client.ledger.violations.iter().any(|v| v.0.contains("booted again")));
+    }
+
+    #[test]
+    fn a_cold_restart_is_whole_again_after_the_replay_and_the_outage_is_measured() {
+        let restart = Arc::new(AtomicBool::new(false));
+        let (server, stop) = stand_in_restartable(|_| {}, restart.clone());
+        let config = LoadConfig {
+            keys: 16,
+            rate: 5000,
+            ..LoadConfig::default()
+        };
+        let mut client = KvClient::new(server, config).unwrap();
+        client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
+        restart.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(30));
+        let failed_at = Instant::now();
+        client.expect_new_boot();
+        let replayed = client.replay_acknowledged(Duration::from_secs(5)).unwrap();
+        assert_eq!(replayed, client.ledger.acked_log.len());
+        let answers = client.ledger.answer_times.len();
+        client
+            .run_until(|ledger| ledger.answer_times.len() > answers + 100)
+            .unwrap();
+        client.read_back_all(Duration::from_secs(5)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(client.ledger.violations, Vec::new());
+        assert_eq!(client.ledger.boot_ids, vec![8]);
+        let outage = client.outage_after(failed_at).unwrap();
+        assert!(outage >= Duration::from_millis(30), "{outage:?}");
+    }
+
+    #[test]
+    fn a_restart_without_replay_serves_stale_data_and_is_caught() {
+        let restart = Arc::new(AtomicBool::new(false));
+        let (server, stop) = stand_in_restartable(|_| {}, restart.clone());
+        let config = LoadConfig {
+            keys: 16,
+            rate: 5000,
+            ..LoadConfig::default()
+        };
+        let mut client = KvClient::new(server, config).unwrap();
+        client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
+        restart.store(true, Ordering::Relaxed);
+        client.expect_new_boot();
+        client.read_back_all(Duration::from_secs(5)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert!(client.ledger.violations.iter().any(|v| v.0.starts_with("stale GET")));
     }
 
     #[test]

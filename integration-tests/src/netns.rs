@@ -26,16 +26,23 @@ pub struct Netns {
 impl Netns {
     /// `nvnet-<label>-<pid>`; panics when the namespace cannot be made (needs root, iproute2).
     pub fn new(label: &str) -> Self {
+        Self::try_new(label).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `new`, with the reason as an error when the namespace cannot be made.
+    pub fn try_new(label: &str) -> Result<Self, String> {
         let name = format!("nvnet-{label}-{}", std::process::id());
-        let status = Command::new("ip")
+        let out = Command::new("ip")
             .args(["netns", "add", &name])
-            .status()
-            .expect("running ip netns add (iproute2 is needed for the virtio-net tests)");
-        assert!(
-            status.success(),
-            "ip netns add {name} failed: the virtio-net tests need root and network namespaces"
-        );
-        Netns { name }
+            .output()
+            .map_err(|e| format!("running ip netns add (iproute2 is needed): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add {name} failed (root and network namespaces are needed): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Netns { name })
     }
 
     pub fn name(&self) -> &str {
@@ -56,13 +63,11 @@ impl Netns {
 
     /// Moves the calling thread into the namespace until the guard is dropped (then back into
     /// the namespace it was in): processes it spawns and sockets it opens meanwhile live there.
-    pub fn enter(&self) -> Entered {
-        let own = File::open("/proc/thread-self/ns/net")
-            .unwrap_or_else(|e| panic!("/proc/thread-self/ns/net: {e}"));
-        let path = self.path();
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    pub fn enter(&self) -> std::io::Result<Entered> {
+        let own = File::open("/proc/thread-self/ns/net")?;
+        let ns = File::open(self.path())?;
         set_network_namespace(&ns);
-        Entered { previous: own }
+        Ok(Entered { previous: own })
     }
 
     fn path(&self) -> String {
@@ -80,27 +85,29 @@ impl Netns {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `ip -n NS arguments...`, which must succeed.
-    pub fn ip(&self, arguments: &[&str]) {
+    /// `ip -n NS arguments...`; the error names the command and says why it failed.
+    pub fn ip(&self, arguments: &[&str]) -> Result<(), String> {
         let out = Command::new("ip")
             .args(["-n", &self.name])
             .args(arguments)
             .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {arguments:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(|e| format!("ip {arguments:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip {arguments:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
     }
 
     /// Creates the netkv tap ([`KV_TAP`], vnet header, one queue pair, persistent) with the
     /// host's address [`KV_HOST_CIDR`], up.
-    pub fn add_kv_tap(&self) {
-        self.ip(&["link", "set", "lo", "up"]);
-        self.ip(&["tuntap", "add", "dev", KV_TAP, "mode", "tap", "vnet_hdr"]);
-        self.ip(&["addr", "add", KV_HOST_CIDR, "dev", KV_TAP]);
-        self.ip(&["link", "set", KV_TAP, "up"]);
+    pub fn add_kv_tap(&self) -> Result<(), String> {
+        self.ip(&["link", "set", "lo", "up"])?;
+        self.ip(&["tuntap", "add", "dev", KV_TAP, "mode", "tap", "vnet_hdr"])?;
+        self.ip(&["addr", "add", KV_HOST_CIDR, "dev", KV_TAP])?;
+        self.ip(&["link", "set", KV_TAP, "up"])
     }
 }
 

@@ -34,7 +34,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, B, C, D, E, F and G.
+    /// A, B, C, D, E, F, G and H.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -48,6 +48,8 @@ enum Which {
     Region,
     /// F: swap-out and swap-in vs plain write+fsync and read (library level, no VM).
     Swap,
+    /// H: client-visible outage of the netkv database VM, NV vs copy restore vs cold restart.
+    Net,
 }
 
 #[derive(Parser, Debug)]
@@ -206,13 +208,14 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 6] = [
+    let sections: [(Which, Section); 7] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
         (Which::Stale, measure::stale_state::run),
         (Which::Region, measure::region_power_fail::run),
         (Which::Swap, measure::swap::run),
+        (Which::Net, measure::net_outage::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

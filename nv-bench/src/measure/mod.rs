@@ -1,5 +1,6 @@
 //! The four measurements of issue 6, one module each, over a shared [`Bench`] context.
 
+pub mod net_outage;
 pub mod overhead;
 pub mod power_fail;
 pub mod region_power_fail;
