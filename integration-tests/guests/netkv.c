@@ -25,7 +25,7 @@
 #define RX_SIZE 256
 #define TX_SIZE 64
 #define RX_BUFFER 2048
-#define TX_BUFFER 256
+#define TX_BUFFER 2048
 #define NET_HDR_LEN 12 /* struct virtio_net_hdr with num_buffers (VERSION_1) */
 #define TX_TIMEOUT_MS 30000
 
@@ -38,6 +38,10 @@
 #define KV_MAGIC 0x564b564eu /* "NVKV" */
 #define KV_GET 1
 #define KV_PUT 2
+#define KV_STREAM 3
+#define STREAM_MAX_PAYLOAD 1472 /* a 1514-byte frame */
+#define STREAM_MAX_COUNT 100000000ull
+#define STREAM_NOTIFY_EVERY 32
 #define KV_REPLY 0x80
 #define KV_OK 0
 #define KV_NOT_FOUND 1
@@ -250,6 +254,67 @@ static void serve(const uint8_t *request, uint8_t *reply)
 	put64le(reply + 48, served++);
 }
 
+/* Starts a frame in the next transmit buffer: Ethernet, IPv4 and UDP headers for a datagram
+ * of `payload_len` bytes back to the sender of `frame` (IPv4, UDP). Returns the payload. */
+static uint8_t *udp_to_sender(const uint8_t *frame, uint32_t payload_len)
+{
+	const uint8_t *ip = frame + ETH_HDR;
+	const uint8_t *udp = ip + (ip[0] & 0xf) * 4;
+	uint8_t *out = tx_buffer();
+
+	memcpy(out, frame + 6, 6);
+	memcpy(out + 6, my_mac, 6);
+	put16be(out + 12, ETHERTYPE_IPV4);
+	uint8_t *oip = out + ETH_HDR;
+	oip[0] = 0x45;
+	oip[1] = 0;
+	put16be(oip + 2, (uint16_t)(IPV4_HDR + UDP_HDR + payload_len));
+	put16be(oip + 4, ip_id++);
+	put16be(oip + 6, 0x4000); /* don't fragment */
+	oip[8] = 64;
+	oip[9] = 17;
+	put16be(oip + 10, 0);
+	memcpy(oip + 12, my_ip, 4);
+	memcpy(oip + 16, ip + 12, 4);
+	put16be(oip + 10, ipv4_checksum(oip));
+	uint8_t *oudp = oip + IPV4_HDR;
+	put16be(oudp, my_port);
+	memcpy(oudp + 2, udp, 2);
+	put16be(oudp + 4, (uint16_t)(UDP_HDR + payload_len));
+	put16be(oudp + 6, 0); /* no UDP checksum (allowed over IPv4) */
+	return oudp + UDP_HDR;
+}
+
+/* STREAM: `key` datagrams of `version` payload bytes (each starting with its number, from
+ * 0, little-endian) to the sender as fast as the ring takes them, then the reply. */
+static void stream(const uint8_t *frame, const uint8_t *request)
+{
+	uint64_t count = get64le(request + 16);
+	uint64_t size = get64le(request + 24);
+	uint8_t reply[KV_REPLY_LEN];
+
+	if (size < 8 || size > STREAM_MAX_PAYLOAD || count > STREAM_MAX_COUNT)
+		count = 0;
+	for (uint64_t i = 0; i < count; i++) {
+		put64le(udp_to_sender(frame, (uint32_t)size), i);
+		tx_post(ETH_HDR + IPV4_HDR + UDP_HDR + (uint32_t)size);
+		if (i % STREAM_NOTIFY_EVERY == STREAM_NOTIFY_EVERY - 1) {
+			memory_barrier();
+			*tx_notify = TX_QUEUE;
+		}
+	}
+	put64le(reply, KV_MAGIC);
+	reply[4] = KV_STREAM | KV_REPLY;
+	reply[5] = count ? KV_OK : KV_BAD;
+	memcpy(reply + 8, request + 8, 16);
+	put64le(reply + 24, count);
+	put64le(reply + 32, size);
+	put64le(reply + 40, boot_id);
+	put64le(reply + 48, served++);
+	memcpy(udp_to_sender(frame, KV_REPLY_LEN), reply, KV_REPLY_LEN);
+	tx_post(ETH_HDR + IPV4_HDR + UDP_HDR + KV_REPLY_LEN);
+}
+
 static void answer_udp(const uint8_t *frame, uint32_t len)
 {
 	const uint8_t *ip = frame + ETH_HDR;
@@ -268,28 +333,12 @@ static void answer_udp(const uint8_t *frame, uint32_t len)
 		ignored++;
 		return;
 	}
-	uint8_t *out = tx_buffer();
-	memcpy(out, frame + 6, 6);
-	memcpy(out + 6, my_mac, 6);
-	put16be(out + 12, ETHERTYPE_IPV4);
-	uint8_t *oip = out + ETH_HDR;
-	oip[0] = 0x45;
-	oip[1] = 0;
-	put16be(oip + 2, IPV4_HDR + UDP_HDR + KV_REPLY_LEN);
-	put16be(oip + 4, ip_id++);
-	put16be(oip + 6, 0x4000); /* don't fragment */
-	oip[8] = 64;
-	oip[9] = 17;
-	put16be(oip + 10, 0);
-	memcpy(oip + 12, my_ip, 4);
-	memcpy(oip + 16, ip + 12, 4);
-	put16be(oip + 10, ipv4_checksum(oip));
-	uint8_t *oudp = oip + IPV4_HDR;
-	put16be(oudp, my_port);
-	memcpy(oudp + 2, udp, 2);
-	put16be(oudp + 4, UDP_HDR + KV_REPLY_LEN);
-	put16be(oudp + 6, 0); /* no UDP checksum (allowed over IPv4) */
-	serve(request, oudp + UDP_HDR);
+	if (request[4] == KV_STREAM) {
+		stream(frame, request);
+		return;
+	}
+	uint8_t *payload = udp_to_sender(frame, KV_REPLY_LEN);
+	serve(request, payload);
 	tx_post(ETH_HDR + IPV4_HDR + UDP_HDR + KV_REPLY_LEN);
 }
 

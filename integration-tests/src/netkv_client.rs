@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 pub const MAGIC: u32 = 0x564b_564e;
 pub const OP_GET: u8 = 1;
 pub const OP_PUT: u8 = 2;
+/// Asks the guest for `key` datagrams of `version` payload bytes (8..=1472), then a reply.
+pub const OP_STREAM: u8 = 3;
 const OP_REPLY: u8 = 0x80;
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_NOT_FOUND: u8 = 1;
@@ -549,6 +551,194 @@ impl KvClient {
             .map(|i| times[i].duration_since(times[i - 1]))
             .max()
             .filter(|_| first_after > 0)
+    }
+}
+
+/// Ethernet + IPv4 + UDP header bytes in front of a datagram's payload.
+pub const FRAME_OVERHEAD: usize = 14 + 20 + 8;
+
+/// One stream of datagrams as the host received it.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamResult {
+    pub sent: u64,
+    pub received: u64,
+    pub payload: usize,
+    /// From the first datagram received to the last.
+    pub elapsed: Duration,
+}
+
+impl StreamResult {
+    pub fn packets_per_s(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Ethernet frame bits per second (headers included, no preamble or gap).
+    pub fn gbit_per_s(&self) -> f64 {
+        self.packets_per_s() * ((self.payload + FRAME_OVERHEAD) * 8) as f64 / 1e9
+    }
+}
+
+/// Asks for a large receive buffer (root may exceed rmem_max), so a burst is not dropped by
+/// the receiving socket before the reader gets to it.
+fn enlarge_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 32 << 20;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt with a pointer to a c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+/// Counts datagrams of exactly `payload` bytes on `socket` until `expected` came or none came
+/// for 300 ms; returns how many and the time from the first to the last.
+fn count_stream(socket: &UdpSocket, payload: usize, expected: u64) -> io::Result<(u64, Duration)> {
+    let mut buffer = vec![0u8; 2048];
+    let (mut received, mut first, mut last) = (0u64, None, Instant::now());
+    let mut idle_since = Instant::now();
+    while received < expected && idle_since.elapsed() < Duration::from_millis(300) {
+        match socket.recv_from(&mut buffer) {
+            Ok((len, _)) if len == payload => {
+                last = Instant::now();
+                first.get_or_insert(last);
+                received += 1;
+                idle_since = last;
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((received, first.map(|f| last.duration_since(f)).unwrap_or_default()))
+}
+
+impl KvClient {
+    /// Asks the guest to send `count` datagrams of `payload` bytes (not [`REPLY_LEN`]) and
+    /// counts what arrives: guest -> host throughput through virtio-net and the tap.
+    pub fn stream_from_guest(&mut self, count: u64, payload: usize) -> Result<StreamResult, ClientError> {
+        enlarge_receive_buffer(&self.socket);
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = Request {
+            op: OP_STREAM,
+            id,
+            key: count,
+            version: payload as u64,
+            value: 0,
+        };
+        self.send(&request);
+        let (received, elapsed) =
+            count_stream(&self.socket, payload, count).map_err(ClientError::Socket)?;
+        Ok(StreamResult {
+            sent: count,
+            received,
+            payload,
+            elapsed,
+        })
+    }
+}
+
+/// Addresses of a host-only stream: frames written into a tap as if a guest sent them.
+#[derive(Clone, Copy, Debug)]
+pub struct TapStream {
+    /// The tap interface's own MAC (the frames' destination) and a made-up sender MAC.
+    pub tap_mac: [u8; 6],
+    pub sender_mac: [u8; 6],
+    pub sender: SocketAddrV4,
+    pub receiver: SocketAddrV4,
+}
+
+impl TapStream {
+    /// One frame with the 12-byte virtio-net header in front, as a tap with IFF_VNET_HDR reads.
+    pub fn frame(&self, payload: usize, sequence: u64) -> Vec<u8> {
+        let mut frame = vec![0u8; 12 + FRAME_OVERHEAD + payload];
+        let eth = &mut frame[12..];
+        eth[0..6].copy_from_slice(&self.tap_mac);
+        eth[6..12].copy_from_slice(&self.sender_mac);
+        eth[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut eth[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + 8 + payload) as u16).to_be_bytes());
+        ip[6] = 0x40;
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&self.sender.ip().octets());
+        ip[16..20].copy_from_slice(&self.receiver.ip().octets());
+        let mut sum: u32 = ip
+            .chunks(2)
+            .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+            .sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let udp = &mut eth[34..42];
+        udp[0..2].copy_from_slice(&self.sender.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&self.receiver.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        eth[42..50.min(42 + payload)].copy_from_slice(&sequence.to_le_bytes()[..8.min(payload)]);
+        frame
+    }
+
+    /// The host-only baseline: a thread writes `count` frames into `tap` (a descriptor of a tap
+    /// opened with IFF_VNET_HDR, one `write` each, as the VMM's device does) while this thread
+    /// counts them on a UDP socket bound to `receiver` (in the tap's namespace).
+    pub fn run(
+        &self,
+        tap: std::os::fd::OwnedFd,
+        count: u64,
+        payload: usize,
+    ) -> Result<StreamResult, ClientError> {
+        let socket = UdpSocket::bind(self.receiver).map_err(ClientError::Socket)?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .map_err(ClientError::Socket)?;
+        enlarge_receive_buffer(&socket);
+        // The 12-byte header of VERSION_1 devices, as the VMM sets on its taps (default 10).
+        let mut header_len: libc::c_int = 12;
+        // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer; the descriptor is a tap.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&tap),
+                libc::TUNSETVNETHDRSZ as _,
+                &mut header_len,
+            )
+        };
+        if rc != 0 {
+            return Err(ClientError::Socket(io::Error::last_os_error()));
+        }
+        let frame = self.frame(payload, 0);
+        let writer = std::thread::spawn(move || {
+            let tap = std::fs::File::from(tap);
+            let mut sent = 0;
+            for _ in 0..count {
+                if std::io::Write::write(&mut &tap, &frame).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        let (received, elapsed) =
+            count_stream(&socket, payload, count).map_err(ClientError::Socket)?;
+        let sent = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok(StreamResult {
+            sent,
+            received,
+            payload,
+            elapsed,
+        })
     }
 }
 

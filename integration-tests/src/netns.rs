@@ -17,6 +17,13 @@ pub const KV_HOST_CIDR: &str = "10.77.0.1/24";
 pub const KV_GUEST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 7777);
 /// The MAC the netkv VM's `--net` gives the guest.
 pub const KV_GUEST_MAC: &str = "02:00:00:00:77:02";
+/// A second tap for host-only baselines ([`Netns::add_baseline_tap`]): its MAC and address,
+/// and the made-up sender the frames written into it come from.
+pub const BASELINE_TAP: &str = "nvkv1";
+pub const BASELINE_TAP_MAC: [u8; 6] = [2, 0, 0, 0, 0x78, 1];
+pub const BASELINE_HOST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 1), 7778);
+pub const BASELINE_SENDER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 2), 7777);
+pub const BASELINE_SENDER_MAC: [u8; 6] = [2, 0, 0, 0, 0x78, 2];
 
 /// A network namespace: created on `new`, deleted on drop.
 pub struct Netns {
@@ -108,6 +115,22 @@ impl Netns {
         self.ip(&["tuntap", "add", "dev", KV_TAP, "mode", "tap", "vnet_hdr"])?;
         self.ip(&["addr", "add", KV_HOST_CIDR, "dev", KV_TAP])?;
         self.ip(&["link", "set", KV_TAP, "up"])
+    }
+
+    /// Creates [`BASELINE_TAP`] with [`BASELINE_TAP_MAC`] and [`BASELINE_HOST`]'s address /24,
+    /// up, with the sender's neighbour entry (nothing answers ARP on it).
+    pub fn add_baseline_tap(&self) -> Result<(), String> {
+        let mac = BASELINE_TAP_MAC.map(|b| format!("{b:02x}")).join(":");
+        let sender_mac = BASELINE_SENDER_MAC.map(|b| format!("{b:02x}")).join(":");
+        let host = format!("{}/24", BASELINE_HOST.ip());
+        let sender = BASELINE_SENDER.ip().to_string();
+        self.ip(&["tuntap", "add", "dev", BASELINE_TAP, "mode", "tap", "vnet_hdr"])?;
+        self.ip(&["link", "set", BASELINE_TAP, "address", &mac])?;
+        self.ip(&["addr", "add", &host, "dev", BASELINE_TAP])?;
+        self.ip(&["link", "set", BASELINE_TAP, "up"])?;
+        self.ip(&[
+            "neigh", "replace", &sender, "lladdr", &sender_mac, "dev", BASELINE_TAP,
+        ])
     }
 }
 

@@ -14,7 +14,11 @@ use integration_tests::harness::{
     test_guest,
 };
 use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
-use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
+use integration_tests::netkv_client::TapStream;
+use integration_tests::netns::{
+    inheritable_tap, Netns, BASELINE_HOST, BASELINE_SENDER, BASELINE_SENDER_MAC, BASELINE_TAP,
+    BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
+};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -360,5 +364,45 @@ fn netkv_answers_bursts_larger_than_its_transmit_ring() {
     assert!(answered, "20000 answers not reached:\n{log}");
     assert!(!log.contains("FAIL"), "{log}");
     assert_every_acknowledged_put_kept(client, &[log]);
+    vmm.kill();
+}
+
+/// nv-bench's throughput pair, checked for what it delivers: netkv streams datagrams to the
+/// host through virtio-net (every one arrives, whole, at the size asked for), and frames
+/// written into a second tap by the host alone (the baseline) reach a socket the same way.
+#[test]
+fn netkv_streams_to_the_host_and_the_tap_baseline_delivers_the_same_datagrams() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("kvstream");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    netns.add_baseline_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let (mut vmm, guest, baseline) = netns.run(move || {
+        let region = dir_path.join("region");
+        let mut vmm = spawn(&dir_path, "boot", &netkv_boot_arguments(&region));
+        let log = vmm.wait_serial("netkv ready", netkv_ready);
+        assert!(!log.contains("FAIL"), "{log}");
+        let mut client =
+            KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let guest = client
+            .stream_from_guest(20_000, 1000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stream = TapStream {
+            tap_mac: BASELINE_TAP_MAC,
+            sender_mac: BASELINE_SENDER_MAC,
+            sender: BASELINE_SENDER,
+            receiver: BASELINE_HOST,
+        };
+        let baseline = stream
+            .run(inheritable_tap(BASELINE_TAP), 20_000, 1000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (vmm, guest, baseline)
+    });
+    eprintln!("guest {guest:?}, baseline {baseline:?}");
+    assert_eq!(guest.received, 20_000, "{guest:?}\n{}", vmm.serial_log());
+    assert_eq!(baseline.sent, 20_000, "{baseline:?}");
+    assert_eq!(baseline.received, 20_000, "{baseline:?}");
+    assert!(guest.packets_per_s() > 0.0 && baseline.packets_per_s() > 0.0);
     vmm.kill();
 }
