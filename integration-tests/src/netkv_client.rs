@@ -323,7 +323,9 @@ impl KvClient {
         }
         let request = pending.request;
         if reply.op != request.op || reply.key != request.key {
-            self.violation(format!("reply {reply:?} does not match request {request:?}"));
+            self.violation(format!(
+                "reply {reply:?} does not match request {request:?}"
+            ));
             return;
         }
         let newest_sent = self.ledger.sent.get(&request.key).copied().unwrap_or(0);
@@ -615,17 +617,28 @@ fn count_stream(socket: &UdpSocket, payload: usize, expected: u64) -> io::Result
                 idle_since = last;
             }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok((received, first.map(|f| last.duration_since(f)).unwrap_or_default()))
+    Ok((
+        received,
+        first.map(|f| last.duration_since(f)).unwrap_or_default(),
+    ))
 }
 
 impl KvClient {
     /// Asks the guest to send `count` datagrams of `payload` bytes (not [`REPLY_LEN`]) and
     /// counts what arrives: guest -> host throughput through virtio-net and the tap.
-    pub fn stream_from_guest(&mut self, count: u64, payload: usize) -> Result<StreamResult, ClientError> {
+    pub fn stream_from_guest(
+        &mut self,
+        count: u64,
+        payload: usize,
+    ) -> Result<StreamResult, ClientError> {
         enlarge_receive_buffer(&self.socket);
         let id = self.next_id;
         self.next_id += 1;
@@ -914,13 +927,25 @@ mod tests {
                 reply.value = value_of(reply.key, reply.version);
             }
         });
-        assert!(client.ledger.violations.iter().any(|v| v.0.starts_with("stale GET")));
+        assert!(client
+            .ledger
+            .violations
+            .iter()
+            .any(|v| v.0.starts_with("stale GET")));
 
         let client = run(|reply| reply.value ^= 2);
-        assert!(client.ledger.violations.iter().any(|v| v.0.contains("the client sent")));
+        assert!(client
+            .ledger
+            .violations
+            .iter()
+            .any(|v| v.0.contains("the client sent")));
 
         let client = run(|reply| reply.boot_id = if reply.served > 100 { 8 } else { 7 });
-        assert!(client.ledger.violations.iter().any(|v| v.0.contains("booted again")));
+        assert!(client
+            .ledger
+            .violations
+            .iter()
+            .any(|v| v.0.contains("booted again")));
     }
 
     #[test]
@@ -967,7 +992,11 @@ mod tests {
         client.expect_new_boot();
         client.read_back_all(Duration::from_secs(5)).unwrap();
         stop.store(true, Ordering::Relaxed);
-        assert!(client.ledger.violations.iter().any(|v| v.0.starts_with("stale GET")));
+        assert!(client
+            .ledger
+            .violations
+            .iter()
+            .any(|v| v.0.starts_with("stale GET")));
     }
 
     #[test]

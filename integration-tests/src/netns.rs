@@ -124,12 +124,26 @@ impl Netns {
         let sender_mac = BASELINE_SENDER_MAC.map(|b| format!("{b:02x}")).join(":");
         let host = format!("{}/24", BASELINE_HOST.ip());
         let sender = BASELINE_SENDER.ip().to_string();
-        self.ip(&["tuntap", "add", "dev", BASELINE_TAP, "mode", "tap", "vnet_hdr"])?;
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            BASELINE_TAP,
+            "mode",
+            "tap",
+            "vnet_hdr",
+        ])?;
         self.ip(&["link", "set", BASELINE_TAP, "address", &mac])?;
         self.ip(&["addr", "add", &host, "dev", BASELINE_TAP])?;
         self.ip(&["link", "set", BASELINE_TAP, "up"])?;
         self.ip(&[
-            "neigh", "replace", &sender, "lladdr", &sender_mac, "dev", BASELINE_TAP,
+            "neigh",
+            "replace",
+            &sender,
+            "lladdr",
+            &sender_mac,
+            "dev",
+            BASELINE_TAP,
         ])
     }
 }

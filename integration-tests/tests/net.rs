@@ -10,11 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::harness::{
-    assert_counter_advances, counter_lines, guest_arguments, guest_cmdline, scratch_dir,
-    test_guest,
+    assert_counter_advances, counter_lines, guest_arguments, guest_cmdline, scratch_dir, test_guest,
 };
-use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
 use integration_tests::netkv_client::TapStream;
+use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
 use integration_tests::netns::{
     inheritable_tap, Netns, BASELINE_HOST, BASELINE_SENDER, BASELINE_SENDER_MAC, BASELINE_TAP,
     BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
@@ -272,8 +271,8 @@ fn netkv_power_fail_rounds(label: &str, rounds: u32, handover: bool) {
             let mut vmm = spawn(&dir_path, "boot", &netkv_boot_arguments(&region));
             let log = vmm.wait_serial("netkv ready", netkv_ready);
             assert!(!log.contains("FAIL"), "{log}");
-            let client = KvClient::new(KV_GUEST, LoadConfig::default())
-                .unwrap_or_else(|e| panic!("{e}"));
+            let client =
+                KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
             (vmm, client)
         })
     };

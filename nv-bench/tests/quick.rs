@@ -165,7 +165,11 @@ fn quick_run_produces_every_measurement() {
         assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
         assert!(row[4].parse::<u64>().unwrap() > 0, "{row:?}");
     }
-    assert!(results[2][5].parse::<u64>().unwrap() > 0, "{:?}", results[2]);
+    assert!(
+        results[2][5].parse::<u64>().unwrap() > 0,
+        "{:?}",
+        results[2]
+    );
     for ratio in [
         "H RATIO copy snapshot/restore / NV in-place",
         "H RATIO cold restart + log replay / NV in-place",

@@ -319,7 +319,14 @@ fn measure_one(bench: &Bench, image: &Path, ram: u64, method: Method) -> Result<
         .add_kv_tap()
         .and_then(|()| {
             netns.ip(&[
-                "neigh", "replace", &guest_ip, "lladdr", KV_GUEST_MAC, "dev", KV_TAP, "nud",
+                "neigh",
+                "replace",
+                &guest_ip,
+                "lladdr",
+                KV_GUEST_MAC,
+                "dev",
+                KV_TAP,
+                "nud",
                 "permanent",
             ])
         })
