@@ -875,12 +875,7 @@ mod tests {
 
     fn run(lie: fn(&mut Reply)) -> KvClient {
         let (server, stop) = stand_in(lie);
-        let config = LoadConfig {
-            keys: 16,
-            rate: 5000,
-            ..LoadConfig::default()
-        };
-        let mut client = KvClient::new(server, config).unwrap();
+        let mut client = KvClient::new(server, small_load()).unwrap();
         let start = Instant::now();
         client
             .run_until(|ledger| ledger.puts_acked > 300 || start.elapsed() > Duration::from_secs(5))
@@ -948,18 +943,27 @@ mod tests {
             .any(|v| v.0.contains("booted again")));
     }
 
-    #[test]
-    fn a_cold_restart_is_whole_again_after_the_replay_and_the_outage_is_measured() {
+    /// A client that got 200 PUTs acknowledged by a stand-in which then restarted empty.
+    fn loaded_then_restarted() -> (KvClient, Arc<AtomicBool>) {
         let restart = Arc::new(AtomicBool::new(false));
         let (server, stop) = stand_in_restartable(|_| {}, restart.clone());
-        let config = LoadConfig {
+        let mut client = KvClient::new(server, small_load()).unwrap();
+        client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
+        restart.store(true, Ordering::Relaxed);
+        (client, stop)
+    }
+
+    fn small_load() -> LoadConfig {
+        LoadConfig {
             keys: 16,
             rate: 5000,
             ..LoadConfig::default()
-        };
-        let mut client = KvClient::new(server, config).unwrap();
-        client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
-        restart.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_cold_restart_is_whole_again_after_the_replay_and_the_outage_is_measured() {
+        let (mut client, stop) = loaded_then_restarted();
         std::thread::sleep(Duration::from_millis(30));
         let failed_at = Instant::now();
         client.expect_new_boot();
@@ -979,16 +983,7 @@ mod tests {
 
     #[test]
     fn a_restart_without_replay_serves_stale_data_and_is_caught() {
-        let restart = Arc::new(AtomicBool::new(false));
-        let (server, stop) = stand_in_restartable(|_| {}, restart.clone());
-        let config = LoadConfig {
-            keys: 16,
-            rate: 5000,
-            ..LoadConfig::default()
-        };
-        let mut client = KvClient::new(server, config).unwrap();
-        client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
-        restart.store(true, Ordering::Relaxed);
+        let (mut client, stop) = loaded_then_restarted();
         client.expect_new_boot();
         client.read_back_all(Duration::from_secs(5)).unwrap();
         stop.store(true, Ordering::Relaxed);

@@ -39,16 +39,8 @@ impl Netns {
     /// `new`, with the reason as an error when the namespace cannot be made.
     pub fn try_new(label: &str) -> Result<Self, String> {
         let name = format!("nvnet-{label}-{}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("running ip netns add (iproute2 is needed): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip netns add {name} failed (root and network namespaces are needed): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        run_ip(&["netns", "add", &name])
+            .map_err(|e| format!("{e} (root, iproute2 and network namespaces are needed)"))?;
         Ok(Netns { name })
     }
 
@@ -94,18 +86,9 @@ impl Netns {
 
     /// `ip -n NS arguments...`; the error names the command and says why it failed.
     pub fn ip(&self, arguments: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(["-n", &self.name])
-            .args(arguments)
-            .output()
-            .map_err(|e| format!("ip {arguments:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip {arguments:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(())
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(arguments);
+        run_ip(&all)
     }
 
     /// Creates the netkv tap ([`KV_TAP`], vnet header, one queue pair, persistent) with the
@@ -165,6 +148,21 @@ impl Drop for Entered {
     fn drop(&mut self) {
         set_network_namespace(&self.previous);
     }
+}
+
+/// `ip arguments...`; the error names the command and says why it failed.
+fn run_ip(arguments: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(arguments)
+        .output()
+        .map_err(|e| format!("ip {arguments:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {arguments:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 fn set_network_namespace(ns: &File) {

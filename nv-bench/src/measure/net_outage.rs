@@ -194,19 +194,8 @@ fn throughput(bench: &mut Bench, image: &Path) -> Result<()> {
     let _inside = netns
         .enter()
         .map_err(|e| BenchError::io("entering the network namespace", e))?;
-    let guest = TestGuest {
-        image: image.into(),
-        parameters: format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-        ram_bytes: bench.profile.ram_sizes[0],
-        tsc_khz: bench.tsc_khz,
-        period_ms: 1000,
-        log_disk: None,
-    };
-    let mut vmm_arguments = bench.vmm_arguments.clone();
-    vmm_arguments.extend([
-        "--net".to_string(),
-        format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
-    ]);
+    let guest = netkv_guest(bench, image, bench.profile.ram_sizes[0]);
+    let vmm_arguments = with_net(bench);
     let mut vm = RunningVm::start(
         &bench.binaries.cloud_hypervisor,
         &Launch::Boot {
@@ -354,14 +343,7 @@ fn measure_with(
     region: &Path,
     snapshot_dir: &Path,
 ) -> Result<OutageRun> {
-    let guest = TestGuest {
-        image: image.into(),
-        parameters: format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-        ram_bytes: ram,
-        tsc_khz: bench.tsc_khz,
-        period_ms: 1000,
-        log_disk: None,
-    };
+    let guest = netkv_guest(bench, image, ram);
     let backing = match method {
         Method::NvInPlace => MemoryBacking::NvRegion {
             region: region.into(),
@@ -370,11 +352,7 @@ fn measure_with(
         Method::CopyRestore | Method::ColdRestart => MemoryBacking::Anonymous,
     };
     let socket = (method == Method::CopyRestore).then(|| bench.tmpfs.join(&format!("{tag}.sock")));
-    let mut vmm_arguments = bench.vmm_arguments.clone();
-    vmm_arguments.extend([
-        "--net".to_string(),
-        format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
-    ]);
+    let vmm_arguments = with_net(bench);
     let serial = bench.disk.join(&format!("{tag}.serial"));
     let boot = Launch::Boot {
         guest: guest.clone(),
@@ -466,6 +444,28 @@ fn measure_with(
         puts_acked: client.ledger.puts_acked,
         replayed,
     })
+}
+
+/// netkv on the namespace's address, in `ram` bytes.
+fn netkv_guest(bench: &Bench, image: &Path, ram: u64) -> TestGuest {
+    TestGuest {
+        image: image.into(),
+        parameters: format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
+        ram_bytes: ram,
+        tsc_khz: bench.tsc_khz,
+        period_ms: 1000,
+        log_disk: None,
+    }
+}
+
+/// The run's extra VMM arguments with netkv's `--net` on the namespace's tap.
+fn with_net(bench: &Bench) -> Vec<String> {
+    let mut arguments = bench.vmm_arguments.clone();
+    arguments.extend([
+        "--net".to_string(),
+        format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
+    ]);
+    arguments
 }
 
 fn start(
