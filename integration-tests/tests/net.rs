@@ -405,3 +405,81 @@ fn netkv_streams_to_the_host_and_the_tap_baseline_delivers_the_same_datagrams() 
     assert!(guest.packets_per_s() > 0.0 && baseline.packets_per_s() > 0.0);
     vmm.kill();
 }
+
+/// Issue 14.2 for `vm.snapshot` / `vm.restore`: netkv under the client's load is paused and
+/// snapshotted, its VMM killed, and a new VMM restores it on the same tap (reopened by the name
+/// in the snapshot's config); the client resumes, every acknowledged PUT is still there and the
+/// guest did not boot again.
+#[test]
+fn netkv_keeps_every_acknowledged_put_across_snapshot_and_restore() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("kvsnap");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let socket = dir_path.join("api.sock");
+    let snapshot = dir_path.join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+
+    let (mut vmm, client) = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || {
+            let mut arguments = guest_arguments(
+                "netkv",
+                &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
+                "64M",
+            );
+            arguments.extend([
+                "--net".into(),
+                format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
+                "--api-socket".into(),
+                format!("path={}", socket.display()),
+            ]);
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            let log = vmm.wait_serial("netkv ready", netkv_ready);
+            assert!(!log.contains("FAIL"), "{log}");
+            let client =
+                KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+            (vmm, client)
+        })
+    };
+    let load = LoadThread::start(client);
+    assert!(
+        load.wait_answers(2000, KV_WAIT),
+        "no answers before the snapshot"
+    );
+    let api = |endpoint: &str, body: &str| {
+        let (status, answer) =
+            integration_tests::api_client::request(&socket, "PUT", endpoint, body, TIMEOUT);
+        assert!(
+            (200..300).contains(&status),
+            "{endpoint}: {status} {answer}"
+        );
+    };
+    api("vm.pause", "");
+    let body = format!(r#"{{"destination_url":"file://{}"}}"#, snapshot.display());
+    api("vm.snapshot", &body);
+    let serial = dir_path.join("boot.serial");
+    let before = vmm.serial_log();
+    vmm.kill();
+
+    let mut vmm = {
+        let (dir_path, snapshot, serial) = (dir_path.clone(), snapshot.clone(), serial.clone());
+        netns.run(move || {
+            let restore = format!("source_url=file://{},resume=true", snapshot.display());
+            VmmProcess::spawn(&dir_path, "restore", &["--restore".into(), restore], &[])
+                .with_serial(serial)
+                .with_timeout(TIMEOUT)
+        })
+    };
+    assert!(
+        load.wait_answers(2000, KV_WAIT),
+        "no answers after the restore:\n{}",
+        vmm.stderr_tail(20)
+    );
+    let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    assert!(client.ledger.retries > 0, "the snapshot went unnoticed");
+    let after = vmm.serial_log().replace(&before, "");
+    assert_every_acknowledged_put_kept(client, &[before, after]);
+    vmm.kill();
+}
