@@ -43,80 +43,19 @@ static struct device console __attribute__((aligned(4096)));
 static uint8_t random_bytes[RNG_BYTES];
 static char line[LINE_MAX];
 
-static void common_write32(struct device *d, unsigned offset, uint32_t value)
-{
-	*(volatile uint32_t *)(d->function.common + offset) = value;
-}
-
-static void common_write16(struct device *d, unsigned offset, uint16_t value)
-{
-	*(volatile uint16_t *)(d->function.common + offset) = value;
-}
-
-static uint16_t common_read16(struct device *d, unsigned offset)
-{
-	return *(volatile uint16_t *)(d->function.common + offset);
-}
-
-static void set_status(struct device *d, uint8_t status)
-{
-	*(volatile uint8_t *)(d->function.common + COMMON_DEVICE_STATUS) = status;
-}
-
-static uint8_t get_status(struct device *d)
-{
-	return *(volatile uint8_t *)(d->function.common + COMMON_DEVICE_STATUS);
-}
-
-static void common_write_address(struct device *d, unsigned offset, const void *address)
-{
-	common_write32(d, offset, (uint32_t)(uint64_t)address);
-	common_write32(d, offset + 4, (uint32_t)((uint64_t)address >> 32));
-}
-
 /* Reset, VERSION_1 only, queue `queue` at QUEUE_SIZE entries, DRIVER_OK. */
 static int open_device(struct device *d, uint32_t type, uint16_t queue, const char **error)
 {
-	if (virtio_pci_find(VIRTIO_PCI_ID(type), &d->function, error))
+	if (virtio_pci_find(VIRTIO_PCI_ID(type), &d->function, error) ||
+	    virtio_pci_negotiate(&d->function, 0, error))
 		return -1;
-	set_status(d, 0);
-	if (get_status(d) != 0) {
-		*error = "device did not reset";
-		return -1;
-	}
-	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-	common_write32(d, COMMON_DEVICE_FEATURE_SELECT, 1);
-	if (!(*(volatile uint32_t *)(d->function.common + COMMON_DEVICE_FEATURE) &
-	      FEATURE_HIGH_VERSION_1)) {
-		set_status(d, STATUS_FAILED);
-		*error = "device does not offer VIRTIO_F_VERSION_1";
-		return -1;
-	}
-	common_write32(d, COMMON_DRIVER_FEATURE_SELECT, 0);
-	common_write32(d, COMMON_DRIVER_FEATURE, 0);
-	common_write32(d, COMMON_DRIVER_FEATURE_SELECT, 1);
-	common_write32(d, COMMON_DRIVER_FEATURE, FEATURE_HIGH_VERSION_1);
-	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-	if (!(get_status(d) & STATUS_FEATURES_OK)) {
-		*error = "device rejected VERSION_1";
-		return -1;
-	}
-	common_write16(d, COMMON_QUEUE_SELECT, queue);
-	if (common_read16(d, COMMON_QUEUE_SIZE) < QUEUE_SIZE) {
-		*error = "queue too small";
-		return -1;
-	}
 	d->queue = queue;
 	d->avail.flags = AVAIL_F_NO_INTERRUPT;
-	common_write16(d, COMMON_QUEUE_SIZE, QUEUE_SIZE);
-	common_write_address(d, COMMON_QUEUE_DESC, d->descriptors);
-	common_write_address(d, COMMON_QUEUE_DRIVER, &d->avail);
-	common_write_address(d, COMMON_QUEUE_DEVICE, &d->used);
-	common_write16(d, COMMON_QUEUE_ENABLE, 1);
-	d->notify = (volatile uint16_t *)(d->function.notify +
-					  common_read16(d, COMMON_QUEUE_NOTIFY_OFF) *
-						  d->function.notify_multiplier);
-	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	d->notify = virtio_pci_queue(&d->function, queue, QUEUE_SIZE, d->descriptors, &d->avail,
+				     &d->used, error);
+	if (!d->notify)
+		return -1;
+	virtio_pci_driver_ok(&d->function);
 	return 0;
 }
 

@@ -1,6 +1,7 @@
 #include "virtio_pci.h"
 #include "pci.h"
 #include "runtime.h"
+#include "virtio.h"
 
 #define VIRTIO_PCI_CAP_COMMON 1
 #define VIRTIO_PCI_CAP_NOTIFY 2
@@ -75,4 +76,94 @@ int virtio_pci_find(uint32_t id, struct virtio_pci_function *function, const cha
 		return -1;
 	}
 	return 0;
+}
+
+static void common_write32(struct virtio_pci_function *f, unsigned offset, uint32_t value)
+{
+	*(volatile uint32_t *)(f->common + offset) = value;
+}
+
+static void common_write16(struct virtio_pci_function *f, unsigned offset, uint16_t value)
+{
+	*(volatile uint16_t *)(f->common + offset) = value;
+}
+
+static uint16_t common_read16(struct virtio_pci_function *f, unsigned offset)
+{
+	return *(volatile uint16_t *)(f->common + offset);
+}
+
+static void set_status(struct virtio_pci_function *f, uint8_t status)
+{
+	*(volatile uint8_t *)(f->common + COMMON_DEVICE_STATUS) = status;
+}
+
+static uint8_t get_status(struct virtio_pci_function *f)
+{
+	return *(volatile uint8_t *)(f->common + COMMON_DEVICE_STATUS);
+}
+
+static void common_write_address(struct virtio_pci_function *f, unsigned offset,
+				 const void *address)
+{
+	common_write32(f, offset, (uint32_t)(uint64_t)address);
+	common_write32(f, offset + 4, (uint32_t)((uint64_t)address >> 32));
+}
+
+int virtio_pci_negotiate(struct virtio_pci_function *f, uint32_t features_low,
+			 const char **error)
+{
+	set_status(f, 0);
+	if (get_status(f) != 0) {
+		*error = "device did not reset";
+		return -1;
+	}
+	set_status(f, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+	common_write32(f, COMMON_DEVICE_FEATURE_SELECT, 1);
+	if (!(*(volatile uint32_t *)(f->common + COMMON_DEVICE_FEATURE) &
+	      FEATURE_HIGH_VERSION_1)) {
+		set_status(f, STATUS_FAILED);
+		*error = "device does not offer VIRTIO_F_VERSION_1";
+		return -1;
+	}
+	common_write32(f, COMMON_DEVICE_FEATURE_SELECT, 0);
+	if ((*(volatile uint32_t *)(f->common + COMMON_DEVICE_FEATURE) & features_low) !=
+	    features_low) {
+		set_status(f, STATUS_FAILED);
+		*error = "device does not offer the features the driver needs";
+		return -1;
+	}
+	common_write32(f, COMMON_DRIVER_FEATURE_SELECT, 0);
+	common_write32(f, COMMON_DRIVER_FEATURE, features_low);
+	common_write32(f, COMMON_DRIVER_FEATURE_SELECT, 1);
+	common_write32(f, COMMON_DRIVER_FEATURE, FEATURE_HIGH_VERSION_1);
+	set_status(f, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+	if (!(get_status(f) & STATUS_FEATURES_OK)) {
+		*error = "device rejected the features";
+		return -1;
+	}
+	return 0;
+}
+
+volatile uint16_t *virtio_pci_queue(struct virtio_pci_function *f, uint16_t queue,
+				    uint16_t size, const void *descriptors, const void *avail,
+				    const void *used, const char **error)
+{
+	common_write16(f, COMMON_QUEUE_SELECT, queue);
+	if (common_read16(f, COMMON_QUEUE_SIZE) < size) {
+		*error = "queue too small";
+		return 0;
+	}
+	common_write16(f, COMMON_QUEUE_SIZE, size);
+	common_write_address(f, COMMON_QUEUE_DESC, descriptors);
+	common_write_address(f, COMMON_QUEUE_DRIVER, avail);
+	common_write_address(f, COMMON_QUEUE_DEVICE, used);
+	common_write16(f, COMMON_QUEUE_ENABLE, 1);
+	return (volatile uint16_t *)(f->notify + common_read16(f, COMMON_QUEUE_NOTIFY_OFF) *
+							   f->notify_multiplier);
+}
+
+void virtio_pci_driver_ok(struct virtio_pci_function *f)
+{
+	set_status(f, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 }

@@ -56,4 +56,21 @@ struct virtio_pci_function {
  * set. */
 int virtio_pci_find(uint32_t id, struct virtio_pci_function *function, const char **error);
 
+/* Resets the function and negotiates VERSION_1 plus `features_low` (bits
+ * 0..31, each of which the device must offer), up to FEATURES_OK. Returns 0,
+ * or -1 with `*error` set. */
+int virtio_pci_negotiate(struct virtio_pci_function *function, uint32_t features_low,
+			 const char **error);
+
+/* Sets up queue `queue` with `size` entries at the given descriptor table,
+ * driver and device areas (guest-physical = virtual here) and enables it.
+ * Returns the queue's notify address, or 0 with `*error` set when the device's
+ * queue is smaller than `size`. */
+volatile uint16_t *virtio_pci_queue(struct virtio_pci_function *function, uint16_t queue,
+				    uint16_t size, const void *descriptors, const void *avail,
+				    const void *used, const char **error);
+
+/* Sets DRIVER_OK: the device may use the enabled queues. */
+void virtio_pci_driver_ok(struct virtio_pci_function *function);
+
 #endif

@@ -17,9 +17,10 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 9] = [
+pub const GUEST_NAMES: [&str; 10] = [
     "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
     "pcimsix",
+    "netkv",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).

@@ -35,7 +35,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, A-floor, B, C, D, E, F, G and H.
+    /// A, A-floor, B, C, D, E, F, G, H, I and the memory section.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -55,6 +55,8 @@ enum Which {
     VhostUser,
     /// Issue 15: B recovery up to 64 GiB, first touch on huge pages, D with spread.
     Memory,
+    /// I: client-visible outage of the netkv database VM, NV vs copy restore vs cold restart.
+    Net,
 }
 
 #[derive(Parser, Debug)]
@@ -213,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 9] = [
+    let sections: [(Which, Section); 10] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
@@ -223,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
         (Which::Swap, measure::swap::run),
         (Which::VhostUser, measure::vhost_user::run),
         (Which::Memory, measure::memory_scale::run),
+        (Which::Net, measure::net_outage::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

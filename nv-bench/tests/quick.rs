@@ -198,6 +198,30 @@ fn quick_run_produces_every_measurement() {
         stdout.contains("ratio vhost-user/in-process"),
         "no H ratio:\n{stdout}"
     );
+    // I: the netkv database VM's outage for each method (a row means the client resumed, read
+    // every acknowledged PUT back and saw no violation), the replay replayed PUTs, and ratios.
+    let outages = csv_rows(out.path(), "i_net_outage.csv");
+    let methods = [
+        "NV in-place recovery",
+        "copy snapshot/restore",
+        "cold restart + log replay",
+    ];
+    let results = rows_of(&outages, "I", &methods, &stdout);
+    for row in &results {
+        assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
+        assert!(row[4].parse::<u64>().unwrap() > 0, "{row:?}");
+    }
+    assert!(
+        results[2][5].parse::<u64>().unwrap() > 0,
+        "{:?}",
+        results[2]
+    );
+    for ratio in [
+        "I RATIO copy snapshot/restore / NV in-place",
+        "I RATIO cold restart + log replay / NV in-place",
+    ] {
+        assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
+    }
 
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").

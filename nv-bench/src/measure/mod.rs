@@ -2,6 +2,7 @@
 
 pub mod floor;
 pub mod memory_scale;
+pub mod net_outage;
 pub mod overhead;
 pub mod power_fail;
 pub mod region_power_fail;
