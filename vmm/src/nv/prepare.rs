@@ -355,7 +355,11 @@ pub fn start(
         memory,
         start,
     } = prepared;
-    let mut vm = Vm::new(&config, memory, events, seccomp)?;
+    let hotplugged = match &start {
+        NvStart::Resume { state, .. } => state.devices.hotplugged_ids(),
+        NvStart::ColdBoot => Vec::new(),
+    };
+    let mut vm = Vm::new_restoring(&config, &hotplugged, memory, events, seccomp)?;
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
