@@ -17,8 +17,9 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 8] = [
+pub const GUEST_NAMES: [&str; 9] = [
     "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
+    "hpcheck",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).
