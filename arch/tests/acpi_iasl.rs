@@ -168,7 +168,10 @@ fn iasl_disassembles_every_table_without_complaint() {
         "DEVICE (_SB.PHPR)".to_owned(),
         "EISAID (\"PNP0A06\")".to_owned(),
         "MUTEX (BLCK, 0X00)".to_owned(),
-        format!("OPERATIONREGION (PCST, SYSTEMMEMORY, 0X{:08X}, 0X10)", layout::PCI_HOTPLUG_MMIO_START.0),
+        format!(
+            "OPERATIONREGION (PCST, SYSTEMMEMORY, 0X{:08X}, 0X10)",
+            layout::PCI_HOTPLUG_MMIO_START.0
+        ),
         "PCIU,   32".to_owned(),
         "PCID,   32".to_owned(),
         "B0EJ,   32".to_owned(),

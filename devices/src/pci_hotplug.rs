@@ -97,11 +97,7 @@ impl PciHotplugController {
 
     /// Puts back saved pending bits. Ejects the VMM had not taken yet wake it again.
     pub fn restore(&mut self, state: &PciHotplugState) -> crate::Result<()> {
-        crate::error::check_state_version(
-            "PCI hotplug",
-            state.version,
-            PCI_HOTPLUG_STATE_VERSION,
-        )?;
+        crate::error::check_state_version("PCI hotplug", state.version, PCI_HOTPLUG_STATE_VERSION)?;
         self.up = state.up;
         self.down = state.down;
         self.ejected = state.ejected;
@@ -233,7 +229,11 @@ mod tests {
         restored
             .restore(&serde_json::from_str(&json).unwrap())
             .unwrap();
-        assert_eq!(evt.read().unwrap(), 1, "the untaken eject wakes the VMM again");
+        assert_eq!(
+            evt.read().unwrap(),
+            1,
+            "the untaken eject wakes the VMM again"
+        );
         assert_eq!(read32(&mut restored, PCIU_OFFSET), 1 << 5);
         assert_eq!(read32(&mut restored, PCID_OFFSET), 1 << 6);
         assert_eq!(restored.take_ejected(), 1 << 7);

@@ -73,7 +73,10 @@ fn ch_remote(socket: &Path, arguments: &[&str]) -> String {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("running ch-remote");
-    assert!(output.status.success(), "ch-remote {arguments:?}: {output:?}");
+    assert!(
+        output.status.success(),
+        "ch-remote {arguments:?}: {output:?}"
+    );
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -169,9 +172,7 @@ fn wait_disk_in_use(vmm: &mut VmmProcess, device: u8, count: usize) -> String {
 fn assert_probe_sector_written(image: &Path) {
     let bytes = std::fs::read(image).unwrap();
     let sector = &bytes[(PROBE_SECTOR * 512) as usize..][..512];
-    let expected: Vec<u8> = (0..512u64)
-        .map(|i| (PROBE_SEQ * 31 + i) as u8)
-        .collect();
+    let expected: Vec<u8> = (0..512u64).map(|i| (PROBE_SEQ * 31 + i) as u8).collect();
     assert_eq!(sector, expected.as_slice(), "probe sector");
 }
 
@@ -187,7 +188,9 @@ fn remove_and_wait_ejected(vmm: &mut VmmProcess, socket: &Path, id: &str, device
         "{log}"
     );
     vmm.wait_stderr("the VMM taking the eject", |stderr| {
-        stderr.contains(&format!("{id} at 0000:00:{device:02x}.0 ejected by the guest"))
+        stderr.contains(&format!(
+            "{id} at 0000:00:{device:02x}.0 ejected by the guest"
+        ))
     });
     assert_disk_gone(socket, id);
 }
@@ -201,7 +204,10 @@ fn a_hotplugged_disk_is_found_driven_and_ejected_by_the_guest() {
     let mut vmm = spawn(dir.path(), "hotplug", &hpcheck_arguments(&socket));
     wait_ready(&mut vmm, &socket);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!vmm.serial_log().contains("hpcheck: event"), "an event before any hotplug");
+    assert!(
+        !vmm.serial_log().contains("hpcheck: event"),
+        "an event before any hotplug"
+    );
 
     let device = add_disk(&socket, &image, "hot0");
     wait_disk_in_use(&mut vmm, device, 3);
@@ -259,7 +265,10 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     let log = recovered.wait_serial("rounds after the recovery", |log| {
         rounds(log).len() >= 2 || log.contains("FAIL")
     });
-    assert!(!log.contains("FAIL") && !log.contains("hpcheck: boot"), "{log}");
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}"
+    );
     assert!(
         rounds(&log)[0] > last,
         "rounds restarted after {last}:\n{log}"
@@ -327,7 +336,10 @@ fn bad_hotplug_requests_get_upstreams_statuses() {
     let mut empty = spawn(
         dir.path(),
         "empty",
-        &["--api-socket".into(), format!("path={}", empty_socket.display())],
+        &[
+            "--api-socket".into(),
+            format!("path={}", empty_socket.display()),
+        ],
     );
     empty.wait_for_socket(&empty_socket, TIMEOUT);
     for (op, body) in [

@@ -247,7 +247,10 @@ impl DevicesState {
     /// The ids of the hotplugged devices this state carries: a restore builds the VM without
     /// them (`without_hotplugged`) and puts them back from the state.
     pub fn hotplugged_ids(&self) -> Vec<String> {
-        self.hotplug.as_ref().map(HotplugState::ids).unwrap_or_default()
+        self.hotplug
+            .as_ref()
+            .map(HotplugState::ids)
+            .unwrap_or_default()
     }
 }
 
@@ -310,9 +313,12 @@ impl DeviceManager {
             thread_start: device_thread_start_hook(seccomp),
             stream_thread_start: thread_start_hook(ThreadKind::StreamIo, seccomp),
             net_thread_start: thread_start_hook(ThreadKind::NetIo, seccomp),
-            hotplug: hotplug::Hotplug::new(Arc::new(Mutex::new(devices::PciHotplugController::new(
-                clone_event_fd(&events.device_activation, "clone (PCI hotplug eject)")?,
-            )))),
+            hotplug: hotplug::Hotplug::new(Arc::new(Mutex::new(
+                devices::PciHotplugController::new(clone_event_fd(
+                    &events.device_activation,
+                    "clone (PCI hotplug eject)",
+                )?),
+            ))),
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
@@ -703,9 +709,8 @@ impl DeviceManager {
                 .with(&step)
                 .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
         }
-        self.hotplug.for_each(|id, t| {
-            step(t).map_err(|e| Error::device(format!("{doing} {id}"), e))
-        })
+        self.hotplug
+            .for_each(|id, t| step(t).map_err(|e| Error::device(format!("{doing} {id}"), e)))
     }
 
     /// Stops the disks' I/O threads from taking new requests and waits for those in flight, so

@@ -233,7 +233,10 @@ impl Vm {
         net: &crate::config::NetConfig,
     ) -> Result<(crate::config::NetConfig, devices::pci::PciBdf), Error> {
         let (net, bdf) = self.devices.hotplug_net(net)?;
-        self.config.net.get_or_insert_with(Vec::new).push(net.clone());
+        self.config
+            .net
+            .get_or_insert_with(Vec::new)
+            .push(net.clone());
         Ok((net, bdf))
     }
 

@@ -16,8 +16,8 @@
 use acpi_tables::aml::{
     Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName, Equal, Field,
     FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
-    Memory32Fixed, Method, MethodCall, Mutex, Name, Notify, OpRegion, OpRegionSpace, Package,
-    Path, Release, ResourceTemplate, Return, ShiftLeft, Store, IO, ONE, ZERO,
+    Memory32Fixed, Method, MethodCall, Mutex, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
+    Release, ResourceTemplate, Return, ShiftLeft, Store, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
@@ -257,7 +257,10 @@ impl Aml for DeviceNotify {
             .zip(&bits)
             .map(|(test, bit)| Equal::new(test, bit))
             .collect();
-        let notifies: Vec<Notify> = paths.iter().map(|path| Notify::new(path, &Arg(1))).collect();
+        let notifies: Vec<Notify> = paths
+            .iter()
+            .map(|path| Notify::new(path, &Arg(1)))
+            .collect();
         let ifs: Vec<If> = equals
             .iter()
             .zip(&notifies)
@@ -322,13 +325,7 @@ fn pci_hotplug_controller() -> Vec<u8> {
         "PCEJ".into(),
         2,
         true,
-        vec![
-            &acquire,
-            &select_segment,
-            &eject_bit,
-            &release,
-            &done,
-        ],
+        vec![&acquire, &select_segment, &eject_bit, &release, &done],
     );
     let pscn = Method::new("PSCN".into(), 0, true, vec![&scan_segment]);
     aml_bytes(&Device::new(

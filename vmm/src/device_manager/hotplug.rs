@@ -64,7 +64,10 @@ impl HotplugState {
     /// The ids of the hotplugged devices, which a restore builds from this state rather than
     /// from the config.
     pub fn ids(&self) -> Vec<String> {
-        self.devices.iter().map(|device| device.id.clone()).collect()
+        self.devices
+            .iter()
+            .map(|device| device.id.clone())
+            .collect()
     }
 }
 
@@ -284,9 +287,12 @@ impl DeviceManager {
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
             match &kind {
                 HotplugKind::Disk(config) => {
-                    let path = PathBuf::from(config.path.as_deref().ok_or_else(|| {
-                        Error::Device("a disk needs a path".to_owned())
-                    })?);
+                    let path = PathBuf::from(
+                        config
+                            .path
+                            .as_deref()
+                            .ok_or_else(|| Error::Device("a disk needs a path".to_owned()))?,
+                    );
                     let block = open_block(&path, config.readonly)?;
                     (
                         config.id.clone().unwrap_or_default(),
@@ -301,7 +307,11 @@ impl DeviceManager {
                     let net = new_net(&tap, config)?;
                     (
                         config.id.clone().unwrap_or_default(),
-                        format!("net {} (tap {})", config.id.as_deref().unwrap_or(""), tap.name()),
+                        format!(
+                            "net {} (tap {})",
+                            config.id.as_deref().unwrap_or(""),
+                            tap.name()
+                        ),
                         Box::new(net),
                         Some(tap),
                         self.net_thread_start.clone(),
@@ -327,11 +337,9 @@ impl DeviceManager {
             function.activate_pending().map_err(state_error)?;
         }
         let function = Arc::new(Mutex::new(function));
-        let placed = self.pci.add_device_at(
-            &id,
-            function.clone(),
-            restore.map(|saved| saved.slot),
-        );
+        let placed = self
+            .pci
+            .add_device_at(&id, function.clone(), restore.map(|saved| saved.slot));
         let bdf = match placed {
             Ok(bdf) => bdf,
             Err(e) => {

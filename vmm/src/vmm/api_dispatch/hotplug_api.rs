@@ -51,7 +51,11 @@ impl AddedDevice {
 
 /// The disk and net ids `config` names.
 fn config_ids(config: &VmConfig) -> impl Iterator<Item = &str> {
-    let disks = config.disks.iter().flatten().filter_map(|d| d.id.as_deref());
+    let disks = config
+        .disks
+        .iter()
+        .flatten()
+        .filter_map(|d| d.id.as_deref());
     let nets = config.net.iter().flatten().filter_map(|n| n.id.as_deref());
     disks.chain(nets)
 }
