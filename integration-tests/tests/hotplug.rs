@@ -375,6 +375,8 @@ fn bad_hotplug_requests_get_upstreams_statuses() {
         ),
         // Unknown id.
         ("vm.remove-device", "{\"id\":\"nope\"}".to_owned(), 404),
+        // Descriptor numbers of the client's process.
+        ("vm.add-net", "{\"fds\":[3]}".to_owned(), 400),
     ];
     for (op, body, expected) in &cases {
         let (status, answer) = api(&socket, "PUT", op, body);

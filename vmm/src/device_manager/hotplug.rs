@@ -416,3 +416,39 @@ impl DeviceManager {
             .try_for_each(|bdf| self.pci.refresh_ioeventfds(bdf))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(id: Option<&str>) -> DiskConfig {
+        DiskConfig {
+            path: Some("/d".to_owned()),
+            id: id.map(str::to_owned),
+            ..DiskConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_restore_builds_the_cold_plugged_devices_only() {
+        let mut config = VmConfig::default();
+        config.disks = Some(vec![disk(Some("boot")), disk(None), disk(Some("hot"))]);
+        config.net = Some(vec![NetConfig {
+            id: Some("hotnet".to_owned()),
+            ..NetConfig::default()
+        }]);
+        let built = without_hotplugged(&config, &["hot".to_owned(), "hotnet".to_owned()]);
+        let ids: Vec<_> = built.disks.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, [Some("boot".to_owned()), None]);
+        assert!(built.net.unwrap().is_empty());
+        assert_eq!(without_hotplugged(&config, &[]).disks, config.disks);
+    }
+
+    #[test]
+    fn a_state_without_hotplug_loads_and_lists_no_hotplugged_device() {
+        let state: crate::device_manager::DevicesState =
+            serde_json::from_str(r#"{"serial":null,"disks":[]}"#).unwrap();
+        assert!(state.hotplug.is_none());
+        assert!(state.hotplugged_ids().is_empty());
+    }
+}

@@ -78,6 +78,21 @@ impl Vmm {
                 ));
             }
         }
+        if let AddedDevice::Net(net) = &device {
+            if net.fds.is_some() {
+                // The numbers name descriptors of the client's process; this server takes no
+                // descriptors with a request (SCM_RIGHTS).
+                return Answer::error(ApiError::failed(
+                    400,
+                    operation,
+                    &Error::Device(
+                        "fds: tap descriptors cannot be handed over through this VMM's API; \
+                         name the tap with tap="
+                            .to_owned(),
+                    ),
+                ));
+            }
+        }
         let mut changed = config.clone();
         device.add_to(&mut changed);
         if let Err(error) = changed.validate() {
