@@ -14,9 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration_tests::harness::{guest_arguments, point_serial_to, scratch_dir};
+use integration_tests::api_client;
+use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
 use integration_tests::process::VmmProcess;
-use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
@@ -66,13 +66,7 @@ fn api(socket: &Path, method: &str, op: &str, body: &str) -> (u16, String) {
 
 /// `ch-remote --api-socket socket <arguments>`: must succeed; its stdout.
 fn ch_remote(socket: &Path, arguments: &[&str]) -> String {
-    let output = std::process::Command::new(binaries::ch_remote())
-        .arg("--api-socket")
-        .arg(socket)
-        .args(arguments)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running ch-remote");
+    let output = run_ch_remote(socket, arguments);
     assert!(
         output.status.success(),
         "ch-remote {arguments:?}: {output:?}"
@@ -389,12 +383,7 @@ fn bad_hotplug_requests_get_upstreams_statuses() {
     assert_eq!(status, 409, "{answer}");
     assert!(answer.contains("Identifier d0 is not unique"), "{answer}");
     // ch-remote reports the API error and exits 1.
-    let output = std::process::Command::new(binaries::ch_remote())
-        .arg("--api-socket")
-        .arg(&socket)
-        .args(["remove-device", "nope"])
-        .output()
-        .unwrap();
+    let output = run_ch_remote(&socket, &["remove-device", "nope"]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("Unknown device id"),
