@@ -16,12 +16,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use integration_tests::api_client;
 use integration_tests::harness::{
     counter_lines, guest_arguments, point_serial_to, read_events, read_log, scratch_dir,
     serial_file_arguments, strings,
 };
 use integration_tests::process::VmmProcess;
-use integration_tests::api_client;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).

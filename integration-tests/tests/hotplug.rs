@@ -382,6 +382,13 @@ fn bad_hotplug_requests_get_upstreams_statuses() {
     let (status, answer) = api(&socket, "PUT", "vm.add-disk", &disk("d0"));
     assert_eq!(status, 409, "{answer}");
     assert!(answer.contains("Identifier d0 is not unique"), "{answer}");
+    // Without an id: upstream's default name, the first free `_disk<N>`.
+    let second = disk_image(dir.path(), "second.raw");
+    let unnamed = format!("{{\"path\":\"{}\"}}", second.display());
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &unnamed);
+    assert_eq!(status, 200, "{answer}");
+    let info: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(info["id"], "_disk0", "{answer}");
     // ch-remote reports the API error and exits 1.
     let output = run_ch_remote(&socket, &["remove-device", "nope"]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
