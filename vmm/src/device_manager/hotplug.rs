@@ -431,12 +431,14 @@ mod tests {
 
     #[test]
     fn a_restore_builds_the_cold_plugged_devices_only() {
-        let mut config = VmConfig::default();
-        config.disks = Some(vec![disk(Some("boot")), disk(None), disk(Some("hot"))]);
-        config.net = Some(vec![NetConfig {
-            id: Some("hotnet".to_owned()),
-            ..NetConfig::default()
-        }]);
+        let config = VmConfig {
+            disks: Some(vec![disk(Some("boot")), disk(None), disk(Some("hot"))]),
+            net: Some(vec![NetConfig {
+                id: Some("hotnet".to_owned()),
+                ..NetConfig::default()
+            }]),
+            ..VmConfig::default()
+        };
         let built = without_hotplugged(&config, &["hot".to_owned(), "hotnet".to_owned()]);
         let ids: Vec<_> = built.disks.unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, [Some("boot".to_owned()), None]);
