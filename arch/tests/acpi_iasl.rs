@@ -164,6 +164,30 @@ fn iasl_disassembles_every_table_without_complaint() {
         "DEVICE (_SB.PWRB)".to_owned(),
         "EISAID (\"PNP0C0C\")".to_owned(),
         "NAME (_S5, PACKAGE".to_owned(),
+        // ACPI PCI hotplug: the controller, its registers and methods, the slots, the GED's scan.
+        "DEVICE (_SB.PHPR)".to_owned(),
+        "EISAID (\"PNP0A06\")".to_owned(),
+        "MUTEX (BLCK, 0X00)".to_owned(),
+        format!(
+            "OPERATIONREGION (PCST, SYSTEMMEMORY, 0X{:08X}, 0X10)",
+            layout::PCI_HOTPLUG_MMIO_START.0
+        ),
+        "PCIU,   32".to_owned(),
+        "PCID,   32".to_owned(),
+        "B0EJ,   32".to_owned(),
+        "PSEG,   32".to_owned(),
+        "METHOD (PCEJ, 2, SERIALIZED)".to_owned(),
+        "METHOD (PSCN, 0, SERIALIZED)".to_owned(),
+        "\\_SB.PCI0.PCNT ()".to_owned(),
+        "\\_SB.PHPR.PSCN ()".to_owned(),
+        "METHOD (PCNT, 0, SERIALIZED)".to_owned(),
+        "DVNT (\\_SB.PHPR.PCIU, ONE)".to_owned(),
+        "DVNT (\\_SB.PHPR.PCID, 0X03)".to_owned(),
+        "DEVICE (S001)".to_owned(),
+        "DEVICE (S031)".to_owned(),
+        "NAME (_ADR, 0X001F0000)".to_owned(),
+        "\\_SB.PHPR.PCEJ (_SUN, _SEG)".to_owned(),
+        "NOTIFY (S031, ARG1)".to_owned(),
     ] {
         assert!(text.contains(&expected), "DSDT lacks {expected:?}:\n{dsdt}");
     }

@@ -17,6 +17,8 @@ use crate::{BusDevice, InterruptLine, Result};
 /// Register bit of a power-button press: bit 3, the one the DSDT's `_EVT` tests
 /// (`arch::acpi::GED_POWER_BUTTON`; this crate takes no layout from `arch`, a test pins them equal).
 pub const GED_POWER_BUTTON: u8 = 1 << 3;
+/// Register bit of "PCI devices changed" (upstream's bit 2): `_EVT` runs `\_SB_.PHPR.PSCN`.
+pub const GED_PCI_DEVICES_CHANGED: u8 = 1 << 2;
 
 /// Version of [`GedState`] written by this build.
 pub const GED_STATE_VERSION: u32 = 1;
@@ -47,6 +49,13 @@ impl GedDevice {
     /// notifies `\_SB_.PWRB`.
     pub fn notify_power_button(&mut self) -> std::io::Result<()> {
         self.pending |= GED_POWER_BUTTON;
+        self.interrupt.trigger()
+    }
+
+    /// A PCI device came or is to go (the hotplug controller's bits say which): sets
+    /// [`GED_PCI_DEVICES_CHANGED`] and raises the interrupt.
+    pub fn notify_pci_devices_changed(&mut self) -> std::io::Result<()> {
+        self.pending |= GED_PCI_DEVICES_CHANGED;
         self.interrupt.trigger()
     }
 
@@ -124,6 +133,20 @@ mod tests {
         );
         assert_eq!(read(&mut ged, 0, 1), [0x08]);
         assert_eq!(read(&mut ged, 0, 1), [0], "the read took the event");
+    }
+
+    #[test]
+    fn pci_devices_changed_sets_bit_2_next_to_the_power_button() {
+        let (mut ged, line) = device();
+        ged.notify_pci_devices_changed().unwrap();
+        ged.notify_power_button().unwrap();
+        assert_eq!(line.eventfd().read().unwrap(), 2);
+        assert_eq!(
+            GED_PCI_DEVICES_CHANGED,
+            arch::acpi::GED_PCI_DEVICES_CHANGED,
+            "the bit the DSDT tests"
+        );
+        assert_eq!(read(&mut ged, 0, 1), [0x0C]);
     }
 
     #[test]

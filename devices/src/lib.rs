@@ -16,6 +16,7 @@ mod ged;
 mod i8042;
 mod interrupt;
 pub mod pci;
+mod pci_hotplug;
 mod pvpanic;
 mod serial;
 mod state_mirror;
@@ -27,9 +28,13 @@ pub use acpi_shutdown::{
 };
 pub use bus::{Bus, BusDevice};
 pub use error::{Error, Result};
-pub use ged::{GedDevice, GedState, GED_POWER_BUTTON, GED_STATE_VERSION};
+pub use ged::{GedDevice, GedState, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON, GED_STATE_VERSION};
 pub use i8042::{I8042Device, I8042_BASE, I8042_LEN};
 pub use interrupt::{EventFdInterrupt, InterruptLine};
+pub use pci_hotplug::{
+    PciHotplugController, PciHotplugState, B0EJ_OFFSET, PCID_OFFSET, PCIU_OFFSET,
+    PCI_HOTPLUG_REGISTERS_LEN, PCI_HOTPLUG_SLOTS, PCI_HOTPLUG_STATE_VERSION, PSEG_OFFSET,
+};
 pub use pvpanic::{
     PvPanicDevice, PvPanicEvent, PvPanicHandler, PVPANIC_CRASH_LOADED, PVPANIC_LEN,
     PVPANIC_PANICKED, PVPANIC_PORT, PVPANIC_SUPPORTED_EVENTS,

@@ -318,6 +318,17 @@ pub fn assert_smp_counters_advance(log: &str, cpus: usize, at_least: usize) -> V
     lines
 }
 
+/// Runs `ch-remote --api-socket socket <arguments>` (stdin closed) and returns what it did.
+pub fn run_ch_remote(socket: &Path, arguments: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::binaries::ch_remote())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(arguments)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running ch-remote")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

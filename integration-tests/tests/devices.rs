@@ -16,12 +16,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use integration_tests::api_client;
 use integration_tests::harness::{
     counter_lines, guest_arguments, point_serial_to, read_events, read_log, scratch_dir,
     serial_file_arguments, strings,
 };
 use integration_tests::process::VmmProcess;
-use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
@@ -100,13 +100,7 @@ const POWER_BUTTON_SEEN: &str = "devcheck: power button events=0x08";
 
 /// `ch-remote --api-socket socket <arguments>`; it must succeed (exit 0, nothing printed).
 fn ch_remote_ok(socket: &Path, arguments: &[&str]) {
-    let output = std::process::Command::new(binaries::ch_remote())
-        .arg("--api-socket")
-        .arg(socket)
-        .args(arguments)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running ch-remote");
+    let output = integration_tests::harness::run_ch_remote(socket, arguments);
     assert!(
         output.status.success() && output.stdout.is_empty(),
         "ch-remote {arguments:?}: {output:?}"

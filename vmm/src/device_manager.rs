@@ -17,6 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 mod console_rng;
+mod hotplug;
+
+pub use hotplug::{
+    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, HOTPLUG_STATE_VERSION,
+};
 
 use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
@@ -235,6 +240,21 @@ pub struct DevicesState {
     /// The virtio-rng function (`None` in a state saved before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<VirtioPciState>,
+    /// The PCI hotplug controller and the hotplugged devices (`None` in a state saved before
+    /// hotplug existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug: Option<HotplugState>,
+}
+
+impl DevicesState {
+    /// The ids of the hotplugged devices this state carries: a restore builds the VM without
+    /// them (`without_hotplugged`) and puts them back from the state.
+    pub fn hotplugged_ids(&self) -> Vec<String> {
+        self.hotplug
+            .as_ref()
+            .map(HotplugState::ids)
+            .unwrap_or_default()
+    }
 }
 
 pub struct DeviceManager {
@@ -262,6 +282,8 @@ pub struct DeviceManager {
     stream_thread_start: IoThreadStartHook,
     /// What a virtio-net thread runs first (the `NetIo` filter).
     net_thread_start: IoThreadStartHook,
+    /// The ACPI PCI hotplug controller and the hotplugged devices.
+    hotplug: hotplug::Hotplug,
 }
 
 impl DeviceManager {
@@ -297,11 +319,18 @@ impl DeviceManager {
             thread_start: device_thread_start_hook(seccomp),
             stream_thread_start: thread_start_hook(ThreadKind::StreamIo, seccomp),
             net_thread_start: thread_start_hook(ThreadKind::NetIo, seccomp),
+            hotplug: hotplug::Hotplug::new(Arc::new(Mutex::new(
+                devices::PciHotplugController::new(clone_event_fd(
+                    &events.device_activation,
+                    "clone (PCI hotplug eject)",
+                )?),
+            ))),
         };
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
         manager.add_acpi_shutdown(events)?;
         manager.add_ged()?;
+        manager.add_pci_hotplug()?;
         if config.pvpanic {
             manager.add_pvpanic()?;
         }
@@ -326,6 +355,18 @@ impl DeviceManager {
         if let Some(pty) = &self.console_rng.console_pty {
             config.console.file = Some(pty.path().display().to_string());
         }
+    }
+
+    /// Puts the PCI hotplug controller on the MMIO bus where the DSDT's `\_SB_.PHPR` has it.
+    fn add_pci_hotplug(&mut self) -> Result<(), Error> {
+        let controller: Arc<Mutex<dyn devices::BusDevice>> = self.hotplug.controller().clone();
+        self.mmio_bus
+            .insert(
+                arch::layout::PCI_HOTPLUG_MMIO_START.0,
+                arch::layout::PCI_HOTPLUG_MMIO_SIZE,
+                controller,
+            )
+            .map_err(|e| Error::device("PCI hotplug controller", e))
     }
 
     /// Puts the ACPI GED on the MMIO bus at `GED_MMIO_START` (where the DSDT declares it).
@@ -680,6 +721,15 @@ impl DeviceManager {
                 Err(e) => log::error!("net {}: activation failed: {e}", net.id),
             }
         }
+        let _ = self.hotplug.for_each(|id, t| {
+            match t.activate_pending() {
+                Ok(true) => log::debug!("{id}: activated"),
+                Ok(false) => {}
+                Err(e) => log::error!("{id}: activation failed: {e}"),
+            }
+            Ok(())
+        });
+        self.hotplug.process_ejects(&self.pci);
     }
 
     /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
@@ -701,7 +751,8 @@ impl DeviceManager {
                 .with(&step)
                 .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
         }
-        Ok(())
+        self.hotplug
+            .for_each(|id, t| step(t).map_err(|e| Error::device(format!("{doing} {id}"), e)))
     }
 
     /// Stops the disks' I/O threads from taking new requests and waits for those in flight, so
@@ -747,6 +798,13 @@ impl DeviceManager {
                     .map(|(name, value)| (name.to_string(), value))
                     .collect();
                 (net.id.clone(), counters)
+            }))
+            .chain(self.hotplug.counters().into_iter().map(|(id, counters)| {
+                let counters = counters
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect();
+                (id, counters)
             }))
             .collect()
     }
@@ -875,6 +933,7 @@ impl DeviceManager {
             .as_ref()
             .map(|slot| slot.state())
             .transpose()?;
+        let hotplug = Some(self.save_hotplug()?);
         Ok(DevicesState {
             serial,
             disks,
@@ -883,6 +942,7 @@ impl DeviceManager {
             pci,
             console,
             rng,
+            hotplug,
         })
     }
 
@@ -948,6 +1008,9 @@ impl DeviceManager {
                 .restore(saved)
                 .map_err(|e| Error::device_state("GED", e))?;
         }
+        if let Some(saved) = &state.hotplug {
+            self.restore_hotplug(saved)?;
+        }
         match &state.pci {
             Some(saved) => self.pci.restore_state(saved)?,
             None => log::warn!("saved state has no PCI bus; the PCI bus stays at reset"),
@@ -961,7 +1024,7 @@ impl DeviceManager {
             }
         }
         self.refresh_console_rng_ioeventfds()?;
-        Ok(())
+        self.refresh_hotplug_ioeventfds()
     }
 
     /// PCI segment 0: add devices with `PciSegment::add_device` (see `pci_segment`).

@@ -80,6 +80,12 @@ pub enum Error {
     BootMsrList(#[source] vmm_sys_util::fam::Error),
     #[error("setting up the boot registers: KVM refused boot MSR {0:#x}")]
     BootMsrRefused(u32),
+    /// A hotplugged device's id is taken already (upstream's message).
+    #[error("Identifier {0} is not unique")]
+    DuplicateDeviceId(String),
+    /// `vm.remove-device` names no device (upstream's message).
+    #[error("Unknown device id: {0:?}")]
+    UnknownDeviceId(String),
     /// A device configuration that cannot be set up (a message, no underlying error).
     #[error("device setup: {0}")]
     Device(String),
@@ -312,7 +318,8 @@ impl Error {
             | Error::Snapshot(_)
             | Error::SnapshotFailed { .. } => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
-            Error::NoNvVm => ErrorKind::NotFound,
+            Error::NoNvVm | Error::UnknownDeviceId(_) => ErrorKind::NotFound,
+            Error::DuplicateDeviceId(_) => ErrorKind::Conflict,
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
                 ErrorKind::Conflict
             }

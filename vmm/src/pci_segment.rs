@@ -157,6 +157,29 @@ impl GsiRouting {
         Ok((first..end).collect())
     }
 
+    /// Hands out `count` GSIs from `first` (a restore putting a hotplugged device's vectors
+    /// back where they were): they must lie above every GSI handed out so far.
+    fn allocate_at(&self, first: u32, count: u32) -> Result<Vec<u32>, Error> {
+        let mut table = lock(&self.table);
+        let next = arch::layout::MSI_GSI_START + table.allocated;
+        let end = first
+            .checked_add(count)
+            .filter(|&end| first >= next && end <= MAX_GSI)
+            .ok_or_else(|| {
+                Error::InvalidState(format!(
+                    "MSI GSIs {first}+{count}: below the next free GSI {next} or beyond {MAX_GSI}"
+                ))
+            })?;
+        table.allocated = end - arch::layout::MSI_GSI_START;
+        Ok((first..end).collect())
+    }
+
+    /// Counts GSIs up to `allocated` as handed out (those of devices removed since).
+    fn reserve(&self, allocated: u32) {
+        let mut table = lock(&self.table);
+        table.allocated = table.allocated.max(allocated);
+    }
+
     /// Routes `gsi` to `address`/`data` (or removes its route when the address is no local
     /// APIC's) and writes the whole table to KVM.
     pub fn set_msi(&self, gsi: u32, address: u64, data: u32) -> Result<(), kvm_ioctls::Error> {
@@ -666,7 +689,20 @@ impl PciSegment {
     /// `vectors` MSI-X vectors in KVM, for a device's `MsixConfig`: a GSI each, with an irqfd
     /// bound to it; routed when the guest programs the vector.
     pub fn msi_interrupts(&self, vectors: u16) -> Result<Arc<KvmMsiInterrupts>, Error> {
-        let gsis = self.routing.allocate(u32::from(vectors))?;
+        self.msi_interrupts_from(None, vectors)
+    }
+
+    /// As [`PciSegment::msi_interrupts`], from GSI `first` when given (a restore putting a
+    /// hotplugged device back on the GSIs it had).
+    pub fn msi_interrupts_from(
+        &self,
+        first: Option<u32>,
+        vectors: u16,
+    ) -> Result<Arc<KvmMsiInterrupts>, Error> {
+        let gsis = match first {
+            Some(first) => self.routing.allocate_at(first, u32::from(vectors))?,
+            None => self.routing.allocate(u32::from(vectors))?,
+        };
         let vm_fd = &lock(&self.bars).vm_fd.clone();
         let vectors = gsis
             .into_iter()
@@ -698,6 +734,17 @@ impl PciSegment {
     /// `PciDevice::read_bar`/`write_bar` with the BAR's index and the offset in it) and the
     /// device's `ioeventfds` are registered there. `id` names it in `vm.info`.
     pub fn add_device(&self, id: &str, device: Arc<Mutex<dyn PciDevice>>) -> Result<PciBdf, Error> {
+        self.add_device_at(id, device, None)
+    }
+
+    /// As [`PciSegment::add_device`], at device number `slot` when given (a hotplugged device
+    /// restored where it was).
+    pub fn add_device_at(
+        &self,
+        id: &str,
+        device: Arc<Mutex<dyn PciDevice>>,
+        slot: Option<u8>,
+    ) -> Result<PciBdf, Error> {
         let pci_error = |e| Error::device(format!("PCI device {id}"), DeviceCause::Pci(e));
         {
             let mut guard = lock(&device);
@@ -721,9 +768,14 @@ impl PciSegment {
                 program_bar(guard.config_mut(), &bar, address);
             }
         }
-        let bdf = lock(&self.bus)
-            .add_device(Arc::clone(&device))
-            .map_err(pci_error)?;
+        let bdf = {
+            let mut bus = lock(&self.bus);
+            match slot {
+                Some(slot) => bus.add_device_at(slot, Arc::clone(&device)),
+                None => bus.add_device(Arc::clone(&device)),
+            }
+        }
+        .map_err(pci_error)?;
         let mut map = lock(&self.bars);
         map.devices.insert(
             bdf,
@@ -737,6 +789,47 @@ impl PciSegment {
         map.refresh_ioevents(bdf)?;
         log::info!("pci: {id} at {bdf}");
         Ok(bdf)
+    }
+
+    /// Takes the device at `bdf` off the segment (hot unplug): its BARs off the buses, its
+    /// ioeventfds unregistered, its slot free. Its MSI-X vectors go with
+    /// [`PciSegment::release_msi_interrupts`].
+    pub fn remove_device(&self, bdf: PciBdf) -> Result<(), Error> {
+        {
+            let mut map = lock(&self.bars);
+            map.unmap_all(bdf);
+            map.devices.remove(&bdf);
+        }
+        lock(&self.bus)
+            .remove_device(bdf.device)
+            .map_err(|e| Error::device(format!("PCI device {bdf}"), DeviceCause::Pci(e)))?;
+        log::info!("pci: {bdf} removed");
+        Ok(())
+    }
+
+    /// Unbinds a removed device's irqfds and drops its MSI routes. Its GSIs are not handed
+    /// out again (a restore puts later devices on the GSIs they had).
+    pub fn release_msi_interrupts(&self, msi: &KvmMsiInterrupts) {
+        let vm_fd = lock(&self.bars).vm_fd.clone();
+        for (gsi, evt) in &msi.vectors {
+            if let Err(e) = vm_fd.unregister_irqfd(evt, *gsi) {
+                log::warn!("pci: irqfd of GSI {gsi} not unregistered: {e}");
+            }
+            if let Err(e) = self.routing.set_msi(*gsi, 0, 0) {
+                log::warn!("pci: route of GSI {gsi} not removed: {e}");
+            }
+        }
+    }
+
+    /// Counts the MSI GSIs up to `allocated` as handed out, before a restore of a VM whose
+    /// removed devices had taken some.
+    pub fn reserve_msi_gsis(&self, allocated: u32) {
+        self.routing.reserve(allocated);
+    }
+
+    /// The first GSI of `msi`'s vectors (where a restore must put them again).
+    pub fn first_gsi(msi: &KvmMsiInterrupts) -> Option<u32> {
+        msi.vectors.first().map(|(gsi, _)| *gsi)
     }
 
     /// Registers `bdf`'s ioeventfds again from `PciDevice::ioeventfds` (after its eventfds

@@ -329,7 +329,12 @@ fn validate_snapshot(
         ));
     }
     state.vm.validate(usize::from(config.cpus.boot_vcpus))?;
-    let disks = config.disks.as_ref().map_or(0, Vec::len);
+    // Hotplugged disks are in the config and carried by the state's hotplug part.
+    let hotplugged = state.vm.devices.hotplugged_ids();
+    let disks = crate::device_manager::without_hotplugged(config, &hotplugged)
+        .disks
+        .as_ref()
+        .map_or(0, Vec::len);
     if state.vm.devices.disks.len() != disks {
         return Err(Error::InvalidState(format!(
             "the state has {} disks, config.json has {disks}",
@@ -474,7 +479,8 @@ pub fn restore(
         log::info!("OnDemand restore: {lazy_bytes:#x} bytes of guest RAM filled on first touch");
     }
 
-    let mut vm = Vm::new(&config, memory, events, seccomp)?;
+    let hotplugged = state.vm.devices.hotplugged_ids();
+    let mut vm = Vm::new_restoring(&config, &hotplugged, memory, events, seccomp)?;
     vm.restore_state(&state.vm)?;
     emit_vm(VmEvent::Restored);
     if restore.resume {

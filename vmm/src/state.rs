@@ -737,6 +737,7 @@ pub(crate) mod tests {
                 pci: None,
                 console: None,
                 rng: None,
+                hotplug: None,
             },
         }
     }

@@ -109,12 +109,26 @@ impl Vm {
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
-        Vm::new_timed(config, memory, events, seccomp, &mut PhaseClock::new())
+        Self::new_restoring(config, &[], memory, events, seccomp)
     }
 
-    /// [`Vm::new`], closing one phase of `phases` per step (a recovery's breakdown).
+    /// As [`Vm::new`] for a restore whose saved state carries the hotplugged devices
+    /// `hotplugged` (ids in `config`): they are not built from the config, `restore_state` puts
+    /// them back where they were; the VM's config still lists them.
+    pub fn new_restoring(
+        config: &VmConfig,
+        hotplugged: &[String],
+        memory: GuestMemoryMmap,
+        events: Arc<VmEvents>,
+        seccomp: SeccompMode,
+    ) -> Result<Vm, Error> {
+        Self::new_timed(config, hotplugged, memory, events, seccomp, &mut PhaseClock::new())
+    }
+
+    /// [`Vm::new_restoring`], closing one phase of `phases` per step (a recovery's breakdown).
     pub fn new_timed(
         config: &VmConfig,
+        hotplugged: &[String],
         memory: GuestMemoryMmap,
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
@@ -166,8 +180,13 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         phases.mark("irqchip-pit");
 
+        let cold_plugged = crate::device_manager::without_hotplugged(config, hotplugged);
         let devices = Arc::new(DeviceManager::new(
-            &vm_fd, config, &events, &memory, seccomp,
+            &vm_fd,
+            &cold_plugged,
+            &events,
+            &memory,
+            seccomp,
         )?);
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
@@ -214,6 +233,47 @@ impl Vm {
     /// The devices the guest sees, with their resources (`vm.info`'s `device_tree`).
     pub fn device_resources(&self) -> Vec<crate::device_manager::DeviceResources> {
         self.devices.device_resources()
+    }
+
+    /// `vm.add-disk` on a running or paused VM: the disk hotplugged on a free PCI slot and
+    /// announced to the guest; the VM's config lists it. Returns its id and address.
+    pub fn add_disk(
+        &mut self,
+        disk: &crate::config::DiskConfig,
+    ) -> Result<(crate::config::DiskConfig, devices::pci::PciBdf), Error> {
+        let (disk, bdf) = self.devices.hotplug_disk(disk)?;
+        self.config
+            .disks
+            .get_or_insert_with(Vec::new)
+            .push(disk.clone());
+        Ok((disk, bdf))
+    }
+
+    /// `vm.add-net`, as [`Vm::add_disk`].
+    pub fn add_net(
+        &mut self,
+        net: &crate::config::NetConfig,
+    ) -> Result<(crate::config::NetConfig, devices::pci::PciBdf), Error> {
+        let (net, bdf) = self.devices.hotplug_net(net)?;
+        self.config
+            .net
+            .get_or_insert_with(Vec::new)
+            .push(net.clone());
+        Ok((net, bdf))
+    }
+
+    /// `vm.remove-device`: asks the guest to eject device `id`; it goes when the guest has.
+    pub fn remove_device(&self, id: &str) -> Result<(), Error> {
+        self.devices.unplug(id)
+    }
+
+    /// The devices the guest ejected since the last call, dropped from the VM's config now.
+    pub fn take_ejected_devices(&mut self) -> Vec<String> {
+        let ejected = self.devices.take_ejected_devices();
+        if !ejected.is_empty() {
+            remove_devices_from_config(&mut self.config, &ejected);
+        }
+        ejected
     }
 
     /// `vm.power-button`: an ACPI power button press through the GED.
@@ -388,6 +448,17 @@ impl Vm {
         self.devices.shutdown();
         self.run_state = VmRunState::Shutdown;
         emit_vm(VmEvent::Shutdown);
+    }
+}
+
+/// Drops the disks and nets named `ids` from `config` (devices the guest ejected).
+pub fn remove_devices_from_config(config: &mut VmConfig, ids: &[String]) {
+    let keep = |id: &Option<String>| !id.as_ref().is_some_and(|id| ids.contains(id));
+    if let Some(disks) = config.disks.as_mut() {
+        disks.retain(|disk| keep(&disk.id));
+    }
+    if let Some(nets) = config.net.as_mut() {
+        nets.retain(|net| keep(&net.id));
     }
 }
 

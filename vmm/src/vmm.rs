@@ -469,6 +469,7 @@ impl Vmm {
                 if let Some(vm) = vm {
                     vm.activate_pending_devices();
                 }
+                self.forget_ejected_devices();
                 Ok(None)
             }
             ControlEvent::PowerFailSignal => {

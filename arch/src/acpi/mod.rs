@@ -13,7 +13,7 @@
 
 mod dsdt;
 
-pub use dsdt::GED_POWER_BUTTON;
+pub use dsdt::{GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON, PCI_HOTPLUG_REGISTERS_LEN};
 #[cfg(test)]
 mod tests;
 

@@ -253,6 +253,10 @@ fn fixed_windows_do_not_overlap_each_other_or_ram() {
         ),
         (layout::PCI_ECAM_START.0, layout::PCI_ECAM_RESERVED_SIZE),
         (layout::GED_MMIO_START.0, layout::GED_MMIO_SIZE),
+        (
+            layout::PCI_HOTPLUG_MMIO_START.0,
+            layout::PCI_HOTPLUG_MMIO_SIZE,
+        ),
         (layout::IOAPIC_START.0, 0x1000),
         (layout::LAPIC_START.0, 0x1000),
         // KVM's identity map and TSS pages, which the VMM puts at 0xfffb_c000.

@@ -36,6 +36,10 @@ pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
 pub const GED_MMIO_START: GuestAddress = GuestAddress(0xF800_0000);
 pub const GED_MMIO_SIZE: u64 = 4 * KIB;
 pub const GED_GSI: u32 = 3;
+/// ACPI PCI hotplug controller (the DSDT's `\_SB_.PHPR`): its register block in the page
+/// after the GED's (upstream allocates it from its device area; the registers are upstream's).
+pub const PCI_HOTPLUG_MMIO_START: GuestAddress = GuestAddress(0xF800_1000);
+pub const PCI_HOTPLUG_MMIO_SIZE: u64 = 4 * KIB;
 /// ACPI shutdown/reset device (upstream's port): sleep control, sleep status and reset
 /// register in one byte port. Writing [`ACPI_RESET_VALUE`] resets; writing SLP_EN with
 /// SLP_TYP [`ACPI_S5_SLEEP_TYPE`] powers off.

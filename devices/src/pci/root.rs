@@ -139,6 +139,18 @@ impl PciBus {
         Ok(PciBdf::new(slot))
     }
 
+    /// Takes the device at device number `slot` (1..=31) off the bus: a hot unplug. The host
+    /// bridge cannot be removed; an empty slot is [`PciError::SlotInvalid`].
+    pub fn remove_device(&mut self, slot: u8) -> PciResult<Arc<Mutex<dyn PciDevice>>> {
+        if slot == 0 {
+            return Err(PciError::SlotInvalid(slot));
+        }
+        self.slots
+            .get_mut(usize::from(slot))
+            .and_then(Option::take)
+            .ok_or(PciError::SlotInvalid(slot))
+    }
+
     /// The function at `bdf`, if present.
     pub fn device(&self, bdf: PciBdf) -> Option<&Arc<Mutex<dyn PciDevice>>> {
         if bdf.bus != 0 || bdf.function != 0 {

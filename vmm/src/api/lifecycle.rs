@@ -154,14 +154,11 @@ impl Operation {
                 | ResizeZone
                 | AddDevice
                 | AddUserDevice
-                | AddDisk
                 | AddFs
                 | AddGenericVhostUser
                 | AddPmem
-                | AddNet
                 | AddVsock
                 | AddVdpa
-                | RemoveDevice
                 | ReceiveMigration
                 | SendMigration
         )
@@ -207,14 +204,16 @@ pub fn check_state(operation: Operation, state: Option<VmState>) -> Result<(), A
         }
         Boot if state.is_none() => Some(StateRefusal::MissingConfig),
         Boot if booted => Some(StateRefusal::AlreadyCreated),
-        Info | Resize | ResizeZone if state.is_none() => Some(StateRefusal::NotCreated),
+        Info | Resize | ResizeZone | AddDisk | AddNet | RemoveDevice if state.is_none() => {
+            Some(StateRefusal::NotCreated)
+        }
         Reboot if !booted => Some(StateRefusal::NotCreated),
         Pause if state == Some(Paused) => Some(StateRefusal::InvalidTransition(Paused, Paused)),
         Resume if state == Some(Running) => Some(StateRefusal::InvalidTransition(Running, Running)),
         Snapshot if state == Some(Running) => Some(StateRefusal::SnapshotWhileRunning),
         Counters | Pause | Resume | Shutdown | Snapshot | PowerButton | Nmi | Coredump
-        | ResizeDisk | AddDevice | AddUserDevice | AddDisk | AddFs | AddGenericVhostUser
-        | AddPmem | AddNet | AddVsock | AddVdpa | RemoveDevice | SendMigration
+        | ResizeDisk | AddDevice | AddUserDevice | AddFs | AddGenericVhostUser | AddPmem
+        | AddVsock | AddVdpa | SendMigration
             if !booted =>
         {
             Some(StateRefusal::NotRunning)
@@ -373,7 +372,8 @@ mod tests {
         let error = not_implemented(Operation::Nmi);
         assert_eq!(error.status, 501);
         assert_eq!(error.body()[1], "Error triggering NMI");
-        assert!(Operation::AddDisk.is_unimplemented());
+        assert!(Operation::AddFs.is_unimplemented());
+        assert!(!Operation::AddDisk.is_unimplemented());
         assert!(!Operation::Snapshot.is_unimplemented());
     }
 }

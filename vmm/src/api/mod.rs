@@ -83,6 +83,12 @@ pub enum ApiRequest {
     /// `PUT /vm.nv-swap-in`: bring a swapped-out VM back from its swap file into this (empty)
     /// VMM and resume it.
     NvSwapIn(NvSwapInConfig),
+    /// `PUT /vm.add-disk`: hotplug a disk (upstream's `DiskConfig`).
+    VmAddDisk(Box<crate::config::DiskConfig>),
+    /// `PUT /vm.add-net`: hotplug a virtio-net device (upstream's `NetConfig`).
+    VmAddNet(Box<crate::config::NetConfig>),
+    /// `PUT /vm.remove-device`: ask the guest to eject a device (upstream's `VmRemoveDevice`).
+    VmRemoveDevice(VmRemoveDevice),
     /// An upstream operation this VMM does not carry out: answer as upstream would for the VM's
     /// state ([`check_state`]), then with [`lifecycle::not_implemented`].
     Unimplemented(Operation),
@@ -113,6 +119,9 @@ impl ApiRequest {
             ApiRequest::NvRegions(_) => Operation::NvRegions,
             ApiRequest::NvSwapOut(_) => Operation::NvSwapOut,
             ApiRequest::NvSwapIn(_) => Operation::NvSwapIn,
+            ApiRequest::VmAddDisk(_) => Operation::AddDisk,
+            ApiRequest::VmAddNet(_) => Operation::AddNet,
+            ApiRequest::VmRemoveDevice(_) => Operation::RemoveDevice,
             ApiRequest::Unimplemented(operation) => *operation,
         }
     }
@@ -392,6 +401,20 @@ pub fn finish_pending_requests(from_api: &Receiver<ApiMessage>, timeout: Duratio
 /// The answer to a request still queued when the VMM ends.
 pub fn shutting_down() -> ApiError {
     ApiError::new(503, "the VMM is shutting down")
+}
+
+/// Body of `PUT /vm.remove-device` (upstream's `VmRemoveDevice`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRemoveDevice {
+    pub id: String,
+}
+
+/// Answer of `vm.add-disk` / `vm.add-net` on a booted VM (upstream's `PciDeviceInfo`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    /// `0000:00:03.0`.
+    pub bdf: String,
 }
 
 /// Body of `PUT /vm.snapshot` (upstream's `VmSnapshotConfig`).

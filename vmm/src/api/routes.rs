@@ -176,6 +176,9 @@ pub fn build_request(
             }
             ApiRequest::VmRestore(config)
         }
+        O::AddDisk => ApiRequest::VmAddDisk(Box::new(parse_body(route, body)?)),
+        O::AddNet => ApiRequest::VmAddNet(Box::new(parse_body(route, body)?)),
+        O::RemoveDevice => ApiRequest::VmRemoveDevice(parse_body(route, body)?),
         O::NvStatus => ApiRequest::NvStatus,
         O::NvPowerFail => ApiRequest::NvPowerFail,
         O::NvSuspend => ApiRequest::NvSuspend,

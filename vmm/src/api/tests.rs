@@ -550,6 +550,8 @@ fn every_route_answers_in_upstream_framing() {
         "vmm.nv-regions",
         "vm.nv-swap-out",
         "vm.nv-swap-in",
+        // `VmRemoveDevice` requires its `id`.
+        "vm.remove-device",
     ];
     assert_eq!(
         server.received().len(),

@@ -68,6 +68,17 @@ impl std::fmt::Debug for NvVm {
     }
 }
 
+/// Replaces the config stored with the VM in its region (a device was hotplugged or ejected):
+/// a recovery then builds the VM with the devices it has now.
+pub fn store_config(nv_vm: &NvVm, config: &crate::config::VmConfig) -> Result<(), Error> {
+    let blob = serde_json::to_vec(config)
+        .map_err(|e| Error::State(format!("serializing the VM config: {e}")))?;
+    nv_vm
+        .handle
+        .set_config_blob(&blob)
+        .map_err(|e| nv_error(&nv_vm.config, e))
+}
+
 fn nv_error(nv: &NvConfig, error: nv_extension::Error) -> Error {
     Error::Nv {
         context: format!("NV region {}, VM {:?}", nv.region, nv.vm),

@@ -388,7 +388,18 @@ pub fn start(
         start,
         mut phases,
     } = prepared;
-    let mut vm = Vm::new_timed(&config, memory, events, seccomp, &mut phases)?;
+    let hotplugged = match &start {
+        NvStart::Resume { state, .. } => state.devices.hotplugged_ids(),
+        NvStart::ColdBoot => Vec::new(),
+    };
+    let mut vm = Vm::new_timed(
+        &config,
+        &hotplugged,
+        memory,
+        events,
+        seccomp,
+        &mut phases,
+    )?;
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;

@@ -20,6 +20,8 @@ use crate::{Error, ErrorKind};
 
 use super::{Vmm, VmmExit};
 
+mod hotplug_api;
+
 /// The upstream release whose API this VMM serves. `vmm.ping` reports it as `version`, because
 /// that is what scripts compare to decide which API they may use.
 const UPSTREAM_VERSION: &str = "53.0.0";
@@ -174,6 +176,11 @@ impl Vmm {
                 }
                 Answer::from(rebooted)
             }
+            ApiRequest::VmAddDisk(disk) => {
+                self.api_add_device(hotplug_api::AddedDevice::Disk(disk))
+            }
+            ApiRequest::VmAddNet(net) => self.api_add_device(hotplug_api::AddedDevice::Net(net)),
+            ApiRequest::VmRemoveDevice(request) => self.api_remove_device(&request.id),
             ApiRequest::Unimplemented(operation) => Answer::error(
                 check_state(operation, self.api_state())
                     .err()

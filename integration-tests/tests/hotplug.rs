@@ -1,0 +1,400 @@
+//! Device hotplug as upstream cloud-hypervisor does it on x86_64 (ACPI PCI hotplug), end to end on
+//! KVM with the `hpcheck` test guest, which polls the GED and the hotplug controller's registers
+//! from ring 3 as the DSDT's methods read them: `ch-remote add-disk` makes a slot come up, the
+//! guest finds the virtio-blk function at the BDF the API answered and drives it over virtio-pci;
+//! `ch-remote remove-device` makes the slot go down and the guest ejects it (`B0EJ`, as `_EJ0`
+//! does), after which the VMM drops it. A hotplugged disk is in the config and the saved state:
+//! it is back at its BDF with its queues after an NV power failure and in-place recovery and after
+//! `vm.snapshot` / `--restore`; a removed disk stays removed. Bad requests get upstream's
+//! statuses, every answer checked against `docs/openapi.yaml`.
+//!
+//! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
+//! tests that binary instead.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::api_client;
+use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
+use integration_tests::process::VmmProcess;
+use vmm::nv::EXIT_POWER_FAIL_SAVED;
+
+/// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Sector the guest writes when it brings the disk up, with byte i = 0x5a * 31 + i.
+const PROBE_SECTOR: u64 = 1;
+const PROBE_SEQ: u64 = 0x5a;
+/// upstream's virtio-blk PCI id as one configuration dword (device 0x1042, vendor 0x1af4).
+const VIRTIO_BLK_ID: &str = "id=0x0000000010421af4";
+
+fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
+    VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
+}
+
+/// An hpcheck guest behind `socket`, polling for hotplug events.
+fn hpcheck_arguments(socket: &Path) -> Vec<String> {
+    let mut arguments = guest_arguments("hpcheck", "", "32M");
+    arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
+    arguments
+}
+
+fn wait_ready(vmm: &mut VmmProcess, socket: &Path) {
+    vmm.wait_for_socket(socket, TIMEOUT);
+    vmm.wait_serial("the guest polling for hotplug events", |log| {
+        log.contains("hpcheck: ready")
+    });
+}
+
+/// A 1 MiB disk image of zeros.
+fn disk_image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+/// One API exchange, checked against `docs/openapi.yaml`.
+fn api(socket: &Path, method: &str, op: &str, body: &str) -> (u16, String) {
+    let (status, answer) = api_client::request(socket, method, op, body, TIMEOUT);
+    let request_body = (!body.is_empty()).then_some(body);
+    if let Err(error) =
+        ::api_client::openapi::check_exchange(method, op, request_body, status, answer.as_bytes())
+    {
+        panic!("{method} {op} {body}: {error}");
+    }
+    (status, answer)
+}
+
+/// `ch-remote --api-socket socket <arguments>`: must succeed; its stdout.
+fn ch_remote(socket: &Path, arguments: &[&str]) -> String {
+    let output = run_ch_remote(socket, arguments);
+    assert!(
+        output.status.success(),
+        "ch-remote {arguments:?}: {output:?}"
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `ch-remote add-disk path=<image>,id=<id>`: the device number of the BDF it answered.
+fn add_disk(socket: &Path, image: &Path, id: &str) -> u8 {
+    let answer = ch_remote(
+        socket,
+        &["add-disk", &format!("path={},id={id}", image.display())],
+    );
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], id, "{answer}");
+    let bdf = info["bdf"].as_str().unwrap();
+    assert!(bdf.starts_with("0000:00:") && bdf.ends_with(".0"), "{bdf}");
+    u8::from_str_radix(&bdf[8..10], 16).unwrap()
+}
+
+/// `vm.info`: (the ids of `config.disks`, the device tree's (id, pci_bdf) pairs).
+fn disks_in_info(socket: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    let (status, body) = api(socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let config_ids = info["config"]["disks"]
+        .as_array()
+        .map(|disks| {
+            disks
+                .iter()
+                .filter_map(|disk| disk["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tree = info["device_tree"]
+        .as_object()
+        .map(|tree| {
+            tree.values()
+                .filter_map(|node| {
+                    Some((
+                        node["id"].as_str()?.to_owned(),
+                        node["pci_bdf"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (config_ids, tree)
+}
+
+fn assert_disk_listed(socket: &Path, id: &str, device: u8) {
+    let (config, tree) = disks_in_info(socket);
+    assert!(config.iter().any(|c| c == id), "{config:?}");
+    let bdf = format!("0000:00:{device:02x}.0");
+    assert!(
+        tree.iter().any(|(tid, tbdf)| tid == id && *tbdf == bdf),
+        "{id} not at {bdf}: {tree:?}"
+    );
+}
+
+fn assert_disk_gone(socket: &Path, id: &str) {
+    let (config, tree) = disks_in_info(socket);
+    assert!(!config.iter().any(|c| c == id), "{config:?}");
+    assert!(!tree.iter().any(|(tid, _)| tid == id), "{tree:?}");
+}
+
+/// The numbers of the guest's `hpcheck: round=R ok` lines.
+fn rounds(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|line| {
+            line.strip_prefix("hpcheck: round=")?
+                .strip_suffix(" ok")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Waits until the guest found the new disk at `device` and did `count` rounds of I/O on it.
+fn wait_disk_in_use(vmm: &mut VmmProcess, device: u8, count: usize) -> String {
+    let log = vmm.wait_serial("rounds of I/O on the hotplugged disk", |log| {
+        rounds(log).len() >= count || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL"), "{log}");
+    assert!(
+        log.contains(&format!("hpcheck: disk at device={device} {VIRTIO_BLK_ID}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("hpcheck: disk io ok device={device}")),
+        "{log}"
+    );
+    log
+}
+
+/// The guest wrote its probe sector through the hotplugged function: the host reads it.
+fn assert_probe_sector_written(image: &Path) {
+    let bytes = std::fs::read(image).unwrap();
+    let sector = &bytes[(PROBE_SECTOR * 512) as usize..][..512];
+    let expected: Vec<u8> = (0..512u64).map(|i| (PROBE_SEQ * 31 + i) as u8).collect();
+    assert_eq!(sector, expected.as_slice(), "probe sector");
+}
+
+/// Asks the guest to give the disk up and waits until it ejected it and the VMM dropped it.
+fn remove_and_wait_ejected(vmm: &mut VmmProcess, socket: &Path, id: &str, device: u8) {
+    assert_eq!(ch_remote(socket, &["remove-device", id]), "");
+    let log = vmm.wait_serial("the guest ejecting the disk", |log| {
+        log.contains(&format!("hpcheck: device={device} gone")) || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL"), "{log}");
+    assert!(
+        log.contains(&format!("hpcheck: eject device={device}")),
+        "{log}"
+    );
+    vmm.wait_stderr("the VMM taking the eject", |stderr| {
+        stderr.contains(&format!(
+            "{id} at 0000:00:{device:02x}.0 ejected by the guest"
+        ))
+    });
+    assert_disk_gone(socket, id);
+}
+
+#[test]
+fn a_hotplugged_disk_is_found_driven_and_ejected_by_the_guest() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let image = disk_image(dir.path(), "hot.raw");
+    let mut vmm = spawn(dir.path(), "hotplug", &hpcheck_arguments(&socket));
+    wait_ready(&mut vmm, &socket);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !vmm.serial_log().contains("hpcheck: event"),
+        "an event before any hotplug"
+    );
+
+    let device = add_disk(&socket, &image, "hot0");
+    wait_disk_in_use(&mut vmm, device, 3);
+    assert_probe_sector_written(&image);
+    assert_disk_listed(&socket, "hot0", device);
+    let (status, counters) = api(&socket, "GET", "vm.counters", "");
+    assert_eq!(status, 200);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert!(
+        counters["hot0"]["write_ops"].as_u64().unwrap_or(0) >= 1,
+        "{counters}"
+    );
+
+    remove_and_wait_ejected(&mut vmm, &socket, "hot0", device);
+    // The slot is free again: the next disk goes there, with the guest's driver... a new one.
+    let log = vmm.serial_log();
+    let after = rounds(&log).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rounds(&vmm.serial_log()).len(),
+        after,
+        "I/O after the eject"
+    );
+    vmm.kill();
+}
+
+#[test]
+fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let image = disk_image(dir.path(), "hot.raw");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=hp,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    wait_ready(&mut vmm, &socket);
+    let device = add_disk(&socket, &image, "hot0");
+    wait_disk_in_use(&mut vmm, device, 2);
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+    let last = *rounds(&vmm.serial_log()).last().unwrap();
+
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm=hp,recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = spawn(dir.path(), "recovered", &recover);
+    recovered.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = recovered.wait_serial("rounds after the recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}"
+    );
+    assert!(
+        rounds(&log)[0] > last,
+        "rounds restarted after {last}:\n{log}"
+    );
+    assert_disk_listed(&recover_socket, "hot0", device);
+
+    remove_and_wait_ejected(&mut recovered, &recover_socket, "hot0", device);
+    recovered.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "second power fail");
+
+    let mut again = spawn(dir.path(), "again", &recover);
+    again.wait_for_socket(&recover_socket, TIMEOUT);
+    assert_disk_gone(&recover_socket, "hot0");
+    again.kill();
+}
+
+/// A disk added while the VM is paused is pending for the guest (the GED and controller bits are
+/// saved): after `vm.snapshot` and `--restore` into a new VMM the guest finds and drives it.
+#[test]
+fn a_disk_hotplugged_into_a_paused_vm_survives_snapshot_and_restore() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let image = disk_image(dir.path(), "hot.raw");
+    let mut first = spawn(dir.path(), "first", &hpcheck_arguments(&socket));
+    wait_ready(&mut first, &socket);
+    assert_eq!(api(&socket, "PUT", "vm.pause", "").0, 204);
+    let device = add_disk(&socket, &image, "hot0");
+    let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let snapshot = format!("file://{}", snapshot_dir.display());
+    let body = format!("{{\"destination_url\":\"{snapshot}\"}}");
+    assert_eq!(api(&socket, "PUT", "vm.snapshot", &body).0, 204);
+    first.kill();
+    assert!(!first.serial_log().contains("hpcheck: event"));
+
+    let log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot_dir, &log);
+    let restored_socket = dir.path().join("restored.sock");
+    let arguments = [
+        "--restore".into(),
+        format!("source_url={snapshot},resume=true"),
+        "--api-socket".into(),
+        format!("path={}", restored_socket.display()),
+    ];
+    let mut restored = VmmProcess::spawn(dir.path(), "restored", &arguments, &[])
+        .with_timeout(TIMEOUT)
+        .with_serial(log);
+    let text = wait_disk_in_use(&mut restored, device, 2);
+    assert!(!text.contains("hpcheck: boot"), "booted again:\n{text}");
+    restored.wait_for_socket(&restored_socket, TIMEOUT);
+    assert_disk_listed(&restored_socket, "hot0", device);
+    assert_probe_sector_written(&image);
+    restored.kill();
+}
+
+#[test]
+fn bad_hotplug_requests_get_upstreams_statuses() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let image = disk_image(dir.path(), "hot.raw");
+    let disk = |id: &str| format!("{{\"path\":\"{}\",\"id\":\"{id}\"}}", image.display());
+
+    // No VM: 404 "VM is not created".
+    let empty_socket = dir.path().join("empty.sock");
+    let mut empty = spawn(
+        dir.path(),
+        "empty",
+        &[
+            "--api-socket".into(),
+            format!("path={}", empty_socket.display()),
+        ],
+    );
+    empty.wait_for_socket(&empty_socket, TIMEOUT);
+    for (op, body) in [
+        ("vm.add-disk", disk("d0")),
+        ("vm.add-net", "{\"tap\":\"nvtest0\"}".to_owned()),
+        ("vm.remove-device", "{\"id\":\"d0\"}".to_owned()),
+    ] {
+        let (status, answer) = api(&empty_socket, "PUT", op, &body);
+        assert_eq!(status, 404, "{op}: {answer}");
+        assert!(answer.contains("VM is not created"), "{op}: {answer}");
+    }
+    empty.kill();
+
+    let socket = dir.path().join("api.sock");
+    let mut vmm = spawn(dir.path(), "vm", &hpcheck_arguments(&socket));
+    wait_ready(&mut vmm, &socket);
+    let missing = dir.path().join("missing.raw");
+    let cases = [
+        // Not JSON of the shape.
+        ("vm.add-disk", "{\"path\": 5}".to_owned(), 400),
+        ("vm.remove-device", "{}".to_owned(), 400),
+        // The config with it does not validate (pci_device_id is refused by this VMM).
+        (
+            "vm.add-disk",
+            format!("{{\"path\":\"{}\",\"pci_device_id\":3}}", image.display()),
+            400,
+        ),
+        // The disk cannot be opened.
+        (
+            "vm.add-disk",
+            format!("{{\"path\":\"{}\"}}", missing.display()),
+            500,
+        ),
+        // Unknown id.
+        ("vm.remove-device", "{\"id\":\"nope\"}".to_owned(), 404),
+        // Descriptor numbers of the client's process.
+        ("vm.add-net", "{\"fds\":[3]}".to_owned(), 400),
+    ];
+    for (op, body, expected) in &cases {
+        let (status, answer) = api(&socket, "PUT", op, body);
+        assert_eq!(status, *expected, "{op} {body}: {answer}");
+    }
+    assert!(!missing.exists(), "the missing disk was created");
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &disk("d0"));
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &disk("d0"));
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("Identifier d0 is not unique"), "{answer}");
+    // Without an id: upstream's default name, the first free `_disk<N>`.
+    let second = disk_image(dir.path(), "second.raw");
+    let unnamed = format!("{{\"path\":\"{}\"}}", second.display());
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &unnamed);
+    assert_eq!(status, 200, "{answer}");
+    let info: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(info["id"], "_disk0", "{answer}");
+    // ch-remote reports the API error and exits 1.
+    let output = run_ch_remote(&socket, &["remove-device", "nope"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Unknown device id"),
+        "{output:?}"
+    );
+    vmm.kill();
+}

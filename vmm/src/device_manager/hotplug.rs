@@ -1,0 +1,456 @@
+//! PCI hotplug over ACPI, as upstream: `vm.add-disk` / `vm.add-net` put a virtio-pci function on
+//! a free slot of segment 0, set its bit in the hotplug controller (`\_SB_.PHPR`, the
+//! `devices::PciHotplugController` on the MMIO bus at `PCI_HOTPLUG_MMIO_START`) and raise the
+//! GED's "PCI devices changed" event; `vm.remove-device` sets the slot's down bit and raises the
+//! event; the device goes once the guest ejects it (`_EJ0` writes `B0EJ`). The eject is taken on
+//! the control loop's thread: the controller wakes it through the device-activation eventfd and
+//! `DeviceManager::activate_pending` removes the ejected functions.
+//!
+//! Hotplugged devices are saved with the VM ([`HotplugState`]): each with its config, its slot,
+//! its first MSI GSI and its virtio-pci state. A restore builds the VM from its config without
+//! them ([`without_hotplugged`]) so every cold-plugged device gets the BDF and GSIs it had, then
+//! puts each hotplugged one back at its slot and GSIs before the segment's state is restored.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::PciBdf;
+use devices::virtio::{
+    msix_vector_count, Tap, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
+};
+use devices::{PciHotplugController, PciHotplugState};
+use serde::{Deserialize, Serialize};
+
+use super::{lock_or_recover, new_net, open_block, open_tap, DeviceManager};
+use crate::config::{DiskConfig, NetConfig, VirtioTransportKind, VmConfig};
+use crate::pci_segment::{KvmMsiInterrupts, PciSegment};
+use crate::Error;
+
+/// Version of [`HotplugState`] written by this build.
+pub const HOTPLUG_STATE_VERSION: u32 = 1;
+
+/// What a hotplugged function carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotplugKind {
+    Disk(DiskConfig),
+    Net(NetConfig),
+}
+
+/// One hotplugged device as saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotplugDeviceState {
+    pub id: String,
+    /// Its device number on bus 0.
+    pub slot: u8,
+    /// The GSI of its MSI-X vector 0 (the others follow).
+    pub first_gsi: u32,
+    pub kind: HotplugKind,
+    pub pci: VirtioPciState,
+}
+
+/// The hotplug controller's pending bits and every hotplugged device still present.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotplugState {
+    pub version: u32,
+    pub controller: PciHotplugState,
+    /// MSI GSIs handed out when saved (removed devices' included: later ones keep theirs).
+    pub msi_gsis_allocated: u32,
+    /// In the order they were added.
+    pub devices: Vec<HotplugDeviceState>,
+}
+
+impl HotplugState {
+    /// The ids of the hotplugged devices, which a restore builds from this state rather than
+    /// from the config.
+    pub fn ids(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|device| device.id.clone())
+            .collect()
+    }
+}
+
+/// `config` without the devices `hotplugged` names: what a restore builds the VM from before
+/// it puts the hotplugged ones back from their state.
+pub fn without_hotplugged(config: &VmConfig, hotplugged: &[String]) -> VmConfig {
+    let mut config = config.clone();
+    let keep = |id: &Option<String>| !id.as_ref().is_some_and(|id| hotplugged.contains(id));
+    if let Some(disks) = config.disks.as_mut() {
+        disks.retain(|disk| keep(&disk.id));
+    }
+    if let Some(nets) = config.net.as_mut() {
+        nets.retain(|net| keep(&net.id));
+    }
+    config
+}
+
+/// A hotplugged virtio-pci function.
+struct HotplugSlot {
+    id: String,
+    kind: HotplugKind,
+    device: Arc<Mutex<VirtioPciDevice>>,
+    bdf: PciBdf,
+    msi: Arc<KvmMsiInterrupts>,
+    /// The tap of a net device (kept for as long as the device).
+    _tap: Option<Arc<Tap>>,
+}
+
+/// The hotplug controller and the hotplugged devices of one VM.
+pub(super) struct Hotplug {
+    controller: Arc<Mutex<PciHotplugController>>,
+    slots: Mutex<Vec<HotplugSlot>>,
+    /// Ids of devices the guest ejected, for the control loop to drop from the config.
+    ejected: Mutex<Vec<String>>,
+}
+
+impl Hotplug {
+    pub fn new(controller: Arc<Mutex<PciHotplugController>>) -> Self {
+        Self {
+            controller,
+            slots: Mutex::new(Vec::new()),
+            ejected: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn controller(&self) -> &Arc<Mutex<PciHotplugController>> {
+        &self.controller
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        lock_or_recover(&self.slots)
+            .iter()
+            .map(|slot| slot.id.clone())
+            .collect()
+    }
+
+    /// Runs `step` on every hotplugged function; the first failure stops.
+    pub fn for_each(
+        &self,
+        mut step: impl FnMut(&str, &mut dyn VirtioTransport) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        for slot in lock_or_recover(&self.slots).iter() {
+            step(&slot.id, &mut *lock_or_recover(&slot.device))?;
+        }
+        Ok(())
+    }
+
+    /// Per-device counters, as for the cold-plugged devices.
+    pub fn counters(&self) -> Vec<(String, std::collections::BTreeMap<&'static str, u64>)> {
+        lock_or_recover(&self.slots)
+            .iter()
+            .map(|slot| (slot.id.clone(), lock_or_recover(&slot.device).counters()))
+            .collect()
+    }
+
+    /// The ids of the devices ejected since the last call.
+    pub fn take_ejected(&self) -> Vec<String> {
+        std::mem::take(&mut *lock_or_recover(&self.ejected))
+    }
+
+    /// Removes the functions the guest ejected (the controller's `B0EJ` bits): each is paused
+    /// (its requests in flight complete), taken off the segment with its BARs, ioeventfds,
+    /// irqfds and routes, and dropped, which ends its I/O thread.
+    pub fn process_ejects(&self, pci: &PciSegment) {
+        let bits = lock_or_recover(&self.controller).take_ejected();
+        if bits == 0 {
+            return;
+        }
+        let mut slots = lock_or_recover(&self.slots);
+        let mut taken = 0u32;
+        let mut index = 0;
+        while index < slots.len() {
+            let slot = &slots[index];
+            if bits & (1u32 << slot.bdf.device) == 0 {
+                index += 1;
+                continue;
+            }
+            let slot = slots.remove(index);
+            taken |= 1u32 << slot.bdf.device;
+            if let Err(e) = lock_or_recover(&slot.device).pause() {
+                log::warn!("{}: pausing before the eject: {e}", slot.id);
+            }
+            if let Err(e) = pci.remove_device(slot.bdf) {
+                log::error!("{}: eject: {e}", slot.id);
+            }
+            pci.release_msi_interrupts(&slot.msi);
+            log::info!("{} at {} ejected by the guest", slot.id, slot.bdf);
+            lock_or_recover(&self.ejected).push(slot.id);
+        }
+        if bits & !taken != 0 {
+            log::warn!(
+                "eject of slots {:#x} ignored: no hotplugged device there",
+                bits & !taken
+            );
+        }
+    }
+}
+
+impl DeviceManager {
+    /// Every device id in use (cold-plugged, hotplugged, console and rng).
+    fn device_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.disks.iter().map(|disk| disk.id.clone()).collect();
+        ids.extend(self.nets.iter().map(|net| net.id.clone()));
+        ids.extend(self.console_rng.slots().map(|slot| slot.id.to_owned()));
+        ids.extend(self.hotplug.ids());
+        ids
+    }
+
+    /// The id a new device gets: the one given (refused when in use, as upstream), else the
+    /// first free `<prefix><N>`.
+    fn new_device_id(&self, given: Option<&str>, prefix: &str) -> Result<String, Error> {
+        let ids = self.device_ids();
+        match given {
+            Some(id) if ids.iter().any(|used| used == id) => {
+                Err(Error::DuplicateDeviceId(id.to_owned()))
+            }
+            Some(id) => Ok(id.to_owned()),
+            None => Ok((0..)
+                .map(|n| format!("{prefix}{n}"))
+                .find(|id| !ids.contains(id))
+                .unwrap_or_default()),
+        }
+    }
+
+    /// Hotplugs a virtio-blk disk: a new virtio-pci function on the lowest free slot, announced
+    /// to the guest. Returns the config as the VM keeps it (its id filled in) and the address.
+    pub fn hotplug_disk(&self, config: &DiskConfig) -> Result<(DiskConfig, PciBdf), Error> {
+        if config.transport == Some(VirtioTransportKind::Mmio) {
+            return Err(Error::Device(
+                "a virtio-mmio disk cannot be hotplugged: there is no hotplug on virtio-mmio"
+                    .to_owned(),
+            ));
+        }
+        let mut config = config.clone();
+        let id = self.new_device_id(config.id.as_deref(), "_disk")?;
+        config.id = Some(id);
+        let bdf = self.plug(HotplugKind::Disk(config.clone()), None)?;
+        Ok((config, bdf))
+    }
+
+    /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`).
+    pub fn hotplug_net(&self, config: &NetConfig) -> Result<(NetConfig, PciBdf), Error> {
+        if config.transport == Some(VirtioTransportKind::Mmio) {
+            return Err(Error::Device(
+                "a virtio-mmio net device cannot be hotplugged: there is no hotplug on \
+                 virtio-mmio"
+                    .to_owned(),
+            ));
+        }
+        let mut config = config.clone();
+        let id = self.new_device_id(config.id.as_deref(), "_net")?;
+        config.id = Some(id);
+        config.mac.get_or_insert_with(crate::config::random_mac);
+        let bdf = self.plug(HotplugKind::Net(config.clone()), None)?;
+        Ok((config, bdf))
+    }
+
+    /// Asks the guest to give up device `id` (its slot's down bit and the GED event); it goes
+    /// when the guest ejects it.
+    pub fn unplug(&self, id: &str) -> Result<(), Error> {
+        let bdf = lock_or_recover(&self.hotplug.slots)
+            .iter()
+            .find(|slot| slot.id == id)
+            .map(|slot| slot.bdf);
+        let Some(bdf) = bdf else {
+            if self.device_ids().iter().any(|known| known == id) {
+                return Err(Error::Device(format!(
+                    "device {id:?} was given on the command line or in vm.create: this VMM \
+                     removes hotplugged devices only"
+                )));
+            }
+            return Err(Error::UnknownDeviceId(id.to_owned()));
+        };
+        lock_or_recover(self.hotplug.controller()).slot_down(bdf.device);
+        self.notify_pci_change()
+    }
+
+    /// The devices the guest ejected since the last call (their ids, to drop from the config).
+    pub fn take_ejected_devices(&self) -> Vec<String> {
+        self.hotplug.take_ejected()
+    }
+
+    fn notify_pci_change(&self) -> Result<(), Error> {
+        lock_or_recover(&self.ged)
+            .notify_pci_devices_changed()
+            .map_err(|e| Error::device("GED", devices::Error::GedInterrupt(e)))
+    }
+
+    /// Builds the device `kind` describes and puts it on the segment: at the lowest free slot
+    /// and the next GSIs, announced to the guest, or (`restore`) at its saved slot and GSIs
+    /// from its saved state, announced by nothing (the restored controller has its bits).
+    fn plug(
+        &self,
+        kind: HotplugKind,
+        restore: Option<&HotplugDeviceState>,
+    ) -> Result<PciBdf, Error> {
+        let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
+            match &kind {
+                HotplugKind::Disk(config) => {
+                    let path = PathBuf::from(
+                        config
+                            .path
+                            .as_deref()
+                            .ok_or_else(|| Error::Device("a disk needs a path".to_owned()))?,
+                    );
+                    let block = open_block(&path, config.readonly)?;
+                    (
+                        config.id.clone().unwrap_or_default(),
+                        format!("disk {}", path.display()),
+                        Box::new(block),
+                        None,
+                        self.thread_start.clone(),
+                    )
+                }
+                HotplugKind::Net(config) => {
+                    let tap = Arc::new(open_tap(config)?);
+                    let net = new_net(&tap, config)?;
+                    (
+                        config.id.clone().unwrap_or_default(),
+                        format!(
+                            "net {} (tap {})",
+                            config.id.as_deref().unwrap_or(""),
+                            tap.name()
+                        ),
+                        Box::new(net),
+                        Some(tap),
+                        self.net_thread_start.clone(),
+                    )
+                }
+            };
+        let msi = self.pci.msi_interrupts_from(
+            restore.map(|saved| saved.first_gsi),
+            msix_vector_count(&*device),
+        )?;
+        let state_error = |e: devices::Error| Error::device_state(what.clone(), e);
+        let mut function = match restore {
+            None => VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
+                .map_err(|e| Error::device(what.clone(), e))?,
+            Some(saved) => {
+                VirtioPciDevice::restore(device, self.memory.clone(), msi.clone(), &saved.pci)
+                    .map_err(state_error)?
+            }
+        };
+        self.wire_activation(&mut function, &thread_start)?;
+        if restore.is_some() {
+            // A device that was running starts here, paused, on this (VMM) thread.
+            function.activate_pending().map_err(state_error)?;
+        }
+        let function = Arc::new(Mutex::new(function));
+        let placed = self
+            .pci
+            .add_device_at(&id, function.clone(), restore.map(|saved| saved.slot));
+        let bdf = match placed {
+            Ok(bdf) => bdf,
+            Err(e) => {
+                self.pci.release_msi_interrupts(&msi);
+                return Err(e);
+            }
+        };
+        lock_or_recover(&self.hotplug.slots).push(HotplugSlot {
+            id: id.clone(),
+            kind,
+            device: function,
+            bdf,
+            msi,
+            _tap: tap,
+        });
+        if restore.is_none() {
+            lock_or_recover(self.hotplug.controller()).slot_up(bdf.device);
+            self.notify_pci_change()?;
+            log::info!("{id} ({what}) hotplugged at {bdf}");
+        }
+        Ok(bdf)
+    }
+
+    /// The hotplug controller's state and every hotplugged device's. The VM must be paused.
+    pub(super) fn save_hotplug(&self) -> Result<HotplugState, Error> {
+        let devices = lock_or_recover(&self.hotplug.slots)
+            .iter()
+            .map(|slot| {
+                Ok(HotplugDeviceState {
+                    id: slot.id.clone(),
+                    slot: slot.bdf.device,
+                    first_gsi: PciSegment::first_gsi(&slot.msi).unwrap_or_default(),
+                    kind: slot.kind.clone(),
+                    pci: lock_or_recover(&slot.device)
+                        .state()
+                        .map_err(|e| Error::device_state(slot.id.clone(), e))?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(HotplugState {
+            version: HOTPLUG_STATE_VERSION,
+            controller: lock_or_recover(self.hotplug.controller()).state(),
+            msi_gsis_allocated: self.pci.routing().state().allocated,
+            devices,
+        })
+    }
+
+    /// Puts the hotplugged devices back at their slots and GSIs from their state, and the
+    /// controller's pending bits. Call before the segment's state is restored (it restores
+    /// their configuration spaces with the others').
+    pub(super) fn restore_hotplug(&self, state: &HotplugState) -> Result<(), Error> {
+        if state.version != HOTPLUG_STATE_VERSION {
+            return Err(Error::State(format!(
+                "PCI hotplug state version {}, this build understands {HOTPLUG_STATE_VERSION}",
+                state.version
+            )));
+        }
+        for saved in &state.devices {
+            self.plug(saved.kind.clone(), Some(saved))?;
+        }
+        self.pci.reserve_msi_gsis(state.msi_gsis_allocated);
+        lock_or_recover(self.hotplug.controller())
+            .restore(&state.controller)
+            .map_err(|e| Error::device_state("PCI hotplug controller", e))
+    }
+
+    /// After the segment's restore: the hotplugged functions' ioeventfds where their BARs are.
+    pub(super) fn refresh_hotplug_ioeventfds(&self) -> Result<(), Error> {
+        let bdfs: Vec<PciBdf> = lock_or_recover(&self.hotplug.slots)
+            .iter()
+            .map(|slot| slot.bdf)
+            .collect();
+        bdfs.into_iter()
+            .try_for_each(|bdf| self.pci.refresh_ioeventfds(bdf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(id: Option<&str>) -> DiskConfig {
+        DiskConfig {
+            path: Some("/d".to_owned()),
+            id: id.map(str::to_owned),
+            ..DiskConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_restore_builds_the_cold_plugged_devices_only() {
+        let config = VmConfig {
+            disks: Some(vec![disk(Some("boot")), disk(None), disk(Some("hot"))]),
+            net: Some(vec![NetConfig {
+                id: Some("hotnet".to_owned()),
+                ..NetConfig::default()
+            }]),
+            ..VmConfig::default()
+        };
+        let built = without_hotplugged(&config, &["hot".to_owned(), "hotnet".to_owned()]);
+        let ids: Vec<_> = built.disks.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, [Some("boot".to_owned()), None]);
+        assert!(built.net.unwrap().is_empty());
+        assert_eq!(without_hotplugged(&config, &[]).disks, config.disks);
+    }
+
+    #[test]
+    fn a_state_without_hotplug_loads_and_lists_no_hotplugged_device() {
+        let state: crate::device_manager::DevicesState =
+            serde_json::from_str(r#"{"serial":null,"disks":[]}"#).unwrap();
+        assert!(state.hotplug.is_none());
+        assert!(state.hotplugged_ids().is_empty());
+    }
+}
