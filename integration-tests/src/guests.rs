@@ -19,9 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// Every guest `guest_image` knows how to build.
 pub const GUEST_NAMES: [&str; 11] = [
     "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
-    "pcimsix",
-    "netkv",
-    "hpcheck",
+    "pcimsix", "netkv", "hpcheck",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).

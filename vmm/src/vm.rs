@@ -122,7 +122,14 @@ impl Vm {
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
-        Self::new_timed(config, hotplugged, memory, events, seccomp, &mut PhaseClock::new())
+        Self::new_timed(
+            config,
+            hotplugged,
+            memory,
+            events,
+            seccomp,
+            &mut PhaseClock::new(),
+        )
     }
 
     /// [`Vm::new_restoring`], closing one phase of `phases` per step (a recovery's breakdown).

@@ -392,14 +392,7 @@ pub fn start(
         NvStart::Resume { state, .. } => state.devices.hotplugged_ids(),
         NvStart::ColdBoot => Vec::new(),
     };
-    let mut vm = Vm::new_timed(
-        &config,
-        &hotplugged,
-        memory,
-        events,
-        seccomp,
-        &mut phases,
-    )?;
+    let mut vm = Vm::new_timed(&config, &hotplugged, memory, events, seccomp, &mut phases)?;
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
