@@ -329,6 +329,13 @@ pub fn run_ch_remote(socket: &Path, arguments: &[&str]) -> std::process::Output 
         .expect("running ch-remote")
 }
 
+/// Creates a FIFO at `path` (mode 0600), as the tests and nv-bench use to hold a VMM at its
+/// `--event-monitor` or serial open.
+pub fn make_fifo(path: &Path) -> std::io::Result<()> {
+    use rustix::fs::{mkfifoat, Mode, CWD};
+    mkfifoat(CWD, path, Mode::RUSR | Mode::WUSR).map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

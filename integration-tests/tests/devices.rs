@@ -356,9 +356,7 @@ fn a_serial_fifo_without_reader_neither_blocks_start_up_nor_sigterm() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let fifo = dir.path().join("serial.fifo");
-    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: `c_path` is a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    integration_tests::harness::make_fifo(&fifo).expect("mkfifo");
     let socket = dir.path().join("api.sock");
     let mut arguments = guest_arguments("counter", "area_mb=1", "32M");
     arguments.extend(serial_file_arguments(&fifo));

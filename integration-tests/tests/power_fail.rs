@@ -373,9 +373,7 @@ fn a_power_failure_right_after_start_is_saved_or_harmless() {
     // held there by its `--event-monitor` FIFO, whose open blocks until a reader comes. The
     // signal must wait (blocked), then be saved once the VMM is up; unblocked, it would kill.
     let fifo = dir.path().join("events.fifo");
-    let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0, "mkfifo");
+    integration_tests::harness::make_fifo(&fifo).expect("mkfifo");
     let mut arguments = recover_arguments(&region, "early", "");
     arguments.extend(["--event-monitor".into(), format!("path={}", fifo.display())]);
     let mut vmm = spawn(dir.path(), "held", &arguments, &[]);

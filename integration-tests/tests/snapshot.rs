@@ -456,9 +456,7 @@ fn nv_regions_opens_read_only_and_refuses_fifos_and_directories_at_once() {
     assert!(!wrote, "vmm.nv-regions opened the region for writing");
 
     let fifo = dir.path().join("fifo");
-    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo in our own scratch directory.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    integration_tests::harness::make_fifo(&fifo).expect("mkfifo");
     let (status, body) = list(&fifo);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("is a FIFO"), "{body}");

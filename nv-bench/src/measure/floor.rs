@@ -148,16 +148,8 @@ fn parse_recovery_line(log: &str) -> (Option<f64>, Vec<(String, f64)>) {
 
 fn make_fifo(path: &Path) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| failure("mkfifo", e.to_string()))?;
-    // SAFETY: a NUL-terminated path that lives across the call.
-    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
-        return Err(BenchError::io(
-            format!("mkfifo {}", path.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    integration_tests::harness::make_fifo(path)
+        .map_err(|e| BenchError::io(format!("mkfifo {}", path.display()), e))
 }
 
 fn recover_once(bench: &Bench, region: &Path, index: usize) -> Result<RecoveryRun> {
