@@ -453,6 +453,28 @@ impl KvClient {
         Ok(())
     }
 
+    /// Sends a PUT of `key`'s next version and returns at once (no wait for the answer; `drain`
+    /// retries it until answered). Returns the version sent.
+    pub fn send_put(&mut self, key: u64) -> u64 {
+        let version = self.ledger.sent.get(&key).copied().unwrap_or(0) + 1;
+        self.ledger.sent.insert(key, version);
+        let request = Request {
+            op: OP_PUT,
+            id: self.next_id,
+            key,
+            version,
+            value: value_of(key, version),
+        };
+        self.next_id += 1;
+        self.submit(request, Instant::now());
+        version
+    }
+
+    /// Requests sent and not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Waits (retrying) for the answers to every request still pending.
     pub fn drain(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let start = Instant::now();
@@ -816,13 +838,15 @@ mod tests {
 
     /// A stand-in netkv on loopback: keeps versions as the guest does, or lies as told.
     fn stand_in(lie: fn(&mut Reply)) -> (SocketAddrV4, Arc<AtomicBool>) {
-        stand_in_restartable(lie, Arc::new(AtomicBool::new(false)))
+        stand_in_restartable(lie, Arc::new(AtomicBool::new(false)), Default::default())
     }
 
-    /// `stand_in` that forgets its table and takes a new boot id when `restart` is set.
+    /// `stand_in` that forgets its table and takes a new boot id when `restart` is set, and
+    /// reads nothing while `gate` is held elsewhere (requests wait or are lost, as in a tap).
     fn stand_in_restartable(
         lie: fn(&mut Reply),
         restart: Arc<AtomicBool>,
+        gate: Arc<std::sync::Mutex<()>>,
     ) -> (SocketAddrV4, Arc<AtomicBool>) {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket
@@ -843,7 +867,11 @@ mod tests {
                     table.clear();
                     boot_id += 1;
                 }
-                let Ok((len, from)) = socket.recv_from(&mut buffer) else {
+                let received = {
+                    let _open = gate.lock().unwrap();
+                    socket.recv_from(&mut buffer)
+                };
+                let Ok((len, from)) = received else {
                     continue;
                 };
                 let request = Request::decode(&buffer[..len]).unwrap();
@@ -946,11 +974,31 @@ mod tests {
     /// A client that got 200 PUTs acknowledged by a stand-in which then restarted empty.
     fn loaded_then_restarted() -> (KvClient, Arc<AtomicBool>) {
         let restart = Arc::new(AtomicBool::new(false));
-        let (server, stop) = stand_in_restartable(|_| {}, restart.clone());
+        let (server, stop) = stand_in_restartable(|_| {}, restart.clone(), Default::default());
         let mut client = KvClient::new(server, small_load()).unwrap();
         client.run_until(|ledger| ledger.puts_acked > 200).unwrap();
         restart.store(true, Ordering::Relaxed);
         (client, stop)
+    }
+
+    /// A PUT sent while the server is down is retried until the server is back, then
+    /// acknowledged and read back: the probe the power-failure tests send through each outage.
+    #[test]
+    fn a_put_sent_during_an_outage_is_acknowledged_once_the_server_is_back() {
+        let gate = Arc::new(std::sync::Mutex::new(()));
+        let (server, stop) =
+            stand_in_restartable(|_| {}, Arc::new(AtomicBool::new(false)), gate.clone());
+        let mut probe = KvClient::new(server, small_load()).unwrap();
+        let down = gate.lock().unwrap();
+        assert_eq!(probe.send_put(9000), 1);
+        probe.drain(Duration::from_millis(60)).unwrap();
+        assert_eq!((probe.unanswered(), probe.ledger.puts_acked), (1, 0));
+        drop(down);
+        probe.drain(Duration::from_secs(5)).unwrap();
+        assert_eq!((probe.unanswered(), probe.ledger.puts_acked), (0, 1));
+        assert_eq!(probe.read_back_all(Duration::from_secs(5)).unwrap(), 1);
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(probe.ledger.violations, Vec::new());
     }
 
     fn small_load() -> LoadConfig {
