@@ -572,10 +572,7 @@ fn sparse_vms_of_64_gib_keep_64_bit_sizes_and_offsets() {
     let path = dir.path().join("big.region");
     let region = Region::open(&path, &create_options()).unwrap();
     let tmpfs_bytes = {
-        // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        let c_path = std::ffi::CString::new("/dev/shm").unwrap();
-        assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
+        let stat = rustix::fs::statvfs("/dev/shm").unwrap();
         stat.f_blocks * stat.f_frsize
     };
     assert!(
