@@ -54,8 +54,13 @@ fn power_fail(vmm: &mut VmmProcess) -> String {
     vmm.serial_log()
 }
 
-/// Asserts that `after` continues `before` without a new boot: every vCPU's counter starts above
-/// its last value before and keeps growing.
+/// Asserts that `after` continues `before` without a new boot: every vCPU's counter goes on
+/// from its last value before (never below it) and keeps growing.
+///
+/// The first line after a restore may show an AP's counter exactly where it was saved: the
+/// guest TSC cannot be restored here and jumps ahead, so the boot vCPU's 100 ms report is due
+/// at once and is printed before a loaded host has run the AP's thread at all. A restarted AP
+/// would count from 0; one that stood still fails `assert_smp_counters_advance`.
 fn assert_all_continue(before: &str, after: &str) {
     assert!(
         !after.contains("smpcheck: boot"),
@@ -67,8 +72,8 @@ fn assert_all_continue(before: &str, after: &str) {
     let lines = assert_smp_counters_advance(after, VCPUS, 3);
     for cpu in 0..VCPUS {
         assert!(
-            lines[0][cpu] > last_before[cpu],
-            "vCPU {cpu} restarted or stood still: {} before, {} after:\n{after}",
+            lines[0][cpu] >= last_before[cpu],
+            "vCPU {cpu} restarted: {} before, {} after:\n{after}",
             last_before[cpu],
             lines[0][cpu]
         );
