@@ -648,8 +648,20 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
     let mut ids: Vec<&String> = tree.keys().collect();
     ids.sort();
     // Upstream always has an entropy device; the console is off here. Both PCI functions
-    // follow upstream's order: the disks, then the rng.
-    assert_eq!(ids, ["__rng", "__serial", "_disk0"], "{info}");
+    // follow upstream's order: the disks, then the rng. Each virtio device on PCI is two nodes,
+    // as upstream lists them: its virtio-pci function `_virtio-pci-<id>` (BARs, `pci_bdf`) with
+    // the device as its one child.
+    assert_eq!(
+        ids,
+        [
+            "__rng",
+            "__serial",
+            "_disk0",
+            "_virtio-pci-__rng",
+            "_virtio-pci-_disk0"
+        ],
+        "{info}"
+    );
     assert_eq!(
         tree["__serial"],
         serde_json::json!({
@@ -663,31 +675,37 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
     // host bridge, its BAR 0 (512 KiB) at the start of the 64-bit window above 64 MiB of RAM
     // (4 GiB), MSI-X instead of a legacy IRQ.
     assert_eq!(
-        tree["_disk0"],
+        tree["_virtio-pci-_disk0"],
         serde_json::json!({
-            "id": "_disk0",
+            "id": "_virtio-pci-_disk0",
             "resources": [
                 {"PciBar": {"index": 0, "base": 0x1_0000_0000_u64, "size": 0x8_0000,
                             "type_": "Mmio64", "prefetchable": false}}
             ],
-            "children": [],
+            "children": ["_disk0"],
             "pci_bdf": "0000:00:01.0"
         })
     );
     // virtio-rng, present as upstream has it, is the next function, its BAR 0 right after the
     // disk's.
     assert_eq!(
-        tree["__rng"],
+        tree["_virtio-pci-__rng"],
         serde_json::json!({
-            "id": "__rng",
+            "id": "_virtio-pci-__rng",
             "resources": [
                 {"PciBar": {"index": 0, "base": 0x1_0008_0000_u64, "size": 0x8_0000,
                             "type_": "Mmio64", "prefetchable": false}}
             ],
-            "children": [],
+            "children": ["__rng"],
             "pci_bdf": "0000:00:02.0"
         })
     );
+    for device in ["_disk0", "__rng"] {
+        assert_eq!(
+            tree[device],
+            serde_json::json!({"id": device, "resources": [], "children": [], "pci_bdf": null})
+        );
+    }
 }
 
 /// `vm.create` ignores members it does not know (upstream does; they are logged) and refuses,

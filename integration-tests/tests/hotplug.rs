@@ -87,7 +87,8 @@ fn add_disk(socket: &Path, image: &Path, id: &str) -> u8 {
     u8::from_str_radix(&bdf[8..10], 16).unwrap()
 }
 
-/// `vm.info`: (the ids of `config.disks`, the device tree's (id, pci_bdf) pairs).
+/// `vm.info`: (the ids of `config.disks`, the device tree's (device id, pci_bdf) pairs: the
+/// `pci_bdf` of a virtio device is on its parent node, the function `_virtio-pci-<id>`).
 fn disks_in_info(socket: &Path) -> (Vec<String>, Vec<(String, String)>) {
     let (status, body) = api(socket, "GET", "vm.info", "");
     assert_eq!(status, 200, "{body}");
@@ -107,7 +108,7 @@ fn disks_in_info(socket: &Path) -> (Vec<String>, Vec<(String, String)>) {
             tree.values()
                 .filter_map(|node| {
                     Some((
-                        node["id"].as_str()?.to_owned(),
+                        node["children"][0].as_str()?.to_owned(),
                         node["pci_bdf"].as_str()?.to_owned(),
                     ))
                 })

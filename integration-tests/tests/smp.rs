@@ -54,23 +54,47 @@ fn power_fail(vmm: &mut VmmProcess) -> String {
     vmm.serial_log()
 }
 
-/// Asserts that `after` continues `before` without a new boot: every vCPU's counter starts above
-/// its last value before and keeps growing.
+/// Progress lines awaited after a recovery or restore.
+const LINES_AFTER: usize = 4;
+
+/// Asserts that `after` continues `before` without a new boot: no vCPU's counter ever goes
+/// below its last value before or its value on the line above, and every one has grown by the
+/// last of `LINES_AFTER` lines.
+///
+/// Two things this host does are allowed, both seen at load averages of 15 to 25 with two
+/// vCPUs on two cores: the first line after a restore may show an AP's counter exactly where it
+/// was saved (the guest TSC cannot be restored here and jumps ahead, so the boot vCPU's 100 ms
+/// report is due at once and is printed before the AP's thread has run), and an AP may stand
+/// still between two 100 ms lines while the host starves its thread (the boot vCPU's own count
+/// over that window then drops to a fraction of its usual step too). A restarted vCPU counts
+/// from 0 and one that stopped never grows again: both still fail.
 fn assert_all_continue(before: &str, after: &str) {
     assert!(
-        !after.contains("smpcheck: boot"),
-        "the guest booted again:\n{after}"
+        !after.contains("smpcheck: boot") && !after.contains("FAIL"),
+        "the guest booted again or failed:\n{after}"
     );
-    let last_before = smp_counter_lines(before)
+    let mut last = smp_counter_lines(before)
         .pop()
         .expect("a progress line before");
-    let lines = assert_smp_counters_advance(after, VCPUS, 3);
-    for cpu in 0..VCPUS {
+    let lines = smp_counter_lines(after);
+    assert!(lines.len() >= LINES_AFTER, "{after}");
+    for line in &lines {
+        assert_eq!(line.len(), VCPUS, "a line for another vCPU count:\n{after}");
+        for cpu in 0..VCPUS {
+            assert!(
+                line[cpu] >= last[cpu],
+                "vCPU {cpu} restarted: {} then {}:\n{after}",
+                last[cpu],
+                line[cpu]
+            );
+        }
+        last.clone_from(line);
+    }
+    let (first, fourth) = (&lines[0], &lines[LINES_AFTER - 1]);
+    for (cpu, (start, end)) in first.iter().zip(fourth).enumerate() {
         assert!(
-            lines[0][cpu] > last_before[cpu],
-            "vCPU {cpu} restarted or stood still: {} before, {} after:\n{after}",
-            last_before[cpu],
-            lines[0][cpu]
+            end > start,
+            "vCPU {cpu} did not count over {LINES_AFTER} lines:\n{after}"
         );
     }
 }
@@ -115,7 +139,7 @@ fn the_boot_vcpu_starts_the_other_with_init_sipi_and_both_count_on_after_power_f
     let mut arguments = recover_arguments(&region);
     arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
     let mut vmm = spawn(dir.path(), "recover", &arguments);
-    let after = vmm.wait_serial("three smpcheck lines after recovery", has_lines(3));
+    let after = vmm.wait_serial("smpcheck lines after recovery", has_lines(LINES_AFTER));
     assert_all_continue(&before, &after);
 
     // Snapshot of the recovered VM, restored by a new VMM: both vCPUs run on again.
@@ -152,7 +176,7 @@ fn the_boot_vcpu_starts_the_other_with_init_sipi_and_both_count_on_after_power_f
         "vm.restore",
         &serde_json::json!({ "source_url": url, "resume": true }).to_string(),
     );
-    let after = vmm.wait_serial("three smpcheck lines after the restore", has_lines(3));
+    let after = vmm.wait_serial("smpcheck lines after the restore", has_lines(LINES_AFTER));
     assert_all_continue(&before, &after);
     api(&socket, "PUT", "vmm.shutdown", "");
     assert_eq!(vmm.wait_exit_code(), 0, "{}", vmm.stderr_log());

@@ -95,6 +95,9 @@ pub struct DeviceResources {
     pub irq: Option<u32>,
     /// Where a PCI device sits (`vm.info`'s `pci_bdf`) and its mapped BARs.
     pub pci: Option<(devices::pci::PciBdf, Vec<devices::pci::Bar>)>,
+    /// A virtio device on a virtio-pci function: `vm.info` lists the function as its parent
+    /// node `_virtio-pci-<id>` (holding `pci` and the BARs), as upstream does.
+    pub virtio_pci: bool,
 }
 
 /// A PCI device: its BDF and BARs, no interrupt line (MSI-X).
@@ -106,6 +109,7 @@ impl From<crate::pci_segment::PciDeviceInfo> for DeviceResources {
             mmio: None,
             irq: None,
             pci: Some((device.bdf, device.bars)),
+            virtio_pci: false,
         }
     }
 }
@@ -819,6 +823,7 @@ impl DeviceManager {
             mmio: None,
             irq: Some(devices::COM1_IRQ),
             pci: None,
+            virtio_pci: false,
         });
         let disks = self.disks.iter().filter_map(|disk| match disk.transport {
             DiskTransport::Mmio { base, gsi, .. } => Some(DeviceResources {
@@ -827,6 +832,7 @@ impl DeviceManager {
                 mmio: Some((base, VIRTIO_MMIO_SIZE)),
                 irq: Some(gsi),
                 pci: None,
+                virtio_pci: false,
             }),
             DiskTransport::Pci { .. } => None,
         });
@@ -837,10 +843,15 @@ impl DeviceManager {
                 mmio: Some((base, VIRTIO_MMIO_SIZE)),
                 irq: Some(gsi),
                 pci: None,
+                virtio_pci: false,
             }),
             DiskTransport::Pci { .. } => None,
         });
-        let pci = self.pci.devices().into_iter().map(DeviceResources::from);
+        // Every function on the segment is a virtio-pci transport.
+        let pci = self.pci.devices().into_iter().map(|info| DeviceResources {
+            virtio_pci: true,
+            ..DeviceResources::from(info)
+        });
         serial
             .into_iter()
             .chain(disks)

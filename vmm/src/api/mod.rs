@@ -497,44 +497,59 @@ pub struct VmInfoResponse {
 }
 
 impl VmInfoResponse {
-    /// `device_tree`: device id -> node, from the devices the VM really has.
+    /// `device_tree`: device id -> node, from the devices the VM really has. A virtio device on
+    /// a virtio-pci function is two nodes, as upstream lists them: the function
+    /// `_virtio-pci-<id>` with the BARs and `pci_bdf`, whose one child is the device `<id>`
+    /// (no resources, `pci_bdf` null).
     pub fn device_tree(
         devices: &[crate::device_manager::DeviceResources],
     ) -> std::collections::BTreeMap<String, DeviceNode> {
-        devices
-            .iter()
-            .map(|device| {
-                let pio = device.pio.and_then(|(base, size)| {
-                    Some(DeviceResource::PioAddressRange {
-                        base: u16::try_from(base).ok()?,
-                        size: u16::try_from(size).ok()?,
-                    })
-                });
-                let mmio = device
-                    .mmio
-                    .map(|(base, size)| DeviceResource::MmioAddressRange { base, size });
-                let bars = device
-                    .pci
-                    .iter()
-                    .flat_map(|(_, bars)| bars)
-                    .map(DeviceResource::pci_bar);
-                let resources = pio
-                    .into_iter()
-                    .chain(mmio)
-                    .chain(bars)
-                    .chain(device.irq.map(DeviceResource::LegacyIrq))
-                    .collect();
-                let node = DeviceNode {
-                    id: device.id.clone(),
-                    resources,
-                    children: Vec::new(),
-                    pci_bdf: device.pci.as_ref().map(|(bdf, _)| bdf.to_string()),
+        let mut tree = BTreeMap::new();
+        for device in devices {
+            let pio = device.pio.and_then(|(base, size)| {
+                Some(DeviceResource::PioAddressRange {
+                    base: u16::try_from(base).ok()?,
+                    size: u16::try_from(size).ok()?,
+                })
+            });
+            let mmio = device
+                .mmio
+                .map(|(base, size)| DeviceResource::MmioAddressRange { base, size });
+            let bars = device
+                .pci
+                .iter()
+                .flat_map(|(_, bars)| bars)
+                .map(DeviceResource::pci_bar);
+            let resources = pio
+                .into_iter()
+                .chain(mmio)
+                .chain(bars)
+                .chain(device.irq.map(DeviceResource::LegacyIrq))
+                .collect();
+            let mut node = DeviceNode {
+                id: device.id.clone(),
+                resources,
+                children: Vec::new(),
+                pci_bdf: device.pci.as_ref().map(|(bdf, _)| bdf.to_string()),
+            };
+            if device.virtio_pci {
+                let function = DeviceNode {
+                    id: format!("{VIRTIO_PCI_NODE_PREFIX}-{}", device.id),
+                    resources: std::mem::take(&mut node.resources),
+                    children: vec![device.id.clone()],
+                    pci_bdf: node.pci_bdf.take(),
                 };
-                (device.id.clone(), node)
-            })
-            .collect()
+                tree.insert(function.id.clone(), function);
+            }
+            tree.insert(device.id.clone(), node);
+        }
+        tree
     }
 }
+
+/// Upstream's id prefix of a virtio-pci function's node in `device_tree`
+/// (`_virtio-pci-_disk0` is the function of `_disk0`).
+pub const VIRTIO_PCI_NODE_PREFIX: &str = "_virtio-pci";
 
 /// Upstream's `DeviceNode`: one device of `vm.info`'s `device_tree`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

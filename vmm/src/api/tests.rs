@@ -1203,11 +1203,14 @@ fn socket_path_over_107_bytes_is_refused() {
     assert!(!long.exists());
 }
 
-/// `vm.info`'s `device_tree` node of a PCI device in upstream's wire form (facts pinned here:
-/// upstream v53 serialises its `DeviceNode` as `id`, `resources`, `children`, `pci_bdf`; a PCI
-/// BDF as the string `ssss:bb:dd.f` in lower-case hex; each BAR as the `Resource::PciBar`
-/// variant with `index`, `base`, `size`, `type_` (`Io`, `Mmio32`, `Mmio64`) and a boolean
-/// `prefetchable`), next to a legacy device's node.
+/// `vm.info`'s `device_tree` nodes of a virtio device on PCI in upstream's wire form (facts
+/// pinned here: upstream v53 serialises its `DeviceNode` as `id`, `resources`, `children`,
+/// `pci_bdf`; a virtio-pci device is two nodes, the function `_virtio-pci-<id>` holding the
+/// BARs and the `pci_bdf` with the device `<id>` as its one child, and the device itself with
+/// no resources and a null `pci_bdf`; a PCI BDF is the string `ssss:bb:dd.f` in lower-case hex;
+/// each BAR the `Resource::PciBar` variant with `index`, `base`, `size`, `type_` (`Io`,
+/// `Mmio32`, `Mmio64`) and a boolean `prefetchable`), next to a legacy device's node, and the
+/// exact bytes of the virtio-pci pair.
 #[test]
 fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
     use devices::pci::{Bar, BarKind, PciBdf};
@@ -1240,6 +1243,7 @@ fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
             mmio: None,
             irq: None,
             pci: Some((PciBdf::new(0x1f), bars)),
+            virtio_pci: true,
         },
         crate::device_manager::DeviceResources {
             id: "__serial".into(),
@@ -1247,14 +1251,15 @@ fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
             mmio: None,
             irq: Some(4),
             pci: None,
+            virtio_pci: false,
         },
     ];
     let tree = serde_json::to_value(VmInfoResponse::device_tree(&devices)).unwrap();
     assert_eq!(
         tree,
         json!({
-            "_disk0": {
-                "id": "_disk0",
+            "_virtio-pci-_disk0": {
+                "id": "_virtio-pci-_disk0",
                 "resources": [
                     {"PciBar": {"index": 0, "base": 4294967296_u64, "size": 524288,
                                 "type_": "Mmio64", "prefetchable": false}},
@@ -1263,8 +1268,14 @@ fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
                     {"PciBar": {"index": 3, "base": 4096, "size": 32,
                                 "type_": "Io", "prefetchable": false}}
                 ],
-                "children": [],
+                "children": ["_disk0"],
                 "pci_bdf": "0000:00:1f.0"
+            },
+            "_disk0": {
+                "id": "_disk0",
+                "resources": [],
+                "children": [],
+                "pci_bdf": null
             },
             "__serial": {
                 "id": "__serial",
@@ -1276,5 +1287,26 @@ fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
     );
     // And it reads back (upstream's clients deserialise the same form).
     let back: BTreeMap<String, DeviceNode> = serde_json::from_value(tree).unwrap();
-    assert_eq!(back["_disk0"].resources.len(), 3);
+    assert_eq!(back["_virtio-pci-_disk0"].resources.len(), 3);
+    // The bytes of the pair, in the order the map serialises them.
+    let pair: BTreeMap<&str, &DeviceNode> = back
+        .iter()
+        .filter(|(id, _)| id.ends_with("_disk0"))
+        .map(|(id, node)| (id.as_str(), node))
+        .collect();
+    let mut bar_only = pair.clone();
+    let function = DeviceNode {
+        resources: vec![back["_virtio-pci-_disk0"].resources[0].clone()],
+        ..back["_virtio-pci-_disk0"].clone()
+    };
+    bar_only.insert("_virtio-pci-_disk0", &function);
+    assert_eq!(
+        serde_json::to_string(&bar_only).unwrap(),
+        concat!(
+            r#"{"_disk0":{"id":"_disk0","resources":[],"children":[],"pci_bdf":null},"#,
+            r#""_virtio-pci-_disk0":{"id":"_virtio-pci-_disk0","resources":[{"PciBar":"#,
+            r#"{"index":0,"base":4294967296,"size":524288,"type_":"Mmio64","#,
+            r#""prefetchable":false}}],"children":["_disk0"],"pci_bdf":"0000:00:1f.0"}}"#
+        )
+    );
 }
