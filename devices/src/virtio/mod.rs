@@ -40,7 +40,9 @@ pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STA
 pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 pub use vhost_user::{
-    VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE, VHOST_USER_CONNECT_TIMEOUT,
+    VhostUserBlk, VhostUserBlkLink, VhostUserConnection, VhostUserMode, VhostUserNet,
+    VhostUserNetLink, VhostUserNetParams, VHOST_USER_BLK_MAX_QUEUE_SIZE,
+    VHOST_USER_CONNECT_TIMEOUT,
 };
 
 /// Device status bits (virtio 1.x, "Device Status Field").

@@ -95,11 +95,7 @@ impl Net {
         if params.queue_pairs > 1 {
             queue_sizes.push(params.queue_size);
         }
-        let mut config_space = [0u8; CONFIG_SPACE_LEN];
-        config_space[..6].copy_from_slice(&params.mac);
-        config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config_space[8..10].copy_from_slice(&(params.queue_pairs as u16).to_le_bytes());
-        config_space[10..12].copy_from_slice(&params.mtu.unwrap_or(0).to_le_bytes());
+        let config_space = net_config_space(params.mac, params.queue_pairs, params.mtu);
         Ok(Self {
             tap,
             params,
@@ -114,6 +110,21 @@ impl Net {
     pub fn tap_name(&self) -> &str {
         self.tap.name()
     }
+}
+
+/// `struct virtio_net_config` up to `mtu`: the MAC, the link up, the queue pairs, the MTU (0
+/// when none is offered). Shared with the vhost-user-net front-end.
+pub(crate) fn net_config_space(
+    mac: [u8; 6],
+    queue_pairs: usize,
+    mtu: Option<u16>,
+) -> [u8; CONFIG_SPACE_LEN] {
+    let mut config_space = [0u8; CONFIG_SPACE_LEN];
+    config_space[..6].copy_from_slice(&mac);
+    config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    config_space[8..10].copy_from_slice(&(queue_pairs as u16).to_le_bytes());
+    config_space[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+    config_space
 }
 
 /// The `TUN_F_*` offloads the host may use on packets to the guest, from the features it acked.
