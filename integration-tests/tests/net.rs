@@ -599,7 +599,7 @@ impl VhostUserNetkv {
             (vmm, backend, new_client(), new_client())
         });
         let load = LoadThread::start(client);
-        let mut netkv = VhostUserNetkv {
+        let netkv = VhostUserNetkv {
             netns,
             dir,
             region,
