@@ -434,6 +434,19 @@ fn a_hotplugged_vhost_user_disk_is_driven_and_survives_a_power_failure() {
     ]);
     let mut vmm = spawn(dir.path(), "boot", &arguments);
     wait_ready(&mut vmm, &socket);
+    // No backend at the socket: 500 naming it after the bounded wait, nothing plugged.
+    let absent = dir.path().join("absent.sock");
+    let body = format!(
+        "{{\"vhost_user\":true,\"vhost_socket\":\"{}\",\"id\":\"gone0\"}}",
+        absent.display()
+    );
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &body);
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer.contains(&absent.display().to_string()),
+        "the socket is not named: {answer}"
+    );
+    assert_disk_gone(&socket, "gone0");
     let answer = ch_remote(
         &socket,
         &[

@@ -724,3 +724,96 @@ fn netkv_over_vhost_user_net_in_server_mode_recovers_with_the_backend_reconnecti
     );
     netkv.finish();
 }
+
+/// `vm.info`'s `pci_bdf` of device `id`, and its entry in `config.net`.
+fn net_in_info(api: &Path, id: &str) -> (Option<String>, Option<serde_json::Value>) {
+    let (status, body) = integration_tests::api_client::request(api, "GET", "vm.info", "", TIMEOUT);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bdf = info["device_tree"].as_object().and_then(|tree| {
+        tree.values()
+            .find(|node| node["id"] == id)
+            .and_then(|node| node["pci_bdf"].as_str().map(str::to_owned))
+    });
+    let config = info["config"]["net"]
+        .as_array()
+        .and_then(|nets| nets.iter().find(|net| net["id"] == id).cloned());
+    (bdf, config)
+}
+
+/// Issue 17's hotplug for networks: `ch-remote add-net vhost_user=true,socket=` on a running NV
+/// VM connects to `nv-vhost-user-net` and plugs the function; the net device is in the config
+/// with its socket and comes back at its BDF after a power failure, the recovering VMM
+/// reconnecting to the same backend process.
+#[test]
+fn a_hotplugged_vhost_user_net_device_is_back_after_a_power_failure() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("vuhp");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
+    let socket = dir_path.join("net.sock");
+    let api = dir_path.join("api.sock");
+    let mut backend = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || start_vhost_user_net(&dir_path, &socket, false, "0"))
+    };
+    let kernel = test_guest("counter");
+    let arguments = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        "size=32M".into(),
+        "--api-socket".into(),
+        format!("path={}", api.display()),
+        "--nv".into(),
+        format!("region={},vm=netvm,create=on", region.display()),
+    ];
+    let mut vmm = spawn(&dir_path, "boot", &arguments);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    vmm.wait_serial("a counter line", has_counter_line);
+    let output = integration_tests::harness::run_ch_remote(
+        &api,
+        &[
+            "add-net",
+            &format!(
+                "vhost_user=true,socket={},mac={KV_GUEST_MAC},id=vnet0",
+                socket.display()
+            ),
+        ],
+    );
+    assert!(output.status.success(), "add-net: {output:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["id"], "vnet0", "{answer}");
+    let bdf = answer["bdf"].as_str().unwrap().to_owned();
+    let (listed, config) = net_in_info(&api, "vnet0");
+    assert_eq!(listed.as_deref(), Some(bdf.as_str()));
+    let config = config.expect("vnet0 in config.net");
+    assert_eq!(config["vhost_user"], true, "{config}");
+    assert_eq!(
+        config["vhost_socket"],
+        socket.display().to_string(),
+        "{config}"
+    );
+    let log = power_fail(&mut vmm);
+
+    let recover_api = dir_path.join("recovered.sock");
+    let recover = vec![
+        "--api-socket".into(),
+        format!("path={}", recover_api.display()),
+    ];
+    let mut vmm = spawn_recovery(&dir_path, &region, "recovered", recover);
+    vmm.wait_for_socket(&recover_api, TIMEOUT);
+    wait_continues(&mut vmm, &log);
+    let (listed, _) = net_in_info(&recover_api, "vnet0");
+    assert_eq!(listed.as_deref(), Some(bdf.as_str()), "not back at {bdf}");
+    let backend_log = backend.stderr_log();
+    assert!(
+        backend_log.contains("waiting for the next"),
+        "the backend did not see the first VMM go:\n{backend_log}"
+    );
+    vmm.kill();
+    backend.kill();
+}

@@ -1259,9 +1259,7 @@ fn connect_vhost_user_disk(disk: &crate::config::DiskConfig) -> Result<VhostUser
 
 /// The session with the vhost-user-net backend of `config` (`vhost_user=true,socket=`): the
 /// VMM connects to it (`vhost_mode=client`) or listens for it (`server`).
-fn connect_vhost_user_net(
-    config: &crate::config::NetConfig,
-) -> Result<VhostUserNetLink, Error> {
+fn connect_vhost_user_net(config: &crate::config::NetConfig) -> Result<VhostUserNetLink, Error> {
     let socket = config
         .vhost_socket
         .as_deref()

@@ -191,7 +191,11 @@ fn stream_once(
 ) -> Result<Vec<(usize, integration_tests::netkv_client::StreamResult)>> {
     let tag = format!(
         "h-net-{}-{run}",
-        if path == NetPath::VhostUser { "vu" } else { "tap" }
+        if path == NetPath::VhostUser {
+            "vu"
+        } else {
+            "tap"
+        }
     );
     let ram = bench.tmpfs.join(&format!("{tag}.ram"));
     let serial = bench.disk.join(&format!("{tag}.serial"));

@@ -1320,7 +1320,11 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
     let json = serde_json::to_value(&net).unwrap();
     assert_eq!(json["vhost_mode"], "Server");
     assert_eq!(json["vhost_socket"], "/run/net.sock");
-    for (word, stored) in [("client", "Client"), ("Client", "Client"), ("SERVER", "Server")] {
+    for (word, stored) in [
+        ("client", "Client"),
+        ("Client", "Client"),
+        ("SERVER", "Server"),
+    ] {
         let net = NetConfig::parse(&format!("vhost_user=true,socket=/s,vhost_mode={word}"));
         assert_eq!(net.unwrap().vhost_mode.as_deref(), Some(stored), "{word}");
     }
@@ -1331,12 +1335,18 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
     );
     let cases: [(&str, Option<&str>); 8] = [
         ("vhost_user=true,socket=/s", None),
-        ("vhost_user=on,socket=/s,vhost_mode=client,mac=02:00:00:00:00:01,id=vn0", None),
+        (
+            "vhost_user=on,socket=/s,vhost_mode=client,mac=02:00:00:00:00:01,id=vn0",
+            None,
+        ),
         ("vhost_user=true,socket=/s,queue_size=1024", None),
         ("vhost_user=true", Some("socket")),
         ("socket=/s", Some("socket")),
         ("vhost_user=true,socket=/s,tap=t0", Some("tap")),
-        ("vhost_user=true,socket=/s,transport=mmio", Some("transport")),
+        (
+            "vhost_user=true,socket=/s,transport=mmio",
+            Some("transport"),
+        ),
         ("vhost_user=true,socket=/s,num_queues=4", Some("num_queues")),
     ];
     for (option, refused) in cases {
@@ -1367,7 +1377,9 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
         "memory": {"size": 67108864},
         "net": [{"vhost_user": true, "vhost_socket": "/s", "vhost_mode": "client"}]
     });
-    let refused = serde_json::from_value::<VmConfig>(bad_mode).unwrap().validate();
+    let refused = serde_json::from_value::<VmConfig>(bad_mode)
+        .unwrap()
+        .validate();
     assert!(format!("{refused:?}").contains("vhost_mode"), "{refused:?}");
     let twice = command_line(VmOptionStrings {
         net: vec!["vhost_user=true,socket=/s", "vhost_user=true,socket=/s"],
