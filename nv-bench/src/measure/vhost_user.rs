@@ -20,7 +20,9 @@ use integration_tests::process::{Stdout, VmmProcess};
 use super::Bench;
 use crate::environment::{create_sparse_file, guest_image};
 use crate::error::{BenchError, Result};
+use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::output::CsvTable;
+use crate::running_vm::RunningVm;
 use crate::stats::median;
 
 const BLOCK_BYTES: u64 = 4096;
@@ -223,46 +225,29 @@ fn stream_once(
             )
         }
     };
-    let mut arguments = vec![
-        "--kernel".to_string(),
-        guest.display().to_string(),
-        "--cmdline".into(),
-        cmdline_with_tsc(
-            &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-            bench.tsc_khz,
-        ),
-        "--memory".into(),
-        "size=0".into(),
-        "--memory-zone".into(),
-        format!("id=mem0,size=64M,file={},shared=on", ram.display()),
-        "--net".into(),
-        net,
-        "--serial".into(),
-        format!("file={}", serial.display()),
-        "--console".into(),
-        "off".into(),
-    ];
-    arguments.extend(bench.vmm_arguments.iter().cloned());
-    let mut vmm = VmmProcess::start(
+    let launch = Launch::Boot {
+        guest: TestGuest {
+            image: guest.into(),
+            parameters: format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
+            ram_bytes: 64 << 20,
+            tsc_khz: bench.tsc_khz,
+            period_ms: 1000,
+            log_disk: None,
+        },
+        backing: MemoryBacking::SharedFile(ram.clone()),
+    };
+    let mut arguments = bench.vmm_arguments.clone();
+    arguments.extend(["--net".to_string(), net]);
+    let mut vm = RunningVm::start(
         &bench.binaries.cloud_hypervisor,
-        &arguments,
-        &[],
+        &launch,
+        &serial,
+        None,
         &bench.disk.join(&format!("{tag}.vmm")),
-        Stdout::Log,
-    )
-    .map_err(|e| BenchError::io("starting cloud-hypervisor", e))?;
+        &arguments,
+    )?;
     let result = (|| {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        loop {
-            let log = std::fs::read_to_string(&serial).unwrap_or_default();
-            if log.contains("netkv: ready") {
-                break;
-            }
-            if log.contains("FAIL") || Instant::now() >= deadline || vmm.try_wait().is_some() {
-                return Err(failed(&tag, &format!("{log}\n{}", vmm.stderr_tail(20))));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        vm.wait_for_lines("netkv: ready", 1, RUN_TIMEOUT)?;
         let mut client = KvClient::new(KV_GUEST, LoadConfig::default())
             .map_err(|e| command_failed("netkv client", e.to_string()))?;
         let mut results = Vec::new();
@@ -271,13 +256,16 @@ fn stream_once(
                 .stream_from_guest(count, payload)
                 .map_err(|e| command_failed("netkv stream", e.to_string()))?;
             if result.received == 0 {
-                return Err(command_failed("netkv stream", "no datagram arrived"));
+                return Err(command_failed(
+                    "netkv stream",
+                    format!("no datagram arrived on {}", path.label()),
+                ));
             }
             results.push((payload, result));
         }
         Ok(results)
     })();
-    vmm.kill();
+    drop(vm.kill());
     if let Some(mut backend) = backend {
         backend.kill();
     }
