@@ -9,8 +9,10 @@ use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::{vhost_error, VhostUserConnection, VhostUserMode, VhostUserRings};
-use crate::virtio::{read_config_space, ActivationContext, VirtioDevice};
+use super::{
+    vhost_error, vhost_user_device_methods, VhostUserConnection, VhostUserMode, VhostUserRings,
+};
+use crate::virtio::VirtioDevice;
 use crate::{Error, Result};
 
 /// Largest queue the front-end sets up (the split ring's limit).
@@ -124,41 +126,7 @@ impl VirtioDevice for VhostUserBlk {
         VIRTIO_ID_BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.link.queue_sizes
-    }
-
-    fn available_features(&self) -> u64 {
-        self.link.features
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.link.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            "vhost-user-blk {}: ignoring {}-byte configuration write at {offset:#x}",
-            self.link.socket().display(),
-            data.len()
-        );
-    }
-
-    fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        self.rings.activate(ctx)
-    }
-
-    fn reset(&mut self) {
-        self.rings.reset();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.rings.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.rings.resume()
-    }
+    vhost_user_device_methods!("vhost-user-blk");
 
     /// The backend makes writes durable: on the guest's FLUSH, and (ours) when a ring stops.
     fn flush_backend(&mut self) -> Result<()> {

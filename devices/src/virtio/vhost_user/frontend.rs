@@ -18,11 +18,56 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{accept, connect, vhost_error, Session, VHOST_USER_CONNECT_TIMEOUT};
+use super::{accept, connect, io_error, vhost_error, Session, VHOST_USER_CONNECT_TIMEOUT};
 use crate::virtio::io_thread::{IoThread, QueueWorker};
 use crate::virtio::transport::lock_queue;
 use crate::virtio::{ActivationContext, VirtioInterrupt};
 use crate::{Error, Result};
+
+/// The `VirtioDevice` methods every vhost-user device has alike: a `link` with `queue_sizes`,
+/// `features`, `config_space` and `socket()` (whose configuration space is read-only to the
+/// driver), and `rings` ([`VhostUserRings`]) that activation, reset, pause and resume go to.
+macro_rules! vhost_user_device_methods {
+    ($kind:literal) => {
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.link.queue_sizes
+        }
+
+        fn available_features(&self) -> u64 {
+            self.link.features
+        }
+
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            $crate::virtio::read_config_space(&self.link.config_space, offset, data);
+        }
+
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            log::warn!(
+                "{} {}: ignoring {}-byte write to read-only config at {offset:#x}",
+                $kind,
+                self.link.socket().display(),
+                data.len()
+            );
+        }
+
+        fn activate(&mut self, ctx: $crate::virtio::ActivationContext) -> $crate::Result<()> {
+            self.rings.activate(ctx)
+        }
+
+        fn reset(&mut self) {
+            self.rings.reset();
+        }
+
+        fn pause(&mut self) -> $crate::Result<()> {
+            self.rings.pause()
+        }
+
+        fn resume(&mut self) -> $crate::Result<()> {
+            self.rings.resume()
+        }
+    };
+}
+pub(crate) use vhost_user_device_methods;
 
 /// Which side of the socket the VMM is (upstream's `vhost_mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,15 +145,7 @@ impl VhostUserConnection {
 /// Binds the server-mode socket at `socket`, non-blocking. A socket file left there by an
 /// earlier VMM (one that lost power) is replaced; any other file is an error.
 fn listen(socket: &Path) -> Result<UnixListener> {
-    let io_error = |what: &str| {
-        let socket = socket.to_owned();
-        let what = what.to_owned();
-        move |source| Error::VhostUserIo {
-            socket,
-            what,
-            source,
-        }
-    };
+    let io_error = |what: &str| io_error(socket, what);
     if let Ok(metadata) = std::fs::symlink_metadata(socket) {
         if !metadata.file_type().is_socket() {
             return Err(io_error("cannot listen: the path is a file, not a socket")(

@@ -27,7 +27,7 @@ use vhost::VhostBackend;
 use crate::{Error, Result};
 
 pub use blk::{VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE};
-pub(crate) use frontend::VhostUserRings;
+pub(crate) use frontend::{vhost_user_device_methods, VhostUserRings};
 pub use frontend::{VhostUserConnection, VhostUserMode};
 pub use net::{VhostUserNet, VhostUserNetLink, VhostUserNetParams};
 
@@ -174,15 +174,7 @@ pub(crate) fn accept(listener: &UnixListener, socket: &Path, timeout: Duration) 
 /// Opens the session on a connected `stream`: SET_OWNER, GET_FEATURES and the protocol
 /// features, every reply bounded by [`REPLY_TIMEOUT`].
 fn open_session(socket: &Path, stream: UnixStream) -> Result<Session> {
-    let io_error = |what: &str| {
-        let socket = socket.to_owned();
-        let what = what.to_owned();
-        move |source| Error::VhostUserIo {
-            socket,
-            what,
-            source,
-        }
-    };
+    let io_error = |what: &str| io_error(socket, what);
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io_error("cannot set the reply timeout"))?;
@@ -216,6 +208,17 @@ fn open_session(socket: &Path, stream: UnixStream) -> Result<Session> {
         backend_features,
         protocol_features,
     })
+}
+
+/// Maps a failed socket operation `what` to the socket's error.
+pub(crate) fn io_error(socket: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let socket: PathBuf = socket.to_owned();
+    let what = what.to_owned();
+    move |source| Error::VhostUserIo {
+        socket,
+        what,
+        source,
+    }
 }
 
 /// Maps a failed request `what` to the socket's error.

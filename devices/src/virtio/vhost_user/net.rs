@@ -12,9 +12,9 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::{VhostUserConnection, VhostUserMode, VhostUserRings};
+use super::{vhost_user_device_methods, VhostUserConnection, VhostUserMode, VhostUserRings};
 use crate::virtio::net::net_config_space;
-use crate::virtio::{read_config_space, ActivationContext, VirtioDevice};
+use crate::virtio::VirtioDevice;
 use crate::{Error, Result};
 
 /// What the guest sees of a vhost-user-net device and how the backend is reached.
@@ -131,41 +131,7 @@ impl VirtioDevice for VhostUserNet {
         VIRTIO_ID_NET
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.link.queue_sizes
-    }
-
-    fn available_features(&self) -> u64 {
-        self.link.features
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.link.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
-            "vhost-user-net {}: ignoring {}-byte write to read-only config at {offset:#x}",
-            self.link.socket().display(),
-            data.len()
-        );
-    }
-
-    fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        self.rings.activate(ctx)
-    }
-
-    fn reset(&mut self) {
-        self.rings.reset();
-    }
-
-    fn pause(&mut self) -> Result<()> {
-        self.rings.pause()
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        self.rings.resume()
-    }
+    vhost_user_device_methods!("vhost-user-net");
 
     /// A network keeps nothing to make durable.
     fn flush_backend(&mut self) -> Result<()> {
