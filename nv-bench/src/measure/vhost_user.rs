@@ -250,6 +250,18 @@ fn stream_once(
         vm.wait_for_lines("netkv: ready", 1, RUN_TIMEOUT)?;
         let mut client = KvClient::new(KV_GUEST, LoadConfig::default())
             .map_err(|e| command_failed("netkv client", e.to_string()))?;
+        // One answered PUT first (retried): the host has the guest's MAC and the device runs
+        // before the stream's single request is sent.
+        client.send_put(1);
+        client
+            .drain(Duration::from_secs(30))
+            .map_err(|e| command_failed("netkv PUT", e.to_string()))?;
+        if client.unanswered() != 0 {
+            return Err(command_failed(
+                "netkv PUT",
+                format!("no answer on {}", path.label()),
+            ));
+        }
         let mut results = Vec::new();
         for payload in STREAM_PAYLOADS {
             let result = client
