@@ -497,6 +497,20 @@ mod tests {
         );
     }
 
+    /// `ch-remote add-net vhost_user=true,socket=..,vhost_mode=server` is the `vm.add-net` body
+    /// upstream's ch-remote sends.
+    #[test]
+    fn vhost_user_net_becomes_upstreams_body() {
+        assert_eq!(
+            parsed(
+                &NET,
+                "vhost_user=true,socket=/run/net.sock,vhost_mode=server,mac=02:00:00:00:00:07"
+            ),
+            json!({"vhost_user": true, "vhost_socket": "/run/net.sock", "vhost_mode": "Server",
+                   "mac": "02:00:00:00:00:07"})
+        );
+    }
+
     #[test]
     fn net_validates_addresses() {
         assert_eq!(

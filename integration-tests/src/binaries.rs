@@ -21,6 +21,11 @@ pub fn nv_vhost_user_blk() -> PathBuf {
     given_or_built("NV_VHOST_USER_BLK_BIN", "nv-vhost-user-blk")
 }
 
+/// `nv-vhost-user-net` (our vhost-user-net backend), or what `NV_VHOST_USER_NET_BIN` names.
+pub fn nv_vhost_user_net() -> PathBuf {
+    given_or_built("NV_VHOST_USER_NET_BIN", "nv-vhost-user-net")
+}
+
 /// `ch-remote`, or what `CH_REMOTE_BIN` names.
 pub fn ch_remote() -> PathBuf {
     given_or_built("CH_REMOTE_BIN", "ch-remote")
@@ -49,6 +54,8 @@ fn built_profile_dir() -> &'static Path {
             "ch-remote",
             "-p",
             "nv-vhost-user-blk",
+            "-p",
+            "nv-vhost-user-net",
             "--features",
             "cloud-hypervisor/fault-injection",
         ]);
@@ -58,8 +65,8 @@ fn built_profile_dir() -> &'static Path {
         let status = build.status().expect("running cargo build");
         assert!(
             status.success(),
-            "cargo build -p cloud-hypervisor -p ch-remote -p nv-vhost-user-blk --features \
-             cloud-hypervisor/fault-injection failed"
+            "cargo build -p cloud-hypervisor -p ch-remote -p nv-vhost-user-blk -p \
+             nv-vhost-user-net --features cloud-hypervisor/fault-injection failed"
         );
         cargo_target_dir().join(if release { "release" } else { "debug" })
     })

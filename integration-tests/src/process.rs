@@ -257,6 +257,27 @@ impl VmmProcess {
         }
     }
 
+    /// Waits until the file `socket` exists (a backend that created its socket), without
+    /// connecting to it: a vhost-user backend serves one front-end at a time.
+    pub fn wait_for_socket_file(&mut self, socket: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !socket.exists() {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "the process ended ({status}) before creating {}:\n{}",
+                    socket.display(),
+                    self.stderr_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no socket {} within {timeout:?}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The exit status once the process ends within `timeout`; `None` if it still runs then
     /// (it keeps running). A zero `timeout` only looks.
     pub fn exit_within(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
-use integration_tests::process::VmmProcess;
+use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 /// Generous bound for a guest line or a VMM exit (boot is ring-0 emulated here).
@@ -398,4 +398,110 @@ fn bad_hotplug_requests_get_upstreams_statuses() {
         "{output:?}"
     );
     vmm.kill();
+}
+
+/// Issue 17's hotplug: `ch-remote add-disk vhost_user=on,socket=` puts a vhost-user-blk disk
+/// served by our `nv-vhost-user-blk` into a running NV VM; the guest finds and drives it (its
+/// probe sector reaches the backend's image), the disk is in the config with its socket, and
+/// after a power failure with the backend restarted the recovered VM has it back at its BDF and
+/// goes on driving it.
+#[test]
+fn a_hotplugged_vhost_user_disk_is_driven_and_survives_a_power_failure() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let image = disk_image(dir.path(), "hot.raw");
+    let blk_socket = dir.path().join("blk.sock");
+    let start_backend = |label: &str| {
+        let binary = integration_tests::binaries::nv_vhost_user_blk();
+        let arguments = [
+            "--socket".to_string(),
+            blk_socket.display().to_string(),
+            "--file".to_string(),
+            image.display().to_string(),
+        ];
+        let log = dir.path().join(format!("backend-{label}.log"));
+        let mut backend = VmmProcess::start(&binary, &arguments, &[], &log, Stdout::Log)
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        backend.wait_for_socket_file(&blk_socket, TIMEOUT);
+        backend
+    };
+    let mut backend = start_backend("0");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=hp,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    wait_ready(&mut vmm, &socket);
+    // No backend at the socket: 500 naming it after the bounded wait, nothing plugged.
+    let absent = dir.path().join("absent.sock");
+    let body = format!(
+        "{{\"vhost_user\":true,\"vhost_socket\":\"{}\",\"id\":\"gone0\"}}",
+        absent.display()
+    );
+    let (status, answer) = api(&socket, "PUT", "vm.add-disk", &body);
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer.contains(&absent.display().to_string()),
+        "the socket is not named: {answer}"
+    );
+    assert_disk_gone(&socket, "gone0");
+    let answer = ch_remote(
+        &socket,
+        &[
+            "add-disk",
+            &format!("vhost_user=on,socket={},id=vhot0", blk_socket.display()),
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], "vhot0", "{answer}");
+    let bdf = info["bdf"].as_str().unwrap();
+    let device = u8::from_str_radix(&bdf[8..10], 16).unwrap();
+    wait_disk_in_use(&mut vmm, device, 2);
+    assert_probe_sector_written(&image);
+    assert_disk_listed(&socket, "vhot0", device);
+    let (_, body) = api(&socket, "GET", "vm.info", "");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let disk = info["config"]["disks"]
+        .as_array()
+        .and_then(|disks| disks.iter().find(|disk| disk["id"] == "vhot0"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(disk["vhost_user"], true, "{disk}");
+    assert_eq!(
+        disk["vhost_socket"],
+        blk_socket.display().to_string(),
+        "{disk}"
+    );
+
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+    let last = *rounds(&vmm.serial_log()).last().unwrap();
+    backend.kill();
+    let mut backend = start_backend("1");
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm=hp,recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = spawn(dir.path(), "recovered", &recover);
+    recovered.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = recovered.wait_serial("rounds after the recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}\n{}",
+        recovered.stderr_tail(20)
+    );
+    assert!(
+        rounds(&log)[0] > last,
+        "rounds restarted after {last}:\n{log}"
+    );
+    assert_disk_listed(&recover_socket, "vhot0", device);
+    recovered.kill();
+    backend.kill();
 }

@@ -18,7 +18,7 @@ use integration_tests::netns::{
     inheritable_tap, Netns, BASELINE_HOST, BASELINE_SENDER, BASELINE_SENDER_MAC, BASELINE_TAP,
     BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
 };
-use integration_tests::process::VmmProcess;
+use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -511,4 +511,309 @@ fn netkv_keeps_every_acknowledged_put_across_snapshot_and_restore() {
     let after = vmm.serial_log().replace(&before, "");
     assert_every_acknowledged_put_kept(client, &[before, after]);
     vmm.kill();
+}
+
+/// Issue 17 for networks: our `nv-vhost-user-net` bridging the namespace's tap, started in the
+/// namespace; with `connect` it connects to the VMM's socket (`vhost_mode=server`) instead of
+/// listening (then nothing is waited for here).
+fn start_vhost_user_net(dir: &Path, socket: &Path, connect: bool, label: &str) -> VmmProcess {
+    let mut arguments = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--tap".to_string(),
+        KV_TAP.to_string(),
+    ];
+    if connect {
+        arguments.push("--client".into());
+    } else {
+        let _ = std::fs::remove_file(socket);
+    }
+    let binary = integration_tests::binaries::nv_vhost_user_net();
+    let log = dir.join(format!("backend-{label}.log"));
+    let mut process = VmmProcess::start(&binary, &arguments, &[], &log, Stdout::Log)
+        .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+    if !connect {
+        process.wait_for_socket_file(socket, TIMEOUT);
+    }
+    process
+}
+
+/// The netkv guest on a vhost-user-net device whose backend is at `socket`.
+fn netkv_vhost_user_arguments(region: &Path, socket: &Path, mode: &str) -> Vec<String> {
+    let mut arguments = guest_arguments(
+        "netkv",
+        &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
+        "64M",
+    );
+    arguments.push("--net".into());
+    arguments.push(format!(
+        "vhost_user=true,socket={},vhost_mode={mode},mac={KV_GUEST_MAC}",
+        socket.display()
+    ));
+    arguments.push("--nv".into());
+    arguments.push(format!("region={},vm=netvm,create=on", region.display()));
+    arguments
+}
+
+/// The netkv VM on vhost-user-net under a client's load, in a new namespace: the VMM, the
+/// backend, the load and the probe.
+struct VhostUserNetkv {
+    netns: Netns,
+    dir: tempfile::TempDir,
+    region: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    vmm: VmmProcess,
+    backend: VmmProcess,
+    load: LoadThread,
+    probe: KvClient,
+    serial_logs: Vec<String>,
+}
+
+impl VhostUserNetkv {
+    /// Boots it (`server`: the VMM listens and the backend connects) and waits for 2000
+    /// answers.
+    fn start(label: &str, server: bool) -> Self {
+        let netns = Netns::new(label);
+        netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+        let dir = scratch_dir();
+        let region = dir.path().join("region");
+        let socket = dir.path().join("net.sock");
+        let (dir_path, region_path, socket_path) =
+            (dir.path().to_path_buf(), region.clone(), socket.clone());
+        let (vmm, backend, client, probe) = netns.run(move || {
+            let mode = if server { "server" } else { "client" };
+            let arguments = netkv_vhost_user_arguments(&region_path, &socket_path, mode);
+            let (mut vmm, backend) = if server {
+                // The VMM creates the socket and waits for the backend.
+                let vmm = spawn(&dir_path, "boot", &arguments);
+                let backend = start_vhost_user_net(&dir_path, &socket_path, true, "0");
+                (vmm, backend)
+            } else {
+                let backend = start_vhost_user_net(&dir_path, &socket_path, false, "0");
+                (spawn(&dir_path, "boot", &arguments), backend)
+            };
+            let log = vmm.wait_serial("netkv ready", netkv_ready);
+            assert!(!log.contains("FAIL"), "{log}");
+            let new_client =
+                || KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+            (vmm, backend, new_client(), new_client())
+        });
+        let load = LoadThread::start(client);
+        let netkv = VhostUserNetkv {
+            netns,
+            dir,
+            region,
+            socket,
+            vmm,
+            backend,
+            load,
+            probe,
+            serial_logs: Vec::new(),
+        };
+        netkv.wait_answers("before the first power failure");
+        netkv
+    }
+
+    fn wait_answers(&self, what: &str) {
+        assert!(
+            self.load.wait_answers(2000, KV_WAIT),
+            "{what}: no 2000 answers within {KV_WAIT:?}:\n{}",
+            self.vmm.stderr_tail(20)
+        );
+    }
+
+    /// Power-fails the VM under load and sends the probe PUT while no VMM runs.
+    fn power_fail(&mut self) {
+        let log = power_fail(&mut self.vmm);
+        self.serial_logs.push(log);
+        self.probe.send_put(PROBE_KEY);
+    }
+
+    /// Starts a recovery in place from the stored config (which names the socket).
+    fn spawn_recovery(&self, label: &str) -> VmmProcess {
+        let (dir_path, region) = (self.dir.path().to_path_buf(), self.region.clone());
+        let label = label.to_owned();
+        self.netns
+            .run(move || spawn_recovery(&dir_path, &region, &label, Vec::new()))
+    }
+
+    /// Restarts the backend (a new process that knows nothing of the rings).
+    fn restart_backend(&mut self, label: &str, connect: bool) {
+        self.backend.kill();
+        let (dir_path, socket) = (self.dir.path().to_path_buf(), self.socket.clone());
+        let label = label.to_owned();
+        self.backend = self
+            .netns
+            .run(move || start_vhost_user_net(&dir_path, &socket, connect, &label));
+    }
+
+    /// The recovered VM answers the load and the probe (the `round`th PUT of its key).
+    fn recovered(&mut self, vmm: VmmProcess, round: u64) {
+        self.vmm = vmm;
+        self.wait_answers(&format!("after recovery {round}"));
+        assert_probe_answered(&mut self.probe, round, &format!("power failure {round}"));
+    }
+
+    /// Every acknowledged PUT kept, one boot, no seccomp trap, no backend panic.
+    fn finish(mut self) {
+        self.serial_logs.push(self.vmm.serial_log());
+        let client = self.load.stop().unwrap_or_else(|e| panic!("{e}"));
+        assert_every_acknowledged_put_kept(client, &self.serial_logs);
+        let stderr =
+            self.vmm
+                .signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
+        assert!(
+            !stderr.contains("seccomp: forbidden system call"),
+            "seccomp trap:\n{stderr}"
+        );
+        let backend_log = self.backend.stderr_log();
+        assert!(!backend_log.contains("panicked"), "{backend_log}");
+        self.backend.kill();
+    }
+}
+
+/// Issue 17's proof for networks: netkv on `--net vhost_user=true` (the VMM connects to our
+/// `nv-vhost-user-net`) is power-failed under a client's load and recovered in place twice:
+/// once with the backend restarted (the recovery sends it the memory table and the saved ring
+/// positions), once with the backend gone at recovery (a clear error naming the socket, exit
+/// 1, the VM not run) and then back. Every acknowledged PUT is kept, the probe PUT sent while
+/// no VMM ran is answered each time, the guest never boots again.
+#[test]
+fn netkv_over_vhost_user_net_survives_power_failures_and_a_backend_restart() {
+    integration_tests::require_kvm!();
+    let mut netkv = VhostUserNetkv::start("vu", false);
+    let socket = netkv.socket.display().to_string();
+
+    netkv.power_fail();
+    netkv.restart_backend("1", false);
+    let vmm = netkv.spawn_recovery("recover-1");
+    netkv.recovered(vmm, 1);
+
+    netkv.power_fail();
+    netkv.backend.kill();
+    let _ = std::fs::remove_file(&netkv.socket);
+    let started = Instant::now();
+    let mut absent = netkv.spawn_recovery("absent");
+    let stderr = absent.expect_exit(1, "recovery without its backend");
+    assert!(
+        stderr.contains(&socket) && stderr.contains("cannot connect"),
+        "no error naming the socket:\n{stderr}"
+    );
+    assert!(started.elapsed() < KV_WAIT, "the retry is not bounded");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    netkv.restart_backend("2", false);
+    let vmm = netkv.spawn_recovery("recover-2");
+    netkv.recovered(vmm, 2);
+    netkv.finish();
+}
+
+/// `vhost_mode=server`: the VMM creates the socket and the backend connects to it. After a
+/// power failure the recovering VMM listens again and the same backend process, which saw its
+/// front-end go and kept retrying, connects; the guest continues with nothing lost.
+#[test]
+fn netkv_over_vhost_user_net_in_server_mode_recovers_with_the_backend_reconnecting() {
+    integration_tests::require_kvm!();
+    let mut netkv = VhostUserNetkv::start("vusrv", true);
+    netkv.power_fail();
+    let vmm = netkv.spawn_recovery("recover-1");
+    netkv.recovered(vmm, 1);
+    let backend_log = netkv.backend.stderr_log();
+    assert!(
+        backend_log.matches("connected to").count() >= 2,
+        "the backend did not reconnect:\n{backend_log}"
+    );
+    netkv.finish();
+}
+
+/// `vm.info`'s `pci_bdf` of device `id`, and its entry in `config.net`.
+fn net_in_info(api: &Path, id: &str) -> (Option<String>, Option<serde_json::Value>) {
+    let (status, body) = integration_tests::api_client::request(api, "GET", "vm.info", "", TIMEOUT);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bdf = info["device_tree"].as_object().and_then(|tree| {
+        tree.values()
+            .find(|node| node["id"] == id)
+            .and_then(|node| node["pci_bdf"].as_str().map(str::to_owned))
+    });
+    let config = info["config"]["net"]
+        .as_array()
+        .and_then(|nets| nets.iter().find(|net| net["id"] == id).cloned());
+    (bdf, config)
+}
+
+/// Issue 17's hotplug for networks: `ch-remote add-net vhost_user=true,socket=` on a running NV
+/// VM connects to `nv-vhost-user-net` and plugs the function; the net device is in the config
+/// with its socket and comes back at its BDF after a power failure, the recovering VMM
+/// reconnecting to the same backend process.
+#[test]
+fn a_hotplugged_vhost_user_net_device_is_back_after_a_power_failure() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("vuhp");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
+    let socket = dir_path.join("net.sock");
+    let api = dir_path.join("api.sock");
+    let mut backend = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || start_vhost_user_net(&dir_path, &socket, false, "0"))
+    };
+    let kernel = test_guest("counter");
+    let arguments = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        "size=32M".into(),
+        "--api-socket".into(),
+        format!("path={}", api.display()),
+        "--nv".into(),
+        format!("region={},vm=netvm,create=on", region.display()),
+    ];
+    let mut vmm = spawn(&dir_path, "boot", &arguments);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    vmm.wait_serial("a counter line", has_counter_line);
+    let output = integration_tests::harness::run_ch_remote(
+        &api,
+        &[
+            "add-net",
+            &format!(
+                "vhost_user=true,socket={},mac={KV_GUEST_MAC},id=vnet0",
+                socket.display()
+            ),
+        ],
+    );
+    assert!(output.status.success(), "add-net: {output:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["id"], "vnet0", "{answer}");
+    let bdf = answer["bdf"].as_str().unwrap().to_owned();
+    let (listed, config) = net_in_info(&api, "vnet0");
+    assert_eq!(listed.as_deref(), Some(bdf.as_str()));
+    let config = config.expect("vnet0 in config.net");
+    assert_eq!(config["vhost_user"], true, "{config}");
+    assert_eq!(
+        config["vhost_socket"],
+        socket.display().to_string(),
+        "{config}"
+    );
+    let log = power_fail(&mut vmm);
+
+    let recover_api = dir_path.join("recovered.sock");
+    let recover = vec![
+        "--api-socket".into(),
+        format!("path={}", recover_api.display()),
+    ];
+    let mut vmm = spawn_recovery(&dir_path, &region, "recovered", recover);
+    vmm.wait_for_socket(&recover_api, TIMEOUT);
+    wait_continues(&mut vmm, &log);
+    let (listed, _) = net_in_info(&recover_api, "vnet0");
+    assert_eq!(listed.as_deref(), Some(bdf.as_str()), "not back at {bdf}");
+    let backend_log = backend.stderr_log();
+    assert!(
+        backend_log.contains("waiting for the next"),
+        "the backend did not see the first VMM go:\n{backend_log}"
+    );
+    vmm.kill();
+    backend.kill();
 }

@@ -89,23 +89,7 @@ impl Disk {
         self.starts += 1;
         let mut process = VmmProcess::start(&binary, &arguments, &[], &log, Stdout::Log)
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        // Waits for the socket file, without connecting: a backend serves one front-end.
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.socket.exists() {
-            if let Some(status) = process.try_wait() {
-                panic!(
-                    "{} ended ({status}):\n{}",
-                    binary.display(),
-                    process.stderr_log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket from {}",
-                binary.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        process.wait_for_socket_file(&self.socket, TIMEOUT);
         self.process = Some(process);
     }
 

@@ -17,6 +17,8 @@ pub struct Binaries {
     pub nv_floor: PathBuf,
     /// Our vhost-user-blk backend (H), always this workspace's.
     pub nv_vhost_user_blk: PathBuf,
+    /// Our vhost-user-net backend (H, network), always this workspace's.
+    pub nv_vhost_user_net: PathBuf,
 }
 
 impl Binaries {
@@ -55,6 +57,7 @@ impl Binaries {
             // Building the package builds its helper binary with it.
             nv_floor: build("nv-bench", None)?.with_file_name("nv-floor"),
             nv_vhost_user_blk: build("nv-vhost-user-blk", None)?,
+            nv_vhost_user_net: build("nv-vhost-user-net", None)?,
         })
     }
 }

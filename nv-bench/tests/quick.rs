@@ -198,6 +198,20 @@ fn quick_run_produces_every_measurement() {
         stdout.contains("ratio vhost-user/in-process"),
         "no H ratio:\n{stdout}"
     );
+    // H net: both paths stream both payloads once, every row received datagrams, a ratio each.
+    let vhost_user_net = csv_rows(out.path(), "h_vhost_user_net.csv");
+    assert_eq!(vhost_user_net.len(), 4, "{stdout}");
+    for row in &vhost_user_net {
+        assert!(
+            row[4].parse::<u64>().is_ok_and(|received| received > 0),
+            "{row:?}"
+        );
+    }
+    let net_ratios = stdout
+        .lines()
+        .filter(|line| line.contains("H net: ") && line.contains("ratio vhost-user/in-process"))
+        .count();
+    assert_eq!(net_ratios, 2, "no H net ratio per payload:\n{stdout}");
     // I: the netkv database VM's outage for each method (a row means the client resumed, read
     // every acknowledged PUT back and saw no violation), the replay replayed PUTs, and ratios.
     let outages = csv_rows(out.path(), "i_net_outage.csv");

@@ -15,15 +15,14 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::Parser;
 use devices::virtio::{Block, VirtioDevice};
-use log::{error, info};
+use log::info;
+use nv_vhost_user_blk::{init_logging, new_exit_event, serve_sessions, SocketSide};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "A vhost-user-blk backend over a raw image file")]
@@ -107,13 +106,7 @@ impl VhostUserBackend for BlkBackend {
     /// A new pair for each session's worker thread: the daemon ends the thread through it when
     /// the front-end goes, so the next session starts clean.
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!("cannot create the worker's exit event: {e}");
-                None
-            }
-        }
+        new_exit_event()
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -147,7 +140,7 @@ impl VhostUserBackend for BlkBackend {
 }
 
 fn main() -> anyhow::Result<()> {
-    log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Info))?;
+    init_logging("nv-vhost-user-blk")?;
     let args = Args::parse();
     let block = Block::open(&args.file, args.readonly)
         .with_context(|| format!("cannot open the image {}", args.file.display()))?;
@@ -162,35 +155,10 @@ fn main() -> anyhow::Result<()> {
         block: Mutex::new(block),
         mem: Mutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
     });
-    loop {
-        let mut daemon = VhostUserDaemon::new(
-            "nv-vhost-user-blk".to_string(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("cannot start the vhost-user daemon: {e:?}"))?;
-        match daemon.serve(&args.socket) {
-            Ok(()) => info!("front-end disconnected; listening again"),
-            Err(e) => error!("front-end session ended: {e:?}; listening again"),
-        }
-    }
-}
-
-/// Log lines to stderr, one per record.
-struct StderrLogger;
-
-static LOGGER: StderrLogger = StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::Level::Info
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!("nv-vhost-user-blk: {}: {}", record.level(), record.args());
-        }
-    }
-
-    fn flush(&self) {}
+    serve_sessions(
+        "nv-vhost-user-blk",
+        backend,
+        &SocketSide::Listen(args.socket),
+        |_| Ok(()),
+    )
 }

@@ -27,8 +27,9 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VirtioDevice,
-    VirtioPciDevice, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VhostUserNetLink,
+    VhostUserNetParams, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
+    VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -180,14 +181,21 @@ impl DiskTransport {
     }
 }
 
-/// One virtio-net device and the tap behind it.
+/// One virtio-net device and what is behind it.
 struct VirtioNetSlot {
     transport: DiskTransport,
     /// `id=`, or upstream's default `_net<N>`.
     id: String,
-    /// Shared with the device: a restore rebuilds the device on the same descriptors.
-    tap: Arc<Tap>,
+    backend: NetBackend,
     config: crate::config::NetConfig,
+}
+
+/// What a virtio-net device's packets go through; shared with the device, so a restore
+/// rebuilds the device on the same tap descriptors or the same backend session.
+enum NetBackend {
+    Tap(Arc<Tap>),
+    /// `vhost_user=true`: a backend process serves the queues.
+    VhostUser(VhostUserNetLink),
 }
 
 /// Version of [`NetState`].
@@ -558,8 +566,7 @@ impl DeviceManager {
             .clone()
             .unwrap_or_else(|| format!("_disk{}", self.disks.len()));
         let what = format!("vhost-user disk {}", socket.display());
-        let link = VhostUserBlkLink::connect(&socket, disk.num_queues, disk.queue_size)
-            .map_err(|e| Error::device(what.clone(), e))?;
+        let link = connect_vhost_user_disk(disk)?;
         let (function, bdf, msi) =
             self.add_pci_virtio(&id, &what, Box::new(link.device()), &self.thread_start)?;
         log::info!("{what} on virtio-pci at {bdf}");
@@ -663,6 +670,20 @@ impl DeviceManager {
             .id
             .clone()
             .unwrap_or_else(|| format!("_net{}", self.nets.len()));
+        if config.vhost_user {
+            let link = connect_vhost_user_net(config)?;
+            let what = format!("vhost-user net {id} ({})", link.socket().display());
+            let (device, bdf, msi) =
+                self.add_pci_virtio(&id, &what, Box::new(link.device()), &self.thread_start)?;
+            log::info!("{what} on virtio-pci at {bdf}");
+            self.nets.push(VirtioNetSlot {
+                transport: DiskTransport::Pci { device, bdf, msi },
+                id,
+                backend: NetBackend::VhostUser(link),
+                config: config.clone(),
+            });
+            return Ok(());
+        }
         let tap = Arc::new(open_tap(config)?);
         let what = format!("net {id} (tap {})", tap.name());
         let net = new_net(&tap, config)?;
@@ -681,7 +702,7 @@ impl DeviceManager {
         self.nets.push(VirtioNetSlot {
             transport,
             id,
-            tap,
+            backend: NetBackend::Tap(tap),
             config: config.clone(),
         });
         Ok(())
@@ -1084,14 +1105,20 @@ impl DeviceManager {
                 net.config.mac.as_deref().unwrap_or_default()
             );
         }
-        let device = Box::new(new_net(&net.tap, &net.config)?);
+        let device: Box<dyn VirtioDevice> = match &net.backend {
+            NetBackend::Tap(tap) => Box::new(new_net(tap, &net.config)?),
+            NetBackend::VhostUser(link) => Box::new(link.device()),
+        };
         self.restore_transport(
             &format!("net {}", net.id),
             &net.transport,
             device,
             saved.transport.as_ref(),
             saved.pci.as_ref(),
-            &self.net_thread_start,
+            match &net.backend {
+                NetBackend::Tap(_) => &self.net_thread_start,
+                NetBackend::VhostUser(_) => &self.thread_start,
+            },
         )
     }
 
@@ -1229,6 +1256,42 @@ fn open_tap(config: &crate::config::NetConfig) -> Result<Tap, Error> {
         tap.up().map_err(tap_error)?;
     }
     Ok(tap)
+}
+
+/// The session with the vhost-user-blk backend of `disk` (`vhost_user=on,socket=`).
+fn connect_vhost_user_disk(disk: &crate::config::DiskConfig) -> Result<VhostUserBlkLink, Error> {
+    let socket = disk
+        .vhost_socket
+        .as_deref()
+        .ok_or_else(|| Error::Device("--disk vhost_user=on without socket=".into()))?;
+    VhostUserBlkLink::connect(Path::new(socket), disk.num_queues, disk.queue_size)
+        .map_err(|e| Error::device(format!("vhost-user disk {socket}"), e))
+}
+
+/// The session with the vhost-user-net backend of `config` (`vhost_user=true,socket=`): the
+/// VMM connects to it (`vhost_mode=client`) or listens for it (`server`).
+fn connect_vhost_user_net(config: &crate::config::NetConfig) -> Result<VhostUserNetLink, Error> {
+    let socket = config
+        .vhost_socket
+        .as_deref()
+        .ok_or_else(|| Error::Device("--net vhost_user=true without socket=".into()))?;
+    let mode = crate::config::vhost_user_mode(config.vhost_mode.as_deref()).ok_or_else(|| {
+        Error::Device(format!(
+            "--net vhost_mode={:?}: expected client or server",
+            config.vhost_mode
+        ))
+    })?;
+    let mac = config.mac.as_deref().unwrap_or_default();
+    let params = VhostUserNetParams {
+        mac: crate::config::parse_mac(mac)
+            .ok_or_else(|| Error::Device(format!("--net: mac={mac} is not a MAC")))?,
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        mtu: config.mtu,
+        mode,
+    };
+    VhostUserNetLink::connect(Path::new(socket), &params)
+        .map_err(|e| Error::device(format!("vhost-user net {socket}"), e))
 }
 
 /// The virtio-net device `config` describes, on `tap`.

@@ -207,6 +207,10 @@ const VMM: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
+    // vhost-user `vhost_mode=server`: the VMM listens on the socket and accepts its backend.
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
 ];
 
 /// A vCPU runs KVM_RUN (`ioctl`, see `VCPU_IOCTLS`) and serves exits in place with what `COMMON`

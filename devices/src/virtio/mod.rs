@@ -34,13 +34,16 @@ pub use mmio::{
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SIZE,
 };
 pub use net::{
-    tap_offloads, Net, NetParams, Tap, TapError, NET_QUEUE_SIZE, NEW_TAP_TEMPLATE, VNET_HDR_LEN,
+    tap_offloads, Net, NetParams, Tap, TapError, TapPackets, NET_QUEUE_SIZE, NEW_TAP_TEMPLATE,
+    VNET_HDR_LEN,
 };
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 pub use vhost_user::{
-    VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE, VHOST_USER_CONNECT_TIMEOUT,
+    VhostUserBlk, VhostUserBlkLink, VhostUserConnection, VhostUserMode, VhostUserNet,
+    VhostUserNetLink, VhostUserNetParams, VHOST_USER_BLK_MAX_QUEUE_SIZE,
+    VHOST_USER_CONNECT_TIMEOUT,
 };
 
 /// Device status bits (virtio 1.x, "Device Status Field").

@@ -3,17 +3,27 @@
 //! Same guest, same shared file-backed RAM, image on tmpfs (the I/O path is measured, not the
 //! storage), runs interleaved. Throughput counts the bytes the guest wrote and read back between
 //! its first `completed` line and `done`, with the wall time between them seen in its serial log.
+//!
+//! Then the network: the netkv guest streams UDP datagrams to a host socket (its STREAM request,
+//! as section I measures) once through the in-process virtio-net on the namespace's tap and once
+//! through a `--net vhost_user=true` device served by our `nv-vhost-user-net` on the same tap,
+//! same shared file-backed RAM, runs interleaved; the ratio of the median packet rates.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::harness::cmdline_with_tsc;
+use integration_tests::netkv_client::{KvClient, LoadConfig, FRAME_OVERHEAD};
+use integration_tests::netns::{Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
 use integration_tests::process::{Stdout, VmmProcess};
 
 use super::Bench;
 use crate::environment::{create_sparse_file, guest_image};
 use crate::error::{BenchError, Result};
+use crate::launch::{Launch, MemoryBacking, TestGuest};
 use crate::output::CsvTable;
+use crate::running_vm::RunningVm;
+use crate::stats::median;
 
 const BLOCK_BYTES: u64 = 4096;
 const BLOCKS: u64 = 256;
@@ -79,7 +89,207 @@ pub fn run(bench: &mut Bench) -> Result<()> {
          ratio vhost-user/in-process {:.2} (median of {repetitions})",
         vhost_user / in_process
     ));
+    net_throughput(bench, repetitions)
+}
+
+/// Which path netkv's datagrams take.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NetPath {
+    InProcess,
+    VhostUser,
+}
+
+impl NetPath {
+    fn label(self) -> &'static str {
+        match self {
+            NetPath::InProcess => "in-process virtio-net",
+            NetPath::VhostUser => "vhost-user-net (nv-vhost-user-net)",
+        }
+    }
+}
+
+/// Datagram payloads: small packets and full 1514-byte frames, as section I.
+const STREAM_PAYLOADS: [usize; 2] = [64, 1472];
+
+/// netkv STREAM through the in-process virtio-net vs through vhost-user-net, same tap.
+fn net_throughput(bench: &mut Bench, repetitions: usize) -> Result<()> {
+    let count: u64 = if bench.profile.name == "quick" {
+        20_000
+    } else {
+        200_000
+    };
+    let netns = Netns::try_new("benchvu").map_err(|e| command_failed("network namespace", e))?;
+    netns
+        .add_kv_tap()
+        .map_err(|e| command_failed("the tap in the namespace", e))?;
+    let _inside = netns
+        .enter()
+        .map_err(|e| BenchError::io("entering the network namespace", e))?;
+    let guest = guest_image("netkv")?;
+    let mut table = CsvTable::new(&[
+        "path",
+        "payload_bytes",
+        "run",
+        "sent",
+        "received",
+        "packets_per_s",
+    ]);
+    let mut rates: Vec<(NetPath, usize, f64)> = Vec::new();
+    for run in 0..repetitions {
+        for path in [NetPath::InProcess, NetPath::VhostUser] {
+            bench
+                .summary
+                .progress(format!("H net: {} run {run}", path.label()));
+            for (payload, result) in stream_once(bench, &guest, path, count, run)? {
+                rates.push((path, payload, result.packets_per_s()));
+                table.push(vec![
+                    path.label().into(),
+                    payload.to_string(),
+                    run.to_string(),
+                    result.sent.to_string(),
+                    result.received.to_string(),
+                    format!("{:.0}", result.packets_per_s()),
+                ]);
+            }
+        }
+    }
+    table.write(&bench.out_dir, "h_vhost_user_net.csv")?;
+    bench.summary.table(
+        "H: netkv STREAM guest -> host, vhost-user-net vs in-process virtio-net",
+        &table,
+    );
+    for payload in STREAM_PAYLOADS {
+        let rate = |path: NetPath| {
+            let values: Vec<f64> = rates
+                .iter()
+                .filter(|row| row.0 == path && row.1 == payload)
+                .map(|row| row.2)
+                .collect();
+            median(&values)
+        };
+        let (Some(in_process), Some(vhost_user)) =
+            (rate(NetPath::InProcess), rate(NetPath::VhostUser))
+        else {
+            continue;
+        };
+        bench.summary.line(format!(
+            "H net: {count} datagrams of {}-byte frames guest -> host: in-process virtio-net \
+             {in_process:.0} packets/s, vhost-user-net {vhost_user:.0} packets/s, ratio \
+             vhost-user/in-process {:.2} (median of {repetitions})",
+            payload + FRAME_OVERHEAD,
+            vhost_user / in_process
+        ));
+    }
     Ok(())
+}
+
+/// One VM on `path`: netkv streams `count` datagrams of each payload; `(payload, result)`.
+fn stream_once(
+    bench: &Bench,
+    guest: &Path,
+    path: NetPath,
+    count: u64,
+    run: usize,
+) -> Result<Vec<(usize, integration_tests::netkv_client::StreamResult)>> {
+    let tag = format!(
+        "h-net-{}-{run}",
+        if path == NetPath::VhostUser {
+            "vu"
+        } else {
+            "tap"
+        }
+    );
+    let ram = bench.tmpfs.join(&format!("{tag}.ram"));
+    let serial = bench.disk.join(&format!("{tag}.serial"));
+    let socket = bench.tmpfs.join(&format!("{tag}.sock"));
+    create_sparse_file(&ram, 64 << 20)?;
+    let mut backend = None;
+    let net = match path {
+        NetPath::InProcess => format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
+        NetPath::VhostUser => {
+            let arguments = vec![
+                "--socket".to_string(),
+                socket.display().to_string(),
+                "--tap".into(),
+                KV_TAP.into(),
+            ];
+            backend = Some(start_backend(
+                &bench.binaries.nv_vhost_user_net,
+                &arguments,
+                bench.disk.join(&format!("{tag}.backend")),
+                &socket,
+            )?);
+            format!(
+                "vhost_user=true,socket={},mac={KV_GUEST_MAC}",
+                socket.display()
+            )
+        }
+    };
+    let launch = Launch::Boot {
+        guest: TestGuest {
+            image: guest.into(),
+            parameters: format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
+            ram_bytes: 64 << 20,
+            tsc_khz: bench.tsc_khz,
+            period_ms: 1000,
+            log_disk: None,
+        },
+        backing: MemoryBacking::SharedFile(ram.clone()),
+    };
+    let mut arguments = bench.vmm_arguments.clone();
+    arguments.extend(["--net".to_string(), net]);
+    let mut vm = RunningVm::start(
+        &bench.binaries.cloud_hypervisor,
+        &launch,
+        &serial,
+        None,
+        &bench.disk.join(&format!("{tag}.vmm")),
+        &arguments,
+    )?;
+    let result = (|| {
+        vm.wait_for_lines("netkv: ready", 1, RUN_TIMEOUT)?;
+        let mut client = KvClient::new(KV_GUEST, LoadConfig::default())
+            .map_err(|e| command_failed("netkv client", e.to_string()))?;
+        // One answered PUT first (retried): the host has the guest's MAC and the device runs
+        // before the stream's single request is sent.
+        client.send_put(1);
+        client
+            .drain(Duration::from_secs(30))
+            .map_err(|e| command_failed("netkv PUT", e.to_string()))?;
+        if client.unanswered() != 0 {
+            return Err(command_failed(
+                "netkv PUT",
+                format!("no answer on {}", path.label()),
+            ));
+        }
+        let mut results = Vec::new();
+        for payload in STREAM_PAYLOADS {
+            let result = client
+                .stream_from_guest(count, payload)
+                .map_err(|e| command_failed("netkv stream", e.to_string()))?;
+            if result.received == 0 {
+                return Err(command_failed(
+                    "netkv stream",
+                    format!("no datagram arrived on {}", path.label()),
+                ));
+            }
+            results.push((payload, result));
+        }
+        Ok(results)
+    })();
+    drop(vm.kill());
+    if let Some(mut backend) = backend {
+        backend.kill();
+    }
+    let _ = std::fs::remove_file(&ram);
+    result
+}
+
+fn command_failed(what: &str, detail: impl Into<String>) -> BenchError {
+    BenchError::Command {
+        command: what.into(),
+        detail: detail.into(),
+    }
 }
 
 /// One run: `(bytes moved, seconds)` from blkcheck's first `completed` line to `done`.
@@ -96,7 +306,17 @@ fn measure(bench: &Bench, guest: &Path, disk: Disk, rounds: u64, run: usize) -> 
     create_sparse_file(&ram, 32 << 20)?;
     let _backend = match disk {
         Disk::InProcess => None,
-        Disk::VhostUser => Some(start_backend(bench, &socket, &image, &tag)?),
+        Disk::VhostUser => Some(start_backend(
+            &bench.binaries.nv_vhost_user_blk,
+            &[
+                "--socket".to_string(),
+                socket.display().to_string(),
+                "--file".into(),
+                image.display().to_string(),
+            ],
+            bench.disk.join(&format!("{tag}.backend")),
+            &socket,
+        )?),
     };
     let disk_option = match disk {
         Disk::InProcess => format!("path={}", image.display()),
@@ -172,29 +392,22 @@ fn failed(tag: &str, log: &str) -> BenchError {
     }
 }
 
-/// Starts `nv-vhost-user-blk` on `image` and waits for its socket.
-fn start_backend(bench: &Bench, socket: &Path, image: &Path, tag: &str) -> Result<VmmProcess> {
+/// Starts `binary` (a vhost-user backend) with `arguments`, its output in `log`, and waits
+/// for its socket.
+fn start_backend(
+    binary: &Path,
+    arguments: &[String],
+    log: PathBuf,
+    socket: &Path,
+) -> Result<VmmProcess> {
     let _ = std::fs::remove_file(socket);
-    let log: PathBuf = bench.disk.join(&format!("{tag}.backend"));
-    let arguments = vec![
-        "--socket".to_string(),
-        socket.display().to_string(),
-        "--file".into(),
-        image.display().to_string(),
-    ];
-    let mut backend = VmmProcess::start(
-        &bench.binaries.nv_vhost_user_blk,
-        &arguments,
-        &[],
-        &log,
-        Stdout::Log,
-    )
-    .map_err(|e| BenchError::io("starting nv-vhost-user-blk", e))?;
+    let mut backend = VmmProcess::start(binary, arguments, &[], &log, Stdout::Log)
+        .map_err(|e| BenchError::io(format!("starting {}", binary.display()), e))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
         if Instant::now() >= deadline || backend.try_wait().is_some() {
             return Err(BenchError::Command {
-                command: "nv-vhost-user-blk".into(),
+                command: binary.display().to_string(),
                 detail: format!("no socket:\n{}", backend.stderr_log()),
             });
         }

@@ -21,7 +21,7 @@ pub use parse::{
     format_mac, parse_mac, random_mac, snapshot_url_dir, swap_file_url_path, VmOptionStrings,
     SNAPSHOT_URL_EXPECTED, SWAP_URL_EXPECTED,
 };
-pub use validate::{host_vcpu_limit, unimplemented_device, VcpuLimit};
+pub use validate::{host_vcpu_limit, unimplemented_device, vhost_user_mode, VcpuLimit};
 
 /// A configuration that cannot be used, from the command line or JSON. Every variant names the
 /// option (without its dashes) and the offending key or value, so that the one-line message says

@@ -305,7 +305,13 @@ impl NetConfig {
                 .unwrap_or(defaults.queue_size),
             vhost_user: toggle("vhost_user", defaults.vhost_user)?,
             vhost_socket: parsed.string("socket"),
-            vhost_mode: parsed.string("vhost_mode"),
+            vhost_mode: parsed
+                .choice(
+                    "vhost_mode",
+                    &[("client", "Client"), ("server", "Server")],
+                    "expected client or server",
+                )?
+                .map(str::to_owned),
             id: parsed.string("id"),
             fds,
             pci_segment: parsed

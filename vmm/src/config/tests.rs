@@ -688,9 +688,9 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
             Some("tap= and fd="),
         ),
         (
-            &[("net", "tap=t0,vhost_user=on")],
-            json!({"net": [{"tap": "t0", "vhost_user": true}]}),
-            Some("net[0].vhost_user"),
+            &[("net", "tap=t0,vhost_user=on,socket=/s")],
+            json!({"net": [{"tap": "t0", "vhost_user": true, "vhost_socket": "/s"}]}),
+            Some("network is the backend's"),
         ),
         (
             &[("rng", "src=/dev/urandom")],
@@ -1301,6 +1301,88 @@ fn vhost_user_disks_take_a_socket_and_no_image() {
     }
     let twice = command_line(VmOptionStrings {
         disks: vec!["vhost_user=on,socket=/s", "vhost_user=on,socket=/s"],
+        ..Default::default()
+    });
+    assert!(format!("{twice:?}").contains("twice"), "{twice:?}");
+}
+
+/// `--net vhost_user=true,socket=PATH,vhost_mode=client|server` as upstream: the mode's words
+/// are upstream's (any case on the command line), stored as its JSON enum ("Client", "Server";
+/// absent means Client), the queues default to upstream's 2 x 256; a tap, a second device on
+/// the same socket and an unknown mode are refused by name, on the command line and in JSON.
+#[test]
+fn vhost_user_nets_take_a_socket_and_a_mode() {
+    let net = NetConfig::parse("vhost_user=true,socket=/run/net.sock,vhost_mode=server").unwrap();
+    assert!(net.vhost_user);
+    assert_eq!(net.vhost_socket.as_deref(), Some("/run/net.sock"));
+    assert_eq!(net.vhost_mode.as_deref(), Some("Server"));
+    assert_eq!((net.num_queues, net.queue_size), (2, 256));
+    let json = serde_json::to_value(&net).unwrap();
+    assert_eq!(json["vhost_mode"], "Server");
+    assert_eq!(json["vhost_socket"], "/run/net.sock");
+    for (word, stored) in [
+        ("client", "Client"),
+        ("Client", "Client"),
+        ("SERVER", "Server"),
+    ] {
+        let net = NetConfig::parse(&format!("vhost_user=true,socket=/s,vhost_mode={word}"));
+        assert_eq!(net.unwrap().vhost_mode.as_deref(), Some(stored), "{word}");
+    }
+    assert!(NetConfig::parse("vhost_user=true,socket=/s,vhost_mode=both").is_err());
+    assert_eq!(
+        vhost_user_mode(None),
+        Some(devices::virtio::VhostUserMode::Client)
+    );
+    let cases: [(&str, Option<&str>); 8] = [
+        ("vhost_user=true,socket=/s", None),
+        (
+            "vhost_user=on,socket=/s,vhost_mode=client,mac=02:00:00:00:00:01,id=vn0",
+            None,
+        ),
+        ("vhost_user=true,socket=/s,queue_size=1024", None),
+        ("vhost_user=true", Some("socket")),
+        ("socket=/s", Some("socket")),
+        ("vhost_user=true,socket=/s,tap=t0", Some("tap")),
+        (
+            "vhost_user=true,socket=/s,transport=mmio",
+            Some("transport"),
+        ),
+        ("vhost_user=true,socket=/s,num_queues=4", Some("num_queues")),
+    ];
+    for (option, refused) in cases {
+        let from_cli = command_line(VmOptionStrings {
+            net: vec![option],
+            ..Default::default()
+        })
+        .map(drop);
+        let parsed = NetConfig::parse(option).unwrap();
+        let json = serde_json::json!({
+            "payload": {"kernel": "/k"},
+            "memory": {"size": 67108864},
+            "net": [serde_json::to_value(&parsed).unwrap()]
+        });
+        let from_json = serde_json::from_value::<VmConfig>(json).unwrap().validate();
+        for result in [from_cli, from_json] {
+            match refused {
+                None => assert!(result.is_ok(), "{option}: {result:?}"),
+                Some(key) => {
+                    let text = format!("{result:?}");
+                    assert!(text.contains(key), "{option}: {text}");
+                }
+            }
+        }
+    }
+    let bad_mode = serde_json::json!({
+        "payload": {"kernel": "/k"},
+        "memory": {"size": 67108864},
+        "net": [{"vhost_user": true, "vhost_socket": "/s", "vhost_mode": "client"}]
+    });
+    let refused = serde_json::from_value::<VmConfig>(bad_mode)
+        .unwrap()
+        .validate();
+    assert!(format!("{refused:?}").contains("vhost_mode"), "{refused:?}");
+    let twice = command_line(VmOptionStrings {
+        net: vec!["vhost_user=true,socket=/s", "vhost_user=true,socket=/s"],
         ..Default::default()
     });
     assert!(format!("{twice:?}").contains("twice"), "{twice:?}");

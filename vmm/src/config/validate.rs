@@ -1,6 +1,7 @@
 //! What this VMM can honour: the one judge of a [`VmConfig`], whether it came from the command
 //! line, a `vm.create` body or a snapshot's `config.json`.
 
+use devices::virtio::VhostUserMode;
 use serde_json::Value;
 
 use super::model::*;
@@ -402,13 +403,7 @@ impl VmConfig {
                     ));
                 }
             }
-            if net.vhost_user || net.vhost_socket.is_some() {
-                return refuse(
-                    "vhost_user",
-                    "on".into(),
-                    "vhost-user net is not implemented",
-                );
-            }
+            validate_vhost_user_net(index, net, &nets[..index])?;
             if net.iommu {
                 return refuse("iommu", "on".into(), "there is no virtual IOMMU");
             }
@@ -987,6 +982,100 @@ pub fn host_vcpu_limit() -> Option<VcpuLimit> {
             maximum,
         })
     })
+}
+
+/// `--net vhost_user=true,socket=PATH[,vhost_mode=client|server]` as upstream: the backend at
+/// the socket owns the network side, so a tap is refused; one queue pair.
+fn validate_vhost_user_net(
+    index: usize,
+    net: &NetConfig,
+    earlier: &[NetConfig],
+) -> Result<(), ConfigError> {
+    let invalid = |key: &str, value: String, reason: &str| {
+        Err(ConfigError::from(OptionError::InvalidValue {
+            option: "net",
+            key: key.to_owned(),
+            value,
+            reason: reason.to_owned(),
+        }))
+    };
+    if let Some(mode) = &net.vhost_mode {
+        if vhost_user_mode(Some(mode)).is_none() {
+            return invalid(
+                "vhost_mode",
+                mode.clone(),
+                "expected client or server (Client or Server in JSON)",
+            );
+        }
+    }
+    if !net.vhost_user {
+        return match &net.vhost_socket {
+            Some(socket) => invalid(
+                "socket",
+                socket.clone(),
+                "a socket is for a vhost-user device: add vhost_user=true",
+            ),
+            None => Ok(()),
+        };
+    }
+    let Some(socket) = &net.vhost_socket else {
+        return Err(ConfigError::from(OptionError::MissingKey {
+            option: "net",
+            key: "socket",
+        }));
+    };
+    if let Some(tap) = &net.tap {
+        return invalid(
+            "tap",
+            tap.clone(),
+            "a vhost-user net device's network is the backend's: give socket= only",
+        );
+    }
+    if net.fds.is_some() {
+        return invalid(
+            "fd",
+            "given".into(),
+            "a vhost-user net device's network is the backend's: give socket= only",
+        );
+    }
+    if net.transport == Some(VirtioTransportKind::Mmio) {
+        return invalid(
+            "transport",
+            "mmio".into(),
+            "vhost-user net devices are on virtio-pci",
+        );
+    }
+    if net.num_queues != 2 {
+        return Err(not_supported(
+            "net",
+            "num_queues",
+            format!("net[{index}].num_queues"),
+            net.num_queues.to_string(),
+            "a vhost-user net device has one queue pair (several need a control queue the \
+             VMM would serve)",
+        ));
+    }
+    if earlier
+        .iter()
+        .any(|other| other.vhost_user && other.vhost_socket.as_ref() == Some(socket))
+    {
+        return invalid(
+            "socket",
+            socket.clone(),
+            "the same vhost-user socket is given twice",
+        );
+    }
+    Ok(())
+}
+
+/// How the VMM reaches a vhost-user backend, from a config's `vhost_mode`: "Client" (the
+/// default) or "Server"; `None` for anything else.
+pub fn vhost_user_mode(mode: Option<&str>) -> Option<VhostUserMode> {
+    match mode {
+        None | Some("Client") => Some(VhostUserMode::Client),
+        Some("Server") => Some(VhostUserMode::Server),
+        Some(_) => None,
+    }
 }
 
 /// Most queues a vhost-user disk may ask for.

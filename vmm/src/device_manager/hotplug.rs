@@ -21,7 +21,10 @@ use devices::virtio::{
 use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
 
-use super::{lock_or_recover, new_net, open_block, open_tap, DeviceManager};
+use super::{
+    connect_vhost_user_disk, connect_vhost_user_net, lock_or_recover, new_net, open_block,
+    open_tap, DeviceManager,
+};
 use crate::config::{DiskConfig, NetConfig, VirtioTransportKind, VmConfig};
 use crate::pci_segment::{KvmMsiInterrupts, PciSegment};
 use crate::Error;
@@ -286,6 +289,26 @@ impl DeviceManager {
     ) -> Result<PciBdf, Error> {
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
             match &kind {
+                HotplugKind::Disk(config) if config.vhost_user => {
+                    let link = connect_vhost_user_disk(config)?;
+                    (
+                        config.id.clone().unwrap_or_default(),
+                        format!("vhost-user disk {}", link.socket().display()),
+                        Box::new(link.device()),
+                        None,
+                        self.thread_start.clone(),
+                    )
+                }
+                HotplugKind::Net(config) if config.vhost_user => {
+                    let link = connect_vhost_user_net(config)?;
+                    (
+                        config.id.clone().unwrap_or_default(),
+                        format!("vhost-user net {}", link.socket().display()),
+                        Box::new(link.device()),
+                        None,
+                        self.thread_start.clone(),
+                    )
+                }
                 HotplugKind::Disk(config) => {
                     let path = PathBuf::from(
                         config

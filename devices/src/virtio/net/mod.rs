@@ -95,11 +95,7 @@ impl Net {
         if params.queue_pairs > 1 {
             queue_sizes.push(params.queue_size);
         }
-        let mut config_space = [0u8; CONFIG_SPACE_LEN];
-        config_space[..6].copy_from_slice(&params.mac);
-        config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config_space[8..10].copy_from_slice(&(params.queue_pairs as u16).to_le_bytes());
-        config_space[10..12].copy_from_slice(&params.mtu.unwrap_or(0).to_le_bytes());
+        let config_space = net_config_space(params.mac, params.queue_pairs, params.mtu);
         Ok(Self {
             tap,
             params,
@@ -114,6 +110,21 @@ impl Net {
     pub fn tap_name(&self) -> &str {
         self.tap.name()
     }
+}
+
+/// `struct virtio_net_config` up to `mtu`: the MAC, the link up, the queue pairs, the MTU (0
+/// when none is offered). Shared with the vhost-user-net front-end.
+pub(crate) fn net_config_space(
+    mac: [u8; 6],
+    queue_pairs: usize,
+    mtu: Option<u16>,
+) -> [u8; CONFIG_SPACE_LEN] {
+    let mut config_space = [0u8; CONFIG_SPACE_LEN];
+    config_space[..6].copy_from_slice(&mac);
+    config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    config_space[8..10].copy_from_slice(&(queue_pairs as u16).to_le_bytes());
+    config_space[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+    config_space
 }
 
 /// The `TUN_F_*` offloads the host may use on packets to the guest, from the features it acked.
@@ -199,12 +210,6 @@ impl VirtioDevice for Net {
             self.tap
                 .set_offload(tap_offloads(ctx.acked_features))
                 .map_err(Error::Tap)?;
-            let acked = |bit: u32| ctx.acked_features & (1u64 << bit) != 0;
-            let rx_frame = if acked(VIRTIO_NET_F_GUEST_TSO4) || acked(VIRTIO_NET_F_GUEST_TSO6) {
-                GSO_MAX_FRAME
-            } else {
-                usize::from(self.params.mtu.unwrap_or(1500)) + ETH_OVERHEAD
-            };
             let pairs = self
                 .tap
                 .queue_fds()
@@ -225,10 +230,12 @@ impl VirtioDevice for Net {
                 ctrl,
                 ctrl_index: (2 * self.params.queue_pairs) as u16,
                 interrupt: ctx.interrupt.clone(),
-                counters: self.counters.clone(),
                 _tap: self.tap.clone(),
-                rx_needed: VNET_HDR_LEN + rx_frame,
-                mergeable: acked(VIRTIO_NET_F_MRG_RXBUF),
+                packets: TapPackets::with_counters(
+                    ctx.acked_features,
+                    self.params.mtu,
+                    self.counters.clone(),
+                ),
             };
             Ok(worker)
         })
@@ -267,9 +274,15 @@ struct NetWorker {
     ctrl: Option<Arc<Mutex<Queue>>>,
     ctrl_index: u16,
     interrupt: Arc<VirtioInterrupt>,
-    counters: Arc<NetCounters>,
     /// Keeps the tap's descriptors open as long as the thread uses them.
     _tap: Arc<Tap>,
+    packets: TapPackets,
+}
+
+/// Moves packets between a tap and a queue pair, one packet per call, without copying them:
+/// the in-process device's worker and the `nv-vhost-user-net` backend both use it.
+pub struct TapPackets {
+    counters: Arc<NetCounters>,
     /// Receive buffer space a packet may need (header included).
     rx_needed: usize,
     mergeable: bool,
@@ -349,57 +362,8 @@ impl NetWorker {
             let Some(mut queue) = self.lock(&pair.tx) else {
                 break;
             };
-            if !queue.ready() {
+            if !queue.ready() || !self.packets.transmit_one(&mut queue, &self.mem, pair.fd) {
                 break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut iovecs = IoVecs::new();
-            let mut ok = true;
-            for desc in chain {
-                if desc.is_write_only() {
-                    continue;
-                }
-                if let Err(e) = iovecs.push(
-                    &self.mem,
-                    desc.addr(),
-                    desc.len() as usize,
-                    Permissions::Read,
-                ) {
-                    warn!("virtio-net: transmit buffer outside guest memory: {e}");
-                    ok = false;
-                    break;
-                }
-            }
-            if ok && iovecs.len > VNET_HDR_LEN {
-                // SAFETY: every iovec points into guest memory mapped for the worker's lifetime,
-                // with the length `get_slices` checked; the tap only reads them.
-                let written = unsafe {
-                    libc::writev(
-                        pair.fd,
-                        iovecs.iovecs.as_ptr(),
-                        iovecs.iovecs.len() as libc::c_int,
-                    )
-                };
-                if written < 0 {
-                    // As a congested network would: the packet is dropped, whole.
-                    let e = io::Error::last_os_error();
-                    log::debug!("virtio-net: tap write failed, packet dropped: {e}");
-                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.counters.tx_bytes.fetch_add(
-                        (written as u64).saturating_sub(VNET_HDR_LEN as u64),
-                        Ordering::Relaxed,
-                    );
-                }
-            } else {
-                self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Err(e) = queue.add_used(&self.mem, head, 0) {
-                error!("virtio-net: cannot publish used entry for head {head}: {e}");
             }
             pass.used = true;
         }
@@ -417,123 +381,15 @@ impl NetWorker {
             let Some(mut queue) = self.lock(&pair.rx) else {
                 break;
             };
-            if !queue.ready() {
+            if !queue.ready() || !self.packets.receive_one(&mut queue, &self.mem, pair.fd) {
                 break;
             }
-            let start = queue.next_avail();
-            // Each popped chain: head, its first writable buffer (for num_buffers), capacity.
-            let mut chains: Vec<(u16, GuestAddress, usize)> = Vec::new();
-            let mut iovecs = IoVecs::new();
-            let mut bad_chain = false;
-            while iovecs.len < self.rx_needed && (self.mergeable || chains.is_empty()) {
-                let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
-                    break;
-                };
-                match self.chain_buffers(chain, &mut iovecs) {
-                    Some(entry) => chains.push(entry),
-                    None => {
-                        bad_chain = true;
-                        break;
-                    }
-                }
-            }
-            let enough = iovecs.len >= self.rx_needed || (!self.mergeable && !chains.is_empty());
-            if bad_chain || !enough || chains.first().is_some_and(|c| c.2 < VNET_HDR_LEN) {
-                // Give the buffers back; the guest's next notify brings us here again.
-                queue.set_next_avail(start);
-                if bad_chain {
-                    error!("virtio-net: receive chain outside guest memory; receive stopped");
-                }
-                break;
-            }
-            // SAFETY: every iovec points into guest memory mapped for the worker's lifetime,
-            // with the length `get_slices` checked; the buffers are device-writable.
-            let read = unsafe {
-                libc::readv(
-                    pair.fd,
-                    iovecs.iovecs.as_ptr(),
-                    iovecs.iovecs.len() as libc::c_int,
-                )
-            };
-            if read <= 0 {
-                queue.set_next_avail(start);
-                if read < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        warn!("virtio-net: tap read failed: {e}");
-                    }
-                }
-                break;
-            }
-            let mut left = read as usize;
-            let mut used = 0u16;
-            for &(head, _, capacity) in &chains {
-                let len = left.min(capacity);
-                if let Err(e) = queue.add_used(&self.mem, head, len as u32) {
-                    error!("virtio-net: cannot publish used entry for head {head}: {e}");
-                }
-                used += 1;
-                left -= len;
-                if left == 0 {
-                    break;
-                }
-            }
-            // num_buffers, the last field of the header at the start of the first buffer.
-            let first = chains[0].1;
-            if let Err(e) = self
-                .mem
-                .write_obj(used.to_le(), first.unchecked_add(VNET_HDR_LEN as u64 - 2))
-            {
-                warn!("virtio-net: cannot write num_buffers: {e}");
-            }
-            queue.set_next_avail(start.wrapping_add(used));
-            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-            self.counters.rx_bytes.fetch_add(
-                (read as u64).saturating_sub(VNET_HDR_LEN as u64),
-                Ordering::Relaxed,
-            );
             pass.used = true;
         }
         if pass.used {
             self.notify(&pair.rx, pair.rx_index);
         }
         pass
-    }
-
-    /// Adds a receive chain's writable buffers to `iovecs`: `(head, first buffer, capacity)`,
-    /// or `None` when a buffer is outside guest memory. The header must fit in the first buffer.
-    fn chain_buffers(
-        &self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        iovecs: &mut IoVecs,
-    ) -> Option<(u16, GuestAddress, usize)> {
-        let head = chain.head_index();
-        let before = iovecs.len;
-        let mut first = None;
-        let mut first_len = 0usize;
-        for desc in chain.filter(|d| d.is_write_only()) {
-            if first.is_none() {
-                first = Some(desc.addr());
-                first_len = desc.len() as usize;
-            }
-            if let Err(e) = iovecs.push(
-                &self.mem,
-                desc.addr(),
-                desc.len() as usize,
-                Permissions::Write,
-            ) {
-                warn!("virtio-net: receive buffer outside guest memory: {e}");
-                return None;
-            }
-        }
-        let capacity = iovecs.len - before;
-        // A first buffer shorter than the header is reported as too small for the caller.
-        let capacity = if first_len < VNET_HDR_LEN {
-            0
-        } else {
-            capacity
-        };
-        Some((head, first.unwrap_or(GuestAddress(0)), capacity))
     }
 
     /// Answers control-queue commands: only `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` is offered.
@@ -582,6 +438,184 @@ impl NetWorker {
             self.notify(ctrl, self.ctrl_index);
         }
     }
+}
+
+impl TapPackets {
+    /// For a driver that acked `acked_features`, on a link of `mtu` (1500 when unset).
+    pub fn new(acked_features: u64, mtu: Option<u16>) -> Self {
+        Self::with_counters(acked_features, mtu, Arc::default())
+    }
+
+    fn with_counters(acked_features: u64, mtu: Option<u16>, counters: Arc<NetCounters>) -> Self {
+        let acked = |bit: u32| acked_features & (1u64 << bit) != 0;
+        let rx_frame = if acked(VIRTIO_NET_F_GUEST_TSO4) || acked(VIRTIO_NET_F_GUEST_TSO6) {
+            GSO_MAX_FRAME
+        } else {
+            usize::from(mtu.unwrap_or(1500)) + ETH_OVERHEAD
+        };
+        TapPackets {
+            counters,
+            rx_needed: VNET_HDR_LEN + rx_frame,
+            mergeable: acked(VIRTIO_NET_F_MRG_RXBUF),
+        }
+    }
+
+    /// Sends the next posted transmit chain to the tap `fd`, whole with one `writev` (or drops
+    /// it, as a congested network would). False when no chain is posted.
+    pub fn transmit_one(&self, queue: &mut Queue, mem: &GuestMemoryMmap, fd: RawFd) -> bool {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let mut iovecs = IoVecs::new();
+        let mut ok = true;
+        for desc in chain {
+            if desc.is_write_only() {
+                continue;
+            }
+            if let Err(e) = iovecs.push(mem, desc.addr(), desc.len() as usize, Permissions::Read) {
+                warn!("virtio-net: transmit buffer outside guest memory: {e}");
+                ok = false;
+                break;
+            }
+        }
+        if ok && iovecs.len > VNET_HDR_LEN {
+            // SAFETY: every iovec points into guest memory mapped for the worker's lifetime,
+            // with the length `get_slices` checked; the tap only reads them.
+            let written = unsafe {
+                libc::writev(
+                    fd,
+                    iovecs.iovecs.as_ptr(),
+                    iovecs.iovecs.len() as libc::c_int,
+                )
+            };
+            if written < 0 {
+                // As a congested network would: the packet is dropped, whole.
+                let e = io::Error::last_os_error();
+                log::debug!("virtio-net: tap write failed, packet dropped: {e}");
+                self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters.tx_bytes.fetch_add(
+                    (written as u64).saturating_sub(VNET_HDR_LEN as u64),
+                    Ordering::Relaxed,
+                );
+            }
+        } else {
+            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            error!("virtio-net: cannot publish used entry for head {head}: {e}");
+        }
+        true
+    }
+
+    /// Reads the next packet from the tap `fd` straight into receive buffers (several with
+    /// mergeable buffers). False when the tap is empty or the guest has no room for it: the
+    /// buffers popped are given back.
+    pub fn receive_one(&self, queue: &mut Queue, mem: &GuestMemoryMmap, fd: RawFd) -> bool {
+        let start = queue.next_avail();
+        // Each popped chain: head, its first writable buffer (for num_buffers), capacity.
+        let mut chains: Vec<(u16, GuestAddress, usize)> = Vec::new();
+        let mut iovecs = IoVecs::new();
+        let mut bad_chain = false;
+        while iovecs.len < self.rx_needed && (self.mergeable || chains.is_empty()) {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            match chain_buffers(mem, chain, &mut iovecs) {
+                Some(entry) => chains.push(entry),
+                None => {
+                    bad_chain = true;
+                    break;
+                }
+            }
+        }
+        let enough = iovecs.len >= self.rx_needed || (!self.mergeable && !chains.is_empty());
+        if bad_chain || !enough || chains.first().is_some_and(|c| c.2 < VNET_HDR_LEN) {
+            // Give the buffers back; the guest's next notify brings us here again.
+            queue.set_next_avail(start);
+            if bad_chain {
+                error!("virtio-net: receive chain outside guest memory; receive stopped");
+            }
+            return false;
+        }
+        // SAFETY: every iovec points into guest memory mapped for the worker's lifetime,
+        // with the length `get_slices` checked; the buffers are device-writable.
+        let read = unsafe {
+            libc::readv(
+                fd,
+                iovecs.iovecs.as_ptr(),
+                iovecs.iovecs.len() as libc::c_int,
+            )
+        };
+        if read <= 0 {
+            queue.set_next_avail(start);
+            if read < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    warn!("virtio-net: tap read failed: {e}");
+                }
+            }
+            return false;
+        }
+        let mut left = read as usize;
+        let mut used = 0u16;
+        for &(head, _, capacity) in &chains {
+            let len = left.min(capacity);
+            if let Err(e) = queue.add_used(mem, head, len as u32) {
+                error!("virtio-net: cannot publish used entry for head {head}: {e}");
+            }
+            used += 1;
+            left -= len;
+            if left == 0 {
+                break;
+            }
+        }
+        // num_buffers, the last field of the header at the start of the first buffer.
+        let first = chains[0].1;
+        if let Err(e) = mem.write_obj(used.to_le(), first.unchecked_add(VNET_HDR_LEN as u64 - 2)) {
+            warn!("virtio-net: cannot write num_buffers: {e}");
+        }
+        queue.set_next_avail(start.wrapping_add(used));
+        self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.counters.rx_bytes.fetch_add(
+            (read as u64).saturating_sub(VNET_HDR_LEN as u64),
+            Ordering::Relaxed,
+        );
+        true
+    }
+}
+
+/// Adds a receive chain's writable buffers to `iovecs`: `(head, first buffer, capacity)`,
+/// or `None` when a buffer is outside guest memory. The header must fit in the first buffer.
+fn chain_buffers(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    iovecs: &mut IoVecs,
+) -> Option<(u16, GuestAddress, usize)> {
+    let head = chain.head_index();
+    let before = iovecs.len;
+    let mut first = None;
+    let mut first_len = 0usize;
+    for desc in chain.filter(|d| d.is_write_only()) {
+        if first.is_none() {
+            first = Some(desc.addr());
+            first_len = desc.len() as usize;
+        }
+        if let Err(e) = iovecs.push(mem, desc.addr(), desc.len() as usize, Permissions::Write) {
+            warn!("virtio-net: receive buffer outside guest memory: {e}");
+            return None;
+        }
+    }
+    let capacity = iovecs.len - before;
+    // A first buffer shorter than the header is reported as too small for the caller.
+    let capacity = if first_len < VNET_HDR_LEN {
+        0
+    } else {
+        capacity
+    };
+    Some((head, first.unwrap_or(GuestAddress(0)), capacity))
 }
 
 impl QueueWorker for NetWorker {

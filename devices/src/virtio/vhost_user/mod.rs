@@ -12,8 +12,10 @@
 //! `docs/devices.md`.
 
 mod blk;
+mod frontend;
+mod net;
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,10 +27,16 @@ use vhost::VhostBackend;
 use crate::{Error, Result};
 
 pub use blk::{VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE};
+pub(crate) use frontend::{vhost_user_device_methods, VhostUserRings};
+pub use frontend::{VhostUserConnection, VhostUserMode};
+pub use net::{VhostUserNet, VhostUserNetLink, VhostUserNetParams};
 
 /// How long a connection waits for a backend whose socket is missing or refuses connections
 /// (a backend being restarted) before it gives up with an error naming the socket.
 pub const VHOST_USER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest queue a vhost-user front-end sets up (the split ring's limit).
+pub(crate) const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// How long one request waits for the backend's answer: a socket that accepts but does not
 /// speak vhost-user fails here instead of hanging the VMM.
@@ -53,11 +61,39 @@ impl Session {
     pub fn rings_need_enable(&self) -> bool {
         self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
+
+    /// Checks the backend serves at least `asked` queues (GET_QUEUE_NUM with the MQ protocol
+    /// feature; one without it). `device` names the device in the error.
+    pub fn check_queues(&mut self, socket: &Path, asked: usize, device: &str) -> Result<()> {
+        let invalid = |what: String| Error::VhostUser {
+            socket: socket.to_owned(),
+            what,
+            source: None,
+        };
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::MQ)
+        {
+            let backend_queues = self
+                .frontend
+                .get_queue_num()
+                .map_err(vhost_error(socket, "GET_QUEUE_NUM"))?;
+            if backend_queues < asked as u64 {
+                return Err(invalid(format!(
+                    "serves {backend_queues} queues, {device} asks for {asked}"
+                )));
+            }
+        } else if asked > 1 {
+            return Err(invalid(format!(
+                "does not offer several queues, {device} asks for {asked}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Connects to the backend at `socket`, retrying while the socket is missing or refuses
-/// connections until `timeout` passed, then opens the session: SET_OWNER, GET_FEATURES and the
-/// protocol features.
+/// connections until `timeout` passed, then opens the session.
 pub(crate) fn connect(socket: &Path, timeout: Duration) -> Result<Session> {
     let started = Instant::now();
     let mut announced = false;
@@ -92,15 +128,53 @@ pub(crate) fn connect(socket: &Path, timeout: Duration) -> Result<Session> {
             }
         }
     };
-    let io_error = |what: &str| {
-        let socket = socket.to_owned();
-        let what = what.to_owned();
-        move |source| Error::VhostUserIo {
-            socket,
-            what,
-            source,
+    open_session(socket, stream)
+}
+
+/// Waits on `listener` (bound at `socket`, non-blocking) for a backend to connect until
+/// `timeout` passed, then opens the session: the front-end's side of `vhost_mode=server`.
+pub(crate) fn accept(listener: &UnixListener, socket: &Path, timeout: Duration) -> Result<Session> {
+    let started = Instant::now();
+    let mut announced = false;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < timeout => {
+                if !announced {
+                    info!(
+                        "vhost-user: waiting up to {}s for a backend to connect to {}",
+                        timeout.as_secs(),
+                        socket.display()
+                    );
+                    announced = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(Error::VhostUserIo {
+                    socket: socket.to_owned(),
+                    what: format!(
+                        "no backend connected (gave up after {:.1}s)",
+                        started.elapsed().as_secs_f64()
+                    ),
+                    source,
+                })
+            }
         }
     };
+    let blocking = stream.set_nonblocking(false);
+    blocking.map_err(|source| Error::VhostUserIo {
+        socket: socket.to_owned(),
+        what: "cannot make the connection blocking".to_owned(),
+        source,
+    })?;
+    open_session(socket, stream)
+}
+
+/// Opens the session on a connected `stream`: SET_OWNER, GET_FEATURES and the protocol
+/// features, every reply bounded by [`REPLY_TIMEOUT`].
+fn open_session(socket: &Path, stream: UnixStream) -> Result<Session> {
+    let io_error = |what: &str| io_error(socket, what);
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io_error("cannot set the reply timeout"))?;
@@ -134,6 +208,17 @@ pub(crate) fn connect(socket: &Path, timeout: Duration) -> Result<Session> {
         backend_features,
         protocol_features,
     })
+}
+
+/// Maps a failed socket operation `what` to the socket's error.
+pub(crate) fn io_error(socket: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let socket: PathBuf = socket.to_owned();
+    let what = what.to_owned();
+    move |source| Error::VhostUserIo {
+        socket,
+        what,
+        source,
+    }
 }
 
 /// Maps a failed request `what` to the socket's error.
