@@ -453,3 +453,303 @@ impl VmHandle {
         self.memory.offset
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::memory::MemoryBackend;
+    use crate::region::OpenOptions;
+    use crate::undo_log::UndoRecord;
+    use crate::vm_table::RunKind;
+    use crate::NvHost;
+    use std::path::Path;
+    use vm_memory::VolatileSlice;
+
+    const PAGES: u64 = 8;
+
+    /// Records its calls; `state` is what `save_state` returns; can fail one step.
+    #[derive(Default)]
+    struct MockHost {
+        calls: Vec<&'static str>,
+        state: Vec<u8>,
+        fail: Option<&'static str>,
+    }
+
+    impl MockHost {
+        fn step(&mut self, name: &'static str) -> std::result::Result<(), HostError> {
+            self.calls.push(name);
+            match self.fail {
+                Some(failing) if failing == name => Err(format!("{name} exploded").into()),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl NvHost for MockHost {
+        fn pause_vcpus(&mut self) -> std::result::Result<(), HostError> {
+            self.step("pause")
+        }
+        fn quiesce_devices(&mut self) -> std::result::Result<(), HostError> {
+            self.step("quiesce")
+        }
+        fn guest_memory_ranges(&self) -> Vec<VolatileSlice<'_>> {
+            Vec::new()
+        }
+        fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError> {
+            self.step("save_state")?;
+            Ok(self.state.clone())
+        }
+        fn resume(&mut self) -> std::result::Result<(), HostError> {
+            self.step("resume")
+        }
+        fn write_protect_memory(&mut self) -> std::result::Result<(), HostError> {
+            self.step("write_protect")
+        }
+    }
+
+    fn running_vm() -> (Region, VmHandle) {
+        let options = OpenOptions {
+            format: true,
+            ..OpenOptions::compact()
+        };
+        let region = Region::open_store(
+            Box::new(MemoryBackend::default()),
+            Path::new("mem"),
+            &options,
+        )
+        .unwrap();
+        region.create_vm("vm", PAGES * PAGE_SIZE, b"cfg").unwrap();
+        let handle = region.claim_vm("vm").unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        (region, handle)
+    }
+
+    /// What the guest does on a write fault: log the page, then write it.
+    fn guest_write(handle: &VmHandle, log: &UndoLog, page: u64, byte: u8) {
+        log.record_undo(page * PAGE_SIZE).unwrap();
+        let mut shared = handle.region().lock();
+        let at = handle.memory_region_offset() + page * PAGE_SIZE;
+        shared
+            .store
+            .write(at, &vec![byte; PAGE_SIZE as usize])
+            .unwrap();
+    }
+
+    fn memory(handle: &VmHandle) -> Vec<u8> {
+        let shared = handle.region().lock();
+        let mut bytes = vec![0; (PAGES * PAGE_SIZE) as usize];
+        shared
+            .store
+            .read(handle.memory_region_offset(), &mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The region as a restarted VMM finds it after SIGKILL: the same bytes, a new claim.
+    fn crash(region: &Region) -> (Region, VmHandle) {
+        let bytes = {
+            let shared = region.lock();
+            let mut bytes = vec![0; shared.store.len() as usize];
+            shared.store.read(0, &mut bytes).unwrap();
+            bytes
+        };
+        let region = Region::open_store(
+            Box::new(MemoryBackend::new(bytes)),
+            Path::new("crashed"),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        // The dead process's claim is still recorded; a test process has the same pid, so
+        // take it over as a restarted VMM would once the old one is gone.
+        region
+            .transact(|_, table| {
+                table.entries[0].owner = crate::identity::OwnerRecord::default();
+                Ok(((), true))
+            })
+            .unwrap();
+        let handle = region.claim_vm("vm").unwrap();
+        (region, handle)
+    }
+
+    #[test]
+    fn recovery_rolls_memory_and_state_back_to_the_last_committed_epoch() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let mut host = MockHost {
+            state: b"epoch-1".to_vec(),
+            ..MockHost::default()
+        };
+        guest_write(&handle, &log, 1, 0x11);
+        assert_eq!(log.status().pages, 0);
+        let first = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert!(first.arming);
+        assert_eq!(
+            host.calls,
+            ["pause", "quiesce", "save_state", "write_protect", "resume"]
+        );
+        guest_write(&handle, &log, 1, 0x22);
+        guest_write(&handle, &log, 2, 0x33);
+        assert_eq!(
+            log.record_undo(PAGE_SIZE).unwrap(),
+            UndoRecord::AlreadyRecorded
+        );
+        host.state = b"epoch-2".to_vec();
+        let second = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert!(!second.arming);
+        assert_eq!(second.undo_pages, 2);
+        assert_eq!(second.seq, first.seq + 1);
+        let at_second = memory(&handle);
+        // The guest moves on; a failed checkpoint in between changes nothing.
+        guest_write(&handle, &log, 2, 0x44);
+        guest_write(&handle, &log, 5, 0x55);
+        host.fail = Some("save_state");
+        assert!(checkpoint_vm(&handle, &mut host, &log).is_err());
+        guest_write(&handle, &log, 7, 0x77);
+        assert_eq!(log.status().pages, 3);
+
+        let (crashed, recovered_handle) = crash(&region);
+        assert_eq!(
+            crashed.inspect_recovery("vm").unwrap().shutdown_kind,
+            ShutdownKind::Checkpoint
+        );
+        let recovered = recovered_handle.recover().unwrap();
+        assert_eq!(
+            (
+                recovered.seq,
+                recovered.state_blob.as_slice(),
+                recovered.shutdown_kind
+            ),
+            (second.seq, &b"epoch-2"[..], ShutdownKind::Checkpoint)
+        );
+        assert_eq!(memory(&recovered_handle), at_second);
+        // Recovered once, recorded as saved at that epoch: recovering again says the same.
+        assert_eq!(recovered_handle.recover().unwrap(), recovered);
+        assert_eq!(crashed.vm("vm").unwrap().status(), "checkpoint-recovered");
+        // The next run starts clean: its own crash before a checkpoint is unsafe.
+        recovered_handle.begin_run(RunKind::Resume).unwrap();
+        assert!(matches!(
+            recovered_handle.recover(),
+            Err(Error::UnsafeShutdown)
+        ));
+    }
+
+    #[test]
+    fn a_completed_power_fail_save_wins_over_the_epoch() {
+        let (region, mut handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost {
+            state: b"epoch".to_vec(),
+            ..MockHost::default()
+        };
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        guest_write(&handle, &log, 3, 0x99);
+        let at_save = memory(&handle);
+        host.state = b"power-fail".to_vec();
+        crate::save_vm(
+            &mut handle,
+            &mut host,
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let (_crashed, handle) = crash(&region);
+        let recovered = handle.recover().unwrap();
+        assert_eq!(recovered.shutdown_kind, ShutdownKind::PowerFail);
+        assert_eq!(recovered.state_blob, b"power-fail");
+        assert_eq!(memory(&handle), at_save);
+    }
+
+    #[test]
+    fn a_full_log_refuses_until_the_next_checkpoint() {
+        let (_region, handle) = running_vm();
+        let log = handle.enable_checkpoints(1).unwrap();
+        let capacity = log.capacity_pages();
+        // 1 page asked for, the 4 KiB-aligned compact region gives exactly what fits.
+        assert!((1..PAGES).contains(&capacity), "{capacity}");
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        for page in 0..capacity {
+            guest_write(&handle, &log, page, 1);
+        }
+        assert!(matches!(
+            log.record_undo(capacity * PAGE_SIZE),
+            Err(Error::UndoLogFull { capacity_pages }) if capacity_pages == capacity
+        ));
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert_eq!(
+            log.record_undo(capacity * PAGE_SIZE).unwrap(),
+            UndoRecord::Recorded
+        );
+        assert!(log.record_undo(PAGES * PAGE_SIZE).is_err());
+        assert!(log.record_undo(1).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_protect_withdraws_the_epoch() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        host.fail = Some("write_protect");
+        host.calls.clear();
+        let err = checkpoint_vm(&handle, &mut host, &log).unwrap_err();
+        assert!(err.to_string().contains("write_protect exploded"), "{err}");
+        assert_eq!(host.calls.last(), Some(&"resume"));
+        assert_eq!(log.status().epoch, None);
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn epochs_of_an_earlier_run_are_never_recovered() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        handle.mark_powered_off().unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn disabling_checkpoints_makes_a_crash_unsafe_again() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        checkpoint_vm(&handle, &mut MockHost::default(), &log).unwrap();
+        handle.disable_checkpoints(&log).unwrap();
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn the_area_is_a_third_extent_the_table_keeps_and_delete_frees() {
+        let (region, handle) = running_vm();
+        let before = region.free_space().unwrap();
+        let log = handle.enable_checkpoints(16).unwrap();
+        assert_eq!(log.capacity_pages(), 16);
+        let after = region.free_space().unwrap();
+        assert!(after.free_bytes < before.free_bytes || region.size() > 0);
+        // The same size again keeps the area; another size moves it.
+        let again = handle.enable_checkpoints(16).unwrap();
+        assert_eq!(again.capacity_pages(), 16);
+        let (crashed, _) = crash(&region);
+        let entry = crashed
+            .transact(|_, table| Ok((table.entries[0].clone(), false)))
+            .unwrap();
+        assert_eq!(
+            entry.checkpoint.len,
+            checkpoint_area::area_len_for(16).unwrap()
+        );
+        assert_eq!(
+            crashed.lock().superblock.format_version,
+            FORMAT_VERSION_CHECKPOINTS
+        );
+        drop(handle);
+        region.delete_vm("vm").unwrap();
+        assert!(region.list_vms().unwrap().is_empty());
+    }
+}
