@@ -283,6 +283,32 @@ pub(crate) fn slot_to_keep(store: &dyn Persistence, entry: &VmEntry) -> Result<O
     Ok(None)
 }
 
+/// For a VM recorded as saved at `saved`: when `newest` is a newer slot that the area's epoch
+/// record vouches for as the first epoch of a checkpointed resume from that save
+/// ([`VmHandle::begin_run_checkpointed`] cut before its "running" record), the save's own slot;
+/// otherwise `newest` unchanged.
+pub(crate) fn behind_resume_epoch(
+    store: &dyn Persistence,
+    entry: &VmEntry,
+    saved: u64,
+    newest: Option<ValidSlot>,
+) -> Result<Option<ValidSlot>> {
+    let Some(slot) = newest.as_ref().filter(|slot| slot.seq > saved) else {
+        return Ok(newest);
+    };
+    if entry.checkpoint.len == 0 {
+        return Ok(newest);
+    }
+    let area = CheckpointArea::new(entry.uuid, entry.checkpoint);
+    let vouched = area
+        .newest_epoch(store)?
+        .is_some_and(|e| e.seq == slot.seq && e.run_since_seq == saved);
+    if !vouched {
+        return Ok(newest);
+    }
+    state_area(entry).read_slot(store, 1 - slot.index)
+}
+
 /// What recovery of a running VM yields: its committed epoch's state, or an unsafe shutdown.
 pub(crate) fn recoverable_epoch(store: &dyn Persistence, entry: &VmEntry) -> Result<RecoveredVm> {
     let Some(epoch) = committed_epoch(store, entry)? else {
@@ -395,6 +421,84 @@ impl VmHandle {
             entry.memory,
             entry.memory_size,
         ))
+    }
+
+    /// Starts a resumed run that is recoverable from its first instant: like
+    /// [`VmHandle::begin_run`]`(RunKind::Resume)` followed by [`VmHandle::enable_checkpoints`]
+    /// and a checkpoint, without the window in between and without persisting guest memory
+    /// again. Only for a VM whose record says "saved at N" (a completed save, or a recovery from
+    /// an epoch: memory is durable and is exactly save N's); its state is committed again as
+    /// epoch N + 1 of the new run *before* the record says "running", so every crash from here
+    /// on recovers to it or to a later epoch. Returns the log armed for that epoch, empty.
+    ///
+    /// The VMM must write-protect all of guest RAM (as `NvHost::write_protect_memory` does)
+    /// before any guest code or device writes it; a cold boot has no committed state and takes
+    /// the ordinary path (`begin_run`, `enable_checkpoints`, an arming `checkpoint_vm`).
+    pub fn begin_run_checkpointed(&self, undo_pages: u64) -> Result<UndoLog> {
+        let log = self.enable_checkpoints(undo_pages)?;
+        let mut state = log.lock_state();
+        let area = state.area;
+        let (saved, seq) = self
+            .transact_owned(|shared, entry| {
+                let RunRecord::Saved { seq: saved, .. } = entry.record else {
+                    return Err(Error::InvalidCheckpointRequest(format!(
+                        "VM {:?} has no completed save to resume from ({})",
+                        entry.name, entry.record
+                    )));
+                };
+                if entry.checkpoint != area.extent {
+                    return Err(Error::InvalidCheckpointRequest(format!(
+                        "VM {:?}'s checkpoint area changed under its undo log",
+                        entry.name
+                    )));
+                }
+                let store = shared.store.as_mut();
+                let slots = state_area(entry);
+                let newest = slots.newest(store)?;
+                let slot = match &newest {
+                    Some(slot) if slot.seq == saved => slot.clone(),
+                    _ => {
+                        return Err(Error::DamagedState {
+                            vm: entry.name.clone(),
+                            seq: saved,
+                            detail: "no valid state slot holds the save".to_string(),
+                        })
+                    }
+                };
+                let seq = saved.checked_add(1).ok_or_else(|| {
+                    Error::CorruptVmTable(format!("VM {:?}: save sequence exhausted", entry.name))
+                })?;
+                // Epoch record, then its slot, both before the record says "running": while it
+                // still says "saved", recovery takes the save (a newer slot only where this
+                // epoch record vouches for it: `behind_resume_epoch`).
+                area.commit_epoch(store, seq, saved)?;
+                slots.write(store, Some(&slot), seq, &slot.payload)?;
+                Region::update_superblock(shared, |sb| {
+                    sb.shutdown_marker = crate::superblock::ShutdownMarker::VmsRunning
+                })?;
+                entry.record = RunRecord::Running {
+                    since_seq: saved,
+                    kind: crate::vm_table::RunKind::Resume,
+                };
+                Ok(((saved, seq), true))
+            })?
+            .0;
+        // As `begin_run` does: save N must never be resumed again, even from a table copy
+        // rolled back by media damage; epoch `seq` holds the same state.
+        self.transact_owned(|shared, entry| {
+            let slots = state_area(entry);
+            for index in 0..2 {
+                if let Some(slot) = slots.read_slot(shared.store.as_ref(), index)? {
+                    if slot.seq == saved {
+                        slots.invalidate(shared.store.as_mut(), index)?;
+                    }
+                }
+            }
+            Ok(((), false))
+        })?;
+        state.start_epoch(seq);
+        drop(state);
+        Ok(log)
     }
 
     /// Stops checkpoints: destroys the epoch records durably (a crash from now on is an unsafe
@@ -658,6 +762,51 @@ mod tests {
         assert_eq!(recovered.shutdown_kind, ShutdownKind::PowerFail);
         assert_eq!(recovered.state_blob, b"power-fail");
         assert_eq!(memory(&handle), at_save);
+    }
+
+    #[test]
+    fn a_checkpointed_resume_is_recoverable_before_its_first_checkpoint() {
+        let (region, mut handle) = running_vm();
+        guest_write(&handle, &handle.enable_checkpoints(4).unwrap(), 0, 0x10);
+        let at_save = memory(&handle);
+        crate::save_vm(
+            &mut handle,
+            &mut MockHost {
+                state: b"saved".to_vec(),
+                ..MockHost::default()
+            },
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let (region, handle) = {
+            drop(region);
+            let (crashed, handle) = crash(handle.region());
+            assert_eq!(handle.recover().unwrap().state_blob, b"saved");
+            (crashed, handle)
+        };
+        let log = handle.begin_run_checkpointed(4).unwrap();
+        let epoch = log.status().epoch.unwrap();
+        // The guest runs at once, protected from the first instant.
+        guest_write(&handle, &log, 0, 0x20);
+        guest_write(&handle, &log, 6, 0x60);
+        let (_crashed, handle) = crash(&region);
+        let recovered = handle.recover().unwrap();
+        assert_eq!(
+            (
+                recovered.seq,
+                recovered.state_blob.as_slice(),
+                recovered.shutdown_kind
+            ),
+            (epoch, &b"saved"[..], ShutdownKind::Checkpoint)
+        );
+        assert_eq!(memory(&handle), at_save);
+        // A VM without a completed save has nothing to resume checkpointed.
+        handle.begin_run(RunKind::Resume).unwrap();
+        assert!(matches!(
+            handle.begin_run_checkpointed(4),
+            Err(Error::InvalidCheckpointRequest(_))
+        ));
     }
 
     #[test]

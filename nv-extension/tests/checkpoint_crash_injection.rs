@@ -216,7 +216,7 @@ fn record(seed: u64) -> Trace {
                     before: before.clone(),
                     after: before.clone(),
                 });
-                restart(&mut vm, &mut ops, rolled_back, RunKind::Resume);
+                restart(&mut vm, &mut rng, &mut ops, rolled_back, RunKind::Resume);
             }
             39 if rng.below(2) == 0 => {
                 // The guest powers off; the next start is a cold boot, whose epochs must never
@@ -231,7 +231,7 @@ fn record(seed: u64) -> Trace {
                     before,
                     after: Outcome::Nothing,
                 });
-                restart(&mut vm, &mut ops, stopped, RunKind::ColdBoot);
+                restart(&mut vm, &mut rng, &mut ops, stopped, RunKind::ColdBoot);
             }
             _ => {
                 let state = rng.blob(1, PAGE - 64);
@@ -256,7 +256,7 @@ fn record(seed: u64) -> Trace {
                     before,
                     after: vm.committed.clone(),
                 });
-                restart(&mut vm, &mut ops, saved, RunKind::Resume);
+                restart(&mut vm, &mut rng, &mut ops, saved, RunKind::Resume);
             }
         }
     }
@@ -279,17 +279,41 @@ fn record(seed: u64) -> Trace {
 
 /// The next run after a recovery or a save: "running" again, checkpoints on, nothing
 /// committed for this run yet.
-fn restart(vm: &mut Vm, ops: &mut Vec<Op>, start: usize, kind: RunKind) {
+/// A resume after a save or a recovery starts checkpointed half of the time
+/// (`begin_run_checkpointed`: the save is epoch 1 of the new run, no unsafe window).
+fn restart(vm: &mut Vm, rng: &mut Rng, ops: &mut Vec<Op>, start: usize, kind: RunKind) {
     let before = vm.committed.clone();
-    vm.handle.begin_run(kind).expect("begin_run");
-    vm.log = vm.handle.enable_checkpoints(UNDO_PAGES).expect("enable");
-    vm.committed = Outcome::Unsafe;
+    match (&before, kind == RunKind::Resume && rng.below(2) == 0) {
+        (
+            Outcome::Committed {
+                seq, state, memory, ..
+            },
+            true,
+        ) => {
+            vm.log = vm
+                .handle
+                .begin_run_checkpointed(UNDO_PAGES)
+                .expect("begin_run_checkpointed");
+            vm.committed = Outcome::Committed {
+                seq: seq + 1,
+                kind: ShutdownKind::Checkpoint,
+                state: state.clone(),
+                memory: memory.clone(),
+            };
+            assert_eq!(vm.log.status().epoch, Some(seq + 1));
+        }
+        _ => {
+            vm.handle.begin_run(kind).expect("begin_run");
+            vm.log = vm.handle.enable_checkpoints(UNDO_PAGES).expect("enable");
+            vm.committed = Outcome::Unsafe;
+        }
+    }
     ops.push(Op {
         kind: OpKind::Other,
         start,
         end: vm.guest.events(),
         before,
-        after: Outcome::Unsafe,
+        after: vm.committed.clone(),
     });
 }
 
