@@ -252,6 +252,18 @@ fn resume_after_failure(handle: &VmHandle, host: &mut dyn NvHost) {
     }
 }
 
+/// Refuses an undo log whose area is not the one the VM's entry names (moved by another
+/// `enable_checkpoints`).
+fn check_area(entry: &VmEntry, area: &CheckpointArea) -> Result<()> {
+    if entry.checkpoint != area.extent {
+        return Err(Error::InvalidCheckpointRequest(format!(
+            "VM {:?}'s checkpoint area changed under its undo log",
+            entry.name
+        )));
+    }
+    Ok(())
+}
+
 /// The epoch of `entry`'s current run that recovery would roll back to, if one committed.
 pub(crate) fn committed_epoch(store: &dyn Persistence, entry: &VmEntry) -> Result<Option<Epoch>> {
     let RunRecord::Running { since_seq, .. } = entry.record else {
@@ -446,12 +458,7 @@ impl VmHandle {
                         entry.name, entry.record
                     )));
                 };
-                if entry.checkpoint != area.extent {
-                    return Err(Error::InvalidCheckpointRequest(format!(
-                        "VM {:?}'s checkpoint area changed under its undo log",
-                        entry.name
-                    )));
-                }
+                check_area(entry, &area)?;
                 let store = shared.store.as_mut();
                 let slots = state_area(entry);
                 let newest = slots.newest(store)?;
@@ -520,12 +527,7 @@ impl VmHandle {
                         entry.name, entry.record
                     )));
                 };
-                if entry.checkpoint != area.extent {
-                    return Err(Error::InvalidCheckpointRequest(format!(
-                        "VM {:?}'s checkpoint area changed under its undo log",
-                        entry.name
-                    )));
-                }
+                check_area(entry, area)?;
                 let store = shared.store.as_mut();
                 let slots = state_area(entry);
                 let newest = slots.newest(store)?;
