@@ -715,6 +715,15 @@ mod tests {
         assert_eq!(log.status().pages, 3);
 
         let (crashed, recovered_handle) = crash(&region);
+        let listed = crashed.vm("vm").unwrap();
+        assert_eq!(listed.checkpoint_epoch, Some(second.seq));
+        // Claimed by this (live) process here; once its owner is gone it lists as recoverable.
+        assert_eq!(listed.status(), "running");
+        let orphaned = crate::VmSummary {
+            owner_pid: None,
+            ..listed
+        };
+        assert_eq!(orphaned.status(), "checkpointed");
         assert_eq!(
             crashed.inspect_recovery("vm").unwrap().shutdown_kind,
             ShutdownKind::Checkpoint
