@@ -20,7 +20,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const FORMAT_VERSION_SWAPPED: u32 = 2;
 /// The version while a VM of the region has a checkpoint area (its table entry names a third
 /// extent, which an older build would not see and could hand out again): set before the first
-/// such entry is written, lowered once none is left. A build that reads it reads version 2 too.
+/// such entry is written; a swap-in sets the version its table needs (`required_version`). A
+/// build that reads it reads versions 1 and 2 too.
 pub const FORMAT_VERSION_CHECKPOINTS: u32 = 3;
 /// Bytes of a superblock copy that carry data (the rest of its 4 KiB is zero).
 pub const ENCODED_LEN: usize = 128;
