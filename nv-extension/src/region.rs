@@ -108,6 +108,9 @@ pub struct VmSummary {
     pub last_save: Option<SaveReport>,
     /// Where the VM is when it is swapped out (`status()` "swapped-out"); `None` when resident.
     pub swap: Option<SwapRecord>,
+    /// The committed checkpoint epoch of the VM's current run (its state sequence), which a
+    /// recovery after a death without a save rolls back to (`docs/checkpoints.md`).
+    pub checkpoint_epoch: Option<u64>,
 }
 
 pub(crate) struct Shared {
@@ -125,7 +128,9 @@ impl VmSummary {
         match self.state {
             RunRecord::Created => "created",
             RunRecord::Running { .. } if self.owner_pid.is_some() => "running",
-            // Recorded as running, but its process is gone: it died without a save.
+            // Recorded as running, but its process is gone: it died without a save, and
+            // recovers from its last checkpoint epoch if it has one.
+            RunRecord::Running { .. } if self.checkpoint_epoch.is_some() => "checkpointed",
             RunRecord::Running { .. } => "unsafe",
             RunRecord::Saved {
                 kind: ShutdownKind::PowerFail,
@@ -135,6 +140,10 @@ impl VmSummary {
                 kind: ShutdownKind::PlannedSuspend,
                 ..
             } => "suspended",
+            RunRecord::Saved {
+                kind: ShutdownKind::Checkpoint,
+                ..
+            } => "checkpoint-recovered",
             RunRecord::PoweredOff { .. } => "powered-off",
         }
     }
@@ -535,6 +544,7 @@ impl Region {
                     offset: offsets[1],
                     len: state_len,
                 },
+                checkpoint: Extent { offset: 0, len: 0 },
                 record: RunRecord::Created,
                 owner: OwnerRecord::default(),
                 config: config_blob.to_vec(),
@@ -668,7 +678,7 @@ impl Region {
                         pid: entry.owner.pid,
                     });
                 }
-                let freed = [entry.memory, entry.state];
+                let freed = [entry.memory, entry.state, entry.checkpoint];
                 table.entries.retain(|e| e.name != name);
                 Ok((freed, true))
             },
@@ -777,6 +787,7 @@ fn summary(store: &dyn Persistence, entry: &VmEntry) -> Result<VmSummary> {
             None => last_save_report(store, entry)?,
         },
         swap: entry.swap.clone(),
+        checkpoint_epoch: crate::checkpoint::committed_epoch(store, entry)?.map(|e| e.seq),
     })
 }
 
