@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::guests::verify_blkcheck_disk;
-use integration_tests::harness::{guest_arguments, scratch_dir};
+use integration_tests::harness::{guest_arguments, point_serial_to, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
 use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -191,8 +191,13 @@ fn finishes_ok(vmm: &mut VmmProcess) -> String {
 }
 
 /// Waits for the recovered blkcheck to finish and checks it continued (no new boot, the first
-/// sequence number after the last one before) and the whole disk is written.
+/// sequence number after the last one before) and the whole disk is written. An NV VM ends with
+/// `EXIT_GUEST_RESET`, an ordinary one (a restored snapshot) with 0.
 fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
+    finishes_in_place_exiting(vmm, disk, completed, EXIT_GUEST_RESET);
+}
+
+fn finishes_in_place_exiting(vmm: &mut VmmProcess, disk: &Disk, completed: u64, exit: i32) {
     let after = finishes_ok(vmm);
     assert!(
         !after.contains("blkcheck: disk"),
@@ -202,7 +207,7 @@ fn finishes_in_place(vmm: &mut VmmProcess, disk: &Disk, completed: u64) {
         .next()
         .expect("a completed line after recovery");
     assert!(first_after > completed, "{first_after} after {completed}");
-    assert_eq!(vmm.wait_exit().code(), Some(EXIT_GUEST_RESET));
+    assert_eq!(vmm.wait_exit().code(), Some(exit));
     verify_blkcheck_disk(&disk.image, BLOCKS, ROUNDS * BLOCKS)
         .unwrap_or_else(|e| panic!("disk after the recovered run: {e}"));
 }
@@ -394,4 +399,88 @@ fn a_planned_suspend_resumes_on_the_same_backend_process() {
     let mut vmm = recover(dir.path(), "resumed", &region, &disk);
     finishes_in_place(&mut vmm, &disk, completed);
     assert_eq!(disk.starts, 1, "the backend was not restarted");
+}
+
+/// `vm.snapshot` of an NV VM with a vhost-user disk restored into a new VMM (`--restore`): the
+/// restored VM is an ordinary one whose RAM is copied in, so it must be shared RAM with a file
+/// descriptor (a memfd) for the backend's SET_MEM_TABLE; the same backend process, which saw the
+/// first VMM go, serves the rings from the saved positions and the guest goes on without a reset.
+#[test]
+fn a_snapshot_restores_into_a_new_vmm_on_the_same_backend() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
+    let api = dir.path().join("api.sock");
+    let mut disk = Disk::new(dir.path(), Backend::Ours);
+    disk.start();
+    let mut arguments = guest_arguments(
+        "blkcheck",
+        &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
+        "32M",
+    );
+    arguments.extend(nv(&region, ",create=on"));
+    arguments.extend(["--disk".to_string(), disk.option()]);
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    wait_for_progress(&mut vmm, 5 * BLOCKS);
+    let call = |method: &str, op: &str, body: &str| {
+        let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
+        assert!(status == 204 || status == 200, "{op}: {status} {answer}");
+    };
+    call("PUT", "vm.pause", "");
+    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
+    call("PUT", "vm.snapshot", &destination);
+    let paused = last_completed_seq(&vmm.serial_log());
+    // The first VMM dies paused: nothing after the snapshot reaches the disk.
+    vmm.kill();
+    verify_blkcheck_disk(&disk.image, BLOCKS, paused)
+        .unwrap_or_else(|e| panic!("disk at the snapshot: {e}"));
+
+    let restored_log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot, &restored_log);
+    let mut restored = VmmProcess::spawn(
+        dir.path(),
+        "restored",
+        &[
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+            "-v".to_string(),
+        ],
+        &[],
+    )
+    .with_serial(restored_log)
+    .with_timeout(TIMEOUT);
+    // Not an NV VM any more: its reset ends the VMM with 0.
+    finishes_in_place_exiting(&mut restored, &disk, paused, 0);
+    assert_eq!(disk.starts, 1, "the backend was not restarted");
+}
+
+/// A VM that is not NV, on `--memory shared=on` without a file, serves a vhost-user disk: its
+/// RAM is a memfd the backend maps (anonymous shared memory has no descriptor to send).
+#[test]
+fn shared_ram_without_a_file_serves_a_vhost_user_disk() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let mut disk = Disk::new(dir.path(), Backend::Ours);
+    disk.start();
+    let mut arguments = guest_arguments(
+        "blkcheck",
+        &format!("blocks={BLOCKS} rounds=20 exit=reset"),
+        "32M,shared=on",
+    );
+    arguments.extend(["--disk".to_string(), disk.option()]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    finishes_ok(&mut vmm);
+    // Not an NV VM: its reset ends the VMM with 0.
+    assert_eq!(vmm.wait_exit().code(), Some(0));
+    verify_blkcheck_disk(&disk.image, BLOCKS, 20 * BLOCKS)
+        .unwrap_or_else(|e| panic!("disk after the run: {e}"));
 }

@@ -69,12 +69,13 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
     }
     let mut backings = Vec::new();
     if config.size > 0 {
-        backings.push(Backing::Anonymous {
-            size: config.size,
-            shared: config.shared,
-            prefault: config.prefault,
-            thp: config.thp && !config.shared,
-        });
+        backings.push(anonymous_backing(
+            "ram",
+            config.size,
+            config.shared,
+            config.prefault,
+            config.thp,
+        )?);
     }
     for zone in config.zones.iter().flatten() {
         if zone.size == 0 {
@@ -84,12 +85,13 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
             )));
         }
         match &zone.file {
-            None => backings.push(Backing::Anonymous {
-                size: zone.size,
-                shared: zone.shared,
-                prefault: zone.prefault,
-                thp: config.thp && !zone.shared,
-            }),
+            None => backings.push(anonymous_backing(
+                &zone.id,
+                zone.size,
+                zone.shared,
+                zone.prefault,
+                config.thp,
+            )?),
             Some(path) => {
                 let (file, path) = open_zone_file(Path::new(path), zone.size)?;
                 backings.push(Backing::File {
@@ -106,6 +108,49 @@ pub fn guest_memory_from_config(config: &MemoryConfig) -> Result<GuestMemoryMmap
         }
     }
     map_backings(backings)
+}
+
+/// RAM that no file of the user backs: private anonymous memory, or, when `shared`, a memfd of
+/// `size` bytes (as upstream): shared RAM exists to be mapped by another process (a vhost-user
+/// backend), which needs a file descriptor of it for SET_MEM_TABLE. `name` labels the memfd
+/// (`/proc/PID/fd`, `/proc/PID/maps`).
+fn anonymous_backing(
+    name: &str,
+    size: u64,
+    shared: bool,
+    prefault: bool,
+    thp: bool,
+) -> Result<Backing, Error> {
+    if !shared {
+        return Ok(Backing::Anonymous {
+            size,
+            shared,
+            prefault,
+            thp,
+        });
+    }
+    let path = PathBuf::from(format!("memfd:{name}"));
+    let memfd_error = |operation| {
+        let path = path.clone();
+        move |source: rustix::io::Errno| Error::MemoryFile {
+            path,
+            operation,
+            source: source.into(),
+        }
+    };
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(memfd_error("memfd_create"))?;
+    rustix::fs::ftruncate(&fd, size).map_err(memfd_error("size"))?;
+    Ok(Backing::File {
+        file: File::from(fd),
+        path,
+        offset: 0,
+        size,
+        shared: true,
+        prefault,
+        map_sync: false,
+        thp: false,
+    })
 }
 
 /// Builds guest RAM from `size` bytes of `file` starting at `offset`, mapped shared (and `MAP_SYNC`
@@ -573,6 +618,49 @@ mod tests {
         assert!(advised(true, false), "thp=on (the default) must advise");
         assert!(!advised(false, false), "thp=off must not advise");
         assert!(!advised(true, true), "shared RAM is never advised");
+    }
+
+    /// `shared=on` RAM without a file is a memfd, as upstream: a vhost-user backend needs a file
+    /// descriptor of guest RAM (SET_MEM_TABLE), which anonymous memory has not. The memfd is
+    /// unnamed (no link), writes through the guest mapping reach it, and a zone gets its own.
+    #[test]
+    fn shared_ram_without_a_file_is_a_memfd_the_backend_can_map() {
+        let config = MemoryConfig {
+            size: 4 << 20,
+            shared: true,
+            zones: Some(vec![MemoryZoneConfig {
+                file: None,
+                ..zone("z0", 2 << 20, None)
+            }]),
+            ..Default::default()
+        };
+        let memory = guest_memory_from_config(&config).unwrap();
+        assert_eq!(memory.num_regions(), 2);
+        let mut files = Vec::new();
+        for region in memory.iter() {
+            assert_ne!(region.flags() & libc::MAP_SHARED, 0);
+            let file_offset = region
+                .file_offset()
+                .expect("shared RAM has a file descriptor");
+            let file = file_offset.file();
+            assert_eq!(file_offset.start(), 0);
+            assert_eq!(file.metadata().unwrap().nlink(), 0, "a memfd has no name");
+            assert_eq!(file.metadata().unwrap().len(), region.len());
+            files.push(file.try_clone().unwrap());
+        }
+        memory.write_obj(0x5a5a_u16, GuestAddress(0x1000)).unwrap();
+        let mut bytes = [0u8; 2];
+        use std::os::unix::fs::FileExt;
+        files[0].read_exact_at(&mut bytes, 0x1000).unwrap();
+        assert_eq!(u16::from_le_bytes(bytes), 0x5a5a);
+
+        // Private RAM stays anonymous.
+        let private = guest_memory_from_config(&MemoryConfig {
+            size: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(private.iter().all(|region| region.file_offset().is_none()));
     }
 
     #[test]

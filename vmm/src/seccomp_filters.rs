@@ -154,6 +154,8 @@ const VMM: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
+    // Shared guest RAM without a file (`shared=on`) is a memfd, built again on vm.restore.
+    libc::SYS_memfd_create,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_msync,

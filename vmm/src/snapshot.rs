@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -182,6 +183,11 @@ pub fn save(vm: &Vm, destination_url: &str) -> Result<(), Error> {
     let state = vm.save_state()?;
     let mut config = vm.config().clone();
     let in_nv_memory = config.nv.take().is_some();
+    if in_nv_memory {
+        // NV RAM is a shared mapping, and a vhost-user backend maps it: the restored VM's RAM
+        // is shared too (a memfd it can send in SET_MEM_TABLE), as `shared=on` would give.
+        config.memory.shared = true;
+    }
 
     let memory = vm.memory();
     let copied: Vec<MemoryRange> = memory
@@ -227,8 +233,15 @@ pub fn save(vm: &Vm, destination_url: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A shared mapping of a file that has a name: the restore maps that file again. A memfd
+/// (`shared=on` RAM without a file) has no name (no link) and goes with the process, so its
+/// bytes are copied like anonymous RAM.
 fn is_shared_file_mapping(region: &vm_memory::GuestRegionMmap) -> bool {
-    region.file_offset().is_some() && region.flags() & libc::MAP_SHARED != 0
+    region.flags() & libc::MAP_SHARED != 0
+        && region
+            .file_offset()
+            .and_then(|file_offset| file_offset.file().metadata().ok())
+            .is_some_and(|metadata| metadata.nlink() > 0)
 }
 
 fn write_new_file(created: &mut CreatedFiles, path: &Path, bytes: &[u8]) -> Result<(), Error> {
