@@ -177,8 +177,7 @@ fn check_readable_file(option: &str, path: &str) -> anyhow::Result<()> {
 /// Upstream device options this VMM has no device for, as given: `VmConfig::from_options`
 /// refuses them by the rule that refuses the same members of a `vm.create` body.
 fn unimplemented_devices(cli: &Cli) -> Vec<(&'static str, &str)> {
-    let lists: [(&'static str, &[String]); 9] = [
-        ("fs", &cli.fs),
+    let lists: [(&'static str, &[String]); 8] = [
         ("pmem", &cli.pmem),
         ("device", &cli.device),
         ("user-device", &cli.user_device),
@@ -232,6 +231,7 @@ fn build_launch(cli: &Cli) -> anyhow::Result<VmmLaunch> {
         memory_zones: cli.memory_zone.iter().map(String::as_str).collect(),
         disks: cli.disk.iter().map(String::as_str).collect(),
         net: cli.net.iter().map(String::as_str).collect(),
+        fs: cli.fs.iter().map(String::as_str).collect(),
         rng: cli.rng.as_deref(),
         serial: cli.serial.as_deref(),
         console: cli.console.as_deref(),

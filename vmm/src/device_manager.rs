@@ -27,9 +27,9 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VhostUserNetLink,
-    VhostUserNetParams, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
-    VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VhostUserFsLink,
+    VhostUserNetLink, VhostUserNetParams, VirtioDevice, VirtioPciDevice, VirtioPciState,
+    VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -198,6 +198,30 @@ enum NetBackend {
     VhostUser(VhostUserNetLink),
 }
 
+/// One virtio-fs device: its virtio-pci function and the connection to its virtiofsd.
+struct VirtioFsSlot {
+    transport: DiskTransport,
+    /// `id=`, or upstream's default `_fs<N>`.
+    id: String,
+    tag: String,
+    link: VhostUserFsLink,
+}
+
+/// Version of [`FsState`].
+pub const FS_STATE_VERSION: u32 = 1;
+
+/// Saved state of one virtio-fs device: its virtio-pci function (queues, ring positions the
+/// backend answered to GET_VRING_BASE, negotiated features). FUSE state (node ids, open files)
+/// is virtiofsd's and not here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsState {
+    pub version: u32,
+    pub id: String,
+    /// The tag, to catch a restore onto another file system.
+    pub tag: String,
+    pub pci: VirtioPciState,
+}
+
 /// Version of [`NetState`].
 pub const NET_STATE_VERSION: u32 = 1;
 
@@ -239,6 +263,9 @@ pub struct DevicesState {
     /// One per `--net`, in order (absent in states saved before virtio-net existed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetState>,
+    /// One per `--fs`, in order (absent in states saved before virtio-fs existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsState>,
     /// The ACPI GED's pending events (`None` in a state saved before the GED existed).
     #[serde(default)]
     pub ged: Option<GedState>,
@@ -279,6 +306,7 @@ pub struct DeviceManager {
     console_rng: console_rng::ConsoleRng,
     disks: Vec<VirtioBlockSlot>,
     nets: Vec<VirtioNetSlot>,
+    filesystems: Vec<VirtioFsSlot>,
     /// The ACPI Generic Event Device (power button), interrupt on `GED_GSI`.
     ged: Arc<Mutex<GedDevice>>,
     /// Kept for re-registering ioeventfds when a restore rebuilds a transport.
@@ -323,6 +351,7 @@ impl DeviceManager {
             console_rng: console_rng::ConsoleRng::default(),
             disks: Vec::new(),
             nets: Vec::new(),
+            filesystems: Vec::new(),
             ged: new_ged(vm_fd)?,
             vm_fd: Arc::clone(vm_fd),
             memory: memory.clone(),
@@ -355,6 +384,10 @@ impl DeviceManager {
             manager.add_virtio_net(net)?;
         }
         manager.add_virtio_rng(&config.rng)?;
+        // Upstream puts virtio-fs after the rng.
+        for fs in config.fs.iter().flatten() {
+            manager.add_virtio_fs(fs)?;
+        }
         Ok(manager)
     }
 
@@ -708,6 +741,33 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// A virtio-fs device on a virtio-pci function, connected to its virtiofsd now (a backend
+    /// that is not there is an error naming the socket).
+    fn add_virtio_fs(&mut self, config: &crate::config::FsConfig) -> Result<(), Error> {
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("_fs{}", self.filesystems.len()));
+        let link = VhostUserFsLink::connect(
+            Path::new(&config.socket),
+            &config.tag,
+            config.num_queues,
+            config.queue_size,
+        )
+        .map_err(|e| Error::device(format!("virtio-fs {id} ({})", config.socket), e))?;
+        let what = format!("virtio-fs {id} tag {} ({})", config.tag, config.socket);
+        let (device, bdf, msi) =
+            self.add_pci_virtio(&id, &what, Box::new(link.device()), &self.thread_start)?;
+        log::info!("{what} on virtio-pci at {bdf}");
+        self.filesystems.push(VirtioFsSlot {
+            transport: DiskTransport::Pci { device, bdf, msi },
+            id,
+            tag: config.tag.clone(),
+            link,
+        });
+        Ok(())
+    }
+
     /// Tells the control loop when `transport`'s device wants activation, and confines the
     /// threads the device starts with `thread_start` (its kind's seccomp filter).
     fn wire_activation(
@@ -746,6 +806,13 @@ impl DeviceManager {
                 Err(e) => log::error!("net {}: activation failed: {e}", net.id),
             }
         }
+        for fs in &self.filesystems {
+            match fs.transport.with(|t| t.activate_pending()) {
+                Ok(true) => log::debug!("virtio-fs {}: activated", fs.id),
+                Ok(false) => {}
+                Err(e) => log::error!("virtio-fs {}: activation failed: {e}", fs.id),
+            }
+        }
         let _ = self.hotplug.for_each(|id, t| {
             match t.activate_pending() {
                 Ok(true) => log::debug!("{id}: activated"),
@@ -775,6 +842,11 @@ impl DeviceManager {
             net.transport
                 .with(&step)
                 .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
+        }
+        for fs in &self.filesystems {
+            fs.transport
+                .with(&step)
+                .map_err(|e| Error::device(format!("{doing} virtio-fs {}", fs.id), e))?;
         }
         self.hotplug
             .for_each(|id, t| step(t).map_err(|e| Error::device(format!("{doing} {id}"), e)))
@@ -946,6 +1018,24 @@ impl DeviceManager {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let fs = self
+            .filesystems
+            .iter()
+            .map(|fs| {
+                let (_, pci) = fs
+                    .transport
+                    .save()
+                    .map_err(|e| Error::device_state(format!("virtio-fs {}", fs.id), e))?;
+                Ok(FsState {
+                    version: FS_STATE_VERSION,
+                    id: fs.id.clone(),
+                    tag: fs.tag.clone(),
+                    pci: pci.ok_or_else(|| {
+                        Error::State(format!("virtio-fs {}: not on virtio-pci", fs.id))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let ged = Some(
             self.ged
                 .lock()
@@ -970,6 +1060,7 @@ impl DeviceManager {
             serial,
             disks,
             nets,
+            fs,
             ged,
             pci,
             console,
@@ -1032,6 +1123,16 @@ impl DeviceManager {
         for (net, saved) in self.nets.iter().zip(&state.nets) {
             self.restore_net(net, saved)?;
         }
+        if state.fs.len() != self.filesystems.len() {
+            return Err(Error::State(format!(
+                "state has {} virtio-fs devices, this VM has {}",
+                state.fs.len(),
+                self.filesystems.len()
+            )));
+        }
+        for (fs, saved) in self.filesystems.iter().zip(&state.fs) {
+            self.restore_fs(fs, saved)?;
+        }
         self.restore_console_rng(state.console.as_ref(), state.rng.as_ref())?;
         if let Some(saved) = &state.ged {
             self.ged
@@ -1050,6 +1151,7 @@ impl DeviceManager {
         // The rebuilt virtio-pci functions have new queue-notify eventfds: register them where
         // the restored BARs put the notify addresses.
         let transports = self.disks.iter().map(|d| &d.transport);
+        let transports = transports.chain(self.filesystems.iter().map(|f| &f.transport));
         for transport in transports.chain(self.nets.iter().map(|n| &n.transport)) {
             if let DiskTransport::Pci { bdf, .. } = transport {
                 self.pci.refresh_ioeventfds(*bdf)?;
@@ -1079,6 +1181,32 @@ impl DeviceManager {
             block,
             saved.transport.as_ref(),
             saved.pci.as_ref(),
+            &self.thread_start,
+        )
+    }
+
+    /// Rebuilds a virtio-fs device from saved state on the connection to its virtiofsd (which
+    /// reconnects, bounded, when the device resumes).
+    fn restore_fs(&self, fs: &VirtioFsSlot, saved: &FsState) -> Result<(), Error> {
+        let what = format!("virtio-fs {}", fs.id);
+        if saved.version != FS_STATE_VERSION {
+            return Err(Error::State(format!(
+                "{what}: state version {}, this build understands {FS_STATE_VERSION}",
+                saved.version
+            )));
+        }
+        if saved.tag != fs.tag {
+            return Err(Error::State(format!(
+                "{what}: state saved for tag {} restored onto tag {}",
+                saved.tag, fs.tag
+            )));
+        }
+        self.restore_transport(
+            &what,
+            &fs.transport,
+            Box::new(fs.link.device()),
+            None,
+            Some(&saved.pci),
             &self.thread_start,
         )
     }

@@ -733,6 +733,7 @@ pub(crate) mod tests {
                 serial: None,
                 disks: Vec::new(),
                 nets: Vec::new(),
+                fs: Vec::new(),
                 ged: None,
                 pci: None,
                 console: None,

@@ -45,6 +45,9 @@ pub use vhost_user::{
     VhostUserNetLink, VhostUserNetParams, VHOST_USER_BLK_MAX_QUEUE_SIZE,
     VHOST_USER_CONNECT_TIMEOUT,
 };
+pub use vhost_user::{
+    VhostUserFs, VhostUserFsLink, VIRTIO_FS_MAX_REQUEST_QUEUES, VIRTIO_FS_TAG_LEN,
+};
 
 /// Device status bits (virtio 1.x, "Device Status Field").
 pub mod status {

@@ -290,6 +290,37 @@ impl Default for DiskConfig {
 pub const DEFAULT_NET_IP: &str = "192.168.249.1";
 pub const DEFAULT_NET_MASK: &str = "255.255.255.0";
 pub const DEFAULT_NET_NUM_QUEUES: usize = 2;
+
+/// Upstream's `--fs` defaults: one request queue of 1024 entries.
+pub const DEFAULT_FS_NUM_QUEUES: usize = 1;
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
+
+fn default_fs_num_queues() -> usize {
+    DEFAULT_FS_NUM_QUEUES
+}
+
+fn default_fs_queue_size() -> u16 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
+/// `--fs tag=,socket=[,num_queues=,queue_size=,id=]` (upstream's `FsConfig`): a virtio-fs
+/// device whose backend (virtiofsd) listens on `socket`. `num_queues` counts the request
+/// queues; the device has one high-priority queue besides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: String,
+    #[serde(default = "default_fs_num_queues")]
+    pub num_queues: usize,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+}
 pub const DEFAULT_NET_QUEUE_SIZE: u16 = 256;
 
 /// Upstream's `NetConfig`: a virtio-net device on a tap (`tap=` by name, a new one when absent,
@@ -563,7 +594,7 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fs: Option<Vec<Value>>,
+    pub fs: Option<Vec<FsConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic_vhost_user: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

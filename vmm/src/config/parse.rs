@@ -262,6 +262,30 @@ impl DiskConfig {
     }
 }
 
+const FS_SPEC: OptionSpec =
+    OptionSpec::keyed("fs", "tag socket num_queues queue_size id pci_segment");
+
+impl FsConfig {
+    /// `--fs tag=,socket=[,num_queues=,queue_size=,id=,pci_segment=]` as upstream; values are
+    /// judged by [`VmConfig::validate`].
+    pub fn parse(input: &str) -> Result<Self, ConfigError> {
+        let parsed = ParsedOption::parse(&FS_SPEC, input)?;
+        Ok(FsConfig {
+            tag: parsed.required_string("tag")?,
+            socket: parsed.required_string("socket")?,
+            num_queues: parsed
+                .integer("num_queues")?
+                .unwrap_or(DEFAULT_FS_NUM_QUEUES),
+            queue_size: parsed
+                .integer("queue_size")?
+                .unwrap_or(DEFAULT_FS_QUEUE_SIZE),
+            id: parsed.string("id"),
+            pci_segment: parsed.integer("pci_segment")?.unwrap_or(0),
+            pci_device_id: None,
+        })
+    }
+}
+
 const NET_SPEC: OptionSpec = OptionSpec::keyed(
     "net",
     "tap ip mask mac host_mac mtu iommu num_queues queue_size id fd vhost_user socket \
@@ -659,6 +683,7 @@ pub struct VmOptionStrings<'a> {
     pub memory_zones: Vec<&'a str>,
     pub disks: Vec<&'a str>,
     pub net: Vec<&'a str>,
+    pub fs: Vec<&'a str>,
     pub rng: Option<&'a str>,
     pub serial: Option<&'a str>,
     pub console: Option<&'a str>,
@@ -694,6 +719,11 @@ impl VmConfig {
             .filter(|net| !net.trim().is_empty())
             .map(|net| NetConfig::parse(net))
             .collect::<Result<Vec<_>, _>>()?;
+        let fs = options
+            .fs
+            .iter()
+            .map(|fs| FsConfig::parse(fs))
+            .collect::<Result<Vec<_>, _>>()?;
         let config = VmConfig {
             cpus: options
                 .cpus
@@ -710,6 +740,7 @@ impl VmConfig {
             },
             disks: (!disks.is_empty()).then_some(disks),
             net: (!net.is_empty()).then_some(net),
+            fs: (!fs.is_empty()).then_some(fs),
             rng: rng.unwrap_or_default(),
             serial: options
                 .serial

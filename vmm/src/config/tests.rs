@@ -483,6 +483,7 @@ fn cli_options(given: CommandLine) -> VmOptionStrings<'static> {
             "memory-zone" => options.memory_zones.push(value),
             "disk" => options.disks.push(value),
             "net" => options.net.push(value),
+            "fs" => options.fs.push(value),
             "rng" => options.rng = Some(value),
             "platform" => options.platform = Some(value),
             "serial" => options.serial = Some(value),
@@ -748,12 +749,13 @@ fn every_option_group_follows_one_rule_on_the_command_line_and_in_json() {
             json!({"payload": {"firmware": "/fw"}}),
             Some("firmware"),
         ),
-        // The devices this VMM does not have: --fs, --vsock, --watchdog, ...
+        // virtio-fs needs RAM its backend can map (upstream's rule for vhost-user).
         (
             &[("fs", "tag=t,socket=/s")],
             json!({"fs": [{"tag": "t", "socket": "/s"}]}),
-            Some("(VmConfig member \"fs\") is not supported by this VMM: virtio-fs"),
+            Some("virtio-fs needs guest RAM its backend can map"),
         ),
+        // The devices this VMM does not have: --vsock, --watchdog, ...
         (
             &[("watchdog", "on")],
             json!({"watchdog": true}),
@@ -1386,4 +1388,56 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
         ..Default::default()
     });
     assert!(format!("{twice:?}").contains("twice"), "{twice:?}");
+}
+
+/// `--fs tag=,socket=[,num_queues=,queue_size=,id=]` as upstream: num_queues counts request
+/// queues and defaults to 1, queue_size to 1024 (upstream's FsConfig defaults), the JSON
+/// members are upstream's; on shared RAM (or an NV VM) it passes, a tag longer than the 36
+/// bytes of the config space, a bad queue count or size and a socket given twice are refused.
+#[test]
+fn fs_takes_a_tag_and_a_socket_with_upstreams_defaults() {
+    let fs = FsConfig::parse("tag=myfs,socket=/run/fs.sock").unwrap();
+    assert_eq!((fs.num_queues, fs.queue_size), (1, 1024));
+    assert_eq!(
+        serde_json::to_value(&fs).unwrap(),
+        serde_json::json!({"tag": "myfs", "socket": "/run/fs.sock", "num_queues": 1, "queue_size": 1024,
+               "pci_segment": 0})
+    );
+    let from_json: FsConfig =
+        serde_json::from_value(serde_json::json!({"tag": "myfs", "socket": "/run/fs.sock"}))
+            .unwrap();
+    assert_eq!(from_json, fs);
+    let fs = FsConfig::parse("tag=t,socket=/s,num_queues=2,queue_size=256,id=fs0").unwrap();
+    assert_eq!((fs.num_queues, fs.queue_size), (2, 256));
+    assert_eq!(fs.id.as_deref(), Some("fs0"));
+    assert!(FsConfig::parse("socket=/s").is_err(), "tag is required");
+    assert!(FsConfig::parse("tag=t").is_err(), "socket is required");
+    assert!(FsConfig::parse("tag=t,socket=/s,cache=always").is_err());
+
+    let shared = |fs: Vec<&str>| {
+        command_line(VmOptionStrings {
+            memory: Some("size=64M,shared=on"),
+            fs,
+            ..Default::default()
+        })
+    };
+    let config = shared(vec!["tag=t,socket=/s"]).unwrap();
+    assert_eq!(config.fs.unwrap()[0].tag, "t");
+    let long_tag = format!("tag={},socket=/s", "x".repeat(37));
+    for (fs, expected) in [
+        (long_tag.as_str(), "1 to 36 bytes"),
+        ("tag=t,socket=/s,num_queues=0", "num_queues"),
+        ("tag=t,socket=/s,queue_size=1000", "queue_size"),
+        ("tag=t,socket=/s,pci_segment=1", "pci_segment"),
+    ] {
+        let error = format!("{:?}", shared(vec![fs]));
+        assert!(error.contains(expected), "{fs}: {error}");
+    }
+    let twice = format!("{:?}", shared(vec!["tag=a,socket=/s", "tag=b,socket=/s"]));
+    assert!(twice.contains("twice"), "{twice}");
+    let private = command_line(VmOptionStrings {
+        fs: vec!["tag=t,socket=/s"],
+        ..Default::default()
+    });
+    assert!(format!("{private:?}").contains("shared=on"), "{private:?}");
 }

@@ -28,7 +28,6 @@ pub const MAX_NET_QUEUE_SIZE: u16 = 4096;
 /// the command-line options and the `VmConfig` members of the same name (see `member_name`).
 const NO_DEVICE: &[(&str, &str)] = &[
     ("rate-limit-group", "I/O rate limiting is not implemented"),
-    ("fs", "virtio-fs is not implemented"),
     (
         "generic-vhost-user",
         "vhost-user devices are not implemented",
@@ -73,6 +72,7 @@ impl VmConfig {
         self.validate_payload()?;
         self.validate_disks()?;
         self.validate_net()?;
+        self.validate_fs()?;
         self.validate_consoles()?;
         self.validate_devices()?;
         self.validate_platform()?;
@@ -628,7 +628,6 @@ impl VmConfig {
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let lists = [
             ("rate-limit-group", &self.rate_limit_groups),
-            ("fs", &self.fs),
             ("generic-vhost-user", &self.generic_vhost_user),
             ("pmem", &self.pmem),
             ("device", &self.devices),
@@ -1075,6 +1074,98 @@ pub fn vhost_user_mode(mode: Option<&str>) -> Option<VhostUserMode> {
         None | Some("Client") => Some(VhostUserMode::Client),
         Some("Server") => Some(VhostUserMode::Server),
         Some(_) => None,
+    }
+}
+
+impl VmConfig {
+    /// Each `--fs`: a tag the device's configuration space holds, upstream's queue rules, one
+    /// device per socket, and RAM the backend can map (upstream's rule: vhost-user needs shared
+    /// memory; an NV VM's RAM is a shared mapping).
+    fn validate_fs(&self) -> Result<(), ConfigError> {
+        let all = self.fs.as_deref().unwrap_or_default();
+        for (index, fs) in all.iter().enumerate() {
+            let invalid = |key: &str, value: String, reason: String| {
+                Err(ConfigError::from(OptionError::InvalidValue {
+                    option: "fs",
+                    key: key.to_owned(),
+                    value,
+                    reason,
+                }))
+            };
+            let unsupported = |key: &'static str, value: String, reason: String| {
+                Err(not_supported(
+                    "fs",
+                    key,
+                    format!("fs[{index}].{key}"),
+                    value,
+                    &reason,
+                ))
+            };
+            let tag_len = devices::virtio::VIRTIO_FS_TAG_LEN;
+            if fs.tag.is_empty() || fs.tag.len() > tag_len {
+                return invalid(
+                    "tag",
+                    fs.tag.clone(),
+                    format!("a virtio-fs tag is 1 to {tag_len} bytes"),
+                );
+            }
+            if fs.socket.is_empty() {
+                return invalid("socket", String::new(), "a socket path is needed".into());
+            }
+            let max_queues = devices::virtio::VIRTIO_FS_MAX_REQUEST_QUEUES;
+            if fs.num_queues == 0 || fs.num_queues > max_queues {
+                return unsupported(
+                    "num_queues",
+                    fs.num_queues.to_string(),
+                    format!("a virtio-fs device has 1 to {max_queues} request queues"),
+                );
+            }
+            let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
+            if !fs.queue_size.is_power_of_two() || fs.queue_size > max_queue_size {
+                return unsupported(
+                    "queue_size",
+                    fs.queue_size.to_string(),
+                    format!("a vhost-user queue size is a power of two up to {max_queue_size}"),
+                );
+            }
+            if fs.pci_segment != 0 {
+                return unsupported(
+                    "pci_segment",
+                    fs.pci_segment.to_string(),
+                    "there is only PCI segment 0".into(),
+                );
+            }
+            if let Some(id) = fs.pci_device_id {
+                return unsupported(
+                    "pci_device_id",
+                    id.to_string(),
+                    "devices take the next free slot".into(),
+                );
+            }
+            if all[..index].iter().any(|other| other.socket == fs.socket) {
+                return invalid(
+                    "socket",
+                    fs.socket.clone(),
+                    "the same vhost-user socket is given twice".into(),
+                );
+            }
+        }
+        if !all.is_empty() && !self.memory_is_shared() {
+            return Err(ConfigError::Invalid {
+                option: "fs",
+                reason: "virtio-fs needs guest RAM its backend can map: --memory shared=on (or \
+                         shared=on memory zones), or an NV VM"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether every byte of guest RAM is a shared mapping a vhost-user backend can map.
+    fn memory_is_shared(&self) -> bool {
+        self.nv.is_some()
+            || ((self.memory.size == 0 || self.memory.shared)
+                && self.memory.zones.iter().flatten().all(|zone| zone.shared))
     }
 }
 

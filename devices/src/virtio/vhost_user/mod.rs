@@ -13,6 +13,7 @@
 
 mod blk;
 mod frontend;
+mod fs;
 mod net;
 
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -29,6 +30,7 @@ use crate::{Error, Result};
 pub use blk::{VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE};
 pub(crate) use frontend::{vhost_user_device_methods, VhostUserRings};
 pub use frontend::{VhostUserConnection, VhostUserMode};
+pub use fs::{VhostUserFs, VhostUserFsLink, VIRTIO_FS_MAX_REQUEST_QUEUES, VIRTIO_FS_TAG_LEN};
 pub use net::{VhostUserNet, VhostUserNetLink, VhostUserNetParams};
 
 /// How long a connection waits for a backend whose socket is missing or refuses connections
