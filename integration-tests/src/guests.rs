@@ -17,9 +17,9 @@ use std::time::SystemTime;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Every guest `guest_image` knows how to build.
-pub const GUEST_NAMES: [&str; 11] = [
+pub const GUEST_NAMES: [&str; 12] = [
     "counter", "blkcheck", "kvstore", "devcheck", "intcheck", "smpcheck", "pcicheck", "conrng",
-    "pcimsix", "netkv", "hpcheck",
+    "pcimsix", "netkv", "hpcheck", "fscheck",
 ];
 
 /// Environment variable naming the C compiler (default `gcc`).
