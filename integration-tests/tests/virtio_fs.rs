@@ -11,7 +11,6 @@ use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
-use vmm::vmm::EXIT_GUEST_RESET;
 
 const VIRTIOFSD: &str = "virtiofsd";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -184,3 +183,99 @@ fn a_guest_reads_and_writes_the_shared_directory_across_pause_snapshot_resume() 
     fs.assert_output_lines(100);
     assert_eq!(fs.starts, 1);
 }
+
+/// Power failure of an NV VM amid the guest's writes. virtiofsd serves one front-end
+/// connection and ends when it closes, so the power failure (which ends the VMM) ends it too:
+/// the FUSE session (node ids, file handles) dies with that process. A new virtiofsd on the
+/// same directory is started, the VM recovers in place (the rings from the saved positions,
+/// no reset, no second FUSE_INIT) and the guest's next request on its old session is answered
+/// with an error, which the guest reports: what a guest sees when its backend lost its FUSE
+/// state. The lines written before the failure are on the host.
+#[test]
+fn a_power_failure_ends_virtiofsd_and_the_recovered_guest_sees_its_fuse_session_gone() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let mut fs = SharedDir::new(dir.path());
+    fs.start();
+    let mut arguments = fscheck_arguments(300, 20_000, "32M");
+    arguments.extend([
+        "--nv".to_string(),
+        format!("region={},vm=fs,create=on", region.display()),
+    ]);
+    arguments.extend(["--fs".to_string(), fs.option()]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    wait_written(&mut vmm, 30);
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
+    assert!(stderr.contains("power-fail save committed"), "{stderr}");
+    let before = vmm.serial_log();
+    assert!(!before.contains("FAIL"), "{before}");
+    let written = last_written(&before);
+    let text = std::fs::read_to_string(fs.shared.join("output.txt")).expect("output.txt");
+    assert!(text.len() >= written as usize * LINE_LEN, "{text}");
+
+    // The front-end's connection closed with the VMM: virtiofsd ends.
+    let mut old = fs.process.take().expect("virtiofsd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = old.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "virtiofsd outlived its front-end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        old.stderr_log()
+            .contains("Client disconnected, shutting down"),
+        "{}",
+        old.stderr_log()
+    );
+
+    fs.start();
+    let recover = [
+        "--nv".to_string(),
+        format!("region={},vm=fs,recover=on", region.display()),
+        "--fs".to_string(),
+        fs.option(),
+    ];
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
+        .with_timeout(TIMEOUT);
+    let after = vmm.wait_serial("the recovered guest's next request", |log| {
+        log.contains("fscheck: done") || log.contains("FAIL")
+    });
+    // Recovered in place: no second FUSE_INIT, the rings went on from the saved positions
+    // (the request after the last one completed reached the new virtiofsd and was answered),
+    // and its answer is EBADF: the file handle the guest holds is the old process's.
+    assert!(
+        !after.contains("fscheck: init"),
+        "the guest started again:\n{after}"
+    );
+    let failed_at: u64 = after
+        .lines()
+        .find_map(|line| line.strip_prefix("fscheck: write n="))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failed write reported:\n{after}"));
+    assert!(failed_at > written, "{failed_at} after {written}");
+    assert!(
+        after.contains(&format!(
+            "fscheck: write n={failed_at} answered error={EBADF}"
+        )),
+        "{after}"
+    );
+    // Every line the guest saw written before the failure is on the host.
+    let text = std::fs::read_to_string(fs.shared.join("output.txt")).expect("output.txt");
+    for n in 1..failed_at as usize {
+        let line = &text[(n - 1) * LINE_LEN..n * LINE_LEN];
+        assert_eq!(line, format!("fscheck line {n:08}\n"));
+    }
+    vmm.kill();
+}
+
+/// What virtiofsd answers a request on a file handle it does not know.
+const EBADF: i32 = 9;
