@@ -18,6 +18,14 @@ command -v iasl >/dev/null 2>&1 || need+=(acpica-tools)
 # integration-tests/tests/vhost_user.rs serves a vhost-user-blk disk with qemu-storage-daemon
 # (Debian's qemu-utils ships it).
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
+# integration-tests/tests/virtio_fs.rs serves a virtio-fs share with virtiofsd, which Debian
+# bookworm (and its backports) does not ship: it is built from crates.io below, and its build
+# links libcap-ng and libseccomp.
+if ! command -v virtiofsd >/dev/null 2>&1; then
+    dpkg -s libcap-ng-dev >/dev/null 2>&1 || need+=(libcap-ng-dev)
+    dpkg -s libseccomp-dev >/dev/null 2>&1 || need+=(libseccomp-dev)
+    command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+fi
 # nv-bench draws its plot labels with this font (read as a file: no fontconfig needed).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
@@ -31,6 +39,13 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "ci: cargo not found; this project needs a Rust toolchain (rustup)" >&2
     exit 1
+fi
+
+# virtiofsd (crates.io), pinned; about 3.5 minutes of build on a 2-core machine, once.
+VIRTIOFSD_VERSION=1.14.0
+if ! command -v virtiofsd >/dev/null 2>&1; then
+    echo "ci: building virtiofsd $VIRTIOFSD_VERSION (cargo install)"
+    cargo install --locked --quiet virtiofsd --version "$VIRTIOFSD_VERSION"
 fi
 
 # schemathesis (PyPI), pinned, in its own venv: ci/schemathesis.sh runs it against a live VMM.
