@@ -279,3 +279,61 @@ fn a_power_failure_ends_virtiofsd_and_the_recovered_guest_sees_its_fuse_session_
 
 /// What virtiofsd answers a request on a file handle it does not know.
 const EBADF: i32 = 9;
+
+/// `vm.add-fs` as upstream on a running VM: 200 with the new function's `PciDeviceInfo`
+/// (upstream's default id `_fs0`), the backend connected, the config listing it; the same id
+/// again is 409; on a VM whose RAM the backend cannot map it is 400.
+#[test]
+fn vm_add_fs_hotplugs_a_virtio_fs_device() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let mut fs = SharedDir::new(dir.path());
+    fs.start();
+    let api = dir.path().join("api.sock");
+    let mut arguments = guest_arguments("counter", "", "32M,shared=on");
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    let body = format!(
+        "{{\"tag\":\"shared\",\"socket\":\"{}\"}}",
+        fs.socket.display()
+    );
+    let (status, answer) = api_client::request(&api, "PUT", "vm.add-fs", &body, TIMEOUT);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"id\":\"_fs0\""), "{answer}");
+    assert!(answer.contains("\"bdf\":\"0000:00:"), "{answer}");
+    let (_, info) = api_client::request(&api, "GET", "vm.info", "", TIMEOUT);
+    assert!(info.contains("\"tag\":\"shared\""), "{info}");
+    let log = dir.path().join("virtiofsd0.log");
+    let deadline = Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("Client connected")
+    {
+        assert!(Instant::now() < deadline, "virtiofsd saw no front-end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = format!("{{\"tag\":\"other\",\"socket\":\"/nonexistent.sock\",\"id\":\"_fs0\"}}");
+    let (status, answer) = api_client::request(&api, "PUT", "vm.add-fs", &again, TIMEOUT);
+    assert_eq!(status, 409, "{answer}");
+    vmm.kill();
+
+    // Private RAM: refused before any connection.
+    let mut arguments = guest_arguments("counter", "", "32M");
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let _ = std::fs::remove_file(&api);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "private", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    let (status, answer) = api_client::request(&api, "PUT", "vm.add-fs", &body, TIMEOUT);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("shared=on"), "{answer}");
+    vmm.kill();
+}

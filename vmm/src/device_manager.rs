@@ -748,13 +748,7 @@ impl DeviceManager {
             .id
             .clone()
             .unwrap_or_else(|| format!("_fs{}", self.filesystems.len()));
-        let link = VhostUserFsLink::connect(
-            Path::new(&config.socket),
-            &config.tag,
-            config.num_queues,
-            config.queue_size,
-        )
-        .map_err(|e| Error::device(format!("virtio-fs {id} ({})", config.socket), e))?;
+        let link = connect_virtio_fs(&id, config)?;
         let what = format!("virtio-fs {id} tag {} ({})", config.tag, config.socket);
         let (device, bdf, msi) =
             self.add_pci_virtio(&id, &what, Box::new(link.device()), &self.thread_start)?;
@@ -1394,6 +1388,17 @@ fn connect_vhost_user_disk(disk: &crate::config::DiskConfig) -> Result<VhostUser
         .ok_or_else(|| Error::Device("--disk vhost_user=on without socket=".into()))?;
     VhostUserBlkLink::connect(Path::new(socket), disk.num_queues, disk.queue_size)
         .map_err(|e| Error::device(format!("vhost-user disk {socket}"), e))
+}
+
+/// The session with the virtiofsd of the virtio-fs device `id` (`--fs tag=,socket=`).
+fn connect_virtio_fs(id: &str, config: &crate::config::FsConfig) -> Result<VhostUserFsLink, Error> {
+    VhostUserFsLink::connect(
+        Path::new(&config.socket),
+        &config.tag,
+        config.num_queues,
+        config.queue_size,
+    )
+    .map_err(|e| Error::device(format!("virtio-fs {id} ({})", config.socket), e))
 }
 
 /// The session with the vhost-user-net backend of `config` (`vhost_user=true,socket=`): the

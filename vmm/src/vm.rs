@@ -269,6 +269,16 @@ impl Vm {
         Ok((net, bdf))
     }
 
+    /// `vm.add-fs`, as [`Vm::add_disk`].
+    pub fn add_fs(
+        &mut self,
+        fs: &crate::config::FsConfig,
+    ) -> Result<(crate::config::FsConfig, devices::pci::PciBdf), Error> {
+        let (fs, bdf) = self.devices.hotplug_fs(fs)?;
+        self.config.fs.get_or_insert_with(Vec::new).push(fs.clone());
+        Ok((fs, bdf))
+    }
+
     /// `vm.remove-device`: asks the guest to eject device `id`; it goes when the guest has.
     pub fn remove_device(&self, id: &str) -> Result<(), Error> {
         self.devices.unplug(id)
@@ -466,6 +476,9 @@ pub fn remove_devices_from_config(config: &mut VmConfig, ids: &[String]) {
     }
     if let Some(nets) = config.net.as_mut() {
         nets.retain(|net| keep(&net.id));
+    }
+    if let Some(fs) = config.fs.as_mut() {
+        fs.retain(|fs| keep(&fs.id));
     }
 }
 

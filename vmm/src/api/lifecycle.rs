@@ -154,7 +154,6 @@ impl Operation {
                 | ResizeZone
                 | AddDevice
                 | AddUserDevice
-                | AddFs
                 | AddGenericVhostUser
                 | AddPmem
                 | AddVsock
@@ -204,7 +203,7 @@ pub fn check_state(operation: Operation, state: Option<VmState>) -> Result<(), A
         }
         Boot if state.is_none() => Some(StateRefusal::MissingConfig),
         Boot if booted => Some(StateRefusal::AlreadyCreated),
-        Info | Resize | ResizeZone | AddDisk | AddNet | RemoveDevice if state.is_none() => {
+        Info | Resize | ResizeZone | AddDisk | AddNet | AddFs | RemoveDevice if state.is_none() => {
             Some(StateRefusal::NotCreated)
         }
         Reboot if !booted => Some(StateRefusal::NotCreated),
@@ -212,8 +211,8 @@ pub fn check_state(operation: Operation, state: Option<VmState>) -> Result<(), A
         Resume if state == Some(Running) => Some(StateRefusal::InvalidTransition(Running, Running)),
         Snapshot if state == Some(Running) => Some(StateRefusal::SnapshotWhileRunning),
         Counters | Pause | Resume | Shutdown | Snapshot | PowerButton | Nmi | Coredump
-        | ResizeDisk | AddDevice | AddUserDevice | AddFs | AddGenericVhostUser | AddPmem
-        | AddVsock | AddVdpa | SendMigration
+        | ResizeDisk | AddDevice | AddUserDevice | AddGenericVhostUser | AddPmem | AddVsock
+        | AddVdpa | SendMigration
             if !booted =>
         {
             Some(StateRefusal::NotRunning)
@@ -372,7 +371,8 @@ mod tests {
         let error = not_implemented(Operation::Nmi);
         assert_eq!(error.status, 501);
         assert_eq!(error.body()[1], "Error triggering NMI");
-        assert!(Operation::AddFs.is_unimplemented());
+        assert!(Operation::AddPmem.is_unimplemented());
+        assert!(!Operation::AddFs.is_unimplemented());
         assert!(!Operation::AddDisk.is_unimplemented());
         assert!(!Operation::Snapshot.is_unimplemented());
     }

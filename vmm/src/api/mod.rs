@@ -87,6 +87,8 @@ pub enum ApiRequest {
     VmAddDisk(Box<crate::config::DiskConfig>),
     /// `PUT /vm.add-net`: hotplug a virtio-net device (upstream's `NetConfig`).
     VmAddNet(Box<crate::config::NetConfig>),
+    /// `PUT /vm.add-fs`: hotplug a virtio-fs device (upstream's `FsConfig`).
+    VmAddFs(Box<crate::config::FsConfig>),
     /// `PUT /vm.remove-device`: ask the guest to eject a device (upstream's `VmRemoveDevice`).
     VmRemoveDevice(VmRemoveDevice),
     /// An upstream operation this VMM does not carry out: answer as upstream would for the VM's
@@ -121,6 +123,7 @@ impl ApiRequest {
             ApiRequest::NvSwapIn(_) => Operation::NvSwapIn,
             ApiRequest::VmAddDisk(_) => Operation::AddDisk,
             ApiRequest::VmAddNet(_) => Operation::AddNet,
+            ApiRequest::VmAddFs(_) => Operation::AddFs,
             ApiRequest::VmRemoveDevice(_) => Operation::RemoveDevice,
             ApiRequest::Unimplemented(operation) => *operation,
         }

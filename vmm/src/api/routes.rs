@@ -178,6 +178,7 @@ pub fn build_request(
         }
         O::AddDisk => ApiRequest::VmAddDisk(Box::new(parse_body(route, body)?)),
         O::AddNet => ApiRequest::VmAddNet(Box::new(parse_body(route, body)?)),
+        O::AddFs => ApiRequest::VmAddFs(Box::new(parse_body(route, body)?)),
         O::RemoveDevice => ApiRequest::VmRemoveDevice(parse_body(route, body)?),
         O::NvStatus => ApiRequest::NvStatus,
         O::NvPowerFail => ApiRequest::NvPowerFail,

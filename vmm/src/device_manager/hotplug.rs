@@ -22,10 +22,10 @@ use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    connect_vhost_user_disk, connect_vhost_user_net, lock_or_recover, new_net, open_block,
-    open_tap, DeviceManager,
+    connect_vhost_user_disk, connect_vhost_user_net, connect_virtio_fs, lock_or_recover, new_net,
+    open_block, open_tap, DeviceManager,
 };
-use crate::config::{DiskConfig, NetConfig, VirtioTransportKind, VmConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig, VirtioTransportKind, VmConfig};
 use crate::pci_segment::{KvmMsiInterrupts, PciSegment};
 use crate::Error;
 
@@ -38,6 +38,7 @@ pub const HOTPLUG_STATE_VERSION: u32 = 1;
 pub enum HotplugKind {
     Disk(DiskConfig),
     Net(NetConfig),
+    Fs(FsConfig),
 }
 
 /// One hotplugged device as saved.
@@ -84,6 +85,9 @@ pub fn without_hotplugged(config: &VmConfig, hotplugged: &[String]) -> VmConfig 
     }
     if let Some(nets) = config.net.as_mut() {
         nets.retain(|net| keep(&net.id));
+    }
+    if let Some(fs) = config.fs.as_mut() {
+        fs.retain(|fs| keep(&fs.id));
     }
     config
 }
@@ -248,6 +252,15 @@ impl DeviceManager {
         Ok((config, bdf))
     }
 
+    /// Hotplugs a virtio-fs device, connected to its virtiofsd now (as for `--fs`).
+    pub fn hotplug_fs(&self, config: &FsConfig) -> Result<(FsConfig, PciBdf), Error> {
+        let mut config = config.clone();
+        let id = self.new_device_id(config.id.as_deref(), "_fs")?;
+        config.id = Some(id);
+        let bdf = self.plug(HotplugKind::Fs(config.clone()), None)?;
+        Ok((config, bdf))
+    }
+
     /// Asks the guest to give up device `id` (its slot's down bit and the GED event); it goes
     /// when the guest ejects it.
     pub fn unplug(&self, id: &str) -> Result<(), Error> {
@@ -304,6 +317,17 @@ impl DeviceManager {
                     (
                         config.id.clone().unwrap_or_default(),
                         format!("vhost-user net {}", link.socket().display()),
+                        Box::new(link.device()),
+                        None,
+                        self.thread_start.clone(),
+                    )
+                }
+                HotplugKind::Fs(config) => {
+                    let id = config.id.clone().unwrap_or_default();
+                    let link = connect_virtio_fs(&id, config)?;
+                    (
+                        id,
+                        format!("virtio-fs tag {} ({})", config.tag, config.socket),
                         Box::new(link.device()),
                         None,
                         self.thread_start.clone(),

@@ -180,6 +180,7 @@ impl Vmm {
                 self.api_add_device(hotplug_api::AddedDevice::Disk(disk))
             }
             ApiRequest::VmAddNet(net) => self.api_add_device(hotplug_api::AddedDevice::Net(net)),
+            ApiRequest::VmAddFs(fs) => self.api_add_device(hotplug_api::AddedDevice::Fs(fs)),
             ApiRequest::VmRemoveDevice(request) => self.api_remove_device(&request.id),
             ApiRequest::Unimplemented(operation) => Answer::error(
                 check_state(operation, self.api_state())

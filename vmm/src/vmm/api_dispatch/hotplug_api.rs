@@ -7,7 +7,7 @@
 
 use crate::api::lifecycle::{check_state, Operation, StateRefusal};
 use crate::api::{ApiError, PciDeviceInfo, VmState as ApiVmState};
-use crate::config::{DiskConfig, NetConfig, VmConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig};
 use crate::vm::remove_devices_from_config;
 use crate::{nv, Error};
 
@@ -17,6 +17,7 @@ use super::{api_error, Answer, Vmm};
 pub(super) enum AddedDevice {
     Disk(Box<DiskConfig>),
     Net(Box<NetConfig>),
+    Fs(Box<FsConfig>),
 }
 
 impl AddedDevice {
@@ -24,6 +25,7 @@ impl AddedDevice {
         match self {
             AddedDevice::Disk(_) => Operation::AddDisk,
             AddedDevice::Net(_) => Operation::AddNet,
+            AddedDevice::Fs(_) => Operation::AddFs,
         }
     }
 
@@ -31,6 +33,7 @@ impl AddedDevice {
         match self {
             AddedDevice::Disk(disk) => disk.id.as_deref(),
             AddedDevice::Net(net) => net.id.as_deref(),
+            AddedDevice::Fs(fs) => fs.id.as_deref(),
         }
     }
 
@@ -45,6 +48,7 @@ impl AddedDevice {
                 .net
                 .get_or_insert_with(Vec::new)
                 .push((**net).clone()),
+            AddedDevice::Fs(fs) => config.fs.get_or_insert_with(Vec::new).push((**fs).clone()),
         }
     }
 }
@@ -57,7 +61,8 @@ fn config_ids(config: &VmConfig) -> impl Iterator<Item = &str> {
         .flatten()
         .filter_map(|d| d.id.as_deref());
     let nets = config.net.iter().flatten().filter_map(|n| n.id.as_deref());
-    disks.chain(nets)
+    let fs = config.fs.iter().flatten().filter_map(|f| f.id.as_deref());
+    disks.chain(nets).chain(fs)
 }
 
 impl Vmm {
@@ -118,6 +123,10 @@ impl Vmm {
             AddedDevice::Net(net) => vm.add_net(net).map(|(net, bdf)| {
                 let id = net.id.clone().unwrap_or_default();
                 (AddedDevice::Net(Box::new(net)), id, bdf)
+            }),
+            AddedDevice::Fs(fs) => vm.add_fs(fs).map(|(fs, bdf)| {
+                let id = fs.id.clone().unwrap_or_default();
+                (AddedDevice::Fs(Box::new(fs)), id, bdf)
             }),
         };
         match added {
