@@ -552,6 +552,8 @@ fn every_route_answers_in_upstream_framing() {
         "vm.nv-swap-in",
         // `VmRemoveDevice` requires its `id`.
         "vm.remove-device",
+        // `FsConfig` requires its `tag` and `socket`.
+        "vm.add-fs",
     ];
     assert_eq!(
         server.received().len(),
