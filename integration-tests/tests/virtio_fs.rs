@@ -317,8 +317,8 @@ fn vm_add_fs_hotplugs_a_virtio_fs_device() {
         assert!(Instant::now() < deadline, "virtiofsd saw no front-end");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let again = format!("{{\"tag\":\"other\",\"socket\":\"/nonexistent.sock\",\"id\":\"_fs0\"}}");
-    let (status, answer) = api_client::request(&api, "PUT", "vm.add-fs", &again, TIMEOUT);
+    let again = r#"{"tag":"other","socket":"/nonexistent.sock","id":"_fs0"}"#;
+    let (status, answer) = api_client::request(&api, "PUT", "vm.add-fs", again, TIMEOUT);
     assert_eq!(status, 409, "{answer}");
     vmm.kill();
 
