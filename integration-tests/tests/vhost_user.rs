@@ -318,18 +318,14 @@ fn a_socket_that_is_not_vhost_user_is_refused_by_name() {
     assert!(!vmm.serial_log().contains("FAIL"));
 }
 
-/// `vm.pause` stops the backend's rings (GET_VRING_BASE), `vm.snapshot` saves their positions
-/// with the rest of the state, `vm.resume` starts them again from there on the same session:
-/// the guest goes on without a reset, nothing is served twice or lost.
-#[test]
-fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
-    integration_tests::require_kvm!();
-    let dir = scratch_dir();
-    let region = dir.path().join("region");
-    let snapshot = dir.path().join("snapshot");
+/// A new NV VM of `dir` running blkcheck on a disk our backend serves, with an API socket;
+/// returns an empty snapshot directory, the API socket, the disk and the VMM.
+fn running_vm_with_api(dir: &Path) -> (PathBuf, PathBuf, Disk, VmmProcess) {
+    let region = dir.join("region");
+    let snapshot = dir.join("snapshot");
     std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let api = dir.path().join("api.sock");
-    let mut disk = Disk::new(dir.path(), Backend::Ours);
+    let api = dir.join("api.sock");
+    let mut disk = Disk::new(dir, Backend::Ours);
     disk.start();
     let mut arguments = guest_arguments(
         "blkcheck",
@@ -342,9 +338,20 @@ fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
         "--api-socket".to_string(),
         format!("path={}", api.display()),
     ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir, "boot", &arguments, &[]).with_timeout(TIMEOUT);
     vmm.wait_for_socket(&api, TIMEOUT);
+    (snapshot, api, disk, vmm)
+}
+
+/// `vm.pause` stops the backend's rings (GET_VRING_BASE), `vm.snapshot` saves their positions
+/// with the rest of the state, `vm.resume` starts them again from there on the same session:
+/// the guest goes on without a reset, nothing is served twice or lost.
+#[test]
+fn pause_snapshot_and_resume_stop_and_restart_the_backend_rings() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let (snapshot, api, disk, mut vmm) = running_vm_with_api(dir.path());
     for pause in 0..3 {
         wait_for_progress(&mut vmm, 5 * BLOCKS * (pause + 1));
         let call = |method: &str, op: &str, body: &str| {
@@ -409,26 +416,7 @@ fn a_planned_suspend_resumes_on_the_same_backend_process() {
 fn a_snapshot_restores_into_a_new_vmm_on_the_same_backend() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let region = dir.path().join("region");
-    let snapshot = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let api = dir.path().join("api.sock");
-    let mut disk = Disk::new(dir.path(), Backend::Ours);
-    disk.start();
-    let mut arguments = guest_arguments(
-        "blkcheck",
-        &format!("blocks={BLOCKS} rounds={ROUNDS} exit=reset"),
-        "32M",
-    );
-    arguments.extend(nv(&region, ",create=on"));
-    arguments.extend(["--disk".to_string(), disk.option()]);
-    arguments.extend([
-        "--api-socket".to_string(),
-        format!("path={}", api.display()),
-    ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&api, TIMEOUT);
+    let (snapshot, api, disk, mut vmm) = running_vm_with_api(dir.path());
     wait_for_progress(&mut vmm, 5 * BLOCKS);
     let call = |method: &str, op: &str, body: &str| {
         let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
