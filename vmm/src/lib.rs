@@ -4,6 +4,7 @@
 pub mod api;
 mod boot_cpu;
 pub mod config;
+mod detached_teardown;
 pub mod device_manager;
 mod error;
 pub mod event_monitor;

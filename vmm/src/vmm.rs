@@ -644,6 +644,9 @@ impl Vmm {
                 log::debug!(
                     "the VM's state is committed: leaving its threads and memory to the exit"
                 );
+                // The kernel's teardown of the VM (tens of ms of grace periods on a busy host)
+                // then runs in a helper, not in this process's exit.
+                crate::detached_teardown::hand_off(vm.vm_fd.as_raw_fd());
                 std::mem::forget(vm);
                 // What `Vm::shutdown` would have said: the events stay as they were.
                 crate::event_monitor::emit_vm(crate::event_monitor::VmEvent::Shutdown);
