@@ -57,8 +57,8 @@ fn ranges_to_close(keep: &[RawFd]) -> Vec<(u32, u32)> {
 }
 
 /// The helper process's whole life. It shares the VMM's memory but runs on its own stack, with
-/// every signal blocked, and calls only `close_range`, `futex`, `read` (and `exit` when it
-/// returns): nothing that allocates or takes a lock another thread might hold.
+/// every signal blocked, and calls only `close_range`, `futex`, `sched_setscheduler`, `read`
+/// (and `exit` when it returns): nothing that allocates or takes a lock another thread might hold.
 extern "C" fn helper_main(argument: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `argument` is the leaked `Handoff` that `hand_off` passed to clone(2); it is never
     // freed.
@@ -77,6 +77,11 @@ extern "C" fn helper_main(argument: *mut libc::c_void) -> libc::c_int {
             1,
         )
     };
+    // Started from a power-fail save's control loop it runs at real-time priority
+    // (`power_fail_priority`), so the VMM did not wait for it; the teardown itself need not.
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes this process's own policy; `normal` is valid for the call.
+    unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, libc::SCHED_OTHER, &normal) };
     let mut byte = 0u8;
     // Returns 0 (end of file) when the VMM's last thread has dropped the write end.
     // SAFETY: reads at most one byte into a local.

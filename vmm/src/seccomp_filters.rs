@@ -211,6 +211,9 @@ const VMM: &[i64] = &[
     // (`detached_teardown`) closes what it inherited and waits on a pipe for the VMM's end.
     libc::SYS_pipe2,
     libc::SYS_close_range,
+    // SIGPWR: the control loop and the kicked vCPU threads run the save at SCHED_FIFO
+    // (`power_fail_priority`).
+    libc::SYS_sched_setscheduler,
 ];
 
 /// A vCPU runs KVM_RUN (`ioctl`, see `VCPU_IOCTLS`) and serves exits in place with what `COMMON`
@@ -715,7 +718,7 @@ mod tests {
         assert_eq!(
             sizes,
             [
-                (85, 65),
+                (86, 65),
                 (27, 4),
                 (50, 0),
                 (40, 0),

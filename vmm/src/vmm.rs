@@ -491,9 +491,18 @@ impl Vmm {
                     return Ok(None);
                 }
                 log::warn!("SIGPWR: host power is failing, saving the VM in place");
+                let raised = self.set_power_fail_priority(true);
                 match self.nv_save(ShutdownKind::PowerFail, "signal") {
-                    Ok(report) => Ok(Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report))),
+                    Ok(report) => {
+                        if !self.exit_after_loop {
+                            self.set_power_fail_priority(false);
+                        }
+                        Ok(Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report)))
+                    }
                     Err(e) => {
+                        if raised {
+                            self.set_power_fail_priority(false);
+                        }
                         log::error!("SIGPWR: the save failed, the VM keeps running: {e}");
                         Ok(None)
                     }
@@ -624,6 +633,23 @@ impl Vmm {
                 log::warn!("some API answers were not written before the VMM ended");
             }
         }
+    }
+
+    /// Raises (or lowers again) the control loop and the VM's vCPU threads for a power-fail
+    /// save (`power_fail_priority`). Returns whether the control loop was raised.
+    fn set_power_fail_priority(&self, raised: bool) -> bool {
+        let done = if raised {
+            crate::power_fail_priority::raise_control_loop()
+        } else {
+            crate::power_fail_priority::lower_control_loop();
+            true
+        };
+        if done {
+            if let Some(vm) = &self.vm {
+                vm.vcpus.set_power_fail_priority(raised);
+            }
+        }
+        done
     }
 
     /// Says that the process exits as soon as [`Vmm::control_loop`] returns (what `crate::run`
