@@ -69,14 +69,7 @@ extern "C" fn helper_main(argument: *mut libc::c_void) -> libc::c_int {
     }
     handoff.ready.store(1, Ordering::Release);
     // SAFETY: wakes the VMM thread waiting on the futex word, which lives as long as the process.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            handoff.ready.as_ptr(),
-            libc::FUTEX_WAKE,
-            1,
-        )
-    };
+    unsafe { libc::syscall(libc::SYS_futex, handoff.ready.as_ptr(), libc::FUTEX_WAKE, 1) };
     // Started from a power-fail save's control loop it runs at real-time priority
     // (`power_fail_priority`), so the VMM did not wait for it; the teardown itself need not.
     let normal = libc::sched_param { sched_priority: 0 };

@@ -135,10 +135,7 @@ mod tests {
             (libc::SCHED_FIFO, VCPU_PRIORITY)
         );
         set_vcpu_threads(&threads, false);
-        assert_eq!(
-            policy_of(threads[0].as_pthread_t()),
-            (libc::SCHED_OTHER, 0)
-        );
+        assert_eq!(policy_of(threads[0].as_pthread_t()), (libc::SCHED_OTHER, 0));
         let _ = stop.send(());
         let [worker] = threads;
         worker.join().unwrap();
