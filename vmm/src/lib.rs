@@ -4,6 +4,7 @@
 pub mod api;
 mod boot_cpu;
 pub mod config;
+mod detached_teardown;
 pub mod device_manager;
 mod error;
 pub mod event_monitor;
@@ -12,6 +13,7 @@ pub mod landlock;
 pub mod memory;
 pub mod nv;
 pub mod pci_segment;
+mod power_fail_priority;
 pub use option_parser;
 pub mod seccomp_filters;
 pub mod signal_events;

@@ -289,6 +289,9 @@ pub struct VcpuManager {
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     threads: Vec<JoinHandle<()>>,
     control: Arc<RunControl>,
+    /// A power-fail save is under way: a pause raises each kicked vCPU thread's priority
+    /// (`power_fail_priority`).
+    power_fail_priority: std::sync::atomic::AtomicBool,
 }
 
 impl VcpuManager {
@@ -311,7 +314,18 @@ impl VcpuManager {
                 }),
                 changed: Condvar::new(),
             }),
+            power_fail_priority: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the next pause runs the kicked vCPU threads at real-time priority (a power-fail
+    /// save, see `power_fail_priority`); `false` also gives them their normal policy back.
+    pub fn set_power_fail_priority(&self, raised: bool) {
+        self.power_fail_priority
+            .store(raised, std::sync::atomic::Ordering::Relaxed);
+        if !raised {
+            crate::power_fail_priority::set_vcpu_threads(&self.threads, false);
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -358,6 +372,13 @@ impl VcpuManager {
     pub fn pause(&self) -> Result<(), Error> {
         self.control.lock().request = Request::Pause;
         self.kick_all();
+        if self
+            .power_fail_priority
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // After the kick, never before: see `power_fail_priority`.
+            crate::power_fail_priority::set_vcpu_threads(&self.threads, true);
+        }
         self.wait_for_parked(self.threads.len())
     }
 

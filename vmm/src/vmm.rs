@@ -492,9 +492,18 @@ impl Vmm {
                     return Ok(None);
                 }
                 log::warn!("SIGPWR: host power is failing, saving the VM in place");
+                let raised = self.set_power_fail_priority(true);
                 match self.nv_save(ShutdownKind::PowerFail, "signal") {
-                    Ok(report) => Ok(Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report))),
+                    Ok(report) => {
+                        if !self.exit_after_loop {
+                            self.set_power_fail_priority(false);
+                        }
+                        Ok(Some(VmmExit::nv_saved(ShutdownKind::PowerFail, &report)))
+                    }
                     Err(e) => {
+                        if raised {
+                            self.set_power_fail_priority(false);
+                        }
                         log::error!("SIGPWR: the save failed, the VM keeps running: {e}");
                         Ok(None)
                     }
@@ -627,6 +636,23 @@ impl Vmm {
         }
     }
 
+    /// Raises (or lowers again) the control loop and the VM's vCPU threads for a power-fail
+    /// save (`power_fail_priority`). Returns whether the control loop was raised.
+    fn set_power_fail_priority(&self, raised: bool) -> bool {
+        let done = if raised {
+            crate::power_fail_priority::raise_control_loop()
+        } else {
+            crate::power_fail_priority::lower_control_loop();
+            true
+        };
+        if done {
+            if let Some(vm) = &self.vm {
+                vm.vcpus.set_power_fail_priority(raised);
+            }
+        }
+        done
+    }
+
     /// Says that the process exits as soon as [`Vmm::control_loop`] returns (what `crate::run`
     /// does): after a committed save the loop then leaves the VM standing instead of stopping
     /// it, see [`Vmm::end_vm_run`].
@@ -645,6 +671,9 @@ impl Vmm {
                 log::debug!(
                     "the VM's state is committed: leaving its threads and memory to the exit"
                 );
+                // The kernel's teardown of the VM (tens of ms of grace periods on a busy host)
+                // then runs in a helper, not in this process's exit.
+                crate::detached_teardown::hand_off(vm.vm_fd.as_raw_fd());
                 std::mem::forget(vm);
                 // What `Vm::shutdown` would have said: the events stay as they were.
                 crate::event_monitor::emit_vm(crate::event_monitor::VmEvent::Shutdown);

@@ -3,7 +3,9 @@
 //! slowest and the median save (the VMMs' own save reports, as the command prints them), the
 //! slowest pause-vcpus phase (how long a busy vCPU thread took to leave the guest: 16 spinning
 //! guests on a 2-core host wait for the scheduler there), the slowest save without that phase,
-//! and the command's wall time; then every VM recovers in place for the next cycle. A last
+//! and the command's wall time; then every VM recovers in place for the next cycle. It prints
+//! whether the VMMs may raise their priority for the save (`CAP_SYS_NICE`, which they inherit
+//! from nv-bench; run it under `capsh --drop=cap_sys_nice --` to compare). A last
 //! cycle pauses every guest first (`ch-remote pause`), so that no vCPU competes for the cores.
 //!
 //! Not in `--quick`: on this host, VMMs that set up their VM while other guests already spin can
@@ -45,6 +47,18 @@ fn save_times(stdout: &str) -> Vec<f64> {
                 .ok()
         })
         .collect()
+}
+
+/// Whether `/proc/<pid>/status` text grants `CAP_SYS_NICE` (bit 23 of `CapEff`): the VMMs
+/// nv-bench starts inherit it, and with it a power-fail save runs at `SCHED_FIFO`.
+fn has_sys_nice(status: &str) -> Option<bool> {
+    const CAP_SYS_NICE: u32 = 23;
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
+    let mask = u64::from_str_radix(mask, 16).ok()?;
+    Some(mask & (1 << CAP_SYS_NICE) != 0)
 }
 
 /// Per VM of a region listing with a recorded last save: (total, pause-vcpus phase), in ms.
@@ -215,6 +229,18 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     bench.summary.line(format!(
         "== G. {VMS} VMs in one tmpfs region power-failed by one `ch-remote nv-persist power-fail --region`"
     ));
+    let priority = match std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .as_deref()
+        .and_then(has_sys_nice)
+    {
+        Some(true) => "yes (CAP_SYS_NICE)",
+        Some(false) => "no (no CAP_SYS_NICE: the saves run at normal priority)",
+        None => "unknown",
+    };
+    bench.summary.line(format!(
+        "G the VMMs may run their power-fail save at SCHED_FIFO: {priority}"
+    ));
     bench.summary.progress(format!(
         "G: {VMS} counter VMs, {} cycles",
         bench.profile.region_cycles
@@ -271,5 +297,15 @@ mod tests {
             {"name": "never saved"}
         ]});
         assert_eq!(save_phases(&listing), vec![(1.0, 0.9), (11.5, 2.1)]);
+    }
+
+    #[test]
+    fn sys_nice_is_bit_23_of_the_effective_capabilities() {
+        let root = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(has_sys_nice(root), Some(true));
+        let dropped = "CapEff:\t000001ffff7fffff\n";
+        assert_eq!(has_sys_nice(dropped), Some(false));
+        assert_eq!(has_sys_nice("CapEff:\t0000000000000000\n"), Some(false));
+        assert_eq!(has_sys_nice("no such line"), None);
     }
 }
