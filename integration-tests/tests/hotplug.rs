@@ -278,6 +278,113 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     again.kill();
 }
 
+/// The device number `vm.info`'s device tree gives device `id`.
+fn device_of(socket: &Path, id: &str) -> u8 {
+    let (_, tree) = disks_in_info(socket);
+    let (_, bdf) = tree
+        .iter()
+        .find(|(tid, _)| tid == id)
+        .unwrap_or_else(|| panic!("{id} not in the device tree: {tree:?}"));
+    u8::from_str_radix(&bdf[8..10], 16).unwrap()
+}
+
+/// Rounds of I/O done after the guest brought the disk at `device` up (its latest bring-up).
+fn rounds_on(log: &str, device: u8) -> Vec<u64> {
+    let marker = format!("hpcheck: disk io ok device={device}\n");
+    log.rfind(&marker)
+        .map(|at| rounds(&log[at..]))
+        .unwrap_or_default()
+}
+
+/// As upstream, a disk given on the command line can be removed too: the guest ejects it, it
+/// leaves the config, the device tree and the counters, and the stored config of the NV VM. The
+/// disk after it keeps its slot through two power failures (the recoveries build the VM from a
+/// config without the removed disk), and a disk hotplugged later takes the slot it left.
+#[test]
+fn a_disk_given_at_boot_is_ejected_and_stays_removed_across_power_failures() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let first = disk_image(dir.path(), "boot0.raw");
+    let second = disk_image(dir.path(), "boot1.raw");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--disk".into(),
+        format!("path={},id=boot0", first.display()),
+        "--disk".into(),
+        format!("path={},id=boot1", second.display()),
+        "--nv".into(),
+        format!("region={},vm=cold,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    wait_ready(&mut vmm, &socket);
+    let removed = device_of(&socket, "boot0");
+    let kept = device_of(&socket, "boot1");
+    assert!(removed < kept, "boot0 at {removed}, boot1 at {kept}");
+    wait_disk_in_use(&mut vmm, removed, 2);
+    assert_probe_sector_written(&first);
+
+    remove_and_wait_ejected(&mut vmm, &socket, "boot0", removed);
+    // The guest goes on with the other disk given at boot.
+    let log = vmm.wait_serial("rounds on the second disk", |log| {
+        rounds_on(log, kept).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL"), "{log}");
+    assert_disk_listed(&socket, "boot1", kept);
+    assert_probe_sector_written(&second);
+    let (status, counters) = api(&socket, "GET", "vm.counters", "");
+    assert_eq!(status, 200);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert!(counters.get("boot0").is_none(), "{counters}");
+    assert!(counters.get("boot1").is_some(), "{counters}");
+    // Gone: a second removal does not know it.
+    let (status, answer) = api(&socket, "PUT", "vm.remove-device", "{\"id\":\"boot0\"}");
+    assert_eq!(status, 404, "{answer}");
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+    let last = *rounds(&vmm.serial_log()).last().unwrap();
+
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm=cold,recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = spawn(dir.path(), "recovered", &recover);
+    recovered.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = recovered.wait_serial("rounds after the recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}"
+    );
+    assert!(
+        rounds(&log)[0] > last,
+        "rounds restarted after {last}:\n{log}"
+    );
+    assert_disk_gone(&recover_socket, "boot0");
+    assert_disk_listed(&recover_socket, "boot1", kept);
+    // The slot boot0 left is free for a hotplugged disk.
+    let hot = disk_image(dir.path(), "hot.raw");
+    assert_eq!(add_disk(&recover_socket, &hot, "hot0"), removed);
+    assert_disk_listed(&recover_socket, "hot0", removed);
+    recovered.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "second power fail");
+    let last = *rounds(&recovered.serial_log()).last().unwrap();
+
+    let mut again = spawn(dir.path(), "again", &recover);
+    again.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = again.wait_serial("rounds after the second recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL") && rounds(&log)[0] > last, "{log}");
+    assert_disk_gone(&recover_socket, "boot0");
+    assert_disk_listed(&recover_socket, "boot1", kept);
+    assert_disk_listed(&recover_socket, "hot0", removed);
+    again.kill();
+}
+
 /// A disk added while the VM is paused is pending for the guest (the GED and controller bits are
 /// saved): after `vm.snapshot` and `--restore` into a new VMM the guest finds and drives it.
 #[test]

@@ -20,7 +20,8 @@ mod console_rng;
 mod hotplug;
 
 pub use hotplug::{
-    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, HOTPLUG_STATE_VERSION,
+    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, RestoreLayout, VacatedBar,
+    VacatedSlot, HOTPLUG_STATE_VERSION,
 };
 
 use devices::console_io::{Pty, SerialInput};
@@ -255,6 +256,18 @@ impl DevicesState {
             .map(HotplugState::ids)
             .unwrap_or_default()
     }
+
+    /// What a restore of this state builds from the config and what it leaves to the state.
+    pub fn restore_layout(&self) -> RestoreLayout {
+        RestoreLayout {
+            hotplugged: self.hotplugged_ids(),
+            vacated: self
+                .hotplug
+                .as_ref()
+                .map(|hotplug| hotplug.vacated.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 pub struct DeviceManager {
@@ -288,10 +301,12 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Creates every device `config` asks for and registers its interrupts with KVM. Device
-    /// threads install the `BlockIo` filter of `seccomp`.
+    /// threads install the `BlockIo` filter of `seccomp`. `vacated`: the PCI slots devices
+    /// given at boot left in earlier runs (a restore; see `hotplug`).
     pub fn new(
         vm_fd: &Arc<VmFd>,
         config: &VmConfig,
+        vacated: &[VacatedSlot],
         events: &Arc<VmEvents>,
         memory: &GuestMemoryMmap,
         seccomp: SeccompMode,
@@ -326,6 +341,7 @@ impl DeviceManager {
                 )?),
             ))),
         };
+        manager.set_vacated_slots(vacated);
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
         manager.add_acpi_shutdown(events)?;
@@ -343,6 +359,7 @@ impl DeviceManager {
             manager.add_virtio_net(net)?;
         }
         manager.add_virtio_rng(&config.rng)?;
+        manager.finish_vacated_slots()?;
         Ok(manager)
     }
 
@@ -590,6 +607,7 @@ impl DeviceManager {
         device: Box<dyn VirtioDevice>,
         thread_start: &IoThreadStartHook,
     ) -> Result<PciFunction, Error> {
+        self.fill_vacated_slots()?;
         let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
         let mut device = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
             .map_err(|e| Error::device(what.to_owned(), e))?;
@@ -700,7 +718,7 @@ impl DeviceManager {
     /// calls this when `VmEvents::device_activation` is readable). A device that fails to start
     /// is marked DEVICE_NEEDS_RESET for its driver; the VM goes on.
     pub fn activate_pending(&self) {
-        for disk in &self.disks {
+        for disk in self.live_disks() {
             match disk.with_transport(|t| t.activate_pending()) {
                 Ok(true) => log::debug!("disk {}: activated", disk.path.display()),
                 Ok(false) => {}
@@ -714,7 +732,7 @@ impl DeviceManager {
                 Err(e) => log::error!("{}: activation failed: {e}", slot.id),
             }
         }
-        for net in &self.nets {
+        for net in self.live_nets() {
             match net.transport.with(|t| t.activate_pending()) {
                 Ok(true) => log::debug!("net {}: activated", net.id),
                 Ok(false) => {}
@@ -729,7 +747,7 @@ impl DeviceManager {
             }
             Ok(())
         });
-        self.hotplug.process_ejects(&self.pci);
+        self.process_ejects();
     }
 
     /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
@@ -738,7 +756,7 @@ impl DeviceManager {
         doing: &str,
         step: impl Fn(&mut dyn VirtioTransport) -> devices::Result<()>,
     ) -> Result<(), Error> {
-        for disk in &self.disks {
+        for disk in self.live_disks() {
             disk.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} disk {}", disk.path.display()), e))?;
         }
@@ -746,7 +764,7 @@ impl DeviceManager {
             slot.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} {}", slot.id), e))?;
         }
-        for net in &self.nets {
+        for net in self.live_nets() {
             net.transport
                 .with(&step)
                 .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
@@ -780,8 +798,7 @@ impl DeviceManager {
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
     /// from 0 in each VMM process (a restored disk counts anew).
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        self.disks
-            .iter()
+        self.live_disks()
             .map(|disk| {
                 let counters = disk
                     .with_transport(|t| t.counters())
@@ -790,7 +807,7 @@ impl DeviceManager {
                     .collect();
                 (disk.id.clone(), counters)
             })
-            .chain(self.nets.iter().map(|net| {
+            .chain(self.live_nets().map(|net| {
                 let counters = net
                     .transport
                     .with(|t| t.counters())
@@ -875,8 +892,7 @@ impl DeviceManager {
             ),
         };
         let disks = self
-            .disks
-            .iter()
+            .live_disks()
             .map(|disk| {
                 let state_error =
                     |e| Error::device_state(format!("disk {}", disk.path.display()), e);
@@ -898,8 +914,7 @@ impl DeviceManager {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let nets = self
-            .nets
-            .iter()
+            .live_nets()
             .map(|net| {
                 let (transport, pci) = net
                     .transport
