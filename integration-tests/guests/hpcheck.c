@@ -12,11 +12,14 @@
  *     _EJ0 does (\_SB_.PHPR.PCEJ: PSEG = 0, B0EJ = 1 << slot), then waits
  *     until the function is gone from configuration space;
  *   - a virtio-blk disk given at boot is used the same way from the start,
- *     and after an eject the next virtio-blk function on the bus, if any.
+ *     and after an eject the next virtio-blk function on the bus, if any;
+ *   - any other function that comes up (a network device) is only reported,
+ *     and ejected like the disk when its slot is asked to go down.
  *
  * Lines: "hpcheck: ready", "hpcheck: event up=0x.. down=0x..",
  * "hpcheck: disk at device=N id=0x..", "hpcheck: disk io ok device=N",
- * "hpcheck: round=R ok", "hpcheck: eject device=N", "hpcheck: device=N gone",
+ * "hpcheck: round=R ok", "hpcheck: function at device=N id=0x..",
+ * "hpcheck: eject device=N", "hpcheck: device=N gone",
  * "hpcheck: FAIL ...".
  */
 #include "clock.h"
@@ -147,26 +150,41 @@ void guest_main(void)
 		console_write(" down=0x");
 		console_write_hex(down);
 		console_write("\n");
-		if (up && !disk) {
-			disk_device = lowest_bit(up);
-			disk = bring_up(disk_device);
+		for (uint32_t left = up; left; left &= left - 1) {
+			unsigned device = lowest_bit(left);
+			if (!disk && pci_read(device, 0) == VIRTIO_PCI_ID(VIRTIO_TYPE_BLOCK)) {
+				disk_device = device;
+				disk = bring_up(device);
+				continue;
+			}
+			/* Another function (a network device): seen, not driven. */
+			console_write("hpcheck: function at device=");
+			console_write_dec(device);
+			console_write(" id=0x");
+			console_write_hex(pci_read(device, 0));
+			console_write("\n");
 		}
-		if (disk && (down & 1u << disk_device)) {
-			disk = 0;
+		for (uint32_t left = down; left; left &= left - 1) {
+			unsigned device = lowest_bit(left);
+			int was_disk = disk && device == disk_device;
+			if (was_disk)
+				disk = 0;
 			console_write("hpcheck: eject device=");
-			console_write_dec(disk_device);
+			console_write_dec(device);
 			console_write("\n");
 			/* \_SB_.PHPR.PCEJ (_SUN, _SEG), as the slot's _EJ0 runs it. */
 			*PSEG = 0;
-			*B0EJ = 1u << disk_device;
-			while (pci_read(disk_device, 0) != 0xffffffffu)
+			*B0EJ = 1u << device;
+			while (pci_read(device, 0) != 0xffffffffu)
 				cpu_relax();
 			console_write("hpcheck: device=");
-			console_write_dec(disk_device);
+			console_write_dec(device);
 			console_write(" gone\n");
-			disk_device = find_disk();
-			if (disk_device)
-				disk = bring_up(disk_device);
+			if (was_disk) {
+				disk_device = find_disk();
+				if (disk_device)
+					disk = bring_up(disk_device);
+			}
 		}
 	}
 }

@@ -11,11 +11,13 @@
 //! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
 //! tests that binary instead.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
+use integration_tests::netns::{inheritable_tap, Netns};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -26,6 +28,8 @@ const PROBE_SECTOR: u64 = 1;
 const PROBE_SEQ: u64 = 0x5a;
 /// upstream's virtio-blk PCI id as one configuration dword (device 0x1042, vendor 0x1af4).
 const VIRTIO_BLK_ID: &str = "id=0x0000000010421af4";
+/// virtio-net's (device 0x1041).
+const VIRTIO_NET_ID: &str = "id=0x0000000010411af4";
 
 fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
@@ -383,6 +387,128 @@ fn a_disk_given_at_boot_is_ejected_and_stays_removed_across_power_failures() {
     assert_disk_listed(&recover_socket, "boot1", kept);
     assert_disk_listed(&recover_socket, "hot0", removed);
     again.kill();
+}
+
+/// `vm.info`'s `config.net`: (id, tap) of each network device.
+fn nets_in_info(socket: &Path) -> Vec<(String, String)> {
+    let (status, body) = api(socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    info["config"]["net"]
+        .as_array()
+        .map(|nets| {
+            nets.iter()
+                .map(|net| {
+                    (
+                        net["id"].as_str().unwrap_or_default().to_owned(),
+                        net["tap"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `ch-remote add-net fd=N` hands the tap over as upstream's does (SCM_RIGHTS with the request):
+/// in a network namespace of its own, a persistent tap's descriptor becomes a hotplugged
+/// virtio-net function the guest sees come up; a descriptor that is no tap is refused (exit 1,
+/// nothing added, the descriptor closed); after a power failure the recovery opens the tap
+/// again by its name and the function is back at its address; the guest then ejects it.
+#[test]
+fn a_tap_handed_over_by_descriptor_is_hotplugged_and_recovered_by_name() {
+    integration_tests::require_kvm!();
+    const TAP: &str = "nvhp0";
+    let netns = Netns::new("hotplug");
+    netns
+        .ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])
+        .unwrap();
+    netns.ip(&["link", "set", TAP, "up"]).unwrap();
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=tapfd,create=on", region.display()),
+    ]);
+    let (mut vmm, answer) = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            wait_ready(&mut vmm, &socket);
+            // Not a tap: refused, the API says why.
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let null_fd = inheritable(&null);
+            let refused = run_ch_remote(&socket, &["add-net", &format!("fd={null_fd}")]);
+            assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                stderr.contains("The network device could not be added to the VM"),
+                "{stderr}"
+            );
+            let tap = inheritable_tap(TAP);
+            let answer = ch_remote(
+                &socket,
+                &["add-net", &format!("fd={},id=hotnet0", tap.as_raw_fd())],
+            );
+            // The VMM holds its own copy.
+            drop(tap);
+            (vmm, answer)
+        })
+    };
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], "hotnet0", "{answer}");
+    let bdf = info["bdf"].as_str().unwrap().to_owned();
+    let device = u8::from_str_radix(&bdf[8..10], 16).unwrap();
+    let log = vmm.wait_serial("the guest seeing the network function", |log| {
+        log.contains(&format!("hpcheck: function at device={device} "))
+    });
+    assert!(log.contains(VIRTIO_NET_ID), "{log}");
+    assert_eq!(nets_in_info(&socket), [("hotnet0".into(), TAP.into())]);
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = vec![
+        "--nv".into(),
+        format!("region={},vm=tapfd,recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = {
+        let (dir_path, recover_socket) = (dir_path.clone(), recover_socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "recovered", &recover);
+            vmm.wait_for_socket(&recover_socket, TIMEOUT);
+            vmm
+        })
+    };
+    assert_eq!(
+        nets_in_info(&recover_socket),
+        [("hotnet0".into(), TAP.into())]
+    );
+    let (_, tree) = disks_in_info(&recover_socket);
+    assert!(tree.contains(&("hotnet0".into(), bdf.clone())), "{tree:?}");
+    assert_eq!(
+        ch_remote(&recover_socket, &["remove-device", "hotnet0"]),
+        ""
+    );
+    recovered.wait_serial("the guest ejecting the network function", |log| {
+        log.contains(&format!("hpcheck: device={device} gone"))
+    });
+    recovered.wait_stderr("the VMM taking the eject", |stderr| {
+        stderr.contains(&format!("hotnet0 at {bdf} ejected by the guest"))
+    });
+    assert!(nets_in_info(&recover_socket).is_empty());
+    recovered.kill();
+}
+
+/// A descriptor of `file` that children inherit (no close-on-exec).
+fn inheritable(file: &std::fs::File) -> i32 {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_SETFD on an open descriptor owned by `file` only clears close-on-exec.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    fd
 }
 
 /// A disk added while the VM is paused is pending for the guest (the GED and controller bits are

@@ -291,6 +291,16 @@ fn take_off_segment(
     log::info!("{id} at {bdf} ejected by the guest");
 }
 
+/// Closes the tap descriptors handed over with `config` (a hotplug refused before its tap
+/// took them).
+fn close_handed_over(config: &NetConfig) {
+    for &fd in config.fds.iter().flatten() {
+        // SAFETY: the API handed these descriptors over to the hotplug, which owns them and
+        // refused them before anything else took them.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+}
+
 /// The number of MSI-X vectors `msi` carries.
 fn vector_count(msi: &KvmMsiInterrupts) -> u16 {
     (0..u16::MAX)
@@ -336,25 +346,44 @@ impl DeviceManager {
         let mut config = config.clone();
         let id = self.new_device_id(config.id.as_deref(), "_disk")?;
         config.id = Some(id);
-        let bdf = self.plug(HotplugKind::Disk(config.clone()), None)?;
+        let (bdf, _) = self.plug(HotplugKind::Disk(config.clone()), None)?;
         Ok((config, bdf))
     }
 
-    /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`).
+    /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`). Descriptors in
+    /// `fds` are handed over: the tap owns them, or they are closed when the hotplug fails. The
+    /// config returned (the VM's, and the saved state's) names a tap handed over by descriptor
+    /// by its name, which a recovery opens again.
     pub fn hotplug_net(&self, config: &NetConfig) -> Result<(NetConfig, PciBdf), Error> {
+        let refuse = |error: Error| {
+            close_handed_over(config);
+            Err(error)
+        };
         if config.transport == Some(VirtioTransportKind::Mmio) {
-            return Err(Error::Device(
+            return refuse(Error::Device(
                 "a virtio-mmio net device cannot be hotplugged: there is no hotplug on \
                  virtio-mmio"
                     .to_owned(),
             ));
         }
+        if config.fds.as_ref().is_some_and(|fds| fds.len() > 1) {
+            return refuse(Error::Device(
+                "fds: several tap queue descriptors are not supported, hand over one tap \
+                 descriptor with num_queues=2"
+                    .to_owned(),
+            ));
+        }
         let mut config = config.clone();
-        let id = self.new_device_id(config.id.as_deref(), "_net")?;
+        let id = match self.new_device_id(config.id.as_deref(), "_net") {
+            Ok(id) => id,
+            Err(error) => return refuse(error),
+        };
         config.id = Some(id);
         config.mac.get_or_insert_with(crate::config::random_mac);
-        let bdf = self.plug(HotplugKind::Net(config.clone()), None)?;
-        Ok((config, bdf))
+        match self.plug(HotplugKind::Net(config), None)? {
+            (bdf, HotplugKind::Net(kept)) => Ok((kept, bdf)),
+            (_, HotplugKind::Disk(_)) => unreachable!("a net device was plugged"),
+        }
     }
 
     /// The disks given at boot the guest has not ejected.
@@ -523,13 +552,14 @@ impl DeviceManager {
     /// Builds the device `kind` describes and puts it on the segment: at the lowest free slot
     /// and the next GSIs, announced to the guest, or (`restore`) at its saved slot and GSIs
     /// from its saved state, announced by nothing (the restored controller has its bits).
+    /// Returns its address and `kind` as kept (a tap handed over by descriptor named).
     fn plug(
         &self,
-        kind: HotplugKind,
+        mut kind: HotplugKind,
         restore: Option<&HotplugDeviceState>,
-    ) -> Result<PciBdf, Error> {
+    ) -> Result<(PciBdf, HotplugKind), Error> {
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
-            match &kind {
+            match &mut kind {
                 HotplugKind::Disk(config) => {
                     let path = PathBuf::from(
                         config
@@ -548,6 +578,11 @@ impl DeviceManager {
                 }
                 HotplugKind::Net(config) => {
                     let tap = Arc::new(open_tap(config)?);
+                    if config.fds.take().is_some() {
+                        // The descriptor's number means nothing to a later process; the name
+                        // finds the tap again.
+                        config.tap = Some(tap.name().to_owned());
+                    }
                     let net = new_net(&tap, config)?;
                     (
                         config.id.clone().unwrap_or_default(),
@@ -593,7 +628,7 @@ impl DeviceManager {
         };
         lock_or_recover(&self.hotplug.slots).push(HotplugSlot {
             id: id.clone(),
-            kind,
+            kind: kind.clone(),
             device: function,
             bdf,
             msi,
@@ -604,7 +639,7 @@ impl DeviceManager {
             self.notify_pci_change()?;
             log::info!("{id} ({what}) hotplugged at {bdf}");
         }
-        Ok(bdf)
+        Ok((bdf, kind))
     }
 
     /// The hotplug controller's state and every hotplugged device's. The VM must be paused.
