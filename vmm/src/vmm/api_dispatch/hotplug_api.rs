@@ -6,6 +6,10 @@
 //! devices; an ejected device leaves it when the guest has ejected it, whether it was hotplugged
 //! or given at boot. `vm.add-net` takes its taps as descriptors sent with the request
 //! (SCM_RIGHTS), as upstream's `ch-remote add-net fd=` sends them.
+//!
+//! One config is the VM's: once a VM is built, its own (`Vm::config`) is changed by the device
+//! changes and `Vmm::vm_config` only ever copies it ([`Vmm::adopt_vm_config`]), so the two
+//! cannot diverge; without a built VM, `vm_config` is the only one.
 
 use std::os::unix::io::{AsRawFd, IntoRawFd, OwnedFd};
 
@@ -140,11 +144,8 @@ impl Vmm {
             }
         };
         match added {
-            Ok((device, id, bdf)) => {
-                if let Some(config) = self.vm_config.as_mut() {
-                    device.add_to(config);
-                }
-                self.store_nv_config();
+            Ok((_, id, bdf)) => {
+                self.adopt_vm_config();
                 Answer::body(&PciDeviceInfo {
                     id,
                     bdf: bdf.to_string(),
@@ -181,19 +182,21 @@ impl Vmm {
         let Some(vm) = self.vm.as_mut() else {
             return;
         };
-        let ejected = vm.take_ejected_devices();
-        if ejected.is_empty() {
+        if vm.take_ejected_devices().is_empty() {
             return;
         }
-        if let Some(config) = self.vm_config.as_mut() {
-            remove_devices_from_config(config, &ejected);
-        }
-        self.store_nv_config();
+        self.adopt_vm_config();
     }
 
-    /// Writes the VM's config into its NV region, so a recovery builds the devices it has now.
-    fn store_nv_config(&self) {
-        let (Some(nv_vm), Some(vm)) = (self.nv.as_ref(), self.vm.as_ref()) else {
+    /// After the VM changed its devices: its config becomes the one `vm.info`, a reboot and
+    /// `vm_config`'s other readers see, and, for an NV VM, the one stored in its region, so a
+    /// recovery builds the devices it has now.
+    fn adopt_vm_config(&mut self) {
+        let Some(vm) = self.vm.as_ref() else {
+            return;
+        };
+        self.vm_config = Some(vm.config().clone());
+        let Some(nv_vm) = self.nv.as_ref() else {
             return;
         };
         if let Err(e) = nv::store_config(nv_vm, vm.config()) {
