@@ -22,6 +22,7 @@
  * "hpcheck: eject device=N", "hpcheck: device=N gone",
  * "hpcheck: FAIL ...".
  */
+#include "acpi_hotplug.h"
 #include "clock.h"
 #include "console.h"
 #include "port_io.h"
@@ -29,14 +30,6 @@
 #include "virtio_blk.h"
 #include "virtio_pci.h"
 
-/* arch::layout: the GED register and the hotplug controller's registers. */
-#define GED_REGISTER ((volatile uint8_t *)0xf8000000UL)
-#define GED_PCI_DEVICES_CHANGED 0x04
-#define HOTPLUG_BASE 0xf8001000UL
-#define PCIU ((volatile uint32_t *)(HOTPLUG_BASE + 0x0))
-#define PCID ((volatile uint32_t *)(HOTPLUG_BASE + 0x4))
-#define B0EJ ((volatile uint32_t *)(HOTPLUG_BASE + 0x8))
-#define PSEG ((volatile uint32_t *)(HOTPLUG_BASE + 0xc))
 #define VIRTIO_TYPE_BLOCK 2
 #define ROUND_PERIOD_MS 50
 #define PROBE_SECTOR 1

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
-use integration_tests::netns::{inheritable_tap, Netns};
+use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
+use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
 use integration_tests::process::VmmProcess;
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -501,6 +502,120 @@ fn a_tap_handed_over_by_descriptor_is_hotplugged_and_recovered_by_name() {
     });
     assert!(nets_in_info(&recover_socket).is_empty());
     recovered.kill();
+}
+
+/// The netkv database, booted without a network device (`hotplug=1`), serves on a virtio-net
+/// device hotplugged with `ch-remote add-net fd=` (a persistent tap in the test's network
+/// namespace, its descriptor handed over with the request): a client's PUTs and GETs go over it,
+/// across a power failure whose recovery opens the tap again by name and one whose recovery is
+/// handed a new descriptor of it (`--net fd=`); every acknowledged PUT reads back, the guest never
+/// rebooted; then the guest ejects the device.
+#[test]
+fn a_hotplugged_nic_serves_the_database_across_power_failures() {
+    integration_tests::require_kvm!();
+    const KV_WAIT: Duration = Duration::from_secs(30);
+    let netns = Netns::new("hpkv");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let mut arguments = guest_arguments(
+        "netkv",
+        &format!("ip={} port={} hotplug=1", KV_GUEST.ip(), KV_GUEST.port()),
+        "64M",
+    );
+    arguments.extend([
+        "--api-socket".into(),
+        format!("path={}", socket.display()),
+        "--nv".into(),
+        format!("region={},vm=hpkv,create=on", region.display()),
+    ]);
+    let (mut vmm, client, answer) = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            vmm.wait_for_socket(&socket, TIMEOUT);
+            vmm.wait_serial("netkv waiting for its network device", |log| {
+                log.contains("netkv: waiting")
+            });
+            let tap = inheritable_tap(KV_TAP);
+            let answer = ch_remote(
+                &socket,
+                &[
+                    "add-net",
+                    &format!("fd={},mac={KV_GUEST_MAC},id=kvnet", tap.as_raw_fd()),
+                ],
+            );
+            drop(tap);
+            let log = vmm.wait_serial("netkv ready", |log| {
+                log.contains("netkv: ready") || log.contains("FAIL")
+            });
+            assert!(!log.contains("FAIL"), "{log}");
+            let client = KvClient::new(KV_GUEST, LoadConfig::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            (vmm, client, answer)
+        })
+    };
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], "kvnet", "{answer}");
+    let bdf = info["bdf"].as_str().unwrap().to_owned();
+    assert_eq!(nets_in_info(&socket), [("kvnet".into(), KV_TAP.into())]);
+    let load = LoadThread::start(client);
+    assert!(load.wait_answers(500, KV_WAIT), "no answers over the NIC");
+    let mut serial_logs = Vec::new();
+    let recover_socket = dir.path().join("recovered.sock");
+    for (round, handover) in [(1, false), (2, true)] {
+        serial_logs.push(vmm.serial_log());
+        vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+        let (dir_path, region, socket) =
+            (dir_path.clone(), region.clone(), recover_socket.clone());
+        vmm = netns.run(move || {
+            let mut arguments = vec![
+                "--nv".into(),
+                format!("region={},vm=hpkv,recover=on", region.display()),
+                "--api-socket".into(),
+                format!("path={}", socket.display()),
+            ];
+            let tap = handover.then(|| inheritable_tap(KV_TAP));
+            if let Some(tap) = &tap {
+                arguments.extend(["--net".into(), format!("fd={}", tap.as_raw_fd())]);
+            }
+            let mut vmm = spawn(&dir_path, &format!("recovered-{round}"), &arguments);
+            vmm.wait_for_socket(&socket, TIMEOUT);
+            vmm
+        });
+        assert!(
+            load.wait_answers(500, KV_WAIT),
+            "no answers after recovery {round}"
+        );
+        let (_, tree) = disks_in_info(&recover_socket);
+        assert!(tree.contains(&("kvnet".into(), bdf.clone())), "{tree:?}");
+    }
+    serial_logs.push(vmm.serial_log());
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let keys = client
+        .read_back_all(KV_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ledger = &client.ledger;
+    assert_eq!(ledger.violations, Vec::new(), "the client saw violations");
+    assert_eq!(ledger.boot_ids.len(), 1, "boot ids {:?}", ledger.boot_ids);
+    assert!(ledger.puts_acked > 0 && keys > 0);
+    let boots: usize = serial_logs
+        .iter()
+        .map(|log| log.matches("netkv: boot").count())
+        .sum();
+    assert_eq!(boots, 1, "{serial_logs:?}");
+
+    assert_eq!(ch_remote(&recover_socket, &["remove-device", "kvnet"]), "");
+    vmm.wait_serial("netkv ejecting its device", |log| {
+        log.contains("netkv: device gone")
+    });
+    vmm.wait_stderr("the VMM taking the eject", |stderr| {
+        stderr.contains(&format!("kvnet at {bdf} ejected by the guest"))
+    });
+    assert!(nets_in_info(&recover_socket).is_empty());
+    vmm.kill();
 }
 
 /// A descriptor of `file` that children inherit (no close-on-exec).

@@ -197,6 +197,7 @@ impl Vm {
             &memory,
             seccomp,
         )?);
+        devices.set_hotplugged_net_backings(config, &layout.hotplugged);
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);

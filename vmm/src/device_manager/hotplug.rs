@@ -193,6 +193,9 @@ pub(super) struct Hotplug {
     /// Devices given at boot the guest ejected in this run: still in the device manager's
     /// lists, no longer on the bus.
     removed: Mutex<Vec<String>>,
+    /// For a restore: the config's entries of the hotplugged nets, whose tap (`tap=`, or `fds`
+    /// handed over anew on the recovering command line) replaces the saved one.
+    net_backings: Mutex<Vec<NetConfig>>,
 }
 
 impl Hotplug {
@@ -204,6 +207,7 @@ impl Hotplug {
             vacated: Mutex::new(Vec::new()),
             placeholders: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
+            net_backings: Mutex::new(Vec::new()),
         }
     }
 
@@ -532,6 +536,18 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// For a restore: the VM's config entries of its hotplugged nets (`config` lists them all):
+    /// the tap each names, or the descriptors handed over for it, is the one it is put back on.
+    pub fn set_hotplugged_net_backings(&self, config: &crate::config::VmConfig, ids: &[String]) {
+        *lock_or_recover(&self.hotplug.net_backings) = config
+            .net
+            .iter()
+            .flatten()
+            .filter(|net| net.id.as_ref().is_some_and(|id| ids.contains(id)))
+            .cloned()
+            .collect();
+    }
+
     /// Sets the slots earlier runs' devices given at boot left (a restore), before any device
     /// is built.
     pub(super) fn set_vacated_slots(&self, vacated: &[VacatedSlot]) {
@@ -677,8 +693,17 @@ impl DeviceManager {
                 state.version
             )));
         }
+        let backings = std::mem::take(&mut *lock_or_recover(&self.hotplug.net_backings));
         for saved in &state.devices {
-            self.plug(saved.kind.clone(), Some(saved))?;
+            let mut kind = saved.kind.clone();
+            if let HotplugKind::Net(config) = &mut kind {
+                let given = backings.iter().find(|net| net.id == config.id);
+                if let Some(given) = given.filter(|n| n.fds.is_some() || n.tap.is_some()) {
+                    config.tap.clone_from(&given.tap);
+                    config.fds.clone_from(&given.fds);
+                }
+            }
+            self.plug(kind, Some(saved))?;
         }
         self.pci.reserve_msi_gsis(state.msi_gsis_allocated);
         lock_or_recover(self.hotplug.controller())
