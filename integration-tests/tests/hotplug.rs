@@ -194,6 +194,38 @@ fn remove_and_wait_ejected(vmm: &mut VmmProcess, socket: &Path, id: &str, device
     assert_disk_gone(socket, id);
 }
 
+/// Recovers NV VM `vm` of `region` in place behind `recovered.sock` and waits for two rounds of
+/// I/O numbered after `last` (the guest went on, it did not boot again). Returns the socket,
+/// the recovering arguments and the VMM.
+fn recover_with_rounds(
+    dir: &Path,
+    region: &Path,
+    vm: &str,
+    last: u64,
+) -> (PathBuf, [String; 4], VmmProcess) {
+    let recover_socket = dir.join("recovered.sock");
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm={vm},recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = spawn(dir, "recovered", &recover);
+    recovered.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = recovered.wait_serial("rounds after the recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}"
+    );
+    assert!(
+        rounds(&log)[0] > last,
+        "rounds restarted after {last}:\n{log}"
+    );
+    (recover_socket, recover, recovered)
+}
+
 #[test]
 fn a_hotplugged_disk_is_found_driven_and_ejected_by_the_guest() {
     integration_tests::require_kvm!();
@@ -252,26 +284,8 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
     let last = *rounds(&vmm.serial_log()).last().unwrap();
 
-    let recover_socket = dir.path().join("recovered.sock");
-    let recover = [
-        "--nv".into(),
-        format!("region={},vm=hp,recover=on", region.display()),
-        "--api-socket".into(),
-        format!("path={}", recover_socket.display()),
-    ];
-    let mut recovered = spawn(dir.path(), "recovered", &recover);
-    recovered.wait_for_socket(&recover_socket, TIMEOUT);
-    let log = recovered.wait_serial("rounds after the recovery", |log| {
-        rounds(log).len() >= 2 || log.contains("FAIL")
-    });
-    assert!(
-        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
-        "{log}"
-    );
-    assert!(
-        rounds(&log)[0] > last,
-        "rounds restarted after {last}:\n{log}"
-    );
+    let (recover_socket, recover, mut recovered) =
+        recover_with_rounds(dir.path(), &region, "hp", last);
     assert_disk_listed(&recover_socket, "hot0", device);
 
     remove_and_wait_ejected(&mut recovered, &recover_socket, "hot0", device);
@@ -349,26 +363,8 @@ fn a_disk_given_at_boot_is_ejected_and_stays_removed_across_power_failures() {
     vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
     let last = *rounds(&vmm.serial_log()).last().unwrap();
 
-    let recover_socket = dir.path().join("recovered.sock");
-    let recover = [
-        "--nv".into(),
-        format!("region={},vm=cold,recover=on", region.display()),
-        "--api-socket".into(),
-        format!("path={}", recover_socket.display()),
-    ];
-    let mut recovered = spawn(dir.path(), "recovered", &recover);
-    recovered.wait_for_socket(&recover_socket, TIMEOUT);
-    let log = recovered.wait_serial("rounds after the recovery", |log| {
-        rounds(log).len() >= 2 || log.contains("FAIL")
-    });
-    assert!(
-        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
-        "{log}"
-    );
-    assert!(
-        rounds(&log)[0] > last,
-        "rounds restarted after {last}:\n{log}"
-    );
+    let (recover_socket, recover, mut recovered) =
+        recover_with_rounds(dir.path(), &region, "cold", last);
     assert_disk_gone(&recover_socket, "boot0");
     assert_disk_listed(&recover_socket, "boot1", kept);
     // The slot boot0 left is free for a hotplugged disk.
@@ -552,8 +548,8 @@ fn a_hotplugged_nic_serves_the_database_across_power_failures() {
                 log.contains("netkv: ready") || log.contains("FAIL")
             });
             assert!(!log.contains("FAIL"), "{log}");
-            let client = KvClient::new(KV_GUEST, LoadConfig::default())
-                .unwrap_or_else(|e| panic!("{e}"));
+            let client =
+                KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
             (vmm, client, answer)
         })
     };
@@ -568,8 +564,7 @@ fn a_hotplugged_nic_serves_the_database_across_power_failures() {
     for (round, handover) in [(1, false), (2, true)] {
         serial_logs.push(vmm.serial_log());
         vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
-        let (dir_path, region, socket) =
-            (dir_path.clone(), region.clone(), recover_socket.clone());
+        let (dir_path, region, socket) = (dir_path.clone(), region.clone(), recover_socket.clone());
         vmm = netns.run(move || {
             let mut arguments = vec![
                 "--nv".into(),
