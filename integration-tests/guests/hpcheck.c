@@ -10,13 +10,19 @@
  *     sector, then keeps doing rounds of I/O, one line per round;
  *   - on a slot asked to go down: stops using it and ejects it as the slot's
  *     _EJ0 does (\_SB_.PHPR.PCEJ: PSEG = 0, B0EJ = 1 << slot), then waits
- *     until the function is gone from configuration space.
+ *     until the function is gone from configuration space;
+ *   - a virtio-blk disk given at boot is used the same way from the start,
+ *     and after an eject the next virtio-blk function on the bus, if any;
+ *   - any other function that comes up (a network device) is only reported,
+ *     and ejected like the disk when its slot is asked to go down.
  *
  * Lines: "hpcheck: ready", "hpcheck: event up=0x.. down=0x..",
  * "hpcheck: disk at device=N id=0x..", "hpcheck: disk io ok device=N",
- * "hpcheck: round=R ok", "hpcheck: eject device=N", "hpcheck: device=N gone",
+ * "hpcheck: round=R ok", "hpcheck: function at device=N id=0x..",
+ * "hpcheck: eject device=N", "hpcheck: device=N gone",
  * "hpcheck: FAIL ...".
  */
+#include "acpi_hotplug.h"
 #include "clock.h"
 #include "console.h"
 #include "port_io.h"
@@ -24,14 +30,6 @@
 #include "virtio_blk.h"
 #include "virtio_pci.h"
 
-/* arch::layout: the GED register and the hotplug controller's registers. */
-#define GED_REGISTER ((volatile uint8_t *)0xf8000000UL)
-#define GED_PCI_DEVICES_CHANGED 0x04
-#define HOTPLUG_BASE 0xf8001000UL
-#define PCIU ((volatile uint32_t *)(HOTPLUG_BASE + 0x0))
-#define PCID ((volatile uint32_t *)(HOTPLUG_BASE + 0x4))
-#define B0EJ ((volatile uint32_t *)(HOTPLUG_BASE + 0x8))
-#define PSEG ((volatile uint32_t *)(HOTPLUG_BASE + 0xc))
 #define VIRTIO_TYPE_BLOCK 2
 #define ROUND_PERIOD_MS 50
 #define PROBE_SECTOR 1
@@ -73,6 +71,38 @@ static void check_sector(struct virtio_blk *disk, uint64_t sector, uint64_t seq)
 		fail("read back differs from what was written", 0);
 }
 
+/* The device number of the first virtio-blk function on bus 0, 0 if none
+ * (the one virtio_blk_open takes). */
+static unsigned find_disk(void)
+{
+	for (unsigned device = 1; device < 32; device++)
+		if (pci_read(device, 0) == VIRTIO_PCI_ID(VIRTIO_TYPE_BLOCK))
+			return device;
+	return 0;
+}
+
+/* Brings up the virtio-blk function at `device` and writes its probe sector. */
+static struct virtio_blk *bring_up(unsigned device)
+{
+	uint32_t id = pci_read(device, 0);
+	console_write("hpcheck: disk at device=");
+	console_write_dec(device);
+	console_write(" id=0x");
+	console_write_hex(id);
+	console_write("\n");
+	if (id != VIRTIO_PCI_ID(VIRTIO_TYPE_BLOCK))
+		fail("the new function is no virtio-blk", 0);
+	const char *error = 0;
+	struct virtio_blk *disk = virtio_blk_open(&error);
+	if (!disk)
+		fail("virtio-blk", error);
+	check_sector(disk, PROBE_SECTOR, 0x5a);
+	console_write("hpcheck: disk io ok device=");
+	console_write_dec(device);
+	console_write("\n");
+	return disk;
+}
+
 static unsigned lowest_bit(uint32_t bits)
 {
 	unsigned slot = 0;
@@ -89,6 +119,9 @@ void guest_main(void)
 	struct ticker ticker;
 
 	console_write("hpcheck: boot\n");
+	disk_device = find_disk();
+	if (disk_device)
+		disk = bring_up(disk_device);
 	console_write("hpcheck: ready\n");
 	ticker_start(&ticker, ROUND_PERIOD_MS);
 	for (;;) {
@@ -110,39 +143,41 @@ void guest_main(void)
 		console_write(" down=0x");
 		console_write_hex(down);
 		console_write("\n");
-		if (up && !disk) {
-			unsigned device = lowest_bit(up);
-			uint32_t id = pci_read(device, 0);
-			console_write("hpcheck: disk at device=");
+		for (uint32_t left = up; left; left &= left - 1) {
+			unsigned device = lowest_bit(left);
+			if (!disk && pci_read(device, 0) == VIRTIO_PCI_ID(VIRTIO_TYPE_BLOCK)) {
+				disk_device = device;
+				disk = bring_up(device);
+				continue;
+			}
+			/* Another function (a network device): seen, not driven. */
+			console_write("hpcheck: function at device=");
 			console_write_dec(device);
 			console_write(" id=0x");
-			console_write_hex(id);
-			console_write("\n");
-			if (id != VIRTIO_PCI_ID(VIRTIO_TYPE_BLOCK))
-				fail("the new function is no virtio-blk", 0);
-			const char *error = 0;
-			disk = virtio_blk_open(&error);
-			if (!disk)
-				fail("virtio-blk", error);
-			disk_device = device;
-			check_sector(disk, PROBE_SECTOR, 0x5a);
-			console_write("hpcheck: disk io ok device=");
-			console_write_dec(device);
+			console_write_hex(pci_read(device, 0));
 			console_write("\n");
 		}
-		if (disk && (down & 1u << disk_device)) {
-			disk = 0;
+		for (uint32_t left = down; left; left &= left - 1) {
+			unsigned device = lowest_bit(left);
+			int was_disk = disk && device == disk_device;
+			if (was_disk)
+				disk = 0;
 			console_write("hpcheck: eject device=");
-			console_write_dec(disk_device);
+			console_write_dec(device);
 			console_write("\n");
 			/* \_SB_.PHPR.PCEJ (_SUN, _SEG), as the slot's _EJ0 runs it. */
 			*PSEG = 0;
-			*B0EJ = 1u << disk_device;
-			while (pci_read(disk_device, 0) != 0xffffffffu)
+			*B0EJ = 1u << device;
+			while (pci_read(device, 0) != 0xffffffffu)
 				cpu_relax();
 			console_write("hpcheck: device=");
-			console_write_dec(disk_device);
+			console_write_dec(device);
 			console_write(" gone\n");
+			if (was_disk) {
+				disk_device = find_disk();
+				if (disk_device)
+					disk = bring_up(disk_device);
+			}
 		}
 	}
 }

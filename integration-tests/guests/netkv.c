@@ -10,10 +10,17 @@
  * the transmit queue once. The receive queue is notified only after RX_SIZE / 2
  * buffers were posted again (the device sees new buffers without a notify
  * while it has any left), so a busy pass costs about one exit.
+ *
+ * With hotplug=1 it boots without a network device and waits for one to be
+ * hotplugged (ACPI PCI hotplug, polled as hpcheck does), then serves on it;
+ * every HOTPLUG_POLL_MS it looks for its slot being asked to go down, then
+ * ejects it and stops serving.
  */
+#include "acpi_hotplug.h"
 #include "clock.h"
 #include "console.h"
 #include "params.h"
+#include "pci.h"
 #include "runtime.h"
 #include "virtio.h"
 #include "virtio_pci.h"
@@ -28,6 +35,7 @@
 #define TX_BUFFER 2048
 #define NET_HDR_LEN 12 /* struct virtio_net_hdr with num_buffers (VERSION_1) */
 #define TX_TIMEOUT_MS 30000
+#define HOTPLUG_POLL_MS 100
 
 #define ETH_HDR 14
 #define ETHERTYPE_IPV4 0x0800
@@ -399,6 +407,43 @@ static void open_net(void)
 	rx_posted_since_notify = 0;
 }
 
+/* hotplug=1: waits until a slot comes up (the GED event, then PCIU). */
+static void wait_for_hotplug(void)
+{
+	console_write("netkv: waiting for a hotplugged network device\n");
+	for (;;) {
+		if (*GED_REGISTER & GED_PCI_DEVICES_CHANGED) {
+			*PSEG = 0;
+			uint32_t up = *PCIU;
+			(void)*PCID;
+			if (up)
+				return;
+		}
+		cpu_relax();
+	}
+}
+
+/* hotplug=1: when the network device's slot is asked to go down, ejects it
+ * as its _EJ0 does, waits until it is gone and serves no more. */
+static void check_unplug(void)
+{
+	if (!(*GED_REGISTER & GED_PCI_DEVICES_CHANGED))
+		return;
+	*PSEG = 0;
+	(void)*PCIU;
+	if (!(*PCID & 1u << net.device))
+		return;
+	console_write("netkv: eject device=");
+	console_write_dec(net.device);
+	console_write("\n");
+	*B0EJ = 1u << net.device;
+	while (pci_config_read(net.device, 0, 0) != 0xffffffffu)
+		cpu_relax();
+	console_write("netkv: device gone\n");
+	for (;;)
+		cpu_relax();
+}
+
 static void report(void)
 {
 	console_write("netkv served=");
@@ -417,7 +462,8 @@ void guest_main(void)
 	uint64_t slots = param_u64("slots", 65536);
 	uint64_t report_ms = param_u64("report_ms", 1000);
 	const char *ip = param_str("ip");
-	struct ticker ticker;
+	uint64_t hotplug = param_u64("hotplug", 0);
+	struct ticker ticker, hotplug_ticker;
 
 	boot_id = tsc_read() | 1;
 	if (parse_ipv4(ip ? ip : "192.168.249.2", my_ip))
@@ -434,6 +480,8 @@ void guest_main(void)
 	console_write("netkv: boot id=");
 	console_write_hex(boot_id);
 	console_write("\n");
+	if (hotplug)
+		wait_for_hotplug();
 	open_net();
 	console_write("netkv: ready mac=");
 	for (int i = 0; i < 6; i++) {
@@ -454,6 +502,7 @@ void guest_main(void)
 	console_write("\n");
 
 	ticker_start(&ticker, report_ms ? report_ms : 1000);
+	ticker_start(&hotplug_ticker, HOTPLUG_POLL_MS);
 	for (;;) {
 		uint16_t sent_before = tx_posted;
 		while (rx_seen != *(volatile uint16_t *)&rx.used.index) {
@@ -479,6 +528,8 @@ void guest_main(void)
 		}
 		if (report_ms && ticker_due(&ticker))
 			report();
+		if (hotplug && ticker_due(&hotplug_ticker))
+			check_unplug();
 		cpu_relax();
 	}
 }

@@ -11,11 +11,14 @@
 //! The binary is built on first use (`integration_tests::binaries`); `CLOUD_HYPERVISOR_BIN=/path`
 //! tests that binary instead.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
+use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
+use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -26,6 +29,8 @@ const PROBE_SECTOR: u64 = 1;
 const PROBE_SEQ: u64 = 0x5a;
 /// upstream's virtio-blk PCI id as one configuration dword (device 0x1042, vendor 0x1af4).
 const VIRTIO_BLK_ID: &str = "id=0x0000000010421af4";
+/// virtio-net's (device 0x1041).
+const VIRTIO_NET_ID: &str = "id=0x0000000010411af4";
 
 fn spawn(dir: &Path, label: &str, arguments: &[String]) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, arguments, &[]).with_timeout(TIMEOUT)
@@ -190,6 +195,38 @@ fn remove_and_wait_ejected(vmm: &mut VmmProcess, socket: &Path, id: &str, device
     assert_disk_gone(socket, id);
 }
 
+/// Recovers NV VM `vm` of `region` in place behind `recovered.sock` and waits for two rounds of
+/// I/O numbered after `last` (the guest went on, it did not boot again). Returns the socket,
+/// the recovering arguments and the VMM.
+fn recover_with_rounds(
+    dir: &Path,
+    region: &Path,
+    vm: &str,
+    last: u64,
+) -> (PathBuf, [String; 4], VmmProcess) {
+    let recover_socket = dir.join("recovered.sock");
+    let recover = [
+        "--nv".into(),
+        format!("region={},vm={vm},recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = spawn(dir, "recovered", &recover);
+    recovered.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = recovered.wait_serial("rounds after the recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(
+        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
+        "{log}"
+    );
+    assert!(
+        rounds(&log)[0] > last,
+        "rounds restarted after {last}:\n{log}"
+    );
+    (recover_socket, recover, recovered)
+}
+
 #[test]
 fn a_hotplugged_disk_is_found_driven_and_ejected_by_the_guest() {
     integration_tests::require_kvm!();
@@ -248,26 +285,8 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
     let last = *rounds(&vmm.serial_log()).last().unwrap();
 
-    let recover_socket = dir.path().join("recovered.sock");
-    let recover = [
-        "--nv".into(),
-        format!("region={},vm=hp,recover=on", region.display()),
-        "--api-socket".into(),
-        format!("path={}", recover_socket.display()),
-    ];
-    let mut recovered = spawn(dir.path(), "recovered", &recover);
-    recovered.wait_for_socket(&recover_socket, TIMEOUT);
-    let log = recovered.wait_serial("rounds after the recovery", |log| {
-        rounds(log).len() >= 2 || log.contains("FAIL")
-    });
-    assert!(
-        !log.contains("FAIL") && !log.contains("hpcheck: boot"),
-        "{log}"
-    );
-    assert!(
-        rounds(&log)[0] > last,
-        "rounds restarted after {last}:\n{log}"
-    );
+    let (recover_socket, recover, mut recovered) =
+        recover_with_rounds(dir.path(), &region, "hp", last);
     assert_disk_listed(&recover_socket, "hot0", device);
 
     remove_and_wait_ejected(&mut recovered, &recover_socket, "hot0", device);
@@ -277,6 +296,330 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     again.wait_for_socket(&recover_socket, TIMEOUT);
     assert_disk_gone(&recover_socket, "hot0");
     again.kill();
+}
+
+/// The device number `vm.info`'s device tree gives device `id`.
+fn device_of(socket: &Path, id: &str) -> u8 {
+    let (_, tree) = disks_in_info(socket);
+    let (_, bdf) = tree
+        .iter()
+        .find(|(tid, _)| tid == id)
+        .unwrap_or_else(|| panic!("{id} not in the device tree: {tree:?}"));
+    u8::from_str_radix(&bdf[8..10], 16).unwrap()
+}
+
+/// Rounds of I/O done after the guest brought the disk at `device` up (its latest bring-up).
+fn rounds_on(log: &str, device: u8) -> Vec<u64> {
+    let marker = format!("hpcheck: disk io ok device={device}\n");
+    log.rfind(&marker)
+        .map(|at| rounds(&log[at..]))
+        .unwrap_or_default()
+}
+
+/// As upstream, a disk given on the command line can be removed too: the guest ejects it, it
+/// leaves the config, the device tree and the counters, and the stored config of the NV VM. The
+/// disk after it keeps its slot through two power failures (the recoveries build the VM from a
+/// config without the removed disk), and a disk hotplugged later takes the slot it left.
+#[test]
+fn a_disk_given_at_boot_is_ejected_and_stays_removed_across_power_failures() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let first = disk_image(dir.path(), "boot0.raw");
+    let second = disk_image(dir.path(), "boot1.raw");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--disk".into(),
+        format!("path={},id=boot0", first.display()),
+        "--disk".into(),
+        format!("path={},id=boot1", second.display()),
+        "--nv".into(),
+        format!("region={},vm=cold,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    wait_ready(&mut vmm, &socket);
+    let removed = device_of(&socket, "boot0");
+    let kept = device_of(&socket, "boot1");
+    assert!(removed < kept, "boot0 at {removed}, boot1 at {kept}");
+    wait_disk_in_use(&mut vmm, removed, 2);
+    assert_probe_sector_written(&first);
+
+    remove_and_wait_ejected(&mut vmm, &socket, "boot0", removed);
+    // The guest goes on with the other disk given at boot.
+    let log = vmm.wait_serial("rounds on the second disk", |log| {
+        rounds_on(log, kept).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL"), "{log}");
+    assert_disk_listed(&socket, "boot1", kept);
+    assert_probe_sector_written(&second);
+    let (status, counters) = api(&socket, "GET", "vm.counters", "");
+    assert_eq!(status, 200);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert!(counters.get("boot0").is_none(), "{counters}");
+    assert!(counters.get("boot1").is_some(), "{counters}");
+    // Gone: a second removal does not know it.
+    let (status, answer) = api(&socket, "PUT", "vm.remove-device", "{\"id\":\"boot0\"}");
+    assert_eq!(status, 404, "{answer}");
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+    let last = *rounds(&vmm.serial_log()).last().unwrap();
+
+    let (recover_socket, recover, mut recovered) =
+        recover_with_rounds(dir.path(), &region, "cold", last);
+    assert_disk_gone(&recover_socket, "boot0");
+    assert_disk_listed(&recover_socket, "boot1", kept);
+    // The slot boot0 left is free for a hotplugged disk.
+    let hot = disk_image(dir.path(), "hot.raw");
+    assert_eq!(add_disk(&recover_socket, &hot, "hot0"), removed);
+    assert_disk_listed(&recover_socket, "hot0", removed);
+    recovered.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "second power fail");
+    let last = *rounds(&recovered.serial_log()).last().unwrap();
+
+    let mut again = spawn(dir.path(), "again", &recover);
+    again.wait_for_socket(&recover_socket, TIMEOUT);
+    let log = again.wait_serial("rounds after the second recovery", |log| {
+        rounds(log).len() >= 2 || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL") && rounds(&log)[0] > last, "{log}");
+    assert_disk_gone(&recover_socket, "boot0");
+    assert_disk_listed(&recover_socket, "boot1", kept);
+    assert_disk_listed(&recover_socket, "hot0", removed);
+    again.kill();
+}
+
+/// `vm.info`'s `config.net`: (id, tap) of each network device.
+fn nets_in_info(socket: &Path) -> Vec<(String, String)> {
+    let (status, body) = api(socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    info["config"]["net"]
+        .as_array()
+        .map(|nets| {
+            nets.iter()
+                .map(|net| {
+                    (
+                        net["id"].as_str().unwrap_or_default().to_owned(),
+                        net["tap"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `ch-remote add-net fd=N` hands the tap over as upstream's does (SCM_RIGHTS with the request):
+/// in a network namespace of its own, a persistent tap's descriptor becomes a hotplugged
+/// virtio-net function the guest sees come up; a descriptor that is no tap is refused (exit 1,
+/// nothing added, the descriptor closed); after a power failure the recovery opens the tap
+/// again by its name and the function is back at its address; the guest then ejects it.
+#[test]
+fn a_tap_handed_over_by_descriptor_is_hotplugged_and_recovered_by_name() {
+    integration_tests::require_kvm!();
+    const TAP: &str = "nvhp0";
+    let netns = Netns::new("hotplug");
+    netns
+        .ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])
+        .unwrap();
+    netns.ip(&["link", "set", TAP, "up"]).unwrap();
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let mut arguments = hpcheck_arguments(&socket);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=tapfd,create=on", region.display()),
+    ]);
+    let (mut vmm, answer) = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            wait_ready(&mut vmm, &socket);
+            // Not a tap: refused, the API says why.
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let null_fd = inheritable(&null);
+            let refused = run_ch_remote(&socket, &["add-net", &format!("fd={null_fd}")]);
+            assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                stderr.contains("The network device could not be added to the VM"),
+                "{stderr}"
+            );
+            let tap = inheritable_tap(TAP);
+            let answer = ch_remote(
+                &socket,
+                &["add-net", &format!("fd={},id=hotnet0", tap.as_raw_fd())],
+            );
+            // The VMM holds its own copy.
+            drop(tap);
+            (vmm, answer)
+        })
+    };
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], "hotnet0", "{answer}");
+    let bdf = info["bdf"].as_str().unwrap().to_owned();
+    let device = u8::from_str_radix(&bdf[8..10], 16).unwrap();
+    let log = vmm.wait_serial("the guest seeing the network function", |log| {
+        log.contains(&format!("hpcheck: function at device={device} "))
+    });
+    assert!(log.contains(VIRTIO_NET_ID), "{log}");
+    assert_eq!(nets_in_info(&socket), [("hotnet0".into(), TAP.into())]);
+    vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = vec![
+        "--nv".into(),
+        format!("region={},vm=tapfd,recover=on", region.display()),
+        "--api-socket".into(),
+        format!("path={}", recover_socket.display()),
+    ];
+    let mut recovered = {
+        let (dir_path, recover_socket) = (dir_path.clone(), recover_socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "recovered", &recover);
+            vmm.wait_for_socket(&recover_socket, TIMEOUT);
+            vmm
+        })
+    };
+    assert_eq!(
+        nets_in_info(&recover_socket),
+        [("hotnet0".into(), TAP.into())]
+    );
+    let (_, tree) = disks_in_info(&recover_socket);
+    assert!(tree.contains(&("hotnet0".into(), bdf.clone())), "{tree:?}");
+    assert_eq!(
+        ch_remote(&recover_socket, &["remove-device", "hotnet0"]),
+        ""
+    );
+    recovered.wait_serial("the guest ejecting the network function", |log| {
+        log.contains(&format!("hpcheck: device={device} gone"))
+    });
+    recovered.wait_stderr("the VMM taking the eject", |stderr| {
+        stderr.contains(&format!("hotnet0 at {bdf} ejected by the guest"))
+    });
+    assert!(nets_in_info(&recover_socket).is_empty());
+    recovered.kill();
+}
+
+/// The netkv database, booted without a network device (`hotplug=1`), serves on a virtio-net
+/// device hotplugged with `ch-remote add-net fd=` (a persistent tap in the test's network
+/// namespace, its descriptor handed over with the request): a client's PUTs and GETs go over it,
+/// across a power failure whose recovery opens the tap again by name and one whose recovery is
+/// handed a new descriptor of it (`--net fd=`); every acknowledged PUT reads back, the guest never
+/// rebooted; then the guest ejects the device.
+#[test]
+fn a_hotplugged_nic_serves_the_database_across_power_failures() {
+    integration_tests::require_kvm!();
+    const KV_WAIT: Duration = Duration::from_secs(30);
+    let netns = Netns::new("hpkv");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let socket = dir.path().join("api.sock");
+    let region = dir.path().join("region");
+    let mut arguments = guest_arguments(
+        "netkv",
+        &format!("ip={} port={} hotplug=1", KV_GUEST.ip(), KV_GUEST.port()),
+        "64M",
+    );
+    arguments.extend([
+        "--api-socket".into(),
+        format!("path={}", socket.display()),
+        "--nv".into(),
+        format!("region={},vm=hpkv,create=on", region.display()),
+    ]);
+    let (mut vmm, client, answer) = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || {
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            vmm.wait_for_socket(&socket, TIMEOUT);
+            vmm.wait_serial("netkv waiting for its network device", |log| {
+                log.contains("netkv: waiting")
+            });
+            let tap = inheritable_tap(KV_TAP);
+            let answer = ch_remote(
+                &socket,
+                &[
+                    "add-net",
+                    &format!("fd={},mac={KV_GUEST_MAC},id=kvnet", tap.as_raw_fd()),
+                ],
+            );
+            drop(tap);
+            let log = vmm.wait_serial("netkv ready", |log| {
+                log.contains("netkv: ready") || log.contains("FAIL")
+            });
+            assert!(!log.contains("FAIL"), "{log}");
+            let client =
+                KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+            (vmm, client, answer)
+        })
+    };
+    let info: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(info["id"], "kvnet", "{answer}");
+    let bdf = info["bdf"].as_str().unwrap().to_owned();
+    assert_eq!(nets_in_info(&socket), [("kvnet".into(), KV_TAP.into())]);
+    let load = LoadThread::start(client);
+    assert!(load.wait_answers(500, KV_WAIT), "no answers over the NIC");
+    let mut serial_logs = Vec::new();
+    let recover_socket = dir.path().join("recovered.sock");
+    for (round, handover) in [(1, false), (2, true)] {
+        serial_logs.push(vmm.serial_log());
+        vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
+        let (dir_path, region, socket) = (dir_path.clone(), region.clone(), recover_socket.clone());
+        vmm = netns.run(move || {
+            let mut arguments = vec![
+                "--nv".into(),
+                format!("region={},vm=hpkv,recover=on", region.display()),
+                "--api-socket".into(),
+                format!("path={}", socket.display()),
+            ];
+            let tap = handover.then(|| inheritable_tap(KV_TAP));
+            if let Some(tap) = &tap {
+                arguments.extend(["--net".into(), format!("fd={}", tap.as_raw_fd())]);
+            }
+            let mut vmm = spawn(&dir_path, &format!("recovered-{round}"), &arguments);
+            vmm.wait_for_socket(&socket, TIMEOUT);
+            vmm
+        });
+        assert!(
+            load.wait_answers(500, KV_WAIT),
+            "no answers after recovery {round}"
+        );
+        let (_, tree) = disks_in_info(&recover_socket);
+        assert!(tree.contains(&("kvnet".into(), bdf.clone())), "{tree:?}");
+    }
+    serial_logs.push(vmm.serial_log());
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let keys = client
+        .read_back_all(KV_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ledger = &client.ledger;
+    assert_eq!(ledger.violations, Vec::new(), "the client saw violations");
+    assert_eq!(ledger.boot_ids.len(), 1, "boot ids {:?}", ledger.boot_ids);
+    assert!(ledger.puts_acked > 0 && keys > 0);
+    let boots: usize = serial_logs
+        .iter()
+        .map(|log| log.matches("netkv: boot").count())
+        .sum();
+    assert_eq!(boots, 1, "{serial_logs:?}");
+
+    assert_eq!(ch_remote(&recover_socket, &["remove-device", "kvnet"]), "");
+    vmm.wait_serial("netkv ejecting its device", |log| {
+        log.contains("netkv: device gone")
+    });
+    vmm.wait_stderr("the VMM taking the eject", |stderr| {
+        stderr.contains(&format!("kvnet at {bdf} ejected by the guest"))
+    });
+    assert!(nets_in_info(&recover_socket).is_empty());
+    vmm.kill();
+}
+
+/// A descriptor of `file` that children inherit (no close-on-exec).
+fn inheritable(file: &std::fs::File) -> i32 {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_SETFD on an open descriptor owned by `file` only clears close-on-exec.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    fd
 }
 
 /// A disk added while the VM is paused is pending for the guest (the GED and controller bits are

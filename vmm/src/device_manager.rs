@@ -20,7 +20,8 @@ mod console_rng;
 mod hotplug;
 
 pub use hotplug::{
-    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, HOTPLUG_STATE_VERSION,
+    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, RestoreLayout, VacatedBar,
+    VacatedSlot, HOTPLUG_STATE_VERSION,
 };
 
 use devices::console_io::{Pty, SerialInput};
@@ -294,6 +295,18 @@ impl DevicesState {
             .map(HotplugState::ids)
             .unwrap_or_default()
     }
+
+    /// What a restore of this state builds from the config and what it leaves to the state.
+    pub fn restore_layout(&self) -> RestoreLayout {
+        RestoreLayout {
+            hotplugged: self.hotplugged_ids(),
+            vacated: self
+                .hotplug
+                .as_ref()
+                .map(|hotplug| hotplug.vacated.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 pub struct DeviceManager {
@@ -328,10 +341,12 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Creates every device `config` asks for and registers its interrupts with KVM. Device
-    /// threads install the `BlockIo` filter of `seccomp`.
+    /// threads install the `BlockIo` filter of `seccomp`. `vacated`: the PCI slots devices
+    /// given at boot left in earlier runs (a restore; see `hotplug`).
     pub fn new(
         vm_fd: &Arc<VmFd>,
         config: &VmConfig,
+        vacated: &[VacatedSlot],
         events: &Arc<VmEvents>,
         memory: &GuestMemoryMmap,
         seccomp: SeccompMode,
@@ -367,6 +382,7 @@ impl DeviceManager {
                 )?),
             ))),
         };
+        manager.set_vacated_slots(vacated);
         manager.add_serial(vm_fd, config)?;
         manager.add_i8042(events)?;
         manager.add_acpi_shutdown(events)?;
@@ -388,6 +404,7 @@ impl DeviceManager {
         for fs in config.fs.iter().flatten() {
             manager.add_virtio_fs(fs)?;
         }
+        manager.finish_vacated_slots()?;
         Ok(manager)
     }
 
@@ -634,6 +651,7 @@ impl DeviceManager {
         device: Box<dyn VirtioDevice>,
         thread_start: &IoThreadStartHook,
     ) -> Result<PciFunction, Error> {
+        self.fill_vacated_slots()?;
         let msi = self.pci.msi_interrupts(msix_vector_count(&*device))?;
         let mut device = VirtioPciDevice::new(device, self.memory.clone(), msi.clone())
             .map_err(|e| Error::device(what.to_owned(), e))?;
@@ -779,7 +797,7 @@ impl DeviceManager {
     /// calls this when `VmEvents::device_activation` is readable). A device that fails to start
     /// is marked DEVICE_NEEDS_RESET for its driver; the VM goes on.
     pub fn activate_pending(&self) {
-        for disk in &self.disks {
+        for disk in self.live_disks() {
             match disk.with_transport(|t| t.activate_pending()) {
                 Ok(true) => log::debug!("disk {}: activated", disk.path.display()),
                 Ok(false) => {}
@@ -793,7 +811,7 @@ impl DeviceManager {
                 Err(e) => log::error!("{}: activation failed: {e}", slot.id),
             }
         }
-        for net in &self.nets {
+        for net in self.live_nets() {
             match net.transport.with(|t| t.activate_pending()) {
                 Ok(true) => log::debug!("net {}: activated", net.id),
                 Ok(false) => {}
@@ -815,7 +833,7 @@ impl DeviceManager {
             }
             Ok(())
         });
-        self.hotplug.process_ejects(&self.pci);
+        self.process_ejects();
     }
 
     /// Runs `step` on every disk's transport in order; the first failure, named `doing`, stops.
@@ -824,7 +842,7 @@ impl DeviceManager {
         doing: &str,
         step: impl Fn(&mut dyn VirtioTransport) -> devices::Result<()>,
     ) -> Result<(), Error> {
-        for disk in &self.disks {
+        for disk in self.live_disks() {
             disk.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} disk {}", disk.path.display()), e))?;
         }
@@ -832,7 +850,7 @@ impl DeviceManager {
             slot.with_transport(&step)
                 .map_err(|e| Error::device(format!("{doing} {}", slot.id), e))?;
         }
-        for net in &self.nets {
+        for net in self.live_nets() {
             net.transport
                 .with(&step)
                 .map_err(|e| Error::device(format!("{doing} net {}", net.id), e))?;
@@ -871,8 +889,7 @@ impl DeviceManager {
     /// Per-device I/O counters (`vm.counters`): device id -> counter name -> value. Counters start
     /// from 0 in each VMM process (a restored disk counts anew).
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        self.disks
-            .iter()
+        self.live_disks()
             .map(|disk| {
                 let counters = disk
                     .with_transport(|t| t.counters())
@@ -881,7 +898,7 @@ impl DeviceManager {
                     .collect();
                 (disk.id.clone(), counters)
             })
-            .chain(self.nets.iter().map(|net| {
+            .chain(self.live_nets().map(|net| {
                 let counters = net
                     .transport
                     .with(|t| t.counters())
@@ -973,8 +990,7 @@ impl DeviceManager {
             ),
         };
         let disks = self
-            .disks
-            .iter()
+            .live_disks()
             .map(|disk| {
                 let state_error =
                     |e| Error::device_state(format!("disk {}", disk.path.display()), e);
@@ -996,8 +1012,7 @@ impl DeviceManager {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let nets = self
-            .nets
-            .iter()
+            .live_nets()
             .map(|net| {
                 let (transport, pci) = net
                     .transport

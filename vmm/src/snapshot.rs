@@ -492,8 +492,8 @@ pub fn restore(
         log::info!("OnDemand restore: {lazy_bytes:#x} bytes of guest RAM filled on first touch");
     }
 
-    let hotplugged = state.vm.devices.hotplugged_ids();
-    let mut vm = Vm::new_restoring(&config, &hotplugged, memory, events, seccomp)?;
+    let layout = state.vm.devices.restore_layout();
+    let mut vm = Vm::new_restoring(&config, &layout, memory, events, seccomp)?;
     vm.restore_state(&state.vm)?;
     emit_vm(VmEvent::Restored);
     if restore.resume {

@@ -16,7 +16,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{SeccompMode, VmConfig};
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, RestoreLayout};
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
 use crate::startup_phases::PhaseClock;
@@ -109,22 +109,23 @@ impl Vm {
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
-        Self::new_restoring(config, &[], memory, events, seccomp)
+        Self::new_restoring(config, &RestoreLayout::default(), memory, events, seccomp)
     }
 
     /// As [`Vm::new`] for a restore whose saved state carries the hotplugged devices
-    /// `hotplugged` (ids in `config`): they are not built from the config, `restore_state` puts
-    /// them back where they were; the VM's config still lists them.
+    /// `layout.hotplugged` (ids in `config`): they are not built from the config, `restore_state`
+    /// puts them back where they were; the VM's config still lists them. The devices given at
+    /// boot are built around the slots `layout.vacated` (removed ones) as when saved.
     pub fn new_restoring(
         config: &VmConfig,
-        hotplugged: &[String],
+        layout: &RestoreLayout,
         memory: GuestMemoryMmap,
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<Vm, Error> {
         Self::new_timed(
             config,
-            hotplugged,
+            layout,
             memory,
             events,
             seccomp,
@@ -135,7 +136,7 @@ impl Vm {
     /// [`Vm::new_restoring`], closing one phase of `phases` per step (a recovery's breakdown).
     pub fn new_timed(
         config: &VmConfig,
-        hotplugged: &[String],
+        layout: &RestoreLayout,
         memory: GuestMemoryMmap,
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
@@ -187,14 +188,16 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         phases.mark("irqchip-pit");
 
-        let cold_plugged = crate::device_manager::without_hotplugged(config, hotplugged);
+        let cold_plugged = crate::device_manager::without_hotplugged(config, &layout.hotplugged);
         let devices = Arc::new(DeviceManager::new(
             &vm_fd,
             &cold_plugged,
+            &layout.vacated,
             &events,
             &memory,
             seccomp,
         )?);
+        devices.set_hotplugged_net_backings(config, &layout.hotplugged);
         // `vm.info` shows the ptys the devices opened, as upstream does.
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);

@@ -1,12 +1,17 @@
 //! HTTP/1.1 framing on one connection: reading requests (parsed by `httparse`) under size and time
 //! limits, and writing responses. It knows nothing of the API's routes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// Most header lines one request may carry.
 const MAX_HEADERS: usize = 32;
+
+/// Most file descriptors one request may carry (SCM_RIGHTS), as many as a multiqueue tap has
+/// queue pairs at most; more is refused.
+pub const MAX_REQUEST_FDS: usize = 16;
 
 /// A request read off the connection.
 #[derive(Debug)]
@@ -18,6 +23,9 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Whether the client wants the connection kept after the answer.
     pub keep_alive: bool,
+    /// Descriptors the client sent with the request (SCM_RIGHTS), as upstream's `ch-remote
+    /// add-net fd=` does; closed unless the request takes them.
+    pub files: Vec<OwnedFd>,
 }
 
 /// Why no request could be read. Each maps to a status the server answers before closing.
@@ -116,6 +124,8 @@ pub struct FramingLimits {
 pub struct Connection {
     stream: UnixStream,
     buffer: Vec<u8>,
+    /// Descriptors received since the last request was complete.
+    files: Vec<OwnedFd>,
 }
 
 impl Connection {
@@ -123,6 +133,7 @@ impl Connection {
         Connection {
             stream,
             buffer: Vec::new(),
+            files: Vec::new(),
         }
     }
 
@@ -164,6 +175,7 @@ impl Connection {
             .body
             .extend_from_slice(&self.buffer[header_length..header_length + body_length]);
         self.buffer.drain(..header_length + body_length);
+        request.files = std::mem::take(&mut self.files);
         Ok(Some(request))
     }
 
@@ -253,6 +265,7 @@ impl Connection {
                 query,
                 body: Vec::with_capacity(content_length),
                 keep_alive,
+                files: Vec::new(),
             },
         )))
     }
@@ -267,7 +280,7 @@ impl Connection {
         self.stream.set_read_timeout(Some(remaining))?;
         let mut chunk = [0u8; 4096];
         loop {
-            match self.stream.read(&mut chunk) {
+            match receive(&self.stream, &mut chunk, &mut self.files) {
                 Ok(0) => return Ok(false),
                 Ok(count) => {
                     self.buffer.extend_from_slice(&chunk[..count]);
@@ -351,4 +364,59 @@ pub fn status_phrase(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         _ => "Unknown",
     }
+}
+
+/// One `recvmsg` on `stream` into `chunk`: the bytes read, and the descriptors that came with
+/// them (SCM_RIGHTS, close-on-exec) appended to `files`. More than [`MAX_REQUEST_FDS`] in all, or
+/// descriptors the kernel had to drop for want of room, is an error (those received are closed).
+fn receive(stream: &UnixStream, chunk: &mut [u8], files: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    const FD_SIZE: usize = std::mem::size_of::<RawFd>();
+    // u64 elements: the control buffer must be aligned for `cmsghdr`.
+    let mut control = [0u64; 16];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let room = unsafe { libc::CMSG_SPACE((MAX_REQUEST_FDS * FD_SIZE) as u32) } as usize;
+    debug_assert!(room <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: chunk.as_mut_ptr().cast(),
+        iov_len: chunk.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one; the fields set below point into buffers
+    // that outlive the call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = room as _;
+    // SAFETY: recvmsg writes at most `iov_len` bytes into `chunk` and at most `msg_controllen`
+    // bytes into `control`, both valid for writes for the duration of the call.
+    let count = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
+    if count < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = files.len();
+    // SAFETY: the CMSG_* walk stays within the `msg_controllen` bytes the kernel filled in, and
+    // each SCM_RIGHTS payload holds `(cmsg_len - CMSG_LEN(0)) / FD_SIZE` descriptors now open in
+    // this process, owned by nobody else: each is wrapped in an `OwnedFd` once.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let payload = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                for index in 0..payload / FD_SIZE {
+                    let fd = std::ptr::read_unaligned(data.add(index));
+                    files.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    if message.msg_flags & libc::MSG_CTRUNC != 0 || files.len() > MAX_REQUEST_FDS {
+        files.truncate(before);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_REQUEST_FDS} file descriptors sent with a request"),
+        ));
+    }
+    Ok(count as usize)
 }

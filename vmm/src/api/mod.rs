@@ -85,8 +85,12 @@ pub enum ApiRequest {
     NvSwapIn(NvSwapInConfig),
     /// `PUT /vm.add-disk`: hotplug a disk (upstream's `DiskConfig`).
     VmAddDisk(Box<crate::config::DiskConfig>),
-    /// `PUT /vm.add-net`: hotplug a virtio-net device (upstream's `NetConfig`).
-    VmAddNet(Box<crate::config::NetConfig>),
+    /// `PUT /vm.add-net`: hotplug a virtio-net device (upstream's `NetConfig`), with the tap
+    /// descriptors the client sent along (SCM_RIGHTS), which become its `fds`.
+    VmAddNet(
+        Box<crate::config::NetConfig>,
+        Vec<std::os::unix::io::OwnedFd>,
+    ),
     /// `PUT /vm.add-fs`: hotplug a virtio-fs device (upstream's `FsConfig`).
     VmAddFs(Box<crate::config::FsConfig>),
     /// `PUT /vm.remove-device`: ask the guest to eject a device (upstream's `VmRemoveDevice`).
@@ -122,7 +126,7 @@ impl ApiRequest {
             ApiRequest::NvSwapOut(_) => Operation::NvSwapOut,
             ApiRequest::NvSwapIn(_) => Operation::NvSwapIn,
             ApiRequest::VmAddDisk(_) => Operation::AddDisk,
-            ApiRequest::VmAddNet(_) => Operation::AddNet,
+            ApiRequest::VmAddNet(..) => Operation::AddNet,
             ApiRequest::VmAddFs(_) => Operation::AddFs,
             ApiRequest::VmRemoveDevice(_) => Operation::RemoveDevice,
             ApiRequest::Unimplemented(operation) => *operation,

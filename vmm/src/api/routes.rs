@@ -177,7 +177,7 @@ pub fn build_request(
             ApiRequest::VmRestore(config)
         }
         O::AddDisk => ApiRequest::VmAddDisk(Box::new(parse_body(route, body)?)),
-        O::AddNet => ApiRequest::VmAddNet(Box::new(parse_body(route, body)?)),
+        O::AddNet => ApiRequest::VmAddNet(Box::new(parse_body(route, body)?), Vec::new()),
         O::AddFs => ApiRequest::VmAddFs(Box::new(parse_body(route, body)?)),
         O::RemoveDevice => ApiRequest::VmRemoveDevice(parse_body(route, body)?),
         O::NvStatus => ApiRequest::NvStatus,

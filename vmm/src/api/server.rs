@@ -7,7 +7,7 @@
 //! sender) holds no claim on its slot: when a new client needs one, the longest-waiting of them
 //! is closed, so idle or slow clients cannot lock the others out of the API.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
@@ -392,7 +392,7 @@ fn serve_connection(
         idle_timeout: limits.first_byte_timeout,
     };
     loop {
-        let request = match connection.read_request(&framing) {
+        let mut request = match connection.read_request(&framing) {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(error) => {
@@ -409,7 +409,8 @@ fn serve_connection(
             return;
         }
         let unwritten = UnwrittenAnswer::new();
-        let mut response = handle(&request, link);
+        let files = std::mem::take(&mut request.files);
+        let mut response = handle(&request, files, link);
         response.close = response.close || !request.keep_alive;
         let written = connection.write_response(&response, limits.write_timeout);
         drop(unwritten);
@@ -420,14 +421,16 @@ fn serve_connection(
     }
 }
 
-/// Routes one request and turns the control loop's answer into a response.
-fn handle(request: &Request, link: &ControlLoopLink) -> Response {
+/// Routes one request and turns the control loop's answer into a response. `files`: the
+/// descriptors the client sent with it.
+fn handle(request: &Request, files: Vec<OwnedFd>, link: &ControlLoopLink) -> Response {
     let answer = route_request(
         &request.method,
         &request.path,
         &request.body,
         request.query.as_deref(),
     )
+    .map(|api_request| with_files(api_request, files))
     .and_then(|api_request| link.dispatch(api_request));
     let mut response = match answer {
         Ok(Some(body)) => match serde_json::to_vec(&body) {
@@ -451,4 +454,29 @@ fn handle(request: &Request, link: &ControlLoopLink) -> Response {
         response.allow = Some(route.method.as_str());
     }
     response
+}
+
+/// Gives the descriptors a client sent with its request to the request that takes them, as
+/// upstream does: `vm.add-net`'s become its tap `fds` (numbers in its body mean nothing here and
+/// give way to them). Any other request closes them.
+fn with_files(request: ApiRequest, files: Vec<OwnedFd>) -> ApiRequest {
+    if files.is_empty() {
+        return request;
+    }
+    match request {
+        ApiRequest::VmAddNet(mut net, _) => {
+            if net.fds.take().is_some() {
+                log::warn!("vm.add-net: the fds in the body give way to the descriptors sent");
+            }
+            ApiRequest::VmAddNet(net, files)
+        }
+        other => {
+            log::warn!(
+                "{}: {} file descriptor(s) sent with the request closed: it takes none",
+                other.operation().path(),
+                files.len()
+            );
+            other
+        }
+    }
 }

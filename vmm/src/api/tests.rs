@@ -1312,3 +1312,62 @@ fn device_tree_lists_pci_bars_and_the_bdf_in_upstreams_form() {
         )
     );
 }
+
+/// The (device, inode) of an open descriptor: two descriptors of one file share it.
+fn file_identity(fd: std::os::unix::io::RawFd) -> (u64, u64) {
+    let path = format!("/proc/self/fd/{fd}");
+    let metadata = std::fs::metadata(path).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    (metadata.dev(), metadata.ino())
+}
+
+/// As upstream's `ch-remote add-net fd=` sends them, descriptors ride with the request
+/// (SCM_RIGHTS): `vm.add-net` gets them as its taps, the `fds` numbers of the body give way; any
+/// other request gets none.
+#[test]
+fn descriptors_sent_with_add_net_reach_the_control_loop() {
+    use std::os::unix::io::AsRawFd;
+    let (seen_tx, seen) = mpsc::channel::<(String, Vec<(u64, u64)>, Option<Vec<i32>>)>();
+    let seen_tx = Mutex::new(seen_tx);
+    let (_dir, socket) = server_with_loop(
+        test_limits(),
+        answer_each(move |message| {
+            let entry = match &message.request {
+                ApiRequest::VmAddNet(net, files) => (
+                    "add-net".to_owned(),
+                    files.iter().map(|f| file_identity(f.as_raw_fd())).collect(),
+                    net.fds.clone(),
+                ),
+                other => (other.operation().path().to_owned(), Vec::new(), None),
+            };
+            let _ = seen_tx.lock().unwrap().send(entry);
+            let _ = message.reply.send(Ok(None));
+        }),
+    );
+    let file = tempfile::tempfile().unwrap();
+    let sent = file_identity(file.as_raw_fd());
+    let mut stream = ::api_client::connect(socket.to_str().unwrap()).unwrap();
+    for (op, body) in [
+        ("vm.add-net", Some(r#"{"id":"net1","fds":[99]}"#)),
+        ("vm.pause", None),
+    ] {
+        let call = ::api_client::ApiCall {
+            method: "PUT",
+            op: op.to_owned(),
+            body: body.map(str::to_owned),
+            fds: vec![file.as_raw_fd()],
+        };
+        assert_eq!(::api_client::call(&mut stream, &call).unwrap(), None);
+    }
+    let (op, files, body_fds) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(op, "add-net");
+    assert_eq!(
+        files,
+        vec![sent],
+        "the descriptor that came is the one sent"
+    );
+    assert_eq!(body_fds, None, "the body's numbers give way");
+    let (op, files, _) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(op, "vm.pause");
+    assert!(files.is_empty());
+}

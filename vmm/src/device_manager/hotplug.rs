@@ -10,11 +10,17 @@
 //! its first MSI GSI and its virtio-pci state. A restore builds the VM from its config without
 //! them ([`without_hotplugged`]) so every cold-plugged device gets the BDF and GSIs it had, then
 //! puts each hotplugged one back at its slot and GSIs before the segment's state is restored.
+//!
+//! A device given at boot (`--disk`, `--net`, `vm.create`) is removed the same way, as upstream
+//! does. Its slot, GSIs and BAR sizes are kept as a [`VacatedSlot`]: a restore builds the VM from
+//! a config without it, so while the devices given at boot are built a placeholder takes each
+//! vacated slot, GSIs and BARs at the point the removed device had them; every later device lands
+//! where it was saved, and the placeholders go before the guest runs.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::PciBdf;
+use devices::pci::{BarKind, PciBdf, PciConfiguration, PciDevice, PciHeader};
 use devices::virtio::{
     msix_vector_count, Tap, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
 };
@@ -62,6 +68,83 @@ pub struct HotplugState {
     pub msi_gsis_allocated: u32,
     /// In the order they were added.
     pub devices: Vec<HotplugDeviceState>,
+    /// The slots devices given at boot left (absent in states saved before they could be
+    /// removed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vacated: Vec<VacatedSlot>,
+}
+
+/// One BAR a removed device had, by its size (where the guest put it does not matter: the
+/// segment's state puts the BARs of the devices after it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VacatedBar {
+    pub index: usize,
+    pub kind: BarKind,
+    pub size: u64,
+}
+
+/// The slot a device given at boot left when the guest ejected it: what it took from the
+/// segment while the VM was built, which a restore takes again at the same point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VacatedSlot {
+    /// The removed device's id (for the log).
+    pub id: String,
+    /// Its device number on bus 0.
+    pub slot: u8,
+    /// The GSI of its MSI-X vector 0 and how many it had.
+    pub first_gsi: u32,
+    pub vectors: u16,
+    pub bars: Vec<VacatedBar>,
+}
+
+/// What a restore needs to build the devices a saved state expects from the VM's config: the
+/// hotplugged devices, which it puts back from the state itself, and the slots devices given at
+/// boot left.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreLayout {
+    pub hotplugged: Vec<String>,
+    pub vacated: Vec<VacatedSlot>,
+}
+
+/// What holds a vacated slot while a restore builds the devices given at boot: the removed
+/// device's BARs, no function the guest ever sees (it goes before the vCPUs run).
+struct Placeholder {
+    config: PciConfiguration,
+}
+
+impl Placeholder {
+    fn new(vacated: &VacatedSlot) -> Result<Self, Error> {
+        let mut config = PciConfiguration::new(&PciHeader {
+            vendor_id: 0xffff,
+            device_id: 0xffff,
+            revision_id: 0,
+            class: 0xff,
+            subclass: 0,
+            prog_if: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+            interrupt_pin: 0,
+        });
+        for bar in &vacated.bars {
+            config.add_bar(bar.index, bar.kind, bar.size).map_err(|e| {
+                Error::State(format!(
+                    "slot {} vacated by {}: BAR {}: {e}",
+                    vacated.slot, vacated.id, bar.index
+                ))
+            })?;
+        }
+        Ok(Self { config })
+    }
+}
+
+impl PciDevice for Placeholder {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
 }
 
 impl HotplugState {
@@ -109,6 +192,17 @@ pub(super) struct Hotplug {
     slots: Mutex<Vec<HotplugSlot>>,
     /// Ids of devices the guest ejected, for the control loop to drop from the config.
     ejected: Mutex<Vec<String>>,
+    /// Every slot a device given at boot left (those of earlier runs included: each restore
+    /// builds the VM from its config again).
+    vacated: Mutex<Vec<VacatedSlot>>,
+    /// While the VM is built: the placeholders on vacated slots.
+    placeholders: Mutex<Vec<PciBdf>>,
+    /// Devices given at boot the guest ejected in this run: still in the device manager's
+    /// lists, no longer on the bus.
+    removed: Mutex<Vec<String>>,
+    /// For a restore: the config's entries of the hotplugged nets, whose tap (`tap=`, or `fds`
+    /// handed over anew on the recovering command line) replaces the saved one.
+    net_backings: Mutex<Vec<NetConfig>>,
 }
 
 impl Hotplug {
@@ -117,7 +211,18 @@ impl Hotplug {
             controller,
             slots: Mutex::new(Vec::new()),
             ejected: Mutex::new(Vec::new()),
+            vacated: Mutex::new(Vec::new()),
+            placeholders: Mutex::new(Vec::new()),
+            removed: Mutex::new(Vec::new()),
+            net_backings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether device `id`, given at boot, was ejected in this run.
+    pub fn is_removed(&self, id: &str) -> bool {
+        lock_or_recover(&self.removed)
+            .iter()
+            .any(|removed| removed == id)
     }
 
     pub fn controller(&self) -> &Arc<Mutex<PciHotplugController>> {
@@ -155,16 +260,13 @@ impl Hotplug {
         std::mem::take(&mut *lock_or_recover(&self.ejected))
     }
 
-    /// Removes the functions the guest ejected (the controller's `B0EJ` bits): each is paused
-    /// (its requests in flight complete), taken off the segment with its BARs, ioeventfds,
-    /// irqfds and routes, and dropped, which ends its I/O thread.
-    pub fn process_ejects(&self, pci: &PciSegment) {
-        let bits = lock_or_recover(&self.controller).take_ejected();
-        if bits == 0 {
-            return;
-        }
+    /// Removes the hotplugged functions the guest ejected (`bits`, the controller's `B0EJ`):
+    /// each is paused (its requests in flight complete), taken off the segment with its BARs,
+    /// ioeventfds, irqfds and routes, and dropped, which ends its I/O thread. Returns the bits of
+    /// no hotplugged function.
+    fn eject_hotplugged(&self, pci: &PciSegment, bits: u32) -> u32 {
         let mut slots = lock_or_recover(&self.slots);
-        let mut taken = 0u32;
+        let mut left = bits;
         let mut index = 0;
         while index < slots.len() {
             let slot = &slots[index];
@@ -173,31 +275,55 @@ impl Hotplug {
                 continue;
             }
             let slot = slots.remove(index);
-            taken |= 1u32 << slot.bdf.device;
-            if let Err(e) = lock_or_recover(&slot.device).pause() {
-                log::warn!("{}: pausing before the eject: {e}", slot.id);
-            }
-            if let Err(e) = pci.remove_device(slot.bdf) {
-                log::error!("{}: eject: {e}", slot.id);
-            }
-            pci.release_msi_interrupts(&slot.msi);
-            log::info!("{} at {} ejected by the guest", slot.id, slot.bdf);
+            left &= !(1u32 << slot.bdf.device);
+            take_off_segment(pci, &slot.id, &slot.device, slot.bdf, &slot.msi);
             lock_or_recover(&self.ejected).push(slot.id);
         }
-        if bits & !taken != 0 {
-            log::warn!(
-                "eject of slots {:#x} ignored: no hotplugged device there",
-                bits & !taken
-            );
-        }
+        left
     }
+}
+
+/// Pauses an ejected function (its requests in flight complete) and takes it off the segment
+/// with its BARs, ioeventfds, irqfds and routes.
+fn take_off_segment(
+    pci: &PciSegment,
+    id: &str,
+    device: &Mutex<VirtioPciDevice>,
+    bdf: PciBdf,
+    msi: &KvmMsiInterrupts,
+) {
+    if let Err(e) = lock_or_recover(device).pause() {
+        log::warn!("{id}: pausing before the eject: {e}");
+    }
+    if let Err(e) = pci.remove_device(bdf) {
+        log::error!("{id}: eject: {e}");
+    }
+    pci.release_msi_interrupts(msi);
+    log::info!("{id} at {bdf} ejected by the guest");
+}
+
+/// Closes the tap descriptors handed over with `config` (a hotplug refused before its tap
+/// took them).
+fn close_handed_over(config: &NetConfig) {
+    for &fd in config.fds.iter().flatten() {
+        // SAFETY: the API handed these descriptors over to the hotplug, which owns them and
+        // refused them before anything else took them.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+}
+
+/// The number of MSI-X vectors `msi` carries.
+fn vector_count(msi: &KvmMsiInterrupts) -> u16 {
+    (0..u16::MAX)
+        .take_while(|&vector| msi.gsi(vector).is_some())
+        .count() as u16
 }
 
 impl DeviceManager {
     /// Every device id in use (cold-plugged, hotplugged, console and rng).
     fn device_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.disks.iter().map(|disk| disk.id.clone()).collect();
-        ids.extend(self.nets.iter().map(|net| net.id.clone()));
+        let mut ids: Vec<String> = self.live_disks().map(|disk| disk.id.clone()).collect();
+        ids.extend(self.live_nets().map(|net| net.id.clone()));
         ids.extend(self.console_rng.slots().map(|slot| slot.id.to_owned()));
         ids.extend(self.hotplug.ids());
         ids
@@ -231,25 +357,44 @@ impl DeviceManager {
         let mut config = config.clone();
         let id = self.new_device_id(config.id.as_deref(), "_disk")?;
         config.id = Some(id);
-        let bdf = self.plug(HotplugKind::Disk(config.clone()), None)?;
+        let (bdf, _) = self.plug(HotplugKind::Disk(config.clone()), None)?;
         Ok((config, bdf))
     }
 
-    /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`).
+    /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`). Descriptors in
+    /// `fds` are handed over: the tap owns them, or they are closed when the hotplug fails. The
+    /// config returned (the VM's, and the saved state's) names a tap handed over by descriptor
+    /// by its name, which a recovery opens again.
     pub fn hotplug_net(&self, config: &NetConfig) -> Result<(NetConfig, PciBdf), Error> {
+        let refuse = |error: Error| {
+            close_handed_over(config);
+            Err(error)
+        };
         if config.transport == Some(VirtioTransportKind::Mmio) {
-            return Err(Error::Device(
+            return refuse(Error::Device(
                 "a virtio-mmio net device cannot be hotplugged: there is no hotplug on \
                  virtio-mmio"
                     .to_owned(),
             ));
         }
+        if config.fds.as_ref().is_some_and(|fds| fds.len() > 1) {
+            return refuse(Error::Device(
+                "fds: several tap queue descriptors are not supported, hand over one tap \
+                 descriptor with num_queues=2"
+                    .to_owned(),
+            ));
+        }
         let mut config = config.clone();
-        let id = self.new_device_id(config.id.as_deref(), "_net")?;
+        let id = match self.new_device_id(config.id.as_deref(), "_net") {
+            Ok(id) => id,
+            Err(error) => return refuse(error),
+        };
         config.id = Some(id);
         config.mac.get_or_insert_with(crate::config::random_mac);
-        let bdf = self.plug(HotplugKind::Net(config.clone()), None)?;
-        Ok((config, bdf))
+        match self.plug(HotplugKind::Net(config), None)? {
+            (bdf, HotplugKind::Net(kept)) => Ok((kept, bdf)),
+            (_, HotplugKind::Disk(_)) => unreachable!("a net device was plugged"),
+        }
     }
 
     /// Hotplugs a virtio-fs device, connected to its virtiofsd now (as for `--fs`).
@@ -257,28 +402,172 @@ impl DeviceManager {
         let mut config = config.clone();
         let id = self.new_device_id(config.id.as_deref(), "_fs")?;
         config.id = Some(id);
-        let bdf = self.plug(HotplugKind::Fs(config.clone()), None)?;
+        let (bdf, _) = self.plug(HotplugKind::Fs(config.clone()), None)?;
         Ok((config, bdf))
     }
 
-    /// Asks the guest to give up device `id` (its slot's down bit and the GED event); it goes
-    /// when the guest ejects it.
+    /// The disks given at boot the guest has not ejected.
+    pub(super) fn live_disks(&self) -> impl Iterator<Item = &super::VirtioBlockSlot> {
+        self.disks
+            .iter()
+            .filter(|disk| !self.hotplug.is_removed(&disk.id))
+    }
+
+    /// The nets given at boot the guest has not ejected.
+    pub(super) fn live_nets(&self) -> impl Iterator<Item = &super::VirtioNetSlot> {
+        self.nets
+            .iter()
+            .filter(|net| !self.hotplug.is_removed(&net.id))
+    }
+
+    /// The disks and nets given at boot, on virtio-pci, still on the bus: (id, transport).
+    fn cold_plugged_pci(&self) -> impl Iterator<Item = (&str, &super::DiskTransport)> {
+        let disks = self
+            .live_disks()
+            .map(|disk| (disk.id.as_str(), &disk.transport));
+        let nets = self
+            .live_nets()
+            .map(|net| (net.id.as_str(), &net.transport));
+        disks.chain(nets)
+    }
+
+    /// Asks the guest to give up device `id`, hotplugged or given at boot (its slot's down bit
+    /// and the GED event); it goes when the guest ejects it.
     pub fn unplug(&self, id: &str) -> Result<(), Error> {
-        let bdf = lock_or_recover(&self.hotplug.slots)
+        let hotplugged = lock_or_recover(&self.hotplug.slots)
             .iter()
             .find(|slot| slot.id == id)
             .map(|slot| slot.bdf);
-        let Some(bdf) = bdf else {
-            if self.device_ids().iter().any(|known| known == id) {
-                return Err(Error::Device(format!(
-                    "device {id:?} was given on the command line or in vm.create: this VMM \
-                     removes hotplugged devices only"
-                )));
-            }
-            return Err(Error::UnknownDeviceId(id.to_owned()));
+        let bdf = match hotplugged {
+            Some(bdf) => bdf,
+            None => match self.cold_plugged_pci().find(|(known, _)| *known == id) {
+                Some((_, super::DiskTransport::Pci { bdf, .. })) => *bdf,
+                Some((_, super::DiskTransport::Mmio { .. })) => {
+                    return Err(Error::Device(format!(
+                        "device {id:?} is on virtio-mmio, which has no hotplug: it cannot be \
+                         removed"
+                    )))
+                }
+                None if self.device_ids().iter().any(|known| known == id) => {
+                    return Err(Error::Device(format!(
+                        "device {id:?} cannot be removed: only disks and network devices can"
+                    )))
+                }
+                None => return Err(Error::UnknownDeviceId(id.to_owned())),
+            },
         };
         lock_or_recover(self.hotplug.controller()).slot_down(bdf.device);
         self.notify_pci_change()
+    }
+
+    /// Removes the functions the guest ejected (the controller's `B0EJ` bits), hotplugged or
+    /// given at boot. A device given at boot stays in the lists it was built into (marked
+    /// removed); its slot, GSIs and BAR sizes are kept for the restores to come.
+    pub(super) fn process_ejects(&self) {
+        let bits = lock_or_recover(self.hotplug.controller()).take_ejected();
+        if bits == 0 {
+            return;
+        }
+        let mut left = self.hotplug.eject_hotplugged(&self.pci, bits);
+        let ejected: Vec<(String, super::PciFunction)> = self
+            .cold_plugged_pci()
+            .filter_map(|(id, transport)| match transport {
+                super::DiskTransport::Pci { device, bdf, msi }
+                    if left & (1u32 << bdf.device) != 0 =>
+                {
+                    Some((id.to_owned(), (device.clone(), *bdf, msi.clone())))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, (device, bdf, msi)) in ejected {
+            left &= !(1u32 << bdf.device);
+            let bars = lock_or_recover(&device)
+                .config()
+                .bars()
+                .map(|bar| VacatedBar {
+                    index: bar.index,
+                    kind: bar.kind,
+                    size: bar.size,
+                })
+                .collect();
+            let vacated = VacatedSlot {
+                id: id.clone(),
+                slot: bdf.device,
+                first_gsi: PciSegment::first_gsi(&msi).unwrap_or_default(),
+                vectors: vector_count(&msi),
+                bars,
+            };
+            take_off_segment(&self.pci, &id, &device, bdf, &msi);
+            lock_or_recover(&self.hotplug.vacated).push(vacated);
+            lock_or_recover(&self.hotplug.removed).push(id.clone());
+            lock_or_recover(&self.hotplug.ejected).push(id);
+        }
+        if left != 0 {
+            log::warn!("eject of slots {left:#x} ignored: no removable device there");
+        }
+    }
+
+    /// While the devices given at boot are built for a restore (before each one and after the
+    /// last): a placeholder takes each vacated slot that is the next free one, with the GSIs
+    /// and BARs its device had, so the next device lands where it was saved.
+    pub(super) fn fill_vacated_slots(&self) -> Result<(), Error> {
+        loop {
+            let occupied: Vec<u8> = self
+                .pci
+                .devices()
+                .iter()
+                .map(|device| device.bdf.device)
+                .collect();
+            let Some(next) = (1..devices::pci::PCI_DEVICES_PER_BUS).find(|s| !occupied.contains(s))
+            else {
+                return Ok(());
+            };
+            let vacated = lock_or_recover(&self.hotplug.vacated)
+                .iter()
+                .find(|vacated| vacated.slot == next)
+                .cloned();
+            let Some(vacated) = vacated else {
+                return Ok(());
+            };
+            let msi = self
+                .pci
+                .msi_interrupts_from(Some(vacated.first_gsi), vacated.vectors)?;
+            self.pci.release_msi_interrupts(&msi);
+            let placeholder = Arc::new(Mutex::new(Placeholder::new(&vacated)?));
+            let id = format!("(slot left by {})", vacated.id);
+            let bdf = self.pci.add_device_at(&id, placeholder, Some(next))?;
+            lock_or_recover(&self.hotplug.placeholders).push(bdf);
+        }
+    }
+
+    /// After the devices given at boot are built: the vacated slots past the last one are
+    /// taken too, then every placeholder leaves the bus (its GSIs stay handed out, as a
+    /// removed device's do).
+    pub(super) fn finish_vacated_slots(&self) -> Result<(), Error> {
+        self.fill_vacated_slots()?;
+        for bdf in std::mem::take(&mut *lock_or_recover(&self.hotplug.placeholders)) {
+            self.pci.remove_device(bdf)?;
+        }
+        Ok(())
+    }
+
+    /// For a restore: the VM's config entries of its hotplugged nets (`config` lists them all):
+    /// the tap each names, or the descriptors handed over for it, is the one it is put back on.
+    pub fn set_hotplugged_net_backings(&self, config: &crate::config::VmConfig, ids: &[String]) {
+        *lock_or_recover(&self.hotplug.net_backings) = config
+            .net
+            .iter()
+            .flatten()
+            .filter(|net| net.id.as_ref().is_some_and(|id| ids.contains(id)))
+            .cloned()
+            .collect();
+    }
+
+    /// Sets the slots earlier runs' devices given at boot left (a restore), before any device
+    /// is built.
+    pub(super) fn set_vacated_slots(&self, vacated: &[VacatedSlot]) {
+        *lock_or_recover(&self.hotplug.vacated) = vacated.to_vec();
     }
 
     /// The devices the guest ejected since the last call (their ids, to drop from the config).
@@ -295,13 +584,14 @@ impl DeviceManager {
     /// Builds the device `kind` describes and puts it on the segment: at the lowest free slot
     /// and the next GSIs, announced to the guest, or (`restore`) at its saved slot and GSIs
     /// from its saved state, announced by nothing (the restored controller has its bits).
+    /// Returns its address and `kind` as kept (a tap handed over by descriptor named).
     fn plug(
         &self,
-        kind: HotplugKind,
+        mut kind: HotplugKind,
         restore: Option<&HotplugDeviceState>,
-    ) -> Result<PciBdf, Error> {
+    ) -> Result<(PciBdf, HotplugKind), Error> {
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
-            match &kind {
+            match &mut kind {
                 HotplugKind::Disk(config) if config.vhost_user => {
                     let link = connect_vhost_user_disk(config)?;
                     (
@@ -351,6 +641,11 @@ impl DeviceManager {
                 }
                 HotplugKind::Net(config) => {
                     let tap = Arc::new(open_tap(config)?);
+                    if config.fds.take().is_some() {
+                        // The descriptor's number means nothing to a later process; the name
+                        // finds the tap again.
+                        config.tap = Some(tap.name().to_owned());
+                    }
                     let net = new_net(&tap, config)?;
                     (
                         config.id.clone().unwrap_or_default(),
@@ -396,7 +691,7 @@ impl DeviceManager {
         };
         lock_or_recover(&self.hotplug.slots).push(HotplugSlot {
             id: id.clone(),
-            kind,
+            kind: kind.clone(),
             device: function,
             bdf,
             msi,
@@ -407,7 +702,7 @@ impl DeviceManager {
             self.notify_pci_change()?;
             log::info!("{id} ({what}) hotplugged at {bdf}");
         }
-        Ok(bdf)
+        Ok((bdf, kind))
     }
 
     /// The hotplug controller's state and every hotplugged device's. The VM must be paused.
@@ -431,6 +726,7 @@ impl DeviceManager {
             controller: lock_or_recover(self.hotplug.controller()).state(),
             msi_gsis_allocated: self.pci.routing().state().allocated,
             devices,
+            vacated: lock_or_recover(&self.hotplug.vacated).clone(),
         })
     }
 
@@ -444,8 +740,17 @@ impl DeviceManager {
                 state.version
             )));
         }
+        let backings = std::mem::take(&mut *lock_or_recover(&self.hotplug.net_backings));
         for saved in &state.devices {
-            self.plug(saved.kind.clone(), Some(saved))?;
+            let mut kind = saved.kind.clone();
+            if let HotplugKind::Net(config) = &mut kind {
+                let given = backings.iter().find(|net| net.id == config.id);
+                if let Some(given) = given.filter(|n| n.fds.is_some() || n.tap.is_some()) {
+                    config.tap.clone_from(&given.tap);
+                    config.fds.clone_from(&given.fds);
+                }
+            }
+            self.plug(kind, Some(saved))?;
         }
         self.pci.reserve_msi_gsis(state.msi_gsis_allocated);
         lock_or_recover(self.hotplug.controller())

@@ -388,11 +388,11 @@ pub fn start(
         start,
         mut phases,
     } = prepared;
-    let hotplugged = match &start {
-        NvStart::Resume { state, .. } => state.devices.hotplugged_ids(),
-        NvStart::ColdBoot => Vec::new(),
+    let layout = match &start {
+        NvStart::Resume { state, .. } => state.devices.restore_layout(),
+        NvStart::ColdBoot => Default::default(),
     };
-    let mut vm = Vm::new_timed(&config, &hotplugged, memory, events, seccomp, &mut phases)?;
+    let mut vm = Vm::new_timed(&config, &layout, memory, events, seccomp, &mut phases)?;
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;

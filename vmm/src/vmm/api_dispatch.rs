@@ -179,7 +179,9 @@ impl Vmm {
             ApiRequest::VmAddDisk(disk) => {
                 self.api_add_device(hotplug_api::AddedDevice::Disk(disk))
             }
-            ApiRequest::VmAddNet(net) => self.api_add_device(hotplug_api::AddedDevice::Net(net)),
+            ApiRequest::VmAddNet(net, fds) => {
+                self.api_add_device(hotplug_api::AddedDevice::Net(net, fds))
+            }
             ApiRequest::VmAddFs(fs) => self.api_add_device(hotplug_api::AddedDevice::Fs(fs)),
             ApiRequest::VmRemoveDevice(request) => self.api_remove_device(&request.id),
             ApiRequest::Unimplemented(operation) => Answer::error(

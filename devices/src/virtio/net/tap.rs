@@ -190,6 +190,9 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        // SAFETY: `fd` is open (checked above) and the caller gives us ownership of it: it is
+        // closed when refused too.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut req = IfReq {
             name: [0; IFNAMSIZ],
             data: [0; 24],
@@ -202,8 +205,6 @@ impl Tap {
                 flags: req.flags(),
             });
         }
-        // SAFETY: `fd` is open (checked above) and the caller gives us ownership of it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: F_GETFL/F_SETFL on an open descriptor we own.
         unsafe {
             let status = libc::fcntl(fd, libc::F_GETFL);
@@ -346,7 +347,7 @@ mod tests {
     #[test]
     fn a_descriptor_that_is_not_a_tap_is_refused() {
         let file = std::fs::File::open("/dev/null").unwrap();
-        let fd = file.as_raw_fd();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
         let error = Tap::from_fd(fd).unwrap_err();
         assert!(matches!(error, TapError::NotATap { .. }), "{error}");
         assert!(matches!(

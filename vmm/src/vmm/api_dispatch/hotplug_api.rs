@@ -3,7 +3,15 @@
 //! asked to eject it (204); on a VM created but not booted only the config changes (204); a
 //! config the validation refuses is 400, an id in use 409, no VM or an unknown id 404, a device
 //! that cannot be set up 500. The config (and an NV VM's stored config) lists the hotplugged
-//! devices; an ejected device leaves it when the guest has ejected it.
+//! devices; an ejected device leaves it when the guest has ejected it, whether it was hotplugged
+//! or given at boot. `vm.add-net` takes its taps as descriptors sent with the request
+//! (SCM_RIGHTS), as upstream's `ch-remote add-net fd=` sends them.
+//!
+//! One config is the VM's: once a VM is built, its own (`Vm::config`) is changed by the device
+//! changes and `Vmm::vm_config` only ever copies it ([`Vmm::adopt_vm_config`]), so the two
+//! cannot diverge; without a built VM, `vm_config` is the only one.
+
+use std::os::unix::io::{AsRawFd, IntoRawFd, OwnedFd};
 
 use crate::api::lifecycle::{check_state, Operation, StateRefusal};
 use crate::api::{ApiError, PciDeviceInfo, VmState as ApiVmState};
@@ -16,7 +24,8 @@ use super::{api_error, Answer, Vmm};
 /// The device of an add request.
 pub(super) enum AddedDevice {
     Disk(Box<DiskConfig>),
-    Net(Box<NetConfig>),
+    /// With the descriptors sent along, its taps.
+    Net(Box<NetConfig>, Vec<OwnedFd>),
     Fs(Box<FsConfig>),
 }
 
@@ -24,7 +33,7 @@ impl AddedDevice {
     fn operation(&self) -> Operation {
         match self {
             AddedDevice::Disk(_) => Operation::AddDisk,
-            AddedDevice::Net(_) => Operation::AddNet,
+            AddedDevice::Net(..) => Operation::AddNet,
             AddedDevice::Fs(_) => Operation::AddFs,
         }
     }
@@ -32,7 +41,7 @@ impl AddedDevice {
     fn id(&self) -> Option<&str> {
         match self {
             AddedDevice::Disk(disk) => disk.id.as_deref(),
-            AddedDevice::Net(net) => net.id.as_deref(),
+            AddedDevice::Net(net, _) => net.id.as_deref(),
             AddedDevice::Fs(fs) => fs.id.as_deref(),
         }
     }
@@ -44,7 +53,7 @@ impl AddedDevice {
                 .disks
                 .get_or_insert_with(Vec::new)
                 .push((**disk).clone()),
-            AddedDevice::Net(net) => config
+            AddedDevice::Net(net, _) => config
                 .net
                 .get_or_insert_with(Vec::new)
                 .push((**net).clone()),
@@ -66,7 +75,7 @@ fn config_ids(config: &VmConfig) -> impl Iterator<Item = &str> {
 }
 
 impl Vmm {
-    pub(super) fn api_add_device(&mut self, device: AddedDevice) -> Answer {
+    pub(super) fn api_add_device(&mut self, mut device: AddedDevice) -> Answer {
         let operation = device.operation();
         if let Err(error) = check_state(operation, self.api_state()) {
             return Answer::error(error);
@@ -83,19 +92,21 @@ impl Vmm {
                 ));
             }
         }
-        if let AddedDevice::Net(net) = &device {
-            if net.fds.is_some() {
-                // The numbers name descriptors of the client's process; this server takes no
-                // descriptors with a request (SCM_RIGHTS).
+        if let AddedDevice::Net(net, files) = &mut device {
+            if files.is_empty() && net.fds.is_some() {
+                // Numbers in the body name descriptors of the client's process.
                 return Answer::error(ApiError::failed(
                     400,
                     operation,
                     &Error::Device(
-                        "fds: tap descriptors cannot be handed over through this VMM's API; \
-                         name the tap with tap="
+                        "fds: no descriptor came with the request; send the taps with it \
+                         (SCM_RIGHTS), as ch-remote add-net fd= does, or name the tap with tap="
                             .to_owned(),
                     ),
                 ));
+            }
+            if !files.is_empty() {
+                net.fds = Some(files.iter().map(AsRawFd::as_raw_fd).collect());
             }
         }
         let mut changed = config.clone();
@@ -113,28 +124,37 @@ impl Vmm {
                 return Answer::error(ApiError::refused(operation, StateRefusal::NotRunning));
             }
             self.vm_config = Some(changed);
+            // The config names the descriptors now: they stay open for the boot.
+            if let AddedDevice::Net(_, files) = device {
+                files.into_iter().for_each(|file| {
+                    let _ = file.into_raw_fd();
+                });
+            }
             return Answer::done();
         };
-        let added = match &device {
-            AddedDevice::Disk(disk) => vm.add_disk(disk).map(|(disk, bdf)| {
+        let added = match device {
+            AddedDevice::Disk(disk) => vm.add_disk(&disk).map(|(disk, bdf)| {
                 let id = disk.id.clone().unwrap_or_default();
                 (AddedDevice::Disk(Box::new(disk)), id, bdf)
             }),
-            AddedDevice::Net(net) => vm.add_net(net).map(|(net, bdf)| {
-                let id = net.id.clone().unwrap_or_default();
-                (AddedDevice::Net(Box::new(net)), id, bdf)
-            }),
-            AddedDevice::Fs(fs) => vm.add_fs(fs).map(|(fs, bdf)| {
+            AddedDevice::Net(net, files) => {
+                // The hotplug takes the descriptors over (closes them if it fails).
+                files.into_iter().for_each(|file| {
+                    let _ = file.into_raw_fd();
+                });
+                vm.add_net(&net).map(|(net, bdf)| {
+                    let id = net.id.clone().unwrap_or_default();
+                    (AddedDevice::Net(Box::new(net), Vec::new()), id, bdf)
+                })
+            }
+            AddedDevice::Fs(fs) => vm.add_fs(&fs).map(|(fs, bdf)| {
                 let id = fs.id.clone().unwrap_or_default();
                 (AddedDevice::Fs(Box::new(fs)), id, bdf)
             }),
         };
         match added {
-            Ok((device, id, bdf)) => {
-                if let Some(config) = self.vm_config.as_mut() {
-                    device.add_to(config);
-                }
-                self.store_nv_config();
+            Ok((_, id, bdf)) => {
+                self.adopt_vm_config();
                 Answer::body(&PciDeviceInfo {
                     id,
                     bdf: bdf.to_string(),
@@ -171,19 +191,21 @@ impl Vmm {
         let Some(vm) = self.vm.as_mut() else {
             return;
         };
-        let ejected = vm.take_ejected_devices();
-        if ejected.is_empty() {
+        if vm.take_ejected_devices().is_empty() {
             return;
         }
-        if let Some(config) = self.vm_config.as_mut() {
-            remove_devices_from_config(config, &ejected);
-        }
-        self.store_nv_config();
+        self.adopt_vm_config();
     }
 
-    /// Writes the VM's config into its NV region, so a recovery builds the devices it has now.
-    fn store_nv_config(&self) {
-        let (Some(nv_vm), Some(vm)) = (self.nv.as_ref(), self.vm.as_ref()) else {
+    /// After the VM changed its devices: its config becomes the one `vm.info`, a reboot and
+    /// `vm_config`'s other readers see, and, for an NV VM, the one stored in its region, so a
+    /// recovery builds the devices it has now.
+    fn adopt_vm_config(&mut self) {
+        let Some(vm) = self.vm.as_ref() else {
+            return;
+        };
+        self.vm_config = Some(vm.config().clone());
+        let Some(nv_vm) = self.nv.as_ref() else {
             return;
         };
         if let Err(e) = nv::store_config(nv_vm, vm.config()) {
