@@ -393,7 +393,9 @@ impl DeviceManager {
         config.mac.get_or_insert_with(crate::config::random_mac);
         match self.plug(HotplugKind::Net(config), None)? {
             (bdf, HotplugKind::Net(kept)) => Ok((kept, bdf)),
-            (_, HotplugKind::Disk(_)) => unreachable!("a net device was plugged"),
+            (_, HotplugKind::Disk(_) | HotplugKind::Fs(_)) => {
+                unreachable!("a net device was plugged")
+            }
         }
     }
 
