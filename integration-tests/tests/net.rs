@@ -725,16 +725,15 @@ fn netkv_over_vhost_user_net_in_server_mode_recovers_with_the_backend_reconnecti
     netkv.finish();
 }
 
-/// `vm.info`'s `pci_bdf` of device `id`, and its entry in `config.net`.
+/// `vm.info`'s `pci_bdf` of device `id` (on its parent node, the function `_virtio-pci-<id>`,
+/// as upstream lists it), and its entry in `config.net`.
 fn net_in_info(api: &Path, id: &str) -> (Option<String>, Option<serde_json::Value>) {
     let (status, body) = integration_tests::api_client::request(api, "GET", "vm.info", "", TIMEOUT);
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let bdf = info["device_tree"].as_object().and_then(|tree| {
-        tree.values()
-            .find(|node| node["id"] == id)
-            .and_then(|node| node["pci_bdf"].as_str().map(str::to_owned))
-    });
+    let function = &info["device_tree"][format!("_virtio-pci-{id}")];
+    assert_eq!(function["children"][0], id, "{function}");
+    let bdf = function["pci_bdf"].as_str().map(str::to_owned);
     let config = info["config"]["net"]
         .as_array()
         .and_then(|nets| nets.iter().find(|net| net["id"] == id).cloned());
