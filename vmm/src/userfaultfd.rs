@@ -12,6 +12,13 @@
 //! VM's memory is dropped. It never closes the userfaultfd while memory is still registered:
 //! that would turn every later first touch into a silent zero page.
 //!
+//! The same userfaultfd speaks write-protect mode for NV checkpoints ([`WriteTracker`]): guest
+//! RAM (a shared mapping of the region) is registered with `UFFDIO_REGISTER_MODE_WP`; at each
+//! epoch all of it is write-protected with `UFFDIO_WRITEPROTECT`, and the first write to a page
+//! (by a vCPU through KVM, whose MMU notifier drops its writable mapping, or by a device thread)
+//! blocks until the tracker's thread handed the page's old content to a [`FirstWriteSink`] (the
+//! undo log) and lifted the protection of that page.
+//!
 //! The ioctl interface is `linux/userfaultfd.h`; the libc crate does not carry it, so the few
 //! structs and request numbers are spelled out here.
 
@@ -59,6 +66,15 @@ pub enum UffdError {
     Spawn(#[source] std::io::Error),
     #[error("page-fault thread: {0}")]
     Seccomp(String),
+    #[error("UFFDIO_WRITEPROTECT of {length:#x} bytes at {address:#x} failed: {source}")]
+    WriteProtect {
+        address: usize,
+        length: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the write tracker's stop EventFd: {0}")]
+    StopEvent(#[source] std::io::Error),
 }
 
 /// One range of guest RAM to fill lazily: `length` bytes at host address `host_address`, whose
@@ -86,12 +102,18 @@ const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
 const NR_REGISTER: u64 = 0x00;
 const NR_WAKE: u64 = 0x02;
 const NR_COPY: u64 = 0x03;
 const NR_ZEROPAGE: u64 = 0x04;
+const NR_WRITEPROTECT: u64 = 0x06;
 const NR_API: u64 = 0x3F;
 
 #[repr(C)]
@@ -135,6 +157,13 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
 /// `struct uffd_msg`: the event byte, padding, then a 24-byte union. For a page fault the union
 /// holds (flags, address, thread id); for an unmap (start, end).
 #[repr(C)]
@@ -160,6 +189,8 @@ pub(crate) const UFFDIO_WAKE: u64 = ioctl_request(READ, NR_WAKE, size_of::<Uffdi
 pub(crate) const UFFDIO_COPY: u64 = ioctl_request(READ_WRITE, NR_COPY, size_of::<UffdioCopy>());
 pub(crate) const UFFDIO_ZEROPAGE: u64 =
     ioctl_request(READ_WRITE, NR_ZEROPAGE, size_of::<UffdioZeropage>());
+pub(crate) const UFFDIO_WRITEPROTECT: u64 =
+    ioctl_request(READ_WRITE, NR_WRITEPROTECT, size_of::<UffdioWriteprotect>());
 
 /// Issues one userfaultfd ioctl whose argument is `argument`.
 fn uffd_ioctl<T>(uffd: &OwnedFd, request: u64, argument: &mut T) -> std::io::Result<()> {
@@ -548,6 +579,346 @@ impl FaultServer {
     }
 }
 
+/// Receives the old content of each page written for the first time in an epoch, before the
+/// write happens: the undo log. It must make the page durable before returning `Ok`, because
+/// the write proceeds as soon as it returns.
+pub trait FirstWriteSink: Send {
+    /// `page` (PAGE_SIZE bytes, still unmodified) is at byte `offset` of tracked range
+    /// `range_index`.
+    fn record(&mut self, range_index: usize, offset: usize, page: &[u8]) -> Result<(), String>;
+    /// Recording failed: the epoch can no longer be rolled back to. The sink must make sure no
+    /// recovery uses it (the write proceeds right after this returns).
+    fn abandon(&mut self, reason: &str);
+}
+
+/// One range of guest RAM to track: `length` bytes at host address `host_address` (page
+/// aligned, a shared mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedRange {
+    pub host_address: usize,
+    pub length: usize,
+}
+
+/// What the tracker did in the current epoch and in total.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerCounters {
+    /// Pages recorded since the last [`WriteTracker::next_epoch`].
+    pub epoch_pages: u64,
+    /// Pages recorded since the tracker started.
+    pub total_pages: u64,
+    /// Recordings that failed (each abandons its epoch).
+    pub failures: u64,
+}
+
+/// The state the fault thread and the epoch switch share, under one lock: a page is recorded
+/// and unprotected wholly inside one epoch, never across a switch.
+struct TrackerShared<S> {
+    sink: S,
+    counters: TrackerCounters,
+    /// Per range, one bit per page: recorded in this epoch. Two writers of one page queue two
+    /// fault messages; the second comes after the first write went through, when the page no
+    /// longer holds its old content, and must not be recorded.
+    recorded: Vec<Vec<u64>>,
+    /// The (range, page) of each set bit, to clear them at the next epoch.
+    recorded_list: Vec<(usize, usize)>,
+}
+
+/// Write-protect tracking of guest RAM through one userfaultfd and one fault thread (see the
+/// module doc). Dropping it stops the thread and closes the userfaultfd, which lifts every
+/// protection.
+pub struct WriteTracker<S: FirstWriteSink + 'static> {
+    uffd: std::sync::Arc<OwnedFd>,
+    ranges: Vec<TrackedRange>,
+    shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
+    stop: vmm_sys_util::eventfd::EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<S: FirstWriteSink + 'static> WriteTracker<S> {
+    /// Registers `ranges` for write-protect faults (nothing is protected yet: the first
+    /// [`WriteTracker::next_epoch`] does that) and starts the fault thread under the
+    /// `WriteFault` seccomp filter.
+    pub fn start(
+        ranges: Vec<TrackedRange>,
+        sink: S,
+        seccomp: SeccompMode,
+    ) -> Result<Self, UffdError> {
+        for (index, range) in ranges.iter().enumerate() {
+            if range.host_address % PAGE_SIZE != 0 || range.length % PAGE_SIZE != 0 {
+                return Err(UffdError::BadRange {
+                    index,
+                    offset: range.host_address,
+                    length: range.length,
+                    source_length: 0,
+                });
+            }
+        }
+        let uffd = create_userfaultfd()?;
+        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: wanted,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
+        if api.features & wanted != wanted {
+            return Err(UffdError::MissingFeature(
+                "write-protect on shared memory (UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
+            ));
+        }
+        for range in &ranges {
+            let mut register = UffdioRegister {
+                range: UffdioRange {
+                    start: range.host_address as u64,
+                    len: range.length as u64,
+                },
+                mode: UFFDIO_REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut register).map_err(|source| {
+                UffdError::Register {
+                    address: range.host_address,
+                    length: range.length,
+                    source,
+                }
+            })?;
+            if register.ioctls & (1 << NR_WRITEPROTECT) == 0 {
+                return Err(UffdError::MissingFeature(
+                    "UFFDIO_WRITEPROTECT on guest RAM",
+                ));
+            }
+        }
+        let uffd = std::sync::Arc::new(uffd);
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(TrackerShared {
+            sink,
+            counters: TrackerCounters::default(),
+            recorded: ranges
+                .iter()
+                .map(|range| vec![0u64; (range.length / PAGE_SIZE).div_ceil(64)])
+                .collect(),
+            recorded_list: Vec::new(),
+        }));
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(UffdError::StopEvent)?;
+        let server = WriteFaultServer {
+            uffd: std::sync::Arc::clone(&uffd),
+            ranges: ranges.clone(),
+            shared: std::sync::Arc::clone(&shared),
+            stop: stop.try_clone().map_err(UffdError::StopEvent)?,
+        };
+        let (confined_tx, confined) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("uffd-wp".into())
+            .spawn(move || {
+                let filter = apply_filter_for_mode(ThreadKind::WriteFault, seccomp);
+                let confined = filter.is_ok();
+                let _ = confined_tx.send(filter.map_err(|e| e.to_string()));
+                if confined {
+                    server.run();
+                }
+            })
+            .map_err(UffdError::Spawn)?;
+        match confined.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(UffdError::Seccomp(reason)),
+            Err(_) => {
+                return Err(UffdError::Seccomp(
+                    "the thread ended before installing its filter".to_string(),
+                ))
+            }
+        }
+        Ok(WriteTracker {
+            uffd,
+            ranges,
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Switches to a new epoch: under the tracker's lock (no page is being recorded), runs
+    /// `commit` on the sink, then write-protects every tracked range again. The caller keeps
+    /// the guest and the devices paused across the call. Returns `commit`'s value and the
+    /// counters of the epoch that ended. If protecting fails the new epoch is not trackable:
+    /// the error says so and the caller must abandon it.
+    pub fn next_epoch<T, E>(
+        &self,
+        commit: impl FnOnce(&mut S, &TrackerCounters) -> Result<T, E>,
+    ) -> Result<(Result<T, E>, TrackerCounters), UffdError> {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ended = shared.counters;
+        let TrackerShared {
+            sink,
+            counters,
+            recorded,
+            recorded_list,
+        } = &mut *shared;
+        let committed = commit(sink, counters);
+        counters.epoch_pages = 0;
+        for (range, page) in recorded_list.drain(..) {
+            recorded[range][page / 64] &= !(1u64 << (page % 64));
+        }
+        for range in &self.ranges {
+            set_write_protection(&self.uffd, range.host_address, range.length, true)?;
+        }
+        Ok((committed, ended))
+    }
+
+    /// Runs `f` on the sink under the tracker's lock (no page is being recorded meanwhile).
+    pub fn with_sink<T>(&self, f: impl FnOnce(&mut S) -> T) -> T {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut shared.sink)
+    }
+
+    pub fn counters(&self) -> TrackerCounters {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counters
+    }
+}
+
+impl<S: FirstWriteSink + 'static> Drop for WriteTracker<S> {
+    fn drop(&mut self) {
+        // Lift every protection first: a writer blocked on a page must not wait for a thread
+        // that is about to end.
+        for range in &self.ranges {
+            let _ = set_write_protection(&self.uffd, range.host_address, range.length, false);
+        }
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Protects (or unprotects, waking whoever waits on it) `length` bytes at `address`.
+fn set_write_protection(
+    uffd: &OwnedFd,
+    address: usize,
+    length: usize,
+    protect: bool,
+) -> Result<(), UffdError> {
+    let mut request = UffdioWriteprotect {
+        range: UffdioRange {
+            start: address as u64,
+            len: length as u64,
+        },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    uffd_ioctl(uffd, UFFDIO_WRITEPROTECT, &mut request).map_err(|source| UffdError::WriteProtect {
+        address,
+        length,
+        source,
+    })
+}
+
+struct WriteFaultServer<S> {
+    uffd: std::sync::Arc<OwnedFd>,
+    ranges: Vec<TrackedRange>,
+    shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
+    stop: vmm_sys_util::eventfd::EventFd,
+}
+
+impl<S: FirstWriteSink> WriteFaultServer<S> {
+    fn run(self) {
+        let mut messages = [UffdMsg::default(); 16];
+        loop {
+            let mut polled = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds, count 2, no timeout.
+            let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
+                continue;
+            }
+            if polled[1].revents != 0 {
+                return;
+            }
+            // SAFETY: reading whole plain-data `uffd_msg` structs into a buffer we own.
+            let read = unsafe {
+                libc::read(
+                    self.uffd.as_raw_fd(),
+                    messages.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&messages),
+                )
+            };
+            if read <= 0 {
+                continue;
+            }
+            for message in &messages[..read as usize / size_of::<UffdMsg>()] {
+                if message.event == UFFD_EVENT_PAGEFAULT
+                    && message.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0
+                {
+                    self.serve(message.arg[1] as usize & !(PAGE_SIZE - 1));
+                }
+            }
+        }
+    }
+
+    /// Records the page at `address` and lifts its protection, which wakes the writer.
+    fn serve(&self, address: usize) {
+        let Some((index, range)) = self.ranges.iter().enumerate().find(|(_, range)| {
+            address >= range.host_address && address < range.host_address + range.length
+        }) else {
+            log::error!("write tracker: fault at {address:#x} outside every tracked range");
+            return;
+        };
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SAFETY: the page lies inside a tracked range of guest RAM, which stays mapped while
+        // it is registered; nobody writes it now (its writers wait for this thread), so the
+        // bytes are its content at the start of the epoch.
+        let page = unsafe { std::slice::from_raw_parts(address as *const u8, PAGE_SIZE) };
+        let TrackerShared {
+            sink,
+            counters,
+            recorded,
+            recorded_list,
+        } = &mut *shared;
+        let offset = address - range.host_address;
+        let (word, bit) = (offset / PAGE_SIZE / 64, offset / PAGE_SIZE % 64);
+        if recorded[index][word] & (1u64 << bit) == 0 {
+            match sink.record(index, offset, page) {
+                Ok(()) => {
+                    counters.epoch_pages += 1;
+                    counters.total_pages += 1;
+                }
+                Err(reason) => {
+                    counters.failures += 1;
+                    sink.abandon(&reason);
+                }
+            }
+            recorded[index][word] |= 1u64 << bit;
+            recorded_list.push((index, offset / PAGE_SIZE));
+        }
+        if let Err(error) = set_write_protection(&self.uffd, address, PAGE_SIZE, false) {
+            log::error!("write tracker: {error}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +932,7 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
 

@@ -58,6 +58,8 @@ enum ControlEvent {
     LongOperationDone = 7,
     /// A virtio driver set DRIVER_OK: activate the device here, not on the vCPU.
     DeviceActivation = 8,
+    /// The NV checkpoint timer: take an epoch checkpoint (`nv/checkpoint.rs`).
+    Checkpoint = 9,
 }
 
 impl ControlEvent {
@@ -71,6 +73,7 @@ impl ControlEvent {
             ControlEvent::ApiRequest,
             ControlEvent::LongOperationDone,
             ControlEvent::DeviceActivation,
+            ControlEvent::Checkpoint,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -156,6 +159,9 @@ pub struct Vmm {
     /// The process ends right after the control loop (`crate::run`): once a save committed, the
     /// VM is left as it is (vCPU threads parked, guest memory mapped) for the exit to drop.
     exit_after_loop: bool,
+    /// The NV checkpoint timer and write tracker (off unless `checkpoint_ms` or
+    /// `vm.nv-checkpoint` turned them on).
+    checkpoints: nv::Checkpoints,
 }
 
 impl Vmm {
@@ -182,6 +188,7 @@ impl Vmm {
                 source,
             })?,
             exit_after_loop: false,
+            checkpoints: nv::Checkpoints::new(seccomp)?,
         };
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
@@ -200,6 +207,7 @@ impl Vmm {
             vmm.long_operation_done.as_raw_fd(),
             ControlEvent::LongOperationDone,
         )?;
+        vmm.watch(vmm.checkpoints.timer_fd(), ControlEvent::Checkpoint)?;
         Ok(vmm)
     }
 
@@ -288,11 +296,20 @@ impl Vmm {
         // size, kernel, disks), not the recovering command line's, so a reboot boots that.
         let config = prepared.config.clone();
         let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
+        let interval = nv.config().checkpoint_ms.unwrap_or(0);
         self.vm_config = Some(config);
         self.vm = Some(vm);
         self.nv = Some(nv);
         self.record_pty_paths();
-        Ok(())
+        self.set_checkpoint_interval(Duration::from_millis(interval))
+    }
+
+    /// Turns the NV VM's checkpoints on every `interval`, or off (zero).
+    pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
+        match (self.nv.as_ref(), self.vm.as_mut()) {
+            (Some(_), Some(vm)) => self.checkpoints.set_interval(vm, interval),
+            _ => Err(Error::NoNvVm),
+        }
     }
 
     /// The NV VM this VMM runs, if any (`vm.nv-status`).
@@ -454,6 +471,15 @@ impl Vmm {
                     return Ok(Some(VmmExit::TerminationSignal));
                 }
                 Ok(self.save_on_termination())
+            }
+            ControlEvent::Checkpoint => {
+                if let Err(e) = self.checkpoints.tick(self.vm.as_mut()) {
+                    log::error!("NV checkpoint failed, checkpoints are off: {e}");
+                    if let Some(vm) = self.vm.as_mut() {
+                        let _ = self.checkpoints.set_interval(vm, Duration::ZERO);
+                    }
+                }
+                Ok(None)
             }
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
             ControlEvent::LongOperationDone => Ok(self.finish_long_operation()),

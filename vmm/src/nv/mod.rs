@@ -17,6 +17,7 @@
 //! `nv_extension::save_vm` -> `host::VmHost` -> region commit. Nothing here depends on the
 //! control loop. `docs/recovery.md` explains the sequence, the clock and the exit codes.
 
+mod checkpoint;
 mod host;
 mod prepare;
 mod save;
@@ -34,6 +35,7 @@ use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;
 use crate::{Error, ErrorKind};
 
+pub use checkpoint::{CheckpointStats, Checkpoints};
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
 pub use save::{describe_save, save, save_paused};
 pub use swap::{
