@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::NvCheckpointStatus;
 use crate::config::SeccompMode;
 use crate::userfaultfd::{FirstWriteSink, TrackedRange, WriteTracker};
 use crate::vm::{Vm, VmRunState};
@@ -74,6 +75,20 @@ impl Checkpoints {
         self.stats
     }
 
+    /// `vm.nv-status`'s `checkpoint`: `None` while checkpoints are off.
+    pub fn status(&self) -> Option<NvCheckpointStatus> {
+        if self.interval.is_zero() {
+            return None;
+        }
+        Some(NvCheckpointStatus {
+            interval_ms: self.interval.as_millis() as u64,
+            epochs: self.stats.epochs,
+            last_epoch_sequence: (self.stats.epochs > 0).then_some(self.stats.last_seq),
+            last_pause_us: self.stats.last_pause.as_micros() as u64,
+            last_undo_bytes: self.stats.last_undo_bytes,
+        })
+    }
+
     /// Turns checkpoints on every `interval` (zero: off) for `vm`. Turning them on takes the
     /// first checkpoint at once.
     pub fn set_interval(&mut self, vm: &mut Vm, interval: Duration) -> Result<(), Error> {
@@ -102,7 +117,11 @@ impl Checkpoints {
         self.timer
             .reset(interval, Some(interval))
             .map_err(|e| Error::Checkpoint(format!("timerfd: {e}")))?;
-        self.checkpoint(vm)
+        if vm.run_state == VmRunState::Running {
+            self.checkpoint(vm)
+        } else {
+            Ok(())
+        }
     }
 
     /// The timer fired: take a checkpoint of `vm` unless it is not running (paused by

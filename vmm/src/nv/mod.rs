@@ -28,8 +28,8 @@ use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle
 use vm_memory::GuestMemoryMmap;
 
 use crate::api::{
-    NvLastSave, NvMemoryMapping, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind,
-    NvStatus, NvSwapFile,
+    NvCheckpointStatus, NvLastSave, NvMemoryMapping, NvRecoveryTimings, NvRegionListing,
+    NvRegionVm, NvShutdownKind, NvStatus, NvSwapFile,
 };
 use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;
@@ -144,7 +144,11 @@ impl NvVm {
 /// `GET vm.nv-status` of the VM this VMM runs. The last save is the one this process made, or
 /// else the one the region recorded (the save this run recovered from, made by a process that
 /// has exited since). `memory`, the running VM's RAM, adds how the host maps it.
-pub fn status(nv: &NvVm, memory: Option<&GuestMemoryMmap>) -> Result<NvStatus, Error> {
+pub fn status(
+    nv: &NvVm,
+    memory: Option<&GuestMemoryMmap>,
+    checkpoint: Option<NvCheckpointStatus>,
+) -> Result<NvStatus, Error> {
     let region = nv.handle.region();
     let summary = region
         .vm(&nv.config.vm)
@@ -161,6 +165,7 @@ pub fn status(nv: &NvVm, memory: Option<&GuestMemoryMmap>) -> Result<NvStatus, E
         swap: None,
         recovery: nv.recovery.as_ref().map(NvRecoveryTimings::from),
         memory_mapping: memory.and_then(memory_mapping),
+        checkpoint,
     })
 }
 
