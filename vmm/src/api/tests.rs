@@ -451,6 +451,24 @@ fn vm_lifecycle_through_every_implemented_route() {
     assert_eq!(client.call("GET", "vm.nv-status", None).status, 404);
     assert_eq!(client.call("PUT", "vm.nv-suspend", None).status, 404);
     assert_eq!(client.call("PUT", "vm.power-fail", None).status, 404);
+    let every_10ms = json!({"interval_ms": 10}).to_string();
+    assert_eq!(
+        client
+            .call("PUT", "vm.nv-checkpoint", Some(&every_10ms))
+            .status,
+        404
+    );
+    let too_long = json!({"interval_ms": 3_600_001}).to_string();
+    assert_eq!(
+        client
+            .call("PUT", "vm.nv-checkpoint", Some(&too_long))
+            .status,
+        400
+    );
+    assert_eq!(
+        client.call("PUT", "vm.nv-checkpoint", Some("{}")).status,
+        400
+    );
     let recover = json!({"region": dir.join("region"), "vm": "vm0"}).to_string();
     assert_eq!(
         client.call("PUT", "vm.nv-recover", Some(&recover)).status,
