@@ -17,7 +17,7 @@ fn used_extents(table: &VmTable) -> Vec<Extent> {
     let mut used: Vec<Extent> = table
         .entries
         .iter()
-        .flat_map(|e| [e.memory, e.state])
+        .flat_map(|e| [e.memory, e.state, e.checkpoint])
         .filter(|x| x.len > 0)
         .collect();
     used.sort_by_key(|x| x.offset);
@@ -128,6 +128,7 @@ mod tests {
                 offset: state.0,
                 len: state.1,
             },
+            checkpoint: Extent { offset: 0, len: 0 },
             record: RunRecord::Created,
             owner: OwnerRecord::default(),
             config: vec![],

@@ -37,8 +37,18 @@ pub trait NvHost {
     /// The VMM's volatile state (vCPUs, irqchip, clock, devices), versioned and opaque here.
     fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError>;
     /// Undo what `pause_vcpus` and `quiesce_devices` did (whichever ran, even partly): leave
-    /// the VM as the save found it, running if it ran. Called only after a failed save.
+    /// the VM as the save found it, running if it ran. Called after a failed save, and at the
+    /// end of every checkpoint ([`crate::checkpoint::checkpoint_vm`]), committed or not.
     fn resume(&mut self) -> std::result::Result<(), HostError>;
+    /// Checkpoints only: write-protect all of guest RAM, so that the first write to each page
+    /// from now on stops (vCPU or device thread alike) until the VMM's fault handler has called
+    /// [`crate::UndoLog::record_undo`] for it and lifted the protection. Called once per
+    /// checkpoint, with vCPUs paused, after the epoch committed and before `resume`. Must not
+    /// return `Ok` unless every page is protected. Hosts without checkpoints keep the default,
+    /// which refuses.
+    fn write_protect_memory(&mut self) -> std::result::Result<(), HostError> {
+        Err("this host cannot write-protect guest memory".into())
+    }
 }
 
 /// A phase of the save, numbered as `NV_FAULT_AFTER_PHASE` counts them.
@@ -118,6 +128,12 @@ pub fn save_vm(
     deadline: Duration,
 ) -> Result<SaveReport> {
     fault_injection::check_configuration()?;
+    if kind == ShutdownKind::Checkpoint {
+        return Err(Error::InvalidCheckpointRequest(
+            "a save is a power-fail or a planned suspend; checkpoints go through checkpoint_vm"
+                .to_string(),
+        ));
+    }
     // From here the first phase calls `pause_vcpus`: any failure is undone.
     let outcome = run_phases(handle, host, kind, deadline);
     if outcome.is_err() {

@@ -100,9 +100,26 @@ pub enum Error {
     },
     #[error(
         "NV_FAULT_AFTER_PHASE={0:?} is not a fault point (1..5, commit-payload, commit-header, \
-         or a swap point: swap-out-*, swap-in-*)"
+         a swap point: swap-out-*, swap-in-*, or a checkpoint point: ckpt-*)"
     )]
     InvalidFaultPoint(String),
+    /// The undo log of the current checkpoint epoch holds as many pages as it can: the page
+    /// must not be written before a checkpoint starts a new epoch (docs/checkpoints.md).
+    #[error("checkpoint undo log full ({capacity_pages} pages); a checkpoint must start a new epoch first")]
+    UndoLogFull { capacity_pages: u64 },
+    /// A checkpoint step of the host failed (`coordinator::NvHost`).
+    #[error("checkpoint: host step '{phase}' failed: {source}")]
+    CheckpointHostStep {
+        phase: &'static str,
+        #[source]
+        source: HostError,
+    },
+    /// The checkpoint area of a VM fails a check that only media damage (or a bug) explains.
+    #[error("VM {vm:?}: checkpoint area damaged: {detail}")]
+    DamagedCheckpoint { vm: String, detail: String },
+    /// An undo log handed to a checkpoint of another VM, or a page outside guest memory.
+    #[error("checkpoint: {0}")]
+    InvalidCheckpointRequest(String),
     /// The VM's memory and state are in a swap file, not in the region.
     #[error("VM {vm:?} is swapped out to {path}; swap it in first")]
     SwappedOut { vm: String, path: PathBuf },
@@ -207,6 +224,7 @@ impl Error {
             | Error::InvalidSize { .. }
             | Error::NoFileBacking { .. }
             | Error::NotARegionFile { .. }
+            | Error::InvalidCheckpointRequest(_)
             | Error::Unsupported(_)
             | Error::SwapFile { .. } => ErrorKind::InvalidInput,
             Error::Io { .. }
@@ -220,6 +238,9 @@ impl Error {
             | Error::StateTooLarge { .. }
             | Error::CannotGrow(_)
             | Error::HostStep { .. }
+            | Error::UndoLogFull { .. }
+            | Error::CheckpointHostStep { .. }
+            | Error::DamagedCheckpoint { .. }
             | Error::InvalidFaultPoint(_) => ErrorKind::Internal,
         }
     }

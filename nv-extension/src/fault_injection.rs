@@ -22,6 +22,9 @@ pub enum FaultPoint {
     CommitHeader,
     /// A step of swap-out or swap-in: one of [`crate::swap::SWAP_FAULT_POINTS`].
     Swap(&'static str),
+    /// A step of a checkpoint or of recovery from one: one of
+    /// [`crate::checkpoint_area::CHECKPOINT_FAULT_POINTS`].
+    Checkpoint(&'static str),
 }
 
 impl FaultPoint {
@@ -33,6 +36,11 @@ impl FaultPoint {
                 .iter()
                 .find(|name| **name == other)
                 .map(|name| FaultPoint::Swap(name))
+                .ok_or_else(|| Error::InvalidFaultPoint(text.to_string())),
+            other if other.starts_with("ckpt-") => crate::checkpoint_area::CHECKPOINT_FAULT_POINTS
+                .iter()
+                .find(|name| **name == other)
+                .map(|name| FaultPoint::Checkpoint(name))
                 .ok_or_else(|| Error::InvalidFaultPoint(text.to_string())),
             other => match other.parse::<u8>() {
                 Ok(k @ 1..=5) => Ok(FaultPoint::AfterPhase(k)),
@@ -131,7 +139,13 @@ mod tests {
         for name in crate::swap::SWAP_FAULT_POINTS {
             assert_eq!(FaultPoint::parse(name).unwrap(), FaultPoint::Swap(name));
         }
-        for bad in ["0", "6", "x", "-1", "swap-out-nowhere"] {
+        for name in crate::checkpoint_area::CHECKPOINT_FAULT_POINTS {
+            assert_eq!(
+                FaultPoint::parse(name).unwrap(),
+                FaultPoint::Checkpoint(name)
+            );
+        }
+        for bad in ["0", "6", "x", "-1", "swap-out-nowhere", "ckpt-nowhere"] {
             assert!(FaultPoint::parse(bad).is_err(), "{bad}");
         }
     }

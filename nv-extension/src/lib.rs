@@ -7,10 +7,14 @@
 //! reaches a VMM only through [`coordinator::NvHost`].
 //!
 //! Entry points: [`Region::open`], [`Region::claim_vm`], [`VmHandle::recover`],
-//! [`coordinator::save_vm`], [`VmHandle::swap_out`], [`Region::swap_in`]. Format: `docs/nv-format.md`; protocol:
+//! [`coordinator::save_vm`], [`VmHandle::swap_out`], [`Region::swap_in`]; continuous
+//! checkpoints: [`VmHandle::enable_checkpoints`], [`UndoLog::record_undo`],
+//! [`checkpoint::checkpoint_vm`] (`docs/checkpoints.md`). Format: `docs/nv-format.md`; protocol:
 //! `docs/commit-protocol.md`.
 
 pub mod allocator;
+pub mod checkpoint;
+pub mod checkpoint_area;
 pub mod coordinator;
 pub mod error;
 pub mod fault_injection;
@@ -28,10 +32,13 @@ pub mod superblock;
 pub mod swap;
 mod swap_file;
 mod swap_ops;
+pub mod undo_log;
 pub mod vm_handle;
 pub mod vm_table;
 
 pub use allocator::FreeSpace;
+pub use checkpoint::{checkpoint_vm, default_undo_pages, CheckpointPhase, CheckpointReport};
+pub use checkpoint_area::CHECKPOINT_FAULT_POINTS;
 pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
 pub use error::{Error, ErrorKind, HostError, Result, SwapFileProblem};
 pub use identity::Uuid;
@@ -43,5 +50,6 @@ pub use swap::{
     inspect_swap_file, SwapFileSummary, SwapInReport, SwapOutReport, SwapProgress, SwapRecord,
     SWAP_FAULT_POINTS,
 };
+pub use undo_log::{UndoLog, UndoLogStatus, UndoRecord};
 pub use vm_handle::{MemoryBacking, RecoveredVm, VmHandle};
 pub use vm_table::{RunKind, RunRecord, ShutdownKind, StopCause};

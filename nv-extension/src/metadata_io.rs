@@ -82,7 +82,8 @@ fn validate_extents(sb: &Superblock, table: &VmTable) -> Result<()> {
         if no_extents {
             continue;
         }
-        for extent in [entry.memory, entry.state] {
+        let checkpoint = (entry.checkpoint.len > 0).then_some(entry.checkpoint);
+        for extent in [entry.memory, entry.state].into_iter().chain(checkpoint) {
             let end = extent.offset.checked_add(extent.len);
             if extent.offset < sb.data_start
                 || extent.offset % sb.extent_alignment != 0

@@ -135,6 +135,10 @@ impl VmSummary {
                 kind: ShutdownKind::PlannedSuspend,
                 ..
             } => "suspended",
+            RunRecord::Saved {
+                kind: ShutdownKind::Checkpoint,
+                ..
+            } => "checkpoint-recovered",
             RunRecord::PoweredOff { .. } => "powered-off",
         }
     }
@@ -535,6 +539,7 @@ impl Region {
                     offset: offsets[1],
                     len: state_len,
                 },
+                checkpoint: Extent { offset: 0, len: 0 },
                 record: RunRecord::Created,
                 owner: OwnerRecord::default(),
                 config: config_blob.to_vec(),
@@ -668,7 +673,7 @@ impl Region {
                         pid: entry.owner.pid,
                     });
                 }
-                let freed = [entry.memory, entry.state];
+                let freed = [entry.memory, entry.state, entry.checkpoint];
                 table.entries.retain(|e| e.name != name);
                 Ok((freed, true))
             },

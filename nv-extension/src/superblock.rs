@@ -18,6 +18,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// instead of calling its table corrupt. Set before the first swapped-out entry is written,
 /// lowered again once none is left.
 pub const FORMAT_VERSION_SWAPPED: u32 = 2;
+/// The version while a VM of the region has a checkpoint area (its table entry names a third
+/// extent, which an older build would not see and could hand out again): set before the first
+/// such entry is written, lowered once none is left. A build that reads it reads version 2 too.
+pub const FORMAT_VERSION_CHECKPOINTS: u32 = 3;
 /// Bytes of a superblock copy that carry data (the rest of its 4 KiB is zero).
 pub const ENCODED_LEN: usize = 128;
 /// Distance between the two superblock copies and size of the superblock area.
@@ -57,7 +61,7 @@ pub enum ShutdownMarker {
 /// Decoded superblock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
-    /// [`FORMAT_VERSION`] or [`FORMAT_VERSION_SWAPPED`].
+    /// [`FORMAT_VERSION`], [`FORMAT_VERSION_SWAPPED`] or [`FORMAT_VERSION_CHECKPOINTS`].
     pub format_version: u32,
     pub generation: u64,
     pub region_uuid: Uuid,
@@ -73,6 +77,18 @@ pub struct Superblock {
     /// Size of one state slot for VMs created in this region.
     pub state_slot_len: u64,
     pub shutdown_marker: ShutdownMarker,
+}
+
+/// The lowest version whose readers understand every entry of `table`.
+pub(crate) fn required_version(table: &crate::vm_table::VmTable) -> u32 {
+    // The swap part is what made version 2; version 3 readers read both.
+    if table.entries.iter().any(|e| e.checkpoint.len > 0) {
+        FORMAT_VERSION_CHECKPOINTS
+    } else if table.entries.iter().any(|e| e.swap.is_some()) {
+        FORMAT_VERSION_SWAPPED
+    } else {
+        FORMAT_VERSION
+    }
 }
 
 impl Superblock {
@@ -109,12 +125,12 @@ impl Superblock {
         }
         let version = encoded.version.get();
         let crc_ok = trailing_crc_holds(encoded);
-        if version != FORMAT_VERSION && version != FORMAT_VERSION_SWAPPED {
+        if !(FORMAT_VERSION..=FORMAT_VERSION_CHECKPOINTS).contains(&version) {
             // Only believe the version if the copy is intact; a bit flip is corruption.
             return Err(if crc_ok {
                 Error::UnsupportedFormatVersion {
                     found: version,
-                    supported: FORMAT_VERSION_SWAPPED,
+                    supported: FORMAT_VERSION_CHECKPOINTS,
                 }
             } else {
                 Error::CorruptSuperblock("checksum mismatch".into())

@@ -15,11 +15,11 @@ use crate::identity::{OwnerRecord, Uuid};
 use crate::persistence::PersistenceMode;
 use crate::region::{find_mut, Region, Shared};
 use crate::state_slots::StateArea;
-use crate::superblock::{FORMAT_VERSION, FORMAT_VERSION_SWAPPED};
+use crate::superblock::FORMAT_VERSION_SWAPPED;
 use crate::swap::{SwapInReport, SwapOutReport, SwapProgress, SwapRecord};
 use crate::swap_file::{self, SwapMeta, SwapSource};
 use crate::vm_handle::{recoverable_state, VmHandle};
-use crate::vm_table::{Extent, RunRecord, VmEntry, VmTable};
+use crate::vm_table::{Extent, RunRecord, VmEntry};
 
 fn fault(point: &'static str) {
     debug_assert!(crate::swap::SWAP_FAULT_POINTS.contains(&point));
@@ -153,11 +153,6 @@ fn destination_path(destination: &Path) -> Result<PathBuf> {
         return Err(Error::SwapDestinationExists(path));
     }
     Ok(path)
-}
-
-/// Whether `table` still has a swapped-out VM (the superblock's version follows that).
-fn any_swapped_out(table: &VmTable) -> bool {
-    table.entries.iter().any(|e| e.swap.is_some())
 }
 
 pub(crate) fn swap_out(
@@ -294,9 +289,11 @@ pub(crate) fn swap_out(
             Region::update_superblock(shared, |sb| {
                 sb.format_version = sb.format_version.max(FORMAT_VERSION_SWAPPED)
             })?;
-            let freed = [entry.memory, entry.state];
+            // The checkpoint area goes too: a swapped-out VM has a complete save, no epoch.
+            let freed = [entry.memory, entry.state, entry.checkpoint];
             entry.memory = Extent { offset: 0, len: 0 };
             entry.state = Extent { offset: 0, len: 0 };
+            entry.checkpoint = Extent { offset: 0, len: 0 };
             entry.owner = OwnerRecord::default();
             entry.swap = Some(record.clone());
             Ok((freed, true))
@@ -634,12 +631,10 @@ pub(crate) fn swap_in(
             // The record (the save the file holds) stands; the VM is resident again.
             entry.config = contents.config.clone();
             entry.swap = None;
-            Ok((any_swapped_out(table), true))
+            Ok((crate::superblock::required_version(table), true))
         },
-        |shared, still_swapped| {
-            if !still_swapped {
-                Region::update_superblock(shared, |sb| sb.format_version = FORMAT_VERSION)?;
-            }
+        |shared, version| {
+            Region::update_superblock(shared, |sb| sb.format_version = *version)?;
             Ok(())
         },
     )?;

@@ -4,6 +4,8 @@ use std::fs::File;
 
 use vm_memory::VolatileSlice;
 
+use crate::checkpoint;
+use crate::checkpoint_area::CheckpointArea;
 use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
@@ -51,7 +53,8 @@ pub(crate) fn recoverable_state(store: &dyn Persistence, entry: &VmEntry) -> Res
     }
     let (seq, kind) = match entry.record {
         RunRecord::Saved { seq, kind } => (seq, kind),
-        RunRecord::Running { .. } => return Err(Error::UnsafeShutdown),
+        // Died without a save: only a committed checkpoint epoch of this run can bring it back.
+        RunRecord::Running { .. } => return checkpoint::recoverable_epoch(store, entry),
         RunRecord::Created | RunRecord::PoweredOff { .. } => {
             return Err(Error::NothingToRecover(entry.name.clone()))
         }
@@ -219,6 +222,11 @@ impl VmHandle {
     /// the table back to the copy that still said "saved at seq N".
     pub fn begin_run(&self, kind: RunKind) -> Result<()> {
         let (since_seq, _) = self.transact_owned(|shared, entry| {
+            // Epochs of an earlier run go before the record says "running": none may ever be
+            // taken for one of this run.
+            if entry.checkpoint.len > 0 {
+                CheckpointArea::new(entry.uuid, entry.checkpoint).disarm(shared.store.as_mut())?;
+            }
             // Region marker first: a running VM always implies a dirty region.
             Region::update_superblock(shared, |sb| {
                 sb.shutdown_marker = ShutdownMarker::VmsRunning
@@ -263,13 +271,29 @@ impl VmHandle {
     /// The last complete save, if the VM's record says it ended with one. Refused when the
     /// region's path no longer names the file this handle holds: a VM resumed from it would
     /// save where no later recovery looks.
+    ///
+    /// A VM that died without a save but with a committed checkpoint epoch is rolled back to
+    /// it here: its undo log is applied to guest memory and it is recorded as saved at that
+    /// epoch (`ShutdownKind::Checkpoint`), so a crash during this recovers again.
     pub fn recover(&self) -> Result<RecoveredVm> {
         self.region.check_path()?;
-        Ok(self
-            .transact_owned(|shared, entry| {
-                Ok((recoverable_state(shared.store.as_ref(), entry)?, false))
-            })?
-            .0)
+        let (recovered, table) = self.transact_owned(|shared, entry| {
+            let recovered = recoverable_state(shared.store.as_ref(), entry)?;
+            if !matches!(entry.record, RunRecord::Running { .. }) {
+                return Ok((recovered, false));
+            }
+            let applied = checkpoint::roll_back(shared.store.as_mut(), entry, &recovered)?;
+            log::info!(
+                "VM {:?}: rolled back to checkpoint epoch {} ({applied} undo pages applied)",
+                entry.name,
+                recovered.seq
+            );
+            Ok((recovered, true))
+        })?;
+        if recovered.shutdown_kind == ShutdownKind::Checkpoint {
+            self.mark_clean_if_idle(&table)?;
+        }
+        Ok(recovered)
     }
 
     /// Makes guest memory durable: msync of the extent, or cache write-back on DAX.
@@ -305,7 +329,10 @@ impl VmHandle {
                 .ok_or_else(|| {
                     Error::CorruptVmTable(format!("VM {:?}: save sequence exhausted", entry.name))
                 })?;
-            area.write(shared.store.as_mut(), newest.as_ref(), seq, state_blob)?;
+            // The standing checkpoint epoch's slot survives a save cut short: it may be all
+            // that recovery has.
+            let keep = checkpoint::slot_to_keep(shared.store.as_ref(), entry)?.or(newest);
+            area.write(shared.store.as_mut(), keep.as_ref(), seq, state_blob)?;
             fault_injection::reached(FaultPoint::CommitHeader);
             entry.record = RunRecord::Saved { seq, kind };
             Ok((seq, true))

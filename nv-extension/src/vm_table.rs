@@ -56,11 +56,13 @@ le_record! {
         128 => record_seq: U64,
         136 => owner_boot_id: [u8; 16],
         152 => owner_pid: U32,
-        156 => reserved_pid: [u8; 4],
+        /// Length of the checkpoint area in 4 KiB pages; 0: none (every older entry).
+        156 => checkpoint_pages: U32,
         160 => owner_start_time: U64,
         168 => owner_nonce: U64,
         176 => memory_size: U64,
-        184 => reserved_tail: [u8; 8],
+        /// Region offset of the checkpoint area (docs/checkpoints.md); 0 when it has none.
+        184 => checkpoint_offset: U64,
     }
 }
 
@@ -94,6 +96,9 @@ pub enum ShutdownKind {
     PowerFail,
     /// Saved on purpose for host maintenance (suspend in place, resume after reboot).
     PlannedSuspend,
+    /// Died without a save; recovered from the last committed checkpoint epoch (its undo log
+    /// applied to guest memory, see `docs/checkpoints.md`).
+    Checkpoint,
 }
 
 impl ShutdownKind {
@@ -101,12 +106,14 @@ impl ShutdownKind {
         match self {
             ShutdownKind::PowerFail => 1,
             ShutdownKind::PlannedSuspend => 2,
+            ShutdownKind::Checkpoint => 3,
         }
     }
     pub(crate) fn from_code(code: u32) -> Option<Self> {
         match code {
             1 => Some(ShutdownKind::PowerFail),
             2 => Some(ShutdownKind::PlannedSuspend),
+            3 => Some(ShutdownKind::Checkpoint),
             _ => None,
         }
     }
@@ -117,6 +124,7 @@ impl fmt::Display for ShutdownKind {
         f.write_str(match self {
             ShutdownKind::PowerFail => "power-fail",
             ShutdownKind::PlannedSuspend => "planned-suspend",
+            ShutdownKind::Checkpoint => "checkpoint",
         })
     }
 }
@@ -264,6 +272,9 @@ pub struct VmEntry {
     pub memory: Extent,
     /// Both state slots, each `state.len / 2` bytes.
     pub state: Extent,
+    /// Epoch records and undo log of continuous checkpoints (`checkpoint_area`); `len` 0: none.
+    /// A multiple of 4 KiB below 16 TiB.
+    pub checkpoint: Extent,
     pub record: RunRecord,
     pub owner: OwnerRecord,
     pub config: Vec<u8>,
@@ -302,11 +313,11 @@ impl VmEntry {
             record_seq: seq.into(),
             owner_boot_id: self.owner.boot_id,
             owner_pid: self.owner.pid.into(),
-            reserved_pid: [0; 4],
+            checkpoint_pages: ((self.checkpoint.len / 4096) as u32).into(),
             owner_start_time: self.owner.start_time.into(),
             owner_nonce: self.owner.nonce.into(),
             memory_size: self.memory_size.into(),
-            reserved_tail: [0; 8],
+            checkpoint_offset: self.checkpoint.offset.into(),
         };
         fixed.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
         let end = out.len() + self.encoded_len();
@@ -384,6 +395,10 @@ impl VmEntry {
             state: Extent {
                 offset: fixed.state_offset.get(),
                 len: fixed.state_len.get(),
+            },
+            checkpoint: Extent {
+                offset: fixed.checkpoint_offset.get(),
+                len: u64::from(fixed.checkpoint_pages.get()) * 4096,
             },
             record,
             owner: OwnerRecord {
@@ -535,6 +550,7 @@ mod tests {
                 offset: 2 << 21,
                 len: 8192,
             },
+            checkpoint: Extent { offset: 0, len: 0 },
             record: RunRecord::Saved {
                 seq: 5,
                 kind: ShutdownKind::PlannedSuspend,

@@ -122,8 +122,9 @@ impl VmmExit {
                 kind: ShutdownKind::PowerFail,
                 ..
             } => nv::EXIT_POWER_FAIL_SAVED,
+            // `save_vm` refuses the checkpoint kind: no save ends with it.
             VmmExit::NvSaved {
-                kind: ShutdownKind::PlannedSuspend,
+                kind: ShutdownKind::PlannedSuspend | ShutdownKind::Checkpoint,
                 ..
             } => EXIT_CLEAN,
         }

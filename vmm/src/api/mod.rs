@@ -618,6 +618,8 @@ pub enum NvShutdownKind {
     PowerFail,
     /// Stopped by a planned suspend that committed.
     Suspend,
+    /// Died without a save and was recovered from its last committed checkpoint epoch.
+    Checkpoint,
     /// Shut down cleanly by the guest or the operator; cold boot next time.
     Clean,
     /// The guest asked for a reset and the VMM ended instead of rebooting; cold boot next time.

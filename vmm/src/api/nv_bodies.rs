@@ -31,6 +31,7 @@ impl From<ShutdownKind> for NvShutdownKind {
         match kind {
             ShutdownKind::PowerFail => NvShutdownKind::PowerFail,
             ShutdownKind::PlannedSuspend => NvShutdownKind::Suspend,
+            ShutdownKind::Checkpoint => NvShutdownKind::Checkpoint,
         }
     }
 }

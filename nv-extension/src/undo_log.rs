@@ -1,0 +1,195 @@
+//! The live undo log of a checkpointing VM: what the VMM's write-fault handler calls.
+//!
+//! At each checkpoint the VMM write-protects guest RAM; the first write to a page in the new
+//! epoch faults to its handler thread, which calls [`UndoLog::record_undo`] with the page's
+//! offset. That copies the page's current content (still the epoch's, the guest is blocked on
+//! it) into the region's undo log and makes it durable before returning; only then may the
+//! handler lift the protection. The checkpoint walk (`checkpoint::checkpoint_vm`) starts each
+//! epoch on the same log, so the two never interleave half-way.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::checkpoint_area::{CheckpointArea, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::region::Region;
+use crate::vm_table::Extent;
+
+/// What [`UndoLog::record_undo`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UndoRecord {
+    /// The page's content is durable in the log: the page may be written.
+    Recorded,
+    /// The page was logged in this epoch already: it may be written.
+    AlreadyRecorded,
+    /// No epoch is armed (before the first checkpoint, or after checkpoints were disabled):
+    /// nothing can be rolled back, so nothing is logged and the page may be written.
+    NotArmed,
+}
+
+/// Counters of the current epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UndoLogStatus {
+    /// The committed epoch (its state sequence) being logged against; `None` when not armed.
+    pub epoch: Option<u64>,
+    /// Pages logged in this epoch.
+    pub pages: u64,
+    /// Pages the log holds at most.
+    pub capacity_pages: u64,
+}
+
+pub(crate) struct LogState {
+    pub(crate) area: CheckpointArea,
+    /// The VM's guest RAM in the region, and its size.
+    pub(crate) memory: Extent,
+    pub(crate) memory_size: u64,
+    /// The epoch entries are logged against; `None`: not armed.
+    pub(crate) epoch: Option<u64>,
+    /// Guest offsets logged in this epoch, in log order (the next entry's index is the length).
+    pub(crate) pages: Vec<u64>,
+    /// One bit per guest page: logged in this epoch.
+    logged: Vec<u64>,
+}
+
+impl LogState {
+    fn bit(&self, page_offset: u64) -> (usize, u64) {
+        let page = page_offset / PAGE_SIZE;
+        ((page / 64) as usize, 1 << (page % 64))
+    }
+
+    /// Starts logging against epoch `seq` (just committed) with an empty log.
+    pub(crate) fn start_epoch(&mut self, seq: u64) {
+        for page in std::mem::take(&mut self.pages) {
+            let (word, mask) = self.bit(page);
+            self.logged[word] &= !mask;
+        }
+        self.epoch = Some(seq);
+    }
+
+    /// Disarms durably: no epoch of this run can be recovered any more.
+    pub(crate) fn disarm(&mut self, region: &Region) -> Result<()> {
+        let mut shared = region.lock();
+        self.area.disarm(shared.store.as_mut())?;
+        self.start_epoch(0);
+        self.epoch = None;
+        Ok(())
+    }
+}
+
+/// A VM's undo log, shared by the fault-handler thread and the checkpoint walk. Cheap to clone;
+/// every clone is the same log.
+#[derive(Clone)]
+pub struct UndoLog {
+    state: Arc<Mutex<LogState>>,
+    region: Region,
+    vm: String,
+}
+
+impl UndoLog {
+    pub(crate) fn new(
+        region: Region,
+        vm: &str,
+        area: CheckpointArea,
+        memory: Extent,
+        memory_size: u64,
+    ) -> Self {
+        let pages = memory_size.div_ceil(PAGE_SIZE);
+        UndoLog {
+            state: Arc::new(Mutex::new(LogState {
+                area,
+                memory,
+                memory_size,
+                epoch: None,
+                pages: Vec::new(),
+                logged: vec![0; pages.div_ceil(64) as usize],
+            })),
+            region,
+            vm: vm.to_string(),
+        }
+    }
+
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, LogState> {
+        // Every change to the state is complete before its guard drops, except a failed
+        // write_entry, which leaves the next index unused: a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The VM this log belongs to.
+    pub fn vm_name(&self) -> &str {
+        &self.vm
+    }
+
+    /// Logs the current content of the guest page at byte offset `page_offset` (4 KiB aligned,
+    /// inside guest memory) for the current epoch, durably, before it returns; call it from the
+    /// write-fault handler before lifting the page's write protection, and lift it only on
+    /// `Ok`. Takes a mutex and the region's in-process lock; no cross-process lock, no syscall
+    /// but the persist (msync of 4 KiB + 64 bytes, or cache write-back on DAX).
+    ///
+    /// `Err(UndoLogFull)`: the log holds its capacity; leave the page protected and the vCPU
+    /// blocked, ask for a checkpoint (which starts a new, empty epoch), then call again.
+    pub fn record_undo(&self, page_offset: u64) -> Result<UndoRecord> {
+        let mut state = self.lock_state();
+        if !page_offset.is_multiple_of(PAGE_SIZE) || page_offset >= state.memory_size {
+            return Err(Error::InvalidCheckpointRequest(format!(
+                "page offset {page_offset:#x} is not a 4 KiB page of the VM's {} bytes",
+                state.memory_size
+            )));
+        }
+        let Some(epoch) = state.epoch else {
+            return Ok(UndoRecord::NotArmed);
+        };
+        let (word, mask) = state.bit(page_offset);
+        if state.logged[word] & mask != 0 {
+            return Ok(UndoRecord::AlreadyRecorded);
+        }
+        let index = state.pages.len() as u64;
+        if index >= state.area.capacity {
+            return Err(Error::UndoLogFull {
+                capacity_pages: state.area.capacity,
+            });
+        }
+        {
+            let mut shared = self.region.lock();
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            shared
+                .store
+                .read(state.memory.offset + page_offset, &mut page)?;
+            state
+                .area
+                .write_entry(shared.store.as_mut(), index, epoch, page_offset, &page)?;
+        }
+        state.pages.push(page_offset);
+        state.logged[word] |= mask;
+        Ok(UndoRecord::Recorded)
+    }
+
+    /// The current epoch and how full its log is.
+    pub fn status(&self) -> UndoLogStatus {
+        let state = self.lock_state();
+        UndoLogStatus {
+            epoch: state.epoch,
+            pages: state.pages.len() as u64,
+            capacity_pages: state.area.capacity,
+        }
+    }
+
+    /// Pages the log holds at most per epoch.
+    pub fn capacity_pages(&self) -> u64 {
+        self.lock_state().area.capacity
+    }
+}
+
+impl std::fmt::Debug for UndoLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UndoLog({:?}, {:?})", self.vm, self.status())
+    }
+}
+
+/// The fault-handler thread holds a clone while the control loop checkpoints.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<UndoLog>();
+};
