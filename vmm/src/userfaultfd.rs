@@ -579,16 +579,25 @@ impl FaultServer {
     }
 }
 
-/// Receives the old content of each page written for the first time in an epoch, before the
-/// write happens: the undo log. It must make the page durable before returning `Ok`, because
-/// the write proceeds as soon as it returns.
+/// What to do with a page after [`FirstWriteSink::record`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstWrite {
+    /// The page's old content is durable (or nothing needs it): lift the protection.
+    Lift,
+    /// The page cannot be recorded now: keep its writer blocked and ask the control loop for
+    /// attention (`full`: an early checkpoint makes room; otherwise checkpoints must stop). The
+    /// page is recorded again by [`WriteTracker::retry_held`] or released by dropping the
+    /// tracker.
+    Hold { full: bool, reason: String },
+}
+
+/// Records the content of each page written for the first time in an epoch, before the write
+/// happens: the undo log. `Lift` must mean the old content is durable, because the write
+/// proceeds as soon as the protection is lifted.
 pub trait FirstWriteSink: Send {
-    /// `page` (PAGE_SIZE bytes, still unmodified) is at byte `offset` of tracked range
-    /// `range_index`.
-    fn record(&mut self, range_index: usize, offset: usize, page: &[u8]) -> Result<(), String>;
-    /// Recording failed: the epoch can no longer be rolled back to. The sink must make sure no
-    /// recovery uses it (the write proceeds right after this returns).
-    fn abandon(&mut self, reason: &str);
+    /// The page at byte `offset` of tracked range `range_index` is about to be written; its
+    /// content is still the epoch's.
+    fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite;
 }
 
 /// One range of guest RAM to track: `length` bytes at host address `host_address` (page
@@ -599,33 +608,22 @@ pub struct TrackedRange {
     pub length: usize,
 }
 
-/// What the tracker did in the current epoch and in total.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TrackerCounters {
-    /// Pages recorded since the last [`WriteTracker::next_epoch`].
-    pub epoch_pages: u64,
-    /// Pages recorded since the tracker started.
-    pub total_pages: u64,
-    /// Recordings that failed (each abandons its epoch).
-    pub failures: u64,
-}
-
 /// The state the fault thread and the epoch switch share, under one lock: a page is recorded
-/// and unprotected wholly inside one epoch, never across a switch.
+/// and unprotected wholly inside one epoch, never across a switch (recorded in epoch N,
+/// unprotected after epoch N+1 protected everything again would leave it unrecorded in N+1).
 struct TrackerShared<S> {
     sink: S,
-    counters: TrackerCounters,
-    /// Per range, one bit per page: recorded in this epoch. Two writers of one page queue two
-    /// fault messages; the second comes after the first write went through, when the page no
-    /// longer holds its old content, and must not be recorded.
-    recorded: Vec<Vec<u64>>,
-    /// The (range, page) of each set bit, to clear them at the next epoch.
-    recorded_list: Vec<(usize, usize)>,
+    /// Faulting pages whose writers wait (host addresses): the sink said `Hold`.
+    held: Vec<usize>,
+    /// Set when a `Hold` was not for a full log: checkpoints must stop.
+    failed: Option<String>,
+    /// Pages lifted since the tracker started.
+    lifted: u64,
 }
 
 /// Write-protect tracking of guest RAM through one userfaultfd and one fault thread (see the
-/// module doc). Dropping it stops the thread and closes the userfaultfd, which lifts every
-/// protection.
+/// module doc). Dropping it lifts every protection, wakes every waiting writer, stops the
+/// thread and closes the userfaultfd.
 pub struct WriteTracker<S: FirstWriteSink + 'static> {
     uffd: std::sync::Arc<OwnedFd>,
     ranges: Vec<TrackedRange>,
@@ -634,13 +632,30 @@ pub struct WriteTracker<S: FirstWriteSink + 'static> {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The tracker's lock, held across an epoch switch: no page is recorded or lifted meanwhile.
+pub struct EpochLock<'a, S: FirstWriteSink + 'static> {
+    tracker: &'a WriteTracker<S>,
+    _guard: std::sync::MutexGuard<'a, TrackerShared<S>>,
+}
+
+impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
+    /// Write-protects all tracked memory: every page's next write faults.
+    pub fn protect_all(&self) -> Result<(), UffdError> {
+        for range in &self.tracker.ranges {
+            set_write_protection(&self.tracker.uffd, range.host_address, range.length, true)?;
+        }
+        Ok(())
+    }
+}
+
 impl<S: FirstWriteSink + 'static> WriteTracker<S> {
-    /// Registers `ranges` for write-protect faults (nothing is protected yet: the first
-    /// [`WriteTracker::next_epoch`] does that) and starts the fault thread under the
-    /// `WriteFault` seccomp filter.
+    /// Registers `ranges` for write-protect faults (nothing is protected yet) and starts the
+    /// fault thread under the `WriteFault` seccomp filter. `attention` is written when a page is
+    /// held (see [`FirstWrite::Hold`]).
     pub fn start(
         ranges: Vec<TrackedRange>,
         sink: S,
+        attention: vmm_sys_util::eventfd::EventFd,
         seccomp: SeccompMode,
     ) -> Result<Self, UffdError> {
         for (index, range) in ranges.iter().enumerate() {
@@ -691,12 +706,9 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
         let uffd = std::sync::Arc::new(uffd);
         let shared = std::sync::Arc::new(std::sync::Mutex::new(TrackerShared {
             sink,
-            counters: TrackerCounters::default(),
-            recorded: ranges
-                .iter()
-                .map(|range| vec![0u64; (range.length / PAGE_SIZE).div_ceil(64)])
-                .collect(),
-            recorded_list: Vec::new(),
+            held: Vec::new(),
+            failed: None,
+            lifted: 0,
         }));
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(UffdError::StopEvent)?;
@@ -705,6 +717,7 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             ranges: ranges.clone(),
             shared: std::sync::Arc::clone(&shared),
             stop: stop.try_clone().map_err(UffdError::StopEvent)?,
+            attention,
         };
         let (confined_tx, confined) = mpsc::channel();
         let thread = thread::Builder::new()
@@ -718,76 +731,63 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
                 }
             })
             .map_err(UffdError::Spawn)?;
-        match confined.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(UffdError::Seccomp(reason)),
-            Err(_) => {
-                return Err(UffdError::Seccomp(
-                    "the thread ended before installing its filter".to_string(),
-                ))
-            }
-        }
-        Ok(WriteTracker {
+        let tracker = WriteTracker {
             uffd,
             ranges,
             shared,
             stop,
             thread: Some(thread),
-        })
-    }
-
-    /// Switches to a new epoch: under the tracker's lock (no page is being recorded), runs
-    /// `commit` on the sink, then write-protects every tracked range again. The caller keeps
-    /// the guest and the devices paused across the call. Returns `commit`'s value and the
-    /// counters of the epoch that ended. If protecting fails the new epoch is not trackable:
-    /// the error says so and the caller must abandon it.
-    pub fn next_epoch<T, E>(
-        &self,
-        commit: impl FnOnce(&mut S, &TrackerCounters) -> Result<T, E>,
-    ) -> Result<(Result<T, E>, TrackerCounters), UffdError> {
-        let mut shared = self
-            .shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ended = shared.counters;
-        let TrackerShared {
-            sink,
-            counters,
-            recorded,
-            recorded_list,
-        } = &mut *shared;
-        let committed = commit(sink, counters);
-        counters.epoch_pages = 0;
-        for (range, page) in recorded_list.drain(..) {
-            recorded[range][page / 64] &= !(1u64 << (page % 64));
+        };
+        match confined.recv() {
+            Ok(Ok(())) => Ok(tracker),
+            Ok(Err(reason)) => Err(UffdError::Seccomp(reason)),
+            Err(_) => Err(UffdError::Seccomp(
+                "the thread ended before installing its filter".to_string(),
+            )),
         }
-        for range in &self.ranges {
-            set_write_protection(&self.uffd, range.host_address, range.length, true)?;
+    }
+
+    /// Takes the tracker's lock for an epoch switch (the fault thread waits meanwhile).
+    pub fn lock_epoch(&self) -> EpochLock<'_, S> {
+        EpochLock {
+            tracker: self,
+            _guard: self.lock(),
         }
-        Ok((committed, ended))
     }
 
-    /// Runs `f` on the sink under the tracker's lock (no page is being recorded meanwhile).
-    pub fn with_sink<T>(&self, f: impl FnOnce(&mut S) -> T) -> T {
-        let mut shared = self
-            .shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut shared.sink)
-    }
-
-    pub fn counters(&self) -> TrackerCounters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerShared<S>> {
         self.shared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .counters
+    }
+
+    /// Records the held pages again (after an early checkpoint made room) and lifts those the
+    /// sink accepts now. Returns how many are still held.
+    pub fn retry_held(&self) -> usize {
+        let mut shared = self.lock();
+        let held = std::mem::take(&mut shared.held);
+        for address in held {
+            serve_page(&self.uffd, &self.ranges, &mut shared, address);
+        }
+        shared.held.len()
+    }
+
+    /// Why checkpoints must stop, if a page could not be recorded for another reason than a
+    /// full log.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Pages recorded and lifted since the tracker started.
+    pub fn lifted_pages(&self) -> u64 {
+        self.lock().lifted
     }
 }
 
 impl<S: FirstWriteSink + 'static> Drop for WriteTracker<S> {
     fn drop(&mut self) {
-        // Lift every protection first: a writer blocked on a page must not wait for a thread
-        // that is about to end.
+        // Lift every protection first (which wakes held writers too): a writer blocked on a
+        // page must not wait for a thread that is about to end.
         for range in &self.ranges {
             let _ = set_write_protection(&self.uffd, range.host_address, range.length, false);
         }
@@ -823,11 +823,46 @@ fn set_write_protection(
     })
 }
 
+/// Records the page at `address` and lifts its protection (waking its writers), or holds it.
+/// Returns false when the page is held.
+fn serve_page<S: FirstWriteSink>(
+    uffd: &OwnedFd,
+    ranges: &[TrackedRange],
+    shared: &mut TrackerShared<S>,
+    address: usize,
+) -> bool {
+    let Some((index, range)) = ranges.iter().enumerate().find(|(_, range)| {
+        address >= range.host_address && address < range.host_address + range.length
+    }) else {
+        log::error!("write tracker: fault at {address:#x} outside every tracked range");
+        return true;
+    };
+    match shared.sink.record(index, address - range.host_address) {
+        FirstWrite::Lift => {
+            shared.lifted += 1;
+            if let Err(error) = set_write_protection(uffd, address, PAGE_SIZE, false) {
+                log::error!("write tracker: {error}");
+            }
+            true
+        }
+        FirstWrite::Hold { full, reason } => {
+            if !full && shared.failed.is_none() {
+                shared.failed = Some(reason);
+            }
+            if !shared.held.contains(&address) {
+                shared.held.push(address);
+            }
+            false
+        }
+    }
+}
+
 struct WriteFaultServer<S> {
     uffd: std::sync::Arc<OwnedFd>,
     ranges: Vec<TrackedRange>,
     shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
     stop: vmm_sys_util::eventfd::EventFd,
+    attention: vmm_sys_util::eventfd::EventFd,
 }
 
 impl<S: FirstWriteSink> WriteFaultServer<S> {
@@ -865,56 +900,23 @@ impl<S: FirstWriteSink> WriteFaultServer<S> {
             if read <= 0 {
                 continue;
             }
+            let mut shared = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut held = false;
             for message in &messages[..read as usize / size_of::<UffdMsg>()] {
                 if message.event == UFFD_EVENT_PAGEFAULT
                     && message.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0
                 {
-                    self.serve(message.arg[1] as usize & !(PAGE_SIZE - 1));
+                    let address = message.arg[1] as usize & !(PAGE_SIZE - 1);
+                    held |= !serve_page(&self.uffd, &self.ranges, &mut shared, address);
                 }
             }
-        }
-    }
-
-    /// Records the page at `address` and lifts its protection, which wakes the writer.
-    fn serve(&self, address: usize) {
-        let Some((index, range)) = self.ranges.iter().enumerate().find(|(_, range)| {
-            address >= range.host_address && address < range.host_address + range.length
-        }) else {
-            log::error!("write tracker: fault at {address:#x} outside every tracked range");
-            return;
-        };
-        let mut shared = self
-            .shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // SAFETY: the page lies inside a tracked range of guest RAM, which stays mapped while
-        // it is registered; nobody writes it now (its writers wait for this thread), so the
-        // bytes are its content at the start of the epoch.
-        let page = unsafe { std::slice::from_raw_parts(address as *const u8, PAGE_SIZE) };
-        let TrackerShared {
-            sink,
-            counters,
-            recorded,
-            recorded_list,
-        } = &mut *shared;
-        let offset = address - range.host_address;
-        let (word, bit) = (offset / PAGE_SIZE / 64, offset / PAGE_SIZE % 64);
-        if recorded[index][word] & (1u64 << bit) == 0 {
-            match sink.record(index, offset, page) {
-                Ok(()) => {
-                    counters.epoch_pages += 1;
-                    counters.total_pages += 1;
-                }
-                Err(reason) => {
-                    counters.failures += 1;
-                    sink.abandon(&reason);
-                }
+            drop(shared);
+            if held {
+                let _ = self.attention.write(1);
             }
-            recorded[index][word] |= 1u64 << bit;
-            recorded_list.push((index, offset / PAGE_SIZE));
-        }
-        if let Err(error) = set_write_protection(&self.uffd, address, PAGE_SIZE, false) {
-            log::error!("write tracker: {error}");
         }
     }
 }

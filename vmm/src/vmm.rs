@@ -60,6 +60,8 @@ enum ControlEvent {
     DeviceActivation = 8,
     /// The NV checkpoint timer: take an epoch checkpoint (`nv/checkpoint.rs`).
     Checkpoint = 9,
+    /// The checkpoint fault thread holds a page (undo log full, or recording failed).
+    CheckpointAttention = 10,
 }
 
 impl ControlEvent {
@@ -74,6 +76,7 @@ impl ControlEvent {
             ControlEvent::LongOperationDone,
             ControlEvent::DeviceActivation,
             ControlEvent::Checkpoint,
+            ControlEvent::CheckpointAttention,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -209,6 +212,10 @@ impl Vmm {
             ControlEvent::LongOperationDone,
         )?;
         vmm.watch(vmm.checkpoints.timer_fd(), ControlEvent::Checkpoint)?;
+        vmm.watch(
+            vmm.checkpoints.attention_fd(),
+            ControlEvent::CheckpointAttention,
+        )?;
         Ok(vmm)
     }
 
@@ -302,15 +309,28 @@ impl Vmm {
         self.vm = Some(vm);
         self.nv = Some(nv);
         self.record_pty_paths();
-        self.set_checkpoint_interval(Duration::from_millis(interval))
+        self.start_checkpoints(Duration::from_millis(interval))
     }
 
     /// Turns the NV VM's checkpoints on every `interval`, or off (zero).
-    pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
+    fn start_checkpoints(&mut self, interval: Duration) -> Result<(), Error> {
         match (self.nv.as_ref(), self.vm.as_mut()) {
-            (Some(_), Some(vm)) => self.checkpoints.set_interval(vm, interval),
+            (Some(nv_vm), Some(vm)) => self.checkpoints.set_interval(nv_vm, vm, interval),
             _ => Err(Error::NoNvVm),
         }
+    }
+
+    /// `vm.nv-checkpoint`: [`Vmm::start_checkpoints`], and the interval becomes the VM's (stored
+    /// in the region, so a recovery keeps it).
+    pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
+        self.start_checkpoints(interval)?;
+        if let (Some(nv_vm), Some(config)) = (self.nv.as_ref(), self.vm_config.as_mut()) {
+            if let Some(nv_config) = config.nv.as_mut() {
+                nv_config.checkpoint_ms = Some(interval.as_millis() as u64);
+                nv::store_config(nv_vm, config)?;
+            }
+        }
+        Ok(())
     }
 
     /// The NV VM this VMM runs, if any (`vm.nv-status`).
@@ -473,12 +493,17 @@ impl Vmm {
                 }
                 Ok(self.save_on_termination())
             }
-            ControlEvent::Checkpoint => {
-                if let Err(e) = self.checkpoints.tick(self.vm.as_mut()) {
-                    log::error!("NV checkpoint failed, checkpoints are off: {e}");
-                    if let Some(vm) = self.vm.as_mut() {
-                        let _ = self.checkpoints.set_interval(vm, Duration::ZERO);
-                    }
+            ControlEvent::Checkpoint | ControlEvent::CheckpointAttention => {
+                let nv_vm = self.nv.as_ref();
+                let result = if kind == ControlEvent::Checkpoint {
+                    self.checkpoints.tick(nv_vm, self.vm.as_mut())
+                } else {
+                    self.checkpoints.attend(nv_vm, self.vm.as_mut())
+                };
+                // A failed checkpoint leaves the last committed epoch standing; the next tick
+                // tries again (`vm.nv-status` shows the epochs not advancing).
+                if let Err(e) = result {
+                    log::error!("NV checkpoint failed: {e}");
                 }
                 Ok(None)
             }

@@ -714,6 +714,11 @@ pub struct NvCheckpointStatus {
     pub last_pause_us: u64,
     /// Bytes the undo log held when the last epoch ended (old page contents written).
     pub last_undo_bytes: u64,
+    /// Over the most recent checkpoints (up to 1024): the median and 99th percentile pause,
+    /// and the mean undo-log bytes per epoch.
+    pub recent_pause_median_us: u64,
+    pub recent_pause_p99_us: u64,
+    pub recent_undo_bytes_mean: u64,
 }
 
 /// The phases of an in-place recovery, in order, up to the guest running again.

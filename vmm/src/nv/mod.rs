@@ -35,7 +35,7 @@ use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;
 use crate::{Error, ErrorKind};
 
-pub use checkpoint::{CheckpointStats, Checkpoints};
+pub use checkpoint::Checkpoints;
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
 pub use save::{describe_save, save, save_paused};
 pub use swap::{

@@ -226,6 +226,7 @@ pub fn check_cold_boot(config: &VmConfig, running: &NvVm) -> Result<(), Error> {
 fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmConfig>) -> VmConfig {
     let mut config = stored;
     let stored_deadline = config.nv.as_ref().map(|n| n.deadline_ms);
+    let stored_checkpoint_ms = config.nv.as_ref().and_then(|n| n.checkpoint_ms);
     let mut nv = nv.clone();
     if let Some(given) = command_line {
         if given.serial != default_serial() {
@@ -252,6 +253,10 @@ fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmCon
     // The deadline is a property of the VM: keep the stored one unless this run sets another.
     if nv.deadline_ms == default_deadline_ms() {
         nv.deadline_ms = stored_deadline.unwrap_or(nv.deadline_ms);
+    }
+    // So is the checkpoint interval: a VM recovered from a checkpoint goes on checkpointing.
+    if nv.checkpoint_ms.is_none() {
+        nv.checkpoint_ms = stored_checkpoint_ms;
     }
     config.nv = Some(nv);
     config
@@ -596,6 +601,21 @@ mod tests {
         let kept = recovered_config(stored.clone(), &recover, None);
         assert_eq!(kept.serial, stored.serial);
         assert_eq!(kept.nv.as_ref().unwrap().deadline_ms, 200);
+        let checkpointed = VmConfig {
+            nv: Some(NvConfig {
+                checkpoint_ms: Some(10),
+                ..NvConfig::default()
+            }),
+            ..VmConfig::default()
+        };
+        let recovered = recovered_config(checkpointed.clone(), &recover, None);
+        assert_eq!(recovered.nv.as_ref().unwrap().checkpoint_ms, Some(10));
+        let turned_off = NvConfig {
+            checkpoint_ms: Some(0),
+            ..recover.clone()
+        };
+        let recovered = recovered_config(checkpointed, &turned_off, None);
+        assert_eq!(recovered.nv.as_ref().unwrap().checkpoint_ms, Some(0));
         assert!(kept.nv.as_ref().unwrap().recover);
         let command_line = VmConfig {
             serial: serial_to_file("/new"),
