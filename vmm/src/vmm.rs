@@ -303,27 +303,26 @@ impl Vmm {
         // The VM's config is what it runs with: for a recovery the one stored in the region (RAM
         // size, kernel, disks), not the recovering command line's, so a reboot boots that.
         let config = prepared.config.clone();
-        let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
-        let interval = nv.config().checkpoint_ms.unwrap_or(0);
+        let (vm, nv) = nv::start(
+            prepared,
+            Arc::clone(&self.events),
+            self.seccomp,
+            &mut self.checkpoints,
+        )?;
         self.vm_config = Some(config);
         self.vm = Some(vm);
         self.nv = Some(nv);
         self.record_pty_paths();
-        self.start_checkpoints(Duration::from_millis(interval))
+        Ok(())
     }
 
-    /// Turns the NV VM's checkpoints on every `interval`, or off (zero).
-    fn start_checkpoints(&mut self, interval: Duration) -> Result<(), Error> {
-        match (self.nv.as_ref(), self.vm.as_mut()) {
-            (Some(nv_vm), Some(vm)) => self.checkpoints.set_interval(nv_vm, vm, interval),
-            _ => Err(Error::NoNvVm),
-        }
-    }
-
-    /// `vm.nv-checkpoint`: [`Vmm::start_checkpoints`], and the interval becomes the VM's (stored
-    /// in the region, so a recovery keeps it).
+    /// `vm.nv-checkpoint`: turns the NV VM's checkpoints on every `interval`, or off (zero); the
+    /// interval becomes the VM's (stored in the region, so a recovery keeps it).
     pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
-        self.start_checkpoints(interval)?;
+        match (self.nv.as_ref(), self.vm.as_mut()) {
+            (Some(nv_vm), Some(vm)) => self.checkpoints.set_interval(nv_vm, vm, interval)?,
+            _ => return Err(Error::NoNvVm),
+        }
         if let (Some(nv_vm), Some(config)) = (self.nv.as_ref(), self.vm_config.as_mut()) {
             if let Some(nv_config) = config.nv.as_mut() {
                 nv_config.checkpoint_ms = Some(interval.as_millis() as u64);
@@ -710,6 +709,9 @@ impl Vmm {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
         }
+        // Only once no vCPU runs: a write after the protection is lifted would go unlogged
+        // while the region still holds an epoch to roll back to.
+        self.checkpoints.end_run();
     }
 
     /// Records how the NV VM's run ended (after its vCPUs stopped) and releases it. A clean end

@@ -179,7 +179,8 @@ impl Checkpoints {
     }
 
     /// Turns checkpoints of `nv`'s VM `vm` on every `interval`, or off (zero). Turning them on
-    /// takes the first (arming) checkpoint at once if the VM runs.
+    /// takes the first (arming) checkpoint at once, also of a paused VM (a recovery arms them
+    /// before the guest runs again).
     pub fn set_interval(
         &mut self,
         nv: &NvVm,
@@ -198,11 +199,18 @@ impl Checkpoints {
         self.timer
             .reset(interval, Some(interval))
             .map_err(timer_error)?;
-        if vm.run_state == VmRunState::Running {
-            self.checkpoint(nv, vm)
-        } else {
-            Ok(())
+        match vm.run_state {
+            VmRunState::Running | VmRunState::Paused => self.checkpoint(nv, vm),
+            _ => Ok(()),
         }
+    }
+
+    /// The VM's run ended (or its start failed): forget its log and lift the protection, without
+    /// touching the region (how the run ended is recorded there by the caller).
+    pub fn end_run(&mut self) {
+        let _ = self.timer.clear();
+        self.interval = Duration::ZERO;
+        self.active = None;
     }
 
     /// The timer fired: take a checkpoint unless the VM is not running (paused by `vm.pause`,

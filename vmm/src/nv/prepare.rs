@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nv_extension::{OpenOptions, Region, RunKind, VmHandle};
 use vm_memory::GuestMemoryMmap;
@@ -384,6 +384,7 @@ pub fn start(
     prepared: PreparedVm,
     events: Arc<VmEvents>,
     seccomp: SeccompMode,
+    checkpoints: &mut super::Checkpoints,
 ) -> Result<(Vm, NvVm), Error> {
     let started = Instant::now();
     let PreparedVm {
@@ -402,6 +403,9 @@ pub fn start(
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
             vm.boot()?;
+            if let Some(interval) = nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
+                checkpoints.set_interval(&nv, &mut vm, Duration::from_millis(interval))?;
+            }
             log::info!("VM {:?}: cold boot over NV memory", nv.config.vm);
         }
         NvStart::Resume { state, seq } => {
@@ -411,6 +415,12 @@ pub fn start(
             // this point leaves it resumable.
             nv.begin_run(RunKind::Resume)?;
             phases.mark("record-run");
+            // Checkpoints are armed before the guest runs again: from its first instruction on,
+            // a failure without warning finds an epoch to roll back to.
+            if let Some(interval) = nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
+                checkpoints.set_interval(&nv, &mut vm, Duration::from_millis(interval))?;
+                phases.mark("checkpoint-arm");
+            }
             vm.resume_timed(&mut phases)?;
             let took = phases.last_mark().saturating_duration_since(started);
             log::info!(
