@@ -729,18 +729,19 @@ mod tests {
             ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
-        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault, NetIo.
+        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault, NetIo, WriteFault.
         assert_eq!(
             sizes,
             [
-                (83, 65),
+                (83, 66),
                 (27, 4),
                 (50, 0),
                 (40, 0),
                 (30, 0),
                 (28, 0),
                 (30, 3),
-                (31, 0)
+                (31, 0),
+                (32, 1)
             ]
         );
     }
