@@ -49,17 +49,22 @@ fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) ->
 }
 
 /// Where the guest's mailbox is in the region file: found once, it stays (in-place recovery).
+/// The undo log holds copies of the mailbox's page too; guest RAM is the one at a 2 MiB
+/// boundary of the file (the region's extent alignment) plus the mailbox's guest address.
 fn find_mailbox(region: &Path) -> u64 {
     let bytes = std::fs::read(region).expect("reading the region");
     let magic = MAILBOX_MAGIC.to_le_bytes();
-    // Guest RAM starts at a 4 KiB boundary of the file, so the mailbox's offset in its page is
-    // the guest-physical one's.
-    let in_page = (MAILBOX_AT % 4096) as usize;
-    (in_page..bytes.len().saturating_sub(16))
-        .step_by(4096)
-        .find(|at| bytes[*at..*at + 8] == magic)
+    let candidates: Vec<u64> = (MAILBOX_AT as usize..bytes.len().saturating_sub(16))
+        .step_by(2 << 20)
+        .filter(|at| bytes[*at..*at + 8] == magic)
         .map(|at| at as u64)
-        .expect("the guest's mailbox is not in the region")
+        .collect();
+    assert_eq!(
+        candidates.len(),
+        1,
+        "the guest's mailbox is not in the region once: {candidates:x?}"
+    );
+    candidates[0]
 }
 
 fn mailbox_counter(region: &File, at: u64) -> u64 {
