@@ -283,6 +283,32 @@ pub(crate) fn slot_to_keep(store: &dyn Persistence, entry: &VmEntry) -> Result<O
     Ok(None)
 }
 
+/// For a VM recorded as saved at `saved`: when `newest` is a newer slot that the area's epoch
+/// record vouches for as the first epoch of a checkpointed resume from that save
+/// ([`VmHandle::begin_run_checkpointed`] cut before its "running" record), the save's own slot;
+/// otherwise `newest` unchanged.
+pub(crate) fn behind_resume_epoch(
+    store: &dyn Persistence,
+    entry: &VmEntry,
+    saved: u64,
+    newest: Option<ValidSlot>,
+) -> Result<Option<ValidSlot>> {
+    let Some(slot) = newest.as_ref().filter(|slot| slot.seq > saved) else {
+        return Ok(newest);
+    };
+    if entry.checkpoint.len == 0 {
+        return Ok(newest);
+    }
+    let area = CheckpointArea::new(entry.uuid, entry.checkpoint);
+    let vouched = area
+        .newest_epoch(store)?
+        .is_some_and(|e| e.seq == slot.seq && e.run_since_seq == saved);
+    if !vouched {
+        return Ok(newest);
+    }
+    state_area(entry).read_slot(store, 1 - slot.index)
+}
+
 /// What recovery of a running VM yields: its committed epoch's state, or an unsafe shutdown.
 pub(crate) fn recoverable_epoch(store: &dyn Persistence, entry: &VmEntry) -> Result<RecoveredVm> {
     let Some(epoch) = committed_epoch(store, entry)? else {
@@ -397,6 +423,84 @@ impl VmHandle {
         ))
     }
 
+    /// Starts a resumed run that is recoverable from its first instant: like
+    /// [`VmHandle::begin_run`]`(RunKind::Resume)` followed by [`VmHandle::enable_checkpoints`]
+    /// and a checkpoint, without the window in between and without persisting guest memory
+    /// again. Only for a VM whose record says "saved at N" (a completed save, or a recovery from
+    /// an epoch: memory is durable and is exactly save N's); its state is committed again as
+    /// epoch N + 1 of the new run *before* the record says "running", so every crash from here
+    /// on recovers to it or to a later epoch. Returns the log armed for that epoch, empty.
+    ///
+    /// The VMM must write-protect all of guest RAM (as `NvHost::write_protect_memory` does)
+    /// before any guest code or device writes it; a cold boot has no committed state and takes
+    /// the ordinary path (`begin_run`, `enable_checkpoints`, an arming `checkpoint_vm`).
+    pub fn begin_run_checkpointed(&self, undo_pages: u64) -> Result<UndoLog> {
+        let log = self.enable_checkpoints(undo_pages)?;
+        let mut state = log.lock_state();
+        let area = state.area;
+        let (saved, seq) = self
+            .transact_owned(|shared, entry| {
+                let RunRecord::Saved { seq: saved, .. } = entry.record else {
+                    return Err(Error::InvalidCheckpointRequest(format!(
+                        "VM {:?} has no completed save to resume from ({})",
+                        entry.name, entry.record
+                    )));
+                };
+                if entry.checkpoint != area.extent {
+                    return Err(Error::InvalidCheckpointRequest(format!(
+                        "VM {:?}'s checkpoint area changed under its undo log",
+                        entry.name
+                    )));
+                }
+                let store = shared.store.as_mut();
+                let slots = state_area(entry);
+                let newest = slots.newest(store)?;
+                let slot = match &newest {
+                    Some(slot) if slot.seq == saved => slot.clone(),
+                    _ => {
+                        return Err(Error::DamagedState {
+                            vm: entry.name.clone(),
+                            seq: saved,
+                            detail: "no valid state slot holds the save".to_string(),
+                        })
+                    }
+                };
+                let seq = saved.checked_add(1).ok_or_else(|| {
+                    Error::CorruptVmTable(format!("VM {:?}: save sequence exhausted", entry.name))
+                })?;
+                // Epoch record, then its slot, both before the record says "running": while it
+                // still says "saved", recovery takes the save (a newer slot only where this
+                // epoch record vouches for it: `behind_resume_epoch`).
+                area.commit_epoch(store, seq, saved)?;
+                slots.write(store, Some(&slot), seq, &slot.payload)?;
+                Region::update_superblock(shared, |sb| {
+                    sb.shutdown_marker = crate::superblock::ShutdownMarker::VmsRunning
+                })?;
+                entry.record = RunRecord::Running {
+                    since_seq: saved,
+                    kind: crate::vm_table::RunKind::Resume,
+                };
+                Ok(((saved, seq), true))
+            })?
+            .0;
+        // As `begin_run` does: save N must never be resumed again, even from a table copy
+        // rolled back by media damage; epoch `seq` holds the same state.
+        self.transact_owned(|shared, entry| {
+            let slots = state_area(entry);
+            for index in 0..2 {
+                if let Some(slot) = slots.read_slot(shared.store.as_ref(), index)? {
+                    if slot.seq == saved {
+                        slots.invalidate(shared.store.as_mut(), index)?;
+                    }
+                }
+            }
+            Ok(((), false))
+        })?;
+        state.start_epoch(seq);
+        drop(state);
+        Ok(log)
+    }
+
     /// Stops checkpoints: destroys the epoch records durably (a crash from now on is an unsafe
     /// shutdown, as without checkpoints) and disarms `log` (`record_undo` answers `NotArmed`).
     /// The area stays allocated for the next [`VmHandle::enable_checkpoints`].
@@ -451,5 +555,350 @@ impl VmHandle {
     /// pages through the region).
     pub fn memory_region_offset(&self) -> u64 {
         self.memory.offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persistence::memory::MemoryBackend;
+    use crate::region::OpenOptions;
+    use crate::undo_log::UndoRecord;
+    use crate::vm_table::RunKind;
+    use crate::NvHost;
+    use std::path::Path;
+    use vm_memory::VolatileSlice;
+
+    const PAGES: u64 = 8;
+
+    /// Records its calls; `state` is what `save_state` returns; can fail one step.
+    #[derive(Default)]
+    struct MockHost {
+        calls: Vec<&'static str>,
+        state: Vec<u8>,
+        fail: Option<&'static str>,
+    }
+
+    impl MockHost {
+        fn step(&mut self, name: &'static str) -> std::result::Result<(), HostError> {
+            self.calls.push(name);
+            match self.fail {
+                Some(failing) if failing == name => Err(format!("{name} exploded").into()),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl NvHost for MockHost {
+        fn pause_vcpus(&mut self) -> std::result::Result<(), HostError> {
+            self.step("pause")
+        }
+        fn quiesce_devices(&mut self) -> std::result::Result<(), HostError> {
+            self.step("quiesce")
+        }
+        fn guest_memory_ranges(&self) -> Vec<VolatileSlice<'_>> {
+            Vec::new()
+        }
+        fn save_state(&mut self) -> std::result::Result<Vec<u8>, HostError> {
+            self.step("save_state")?;
+            Ok(self.state.clone())
+        }
+        fn resume(&mut self) -> std::result::Result<(), HostError> {
+            self.step("resume")
+        }
+        fn write_protect_memory(&mut self) -> std::result::Result<(), HostError> {
+            self.step("write_protect")
+        }
+    }
+
+    fn running_vm() -> (Region, VmHandle) {
+        let options = OpenOptions {
+            format: true,
+            ..OpenOptions::compact()
+        };
+        let region = Region::open_store(
+            Box::new(MemoryBackend::default()),
+            Path::new("mem"),
+            &options,
+        )
+        .unwrap();
+        region.create_vm("vm", PAGES * PAGE_SIZE, b"cfg").unwrap();
+        let handle = region.claim_vm("vm").unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        (region, handle)
+    }
+
+    /// What the guest does on a write fault: log the page, then write it.
+    fn guest_write(handle: &VmHandle, log: &UndoLog, page: u64, byte: u8) {
+        log.record_undo(page * PAGE_SIZE).unwrap();
+        let mut shared = handle.region().lock();
+        let at = handle.memory_region_offset() + page * PAGE_SIZE;
+        shared
+            .store
+            .write(at, &vec![byte; PAGE_SIZE as usize])
+            .unwrap();
+    }
+
+    fn memory(handle: &VmHandle) -> Vec<u8> {
+        let shared = handle.region().lock();
+        let mut bytes = vec![0; (PAGES * PAGE_SIZE) as usize];
+        shared
+            .store
+            .read(handle.memory_region_offset(), &mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The region as a restarted VMM finds it after SIGKILL: the same bytes, a new claim.
+    fn crash(region: &Region) -> (Region, VmHandle) {
+        let bytes = {
+            let shared = region.lock();
+            let mut bytes = vec![0; shared.store.len() as usize];
+            shared.store.read(0, &mut bytes).unwrap();
+            bytes
+        };
+        let region = Region::open_store(
+            Box::new(MemoryBackend::new(bytes)),
+            Path::new("crashed"),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        // The dead process's claim is still recorded; a test process has the same pid, so
+        // take it over as a restarted VMM would once the old one is gone.
+        region
+            .transact(|_, table| {
+                table.entries[0].owner = crate::identity::OwnerRecord::default();
+                Ok(((), true))
+            })
+            .unwrap();
+        let handle = region.claim_vm("vm").unwrap();
+        (region, handle)
+    }
+
+    #[test]
+    fn recovery_rolls_memory_and_state_back_to_the_last_committed_epoch() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let mut host = MockHost {
+            state: b"epoch-1".to_vec(),
+            ..MockHost::default()
+        };
+        guest_write(&handle, &log, 1, 0x11);
+        assert_eq!(log.status().pages, 0);
+        let first = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert!(first.arming);
+        assert_eq!(
+            host.calls,
+            ["pause", "quiesce", "save_state", "write_protect", "resume"]
+        );
+        guest_write(&handle, &log, 1, 0x22);
+        guest_write(&handle, &log, 2, 0x33);
+        assert_eq!(
+            log.record_undo(PAGE_SIZE).unwrap(),
+            UndoRecord::AlreadyRecorded
+        );
+        host.state = b"epoch-2".to_vec();
+        let second = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert!(!second.arming);
+        assert_eq!(second.undo_pages, 2);
+        assert_eq!(second.seq, first.seq + 1);
+        let at_second = memory(&handle);
+        // The guest moves on; a failed checkpoint in between changes nothing.
+        guest_write(&handle, &log, 2, 0x44);
+        guest_write(&handle, &log, 5, 0x55);
+        host.fail = Some("save_state");
+        assert!(checkpoint_vm(&handle, &mut host, &log).is_err());
+        guest_write(&handle, &log, 7, 0x77);
+        assert_eq!(log.status().pages, 3);
+
+        let (crashed, recovered_handle) = crash(&region);
+        assert_eq!(
+            crashed.inspect_recovery("vm").unwrap().shutdown_kind,
+            ShutdownKind::Checkpoint
+        );
+        let recovered = recovered_handle.recover().unwrap();
+        assert_eq!(
+            (
+                recovered.seq,
+                recovered.state_blob.as_slice(),
+                recovered.shutdown_kind
+            ),
+            (second.seq, &b"epoch-2"[..], ShutdownKind::Checkpoint)
+        );
+        assert_eq!(memory(&recovered_handle), at_second);
+        // Recovered once, recorded as saved at that epoch: recovering again says the same.
+        assert_eq!(recovered_handle.recover().unwrap(), recovered);
+        assert_eq!(crashed.vm("vm").unwrap().status(), "checkpoint-recovered");
+        // The next run starts clean: its own crash before a checkpoint is unsafe.
+        recovered_handle.begin_run(RunKind::Resume).unwrap();
+        assert!(matches!(
+            recovered_handle.recover(),
+            Err(Error::UnsafeShutdown)
+        ));
+    }
+
+    #[test]
+    fn a_completed_power_fail_save_wins_over_the_epoch() {
+        let (region, mut handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost {
+            state: b"epoch".to_vec(),
+            ..MockHost::default()
+        };
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        guest_write(&handle, &log, 3, 0x99);
+        let at_save = memory(&handle);
+        host.state = b"power-fail".to_vec();
+        crate::save_vm(
+            &mut handle,
+            &mut host,
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let (_crashed, handle) = crash(&region);
+        let recovered = handle.recover().unwrap();
+        assert_eq!(recovered.shutdown_kind, ShutdownKind::PowerFail);
+        assert_eq!(recovered.state_blob, b"power-fail");
+        assert_eq!(memory(&handle), at_save);
+    }
+
+    #[test]
+    fn a_checkpointed_resume_is_recoverable_before_its_first_checkpoint() {
+        let (region, mut handle) = running_vm();
+        guest_write(&handle, &handle.enable_checkpoints(4).unwrap(), 0, 0x10);
+        let at_save = memory(&handle);
+        crate::save_vm(
+            &mut handle,
+            &mut MockHost {
+                state: b"saved".to_vec(),
+                ..MockHost::default()
+            },
+            ShutdownKind::PowerFail,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let (region, handle) = {
+            drop(region);
+            let (crashed, handle) = crash(handle.region());
+            assert_eq!(handle.recover().unwrap().state_blob, b"saved");
+            (crashed, handle)
+        };
+        let log = handle.begin_run_checkpointed(4).unwrap();
+        let epoch = log.status().epoch.unwrap();
+        // The guest runs at once, protected from the first instant.
+        guest_write(&handle, &log, 0, 0x20);
+        guest_write(&handle, &log, 6, 0x60);
+        let (_crashed, handle) = crash(&region);
+        let recovered = handle.recover().unwrap();
+        assert_eq!(
+            (
+                recovered.seq,
+                recovered.state_blob.as_slice(),
+                recovered.shutdown_kind
+            ),
+            (epoch, &b"saved"[..], ShutdownKind::Checkpoint)
+        );
+        assert_eq!(memory(&handle), at_save);
+        // A VM without a completed save has nothing to resume checkpointed.
+        handle.begin_run(RunKind::Resume).unwrap();
+        assert!(matches!(
+            handle.begin_run_checkpointed(4),
+            Err(Error::InvalidCheckpointRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_log_refuses_until_the_next_checkpoint() {
+        let (_region, handle) = running_vm();
+        let log = handle.enable_checkpoints(1).unwrap();
+        let capacity = log.capacity_pages();
+        // 1 page asked for, the 4 KiB-aligned compact region gives exactly what fits.
+        assert!((1..PAGES).contains(&capacity), "{capacity}");
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        for page in 0..capacity {
+            guest_write(&handle, &log, page, 1);
+        }
+        assert!(matches!(
+            log.record_undo(capacity * PAGE_SIZE),
+            Err(Error::UndoLogFull { capacity_pages }) if capacity_pages == capacity
+        ));
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert_eq!(
+            log.record_undo(capacity * PAGE_SIZE).unwrap(),
+            UndoRecord::Recorded
+        );
+        assert!(log.record_undo(PAGES * PAGE_SIZE).is_err());
+        assert!(log.record_undo(1).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_protect_withdraws_the_epoch() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        host.fail = Some("write_protect");
+        host.calls.clear();
+        let err = checkpoint_vm(&handle, &mut host, &log).unwrap_err();
+        assert!(err.to_string().contains("write_protect exploded"), "{err}");
+        assert_eq!(host.calls.last(), Some(&"resume"));
+        assert_eq!(log.status().epoch, None);
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn epochs_of_an_earlier_run_are_never_recovered() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        handle.mark_powered_off().unwrap();
+        handle.begin_run(RunKind::ColdBoot).unwrap();
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn disabling_checkpoints_makes_a_crash_unsafe_again() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        checkpoint_vm(&handle, &mut MockHost::default(), &log).unwrap();
+        handle.disable_checkpoints(&log).unwrap();
+        assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
+        let (_crashed, handle) = crash(&region);
+        assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
+    }
+
+    #[test]
+    fn the_area_is_a_third_extent_the_table_keeps_and_delete_frees() {
+        let (region, handle) = running_vm();
+        let before = region.free_space().unwrap();
+        let log = handle.enable_checkpoints(16).unwrap();
+        assert_eq!(log.capacity_pages(), 16);
+        let after = region.free_space().unwrap();
+        assert!(after.free_bytes < before.free_bytes || region.size() > 0);
+        // The same size again keeps the area; another size moves it.
+        let again = handle.enable_checkpoints(16).unwrap();
+        assert_eq!(again.capacity_pages(), 16);
+        let (crashed, _) = crash(&region);
+        let entry = crashed
+            .transact(|_, table| Ok((table.entries[0].clone(), false)))
+            .unwrap();
+        assert_eq!(
+            entry.checkpoint.len,
+            checkpoint_area::area_len_for(16).unwrap()
+        );
+        assert_eq!(
+            crashed.lock().superblock.format_version,
+            FORMAT_VERSION_CHECKPOINTS
+        );
+        drop(handle);
+        region.delete_vm("vm").unwrap();
+        assert!(region.list_vms().unwrap().is_empty());
     }
 }

@@ -345,8 +345,8 @@ mod tests {
             assert!(capacity_of(len - PAGE_SIZE) < capacity);
         }
         assert_eq!(capacity_of(2 * PAGE_SIZE), 0);
-        // A 2 MiB extent: 512 pages, 7 of headers, 1 of epoch records.
-        assert_eq!(capacity_of(2 << 20), 504);
+        // A 2 MiB extent: 512 pages, 1 of epoch records, 8 of headers, 503 of data.
+        assert_eq!(capacity_of(2 << 20), 503);
     }
 
     #[test]

@@ -261,14 +261,14 @@ mod tests {
     #[test]
     fn future_version_and_bit_flip_are_told_apart() {
         let mut buf = sample().encode();
-        buf[8..12].copy_from_slice(&3u32.to_le_bytes());
+        buf[8..12].copy_from_slice(&4u32.to_le_bytes());
         let crc = crc32c::crc32c(&buf[..124]);
         buf[124..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             Superblock::decode(&buf),
             Err(Error::UnsupportedFormatVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         ));
         let mut flipped = sample().encode();
@@ -288,6 +288,17 @@ mod tests {
         };
         let buf = sb.encode();
         assert_eq!(&buf[8..12], &2u32.to_le_bytes());
+        assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
+    }
+
+    #[test]
+    fn version_3_marks_a_region_with_a_checkpoint_area_and_reads_back() {
+        let sb = Superblock {
+            format_version: FORMAT_VERSION_CHECKPOINTS,
+            ..sample()
+        };
+        let buf = sb.encode();
+        assert_eq!(&buf[8..12], &3u32.to_le_bytes());
         assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
     }
 

@@ -60,7 +60,10 @@ pub(crate) fn recoverable_state(store: &dyn Persistence, entry: &VmEntry) -> Res
         }
     };
     let area = state_area(entry);
-    match area.newest(store)? {
+    // A checkpointed resume cut before its record said "running" left its first epoch's slot
+    // (a copy of save `seq`) next to the save: the save stands.
+    let newest = checkpoint::behind_resume_epoch(store, entry, seq, area.newest(store)?)?;
+    match newest {
         Some(slot) if slot.seq == seq => Ok(RecoveredVm {
             config_blob: entry.config.clone(),
             state_blob: slot.payload,

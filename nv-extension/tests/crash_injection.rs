@@ -29,94 +29,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nv_extension::persistence::memory::MemoryBackend;
-use nv_extension::persistence::{Persistence, PersistenceMode};
 use nv_extension::save_report::RECORD_LEN;
 use nv_extension::{Error, OpenOptions, Region, RunKind, ShutdownKind, ShutdownMarker, VmHandle};
 
 mod common;
+use common::crash_model::{replay_event, selected_by, Event, Pending, RecordingBackend, Rng};
 use common::save_blob;
 
-const WORD: u64 = 8;
-const LINE: u64 = 64;
 const PAGE: u64 = 4096;
 const SLOT_LEN: u64 = 4096;
 const SCENARIOS: u64 = 400;
 const OPS_PER_SCENARIO: usize = 48;
 const VARIANTS_PER_CUT: usize = 3;
 const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
-
-/// Small deterministic generator (xorshift64*); seeds make failures reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Random bytes, `min..=max` of them.
-    fn blob(&mut self, min: u64, max: u64) -> Vec<u8> {
-        let len = min + self.below(max - min + 1);
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
-#[derive(Clone, Debug)]
-enum Event {
-    Write { offset: u64, data: Vec<u8> },
-    Persist { offset: u64, len: u64 },
-    Grow { len: u64 },
-}
-
-/// A memory store that logs every store, persist and growth.
-struct RecordingBackend {
-    inner: MemoryBackend,
-    log: Arc<Mutex<Vec<Event>>>,
-    growable: bool,
-}
-
-impl Persistence for RecordingBackend {
-    fn mode(&self) -> PersistenceMode {
-        PersistenceMode::Volatile
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> nv_extension::Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> nv_extension::Result<()> {
-        self.inner.write(offset, data)?;
-        self.log.lock().unwrap().push(Event::Write {
-            offset,
-            data: data.to_vec(),
-        });
-        Ok(())
-    }
-    fn persist(&mut self, offset: u64, len: u64) -> nv_extension::Result<()> {
-        self.inner.persist(offset, len)?;
-        self.log
-            .lock()
-            .unwrap()
-            .push(Event::Persist { offset, len });
-        Ok(())
-    }
-    fn grow(&mut self, len: u64) -> nv_extension::Result<()> {
-        if !self.growable {
-            return Err(Error::CannotGrow("fixed-size test store"));
-        }
-        self.inner.grow(len)?;
-        self.log.lock().unwrap().push(Event::Grow { len });
-        Ok(())
-    }
-}
 
 /// What recovery of a VM must say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,7 +103,7 @@ fn record(seed: u64, swap_dir: &Path) -> Trace {
         6 * PAGE + 2 * (3 * PAGE + 2 * SLOT_LEN)
     } as usize;
     let store = RecordingBackend {
-        inner: MemoryBackend::new(vec![0; initial_len]),
+        inner: Arc::new(Mutex::new(MemoryBackend::new(vec![0; initial_len]))),
         log: log.clone(),
         growable,
     };
@@ -469,72 +394,6 @@ fn observe_crashed(region: &Region) -> Result<Model, String> {
     Ok(model)
 }
 
-/// Pending (not yet persisted) stores, split into 8-byte words.
-#[derive(Clone, Default)]
-struct Pending {
-    /// (word offset, offset within the word, bytes) in program order.
-    chunks: Vec<(u64, usize, Vec<u8>)>,
-}
-
-impl Pending {
-    fn add(&mut self, offset: u64, data: &[u8]) {
-        let mut at = 0usize;
-        while at < data.len() {
-            let abs = offset + at as u64;
-            let word = abs & !(WORD - 1);
-            let within = (abs - word) as usize;
-            let take = (WORD as usize - within).min(data.len() - at);
-            self.chunks
-                .push((word, within, data[at..at + take].to_vec()));
-            at += take;
-        }
-    }
-
-    /// Moves every chunk in the cache lines of `[offset, offset + len)` to the durable image.
-    fn persist(&mut self, image: &mut [u8], offset: u64, len: u64) {
-        let start = offset & !(LINE - 1);
-        let end = (offset + len).div_ceil(LINE) * LINE;
-        self.chunks.retain(|(word, within, bytes)| {
-            if *word >= start && *word < end {
-                let at = (*word as usize) + within;
-                image[at..at + bytes.len()].copy_from_slice(bytes);
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    /// A crash image: each word takes a random prefix of its pending stores.
-    fn crash_image(&self, durable: &[u8], rng: &mut Rng, variant: usize) -> Vec<u8> {
-        let mut image = durable.to_vec();
-        let mut per_word: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        for (i, (word, _, _)) in self.chunks.iter().enumerate() {
-            per_word.entry(*word).or_default().push(i);
-        }
-        for indices in per_word.values() {
-            let n = indices.len() as u64;
-            let keep = match variant {
-                0 => 0,                // nothing pending reached the medium
-                1 => rng.below(n + 1), // any prefix per word
-                _ => {
-                    if rng.below(2) == 0 {
-                        0
-                    } else {
-                        n
-                    }
-                } // whole word history or none
-            };
-            for &i in &indices[..keep as usize] {
-                let (word, within, bytes) = &self.chunks[i];
-                let at = (*word as usize) + within;
-                image[at..at + bytes.len()].copy_from_slice(bytes);
-            }
-        }
-        image
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     cuts: u64,
@@ -649,62 +508,15 @@ fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
             }
         }
         if let Some(event) = trace.events.get(cut) {
-            match event {
-                Event::Write { offset, data } => pending.add(*offset, data),
-                Event::Persist { offset, len } => pending.persist(&mut durable, *offset, *len),
-                Event::Grow { len } => durable.resize(*len as usize, 0),
-            }
+            replay_event(event, &mut durable, &mut pending);
         }
     }
-}
-
-/// Whether libtest-style arguments select the one test this harness is.
-fn selected_by(args: Vec<String>) -> bool {
-    const NAME: &str = "crash_injection";
-    const TAKES_VALUE: [&str; 6] = [
-        "--test-threads",
-        "--skip",
-        "--format",
-        "--color",
-        "--logfile",
-        "-Z",
-    ];
-    if args.iter().any(|a| a == "--list") {
-        println!("{NAME}: test");
-        return false;
-    }
-    if args.iter().any(|a| a == "--ignored") {
-        return false; // this harness is not an ignored test
-    }
-    let exact = args.iter().any(|a| a == "--exact");
-    let mut filters = Vec::new();
-    let mut skips = Vec::new();
-    let mut iter = args.iter().peekable();
-    while let Some(arg) = iter.next() {
-        if TAKES_VALUE.contains(&arg.as_str()) {
-            if let Some(value) = iter.next() {
-                if arg == "--skip" {
-                    skips.push(value.clone());
-                }
-            }
-        } else if !arg.starts_with('-') {
-            filters.push(arg.clone());
-        }
-    }
-    let matches = |pattern: &String| {
-        if exact {
-            NAME == pattern
-        } else {
-            NAME.contains(pattern.as_str())
-        }
-    };
-    (filters.is_empty() || filters.iter().any(matches)) && !skips.iter().any(matches)
 }
 
 fn main() {
     // `cargo test` passes libtest's arguments here too: honour --list, --ignored and name
     // filters the way libtest would, so `cargo test -p nv-extension some_other_test` skips us.
-    if !selected_by(std::env::args().skip(1).collect()) {
+    if !selected_by("crash_injection", std::env::args().skip(1).collect()) {
         return;
     }
     let started = Instant::now();

@@ -221,7 +221,7 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
     drop(Region::open(&future, &create_options()).unwrap());
     let mut bytes = std::fs::read(&future).unwrap();
     for copy in [0usize, 4096] {
-        bytes[copy + 8] = 3;
+        bytes[copy + 8] = 4;
         let crc = crc32c::crc32c(&bytes[copy..copy + 124]);
         bytes[copy + 124..copy + 128].copy_from_slice(&crc.to_le_bytes());
     }
@@ -231,8 +231,8 @@ fn foreign_zeroed_truncated_and_future_files_are_refused_with_typed_errors() {
         matches!(
             err,
             Error::UnsupportedFormatVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             }
         ),
         "{err}"

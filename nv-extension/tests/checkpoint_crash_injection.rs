@@ -1,0 +1,481 @@
+//! Crash injection over continuous checkpoints (issue 16, item 5).
+//!
+//! A VM runs under random operations: guest writes (each first write of a page in an epoch logs
+//! the page with `UndoLog::record_undo` first, as the VMM's write-fault handler does; an
+//! `UndoLogFull` forces an early checkpoint), checkpoints, recoveries in place (the VMM died,
+//! the next one rolls back to the last epoch and runs on), and now and then a power-fail save
+//! and a restart, or a power-off and a cold boot. Every store and persist of the region and every guest store is recorded (see
+//! `common::crash_model`), the record is cut after every event, and each cut becomes crash
+//! images in which unpersisted stores are dropped, torn or kept. Each image is recovered as a
+//! restarted VMM would: the outcome must be exactly a committed epoch's memory and state (or
+//! the completed power-fail save's), the one committed before the interrupted operation or
+//! the one it committed, or "unsafe shutdown" only where no epoch of the run has committed.
+//! Cuts inside a recovery are crashes during recovery: recovering the image is recovering
+//! again. Prints the cut counts per kind of operation.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nv_extension::persistence::memory::MemoryBackend;
+use nv_extension::{
+    checkpoint_vm, save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind, UndoLog, VmHandle,
+};
+
+mod common;
+use common::crash_model::{
+    replay_event, selected_by, Event, GuestPort, Pending, RecordingBackend, Rng,
+};
+use common::BlobHost;
+
+const PAGE: u64 = 4096;
+/// Guest RAM of the VM, in pages.
+const PAGES: u64 = 8;
+/// Undo-log pages the VM asks for: fewer than it has, so full logs force early checkpoints.
+const UNDO_PAGES: u64 = 3;
+const SCENARIOS: u64 = 200;
+const OPS_PER_SCENARIO: usize = 40;
+const VARIANTS_PER_CUT: usize = 3;
+
+/// What a recovery must yield.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Powered off: nothing to recover, the next start is a cold boot.
+    Nothing,
+    /// No epoch of the current run committed and no save completed: "unsafe shutdown".
+    Unsafe,
+    /// This state and exactly this guest memory.
+    Committed {
+        seq: u64,
+        kind: ShutdownKind,
+        state: Vec<u8>,
+        memory: Vec<u8>,
+    },
+}
+
+/// Which kind of operation a cut interrupts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    /// A guest write with its undo-log entry.
+    UndoWrite,
+    /// A checkpoint (epoch commit).
+    Checkpoint,
+    /// Recovery in place: the undo log applied.
+    Recovery,
+    /// A power-fail save, or the restart after one or after a recovery.
+    Other,
+}
+
+struct Op {
+    kind: OpKind,
+    /// The events of the operation: `start..end`.
+    start: usize,
+    end: usize,
+    before: Outcome,
+    after: Outcome,
+}
+
+struct Trace {
+    events: Vec<Event>,
+    /// The events up to here set the VM up (format, create, claim, first run).
+    setup_end: usize,
+    ops: Vec<Op>,
+}
+
+fn options() -> OpenOptions {
+    OpenOptions {
+        format: true,
+        extent_alignment: PAGE,
+        state_slot_len: PAGE,
+        table_copy_len: 2 * PAGE,
+        ..OpenOptions::default()
+    }
+}
+
+/// The running VM of a scenario, seen from the VMM.
+struct Vm {
+    handle: VmHandle,
+    log: UndoLog,
+    guest: GuestPort,
+    /// What recovery must yield right now.
+    committed: Outcome,
+}
+
+impl Vm {
+    fn memory(&self) -> Vec<u8> {
+        self.guest
+            .read(self.handle.memory_region_offset(), (PAGES * PAGE) as usize)
+    }
+
+    /// Writes `data` at `at` of guest page `page`, logging the page first as the fault handler
+    /// does; a full log gets an early checkpoint first, as the VMM's handler asks for one.
+    fn guest_write(&mut self, rng: &mut Rng, page: u64, at: u64, data: &[u8]) -> Vec<Op> {
+        let mut early = Vec::new();
+        loop {
+            match self.log.record_undo(page * PAGE) {
+                Ok(_) => break,
+                Err(Error::UndoLogFull { .. }) => early.push(self.checkpoint(rng)),
+                Err(e) => panic!("record_undo: {e}"),
+            }
+        }
+        self.guest
+            .write(self.handle.memory_region_offset() + page * PAGE + at, data);
+        early
+    }
+
+    fn checkpoint(&mut self, rng: &mut Rng) -> Op {
+        let start = self.guest.events();
+        let before = self.committed.clone();
+        let state = rng.blob(1, PAGE - 64);
+        let report = checkpoint_vm(&self.handle, &mut BlobHost(state.clone()), &self.log)
+            .expect("checkpoint");
+        self.committed = Outcome::Committed {
+            seq: report.seq,
+            kind: ShutdownKind::Checkpoint,
+            state,
+            memory: self.memory(),
+        };
+        Op {
+            kind: OpKind::Checkpoint,
+            start,
+            end: self.guest.events(),
+            before,
+            after: self.committed.clone(),
+        }
+    }
+}
+
+fn record(seed: u64) -> Trace {
+    let mut rng = Rng::new(seed);
+    let store = RecordingBackend {
+        inner: Arc::new(Mutex::new(MemoryBackend::default())),
+        log: Arc::new(Mutex::new(Vec::new())),
+        growable: true,
+    };
+    let guest = GuestPort::of(&store);
+    let region =
+        Region::open_store(Box::new(store), Path::new("recorded"), &options()).expect("format");
+    region
+        .create_vm("vm", PAGES * PAGE, b"cfg")
+        .expect("create");
+    let handle = region.claim_vm("vm").expect("claim");
+    handle.begin_run(RunKind::ColdBoot).expect("begin_run");
+    let log = handle.enable_checkpoints(UNDO_PAGES).expect("enable");
+    // The guest's first life: some memory content before any checkpoint.
+    for page in 0..PAGES {
+        guest.write(
+            handle.memory_region_offset() + page * PAGE,
+            &rng.blob(PAGE, PAGE),
+        );
+    }
+    let setup_end = guest.events();
+    let mut vm = Vm {
+        handle,
+        log,
+        guest,
+        committed: Outcome::Unsafe,
+    };
+    let mut ops = Vec::new();
+    for _ in 0..OPS_PER_SCENARIO {
+        let start = vm.guest.events();
+        let before = vm.committed.clone();
+        match rng.below(40) {
+            0..=23 => {
+                let page = rng.below(PAGES);
+                let len = 1 + rng.below(64);
+                let at = rng.below(PAGE - len + 1);
+                let data = rng.blob(len, len);
+                let early = vm.guest_write(&mut rng, page, at, &data);
+                let early_end = early.last().map_or(start, |op| op.end);
+                ops.extend(early);
+                ops.push(Op {
+                    kind: OpKind::UndoWrite,
+                    start: early_end,
+                    end: vm.guest.events(),
+                    before: vm.committed.clone(),
+                    after: vm.committed.clone(),
+                });
+            }
+            24..=33 => ops.push(vm.checkpoint(&mut rng)),
+            34..=38 => {
+                // The VMM died; the next one recovers in place and runs on.
+                if vm.committed == Outcome::Unsafe {
+                    continue;
+                }
+                let recovered = vm.handle.recover().expect("recover");
+                let Outcome::Committed { seq, memory, .. } = &vm.committed else {
+                    unreachable!()
+                };
+                assert_eq!(recovered.seq, *seq, "seed {seed}: recovered another epoch");
+                assert_eq!(&vm.memory(), memory, "seed {seed}: memory not rolled back");
+                let rolled_back = vm.guest.events();
+                ops.push(Op {
+                    kind: OpKind::Recovery,
+                    start,
+                    end: rolled_back,
+                    before: before.clone(),
+                    after: before.clone(),
+                });
+                restart(&mut vm, &mut rng, &mut ops, rolled_back, RunKind::Resume);
+            }
+            39 if rng.below(2) == 0 => {
+                // The guest powers off; the next start is a cold boot, whose epochs must never
+                // be confused with the last run's.
+                vm.handle.mark_powered_off().expect("power off");
+                vm.committed = Outcome::Nothing;
+                let stopped = vm.guest.events();
+                ops.push(Op {
+                    kind: OpKind::Other,
+                    start,
+                    end: stopped,
+                    before,
+                    after: Outcome::Nothing,
+                });
+                restart(&mut vm, &mut rng, &mut ops, stopped, RunKind::ColdBoot);
+            }
+            _ => {
+                let state = rng.blob(1, PAGE - 64);
+                let report = save_vm(
+                    &mut vm.handle,
+                    &mut BlobHost(state.clone()),
+                    ShutdownKind::PowerFail,
+                    std::time::Duration::from_secs(5),
+                )
+                .expect("power-fail save");
+                vm.committed = Outcome::Committed {
+                    seq: report.seq,
+                    kind: ShutdownKind::PowerFail,
+                    state,
+                    memory: vm.memory(),
+                };
+                let saved = vm.guest.events();
+                ops.push(Op {
+                    kind: OpKind::Other,
+                    start,
+                    end: saved,
+                    before,
+                    after: vm.committed.clone(),
+                });
+                restart(&mut vm, &mut rng, &mut ops, saved, RunKind::Resume);
+            }
+        }
+    }
+    let events = vm.guest.log.lock().unwrap().clone();
+    // Every event after the set-up belongs to exactly one operation.
+    let mut at = setup_end;
+    for op in &ops {
+        assert_eq!(
+            op.start, at,
+            "seed {seed}: operations overlap or leave a gap"
+        );
+        at = op.end;
+    }
+    Trace {
+        events,
+        setup_end,
+        ops,
+    }
+}
+
+/// The next run after a recovery or a save: "running" again, checkpoints on, nothing
+/// committed for this run yet.
+/// A resume after a save or a recovery starts checkpointed half of the time
+/// (`begin_run_checkpointed`: the save is epoch 1 of the new run, no unsafe window).
+fn restart(vm: &mut Vm, rng: &mut Rng, ops: &mut Vec<Op>, start: usize, kind: RunKind) {
+    let before = vm.committed.clone();
+    match (&before, kind == RunKind::Resume && rng.below(2) == 0) {
+        (
+            Outcome::Committed {
+                seq, state, memory, ..
+            },
+            true,
+        ) => {
+            vm.log = vm
+                .handle
+                .begin_run_checkpointed(UNDO_PAGES)
+                .expect("begin_run_checkpointed");
+            vm.committed = Outcome::Committed {
+                seq: seq + 1,
+                kind: ShutdownKind::Checkpoint,
+                state: state.clone(),
+                memory: memory.clone(),
+            };
+            assert_eq!(vm.log.status().epoch, Some(seq + 1));
+        }
+        _ => {
+            vm.handle.begin_run(kind).expect("begin_run");
+            vm.log = vm.handle.enable_checkpoints(UNDO_PAGES).expect("enable");
+            vm.committed = Outcome::Unsafe;
+        }
+    }
+    ops.push(Op {
+        kind: OpKind::Other,
+        start,
+        end: vm.guest.events(),
+        before,
+        after: vm.committed.clone(),
+    });
+}
+
+/// Recovers a crash image as a restarted VMM would and says what it yielded.
+fn recover_image(image: Vec<u8>) -> Result<Outcome, String> {
+    let store = RecordingBackend {
+        inner: Arc::new(Mutex::new(MemoryBackend::new(image))),
+        log: Arc::new(Mutex::new(Vec::new())),
+        growable: true,
+    };
+    let medium = GuestPort::of(&store);
+    let region = Region::open_store(
+        Box::new(store),
+        Path::new("crashed"),
+        &OpenOptions::default(),
+    )
+    .map_err(|e| format!("region refused: {e}"))?;
+    let handle = region
+        .claim_vm("vm")
+        .map_err(|e| format!("claim refused: {e}"))?;
+    let recovered = match handle.recover() {
+        Ok(recovered) => recovered,
+        Err(Error::UnsafeShutdown) => return Ok(Outcome::Unsafe),
+        Err(Error::NothingToRecover(_)) => return Ok(Outcome::Nothing),
+        Err(e) => return Err(format!("recovery failed: {e}")),
+    };
+    let memory = medium.read(handle.memory_region_offset(), (PAGES * PAGE) as usize);
+    Ok(Outcome::Committed {
+        seq: recovered.seq,
+        kind: recovered.shutdown_kind,
+        state: recovered.state_blob,
+        memory,
+    })
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Cuts per operation kind, in `OpKind` order.
+    cuts: [u64; 4],
+    violations: u64,
+    /// Images that recovered to an epoch (rather than "unsafe").
+    rolled_back: u64,
+}
+
+fn kind_index(kind: OpKind) -> usize {
+    match kind {
+        OpKind::UndoWrite => 0,
+        OpKind::Checkpoint => 1,
+        OpKind::Recovery => 2,
+        OpKind::Other => 3,
+    }
+}
+
+fn replay(seed: u64, trace: &Trace, tally: &mut Tally) {
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let mut durable = Vec::new();
+    let mut pending = Pending::default();
+    let mut op = 0;
+    let last = trace.ops.last().map_or(trace.setup_end, |op| op.end);
+    for cut in 0..=last {
+        if cut >= trace.setup_end {
+            while op < trace.ops.len() && trace.ops[op].end < cut {
+                op += 1;
+            }
+            // The operation the cut interrupts (operations follow one another without a gap;
+            // a cut at an operation's end belongs to it, and "after" it holds).
+            let current = &trace.ops[op];
+            let (before, after) = (&current.before, &current.after);
+            for variant in 0..VARIANTS_PER_CUT {
+                tally.cuts[kind_index(current.kind)] += 1;
+                let image = pending.crash_image(&durable, &mut rng, variant);
+                match recover_image(image) {
+                    Ok(seen) if seen == *before || seen == *after => {
+                        tally.rolled_back += matches!(seen, Outcome::Committed { .. }) as u64;
+                    }
+                    Ok(seen) => {
+                        if tally.violations < 10 {
+                            eprintln!(
+                                "VIOLATION seed {seed} cut {cut} variant {variant} ({:?}): \
+                                 recovered {} but expected {} or {}",
+                                current.kind,
+                                describe(&seen),
+                                describe(before),
+                                describe(after)
+                            );
+                        }
+                        tally.violations += 1;
+                    }
+                    Err(what) => {
+                        if tally.violations < 10 {
+                            eprintln!("VIOLATION seed {seed} cut {cut} variant {variant}: {what}");
+                        }
+                        tally.violations += 1;
+                    }
+                }
+            }
+        }
+        if let Some(event) = trace.events.get(cut) {
+            replay_event(event, &mut durable, &mut pending);
+        }
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Unsafe => "unsafe shutdown".to_string(),
+        Outcome::Nothing => "nothing to recover".to_string(),
+        Outcome::Committed {
+            seq, kind, memory, ..
+        } => format!(
+            "{kind} seq {seq} (memory crc {:08x})",
+            crc32c::crc32c(memory)
+        ),
+    }
+}
+
+fn main() {
+    if !selected_by(
+        "checkpoint_crash_injection",
+        std::env::args().skip(1).collect(),
+    ) {
+        return;
+    }
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let mut events = 0;
+    let mut checkpoints = 0;
+    let mut recoveries = 0;
+    for seed in 1..=SCENARIOS {
+        let trace = record(seed);
+        events += trace.events.len();
+        checkpoints += trace
+            .ops
+            .iter()
+            .filter(|op| op.kind == OpKind::Checkpoint)
+            .count();
+        recoveries += trace
+            .ops
+            .iter()
+            .filter(|op| op.kind == OpKind::Recovery)
+            .count();
+        replay(seed, &trace, &mut tally);
+    }
+    let [undo, commit, recovery, other] = tally.cuts;
+    let proven = undo + commit + recovery;
+    println!(
+        "checkpoint crash injection: {proven} cuts over undo-log writes ({undo}), epoch commits \
+         ({commit}) and recovery-apply ({recovery}), plus {other} over saves and restarts; \
+         {} violations ({SCENARIOS} scenarios, {events} recorded events, {checkpoints} \
+         checkpoints, {recoveries} recoveries in place, {} images rolled back to a committed \
+         state, {:.1} s)",
+        tally.violations,
+        tally.rolled_back,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(proven >= 100_000, "too few cuts: {proven}");
+    assert!(
+        undo >= 10_000 && commit >= 10_000 && recovery >= 5_000,
+        "too few cuts of a kind: {:?}",
+        tally.cuts
+    );
+    if tally.violations > 0 {
+        std::process::exit(1);
+    }
+}
