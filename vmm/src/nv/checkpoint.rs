@@ -253,7 +253,44 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// A VM resumed from a completed save (or a recovered epoch) with checkpoints on: instead
+    /// of `begin_run(Resume)`, the run begins with that state committed again as its first
+    /// epoch (`begin_run_checkpointed`), so no instant of it is unrecoverable; guest RAM is
+    /// write-protected here, before the caller resumes the guest.
+    pub fn begin_resumed_run(
+        &mut self,
+        nv: &NvVm,
+        vm: &Vm,
+        interval: Duration,
+    ) -> Result<(), Error> {
+        let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
+        let log = nv
+            .handle
+            .begin_run_checkpointed(undo_pages)
+            .map_err(|e| nv_error(&nv.config, e))?;
+        let active = self.start_with_log(nv, vm, log)?;
+        active
+            .tracker
+            .lock_epoch()
+            .protect_all()
+            .map_err(|e| Error::Checkpoint(e.to_string()))?;
+        self.active = Some(active);
+        self.interval = interval;
+        self.timer
+            .reset(interval, Some(interval))
+            .map_err(timer_error)
+    }
+
     fn start(&self, nv: &NvVm, vm: &Vm) -> Result<Active, Error> {
+        let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
+        let log = nv
+            .handle
+            .enable_checkpoints(undo_pages)
+            .map_err(|e| nv_error(&nv.config, e))?;
+        self.start_with_log(nv, vm, log)
+    }
+
+    fn start_with_log(&self, nv: &NvVm, vm: &Vm, log: UndoLog) -> Result<Active, Error> {
         let backing = nv
             .handle
             .memory_backing()
@@ -272,11 +309,6 @@ impl Checkpoints {
             });
             ram_offsets.push(file_offset.start() - backing.offset);
         }
-        let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
-        let log = nv
-            .handle
-            .enable_checkpoints(undo_pages)
-            .map_err(|e| nv_error(&nv.config, e))?;
         let sink = UndoSink {
             log: log.clone(),
             ram_offsets,
@@ -291,8 +323,9 @@ impl Checkpoints {
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(e.to_string()))?;
         log::info!(
-            "VM {:?}: checkpoints on, undo log of {undo_pages} pages per epoch",
-            nv.name()
+            "VM {:?}: checkpoints on, undo log of {} pages per epoch",
+            nv.name(),
+            log.capacity_pages()
         );
         Ok(Active { log, tracker })
     }

@@ -413,14 +413,16 @@ pub fn start(
             phases.mark("state-restore");
             // Only now: recording the run destroys the state just loaded, so a failure before
             // this point leaves it resumable.
-            nv.begin_run(RunKind::Resume)?;
-            phases.mark("record-run");
-            // Checkpoints are armed before the guest runs again: from its first instruction on,
-            // a failure without warning finds an epoch to roll back to.
-            if let Some(interval) = nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
-                checkpoints.set_interval(&nv, &mut vm, Duration::from_millis(interval))?;
-                phases.mark("checkpoint-arm");
+            // With checkpoints the run begins with the resumed state as its first epoch and
+            // guest RAM write-protected: from the guest's first instruction on, a failure
+            // without warning finds an epoch to roll back to.
+            match nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
+                Some(interval) => {
+                    checkpoints.begin_resumed_run(&nv, &vm, Duration::from_millis(interval))?
+                }
+                None => nv.begin_run(RunKind::Resume)?,
             }
+            phases.mark("record-run");
             vm.resume_timed(&mut phases)?;
             let took = phases.last_mark().saturating_duration_since(started);
             log::info!(
