@@ -1045,4 +1045,160 @@ mod tests {
         .unwrap_err();
         assert!(matches!(error, UffdError::BadRange { .. }), "{error}");
     }
+
+    /// A shared mapping of a file on tmpfs (`/dev/shm`), as guest RAM in an NV region is.
+    struct SharedTmpfs {
+        _file: tempfile::NamedTempFile,
+        address: *mut u8,
+        length: usize,
+    }
+
+    impl SharedTmpfs {
+        fn new(pages: usize) -> Self {
+            let file = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+            let length = pages * PAGE_SIZE;
+            file.as_file().set_len(length as u64).unwrap();
+            // SAFETY: a fresh shared mapping of a file we own; the kernel picks the address.
+            let address = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    length,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_file().as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(address, libc::MAP_FAILED);
+            SharedTmpfs {
+                _file: file,
+                address: address.cast(),
+                length,
+            }
+        }
+
+        fn write(&self, page: usize, value: u8) {
+            // SAFETY: inside the mapping; a protected page blocks here until it is lifted.
+            unsafe { std::ptr::write_volatile(self.address.add(page * PAGE_SIZE + 7), value) };
+        }
+
+        fn read(&self, page: usize) -> u8 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::read_volatile(self.address.add(page * PAGE_SIZE + 7)) }
+        }
+    }
+
+    impl Drop for SharedTmpfs {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping this value created.
+            unsafe { libc::munmap(self.address.cast(), self.length) };
+        }
+    }
+
+    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records.
+    struct RecordingSink {
+        base: usize,
+        records: std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>,
+        hold: usize,
+    }
+
+    impl FirstWriteSink for RecordingSink {
+        fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
+            assert_eq!(range_index, 0);
+            if self.hold > 0 {
+                self.hold -= 1;
+                return FirstWrite::Hold {
+                    full: true,
+                    reason: "full".into(),
+                };
+            }
+            // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
+            let old = unsafe { std::ptr::read_volatile((self.base + offset + 7) as *const u8) };
+            self.records.lock().unwrap().push((offset / PAGE_SIZE, old));
+            FirstWrite::Lift
+        }
+    }
+
+    fn tracker_over(
+        memory: &SharedTmpfs,
+        hold: usize,
+    ) -> (
+        WriteTracker<RecordingSink>,
+        std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>,
+        vmm_sys_util::eventfd::EventFd,
+    ) {
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let attention = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let tracker = WriteTracker::start(
+            vec![TrackedRange {
+                host_address: memory.address as usize,
+                length: memory.length,
+            }],
+            RecordingSink {
+                base: memory.address as usize,
+                records: std::sync::Arc::clone(&records),
+                hold,
+            },
+            attention.try_clone().unwrap(),
+            SeccompMode::Enforce,
+        )
+        .unwrap();
+        (tracker, records, attention)
+    }
+
+    /// The first write to a page per epoch reaches the sink while the page still holds the
+    /// epoch's content, once; protecting again starts a new epoch.
+    #[test]
+    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+        let memory = SharedTmpfs::new(8);
+        for page in 0..8 {
+            memory.write(page, page as u8 + 10);
+        }
+        let (tracker, records, _) = tracker_over(&memory, 0);
+        memory.write(1, 99); // not protected yet: not recorded
+        tracker.lock_epoch().protect_all().unwrap();
+        memory.write(3, 1);
+        memory.write(3, 2);
+        memory.write(5, 1);
+        assert_eq!(*records.lock().unwrap(), [(3, 13), (5, 15)]);
+        tracker.lock_epoch().protect_all().unwrap();
+        memory.write(3, 3);
+        memory.write(1, 4);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(3, 13), (5, 15), (3, 2), (1, 99)]
+        );
+        assert_eq!(tracker.lifted_pages(), 4);
+        assert_eq!((memory.read(3), memory.read(1)), (3, 4));
+    }
+
+    /// A held page keeps its writer blocked and raises attention; `retry_held` records it
+    /// and lets the write through.
+    #[test]
+    fn a_held_page_blocks_its_writer_until_it_is_recorded() {
+        let memory = SharedTmpfs::new(4);
+        memory.write(2, 42);
+        let (tracker, records, attention) = tracker_over(&memory, 1);
+        tracker.lock_epoch().protect_all().unwrap();
+        let address = memory.address as usize;
+        let writer = std::thread::spawn(move || {
+            // SAFETY: inside the mapping, which outlives this thread (joined below).
+            unsafe { std::ptr::write_volatile((address + 2 * PAGE_SIZE + 7) as *mut u8, 7) };
+        });
+        let mut poll = libc::pollfd {
+            fd: attention.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, 5 s at most.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 5000) }, 1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "the write went through unrecorded");
+        assert!(records.lock().unwrap().is_empty());
+        assert_eq!(tracker.retry_held(), 0);
+        writer.join().unwrap();
+        assert_eq!(*records.lock().unwrap(), [(2, 42)]);
+        assert_eq!(memory.read(2), 7);
+        assert!(tracker.failure().is_none());
+    }
 }
