@@ -69,7 +69,9 @@ fn find_mailbox(region: &Path) -> u64 {
 
 fn mailbox_counter(region: &File, at: u64) -> u64 {
     let mut word = [0u8; 16];
-    region.read_exact_at(&mut word, at).expect("reading the mailbox");
+    region
+        .read_exact_at(&mut word, at)
+        .expect("reading the mailbox");
     assert_eq!(
         u64::from_le_bytes(word[..8].try_into().unwrap()),
         MAILBOX_MAGIC,
@@ -149,8 +151,11 @@ fn sigkill_at_random_instants_resumes_every_time_within_about_one_interval() {
     // measures it again for its own death.
     let mut watched = (Instant::now(), mailbox_counter(&region_file, mailbox));
     std::thread::sleep(Duration::from_millis(300));
-    let mut rate = steps_per_ms(watched, (Instant::now(), mailbox_counter(&region_file, mailbox)))
-        .expect("the guest makes no progress");
+    let mut rate = steps_per_ms(
+        watched,
+        (Instant::now(), mailbox_counter(&region_file, mailbox)),
+    )
+    .expect("the guest makes no progress");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     let mut losses_ms = Vec::new();
     let mut deaths = [0usize; 3];

@@ -97,9 +97,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         }
     }
     table.write(&bench.out_dir, "checkpoint.csv")?;
-    bench
-        .summary
-        .table("Checkpoints: kvstore throughput and cost by interval", &table);
+    bench.summary.table(
+        "Checkpoints: kvstore throughput and cost by interval",
+        &table,
+    );
     Ok(())
 }
 
