@@ -1098,7 +1098,7 @@ mod tests {
     /// Records each page's byte 7 as the sink sees it; holds the first `hold` records.
     struct RecordingSink {
         base: usize,
-        records: std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>,
+        records: Records,
         hold: usize,
     }
 
@@ -1119,12 +1119,15 @@ mod tests {
         }
     }
 
+    /// (page, byte 7 before the write) of every recorded page, in order.
+    type Records = std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>;
+
     fn tracker_over(
         memory: &SharedTmpfs,
         hold: usize,
     ) -> (
         WriteTracker<RecordingSink>,
-        std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>,
+        Records,
         vmm_sys_util::eventfd::EventFd,
     ) {
         let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
