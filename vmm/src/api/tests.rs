@@ -568,6 +568,8 @@ fn every_route_answers_in_upstream_framing() {
         "vmm.nv-regions",
         "vm.nv-swap-out",
         "vm.nv-swap-in",
+        // `NvCheckpointConfig` requires its `interval_ms`.
+        "vm.nv-checkpoint",
         // `VmRemoveDevice` requires its `id`.
         "vm.remove-device",
     ];
