@@ -208,7 +208,8 @@ pub enum Command {
         #[arg(value_name = "DESTINATION_URL")]
         destination_url: String,
     },
-    /// NV persistence: status, power-fail, suspend, recover, list, swap-out, swap-in.
+    /// NV persistence: status, power-fail, suspend, recover, list, swap-out, swap-in,
+    /// checkpoint.
     #[command(name = "nv-persist", subcommand)]
     NvPersist(NvCommand),
 }
@@ -257,6 +258,12 @@ pub enum NvCommand {
         /// Keep the swap file after the swap-in (default: remove it).
         #[arg(long)]
         keep: bool,
+    },
+    /// Take an epoch checkpoint every N milliseconds (0: off), so the VM survives a failure
+    /// without warning, losing at most one interval.
+    Checkpoint {
+        #[arg(long, value_name = "N")]
+        interval_ms: u64,
     },
 }
 
@@ -437,6 +444,9 @@ impl Command {
                         body["region"] = json!(absolute(region)?);
                     }
                     put_json("vm.nv-swap-in", body)
+                }
+                NvCommand::Checkpoint { interval_ms } => {
+                    put_json("vm.nv-checkpoint", json!({ "interval_ms": interval_ms }))
                 }
             },
         };
@@ -954,6 +964,28 @@ mod tests {
                 "/r"
             ]),
             None
+        );
+    }
+
+    #[test]
+    fn nv_persist_checkpoint_verb() {
+        assert_put(
+            &["nv-persist", "checkpoint", "--interval-ms", "10"],
+            "vm.nv-checkpoint",
+            json!({ "interval_ms": 10 }),
+        );
+        assert_put(
+            &["nv-persist", "checkpoint", "--interval-ms", "0"],
+            "vm.nv-checkpoint",
+            json!({ "interval_ms": 0 }),
+        );
+        assert_eq!(
+            usage_error(&["nv-persist", "checkpoint"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error(&["nv-persist", "checkpoint", "--interval-ms", "ten"]),
+            ErrorKind::ValueValidation
         );
     }
 

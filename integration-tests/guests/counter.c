@@ -6,6 +6,13 @@
  * wrapping sum of all words). About every 100 ms the whole area is summed
  * again and compared with the running checksum before a progress line is
  * printed, so lost or stale memory after a save/restore shows up.
+ *
+ * With mailbox_at=ADDR the counter is also stored at ADDR + 8 after every
+ * batch of steps (MAILBOX_MAGIC at ADDR), so a test can read the value the
+ * guest had when its VMM died from the NV region itself. A TSC that went
+ * backwards or jumped by more than GAP_MS between two batches (the guest was
+ * resumed in a new VM, or stalled) prints a line at once too, so the first
+ * line after a resume is within a batch of the resumed state.
  */
 #include "clock.h"
 #include "console.h"
@@ -17,6 +24,8 @@
 /* Steps between TSC reads: keeps rdtsc off the hot path. */
 #define STEPS_PER_TIME_CHECK 4096
 #define GOLDEN_RATIO_64 0x9e3779b97f4a7c15ull
+#define GAP_MS 20
+#define MAILBOX_MAGIC 0x786f626c69616d63ull /* "cmailbox" */
 
 static uint64_t initial_word(uint64_t index)
 {
@@ -56,6 +65,19 @@ void guest_main(void)
 		return;
 	}
 
+	uint64_t mailbox_address = param_u64("mailbox_at", 0);
+	volatile uint64_t *mailbox = (volatile uint64_t *)mailbox_address;
+	if (mailbox_address &&
+	    ((mailbox_address & 7) || mailbox_address < ram_free_start() ||
+	     !ram_contains(mailbox_address, 16) ||
+	     (mailbox_address + 16 > area_address &&
+	      mailbox_address < area_address + area_mb * MIB))) {
+		console_write("counter: FAIL mailbox at 0x");
+		console_write_hex(mailbox_address);
+		console_write(" is not in free RAM outside the area\n");
+		return;
+	}
+
 	volatile uint64_t *area = (volatile uint64_t *)area_address;
 	uint64_t words = area_mb * MIB / sizeof(uint64_t);
 	uint64_t running_sum = 0;
@@ -65,8 +87,14 @@ void guest_main(void)
 	}
 
 	uint64_t counter = 0, index = 0, lines = 0;
+	if (mailbox_address) {
+		mailbox[1] = 0;
+		mailbox[0] = MAILBOX_MAGIC;
+	}
 	struct ticker report;
 	ticker_start(&report, REPORT_PERIOD_MS);
+	uint64_t seen = tsc_read();
+	uint64_t gap_ticks = GAP_MS * clock_ticks_per_ms();
 	for (;;) {
 		for (int step = 0; step < STEPS_PER_TIME_CHECK; step++) {
 			uint64_t word = word_for_counter(++counter);
@@ -75,7 +103,12 @@ void guest_main(void)
 			if (++index == words)
 				index = 0;
 		}
-		if (!ticker_due(&report))
+		if (mailbox_address)
+			mailbox[1] = counter;
+		uint64_t now = tsc_read();
+		int resumed = now < seen || now - seen > gap_ticks;
+		seen = now;
+		if (!ticker_due(&report) && !resumed)
 			continue;
 
 		uint64_t actual_sum = sum_area(area, words);

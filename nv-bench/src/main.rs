@@ -35,7 +35,7 @@ use crate::profile::Profile;
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// A, A-floor, B, C, D, E, F, G, H, I and the memory section.
+    /// A, A-floor, B, C, D, E, F, G, H, I, the memory and the checkpoint sections.
     All,
     /// A and B: power-fail save by phase, recovery to running vs copy restore.
     Save,
@@ -57,6 +57,8 @@ enum Which {
     Memory,
     /// I: client-visible outage of the netkv database VM, NV vs copy restore vs cold restart.
     Net,
+    /// Checkpoints: kvstore throughput with checkpoint_ms = 1, 10, 100 vs off, pause, undo log.
+    Checkpoint,
 }
 
 #[derive(Parser, Debug)]
@@ -215,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 10] = [
+    let sections: [(Which, Section); 11] = [
         (Which::Overhead, measure::overhead::run),
         (Which::Service, measure::service::run),
         (Which::Save, measure::power_fail::run),
@@ -226,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         (Which::VhostUser, measure::vhost_user::run),
         (Which::Memory, measure::memory_scale::run),
         (Which::Net, measure::net_outage::run),
+        (Which::Checkpoint, measure::checkpoint::run),
     ];
     for (which, section) in sections {
         if cli.which == Which::All || cli.which == which {

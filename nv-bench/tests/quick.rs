@@ -237,6 +237,22 @@ fn quick_run_produces_every_measurement() {
         assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
     }
 
+    // Checkpoints: one row per interval (off, 100, 10, 1 ms), each with a positive rate; the
+    // checkpointed ones took epochs and report their pause, and a ratio against off.
+    let checkpoints = csv_rows(out.path(), "checkpoint.csv");
+    assert_eq!(checkpoints.len(), 4, "{stdout}");
+    for row in &checkpoints {
+        assert!(
+            row[2].parse::<f64>().is_ok_and(|rate| rate > 0.0),
+            "{row:?}"
+        );
+        if row[1] != "off" {
+            assert!(row[3].ends_with('x'), "{row:?}");
+            assert!(row[4].parse::<u64>().unwrap() > 0, "no epochs: {row:?}");
+            assert!(row[5].parse::<u64>().unwrap() > 0, "no pause: {row:?}");
+        }
+    }
+
     // Only OnDemand restore may be missing, and only as the VMM's clear refusal (issue 5
     // allows "OnDemand, or a clear unsupported error").
     for line in stdout

@@ -208,6 +208,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("NV checkpoints: {0}")]
+    Checkpoint(String),
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
     #[error(transparent)]
@@ -350,6 +352,7 @@ impl Error {
             | Error::DiskImage { .. }
             | Error::ThreadSpawn { .. }
             | Error::SignalHandler(_)
+            | Error::Checkpoint(_)
             | Error::PowerFailSignalMask(_)
             | Error::PauseTimeout { .. }
             | Error::Api(_)

@@ -71,10 +71,13 @@ pub enum ThreadKind {
     NetIo,
     /// Serves the guest RAM page faults of an `OnDemand` restore (userfaultfd).
     PageFault,
+    /// Serves the write-protect faults of NV checkpoints: records a page's old content in the
+    /// region's undo log, persists it, lifts the page's protection (userfaultfd).
+    WriteFault,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::HttpApi,
@@ -83,6 +86,7 @@ impl ThreadKind {
         ThreadKind::EventMonitor,
         ThreadKind::PageFault,
         ThreadKind::NetIo,
+        ThreadKind::WriteFault,
     ];
 }
 
@@ -316,6 +320,17 @@ const TAP_IOCTLS: [u64; 10] = [
 /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_WAKE` from a read-only mapping of `memory-ranges`.
 const PAGE_FAULT: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
 
+/// The checkpoint write-fault thread: wait for faults (or its stop EventFd), read them, persist
+/// the old page into the region's undo log (stores to its mapping, `msync` or `fdatasync` for
+/// a file region), then `UFFDIO_WRITEPROTECT` to lift the protection.
+const WRITE_FAULT: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_msync,
+    libc::SYS_fdatasync,
+];
+
 /// The event writer only writes (COMMON has `write`) and flushes.
 const EVENT_MONITOR: &[i64] = &[libc::SYS_fsync, libc::SYS_fdatasync];
 
@@ -410,6 +425,9 @@ const PAGE_FAULT_IOCTLS: &[u64] = &[
     crate::userfaultfd::UFFDIO_WAKE,
 ];
 
+/// Lifting a page's write protection once its old content is in the undo log.
+const WRITE_FAULT_IOCTLS: &[u64] = &[crate::userfaultfd::UFFDIO_WRITEPROTECT];
+
 /// The control loop and its workers: every KVM request of VM creation, boot, state save and
 /// restore and pause (`KVM_KVMCLOCK_CTRL`); opening a pty (`grantpt`, `unlockpt`, `ptsname`)
 /// and making it raw (`tcgetattr`, `tcsetattr`); setting up an `OnDemand` restore's
@@ -426,6 +444,7 @@ fn vmm_ioctls() -> Vec<u64> {
         .chain(terminal)
         .chain(userfaultfd)
         .chain(PAGE_FAULT_IOCTLS.iter().copied())
+        .chain(WRITE_FAULT_IOCTLS.iter().copied())
         .chain(TAP_IOCTLS)
         .collect()
 }
@@ -436,6 +455,7 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         ThreadKind::Vmm => vmm_ioctls(),
         ThreadKind::Vcpu => vcpu_ioctls(),
         ThreadKind::PageFault => PAGE_FAULT_IOCTLS.to_vec(),
+        ThreadKind::WriteFault => WRITE_FAULT_IOCTLS.to_vec(),
         ThreadKind::HttpApi
         | ThreadKind::BlockIo
         | ThreadKind::StreamIo
@@ -455,6 +475,7 @@ fn allow_list(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::NetIo => NET_IO,
         ThreadKind::EventMonitor => EVENT_MONITOR,
         ThreadKind::PageFault => PAGE_FAULT,
+        ThreadKind::WriteFault => WRITE_FAULT,
     };
     COMMON.iter().chain(specific).copied()
 }
@@ -688,6 +709,7 @@ mod tests {
             ThreadKind::EventMonitor,
             ThreadKind::PageFault,
             ThreadKind::NetIo,
+            ThreadKind::WriteFault,
         ] {
             for call in allow_list(kind) {
                 assert!(
@@ -720,18 +742,19 @@ mod tests {
             ]
         );
         let sizes: Vec<(usize, usize)> = ThreadKind::ALL.into_iter().map(filter_size).collect();
-        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault, NetIo.
+        // Vmm, Vcpu, HttpApi, BlockIo, StreamIo, EventMonitor, PageFault, NetIo, WriteFault.
         assert_eq!(
             sizes,
             [
-                (90, 65),
+                (90, 66),
                 (27, 4),
                 (50, 0),
                 (40, 0),
                 (30, 0),
                 (28, 0),
                 (30, 3),
-                (31, 0)
+                (31, 0),
+                (32, 1)
             ]
         );
     }

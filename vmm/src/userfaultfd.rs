@@ -12,6 +12,13 @@
 //! VM's memory is dropped. It never closes the userfaultfd while memory is still registered:
 //! that would turn every later first touch into a silent zero page.
 //!
+//! The same userfaultfd speaks write-protect mode for NV checkpoints ([`WriteTracker`]): guest
+//! RAM (a shared mapping of the region) is registered with `UFFDIO_REGISTER_MODE_WP`; at each
+//! epoch all of it is write-protected with `UFFDIO_WRITEPROTECT`, and the first write to a page
+//! (by a vCPU through KVM, whose MMU notifier drops its writable mapping, or by a device thread)
+//! blocks until the tracker's thread handed the page's old content to a [`FirstWriteSink`] (the
+//! undo log) and lifted the protection of that page.
+//!
 //! The ioctl interface is `linux/userfaultfd.h`; the libc crate does not carry it, so the few
 //! structs and request numbers are spelled out here.
 
@@ -59,6 +66,15 @@ pub enum UffdError {
     Spawn(#[source] std::io::Error),
     #[error("page-fault thread: {0}")]
     Seccomp(String),
+    #[error("UFFDIO_WRITEPROTECT of {length:#x} bytes at {address:#x} failed: {source}")]
+    WriteProtect {
+        address: usize,
+        length: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the write tracker's stop EventFd: {0}")]
+    StopEvent(#[source] std::io::Error),
 }
 
 /// One range of guest RAM to fill lazily: `length` bytes at host address `host_address`, whose
@@ -86,12 +102,18 @@ const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
 const NR_REGISTER: u64 = 0x00;
 const NR_WAKE: u64 = 0x02;
 const NR_COPY: u64 = 0x03;
 const NR_ZEROPAGE: u64 = 0x04;
+const NR_WRITEPROTECT: u64 = 0x06;
 const NR_API: u64 = 0x3F;
 
 #[repr(C)]
@@ -135,6 +157,13 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
 /// `struct uffd_msg`: the event byte, padding, then a 24-byte union. For a page fault the union
 /// holds (flags, address, thread id); for an unmap (start, end).
 #[repr(C)]
@@ -160,6 +189,8 @@ pub(crate) const UFFDIO_WAKE: u64 = ioctl_request(READ, NR_WAKE, size_of::<Uffdi
 pub(crate) const UFFDIO_COPY: u64 = ioctl_request(READ_WRITE, NR_COPY, size_of::<UffdioCopy>());
 pub(crate) const UFFDIO_ZEROPAGE: u64 =
     ioctl_request(READ_WRITE, NR_ZEROPAGE, size_of::<UffdioZeropage>());
+pub(crate) const UFFDIO_WRITEPROTECT: u64 =
+    ioctl_request(READ_WRITE, NR_WRITEPROTECT, size_of::<UffdioWriteprotect>());
 
 /// Issues one userfaultfd ioctl whose argument is `argument`.
 fn uffd_ioctl<T>(uffd: &OwnedFd, request: u64, argument: &mut T) -> std::io::Result<()> {
@@ -548,6 +579,348 @@ impl FaultServer {
     }
 }
 
+/// What to do with a page after [`FirstWriteSink::record`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstWrite {
+    /// The page's old content is durable (or nothing needs it): lift the protection.
+    Lift,
+    /// The page cannot be recorded now: keep its writer blocked and ask the control loop for
+    /// attention (`full`: an early checkpoint makes room; otherwise checkpoints must stop). The
+    /// page is recorded again by [`WriteTracker::retry_held`] or released by dropping the
+    /// tracker.
+    Hold { full: bool, reason: String },
+}
+
+/// Records the content of each page written for the first time in an epoch, before the write
+/// happens: the undo log. `Lift` must mean the old content is durable, because the write
+/// proceeds as soon as the protection is lifted.
+pub trait FirstWriteSink: Send {
+    /// The page at byte `offset` of tracked range `range_index` is about to be written; its
+    /// content is still the epoch's.
+    fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite;
+}
+
+/// One range of guest RAM to track: `length` bytes at host address `host_address` (page
+/// aligned, a shared mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedRange {
+    pub host_address: usize,
+    pub length: usize,
+}
+
+/// The state the fault thread and the epoch switch share, under one lock: a page is recorded
+/// and unprotected wholly inside one epoch, never across a switch (recorded in epoch N,
+/// unprotected after epoch N+1 protected everything again would leave it unrecorded in N+1).
+struct TrackerShared<S> {
+    sink: S,
+    /// Faulting pages whose writers wait (host addresses): the sink said `Hold`.
+    held: Vec<usize>,
+    /// Set when a `Hold` was not for a full log: checkpoints must stop.
+    failed: Option<String>,
+    /// Pages lifted since the tracker started.
+    lifted: u64,
+}
+
+/// Write-protect tracking of guest RAM through one userfaultfd and one fault thread (see the
+/// module doc). Dropping it lifts every protection, wakes every waiting writer, stops the
+/// thread and closes the userfaultfd.
+pub struct WriteTracker<S: FirstWriteSink + 'static> {
+    uffd: std::sync::Arc<OwnedFd>,
+    ranges: Vec<TrackedRange>,
+    shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
+    stop: vmm_sys_util::eventfd::EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The tracker's lock, held across an epoch switch: no page is recorded or lifted meanwhile.
+pub struct EpochLock<'a, S: FirstWriteSink + 'static> {
+    tracker: &'a WriteTracker<S>,
+    _guard: std::sync::MutexGuard<'a, TrackerShared<S>>,
+}
+
+impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
+    /// Write-protects all tracked memory: every page's next write faults.
+    pub fn protect_all(&self) -> Result<(), UffdError> {
+        for range in &self.tracker.ranges {
+            set_write_protection(&self.tracker.uffd, range.host_address, range.length, true)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: FirstWriteSink + 'static> WriteTracker<S> {
+    /// Registers `ranges` for write-protect faults (nothing is protected yet) and starts the
+    /// fault thread under the `WriteFault` seccomp filter. `attention` is written when a page is
+    /// held (see [`FirstWrite::Hold`]).
+    pub fn start(
+        ranges: Vec<TrackedRange>,
+        sink: S,
+        attention: vmm_sys_util::eventfd::EventFd,
+        seccomp: SeccompMode,
+    ) -> Result<Self, UffdError> {
+        for (index, range) in ranges.iter().enumerate() {
+            if range.host_address % PAGE_SIZE != 0 || range.length % PAGE_SIZE != 0 {
+                return Err(UffdError::BadRange {
+                    index,
+                    offset: range.host_address,
+                    length: range.length,
+                    source_length: 0,
+                });
+            }
+        }
+        let uffd = create_userfaultfd()?;
+        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: wanted,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
+        if api.features & wanted != wanted {
+            return Err(UffdError::MissingFeature(
+                "write-protect on shared memory (UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
+            ));
+        }
+        for range in &ranges {
+            let mut register = UffdioRegister {
+                range: UffdioRange {
+                    start: range.host_address as u64,
+                    len: range.length as u64,
+                },
+                mode: UFFDIO_REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut register).map_err(|source| {
+                UffdError::Register {
+                    address: range.host_address,
+                    length: range.length,
+                    source,
+                }
+            })?;
+            if register.ioctls & (1 << NR_WRITEPROTECT) == 0 {
+                return Err(UffdError::MissingFeature(
+                    "UFFDIO_WRITEPROTECT on guest RAM",
+                ));
+            }
+        }
+        let uffd = std::sync::Arc::new(uffd);
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(TrackerShared {
+            sink,
+            held: Vec::new(),
+            failed: None,
+            lifted: 0,
+        }));
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(UffdError::StopEvent)?;
+        let server = WriteFaultServer {
+            uffd: std::sync::Arc::clone(&uffd),
+            ranges: ranges.clone(),
+            shared: std::sync::Arc::clone(&shared),
+            stop: stop.try_clone().map_err(UffdError::StopEvent)?,
+            attention,
+        };
+        let (confined_tx, confined) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("uffd-wp".into())
+            .spawn(move || {
+                let filter = apply_filter_for_mode(ThreadKind::WriteFault, seccomp);
+                let confined = filter.is_ok();
+                let _ = confined_tx.send(filter.map_err(|e| e.to_string()));
+                if confined {
+                    server.run();
+                }
+            })
+            .map_err(UffdError::Spawn)?;
+        let tracker = WriteTracker {
+            uffd,
+            ranges,
+            shared,
+            stop,
+            thread: Some(thread),
+        };
+        match confined.recv() {
+            Ok(Ok(())) => Ok(tracker),
+            Ok(Err(reason)) => Err(UffdError::Seccomp(reason)),
+            Err(_) => Err(UffdError::Seccomp(
+                "the thread ended before installing its filter".to_string(),
+            )),
+        }
+    }
+
+    /// Takes the tracker's lock for an epoch switch (the fault thread waits meanwhile).
+    pub fn lock_epoch(&self) -> EpochLock<'_, S> {
+        EpochLock {
+            tracker: self,
+            _guard: self.lock(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerShared<S>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the held pages again (after an early checkpoint made room) and lifts those the
+    /// sink accepts now. Returns how many are still held.
+    pub fn retry_held(&self) -> usize {
+        let mut shared = self.lock();
+        let held = std::mem::take(&mut shared.held);
+        for address in held {
+            serve_page(&self.uffd, &self.ranges, &mut shared, address);
+        }
+        shared.held.len()
+    }
+
+    /// Why checkpoints must stop, if a page could not be recorded for another reason than a
+    /// full log.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Pages recorded and lifted since the tracker started.
+    pub fn lifted_pages(&self) -> u64 {
+        self.lock().lifted
+    }
+}
+
+impl<S: FirstWriteSink + 'static> Drop for WriteTracker<S> {
+    fn drop(&mut self) {
+        // Lift every protection first (which wakes held writers too): a writer blocked on a
+        // page must not wait for a thread that is about to end.
+        for range in &self.ranges {
+            let _ = set_write_protection(&self.uffd, range.host_address, range.length, false);
+        }
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Protects (or unprotects, waking whoever waits on it) `length` bytes at `address`.
+fn set_write_protection(
+    uffd: &OwnedFd,
+    address: usize,
+    length: usize,
+    protect: bool,
+) -> Result<(), UffdError> {
+    let mut request = UffdioWriteprotect {
+        range: UffdioRange {
+            start: address as u64,
+            len: length as u64,
+        },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    uffd_ioctl(uffd, UFFDIO_WRITEPROTECT, &mut request).map_err(|source| UffdError::WriteProtect {
+        address,
+        length,
+        source,
+    })
+}
+
+/// Records the page at `address` and lifts its protection (waking its writers), or holds it.
+/// Returns false when the page is held.
+fn serve_page<S: FirstWriteSink>(
+    uffd: &OwnedFd,
+    ranges: &[TrackedRange],
+    shared: &mut TrackerShared<S>,
+    address: usize,
+) -> bool {
+    let Some((index, range)) = ranges.iter().enumerate().find(|(_, range)| {
+        address >= range.host_address && address < range.host_address + range.length
+    }) else {
+        log::error!("write tracker: fault at {address:#x} outside every tracked range");
+        return true;
+    };
+    match shared.sink.record(index, address - range.host_address) {
+        FirstWrite::Lift => {
+            shared.lifted += 1;
+            if let Err(error) = set_write_protection(uffd, address, PAGE_SIZE, false) {
+                log::error!("write tracker: {error}");
+            }
+            true
+        }
+        FirstWrite::Hold { full, reason } => {
+            if !full && shared.failed.is_none() {
+                shared.failed = Some(reason);
+            }
+            if !shared.held.contains(&address) {
+                shared.held.push(address);
+            }
+            false
+        }
+    }
+}
+
+struct WriteFaultServer<S> {
+    uffd: std::sync::Arc<OwnedFd>,
+    ranges: Vec<TrackedRange>,
+    shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
+    stop: vmm_sys_util::eventfd::EventFd,
+    attention: vmm_sys_util::eventfd::EventFd,
+}
+
+impl<S: FirstWriteSink> WriteFaultServer<S> {
+    fn run(self) {
+        let mut messages = [UffdMsg::default(); 16];
+        loop {
+            let mut polled = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds, count 2, no timeout.
+            let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
+                continue;
+            }
+            if polled[1].revents != 0 {
+                return;
+            }
+            // SAFETY: reading whole plain-data `uffd_msg` structs into a buffer we own.
+            let read = unsafe {
+                libc::read(
+                    self.uffd.as_raw_fd(),
+                    messages.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&messages),
+                )
+            };
+            if read <= 0 {
+                continue;
+            }
+            let mut shared = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut held = false;
+            for message in &messages[..read as usize / size_of::<UffdMsg>()] {
+                if message.event == UFFD_EVENT_PAGEFAULT
+                    && message.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0
+                {
+                    let address = message.arg[1] as usize & !(PAGE_SIZE - 1);
+                    held |= !serve_page(&self.uffd, &self.ranges, &mut shared, address);
+                }
+            }
+            drop(shared);
+            if held {
+                let _ = self.attention.write(1);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +934,7 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
 
@@ -670,5 +1044,164 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(error, UffdError::BadRange { .. }), "{error}");
+    }
+
+    /// A shared mapping of a file on tmpfs (`/dev/shm`), as guest RAM in an NV region is.
+    struct SharedTmpfs {
+        _file: tempfile::NamedTempFile,
+        address: *mut u8,
+        length: usize,
+    }
+
+    impl SharedTmpfs {
+        fn new(pages: usize) -> Self {
+            let file = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+            let length = pages * PAGE_SIZE;
+            file.as_file().set_len(length as u64).unwrap();
+            // SAFETY: a fresh shared mapping of a file we own; the kernel picks the address.
+            let address = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    length,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_file().as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(address, libc::MAP_FAILED);
+            SharedTmpfs {
+                _file: file,
+                address: address.cast(),
+                length,
+            }
+        }
+
+        fn write(&self, page: usize, value: u8) {
+            // SAFETY: inside the mapping; a protected page blocks here until it is lifted.
+            unsafe { std::ptr::write_volatile(self.address.add(page * PAGE_SIZE + 7), value) };
+        }
+
+        fn read(&self, page: usize) -> u8 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::read_volatile(self.address.add(page * PAGE_SIZE + 7)) }
+        }
+    }
+
+    impl Drop for SharedTmpfs {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping this value created.
+            unsafe { libc::munmap(self.address.cast(), self.length) };
+        }
+    }
+
+    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records.
+    struct RecordingSink {
+        base: usize,
+        records: Records,
+        hold: usize,
+    }
+
+    impl FirstWriteSink for RecordingSink {
+        fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
+            assert_eq!(range_index, 0);
+            if self.hold > 0 {
+                self.hold -= 1;
+                return FirstWrite::Hold {
+                    full: true,
+                    reason: "full".into(),
+                };
+            }
+            // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
+            let old = unsafe { std::ptr::read_volatile((self.base + offset + 7) as *const u8) };
+            self.records.lock().unwrap().push((offset / PAGE_SIZE, old));
+            FirstWrite::Lift
+        }
+    }
+
+    /// (page, byte 7 before the write) of every recorded page, in order.
+    type Records = std::sync::Arc<std::sync::Mutex<Vec<(usize, u8)>>>;
+
+    fn tracker_over(
+        memory: &SharedTmpfs,
+        hold: usize,
+    ) -> (
+        WriteTracker<RecordingSink>,
+        Records,
+        vmm_sys_util::eventfd::EventFd,
+    ) {
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let attention = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let tracker = WriteTracker::start(
+            vec![TrackedRange {
+                host_address: memory.address as usize,
+                length: memory.length,
+            }],
+            RecordingSink {
+                base: memory.address as usize,
+                records: std::sync::Arc::clone(&records),
+                hold,
+            },
+            attention.try_clone().unwrap(),
+            SeccompMode::Enforce,
+        )
+        .unwrap();
+        (tracker, records, attention)
+    }
+
+    /// The first write to a page per epoch reaches the sink while the page still holds the
+    /// epoch's content, once; protecting again starts a new epoch.
+    #[test]
+    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+        let memory = SharedTmpfs::new(8);
+        for page in 0..8 {
+            memory.write(page, page as u8 + 10);
+        }
+        let (tracker, records, _) = tracker_over(&memory, 0);
+        memory.write(1, 99); // not protected yet: not recorded
+        tracker.lock_epoch().protect_all().unwrap();
+        memory.write(3, 1);
+        memory.write(3, 2);
+        memory.write(5, 1);
+        assert_eq!(*records.lock().unwrap(), [(3, 13), (5, 15)]);
+        tracker.lock_epoch().protect_all().unwrap();
+        memory.write(3, 3);
+        memory.write(1, 4);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(3, 13), (5, 15), (3, 2), (1, 99)]
+        );
+        assert_eq!(tracker.lifted_pages(), 4);
+        assert_eq!((memory.read(3), memory.read(1)), (3, 4));
+    }
+
+    /// A held page keeps its writer blocked and raises attention; `retry_held` records it
+    /// and lets the write through.
+    #[test]
+    fn a_held_page_blocks_its_writer_until_it_is_recorded() {
+        let memory = SharedTmpfs::new(4);
+        memory.write(2, 42);
+        let (tracker, records, attention) = tracker_over(&memory, 1);
+        tracker.lock_epoch().protect_all().unwrap();
+        let address = memory.address as usize;
+        let writer = std::thread::spawn(move || {
+            // SAFETY: inside the mapping, which outlives this thread (joined below).
+            unsafe { std::ptr::write_volatile((address + 2 * PAGE_SIZE + 7) as *mut u8, 7) };
+        });
+        let mut poll = libc::pollfd {
+            fd: attention.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, 5 s at most.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 5000) }, 1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "the write went through unrecorded");
+        assert!(records.lock().unwrap().is_empty());
+        assert_eq!(tracker.retry_held(), 0);
+        writer.join().unwrap();
+        assert_eq!(*records.lock().unwrap(), [(2, 42)]);
+        assert_eq!(memory.read(2), 7);
+        assert!(tracker.failure().is_none());
     }
 }

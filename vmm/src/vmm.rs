@@ -58,6 +58,10 @@ enum ControlEvent {
     LongOperationDone = 7,
     /// A virtio driver set DRIVER_OK: activate the device here, not on the vCPU.
     DeviceActivation = 8,
+    /// The NV checkpoint timer: take an epoch checkpoint (`nv/checkpoint.rs`).
+    Checkpoint = 9,
+    /// The checkpoint fault thread holds a page (undo log full, or recording failed).
+    CheckpointAttention = 10,
 }
 
 impl ControlEvent {
@@ -71,6 +75,8 @@ impl ControlEvent {
             ControlEvent::ApiRequest,
             ControlEvent::LongOperationDone,
             ControlEvent::DeviceActivation,
+            ControlEvent::Checkpoint,
+            ControlEvent::CheckpointAttention,
         ]
         .into_iter()
         .find(|event| *event as u64 == token)
@@ -157,6 +163,9 @@ pub struct Vmm {
     /// The process ends right after the control loop (`crate::run`): once a save committed, the
     /// VM is left as it is (vCPU threads parked, guest memory mapped) for the exit to drop.
     exit_after_loop: bool,
+    /// The NV checkpoint timer and write tracker (off unless `checkpoint_ms` or
+    /// `vm.nv-checkpoint` turned them on).
+    checkpoints: nv::Checkpoints,
 }
 
 impl Vmm {
@@ -183,6 +192,7 @@ impl Vmm {
                 source,
             })?,
             exit_after_loop: false,
+            checkpoints: nv::Checkpoints::new(seccomp)?,
         };
         let events = Arc::clone(&vmm.events);
         vmm.watch(events.shutdown.as_raw_fd(), ControlEvent::GuestShutdown)?;
@@ -200,6 +210,11 @@ impl Vmm {
         vmm.watch(
             vmm.long_operation_done.as_raw_fd(),
             ControlEvent::LongOperationDone,
+        )?;
+        vmm.watch(vmm.checkpoints.timer_fd(), ControlEvent::Checkpoint)?;
+        vmm.watch(
+            vmm.checkpoints.attention_fd(),
+            ControlEvent::CheckpointAttention,
         )?;
         Ok(vmm)
     }
@@ -288,11 +303,32 @@ impl Vmm {
         // The VM's config is what it runs with: for a recovery the one stored in the region (RAM
         // size, kernel, disks), not the recovering command line's, so a reboot boots that.
         let config = prepared.config.clone();
-        let (vm, nv) = nv::start(prepared, Arc::clone(&self.events), self.seccomp)?;
+        let (vm, nv) = nv::start(
+            prepared,
+            Arc::clone(&self.events),
+            self.seccomp,
+            &mut self.checkpoints,
+        )?;
         self.vm_config = Some(config);
         self.vm = Some(vm);
         self.nv = Some(nv);
         self.record_pty_paths();
+        Ok(())
+    }
+
+    /// `vm.nv-checkpoint`: turns the NV VM's checkpoints on every `interval`, or off (zero); the
+    /// interval becomes the VM's (stored in the region, so a recovery keeps it).
+    pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
+        match (self.nv.as_ref(), self.vm.as_mut()) {
+            (Some(nv_vm), Some(vm)) => self.checkpoints.set_interval(nv_vm, vm, interval)?,
+            _ => return Err(Error::NoNvVm),
+        }
+        if let (Some(nv_vm), Some(config)) = (self.nv.as_ref(), self.vm_config.as_mut()) {
+            if let Some(nv_config) = config.nv.as_mut() {
+                nv_config.checkpoint_ms = Some(interval.as_millis() as u64);
+                nv::store_config(nv_vm, config)?;
+            }
+        }
         Ok(())
     }
 
@@ -455,6 +491,20 @@ impl Vmm {
                     return Ok(Some(VmmExit::TerminationSignal));
                 }
                 Ok(self.save_on_termination())
+            }
+            ControlEvent::Checkpoint | ControlEvent::CheckpointAttention => {
+                let nv_vm = self.nv.as_ref();
+                let result = if kind == ControlEvent::Checkpoint {
+                    self.checkpoints.tick(nv_vm, self.vm.as_mut())
+                } else {
+                    self.checkpoints.attend(nv_vm, self.vm.as_mut())
+                };
+                // A failed checkpoint leaves the last committed epoch standing; the next tick
+                // tries again (`vm.nv-status` shows the epochs not advancing).
+                if let Err(e) = result {
+                    log::error!("NV checkpoint failed: {e}");
+                }
+                Ok(None)
             }
             ControlEvent::ApiRequest => Ok(self.answer_api_requests()),
             ControlEvent::LongOperationDone => Ok(self.finish_long_operation()),
@@ -688,6 +738,9 @@ impl Vmm {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
         }
+        // Only once no vCPU runs: a write after the protection is lifted would go unlogged
+        // while the region still holds an epoch to roll back to.
+        self.checkpoints.end_run();
     }
 
     /// Records how the NV VM's run ended (after its vCPUs stopped) and releases it. A clean end

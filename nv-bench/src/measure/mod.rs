@@ -1,5 +1,6 @@
 //! The four measurements of issue 6, one module each, over a shared [`Bench`] context.
 
+pub mod checkpoint;
 pub mod floor;
 pub mod memory_scale;
 pub mod net_outage;

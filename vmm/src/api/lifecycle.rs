@@ -50,6 +50,7 @@ pub enum Operation {
     NvRegions,
     NvSwapOut,
     NvSwapIn,
+    NvCheckpoint,
 }
 
 impl Operation {
@@ -94,6 +95,7 @@ impl Operation {
             NvRegions => "The NV region could not be listed",
             NvSwapOut => "The VM could not be swapped out",
             NvSwapIn => "The VM could not be swapped in",
+            NvCheckpoint => "The checkpoint interval could not be set",
         }
     }
 
@@ -139,6 +141,7 @@ impl Operation {
             NvRegions => "vmm.nv-regions",
             NvSwapOut => "vm.nv-swap-out",
             NvSwapIn => "vm.nv-swap-in",
+            NvCheckpoint => "vm.nv-checkpoint",
         }
     }
 

@@ -83,6 +83,8 @@ pub enum ApiRequest {
     /// `PUT /vm.nv-swap-in`: bring a swapped-out VM back from its swap file into this (empty)
     /// VMM and resume it.
     NvSwapIn(NvSwapInConfig),
+    /// `PUT /vm.nv-checkpoint`: take an epoch checkpoint every `interval_ms` (0: off).
+    NvCheckpoint(NvCheckpointConfig),
     /// `PUT /vm.add-disk`: hotplug a disk (upstream's `DiskConfig`).
     VmAddDisk(Box<crate::config::DiskConfig>),
     /// `PUT /vm.add-net`: hotplug a virtio-net device (upstream's `NetConfig`), with the tap
@@ -125,6 +127,7 @@ impl ApiRequest {
             ApiRequest::NvRegions(_) => Operation::NvRegions,
             ApiRequest::NvSwapOut(_) => Operation::NvSwapOut,
             ApiRequest::NvSwapIn(_) => Operation::NvSwapIn,
+            ApiRequest::NvCheckpoint(_) => Operation::NvCheckpoint,
             ApiRequest::VmAddDisk(_) => Operation::AddDisk,
             ApiRequest::VmAddNet(..) => Operation::AddNet,
             ApiRequest::VmAddFs(_) => Operation::AddFs,
@@ -449,6 +452,14 @@ pub struct NvSwapOutConfig {
     pub destination_url: String,
 }
 
+/// Body of `PUT /vm.nv-checkpoint`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvCheckpointConfig {
+    /// Milliseconds between two epoch checkpoints; 0 turns checkpoints off.
+    pub interval_ms: u64,
+}
+
 /// Body of `PUT /vm.nv-swap-in`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -706,6 +717,30 @@ pub struct NvStatus {
     /// How the host maps the guest's RAM (huge pages); absent while no VM runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mapping: Option<NvMemoryMapping>,
+    /// Continuous checkpoints: the interval and what the last one cost; absent while they are
+    /// off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<NvCheckpointStatus>,
+}
+
+/// `vm.nv-status`'s `checkpoint`: the interval, the last committed epoch and its cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvCheckpointStatus {
+    pub interval_ms: u64,
+    /// Epochs committed by this process.
+    pub epochs: u64,
+    /// Sequence of the last committed epoch (absent before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_epoch_sequence: Option<u64>,
+    /// How long the guest was paused for the last checkpoint.
+    pub last_pause_us: u64,
+    /// Bytes the undo log held when the last epoch ended (old page contents written).
+    pub last_undo_bytes: u64,
+    /// Over the most recent checkpoints (up to 1024): the median and 99th percentile pause,
+    /// and the mean undo-log bytes per epoch.
+    pub recent_pause_median_us: u64,
+    pub recent_pause_p99_us: u64,
+    pub recent_undo_bytes_mean: u64,
 }
 
 /// The phases of an in-place recovery, in order, up to the guest running again.

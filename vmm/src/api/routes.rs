@@ -6,8 +6,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiError, ApiRequest, NvRecoverConfig, NvRegionsQuery, NvSwapInConfig, NvSwapOutConfig,
-    Operation, VmSnapshotConfig,
+    ApiError, ApiRequest, NvCheckpointConfig, NvRecoverConfig, NvRegionsQuery, NvSwapInConfig,
+    NvSwapOutConfig, Operation, VmSnapshotConfig,
 };
 use crate::config::{RestoreConfig, VmConfig, SNAPSHOT_URL_EXPECTED};
 
@@ -102,6 +102,7 @@ pub const ROUTES: &[Route] = &[
     nv(Get, O::NvRegions),
     nv(Put, O::NvSwapOut),
     nv(Put, O::NvSwapIn),
+    nv(Put, O::NvCheckpoint),
 ];
 
 /// The route for a request path (without its query), if any.
@@ -193,6 +194,18 @@ pub fn build_request(
             ApiRequest::NvRecover(config)
         }
         O::NvRegions => ApiRequest::NvRegions(parse_regions_query(query)?),
+        O::NvCheckpoint => {
+            let config = parse_body::<NvCheckpointConfig>(route, body)?;
+            if config.interval_ms > crate::config::MAX_CHECKPOINT_MS {
+                return Err(ApiError::invalid_request(format!(
+                    "vm.nv-checkpoint: interval_ms {} is above the maximum of {} ms (0 turns \
+                     checkpoints off)",
+                    config.interval_ms,
+                    crate::config::MAX_CHECKPOINT_MS
+                )));
+            }
+            ApiRequest::NvCheckpoint(config)
+        }
         O::NvSwapOut => {
             let config = parse_body::<NvSwapOutConfig>(route, body)?;
             swap_file_path(route, "destination_url", &config.destination_url)?;

@@ -451,6 +451,24 @@ fn vm_lifecycle_through_every_implemented_route() {
     assert_eq!(client.call("GET", "vm.nv-status", None).status, 404);
     assert_eq!(client.call("PUT", "vm.nv-suspend", None).status, 404);
     assert_eq!(client.call("PUT", "vm.power-fail", None).status, 404);
+    let every_10ms = json!({"interval_ms": 10}).to_string();
+    assert_eq!(
+        client
+            .call("PUT", "vm.nv-checkpoint", Some(&every_10ms))
+            .status,
+        404
+    );
+    let too_long = json!({"interval_ms": 3_600_001}).to_string();
+    assert_eq!(
+        client
+            .call("PUT", "vm.nv-checkpoint", Some(&too_long))
+            .status,
+        400
+    );
+    assert_eq!(
+        client.call("PUT", "vm.nv-checkpoint", Some("{}")).status,
+        400
+    );
     let recover = json!({"region": dir.join("region"), "vm": "vm0"}).to_string();
     assert_eq!(
         client.call("PUT", "vm.nv-recover", Some(&recover)).status,
@@ -550,6 +568,8 @@ fn every_route_answers_in_upstream_framing() {
         "vmm.nv-regions",
         "vm.nv-swap-out",
         "vm.nv-swap-in",
+        // `NvCheckpointConfig` requires its `interval_ms`.
+        "vm.nv-checkpoint",
         // `VmRemoveDevice` requires its `id`.
         "vm.remove-device",
         // `FsConfig` requires its `tag` and `socket`.

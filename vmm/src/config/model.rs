@@ -567,7 +567,15 @@ pub struct NvConfig {
     /// a SIGBUS at the guest's first touch). For VMs larger than the backing can hold at once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sparse: bool,
+    /// `checkpoint_ms=N`: take an epoch checkpoint every N ms (0: off, the default), so the VM
+    /// survives a failure without warning, losing at most one interval. `None`: not given (a
+    /// recovery keeps the stored interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_ms: Option<u64>,
 }
+
+/// The longest checkpoint interval `checkpoint_ms` and `vm.nv-checkpoint` accept: one hour.
+pub const MAX_CHECKPOINT_MS: u64 = 3_600_000;
 
 pub fn default_deadline_ms() -> u64 {
     50

@@ -643,12 +643,14 @@ pub fn swap_file_url_path(url: &str) -> Option<&str> {
 
 const NV_SPEC: OptionSpec = OptionSpec::keyed(
     "nv",
-    "region vm create recover force-cold format region_size deadline_ms swap-in keep sparse",
+    "region vm create recover force-cold format region_size deadline_ms swap-in keep sparse \
+     checkpoint_ms",
 );
 
 impl NvConfig {
     /// `--nv region=PATH,vm=NAME[,create=on][,recover=on][,force-cold=on][,format=on]
-    /// [,region_size=SIZE][,deadline_ms=N][,swap-in=FILE[,keep=on]][,sparse=on]`. The values are judged by [`VmConfig::validate`], for
+    /// [,region_size=SIZE][,deadline_ms=N][,swap-in=FILE[,keep=on]][,sparse=on]
+    /// [,checkpoint_ms=N]`. The values are judged by [`VmConfig::validate`], for
     /// the command line and a `vm.create` body alike.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&NV_SPEC, input)?;
@@ -667,6 +669,7 @@ impl NvConfig {
             swap_in: parsed.string("swap-in"),
             keep: toggle("keep")?,
             sparse: toggle("sparse")?,
+            checkpoint_ms: parsed.integer::<u64>("checkpoint_ms")?,
         })
     }
 }

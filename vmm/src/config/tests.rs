@@ -1049,7 +1049,14 @@ fn nv() {
             swap_in: None,
             keep: false,
             sparse: false,
+            checkpoint_ms: None,
         }
+    );
+    assert_eq!(
+        NvConfig::parse("region=/r,vm=a,checkpoint_ms=10")
+            .unwrap()
+            .checkpoint_ms,
+        Some(10)
     );
     assert!(
         NvConfig::parse("region=/r,vm=a,create=on,sparse=on")
@@ -1081,6 +1088,19 @@ fn nv() {
     };
     assert_invalid_value(nv_line("region=/r,vm=a/b"), "vm");
     assert_invalid_value(nv_line("region=/r,vm=a,deadline_ms=0"), "deadline_ms");
+    assert_invalid_value(
+        nv_line("region=/r,vm=a,checkpoint_ms=3600001"),
+        "checkpoint_ms",
+    );
+    assert_invalid_value(
+        NvConfig::parse("region=/r,vm=a,checkpoint_ms=-1"),
+        "checkpoint_ms",
+    );
+    assert_invalid_value(
+        NvConfig::parse("region=/r,vm=a,checkpoint_ms=ten"),
+        "checkpoint_ms",
+    );
+    assert!(nv_line("region=/r,vm=a,checkpoint_ms=0").is_ok());
     assert_invalid_value(
         NvConfig::parse("region=/r,vm=a,region_size=1Q"),
         "region_size",

@@ -807,6 +807,15 @@ impl VmConfig {
                 "the power-fail save needs a budget of at least 1 ms",
             );
         }
+        if let Some(interval) = nv.checkpoint_ms.filter(|ms| *ms > MAX_CHECKPOINT_MS) {
+            return invalid(
+                "checkpoint_ms",
+                &interval.to_string(),
+                &format!(
+                    "the interval is at most {MAX_CHECKPOINT_MS} ms (0 turns checkpoints off)"
+                ),
+            );
+        }
         if nv.sparse && !nv.create {
             return Err(ConfigError::Invalid {
                 option: "nv",

@@ -17,6 +17,7 @@
 //! `nv_extension::save_vm` -> `host::VmHost` -> region commit. Nothing here depends on the
 //! control loop. `docs/recovery.md` explains the sequence, the clock and the exit codes.
 
+mod checkpoint;
 mod host;
 mod prepare;
 mod save;
@@ -27,13 +28,14 @@ use nv_extension::{OpenOptions, Region, RunKind, SaveReport, StopCause, VmHandle
 use vm_memory::GuestMemoryMmap;
 
 use crate::api::{
-    NvLastSave, NvMemoryMapping, NvRecoveryTimings, NvRegionListing, NvRegionVm, NvShutdownKind,
-    NvStatus, NvSwapFile,
+    NvCheckpointStatus, NvLastSave, NvMemoryMapping, NvRecoveryTimings, NvRegionListing,
+    NvRegionVm, NvShutdownKind, NvStatus, NvSwapFile,
 };
 use crate::config::NvConfig;
 use crate::startup_phases::PhaseClock;
 use crate::{Error, ErrorKind};
 
+pub use checkpoint::Checkpoints;
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
 pub use save::{describe_save, save, save_paused};
 pub use swap::{
@@ -142,7 +144,11 @@ impl NvVm {
 /// `GET vm.nv-status` of the VM this VMM runs. The last save is the one this process made, or
 /// else the one the region recorded (the save this run recovered from, made by a process that
 /// has exited since). `memory`, the running VM's RAM, adds how the host maps it.
-pub fn status(nv: &NvVm, memory: Option<&GuestMemoryMmap>) -> Result<NvStatus, Error> {
+pub fn status(
+    nv: &NvVm,
+    memory: Option<&GuestMemoryMmap>,
+    checkpoint: Option<NvCheckpointStatus>,
+) -> Result<NvStatus, Error> {
     let region = nv.handle.region();
     let summary = region
         .vm(&nv.config.vm)
@@ -159,6 +165,7 @@ pub fn status(nv: &NvVm, memory: Option<&GuestMemoryMmap>) -> Result<NvStatus, E
         swap: None,
         recovery: nv.recovery.as_ref().map(NvRecoveryTimings::from),
         memory_mapping: memory.and_then(memory_mapping),
+        checkpoint,
     })
 }
 

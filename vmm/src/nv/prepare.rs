@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nv_extension::{OpenOptions, Region, RunKind, VmHandle};
 use vm_memory::GuestMemoryMmap;
@@ -226,6 +226,7 @@ pub fn check_cold_boot(config: &VmConfig, running: &NvVm) -> Result<(), Error> {
 fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmConfig>) -> VmConfig {
     let mut config = stored;
     let stored_deadline = config.nv.as_ref().map(|n| n.deadline_ms);
+    let stored_checkpoint_ms = config.nv.as_ref().and_then(|n| n.checkpoint_ms);
     let mut nv = nv.clone();
     if let Some(given) = command_line {
         if given.serial != default_serial() {
@@ -252,6 +253,10 @@ fn recovered_config(stored: VmConfig, nv: &NvConfig, command_line: Option<&VmCon
     // The deadline is a property of the VM: keep the stored one unless this run sets another.
     if nv.deadline_ms == default_deadline_ms() {
         nv.deadline_ms = stored_deadline.unwrap_or(nv.deadline_ms);
+    }
+    // So is the checkpoint interval: a VM recovered from a checkpoint goes on checkpointing.
+    if nv.checkpoint_ms.is_none() {
+        nv.checkpoint_ms = stored_checkpoint_ms;
     }
     config.nv = Some(nv);
     config
@@ -379,6 +384,7 @@ pub fn start(
     prepared: PreparedVm,
     events: Arc<VmEvents>,
     seccomp: SeccompMode,
+    checkpoints: &mut super::Checkpoints,
 ) -> Result<(Vm, NvVm), Error> {
     let started = Instant::now();
     let PreparedVm {
@@ -397,6 +403,9 @@ pub fn start(
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
             vm.boot()?;
+            if let Some(interval) = nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
+                checkpoints.set_interval(&nv, &mut vm, Duration::from_millis(interval))?;
+            }
             log::info!("VM {:?}: cold boot over NV memory", nv.config.vm);
         }
         NvStart::Resume { state, seq } => {
@@ -404,7 +413,15 @@ pub fn start(
             phases.mark("state-restore");
             // Only now: recording the run destroys the state just loaded, so a failure before
             // this point leaves it resumable.
-            nv.begin_run(RunKind::Resume)?;
+            // With checkpoints the run begins with the resumed state as its first epoch and
+            // guest RAM write-protected: from the guest's first instruction on, a failure
+            // without warning finds an epoch to roll back to.
+            match nv.config.checkpoint_ms.filter(|ms| *ms > 0) {
+                Some(interval) => {
+                    checkpoints.begin_resumed_run(&nv, &vm, Duration::from_millis(interval))?
+                }
+                None => nv.begin_run(RunKind::Resume)?,
+            }
             phases.mark("record-run");
             vm.resume_timed(&mut phases)?;
             let took = phases.last_mark().saturating_duration_since(started);
@@ -596,6 +613,21 @@ mod tests {
         let kept = recovered_config(stored.clone(), &recover, None);
         assert_eq!(kept.serial, stored.serial);
         assert_eq!(kept.nv.as_ref().unwrap().deadline_ms, 200);
+        let checkpointed = VmConfig {
+            nv: Some(NvConfig {
+                checkpoint_ms: Some(10),
+                ..NvConfig::default()
+            }),
+            ..VmConfig::default()
+        };
+        let recovered = recovered_config(checkpointed.clone(), &recover, None);
+        assert_eq!(recovered.nv.as_ref().unwrap().checkpoint_ms, Some(10));
+        let turned_off = NvConfig {
+            checkpoint_ms: Some(0),
+            ..recover.clone()
+        };
+        let recovered = recovered_config(checkpointed, &turned_off, None);
+        assert_eq!(recovered.nv.as_ref().unwrap().checkpoint_ms, Some(0));
         assert!(kept.nv.as_ref().unwrap().recover);
         let command_line = VmConfig {
             serial: serial_to_file("/new"),

@@ -116,7 +116,7 @@ impl SwapProgressCell {
         self.watch
             .total_bytes
             .store(nv.memory_size(), Ordering::Relaxed);
-        if let Ok(status) = super::status(nv, None) {
+        if let Ok(status) = super::status(nv, None, None) {
             self.watch.set_status(status);
         }
     }
@@ -298,6 +298,7 @@ pub fn prepare_swap_in(
         vm: nv.vm.clone(),
         last_save_sequence: None,
         shutdown_kind: NvShutdownKind::SwappedOut,
+        checkpoint: None,
         deadline_ms: nv.deadline_ms,
         last_save: None,
         swap: None,
@@ -358,6 +359,7 @@ mod tests {
             swap: None,
             recovery: None,
             memory_mapping: None,
+            checkpoint: None,
         }
     }
 

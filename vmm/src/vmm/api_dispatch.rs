@@ -7,6 +7,8 @@
 //! unusable request, 404 an NV region or VM that does not exist, 409 an NV request the VM's
 //! recorded state refuses, 500 a failure; the body is `["Error from API", <operation>, <causes>]`.
 
+use std::time::Duration;
+
 use nv_extension::ShutdownKind;
 
 use crate::api::lifecycle::{check_state, not_implemented, Operation, StateRefusal};
@@ -199,11 +201,19 @@ impl Vmm {
             )),
             ApiRequest::NvStatus => match self.nv.as_ref() {
                 None => Answer::error(api_error(Operation::NvStatus, Error::NoNvVm)),
-                Some(nv_vm) => match nv::status(nv_vm, self.vm.as_ref().map(|vm| vm.memory())) {
+                Some(nv_vm) => match nv::status(
+                    nv_vm,
+                    self.vm.as_ref().map(|vm| vm.memory()),
+                    self.checkpoints.status(),
+                ) {
                     Ok(status) => Answer::body(&status),
                     Err(e) => Answer::error(api_error(Operation::NvStatus, e)),
                 },
             },
+            ApiRequest::NvCheckpoint(request) => Answer::from(
+                self.set_checkpoint_interval(Duration::from_millis(request.interval_ms))
+                    .map_err(|e| api_error(Operation::NvCheckpoint, e)),
+            ),
             ApiRequest::NvPowerFail => {
                 self.api_nv_save(Operation::NvPowerFail, ShutdownKind::PowerFail)
             }
