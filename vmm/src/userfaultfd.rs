@@ -300,37 +300,22 @@ pub fn start(
         }
     }
     let source = SourceMapping::new(source, source_length)?;
-    let uffd = create_userfaultfd()?;
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_MISSING_SHMEM,
-        ioctls: 0,
-    };
-    uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
-    if api.features & UFFD_FEATURE_EVENT_UNMAP == 0 {
+    let (uffd, features) = open_userfaultfd(UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_MISSING_SHMEM)?;
+    if features & UFFD_FEATURE_EVENT_UNMAP == 0 {
         return Err(UffdError::MissingFeature("UFFD_FEATURE_EVENT_UNMAP"));
     }
     let mut zeropage_everywhere = true;
     for range in &ranges {
-        let mut register = UffdioRegister {
-            range: UffdioRange {
-                start: range.host_address as u64,
-                len: range.length as u64,
-            },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut register).map_err(|source| {
-            UffdError::Register {
-                address: range.host_address,
-                length: range.length,
-                source,
-            }
-        })?;
-        if register.ioctls & (1 << NR_COPY) == 0 || register.ioctls & (1 << NR_WAKE) == 0 {
+        let ioctls = register_range(
+            &uffd,
+            range.host_address,
+            range.length,
+            UFFDIO_REGISTER_MODE_MISSING,
+        )?;
+        if ioctls & (1 << NR_COPY) == 0 || ioctls & (1 << NR_WAKE) == 0 {
             return Err(UffdError::MissingFeature("UFFDIO_COPY on guest RAM"));
         }
-        zeropage_everywhere &= register.ioctls & (1 << NR_ZEROPAGE) != 0;
+        zeropage_everywhere &= ioctls & (1 << NR_ZEROPAGE) != 0;
     }
     let server = FaultServer {
         served: ranges
@@ -372,6 +357,42 @@ pub fn start(
             "the thread ended before installing its filter".to_string(),
         )),
     }
+}
+
+/// A new userfaultfd after the API handshake asking for `features`; returns it and the
+/// features the kernel granted.
+fn open_userfaultfd(features: u64) -> Result<(OwnedFd, u64), UffdError> {
+    let uffd = create_userfaultfd()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
+    Ok((uffd, api.features))
+}
+
+/// Registers `length` bytes at `address` in `mode`; returns the ioctls the range allows.
+fn register_range(
+    uffd: &OwnedFd,
+    address: usize,
+    length: usize,
+    mode: u64,
+) -> Result<u64, UffdError> {
+    let mut register = UffdioRegister {
+        range: UffdioRange {
+            start: address as u64,
+            len: length as u64,
+        },
+        mode,
+        ioctls: 0,
+    };
+    uffd_ioctl(uffd, UFFDIO_REGISTER, &mut register).map_err(|source| UffdError::Register {
+        address,
+        length,
+        source,
+    })?;
+    Ok(register.ioctls)
 }
 
 fn create_userfaultfd() -> Result<OwnedFd, UffdError> {
@@ -668,36 +689,21 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
                 });
             }
         }
-        let uffd = create_userfaultfd()?;
         let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: wanted,
-            ioctls: 0,
-        };
-        uffd_ioctl(&uffd, UFFDIO_API, &mut api).map_err(UffdError::Api)?;
-        if api.features & wanted != wanted {
+        let (uffd, features) = open_userfaultfd(wanted)?;
+        if features & wanted != wanted {
             return Err(UffdError::MissingFeature(
                 "write-protect on shared memory (UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
             ));
         }
         for range in &ranges {
-            let mut register = UffdioRegister {
-                range: UffdioRange {
-                    start: range.host_address as u64,
-                    len: range.length as u64,
-                },
-                mode: UFFDIO_REGISTER_MODE_WP,
-                ioctls: 0,
-            };
-            uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut register).map_err(|source| {
-                UffdError::Register {
-                    address: range.host_address,
-                    length: range.length,
-                    source,
-                }
-            })?;
-            if register.ioctls & (1 << NR_WRITEPROTECT) == 0 {
+            let ioctls = register_range(
+                &uffd,
+                range.host_address,
+                range.length,
+                UFFDIO_REGISTER_MODE_WP,
+            )?;
+            if ioctls & (1 << NR_WRITEPROTECT) == 0 {
                 return Err(UffdError::MissingFeature(
                     "UFFDIO_WRITEPROTECT on guest RAM",
                 ));
