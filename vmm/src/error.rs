@@ -208,8 +208,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("NV checkpoints: {0}")]
-    Checkpoint(String),
+    #[error("NV checkpoints")]
+    Checkpoint(#[source] CheckpointError),
     #[error("no VM in NV memory runs in this VMM")]
     NoNvVm,
     #[error(transparent)]
@@ -448,4 +448,16 @@ mod tests {
             )
         );
     }
+}
+
+/// Why continuous NV checkpoints could not be started or kept going (the region's own errors
+/// are [`Error::Nv`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("the checkpoint timer failed")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+    #[error("write-protecting guest RAM failed")]
+    WriteTracking(#[source] crate::userfaultfd::UffdError),
+    #[error("guest RAM is not mapped from the NV region")]
+    RamNotInRegion,
 }

@@ -27,7 +27,7 @@ pub mod vm;
 #[allow(clippy::module_inception)]
 pub mod vmm;
 
-pub use error::{DeviceCause, Error, ErrorKind, SnapshotCause};
+pub use error::{CheckpointError, DeviceCause, Error, ErrorKind, SnapshotCause};
 pub use state::VmState;
 pub use vm::{Vm, VmRunState};
 pub use vmm::{Vmm, VmmExit};

@@ -23,7 +23,7 @@ use crate::api::NvCheckpointStatus;
 use crate::config::SeccompMode;
 use crate::userfaultfd::{EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker};
 use crate::vm::{Vm, VmRunState};
-use crate::Error;
+use crate::{CheckpointError, Error};
 
 /// How many recent checkpoints `vm.nv-status` summarises (median and p99 pause).
 const RECENT: usize = 1024;
@@ -114,7 +114,7 @@ pub struct Checkpoints {
 }
 
 fn timer_error(e: vmm_sys_util::errno::Error) -> Error {
-    Error::Checkpoint(format!("the checkpoint timer: {e}"))
+    Error::Checkpoint(CheckpointError::Timer(e))
 }
 
 impl Checkpoints {
@@ -273,7 +273,7 @@ impl Checkpoints {
             .tracker
             .lock_epoch()
             .protect_all()
-            .map_err(|e| Error::Checkpoint(e.to_string()))?;
+            .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
         self.active = Some(active);
         self.interval = interval;
         self.timer
@@ -299,9 +299,7 @@ impl Checkpoints {
         let mut ram_offsets = Vec::new();
         for region in vm.memory.iter() {
             let Some(file_offset) = region.file_offset() else {
-                return Err(Error::Checkpoint(
-                    "guest RAM is not mapped from the NV region".to_string(),
-                ));
+                return Err(Error::Checkpoint(CheckpointError::RamNotInRegion));
             };
             ranges.push(TrackedRange {
                 host_address: region.as_ptr() as usize,
@@ -321,7 +319,7 @@ impl Checkpoints {
                 source,
             })?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
-            .map_err(|e| Error::Checkpoint(e.to_string()))?;
+            .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
         log::info!(
             "VM {:?}: checkpoints on, undo log of {} pages per epoch",
             nv.name(),
