@@ -1129,13 +1129,8 @@ impl VmConfig {
                     format!("a virtio-fs device has 1 to {max_queues} request queues"),
                 );
             }
-            let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
-            if !fs.queue_size.is_power_of_two() || fs.queue_size > max_queue_size {
-                return unsupported(
-                    "queue_size",
-                    fs.queue_size.to_string(),
-                    format!("a vhost-user queue size is a power of two up to {max_queue_size}"),
-                );
+            if let Some(reason) = vhost_user_queue_size_refusal(fs.queue_size) {
+                return unsupported("queue_size", fs.queue_size.to_string(), reason);
             }
             if fs.pci_segment != 0 {
                 return unsupported(
@@ -1180,6 +1175,14 @@ impl VmConfig {
 
 /// Most queues a vhost-user disk may ask for.
 const VHOST_USER_DISK_MAX_QUEUES: usize = 64;
+
+/// Why a vhost-user device (disk or virtio-fs) cannot have `queue_size`, or `None` if it can: the
+/// front-end's rings are a power of two up to `VHOST_USER_BLK_MAX_QUEUE_SIZE`.
+fn vhost_user_queue_size_refusal(queue_size: u16) -> Option<String> {
+    let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
+    (!queue_size.is_power_of_two() || queue_size > max_queue_size)
+        .then(|| format!("a vhost-user queue size is a power of two up to {max_queue_size}"))
+}
 
 /// A `--disk vhost_user=on,socket=PATH[,num_queues=,queue_size=]`: the backend at the socket
 /// owns the image, so the options of an image are refused; the queues are the front-end's.
@@ -1246,13 +1249,8 @@ fn validate_vhost_user_disk(
             format!("a vhost-user disk has 1 to {VHOST_USER_DISK_MAX_QUEUES} queues"),
         );
     }
-    let max_queue_size = devices::virtio::VHOST_USER_BLK_MAX_QUEUE_SIZE;
-    if !disk.queue_size.is_power_of_two() || disk.queue_size > max_queue_size {
-        return unsupported(
-            "queue_size",
-            disk.queue_size.to_string(),
-            format!("a vhost-user queue size is a power of two up to {max_queue_size}"),
-        );
+    if let Some(reason) = vhost_user_queue_size_refusal(disk.queue_size) {
+        return unsupported("queue_size", disk.queue_size.to_string(), reason);
     }
     if earlier
         .iter()
