@@ -382,6 +382,16 @@ impl ParsedOption {
         })
     }
 
+    /// `integer(key)`, or `default` when the key is not given.
+    pub fn integer_or<T: FromStr>(&self, key: &str, default: T) -> Result<T, OptionError> {
+        Ok(self.integer(key)?.unwrap_or(default))
+    }
+
+    /// `toggle(key)`, or `default` when the key is not given.
+    pub fn toggle_or(&self, key: &str, default: bool) -> Result<bool, OptionError> {
+        Ok(self.toggle(key)?.unwrap_or(default))
+    }
+
     /// One of `words` (matched without regard to case) -> its meaning; any other value is
     /// refused with `reason`.
     pub fn choice<T: Copy>(
@@ -508,6 +518,23 @@ mod tests {
         assert!(matches!(
             ParsedOption::parse(&SPEC, "size="),
             Err(OptionError::MissingValue { .. })
+        ));
+    }
+
+    #[test]
+    fn a_key_not_given_takes_the_default_and_a_bad_value_is_still_refused() {
+        let parsed = ParsedOption::parse(&SPEC, "size=12,list=off").unwrap();
+        assert_eq!(parsed.integer_or::<u16>("size", 7), Ok(12));
+        assert_eq!(parsed.integer_or::<u16>("cmdline", 7), Ok(7));
+        assert!(matches!(
+            parsed.integer_or::<u8>("list", 7),
+            Err(OptionError::InvalidValue { key, .. }) if key == "list"
+        ));
+        assert_eq!(parsed.toggle_or("list", true), Ok(false));
+        assert_eq!(parsed.toggle_or("cmdline", true), Ok(true));
+        assert!(matches!(
+            parsed.toggle_or("size", false),
+            Err(OptionError::InvalidValue { key, .. }) if key == "size"
         ));
     }
 

@@ -38,7 +38,7 @@ impl CpusConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&CPUS_SPEC, input)?;
         let defaults = CpusConfig::default();
-        let boot_vcpus = parsed.integer::<u8>("boot")?.unwrap_or(1);
+        let boot_vcpus = parsed.integer_or::<u8>("boot", 1)?;
         let mut features = CpuFeatures::default();
         for feature in parsed.list("features")?.unwrap_or_default() {
             match feature.as_str() {
@@ -62,18 +62,16 @@ impl CpusConfig {
         };
         Ok(CpusConfig {
             boot_vcpus,
-            max_vcpus: parsed.integer::<u8>("max")?.unwrap_or(boot_vcpus),
+            max_vcpus: parsed.integer_or::<u8>("max", boot_vcpus)?,
             topology: parsed.read("topology", |value| {
                 parse_topology(value)
                     .ok_or("expected threads_per_core:cores_per_die:dies_per_package:packages")
             })?,
-            kvm_hyperv: parsed.toggle("kvm_hyperv")?.unwrap_or(defaults.kvm_hyperv),
-            max_phys_bits: parsed
-                .integer::<u8>("max_phys_bits")?
-                .unwrap_or(defaults.max_phys_bits),
+            kvm_hyperv: parsed.toggle_or("kvm_hyperv", defaults.kvm_hyperv)?,
+            max_phys_bits: parsed.integer_or::<u8>("max_phys_bits", defaults.max_phys_bits)?,
             affinity: None,
             features,
-            nested: parsed.toggle("nested")?.unwrap_or(defaults.nested),
+            nested: parsed.toggle_or("nested", defaults.nested)?,
             core_scheduling: parsed
                 .choice(
                     "core_scheduling",
@@ -132,8 +130,7 @@ impl MemoryConfig {
                         "expected acpi or virtio-mem",
                     )?
                     .unwrap_or(defaults.hotplug_method);
-                let toggle =
-                    |key, default| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(default));
+                let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle_or(key, default)?);
                 MemoryConfig {
                     size,
                     mergeable: toggle("mergeable", defaults.mergeable)?,
@@ -182,7 +179,7 @@ impl MemoryZoneConfig {
             option: "memory-zone",
             key: "size",
         })?;
-        let toggle = |key| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(false));
+        let toggle = |key| Ok::<_, ConfigError>(parsed.toggle_or(key, false)?);
         Ok(MemoryZoneConfig {
             id,
             size,
@@ -216,10 +213,10 @@ impl DiskConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&DISK_SPEC, input)?;
         let defaults = DiskConfig::default();
-        let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(default));
+        let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle_or(key, default)?);
         Ok(DiskConfig {
             // A vhost-user disk has no image of its own: the backend at `socket=` has it.
-            path: if parsed.toggle("vhost_user")?.unwrap_or(false) {
+            path: if parsed.toggle_or("vhost_user", false)? {
                 parsed.string("path")
             } else {
                 Some(parsed.required_string("path")?)
@@ -227,19 +224,13 @@ impl DiskConfig {
             readonly: toggle("readonly", defaults.readonly)?,
             direct: toggle("direct", defaults.direct)?,
             iommu: toggle("iommu", defaults.iommu)?,
-            num_queues: parsed
-                .integer::<usize>("num_queues")?
-                .unwrap_or(defaults.num_queues),
-            queue_size: parsed
-                .integer::<u16>("queue_size")?
-                .unwrap_or(defaults.queue_size),
+            num_queues: parsed.integer_or::<usize>("num_queues", defaults.num_queues)?,
+            queue_size: parsed.integer_or::<u16>("queue_size", defaults.queue_size)?,
             vhost_user: toggle("vhost_user", defaults.vhost_user)?,
             vhost_socket: parsed.string("socket"),
             rate_limit_group: parsed.string("rate_limit_group"),
             id: parsed.string("id"),
-            pci_segment: parsed
-                .integer::<u16>("pci_segment")?
-                .unwrap_or(defaults.pci_segment),
+            pci_segment: parsed.integer_or::<u16>("pci_segment", defaults.pci_segment)?,
             serial: parsed.string("serial"),
             backing_files: toggle("backing_files", defaults.backing_files)?,
             sparse: toggle("sparse", defaults.sparse)?,
@@ -273,14 +264,10 @@ impl FsConfig {
         Ok(FsConfig {
             tag: parsed.required_string("tag")?,
             socket: parsed.required_string("socket")?,
-            num_queues: parsed
-                .integer("num_queues")?
-                .unwrap_or(DEFAULT_FS_NUM_QUEUES),
-            queue_size: parsed
-                .integer("queue_size")?
-                .unwrap_or(DEFAULT_FS_QUEUE_SIZE),
+            num_queues: parsed.integer_or("num_queues", DEFAULT_FS_NUM_QUEUES)?,
+            queue_size: parsed.integer_or("queue_size", DEFAULT_FS_QUEUE_SIZE)?,
             id: parsed.string("id"),
-            pci_segment: parsed.integer("pci_segment")?.unwrap_or(0),
+            pci_segment: parsed.integer_or("pci_segment", 0)?,
             pci_device_id: None,
         })
     }
@@ -300,7 +287,7 @@ impl NetConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&NET_SPEC, input)?;
         let defaults = NetConfig::default();
-        let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(default));
+        let toggle = |key, default| Ok::<_, ConfigError>(parsed.toggle_or(key, default)?);
         let fds = parsed
             .list("fd")?
             .map(|fds| {
@@ -321,12 +308,8 @@ impl NetConfig {
             host_mac: parsed.string("host_mac"),
             mtu: parsed.integer::<u16>("mtu")?,
             iommu: toggle("iommu", defaults.iommu)?,
-            num_queues: parsed
-                .integer::<usize>("num_queues")?
-                .unwrap_or(defaults.num_queues),
-            queue_size: parsed
-                .integer::<u16>("queue_size")?
-                .unwrap_or(defaults.queue_size),
+            num_queues: parsed.integer_or::<usize>("num_queues", defaults.num_queues)?,
+            queue_size: parsed.integer_or::<u16>("queue_size", defaults.queue_size)?,
             vhost_user: toggle("vhost_user", defaults.vhost_user)?,
             vhost_socket: parsed.string("socket"),
             vhost_mode: parsed
@@ -338,9 +321,7 @@ impl NetConfig {
                 .map(str::to_owned),
             id: parsed.string("id"),
             fds,
-            pci_segment: parsed
-                .integer::<u16>("pci_segment")?
-                .unwrap_or(defaults.pci_segment),
+            pci_segment: parsed.integer_or::<u16>("pci_segment", defaults.pci_segment)?,
             offload_tso: toggle("offload_tso", defaults.offload_tso)?,
             offload_ufo: toggle("offload_ufo", defaults.offload_ufo)?,
             offload_csum: toggle("offload_csum", defaults.offload_csum)?,
@@ -401,7 +382,7 @@ impl RngConfig {
         let defaults = RngConfig::default();
         Ok(RngConfig {
             src: parsed.string("src").unwrap_or(defaults.src),
-            iommu: parsed.toggle("iommu")?.unwrap_or(defaults.iommu),
+            iommu: parsed.toggle_or("iommu", defaults.iommu)?,
         })
     }
 }
@@ -437,12 +418,10 @@ impl PlatformConfig {
         };
         Ok(PlatformConfig {
             num_pci_segments: parsed
-                .integer::<u16>("num_pci_segments")?
-                .unwrap_or(defaults.num_pci_segments),
+                .integer_or::<u16>("num_pci_segments", defaults.num_pci_segments)?,
             iommu_segments,
             iommu_address_width_bits: parsed
-                .integer::<u8>("iommu_address_width")?
-                .unwrap_or(defaults.iommu_address_width_bits),
+                .integer_or::<u8>("iommu_address_width", defaults.iommu_address_width_bits)?,
             system_serial_number: parsed.string("serial_number"),
             system_uuid: parsed.string("uuid"),
             oem_strings: parsed.list("oem_strings")?,
@@ -454,10 +433,8 @@ impl PlatformConfig {
             chassis_asset_tag: parsed.string("chassis_asset_tag"),
             tdx: parsed.toggle("tdx")?,
             sev_snp: parsed.toggle("sev_snp")?,
-            iommufd: parsed.toggle("iommufd")?.unwrap_or(defaults.iommufd),
-            vfio_p2p_dma: parsed
-                .toggle("vfio_p2p_dma")?
-                .unwrap_or(defaults.vfio_p2p_dma),
+            iommufd: parsed.toggle_or("iommufd", defaults.iommufd)?,
+            vfio_p2p_dma: parsed.toggle_or("vfio_p2p_dma", defaults.vfio_p2p_dma)?,
             ..defaults
         })
     }
@@ -604,8 +581,8 @@ impl RestoreConfig {
         }
         Ok(RestoreConfig {
             source_url,
-            prefault: parsed.toggle("prefault")?.unwrap_or(false),
-            resume: parsed.toggle("resume")?.unwrap_or(false),
+            prefault: parsed.toggle_or("prefault", false)?,
+            resume: parsed.toggle_or("resume", false)?,
             memory_restore_mode: parsed
                 .choice(
                     "memory_restore_mode",
@@ -654,7 +631,7 @@ impl NvConfig {
     /// the command line and a `vm.create` body alike.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let parsed = ParsedOption::parse(&NV_SPEC, input)?;
-        let toggle = |key| Ok::<_, ConfigError>(parsed.toggle(key)?.unwrap_or(false));
+        let toggle = |key| Ok::<_, ConfigError>(parsed.toggle_or(key, false)?);
         Ok(NvConfig {
             region: parsed.required_string("region")?,
             vm: parsed.required_string("vm")?,
@@ -663,9 +640,7 @@ impl NvConfig {
             force_cold: toggle("force-cold")?,
             format: toggle("format")?,
             region_size: parsed.byte_size("region_size")?,
-            deadline_ms: parsed
-                .integer::<u64>("deadline_ms")?
-                .unwrap_or_else(default_deadline_ms),
+            deadline_ms: parsed.integer_or::<u64>("deadline_ms", default_deadline_ms())?,
             swap_in: parsed.string("swap-in"),
             keep: toggle("keep")?,
             sparse: toggle("sparse")?,
