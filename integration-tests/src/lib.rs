@@ -4,6 +4,7 @@
 pub mod api_client;
 pub mod binaries;
 pub mod guests;
+pub mod hang_report;
 pub mod harness;
 pub mod minimal_vm;
 pub mod netkv_client;

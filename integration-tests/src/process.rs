@@ -37,6 +37,9 @@ pub struct VmmProcess {
     stderr: PathBuf,
     serial: Option<PathBuf>,
     timeout: Duration,
+    /// The VMM's API socket, if the test gave one: a wait that times out asks the VM through it
+    /// (`hang_report::vm`).
+    api_socket: Option<PathBuf>,
     /// When the command was started: the origin of "command start to ..." durations.
     pub started: Instant,
 }
@@ -72,6 +75,7 @@ impl VmmProcess {
             stderr: log.to_path_buf(),
             serial: None,
             timeout: DEFAULT_TIMEOUT,
+            api_socket: None,
             started,
         })
     }
@@ -109,6 +113,14 @@ impl VmmProcess {
     /// `serial_log` and `wait_serial`.
     pub fn with_serial(mut self, serial: PathBuf) -> Self {
         self.serial = Some(serial);
+        self
+    }
+
+    /// The API socket the test passed in the arguments (`--api-socket path=`): a `wait_serial`
+    /// or `wait_stderr` that times out then reports the VM's counters, whether it pauses, and
+    /// its vCPUs' registers (`hang_report::vm`).
+    pub fn with_api_socket(mut self, socket: PathBuf) -> Self {
+        self.api_socket = Some(socket);
         self
     }
 
@@ -228,11 +240,24 @@ impl VmmProcess {
                 panic!("VMM exited ({status}) before {what}\n{context}");
             }
             if Instant::now() >= deadline {
+                let report = self.hang_report();
                 self.kill();
-                panic!("timed out waiting for {what}\n{context}");
+                panic!("timed out waiting for {what}\n{context}\n{report}");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// What the process's threads and, with `with_api_socket`, its VM are doing: for a wait
+    /// that timed out, before the VMM is killed. The log above it shows the guest's last
+    /// progress.
+    pub fn hang_report(&self) -> String {
+        let mut report = crate::hang_report::threads(self.pid());
+        if let Some(socket) = &self.api_socket {
+            let scratch = self.stderr.parent().unwrap_or(Path::new("/tmp"));
+            report.push_str(&crate::hang_report::vm(socket, scratch));
+        }
+        report
     }
 
     /// Waits until the API socket at `socket` accepts a connection; fails if the process ends
@@ -307,12 +332,18 @@ impl VmmProcess {
     /// Waits for the process to exit; kills it and fails after the timeout.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let timeout = self.timeout;
-        self.wait_exit_within(timeout).unwrap_or_else(|| {
-            panic!(
-                "the VMM did not exit within {timeout:?}\nstderr:\n{}",
-                self.stderr_log()
-            )
-        })
+        if let Some(status) = self
+            .exit_within(timeout)
+            .expect("waiting for cloud-hypervisor")
+        {
+            return status;
+        }
+        let report = crate::hang_report::threads(self.pid());
+        self.kill();
+        panic!(
+            "the VMM did not exit within {timeout:?}\nstderr:\n{}\n{report}",
+            self.stderr_log()
+        )
     }
 
     /// `wait_exit`'s exit code, -1 for a death by signal.
