@@ -346,6 +346,48 @@ impl VmmProcess {
         )
     }
 
+    /// Waits for the process to exit for as long as the guest makes progress: `progress` reads
+    /// a number from the serial log that grows while the guest works (batches done, say). It
+    /// fails (with `hang_report`, killing the VMM) once that number has stood still for the
+    /// timeout, or if the VMM outlives `give_up` altogether. For runs whose length depends on
+    /// the host's load, where a fixed bound on the whole run is either tight or meaningless.
+    pub fn wait_exit_while_progressing(
+        &mut self,
+        give_up: Duration,
+        progress: impl Fn(&str) -> u64,
+    ) -> ExitStatus {
+        let started = Instant::now();
+        let mut last = progress(&self.serial_log());
+        let mut last_change = Instant::now();
+        loop {
+            if let Some(status) = self
+                .exit_within(POLL * 10)
+                .expect("waiting for cloud-hypervisor")
+            {
+                return status;
+            }
+            let now = progress(&self.serial_log());
+            if now != last {
+                (last, last_change) = (now, Instant::now());
+            }
+            let stalled = last_change.elapsed() >= self.timeout;
+            if stalled || started.elapsed() >= give_up {
+                let report = self.hang_report();
+                self.kill();
+                panic!(
+                    "{} (progress {last})\nserial:\n{}\nstderr:\n{}\n{report}",
+                    if stalled {
+                        format!("the guest made no progress for {:?}", self.timeout)
+                    } else {
+                        format!("the VMM did not exit within {give_up:?}")
+                    },
+                    self.serial_log(),
+                    self.stderr_log()
+                );
+            }
+        }
+    }
+
     /// `wait_exit`'s exit code, -1 for a death by signal.
     pub fn wait_exit_code(&mut self) -> i32 {
         self.wait_exit().code().unwrap_or(-1)
@@ -361,5 +403,53 @@ impl VmmProcess {
 impl Drop for VmmProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in "VMM" (a shell) whose serial log is `log`, bounded by `timeout` per stall.
+    fn shell(script: &str, log: &Path, timeout: Duration) -> VmmProcess {
+        let stderr = log.with_extension("stderr");
+        VmmProcess::start(
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            &[],
+            &stderr,
+            Stdout::Null,
+        )
+        .unwrap()
+        .with_serial(log.to_path_buf())
+        .with_timeout(timeout)
+    }
+
+    fn lines(log: &str) -> u64 {
+        log.lines().count() as u64
+    }
+
+    #[test]
+    fn a_run_that_keeps_progressing_may_outlast_the_stall_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        let script = format!(
+            "for i in 1 2 3 4 5 6; do echo $i >> {}; sleep 0.1; done",
+            log.display()
+        );
+        let mut run = shell(&script, &log, Duration::from_millis(400));
+        let status = run.wait_exit_while_progressing(Duration::from_secs(30), lines);
+        assert!(status.success(), "{status}");
+        assert_eq!(lines(&run.serial_log()), 6);
+    }
+
+    #[test]
+    #[should_panic(expected = "the guest made no progress for")]
+    fn a_run_that_stands_still_fails_after_the_stall_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        let script = format!("echo 1 >> {}; sleep 30", log.display());
+        let mut run = shell(&script, &log, Duration::from_millis(300));
+        run.wait_exit_while_progressing(Duration::from_secs(30), lines);
     }
 }
