@@ -263,43 +263,33 @@ impl VmmProcess {
     /// Waits until the API socket at `socket` accepts a connection; fails if the process ends
     /// first or `timeout` passes.
     pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while UnixStream::connect(socket).is_err() {
-            if let Some(status) = self.try_wait() {
-                panic!(
-                    "cloud-hypervisor ended ({status}) before serving {}:\n{}",
-                    socket.display(),
-                    self.stderr_log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the API socket {} did not come up:\n{}",
-                socket.display(),
-                self.stderr_log()
-            );
-            std::thread::sleep(POLL);
-        }
+        let what = format!("serving the API socket {}", socket.display());
+        self.wait_until(&what, timeout, || UnixStream::connect(socket).is_ok());
     }
 
     /// Waits until the file `socket` exists (a backend that created its socket), without
     /// connecting to it: a vhost-user backend serves one front-end at a time.
     pub fn wait_for_socket_file(&mut self, socket: &Path, timeout: Duration) {
+        let what = format!("creating the socket {}", socket.display());
+        self.wait_until(&what, timeout, || socket.exists());
+    }
+
+    /// Polls `ready` until it holds; fails if the process ends first or `timeout` passes.
+    fn wait_until(&mut self, what: &str, timeout: Duration, ready: impl Fn() -> bool) {
         let deadline = Instant::now() + timeout;
-        while !socket.exists() {
+        while !ready() {
             if let Some(status) = self.try_wait() {
                 panic!(
-                    "the process ended ({status}) before creating {}:\n{}",
-                    socket.display(),
+                    "the process ended ({status}) before {what}:\n{}",
                     self.stderr_log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "no socket {} within {timeout:?}",
-                socket.display()
+                "not {what} within {timeout:?}:\n{}",
+                self.stderr_log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(POLL);
         }
     }
 

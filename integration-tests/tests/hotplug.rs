@@ -43,6 +43,19 @@ fn hpcheck_arguments(socket: &Path) -> Vec<String> {
     arguments
 }
 
+/// An hpcheck guest behind `socket` as NV VM `hp` of a new region at `region`, booted and
+/// polling for hotplug events.
+fn boot_nv_hpcheck(dir: &Path, socket: &Path, region: &Path) -> VmmProcess {
+    let mut arguments = hpcheck_arguments(socket);
+    arguments.extend([
+        "--nv".into(),
+        format!("region={},vm=hp,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir, "boot", &arguments);
+    wait_ready(&mut vmm, socket);
+    vmm
+}
+
 fn wait_ready(vmm: &mut VmmProcess, socket: &Path) {
     vmm.wait_for_socket(socket, TIMEOUT);
     vmm.wait_serial("the guest polling for hotplug events", |log| {
@@ -273,13 +286,7 @@ fn a_hotplugged_disk_survives_a_power_failure_and_a_removed_one_stays_removed() 
     let socket = dir.path().join("api.sock");
     let region = dir.path().join("region");
     let image = disk_image(dir.path(), "hot.raw");
-    let mut arguments = hpcheck_arguments(&socket);
-    arguments.extend([
-        "--nv".into(),
-        format!("region={},vm=hp,create=on", region.display()),
-    ]);
-    let mut vmm = spawn(dir.path(), "boot", &arguments);
-    wait_ready(&mut vmm, &socket);
+    let mut vmm = boot_nv_hpcheck(dir.path(), &socket, &region);
     let device = add_disk(&socket, &image, "hot0");
     wait_disk_in_use(&mut vmm, device, 2);
     vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power fail");
@@ -771,13 +778,7 @@ fn a_hotplugged_vhost_user_disk_is_driven_and_survives_a_power_failure() {
         backend
     };
     let mut backend = start_backend("0");
-    let mut arguments = hpcheck_arguments(&socket);
-    arguments.extend([
-        "--nv".into(),
-        format!("region={},vm=hp,create=on", region.display()),
-    ]);
-    let mut vmm = spawn(dir.path(), "boot", &arguments);
-    wait_ready(&mut vmm, &socket);
+    let mut vmm = boot_nv_hpcheck(dir.path(), &socket, &region);
     // No backend at the socket: 500 naming it after the bounded wait, nothing plugged.
     let absent = dir.path().join("absent.sock");
     let body = format!(
