@@ -257,10 +257,7 @@ fn power_fail_and_recover_on_a_new_virtiofsd(files: u64) -> (String, String) {
         !after.contains("fscheck: init"),
         "the guest started again:\n{after}"
     );
-    assert!(
-        last_written(&after) > written,
-        "{written}, then:\n{after}"
-    );
+    assert!(last_written(&after) > written, "{written}, then:\n{after}");
     let recovered = vmm.stderr_log();
     assert!(recovered.contains("device state loaded"), "{recovered}");
     vmm.kill();
@@ -329,6 +326,33 @@ fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
     old.wait_exit_within(Duration::from_secs(10))
         .expect("virtiofsd outlived its front-end");
 
+    // A state the new virtiofsd refuses (well formed, checksums right, not virtiofsd's): the
+    // restore fails naming the socket, and the snapshot stays restorable.
+    fs.start();
+    let intact = std::fs::read(snapshot.join("state.json")).expect("state.json");
+    reseal_backend_state(&snapshot, b"not what virtiofsd wrote");
+    let mut refused = VmmProcess::spawn(
+        dir.path(),
+        "refused",
+        &[
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+        ],
+        &[],
+    )
+    .with_timeout(TIMEOUT);
+    assert_eq!(refused.wait_exit().code(), Some(1));
+    let refusal = refused.stderr_log();
+    assert!(
+        refusal.contains("refused the saved device state")
+            && refusal.contains(&fs.socket.display().to_string()),
+        "{refusal}"
+    );
+    std::fs::write(snapshot.join("state.json"), intact).expect("state.json");
+    let mut old = fs.process.take().expect("virtiofsd");
+    old.wait_exit_within(Duration::from_secs(10))
+        .expect("virtiofsd outlived its front-end");
+
     fs.start();
     let restored_log = dir.path().join("restored.serial");
     point_serial_to(&snapshot, &restored_log);
@@ -355,6 +379,41 @@ fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
     // Not an NV VM: its reset ends the VMM with 0.
     assert_eq!(restored.wait_exit().code(), Some(0));
     fs.assert_output_lines(100);
+    assert_eq!(fs.starts, 3);
+}
+
+/// Puts `bytes` as the virtio-fs device's backend state into the snapshot's `state.json`, with
+/// its length, CRC-32C and base64 right and the file's checksum recomputed.
+fn reseal_backend_state(snapshot: &Path, bytes: &[u8]) {
+    let path = snapshot.join("state.json");
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state.json")).expect("JSON");
+    let mut content = envelope["content"].take();
+    let state = &mut content["vm"]["devices"]["fs"][0]["backend_state"];
+    assert!(state.is_object(), "no backend state in {content}");
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    // Whole groups of three bytes only: no padding to write.
+    assert_eq!(bytes.len() % 3, 0);
+    let base64: String = bytes
+        .chunks(3)
+        .flat_map(|c| {
+            let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+            (0..4).map(move |i| ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char)
+        })
+        .collect();
+    *state = serde_json::json!({
+        "len": bytes.len(),
+        "crc32c": crc32c::crc32c(bytes),
+        "base64": base64,
+    });
+    let content = content.to_string();
+    let text = format!(
+        r#"{{"format":{},"version":{},"crc32c":{},"content":{content}}}"#,
+        envelope["format"],
+        envelope["version"],
+        crc32c::crc32c(content.as_bytes())
+    );
+    std::fs::write(&path, text).expect("state.json");
 }
 
 /// `vm.add-fs` as upstream on a running VM: 200 with the new function's `PciDeviceInfo`

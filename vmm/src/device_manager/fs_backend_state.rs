@@ -33,7 +33,11 @@ impl BackendState {
     pub fn decode(&self) -> Result<Vec<u8>, String> {
         let bytes = base64_decode(&self.base64).ok_or("its base64 is malformed")?;
         if bytes.len() as u64 != self.len {
-            return Err(format!("{} bytes where {} were saved", bytes.len(), self.len));
+            return Err(format!(
+                "{} bytes where {} were saved",
+                bytes.len(),
+                self.len
+            ));
         }
         let crc = crc32c::crc32c(&bytes);
         if crc != self.crc32c {

@@ -88,7 +88,8 @@ impl VhostUserFsLink {
             )));
         }
         let queues = 1 + request_queues;
-        let connection = VhostUserConnection::open_with_device_state(socket, VhostUserMode::Client)?;
+        let connection =
+            VhostUserConnection::open_with_device_state(socket, VhostUserMode::Client)?;
         let backend_features = connection.with_session(|session| {
             session.check_queues(socket, queues, "the file system")?;
             Ok(session.backend_features)
