@@ -827,3 +827,80 @@ impl QueueWorker for CallRelay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOCKET: &str = "/run/test/fs.sock";
+
+    #[test]
+    fn device_state_goes_through_a_pipe_both_ways() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        // More than a pipe holds: the reader must run while the writer writes.
+        let state: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = state.clone();
+        let writing = std::thread::spawn(move || {
+            write_all_bounded(
+                socket,
+                OwnedFd::from(writer),
+                &state,
+                Duration::from_secs(10),
+            )
+        });
+        let read = read_to_end_bounded(
+            socket,
+            OwnedFd::from(reader),
+            Duration::from_secs(10),
+            MAX_DEVICE_STATE_LEN,
+        )
+        .unwrap();
+        writing.join().unwrap().unwrap();
+        assert_eq!(read, expected);
+    }
+
+    #[test]
+    fn a_state_larger_than_the_limit_is_an_error_naming_the_socket() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        let writing = std::thread::spawn(move || {
+            // The reader gives up and closes its end: this write then fails, as a backend's.
+            let _ = write_all_bounded(
+                socket,
+                OwnedFd::from(writer),
+                &[7u8; 10_000],
+                Duration::from_secs(10),
+            );
+        });
+        let error =
+            read_to_end_bounded(socket, OwnedFd::from(reader), Duration::from_secs(10), 4096)
+                .unwrap_err()
+                .to_string();
+        writing.join().unwrap();
+        assert!(error.contains(SOCKET), "{error}");
+        assert!(error.contains("larger than 4096 bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_backend_that_never_finishes_its_state_is_an_error_after_the_bound() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        let started = Instant::now();
+        let error = read_to_end_bounded(
+            socket,
+            OwnedFd::from(reader),
+            Duration::from_millis(200),
+            4096,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            error.contains(SOCKET) && error.contains("did not finish"),
+            "{error}"
+        );
+        drop(writer);
+    }
+}
