@@ -127,6 +127,35 @@ fn finishes_ok(vmm: &mut VmmProcess) -> String {
     log
 }
 
+/// fscheck writing 100 lines on `--memory shared=on` (a memfd) with `--api-socket`, served by
+/// a started virtiofsd, past its 20th line: the shared directory, the API socket, an empty
+/// snapshot directory and the VMM.
+fn fscheck_with_api(dir: &Path) -> (SharedDir, PathBuf, PathBuf, VmmProcess) {
+    let mut fs = SharedDir::new(dir);
+    fs.start();
+    let api = dir.join("api.sock");
+    let snapshot = dir.join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
+    let mut arguments = fscheck_arguments(100, 20_000, "32M,shared=on");
+    arguments.extend(["--fs".to_string(), fs.option()]);
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir, "boot", &arguments, &[]).with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    wait_written(&mut vmm, 20);
+    (fs, api, snapshot, vmm)
+}
+
+/// One API request that must succeed (200 or 204); its answer.
+fn api_call(api: &Path, method: &str, op: &str, body: &str) -> String {
+    let (status, answer) = api_client::request(api, method, op, body, TIMEOUT);
+    assert!(status == 204 || status == 200, "{op}: {status} {answer}");
+    answer
+}
+
 /// A VM on `--memory shared=on` (a memfd): the guest reads the file the test put there (the
 /// backend's content reached guest RAM), writes 100 lines the host then finds, and reads them
 /// back. A pause, a snapshot and a resume in the middle stop the rings with GET_VRING_BASE and
@@ -135,26 +164,8 @@ fn finishes_ok(vmm: &mut VmmProcess) -> String {
 fn a_guest_reads_and_writes_the_shared_directory_across_pause_snapshot_resume() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let mut fs = SharedDir::new(dir.path());
-    fs.start();
-    let api = dir.path().join("api.sock");
-    let snapshot = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let mut arguments = fscheck_arguments(100, 20_000, "32M,shared=on");
-    arguments.extend(["--fs".to_string(), fs.option()]);
-    arguments.extend([
-        "--api-socket".to_string(),
-        format!("path={}", api.display()),
-    ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    wait_written(&mut vmm, 20);
-    let call = |method: &str, op: &str, body: &str| {
-        let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
-        assert!(status == 204 || status == 200, "{op}: {status} {answer}");
-        answer
-    };
+    let (fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path());
+    let call = |method: &str, op: &str, body: &str| api_call(&api, method, op, body);
     let info = call("GET", "vm.info", "");
     assert!(info.contains("\"tag\":\"shared\""), "{info}");
     call("PUT", "vm.pause", "");
@@ -296,25 +307,8 @@ fn a_power_failure_carries_a_thousand_open_files_to_a_new_virtiofsd() {
 fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let mut fs = SharedDir::new(dir.path());
-    fs.start();
-    let api = dir.path().join("api.sock");
-    let snapshot = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let mut arguments = fscheck_arguments(100, 20_000, "32M,shared=on");
-    arguments.extend(["--fs".to_string(), fs.option()]);
-    arguments.extend([
-        "--api-socket".to_string(),
-        format!("path={}", api.display()),
-    ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    wait_written(&mut vmm, 20);
-    let call = |method: &str, op: &str, body: &str| {
-        let (status, answer) = api_client::request(&api, method, op, body, TIMEOUT);
-        assert!(status == 204 || status == 200, "{op}: {status} {answer}");
-    };
+    let (mut fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path());
+    let call = |method: &str, op: &str, body: &str| api_call(&api, method, op, body);
     call("PUT", "vm.pause", "");
     let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
     call("PUT", "vm.snapshot", &destination);

@@ -240,45 +240,70 @@ fn negotiate_device_state(socket: &Path, session: &mut Session) -> Result<()> {
     Ok(())
 }
 
-/// SET_DEVICE_STATE_FD (save, stopped) with the write end of a pipe, reads the pipe to its end
-/// (bounded by [`DEVICE_STATE_TIMEOUT`] and [`MAX_DEVICE_STATE_LEN`]), then CHECK_DEVICE_STATE.
-fn save_device_state(socket: &Path, session: &mut Session) -> Result<Vec<u8>> {
-    let started = Instant::now();
+/// Sends SET_DEVICE_STATE_FD (`direction`, phase stopped) with the backend's end of a new
+/// pipe (the write end to save, the read end to load) and returns the front-end's end: the
+/// other end of the pipe, or the descriptor the backend handed back to use instead.
+fn device_state_pipe(
+    socket: &Path,
+    session: &mut Session,
+    direction: VhostTransferStateDirection,
+) -> Result<OwnedFd> {
     let (reader, writer) =
         std::io::pipe().map_err(io_error(socket, "cannot create the device-state pipe"))?;
+    let (backend_end, own_end) = match direction {
+        VhostTransferStateDirection::SAVE => (OwnedFd::from(writer), OwnedFd::from(reader)),
+        VhostTransferStateDirection::LOAD => (OwnedFd::from(reader), OwnedFd::from(writer)),
+    };
     let returned = session
         .frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(writer),
-        )
-        .map_err(vhost_error(socket, "SET_DEVICE_STATE_FD (save)"))?;
-    // The backend may hand back a descriptor of its own to read the state from.
-    let reader = match returned {
-        Some(file) => OwnedFd::from(file),
-        None => OwnedFd::from(reader),
-    };
-    let read = read_to_end_bounded(socket, reader, DEVICE_STATE_TIMEOUT, MAX_DEVICE_STATE_LEN);
-    // Always asked, so the backend's transfer is over (a failed read closed the pipe).
-    let checked = session.frontend.check_device_state().map_err(vhost_error(
-        socket,
-        "CHECK_DEVICE_STATE (the backend could not save its state)",
-    ));
-    let state = read?;
-    checked?;
-    info!(
-        "vhost-user backend at {}: device state saved, {} bytes in {} us",
-        socket.display(),
-        state.len(),
-        started.elapsed().as_micros()
-    );
-    Ok(state)
+        .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, backend_end)
+        .map_err(vhost_error(
+            socket,
+            &format!("SET_DEVICE_STATE_FD ({direction:?})"),
+        ))?;
+    Ok(returned.map_or(own_end, OwnedFd::from))
 }
 
-/// SET_DEVICE_STATE_FD (load, stopped) with the read end of a pipe, writes `state` into it and
-/// closes it (bounded by [`DEVICE_STATE_TIMEOUT`]), then CHECK_DEVICE_STATE: an error names the
-/// socket when the backend refuses the state.
+/// Sends CHECK_DEVICE_STATE once the pipe is done with (always, so the backend's transfer is
+/// over even when the front-end's side failed), then gives the transfer's result, or the
+/// backend's failure described by `refusal`.
+fn check_device_state<T>(
+    socket: &Path,
+    session: &mut Session,
+    transfer: Result<T>,
+    refusal: &str,
+    done: &str,
+    bytes: impl FnOnce(&T) -> usize,
+    started: Instant,
+) -> Result<T> {
+    let checked = session.frontend.check_device_state().map_err(vhost_error(
+        socket,
+        &format!("CHECK_DEVICE_STATE ({refusal})"),
+    ));
+    let transferred = transfer?;
+    checked?;
+    info!(
+        "vhost-user backend at {}: device state {done}, {} bytes in {} us",
+        socket.display(),
+        bytes(&transferred),
+        started.elapsed().as_micros()
+    );
+    Ok(transferred)
+}
+
+/// SET_DEVICE_STATE_FD (save, stopped), reads the pipe to its end (bounded by
+/// [`DEVICE_STATE_TIMEOUT`] and [`MAX_DEVICE_STATE_LEN`]), then CHECK_DEVICE_STATE.
+fn save_device_state(socket: &Path, session: &mut Session) -> Result<Vec<u8>> {
+    let started = Instant::now();
+    let reader = device_state_pipe(socket, session, VhostTransferStateDirection::SAVE)?;
+    let read = read_to_end_bounded(socket, reader, DEVICE_STATE_TIMEOUT, MAX_DEVICE_STATE_LEN);
+    let refusal = "the backend could not save its state";
+    check_device_state(socket, session, read, refusal, "saved", Vec::len, started)
+}
+
+/// SET_DEVICE_STATE_FD (load, stopped), writes `state` into the pipe and closes it (bounded by
+/// [`DEVICE_STATE_TIMEOUT`]), then CHECK_DEVICE_STATE: an error names the socket when the
+/// backend refuses the state.
 fn load_device_state(socket: &Path, session: &mut Session, state: &[u8]) -> Result<()> {
     let started = Instant::now();
     if !session
@@ -295,34 +320,18 @@ fn load_device_state(socket: &Path, session: &mut Session, state: &[u8]) -> Resu
             source: None,
         });
     }
-    let (reader, writer) =
-        std::io::pipe().map_err(io_error(socket, "cannot create the device-state pipe"))?;
-    let returned = session
-        .frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(reader),
-        )
-        .map_err(vhost_error(socket, "SET_DEVICE_STATE_FD (load)"))?;
-    let writer = match returned {
-        Some(file) => OwnedFd::from(file),
-        None => OwnedFd::from(writer),
-    };
+    let writer = device_state_pipe(socket, session, VhostTransferStateDirection::LOAD)?;
     let written = write_all_bounded(socket, writer, state, DEVICE_STATE_TIMEOUT);
-    let checked = session.frontend.check_device_state().map_err(vhost_error(
+    let refusal = "the backend refused the saved device state";
+    check_device_state(
         socket,
-        "CHECK_DEVICE_STATE (the backend refused the saved device state)",
-    ));
-    written?;
-    checked?;
-    info!(
-        "vhost-user backend at {}: device state loaded, {} bytes in {} us",
-        socket.display(),
-        state.len(),
-        started.elapsed().as_micros()
-    );
-    Ok(())
+        session,
+        written,
+        refusal,
+        "loaded",
+        |_| state.len(),
+        started,
+    )
 }
 
 /// Waits until `fd` is ready for `events` or `deadline` passed.
