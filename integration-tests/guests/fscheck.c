@@ -13,6 +13,9 @@
  * the whole file back through the same handle, checks every line, RELEASEs
  * it and prints "fscheck: done ok" (or "fscheck: FAIL <why> error=<errno>").
  * `pace_us=` spins between lines so a run can be power-failed mid-way.
+ * `files=N` (default 0) first CREATEs N more files "f<4 digits>" and keeps
+ * them open, so the backend holds N more inodes and handles (what its saved
+ * device state grows with), and prints "fscheck: opened N files".
  */
 #include "clock.h"
 #include "console.h"
@@ -222,6 +225,7 @@ void guest_main(void)
 	uint64_t lines = param_u64("lines", 200);
 	uint64_t every = param_u64("report", 20);
 	uint64_t pace_us = param_u64("pace_us", 0);
+	uint64_t files = param_u64("files", 0);
 	const char *error = 0;
 	int64_t got;
 
@@ -299,6 +303,25 @@ void guest_main(void)
 	if (fuse_release(input_node, input_fh, O_RDONLY)) {
 		fail("RELEASE of the input file");
 		return;
+	}
+
+	/* `files=`: more files created and kept open. */
+	for (uint64_t f = 0; f < files; f++) {
+		char name[6] = { 'f', (char)('0' + f / 1000 % 10), (char)('0' + f / 100 % 10),
+				 (char)('0' + f / 10 % 10), (char)('0' + f % 10), 0 };
+		args = begin(FUSE_CREATE, FUSE_ROOT_ID);
+		memset(args, 0, 16);
+		put_u32(args, O_RDWR | O_CREAT | O_TRUNC);
+		put_u32(args + 4, 0100644);
+		if (send(16 + put_name(args + 16, name), 512) < ENTRY_OUT_BYTES + OPEN_OUT_BYTES) {
+			fail("CREATE of a files= file");
+			return;
+		}
+	}
+	if (files) {
+		console_write("fscheck: opened ");
+		console_write_dec(files);
+		console_write(" files\n");
 	}
 
 	/* CREATE the output file, then WRITE it line by line. */

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 mod console_rng;
+mod fs_backend_state;
 mod hotplug;
 
 pub use hotplug::{
@@ -208,12 +209,13 @@ struct VirtioFsSlot {
     link: VhostUserFsLink,
 }
 
-/// Version of [`FsState`].
-pub const FS_STATE_VERSION: u32 = 1;
+/// Version of [`FsState`]: 2 added the backend's device state (version 1 is still read).
+pub const FS_STATE_VERSION: u32 = 2;
 
 /// Saved state of one virtio-fs device: its virtio-pci function (queues, ring positions the
-/// backend answered to GET_VRING_BASE, negotiated features). FUSE state (node ids, open files)
-/// is virtiofsd's and not here.
+/// backend answered to GET_VRING_BASE, negotiated features) and, when virtiofsd offers the
+/// DEVICE_STATE protocol feature, its FUSE state (node ids, open files, INIT options) as it
+/// wrote it with the rings stopped, for the virtiofsd a restore connects to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsState {
     pub version: u32,
@@ -221,6 +223,13 @@ pub struct FsState {
     /// The tag, to catch a restore onto another file system.
     pub tag: String,
     pub pci: VirtioPciState,
+    /// virtiofsd's FUSE state (absent when the backend does not offer DEVICE_STATE or was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state: Option<fs_backend_state::BackendState>,
+    /// Why the backend's state is absent although the backend offers it (it could not be read
+    /// in time, or it was too large): a restore says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state_missing: Option<String>,
 }
 
 /// Version of [`NetState`].
@@ -1035,6 +1044,7 @@ impl DeviceManager {
                     .transport
                     .save()
                     .map_err(|e| Error::device_state(format!("virtio-fs {}", fs.id), e))?;
+                let (backend_state, backend_state_missing) = fs_backend_state::save(fs);
                 Ok(FsState {
                     version: FS_STATE_VERSION,
                     id: fs.id.clone(),
@@ -1042,6 +1052,8 @@ impl DeviceManager {
                     pci: pci.ok_or_else(|| {
                         Error::State(format!("virtio-fs {}: not on virtio-pci", fs.id))
                     })?,
+                    backend_state,
+                    backend_state_missing,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -1198,9 +1210,9 @@ impl DeviceManager {
     /// reconnects, bounded, when the device resumes).
     fn restore_fs(&self, fs: &VirtioFsSlot, saved: &FsState) -> Result<(), Error> {
         let what = format!("virtio-fs {}", fs.id);
-        if saved.version != FS_STATE_VERSION {
+        if !(1..=FS_STATE_VERSION).contains(&saved.version) {
             return Err(Error::State(format!(
-                "{what}: state version {}, this build understands {FS_STATE_VERSION}",
+                "{what}: state version {}, this build understands 1 to {FS_STATE_VERSION}",
                 saved.version
             )));
         }
@@ -1210,10 +1222,11 @@ impl DeviceManager {
                 saved.tag, fs.tag
             )));
         }
+        let device_state = fs_backend_state::restore(&what, fs.link.socket(), saved)?;
         self.restore_transport(
             &what,
             &fs.transport,
-            Box::new(fs.link.device()),
+            Box::new(fs.link.restored_device(device_state)),
             None,
             Some(&saved.pci),
             &self.thread_start,

@@ -3,6 +3,7 @@
 //! (activation, GET_VRING_BASE before a save, SET_MEM_TABLE and SET_VRING_BASE after a
 //! restore). A device adds its features and configuration space (`blk`, `net`).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
@@ -88,6 +92,9 @@ pub struct VhostUserConnection {
     session: Arc<Mutex<Option<Session>>>,
     /// Server mode: the socket the VMM listens on, kept for the backend's reconnections.
     listener: Option<Arc<UnixListener>>,
+    /// Each session also negotiates the DEVICE_STATE protocol feature when the backend offers
+    /// it (a device whose backend holds state of its own: virtio-fs).
+    device_state: bool,
 }
 
 impl VhostUserConnection {
@@ -104,6 +111,27 @@ impl VhostUserConnection {
             socket: socket.to_owned(),
             session: Arc::new(Mutex::new(None)),
             listener,
+            device_state: false,
+        };
+        *connection.lock() = Some(connection.new_session()?);
+        Ok(connection)
+    }
+
+    /// [`VhostUserConnection::open`] for a device whose backend has internal state that the
+    /// rings do not describe (virtiofsd's FUSE session): every session also negotiates the
+    /// DEVICE_STATE protocol feature when the backend offers it, so that state can be saved
+    /// ([`VhostUserConnection::save_device_state`]) and loaded into a new backend
+    /// ([`VhostUserRings::load_device_state_on_setup`]).
+    pub fn open_with_device_state(socket: &Path, mode: VhostUserMode) -> Result<Self> {
+        let listener = match mode {
+            VhostUserMode::Client => None,
+            VhostUserMode::Server => Some(Arc::new(listen(socket)?)),
+        };
+        let connection = VhostUserConnection {
+            socket: socket.to_owned(),
+            session: Arc::new(Mutex::new(None)),
+            listener,
+            device_state: true,
         };
         *connection.lock() = Some(connection.new_session()?);
         Ok(connection)
@@ -120,10 +148,45 @@ impl VhostUserConnection {
 
     /// A new session: connected (client) or accepted (server), bounded.
     fn new_session(&self) -> Result<Session> {
-        match &self.listener {
+        let session = match &self.listener {
             None => connect(&self.socket, VHOST_USER_CONNECT_TIMEOUT),
             Some(listener) => accept(listener, &self.socket, VHOST_USER_CONNECT_TIMEOUT),
+        };
+        match session {
+            Ok(mut session) if self.device_state => {
+                negotiate_device_state(&self.socket, &mut session)?;
+                Ok(session)
+            }
+            other => other,
         }
+    }
+
+    /// Whether the open session can carry the backend's device state (the backend offered
+    /// DEVICE_STATE and this connection asked for it).
+    pub fn carries_device_state(&self) -> bool {
+        self.lock().as_ref().is_some_and(|session| {
+            session
+                .protocol_features
+                .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+        })
+    }
+
+    /// Reads the backend's internal state (SET_DEVICE_STATE_FD, direction save, phase stopped,
+    /// then CHECK_DEVICE_STATE). The device's rings must be stopped (GET_VRING_BASE, which a
+    /// pause does). `None` when there is no session (the backend was lost) or the backend does
+    /// not offer DEVICE_STATE: the device is saved without it, as before.
+    pub fn save_device_state(&self) -> Result<Option<Vec<u8>>> {
+        let mut guard = self.lock();
+        let Some(session) = guard.as_mut() else {
+            return Ok(None);
+        };
+        if !session
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+        {
+            return Ok(None);
+        }
+        save_device_state(&self.socket, session).map(Some)
     }
 
     /// Runs `step` on the open session (an error when the backend was lost).
@@ -140,6 +203,223 @@ impl VhostUserConnection {
             }),
         }
     }
+}
+
+/// Most bytes of device state the front-end takes from a backend: the state goes into the
+/// VM's saved state (an NV state slot is 1 MiB by default), so more is refused with an error
+/// instead of crowding out the rest.
+pub const MAX_DEVICE_STATE_LEN: usize = 256 << 10;
+
+/// How long a backend may take to write its device state into the pipe (or to read it).
+pub const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Adds DEVICE_STATE to the session's protocol features when the backend offers it: a second
+/// GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES before anything else is set up.
+fn negotiate_device_state(socket: &Path, session: &mut Session) -> Result<()> {
+    if !session.rings_need_enable() {
+        return Ok(());
+    }
+    let offered = session
+        .frontend
+        .get_protocol_features()
+        .map_err(vhost_error(socket, "GET_PROTOCOL_FEATURES"))?;
+    if !offered.contains(VhostUserProtocolFeatures::DEVICE_STATE) {
+        info!(
+            "vhost-user backend at {}: no DEVICE_STATE protocol feature; its internal state is \
+             not saved",
+            socket.display()
+        );
+        return Ok(());
+    }
+    let features = session.protocol_features | VhostUserProtocolFeatures::DEVICE_STATE;
+    session
+        .frontend
+        .set_protocol_features(features)
+        .map_err(vhost_error(socket, "SET_PROTOCOL_FEATURES"))?;
+    session.protocol_features = features;
+    Ok(())
+}
+
+/// Sends SET_DEVICE_STATE_FD (`direction`, phase stopped) with the backend's end of a new
+/// pipe (the write end to save, the read end to load) and returns the front-end's end: the
+/// other end of the pipe, or the descriptor the backend handed back to use instead.
+fn device_state_pipe(
+    socket: &Path,
+    session: &mut Session,
+    direction: VhostTransferStateDirection,
+) -> Result<OwnedFd> {
+    let (reader, writer) =
+        std::io::pipe().map_err(io_error(socket, "cannot create the device-state pipe"))?;
+    let (backend_end, own_end) = match direction {
+        VhostTransferStateDirection::SAVE => (OwnedFd::from(writer), OwnedFd::from(reader)),
+        VhostTransferStateDirection::LOAD => (OwnedFd::from(reader), OwnedFd::from(writer)),
+    };
+    let returned = session
+        .frontend
+        .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, backend_end)
+        .map_err(vhost_error(
+            socket,
+            &format!("SET_DEVICE_STATE_FD ({direction:?})"),
+        ))?;
+    Ok(returned.map_or(own_end, OwnedFd::from))
+}
+
+/// Sends CHECK_DEVICE_STATE once the pipe is done with (always, so the backend's transfer is
+/// over even when the front-end's side failed), then gives the transfer's result, or the
+/// backend's failure described by `refusal`.
+fn check_device_state<T>(
+    socket: &Path,
+    session: &mut Session,
+    transfer: Result<T>,
+    refusal: &str,
+    done: &str,
+    bytes: impl FnOnce(&T) -> usize,
+    started: Instant,
+) -> Result<T> {
+    let checked = session.frontend.check_device_state().map_err(vhost_error(
+        socket,
+        &format!("CHECK_DEVICE_STATE ({refusal})"),
+    ));
+    let transferred = transfer?;
+    checked?;
+    info!(
+        "vhost-user backend at {}: device state {done}, {} bytes in {} us",
+        socket.display(),
+        bytes(&transferred),
+        started.elapsed().as_micros()
+    );
+    Ok(transferred)
+}
+
+/// SET_DEVICE_STATE_FD (save, stopped), reads the pipe to its end (bounded by
+/// [`DEVICE_STATE_TIMEOUT`] and [`MAX_DEVICE_STATE_LEN`]), then CHECK_DEVICE_STATE.
+fn save_device_state(socket: &Path, session: &mut Session) -> Result<Vec<u8>> {
+    let started = Instant::now();
+    let reader = device_state_pipe(socket, session, VhostTransferStateDirection::SAVE)?;
+    let read = read_to_end_bounded(socket, reader, DEVICE_STATE_TIMEOUT, MAX_DEVICE_STATE_LEN);
+    let refusal = "the backend could not save its state";
+    check_device_state(socket, session, read, refusal, "saved", Vec::len, started)
+}
+
+/// SET_DEVICE_STATE_FD (load, stopped), writes `state` into the pipe and closes it (bounded by
+/// [`DEVICE_STATE_TIMEOUT`]), then CHECK_DEVICE_STATE: an error names the socket when the
+/// backend refuses the state.
+fn load_device_state(socket: &Path, session: &mut Session, state: &[u8]) -> Result<()> {
+    let started = Instant::now();
+    if !session
+        .protocol_features
+        .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+    {
+        return Err(Error::VhostUser {
+            socket: socket.to_owned(),
+            what: format!(
+                "the saved state has {} bytes of the backend's device state, but this backend \
+                 does not offer the DEVICE_STATE protocol feature to take it",
+                state.len()
+            ),
+            source: None,
+        });
+    }
+    let writer = device_state_pipe(socket, session, VhostTransferStateDirection::LOAD)?;
+    let written = write_all_bounded(socket, writer, state, DEVICE_STATE_TIMEOUT);
+    let refusal = "the backend refused the saved device state";
+    check_device_state(
+        socket,
+        session,
+        written,
+        refusal,
+        "loaded",
+        |_| state.len(),
+        started,
+    )
+}
+
+/// Waits until `fd` is ready for `events` or `deadline` passed.
+fn wait_ready(socket: &Path, fd: &impl AsRawFd, events: i16, deadline: Instant) -> Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::VhostUser {
+                socket: socket.to_owned(),
+                what: format!(
+                    "the device-state transfer did not finish within {}s",
+                    DEVICE_STATE_TIMEOUT.as_secs()
+                ),
+                source: None,
+            });
+        }
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        let timeout_ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        // SAFETY: `poll` points at one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+        if ready > 0 {
+            return Ok(());
+        }
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_error(socket, "cannot wait on the device-state pipe")(e));
+            }
+        }
+    }
+}
+
+/// Reads `fd` (a pipe) to its end, at most `limit` bytes, within `timeout`.
+fn read_to_end_bounded(
+    socket: &Path,
+    fd: OwnedFd,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut file = std::fs::File::from(fd);
+    let mut state = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        wait_ready(socket, &file, libc::POLLIN, deadline)?;
+        let n = match std::io::Read::read(&mut file, &mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(socket, "cannot read the device state")(e)),
+        };
+        if n == 0 {
+            return Ok(state);
+        }
+        if state.len() + n > limit {
+            return Err(Error::VhostUser {
+                socket: socket.to_owned(),
+                what: format!(
+                    "the backend's device state is larger than {limit} bytes, the most a saved \
+                     state takes"
+                ),
+                source: None,
+            });
+        }
+        state.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Writes `state` into `fd` (a pipe) within `timeout`, in pieces the pipe takes without
+/// blocking, then closes it so the backend reads its end.
+fn write_all_bounded(socket: &Path, fd: OwnedFd, state: &[u8], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut file = std::fs::File::from(fd);
+    let mut rest = state;
+    while !rest.is_empty() {
+        wait_ready(socket, &file, libc::POLLOUT, deadline)?;
+        // A pipe ready for writing takes PIPE_BUF bytes without blocking.
+        let piece = rest.len().min(libc::PIPE_BUF);
+        match std::io::Write::write(&mut file, &rest[..piece]) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(socket, "cannot write the device state")(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Binds the server-mode socket at `socket`, non-blocking. A socket file left there by an
@@ -168,6 +448,9 @@ pub(crate) struct VhostUserRings {
     /// Names the device kind in logs ("vhost-user-blk").
     kind: &'static str,
     active: Option<Active>,
+    /// The backend's device state from a saved state, loaded into the next new session after
+    /// its SET_FEATURES and SET_MEM_TABLE and before its rings start; dropped once they run.
+    device_state_to_load: Option<Vec<u8>>,
 }
 
 /// What an activation set up.
@@ -193,7 +476,17 @@ impl VhostUserRings {
             connection,
             kind,
             active: None,
+            device_state_to_load: None,
         }
+    }
+
+    /// Gives the backend `state` (saved with [`VhostUserConnection::save_device_state`]) when
+    /// this device sets up its next session: SET_DEVICE_STATE_FD (load) and
+    /// CHECK_DEVICE_STATE, after SET_FEATURES and SET_MEM_TABLE, before any ring starts. A
+    /// backend that refuses it fails the activation (or the resume) with an error naming the
+    /// socket.
+    pub fn load_device_state_on_setup(&mut self, state: Vec<u8>) {
+        self.device_state_to_load = Some(state);
     }
 
     /// Makes sure the session is open and set up for the activation: reconnects (bounded) after
@@ -220,6 +513,12 @@ impl VhostUserRings {
                 *guard = None;
                 return Err(e);
             }
+            if let Some(state) = &self.device_state_to_load {
+                if let Err(e) = load_device_state(&connection.socket, session, state) {
+                    *guard = None;
+                    return Err(e);
+                }
+            }
             active.needs_setup = false;
         }
         Ok(())
@@ -238,6 +537,9 @@ impl VhostUserRings {
         if result.is_err() {
             *guard = None;
             active.needs_setup = true;
+        } else if active.running.iter().any(|&running| running) {
+            // The backend serves the guest now: its state moves on from the loaded one.
+            self.device_state_to_load = None;
         }
         result
     }
@@ -532,5 +834,82 @@ impl QueueWorker for CallRelay {
                 error!("{}: cannot raise queue {queue}'s interrupt: {e}", self.kind);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOCKET: &str = "/run/test/fs.sock";
+
+    #[test]
+    fn device_state_goes_through_a_pipe_both_ways() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        // More than a pipe holds: the reader must run while the writer writes.
+        let state: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = state.clone();
+        let writing = std::thread::spawn(move || {
+            write_all_bounded(
+                socket,
+                OwnedFd::from(writer),
+                &state,
+                Duration::from_secs(10),
+            )
+        });
+        let read = read_to_end_bounded(
+            socket,
+            OwnedFd::from(reader),
+            Duration::from_secs(10),
+            MAX_DEVICE_STATE_LEN,
+        )
+        .unwrap();
+        writing.join().unwrap().unwrap();
+        assert_eq!(read, expected);
+    }
+
+    #[test]
+    fn a_state_larger_than_the_limit_is_an_error_naming_the_socket() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        let writing = std::thread::spawn(move || {
+            // The reader gives up and closes its end: this write then fails, as a backend's.
+            let _ = write_all_bounded(
+                socket,
+                OwnedFd::from(writer),
+                &[7u8; 10_000],
+                Duration::from_secs(10),
+            );
+        });
+        let error =
+            read_to_end_bounded(socket, OwnedFd::from(reader), Duration::from_secs(10), 4096)
+                .unwrap_err()
+                .to_string();
+        writing.join().unwrap();
+        assert!(error.contains(SOCKET), "{error}");
+        assert!(error.contains("larger than 4096 bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_backend_that_never_finishes_its_state_is_an_error_after_the_bound() {
+        let socket = Path::new(SOCKET);
+        let (reader, writer) = std::io::pipe().unwrap();
+        let started = Instant::now();
+        let error = read_to_end_bounded(
+            socket,
+            OwnedFd::from(reader),
+            Duration::from_millis(200),
+            4096,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            error.contains(SOCKET) && error.contains("did not finish"),
+            "{error}"
+        );
+        drop(writer);
     }
 }

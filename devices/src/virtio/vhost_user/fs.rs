@@ -2,9 +2,12 @@
 //! serves (virtiofsd): one high-priority queue, then the request queues.
 //!
 //! The configuration space is the VMM's, as upstream: the tag the guest mounts by and the
-//! number of request queues. FUSE itself (node ids, open file handles) is the backend's state:
-//! the front-end carries only the rings, so a guest's FUSE session survives a recovery exactly
-//! as long as the backend process that holds those ids does (see `docs/devices.md`).
+//! number of request queues. FUSE itself (node ids, open file handles) is the backend's state.
+//! When the backend offers the DEVICE_STATE protocol feature (virtiofsd does), the VMM reads
+//! that state with the rings stopped ([`VhostUserFsLink::save_device_state`]) into the device's
+//! saved state, and a restored device gives it to the backend it reconnects to before the rings
+//! start ([`VhostUserFsLink::restored_device`]): the guest's FUSE session survives a new
+//! virtiofsd process (see `docs/devices.md`).
 
 use std::path::Path;
 
@@ -85,7 +88,8 @@ impl VhostUserFsLink {
             )));
         }
         let queues = 1 + request_queues;
-        let connection = VhostUserConnection::open(socket, VhostUserMode::Client)?;
+        let connection =
+            VhostUserConnection::open_with_device_state(socket, VhostUserMode::Client)?;
         let backend_features = connection.with_session(|session| {
             session.check_queues(socket, queues, "the file system")?;
             Ok(session.backend_features)
@@ -109,6 +113,23 @@ impl VhostUserFsLink {
             link: self.clone(),
             rings: VhostUserRings::new(self.connection.clone(), "vhost-user-fs"),
         }
+    }
+
+    /// A device rebuilt from a saved state: `device_state`, when the save had it, goes to the
+    /// backend when the device sets up its session, before the rings start.
+    pub fn restored_device(&self, device_state: Option<Vec<u8>>) -> VhostUserFs {
+        let mut device = self.device();
+        if let Some(state) = device_state {
+            device.rings.load_device_state_on_setup(state);
+        }
+        device
+    }
+
+    /// The backend's FUSE state (its inodes, open handles and INIT options), read through
+    /// SET_DEVICE_STATE_FD. The device must be paused (its rings stopped). `None` when the
+    /// backend was lost or does not offer DEVICE_STATE.
+    pub fn save_device_state(&self) -> Result<Option<Vec<u8>>> {
+        self.connection.save_device_state()
     }
 
     /// The backend's socket.

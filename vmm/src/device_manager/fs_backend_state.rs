@@ -1,0 +1,184 @@
+//! virtiofsd's own state in a virtio-fs device's saved state: the bytes the backend wrote
+//! through SET_DEVICE_STATE_FD (its inodes, open handles and FUSE_INIT options) with the rings
+//! stopped, kept in the JSON state as base64 with their length and CRC-32C, and given to the
+//! virtiofsd a restore connects to before the rings start (see `docs/devices.md`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Error, FsState, VirtioFsSlot};
+
+/// The backend's device state as saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendState {
+    /// Bytes of the state (before base64).
+    pub len: u64,
+    /// CRC-32C of the bytes, checked before they go to a backend.
+    pub crc32c: u32,
+    /// The bytes, base64 (RFC 4648, with padding).
+    pub base64: String,
+}
+
+impl BackendState {
+    pub fn encode(bytes: &[u8]) -> Self {
+        BackendState {
+            len: bytes.len() as u64,
+            crc32c: crc32c::crc32c(bytes),
+            base64: base64_encode(bytes),
+        }
+    }
+
+    /// The bytes, or why they are not the ones saved.
+    pub fn decode(&self) -> Result<Vec<u8>, String> {
+        let bytes = base64_decode(&self.base64).ok_or("its base64 is malformed")?;
+        if bytes.len() as u64 != self.len {
+            return Err(format!(
+                "{} bytes where {} were saved",
+                bytes.len(),
+                self.len
+            ));
+        }
+        let crc = crc32c::crc32c(&bytes);
+        if crc != self.crc32c {
+            return Err(format!(
+                "CRC-32C {crc:#010x} where {:#010x} was saved",
+                self.crc32c
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Reads `fs`'s backend state (its device is paused, the rings stopped): the state, or why
+/// there is none although the backend offers it. A failure does not fail the save (the VM's
+/// own state matters more): it is logged naming the socket and recorded in the state.
+pub(super) fn save(fs: &VirtioFsSlot) -> (Option<BackendState>, Option<String>) {
+    match fs.link.save_device_state() {
+        Ok(Some(bytes)) => (Some(BackendState::encode(&bytes)), None),
+        Ok(None) => (None, None),
+        Err(e) => {
+            log::error!(
+                "virtio-fs {}: the backend's FUSE state is not saved ({e}); after a restore on a \
+                 new virtiofsd the guest's open files and looked-up names on it fail",
+                fs.id
+            );
+            (None, Some(e.to_string()))
+        }
+    }
+}
+
+/// The backend state to give the restored device's backend, checked. A state whose bytes do
+/// not check is refused; a save that lacked it is said in the log.
+pub(super) fn restore(
+    what: &str,
+    socket: &Path,
+    saved: &FsState,
+) -> Result<Option<Vec<u8>>, Error> {
+    if let Some(why) = &saved.backend_state_missing {
+        log::warn!(
+            "{what}: the save has no state of the backend at {} ({why}); the guest's FUSE \
+             session continues only if the backend process is the one it had",
+            socket.display()
+        );
+    }
+    saved
+        .backend_state
+        .as_ref()
+        .map(|state| {
+            state.decode().map_err(|why| {
+                Error::State(format!(
+                    "{what}: the saved state of the backend at {} is damaged: {why}",
+                    socket.display()
+                ))
+            })
+        })
+        .transpose()
+}
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(text.len() / 4 * 3);
+    let quads = text.len() / 4;
+    for (index, quad) in text.chunks(4).enumerate() {
+        let padding = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if padding > 2 || (padding > 0 && index + 1 != quads) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - padding] {
+            let value = ALPHABET.iter().position(|&a| a == c)? as u32;
+            n = n << 6 | value;
+        }
+        n <<= 6 * padding as u32;
+        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        bytes.extend_from_slice(&decoded[..3 - padding]);
+    }
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors_and_round_trips() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(plain.as_bytes()), encoded);
+            assert_eq!(base64_decode(encoded).unwrap(), plain.as_bytes());
+        }
+        let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        assert_eq!(base64_decode(&base64_encode(&all)).unwrap(), all);
+        for bad in ["Zg=", "Z===", "Zg==Zm8=", "Zm9*", "===="] {
+            assert_eq!(base64_decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_backend_state_is_refused_not_passed_on() {
+        let state = BackendState::encode(b"virtiofsd state");
+        assert_eq!(state.decode().unwrap(), b"virtiofsd state");
+        let mut flipped = state.clone();
+        flipped.base64.replace_range(0..1, "W");
+        assert!(flipped.decode().unwrap_err().contains("CRC-32C"));
+        let mut short = state.clone();
+        short.len += 1;
+        assert!(short.decode().unwrap_err().contains("were saved"));
+        let mut garbage = state;
+        garbage.base64.push('!');
+        assert!(garbage.decode().is_err());
+    }
+}
