@@ -7,11 +7,18 @@
 //! (`UndoLog::record_undo`, durable before the write goes on), so that a VMM killed without
 //! warning is recovered to the last epoch by `recover=on`. `docs/checkpoints.md` has the design
 //! and the measured costs.
+//!
+//! Output commit: while checkpoints are on, the VM's virtio-net devices hold the frames the
+//! guest transmits in their [`OutputHold`]; the running epoch is sealed once the devices are
+//! quiet for a checkpoint, and its frames go to the taps only after that checkpoint committed.
+//! A client therefore never sees an answer that a rollback could take back.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
+use devices::virtio::OutputHold;
 use nv_extension::{HostError, NvHost, UndoLog};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -58,6 +65,10 @@ struct CheckpointHost<'a> {
     vm: VmHost<'a>,
     tracker: &'a WriteTracker<UndoSink>,
     lock: Option<EpochLock<'a, UndoSink>>,
+    /// The network output gate, sealed once the devices are quiet.
+    hold: &'a OutputHold,
+    /// The output epoch sealed by this checkpoint: released once it committed.
+    sealed: Option<u64>,
 }
 
 impl NvHost for CheckpointHost<'_> {
@@ -67,6 +78,8 @@ impl NvHost for CheckpointHost<'_> {
 
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
         self.vm.quiesce_devices()?;
+        // No device transmits now: every frame held so far was produced before this state.
+        self.sealed = Some(self.hold.seal());
         self.lock = Some(self.tracker.lock_epoch());
         Ok(())
     }
@@ -96,6 +109,8 @@ impl NvHost for CheckpointHost<'_> {
 struct Active {
     log: UndoLog,
     tracker: WriteTracker<UndoSink>,
+    /// The VM's network output gate, armed while this is.
+    hold: Arc<OutputHold>,
 }
 
 /// The checkpoint timer, the tracker's attention EventFd and, while checkpoints are on, the
@@ -210,7 +225,22 @@ impl Checkpoints {
     pub fn end_run(&mut self) {
         let _ = self.timer.clear();
         self.interval = Duration::ZERO;
-        self.active = None;
+        if let Some(active) = self.active.take() {
+            // The run may end in a rollback (a vCPU failure leaves the epoch standing): the
+            // frames of the uncommitted epoch must never go out.
+            let dropped = active.hold.disarm_and_discard();
+            if dropped > 0 {
+                log::info!("{dropped} network frames of an uncommitted epoch dropped");
+            }
+        }
+    }
+
+    /// A save that is newer than every held frame committed (power failure, planned suspend):
+    /// nothing can roll back past them any more, so the held frames go out now.
+    pub fn saved(&mut self) {
+        if let Some(active) = self.active.as_ref() {
+            active.hold.disarm_and_release();
+        }
     }
 
     /// The timer fired: take a checkpoint unless the VM is not running (paused by `vm.pause`,
@@ -245,7 +275,7 @@ impl Checkpoints {
         }
         if vm.run_state == VmRunState::Running {
             log::info!(
-                "VM {:?}: the undo log is full, checkpointing early",
+                "VM {:?}: the undo log or the network output hold is full, checkpointing early",
                 nv.name()
             );
             self.checkpoint(nv, vm)?;
@@ -318,14 +348,21 @@ impl Checkpoints {
                 operation: "clone (checkpoint attention)",
                 source,
             })?;
+        let hold_attention = attention.try_clone().map_err(|source| Error::EventFd {
+            operation: "clone (checkpoint attention)",
+            source,
+        })?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
+        // From here on a frame the guest transmits waits for the epoch that produced it.
+        let hold = vm.devices.net_output_hold();
+        hold.arm(hold_attention);
         log::info!(
             "VM {:?}: checkpoints on, undo log of {} pages per epoch",
             nv.name(),
             log.capacity_pages()
         );
-        Ok(Active { log, tracker })
+        Ok(Active { log, tracker, hold })
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written
@@ -337,6 +374,8 @@ impl Checkpoints {
         nv.handle
             .disable_checkpoints(&active.log)
             .map_err(|e| nv_error(&nv.config, e))?;
+        // No epoch stands any more: nothing can take the held frames back.
+        active.hold.disarm_and_release();
         self.active = None;
         log::info!("VM {:?}: checkpoints off", nv.name());
         Ok(())
@@ -350,9 +389,16 @@ impl Checkpoints {
             vm: VmHost::exclusive(vm),
             tracker: &active.tracker,
             lock: None,
+            hold: &active.hold,
+            sealed: None,
         };
         let report = nv_extension::checkpoint_vm(&nv.handle, &mut host, &active.log);
+        let sealed = host.sealed;
         drop(host);
+        if let (Ok(_), Some(sealed)) = (&report, sealed) {
+            // The epoch committed: its frames (and those of any earlier failed checkpoint) go.
+            active.hold.release(sealed);
+        }
         // Pages held for a full log go on in the new epoch.
         active.tracker.retry_held();
         let report = report.map_err(|e| nv_error(&nv.config, e))?;
