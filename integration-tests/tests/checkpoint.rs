@@ -52,9 +52,14 @@ fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) ->
 /// The undo log holds copies of the mailbox's page too; guest RAM is the one at a 2 MiB
 /// boundary of the file (the region's extent alignment) plus the mailbox's guest address.
 fn find_mailbox(region: &Path) -> u64 {
+    find_mailbox_at(region, MAILBOX_AT)
+}
+
+/// [`find_mailbox`] for a mailbox at guest address `guest_at`.
+fn find_mailbox_at(region: &Path, guest_at: u64) -> u64 {
     let bytes = std::fs::read(region).expect("reading the region");
     let magic = MAILBOX_MAGIC.to_le_bytes();
-    let candidates: Vec<u64> = (MAILBOX_AT as usize..bytes.len().saturating_sub(16))
+    let candidates: Vec<u64> = (guest_at as usize..bytes.len().saturating_sub(16))
         .step_by(2 << 20)
         .filter(|at| bytes[*at..*at + 8] == magic)
         .map(|at| at as u64)
@@ -332,6 +337,92 @@ fn a_power_fail_save_with_checkpoints_on_resumes_from_the_save_not_the_epoch() {
     assert!(
         first >= saved,
         "recovered from counter {first}, older than the saved memory's {saved}: rolled back"
+    );
+    vmm.kill();
+}
+
+/// Issue 16's first edge: a vCPU blocked on a full undo log (its page stays protected, the
+/// early checkpoint withheld by the test build's `NV_HOLD_FULL_LOG`, so it waits as long as the
+/// test likes) when SIGPWR comes. The kick must get the vCPU out of its wait on the page, so the
+/// power-fail save completes promptly; recovery resumes exactly the saved memory (the blocked
+/// write happens after the resume, re-executed): no rollback to the epoch, checksums intact, no
+/// boot.
+#[test]
+fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exactly() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let dir = dir.path();
+    let region = dir.join("region");
+    // 24 MiB of area written over and over: far more pages than the undo log of 64 MiB of RAM
+    // (one eighth of its pages) holds, filled in a fraction of a second.
+    let mailbox_at = 0x300_0000u64;
+    let boot = vec![
+        "--kernel".to_string(),
+        test_guest("counter").display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(&format!(
+            "area_mb=24 area_at={AREA_AT:#x} mailbox_at={mailbox_at:#x}"
+        )),
+        "--memory".into(),
+        "size=64M".into(),
+        "--nv".into(),
+        format!(
+            "region={},vm=c,create=on,region_size=160M,checkpoint_ms=3600000",
+            region.display()
+        ),
+    ];
+    let mut vmm = spawn(dir, "boot", &boot, &[("NV_HOLD_FULL_LOG", "1")]);
+    vmm.wait_stderr("the undo log full", |log| {
+        log.contains("the undo log is full; NV_HOLD_FULL_LOG")
+    });
+    // The guest is stuck on the page it could not log: its mailbox stands still.
+    let mailbox = find_mailbox_at(&region, mailbox_at);
+    let region_file = File::open(&region).unwrap();
+    let before = mailbox_counter(&region_file, mailbox);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        mailbox_counter(&region_file, mailbox),
+        before,
+        "the guest ran on past a full undo log"
+    );
+    let kicked = Instant::now();
+    let stderr = vmm.signal_and_expect_exit(
+        libc::SIGPWR,
+        vmm::nv::EXIT_POWER_FAIL_SAVED,
+        "power-fail exit",
+    );
+    let took = kicked.elapsed();
+    let report = stderr
+        .lines()
+        .find(|line| line.contains("power-fail save committed"))
+        .unwrap_or_else(|| panic!("no save report:\n{stderr}"));
+    eprintln!("SIGPWR to exit {took:?}: {report}");
+    // The vCPU pause gives up after 2 s; a kick that did not reach the waiting vCPU would have
+    // failed the save or taken that long.
+    assert!(
+        took < Duration::from_millis(1500),
+        "the save took {took:?}:\n{stderr}"
+    );
+    let saved = mailbox_counter(&region_file, mailbox);
+    drop(vmm);
+
+    let recover = vec![
+        "--nv".to_string(),
+        format!("region={},vm=c,recover=on", region.display()),
+    ];
+    let mut vmm = spawn(dir, "recover", &recover, &[]);
+    let log = vmm.wait_serial("two counter lines", |log| {
+        counter_lines(log).len() >= 2 || log.contains("MISMATCH")
+    });
+    let first = assert_resumed(0, &log, &vmm.stderr_log());
+    assert!(
+        first >= saved,
+        "recovered from counter {first}, older than the saved memory's {saved}: rolled back"
+    );
+    assert!(
+        vmm.stderr_log().contains("resuming power-fail state"),
+        "{}",
+        vmm.stderr_log()
     );
     vmm.kill();
 }

@@ -403,6 +403,7 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
     wait(&load, "answers before the first kill");
     let mut serial_logs = Vec::new();
     let mut seed = u64::from(std::process::id()) | 1;
+    let api_socket = dir_path.join("api.sock");
     for round in 1..=rounds {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -421,9 +422,10 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
         // No VMM runs now: this PUT can only be answered by the recovered VM.
         probe.send_put(PROBE_KEY);
         let (dir_path, region) = (dir_path.clone(), region.clone());
-        vmm = netns.run(move || {
-            spawn_recovery(&dir_path, &region, &format!("recover-{round}"), Vec::new())
-        });
+        let api = vec!["--api-socket".into(), api_socket.display().to_string()];
+        let _ = std::fs::remove_file(&api_socket);
+        vmm =
+            netns.run(move || spawn_recovery(&dir_path, &region, &format!("recover-{round}"), api));
         wait(&load, &format!("answers after recovery {round}"));
         assert_probe_answered(&mut probe, round, &format!("SIGKILL {round}"));
         let stderr = vmm.stderr_log();
@@ -432,8 +434,24 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
             "round {round}: not recovered from a checkpoint:\n{stderr}"
         );
     }
-    serial_logs.push(vmm.serial_log());
     let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    // What holding answers until their epoch commits costs a client: one PUT at a time.
+    let held = put_round_trips(&mut probe, 40);
+    let (status, body) = integration_tests::api_client::request(
+        &api_socket,
+        "PUT",
+        "vm.nv-checkpoint",
+        r#"{"interval_ms":0}"#,
+        KV_WAIT,
+    );
+    assert_eq!(status, 204, "{body}");
+    let direct = put_round_trips(&mut probe, 40);
+    eprintln!(
+        "PUT round trip, median (max): {:.2} ms ({:.2} ms) with checkpoint_ms=10 and output \
+         commit, {:.2} ms ({:.2} ms) with checkpoints off",
+        held.0, held.1, direct.0, direct.1
+    );
+    serial_logs.push(vmm.serial_log());
     assert_every_acknowledged_put_kept(client, &serial_logs);
     let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
     assert!(
@@ -441,6 +459,21 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
         "seccomp trap:\n{stderr}"
     );
     eprintln!("{:?} done", started.elapsed());
+}
+
+/// The median and the longest of `count` PUT round trips of `client`, one at a time, in ms.
+fn put_round_trips(client: &mut KvClient, count: usize) -> (f64, f64) {
+    let mut times: Vec<f64> = (0..count)
+        .map(|_| {
+            let sent = Instant::now();
+            client.send_put(PROBE_KEY);
+            client.drain(KV_WAIT).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(client.unanswered(), 0, "a PUT was never answered");
+            sent.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[count / 2], times[count - 1])
 }
 
 /// netkv under a burst larger than its transmit ring (64): a pass that answers more requests

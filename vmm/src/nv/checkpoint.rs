@@ -128,6 +128,21 @@ pub struct Checkpoints {
     recent: VecDeque<(Duration, u64)>,
 }
 
+/// Test builds (`fault-injection`): with `NV_HOLD_FULL_LOG` set, a full undo log takes no early
+/// checkpoint, so the writer stays blocked on its page until the next timer tick: an end-to-end
+/// test then sends SIGPWR while a vCPU waits on a full log.
+pub const HOLD_FULL_LOG_VAR: &str = "NV_HOLD_FULL_LOG";
+
+#[cfg(feature = "fault-injection")]
+fn early_checkpoints_withheld() -> bool {
+    std::env::var_os(HOLD_FULL_LOG_VAR).is_some()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn early_checkpoints_withheld() -> bool {
+    false
+}
+
 fn timer_error(e: vmm_sys_util::errno::Error) -> Error {
     Error::Checkpoint(CheckpointError::Timer(e))
 }
@@ -272,6 +287,13 @@ impl Checkpoints {
             self.timer.clear().map_err(timer_error)?;
             self.interval = Duration::ZERO;
             return self.stop(nv);
+        }
+        if early_checkpoints_withheld() {
+            log::warn!(
+                "VM {:?}: the undo log is full; {HOLD_FULL_LOG_VAR} withholds the early checkpoint",
+                nv.name()
+            );
+            return Ok(());
         }
         if vm.run_state == VmRunState::Running {
             log::info!(
