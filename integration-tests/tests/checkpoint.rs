@@ -52,14 +52,9 @@ fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) ->
 /// The undo log holds copies of the mailbox's page too; guest RAM is the one at a 2 MiB
 /// boundary of the file (the region's extent alignment) plus the mailbox's guest address.
 fn find_mailbox(region: &Path) -> u64 {
-    find_mailbox_at(region, MAILBOX_AT)
-}
-
-/// [`find_mailbox`] for a mailbox at guest address `guest_at`.
-fn find_mailbox_at(region: &Path, guest_at: u64) -> u64 {
     let bytes = std::fs::read(region).expect("reading the region");
     let magic = MAILBOX_MAGIC.to_le_bytes();
-    let candidates: Vec<u64> = (guest_at as usize..bytes.len().saturating_sub(16))
+    let candidates: Vec<u64> = (MAILBOX_AT as usize..bytes.len().saturating_sub(16))
         .step_by(2 << 20)
         .filter(|at| bytes[*at..*at + 8] == magic)
         .map(|at| at as u64)
@@ -343,26 +338,23 @@ fn a_power_fail_save_with_checkpoints_on_resumes_from_the_save_not_the_epoch() {
 
 /// Issue 16's first edge: a vCPU blocked on a full undo log (its page stays protected, the
 /// early checkpoint withheld by the test build's `NV_HOLD_FULL_LOG`, so it waits as long as the
-/// test likes) when SIGPWR comes. The kick must get the vCPU out of its wait on the page, so the
-/// power-fail save completes promptly; recovery resumes exactly the saved memory (the blocked
-/// write happens after the resume, re-executed): no rollback to the epoch, checksums intact, no
-/// boot.
+/// test likes) when SIGPWR comes. The guest fills its 24 MiB area right after boot, far more
+/// pages than the undo log of 64 MiB of RAM (one eighth of its pages) holds, so it blocks in
+/// that first pass. The kick must get the vCPU out of its wait on the page, so the power-fail
+/// save completes promptly; recovery resumes exactly the saved memory (the blocked write is
+/// re-executed after the resume): the guest finishes its pass and every checksum of the area
+/// holds, without a boot.
 #[test]
 fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exactly() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    // 24 MiB of area written over and over: far more pages than the undo log of 64 MiB of RAM
-    // (one eighth of its pages) holds, filled in a fraction of a second.
-    let mailbox_at = 0x300_0000u64;
     let boot = vec![
         "--kernel".to_string(),
         test_guest("counter").display().to_string(),
         "--cmdline".into(),
-        guest_cmdline(&format!(
-            "area_mb=24 area_at={AREA_AT:#x} mailbox_at={mailbox_at:#x}"
-        )),
+        guest_cmdline(&format!("area_mb=24 area_at={AREA_AT:#x}")),
         "--memory".into(),
         "size=64M".into(),
         "--nv".into(),
@@ -375,15 +367,12 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
     vmm.wait_stderr("the undo log full", |log| {
         log.contains("the undo log is full; NV_HOLD_FULL_LOG")
     });
-    // The guest is stuck on the page it could not log: its mailbox stands still.
-    let mailbox = find_mailbox_at(&region, mailbox_at);
-    let region_file = File::open(&region).unwrap();
-    let before = mailbox_counter(&region_file, mailbox);
+    // The guest is stuck on the page it could not log: no line comes.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        mailbox_counter(&region_file, mailbox),
-        before,
-        "the guest ran on past a full undo log"
+    assert!(
+        counter_lines(&vmm.serial_log()).is_empty(),
+        "the guest ran on past a full undo log:\n{}",
+        vmm.serial_log()
     );
     let kicked = Instant::now();
     let stderr = vmm.signal_and_expect_exit(
@@ -403,7 +392,6 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
         took < Duration::from_millis(1500),
         "the save took {took:?}:\n{stderr}"
     );
-    let saved = mailbox_counter(&region_file, mailbox);
     drop(vmm);
 
     let recover = vec![
@@ -414,11 +402,7 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
     let log = vmm.wait_serial("two counter lines", |log| {
         counter_lines(log).len() >= 2 || log.contains("MISMATCH")
     });
-    let first = assert_resumed(0, &log, &vmm.stderr_log());
-    assert!(
-        first >= saved,
-        "recovered from counter {first}, older than the saved memory's {saved}: rolled back"
-    );
+    assert_resumed(0, &log, &vmm.stderr_log());
     assert!(
         vmm.stderr_log().contains("resuming power-fail state"),
         "{}",

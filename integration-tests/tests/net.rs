@@ -461,6 +461,62 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
     eprintln!("{:?} done", started.elapsed());
 }
 
+/// Issue 16's second edge: a device thread blocked on a write fault when the undo log is full.
+/// The test build's `NV_UNDO_LIMIT_PAGES=2` makes every epoch's log look full after two pages,
+/// so under the client's load the netkv guest's vCPU and the virtio-net thread (writing receive
+/// buffers) keep running into a full log, and early checkpoints follow one another. A device
+/// thread held on its page cannot be quiesced until it is served: the checkpoint serves the held
+/// pages from the log's reserve once the vCPUs are paused. No checkpoint may fail (a device
+/// pause would time out after 10 s), the load goes on, and the guest answers consistently.
+#[test]
+fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_deadlock() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("kvtiny");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let dir_path = dir.path().to_path_buf();
+    let region = dir_path.join("region");
+    let (mut vmm, client) = netns.run(move || {
+        let mut arguments = netkv_boot_arguments(&region);
+        if let Some(nv) = arguments.last_mut() {
+            nv.push_str(",checkpoint_ms=1000");
+        }
+        let mut vmm = VmmProcess::spawn_with_serial_file(
+            &dir_path,
+            "boot",
+            &arguments,
+            &[("NV_UNDO_LIMIT_PAGES", "2")],
+        )
+        .with_timeout(TIMEOUT);
+        let log = vmm.wait_serial("netkv ready", netkv_ready);
+        assert!(!log.contains("FAIL"), "{log}");
+        let client =
+            KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        (vmm, client)
+    });
+    let load = LoadThread::start(client);
+    assert!(
+        load.wait_answers(2000, KV_WAIT),
+        "no 2000 answers within {KV_WAIT:?}:\n{}",
+        vmm.stderr_tail(20)
+    );
+    let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let stderr = vmm.stderr_log();
+    let early = stderr.matches("checkpointing early").count();
+    assert!(
+        early >= 10,
+        "only {early} early checkpoints:\n{}",
+        vmm.stderr_tail(20)
+    );
+    assert!(
+        !stderr.contains("NV checkpoint failed"),
+        "a checkpoint failed:\n{stderr}"
+    );
+    assert_every_acknowledged_put_kept(client, &[vmm.serial_log()]);
+    eprintln!("{early} early checkpoints");
+    vmm.kill();
+}
+
 /// The median and the longest of `count` PUT round trips of `client`, one at a time, in ms.
 fn put_round_trips(client: &mut KvClient, count: usize) -> (f64, f64) {
     let mut times: Vec<f64> = (0..count)

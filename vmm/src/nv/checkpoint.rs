@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,10 +41,43 @@ const RECENT: usize = 1024;
 struct UndoSink {
     log: UndoLog,
     ram_offsets: Vec<u64>,
+    /// Set while a checkpoint quiesces the devices: the log's reserve is theirs then.
+    quiescing: Arc<AtomicBool>,
+    /// Entries of an epoch's log that only a quiescing checkpoint may use: see
+    /// [`UndoSink::reserve`].
+    reserve: u64,
+}
+
+impl UndoSink {
+    /// The log's last eighth (at least one entry) is kept for the checkpoint that a full log
+    /// asks for. A device thread (virtio-blk filling a read, virtio-net a receive buffer) may
+    /// be blocked on a page the full log held; the checkpoint cannot quiesce that device until
+    /// its request completes, so, with the vCPUs paused, it records the held pages from the
+    /// reserve and lets them go (and the devices' last writes before they stop).
+    fn reserve(capacity: u64) -> u64 {
+        let reserve = (capacity / 8).max(1);
+        match test_undo_limit() {
+            // A test build may make the log look tiny: full after `limit` pages.
+            Some(limit) => capacity.saturating_sub(limit).max(reserve),
+            None => reserve,
+        }
+    }
 }
 
 impl FirstWriteSink for UndoSink {
     fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
+        if !self.quiescing.load(Ordering::SeqCst) {
+            let status = self.log.status();
+            if status.epoch.is_some() && status.pages + self.reserve >= status.capacity_pages {
+                return FirstWrite::Hold {
+                    full: true,
+                    reason: format!(
+                        "the undo log is full ({} of {} pages; the rest is kept for the checkpoint)",
+                        status.pages, status.capacity_pages
+                    ),
+                };
+            }
+        }
         match self
             .log
             .record_undo(self.ram_offsets[range_index] + offset as u64)
@@ -69,6 +103,8 @@ struct CheckpointHost<'a> {
     hold: &'a OutputHold,
     /// The output epoch sealed by this checkpoint: released once it committed.
     sealed: Option<u64>,
+    /// The undo sink's "quiescing" flag (see [`UndoSink::reserve`]).
+    quiescing: &'a AtomicBool,
 }
 
 impl NvHost for CheckpointHost<'_> {
@@ -77,6 +113,10 @@ impl NvHost for CheckpointHost<'_> {
     }
 
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
+        // The vCPUs are paused: a page still held is one a device thread waits on (or a parked
+        // vCPU will write again), and that device cannot stop before it is served.
+        self.quiescing.store(true, Ordering::SeqCst);
+        self.tracker.retry_held();
         self.vm.quiesce_devices()?;
         // No device transmits now: every frame held so far was produced before this state.
         self.sealed = Some(self.hold.seal());
@@ -101,6 +141,7 @@ impl NvHost for CheckpointHost<'_> {
 
     fn resume(&mut self) -> Result<(), HostError> {
         self.lock = None;
+        self.quiescing.store(false, Ordering::SeqCst);
         self.vm.resume()
     }
 }
@@ -111,6 +152,8 @@ struct Active {
     tracker: WriteTracker<UndoSink>,
     /// The VM's network output gate, armed while this is.
     hold: Arc<OutputHold>,
+    /// Shared with the undo sink: a checkpoint is quiescing the devices.
+    quiescing: Arc<AtomicBool>,
 }
 
 /// The checkpoint timer, the tracker's attention EventFd and, while checkpoints are on, the
@@ -141,6 +184,21 @@ fn early_checkpoints_withheld() -> bool {
 #[cfg(not(feature = "fault-injection"))]
 fn early_checkpoints_withheld() -> bool {
     false
+}
+
+/// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log look
+/// full after N pages (the rest of it is the checkpoint's reserve), a tiny log without a tiny
+/// region.
+pub const UNDO_LIMIT_VAR: &str = "NV_UNDO_LIMIT_PAGES";
+
+#[cfg(feature = "fault-injection")]
+fn test_undo_limit() -> Option<u64> {
+    std::env::var(UNDO_LIMIT_VAR).ok()?.trim().parse().ok()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn test_undo_limit() -> Option<u64> {
+    None
 }
 
 fn timer_error(e: vmm_sys_util::errno::Error) -> Error {
@@ -251,10 +309,11 @@ impl Checkpoints {
     }
 
     /// A save that is newer than every held frame committed (power failure, planned suspend):
-    /// nothing can roll back past them any more, so the held frames go out now.
+    /// nothing can roll back past them any more, so the held frames go out now. The hold stays
+    /// armed: a VM that runs on after the save (a swap-out that failed) still checkpoints.
     pub fn saved(&mut self) {
         if let Some(active) = self.active.as_ref() {
-            active.hold.disarm_and_release();
+            active.hold.release(active.hold.seal());
         }
     }
 
@@ -359,9 +418,12 @@ impl Checkpoints {
             });
             ram_offsets.push(file_offset.start() - backing.offset);
         }
+        let quiescing = Arc::new(AtomicBool::new(false));
         let sink = UndoSink {
             log: log.clone(),
             ram_offsets,
+            quiescing: Arc::clone(&quiescing),
+            reserve: UndoSink::reserve(log.capacity_pages()),
         };
         let attention = self
             .attention
@@ -384,7 +446,12 @@ impl Checkpoints {
             nv.name(),
             log.capacity_pages()
         );
-        Ok(Active { log, tracker, hold })
+        Ok(Active {
+            log,
+            tracker,
+            hold,
+            quiescing,
+        })
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written
@@ -413,10 +480,12 @@ impl Checkpoints {
             lock: None,
             hold: &active.hold,
             sealed: None,
+            quiescing: &active.quiescing,
         };
         let report = nv_extension::checkpoint_vm(&nv.handle, &mut host, &active.log);
         let sealed = host.sealed;
         drop(host);
+        active.quiescing.store(false, Ordering::SeqCst);
         if let (Ok(_), Some(sealed)) = (&report, sealed) {
             // The epoch committed: its frames (and those of any earlier failed checkpoint) go.
             active.hold.release(sealed);
