@@ -490,11 +490,15 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
         .with_timeout(TIMEOUT);
         let log = vmm.wait_serial("netkv ready", netkv_ready);
         assert!(!log.contains("FAIL"), "{log}");
-        let client = KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let client =
+            KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
         (vmm, client)
     });
     let load = LoadThread::start(client);
-    assert!(load.wait_answers(500, KV_WAIT), "no answers before checkpoints");
+    assert!(
+        load.wait_answers(500, KV_WAIT),
+        "no answers before checkpoints"
+    );
     // Checkpoints on under load (the guest's boot, emulated ring-0 code, would crawl through
     // hundreds of four-page epochs).
     let (status, body) = integration_tests::api_client::request(
@@ -513,7 +517,11 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
     let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
     let stderr = vmm.stderr_log();
     let early = stderr.matches("checkpointing early").count();
-    assert!(early >= 10, "only {early} early checkpoints:\n{}", vmm.stderr_tail(20));
+    assert!(
+        early >= 10,
+        "only {early} early checkpoints:\n{}",
+        vmm.stderr_tail(20)
+    );
     assert!(
         !stderr.contains("NV checkpoint failed"),
         "a checkpoint failed:\n{stderr}"

@@ -189,11 +189,13 @@ fn early_checkpoints_withheld() -> bool {
 /// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log look
 /// full after N pages (the rest of it is the checkpoint's reserve), a tiny log without a tiny
 /// region.
-pub const UNDO_LIMIT_VAR: &str = "NV_UNDO_LIMIT_PAGES";
-
 #[cfg(feature = "fault-injection")]
 fn test_undo_limit() -> Option<u64> {
-    std::env::var(UNDO_LIMIT_VAR).ok()?.trim().parse().ok()
+    std::env::var("NV_UNDO_LIMIT_PAGES")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(not(feature = "fault-injection"))]
