@@ -951,3 +951,84 @@ fn a_crash_at_any_swap_fault_point_never_loses_the_vm() {
     );
     assert!(total(|t| t.resident) > 0 && total(|t| t.swapped_out) > 0);
 }
+
+/// `vm.nv-status`'s `checkpoint` member of the VMM serving `socket` (null when checkpoints are
+/// off).
+fn checkpoint_status(socket: &Path) -> serde_json::Value {
+    let status = api(socket, "GET", "vm.nv-status", "").expect("an answer to vm.nv-status");
+    assert_eq!(status.status, 200, "{}", status.body);
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    status["checkpoint"].clone()
+}
+
+/// Waits until the VMM serving `socket` has committed epochs past `after` (checkpoints run).
+fn epochs_advance(socket: &Path, after: u64) -> u64 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let checkpoint = checkpoint_status(socket);
+        assert_eq!(checkpoint["interval_ms"], 10, "{checkpoint}");
+        let epochs = checkpoint["epochs"].as_u64().unwrap_or(0);
+        if epochs > after {
+            return epochs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no epoch committed: {checkpoint}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 16's swap edge: a VM whose stored config has `checkpoint_ms=10` is swapped out and in
+/// (`ch-remote nv-persist swap-out`, `--nv ...,swap-in=FILE`). After the swap-in its
+/// checkpoints run again (the interval comes from the stored config; epochs commit), and a
+/// SIGKILL after the swap-in is recovered by `recover=on` from an epoch: resumed, not refused,
+/// the guest continuing with its checksums intact.
+#[test]
+fn a_checkpointed_vm_swapped_out_and_in_checkpoints_again_and_survives_a_sigkill() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let mut a = TestVm::new(dir.path(), &region, "a");
+    a.runs += 1;
+    let mut arguments = guest_arguments("counter", "area_mb=2", SMALL_RAM);
+    arguments.extend([
+        "--nv".into(),
+        a.nv(",create=on,checkpoint_ms=10"),
+        "--api-socket".into(),
+        format!("path={}", a.socket().display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "a-1", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    a.wait_running(&mut vmm);
+    epochs_advance(&a.socket(), 2);
+
+    let file = dir.path().join("a.nvswap");
+    swap_out_with_ch_remote(&mut a, &mut vmm, &file);
+    // A rollback may land before the last line printed, never before the swap-out.
+    let swapped_at = a.last_counter;
+    let mut vmm = a.run(
+        Start::SwapIn {
+            file: &file,
+            keep: false,
+        },
+        &[],
+    );
+    epochs_advance(&a.socket(), 2);
+    keeps_running(&mut vmm, 2);
+
+    vmm.signal(libc::SIGKILL);
+    let status = vmm.wait_exit();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    a.last_counter = swapped_at;
+    assert_eq!(status_of(&region, "a"), "checkpointed");
+    let mut vmm = a.run(Start::Recover, &[]);
+    let stderr = vmm.stderr_log();
+    assert!(
+        stderr.contains("resuming checkpoint state"),
+        "not recovered from an epoch:\n{stderr}"
+    );
+    keeps_running(&mut vmm, 2);
+    epochs_advance(&a.socket(), 2);
+    suspend(&mut a, &mut vmm);
+}

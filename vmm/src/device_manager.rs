@@ -29,9 +29,9 @@ use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
     kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, Tap, VhostUserBlkLink, VhostUserFsLink,
-    VhostUserNetLink, VhostUserNetParams, VirtioDevice, VirtioPciDevice, VirtioPciState,
-    VirtioTransport, VIRTIO_MMIO_SIZE,
+    MmioTransport, MmioTransportState, Net, NetParams, OutputHold, Tap, VhostUserBlkLink,
+    VhostUserFsLink, VhostUserNetLink, VhostUserNetParams, VirtioDevice, VirtioPciDevice,
+    VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -346,6 +346,8 @@ pub struct DeviceManager {
     net_thread_start: IoThreadStartHook,
     /// The ACPI PCI hotplug controller and the hotplugged devices.
     hotplug: hotplug::Hotplug,
+    /// The output-commit gate of every in-process virtio-net device (armed by NV checkpoints).
+    net_output_hold: Arc<OutputHold>,
 }
 
 impl DeviceManager {
@@ -390,6 +392,10 @@ impl DeviceManager {
                     "clone (PCI hotplug eject)",
                 )?),
             ))),
+            net_output_hold: OutputHold::new().map_err(|source| Error::EventFd {
+                operation: "create (net output hold)",
+                source,
+            })?,
         };
         manager.set_vacated_slots(vacated);
         manager.add_serial(vm_fd, config)?;
@@ -746,7 +752,7 @@ impl DeviceManager {
         }
         let tap = Arc::new(open_tap(config)?);
         let what = format!("net {id} (tap {})", tap.name());
-        let net = new_net(&tap, config)?;
+        let net = self.held_net(&tap, config)?;
         let transport = match config.transport.unwrap_or_default() {
             VirtioTransportKind::Pci => {
                 let (device, bdf, msi) =
@@ -766,6 +772,16 @@ impl DeviceManager {
             config: config.clone(),
         });
         Ok(())
+    }
+
+    /// [`new_net`], its frames held by the VM's output-commit gate while NV checkpoints are on.
+    fn held_net(&self, tap: &Arc<Tap>, config: &crate::config::NetConfig) -> Result<Net, Error> {
+        Ok(new_net(tap, config)?.with_output_hold(Arc::clone(&self.net_output_hold)))
+    }
+
+    /// The gate NV checkpoints hold the in-process virtio-net devices' output with.
+    pub fn net_output_hold(&self) -> Arc<OutputHold> {
+        Arc::clone(&self.net_output_hold)
     }
 
     /// A virtio-fs device on a virtio-pci function, connected to its virtiofsd now (a backend
@@ -1256,7 +1272,7 @@ impl DeviceManager {
             );
         }
         let device: Box<dyn VirtioDevice> = match &net.backend {
-            NetBackend::Tap(tap) => Box::new(new_net(tap, &net.config)?),
+            NetBackend::Tap(tap) => Box::new(self.held_net(tap, &net.config)?),
             NetBackend::VhostUser(link) => Box::new(link.device()),
         };
         self.restore_transport(

@@ -201,6 +201,9 @@ pub enum Error {
     NotBootable(String),
     #[error("the VM would not boot again, so it was left as it is: {0}")]
     NotBootableConfig(#[source] crate::config::ConfigError),
+    /// `vm.nv-checkpoint` on a VM whose devices cannot follow checkpoints (a vhost-user net).
+    #[error("checkpoints refused: {0}")]
+    CheckpointRefused(#[source] crate::config::ConfigError),
     #[error("the VM would not boot again, so it was left as it is: {what} {path}: {source}")]
     NotBootableFile {
         what: String,
@@ -325,6 +328,7 @@ impl Error {
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
                 ErrorKind::Conflict
             }
+            Error::CheckpointRefused(_) => ErrorKind::Conflict,
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
             Error::KvmOpen(_)

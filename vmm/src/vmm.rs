@@ -319,6 +319,11 @@ impl Vmm {
     /// `vm.nv-checkpoint`: turns the NV VM's checkpoints on every `interval`, or off (zero); the
     /// interval becomes the VM's (stored in the region, so a recovery keeps it).
     pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
+        if let Some(config) = self.vm_config.as_ref().filter(|_| !interval.is_zero()) {
+            config
+                .validate_checkpointed_nets()
+                .map_err(Error::CheckpointRefused)?;
+        }
         match (self.nv.as_ref(), self.vm.as_mut()) {
             (Some(nv_vm), Some(vm)) => self.checkpoints.set_interval(nv_vm, vm, interval)?,
             _ => return Err(Error::NoNvVm),
@@ -346,7 +351,10 @@ impl Vmm {
             return Err(Error::NoNvVm);
         };
         if let Some(vm) = self.vm.as_mut() {
-            return nv::save(nv_vm, vm, kind, trigger);
+            let report = nv::save(nv_vm, vm, kind, trigger)?;
+            // Newer than every frame held for output commit: they may go out now.
+            self.checkpoints.saved();
+            return Ok(report);
         }
         match self.long_operation.as_ref().and_then(|op| op.shared_vm()) {
             Some(vm) => {

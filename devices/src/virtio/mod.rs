@@ -37,6 +37,7 @@ pub use net::{
     tap_offloads, Net, NetParams, Tap, TapError, TapPackets, NET_QUEUE_SIZE, NEW_TAP_TEMPLATE,
     VNET_HDR_LEN,
 };
+pub use net::{HoldTotals, OutputHold, Released, HOLD_LIMIT_BYTES};
 pub use pci::{msix_vector_count, VirtioPciDevice, VirtioPciState, VIRTIO_PCI_STATE_VERSION};
 pub use rng::{Rng, RNG_MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{QueueSnapshot, TransportState, VirtioTransport};

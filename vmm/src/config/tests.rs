@@ -1461,3 +1461,42 @@ fn fs_takes_a_tag_and_a_socket_with_upstreams_defaults() {
     });
     assert!(format!("{private:?}").contains("shared=on"), "{private:?}");
 }
+
+/// Output commit holds a checkpointed VM's transmitted frames in the VMM; a vhost-user-net
+/// backend sends them itself, so `checkpoint_ms` with such a device is refused by name (the
+/// command line, a `vm.create` body, a hotplug's changed config), while an in-process net, or
+/// checkpoints off, pass.
+#[test]
+fn checkpoints_refuse_a_vhost_user_net() {
+    let line = |net: &'static str, nv: &'static str| {
+        command_line(VmOptionStrings {
+            net: vec![net],
+            nv: Some(nv),
+            ..Default::default()
+        })
+    };
+    let refused = line(
+        "vhost_user=true,socket=/s,id=vn0",
+        "region=/r,vm=a,checkpoint_ms=10",
+    )
+    .unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        message.contains("checkpoint_ms") && message.contains("net vn0 is a vhost-user device"),
+        "{message}"
+    );
+    assert!(line(
+        "vhost_user=true,socket=/s",
+        "region=/r,vm=a,checkpoint_ms=0"
+    )
+    .is_ok());
+    assert!(line("vhost_user=true,socket=/s", "region=/r,vm=a").is_ok());
+    let tap = line("tap=t0", "region=/r,vm=a,checkpoint_ms=10").unwrap();
+    assert!(tap.validate_checkpointed_nets().is_ok());
+    let unnamed = line("vhost_user=true,socket=/s", "region=/r,vm=a").unwrap();
+    let error = unnamed
+        .validate_checkpointed_nets()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("net _net0"), "{error}");
+}

@@ -757,6 +757,32 @@ impl VmConfig {
         Ok(())
     }
 
+    /// A VM with checkpoints holds what its guest transmits until the epoch that produced it
+    /// committed (output commit, `docs/checkpoints.md`); a vhost-user-net backend moves the
+    /// frames itself, out of the VMM's reach, so it cannot be held. Checked for `checkpoint_ms`
+    /// (here, for the command line, `vm.create` and a hotplug) and for `vm.nv-checkpoint`.
+    pub fn validate_checkpointed_nets(&self) -> Result<(), ConfigError> {
+        let Some((index, net)) = self
+            .net
+            .iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, net)| net.vhost_user)
+        else {
+            return Ok(());
+        };
+        let id = net.id.clone().unwrap_or_else(|| format!("_net{index}"));
+        Err(ConfigError::Invalid {
+            option: "nv",
+            reason: format!(
+                "checkpoint_ms: net {id} is a vhost-user device, whose backend sends the guest's \
+                 frames itself: they cannot be held until the checkpoint that produced them \
+                 commits (output commit). Use an in-process virtio-net device (tap= or fd=) or \
+                 leave checkpoints off"
+            ),
+        })
+    }
+
     fn validate_nv(&self) -> Result<(), ConfigError> {
         let Some(nv) = &self.nv else {
             return Ok(());
@@ -815,6 +841,9 @@ impl VmConfig {
                     "the interval is at most {MAX_CHECKPOINT_MS} ms (0 turns checkpoints off)"
                 ),
             );
+        }
+        if nv.checkpoint_ms.is_some_and(|ms| ms > 0) {
+            self.validate_checkpointed_nets()?;
         }
         if nv.sparse && !nv.create {
             return Err(ConfigError::Invalid {

@@ -28,7 +28,7 @@ use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    connect_vhost_user_disk, connect_vhost_user_net, connect_virtio_fs, lock_or_recover, new_net,
+    connect_vhost_user_disk, connect_vhost_user_net, connect_virtio_fs, lock_or_recover,
     open_block, open_tap, DeviceManager,
 };
 use crate::config::{DiskConfig, FsConfig, NetConfig, VirtioTransportKind, VmConfig};
@@ -648,7 +648,7 @@ impl DeviceManager {
                         // finds the tap again.
                         config.tap = Some(tap.name().to_owned());
                     }
-                    let net = new_net(&tap, config)?;
+                    let net = self.held_net(&tap, config)?;
                     (
                         config.id.clone().unwrap_or_default(),
                         format!(

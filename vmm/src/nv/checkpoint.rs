@@ -7,11 +7,19 @@
 //! (`UndoLog::record_undo`, durable before the write goes on), so that a VMM killed without
 //! warning is recovered to the last epoch by `recover=on`. `docs/checkpoints.md` has the design
 //! and the measured costs.
+//!
+//! Output commit: while checkpoints are on, the VM's virtio-net devices hold the frames the
+//! guest transmits in their [`OutputHold`]; the running epoch is sealed once the devices are
+//! quiet for a checkpoint, and its frames go to the taps only after that checkpoint committed.
+//! A client therefore never sees an answer that a rollback could take back.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use devices::virtio::OutputHold;
 use nv_extension::{HostError, NvHost, UndoLog};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -33,10 +41,43 @@ const RECENT: usize = 1024;
 struct UndoSink {
     log: UndoLog,
     ram_offsets: Vec<u64>,
+    /// Set while a checkpoint quiesces the devices: the log's reserve is theirs then.
+    quiescing: Arc<AtomicBool>,
+    /// Entries of an epoch's log that only a quiescing checkpoint may use: see
+    /// [`UndoSink::reserve`].
+    reserve: u64,
+}
+
+impl UndoSink {
+    /// The log's last eighth (at least one entry) is kept for the checkpoint that a full log
+    /// asks for. A device thread (virtio-blk filling a read, virtio-net a receive buffer) may
+    /// be blocked on a page the full log held; the checkpoint cannot quiesce that device until
+    /// its request completes, so, with the vCPUs paused, it records the held pages from the
+    /// reserve and lets them go (and the devices' last writes before they stop).
+    fn reserve(capacity: u64) -> u64 {
+        let reserve = (capacity / 8).max(1);
+        match test_undo_limit() {
+            // A test build may make the log look tiny: full after `limit` pages.
+            Some(limit) => capacity.saturating_sub(limit).max(reserve),
+            None => reserve,
+        }
+    }
 }
 
 impl FirstWriteSink for UndoSink {
     fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
+        if !self.quiescing.load(Ordering::SeqCst) {
+            let status = self.log.status();
+            if status.epoch.is_some() && status.pages + self.reserve >= status.capacity_pages {
+                return FirstWrite::Hold {
+                    full: true,
+                    reason: format!(
+                        "the undo log is full ({} of {} pages; the rest is kept for the checkpoint)",
+                        status.pages, status.capacity_pages
+                    ),
+                };
+            }
+        }
         match self
             .log
             .record_undo(self.ram_offsets[range_index] + offset as u64)
@@ -58,6 +99,12 @@ struct CheckpointHost<'a> {
     vm: VmHost<'a>,
     tracker: &'a WriteTracker<UndoSink>,
     lock: Option<EpochLock<'a, UndoSink>>,
+    /// The network output gate, sealed once the devices are quiet.
+    hold: &'a OutputHold,
+    /// The output epoch sealed by this checkpoint: released once it committed.
+    sealed: Option<u64>,
+    /// The undo sink's "quiescing" flag (see [`UndoSink::reserve`]).
+    quiescing: &'a AtomicBool,
 }
 
 impl NvHost for CheckpointHost<'_> {
@@ -66,7 +113,13 @@ impl NvHost for CheckpointHost<'_> {
     }
 
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
+        // The vCPUs are paused: a page still held is one a device thread waits on (or a parked
+        // vCPU will write again), and that device cannot stop before it is served.
+        self.quiescing.store(true, Ordering::SeqCst);
+        self.tracker.retry_held();
         self.vm.quiesce_devices()?;
+        // No device transmits now: every frame held so far was produced before this state.
+        self.sealed = Some(self.hold.seal());
         self.lock = Some(self.tracker.lock_epoch());
         Ok(())
     }
@@ -88,6 +141,7 @@ impl NvHost for CheckpointHost<'_> {
 
     fn resume(&mut self) -> Result<(), HostError> {
         self.lock = None;
+        self.quiescing.store(false, Ordering::SeqCst);
         self.vm.resume()
     }
 }
@@ -96,6 +150,10 @@ impl NvHost for CheckpointHost<'_> {
 struct Active {
     log: UndoLog,
     tracker: WriteTracker<UndoSink>,
+    /// The VM's network output gate, armed while this is.
+    hold: Arc<OutputHold>,
+    /// Shared with the undo sink: a checkpoint is quiescing the devices.
+    quiescing: Arc<AtomicBool>,
 }
 
 /// The checkpoint timer, the tracker's attention EventFd and, while checkpoints are on, the
@@ -111,6 +169,38 @@ pub struct Checkpoints {
     last_seq: Option<u64>,
     /// (pause, undo bytes) of the most recent checkpoints, oldest first.
     recent: VecDeque<(Duration, u64)>,
+}
+
+/// Test builds (`fault-injection`): with `NV_HOLD_FULL_LOG` set, a full undo log takes no early
+/// checkpoint, so the writer stays blocked on its page until the next timer tick: an end-to-end
+/// test then sends SIGPWR while a vCPU waits on a full log.
+pub const HOLD_FULL_LOG_VAR: &str = "NV_HOLD_FULL_LOG";
+
+#[cfg(feature = "fault-injection")]
+fn early_checkpoints_withheld() -> bool {
+    std::env::var_os(HOLD_FULL_LOG_VAR).is_some()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn early_checkpoints_withheld() -> bool {
+    false
+}
+
+/// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log look
+/// full after N pages (the rest of it is the checkpoint's reserve), a tiny log without a tiny
+/// region.
+#[cfg(feature = "fault-injection")]
+fn test_undo_limit() -> Option<u64> {
+    std::env::var("NV_UNDO_LIMIT_PAGES")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn test_undo_limit() -> Option<u64> {
+    None
 }
 
 fn timer_error(e: vmm_sys_util::errno::Error) -> Error {
@@ -210,7 +300,23 @@ impl Checkpoints {
     pub fn end_run(&mut self) {
         let _ = self.timer.clear();
         self.interval = Duration::ZERO;
-        self.active = None;
+        if let Some(active) = self.active.take() {
+            // The run may end in a rollback (a vCPU failure leaves the epoch standing): the
+            // frames of the uncommitted epoch must never go out.
+            let dropped = active.hold.disarm_and_discard();
+            if dropped > 0 {
+                log::info!("{dropped} network frames of an uncommitted epoch dropped");
+            }
+        }
+    }
+
+    /// A save that is newer than every held frame committed (power failure, planned suspend):
+    /// nothing can roll back past them any more, so the held frames go out now. The hold stays
+    /// armed: a VM that runs on after the save (a swap-out that failed) still checkpoints.
+    pub fn saved(&mut self) {
+        if let Some(active) = self.active.as_ref() {
+            active.hold.release(active.hold.seal());
+        }
     }
 
     /// The timer fired: take a checkpoint unless the VM is not running (paused by `vm.pause`,
@@ -243,9 +349,16 @@ impl Checkpoints {
             self.interval = Duration::ZERO;
             return self.stop(nv);
         }
+        if early_checkpoints_withheld() {
+            log::warn!(
+                "VM {:?}: the undo log is full; {HOLD_FULL_LOG_VAR} withholds the early checkpoint",
+                nv.name()
+            );
+            return Ok(());
+        }
         if vm.run_state == VmRunState::Running {
             log::info!(
-                "VM {:?}: the undo log is full, checkpointing early",
+                "VM {:?}: the undo log or the network output hold is full, checkpointing early",
                 nv.name()
             );
             self.checkpoint(nv, vm)?;
@@ -307,9 +420,12 @@ impl Checkpoints {
             });
             ram_offsets.push(file_offset.start() - backing.offset);
         }
+        let quiescing = Arc::new(AtomicBool::new(false));
         let sink = UndoSink {
             log: log.clone(),
             ram_offsets,
+            quiescing: Arc::clone(&quiescing),
+            reserve: UndoSink::reserve(log.capacity_pages()),
         };
         let attention = self
             .attention
@@ -318,14 +434,26 @@ impl Checkpoints {
                 operation: "clone (checkpoint attention)",
                 source,
             })?;
+        let hold_attention = attention.try_clone().map_err(|source| Error::EventFd {
+            operation: "clone (checkpoint attention)",
+            source,
+        })?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
+        // From here on a frame the guest transmits waits for the epoch that produced it.
+        let hold = vm.devices.net_output_hold();
+        hold.arm(hold_attention);
         log::info!(
             "VM {:?}: checkpoints on, undo log of {} pages per epoch",
             nv.name(),
             log.capacity_pages()
         );
-        Ok(Active { log, tracker })
+        Ok(Active {
+            log,
+            tracker,
+            hold,
+            quiescing,
+        })
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written
@@ -337,6 +465,8 @@ impl Checkpoints {
         nv.handle
             .disable_checkpoints(&active.log)
             .map_err(|e| nv_error(&nv.config, e))?;
+        // No epoch stands any more: nothing can take the held frames back.
+        active.hold.disarm_and_release();
         self.active = None;
         log::info!("VM {:?}: checkpoints off", nv.name());
         Ok(())
@@ -350,9 +480,18 @@ impl Checkpoints {
             vm: VmHost::exclusive(vm),
             tracker: &active.tracker,
             lock: None,
+            hold: &active.hold,
+            sealed: None,
+            quiescing: &active.quiescing,
         };
         let report = nv_extension::checkpoint_vm(&nv.handle, &mut host, &active.log);
+        let sealed = host.sealed;
         drop(host);
+        active.quiescing.store(false, Ordering::SeqCst);
+        if let (Ok(_), Some(sealed)) = (&report, sealed) {
+            // The epoch committed: its frames (and those of any earlier failed checkpoint) go.
+            active.hold.release(sealed);
+        }
         // Pages held for a full log go on in the new epoch.
         active.tracker.retry_held();
         let report = report.map_err(|e| nv_error(&nv.config, e))?;

@@ -14,7 +14,11 @@
 //! Pausing (power-fail save, snapshot) happens between packets: a transmitted packet is written
 //! whole or not at all, and receive buffers popped for a packet that was not read are given back
 //! to the ring, so nothing is popped-but-unused in the saved queue state.
+//!
+//! While NV checkpoints are on, transmitted frames go through the VM's [`OutputHold`] instead
+//! (copied out of the ring, written to the tap once their epoch committed; see `output_hold`).
 
+mod output_hold;
 mod tap;
 
 use std::collections::BTreeMap;
@@ -30,6 +34,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
+pub use self::output_hold::{HoldTotals, OutputHold, Released, HOLD_LIMIT_BYTES};
 pub use self::tap::{Tap, TapError, NEW_TAP_TEMPLATE, VNET_HDR_LEN};
 use super::io_thread::QueueWorker;
 use super::queue_service::{service_thread_lifecycle, ServiceThread};
@@ -79,6 +84,8 @@ pub struct Net {
     config_space: [u8; CONFIG_SPACE_LEN],
     counters: Arc<NetCounters>,
     io_thread: ServiceThread,
+    /// The VM's output-commit gate, when the VMM gave one (see [`Net::with_output_hold`]).
+    output_hold: Option<Arc<OutputHold>>,
 }
 
 impl Net {
@@ -103,7 +110,14 @@ impl Net {
             config_space,
             counters: Arc::default(),
             io_thread: ServiceThread::default(),
+            output_hold: None,
         })
+    }
+
+    /// Sends transmitted frames through `hold` whenever it is armed (NV checkpoints on).
+    pub fn with_output_hold(mut self, hold: Arc<OutputHold>) -> Self {
+        self.output_hold = Some(hold);
+        self
     }
 
     /// The tap's interface name (the kernel's choice for a new tap).
@@ -198,7 +212,9 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
-        let fds: Vec<RawFd> = self.tap.queue_fds().collect();
+        let mut fds: Vec<RawFd> = self.tap.queue_fds().collect();
+        // A release after a full hold wakes the worker to transmit again.
+        fds.extend(self.output_hold.as_ref().map(|hold| hold.wake_fd()));
         self.io_thread.activate("virtio-net-io", ctx, &fds, |ctx| {
             for (index, queue) in ctx.queues.iter().enumerate() {
                 let q = queue.lock().map_err(|_| Error::QueueLockPoisoned)?;
@@ -215,6 +231,7 @@ impl VirtioDevice for Net {
                 .queue_fds()
                 .enumerate()
                 .map(|(i, fd)| QueuePair {
+                    index: i,
                     rx: ctx.queues[2 * i].clone(),
                     tx: ctx.queues[2 * i + 1].clone(),
                     rx_index: (2 * i) as u16,
@@ -230,7 +247,8 @@ impl VirtioDevice for Net {
                 ctrl,
                 ctrl_index: (2 * self.params.queue_pairs) as u16,
                 interrupt: ctx.interrupt.clone(),
-                _tap: self.tap.clone(),
+                tap: self.tap.clone(),
+                output_hold: self.output_hold.clone(),
                 packets: TapPackets::with_counters(
                     ctx.acked_features,
                     self.params.mtu,
@@ -261,6 +279,8 @@ impl VirtioDevice for Net {
 }
 
 struct QueuePair {
+    /// The pair's position: its tap descriptor is the tap's `index`th.
+    index: usize,
     rx: Arc<Mutex<Queue>>,
     tx: Arc<Mutex<Queue>>,
     rx_index: u16,
@@ -275,7 +295,8 @@ struct NetWorker {
     ctrl_index: u16,
     interrupt: Arc<VirtioInterrupt>,
     /// Keeps the tap's descriptors open as long as the thread uses them.
-    _tap: Arc<Tap>,
+    tap: Arc<Tap>,
+    output_hold: Option<Arc<OutputHold>>,
     packets: TapPackets,
 }
 
@@ -355,14 +376,28 @@ impl NetWorker {
         }
     }
 
-    /// Sends every posted transmit chain, each whole with one `writev`.
+    /// Sends every posted transmit chain, each whole with one `writev`; or, while the output
+    /// hold is armed, holds each until its epoch commits, as long as the hold has room.
     fn transmit(&self, pair: &QueuePair, pause_requested: &AtomicBool) -> Pass {
         let mut pass = Pass::default();
         while !pause_requested.load(Ordering::SeqCst) {
             let Some(mut queue) = self.lock(&pair.tx) else {
                 break;
             };
-            if !queue.ready() || !self.packets.transmit_one(&mut queue, &self.mem, pair.fd) {
+            if !queue.ready() {
+                break;
+            }
+            let sent = match self.output_hold.as_ref().filter(|hold| hold.is_armed()) {
+                None => self.packets.transmit_one(&mut queue, &self.mem, pair.fd),
+                // Full: leave the chains in the ring until a release wakes us.
+                Some(hold) => {
+                    hold.has_room()
+                        && self
+                            .packets
+                            .hold_one(&mut queue, &self.mem, hold, self.held_for(pair))
+                }
+            };
+            if !sent {
                 break;
             }
             pass.used = true;
@@ -390,6 +425,14 @@ impl NetWorker {
             self.notify(&pair.rx, pair.rx_index);
         }
         pass
+    }
+
+    fn held_for<'a>(&'a self, pair: &QueuePair) -> HeldTap<'a> {
+        HeldTap {
+            tap: &self.tap,
+            index: pair.index,
+            fd: pair.fd,
+        }
     }
 
     /// Answers control-queue commands: only `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` is offered.
@@ -510,6 +553,54 @@ impl TapPackets {
         true
     }
 
+    /// As [`TapPackets::transmit_one`], but the chain is copied into `hold` (written to the tap
+    /// by its release once its epoch committed) and completed at once. False when no chain is
+    /// posted.
+    fn hold_one(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        hold: &OutputHold,
+        target: HeldTap<'_>,
+    ) -> bool {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let mut bytes = Vec::new();
+        let mut ok = true;
+        for desc in chain.filter(|desc| !desc.is_write_only()) {
+            let start = bytes.len();
+            bytes.resize(start + desc.len() as usize, 0);
+            if let Err(e) = mem.read_slice(&mut bytes[start..], desc.addr()) {
+                warn!("virtio-net: transmit buffer outside guest memory: {e}");
+                ok = false;
+                break;
+            }
+        }
+        if ok && bytes.len() > VNET_HDR_LEN {
+            let len = bytes.len();
+            if let Err(bytes) = hold.hold(target.tap, target.index, bytes) {
+                // Disarmed since the check: nothing holds output any more, send it now.
+                // SAFETY: `bytes` is a live buffer of that length; the tap only reads it.
+                let written = unsafe { libc::write(target.fd, bytes.as_ptr().cast(), len) };
+                if written < 0 {
+                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .tx_bytes
+                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        } else {
+            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            error!("virtio-net: cannot publish used entry for head {head}: {e}");
+        }
+        true
+    }
+
     /// Reads the next packet from the tap `fd` straight into receive buffers (several with
     /// mergeable buffers). False when the tap is empty or the guest has no room for it: the
     /// buffers popped are given back.
@@ -585,6 +676,13 @@ impl TapPackets {
         );
         true
     }
+}
+
+/// Where a held frame goes: the tap, its queue pair, and that pair's descriptor.
+struct HeldTap<'a> {
+    tap: &'a Arc<Tap>,
+    index: usize,
+    fd: RawFd,
 }
 
 /// Adds a receive chain's writable buffers to `iovecs`: `(head, first buffer, capacity)`,

@@ -326,3 +326,128 @@ fn a_missing_tap_is_created_and_a_tun_descriptor_is_refused() {
         assert!(matches!(error, TapError::WrongTapFlags { .. }), "{error}");
     });
 }
+
+/// Output commit: with the hold armed a transmitted frame is completed to the guest at once but
+/// reaches the tap only when its sealed epoch is released; a full hold stops consuming the
+/// ring (the frame stays posted) and asks for a checkpoint; a release wakes the worker;
+/// disarming sends what is held and the data path goes direct again.
+#[test]
+fn an_armed_output_hold_sends_frames_only_after_their_epoch_is_released() {
+    in_own_netns(|| {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let tap = Arc::new(Tap::open(Some("nvhold0"), 1).unwrap());
+        tap.up().unwrap();
+        let mac = [0x02, 0, 0, 0, 0, 0x11];
+        // Room for one frame: the second finds the hold full.
+        let hold = OutputHold::with_limit(1).unwrap();
+        let mut net = Net::new(
+            tap.clone(),
+            NetParams {
+                mac,
+                queue_pairs: 1,
+                queue_size: QUEUE_SIZE,
+                mtu: None,
+                offload_csum: false,
+                offload_tso: false,
+            },
+        )
+        .unwrap()
+        .with_output_hold(hold.clone());
+        let rx = DriverQueue {
+            rings: RX_RINGS,
+            avail_idx: 0,
+            seen_used: 0,
+        };
+        let mut tx = DriverQueue {
+            rings: TX_RINGS,
+            avail_idx: 0,
+            seen_used: 0,
+        };
+        let notify: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        net.activate(ActivationContext {
+            mem: mem.clone(),
+            interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingTarget::default()), 0)),
+            queues: vec![rx.queue(&mem), tx.queue(&mem)],
+            queue_evts: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
+            acked_features: (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC),
+            start_paused: false,
+            io_thread_start: None,
+        })
+        .unwrap();
+        let (packet, _) = packet_socket("nvhold0");
+        let full = EventFd::new(EFD_NONBLOCK).unwrap();
+        hold.arm(full.try_clone().unwrap());
+        let mut slot = 0u64;
+        let mut send = |tx: &mut DriverQueue, payload: &[u8]| {
+            let sent = frame(mac, payload);
+            let at = TX_BUFFERS + slot * 4096;
+            slot += 1;
+            mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(at))
+                .unwrap();
+            mem.write_slice(&sent, GuestAddress(at + VNET_HDR_LEN as u64))
+                .unwrap();
+            tx.post(&mem, at, (VNET_HDR_LEN + sent.len()) as u32, false);
+            notify[1].write(1).unwrap();
+            sent
+        };
+        let quiet = Duration::from_millis(300);
+
+        let first = send(&mut tx, b"epoch 1");
+        assert!(
+            tx.next_used(&mem, Duration::from_secs(5)).is_some(),
+            "not completed at once"
+        );
+        assert_eq!(
+            receive_ours(&packet, quiet),
+            None,
+            "sent before its epoch committed"
+        );
+        assert_eq!(hold.held_frames(), 1);
+
+        // Full: the next frame stays in the ring, and a checkpoint is asked for.
+        let second = send(&mut tx, b"epoch 2");
+        assert_eq!(
+            tx.next_used(&mem, quiet),
+            None,
+            "a full hold consumed the ring"
+        );
+        assert!(full.read().is_ok(), "a full hold asked for no checkpoint");
+
+        // The epoch commits: the first frame goes out; the wake-up takes the second, held.
+        let sealed = hold.seal();
+        assert_eq!(hold.release(sealed).frames, 1);
+        assert_eq!(
+            receive_ours(&packet, Duration::from_secs(5)).as_deref(),
+            Some(&first[..])
+        );
+        assert!(
+            tx.next_used(&mem, Duration::from_secs(5)).is_some(),
+            "the release did not wake the worker"
+        );
+        assert_eq!(
+            receive_ours(&packet, quiet),
+            None,
+            "the next epoch's frame went out"
+        );
+        assert_eq!(hold.held_frames(), 1);
+
+        // Checkpoints off: what is held goes, and new frames go straight to the tap.
+        assert_eq!(hold.disarm_and_release().frames, 1);
+        assert_eq!(
+            receive_ours(&packet, Duration::from_secs(5)).as_deref(),
+            Some(&second[..])
+        );
+        let third = send(&mut tx, b"direct");
+        assert!(tx.next_used(&mem, Duration::from_secs(5)).is_some());
+        assert_eq!(
+            receive_ours(&packet, Duration::from_secs(5)).as_deref(),
+            Some(&third[..])
+        );
+        let totals = hold.totals();
+        assert_eq!((totals.held, totals.released, totals.tap_errors), (2, 2, 0));
+        assert!(totals.full >= 1);
+        net.reset();
+    });
+}
