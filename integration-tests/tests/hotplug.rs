@@ -460,7 +460,10 @@ fn a_tap_handed_over_by_descriptor_is_hotplugged_and_recovered_by_name() {
     let bdf = info["bdf"].as_str().unwrap().to_owned();
     let device = u8::from_str_radix(&bdf[8..10], 16).unwrap();
     let log = vmm.wait_serial("the guest seeing the network function", |log| {
-        log.contains(&format!("hpcheck: function at device={device} "))
+        // The whole line: the guest writes it a byte at a time.
+        let marker = format!("hpcheck: function at device={device} ");
+        log.split_inclusive('\n')
+            .any(|line| line.starts_with(&marker) && line.ends_with('\n'))
     });
     assert!(log.contains(VIRTIO_NET_ID), "{log}");
     assert_eq!(nets_in_info(&socket), [("hotnet0".into(), TAP.into())]);
