@@ -881,6 +881,28 @@ fn wait_counter_continues(vmm: &mut VmmProcess, before: u64) {
     );
 }
 
+/// The VMM ends saved (exit 75) within `SAVE_DURING_CONNECT_BOUND` of `since`, when `trigger`
+/// came, and the add in flight (`adding`) is answered 503. Returns the guest's last counter.
+fn assert_saved_at_once(
+    vmm: &mut VmmProcess,
+    since: std::time::Instant,
+    adding: std::thread::JoinHandle<(u16, String)>,
+    trigger: &str,
+) -> u64 {
+    vmm.expect_exit(
+        EXIT_POWER_FAIL_SAVED,
+        &format!("{trigger} during the vhost-user wait"),
+    );
+    let took = since.elapsed();
+    assert!(
+        took < SAVE_DURING_CONNECT_BOUND,
+        "{trigger}: the save waited {took:?} behind the hotplug's wait for its backend"
+    );
+    let (status, answer) = adding.join().unwrap();
+    assert_eq!(status, 503, "{answer}");
+    last_counter(vmm)
+}
+
 fn last_counter(vmm: &VmmProcess) -> u64 {
     integration_tests::harness::counter_lines(&vmm.serial_log())
         .last()
@@ -928,15 +950,7 @@ fn a_power_failure_during_a_vhost_user_hotplug_wait_is_saved_at_once() {
     });
     let signalled = std::time::Instant::now();
     vmm.signal(libc::SIGPWR);
-    vmm.expect_exit(EXIT_POWER_FAIL_SAVED, "SIGPWR during the vhost-user wait");
-    let took = signalled.elapsed();
-    assert!(
-        took < SAVE_DURING_CONNECT_BOUND,
-        "the save waited {took:?} behind the hotplug's wait for its backend"
-    );
-    let (status, answer) = adding.join().unwrap();
-    assert_eq!(status, 503, "{answer}");
-    let before = last_counter(&vmm);
+    let before = assert_saved_at_once(&mut vmm, signalled, adding, "SIGPWR");
 
     let recover_socket = dir.path().join("recovered.sock");
     let recover = |label: &str| {
@@ -972,18 +986,7 @@ fn a_power_failure_during_a_vhost_user_hotplug_wait_is_saved_at_once() {
     let (status, answer) =
         api_client::request(&recover_socket, "PUT", "vm.power-fail", "", TIMEOUT);
     assert_eq!(status, 204, "{answer}");
-    recovered.expect_exit(
-        EXIT_POWER_FAIL_SAVED,
-        "vm.power-fail during the vhost-user wait",
-    );
-    let took = asked.elapsed();
-    assert!(
-        took < SAVE_DURING_CONNECT_BOUND,
-        "the save waited {took:?} behind the hotplug's wait for its backend"
-    );
-    let (status, answer) = adding.join().unwrap();
-    assert_eq!(status, 503, "{answer}");
-    let before = last_counter(&recovered);
+    let before = assert_saved_at_once(&mut recovered, asked, adding, "vm.power-fail");
 
     let mut again = recover("recovered-again");
     wait_counter_continues(&mut again, before);

@@ -740,6 +740,27 @@ fn net_in_info(api: &Path, id: &str) -> (Option<String>, Option<serde_json::Valu
     (bdf, config)
 }
 
+/// The counter guest as NV VM `netvm` of `region`, with its API at `api`, once it counts.
+fn boot_counter_with_api(dir: &Path, region: &Path, api: &Path) -> VmmProcess {
+    let kernel = test_guest("counter");
+    let arguments = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        "size=32M".into(),
+        "--api-socket".into(),
+        format!("path={}", api.display()),
+        "--nv".into(),
+        format!("region={},vm=netvm,create=on", region.display()),
+    ];
+    let mut vmm = spawn(dir, "boot", &arguments);
+    vmm.wait_for_socket(api, TIMEOUT);
+    vmm.wait_serial("a counter line", has_counter_line);
+    vmm
+}
+
 /// Issue 17's hotplug for networks: `ch-remote add-net vhost_user=true,socket=` on a running NV
 /// VM connects to `nv-vhost-user-net` and plugs the function; the net device is in the config
 /// with its socket and comes back at its BDF after a power failure, the recovering VMM
@@ -757,22 +778,7 @@ fn a_hotplugged_vhost_user_net_device_is_back_after_a_power_failure() {
         let (dir_path, socket) = (dir_path.clone(), socket.clone());
         netns.run(move || start_vhost_user_net(&dir_path, &socket, false, "0"))
     };
-    let kernel = test_guest("counter");
-    let arguments = vec![
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(""),
-        "--memory".into(),
-        "size=32M".into(),
-        "--api-socket".into(),
-        format!("path={}", api.display()),
-        "--nv".into(),
-        format!("region={},vm=netvm,create=on", region.display()),
-    ];
-    let mut vmm = spawn(&dir_path, "boot", &arguments);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter_with_api(&dir_path, &region, &api);
     let output = integration_tests::harness::run_ch_remote(
         &api,
         &[
@@ -830,22 +836,7 @@ fn a_vhost_user_net_device_is_hotplugged_in_server_mode() {
     let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
     let socket = dir_path.join("net.sock");
     let api = dir_path.join("api.sock");
-    let kernel = test_guest("counter");
-    let arguments = vec![
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(""),
-        "--memory".into(),
-        "size=32M".into(),
-        "--api-socket".into(),
-        format!("path={}", api.display()),
-        "--nv".into(),
-        format!("region={},vm=netvm,create=on", region.display()),
-    ];
-    let mut vmm = spawn(&dir_path, "boot", &arguments);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter_with_api(&dir_path, &region, &api);
     let adding = {
         let api = api.clone();
         let body = format!(
