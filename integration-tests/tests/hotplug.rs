@@ -852,3 +852,153 @@ fn a_hotplugged_vhost_user_disk_is_driven_and_survives_a_power_failure() {
     recovered.kill();
     backend.kill();
 }
+
+/// How long a power-fail save may take when it arrives during a vhost-user hotplug's wait for
+/// its backend: far below that wait's 10 s (a 32 MiB counter VM saves in well under a second).
+const SAVE_DURING_CONNECT_BOUND: Duration = Duration::from_secs(2);
+
+/// Starts `PUT <endpoint> <body>` on a thread (it is answered only when the hotplug ends);
+/// joins to its status and body.
+fn start_request(
+    socket: &Path,
+    endpoint: &'static str,
+    body: String,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let socket = socket.to_owned();
+    std::thread::spawn(move || api_client::request(&socket, "PUT", endpoint, &body, TIMEOUT))
+}
+
+/// Waits for 3 counter lines continuing after `before`, with no new boot.
+fn wait_counter_continues(vmm: &mut VmmProcess, before: u64) {
+    let log = vmm.wait_serial("3 counter lines after the recovery", |log| {
+        integration_tests::harness::counter_lines(log).len() >= 3 || log.contains("FAIL")
+    });
+    assert!(!log.contains("counter: boot"), "booted again:\n{log}");
+    let after = integration_tests::harness::assert_counter_advances(&log, 3);
+    assert!(
+        after[0].counter > before,
+        "the counter restarted: {} after {before}",
+        after[0].counter
+    );
+}
+
+/// The VMM ends saved (exit 75) within `SAVE_DURING_CONNECT_BOUND` of `since`, when `trigger`
+/// came, and the add in flight (`adding`) is answered 503. Returns the guest's last counter.
+fn assert_saved_at_once(
+    vmm: &mut VmmProcess,
+    since: std::time::Instant,
+    adding: std::thread::JoinHandle<(u16, String)>,
+    trigger: &str,
+) -> u64 {
+    vmm.expect_exit(
+        EXIT_POWER_FAIL_SAVED,
+        &format!("{trigger} during the vhost-user wait"),
+    );
+    let took = since.elapsed();
+    assert!(
+        took < SAVE_DURING_CONNECT_BOUND,
+        "{trigger}: the save waited {took:?} behind the hotplug's wait for its backend"
+    );
+    let (status, answer) = adding.join().unwrap();
+    assert_eq!(status, 503, "{answer}");
+    last_counter(vmm)
+}
+
+fn last_counter(vmm: &VmmProcess) -> u64 {
+    integration_tests::harness::counter_lines(&vmm.serial_log())
+        .last()
+        .map_or(0, |line| line.counter)
+}
+
+/// Issue 17: a hotplugged vhost-user device waits up to 10 s for its backend. That wait runs
+/// off the control loop, so a power failure arriving meanwhile is saved at once: SIGPWR during
+/// an add-disk towards a socket no backend serves, then `vm.power-fail` during an add-net in
+/// server mode that no backend connects to. Each save ends the VMM within
+/// `SAVE_DURING_CONNECT_BOUND`, the add is answered 503 (abandoned, nothing plugged), and the
+/// VM is recovered in place without the device. (Before, the control loop sat in the wait and
+/// the save came after it, 10 s later.)
+#[test]
+fn a_power_failure_during_a_vhost_user_hotplug_wait_is_saved_at_once() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let socket = dir.path().join("api.sock");
+    let mut arguments = guest_arguments("counter", "", "32M");
+    arguments.extend([
+        "--api-socket".into(),
+        format!("path={}", socket.display()),
+        "--nv".into(),
+        format!("region={},vm=hw,create=on", region.display()),
+    ]);
+    let mut vmm = spawn(dir.path(), "boot", &arguments);
+    vmm.wait_for_socket(&socket, TIMEOUT);
+    vmm.wait_serial("a counter line", |log| {
+        !integration_tests::harness::counter_lines(log).is_empty()
+    });
+
+    // SIGPWR while vm.add-disk waits for a backend at a socket nobody serves.
+    let absent = dir.path().join("absent.sock");
+    let adding = start_request(
+        &socket,
+        "vm.add-disk",
+        format!(
+            "{{\"vhost_user\":true,\"vhost_socket\":\"{}\",\"id\":\"late0\"}}",
+            absent.display()
+        ),
+    );
+    vmm.wait_stderr("the wait for the vhost-user backend", |log| {
+        log.contains("not there yet")
+    });
+    let signalled = std::time::Instant::now();
+    vmm.signal(libc::SIGPWR);
+    let before = assert_saved_at_once(&mut vmm, signalled, adding, "SIGPWR");
+
+    let recover_socket = dir.path().join("recovered.sock");
+    let recover = |label: &str| {
+        let arguments = [
+            "--nv".into(),
+            format!("region={},vm=hw,recover=on", region.display()),
+            "--api-socket".into(),
+            format!("path={}", recover_socket.display()),
+        ];
+        let mut vmm = spawn(dir.path(), label, &arguments);
+        vmm.wait_for_socket(&recover_socket, TIMEOUT);
+        vmm
+    };
+    let mut recovered = recover("recovered");
+    wait_counter_continues(&mut recovered, before);
+    assert_disk_gone(&recover_socket, "late0");
+
+    // vm.power-fail while vm.add-net listens for a backend that never connects.
+    let listening = dir.path().join("listen.sock");
+    let adding = start_request(
+        &recover_socket,
+        "vm.add-net",
+        format!(
+            "{{\"vhost_user\":true,\"vhost_socket\":\"{}\",\"vhost_mode\":\"Server\",\
+             \"id\":\"late1\"}}",
+            listening.display()
+        ),
+    );
+    recovered.wait_stderr("the wait for the vhost-user backend", |log| {
+        log.contains("waiting up to")
+    });
+    let asked = std::time::Instant::now();
+    let (status, answer) =
+        api_client::request(&recover_socket, "PUT", "vm.power-fail", "", TIMEOUT);
+    assert_eq!(status, 204, "{answer}");
+    let before = assert_saved_at_once(&mut recovered, asked, adding, "vm.power-fail");
+
+    let mut again = recover("recovered-again");
+    wait_counter_continues(&mut again, before);
+    let (status, body) = api(&recover_socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        info["config"]["net"]
+            .as_array()
+            .is_none_or(|nets| nets.is_empty()),
+        "{body}"
+    );
+    again.kill();
+}

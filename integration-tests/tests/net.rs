@@ -926,6 +926,27 @@ fn net_in_info(api: &Path, id: &str) -> (Option<String>, Option<serde_json::Valu
     (bdf, config)
 }
 
+/// The counter guest as NV VM `netvm` of `region`, with its API at `api`, once it counts.
+fn boot_counter_with_api(dir: &Path, region: &Path, api: &Path) -> VmmProcess {
+    let kernel = test_guest("counter");
+    let arguments = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        guest_cmdline(""),
+        "--memory".into(),
+        "size=32M".into(),
+        "--api-socket".into(),
+        format!("path={}", api.display()),
+        "--nv".into(),
+        format!("region={},vm=netvm,create=on", region.display()),
+    ];
+    let mut vmm = spawn(dir, "boot", &arguments);
+    vmm.wait_for_socket(api, TIMEOUT);
+    vmm.wait_serial("a counter line", has_counter_line);
+    vmm
+}
+
 /// Issue 17's hotplug for networks: `ch-remote add-net vhost_user=true,socket=` on a running NV
 /// VM connects to `nv-vhost-user-net` and plugs the function; the net device is in the config
 /// with its socket and comes back at its BDF after a power failure, the recovering VMM
@@ -943,22 +964,7 @@ fn a_hotplugged_vhost_user_net_device_is_back_after_a_power_failure() {
         let (dir_path, socket) = (dir_path.clone(), socket.clone());
         netns.run(move || start_vhost_user_net(&dir_path, &socket, false, "0"))
     };
-    let kernel = test_guest("counter");
-    let arguments = vec![
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(""),
-        "--memory".into(),
-        "size=32M".into(),
-        "--api-socket".into(),
-        format!("path={}", api.display()),
-        "--nv".into(),
-        format!("region={},vm=netvm,create=on", region.display()),
-    ];
-    let mut vmm = spawn(&dir_path, "boot", &arguments);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    vmm.wait_serial("a counter line", has_counter_line);
+    let mut vmm = boot_counter_with_api(&dir_path, &region, &api);
     let output = integration_tests::harness::run_ch_remote(
         &api,
         &[
@@ -999,6 +1005,51 @@ fn a_hotplugged_vhost_user_net_device_is_back_after_a_power_failure() {
         backend_log.contains("waiting for the next"),
         "the backend did not see the first VMM go:\n{backend_log}"
     );
+    vmm.kill();
+    backend.kill();
+}
+
+/// `vm.add-net` in `vhost_mode=server` on a running VM: the VMM listens (on the worker thread
+/// that waits for backends, under the VMM's seccomp filter) until `nv-vhost-user-net --client`
+/// connects, then plugs the function. The listen socket is made non-blocking with `fcntl`:
+/// before, std's FIONBIO ioctl was not in the filter and the VMM was killed (SIGSYS).
+#[test]
+fn a_vhost_user_net_device_is_hotplugged_in_server_mode() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("vuhs");
+    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
+    let socket = dir_path.join("net.sock");
+    let api = dir_path.join("api.sock");
+    let mut vmm = boot_counter_with_api(&dir_path, &region, &api);
+    let adding = {
+        let api = api.clone();
+        let body = format!(
+            "{{\"vhost_user\":true,\"vhost_socket\":\"{}\",\"vhost_mode\":\"Server\",\
+             \"mac\":\"{KV_GUEST_MAC}\",\"id\":\"vsrv0\"}}",
+            socket.display()
+        );
+        std::thread::spawn(move || {
+            integration_tests::api_client::request(&api, "PUT", "vm.add-net", &body, TIMEOUT)
+        })
+    };
+    vmm.wait_stderr("the VMM listening for the backend", |log| {
+        log.contains("waiting up to")
+    });
+    let mut backend = {
+        let (dir_path, socket) = (dir_path.clone(), socket.clone());
+        netns.run(move || start_vhost_user_net(&dir_path, &socket, true, "0"))
+    };
+    let (status, answer) = adding.join().unwrap();
+    assert_eq!(status, 200, "{answer}\n{}", vmm.stderr_tail(20));
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let bdf = answer["bdf"].as_str().unwrap().to_owned();
+    let (listed, config) = net_in_info(&api, "vsrv0");
+    assert_eq!(listed.as_deref(), Some(bdf.as_str()));
+    let config = config.expect("vsrv0 in config.net");
+    assert_eq!(config["vhost_mode"], "Server", "{config}");
+    assert!(vmm.try_wait().is_none(), "{}", vmm.stderr_tail(20));
     vmm.kill();
     backend.kill();
 }

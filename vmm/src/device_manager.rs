@@ -21,8 +21,8 @@ mod fs_backend_state;
 mod hotplug;
 
 pub use hotplug::{
-    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, RestoreLayout, VacatedBar,
-    VacatedSlot, HOTPLUG_STATE_VERSION,
+    without_hotplugged, HotplugDeviceState, HotplugKind, HotplugState, PendingVhostUser,
+    RestoreLayout, VacatedBar, VacatedSlot, VhostUserBackend, HOTPLUG_STATE_VERSION,
 };
 
 use devices::console_io::{Pty, SerialInput};

@@ -272,6 +272,40 @@ impl Vm {
         Ok((net, bdf))
     }
 
+    /// The first step of a vhost-user `vm.add-disk` or `vm.add-net` (see
+    /// `DeviceManager::prepare_vhost_user`): the device named, to connect off the control loop.
+    pub fn prepare_vhost_user(
+        &self,
+        kind: &crate::device_manager::HotplugKind,
+    ) -> Result<crate::device_manager::PendingVhostUser, Error> {
+        self.devices.prepare_vhost_user(kind)
+    }
+
+    /// The last step: the device on its connected backend plugged, and in the VM's config.
+    pub fn add_vhost_user(
+        &mut self,
+        pending: crate::device_manager::PendingVhostUser,
+        backend: crate::device_manager::VhostUserBackend,
+    ) -> Result<(crate::device_manager::HotplugKind, devices::pci::PciBdf), Error> {
+        let (kind, bdf) = self.devices.plug_vhost_user(pending, backend)?;
+        match &kind {
+            crate::device_manager::HotplugKind::Disk(disk) => self
+                .config
+                .disks
+                .get_or_insert_with(Vec::new)
+                .push(disk.clone()),
+            crate::device_manager::HotplugKind::Net(net) => self
+                .config
+                .net
+                .get_or_insert_with(Vec::new)
+                .push(net.clone()),
+            crate::device_manager::HotplugKind::Fs(fs) => {
+                self.config.fs.get_or_insert_with(Vec::new).push(fs.clone())
+            }
+        }
+        Ok((kind, bdf))
+    }
+
     /// `vm.add-fs`, as [`Vm::add_disk`].
     pub fn add_fs(
         &mut self,

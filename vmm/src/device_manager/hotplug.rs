@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::{BarKind, PciBdf, PciConfiguration, PciDevice, PciHeader};
 use devices::virtio::{
-    msix_vector_count, Tap, VirtioDevice, VirtioPciDevice, VirtioPciState, VirtioTransport,
+    msix_vector_count, Tap, VhostUserBlkLink, VhostUserNetLink, VirtioDevice, VirtioPciDevice,
+    VirtioPciState, VirtioTransport,
 };
 use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,46 @@ pub enum HotplugKind {
     Disk(DiskConfig),
     Net(NetConfig),
     Fs(FsConfig),
+}
+
+/// A vhost-user disk or net device being hotplugged, named ([`DeviceManager::prepare_vhost_user`])
+/// but not connected yet. Its connection waits for the backend (up to
+/// `devices::virtio::VHOST_USER_CONNECT_TIMEOUT`, then each reply's timeout): that runs on a
+/// worker thread, so the control loop stays free for a power-fail save meanwhile.
+pub struct PendingVhostUser {
+    kind: HotplugKind,
+}
+
+/// The session [`PendingVhostUser::connect`] opened with the device's backend.
+pub enum VhostUserBackend {
+    Disk(VhostUserBlkLink),
+    Net(VhostUserNetLink),
+}
+
+impl PendingVhostUser {
+    /// Connects to the backend (client) or waits for it (server), bounded. Touches nothing of
+    /// the VM: a worker thread runs it.
+    pub fn connect(&self) -> Result<VhostUserBackend, Error> {
+        match &self.kind {
+            HotplugKind::Disk(config) => {
+                connect_vhost_user_disk(config).map(VhostUserBackend::Disk)
+            }
+            HotplugKind::Net(config) => connect_vhost_user_net(config).map(VhostUserBackend::Net),
+            HotplugKind::Fs(_) => Err(Error::Device(
+                "a virtio-fs device is not connected here".to_owned(),
+            )),
+        }
+    }
+
+    /// The socket the backend is reached at.
+    pub fn socket(&self) -> &str {
+        let socket = match &self.kind {
+            HotplugKind::Disk(config) => config.vhost_socket.as_deref(),
+            HotplugKind::Net(config) => config.vhost_socket.as_deref(),
+            HotplugKind::Fs(config) => Some(config.socket.as_str()),
+        };
+        socket.unwrap_or_default()
+    }
 }
 
 /// One hotplugged device as saved.
@@ -348,6 +389,13 @@ impl DeviceManager {
     /// Hotplugs a virtio-blk disk: a new virtio-pci function on the lowest free slot, announced
     /// to the guest. Returns the config as the VM keeps it (its id filled in) and the address.
     pub fn hotplug_disk(&self, config: &DiskConfig) -> Result<(DiskConfig, PciBdf), Error> {
+        let config = self.named_disk(config)?;
+        let (bdf, _) = self.plug(HotplugKind::Disk(config.clone()), None)?;
+        Ok((config, bdf))
+    }
+
+    /// A hotplugged disk's config as the VM keeps it: its id filled in.
+    fn named_disk(&self, config: &DiskConfig) -> Result<DiskConfig, Error> {
         if config.transport == Some(VirtioTransportKind::Mmio) {
             return Err(Error::Device(
                 "a virtio-mmio disk cannot be hotplugged: there is no hotplug on virtio-mmio"
@@ -357,8 +405,7 @@ impl DeviceManager {
         let mut config = config.clone();
         let id = self.new_device_id(config.id.as_deref(), "_disk")?;
         config.id = Some(id);
-        let (bdf, _) = self.plug(HotplugKind::Disk(config.clone()), None)?;
-        Ok((config, bdf))
+        Ok(config)
     }
 
     /// Hotplugs a virtio-net device on its tap (opened now, as for `--net`). Descriptors in
@@ -366,6 +413,18 @@ impl DeviceManager {
     /// config returned (the VM's, and the saved state's) names a tap handed over by descriptor
     /// by its name, which a recovery opens again.
     pub fn hotplug_net(&self, config: &NetConfig) -> Result<(NetConfig, PciBdf), Error> {
+        let config = self.named_net(config)?;
+        match self.plug(HotplugKind::Net(config), None)? {
+            (bdf, HotplugKind::Net(kept)) => Ok((kept, bdf)),
+            (_, HotplugKind::Disk(_) | HotplugKind::Fs(_)) => {
+                unreachable!("a net device was plugged")
+            }
+        }
+    }
+
+    /// A hotplugged net device's config as the VM keeps it: its id and MAC filled in. Closes
+    /// the descriptors handed over when it refuses.
+    fn named_net(&self, config: &NetConfig) -> Result<NetConfig, Error> {
         let refuse = |error: Error| {
             close_handed_over(config);
             Err(error)
@@ -391,12 +450,40 @@ impl DeviceManager {
         };
         config.id = Some(id);
         config.mac.get_or_insert_with(crate::config::random_mac);
-        match self.plug(HotplugKind::Net(config), None)? {
-            (bdf, HotplugKind::Net(kept)) => Ok((kept, bdf)),
-            (_, HotplugKind::Disk(_) | HotplugKind::Fs(_)) => {
-                unreachable!("a net device was plugged")
+        Ok(config)
+    }
+
+    /// The first step of a vhost-user disk's or net's hotplug, on the control loop: its config
+    /// as [`Self::hotplug_disk`] and [`Self::hotplug_net`] name it. The connection
+    /// ([`PendingVhostUser::connect`]) then runs on a worker thread, and
+    /// [`Self::plug_vhost_user`] puts the device on the segment.
+    pub fn prepare_vhost_user(&self, kind: &HotplugKind) -> Result<PendingVhostUser, Error> {
+        let kind = match kind {
+            HotplugKind::Disk(config) if config.vhost_user => {
+                HotplugKind::Disk(self.named_disk(config)?)
             }
-        }
+            HotplugKind::Net(config) if config.vhost_user => {
+                HotplugKind::Net(self.named_net(config)?)
+            }
+            _ => {
+                return Err(Error::Device(
+                    "not a vhost-user disk or net device".to_owned(),
+                ))
+            }
+        };
+        Ok(PendingVhostUser { kind })
+    }
+
+    /// The last step of a vhost-user hotplug, on the control loop: the device on the session
+    /// `backend` opened, placed and announced as [`Self::hotplug_disk`] does. Returns its
+    /// config as kept and its address.
+    pub fn plug_vhost_user(
+        &self,
+        pending: PendingVhostUser,
+        backend: VhostUserBackend,
+    ) -> Result<(HotplugKind, PciBdf), Error> {
+        let (bdf, kind) = self.plug_with(pending.kind, None, Some(backend))?;
+        Ok((kind, bdf))
     }
 
     /// Hotplugs a virtio-fs device, connected to its virtiofsd now (as for `--fs`).
@@ -589,13 +676,26 @@ impl DeviceManager {
     /// Returns its address and `kind` as kept (a tap handed over by descriptor named).
     fn plug(
         &self,
+        kind: HotplugKind,
+        restore: Option<&HotplugDeviceState>,
+    ) -> Result<(PciBdf, HotplugKind), Error> {
+        self.plug_with(kind, restore, None)
+    }
+
+    /// [`Self::plug`], on a vhost-user session opened already when `backend` is given.
+    fn plug_with(
+        &self,
         mut kind: HotplugKind,
         restore: Option<&HotplugDeviceState>,
+        mut backend: Option<VhostUserBackend>,
     ) -> Result<(PciBdf, HotplugKind), Error> {
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
             match &mut kind {
                 HotplugKind::Disk(config) if config.vhost_user => {
-                    let link = connect_vhost_user_disk(config)?;
+                    let link = match backend.take() {
+                        Some(VhostUserBackend::Disk(link)) => link,
+                        _ => connect_vhost_user_disk(config)?,
+                    };
                     (
                         config.id.clone().unwrap_or_default(),
                         format!("vhost-user disk {}", link.socket().display()),
@@ -605,7 +705,10 @@ impl DeviceManager {
                     )
                 }
                 HotplugKind::Net(config) if config.vhost_user => {
-                    let link = connect_vhost_user_net(config)?;
+                    let link = match backend.take() {
+                        Some(VhostUserBackend::Net(link)) => link,
+                        _ => connect_vhost_user_net(config)?,
+                    };
                     (
                         config.id.clone().unwrap_or_default(),
                         format!("vhost-user net {}", link.socket().display()),

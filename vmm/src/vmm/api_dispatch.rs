@@ -24,6 +24,8 @@ use super::{Vmm, VmmExit};
 
 mod hotplug_api;
 
+pub(super) use hotplug_api::VhostUserAddJob;
+
 /// The upstream release whose API this VMM serves. `vmm.ping` reports it as `version`, because
 /// that is what scripts compare to decide which API they may use.
 const UPSTREAM_VERSION: &str = "53.0.0";

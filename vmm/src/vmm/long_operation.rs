@@ -30,6 +30,7 @@ use crate::vm::{Vm, VmRunState};
 use crate::{nv, Error};
 
 use super::api_dispatch::api_error;
+use super::api_dispatch::VhostUserAddJob;
 use super::swap::{SwapInJob, SwapOutJob};
 use super::{Vmm, VmmExit};
 use crate::nv::SwapWatch;
@@ -47,6 +48,9 @@ pub(super) enum Job {
     SwapOut(SwapOutJob),
     /// Bringing a VM back from a swap file into this empty VMM (`swap.rs`).
     SwapIn(SwapInJob),
+    /// Connecting a hotplugged vhost-user device's backend (`hotplug_api.rs`); the VM stays in
+    /// `Vmm::vm` and runs.
+    VhostUserAdd(VhostUserAddJob),
 }
 
 /// The one long operation in progress.
@@ -62,7 +66,7 @@ impl LongOperation {
     pub(super) fn shared_vm(&self) -> Option<&Vm> {
         match &self.job {
             Job::Snapshot { vm, .. } => Some(vm),
-            Job::Restore { .. } | Job::SwapOut(_) | Job::SwapIn(_) => None,
+            Job::Restore { .. } | Job::SwapOut(_) | Job::SwapIn(_) | Job::VhostUserAdd(_) => None,
         }
     }
 
@@ -235,6 +239,9 @@ impl Vmm {
                     log::error!("vmm.nv-regions: cannot start its thread: {e}");
                 }
                 None
+            }
+            request @ (ApiRequest::VmAddDisk(_) | ApiRequest::VmAddNet(..)) => {
+                self.start_vhost_user_add(ApiMessage { request, reply })
             }
             request => Some(ApiMessage { request, reply }),
         }
@@ -418,6 +425,22 @@ impl Vmm {
                 log::info!("vm.nv-swap-in finished in {took} ms");
                 self.finish_swap_in(outcome)
             }
+            Job::VhostUserAdd(job) => {
+                let Ok(connected) = job.result.try_recv() else {
+                    self.long_operation = Some(LongOperation {
+                        request,
+                        started,
+                        reply,
+                        job: Job::VhostUserAdd(job),
+                    });
+                    return None;
+                };
+                log::info!(
+                    "{}: the vhost-user backend answered in {took} ms",
+                    request.path()
+                );
+                self.finish_vhost_user_add(request, job, connected)
+            }
         };
         let _ = reply.send(answer);
         None
@@ -440,6 +463,7 @@ impl Vmm {
                     " (the VM's state is committed: it is resident, or swapped \
                                     out with a complete file)",
                 Job::Restore { .. } | Job::SwapIn(_) => "",
+                Job::VhostUserAdd(_) => " (the device was not added)",
             }
         );
         let _ = operation.reply.send(Err(ApiError::new(

@@ -435,8 +435,7 @@ fn listen(socket: &Path) -> Result<UnixListener> {
         std::fs::remove_file(socket).map_err(io_error("cannot remove the old socket"))?;
     }
     let listener = UnixListener::bind(socket).map_err(io_error("cannot listen"))?;
-    listener
-        .set_nonblocking(true)
+    super::set_non_blocking(&listener, true)
         .map_err(io_error("cannot make the socket non-blocking"))?;
     Ok(listener)
 }

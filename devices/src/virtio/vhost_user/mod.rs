@@ -16,6 +16,7 @@ mod frontend;
 mod fs;
 mod net;
 
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -164,13 +165,34 @@ pub(crate) fn accept(listener: &UnixListener, socket: &Path, timeout: Duration) 
             }
         }
     };
-    let blocking = stream.set_nonblocking(false);
+    let blocking = set_non_blocking(&stream, false);
     blocking.map_err(|source| Error::VhostUserIo {
         socket: socket.to_owned(),
         what: "cannot make the connection blocking".to_owned(),
         source,
     })?;
     open_session(socket, stream)
+}
+
+/// Sets or clears O_NONBLOCK with fcntl: the VMM thread's seccomp filter has no FIONBIO ioctl,
+/// which std's `set_nonblocking` uses (a hotplug in server mode listens and accepts under it).
+pub(crate) fn set_non_blocking(socket: &impl AsRawFd, non_blocking: bool) -> std::io::Result<()> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: F_GETFL only reads the status flags of a descriptor the caller holds open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let flags = if non_blocking {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: F_SETFL only sets the status flags of the same open descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Opens the session on a connected `stream`: SET_OWNER, GET_FEATURES and the protocol

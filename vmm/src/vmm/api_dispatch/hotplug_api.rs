@@ -12,11 +12,17 @@
 //! cannot diverge; without a built VM, `vm_config` is the only one.
 
 use std::os::unix::io::{AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 
 use crate::api::lifecycle::{check_state, Operation, StateRefusal};
-use crate::api::{ApiError, PciDeviceInfo, VmState as ApiVmState};
+use crate::api::{
+    ApiError, ApiMessage, ApiRequest, ApiResponse, PciDeviceInfo, VmState as ApiVmState,
+};
 use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig};
+use crate::device_manager::{HotplugKind, PendingVhostUser, VhostUserBackend};
 use crate::vm::remove_devices_from_config;
+use crate::vmm::long_operation::{spawn_worker, Job};
 use crate::{nv, Error};
 
 use super::{api_error, Answer, Vmm};
@@ -62,6 +68,13 @@ impl AddedDevice {
     }
 }
 
+/// A vhost-user `vm.add-disk` / `vm.add-net` whose worker connects to the backend.
+pub(in crate::vmm) struct VhostUserAddJob {
+    /// Shared with the worker until it returns.
+    pending: Arc<PendingVhostUser>,
+    pub result: Receiver<Result<VhostUserBackend, Error>>,
+}
+
 /// The disk and net ids `config` names.
 fn config_ids(config: &VmConfig) -> impl Iterator<Item = &str> {
     let disks = config
@@ -77,43 +90,10 @@ fn config_ids(config: &VmConfig) -> impl Iterator<Item = &str> {
 impl Vmm {
     pub(super) fn api_add_device(&mut self, mut device: AddedDevice) -> Answer {
         let operation = device.operation();
-        if let Err(error) = check_state(operation, self.api_state()) {
-            return Answer::error(error);
-        }
-        let Some(config) = self.vm_config.as_ref() else {
-            return Answer::error(ApiError::refused(operation, StateRefusal::NotCreated));
+        let changed = match self.admit_device(&mut device) {
+            Ok(changed) => changed,
+            Err(error) => return Answer::error(error),
         };
-        // As upstream: the change is validated on a copy of the config first.
-        if let Some(id) = device.id() {
-            if config_ids(config).any(|used| used == id) {
-                return Answer::error(api_error(
-                    operation,
-                    Error::DuplicateDeviceId(id.to_owned()),
-                ));
-            }
-        }
-        if let AddedDevice::Net(net, files) = &mut device {
-            if files.is_empty() && net.fds.is_some() {
-                // Numbers in the body name descriptors of the client's process.
-                return Answer::error(ApiError::failed(
-                    400,
-                    operation,
-                    &Error::Device(
-                        "fds: no descriptor came with the request; send the taps with it \
-                         (SCM_RIGHTS), as ch-remote add-net fd= does, or name the tap with tap="
-                            .to_owned(),
-                    ),
-                ));
-            }
-            if !files.is_empty() {
-                net.fds = Some(files.iter().map(AsRawFd::as_raw_fd).collect());
-            }
-        }
-        let mut changed = config.clone();
-        device.add_to(&mut changed);
-        if let Err(error) = changed.validate() {
-            return Answer::error(ApiError::failed(400, operation, &error));
-        }
         let booted = matches!(
             self.api_state(),
             Some(ApiVmState::Running | ApiVmState::Paused)
@@ -162,6 +142,153 @@ impl Vmm {
             }
             Err(e) => Answer::error(api_error(operation, e)),
         }
+    }
+
+    /// What an add request must pass before anything changes: the VM's state, a config to add
+    /// to, an id not in use, its taps' descriptors, and the config with the device validated
+    /// (as upstream, on a copy). Returns that copy.
+    fn admit_device(&self, device: &mut AddedDevice) -> Result<VmConfig, ApiError> {
+        let operation = device.operation();
+        check_state(operation, self.api_state())?;
+        let Some(config) = self.vm_config.as_ref() else {
+            return Err(ApiError::refused(operation, StateRefusal::NotCreated));
+        };
+        if let Some(id) = device.id() {
+            if config_ids(config).any(|used| used == id) {
+                return Err(api_error(
+                    operation,
+                    Error::DuplicateDeviceId(id.to_owned()),
+                ));
+            }
+        }
+        if let AddedDevice::Net(net, files) = device {
+            if files.is_empty() && net.fds.is_some() {
+                // Numbers in the body name descriptors of the client's process.
+                return Err(ApiError::failed(
+                    400,
+                    operation,
+                    &Error::Device(
+                        "fds: no descriptor came with the request; send the taps with it \
+                         (SCM_RIGHTS), as ch-remote add-net fd= does, or name the tap with tap="
+                            .to_owned(),
+                    ),
+                ));
+            }
+            if !files.is_empty() {
+                net.fds = Some(files.iter().map(AsRawFd::as_raw_fd).collect());
+            }
+        }
+        let mut changed = config.clone();
+        device.add_to(&mut changed);
+        changed
+            .validate()
+            .map_err(|error| ApiError::failed(400, operation, &error))?;
+        Ok(changed)
+    }
+
+    /// `vm.add-disk` / `vm.add-net` of a vhost-user device on a booted VM: its backend is
+    /// connected by a worker thread (the wait for it lasts up to 10 s, and the control loop must
+    /// stay free for a power-fail save meanwhile), and the device is plugged on the control loop
+    /// once it is connected ([`Self::finish_vhost_user_add`]). Gives back any other request.
+    pub(in crate::vmm) fn start_vhost_user_add(
+        &mut self,
+        message: ApiMessage,
+    ) -> Option<ApiMessage> {
+        let vhost_user = match &message.request {
+            ApiRequest::VmAddDisk(disk) => disk.vhost_user,
+            ApiRequest::VmAddNet(net, _) => net.vhost_user,
+            _ => false,
+        };
+        let booted = matches!(
+            self.api_state(),
+            Some(ApiVmState::Running | ApiVmState::Paused)
+        );
+        if !vhost_user || !booted || self.vm.is_none() {
+            return Some(message);
+        }
+        let ApiMessage { request, reply } = message;
+        let (mut device, kind) = match request {
+            ApiRequest::VmAddDisk(disk) => {
+                let kind = HotplugKind::Disk((*disk).clone());
+                (AddedDevice::Disk(disk), kind)
+            }
+            ApiRequest::VmAddNet(net, files) => {
+                let kind = HotplugKind::Net((*net).clone());
+                (AddedDevice::Net(net, files), kind)
+            }
+            request => return Some(ApiMessage { request, reply }),
+        };
+        let operation = device.operation();
+        if let Err(error) = self.admit_device(&mut device) {
+            let _ = reply.send(Err(error));
+            return None;
+        }
+        let Some(vm) = self.vm.as_ref() else {
+            let _ = reply.send(Err(ApiError::refused(operation, StateRefusal::NotRunning)));
+            return None;
+        };
+        let pending = match vm.prepare_vhost_user(&kind) {
+            Ok(pending) => Arc::new(pending),
+            Err(e) => {
+                let _ = reply.send(Err(api_error(operation, e)));
+                return None;
+            }
+        };
+        let connecting = Arc::clone(&pending);
+        let spawned = spawn_worker("vhost-user-connect", &self.long_operation_done, move || {
+            connecting.connect()
+        });
+        match spawned {
+            Ok(result) => {
+                log::info!(
+                    "{}: connecting to the vhost-user backend at {} on a worker thread",
+                    operation.path(),
+                    pending.socket()
+                );
+                self.begin_long_operation(
+                    operation,
+                    reply,
+                    Job::VhostUserAdd(VhostUserAddJob { pending, result }),
+                );
+            }
+            Err(e) => {
+                let _ = reply.send(Err(api_error(operation, e)));
+            }
+        }
+        None
+    }
+
+    /// The worker connected (or gave up): the device is plugged on its session and the config
+    /// adopted, or the failure answered.
+    pub(in crate::vmm) fn finish_vhost_user_add(
+        &mut self,
+        operation: Operation,
+        job: VhostUserAddJob,
+        connected: Result<VhostUserBackend, Error>,
+    ) -> ApiResponse {
+        let backend = connected.map_err(|e| api_error(operation, e))?;
+        // The worker has dropped its share by now (it reports after returning).
+        let pending = Arc::try_unwrap(job.pending).map_err(|_| {
+            ApiError::internal("the vhost-user connection worker still holds the device")
+        })?;
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ApiError::refused(operation, StateRefusal::NotRunning));
+        };
+        let (kind, bdf) = vm
+            .add_vhost_user(pending, backend)
+            .map_err(|e| api_error(operation, e))?;
+        let id = match &kind {
+            HotplugKind::Disk(disk) => disk.id.clone(),
+            HotplugKind::Net(net) => net.id.clone(),
+            HotplugKind::Fs(fs) => fs.id.clone(),
+        };
+        self.adopt_vm_config();
+        serde_json::to_value(PciDeviceInfo {
+            id: id.unwrap_or_default(),
+            bdf: bdf.to_string(),
+        })
+        .map(Some)
+        .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))
     }
 
     pub(super) fn api_remove_device(&mut self, id: &str) -> Answer {
