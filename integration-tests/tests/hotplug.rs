@@ -1000,5 +1000,34 @@ fn a_power_failure_during_a_vhost_user_hotplug_wait_is_saved_at_once() {
             .is_none_or(|nets| nets.is_empty()),
         "{body}"
     );
-    again.kill();
+
+    // SIGPWR while vm.add-fs waits for a virtiofsd at a socket nobody serves.
+    let adding = start_request(
+        &recover_socket,
+        "vm.add-fs",
+        format!(
+            "{{\"tag\":\"late\",\"socket\":\"{}\",\"num_queues\":1,\"queue_size\":1024,\
+             \"id\":\"late2\"}}",
+            absent.display()
+        ),
+    );
+    again.wait_stderr("the wait for virtiofsd", |log| {
+        log.contains("not there yet")
+    });
+    let signalled = std::time::Instant::now();
+    again.signal(libc::SIGPWR);
+    let before = assert_saved_at_once(&mut again, signalled, adding, "SIGPWR (vm.add-fs)");
+
+    let mut third = recover("recovered-third");
+    wait_counter_continues(&mut third, before);
+    let (status, body) = api(&recover_socket, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        info["config"]["fs"]
+            .as_array()
+            .is_none_or(|fs| fs.is_empty()),
+        "{body}"
+    );
+    third.kill();
 }

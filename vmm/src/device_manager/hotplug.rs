@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::{BarKind, PciBdf, PciConfiguration, PciDevice, PciHeader};
 use devices::virtio::{
-    msix_vector_count, Tap, VhostUserBlkLink, VhostUserNetLink, VirtioDevice, VirtioPciDevice,
-    VirtioPciState, VirtioTransport,
+    msix_vector_count, Tap, VhostUserBlkLink, VhostUserFsLink, VhostUserNetLink, VirtioDevice,
+    VirtioPciDevice, VirtioPciState, VirtioTransport,
 };
 use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,7 @@ pub enum HotplugKind {
     Fs(FsConfig),
 }
 
-/// A vhost-user disk or net device being hotplugged, named ([`DeviceManager::prepare_vhost_user`])
+/// A vhost-user disk, net or virtio-fs device being hotplugged, named ([`DeviceManager::prepare_vhost_user`])
 /// but not connected yet. Its connection waits for the backend (up to
 /// `devices::virtio::VHOST_USER_CONNECT_TIMEOUT`, then each reply's timeout): that runs on a
 /// worker thread, so the control loop stays free for a power-fail save meanwhile.
@@ -60,6 +60,7 @@ pub struct PendingVhostUser {
 pub enum VhostUserBackend {
     Disk(VhostUserBlkLink),
     Net(VhostUserNetLink),
+    Fs(VhostUserFsLink),
 }
 
 impl PendingVhostUser {
@@ -71,9 +72,10 @@ impl PendingVhostUser {
                 connect_vhost_user_disk(config).map(VhostUserBackend::Disk)
             }
             HotplugKind::Net(config) => connect_vhost_user_net(config).map(VhostUserBackend::Net),
-            HotplugKind::Fs(_) => Err(Error::Device(
-                "a virtio-fs device is not connected here".to_owned(),
-            )),
+            HotplugKind::Fs(config) => {
+                connect_virtio_fs(config.id.as_deref().unwrap_or_default(), config)
+                    .map(VhostUserBackend::Fs)
+            }
         }
     }
 
@@ -453,8 +455,9 @@ impl DeviceManager {
         Ok(config)
     }
 
-    /// The first step of a vhost-user disk's or net's hotplug, on the control loop: its config
-    /// as [`Self::hotplug_disk`] and [`Self::hotplug_net`] name it. The connection
+    /// The first step of a vhost-user disk's, net's or virtio-fs device's hotplug, on the
+    /// control loop: its config as [`Self::hotplug_disk`], [`Self::hotplug_net`] and
+    /// [`Self::hotplug_fs`] name it. The connection
     /// ([`PendingVhostUser::connect`]) then runs on a worker thread, and
     /// [`Self::plug_vhost_user`] puts the device on the segment.
     pub fn prepare_vhost_user(&self, kind: &HotplugKind) -> Result<PendingVhostUser, Error> {
@@ -465,9 +468,10 @@ impl DeviceManager {
             HotplugKind::Net(config) if config.vhost_user => {
                 HotplugKind::Net(self.named_net(config)?)
             }
+            HotplugKind::Fs(config) => HotplugKind::Fs(self.named_fs(config)?),
             _ => {
                 return Err(Error::Device(
-                    "not a vhost-user disk or net device".to_owned(),
+                    "not a vhost-user disk, net or virtio-fs device".to_owned(),
                 ))
             }
         };
@@ -488,11 +492,16 @@ impl DeviceManager {
 
     /// Hotplugs a virtio-fs device, connected to its virtiofsd now (as for `--fs`).
     pub fn hotplug_fs(&self, config: &FsConfig) -> Result<(FsConfig, PciBdf), Error> {
-        let mut config = config.clone();
-        let id = self.new_device_id(config.id.as_deref(), "_fs")?;
-        config.id = Some(id);
+        let config = self.named_fs(config)?;
         let (bdf, _) = self.plug(HotplugKind::Fs(config.clone()), None)?;
         Ok((config, bdf))
+    }
+
+    /// `config` with its id, given or generated.
+    fn named_fs(&self, config: &FsConfig) -> Result<FsConfig, Error> {
+        let mut config = config.clone();
+        config.id = Some(self.new_device_id(config.id.as_deref(), "_fs")?);
+        Ok(config)
     }
 
     /// The disks given at boot the guest has not ejected.
@@ -719,7 +728,10 @@ impl DeviceManager {
                 }
                 HotplugKind::Fs(config) => {
                     let id = config.id.clone().unwrap_or_default();
-                    let link = connect_virtio_fs(&id, config)?;
+                    let link = match backend.take() {
+                        Some(VhostUserBackend::Fs(link)) => link,
+                        _ => connect_virtio_fs(&id, config)?,
+                    };
                     (
                         id,
                         format!("virtio-fs tag {} ({})", config.tag, config.socket),

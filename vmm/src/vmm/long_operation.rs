@@ -240,9 +240,9 @@ impl Vmm {
                 }
                 None
             }
-            request @ (ApiRequest::VmAddDisk(_) | ApiRequest::VmAddNet(..)) => {
-                self.start_vhost_user_add(ApiMessage { request, reply })
-            }
+            request @ (ApiRequest::VmAddDisk(_)
+            | ApiRequest::VmAddNet(..)
+            | ApiRequest::VmAddFs(_)) => self.start_vhost_user_add(ApiMessage { request, reply }),
             request => Some(ApiMessage { request, reply }),
         }
     }

@@ -186,7 +186,7 @@ impl Vmm {
         Ok(changed)
     }
 
-    /// `vm.add-disk` / `vm.add-net` of a vhost-user device on a booted VM: its backend is
+    /// `vm.add-disk` / `vm.add-net` of a vhost-user device, or `vm.add-fs`, on a booted VM: its backend is
     /// connected by a worker thread (the wait for it lasts up to 10 s, and the control loop must
     /// stay free for a power-fail save meanwhile), and the device is plugged on the control loop
     /// once it is connected ([`Self::finish_vhost_user_add`]). Gives back any other request.
@@ -197,6 +197,8 @@ impl Vmm {
         let vhost_user = match &message.request {
             ApiRequest::VmAddDisk(disk) => disk.vhost_user,
             ApiRequest::VmAddNet(net, _) => net.vhost_user,
+            // virtiofsd is always a vhost-user backend.
+            ApiRequest::VmAddFs(_) => true,
             _ => false,
         };
         let booted = matches!(
@@ -215,6 +217,10 @@ impl Vmm {
             ApiRequest::VmAddNet(net, files) => {
                 let kind = HotplugKind::Net((*net).clone());
                 (AddedDevice::Net(net, files), kind)
+            }
+            ApiRequest::VmAddFs(fs) => {
+                let kind = HotplugKind::Fs((*fs).clone());
+                (AddedDevice::Fs(fs), kind)
             }
             request => return Some(ApiMessage { request, reply }),
         };
