@@ -236,7 +236,9 @@ impl CheckpointArea {
         data: &[u8],
     ) -> Result<()> {
         let count = targets.len() as u64;
-        debug_assert!(first_index + count <= self.capacity && data.len() as u64 == count * PAGE_SIZE);
+        debug_assert!(
+            first_index + count <= self.capacity && data.len() as u64 == count * PAGE_SIZE
+        );
         let data_offset = self.data_offset(first_index);
         store.write(data_offset, data)?;
         store.persist(data_offset, count * PAGE_SIZE)?;

@@ -1194,11 +1194,14 @@ mod tests {
         }
     }
 
-    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records.
+    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records. With
+    /// `block` > 1 it records the faulting page's whole aligned block of `block` pages and
+    /// lifts it in one run.
     struct RecordingSink {
         base: usize,
         records: Records,
         hold: usize,
+        block: usize,
     }
 
     impl FirstWriteSink for RecordingSink {
@@ -1211,10 +1214,22 @@ mod tests {
                     reason: "full".into(),
                 };
             }
-            // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
-            let old = unsafe { std::ptr::read_volatile((self.base + offset + 7) as *const u8) };
-            self.records.lock().unwrap().push((offset / PAGE_SIZE, old));
-            FirstWrite::Lift
+            let block_bytes = self.block * PAGE_SIZE;
+            let start = if self.block > 1 {
+                offset - offset % block_bytes
+            } else {
+                offset
+            };
+            for page in (start..start + block_bytes.max(PAGE_SIZE)).step_by(PAGE_SIZE) {
+                // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
+                let old = unsafe { std::ptr::read_volatile((self.base + page + 7) as *const u8) };
+                self.records.lock().unwrap().push((page / PAGE_SIZE, old));
+            }
+            if self.block > 1 {
+                FirstWrite::LiftRuns(vec![(start, block_bytes)])
+            } else {
+                FirstWrite::Lift
+            }
         }
     }
 
@@ -1224,6 +1239,18 @@ mod tests {
     fn tracker_over(
         memory: &SharedTmpfs,
         hold: usize,
+    ) -> (
+        WriteTracker<RecordingSink>,
+        Records,
+        vmm_sys_util::eventfd::EventFd,
+    ) {
+        tracker_with_block(memory, hold, 1)
+    }
+
+    fn tracker_with_block(
+        memory: &SharedTmpfs,
+        hold: usize,
+        block: usize,
     ) -> (
         WriteTracker<RecordingSink>,
         Records,
@@ -1240,6 +1267,7 @@ mod tests {
                 base: memory.address as usize,
                 records: std::sync::Arc::clone(&records),
                 hold,
+                block,
             },
             attention.try_clone().unwrap(),
             SeccompMode::Enforce,
@@ -1272,6 +1300,82 @@ mod tests {
         );
         assert_eq!(tracker.lifted_pages(), 4);
         assert_eq!((memory.read(3), memory.read(1)), (3, 4));
+    }
+
+    /// Protecting again touches only what the epoch lifted (all of memory the first time),
+    /// and afterwards every page's next write is recorded again: the lifted page because it is
+    /// protected again, the others because they never stopped being protected.
+    #[test]
+    fn protecting_the_lifted_pages_again_makes_every_page_fault_again() {
+        let memory = SharedTmpfs::new(8);
+        for page in 0..8 {
+            memory.write(page, page as u8 + 10);
+        }
+        let (tracker, records, _) = tracker_over(&memory, 0);
+        assert_eq!(
+            tracker.lock_epoch().protect_lifted().unwrap(),
+            8 * PAGE_SIZE
+        );
+        memory.write(3, 1);
+        memory.write(4, 2);
+        assert_eq!(
+            tracker.lock_epoch().protect_lifted().unwrap(),
+            2 * PAGE_SIZE
+        );
+        memory.write(3, 5);
+        memory.write(6, 6);
+        memory.write(4, 7);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(3, 13), (4, 14), (3, 1), (6, 16), (4, 2)]
+        );
+        assert_eq!(
+            tracker.lock_epoch().protect_lifted().unwrap(),
+            3 * PAGE_SIZE
+        );
+        assert_eq!(tracker.lock_epoch().protect_lifted().unwrap(), 0);
+        let stats = tracker.stats();
+        assert_eq!((stats.faults, stats.lifted_pages), (5, 5));
+    }
+
+    /// A block lifted on one fault lets the writes to its other pages through without a fault
+    /// in that epoch, and is protected again as a whole at the next one.
+    #[test]
+    fn a_block_lifted_on_one_fault_is_protected_again_at_the_next_epoch() {
+        let memory = SharedTmpfs::new(8);
+        for page in 0..8 {
+            memory.write(page, page as u8 + 10);
+        }
+        let (tracker, records, _) = tracker_with_block(&memory, 0, 4);
+        tracker.lock_epoch().protect_lifted().unwrap();
+        memory.write(5, 1);
+        memory.write(6, 2);
+        memory.write(4, 3);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(4, 14), (5, 15), (6, 16), (7, 17)]
+        );
+        assert_eq!(
+            tracker.lock_epoch().protect_lifted().unwrap(),
+            4 * PAGE_SIZE
+        );
+        memory.write(7, 4);
+        memory.write(1, 5);
+        assert_eq!(
+            records.lock().unwrap()[4..],
+            [
+                (4, 3),
+                (5, 1),
+                (6, 2),
+                (7, 17),
+                (0, 10),
+                (1, 11),
+                (2, 12),
+                (3, 13)
+            ]
+        );
+        let stats = tracker.stats();
+        assert_eq!((stats.faults, stats.lifted_pages), (3, 12));
     }
 
     /// A held page keeps its writer blocked and raises attention; `retry_held` records it

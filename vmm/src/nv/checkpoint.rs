@@ -35,7 +35,7 @@ const PAGE_BYTES: usize = 4096;
 /// Pages logged (and lifted) per write fault: the faulting page's aligned block of this many
 /// pages, those not logged yet in the epoch (`UndoLog::record_undo_block`). Chosen by
 /// measurement with nv-bench `checkpoint` (docs/checkpoints.md, "Costs").
-const BLOCK_PAGES: u64 = 1;
+const BLOCK_PAGES: u64 = 64;
 
 /// Overrides [`BLOCK_PAGES`] for measurements (a power of two, 1 ..= 512).
 const BLOCK_PAGES_VARIABLE: &str = "NV_CHECKPOINT_BLOCK_PAGES";
