@@ -1276,14 +1276,25 @@ mod tests {
         (tracker, records, attention)
     }
 
-    /// The first write to a page per epoch reaches the sink while the page still holds the
-    /// epoch's content, once; protecting again starts a new epoch.
-    #[test]
-    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+    /// Protects again what the epoch lifted; returns how many pages that was.
+    fn protect_lifted_pages(tracker: &WriteTracker<RecordingSink>) -> usize {
+        tracker.lock_epoch().protect_lifted().unwrap() / PAGE_SIZE
+    }
+
+    /// 8 shared pages, byte 7 of page `i` holding `i + 10`.
+    fn numbered_memory() -> SharedTmpfs {
         let memory = SharedTmpfs::new(8);
         for page in 0..8 {
             memory.write(page, page as u8 + 10);
         }
+        memory
+    }
+
+    /// The first write to a page per epoch reaches the sink while the page still holds the
+    /// epoch's content, once; protecting again starts a new epoch.
+    #[test]
+    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+        let memory = numbered_memory();
         let (tracker, records, _) = tracker_over(&memory, 0);
         memory.write(1, 99); // not protected yet: not recorded
         tracker.lock_epoch().protect_all().unwrap();
@@ -1307,21 +1318,12 @@ mod tests {
     /// protected again, the others because they never stopped being protected.
     #[test]
     fn protecting_the_lifted_pages_again_makes_every_page_fault_again() {
-        let memory = SharedTmpfs::new(8);
-        for page in 0..8 {
-            memory.write(page, page as u8 + 10);
-        }
+        let memory = numbered_memory();
         let (tracker, records, _) = tracker_over(&memory, 0);
-        assert_eq!(
-            tracker.lock_epoch().protect_lifted().unwrap(),
-            8 * PAGE_SIZE
-        );
+        assert_eq!(protect_lifted_pages(&tracker), 8);
         memory.write(3, 1);
         memory.write(4, 2);
-        assert_eq!(
-            tracker.lock_epoch().protect_lifted().unwrap(),
-            2 * PAGE_SIZE
-        );
+        assert_eq!(protect_lifted_pages(&tracker), 2);
         memory.write(3, 5);
         memory.write(6, 6);
         memory.write(4, 7);
@@ -1329,11 +1331,8 @@ mod tests {
             *records.lock().unwrap(),
             [(3, 13), (4, 14), (3, 1), (6, 16), (4, 2)]
         );
-        assert_eq!(
-            tracker.lock_epoch().protect_lifted().unwrap(),
-            3 * PAGE_SIZE
-        );
-        assert_eq!(tracker.lock_epoch().protect_lifted().unwrap(), 0);
+        assert_eq!(protect_lifted_pages(&tracker), 3);
+        assert_eq!(protect_lifted_pages(&tracker), 0);
         let stats = tracker.stats();
         assert_eq!((stats.faults, stats.lifted_pages), (5, 5));
     }
@@ -1342,12 +1341,9 @@ mod tests {
     /// in that epoch, and is protected again as a whole at the next one.
     #[test]
     fn a_block_lifted_on_one_fault_is_protected_again_at_the_next_epoch() {
-        let memory = SharedTmpfs::new(8);
-        for page in 0..8 {
-            memory.write(page, page as u8 + 10);
-        }
+        let memory = numbered_memory();
         let (tracker, records, _) = tracker_with_block(&memory, 0, 4);
-        tracker.lock_epoch().protect_lifted().unwrap();
+        assert_eq!(protect_lifted_pages(&tracker), 8);
         memory.write(5, 1);
         memory.write(6, 2);
         memory.write(4, 3);
@@ -1355,10 +1351,7 @@ mod tests {
             *records.lock().unwrap(),
             [(4, 14), (5, 15), (6, 16), (7, 17)]
         );
-        assert_eq!(
-            tracker.lock_epoch().protect_lifted().unwrap(),
-            4 * PAGE_SIZE
-        );
+        assert_eq!(protect_lifted_pages(&tracker), 4);
         memory.write(7, 4);
         memory.write(1, 5);
         assert_eq!(
