@@ -565,7 +565,7 @@ mod tests {
     use super::*;
     use crate::persistence::memory::MemoryBackend;
     use crate::region::OpenOptions;
-    use crate::undo_log::UndoRecord;
+    use crate::undo_log::{UndoBlock, UndoRecord};
     use crate::vm_table::RunKind;
     use crate::NvHost;
     use std::path::Path;
@@ -843,6 +843,55 @@ mod tests {
         );
         assert!(log.record_undo(PAGES * PAGE_SIZE).is_err());
         assert!(log.record_undo(1).is_err());
+    }
+
+    /// A block logs the faulting page and the block's pages not logged yet, as far as the log
+    /// has room (the faulting page first), and recovery restores every one of them.
+    #[test]
+    fn a_block_logs_its_unlogged_pages_as_far_as_the_log_has_room() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        assert_eq!(
+            log.record_undo_block(2 * PAGE_SIZE, 4).unwrap(),
+            UndoBlock {
+                record: UndoRecord::NotArmed,
+                logged: Vec::new()
+            }
+        );
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        let capacity = log.capacity_pages();
+        assert!((4..PAGES).contains(&capacity), "{capacity}");
+        guest_write(&handle, &log, 1, 0x11);
+        let block = log.record_undo_block(2 * PAGE_SIZE, 4).unwrap();
+        assert_eq!(block.record, UndoRecord::Recorded);
+        assert_eq!(block.logged, [0, 2 * PAGE_SIZE, 3 * PAGE_SIZE]);
+        assert_eq!(
+            log.record_undo_block(3 * PAGE_SIZE, 4).unwrap().record,
+            UndoRecord::AlreadyRecorded
+        );
+        assert_eq!(log.status().pages, 4);
+        // The next epoch: with one free entry a block logs only its faulting page.
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        let at_epoch = memory(&handle);
+        for page in 1 + PAGES - capacity..PAGES {
+            guest_write(&handle, &log, page, 0x40 + page as u8);
+        }
+        assert_eq!(log.status().pages + 1, capacity);
+        let last = log.record_undo_block(PAGE_SIZE, 4).unwrap();
+        assert_eq!(last.logged, [PAGE_SIZE]);
+        assert!(matches!(
+            log.record_undo_block(0, 4),
+            Err(Error::UndoLogFull { .. })
+        ));
+        for written in [1, 5, 6, 7] {
+            let mut shared = handle.region().lock();
+            let at = handle.memory_region_offset() + written * PAGE_SIZE;
+            shared.store.write(at, &[0xee; 64]).unwrap();
+        }
+        let (_crashed, recovered_handle) = crash(&region);
+        recovered_handle.recover().unwrap();
+        assert_eq!(memory(&recovered_handle), at_epoch);
     }
 
     #[test]

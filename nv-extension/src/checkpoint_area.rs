@@ -219,27 +219,53 @@ impl CheckpointArea {
         target: u64,
         data: &[u8],
     ) -> Result<()> {
-        debug_assert!(index < self.capacity && data.len() as u64 == PAGE_SIZE);
-        let data_offset = self.data_offset(index);
+        self.write_entries(store, index, epoch, &[target], data)
+    }
+
+    /// Writes undo entries `first_index ..` of epoch `epoch`, one per page of `targets`, whose
+    /// content is the matching 4 KiB of `data`: all data durable (one persist), then all the
+    /// headers that vouch for it durable (one persist), before returning. A crash in between
+    /// leaves entries whose header fails its checksum or names another epoch: skipped, and
+    /// their pages were never released to the guest.
+    pub fn write_entries(
+        &self,
+        store: &mut dyn Persistence,
+        first_index: u64,
+        epoch: u64,
+        targets: &[u64],
+        data: &[u8],
+    ) -> Result<()> {
+        let count = targets.len() as u64;
+        debug_assert!(
+            first_index + count <= self.capacity && data.len() as u64 == count * PAGE_SIZE
+        );
+        let data_offset = self.data_offset(first_index);
         store.write(data_offset, data)?;
-        store.persist(data_offset, PAGE_SIZE)?;
+        store.persist(data_offset, count * PAGE_SIZE)?;
         fault_injection::reached(FaultPoint::Checkpoint("ckpt-undo-data"));
-        let mut header = UndoHeader {
-            magic: UNDO_MAGIC,
-            epoch: epoch.into(),
-            target: target.into(),
-            index: (index as u32).into(),
-            kind: UNDO_KIND_GUEST_PAGE.into(),
-            vm_uuid: self.vm_uuid.0,
-            data_len: (PAGE_SIZE as u32).into(),
-            data_crc: crc32c::crc32c(data).into(),
-            format: CHECKPOINT_FORMAT.into(),
-            crc: U32::ZERO,
-        };
-        header.crc = trailing_crc_of(&header).into();
-        let header_offset = self.header_offset(index);
-        store.write(header_offset, header.as_bytes())?;
-        store.persist(header_offset, UNDO_HEADER_LEN as u64)
+        let mut headers = Vec::with_capacity(targets.len() * UNDO_HEADER_LEN);
+        for ((index, &target), page) in (first_index..)
+            .zip(targets)
+            .zip(data.chunks_exact(PAGE_SIZE as usize))
+        {
+            let mut header = UndoHeader {
+                magic: UNDO_MAGIC,
+                epoch: epoch.into(),
+                target: target.into(),
+                index: (index as u32).into(),
+                kind: UNDO_KIND_GUEST_PAGE.into(),
+                vm_uuid: self.vm_uuid.0,
+                data_len: (PAGE_SIZE as u32).into(),
+                data_crc: crc32c::crc32c(page).into(),
+                format: CHECKPOINT_FORMAT.into(),
+                crc: U32::ZERO,
+            };
+            header.crc = trailing_crc_of(&header).into();
+            headers.extend_from_slice(header.as_bytes());
+        }
+        let header_offset = self.header_offset(first_index);
+        store.write(header_offset, &headers)?;
+        store.persist(header_offset, headers.len() as u64)
     }
 
     /// The entries of epoch `epoch` whose header and data check out, as (index, guest offset),

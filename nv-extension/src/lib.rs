@@ -50,6 +50,6 @@ pub use swap::{
     inspect_swap_file, SwapFileSummary, SwapInReport, SwapOutReport, SwapProgress, SwapRecord,
     SWAP_FAULT_POINTS,
 };
-pub use undo_log::{UndoLog, UndoLogStatus, UndoRecord};
+pub use undo_log::{UndoBlock, UndoLog, UndoLogStatus, UndoRecord};
 pub use vm_handle::{MemoryBacking, RecoveredVm, VmHandle};
 pub use vm_table::{RunKind, RunRecord, ShutdownKind, StopCause};

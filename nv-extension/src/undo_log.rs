@@ -26,6 +26,16 @@ pub enum UndoRecord {
     NotArmed,
 }
 
+/// What [`UndoLog::record_undo_block`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndoBlock {
+    /// What happened to the faulting page.
+    pub record: UndoRecord,
+    /// The guest offsets logged by this call (the faulting page among them when `record` is
+    /// `Recorded`; empty otherwise), sorted.
+    pub logged: Vec<u64>,
+}
+
 /// Counters of the current epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UndoLogStatus {
@@ -54,6 +64,11 @@ impl LogState {
     fn bit(&self, page_offset: u64) -> (usize, u64) {
         let page = page_offset / PAGE_SIZE;
         ((page / 64) as usize, 1 << (page % 64))
+    }
+
+    fn is_logged(&self, page_offset: u64) -> bool {
+        let (word, mask) = self.bit(page_offset);
+        self.logged[word] & mask != 0
     }
 
     /// Starts logging against epoch `seq` (just committed) with an empty log.
@@ -131,6 +146,17 @@ impl UndoLog {
     /// `Err(UndoLogFull)`: the log holds its capacity; leave the page protected and the vCPU
     /// blocked, ask for a checkpoint (which starts a new, empty epoch), then call again.
     pub fn record_undo(&self, page_offset: u64) -> Result<UndoRecord> {
+        Ok(self.record_undo_block(page_offset, 1)?.record)
+    }
+
+    /// As [`UndoLog::record_undo`] for the page at `page_offset`, and with it every other page
+    /// of its aligned block of `block_pages` pages (a power of two) not yet logged in this
+    /// epoch, as far as the log has room (the faulting page first): one fault then pays for a
+    /// block the guest is about to write. The pages' data is made durable in one persist, then
+    /// their headers in one. The handler may lift the protection of exactly the pages in
+    /// [`UndoBlock::logged`] (sorted), and of no other: every page not logged in the epoch
+    /// must stay write-protected.
+    pub fn record_undo_block(&self, page_offset: u64, block_pages: u64) -> Result<UndoBlock> {
         let mut state = self.lock_state();
         if !page_offset.is_multiple_of(PAGE_SIZE) || page_offset >= state.memory_size {
             return Err(Error::InvalidCheckpointRequest(format!(
@@ -138,32 +164,56 @@ impl UndoLog {
                 state.memory_size
             )));
         }
-        let Some(epoch) = state.epoch else {
-            return Ok(UndoRecord::NotArmed);
+        let nothing = |record| UndoBlock {
+            record,
+            logged: Vec::new(),
         };
-        let (word, mask) = state.bit(page_offset);
-        if state.logged[word] & mask != 0 {
-            return Ok(UndoRecord::AlreadyRecorded);
+        let Some(epoch) = state.epoch else {
+            return Ok(nothing(UndoRecord::NotArmed));
+        };
+        if state.is_logged(page_offset) {
+            return Ok(nothing(UndoRecord::AlreadyRecorded));
         }
         let index = state.pages.len() as u64;
-        if index >= state.area.capacity {
+        let room = state.area.capacity.saturating_sub(index);
+        if room == 0 {
             return Err(Error::UndoLogFull {
                 capacity_pages: state.area.capacity,
             });
         }
+        let block_bytes = block_pages.max(1).next_power_of_two() * PAGE_SIZE;
+        let block_start = page_offset & !(block_bytes - 1);
+        let block_end = (block_start + block_bytes).min(state.memory_size);
+        let mut targets = vec![page_offset];
+        targets.extend(
+            (block_start..block_end)
+                .step_by(PAGE_SIZE as usize)
+                .filter(|&page| page != page_offset && !state.is_logged(page))
+                .take(room as usize - 1),
+        );
         {
             let mut shared = self.region.lock();
-            let mut page = vec![0u8; PAGE_SIZE as usize];
-            shared
-                .store
-                .read(state.memory.offset + page_offset, &mut page)?;
+            let mut data = vec![0u8; targets.len() * PAGE_SIZE as usize];
+            for (&target, page) in targets
+                .iter()
+                .zip(data.chunks_exact_mut(PAGE_SIZE as usize))
+            {
+                shared.store.read(state.memory.offset + target, page)?;
+            }
             state
                 .area
-                .write_entry(shared.store.as_mut(), index, epoch, page_offset, &page)?;
+                .write_entries(shared.store.as_mut(), index, epoch, &targets, &data)?;
         }
-        state.pages.push(page_offset);
-        state.logged[word] |= mask;
-        Ok(UndoRecord::Recorded)
+        for &target in &targets {
+            let (word, mask) = state.bit(target);
+            state.logged[word] |= mask;
+            state.pages.push(target);
+        }
+        targets.sort_unstable();
+        Ok(UndoBlock {
+            record: UndoRecord::Recorded,
+            logged: targets,
+        })
     }
 
     /// The current epoch and how full its log is.

@@ -1,8 +1,9 @@
 //! Crash injection over continuous checkpoints (issue 16, item 5).
 //!
-//! A VM runs under random operations: guest writes (each first write of a page in an epoch logs
-//! the page with `UndoLog::record_undo` first, as the VMM's write-fault handler does; an
-//! `UndoLogFull` forces an early checkpoint), checkpoints, recoveries in place (the VMM died,
+//! A VM runs under random operations: guest writes (a write to a page not writable in the epoch
+//! logs it with `UndoLog::record_undo_block` first, as the VMM's write-fault handler does, and
+//! then only the pages that call reports logged become writable until the next checkpoint; the
+//! block is 1, 2 or 4 pages by scenario; an `UndoLogFull` forces an early checkpoint), checkpoints, recoveries in place (the VMM died,
 //! the next one rolls back to the last epoch and runs on), and now and then a power-fail save
 //! and a restart, or a power-off and a cold boot. Every store and persist of the region and every guest store is recorded (see
 //! `common::crash_model`), the record is cut after every event, and each cut becomes crash
@@ -19,7 +20,8 @@ use std::time::Instant;
 
 use nv_extension::persistence::memory::MemoryBackend;
 use nv_extension::{
-    checkpoint_vm, save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind, UndoLog, VmHandle,
+    checkpoint_vm, save_vm, Error, OpenOptions, Region, RunKind, ShutdownKind, UndoLog, UndoRecord,
+    VmHandle,
 };
 
 mod common;
@@ -99,6 +101,11 @@ struct Vm {
     guest: GuestPort,
     /// What recovery must yield right now.
     committed: Outcome,
+    /// Pages the guest may write without a fault (bit per page): lifted in this epoch. A
+    /// checkpoint or a new run protects all of them again.
+    writable: u64,
+    /// Pages logged per fault (`record_undo_block`).
+    block_pages: u64,
 }
 
 impl Vm {
@@ -107,15 +114,22 @@ impl Vm {
             .read(self.handle.memory_region_offset(), (PAGES * PAGE) as usize)
     }
 
-    /// Writes `data` at `at` of guest page `page`, logging the page first as the fault handler
-    /// does; a full log gets an early checkpoint first, as the VMM's handler asks for one.
+    /// Writes `data` at `at` of guest page `page`; a page not writable faults first, as to the
+    /// VMM's handler: its block is logged and exactly the pages logged become writable. A full
+    /// log gets an early checkpoint first, as the VMM's handler asks for one.
     fn guest_write(&mut self, rng: &mut Rng, page: u64, at: u64, data: &[u8]) -> Vec<Op> {
         let mut early = Vec::new();
-        loop {
-            match self.log.record_undo(page * PAGE) {
-                Ok(_) => break,
+        while self.writable & (1 << page) == 0 {
+            match self.log.record_undo_block(page * PAGE, self.block_pages) {
+                Ok(block) if block.record == UndoRecord::Recorded => {
+                    assert!(block.logged.contains(&(page * PAGE)));
+                    for logged in block.logged {
+                        self.writable |= 1 << (logged / PAGE);
+                    }
+                }
+                Ok(_) => self.writable |= 1 << page,
                 Err(Error::UndoLogFull { .. }) => early.push(self.checkpoint(rng)),
-                Err(e) => panic!("record_undo: {e}"),
+                Err(e) => panic!("record_undo_block: {e}"),
             }
         }
         self.guest
@@ -129,6 +143,7 @@ impl Vm {
         let state = rng.blob(1, PAGE - 64);
         let report = checkpoint_vm(&self.handle, &mut BlobHost(state.clone()), &self.log)
             .expect("checkpoint");
+        self.writable = 0;
         self.committed = Outcome::Committed {
             seq: report.seq,
             kind: ShutdownKind::Checkpoint,
@@ -174,6 +189,8 @@ fn record(seed: u64) -> Trace {
         log,
         guest,
         committed: Outcome::Unsafe,
+        writable: 0,
+        block_pages: 1 << (seed % 3),
     };
     let mut ops = Vec::new();
     for _ in 0..OPS_PER_SCENARIO {
@@ -283,6 +300,7 @@ fn record(seed: u64) -> Trace {
 /// (`begin_run_checkpointed`: the save is epoch 1 of the new run, no unsafe window).
 fn restart(vm: &mut Vm, rng: &mut Rng, ops: &mut Vec<Op>, start: usize, kind: RunKind) {
     let before = vm.committed.clone();
+    vm.writable = 0;
     match (&before, kind == RunKind::Resume && rng.below(2) == 0) {
         (
             Outcome::Committed {

@@ -605,6 +605,9 @@ impl FaultServer {
 pub enum FirstWrite {
     /// The page's old content is durable (or nothing needs it): lift the protection.
     Lift,
+    /// The faulting page and its neighbours in these (offset, length) runs of the same range
+    /// are durable: lift their protection (the faulting page must be in one of them).
+    LiftRuns(Vec<(usize, usize)>),
     /// The page cannot be recorded now: keep its writer blocked and ask the control loop for
     /// attention (`full`: an early checkpoint makes room; otherwise checkpoints must stop). The
     /// page is recorded again by [`WriteTracker::retry_held`] or released by dropping the
@@ -640,6 +643,30 @@ struct TrackerShared<S> {
     failed: Option<String>,
     /// Pages lifted since the tracker started.
     lifted: u64,
+    /// Write faults served since the tracker started.
+    faults: u64,
+    /// Time spent in the sink and in lifting protections since the tracker started.
+    recording: std::time::Duration,
+    lifting: std::time::Duration,
+    /// Host ranges (address, length) lifted since memory was last protected: the only ones
+    /// the next epoch must protect again.
+    lifted_ranges: Vec<(usize, usize)>,
+    /// All tracked memory was protected once: from then on, protecting the lifted ranges
+    /// again protects everything.
+    protected: bool,
+}
+
+/// What the fault thread has done since the tracker started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteTrackerStats {
+    /// Write faults served (a page held and retried counts each time).
+    pub faults: u64,
+    /// Pages whose protection was lifted (a block logged on one fault counts every page).
+    pub lifted_pages: u64,
+    /// Time in the sink (the undo log: copy and persist).
+    pub recording: std::time::Duration,
+    /// Time in `UFFDIO_WRITEPROTECT` lifting protections (which also wakes the writer).
+    pub lifting: std::time::Duration,
 }
 
 /// Write-protect tracking of guest RAM through one userfaultfd and one fault thread (see the
@@ -656,16 +683,52 @@ pub struct WriteTracker<S: FirstWriteSink + 'static> {
 /// The tracker's lock, held across an epoch switch: no page is recorded or lifted meanwhile.
 pub struct EpochLock<'a, S: FirstWriteSink + 'static> {
     tracker: &'a WriteTracker<S>,
-    _guard: std::sync::MutexGuard<'a, TrackerShared<S>>,
+    guard: std::sync::MutexGuard<'a, TrackerShared<S>>,
 }
 
 impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
     /// Write-protects all tracked memory: every page's next write faults.
-    pub fn protect_all(&self) -> Result<(), UffdError> {
+    pub fn protect_all(&mut self) -> Result<(), UffdError> {
         for range in &self.tracker.ranges {
             set_write_protection(&self.tracker.uffd, range.host_address, range.length, true)?;
         }
+        self.guard.lifted_ranges.clear();
+        self.guard.protected = true;
         Ok(())
+    }
+
+    /// Write-protects again what was lifted since memory was last protected (adjacent ranges
+    /// merged), or all tracked memory if it never was: afterwards every page's next write
+    /// faults, as after [`EpochLock::protect_all`]. Pages that stayed protected are not
+    /// touched, so KVM keeps their mappings (on a shadow-paging host every protection change
+    /// drops them, and the guest's next read of such a page faults in the kernel again).
+    /// Returns the bytes protected.
+    pub fn protect_lifted(&mut self) -> Result<usize, UffdError> {
+        if !self.guard.protected {
+            self.protect_all()?;
+            return Ok(self.tracker.ranges.iter().map(|range| range.length).sum());
+        }
+        let mut lifted = std::mem::take(&mut self.guard.lifted_ranges);
+        lifted.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(lifted.len());
+        for (address, length) in lifted {
+            match merged.last_mut() {
+                Some((start, len)) if *start + *len >= address => {
+                    *len = (*len).max(address + length - *start);
+                }
+                _ => merged.push((address, length)),
+            }
+        }
+        let mut protected = 0;
+        for (index, &(address, length)) in merged.iter().enumerate() {
+            if let Err(error) = set_write_protection(&self.tracker.uffd, address, length, true) {
+                // What is not protected yet must be tried again.
+                self.guard.lifted_ranges.extend_from_slice(&merged[index..]);
+                return Err(error);
+            }
+            protected += length;
+        }
+        Ok(protected)
     }
 }
 
@@ -715,6 +778,11 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             held: Vec::new(),
             failed: None,
             lifted: 0,
+            faults: 0,
+            recording: std::time::Duration::ZERO,
+            lifting: std::time::Duration::ZERO,
+            lifted_ranges: Vec::new(),
+            protected: false,
         }));
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(UffdError::StopEvent)?;
@@ -757,7 +825,7 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
     pub fn lock_epoch(&self) -> EpochLock<'_, S> {
         EpochLock {
             tracker: self,
-            _guard: self.lock(),
+            guard: self.lock(),
         }
     }
 
@@ -787,6 +855,17 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
     /// Pages recorded and lifted since the tracker started.
     pub fn lifted_pages(&self) -> u64 {
         self.lock().lifted
+    }
+
+    /// Faults served, pages lifted and where the fault thread's time went, since the start.
+    pub fn stats(&self) -> WriteTrackerStats {
+        let shared = self.lock();
+        WriteTrackerStats {
+            faults: shared.faults,
+            lifted_pages: shared.lifted,
+            recording: shared.recording,
+            lifting: shared.lifting,
+        }
     }
 }
 
@@ -843,14 +922,16 @@ fn serve_page<S: FirstWriteSink>(
         log::error!("write tracker: fault at {address:#x} outside every tracked range");
         return true;
     };
-    match shared.sink.record(index, address - range.host_address) {
-        FirstWrite::Lift => {
-            shared.lifted += 1;
-            if let Err(error) = set_write_protection(uffd, address, PAGE_SIZE, false) {
-                log::error!("write tracker: {error}");
-            }
-            true
-        }
+    shared.faults += 1;
+    let at = std::time::Instant::now();
+    let answer = shared.sink.record(index, address - range.host_address);
+    shared.recording += at.elapsed();
+    let runs = match answer {
+        FirstWrite::Lift => vec![(address, PAGE_SIZE)],
+        FirstWrite::LiftRuns(runs) => runs
+            .into_iter()
+            .map(|(offset, length)| (range.host_address + offset, length))
+            .collect(),
         FirstWrite::Hold { full, reason } => {
             if !full && shared.failed.is_none() {
                 shared.failed = Some(reason);
@@ -858,9 +939,21 @@ fn serve_page<S: FirstWriteSink>(
             if !shared.held.contains(&address) {
                 shared.held.push(address);
             }
-            false
+            return false;
+        }
+    };
+    let at = std::time::Instant::now();
+    for (start, length) in runs {
+        // Noted before it is lifted: the next epoch protects it again even if lifting fails
+        // half-way.
+        shared.lifted_ranges.push((start, length));
+        shared.lifted += (length / PAGE_SIZE) as u64;
+        if let Err(error) = set_write_protection(uffd, start, length, false) {
+            log::error!("write tracker: {error}");
         }
     }
+    shared.lifting += at.elapsed();
+    true
 }
 
 struct WriteFaultServer<S> {
@@ -1101,11 +1194,14 @@ mod tests {
         }
     }
 
-    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records.
+    /// Records each page's byte 7 as the sink sees it; holds the first `hold` records. With
+    /// `block` > 1 it records the faulting page's whole aligned block of `block` pages and
+    /// lifts it in one run.
     struct RecordingSink {
         base: usize,
         records: Records,
         hold: usize,
+        block: usize,
     }
 
     impl FirstWriteSink for RecordingSink {
@@ -1118,10 +1214,22 @@ mod tests {
                     reason: "full".into(),
                 };
             }
-            // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
-            let old = unsafe { std::ptr::read_volatile((self.base + offset + 7) as *const u8) };
-            self.records.lock().unwrap().push((offset / PAGE_SIZE, old));
-            FirstWrite::Lift
+            let block_bytes = self.block * PAGE_SIZE;
+            let start = if self.block > 1 {
+                offset - offset % block_bytes
+            } else {
+                offset
+            };
+            for page in (start..start + block_bytes.max(PAGE_SIZE)).step_by(PAGE_SIZE) {
+                // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
+                let old = unsafe { std::ptr::read_volatile((self.base + page + 7) as *const u8) };
+                self.records.lock().unwrap().push((page / PAGE_SIZE, old));
+            }
+            if self.block > 1 {
+                FirstWrite::LiftRuns(vec![(start, block_bytes)])
+            } else {
+                FirstWrite::Lift
+            }
         }
     }
 
@@ -1131,6 +1239,18 @@ mod tests {
     fn tracker_over(
         memory: &SharedTmpfs,
         hold: usize,
+    ) -> (
+        WriteTracker<RecordingSink>,
+        Records,
+        vmm_sys_util::eventfd::EventFd,
+    ) {
+        tracker_with_block(memory, hold, 1)
+    }
+
+    fn tracker_with_block(
+        memory: &SharedTmpfs,
+        hold: usize,
+        block: usize,
     ) -> (
         WriteTracker<RecordingSink>,
         Records,
@@ -1147,6 +1267,7 @@ mod tests {
                 base: memory.address as usize,
                 records: std::sync::Arc::clone(&records),
                 hold,
+                block,
             },
             attention.try_clone().unwrap(),
             SeccompMode::Enforce,
@@ -1155,14 +1276,25 @@ mod tests {
         (tracker, records, attention)
     }
 
-    /// The first write to a page per epoch reaches the sink while the page still holds the
-    /// epoch's content, once; protecting again starts a new epoch.
-    #[test]
-    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+    /// Protects again what the epoch lifted; returns how many pages that was.
+    fn protect_lifted_pages(tracker: &WriteTracker<RecordingSink>) -> usize {
+        tracker.lock_epoch().protect_lifted().unwrap() / PAGE_SIZE
+    }
+
+    /// 8 shared pages, byte 7 of page `i` holding `i + 10`.
+    fn numbered_memory() -> SharedTmpfs {
         let memory = SharedTmpfs::new(8);
         for page in 0..8 {
             memory.write(page, page as u8 + 10);
         }
+        memory
+    }
+
+    /// The first write to a page per epoch reaches the sink while the page still holds the
+    /// epoch's content, once; protecting again starts a new epoch.
+    #[test]
+    fn the_first_write_per_epoch_is_recorded_with_the_old_content() {
+        let memory = numbered_memory();
         let (tracker, records, _) = tracker_over(&memory, 0);
         memory.write(1, 99); // not protected yet: not recorded
         tracker.lock_epoch().protect_all().unwrap();
@@ -1179,6 +1311,64 @@ mod tests {
         );
         assert_eq!(tracker.lifted_pages(), 4);
         assert_eq!((memory.read(3), memory.read(1)), (3, 4));
+    }
+
+    /// Protecting again touches only what the epoch lifted (all of memory the first time),
+    /// and afterwards every page's next write is recorded again: the lifted page because it is
+    /// protected again, the others because they never stopped being protected.
+    #[test]
+    fn protecting_the_lifted_pages_again_makes_every_page_fault_again() {
+        let memory = numbered_memory();
+        let (tracker, records, _) = tracker_over(&memory, 0);
+        assert_eq!(protect_lifted_pages(&tracker), 8);
+        memory.write(3, 1);
+        memory.write(4, 2);
+        assert_eq!(protect_lifted_pages(&tracker), 2);
+        memory.write(3, 5);
+        memory.write(6, 6);
+        memory.write(4, 7);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(3, 13), (4, 14), (3, 1), (6, 16), (4, 2)]
+        );
+        assert_eq!(protect_lifted_pages(&tracker), 3);
+        assert_eq!(protect_lifted_pages(&tracker), 0);
+        let stats = tracker.stats();
+        assert_eq!((stats.faults, stats.lifted_pages), (5, 5));
+    }
+
+    /// A block lifted on one fault lets the writes to its other pages through without a fault
+    /// in that epoch, and is protected again as a whole at the next one.
+    #[test]
+    fn a_block_lifted_on_one_fault_is_protected_again_at_the_next_epoch() {
+        let memory = numbered_memory();
+        let (tracker, records, _) = tracker_with_block(&memory, 0, 4);
+        assert_eq!(protect_lifted_pages(&tracker), 8);
+        memory.write(5, 1);
+        memory.write(6, 2);
+        memory.write(4, 3);
+        assert_eq!(
+            *records.lock().unwrap(),
+            [(4, 14), (5, 15), (6, 16), (7, 17)]
+        );
+        assert_eq!(protect_lifted_pages(&tracker), 4);
+        memory.write(7, 4);
+        memory.write(1, 5);
+        assert_eq!(
+            records.lock().unwrap()[4..],
+            [
+                (4, 3),
+                (5, 1),
+                (6, 2),
+                (7, 17),
+                (0, 10),
+                (1, 11),
+                (2, 12),
+                (3, 13)
+            ]
+        );
+        let stats = tracker.stats();
+        assert_eq!((stats.faults, stats.lifted_pages), (3, 12));
     }
 
     /// A held page keeps its writer blocked and raises attention; `retry_held` records it

@@ -741,6 +741,9 @@ pub struct NvCheckpointStatus {
     pub recent_pause_median_us: u64,
     pub recent_pause_p99_us: u64,
     pub recent_undo_bytes_mean: u64,
+    /// Write faults per epoch served by the undo log's fault thread (mean over the same).
+    #[serde(default)]
+    pub recent_write_faults_mean: u64,
 }
 
 /// The phases of an in-place recovery, in order, up to the guest running again.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devices::virtio::OutputHold;
-use nv_extension::{HostError, NvHost, UndoLog};
+use nv_extension::{HostError, NvHost, UndoLog, UndoRecord};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -29,12 +29,32 @@ use super::host::VmHost;
 use super::{nv_error, NvVm};
 use crate::api::NvCheckpointStatus;
 use crate::config::SeccompMode;
-use crate::userfaultfd::{EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker};
+use crate::userfaultfd::{
+    EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker, WriteTrackerStats,
+};
 use crate::vm::{Vm, VmRunState};
 use crate::{CheckpointError, Error};
 
 /// How many recent checkpoints `vm.nv-status` summarises (median and p99 pause).
 const RECENT: usize = 1024;
+
+const PAGE_BYTES: usize = 4096;
+
+/// Pages logged (and lifted) per write fault: the faulting page's aligned block of this many
+/// pages, those not logged yet in the epoch (`UndoLog::record_undo_block`). Chosen by
+/// measurement with nv-bench `checkpoint` (docs/checkpoints.md, "Costs").
+const BLOCK_PAGES: u64 = 64;
+
+/// Overrides [`BLOCK_PAGES`] for measurements (a power of two, 1 ..= 512).
+const BLOCK_PAGES_VARIABLE: &str = "NV_CHECKPOINT_BLOCK_PAGES";
+
+fn block_pages() -> u64 {
+    std::env::var(BLOCK_PAGES_VARIABLE)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|pages| pages.is_power_of_two() && *pages <= 512)
+        .unwrap_or(BLOCK_PAGES)
+}
 
 /// The undo log as the write tracker's sink: a tracked range's page is the page at
 /// `ram_offsets[range] + offset` of the VM's RAM extent.
@@ -46,6 +66,10 @@ struct UndoSink {
     /// Entries of an epoch's log that only a quiescing checkpoint may use: see
     /// [`UndoSink::reserve`].
     reserve: u64,
+    /// The length of each range of `ram_offsets`: a block's pages past its end are not lifted.
+    range_lengths: Vec<u64>,
+    /// Pages logged per fault outside the reserve (see [`BLOCK_PAGES`]).
+    block_pages: u64,
 }
 
 impl UndoSink {
@@ -66,9 +90,11 @@ impl UndoSink {
 
 impl FirstWriteSink for UndoSink {
     fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
-        if !self.quiescing.load(Ordering::SeqCst) {
-            let status = self.log.status();
-            if status.epoch.is_some() && status.pages + self.reserve >= status.capacity_pages {
+        let quiescing = self.quiescing.load(Ordering::SeqCst);
+        let mut block_pages = self.block_pages;
+        let status = self.log.status();
+        if status.epoch.is_some() {
+            if !quiescing && status.pages + self.reserve >= status.capacity_pages {
                 return FirstWrite::Hold {
                     full: true,
                     reason: format!(
@@ -77,11 +103,32 @@ impl FirstWriteSink for UndoSink {
                     ),
                 };
             }
+            // A block must not eat into the reserve, and the reserve serves single pages.
+            if quiescing || status.pages + self.reserve + block_pages > status.capacity_pages {
+                block_pages = 1;
+            }
         }
+        let ram_offset = self.ram_offsets[range_index];
+        let range_end = ram_offset + self.range_lengths[range_index];
         match self
             .log
-            .record_undo(self.ram_offsets[range_index] + offset as u64)
+            .record_undo_block(ram_offset + offset as u64, block_pages)
         {
+            Ok(block) if block.record == UndoRecord::Recorded => {
+                // Runs of adjacent logged pages inside this range (a block may reach past it).
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for page in block.logged {
+                    if page < ram_offset || page >= range_end {
+                        continue;
+                    }
+                    let at = (page - ram_offset) as usize;
+                    match runs.last_mut() {
+                        Some((start, length)) if *start + *length == at => *length += PAGE_BYTES,
+                        _ => runs.push((at, PAGE_BYTES)),
+                    }
+                }
+                FirstWrite::LiftRuns(runs)
+            }
             Ok(_) => FirstWrite::Lift,
             Err(error) => FirstWrite::Hold {
                 full: matches!(error, nv_extension::Error::UndoLogFull { .. }),
@@ -133,8 +180,8 @@ impl NvHost for CheckpointHost<'_> {
     }
 
     fn write_protect_memory(&mut self) -> Result<(), HostError> {
-        match &self.lock {
-            Some(lock) => Ok(lock.protect_all()?),
+        match &mut self.lock {
+            Some(lock) => Ok(lock.protect_lifted().map(|_| ())?),
             None => Err("write protection asked for before the devices were quiesced".into()),
         }
     }
@@ -167,8 +214,11 @@ pub struct Checkpoints {
     seccomp: SeccompMode,
     epochs: u64,
     last_seq: Option<u64>,
-    /// (pause, undo bytes) of the most recent checkpoints, oldest first.
-    recent: VecDeque<(Duration, u64)>,
+    /// (pause, undo bytes, write faults of the epoch) of the most recent checkpoints, oldest
+    /// first.
+    recent: VecDeque<(Duration, u64, u64)>,
+    /// The write tracker's counters at the last checkpoint.
+    tracker_at_last: WriteTrackerStats,
 }
 
 /// Test builds (`fault-injection`): with `NV_HOLD_FULL_LOG` set, a full undo log takes no early
@@ -221,6 +271,7 @@ impl Checkpoints {
             epochs: 0,
             last_seq: None,
             recent: VecDeque::with_capacity(RECENT),
+            tracker_at_last: WriteTrackerStats::default(),
         })
     }
 
@@ -242,7 +293,7 @@ impl Checkpoints {
         let mut pauses: Vec<u64> = self
             .recent
             .iter()
-            .map(|(pause, _)| pause.as_micros() as u64)
+            .map(|(pause, _, _)| pause.as_micros() as u64)
             .collect();
         pauses.sort_unstable();
         let quantile = |q: f64| {
@@ -251,7 +302,14 @@ impl Checkpoints {
                 .copied()
                 .unwrap_or(0)
         };
-        let (last_pause, last_undo) = self.recent.back().copied().unwrap_or_default();
+        let (last_pause, last_undo, _) = self.recent.back().copied().unwrap_or_default();
+        let mean = |field: fn(&(Duration, u64, u64)) -> u64| {
+            if self.recent.is_empty() {
+                0
+            } else {
+                self.recent.iter().map(field).sum::<u64>() / self.recent.len() as u64
+            }
+        };
         Some(NvCheckpointStatus {
             interval_ms: self.interval.as_millis() as u64,
             epochs: self.epochs,
@@ -260,11 +318,8 @@ impl Checkpoints {
             last_undo_bytes: last_undo,
             recent_pause_median_us: quantile(0.5),
             recent_pause_p99_us: quantile(0.99),
-            recent_undo_bytes_mean: if self.recent.is_empty() {
-                0
-            } else {
-                self.recent.iter().map(|(_, bytes)| bytes).sum::<u64>() / self.recent.len() as u64
-            },
+            recent_undo_bytes_mean: mean(|(_, bytes, _)| *bytes),
+            recent_write_faults_mean: mean(|(_, _, faults)| *faults),
         })
     }
 
@@ -284,6 +339,7 @@ impl Checkpoints {
         }
         if self.active.is_none() {
             self.active = Some(self.start(nv, vm)?);
+            self.tracker_at_last = WriteTrackerStats::default();
         }
         self.interval = interval;
         self.timer
@@ -382,6 +438,7 @@ impl Checkpoints {
             .begin_run_checkpointed(undo_pages)
             .map_err(|e| nv_error(&nv.config, e))?;
         let active = self.start_with_log(nv, vm, log)?;
+        self.tracker_at_last = WriteTrackerStats::default();
         active
             .tracker
             .lock_epoch()
@@ -410,6 +467,7 @@ impl Checkpoints {
             .map_err(|e| nv_error(&nv.config, e))?;
         let mut ranges = Vec::new();
         let mut ram_offsets = Vec::new();
+        let mut range_lengths = Vec::new();
         for region in vm.memory.iter() {
             let Some(file_offset) = region.file_offset() else {
                 return Err(Error::Checkpoint(CheckpointError::RamNotInRegion));
@@ -419,13 +477,17 @@ impl Checkpoints {
                 length: region.len() as usize,
             });
             ram_offsets.push(file_offset.start() - backing.offset);
+            range_lengths.push(region.len());
         }
         let quiescing = Arc::new(AtomicBool::new(false));
+        let block_pages = block_pages();
         let sink = UndoSink {
             log: log.clone(),
             ram_offsets,
             quiescing: Arc::clone(&quiescing),
             reserve: UndoSink::reserve(log.capacity_pages()),
+            range_lengths,
+            block_pages,
         };
         let attention = self
             .attention
@@ -444,7 +506,8 @@ impl Checkpoints {
         let hold = vm.devices.net_output_hold();
         hold.arm(hold_attention);
         log::info!(
-            "VM {:?}: checkpoints on, undo log of {} pages per epoch",
+            "VM {:?}: checkpoints on, undo log of {} pages per epoch, {block_pages} pages logged \
+             per write fault",
             nv.name(),
             log.capacity_pages()
         );
@@ -500,15 +563,29 @@ impl Checkpoints {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
+        let stats = active.tracker.stats();
+        let since = self.tracker_at_last;
+        self.tracker_at_last = stats;
+        let faults = stats.faults - since.faults;
         // Each logged page: its 4 KiB and a 64-byte entry header (docs/checkpoints.md).
         self.recent
-            .push_back((report.paused, report.undo_pages * (4096 + 64)));
+            .push_back((report.paused, report.undo_pages * (4096 + 64), faults));
         log::debug!(
-            "VM {:?}: checkpoint seq {}: paused {} us, {} undo pages",
+            "VM {:?}: checkpoint seq {}: paused {} us ({}), {} undo pages, {faults} write \
+             faults, {} pages lifted, fault thread {} us recording, {} us lifting",
             nv.name(),
             report.seq,
             report.paused.as_micros(),
-            report.undo_pages
+            report
+                .phases
+                .iter()
+                .map(|(phase, took)| format!("{phase:?} {}", took.as_micros()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            report.undo_pages,
+            stats.lifted_pages - since.lifted_pages,
+            (stats.recording - since.recording).as_micros(),
+            (stats.lifting - since.lifting).as_micros(),
         );
         Ok(())
     }
