@@ -694,8 +694,8 @@ mod tests {
                 (SeccompMode::Log, SeccompAction::Log),
             ] {
                 precompile_for_mode(kind, mode).unwrap();
-                let ahead = compiled_filter(kind, action).unwrap();
-                assert_eq!(*ahead, build_filter(kind, action).unwrap(), "{kind:?}");
+                let ahead = compiled_filter(kind, action.clone()).unwrap();
+                assert_eq!(*ahead, build_filter(kind, action.clone()).unwrap(), "{kind:?}");
                 // The next thread of that kind gets the same program, not a new compile.
                 assert!(Arc::ptr_eq(
                     &ahead,
