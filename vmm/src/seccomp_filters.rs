@@ -540,7 +540,11 @@ fn compiled_filter(
     kind: ThreadKind,
     mismatch_action: SeccompAction,
 ) -> Result<Arc<BpfProgram>, SeccompError> {
-    let lock = || COMPILED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lock = || {
+        COMPILED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
     if let Some((_, _, program)) = lock()
         .iter()
         .find(|(k, action, _)| *k == kind && *action == mismatch_action)
@@ -695,12 +699,13 @@ mod tests {
             ] {
                 precompile_for_mode(kind, mode).unwrap();
                 let ahead = compiled_filter(kind, action.clone()).unwrap();
-                assert_eq!(*ahead, build_filter(kind, action.clone()).unwrap(), "{kind:?}");
+                assert_eq!(
+                    *ahead,
+                    build_filter(kind, action.clone()).unwrap(),
+                    "{kind:?}"
+                );
                 // The next thread of that kind gets the same program, not a new compile.
-                assert!(Arc::ptr_eq(
-                    &ahead,
-                    &compiled_filter(kind, action).unwrap()
-                ));
+                assert!(Arc::ptr_eq(&ahead, &compiled_filter(kind, action).unwrap()));
             }
         }
         // `--seccomp false` compiles nothing and never fails.

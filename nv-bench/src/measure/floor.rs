@@ -127,7 +127,10 @@ struct RecoveryRun {
 /// The UTC wall-clock time of a log line (`cloud-hypervisor: 2026-11-28T03:57:12.646204Z: ..`),
 /// in microseconds since the Unix epoch.
 fn log_line_time_us(line: &str) -> Option<u128> {
-    let stamp = line.strip_prefix("cloud-hypervisor: ")?.split("Z: ").next()?;
+    let stamp = line
+        .strip_prefix("cloud-hypervisor: ")?
+        .split("Z: ")
+        .next()?;
     let (date, time) = stamp.split_once('T')?;
     let mut date = date.split('-').map(|f| f.parse::<i64>().ok());
     let (year, month, day) = (date.next()??, date.next()??, date.next()??);
