@@ -25,7 +25,7 @@
 //! server's `UFFDIO_*`.
 
 use std::collections::BTreeMap;
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -524,8 +524,53 @@ pub fn apply_filter(kind: ThreadKind, mismatch_action: SeccompAction) -> Result<
     if mismatch_action == SeccompAction::Trap {
         install_sigsys_reporter();
     }
-    let program = build_filter(kind, mismatch_action)?;
+    let program = compiled_filter(kind, mismatch_action)?;
     seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })
+}
+
+/// The programs compiled so far in this process, by thread kind and mismatch action: each is
+/// compiled once, and the vCPU's ahead of time, off the path to the guest's first instruction
+/// ([`precompile_for_mode`]).
+type CompiledFilters = Vec<(ThreadKind, SeccompAction, Arc<BpfProgram>)>;
+static COMPILED: Mutex<CompiledFilters> = Mutex::new(Vec::new());
+
+/// The filter of `kind` compiled to BPF: the one compiled before in this process, or
+/// [`build_filter`]'s now (kept for the next thread of that kind).
+fn compiled_filter(
+    kind: ThreadKind,
+    mismatch_action: SeccompAction,
+) -> Result<Arc<BpfProgram>, SeccompError> {
+    let lock = || {
+        COMPILED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    if let Some((_, _, program)) = lock()
+        .iter()
+        .find(|(k, action, _)| *k == kind && *action == mismatch_action)
+    {
+        return Ok(Arc::clone(program));
+    }
+    // Compiled outside the lock: a thread installing another kind's filter does not wait.
+    let program = Arc::new(build_filter(kind, mismatch_action.clone())?);
+    let mut compiled = lock();
+    if let Some((_, _, first)) = compiled
+        .iter()
+        .find(|(k, action, _)| *k == kind && *action == mismatch_action)
+    {
+        return Ok(Arc::clone(first));
+    }
+    compiled.push((kind, mismatch_action, Arc::clone(&program)));
+    Ok(program)
+}
+
+/// Compiles the filter of `kind` for `mode` now, so that the thread that installs it later only
+/// installs it (the VM build does this for the vCPU filter while it creates the VM).
+pub fn precompile_for_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    match mode.mismatch_action() {
+        Some(action) => compiled_filter(kind, action).map(drop),
+        None => Ok(()),
+    }
 }
 
 /// `apply_filter` for a `--seccomp` mode; `Disabled` installs nothing.
@@ -643,6 +688,28 @@ mod tests {
                 assert!(!program.is_empty(), "{kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_filter_compiled_ahead_is_the_one_compiled_on_the_spot_and_is_reused() {
+        for kind in ThreadKind::ALL {
+            for (mode, action) in [
+                (SeccompMode::Enforce, SeccompAction::Trap),
+                (SeccompMode::Log, SeccompAction::Log),
+            ] {
+                precompile_for_mode(kind, mode).unwrap();
+                let ahead = compiled_filter(kind, action.clone()).unwrap();
+                assert_eq!(
+                    *ahead,
+                    build_filter(kind, action.clone()).unwrap(),
+                    "{kind:?}"
+                );
+                // The next thread of that kind gets the same program, not a new compile.
+                assert!(Arc::ptr_eq(&ahead, &compiled_filter(kind, action).unwrap()));
+            }
+        }
+        // `--seccomp false` compiles nothing and never fails.
+        precompile_for_mode(ThreadKind::Vcpu, SeccompMode::Disabled).unwrap();
     }
 
     #[test]

@@ -44,6 +44,8 @@ fn failure(command: &str, detail: impl Into<String>) -> BenchError {
 /// One floor run: ms from the spawn to `running`, to the first exit, the kernel's VM teardown,
 /// and the spawn to the process gone.
 struct FloorRun {
+    /// From the spawn to its `main`: the process start alone.
+    main: f64,
     running: f64,
     /// KVM_SET_USER_MEMORY_REGION alone.
     registration: f64,
@@ -91,12 +93,14 @@ fn floor_once(
             .ok_or_else(|| failure("nv-floor", format!("bad line {line:?}")))?;
         Ok((at, fields.collect::<Vec<_>>().join(" ")))
     };
+    let (main, _) = stamp("main")?;
     let (created, _) = stamp("created")?;
     let (registered, _) = stamp("registered")?;
     let (running, _) = stamp("running")?;
     let (exit, reason) = stamp("exit")?;
     let (destroyed, _) = stamp("destroyed")?;
     Ok(FloorRun {
+        main: ms(started, main),
         running: ms(started, running),
         registration: ms(created, registered),
         first_exit: ms(started, exit),
@@ -109,12 +113,40 @@ fn floor_once(
 /// One recovery and its power-fail exit, in ms from the spawn (or from the signal).
 struct RecoveryRun {
     resumed_event: f64,
+    /// From the spawn to the instant the VMM released the vCPUs (its `resumed in place` log
+    /// line, stamped on the host's clock as it is written): the floor's `running`.
+    released: Option<f64>,
     /// The VMM's own figure: the sum of its recovery phases, from its exec.
     vmm_from_exec: Option<f64>,
     phases: Vec<(String, f64)>,
     signal_to_committed: Option<f64>,
     committed_to_gone: Option<f64>,
     signal_to_gone: f64,
+}
+
+/// The UTC wall-clock time of a log line (`cloud-hypervisor: 2026-11-28T03:57:12.646204Z: ..`),
+/// in microseconds since the Unix epoch.
+fn log_line_time_us(line: &str) -> Option<u128> {
+    let stamp = line
+        .strip_prefix("cloud-hypervisor: ")?
+        .split("Z: ")
+        .next()?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut date = date.split('-').map(|f| f.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (hms, fraction) = time.split_once('.')?;
+    let mut hms = hms.split(':').map(|f| f.parse::<i64>().ok());
+    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
+    let micros: i64 = fraction.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (March-based years).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    u128::try_from(seconds * 1_000_000 + micros).ok()
 }
 
 /// `(... 5123 us from exec): process-start 812 us, vmm-init 301 us, ...` of the `-v` log.
@@ -187,6 +219,11 @@ fn recover_once(bench: &Bench, region: &Path, index: usize) -> Result<RecoveryRu
     ];
     arguments.extend(bench.vmm_arguments.iter().cloned());
     let started = monotonic_ns();
+    // The log's timestamps are wall-clock time: the spawn on the same clock.
+    let started_wall_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_micros())
+        .unwrap_or(0);
     let mut child = Command::new(&bench.binaries.cloud_hypervisor)
         .args(&arguments)
         .stdin(Stdio::null())
@@ -230,10 +267,16 @@ fn recover_once(bench: &Bench, region: &Path, index: usize) -> Result<RecoveryRu
         ));
     }
     let (vmm_from_exec, phases) = parse_recovery_line(&text);
+    let released = text
+        .lines()
+        .find(|line| line.contains("resumed in place from seq"))
+        .and_then(log_line_time_us)
+        .map(|at| at.saturating_sub(started_wall_us) as f64 / 1000.0);
     let _ = std::fs::remove_file(&fifo);
     let _ = std::fs::remove_file(&log);
     Ok(RecoveryRun {
         resumed_event: ms(started, resumed),
+        released,
         vmm_from_exec,
         phases,
         signal_to_committed: committed.map(|at| ms(signalled, at)),
@@ -315,6 +358,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     let repetitions = bench.profile.floor_repetitions;
     let mut table = CsvTable::new(&[
         "repetition",
+        "floor_exec_to_main_ms",
         "floor_exec_to_running_ms",
         "floor_memory_registration_ms",
         "floor_exec_to_first_exit_ms",
@@ -322,6 +366,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "floor_vm_teardown_ms",
         "floor_exec_to_gone_ms",
         "recovery_exec_to_resumed_event_ms",
+        "recovery_exec_to_vcpus_released_ms",
         "recovery_vmm_reported_from_exec_ms",
         "sigpwr_to_committed_ms",
         "committed_to_gone_ms",
@@ -344,6 +389,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         let optional = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
         table.push(vec![
             index.to_string(),
+            format!("{:.3}", floor.main),
             format!("{:.3}", floor.running),
             format!("{:.3}", floor.registration),
             format!("{:.3}", floor.first_exit),
@@ -351,6 +397,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             format!("{:.3}", floor.teardown),
             format!("{:.3}", floor.gone),
             format!("{:.3}", recovery.resumed_event),
+            optional(recovery.released),
             optional(recovery.vmm_from_exec),
             optional(recovery.signal_to_committed),
             optional(recovery.committed_to_gone),
@@ -363,13 +410,19 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     bench
         .summary
         .table("A-floor. floor and recovery, interleaved (ms)", &table);
+    let floor_main: Vec<f64> = floors.iter().map(|f| f.main).collect();
     let floor_running: Vec<f64> = floors.iter().map(|f| f.running).collect();
     let floor_exit: Vec<f64> = floors.iter().map(|f| f.first_exit).collect();
     let teardown: Vec<f64> = floors.iter().map(|f| f.teardown).collect();
     let registration: Vec<f64> = floors.iter().map(|f| f.registration).collect();
     let resumed: Vec<f64> = recoveries.iter().map(|r| r.resumed_event).collect();
     let reported: Vec<f64> = recoveries.iter().filter_map(|r| r.vmm_from_exec).collect();
+    let released: Vec<f64> = recoveries.iter().filter_map(|r| r.released).collect();
     let summary = &mut bench.summary;
+    summary.line(format!(
+        "A-floor floor exec->main (nv-floor's process start): {}",
+        spread(&floor_main)
+    ));
     summary.line(format!(
         "A-floor floor exec->running (nv-floor, before its first KVM_RUN): {}",
         spread(&floor_running)
@@ -391,12 +444,26 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         spread(&resumed)
     ));
     summary.line(format!(
+        "A-floor recovery exec->vCPUs released (host clock, the VMM's `resumed in place` log line): {}",
+        spread(&released)
+    ));
+    summary.line(format!(
         "A-floor recovery exec->resumed as the VMM reports it (sum of its phases): {}",
         spread(&reported)
     ));
+    // The same instant on both sides: the process lets its vCPU run (nv-floor just before its
+    // KVM_RUN; the VMM once it released the parked vCPU threads), by the host's clock.
+    if let (Some(recovery), Some(floor)) = (median(&released), median(&floor_running)) {
+        summary.line(format!(
+            "A-floor RATIO recovery exec->vCPUs released / floor exec->running (medians) = {:.2}x",
+            recovery / floor
+        ));
+    }
+    // What a client sees: the `resumed` event read from the monitor, through the VMM's
+    // event writer thread and a FIFO (the floor has neither).
     if let (Some(recovery), Some(floor)) = (median(&resumed), median(&floor_running)) {
         summary.line(format!(
-            "A-floor RATIO recovery exec->resumed / floor exec->running (medians) = {:.2}x",
+            "A-floor RATIO recovery exec->resumed event / floor exec->running (medians) = {:.2}x",
             recovery / floor
         ));
     }
@@ -465,5 +532,15 @@ mod tests {
             ]
         );
         assert_eq!(parse_recovery_line("nothing"), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_log_line_time_is_microseconds_since_the_epoch() {
+        // `date -u -d 2026-11-28T03:57:12Z +%s` = 1795838232.
+        let line = "cloud-hypervisor: 2026-11-28T03:57:12.646204Z: <main> INFO:vmm/src/nv/prepare.rs:428 -- x";
+        assert_eq!(log_line_time_us(line), Some(1_795_838_232_646_204));
+        let leap_day = "cloud-hypervisor: 2024-02-29T00:00:00.000001Z: <main> INFO: y";
+        assert_eq!(log_line_time_us(leap_day), Some(1_709_164_800_000_001));
+        assert_eq!(log_line_time_us("no timestamp"), None);
     }
 }
