@@ -48,6 +48,9 @@ pub(crate) struct LogState {
     pub(crate) pages: Vec<u64>,
     /// One bit per guest page: logged in this epoch.
     logged: Vec<u64>,
+    /// Disk blocks logged in this epoch, as (disk, block number), and how many entries they
+    /// took (the log's entries are pages and disk blocks, in the order they were recorded).
+    pub(crate) disk_blocks: std::collections::HashSet<(u16, u64)>,
 }
 
 impl LogState {
@@ -56,8 +59,14 @@ impl LogState {
         ((page / 64) as usize, 1 << (page % 64))
     }
 
+    /// Entries of the log taken in this epoch (pages and disk blocks): the next entry's index.
+    pub(crate) fn entries_used(&self) -> u64 {
+        (self.pages.len() + self.disk_blocks.len()) as u64
+    }
+
     /// Starts logging against epoch `seq` (just committed) with an empty log.
     pub(crate) fn start_epoch(&mut self, seq: u64) {
+        self.disk_blocks.clear();
         for page in std::mem::take(&mut self.pages) {
             let (word, mask) = self.bit(page);
             self.logged[word] &= !mask;
@@ -101,6 +110,7 @@ impl UndoLog {
                 epoch: None,
                 pages: Vec::new(),
                 logged: vec![0; pages.div_ceil(64) as usize],
+                disk_blocks: Default::default(),
             })),
             region,
             vm: vm.to_string(),
@@ -145,7 +155,7 @@ impl UndoLog {
         if state.logged[word] & mask != 0 {
             return Ok(UndoRecord::AlreadyRecorded);
         }
-        let index = state.pages.len() as u64;
+        let index = state.entries_used();
         if index >= state.area.capacity {
             return Err(Error::UndoLogFull {
                 capacity_pages: state.area.capacity,
