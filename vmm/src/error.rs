@@ -320,6 +320,7 @@ impl Error {
             | Error::Snapshot(_)
             | Error::SnapshotFailed { .. } => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
+            Error::Checkpoint(CheckpointError::UncoverableDisk { .. }) => ErrorKind::InvalidRequest,
             Error::NoNvVm | Error::UnknownDeviceId(_) => ErrorKind::NotFound,
             Error::DuplicateDeviceId(_) => ErrorKind::Conflict,
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
@@ -460,4 +461,6 @@ pub enum CheckpointError {
     WriteTracking(#[source] crate::userfaultfd::UffdError),
     #[error("guest RAM is not mapped from the NV region")]
     RamNotInRegion,
+    #[error("disk {id:?} cannot be rolled back with the guest: {reason}; checkpoints are refused")]
+    UncoverableDisk { id: String, reason: &'static str },
 }

@@ -816,6 +816,23 @@ impl VmConfig {
                 ),
             );
         }
+        if nv.checkpoint_ms.is_some_and(|ms| ms > 0) {
+            // Checkpoints undo disk writes made after an epoch; a vhost-user backend writes
+            // where the VMM cannot see it first.
+            if let Some(disk) = self.disks.iter().flatten().find(|d| d.vhost_user) {
+                return Err(ConfigError::Invalid {
+                    option: "nv",
+                    reason: format!(
+                        "checkpoint_ms needs every disk's writes to pass through the VMM (to undo \
+                         them on a rollback); disk {} is vhost-user",
+                        disk.id
+                            .as_deref()
+                            .or(disk.vhost_socket.as_deref())
+                            .unwrap_or("?")
+                    ),
+                });
+            }
+        }
         if nv.sparse && !nv.create {
             return Err(ConfigError::Invalid {
                 option: "nv",

@@ -5,14 +5,21 @@
 //! Between two checkpoints the [`WriteTracker`]'s thread hands every page the guest (or a device
 //! thread) writes for the first time in the epoch to the region's undo log
 //! (`UndoLog::record_undo`, durable before the write goes on), so that a VMM killed without
-//! warning is recovered to the last epoch by `recover=on`. `docs/checkpoints.md` has the design
-//! and the measured costs.
+//! warning is recovered to the last epoch by `recover=on`. Each in-process disk gets a
+//! [`DiskUndoHook`]: before the device writes, the old bytes go into the same undo log
+//! (`UndoLog::record_disk_write`), and a recovery writes them back ([`ConfiguredDisks`]), so
+//! the disk matches the rolled-back memory; a disk whose writes the VMM does not see
+//! (vhost-user) is refused. `docs/checkpoints.md` has the design and the measured costs.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use nv_extension::{HostError, NvHost, UndoLog};
+use devices::virtio::{BeforeWrite, BlockWriteHook, BlockWriteHookSlot, DiskImage};
+use nv_extension::{DiskUndoTarget, HostError, NvHost, UndoLog};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -20,7 +27,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::host::VmHost;
 use super::{nv_error, NvVm};
 use crate::api::NvCheckpointStatus;
-use crate::config::SeccompMode;
+use crate::config::{SeccompMode, VmConfig};
 use crate::userfaultfd::{EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker};
 use crate::vm::{Vm, VmRunState};
 use crate::{CheckpointError, Error};
@@ -92,10 +99,124 @@ impl NvHost for CheckpointHost<'_> {
     }
 }
 
+/// The undo log as an in-process disk's write hook: the old bytes of the blocks a write is
+/// about to change are durable in the log before the device writes. A full log defers the
+/// write (the device takes it again after the next resume) and asks for an early checkpoint.
+struct DiskUndoHook {
+    log: UndoLog,
+    /// The disk's position in the VM's config.
+    disk: u16,
+    attention: EventFd,
+}
+
+impl BlockWriteHook for DiskUndoHook {
+    fn before_write(&self, image: &DiskImage<'_>, offset: u64, len: u64) -> BeforeWrite {
+        let mut read_old = |at: u64, buf: &mut [u8]| image.read_at(at, buf);
+        match self
+            .log
+            .record_disk_write(self.disk, offset, len, image.len(), &mut read_old)
+        {
+            Ok(_) => BeforeWrite::Proceed,
+            Err(nv_extension::Error::UndoLogFull { .. }) => {
+                // The control loop takes an early checkpoint; its resume retries the write.
+                let _ = self.attention.write(1);
+                BeforeWrite::Defer
+            }
+            Err(error) => {
+                log::error!(
+                    "disk {}: logging its old bytes at {offset:#x} failed, the write fails: {error}",
+                    self.disk
+                );
+                BeforeWrite::Fail(error.to_string())
+            }
+        }
+    }
+}
+
+/// The write-hook slots of `vm`'s disks, in config order, or the first disk whose writes the
+/// VMM cannot see: checkpoints would roll its guest back but not its disk.
+fn disk_hook_slots(vm: &Vm) -> Result<Vec<BlockWriteHookSlot>, Error> {
+    let disks = vm.devices.disk_write_hooks();
+    if disks.len() > usize::from(u16::MAX) {
+        return Err(Error::Checkpoint(CheckpointError::UncoverableDisk {
+            id: disks[usize::from(u16::MAX)].0.clone(),
+            reason: "more disks than a checkpoint's undo entries can name",
+        }));
+    }
+    disks
+        .into_iter()
+        .map(|(id, slot)| {
+            slot.ok_or(Error::Checkpoint(CheckpointError::UncoverableDisk {
+                id,
+                reason: "a vhost-user disk's writes never pass through the VMM, so they cannot \
+                         be undone",
+            }))
+        })
+        .collect()
+}
+
+/// What a recovery writes a checkpoint's old disk bytes back through: the disks of the VM's
+/// stored config, by position, opened on first use.
+pub(super) struct ConfiguredDisks<'a> {
+    config: &'a VmConfig,
+    open: BTreeMap<u16, File>,
+}
+
+impl<'a> ConfiguredDisks<'a> {
+    pub(super) fn new(config: &'a VmConfig) -> Self {
+        ConfiguredDisks {
+            config,
+            open: BTreeMap::new(),
+        }
+    }
+
+    fn file(&mut self, disk: u16) -> Result<&File, HostError> {
+        if !self.open.contains_key(&disk) {
+            let config = self
+                .config
+                .disks
+                .iter()
+                .flatten()
+                .nth(usize::from(disk))
+                .ok_or_else(|| format!("the VM's config has no disk {disk}"))?;
+            let path = match (&config.path, config.vhost_user) {
+                (Some(path), false) => path,
+                _ => return Err(format!("disk {disk} is not an image file the VMM writes").into()),
+            };
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("disk {disk} ({path}): {e}"))?;
+            self.open.insert(disk, file);
+        }
+        Ok(&self.open[&disk])
+    }
+}
+
+impl DiskUndoTarget for ConfiguredDisks<'_> {
+    fn write_disk(&mut self, disk: u16, offset: u64, data: &[u8]) -> Result<(), HostError> {
+        Ok(self.file(disk)?.write_all_at(data, offset)?)
+    }
+
+    fn sync_disk(&mut self, disk: u16) -> Result<(), HostError> {
+        Ok(self.file(disk)?.sync_data()?)
+    }
+}
+
 /// Checkpoints turned on: the VM's undo log and the tracker feeding it.
 struct Active {
     log: UndoLog,
     tracker: WriteTracker<UndoSink>,
+    /// The disks asking [`DiskUndoHook`]s before each write.
+    disks: Vec<BlockWriteHookSlot>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        for slot in &self.disks {
+            slot.install(None);
+        }
+    }
 }
 
 /// The checkpoint timer, the tracker's attention EventFd and, while checkpoints are on, the
@@ -263,6 +384,7 @@ impl Checkpoints {
         vm: &Vm,
         interval: Duration,
     ) -> Result<(), Error> {
+        disk_hook_slots(vm)?;
         let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
         let log = nv
             .handle
@@ -282,6 +404,7 @@ impl Checkpoints {
     }
 
     fn start(&self, nv: &NvVm, vm: &Vm) -> Result<Active, Error> {
+        disk_hook_slots(vm)?;
         let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
         let log = nv
             .handle
@@ -320,12 +443,32 @@ impl Checkpoints {
             })?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
+        // Before the epoch is armed (the caller's next step) every disk asks the log first.
+        let disks = disk_hook_slots(vm)?;
+        for (index, slot) in disks.iter().enumerate() {
+            let attention = self
+                .attention
+                .try_clone()
+                .map_err(|source| Error::EventFd {
+                    operation: "clone (checkpoint attention)",
+                    source,
+                })?;
+            slot.install(Some(Arc::new(DiskUndoHook {
+                log: log.clone(),
+                disk: index as u16,
+                attention,
+            })));
+        }
         log::info!(
             "VM {:?}: checkpoints on, undo log of {} pages per epoch",
             nv.name(),
             log.capacity_pages()
         );
-        Ok(Active { log, tracker })
+        Ok(Active {
+            log,
+            tracker,
+            disks,
+        })
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written
