@@ -1461,3 +1461,27 @@ fn fs_takes_a_tag_and_a_socket_with_upstreams_defaults() {
     });
     assert!(format!("{private:?}").contains("shared=on"), "{private:?}");
 }
+
+/// NV checkpoints undo disk writes made after an epoch; a vhost-user disk's writes never pass
+/// through the VMM, so `checkpoint_ms` with one is refused, naming the disk (off is fine).
+#[test]
+fn checkpoints_refuse_a_vhost_user_disk() {
+    let with = |checkpoint: &str, disk: &'static str| {
+        command_line(VmOptionStrings {
+            nv: Some(Box::leak(
+                format!("region=/r,vm=a{checkpoint}").into_boxed_str(),
+            )),
+            disks: vec![disk],
+            ..Default::default()
+        })
+    };
+    let refused = with(
+        ",checkpoint_ms=10",
+        "vhost_user=on,socket=/run/b.sock,id=vb",
+    );
+    let text = refused.expect_err("refused").to_string();
+    assert!(text.contains("vhost-user") && text.contains("vb"), "{text}");
+    assert!(with(",checkpoint_ms=0", "vhost_user=on,socket=/s").is_ok());
+    assert!(with("", "vhost_user=on,socket=/s").is_ok());
+    assert!(with(",checkpoint_ms=10", "path=/a.img").is_ok());
+}

@@ -446,18 +446,7 @@ impl Checkpoints {
         // Before the epoch is armed (the caller's next step) every disk asks the log first.
         let disks = disk_hook_slots(vm)?;
         for (index, slot) in disks.iter().enumerate() {
-            let attention = self
-                .attention
-                .try_clone()
-                .map_err(|source| Error::EventFd {
-                    operation: "clone (checkpoint attention)",
-                    source,
-                })?;
-            slot.install(Some(Arc::new(DiskUndoHook {
-                log: log.clone(),
-                disk: index as u16,
-                attention,
-            })));
+            self.install_disk_hook(&log, index, slot)?;
         }
         log::info!(
             "VM {:?}: checkpoints on, undo log of {} pages per epoch",
@@ -469,6 +458,44 @@ impl Checkpoints {
             tracker,
             disks,
         })
+    }
+
+    fn install_disk_hook(
+        &self,
+        log: &UndoLog,
+        index: usize,
+        slot: &BlockWriteHookSlot,
+    ) -> Result<(), Error> {
+        let attention = self
+            .attention
+            .try_clone()
+            .map_err(|source| Error::EventFd {
+                operation: "clone (checkpoint attention)",
+                source,
+            })?;
+        slot.install(Some(Arc::new(DiskUndoHook {
+            log: log.clone(),
+            disk: index as u16,
+            attention,
+        })));
+        Ok(())
+    }
+
+    /// A disk was hot-added: while checkpoints are on, it asks the undo log before each write
+    /// too (installed before the guest's driver can have found it). A disk whose writes the VMM
+    /// cannot see was refused before it was added (config validation).
+    pub fn cover_new_disks(&mut self, vm: &Vm) -> Result<(), Error> {
+        let Some(active) = self.active.as_ref() else {
+            return Ok(());
+        };
+        let slots = disk_hook_slots(vm)?;
+        for (index, slot) in slots.iter().enumerate().skip(active.disks.len()) {
+            self.install_disk_hook(&active.log, index, slot)?;
+        }
+        if let Some(active) = self.active.as_mut() {
+            active.disks = slots;
+        }
+        Ok(())
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written

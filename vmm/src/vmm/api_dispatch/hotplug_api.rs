@@ -152,6 +152,12 @@ impl Vmm {
                 (AddedDevice::Fs(Box::new(fs)), id, bdf)
             }),
         };
+        if let (Ok((AddedDevice::Disk(_), ..)), Some(vm)) = (&added, self.vm.as_ref()) {
+            // NV checkpoints undo the new disk's writes too.
+            if let Err(e) = self.checkpoints.cover_new_disks(vm) {
+                log::error!("the hot-added disk is not covered by NV checkpoints: {e}");
+            }
+        }
         match added {
             Ok((_, id, bdf)) => {
                 self.adopt_vm_config();
