@@ -279,6 +279,25 @@ impl CheckpointArea {
         ours.then_some(header)
     }
 
+    /// The intact headers of `epoch` of this VM's area (any kind), with their indices.
+    fn epoch_headers(
+        &self,
+        store: &dyn Persistence,
+        epoch: u64,
+    ) -> Result<Vec<(usize, UndoHeader)>> {
+        let headers = read_vec(
+            store,
+            self.header_offset(0),
+            (self.capacity * UNDO_HEADER_LEN as u64) as usize,
+        )?;
+        Ok(headers
+            .chunks_exact(UNDO_HEADER_LEN)
+            .enumerate()
+            .filter(|(index, bytes)| self.header_of_epoch(bytes, *index, epoch).is_some())
+            .filter_map(|(index, bytes)| Some((index, UndoHeader::read_from_bytes(bytes).ok()?)))
+            .collect())
+    }
+
     /// The entries of epoch `epoch` whose header and data check out, as (index, guest offset),
     /// in index order. Entries of other epochs, torn entries and empty slots are skipped: a torn
     /// entry's page was never released to the guest, so it still holds the epoch's content.
@@ -289,16 +308,9 @@ impl CheckpointArea {
         memory_size: u64,
         vm: &str,
     ) -> Result<Vec<(u64, u64)>> {
-        let headers = read_vec(
-            store,
-            self.header_offset(0),
-            (self.capacity * UNDO_HEADER_LEN as u64) as usize,
-        )?;
         let mut entries = Vec::new();
-        for (index, bytes) in headers.chunks_exact(UNDO_HEADER_LEN).enumerate() {
-            let Some(header) = self.header_of_epoch(bytes, index, epoch) else {
-                continue;
-            };
+        for (index, header) in self.epoch_headers(store, epoch)? {
+            let header = &header;
             if header.kind.get() & 0xffff == UNDO_KIND_DISK_BLOCK {
                 // Disk bytes: `disk_entries_of` and `apply_disk`.
                 continue;
@@ -442,16 +454,9 @@ impl CheckpointArea {
         epoch: u64,
         vm: &str,
     ) -> Result<Vec<DiskUndoEntry>> {
-        let headers = read_vec(
-            store,
-            self.header_offset(0),
-            (self.capacity * UNDO_HEADER_LEN as u64) as usize,
-        )?;
         let mut entries = Vec::new();
-        for (index, bytes) in headers.chunks_exact(UNDO_HEADER_LEN).enumerate() {
-            let Some(header) = self.header_of_epoch(bytes, index, epoch) else {
-                continue;
-            };
+        for (index, header) in self.epoch_headers(store, epoch)? {
+            let header = &header;
             let kind = header.kind.get();
             if kind & 0xffff != UNDO_KIND_DISK_BLOCK {
                 continue;

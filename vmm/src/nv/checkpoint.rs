@@ -434,13 +434,7 @@ impl Checkpoints {
             log: log.clone(),
             ram_offsets,
         };
-        let attention = self
-            .attention
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                operation: "clone (checkpoint attention)",
-                source,
-            })?;
+        let attention = self.attention_clone()?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
         // Before the epoch is armed (the caller's next step) every disk asks the log first.
@@ -460,19 +454,20 @@ impl Checkpoints {
         })
     }
 
+    fn attention_clone(&self) -> Result<EventFd, Error> {
+        self.attention.try_clone().map_err(|source| Error::EventFd {
+            operation: "clone (checkpoint attention)",
+            source,
+        })
+    }
+
     fn install_disk_hook(
         &self,
         log: &UndoLog,
         index: usize,
         slot: &BlockWriteHookSlot,
     ) -> Result<(), Error> {
-        let attention = self
-            .attention
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                operation: "clone (checkpoint attention)",
-                source,
-            })?;
+        let attention = self.attention_clone()?;
         slot.install(Some(Arc::new(DiskUndoHook {
             log: log.clone(),
             disk: index as u16,
