@@ -539,3 +539,50 @@ impl Checkpoints {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+    use crate::ErrorKind;
+
+    /// `PUT vm.nv-checkpoint` on a VM with a disk the VMM cannot see is the caller's mistake
+    /// (a 400 naming the disk), not a failure of the VMM.
+    #[test]
+    fn an_uncoverable_disk_is_a_bad_request_naming_it() {
+        let error = Error::Checkpoint(CheckpointError::UncoverableDisk {
+            id: "vb".to_owned(),
+            reason: "a vhost-user disk's writes never pass through the VMM",
+        });
+        assert_eq!(error.kind(), ErrorKind::InvalidRequest);
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        assert!(
+            text.contains("\"vb\"") && text.contains("vhost-user"),
+            "{text}"
+        );
+    }
+
+    /// Recovery writes old disk bytes into the stored config's images by position, and refuses
+    /// a disk it cannot write (vhost-user, or none at that position).
+    #[test]
+    fn configured_disks_write_by_position_and_refuse_what_they_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        std::fs::write(&image, vec![0u8; 8192]).unwrap();
+        let config = VmConfig {
+            disks: Some(vec![
+                DiskConfig::parse(&format!("path={}", image.display())).unwrap(),
+                DiskConfig::parse("vhost_user=on,socket=/s").unwrap(),
+            ]),
+            ..VmConfig::default()
+        };
+        let mut disks = ConfiguredDisks::new(&config);
+        disks.write_disk(0, 4096, &[7; 512]).unwrap();
+        disks.sync_disk(0).unwrap();
+        let bytes = std::fs::read(&image).unwrap();
+        assert_eq!(&bytes[4096..4608], &[7; 512]);
+        assert!(bytes[..4096].iter().all(|b| *b == 0));
+        assert!(disks.write_disk(1, 0, &[1; 512]).is_err());
+        assert!(disks.write_disk(2, 0, &[1; 512]).is_err());
+    }
+}
