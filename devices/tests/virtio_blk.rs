@@ -357,3 +357,94 @@ fn large_reads_across_regions_arrive_intact_and_report_a_rate() {
         mib / elapsed.as_secs_f64()
     );
 }
+
+/// A write hook that records what it was asked and the image's bytes it read, and answers
+/// `Defer` while `defer` is set, then `answer`.
+struct RecordingHook {
+    asked: std::sync::Mutex<Vec<(u64, u64, Vec<u8>)>>,
+    defer: std::sync::atomic::AtomicBool,
+    answer: devices::virtio::BeforeWrite,
+}
+
+impl devices::virtio::BlockWriteHook for RecordingHook {
+    fn before_write(
+        &self,
+        image: &devices::virtio::DiskImage<'_>,
+        offset: u64,
+        len: u64,
+    ) -> devices::virtio::BeforeWrite {
+        let mut old = vec![0u8; len as usize];
+        image.read_at(offset, &mut old).unwrap();
+        assert_eq!(image.len(), SECTORS * 512);
+        self.asked.lock().unwrap().push((offset, len, old));
+        if self.defer.load(std::sync::atomic::Ordering::SeqCst) {
+            return devices::virtio::BeforeWrite::Defer;
+        }
+        self.answer.clone()
+    }
+}
+
+fn hooked(image: &tempfile::NamedTempFile, hook: std::sync::Arc<RecordingHook>) -> TestDriver {
+    let block = open_block(image.path(), false);
+    block.write_hook_slot().install(Some(hook));
+    let driver = TestDriver::new(guest_memory(), block);
+    driver.initialise(VERSION_1 | BLK_F_FLUSH);
+    driver
+}
+
+#[test]
+fn the_write_hook_sees_the_old_bytes_before_each_write_and_can_defer_it() {
+    let image = blank_image(SECTORS);
+    image.as_file().write_all_at(&pattern(1, 4096), 0).unwrap();
+    let hook = std::sync::Arc::new(RecordingHook {
+        asked: Default::default(),
+        defer: true.into(),
+        answer: devices::virtio::BeforeWrite::Proceed,
+    });
+    let mut driver = hooked(&image, hook.clone());
+    let payload = pattern(2, 1024);
+    // Deferred: nothing written, nothing completed, and the device serves nothing after it.
+    let write = driver.post_block_request(VIRTIO_BLK_T_OUT, 3, 1024, Some(&payload));
+    let read = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
+    driver.notify();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(driver.used_idx(), 0);
+    assert_eq!(
+        image_bytes(&image, 3 * 512, 1024),
+        pattern(1, 4096)[1536..2560]
+    );
+    let deferred = hook.asked.lock().unwrap().len();
+    assert!(deferred >= 1);
+    // Served again, in order, after the next pause and resume (a checkpoint's).
+    hook.defer.store(false, std::sync::atomic::Ordering::SeqCst);
+    driver.transport.lock().unwrap().pause().unwrap();
+    driver.transport.lock().unwrap().resume().unwrap();
+    driver.wait_used(2);
+    assert_eq!(driver.used_elem(0), (u32::from(write.head), 1));
+    assert_eq!(driver.used_elem(1), (u32::from(read.head), 513));
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_OK);
+    assert_eq!(image_bytes(&image, 3 * 512, 1024), payload);
+    // Asked again for the same write (each wake-up while deferred, then once more), each time
+    // before it: the old bytes every time; reads never ask.
+    let asked = hook.asked.lock().unwrap().clone();
+    let old = pattern(1, 4096)[1536..2560].to_vec();
+    assert_eq!(asked.len(), deferred + 1);
+    assert!(asked.iter().all(|a| *a == (1536, 1024, old.clone())));
+}
+
+#[test]
+fn a_write_the_hook_refuses_fails_and_leaves_the_image() {
+    let image = blank_image(SECTORS);
+    let hook = std::sync::Arc::new(RecordingHook {
+        asked: Default::default(),
+        defer: false.into(),
+        answer: devices::virtio::BeforeWrite::Fail("no".into()),
+    });
+    let mut driver = hooked(&image, hook.clone());
+    let write = driver.post_block_request(VIRTIO_BLK_T_OUT, 8, 512, Some(&pattern(5, 512)));
+    driver.notify();
+    driver.wait_used(1);
+    assert_eq!(driver.status_byte(&write), VIRTIO_BLK_S_IOERR);
+    assert_eq!(image_bytes(&image, 8 * 512, 512), vec![0; 512]);
+    assert_eq!(hook.asked.lock().unwrap().len(), 1);
+}

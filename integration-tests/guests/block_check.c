@@ -83,6 +83,51 @@ static int check_batch(struct virtio_blk *disk, uint64_t blocks, uint64_t round,
 	return 0;
 }
 
+/* verify=all: before each batch, every block must hold what this guest
+ * last wrote there (block b < first: round `round`; else round - 1; never
+ * written: zeros). A disk ahead of or behind the guest's memory fails here. */
+static int verify_disk(struct virtio_blk *disk, uint64_t blocks, uint64_t round,
+		       uint64_t first, int batch)
+{
+	struct virtio_blk_io ios[VIRTIO_BLK_MAX_BATCH];
+	const char *error = 0;
+
+	for (uint64_t at = 0; at < blocks; at += (uint64_t)batch) {
+		int count = blocks - at < (uint64_t)batch ? (int)(blocks - at) : batch;
+		for (int i = 0; i < count; i++) {
+			ios[i].op = VIRTIO_BLK_OP_READ;
+			ios[i].sector = (at + (uint64_t)i) * SECTORS_PER_BLOCK;
+			ios[i].buffer = read_buffers[i];
+			ios[i].length = BLOCK_SIZE;
+		}
+		if (virtio_blk_submit(disk, ios, count, &error)) {
+			report_failure(error, 0);
+			return -1;
+		}
+		for (int i = 0; i < count; i++) {
+			uint64_t b = at + (uint64_t)i;
+			int written = b < first || round > 0;
+			uint64_t r = b < first ? round : round - 1;
+			if (written)
+				fill_block(write_buffers[0], r * blocks + b + 1, b, r);
+			else
+				memset(write_buffers[0], 0, BLOCK_SIZE);
+			if (memcmp(read_buffers[i], write_buffers[0], BLOCK_SIZE)) {
+				console_write(guest_name);
+				console_write(": FAIL disk block ");
+				console_write_dec(b);
+				console_write(" holds seq=");
+				console_write_dec(read_buffers[i][1]);
+				console_write(", this guest wrote ");
+				console_write_dec(written ? r * blocks + b + 1 : 0);
+				console_write("\n");
+				return -1;
+			}
+		}
+	}
+	return 0;
+}
+
 int block_check_run(const struct block_check *check, struct virtio_blk *disk,
 		    const char *open_error)
 {
@@ -119,6 +164,11 @@ int block_check_run(const struct block_check *check, struct virtio_blk *disk,
 	console_write("\n");
 
 	int batch = virtio_blk_max_batch(disk);
+	uint64_t batch_param = param_u64("batch", (uint64_t)batch);
+	if (batch_param >= 1 && batch_param < (uint64_t)batch)
+		batch = (int)batch_param;
+	const char *verify = param_str("verify");
+	int verify_all = verify && text_equal(verify, "all");
 	for (uint64_t round = 0; round < rounds; round++) {
 		for (uint64_t first = 0; first < blocks; first += (uint64_t)batch) {
 			uint64_t left = blocks - first;
@@ -126,6 +176,8 @@ int block_check_run(const struct block_check *check, struct virtio_blk *disk,
 			if (check->before_batch)
 				check->before_batch(batches);
 			batches++;
+			if (verify_all && verify_disk(disk, blocks, round, first, batch))
+				return -1;
 			if (check_batch(disk, blocks, round, first, count))
 				return -1;
 		}

@@ -5,6 +5,9 @@
  *
  *   blocks=N  4 KiB blocks per round (default 256; disk needs N x 4 KiB)
  *   rounds=N  passes over the blocks (default 1)
+ *   batch=N   at most N blocks per batch (default: the driver's largest)
+ *   verify=all  before each batch, read every block and check it holds what
+ *             this guest last wrote there (zeros if never): FAIL otherwise
  *
  * Block b of round r (both from 0) carries seq = r * blocks + b + 1 and is
  * written at byte offset b * 4096. Its 512 little-endian 64-bit words are:

@@ -343,6 +343,17 @@ pub(crate) fn recoverable_epoch(store: &dyn Persistence, entry: &VmEntry) -> Res
     }
 }
 
+/// Writes epoch `seq`'s old disk bytes back through `disks` and syncs them: part of the
+/// rollback, before memory and before the record "saved" (so a crash recovers again, whole).
+pub(crate) fn roll_back_disks(
+    store: &dyn Persistence,
+    entry: &VmEntry,
+    seq: u64,
+    disks: &mut dyn checkpoint_area::DiskUndoTarget,
+) -> Result<u64> {
+    CheckpointArea::new(entry.uuid, entry.checkpoint).apply_disk(store, seq, &entry.name, disks)
+}
+
 /// Rolls guest memory back to `recovered`'s epoch (undo log applied, durable), drops a later
 /// state slot that never committed, and records the VM as saved at that epoch. The caller
 /// commits the entry change; a crash before that recovers the same way again.
@@ -960,5 +971,155 @@ mod tests {
         drop(handle);
         region.delete_vm("vm").unwrap();
         assert!(region.list_vms().unwrap().is_empty());
+    }
+
+    /// A disk image in memory, as the VMM's recovery target sees it.
+    #[derive(Default)]
+    struct VecDisks {
+        disks: Vec<Vec<u8>>,
+        synced: Vec<u16>,
+    }
+
+    impl crate::DiskUndoTarget for VecDisks {
+        fn write_disk(
+            &mut self,
+            disk: u16,
+            offset: u64,
+            data: &[u8],
+        ) -> std::result::Result<(), HostError> {
+            let image = self.disks.get_mut(disk as usize).ok_or("no such disk")?;
+            image[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn sync_disk(&mut self, disk: u16) -> std::result::Result<(), HostError> {
+            self.synced.push(disk);
+            Ok(())
+        }
+    }
+
+    /// What the block device does: log the old bytes, then write.
+    fn disk_write(log: &UndoLog, disks: &mut VecDisks, disk: u16, offset: u64, bytes: &[u8]) {
+        let image = &mut disks.disks[disk as usize];
+        let len = image.len() as u64;
+        let snapshot = image.clone();
+        let mut read_old = |at: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&snapshot[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        log.record_disk_write(disk, offset, bytes.len() as u64, len, &mut read_old)
+            .unwrap();
+        image[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+    }
+
+    #[test]
+    fn recovery_rolls_disks_back_with_memory() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(16).unwrap();
+        // Disk 1 ends with a partial block (3.5 blocks); disk 0 is two blocks.
+        let mut disks = VecDisks {
+            disks: vec![vec![0xd0; 8192], vec![0xd1; 3 * 4096 + 2048]],
+            ..VecDisks::default()
+        };
+        // Before the first checkpoint nothing is armed.
+        let mut never = |_: u64, _: &mut [u8]| -> std::io::Result<()> { panic!("read") };
+        assert_eq!(
+            log.record_disk_write(0, 0, 512, 8192, &mut never).unwrap(),
+            UndoRecord::NotArmed
+        );
+        let mut host = MockHost {
+            state: b"epoch-1".to_vec(),
+            ..MockHost::default()
+        };
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        disk_write(&log, &mut disks, 1, 4096 - 512, &[1; 1536]);
+        guest_write(&handle, &log, 1, 0x11);
+        host.state = b"epoch-2".to_vec();
+        let second = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert_eq!((second.undo_pages, log.disk_blocks_logged()), (1, 0));
+        let (disks_at_second, memory_at_second) = (disks.disks.clone(), memory(&handle));
+        // Across two blocks, the same block again (logged once), the partial last block, and
+        // guest pages logged in between share the log.
+        disk_write(&log, &mut disks, 1, 4096 - 512, &[2; 1024]);
+        guest_write(&handle, &log, 2, 0x22);
+        disk_write(&log, &mut disks, 1, 4096, &[3; 512]);
+        disk_write(&log, &mut disks, 1, 3 * 4096, &[4; 2048]);
+        disk_write(&log, &mut disks, 0, 4096, &[5; 4096]);
+        assert_eq!(log.disk_blocks_logged(), 4);
+        assert_eq!(log.status().pages, 1);
+        let mut again = |_: u64, _: &mut [u8]| -> std::io::Result<()> { panic!("read again") };
+        assert_eq!(
+            log.record_disk_write(1, 4096, 4096, 14336, &mut again)
+                .unwrap(),
+            UndoRecord::AlreadyRecorded
+        );
+        // Ranges that are not whole sectors of the disk are refused.
+        assert!(log
+            .record_disk_write(1, 100, 512, 14336, &mut again)
+            .is_err());
+        assert!(log
+            .record_disk_write(1, 14336, 512, 14336, &mut again)
+            .is_err());
+        assert_ne!(disks.disks, disks_at_second);
+
+        let (crashed, handle) = crash(&region);
+        // Without the disks, recovery refuses rather than roll back memory alone.
+        let refused = handle.recover().unwrap_err();
+        assert!(
+            matches!(refused, Error::DiskUndo { disk: 0 | 1, .. }),
+            "{refused}"
+        );
+        let recovered = handle.recover_with_disks(&mut disks).unwrap();
+        assert_eq!(recovered.seq, second.seq);
+        assert_eq!(recovered.state_blob, b"epoch-2");
+        assert_eq!(disks.disks, disks_at_second);
+        assert_eq!(memory(&handle), memory_at_second);
+        disks.synced.sort_unstable();
+        assert_eq!(disks.synced, [0, 1]);
+        // Recorded as saved at the epoch: recovering again touches no disk.
+        assert_eq!(handle.recover().unwrap(), recovered);
+        drop(crashed);
+    }
+
+    #[test]
+    fn disk_blocks_fill_the_log_with_pages() {
+        let (_region, handle) = running_vm();
+        let log = handle.enable_checkpoints(1).unwrap();
+        let capacity = log.capacity_pages();
+        let mut host = MockHost::default();
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        guest_write(&handle, &log, 0, 1);
+        let disk_len = (capacity + 4) * 4096;
+        let mut disks = VecDisks {
+            disks: vec![vec![7; disk_len as usize]],
+            ..VecDisks::default()
+        };
+        let mut read_old = |_: u64, buf: &mut [u8]| {
+            buf.fill(7);
+            Ok(())
+        };
+        // capacity - 1 entries are left: a write of `capacity` blocks logs what fits, then
+        // says full; after the checkpoint it goes through.
+        let len = capacity * 4096;
+        assert!(matches!(
+            log.record_disk_write(0, 0, len, disk_len, &mut read_old),
+            Err(Error::UndoLogFull { .. })
+        ));
+        assert_eq!(log.disk_blocks_logged(), capacity - 1);
+        assert!(matches!(
+            log.record_undo(PAGE_SIZE),
+            Err(Error::UndoLogFull { .. })
+        ));
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        assert_eq!(
+            log.record_disk_write(0, 0, len, disk_len, &mut read_old)
+                .unwrap(),
+            UndoRecord::Recorded
+        );
+        // More blocks than the log holds can never fit: refused, not full.
+        assert!(matches!(
+            log.record_disk_write(0, 0, len + 4096, disk_len, &mut read_old),
+            Err(Error::InvalidCheckpointRequest(_))
+        ));
+        disk_write(&log, &mut disks, 0, 0, &[1; 512]);
     }
 }

@@ -11,7 +11,7 @@
 //! checks out, and only for the epoch its header names, so the log never needs clearing: a new
 //! epoch's entries overwrite the old ones, which no longer match.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, HostError, Result};
 use crate::fault_injection::{self, FaultPoint};
 use crate::identity::Uuid;
 use crate::le_bytes::{le_record, trailing_crc_holds, trailing_crc_of};
@@ -29,6 +29,14 @@ pub const EPOCH_RECORD_LEN: usize = 64;
 pub const UNDO_HEADER_LEN: usize = 64;
 /// `kind` of an undo entry holding a guest memory page.
 pub const UNDO_KIND_GUEST_PAGE: u32 = 1;
+/// `kind` of an undo entry holding old bytes of a disk: the low 16 bits are 2, the high 16 bits
+/// the disk's index (its position in the VM's stored configuration); `target` is the byte offset
+/// on that disk, `data_len` the bytes held (512 to 4096, a multiple of 512).
+pub const UNDO_KIND_DISK_BLOCK: u32 = 2;
+/// Disk bytes are logged in blocks of this size (aligned on the disk), once per epoch each.
+pub const DISK_UNDO_BLOCK: u64 = 4096;
+/// The unit of disk offsets and lengths in the log (a disk's sector).
+pub const DISK_UNDO_SECTOR: u64 = 512;
 
 /// The test-only fault points of checkpoints and of recovery from one (`NV_FAULT_AFTER_PHASE`).
 pub const CHECKPOINT_FAULT_POINTS: [&str; 5] = [
@@ -248,24 +256,72 @@ impl CheckpointArea {
             .zip(targets)
             .zip(data.chunks_exact(PAGE_SIZE as usize))
         {
-            let mut header = UndoHeader {
-                magic: UNDO_MAGIC,
-                epoch: epoch.into(),
-                target: target.into(),
-                index: (index as u32).into(),
-                kind: UNDO_KIND_GUEST_PAGE.into(),
-                vm_uuid: self.vm_uuid.0,
-                data_len: (PAGE_SIZE as u32).into(),
-                data_crc: crc32c::crc32c(page).into(),
-                format: CHECKPOINT_FORMAT.into(),
-                crc: U32::ZERO,
-            };
-            header.crc = trailing_crc_of(&header).into();
+            let header = self.sealed_header(index, epoch, target, UNDO_KIND_GUEST_PAGE, page);
             headers.extend_from_slice(header.as_bytes());
         }
         let header_offset = self.header_offset(first_index);
         store.write(header_offset, &headers)?;
         store.persist(header_offset, headers.len() as u64)
+    }
+
+    /// The header of entry `index`, checksummed, for `kind`, vouching for `data`.
+    fn sealed_header(
+        &self,
+        index: u64,
+        epoch: u64,
+        target: u64,
+        kind: u32,
+        data: &[u8],
+    ) -> UndoHeader {
+        let mut header = UndoHeader {
+            magic: UNDO_MAGIC,
+            epoch: epoch.into(),
+            target: target.into(),
+            index: (index as u32).into(),
+            kind: kind.into(),
+            vm_uuid: self.vm_uuid.0,
+            data_len: (data.len() as u32).into(),
+            data_crc: crc32c::crc32c(data).into(),
+            format: CHECKPOINT_FORMAT.into(),
+            crc: U32::ZERO,
+        };
+        header.crc = trailing_crc_of(&header).into();
+        header
+    }
+
+    /// The header at `index` if it is an intact header of `epoch` of this VM's area (any kind).
+    fn header_of_epoch<'h>(
+        &self,
+        bytes: &'h [u8],
+        index: usize,
+        epoch: u64,
+    ) -> Option<&'h UndoHeader> {
+        let header = UndoHeader::ref_from_bytes(bytes).ok()?;
+        let ours = header.magic == UNDO_MAGIC
+            && trailing_crc_holds(header)
+            && header.epoch.get() == epoch
+            && header.vm_uuid == self.vm_uuid.0
+            && header.index.get() as usize == index;
+        ours.then_some(header)
+    }
+
+    /// The intact headers of `epoch` of this VM's area (any kind), with their indices.
+    fn epoch_headers(
+        &self,
+        store: &dyn Persistence,
+        epoch: u64,
+    ) -> Result<Vec<(usize, UndoHeader)>> {
+        let headers = read_vec(
+            store,
+            self.header_offset(0),
+            (self.capacity * UNDO_HEADER_LEN as u64) as usize,
+        )?;
+        Ok(headers
+            .chunks_exact(UNDO_HEADER_LEN)
+            .enumerate()
+            .filter(|(index, bytes)| self.header_of_epoch(bytes, *index, epoch).is_some())
+            .filter_map(|(index, bytes)| Some((index, UndoHeader::read_from_bytes(bytes).ok()?)))
+            .collect())
     }
 
     /// The entries of epoch `epoch` whose header and data check out, as (index, guest offset),
@@ -278,22 +334,11 @@ impl CheckpointArea {
         memory_size: u64,
         vm: &str,
     ) -> Result<Vec<(u64, u64)>> {
-        let headers = read_vec(
-            store,
-            self.header_offset(0),
-            (self.capacity * UNDO_HEADER_LEN as u64) as usize,
-        )?;
         let mut entries = Vec::new();
-        for (index, bytes) in headers.chunks_exact(UNDO_HEADER_LEN).enumerate() {
-            let Ok(header) = UndoHeader::ref_from_bytes(bytes) else {
-                continue;
-            };
-            if header.magic != UNDO_MAGIC
-                || !trailing_crc_holds(header)
-                || header.epoch.get() != epoch
-                || header.vm_uuid != self.vm_uuid.0
-                || header.index.get() as usize != index
-            {
+        for (index, header) in self.epoch_headers(store, epoch)? {
+            let header = &header;
+            if header.kind.get() & 0xffff == UNDO_KIND_DISK_BLOCK {
+                // Disk bytes: `disk_entries_of` and `apply_disk`.
                 continue;
             }
             let target = header.target.get();
@@ -340,6 +385,161 @@ impl CheckpointArea {
             let data = read_vec(store, self.data_offset(*index), PAGE_SIZE as usize)?;
             store.write(memory.offset + target, &data)?;
             store.persist(memory.offset + target, PAGE_SIZE)?;
+        }
+        Ok(entries.len() as u64)
+    }
+}
+
+/// Old bytes of a disk, as one undo entry holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskUndoBlock {
+    /// The disk's index: its position in the VM's stored configuration.
+    pub disk: u16,
+    /// Byte offset on the disk (a multiple of [`DISK_UNDO_SECTOR`]).
+    pub offset: u64,
+    /// The content at the epoch's start: 512 to 4096 bytes, a multiple of 512.
+    pub data: Vec<u8>,
+}
+
+/// Where a disk entry of the log is: (entry index, disk, byte offset, length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskUndoEntry {
+    pub index: u64,
+    pub disk: u16,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What recovery writes old disk bytes through: the VMM's disk images, by index. The
+/// checkpoint code never opens a disk itself.
+pub trait DiskUndoTarget {
+    /// Writes `data` at byte `offset` of disk `disk` (the write need not be durable yet).
+    fn write_disk(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), HostError>;
+    /// Makes the writes to disk `disk` durable (fdatasync).
+    fn sync_disk(&mut self, disk: u16) -> std::result::Result<(), HostError>;
+}
+
+/// No disk access: recovery refuses an epoch that logged disk bytes instead of rolling back
+/// memory alone.
+pub struct NoDisks;
+
+impl DiskUndoTarget for NoDisks {
+    fn write_disk(&mut self, disk: u16, _: u64, _: &[u8]) -> std::result::Result<(), HostError> {
+        Err(
+            format!("the epoch logged writes to disk {disk}, and recovery was given no disks")
+                .into(),
+        )
+    }
+    fn sync_disk(&mut self, disk: u16) -> std::result::Result<(), HostError> {
+        self.write_disk(disk, 0, &[])
+    }
+}
+
+impl CheckpointArea {
+    /// Writes `blocks` as undo entries `first..` of epoch `epoch`: all their data, durable, then
+    /// all their headers, durable, before returning (entries are adjacent, so each is one
+    /// persist): only then may the disk be written.
+    pub fn write_disk_entries(
+        &self,
+        store: &mut dyn Persistence,
+        first: u64,
+        epoch: u64,
+        blocks: &[DiskUndoBlock],
+    ) -> Result<()> {
+        let count = blocks.len() as u64;
+        if count == 0 {
+            return Ok(());
+        }
+        debug_assert!(first + count <= self.capacity);
+        for (i, block) in blocks.iter().enumerate() {
+            store.write(self.data_offset(first + i as u64), &block.data)?;
+        }
+        store.persist(self.data_offset(first), count * PAGE_SIZE)?;
+        fault_injection::reached(FaultPoint::Checkpoint("ckpt-undo-data"));
+        let mut headers = Vec::with_capacity(blocks.len() * UNDO_HEADER_LEN);
+        for (i, block) in blocks.iter().enumerate() {
+            let kind = UNDO_KIND_DISK_BLOCK | (u32::from(block.disk) << 16);
+            let header =
+                self.sealed_header(first + i as u64, epoch, block.offset, kind, &block.data);
+            headers.extend_from_slice(header.as_bytes());
+        }
+        store.write(self.header_offset(first), &headers)?;
+        store.persist(self.header_offset(first), headers.len() as u64)
+    }
+
+    /// The disk entries of epoch `epoch` whose header and data check out, in index order. Torn
+    /// entries are skipped: the disk write they were to allow never started.
+    pub fn disk_entries_of(
+        &self,
+        store: &dyn Persistence,
+        epoch: u64,
+        vm: &str,
+    ) -> Result<Vec<DiskUndoEntry>> {
+        let mut entries = Vec::new();
+        for (index, header) in self.epoch_headers(store, epoch)? {
+            let header = &header;
+            let kind = header.kind.get();
+            if kind & 0xffff != UNDO_KIND_DISK_BLOCK {
+                continue;
+            }
+            let (offset, len) = (header.target.get(), u64::from(header.data_len.get()));
+            if header.format.get() != CHECKPOINT_FORMAT
+                || !offset.is_multiple_of(DISK_UNDO_SECTOR)
+                || !len.is_multiple_of(DISK_UNDO_SECTOR)
+                || !(DISK_UNDO_SECTOR..=DISK_UNDO_BLOCK).contains(&len)
+            {
+                return Err(Error::DamagedCheckpoint {
+                    vm: vm.to_string(),
+                    detail: format!(
+                        "undo entry {index} of epoch {epoch} is a malformed disk entry \
+                         ({len} bytes at {offset:#x})"
+                    ),
+                });
+            }
+            let data = read_vec(store, self.data_offset(index as u64), len as usize)?;
+            if crc32c::crc32c(&data) == header.data_crc.get() {
+                entries.push(DiskUndoEntry {
+                    index: index as u64,
+                    disk: (kind >> 16) as u16,
+                    offset,
+                    len,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Writes every disk entry of `epoch` back through `disks`, newest first (a block logged
+    /// twice ends with its oldest content), then syncs each disk written. Idempotent, as
+    /// [`CheckpointArea::apply`]: the log is only read. Returns the count.
+    pub fn apply_disk(
+        &self,
+        store: &dyn Persistence,
+        epoch: u64,
+        vm: &str,
+        disks: &mut dyn DiskUndoTarget,
+    ) -> Result<u64> {
+        let entries = self.disk_entries_of(store, epoch, vm)?;
+        let failed = |disk: u16, source: HostError| Error::DiskUndo {
+            vm: vm.to_string(),
+            disk,
+            source,
+        };
+        let mut written = std::collections::BTreeSet::new();
+        for entry in entries.iter().rev() {
+            let data = read_vec(store, self.data_offset(entry.index), entry.len as usize)?;
+            disks
+                .write_disk(entry.disk, entry.offset, &data)
+                .map_err(|e| failed(entry.disk, e))?;
+            written.insert(entry.disk);
+        }
+        for disk in written {
+            disks.sync_disk(disk).map_err(|e| failed(disk, e))?;
         }
         Ok(entries.len() as u64)
     }

@@ -114,6 +114,14 @@ pub enum Error {
         #[source]
         source: HostError,
     },
+    /// Recovery could not write a checkpoint epoch's old disk bytes back (`DiskUndoTarget`).
+    #[error("VM {vm:?}: rolling disk {disk} back to the checkpoint failed: {source}")]
+    DiskUndo {
+        vm: String,
+        disk: u16,
+        #[source]
+        source: HostError,
+    },
     /// The checkpoint area of a VM fails a check that only media damage (or a bug) explains.
     #[error("VM {vm:?}: checkpoint area damaged: {detail}")]
     DamagedCheckpoint { vm: String, detail: String },
@@ -241,6 +249,7 @@ impl Error {
             | Error::UndoLogFull { .. }
             | Error::CheckpointHostStep { .. }
             | Error::DamagedCheckpoint { .. }
+            | Error::DiskUndo { .. }
             | Error::InvalidFaultPoint(_) => ErrorKind::Internal,
         }
     }

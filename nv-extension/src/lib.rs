@@ -16,6 +16,7 @@ pub mod allocator;
 pub mod checkpoint;
 pub mod checkpoint_area;
 pub mod coordinator;
+mod disk_undo;
 pub mod error;
 pub mod fault_injection;
 mod format;
@@ -38,7 +39,7 @@ pub mod vm_table;
 
 pub use allocator::FreeSpace;
 pub use checkpoint::{checkpoint_vm, default_undo_pages, CheckpointPhase, CheckpointReport};
-pub use checkpoint_area::CHECKPOINT_FAULT_POINTS;
+pub use checkpoint_area::{DiskUndoTarget, NoDisks, CHECKPOINT_FAULT_POINTS};
 pub use coordinator::{save_vm, NvHost, SavePhase, SaveReport};
 pub use error::{Error, ErrorKind, HostError, Result, SwapFileProblem};
 pub use identity::Uuid;

@@ -43,7 +43,9 @@ pub struct UndoLogStatus {
     pub epoch: Option<u64>,
     /// Pages logged in this epoch.
     pub pages: u64,
-    /// Pages the log holds at most.
+    /// Entries taken in this epoch: pages and disk blocks (each takes one entry).
+    pub entries: u64,
+    /// Entries (pages or disk blocks) the log holds at most.
     pub capacity_pages: u64,
 }
 
@@ -58,6 +60,9 @@ pub(crate) struct LogState {
     pub(crate) pages: Vec<u64>,
     /// One bit per guest page: logged in this epoch.
     logged: Vec<u64>,
+    /// Disk blocks logged in this epoch, as (disk, block number), and how many entries they
+    /// took (the log's entries are pages and disk blocks, in the order they were recorded).
+    pub(crate) disk_blocks: std::collections::HashSet<(u16, u64)>,
 }
 
 impl LogState {
@@ -71,8 +76,14 @@ impl LogState {
         self.logged[word] & mask != 0
     }
 
+    /// Entries of the log taken in this epoch (pages and disk blocks): the next entry's index.
+    pub(crate) fn entries_used(&self) -> u64 {
+        (self.pages.len() + self.disk_blocks.len()) as u64
+    }
+
     /// Starts logging against epoch `seq` (just committed) with an empty log.
     pub(crate) fn start_epoch(&mut self, seq: u64) {
+        self.disk_blocks.clear();
         for page in std::mem::take(&mut self.pages) {
             let (word, mask) = self.bit(page);
             self.logged[word] &= !mask;
@@ -116,6 +127,7 @@ impl UndoLog {
                 epoch: None,
                 pages: Vec::new(),
                 logged: vec![0; pages.div_ceil(64) as usize],
+                disk_blocks: Default::default(),
             })),
             region,
             vm: vm.to_string(),
@@ -174,7 +186,7 @@ impl UndoLog {
         if state.is_logged(page_offset) {
             return Ok(nothing(UndoRecord::AlreadyRecorded));
         }
-        let index = state.pages.len() as u64;
+        let index = state.entries_used();
         let room = state.area.capacity.saturating_sub(index);
         if room == 0 {
             return Err(Error::UndoLogFull {
@@ -222,6 +234,7 @@ impl UndoLog {
         UndoLogStatus {
             epoch: state.epoch,
             pages: state.pages.len() as u64,
+            entries: state.entries_used(),
             capacity_pages: state.area.capacity,
         }
     }

@@ -5,7 +5,7 @@ use std::fs::File;
 use vm_memory::VolatileSlice;
 
 use crate::checkpoint;
-use crate::checkpoint_area::CheckpointArea;
+use crate::checkpoint_area::{CheckpointArea, DiskUndoTarget, NoDisks};
 use crate::coordinator::SaveReport;
 use crate::error::{Error, Result};
 use crate::fault_injection::{self, FaultPoint};
@@ -278,12 +278,31 @@ impl VmHandle {
     /// A VM that died without a save but with a committed checkpoint epoch is rolled back to
     /// it here: its undo log is applied to guest memory and it is recorded as saved at that
     /// epoch (`ShutdownKind::Checkpoint`), so a crash during this recovers again.
+    ///
+    /// An epoch that logged disk writes is refused here (`DiskUndo`): use
+    /// [`VmHandle::recover_with_disks`].
     pub fn recover(&self) -> Result<RecoveredVm> {
+        self.recover_with_disks(&mut NoDisks)
+    }
+
+    /// [`VmHandle::recover`], and a rollback to a checkpoint epoch also writes the epoch's old
+    /// disk bytes back through `disks` (then syncs them) before guest memory is rolled back and
+    /// the VM recorded as saved.
+    pub fn recover_with_disks(&self, disks: &mut dyn DiskUndoTarget) -> Result<RecoveredVm> {
         self.region.check_path()?;
         let (recovered, table) = self.transact_owned(|shared, entry| {
             let recovered = recoverable_state(shared.store.as_ref(), entry)?;
             if !matches!(entry.record, RunRecord::Running { .. }) {
                 return Ok((recovered, false));
+            }
+            let disk_blocks =
+                checkpoint::roll_back_disks(shared.store.as_ref(), entry, recovered.seq, disks)?;
+            if disk_blocks > 0 {
+                log::info!(
+                    "VM {:?}: {disk_blocks} disk blocks rolled back to checkpoint epoch {}",
+                    entry.name,
+                    recovered.seq
+                );
             }
             let applied = checkpoint::roll_back(shared.store.as_mut(), entry, &recovered)?;
             log::info!(

@@ -148,6 +148,9 @@ struct VirtioBlockSlot {
     /// A vhost-user disk (`path` is then its socket): an inactive device on the session with the
     /// backend, what a restore rebuilds the transport around.
     vhost_user: Option<VhostUserBlkLink>,
+    /// What an in-process disk asks before each write (NV checkpoints' disk undo); `None` for
+    /// a vhost-user disk, whose writes the VMM never sees.
+    write_hook: Option<devices::virtio::BlockWriteHookSlot>,
 }
 
 fn lock_or_recover<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -591,6 +594,7 @@ impl DeviceManager {
             .clone()
             .unwrap_or_else(|| format!("_disk{}", self.disks.len()));
         let block = open_block(&path, disk.readonly)?;
+        let write_hook = block.write_hook_slot();
         let transport = match disk.transport.unwrap_or_default() {
             VirtioTransportKind::Pci => self.add_pci_block(&id, &path, block)?,
             VirtioTransportKind::Mmio => {
@@ -614,6 +618,7 @@ impl DeviceManager {
             path,
             readonly: disk.readonly,
             vhost_user: None,
+            write_hook: Some(write_hook),
         });
         Ok(())
     }
@@ -645,6 +650,7 @@ impl DeviceManager {
             path: socket,
             readonly: false,
             vhost_user: Some(link),
+            write_hook: None,
         });
         Ok(())
     }
@@ -904,6 +910,22 @@ impl DeviceManager {
     /// (until then a notify reaches its device as a BAR write). Idempotent.
     pub fn register_ioeventfds(&self) {
         self.pci.register_ioeventfds();
+    }
+
+    /// Each disk in the order of the VM's config (its index in an NV checkpoint's disk undo
+    /// entries): its id, and the slot its device asks before each write, `None` for a disk
+    /// whose writes the VMM does not see (vhost-user).
+    pub fn disk_write_hooks(&self) -> Vec<(String, Option<devices::virtio::BlockWriteHookSlot>)> {
+        // Live disks only: their positions are those of the config's disks, which a recovery
+        // writes the undo entries back through (an ejected disk has left the config).
+        self.live_disks()
+            .map(|disk| (disk.id.clone(), disk.write_hook.clone()))
+            .collect()
+    }
+
+    /// Whether `id` names a disk the guest has not ejected.
+    pub fn has_live_disk(&self, id: &str) -> bool {
+        self.live_disks().any(|disk| disk.id == id)
     }
 
     /// Makes every completed disk write durable (fdatasync).
@@ -1210,7 +1232,10 @@ impl DeviceManager {
     fn restore_disk(&self, disk: &VirtioBlockSlot, saved: &BlockState) -> Result<(), Error> {
         let block: Box<dyn VirtioDevice> = match &disk.vhost_user {
             Some(link) => Box::new(link.device()),
-            None => Box::new(open_block(&disk.path, disk.readonly)?),
+            None => Box::new(
+                open_block(&disk.path, disk.readonly)?
+                    .with_write_hook(disk.write_hook.clone().unwrap_or_default()),
+            ),
         };
         self.restore_transport(
             &format!("disk {}", disk.path.display()),

@@ -204,6 +204,13 @@ pub enum Error {
     /// `vm.nv-checkpoint` on a VM whose devices cannot follow checkpoints (a vhost-user net).
     #[error("checkpoints refused: {0}")]
     CheckpointRefused(#[source] crate::config::ConfigError),
+    /// `vm.remove-device` of a disk while checkpoints are on: the epoch's disk undo entries
+    /// name disks by their position, which the removal would shift.
+    #[error(
+        "disk {0} cannot be removed while NV checkpoints are on (the epoch's disk undo entries \
+         name disks by position); turn checkpoints off first (vm.nv-checkpoint interval_ms 0)"
+    )]
+    DiskRemovalWhileCheckpointed(String),
     #[error("the VM would not boot again, so it was left as it is: {what} {path}: {source}")]
     NotBootableFile {
         what: String,
@@ -323,12 +330,15 @@ impl Error {
             | Error::Snapshot(_)
             | Error::SnapshotFailed { .. } => ErrorKind::InvalidRequest,
             Error::SnapshotVmRunning => ErrorKind::WrongState,
+            Error::Checkpoint(CheckpointError::UncoverableDisk { .. }) => ErrorKind::InvalidRequest,
             Error::NoNvVm | Error::UnknownDeviceId(_) => ErrorKind::NotFound,
             Error::DuplicateDeviceId(_) => ErrorKind::Conflict,
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
                 ErrorKind::Conflict
             }
-            Error::CheckpointRefused(_) => ErrorKind::Conflict,
+            Error::CheckpointRefused(_) | Error::DiskRemovalWhileCheckpointed(_) => {
+                ErrorKind::Conflict
+            }
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
             Error::KvmOpen(_)
@@ -464,4 +474,6 @@ pub enum CheckpointError {
     WriteTracking(#[source] crate::userfaultfd::UffdError),
     #[error("guest RAM is not mapped from the NV region")]
     RamNotInRegion,
+    #[error("disk {id:?} cannot be rolled back with the guest: {reason}; checkpoints are refused")]
+    UncoverableDisk { id: String, reason: &'static str },
 }

@@ -321,7 +321,7 @@ impl Vmm {
     pub fn set_checkpoint_interval(&mut self, interval: Duration) -> Result<(), Error> {
         if let Some(config) = self.vm_config.as_ref().filter(|_| !interval.is_zero()) {
             config
-                .validate_checkpointed_nets()
+                .validate_checkpointed_devices()
                 .map_err(Error::CheckpointRefused)?;
         }
         match (self.nv.as_ref(), self.vm.as_mut()) {

@@ -24,7 +24,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::Result;
 
-pub use block::{Block, BLOCK_QUEUE_SIZE, SECTOR_SIZE};
+pub use block::{
+    BeforeWrite, Block, BlockWriteHook, BlockWriteHookSlot, DiskImage, BLOCK_QUEUE_SIZE,
+    SECTOR_SIZE,
+};
 pub use console::{
     Console, ConsoleOutput, CONSOLE_QUEUE_SIZE, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
 };

@@ -39,9 +39,24 @@ impl Rng {
 
 #[derive(Clone, Debug)]
 pub enum Event {
-    Write { offset: u64, data: Vec<u8> },
-    Persist { offset: u64, len: u64 },
-    Grow { len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Persist {
+        offset: u64,
+        len: u64,
+    },
+    Grow {
+        len: u64,
+    },
+    /// A store to the VM's disk image (the file's page cache): lost unless synced.
+    DiskWrite {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// fdatasync of the disk image.
+    DiskSync,
 }
 
 /// A memory store that logs every store, persist and growth.
@@ -127,6 +142,77 @@ pub fn replay_event(event: &Event, durable: &mut Vec<u8>, pending: &mut Pending)
         Event::Write { offset, data } => pending.add(*offset, data),
         Event::Persist { offset, len } => pending.persist(durable, *offset, *len),
         Event::Grow { len } => durable.resize(*len as usize, 0),
+        Event::DiskWrite { .. } | Event::DiskSync => {}
+    }
+}
+
+/// Applies one recorded event to the region's or the disk's durable image and pending stores.
+pub fn replay_event_with_disk(
+    event: &Event,
+    (durable, pending): (&mut Vec<u8>, &mut Pending),
+    (disk, disk_pending): (&mut Vec<u8>, &mut Pending),
+) {
+    match event {
+        Event::DiskWrite { offset, data } => disk_pending.add(*offset, data),
+        Event::DiskSync => {
+            let len = disk.len() as u64;
+            disk_pending.persist(disk, 0, len)
+        }
+        _ => replay_event(event, durable, pending),
+    }
+}
+
+/// The VM's disk image as the VMM sees it (its page cache), recording every store and sync
+/// into the same event log as the region's, in order.
+#[derive(Clone)]
+pub struct DiskPort {
+    pub bytes: Arc<Mutex<Vec<u8>>>,
+    pub log: Arc<Mutex<Vec<Event>>>,
+}
+
+impl DiskPort {
+    pub fn of(store: &RecordingBackend, len: usize) -> Self {
+        DiskPort {
+            bytes: Arc::new(Mutex::new(vec![0; len])),
+            log: store.log.clone(),
+        }
+    }
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let at = offset as usize;
+        self.bytes.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+        self.log.lock().unwrap().push(Event::DiskWrite {
+            offset,
+            data: data.to_vec(),
+        });
+    }
+    pub fn sync(&self) {
+        self.log.lock().unwrap().push(Event::DiskSync);
+    }
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.bytes.lock().unwrap()[at..at + buf.len()]);
+    }
+    pub fn content(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap().clone()
+    }
+}
+
+impl nv_extension::DiskUndoTarget for DiskPort {
+    fn write_disk(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), nv_extension::HostError> {
+        if disk != 0 {
+            return Err(format!("no disk {disk}").into());
+        }
+        DiskPort::write(self, offset, data);
+        Ok(())
+    }
+    fn sync_disk(&mut self, _: u16) -> Result<(), nv_extension::HostError> {
+        self.sync();
+        Ok(())
     }
 }
 

@@ -1500,3 +1500,50 @@ fn checkpoints_refuse_a_vhost_user_net() {
         .to_string();
     assert!(error.contains("net _net0"), "{error}");
 }
+
+/// NV checkpoints undo disk writes made after an epoch; a vhost-user disk's writes never pass
+/// through the VMM, so `checkpoint_ms` with one is refused, naming the disk (off is fine).
+#[test]
+fn checkpoints_refuse_a_vhost_user_disk() {
+    let with = |checkpoint: &str, disk: &'static str| {
+        command_line(VmOptionStrings {
+            nv: Some(Box::leak(
+                format!("region=/r,vm=a{checkpoint}").into_boxed_str(),
+            )),
+            disks: vec![disk],
+            ..Default::default()
+        })
+    };
+    let refused = with(
+        ",checkpoint_ms=10",
+        "vhost_user=on,socket=/run/b.sock,id=vb",
+    );
+    let text = refused.expect_err("refused").to_string();
+    assert!(text.contains("vhost-user") && text.contains("vb"), "{text}");
+    assert!(with(",checkpoint_ms=0", "vhost_user=on,socket=/s").is_ok());
+    assert!(with("", "vhost_user=on,socket=/s").is_ok());
+    assert!(with(",checkpoint_ms=10", "path=/a.img").is_ok());
+}
+
+/// virtiofsd writes the shared directory itself, so no rollback can undo those writes:
+/// `checkpoint_ms` with a virtio-fs device is refused, naming it (off is fine).
+#[test]
+fn checkpoints_refuse_a_virtio_fs_device() {
+    let with = |nv: &'static str| {
+        command_line(VmOptionStrings {
+            nv: Some(nv),
+            fs: vec!["tag=t,socket=/s,id=share0"],
+            ..Default::default()
+        })
+    };
+    let text = with("region=/r,vm=a,checkpoint_ms=10")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        text.contains("checkpoint_ms") && text.contains("fs share0 is a virtio-fs device"),
+        "{text}"
+    );
+    assert!(with("region=/r,vm=a,checkpoint_ms=0").is_ok());
+    let unchecked = with("region=/r,vm=a").unwrap();
+    assert!(unchecked.validate_checkpointed_devices().is_err());
+}

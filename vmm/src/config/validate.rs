@@ -757,6 +757,23 @@ impl VmConfig {
         Ok(())
     }
 
+    /// What a VM with checkpoints cannot keep consistent with a rollback, refused: a
+    /// vhost-user-net backend ([`Self::validate_checkpointed_nets`]) and a virtio-fs backend,
+    /// whose file writes virtiofsd makes where the VMM cannot undo them.
+    pub fn validate_checkpointed_devices(&self) -> Result<(), ConfigError> {
+        self.validate_checkpointed_nets()?;
+        let Some((index, fs)) = self.fs.iter().flatten().enumerate().next() else {
+            return Ok(());
+        };
+        let id = fs.id.clone().unwrap_or_else(|| format!("_fs{index}"));
+        Err(ConfigError::Invalid {
+            option: "nv",
+            reason: format!(
+                "checkpoint_ms: fs {id} is a virtio-fs device, whose backend (virtiofsd) writes                  the shared directory itself: those writes cannot be undone on a rollback. Leave                  checkpoints off for a VM with --fs"
+            ),
+        })
+    }
+
     /// A VM with checkpoints holds what its guest transmits until the epoch that produced it
     /// committed (output commit, `docs/checkpoints.md`); a vhost-user-net backend moves the
     /// frames itself, out of the VMM's reach, so it cannot be held. Checked for `checkpoint_ms`
@@ -843,7 +860,22 @@ impl VmConfig {
             );
         }
         if nv.checkpoint_ms.is_some_and(|ms| ms > 0) {
-            self.validate_checkpointed_nets()?;
+            self.validate_checkpointed_devices()?;
+            // Checkpoints undo disk writes made after an epoch; a vhost-user backend writes
+            // where the VMM cannot see it first.
+            if let Some(disk) = self.disks.iter().flatten().find(|d| d.vhost_user) {
+                return Err(ConfigError::Invalid {
+                    option: "nv",
+                    reason: format!(
+                        "checkpoint_ms needs every disk's writes to pass through the VMM (to undo \
+                         them on a rollback); disk {} is vhost-user",
+                        disk.id
+                            .as_deref()
+                            .or(disk.vhost_socket.as_deref())
+                            .unwrap_or("?")
+                    ),
+                });
+            }
         }
         if nv.sparse && !nv.create {
             return Err(ConfigError::Invalid {

@@ -5,22 +5,27 @@
 //! Between two checkpoints the [`WriteTracker`]'s thread hands every page the guest (or a device
 //! thread) writes for the first time in the epoch to the region's undo log
 //! (`UndoLog::record_undo`, durable before the write goes on), so that a VMM killed without
-//! warning is recovered to the last epoch by `recover=on`. `docs/checkpoints.md` has the design
-//! and the measured costs.
+//! warning is recovered to the last epoch by `recover=on`. Each in-process disk gets a
+//! [`DiskUndoHook`]: before the device writes, the old bytes go into the same undo log
+//! (`UndoLog::record_disk_write`), and a recovery writes them back ([`ConfiguredDisks`]), so
+//! the disk matches the rolled-back memory; a disk whose writes the VMM does not see
+//! (vhost-user) is refused. `docs/checkpoints.md` has the design and the measured costs.
 //!
 //! Output commit: while checkpoints are on, the VM's virtio-net devices hold the frames the
 //! guest transmits in their [`OutputHold`]; the running epoch is sealed once the devices are
 //! quiet for a checkpoint, and its frames go to the taps only after that checkpoint committed.
 //! A client therefore never sees an answer that a rollback could take back.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::virtio::OutputHold;
-use nv_extension::{HostError, NvHost, UndoLog, UndoRecord};
+use devices::virtio::{BeforeWrite, BlockWriteHook, BlockWriteHookSlot, DiskImage, OutputHold};
+use nv_extension::{DiskUndoTarget, HostError, NvHost, UndoLog, UndoRecord};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -28,7 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::host::VmHost;
 use super::{nv_error, NvVm};
 use crate::api::NvCheckpointStatus;
-use crate::config::SeccompMode;
+use crate::config::{SeccompMode, VmConfig};
 use crate::userfaultfd::{
     EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker, WriteTrackerStats,
 };
@@ -94,17 +99,17 @@ impl FirstWriteSink for UndoSink {
         let mut block_pages = self.block_pages;
         let status = self.log.status();
         if status.epoch.is_some() {
-            if !quiescing && status.pages + self.reserve >= status.capacity_pages {
+            if !quiescing && status.entries + self.reserve >= status.capacity_pages {
                 return FirstWrite::Hold {
                     full: true,
                     reason: format!(
                         "the undo log is full ({} of {} pages; the rest is kept for the checkpoint)",
-                        status.pages, status.capacity_pages
+                        status.entries, status.capacity_pages
                     ),
                 };
             }
             // A block must not eat into the reserve, and the reserve serves single pages.
-            if quiescing || status.pages + self.reserve + block_pages > status.capacity_pages {
+            if quiescing || status.entries + self.reserve + block_pages > status.capacity_pages {
                 block_pages = 1;
             }
         }
@@ -193,6 +198,110 @@ impl NvHost for CheckpointHost<'_> {
     }
 }
 
+/// The undo log as an in-process disk's write hook: the old bytes of the blocks a write is
+/// about to change are durable in the log before the device writes. A full log defers the
+/// write (the device takes it again after the next resume) and asks for an early checkpoint.
+struct DiskUndoHook {
+    log: UndoLog,
+    /// The disk's position in the VM's config.
+    disk: u16,
+    attention: EventFd,
+}
+
+impl BlockWriteHook for DiskUndoHook {
+    fn before_write(&self, image: &DiskImage<'_>, offset: u64, len: u64) -> BeforeWrite {
+        let mut read_old = |at: u64, buf: &mut [u8]| image.read_at(at, buf);
+        match self
+            .log
+            .record_disk_write(self.disk, offset, len, image.len(), &mut read_old)
+        {
+            Ok(_) => BeforeWrite::Proceed,
+            Err(nv_extension::Error::UndoLogFull { .. }) => {
+                // The control loop takes an early checkpoint; its resume retries the write.
+                let _ = self.attention.write(1);
+                BeforeWrite::Defer
+            }
+            Err(error) => {
+                log::error!(
+                    "disk {}: logging its old bytes at {offset:#x} failed, the write fails: {error}",
+                    self.disk
+                );
+                BeforeWrite::Fail(error.to_string())
+            }
+        }
+    }
+}
+
+/// The write-hook slots of `vm`'s disks, in config order, or the first disk whose writes the
+/// VMM cannot see: checkpoints would roll its guest back but not its disk.
+fn disk_hook_slots(vm: &Vm) -> Result<Vec<BlockWriteHookSlot>, Error> {
+    let disks = vm.devices.disk_write_hooks();
+    if disks.len() > usize::from(u16::MAX) {
+        return Err(Error::Checkpoint(CheckpointError::UncoverableDisk {
+            id: disks[usize::from(u16::MAX)].0.clone(),
+            reason: "more disks than a checkpoint's undo entries can name",
+        }));
+    }
+    disks
+        .into_iter()
+        .map(|(id, slot)| {
+            slot.ok_or(Error::Checkpoint(CheckpointError::UncoverableDisk {
+                id,
+                reason: "a vhost-user disk's writes never pass through the VMM, so they cannot \
+                         be undone",
+            }))
+        })
+        .collect()
+}
+
+/// What a recovery writes a checkpoint's old disk bytes back through: the disks of the VM's
+/// stored config, by position, opened on first use.
+pub(super) struct ConfiguredDisks<'a> {
+    config: &'a VmConfig,
+    open: BTreeMap<u16, File>,
+}
+
+impl<'a> ConfiguredDisks<'a> {
+    pub(super) fn new(config: &'a VmConfig) -> Self {
+        ConfiguredDisks {
+            config,
+            open: BTreeMap::new(),
+        }
+    }
+
+    fn file(&mut self, disk: u16) -> Result<&File, HostError> {
+        if !self.open.contains_key(&disk) {
+            let config = self
+                .config
+                .disks
+                .iter()
+                .flatten()
+                .nth(usize::from(disk))
+                .ok_or_else(|| format!("the VM's config has no disk {disk}"))?;
+            let path = match (&config.path, config.vhost_user) {
+                (Some(path), false) => path,
+                _ => return Err(format!("disk {disk} is not an image file the VMM writes").into()),
+            };
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("disk {disk} ({path}): {e}"))?;
+            self.open.insert(disk, file);
+        }
+        Ok(&self.open[&disk])
+    }
+}
+
+impl DiskUndoTarget for ConfiguredDisks<'_> {
+    fn write_disk(&mut self, disk: u16, offset: u64, data: &[u8]) -> Result<(), HostError> {
+        Ok(self.file(disk)?.write_all_at(data, offset)?)
+    }
+
+    fn sync_disk(&mut self, disk: u16) -> Result<(), HostError> {
+        Ok(self.file(disk)?.sync_data()?)
+    }
+}
+
 /// Checkpoints turned on: the VM's undo log and the tracker feeding it.
 struct Active {
     log: UndoLog,
@@ -201,6 +310,16 @@ struct Active {
     hold: Arc<OutputHold>,
     /// Shared with the undo sink: a checkpoint is quiescing the devices.
     quiescing: Arc<AtomicBool>,
+    /// The disks asking [`DiskUndoHook`]s before each write.
+    disks: Vec<BlockWriteHookSlot>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        for slot in &self.disks {
+            slot.install(None);
+        }
+    }
 }
 
 /// The checkpoint timer, the tracker's attention EventFd and, while checkpoints are on, the
@@ -273,6 +392,11 @@ impl Checkpoints {
             recent: VecDeque::with_capacity(RECENT),
             tracker_at_last: WriteTrackerStats::default(),
         })
+    }
+
+    /// Whether checkpoints are on (an epoch may hold undo entries of the VM's disks).
+    pub fn is_on(&self) -> bool {
+        self.active.is_some()
     }
 
     /// Readable when a checkpoint is due.
@@ -432,6 +556,7 @@ impl Checkpoints {
         vm: &Vm,
         interval: Duration,
     ) -> Result<(), Error> {
+        disk_hook_slots(vm)?;
         let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
         let log = nv
             .handle
@@ -452,6 +577,7 @@ impl Checkpoints {
     }
 
     fn start(&self, nv: &NvVm, vm: &Vm) -> Result<Active, Error> {
+        disk_hook_slots(vm)?;
         let undo_pages = nv_extension::default_undo_pages(nv.handle.memory_size());
         let log = nv
             .handle
@@ -489,19 +615,15 @@ impl Checkpoints {
             range_lengths,
             block_pages,
         };
-        let attention = self
-            .attention
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                operation: "clone (checkpoint attention)",
-                source,
-            })?;
-        let hold_attention = attention.try_clone().map_err(|source| Error::EventFd {
-            operation: "clone (checkpoint attention)",
-            source,
-        })?;
+        let attention = self.attention_clone()?;
+        let hold_attention = self.attention_clone()?;
         let tracker = WriteTracker::start(ranges, sink, attention, self.seccomp)
             .map_err(|e| Error::Checkpoint(CheckpointError::WriteTracking(e)))?;
+        // Before the epoch is armed (the caller's next step) every disk asks the log first.
+        let disks = disk_hook_slots(vm)?;
+        for (index, slot) in disks.iter().enumerate() {
+            self.install_disk_hook(&log, index, slot)?;
+        }
         // From here on a frame the guest transmits waits for the epoch that produced it.
         let hold = vm.devices.net_output_hold();
         hold.arm(hold_attention);
@@ -516,7 +638,47 @@ impl Checkpoints {
             tracker,
             hold,
             quiescing,
+            disks,
         })
+    }
+
+    fn attention_clone(&self) -> Result<EventFd, Error> {
+        self.attention.try_clone().map_err(|source| Error::EventFd {
+            operation: "clone (checkpoint attention)",
+            source,
+        })
+    }
+
+    fn install_disk_hook(
+        &self,
+        log: &UndoLog,
+        index: usize,
+        slot: &BlockWriteHookSlot,
+    ) -> Result<(), Error> {
+        let attention = self.attention_clone()?;
+        slot.install(Some(Arc::new(DiskUndoHook {
+            log: log.clone(),
+            disk: index as u16,
+            attention,
+        })));
+        Ok(())
+    }
+
+    /// A disk was hot-added: while checkpoints are on, it asks the undo log before each write
+    /// too (installed before the guest's driver can have found it). A disk whose writes the VMM
+    /// cannot see was refused before it was added (config validation).
+    pub fn cover_new_disks(&mut self, vm: &Vm) -> Result<(), Error> {
+        let Some(active) = self.active.as_ref() else {
+            return Ok(());
+        };
+        let slots = disk_hook_slots(vm)?;
+        for (index, slot) in slots.iter().enumerate().skip(active.disks.len()) {
+            self.install_disk_hook(&active.log, index, slot)?;
+        }
+        if let Some(active) = self.active.as_mut() {
+            active.disks = slots;
+        }
+        Ok(())
     }
 
     /// Destroys the epochs, then lifts the write protection (in that order: a page written
@@ -588,5 +750,52 @@ impl Checkpoints {
             (stats.lifting - since.lifting).as_micros(),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+    use crate::ErrorKind;
+
+    /// `PUT vm.nv-checkpoint` on a VM with a disk the VMM cannot see is the caller's mistake
+    /// (a 400 naming the disk), not a failure of the VMM.
+    #[test]
+    fn an_uncoverable_disk_is_a_bad_request_naming_it() {
+        let error = Error::Checkpoint(CheckpointError::UncoverableDisk {
+            id: "vb".to_owned(),
+            reason: "a vhost-user disk's writes never pass through the VMM",
+        });
+        assert_eq!(error.kind(), ErrorKind::InvalidRequest);
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        assert!(
+            text.contains("\"vb\"") && text.contains("vhost-user"),
+            "{text}"
+        );
+    }
+
+    /// Recovery writes old disk bytes into the stored config's images by position, and refuses
+    /// a disk it cannot write (vhost-user, or none at that position).
+    #[test]
+    fn configured_disks_write_by_position_and_refuse_what_they_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        std::fs::write(&image, vec![0u8; 8192]).unwrap();
+        let config = VmConfig {
+            disks: Some(vec![
+                DiskConfig::parse(&format!("path={}", image.display())).unwrap(),
+                DiskConfig::parse("vhost_user=on,socket=/s").unwrap(),
+            ]),
+            ..VmConfig::default()
+        };
+        let mut disks = ConfiguredDisks::new(&config);
+        disks.write_disk(0, 4096, &[7; 512]).unwrap();
+        disks.sync_disk(0).unwrap();
+        let bytes = std::fs::read(&image).unwrap();
+        assert_eq!(&bytes[4096..4608], &[7; 512]);
+        assert!(bytes[..4096].iter().all(|b| *b == 0));
+        assert!(disks.write_disk(1, 0, &[1; 512]).is_err());
+        assert!(disks.write_disk(2, 0, &[1; 512]).is_err());
     }
 }

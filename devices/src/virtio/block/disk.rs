@@ -78,6 +78,14 @@ impl RawDisk {
         }
     }
 
+    /// The image as a write hook reads it.
+    pub(crate) fn image(&self) -> super::write_hook::DiskImage<'_> {
+        super::write_hook::DiskImage {
+            file: &self.file,
+            len: self.capacity_sectors * SECTOR_SIZE,
+        }
+    }
+
     /// fdatasync: completed writes survive a host power failure once this returns.
     pub(crate) fn flush(&self) -> io::Result<()> {
         self.file.sync_data()

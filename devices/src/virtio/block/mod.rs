@@ -3,6 +3,9 @@
 mod counters;
 mod disk;
 mod request;
+mod write_hook;
+
+pub use self::write_hook::{BeforeWrite, BlockWriteHook, BlockWriteHookSlot, DiskImage};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +42,7 @@ pub struct Block {
     config_space: [u8; CONFIG_SPACE_LEN],
     counters: Arc<BlockCounters>,
     io_thread: ServiceThread,
+    write_hook: BlockWriteHookSlot,
 }
 
 impl Block {
@@ -53,7 +57,19 @@ impl Block {
             config_space,
             counters: Arc::default(),
             io_thread: ServiceThread::default(),
+            write_hook: BlockWriteHookSlot::default(),
         })
+    }
+
+    /// Asks the hook `slot` holds (now or later) before every write; see [`BlockWriteHook`].
+    pub fn with_write_hook(mut self, slot: BlockWriteHookSlot) -> Self {
+        self.write_hook = slot;
+        self
+    }
+
+    /// The slot the device asks before every write (shared: install a hook through a clone).
+    pub fn write_hook_slot(&self) -> BlockWriteHookSlot {
+        self.write_hook.clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -68,9 +84,10 @@ impl Block {
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> Option<(u8, u32)> {
-        match request::serve(chain, mem, &self.disk, &self.counters) {
+        let hook = self.write_hook.current();
+        match request::serve(chain, mem, &self.disk, &self.counters, hook.as_deref()) {
             Completion::Done { status, used_len } => Some((status, used_len)),
-            Completion::Dropped => None,
+            Completion::Dropped | Completion::Deferred => None,
         }
     }
 }
@@ -107,6 +124,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, ctx: ActivationContext) -> Result<()> {
         let disk = self.disk.clone();
         let counters = self.counters.clone();
+        let write_hook = self.write_hook.clone();
         self.io_thread.activate("virtio-blk-io", ctx, &[], |ctx| {
             Ok(BlockWorker {
                 mem: ctx.mem.clone(),
@@ -114,6 +132,7 @@ impl VirtioDevice for Block {
                 disk,
                 interrupt: ctx.interrupt.clone(),
                 counters,
+                write_hook,
             })
         })
     }
@@ -139,6 +158,7 @@ struct BlockWorker {
     disk: Arc<RawDisk>,
     interrupt: Arc<VirtioInterrupt>,
     counters: Arc<BlockCounters>,
+    write_hook: BlockWriteHookSlot,
 }
 
 impl QueueWorker for BlockWorker {
@@ -156,13 +176,28 @@ impl QueueWorker for BlockWorker {
             };
             drop(queue);
             let head = chain.head_index();
-            let used_len = match request::serve(chain, &self.mem, &self.disk, &self.counters) {
-                Completion::Done { used_len, .. } => used_len,
-                Completion::Dropped => 0,
-            };
+            let hook = self.write_hook.current();
+            let completion = request::serve(
+                chain,
+                &self.mem,
+                &self.disk,
+                &self.counters,
+                hook.as_deref(),
+            );
             let Ok(mut queue) = self.queue.lock() else {
                 error!("virtio-blk: queue lock poisoned; stopping service");
                 return;
+            };
+            let used_len = match completion {
+                Completion::Done { used_len, .. } => used_len,
+                Completion::Dropped => 0,
+                Completion::Deferred => {
+                    // Nothing was written: the chain goes back on the queue (it was the last
+                    // one popped) and is served again after the next resume.
+                    let previous = queue.next_avail().wrapping_sub(1);
+                    queue.set_next_avail(previous);
+                    break;
+                }
             };
             match queue.add_used(&self.mem, head, used_len) {
                 Ok(()) => completed += 1,

@@ -20,6 +20,7 @@ use vm_memory::{
 
 use super::counters::BlockCounters;
 use super::disk::RawDisk;
+use super::write_hook::{BeforeWrite, BlockWriteHook};
 use super::SECTOR_SIZE;
 
 const HEADER_LEN: u32 = 16;
@@ -49,6 +50,8 @@ pub(crate) enum RequestError {
     Transfer(#[from] VolatileMemoryError),
     #[error("guest memory access failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("the write was refused before it started: {0}")]
+    WriteRefused(String),
 }
 
 /// The outcome to put on the used ring.
@@ -58,6 +61,9 @@ pub(crate) enum Completion {
     Done { status: u8, used_len: u32 },
     /// No usable status descriptor: nothing can be reported, the chain is returned with length 0.
     Dropped,
+    /// The write hook deferred the request: nothing was done or written to the guest; the
+    /// chain must go back on the queue.
+    Deferred,
 }
 
 /// Serves the request in `chain` against `disk`.
@@ -66,6 +72,7 @@ pub(crate) fn serve(
     mem: &GuestMemoryMmap,
     disk: &RawDisk,
     counters: &BlockCounters,
+    hook: Option<&dyn BlockWriteHook>,
 ) -> Completion {
     let head = chain.head_index();
     // A chain cannot be longer than the queue (the iterator's TTL), so this is bounded.
@@ -80,8 +87,9 @@ pub(crate) fn serve(
         return Completion::Dropped;
     };
     let body = &descriptors[..descriptors.len() - 1];
-    let (status, data_len) = match execute(body, mem, disk, counters) {
+    let (status, data_len) = match execute(body, mem, disk, counters, hook) {
         Ok(Outcome::Served(written)) => (VIRTIO_BLK_S_OK, written),
+        Ok(Outcome::Deferred) => return Completion::Deferred,
         Ok(Outcome::Unsupported(kind)) => {
             warn!("virtio-blk: unsupported request type {kind}");
             (VIRTIO_BLK_S_UNSUPP, 0)
@@ -107,6 +115,8 @@ enum Outcome {
     /// Served; this many bytes were written into guest buffers.
     Served(u32),
     Unsupported(u32),
+    /// The write hook said not now; nothing was done.
+    Deferred,
 }
 
 fn execute(
@@ -114,6 +124,7 @@ fn execute(
     mem: &GuestMemoryMmap,
     disk: &RawDisk,
     counters: &BlockCounters,
+    hook: Option<&dyn BlockWriteHook>,
 ) -> Result<Outcome, RequestError> {
     let (header, data) = body.split_first().ok_or(RequestError::BadHeader)?;
     if header.is_write_only() || header.len() < HEADER_LEN {
@@ -161,6 +172,13 @@ fn execute(
                 return Err(RequestError::ReadOnly);
             }
             check_transfer(data, false, sector, data_len, disk)?;
+            if let Some(hook) = hook {
+                match hook.before_write(&disk.image(), sector * SECTOR_SIZE, data_len) {
+                    BeforeWrite::Proceed => {}
+                    BeforeWrite::Defer => return Ok(Outcome::Deferred),
+                    BeforeWrite::Fail(reason) => return Err(RequestError::WriteRefused(reason)),
+                }
+            }
             let mut disk_at = disk.at(sector * SECTOR_SIZE);
             for d in data {
                 for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Read)? {

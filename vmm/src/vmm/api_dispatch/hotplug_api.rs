@@ -132,6 +132,12 @@ impl Vmm {
                 (AddedDevice::Fs(Box::new(fs)), id, bdf)
             }),
         };
+        if let (Ok((AddedDevice::Disk(_), ..)), Some(vm)) = (&added, self.vm.as_ref()) {
+            // NV checkpoints undo the new disk's writes too.
+            if let Err(e) = self.checkpoints.cover_new_disks(vm) {
+                log::error!("the hot-added disk is not covered by NV checkpoints: {e}");
+            }
+        }
         match added {
             Ok((_, id, bdf)) => {
                 self.adopt_vm_config();
@@ -303,6 +309,10 @@ impl Vmm {
             return Answer::error(error);
         }
         if let Some(vm) = self.vm.as_ref() {
+            if self.checkpoints.is_on() && vm.devices.has_live_disk(id) {
+                let error = Error::DiskRemovalWhileCheckpointed(id.to_owned());
+                return Answer::error(api_error(operation, error));
+            }
             return match vm.remove_device(id) {
                 Ok(()) => Answer::done(),
                 Err(e) => Answer::error(api_error(operation, e)),
