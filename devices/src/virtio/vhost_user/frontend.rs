@@ -103,18 +103,7 @@ impl VhostUserConnection {
     /// one at the path is replaced) and waiting for the backend to connect. Both wait up to
     /// [`VHOST_USER_CONNECT_TIMEOUT`] and then fail with an error naming the socket.
     pub fn open(socket: &Path, mode: VhostUserMode) -> Result<Self> {
-        let listener = match mode {
-            VhostUserMode::Client => None,
-            VhostUserMode::Server => Some(Arc::new(listen(socket)?)),
-        };
-        let connection = VhostUserConnection {
-            socket: socket.to_owned(),
-            session: Arc::new(Mutex::new(None)),
-            listener,
-            device_state: false,
-        };
-        *connection.lock() = Some(connection.new_session()?);
-        Ok(connection)
+        Self::open_negotiating(socket, mode, false)
     }
 
     /// [`VhostUserConnection::open`] for a device whose backend has internal state that the
@@ -123,6 +112,10 @@ impl VhostUserConnection {
     /// ([`VhostUserConnection::save_device_state`]) and loaded into a new backend
     /// ([`VhostUserRings::load_device_state_on_setup`]).
     pub fn open_with_device_state(socket: &Path, mode: VhostUserMode) -> Result<Self> {
+        Self::open_negotiating(socket, mode, true)
+    }
+
+    fn open_negotiating(socket: &Path, mode: VhostUserMode, device_state: bool) -> Result<Self> {
         let listener = match mode {
             VhostUserMode::Client => None,
             VhostUserMode::Server => Some(Arc::new(listen(socket)?)),
@@ -131,7 +124,7 @@ impl VhostUserConnection {
             socket: socket.to_owned(),
             session: Arc::new(Mutex::new(None)),
             listener,
-            device_state: true,
+            device_state,
         };
         *connection.lock() = Some(connection.new_session()?);
         Ok(connection)
