@@ -268,6 +268,14 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
     lines
 }
 
+/// Whether the test guest `guest` (e.g. "blkcheck") ended: its "`guest`: done" line, or a FAIL
+/// line, was written whole. A guest writes its serial a byte at a time, so a log read in the
+/// middle of "blkcheck: done ok" shows "blkcheck: done" before the " ok".
+pub fn guest_finished(log: &str, guest: &str) -> bool {
+    let whole = complete_lines(log);
+    whole.contains(&format!("{guest}: done")) || whole.contains("FAIL")
+}
+
 /// `log` up to its last newline: a line still being written is left out.
 fn complete_lines(log: &str) -> &str {
     log.rfind('\n').map_or("", |end| &log[..end])
@@ -354,6 +362,20 @@ pub fn make_fifo(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CI failure of `a_backend_lost_at_the_save_and_absent_at_recovery_loses_nothing`: the
+    /// log was read between "blkcheck: done" and " ok\n", and the test failed a guest that passed.
+    #[test]
+    fn a_guest_has_finished_only_once_its_last_line_is_whole() {
+        assert!(!guest_finished(
+            "blkcheck: completed seq=1\nblkcheck: done",
+            "blkcheck"
+        ));
+        assert!(guest_finished("blkcheck: done ok\n", "blkcheck"));
+        assert!(!guest_finished("blkcheck: FAI", "blkcheck"));
+        assert!(guest_finished("blkcheck: FAIL block 3\n", "blkcheck"));
+        assert!(!guest_finished("fscheck: done ok\n", "blkcheck"));
+    }
 
     #[test]
     fn smpcheck_lines_are_parsed_per_vcpu() {

@@ -554,7 +554,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
     let after = vmm.wait_serial("blkcheck to finish", |log| {
-        log.contains("blkcheck: done") || log.contains("FAIL")
+        integration_tests::harness::guest_finished(log, "blkcheck")
     });
     assert!(after.contains("blkcheck: done ok"), "{after}");
     assert!(

@@ -180,7 +180,7 @@ fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
 /// Waits for blkcheck to finish and checks it verified every block; returns the serial log.
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
     let log = vmm.wait_serial("blkcheck to finish", |log| {
-        log.contains("blkcheck: done") || log.contains("FAIL")
+        integration_tests::harness::guest_finished(log, "blkcheck")
     });
     assert!(
         log.contains("blkcheck: done ok"),

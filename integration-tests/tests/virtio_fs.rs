@@ -117,7 +117,7 @@ fn wait_written(vmm: &mut VmmProcess, n: u64) {
 
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
     let log = vmm.wait_serial("fscheck to finish", |log| {
-        log.contains("fscheck: done") || log.contains("FAIL")
+        integration_tests::harness::guest_finished(log, "fscheck")
     });
     assert!(
         log.contains("fscheck: done ok"),
