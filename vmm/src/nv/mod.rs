@@ -18,6 +18,7 @@
 //! control loop. `docs/recovery.md` explains the sequence, the clock and the exit codes.
 
 mod checkpoint;
+mod disk_undo;
 mod host;
 mod prepare;
 mod save;

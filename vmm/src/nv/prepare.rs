@@ -342,7 +342,7 @@ fn prepare_claimed_timed(
     } else {
         // A rollback to a checkpoint epoch also writes the epoch's old disk bytes back.
         let saved = handle
-            .recover_with_disks(&mut super::checkpoint::ConfiguredDisks::new(&config))
+            .recover_with_disks(&mut super::disk_undo::ConfiguredDisks::new(&config))
             .map_err(|e| nv_error(nv, e))?;
         let state: VmState = serde_json::from_slice(&saved.state_blob).map_err(|e| {
             setup_error(
