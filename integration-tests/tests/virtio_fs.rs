@@ -546,3 +546,73 @@ fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
     fs.assert_output_lines(300);
     assert_eq!(fs.starts, 2);
 }
+
+/// `vm.snapshot` of a VM whose virtio-fs device was hotplugged (`vm.add-fs`, no `--fs`),
+/// restored into a new VMM on a new virtiofsd: the snapshot has virtiofsd's FUSE state with the
+/// hotplugged device, the restore puts the device back from it and gives the state to the new
+/// process, and the guest's FUSE session goes on on its old handle with no second FUSE_INIT.
+#[test]
+fn a_snapshot_restores_the_fuse_session_of_a_hotplugged_fs() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let mut fs = SharedDir::new(dir.path());
+    fs.start();
+    let api = dir.path().join("api.sock");
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
+    let mut arguments = guest_arguments(
+        "fscheck",
+        &format!("expect={INPUT} lines=100 report=10 pace_us=20000 hotplug=1 exit=reset"),
+        "32M,shared=on",
+    );
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    vmm.wait_serial("fscheck waiting for the hotplug", |log| {
+        log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
+    });
+    add_fs(&api, &fs);
+    wait_written(&mut vmm, 20);
+    api_call(&api, "PUT", "vm.pause", "");
+    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
+    api_call(&api, "PUT", "vm.snapshot", &destination);
+    let paused = last_written(&vmm.serial_log());
+    vmm.kill();
+    let mut old = fs.process.take().expect("virtiofsd");
+    old.wait_exit_within(Duration::from_secs(10))
+        .expect("virtiofsd outlived its front-end");
+
+    fs.start();
+    let restored_log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot, &restored_log);
+    let mut restored = VmmProcess::spawn(
+        dir.path(),
+        "restored",
+        &[
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+            "-v".to_string(),
+        ],
+        &[],
+    )
+    .with_serial(restored_log)
+    .with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut restored);
+    assert!(!after.contains("fscheck: init"), "{after}");
+    assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
+    let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
+    assert!(state.contains("\"backend_state\":{"), "{state}");
+    assert!(
+        restored.stderr_log().contains("device state loaded"),
+        "{}",
+        restored.stderr_log()
+    );
+    // Not an NV VM: its reset ends the VMM with 0.
+    assert_eq!(restored.wait_exit().code(), Some(0));
+    fs.assert_output_lines(100);
+    assert_eq!(fs.starts, 2);
+}
