@@ -16,7 +16,12 @@
  * `files=N` (default 0) first CREATEs N more files "f<4 digits>" and keeps
  * them open, so the backend holds N more inodes and handles (what its saved
  * device state grows with), and prints "fscheck: opened N files".
+ * `hotplug=1` boots without the device: it prints "fscheck: waiting for a
+ * hotplug", polls the GED for the "PCI devices changed" event, reads the
+ * hotplug controller's PCIU as the DSDT's \_SB_.PHPR.PSCN does (printing
+ * "fscheck: event up=0x.."), and drives the virtio-fs function that came up.
  */
+#include "acpi_hotplug.h"
 #include "clock.h"
 #include "console.h"
 #include "params.h"
@@ -216,6 +221,28 @@ static char *line_text(char *at, uint64_t n)
 	return at;
 }
 
+/* Waits until a virtio-fs function is on bus 0, announced by ACPI PCI hotplug. */
+static void wait_for_hotplug(void)
+{
+	struct virtio_pci_function probe;
+	const char *error = 0;
+
+	console_write("fscheck: waiting for a hotplug\n");
+	for (;;) {
+		if (!(*GED_REGISTER & GED_PCI_DEVICES_CHANGED)) {
+			cpu_relax();
+			continue;
+		}
+		*PSEG = 0;
+		uint32_t up = *PCIU;
+		console_write("fscheck: event up=0x");
+		console_write_hex(up);
+		console_write("\n");
+		if (up && virtio_pci_find(VIRTIO_PCI_ID(VIRTIO_ID_FS), &probe, &error) != 1)
+			return;
+	}
+}
+
 void guest_main(void)
 {
 	const char *input = param_str("input");
@@ -226,6 +253,7 @@ void guest_main(void)
 	uint64_t every = param_u64("report", 20);
 	uint64_t pace_us = param_u64("pace_us", 0);
 	uint64_t files = param_u64("files", 0);
+	uint64_t hotplug = param_u64("hotplug", 0);
 	const char *error = 0;
 	int64_t got;
 
@@ -239,6 +267,8 @@ void guest_main(void)
 		fail("lines= too many for the read-back buffer");
 		return;
 	}
+	if (hotplug)
+		wait_for_hotplug();
 	if (virtio_pci_find(VIRTIO_PCI_ID(VIRTIO_ID_FS), &function, &error) ||
 	    virtio_pci_negotiate(&function, 0, &error)) {
 		fail(error);

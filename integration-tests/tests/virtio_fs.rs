@@ -467,3 +467,152 @@ fn vm_add_fs_hotplugs_a_virtio_fs_device() {
     assert!(answer.contains("shared=on"), "{answer}");
     vmm.kill();
 }
+
+/// The test's `vm.add-fs` of the shared directory as device `hotfs`: 200, and its function on
+/// bus 0.
+fn add_fs(api: &Path, fs: &SharedDir) {
+    let body = format!(
+        "{{\"tag\":\"shared\",\"socket\":\"{}\",\"id\":\"hotfs\"}}",
+        fs.socket.display()
+    );
+    let answer = api_call(api, "PUT", "vm.add-fs", &body);
+    assert!(answer.contains("\"id\":\"hotfs\""), "{answer}");
+}
+
+/// A virtio-fs device hotplugged with `vm.add-fs` into an NV VM booted without `--fs` (the
+/// fscheck guest waits for the ACPI PCI hotplug event, then drives it, holding the handle
+/// FUSE_CREATE gave it) survives a power failure like a `--fs` one: the save reads virtiofsd's
+/// FUSE state into the hotplugged device's saved state, a new virtiofsd is started, the
+/// recovery (no `--fs`: the device comes back from the saved config and state) gives it that
+/// state before the rings start, and the guest's WRITEs and READ on its old handle go on with
+/// no second FUSE_INIT; the host's file is whole.
+#[test]
+fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let region = dir.path().join("region");
+    let api = dir.path().join("api.sock");
+    let mut fs = SharedDir::new(dir.path());
+    fs.start();
+    let mut arguments = guest_arguments(
+        "fscheck",
+        &format!("expect={INPUT} lines=300 report=10 pace_us=20000 hotplug=1 exit=reset"),
+        "32M",
+    );
+    arguments.extend([
+        "--nv".to_string(),
+        format!("region={},vm=fshot,create=on", region.display()),
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+        "-v".to_string(),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    vmm.wait_serial("fscheck waiting for the hotplug", |log| {
+        log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
+    });
+    add_fs(&api, &fs);
+    wait_written(&mut vmm, 30);
+    let saved = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
+    assert!(saved.contains("power-fail save committed"), "{saved}");
+    let before = vmm.serial_log();
+    assert!(before.contains("fscheck: event up=0x"), "{before}");
+    assert!(!before.contains("FAIL"), "{before}");
+    let written = last_written(&before);
+    assert!(written < 300, "the guest finished before the power failure");
+    let mut old = fs.process.take().expect("virtiofsd");
+    old.wait_exit_within(Duration::from_secs(10))
+        .expect("virtiofsd outlived its front-end");
+
+    fs.start();
+    let recover = [
+        "--nv".to_string(),
+        format!("region={},vm=fshot,recover=on", region.display()),
+        "-v".to_string(),
+    ];
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
+        .with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut vmm);
+    assert!(
+        !after.contains("fscheck: init"),
+        "the guest started again:\n{after}"
+    );
+    assert!(last_written(&after) > written, "{written}, then:\n{after}");
+    assert!(saved.contains("device state saved"), "{saved}");
+    let recovered = vmm.stderr_log();
+    assert!(recovered.contains("device state loaded"), "{recovered}");
+    vmm.kill();
+    fs.assert_output_lines(300);
+    assert_eq!(fs.starts, 2);
+}
+
+/// `vm.snapshot` of a VM whose virtio-fs device was hotplugged (`vm.add-fs`, no `--fs`),
+/// restored into a new VMM on a new virtiofsd: the snapshot has virtiofsd's FUSE state with the
+/// hotplugged device, the restore puts the device back from it and gives the state to the new
+/// process, and the guest's FUSE session goes on on its old handle with no second FUSE_INIT.
+#[test]
+fn a_snapshot_restores_the_fuse_session_of_a_hotplugged_fs() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let mut fs = SharedDir::new(dir.path());
+    fs.start();
+    let api = dir.path().join("api.sock");
+    let snapshot = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
+    let mut arguments = guest_arguments(
+        "fscheck",
+        &format!("expect={INPUT} lines=100 report=10 pace_us=20000 hotplug=1 exit=reset"),
+        "32M,shared=on",
+    );
+    arguments.extend([
+        "--api-socket".to_string(),
+        format!("path={}", api.display()),
+    ]);
+    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
+        .with_timeout(TIMEOUT);
+    vmm.wait_for_socket(&api, TIMEOUT);
+    vmm.wait_serial("fscheck waiting for the hotplug", |log| {
+        log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
+    });
+    add_fs(&api, &fs);
+    wait_written(&mut vmm, 20);
+    api_call(&api, "PUT", "vm.pause", "");
+    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
+    api_call(&api, "PUT", "vm.snapshot", &destination);
+    let paused = last_written(&vmm.serial_log());
+    vmm.kill();
+    let mut old = fs.process.take().expect("virtiofsd");
+    old.wait_exit_within(Duration::from_secs(10))
+        .expect("virtiofsd outlived its front-end");
+
+    fs.start();
+    let restored_log = dir.path().join("restored.serial");
+    point_serial_to(&snapshot, &restored_log);
+    let mut restored = VmmProcess::spawn(
+        dir.path(),
+        "restored",
+        &[
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+            "-v".to_string(),
+        ],
+        &[],
+    )
+    .with_serial(restored_log)
+    .with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut restored);
+    assert!(!after.contains("fscheck: init"), "{after}");
+    assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
+    let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
+    assert!(state.contains("\"backend_state\":{"), "{state}");
+    assert!(
+        restored.stderr_log().contains("device state loaded"),
+        "{}",
+        restored.stderr_log()
+    );
+    // Not an NV VM: its reset ends the VMM with 0.
+    assert_eq!(restored.wait_exit().code(), Some(0));
+    fs.assert_output_lines(100);
+    assert_eq!(fs.starts, 2);
+}

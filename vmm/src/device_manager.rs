@@ -1082,7 +1082,8 @@ impl DeviceManager {
                     .transport
                     .save()
                     .map_err(|e| Error::device_state(format!("virtio-fs {}", fs.id), e))?;
-                let (backend_state, backend_state_missing) = fs_backend_state::save(fs);
+                let (backend_state, backend_state_missing) =
+                    fs_backend_state::save(&fs.id, &fs.link);
                 Ok(FsState {
                     version: FS_STATE_VERSION,
                     id: fs.id.clone(),
@@ -1263,7 +1264,12 @@ impl DeviceManager {
                 saved.tag, fs.tag
             )));
         }
-        let device_state = fs_backend_state::restore(&what, fs.link.socket(), saved)?;
+        let device_state = fs_backend_state::restore(
+            &what,
+            fs.link.socket(),
+            saved.backend_state.as_ref(),
+            saved.backend_state_missing.as_deref(),
+        )?;
         self.restore_transport(
             &what,
             &fs.transport,

@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
+use devices::virtio::VhostUserFsLink;
 use serde::{Deserialize, Serialize};
 
-use super::{Error, FsState, VirtioFsSlot};
+use super::Error;
 
 /// The backend's device state as saved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,32 +51,34 @@ impl BackendState {
     }
 }
 
-/// Reads `fs`'s backend state (its device is paused, the rings stopped): the state, or why
-/// there is none although the backend offers it. A failure does not fail the save (the VM's
-/// own state matters more): it is logged naming the socket and recorded in the state.
-pub(super) fn save(fs: &VirtioFsSlot) -> (Option<BackendState>, Option<String>) {
-    match fs.link.save_device_state() {
+/// Reads the backend state of virtio-fs device `id` on `link` (its device is paused, the rings
+/// stopped), cold-plugged or hotplugged alike: the state, or why there is none although the
+/// backend offers it. A failure does not fail the save (the VM's own state matters more): it
+/// is logged naming the device and recorded in the state.
+pub(super) fn save(id: &str, link: &VhostUserFsLink) -> (Option<BackendState>, Option<String>) {
+    match link.save_device_state() {
         Ok(Some(bytes)) => (Some(BackendState::encode(&bytes)), None),
         Ok(None) => (None, None),
         Err(e) => {
             log::error!(
-                "virtio-fs {}: the backend's FUSE state is not saved ({e}); after a restore on a \
-                 new virtiofsd the guest's open files and looked-up names on it fail",
-                fs.id
+                "virtio-fs {id}: the backend's FUSE state is not saved ({e}); after a restore on a \
+                 new virtiofsd the guest's open files and looked-up names on it fail"
             );
             (None, Some(e.to_string()))
         }
     }
 }
 
-/// The backend state to give the restored device's backend, checked. A state whose bytes do
-/// not check is refused; a save that lacked it is said in the log.
+/// The backend state to give the restored device's backend (`saved`, and why it is missing
+/// when the save said so), checked. A state whose bytes do not check is refused; a save that
+/// lacked it is said in the log.
 pub(super) fn restore(
     what: &str,
     socket: &Path,
-    saved: &FsState,
+    saved: Option<&BackendState>,
+    missing: Option<&str>,
 ) -> Result<Option<Vec<u8>>, Error> {
-    if let Some(why) = &saved.backend_state_missing {
+    if let Some(why) = missing {
         log::warn!(
             "{what}: the save has no state of the backend at {} ({why}); the guest's FUSE \
              session continues only if the backend process is the one it had",
@@ -83,8 +86,6 @@ pub(super) fn restore(
         );
     }
     saved
-        .backend_state
-        .as_ref()
         .map(|state| {
             state.decode().map_err(|why| {
                 Error::State(format!(

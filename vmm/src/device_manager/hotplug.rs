@@ -7,7 +7,8 @@
 //! `DeviceManager::activate_pending` removes the ejected functions.
 //!
 //! Hotplugged devices are saved with the VM ([`HotplugState`]): each with its config, its slot,
-//! its first MSI GSI and its virtio-pci state. A restore builds the VM from its config without
+//! its first MSI GSI and its virtio-pci state, and a virtio-fs device with its virtiofsd's FUSE
+//! state as a `--fs` one has it (`super::fs_backend_state`). A restore builds the VM from its config without
 //! them ([`without_hotplugged`]) so every cold-plugged device gets the BDF and GSIs it had, then
 //! puts each hotplugged one back at its slot and GSIs before the segment's state is restored.
 //!
@@ -28,6 +29,7 @@ use devices::virtio::{
 use devices::{PciHotplugController, PciHotplugState};
 use serde::{Deserialize, Serialize};
 
+use super::fs_backend_state::{self, BackendState};
 use super::{
     connect_vhost_user_disk, connect_vhost_user_net, connect_virtio_fs, lock_or_recover,
     open_block, open_tap, DeviceManager,
@@ -36,8 +38,9 @@ use crate::config::{DiskConfig, FsConfig, NetConfig, VirtioTransportKind, VmConf
 use crate::pci_segment::{KvmMsiInterrupts, PciSegment};
 use crate::Error;
 
-/// Version of [`HotplugState`] written by this build.
-pub const HOTPLUG_STATE_VERSION: u32 = 1;
+/// Version of [`HotplugState`] written by this build: 2 added a hotplugged virtio-fs device's
+/// backend state (version 1 is still read).
+pub const HOTPLUG_STATE_VERSION: u32 = 2;
 
 /// What a hotplugged function carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +103,14 @@ pub struct HotplugDeviceState {
     pub first_gsi: u32,
     pub kind: HotplugKind,
     pub pci: VirtioPciState,
+    /// A virtio-fs device's virtiofsd FUSE state, as `FsState::backend_state` (absent for
+    /// other devices, when the backend does not offer DEVICE_STATE or was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state: Option<BackendState>,
+    /// Why a virtio-fs device's backend state is absent although the backend offers it, as
+    /// `FsState::backend_state_missing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state_missing: Option<String>,
 }
 
 /// The hotplug controller's pending bits and every hotplugged device still present.
@@ -227,6 +238,8 @@ struct HotplugSlot {
     msi: Arc<KvmMsiInterrupts>,
     /// The tap of a net device (kept for as long as the device).
     _tap: Option<Arc<Tap>>,
+    /// A virtio-fs device's session with its virtiofsd, whose FUSE state the save reads.
+    fs_link: Option<VhostUserFsLink>,
 }
 
 /// The hotplug controller and the hotplugged devices of one VM.
@@ -363,10 +376,12 @@ fn vector_count(msi: &KvmMsiInterrupts) -> u16 {
 }
 
 impl DeviceManager {
-    /// Every device id in use (cold-plugged, hotplugged, console and rng).
+    /// Every device id in use (cold-plugged disks, nets and file systems, hotplugged, console
+    /// and rng).
     fn device_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.live_disks().map(|disk| disk.id.clone()).collect();
         ids.extend(self.live_nets().map(|net| net.id.clone()));
+        ids.extend(self.filesystems.iter().map(|fs| fs.id.clone()));
         ids.extend(self.console_rng.slots().map(|slot| slot.id.to_owned()));
         ids.extend(self.hotplug.ids());
         ids
@@ -698,6 +713,7 @@ impl DeviceManager {
         restore: Option<&HotplugDeviceState>,
         mut backend: Option<VhostUserBackend>,
     ) -> Result<(PciBdf, HotplugKind), Error> {
+        let mut fs_link = None;
         let (id, what, device, tap, thread_start): (String, String, Box<dyn VirtioDevice>, _, _) =
             match &mut kind {
                 HotplugKind::Disk(config) if config.vhost_user => {
@@ -732,13 +748,20 @@ impl DeviceManager {
                         Some(VhostUserBackend::Fs(link)) => link,
                         _ => connect_virtio_fs(&id, config)?,
                     };
-                    (
-                        id,
-                        format!("virtio-fs tag {} ({})", config.tag, config.socket),
-                        Box::new(link.device()),
-                        None,
-                        self.thread_start.clone(),
-                    )
+                    let what = format!("virtio-fs tag {} ({})", config.tag, config.socket);
+                    // Restored: virtiofsd gets the saved FUSE state before the rings start,
+                    // as a `--fs` device's does.
+                    let device = match restore {
+                        None => link.device(),
+                        Some(saved) => link.restored_device(fs_backend_state::restore(
+                            &format!("virtio-fs {id}"),
+                            link.socket(),
+                            saved.backend_state.as_ref(),
+                            saved.backend_state_missing.as_deref(),
+                        )?),
+                    };
+                    fs_link = Some(link);
+                    (id, what, Box::new(device), None, self.thread_start.clone())
                 }
                 HotplugKind::Disk(config) => {
                     let path = PathBuf::from(
@@ -813,6 +836,7 @@ impl DeviceManager {
             bdf,
             msi,
             _tap: tap,
+            fs_link,
         });
         if restore.is_none() {
             lock_or_recover(self.hotplug.controller()).slot_up(bdf.device);
@@ -827,14 +851,22 @@ impl DeviceManager {
         let devices = lock_or_recover(&self.hotplug.slots)
             .iter()
             .map(|slot| {
+                let pci = lock_or_recover(&slot.device)
+                    .state()
+                    .map_err(|e| Error::device_state(slot.id.clone(), e))?;
+                // The rings are stopped (the VM is paused): virtiofsd's state is consistent.
+                let (backend_state, backend_state_missing) = match &slot.fs_link {
+                    Some(link) => fs_backend_state::save(&slot.id, link),
+                    None => (None, None),
+                };
                 Ok(HotplugDeviceState {
                     id: slot.id.clone(),
                     slot: slot.bdf.device,
                     first_gsi: PciSegment::first_gsi(&slot.msi).unwrap_or_default(),
                     kind: slot.kind.clone(),
-                    pci: lock_or_recover(&slot.device)
-                        .state()
-                        .map_err(|e| Error::device_state(slot.id.clone(), e))?,
+                    pci,
+                    backend_state,
+                    backend_state_missing,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -851,9 +883,10 @@ impl DeviceManager {
     /// controller's pending bits. Call before the segment's state is restored (it restores
     /// their configuration spaces with the others').
     pub(super) fn restore_hotplug(&self, state: &HotplugState) -> Result<(), Error> {
-        if state.version != HOTPLUG_STATE_VERSION {
+        if !(1..=HOTPLUG_STATE_VERSION).contains(&state.version) {
             return Err(Error::State(format!(
-                "PCI hotplug state version {}, this build understands {HOTPLUG_STATE_VERSION}",
+                "PCI hotplug state version {}, this build understands 1 to \
+                 {HOTPLUG_STATE_VERSION}",
                 state.version
             )));
         }
