@@ -208,7 +208,10 @@ impl VhostUserBackend for NetBackend {
 fn main() -> anyhow::Result<()> {
     init_logging("nv-vhost-user-net")?;
     let args = Args::parse();
-    if args.num_queues < 2 || args.num_queues % 2 != 0 || args.num_queues > 2 * MAX_QUEUE_PAIRS {
+    if args.num_queues < 2
+        || !args.num_queues.is_multiple_of(2)
+        || args.num_queues > 2 * MAX_QUEUE_PAIRS
+    {
         anyhow::bail!(
             "--num-queues {} is not an even number from 2 to {}",
             args.num_queues,

@@ -159,7 +159,7 @@ impl VhostUserNetLink {
             source: None,
         };
         if params.num_queues < 2
-            || params.num_queues % 2 != 0
+            || !params.num_queues.is_multiple_of(2)
             || params.num_queues > 2 * VHOST_USER_NET_MAX_QUEUE_PAIRS
         {
             return Err(invalid(format!(
@@ -285,6 +285,7 @@ impl VirtioDevice for VhostUserNet {
 
 #[cfg(test)]
 mod tests {
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
