@@ -1203,3 +1203,74 @@ fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_back
     assert!(!backend_log.contains("panicked"), "{backend_log}");
     backend.kill();
 }
+
+/// Multiqueue vhost-user-net hotplugged: netkv (`hotplug=1 pairs=2`) boots without a network
+/// device; `ch-remote add-net vhost_user=true,socket=,num_queues=4` plugs one served by
+/// `nv-vhost-user-net --num-queues 4`; the guest's `VQ_PAIRS_SET 2` is acknowledged by the
+/// control queue the VMM serves and 16 flows are answered on both pairs.
+#[test]
+fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
+    integration_tests::require_kvm!();
+    let netns = Netns::new("vumqhp");
+    netns
+        .add_kv_tap_multi_queue()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
+    let socket = dir_path.join("net.sock");
+    let api = dir_path.join("api.sock");
+    let (mut vmm, mut backend, mut clients) = {
+        let (dir_path, socket, api) = (dir_path.clone(), socket.clone(), api.clone());
+        netns.run(move || {
+            let backend =
+                start_vhost_user_net_with(&dir_path, &socket, false, "0", &["--num-queues", "4"]);
+            let mut arguments = guest_arguments(
+                "netkv",
+                &format!(
+                    "ip={} port={} pairs=2 hotplug=1 report_ms=200",
+                    KV_GUEST.ip(),
+                    KV_GUEST.port()
+                ),
+                "64M",
+            );
+            arguments.push("--api-socket".into());
+            arguments.push(format!("path={}", api.display()));
+            arguments.push("--nv".into());
+            arguments.push(format!("region={},vm=netvm,create=on", region.display()));
+            let mut vmm = spawn(&dir_path, "boot", &arguments);
+            vmm.wait_for_socket(&api, TIMEOUT);
+            vmm.wait_serial("netkv waiting for a hotplug", |log| {
+                log.contains("waiting for a hotplugged network device")
+            });
+            let clients: Vec<KvClient> = (0..MQ_FLOWS)
+                .map(|_| {
+                    KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"))
+                })
+                .collect();
+            (vmm, backend, clients)
+        })
+    };
+    let output = integration_tests::harness::run_ch_remote(
+        &api,
+        &[
+            "add-net",
+            &format!(
+                "vhost_user=true,socket={},num_queues=4,mac={KV_GUEST_MAC},id=vnet0",
+                socket.display()
+            ),
+        ],
+    );
+    assert!(output.status.success(), "add-net: {output:?}");
+    let log = vmm.wait_serial("netkv ready", netkv_ready);
+    assert!(!log.contains("FAIL"), "{log}");
+    assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
+    let (_, config) = net_in_info(&api, "vnet0");
+    let config = config.expect("vnet0 in config.net");
+    assert_eq!(config["num_queues"], 4, "{config}");
+    put_from_many_flows(&mut clients, "on the hotplugged device");
+    vmm.wait_serial("both pairs serving", |log| {
+        pair_served(log).is_some_and(|served| served.len() == 2 && served.iter().all(|&n| n > 0))
+    });
+    vmm.kill();
+    backend.kill();
+}
