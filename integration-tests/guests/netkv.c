@@ -11,6 +11,13 @@
  * buffers were posted again (the device sees new buffers without a notify
  * while it has any left), so a busy pass costs about one exit.
  *
+ * With pairs=N (2..MAX_PAIRS) it drives the device as a multiqueue driver does:
+ * it negotiates VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ, sets up N receive/
+ * transmit pairs and the control queue (queue 2 * max_virtqueue_pairs), sends
+ * VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET N and fails unless the device acks it, then
+ * serves every pair, answering each request on the pair it came in on (the
+ * report counts the requests served per pair).
+ *
  * With hotplug=1 it boots without a network device and waits for one to be
  * hotplugged (ACPI PCI hotplug, polled as hpcheck does), then serves on it;
  * every HOTPLUG_POLL_MS it looks for its slot being asked to go down, then
@@ -27,6 +34,13 @@
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_NET_F_MAC (1u << 5)
+#define VIRTIO_NET_F_CTRL_VQ (1u << 17)
+#define VIRTIO_NET_F_MQ (1u << 22)
+#define VIRTIO_NET_CTRL_MQ 4
+#define VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 0
+#define MAX_PAIRS 2
+#define CTRL_SIZE 16
+#define CTRL_TIMEOUT_MS 10000
 #define RX_QUEUE 0
 #define TX_QUEUE 1
 #define RX_SIZE 256
@@ -77,15 +91,34 @@ struct slot {
 	uint64_t unused;
 };
 
-static struct ring_rx rx __attribute__((aligned(4096)));
-static struct ring_tx tx __attribute__((aligned(4096)));
-static uint8_t rx_buffers[RX_SIZE][RX_BUFFER] __attribute__((aligned(4096)));
-static uint8_t tx_buffers[TX_SIZE][TX_BUFFER] __attribute__((aligned(4096)));
+/* One receive/transmit queue pair and the driver's position in it. */
+struct pair {
+	struct ring_rx rx __attribute__((aligned(4096)));
+	struct ring_tx tx __attribute__((aligned(4096)));
+	uint8_t rx_buffers[RX_SIZE][RX_BUFFER] __attribute__((aligned(4096)));
+	uint8_t tx_buffers[TX_SIZE][TX_BUFFER] __attribute__((aligned(4096)));
+	volatile uint16_t *rx_notify, *tx_notify;
+	uint16_t rx_queue, tx_queue;
+	uint16_t rx_seen, rx_posted, rx_posted_since_notify;
+	uint16_t tx_posted;
+	uint64_t served; /* requests answered on this pair */
+};
+
+struct ring_ctrl {
+	struct virtq_desc descriptors[CTRL_SIZE] __attribute__((aligned(16)));
+	VIRTQ_AVAIL(CTRL_SIZE) avail __attribute__((aligned(16)));
+	VIRTQ_USED(CTRL_SIZE) used __attribute__((aligned(16)));
+};
+
+static struct pair pairs[MAX_PAIRS] __attribute__((aligned(4096)));
+static struct ring_ctrl ctrl __attribute__((aligned(4096)));
+static uint8_t ctrl_request[4] __attribute__((aligned(16)));
+static volatile uint8_t ctrl_ack __attribute__((aligned(16)));
+/* The pair being served: replies go out on its transmit queue. */
+static struct pair *cur = &pairs[0];
+static unsigned pair_count = 1;
 
 static struct virtio_pci_function net;
-static volatile uint16_t *rx_notify, *tx_notify;
-static uint16_t rx_seen, rx_posted, rx_posted_since_notify;
-static uint16_t tx_posted;
 static uint8_t my_mac[6];
 static uint8_t my_ip[4];
 static uint16_t my_port;
@@ -164,18 +197,18 @@ static uint8_t *tx_buffer(void)
 {
 	struct stopwatch watch;
 
-	if ((uint16_t)(tx_posted - *(volatile uint16_t *)&tx.used.index) >= TX_SIZE) {
+	if ((uint16_t)(cur->tx_posted - *(volatile uint16_t *)&cur->tx.used.index) >= TX_SIZE) {
 		/* Full with frames of this pass the device was not told about yet. */
 		memory_barrier();
-		*tx_notify = TX_QUEUE;
+		*cur->tx_notify = cur->tx_queue;
 	}
 	stopwatch_start(&watch);
-	while ((uint16_t)(tx_posted - *(volatile uint16_t *)&tx.used.index) >= TX_SIZE) {
+	while ((uint16_t)(cur->tx_posted - *(volatile uint16_t *)&cur->tx.used.index) >= TX_SIZE) {
 		if (stopwatch_poll_ms(&watch) > TX_TIMEOUT_MS)
 			fail("transmit queue stuck");
 		cpu_relax();
 	}
-	uint8_t *buffer = tx_buffers[tx_posted % TX_SIZE];
+	uint8_t *buffer = cur->tx_buffers[cur->tx_posted % TX_SIZE];
 	memset(buffer, 0, NET_HDR_LEN);
 	return buffer + NET_HDR_LEN;
 }
@@ -183,14 +216,14 @@ static uint8_t *tx_buffer(void)
 /* Posts the frame just built in tx_buffer() (not yet notified). */
 static void tx_post(uint32_t frame_len)
 {
-	uint16_t slot = tx_posted % TX_SIZE;
+	uint16_t slot = cur->tx_posted % TX_SIZE;
 
-	tx.descriptors[slot].address = (uint64_t)tx_buffers[slot];
-	tx.descriptors[slot].length = NET_HDR_LEN + frame_len;
-	tx.descriptors[slot].flags = 0;
-	tx.avail.ring[slot] = slot;
+	cur->tx.descriptors[slot].address = (uint64_t)cur->tx_buffers[slot];
+	cur->tx.descriptors[slot].length = NET_HDR_LEN + frame_len;
+	cur->tx.descriptors[slot].flags = 0;
+	cur->tx.avail.ring[slot] = slot;
 	memory_barrier();
-	tx.avail.index = ++tx_posted;
+	cur->tx.avail.index = ++cur->tx_posted;
 }
 
 static void answer_arp(const uint8_t *frame, uint32_t len)
@@ -308,7 +341,7 @@ static void stream(const uint8_t *frame, const uint8_t *request)
 		tx_post(ETH_HDR + IPV4_HDR + UDP_HDR + (uint32_t)size);
 		if (i % STREAM_NOTIFY_EVERY == STREAM_NOTIFY_EVERY - 1) {
 			memory_barrier();
-			*tx_notify = TX_QUEUE;
+			*cur->tx_notify = cur->tx_queue;
 		}
 	}
 	put64le(reply, KV_MAGIC);
@@ -347,6 +380,7 @@ static void answer_udp(const uint8_t *frame, uint32_t len)
 	}
 	uint8_t *payload = udp_to_sender(frame, KV_REPLY_LEN);
 	serve(request, payload);
+	cur->served++;
 	tx_post(ETH_HDR + IPV4_HDR + UDP_HDR + KV_REPLY_LEN);
 }
 
@@ -371,40 +405,115 @@ static void handle(const uint8_t *frame, uint32_t len)
 
 static void rx_post(uint16_t id)
 {
-	rx.avail.ring[rx_posted % RX_SIZE] = id;
+	cur->rx.avail.ring[cur->rx_posted % RX_SIZE] = id;
 	memory_barrier();
-	rx.avail.index = ++rx_posted;
-	rx_posted_since_notify++;
+	cur->rx.avail.index = ++cur->rx_posted;
+	cur->rx_posted_since_notify++;
+}
+
+/* Sets up pair `index` (queues 2 * index and 2 * index + 1) with its receive
+ * buffers posted. */
+static void open_pair(unsigned index)
+{
+	const char *error = 0;
+
+	cur = &pairs[index];
+	cur->rx_queue = (uint16_t)(2 * index + RX_QUEUE);
+	cur->tx_queue = (uint16_t)(2 * index + TX_QUEUE);
+	cur->rx.avail.flags = AVAIL_F_NO_INTERRUPT;
+	cur->tx.avail.flags = AVAIL_F_NO_INTERRUPT;
+	cur->rx_notify = virtio_pci_queue(&net, cur->rx_queue, RX_SIZE, cur->rx.descriptors,
+					  &cur->rx.avail, &cur->rx.used, &error);
+	if (!cur->rx_notify)
+		fail(error);
+	cur->tx_notify = virtio_pci_queue(&net, cur->tx_queue, TX_SIZE, cur->tx.descriptors,
+					  &cur->tx.avail, &cur->tx.used, &error);
+	if (!cur->tx_notify)
+		fail(error);
+	for (uint16_t id = 0; id < RX_SIZE; id++) {
+		cur->rx.descriptors[id].address = (uint64_t)cur->rx_buffers[id];
+		cur->rx.descriptors[id].length = RX_BUFFER;
+		cur->rx.descriptors[id].flags = DESC_F_WRITE;
+		rx_post(id);
+	}
+}
+
+/* VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET pair_count on the control queue, as a
+ * driver does after DRIVER_OK: header, data and ack in three descriptors. */
+static void set_pairs(volatile uint16_t *ctrl_notify, uint16_t ctrl_queue)
+{
+	struct stopwatch watch;
+
+	ctrl_request[0] = VIRTIO_NET_CTRL_MQ;
+	ctrl_request[1] = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET;
+	ctrl_request[2] = (uint8_t)pair_count;
+	ctrl_request[3] = 0;
+	ctrl_ack = 0xff;
+	ctrl.descriptors[0].address = (uint64_t)ctrl_request;
+	ctrl.descriptors[0].length = 2;
+	ctrl.descriptors[0].flags = DESC_F_NEXT;
+	ctrl.descriptors[0].next = 1;
+	ctrl.descriptors[1].address = (uint64_t)(ctrl_request + 2);
+	ctrl.descriptors[1].length = 2;
+	ctrl.descriptors[1].flags = DESC_F_NEXT;
+	ctrl.descriptors[1].next = 2;
+	ctrl.descriptors[2].address = (uint64_t)&ctrl_ack;
+	ctrl.descriptors[2].length = 1;
+	ctrl.descriptors[2].flags = DESC_F_WRITE;
+	ctrl.avail.ring[0] = 0;
+	memory_barrier();
+	ctrl.avail.index = 1;
+	memory_barrier();
+	*ctrl_notify = ctrl_queue;
+	stopwatch_start(&watch);
+	while (*(volatile uint16_t *)&ctrl.used.index != 1) {
+		if (stopwatch_poll_ms(&watch) > CTRL_TIMEOUT_MS)
+			fail("no answer to VQ_PAIRS_SET");
+		cpu_relax();
+	}
+	memory_barrier();
+	if (ctrl_ack != 0)
+		fail("VQ_PAIRS_SET not acknowledged");
+	console_write("netkv: pairs=");
+	console_write_dec(pair_count);
+	console_write(" acknowledged\n");
 }
 
 static void open_net(void)
 {
 	const char *error = 0;
+	uint32_t features = VIRTIO_NET_F_MAC;
 
+	if (pair_count > 1)
+		features |= VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
 	if (virtio_pci_find(VIRTIO_PCI_ID(VIRTIO_ID_NET), &net, &error) ||
-	    virtio_pci_negotiate(&net, VIRTIO_NET_F_MAC, &error))
+	    virtio_pci_negotiate(&net, features, &error))
 		fail(error);
 	for (int i = 0; i < 6; i++)
 		my_mac[i] = net.device_config[i];
-	rx.avail.flags = AVAIL_F_NO_INTERRUPT;
-	tx.avail.flags = AVAIL_F_NO_INTERRUPT;
-	rx_notify = virtio_pci_queue(&net, RX_QUEUE, RX_SIZE, rx.descriptors, &rx.avail, &rx.used,
-				     &error);
-	if (!rx_notify)
-		fail(error);
-	tx_notify = virtio_pci_queue(&net, TX_QUEUE, TX_SIZE, tx.descriptors, &tx.avail, &tx.used,
-				     &error);
-	if (!tx_notify)
-		fail(error);
-	for (uint16_t id = 0; id < RX_SIZE; id++) {
-		rx.descriptors[id].address = (uint64_t)rx_buffers[id];
-		rx.descriptors[id].length = RX_BUFFER;
-		rx.descriptors[id].flags = DESC_F_WRITE;
-		rx_post(id);
+	for (unsigned i = 0; i < pair_count; i++)
+		open_pair(i);
+	volatile uint16_t *ctrl_notify = 0;
+	uint16_t ctrl_queue = 0;
+	if (pair_count > 1) {
+		uint16_t max_pairs = (uint16_t)(net.device_config[8] | net.device_config[9] << 8);
+		if (max_pairs < pair_count)
+			fail("the device has fewer queue pairs than pairs=");
+		ctrl_queue = (uint16_t)(2 * max_pairs);
+		ctrl.avail.flags = AVAIL_F_NO_INTERRUPT;
+		ctrl_notify = virtio_pci_queue(&net, ctrl_queue, CTRL_SIZE, ctrl.descriptors,
+					       &ctrl.avail, &ctrl.used, &error);
+		if (!ctrl_notify)
+			fail(error);
 	}
 	virtio_pci_driver_ok(&net);
-	*rx_notify = RX_QUEUE;
-	rx_posted_since_notify = 0;
+	if (pair_count > 1)
+		set_pairs(ctrl_notify, ctrl_queue);
+	for (unsigned i = 0; i < pair_count; i++) {
+		cur = &pairs[i];
+		*cur->rx_notify = cur->rx_queue;
+		cur->rx_posted_since_notify = 0;
+	}
 }
 
 /* hotplug=1: waits until a slot comes up (the GED event, then PCIU). */
@@ -454,6 +563,14 @@ static void report(void)
 	console_write_dec(frames);
 	console_write(" ignored=");
 	console_write_dec(ignored);
+	if (pair_count > 1) {
+		console_write(" pair_served=");
+		for (unsigned i = 0; i < pair_count; i++) {
+			if (i)
+				console_putc(',');
+			console_write_dec(pairs[i].served);
+		}
+	}
 	console_write("\n");
 }
 
@@ -463,6 +580,7 @@ void guest_main(void)
 	uint64_t report_ms = param_u64("report_ms", 1000);
 	const char *ip = param_str("ip");
 	uint64_t hotplug = param_u64("hotplug", 0);
+	uint64_t want_pairs = param_u64("pairs", 1);
 	struct ticker ticker, hotplug_ticker;
 
 	boot_id = tsc_read() | 1;
@@ -471,6 +589,9 @@ void guest_main(void)
 	my_port = (uint16_t)param_u64("port", 7777);
 	if (slots < 2 || (slots & (slots - 1)) || slots > (1ull << 24))
 		fail("slots= must be a power of two from 2 to 2^24");
+	if (want_pairs < 1 || want_pairs > MAX_PAIRS)
+		fail("pairs= must be from 1 to 2");
+	pair_count = (unsigned)want_pairs;
 	table_mask = slots - 1;
 	uint64_t bytes = slots * sizeof(struct slot);
 	table = (struct slot *)((ram_free_start() + 0xfff) & ~0xfffull);
@@ -504,27 +625,31 @@ void guest_main(void)
 	ticker_start(&ticker, report_ms ? report_ms : 1000);
 	ticker_start(&hotplug_ticker, HOTPLUG_POLL_MS);
 	for (;;) {
-		uint16_t sent_before = tx_posted;
-		while (rx_seen != *(volatile uint16_t *)&rx.used.index) {
-			memory_barrier();
-			struct virtq_used_element used = rx.used.ring[rx_seen % RX_SIZE];
-			rx_seen++;
-			if (used.id < RX_SIZE && used.length > NET_HDR_LEN &&
-			    used.length <= RX_BUFFER)
-				handle(rx_buffers[used.id] + NET_HDR_LEN,
-				       used.length - NET_HDR_LEN);
-			else
-				ignored++;
-			rx_post((uint16_t)(used.id % RX_SIZE));
-		}
-		if (tx_posted != sent_before) {
-			memory_barrier();
-			*tx_notify = TX_QUEUE;
-		}
-		if (rx_posted_since_notify >= RX_SIZE / 2) {
-			memory_barrier();
-			*rx_notify = RX_QUEUE;
-			rx_posted_since_notify = 0;
+		for (unsigned i = 0; i < pair_count; i++) {
+			cur = &pairs[i];
+			uint16_t sent_before = cur->tx_posted;
+			while (cur->rx_seen != *(volatile uint16_t *)&cur->rx.used.index) {
+				memory_barrier();
+				struct virtq_used_element used =
+					cur->rx.used.ring[cur->rx_seen % RX_SIZE];
+				cur->rx_seen++;
+				if (used.id < RX_SIZE && used.length > NET_HDR_LEN &&
+				    used.length <= RX_BUFFER)
+					handle(cur->rx_buffers[used.id] + NET_HDR_LEN,
+					       used.length - NET_HDR_LEN);
+				else
+					ignored++;
+				rx_post((uint16_t)(used.id % RX_SIZE));
+			}
+			if (cur->tx_posted != sent_before) {
+				memory_barrier();
+				*cur->tx_notify = cur->tx_queue;
+			}
+			if (cur->rx_posted_since_notify >= RX_SIZE / 2) {
+				memory_barrier();
+				*cur->rx_notify = cur->rx_queue;
+				cur->rx_posted_since_notify = 0;
+			}
 		}
 		if (report_ms && ticker_due(&ticker))
 			report();

@@ -100,6 +100,24 @@ impl Netns {
         self.ip(&["link", "set", KV_TAP, "up"])
     }
 
+    /// As [`Netns::add_kv_tap`], with `IFF_MULTI_QUEUE` (for a multiqueue backend that
+    /// attaches one queue per pair).
+    pub fn add_kv_tap_multi_queue(&self) -> Result<(), String> {
+        self.ip(&["link", "set", "lo", "up"])?;
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            KV_TAP,
+            "mode",
+            "tap",
+            "vnet_hdr",
+            "multi_queue",
+        ])?;
+        self.ip(&["addr", "add", KV_HOST_CIDR, "dev", KV_TAP])?;
+        self.ip(&["link", "set", KV_TAP, "up"])
+    }
+
     /// Creates [`BASELINE_TAP`] with [`BASELINE_TAP_MAC`] and [`BASELINE_HOST`]'s address /24,
     /// up, with the sender's neighbour entry (nothing answers ARP on it).
     pub fn add_baseline_tap(&self) -> Result<(), String> {

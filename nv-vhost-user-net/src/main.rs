@@ -1,4 +1,10 @@
-//! `nv-vhost-user-net`: a vhost-user-net backend that bridges one queue pair to a tap.
+//! `nv-vhost-user-net`: a vhost-user-net backend that bridges queue pairs to a tap.
+//!
+//! With `--num-queues 2N` (N > 1) the tap is opened with `IFF_MULTI_QUEUE` and N queue
+//! descriptors, one per pair: pair i's receive ring takes what the kernel steers to the tap's
+//! queue i (by flow hash), its transmit ring writes there. The control queue is the VMM's; a ring
+//! the front-end has not enabled (SET_VRING_ENABLE, after the driver's `VQ_PAIRS_SET`) is not
+//! served, and what the kernel steered to its tap queue waits there until it is.
 //!
 //! Packets move as in NV-Hypervisor's in-process virtio-net (`TapPackets`): a transmitted chain
 //! goes to the tap with one `writev` over the guest's buffers (the 12-byte virtio-net header
@@ -50,14 +56,14 @@ struct Args {
     /// The MTU of the link, for the receive buffer space a packet needs without TSO.
     #[arg(long)]
     mtu: Option<u16>,
+    /// Data queues served (the VMM's `num_queues`): 2 per receive/transmit pair, each pair on
+    /// its own queue of the tap (`IFF_MULTI_QUEUE` when more than one).
+    #[arg(long, default_value_t = 2)]
+    num_queues: usize,
 }
 
-/// Queue 0 receives (tap to guest), queue 1 transmits.
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
-const NUM_QUEUES: usize = 2;
-/// The epoll token of the tap (0..=NUM_QUEUES are the queues' and the exit event's).
-const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Most queue pairs served: the front-end's limit.
+const MAX_QUEUE_PAIRS: usize = 64;
 
 /// The features offered: virtio 1, mergeable receive buffers, checksum and TCP segmentation
 /// offloads both ways (the tap does them), and the vhost-user protocol features.
@@ -72,8 +78,12 @@ const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_HOST_TSO6)
     | (1 << VIRTIO_NET_F_HOST_ECN);
 
+/// Queue 2i receives for pair i (tap to guest), queue 2i+1 transmits. Epoll tokens: the
+/// queues' are their indices, then the exit event's (`num_queues`), then the tap queues'
+/// (`num_queues + 1 + i`).
 struct NetBackend {
     tap: Tap,
+    num_queues: usize,
     max_queue_size: usize,
     mtu: Option<u16>,
     /// How packets move for the features the driver acked.
@@ -88,19 +98,28 @@ impl NetBackend {
         self.packets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tap_fd(&self) -> RawFd {
-        self.tap.queue_fds().next().unwrap_or(-1)
+    fn tap_fd(&self, pair: usize) -> RawFd {
+        self.tap.queue_fds().nth(pair).unwrap_or(-1)
     }
 
-    /// Moves packets for `vring` until there is nothing more to move (the tap is empty or the
-    /// guest has no room, or nothing is posted to transmit), then signals the guest once.
-    fn serve(&self, vring: &mut Vring, receive: bool) -> io::Result<()> {
+    /// The epoll token of pair `pair`'s tap queue.
+    fn tap_event(&self, pair: usize) -> u16 {
+        (self.num_queues + 1 + pair) as u16
+    }
+
+    /// Moves packets for `vring` (of pair `pair`) until there is nothing more to move (the tap
+    /// queue is empty or the guest has no room, or nothing is posted to transmit), then signals
+    /// the guest once. A ring the front-end did not enable is left alone.
+    fn serve(&self, vring: &mut Vring, pair: usize, receive: bool) -> io::Result<()> {
         let atomic = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mem = atomic.memory();
         let packets = self.packets();
-        let fd = self.tap_fd();
+        let fd = self.tap_fd(pair);
         let mut used = false;
         loop {
+            if !vring.is_enabled() {
+                break;
+            }
             let queue = vring.get_queue_mut();
             if !queue.ready() {
                 break;
@@ -127,7 +146,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringMutex;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        self.num_queues
     }
 
     fn max_queue_size(&self) -> usize {
@@ -172,21 +191,36 @@ impl VhostUserBackend for NetBackend {
         if !evset.contains(EventSet::IN) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let (queue, receive) = match device_event {
-            RX_QUEUE | TAP_EVENT => (RX_QUEUE, true),
-            TX_QUEUE => (TX_QUEUE, false),
-            other => return Err(io::Error::other(format!("unexpected event {other}"))),
+        let event = usize::from(device_event);
+        let queue = if event < self.num_queues {
+            event
+        } else if event > self.num_queues && event <= self.num_queues + self.num_queues / 2 {
+            // Pair i's tap queue became readable: its receive ring.
+            2 * (event - self.num_queues - 1)
+        } else {
+            return Err(io::Error::other(format!("unexpected event {device_event}")));
         };
-        let mut state = vrings[usize::from(queue)].get_mut();
-        self.serve(&mut state, receive)
+        let mut state = vrings[queue].get_mut();
+        self.serve(&mut state, queue / 2, queue % 2 == 0)
     }
 }
 
 fn main() -> anyhow::Result<()> {
     init_logging("nv-vhost-user-net")?;
     let args = Args::parse();
-    let tap = Tap::open(Some(&args.tap), 1)
-        .with_context(|| format!("cannot open the tap {}", args.tap))?;
+    if args.num_queues < 2
+        || !args.num_queues.is_multiple_of(2)
+        || args.num_queues > 2 * MAX_QUEUE_PAIRS
+    {
+        anyhow::bail!(
+            "--num-queues {} is not an even number from 2 to {}",
+            args.num_queues,
+            2 * MAX_QUEUE_PAIRS
+        );
+    }
+    let pairs = args.num_queues / 2;
+    let tap = Tap::open(Some(&args.tap), pairs)
+        .with_context(|| format!("cannot open the tap {} with {pairs} queue(s)", args.tap))?;
     if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
         anyhow::bail!(
             "--queue-size {} is not a power of two up to 32768",
@@ -199,7 +233,7 @@ fn main() -> anyhow::Result<()> {
         SocketSide::Listen(args.socket.clone())
     };
     info!(
-        "bridging tap {} on {} ({})",
+        "bridging tap {} ({pairs} queue pair(s)) on {} ({})",
         tap.name(),
         args.socket.display(),
         if args.client {
@@ -210,12 +244,15 @@ fn main() -> anyhow::Result<()> {
     );
     let backend = Arc::new(NetBackend {
         tap,
+        num_queues: args.num_queues,
         max_queue_size: args.queue_size,
         mtu: args.mtu,
         packets: Mutex::new(TapPackets::new(0, args.mtu)),
         mem: Mutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
     });
-    let fd = backend.tap_fd();
+    let taps: Vec<(RawFd, u16)> = (0..pairs)
+        .map(|pair| (backend.tap_fd(pair), backend.tap_event(pair)))
+        .collect();
     serve_sessions("nv-vhost-user-net", backend, &side, |daemon| {
         // Edge-triggered: a pass reads the tap until it is empty or the guest has no room, and
         // the guest's next receive kick brings the worker back.
@@ -223,10 +260,13 @@ fn main() -> anyhow::Result<()> {
         let handler = handlers
             .first()
             .ok_or_else(|| io::Error::other("the daemon has no worker"))?;
-        handler.register_listener(
-            fd,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            u64::from(TAP_EVENT),
-        )
+        for &(fd, token) in &taps {
+            handler.register_listener(
+                fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(token),
+            )?;
+        }
+        Ok(())
     })
 }

@@ -250,6 +250,11 @@ pub struct NetState {
     pub transport: Option<MmioTransportState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci: Option<VirtioPciState>,
+    /// A multiqueue vhost-user-net device: the queue pairs the driver asked for with its last
+    /// `VQ_PAIRS_SET` (their rings are switched on again before they start after a restore).
+    /// The control queue's position is in `pci`, the data rings' bases too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user_queue_pairs: Option<u16>,
 }
 
 /// Saved state of one virtio-blk disk: its virtio-mmio transport or its virtio-pci function
@@ -1065,12 +1070,17 @@ impl DeviceManager {
                     .transport
                     .save()
                     .map_err(|e| Error::device_state(format!("net {}", net.id), e))?;
+                let vhost_user_queue_pairs = match &net.backend {
+                    NetBackend::VhostUser(link) => link.queue_pairs_in_use(),
+                    NetBackend::Tap(_) => None,
+                };
                 Ok(NetState {
                     version: NET_STATE_VERSION,
                     id: net.id.clone(),
                     mac: net.config.mac.clone().unwrap_or_default(),
                     transport,
                     pci,
+                    vhost_user_queue_pairs,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -1304,7 +1314,11 @@ impl DeviceManager {
         }
         let device: Box<dyn VirtioDevice> = match &net.backend {
             NetBackend::Tap(tap) => Box::new(self.held_net(tap, &net.config)?),
-            NetBackend::VhostUser(link) => Box::new(link.device()),
+            NetBackend::VhostUser(link) => {
+                link.restore_queue_pairs(saved.vhost_user_queue_pairs)
+                    .map_err(|e| Error::device(format!("net {}", net.id), e))?;
+                Box::new(link.device())
+            }
         };
         self.restore_transport(
             &format!("net {}", net.id),

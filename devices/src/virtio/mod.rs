@@ -47,7 +47,7 @@ pub use transport::{QueueSnapshot, TransportState, VirtioTransport};
 pub use vhost_user::{
     VhostUserBlk, VhostUserBlkLink, VhostUserConnection, VhostUserMode, VhostUserNet,
     VhostUserNetLink, VhostUserNetParams, VHOST_USER_BLK_MAX_QUEUE_SIZE,
-    VHOST_USER_CONNECT_TIMEOUT,
+    VHOST_USER_CONNECT_TIMEOUT, VHOST_USER_NET_MAX_QUEUE_PAIRS,
 };
 pub use vhost_user::{
     VhostUserFs, VhostUserFsLink, VIRTIO_FS_MAX_REQUEST_QUEUES, VIRTIO_FS_TAG_LEN,

@@ -1355,8 +1355,17 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
         vhost_user_mode(None),
         Some(devices::virtio::VhostUserMode::Client)
     );
-    let cases: [(&str, Option<&str>); 8] = [
+    let cases: [(&str, Option<&str>); 11] = [
         ("vhost_user=true,socket=/s", None),
+        ("vhost_user=true,socket=/s,num_queues=4", None),
+        (
+            "vhost_user=true,socket=/s,num_queues=3",
+            Some("num_queues=3"),
+        ),
+        (
+            "vhost_user=true,socket=/s,num_queues=0",
+            Some("num_queues=0"),
+        ),
         (
             "vhost_user=on,socket=/s,vhost_mode=client,mac=02:00:00:00:00:01,id=vn0",
             None,
@@ -1369,7 +1378,10 @@ fn vhost_user_nets_take_a_socket_and_a_mode() {
             "vhost_user=true,socket=/s,transport=mmio",
             Some("transport"),
         ),
-        ("vhost_user=true,socket=/s,num_queues=4", Some("num_queues")),
+        (
+            "vhost_user=true,socket=/s,num_queues=130",
+            Some("at most 64 queue pairs"),
+        ),
     ];
     for (option, refused) in cases {
         let from_cli = command_line(VmOptionStrings {

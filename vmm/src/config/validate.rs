@@ -1,7 +1,7 @@
 //! What this VMM can honour: the one judge of a [`VmConfig`], whether it came from the command
 //! line, a `vm.create` body or a snapshot's `config.json`.
 
-use devices::virtio::VhostUserMode;
+use devices::virtio::{VhostUserMode, VHOST_USER_NET_MAX_QUEUE_PAIRS};
 use serde_json::Value;
 
 use super::model::*;
@@ -403,7 +403,7 @@ impl VmConfig {
                     ));
                 }
             }
-            validate_vhost_user_net(index, net, &nets[..index])?;
+            validate_vhost_user_net(net, &nets[..index])?;
             if net.iommu {
                 return refuse("iommu", "on".into(), "there is no virtual IOMMU");
             }
@@ -1054,12 +1054,9 @@ pub fn host_vcpu_limit() -> Option<VcpuLimit> {
 }
 
 /// `--net vhost_user=true,socket=PATH[,vhost_mode=client|server]` as upstream: the backend at
-/// the socket owns the network side, so a tap is refused; one queue pair.
-fn validate_vhost_user_net(
-    index: usize,
-    net: &NetConfig,
-    earlier: &[NetConfig],
-) -> Result<(), ConfigError> {
+/// the socket owns the network side, so a tap is refused; up to
+/// [`VHOST_USER_NET_MAX_QUEUE_PAIRS`] queue pairs (the control queue of several is the VMM's).
+fn validate_vhost_user_net(net: &NetConfig, earlier: &[NetConfig]) -> Result<(), ConfigError> {
     let invalid = |key: &str, value: String, reason: &str| {
         Err(ConfigError::from(OptionError::InvalidValue {
             option: "net",
@@ -1114,15 +1111,17 @@ fn validate_vhost_user_net(
             "vhost-user net devices are on virtio-pci",
         );
     }
-    if net.num_queues != 2 {
-        return Err(not_supported(
-            "net",
+    // Odd and zero counts were refused with the tap's rule (receive/transmit pairs).
+    if net.num_queues > 2 * VHOST_USER_NET_MAX_QUEUE_PAIRS {
+        return invalid(
             "num_queues",
-            format!("net[{index}].num_queues"),
             net.num_queues.to_string(),
-            "a vhost-user net device has one queue pair (several need a control queue the \
-             VMM would serve)",
-        ));
+            &format!(
+                "a vhost-user net device has at most {VHOST_USER_NET_MAX_QUEUE_PAIRS} queue pairs \
+                 ({} queues)",
+                2 * VHOST_USER_NET_MAX_QUEUE_PAIRS
+            ),
+        );
     }
     if earlier
         .iter()

@@ -18,6 +18,7 @@
 //! While NV checkpoints are on, transmitted frames go through the VM's [`OutputHold`] instead
 //! (copied out of the ring, written to the tap once their epoch committed; see `output_hold`).
 
+pub(crate) mod control;
 mod output_hold;
 mod tap;
 
@@ -435,48 +436,22 @@ impl NetWorker {
         }
     }
 
-    /// Answers control-queue commands: only `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` is offered.
+    /// Answers control-queue commands (see `control`): a `VQ_PAIRS_SET` within the device's
+    /// pairs is acknowledged; every pair is served regardless (the tap spreads flows over all).
     fn control(&self, pause_requested: &AtomicBool) {
         let Some(ctrl) = &self.ctrl else {
             return;
         };
-        let mut used = false;
-        while !pause_requested.load(Ordering::SeqCst) {
+        let max_pairs = self.pairs.len() as u16;
+        let used = {
             let Some(mut queue) = self.lock(ctrl) else {
                 return;
             };
-            if !queue.ready() {
-                break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            let class = descs
-                .first()
-                .filter(|d| !d.is_write_only())
-                .and_then(|d| self.mem.read_obj::<[u8; 2]>(d.addr()).ok());
-            let ack = match class {
-                Some([class, cmd])
-                    if u32::from(class) == VIRTIO_NET_CTRL_MQ
-                        && u32::from(cmd) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET =>
-                {
-                    VIRTIO_NET_OK as u8
-                }
-                _ => VIRTIO_NET_ERR as u8,
-            };
-            let mut used_len = 0;
-            if let Some(status) = descs.iter().rev().find(|d| d.is_write_only()) {
-                if self.mem.write_obj(ack, status.addr()).is_ok() {
-                    used_len = 1;
-                }
-            }
-            if let Err(e) = queue.add_used(&self.mem, head, used_len) {
-                error!("virtio-net: cannot publish control entry for head {head}: {e}");
-            }
-            used = true;
-        }
+            control::serve(&mut queue, &self.mem, pause_requested, |command| {
+                matches!(command, control::ControlCommand::VqPairsSet(n)
+                    if control::pairs_valid(n, max_pairs))
+            })
+        };
         if used {
             self.notify(ctrl, self.ctrl_index);
         }

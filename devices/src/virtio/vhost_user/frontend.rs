@@ -1,7 +1,8 @@
 //! What every vhost-user device shares: the connection to its backend (client or server side of
 //! the socket, reconnected after the backend was lost) and the rings the backend serves
 //! (activation, GET_VRING_BASE before a save, SET_MEM_TABLE and SET_VRING_BASE after a
-//! restore). A device adds its features and configuration space (`blk`, `net`).
+//! restore). A device adds its features and configuration space (`blk`, `net`) and may keep a
+//! queue for the VMM to serve ([`OwnQueue`]: virtio-net's control queue).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -443,6 +444,8 @@ pub(crate) struct VhostUserRings {
     /// The backend's device state from a saved state, loaded into the next new session after
     /// its SET_FEATURES and SET_MEM_TABLE and before its rings start; dropped once they run.
     device_state_to_load: Option<Vec<u8>>,
+    /// The device's last queue, served by the VMM instead of the backend.
+    own_queue: Option<Arc<dyn OwnQueue>>,
 }
 
 /// What an activation set up.
@@ -452,14 +455,41 @@ struct Active {
     queues: Vec<Arc<Mutex<Queue>>>,
     /// Queue-notify eventfds (the ioeventfds at the notify addresses), handed over as kicks.
     kicks: Vec<EventFd>,
-    /// One per queue, handed over as calls; the relay thread turns them into interrupts.
+    /// One per backend queue, handed over as calls; the relay thread turns them into
+    /// interrupts.
     calls: Vec<EventFd>,
     relay: IoThread,
     acked_features: u64,
     /// The session in use has not had SET_FEATURES and SET_MEM_TABLE yet (a new connection).
     needs_setup: bool,
-    /// Which queues the backend runs now.
-    running: Vec<bool>,
+    /// Which queues the backend runs now (changed with the connection locked; the call relay
+    /// reads them to switch rings on and off for an [`OwnQueue`]).
+    running: Arc<[AtomicBool]>,
+    /// How many of the queues (the first ones) the backend serves; the rest are the
+    /// [`OwnQueue`]'s.
+    backend_queues: usize,
+    own_queue: Option<Arc<dyn OwnQueue>>,
+}
+
+/// A queue the VMM serves itself instead of handing it to the backend: virtio-net's control
+/// queue, always the device's last. Its notifies wake the call relay thread, which serves it
+/// there; a pause of the relay therefore waits for a request in progress, and nothing stays
+/// popped across a save.
+pub(crate) trait OwnQueue: Send + Sync {
+    /// Serves what the driver posted on `queue` until none is left or `pause_requested` is set;
+    /// `switch` turns backend ring `index` on or off (SET_VRING_ENABLE). Returns whether
+    /// entries were used.
+    fn serve(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        pause_requested: &AtomicBool,
+        switch: &mut dyn FnMut(usize, bool),
+    ) -> bool;
+    /// Whether backend ring `index` runs enabled when it starts.
+    fn ring_enabled(&self, index: usize) -> bool;
+    /// The driver reset the device, or activated it anew (not a restored one).
+    fn reset(&self);
 }
 
 impl VhostUserRings {
@@ -469,7 +499,15 @@ impl VhostUserRings {
             kind,
             active: None,
             device_state_to_load: None,
+            own_queue: None,
         }
+    }
+
+    /// Keeps the device's last queue to the VMM: `own` serves it, and says which backend rings
+    /// run enabled.
+    pub fn with_own_queue(mut self, own: Arc<dyn OwnQueue>) -> Self {
+        self.own_queue = Some(own);
+        self
     }
 
     /// Gives the backend `state` (saved with [`VhostUserConnection::save_device_state`]) when
@@ -529,7 +567,7 @@ impl VhostUserRings {
         if result.is_err() {
             *guard = None;
             active.needs_setup = true;
-        } else if active.running.iter().any(|&running| running) {
+        } else if active.running.iter().any(|r| r.load(Ordering::SeqCst)) {
             // The backend serves the guest now: its state moves on from the loaded one.
             self.device_state_to_load = None;
         }
@@ -550,8 +588,8 @@ impl VhostUserRings {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        for (index, queue) in active.queues.iter().enumerate() {
-            if !std::mem::take(&mut active.running[index]) {
+        for (index, queue) in active.queues.iter().enumerate().take(active.backend_queues) {
+            if !active.running[index].swap(false, Ordering::SeqCst) {
                 continue;
             }
             let Ok(mut queue) = lock_queue(queue) else {
@@ -615,19 +653,46 @@ impl VhostUserRings {
         if self.active.is_some() {
             return Err(Error::AlreadyActivated);
         }
-        let calls = (0..ctx.queues.len())
+        let backend_queues = ctx.queues.len() - usize::from(self.own_queue.is_some());
+        let calls = (0..backend_queues)
             .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
             .collect::<Result<Vec<_>>>()?;
-        let relay_evts = calls
+        let mut relay_evts = calls
             .iter()
             .map(|e| e.try_clone().map_err(Error::EventFd))
             .collect::<Result<Vec<_>>>()?;
+        let running: Arc<[AtomicBool]> = (0..backend_queues)
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        let own = match &self.own_queue {
+            Some(own) => {
+                if !ctx.start_paused {
+                    own.reset();
+                }
+                let index = backend_queues;
+                relay_evts.push(ctx.queue_evts[index].try_clone().map_err(Error::EventFd)?);
+                Some(OwnQueueService {
+                    own: own.clone(),
+                    index,
+                    queue: ctx.queues[index].clone(),
+                    mem: ctx.mem.clone(),
+                    connection: self.connection.clone(),
+                    running: running.clone(),
+                    kicks: ctx.queue_evts[..backend_queues]
+                        .iter()
+                        .map(|e| e.try_clone().map_err(Error::EventFd))
+                        .collect::<Result<Vec<_>>>()?,
+                })
+            }
+            None => None,
+        };
         let relay = IoThread::spawn_watching(
             &format!("{}-call", self.kind),
             CallRelay {
                 interrupt: ctx.interrupt.clone(),
-                queues: ctx.queues.len() as u16,
+                queues: backend_queues as u16,
                 kind: self.kind,
+                own,
             },
             relay_evts,
             &[],
@@ -637,7 +702,9 @@ impl VhostUserRings {
         self.active = Some(Active {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
-            running: vec![false; ctx.queues.len()],
+            running,
+            backend_queues,
+            own_queue: self.own_queue.clone(),
             queues: ctx.queues,
             kicks: ctx.queue_evts,
             calls,
@@ -659,6 +726,9 @@ impl VhostUserRings {
     pub fn reset(&mut self) {
         self.stop_rings();
         self.active = None;
+        if let Some(own) = &self.own_queue {
+            own.reset();
+        }
     }
 
     /// Stops the rings (their positions go into the queues, which the transport saves) and the
@@ -758,10 +828,10 @@ fn start_rings(
                 source: None,
             })
     };
-    for (index, queue) in active.queues.iter().enumerate() {
+    for (index, queue) in active.queues.iter().enumerate().take(active.backend_queues) {
         let (config, base) = {
             let queue = lock_queue(queue)?;
-            if !queue.ready() || active.running[index] {
+            if !queue.ready() || active.running[index].load(Ordering::SeqCst) {
                 continue;
             }
             let config = VringConfigData {
@@ -791,13 +861,19 @@ fn start_rings(
         frontend
             .set_vring_kick(index, &active.kicks[index])
             .map_err(vhost_error(socket, "SET_VRING_KICK"))?;
+        let enabled = active
+            .own_queue
+            .as_ref()
+            .is_none_or(|own| own.ring_enabled(index));
         if session.rings_need_enable() {
+            // Explicitly off too: a ring stopped and started again on the same session may
+            // have been on before.
             session
                 .frontend
-                .set_vring_enable(index, true)
+                .set_vring_enable(index, enabled)
                 .map_err(vhost_error(socket, "SET_VRING_ENABLE"))?;
         }
-        active.running[index] = true;
+        active.running[index].store(true, Ordering::SeqCst);
         // A kick the guest gave while the ring was stopped (or before a power failure) is not
         // in this eventfd: kick once, an empty ring costs the backend one look.
         if let Err(e) = active.kicks[index].write(1) {
@@ -817,10 +893,79 @@ struct CallRelay {
     interrupt: Arc<VirtioInterrupt>,
     queues: u16,
     kind: &'static str,
+    /// The queue the VMM serves, whose notify also wakes this thread.
+    own: Option<OwnQueueService>,
+}
+
+/// What the relay thread needs to serve an [`OwnQueue`].
+struct OwnQueueService {
+    own: Arc<dyn OwnQueue>,
+    index: usize,
+    queue: Arc<Mutex<Queue>>,
+    mem: GuestMemoryMmap,
+    connection: VhostUserConnection,
+    running: Arc<[AtomicBool]>,
+    /// The backend rings' kicks: a ring switched on is kicked once, so what the driver posted
+    /// while it was off is served.
+    kicks: Vec<EventFd>,
+}
+
+impl OwnQueueService {
+    /// Serves the queue; SET_VRING_ENABLE goes to each ring the backend runs now (a ring that
+    /// does not run gets its state when it starts, from [`OwnQueue::ring_enabled`]).
+    fn serve(&self, kind: &str, interrupt: &VirtioInterrupt, pause_requested: &AtomicBool) {
+        let socket = self.connection.socket().display().to_string();
+        let mut switch = |index: usize, enabled: bool| {
+            let mut guard = self.connection.lock();
+            let Some(session) = guard.as_mut() else {
+                return;
+            };
+            if !self
+                .running
+                .get(index)
+                .is_some_and(|r| r.load(Ordering::SeqCst))
+            {
+                return;
+            }
+            if let Err(e) = session.frontend.set_vring_enable(index, enabled) {
+                error!(
+                    "vhost-user backend at {socket}: SET_VRING_ENABLE of queue {index} failed \
+                     ({e}); it is set again when the backend is back"
+                );
+                return;
+            }
+            if enabled {
+                if let Err(e) = self.kicks[index].write(1) {
+                    warn!("{kind} {socket}: cannot kick queue {index}: {e}");
+                }
+            }
+        };
+        let used = match lock_queue(&self.queue) {
+            Ok(mut queue) => self
+                .own
+                .serve(&mut queue, &self.mem, pause_requested, &mut switch),
+            Err(e) => {
+                error!("{kind} {socket}: queue {}: {e}", self.index);
+                false
+            }
+        };
+        let notify = used
+            && lock_queue(&self.queue)
+                .map(|mut q| q.needs_notification(&self.mem).unwrap_or(true))
+                .unwrap_or(true);
+        if notify {
+            if let Err(e) = interrupt.signal_used_queue(self.index as u16) {
+                error!("{kind}: cannot raise queue {}'s interrupt: {e}", self.index);
+            }
+        }
+    }
 }
 
 impl QueueWorker for CallRelay {
-    fn process_queues(&mut self, _pause_requested: &AtomicBool) {
+    fn process_queues(&mut self, pause_requested: &AtomicBool) {
+        if let Some(own) = &self.own {
+            own.serve(self.kind, &self.interrupt, pause_requested);
+        }
         for queue in 0..self.queues {
             if let Err(e) = self.interrupt.signal_used_queue(queue) {
                 error!("{}: cannot raise queue {queue}'s interrupt: {e}", self.kind);

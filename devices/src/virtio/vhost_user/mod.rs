@@ -32,7 +32,7 @@ pub use blk::{VhostUserBlk, VhostUserBlkLink, VHOST_USER_BLK_MAX_QUEUE_SIZE};
 pub(crate) use frontend::{vhost_user_device_methods, VhostUserRings};
 pub use frontend::{VhostUserConnection, VhostUserMode};
 pub use fs::{VhostUserFs, VhostUserFsLink, VIRTIO_FS_MAX_REQUEST_QUEUES, VIRTIO_FS_TAG_LEN};
-pub use net::{VhostUserNet, VhostUserNetLink, VhostUserNetParams};
+pub use net::{VhostUserNet, VhostUserNetLink, VhostUserNetParams, VHOST_USER_NET_MAX_QUEUE_PAIRS};
 
 /// How long a connection waits for a backend whose socket is missing or refuses connections
 /// (a backend being restarted) before it gives up with an error naming the socket.
