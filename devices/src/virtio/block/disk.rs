@@ -218,10 +218,18 @@ mod tests {
         image.as_file().set_len(4 * SECTOR_SIZE).unwrap();
         let disk = RawDisk::open(image.path(), false).unwrap();
         disk.flush().unwrap();
-        assert_eq!(disk.syncs(), 1, "a disk just opened may hold an earlier run's writes");
+        assert_eq!(
+            disk.syncs(),
+            1,
+            "a disk just opened may hold an earlier run's writes"
+        );
         disk.flush().unwrap();
         disk.flush().unwrap();
-        assert_eq!(disk.syncs(), 1, "nothing written since the last sync: no fdatasync");
+        assert_eq!(
+            disk.syncs(),
+            1,
+            "nothing written since the last sync: no fdatasync"
+        );
 
         // A read changes nothing.
         let mut buf = vec![0u8; SECTOR_SIZE as usize];
@@ -240,8 +248,7 @@ mod tests {
         disk.flush().unwrap();
         assert_eq!(disk.syncs(), 2, "and once is enough");
         let mut back = vec![0u8; SECTOR_SIZE as usize];
-        std::os::unix::fs::FileExt::read_exact_at(image.as_file(), &mut back, SECTOR_SIZE)
-            .unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(image.as_file(), &mut back, SECTOR_SIZE).unwrap();
         assert_eq!(back, data);
     }
 
