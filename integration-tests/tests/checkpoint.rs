@@ -562,9 +562,12 @@ fn sigkill_at_random_instants_leaves_the_disk_as_the_rolled_back_guest_believes(
 
 /// An epoch's disk undo entries name disks by their position in the VM's config, which a disk's
 /// removal would shift: `vm.remove-device` of a disk is refused (409, naming it) while
-/// checkpoints are on, and accepted once they are off.
+/// checkpoints are on, and accepted once they are off. The other way round, too: while the
+/// guest has not ejected a disk it was asked to give up (the counter guest never does),
+/// turning checkpoints on is refused (409, naming the disk), since the eject would come in
+/// an epoch whose entries name disks by the old positions.
 #[test]
-fn a_disk_is_not_removed_while_checkpoints_are_on() {
+fn a_disk_is_not_removed_while_checkpoints_are_on_nor_checkpoints_started_while_it_goes() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let dir = dir.path();
@@ -607,5 +610,22 @@ fn a_disk_is_not_removed_while_checkpoints_are_on() {
     assert_eq!(status, 204, "{answer}");
     let (status, answer) = request("PUT", "vm.remove-device", r#"{"id":"data0"}"#);
     assert_eq!(status, 204, "{answer}");
+    let (status, answer) = request(
+        "PUT",
+        "vm.nv-checkpoint",
+        &format!(r#"{{"interval_ms":{INTERVAL_MS}}}"#),
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer.contains("data0") && answer.contains("removal"),
+        "{answer}"
+    );
+    let (status, answer) = request("GET", "vm.nv-status", "");
+    assert_eq!(status, 200, "{answer}");
+    let nv_status: serde_json::Value = serde_json::from_str(&answer).expect("nv-status JSON");
+    assert!(
+        nv_status["checkpoint"].is_null(),
+        "checkpoints stayed off: {answer}"
+    );
     vmm.kill();
 }

@@ -1,7 +1,8 @@
 //! Crash injection over continuous checkpoints (issue 16, item 5), and over the disk undo of
 //! item 3: the VM has a disk whose writes (each logged with `UndoLog::record_disk_write`
 //! first, as the block device does) are stores of their own, lost unless synced; checkpoints
-//! and saves sync it at their quiesce; recovery writes the old blocks back and syncs. A
+//! and saves sync it at their quiesce (only if written since its last sync, as the VMM
+//! does); recovery writes the old blocks back and syncs. A
 //! recovered image must also hold exactly the committed epoch's disk. Two deliberate breaks
 //! (the disk written before its undo entry is durable; no disk sync at the quiesce) are run
 //! too, and must be caught.
@@ -148,8 +149,9 @@ impl NvHost for DiskHost<'_> {
         self.blob.pause_vcpus()
     }
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
+        // As the VMM's quiesce: only a disk written since its last sync is synced.
         if self.sync {
-            self.disk.sync();
+            self.disk.sync_if_written();
         }
         self.blob.quiesce_devices()
     }
@@ -449,6 +451,7 @@ fn record(seed: u64, breakage: Break) -> Trace {
 fn restart(vm: &mut Vm, rng: &mut Rng, ops: &mut Vec<Op>, start: usize, kind: RunKind) {
     let before = vm.committed.clone();
     vm.writable = 0;
+    vm.disk.reopened();
     match (&before, kind == RunKind::Resume && rng.below(2) == 0) {
         (
             Outcome::Committed {

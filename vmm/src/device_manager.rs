@@ -928,6 +928,15 @@ impl DeviceManager {
             .collect()
     }
 
+    /// A disk `vm.remove-device` asked the guest to eject that it has not ejected yet: when
+    /// it does, the disks after it move up one position.
+    pub fn disk_removal_pending(&self) -> Option<String> {
+        self.hotplug
+            .removals_requested()
+            .into_iter()
+            .find(|id| self.has_live_disk(id))
+    }
+
     /// Whether `id` names a disk the guest has not ejected.
     pub fn has_live_disk(&self, id: &str) -> bool {
         self.live_disks().any(|disk| disk.id == id)

@@ -211,6 +211,13 @@ pub enum Error {
          name disks by position); turn checkpoints off first (vm.nv-checkpoint interval_ms 0)"
     )]
     DiskRemovalWhileCheckpointed(String),
+    /// Checkpoints turned on while the guest has yet to eject a disk `vm.remove-device` asked
+    /// for: its eject would shift the positions the epoch's disk undo entries name disks by.
+    #[error(
+        "NV checkpoints cannot start while the removal of disk {0} is pending (the guest has not \
+         ejected it yet, and its eject would shift the disk positions the undo entries name)"
+    )]
+    CheckpointsWhileDiskRemovalPending(String),
     #[error("the VM would not boot again, so it was left as it is: {what} {path}: {source}")]
     NotBootableFile {
         what: String,
@@ -336,9 +343,9 @@ impl Error {
             Error::NotBootable(_) | Error::NotBootableConfig(_) | Error::NotBootableFile { .. } => {
                 ErrorKind::Conflict
             }
-            Error::CheckpointRefused(_) | Error::DiskRemovalWhileCheckpointed(_) => {
-                ErrorKind::Conflict
-            }
+            Error::CheckpointRefused(_)
+            | Error::DiskRemovalWhileCheckpointed(_)
+            | Error::CheckpointsWhileDiskRemovalPending(_) => ErrorKind::Conflict,
             Error::Nv { error, .. } => error.kind().into(),
             Error::NvSetup { kind, .. } => *kind,
             Error::KvmOpen(_)

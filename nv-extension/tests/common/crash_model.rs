@@ -5,6 +5,7 @@
 //! pending stores (dropped, torn at 8 bytes, reordered across words).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nv_extension::persistence::memory::MemoryBackend;
@@ -168,6 +169,9 @@ pub fn replay_event_with_disk(
 pub struct DiskPort {
     pub bytes: Arc<Mutex<Vec<u8>>>,
     pub log: Arc<Mutex<Vec<Event>>>,
+    /// Written since the last sync, as the block device's disk tracks it: a quiesce syncs
+    /// only such a disk ([`DiskPort::sync_if_written`]).
+    unsynced: Arc<AtomicBool>,
 }
 
 impl DiskPort {
@@ -175,6 +179,7 @@ impl DiskPort {
         DiskPort {
             bytes: Arc::new(Mutex::new(vec![0; len])),
             log: store.log.clone(),
+            unsynced: Arc::new(AtomicBool::new(true)),
         }
     }
     pub fn write(&self, offset: u64, data: &[u8]) {
@@ -184,9 +189,21 @@ impl DiskPort {
             offset,
             data: data.to_vec(),
         });
+        self.unsynced.store(true, Ordering::SeqCst);
     }
     pub fn sync(&self) {
+        self.unsynced.store(false, Ordering::SeqCst);
         self.log.lock().unwrap().push(Event::DiskSync);
+    }
+    /// Syncs only if written since the last sync, as a quiesce's disk flush does.
+    pub fn sync_if_written(&self) {
+        if self.unsynced.load(Ordering::SeqCst) {
+            self.sync();
+        }
+    }
+    /// A new VMM process opened the disk: it cannot know what the last one left unsynced.
+    pub fn reopened(&self) {
+        self.unsynced.store(true, Ordering::SeqCst);
     }
     pub fn read(&self, offset: u64, buf: &mut [u8]) {
         let at = offset as usize;

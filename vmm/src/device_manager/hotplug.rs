@@ -126,6 +126,10 @@ pub struct HotplugState {
     /// removed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vacated: Vec<VacatedSlot>,
+    /// Devices asked to go (`vm.remove-device`) that the guest had not ejected (absent in
+    /// states saved before this was kept, and when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals_requested: Vec<String>,
 }
 
 /// One BAR a removed device had, by its size (where the guest put it does not matter: the
@@ -256,6 +260,9 @@ pub(super) struct Hotplug {
     /// Devices given at boot the guest ejected in this run: still in the device manager's
     /// lists, no longer on the bus.
     removed: Mutex<Vec<String>>,
+    /// Devices `vm.remove-device` asked the guest to eject that it has not ejected yet (kept
+    /// in the saved state: a recovered guest may eject them after).
+    removals_requested: Mutex<Vec<String>>,
     /// For a restore: the config's entries of the hotplugged nets, whose tap (`tap=`, or `fds`
     /// handed over anew on the recovering command line) replaces the saved one.
     net_backings: Mutex<Vec<NetConfig>>,
@@ -270,8 +277,14 @@ impl Hotplug {
             vacated: Mutex::new(Vec::new()),
             placeholders: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
+            removals_requested: Mutex::new(Vec::new()),
             net_backings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The devices asked to go that the guest has not ejected yet.
+    pub fn removals_requested(&self) -> Vec<String> {
+        lock_or_recover(&self.removals_requested).clone()
     }
 
     /// Whether device `id`, given at boot, was ejected in this run.
@@ -569,6 +582,12 @@ impl DeviceManager {
                 None => return Err(Error::UnknownDeviceId(id.to_owned())),
             },
         };
+        {
+            let mut requested = lock_or_recover(&self.hotplug.removals_requested);
+            if !requested.iter().any(|known| known == id) {
+                requested.push(id.to_owned());
+            }
+        }
         lock_or_recover(self.hotplug.controller()).slot_down(bdf.device);
         self.notify_pci_change()
     }
@@ -619,6 +638,8 @@ impl DeviceManager {
         if left != 0 {
             log::warn!("eject of slots {left:#x} ignored: no removable device there");
         }
+        let ejected = lock_or_recover(&self.hotplug.ejected).clone();
+        lock_or_recover(&self.hotplug.removals_requested).retain(|id| !ejected.contains(id));
     }
 
     /// While the devices given at boot are built for a restore (before each one and after the
@@ -876,6 +897,7 @@ impl DeviceManager {
             msi_gsis_allocated: self.pci.routing().state().allocated,
             devices,
             vacated: lock_or_recover(&self.hotplug.vacated).clone(),
+            removals_requested: self.hotplug.removals_requested(),
         })
     }
 
@@ -903,6 +925,7 @@ impl DeviceManager {
             self.plug(kind, Some(saved))?;
         }
         self.pci.reserve_msi_gsis(state.msi_gsis_allocated);
+        lock_or_recover(&self.hotplug.removals_requested).clone_from(&state.removals_requested);
         lock_or_recover(self.hotplug.controller())
             .restore(&state.controller)
             .map_err(|e| Error::device_state("PCI hotplug controller", e))

@@ -60,8 +60,12 @@ impl BlockWriteHook for DiskUndoHook {
 }
 
 /// The write-hook slots of `vm`'s disks, in config order, or the first disk whose writes the
-/// VMM cannot see: checkpoints would roll its guest back but not its disk.
+/// VMM cannot see: checkpoints would roll its guest back but not its disk. Refused too while
+/// a disk's removal is pending (its eject would renumber the disks after it).
 pub(super) fn disk_hook_slots(vm: &Vm) -> Result<Vec<BlockWriteHookSlot>, Error> {
+    if let Some(id) = vm.devices.disk_removal_pending() {
+        return Err(Error::CheckpointsWhileDiskRemovalPending(id));
+    }
     let disks = vm.devices.disk_write_hooks();
     if disks.len() > usize::from(u16::MAX) {
         return Err(Error::Checkpoint(CheckpointError::UncoverableDisk {

@@ -6,6 +6,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::warn;
 use vm_memory::bitmap::BitmapSlice;
@@ -24,6 +25,15 @@ pub(crate) struct RawDisk {
     readonly: bool,
     capacity_sectors: u64,
     id: [u8; DISK_ID_LEN],
+    /// Something may have changed the file since the last completed fdatasync: set by every
+    /// call that changes it *after* the change (before the request completes), cleared by a
+    /// flush *before* its fdatasync starts. So a cleared flag means every change whose request
+    /// completed is covered by an fdatasync that started after it; a change racing a flush
+    /// leaves the flag set for the next one. Starts set: this process has no idea what an
+    /// earlier one left unsynced.
+    unsynced: AtomicBool,
+    /// fdatasyncs issued (the flushes that found the file unchanged issue none).
+    syncs: AtomicU64,
 }
 
 impl RawDisk {
@@ -53,6 +63,8 @@ impl RawDisk {
             readonly,
             capacity_sectors: size / SECTOR_SIZE,
             id: disk_id(metadata.dev(), metadata.ino()),
+            unsynced: AtomicBool::new(true),
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -74,6 +86,7 @@ impl RawDisk {
     pub(crate) fn at(&self, offset: u64) -> DiskCursor<'_> {
         DiskCursor {
             file: &self.file,
+            unsynced: &self.unsynced,
             offset,
         }
     }
@@ -86,9 +99,26 @@ impl RawDisk {
         }
     }
 
-    /// fdatasync: completed writes survive a host power failure once this returns.
+    /// fdatasync: completed writes survive a host power failure once this returns. Skipped
+    /// when nothing changed the file since the last fdatasync (a checkpoint's quiesce flushes
+    /// every disk, ~4 ms on ext4 even with nothing to write).
     pub(crate) fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        // Cleared before the fdatasync starts: a change that sets it again after this point
+        // may be missed by this fdatasync, and the next flush syncs it.
+        if !self.unsynced.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.file.sync_data().inspect_err(|_| {
+            // Nothing is known durable: the next flush must try again.
+            self.unsynced.store(true, Ordering::SeqCst);
+        })
+    }
+
+    /// fdatasyncs issued so far.
+    #[cfg(test)]
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 }
 
@@ -99,6 +129,8 @@ type VolatileResult<T> = std::result::Result<T, VolatileMemoryError>;
 /// `read_exact_volatile`/`write_all_volatile` loop over short transfers.
 pub(crate) struct DiskCursor<'a> {
     file: &'a File,
+    /// The disk's [`RawDisk::unsynced`], set after each write.
+    unsynced: &'a AtomicBool,
     offset: u64,
 }
 
@@ -140,10 +172,15 @@ impl ReadVolatile for DiskCursor<'_> {
 impl WriteVolatile for DiskCursor<'_> {
     fn write_volatile<B: BitmapSlice>(&mut self, buf: &VolatileSlice<B>) -> VolatileResult<usize> {
         let guard = buf.ptr_guard();
-        self.transfer(|fd, offset| {
+        let written = self.transfer(|fd, offset| {
             // SAFETY: see above the impl of `ReadVolatile`.
             unsafe { libc::pwrite64(fd, guard.as_ptr().cast(), buf.len(), offset) }
-        })
+        });
+        // After the pwrite returned (even failed or short: it may have changed some bytes),
+        // before the request can complete: a flush that clears the flag from now on starts
+        // its fdatasync after this write.
+        self.unsynced.store(true, Ordering::SeqCst);
+        written
     }
 }
 
@@ -173,6 +210,46 @@ mod tests {
             RawDisk::open(image.path(), true).unwrap().id(),
             "the ID is a property of the file, not of the open"
         );
+    }
+
+    #[test]
+    fn a_flush_syncs_only_what_changed_since_the_last_sync() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(4 * SECTOR_SIZE).unwrap();
+        let disk = RawDisk::open(image.path(), false).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(
+            disk.syncs(),
+            1,
+            "a disk just opened may hold an earlier run's writes"
+        );
+        disk.flush().unwrap();
+        disk.flush().unwrap();
+        assert_eq!(
+            disk.syncs(),
+            1,
+            "nothing written since the last sync: no fdatasync"
+        );
+
+        // A read changes nothing.
+        let mut buf = vec![0u8; SECTOR_SIZE as usize];
+        let mut slice = VolatileSlice::from(&mut buf[..]);
+        disk.at(0).read_exact_volatile(&mut slice).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(disk.syncs(), 1, "a read is no reason to sync");
+
+        let data = vec![7u8; SECTOR_SIZE as usize];
+        let mut data_copy = data.clone();
+        disk.at(SECTOR_SIZE)
+            .write_all_volatile(&VolatileSlice::from(&mut data_copy[..]))
+            .unwrap();
+        disk.flush().unwrap();
+        assert_eq!(disk.syncs(), 2, "a written disk is synced");
+        disk.flush().unwrap();
+        assert_eq!(disk.syncs(), 2, "and once is enough");
+        let mut back = vec![0u8; SECTOR_SIZE as usize];
+        std::os::unix::fs::FileExt::read_exact_at(image.as_file(), &mut back, SECTOR_SIZE).unwrap();
+        assert_eq!(back, data);
     }
 
     #[test]
