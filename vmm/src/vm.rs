@@ -19,7 +19,7 @@ use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::{DeviceManager, RestoreLayout};
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
-use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm};
+use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm, VcpuPrerequisites};
 use crate::startup_phases::PhaseClock;
 use crate::vcpu::VcpuManager;
 use crate::Error;
@@ -143,7 +143,8 @@ impl Vm {
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
     ) -> Result<Vm, Error> {
-        let kvm_vm = KvmVm::create(seccomp)?;
+        let ahead = VcpuPrerequisites::fetch_ahead(seccomp);
+        let kvm_vm = KvmVm::create()?;
         // Guest RAM first, on the VM nothing else has changed yet: measured here, the memory
         // slot's KVM SRCU grace period took about 0.5 ms on a fresh VM and about 8 ms right after
         // the irqchip's and PIT's bus registrations (`docs/recovery.md`).
@@ -151,7 +152,9 @@ impl Vm {
         // SAFETY: `memory` becomes the `Vm`'s last field, dropped after its vCPUs and VM fd.
         unsafe { kvm_vm.register_memory(&memory)? };
         phases.mark("memory-registration");
-        Self::build_on(kvm_vm, config, layout, memory, events, seccomp, phases)
+        Self::build_on(
+            kvm_vm, ahead, config, layout, memory, events, seccomp, phases,
+        )
     }
 
     /// As [`Vm::new_timed`] on a VM created, and given its RAM, by an [`EarlyKvmVm`] while the
@@ -171,14 +174,18 @@ impl Vm {
             registered.created_in.as_micros(),
             registered.registered_in.as_micros()
         );
-        let RegisteredKvmVm { vm, memory, .. } = registered;
-        Self::build_on(vm, config, layout, memory, events, seccomp, phases)
+        let RegisteredKvmVm {
+            vm, memory, ahead, ..
+        } = registered;
+        Self::build_on(vm, ahead, config, layout, memory, events, seccomp, phases)
     }
 
     /// The rest of a VM on a KVM VM whose RAM `memory` is registered: irqchip and PIT, devices,
     /// vCPUs and their parked threads.
+    #[allow(clippy::too_many_arguments)]
     fn build_on(
         kvm_vm: KvmVm,
+        ahead: VcpuPrerequisites,
         config: &VmConfig,
         layout: &RestoreLayout,
         memory: GuestMemoryMmap,
@@ -186,7 +193,7 @@ impl Vm {
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
     ) -> Result<Vm, Error> {
-        let KvmVm { kvm, vm_fd, ahead } = kvm_vm;
+        let KvmVm { kvm, vm_fd } = kvm_vm;
         let capabilities = KvmCapabilities::probe(&kvm, &vm_fd);
         log::debug!("KVM capabilities: {capabilities:?}");
         vm_fd
