@@ -867,11 +867,10 @@ fn nv_endpoints_save_and_recover_over_the_api() {
         names,
         [
             "region-open-claim",
+            "memory-map",
             "config-parse",
             "state-read",
-            "memory-map",
-            "kvm-vm",
-            "memory-registration",
+            "kvm-vm-memory",
             "irqchip-pit",
             "device-setup",
             "vcpu-creation",

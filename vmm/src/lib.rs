@@ -9,6 +9,7 @@ pub mod device_manager;
 mod error;
 pub mod event_monitor;
 pub mod events;
+pub mod kvm_vm;
 pub mod landlock;
 pub mod memory;
 pub mod nv;

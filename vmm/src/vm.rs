@@ -11,7 +11,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -19,6 +19,7 @@ use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::{DeviceManager, RestoreLayout};
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
+use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm, VcpuPrerequisites};
 use crate::startup_phases::PhaseClock;
 use crate::vcpu::VcpuManager;
 use crate::Error;
@@ -142,32 +143,57 @@ impl Vm {
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
     ) -> Result<Vm, Error> {
-        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
-        let api_version = kvm.get_api_version();
-        if api_version != kvm_bindings::KVM_API_VERSION as i32 {
-            return Err(Error::KvmApiVersion(api_version));
-        }
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(Error::KvmCapabilityMissing(name));
-            }
-        }
         let ahead = VcpuPrerequisites::fetch_ahead(seccomp);
-        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
+        let kvm_vm = KvmVm::create()?;
         // Guest RAM first, on the VM nothing else has changed yet: measured here, the memory
         // slot's KVM SRCU grace period took about 0.5 ms on a fresh VM and about 8 ms right after
         // the irqchip's and PIT's bus registrations (`docs/recovery.md`).
         phases.mark("kvm-vm");
-        register_memory_slots(&kvm, &vm_fd, &memory)?;
+        // SAFETY: `memory` becomes the `Vm`'s last field, dropped after its vCPUs and VM fd.
+        unsafe { kvm_vm.register_memory(&memory)? };
         phases.mark("memory-registration");
+        Self::build_on(
+            kvm_vm, ahead, config, layout, memory, events, seccomp, phases,
+        )
+    }
+
+    /// As [`Vm::new_timed`] on a VM created, and given its RAM, by an [`EarlyKvmVm`] while the
+    /// caller did other work; the phase `kvm-vm-memory` is the wait for it, if any.
+    pub fn new_on_early(
+        early: EarlyKvmVm,
+        config: &VmConfig,
+        layout: &RestoreLayout,
+        events: Arc<VmEvents>,
+        seccomp: SeccompMode,
+        phases: &mut PhaseClock,
+    ) -> Result<Vm, Error> {
+        let registered = early.finish()?;
+        phases.mark("kvm-vm-memory");
+        log::debug!(
+            "KVM VM created in {} us and its RAM registered in {} us on the vm-create thread",
+            registered.created_in.as_micros(),
+            registered.registered_in.as_micros()
+        );
+        let RegisteredKvmVm {
+            vm, memory, ahead, ..
+        } = registered;
+        Self::build_on(vm, ahead, config, layout, memory, events, seccomp, phases)
+    }
+
+    /// The rest of a VM on a KVM VM whose RAM `memory` is registered: irqchip and PIT, devices,
+    /// vCPUs and their parked threads.
+    #[allow(clippy::too_many_arguments)]
+    fn build_on(
+        kvm_vm: KvmVm,
+        ahead: VcpuPrerequisites,
+        config: &VmConfig,
+        layout: &RestoreLayout,
+        memory: GuestMemoryMmap,
+        events: Arc<VmEvents>,
+        seccomp: SeccompMode,
+        phases: &mut PhaseClock,
+    ) -> Result<Vm, Error> {
+        let KvmVm { kvm, vm_fd } = kvm_vm;
         let capabilities = KvmCapabilities::probe(&kvm, &vm_fd);
         log::debug!("KVM capabilities: {capabilities:?}");
         vm_fd
@@ -527,61 +553,4 @@ impl Drop for Vm {
             self.shutdown();
         }
     }
-}
-
-/// What the vCPUs need and no step of the VM's creation does: the host's supported CPUID and the
-/// vCPU seccomp program. A helper thread fetches and compiles them while the building thread
-/// creates the VM, registers its memory and builds its devices (on this nested host the CPUID
-/// alone is about 0.3 ms of trapped `cpuid` instructions).
-struct VcpuPrerequisites(Option<std::thread::JoinHandle<Result<kvm_bindings::CpuId, Error>>>);
-
-impl VcpuPrerequisites {
-    fn fetch_ahead(seccomp: SeccompMode) -> VcpuPrerequisites {
-        let helper = std::thread::Builder::new()
-            .name("vm-build".to_owned())
-            .spawn(move || {
-                // A failure is the vCPU thread's to report, when it installs the filter.
-                let _ = crate::seccomp_filters::precompile_for_mode(
-                    crate::seccomp_filters::ThreadKind::Vcpu,
-                    seccomp,
-                );
-                crate::vcpu::supported_cpuid(&Kvm::new().map_err(Error::KvmOpen)?)
-            });
-        // Without a helper thread the same is done in line by `join`.
-        VcpuPrerequisites(helper.ok())
-    }
-
-    /// The supported CPUID, from the helper or, if there was none or it failed, from `kvm` now.
-    fn join(self, kvm: &Kvm) -> Result<kvm_bindings::CpuId, Error> {
-        match self.0.map(|helper| helper.join()) {
-            Some(Ok(Ok(cpuid))) => Ok(cpuid),
-            _ => crate::vcpu::supported_cpuid(kvm),
-        }
-    }
-}
-
-/// Gives KVM one memory slot per guest RAM mapping.
-fn register_memory_slots(kvm: &Kvm, vm_fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
-    let max_slots = kvm.get_nr_memslots();
-    if memory.num_regions() > max_slots {
-        return Err(Error::MemoryLayout(format!(
-            "{} RAM mappings exceed KVM's {max_slots} memory slots",
-            memory.num_regions()
-        )));
-    }
-    for (slot, region) in memory.iter().enumerate() {
-        let slot_region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the slot covers exactly one live mapping owned by `memory`. The `Vm` stops its
-        // vCPU threads in `drop` and declares `memory` as its last field, so the mapping outlives
-        // every vCPU that could access it through this slot.
-        unsafe { vm_fd.set_user_memory_region(slot_region) }
-            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
 }

@@ -262,7 +262,7 @@ impl Vmm {
     pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
         self.vm_config = Some(config.clone());
         if config.nv.is_some() {
-            return self.start_nv_vm(nv::prepare(config)?);
+            return self.start_nv_vm(nv::prepare(config, self.seccomp)?);
         }
         let memory = guest_memory_from_config(&config.memory)?;
         let mut vm = Vm::new(config, memory, Arc::clone(&self.events), self.seccomp)?;

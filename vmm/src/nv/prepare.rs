@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::event_monitor;
 use crate::events::VmEvents;
+use crate::kvm_vm::EarlyKvmVm;
 use crate::memory::guest_memory_from_file;
 use crate::startup_phases::PhaseClock;
 use crate::state::VmState;
@@ -41,6 +42,9 @@ pub struct PreparedVm {
     pub start: NvStart,
     /// The phases of the start so far (a recovery's breakdown, see `startup_phases`).
     pub phases: PhaseClock,
+    /// A recovery's KVM VM, created and given `memory` on a thread of its own while the
+    /// region was opened and the config and state parsed (`None`: built in line by [`start`]).
+    pub early_vm: Option<EarlyKvmVm>,
 }
 
 /// Maps the VM's extent of the region as guest RAM: shared, in place, nothing read.
@@ -62,22 +66,26 @@ fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error
 }
 
 /// Opens, claims and maps the VM `config.nv` names: a cold boot of `config` or, with
-/// `recover=on`, a resume of the stored VM.
-pub fn prepare(config: &VmConfig) -> Result<PreparedVm, Error> {
+/// `recover=on`, a resume of the stored VM. `seccomp`: the mode the VM's vCPU threads will run
+/// under (a recovery starts building its KVM VM here already).
+pub fn prepare(config: &VmConfig, seccomp: SeccompMode) -> Result<PreparedVm, Error> {
     let phases = PhaseClock::since_process_start();
     let nv = config.nv.clone().ok_or(Error::NoVmConfig)?;
     if let Some(file) = &nv.swap_in {
         let mut progress = super::swap::SwapProgressCell::new(super::swap::Direction::In);
         super::swap::prepare_swap_in(&nv, Path::new(file), Some(config), &mut progress)
     } else if nv.recover {
-        prepare_recovery(&nv, Some(config), phases)
+        prepare_recovery(&nv, Some(config), phases, seccomp)
     } else {
         prepare_cold_boot(&nv, config)
     }
 }
 
 /// `vm.nv-recover`: the stored VM, exactly as stored, into an empty VMM.
-pub fn prepare_api_recovery(request: &NvRecoverConfig) -> Result<PreparedVm, Error> {
+pub fn prepare_api_recovery(
+    request: &NvRecoverConfig,
+    seccomp: SeccompMode,
+) -> Result<PreparedVm, Error> {
     let nv = NvConfig {
         region: request.region.clone(),
         vm: request.vm.clone(),
@@ -85,7 +93,7 @@ pub fn prepare_api_recovery(request: &NvRecoverConfig) -> Result<PreparedVm, Err
         deadline_ms: default_deadline_ms(),
         ..NvConfig::default()
     };
-    prepare_recovery(&nv, None, PhaseClock::new())
+    prepare_recovery(&nv, None, PhaseClock::new(), seccomp)
 }
 
 /// An NV VM's RAM is its extent of the region: a memory zone backed by a file of its own cannot be.
@@ -193,6 +201,7 @@ fn prepare_cold_boot(nv: &NvConfig, config: &VmConfig) -> Result<PreparedVm, Err
         memory,
         start: NvStart::ColdBoot,
         phases: PhaseClock::new(),
+        early_vm: None,
     })
 }
 
@@ -266,6 +275,7 @@ fn prepare_recovery(
     nv: &NvConfig,
     command_line: Option<&VmConfig>,
     mut phases: PhaseClock,
+    seccomp: SeccompMode,
 ) -> Result<PreparedVm, Error> {
     if nv.create || nv.format {
         return Err(setup_error(
@@ -274,11 +284,21 @@ fn prepare_recovery(
             "create=on and format=on do not apply to recover=on",
         ));
     }
+    // The KVM VM is created meanwhile (nothing that can run the guest: its vCPUs come after
+    // the claim), and given the RAM as soon as it is mapped (`kvm_vm`).
+    let early_vm = EarlyKvmVm::start(seccomp)?;
     let region = Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?;
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     phases.mark("region-open-claim");
-    prepare_claimed_timed(nv, (&summary).into(), handle, command_line, phases)
+    prepare_claimed_timed(
+        nv,
+        (&summary).into(),
+        handle,
+        command_line,
+        phases,
+        Some(early_vm),
+    )
 }
 
 /// The in-place recovery of a VM this process has claimed already (`recover=on`, or a swap-in
@@ -290,17 +310,32 @@ pub(super) fn prepare_claimed(
     handle: VmHandle,
     command_line: Option<&VmConfig>,
 ) -> Result<PreparedVm, Error> {
-    prepare_claimed_timed(nv, previous_end, handle, command_line, PhaseClock::new())
+    prepare_claimed_timed(
+        nv,
+        previous_end,
+        handle,
+        command_line,
+        PhaseClock::new(),
+        None,
+    )
 }
 
-/// [`prepare_claimed`] continuing the phases `phases` began.
+/// [`prepare_claimed`] continuing the phases `phases` began; the RAM goes to `early_vm` (if
+/// any) as soon as it is mapped, so its registration overlaps the parsing of config and state.
 fn prepare_claimed_timed(
     nv: &NvConfig,
     previous_end: NvShutdownKind,
     handle: VmHandle,
     command_line: Option<&VmConfig>,
     mut phases: PhaseClock,
+    early_vm: Option<EarlyKvmVm>,
 ) -> Result<PreparedVm, Error> {
+    // Mapping reads nothing (`map_memory`); the size is checked against the config below.
+    let memory = map_memory(nv, &handle)?;
+    phases.mark("memory-map");
+    if let Some(early_vm) = &early_vm {
+        early_vm.register(&memory);
+    }
     let stored_blob = handle.config_blob().map_err(|e| nv_error(nv, e))?;
     let stored: VmConfig = serde_json::from_slice(&stored_blob).map_err(|e| {
         setup_error(
@@ -364,8 +399,6 @@ fn prepare_claimed_timed(
         }
     };
     phases.mark("state-read");
-    let memory = map_memory(nv, &handle)?;
-    phases.mark("memory-map");
     Ok(PreparedVm {
         nv: NvVm {
             handle,
@@ -378,6 +411,7 @@ fn prepare_claimed_timed(
         memory,
         start,
         phases,
+        early_vm,
     })
 }
 
@@ -396,12 +430,20 @@ pub fn start(
         memory,
         start,
         mut phases,
+        early_vm,
     } = prepared;
     let layout = match &start {
         NvStart::Resume { state, .. } => state.devices.restore_layout(),
         NvStart::ColdBoot => Default::default(),
     };
-    let mut vm = Vm::new_timed(&config, &layout, memory, events, seccomp, &mut phases)?;
+    let mut vm = match early_vm {
+        // Its slots point at the same mappings as `memory` (a clone), which the VM keeps.
+        Some(early_vm) => {
+            drop(memory);
+            Vm::new_on_early(early_vm, &config, &layout, events, seccomp, &mut phases)?
+        }
+        None => Vm::new_timed(&config, &layout, memory, events, seccomp, &mut phases)?,
+    };
     match start {
         NvStart::ColdBoot => {
             nv.begin_run(RunKind::ColdBoot)?;
@@ -481,7 +523,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
         let config = vm_config(nv_config(&region), 4 << 20);
-        let prepared = prepare(&config).unwrap();
+        let prepared = prepare(&config, SeccompMode::Disabled).unwrap();
         assert!(matches!(prepared.start, NvStart::ColdBoot));
         assert_eq!(
             prepared.memory.iter().map(|r| r.len()).sum::<u64>(),
@@ -506,8 +548,12 @@ mod tests {
     fn bad_requests_are_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
-        let message = |config: &VmConfig| prepare(config).unwrap_err().to_string();
-        let kind = |config: &VmConfig| prepare(config).unwrap_err().kind();
+        let message = |config: &VmConfig| {
+            prepare(config, SeccompMode::Disabled)
+                .unwrap_err()
+                .to_string()
+        };
+        let kind = |config: &VmConfig| prepare(config, SeccompMode::Disabled).unwrap_err().kind();
 
         let mut missing = nv_config(&region);
         missing.create = false;
@@ -519,7 +565,13 @@ mod tests {
         );
         assert!(!region.exists(), "no region is created without create=on");
 
-        drop(prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap());
+        drop(
+            prepare(
+                &vm_config(nv_config(&region), 4 << 20),
+                SeccompMode::Disabled,
+            )
+            .unwrap(),
+        );
         missing.vm = "other".into();
         let text = message(&vm_config(missing.clone(), 4 << 20));
         assert!(text.contains("create=on"), "{text}");
@@ -542,14 +594,18 @@ mod tests {
         assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 1 << 20]);
         let mut format = nv_config(&garbage);
         format.format = true;
-        prepare(&vm_config(format, 4 << 20)).unwrap();
+        prepare(&vm_config(format, 4 << 20), SeccompMode::Disabled).unwrap();
     }
 
     #[test]
     fn a_reboot_is_checked_against_the_running_vm_before_it_stops() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
-        let prepared = prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap();
+        let prepared = prepare(
+            &vm_config(nv_config(&region), 4 << 20),
+            SeccompMode::Disabled,
+        )
+        .unwrap();
         let running = &prepared.nv;
         check_cold_boot(&vm_config(nv_config(&region), 4 << 20), running).unwrap();
         // What a recovering command line without --memory would have asked for (its default).
@@ -567,14 +623,19 @@ mod tests {
     fn a_vm_that_never_saved_is_not_recovered_unless_cold() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
-        let prepared = prepare(&vm_config(nv_config(&region), 4 << 20)).unwrap();
+        let prepared = prepare(
+            &vm_config(nv_config(&region), 4 << 20),
+            SeccompMode::Disabled,
+        )
+        .unwrap();
         prepared.nv.begin_run(RunKind::ColdBoot).unwrap();
         // The process "dies" here: the handle is dropped without a save.
         drop(prepared);
         let mut recover = nv_config(&region);
         recover.create = false;
         recover.recover = true;
-        let refused = prepare(&vm_config(recover.clone(), 4 << 20)).unwrap_err();
+        let refused =
+            prepare(&vm_config(recover.clone(), 4 << 20), SeccompMode::Disabled).unwrap_err();
         let text = refused.to_string();
         assert!(
             text.contains("unsafe shutdown — state incomplete"),
@@ -582,7 +643,7 @@ mod tests {
         );
         assert_eq!(refused.kind(), ErrorKind::Conflict);
         recover.force_cold = true;
-        let prepared = prepare(&vm_config(recover, 4 << 20)).unwrap();
+        let prepared = prepare(&vm_config(recover, 4 << 20), SeccompMode::Disabled).unwrap();
         assert!(matches!(prepared.start, NvStart::ColdBoot));
         assert_eq!(prepared.nv.previous_end, NvShutdownKind::Unsafe);
     }

@@ -346,6 +346,7 @@ pub fn prepare_swap_in(
 mod tests {
     use super::*;
     use crate::api::NvPersistenceMode;
+    use crate::config::SeccompMode;
 
     fn status() -> NvStatus {
         NvStatus {
@@ -418,7 +419,7 @@ mod tests {
             }),
             ..VmConfig::default()
         };
-        let prepared = super::super::prepare(&config).unwrap();
+        let prepared = super::super::prepare(&config, SeccompMode::Disabled).unwrap();
         let existing = dir.path().join("taken");
         std::fs::write(&existing, b"x").unwrap();
         let refused = check_swap_out_destination(&prepared.nv, &existing).unwrap_err();

@@ -231,10 +231,11 @@ impl Vmm {
                         &StateRefusal::AlreadyCreated,
                     ));
                 }
-                let started = nv::prepare_api_recovery(&request).and_then(|prepared| {
-                    let config = prepared.config.clone();
-                    self.start_nv_vm(prepared).map(|()| config)
-                });
+                let started =
+                    nv::prepare_api_recovery(&request, self.seccomp).and_then(|prepared| {
+                        let config = prepared.config.clone();
+                        self.start_nv_vm(prepared).map(|()| config)
+                    });
                 match started {
                     Ok(config) => {
                         self.vm_config = Some(config);
