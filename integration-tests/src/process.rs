@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::{read_log, serial_file_arguments};
+use crate::harness::{complete_lines, read_log, serial_file_arguments};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -208,8 +208,10 @@ impl VmmProcess {
         )
     }
 
-    /// Waits until the serial log satisfies `done` and returns it; fails (and kills the VMM) on
-    /// a timeout or if the VMM exits first.
+    /// Waits until the serial log's complete lines satisfy `done` and returns them; fails (and
+    /// kills the VMM) on a timeout or if the VMM exits first. `done` never sees a line still
+    /// being written (a guest writes its serial a byte at a time): no wait can match half a
+    /// line (`harness::complete_lines`).
     pub fn wait_serial(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
         self.wait_log(what, true, done)
     }
@@ -228,8 +230,9 @@ impl VmmProcess {
             } else {
                 self.stderr_log()
             };
-            if done(&log) {
-                return log;
+            let seen = if serial { complete_lines(&log) } else { &log };
+            if done(seen) {
+                return seen.to_string();
             }
             let context = if serial {
                 format!("serial:\n{log}\nstderr:\n{}", self.stderr_log())
@@ -417,6 +420,34 @@ mod tests {
 
     fn lines(log: &str) -> u64 {
         log.lines().count() as u64
+    }
+
+    /// `wait_serial` on a guest that has written half of its last line: it waits for the rest
+    /// (the raw log already matches) and returns the whole line.
+    #[test]
+    fn wait_serial_waits_for_a_torn_line_to_be_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "conrng: sent=100\nconrng: done").unwrap();
+        let finished = |log: &str| log.contains("conrng: done") || log.contains("FAIL");
+        assert!(
+            finished(&read_log(&log)),
+            "the raw log matches the half line"
+        );
+        let script = format!("sleep 0.3; printf ' ok\\n' >> {}; sleep 30", log.display());
+        let mut run = shell(&script, &log, Duration::from_secs(30));
+        let seen = run.wait_serial("conrng to finish", finished);
+        assert_eq!(seen, "conrng: sent=100\nconrng: done ok\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "timed out waiting for conrng to finish")]
+    fn wait_serial_never_matches_a_line_that_stays_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "conrng: sent=100\nconrng: done").unwrap();
+        let mut run = shell("sleep 30", &log, Duration::from_millis(300));
+        run.wait_serial("conrng to finish", |log| log.contains("conrng: done"));
     }
 
     #[test]
