@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::{complete_lines, read_log, serial_file_arguments};
+use crate::harness::{complete_lines, point_serial_to, read_log, serial_file_arguments};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -107,6 +107,21 @@ impl VmmProcess {
         arguments.extend(serial_file_arguments(&serial));
         arguments.push("-v".to_string());
         Self::spawn(dir, label, &arguments, env).with_serial(serial)
+    }
+
+    /// Restores the snapshot in the directory `snapshot` in a new VMM (`--restore
+    /// source_url=file://...,resume=true` and `-v`), with stderr in `dir/<label>.stderr` and the
+    /// guest's serial port in `dir/<label>.serial`: the snapshot's config is pointed there
+    /// (`point_serial_to`), for `serial_log` and `wait_serial`.
+    pub fn spawn_restore(dir: &Path, label: &str, snapshot: &Path) -> Self {
+        let serial = dir.join(format!("{label}.serial"));
+        point_serial_to(snapshot, &serial);
+        let arguments = [
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+            "-v".to_string(),
+        ];
+        Self::spawn(dir, label, &arguments, &[]).with_serial(serial)
     }
 
     /// The path of the serial log the test passed in the arguments (`--serial file=`), for
