@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::guests::verify_blkcheck_disk;
-use integration_tests::harness::{guest_arguments, point_serial_to, scratch_dir};
+use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
 use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -431,20 +431,8 @@ fn a_snapshot_restores_into_a_new_vmm_on_the_same_backend() {
     verify_blkcheck_disk(&disk.image, BLOCKS, paused)
         .unwrap_or_else(|e| panic!("disk at the snapshot: {e}"));
 
-    let restored_log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot, &restored_log);
-    let mut restored = VmmProcess::spawn(
-        dir.path(),
-        "restored",
-        &[
-            "--restore".to_string(),
-            format!("source_url=file://{},resume=true", snapshot.display()),
-            "-v".to_string(),
-        ],
-        &[],
-    )
-    .with_serial(restored_log)
-    .with_timeout(TIMEOUT);
+    let mut restored =
+        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
     // Not an NV VM any more: its reset ends the VMM with 0.
     finishes_in_place_exiting(&mut restored, &disk, paused, 0);
     assert_eq!(disk.starts, 1, "the backend was not restarted");
