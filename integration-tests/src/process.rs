@@ -13,7 +13,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::{complete_lines, point_serial_to, read_log, serial_file_arguments};
+use crate::harness::{
+    complete_lines, guest_finished, point_serial_to, read_log, serial_file_arguments,
+};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -229,6 +231,22 @@ impl VmmProcess {
     /// line (`harness::complete_lines`).
     pub fn wait_serial(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
         self.wait_log(what, true, done)
+    }
+
+    /// Waits for the test guest `guest` (e.g. "blkcheck") to finish, its "`guest`: done" or a
+    /// FAIL line written whole (`harness::guest_finished`), and checks that it passed
+    /// ("`guest`: done ok"); fails with the serial log and stderr's tail otherwise. Returns the
+    /// serial log.
+    pub fn wait_guest_done_ok(&mut self, guest: &str) -> String {
+        let log = self.wait_serial(&format!("{guest} to finish"), |log| {
+            guest_finished(log, guest)
+        });
+        assert!(
+            log.contains(&format!("{guest}: done ok")),
+            "{log}\n{}",
+            self.stderr_tail(30)
+        );
+        log
     }
 
     /// Waits until stderr satisfies `done` and returns it; fails (and kills the VMM) on a
