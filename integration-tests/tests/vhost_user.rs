@@ -179,15 +179,7 @@ fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
 
 /// Waits for blkcheck to finish and checks it verified every block; returns the serial log.
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
-    let log = vmm.wait_serial("blkcheck to finish", |log| {
-        integration_tests::harness::guest_finished(log, "blkcheck")
-    });
-    assert!(
-        log.contains("blkcheck: done ok"),
-        "{log}\n{}",
-        vmm.stderr_tail(30)
-    );
-    log
+    vmm.wait_guest_done_ok("blkcheck")
 }
 
 /// Waits for the recovered blkcheck to finish and checks it continued (no new boot, the first
