@@ -116,15 +116,7 @@ fn wait_written(vmm: &mut VmmProcess, n: u64) {
 }
 
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
-    let log = vmm.wait_serial("fscheck to finish", |log| {
-        integration_tests::harness::guest_finished(log, "fscheck")
-    });
-    assert!(
-        log.contains("fscheck: done ok"),
-        "{log}\n{}",
-        vmm.stderr_tail(30)
-    );
-    log
+    vmm.wait_guest_done_ok("fscheck")
 }
 
 /// fscheck writing 100 lines on `--memory shared=on` (a memfd) with `--api-socket`, served by
