@@ -15,8 +15,8 @@ use integration_tests::harness::{
 use integration_tests::netkv_client::TapStream;
 use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
 use integration_tests::netns::{
-    inheritable_tap, Netns, BASELINE_HOST, BASELINE_SENDER, BASELINE_SENDER_MAC, BASELINE_TAP,
-    BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
+    inheritable_tap, netkv_guest_arguments, Netns, BASELINE_HOST, BASELINE_SENDER,
+    BASELINE_SENDER_MAC, BASELINE_TAP, BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
 };
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -223,15 +223,17 @@ fn bad_net_input_is_refused_with_exit_1_and_a_clear_line() {
     });
 }
 
-/// The netkv guest on `KV_TAP`, with the NV region created (`create=on`).
-fn netkv_boot_arguments(region: &Path) -> Vec<String> {
-    let mut arguments = guest_arguments(
-        "netkv",
-        &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-        "64M",
-    );
+/// The netkv guest on `KV_TAP`.
+fn netkv_tap_arguments() -> Vec<String> {
+    let mut arguments = netkv_guest_arguments("");
     arguments.push("--net".into());
     arguments.push(format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"));
+    arguments
+}
+
+/// The netkv guest on `KV_TAP`, with the NV region created (`create=on`).
+fn netkv_boot_arguments(region: &Path) -> Vec<String> {
+    let mut arguments = netkv_tap_arguments();
     arguments.push("--nv".into());
     arguments.push(format!("region={},vm=netvm,create=on", region.display()));
     arguments
@@ -633,17 +635,8 @@ fn netkv_keeps_every_acknowledged_put_across_snapshot_and_restore() {
     let (mut vmm, client, mut probe) = {
         let (dir_path, socket) = (dir_path.clone(), socket.clone());
         netns.run(move || {
-            let mut arguments = guest_arguments(
-                "netkv",
-                &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-                "64M",
-            );
-            arguments.extend([
-                "--net".into(),
-                format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
-                "--api-socket".into(),
-                format!("path={}", socket.display()),
-            ]);
+            let mut arguments = netkv_tap_arguments();
+            arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
             let mut vmm = spawn(&dir_path, "boot", &arguments);
             wait_netkv_ready(&mut vmm);
             (vmm, kv_client(), kv_client())
