@@ -18,7 +18,9 @@ use std::time::Duration;
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
 use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
-use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
+use integration_tests::netns::{
+    inheritable_tap, netkv_guest_arguments, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP,
+};
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -525,11 +527,7 @@ fn a_hotplugged_nic_serves_the_database_across_power_failures() {
     let dir_path = dir.path().to_path_buf();
     let socket = dir.path().join("api.sock");
     let region = dir.path().join("region");
-    let mut arguments = guest_arguments(
-        "netkv",
-        &format!("ip={} port={} hotplug=1", KV_GUEST.ip(), KV_GUEST.port()),
-        "64M",
-    );
+    let mut arguments = netkv_guest_arguments("hotplug=1");
     arguments.extend([
         "--api-socket".into(),
         format!("path={}", socket.display()),
