@@ -373,17 +373,18 @@ impl VmmProcess {
     }
 
     /// Waits for the process to exit for as long as the guest makes progress: `progress` reads
-    /// a number from the serial log that grows while the guest works (batches done, say). It
-    /// fails (with `hang_report`, killing the VMM) once that number has stood still for the
-    /// timeout, or if the VMM outlives `give_up` altogether. For runs whose length depends on
-    /// the host's load, where a fixed bound on the whole run is either tight or meaningless.
+    /// a number from the serial log's complete lines that grows while the guest works (batches
+    /// done, say). It fails (with `hang_report`, killing the VMM) once that number has stood
+    /// still for the timeout, or if the VMM outlives `give_up` altogether. For runs whose
+    /// length depends on the host's load, where a fixed bound on the whole run is either tight
+    /// or meaningless.
     pub fn wait_exit_while_progressing(
         &mut self,
         give_up: Duration,
         progress: impl Fn(&str) -> u64,
     ) -> ExitStatus {
         let started = Instant::now();
-        let mut last = progress(&self.serial_log());
+        let mut last = progress(complete_lines(&self.serial_log()));
         let mut last_change = Instant::now();
         loop {
             if let Some(status) = self
@@ -392,7 +393,7 @@ impl VmmProcess {
             {
                 return status;
             }
-            let now = progress(&self.serial_log());
+            let now = progress(complete_lines(&self.serial_log()));
             if now != last {
                 (last, last_change) = (now, Instant::now());
             }
