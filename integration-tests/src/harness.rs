@@ -152,12 +152,16 @@ pub fn guest_arguments(name: &str, parameters: &str, memory: &str) -> Vec<String
     ]
 }
 
-/// Polls the serial log until `done` accepts its contents or `timeout` passes. Returns the last
-/// contents read and whether `done` accepted them.
+/// Polls the serial log until `done` accepts its complete lines or `timeout` passes. Returns the
+/// complete lines last read and whether `done` accepted them.
+///
+/// `done` never sees a line still being written: a guest writes its serial a byte at a time, so
+/// a read can end inside a line ("blkcheck: done" before its " ok"), and a wait that matched
+/// such a half line let tests go on with a line that was not there yet.
 pub fn wait_for_log(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> (String, bool) {
     let deadline = Instant::now() + timeout;
     loop {
-        let log = read_log(path);
+        let log = complete_lines(&read_log(path)).to_string();
         if done(&log) {
             return (log, true);
         }
@@ -270,15 +274,16 @@ pub fn assert_counter_advances(log: &str, at_least: usize) -> Vec<CounterLine> {
 
 /// Whether the test guest `guest` (e.g. "blkcheck") ended: its "`guest`: done" line, or a FAIL
 /// line, was written whole. A guest writes its serial a byte at a time, so a log read in the
-/// middle of "blkcheck: done ok" shows "blkcheck: done" before the " ok".
+/// middle of "blkcheck: done ok" shows "blkcheck: done" before the " ok". (The serial waits,
+/// `wait_for_log` and `VmmProcess::wait_serial`, pass complete lines only already.)
 pub fn guest_finished(log: &str, guest: &str) -> bool {
     let whole = complete_lines(log);
     whole.contains(&format!("{guest}: done")) || whole.contains("FAIL")
 }
 
-/// `log` up to its last newline: a line still being written is left out.
-fn complete_lines(log: &str) -> &str {
-    log.rfind('\n').map_or("", |end| &log[..end])
+/// `log` up to and with its last newline: a line still being written is left out.
+pub fn complete_lines(log: &str) -> &str {
+    log.rfind('\n').map_or("", |end| &log[..=end])
 }
 
 /// The smpcheck guest's progress lines in `log`, in order: each line's counters, one per vCPU
@@ -375,6 +380,36 @@ mod tests {
         assert!(!guest_finished("blkcheck: FAI", "blkcheck"));
         assert!(guest_finished("blkcheck: FAIL block 3\n", "blkcheck"));
         assert!(!guest_finished("fscheck: done ok\n", "blkcheck"));
+    }
+
+    /// The torn-line flakes (conrng, hpcheck's function line, blkcheck and fscheck): a serial
+    /// log read between two writes of one line. The old wait handed `done` the raw log and
+    /// accepted the half line; the wait now goes on until the line is whole.
+    #[test]
+    fn a_serial_wait_does_not_match_a_line_still_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = dir.path().join("serial");
+        let finished = |log: &str| log.contains("blkcheck: done") || log.contains("FAIL");
+        std::fs::write(&serial, "blkcheck: completed seq=1\nblkcheck: done").unwrap();
+        assert!(
+            finished(&read_log(&serial)),
+            "the raw log matches the half line"
+        );
+        let (log, done) = wait_for_log(&serial, Duration::from_millis(200), finished);
+        assert!(!done, "the wait accepted a torn line: {log:?}");
+        assert_eq!(log, "blkcheck: completed seq=1\n");
+
+        std::fs::write(&serial, "blkcheck: completed seq=1\nblkcheck: done ok\n").unwrap();
+        let (log, done) = wait_for_log(&serial, Duration::from_millis(200), finished);
+        assert!(done && log.ends_with("blkcheck: done ok\n"), "{log:?}");
+    }
+
+    #[test]
+    fn complete_lines_keep_the_last_newline_and_drop_a_torn_tail() {
+        assert_eq!(complete_lines("a\nb\nc"), "a\nb\n");
+        assert_eq!(complete_lines("a\nb\n"), "a\nb\n");
+        assert_eq!(complete_lines("torn"), "");
+        assert_eq!(complete_lines(""), "");
     }
 
     #[test]

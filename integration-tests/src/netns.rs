@@ -25,6 +25,14 @@ pub const BASELINE_HOST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 
 pub const BASELINE_SENDER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 2), 7777);
 pub const BASELINE_SENDER_MAC: [u8; 6] = [2, 0, 0, 0, 0x78, 2];
 
+/// The arguments that boot the netkv test guest at [`KV_GUEST`] in 64 MiB of RAM, with
+/// `parameters` (e.g. `hotplug=1`) after its address on its command line; its network device
+/// is the caller's to add.
+pub fn netkv_guest_arguments(parameters: &str) -> Vec<String> {
+    let address = format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port());
+    crate::harness::guest_arguments("netkv", &format!("{address} {parameters}"), "64M")
+}
+
 /// A network namespace: created on `new`, deleted on drop.
 pub struct Netns {
     name: String,

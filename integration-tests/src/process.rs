@@ -13,7 +13,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::binaries;
-use crate::harness::{read_log, serial_file_arguments};
+use crate::harness::{
+    complete_lines, guest_finished, point_serial_to, read_log, serial_file_arguments,
+};
 
 /// How long `wait_exit` and the log waits allow unless `with_timeout` says otherwise: generous,
 /// because boot is ring-0 emulated on this KVM.
@@ -107,6 +109,21 @@ impl VmmProcess {
         arguments.extend(serial_file_arguments(&serial));
         arguments.push("-v".to_string());
         Self::spawn(dir, label, &arguments, env).with_serial(serial)
+    }
+
+    /// Restores the snapshot in the directory `snapshot` in a new VMM (`--restore
+    /// source_url=file://...,resume=true` and `-v`), with stderr in `dir/<label>.stderr` and the
+    /// guest's serial port in `dir/<label>.serial`: the snapshot's config is pointed there
+    /// (`point_serial_to`), for `serial_log` and `wait_serial`.
+    pub fn spawn_restore(dir: &Path, label: &str, snapshot: &Path) -> Self {
+        let serial = dir.join(format!("{label}.serial"));
+        point_serial_to(snapshot, &serial);
+        let arguments = [
+            "--restore".to_string(),
+            format!("source_url=file://{},resume=true", snapshot.display()),
+            "-v".to_string(),
+        ];
+        Self::spawn(dir, label, &arguments, &[]).with_serial(serial)
     }
 
     /// The path of the serial log the test passed in the arguments (`--serial file=`), for
@@ -208,10 +225,28 @@ impl VmmProcess {
         )
     }
 
-    /// Waits until the serial log satisfies `done` and returns it; fails (and kills the VMM) on
-    /// a timeout or if the VMM exits first.
+    /// Waits until the serial log's complete lines satisfy `done` and returns them; fails (and
+    /// kills the VMM) on a timeout or if the VMM exits first. `done` never sees a line still
+    /// being written (a guest writes its serial a byte at a time): no wait can match half a
+    /// line (`harness::complete_lines`).
     pub fn wait_serial(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
         self.wait_log(what, true, done)
+    }
+
+    /// Waits for the test guest `guest` (e.g. "blkcheck") to finish, its "`guest`: done" or a
+    /// FAIL line written whole (`harness::guest_finished`), and checks that it passed
+    /// ("`guest`: done ok"); fails with the serial log and stderr's tail otherwise. Returns the
+    /// serial log.
+    pub fn wait_guest_done_ok(&mut self, guest: &str) -> String {
+        let log = self.wait_serial(&format!("{guest} to finish"), |log| {
+            guest_finished(log, guest)
+        });
+        assert!(
+            log.contains(&format!("{guest}: done ok")),
+            "{log}\n{}",
+            self.stderr_tail(30)
+        );
+        log
     }
 
     /// Waits until stderr satisfies `done` and returns it; fails (and kills the VMM) on a
@@ -228,8 +263,9 @@ impl VmmProcess {
             } else {
                 self.stderr_log()
             };
-            if done(&log) {
-                return log;
+            let seen = if serial { complete_lines(&log) } else { &log };
+            if done(seen) {
+                return seen.to_string();
             }
             let context = if serial {
                 format!("serial:\n{log}\nstderr:\n{}", self.stderr_log())
@@ -337,17 +373,18 @@ impl VmmProcess {
     }
 
     /// Waits for the process to exit for as long as the guest makes progress: `progress` reads
-    /// a number from the serial log that grows while the guest works (batches done, say). It
-    /// fails (with `hang_report`, killing the VMM) once that number has stood still for the
-    /// timeout, or if the VMM outlives `give_up` altogether. For runs whose length depends on
-    /// the host's load, where a fixed bound on the whole run is either tight or meaningless.
+    /// a number from the serial log's complete lines that grows while the guest works (batches
+    /// done, say). It fails (with `hang_report`, killing the VMM) once that number has stood
+    /// still for the timeout, or if the VMM outlives `give_up` altogether. For runs whose
+    /// length depends on the host's load, where a fixed bound on the whole run is either tight
+    /// or meaningless.
     pub fn wait_exit_while_progressing(
         &mut self,
         give_up: Duration,
         progress: impl Fn(&str) -> u64,
     ) -> ExitStatus {
         let started = Instant::now();
-        let mut last = progress(&self.serial_log());
+        let mut last = progress(complete_lines(&self.serial_log()));
         let mut last_change = Instant::now();
         loop {
             if let Some(status) = self
@@ -356,7 +393,7 @@ impl VmmProcess {
             {
                 return status;
             }
-            let now = progress(&self.serial_log());
+            let now = progress(complete_lines(&self.serial_log()));
             if now != last {
                 (last, last_change) = (now, Instant::now());
             }
@@ -417,6 +454,34 @@ mod tests {
 
     fn lines(log: &str) -> u64 {
         log.lines().count() as u64
+    }
+
+    /// `wait_serial` on a guest that has written half of its last line: it waits for the rest
+    /// (the raw log already matches) and returns the whole line.
+    #[test]
+    fn wait_serial_waits_for_a_torn_line_to_be_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "conrng: sent=100\nconrng: done").unwrap();
+        let finished = |log: &str| log.contains("conrng: done") || log.contains("FAIL");
+        assert!(
+            finished(&read_log(&log)),
+            "the raw log matches the half line"
+        );
+        let script = format!("sleep 0.3; printf ' ok\\n' >> {}; sleep 30", log.display());
+        let mut run = shell(&script, &log, Duration::from_secs(30));
+        let seen = run.wait_serial("conrng to finish", finished);
+        assert_eq!(seen, "conrng: sent=100\nconrng: done ok\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "timed out waiting for conrng to finish")]
+    fn wait_serial_never_matches_a_line_that_stays_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "conrng: sent=100\nconrng: done").unwrap();
+        let mut run = shell("sleep 30", &log, Duration::from_millis(300));
+        run.wait_serial("conrng to finish", |log| log.contains("conrng: done"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::harness::{counter_lines, guest_cmdline, scratch_dir, test_guest};
+use integration_tests::harness::{counter_lines, guest_arguments, scratch_dir};
 use integration_tests::process::VmmProcess;
 
 const INTERVAL_MS: u64 = 10;
@@ -49,6 +49,40 @@ fn next_random(state: &mut u64) -> u64 {
 
 fn spawn(dir: &Path, label: &str, arguments: &[String], env: &[(&str, &str)]) -> VmmProcess {
     VmmProcess::spawn_with_serial_file(dir, label, arguments, env).with_timeout(TIMEOUT)
+}
+
+/// The arguments that boot the test guest `guest` with `parameters` in 64 MiB of RAM as the VM
+/// `vm` of a new 160 MiB NV region `region`, checkpointed every `checkpoint_ms`.
+fn checkpointed_boot(
+    guest: &str,
+    parameters: &str,
+    region: &Path,
+    vm: &str,
+    checkpoint_ms: u64,
+) -> Vec<String> {
+    let mut arguments = guest_arguments(guest, parameters, "64M");
+    arguments.extend([
+        "--nv".into(),
+        format!(
+            "region={},vm={vm},create=on,region_size=160M,checkpoint_ms={checkpoint_ms}",
+            region.display()
+        ),
+    ]);
+    arguments
+}
+
+/// The counter guest of `checkpointed_boot` with its 4 MiB area and its mailbox, as the VM `c`.
+fn checkpointed_counter(region: &Path) -> Vec<String> {
+    let parameters = format!("area_mb=4 area_at={AREA_AT:#x} mailbox_at={MAILBOX_AT:#x}");
+    checkpointed_boot("counter", &parameters, region, "c", INTERVAL_MS)
+}
+
+/// The arguments that recover the VM `vm` of `region` in place.
+fn recover_arguments(region: &Path, vm: &str) -> Vec<String> {
+    vec![
+        "--nv".to_string(),
+        format!("region={},vm={vm},recover=on", region.display()),
+    ]
 }
 
 /// Where the guest's mailbox is in the region file: found once, it stays (in-place recovery).
@@ -174,25 +208,8 @@ fn sigkill_at_random_instants_resumes_every_time_within_about_one_interval() {
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    let boot = vec![
-        "--kernel".to_string(),
-        test_guest("counter").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(&format!(
-            "area_mb=4 area_at={AREA_AT:#x} mailbox_at={MAILBOX_AT:#x}"
-        )),
-        "--memory".into(),
-        "size=64M".into(),
-        "--nv".into(),
-        format!(
-            "region={},vm=c,create=on,region_size=160M,checkpoint_ms={INTERVAL_MS}",
-            region.display()
-        ),
-    ];
-    let recover = vec![
-        "--nv".to_string(),
-        format!("region={},vm=c,recover=on", region.display()),
-    ];
+    let boot = checkpointed_counter(&region);
+    let recover = recover_arguments(&region, "c");
     let mut vmm = spawn(dir, "boot", &boot, &[]);
     vmm.wait_serial("three counter lines", |log| counter_lines(log).len() >= 3);
     let mailbox = find_mailbox(&region);
@@ -308,21 +325,7 @@ fn a_power_fail_save_with_checkpoints_on_resumes_from_the_save_not_the_epoch() {
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    let boot = vec![
-        "--kernel".to_string(),
-        test_guest("counter").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(&format!(
-            "area_mb=4 area_at={AREA_AT:#x} mailbox_at={MAILBOX_AT:#x}"
-        )),
-        "--memory".into(),
-        "size=64M".into(),
-        "--nv".into(),
-        format!(
-            "region={},vm=c,create=on,region_size=160M,checkpoint_ms={INTERVAL_MS}",
-            region.display()
-        ),
-    ];
+    let boot = checkpointed_counter(&region);
     let mut vmm = spawn(dir, "boot", &boot, &[]);
     vmm.wait_serial("three counter lines", |log| counter_lines(log).len() >= 3);
     // Several epochs pass, so an epoch older than the save stands in the region.
@@ -340,10 +343,7 @@ fn a_power_fail_save_with_checkpoints_on_resumes_from_the_save_not_the_epoch() {
     let saved = mailbox_counter(&File::open(&region).unwrap(), mailbox);
     drop(vmm);
 
-    let recover = vec![
-        "--nv".to_string(),
-        format!("region={},vm=c,recover=on", region.display()),
-    ];
+    let recover = recover_arguments(&region, "c");
     let mut vmm = spawn(dir, "recover", &recover, &[]);
     let log = vmm.wait_serial("a counter line", |log| !counter_lines(log).is_empty());
     let first = assert_resumed(0, &log, &vmm.stderr_log());
@@ -368,19 +368,8 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    let boot = vec![
-        "--kernel".to_string(),
-        test_guest("counter").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(&format!("area_mb=24 area_at={AREA_AT:#x}")),
-        "--memory".into(),
-        "size=64M".into(),
-        "--nv".into(),
-        format!(
-            "region={},vm=c,create=on,region_size=160M,checkpoint_ms=3600000",
-            region.display()
-        ),
-    ];
+    let parameters = format!("area_mb=24 area_at={AREA_AT:#x}");
+    let boot = checkpointed_boot("counter", &parameters, &region, "c", 3_600_000);
     let mut vmm = spawn(dir, "boot", &boot, &[("NV_HOLD_FULL_LOG", "1")]);
     vmm.wait_stderr("the undo log full", |log| {
         log.contains("the undo log is full; NV_HOLD_FULL_LOG")
@@ -412,10 +401,7 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
     );
     drop(vmm);
 
-    let recover = vec![
-        "--nv".to_string(),
-        format!("region={},vm=c,recover=on", region.display()),
-    ];
+    let recover = recover_arguments(&region, "c");
     let mut vmm = spawn(dir, "recover", &recover, &[]);
     let log = vmm.wait_serial("two counter lines", |log| {
         counter_lines(log).len() >= 2 || log.contains("MISMATCH")
@@ -475,27 +461,10 @@ fn sigkill_at_random_instants_leaves_the_disk_as_the_rolled_back_guest_believes(
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(BLOCKS * 4096))
         .expect("disk image");
-    let boot = vec![
-        "--kernel".to_string(),
-        test_guest("blkcheck").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(&format!(
-            "blocks={BLOCKS} rounds=1000000 batch=4 verify=all"
-        )),
-        "--memory".into(),
-        "size=64M".into(),
-        "--disk".into(),
-        format!("path={}", disk.display()),
-        "--nv".into(),
-        format!(
-            "region={},vm=b,create=on,region_size=160M,checkpoint_ms={INTERVAL_MS}",
-            region.display()
-        ),
-    ];
-    let recover = vec![
-        "--nv".to_string(),
-        format!("region={},vm=b,recover=on", region.display()),
-    ];
+    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all");
+    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "b", INTERVAL_MS);
+    boot.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let recover = recover_arguments(&region, "b");
     let mut vmm = spawn(dir, "boot", &boot, &[]);
     let log = vmm.wait_serial("a few batches", |log| {
         completed(log).len() >= 3 || log.contains("FAIL")
@@ -577,23 +546,13 @@ fn a_disk_is_not_removed_while_checkpoints_are_on_nor_checkpoints_started_while_
         .and_then(|f| f.set_len(1 << 20))
         .expect("disk image");
     let socket = dir.join("api.sock");
-    let boot = vec![
-        "--kernel".to_string(),
-        test_guest("counter").display().to_string(),
-        "--cmdline".into(),
-        guest_cmdline(""),
-        "--memory".into(),
-        "size=64M".into(),
+    let mut boot = checkpointed_boot("counter", "", &region, "r", INTERVAL_MS);
+    boot.extend([
         "--disk".into(),
         format!("path={},id=data0", disk.display()),
         "--api-socket".into(),
         format!("path={}", socket.display()),
-        "--nv".into(),
-        format!(
-            "region={},vm=r,create=on,region_size=160M,checkpoint_ms={INTERVAL_MS}",
-            region.display()
-        ),
-    ];
+    ]);
     let mut vmm = spawn(dir, "boot", &boot, &[]);
     vmm.wait_for_socket(&socket, TIMEOUT);
     vmm.wait_serial("a counter line", |log| !counter_lines(log).is_empty());

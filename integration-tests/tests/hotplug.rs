@@ -18,7 +18,9 @@ use std::time::Duration;
 use integration_tests::api_client;
 use integration_tests::harness::{guest_arguments, point_serial_to, run_ch_remote, scratch_dir};
 use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
-use integration_tests::netns::{inheritable_tap, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP};
+use integration_tests::netns::{
+    inheritable_tap, netkv_guest_arguments, Netns, KV_GUEST, KV_GUEST_MAC, KV_TAP,
+};
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -466,11 +468,9 @@ fn a_tap_handed_over_by_descriptor_is_hotplugged_and_recovered_by_name() {
     assert_eq!(info["id"], "hotnet0", "{answer}");
     let bdf = info["bdf"].as_str().unwrap().to_owned();
     let device = u8::from_str_radix(&bdf[8..10], 16).unwrap();
-    // The whole line: the guest writes it a byte at a time, so a read can end inside it.
-    let seen = format!("hpcheck: function at device={device} ");
+    // `wait_serial` sees whole lines only, so the line matched is all there.
     let log = vmm.wait_serial("the guest seeing the network function", |log| {
-        log.split_inclusive('\n')
-            .any(|line| line.starts_with(&seen) && line.ends_with('\n'))
+        log.contains(&format!("hpcheck: function at device={device} "))
     });
     assert!(log.contains(VIRTIO_NET_ID), "{log}");
     assert_eq!(nets_in_info(&socket), [("hotnet0".into(), TAP.into())]);
@@ -527,11 +527,7 @@ fn a_hotplugged_nic_serves_the_database_across_power_failures() {
     let dir_path = dir.path().to_path_buf();
     let socket = dir.path().join("api.sock");
     let region = dir.path().join("region");
-    let mut arguments = guest_arguments(
-        "netkv",
-        &format!("ip={} port={} hotplug=1", KV_GUEST.ip(), KV_GUEST.port()),
-        "64M",
-    );
+    let mut arguments = netkv_guest_arguments("hotplug=1");
     arguments.extend([
         "--api-socket".into(),
         format!("path={}", socket.display()),

@@ -15,8 +15,8 @@ use integration_tests::harness::{
 use integration_tests::netkv_client::TapStream;
 use integration_tests::netkv_client::{KvClient, LoadConfig, LoadThread};
 use integration_tests::netns::{
-    inheritable_tap, Netns, BASELINE_HOST, BASELINE_SENDER, BASELINE_SENDER_MAC, BASELINE_TAP,
-    BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
+    inheritable_tap, netkv_guest_arguments, Netns, BASELINE_HOST, BASELINE_SENDER,
+    BASELINE_SENDER_MAC, BASELINE_TAP, BASELINE_TAP_MAC, KV_GUEST, KV_GUEST_MAC, KV_TAP,
 };
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -70,6 +70,15 @@ fn power_fail(vmm: &mut VmmProcess) -> String {
         "seccomp trap:\n{stderr}"
     );
     vmm.serial_log()
+}
+
+/// The test's last power-fail save (SIGPWR, exit 75), with no seccomp trap in the VMM's life.
+fn last_save(vmm: &mut VmmProcess) {
+    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
+    assert!(
+        !stderr.contains("seccomp: forbidden system call"),
+        "seccomp trap:\n{stderr}"
+    );
 }
 
 /// The recovered guest continued (no boot line, counter past the last one before).
@@ -148,11 +157,7 @@ fn a_net_vm_survives_power_failures_reopening_its_tap_by_name_and_by_fd() {
         netns_link("nvtap1").is_some(),
         "the handed-over tap is gone while the VMM runs on it"
     );
-    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
-    assert!(
-        !stderr.contains("seccomp: forbidden system call"),
-        "seccomp trap:\n{stderr}"
-    );
+    last_save(&mut vmm);
 }
 
 /// Issue 14's bad input: exit 1 (upstream's code for a value it cannot use), one clear line,
@@ -218,15 +223,17 @@ fn bad_net_input_is_refused_with_exit_1_and_a_clear_line() {
     });
 }
 
-/// The netkv guest on `KV_TAP`, with the NV region created (`create=on`).
-fn netkv_boot_arguments(region: &Path) -> Vec<String> {
-    let mut arguments = guest_arguments(
-        "netkv",
-        &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-        "64M",
-    );
+/// The netkv guest on `KV_TAP`.
+fn netkv_tap_arguments() -> Vec<String> {
+    let mut arguments = netkv_guest_arguments("");
     arguments.push("--net".into());
     arguments.push(format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"));
+    arguments
+}
+
+/// The netkv guest on `KV_TAP`, with the NV region created (`create=on`).
+fn netkv_boot_arguments(region: &Path) -> Vec<String> {
+    let mut arguments = netkv_tap_arguments();
     arguments.push("--nv".into());
     arguments.push(format!("region={},vm=netvm,create=on", region.display()));
     arguments
@@ -280,28 +287,49 @@ fn netkv_ready(log: &str) -> bool {
     log.contains("netkv: ready") || log.contains("netkv: FAIL")
 }
 
-/// Boots netkv on the namespace's tap, puts the client's load on it, power-fails and recovers
-/// it in place `rounds` times (the tap reopened by name, or with `handover` a descriptor the
-/// test opened handed over with `--net fd=`), then checks the client's ledger.
-fn netkv_power_fail_rounds(label: &str, rounds: u64, handover: bool) {
+/// Waits until the netkv guest in `vmm` is ready; fails the test on its FAIL line.
+fn wait_netkv_ready(vmm: &mut VmmProcess) {
+    let log = vmm.wait_serial("netkv ready", netkv_ready);
+    assert!(!log.contains("FAIL"), "{log}");
+}
+
+/// A client of the netkv guest with the default load (to be made in the namespace).
+fn kv_client() -> KvClient {
+    KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where the power-failure and SIGKILL rounds start: netkv booted and ready
+/// (`netkv_boot_arguments`, with `checkpoint_ms=` if given) on the tap of a new namespace
+/// `label`, on the NV region `region` of a new scratch directory. Returns the namespace, the
+/// directory, the VMM and two clients (the load's and the probe's).
+fn start_netkv(
+    label: &str,
+    checkpoint_ms: Option<u64>,
+) -> (Netns, tempfile::TempDir, VmmProcess, KvClient, KvClient) {
     let netns = Netns::new(label);
     netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
     let dir = scratch_dir();
     let dir_path = dir.path().to_path_buf();
-    let region = dir_path.join("region");
-    let started = Instant::now();
+    let (vmm, client, probe) = netns.run(move || {
+        let mut arguments = netkv_boot_arguments(&dir_path.join("region"));
+        if let (Some(interval), Some(nv)) = (checkpoint_ms, arguments.last_mut()) {
+            nv.push_str(&format!(",checkpoint_ms={interval}"));
+        }
+        let mut vmm = spawn(&dir_path, "boot", &arguments);
+        wait_netkv_ready(&mut vmm);
+        (vmm, kv_client(), kv_client())
+    });
+    (netns, dir, vmm, client, probe)
+}
 
-    let (mut vmm, client, mut probe) = {
-        let (dir_path, region) = (dir_path.clone(), region.clone());
-        netns.run(move || {
-            let mut vmm = spawn(&dir_path, "boot", &netkv_boot_arguments(&region));
-            let log = vmm.wait_serial("netkv ready", netkv_ready);
-            assert!(!log.contains("FAIL"), "{log}");
-            let new_client =
-                || KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-            (vmm, new_client(), new_client())
-        })
-    };
+/// Boots netkv on the namespace's tap, puts the client's load on it, power-fails and recovers
+/// it in place `rounds` times (the tap reopened by name, or with `handover` a descriptor the
+/// test opened handed over with `--net fd=`), then checks the client's ledger.
+fn netkv_power_fail_rounds(label: &str, rounds: u64, handover: bool) {
+    let started = Instant::now();
+    let (netns, dir, mut vmm, client, mut probe) = start_netkv(label, None);
+    let dir_path = dir.path().to_path_buf();
+    let region = dir_path.join("region");
     eprintln!("{:?} netkv ready", started.elapsed());
     let load = LoadThread::start(client);
     let wait = |load: &LoadThread, what: &str| {
@@ -335,11 +363,7 @@ fn netkv_power_fail_rounds(label: &str, rounds: u64, handover: bool) {
     serial_logs.push(vmm.serial_log());
     let client = load.stop().unwrap_or_else(|e| panic!("{e}"));
     assert_every_acknowledged_put_kept(client, &serial_logs);
-    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
-    assert!(
-        !stderr.contains("seccomp: forbidden system call"),
-        "seccomp trap:\n{stderr}"
-    );
+    last_save(&mut vmm);
 }
 
 /// Issue 14's proof: the netkv database VM power-fails under a client's load three times in a
@@ -372,27 +396,10 @@ fn netkv_keeps_every_acknowledged_put_with_the_tap_handed_over_on_recovery() {
 fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
     integration_tests::require_kvm!();
     let rounds = 4;
-    let netns = Netns::new("kvkill");
-    netns.add_kv_tap().unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let started = Instant::now();
+    let (netns, dir, mut vmm, client, mut probe) = start_netkv("kvkill", Some(10));
     let dir_path = dir.path().to_path_buf();
     let region = dir_path.join("region");
-    let started = Instant::now();
-    let (mut vmm, client, mut probe) = {
-        let (dir_path, region) = (dir_path.clone(), region.clone());
-        netns.run(move || {
-            let mut arguments = netkv_boot_arguments(&region);
-            if let Some(nv) = arguments.last_mut() {
-                nv.push_str(",checkpoint_ms=10");
-            }
-            let mut vmm = spawn(&dir_path, "boot", &arguments);
-            let log = vmm.wait_serial("netkv ready", netkv_ready);
-            assert!(!log.contains("FAIL"), "{log}");
-            let new_client =
-                || KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-            (vmm, new_client(), new_client())
-        })
-    };
     let load = LoadThread::start(client);
     let wait = |load: &LoadThread, what: &str| {
         assert!(
@@ -453,11 +460,7 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
     );
     serial_logs.push(vmm.serial_log());
     assert_every_acknowledged_put_kept(client, &serial_logs);
-    let stderr = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "last save");
-    assert!(
-        !stderr.contains("seccomp: forbidden system call"),
-        "seccomp trap:\n{stderr}"
-    );
+    last_save(&mut vmm);
     eprintln!("{:?} done", started.elapsed());
 }
 
@@ -488,11 +491,8 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
             &[("NV_UNDO_LIMIT_PAGES", "4")],
         )
         .with_timeout(TIMEOUT);
-        let log = vmm.wait_serial("netkv ready", netkv_ready);
-        assert!(!log.contains("FAIL"), "{log}");
-        let client =
-            KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-        (vmm, client)
+        wait_netkv_ready(&mut vmm);
+        (vmm, kv_client())
     });
     let load = LoadThread::start(client);
     assert!(
@@ -560,8 +560,7 @@ fn netkv_answers_bursts_larger_than_its_transmit_ring() {
     let (mut vmm, client) = netns.run(move || {
         let region = dir_path.join("region");
         let mut vmm = spawn(&dir_path, "boot", &netkv_boot_arguments(&region));
-        let log = vmm.wait_serial("netkv ready", netkv_ready);
-        assert!(!log.contains("FAIL"), "{log}");
+        wait_netkv_ready(&mut vmm);
         let config = LoadConfig {
             rate: 100_000,
             window: 240,
@@ -594,10 +593,8 @@ fn netkv_streams_to_the_host_and_the_tap_baseline_delivers_the_same_datagrams() 
     let (mut vmm, guest, baseline) = netns.run(move || {
         let region = dir_path.join("region");
         let mut vmm = spawn(&dir_path, "boot", &netkv_boot_arguments(&region));
-        let log = vmm.wait_serial("netkv ready", netkv_ready);
-        assert!(!log.contains("FAIL"), "{log}");
-        let mut client =
-            KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        wait_netkv_ready(&mut vmm);
+        let mut client = kv_client();
         let guest = client
             .stream_from_guest(20_000, 1000)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -638,23 +635,11 @@ fn netkv_keeps_every_acknowledged_put_across_snapshot_and_restore() {
     let (mut vmm, client, mut probe) = {
         let (dir_path, socket) = (dir_path.clone(), socket.clone());
         netns.run(move || {
-            let mut arguments = guest_arguments(
-                "netkv",
-                &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-                "64M",
-            );
-            arguments.extend([
-                "--net".into(),
-                format!("tap={KV_TAP},mac={KV_GUEST_MAC},num_queues=2"),
-                "--api-socket".into(),
-                format!("path={}", socket.display()),
-            ]);
+            let mut arguments = netkv_tap_arguments();
+            arguments.extend(["--api-socket".into(), format!("path={}", socket.display())]);
             let mut vmm = spawn(&dir_path, "boot", &arguments);
-            let log = vmm.wait_serial("netkv ready", netkv_ready);
-            assert!(!log.contains("FAIL"), "{log}");
-            let new_client =
-                || KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-            (vmm, new_client(), new_client())
+            wait_netkv_ready(&mut vmm);
+            (vmm, kv_client(), kv_client())
         })
     };
     let load = LoadThread::start(client);

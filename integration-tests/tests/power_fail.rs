@@ -553,10 +553,7 @@ fn disk_requests_in_flight_at_the_power_failure_complete_after_recovery() {
     // The default transport: virtio-pci.
     arguments.extend(["--disk".into(), format!("path={}", disk.display())]);
     let mut vmm = spawn(dir.path(), "recovered", &arguments, &[]);
-    let after = vmm.wait_serial("blkcheck to finish", |log| {
-        integration_tests::harness::guest_finished(log, "blkcheck")
-    });
-    assert!(after.contains("blkcheck: done ok"), "{after}");
+    let after = vmm.wait_guest_done_ok("blkcheck");
     assert!(
         !after.contains("blkcheck: disk"),
         "the guest restarted:\n{after}"
@@ -638,14 +635,7 @@ fn console_lines_are_written_once_and_rng_keeps_serving_across_a_power_failure()
 
     let arguments = recover_arguments(&region, "conrng", "");
     let mut vmm = spawn_with_console(dir.path(), "recovered", arguments, &console_after);
-    // The whole `done` line: the guest writes it a byte per exit, and a read between
-    // "conrng: done" and " ok" saw a torn line on a loaded host.
-    let after = vmm.wait_serial("conrng to finish", |log| {
-        log.split_once("conrng: done")
-            .is_some_and(|(_, rest)| rest.contains('\n'))
-            || log.contains("FAIL")
-    });
-    assert!(after.contains("conrng: done ok"), "{after}");
+    let after = vmm.wait_guest_done_ok("conrng");
     assert!(
         !after.contains("devices ready"),
         "the guest started over:\n{after}"

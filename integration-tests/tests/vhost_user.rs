@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::guests::verify_blkcheck_disk;
-use integration_tests::harness::{guest_arguments, point_serial_to, scratch_dir};
+use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
 use integration_tests::{api_client, binaries};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
@@ -179,15 +179,7 @@ fn power_fail_amid_io(vmm: &mut VmmProcess, disk: &Disk) -> (String, u64) {
 
 /// Waits for blkcheck to finish and checks it verified every block; returns the serial log.
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
-    let log = vmm.wait_serial("blkcheck to finish", |log| {
-        integration_tests::harness::guest_finished(log, "blkcheck")
-    });
-    assert!(
-        log.contains("blkcheck: done ok"),
-        "{log}\n{}",
-        vmm.stderr_tail(30)
-    );
-    log
+    vmm.wait_guest_done_ok("blkcheck")
 }
 
 /// Waits for the recovered blkcheck to finish and checks it continued (no new boot, the first
@@ -431,20 +423,8 @@ fn a_snapshot_restores_into_a_new_vmm_on_the_same_backend() {
     verify_blkcheck_disk(&disk.image, BLOCKS, paused)
         .unwrap_or_else(|e| panic!("disk at the snapshot: {e}"));
 
-    let restored_log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot, &restored_log);
-    let mut restored = VmmProcess::spawn(
-        dir.path(),
-        "restored",
-        &[
-            "--restore".to_string(),
-            format!("source_url=file://{},resume=true", snapshot.display()),
-            "-v".to_string(),
-        ],
-        &[],
-    )
-    .with_serial(restored_log)
-    .with_timeout(TIMEOUT);
+    let mut restored =
+        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
     // Not an NV VM any more: its reset ends the VMM with 0.
     finishes_in_place_exiting(&mut restored, &disk, paused, 0);
     assert_eq!(disk.starts, 1, "the backend was not restarted");

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::api_client;
-use integration_tests::harness::{guest_arguments, point_serial_to, scratch_dir};
+use integration_tests::harness::{guest_arguments, scratch_dir};
 use integration_tests::process::{Stdout, VmmProcess};
 use vmm::nv::EXIT_POWER_FAIL_SAVED;
 
@@ -116,15 +116,7 @@ fn wait_written(vmm: &mut VmmProcess, n: u64) {
 }
 
 fn finishes_ok(vmm: &mut VmmProcess) -> String {
-    let log = vmm.wait_serial("fscheck to finish", |log| {
-        integration_tests::harness::guest_finished(log, "fscheck")
-    });
-    assert!(
-        log.contains("fscheck: done ok"),
-        "{log}\n{}",
-        vmm.stderr_tail(30)
-    );
-    log
+    vmm.wait_guest_done_ok("fscheck")
 }
 
 /// fscheck writing 100 lines on `--memory shared=on` (a memfd) with `--api-socket`, served by
@@ -348,20 +340,8 @@ fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
         .expect("virtiofsd outlived its front-end");
 
     fs.start();
-    let restored_log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot, &restored_log);
-    let mut restored = VmmProcess::spawn(
-        dir.path(),
-        "restored",
-        &[
-            "--restore".to_string(),
-            format!("source_url=file://{},resume=true", snapshot.display()),
-            "-v".to_string(),
-        ],
-        &[],
-    )
-    .with_serial(restored_log)
-    .with_timeout(TIMEOUT);
+    let mut restored =
+        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
     let after = finishes_ok(&mut restored);
     assert!(!after.contains("fscheck: init"), "{after}");
     assert!(last_written(&after) > paused, "{paused}, then:\n{after}");

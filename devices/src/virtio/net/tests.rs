@@ -153,6 +153,75 @@ fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// A device on a new tap `name` (brought up) with one queue pair, MAC `mac`, and the checksum
+/// and TSO offloads if `offload`.
+fn net_on_tap(name: &str, mac: [u8; 6], offload: bool) -> Net {
+    let tap = Arc::new(Tap::open(Some(name), 1).unwrap());
+    tap.up().unwrap();
+    Net::new(
+        tap,
+        NetParams {
+            mac,
+            queue_pairs: 1,
+            queue_size: QUEUE_SIZE,
+            mtu: None,
+            offload_csum: offload,
+            offload_tso: offload,
+        },
+    )
+    .unwrap()
+}
+
+/// The guest driver's side of an activated device: its two queues and their notifiers
+/// (`notify[0]` receive, `notify[1]` transmit).
+struct Driver {
+    rx: DriverQueue,
+    tx: DriverQueue,
+    notify: Vec<EventFd>,
+}
+
+/// Activates `net` on the rings at [`RX_RINGS`] and [`TX_RINGS`] with the `acked` features,
+/// its interrupts counted by `target`.
+fn activate(
+    net: &mut Net,
+    mem: &GuestMemoryMmap,
+    acked: u64,
+    target: Arc<CountingTarget>,
+) -> Driver {
+    let driver_queue = |rings| DriverQueue {
+        rings,
+        avail_idx: 0,
+        seen_used: 0,
+    };
+    let (rx, tx) = (driver_queue(RX_RINGS), driver_queue(TX_RINGS));
+    let notify: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    net.activate(ActivationContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(VirtioInterrupt::new(target, 0)),
+        queues: vec![rx.queue(mem), tx.queue(mem)],
+        queue_evts: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
+        acked_features: acked,
+        start_paused: false,
+        io_thread_start: None,
+    })
+    .unwrap();
+    Driver { rx, tx, notify }
+}
+
+/// Transmits `frame` behind a zeroed virtio-net header at `at`: posts it and notifies.
+fn transmit(mem: &GuestMemoryMmap, driver: &mut Driver, at: u64, frame: &[u8]) {
+    mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(at))
+        .unwrap();
+    mem.write_slice(frame, GuestAddress(at + VNET_HDR_LEN as u64))
+        .unwrap();
+    driver
+        .tx
+        .post(mem, at, (VNET_HDR_LEN + frame.len()) as u32, false);
+    driver.notify[1].write(1).unwrap();
+}
+
 /// Everything runs on one thread that moved into a network namespace of its own.
 fn in_own_netns(test: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
@@ -175,21 +244,8 @@ fn in_own_netns(test: impl FnOnce() + Send + 'static) {
 fn packets_cross_a_real_tap_both_ways_and_a_pause_holds_receive() {
     in_own_netns(|| {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let tap = Arc::new(Tap::open(Some("nvtest0"), 1).unwrap());
-        tap.up().unwrap();
         let mac = [0x02, 0, 0, 0, 0, 0x10];
-        let mut net = Net::new(
-            tap.clone(),
-            NetParams {
-                mac,
-                queue_pairs: 1,
-                queue_size: QUEUE_SIZE,
-                mtu: None,
-                offload_csum: true,
-                offload_tso: true,
-            },
-        )
-        .unwrap();
+        let mut net = net_on_tap("nvtest0", mac, true);
         let mut config = [0u8; 8];
         net.read_config(0, &mut config);
         assert_eq!(config[..6], mac);
@@ -210,46 +266,22 @@ fn packets_cross_a_real_tap_both_ways_and_a_pause_holds_receive() {
         }
         assert_eq!(features & (1 << VIRTIO_NET_F_MQ), 0, "MQ with one pair");
 
-        let mut rx = DriverQueue {
-            rings: RX_RINGS,
-            avail_idx: 0,
-            seen_used: 0,
-        };
-        let mut tx = DriverQueue {
-            rings: TX_RINGS,
-            avail_idx: 0,
-            seen_used: 0,
-        };
-        let notify: Vec<EventFd> = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
         let target = Arc::new(CountingTarget::default());
         let acked = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | (1 << VIRTIO_NET_F_GUEST_CSUM)
             | (1 << VIRTIO_NET_F_CSUM);
-        net.activate(ActivationContext {
-            mem: mem.clone(),
-            interrupt: Arc::new(VirtioInterrupt::new(target.clone(), 0)),
-            queues: vec![rx.queue(&mem), tx.queue(&mem)],
-            queue_evts: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
-            acked_features: acked,
-            start_paused: false,
-            io_thread_start: None,
-        })
-        .unwrap();
+        let mut driver = activate(&mut net, &mem, acked, target.clone());
         let (packet, mut to) = packet_socket("nvtest0");
 
         // Guest -> host: header and frame leave in one piece.
         let sent = frame(mac, b"guest to host");
-        mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(TX_BUFFERS))
-            .unwrap();
-        mem.write_slice(&sent, GuestAddress(TX_BUFFERS + VNET_HDR_LEN as u64))
-            .unwrap();
-        tx.post(&mem, TX_BUFFERS, (VNET_HDR_LEN + sent.len()) as u32, false);
-        notify[1].write(1).unwrap();
-        assert_eq!(tx.next_used(&mem, Duration::from_secs(5)), Some((0, 0)));
+        transmit(&mem, &mut driver, TX_BUFFERS, &sent);
+        assert_eq!(
+            driver.tx.next_used(&mem, Duration::from_secs(5)),
+            Some((0, 0))
+        );
         assert_eq!(
             receive_ours(&packet, Duration::from_secs(5)).as_deref(),
             Some(&sent[..])
@@ -257,6 +289,7 @@ fn packets_cross_a_real_tap_both_ways_and_a_pause_holds_receive() {
         assert!(target.0.load(Ordering::SeqCst) >= 1, "no interrupt");
 
         // Host -> guest, held while paused and delivered after resume.
+        let Driver { mut rx, notify, .. } = driver;
         for i in 0..QUEUE_SIZE {
             rx.post(&mem, RX_BUFFERS + u64::from(i) * 4096, RX_BUFFER_LEN, true);
         }
@@ -335,68 +368,27 @@ fn a_missing_tap_is_created_and_a_tun_descriptor_is_refused() {
 fn an_armed_output_hold_sends_frames_only_after_their_epoch_is_released() {
     in_own_netns(|| {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let tap = Arc::new(Tap::open(Some("nvhold0"), 1).unwrap());
-        tap.up().unwrap();
         let mac = [0x02, 0, 0, 0, 0, 0x11];
         // Room for one frame: the second finds the hold full.
         let hold = OutputHold::with_limit(1).unwrap();
-        let mut net = Net::new(
-            tap.clone(),
-            NetParams {
-                mac,
-                queue_pairs: 1,
-                queue_size: QUEUE_SIZE,
-                mtu: None,
-                offload_csum: false,
-                offload_tso: false,
-            },
-        )
-        .unwrap()
-        .with_output_hold(hold.clone());
-        let rx = DriverQueue {
-            rings: RX_RINGS,
-            avail_idx: 0,
-            seen_used: 0,
-        };
-        let mut tx = DriverQueue {
-            rings: TX_RINGS,
-            avail_idx: 0,
-            seen_used: 0,
-        };
-        let notify: Vec<EventFd> = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        net.activate(ActivationContext {
-            mem: mem.clone(),
-            interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingTarget::default()), 0)),
-            queues: vec![rx.queue(&mem), tx.queue(&mem)],
-            queue_evts: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
-            acked_features: (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC),
-            start_paused: false,
-            io_thread_start: None,
-        })
-        .unwrap();
+        let mut net = net_on_tap("nvhold0", mac, false).with_output_hold(hold.clone());
+        let acked = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC);
+        let mut driver = activate(&mut net, &mem, acked, Arc::default());
         let (packet, _) = packet_socket("nvhold0");
         let full = EventFd::new(EFD_NONBLOCK).unwrap();
         hold.arm(full.try_clone().unwrap());
         let mut slot = 0u64;
-        let mut send = |tx: &mut DriverQueue, payload: &[u8]| {
+        let mut send = |driver: &mut Driver, payload: &[u8]| {
             let sent = frame(mac, payload);
-            let at = TX_BUFFERS + slot * 4096;
+            transmit(&mem, driver, TX_BUFFERS + slot * 4096, &sent);
             slot += 1;
-            mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(at))
-                .unwrap();
-            mem.write_slice(&sent, GuestAddress(at + VNET_HDR_LEN as u64))
-                .unwrap();
-            tx.post(&mem, at, (VNET_HDR_LEN + sent.len()) as u32, false);
-            notify[1].write(1).unwrap();
             sent
         };
         let quiet = Duration::from_millis(300);
 
-        let first = send(&mut tx, b"epoch 1");
+        let first = send(&mut driver, b"epoch 1");
         assert!(
-            tx.next_used(&mem, Duration::from_secs(5)).is_some(),
+            driver.tx.next_used(&mem, Duration::from_secs(5)).is_some(),
             "not completed at once"
         );
         assert_eq!(
@@ -407,9 +399,9 @@ fn an_armed_output_hold_sends_frames_only_after_their_epoch_is_released() {
         assert_eq!(hold.held_frames(), 1);
 
         // Full: the next frame stays in the ring, and a checkpoint is asked for.
-        let second = send(&mut tx, b"epoch 2");
+        let second = send(&mut driver, b"epoch 2");
         assert_eq!(
-            tx.next_used(&mem, quiet),
+            driver.tx.next_used(&mem, quiet),
             None,
             "a full hold consumed the ring"
         );
@@ -423,7 +415,7 @@ fn an_armed_output_hold_sends_frames_only_after_their_epoch_is_released() {
             Some(&first[..])
         );
         assert!(
-            tx.next_used(&mem, Duration::from_secs(5)).is_some(),
+            driver.tx.next_used(&mem, Duration::from_secs(5)).is_some(),
             "the release did not wake the worker"
         );
         assert_eq!(
@@ -439,8 +431,8 @@ fn an_armed_output_hold_sends_frames_only_after_their_epoch_is_released() {
             receive_ours(&packet, Duration::from_secs(5)).as_deref(),
             Some(&second[..])
         );
-        let third = send(&mut tx, b"direct");
-        assert!(tx.next_used(&mem, Duration::from_secs(5)).is_some());
+        let third = send(&mut driver, b"direct");
+        assert!(driver.tx.next_used(&mem, Duration::from_secs(5)).is_some());
         assert_eq!(
             receive_ours(&packet, Duration::from_secs(5)).as_deref(),
             Some(&third[..])
