@@ -567,20 +567,8 @@ fn a_snapshot_restores_the_fuse_session_of_a_hotplugged_fs() {
         .expect("virtiofsd outlived its front-end");
 
     fs.start();
-    let restored_log = dir.path().join("restored.serial");
-    point_serial_to(&snapshot, &restored_log);
-    let mut restored = VmmProcess::spawn(
-        dir.path(),
-        "restored",
-        &[
-            "--restore".to_string(),
-            format!("source_url=file://{},resume=true", snapshot.display()),
-            "-v".to_string(),
-        ],
-        &[],
-    )
-    .with_serial(restored_log)
-    .with_timeout(TIMEOUT);
+    let mut restored =
+        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
     let after = finishes_ok(&mut restored);
     assert!(!after.contains("fscheck: init"), "{after}");
     assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
