@@ -151,8 +151,9 @@ mod tests {
         );
         assert_eq!(parse_schedstat("garbage"), None);
         assert_eq!(parse_schedstat(""), None);
-        // This thread has run for a while: the file exists and parses here.
-        assert!(thread_age_from_schedstat().unwrap() > Duration::ZERO);
+        // The file exists and parses here. Its run time is not asserted above zero: a test
+        // thread just started on a loaded host may not have been charged any yet (seen once).
+        assert!(thread_age_from_schedstat().is_some());
     }
 
     #[test]
