@@ -969,6 +969,24 @@ fn epochs_advance(socket: &Path, after: u64) -> u64 {
         assert_eq!(checkpoint["interval_ms"], 10, "{checkpoint}");
         let epochs = checkpoint["epochs"].as_u64().unwrap_or(0);
         if epochs > after {
+            // Each committed checkpoint ran the whole walk: every phase has a median, in order.
+            let phases: Vec<&str> = checkpoint["recent_phase_median_us"]
+                .as_array()
+                .map(|phases| phases.iter().filter_map(|p| p["phase"].as_str()).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                phases,
+                [
+                    "pause-vcpus",
+                    "quiesce-devices",
+                    "persist-memory",
+                    "save-state",
+                    "commit",
+                    "write-protect",
+                    "resume"
+                ],
+                "{checkpoint}"
+            );
             return epochs;
         }
         assert!(

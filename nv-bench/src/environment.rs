@@ -15,6 +15,8 @@ pub struct Binaries {
     pub ch_remote: PathBuf,
     /// This package's `nv-floor` helper (A-floor).
     pub nv_floor: PathBuf,
+    /// This package's `nv-track` helper (the checkpoint section's write-tracking floor).
+    pub nv_track: PathBuf,
     /// Our vhost-user-blk backend (H), always this workspace's.
     pub nv_vhost_user_blk: PathBuf,
     /// Our vhost-user-net backend (H, network), always this workspace's.
@@ -56,6 +58,7 @@ impl Binaries {
             ch_remote: build("ch-remote", ch_remote)?,
             // Building the package builds its helper binary with it.
             nv_floor: build("nv-bench", None)?.with_file_name("nv-floor"),
+            nv_track: profile_dir.join("nv-track"),
             nv_vhost_user_blk: build("nv-vhost-user-blk", None)?,
             nv_vhost_user_net: build("nv-vhost-user-net", None)?,
         })

@@ -21,6 +21,8 @@ const PERIOD_MS: u32 = 100;
 /// `checkpoint_ms` of each variant; 0 is off, the baseline.
 const INTERVALS_MS: [u64; 4] = [0, 100, 10, 1];
 const LOG_DISK_BYTES: u64 = 8 << 30;
+/// A logged page's 4 KiB copy and its 64-byte entry header (docs/checkpoints.md).
+const UNDO_BYTES_PER_PAGE: u64 = 4096 + 64;
 
 /// What one VM showed.
 struct Measured {
@@ -30,6 +32,8 @@ struct Measured {
     pause_p99_us: u64,
     undo_bytes_mean: u64,
     write_faults_mean: u64,
+    /// `vm.nv-status`'s median per phase of the pause, in the walk's order.
+    phases: Vec<(String, u64)>,
 }
 
 pub fn run(bench: &mut Bench) -> Result<()> {
@@ -54,13 +58,19 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "pause p99 us",
         "undo bytes per epoch",
         "write faults per epoch",
+        "phase medians us",
     ]);
+    // Undo pages per epoch at 10 ms (the last keys' run): the tracking floor's page count.
+    let mut pages_at_10ms = None;
     for &keys in &bench.profile.overhead_keys.clone() {
         let mut baseline = None;
         for interval in INTERVALS_MS {
             let measured = measure_one(bench, keys, interval)?;
             if interval == 0 {
                 baseline = Some(measured.ops_per_sec);
+            }
+            if interval == 10 {
+                pages_at_10ms = Some(measured.undo_bytes_mean / UNDO_BYTES_PER_PAGE);
             }
             let ratio = baseline.map(|base| measured.ops_per_sec / base);
             let name = if interval == 0 {
@@ -79,12 +89,13 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 if interval > 0 {
                     format!(
                         "; {} epochs, pause median {} us, p99 {} us, undo log {} bytes and {} \
-                         write faults per epoch",
+                         write faults per epoch; phase medians (us): {}",
                         measured.epochs,
                         measured.pause_median_us,
                         measured.pause_p99_us,
                         measured.undo_bytes_mean,
-                        measured.write_faults_mean
+                        measured.write_faults_mean,
+                        phase_line(&measured.phases)
                     )
                 } else {
                     String::new()
@@ -100,6 +111,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 measured.pause_p99_us.to_string(),
                 measured.undo_bytes_mean.to_string(),
                 measured.write_faults_mean.to_string(),
+                phase_line(&measured.phases),
             ]);
         }
     }
@@ -108,7 +120,43 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "Checkpoints: kvstore throughput and cost by interval",
         &table,
     );
+    tracking_floor(bench, pages_at_10ms)
+}
+
+/// The floor of write tracking on this host for the pages kvstore logged per 10 ms epoch in
+/// this run: `nv-track`'s sweep and bounds (a minimal ring-3 guest; see its doc).
+fn tracking_floor(bench: &mut Bench, pages: Option<u64>) -> Result<()> {
+    let pages = pages.filter(|&p| p > 0).unwrap_or(1100);
+    let output = std::process::Command::new(&bench.binaries.nv_track)
+        .args([pages.to_string(), "20".to_string()])
+        .output()
+        .map_err(|e| BenchError::io("running nv-track", e))?;
+    if !output.status.success() {
+        return Err(BenchError::Command {
+            command: "nv-track".into(),
+            detail: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        });
+    }
+    bench.summary.line(format!(
+        "checkpoint tracking floor (nv-track, {pages} pages per epoch as kvstore logged at 10 ms):"
+    ));
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        bench.summary.line(format!("  {line}"));
+    }
     Ok(())
+}
+
+/// `pause-vcpus 12 quiesce-devices 3 ...`: the phases' medians, in the walk's order.
+fn phase_line(phases: &[(String, u64)]) -> String {
+    phases
+        .iter()
+        .map(|(phase, us)| format!("{phase} {us}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn measure_one(bench: &Bench, keys: u64, interval_ms: u64) -> Result<Measured> {
@@ -171,6 +219,20 @@ fn measure_one(bench: &Bench, keys: u64, interval_ms: u64) -> Result<Measured> {
             pause_p99_us: field("recent_pause_p99_us"),
             undo_bytes_mean: field("recent_undo_bytes_mean"),
             write_faults_mean: field("recent_write_faults_mean"),
+            phases: status["checkpoint"]["recent_phase_median_us"]
+                .as_array()
+                .map(|phases| {
+                    phases
+                        .iter()
+                        .map(|p| {
+                            (
+                                p["phase"].as_str().unwrap_or("?").to_string(),
+                                p["duration_us"].as_u64().unwrap_or(0),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     })();
     for file in [&region, &log_disk, &socket] {

@@ -724,7 +724,7 @@ pub struct NvStatus {
 }
 
 /// `vm.nv-status`'s `checkpoint`: the interval, the last committed epoch and its cost.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NvCheckpointStatus {
     pub interval_ms: u64,
     /// Epochs committed by this process.
@@ -744,6 +744,12 @@ pub struct NvCheckpointStatus {
     /// Write faults per epoch served by the undo log's fault thread (mean over the same).
     #[serde(default)]
     pub recent_write_faults_mean: u64,
+    /// Over the same checkpoints: the median duration of each phase of the pause, in the
+    /// walk's order (`pause-vcpus`, `quiesce-devices`, `persist-memory`, `save-state`,
+    /// `commit`, `write-protect`, `resume`). Medians of each phase alone: they need not add up
+    /// to the pause median.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_phase_median_us: Vec<NvPhaseTiming>,
 }
 
 /// The phases of an in-place recovery, in order, up to the guest running again.

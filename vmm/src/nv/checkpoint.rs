@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devices::virtio::{BlockWriteHookSlot, OutputHold};
-use nv_extension::{HostError, NvHost, UndoLog, UndoRecord};
+use nv_extension::{CheckpointPhase, HostError, NvHost, UndoLog, UndoRecord};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -31,7 +31,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::disk_undo::{disk_hook_slots, DiskUndoHook};
 use super::host::VmHost;
 use super::{nv_error, NvVm};
-use crate::api::NvCheckpointStatus;
+use crate::api::{NvCheckpointStatus, NvPhaseTiming};
 use crate::config::SeccompMode;
 use crate::userfaultfd::{
     EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker, WriteTrackerStats,
@@ -231,6 +231,8 @@ pub struct Checkpoints {
     /// (pause, undo bytes, write faults of the epoch) of the most recent checkpoints, oldest
     /// first.
     recent: VecDeque<(Duration, u64, u64)>,
+    /// The phases of the same checkpoints, each as the walk reported them.
+    recent_phases: VecDeque<PhaseTimes>,
     /// The write tracker's counters at the last checkpoint.
     tracker_at_last: WriteTrackerStats,
 }
@@ -267,6 +269,52 @@ fn test_undo_limit() -> Option<u64> {
     None
 }
 
+/// The walk's phases in order: the index of a phase's duration in [`PhaseTimes`].
+const PHASES: [CheckpointPhase; 7] = [
+    CheckpointPhase::PauseVcpus,
+    CheckpointPhase::QuiesceDevices,
+    CheckpointPhase::PersistMemory,
+    CheckpointPhase::SaveState,
+    CheckpointPhase::Commit,
+    CheckpointPhase::WriteProtect,
+    CheckpointPhase::Resume,
+];
+
+/// One checkpoint's phase durations, by [`PHASES`] index (no allocation per checkpoint).
+type PhaseTimes = [Option<Duration>; PHASES.len()];
+
+fn phase_times(phases: &[(CheckpointPhase, Duration)]) -> PhaseTimes {
+    let mut times = [None; PHASES.len()];
+    for (phase, took) in phases {
+        if let Some(index) = PHASES.iter().position(|p| p == phase) {
+            times[index] = Some(*took);
+        }
+    }
+    times
+}
+
+/// The median of each phase over `checkpoints`, in the walk's order, each over the checkpoints
+/// that ran it; phases none ran are left out.
+fn phase_medians(checkpoints: &VecDeque<PhaseTimes>) -> Vec<NvPhaseTiming> {
+    PHASES
+        .iter()
+        .enumerate()
+        .filter_map(|(index, phase)| {
+            let mut took: Vec<u64> = checkpoints
+                .iter()
+                .filter_map(|times| times[index])
+                .map(|d| d.as_micros() as u64)
+                .collect();
+            took.sort_unstable();
+            let median = *took.get((took.len().checked_sub(1)?) / 2)?;
+            Some(NvPhaseTiming {
+                phase: phase.name().to_string(),
+                duration_us: median,
+            })
+        })
+        .collect()
+}
+
 fn timer_error(e: vmm_sys_util::errno::Error) -> Error {
     Error::Checkpoint(CheckpointError::Timer(e))
 }
@@ -285,6 +333,7 @@ impl Checkpoints {
             epochs: 0,
             last_seq: None,
             recent: VecDeque::with_capacity(RECENT),
+            recent_phases: VecDeque::with_capacity(RECENT),
             tracker_at_last: WriteTrackerStats::default(),
         })
     }
@@ -339,6 +388,7 @@ impl Checkpoints {
             recent_pause_p99_us: quantile(0.99),
             recent_undo_bytes_mean: mean(|(_, bytes, _)| *bytes),
             recent_write_faults_mean: mean(|(_, _, faults)| *faults),
+            recent_phase_median_us: phase_medians(&self.recent_phases),
         })
     }
 
@@ -620,6 +670,9 @@ impl Checkpoints {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
+        if self.recent_phases.len() == RECENT {
+            self.recent_phases.pop_front();
+        }
         let stats = active.tracker.stats();
         let since = self.tracker_at_last;
         self.tracker_at_last = stats;
@@ -627,6 +680,7 @@ impl Checkpoints {
         // Each logged page: its 4 KiB and a 64-byte entry header (docs/checkpoints.md).
         self.recent
             .push_back((report.paused, report.undo_pages * (4096 + 64), faults));
+        self.recent_phases.push_back(phase_times(&report.phases));
         log::debug!(
             "VM {:?}: checkpoint seq {}: paused {} us ({}), {} undo pages, {faults} write \
              faults, {} pages lifted, fault thread {} us recording, {} us lifting",
@@ -645,5 +699,42 @@ impl Checkpoints {
             (stats.lifting - since.lifting).as_micros(),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(micros: u64) -> Duration {
+        Duration::from_micros(micros)
+    }
+
+    #[test]
+    fn phase_medians_are_per_phase_in_the_walks_order() {
+        let mut recent = VecDeque::new();
+        // Reported out of order on purpose: the status lists the walk's order.
+        for (pause, persist, protect) in [(10, 300, 7), (30, 100, 9), (20, 200, 8)] {
+            recent.push_back(phase_times(&[
+                (CheckpointPhase::WriteProtect, us(protect)),
+                (CheckpointPhase::PauseVcpus, us(pause)),
+                (CheckpointPhase::PersistMemory, us(persist)),
+            ]));
+        }
+        // A failed walk that stopped after the pause contributes to that phase only.
+        recent.push_back(phase_times(&[(CheckpointPhase::PauseVcpus, us(40))]));
+        let medians: Vec<(String, u64)> = phase_medians(&recent)
+            .into_iter()
+            .map(|timing| (timing.phase, timing.duration_us))
+            .collect();
+        assert_eq!(
+            medians,
+            vec![
+                ("pause-vcpus".to_string(), 20),
+                ("persist-memory".to_string(), 200),
+                ("write-protect".to_string(), 8),
+            ]
+        );
+        assert!(phase_medians(&VecDeque::new()).is_empty());
     }
 }
