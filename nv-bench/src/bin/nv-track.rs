@@ -12,6 +12,8 @@
 //!   mode; each epoch write-protects the whole data area with one `UFFDIO_WRITEPROTECT`, and a
 //!   handler thread serves each first write as the VMM's tracker does: copy the page's old
 //!   4 KiB out, lift the protection of that page (which wakes the vCPU);
+//! - `uffd-wp-block64`: as `uffd-wp`, but each fault copies and lifts the faulting page's
+//!   aligned 64-page block, as the VMM logs a block per fault (`BLOCK_PAGES`);
 //! - `dirty-log`: the memory slot has `KVM_MEM_LOG_DIRTY_PAGES`; each epoch `KVM_GET_DIRTY_LOG`
 //!   (which also write-protects the dirty pages again inside KVM);
 //! - `dirty-log-manual`: as `dirty-log` with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled:
@@ -21,7 +23,8 @@
 //! Each mode gets a fresh VM and memory, a few untimed warm-up epochs, then `epochs` timed
 //! ones. It prints, per mode and `(N, R)`: the median guest time per epoch (KVM_RUN to the
 //! MMIO exit), the median re-arm time (host side, with the vCPU stopped: part of a checkpoint's
-//! pause), the pages the mode saw per epoch (a check that it tracks), and the per-page cost
+//! pause), what the mode saw per epoch (write faults for the uffd modes, dirty pages for the
+//! dirty log: a check that it tracks), and the per-page cost
 //! against `none`; then for `pages_per_epoch` the throughput bound each mode implies at a
 //! 10 ms interval: `10 ms / (10 ms + extra guest time + re-arm)`.
 //!
@@ -135,6 +138,7 @@ fn fail(what: &str, error: impl std::fmt::Display) -> ! {
 enum Mode {
     None,
     UffdWp,
+    UffdWpBlock,
     DirtyLog,
     DirtyLogManual,
 }
@@ -144,6 +148,7 @@ impl Mode {
         match self {
             Mode::None => "none",
             Mode::UffdWp => "uffd-wp",
+            Mode::UffdWpBlock => "uffd-wp-block64",
             Mode::DirtyLog => "dirty-log",
             Mode::DirtyLogManual => "dirty-log-manual",
         }
@@ -329,7 +334,7 @@ fn write_protect(uffd: &OwnedFd, start: u64, len: u64, protect: bool) {
 }
 
 /// A userfaultfd in write-protect mode over all of guest RAM and the thread serving it.
-fn start_uffd(ram: &Ram, faults: Arc<AtomicU64>) -> Arc<OwnedFd> {
+fn start_uffd(ram: &Ram, faults: Arc<AtomicU64>, block_pages: usize) -> Arc<OwnedFd> {
     // SAFETY: userfaultfd(2) takes only flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
@@ -354,7 +359,8 @@ fn start_uffd(ram: &Ram, faults: Arc<AtomicU64>) -> Arc<OwnedFd> {
     let server = Arc::clone(&uffd);
     // The thread blocks in read(2) once the mode is over; the process exit ends it.
     std::thread::spawn(move || {
-        let mut undo = vec![0u8; PAGE];
+        let block = block_pages * PAGE;
+        let mut undo = vec![0u8; block];
         loop {
             let mut message = UffdMsg {
                 event: 0,
@@ -374,11 +380,12 @@ fn start_uffd(ram: &Ram, faults: Arc<AtomicU64>) -> Arc<OwnedFd> {
             if read != size_of::<UffdMsg>() as isize || message.event != UFFD_EVENT_PAGEFAULT {
                 continue;
             }
-            let page = message.address & !(PAGE as u64 - 1);
-            // SAFETY: `page` is a page of the registered, still mapped guest RAM: copy its old
-            // content out, as the VMM's tracker copies it into the undo log.
-            unsafe { std::ptr::copy_nonoverlapping(page as *const u8, undo.as_mut_ptr(), PAGE) };
-            write_protect(&server, page, PAGE as u64, false);
+            let start = message.address & !(block as u64 - 1);
+            // SAFETY: `start` is an aligned block of the registered, still mapped guest RAM
+            // (RAM is a multiple of the block): copy its old content out, as the VMM's tracker
+            // copies it into the undo log.
+            unsafe { std::ptr::copy_nonoverlapping(start as *const u8, undo.as_mut_ptr(), block) };
+            write_protect(&server, start, block as u64, false);
             faults.fetch_add(1, Ordering::Relaxed);
         }
     });
@@ -472,7 +479,11 @@ fn measure(kvm: &Kvm, mode: Mode, writes: usize, reads: usize, epochs: usize) ->
         .unwrap_or_else(|e| fail("KVM_CREATE_VCPU", e));
     start_at_ring3(&vcpu, writes, reads);
     let faults = Arc::new(AtomicU64::new(0));
-    let uffd = (mode == Mode::UffdWp).then(|| start_uffd(&ram, Arc::clone(&faults)));
+    let uffd = match mode {
+        Mode::UffdWp => Some(start_uffd(&ram, Arc::clone(&faults), 1)),
+        Mode::UffdWpBlock => Some(start_uffd(&ram, Arc::clone(&faults), 64)),
+        _ => None,
+    };
     let data_start = ram.host as u64 + WRITE_BASE as u64;
     let data_len = (RAM - WRITE_BASE) as u64;
 
@@ -485,7 +496,7 @@ fn measure(kvm: &Kvm, mode: Mode, writes: usize, reads: usize, epochs: usize) ->
         let mut copy_ns = 0;
         let pages = match mode {
             Mode::None => 0,
-            Mode::UffdWp => {
+            Mode::UffdWp | Mode::UffdWpBlock => {
                 write_protect(uffd.as_ref().unwrap(), data_start, data_len, true);
                 faults.swap(0, Ordering::Relaxed)
             }
@@ -552,6 +563,7 @@ fn main() {
         let mode = [
             Mode::None,
             Mode::UffdWp,
+            Mode::UffdWpBlock,
             Mode::DirtyLog,
             Mode::DirtyLogManual,
         ]
@@ -578,7 +590,7 @@ fn main() {
         return;
     }
     let manual = kvm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-    let mut modes = vec![Mode::None, Mode::UffdWp, Mode::DirtyLog];
+    let mut modes = vec![Mode::None, Mode::UffdWp, Mode::UffdWpBlock, Mode::DirtyLog];
     if manual & 1 != 0 {
         modes.push(Mode::DirtyLogManual);
     }
