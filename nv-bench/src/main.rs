@@ -4,6 +4,7 @@
 //! printed ratio) to `docs/bench/`; `-- --quick` runs a reduced set for the test suite.
 //! A measurement that cannot be made here is printed as `NOT MEASURED <what>: <why>`.
 
+mod detached_teardown;
 mod environment;
 mod error;
 mod launch;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::detached_teardown::ExitingVmm;
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
 use crate::measure::overhead::throughputs_in_one_window;
@@ -34,6 +35,8 @@ const PERIOD_MS: u32 = 10;
 /// MiB in every VM and only the RAM size differs.
 const FLAT_KEYS: u64 = 4 * MIB / 32;
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest the kernel's teardown of an exited VMM's KVM VM may take before a recovery.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A tmpfs mounted `huge=always` for this run, unmounted on drop.
 struct HugeTmpfs {
@@ -111,6 +114,7 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
     let mut table = CsvTable::new(&[
         "ram_bytes",
         "cycle",
+        "teardown_wait_s",
         "to_first_new_serial_line_s",
         "to_resumed_event_s",
     ]);
@@ -225,8 +229,10 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
         vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
         let mut recoveries = Vec::new();
         for cycle in 0..bench.profile.power_fail_cycles {
+            let exiting = ExitingVmm::before_exit(vm.process.pid() as u32);
             vm.power_fail(SAVE_TIMEOUT)?;
             drop(vm.kill());
+            let teardown = exiting.wait_for_teardown(TEARDOWN_TIMEOUT)?;
             vm = RunningVm::start(
                 &bench.binaries.cloud_hypervisor,
                 &Launch::NvRecover {
@@ -242,6 +248,7 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
             table.push(vec![
                 size.to_string(),
                 cycle.to_string(),
+                seconds(teardown.as_secs_f64()),
                 seconds(recovery.first_line),
                 recovery.resumed_event.map(seconds).unwrap_or_default(),
             ]);
