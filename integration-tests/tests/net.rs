@@ -5,7 +5,7 @@
 //! fails these tests loudly.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -1115,13 +1115,29 @@ fn start_two_pair_backend(dir: &Path, socket: &Path, label: &str) -> VmmProcess 
     start_vhost_user_net_with(dir, socket, false, label, &["--num-queues", "4"])
 }
 
-/// Waits until netkv in `vmm` is ready with its two pairs acknowledged by the control queue,
-/// then makes the `MQ_FLOWS` clients (in the namespace, as the caller runs it).
-fn wait_two_pairs_and_connect(vmm: &mut VmmProcess) -> Vec<KvClient> {
+/// Waits until netkv in `vmm` is ready with its two pairs acknowledged by the control queue.
+fn wait_two_pairs_acknowledged(vmm: &mut VmmProcess) {
     let log = vmm.wait_serial("netkv ready", netkv_ready);
     assert!(!log.contains("FAIL"), "{log}");
     assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
+}
+
+/// The `MQ_FLOWS` clients (to be made in the namespace).
+fn flow_clients() -> Vec<KvClient> {
     (0..MQ_FLOWS).map(|_| kv_client()).collect()
+}
+
+/// Where the two-pair tests start: a new namespace `label` with a multi-queue tap, a scratch
+/// directory and in it the paths of the backend's and the API's sockets.
+fn two_pair_scratch(label: &str) -> (Netns, tempfile::TempDir, PathBuf, PathBuf) {
+    let netns = Netns::new(label);
+    netns
+        .add_kv_tap_multi_queue()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let socket = dir.path().join("net.sock");
+    let api = dir.path().join("api.sock");
+    (netns, dir, socket, api)
 }
 
 /// Waits until both pairs served requests; the serial log then.
@@ -1151,13 +1167,8 @@ fn wait_both_pairs_serving_again(vmm: &mut VmmProcess, before: &[u64]) -> String
 #[test]
 fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_backend_restart() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumq");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, _api) = two_pair_scratch("vumq");
     let region = dir.path().join("region");
-    let socket = dir.path().join("net.sock");
     let (dir_path, region_path, socket_path) =
         (dir.path().to_path_buf(), region.clone(), socket.clone());
     let (mut vmm, mut backend, mut clients) = netns.run(move || {
@@ -1168,7 +1179,8 @@ fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_back
         ];
         let arguments = netkv_two_pairs_arguments("", "64M", Some(&socket_path), nv);
         let mut vmm = spawn(&dir_path, "boot", &arguments);
-        let clients = wait_two_pairs_and_connect(&mut vmm);
+        wait_two_pairs_acknowledged(&mut vmm);
+        let clients = flow_clients();
         (vmm, backend, clients)
     });
     put_from_many_flows(&mut clients, "before the power failure");
@@ -1216,14 +1228,8 @@ fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_back
 #[test]
 fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumqhp");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, api) = two_pair_scratch("vumqhp");
     let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
-    let socket = dir_path.join("net.sock");
-    let api = dir_path.join("api.sock");
     let (mut vmm, mut backend, mut clients) = {
         let (dir_path, socket, api) = (dir_path.clone(), socket.clone(), api.clone());
         netns.run(move || {
@@ -1241,8 +1247,7 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
             vmm.wait_serial("netkv waiting for a hotplug", |log| {
                 log.contains("waiting for a hotplugged network device")
             });
-            let clients: Vec<KvClient> = (0..MQ_FLOWS).map(|_| kv_client()).collect();
-            (vmm, backend, clients)
+            (vmm, backend, flow_clients())
         })
     };
     let output = integration_tests::harness::run_ch_remote(
@@ -1256,9 +1261,7 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
         ],
     );
     assert!(output.status.success(), "add-net: {output:?}");
-    let log = vmm.wait_serial("netkv ready", netkv_ready);
-    assert!(!log.contains("FAIL"), "{log}");
-    assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
+    wait_two_pairs_acknowledged(&mut vmm);
     let (_, config) = net_in_info(&api, "vnet0");
     let config = config.expect("vnet0 in config.net");
     assert_eq!(config["num_queues"], 4, "{config}");
@@ -1274,14 +1277,8 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
 #[test]
 fn multiqueue_vhost_user_net_serves_both_pairs_after_snapshot_and_restore() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumqsn");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, api) = two_pair_scratch("vumqsn");
     let dir_path = dir.path().to_path_buf();
-    let socket = dir_path.join("net.sock");
-    let api = dir_path.join("api.sock");
     let snapshot = dir_path.join("snapshot");
     std::fs::create_dir(&snapshot).unwrap();
     let (mut vmm, mut backend, mut clients) = {
@@ -1295,7 +1292,8 @@ fn multiqueue_vhost_user_net_serves_both_pairs_after_snapshot_and_restore() {
                 ["--api-socket".into(), format!("path={}", api.display())],
             );
             let mut vmm = spawn(&dir_path, "boot", &arguments);
-            let clients = wait_two_pairs_and_connect(&mut vmm);
+            wait_two_pairs_acknowledged(&mut vmm);
+            let clients = flow_clients();
             (vmm, backend, clients)
         })
     };

@@ -172,6 +172,41 @@ fn fscheck_with_api(dir: &Path, plug: Plug) -> (SharedDir, PathBuf, PathBuf, Vmm
     (fs, api, snapshot, vmm)
 }
 
+/// Recovers the NV VM `vm` of `region` in place on a newly started virtiofsd: `--fs` again for
+/// a device given at boot (`plug`), none for a hotplugged one (it comes back from the saved
+/// config and state). The guest goes on past `written` with no second FUSE_INIT (its WRITEs and READ
+/// back on the file handle the first virtiofsd gave it) and finishes; the new virtiofsd got the
+/// saved state. Returns the recovery's stderr.
+fn recover_on_a_new_virtiofsd(
+    dir: &Path,
+    region: &Path,
+    vm: &str,
+    plug: Plug,
+    fs: &mut SharedDir,
+    written: u64,
+) -> String {
+    fs.start();
+    let mut recover = vec![
+        "--nv".to_string(),
+        format!("region={},vm={vm},recover=on", region.display()),
+    ];
+    if plug == Plug::Cold {
+        recover.extend(["--fs".to_string(), fs.option()]);
+    }
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir, "recovered", &recover, &[]).with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut vmm);
+    assert!(
+        !after.contains("fscheck: init"),
+        "the guest started again:\n{after}"
+    );
+    assert!(last_written(&after) > written, "{written}, then:\n{after}");
+    let recovered = vmm.stderr_log();
+    assert!(recovered.contains("device state loaded"), "{recovered}");
+    vmm.kill();
+    recovered
+}
+
 /// Pauses the VM, snapshots it into `snapshot`, kills the VMM and waits for its virtiofsd to
 /// end (it serves one front-end); the last line the guest had written.
 fn snapshot_and_stop(api: &Path, snapshot: &Path, vmm: &mut VmmProcess, fs: &mut SharedDir) -> u64 {
@@ -308,27 +343,8 @@ fn power_fail_and_recover_on_a_new_virtiofsd(files: u64) -> (String, String) {
         old.stderr_log()
     );
 
-    fs.start();
-    let recover = [
-        "--nv".to_string(),
-        format!("region={},vm=fs,recover=on", region.display()),
-        "--fs".to_string(),
-        fs.option(),
-        "-v".to_string(),
-    ];
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
-        .with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut vmm);
-    // Recovered in place: no second FUSE_INIT, and the WRITEs after the failure and the READ
-    // back went through the file handle the guest got from the first virtiofsd.
-    assert!(
-        !after.contains("fscheck: init"),
-        "the guest started again:\n{after}"
-    );
-    assert!(last_written(&after) > written, "{written}, then:\n{after}");
-    let recovered = vmm.stderr_log();
-    assert!(recovered.contains("device state loaded"), "{recovered}");
-    vmm.kill();
+    let recovered =
+        recover_on_a_new_virtiofsd(dir.path(), &region, "fs", Plug::Cold, &mut fs, written);
     fs.assert_output_lines(300);
     assert_eq!(fs.starts, 2);
     let state_lines = |log: &str| {
@@ -529,24 +545,8 @@ fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
     old.wait_exit_within(Duration::from_secs(10))
         .expect("virtiofsd outlived its front-end");
 
-    fs.start();
-    let recover = [
-        "--nv".to_string(),
-        format!("region={},vm=fshot,recover=on", region.display()),
-        "-v".to_string(),
-    ];
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
-        .with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut vmm);
-    assert!(
-        !after.contains("fscheck: init"),
-        "the guest started again:\n{after}"
-    );
-    assert!(last_written(&after) > written, "{written}, then:\n{after}");
     assert!(saved.contains("device state saved"), "{saved}");
-    let recovered = vmm.stderr_log();
-    assert!(recovered.contains("device state loaded"), "{recovered}");
-    vmm.kill();
+    recover_on_a_new_virtiofsd(dir.path(), &region, "fshot", Plug::Hot, &mut fs, written);
     fs.assert_output_lines(300);
     assert_eq!(fs.starts, 2);
 }
