@@ -8,16 +8,41 @@ use std::time::Duration;
 pub use ::api_client::Answer;
 use ::api_client::Connection;
 
+/// Why an exchange got no answer; the text names the step that failed and the error's kind (a
+/// read timeout and a reset read apart).
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("connecting to the API socket: {0} ({0:?})")]
+    Connect(#[source] std::io::Error),
+    #[error("sending the request: {0} ({0:?})")]
+    Send(#[source] std::io::Error),
+    #[error("reading the answer: {0} ({0:?})")]
+    Read(#[source] ::api_client::ClientError),
+    #[error("the server closed the connection without an answer")]
+    ClosedWithoutAnswer,
+}
+
+/// Sends raw `request` bytes and returns the answer, or why there is none (anything upstream's
+/// client could not read, no answer within `timeout`): for callers that add what they know of
+/// the server to the failure.
+pub fn try_exchange(
+    socket: &Path,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Answer, ExchangeError> {
+    let mut connection = Connection::open(socket, timeout).map_err(ExchangeError::Connect)?;
+    connection.send(request).map_err(ExchangeError::Send)?;
+    connection
+        .read_answer()
+        .map_err(ExchangeError::Read)?
+        .ok_or(ExchangeError::ClosedWithoutAnswer)
+}
+
 /// Sends raw `request` bytes and returns the answer. Panics on anything upstream's client could
 /// not read, or on no answer within `timeout`.
 pub fn exchange_answer(socket: &Path, request: &[u8], timeout: Duration) -> Answer {
-    let mut connection = Connection::open(socket, timeout)
-        .unwrap_or_else(|e| panic!("connecting to the API socket {}: {e}", socket.display()));
-    connection.send(request).expect("sending the request");
-    connection
-        .read_answer()
-        .unwrap_or_else(|error| panic!("reading the answer: {error} ({error:?})"))
-        .expect("the server closed the connection without an answer")
+    try_exchange(socket, request, timeout)
+        .unwrap_or_else(|error| panic!("{}: {error}", socket.display()))
 }
 
 /// [`exchange_answer`], reduced to status and body.

@@ -553,7 +553,7 @@ fn run_with_memory(kernel: &str, memory: &str) -> Run {
 
 /// A `cloud-hypervisor --api-socket` process, killed on drop.
 struct ApiVmm {
-    _process: VmmProcess,
+    process: VmmProcess,
     socket: std::path::PathBuf,
 }
 
@@ -566,14 +566,26 @@ impl ApiVmm {
         ];
         let mut process = VmmProcess::spawn(dir, "api", &arguments, &[]);
         process.wait_for_socket(&socket, BOOT_TIMEOUT);
-        ApiVmm {
-            _process: process,
-            socket,
-        }
+        ApiVmm { process, socket }
     }
 
-    fn request(&self, method: &str, endpoint: &str, body: &str) -> (u16, String) {
-        api_client::request(&self.socket, method, endpoint, body, BOOT_TIMEOUT)
+    /// One request on a connection of its own; a failure to get an answer says what became of
+    /// the VMM (ended, and how, or still running: its threads) and what it logged.
+    fn request(&mut self, method: &str, endpoint: &str, body: &str) -> (u16, String) {
+        let request = api_client::request_bytes(method, endpoint, body);
+        match api_client::try_exchange(&self.socket, &request, BOOT_TIMEOUT) {
+            Ok(answer) => (answer.status, answer.body),
+            Err(error) => {
+                let vmm = match self.process.try_wait() {
+                    Some(status) => format!("the VMM ended: {status}"),
+                    None => format!("the VMM still runs:\n{}", self.process.hang_report()),
+                };
+                panic!(
+                    "{method} {endpoint}: {error}\n{vmm}\nits stderr:\n{}",
+                    self.process.stderr_log()
+                );
+            }
+        }
     }
 }
 
@@ -629,7 +641,7 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
         disk.to_str().unwrap(),
         serial.to_str().unwrap(),
     );
-    let vmm = ApiVmm::start(dir.path());
+    let mut vmm = ApiVmm::start(dir.path());
     let (status, body) = vmm.request("PUT", "vm.create", &config.to_string());
     assert_eq!(status, 204, "vm.create refused upstream's config: {body}");
     let (status, body) = vmm.request("GET", "vm.info", "");
@@ -722,7 +734,7 @@ fn upstream_full_config_round_trips_through_vm_create_and_vm_info() {
 #[test]
 fn vm_create_ignores_unknown_members_and_names_unsupported_values() {
     let dir = tempfile::tempdir().unwrap();
-    let vmm = ApiVmm::start(dir.path());
+    let mut vmm = ApiVmm::start(dir.path());
     let (status, body) = vmm.request(
         "PUT",
         "vm.create",

@@ -5,7 +5,7 @@
 //! fails these tests loudly.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -723,11 +723,7 @@ fn start_vhost_user_net_with(
 
 /// The netkv guest on a vhost-user-net device whose backend is at `socket`.
 fn netkv_vhost_user_arguments(region: &Path, socket: &Path, mode: &str) -> Vec<String> {
-    let mut arguments = guest_arguments(
-        "netkv",
-        &format!("ip={} port={}", KV_GUEST.ip(), KV_GUEST.port()),
-        "64M",
-    );
+    let mut arguments = netkv_guest_arguments("");
     arguments.push("--net".into());
     arguments.push(format!(
         "vhost_user=true,socket={},vhost_mode={mode},mac={KV_GUEST_MAC}",
@@ -775,11 +771,8 @@ impl VhostUserNetkv {
                 let backend = start_vhost_user_net(&dir_path, &socket_path, false, "0");
                 (spawn(&dir_path, "boot", &arguments), backend)
             };
-            let log = vmm.wait_serial("netkv ready", netkv_ready);
-            assert!(!log.contains("FAIL"), "{log}");
-            let new_client =
-                || KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-            (vmm, backend, new_client(), new_client())
+            wait_netkv_ready(&mut vmm);
+            (vmm, backend, kv_client(), kv_client())
         });
         let load = LoadThread::start(client);
         let netkv = VhostUserNetkv {
@@ -1088,6 +1081,82 @@ const MQ_KEY_BASE: u64 = 0x6d71_0000;
 /// probability of 2^-15.
 const MQ_FLOWS: usize = 16;
 
+/// The netkv guest with two queue pairs (`pairs=2 report_ms=200` and `parameters`) on
+/// `memory`, with the NV region or API socket `extra` names and, unless it is plugged later, a
+/// 4-queue vhost-user-net device whose backend is at `socket`.
+fn netkv_two_pairs_arguments(
+    parameters: &str,
+    memory: &str,
+    socket: Option<&Path>,
+    extra: [String; 2],
+) -> Vec<String> {
+    let mut arguments = guest_arguments(
+        "netkv",
+        &format!(
+            "ip={} port={} pairs=2 report_ms=200 {parameters}",
+            KV_GUEST.ip(),
+            KV_GUEST.port()
+        ),
+        memory,
+    );
+    if let Some(socket) = socket {
+        arguments.push("--net".into());
+        arguments.push(format!(
+            "vhost_user=true,socket={},num_queues=4,mac={KV_GUEST_MAC}",
+            socket.display()
+        ));
+    }
+    arguments.extend(extra);
+    arguments
+}
+
+/// Our `nv-vhost-user-net` with 4 queues (two pairs), listening at `socket`.
+fn start_two_pair_backend(dir: &Path, socket: &Path, label: &str) -> VmmProcess {
+    start_vhost_user_net_with(dir, socket, false, label, &["--num-queues", "4"])
+}
+
+/// Waits until netkv in `vmm` is ready with its two pairs acknowledged by the control queue.
+fn wait_two_pairs_acknowledged(vmm: &mut VmmProcess) {
+    let log = vmm.wait_serial("netkv ready", netkv_ready);
+    assert!(!log.contains("FAIL"), "{log}");
+    assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
+}
+
+/// The `MQ_FLOWS` clients (to be made in the namespace).
+fn flow_clients() -> Vec<KvClient> {
+    (0..MQ_FLOWS).map(|_| kv_client()).collect()
+}
+
+/// Where the two-pair tests start: a new namespace `label` with a multi-queue tap, a scratch
+/// directory and in it the paths of the backend's and the API's sockets.
+fn two_pair_scratch(label: &str) -> (Netns, tempfile::TempDir, PathBuf, PathBuf) {
+    let netns = Netns::new(label);
+    netns
+        .add_kv_tap_multi_queue()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = scratch_dir();
+    let socket = dir.path().join("net.sock");
+    let api = dir.path().join("api.sock");
+    (netns, dir, socket, api)
+}
+
+/// Waits until both pairs served requests; the serial log then.
+fn wait_both_pairs_serving(vmm: &mut VmmProcess) -> String {
+    vmm.wait_serial("both pairs serving", |log| {
+        pair_served(log).is_some_and(|served| served.len() == 2 && served.iter().all(|&n| n > 0))
+    })
+}
+
+/// Waits until both pairs served more than `before` (the counts of an earlier run of the
+/// guest); the serial log then.
+fn wait_both_pairs_serving_again(vmm: &mut VmmProcess, before: &[u64]) -> String {
+    vmm.wait_serial("both pairs serving again", |log| {
+        pair_served(log).is_some_and(|served| {
+            served.len() == 2 && served.iter().zip(before).all(|(now, was)| now > was)
+        })
+    })
+}
+
 /// Multiqueue vhost-user-net (issue 17): `num_queues=4` with our `nv-vhost-user-net` on a
 /// multi-queue tap. netkv with pairs=2 negotiates MQ and CTRL_VQ, sends VQ_PAIRS_SET 2 on the
 /// control queue the VMM serves (acknowledged) and answers requests from 16 flows, which the
@@ -1098,52 +1167,24 @@ const MQ_FLOWS: usize = 16;
 #[test]
 fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_backend_restart() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumq");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, _api) = two_pair_scratch("vumq");
     let region = dir.path().join("region");
-    let socket = dir.path().join("net.sock");
     let (dir_path, region_path, socket_path) =
         (dir.path().to_path_buf(), region.clone(), socket.clone());
     let (mut vmm, mut backend, mut clients) = netns.run(move || {
-        let backend =
-            start_vhost_user_net_with(&dir_path, &socket_path, false, "0", &["--num-queues", "4"]);
-        let mut arguments = guest_arguments(
-            "netkv",
-            &format!(
-                "ip={} port={} pairs=2 report_ms=200",
-                KV_GUEST.ip(),
-                KV_GUEST.port()
-            ),
-            "64M",
-        );
-        arguments.push("--net".into());
-        arguments.push(format!(
-            "vhost_user=true,socket={},num_queues=4,mac={KV_GUEST_MAC}",
-            socket_path.display()
-        ));
-        arguments.push("--nv".into());
-        arguments.push(format!(
-            "region={},vm=netvm,create=on",
-            region_path.display()
-        ));
+        let backend = start_two_pair_backend(&dir_path, &socket_path, "0");
+        let nv = [
+            "--nv".into(),
+            format!("region={},vm=netvm,create=on", region_path.display()),
+        ];
+        let arguments = netkv_two_pairs_arguments("", "64M", Some(&socket_path), nv);
         let mut vmm = spawn(&dir_path, "boot", &arguments);
-        let log = vmm.wait_serial("netkv ready", netkv_ready);
-        assert!(!log.contains("FAIL"), "{log}");
-        assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
-        let clients: Vec<KvClient> = (0..MQ_FLOWS)
-            .map(|_| {
-                KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"))
-            })
-            .collect();
+        wait_two_pairs_acknowledged(&mut vmm);
+        let clients = flow_clients();
         (vmm, backend, clients)
     });
     put_from_many_flows(&mut clients, "before the power failure");
-    let before = vmm.wait_serial("both pairs serving", |log| {
-        pair_served(log).is_some_and(|served| served.len() == 2 && served.iter().all(|&n| n > 0))
-    });
+    let before = wait_both_pairs_serving(&mut vmm);
     let served_before = pair_served(&before).unwrap();
     let stderr = vmm.stderr_log();
     assert!(
@@ -1157,23 +1198,14 @@ fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_back
     let (dir_path, region_path, socket_path) =
         (dir.path().to_path_buf(), region.clone(), socket.clone());
     let (mut vmm, mut backend) = netns.run(move || {
-        let backend =
-            start_vhost_user_net_with(&dir_path, &socket_path, false, "1", &["--num-queues", "4"]);
+        let backend = start_two_pair_backend(&dir_path, &socket_path, "1");
         (
             spawn_recovery(&dir_path, &region_path, "recover", Vec::new()),
             backend,
         )
     });
     put_from_many_flows(&mut clients, "after the recovery");
-    let after = vmm.wait_serial("both pairs serving again", |log| {
-        pair_served(log).is_some_and(|served| {
-            served.len() == 2
-                && served
-                    .iter()
-                    .zip(&served_before)
-                    .all(|(now, was)| now > was)
-        })
-    });
+    let after = wait_both_pairs_serving_again(&mut vmm, &served_before);
     assert!(
         !after.contains("netkv: boot") && !after.contains("netkv: ready"),
         "the guest booted again instead of continuing:\n{after}"
@@ -1196,30 +1228,18 @@ fn multiqueue_vhost_user_net_serves_both_pairs_across_a_power_failure_and_a_back
 #[test]
 fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumqhp");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, api) = two_pair_scratch("vumqhp");
     let (dir_path, region) = (dir.path().to_path_buf(), dir.path().join("region"));
-    let socket = dir_path.join("net.sock");
-    let api = dir_path.join("api.sock");
     let (mut vmm, mut backend, mut clients) = {
         let (dir_path, socket, api) = (dir_path.clone(), socket.clone(), api.clone());
         netns.run(move || {
-            let backend =
-                start_vhost_user_net_with(&dir_path, &socket, false, "0", &["--num-queues", "4"]);
-            let mut arguments = guest_arguments(
-                "netkv",
-                &format!(
-                    "ip={} port={} pairs=2 hotplug=1 report_ms=200",
-                    KV_GUEST.ip(),
-                    KV_GUEST.port()
-                ),
+            let backend = start_two_pair_backend(&dir_path, &socket, "0");
+            let mut arguments = netkv_two_pairs_arguments(
+                "hotplug=1",
                 "64M",
+                None,
+                ["--api-socket".into(), format!("path={}", api.display())],
             );
-            arguments.push("--api-socket".into());
-            arguments.push(format!("path={}", api.display()));
             arguments.push("--nv".into());
             arguments.push(format!("region={},vm=netvm,create=on", region.display()));
             let mut vmm = spawn(&dir_path, "boot", &arguments);
@@ -1227,12 +1247,7 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
             vmm.wait_serial("netkv waiting for a hotplug", |log| {
                 log.contains("waiting for a hotplugged network device")
             });
-            let clients: Vec<KvClient> = (0..MQ_FLOWS)
-                .map(|_| {
-                    KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"))
-                })
-                .collect();
-            (vmm, backend, clients)
+            (vmm, backend, flow_clients())
         })
     };
     let output = integration_tests::harness::run_ch_remote(
@@ -1246,16 +1261,12 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
         ],
     );
     assert!(output.status.success(), "add-net: {output:?}");
-    let log = vmm.wait_serial("netkv ready", netkv_ready);
-    assert!(!log.contains("FAIL"), "{log}");
-    assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
+    wait_two_pairs_acknowledged(&mut vmm);
     let (_, config) = net_in_info(&api, "vnet0");
     let config = config.expect("vnet0 in config.net");
     assert_eq!(config["num_queues"], 4, "{config}");
     put_from_many_flows(&mut clients, "on the hotplugged device");
-    vmm.wait_serial("both pairs serving", |log| {
-        pair_served(log).is_some_and(|served| served.len() == 2 && served.iter().all(|&n| n > 0))
-    });
+    wait_both_pairs_serving(&mut vmm);
     vmm.kill();
     backend.kill();
 }
@@ -1266,55 +1277,28 @@ fn a_hotplugged_multiqueue_vhost_user_net_device_serves_both_pairs() {
 #[test]
 fn multiqueue_vhost_user_net_serves_both_pairs_after_snapshot_and_restore() {
     integration_tests::require_kvm!();
-    let netns = Netns::new("vumqsn");
-    netns
-        .add_kv_tap_multi_queue()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = scratch_dir();
+    let (netns, dir, socket, api) = two_pair_scratch("vumqsn");
     let dir_path = dir.path().to_path_buf();
-    let socket = dir_path.join("net.sock");
-    let api = dir_path.join("api.sock");
     let snapshot = dir_path.join("snapshot");
     std::fs::create_dir(&snapshot).unwrap();
     let (mut vmm, mut backend, mut clients) = {
         let (dir_path, socket, api) = (dir_path.clone(), socket.clone(), api.clone());
         netns.run(move || {
-            let backend =
-                start_vhost_user_net_with(&dir_path, &socket, false, "0", &["--num-queues", "4"]);
-            let mut arguments = guest_arguments(
-                "netkv",
-                &format!(
-                    "ip={} port={} pairs=2 report_ms=200",
-                    KV_GUEST.ip(),
-                    KV_GUEST.port()
-                ),
+            let backend = start_two_pair_backend(&dir_path, &socket, "0");
+            let arguments = netkv_two_pairs_arguments(
+                "",
                 "64M,shared=on",
+                Some(&socket),
+                ["--api-socket".into(), format!("path={}", api.display())],
             );
-            arguments.extend([
-                "--net".into(),
-                format!(
-                    "vhost_user=true,socket={},num_queues=4,mac={KV_GUEST_MAC}",
-                    socket.display()
-                ),
-                "--api-socket".into(),
-                format!("path={}", api.display()),
-            ]);
             let mut vmm = spawn(&dir_path, "boot", &arguments);
-            let log = vmm.wait_serial("netkv ready", netkv_ready);
-            assert!(!log.contains("FAIL"), "{log}");
-            assert!(log.contains("netkv: pairs=2 acknowledged"), "{log}");
-            let clients: Vec<KvClient> = (0..MQ_FLOWS)
-                .map(|_| {
-                    KvClient::new(KV_GUEST, LoadConfig::default()).unwrap_or_else(|e| panic!("{e}"))
-                })
-                .collect();
+            wait_two_pairs_acknowledged(&mut vmm);
+            let clients = flow_clients();
             (vmm, backend, clients)
         })
     };
     put_from_many_flows(&mut clients, "before the snapshot");
-    vmm.wait_serial("both pairs serving", |log| {
-        pair_served(log).is_some_and(|served| served.len() == 2 && served.iter().all(|&n| n > 0))
-    });
+    wait_both_pairs_serving(&mut vmm);
     let request = |endpoint: &str, body: &str| {
         let (status, answer) =
             integration_tests::api_client::request(&api, "PUT", endpoint, body, TIMEOUT);
@@ -1339,8 +1323,7 @@ fn multiqueue_vhost_user_net_serves_both_pairs_after_snapshot_and_restore() {
             serial.clone(),
         );
         netns.run(move || {
-            let backend =
-                start_vhost_user_net_with(&dir_path, &socket, false, "1", &["--num-queues", "4"]);
+            let backend = start_two_pair_backend(&dir_path, &socket, "1");
             let restore = format!("source_url=file://{},resume=true", snapshot.display());
             let vmm = VmmProcess::spawn(&dir_path, "restore", &["--restore".into(), restore], &[])
                 .with_serial(serial)
@@ -1349,15 +1332,7 @@ fn multiqueue_vhost_user_net_serves_both_pairs_after_snapshot_and_restore() {
         })
     };
     put_from_many_flows(&mut clients, "after the restore");
-    let after = vmm.wait_serial("both pairs serving again", |log| {
-        pair_served(log).is_some_and(|served| {
-            served.len() == 2
-                && served
-                    .iter()
-                    .zip(&served_before)
-                    .all(|(now, was)| now > was)
-        })
-    });
+    let after = wait_both_pairs_serving_again(&mut vmm, &served_before);
     // The restored guest continued: it did not boot again (its counters went on from the
     // snapshot's) and no failure.
     assert!(

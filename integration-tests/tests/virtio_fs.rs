@@ -93,12 +93,14 @@ impl SharedDir {
     }
 }
 
-fn fscheck_arguments(lines: u64, pace_us: u64, memory: &str) -> Vec<String> {
-    guest_arguments(
-        "fscheck",
-        &format!("expect={INPUT} lines={lines} report=10 pace_us={pace_us} exit=reset"),
-        memory,
-    )
+/// How the fscheck guest gets its virtio-fs device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plug {
+    /// `--fs` on the command line.
+    Cold,
+    /// Booted without one (`hotplug=1`); `vm.add-fs` (device `hotfs`) once fscheck waits for
+    /// the hotplug.
+    Hot,
 }
 
 fn last_written(log: &str) -> u64 {
@@ -119,26 +121,124 @@ fn finishes_ok(vmm: &mut VmmProcess) -> String {
     vmm.wait_guest_done_ok("fscheck")
 }
 
-/// fscheck writing 100 lines on `--memory shared=on` (a memfd) with `--api-socket`, served by
-/// a started virtiofsd, past its 20th line: the shared directory, the API socket, an empty
-/// snapshot directory and the VMM.
-fn fscheck_with_api(dir: &Path) -> (SharedDir, PathBuf, PathBuf, VmmProcess) {
+/// fscheck writing `lines` lines on `memory` with `--api-socket` and the `extra` arguments,
+/// its device plugged as `plug` says and served by a started virtiofsd, past its `written`th
+/// line: the shared directory, the API socket and the VMM.
+fn start_fscheck(
+    dir: &Path,
+    plug: Plug,
+    lines: u64,
+    memory: &str,
+    extra: &[String],
+    written: u64,
+) -> (SharedDir, PathBuf, VmmProcess) {
     let mut fs = SharedDir::new(dir);
     fs.start();
     let api = dir.join("api.sock");
-    let snapshot = dir.join("snapshot");
-    std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let mut arguments = fscheck_arguments(100, 20_000, "32M,shared=on");
-    arguments.extend(["--fs".to_string(), fs.option()]);
+    let hotplug = if plug == Plug::Hot { " hotplug=1" } else { "" };
+    let mut arguments = guest_arguments(
+        "fscheck",
+        &format!("expect={INPUT} lines={lines} report=10 pace_us=20000{hotplug} exit=reset"),
+        memory,
+    );
+    if plug == Plug::Cold {
+        arguments.extend(["--fs".to_string(), fs.option()]);
+    }
     arguments.extend([
         "--api-socket".to_string(),
         format!("path={}", api.display()),
     ]);
+    arguments.extend_from_slice(extra);
     let mut vmm =
         VmmProcess::spawn_with_serial_file(dir, "boot", &arguments, &[]).with_timeout(TIMEOUT);
     vmm.wait_for_socket(&api, TIMEOUT);
-    wait_written(&mut vmm, 20);
+    if plug == Plug::Hot {
+        vmm.wait_serial("fscheck waiting for the hotplug", |log| {
+            log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
+        });
+        add_fs(&api, &fs);
+    }
+    wait_written(&mut vmm, written);
+    (fs, api, vmm)
+}
+
+/// fscheck writing 100 lines on `--memory shared=on` (a memfd), started as [`start_fscheck`]
+/// says, past its 20th line: the shared directory, the API socket, an empty snapshot directory
+/// and the VMM.
+fn fscheck_with_api(dir: &Path, plug: Plug) -> (SharedDir, PathBuf, PathBuf, VmmProcess) {
+    let (fs, api, vmm) = start_fscheck(dir, plug, 100, "32M,shared=on", &[], 20);
+    let snapshot = dir.join("snapshot");
+    std::fs::create_dir(&snapshot).expect("snapshot directory");
     (fs, api, snapshot, vmm)
+}
+
+/// Recovers the NV VM `vm` of `region` in place on a newly started virtiofsd: `--fs` again for
+/// a device given at boot (`plug`), none for a hotplugged one (it comes back from the saved
+/// config and state). The guest goes on past `written` with no second FUSE_INIT (its WRITEs and READ
+/// back on the file handle the first virtiofsd gave it) and finishes; the new virtiofsd got the
+/// saved state. Returns the recovery's stderr.
+fn recover_on_a_new_virtiofsd(
+    dir: &Path,
+    region: &Path,
+    vm: &str,
+    plug: Plug,
+    fs: &mut SharedDir,
+    written: u64,
+) -> String {
+    fs.start();
+    let mut recover = vec![
+        "--nv".to_string(),
+        format!("region={},vm={vm},recover=on", region.display()),
+    ];
+    if plug == Plug::Cold {
+        recover.extend(["--fs".to_string(), fs.option()]);
+    }
+    let mut vmm =
+        VmmProcess::spawn_with_serial_file(dir, "recovered", &recover, &[]).with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut vmm);
+    assert!(
+        !after.contains("fscheck: init"),
+        "the guest started again:\n{after}"
+    );
+    assert!(last_written(&after) > written, "{written}, then:\n{after}");
+    let recovered = vmm.stderr_log();
+    assert!(recovered.contains("device state loaded"), "{recovered}");
+    vmm.kill();
+    recovered
+}
+
+/// Pauses the VM, snapshots it into `snapshot`, kills the VMM and waits for its virtiofsd to
+/// end (it serves one front-end); the last line the guest had written.
+fn snapshot_and_stop(api: &Path, snapshot: &Path, vmm: &mut VmmProcess, fs: &mut SharedDir) -> u64 {
+    api_call(api, "PUT", "vm.pause", "");
+    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
+    api_call(api, "PUT", "vm.snapshot", &destination);
+    let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
+    assert!(state.contains("\"backend_state\":{"), "{state}");
+    let paused = last_written(&vmm.serial_log());
+    vmm.kill();
+    let mut old = fs.process.take().expect("virtiofsd");
+    old.wait_exit_within(Duration::from_secs(10))
+        .expect("virtiofsd outlived its front-end");
+    paused
+}
+
+/// Restores `snapshot` into a new VMM on a new virtiofsd: the guest's FUSE session goes on past
+/// `paused` with no second FUSE_INIT, the backend got its state, and the guest finishes its 100
+/// lines (its reset ends the VMM with 0: not an NV VM).
+fn restore_on_a_new_virtiofsd(dir: &Path, snapshot: &Path, fs: &mut SharedDir, paused: u64) {
+    fs.start();
+    let mut restored = VmmProcess::spawn_restore(dir, "restored", snapshot).with_timeout(TIMEOUT);
+    let after = finishes_ok(&mut restored);
+    assert!(!after.contains("fscheck: init"), "{after}");
+    assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
+    assert!(
+        restored.stderr_log().contains("device state loaded"),
+        "{}",
+        restored.stderr_log()
+    );
+    assert_eq!(restored.wait_exit().code(), Some(0));
+    fs.assert_output_lines(100);
 }
 
 /// One API request that must succeed (200 or 204); its answer.
@@ -156,7 +256,7 @@ fn api_call(api: &Path, method: &str, op: &str, body: &str) -> String {
 fn a_guest_reads_and_writes_the_shared_directory_across_pause_snapshot_resume() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let (fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path());
+    let (fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path(), Plug::Cold);
     let call = |method: &str, op: &str, body: &str| api_call(&api, method, op, body);
     let info = call("GET", "vm.info", "");
     assert!(info.contains("\"tag\":\"shared\""), "{info}");
@@ -243,27 +343,8 @@ fn power_fail_and_recover_on_a_new_virtiofsd(files: u64) -> (String, String) {
         old.stderr_log()
     );
 
-    fs.start();
-    let recover = [
-        "--nv".to_string(),
-        format!("region={},vm=fs,recover=on", region.display()),
-        "--fs".to_string(),
-        fs.option(),
-        "-v".to_string(),
-    ];
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
-        .with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut vmm);
-    // Recovered in place: no second FUSE_INIT, and the WRITEs after the failure and the READ
-    // back went through the file handle the guest got from the first virtiofsd.
-    assert!(
-        !after.contains("fscheck: init"),
-        "the guest started again:\n{after}"
-    );
-    assert!(last_written(&after) > written, "{written}, then:\n{after}");
-    let recovered = vmm.stderr_log();
-    assert!(recovered.contains("device state loaded"), "{recovered}");
-    vmm.kill();
+    let recovered =
+        recover_on_a_new_virtiofsd(dir.path(), &region, "fs", Plug::Cold, &mut fs, written);
     fs.assert_output_lines(300);
     assert_eq!(fs.starts, 2);
     let state_lines = |log: &str| {
@@ -299,18 +380,8 @@ fn a_power_failure_carries_a_thousand_open_files_to_a_new_virtiofsd() {
 fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let (mut fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path());
-    let call = |method: &str, op: &str, body: &str| api_call(&api, method, op, body);
-    call("PUT", "vm.pause", "");
-    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
-    call("PUT", "vm.snapshot", &destination);
-    let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
-    assert!(state.contains("\"backend_state\":{"), "{state}");
-    let paused = last_written(&vmm.serial_log());
-    vmm.kill();
-    let mut old = fs.process.take().expect("virtiofsd");
-    old.wait_exit_within(Duration::from_secs(10))
-        .expect("virtiofsd outlived its front-end");
+    let (mut fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path(), Plug::Cold);
+    let paused = snapshot_and_stop(&api, &snapshot, &mut vmm, &mut fs);
 
     // A state the new virtiofsd refuses (well formed, checksums right, not virtiofsd's): the
     // restore fails naming the socket, and the snapshot stays restorable.
@@ -339,20 +410,7 @@ fn a_snapshot_restores_the_fuse_session_into_a_new_vmm_and_virtiofsd() {
     old.wait_exit_within(Duration::from_secs(10))
         .expect("virtiofsd outlived its front-end");
 
-    fs.start();
-    let mut restored =
-        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut restored);
-    assert!(!after.contains("fscheck: init"), "{after}");
-    assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
-    assert!(
-        restored.stderr_log().contains("device state loaded"),
-        "{}",
-        restored.stderr_log()
-    );
-    // Not an NV VM: its reset ends the VMM with 0.
-    assert_eq!(restored.wait_exit().code(), Some(0));
-    fs.assert_output_lines(100);
+    restore_on_a_new_virtiofsd(dir.path(), &snapshot, &mut fs, paused);
     assert_eq!(fs.starts, 3);
 }
 
@@ -471,29 +529,11 @@ fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
     let region = dir.path().join("region");
-    let api = dir.path().join("api.sock");
-    let mut fs = SharedDir::new(dir.path());
-    fs.start();
-    let mut arguments = guest_arguments(
-        "fscheck",
-        &format!("expect={INPUT} lines=300 report=10 pace_us=20000 hotplug=1 exit=reset"),
-        "32M",
-    );
-    arguments.extend([
+    let nv = [
         "--nv".to_string(),
         format!("region={},vm=fshot,create=on", region.display()),
-        "--api-socket".to_string(),
-        format!("path={}", api.display()),
-        "-v".to_string(),
-    ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    vmm.wait_serial("fscheck waiting for the hotplug", |log| {
-        log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
-    });
-    add_fs(&api, &fs);
-    wait_written(&mut vmm, 30);
+    ];
+    let (mut fs, _api, mut vmm) = start_fscheck(dir.path(), Plug::Hot, 300, "32M", &nv, 30);
     let saved = vmm.signal_and_expect_exit(libc::SIGPWR, EXIT_POWER_FAIL_SAVED, "power-fail exit");
     assert!(saved.contains("power-fail save committed"), "{saved}");
     let before = vmm.serial_log();
@@ -505,24 +545,8 @@ fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
     old.wait_exit_within(Duration::from_secs(10))
         .expect("virtiofsd outlived its front-end");
 
-    fs.start();
-    let recover = [
-        "--nv".to_string(),
-        format!("region={},vm=fshot,recover=on", region.display()),
-        "-v".to_string(),
-    ];
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "recovered", &recover, &[])
-        .with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut vmm);
-    assert!(
-        !after.contains("fscheck: init"),
-        "the guest started again:\n{after}"
-    );
-    assert!(last_written(&after) > written, "{written}, then:\n{after}");
     assert!(saved.contains("device state saved"), "{saved}");
-    let recovered = vmm.stderr_log();
-    assert!(recovered.contains("device state loaded"), "{recovered}");
-    vmm.kill();
+    recover_on_a_new_virtiofsd(dir.path(), &region, "fshot", Plug::Hot, &mut fs, written);
     fs.assert_output_lines(300);
     assert_eq!(fs.starts, 2);
 }
@@ -535,52 +559,8 @@ fn a_hotplugged_fs_carries_virtiofsd_state_across_a_power_failure() {
 fn a_snapshot_restores_the_fuse_session_of_a_hotplugged_fs() {
     integration_tests::require_kvm!();
     let dir = scratch_dir();
-    let mut fs = SharedDir::new(dir.path());
-    fs.start();
-    let api = dir.path().join("api.sock");
-    let snapshot = dir.path().join("snapshot");
-    std::fs::create_dir(&snapshot).expect("snapshot directory");
-    let mut arguments = guest_arguments(
-        "fscheck",
-        &format!("expect={INPUT} lines=100 report=10 pace_us=20000 hotplug=1 exit=reset"),
-        "32M,shared=on",
-    );
-    arguments.extend([
-        "--api-socket".to_string(),
-        format!("path={}", api.display()),
-    ]);
-    let mut vmm = VmmProcess::spawn_with_serial_file(dir.path(), "boot", &arguments, &[])
-        .with_timeout(TIMEOUT);
-    vmm.wait_for_socket(&api, TIMEOUT);
-    vmm.wait_serial("fscheck waiting for the hotplug", |log| {
-        log.contains("fscheck: waiting for a hotplug") || log.contains("FAIL")
-    });
-    add_fs(&api, &fs);
-    wait_written(&mut vmm, 20);
-    api_call(&api, "PUT", "vm.pause", "");
-    let destination = format!("{{\"destination_url\":\"file://{}\"}}", snapshot.display());
-    api_call(&api, "PUT", "vm.snapshot", &destination);
-    let paused = last_written(&vmm.serial_log());
-    vmm.kill();
-    let mut old = fs.process.take().expect("virtiofsd");
-    old.wait_exit_within(Duration::from_secs(10))
-        .expect("virtiofsd outlived its front-end");
-
-    fs.start();
-    let mut restored =
-        VmmProcess::spawn_restore(dir.path(), "restored", &snapshot).with_timeout(TIMEOUT);
-    let after = finishes_ok(&mut restored);
-    assert!(!after.contains("fscheck: init"), "{after}");
-    assert!(last_written(&after) > paused, "{paused}, then:\n{after}");
-    let state = std::fs::read_to_string(snapshot.join("state.json")).expect("state.json");
-    assert!(state.contains("\"backend_state\":{"), "{state}");
-    assert!(
-        restored.stderr_log().contains("device state loaded"),
-        "{}",
-        restored.stderr_log()
-    );
-    // Not an NV VM: its reset ends the VMM with 0.
-    assert_eq!(restored.wait_exit().code(), Some(0));
-    fs.assert_output_lines(100);
+    let (mut fs, api, snapshot, mut vmm) = fscheck_with_api(dir.path(), Plug::Hot);
+    let paused = snapshot_and_stop(&api, &snapshot, &mut vmm, &mut fs);
+    restore_on_a_new_virtiofsd(dir.path(), &snapshot, &mut fs, paused);
     assert_eq!(fs.starts, 2);
 }
