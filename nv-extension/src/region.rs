@@ -22,7 +22,7 @@ use crate::region_identity;
 use crate::save_report;
 use crate::superblock::{ShutdownMarker, Superblock};
 use crate::swap::SwapRecord;
-use crate::vm_handle::{recoverable_state, state_area, RecoveredVm, VmHandle};
+use crate::vm_handle::{recoverable_state, state_area, MemoryBacking, RecoveredVm, VmHandle};
 use crate::vm_table::{self, Extent, RunRecord, ShutdownKind, VmEntry, VmTable};
 
 /// Default extent alignment: huge-page sized, as devdax requires.
@@ -477,6 +477,21 @@ impl Region {
         self.transact(|shared, table| {
             Ok((
                 last_save_report(shared.store.as_ref(), find(table, name)?)?,
+                false,
+            ))
+        })
+    }
+
+    /// Where VM `name`'s RAM is, read from the directory without claiming the VM: a recovery
+    /// maps it (nothing read) while it claims the VM. Only the claim makes the extent the
+    /// caller's: compare it with the claimed handle's [`VmHandle::memory_backing`] before
+    /// anything can run on it.
+    pub fn memory_backing_unclaimed(&self, name: &str) -> Result<MemoryBacking> {
+        self.transact(|shared, table| {
+            let entry = find(table, name)?;
+            refuse_swapped_out(entry)?;
+            Ok((
+                MemoryBacking::of_extent(shared, entry.memory, entry.memory_size)?,
                 false,
             ))
         })

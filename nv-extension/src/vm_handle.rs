@@ -27,6 +27,26 @@ pub struct MemoryBacking {
     pub dax: bool,
 }
 
+impl MemoryBacking {
+    /// `size` bytes of guest RAM at `extent` of the region `shared` describes.
+    pub(crate) fn of_extent(shared: &Shared, extent: Extent, size: u64) -> Result<MemoryBacking> {
+        let file = shared
+            .store
+            .file()
+            .ok_or(Error::NoFileBacking {
+                operation: "mapping guest memory",
+            })?
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the region descriptor", e))?;
+        Ok(MemoryBacking {
+            file,
+            offset: extent.offset,
+            size,
+            dax: shared.store.mode().is_dax(),
+        })
+    }
+}
+
 /// What recovery hands back to the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveredVm {
@@ -186,21 +206,7 @@ impl VmHandle {
     /// The file, offset and size the VMM maps guest RAM from.
     pub fn memory_backing(&self) -> Result<MemoryBacking> {
         self.check_resident()?;
-        let shared = self.region.lock();
-        let file = shared
-            .store
-            .file()
-            .ok_or(Error::NoFileBacking {
-                operation: "mapping guest memory",
-            })?
-            .try_clone()
-            .map_err(|e| Error::io("duplicating the region descriptor", e))?;
-        Ok(MemoryBacking {
-            file,
-            offset: self.memory.offset,
-            size: self.memory_size,
-            dax: shared.store.mode().is_dax(),
-        })
+        MemoryBacking::of_extent(&self.region.lock(), self.memory, self.memory_size)
     }
 
     pub fn config_blob(&self) -> Result<Vec<u8>> {

@@ -16,7 +16,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::config::SeccompMode;
+use crate::config::{SeccompMode, VmConfig};
 use crate::Error;
 
 fn kvm_error(operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -180,6 +180,17 @@ impl EarlyKvmVm {
                 source,
             })?;
         Ok(EarlyKvmVm { memory, thread })
+    }
+
+    /// Starts creating the VM now if `config` is an NV in-place recovery (`recover=on`), so the
+    /// VM is made while the VMM sets itself up; `None` for anything else, or if the thread
+    /// cannot start (the recovery then starts one itself, and reports the error if that fails).
+    pub fn start_for(config: &VmConfig, seccomp: SeccompMode) -> Option<EarlyKvmVm> {
+        let nv = config.nv.as_ref()?;
+        if !nv.recover || nv.swap_in.is_some() {
+            return None;
+        }
+        EarlyKvmVm::start(seccomp).ok()
     }
 
     /// Hands the guest RAM to the thread, which registers it once the VM exists.

@@ -57,6 +57,13 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
     if let Some(policy) = &landlock {
         landlock::restrict_api_thread_to(policy);
     }
+    // A recovery's KVM VM is created while the VMM sets itself up (nothing that can run the
+    // guest, `kvm_vm`). Not under --landlock: a thread started before the policy is enforced
+    // would not be restricted by it.
+    let early_vm = match (&launch.vm, &landlock) {
+        (Some(config), None) => kvm_vm::EarlyKvmVm::start_for(config, launch.seccomp),
+        _ => None,
+    };
     let mut vmm = Vmm::new(launch.seccomp)?;
     vmm.exit_after_loop();
     // The API first, as upstream does: a VM given on the command line is then visible to it.
@@ -67,7 +74,7 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
         policy.enforce()?;
     }
     if let Some(config) = launch.vm {
-        vmm.boot_vm(&config)?;
+        vmm.boot_vm_on(&config, early_vm)?;
     }
     if let Some(restore) = launch.restore {
         vmm.restore_vm(&restore)?;

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::{self, ApiMessage};
 use crate::config::{ApiSocketConfig, SeccompMode, VmConfig};
 use crate::events::VmEvents;
+use crate::kvm_vm::EarlyKvmVm;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
@@ -260,9 +261,19 @@ impl Vmm {
 
     /// Builds guest memory and the VM from `config`, then boots it.
     pub fn boot_vm(&mut self, config: &VmConfig) -> Result<(), Error> {
+        self.boot_vm_on(config, None)
+    }
+
+    /// [`Vmm::boot_vm`]; an NV recovery builds its KVM VM on `early_vm` if given (started by
+    /// [`EarlyKvmVm::start_for`] while the VMM set itself up), anything else drops it.
+    pub fn boot_vm_on(
+        &mut self,
+        config: &VmConfig,
+        early_vm: Option<EarlyKvmVm>,
+    ) -> Result<(), Error> {
         self.vm_config = Some(config.clone());
         if config.nv.is_some() {
-            return self.start_nv_vm(nv::prepare(config, self.seccomp)?);
+            return self.start_nv_vm(nv::prepare(config, self.seccomp, early_vm)?);
         }
         let memory = guest_memory_from_config(&config.memory)?;
         let mut vm = Vm::new(config, memory, Arc::clone(&self.events), self.seccomp)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nv_extension::{OpenOptions, Region, RunKind, VmHandle};
+use nv_extension::{MemoryBacking, OpenOptions, Region, RunKind, VmHandle};
 use vm_memory::GuestMemoryMmap;
 
 use super::{nv_error, setup_error, NvVm};
@@ -49,7 +49,10 @@ pub struct PreparedVm {
 
 /// Maps the VM's extent of the region as guest RAM: shared, in place, nothing read.
 fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error> {
-    let backing = handle.memory_backing().map_err(|e| nv_error(nv, e))?;
+    map_backing(nv, handle.memory_backing().map_err(|e| nv_error(nv, e))?)
+}
+
+fn map_backing(nv: &NvConfig, backing: MemoryBacking) -> Result<GuestMemoryMmap, Error> {
     if backing.dax {
         log::info!(
             "NV region {} is DAX: guest RAM mapped MAP_SYNC, persisted by cache write-back",
@@ -65,17 +68,69 @@ fn map_memory(nv: &NvConfig, handle: &VmHandle) -> Result<GuestMemoryMmap, Error
     )
 }
 
+/// Guest RAM a recovery mapped from the region's directory before its claim, and where from.
+/// Nothing may run on it until the claim has confirmed the place ([`MappedAhead::confirmed`]).
+#[derive(Debug)]
+pub(crate) struct MappedAhead {
+    memory: GuestMemoryMmap,
+    offset: u64,
+    size: u64,
+    dax: bool,
+}
+
+impl MappedAhead {
+    /// Maps VM `nv.vm`'s extent as the directory gives it, without claiming the VM. `None` if
+    /// the directory does not give one (a swapped-out VM, no such VM, ...) or it cannot be
+    /// mapped: the claim, or the mapping after it, then reports the error exactly as without
+    /// this step.
+    fn map(nv: &NvConfig, region: &Region) -> Option<MappedAhead> {
+        let backing = region.memory_backing_unclaimed(&nv.vm).ok()?;
+        let (offset, size, dax) = (backing.offset, backing.size, backing.dax);
+        let memory = map_backing(nv, backing).ok()?;
+        Some(MappedAhead {
+            memory,
+            offset,
+            size,
+            dax,
+        })
+    }
+
+    /// The mapping, if it is of the very extent the claimed `handle` owns; `None` (and the
+    /// mapping dropped) if the directory changed between the read and the claim.
+    fn confirmed(self, nv: &NvConfig, handle: &VmHandle) -> Result<Option<GuestMemoryMmap>, Error> {
+        let claimed = handle.memory_backing().map_err(|e| nv_error(nv, e))?;
+        if (claimed.offset, claimed.size, claimed.dax) == (self.offset, self.size, self.dax) {
+            return Ok(Some(self.memory));
+        }
+        log::warn!(
+            "VM {:?}: its extent moved between the directory read and the claim \
+             ({:#x}+{:#x} -> {:#x}+{:#x}); mapping it again",
+            nv.vm,
+            self.offset,
+            self.size,
+            claimed.offset,
+            claimed.size
+        );
+        Ok(None)
+    }
+}
+
 /// Opens, claims and maps the VM `config.nv` names: a cold boot of `config` or, with
 /// `recover=on`, a resume of the stored VM. `seccomp`: the mode the VM's vCPU threads will run
-/// under (a recovery starts building its KVM VM here already).
-pub fn prepare(config: &VmConfig, seccomp: SeccompMode) -> Result<PreparedVm, Error> {
+/// under. A recovery builds its KVM VM on `early_vm` if the caller started one (see
+/// [`EarlyKvmVm::start_for`]), otherwise it starts one here; anything else drops it.
+pub fn prepare(
+    config: &VmConfig,
+    seccomp: SeccompMode,
+    early_vm: Option<EarlyKvmVm>,
+) -> Result<PreparedVm, Error> {
     let phases = PhaseClock::since_process_start();
     let nv = config.nv.clone().ok_or(Error::NoVmConfig)?;
     if let Some(file) = &nv.swap_in {
         let mut progress = super::swap::SwapProgressCell::new(super::swap::Direction::In);
         super::swap::prepare_swap_in(&nv, Path::new(file), Some(config), &mut progress)
     } else if nv.recover {
-        prepare_recovery(&nv, Some(config), phases, seccomp)
+        prepare_recovery(&nv, Some(config), phases, seccomp, early_vm)
     } else {
         prepare_cold_boot(&nv, config)
     }
@@ -93,7 +148,7 @@ pub fn prepare_api_recovery(
         deadline_ms: default_deadline_ms(),
         ..NvConfig::default()
     };
-    prepare_recovery(&nv, None, PhaseClock::new(), seccomp)
+    prepare_recovery(&nv, None, PhaseClock::new(), seccomp, None)
 }
 
 /// An NV VM's RAM is its extent of the region: a memory zone backed by a file of its own cannot be.
@@ -276,6 +331,7 @@ fn prepare_recovery(
     command_line: Option<&VmConfig>,
     mut phases: PhaseClock,
     seccomp: SeccompMode,
+    early_vm: Option<EarlyKvmVm>,
 ) -> Result<PreparedVm, Error> {
     if nv.create || nv.format {
         return Err(setup_error(
@@ -286,9 +342,20 @@ fn prepare_recovery(
     }
     // The KVM VM is created meanwhile (nothing that can run the guest: its vCPUs come after
     // the claim), and given the RAM as soon as it is mapped (`kvm_vm`).
-    let early_vm = EarlyKvmVm::start(seccomp)?;
+    let early_vm = match early_vm {
+        Some(early_vm) => early_vm,
+        None => EarlyKvmVm::start(seccomp)?,
+    };
     let region = Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?;
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
+    // The RAM is mapped from the directory and its registration begun before the claim, so
+    // that it overlaps the claim and the parsing. Safe without the claim: a mapping and a
+    // memory slot read nothing, and the VM has no vCPU until the claim confirmed the extent. A
+    // failed claim drops both (its error is the one reported, as before).
+    let mapped_ahead = MappedAhead::map(nv, &region);
+    if let Some(ahead) = &mapped_ahead {
+        early_vm.register(&ahead.memory);
+    }
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     phases.mark("region-open-claim");
     prepare_claimed_timed(
@@ -298,6 +365,7 @@ fn prepare_recovery(
         command_line,
         phases,
         Some(early_vm),
+        mapped_ahead,
     )
 }
 
@@ -317,11 +385,13 @@ pub(super) fn prepare_claimed(
         command_line,
         PhaseClock::new(),
         None,
+        None,
     )
 }
 
 /// [`prepare_claimed`] continuing the phases `phases` began; the RAM goes to `early_vm` (if
 /// any) as soon as it is mapped, so its registration overlaps the parsing of config and state.
+/// `mapped_ahead`: the RAM as mapped (and given to `early_vm`) before the claim.
 fn prepare_claimed_timed(
     nv: &NvConfig,
     previous_end: NvShutdownKind,
@@ -329,13 +399,25 @@ fn prepare_claimed_timed(
     command_line: Option<&VmConfig>,
     mut phases: PhaseClock,
     early_vm: Option<EarlyKvmVm>,
+    mapped_ahead: Option<MappedAhead>,
 ) -> Result<PreparedVm, Error> {
     // Mapping reads nothing (`map_memory`); the size is checked against the config below.
-    let memory = map_memory(nv, &handle)?;
+    // Mapped ahead, this phase is only the claim's confirmation of the place.
+    let (memory, early_vm) = match mapped_ahead {
+        Some(ahead) => match ahead.confirmed(nv, &handle)? {
+            Some(memory) => (memory, early_vm),
+            // `early_vm` was given the stale mapping: the VM is built in line instead.
+            None => (map_memory(nv, &handle)?, None),
+        },
+        None => {
+            let memory = map_memory(nv, &handle)?;
+            if let Some(early_vm) = &early_vm {
+                early_vm.register(&memory);
+            }
+            (memory, early_vm)
+        }
+    };
     phases.mark("memory-map");
-    if let Some(early_vm) = &early_vm {
-        early_vm.register(&memory);
-    }
     let stored_blob = handle.config_blob().map_err(|e| nv_error(nv, e))?;
     let stored: VmConfig = serde_json::from_slice(&stored_blob).map_err(|e| {
         setup_error(
@@ -523,7 +605,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
         let config = vm_config(nv_config(&region), 4 << 20);
-        let prepared = prepare(&config, SeccompMode::Disabled).unwrap();
+        let prepared = prepare(&config, SeccompMode::Disabled, None).unwrap();
         assert!(matches!(prepared.start, NvStart::ColdBoot));
         assert_eq!(
             prepared.memory.iter().map(|r| r.len()).sum::<u64>(),
@@ -549,11 +631,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
         let message = |config: &VmConfig| {
-            prepare(config, SeccompMode::Disabled)
+            prepare(config, SeccompMode::Disabled, None)
                 .unwrap_err()
                 .to_string()
         };
-        let kind = |config: &VmConfig| prepare(config, SeccompMode::Disabled).unwrap_err().kind();
+        let kind = |config: &VmConfig| {
+            prepare(config, SeccompMode::Disabled, None)
+                .unwrap_err()
+                .kind()
+        };
 
         let mut missing = nv_config(&region);
         missing.create = false;
@@ -569,6 +655,7 @@ mod tests {
             prepare(
                 &vm_config(nv_config(&region), 4 << 20),
                 SeccompMode::Disabled,
+                None,
             )
             .unwrap(),
         );
@@ -594,7 +681,7 @@ mod tests {
         assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 1 << 20]);
         let mut format = nv_config(&garbage);
         format.format = true;
-        prepare(&vm_config(format, 4 << 20), SeccompMode::Disabled).unwrap();
+        prepare(&vm_config(format, 4 << 20), SeccompMode::Disabled, None).unwrap();
     }
 
     #[test]
@@ -604,6 +691,7 @@ mod tests {
         let prepared = prepare(
             &vm_config(nv_config(&region), 4 << 20),
             SeccompMode::Disabled,
+            None,
         )
         .unwrap();
         let running = &prepared.nv;
@@ -626,6 +714,7 @@ mod tests {
         let prepared = prepare(
             &vm_config(nv_config(&region), 4 << 20),
             SeccompMode::Disabled,
+            None,
         )
         .unwrap();
         prepared.nv.begin_run(RunKind::ColdBoot).unwrap();
@@ -634,8 +723,12 @@ mod tests {
         let mut recover = nv_config(&region);
         recover.create = false;
         recover.recover = true;
-        let refused =
-            prepare(&vm_config(recover.clone(), 4 << 20), SeccompMode::Disabled).unwrap_err();
+        let refused = prepare(
+            &vm_config(recover.clone(), 4 << 20),
+            SeccompMode::Disabled,
+            None,
+        )
+        .unwrap_err();
         let text = refused.to_string();
         assert!(
             text.contains("unsafe shutdown — state incomplete"),
@@ -643,9 +736,100 @@ mod tests {
         );
         assert_eq!(refused.kind(), ErrorKind::Conflict);
         recover.force_cold = true;
-        let prepared = prepare(&vm_config(recover, 4 << 20), SeccompMode::Disabled).unwrap();
+        let prepared = prepare(&vm_config(recover, 4 << 20), SeccompMode::Disabled, None).unwrap();
         assert!(matches!(prepared.start, NvStart::ColdBoot));
         assert_eq!(prepared.nv.previous_end, NvShutdownKind::Unsafe);
+    }
+
+    /// The RAM is mapped, and handed to the KVM VM being built, before the claim; a claim
+    /// that fails afterwards (here: the VM belongs to a live process) still refuses with the
+    /// very error it gave before, and leaves the region as it was, byte for byte.
+    #[test]
+    fn a_claim_refused_after_the_ram_was_mapped_ahead_reports_the_same_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("region");
+        let owner = prepare(
+            &vm_config(nv_config(&region_path), 4 << 20),
+            SeccompMode::Disabled,
+            None,
+        )
+        .unwrap();
+        let mut recover = nv_config(&region_path);
+        recover.create = false;
+        recover.recover = true;
+        // What the recovery does before its claim succeeds on a VM owned by someone else.
+        let region = Region::open(&recover.region, &OpenOptions::default()).unwrap();
+        assert!(MappedAhead::map(&recover, &region).is_some());
+        drop(region);
+        let before = std::fs::read(&region_path).unwrap();
+        for early_vm in [
+            None,
+            Some(EarlyKvmVm::start(SeccompMode::Disabled).unwrap()),
+        ] {
+            let refused = prepare(
+                &vm_config(recover.clone(), 4 << 20),
+                SeccompMode::Disabled,
+                early_vm,
+            )
+            .unwrap_err();
+            let expected = nv_error(
+                &recover,
+                nv_extension::Error::OwnedByLiveProcess {
+                    vm: "vm0".into(),
+                    pid: std::process::id(),
+                },
+            );
+            assert_eq!(refused.to_string(), expected.to_string());
+            assert_eq!(refused.kind(), ErrorKind::Conflict);
+            assert!(std::fs::read(&region_path).unwrap() == before);
+        }
+        drop(owner);
+    }
+
+    /// A mapping made from the directory is used only if the claim confirms its place: one of
+    /// another extent (the directory changed in between) is dropped, and the recovery maps the
+    /// claimed extent anew.
+    #[test]
+    fn a_mapping_ahead_is_used_only_for_the_extent_the_claim_confirms() {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("region");
+        drop(
+            prepare(
+                &vm_config(nv_config(&region_path), 4 << 20),
+                SeccompMode::Disabled,
+                None,
+            )
+            .unwrap(),
+        );
+        let nv = nv_config(&region_path);
+        let region = Region::open(&nv.region, &OpenOptions::default()).unwrap();
+        let ahead = MappedAhead::map(&nv, &region).unwrap();
+        let mapped_at = ahead.memory.iter().next().unwrap().as_ptr();
+        let handle = region.claim_vm(&nv.vm).unwrap();
+        let confirmed = ahead.confirmed(&nv, &handle).unwrap().unwrap();
+        assert_eq!(confirmed.iter().next().unwrap().as_ptr(), mapped_at);
+
+        let mut moved = MappedAhead::map(&nv, &region).unwrap();
+        moved.offset += 2 << 20;
+        assert!(moved.confirmed(&nv, &handle).unwrap().is_none());
+    }
+
+    /// The binary starts the KVM VM ahead only for an in-place recovery.
+    #[test]
+    fn a_vm_is_started_ahead_only_for_a_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nv = nv_config(&dir.path().join("region"));
+        assert!(
+            EarlyKvmVm::start_for(&vm_config(nv.clone(), 4 << 20), SeccompMode::Disabled).is_none()
+        );
+        assert!(EarlyKvmVm::start_for(&VmConfig::default(), SeccompMode::Disabled).is_none());
+        nv.create = false;
+        nv.recover = true;
+        assert!(
+            EarlyKvmVm::start_for(&vm_config(nv.clone(), 4 << 20), SeccompMode::Disabled).is_some()
+        );
+        nv.swap_in = Some("/swap".into());
+        assert!(EarlyKvmVm::start_for(&vm_config(nv, 4 << 20), SeccompMode::Disabled).is_none());
     }
 
     fn serial_to_file(path: &str) -> ConsoleConfig {

@@ -419,7 +419,7 @@ mod tests {
             }),
             ..VmConfig::default()
         };
-        let prepared = super::super::prepare(&config, SeccompMode::Disabled).unwrap();
+        let prepared = super::super::prepare(&config, SeccompMode::Disabled, None).unwrap();
         let existing = dir.path().join("taken");
         std::fs::write(&existing, b"x").unwrap();
         let refused = check_swap_out_destination(&prepared.nv, &existing).unwrap_err();
