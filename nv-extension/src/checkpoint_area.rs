@@ -364,6 +364,12 @@ impl CheckpointArea {
         Ok(entries)
     }
 
+    /// The content of undo entry `index` (a guest page of some epoch; check it with
+    /// [`CheckpointArea::entries_of`] first).
+    pub fn entry_page(&self, store: &dyn Persistence, index: u64) -> Result<Vec<u8>> {
+        read_vec(store, self.data_offset(index), PAGE_SIZE as usize)
+    }
+
     /// Puts back into guest memory (`memory`, `memory_size` bytes) every page the undo log of
     /// `epoch` holds, each durable before the next. Idempotent: the log is only read, so a
     /// crash part-way leaves it for the next recovery to apply again, whole. Returns the count.
