@@ -205,10 +205,11 @@ fn assert_resumed(run: usize, log: &str, stderr: &str) -> u64 {
     lines[0].counter
 }
 
-/// The guest's `GAP_MS`: a clock jump this long between two batches makes it print a line at
-/// once. The test keeps every recovery's guest at least this long (and a margin) away from its
-/// epoch, so the first line after the resume is within a batch of the epoch's counter.
-const GUEST_GAP: Duration = Duration::from_millis(25);
+/// Over the guest's `GAP_MS` (20): a clock jump longer than that between two batches makes it
+/// print a line at once. The test starts every recovery it checks at least this long after the
+/// death, so the guest's first line after the resume is within a batch of the epoch's counter.
+/// (Its TSC is the host's and counts at the `tsc_khz=` it was given.)
+const GUEST_GAP: Duration = Duration::from_millis(21);
 
 /// The epochs a VMM's log says it committed (`checkpoint seq N committed`, at `-vv`) or resumed
 /// from (`resuming ... state seq N`), in order; complete lines only.

@@ -280,7 +280,7 @@ pub(crate) fn committed_epoch(store: &dyn Persistence, entry: &VmEntry) -> Resul
 
 /// `buf.len()` bytes of `entry`'s guest memory from `guest_offset` as a recovery now would
 /// leave them: memory as it stands, with each page the committed epoch's undo log holds put
-/// back (its first entry, as [`CheckpointArea::apply`] leaves it). Only reads.
+/// back (`CheckpointArea::logged_page`). Only reads.
 pub(crate) fn recoverable_memory(
     store: &dyn Persistence,
     entry: &VmEntry,
@@ -299,14 +299,11 @@ pub(crate) fn recoverable_memory(
         return Ok(());
     };
     let area = CheckpointArea::new(entry.uuid, entry.checkpoint);
-    let entries = area.entries_of(store, epoch.seq, entry.memory_size, &entry.name)?;
     let first_page = guest_offset - guest_offset % PAGE_SIZE;
     for page in (first_page..end).step_by(PAGE_SIZE as usize) {
-        // In index order: the first entry of a page holds its content at the epoch.
-        let Some((index, _)) = entries.iter().find(|(_, target)| *target == page) else {
+        let Some(content) = area.logged_page(store, epoch.seq, page)? else {
             continue;
         };
-        let content = area.entry_page(store, *index)?;
         let from = page.max(guest_offset);
         let to = (page + PAGE_SIZE).min(end);
         buf[(from - guest_offset) as usize..(to - guest_offset) as usize]
