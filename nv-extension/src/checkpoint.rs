@@ -278,6 +278,40 @@ pub(crate) fn committed_epoch(store: &dyn Persistence, entry: &VmEntry) -> Resul
         .filter(|e| e.seq > since_seq && e.run_since_seq == since_seq))
 }
 
+/// `buf.len()` bytes of `entry`'s guest memory from `guest_offset` as a recovery now would
+/// leave them: memory as it stands, with each page the committed epoch's undo log holds put
+/// back (`CheckpointArea::logged_page`). Only reads.
+pub(crate) fn recoverable_memory(
+    store: &dyn Persistence,
+    entry: &VmEntry,
+    guest_offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let end = guest_offset
+        .checked_add(buf.len() as u64)
+        .filter(|end| *end <= entry.memory_size)
+        .ok_or(Error::InvalidSize {
+            size: guest_offset,
+            reason: "the range is not inside the VM's guest memory",
+        })?;
+    store.read(entry.memory.offset + guest_offset, buf)?;
+    let Some(epoch) = committed_epoch(store, entry)? else {
+        return Ok(());
+    };
+    let area = CheckpointArea::new(entry.uuid, entry.checkpoint);
+    let first_page = guest_offset - guest_offset % PAGE_SIZE;
+    for page in (first_page..end).step_by(PAGE_SIZE as usize) {
+        let Some(content) = area.logged_page(store, epoch.seq, page)? else {
+            continue;
+        };
+        let from = page.max(guest_offset);
+        let to = (page + PAGE_SIZE).min(end);
+        buf[(from - guest_offset) as usize..(to - guest_offset) as usize]
+            .copy_from_slice(&content[(from - page) as usize..(to - page) as usize]);
+    }
+    Ok(())
+}
+
 /// The state slot a save must not overwrite: the committed epoch's while one stands (a failed
 /// later checkpoint may have left a newer slot), otherwise none (the caller keeps the newest).
 pub(crate) fn slot_to_keep(store: &dyn Persistence, entry: &VmEntry) -> Result<Option<ValidSlot>> {
@@ -686,6 +720,56 @@ mod tests {
             .unwrap();
         let handle = region.claim_vm("vm").unwrap();
         (region, handle)
+    }
+
+    #[test]
+    fn inspecting_a_recovery_shows_the_epochs_memory_without_writing_it() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost {
+            state: b"epoch".to_vec(),
+            ..MockHost::default()
+        };
+        guest_write(&handle, &log, 1, 0x11);
+        let epoch = checkpoint_vm(&handle, &mut host, &log).unwrap();
+        let at_epoch = memory(&handle);
+        guest_write(&handle, &log, 1, 0x22);
+        guest_write(&handle, &log, 2, 0x33);
+        guest_write(&handle, &log, 1, 0x44);
+        let at_death = memory(&handle);
+        assert_ne!(at_death, at_epoch);
+
+        let (crashed, recovered_handle) = crash(&region);
+        let mut inspected = vec![0; at_epoch.len()];
+        let inspection = crashed
+            .inspect_recovery_memory("vm", 0, &mut inspected)
+            .unwrap();
+        assert_eq!(
+            (inspection.seq, inspection.shutdown_kind),
+            (epoch.seq, ShutdownKind::Checkpoint)
+        );
+        assert_eq!(inspected, at_epoch);
+        // A range across the edge of two logged pages takes its part of each.
+        let at = 2 * PAGE_SIZE - 8;
+        let mut edge = [0u8; 16];
+        crashed
+            .inspect_recovery_memory("vm", at, &mut edge)
+            .unwrap();
+        assert_eq!(edge[..], at_epoch[at as usize..at as usize + 16]);
+        assert!(matches!(
+            crashed.inspect_recovery_memory("vm", PAGES * PAGE_SIZE - 8, &mut edge),
+            Err(Error::InvalidSize { .. })
+        ));
+        // Only read: memory is as the death left it until the recovery rolls it back, to
+        // exactly what the inspection showed; after it, memory as it stands is the epoch's.
+        assert_eq!(memory(&recovered_handle), at_death);
+        assert_eq!(recovered_handle.recover().unwrap().seq, epoch.seq);
+        assert_eq!(memory(&recovered_handle), at_epoch);
+        let mut after = vec![0; at_epoch.len()];
+        crashed
+            .inspect_recovery_memory("vm", 0, &mut after)
+            .unwrap();
+        assert_eq!(after, at_epoch);
     }
 
     #[test]

@@ -364,6 +364,30 @@ impl CheckpointArea {
         Ok(entries)
     }
 
+    /// Epoch `epoch`'s content of the guest page at `page` if its undo log holds it: the data
+    /// of the page's first intact entry (the one [`CheckpointArea::apply`] writes last). Only
+    /// the page's own entries are read past their header.
+    pub fn logged_page(
+        &self,
+        store: &dyn Persistence,
+        epoch: u64,
+        page: u64,
+    ) -> Result<Option<Vec<u8>>> {
+        for (index, header) in self.epoch_headers(store, epoch)? {
+            if header.kind.get() != UNDO_KIND_GUEST_PAGE
+                || header.target.get() != page
+                || u64::from(header.data_len.get()) != PAGE_SIZE
+            {
+                continue;
+            }
+            let data = read_vec(store, self.data_offset(index as u64), PAGE_SIZE as usize)?;
+            if crc32c::crc32c(&data) == header.data_crc.get() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+
     /// Puts back into guest memory (`memory`, `memory_size` bytes) every page the undo log of
     /// `epoch` holds, each durable before the next. Idempotent: the log is only read, so a
     /// crash part-way leaves it for the next recovery to apply again, whole. Returns the count.

@@ -749,6 +749,25 @@ impl Region {
             ))
         })
     }
+
+    /// [`Region::inspect_recovery`], and `buf.len()` bytes of the VM's guest memory from
+    /// `guest_offset` as that recovery would leave them: after a death without a save, the
+    /// committed epoch's undo log put back over memory as it stands. Nothing is written, so a
+    /// test or a tool can hold a recovery to the epoch before it runs.
+    pub fn inspect_recovery_memory(
+        &self,
+        name: &str,
+        guest_offset: u64,
+        buf: &mut [u8],
+    ) -> Result<RecoveredVm> {
+        self.transact(|shared, table| {
+            let store = shared.store.as_ref();
+            let entry = find(table, name)?;
+            let recovered = recoverable_state(store, entry)?;
+            crate::checkpoint::recoverable_memory(store, entry, guest_offset, buf)?;
+            Ok((recovered, false))
+        })
+    }
 }
 
 /// `SwappedOut` for a VM whose memory and state are in a swap file.

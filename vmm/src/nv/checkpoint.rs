@@ -529,6 +529,15 @@ impl Checkpoints {
             .handle
             .begin_run_checkpointed(undo_pages)
             .map_err(|e| nv_error(&nv.config, e))?;
+        // Reported as every committed epoch is (`checkpoint`), at info: once per run.
+        self.last_seq = log.status().epoch;
+        if let Some(seq) = self.last_seq {
+            log::info!(
+                "VM {:?}: checkpoint seq {seq} committed: the resumed state, as the run's first \
+                 epoch",
+                nv.name()
+            );
+        }
         let active = self.start_with_log(nv, vm, log)?;
         self.tracker_at_last = WriteTrackerStats::default();
         active
@@ -703,9 +712,11 @@ impl Checkpoints {
         self.recent
             .push_back((report.paused, report.undo_pages * (4096 + 64), faults));
         self.recent_phases.push_back(phase_times(&report.phases));
+        // After the commit: a death before this line leaves one epoch newer than the last
+        // reported (the KVM test of the loss bound reads "checkpoint seq N committed").
         log::debug!(
-            "VM {:?}: checkpoint seq {}: paused {} us ({}), {} undo pages, {faults} write \
-             faults, {} pages lifted, fault thread {} us recording, {} us lifting",
+            "VM {:?}: checkpoint seq {} committed: paused {} us ({}), {} undo pages, {faults} \
+             write faults, {} pages lifted, fault thread {} us recording, {} us lifting",
             nv.name(),
             report.seq,
             report.paused.as_micros(),
