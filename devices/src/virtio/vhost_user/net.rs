@@ -108,7 +108,8 @@ impl OwnQueue for MultiQueue {
         pause_requested: &AtomicBool,
         switch: &mut dyn FnMut(usize, bool),
     ) -> bool {
-        control::serve(queue, mem, pause_requested, |command| match command {
+        // vhost-user devices are refused while checkpoints are on: no guest-write gate.
+        control::serve(queue, mem, pause_requested, |_| true, |command| match command {
             ControlCommand::VqPairsSet(pairs) if control::pairs_valid(pairs, self.max_pairs) => {
                 self.pairs.store(pairs, Ordering::SeqCst);
                 info!(
