@@ -530,13 +530,14 @@ fn sigkill_at_random_instants_leaves_the_disk_as_the_rolled_back_guest_believes(
 }
 
 /// Issue 16, `docs/checkpoints.md` section 9: a device thread that writes guest memory while
-/// the undo log is full. The test build's `NV_UNDO_LIMIT_PAGES=16` gives every epoch a log of
-/// 16 entries, so the blkcheck guest's own writes fill it again and again, and early
+/// the undo log is full. The test build's `NV_UNDO_LIMIT_PAGES=8` gives every epoch a log of
+/// 8 entries, so the blkcheck guest's own writes fill it again and again, and early
 /// checkpoints follow one another. Each of its disk reads (`verify=all` reads the whole disk
-/// before every batch) writes three pages of guest memory on the virtio-blk thread: the buffer,
+/// before every batch, `verify_span=4`: four blocks per request into pages only the device
+/// writes) writes up to six pages of guest memory on the virtio-blk thread: four buffer pages,
 /// the status byte, the used ring. Before the fix the thread wrote them into protected pages
 /// and, the log full, waited in the write fault in the middle of the request; the checkpoint's
-/// two-entry reserve could not serve all three, the I/O thread never reached its quiescent
+/// one-entry reserve could not serve them all, the I/O thread never reached its quiescent
 /// point, and the guest stopped (the checkpoint failed after 10 s, again and again). Now the
 /// device logs a request's pages before it writes any, and waits for the next epoch at the
 /// request's boundary when they do not fit: the guest goes on, and no checkpoint fails.
@@ -550,13 +551,12 @@ fn disk_reads_with_a_tiny_undo_log_wait_for_the_next_epoch_between_requests() {
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(BLOCKS * 4096))
         .expect("disk image");
-    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all");
-    // A long interval: the full log takes the checkpoints, early.
-    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "t", 1000);
+    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all verify_span=4");
+    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "t", INTERVAL_MS);
     boot.extend(["--disk".into(), format!("path={}", disk.display())]);
-    let mut vmm = spawn(dir, "boot", &boot, &[("NV_UNDO_LIMIT_PAGES", "16")]);
-    let log = vmm.wait_serial("40 batches, each reading the whole disk", |log| {
-        completed(log).len() >= 40 || log.contains("FAIL")
+    let mut vmm = spawn(dir, "boot", &boot, &[("NV_UNDO_LIMIT_PAGES", "8")]);
+    let log = vmm.wait_serial("100 batches, each reading the whole disk", |log| {
+        completed(log).len() >= 100 || log.contains("FAIL")
     });
     assert!(!log.contains("FAIL"), "{log}");
     let stderr = vmm.stderr_log();

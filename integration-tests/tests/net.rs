@@ -465,7 +465,7 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
 }
 
 /// Issue 16's second edge: a device thread blocked on a write fault when the undo log is full.
-/// The test build's `NV_UNDO_LIMIT_PAGES=16` gives every epoch a log of 16 entries, so under the
+/// The test build's `NV_UNDO_LIMIT_PAGES=8` gives every epoch a log of 8 entries, so under the
 /// client's load the netkv guest's vCPU and the virtio-net thread (writing receive buffers)
 /// keep running into a full log, and early checkpoints follow one another. A device thread
 /// logs a request's pages before it writes any and, when they do not fit, waits for the next
@@ -488,7 +488,7 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
             &dir_path,
             "boot",
             &arguments,
-            &[("NV_UNDO_LIMIT_PAGES", "16")],
+            &[("NV_UNDO_LIMIT_PAGES", "8")],
         )
         .with_timeout(TIMEOUT);
         wait_netkv_ready(&mut vmm);
@@ -500,7 +500,7 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
         "no answers before checkpoints"
     );
     // Checkpoints on under load (the guest's boot, emulated ring-0 code, would crawl through
-    // hundreds of sixteen-page epochs).
+    // hundreds of eight-page epochs).
     let (status, body) = integration_tests::api_client::request(
         &api_socket,
         "PUT",

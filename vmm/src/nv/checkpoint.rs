@@ -328,8 +328,8 @@ fn early_checkpoints_withheld() -> bool {
 }
 
 /// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log hold
-/// N entries (at most its real capacity; at least 16, so that a device request always fits an
-/// empty one), a tiny log without a tiny region.
+/// N entries (at most its real capacity; at least 4, what a test guest's disk read or network
+/// receive writes), a tiny log without a tiny region.
 #[cfg(feature = "fault-injection")]
 fn test_undo_limit() -> Option<u64> {
     std::env::var("NV_UNDO_LIMIT_PAGES")
@@ -337,7 +337,7 @@ fn test_undo_limit() -> Option<u64> {
         .trim()
         .parse::<u64>()
         .ok()
-        .map(|limit| limit.max(16))
+        .map(|limit| limit.max(4))
 }
 
 #[cfg(not(feature = "fault-injection"))]
