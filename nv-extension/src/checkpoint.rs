@@ -952,11 +952,13 @@ mod tests {
             log.record_undo_pages(&unlogged),
             Err(Error::UndoLogFull { .. })
         ));
-        assert_eq!(log.status().entries, entries, "a refused request logged pages");
+        assert_eq!(
+            log.status().entries,
+            entries,
+            "a refused request logged pages"
+        );
         // One of them fits; an already logged page alongside takes no entry.
-        let last = log
-            .record_undo_pages(&[unlogged[0], PAGE_SIZE])
-            .unwrap();
+        let last = log.record_undo_pages(&[unlogged[0], PAGE_SIZE]).unwrap();
         assert_eq!(last.logged, [unlogged[0]]);
         assert!(log.record_undo_pages(&[7]).is_err());
         for written in [1, 3] {

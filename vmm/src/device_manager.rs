@@ -28,10 +28,10 @@ pub use hotplug::{
 use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
-    kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, OutputHold, Tap, GuestWriteGateSlot, VhostUserBlkLink,
-    VhostUserFsLink, VhostUserNetLink, VhostUserNetParams, VirtioDevice, VirtioPciDevice,
-    VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, GuestWriteGateSlot,
+    IoThreadStartHook, MmioTransport, MmioTransportState, Net, NetParams, OutputHold, Tap,
+    VhostUserBlkLink, VhostUserFsLink, VhostUserNetLink, VhostUserNetParams, VirtioDevice,
+    VirtioPciDevice, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,

@@ -1000,7 +1000,9 @@ impl<S: FirstWriteSink> DeviceWrites<S> {
         for &(address, length) in ranges {
             for (index, range) in self.ranges.iter().enumerate() {
                 let start = address.max(range.host_address);
-                let end = address.saturating_add(length).min(range.host_address + range.length);
+                let end = address
+                    .saturating_add(length)
+                    .min(range.host_address + range.length);
                 if start >= end {
                     continue;
                 }
@@ -1038,7 +1040,6 @@ impl<S: FirstWriteSink> DeviceWrites<S> {
         }
         DeviceWrite::Ready
     }
-
 }
 
 /// Protects (or unprotects, waking whoever waits on it) `length` bytes at `address`.
@@ -1617,7 +1618,7 @@ mod tests {
         assert!(records.lock().unwrap().is_empty());
         tracker.lock_epoch().protect_all().unwrap();
         memory.write(2, 1); // a vCPU's write: recorded through its fault
-        // Pages 1..=3 (2 is lifted already), and a piece outside the tracked memory.
+                            // Pages 1..=3 (2 is lifted already), and a piece outside the tracked memory.
         let request = [
             (base + PAGE_SIZE + 100, 2 * PAGE_SIZE),
             (base + 8 * PAGE_SIZE, 64),
@@ -1627,7 +1628,11 @@ mod tests {
         for page in 1..=3 {
             memory.write(page, 50 + page as u8);
         }
-        assert_eq!(records.lock().unwrap().len(), 3, "a page was recorded twice");
+        assert_eq!(
+            records.lock().unwrap().len(),
+            3,
+            "a page was recorded twice"
+        );
         assert_eq!((memory.read(1), memory.read(3)), (51, 53));
         // The next epoch: protected again, recorded again with their new content.
         device_logged.lock().unwrap().clear();

@@ -54,7 +54,11 @@ impl GuestWriteGateSlot {
 
 impl std::fmt::Debug for GuestWriteGateSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GuestWriteGateSlot {{ installed: {} }}", self.is_installed())
+        write!(
+            f,
+            "GuestWriteGateSlot {{ installed: {} }}",
+            self.is_installed()
+        )
     }
 }
 

@@ -19,10 +19,10 @@ use vm_memory::{
 };
 
 use super::counters::BlockCounters;
-use crate::virtio::guest_write_gate::GuestWrites;
 use super::disk::RawDisk;
 use super::write_hook::{BeforeWrite, BlockWriteHook};
 use super::SECTOR_SIZE;
+use crate::virtio::guest_write_gate::GuestWrites;
 
 const HEADER_LEN: u32 = 16;
 
@@ -114,7 +114,10 @@ pub(crate) fn refuse(
 }
 
 /// The chain's status descriptor: its last, device-writable, at least one byte, in memory.
-fn usable_status<'a>(descriptors: &'a [Descriptor], mem: &GuestMemoryMmap) -> Option<&'a Descriptor> {
+fn usable_status<'a>(
+    descriptors: &'a [Descriptor],
+    mem: &GuestMemoryMmap,
+) -> Option<&'a Descriptor> {
     descriptors.last().filter(|d| {
         descriptors.len() >= 2
             && d.is_write_only()

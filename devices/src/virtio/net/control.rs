@@ -203,10 +203,16 @@ mod tests {
         let status_a = post(&mem, 0, 0, &[&[mq, set], &[2, 0]]);
         let status_b = post(&mem, 1, 3, &[&[mq, set, 3, 0]]);
         let mut seen = Vec::new();
-        let used = serve(&mut q, &mem, &AtomicBool::new(false), |_| true, |c| {
-            seen.push(c);
-            c == ControlCommand::VqPairsSet(2)
-        });
+        let used = serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(false),
+            |_| true,
+            |c| {
+                seen.push(c);
+                c == ControlCommand::VqPairsSet(2)
+            },
+        );
         assert!(used);
         assert_eq!(
             seen,
@@ -237,9 +243,21 @@ mod tests {
                 0,
             ]],
         );
-        assert!(!serve(&mut q, &mem, &AtomicBool::new(true), |_| true, |_| true));
+        assert!(!serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(true),
+            |_| true,
+            |_| true
+        ));
         assert_eq!(q.next_avail(), 0);
-        assert!(serve(&mut q, &mem, &AtomicBool::new(false), |_| true, |_| true));
+        assert!(serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(false),
+            |_| true,
+            |_| true
+        ));
         assert_eq!(q.next_avail(), 1);
     }
 
