@@ -642,8 +642,8 @@ pub enum DeviceWrite {
     Full,
     /// Never: the pages are more than an empty log holds.
     TooLarge(String),
-    /// Recording failed: attention was raised, checkpoints stop (which lifts every
-    /// protection); the device asks again after its next resume.
+    /// Recording failed: attention was raised and checkpoints stop, which lifts every
+    /// protection and needs no device to quiesce (a write waits in its fault until then).
     Failed(String),
 }
 

@@ -206,9 +206,13 @@ impl GuestWriteGate for DeviceWriteGate {
     fn before_guest_writes(&self, ranges: &[(usize, usize)]) -> BeforeWrite {
         match self.writes.prepare(ranges) {
             DeviceWrite::Ready => BeforeWrite::Proceed,
-            // The early checkpoint (or, for a failure, stopping checkpoints) was asked for;
-            // the device's resume after it serves the request again.
-            DeviceWrite::Full | DeviceWrite::Failed(_) => BeforeWrite::Defer,
+            // The early checkpoint was asked for; the device's resume after it serves the
+            // request again.
+            DeviceWrite::Full => BeforeWrite::Defer,
+            // Checkpoints stop (asked for already), which needs no device to quiesce: until
+            // then the device's write waits in its fault, as any writer's does, and stopping
+            // lifts every protection.
+            DeviceWrite::Failed(_) => BeforeWrite::Proceed,
             DeviceWrite::TooLarge(reason) => BeforeWrite::Fail(reason),
         }
     }
