@@ -448,3 +448,120 @@ fn a_write_the_hook_refuses_fails_and_leaves_the_image() {
     assert_eq!(image_bytes(&image, 8 * 512, 512), vec![0; 512]);
     assert_eq!(hook.asked.lock().unwrap().len(), 1);
 }
+
+/// A guest-write gate that records the ranges it was asked about (host address, length) and
+/// answers `Defer` while `defer` is set; with `refuse_over`, `Fail` for requests writing more
+/// bytes than that.
+struct RecordingGate {
+    asked: std::sync::Mutex<Vec<Vec<(usize, usize)>>>,
+    defer: std::sync::atomic::AtomicBool,
+    refuse_over: usize,
+}
+
+impl devices::virtio::GuestWriteGate for RecordingGate {
+    fn before_guest_writes(&self, ranges: &[(usize, usize)]) -> devices::virtio::BeforeWrite {
+        self.asked.lock().unwrap().push(ranges.to_vec());
+        if self.defer.load(std::sync::atomic::Ordering::SeqCst) {
+            return devices::virtio::BeforeWrite::Defer;
+        }
+        let bytes: usize = ranges.iter().map(|(_, len)| len).sum();
+        if bytes > self.refuse_over {
+            return devices::virtio::BeforeWrite::Fail("too large".into());
+        }
+        devices::virtio::BeforeWrite::Proceed
+    }
+}
+
+fn gated(image: &tempfile::NamedTempFile, gate: std::sync::Arc<RecordingGate>) -> TestDriver {
+    let driver = TestDriver::new(guest_memory(), open_block(image.path(), false));
+    let slot = devices::virtio::GuestWriteGateSlot::default();
+    slot.install(Some(gate));
+    driver
+        .transport
+        .lock()
+        .unwrap()
+        .gate_guest_writes_with(slot);
+    driver.initialise(VERSION_1 | BLK_F_FLUSH);
+    driver
+}
+
+/// The host address of guest address `addr` in the driver's memory.
+fn host(driver: &TestDriver, addr: u64) -> usize {
+    use vm_memory::GuestMemoryBackend;
+    driver
+        .mem
+        .get_host_address(vm_memory::GuestAddress(addr))
+        .unwrap() as usize
+}
+
+/// A read asks the guest-write gate first, with its data buffer and status byte (and the used
+/// ring); deferred, it writes nothing and completes nothing until the next pause and resume,
+/// where it is served in full.
+#[test]
+fn a_read_asks_the_guest_write_gate_first_and_waits_for_the_resume_when_deferred() {
+    let image = blank_image(SECTORS);
+    image.as_file().write_all_at(&pattern(3, 8192), 0).unwrap();
+    let gate = std::sync::Arc::new(RecordingGate {
+        asked: Default::default(),
+        defer: true.into(),
+        refuse_over: usize::MAX,
+    });
+    let mut driver = gated(&image, gate.clone());
+    let read = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 8192, None);
+    let before = driver.read_guest(read.data_addr, 8192);
+    driver.notify();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(driver.used_idx(), 0);
+    assert_eq!(driver.read_guest(read.data_addr, 8192), before);
+    assert_eq!(driver.status_byte(&read), 0xff);
+    let asked = gate.asked.lock().unwrap().clone();
+    assert!(!asked.is_empty());
+    assert!(
+        asked[0].contains(&(host(&driver, read.data_addr), 8192)),
+        "{asked:?}"
+    );
+    assert!(
+        asked[0].contains(&(host(&driver, read.status_addr), 1)),
+        "{asked:?}"
+    );
+    gate.defer.store(false, std::sync::atomic::Ordering::SeqCst);
+    driver.transport.lock().unwrap().pause().unwrap();
+    driver.transport.lock().unwrap().resume().unwrap();
+    driver.wait_used(1);
+    assert_eq!(driver.used_elem(0), (u32::from(read.head), 8193));
+    assert_eq!(driver.status_byte(&read), VIRTIO_BLK_S_OK);
+    assert_eq!(driver.read_guest(read.data_addr, 8192), pattern(3, 8192));
+}
+
+/// A read whose guest writes the gate refuses for good fails with IOERR, writing only its
+/// status (asked about again alone): its buffer is untouched, and the device serves on.
+#[test]
+fn a_read_the_guest_write_gate_refuses_fails_without_touching_its_buffer() {
+    let image = blank_image(SECTORS);
+    image.as_file().write_all_at(&pattern(4, 8192), 0).unwrap();
+    let gate = std::sync::Arc::new(RecordingGate {
+        asked: Default::default(),
+        defer: false.into(),
+        refuse_over: 8192,
+    });
+    let mut driver = gated(&image, gate.clone());
+    let big = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 8192, None);
+    let small = driver.post_block_request(VIRTIO_BLK_T_IN, 0, 512, None);
+    let before = driver.read_guest(big.data_addr, 8192);
+    driver.notify();
+    driver.wait_used(2);
+    assert_eq!(driver.status_byte(&big), VIRTIO_BLK_S_IOERR);
+    assert_eq!(driver.used_elem(0), (u32::from(big.head), 1));
+    assert_eq!(driver.read_guest(big.data_addr, 8192), before);
+    assert_eq!(driver.status_byte(&small), VIRTIO_BLK_S_OK);
+    assert_eq!(driver.read_guest(small.data_addr, 512), pattern(4, 512));
+    let asked = gate.asked.lock().unwrap().clone();
+    assert!(
+        !asked[1].contains(&(host(&driver, big.data_addr), 8192)),
+        "{asked:?}"
+    );
+    assert!(
+        asked[1].contains(&(host(&driver, big.status_addr), 1)),
+        "{asked:?}"
+    );
+}

@@ -25,6 +25,10 @@ static void fill_block(uint64_t *words, uint64_t seq, uint64_t block, uint64_t r
 
 static uint64_t write_buffers[VIRTIO_BLK_MAX_BATCH][BLOCK_WORDS] __attribute__((aligned(4096)));
 static uint64_t read_buffers[VIRTIO_BLK_MAX_BATCH][BLOCK_WORDS] __attribute__((aligned(4096)));
+/* verify_span=N: the whole-disk check reads N blocks per request into this
+ * (pages the guest itself never writes: only the device does). */
+#define MAX_SPAN 8
+static uint64_t span_buffer[MAX_SPAN][BLOCK_WORDS] __attribute__((aligned(4096)));
 
 static const char *guest_name;
 
@@ -83,45 +87,65 @@ static int check_batch(struct virtio_blk *disk, uint64_t blocks, uint64_t round,
 	return 0;
 }
 
-/* verify=all: before each batch, every block must hold what this guest
+/* Block b as the whole-disk check reads it (`got`) must hold what this guest
  * last wrote there (block b < first: round `round`; else round - 1; never
- * written: zeros). A disk ahead of or behind the guest's memory fails here. */
+ * written: zeros). Returns 0 when it does. */
+static int expect_block(const uint64_t *got, uint64_t b, uint64_t blocks, uint64_t round,
+			uint64_t first)
+{
+	int written = b < first || round > 0;
+	uint64_t r = b < first ? round : round - 1;
+	if (written)
+		fill_block(write_buffers[0], r * blocks + b + 1, b, r);
+	else
+		memset(write_buffers[0], 0, BLOCK_SIZE);
+	if (!memcmp(got, write_buffers[0], BLOCK_SIZE))
+		return 0;
+	console_write(guest_name);
+	console_write(": FAIL disk block ");
+	console_write_dec(b);
+	console_write(" holds seq=");
+	console_write_dec(got[1]);
+	console_write(", this guest wrote ");
+	console_write_dec(written ? r * blocks + b + 1 : 0);
+	console_write("\n");
+	return -1;
+}
+
+/* verify=all: before each batch, every block must hold what this guest
+ * last wrote there (expect_block). A disk ahead of or behind the guest's
+ * memory fails here. `span` > 1: one request of `span` blocks at a time. */
 static int verify_disk(struct virtio_blk *disk, uint64_t blocks, uint64_t round,
-		       uint64_t first, int batch)
+		       uint64_t first, int batch, int span)
 {
 	struct virtio_blk_io ios[VIRTIO_BLK_MAX_BATCH];
 	const char *error = 0;
+	int per_request = span > 1 ? span : 1;
+	int requests = span > 1 ? 1 : batch;
 
-	for (uint64_t at = 0; at < blocks; at += (uint64_t)batch) {
-		int count = blocks - at < (uint64_t)batch ? (int)(blocks - at) : batch;
-		for (int i = 0; i < count; i++) {
+	for (uint64_t at = 0; at < blocks;) {
+		uint64_t left = blocks - at;
+		int count = 0;
+		for (int i = 0; i < requests && left > 0; i++) {
+			int n = left < (uint64_t)per_request ? (int)left : per_request;
 			ios[i].op = VIRTIO_BLK_OP_READ;
-			ios[i].sector = (at + (uint64_t)i) * SECTORS_PER_BLOCK;
-			ios[i].buffer = read_buffers[i];
-			ios[i].length = BLOCK_SIZE;
+			ios[i].sector = (at + (uint64_t)i * (uint64_t)per_request) * SECTORS_PER_BLOCK;
+			ios[i].buffer = span > 1 ? (void *)span_buffer : (void *)read_buffers[i];
+			ios[i].length = (uint32_t)n * BLOCK_SIZE;
+			left -= (uint64_t)n;
+			count++;
 		}
 		if (virtio_blk_submit(disk, ios, count, &error)) {
 			report_failure(error, 0);
 			return -1;
 		}
 		for (int i = 0; i < count; i++) {
-			uint64_t b = at + (uint64_t)i;
-			int written = b < first || round > 0;
-			uint64_t r = b < first ? round : round - 1;
-			if (written)
-				fill_block(write_buffers[0], r * blocks + b + 1, b, r);
-			else
-				memset(write_buffers[0], 0, BLOCK_SIZE);
-			if (memcmp(read_buffers[i], write_buffers[0], BLOCK_SIZE)) {
-				console_write(guest_name);
-				console_write(": FAIL disk block ");
-				console_write_dec(b);
-				console_write(" holds seq=");
-				console_write_dec(read_buffers[i][1]);
-				console_write(", this guest wrote ");
-				console_write_dec(written ? r * blocks + b + 1 : 0);
-				console_write("\n");
-				return -1;
+			int n = (int)(ios[i].length / BLOCK_SIZE);
+			for (int k = 0; k < n; k++) {
+				const uint64_t *got = span > 1 ? span_buffer[k] : read_buffers[i];
+				if (expect_block(got, at, blocks, round, first))
+					return -1;
+				at++;
 			}
 		}
 	}
@@ -169,6 +193,9 @@ int block_check_run(const struct block_check *check, struct virtio_blk *disk,
 		batch = (int)batch_param;
 	const char *verify = param_str("verify");
 	int verify_all = verify && text_equal(verify, "all");
+	uint64_t span = param_u64("verify_span", 1);
+	if (span < 1 || span > MAX_SPAN)
+		span = 1;
 	for (uint64_t round = 0; round < rounds; round++) {
 		for (uint64_t first = 0; first < blocks; first += (uint64_t)batch) {
 			uint64_t left = blocks - first;
@@ -176,7 +203,7 @@ int block_check_run(const struct block_check *check, struct virtio_blk *disk,
 			if (check->before_batch)
 				check->before_batch(batches);
 			batches++;
-			if (verify_all && verify_disk(disk, blocks, round, first, batch))
+			if (verify_all && verify_disk(disk, blocks, round, first, batch, (int)span))
 				return -1;
 			if (check_batch(disk, blocks, round, first, count))
 				return -1;

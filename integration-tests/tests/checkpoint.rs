@@ -633,6 +633,52 @@ fn sigkill_at_random_instants_leaves_the_disk_as_the_rolled_back_guest_believes(
     );
 }
 
+/// Issue 16, `docs/checkpoints.md` section 9: a device thread that writes guest memory while
+/// the undo log is full. The test build's `NV_UNDO_LIMIT_PAGES=8` gives every epoch a log of
+/// 8 entries, so the blkcheck guest's own writes fill it again and again, and early
+/// checkpoints follow one another. Each of its disk reads (`verify=all` reads the whole disk
+/// before every batch, `verify_span=4`: four blocks per request into pages only the device
+/// writes) writes up to six pages of guest memory on the virtio-blk thread: four buffer pages,
+/// the status byte, the used ring. Before the fix the thread wrote them into protected pages
+/// and, the log full, waited in the write fault in the middle of the request; the checkpoint's
+/// one-entry reserve could not serve them all, the I/O thread never reached its quiescent
+/// point, and the guest stopped (the checkpoint failed after 10 s, again and again). Now the
+/// device logs a request's pages before it writes any, and waits for the next epoch at the
+/// request's boundary when they do not fit: the guest goes on, and no checkpoint fails.
+#[test]
+fn disk_reads_with_a_tiny_undo_log_wait_for_the_next_epoch_between_requests() {
+    integration_tests::require_kvm!();
+    let dir = scratch_dir();
+    let dir = dir.path();
+    let region = dir.join("region");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(BLOCKS * 4096))
+        .expect("disk image");
+    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all verify_span=4");
+    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "t", INTERVAL_MS);
+    boot.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let mut vmm = spawn(dir, "boot", &boot, &[("NV_UNDO_LIMIT_PAGES", "8")]);
+    let log = vmm.wait_serial("100 batches, each reading the whole disk", |log| {
+        completed(log).len() >= 100 || log.contains("FAIL")
+    });
+    assert!(!log.contains("FAIL"), "{log}");
+    let stderr = vmm.stderr_log();
+    let early = stderr.matches("checkpointing early").count();
+    assert!(
+        early >= 10,
+        "only {early} early checkpoints:\n{}",
+        vmm.stderr_tail(20)
+    );
+    assert!(
+        !stderr.contains("NV checkpoint failed") && !stderr.contains("quiescent point"),
+        "a checkpoint failed:\n{}",
+        vmm.stderr_tail(40)
+    );
+    eprintln!("{early} early checkpoints");
+    vmm.kill();
+}
+
 /// An epoch's disk undo entries name disks by their position in the VM's config, which a disk's
 /// removal would shift: `vm.remove-device` of a disk is refused (409, naming it) while
 /// checkpoints are on, and accepted once they are off. The other way round, too: while the

@@ -465,11 +465,11 @@ fn netkv_keeps_every_acknowledged_put_across_sigkills_with_checkpoints_on() {
 }
 
 /// Issue 16's second edge: a device thread blocked on a write fault when the undo log is full.
-/// The test build's `NV_UNDO_LIMIT_PAGES=2` makes every epoch's log look full after two pages,
-/// so under the client's load the netkv guest's vCPU and the virtio-net thread (writing receive
-/// buffers) keep running into a full log, and early checkpoints follow one another. A device
-/// thread held on its page cannot be quiesced until it is served: the checkpoint serves the held
-/// pages from the log's reserve once the vCPUs are paused. No checkpoint may fail (a device
+/// The test build's `NV_UNDO_LIMIT_PAGES=8` gives every epoch a log of 8 entries, so under the
+/// client's load the netkv guest's vCPU and the virtio-net thread (writing receive buffers)
+/// keep running into a full log, and early checkpoints follow one another. A device thread
+/// logs a request's pages before it writes any and, when they do not fit, waits for the next
+/// epoch between requests, where a checkpoint can quiesce it. No checkpoint may fail (a device
 /// pause would time out after 10 s), the load goes on, and the guest answers consistently.
 #[test]
 fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_deadlock() {
@@ -488,7 +488,7 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
             &dir_path,
             "boot",
             &arguments,
-            &[("NV_UNDO_LIMIT_PAGES", "4")],
+            &[("NV_UNDO_LIMIT_PAGES", "8")],
         )
         .with_timeout(TIMEOUT);
         wait_netkv_ready(&mut vmm);
@@ -500,7 +500,7 @@ fn netkv_under_load_with_a_tiny_undo_log_checkpoints_early_without_a_device_dead
         "no answers before checkpoints"
     );
     // Checkpoints on under load (the guest's boot, emulated ring-0 code, would crawl through
-    // hundreds of four-page epochs).
+    // hundreds of eight-page epochs).
     let (status, body) = integration_tests::api_client::request(
         &api_socket,
         "PUT",

@@ -989,6 +989,72 @@ mod tests {
         assert_eq!(memory(&recovered_handle), at_epoch);
     }
 
+    /// A device request's pages are logged all or none: a log without room for all of them
+    /// logs nothing (the device defers the request to the next epoch), and recovery restores
+    /// the pages it logged.
+    #[test]
+    fn a_device_request_logs_all_its_pages_or_none() {
+        let (region, handle) = running_vm();
+        let log = handle.enable_checkpoints(4).unwrap();
+        let mut host = MockHost::default();
+        assert_eq!(
+            log.record_undo_pages(&[PAGE_SIZE]).unwrap().record,
+            UndoRecord::NotArmed
+        );
+        checkpoint_vm(&handle, &mut host, &log).unwrap();
+        let capacity = log.capacity_pages();
+        assert!((4..PAGES).contains(&capacity), "{capacity}");
+        let at_epoch = memory(&handle);
+        // Out of order, with a duplicate: logged once each, sorted.
+        let request = log
+            .record_undo_pages(&[3 * PAGE_SIZE, PAGE_SIZE, 3 * PAGE_SIZE])
+            .unwrap();
+        assert_eq!(request.record, UndoRecord::Recorded);
+        assert_eq!(request.logged, [PAGE_SIZE, 3 * PAGE_SIZE]);
+        assert_eq!(
+            log.record_undo_pages(&[PAGE_SIZE, 3 * PAGE_SIZE])
+                .unwrap()
+                .record,
+            UndoRecord::AlreadyRecorded
+        );
+        // Fill the log but for one entry: a request of two new pages logs neither.
+        let free: Vec<u64> = (0..PAGES)
+            .filter(|page| ![1, 3].contains(page))
+            .take((capacity - 3) as usize)
+            .collect();
+        for &page in &free {
+            log.record_undo(page * PAGE_SIZE).unwrap();
+        }
+        let unlogged: Vec<u64> = (0..PAGES)
+            .filter(|page| ![1, 3].contains(page) && !free.contains(page))
+            .take(2)
+            .map(|page| page * PAGE_SIZE)
+            .collect();
+        assert_eq!(unlogged.len(), 2, "the test VM has too few pages");
+        let entries = log.status().entries;
+        assert!(matches!(
+            log.record_undo_pages(&unlogged),
+            Err(Error::UndoLogFull { .. })
+        ));
+        assert_eq!(
+            log.status().entries,
+            entries,
+            "a refused request logged pages"
+        );
+        // One of them fits; an already logged page alongside takes no entry.
+        let last = log.record_undo_pages(&[unlogged[0], PAGE_SIZE]).unwrap();
+        assert_eq!(last.logged, [unlogged[0]]);
+        assert!(log.record_undo_pages(&[7]).is_err());
+        for written in [1, 3] {
+            let mut shared = handle.region().lock();
+            let at = handle.memory_region_offset() + written * PAGE_SIZE;
+            shared.store.write(at, &[0xee; 64]).unwrap();
+        }
+        let (_crashed, recovered_handle) = crash(&region);
+        recovered_handle.recover().unwrap();
+        assert_eq!(memory(&recovered_handle), at_epoch);
+    }
+
     #[test]
     fn a_failed_write_protect_withdraws_the_epoch() {
         let (region, handle) = running_vm();

@@ -203,6 +203,64 @@ impl UndoLog {
                 .filter(|&page| page != page_offset && !state.is_logged(page))
                 .take(room as usize - 1),
         );
+        self.log_pages(&mut state, epoch, targets)
+    }
+
+    /// Logs every page of `page_offsets` (4 KiB aligned, inside guest memory, in any order,
+    /// duplicates allowed) not yet logged in this epoch, **all or none**, durably before it
+    /// returns: their data in one persist, then their headers in one. A device thread calls it
+    /// at a request boundary with every page the request will write, before it writes any
+    /// (`docs/checkpoints.md` section 9): `Err(UndoLogFull)` when the log has no room for all
+    /// of them, and then nothing was logged. `AlreadyRecorded` when every page was logged
+    /// already; [`UndoBlock::logged`] names the pages this call logged.
+    pub fn record_undo_pages(&self, page_offsets: &[u64]) -> Result<UndoBlock> {
+        let mut state = self.lock_state();
+        if let Some(&bad) = page_offsets
+            .iter()
+            .find(|&&page| !page.is_multiple_of(PAGE_SIZE) || page >= state.memory_size)
+        {
+            return Err(Error::InvalidCheckpointRequest(format!(
+                "page offset {bad:#x} is not a 4 KiB page of the VM's {} bytes",
+                state.memory_size
+            )));
+        }
+        let Some(epoch) = state.epoch else {
+            return Ok(UndoBlock {
+                record: UndoRecord::NotArmed,
+                logged: Vec::new(),
+            });
+        };
+        let mut targets: Vec<u64> = page_offsets
+            .iter()
+            .copied()
+            .filter(|&page| !state.is_logged(page))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        if targets.is_empty() {
+            return Ok(UndoBlock {
+                record: UndoRecord::AlreadyRecorded,
+                logged: Vec::new(),
+            });
+        }
+        let room = state.area.capacity.saturating_sub(state.entries_used());
+        if (targets.len() as u64) > room {
+            return Err(Error::UndoLogFull {
+                capacity_pages: state.area.capacity,
+            });
+        }
+        self.log_pages(&mut state, epoch, targets)
+    }
+
+    /// Writes `targets` (not logged in the epoch, at most the log's room) as the next entries,
+    /// data then headers, each persisted, and marks them logged.
+    fn log_pages(
+        &self,
+        state: &mut LogState,
+        epoch: u64,
+        mut targets: Vec<u64>,
+    ) -> Result<UndoBlock> {
+        let index = state.entries_used();
         {
             let mut shared = self.region.lock();
             let mut data = vec![0u8; targets.len() * PAGE_SIZE as usize];
@@ -226,6 +284,13 @@ impl UndoLog {
             record: UndoRecord::Recorded,
             logged: targets,
         })
+    }
+
+    /// Whether the page at `page_offset` is logged in the current epoch (its content at the
+    /// epoch is durable, so it may be written).
+    pub fn is_logged(&self, page_offset: u64) -> bool {
+        let state = self.lock_state();
+        state.epoch.is_some() && page_offset < state.memory_size && state.is_logged(page_offset)
     }
 
     /// The current epoch and how full its log is.

@@ -28,10 +28,10 @@ pub use hotplug::{
 use devices::console_io::{Pty, SerialInput};
 use devices::pci::PciBdf;
 use devices::virtio::{
-    kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, IoThreadStartHook,
-    MmioTransport, MmioTransportState, Net, NetParams, OutputHold, Tap, VhostUserBlkLink,
-    VhostUserFsLink, VhostUserNetLink, VhostUserNetParams, VirtioDevice, VirtioPciDevice,
-    VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
+    kernel_cmdline_token, msix_vector_count, virtio_mmio_slot, Block, GuestWriteGateSlot,
+    IoThreadStartHook, MmioTransport, MmioTransportState, Net, NetParams, OutputHold, Tap,
+    VhostUserBlkLink, VhostUserFsLink, VhostUserNetLink, VhostUserNetParams, VirtioDevice,
+    VirtioPciDevice, VirtioPciState, VirtioTransport, VIRTIO_MMIO_SIZE,
 };
 use devices::{
     AcpiShutdownDevice, Bus, EventFdInterrupt, GedDevice, GedState, I8042Device, PvPanicDevice,
@@ -356,6 +356,9 @@ pub struct DeviceManager {
     hotplug: hotplug::Hotplug,
     /// The output-commit gate of every in-process virtio-net device (armed by NV checkpoints).
     net_output_hold: Arc<OutputHold>,
+    /// What every virtio device asks before a request writes guest memory (NV checkpoints
+    /// install the undo log there).
+    guest_write_gate: GuestWriteGateSlot,
 }
 
 impl DeviceManager {
@@ -404,6 +407,7 @@ impl DeviceManager {
                 operation: "create (net output hold)",
                 source,
             })?,
+            guest_write_gate: GuestWriteGateSlot::default(),
         };
         manager.set_vacated_slots(vacated);
         manager.add_serial(vm_fd, config)?;
@@ -790,6 +794,12 @@ impl DeviceManager {
         Ok(new_net(tap, config)?.with_output_hold(Arc::clone(&self.net_output_hold)))
     }
 
+    /// The slot every virtio device asks before it writes guest memory (NV checkpoints install
+    /// the undo log there: `docs/checkpoints.md` section 9).
+    pub fn guest_write_gate(&self) -> GuestWriteGateSlot {
+        self.guest_write_gate.clone()
+    }
+
     /// The gate NV checkpoints hold the in-process virtio-net devices' output with.
     pub fn net_output_hold(&self) -> Arc<OutputHold> {
         Arc::clone(&self.net_output_hold)
@@ -826,6 +836,7 @@ impl DeviceManager {
         let evt = clone_event_fd(&self.activation_evt, "clone (device activation)")?;
         transport.notify_activation_with(evt);
         transport.confine_io_threads_with(thread_start.clone());
+        transport.gate_guest_writes_with(self.guest_write_gate.clone());
         Ok(())
     }
 

@@ -296,6 +296,10 @@ const STREAM_IO: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    // NV checkpoints: the guest pages a request writes are made durable in the region's undo
+    // log before it writes them (msync or fdatasync on a plain-file region).
+    libc::SYS_msync,
+    libc::SYS_fdatasync,
 ];
 
 /// Network packets: wait for queue notifications and the tap, move packets (`writev` is common).
@@ -305,6 +309,9 @@ const NET_IO: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    // NV checkpoints: as STREAM_IO.
+    libc::SYS_msync,
+    libc::SYS_fdatasync,
 ];
 
 /// The tap requests of the control loop: attach (`TUNSETIFF`), check a handed-over descriptor
@@ -824,10 +831,10 @@ mod tests {
                 (27, 4),
                 (50, 0),
                 (43, 0),
-                (30, 0),
+                (32, 0),
                 (28, 0),
                 (30, 3),
-                (31, 0),
+                (33, 0),
                 (32, 1)
             ]
         );

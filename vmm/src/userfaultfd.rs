@@ -75,6 +75,8 @@ pub enum UffdError {
     },
     #[error("creating the write tracker's stop EventFd: {0}")]
     StopEvent(#[source] std::io::Error),
+    #[error("cloning the write tracker's attention EventFd: {0}")]
+    Attention(#[source] std::io::Error),
 }
 
 /// One range of guest RAM to fill lazily: `length` bytes at host address `host_address`, whose
@@ -622,6 +624,27 @@ pub trait FirstWriteSink: Send {
     /// The page at byte `offset` of tracked range `range_index` is about to be written; its
     /// content is still the epoch's.
     fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite;
+
+    /// A device thread is about to write these pages, (range index, page offset), none of
+    /// them writable in the epoch: record all of them, or none (see
+    /// [`WriteTracker::prepare_device_write`]).
+    fn record_for_device(&mut self, pages: &[(usize, usize)]) -> DeviceWrite;
+}
+
+/// What [`WriteTracker::prepare_device_write`] found (and a sink's answer for a device's pages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceWrite {
+    /// Every page is recorded: the device may write them (the first write to a page still
+    /// faults, and the fault thread lifts it without waiting for room).
+    Ready,
+    /// Not in this epoch: the log has no room for all of the pages, and none was recorded.
+    /// Attention was raised: an early checkpoint follows, and the device asks again after it.
+    Full,
+    /// Never: the pages are more than an empty log holds.
+    TooLarge(String),
+    /// Recording failed: attention was raised and checkpoints stop, which lifts every
+    /// protection and needs no device to quiesce (a write waits in its fault until then).
+    Failed(String),
 }
 
 /// One range of guest RAM to track: `length` bytes at host address `host_address` (page
@@ -654,6 +677,43 @@ struct TrackerShared<S> {
     /// All tracked memory was protected once: from then on, protecting the lifted ranges
     /// again protects everything.
     protected: bool,
+    /// Per range, one bit per page: lifted since memory was last protected (writable without
+    /// a fault in this epoch).
+    writable: Vec<Vec<u64>>,
+}
+
+impl<S> TrackerShared<S> {
+    fn is_writable(&self, range_index: usize, page: usize) -> bool {
+        self.writable[range_index][page / 64] & (1 << (page % 64)) != 0
+    }
+
+    /// Marks pages `first..first + count` of range `range_index` writable (or not).
+    fn mark_writable(&mut self, range_index: usize, first: usize, count: usize, writable: bool) {
+        let bits = &mut self.writable[range_index];
+        for page in first..first + count {
+            if page / 64 >= bits.len() {
+                break;
+            }
+            if writable {
+                bits[page / 64] |= 1 << (page % 64);
+            } else {
+                bits[page / 64] &= !(1 << (page % 64));
+            }
+        }
+    }
+
+    /// Forgets which pages are writable in `(address, length)` of host memory.
+    fn forget_writable(&mut self, ranges: &[TrackedRange], address: usize, length: usize) {
+        for (index, range) in ranges.iter().enumerate() {
+            let start = address.max(range.host_address);
+            let end = (address + length).min(range.host_address + range.length);
+            if start < end {
+                let first = (start - range.host_address) / PAGE_SIZE;
+                let count = (end - start).div_ceil(PAGE_SIZE);
+                self.mark_writable(index, first, count, false);
+            }
+        }
+    }
 }
 
 /// What the fault thread has done since the tracker started.
@@ -675,6 +735,8 @@ pub struct WriteTrackerStats {
 pub struct WriteTracker<S: FirstWriteSink + 'static> {
     uffd: std::sync::Arc<OwnedFd>,
     ranges: Vec<TrackedRange>,
+    /// The device threads' door to the same state.
+    devices: std::sync::Arc<DeviceWrites<S>>,
     shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
     stop: vmm_sys_util::eventfd::EventFd,
     thread: Option<JoinHandle<()>>,
@@ -693,6 +755,9 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
             set_write_protection(&self.tracker.uffd, range.host_address, range.length, true)?;
         }
         self.guard.lifted_ranges.clear();
+        for bits in &mut self.guard.writable {
+            bits.fill(0);
+        }
         self.guard.protected = true;
         Ok(())
     }
@@ -726,6 +791,8 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
                 self.guard.lifted_ranges.extend_from_slice(&merged[index..]);
                 return Err(error);
             }
+            self.guard
+                .forget_writable(&self.tracker.ranges, address, length);
             protected += length;
         }
         Ok(protected)
@@ -783,9 +850,14 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             lifting: std::time::Duration::ZERO,
             lifted_ranges: Vec::new(),
             protected: false,
+            writable: ranges
+                .iter()
+                .map(|range| vec![0; (range.length / PAGE_SIZE).div_ceil(64)])
+                .collect(),
         }));
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(UffdError::StopEvent)?;
+        let device_attention = attention.try_clone().map_err(UffdError::Attention)?;
         let server = WriteFaultServer {
             uffd: std::sync::Arc::clone(&uffd),
             ranges: ranges.clone(),
@@ -807,6 +879,11 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             .map_err(UffdError::Spawn)?;
         let tracker = WriteTracker {
             uffd,
+            devices: std::sync::Arc::new(DeviceWrites {
+                ranges: ranges.clone(),
+                shared: std::sync::Arc::clone(&shared),
+                attention: device_attention,
+            }),
             ranges,
             shared,
             stop,
@@ -846,6 +923,17 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
         shared.held.len()
     }
 
+    /// See [`DeviceWrites::prepare`].
+    pub fn prepare_device_write(&self, ranges: &[(usize, usize)]) -> DeviceWrite {
+        self.devices.prepare(ranges)
+    }
+
+    /// The door device threads record their writes through (see [`DeviceWrites::prepare`]);
+    /// it outlives the tracker harmlessly (its records then find no epoch).
+    pub fn device_writes(&self) -> std::sync::Arc<DeviceWrites<S>> {
+        std::sync::Arc::clone(&self.devices)
+    }
+
     /// Why checkpoints must stop, if a page could not be recorded for another reason than a
     /// full log.
     pub fn failure(&self) -> Option<String> {
@@ -880,6 +968,77 @@ impl<S: FirstWriteSink + 'static> Drop for WriteTracker<S> {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// What device threads share of a [`WriteTracker`]: they record the pages a request will write
+/// before writing any (see [`DeviceWrites::prepare`]).
+pub struct DeviceWrites<S> {
+    ranges: Vec<TrackedRange>,
+    shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
+    /// Written when a device's pages do not fit the epoch's log, as the fault thread's copy is
+    /// for a held page.
+    attention: vmm_sys_util::eventfd::EventFd,
+}
+
+impl<S: FirstWriteSink> DeviceWrites<S> {
+    /// A device thread is about to write `ranges` (host address, length; pieces outside the
+    /// tracked memory are ignored), at a request boundary, before it writes any of them. Every
+    /// page of them not lifted in the epoch is recorded now, all or none. Its protection stays
+    /// (a device thread may not change it: its seccomp filter has no `ioctl`): the device's
+    /// first write to it faults, and the fault thread lifts a recorded page at once, whatever
+    /// room the log has. So a device thread never waits in a write fault for room in the log
+    /// in the middle of a request, where a checkpoint could not quiesce it
+    /// (`docs/checkpoints.md` section 9). `Full` holds nothing: the device gives the request
+    /// back and waits for its next resume, at a quiescent point.
+    pub fn prepare(&self, ranges: &[(usize, usize)]) -> DeviceWrite {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pages: Vec<(usize, usize)> = Vec::new();
+        for &(address, length) in ranges {
+            for (index, range) in self.ranges.iter().enumerate() {
+                let start = address.max(range.host_address);
+                let end = address
+                    .saturating_add(length)
+                    .min(range.host_address + range.length);
+                if start >= end {
+                    continue;
+                }
+                let first = (start - range.host_address) / PAGE_SIZE;
+                let last = (end - 1 - range.host_address) / PAGE_SIZE;
+                pages.extend(
+                    (first..=last)
+                        .filter(|&page| !shared.is_writable(index, page))
+                        .map(|page| (index, page * PAGE_SIZE)),
+                );
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        if pages.is_empty() || !shared.protected {
+            return DeviceWrite::Ready;
+        }
+        let at = std::time::Instant::now();
+        let answer = shared.sink.record_for_device(&pages);
+        shared.recording += at.elapsed();
+        match answer {
+            DeviceWrite::Ready => {}
+            DeviceWrite::Full => {
+                let _ = self.attention.write(1);
+                return DeviceWrite::Full;
+            }
+            DeviceWrite::Failed(reason) => {
+                if shared.failed.is_none() {
+                    shared.failed = Some(reason.clone());
+                }
+                let _ = self.attention.write(1);
+                return DeviceWrite::Failed(reason);
+            }
+            too_large @ DeviceWrite::TooLarge(_) => return too_large,
+        }
+        DeviceWrite::Ready
     }
 }
 
@@ -948,6 +1107,8 @@ fn serve_page<S: FirstWriteSink>(
         // half-way.
         shared.lifted_ranges.push((start, length));
         shared.lifted += (length / PAGE_SIZE) as u64;
+        let first = start.saturating_sub(range.host_address) / PAGE_SIZE;
+        shared.mark_writable(index, first, length / PAGE_SIZE, true);
         if let Err(error) = set_write_protection(uffd, start, length, false) {
             log::error!("write tracker: {error}");
         }
@@ -1202,11 +1363,29 @@ mod tests {
         records: Records,
         hold: usize,
         block: usize,
+        /// Pages devices may still record in this epoch, and at most in one.
+        device_room: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        device_capacity: usize,
+        /// Pages devices recorded in this epoch: a fault on one is lifted without a record.
+        device_logged: DeviceLogged,
+    }
+
+    type DeviceLogged = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<usize>>>;
+
+    impl RecordingSink {
+        fn note(&self, offset: usize) {
+            // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
+            let old = unsafe { std::ptr::read_volatile((self.base + offset + 7) as *const u8) };
+            self.records.lock().unwrap().push((offset / PAGE_SIZE, old));
+        }
     }
 
     impl FirstWriteSink for RecordingSink {
         fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
             assert_eq!(range_index, 0);
+            if self.device_logged.lock().unwrap().contains(&offset) {
+                return FirstWrite::Lift;
+            }
             if self.hold > 0 {
                 self.hold -= 1;
                 return FirstWrite::Hold {
@@ -1221,15 +1400,32 @@ mod tests {
                 offset
             };
             for page in (start..start + block_bytes.max(PAGE_SIZE)).step_by(PAGE_SIZE) {
-                // SAFETY: the page is inside the tracked mapping, which outlives the tracker.
-                let old = unsafe { std::ptr::read_volatile((self.base + page + 7) as *const u8) };
-                self.records.lock().unwrap().push((page / PAGE_SIZE, old));
+                self.note(page);
             }
             if self.block > 1 {
                 FirstWrite::LiftRuns(vec![(start, block_bytes)])
             } else {
                 FirstWrite::Lift
             }
+        }
+
+        fn record_for_device(&mut self, pages: &[(usize, usize)]) -> DeviceWrite {
+            use std::sync::atomic::Ordering;
+            if pages.len() > self.device_capacity {
+                return DeviceWrite::TooLarge(format!("{} pages", pages.len()));
+            }
+            let room = self.device_room.load(Ordering::SeqCst);
+            if pages.len() > room {
+                return DeviceWrite::Full;
+            }
+            self.device_room.store(room - pages.len(), Ordering::SeqCst);
+            for &(range_index, offset) in pages {
+                assert_eq!(range_index, 0);
+                if self.device_logged.lock().unwrap().insert(offset) {
+                    self.note(offset);
+                }
+            }
+            DeviceWrite::Ready
         }
     }
 
@@ -1268,6 +1464,9 @@ mod tests {
                 records: std::sync::Arc::clone(&records),
                 hold,
                 block,
+                device_room: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
+                device_capacity: usize::MAX,
+                device_logged: Default::default(),
             },
             attention.try_clone().unwrap(),
             SeccompMode::Enforce,
@@ -1399,5 +1598,112 @@ mod tests {
         assert_eq!(*records.lock().unwrap(), [(2, 42)]);
         assert_eq!(memory.read(2), 7);
         assert!(tracker.failure().is_none());
+    }
+
+    /// A device that prepares its write first records its pages all at once, before writing
+    /// any; its writes then go through (each page's first write faults, and the fault thread
+    /// lifts a recorded page without recording it again); a page lifted in the epoch is not
+    /// asked about again.
+    #[test]
+    fn a_device_write_prepared_first_is_recorded_once_before_it_writes() {
+        let memory = numbered_memory();
+        let device_logged = DeviceLogged::default();
+        let (tracker, records) = device_tracker(&memory, usize::MAX, 8, &device_logged);
+        let base = memory.address as usize;
+        // Before anything is protected nothing needs recording.
+        assert_eq!(
+            tracker.prepare_device_write(&[(base, PAGE_SIZE)]),
+            DeviceWrite::Ready
+        );
+        assert!(records.lock().unwrap().is_empty());
+        tracker.lock_epoch().protect_all().unwrap();
+        memory.write(2, 1); // a vCPU's write: recorded through its fault
+                            // Pages 1..=3 (2 is lifted already), and a piece outside the tracked memory.
+        let request = [
+            (base + PAGE_SIZE + 100, 2 * PAGE_SIZE),
+            (base + 8 * PAGE_SIZE, 64),
+        ];
+        assert_eq!(tracker.prepare_device_write(&request), DeviceWrite::Ready);
+        assert_eq!(*records.lock().unwrap(), [(2, 12), (1, 11), (3, 13)]);
+        for page in 1..=3 {
+            memory.write(page, 50 + page as u8);
+        }
+        assert_eq!(
+            records.lock().unwrap().len(),
+            3,
+            "a page was recorded twice"
+        );
+        assert_eq!((memory.read(1), memory.read(3)), (51, 53));
+        // The next epoch: protected again, recorded again with their new content.
+        device_logged.lock().unwrap().clear();
+        assert_eq!(protect_lifted_pages(&tracker), 3);
+        assert_eq!(tracker.prepare_device_write(&request), DeviceWrite::Ready);
+        assert_eq!(records.lock().unwrap()[3..], [(1, 51), (2, 52), (3, 53)]);
+    }
+
+    /// A tracker whose sink lets devices record `room` pages, `capacity` in one epoch.
+    fn device_tracker(
+        memory: &SharedTmpfs,
+        room: usize,
+        capacity: usize,
+        device_logged: &DeviceLogged,
+    ) -> (WriteTracker<RecordingSink>, Records) {
+        let records: Records = Default::default();
+        let base = memory.address as usize;
+        let tracker = WriteTracker::start(
+            vec![TrackedRange {
+                host_address: base,
+                length: memory.length,
+            }],
+            RecordingSink {
+                base,
+                records: std::sync::Arc::clone(&records),
+                hold: 0,
+                block: 1,
+                device_room: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(room)),
+                device_capacity: capacity,
+                device_logged: std::sync::Arc::clone(device_logged),
+            },
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            SeccompMode::Enforce,
+        )
+        .unwrap();
+        (tracker, records)
+    }
+
+    /// A device's pages that do not fit the epoch's log are not recorded, nothing is held (the
+    /// device thread is not blocked), attention asks for the early checkpoint, and after it the
+    /// same request goes through; a request larger than an empty log is refused for good.
+    /// Without the preparation the device thread would write into the protected pages and wait
+    /// in the fault (as `a_held_page_blocks_its_writer_until_it_is_recorded` shows), where a
+    /// checkpoint could not quiesce it.
+    #[test]
+    fn a_device_write_that_does_not_fit_waits_for_the_next_epoch_without_blocking() {
+        use std::sync::atomic::Ordering;
+        let memory = numbered_memory();
+        let base = memory.address as usize;
+        let device_logged = DeviceLogged::default();
+        let (tracker, records) = device_tracker(&memory, 2, 4, &device_logged);
+        let room = std::sync::Arc::clone(&tracker.lock().sink.device_room);
+        let attention = tracker.devices.attention.try_clone().unwrap();
+        tracker.lock_epoch().protect_all().unwrap();
+        let request = [(base + 4 * PAGE_SIZE, 3 * PAGE_SIZE)];
+        assert_eq!(tracker.prepare_device_write(&request), DeviceWrite::Full);
+        assert!(records.lock().unwrap().is_empty());
+        assert_eq!(attention.read().unwrap(), 1);
+        assert!(tracker.failure().is_none());
+        // The early checkpoint: a new epoch with an empty log.
+        room.store(4, Ordering::SeqCst);
+        assert_eq!(protect_lifted_pages(&tracker), 0);
+        assert_eq!(tracker.prepare_device_write(&request), DeviceWrite::Ready);
+        assert_eq!(*records.lock().unwrap(), [(4, 14), (5, 15), (6, 16)]);
+        for page in 4..7 {
+            memory.write(page, 1);
+        }
+        assert_eq!(records.lock().unwrap().len(), 3);
+        assert!(matches!(
+            tracker.prepare_device_write(&[(base, 8 * PAGE_SIZE)]),
+            DeviceWrite::TooLarge(_)
+        ));
     }
 }

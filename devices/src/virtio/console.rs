@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
 use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
-use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use super::{ActivationContext, GuestWriteGateSlot, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
 /// Maximum size of each queue (upstream's).
@@ -81,6 +81,7 @@ impl VirtioDevice for Console {
                 transmit: usable_queue(ctx, usize::from(CONSOLE_TRANSMIT_QUEUE))?,
                 mem: ctx.mem.clone(),
                 interrupt: ctx.interrupt.clone(),
+                guest_writes: ctx.guest_writes.clone(),
                 output,
             })
         })
@@ -103,6 +104,7 @@ struct ConsoleWorker {
     mem: GuestMemoryMmap,
     transmit: Arc<Mutex<Queue>>,
     interrupt: Arc<VirtioInterrupt>,
+    guest_writes: GuestWriteGateSlot,
     output: ConsoleOutput,
 }
 
@@ -114,6 +116,8 @@ impl QueueWorker for ConsoleWorker {
             queue: &self.transmit,
             index: CONSOLE_TRANSMIT_QUEUE,
             interrupt: &self.interrupt,
+            guest_writes: &self.guest_writes,
+            max_write: 0,
         };
         let output = &self.output;
         served.serve(pause_requested, |chain| {

@@ -3,6 +3,7 @@
 
 mod block;
 mod console;
+mod guest_write_gate;
 mod io_thread;
 mod mmio;
 pub mod mmio_registers;
@@ -31,6 +32,7 @@ pub use block::{
 pub use console::{
     Console, ConsoleOutput, CONSOLE_QUEUE_SIZE, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
 };
+pub use guest_write_gate::{GuestWriteGate, GuestWriteGateSlot};
 pub use io_thread::IoThreadStartHook;
 pub use mmio::{
     kernel_cmdline_token, virtio_mmio_slot, MmioTransport, MmioTransportState, MMIO_STATE_VERSION,
@@ -167,6 +169,8 @@ pub struct ActivationContext {
     pub start_paused: bool,
     /// Run first thing by every thread the device starts (the VMM's seccomp filter for it).
     pub io_thread_start: Option<IoThreadStartHook>,
+    /// Asked before each request that writes guest memory (see [`GuestWriteGate`]).
+    pub guest_writes: GuestWriteGateSlot,
 }
 
 /// Reads `data.len()` bytes of a device's configuration space `space` at `offset`; bytes

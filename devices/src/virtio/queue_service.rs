@@ -10,8 +10,9 @@ use log::error;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::guest_write_gate::GuestWrites;
 use super::io_thread::{IoThread, QueueWorker};
-use super::{ActivationContext, VirtioInterrupt};
+use super::{ActivationContext, BeforeWrite, GuestWriteGateSlot, VirtioInterrupt};
 use crate::{Error, Result};
 
 /// One queue of a device and what serving it needs.
@@ -23,9 +24,41 @@ pub(crate) struct ServedQueue<'a> {
     /// The queue's index, for its interrupt.
     pub index: u16,
     pub interrupt: &'a VirtioInterrupt,
+    /// Asked before each chain is served (see [`super::GuestWriteGate`]).
+    pub guest_writes: &'a GuestWriteGateSlot,
+    /// The most bytes `serve` writes into one chain's buffers.
+    pub max_write: usize,
 }
 
 impl ServedQueue<'_> {
+    /// Asks the guest-write gate about what serving `chain` writes: the first `max_write`
+    /// bytes of its writable buffers and the used ring.
+    fn may_write(&self, queue: &Queue, chain: &DescriptorChain<&GuestMemoryMmap>) -> bool {
+        if !self.guest_writes.is_installed() {
+            return true;
+        }
+        let mut writes = GuestWrites::default();
+        writes.add_used_ring(self.mem, queue);
+        let mut left = self.max_write;
+        for desc in chain.clone().writable() {
+            let len = (desc.len() as usize).min(left);
+            if len == 0 {
+                break;
+            }
+            writes.add(self.mem, desc.addr(), len);
+            left -= len;
+        }
+        match self.guest_writes.ask(&writes) {
+            BeforeWrite::Proceed => true,
+            BeforeWrite::Defer => false,
+            BeforeWrite::Fail(reason) => {
+                // Never fits (a chain's writes are far fewer pages than a log holds).
+                error!("{}: guest writes refused: {reason}", self.name);
+                false
+            }
+        }
+    }
+
     /// Serves posted chains with `serve` (which returns the bytes it wrote into the chain) until
     /// none is left or `pause_requested` is set, checked between chains only: a chain popped is
     /// served and published before a pause is acknowledged, so a save never sees it half done.
@@ -46,6 +79,12 @@ impl ServedQueue<'_> {
             let Some(chain) = queue.pop_descriptor_chain(self.mem) else {
                 break;
             };
+            if !self.may_write(&queue, &chain) {
+                // Not now: nothing was written; the chain goes back, the resume serves it.
+                let previous = queue.next_avail().wrapping_sub(1);
+                queue.set_next_avail(previous);
+                break;
+            }
             drop(queue);
             let head = chain.head_index();
             let used_len = serve(chain);

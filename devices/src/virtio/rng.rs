@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::io_thread::QueueWorker;
 use super::queue_service::{service_thread_lifecycle, usable_queue, ServedQueue, ServiceThread};
-use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use super::{ActivationContext, GuestWriteGateSlot, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
 /// Maximum size of the request queue (upstream's).
@@ -87,6 +87,7 @@ impl VirtioDevice for Rng {
                 queue: usable_queue(ctx, 0)?,
                 mem: ctx.mem.clone(),
                 interrupt: ctx.interrupt.clone(),
+                guest_writes: ctx.guest_writes.clone(),
                 source,
             })
         })
@@ -103,6 +104,7 @@ struct RngWorker {
     mem: GuestMemoryMmap,
     queue: Arc<Mutex<Queue>>,
     interrupt: Arc<VirtioInterrupt>,
+    guest_writes: GuestWriteGateSlot,
     source: Arc<Mutex<File>>,
 }
 
@@ -114,6 +116,8 @@ impl QueueWorker for RngWorker {
             queue: &self.queue,
             index: 0,
             interrupt: &self.interrupt,
+            guest_writes: &self.guest_writes,
+            max_write: RNG_MAX_BYTES_PER_REQUEST,
         };
         let source = &self.source;
         served.serve(pause_requested, |chain| fill(chain, &self.mem, source));

@@ -15,8 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    status, ActivationContext, IoThreadStartHook, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptTarget,
+    status, ActivationContext, GuestWriteGateSlot, IoThreadStartHook, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptTarget,
 };
 use crate::{Error, Result};
 
@@ -107,6 +107,8 @@ pub(crate) struct TransportCore {
     activation_evt: Option<EventFd>,
     /// Passed to the device at activation: what each of its I/O threads runs first.
     io_thread_start: Option<IoThreadStartHook>,
+    /// Passed to the device at activation: asked before it writes guest memory.
+    guest_writes: GuestWriteGateSlot,
     paused: bool,
     /// Set by `restore`: the interrupt the guest may not have taken before the power failure is
     /// raised again on the first resume.
@@ -151,6 +153,7 @@ impl TransportCore {
             activation_pending: false,
             activation_evt: None,
             io_thread_start: None,
+            guest_writes: GuestWriteGateSlot::default(),
             paused: false,
             retrigger_on_resume: false,
         })
@@ -242,6 +245,10 @@ impl TransportCore {
 
     pub fn confine_io_threads_with(&mut self, hook: IoThreadStartHook) {
         self.io_thread_start = Some(hook);
+    }
+
+    pub fn gate_guest_writes_with(&mut self, slot: GuestWriteGateSlot) {
+        self.guest_writes = slot;
     }
 
     pub fn queue_evts(&self) -> &[EventFd] {
@@ -344,6 +351,7 @@ impl TransportCore {
             acked_features: self.acked_features,
             start_paused,
             io_thread_start: self.io_thread_start.clone(),
+            guest_writes: self.guest_writes.clone(),
         })?;
         self.activated = true;
         Ok(())
@@ -536,6 +544,8 @@ pub trait VirtioTransport: Send {
     fn notify_activation_with(&mut self, evt: EventFd);
     /// Gives the device `hook` at activation, to run first in each I/O thread it starts.
     fn confine_io_threads_with(&mut self, hook: IoThreadStartHook);
+    /// Gives the device `slot` at activation: the gate it asks before it writes guest memory.
+    fn gate_guest_writes_with(&mut self, slot: GuestWriteGateSlot);
     /// Queue-notify eventfds, one per queue, in queue order (the VMM registers them as
     /// ioeventfds; a notify through the bus signals the same eventfd).
     fn queue_evts(&self) -> &[EventFd];
@@ -566,6 +576,9 @@ macro_rules! virtio_transport_over_core {
             }
             fn confine_io_threads_with(&mut self, hook: $crate::virtio::IoThreadStartHook) {
                 self.core.confine_io_threads_with(hook);
+            }
+            fn gate_guest_writes_with(&mut self, slot: $crate::virtio::GuestWriteGateSlot) {
+                self.core.gate_guest_writes_with(slot);
             }
             fn queue_evts(&self) -> &[vmm_sys_util::eventfd::EventFd] {
                 self.core.queue_evts()

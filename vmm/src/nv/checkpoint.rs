@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::virtio::{BlockWriteHookSlot, OutputHold};
+use devices::virtio::{
+    BeforeWrite, BlockWriteHookSlot, GuestWriteGate, GuestWriteGateSlot, OutputHold,
+};
 use nv_extension::{CheckpointPhase, HostError, NvHost, UndoLog, UndoRecord};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -34,7 +36,8 @@ use super::{nv_error, NvVm};
 use crate::api::{NvCheckpointStatus, NvPhaseTiming};
 use crate::config::SeccompMode;
 use crate::userfaultfd::{
-    EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker, WriteTrackerStats,
+    DeviceWrite, DeviceWrites, EpochLock, FirstWrite, FirstWriteSink, TrackedRange, WriteTracker,
+    WriteTrackerStats,
 };
 use crate::vm::{Vm, VmRunState};
 use crate::{CheckpointError, Error};
@@ -65,59 +68,73 @@ fn block_pages() -> u64 {
 struct UndoSink {
     log: UndoLog,
     ram_offsets: Vec<u64>,
-    /// Set while a checkpoint quiesces the devices: the log's reserve is theirs then.
+    /// Set while a checkpoint quiesces the devices: the log's reserve is usable then.
     quiescing: Arc<AtomicBool>,
-    /// Entries of an epoch's log that only a quiescing checkpoint may use: see
-    /// [`UndoSink::reserve`].
+    /// Entries of an epoch's log a vCPU's write fault may not take: see [`UndoSink::reserve`].
     reserve: u64,
+    /// Entries an epoch's log holds (the area's capacity; less in a test build, see
+    /// [`test_undo_limit`]).
+    capacity: u64,
     /// The length of each range of `ram_offsets`: a block's pages past its end are not lifted.
     range_lengths: Vec<u64>,
     /// Pages logged per fault outside the reserve (see [`BLOCK_PAGES`]).
     block_pages: u64,
+    /// New pages of the largest device request that found no room since a device request
+    /// last went through: vCPU write faults leave at least this many entries free, so the
+    /// guest's own writes cannot keep a device request waiting epoch after epoch.
+    device_need: u64,
 }
 
 impl UndoSink {
-    /// The log's last eighth (at least one entry) is kept for the checkpoint that a full log
-    /// asks for. A device thread (virtio-blk filling a read, virtio-net a receive buffer) may
-    /// be blocked on a page the full log held; the checkpoint cannot quiesce that device until
-    /// its request completes, so, with the vCPUs paused, it records the held pages from the
-    /// reserve and lets them go (and the devices' last writes before they stop).
+    /// The log's last eighth (at least one entry) is kept from vCPU write faults: device
+    /// requests may use it (they record their pages before writing, all or none, and wait for
+    /// the next epoch at a request boundary when they do not fit: `docs/checkpoints.md`
+    /// section 9), so the guest's own writes cannot leave a device request no room, and the
+    /// early checkpoint that a full log asks for serves the held pages from it.
     fn reserve(capacity: u64) -> u64 {
-        let reserve = (capacity / 8).max(1);
-        match test_undo_limit() {
-            // A test build may make the log look tiny: full after `limit` pages.
-            Some(limit) => capacity.saturating_sub(limit).max(reserve),
-            None => reserve,
-        }
+        (capacity / 8).max(1)
+    }
+
+    fn ram_offset(&self, range_index: usize, offset: usize) -> u64 {
+        self.ram_offsets[range_index] + offset as u64
     }
 }
 
 impl FirstWriteSink for UndoSink {
     fn record(&mut self, range_index: usize, offset: usize) -> FirstWrite {
+        let page = self.ram_offset(range_index, offset);
+        // A page logged already (by a device request before it writes, or in a block that
+        // reached past a range) is lifted whatever room the log has: nothing waits on it.
+        if self.log.is_logged(page) {
+            return FirstWrite::Lift;
+        }
         let quiescing = self.quiescing.load(Ordering::SeqCst);
         let mut block_pages = self.block_pages;
         let status = self.log.status();
         if status.epoch.is_some() {
-            if !quiescing && status.entries + self.reserve >= status.capacity_pages {
+            let reserve = if quiescing {
+                0
+            } else {
+                self.reserve.max(self.device_need)
+            };
+            if status.entries + reserve >= self.capacity {
                 return FirstWrite::Hold {
                     full: true,
                     reason: format!(
-                        "the undo log is full ({} of {} pages; the rest is kept for the checkpoint)",
-                        status.entries, status.capacity_pages
+                        "the undo log is full ({} of {} pages; the rest is kept for device \
+                         requests and the checkpoint)",
+                        status.entries, self.capacity
                     ),
                 };
             }
             // A block must not eat into the reserve, and the reserve serves single pages.
-            if quiescing || status.entries + self.reserve + block_pages > status.capacity_pages {
+            if quiescing || status.entries + reserve + block_pages > self.capacity {
                 block_pages = 1;
             }
         }
         let ram_offset = self.ram_offsets[range_index];
         let range_end = ram_offset + self.range_lengths[range_index];
-        match self
-            .log
-            .record_undo_block(ram_offset + offset as u64, block_pages)
-        {
+        match self.log.record_undo_block(page, block_pages) {
             Ok(block) if block.record == UndoRecord::Recorded => {
                 // Runs of adjacent logged pages inside this range (a block may reach past it).
                 let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -138,6 +155,65 @@ impl FirstWriteSink for UndoSink {
                 full: matches!(error, nv_extension::Error::UndoLogFull { .. }),
                 reason: error.to_string(),
             },
+        }
+    }
+
+    fn record_for_device(&mut self, pages: &[(usize, usize)]) -> DeviceWrite {
+        if pages.len() as u64 > self.capacity {
+            return DeviceWrite::TooLarge(format!(
+                "a request writing {} pages of guest memory, more than the {} an epoch's undo \
+                 log holds",
+                pages.len(),
+                self.capacity
+            ));
+        }
+        let offsets: Vec<u64> = pages
+            .iter()
+            .map(|&(range_index, offset)| self.ram_offset(range_index, offset))
+            .collect();
+        let status = self.log.status();
+        if status.epoch.is_some() {
+            let new = offsets
+                .iter()
+                .filter(|&&page| !self.log.is_logged(page))
+                .count() as u64;
+            if new > 0 && status.entries + new > self.capacity {
+                self.device_need = self.device_need.max(new);
+                return DeviceWrite::Full;
+            }
+        }
+        match self.log.record_undo_pages(&offsets) {
+            Ok(_) => {
+                self.device_need = 0;
+                DeviceWrite::Ready
+            }
+            Err(nv_extension::Error::UndoLogFull { .. }) => {
+                self.device_need = self.device_need.max(pages.len() as u64);
+                DeviceWrite::Full
+            }
+            Err(error) => DeviceWrite::Failed(error.to_string()),
+        }
+    }
+}
+
+/// The undo log as the VM's guest-write gate: a device request's pages are logged before it
+/// writes any of them, or the request waits for the next epoch at its boundary.
+struct DeviceWriteGate {
+    writes: Arc<DeviceWrites<UndoSink>>,
+}
+
+impl GuestWriteGate for DeviceWriteGate {
+    fn before_guest_writes(&self, ranges: &[(usize, usize)]) -> BeforeWrite {
+        match self.writes.prepare(ranges) {
+            DeviceWrite::Ready => BeforeWrite::Proceed,
+            // The early checkpoint was asked for; the device's resume after it serves the
+            // request again.
+            DeviceWrite::Full => BeforeWrite::Defer,
+            // Checkpoints stop (asked for already), which needs no device to quiesce: until
+            // then the device's write waits in its fault, as any writer's does, and stopping
+            // lifts every protection.
+            DeviceWrite::Failed(_) => BeforeWrite::Proceed,
+            DeviceWrite::TooLarge(reason) => BeforeWrite::Fail(reason),
         }
     }
 }
@@ -207,6 +283,8 @@ struct Active {
     quiescing: Arc<AtomicBool>,
     /// The disks asking [`DiskUndoHook`]s before each write.
     disks: Vec<BlockWriteHookSlot>,
+    /// Where the VM's devices ask before they write guest memory.
+    guest_writes: GuestWriteGateSlot,
 }
 
 impl Drop for Active {
@@ -214,6 +292,7 @@ impl Drop for Active {
         for slot in &self.disks {
             slot.install(None);
         }
+        self.guest_writes.install(None);
     }
 }
 
@@ -252,16 +331,17 @@ fn early_checkpoints_withheld() -> bool {
     false
 }
 
-/// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log look
-/// full after N pages (the rest of it is the checkpoint's reserve), a tiny log without a tiny
-/// region.
+/// Test builds (`fault-injection`): `NV_UNDO_LIMIT_PAGES=N` makes every epoch's undo log hold
+/// N entries (at most its real capacity; at least 4, what a test guest's disk read or network
+/// receive writes), a tiny log without a tiny region.
 #[cfg(feature = "fault-injection")]
 fn test_undo_limit() -> Option<u64> {
     std::env::var("NV_UNDO_LIMIT_PAGES")
         .ok()?
         .trim()
-        .parse()
+        .parse::<u64>()
         .ok()
+        .map(|limit| limit.max(4))
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -583,13 +663,18 @@ impl Checkpoints {
         }
         let quiescing = Arc::new(AtomicBool::new(false));
         let block_pages = block_pages();
+        let capacity = test_undo_limit().map_or(log.capacity_pages(), |limit| {
+            limit.min(log.capacity_pages())
+        });
         let sink = UndoSink {
             log: log.clone(),
             ram_offsets,
             quiescing: Arc::clone(&quiescing),
-            reserve: UndoSink::reserve(log.capacity_pages()),
+            reserve: UndoSink::reserve(capacity),
+            capacity,
             range_lengths,
             block_pages,
+            device_need: 0,
         };
         let attention = self.attention_clone()?;
         let hold_attention = self.attention_clone()?;
@@ -600,14 +685,18 @@ impl Checkpoints {
         for (index, slot) in disks.iter().enumerate() {
             self.install_disk_hook(&log, index, slot)?;
         }
+        // And every device logs the guest pages a request writes before it writes them.
+        let guest_writes = vm.devices.guest_write_gate();
+        guest_writes.install(Some(Arc::new(DeviceWriteGate {
+            writes: tracker.device_writes(),
+        })));
         // From here on a frame the guest transmits waits for the epoch that produced it.
         let hold = vm.devices.net_output_hold();
         hold.arm(hold_attention);
         log::info!(
-            "VM {:?}: checkpoints on, undo log of {} pages per epoch, {block_pages} pages logged \
-             per write fault",
-            nv.name(),
-            log.capacity_pages()
+            "VM {:?}: checkpoints on, undo log of {capacity} pages per epoch, {block_pages} pages \
+             logged per write fault",
+            nv.name()
         );
         Ok(Active {
             log,
@@ -615,6 +704,7 @@ impl Checkpoints {
             hold,
             quiescing,
             disks,
+            guest_writes,
         })
     }
 

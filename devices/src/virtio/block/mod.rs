@@ -22,9 +22,10 @@ use vm_memory::GuestMemoryMmap;
 use self::counters::BlockCounters;
 use self::disk::RawDisk;
 use self::request::Completion;
+use super::guest_write_gate::GuestWrites;
 use super::io_thread::QueueWorker;
 use super::queue_service::{service_thread_lifecycle, usable_queue, ServiceThread};
-use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use super::{ActivationContext, GuestWriteGateSlot, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
 /// virtio-blk's logical sector size; capacity and request sectors count in these units.
@@ -133,6 +134,7 @@ impl VirtioDevice for Block {
                 interrupt: ctx.interrupt.clone(),
                 counters,
                 write_hook,
+                guest_writes: ctx.guest_writes.clone(),
             })
         })
     }
@@ -159,6 +161,44 @@ struct BlockWorker {
     interrupt: Arc<VirtioInterrupt>,
     counters: Arc<BlockCounters>,
     write_hook: BlockWriteHookSlot,
+    guest_writes: GuestWriteGateSlot,
+}
+
+/// What the guest-write gate allows for the request just popped.
+enum Gated {
+    /// Serve it.
+    Serve,
+    /// Answer it with IOERR, writing only its status (the gate refused its data for good).
+    Refuse(String),
+    /// Give it back to the queue and serve nothing more until the next resume.
+    GiveBack,
+}
+
+impl BlockWorker {
+    /// Asks the guest-write gate (if installed) about everything serving `chain` writes into
+    /// guest memory: its writable buffers, its status, the used ring. Called before anything
+    /// of the request is written, at a request boundary.
+    fn gate(&self, chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Gated {
+        if !self.guest_writes.is_installed() {
+            return Gated::Serve;
+        }
+        let ask = |status_only: bool| {
+            let mut writes = GuestWrites::default();
+            if let Ok(queue) = self.queue.lock() {
+                writes.add_used_ring(&self.mem, &queue);
+            }
+            request::guest_writes_of(chain, &self.mem, status_only, &mut writes);
+            self.guest_writes.ask(&writes)
+        };
+        match ask(false) {
+            BeforeWrite::Proceed => Gated::Serve,
+            BeforeWrite::Defer => Gated::GiveBack,
+            BeforeWrite::Fail(reason) => match ask(true) {
+                BeforeWrite::Proceed => Gated::Refuse(reason),
+                _ => Gated::GiveBack,
+            },
+        }
+    }
 }
 
 impl QueueWorker for BlockWorker {
@@ -176,14 +216,20 @@ impl QueueWorker for BlockWorker {
             };
             drop(queue);
             let head = chain.head_index();
-            let hook = self.write_hook.current();
-            let completion = request::serve(
-                chain,
-                &self.mem,
-                &self.disk,
-                &self.counters,
-                hook.as_deref(),
-            );
+            let completion = match self.gate(&chain) {
+                Gated::Serve => {
+                    let hook = self.write_hook.current();
+                    request::serve(
+                        chain,
+                        &self.mem,
+                        &self.disk,
+                        &self.counters,
+                        hook.as_deref(),
+                    )
+                }
+                Gated::Refuse(reason) => request::refuse(chain, &self.mem, &reason),
+                Gated::GiveBack => Completion::Deferred,
+            };
             let Ok(mut queue) = self.queue.lock() else {
                 error!("virtio-blk: queue lock poisoned; stopping service");
                 return;
@@ -192,8 +238,9 @@ impl QueueWorker for BlockWorker {
                 Completion::Done { used_len, .. } => used_len,
                 Completion::Dropped => 0,
                 Completion::Deferred => {
-                    // Nothing was written: the chain goes back on the queue (it was the last
-                    // one popped) and is served again after the next resume.
+                    // Nothing was written (the write hook or the guest-write gate said not
+                    // now): the chain goes back on the queue (it was the last one popped) and
+                    // is served again after the next resume.
                     let previous = queue.next_avail().wrapping_sub(1);
                     queue.set_next_avail(previous);
                     break;

@@ -22,6 +22,7 @@ use super::counters::BlockCounters;
 use super::disk::RawDisk;
 use super::write_hook::{BeforeWrite, BlockWriteHook};
 use super::SECTOR_SIZE;
+use crate::virtio::guest_write_gate::GuestWrites;
 
 const HEADER_LEN: u32 = 16;
 
@@ -66,6 +67,65 @@ pub(crate) enum Completion {
     Deferred,
 }
 
+/// Adds what serving `chain` may write into guest memory to `writes`: every device-writable
+/// buffer (read data, the id, the status byte); with `status_only` only its last descriptor's
+/// first byte, the status a refused request writes.
+pub(crate) fn guest_writes_of(
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    status_only: bool,
+    writes: &mut GuestWrites,
+) {
+    let descriptors: Vec<Descriptor> = chain.clone().collect();
+    if status_only {
+        if let Some(status) = descriptors.last().filter(|d| d.is_write_only()) {
+            writes.add(mem, status.addr(), 1);
+        }
+        return;
+    }
+    for d in descriptors.iter().filter(|d| d.is_write_only()) {
+        writes.add(mem, d.addr(), d.len() as usize);
+    }
+}
+
+/// Answers the request in `chain` with IOERR without serving it: nothing but its status byte is
+/// written. For a request whose guest writes the gate refused for good.
+pub(crate) fn refuse(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    reason: &str,
+) -> Completion {
+    let head = chain.head_index();
+    let descriptors: Vec<Descriptor> = chain.collect();
+    let Some(status_desc) = usable_status(&descriptors, mem) else {
+        warn!("virtio-blk: chain at head {head} has no usable status descriptor; dropped");
+        return Completion::Dropped;
+    };
+    warn!("virtio-blk: request at head {head} refused: {reason}");
+    let status = VIRTIO_BLK_S_IOERR as u8;
+    if let Err(e) = mem.write_obj(status, status_desc.addr()) {
+        warn!("virtio-blk: cannot write status of head {head}: {e}");
+        return Completion::Dropped;
+    }
+    Completion::Done {
+        status,
+        used_len: 1,
+    }
+}
+
+/// The chain's status descriptor: its last, device-writable, at least one byte, in memory.
+fn usable_status<'a>(
+    descriptors: &'a [Descriptor],
+    mem: &GuestMemoryMmap,
+) -> Option<&'a Descriptor> {
+    descriptors.last().filter(|d| {
+        descriptors.len() >= 2
+            && d.is_write_only()
+            && d.len() >= 1
+            && mem.check_range(d.addr(), 1, Permissions::Write)
+    })
+}
+
 /// Serves the request in `chain` against `disk`.
 pub(crate) fn serve(
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -77,12 +137,7 @@ pub(crate) fn serve(
     let head = chain.head_index();
     // A chain cannot be longer than the queue (the iterator's TTL), so this is bounded.
     let descriptors: Vec<Descriptor> = chain.collect();
-    let Some(status_desc) = descriptors.last().filter(|d| {
-        descriptors.len() >= 2
-            && d.is_write_only()
-            && d.len() >= 1
-            && mem.check_range(d.addr(), 1, Permissions::Write)
-    }) else {
+    let Some(status_desc) = usable_status(&descriptors, mem) else {
         warn!("virtio-blk: chain at head {head} has no usable status descriptor; dropped");
         return Completion::Dropped;
     };

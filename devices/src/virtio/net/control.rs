@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::error;
 use virtio_bindings::virtio_net::*;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -57,10 +58,14 @@ pub(crate) fn parse(readable: &[u8]) -> ControlCommand {
 /// the ack goes into the chain's last device-writable descriptor and the chain into the used
 /// ring, so nothing stays popped across a pause. Returns whether any entry was used (the
 /// caller raises the queue's interrupt).
+///
+/// `may_ack` is asked before a request is served, with the descriptor its ack goes into
+/// (the guest-write gate): false gives the request back and stops.
 pub(crate) fn serve(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     pause_requested: &AtomicBool,
+    mut may_ack: impl FnMut(&Descriptor) -> bool,
     mut handle: impl FnMut(ControlCommand) -> bool,
 ) -> bool {
     let mut used = false;
@@ -72,7 +77,14 @@ pub(crate) fn serve(
             break;
         };
         let head = chain.head_index();
-        let descs: Vec<_> = chain.collect();
+        let descs: Vec<Descriptor> = chain.collect();
+        if let Some(ack) = descs.iter().rev().find(|d| d.is_write_only()) {
+            if !may_ack(ack) {
+                let previous = queue.next_avail().wrapping_sub(1);
+                queue.set_next_avail(previous);
+                break;
+            }
+        }
         let mut readable = Vec::new();
         let mut malformed = false;
         for desc in descs.iter().filter(|d| !d.is_write_only()) {
@@ -191,10 +203,16 @@ mod tests {
         let status_a = post(&mem, 0, 0, &[&[mq, set], &[2, 0]]);
         let status_b = post(&mem, 1, 3, &[&[mq, set, 3, 0]]);
         let mut seen = Vec::new();
-        let used = serve(&mut q, &mem, &AtomicBool::new(false), |c| {
-            seen.push(c);
-            c == ControlCommand::VqPairsSet(2)
-        });
+        let used = serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(false),
+            |_| true,
+            |c| {
+                seen.push(c);
+                c == ControlCommand::VqPairsSet(2)
+            },
+        );
         assert!(used);
         assert_eq!(
             seen,
@@ -225,9 +243,21 @@ mod tests {
                 0,
             ]],
         );
-        assert!(!serve(&mut q, &mem, &AtomicBool::new(true), |_| true));
+        assert!(!serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(true),
+            |_| true,
+            |_| true
+        ));
         assert_eq!(q.next_avail(), 0);
-        assert!(serve(&mut q, &mem, &AtomicBool::new(false), |_| true));
+        assert!(serve(
+            &mut q,
+            &mem,
+            &AtomicBool::new(false),
+            |_| true,
+            |_| true
+        ));
         assert_eq!(q.next_avail(), 1);
     }
 

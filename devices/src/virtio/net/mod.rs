@@ -32,14 +32,16 @@ use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 pub use self::output_hold::{HoldTotals, OutputHold, Released, HOLD_LIMIT_BYTES};
 pub use self::tap::{Tap, TapError, NEW_TAP_TEMPLATE, VNET_HDR_LEN};
+use super::guest_write_gate::GuestWrites;
 use super::io_thread::QueueWorker;
 use super::queue_service::{service_thread_lifecycle, ServiceThread};
-use super::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use super::{ActivationContext, BeforeWrite, GuestWriteGateSlot, VirtioDevice, VirtioInterrupt};
 use crate::{Error, Result};
 
 /// Upstream's default queue size and the largest we accept.
@@ -250,6 +252,7 @@ impl VirtioDevice for Net {
                 interrupt: ctx.interrupt.clone(),
                 tap: self.tap.clone(),
                 output_hold: self.output_hold.clone(),
+                guest_writes: ctx.guest_writes.clone(),
                 packets: TapPackets::with_counters(
                     ctx.acked_features,
                     self.params.mtu,
@@ -298,6 +301,8 @@ struct NetWorker {
     /// Keeps the tap's descriptors open as long as the thread uses them.
     tap: Arc<Tap>,
     output_hold: Option<Arc<OutputHold>>,
+    /// Asked before the worker writes guest memory (see [`GuestWriteGate`]).
+    guest_writes: GuestWriteGateSlot,
     packets: TapPackets,
 }
 
@@ -323,6 +328,22 @@ impl IoVecs {
             iovecs: Vec::new(),
             len: 0,
         }
+    }
+
+    /// Keeps the first `limit` bytes of the buffers.
+    fn truncate(&mut self, limit: usize) {
+        let mut kept = 0usize;
+        let mut count = 0usize;
+        for iovec in &mut self.iovecs {
+            if kept >= limit {
+                break;
+            }
+            iovec.iov_len = iovec.iov_len.min(limit - kept);
+            kept += iovec.iov_len;
+            count += 1;
+        }
+        self.iovecs.truncate(count);
+        self.len = kept;
     }
 
     /// Adds the guest range `addr..addr+len` (it may span memory regions).
@@ -363,6 +384,28 @@ impl NetWorker {
                 None
             }
         }
+    }
+
+    /// Asks the guest-write gate about every used ring of the device: a pass writes them
+    /// (completions, notification suppression) and nothing else but receive buffers and
+    /// control acks, which are asked about per request. False: serve nothing in this pass
+    /// (the gate asked for a pause; the resume serves again).
+    fn used_rings_writable(&self) -> bool {
+        if !self.guest_writes.is_installed() {
+            return true;
+        }
+        let mut writes = GuestWrites::default();
+        let queues = self
+            .pairs
+            .iter()
+            .flat_map(|pair| [&pair.rx, &pair.tx])
+            .chain(self.ctrl.as_ref());
+        for queue in queues {
+            if let Ok(queue) = queue.lock() {
+                writes.add_used_ring(&self.mem, &queue);
+            }
+        }
+        self.guest_writes.ask(&writes) == BeforeWrite::Proceed
     }
 
     fn notify(&self, queue: &Mutex<Queue>, index: u16) {
@@ -417,7 +460,14 @@ impl NetWorker {
             let Some(mut queue) = self.lock(&pair.rx) else {
                 break;
             };
-            if !queue.ready() || !self.packets.receive_one(&mut queue, &self.mem, pair.fd) {
+            if !queue.ready()
+                || !self.packets.receive_gated(
+                    &mut queue,
+                    &self.mem,
+                    pair.fd,
+                    Some(&self.guest_writes),
+                )
+            {
                 break;
             }
             pass.used = true;
@@ -447,10 +497,20 @@ impl NetWorker {
             let Some(mut queue) = self.lock(ctrl) else {
                 return;
             };
-            control::serve(&mut queue, &self.mem, pause_requested, |command| {
-                matches!(command, control::ControlCommand::VqPairsSet(n)
-                    if control::pairs_valid(n, max_pairs))
-            })
+            control::serve(
+                &mut queue,
+                &self.mem,
+                pause_requested,
+                |ack: &Descriptor| {
+                    let mut writes = GuestWrites::default();
+                    writes.add(&self.mem, ack.addr(), 1);
+                    self.guest_writes.ask(&writes) == BeforeWrite::Proceed
+                },
+                |command| {
+                    matches!(command, control::ControlCommand::VqPairsSet(n)
+                        if control::pairs_valid(n, max_pairs))
+                },
+            )
         };
         if used {
             self.notify(ctrl, self.ctrl_index);
@@ -580,6 +640,19 @@ impl TapPackets {
     /// mergeable buffers). False when the tap is empty or the guest has no room for it: the
     /// buffers popped are given back.
     pub fn receive_one(&self, queue: &mut Queue, mem: &GuestMemoryMmap, fd: RawFd) -> bool {
+        self.receive_gated(queue, mem, fd, None)
+    }
+
+    /// As [`TapPackets::receive_one`], asking `gate` about the buffers the packet may fill
+    /// (and the used ring) before reading it: not now, and the buffers are given back and the
+    /// packet stays in the tap.
+    fn receive_gated(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        fd: RawFd,
+        gate: Option<&GuestWriteGateSlot>,
+    ) -> bool {
         let start = queue.next_avail();
         // Each popped chain: head, its first writable buffer (for num_buffers), capacity.
         let mut chains: Vec<(u16, GuestAddress, usize)> = Vec::new();
@@ -605,6 +678,27 @@ impl TapPackets {
                 error!("virtio-net: receive chain outside guest memory; receive stopped");
             }
             return false;
+        }
+        // No packet is longer than `rx_needed`: the read fills no more than that.
+        iovecs.truncate(self.rx_needed);
+        if let Some(gate) = gate.filter(|gate| gate.is_installed()) {
+            let mut writes = GuestWrites::default();
+            writes.add_used_ring(mem, queue);
+            for iovec in &iovecs.iovecs {
+                writes.add_host(iovec.iov_base as usize, iovec.iov_len);
+            }
+            match gate.ask(&writes) {
+                BeforeWrite::Proceed => {}
+                answer => {
+                    // Not now (or, for a receive, never possible: a packet's buffers are far
+                    // fewer pages than a log holds): the packet waits in the tap.
+                    if let BeforeWrite::Fail(reason) = answer {
+                        error!("virtio-net: receive buffers refused: {reason}");
+                    }
+                    queue.set_next_avail(start);
+                    return false;
+                }
+            }
         }
         // SAFETY: every iovec points into guest memory mapped for the worker's lifetime,
         // with the length `get_slices` checked; the buffers are device-writable.
@@ -693,6 +787,9 @@ fn chain_buffers(
 
 impl QueueWorker for NetWorker {
     fn process_queues(&mut self, pause_requested: &AtomicBool) {
+        if !self.used_rings_writable() {
+            return;
+        }
         self.control(pause_requested);
         for pair in &self.pairs {
             self.transmit(pair, pause_requested);

@@ -205,6 +205,7 @@ fn activate(
         acked_features: acked,
         start_paused: false,
         io_thread_start: None,
+        guest_writes: Default::default(),
     })
     .unwrap();
     Driver { rx, tx, notify }

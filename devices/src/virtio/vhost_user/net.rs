@@ -108,29 +108,38 @@ impl OwnQueue for MultiQueue {
         pause_requested: &AtomicBool,
         switch: &mut dyn FnMut(usize, bool),
     ) -> bool {
-        control::serve(queue, mem, pause_requested, |command| match command {
-            ControlCommand::VqPairsSet(pairs) if control::pairs_valid(pairs, self.max_pairs) => {
-                self.pairs.store(pairs, Ordering::SeqCst);
-                info!(
-                    "vhost-user-net {}: the driver uses {pairs} of {} queue pairs",
-                    self.socket.display(),
-                    self.max_pairs
-                );
-                for ring in 0..2 * usize::from(self.max_pairs) {
-                    switch(ring, ring / 2 < usize::from(pairs));
+        // vhost-user devices are refused while checkpoints are on: no guest-write gate.
+        control::serve(
+            queue,
+            mem,
+            pause_requested,
+            |_| true,
+            |command| match command {
+                ControlCommand::VqPairsSet(pairs)
+                    if control::pairs_valid(pairs, self.max_pairs) =>
+                {
+                    self.pairs.store(pairs, Ordering::SeqCst);
+                    info!(
+                        "vhost-user-net {}: the driver uses {pairs} of {} queue pairs",
+                        self.socket.display(),
+                        self.max_pairs
+                    );
+                    for ring in 0..2 * usize::from(self.max_pairs) {
+                        switch(ring, ring / 2 < usize::from(pairs));
+                    }
+                    true
                 }
-                true
-            }
-            ControlCommand::VqPairsSet(pairs) => {
-                log::warn!(
-                    "vhost-user-net {}: VQ_PAIRS_SET {pairs} refused (1 to {})",
-                    self.socket.display(),
-                    self.max_pairs
-                );
-                false
-            }
-            ControlCommand::Unsupported { .. } | ControlCommand::Malformed => false,
-        })
+                ControlCommand::VqPairsSet(pairs) => {
+                    log::warn!(
+                        "vhost-user-net {}: VQ_PAIRS_SET {pairs} refused (1 to {})",
+                        self.socket.display(),
+                        self.max_pairs
+                    );
+                    false
+                }
+                ControlCommand::Unsupported { .. } | ControlCommand::Malformed => false,
+            },
+        )
     }
 
     fn ring_enabled(&self, index: usize) -> bool {
