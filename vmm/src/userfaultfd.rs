@@ -1465,7 +1465,11 @@ mod tests {
         let mut lock = tracker.lock_epoch();
         lock.start_protect_lifted().unwrap();
         assert_eq!(lock.finish_protect().unwrap(), 3 * PAGE_SIZE);
-        assert_eq!(lock.finish_protect().unwrap(), 0, "nothing left to wait for");
+        assert_eq!(
+            lock.finish_protect().unwrap(),
+            0,
+            "nothing left to wait for"
+        );
         drop(lock);
         assert_eq!(protect_lifted_pages(&tracker), 0);
         memory.write(7, 8);

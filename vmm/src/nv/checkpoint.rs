@@ -161,7 +161,7 @@ struct CheckpointHost<'a> {
 
 impl NvHost for CheckpointHost<'_> {
     fn pause_vcpus(&mut self) -> Result<(), HostError> {
-        self.vm.pause_vcpus()
+        self.vm.pause_vcpus_briefly()
     }
 
     fn quiesce_devices(&mut self) -> Result<(), HostError> {
