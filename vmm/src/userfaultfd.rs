@@ -715,7 +715,7 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
     pub fn protect_lifted(&mut self) -> Result<usize, UffdError> {
         self.finish_protect()?;
         let (ranges, all) = self.take_ranges_to_protect();
-        let protected = rearm::protect_ranges(&self.tracker.uffd, &ranges);
+        let protected = rearm::protect_ranges(&self.tracker.uffd, ranges);
         self.settle(protected, all)
     }
 
