@@ -134,7 +134,10 @@ pub fn checkpoint_vm(
 
     let mut state = log.lock_state();
     // Overlaps the persist, the save and the commit; finished (waited for) before the resume.
-    if let Err(e) = host.start_write_protect() {
+    // Its hand-over counts to the write-protect phase, with the final wait.
+    let at = Instant::now();
+    let protect_start = host.start_write_protect().map(|()| at.elapsed());
+    if let Err(e) = protect_start {
         drop(state);
         resume_after_failure(handle, host);
         return Err(host_step(CheckpointPhase::WriteProtect, e));
@@ -169,7 +172,11 @@ pub fn checkpoint_vm(
         return Err(error);
     }
     drop(state);
-    mark(CheckpointPhase::WriteProtect, at);
+    let hand_over = protect_start.unwrap_or_default();
+    mark(
+        CheckpointPhase::WriteProtect,
+        at.checked_sub(hand_over).unwrap_or(at),
+    );
     let at = Instant::now();
     host.resume()
         .map_err(|e| host_step(CheckpointPhase::Resume, e))?;
