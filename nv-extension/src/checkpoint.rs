@@ -103,9 +103,9 @@ fn host_step(phase: CheckpointPhase, source: HostError) -> Error {
 
 /// Takes one epoch checkpoint of a running VM; the VM runs again afterwards.
 ///
-/// Calls `pause_vcpus`, `quiesce_devices`, `start_write_protect`, `guest_memory_ranges`
-/// (first checkpoint of an armed log only), `save_state`, `write_protect_memory` and `resume`,
-/// in that order, each at most once. On any failure before the commit the previous epoch stands, unchanged, and the
+/// Calls `pause_vcpus`, `quiesce_devices`, `guest_memory_ranges` (first checkpoint of an
+/// armed log only), `save_state`, `write_protect_memory` and `resume`, in that order, each at
+/// most once. On any failure before the commit the previous epoch stands, unchanged, and the
 /// host is resumed. If `write_protect_memory` fails after the commit, the epoch records are
 /// destroyed (a crash is an unsafe shutdown again, as without checkpoints), the log is
 /// disarmed, and the host is resumed; if even that destroying fails, the VM stays paused and
@@ -133,15 +133,6 @@ pub fn checkpoint_vm(
     mark(CheckpointPhase::QuiesceDevices, at);
 
     let mut state = log.lock_state();
-    // Overlaps the persist, the save and the commit; finished (waited for) before the resume.
-    // Its hand-over counts to the write-protect phase, with the final wait.
-    let at = Instant::now();
-    let protect_start = host.start_write_protect().map(|()| at.elapsed());
-    if let Err(e) = protect_start {
-        drop(state);
-        resume_after_failure(handle, host);
-        return Err(host_step(CheckpointPhase::WriteProtect, e));
-    }
     let committed = commit_under_log(handle, host, &mut state, &mut mark);
     let (seq, undo_pages, state_bytes, arming) = match committed {
         Ok(done) => done,
@@ -172,11 +163,7 @@ pub fn checkpoint_vm(
         return Err(error);
     }
     drop(state);
-    let hand_over = protect_start.unwrap_or_default();
-    mark(
-        CheckpointPhase::WriteProtect,
-        at.checked_sub(hand_over).unwrap_or(at),
-    );
+    mark(CheckpointPhase::WriteProtect, at);
     let at = Instant::now();
     host.resume()
         .map_err(|e| host_step(CheckpointPhase::Resume, e))?;
@@ -635,9 +622,6 @@ mod tests {
         fn write_protect_memory(&mut self) -> std::result::Result<(), HostError> {
             self.step("write_protect")
         }
-        fn start_write_protect(&mut self) -> std::result::Result<(), HostError> {
-            self.step("start_write_protect")
-        }
     }
 
     fn running_vm() -> (Region, VmHandle) {
@@ -719,14 +703,7 @@ mod tests {
         assert!(first.arming);
         assert_eq!(
             host.calls,
-            [
-                "pause",
-                "quiesce",
-                "start_write_protect",
-                "save_state",
-                "write_protect",
-                "resume"
-            ]
+            ["pause", "quiesce", "save_state", "write_protect", "resume"]
         );
         guest_write(&handle, &log, 1, 0x22);
         guest_write(&handle, &log, 2, 0x33);
@@ -943,41 +920,6 @@ mod tests {
         assert_eq!(log.record_undo(0).unwrap(), UndoRecord::NotArmed);
         let (_crashed, handle) = crash(&region);
         assert!(matches!(handle.recover(), Err(Error::UnsafeShutdown)));
-    }
-
-    /// The protection starts before the commit: if it cannot start, nothing is committed,
-    /// the standing epoch stays recoverable and the VM runs on.
-    #[test]
-    fn a_write_protect_that_cannot_start_leaves_the_standing_epoch() {
-        let (region, handle) = running_vm();
-        let log = handle.enable_checkpoints(4).unwrap();
-        let mut host = MockHost {
-            state: b"standing".to_vec(),
-            ..MockHost::default()
-        };
-        let standing = checkpoint_vm(&handle, &mut host, &log).unwrap();
-        guest_write(&handle, &log, 1, 0x44);
-        host.fail = Some("start_write_protect");
-        host.state = b"never".to_vec();
-        host.calls.clear();
-        let err = checkpoint_vm(&handle, &mut host, &log).unwrap_err();
-        assert!(
-            err.to_string().contains("start_write_protect exploded"),
-            "{err}"
-        );
-        assert_eq!(
-            host.calls,
-            ["pause", "quiesce", "start_write_protect", "resume"]
-        );
-        assert_eq!(log.status().epoch, Some(standing.seq));
-        assert_eq!(
-            log.record_undo(PAGE_SIZE).unwrap(),
-            UndoRecord::AlreadyRecorded
-        );
-        let (_crashed, handle) = crash(&region);
-        let recovered = handle.recover().unwrap();
-        assert_eq!(recovered.state_blob, b"standing");
-        assert_eq!(recovered.seq, standing.seq);
     }
 
     #[test]

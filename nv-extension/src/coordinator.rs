@@ -49,17 +49,6 @@ pub trait NvHost {
     fn write_protect_memory(&mut self) -> std::result::Result<(), HostError> {
         Err("this host cannot write-protect guest memory".into())
     }
-    /// Checkpoints only: may start the write protection of the next epoch in the background
-    /// (another thread), so that it overlaps persisting, saving and committing the epoch;
-    /// `write_protect_memory` then finishes it (waits and reports). Called once per
-    /// checkpoint, right after `quiesce_devices`, with the undo log's lock held. Early is
-    /// safe: nothing writes guest memory while the VM is paused and quiesced, and if the
-    /// commit fails, a page of the ending epoch protected again is found already logged at its
-    /// next write and lifted again. A host that started a protection must not let the guest
-    /// run (`resume`) before it has finished. The default starts nothing.
-    fn start_write_protect(&mut self) -> std::result::Result<(), HostError> {
-        Ok(())
-    }
 }
 
 /// A phase of the save, numbered as `NV_FAULT_AFTER_PHASE` counts them.

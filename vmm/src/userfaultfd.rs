@@ -30,8 +30,6 @@ use std::thread::{self, JoinHandle};
 use crate::config::SeccompMode;
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 
-mod rearm;
-
 const PAGE_SIZE: usize = 4096;
 /// Pages filled per fault: the faulting page's aligned block of 64 KiB.
 const BLOCK_PAGES: usize = 16;
@@ -77,8 +75,6 @@ pub enum UffdError {
     },
     #[error("creating the write tracker's stop EventFd: {0}")]
     StopEvent(#[source] std::io::Error),
-    #[error("the write tracker's re-arm thread is gone")]
-    RearmGone,
 }
 
 /// One range of guest RAM to fill lazily: `length` bytes at host address `host_address`, whose
@@ -682,17 +678,12 @@ pub struct WriteTracker<S: FirstWriteSink + 'static> {
     shared: std::sync::Arc<std::sync::Mutex<TrackerShared<S>>>,
     stop: vmm_sys_util::eventfd::EventFd,
     thread: Option<JoinHandle<()>>,
-    /// Protects ranges for [`EpochLock::start_protect_lifted`] while the checkpoint goes on.
-    rearm: rearm::RearmThread,
 }
 
 /// The tracker's lock, held across an epoch switch: no page is recorded or lifted meanwhile.
 pub struct EpochLock<'a, S: FirstWriteSink + 'static> {
     tracker: &'a WriteTracker<S>,
     guard: std::sync::MutexGuard<'a, TrackerShared<S>>,
-    /// A protection handed to the re-arm thread and not waited for yet: `Some(all)`, `all`
-    /// when it covers all tracked memory (the first protection).
-    in_flight: Option<bool>,
 }
 
 impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
@@ -713,75 +704,11 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
     /// drops them, and the guest's next read of such a page faults in the kernel again).
     /// Returns the bytes protected.
     pub fn protect_lifted(&mut self) -> Result<usize, UffdError> {
-        self.finish_protect()?;
-        let (ranges, all) = self.take_ranges_to_protect();
-        let protected = rearm::protect_ranges(&self.tracker.uffd, ranges);
-        self.settle(protected, all)
-    }
-
-    /// [`EpochLock::protect_lifted`] on the tracker's re-arm thread, so that the caller can go
-    /// on (save and commit the epoch) meanwhile; [`EpochLock::finish_protect`] waits for it,
-    /// and so does dropping the lock. The lock stays held throughout, so no page is recorded
-    /// or lifted while the ranges are being protected.
-    pub fn start_protect_lifted(&mut self) -> Result<(), UffdError> {
-        self.finish_protect()?;
-        let (ranges, all) = self.take_ranges_to_protect();
-        match self.tracker.rearm.start_protecting(ranges) {
-            Ok(()) => {
-                self.in_flight = Some(all);
-                Ok(())
-            }
-            Err(unsent) => {
-                // The thread is gone: the ranges go back, `protect_lifted` does them here.
-                log::warn!("write tracker: the re-arm thread is gone; protecting in place");
-                let _ = self.settle(
-                    rearm::Protected {
-                        ranges: unsent,
-                        outcome: Err((0, UffdError::RearmGone)),
-                    },
-                    all,
-                );
-                Ok(())
-            }
-        }
-    }
-
-    /// Whether a protection was started and not waited for yet.
-    pub fn protection_started(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
-    /// Waits for the protection [`EpochLock::start_protect_lifted`] started (nothing to wait
-    /// for: `Ok(0)`); returns the bytes it protected. Afterwards, as after
-    /// [`EpochLock::protect_lifted`], every page not lifted since is protected, or the error
-    /// says which range is not and the next protection covers it again.
-    pub fn finish_protect(&mut self) -> Result<usize, UffdError> {
-        let Some(all) = self.in_flight.take() else {
-            return Ok(0);
-        };
-        match self.tracker.rearm.wait() {
-            Some(protected) => self.settle(protected, all),
-            None => {
-                // What the thread protected is unknown: the next protection covers everything.
-                self.guard.protected = false;
-                Err(UffdError::RearmGone)
-            }
-        }
-    }
-
-    /// The ranges the next epoch must protect, taken out of the lifted list: the lifted ones
-    /// (adjacent ranges merged), or all tracked memory (`true`) if it never was protected.
-    fn take_ranges_to_protect(&mut self) -> (Vec<(usize, usize)>, bool) {
-        let mut lifted = std::mem::take(&mut self.guard.lifted_ranges);
         if !self.guard.protected {
-            let all = self
-                .tracker
-                .ranges
-                .iter()
-                .map(|range| (range.host_address, range.length))
-                .collect();
-            return (all, true);
+            self.protect_all()?;
+            return Ok(self.tracker.ranges.iter().map(|range| range.length).sum());
         }
+        let mut lifted = std::mem::take(&mut self.guard.lifted_ranges);
         lifted.sort_unstable();
         let mut merged: Vec<(usize, usize)> = Vec::with_capacity(lifted.len());
         for (address, length) in lifted {
@@ -792,39 +719,16 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
                 _ => merged.push((address, length)),
             }
         }
-        (merged, false)
-    }
-
-    /// Records what a protection did: all memory protected once, or what is not protected
-    /// yet put back into the lifted list, to be tried again.
-    fn settle(&mut self, protected: rearm::Protected, all: bool) -> Result<usize, UffdError> {
-        match protected.outcome {
-            Ok(bytes) => {
-                if all {
-                    self.guard.protected = true;
-                }
-                Ok(bytes)
+        let mut protected = 0;
+        for (index, &(address, length)) in merged.iter().enumerate() {
+            if let Err(error) = set_write_protection(&self.tracker.uffd, address, length, true) {
+                // What is not protected yet must be tried again.
+                self.guard.lifted_ranges.extend_from_slice(&merged[index..]);
+                return Err(error);
             }
-            Err((index, error)) => {
-                if !all {
-                    self.guard
-                        .lifted_ranges
-                        .extend_from_slice(&protected.ranges[index..]);
-                }
-                Err(error)
-            }
+            protected += length;
         }
-    }
-}
-
-impl<S: FirstWriteSink + 'static> Drop for EpochLock<'_, S> {
-    fn drop(&mut self) {
-        // Not released while ranges are still being protected: the guest resumes once the
-        // checkpoint lets go, and a page written before its range is protected again would be
-        // written unlogged in the new epoch.
-        if let Err(error) = self.finish_protect() {
-            log::error!("write tracker: protecting guest memory again: {error}");
-        }
+        Ok(protected)
     }
 }
 
@@ -889,8 +793,6 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             stop: stop.try_clone().map_err(UffdError::StopEvent)?,
             attention,
         };
-        // Before the fault thread, which nothing would stop if this failed.
-        let rearm = rearm::RearmThread::start(std::sync::Arc::clone(&uffd), seccomp)?;
         let (confined_tx, confined) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("uffd-wp".into())
@@ -909,7 +811,6 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
             shared,
             stop,
             thread: Some(thread),
-            rearm,
         };
         match confined.recv() {
             Ok(Ok(())) => Ok(tracker),
@@ -925,7 +826,6 @@ impl<S: FirstWriteSink + 'static> WriteTracker<S> {
         EpochLock {
             tracker: self,
             guard: self.lock(),
-            in_flight: None,
         }
     }
 
@@ -1435,47 +1335,6 @@ mod tests {
         assert_eq!(protect_lifted_pages(&tracker), 0);
         let stats = tracker.stats();
         assert_eq!((stats.faults, stats.lifted_pages), (5, 5));
-    }
-
-    /// Protecting on the re-arm thread (started, then waited for, or the lock dropped) leaves
-    /// memory as protecting in place does: the first time all of it, then exactly what was
-    /// lifted, and every page's next write is recorded again. Dropping the lock waits for the
-    /// protection, so the writes after it fault.
-    #[test]
-    fn protecting_on_the_rearm_thread_equals_protecting_in_place() {
-        let memory = numbered_memory();
-        let (tracker, records, _) = tracker_over(&memory, 0);
-        {
-            let mut lock = tracker.lock_epoch();
-            lock.start_protect_lifted().unwrap();
-            assert!(lock.protection_started());
-            assert_eq!(lock.finish_protect().unwrap(), 8 * PAGE_SIZE);
-            assert!(!lock.protection_started());
-        }
-        memory.write(3, 1);
-        memory.write(4, 2);
-        tracker.lock_epoch().start_protect_lifted().unwrap();
-        memory.write(3, 5);
-        memory.write(6, 6);
-        memory.write(4, 7);
-        assert_eq!(
-            *records.lock().unwrap(),
-            [(3, 13), (4, 14), (3, 1), (6, 16), (4, 2)]
-        );
-        let mut lock = tracker.lock_epoch();
-        lock.start_protect_lifted().unwrap();
-        assert_eq!(lock.finish_protect().unwrap(), 3 * PAGE_SIZE);
-        assert_eq!(
-            lock.finish_protect().unwrap(),
-            0,
-            "nothing left to wait for"
-        );
-        drop(lock);
-        assert_eq!(protect_lifted_pages(&tracker), 0);
-        memory.write(7, 8);
-        assert_eq!(records.lock().unwrap().last(), Some(&(7, 17)));
-        let stats = tracker.stats();
-        assert_eq!((stats.faults, stats.lifted_pages), (6, 6));
     }
 
     /// A block lifted on one fault lets the writes to its other pages through without a fault

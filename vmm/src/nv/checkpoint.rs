@@ -184,18 +184,8 @@ impl NvHost for CheckpointHost<'_> {
         self.vm.save_state()
     }
 
-    fn start_write_protect(&mut self) -> Result<(), HostError> {
-        match &mut self.lock {
-            Some(lock) => Ok(lock.start_protect_lifted()?),
-            None => Err("write protection asked for before the devices were quiesced".into()),
-        }
-    }
-
     fn write_protect_memory(&mut self) -> Result<(), HostError> {
         match &mut self.lock {
-            // Started by `start_write_protect` on the tracker's re-arm thread; a walk that did
-            // not start it protects here.
-            Some(lock) if lock.protection_started() => Ok(lock.finish_protect().map(|_| ())?),
             Some(lock) => Ok(lock.protect_lifted().map(|_| ())?),
             None => Err("write protection asked for before the devices were quiesced".into()),
         }
