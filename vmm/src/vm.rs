@@ -474,7 +474,7 @@ impl Vm {
 
     /// [`Vm::pause_vcpus`] for an NV checkpoint's pause, well under a millisecond: the guest is
     /// not told that its clock stopped (KVMCLOCK_CTRL, one vCPU ioctl each, about 15 us on this
-    /// host, most of it loading the vCPU onto the calling thread). That notice keeps a guest's
+    /// host, most of it the `vcpu_load` every vCPU ioctl pays). That notice keeps a guest's
     /// soft-lockup and RCU-stall watchdogs quiet after a long stop; they count in seconds.
     pub fn pause_vcpus_briefly(&mut self) -> Result<(), Error> {
         self.park_vcpus()
