@@ -42,6 +42,16 @@ impl<'a> VmHost<'a> {
     }
 }
 
+impl VmHost<'_> {
+    /// [`NvHost::pause_vcpus`] for a checkpoint ([`Vm::pause_vcpus_briefly`]).
+    pub(super) fn pause_vcpus_briefly(&mut self) -> Result<(), HostError> {
+        if let Some(vm) = self.paused_by_the_save() {
+            vm.pause_vcpus_briefly()?;
+        }
+        Ok(())
+    }
+}
+
 impl NvHost for VmHost<'_> {
     fn pause_vcpus(&mut self) -> Result<(), HostError> {
         if let Some(vm) = self.paused_by_the_save() {
