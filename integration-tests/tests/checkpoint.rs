@@ -533,6 +533,20 @@ fn sigpwr_while_a_vcpu_waits_on_a_full_undo_log_saves_promptly_and_recovers_exac
 const DISK_KILLS: usize = 150;
 const BLOCKS: u64 = 32;
 
+/// The boot arguments of the blkcheck guest (whole-disk verification, batches of 4) on a new
+/// `BLOCKS`-block `disk.img` in `dir`, as VM `vm` of `region` with checkpoints on; `extra` is
+/// appended to the guest's parameters.
+fn checkpointed_blkcheck(dir: &Path, region: &Path, vm: &str, extra: &str) -> Vec<String> {
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(BLOCKS * 4096))
+        .expect("disk image");
+    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all{extra}");
+    let mut boot = checkpointed_boot("blkcheck", &parameters, region, vm, INTERVAL_MS);
+    boot.extend(["--disk".into(), format!("path={}", disk.display())]);
+    boot
+}
+
 /// The `completed seq=` values of a blkcheck log, in order.
 fn completed(log: &str) -> Vec<u64> {
     log.lines()
@@ -561,13 +575,7 @@ fn sigkill_at_random_instants_leaves_the_disk_as_the_rolled_back_guest_believes(
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(BLOCKS * 4096))
-        .expect("disk image");
-    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all");
-    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "b", INTERVAL_MS);
-    boot.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let boot = checkpointed_blkcheck(dir, &region, "b", "");
     let recover = recover_arguments(&region, "b");
     let mut vmm = spawn(dir, "boot", &boot, &[]);
     let log = vmm.wait_serial("a few batches", |log| {
@@ -651,13 +659,7 @@ fn disk_reads_with_a_tiny_undo_log_wait_for_the_next_epoch_between_requests() {
     let dir = scratch_dir();
     let dir = dir.path();
     let region = dir.join("region");
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(BLOCKS * 4096))
-        .expect("disk image");
-    let parameters = format!("blocks={BLOCKS} rounds=1000000 batch=4 verify=all verify_span=4");
-    let mut boot = checkpointed_boot("blkcheck", &parameters, &region, "t", INTERVAL_MS);
-    boot.extend(["--disk".into(), format!("path={}", disk.display())]);
+    let boot = checkpointed_blkcheck(dir, &region, "t", " verify_span=4");
     let mut vmm = spawn(dir, "boot", &boot, &[("NV_UNDO_LIMIT_PAGES", "8")]);
     let log = vmm.wait_serial("100 batches, each reading the whole disk", |log| {
         completed(log).len() >= 100 || log.contains("FAIL")

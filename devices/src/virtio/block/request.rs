@@ -102,14 +102,27 @@ pub(crate) fn refuse(
         return Completion::Dropped;
     };
     warn!("virtio-blk: request at head {head} refused: {reason}");
-    let status = VIRTIO_BLK_S_IOERR as u8;
+    complete(mem, status_desc, head, VIRTIO_BLK_S_IOERR, 0)
+}
+
+/// Writes `status` into the chain's status descriptor; the request is done with `data_len`
+/// bytes written into guest buffers before it.
+fn complete(
+    mem: &GuestMemoryMmap,
+    status_desc: &Descriptor,
+    head: u16,
+    status: u32,
+    data_len: u32,
+) -> Completion {
+    let status = status as u8;
     if let Err(e) = mem.write_obj(status, status_desc.addr()) {
+        // Checked when the chain was read; only a concurrent memory hot-unplug could get here.
         warn!("virtio-blk: cannot write status of head {head}: {e}");
         return Completion::Dropped;
     }
     Completion::Done {
         status,
-        used_len: 1,
+        used_len: data_len + 1,
     }
 }
 
@@ -154,16 +167,7 @@ pub(crate) fn serve(
             (VIRTIO_BLK_S_IOERR, 0)
         }
     };
-    let status = status as u8;
-    if let Err(e) = mem.write_obj(status, status_desc.addr()) {
-        // Checked above; only a concurrent memory hot-unplug could get here.
-        warn!("virtio-blk: cannot write status of head {head}: {e}");
-        return Completion::Dropped;
-    }
-    Completion::Done {
-        status,
-        used_len: data_len + 1,
-    }
+    complete(mem, status_desc, head, status, data_len)
 }
 
 enum Outcome {
