@@ -355,9 +355,9 @@ fn measure(bench: &Bench, guest: &Path, disk: Disk, rounds: u64, run: usize) -> 
         if first.is_none() {
             first = completed_seqs(&log).next().map(|seq| (seq, Instant::now()));
         }
-        if log.contains("blkcheck: done") || log.contains("FAIL") {
+        if let Some(ok) = run_end(&log) {
             let ended = Instant::now();
-            if !log.contains("blkcheck: done ok") {
+            if !ok {
                 break Err(failed(&tag, &log));
             }
             let Some((first_seq, started)) = first else {
@@ -377,6 +377,23 @@ fn measure(bench: &Bench, guest: &Path, disk: Disk, rounds: u64, run: usize) -> 
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Whether the guest's run has ended, from the complete lines of its serial `log` (the last
+/// line may still be being written: "blkcheck: done o" is not an end yet): `Some(true)` for
+/// `blkcheck: done ok`, `Some(false)` for another end or a failure, `None` while it runs.
+fn run_end(log: &str) -> Option<bool> {
+    let complete = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
+    let mut ended = None;
+    for line in complete.lines() {
+        if line.contains("FAIL") {
+            return Some(false);
+        }
+        if line.starts_with("blkcheck: done") {
+            ended = Some(line.trim_end() == "blkcheck: done ok");
+        }
+    }
+    ended
 }
 
 fn completed_seqs(log: &str) -> impl Iterator<Item = u64> + '_ {
@@ -414,4 +431,24 @@ fn start_backend(
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(backend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_end;
+
+    #[test]
+    fn a_run_ends_only_on_a_complete_line() {
+        assert_eq!(
+            run_end("blkcheck: completed seq=16\nblkcheck: done o"),
+            None
+        );
+        assert_eq!(
+            run_end("blkcheck: completed seq=16\nblkcheck: done ok\n"),
+            Some(true)
+        );
+        assert_eq!(run_end("blkcheck: done bad\n"), Some(false));
+        assert_eq!(run_end("blkcheck: FAIL at block 3\n"), Some(false));
+        assert_eq!(run_end("blkcheck: FAI"), None);
+    }
 }
