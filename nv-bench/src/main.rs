@@ -177,7 +177,7 @@ fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile, cli: &C
 }
 
 /// One measurement section over the shared context.
-type Section = fn(&mut Bench) -> Result<()>;
+type Section<S = Bench> = fn(&mut S) -> Result<()>;
 
 fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
@@ -231,17 +231,10 @@ fn run(cli: Cli) -> Result<()> {
         (Which::Net, measure::net_outage::run),
         (Which::Checkpoint, measure::checkpoint::run),
     ];
-    for (which, section) in sections {
-        if cli.which == Which::All || cli.which == which {
-            let section_started = Instant::now();
-            section(&mut bench)?;
-            bench.summary.line(format!(
-                "({:?} took {:.0} s)",
-                which,
-                section_started.elapsed().as_secs_f64()
-            ));
-        }
-    }
+    let selected = sections
+        .into_iter()
+        .filter(|(which, _)| cli.which == Which::All || cli.which == *which);
+    run_sections(&mut bench, |bench| &mut bench.summary, selected, &out_dir)?;
     bench.summary.line("");
     bench.summary.line(format!(
         "nv-bench {} finished in {:.0} s; results in {}",
@@ -253,6 +246,33 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Runs `sections` in order, each followed by how long it took. A section that fails ends the
+/// run, but not before `summary.txt` and `results.md` are written with everything measured up to
+/// it and the failure: a full run is long, and a late section's failure must not lose the
+/// earlier ones.
+fn run_sections<S>(
+    state: &mut S,
+    summary: fn(&mut S) -> &mut Summary,
+    sections: impl IntoIterator<Item = (Which, Section<S>)>,
+    out_dir: &std::path::Path,
+) -> Result<()> {
+    for (which, section) in sections {
+        let section_started = Instant::now();
+        if let Err(error) = section(state) {
+            let summary = summary(state);
+            summary.line(format!("({which:?} FAILED: {error})"));
+            summary.write(out_dir)?;
+            return Err(error);
+        }
+        summary(state).line(format!(
+            "({:?} took {:.0} s)",
+            which,
+            section_started.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -261,5 +281,64 @@ fn main() -> ExitCode {
             eprintln!("nv-bench: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Run {
+        summary: Summary,
+        ran: Vec<&'static str>,
+    }
+
+    fn summary_of(run: &mut Run) -> &mut Summary {
+        &mut run.summary
+    }
+
+    fn measures(run: &mut Run) -> Result<()> {
+        run.ran.push("overhead");
+        run.summary.line("D measured 1.000x");
+        Ok(())
+    }
+
+    fn fails(run: &mut Run) -> Result<()> {
+        run.ran.push("checkpoint");
+        Err(BenchError::GuestFailed {
+            line: "nv-track: guest exit".into(),
+        })
+    }
+
+    fn never_reached(run: &mut Run) -> Result<()> {
+        run.ran.push("net");
+        Ok(())
+    }
+
+    /// The full run at 4f2a023 lost its 21 minutes of results: the last section failed and no
+    /// summary.txt was written.
+    #[test]
+    fn a_failing_section_still_writes_what_the_run_measured() {
+        let out = tempfile::tempdir().unwrap();
+        let mut run = Run {
+            summary: Summary::default(),
+            ran: Vec::new(),
+        };
+        let sections: [(Which, Section<Run>); 3] = [
+            (Which::Overhead, measures),
+            (Which::Checkpoint, fails),
+            (Which::Net, never_reached),
+        ];
+        let error = run_sections(&mut run, summary_of, sections, out.path()).unwrap_err();
+        assert!(error.to_string().contains("nv-track: guest exit"));
+        assert_eq!(run.ran, ["overhead", "checkpoint"]);
+        let text = std::fs::read_to_string(out.path().join("summary.txt")).unwrap();
+        assert!(text.contains("D measured 1.000x"), "{text}");
+        assert!(text.contains("(Overhead took"), "{text}");
+        assert!(
+            text.contains("(Checkpoint FAILED: the guest reported a failure: nv-track"),
+            "{text}"
+        );
+        assert!(out.path().join("results.md").exists());
     }
 }

@@ -49,16 +49,30 @@ mod monotonic;
 use monotonic::monotonic_ns;
 
 const PAGE: usize = 4096;
-/// Guest RAM: one slot at guest-physical 0.
-const RAM: usize = 64 << 20;
 const GDT: usize = 0x1000;
 const TSS: usize = 0x2000;
 const PML4: usize = 0x3000;
 const CODE: usize = 0x10000;
-/// The pages written per epoch start here, the pages only read 32 MiB further.
-const WRITE_BASE: usize = 16 << 20;
-const READ_BASE: usize = 48 << 20;
+/// The most pages a row writes, or only reads, per epoch (arguments above are clamped to it).
 const MAX_PAGES: usize = 8192;
+/// The pages written per epoch start here, the pages only read right after the largest sweep of
+/// written pages.
+const WRITE_BASE: usize = 16 << 20;
+const READ_BASE: usize = WRITE_BASE + MAX_PAGES * PAGE;
+/// Guest RAM: one slot at guest-physical 0, up to the end of the largest sweep of read pages
+/// (a sweep past it reads unbacked memory, which exits as MMIO and ends the run).
+const RAM: usize = READ_BASE + MAX_PAGES * PAGE;
+// The full run once asked for 4,097 pages per epoch (kvstore's count at 10 ms with 4M keys) when
+// RAM ended 16 MiB after READ_BASE: the sweep of read pages ran past it and the run ended on an
+// MMIO read. The layout is checked when this builds.
+const _: () = {
+    assert!(CODE < WRITE_BASE);
+    assert!(WRITE_BASE + MAX_PAGES * PAGE <= READ_BASE);
+    assert!(READ_BASE + MAX_PAGES * PAGE <= RAM);
+    // The identity page tables map the first GiB; the exit address is unbacked but mapped.
+    assert!(RAM <= 1 << 30);
+    assert!(EXIT_ADDRESS as usize >= RAM && EXIT_ADDRESS < 1 << 30);
+};
 /// An unbacked guest-physical address inside the guest's page tables: a write exits (MMIO).
 const EXIT_ADDRESS: u64 = 0x3000_0000;
 const WARM_UP_EPOCHS: usize = 3;
