@@ -364,6 +364,25 @@ pub fn make_fifo(path: &Path) -> std::io::Result<()> {
     mkfifoat(CWD, path, Mode::RUSR | Mode::WUSR).map_err(std::io::Error::from)
 }
 
+/// The early checkpoints a VMM with a tiny undo log (`NV_UNDO_LIMIT_PAGES`) took, checked:
+/// at least ten (the log filled again and again), and none failed (a device that never
+/// reached its quiescent point fails its checkpoint, after 10 s). Returns their count.
+pub fn assert_early_checkpoints_never_failed(vmm: &crate::process::VmmProcess) -> usize {
+    let stderr = vmm.stderr_log();
+    let early = stderr.matches("checkpointing early").count();
+    assert!(
+        early >= 10,
+        "only {early} early checkpoints:\n{}",
+        vmm.stderr_tail(20)
+    );
+    assert!(
+        !stderr.contains("NV checkpoint failed") && !stderr.contains("quiescent point"),
+        "a checkpoint failed:\n{}",
+        vmm.stderr_tail(40)
+    );
+    early
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

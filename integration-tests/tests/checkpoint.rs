@@ -23,7 +23,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::harness::{counter_lines, guest_arguments, scratch_dir};
+use integration_tests::harness::{
+    assert_early_checkpoints_never_failed, counter_lines, guest_arguments, scratch_dir,
+};
 use integration_tests::process::VmmProcess;
 
 const INTERVAL_MS: u64 = 10;
@@ -665,18 +667,7 @@ fn disk_reads_with_a_tiny_undo_log_wait_for_the_next_epoch_between_requests() {
         completed(log).len() >= 100 || log.contains("FAIL")
     });
     assert!(!log.contains("FAIL"), "{log}");
-    let stderr = vmm.stderr_log();
-    let early = stderr.matches("checkpointing early").count();
-    assert!(
-        early >= 10,
-        "only {early} early checkpoints:\n{}",
-        vmm.stderr_tail(20)
-    );
-    assert!(
-        !stderr.contains("NV checkpoint failed") && !stderr.contains("quiescent point"),
-        "a checkpoint failed:\n{}",
-        vmm.stderr_tail(40)
-    );
+    let early = assert_early_checkpoints_never_failed(&vmm);
     eprintln!("{early} early checkpoints");
     vmm.kill();
 }

@@ -722,6 +722,24 @@ mod tests {
         (region, handle)
     }
 
+    /// The guest writes `pages` again (logged in the running epoch, so the write goes straight
+    /// to memory) and the VMM dies: recovery gives back the epoch's memory, `at_epoch`.
+    fn assert_logged_pages_roll_back(
+        region: &Region,
+        handle: &VmHandle,
+        pages: &[u64],
+        at_epoch: &[u8],
+    ) {
+        for page in pages {
+            let mut shared = handle.region().lock();
+            let at = handle.memory_region_offset() + page * PAGE_SIZE;
+            shared.store.write(at, &[0xee; 64]).unwrap();
+        }
+        let (_crashed, recovered_handle) = crash(region);
+        recovered_handle.recover().unwrap();
+        assert_eq!(memory(&recovered_handle), at_epoch);
+    }
+
     #[test]
     fn inspecting_a_recovery_shows_the_epochs_memory_without_writing_it() {
         let (region, handle) = running_vm();
@@ -979,14 +997,7 @@ mod tests {
             log.record_undo_block(0, 4),
             Err(Error::UndoLogFull { .. })
         ));
-        for written in [1, 5, 6, 7] {
-            let mut shared = handle.region().lock();
-            let at = handle.memory_region_offset() + written * PAGE_SIZE;
-            shared.store.write(at, &[0xee; 64]).unwrap();
-        }
-        let (_crashed, recovered_handle) = crash(&region);
-        recovered_handle.recover().unwrap();
-        assert_eq!(memory(&recovered_handle), at_epoch);
+        assert_logged_pages_roll_back(&region, &handle, &[1, 5, 6, 7], &at_epoch);
     }
 
     /// A device request's pages are logged all or none: a log without room for all of them
@@ -1045,14 +1056,7 @@ mod tests {
         let last = log.record_undo_pages(&[unlogged[0], PAGE_SIZE]).unwrap();
         assert_eq!(last.logged, [unlogged[0]]);
         assert!(log.record_undo_pages(&[7]).is_err());
-        for written in [1, 3] {
-            let mut shared = handle.region().lock();
-            let at = handle.memory_region_offset() + written * PAGE_SIZE;
-            shared.store.write(at, &[0xee; 64]).unwrap();
-        }
-        let (_crashed, recovered_handle) = crash(&region);
-        recovered_handle.recover().unwrap();
-        assert_eq!(memory(&recovered_handle), at_epoch);
+        assert_logged_pages_roll_back(&region, &handle, &[1, 3], &at_epoch);
     }
 
     #[test]

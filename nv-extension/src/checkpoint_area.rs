@@ -356,8 +356,7 @@ impl CheckpointArea {
                     ),
                 });
             }
-            let data = read_vec(store, self.data_offset(index as u64), PAGE_SIZE as usize)?;
-            if crc32c::crc32c(&data) == header.data_crc.get() {
+            if self.intact_page(store, index, header)?.is_some() {
                 entries.push((index as u64, target));
             }
         }
@@ -380,12 +379,23 @@ impl CheckpointArea {
             {
                 continue;
             }
-            let data = read_vec(store, self.data_offset(index as u64), PAGE_SIZE as usize)?;
-            if crc32c::crc32c(&data) == header.data_crc.get() {
+            if let Some(data) = self.intact_page(store, index, &header)? {
                 return Ok(Some(data));
             }
         }
         Ok(None)
+    }
+
+    /// The page of data of entry `index` (whose header is `header`), if it is intact: a torn
+    /// entry's data does not match its header's checksum.
+    fn intact_page(
+        &self,
+        store: &dyn Persistence,
+        index: usize,
+        header: &UndoHeader,
+    ) -> Result<Option<Vec<u8>>> {
+        let data = read_vec(store, self.data_offset(index as u64), PAGE_SIZE as usize)?;
+        Ok((crc32c::crc32c(&data) == header.data_crc.get()).then_some(data))
     }
 
     /// Puts back into guest memory (`memory`, `memory_size` bytes) every page the undo log of

@@ -118,11 +118,13 @@ pub enum Error {
     SignalHandler(#[source] vmm_sys_util::errno::Error),
     #[error("holding or releasing SIGPWR (power-fail signal) failed: {0}")]
     PowerFailSignalMask(String),
-    #[error("only {parked} of {total} vCPUs parked within {timeout_ms} ms")]
+    /// `threads` says where each vCPU thread was (its step, and the host's view of it).
+    #[error("only {parked} of {total} vCPUs parked within {timeout_ms} ms: {threads}")]
     PauseTimeout {
         parked: usize,
         total: usize,
         timeout_ms: u64,
+        threads: String,
     },
     #[error("operation not valid while the VM is {0}")]
     InvalidVmState(&'static str),

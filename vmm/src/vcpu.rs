@@ -23,6 +23,9 @@ use crate::events::VmEvents;
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 use crate::Error;
 
+mod whereabouts;
+use whereabouts::{Step, Whereabouts};
+
 /// How long `pause` waits for every vCPU to leave KVM_RUN before it gives up.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -245,6 +248,13 @@ struct RunControl {
 }
 
 impl RunControl {
+    fn new(request: Request) -> RunControl {
+        RunControl {
+            state: Mutex::new(RunState { request, parked: 0 }),
+            changed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, RunState> {
         self.state
             .lock()
@@ -267,6 +277,41 @@ impl RunControl {
             state.parked -= 1;
         }
         state.request
+    }
+
+    /// Asks every vCPU thread to park, has `kick` get them out of KVM_RUN, and waits up to
+    /// `timeout` for `expected` of them to park; on timeout returns how many did. A pause that
+    /// timed out is withdrawn (the caller reports the VM still running): the threads that
+    /// parked run on, and one that reaches its park point late does not stop there.
+    fn pause(&self, expected: usize, timeout: Duration, kick: impl FnOnce()) -> Result<(), usize> {
+        self.lock().request = Request::Pause;
+        kick();
+        self.wait_for_parked(expected, timeout).inspect_err(|_| {
+            let mut state = self.lock();
+            if state.request == Request::Pause {
+                state.request = Request::Run;
+                self.changed.notify_all();
+            }
+        })
+    }
+
+    /// Waits up to `timeout` until `expected` vCPU threads are parked; on timeout returns how
+    /// many are.
+    fn wait_for_parked(&self, expected: usize, timeout: Duration) -> Result<(), usize> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.parked < expected {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(state.parked);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     /// A vCPU that cannot run any more waits here, counted as parked, until the VM is torn down.
@@ -298,6 +343,8 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
 pub struct VcpuManager {
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     threads: Vec<JoinHandle<()>>,
+    /// Where each thread of `threads` is, for the error of a pause that timed out.
+    whereabouts: Vec<Arc<Whereabouts>>,
     control: Arc<RunControl>,
     /// A power-fail save is under way: a pause raises each kicked vCPU thread's priority
     /// (`power_fail_priority`).
@@ -323,13 +370,9 @@ impl VcpuManager {
         Ok(VcpuManager {
             vcpus,
             threads: Vec::new(),
-            control: Arc::new(RunControl {
-                state: Mutex::new(RunState {
-                    request: Request::Pause,
-                    parked: 0,
-                }),
-                changed: Condvar::new(),
-            }),
+            whereabouts: Vec::new(),
+            // Threads start parked (`start_paused`).
+            control: Arc::new(RunControl::new(Request::Pause)),
             power_fail_priority: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -372,30 +415,56 @@ impl VcpuManager {
             let control = Arc::clone(&self.control);
             let io = Arc::clone(&io);
             let events = Arc::clone(&events);
+            let whereabouts = Arc::new(Whereabouts::default());
+            self.whereabouts.push(Arc::clone(&whereabouts));
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, control, io, events, seccomp))
+                .spawn(move || vcpu_thread(vcpu, control, io, events, seccomp, &whereabouts))
                 .map_err(|source| Error::ThreadSpawn {
                     thread: format!("vcpu{id}"),
                     source,
                 })?;
             self.threads.push(thread);
         }
-        self.wait_for_parked(self.threads.len())
+        self.control
+            .wait_for_parked(self.threads.len(), PAUSE_TIMEOUT)
+            .map_err(|parked| self.pause_timeout(parked))
     }
 
-    /// Kicks every vCPU out of KVM_RUN and waits until all are parked.
+    /// Kicks every vCPU out of KVM_RUN and waits until all are parked. On timeout the vCPUs run
+    /// on (see `RunControl::pause`).
     pub fn pause(&self) -> Result<(), Error> {
-        self.control.lock().request = Request::Pause;
-        self.kick_all();
-        if self
-            .power_fail_priority
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // After the kick, never before: see `power_fail_priority`.
-            crate::power_fail_priority::set_vcpu_threads(&self.threads, true);
+        self.control
+            .pause(self.threads.len(), PAUSE_TIMEOUT, || {
+                self.kick_all();
+                if self
+                    .power_fail_priority
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    // After the kick, never before: see `power_fail_priority`.
+                    crate::power_fail_priority::set_vcpu_threads(&self.threads, true);
+                }
+            })
+            .map_err(|parked| self.pause_timeout(parked))
+    }
+
+    /// The error of a wait for parked vCPUs that timed out with `parked` of them parked: it says
+    /// where each thread was (see `whereabouts`).
+    fn pause_timeout(&self, parked: usize) -> Error {
+        let threads = self
+            .whereabouts
+            .iter()
+            .enumerate()
+            // vCPU ids are their indices (`VcpuManager::new`).
+            .map(|(id, whereabouts)| whereabouts.describe(id as u8))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Error::PauseTimeout {
+            parked,
+            total: self.threads.len(),
+            timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
+            threads,
         }
-        self.wait_for_parked(self.threads.len())
     }
 
     /// Tells a kvmclock guest that its vCPUs were stopped by the host (KVM_KVMCLOCK_CTRL), so
@@ -439,28 +508,6 @@ impl VcpuManager {
             }
         }
     }
-
-    fn wait_for_parked(&self, expected: usize) -> Result<(), Error> {
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut state = self.control.lock();
-        while state.parked < expected {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::PauseTimeout {
-                    parked: state.parked,
-                    total: expected,
-                    timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
-                });
-            }
-            state = self
-                .control
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-        }
-        Ok(())
-    }
 }
 
 impl Drop for VcpuManager {
@@ -475,7 +522,9 @@ fn vcpu_thread(
     io: Arc<dyn IoHandler>,
     events: Arc<VmEvents>,
     seccomp: SeccompMode,
+    whereabouts: &Whereabouts,
 ) {
+    whereabouts.started();
     let id = {
         let mut guard = vcpu.lock().unwrap_or_else(|p| p.into_inner());
         let run: *mut kvm_run = guard.fd.get_kvm_run();
@@ -485,12 +534,15 @@ fn vcpu_thread(
     // Before the first KVM_RUN, so guest-triggered exits are only ever served under the filter.
     if let Err(e) = apply_filter_for_mode(ThreadKind::Vcpu, seccomp) {
         events.signal_vcpu_failure(id, format!("installing the seccomp filter: {e}"));
+        whereabouts.reached(Step::Ended);
         control.park_until_stop();
         KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
         return;
     }
 
+    whereabouts.reached(Step::AtParkPoint);
     let mut next = control.wait_while_paused();
+    whereabouts.reached(Step::Running);
     while next == Request::Run {
         let outcome = vcpu
             .lock()
@@ -498,7 +550,11 @@ fn vcpu_thread(
             .run_once(io.as_ref());
         match outcome {
             RunOutcome::Continue => {}
-            RunOutcome::Interrupted => next = control.wait_while_paused(),
+            RunOutcome::Interrupted => {
+                whereabouts.reached(Step::AtParkPoint);
+                next = control.wait_while_paused();
+                whereabouts.reached(Step::Running);
+            }
             RunOutcome::Stop(reason) => {
                 match reason {
                     StopReason::Shutdown(why) => {
@@ -515,11 +571,13 @@ fn vcpu_thread(
                     }
                     StopReason::Failed(why) => events.signal_vcpu_failure(id, why),
                 }
+                whereabouts.reached(Step::Ended);
                 control.park_until_stop();
                 break;
             }
         }
     }
+    whereabouts.reached(Step::Ended);
     KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
 }
 
@@ -555,6 +613,69 @@ mod tests {
             (entries[3].ebx, entries[3].edx),
             (0xabcd, 0x55),
             "other leaves untouched"
+        );
+    }
+
+    /// A pause that timed out (a vCPU thread the host did not schedule in time) fails, and the
+    /// VM is still reported running: so the pause is withdrawn, and a thread that reaches its
+    /// park point late runs on. Before, the request stayed: that thread parked for good, the
+    /// guest stood still while `vm.info` said "Running", and `vm.resume` was refused.
+    #[test]
+    fn a_pause_that_timed_out_does_not_park_a_late_vcpu() {
+        let control = Arc::new(RunControl::new(Request::Run));
+        // One vCPU thread, kept from its park point (as a starved one is) until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (done, reached) = std::sync::mpsc::channel();
+        let thread_control = Arc::clone(&control);
+        let late = std::thread::spawn(move || {
+            let _ = held.recv();
+            let _ = done.send(thread_control.wait_while_paused());
+        });
+        let mut kicked = false;
+        let paused = control.pause(1, Duration::from_millis(20), || kicked = true);
+        assert_eq!(paused, Err(0), "the pause did not time out");
+        assert!(kicked, "the threads were not kicked");
+        release.send(()).unwrap();
+        // Generous: a thread that runs on answers at once; one parked never does.
+        let next = reached.recv_timeout(Duration::from_secs(30));
+        control.lock().request = Request::Stop;
+        control.changed.notify_all();
+        late.join().unwrap();
+        assert_eq!(
+            next,
+            Ok(Request::Run),
+            "the late vCPU thread parked after its pause had failed"
+        );
+    }
+
+    /// The withdrawal does not cost a pause that succeeds: every thread parks and stays parked
+    /// until the resume.
+    #[test]
+    fn a_pause_parks_every_vcpu_until_the_resume() {
+        let control = Arc::new(RunControl::new(Request::Run));
+        let (done, resumed) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        // The "kick" starts two threads that go to their park point, as kicked vCPUs do.
+        let kick = || {
+            for _ in 0..2 {
+                let control = Arc::clone(&control);
+                let done = done.clone();
+                threads.push(std::thread::spawn(move || {
+                    let _ = done.send(control.wait_while_paused());
+                }));
+            }
+        };
+        assert_eq!(control.pause(2, Duration::from_secs(30), kick), Ok(()));
+        assert_eq!(control.lock().request, Request::Pause);
+        assert!(resumed.try_recv().is_err(), "a parked thread ran on");
+        control.lock().request = Request::Run;
+        control.changed.notify_all();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(
+            resumed.iter().take(2).collect::<Vec<_>>(),
+            [Request::Run; 2]
         );
     }
 }
