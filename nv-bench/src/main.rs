@@ -102,6 +102,16 @@ struct Cli {
     #[arg(long = "vmm-arg", value_name = "ARG", allow_hyphen_values = true)]
     vmm_args: Vec<String>,
 
+    /// `checkpoint` only: the key counts to measure (comma-separated; default: the profile's).
+    #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+    checkpoint_keys: Vec<u64>,
+
+    /// `checkpoint` only: the intervals to measure, in ms (comma-separated; 0 is "off", the
+    /// baseline of the printed ratios; default: 0,100,10,1). Naming any skips the tracking
+    /// floor (nv-track): a short run to compare the pause of two VMM binaries.
+    #[arg(long, value_name = "MS", value_delimiter = ',')]
+    checkpoint_ms: Vec<u64>,
+
     /// TrueType font for plot labels.
     #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
     font: PathBuf,
@@ -181,11 +191,12 @@ type Section<S = Bench> = fn(&mut S) -> Result<()>;
 
 fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
-    let profile = if cli.quick {
+    let mut profile = if cli.quick {
         Profile::quick()
     } else {
         Profile::full()
     };
+    profile.select_checkpoints(&cli.checkpoint_keys, &cli.checkpoint_ms);
     let out_dir = cli.out.clone().unwrap_or_else(|| {
         if cli.quick {
             workspace_root().join("target").join("nv-bench-quick")

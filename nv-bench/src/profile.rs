@@ -44,6 +44,13 @@ pub struct Profile {
     /// D with spread: key count and repetitions per backing (0: not run).
     pub full_speed_keys: u64,
     pub full_speed_repetitions: usize,
+    /// Checkpoints: key counts (the D key counts unless `--checkpoint-keys` names others).
+    pub checkpoint_keys: Vec<u64>,
+    /// Checkpoints: `checkpoint_ms` of each variant, in order; 0 is off, the baseline.
+    pub checkpoint_intervals_ms: Vec<u64>,
+    /// Checkpoints: run nv-track's tracking floor after the VMs (not when
+    /// `--checkpoint-ms` picks intervals: a short comparison of the pause).
+    pub checkpoint_tracking_floor: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -72,6 +79,9 @@ impl Profile {
             first_touch_repetitions: 3,
             full_speed_keys: 1_000_000,
             full_speed_repetitions: 7,
+            checkpoint_keys: vec![1_000_000, 4_000_000],
+            checkpoint_intervals_ms: DEFAULT_CHECKPOINT_INTERVALS_MS.to_vec(),
+            checkpoint_tracking_floor: true,
         }
     }
 
@@ -97,9 +107,27 @@ impl Profile {
             first_touch_repetitions: 0,
             full_speed_keys: 100_000,
             full_speed_repetitions: 0,
+            checkpoint_keys: vec![100_000],
+            checkpoint_intervals_ms: DEFAULT_CHECKPOINT_INTERVALS_MS.to_vec(),
+            checkpoint_tracking_floor: true,
+        }
+    }
+
+    /// `--checkpoint-keys` and `--checkpoint-ms`: only these key counts and intervals (each
+    /// list left empty keeps the profile's). Naming intervals skips the tracking floor.
+    pub fn select_checkpoints(&mut self, keys: &[u64], intervals_ms: &[u64]) {
+        if !keys.is_empty() {
+            self.checkpoint_keys = keys.to_vec();
+        }
+        if !intervals_ms.is_empty() {
+            self.checkpoint_intervals_ms = intervals_ms.to_vec();
+            self.checkpoint_tracking_floor = false;
         }
     }
 }
+
+/// `checkpoint_ms` of the checkpoint section's variants; 0 is off, the baseline.
+const DEFAULT_CHECKPOINT_INTERVALS_MS: [u64; 4] = [0, 100, 10, 1];
 
 /// `256 MiB`, `4 GiB`.
 pub fn size_label(bytes: u64) -> String {
@@ -132,5 +160,20 @@ mod tests {
         assert_eq!(keys_label(4_000_000), "4M");
         assert_eq!(keys_label(100_000), "100k");
         assert_eq!(keys_label(1234), "1234");
+    }
+
+    #[test]
+    fn checkpoint_selection_narrows_the_section_and_skips_the_floor_only_for_intervals() {
+        let mut profile = Profile::full();
+        profile.select_checkpoints(&[], &[]);
+        assert_eq!(profile.checkpoint_keys, [1_000_000, 4_000_000]);
+        assert_eq!(profile.checkpoint_intervals_ms, [0, 100, 10, 1]);
+        assert!(profile.checkpoint_tracking_floor);
+        profile.select_checkpoints(&[1_000_000], &[]);
+        assert_eq!(profile.checkpoint_keys, [1_000_000]);
+        assert!(profile.checkpoint_tracking_floor);
+        profile.select_checkpoints(&[], &[10]);
+        assert_eq!(profile.checkpoint_intervals_ms, [10]);
+        assert!(!profile.checkpoint_tracking_floor);
     }
 }

@@ -221,26 +221,39 @@ fn commit_under_log(
     Ok((seq, undo_pages, blob.len(), arming))
 }
 
-/// Makes the guest pages at `pages` (offsets) durable, adjacent pages in one range.
+/// Makes the guest pages at `pages` (offsets) durable: adjacent pages in one range, the ranges
+/// in ascending order, in one call to the store (`Persistence::persist_ranges`: a plain file
+/// syncs them with one `msync` over their span, DAX writes back exactly these lines).
 fn persist_pages(region: &Region, memory_offset: u64, pages: &[u64]) -> Result<()> {
-    let mut sorted = pages.to_vec();
-    sorted.sort_unstable();
-    let mut shared = region.lock();
-    let mut run: Option<(u64, u64)> = None;
-    for page in sorted {
-        run = match run {
-            Some((start, len)) if start + len == page => Some((start, len + PAGE_SIZE)),
-            Some((start, len)) => {
-                shared.store.persist(memory_offset + start, len)?;
-                Some((page, PAGE_SIZE))
+    let ranges: Vec<(u64, u64)> = page_runs(pages)
+        .into_iter()
+        .map(|(start, len)| (memory_offset + start, len))
+        .collect();
+    region.lock().store.persist_ranges(&ranges)
+}
+
+/// The runs of adjacent 4 KiB pages `pages` (offsets, in any order, repeats allowed) cover,
+/// as (offset, length), ascending and disjoint, adjacent runs merged. The undo log lists pages
+/// in blocks, each ascending, so the runs are built first and only they are sorted.
+pub(crate) fn page_runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &page in pages {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == page => *len += PAGE_SIZE,
+            _ => runs.push((page, PAGE_SIZE)),
+        }
+    }
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, len) in runs {
+        match merged.last_mut() {
+            Some((last, last_len)) if *last + *last_len >= start => {
+                *last_len = (*last_len).max(start + len - *last);
             }
-            None => Some((page, PAGE_SIZE)),
-        };
+            _ => merged.push((start, len)),
+        }
     }
-    if let Some((start, len)) = run {
-        shared.store.persist(memory_offset + start, len)?;
-    }
-    Ok(())
+    merged
 }
 
 fn resume_after_failure(handle: &VmHandle, host: &mut dyn NvHost) {
@@ -617,6 +630,36 @@ mod tests {
     use vm_memory::VolatileSlice;
 
     const PAGES: u64 = 8;
+
+    #[test]
+    fn page_runs_merge_adjacent_and_repeated_pages_into_ascending_ranges() {
+        let page = |n: u64| n * PAGE_SIZE;
+        // Blocks as the undo log lists them (each ascending, blocks in fault order), a
+        // repeated page, a block adjacent to an earlier one and one overlapping it.
+        let pages = [
+            page(64),
+            page(65),
+            page(66),
+            page(3),
+            page(4),
+            page(3),
+            page(67),
+            page(62),
+            page(63),
+            page(100),
+            page(5),
+        ];
+        assert_eq!(
+            page_runs(&pages),
+            vec![
+                (page(3), page(3)),
+                (page(62), page(6)),
+                (page(100), page(1))
+            ]
+        );
+        assert!(page_runs(&[]).is_empty());
+        assert_eq!(page_runs(&[page(7)]), vec![(page(7), page(1))]);
+    }
 
     /// Records its calls; `state` is what `save_state` returns; can fail one step.
     #[derive(Default)]

@@ -549,10 +549,18 @@ impl Vm {
     }
 
     fn save_vcpu(&self, index: usize) -> Result<VcpuState, Error> {
-        let vcpu = self.vcpus.lock_vcpu(index);
+        let vcpu = self.vcpus.lock_vcpu_unchanged(index);
         let id = vcpu.id;
         let fd = &vcpu.fd;
         let caps = self.capabilities;
+        // Parked after a KVM_RUN: KVM copied these out at that exit (KVM_CAP_SYNC_REGS).
+        let (regs, sregs) = match vcpu.copied_registers() {
+            Some(copied) => copied,
+            None => (
+                fd.get_regs().map_err(vcpu_error(id, "KVM_GET_REGS"))?,
+                fd.get_sregs().map_err(vcpu_error(id, "KVM_GET_SREGS"))?,
+            ),
+        };
         let xsave = if caps.xsave {
             Some(save_xsave(&vcpu, caps.xsave_size)?)
         } else {
@@ -568,8 +576,8 @@ impl Vm {
         }
         Ok(VcpuState {
             id,
-            regs: fd.get_regs().map_err(vcpu_error(id, "KVM_GET_REGS"))?,
-            sregs: fd.get_sregs().map_err(vcpu_error(id, "KVM_GET_SREGS"))?,
+            regs,
+            sregs,
             fpu: (&fd.get_fpu().map_err(vcpu_error(id, "KVM_GET_FPU"))?).into(),
             xsave,
             xcrs: caps

@@ -773,17 +773,8 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
             self.protect_all()?;
             return Ok(self.tracker.ranges.iter().map(|range| range.length).sum());
         }
-        let mut lifted = std::mem::take(&mut self.guard.lifted_ranges);
-        lifted.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(lifted.len());
-        for (address, length) in lifted {
-            match merged.last_mut() {
-                Some((start, len)) if *start + *len >= address => {
-                    *len = (*len).max(address + length - *start);
-                }
-                _ => merged.push((address, length)),
-            }
-        }
+        let lifted = std::mem::take(&mut self.guard.lifted_ranges);
+        let merged = protection_runs(lifted, protect_gap_pages() * PAGE_SIZE);
         let mut protected = 0;
         for (index, &(address, length)) in merged.iter().enumerate() {
             if let Err(error) = set_write_protection(&self.tracker.uffd, address, length, true) {
@@ -797,6 +788,38 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
         }
         Ok(protected)
     }
+}
+
+/// Measurements only: `NV_CHECKPOINT_PROTECT_GAP_PAGES=N` protects two lifted ranges at most N
+/// pages apart with one `UFFDIO_WRITEPROTECT` (the pages between, protected already, are
+/// protected again). 0, the default, merges only adjacent ranges: on this host a protection
+/// change costs per page, not per call (docs/checkpoints.md section 7).
+const PROTECT_GAP_VARIABLE: &str = "NV_CHECKPOINT_PROTECT_GAP_PAGES";
+
+fn protect_gap_pages() -> usize {
+    static GAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *GAP.get_or_init(|| {
+        std::env::var(PROTECT_GAP_VARIABLE)
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// The ranges to protect again for the `lifted` ones (host address, length; any order,
+/// overlaps allowed): ascending, disjoint, ranges at most `gap` bytes apart in one.
+fn protection_runs(mut lifted: Vec<(usize, usize)>, gap: usize) -> Vec<(usize, usize)> {
+    lifted.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(lifted.len());
+    for (address, length) in lifted {
+        match merged.last_mut() {
+            Some((start, len)) if *start + *len + gap >= address => {
+                *len = (*len).max(address + length - *start);
+            }
+            _ => merged.push((address, length)),
+        }
+    }
+    merged
 }
 
 impl<S: FirstWriteSink + 'static> WriteTracker<S> {
@@ -1473,6 +1496,38 @@ mod tests {
         )
         .unwrap();
         (tracker, records, attention)
+    }
+
+    #[test]
+    fn protection_runs_are_ascending_and_merge_adjacent_overlapping_and_near_ranges() {
+        let page = |n: usize| n * PAGE_SIZE;
+        let lifted = vec![
+            (page(64), page(64)),
+            (page(8), page(2)),
+            (page(128), page(1)),
+            (page(9), page(3)),
+            (page(200), page(4)),
+            (page(13), page(1)),
+        ];
+        assert_eq!(
+            protection_runs(lifted.clone(), 0),
+            [
+                (page(8), page(4)),
+                (page(13), page(1)),
+                (page(64), page(65)),
+                (page(200), page(4)),
+            ]
+        );
+        // One page apart: 8..12 and 13 become one range; 129..200 stays apart.
+        assert_eq!(
+            protection_runs(lifted, page(1)),
+            [
+                (page(8), page(6)),
+                (page(64), page(65)),
+                (page(200), page(4))
+            ]
+        );
+        assert!(protection_runs(Vec::new(), page(1)).is_empty());
     }
 
     /// Protects again what the epoch lifted; returns how many pages that was.

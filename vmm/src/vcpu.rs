@@ -14,8 +14,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::SeccompMode;
@@ -83,6 +83,27 @@ pub trait IoHandler: Send + Sync {
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
+    /// KVM copies the registers and special registers into `kvm_run` at every return from
+    /// KVM_RUN (KVM_CAP_SYNC_REGS), the kick's EINTR included: a parked vCPU's are read there,
+    /// without the two ioctls (each pays KVM's `vcpu_load`, about 5 us on this host).
+    copies_registers: bool,
+    /// The copy in `kvm_run` is the vCPU's state: set by each KVM_RUN, cleared whenever the
+    /// control loop takes the vCPU in a way that may change it ([`VcpuManager::lock_vcpu`]).
+    registers_copied: bool,
+}
+
+/// The sync-register fields KVM copies out for us (see [`Vcpu::copied_registers`]). The vCPU
+/// events are not among them: an NMI can be queued for a parked vCPU after its last exit (an
+/// IOAPIC pin in NMI mode raised while a checkpoint quiesces the devices), so they are read
+/// with their ioctl after the quiesce.
+const COPIED_REGISTERS: [SyncReg; 2] = [SyncReg::Register, SyncReg::SystemRegister];
+
+/// Whether this host's KVM copies every field of [`COPIED_REGISTERS`] out at each exit.
+fn copies_registers(vm_fd: &VmFd) -> bool {
+    let offered = u64::try_from(vm_fd.check_extension_int(Cap::SyncRegs)).unwrap_or(0);
+    COPIED_REGISTERS
+        .iter()
+        .all(|&field| offered & field as u64 != 0)
 }
 
 impl Vcpu {
@@ -96,19 +117,46 @@ impl Vcpu {
                 source,
             }
         };
-        let fd = vm_fd
+        let mut fd = vm_fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_error("KVM_CREATE_VCPU"))?;
         let mut cpuid = supported.clone();
         set_apic_id(&mut cpuid, id, vcpu_count);
         fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
-        Ok(Vcpu { id, fd })
+        let copies_registers = copies_registers(vm_fd);
+        if copies_registers {
+            for field in COPIED_REGISTERS {
+                fd.set_sync_valid_reg(field);
+            }
+        }
+        Ok(Vcpu {
+            id,
+            fd,
+            copies_registers,
+            registers_copied: false,
+        })
+    }
+
+    /// The registers and special registers as KVM copied them out at the vCPU's last return
+    /// from KVM_RUN, if that copy is still its state: nothing took the vCPU to change it since
+    /// (see [`VcpuManager::lock_vcpu`]). A parked vCPU returned from KVM_RUN last (the kick's
+    /// EINTR, after KVM completed any pending I/O into the registers), so for it this equals
+    /// KVM_GET_REGS and KVM_GET_SREGS.
+    pub fn copied_registers(&self) -> Option<(kvm_regs, kvm_sregs)> {
+        if !self.registers_copied {
+            return None;
+        }
+        let copy = self.fd.sync_regs();
+        Some((copy.regs, copy.sregs))
     }
 
     /// One KVM_RUN and the handling of its exit: port I/O and MMIO are served in place, on this
     /// thread; everything else stops or interrupts the run.
     fn run_once(&mut self, io: &dyn IoHandler) -> RunOutcome {
-        match self.fd.run() {
+        let exit = self.fd.run();
+        // KVM copies the registers out on every way out of KVM_RUN (its `store_regs`).
+        self.registers_copied = self.copies_registers;
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => io.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => io.pio_write(port, data),
             Ok(VcpuExit::MmioRead(address, data)) => io.mmio_read(address, data),
@@ -238,20 +286,33 @@ struct RunState {
     request: Request,
     /// vCPU threads currently not running guest code (parked, or stopped after a terminal exit).
     parked: usize,
+    /// How many parked threads the control loop waits for ([`VcpuManager::pause`]): the thread
+    /// that completes the count wakes it, the others do not.
+    awaited: usize,
 }
 
 /// What the control loop asks of the vCPU threads, and how many of them have complied.
 #[derive(Debug)]
 struct RunControl {
     state: Mutex<RunState>,
+    /// The request changed: the vCPU threads wait on this.
     changed: Condvar,
+    /// Enough threads parked: the control loop waits on this. A separate condition, so that a
+    /// thread parking wakes neither the threads parked before it nor, until the last one, the
+    /// control loop (each wake-up takes one of the host's cores for a moment in the pause).
+    parked_changed: Condvar,
 }
 
 impl RunControl {
     fn new(request: Request) -> RunControl {
         RunControl {
-            state: Mutex::new(RunState { request, parked: 0 }),
+            state: Mutex::new(RunState {
+                request,
+                parked: 0,
+                awaited: 0,
+            }),
             changed: Condvar::new(),
+            parked_changed: Condvar::new(),
         }
     }
 
@@ -267,7 +328,7 @@ impl RunControl {
         let mut state = self.lock();
         if state.request == Request::Pause {
             state.parked += 1;
-            self.changed.notify_all();
+            self.note_parked(&state);
             while state.request == Request::Pause {
                 state = self
                     .changed
@@ -300,13 +361,14 @@ impl RunControl {
     fn wait_for_parked(&self, expected: usize, timeout: Duration) -> Result<(), usize> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
+        state.awaited = expected;
         while state.parked < expected {
             let now = Instant::now();
             if now >= deadline {
                 return Err(state.parked);
             }
             state = self
-                .changed
+                .parked_changed
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
@@ -314,11 +376,17 @@ impl RunControl {
         Ok(())
     }
 
+    fn note_parked(&self, state: &RunState) {
+        if state.parked >= state.awaited {
+            self.parked_changed.notify_all();
+        }
+    }
+
     /// A vCPU that cannot run any more waits here, counted as parked, until the VM is torn down.
     fn park_until_stop(&self) {
         let mut state = self.lock();
         state.parked += 1;
-        self.changed.notify_all();
+        self.note_parked(&state);
         while state.request != Request::Stop {
             state = self
                 .changed
@@ -391,8 +459,18 @@ impl VcpuManager {
         self.vcpus.len()
     }
 
-    /// Locks vCPU `index` for reading or writing its state. Only meaningful while paused.
+    /// Locks vCPU `index` for reading or writing its state. Only meaningful while paused. The
+    /// registers KVM copied out at its last exit no longer count as its state (the caller may
+    /// set them): [`Vcpu::copied_registers`] answers `None` until it runs again.
     pub fn lock_vcpu(&self, index: usize) -> MutexGuard<'_, Vcpu> {
+        let mut vcpu = self.lock_vcpu_unchanged(index);
+        vcpu.registers_copied = false;
+        vcpu
+    }
+
+    /// Locks vCPU `index` for reading its state, or for calls that do not change its
+    /// registers (a state save, KVMCLOCK_CTRL): the copy of its last exit stays valid.
+    pub fn lock_vcpu_unchanged(&self, index: usize) -> MutexGuard<'_, Vcpu> {
         self.vcpus[index]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -472,7 +550,7 @@ impl VcpuManager {
     /// kvmclock (EINVAL) need no notice.
     pub fn notify_guest_clock_paused(&self) {
         for index in 0..self.vcpus.len() {
-            let vcpu = self.lock_vcpu(index);
+            let vcpu = self.lock_vcpu_unchanged(index);
             if let Err(e) = vcpu.fd.kvmclock_ctrl() {
                 if e.errno() != libc::EINVAL {
                     log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", vcpu.id);
@@ -585,6 +663,88 @@ fn vcpu_thread(
 mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    struct NoDevices;
+
+    impl IoHandler for NoDevices {
+        fn pio_read(&self, _port: u16, _data: &mut [u8]) {}
+        fn pio_write(&self, _port: u16, _data: &[u8]) {}
+        fn mmio_read(&self, _address: u64, _data: &mut [u8]) {}
+        fn mmio_write(&self, _address: u64, _data: &[u8]) {}
+    }
+
+    /// A parked vCPU's registers as KVM copied them out at its kick equal what KVM_GET_REGS and
+    /// KVM_GET_SREGS read, after it ran; once the control loop took it to change it, the copy
+    /// is not offered until it runs again. (On a host without KVM_CAP_SYNC_REGS nothing is
+    /// copied and the save reads both with their ioctls.)
+    #[test]
+    fn a_parked_vcpus_copied_registers_are_its_registers_until_it_is_changed() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let entry = arch::BootEntry {
+            protocol: arch::BootProtocol::Pvh,
+            entry: GuestAddress(0x10_0000),
+            boot_info: GuestAddress(0),
+        };
+        // inc eax; jmp back to it.
+        memory
+            .write_slice(&[0x40, 0xeb, 0xfd], entry.entry)
+            .unwrap();
+        let kvm_vm = crate::kvm_vm::KvmVm::create().unwrap();
+        // SAFETY: `memory` lives until the end of the test, after the vCPUs are stopped (the
+        // manager is dropped before it).
+        unsafe { kvm_vm.register_memory(&memory).unwrap() };
+        let cpuid = supported_cpuid(&kvm_vm.kvm).unwrap();
+        let mut vcpus = VcpuManager::new(&kvm_vm.kvm, &kvm_vm.vm_fd, 1, &cpuid).unwrap();
+        let copies = vcpus.lock_vcpu(0).copies_registers;
+        crate::boot_cpu::program_boot_vcpu(&vcpus.lock_vcpu(0), &memory, &entry).unwrap();
+        vcpus
+            .start_paused(
+                Arc::new(NoDevices),
+                Arc::new(VmEvents::new().unwrap()),
+                SeccompMode::Disabled,
+            )
+            .unwrap();
+        assert!(
+            vcpus.lock_vcpu_unchanged(0).copied_registers().is_none(),
+            "a vCPU that never ran offered a copy"
+        );
+        vcpus.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        vcpus.pause().unwrap();
+        {
+            let vcpu = vcpus.lock_vcpu_unchanged(0);
+            let regs = vcpu.fd.get_regs().unwrap();
+            let sregs = vcpu.fd.get_sregs().unwrap();
+            assert!(regs.rax > 0, "the guest did not run");
+            match vcpu.copied_registers() {
+                Some((copied_regs, copied_sregs)) => {
+                    assert_eq!(copied_regs, regs);
+                    assert_eq!(copied_sregs, sregs);
+                }
+                None => assert!(!copies, "a parked vCPU that ran offered no copy"),
+            }
+        }
+        // Changed by the control loop (as a restore does): the copy is stale.
+        {
+            let vcpu = vcpus.lock_vcpu(0);
+            let mut regs = vcpu.fd.get_regs().unwrap();
+            regs.rax = 0;
+            vcpu.fd.set_regs(&regs).unwrap();
+        }
+        assert!(vcpus.lock_vcpu_unchanged(0).copied_registers().is_none());
+        // It runs again: the copy is its state again, from the changed value on.
+        vcpus.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        vcpus.pause().unwrap();
+        let vcpu = vcpus.lock_vcpu_unchanged(0);
+        let regs = vcpu.fd.get_regs().unwrap();
+        if let Some((copied_regs, _)) = vcpu.copied_registers() {
+            assert_eq!(copied_regs, regs);
+        }
+        drop(vcpu);
+        vcpus.stop();
+    }
 
     #[test]
     fn apic_id_lands_in_the_leaves_the_guest_reads() {

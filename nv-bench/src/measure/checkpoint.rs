@@ -18,8 +18,6 @@ use crate::vmm_process::run_command;
 
 /// The guest's own pace, as in D.
 const PERIOD_MS: u32 = 100;
-/// `checkpoint_ms` of each variant; 0 is off, the baseline.
-const INTERVALS_MS: [u64; 4] = [0, 100, 10, 1];
 const LOG_DISK_BYTES: u64 = 8 << 30;
 /// A logged page's 4 KiB copy and its 64-byte entry header (docs/checkpoints.md).
 const UNDO_BYTES_PER_PAGE: u64 = 4096 + 64;
@@ -62,9 +60,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     ]);
     // Undo pages per epoch at 10 ms (the last keys' run): the tracking floor's page count.
     let mut pages_at_10ms = None;
-    for &keys in &bench.profile.overhead_keys.clone() {
+    for &keys in &bench.profile.checkpoint_keys.clone() {
         let mut baseline = None;
-        for interval in INTERVALS_MS {
+        for interval in bench.profile.checkpoint_intervals_ms.clone() {
             let measured = measure_one(bench, keys, interval)?;
             if interval == 0 {
                 baseline = Some(measured.ops_per_sec);
@@ -120,6 +118,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "Checkpoints: kvstore throughput and cost by interval",
         &table,
     );
+    if !bench.profile.checkpoint_tracking_floor {
+        return Ok(());
+    }
     tracking_floor(bench, pages_at_10ms)
 }
 

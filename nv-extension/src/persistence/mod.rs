@@ -62,6 +62,14 @@ pub trait Persistence: Send {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
     /// Makes every store to `[offset, offset + len)` durable and ordered before later stores.
     fn persist(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Makes every store to each of `ranges` ((offset, length), ascending, disjoint) durable,
+    /// as `persist` of each would. A backend may persist more than asked when that is cheaper.
+    fn persist_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        for &(offset, len) in ranges {
+            self.persist(offset, len)?;
+        }
+        Ok(())
+    }
     /// Allocates backing storage for an extent so that first touches of it
     /// (through any mapping) cannot fail for lack of space; a no-op where the
     /// medium is fully backed already.
