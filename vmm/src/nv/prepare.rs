@@ -818,6 +818,45 @@ mod tests {
         drop(owner);
     }
 
+    /// What the binary's `main` begins from the raw arguments (the VM, the region opened, the
+    /// RAM mapped and handed over) is used only by a recovery of that same VM: for another one
+    /// the region and the mapping are dropped (and a new KVM VM started).
+    #[test]
+    fn what_main_began_is_used_only_by_a_recovery_of_the_same_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("region");
+        drop(
+            prepare(
+                &vm_config(nv_config(&region_path), 4 << 20),
+                SeccompMode::Disabled,
+                None,
+            )
+            .unwrap(),
+        );
+        let begin = || {
+            let arguments: Vec<std::ffi::OsString> = [
+                "--nv",
+                &format!("region={},vm=vm0,recover=on", region_path.display()),
+                "--seccomp",
+                "false",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            let mut ahead = RecoveryAhead::start(&arguments).unwrap();
+            ahead.map_memory();
+            ahead
+        };
+        let mut recover = nv_config(&region_path);
+        recover.create = false;
+        recover.recover = true;
+        let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
+        assert!(region.is_some() && mapped.is_some());
+        recover.vm = "vm1".into();
+        let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
+        assert!(region.is_none() && mapped.is_none());
+    }
+
     /// A mapping made from the directory is used only if the claim confirms its place: one of
     /// another extent (the directory changed in between) is dropped, and the recovery maps the
     /// claimed extent anew.
