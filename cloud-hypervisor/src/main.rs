@@ -17,6 +17,7 @@ use vmm::config::{
     VmmLaunch,
 };
 use vmm::event_monitor;
+use vmm::recovery_ahead::RecoveryAhead;
 
 /// Shown by `--version`: ours, and what we stand in for.
 const VERSION: &str = concat!(
@@ -280,20 +281,26 @@ fn open_log_file(path: &PathBuf) -> anyhow::Result<File> {
         .with_context(|| format!("--log-file {}", path.display()))
 }
 
-/// Everything after argument parsing; `Err` is a failure to start (exit code 1).
-fn start(cli: Cli) -> anyhow::Result<i32> {
+/// Everything after argument parsing; `Err` is a failure to start (exit code 1). `recovery`: the
+/// in-place recovery `main` began (its KVM VM being created), if it did.
+fn start(cli: Cli, mut recovery: Option<RecoveryAhead>) -> anyhow::Result<i32> {
     let log_file = cli.log_file.as_ref().map(open_log_file).transpose()?;
     logger::Logger::install(log_file, logger::level_for_verbosity(cli.verbose))
         .context("installing the logger")?;
+    log::info!("cloud-hypervisor {VERSION} starting");
 
     let launch = build_launch(&cli)?;
+    // Before the event monitor (whose FIFO may wait for its reader): the region opened and the
+    // RAM mapped and handed to the VM being created, so its memory slot is registered meanwhile.
+    if let Some(recovery) = recovery.as_mut() {
+        recovery.map_memory();
+    }
     if let Some(monitor) = &launch.event_monitor {
         event_monitor::set_monitor(monitor, launch.seccomp)?;
     }
     event_monitor::emit("vmm", "starting", &[]);
-    log::info!("cloud-hypervisor {VERSION} starting");
 
-    let result = vmm::run(launch);
+    let result = vmm::run_with(launch, recovery);
     event_monitor::emit("vmm", "shutdown", &[]);
     event_monitor::flush();
     log::logger().flush();
@@ -308,6 +315,10 @@ fn main() -> ExitCode {
         eprintln!("cloud-hypervisor: {error}");
         return ExitCode::from(1);
     }
+    // An in-place recovery's KVM VM is created from now on, while the rest starts; it is used
+    // only if the parsed command line is that recovery (`vmm::recovery_ahead`).
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let recovery = vmm::recovery_ahead::RecoveryAhead::start(&arguments);
     // No arguments at all: upstream prints its usage on stderr and exits 2.
     if std::env::args_os().len() <= 1 {
         let usage = <Cli as clap::CommandFactory>::command().render_usage();
@@ -316,7 +327,7 @@ fn main() -> ExitCode {
     }
     // Usage errors, --help and --version: clap prints and exits (2, 0, 0).
     let cli = Cli::parse();
-    match start(cli) {
+    match start(cli, recovery) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(error) => {
             // The context chain on one line ("--kernel /x: No such file ..."); a cause whose

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod nv;
 pub mod pci_segment;
 mod power_fail_priority;
+pub mod recovery_ahead;
 pub use option_parser;
 pub mod seccomp_filters;
 pub mod signal_events;
@@ -40,6 +41,17 @@ pub use vmm::{Vmm, VmmExit};
 /// power-fail or suspend save (SIGTERM/SIGINT of an NV VM is a suspend save). A failure to start
 /// is an `Err` (the binary exits 1).
 pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
+    run_with(launch, None)
+}
+
+/// [`run`], with an in-place recovery's KVM VM already being created (and perhaps its region
+/// opened and its RAM mapped): the binary begins that first thing in `main`
+/// ([`recovery_ahead::RecoveryAhead`]). It is used only if `launch` is that recovery without
+/// `--landlock`; otherwise it is dropped and the VM, if any, is built as [`run`] builds it.
+pub fn run_with(
+    launch: config::VmmLaunch,
+    started_early: Option<recovery_ahead::RecoveryAhead>,
+) -> Result<i32, Error> {
     if launch.vm.is_none() && launch.api_socket.is_none() && launch.restore.is_none() {
         return Err(Error::NoVmConfig);
     }
@@ -58,11 +70,18 @@ pub fn run(launch: config::VmmLaunch) -> Result<i32, Error> {
         landlock::restrict_api_thread_to(policy);
     }
     // A recovery's KVM VM is created while the VMM sets itself up (nothing that can run the
-    // guest, `kvm_vm`). Not under --landlock: a thread started before the policy is enforced
-    // would not be restricted by it.
+    // guest, `kvm_vm`), if the binary did not start it already. Not under --landlock: a thread
+    // started before the policy is enforced would not be restricted by it.
     let early_vm = match (&launch.vm, &landlock) {
-        (Some(config), None) => kvm_vm::EarlyKvmVm::start_for(config, launch.seccomp),
-        _ => None,
+        (Some(config), None) => started_early.or_else(|| {
+            kvm_vm::EarlyKvmVm::start_for(config, launch.seccomp)
+                .map(recovery_ahead::RecoveryAhead::with_vm)
+        }),
+        _ => {
+            // Its thread ends, and the VM goes, once it is dropped.
+            drop(started_early);
+            None
+        }
     };
     let mut vmm = Vmm::new(launch.seccomp)?;
     vmm.exit_after_loop();

@@ -24,9 +24,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::{self, ApiMessage};
 use crate::config::{ApiSocketConfig, SeccompMode, VmConfig};
 use crate::events::VmEvents;
-use crate::kvm_vm::EarlyKvmVm;
 use crate::memory::guest_memory_from_config;
 use crate::nv::{self, NvVm};
+use crate::recovery_ahead::RecoveryAhead;
 use crate::seccomp_filters::{apply_filter_for_mode, ThreadKind};
 use crate::signal_events::{
     event_fd_pair, install_power_fail_signal, mask_without, route_to_event_fd, take_pending,
@@ -264,16 +264,16 @@ impl Vmm {
         self.boot_vm_on(config, None)
     }
 
-    /// [`Vmm::boot_vm`]; an NV recovery builds its KVM VM on `early_vm` if given (started by
-    /// [`EarlyKvmVm::start_for`] while the VMM set itself up), anything else drops it.
+    /// [`Vmm::boot_vm`]; an NV recovery builds its KVM VM on what `ahead` began if given
+    /// (started while the VMM set itself up, `recovery_ahead`), anything else drops it.
     pub fn boot_vm_on(
         &mut self,
         config: &VmConfig,
-        early_vm: Option<EarlyKvmVm>,
+        ahead: Option<RecoveryAhead>,
     ) -> Result<(), Error> {
         self.vm_config = Some(config.clone());
         if config.nv.is_some() {
-            return self.start_nv_vm(nv::prepare(config, self.seccomp, early_vm)?);
+            return self.start_nv_vm(nv::prepare(config, self.seccomp, ahead)?);
         }
         let memory = guest_memory_from_config(&config.memory)?;
         let mut vm = Vm::new(config, memory, Arc::clone(&self.events), self.seccomp)?;

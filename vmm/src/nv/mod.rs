@@ -37,6 +37,7 @@ use crate::startup_phases::PhaseClock;
 use crate::{Error, ErrorKind};
 
 pub use checkpoint::Checkpoints;
+pub(crate) use prepare::MappedAhead;
 pub use prepare::{check_cold_boot, prepare, prepare_api_recovery, start, NvStart, PreparedVm};
 pub use save::{describe_save, save, save_paused};
 pub use swap::{

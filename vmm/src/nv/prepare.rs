@@ -18,6 +18,7 @@ use crate::event_monitor;
 use crate::events::VmEvents;
 use crate::kvm_vm::EarlyKvmVm;
 use crate::memory::guest_memory_from_file;
+use crate::recovery_ahead::RecoveryAhead;
 use crate::startup_phases::PhaseClock;
 use crate::state::VmState;
 use crate::vm::Vm;
@@ -83,7 +84,7 @@ impl MappedAhead {
     /// the directory does not give one (a swapped-out VM, no such VM, ...) or it cannot be
     /// mapped: the claim, or the mapping after it, then reports the error exactly as without
     /// this step.
-    fn map(nv: &NvConfig, region: &Region) -> Option<MappedAhead> {
+    pub(crate) fn map(nv: &NvConfig, region: &Region) -> Option<MappedAhead> {
         let backing = region.memory_backing_unclaimed(&nv.vm).ok()?;
         let (offset, size, dax) = (backing.offset, backing.size, backing.dax);
         let memory = map_backing(nv, backing).ok()?;
@@ -93,6 +94,11 @@ impl MappedAhead {
             size,
             dax,
         })
+    }
+
+    /// Gives the mapping to `vm`, whose thread registers it once the KVM VM exists.
+    pub(crate) fn hand_to(&self, vm: &EarlyKvmVm) {
+        vm.register(&self.memory);
     }
 
     /// The mapping, if it is of the very extent the claimed `handle` owns; `None` (and the
@@ -117,12 +123,12 @@ impl MappedAhead {
 
 /// Opens, claims and maps the VM `config.nv` names: a cold boot of `config` or, with
 /// `recover=on`, a resume of the stored VM. `seccomp`: the mode the VM's vCPU threads will run
-/// under. A recovery builds its KVM VM on `early_vm` if the caller started one (see
-/// [`EarlyKvmVm::start_for`]), otherwise it starts one here; anything else drops it.
+/// under. A recovery builds its KVM VM on what `ahead` began if the caller started it (see
+/// [`RecoveryAhead`]), otherwise it starts the VM here; anything else drops it.
 pub fn prepare(
     config: &VmConfig,
     seccomp: SeccompMode,
-    early_vm: Option<EarlyKvmVm>,
+    ahead: Option<RecoveryAhead>,
 ) -> Result<PreparedVm, Error> {
     let phases = PhaseClock::since_process_start();
     let nv = config.nv.clone().ok_or(Error::NoVmConfig)?;
@@ -130,7 +136,7 @@ pub fn prepare(
         let mut progress = super::swap::SwapProgressCell::new(super::swap::Direction::In);
         super::swap::prepare_swap_in(&nv, Path::new(file), Some(config), &mut progress)
     } else if nv.recover {
-        prepare_recovery(&nv, Some(config), phases, seccomp, early_vm)
+        prepare_recovery(&nv, Some(config), phases, seccomp, ahead)
     } else {
         prepare_cold_boot(&nv, config)
     }
@@ -331,7 +337,7 @@ fn prepare_recovery(
     command_line: Option<&VmConfig>,
     mut phases: PhaseClock,
     seccomp: SeccompMode,
-    early_vm: Option<EarlyKvmVm>,
+    ahead: Option<RecoveryAhead>,
 ) -> Result<PreparedVm, Error> {
     if nv.create || nv.format {
         return Err(setup_error(
@@ -341,21 +347,28 @@ fn prepare_recovery(
         ));
     }
     // The KVM VM is created meanwhile (nothing that can run the guest: its vCPUs come after
-    // the claim), and given the RAM as soon as it is mapped (`kvm_vm`).
-    let early_vm = match early_vm {
-        Some(early_vm) => early_vm,
-        None => EarlyKvmVm::start(seccomp)?,
+    // the claim), and given the RAM as soon as it is mapped (`kvm_vm`). The binary may have
+    // begun both, and opened the region, before the VMM set itself up (`recovery_ahead`).
+    let (early_vm, region_ahead, mapped_ahead) = match ahead {
+        Some(ahead) => ahead.into_parts(nv, seccomp)?,
+        None => (EarlyKvmVm::start(seccomp)?, None, None),
     };
-    let region = Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?;
+    let region = match region_ahead {
+        Some(region) => region,
+        None => Region::open(&nv.region, &OpenOptions::default()).map_err(|e| nv_error(nv, e))?,
+    };
     let summary = region.vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     // The RAM is mapped from the directory and its registration begun before the claim, so
     // that it overlaps the claim and the parsing. Safe without the claim: a mapping and a
     // memory slot read nothing, and the VM has no vCPU until the claim confirmed the extent. A
     // failed claim drops both (its error is the one reported, as before).
-    let mapped_ahead = MappedAhead::map(nv, &region);
-    if let Some(ahead) = &mapped_ahead {
-        early_vm.register(&ahead.memory);
-    }
+    let mapped_ahead = mapped_ahead.or_else(|| {
+        let mapped = MappedAhead::map(nv, &region);
+        if let Some(mapped) = &mapped {
+            mapped.hand_to(&early_vm);
+        }
+        mapped
+    });
     let handle = region.claim_vm(&nv.vm).map_err(|e| nv_error(nv, e))?;
     phases.mark("region-open-claim");
     prepare_claimed_timed(
@@ -762,14 +775,33 @@ mod tests {
         assert!(MappedAhead::map(&recover, &region).is_some());
         drop(region);
         let before = std::fs::read(&region_path).unwrap();
-        for early_vm in [
+        // Also as the binary does it: the VM started and the region opened and mapped from
+        // the raw arguments before anything else (`recovery_ahead`).
+        let from_arguments = || {
+            let arguments: Vec<std::ffi::OsString> = [
+                "--nv",
+                &format!("region={},vm=vm0,recover=on", region_path.display()),
+                "--seccomp",
+                "false",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            let mut ahead = RecoveryAhead::start(&arguments).unwrap();
+            ahead.map_memory();
+            ahead
+        };
+        for ahead in [
             None,
-            Some(EarlyKvmVm::start(SeccompMode::Disabled).unwrap()),
+            Some(RecoveryAhead::with_vm(
+                EarlyKvmVm::start(SeccompMode::Disabled).unwrap(),
+            )),
+            Some(from_arguments()),
         ] {
             let refused = prepare(
                 &vm_config(recover.clone(), 4 << 20),
                 SeccompMode::Disabled,
-                early_vm,
+                ahead,
             )
             .unwrap_err();
             let expected = nv_error(
@@ -784,6 +816,45 @@ mod tests {
             assert!(std::fs::read(&region_path).unwrap() == before);
         }
         drop(owner);
+    }
+
+    /// What the binary's `main` begins from the raw arguments (the VM, the region opened, the
+    /// RAM mapped and handed over) is used only by a recovery of that same VM: for another one
+    /// the region and the mapping are dropped (and a new KVM VM started).
+    #[test]
+    fn what_main_began_is_used_only_by_a_recovery_of_the_same_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("region");
+        drop(
+            prepare(
+                &vm_config(nv_config(&region_path), 4 << 20),
+                SeccompMode::Disabled,
+                None,
+            )
+            .unwrap(),
+        );
+        let begin = || {
+            let arguments: Vec<std::ffi::OsString> = [
+                "--nv",
+                &format!("region={},vm=vm0,recover=on", region_path.display()),
+                "--seccomp",
+                "false",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            let mut ahead = RecoveryAhead::start(&arguments).unwrap();
+            ahead.map_memory();
+            ahead
+        };
+        let mut recover = nv_config(&region_path);
+        recover.create = false;
+        recover.recover = true;
+        let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
+        assert!(region.is_some() && mapped.is_some());
+        recover.vm = "vm1".into();
+        let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
+        assert!(region.is_none() && mapped.is_none());
     }
 
     /// A mapping made from the directory is used only if the claim confirms its place: one of
