@@ -4,8 +4,9 @@
 //! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started before the region
 //! is opened: the VM is created while the region is opened and the VM claimed, and its RAM is
 //! registered (mostly a wait for a KVM SRCU grace period) while the stored config and the saved
-//! state are parsed. Nothing here can run the guest: the vCPUs are created by the building
-//! thread after the claim, and registering a slot reads no guest memory.
+//! state are parsed. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
+//! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
+//! after the claim, and registering a slot reads no guest memory.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
