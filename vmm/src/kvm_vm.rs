@@ -4,8 +4,9 @@
 //! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started before the region
 //! is opened: the VM is created while the region is opened and the VM claimed, and its RAM is
 //! registered (mostly a wait for a KVM SRCU grace period) while the stored config and the saved
-//! state are parsed. Nothing here can run the guest: the vCPUs are created by the building
-//! thread after the claim, and registering a slot reads no guest memory.
+//! state are parsed. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
+//! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
+//! after the claim, and registering a slot reads no guest memory.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{SeccompMode, VmConfig};
+use crate::vcpu_builder::VcpuBuilder;
 use crate::Error;
 
 fn kvm_error(operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -85,38 +87,6 @@ impl KvmVm {
     }
 }
 
-/// The supported CPUID (a system ioctl, no VM needed) and the compiled vCPU seccomp program.
-/// A helper thread fetches and compiles them while the building thread goes on (on this nested
-/// host the CPUID alone is about 0.3 ms of trapped `cpuid` instructions): from before
-/// `KVM_CREATE_VM` on when the VM is built in line, from the end of the memory registration on
-/// when an [`EarlyKvmVm`] builds it.
-pub(crate) struct VcpuPrerequisites(Option<JoinHandle<Result<kvm_bindings::CpuId, Error>>>);
-
-impl VcpuPrerequisites {
-    pub(crate) fn fetch_ahead(seccomp: SeccompMode) -> VcpuPrerequisites {
-        let helper = std::thread::Builder::new()
-            .name("vm-build".to_owned())
-            .spawn(move || {
-                // A failure is the vCPU thread's to report, when it installs the filter.
-                let _ = crate::seccomp_filters::precompile_for_mode(
-                    crate::seccomp_filters::ThreadKind::Vcpu,
-                    seccomp,
-                );
-                crate::vcpu::supported_cpuid(&Kvm::new().map_err(Error::KvmOpen)?)
-            });
-        // Without a helper thread the same is done in line by `join`.
-        VcpuPrerequisites(helper.ok())
-    }
-
-    /// The supported CPUID, from the helper or, if there was none or it failed, from `kvm` now.
-    pub(crate) fn join(self, kvm: &Kvm) -> Result<kvm_bindings::CpuId, Error> {
-        match self.0.map(|helper| helper.join()) {
-            Some(Ok(Ok(cpuid))) => Ok(cpuid),
-            _ => crate::vcpu::supported_cpuid(kvm),
-        }
-    }
-}
-
 /// A [`KvmVm`] with the guest RAM registered, and how long its two steps took on their thread.
 pub(crate) struct RegisteredKvmVm {
     /// First field: the VM fd is closed before the mappings go (tuple and struct fields drop
@@ -124,7 +94,8 @@ pub(crate) struct RegisteredKvmVm {
     pub(crate) vm: KvmVm,
     /// The mappings the slots point at (a clone of the guest memory: it shares them).
     pub(crate) memory: GuestMemoryMmap,
-    pub(crate) ahead: VcpuPrerequisites,
+    /// The helper that makes the vCPUs, started once the memory is registered.
+    pub(crate) vcpu_builder: VcpuBuilder,
     pub(crate) created_in: Duration,
     pub(crate) registered_in: Duration,
 }
@@ -165,12 +136,14 @@ impl EarlyKvmVm {
                 // Only now: the helper's work is all CPU. Started with the VM it competed with
                 // the region's opening for the two cores here (0.9 ms instead of 0.15 ms under
                 // load), started with the registration it slowed that (0.90 ms of waiting for it
-                // instead of 0.57 ms, quiet host); from here it overlaps the irqchip and devices.
-                let ahead = VcpuPrerequisites::fetch_ahead(seccomp);
+                // instead of 0.57 ms, quiet host), and started by the building thread while it
+                // waits for the registration it slowed that too (`docs/performance.md`); from
+                // here it overlaps the irqchip and the devices, and makes the vCPUs.
+                let vcpu_builder = VcpuBuilder::start(seccomp);
                 Ok(RegisteredKvmVm {
                     vm,
                     memory,
-                    ahead,
+                    vcpu_builder,
                     created_in,
                     registered_in,
                 })
@@ -248,9 +221,12 @@ mod tests {
         // until after the VM fd is closed at the end of this test.
         let refused = unsafe { registered.vm.vm_fd.set_user_memory_region(overlapping) };
         assert_eq!(refused.unwrap_err().errno(), libc::EEXIST);
-        // And the vCPUs' prerequisites came along.
-        let cpuid = registered.ahead.join(&registered.vm.kvm).unwrap();
-        assert!(!cpuid.as_slice().is_empty());
+        // And the helper that makes the vCPUs came along.
+        let created = registered
+            .vcpu_builder
+            .finish(&registered.vm.kvm, &registered.vm.vm_fd, 1)
+            .unwrap();
+        assert_eq!(created.vcpus.count(), 1);
     }
 
     #[test]

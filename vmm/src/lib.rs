@@ -25,6 +25,7 @@ pub mod state;
 pub mod upstream_fields;
 pub mod userfaultfd;
 pub mod vcpu;
+mod vcpu_builder;
 pub mod vm;
 #[allow(clippy::module_inception)]
 pub mod vmm;

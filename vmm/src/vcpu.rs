@@ -10,6 +10,7 @@
 //! its registers can be saved as they are.
 
 use std::cell::Cell;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -289,6 +290,9 @@ struct RunState {
     /// How many parked threads the control loop waits for ([`VcpuManager::pause`]): the thread
     /// that completes the count wakes it, the others do not.
     awaited: usize,
+    /// The kernel thread ids of the vCPU threads past their seccomp filter's installation (done
+    /// or failed), i.e. ready for their vCPU.
+    ready: Vec<libc::pid_t>,
 }
 
 /// What the control loop asks of the vCPU threads, and how many of them have complied.
@@ -310,6 +314,7 @@ impl RunControl {
                 request,
                 parked: 0,
                 awaited: 0,
+                ready: Vec::new(),
             }),
             changed: Condvar::new(),
             parked_changed: Condvar::new(),
@@ -380,6 +385,12 @@ impl RunControl {
         if state.parked >= state.awaited {
             self.parked_changed.notify_all();
         }
+    }
+
+    /// The vCPU thread `tid` is past its seccomp filter and can take its vCPU.
+    fn note_ready(&self, tid: libc::pid_t) {
+        self.lock().ready.push(tid);
+        self.changed.notify_all();
     }
 
     /// A vCPU that cannot run any more waits here, counted as parked, until the VM is torn down.
@@ -483,30 +494,44 @@ impl VcpuManager {
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
     ) -> Result<(), Error> {
-        install_kick_signal_handler()?;
-        for vcpu in &self.vcpus {
-            let id = vcpu
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .id;
-            let vcpu = Arc::clone(vcpu);
-            let control = Arc::clone(&self.control);
-            let io = Arc::clone(&io);
-            let events = Arc::clone(&events);
-            let whereabouts = Arc::new(Whereabouts::default());
-            self.whereabouts.push(Arc::clone(&whereabouts));
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, control, io, events, seccomp, &whereabouts))
-                .map_err(|source| Error::ThreadSpawn {
-                    thread: format!("vcpu{id}"),
-                    source,
-                })?;
-            self.threads.push(thread);
-        }
+        let count = u8::try_from(self.vcpus.len()).unwrap_or(u8::MAX);
+        let threads = VcpuThreads::spawn(count, events, seccomp)?;
+        self.start_on(threads, io)?;
         self.control
             .wait_for_parked(self.threads.len(), PAUSE_TIMEOUT)
             .map_err(|parked| self.pause_timeout(parked))
+    }
+
+    /// Gives each vCPU to its thread of `threads` (started before the vCPUs existed, see
+    /// [`VcpuThreads`]); they park until `resume`. Does not wait for them to park: `resume`
+    /// releases a thread wherever it is on its way, and `pause` waits for every one.
+    pub fn start_on(
+        &mut self,
+        mut threads: VcpuThreads,
+        io: Arc<dyn IoHandler>,
+    ) -> Result<(), Error> {
+        if !self.threads.is_empty() {
+            return Err(Error::State("the vCPU threads were started already".into()));
+        }
+        if threads.handovers.len() != self.vcpus.len() {
+            return Err(Error::State(format!(
+                "{} vCPU threads were started for {} vCPUs",
+                threads.handovers.len(),
+                self.vcpus.len()
+            )));
+        }
+        self.control = Arc::clone(&threads.control);
+        for (vcpu, handover) in self.vcpus.iter().zip(threads.handovers.drain(..)) {
+            // A send fails only if the thread is gone (it cannot end before its hand-over but
+            // by a panic); its `pause` then times out and says so.
+            let _ = handover.send(Handover {
+                vcpu: Arc::clone(vcpu),
+                io: Arc::clone(&io),
+            });
+        }
+        self.threads = std::mem::take(&mut threads.threads);
+        self.whereabouts = std::mem::take(&mut threads.whereabouts);
+        Ok(())
     }
 
     /// Kicks every vCPU out of KVM_RUN and waits until all are parked. On timeout the vCPUs run
@@ -594,28 +619,128 @@ impl Drop for VcpuManager {
     }
 }
 
-fn vcpu_thread(
+/// What a vCPU thread gets once its vCPU exists: the vCPU and where its exits go.
+struct Handover {
     vcpu: Arc<Mutex<Vcpu>>,
-    control: Arc<RunControl>,
     io: Arc<dyn IoHandler>,
+}
+
+/// vCPU threads started before their vCPUs exist. Each installs its seccomp filter, then waits
+/// for its vCPU ([`VcpuManager::start_on`]). An NV recovery starts them while KVM registers
+/// the guest RAM on another thread, so the thread starts and the filter installs overlap that
+/// wait instead of following the vCPUs' creation. Dropped without a hand-over (the VM was not
+/// built), the threads end and are joined.
+pub struct VcpuThreads {
+    control: Arc<RunControl>,
+    handovers: Vec<Sender<Handover>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Where each of `threads` is (see `whereabouts`).
+    whereabouts: Vec<Arc<Whereabouts>>,
+}
+
+impl std::fmt::Debug for VcpuThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuThreads")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VcpuThreads {
+    /// Spawns threads `vcpu0`..`vcpu<count-1>` under the vCPU seccomp filter of `seccomp`.
+    pub fn spawn(
+        count: u8,
+        events: Arc<VmEvents>,
+        seccomp: SeccompMode,
+    ) -> Result<VcpuThreads, Error> {
+        install_kick_signal_handler()?;
+        let mut threads = VcpuThreads {
+            control: Arc::new(RunControl::new(Request::Pause)),
+            handovers: Vec::with_capacity(usize::from(count)),
+            threads: Vec::with_capacity(usize::from(count)),
+            whereabouts: Vec::with_capacity(usize::from(count)),
+        };
+        for id in 0..count {
+            let (handover, handed_over) = channel();
+            let control = Arc::clone(&threads.control);
+            let events = Arc::clone(&events);
+            let whereabouts = Arc::new(Whereabouts::default());
+            threads.whereabouts.push(Arc::clone(&whereabouts));
+            // On an error, `threads` is dropped: the ones started so far end.
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu_thread(id, handed_over, control, events, seccomp, &whereabouts)
+                })
+                .map_err(|source| Error::ThreadSpawn {
+                    thread: format!("vcpu{id}"),
+                    source,
+                })?;
+            threads.handovers.push(handover);
+            threads.threads.push(thread);
+        }
+        Ok(threads)
+    }
+
+    /// Waits until every thread is past its filter's installation (whether it succeeded or
+    /// not); returns their kernel thread ids.
+    #[cfg(test)]
+    fn wait_until_ready(&self) -> Vec<libc::pid_t> {
+        let mut state = self.control.lock();
+        while state.ready.len() < self.threads.len() {
+            state = self
+                .control
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.ready.clone()
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        // Without their senders the threads waiting for a vCPU end.
+        self.handovers.clear();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a vCPU thread panicked before it had its vCPU");
+            }
+        }
+    }
+}
+
+fn vcpu_thread(
+    id: u8,
+    handed_over: Receiver<Handover>,
+    control: Arc<RunControl>,
     events: Arc<VmEvents>,
     seccomp: SeccompMode,
     whereabouts: &Whereabouts,
 ) {
     whereabouts.started();
-    let id = {
-        let mut guard = vcpu.lock().unwrap_or_else(|p| p.into_inner());
-        let run: *mut kvm_run = guard.fd.get_kvm_run();
-        KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(run));
-        guard.id
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // Before the thread has its vCPU, so guest-triggered exits are only ever served under the
+    // filter.
+    let filtered = apply_filter_for_mode(ThreadKind::Vcpu, seccomp);
+    control.note_ready(tid);
+    let Ok(Handover { vcpu, io }) = handed_over.recv() else {
+        // The VM was not built: there is nothing to run.
+        whereabouts.reached(Step::Ended);
+        return;
     };
-    // Before the first KVM_RUN, so guest-triggered exits are only ever served under the filter.
-    if let Err(e) = apply_filter_for_mode(ThreadKind::Vcpu, seccomp) {
+    drop(handed_over);
+    if let Err(e) = filtered {
         events.signal_vcpu_failure(id, format!("installing the seccomp filter: {e}"));
         whereabouts.reached(Step::Ended);
         control.park_until_stop();
-        KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(std::ptr::null_mut()));
         return;
+    }
+    {
+        let mut guard = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        let run: *mut kvm_run = guard.fd.get_kvm_run();
+        KVM_RUN_OF_THIS_THREAD.with(|cell| cell.set(run));
     }
 
     whereabouts.reached(Step::AtParkPoint);
@@ -744,6 +869,79 @@ mod tests {
         }
         drop(vcpu);
         vcpus.stop();
+    }
+
+    struct NoDevices;
+
+    impl IoHandler for NoDevices {
+        fn pio_read(&self, _port: u16, _data: &mut [u8]) {}
+        fn pio_write(&self, _port: u16, _data: &[u8]) {}
+        fn mmio_read(&self, _address: u64, _data: &mut [u8]) {}
+        fn mmio_write(&self, _address: u64, _data: &[u8]) {}
+    }
+
+    /// The name and `Seccomp:` mode (0 none, 2 filter) of this process's thread `tid`.
+    fn name_and_seccomp_mode(tid: libc::pid_t) -> Option<(String, u32)> {
+        let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+        let name = std::fs::read_to_string(task.join("comm")).ok()?;
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        let mode = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Seccomp:"))
+            .and_then(|mode| mode.trim().parse().ok())?;
+        Some((name.trim_end().to_string(), mode))
+    }
+
+    #[test]
+    fn threads_started_ahead_are_under_their_filter_before_they_get_a_vcpu() {
+        let events = Arc::new(VmEvents::new().unwrap());
+        let threads = VcpuThreads::spawn(2, events, SeccompMode::Log).unwrap();
+        let mut ready = threads.wait_until_ready();
+        ready.sort_unstable();
+        let seen: Vec<_> = ready
+            .iter()
+            .filter_map(|&tid| name_and_seccomp_mode(tid))
+            .collect();
+        let mut names: Vec<_> = seen.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["vcpu0", "vcpu1"]);
+        assert!(seen.iter().all(|(_, mode)| *mode == 2), "{seen:?}");
+        // Never handed a vCPU: dropping them ends and joins the threads (no hang).
+        drop(threads);
+        assert!(
+            ready
+                .iter()
+                .all(|&tid| name_and_seccomp_mode(tid).is_none()),
+            "the threads are gone"
+        );
+    }
+
+    #[test]
+    fn threads_started_ahead_take_their_vcpus_and_run_nothing_before_resume() {
+        let kvm = Kvm::new().unwrap();
+        let vm_fd = kvm.create_vm().unwrap();
+        let events = Arc::new(VmEvents::new().unwrap());
+        let threads = VcpuThreads::spawn(2, Arc::clone(&events), SeccompMode::Disabled).unwrap();
+        let mut vcpus = VcpuManager::new(&kvm, &vm_fd, 2, &supported_cpuid(&kvm).unwrap()).unwrap();
+        vcpus.start_on(threads, Arc::new(NoDevices)).unwrap();
+        // `pause` returns once both threads hold their vCPU and are parked.
+        vcpus.pause().unwrap();
+        // A vCPU of this VM (no memory, no registers set) would fail its first KVM_RUN: none
+        // ran, so none failed.
+        assert!(events.take_failures().is_empty());
+        vcpus.stop();
+        assert!(events.take_failures().is_empty());
+    }
+
+    #[test]
+    fn threads_started_for_another_vcpu_count_are_refused() {
+        let kvm = Kvm::new().unwrap();
+        let vm_fd = kvm.create_vm().unwrap();
+        let events = Arc::new(VmEvents::new().unwrap());
+        let threads = VcpuThreads::spawn(2, events, SeccompMode::Disabled).unwrap();
+        let mut vcpus = VcpuManager::new(&kvm, &vm_fd, 1, &supported_cpuid(&kvm).unwrap()).unwrap();
+        let refused = vcpus.start_on(threads, Arc::new(NoDevices)).unwrap_err();
+        assert!(refused.to_string().contains("2 vCPU threads"), "{refused}");
     }
 
     #[test]

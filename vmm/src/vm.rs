@@ -19,9 +19,10 @@ use crate::config::{SeccompMode, VmConfig};
 use crate::device_manager::{DeviceManager, RestoreLayout};
 use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
-use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm, VcpuPrerequisites};
+use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm};
 use crate::startup_phases::PhaseClock;
-use crate::vcpu::VcpuManager;
+use crate::vcpu::{VcpuManager, VcpuThreads};
+use crate::vcpu_builder::{CreatedVcpus, VcpuBuilder};
 use crate::Error;
 
 /// Addresses KVM needs for its real-mode emulation helpers on Intel hosts: three pages of TSS and
@@ -143,7 +144,7 @@ impl Vm {
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
     ) -> Result<Vm, Error> {
-        let ahead = VcpuPrerequisites::fetch_ahead(seccomp);
+        let vcpu_builder = VcpuBuilder::start(seccomp);
         let kvm_vm = KvmVm::create()?;
         // Guest RAM first, on the VM nothing else has changed yet: measured here, the memory
         // slot's KVM SRCU grace period took about 0.5 ms on a fresh VM and about 8 ms right after
@@ -153,7 +154,15 @@ impl Vm {
         unsafe { kvm_vm.register_memory(&memory)? };
         phases.mark("memory-registration");
         Self::build_on(
-            kvm_vm, ahead, config, layout, memory, events, seccomp, phases,
+            kvm_vm,
+            vcpu_builder,
+            None,
+            config,
+            layout,
+            memory,
+            events,
+            seccomp,
+            phases,
         )
     }
 
@@ -167,6 +176,11 @@ impl Vm {
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
     ) -> Result<Vm, Error> {
+        // The vCPU threads start now, while this thread would only wait for the `vm-create`
+        // thread's memory registration (mostly the kernel's): their start and seccomp install
+        // overlap it, and they take their vCPUs once those exist.
+        let vcpu_threads =
+            VcpuThreads::spawn(config.cpus.boot_vcpus, Arc::clone(&events), seccomp)?;
         let registered = early.finish()?;
         phases.mark("kvm-vm-memory");
         log::debug!(
@@ -175,17 +189,32 @@ impl Vm {
             registered.registered_in.as_micros()
         );
         let RegisteredKvmVm {
-            vm, memory, ahead, ..
+            vm,
+            memory,
+            vcpu_builder,
+            ..
         } = registered;
-        Self::build_on(vm, ahead, config, layout, memory, events, seccomp, phases)
+        Self::build_on(
+            vm,
+            vcpu_builder,
+            Some(vcpu_threads),
+            config,
+            layout,
+            memory,
+            events,
+            seccomp,
+            phases,
+        )
     }
 
     /// The rest of a VM on a KVM VM whose RAM `memory` is registered: irqchip and PIT, devices,
-    /// vCPUs and their parked threads.
+    /// vCPUs and their threads (`vcpu_threads` if they were started ahead, else started here and
+    /// parked).
     #[allow(clippy::too_many_arguments)]
     fn build_on(
         kvm_vm: KvmVm,
-        ahead: VcpuPrerequisites,
+        mut vcpu_builder: VcpuBuilder,
+        vcpu_threads: Option<VcpuThreads>,
         config: &VmConfig,
         layout: &RestoreLayout,
         memory: GuestMemoryMmap,
@@ -214,6 +243,9 @@ impl Vm {
             .create_pit2(pit_config)
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         phases.mark("irqchip-pit");
+        // The vCPUs need the irqchip (for their in-kernel LAPIC) and nothing of the devices: the
+        // helper makes them while this thread builds the devices.
+        vcpu_builder.create_vcpus(&vm_fd, config.cpus.boot_vcpus);
 
         let cold_plugged = crate::device_manager::without_hotplugged(config, &layout.hotplugged);
         let devices = Arc::new(DeviceManager::new(
@@ -229,14 +261,15 @@ impl Vm {
         let mut config = config.clone();
         devices.record_pty_paths(&mut config);
         phases.mark("device-setup");
-        let supported_cpuid = ahead.join(&kvm)?;
-        let mut vcpus = VcpuManager::new(&kvm, &vm_fd, config.cpus.boot_vcpus, &supported_cpuid)?;
-        let msr_indices = {
-            let vcpu = vcpus.lock_vcpu(0);
-            crate::state::supported_msr_indices(&kvm, &vcpu)?
-        };
+        let CreatedVcpus {
+            mut vcpus,
+            msr_indices,
+        } = vcpu_builder.finish(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
         phases.mark("vcpu-creation");
-        vcpus.start_paused(devices.clone(), events.clone(), seccomp)?;
+        match vcpu_threads {
+            Some(threads) => vcpus.start_on(threads, devices.clone())?,
+            None => vcpus.start_paused(devices.clone(), events.clone(), seccomp)?,
+        }
         phases.mark("vcpu-threads-seccomp");
 
         Ok(Vm {
