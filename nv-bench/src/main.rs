@@ -56,6 +56,8 @@ enum Which {
     VhostUser,
     /// Issue 15: B recovery up to 64 GiB, first touch on huge pages, D with spread.
     Memory,
+    /// Issue 15's B at any size alone: recovery of sparse-region VMs up to 64 GiB.
+    MemoryFlat,
     /// I: client-visible outage of the netkv database VM, NV vs copy restore vs cold restart.
     Net,
     /// Checkpoints: kvstore throughput with checkpoint_ms = 1, 10, 100 vs off, pause, undo log.
@@ -101,6 +103,10 @@ struct Cli {
     /// `--vmm-arg=--seccomp --vmm-arg=false`; printed with the results.
     #[arg(long = "vmm-arg", value_name = "ARG", allow_hyphen_values = true)]
     vmm_args: Vec<String>,
+
+    /// B at any size: power failures and recoveries per RAM size (default: the profile's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    flat_cycles: Option<u32>,
 
     /// TrueType font for plot labels.
     #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
@@ -179,13 +185,47 @@ fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile, cli: &C
 /// One measurement section over the shared context.
 type Section = fn(&mut Bench) -> Result<()>;
 
-fn run(cli: Cli) -> Result<()> {
-    let started = Instant::now();
-    let profile = if cli.quick {
+/// The run's profile: full or quick, with the command line's overrides.
+fn profile_for(cli: &Cli) -> Profile {
+    let mut profile = if cli.quick {
         Profile::quick()
     } else {
         Profile::full()
     };
+    if let Some(cycles) = cli.flat_cycles {
+        profile.flat_cycles = cycles as usize;
+    }
+    profile
+}
+
+/// The sections `which` runs, in the order of `all`.
+fn sections_for(which: Which) -> Vec<(Which, Section)> {
+    let sections: [(Which, Section); 12] = [
+        (Which::Overhead, measure::overhead::run),
+        (Which::Service, measure::service::run),
+        (Which::Save, measure::power_fail::run),
+        (Which::Floor, measure::floor::run),
+        (Which::Stale, measure::stale_state::run),
+        (Which::Region, measure::region_power_fail::run),
+        (Which::Swap, measure::swap::run),
+        (Which::VhostUser, measure::vhost_user::run),
+        (Which::Memory, measure::memory_scale::run),
+        (Which::Net, measure::net_outage::run),
+        (Which::Checkpoint, measure::checkpoint::run),
+        // Part of `memory`: never run by `all` on its own.
+        (Which::MemoryFlat, measure::memory_scale::run_flat),
+    ];
+    sections
+        .into_iter()
+        .filter(|(section, _)| {
+            *section == which || (which == Which::All && *section != Which::MemoryFlat)
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let started = Instant::now();
+    let profile = profile_for(&cli);
     let out_dir = cli.out.clone().unwrap_or_else(|| {
         if cli.quick {
             workspace_root().join("target").join("nv-bench-quick")
@@ -218,29 +258,14 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 11] = [
-        (Which::Overhead, measure::overhead::run),
-        (Which::Service, measure::service::run),
-        (Which::Save, measure::power_fail::run),
-        (Which::Floor, measure::floor::run),
-        (Which::Stale, measure::stale_state::run),
-        (Which::Region, measure::region_power_fail::run),
-        (Which::Swap, measure::swap::run),
-        (Which::VhostUser, measure::vhost_user::run),
-        (Which::Memory, measure::memory_scale::run),
-        (Which::Net, measure::net_outage::run),
-        (Which::Checkpoint, measure::checkpoint::run),
-    ];
-    for (which, section) in sections {
-        if cli.which == Which::All || cli.which == which {
-            let section_started = Instant::now();
-            section(&mut bench)?;
-            bench.summary.line(format!(
-                "({:?} took {:.0} s)",
-                which,
-                section_started.elapsed().as_secs_f64()
-            ));
-        }
+    for (which, section) in sections_for(cli.which) {
+        let section_started = Instant::now();
+        section(&mut bench)?;
+        bench.summary.line(format!(
+            "({:?} took {:.0} s)",
+            which,
+            section_started.elapsed().as_secs_f64()
+        ));
     }
     bench.summary.line("");
     bench.summary.line(format!(
@@ -261,5 +286,37 @@ fn main() -> ExitCode {
             eprintln!("nv-bench: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section_names(which: Which) -> Vec<Which> {
+        sections_for(which).into_iter().map(|(w, _)| w).collect()
+    }
+
+    #[test]
+    fn memory_flat_runs_b_flat_alone_and_all_does_not_run_it_twice() {
+        assert_eq!(section_names(Which::MemoryFlat), [Which::MemoryFlat]);
+        assert_eq!(section_names(Which::Memory), [Which::Memory]);
+        let all = section_names(Which::All);
+        assert!(all.contains(&Which::Memory), "{all:?}");
+        assert!(!all.contains(&Which::MemoryFlat), "{all:?}");
+        assert_eq!(all.len(), 11);
+    }
+
+    #[test]
+    fn flat_cycles_overrides_the_profile_and_must_be_positive() {
+        let cli = Cli::try_parse_from(["nv-bench", "memory-flat", "--flat-cycles", "9"]).unwrap();
+        assert_eq!(cli.which, Which::MemoryFlat);
+        assert_eq!(profile_for(&cli).flat_cycles, 9);
+        let quick = Cli::try_parse_from(["nv-bench", "--quick"]).unwrap();
+        assert_eq!(
+            profile_for(&quick).flat_cycles,
+            Profile::quick().flat_cycles
+        );
+        assert!(Cli::try_parse_from(["nv-bench", "--flat-cycles", "0"]).is_err());
     }
 }

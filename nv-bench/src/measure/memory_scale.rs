@@ -19,8 +19,9 @@ use std::time::Duration;
 use crate::detached_teardown::ExitingVmm;
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
+use crate::measure::floor::parse_recovery_line;
 use crate::measure::overhead::throughputs_in_one_window;
-use crate::measure::power_fail::first_line_after_start;
+use crate::measure::power_fail::{first_line_after_start, Recovery};
 use crate::measure::{each_variant_repeatedly, Bench, StepNames, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
 use crate::profile::{keys_label, size_label};
@@ -101,15 +102,25 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// `nv-bench memory-flat`: B at any size alone (no huge tmpfs, no first touch, no D).
+pub fn run_flat(bench: &mut Bench) -> Result<()> {
+    bench.summary.line("");
+    bench
+        .summary
+        .line("== Memory (issue 15), B at any size only: recovery up to 64 GiB");
+    flat_recovery(bench)
+}
+
 /// B at any size: boot on a sparse region, then power failures and in-place recoveries.
 fn flat_recovery(bench: &mut Bench) -> Result<()> {
     let sizes = bench.profile.flat_ram_sizes.clone();
     bench.summary.line(format!(
         "B-flat method: kvstore with a {} table (the same pages touched at every size) on a sparse \
          tmpfs region (sparse=on), {} power failure(s) and recoveries per size; times from the \
-         command's start",
+         command's start; the VMM's own figures from its `-v` line (exec to vCPUs released, and \
+         the part of it spent waiting for KVM's memory registration)",
         size_label(FLAT_KEYS * 32),
-        bench.profile.power_fail_cycles
+        bench.profile.flat_cycles
     ));
     let mut table = CsvTable::new(&[
         "ram_bytes",
@@ -117,8 +128,12 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
         "teardown_wait_s",
         "to_first_new_serial_line_s",
         "to_resumed_event_s",
+        "vmm_exec_to_released_s",
+        "vmm_registration_wait_s",
     ]);
     let mut medians: Vec<(u64, f64, f64)> = Vec::new();
+    // Per size: the median of the VMM's own time without its wait for KVM's registration.
+    let mut vmm_shares: Vec<(u64, f64)> = Vec::new();
     for &size in &sizes {
         bench.summary.progress(format!(
             "B-flat {}: boot, power failures, recoveries",
@@ -126,8 +141,25 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
         ));
         match flat_cycles(bench, size, &mut table) {
             Ok(recoveries) => {
-                let first: Vec<f64> = recoveries.iter().map(|r| r.0).collect();
-                let resumed: Vec<f64> = recoveries.iter().filter_map(|r| r.1).collect();
+                let first: Vec<f64> = recoveries.iter().map(|r| r.times.first_line).collect();
+                let resumed: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(|r| r.times.resumed_event)
+                    .collect();
+                let own: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(FlatRecovery::vmm_share)
+                    .collect();
+                if let Some(share) = median(&own) {
+                    bench.summary.line(format!(
+                        "B-flat {} the VMM's own share (exec to vCPUs released less its wait for \
+                         KVM's memory registration): median {:.1} ms over {}",
+                        size_label(size),
+                        share * 1e3,
+                        own.len()
+                    ));
+                    vmm_shares.push((size, share));
+                }
                 let (first, resumed) = (
                     median(&first).unwrap_or(f64::NAN),
                     median(&resumed).unwrap_or(f64::NAN),
@@ -191,7 +223,71 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
             ));
         }
     }
+    if let (Some(smallest), Some(largest)) = (vmm_shares.first(), vmm_shares.last()) {
+        if largest.0 > smallest.0 {
+            bench.summary.line(format!(
+                "B RATIO the VMM's own share of recovery {} / {} = {:.2}x ({:.1} ms vs {:.1} ms; \
+                 exec to vCPUs released less the wait for KVM's memory registration, each \
+                 recovery's own -v figures)",
+                size_label(largest.0),
+                size_label(smallest.0),
+                largest.1 / smallest.1,
+                largest.1 * 1e3,
+                smallest.1 * 1e3
+            ));
+        }
+    }
     Ok(())
+}
+
+/// One B-flat recovery: the host's stamps and the VMM's own figures.
+struct FlatRecovery {
+    times: Recovery,
+    /// The VMM's `-v` recovery line: exec to vCPUs released, and the `kvm-vm-memory` phase
+    /// (what was left of the wait for the `vm-create` thread's memory registration), seconds.
+    vmm_exec_to_released: Option<f64>,
+    vmm_registration_wait: Option<f64>,
+}
+
+impl FlatRecovery {
+    /// What the VMM spent on its own: exec to vCPUs released, less the registration wait.
+    fn vmm_share(&self) -> Option<f64> {
+        Some(self.vmm_exec_to_released? - self.vmm_registration_wait?)
+    }
+}
+
+/// The VMM's figures from its `-v` log: (exec to vCPUs released, `kvm-vm-memory`), seconds.
+fn vmm_recovery_figures(log: &str) -> (Option<f64>, Option<f64>) {
+    let (from_exec_ms, phases) = parse_recovery_line(log);
+    let wait_ms = phases
+        .iter()
+        .find(|(name, _)| name == "kvm-vm-memory")
+        .map(|(_, ms)| *ms);
+    (from_exec_ms.map(|ms| ms / 1e3), wait_ms.map(|ms| ms / 1e3))
+}
+
+/// The recovering VMM's log once its recovery line is in it (it follows the `resumed` event).
+fn recovery_log(vm: &RunningVm) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let log = vm.process.stderr_log();
+        if log.contains(RECOVERY_LINE) || std::time::Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+const RECOVERY_LINE: &str = "resumed in place from seq";
+
+/// The extra arguments of a recovering VMM: the run's, with `-v` for its recovery line.
+fn verbose_arguments(run_arguments: &[String]) -> Vec<String> {
+    let mut arguments = run_arguments.to_vec();
+    let verbose = |a: &String| a == "-v" || a == "--verbose" || (a.starts_with("-vv"));
+    if !arguments.iter().any(verbose) {
+        arguments.push("-v".into());
+    }
+    arguments
 }
 
 const MEMSLOT_REPETITIONS: usize = 5;
@@ -216,7 +312,7 @@ fn memory_registration_seconds(size: u64) -> f64 {
 
 /// Boots a `size` VM on a sparse region, then power-fails and recovers it `cycles` times; the
 /// recoveries' (to first line, to resumed) seconds.
-fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f64, Option<f64>)>> {
+fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<FlatRecovery>> {
     let tag = format!("bflat-{size}");
     let region = bench.tmpfs.join(&format!("{tag}.region"));
     let result = (|| {
@@ -228,7 +324,8 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
         let mut vm = bench.boot_serving(guest, backing, &tag, None)?;
         vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
         let mut recoveries = Vec::new();
-        for cycle in 0..bench.profile.power_fail_cycles {
+        let recovery_arguments = verbose_arguments(&bench.vmm_arguments);
+        for cycle in 0..bench.profile.flat_cycles {
             let exiting = ExitingVmm::before_exit(vm.process.pid() as u32);
             vm.power_fail(SAVE_TIMEOUT)?;
             drop(vm.kill());
@@ -242,17 +339,26 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
                 &bench.disk.join(&format!("{tag}.serial")),
                 None,
                 &bench.disk.join(&format!("{tag}.recover{cycle}.vmm")),
-                &bench.vmm_arguments,
+                &recovery_arguments,
             )?;
-            let recovery = first_line_after_start(&mut vm)?;
+            let times = first_line_after_start(&mut vm)?;
+            let (vmm_exec_to_released, vmm_registration_wait) =
+                vmm_recovery_figures(&recovery_log(&vm));
+            let optional = |value: Option<f64>| value.map(seconds).unwrap_or_default();
             table.push(vec![
                 size.to_string(),
                 cycle.to_string(),
                 seconds(teardown.as_secs_f64()),
-                seconds(recovery.first_line),
-                recovery.resumed_event.map(seconds).unwrap_or_default(),
+                seconds(times.first_line),
+                optional(times.resumed_event),
+                optional(vmm_exec_to_released),
+                optional(vmm_registration_wait),
             ]);
-            recoveries.push((recovery.first_line, recovery.resumed_event));
+            recoveries.push(FlatRecovery {
+                times,
+                vmm_exec_to_released,
+                vmm_registration_wait,
+            });
         }
         drop(vm.kill());
         Ok(recoveries)
@@ -549,4 +655,40 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
         &summary,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_share_is_exec_to_released_less_the_registration_wait() {
+        let log = "cloud-hypervisor: ... VM \"kv\": resumed in place from seq 2 in 17443 us \
+                   (19868 us from exec): process-start 4712 us, region-open-claim 166 us, \
+                   kvm-vm-memory 12773 us, resume 18 us\n";
+        let (exec_to_released, wait) = vmm_recovery_figures(log);
+        assert_eq!(exec_to_released, Some(19.868e-3));
+        assert_eq!(wait, Some(12.773e-3));
+        let recovery = FlatRecovery {
+            times: Recovery {
+                first_line: 0.03,
+                resumed_event: Some(0.02),
+            },
+            vmm_exec_to_released: exec_to_released,
+            vmm_registration_wait: wait,
+        };
+        let share = recovery.vmm_share().unwrap();
+        assert!((share - 7.095e-3).abs() < 1e-9, "{share}");
+        // A VMM without the line (not verbose, or a build without phases) has no share.
+        assert_eq!(vmm_recovery_figures("no such line"), (None, None));
+    }
+
+    #[test]
+    fn recoveries_are_verbose_once() {
+        assert_eq!(verbose_arguments(&[]), ["-v"]);
+        let seccomp = ["--seccomp".to_string(), "false".to_string()];
+        assert_eq!(verbose_arguments(&seccomp), ["--seccomp", "false", "-v"]);
+        assert_eq!(verbose_arguments(&["-vv".to_string()]), ["-vv"]);
+        assert_eq!(verbose_arguments(&["-v".to_string()]), ["-v"]);
+    }
 }
