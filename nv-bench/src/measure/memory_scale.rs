@@ -130,10 +130,11 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
         "to_resumed_event_s",
         "vmm_exec_to_released_s",
         "vmm_registration_wait_s",
+        "vmm_irqchip_pit_s",
     ]);
     let mut medians: Vec<(u64, f64, f64)> = Vec::new();
     // Per size: the median of the VMM's own time without its wait for KVM's registration.
-    let mut vmm_shares: Vec<(u64, f64)> = Vec::new();
+    let mut vmm_shares: Vec<(u64, f64, f64)> = Vec::new();
     for &size in &sizes {
         bench.summary.progress(format!(
             "B-flat {}: boot, power failures, recoveries",
@@ -150,15 +151,21 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
                     .iter()
                     .filter_map(FlatRecovery::vmm_share)
                     .collect();
-                if let Some(share) = median(&own) {
+                let own_without_irqchip: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(FlatRecovery::vmm_share_without_irqchip_pit)
+                    .collect();
+                if let (Some(share), Some(without)) = (median(&own), median(&own_without_irqchip)) {
                     bench.summary.line(format!(
                         "B-flat {} the VMM's own share (exec to vCPUs released less its wait for \
-                         KVM's memory registration): median {:.1} ms over {}",
+                         KVM's memory registration): median {:.1} ms, {:.1} ms less its \
+                         irqchip-pit phase too, over {}",
                         size_label(size),
                         share * 1e3,
+                        without * 1e3,
                         own.len()
                     ));
-                    vmm_shares.push((size, share));
+                    vmm_shares.push((size, share, without));
                 }
                 let (first, resumed) = (
                     median(&first).unwrap_or(f64::NAN),
@@ -184,12 +191,14 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
     // What KVM alone costs per size: a new VM with the RAM registered, nothing else.
     let mut registration = Vec::new();
     for &size in &sizes {
-        let took = memory_registration_seconds(size);
+        let (took, irqchip_pit) = memory_registration_seconds(size);
         bench.summary.line(format!(
             "B-flat {} KVM floor: KVM_CREATE_VM + KVM_SET_USER_MEMORY_REGION of the RAM (anonymous, \
-             untouched), median {:.1} ms over {MEMSLOT_REPETITIONS}",
+             untouched), median {:.1} ms over {MEMSLOT_REPETITIONS}; then KVM_CREATE_IRQCHIP + \
+             KVM_CREATE_PIT2, median {:.2} ms",
             size_label(size),
-            took * 1e3
+            took * 1e3,
+            irqchip_pit * 1e3
         ));
         registration.push((size, took));
     }
@@ -228,12 +237,16 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
             bench.summary.line(format!(
                 "B RATIO the VMM's own share of recovery {} / {} = {:.2}x ({:.1} ms vs {:.1} ms; \
                  exec to vCPUs released less the wait for KVM's memory registration, each \
-                 recovery's own -v figures)",
+                 recovery's own -v figures); {:.2}x less the irqchip-pit phase too ({:.1} ms vs \
+                 {:.1} ms: KVM's SRCU waits after a large registration land there)",
                 size_label(largest.0),
                 size_label(smallest.0),
                 largest.1 / smallest.1,
                 largest.1 * 1e3,
-                smallest.1 * 1e3
+                smallest.1 * 1e3,
+                largest.2 / smallest.2,
+                largest.2 * 1e3,
+                smallest.2 * 1e3
             ));
         }
     }
@@ -247,6 +260,8 @@ struct FlatRecovery {
     /// (what was left of the wait for the `vm-create` thread's memory registration), seconds.
     vmm_exec_to_released: Option<f64>,
     vmm_registration_wait: Option<f64>,
+    /// Its `irqchip-pit` phase, seconds.
+    vmm_irqchip_pit: Option<f64>,
 }
 
 impl FlatRecovery {
@@ -254,16 +269,28 @@ impl FlatRecovery {
     fn vmm_share(&self) -> Option<f64> {
         Some(self.vmm_exec_to_released? - self.vmm_registration_wait?)
     }
+
+    /// The same, less the `irqchip-pit` phase as well.
+    fn vmm_share_without_irqchip_pit(&self) -> Option<f64> {
+        Some(self.vmm_share()? - self.vmm_irqchip_pit?)
+    }
 }
 
-/// The VMM's figures from its `-v` log: (exec to vCPUs released, `kvm-vm-memory`), seconds.
-fn vmm_recovery_figures(log: &str) -> (Option<f64>, Option<f64>) {
+/// The VMM's figures from its `-v` log, seconds: exec to vCPUs released, then its
+/// `kvm-vm-memory` and `irqchip-pit` phases.
+fn vmm_recovery_figures(log: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
     let (from_exec_ms, phases) = parse_recovery_line(log);
-    let wait_ms = phases
-        .iter()
-        .find(|(name, _)| name == "kvm-vm-memory")
-        .map(|(_, ms)| *ms);
-    (from_exec_ms.map(|ms| ms / 1e3), wait_ms.map(|ms| ms / 1e3))
+    let phase = |wanted: &str| {
+        phases
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .map(|(_, ms)| *ms / 1e3)
+    };
+    (
+        from_exec_ms.map(|ms| ms / 1e3),
+        phase("kvm-vm-memory"),
+        phase("irqchip-pit"),
+    )
 }
 
 /// The recovering VMM's log once its recovery line is in it (it follows the `resumed` event).
@@ -294,20 +321,40 @@ const MEMSLOT_REPETITIONS: usize = 5;
 
 /// Median seconds to create a KVM VM and register `size` bytes of untouched anonymous RAM with
 /// it: the part of any VMM's start that KVM itself makes grow with RAM size.
-fn memory_registration_seconds(size: u64) -> f64 {
+///
+/// Also the median seconds of `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` right after it, as a VMM
+/// creates them: on this host they often wait for a KVM SRCU grace period after a large
+/// registration (2-4.5 ms after 64 GiB), never after a small one.
+fn memory_registration_seconds(size: u64) -> (f64, f64) {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
-    let times: Vec<f64> = (0..MEMSLOT_REPETITIONS)
+    let (registrations, after): (Vec<f64>, Vec<f64>) = (0..MEMSLOT_REPETITIONS)
         .map(|_| {
             let started = std::time::Instant::now();
             let vm = integration_tests::minimal_vm::MinimalVm::new(&kvm, size as usize, |_| {});
-            let took = started.elapsed().as_secs_f64();
+            let registered = started.elapsed().as_secs_f64();
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            let irqchip_started = std::time::Instant::now();
+            let created = vm
+                .vm
+                .create_irq_chip()
+                .and_then(|()| vm.vm.create_pit2(pit));
+            let irqchip_pit = match created {
+                Ok(()) => irqchip_started.elapsed().as_secs_f64(),
+                Err(_) => f64::NAN,
+            };
             drop(vm);
-            took
+            (registered, irqchip_pit)
         })
-        .collect();
-    median(&times).unwrap_or(f64::NAN)
+        .unzip();
+    (
+        median(&registrations).unwrap_or(f64::NAN),
+        median(&after).unwrap_or(f64::NAN),
+    )
 }
 
 /// Boots a `size` VM on a sparse region, then power-fails and recovers it `cycles` times; the
@@ -342,7 +389,7 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<Fla
                 &recovery_arguments,
             )?;
             let times = first_line_after_start(&mut vm)?;
-            let (vmm_exec_to_released, vmm_registration_wait) =
+            let (vmm_exec_to_released, vmm_registration_wait, vmm_irqchip_pit) =
                 vmm_recovery_figures(&recovery_log(&vm));
             let optional = |value: Option<f64>| value.map(seconds).unwrap_or_default();
             table.push(vec![
@@ -353,11 +400,13 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<Fla
                 optional(times.resumed_event),
                 optional(vmm_exec_to_released),
                 optional(vmm_registration_wait),
+                optional(vmm_irqchip_pit),
             ]);
             recoveries.push(FlatRecovery {
                 times,
                 vmm_exec_to_released,
                 vmm_registration_wait,
+                vmm_irqchip_pit,
             });
         }
         drop(vm.kill());
@@ -665,10 +714,11 @@ mod tests {
     fn the_vmm_share_is_exec_to_released_less_the_registration_wait() {
         let log = "cloud-hypervisor: ... VM \"kv\": resumed in place from seq 2 in 17443 us \
                    (19868 us from exec): process-start 4712 us, region-open-claim 166 us, \
-                   kvm-vm-memory 12773 us, resume 18 us\n";
-        let (exec_to_released, wait) = vmm_recovery_figures(log);
+                   kvm-vm-memory 12773 us, irqchip-pit 2437 us, resume 18 us\n";
+        let (exec_to_released, wait, irqchip_pit) = vmm_recovery_figures(log);
         assert_eq!(exec_to_released, Some(19.868e-3));
         assert_eq!(wait, Some(12.773e-3));
+        assert_eq!(irqchip_pit, Some(2.437e-3));
         let recovery = FlatRecovery {
             times: Recovery {
                 first_line: 0.03,
@@ -676,11 +726,14 @@ mod tests {
             },
             vmm_exec_to_released: exec_to_released,
             vmm_registration_wait: wait,
+            vmm_irqchip_pit: irqchip_pit,
         };
         let share = recovery.vmm_share().unwrap();
         assert!((share - 7.095e-3).abs() < 1e-9, "{share}");
+        let without = recovery.vmm_share_without_irqchip_pit().unwrap();
+        assert!((without - 4.658e-3).abs() < 1e-9, "{without}");
         // A VMM without the line (not verbose, or a build without phases) has no share.
-        assert_eq!(vmm_recovery_figures("no such line"), (None, None));
+        assert_eq!(vmm_recovery_figures("no such line"), (None, None, None));
     }
 
     #[test]
