@@ -56,6 +56,8 @@ enum Which {
     VhostUser,
     /// Issue 15: B recovery up to 64 GiB, first touch on huge pages, D with spread.
     Memory,
+    /// Issue 15's B at any size alone: recovery of sparse-region VMs up to 64 GiB.
+    MemoryFlat,
     /// I: client-visible outage of the netkv database VM, NV vs copy restore vs cold restart.
     Net,
     /// Checkpoints: kvstore throughput with checkpoint_ms = 1, 10, 100 vs off, pause, undo log.
@@ -111,6 +113,10 @@ struct Cli {
     /// floor (nv-track): a short run to compare the pause of two VMM binaries.
     #[arg(long, value_name = "MS", value_delimiter = ',')]
     checkpoint_ms: Vec<u64>,
+
+    /// B at any size: power failures and recoveries per RAM size (default: the profile's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    flat_cycles: Option<u32>,
 
     /// TrueType font for plot labels.
     #[arg(long, value_name = "PATH", default_value = plot::DEFAULT_FONT)]
@@ -189,14 +195,48 @@ fn machine_facts(summary: &mut Summary, tsc_khz: u32, profile: &Profile, cli: &C
 /// One measurement section over the shared context.
 type Section<S = Bench> = fn(&mut S) -> Result<()>;
 
-fn run(cli: Cli) -> Result<()> {
-    let started = Instant::now();
+/// The run's profile: full or quick, with the command line's overrides.
+fn profile_for(cli: &Cli) -> Profile {
     let mut profile = if cli.quick {
         Profile::quick()
     } else {
         Profile::full()
     };
     profile.select_checkpoints(&cli.checkpoint_keys, &cli.checkpoint_ms);
+    if let Some(cycles) = cli.flat_cycles {
+        profile.flat_cycles = cycles as usize;
+    }
+    profile
+}
+
+/// The sections `which` runs, in the order of `all`.
+fn sections_for(which: Which) -> Vec<(Which, Section)> {
+    let sections: [(Which, Section); 12] = [
+        (Which::Overhead, measure::overhead::run),
+        (Which::Service, measure::service::run),
+        (Which::Save, measure::power_fail::run),
+        (Which::Floor, measure::floor::run),
+        (Which::Stale, measure::stale_state::run),
+        (Which::Region, measure::region_power_fail::run),
+        (Which::Swap, measure::swap::run),
+        (Which::VhostUser, measure::vhost_user::run),
+        (Which::Memory, measure::memory_scale::run),
+        (Which::Net, measure::net_outage::run),
+        (Which::Checkpoint, measure::checkpoint::run),
+        // Part of `memory`: never run by `all` on its own.
+        (Which::MemoryFlat, measure::memory_scale::run_flat),
+    ];
+    sections
+        .into_iter()
+        .filter(|(section, _)| {
+            *section == which || (which == Which::All && *section != Which::MemoryFlat)
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let started = Instant::now();
+    let profile = profile_for(&cli);
     let out_dir = cli.out.clone().unwrap_or_else(|| {
         if cli.quick {
             workspace_root().join("target").join("nv-bench-quick")
@@ -229,23 +269,12 @@ fn run(cli: Cli) -> Result<()> {
             bench.vmm_arguments
         ));
     }
-    let sections: [(Which, Section); 11] = [
-        (Which::Overhead, measure::overhead::run),
-        (Which::Service, measure::service::run),
-        (Which::Save, measure::power_fail::run),
-        (Which::Floor, measure::floor::run),
-        (Which::Stale, measure::stale_state::run),
-        (Which::Region, measure::region_power_fail::run),
-        (Which::Swap, measure::swap::run),
-        (Which::VhostUser, measure::vhost_user::run),
-        (Which::Memory, measure::memory_scale::run),
-        (Which::Net, measure::net_outage::run),
-        (Which::Checkpoint, measure::checkpoint::run),
-    ];
-    let selected = sections
-        .into_iter()
-        .filter(|(which, _)| cli.which == Which::All || cli.which == *which);
-    run_sections(&mut bench, |bench| &mut bench.summary, selected, &out_dir)?;
+    run_sections(
+        &mut bench,
+        |bench| &mut bench.summary,
+        sections_for(cli.which),
+        &out_dir,
+    )?;
     bench.summary.line("");
     bench.summary.line(format!(
         "nv-bench {} finished in {:.0} s; results in {}",
@@ -298,6 +327,33 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn section_names(which: Which) -> Vec<Which> {
+        sections_for(which).into_iter().map(|(w, _)| w).collect()
+    }
+
+    #[test]
+    fn memory_flat_runs_b_flat_alone_and_all_does_not_run_it_twice() {
+        assert_eq!(section_names(Which::MemoryFlat), [Which::MemoryFlat]);
+        assert_eq!(section_names(Which::Memory), [Which::Memory]);
+        let all = section_names(Which::All);
+        assert!(all.contains(&Which::Memory), "{all:?}");
+        assert!(!all.contains(&Which::MemoryFlat), "{all:?}");
+        assert_eq!(all.len(), 11);
+    }
+
+    #[test]
+    fn flat_cycles_overrides_the_profile_and_must_be_positive() {
+        let cli = Cli::try_parse_from(["nv-bench", "memory-flat", "--flat-cycles", "9"]).unwrap();
+        assert_eq!(cli.which, Which::MemoryFlat);
+        assert_eq!(profile_for(&cli).flat_cycles, 9);
+        let quick = Cli::try_parse_from(["nv-bench", "--quick"]).unwrap();
+        assert_eq!(
+            profile_for(&quick).flat_cycles,
+            Profile::quick().flat_cycles
+        );
+        assert!(Cli::try_parse_from(["nv-bench", "--flat-cycles", "0"]).is_err());
+    }
 
     struct Run {
         summary: Summary,

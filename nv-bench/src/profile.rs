@@ -39,6 +39,9 @@ pub struct Profile {
     pub floor_repetitions: usize,
     /// B at any size (issue 15): RAM sizes of the sparse-region recoveries.
     pub flat_ram_sizes: Vec<u64>,
+    /// B at any size: power failures and recoveries per size. More than A/B's: one slow
+    /// recovery in three (a kernel allocation stall) moved the median of three.
+    pub flat_cycles: usize,
     /// First touch on huge vs 4 KiB pages: repetitions per backing and size (0: not run).
     pub first_touch_repetitions: usize,
     /// D with spread: key count and repetitions per backing (0: not run).
@@ -76,6 +79,7 @@ impl Profile {
             region_cycles: 3,
             floor_repetitions: 15,
             flat_ram_sizes: vec![256 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB],
+            flat_cycles: 5,
             first_touch_repetitions: 3,
             full_speed_keys: 1_000_000,
             full_speed_repetitions: 7,
@@ -104,6 +108,7 @@ impl Profile {
             region_cycles: 0,
             floor_repetitions: 3,
             flat_ram_sizes: vec![128 * MIB, 16 * GIB],
+            flat_cycles: 2,
             first_touch_repetitions: 0,
             full_speed_keys: 100_000,
             full_speed_repetitions: 0,

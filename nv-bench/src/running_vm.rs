@@ -16,6 +16,30 @@ fn is_guest_failure(line: &str) -> bool {
     line.contains("FAIL") || line.contains("FAULT") || line.contains("MISMATCH")
 }
 
+/// When `events` (a VMM's `--event-monitor` file) shows the event `name`, waiting up to `timeout`
+/// for it. The file is read by the follower's own thread every few milliseconds, so an event the
+/// VMM wrote before something the caller just saw (the guest's first serial line after a
+/// recovery) may not have been read yet: looking once can miss it.
+pub fn first_event_within(
+    events: &SerialFollower,
+    name: &str,
+    timeout: Duration,
+) -> Option<Instant> {
+    let needle = format!("\"{name}\"");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = events
+            .lines()
+            .iter()
+            .find(|line| line.text.contains("\"event\"") && line.text.contains(&needle))
+            .map(|line| line.at);
+        if seen.is_some() || Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A started VMM and its serial output.
 pub struct RunningVm {
     pub process: VmmProcess,
@@ -147,18 +171,60 @@ impl RunningVm {
         }
     }
 
-    /// When the host saw the VMM's first `resumed` VM event, if it has.
-    pub fn resumed_at(&self) -> Option<Instant> {
-        self.events
-            .lines()
-            .iter()
-            .find(|line| line.text.contains("\"event\"") && line.text.contains("\"resumed\""))
-            .map(|line| line.at)
+    /// When the host saw the VMM's first `resumed` VM event, waiting up to `timeout` for it.
+    pub fn wait_for_resumed_event(&self, timeout: Duration) -> Option<Instant> {
+        first_event_within(&self.events, "resumed", timeout)
     }
 
     /// Ends the VMM with SIGKILL (a host crash with no warning) and returns the serial lines.
     pub fn kill(mut self) -> Vec<TimedLine> {
         self.process.kill();
         self.serial.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const RESUMED: &str = "{\n  \"timestamp\": {\n    \"secs\": 0,\n    \"nanos\": 1\n  },\n  \"source\": \"vm\",\n  \"event\": \"resumed\",\n  \"properties\": null\n}\n\n";
+
+    #[test]
+    fn an_event_written_after_the_question_is_still_seen() {
+        // B-flat asked for the `resumed` event once, when the guest's first serial line was
+        // seen: the events follower had not read the file yet and the run got no event.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let follower = SerialFollower::from_current_end(&path);
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                let mut file = std::fs::File::create(&path).unwrap();
+                file.write_all(b"{\n  \"event\": \"resuming\"\n}\n\n")
+                    .unwrap();
+                file.write_all(RESUMED.as_bytes()).unwrap();
+                Instant::now()
+            })
+        };
+        let asked = Instant::now();
+        let seen = first_event_within(&follower, "resumed", Duration::from_secs(10));
+        let written = writer.join().unwrap();
+        let seen = seen.expect("the resumed event, written 30 ms after the question");
+        assert!(seen >= written && seen > asked);
+    }
+
+    #[test]
+    fn an_event_that_never_comes_is_none_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        std::fs::write(&path, "").unwrap();
+        let follower = SerialFollower::from_current_end(&path);
+        std::fs::write(&path, RESUMED.replace("resumed", "resuming")).unwrap();
+        assert_eq!(
+            first_event_within(&follower, "resumed", Duration::from_millis(50)),
+            None
+        );
     }
 }

@@ -129,8 +129,17 @@ fn quick_run_produces_every_measurement() {
         let rows = flat.iter().filter(|row| row[0] == size.to_string()).count();
         assert_eq!(rows, 2, "two recoveries of the {size}-byte VM:\n{stdout}");
     }
+    // Every recovery has its `resumed` event and the VMM's own -v figures (exec to vCPUs
+    // released, registration wait, irqchip-pit).
+    for row in &flat {
+        assert!(row[4..8].iter().all(|cell| !cell.is_empty()), "{row:?}");
+    }
     assert!(
         stdout.contains("B RATIO NV in-place recovery median 16 GiB / 128 MiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("B RATIO the VMM's own share of recovery 16 GiB / 128 MiB"),
         "{stdout}"
     );
 

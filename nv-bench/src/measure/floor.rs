@@ -150,7 +150,7 @@ fn log_line_time_us(line: &str) -> Option<u128> {
 }
 
 /// `(... 5123 us from exec): process-start 812 us, vmm-init 301 us, ...` of the `-v` log.
-fn parse_recovery_line(log: &str) -> (Option<f64>, Vec<(String, f64)>) {
+pub(super) fn parse_recovery_line(log: &str) -> (Option<f64>, Vec<(String, f64)>) {
     let Some(line) = log
         .lines()
         .find(|line| line.contains("resumed in place from seq"))

@@ -19,8 +19,9 @@ use std::time::Duration;
 use crate::detached_teardown::ExitingVmm;
 use crate::error::{BenchError, Result};
 use crate::launch::{Launch, MemoryBacking};
+use crate::measure::floor::parse_recovery_line;
 use crate::measure::overhead::throughputs_in_one_window;
-use crate::measure::power_fail::first_line_after_start;
+use crate::measure::power_fail::{first_line_after_start, Recovery};
 use crate::measure::{each_variant_repeatedly, Bench, StepNames, LINE_TIMEOUT};
 use crate::output::{seconds, CsvTable};
 use crate::profile::{keys_label, size_label};
@@ -101,15 +102,25 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// `nv-bench memory-flat`: B at any size alone (no huge tmpfs, no first touch, no D).
+pub fn run_flat(bench: &mut Bench) -> Result<()> {
+    bench.summary.line("");
+    bench
+        .summary
+        .line("== Memory (issue 15), B at any size only: recovery up to 64 GiB");
+    flat_recovery(bench)
+}
+
 /// B at any size: boot on a sparse region, then power failures and in-place recoveries.
 fn flat_recovery(bench: &mut Bench) -> Result<()> {
     let sizes = bench.profile.flat_ram_sizes.clone();
     bench.summary.line(format!(
         "B-flat method: kvstore with a {} table (the same pages touched at every size) on a sparse \
          tmpfs region (sparse=on), {} power failure(s) and recoveries per size; times from the \
-         command's start",
+         command's start; the VMM's own figures from its `-v` line (exec to vCPUs released, and \
+         the part of it spent waiting for KVM's memory registration)",
         size_label(FLAT_KEYS * 32),
-        bench.profile.power_fail_cycles
+        bench.profile.flat_cycles
     ));
     let mut table = CsvTable::new(&[
         "ram_bytes",
@@ -117,8 +128,13 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
         "teardown_wait_s",
         "to_first_new_serial_line_s",
         "to_resumed_event_s",
+        "vmm_exec_to_released_s",
+        "vmm_registration_wait_s",
+        "vmm_irqchip_pit_s",
     ]);
     let mut medians: Vec<(u64, f64, f64)> = Vec::new();
+    // Per size: the median of the VMM's own time without its wait for KVM's registration.
+    let mut vmm_shares: Vec<(u64, f64, f64)> = Vec::new();
     for &size in &sizes {
         bench.summary.progress(format!(
             "B-flat {}: boot, power failures, recoveries",
@@ -126,8 +142,31 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
         ));
         match flat_cycles(bench, size, &mut table) {
             Ok(recoveries) => {
-                let first: Vec<f64> = recoveries.iter().map(|r| r.0).collect();
-                let resumed: Vec<f64> = recoveries.iter().filter_map(|r| r.1).collect();
+                let first: Vec<f64> = recoveries.iter().map(|r| r.times.first_line).collect();
+                let resumed: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(|r| r.times.resumed_event)
+                    .collect();
+                let own: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(FlatRecovery::vmm_share)
+                    .collect();
+                let own_without_irqchip: Vec<f64> = recoveries
+                    .iter()
+                    .filter_map(FlatRecovery::vmm_share_without_irqchip_pit)
+                    .collect();
+                if let (Some(share), Some(without)) = (median(&own), median(&own_without_irqchip)) {
+                    bench.summary.line(format!(
+                        "B-flat {} the VMM's own share (exec to vCPUs released less its wait for \
+                         KVM's memory registration): median {:.1} ms, {:.1} ms less its \
+                         irqchip-pit phase too, over {}",
+                        size_label(size),
+                        share * 1e3,
+                        without * 1e3,
+                        own.len()
+                    ));
+                    vmm_shares.push((size, share, without));
+                }
                 let (first, resumed) = (
                     median(&first).unwrap_or(f64::NAN),
                     median(&resumed).unwrap_or(f64::NAN),
@@ -152,12 +191,14 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
     // What KVM alone costs per size: a new VM with the RAM registered, nothing else.
     let mut registration = Vec::new();
     for &size in &sizes {
-        let took = memory_registration_seconds(size);
+        let (took, irqchip_pit) = memory_registration_seconds(size);
         bench.summary.line(format!(
             "B-flat {} KVM floor: KVM_CREATE_VM + KVM_SET_USER_MEMORY_REGION of the RAM (anonymous, \
-             untouched), median {:.1} ms over {MEMSLOT_REPETITIONS}",
+             untouched), median {:.1} ms over {MEMSLOT_REPETITIONS}; then KVM_CREATE_IRQCHIP + \
+             KVM_CREATE_PIT2, median {:.2} ms",
             size_label(size),
-            took * 1e3
+            took * 1e3,
+            irqchip_pit * 1e3
         ));
         registration.push((size, took));
     }
@@ -191,32 +232,134 @@ fn flat_recovery(bench: &mut Bench) -> Result<()> {
             ));
         }
     }
+    if let (Some(smallest), Some(largest)) = (vmm_shares.first(), vmm_shares.last()) {
+        if largest.0 > smallest.0 {
+            bench.summary.line(format!(
+                "B RATIO the VMM's own share of recovery {} / {} = {:.2}x ({:.1} ms vs {:.1} ms; \
+                 exec to vCPUs released less the wait for KVM's memory registration, each \
+                 recovery's own -v figures); {:.2}x less the irqchip-pit phase too ({:.1} ms vs \
+                 {:.1} ms: KVM's SRCU waits after a large registration land there)",
+                size_label(largest.0),
+                size_label(smallest.0),
+                largest.1 / smallest.1,
+                largest.1 * 1e3,
+                smallest.1 * 1e3,
+                largest.2 / smallest.2,
+                largest.2 * 1e3,
+                smallest.2 * 1e3
+            ));
+        }
+    }
     Ok(())
+}
+
+/// One B-flat recovery: the host's stamps and the VMM's own figures.
+struct FlatRecovery {
+    times: Recovery,
+    /// The VMM's `-v` recovery line: exec to vCPUs released, and the `kvm-vm-memory` phase
+    /// (what was left of the wait for the `vm-create` thread's memory registration), seconds.
+    vmm_exec_to_released: Option<f64>,
+    vmm_registration_wait: Option<f64>,
+    /// Its `irqchip-pit` phase, seconds.
+    vmm_irqchip_pit: Option<f64>,
+}
+
+impl FlatRecovery {
+    /// What the VMM spent on its own: exec to vCPUs released, less the registration wait.
+    fn vmm_share(&self) -> Option<f64> {
+        Some(self.vmm_exec_to_released? - self.vmm_registration_wait?)
+    }
+
+    /// The same, less the `irqchip-pit` phase as well.
+    fn vmm_share_without_irqchip_pit(&self) -> Option<f64> {
+        Some(self.vmm_share()? - self.vmm_irqchip_pit?)
+    }
+}
+
+/// The VMM's figures from its `-v` log, seconds: exec to vCPUs released, then its
+/// `kvm-vm-memory` and `irqchip-pit` phases.
+fn vmm_recovery_figures(log: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let (from_exec_ms, phases) = parse_recovery_line(log);
+    let phase = |wanted: &str| {
+        phases
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .map(|(_, ms)| *ms / 1e3)
+    };
+    (
+        from_exec_ms.map(|ms| ms / 1e3),
+        phase("kvm-vm-memory"),
+        phase("irqchip-pit"),
+    )
+}
+
+/// The recovering VMM's log once its recovery line is in it (it follows the `resumed` event).
+fn recovery_log(vm: &RunningVm) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let log = vm.process.stderr_log();
+        if log.contains(RECOVERY_LINE) || std::time::Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+const RECOVERY_LINE: &str = "resumed in place from seq";
+
+/// The extra arguments of a recovering VMM: the run's, with `-v` for its recovery line.
+fn verbose_arguments(run_arguments: &[String]) -> Vec<String> {
+    let mut arguments = run_arguments.to_vec();
+    let verbose = |a: &String| a == "-v" || a == "--verbose" || (a.starts_with("-vv"));
+    if !arguments.iter().any(verbose) {
+        arguments.push("-v".into());
+    }
+    arguments
 }
 
 const MEMSLOT_REPETITIONS: usize = 5;
 
 /// Median seconds to create a KVM VM and register `size` bytes of untouched anonymous RAM with
 /// it: the part of any VMM's start that KVM itself makes grow with RAM size.
-fn memory_registration_seconds(size: u64) -> f64 {
+///
+/// Also the median seconds of `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` right after it, as a VMM
+/// creates them: on this host they often wait for a KVM SRCU grace period after a large
+/// registration (2-4.5 ms after 64 GiB), never after a small one.
+fn memory_registration_seconds(size: u64) -> (f64, f64) {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
-    let times: Vec<f64> = (0..MEMSLOT_REPETITIONS)
+    let (registrations, after): (Vec<f64>, Vec<f64>) = (0..MEMSLOT_REPETITIONS)
         .map(|_| {
             let started = std::time::Instant::now();
             let vm = integration_tests::minimal_vm::MinimalVm::new(&kvm, size as usize, |_| {});
-            let took = started.elapsed().as_secs_f64();
+            let registered = started.elapsed().as_secs_f64();
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            let irqchip_started = std::time::Instant::now();
+            let created = vm
+                .vm
+                .create_irq_chip()
+                .and_then(|()| vm.vm.create_pit2(pit));
+            let irqchip_pit = match created {
+                Ok(()) => irqchip_started.elapsed().as_secs_f64(),
+                Err(_) => f64::NAN,
+            };
             drop(vm);
-            took
+            (registered, irqchip_pit)
         })
-        .collect();
-    median(&times).unwrap_or(f64::NAN)
+        .unzip();
+    (
+        median(&registrations).unwrap_or(f64::NAN),
+        median(&after).unwrap_or(f64::NAN),
+    )
 }
 
 /// Boots a `size` VM on a sparse region, then power-fails and recovers it `cycles` times; the
 /// recoveries' (to first line, to resumed) seconds.
-fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f64, Option<f64>)>> {
+fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<FlatRecovery>> {
     let tag = format!("bflat-{size}");
     let region = bench.tmpfs.join(&format!("{tag}.region"));
     let result = (|| {
@@ -228,7 +371,8 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
         let mut vm = bench.boot_serving(guest, backing, &tag, None)?;
         vm.wait_for_lines("kv ops=", 1, LINE_TIMEOUT)?;
         let mut recoveries = Vec::new();
-        for cycle in 0..bench.profile.power_fail_cycles {
+        let recovery_arguments = verbose_arguments(&bench.vmm_arguments);
+        for cycle in 0..bench.profile.flat_cycles {
             let exiting = ExitingVmm::before_exit(vm.process.pid() as u32);
             vm.power_fail(SAVE_TIMEOUT)?;
             drop(vm.kill());
@@ -242,17 +386,28 @@ fn flat_cycles(bench: &Bench, size: u64, table: &mut CsvTable) -> Result<Vec<(f6
                 &bench.disk.join(&format!("{tag}.serial")),
                 None,
                 &bench.disk.join(&format!("{tag}.recover{cycle}.vmm")),
-                &bench.vmm_arguments,
+                &recovery_arguments,
             )?;
-            let recovery = first_line_after_start(&mut vm)?;
+            let times = first_line_after_start(&mut vm)?;
+            let (vmm_exec_to_released, vmm_registration_wait, vmm_irqchip_pit) =
+                vmm_recovery_figures(&recovery_log(&vm));
+            let optional = |value: Option<f64>| value.map(seconds).unwrap_or_default();
             table.push(vec![
                 size.to_string(),
                 cycle.to_string(),
                 seconds(teardown.as_secs_f64()),
-                seconds(recovery.first_line),
-                recovery.resumed_event.map(seconds).unwrap_or_default(),
+                seconds(times.first_line),
+                optional(times.resumed_event),
+                optional(vmm_exec_to_released),
+                optional(vmm_registration_wait),
+                optional(vmm_irqchip_pit),
             ]);
-            recoveries.push((recovery.first_line, recovery.resumed_event));
+            recoveries.push(FlatRecovery {
+                times,
+                vmm_exec_to_released,
+                vmm_registration_wait,
+                vmm_irqchip_pit,
+            });
         }
         drop(vm.kill());
         Ok(recoveries)
@@ -549,4 +704,44 @@ fn full_speed(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
         &summary,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_share_is_exec_to_released_less_the_registration_wait() {
+        let log = "cloud-hypervisor: ... VM \"kv\": resumed in place from seq 2 in 17443 us \
+                   (19868 us from exec): process-start 4712 us, region-open-claim 166 us, \
+                   kvm-vm-memory 12773 us, irqchip-pit 2437 us, resume 18 us\n";
+        let (exec_to_released, wait, irqchip_pit) = vmm_recovery_figures(log);
+        assert_eq!(exec_to_released, Some(19.868e-3));
+        assert_eq!(wait, Some(12.773e-3));
+        assert_eq!(irqchip_pit, Some(2.437e-3));
+        let recovery = FlatRecovery {
+            times: Recovery {
+                first_line: 0.03,
+                resumed_event: Some(0.02),
+            },
+            vmm_exec_to_released: exec_to_released,
+            vmm_registration_wait: wait,
+            vmm_irqchip_pit: irqchip_pit,
+        };
+        let share = recovery.vmm_share().unwrap();
+        assert!((share - 7.095e-3).abs() < 1e-9, "{share}");
+        let without = recovery.vmm_share_without_irqchip_pit().unwrap();
+        assert!((without - 4.658e-3).abs() < 1e-9, "{without}");
+        // A VMM without the line (not verbose, or a build without phases) has no share.
+        assert_eq!(vmm_recovery_figures("no such line"), (None, None, None));
+    }
+
+    #[test]
+    fn recoveries_are_verbose_once() {
+        assert_eq!(verbose_arguments(&[]), ["-v"]);
+        let seccomp = ["--seccomp".to_string(), "false".to_string()];
+        assert_eq!(verbose_arguments(&seccomp), ["--seccomp", "false", "-v"]);
+        assert_eq!(verbose_arguments(&["-vv".to_string()]), ["-vv"]);
+        assert_eq!(verbose_arguments(&["-v".to_string()]), ["-v"]);
+    }
 }

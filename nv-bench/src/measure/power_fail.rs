@@ -324,6 +324,10 @@ fn nv_cycles(
 /// VMM's `resumed` event if it sent one. The guest may have been stopped in the middle of a
 /// line; the rest of that line comes first and is not a new line. Fails if the guest booted
 /// again (its boot messages start with `kvstore:`) instead of continuing.
+/// How long after the guest's first new line the VMM's `resumed` event may still be on its way
+/// to the host's stamp (written by the VMM's event-monitor thread, read by a follower thread).
+const RESUMED_EVENT_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(super) fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
     let lines = vm.wait_for(
         "the first new progress line after recovery",
@@ -346,7 +350,9 @@ pub(super) fn first_line_after_start(vm: &mut RunningVm) -> Result<Recovery> {
     let since_start = |at: Instant| at.duration_since(vm.started()).as_secs_f64();
     Ok(Recovery {
         first_line: since_start(first),
-        resumed_event: vm.resumed_at().map(since_start),
+        resumed_event: vm
+            .wait_for_resumed_event(RESUMED_EVENT_TIMEOUT)
+            .map(since_start),
     })
 }
 
