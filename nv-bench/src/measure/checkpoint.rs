@@ -26,6 +26,8 @@ const UNDO_BYTES_PER_PAGE: u64 = 4096 + 64;
 struct Measured {
     ops_per_sec: f64,
     epochs: u64,
+    /// Of `epochs`, those ended early by a full undo log (or output hold).
+    early_epochs: u64,
     pause_median_us: u64,
     pause_p99_us: u64,
     undo_bytes_mean: u64,
@@ -52,6 +54,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         "ops_per_s",
         "ratio vs off",
         "epochs",
+        "early epochs",
         "pause median us",
         "pause p99 us",
         "undo bytes per epoch",
@@ -86,9 +89,10 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                     .unwrap_or_default(),
                 if interval > 0 {
                     format!(
-                        "; {} epochs, pause median {} us, p99 {} us, undo log {} bytes and {} \
-                         write faults per epoch; phase medians (us): {}",
+                        "; {} epochs ({} early: log full), pause median {} us, p99 {} us, \
+                         undo log {} bytes and {} write faults per epoch; phase medians (us): {}",
                         measured.epochs,
+                        measured.early_epochs,
                         measured.pause_median_us,
                         measured.pause_p99_us,
                         measured.undo_bytes_mean,
@@ -105,6 +109,7 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                 format!("{:.0}", measured.ops_per_sec),
                 ratio.map(|r| format!("{r:.3}x")).unwrap_or_default(),
                 measured.epochs.to_string(),
+                measured.early_epochs.to_string(),
                 measured.pause_median_us.to_string(),
                 measured.pause_p99_us.to_string(),
                 measured.undo_bytes_mean.to_string(),
@@ -216,6 +221,7 @@ fn measure_one(bench: &Bench, keys: u64, interval_ms: u64) -> Result<Measured> {
         Ok(Measured {
             ops_per_sec,
             epochs: field("epochs"),
+            early_epochs: field("early_epochs"),
             pause_median_us: field("recent_pause_median_us"),
             pause_p99_us: field("recent_pause_p99_us"),
             undo_bytes_mean: field("recent_undo_bytes_mean"),

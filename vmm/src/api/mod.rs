@@ -744,6 +744,10 @@ pub struct NvCheckpointStatus {
     /// Write faults per epoch served by the undo log's fault thread (mean over the same).
     #[serde(default)]
     pub recent_write_faults_mean: u64,
+    /// Of `epochs`, those ended before the interval because the undo log (or the network
+    /// output hold) was full: an epoch that writes more pages than the log holds.
+    #[serde(default)]
+    pub early_epochs: u64,
     /// Over the same checkpoints: the median duration of each phase of the pause, in the
     /// walk's order (`pause-vcpus`, `quiesce-devices`, `persist-memory`, `save-state`,
     /// `commit`, `write-protect`, `resume`). Medians of each phase alone: they need not add up

@@ -17,6 +17,7 @@
 //! `nv_extension::save_vm` -> `host::VmHost` -> region commit. Nothing here depends on the
 //! control loop. `docs/recovery.md` explains the sequence, the clock and the exit codes.
 
+mod block_choice;
 mod checkpoint;
 mod disk_undo;
 mod host;
