@@ -669,9 +669,7 @@ impl VcpuThreads {
             // On an error, `threads` is dropped: the ones started so far end.
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    vcpu_thread(id, handed_over, control, events, seccomp, &whereabouts)
-                })
+                .spawn(move || vcpu_thread(id, handed_over, control, events, seccomp, &whereabouts))
                 .map_err(|source| Error::ThreadSpawn {
                     thread: format!("vcpu{id}"),
                     source,
@@ -869,15 +867,6 @@ mod tests {
         }
         drop(vcpu);
         vcpus.stop();
-    }
-
-    struct NoDevices;
-
-    impl IoHandler for NoDevices {
-        fn pio_read(&self, _port: u16, _data: &mut [u8]) {}
-        fn pio_write(&self, _port: u16, _data: &[u8]) {}
-        fn mmio_read(&self, _address: u64, _data: &mut [u8]) {}
-        fn mmio_write(&self, _address: u64, _data: &[u8]) {}
     }
 
     /// The name and `Seccomp:` mode (0 none, 2 filter) of this process's thread `tid`.
