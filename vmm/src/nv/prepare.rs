@@ -777,20 +777,7 @@ mod tests {
         let before = std::fs::read(&region_path).unwrap();
         // Also as the binary does it: the VM started and the region opened and mapped from
         // the raw arguments before anything else (`recovery_ahead`).
-        let from_arguments = || {
-            let arguments: Vec<std::ffi::OsString> = [
-                "--nv",
-                &format!("region={},vm=vm0,recover=on", region_path.display()),
-                "--seccomp",
-                "false",
-            ]
-            .iter()
-            .map(Into::into)
-            .collect();
-            let mut ahead = RecoveryAhead::start(&arguments).unwrap();
-            ahead.map_memory();
-            ahead
-        };
+        let from_arguments = || begun_by_main(&region_path);
         for ahead in [
             None,
             Some(RecoveryAhead::with_vm(
@@ -818,6 +805,23 @@ mod tests {
         drop(owner);
     }
 
+    /// What the binary's `main` begins for `--nv region=<region_path>,vm=vm0,recover=on
+    /// --seccomp false` (`recovery_ahead`): the VM started, the region opened and the RAM mapped.
+    fn begun_by_main(region_path: &Path) -> RecoveryAhead {
+        let arguments: Vec<std::ffi::OsString> = [
+            "--nv",
+            &format!("region={},vm=vm0,recover=on", region_path.display()),
+            "--seccomp",
+            "false",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let mut ahead = RecoveryAhead::start(&arguments).unwrap();
+        ahead.map_memory();
+        ahead
+    }
+
     /// What the binary's `main` begins from the raw arguments (the VM, the region opened, the
     /// RAM mapped and handed over) is used only by a recovery of that same VM: for another one
     /// the region and the mapping are dropped (and a new KVM VM started).
@@ -833,20 +837,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let begin = || {
-            let arguments: Vec<std::ffi::OsString> = [
-                "--nv",
-                &format!("region={},vm=vm0,recover=on", region_path.display()),
-                "--seccomp",
-                "false",
-            ]
-            .iter()
-            .map(Into::into)
-            .collect();
-            let mut ahead = RecoveryAhead::start(&arguments).unwrap();
-            ahead.map_memory();
-            ahead
-        };
+        let begin = || begun_by_main(&region_path);
         let mut recover = nv_config(&region_path);
         recover.create = false;
         recover.recover = true;
