@@ -19,6 +19,20 @@ fn csv_rows(dir: &Path, name: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The index of the column headed `header` in the CSV file `name`.
+fn csv_column(dir: &Path, name: &str, header: &str) -> usize {
+    let path = dir.join(name);
+    let mut reader =
+        csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
+    let headers = reader
+        .headers()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    headers
+        .iter()
+        .position(|name| name == header)
+        .unwrap_or_else(|| panic!("{} has no column {header:?}: {headers:?}", path.display()))
+}
+
 fn assert_png(dir: &Path, name: &str) {
     let path = dir.join(name);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
@@ -253,15 +267,28 @@ fn quick_run_produces_every_measurement() {
     // checkpointed ones took epochs and report their pause, and a ratio against off.
     let checkpoints = csv_rows(out.path(), "checkpoint.csv");
     assert_eq!(checkpoints.len(), 4, "{stdout}");
+    let column = |name: &str| csv_column(out.path(), "checkpoint.csv", name);
+    let (interval, rate, ratio) = (
+        column("checkpoint_ms"),
+        column("ops_per_s"),
+        column("ratio vs off"),
+    );
+    let (epochs, early, pause) = (
+        column("epochs"),
+        column("early epochs"),
+        column("pause median us"),
+    );
     for row in &checkpoints {
         assert!(
-            row[2].parse::<f64>().is_ok_and(|rate| rate > 0.0),
+            row[rate].parse::<f64>().is_ok_and(|rate| rate > 0.0),
             "{row:?}"
         );
-        if row[1] != "off" {
-            assert!(row[3].ends_with('x'), "{row:?}");
-            assert!(row[4].parse::<u64>().unwrap() > 0, "no epochs: {row:?}");
-            assert!(row[5].parse::<u64>().unwrap() > 0, "no pause: {row:?}");
+        if row[interval] != "off" {
+            assert!(row[ratio].ends_with('x'), "{row:?}");
+            let taken = row[epochs].parse::<u64>().unwrap();
+            assert!(taken > 0, "no epochs: {row:?}");
+            assert!(row[early].parse::<u64>().unwrap() <= taken, "{row:?}");
+            assert!(row[pause].parse::<u64>().unwrap() > 0, "no pause: {row:?}");
         }
     }
 
