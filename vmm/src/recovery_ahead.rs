@@ -80,6 +80,9 @@ pub struct RecoveryAhead {
     /// The `--nv` it was started for; `None` when started for a parsed config (nothing is
     /// opened ahead then).
     nv: Option<NvConfig>,
+    /// The `--seccomp` mode read from the raw arguments, under which the VM's thread (and the
+    /// helper it starts) runs; `None` when started for a parsed config, i.e. under its mode.
+    seccomp: Option<SeccompMode>,
     /// The region, if opening it ahead worked (if not, the recovery opens it again and reports
     /// the error where it always did).
     region: Option<Region>,
@@ -109,6 +112,7 @@ impl RecoveryAhead {
         Some(RecoveryAhead {
             vm,
             nv: Some(recovery.nv),
+            seccomp: Some(recovery.seccomp),
             region: None,
             mapped: None,
         })
@@ -119,6 +123,7 @@ impl RecoveryAhead {
         RecoveryAhead {
             vm,
             nv: None,
+            seccomp: None,
             region: None,
             mapped: None,
         }
@@ -144,14 +149,21 @@ impl RecoveryAhead {
         self.region = Some(region);
     }
 
-    /// What a recovery of `nv` can use: the VM, and the region and mapping if they are of
-    /// `nv`'s region and VM. If a mapping of another VM was handed over, the VM has it: then
-    /// nothing is used and a new VM is started.
+    /// What a recovery of `nv` under `seccomp` can use: the VM, and the region and mapping if
+    /// they are of `nv`'s region and VM. If a mapping of another VM was handed over, the VM has
+    /// it, and if the VM's threads were started under another seccomp mode they run under the
+    /// wrong filter: then nothing is used and a new VM is started.
     pub(crate) fn into_parts(
         self,
         nv: &NvConfig,
         seccomp: SeccompMode,
     ) -> Result<(EarlyKvmVm, Option<Region>, Option<MappedAhead>), Error> {
+        if self.seccomp.is_some_and(|ahead| ahead != seccomp) {
+            // Its threads run under another filter than the parsed command line asks for (the
+            // raw arguments were read differently): none of it is used.
+            drop(self);
+            return Ok((EarlyKvmVm::start(seccomp)?, None, None));
+        }
         let same = self
             .nv
             .as_ref()

@@ -823,8 +823,9 @@ mod tests {
     }
 
     /// What the binary's `main` begins from the raw arguments (the VM, the region opened, the
-    /// RAM mapped and handed over) is used only by a recovery of that same VM: for another one
-    /// the region and the mapping are dropped (and a new KVM VM started).
+    /// RAM mapped and handed over) is used only by a recovery of that same VM under the same
+    /// seccomp mode: otherwise the region and the mapping are dropped (and a new KVM VM
+    /// started).
     #[test]
     fn what_main_began_is_used_only_by_a_recovery_of_the_same_vm() {
         let dir = tempfile::tempdir().unwrap();
@@ -843,6 +844,10 @@ mod tests {
         recover.recover = true;
         let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
         assert!(region.is_some() && mapped.is_some());
+        // Begun under `--seccomp false`, asked for under another mode: the threads would run
+        // under the wrong filter, so nothing is used.
+        let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Log).unwrap();
+        assert!(region.is_none() && mapped.is_none());
         recover.vm = "vm1".into();
         let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
         assert!(region.is_none() && mapped.is_none());
