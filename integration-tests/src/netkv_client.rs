@@ -390,12 +390,8 @@ impl KvClient {
                     }
                 }
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::ConnectionRefused
-                    ) =>
+                    if nothing_arrived(e.kind())
+                        || e.kind() == io::ErrorKind::ConnectionRefused =>
                 {
                     break
                 }
@@ -626,6 +622,17 @@ fn enlarge_receive_buffer(socket: &UdpSocket) {
 
 /// Counts datagrams of exactly `payload` bytes on `socket` until `expected` came or none came
 /// for 300 ms; returns how many and the time from the first to the last.
+/// Whether a `recv_from` error on a socket with a read timeout only means that nothing arrived:
+/// the timeout, or a signal handled meanwhile (EINTR: the kernel never restarts a read that has a
+/// timeout, and a process frozen and thawed by its host sees one too). The net SIGKILL test once
+/// failed on `Interrupted`.
+fn nothing_arrived(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 fn count_stream(socket: &UdpSocket, payload: usize, expected: u64) -> io::Result<(u64, Duration)> {
     let mut buffer = vec![0u8; 2048];
     let (mut received, mut first, mut last) = (0u64, None, Instant::now());
@@ -639,11 +646,7 @@ fn count_stream(socket: &UdpSocket, payload: usize, expected: u64) -> io::Result
                 idle_since = last;
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if nothing_arrived(e.kind()) => {}
             Err(e) => return Err(e),
         }
     }
@@ -911,6 +914,51 @@ mod tests {
         client.read_back_all(Duration::from_secs(5)).unwrap();
         stop.store(true, Ordering::Relaxed);
         client
+    }
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// A handled signal during the client's reads (EINTR) is not an error. The net SIGKILL test
+    /// failed once with `netkv client socket: Interrupted system call`.
+    #[test]
+    fn signals_during_the_load_are_not_socket_errors() {
+        // SAFETY: a zeroed sigaction with a handler that does nothing, installed for SIGUSR2
+        // (used by nothing else in this test binary) without SA_RESTART, so that a read the
+        // signal interrupts returns EINTR.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore_signal as usize;
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let (server, stop) = stand_in(|_| {});
+        let mut client = KvClient::new(server, small_load()).unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        let loading_thread = unsafe { libc::pthread_self() };
+        let done = Arc::new(AtomicBool::new(false));
+        let signaller = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u32;
+                while !done.load(Ordering::Relaxed) {
+                    // SAFETY: the loading thread lives until `done` is set and this is joined.
+                    unsafe { libc::pthread_kill(loading_thread, libc::SIGUSR2) };
+                    sent += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                sent
+            })
+        };
+        let start = Instant::now();
+        let loaded = client.run_until(|_| start.elapsed() > Duration::from_millis(500));
+        done.store(true, Ordering::Relaxed);
+        let signals = signaller.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        loaded.unwrap_or_else(|e| panic!("after up to {signals} signals: {e}"));
+        assert!(signals > 100, "{signals}");
+        assert!(client.ledger.puts_acked > 0);
     }
 
     #[test]
