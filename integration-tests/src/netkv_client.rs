@@ -927,7 +927,7 @@ mod tests {
         // signal interrupts returns EINTR.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = ignore_signal as usize;
+            action.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
             assert_eq!(
                 libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
                 0
