@@ -290,9 +290,6 @@ struct RunState {
     /// How many parked threads the control loop waits for ([`VcpuManager::pause`]): the thread
     /// that completes the count wakes it, the others do not.
     awaited: usize,
-    /// The kernel thread ids of the vCPU threads past their seccomp filter's installation (done
-    /// or failed), i.e. ready for their vCPU.
-    ready: Vec<libc::pid_t>,
 }
 
 /// What the control loop asks of the vCPU threads, and how many of them have complied.
@@ -314,7 +311,6 @@ impl RunControl {
                 request,
                 parked: 0,
                 awaited: 0,
-                ready: Vec::new(),
             }),
             changed: Condvar::new(),
             parked_changed: Condvar::new(),
@@ -385,12 +381,6 @@ impl RunControl {
         if state.parked >= state.awaited {
             self.parked_changed.notify_all();
         }
-    }
-
-    /// The vCPU thread `tid` is past its seccomp filter and can take its vCPU.
-    fn note_ready(&self, tid: libc::pid_t) {
-        self.lock().ready.push(tid);
-        self.changed.notify_all();
     }
 
     /// A vCPU that cannot run any more waits here, counted as parked, until the VM is torn down.
@@ -684,15 +674,23 @@ impl VcpuThreads {
     /// not); returns their kernel thread ids.
     #[cfg(test)]
     fn wait_until_ready(&self) -> Vec<libc::pid_t> {
-        let mut state = self.control.lock();
-        while state.ready.len() < self.threads.len() {
-            state = self
-                .control
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready: Vec<libc::pid_t> = self
+                .whereabouts
+                .iter()
+                .filter(|whereabouts| whereabouts.step() == Step::WaitingForVcpu)
+                .filter_map(|whereabouts| whereabouts.tid())
+                .collect();
+            if ready.len() == self.threads.len() {
+                return ready;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vCPU threads not ready: {ready:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
-        state.ready.clone()
     }
 }
 
@@ -717,12 +715,10 @@ fn vcpu_thread(
     whereabouts: &Whereabouts,
 ) {
     whereabouts.started();
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() };
     // Before the thread has its vCPU, so guest-triggered exits are only ever served under the
     // filter.
     let filtered = apply_filter_for_mode(ThreadKind::Vcpu, seccomp);
-    control.note_ready(tid);
+    whereabouts.reached(Step::WaitingForVcpu);
     let Ok(Handover { vcpu, io }) = handed_over.recv() else {
         // The VM was not built: there is nothing to run.
         whereabouts.reached(Step::Ended);

@@ -14,21 +14,24 @@ pub(super) enum Step {
     NotStarted = 0,
     /// Installing its seccomp filter, before its first look at the run request.
     InstallingSeccomp = 1,
+    /// Past its filter's installation (done or failed), waiting to be handed its vCPU.
+    WaitingForVcpu = 2,
     /// At its park point: parked, or about to read the run request and park.
-    AtParkPoint = 2,
+    AtParkPoint = 3,
     /// In KVM_RUN or serving one of its exits; a kick gets it to its park point.
-    Running = 3,
+    Running = 4,
     /// Its loop ended: stopped, or parked for good after an exit it cannot run past.
-    Ended = 4,
+    Ended = 5,
 }
 
 impl Step {
     fn from_u8(value: u8) -> Step {
         match value {
             1 => Step::InstallingSeccomp,
-            2 => Step::AtParkPoint,
-            3 => Step::Running,
-            4 => Step::Ended,
+            2 => Step::WaitingForVcpu,
+            3 => Step::AtParkPoint,
+            4 => Step::Running,
+            5 => Step::Ended,
             _ => Step::NotStarted,
         }
     }
@@ -37,6 +40,7 @@ impl Step {
         match self {
             Step::NotStarted => "had not run yet",
             Step::InstallingSeccomp => "was installing its seccomp filter",
+            Step::WaitingForVcpu => "was waiting to be handed its vCPU",
             Step::AtParkPoint => "was at its park point",
             Step::Running => "was in KVM_RUN or serving an exit",
             Step::Ended => "had ended its run loop",
@@ -64,6 +68,18 @@ impl Whereabouts {
 
     pub(super) fn reached(&self, step: Step) {
         self.step.store(step as u8, Ordering::Relaxed);
+    }
+
+    /// The step the thread last reached.
+    #[cfg(test)]
+    pub(super) fn step(&self) -> Step {
+        Step::from_u8(self.step.load(Ordering::Relaxed))
+    }
+
+    /// The thread's kernel id, once it ran.
+    #[cfg(test)]
+    pub(super) fn tid(&self) -> Option<i32> {
+        Some(self.tid.load(Ordering::Relaxed)).filter(|tid| *tid != 0)
     }
 
     /// "vCPU `id` <step>, thread <tid> in state <s> ...": one clause for a pause's error.
