@@ -183,12 +183,7 @@ impl Persistence for FileBackend {
             (Some(&(start, _)), Some(&(last, last_len))) if !self.mode.is_dax() => {
                 self.mapping.msync(start, last + last_len - start)
             }
-            _ => {
-                for &(offset, len) in ranges {
-                    self.persist(offset, len)?;
-                }
-                Ok(())
-            }
+            _ => super::persist_each(self, ranges),
         }
     }
     fn grow(&mut self, new_len: u64) -> Result<()> {

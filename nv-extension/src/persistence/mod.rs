@@ -65,10 +65,7 @@ pub trait Persistence: Send {
     /// Makes every store to each of `ranges` ((offset, length), ascending, disjoint) durable,
     /// as `persist` of each would. A backend may persist more than asked when that is cheaper.
     fn persist_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
-        for &(offset, len) in ranges {
-            self.persist(offset, len)?;
-        }
-        Ok(())
+        persist_each(self, ranges)
     }
     /// Allocates backing storage for an extent so that first touches of it
     /// (through any mapping) cannot fail for lack of space; a no-op where the
@@ -103,4 +100,16 @@ pub(crate) fn read_vec(store: &dyn Persistence, offset: u64, len: usize) -> Resu
     let mut buf = vec![0u8; len];
     store.read(offset, &mut buf)?;
     Ok(buf)
+}
+
+/// `persist` of each of `ranges`: what [`Persistence::persist_ranges`] does where a backend
+/// has nothing cheaper.
+pub(crate) fn persist_each<P: Persistence + ?Sized>(
+    backend: &mut P,
+    ranges: &[(u64, u64)],
+) -> Result<()> {
+    for &(offset, len) in ranges {
+        backend.persist(offset, len)?;
+    }
+    Ok(())
 }
