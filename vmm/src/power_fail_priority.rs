@@ -86,6 +86,46 @@ pub fn set_vcpu_threads(threads: &[JoinHandle<()>], raised: bool) {
     }
 }
 
+/// Raises every other thread of this process to real-time priority ([`VCPU_PRIORITY`]), for an
+/// exit that follows a committed save. Call it from the (raised) control loop just before the
+/// process exits.
+///
+/// A process is gone only when every member of its thread group has run its exit, and each
+/// needs a turn on a core for that. That includes a thread the VMM did not start: KVM adds a
+/// worker of its own to the process at a VM's first `KVM_RUN` (`kvm-nx-lpage-recovery`, a
+/// thread of the group at normal priority). On a busy host it waited up to 26 ms for a core
+/// after the VMM's own threads had exited, and the process with it. Raised, it runs at once.
+/// Nothing runs at this priority for long: the process exits next. Returns how many threads
+/// were raised.
+pub fn raise_other_threads_for_exit() -> usize {
+    // SAFETY: gettid has no preconditions.
+    let caller = unsafe { libc::gettid() };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let parameters = libc::sched_param {
+        sched_priority: VCPU_PRIORITY,
+    };
+    let mut raised = 0;
+    for tid in tasks
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|tid| *tid != caller)
+    {
+        // The kicked vCPU threads are at this priority already. SAFETY: a thread id of this
+        // process (it may have exited since: the call then fails with ESRCH); `parameters` is
+        // valid for the call.
+        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &parameters) } == 0 {
+            raised += 1;
+        } else {
+            log::debug!(
+                "thread {tid} exits at its own priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    raised
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +179,82 @@ mod tests {
         let _ = stop.send(());
         let [worker] = threads;
         worker.join().unwrap();
+    }
+
+    fn policy_of_task(tid: &str) -> libc::c_int {
+        let tid: libc::pid_t = tid.parse().unwrap();
+        // SAFETY: a thread id read from /proc/self/task.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    /// The threads of this process: (tid, name).
+    fn tasks() -> Vec<(String, String)> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let task = task.ok()?;
+                let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                Some((task.file_name().into_string().ok()?, name.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    /// KVM's own worker in the process (started by a VM's first `KVM_RUN`) stayed at normal
+    /// priority when the VMM exited after a committed save, and the process lived until it got
+    /// a core. Runs in a fresh test process (this test again, alone): raising every other
+    /// thread of the test harness's process would raise other tests' threads.
+    #[test]
+    fn at_the_exit_every_other_thread_runs_at_real_time_priority_kvms_worker_too() {
+        const CHILD: &str = "NV_PRIORITY_TEST_FRESH_PROCESS";
+        if std::env::var_os(CHILD).is_none() {
+            let output = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "power_fail_priority::tests::at_the_exit_every_other_thread_runs_at_real_time_priority_kvms_worker_too",
+                    "--exact",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        // Without memory or registers the run fails at once; KVM has started its worker.
+        let _ = vcpu.run();
+        let (stop, parked) = std::sync::mpsc::channel::<()>();
+        let waiting = std::thread::spawn(move || {
+            let _ = parked.recv();
+        });
+        let before = tasks();
+        assert!(
+            before.iter().any(|(_, name)| name.starts_with("kvm-")),
+            "no KVM worker in the process: {before:?}"
+        );
+        let permitted = raise_control_loop();
+        let raised = raise_other_threads_for_exit();
+        // SAFETY: gettid has no preconditions.
+        let caller = unsafe { libc::gettid() }.to_string();
+        for (tid, name) in tasks().iter().filter(|(tid, _)| *tid != caller) {
+            let expected = if permitted {
+                libc::SCHED_FIFO
+            } else {
+                libc::SCHED_OTHER
+            };
+            assert_eq!(policy_of_task(tid), expected, "{name} ({tid})");
+        }
+        if permitted {
+            // The harness's main thread, the waiting thread and KVM's worker at least.
+            assert!(raised >= 3, "{raised}");
+        }
+        let _ = stop.send(());
+        waiting.join().unwrap();
     }
 }

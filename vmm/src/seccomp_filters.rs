@@ -218,9 +218,11 @@ const VMM: &[i64] = &[
     libc::SYS_listen,
     libc::SYS_accept4,
     // After a committed save: the helper that takes the KVM VM's teardown out of the exit
-    // (`detached_teardown`) closes what it inherited and waits on a pipe for the VMM's end.
+    // (`detached_teardown`) closes what it inherited and waits for the VMM's end (a pipe)...
     libc::SYS_pipe2,
     libc::SYS_close_range,
+    // ... and learns the VMM's end (its whole thread group, KVM's worker included) from a pidfd.
+    libc::SYS_pidfd_open,
     // SIGPWR: the control loop and the kicked vCPU threads run the save at SCHED_FIFO
     // (`power_fail_priority`).
     libc::SYS_sched_setscheduler,
@@ -827,7 +829,7 @@ mod tests {
         assert_eq!(
             sizes,
             [
-                (90, 66),
+                (91, 66),
                 (27, 4),
                 (50, 0),
                 (43, 0),

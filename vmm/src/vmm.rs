@@ -743,6 +743,9 @@ impl Vmm {
                 // The kernel's teardown of the VM (tens of ms of grace periods on a busy host)
                 // then runs in a helper, not in this process's exit.
                 crate::detached_teardown::hand_off(vm.vm_fd.as_raw_fd());
+                // Every thread of the process, KVM's own worker included, must run its exit
+                // before the process is gone: none of them waits behind the host's load.
+                crate::power_fail_priority::raise_other_threads_for_exit();
                 std::mem::forget(vm);
                 // What `Vm::shutdown` would have said: the events stay as they were.
                 crate::event_monitor::emit_vm(crate::event_monitor::VmEvent::Shutdown);
