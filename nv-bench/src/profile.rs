@@ -44,6 +44,9 @@ pub struct Profile {
     pub flat_cycles: usize,
     /// First touch on huge vs 4 KiB pages: repetitions per backing and size (0: not run).
     pub first_touch_repetitions: usize,
+    /// First touch: kvstore table sizes, ascending; the first is the boot without the table
+    /// that each larger one's time is taken over.
+    pub first_touch_tables: Vec<u64>,
     /// D with spread: key count and repetitions per backing (0: not run).
     pub full_speed_keys: u64,
     pub full_speed_repetitions: usize,
@@ -81,6 +84,7 @@ impl Profile {
             flat_ram_sizes: vec![256 * MIB, GIB, 4 * GIB, 16 * GIB, 64 * GIB],
             flat_cycles: 5,
             first_touch_repetitions: 3,
+            first_touch_tables: vec![2 * MIB, 256 * MIB, GIB],
             full_speed_keys: 1_000_000,
             full_speed_repetitions: 7,
             checkpoint_keys: vec![1_000_000, 4_000_000],
@@ -109,9 +113,12 @@ impl Profile {
             floor_repetitions: 3,
             flat_ram_sizes: vec![128 * MIB, 16 * GIB],
             flat_cycles: 2,
-            first_touch_repetitions: 0,
+            // One repetition of first touch and of D with spread: every line of issue 15's
+            // section is printed (and checked by the quick test), at sizes that take seconds.
+            first_touch_repetitions: 1,
+            first_touch_tables: vec![2 * MIB, 32 * MIB],
             full_speed_keys: 100_000,
-            full_speed_repetitions: 0,
+            full_speed_repetitions: 1,
             checkpoint_keys: vec![100_000],
             checkpoint_intervals_ms: DEFAULT_CHECKPOINT_INTERVALS_MS.to_vec(),
             checkpoint_tracking_floor: true,
@@ -165,6 +172,26 @@ mod tests {
         assert_eq!(keys_label(4_000_000), "4M");
         assert_eq!(keys_label(100_000), "100k");
         assert_eq!(keys_label(1234), "1234");
+    }
+
+    /// Issue 15 names B at 256 MiB up to 64 GiB and first touch of 256 MiB and 1 GiB; the quick
+    /// run prints each of the section's lines at smaller sizes (the quick test checks them), so
+    /// none of its parts may be switched off there.
+    #[test]
+    fn the_runs_measure_every_part_of_issue_15() {
+        let full = Profile::full();
+        assert_eq!(full.flat_ram_sizes.first(), Some(&(256 * MIB)));
+        assert_eq!(full.flat_ram_sizes.last(), Some(&(64 * GIB)));
+        assert_eq!(full.first_touch_tables, [2 * MIB, 256 * MIB, GIB]);
+        for profile in [full, Profile::quick()] {
+            assert!(profile.flat_ram_sizes.len() >= 2, "{profile:?}");
+            assert!(profile.flat_cycles > 0, "{profile:?}");
+            assert!(profile.floor_repetitions > 0, "{profile:?}");
+            assert!(profile.first_touch_repetitions > 0, "{profile:?}");
+            assert!(profile.first_touch_tables.len() >= 2, "{profile:?}");
+            assert!(profile.first_touch_tables.is_sorted(), "{profile:?}");
+            assert!(profile.full_speed_repetitions > 0, "{profile:?}");
+        }
     }
 
     #[test]

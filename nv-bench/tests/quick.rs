@@ -157,6 +157,40 @@ fn quick_run_produces_every_measurement() {
         "{stdout}"
     );
 
+    // First touch with huge pages: each backing booted with each table (2 MiB, the baseline,
+    // and 32 MiB), and a ratio for anonymous RAM and for NV RAM.
+    let first_touch = csv_rows(out.path(), "thp_first_touch.csv");
+    assert_eq!(first_touch.len(), 8, "2 tables x 4 backings:\n{stdout}");
+    for row in &first_touch {
+        assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
+    }
+    for ratio in [
+        "THP RATIO first touch of 32 MiB anonymous thp=off / anonymous thp=on = ",
+        "THP RATIO first touch of 32 MiB nv-region /dev/shm (4 KiB) / nv-region huge tmpfs (2 MiB) = ",
+    ] {
+        assert!(stdout.contains(ratio), "missing {ratio:?}:\n{stdout}");
+    }
+    // D with spread: each backing side by side with anonymous thp=on, the baseline against
+    // itself too, each ratio line with its range.
+    let pairs = csv_rows(out.path(), "d_pairs.csv");
+    assert_eq!(pairs.len(), 4, "one pair per backing:\n{stdout}");
+    for row in &pairs {
+        assert!(row[5].parse::<f64>().unwrap() > 0.0, "{row:?}");
+    }
+    for backing in [
+        "anonymous thp=on",
+        "nv-region /dev/shm (4 KiB)",
+        "nv-region huge tmpfs (2 MiB)",
+        "anonymous thp=off",
+    ] {
+        let ratio = format!("D RATIO {backing} / anonymous thp=on side by side = ");
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&ratio))
+            .unwrap_or_else(|| panic!("missing {ratio:?}:\n{stdout}"));
+        assert!(line.contains("(median of 1 pairs, range "), "{line}");
+    }
+
     for ratio in [
         "C keys=100k RATIO cold restart + log replay / NV in-place",
         "C keys=100k RATIO copy snapshot/restore / NV in-place",

@@ -243,17 +243,7 @@ pub(crate) fn page_runs(pages: &[u64]) -> Vec<(u64, u64)> {
             _ => runs.push((page, PAGE_SIZE)),
         }
     }
-    runs.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-    for (start, len) in runs {
-        match merged.last_mut() {
-            Some((last, last_len)) if *last + *last_len >= start => {
-                *last_len = (*last_len).max(start + len - *last);
-            }
-            _ => merged.push((start, len)),
-        }
-    }
-    merged
+    range_merge::merge_ranges(runs, 0)
 }
 
 fn resume_after_failure(handle: &VmHandle, host: &mut dyn NvHost) {

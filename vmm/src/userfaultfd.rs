@@ -763,18 +763,19 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
     }
 
     /// Write-protects again what was lifted since memory was last protected (adjacent ranges
-    /// merged), or all tracked memory if it never was: afterwards every page's next write
+    /// merged, and ranges at most `gap_pages` apart: a measurement's choice, 0 otherwise), or
+    /// all tracked memory if it never was: afterwards every page's next write
     /// faults, as after [`EpochLock::protect_all`]. Pages that stayed protected are not
     /// touched, so KVM keeps their mappings (on a shadow-paging host every protection change
     /// drops them, and the guest's next read of such a page faults in the kernel again).
     /// Returns the bytes protected.
-    pub fn protect_lifted(&mut self) -> Result<usize, UffdError> {
+    pub fn protect_lifted(&mut self, gap_pages: usize) -> Result<usize, UffdError> {
         if !self.guard.protected {
             self.protect_all()?;
             return Ok(self.tracker.ranges.iter().map(|range| range.length).sum());
         }
         let lifted = std::mem::take(&mut self.guard.lifted_ranges);
-        let merged = protection_runs(lifted, protect_gap_pages() * PAGE_SIZE);
+        let merged = range_merge::merge_ranges(lifted, gap_pages * PAGE_SIZE);
         let mut protected = 0;
         for (index, &(address, length)) in merged.iter().enumerate() {
             if let Err(error) = set_write_protection(&self.tracker.uffd, address, length, true) {
@@ -788,38 +789,6 @@ impl<S: FirstWriteSink + 'static> EpochLock<'_, S> {
         }
         Ok(protected)
     }
-}
-
-/// Measurements only: `NV_CHECKPOINT_PROTECT_GAP_PAGES=N` protects two lifted ranges at most N
-/// pages apart with one `UFFDIO_WRITEPROTECT` (the pages between, protected already, are
-/// protected again). 0, the default, merges only adjacent ranges: on this host a protection
-/// change costs per page, not per call (docs/checkpoints.md section 7).
-const PROTECT_GAP_VARIABLE: &str = "NV_CHECKPOINT_PROTECT_GAP_PAGES";
-
-fn protect_gap_pages() -> usize {
-    static GAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *GAP.get_or_init(|| {
-        std::env::var(PROTECT_GAP_VARIABLE)
-            .ok()
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0)
-    })
-}
-
-/// The ranges to protect again for the `lifted` ones (host address, length; any order,
-/// overlaps allowed): ascending, disjoint, ranges at most `gap` bytes apart in one.
-fn protection_runs(mut lifted: Vec<(usize, usize)>, gap: usize) -> Vec<(usize, usize)> {
-    lifted.sort_unstable();
-    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(lifted.len());
-    for (address, length) in lifted {
-        match merged.last_mut() {
-            Some((start, len)) if *start + *len + gap >= address => {
-                *len = (*len).max(address + length - *start);
-            }
-            _ => merged.push((address, length)),
-        }
-    }
-    merged
 }
 
 impl<S: FirstWriteSink + 'static> WriteTracker<S> {
@@ -1498,41 +1467,9 @@ mod tests {
         (tracker, records, attention)
     }
 
-    #[test]
-    fn protection_runs_are_ascending_and_merge_adjacent_overlapping_and_near_ranges() {
-        let page = |n: usize| n * PAGE_SIZE;
-        let lifted = vec![
-            (page(64), page(64)),
-            (page(8), page(2)),
-            (page(128), page(1)),
-            (page(9), page(3)),
-            (page(200), page(4)),
-            (page(13), page(1)),
-        ];
-        assert_eq!(
-            protection_runs(lifted.clone(), 0),
-            [
-                (page(8), page(4)),
-                (page(13), page(1)),
-                (page(64), page(65)),
-                (page(200), page(4)),
-            ]
-        );
-        // One page apart: 8..12 and 13 become one range; 129..200 stays apart.
-        assert_eq!(
-            protection_runs(lifted, page(1)),
-            [
-                (page(8), page(6)),
-                (page(64), page(65)),
-                (page(200), page(4))
-            ]
-        );
-        assert!(protection_runs(Vec::new(), page(1)).is_empty());
-    }
-
     /// Protects again what the epoch lifted; returns how many pages that was.
     fn protect_lifted_pages(tracker: &WriteTracker<RecordingSink>) -> usize {
-        tracker.lock_epoch().protect_lifted().unwrap() / PAGE_SIZE
+        tracker.lock_epoch().protect_lifted(0).unwrap() / PAGE_SIZE
     }
 
     /// 8 shared pages, byte 7 of page `i` holding `i + 10`.

@@ -29,7 +29,6 @@ use crate::running_vm::RunningVm;
 use crate::stats::median;
 
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 /// A progress line every 10 ms, as in A/B.
 const PERIOD_MS: u32 = 10;
 /// B at any size: kvstore's table is 4 MiB whatever the RAM, so the guest touches the same few
@@ -498,7 +497,8 @@ fn time_to_serving(
     result
 }
 
-/// First touch of 256 MiB and 1 GiB on huge pages against 4 KiB pages.
+/// First touch of each table size (256 MiB and 1 GiB in a full run) on huge pages against 4 KiB
+/// pages, over the boot with the profile's smallest table.
 fn first_touch(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     let variants = backings(
         &[
@@ -517,7 +517,8 @@ fn first_touch(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
     let mut table = CsvTable::new(&["table_bytes", "backing", "repetition", "to_serving_s"]);
     let mut summary = CsvTable::new(&["table", "backing", "runs", "median s to serving"]);
     let mut medians: Vec<(u64, Backing, f64)> = Vec::new();
-    for &size in &[2 * MIB, 256 * MIB, GIB] {
+    let tables = bench.profile.first_touch_tables.clone();
+    for &size in &tables {
         let results = each_variant_repeatedly(
             bench,
             &variants,
@@ -564,12 +565,15 @@ fn first_touch(bench: &mut Bench, huge: Option<&HugeTmpfs>) -> Result<()> {
             .find(|(s, b, _)| *s == size && *b == backing)
             .map(|(_, _, v)| *v)
     };
-    for size in [256 * MIB, GIB] {
+    let Some((&boot, larger)) = tables.split_first() else {
+        return Ok(());
+    };
+    for &size in larger {
         for (small, large) in [
             (Backing::Anonymous4k, Backing::AnonymousThp),
             (Backing::NvPlainTmpfs, Backing::NvHugeTmpfs),
         ] {
-            let (Some(base_small), Some(base_large)) = (find(2 * MIB, small), find(2 * MIB, large))
+            let (Some(base_small), Some(base_large)) = (find(boot, small), find(boot, large))
             else {
                 continue;
             };

@@ -33,6 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::block_choice::BlockChoice;
 use super::disk_undo::{disk_hook_slots, DiskUndoHook};
 use super::host::VmHost;
+use super::measurement_overrides;
 use super::{nv_error, NvVm};
 use crate::api::{NvCheckpointStatus, NvPhaseTiming};
 use crate::config::SeccompMode;
@@ -51,42 +52,15 @@ const PAGE_BYTES: usize = 4096;
 
 /// Pages logged (and lifted) per write fault: the faulting page's aligned block of this many
 /// pages, those not logged yet in the epoch (`UndoLog::record_undo_block`). Chosen by
-/// measurement with nv-bench `checkpoint` (docs/checkpoints.md, "Costs").
+/// measurement with nv-bench `checkpoint` (docs/checkpoints.md, "Costs"); a measurement may
+/// override it (`measurement_overrides::block_pages`).
 const BLOCK_PAGES: u64 = 64;
 
-/// `evidence` logs a block whole only once it shows that the guest writes more than one of its
-/// pages ([`BlockChoice`]), the faulting page alone before; otherwise every fault logs its whole
-/// block. For measurements: the evidence policy is not the default until a quiet host shows
-/// it better (docs/checkpoints.md section 7).
-const BLOCK_POLICY_VARIABLE: &str = "NV_CHECKPOINT_BLOCK_POLICY";
-
-fn blocks_on_evidence() -> bool {
-    std::env::var(BLOCK_POLICY_VARIABLE).is_ok_and(|policy| policy == "evidence")
-}
-
-/// Overrides [`BLOCK_PAGES`] for measurements (a power of two, 1 ..= 512).
-const BLOCK_PAGES_VARIABLE: &str = "NV_CHECKPOINT_BLOCK_PAGES";
-
-/// Overrides the undo log's capacity (entries per epoch; default
-/// `nv_extension::default_undo_pages`) for measurements.
-const UNDO_PAGES_VARIABLE: &str = "NV_CHECKPOINT_UNDO_PAGES";
-
-/// The undo log's capacity for a VM of `memory_size` bytes: the default, or
-/// [`UNDO_PAGES_VARIABLE`] where set to a number of pages.
+/// The undo log's capacity for a VM of `memory_size` bytes: the default, or the measurement
+/// override's.
 fn undo_pages(memory_size: u64) -> u64 {
-    std::env::var(UNDO_PAGES_VARIABLE)
-        .ok()
-        .and_then(|value| value.parse::<u64>().ok())
-        .filter(|pages| *pages > 0)
+    measurement_overrides::undo_pages()
         .unwrap_or_else(|| nv_extension::default_undo_pages(memory_size))
-}
-
-fn block_pages() -> u64 {
-    std::env::var(BLOCK_PAGES_VARIABLE)
-        .ok()
-        .and_then(|value| value.parse::<u64>().ok())
-        .filter(|pages| pages.is_power_of_two() && *pages <= 512)
-        .unwrap_or(BLOCK_PAGES)
 }
 
 /// The undo log as the write tracker's sink: a tracked range's page is the page at
@@ -288,7 +262,9 @@ impl NvHost for CheckpointHost<'_> {
 
     fn write_protect_memory(&mut self) -> Result<(), HostError> {
         match &mut self.lock {
-            Some(lock) => Ok(lock.protect_lifted().map(|_| ())?),
+            Some(lock) => Ok(lock
+                .protect_lifted(measurement_overrides::protect_gap_pages())
+                .map(|_| ())?),
             None => Err("write protection asked for before the devices were quiesced".into()),
         }
     }
@@ -709,7 +685,11 @@ impl Checkpoints {
             range_lengths.push(region.len());
         }
         let quiescing = Arc::new(AtomicBool::new(false));
-        let blocks = BlockChoice::new(nv.handle.memory_size(), block_pages(), blocks_on_evidence());
+        let blocks = BlockChoice::new(
+            nv.handle.memory_size(),
+            measurement_overrides::block_pages().unwrap_or(BLOCK_PAGES),
+            measurement_overrides::blocks_on_evidence(),
+        );
         let block_pages = blocks.block_pages();
         let capacity = test_undo_limit().map_or(log.capacity_pages(), |limit| {
             limit.min(log.capacity_pages())

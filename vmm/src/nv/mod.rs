@@ -21,6 +21,7 @@ mod block_choice;
 mod checkpoint;
 mod disk_undo;
 mod host;
+mod measurement_overrides;
 mod prepare;
 mod save;
 mod swap;
