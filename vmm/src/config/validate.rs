@@ -40,7 +40,7 @@ const NO_DEVICE: &[(&str, &str)] = &[
     ("numa", "guest NUMA nodes are not implemented"),
     (
         "pci-segment",
-        "there is no PCI bus; devices are virtio-mmio",
+        "there is only PCI segment 0",
     ),
     ("balloon", "virtio-balloon is not implemented"),
     ("vsock", "virtio-vsock is not implemented"),
@@ -518,14 +518,14 @@ impl VmConfig {
                 return refuse(
                     "pci_segment",
                     disk.pci_segment.to_string(),
-                    "disks are virtio-mmio devices, on no PCI segment",
+                    "there is only PCI segment 0",
                 );
             }
             if let Some(id) = disk.pci_device_id {
                 return refuse(
                     "pci_device_id",
                     id.to_string(),
-                    "disks are virtio-mmio devices",
+                    "PCI slots are assigned in order",
                 );
             }
             if let Some(serial) = &disk.serial {
@@ -692,7 +692,7 @@ impl VmConfig {
             return refuse(
                 "num_pci_segments",
                 platform.num_pci_segments.to_string(),
-                "there is no PCI bus; only upstream's default 1 is accepted",
+                "there is only PCI segment 0; only upstream's default 1 is accepted",
             );
         }
         if is_set(&platform.iommu_segments) {
