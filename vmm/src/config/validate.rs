@@ -38,10 +38,7 @@ const NO_DEVICE: &[(&str, &str)] = &[
     ("vdpa", "vDPA devices are not implemented"),
     ("sgx-epc", "SGX is not implemented"),
     ("numa", "guest NUMA nodes are not implemented"),
-    (
-        "pci-segment",
-        "there is only PCI segment 0",
-    ),
+    ("pci-segment", "there is only PCI segment 0"),
     ("balloon", "virtio-balloon is not implemented"),
     ("vsock", "virtio-vsock is not implemented"),
     ("rtc", "there is no virtio RTC device"),
