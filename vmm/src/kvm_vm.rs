@@ -8,9 +8,8 @@
 //! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
 //! after the claim, and registering a slot reads no guest memory.
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -105,7 +104,9 @@ pub(crate) struct RegisteredKvmVm {
 /// needed the VM), the thread ends by itself and the VM is destroyed.
 pub struct EarlyKvmVm {
     memory: Sender<GuestMemoryMmap>,
-    thread: JoinHandle<Result<RegisteredKvmVm, Error>>,
+    /// What the thread made, sent before it ends (`finish` waits for this, not for the
+    /// thread's end).
+    made: Receiver<Result<RegisteredKvmVm, Error>>,
 }
 
 impl std::fmt::Debug for EarlyKvmVm {
@@ -118,41 +119,50 @@ impl EarlyKvmVm {
     /// Starts creating the VM now.
     pub fn start(seccomp: SeccompMode) -> Result<EarlyKvmVm, Error> {
         let (memory, handed_over) = channel::<GuestMemoryMmap>();
-        let thread = std::thread::Builder::new()
+        let (sender, made) = channel();
+        std::thread::Builder::new()
             .name("vm-create".to_owned())
             .spawn(move || {
-                let began = Instant::now();
-                let vm = KvmVm::create()?;
-                let created_in = began.elapsed();
-                // No memory: the building thread gave up (its error is the one reported).
-                let memory = handed_over
-                    .recv()
-                    .map_err(|_| Error::MemoryLayout("no guest memory was handed over".into()))?;
-                let registering = Instant::now();
-                // SAFETY: `memory` travels with the VM in `RegisteredKvmVm` (and is dropped
-                // after it); the `Vm` built from it keeps its own clone as its last field.
-                unsafe { vm.register_memory(&memory)? };
-                let registered_in = registering.elapsed();
-                // Only now: the helper's work is all CPU. Started with the VM it competed with
-                // the region's opening for the two cores here (0.9 ms instead of 0.15 ms under
-                // load), started with the registration it slowed that (0.90 ms of waiting for it
-                // instead of 0.57 ms, quiet host), and started by the building thread while it
-                // waits for the registration it slowed that too (`docs/performance.md`); from
-                // here it overlaps the irqchip and the devices, and makes the vCPUs.
-                let vcpu_builder = VcpuBuilder::start(seccomp);
-                Ok(RegisteredKvmVm {
-                    vm,
-                    memory,
-                    vcpu_builder,
-                    created_in,
-                    registered_in,
-                })
+                // Sent, not returned: the building thread goes on as soon as the VM is ready,
+                // without waiting for this thread to end.
+                let _ = sender.send(Self::create_and_register(handed_over, seccomp));
             })
             .map_err(|source| Error::ThreadSpawn {
                 thread: "vm-create".to_owned(),
                 source,
             })?;
-        Ok(EarlyKvmVm { memory, thread })
+        Ok(EarlyKvmVm { memory, made })
+    }
+
+    /// The thread's work: the VM, then its RAM once `handed_over` brings it, then the helper.
+    fn create_and_register(
+        handed_over: Receiver<GuestMemoryMmap>,
+        seccomp: SeccompMode,
+    ) -> Result<RegisteredKvmVm, Error> {
+        let began = Instant::now();
+        let vm = KvmVm::create()?;
+        // The helper that makes the vCPUs starts now: its CPUID fetch (about 0.3 ms of CPU
+        // here) runs while this thread waits for the mapping and registers it and the building
+        // thread claims the VM and parses its state, instead of after the registration, where
+        // it held up the building thread (`docs/performance.md`, floor4b).
+        let vcpu_builder = VcpuBuilder::start(seccomp);
+        let created_in = began.elapsed();
+        // No memory: the building thread gave up (its error is the one reported).
+        let memory = handed_over
+            .recv()
+            .map_err(|_| Error::MemoryLayout("no guest memory was handed over".into()))?;
+        let registering = Instant::now();
+        // SAFETY: `memory` travels with the VM in `RegisteredKvmVm` (and is dropped
+        // after it); the `Vm` built from it keeps its own clone as its last field.
+        unsafe { vm.register_memory(&memory)? };
+        let registered_in = registering.elapsed();
+        Ok(RegisteredKvmVm {
+            vm,
+            memory,
+            vcpu_builder,
+            created_in,
+            registered_in,
+        })
     }
 
     /// Starts creating the VM now if `config` is an NV in-place recovery (`recover=on`), so the
@@ -176,7 +186,8 @@ impl EarlyKvmVm {
     /// Waits for the VM with its memory registered.
     pub(crate) fn finish(self) -> Result<RegisteredKvmVm, Error> {
         drop(self.memory);
-        self.thread.join().map_err(|_| Error::ThreadSpawn {
+        // Nothing sent: the thread panicked before it could say.
+        self.made.recv().map_err(|_| Error::ThreadSpawn {
             thread: "vm-create".to_owned(),
             source: std::io::Error::other("the thread panicked"),
         })?

@@ -19,6 +19,10 @@
 //! 4. KVM clock last, right before the vCPUs run again, so kvmclock continues from the saved
 //!    value instead of jumping by the time spent restoring.
 //!
+//! An NV recovery writes steps 1 and 2 (`InKernelState`) ahead, on the helper thread that
+//! creates the vCPUs, right after it created them and while the building thread still builds
+//! the devices; `restore_state` then writes steps 3 and 4 and reports any error of 1 and 2.
+//!
 //! Time: kvmclock is restored with `KVM_SET_CLOCK` and the saved value, flags cleared, so the
 //! guest sees no time pass while it was saved (as after a pause). The guest TSC is saved and
 //! written back with the MSRs, but hosts like this one ignore writes to MSR_IA32_TSC and lack TSC
@@ -30,12 +34,12 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
     Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::device_manager::DevicesState;
-use crate::vcpu::Vcpu;
-use crate::vm::{Vm, VmRunState};
+use crate::vcpu::{Vcpu, VcpuManager};
+use crate::vm::{KvmCapabilities, Vm, VmRunState};
 use crate::Error;
 
 /// Version of `VmState` written by this build. A state of another version is refused on restore.
@@ -500,6 +504,10 @@ impl Vm {
 
     /// Writes `state` back, in the order documented at the top of this module. The VM must be
     /// freshly created (not booted) or paused; `resume` runs it afterwards.
+    ///
+    /// A recovery's build may have written the in-kernel part of this very `state` ahead (see
+    /// [`InKernelState`]): that part is then not written again, and an error met there is
+    /// returned here, where it always was.
     pub fn restore_state(&mut self, state: &VmState) -> Result<(), Error> {
         if self.run_state != VmRunState::Paused && self.run_state != VmRunState::Created {
             return Err(Error::InvalidVmState(self.run_state.name()));
@@ -507,20 +515,9 @@ impl Vm {
         // Everything checkable is checked before the first KVM call: a refused state leaves
         // nothing half restored.
         state.validate(self.vcpus.count())?;
-        self.vm_fd
-            .set_irqchip(&state.irqchip.pic_master)
-            .map_err(vm_error("KVM_SET_IRQCHIP (PIC master)"))?;
-        self.vm_fd
-            .set_irqchip(&state.irqchip.pic_slave)
-            .map_err(vm_error("KVM_SET_IRQCHIP (PIC slave)"))?;
-        self.vm_fd
-            .set_irqchip(&state.irqchip.ioapic)
-            .map_err(vm_error("KVM_SET_IRQCHIP (IOAPIC)"))?;
-        self.vm_fd
-            .set_pit2(&state.pit)
-            .map_err(vm_error("KVM_SET_PIT2"))?;
-        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-            self.restore_vcpu(index, vcpu_state)?;
+        match self.in_kernel_restored_ahead.take() {
+            Some(ahead) if ahead.is_of(state) => ahead.outcome?,
+            _ => InKernelState::of(state).restore(&self.vm_fd, &self.vcpus, self.capabilities)?,
         }
         self.devices.restore_state(&state.devices)?;
         let clock = kvm_clock_data {
@@ -605,83 +602,164 @@ impl Vm {
                 .map_err(vcpu_error(id, "KVM_GET_MP_STATE"))?,
         })
     }
+}
 
-    fn restore_vcpu(&self, index: usize, state: &VcpuState) -> Result<(), Error> {
-        let vcpu = self.vcpus.lock_vcpu(index);
-        let id = vcpu.id;
-        if state.id != id {
-            return Err(Error::State(format!(
-                "state of vCPU {} offered to vCPU {id}",
-                state.id
-            )));
+/// The part of a [`VmState`] that lives in KVM's interrupt controllers and vCPUs (steps 1 and 2
+/// of the restore order at the top of this module): what [`Vm::restore_state`] writes before
+/// the devices and the clock.
+///
+/// A recovery's build writes it on the `vm-build` helper right after that helper created the
+/// vCPUs, while the building thread still builds the devices (`vcpu_builder.rs`), instead of
+/// after the devices on the building thread. The ioctls and their order are the same, and the
+/// vCPUs exist when the interrupt controllers are written, as in line; nothing runs a vCPU
+/// until `resume`.
+#[derive(Clone, Debug)]
+pub(crate) struct InKernelState {
+    irqchip: IrqchipState,
+    pit: kvm_pit_state2,
+    vcpus: Vec<VcpuState>,
+}
+
+impl InKernelState {
+    pub(crate) fn of(state: &VmState) -> InKernelState {
+        InKernelState {
+            irqchip: state.irqchip.clone(),
+            pit: state.pit,
+            vcpus: state.vcpus.clone(),
         }
-        let fd = &vcpu.fd;
-        let caps = self.capabilities;
-        let missing = |part: &str, cap: &str| {
-            Error::State(format!(
-                "vCPU {id}: the state has {part} but this host lacks {cap}"
-            ))
-        };
-        fd.set_sregs(&state.sregs)
-            .map_err(vcpu_error(id, "KVM_SET_SREGS"))?;
-        fd.set_regs(&state.regs)
-            .map_err(vcpu_error(id, "KVM_SET_REGS"))?;
-        fd.set_fpu(&(&state.fpu).into())
-            .map_err(vcpu_error(id, "KVM_SET_FPU"))?;
-        if let Some(xcrs) = &state.xcrs {
-            if !caps.xcrs {
-                return Err(missing("XCRs", "KVM_CAP_XCRS"));
-            }
-            fd.set_xcrs(xcrs).map_err(vcpu_error(id, "KVM_SET_XCRS"))?;
+    }
+
+    /// Writes the interrupt controllers, the PIT, then each vCPU, into a VM whose vCPUs
+    /// `vcpus` all exist. The state must have been validated for as many vCPUs
+    /// ([`VmState::validate`]).
+    pub(crate) fn restore(
+        &self,
+        vm_fd: &VmFd,
+        vcpus: &VcpuManager,
+        capabilities: KvmCapabilities,
+    ) -> Result<(), Error> {
+        vm_fd
+            .set_irqchip(&self.irqchip.pic_master)
+            .map_err(vm_error("KVM_SET_IRQCHIP (PIC master)"))?;
+        vm_fd
+            .set_irqchip(&self.irqchip.pic_slave)
+            .map_err(vm_error("KVM_SET_IRQCHIP (PIC slave)"))?;
+        vm_fd
+            .set_irqchip(&self.irqchip.ioapic)
+            .map_err(vm_error("KVM_SET_IRQCHIP (IOAPIC)"))?;
+        vm_fd
+            .set_pit2(&self.pit)
+            .map_err(vm_error("KVM_SET_PIT2"))?;
+        for (index, vcpu_state) in self.vcpus.iter().enumerate() {
+            restore_vcpu(vcpus, capabilities, index, vcpu_state)?;
         }
-        if let Some(words) = &state.xsave {
-            if !caps.xsave {
-                return Err(missing("an xsave area", "KVM_CAP_XSAVE"));
-            }
-            restore_xsave(&vcpu, caps.xsave_size, words)?;
-        }
-        if let Some(debug_regs) = &state.debug_regs {
-            if caps.debug_regs {
-                fd.set_debug_regs(debug_regs)
-                    .map_err(vcpu_error(id, "KVM_SET_DEBUGREGS"))?;
-            } else {
-                log::warn!("vCPU {id}: debug registers not restored (no KVM_CAP_DEBUGREGS)");
-            }
-        }
-        fd.set_lapic(&state.lapic)
-            .map_err(vcpu_error(id, "KVM_SET_LAPIC"))?;
-        let entries: Vec<kvm_msr_entry> = state
-            .msrs
-            .iter()
-            .map(|msr| kvm_msr_entry {
-                index: msr.index,
-                data: msr.data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|source| Error::StateBuffer {
-            what: format!("vCPU {id}: MSR list"),
-            source,
-        })?;
-        let written = fd.set_msrs(&msrs).map_err(vcpu_error(id, "KVM_SET_MSRS"))?;
-        if written != entries.len() {
-            return Err(Error::State(format!(
-                "vCPU {id}: KVM refused MSR {:#x} ({written} of {} written)",
-                entries[written].index,
-                entries.len()
-            )));
-        }
-        if let Some(events) = &state.vcpu_events {
-            if !caps.vcpu_events {
-                return Err(missing("vCPU events", "KVM_CAP_VCPU_EVENTS"));
-            }
-            fd.set_vcpu_events(events)
-                .map_err(vcpu_error(id, "KVM_SET_VCPU_EVENTS"))?;
-        }
-        fd.set_mp_state(state.mp_state)
-            .map_err(vcpu_error(id, "KVM_SET_MP_STATE"))?;
         Ok(())
     }
+}
+
+/// What a build wrote of [`InKernelState`] ahead, for [`Vm::restore_state`] to take over.
+#[derive(Debug)]
+pub(crate) struct InKernelRestoredAhead {
+    /// The address of the [`VmState`] it was taken from: `restore_state` takes it over only
+    /// for that very state (any other is written in full).
+    of: usize,
+    /// How writing it ended: an error is `restore_state`'s, reported there.
+    pub(crate) outcome: Result<(), Error>,
+}
+
+impl InKernelRestoredAhead {
+    pub(crate) fn new(of: &VmState, outcome: Result<(), Error>) -> InKernelRestoredAhead {
+        InKernelRestoredAhead {
+            of: std::ptr::from_ref(of) as usize,
+            outcome,
+        }
+    }
+
+    fn is_of(&self, state: &VmState) -> bool {
+        self.of == std::ptr::from_ref(state) as usize
+    }
+}
+
+/// Writes one vCPU's state, in the order documented at the top of this module.
+fn restore_vcpu(
+    vcpus: &VcpuManager,
+    caps: KvmCapabilities,
+    index: usize,
+    state: &VcpuState,
+) -> Result<(), Error> {
+    let vcpu = vcpus.lock_vcpu(index);
+    let id = vcpu.id;
+    if state.id != id {
+        return Err(Error::State(format!(
+            "state of vCPU {} offered to vCPU {id}",
+            state.id
+        )));
+    }
+    let fd = &vcpu.fd;
+    let missing = |part: &str, cap: &str| {
+        Error::State(format!(
+            "vCPU {id}: the state has {part} but this host lacks {cap}"
+        ))
+    };
+    fd.set_sregs(&state.sregs)
+        .map_err(vcpu_error(id, "KVM_SET_SREGS"))?;
+    fd.set_regs(&state.regs)
+        .map_err(vcpu_error(id, "KVM_SET_REGS"))?;
+    fd.set_fpu(&(&state.fpu).into())
+        .map_err(vcpu_error(id, "KVM_SET_FPU"))?;
+    if let Some(xcrs) = &state.xcrs {
+        if !caps.xcrs {
+            return Err(missing("XCRs", "KVM_CAP_XCRS"));
+        }
+        fd.set_xcrs(xcrs).map_err(vcpu_error(id, "KVM_SET_XCRS"))?;
+    }
+    if let Some(words) = &state.xsave {
+        if !caps.xsave {
+            return Err(missing("an xsave area", "KVM_CAP_XSAVE"));
+        }
+        restore_xsave(&vcpu, caps.xsave_size, words)?;
+    }
+    if let Some(debug_regs) = &state.debug_regs {
+        if caps.debug_regs {
+            fd.set_debug_regs(debug_regs)
+                .map_err(vcpu_error(id, "KVM_SET_DEBUGREGS"))?;
+        } else {
+            log::warn!("vCPU {id}: debug registers not restored (no KVM_CAP_DEBUGREGS)");
+        }
+    }
+    fd.set_lapic(&state.lapic)
+        .map_err(vcpu_error(id, "KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = state
+        .msrs
+        .iter()
+        .map(|msr| kvm_msr_entry {
+            index: msr.index,
+            data: msr.data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|source| Error::StateBuffer {
+        what: format!("vCPU {id}: MSR list"),
+        source,
+    })?;
+    let written = fd.set_msrs(&msrs).map_err(vcpu_error(id, "KVM_SET_MSRS"))?;
+    if written != entries.len() {
+        return Err(Error::State(format!(
+            "vCPU {id}: KVM refused MSR {:#x} ({written} of {} written)",
+            entries[written].index,
+            entries.len()
+        )));
+    }
+    if let Some(events) = &state.vcpu_events {
+        if !caps.vcpu_events {
+            return Err(missing("vCPU events", "KVM_CAP_VCPU_EVENTS"));
+        }
+        fd.set_vcpu_events(events)
+            .map_err(vcpu_error(id, "KVM_SET_VCPU_EVENTS"))?;
+    }
+    fd.set_mp_state(state.mp_state)
+        .map_err(vcpu_error(id, "KVM_SET_MP_STATE"))?;
+    Ok(())
 }
 
 #[cfg(test)]

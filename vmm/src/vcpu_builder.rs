@@ -7,8 +7,9 @@
 //! seccomp program. Once the VM's irqchip exists (a vCPU made before it would get no in-kernel
 //! LAPIC), [`VcpuBuilder::create_vcpus`] lets it create the vCPUs with that CPUID and probe
 //! which MSRs vCPU 0 can read (the list every later save reads), while the building thread
-//! builds the devices. [`VcpuBuilder::finish`] takes the result, or does in line whatever the
-//! helper did not (no helper thread, or never asked to create the vCPUs).
+//! builds the devices; given a saved state's in-kernel part (a recovery), it then writes that
+//! into them (`state::InKernelState`). [`VcpuBuilder::finish`] takes the result, or does in line
+//! whatever the helper did not (no helper thread, or never asked to create the vCPUs).
 //!
 //! Nothing here runs a vCPU: the vCPU threads get their vCPUs from the building thread.
 
@@ -20,19 +21,31 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::config::SeccompMode;
+use crate::state::InKernelState;
 use crate::vcpu::{supported_cpuid, VcpuManager};
+use crate::vm::KvmCapabilities;
 use crate::Error;
 
 /// The vCPUs of a VM and the MSRs its saves read (see `state::supported_msr_indices`).
 pub(crate) struct CreatedVcpus {
     pub(crate) vcpus: VcpuManager,
     pub(crate) msr_indices: Vec<u32>,
+    /// How writing the saved in-kernel state into the new vCPUs went, if the helper was given
+    /// one ([`VcpuBuilder::create_vcpus`]).
+    pub(crate) restored: Option<Result<(), Error>>,
 }
 
-/// What the helper was asked to create: `count` vCPUs on `vm_fd`.
+/// A saved state's in-kernel part, to write once the vCPUs exist.
+pub(crate) struct RestoreRequest {
+    pub(crate) state: InKernelState,
+    pub(crate) capabilities: KvmCapabilities,
+}
+
+/// What the helper was asked to create: `count` vCPUs on `vm_fd`, then to write `restore`.
 struct CreateRequest {
     vm_fd: Arc<VmFd>,
     count: u8,
+    restore: Option<RestoreRequest>,
 }
 
 /// What the helper did: the CPUID, and the vCPUs if it was asked for them in time.
@@ -71,14 +84,24 @@ impl VcpuBuilder {
         }
     }
 
-    /// Lets the helper create `count` vCPUs on `vm_fd`, whose irqchip exists now.
-    pub(crate) fn create_vcpus(&mut self, vm_fd: &Arc<VmFd>, count: u8) {
+    /// Lets the helper create `count` vCPUs on `vm_fd`, whose irqchip exists now, and then
+    /// write `restore` (a saved state's interrupt controllers and vCPUs, validated for `count`
+    /// vCPUs) into them. [`VcpuBuilder::finish`] reports how that went in
+    /// [`CreatedVcpus::restored`]; if the helper cannot (it failed to fetch the CPUID), nothing
+    /// is written ahead and `restored` is `None`.
+    pub(crate) fn create_vcpus(
+        &mut self,
+        vm_fd: &Arc<VmFd>,
+        count: u8,
+        restore: Option<RestoreRequest>,
+    ) {
         if let Some(request) = self.request.take() {
             // A send fails only if the helper ended (it failed to fetch the CPUID): `finish`
             // then creates the vCPUs in line.
             let _ = request.send(CreateRequest {
                 vm_fd: Arc::clone(vm_fd),
                 count,
+                restore,
             });
         }
     }
@@ -122,7 +145,16 @@ fn build_vcpus(requested: Receiver<CreateRequest>) -> HelperOutcome {
     };
     let cpuid = supported_cpuid(&kvm);
     let vcpus = match (&cpuid, requested.recv()) {
-        (Ok(cpuid), Ok(request)) => Some(create_vcpus(&kvm, &request.vm_fd, request.count, cpuid)),
+        (Ok(cpuid), Ok(request)) => Some(
+            create_vcpus(&kvm, &request.vm_fd, request.count, cpuid).map(|mut created| {
+                created.restored = request.restore.map(|restore| {
+                    restore
+                        .state
+                        .restore(&request.vm_fd, &created.vcpus, restore.capabilities)
+                });
+                created
+            }),
+        ),
         _ => None,
     };
     HelperOutcome { cpuid, vcpus }
@@ -135,7 +167,11 @@ fn create_vcpus(kvm: &Kvm, vm_fd: &VmFd, count: u8, cpuid: &CpuId) -> Result<Cre
         let vcpu = vcpus.lock_vcpu(0);
         crate::state::supported_msr_indices(kvm, &vcpu)?
     };
-    Ok(CreatedVcpus { vcpus, msr_indices })
+    Ok(CreatedVcpus {
+        vcpus,
+        msr_indices,
+        restored: None,
+    })
 }
 
 #[cfg(test)]
@@ -153,7 +189,7 @@ mod tests {
         let kvm = Kvm::new().unwrap();
         let vm_fd = vm_with_irqchip(&kvm);
         let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
-        builder.create_vcpus(&vm_fd, 2);
+        builder.create_vcpus(&vm_fd, 2, None);
         let helped = builder.finish(&kvm, &vm_fd, 2).unwrap();
         assert_eq!(helped.vcpus.count(), 2);
 
@@ -179,6 +215,142 @@ mod tests {
         }
     }
 
+    /// A VM as the build has it when it asks for the vCPUs: irqchip and PIT created.
+    fn vm_with_irqchip_and_pit(kvm: &Kvm) -> Arc<VmFd> {
+        let vm_fd = vm_with_irqchip(kvm);
+        vm_fd
+            .create_pit2(kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .unwrap();
+        vm_fd
+    }
+
+    /// A restorable state whose two vCPUs and PIT differ from a fresh VM's.
+    fn distinct_state() -> crate::state::VmState {
+        let mut state = crate::state::tests::sample_state(2);
+        for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
+            vcpu.regs.rip += 0x100 * index as u64;
+            vcpu.regs.rax = 0x1234_5678 + index as u64;
+            vcpu.regs.rsp = 0x8000 + index as u64;
+        }
+        state.pit.channels[0].count = 0x1234;
+        state.pit.channels[0].mode = 2;
+        state
+    }
+
+    /// What a test reads back of a VM's in-kernel state: per vCPU its registers, special
+    /// registers and mp_state, then the three interrupt controllers and the PIT's channel 0.
+    fn read_back(vm_fd: &VmFd, vcpus: &VcpuManager) -> Vec<String> {
+        let mut seen: Vec<String> = (0..vcpus.count())
+            .map(|index| {
+                let vcpu = vcpus.lock_vcpu(index);
+                let sregs = vcpu.fd.get_sregs().unwrap();
+                format!(
+                    "{:?} cr0 {:#x} cr4 {:#x} efer {:#x} apic {:#x} {:?}",
+                    vcpu.fd.get_regs().unwrap(),
+                    sregs.cr0,
+                    sregs.cr4,
+                    sregs.efer,
+                    sregs.apic_base,
+                    vcpu.fd.get_mp_state().unwrap()
+                )
+            })
+            .collect();
+        for chip_id in [
+            kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+            kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+            kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm_fd.get_irqchip(&mut chip).unwrap();
+            // SAFETY: `chip.chip` is a union of plain integer arrays; its bytes are all defined.
+            let bytes = unsafe { chip.chip.dummy };
+            seen.push(format!("chip {chip_id}: {bytes:?}"));
+        }
+        let pit = vm_fd.get_pit2().unwrap();
+        seen.push(format!(
+            "pit count {:#x} mode {}",
+            pit.channels[0].count, pit.channels[0].mode
+        ));
+        seen
+    }
+
+    #[test]
+    fn the_helper_writes_a_saved_state_into_its_vcpus_as_an_in_line_restore_does() {
+        let kvm = Kvm::new().unwrap();
+        let state = distinct_state();
+        let helped_vm = vm_with_irqchip_and_pit(&kvm);
+        let capabilities = KvmCapabilities::probe(&kvm, &helped_vm);
+        let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
+        builder.create_vcpus(
+            &helped_vm,
+            2,
+            Some(RestoreRequest {
+                state: InKernelState::of(&state),
+                capabilities,
+            }),
+        );
+        let helped = builder.finish(&kvm, &helped_vm, 2).unwrap();
+        helped
+            .restored
+            .expect("the helper wrote the state")
+            .unwrap();
+
+        let in_line_vm = vm_with_irqchip_and_pit(&kvm);
+        let in_line = create_vcpus(&kvm, &in_line_vm, 2, &supported_cpuid(&kvm).unwrap()).unwrap();
+        InKernelState::of(&state)
+            .restore(&in_line_vm, &in_line.vcpus, capabilities)
+            .unwrap();
+
+        let helped = read_back(&helped_vm, &helped.vcpus);
+        assert_eq!(helped, read_back(&in_line_vm, &in_line.vcpus));
+        // And it is the state, not what a fresh VM has.
+        let fresh_vm = vm_with_irqchip_and_pit(&kvm);
+        let fresh = create_vcpus(&kvm, &fresh_vm, 2, &supported_cpuid(&kvm).unwrap()).unwrap();
+        assert_ne!(helped, read_back(&fresh_vm, &fresh.vcpus));
+        assert!(helped[1].contains("rip: 4198656"), "{}", helped[1]);
+        let pit = helped.last().unwrap();
+        assert!(pit.contains("count 0x1234"), "{pit}");
+    }
+
+    #[test]
+    fn a_state_kvm_refuses_on_the_helper_gives_the_in_line_error() {
+        let kvm = Kvm::new().unwrap();
+        let mut state = distinct_state();
+        // Valid as far as `VmState::validate` looks; KVM refuses to write the MSR.
+        state.vcpus[1].msrs.push(crate::state::MsrValue {
+            index: 0xdead_beef,
+            data: 0,
+        });
+        let helped_vm = vm_with_irqchip_and_pit(&kvm);
+        let capabilities = KvmCapabilities::probe(&kvm, &helped_vm);
+        let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
+        builder.create_vcpus(
+            &helped_vm,
+            2,
+            Some(RestoreRequest {
+                state: InKernelState::of(&state),
+                capabilities,
+            }),
+        );
+        let helped = builder.finish(&kvm, &helped_vm, 2).unwrap();
+        let helped = helped.restored.unwrap().unwrap_err().to_string();
+
+        let in_line_vm = vm_with_irqchip_and_pit(&kvm);
+        let in_line = create_vcpus(&kvm, &in_line_vm, 2, &supported_cpuid(&kvm).unwrap()).unwrap();
+        let in_line = InKernelState::of(&state)
+            .restore(&in_line_vm, &in_line.vcpus, capabilities)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(helped, in_line);
+        assert!(helped.contains("0xdeadbeef"), "{helped}");
+    }
+
     #[test]
     fn a_builder_never_asked_creates_the_vcpus_in_line() {
         let kvm = Kvm::new().unwrap();
@@ -198,7 +370,7 @@ mod tests {
             .unwrap()
             .to_string();
         let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
-        builder.create_vcpus(&vm_fd, 0);
+        builder.create_vcpus(&vm_fd, 0, None);
         let helped = builder.finish(&kvm, &vm_fd, 0).err().unwrap().to_string();
         assert_eq!(helped, in_line);
     }

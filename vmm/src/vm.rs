@@ -21,8 +21,9 @@ use crate::event_monitor::{emit_vm, VmEvent};
 use crate::events::VmEvents;
 use crate::kvm_vm::{EarlyKvmVm, KvmVm, RegisteredKvmVm};
 use crate::startup_phases::PhaseClock;
+use crate::state::{InKernelRestoredAhead, InKernelState, VmState};
 use crate::vcpu::{VcpuManager, VcpuThreads};
-use crate::vcpu_builder::{CreatedVcpus, VcpuBuilder};
+use crate::vcpu_builder::{CreatedVcpus, RestoreRequest, VcpuBuilder};
 use crate::Error;
 
 /// Addresses KVM needs for its real-mode emulation helpers on Intel hosts: three pages of TSS and
@@ -68,7 +69,7 @@ pub struct KvmCapabilities {
 }
 
 impl KvmCapabilities {
-    fn probe(kvm: &Kvm, vm_fd: &VmFd) -> KvmCapabilities {
+    pub(crate) fn probe(kvm: &Kvm, vm_fd: &VmFd) -> KvmCapabilities {
         let legacy_xsave_size = std::mem::size_of::<kvm_bindings::kvm_xsave>();
         KvmCapabilities {
             xsave: kvm.check_extension(Cap::Xsave),
@@ -93,6 +94,8 @@ pub struct Vm {
     pub(crate) msr_indices: Vec<u32>,
     pub(crate) config: VmConfig,
     pub(crate) run_state: VmRunState,
+    /// What the build wrote ahead of a recovery's saved state, for `restore_state`.
+    pub(crate) in_kernel_restored_ahead: Option<InKernelRestoredAhead>,
     /// Last field: dropped after the vCPUs and the VM fd, so no guest access outlives the mapping.
     pub(crate) memory: GuestMemoryMmap,
 }
@@ -159,6 +162,7 @@ impl Vm {
             None,
             config,
             layout,
+            None,
             memory,
             events,
             seccomp,
@@ -168,10 +172,17 @@ impl Vm {
 
     /// As [`Vm::new_timed`] on a VM created, and given its RAM, by an [`EarlyKvmVm`] while the
     /// caller did other work; the phase `kvm-vm-memory` is the wait for it, if any.
+    ///
+    /// `restoring`: the saved state the caller will give [`Vm::restore_state`] next. Its
+    /// interrupt controllers and vCPUs are then written as soon as the vCPUs exist, on the
+    /// helper that created them, while this thread builds the devices (`state::InKernelState`);
+    /// `restore_state` writes the rest and reports any error met there.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_on_early(
         early: EarlyKvmVm,
         config: &VmConfig,
         layout: &RestoreLayout,
+        restoring: Option<&VmState>,
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
         phases: &mut PhaseClock,
@@ -200,6 +211,7 @@ impl Vm {
             Some(vcpu_threads),
             config,
             layout,
+            restoring,
             memory,
             events,
             seccomp,
@@ -209,7 +221,7 @@ impl Vm {
 
     /// The rest of a VM on a KVM VM whose RAM `memory` is registered: irqchip and PIT, devices,
     /// vCPUs and their threads (`vcpu_threads` if they were started ahead, else started here and
-    /// parked).
+    /// parked), and the in-kernel part of `restoring` written ahead (see [`Vm::new_on_early`]).
     #[allow(clippy::too_many_arguments)]
     fn build_on(
         kvm_vm: KvmVm,
@@ -217,6 +229,7 @@ impl Vm {
         vcpu_threads: Option<VcpuThreads>,
         config: &VmConfig,
         layout: &RestoreLayout,
+        restoring: Option<&VmState>,
         memory: GuestMemoryMmap,
         events: Arc<VmEvents>,
         seccomp: SeccompMode,
@@ -244,8 +257,16 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         phases.mark("irqchip-pit");
         // The vCPUs need the irqchip (for their in-kernel LAPIC) and nothing of the devices: the
-        // helper makes them while this thread builds the devices.
-        vcpu_builder.create_vcpus(&vm_fd, config.cpus.boot_vcpus);
+        // helper makes them while this thread builds the devices, and then writes the saved
+        // interrupt controllers and vCPUs into them, in `restore_state`'s order. Only a state
+        // that `restore_state` will accept: any other is refused there, with nothing written.
+        let vcpu_count = config.cpus.boot_vcpus;
+        let restoring = restoring.filter(|state| state.validate(usize::from(vcpu_count)).is_ok());
+        let restore = restoring.map(|state| RestoreRequest {
+            state: InKernelState::of(state),
+            capabilities,
+        });
+        vcpu_builder.create_vcpus(&vm_fd, vcpu_count, restore);
 
         let cold_plugged = crate::device_manager::without_hotplugged(config, &layout.hotplugged);
         let devices = Arc::new(DeviceManager::new(
@@ -264,7 +285,11 @@ impl Vm {
         let CreatedVcpus {
             mut vcpus,
             msr_indices,
-        } = vcpu_builder.finish(&kvm, &vm_fd, config.cpus.boot_vcpus)?;
+            restored,
+        } = vcpu_builder.finish(&kvm, &vm_fd, vcpu_count)?;
+        let in_kernel_restored_ahead = restoring
+            .zip(restored)
+            .map(|(state, outcome)| InKernelRestoredAhead::new(state, outcome));
         phases.mark("vcpu-creation");
         match vcpu_threads {
             Some(threads) => vcpus.start_on(threads, devices.clone())?,
@@ -281,6 +306,7 @@ impl Vm {
             msr_indices,
             config,
             run_state: VmRunState::Created,
+            in_kernel_restored_ahead,
         })
     }
 

@@ -535,7 +535,20 @@ pub fn start(
         // Its slots point at the same mappings as `memory` (a clone), which the VM keeps.
         Some(early_vm) => {
             drop(memory);
-            Vm::new_on_early(early_vm, &config, &layout, events, seccomp, &mut phases)?
+            // The state it is built to take (below): its vCPUs get theirs as soon as they exist.
+            let restoring = match &start {
+                NvStart::Resume { state, .. } => Some(&**state),
+                NvStart::ColdBoot => None,
+            };
+            Vm::new_on_early(
+                early_vm,
+                &config,
+                &layout,
+                restoring,
+                events,
+                seccomp,
+                &mut phases,
+            )?
         }
         None => Vm::new_timed(&config, &layout, memory, events, seccomp, &mut phases)?,
     };
