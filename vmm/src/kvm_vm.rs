@@ -1,10 +1,11 @@
 //! The KVM side of a VM before its irqchip, devices and vCPUs: `/dev/kvm` opened and checked,
 //! `KVM_CREATE_VM`, guest RAM registered as memory slots.
 //!
-//! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started before the region
-//! is opened: the VM is created while the region is opened and the VM claimed, and its RAM is
-//! registered (mostly a wait for a KVM SRCU grace period) while the stored config and the saved
-//! state are parsed. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
+//! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started first thing in
+//! `main`: that thread opens the region and maps the VM's RAM from its directory
+//! (`recovery_ahead`), creates the VM and registers the RAM (mostly a wait for a KVM SRCU grace
+//! period) while the command line is parsed, the VMM sets itself up and the building thread
+//! claims the VM and parses the stored config and the saved state. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
 //! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
 //! after the claim, and registering a slot reads no guest memory.
 
@@ -117,17 +118,32 @@ impl std::fmt::Debug for EarlyKvmVm {
 impl EarlyKvmVm {
     /// Starts creating the VM now.
     pub fn start(seccomp: SeccompMode) -> Result<EarlyKvmVm, Error> {
+        Self::start_after(seccomp, || None)
+    }
+
+    /// Starts the VM's thread now; it runs `first` before it creates the VM. The guest RAM
+    /// `first` returns, if any, is registered as if handed over by [`EarlyKvmVm::register`]
+    /// (which is then not needed); without it the thread waits for that hand-over. `first`
+    /// must not run the guest or read its memory (this thread runs before the claim).
+    pub(crate) fn start_after(
+        seccomp: SeccompMode,
+        first: impl FnOnce() -> Option<GuestMemoryMmap> + Send + 'static,
+    ) -> Result<EarlyKvmVm, Error> {
         let (memory, handed_over) = channel::<GuestMemoryMmap>();
         let thread = std::thread::Builder::new()
             .name("vm-create".to_owned())
             .spawn(move || {
+                let given_first = first();
                 let began = Instant::now();
                 let vm = KvmVm::create()?;
                 let created_in = began.elapsed();
                 // No memory: the building thread gave up (its error is the one reported).
-                let memory = handed_over
-                    .recv()
-                    .map_err(|_| Error::MemoryLayout("no guest memory was handed over".into()))?;
+                let memory = match given_first {
+                    Some(memory) => memory,
+                    None => handed_over.recv().map_err(|_| {
+                        Error::MemoryLayout("no guest memory was handed over".into())
+                    })?,
+                };
                 let registering = Instant::now();
                 // SAFETY: `memory` travels with the VM in `RegisteredKvmVm` (and is dropped
                 // after it); the `Vm` built from it keeps its own clone as its last field.
@@ -227,6 +243,27 @@ mod tests {
             .finish(&registered.vm.kvm, &registered.vm.vm_fd, 1)
             .unwrap();
         assert_eq!(created.vcpus.count(), 1);
+    }
+
+    #[test]
+    fn memory_its_first_step_returns_is_registered_without_a_hand_over() {
+        let memory = memory();
+        let mapped = memory.clone();
+        let early = EarlyKvmVm::start_after(SeccompMode::Disabled, move || Some(mapped)).unwrap();
+        let registered = early.finish().unwrap();
+        let start = registered.memory.iter().next().unwrap().as_ptr();
+        assert_eq!(start, memory.iter().next().unwrap().as_ptr());
+        let overlapping = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: start as u64,
+        };
+        // SAFETY: refused by KVM (overlap with the registered slot); even if accepted it points
+        // into `memory`, alive until after the VM fd is closed at the end of this test.
+        let refused = unsafe { registered.vm.vm_fd.set_user_memory_region(overlapping) };
+        assert_eq!(refused.unwrap_err().errno(), libc::EEXIST);
     }
 
     #[test]
