@@ -5,9 +5,10 @@
 //! `main`: that thread opens the region and maps the VM's RAM from its directory
 //! (`recovery_ahead`), creates the VM and registers the RAM (mostly a wait for a KVM SRCU grace
 //! period) while the command line is parsed, the VMM sets itself up and the building thread
-//! claims the VM and parses the stored config and the saved state. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
-//! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
-//! after the claim, and registering a slot reads no guest memory.
+//! claims the VM and parses the stored config and the saved state. Nothing here can run the
+//! guest: the vCPUs are created (by the `vm-build` helper this thread starts, `vcpu_builder.rs`)
+//! only when the building thread asks for them, after the claim, and registering a slot reads no
+//! guest memory.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
