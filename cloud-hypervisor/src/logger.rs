@@ -4,16 +4,31 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Where the lines go.
+enum Output {
+    /// Until the command line has said where and how much to log: every line, with its level,
+    /// kept in order (threads started before the parse, e.g. the recovery's `vm-create`, log
+    /// too).
+    Buffered(Vec<(Level, String)>),
+    /// stderr or `--log-file`, lines up to `level`.
+    Writing {
+        output: Box<dyn Write + Send>,
+        level: LevelFilter,
+    },
+}
 
 pub struct Logger {
     /// A `Mutex` so that lines from concurrent threads never interleave.
-    output: Mutex<Box<dyn Write + Send>>,
-    level: LevelFilter,
+    output: Mutex<Output>,
 }
+
+/// The process logger ([`install_buffering`], then [`configure`]).
+static LOGGER: Logger = Logger::buffering();
 
 /// `-v` counts as upstream's: none shows warnings and errors, then info, debug, trace.
 pub fn level_for_verbosity(count: u8) -> LevelFilter {
@@ -25,32 +40,65 @@ pub fn level_for_verbosity(count: u8) -> LevelFilter {
     }
 }
 
+/// Installs the process logger, keeping every line until [`configure`]. Call it first thing in
+/// `main`, before any thread starts.
+pub fn install_buffering() -> Result<(), log::SetLoggerError> {
+    log::set_logger(&LOGGER)?;
+    log::set_max_level(LevelFilter::Trace);
+    Ok(())
+}
+
+/// Sends the lines to `log_file` (already opened by the caller, which reports its own error
+/// naming `--log-file`) or stderr from now on, up to `level`; the lines kept until now are
+/// written first, those up to `level`.
+pub fn configure(log_file: Option<File>, level: LevelFilter) {
+    let output: Box<dyn Write + Send> = match log_file {
+        Some(file) => Box::new(file),
+        None => Box::new(std::io::stderr()),
+    };
+    LOGGER.write_to(output, level);
+    log::set_max_level(level);
+}
+
 impl Logger {
-    /// Installs the process logger. `log_file`: already opened by the caller, which reports its
-    /// own error naming `--log-file`.
-    pub fn install(log_file: Option<File>, level: LevelFilter) -> Result<(), log::SetLoggerError> {
-        let output: Box<dyn Write + Send> = match log_file {
-            Some(file) => Box::new(file),
-            None => Box::new(std::io::stderr()),
-        };
-        log::set_boxed_logger(Box::new(Logger {
-            output: Mutex::new(output),
-            level,
-        }))?;
-        log::set_max_level(level);
-        Ok(())
+    const fn buffering() -> Logger {
+        Logger {
+            output: Mutex::new(Output::Buffered(Vec::new())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Output> {
+        // A poisoned lock only means another thread panicked mid-line; keep logging.
+        self.output
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Ends the buffering: the kept lines up to `level` go to `output`, then every new one.
+    fn write_to(&self, mut output: Box<dyn Write + Send>, level: LevelFilter) {
+        let mut current = self.lock();
+        if let Output::Buffered(lines) = &*current {
+            for (line_level, line) in lines {
+                if *line_level <= level {
+                    let _ = output.write_all(line.as_bytes());
+                }
+            }
+        }
+        *current = Output::Writing { output, level };
     }
 }
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.level
+        match &*self.lock() {
+            Output::Buffered(_) => true,
+            Output::Writing { level, .. } => metadata.level() <= *level,
+        }
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
+        // The level is checked under the lock below, with the line's output: `log::max_level`
+        // (what the macros check first) is that level once configured.
         let thread = std::thread::current();
         let line = format!(
             "cloud-hypervisor: {}: <{}> {}:{}:{} -- {}\n",
@@ -61,21 +109,20 @@ impl Log for Logger {
             record.line().unwrap_or(0),
             record.args()
         );
-        // A poisoned lock only means another thread panicked mid-line; keep logging.
-        let mut output = self
-            .output
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        // Nowhere to report a failing log write; the VM must not stop for it.
-        let _ = output.write_all(line.as_bytes());
+        match &mut *self.lock() {
+            Output::Buffered(lines) => lines.push((record.level(), line)),
+            // Nowhere to report a failing log write; the VM must not stop for it.
+            Output::Writing { output, level } if record.level() <= *level => {
+                let _ = output.write_all(line.as_bytes());
+            }
+            Output::Writing { .. } => {}
+        }
     }
 
     fn flush(&self) {
-        let mut output = self
-            .output
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let _ = output.flush();
+        if let Output::Writing { output, .. } = &mut *self.lock() {
+            let _ = output.flush();
+        }
     }
 }
 
@@ -133,6 +180,61 @@ mod tests {
         assert_eq!(at(1_795_568_523, 999_999), "2026-11-25T01:02:03.999999Z");
         // 2100-03-01: 2100 is not a leap year.
         assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z");
+    }
+
+    /// A `Write` whose bytes the test can read.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn messages(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(|line| line.rsplit(" -- ").next().unwrap().to_owned())
+                .collect()
+        }
+    }
+
+    fn log(logger: &Logger, level: Level, message: &str) {
+        logger.log(
+            &Record::builder()
+                .level(level)
+                .args(format_args!("{message}"))
+                .build(),
+        );
+    }
+
+    #[test]
+    fn lines_logged_before_the_configuration_are_kept_up_to_its_level_and_in_order() {
+        let logger = Logger::buffering();
+        log(&logger, Level::Info, "starting");
+        log(&logger, Level::Debug, "opened the region ahead");
+        log(&logger, Level::Warn, "something ahead");
+        let captured = Captured::default();
+        logger.write_to(Box::new(captured.clone()), LevelFilter::Info);
+        log(&logger, Level::Debug, "not shown at info");
+        log(&logger, Level::Info, "after");
+        assert_eq!(
+            captured.messages(),
+            ["starting", "something ahead", "after"]
+        );
+
+        let logger = Logger::buffering();
+        log(&logger, Level::Trace, "kept for -vvv");
+        let captured = Captured::default();
+        logger.write_to(Box::new(captured.clone()), LevelFilter::Trace);
+        assert_eq!(captured.messages(), ["kept for -vvv"]);
     }
 
     #[test]

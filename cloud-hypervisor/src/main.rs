@@ -282,19 +282,13 @@ fn open_log_file(path: &PathBuf) -> anyhow::Result<File> {
 }
 
 /// Everything after argument parsing; `Err` is a failure to start (exit code 1). `recovery`: the
-/// in-place recovery `main` began (its KVM VM being created), if it did.
-fn start(cli: Cli, mut recovery: Option<RecoveryAhead>) -> anyhow::Result<i32> {
+/// in-place recovery `main` began (its region being opened and its KVM VM created), if it did.
+fn start(cli: Cli, recovery: Option<RecoveryAhead>) -> anyhow::Result<i32> {
     let log_file = cli.log_file.as_ref().map(open_log_file).transpose()?;
-    logger::Logger::install(log_file, logger::level_for_verbosity(cli.verbose))
-        .context("installing the logger")?;
-    log::info!("cloud-hypervisor {VERSION} starting");
+    // The lines logged so far (the start, the recovery's `vm-create` thread) are written now.
+    logger::configure(log_file, logger::level_for_verbosity(cli.verbose));
 
     let launch = build_launch(&cli)?;
-    // Before the event monitor (whose FIFO may wait for its reader): the region opened and the
-    // RAM mapped and handed to the VM being created, so its memory slot is registered meanwhile.
-    if let Some(recovery) = recovery.as_mut() {
-        recovery.map_memory();
-    }
     if let Some(monitor) = &launch.event_monitor {
         event_monitor::set_monitor(monitor, launch.seccomp)?;
     }
@@ -315,8 +309,15 @@ fn main() -> ExitCode {
         eprintln!("cloud-hypervisor: {error}");
         return ExitCode::from(1);
     }
-    // An in-place recovery's KVM VM is created from now on, while the rest starts; it is used
-    // only if the parsed command line is that recovery (`vmm::recovery_ahead`).
+    // Every line from now on is kept until the command line says where and how much to log.
+    if let Err(error) = logger::install_buffering() {
+        eprintln!("cloud-hypervisor: installing the logger: {error}");
+        return ExitCode::from(1);
+    }
+    log::info!("cloud-hypervisor {VERSION} starting");
+    // An in-place recovery's region is opened and its KVM VM created from now on, while the
+    // rest starts; it is used only if the parsed command line is that recovery
+    // (`vmm::recovery_ahead`).
     let arguments: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let recovery = vmm::recovery_ahead::RecoveryAhead::start(&arguments);
     // No arguments at all: upstream prints its usage on stderr and exits 2.

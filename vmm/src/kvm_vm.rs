@@ -1,12 +1,14 @@
 //! The KVM side of a VM before its irqchip, devices and vCPUs: `/dev/kvm` opened and checked,
 //! `KVM_CREATE_VM`, guest RAM registered as memory slots.
 //!
-//! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started before the region
-//! is opened: the VM is created while the region is opened and the VM claimed, and its RAM is
-//! registered (mostly a wait for a KVM SRCU grace period) while the stored config and the saved
-//! state are parsed. Nothing here can run the guest: the vCPUs are created (by the `vm-build`
-//! helper this thread starts, `vcpu_builder.rs`) only when the building thread asks for them,
-//! after the claim, and registering a slot reads no guest memory.
+//! An NV recovery builds this on a thread of its own ([`EarlyKvmVm`]), started first thing in
+//! `main`: that thread opens the region and maps the VM's RAM from its directory
+//! (`recovery_ahead`), creates the VM and registers the RAM (mostly a wait for a KVM SRCU grace
+//! period) while the command line is parsed, the VMM sets itself up and the building thread
+//! claims the VM and parses the stored config and the saved state. Nothing here can run the
+//! guest: the vCPUs are created (by the `vm-build` helper this thread starts right after the
+//! VM, `vcpu_builder.rs`) only when the building thread asks for them, after the claim, and
+//! registering a slot reads no guest memory.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -93,7 +95,7 @@ pub(crate) struct RegisteredKvmVm {
     pub(crate) vm: KvmVm,
     /// The mappings the slots point at (a clone of the guest memory: it shares them).
     pub(crate) memory: GuestMemoryMmap,
-    /// The helper that makes the vCPUs, started once the memory is registered.
+    /// The helper that makes the vCPUs, started right after the VM.
     pub(crate) vcpu_builder: VcpuBuilder,
     pub(crate) created_in: Duration,
     pub(crate) registered_in: Duration,
@@ -104,9 +106,9 @@ pub(crate) struct RegisteredKvmVm {
 /// needed the VM), the thread ends by itself and the VM is destroyed.
 pub struct EarlyKvmVm {
     memory: Sender<GuestMemoryMmap>,
-    /// What the thread made, sent before it ends (`finish` waits for this, not for the
-    /// thread's end).
-    made: Receiver<Result<RegisteredKvmVm, Error>>,
+    /// The thread's result, sent as soon as it has one: the building thread goes on without
+    /// waiting for the thread to exit (a join waited for its exit and the wake-up after it).
+    built: Receiver<Result<RegisteredKvmVm, Error>>,
 }
 
 impl std::fmt::Debug for EarlyKvmVm {
@@ -118,39 +120,56 @@ impl std::fmt::Debug for EarlyKvmVm {
 impl EarlyKvmVm {
     /// Starts creating the VM now.
     pub fn start(seccomp: SeccompMode) -> Result<EarlyKvmVm, Error> {
+        Self::start_after(seccomp, || None)
+    }
+
+    /// Starts the VM's thread now; it runs `first` before it creates the VM. The guest RAM
+    /// `first` returns, if any, is registered as if handed over by [`EarlyKvmVm::register`]
+    /// (which is then not needed); without it the thread waits for that hand-over. `first`
+    /// must not run the guest or read its memory (this thread runs before the claim).
+    pub(crate) fn start_after(
+        seccomp: SeccompMode,
+        first: impl FnOnce() -> Option<GuestMemoryMmap> + Send + 'static,
+    ) -> Result<EarlyKvmVm, Error> {
         let (memory, handed_over) = channel::<GuestMemoryMmap>();
-        let (sender, made) = channel();
+        let (done, built) = channel::<Result<RegisteredKvmVm, Error>>();
         std::thread::Builder::new()
             .name("vm-create".to_owned())
             .spawn(move || {
-                // Sent, not returned: the building thread goes on as soon as the VM is ready,
-                // without waiting for this thread to end.
-                let _ = sender.send(Self::create_and_register(handed_over, seccomp));
+                // The receiver is gone only if the recovery gave up: the VM goes with this.
+                let _ = done.send(Self::create_and_register(seccomp, first, handed_over));
             })
             .map_err(|source| Error::ThreadSpawn {
                 thread: "vm-create".to_owned(),
                 source,
             })?;
-        Ok(EarlyKvmVm { memory, made })
+        Ok(EarlyKvmVm { memory, built })
     }
 
-    /// The thread's work: the VM, then its RAM once `handed_over` brings it, then the helper.
+    /// The `vm-create` thread's work: `first`, the VM, its memory registered, the helper that
+    /// makes the vCPUs started.
     fn create_and_register(
-        handed_over: Receiver<GuestMemoryMmap>,
         seccomp: SeccompMode,
+        first: impl FnOnce() -> Option<GuestMemoryMmap>,
+        handed_over: Receiver<GuestMemoryMmap>,
     ) -> Result<RegisteredKvmVm, Error> {
+        let given_first = first();
         let began = Instant::now();
         let vm = KvmVm::create()?;
         // The helper that makes the vCPUs starts now: its CPUID fetch (about 0.3 ms of CPU
-        // here) runs while this thread waits for the mapping and registers it and the building
-        // thread claims the VM and parses its state, instead of after the registration, where
-        // it held up the building thread (`docs/performance.md`, floor4b).
+        // here) runs while this thread registers the RAM and the building thread claims the
+        // VM and parses its state, instead of after the registration, where it held up the
+        // building thread (`docs/performance.md`, floor4b). The region was opened before the
+        // VM (`first`), so the helper no longer competes with that.
         let vcpu_builder = VcpuBuilder::start(seccomp);
         let created_in = began.elapsed();
         // No memory: the building thread gave up (its error is the one reported).
-        let memory = handed_over
-            .recv()
-            .map_err(|_| Error::MemoryLayout("no guest memory was handed over".into()))?;
+        let memory = match given_first {
+            Some(memory) => memory,
+            None => handed_over
+                .recv()
+                .map_err(|_| Error::MemoryLayout("no guest memory was handed over".into()))?,
+        };
         let registering = Instant::now();
         // SAFETY: `memory` travels with the VM in `RegisteredKvmVm` (and is dropped
         // after it); the `Vm` built from it keeps its own clone as its last field.
@@ -186,8 +205,8 @@ impl EarlyKvmVm {
     /// Waits for the VM with its memory registered.
     pub(crate) fn finish(self) -> Result<RegisteredKvmVm, Error> {
         drop(self.memory);
-        // Nothing sent: the thread panicked before it could say.
-        self.made.recv().map_err(|_| Error::ThreadSpawn {
+        // No result: the thread ended without sending one, i.e. it panicked.
+        self.built.recv().map_err(|_| Error::ThreadSpawn {
             thread: "vm-create".to_owned(),
             source: std::io::Error::other("the thread panicked"),
         })?
@@ -238,6 +257,38 @@ mod tests {
             .finish(&registered.vm.kvm, &registered.vm.vm_fd, 1)
             .unwrap();
         assert_eq!(created.vcpus.count(), 1);
+    }
+
+    #[test]
+    fn memory_its_first_step_returns_is_registered_without_a_hand_over() {
+        let memory = memory();
+        let mapped = memory.clone();
+        let early = EarlyKvmVm::start_after(SeccompMode::Disabled, move || Some(mapped)).unwrap();
+        let registered = early.finish().unwrap();
+        let start = registered.memory.iter().next().unwrap().as_ptr();
+        assert_eq!(start, memory.iter().next().unwrap().as_ptr());
+        let overlapping = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: start as u64,
+        };
+        // SAFETY: refused by KVM (overlap with the registered slot); even if accepted it points
+        // into `memory`, alive until after the VM fd is closed at the end of this test.
+        let refused = unsafe { registered.vm.vm_fd.set_user_memory_region(overlapping) };
+        assert_eq!(refused.unwrap_err().errno(), libc::EEXIST);
+    }
+
+    #[test]
+    fn a_thread_that_panicked_is_reported_not_waited_for() {
+        let early =
+            EarlyKvmVm::start_after(SeccompMode::Disabled, || panic!("the first step failed"))
+                .unwrap();
+        let Err(error) = early.finish() else {
+            panic!("a VM whose thread panicked was reported as built");
+        };
+        assert!(error.to_string().contains("vm-create"), "{error}");
     }
 
     #[test]

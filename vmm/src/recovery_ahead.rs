@@ -1,8 +1,10 @@
-//! The first thing a `recover=on` process does: start creating the KVM VM (the `vm-create`
-//! thread, [`EarlyKvmVm`]) before anything else, so that `KVM_CREATE_VM` runs while the command
-//! line is parsed and the VMM sets itself up, not after; then, as soon as the logger is up, open
-//! the region and hand the VM's RAM, mapped as the region's directory gives it, to that thread,
-//! so that its memory slot is registered while the VMM sets itself up and claims the VM.
+//! The first thing a `recover=on` process does: start the `vm-create` thread ([`EarlyKvmVm`])
+//! before anything else. It opens the region, maps the VM's RAM as the region's directory gives
+//! it, creates the KVM VM and registers that RAM as its memory slot, all while the command line
+//! is parsed and the VMM sets itself up, so that the slot (mostly the kernel's wait for an SRCU
+//! grace period) is in place by the time the recovery has claimed the VM and read its state.
+//! Log lines of that thread written before the logger is configured are kept and written once
+//! it is (the binary's logger buffers them).
 //!
 //! This begins before clap has looked at the command line, so it reads only what it needs from
 //! the raw arguments: the `--nv` value, `--seccomp` and whether `--landlock` is there. It decides
@@ -16,8 +18,10 @@
 //! here: the recovery does that step again and reports it where it always did.
 
 use std::ffi::OsString;
+use std::sync::mpsc::{channel, Receiver, Sender};
 
 use nv_extension::{OpenOptions, Region};
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::{NvConfig, SeccompMode};
 use crate::kvm_vm::EarlyKvmVm;
@@ -71,9 +75,17 @@ fn recovery_arguments(arguments: &[OsString]) -> Option<RecoveryArguments> {
     Some(RecoveryArguments { nv, seccomp })
 }
 
-/// An in-place recovery's work begun before the VMM set itself up: the KVM VM being created
-/// and, once [`RecoveryAhead::map_memory`] ran, its region opened and the VM's RAM mapped as the
-/// region's directory gives it, handed to the VM's thread. Nothing is claimed and nothing of guest
+/// What the VM's thread opened and mapped for the recovery before creating the VM.
+struct OpenedAhead {
+    region: Region,
+    /// The RAM mapped from the directory (and registered by the thread), if the directory gave
+    /// an extent.
+    mapped: Option<MappedAhead>,
+}
+
+/// An in-place recovery's work begun before the VMM set itself up, on the `vm-create` thread:
+/// its region opened, the VM's RAM mapped as the region's directory gives it, the KVM VM
+/// created and that RAM registered as its memory slot. Nothing is claimed and nothing of guest
 /// memory is read; the recovery (`nv::prepare`) claims the VM and confirms the place.
 pub struct RecoveryAhead {
     vm: EarlyKvmVm,
@@ -83,38 +95,52 @@ pub struct RecoveryAhead {
     /// The `--seccomp` mode read from the raw arguments, under which the VM's thread (and the
     /// helper it starts) runs; `None` when started for a parsed config, i.e. under its mode.
     seccomp: Option<SeccompMode>,
-    /// The region, if opening it ahead worked (if not, the recovery opens it again and reports
-    /// the error where it always did).
-    region: Option<Region>,
-    /// The RAM mapped from the directory and handed to `vm`, if the directory gave an extent.
-    mapped: Option<MappedAhead>,
+    /// Where the VM's thread sends the region once it opened it (nothing if that failed: the
+    /// recovery then opens it again and reports the error where it always did).
+    opened: Option<Receiver<OpenedAhead>>,
 }
 
 impl std::fmt::Debug for RecoveryAhead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecoveryAhead")
             .field("nv", &self.nv)
-            .field("region", &self.region)
-            .field("mapped", &self.mapped.is_some())
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
 
+/// Run first on the VM's thread: opens `nv`'s region and maps the VM's RAM from its directory,
+/// sends both to `opened` and returns the RAM for the thread to register. Errors are not
+/// reported here: whatever failed is done again by the recovery, which reports it as before.
+fn open_and_map(nv: &NvConfig, opened: &Sender<OpenedAhead>) -> Option<GuestMemoryMmap> {
+    let region = Region::open(&nv.region, &OpenOptions::default()).ok()?;
+    let mapped = MappedAhead::map(nv, &region);
+    let memory = mapped.as_ref().map(MappedAhead::guest_memory);
+    // The receiver is gone only if the recovery was given up; the region goes with this.
+    let _ = opened.send(OpenedAhead { region, mapped });
+    memory
+}
+
 impl RecoveryAhead {
-    /// Starts creating the KVM VM now if the process's arguments (`std::env::args_os()`
-    /// without the program name) ask for an in-place recovery (`--nv ..,recover=on`, not a
-    /// swap-in) and not for `--landlock`. Hand the result to [`crate::run_with`], which uses it
-    /// only if the parsed command line is that recovery. `None` when there is nothing to start
-    /// or the thread cannot start (the recovery then starts one itself and reports a failure).
+    /// Starts the in-place recovery's `vm-create` thread now if the process's arguments
+    /// (`std::env::args_os()` without the program name) ask for an in-place recovery (`--nv
+    /// ..,recover=on`, not a swap-in) and not for `--landlock`: it opens the region, maps the
+    /// VM's RAM from the directory, creates the KVM VM and registers the RAM, while the command
+    /// line is parsed and the VMM sets itself up. Hand the result to [`crate::run_with`], which
+    /// uses it only if the parsed command line is that recovery. `None` when there is nothing
+    /// to start or the thread cannot start (the recovery then starts one itself and reports a
+    /// failure).
     pub fn start(arguments: &[OsString]) -> Option<RecoveryAhead> {
         let recovery = recovery_arguments(arguments)?;
-        let vm = EarlyKvmVm::start(recovery.seccomp).ok()?;
+        let (sender, opened) = channel();
+        let nv = recovery.nv.clone();
+        let vm =
+            EarlyKvmVm::start_after(recovery.seccomp, move || open_and_map(&nv, &sender)).ok()?;
         Some(RecoveryAhead {
             vm,
             nv: Some(recovery.nv),
             seccomp: Some(recovery.seccomp),
-            region: None,
-            mapped: None,
+            opened: Some(opened),
         })
     }
 
@@ -124,37 +150,21 @@ impl RecoveryAhead {
             vm,
             nv: None,
             seccomp: None,
-            region: None,
-            mapped: None,
+            opened: None,
         }
     }
 
-    /// Opens the region and maps the VM's RAM from its directory, and hands the mapping to
-    /// the VM's thread, which registers it as soon as the VM exists. Errors are not reported
-    /// here: whatever failed is done again by the recovery, which reports it as before.
-    pub fn map_memory(&mut self) {
-        let Some(nv) = &self.nv else {
-            return;
-        };
-        if self.region.is_some() {
-            return;
-        }
-        let Ok(region) = Region::open(&nv.region, &OpenOptions::default()) else {
-            return;
-        };
-        self.mapped = MappedAhead::map(nv, &region);
-        if let Some(mapped) = &self.mapped {
-            mapped.hand_to(&self.vm);
-        }
-        self.region = Some(region);
+    /// What the VM's thread opened ahead, once it is done opening (it does that first).
+    fn take_opened(&mut self) -> Option<OpenedAhead> {
+        self.opened.take()?.recv().ok()
     }
 
     /// What a recovery of `nv` under `seccomp` can use: the VM, and the region and mapping if
-    /// they are of `nv`'s region and VM. If a mapping of another VM was handed over, the VM has
+    /// they are of `nv`'s region and VM. If a mapping of another VM was registered, the VM has
     /// it, and if the VM's threads were started under another seccomp mode they run under the
     /// wrong filter: then nothing is used and a new VM is started.
     pub(crate) fn into_parts(
-        self,
+        mut self,
         nv: &NvConfig,
         seccomp: SeccompMode,
     ) -> Result<(EarlyKvmVm, Option<Region>, Option<MappedAhead>), Error> {
@@ -168,10 +178,22 @@ impl RecoveryAhead {
             .nv
             .as_ref()
             .is_some_and(|ahead| ahead.region == nv.region && ahead.vm == nv.vm);
-        match (same, self.mapped.is_some()) {
-            (true, _) => Ok((self.vm, self.region, self.mapped)),
-            (false, false) => Ok((self.vm, None, None)),
-            (false, true) => {
+        match (same, self.take_opened()) {
+            (true, Some(opened)) => Ok((self.vm, Some(opened.region), opened.mapped)),
+            (_, None)
+            | (
+                false,
+                Some(OpenedAhead {
+                    mapped: None,
+                    region: _,
+                }),
+            ) => Ok((self.vm, None, None)),
+            (
+                false,
+                Some(OpenedAhead {
+                    mapped: Some(_), ..
+                }),
+            ) => {
                 drop(self);
                 Ok((EarlyKvmVm::start(seccomp)?, None, None))
             }

@@ -101,6 +101,11 @@ impl MappedAhead {
         vm.register(&self.memory);
     }
 
+    /// The mapping (a clone: it shares the mappings), for a thread that registers it itself.
+    pub(crate) fn guest_memory(&self) -> GuestMemoryMmap {
+        self.memory.clone()
+    }
+
     /// The mapping, if it is of the very extent the claimed `handle` owns; `None` (and the
     /// mapping dropped) if the directory changed between the read and the claim.
     fn confirmed(self, nv: &NvConfig, handle: &VmHandle) -> Result<Option<GuestMemoryMmap>, Error> {
@@ -830,9 +835,7 @@ mod tests {
         .iter()
         .map(Into::into)
         .collect();
-        let mut ahead = RecoveryAhead::start(&arguments).unwrap();
-        ahead.map_memory();
-        ahead
+        RecoveryAhead::start(&arguments).unwrap()
     }
 
     /// What the binary's `main` begins from the raw arguments (the VM, the region opened, the
@@ -864,6 +867,30 @@ mod tests {
         recover.vm = "vm1".into();
         let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
         assert!(region.is_none() && mapped.is_none());
+    }
+
+    /// A region that the `vm-create` thread could not open ahead (here: it does not exist) is
+    /// opened again by the recovery, which reports the error it always reported.
+    #[test]
+    fn a_region_that_failed_to_open_ahead_fails_where_it_always_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("missing");
+        let mut recover = nv_config(&region_path);
+        recover.create = false;
+        recover.recover = true;
+        let failure = |ahead| {
+            let error = prepare(
+                &vm_config(recover.clone(), 4 << 20),
+                SeccompMode::Disabled,
+                ahead,
+            )
+            .unwrap_err();
+            (error.to_string(), error.kind())
+        };
+        let expected = failure(None);
+        assert!(expected.0.contains("No such file"), "{}", expected.0);
+        assert_eq!(failure(Some(begun_by_main(&region_path))), expected);
+        assert!(!region_path.exists());
     }
 
     /// A mapping made from the directory is used only if the claim confirms its place: one of
