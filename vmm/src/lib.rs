@@ -9,6 +9,8 @@ pub mod device_manager;
 mod error;
 pub mod event_monitor;
 pub mod events;
+#[cfg(test)]
+mod fresh_test_process;
 pub mod kvm_vm;
 pub mod landlock;
 pub mod memory;

@@ -205,23 +205,10 @@ mod tests {
     /// thread of the test harness's process would raise other tests' threads.
     #[test]
     fn at_the_exit_every_other_thread_runs_at_real_time_priority_kvms_worker_too() {
-        const CHILD: &str = "NV_PRIORITY_TEST_FRESH_PROCESS";
-        if std::env::var_os(CHILD).is_none() {
-            let output = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "power_fail_priority::tests::at_the_exit_every_other_thread_runs_at_real_time_priority_kvms_worker_too",
-                    "--exact",
-                    "--test-threads=1",
-                ])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "{}\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
+        if !crate::fresh_test_process::in_a_fresh_process(
+            "power_fail_priority::tests::at_the_exit_every_other_thread_runs_at_real_time_priority_kvms_worker_too",
+            "NV_PRIORITY_TEST_FRESH_PROCESS",
+        ) {
             return;
         }
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");

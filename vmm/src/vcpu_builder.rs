@@ -280,22 +280,31 @@ mod tests {
         seen
     }
 
+    /// Two vCPUs the helper created on a new VM with irqchip and PIT, and wrote `state` into.
+    fn restored_by_the_helper(
+        kvm: &Kvm,
+        state: &crate::state::VmState,
+    ) -> (Arc<VmFd>, KvmCapabilities, CreatedVcpus) {
+        let vm = vm_with_irqchip_and_pit(kvm);
+        let capabilities = KvmCapabilities::probe(kvm, &vm);
+        let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
+        builder.create_vcpus(
+            &vm,
+            2,
+            Some(RestoreRequest {
+                state: InKernelState::of(state),
+                capabilities,
+            }),
+        );
+        let created = builder.finish(kvm, &vm, 2).unwrap();
+        (vm, capabilities, created)
+    }
+
     #[test]
     fn the_helper_writes_a_saved_state_into_its_vcpus_as_an_in_line_restore_does() {
         let kvm = Kvm::new().unwrap();
         let state = distinct_state();
-        let helped_vm = vm_with_irqchip_and_pit(&kvm);
-        let capabilities = KvmCapabilities::probe(&kvm, &helped_vm);
-        let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
-        builder.create_vcpus(
-            &helped_vm,
-            2,
-            Some(RestoreRequest {
-                state: InKernelState::of(&state),
-                capabilities,
-            }),
-        );
-        let helped = builder.finish(&kvm, &helped_vm, 2).unwrap();
+        let (helped_vm, capabilities, helped) = restored_by_the_helper(&kvm, &state);
         helped
             .restored
             .expect("the helper wrote the state")
@@ -327,18 +336,7 @@ mod tests {
             index: 0xdead_beef,
             data: 0,
         });
-        let helped_vm = vm_with_irqchip_and_pit(&kvm);
-        let capabilities = KvmCapabilities::probe(&kvm, &helped_vm);
-        let mut builder = VcpuBuilder::start(SeccompMode::Disabled);
-        builder.create_vcpus(
-            &helped_vm,
-            2,
-            Some(RestoreRequest {
-                state: InKernelState::of(&state),
-                capabilities,
-            }),
-        );
-        let helped = builder.finish(&kvm, &helped_vm, 2).unwrap();
+        let (_helped_vm, capabilities, helped) = restored_by_the_helper(&kvm, &state);
         let helped = helped.restored.unwrap().unwrap_err().to_string();
 
         let in_line_vm = vm_with_irqchip_and_pit(&kvm);

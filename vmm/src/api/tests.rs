@@ -520,28 +520,15 @@ fn vm_lifecycle_through_every_implemented_route() {
 /// alone) so that no earlier test has asked.
 #[test]
 fn the_first_vm_create_of_a_process_passes_the_api_threads_filter() {
-    const CHILD: &str = "NV_API_TEST_FRESH_PROCESS";
-    if std::env::var_os(CHILD).is_some() {
-        let server = TestServer::start();
-        let config = bootable_vm_config(server.dir.path());
-        assert_eq!(server.call("PUT", "vm.create", Some(&config)).status, 204);
+    if !crate::fresh_test_process::in_a_fresh_process(
+        "api::tests::the_first_vm_create_of_a_process_passes_the_api_threads_filter",
+        "NV_API_TEST_FRESH_PROCESS",
+    ) {
         return;
     }
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "api::tests::the_first_vm_create_of_a_process_passes_the_api_threads_filter",
-            "--exact",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let server = TestServer::start();
+    let config = bootable_vm_config(server.dir.path());
+    assert_eq!(server.call("PUT", "vm.create", Some(&config)).status, 204);
 }
 
 #[test]
