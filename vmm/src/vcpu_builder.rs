@@ -269,7 +269,19 @@ mod tests {
             };
             vm_fd.get_irqchip(&mut chip).unwrap();
             // SAFETY: `chip.chip` is a union of plain integer arrays; its bytes are all defined.
-            let bytes = unsafe { chip.chip.dummy };
+            let mut bytes = unsafe { chip.chip.dummy };
+            // The restored PIT runs: it may raise IRQ0 between the restore and this read in one
+            // VM and not the other. The request bits of that line (the master PIC's `last_irr`
+            // and `irr`, bytes 0 and 1; the IOAPIC's `irr`, bytes 16..20, pins 0 and 2) are
+            // left out; everything else must match.
+            match chip_id {
+                kvm_bindings::KVM_IRQCHIP_PIC_MASTER => {
+                    bytes[0] &= !1;
+                    bytes[1] &= !1;
+                }
+                kvm_bindings::KVM_IRQCHIP_IOAPIC => bytes[16] &= !0b101,
+                _ => {}
+            }
             seen.push(format!("chip {chip_id}: {bytes:?}"));
         }
         let pit = vm_fd.get_pit2().unwrap();
