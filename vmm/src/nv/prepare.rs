@@ -618,6 +618,25 @@ mod tests {
         }
     }
 
+    /// `vm0` of 4 MiB created in the region at `region` (the region too, if it is new).
+    fn created_vm(region: &Path) -> PreparedVm {
+        prepare(
+            &vm_config(nv_config(region), 4 << 20),
+            SeccompMode::Disabled,
+            None,
+        )
+        .unwrap()
+    }
+
+    /// `--nv` for the in-place recovery of `vm0` in the region at `region`.
+    fn recovery_config(region: &Path) -> NvConfig {
+        NvConfig {
+            create: false,
+            recover: true,
+            ..nv_config(region)
+        }
+    }
+
     fn vm_config(nv: NvConfig, memory: u64) -> VmConfig {
         VmConfig {
             memory: MemoryConfig {
@@ -682,14 +701,7 @@ mod tests {
         );
         assert!(!region.exists(), "no region is created without create=on");
 
-        drop(
-            prepare(
-                &vm_config(nv_config(&region), 4 << 20),
-                SeccompMode::Disabled,
-                None,
-            )
-            .unwrap(),
-        );
+        drop(created_vm(&region));
         missing.vm = "other".into();
         let text = message(&vm_config(missing.clone(), 4 << 20));
         assert!(text.contains("create=on"), "{text}");
@@ -719,12 +731,7 @@ mod tests {
     fn a_reboot_is_checked_against_the_running_vm_before_it_stops() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
-        let prepared = prepare(
-            &vm_config(nv_config(&region), 4 << 20),
-            SeccompMode::Disabled,
-            None,
-        )
-        .unwrap();
+        let prepared = created_vm(&region);
         let running = &prepared.nv;
         check_cold_boot(&vm_config(nv_config(&region), 4 << 20), running).unwrap();
         // What a recovering command line without --memory would have asked for (its default).
@@ -742,18 +749,11 @@ mod tests {
     fn a_vm_that_never_saved_is_not_recovered_unless_cold() {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
-        let prepared = prepare(
-            &vm_config(nv_config(&region), 4 << 20),
-            SeccompMode::Disabled,
-            None,
-        )
-        .unwrap();
+        let prepared = created_vm(&region);
         prepared.nv.begin_run(RunKind::ColdBoot).unwrap();
         // The process "dies" here: the handle is dropped without a save.
         drop(prepared);
-        let mut recover = nv_config(&region);
-        recover.create = false;
-        recover.recover = true;
+        let mut recover = recovery_config(&region);
         let refused = prepare(
             &vm_config(recover.clone(), 4 << 20),
             SeccompMode::Disabled,
@@ -779,15 +779,8 @@ mod tests {
     fn a_claim_refused_after_the_ram_was_mapped_ahead_reports_the_same_error() {
         let dir = tempfile::tempdir().unwrap();
         let region_path = dir.path().join("region");
-        let owner = prepare(
-            &vm_config(nv_config(&region_path), 4 << 20),
-            SeccompMode::Disabled,
-            None,
-        )
-        .unwrap();
-        let mut recover = nv_config(&region_path);
-        recover.create = false;
-        recover.recover = true;
+        let owner = created_vm(&region_path);
+        let recover = recovery_config(&region_path);
         // What the recovery does before its claim succeeds on a VM owned by someone else.
         let region = Region::open(&recover.region, &OpenOptions::default()).unwrap();
         assert!(MappedAhead::map(&recover, &region).is_some());
@@ -846,18 +839,9 @@ mod tests {
     fn what_main_began_is_used_only_by_a_recovery_of_the_same_vm() {
         let dir = tempfile::tempdir().unwrap();
         let region_path = dir.path().join("region");
-        drop(
-            prepare(
-                &vm_config(nv_config(&region_path), 4 << 20),
-                SeccompMode::Disabled,
-                None,
-            )
-            .unwrap(),
-        );
+        drop(created_vm(&region_path));
         let begin = || begun_by_main(&region_path);
-        let mut recover = nv_config(&region_path);
-        recover.create = false;
-        recover.recover = true;
+        let mut recover = recovery_config(&region_path);
         let (_, region, mapped) = begin().into_parts(&recover, SeccompMode::Disabled).unwrap();
         assert!(region.is_some() && mapped.is_some());
         // Begun under `--seccomp false`, asked for under another mode: the threads would run
@@ -875,9 +859,7 @@ mod tests {
     fn a_region_that_failed_to_open_ahead_fails_where_it_always_did() {
         let dir = tempfile::tempdir().unwrap();
         let region_path = dir.path().join("missing");
-        let mut recover = nv_config(&region_path);
-        recover.create = false;
-        recover.recover = true;
+        let recover = recovery_config(&region_path);
         let failure = |ahead| {
             let error = prepare(
                 &vm_config(recover.clone(), 4 << 20),
@@ -900,14 +882,7 @@ mod tests {
     fn a_mapping_ahead_is_used_only_for_the_extent_the_claim_confirms() {
         let dir = tempfile::tempdir().unwrap();
         let region_path = dir.path().join("region");
-        drop(
-            prepare(
-                &vm_config(nv_config(&region_path), 4 << 20),
-                SeccompMode::Disabled,
-                None,
-            )
-            .unwrap(),
-        );
+        drop(created_vm(&region_path));
         let nv = nv_config(&region_path);
         let region = Region::open(&nv.region, &OpenOptions::default()).unwrap();
         let ahead = MappedAhead::map(&nv, &region).unwrap();
