@@ -178,25 +178,17 @@ impl RecoveryAhead {
             .nv
             .as_ref()
             .is_some_and(|ahead| ahead.region == nv.region && ahead.vm == nv.vm);
-        match (same, self.take_opened()) {
-            (true, Some(opened)) => Ok((self.vm, Some(opened.region), opened.mapped)),
-            (_, None)
-            | (
-                false,
-                Some(OpenedAhead {
-                    mapped: None,
-                    region: _,
-                }),
-            ) => Ok((self.vm, None, None)),
-            (
-                false,
-                Some(OpenedAhead {
-                    mapped: Some(_), ..
-                }),
-            ) => {
+        match self.take_opened() {
+            Some(opened) if same => Ok((self.vm, Some(opened.region), opened.mapped)),
+            // Another VM's RAM was registered: the VM cannot be used either.
+            Some(OpenedAhead {
+                mapped: Some(_), ..
+            }) => {
                 drop(self);
                 Ok((EarlyKvmVm::start(seccomp)?, None, None))
             }
+            // Nothing opened, or nothing registered: the VM alone is still good.
+            _ => Ok((self.vm, None, None)),
         }
     }
 }
